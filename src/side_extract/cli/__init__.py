@@ -1,0 +1,1 @@
+"""The ``side`` command line: one module per subcommand; each parses, builds a config, calls the library."""

@@ -1,0 +1,84 @@
+"""What every subcommand shares: clean errors, config file + typed flags, progress bars."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .. import config as cfg
+
+console = Console(stderr=True, emoji=False)
+T = TypeVar("T")
+
+
+def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ValueError from the library into one clear line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def typed_flags(ctx: typer.Context, names: dict[str, str]) -> dict[str, Any]:
+    """The flags the user actually typed, as a nested override dict.
+
+    ``names`` maps a CLI parameter name to its dotted config path (``"steps" -> "sample.steps"``).
+    Flags left at their default do not override the config file.
+    """
+    out: dict[str, Any] = {}
+    for param, path in names.items():
+        source = ctx.get_parameter_source(param)
+        # compared by name: typer may carry its own copy of click's ParameterSource enum
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            value = ctx.params[param]
+            if isinstance(value, Path):
+                value = str(value)
+            node = out
+            *parents, leaf = path.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def build_config(cls: type[T], config_file: Path | None, overrides: dict[str, Any]) -> T:
+    base = cfg.load_yaml(config_file) if config_file is not None else {}
+    return cfg.from_dict(cls, cfg.merge(base, overrides))
+
+
+def progress_enabled(ctx: typer.Context) -> bool:
+    return bool((ctx.find_root().obj or {}).get("progress", True))
+
+
+@contextlib.contextmanager
+def progress_bar(ctx: typer.Context, description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar as a ``callback(done, total)``; None when progress bars are switched off."""
+    if not progress_enabled(ctx):
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,41 @@
+"""``side sample``: unguided samples of a target model, as shards in a run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .. import config as cfg
+from ..models.target import load_target, model_fingerprint
+from ..runs import RunDir
+from ..sampling import sample_stage
+from .common import build_config, cli_errors, console, progress_bar, typed_flags
+
+D = cfg.SampleConfig()
+
+
+@cli_errors
+def sample_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", help="Run directory; images go to OUT/synthetic/shard-*.npz."),
+    model: str = typer.Option(cfg.RunConfig.model, help="diffusers pipeline directory, or 'demo'."),
+    n: int = typer.Option(D.n, help="Number of images."),
+    seed: int = typer.Option(D.seed, help="Run seed; image i's noise is seeded by (seed, i)."),
+    scheduler: str = typer.Option(D.scheduler, help="ddim or ddpm."),
+    steps: int = typer.Option(D.steps, help="Inference steps."),
+    eta: float = typer.Option(D.eta, help="DDIM eta (0 = deterministic)."),
+    batch_size: int = typer.Option(D.batch_size),
+    shard_size: int = typer.Option(D.shard_size, help="Images per shard file."),
+    device: str = typer.Option("cpu"),
+    config: Path | None = typer.Option(None, "--config", help="Run YAML (keys: model, sample: {...})."),
+) -> None:
+    """Sample N images; a rerun skips finished work and resumes an interrupted run at its last whole shard."""
+    names = {"model": "model"} | {k: f"sample.{k}" for k in cfg.to_dict(D)}
+    rc = build_config(cfg.RunConfig, config, typed_flags(ctx, names))
+    run = RunDir(out)
+    run.write_config(rc)
+    denoiser = load_target(rc.model, device)
+    with progress_bar(ctx, "sample") as cb:
+        images = sample_stage(run, denoiser, rc.sample, model_fingerprint=model_fingerprint(rc.model), device=device,
+                              progress=cb)
+    console.print(f"{len(images)} images in {run.path / 'synthetic'}")

@@ -1,0 +1,52 @@
+"""``side train-target``: train a diffusers UNet2DModel target for memorization studies."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .. import config as cfg
+from ..data import load_image_set
+from ..models.target import train_target
+from .common import build_config, cli_errors, console, progress_bar, typed_flags
+
+D = cfg.TrainTargetConfig()
+
+
+@cli_errors
+def train_target_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", help="Directory to write (a diffusers pipeline directory)."),
+    data: str = typer.Option(D.data, help="Training set: digits[:N], a folder of images, or an .npz."),
+    resize: int | None = typer.Option(D.resize, help="Resize training images to this square size."),
+    block_out_channels: str = typer.Option(",".join(map(str, D.block_out_channels)), help="UNet widths, comma-separated."),
+    layers_per_block: int = typer.Option(D.layers_per_block),
+    norm_num_groups: int = typer.Option(D.norm_num_groups),
+    attention: bool = typer.Option(D.attention, help="Self-attention in the lowest-resolution block."),
+    num_train_timesteps: int = typer.Option(D.num_train_timesteps),
+    beta_schedule: str = typer.Option(D.beta_schedule),
+    steps: int = typer.Option(D.steps, help="Optimizer steps in total (a rerun resumes from the last checkpoint)."),
+    batch_size: int = typer.Option(D.batch_size),
+    lr: float = typer.Option(D.lr),
+    weight_decay: float = typer.Option(D.weight_decay),
+    ema: bool = typer.Option(D.ema, help="Keep an exponential moving average of the weights and save it."),
+    ema_decay: float = typer.Option(D.ema_decay),
+    checkpoint_every: int = typer.Option(D.checkpoint_every),
+    seed: int = typer.Option(D.seed),
+    device: str = typer.Option("cpu", help="Torch device."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with any of these options as keys."),
+) -> None:
+    """Train a UNet2DModel with the DDPM loss; writes checkpoints and a diffusers directory to OUT."""
+    names = {k: k for k in cfg.to_dict(D)}
+    overrides = typed_flags(ctx, names)
+    if "block_out_channels" in overrides:
+        try:
+            overrides["block_out_channels"] = [int(v) for v in str(overrides["block_out_channels"]).split(",")]
+        except ValueError:
+            raise ValueError(f"block_out_channels={block_out_channels!r} must be comma-separated integers") from None
+    c = build_config(cfg.TrainTargetConfig, config, overrides)
+    images = load_image_set(c.data, c.resize)
+    console.print(f"training on {images.name}: {len(images)} images of shape {images.shape}")
+    with progress_bar(ctx, "train-target") as cb:
+        result = train_target(c, images, out, device=device, progress=cb)
+    console.print(f"wrote {result.path} (steps {result.steps}, mean loss of the last 100 steps {result.final_loss:.4f})")

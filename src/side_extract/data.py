@@ -1,0 +1,243 @@
+"""Image sets: folders of PNG/JPEG, ``.npz`` files, bundled real data; conversions; fingerprints.
+
+Every image set is held as uint8 pixels of shape ``(N, H, W, C)`` (C = 1 or 3). Conversion to the
+float range the models use, ``(N, C, H, W)`` in [-1, 1], happens in :func:`to_float` and back in
+:func:`to_uint8`, and nowhere else.
+
+Specs accepted by :func:`load_image_set`:
+
+- ``digits`` / ``digits:N``: scikit-learn's bundled digits (1,797 8x8 grayscale, labels 0-9); with N,
+  the class-balanced subset "first N/10 of each class in dataset order" (as Gu et al. build theirs);
+- a folder of ``.png``/``.jpg``/``.jpeg`` files (sorted by name);
+- an ``.npz`` file with key ``images`` (uint8, (N, H, W) or (N, H, W, C)) and optional ``labels``;
+- a directory of ``shard-*.npz`` files as written by ``side sample`` / ``side extract``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageSet:
+    """A set of images with optional labels and per-image ids.
+
+    Attributes
+    ----------
+    images : (N, H, W, C) uint8
+    labels : (N,) int64 or None
+    ids : (N,) int64, the images' indices in their source (global sample index for generations)
+    name : where the set came from
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    ids: np.ndarray | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"images must be uint8 of shape (N, H, W, C) with C in (1, 3), got {self.images.dtype} "
+                f"{self.images.shape}"
+            )
+        n = len(self.images)
+        if self.labels is not None and self.labels.shape != (n,):
+            raise ValueError(f"labels shape {self.labels.shape} does not match {n} images")
+        if self.ids is None:
+            object.__setattr__(self, "ids", np.arange(n, dtype=np.int64))
+        elif self.ids.shape != (n,):
+            raise ValueError(f"ids shape {self.ids.shape} does not match {n} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        _, h, w, c = self.images.shape
+        return (c, h, w)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.images)
+
+    def to_float(self) -> torch.Tensor:
+        return to_float(self.images)
+
+    def subset(self, idx: np.ndarray) -> "ImageSet":
+        return ImageSet(
+            self.images[idx],
+            None if self.labels is None else self.labels[idx],
+            self.ids[idx],
+            self.name,
+        )
+
+
+def fingerprint(images: np.ndarray) -> str:
+    """sha256 over the array's shape and its pixel bytes (C order)."""
+    h = hashlib.sha256()
+    h.update(repr(tuple(images.shape)).encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    return h.hexdigest()
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), rounding as diffusers' pipelines do."""
+    x = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (N, H, W, C) to (N, size, size, C): bilinear with antialiasing (torch)."""
+    if size <= 0:
+        raise ValueError(f"resize={size} must be a positive image size")
+    if images.shape[1:3] == (size, size):
+        return images
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def balanced_first_n(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n / C`` images of each of the C classes, in dataset order.
+
+    When ``n`` is not a multiple of C, the first ``n % C`` classes (by label value) get one more.
+    """
+    classes = np.unique(labels)
+    per, extra = divmod(n, len(classes))
+    picked = []
+    for k, c in enumerate(classes):
+        want = per + (1 if k < extra else 0)
+        idx = np.flatnonzero(labels == c)[:want]
+        if len(idx) < want:
+            raise ValueError(f"n={n} asks for {want} images of class {c}, but only {len(idx)} exist")
+        picked.append(idx)
+    return np.sort(np.concatenate(picked))
+
+
+def load_digits_set(n: int | None = None) -> ImageSet:
+    """scikit-learn's digits as uint8 (1797, 8, 8, 1); pixel value v in 0..16 maps to round(v * 255 / 16)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = d.target.astype(np.int64)
+    ids = np.arange(len(images), dtype=np.int64)
+    name = "digits"
+    if n is not None:
+        if not 1 <= n <= len(images):
+            raise ValueError(f"digits:{n} must ask for 1..{len(images)} images")
+        idx = balanced_first_n(labels, n)
+        images, labels, ids, name = images[idx], labels[idx], ids[idx], f"digits:{n}"
+    return ImageSet(images, labels, ids, name)
+
+
+def load_folder(path: Path) -> ImageSet:
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"folder {str(path)!r} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                arrays.append(np.asarray(im.convert("L") if im.mode in ("1", "L", "I;16", "I", "LA") else im.convert("RGB")))
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"image file {str(f)!r} is unreadable or corrupt: {e}") from e
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) > 1:
+        examples = {}
+        for f, a in zip(files, arrays):
+            examples.setdefault(a.shape[:2], f.name)
+        listing = ", ".join(f"{n} is {h}x{w}" for (h, w), n in examples.items())
+        raise ValueError(f"images in {str(path)!r} have mixed sizes ({listing}); pass --resize SIZE to resize them all")
+    rgb = any(a.ndim == 3 for a in arrays)
+    stacked = np.stack([np.repeat(a[..., None], 3, -1) if rgb and a.ndim == 2 else a for a in arrays])
+    if stacked.ndim == 3:
+        stacked = stacked[..., None]
+    return ImageSet(stacked.astype(np.uint8), name=str(path))
+
+
+def load_npz(path: Path) -> ImageSet:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise ValueError(f"{str(path)!r} has no 'images' array (it has: {', '.join(z.files) or 'nothing'})")
+            images = z["images"]
+            labels = z["labels"] if "labels" in z.files else None
+            ids = z["index"] if "index" in z.files else None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{str(path)!r} is not a readable .npz file: {e}") from e
+    images = _as_nhwc_uint8(images, str(path))
+    return ImageSet(
+        images,
+        None if labels is None else np.asarray(labels, dtype=np.int64),
+        None if ids is None else np.asarray(ids, dtype=np.int64),
+        str(path),
+    )
+
+
+def load_shards(path: Path) -> ImageSet:
+    """Concatenate ``shard-*.npz`` in ``path`` in order of their sample indices."""
+    shards = sorted(path.glob("shard-*.npz"))
+    if not shards:
+        raise ValueError(f"directory {str(path)!r} holds no shard-*.npz files")
+    parts = [load_npz(s) for s in shards]
+    labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
+    images = np.concatenate([p.images for p in parts])
+    ids = np.concatenate([p.ids for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return ImageSet(images[order], None if labels is None else labels[order], ids[order], str(path))
+
+
+def _as_nhwc_uint8(images: np.ndarray, where: str) -> np.ndarray:
+    if images.dtype != np.uint8:
+        raise ValueError(f"{where}: 'images' must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: 'images' must have shape (N, H, W) or (N, H, W, C) with C in (1, 3), got {images.shape}")
+    if len(images) == 0:
+        raise ValueError(f"{where}: 'images' is empty")
+    return images
+
+
+def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
+    """Load an image set from a spec (see the module docstring), optionally resized to a square size."""
+    s = str(spec)
+    if s == "digits" or s.startswith("digits:"):
+        n = None
+        if ":" in s:
+            try:
+                n = int(s.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"data spec {s!r}: expected digits:N with an integer N") from None
+        out = load_digits_set(n)
+    else:
+        p = Path(s)
+        if p.is_dir():
+            out = load_shards(p) if any(p.glob("shard-*.npz")) else load_folder(p)
+        elif p.is_file() and p.suffix == ".npz":
+            out = load_npz(p)
+        elif p.exists():
+            raise ValueError(f"data spec {s!r}: expected a folder of images, an .npz file, or 'digits[:N]'")
+        else:
+            raise ValueError(f"data spec {s!r} does not exist (expected a folder, an .npz file, or 'digits[:N]')")
+    if resize_to is not None:
+        out = ImageSet(resize(out.images, resize_to), out.labels, out.ids, out.name)
+    return out

@@ -1,0 +1,1 @@
+"""Models: the target diffusion model (``target``) and the noise-aware classifier (``classifier``)."""

@@ -1,0 +1,323 @@
+"""Target diffusion models: the :class:`Denoiser` protocol, loading, saving and training.
+
+A target is anything that predicts the noise ``eps(x_t, t)`` together with the noise scheduler it was
+trained with. Model directories are read exactly as diffusers' ``DDPMPipeline.save_pretrained`` writes
+them (``unet/`` + ``scheduler/`` + ``model_index.json``), safetensors only: a pickle checkpoint is refused,
+never unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.training_utils import EMAModel
+
+from .. import config as cfg
+from ..data import ImageSet
+from ..runs import atomic_directory, atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2  # older checkpoints are pruned once a newer one is complete
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """eps(x_t, t) with the shape of one sample and the scheduler the model was trained with.
+
+    ``__call__(x, t)``: x (B, C, H, W) float, t a scalar or (B,) tensor of *training* timesteps;
+    returns eps (B, C, H, W).
+    """
+
+    sample_shape: tuple[int, int, int]
+    scheduler: SchedulerMixin
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class UNetDenoiser:
+    """A diffusers ``UNet2DModel`` predicting epsilon, with its noise scheduler."""
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, source: str = "") -> None:
+        if unet.config.get("prediction_type", None) not in (None, "epsilon") or scheduler.config.get(
+            "prediction_type", "epsilon"
+        ) != "epsilon":
+            raise ValueError(
+                f"prediction_type={scheduler.config.get('prediction_type')!r}: only epsilon-predicting models are supported"
+            )
+        self.unet = unet.eval()
+        self.scheduler = scheduler
+        self.source = source
+        size = unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (int(unet.config.in_channels), int(h), int(w))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+    def to(self, device: str | torch.device) -> "UNetDenoiser":
+        self.unet.to(device)
+        return self
+
+
+class CallableDenoiser:
+    """Wrap any callable ``fn(x, t) -> eps`` as a :class:`Denoiser`."""
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        sample_shape: tuple[int, int, int],
+        scheduler: SchedulerMixin,
+    ) -> None:
+        self.fn = fn
+        self.sample_shape = tuple(int(s) for s in sample_shape)  # type: ignore[assignment]
+        self.scheduler = scheduler
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, t)
+
+
+def demo_model_path() -> Path:
+    """The embedded default target (see docs/demo-model.md for the command that made it)."""
+    return Path(str(resources.files("side_extract") / "assets" / "demo"))
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    return demo_model_path() if str(spec) == "demo" else Path(spec)
+
+
+def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDenoiser:
+    """Load a diffusers pipeline directory (or ``demo``) as a :class:`UNetDenoiser`.
+
+    Raises ``ValueError`` when the directory lacks ``unet/`` weights in safetensors or a scheduler config.
+    """
+    path = resolve_model_path(spec)
+    if not path.is_dir():
+        raise ValueError(f"model {str(spec)!r}: {str(path)!r} is not a directory (expected a diffusers pipeline "
+                         "directory with unet/ and scheduler/, or 'demo')")
+    unet_dir, sched_dir = path / "unet", path / "scheduler"
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise ValueError(f"model directory {str(path)!r} has no scheduler/scheduler_config.json; "
+                         "save it with DDPMPipeline(unet, scheduler).save_pretrained(...)")
+    if not (unet_dir / "config.json").is_file():
+        raise ValueError(f"model directory {str(path)!r} has no unet/config.json")
+    weights = sorted(unet_dir.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"model directory {str(path)!r} holds only pickle checkpoint(s) ({', '.join(pickles)}); "
+                "side-extract never unpickles weights. Convert them to safetensors where you trust them: "
+                "UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            )
+        raise ValueError(f"model directory {str(path)!r} has no unet/*.safetensors weights")
+    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    scheduler = DDPMScheduler.from_pretrained(sched_dir)
+    return UNetDenoiser(unet, scheduler, source=str(path)).to(device)
+
+
+def model_fingerprint(spec: str | Path) -> str:
+    """sha256 over a model directory's UNet config and weights and its scheduler config."""
+    path = resolve_model_path(spec)
+    h = hashlib.sha256()
+    for f in [path / "unet" / "config.json", *sorted((path / "unet").glob("*.safetensors")),
+              path / "scheduler" / "scheduler_config.json"]:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def save_target(unet: UNet2DModel, scheduler: SchedulerMixin, out: str | Path, extra: dict[str, str] | None = None) -> None:
+    """Write ``out`` as ``DDPMPipeline.save_pretrained`` does (safetensors), atomically."""
+    with atomic_directory(out) as tmp:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        for name, text in (extra or {}).items():
+            atomic_write_text(tmp / name, text)
+
+
+def check_fits(images_shape: tuple[int, int, int], model_shape: tuple[int, int, int], what: str) -> None:
+    """Raise if (C, H, W) of the images differs from the model's."""
+    if tuple(images_shape) != tuple(model_shape):
+        c, h, w = images_shape
+        mc, mh, mw = model_shape
+        raise ValueError(
+            f"{what} are {h}x{w} with {c} channel(s), but the model expects {mh}x{mw} with {mc} channel(s)"
+            + ("; pass --resize to resize them" if c == mc and h != mh else "")
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def build_unet(c: cfg.TrainTargetConfig, shape: tuple[int, int, int]) -> UNet2DModel:
+    channels, h, w = shape
+    if h != w:
+        raise ValueError(f"images are {h}x{w}; train-target needs square images (pass --resize)")
+    n = len(c.block_out_channels)
+    if h % (2 ** (n - 1)):
+        raise ValueError(f"image size {h} is not divisible by 2**{n - 1} = {2 ** (n - 1)} "
+                         f"(block_out_channels={c.block_out_channels} downsamples {n - 1} times)")
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    if c.attention and n > 1:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=h,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_num_groups,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+    )
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    # One generator per step, so a resumed run draws exactly the batches an uninterrupted one would.
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = [p for p in (out / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    path: Path
+    steps: int
+    final_loss: float
+    resumed_from: int
+
+
+def train_target(
+    c: cfg.TrainTargetConfig,
+    data: ImageSet,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train a ``UNet2DModel`` with the DDPM loss on ``data`` and write a diffusers directory to ``out``.
+
+    1. x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), x_t = scheduler.add_noise(x_0, eps, t);
+    2. loss = ||eps_theta(x_t, t) - eps||^2, AdamW, optional EMA of the weights;
+    3. every ``checkpoint_every`` steps a diffusers directory (plus optimizer/EMA state) is written under
+       ``out/checkpoints/step-N``; a rerun resumes from the latest one with the same config.
+
+    The final model (EMA weights when ``ema``) is ``out/unet`` + ``out/scheduler``.
+    """
+    out = Path(out)
+    x0_all = data.to_float()
+    unet = build_unet(c, data.shape)
+    scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                              clip_sample=True, prediction_type="epsilon")
+    opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    ema = EMAModel(unet.parameters(), decay=c.ema_decay) if c.ema else None
+    # what must match to continue from a checkpoint: everything but the step budget and checkpoint spacing
+    resume_key = {k: v for k, v in cfg.to_dict(c).items() if k not in ("steps", "checkpoint_every")}
+    resume_key["data_fingerprint"] = data.fingerprint()
+
+    start, losses = 0, []
+    ckpt = _latest_checkpoint(out)
+    if ckpt is not None:
+        state_meta = read_json(ckpt / "training_state.json")
+        if state_meta["resume_key"] != resume_key:
+            raise ValueError(f"{str(out)!r} holds checkpoints of a different config or data set; "
+                             "choose another --out or delete it")
+        start = int(state_meta["step"])
+        unet = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
+        opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        state = torch.load(ckpt / "training_state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema = EMAModel(unet.parameters(), decay=c.ema_decay)
+            ema.load_state_dict(state["ema"])
+        losses = list(state_meta.get("losses", []))
+        log.info("resuming training from %s (step %d)", ckpt, start)
+    unet.to(device).train()
+    x0_all = x0_all.to(device)
+
+    step = start
+    for step in range(start + 1, c.steps + 1):
+        g = _step_generator(c.seed, step)
+        idx = torch.randint(0, len(x0_all), (c.batch_size,), generator=g)
+        eps = torch.randn((c.batch_size, *data.shape), generator=g).to(device)
+        t = torch.randint(0, c.num_train_timesteps, (c.batch_size,), generator=g).to(device)
+        x0 = x0_all[idx.to(device)]
+        xt = scheduler.add_noise(x0, eps, t)
+        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step, c.steps)
+        if step % c.checkpoint_every == 0 or step == c.steps:
+            _write_checkpoint(out, unet, ema, scheduler, opt, c, resume_key, step, losses)
+
+    final_unet = _averaged(unet, ema)
+    save_target(final_unet, scheduler, out_final := out / ".final", extra={"train_config.yaml": cfg.dump_yaml(c)})
+    # Move the pipeline files into out/ itself, each by rename, so out/ is a diffusers directory.
+    for name in ("unet", "scheduler", "model_index.json", "train_config.yaml"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        (out_final / name).replace(target)
+    out_final.rmdir()
+    atomic_write_json(out / "training_log.json", {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses]})
+    final = float(sum(losses[-100:]) / max(1, len(losses[-100:])))
+    return TrainResult(out, c.steps, final, start)
+
+
+def _averaged(unet: UNet2DModel, ema: EMAModel | None) -> UNet2DModel:
+    if ema is None:
+        return unet
+    copy = UNet2DModel.from_config(unet.config)
+    copy.load_state_dict(unet.state_dict())
+    ema.copy_to(copy.parameters())
+    return copy
+
+
+def _write_checkpoint(out: Path, unet, ema, scheduler, opt, c, resume_key, step: int, losses: list[float]) -> None:
+    dest = out / "checkpoints" / f"step-{step:06d}"
+    with atomic_directory(dest) as tmp:
+        DDPMPipeline(unet=_averaged(unet, ema), scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        unet.save_pretrained(tmp / "raw_unet", safe_serialization=True)
+        state = {"optimizer": opt.state_dict()}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        torch.save(state, tmp / "training_state.pt")
+        atomic_write_json(tmp / "training_state.json", {"step": step, "resume_key": resume_key, "losses": losses})
+        atomic_write_text(tmp / "train_config.yaml", cfg.dump_yaml(c))
+    log.info("checkpoint written: %s", dest)
+    older = sorted((out / "checkpoints").glob("step-*"))[:-KEEP_CHECKPOINTS]
+    for old in older:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "Denoiser", "UNetDenoiser", "CallableDenoiser", "load_target", "save_target", "train_target", "build_unet",
+    "check_fits", "model_fingerprint", "demo_model_path", "resolve_model_path", "TrainResult",
+]
