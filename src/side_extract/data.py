@@ -147,7 +147,7 @@ def load_digits_set(n: int | None = None) -> ImageSet:
     return ImageSet(images, labels, ids, name)
 
 
-def load_folder(path: Path) -> ImageSet:
+def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"folder {str(path)!r} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
@@ -159,6 +159,9 @@ def load_folder(path: Path) -> ImageSet:
                 arrays.append(np.asarray(im.convert("L") if im.mode in ("1", "L", "I;16", "I", "LA") else im.convert("RGB")))
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"image file {str(f)!r} is unreadable or corrupt: {e}") from e
+    if resize_to is not None:
+        arrays = [resize(a.reshape(1, *a.shape[:2], -1), resize_to)[0].squeeze(-1) if a.ndim == 2
+                  else resize(a[None], resize_to)[0] for a in arrays]
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         examples = {}
@@ -176,13 +179,13 @@ def load_folder(path: Path) -> ImageSet:
 def load_npz(path: Path) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise ValueError(f"{str(path)!r} has no 'images' array (it has: {', '.join(z.files) or 'nothing'})")
-            images = z["images"]
-            labels = z["labels"] if "labels" in z.files else None
-            ids = z["index"] if "index" in z.files else None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            arrays = {k: z[k] for k in z.files if k in ("images", "labels", "index")}
+            files = z.files
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a readable .npz file: {e}") from e
+    if "images" not in arrays:
+        raise ValueError(f"{str(path)!r} has no 'images' array (it has: {', '.join(files) or 'nothing'})")
+    images, labels, ids = arrays["images"], arrays.get("labels"), arrays.get("index")
     images = _as_nhwc_uint8(images, str(path))
     return ImageSet(
         images,
@@ -231,13 +234,13 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
     else:
         p = Path(s)
         if p.is_dir():
-            out = load_shards(p) if any(p.glob("shard-*.npz")) else load_folder(p)
+            out = load_shards(p) if any(p.glob("shard-*.npz")) else load_folder(p, resize_to)
         elif p.is_file() and p.suffix == ".npz":
             out = load_npz(p)
         elif p.exists():
             raise ValueError(f"data spec {s!r}: expected a folder of images, an .npz file, or 'digits[:N]'")
         else:
             raise ValueError(f"data spec {s!r} does not exist (expected a folder, an .npz file, or 'digits[:N]')")
-    if resize_to is not None:
+    if resize_to is not None and out.images.shape[1:3] != (resize_to, resize_to):
         out = ImageSet(resize(out.images, resize_to), out.labels, out.ids, out.name)
     return out

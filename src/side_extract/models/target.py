@@ -224,7 +224,9 @@ def train_target(
     """
     out = Path(out)
     x0_all = data.to_float()
-    unet = build_unet(c, data.shape)
+    with torch.random.fork_rng():  # seeded initialisation without touching the global RNG
+        torch.manual_seed(c.seed)
+        unet = build_unet(c, data.shape)
     scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
                               clip_sample=True, prediction_type="epsilon")
     opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny diffusers-style dummy UNets (8x8, as diffusers' own tests use) saved as pipelines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from side_extract.models.target import save_target
+
+
+def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+
+
+def tiny_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved 8x8x1 dummy pipeline (random weights)."""
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    save_target(tiny_unet(), tiny_scheduler(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_rgb_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny_rgb"
+    save_target(tiny_unet(channels=3), tiny_scheduler(), out)
+    return out

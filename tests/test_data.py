@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from side_extract.data import (
+    ImageSet, balanced_first_n, fingerprint, load_image_set, resize, to_float, to_uint8,
+)
+
+
+def test_digits_native_and_balanced_subset():
+    full = load_image_set("digits")
+    assert full.images.shape == (1797, 8, 8, 1) and full.images.dtype == np.uint8
+    assert full.images.max() == 255 and full.images.min() == 0
+    sub = load_image_set("digits:100")
+    assert len(sub) == 100
+    assert np.bincount(sub.labels).tolist() == [10] * 10
+    # "first n per class": the chosen ids are the first 10 of each class in dataset order
+    for c in range(10):
+        assert sub.ids[sub.labels == c].tolist() == np.flatnonzero(full.labels == c)[:10].tolist()
+    np.testing.assert_array_equal(sub.images, full.images[sub.ids])
+
+
+def test_balanced_first_n_remainder_and_error():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
+    assert balanced_first_n(labels, 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="only 2 exist"):
+        balanced_first_n(np.array([0, 0, 1, 1]), 6)
+
+
+def test_digits_resized():
+    s = load_image_set("digits:20", resize_to=16)
+    assert s.images.shape == (20, 16, 16, 1)
+
+
+def test_fingerprint_depends_on_pixels_and_shape():
+    a = np.zeros((2, 4, 4, 1), np.uint8)
+    assert fingerprint(a) == fingerprint(a.copy())
+    b = a.copy()
+    b[0, 0, 0, 0] = 1
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) != fingerprint(a.reshape(1, 8, 4, 1))
+
+
+def test_float_conversion_roundtrip_and_range():
+    imgs = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    x = to_float(imgs)
+    assert x.shape == (1, 1, 16, 16)
+    assert x.min() == -1.0 and x.max() == 1.0
+    np.testing.assert_array_equal(to_uint8(x), imgs)
+    assert to_uint8(torch.full((1, 3, 2, 2), 5.0)).max() == 255  # clamps
+
+
+def test_folder_loading(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((6, 6), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    s = load_image_set(tmp_path)
+    assert s.images.shape == (3, 6, 6, 1)
+    assert s.images[2, 0, 0, 0] == 80
+
+
+def test_folder_rgb(tmp_path):
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "b.png")
+    assert load_image_set(tmp_path).images.shape == (2, 5, 5, 3)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(ValueError, match="holds no images"):
+        load_image_set(tmp_path)
+
+
+def test_corrupt_image_names_file(tmp_path):
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image_set(tmp_path)
+
+
+def test_mixed_sizes_suggest_resize(tmp_path):
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(ValueError, match=r"mixed sizes.*--resize") as e:
+        load_image_set(tmp_path)
+    assert "small.png" in str(e.value) and "big.png" in str(e.value)
+    assert load_image_set(tmp_path, resize_to=8).images.shape == (2, 8, 8, 1)
+
+
+def test_npz_variants(tmp_path):
+    p = tmp_path / "a.npz"
+    np.savez(p, images=np.zeros((3, 4, 4), np.uint8), labels=np.array([0, 1, 2]))
+    s = load_image_set(p)
+    assert s.images.shape == (3, 4, 4, 1) and s.labels.tolist() == [0, 1, 2]
+    np.savez(tmp_path / "b.npz", pixels=np.zeros((3, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="no 'images' array"):
+        load_image_set(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", images=np.zeros((3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="must be uint8"):
+        load_image_set(tmp_path / "c.npz")
+    (tmp_path / "d.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_image_set(tmp_path / "d.npz")
+
+
+def test_unknown_spec():
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image_set("/nonexistent/path")
+    with pytest.raises(ValueError, match="digits:N"):
+        load_image_set("digits:abc")
+
+
+def test_imageset_validates():
+    with pytest.raises(ValueError, match="uint8"):
+        ImageSet(np.zeros((2, 4, 4, 1), np.float32))
+    with pytest.raises(ValueError, match="labels shape"):
+        ImageSet(np.zeros((2, 4, 4, 1), np.uint8), labels=np.zeros(3, np.int64))
+
+
+def test_resize_identity():
+    a = np.random.default_rng(0).integers(0, 255, (2, 8, 8, 1), dtype=np.uint8)
+    assert resize(a, 8) is a

@@ -1,0 +1,106 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+
+from side_extract import config as cfg
+from side_extract.data import load_image_set
+from side_extract.models.target import (
+    CallableDenoiser, check_fits, load_target, model_fingerprint, save_target, train_target,
+)
+
+from conftest import tiny_scheduler, tiny_unet
+
+TINY = cfg.TrainTargetConfig(block_out_channels=(4, 8), norm_num_groups=4, steps=4, batch_size=8,
+                             checkpoint_every=2, seed=3)
+
+
+def test_save_load_roundtrip(tmp_path):
+    unet = tiny_unet()
+    save_target(unet, tiny_scheduler(), tmp_path / "m")
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    d = load_target(tmp_path / "m")
+    assert d.sample_shape == (1, 8, 8)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    torch.testing.assert_close(d(x, t), unet(x, t).sample, rtol=0, atol=0)
+    # the same directory loads with diffusers itself
+    assert isinstance(DDPMPipeline.from_pretrained(tmp_path / "m"), DDPMPipeline)
+
+
+def test_pickle_checkpoint_refused_never_unpickled(tmp_path):
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "m")
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    # a pickle that would create a file if it were ever unpickled
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    (tmp_path / "m" / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="pickle checkpoint.*never unpickles"):
+        load_target(tmp_path / "m")
+    assert not marker.exists()
+
+
+def test_missing_scheduler_config(tmp_path):
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "m")
+    (tmp_path / "m" / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ValueError, match="no scheduler/scheduler_config.json"):
+        load_target(tmp_path / "m")
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        load_target(tmp_path / "missing")
+
+
+def test_check_fits_names_both():
+    with pytest.raises(ValueError, match=r"16x16 with 3 channel\(s\).*8x8 with 1 channel\(s\)"):
+        check_fits((3, 16, 16), (1, 8, 8), "training images")
+    check_fits((1, 8, 8), (1, 8, 8), "ok")
+
+
+def test_demo_model_loads():
+    d = load_target("demo")
+    assert d.sample_shape == (1, 8, 8)
+    assert len(model_fingerprint("demo")) == 64
+
+
+def test_callable_denoiser():
+    d = CallableDenoiser(lambda x, t: torch.zeros_like(x), (1, 4, 4), tiny_scheduler())
+    assert d(torch.ones(2, 1, 4, 4), torch.tensor(3)).abs().sum() == 0
+
+
+def test_train_target_writes_pipeline_and_resume_is_exact(tmp_path):
+    data = load_image_set("digits:20")
+    straight = train_target(TINY, data, tmp_path / "a")
+    assert straight.steps == 4 and np.isfinite(straight.final_loss)
+    a = load_target(tmp_path / "a")
+    # interrupted after 2 steps (a checkpoint), then resumed to 4: identical weights
+    train_target(dataclasses.replace(TINY, steps=2), data, tmp_path / "b")
+    resumed = train_target(TINY, data, tmp_path / "b")
+    assert resumed.resumed_from == 2
+    b = load_target(tmp_path / "b")
+    for (n1, p1), (_, p2) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)
+    assert len(list((tmp_path / "b" / "checkpoints").iterdir())) <= 2
+
+
+def test_train_target_ema_and_config_mismatch(tmp_path):
+    data = load_image_set("digits:20")
+    train_target(dataclasses.replace(TINY, ema=True, ema_decay=0.9), data, tmp_path / "e")
+    assert load_target(tmp_path / "e").sample_shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="different config or data set"):
+        train_target(dataclasses.replace(TINY, lr=5e-4, steps=6), data, tmp_path / "e")
+
+
+def test_train_target_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="not divisible"):
+        train_target(dataclasses.replace(TINY, block_out_channels=(4, 4, 8, 8)), load_image_set("digits:10", resize_to=12),
+                     "/tmp/never-written")
