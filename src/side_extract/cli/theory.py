@@ -1,0 +1,125 @@
+"""``side theory``: the paper's theory, executable (``check``: checks A-E; ``measure``: M of a run's target)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .common import cli_errors, console, progress_bar
+
+theory_app = typer.Typer(
+    help="Memorization divergence and numerical checks of the paper's theory (docs/theory.md).",
+    no_args_is_help=True,
+)
+out = Console(emoji=False, highlight=False, soft_wrap=True)
+
+
+def _verdict_style(v: bool | None) -> str:
+    return {True: "[bold green]PASS[/]", False: "[bold red]FAIL[/]", None: "[dim]trend[/]"}[v]
+
+
+@theory_app.command("check")
+@cli_errors
+def check_cmd(
+    only: str = typer.Option("", "--only", help="Comma-separated subset of A,B,C,D,E (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed; each check derives its own generator from it."),
+) -> None:
+    """Run checks A-E; print each prediction, estimate [95% interval] and PASS/FAIL; exit 1 if any fails."""
+    from ..theory.checks import parse_only, run_checks
+
+    names = parse_only(only)
+    failed = []
+    for name in names:
+        (res,) = run_checks(name, seed)
+        out.print(f"[bold]{res.name}. {escape(res.title)}[/]  ({res.seconds:.1f} s)")
+        out.print(f"   claim: {escape(res.claim)}")
+        for row in res.rows:
+            rel = row.relation or "->"
+            tol = f" (tol {row.tolerance:g})" if row.tolerance and row.relation else ""
+            out.print(f"   {_verdict_style(row.passed)} {escape(row.label)}\n"
+                      f"        prediction {rel} {row.prediction}; estimate {row.estimate}{tol}")
+        out.print(f"   => {'[bold green]PASS[/]' if res.passed else '[bold red]FAIL[/]'}\n")
+        if not res.passed:
+            failed.append(res.name)
+    if failed:
+        out.print(f"[bold red]{len(failed)} check(s) failed: {', '.join(failed)}[/]")
+        raise typer.Exit(1)
+    out.print(f"[bold green]all {len(names)} check(s) passed[/]")
+
+
+@theory_app.command("measure")
+@cli_errors
+def measure_cmd(
+    ctx: typer.Context,
+    run: Path = typer.Argument(..., help="Run directory with config.yaml (model, train) and classifier/."),
+    n_points: int = typer.Option(32, "--n-points", help="Training points (Monte Carlo samples); interval ~ 1/sqrt."),
+    probes: int = typer.Option(1, "--probes", help="Hutchinson probes per ODE evaluation (a backward pass each)."),
+    steps: int = typer.Option(32, "--steps", help="ODE grid intervals (2 model calls each); bias ~ 1/steps^2."),
+    eps: float = typer.Option(0.1, "--eps", help="Smoothing scale of q_eps, in [-1, 1] pixel units."),
+    bandwidth: float | None = typer.Option(None, "--bandwidth", help="Empirical optimum's kernel width (default eps)."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="lambda (1 = Bayes class-conditional)."),
+    t_min: int = typer.Option(0, "--t-min", help="First ODE timestep (sigma_min = sigma at t_min)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """M of the unconditional, the guided (class-conditional) model and the empirical optimum.
+
+    Writes RUN/theory/measure.json.
+    """
+    from .. import config as cfg
+    from ..data import load_image_set
+    from ..models.target import check_fits, load_target
+    from ..runs import atomic_write_json
+    from ..theory.measure import measure
+
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise ValueError(f"run directory {str(run)!r} has no config.yaml (is it a run directory?)")
+    rc = cfg.load_yaml(cfg_path)
+    if not rc.get("train"):
+        raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D")
+    clf_dir = run / "classifier"
+    if not clf_dir.is_dir():
+        raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
+                         "(the classifier stage writes RUN/classifier/)")
+    from ..models.classifier import load_classifier
+
+    classifier = load_classifier(clf_dir, device)
+    denoiser = load_target(rc.get("model", "demo"), device)
+    c, h, w = denoiser.sample_shape
+    data = load_image_set(rc["train"])
+    if data.shape[1:] != (h, w) and data.shape[0] == c:
+        data = load_image_set(rc["train"], resize_to=h)
+    check_fits(data.shape, denoiser.sample_shape, "training images")
+    with progress_bar(ctx, "theory measure") as cb:
+        res = measure(denoiser, classifier, data.to_float(), eps=eps, bandwidth=bandwidth,
+                      guidance_scale=guidance_scale, n_points=min(n_points, len(data)), n_steps=steps,
+                      n_probes=probes, t_min=t_min, batch_size=batch_size, seed=seed, device=device, progress=cb)
+    dest = run / "theory" / "measure.json"
+    atomic_write_json(dest, res.to_dict() | {"model": rc.get("model", "demo"), "train": rc["train"]})
+    _print_measure(res)
+    console.print(f"written: {dest}")
+
+
+def _print_measure(res) -> None:
+    out.print(f"[bold]memorization divergence[/] (nats, d={res.dim}, eps={res.eps:g}, kernel width "
+              f"{res.bandwidth:g}, {res.n_points} points, {len(res.timesteps) - 1} ODE steps, "
+              f"{res.n_probes} probes, lambda={res.guidance_scale:g}, {len(res.class_sizes)} classes)")
+    rows = [
+        ("sum_c w_c M(D_c; p)          unconditional", res.m_uncond),
+        ("sum_c w_c M(D_c; p_c)        guided", res.m_guided),
+        ("sum_c w_c M(D_c; KDE_D)      empirical optimum", res.m_opt_uncond),
+        ("sum_c w_c M(D_c; KDE_c)      empirical optimum, per class", res.m_opt_cond),
+        ("M(D; p)                      unconditional, whole set", res.m_uncond_full),
+        ("M(D; KDE_D)                  empirical optimum, whole set", res.m_opt_full),
+        ("gain: guided - unconditional", res.gain_model),
+        ("gain: optimum per class - optimum", res.gain_opt),
+    ]
+    for label, est in rows:
+        out.print(f"   {escape(label):<60} {est}")
+    for claim, v in res.ordering.items():
+        style = {"holds": "green", "violated": "red"}.get(v, "yellow")
+        out.print(f"   [{style}]{v}[/]: {escape(claim)}")

@@ -1,0 +1,389 @@
+"""Memorization divergence M(D; p, eps) = KL(q_eps || p) and closed-form density models.
+
+The paper (arXiv 2410.02467, section on theory) measures how closely a model p reproduces its training set
+D = {x_1, ..., x_N} by
+
+    M(D; p, eps) = KL(q_eps || p),    q_eps = (1/N) sum_i N(x_i, eps^2 I),
+
+smaller meaning more memorization. It is estimated here by Monte Carlo:
+
+1. draw x = x_i + eps * xi, xi ~ N(0, I), with the index i stratified over D (every point is used equally
+   often; see :func:`sample_q_eps`), which is an exact sample of q_eps;
+2. log q_eps(x) exactly, by a log-sum-exp over all N training points (:func:`log_q_eps`);
+3. M is the mean of log q_eps(x) - log p(x); its 95% interval is the normal approximation
+   mean +- 1.96 * sd / sqrt(n) over the n Monte Carlo samples.
+
+Because M(D; p) = -H(q_eps) + CE(q_eps, p) and the entropy H(q_eps) does not depend on the model, the
+difference of M between two models evaluated on the same samples is a difference of cross-entropies; it is
+estimated from paired samples (:func:`divergence_gap`), whose interval is far narrower than the two apart.
+
+Models (all numpy float64, ``log_prob(x: (n, d)) -> (n,)``): :class:`GaussianModel`,
+:class:`GaussianMixtureModel`, and :class:`EmpiricalOptimum`, the kernel density
+(1/N) sum_i N(x_i, sigma^2 I). The last is what a *fully converged* denoiser samples: the optimal
+denoiser of the empirical training distribution at noise level sigma has exactly this marginal, so its
+reverse process started at that level reproduces training points plus N(0, sigma^2 I) noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+
+Z95 = 1.959963984540054
+LOG_2PI = math.log(2.0 * math.pi)
+LogProb = Callable[[np.ndarray], np.ndarray]
+RandomState = int | np.random.Generator
+
+
+def as_generator(random_state: RandomState) -> np.random.Generator:
+    """A numpy Generator from a seed or a Generator (passed through)."""
+    if isinstance(random_state, np.random.Generator):
+        return random_state
+    if isinstance(random_state, (int, np.integer)) and not isinstance(random_state, bool):
+        return np.random.default_rng(int(random_state))
+    raise ValueError(f"random_state={random_state!r} must be an int seed or a numpy Generator")
+
+
+def as_points(data: np.ndarray | torch.Tensor, name: str = "data") -> np.ndarray:
+    """(N, ...) array or tensor -> (N, d) float64, rows flattened; rejects empty or non-finite input."""
+    arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if arr.ndim < 1 or len(arr) == 0:
+        raise ValueError(f"{name} with shape {arr.shape} is empty; it must hold at least one point")
+    arr = arr.reshape(len(arr), -1).astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+    return arr
+
+
+def _check_positive(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r} must be a positive finite number")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# estimates
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A Monte Carlo mean with its standard error (an exact value has ``stderr = 0``).
+
+    Attributes
+    ----------
+    mean : the estimate
+    stderr : sd / sqrt(n) of the per-sample values
+    n : number of samples
+    """
+
+    mean: float
+    stderr: float
+    n: int
+
+    @classmethod
+    def from_values(cls, values: np.ndarray) -> "Estimate":
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if len(v) == 0:
+            raise ValueError("cannot estimate a mean from 0 values")
+        sd = float(v.std(ddof=1)) if len(v) > 1 else float("inf")
+        return cls(float(v.mean()), sd / math.sqrt(len(v)), len(v))
+
+    @classmethod
+    def exact(cls, value: float) -> "Estimate":
+        return cls(float(value), 0.0, 0)
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """Normal-approximation 95% interval, mean +- 1.96 stderr."""
+        return (self.mean - Z95 * self.stderr, self.mean + Z95 * self.stderr)
+
+    def to_dict(self) -> dict[str, float | int]:
+        lo, hi = self.ci95
+        return {"mean": self.mean, "stderr": self.stderr, "ci95_low": lo, "ci95_high": hi, "n": self.n}
+
+    def __str__(self) -> str:
+        if self.stderr == 0:
+            return f"{self.mean:.4g} (exact)"
+        lo, hi = self.ci95
+        return f"{self.mean:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DivergenceEstimate:
+    """M(D; p, eps) by Monte Carlo.
+
+    Attributes
+    ----------
+    estimate : M in nats, mean and standard error over the samples
+    eps : the smoothing scale
+    x : (n, d) the samples of q_eps
+    index : (n,) the training point each sample was drawn around
+    log_q : (n,) log q_eps(x)
+    log_p : (n,) log p(x)
+    """
+
+    estimate: Estimate
+    eps: float
+    x: np.ndarray
+    index: np.ndarray
+    log_q: np.ndarray
+    log_p: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------------
+# q_eps
+
+
+def log_q_eps(x: np.ndarray | torch.Tensor, data: np.ndarray | torch.Tensor, eps: float,
+              chunk: int = 1024) -> np.ndarray:
+    """log q_eps(x) = log (1/N) sum_j N(x; x_j, eps^2 I), exactly, by log-sum-exp.
+
+    Parameters
+    ----------
+    x : (n, d) or (n, ...) points (flattened per row)
+    data : (N, d) or (N, ...) training points, same flattened dimension d
+    eps : smoothing scale > 0
+    chunk : rows of ``x`` per block (memory is chunk * N floats)
+
+    Returns
+    -------
+    (n,) float64 log densities in nats.
+    """
+    eps = _check_positive("eps", eps)
+    xp, dp = as_points(x, "x"), as_points(data, "data")
+    if xp.shape[1] != dp.shape[1]:
+        raise ValueError(f"x has dimension {xp.shape[1]} but data has dimension {dp.shape[1]}")
+    n_data, d = dp.shape
+    d2 = (dp**2).sum(1)
+    const = -math.log(n_data) - 0.5 * d * (LOG_2PI + 2 * math.log(eps))
+    out = np.empty(len(xp))
+    for s in range(0, len(xp), chunk):
+        xb = xp[s:s + chunk]
+        sq = (xb**2).sum(1)[:, None] + d2[None, :] - 2.0 * xb @ dp.T
+        np.maximum(sq, 0.0, out=sq)
+        out[s:s + chunk] = logsumexp(-sq / (2 * eps**2), axis=1) + const
+    return out
+
+
+def stratified_indices(n_data: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n indices into range(n_data): whole random permutations, then a random subset for the remainder.
+
+    Each training point is used floor(n / N) or ceil(n / N) times, so the estimator keeps q_eps's equal
+    weights while having lower variance than i.i.d. indices; n <= N gives a subset without replacement.
+    """
+    full, rest = divmod(n, n_data)
+    parts = [rng.permutation(n_data) for _ in range(full)]
+    parts.append(rng.permutation(n_data)[:rest])
+    return np.concatenate(parts).astype(np.int64)
+
+
+def sample_q_eps(data: np.ndarray | torch.Tensor, eps: float, n: int,
+                 random_state: RandomState = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n samples x = x_i + eps * xi of q_eps, indices stratified over D.
+
+    Returns
+    -------
+    x : (n, d) float64
+    index : (n,) int64, the training point of each sample
+    """
+    eps = _check_positive("eps", eps)
+    if not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n={n!r} must be an integer >= 2 (an interval needs two samples)")
+    dp = as_points(data)
+    rng = as_generator(random_state)
+    index = stratified_indices(len(dp), int(n), rng)
+    x = dp[index] + eps * rng.standard_normal((len(index), dp.shape[1]))
+    return x, index
+
+
+def memorization_divergence(data: np.ndarray | torch.Tensor, log_prob: LogProb, eps: float, n: int = 2000,
+                            random_state: RandomState = 0) -> DivergenceEstimate:
+    """Monte Carlo estimate of M(D; p, eps) = KL(q_eps || p), with a 95% interval.
+
+    Parameters
+    ----------
+    data : (N, d) training set D (or (N, C, H, W), flattened)
+    log_prob : the model's log density, (n, d) float64 -> (n,) nats
+    eps : smoothing scale of q_eps, > 0
+    n : number of Monte Carlo samples (>= 2)
+    random_state : seed or numpy Generator
+
+    Returns
+    -------
+    DivergenceEstimate with the mean of log q_eps(x) - log p(x) over x ~ q_eps.
+    """
+    x, index = sample_q_eps(data, eps, n, random_state)
+    lq = log_q_eps(x, data, eps)
+    lp = np.asarray(log_prob(x), dtype=np.float64).reshape(-1)
+    if lp.shape != lq.shape:
+        raise ValueError(f"log_prob returned shape {lp.shape}, expected ({len(x)},)")
+    return DivergenceEstimate(Estimate.from_values(lq - lp), eps, x, index, lq, lp)
+
+
+def divergence_gap(data: np.ndarray | torch.Tensor, log_prob_a: LogProb, log_prob_b: LogProb, eps: float,
+                   n: int = 2000, random_state: RandomState = 0) -> Estimate:
+    """M(D; a, eps) - M(D; b, eps) = E_{q_eps}[log b(x) - log a(x)], from paired samples.
+
+    The entropy of q_eps cancels, so log q_eps is never needed. Negative means ``a`` memorizes D more.
+    """
+    x, _ = sample_q_eps(data, eps, n, random_state)
+    return Estimate.from_values(np.asarray(log_prob_b(x)) - np.asarray(log_prob_a(x)))
+
+
+# --------------------------------------------------------------------------------------------------
+# closed-form models
+
+
+class GaussianModel:
+    """N(mean, cov) in d dimensions.
+
+    Parameters
+    ----------
+    mean : (d,)
+    cov : (d, d) symmetric positive definite, or a scalar variance (isotropic)
+    """
+
+    def __init__(self, mean: np.ndarray, cov: np.ndarray | float) -> None:
+        self.mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        d = len(self.mean)
+        c = np.asarray(cov, dtype=np.float64)
+        self.cov = c * np.eye(d) if c.ndim == 0 else c
+        if self.cov.shape != (d, d):
+            raise ValueError(f"cov has shape {self.cov.shape}, expected ({d}, {d}) for a mean of dimension {d}")
+        try:
+            self._chol = np.linalg.cholesky(self.cov)
+        except np.linalg.LinAlgError:
+            raise ValueError("cov must be symmetric positive definite") from None
+        self.logdet = 2.0 * float(np.log(np.diag(self._chol)).sum())
+
+    @property
+    def dim(self) -> int:
+        return len(self.mean)
+
+    @classmethod
+    def fit(cls, data: np.ndarray | torch.Tensor, extra_var: float = 0.0) -> "GaussianModel":
+        """Moment-matched Gaussian of the points (ML covariance) plus ``extra_var`` * I."""
+        x = as_points(data)
+        return cls(x.mean(0), np.cov(x, rowvar=False, bias=True).reshape(x.shape[1], x.shape[1])
+                   + extra_var * np.eye(x.shape[1]))
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        x = as_points(x, "x")
+        z = np.linalg.solve(self._chol, (x - self.mean).T)
+        return -0.5 * (self.dim * LOG_2PI + self.logdet + (z**2).sum(0))
+
+    def sample(self, n: int, random_state: RandomState = 0) -> np.ndarray:
+        rng = as_generator(random_state)
+        return self.mean + rng.standard_normal((n, self.dim)) @ self._chol.T
+
+
+def kl_gaussians(p: GaussianModel, q: GaussianModel) -> float:
+    """KL(p || q) between two Gaussians, in nats (closed form)."""
+    if p.dim != q.dim:
+        raise ValueError(f"dimensions differ: {p.dim} vs {q.dim}")
+    q_inv = np.linalg.inv(q.cov)
+    diff = q.mean - p.mean
+    return 0.5 * float(np.trace(q_inv @ p.cov) + diff @ q_inv @ diff - p.dim + q.logdet - p.logdet)
+
+
+def gaussian_cross_entropy(data: np.ndarray | torch.Tensor, eps: float, model: GaussianModel) -> float:
+    """CE(q_eps, N(mu, S)) = E_{q_eps}[-log N(x; mu, S)], exactly.
+
+    It needs only q_eps's first two moments: mean m = mean_i x_i, second moment about mu
+    E[(x - mu)(x - mu)^T] = eps^2 I + mean_i (x_i - mu)(x_i - mu)^T, so
+    CE = 1/2 [d log 2 pi + log det S + tr(S^-1 E[(x - mu)(x - mu)^T])].
+    """
+    eps = _check_positive("eps", eps)
+    x = as_points(data)
+    if x.shape[1] != model.dim:
+        raise ValueError(f"data has dimension {x.shape[1]} but the model has {model.dim}")
+    dev = x - model.mean
+    second = eps**2 * np.eye(model.dim) + dev.T @ dev / len(x)
+    return 0.5 * float(model.dim * LOG_2PI + model.logdet + np.trace(np.linalg.solve(model.cov, second)))
+
+
+def gaussian_divergence_single_point(point: np.ndarray, eps: float, model: GaussianModel) -> float:
+    """M({x_1}; N(mu, S), eps) = KL(N(x_1, eps^2 I) || N(mu, S)), closed form (N = 1 training point).
+
+    For N > 1, q_eps is a mixture whose entropy has no closed form; see :func:`gaussian_cross_entropy`
+    for the part of M that does.
+    """
+    eps = _check_positive("eps", eps)
+    p = np.asarray(point, dtype=np.float64).reshape(-1)
+    return kl_gaussians(GaussianModel(p, eps**2), model)
+
+
+class GaussianMixtureModel:
+    """sum_k w_k N(mu_k, S_k).
+
+    Parameters
+    ----------
+    weights : (K,) positive, normalised here
+    means : (K, d)
+    covs : (K, d, d), or (K,) isotropic variances
+    """
+
+    def __init__(self, weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> None:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if len(w) == 0 or (w <= 0).any() or not np.isfinite(w).all():
+            raise ValueError(f"weights={w.tolist()} must be positive and finite, at least one")
+        means = np.asarray(means, dtype=np.float64)
+        if means.ndim != 2 or len(means) != len(w):
+            raise ValueError(f"means has shape {means.shape}, expected ({len(w)}, d)")
+        covs = np.asarray(covs, dtype=np.float64)
+        if len(covs) != len(w):
+            raise ValueError(f"covs has {len(covs)} entries, expected {len(w)}")
+        self.weights = w / w.sum()
+        self.components = [GaussianModel(m, c) for m, c in zip(means, covs)]
+
+    @property
+    def dim(self) -> int:
+        return self.components[0].dim
+
+    def component_log_prob(self, x: np.ndarray) -> np.ndarray:
+        """(n, K): log w_k + log N(x; mu_k, S_k)."""
+        return np.stack([math.log(w) + c.log_prob(x) for w, c in zip(self.weights, self.components)], axis=1)
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        return logsumexp(self.component_log_prob(x), axis=1)
+
+    def sample(self, n: int, random_state: RandomState = 0) -> tuple[np.ndarray, np.ndarray]:
+        """n samples and their component labels."""
+        rng = as_generator(random_state)
+        labels = rng.choice(len(self.weights), size=n, p=self.weights)
+        x = np.empty((n, self.dim))
+        for k, comp in enumerate(self.components):
+            idx = np.flatnonzero(labels == k)
+            x[idx] = comp.sample(len(idx), rng)
+        return x, labels
+
+
+class EmpiricalOptimum:
+    """The kernel density (1/N) sum_i N(x_i, sigma^2 I): what a fully converged denoiser samples.
+
+    Parameters
+    ----------
+    data : (N, d) training points (or (N, C, H, W))
+    sigma : bandwidth > 0: the noise level at which the optimal denoiser's reverse process is stopped
+    """
+
+    def __init__(self, data: np.ndarray | torch.Tensor, sigma: float) -> None:
+        self.data = as_points(data)
+        self.sigma = _check_positive("sigma", sigma)
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        return log_q_eps(x, self.data, self.sigma)
+
+    def sample(self, n: int, random_state: RandomState = 0) -> np.ndarray:
+        return sample_q_eps(self.data, self.sigma, n, random_state)[0]
+
+
+__all__ = [
+    "Estimate", "DivergenceEstimate", "log_q_eps", "sample_q_eps", "stratified_indices", "memorization_divergence",
+    "divergence_gap", "GaussianModel", "GaussianMixtureModel", "EmpiricalOptimum", "kl_gaussians",
+    "gaussian_cross_entropy", "gaussian_divergence_single_point", "as_points", "as_generator", "Z95",
+]

@@ -1,0 +1,269 @@
+"""Theory: the divergence estimator, the PF-ODE likelihood and ``measure`` against closed forms; checks A-E."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from scipy.stats import multivariate_normal
+from typer.testing import CliRunner
+
+from side_extract.cli.main import app
+from side_extract.models.target import CallableDenoiser
+from side_extract.theory import (EmpiricalOptimum, Estimate, GaussianModel, empirical_optimal_eps,
+                                 gaussian_divergence_single_point, gaussian_optimal_eps, guided_eps_fn, log_q_eps,
+                                 measure, memorization_divergence, pf_ode_log_likelihood, run_checks)
+from side_extract.theory.likelihood import ode_timesteps, sigmas
+
+SCHED = DDPMScheduler(num_train_timesteps=1000)
+AC = SCHED.alphas_cumprod
+SIG_MIN = float(sigmas(AC)[0])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x faster here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------
+# divergence
+
+
+def test_log_q_eps_matches_scipy_mixture():
+    rng = np.random.default_rng(0)
+    data, x, eps = rng.standard_normal((7, 3)), rng.standard_normal((5, 3)), 0.7
+    ref = np.log(np.mean([multivariate_normal(m, eps**2 * np.eye(3)).pdf(x) for m in data], axis=0))
+    np.testing.assert_allclose(log_q_eps(x, data, eps), ref, rtol=1e-10)
+
+
+def test_divergence_estimator_matches_analytic_gaussian_kl():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((4, 4))
+    model = GaussianModel(rng.standard_normal(4), a @ a.T / 4 + np.eye(4))
+    point = rng.standard_normal((1, 4))
+    exact = gaussian_divergence_single_point(point[0], 0.5, model)
+    est = memorization_divergence(point, model.log_prob, 0.5, n=20_000, random_state=2).estimate
+    lo, hi = est.ci95
+    assert abs(est.mean - exact) < 4 * est.stderr and hi - lo < 0.1, (exact, est)
+
+
+def test_empirical_optimum_at_its_own_bandwidth_has_zero_divergence():
+    data = np.random.default_rng(3).standard_normal((20, 5))
+    est = memorization_divergence(data, EmpiricalOptimum(data, 0.2).log_prob, 0.2, n=100).estimate
+    assert est.mean == pytest.approx(0.0, abs=1e-9)
+
+
+def test_estimator_is_reproducible_and_seed_dependent():
+    data = np.random.default_rng(0).standard_normal((10, 2))
+    model = GaussianModel(np.zeros(2), 1.0)
+    a = memorization_divergence(data, model.log_prob, 0.3, n=50, random_state=5).estimate
+    b = memorization_divergence(data, model.log_prob, 0.3, n=50, random_state=np.random.default_rng(5)).estimate
+    c = memorization_divergence(data, model.log_prob, 0.3, n=50, random_state=6).estimate
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan")])
+def test_bad_eps_is_a_value_error_naming_it(eps):
+    with pytest.raises(ValueError, match=r"eps="):
+        log_q_eps(np.zeros((2, 2)), np.zeros((3, 2)), eps)
+
+
+def test_bad_inputs_name_the_value():
+    with pytest.raises(ValueError, match=r"n=1 must be"):
+        memorization_divergence(np.zeros((3, 2)), lambda x: np.zeros(len(x)), 0.1, n=1)
+    with pytest.raises(ValueError, match="dimension 3 but data has dimension 2"):
+        log_q_eps(np.zeros((2, 3)), np.zeros((3, 2)), 0.1)
+    with pytest.raises(ValueError, match="n_steps=0"):
+        ode_timesteps(AC, 0)
+    with pytest.raises(ValueError, match="trace='fast'"):
+        pf_ode_log_likelihood(lambda x, t: x, torch.zeros(2, 1, 2, 2), AC, trace="fast")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# PF-ODE likelihood
+
+
+def _gaussian_logpdf(x: torch.Tensor, mean, var: float) -> np.ndarray:
+    d = x[0].numel()
+    sq = ((x - torch.as_tensor(mean)) ** 2).reshape(len(x), -1).sum(1).double().numpy()
+    return -0.5 * (d * math.log(2 * math.pi * var) + sq / var)
+
+
+def test_ode_grid_is_increasing_integer_and_spans_the_schedule():
+    ts = ode_timesteps(AC, 32, t_min=3)
+    assert ts[0] == 3 and ts[-1] == 999 and (np.diff(ts) > 0).all() and len(ts) <= 33
+
+
+def test_ode_likelihood_of_optimal_gaussian_denoiser_is_the_gaussian():
+    """The optimal eps of N(mu, s^2 I) has PF-ODE density N(mu, (s^2 + sigma_min^2) I) at t_min = 0."""
+    mu, s = 0.3, 0.5
+    x = mu + s * torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = _gaussian_logpdf(x, mu, s**2 + SIG_MIN**2)
+    fn = gaussian_optimal_eps(mu, s, AC)
+    res = pf_ode_log_likelihood(fn, x, AC, n_steps=64, trace="exact")
+    np.testing.assert_allclose(res.log_prob, exact, atol=0.05)
+    coarse = pf_ode_log_likelihood(fn, x, AC, n_steps=16, trace="exact")
+    assert np.abs(coarse.log_prob - exact).mean() > np.abs(res.log_prob - exact).mean()  # converges with steps
+    # Hutchinson is exact here (the Jacobian is diagonal, Rademacher v_i^2 = 1)
+    hutch = pf_ode_log_likelihood(fn, x, AC, n_steps=64, n_probes=1, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(hutch.log_prob, res.log_prob, atol=1e-8)
+
+
+def test_ode_likelihood_of_the_empirical_optimum_is_its_kernel_density():
+    data = torch.randn(12, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t_min = 20
+    sig = float(sigmas(AC)[t_min])
+    x = data[:8] + sig * torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    res = pf_ode_log_likelihood(empirical_optimal_eps(data, AC), x, AC, n_steps=64, t_min=t_min, trace="exact")
+    np.testing.assert_allclose(res.log_prob, log_q_eps(x, data, sig), atol=0.1)
+
+
+def _mixture(means: torch.Tensor, s: float):
+    """Exact eps of the two-component mixture 0.5 N(m_0, s^2 I) + 0.5 N(m_1, s^2 I) and its exact p(c | x_t, t)."""
+
+    def logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = AC[t.cpu()].to(x.dtype).reshape(-1, 1)
+        v = a * s**2 + 1 - a
+        xf = x.reshape(len(x), -1)
+        sq = ((xf[:, None, :] - torch.sqrt(a)[:, None] * means[None].to(x.dtype)) ** 2).sum(-1)
+        return -sq / (2 * v)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = AC[t.cpu()].to(x.dtype).reshape(-1, 1)
+        v = a * s**2 + 1 - a
+        r = torch.softmax(logits(x, t), dim=1)
+        xf = x.reshape(len(x), -1)
+        score = -(xf - torch.sqrt(a) * (r @ means.to(x.dtype))) / v
+        return (-torch.sqrt(1 - a) * score).reshape(x.shape)
+
+    class Classifier(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return logits(x, t)
+
+    return eps, Classifier()
+
+
+def test_guided_ode_likelihood_of_exact_mixture_is_the_component():
+    """score(p_t) + grad log p_t(c | x) = score(p_t(. | c)): the guided density is component c's Gaussian."""
+    s = 0.4
+    means = torch.tensor([[0.5, 0.5, -0.5, 0.0], [-0.5, -0.5, 0.5, 0.0]], dtype=torch.float64)
+    eps, clf = _mixture(means, s)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    x = (means[labels] + s * torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    x = x.reshape(6, 1, 2, 2)
+    fn = guided_eps_fn(eps, clf, labels, 1.0, AC)
+    res = pf_ode_log_likelihood(fn, x, AC, n_steps=64, trace="exact")
+    exact = np.array([_gaussian_logpdf(x[i:i + 1], means[c].reshape(1, 2, 2), s**2 + SIG_MIN**2)[0]
+                      for i, c in enumerate(labels)])
+    np.testing.assert_allclose(res.log_prob, exact, atol=0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# measure
+
+
+def test_measure_on_exact_mixture_orders_as_the_theorem_says():
+    s = 0.4
+    means = torch.tensor([[0.5, 0.5, -0.5, 0.0], [-0.5, -0.5, 0.5, 0.0]], dtype=torch.float64)
+    eps, clf = _mixture(means, s)
+    g = torch.Generator().manual_seed(0)
+    lab = torch.arange(40) % 2
+    train = (means[lab] + s * torch.randn(40, 4, generator=g, dtype=torch.float64)).reshape(40, 1, 2, 2)
+    den = CallableDenoiser(eps, (1, 2, 2), SCHED)
+    res = measure(den, clf, train, labels=lab.numpy(), eps=0.1, n_points=24, n_steps=32, trace="exact",
+                  batch_size=10)
+    # converged models: the gain is ~ E[log p - log p_c] < 0; the empirical optimum memorizes more still
+    assert res.gain_model.ci95[1] < 0
+    assert res.ordering["conditioning memorizes no less: M(D_c; p_c) - M(D_c; p) <= 0"] == "holds"
+    assert res.m_opt_cond.mean < res.m_guided.mean < res.m_uncond.mean
+    assert res.m_opt_full.mean == pytest.approx(0.0, abs=1e-9)  # bandwidth = eps: KDE_D is q_eps
+    assert res.gain_opt.mean == pytest.approx(math.log(0.5), abs=0.05)  # two equal classes, separated kernels
+    json.dumps(res.to_dict())
+
+
+def _tiny_unet_denoiser():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32,), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",)).eval()
+    return CallableDenoiser(lambda x, t: unet(x, t).sample, (1, 8, 8), SCHED)
+
+
+class TinyClassifier(torch.nn.Module):
+    """A time-dependent classifier: conv features scaled by a function of t, then 3 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 64, 3)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)) * (1 + t.float() / 1000).reshape(-1, 1, 1, 1)
+        return self.fc(h.flatten(1))
+
+
+def test_measure_runs_on_a_unet_and_scale_zero_is_exactly_unguided():
+    den, clf = _tiny_unet_denoiser(), TinyClassifier().eval()
+    train = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    kw = dict(n_points=6, n_steps=6, n_probes=1, batch_size=4, seed=3)
+    zero = measure(den, clf, train, guidance_scale=0.0, **kw)
+    np.testing.assert_array_equal(zero.log_p_guided, zero.log_p_uncond)
+    assert zero.gain_model.mean == 0.0
+    guided = measure(den, clf, train, guidance_scale=2.0, **kw)
+    assert np.isfinite(guided.log_p_guided).all() and not np.array_equal(guided.log_p_guided, guided.log_p_uncond)
+    # per-point probes: the batch size does not change the result
+    other = measure(den, clf, train, guidance_scale=2.0, **(kw | {"batch_size": 6}))
+    np.testing.assert_allclose(other.log_p_guided, guided.log_p_guided, rtol=1e-5, atol=1e-3)
+    assert set(guided.ordering.values()) <= {"holds", "violated", "inconclusive"}
+
+
+def test_measure_rejects_bad_input():
+    den, clf = _tiny_unet_denoiser(), TinyClassifier().eval()
+    train = torch.zeros(5, 1, 8, 8)
+    with pytest.raises(ValueError, match="n_points=9"):
+        measure(den, clf, train, n_points=9)
+    with pytest.raises(ValueError, match="guidance_scale=-1"):
+        measure(den, clf, train, n_points=2, guidance_scale=-1.0)
+    with pytest.raises(ValueError, match=r"model expects \(1, 8, 8\)"):
+        measure(den, clf, torch.zeros(5, 1, 4, 4), n_points=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# checks and CLI
+
+
+def test_all_checks_pass_on_the_default_seed():
+    results = run_checks(seed=0)
+    assert [r.name for r in results] == ["A", "B", "C", "D", "E"]
+    failed = {r.name: [row.label for row in r.rows if row.passed is False] for r in results if not r.passed}
+    assert not failed, failed
+
+
+def test_check_rows_fail_when_prediction_is_off():
+    from side_extract.theory.checks import CheckRow
+
+    assert CheckRow("x", Estimate.exact(1.0), Estimate(1.5, 0.1, 100)).passed is False
+    assert CheckRow("x", Estimate.exact(1.0), Estimate(1.2, 0.1, 100)).passed is True
+    assert CheckRow("x", Estimate.exact(1.0), Estimate(1.2, 0.1, 100), ">").passed is False
+    assert CheckRow("x", Estimate.exact(1.0), Estimate(0.2, 0.1, 100), "<=").passed is True
+
+
+def test_cli_check_and_errors(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["theory", "check", "--only", "E,d"])
+    assert ok.exit_code == 0, ok.output
+    assert "PASS" in ok.output and "E[#unique]" in ok.output
+    bad = runner.invoke(app, ["theory", "check", "--only", "Z"])
+    assert bad.exit_code == 2 and "valid: A, B, C, D, E" in bad.output
+    (tmp_path / "config.yaml").write_text("model: demo\ntrain: digits:100\n")
+    missing = runner.invoke(app, ["theory", "measure", str(tmp_path)])
+    assert missing.exit_code == 2 and "classifier" in missing.output
