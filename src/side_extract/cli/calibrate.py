@@ -1,0 +1,59 @@
+"""``side calibrate``: the null distribution of best scores and band edges proposed from it -> DIR/bands.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .. import config as cfg
+from ..data import ImageSet, load_image_set
+from ..data import resize as resize_images
+from ..evaluation import calibrate, digits_complement
+from .common import cli_errors, console, progress_bar
+from .evaluate import evaluate_config, load_feature_model
+
+D = cfg.EvaluateConfig()
+
+
+@cli_errors
+def calibrate_cmd(
+    ctx: typer.Context,
+    train: str = typer.Option(..., "--train", help="Training set: digits[:N], a folder of images, an .npz."),
+    out: Path = typer.Option(..., "--out", help="Directory to write bands.json and null.npz to."),
+    heldout: str | None = typer.Option(None, "--heldout", help="Held-out images (never trained on) "
+                                                                "(default: for digits:N, the other digits; else none)."),
+    similarity: str = typer.Option(D.similarity, help="rms-l2 (pixels) or cosine:<extractor>."),
+    calibration_quantiles: str = typer.Option(",".join(map(str, D.calibration_quantiles)),
+                                              help="Null tail shares of the high, mid, low band edges."),
+    resize: int | None = typer.Option(D.resize, help="Resize all sets to this square size."),
+    backend: str = typer.Option(D.backend, help="auto, faiss or torch."),
+    query_chunk: int = typer.Option(D.query_chunk),
+    ref_chunk: int = typer.Option(D.ref_chunk),
+    feature_batch_size: int = typer.Option(D.feature_batch_size),
+    device: str = typer.Option("cpu"),
+    model: str | None = typer.Option(None, "--model", help="Target model (a diffusers directory or 'demo') for "
+                                                           "extractors that need it: cosine:unet."),
+    config: Path | None = typer.Option(None, "--config", help="YAML with evaluate options as keys (or a run "
+                                                              "YAML's evaluate: section)."),
+) -> None:
+    """Best scores of held-out images vs the training set and of each training image vs the rest; band edges
+    at tail quantiles of the held-out null (the train-vs-rest null without held-out images)."""
+    c = evaluate_config(ctx, config)
+    tr = load_image_set(train, c.resize)
+    if heldout is not None:
+        ho = load_image_set(heldout, c.resize)
+    elif train.startswith("digits:"):
+        ho = digits_complement(train)
+        if c.resize is not None:
+            ho = ImageSet(resize_images(ho.images, c.resize), ho.labels, ho.ids, ho.name)
+        console.print(f"held-out set: the {len(ho)} digits not in {train}")
+    else:
+        ho = None
+        console.print("no --heldout: bands from each training image vs the rest of the training set")
+    feature_model = load_feature_model(model, device)
+    with progress_bar(ctx, "calibrate") as cb:
+        result = calibrate(tr, ho, c, feature_model=feature_model, device=device, progress=cb)
+    path = result.write(out)
+    edges = ", ".join(f"{b.name} [{b.lo:.4g}, {b.hi:.4g})" for b in result.bands)
+    console.print(f"bands from the {result.null_source} null: {edges}")
+    console.print(f"wrote {path}")

@@ -1,0 +1,105 @@
+"""``side evaluate``: memorization metrics of generations against the training set -> DIR/metrics.json."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .. import config as cfg
+from ..data import load_image_set
+from ..evaluation import evaluate
+from ..metrics import parse_bands
+from .common import build_config, cli_errors, console, progress_bar, typed_flags
+
+D = cfg.EvaluateConfig()
+OPTIONS = [k for k in cfg.to_dict(D)]
+
+
+def evaluate_config(ctx: typer.Context, config: Path | None) -> cfg.EvaluateConfig:
+    """File then typed flags; the file is an EvaluateConfig mapping, or a run YAML (its ``evaluate:`` section)."""
+    base: dict[str, Any] = cfg.load_yaml(config) if config is not None else {}
+    if isinstance(base.get("evaluate"), dict):
+        base = base["evaluate"]
+    overrides = typed_flags(ctx, {k: k for k in OPTIONS if k in ctx.params})
+    if "calibration_quantiles" in overrides:
+        overrides["calibration_quantiles"] = parse_floats(overrides["calibration_quantiles"], "calibration_quantiles")
+    return build_config(cfg.EvaluateConfig, None, cfg.merge(base, overrides))
+
+
+def parse_floats(value: Any, name: str) -> list[float]:
+    try:
+        return [float(v) for v in str(value).split(",")]
+    except ValueError:
+        raise ValueError(f"{name}={value!r} must be comma-separated numbers") from None
+
+
+def load_feature_model(model: str | None, device: str) -> Any:
+    """The target denoiser for extractors that need one (``cosine:unet``); None without ``--model``."""
+    if model is None:
+        return None
+    from ..models.target import load_target
+
+    return load_target(model, device)
+
+
+def default_method(generated: str) -> str:
+    """A run's ``extraction/<method>`` directory names its method; anything else has none."""
+    p = Path(generated)
+    return p.name if p.parent.name == "extraction" else ""
+
+
+@cli_errors
+def evaluate_cmd(
+    ctx: typer.Context,
+    generated: str = typer.Option(..., "--generated",
+                                  help="Generations: a run's extraction/<method> dir, shards, folder, .npz."),
+    train: str = typer.Option(..., "--train", help="Training set: digits[:N], a folder of images, an .npz."),
+    out: Path = typer.Option(..., "--out", help="Directory to write metrics.json and per_generation.{csv,npz} to."),
+    method: str | None = typer.Option(None, help="Method name in the results (default: the extraction dir's name)."),
+    similarity: str = typer.Option(D.similarity, help="rms-l2 (pixels) or cosine:<extractor>."),
+    bands: str | None = typer.Option(D.bands, help="name=lo:hi,... (default: the paper's for cosine; else "
+                                                  "--bands-file; else calibrated on train vs rest of train)."),
+    bands_file: str | None = typer.Option(D.bands_file, help="bands.json written by `side calibrate`."),
+    resize: int | None = typer.Option(D.resize, help="Resize both sets to this square size."),
+    carlini_alpha: float = typer.Option(D.carlini_alpha),
+    carlini_n: int = typer.Option(D.carlini_n, help="Neighbours averaged in Carlini's ratio."),
+    carlini_centering: str = typer.Option(D.carlini_centering, help="generation or reference: whose neighbours."),
+    gu_threshold: float = typer.Option(D.gu_threshold, help="Memorized if d1 / d2 < this."),
+    calibration_quantiles: str = typer.Option(",".join(map(str, D.calibration_quantiles)),
+                                              help="Null tail shares of the high, mid, low band edges."),
+    ng_repeats: int = typer.Option(D.ng_repeats, help="Random orders for the observed N_G curve."),
+    detect_threshold: float | None = typer.Option(D.detect_threshold, help="Also run label-free detection: tiled "
+                                                                           "max-L2 link threshold."),
+    detect_min_size: int = typer.Option(D.detect_min_size),
+    detect_grid: int | None = typer.Option(D.detect_grid, help="Tiles per side (default: by image size)."),
+    detect_mode: str = typer.Option(D.detect_mode, help="cliques or components."),
+    extraction_threshold: float = typer.Option(D.extraction_threshold, help="Detection: verified if the group's "
+                                                                            "medoid is this close to a training image."),
+    backend: str = typer.Option(D.backend, help="auto, faiss or torch."),
+    query_chunk: int = typer.Option(D.query_chunk),
+    ref_chunk: int = typer.Option(D.ref_chunk),
+    feature_batch_size: int = typer.Option(D.feature_batch_size),
+    seed: int = typer.Option(D.seed, help="Seed of the random orders of the N_G curve."),
+    device: str = typer.Option("cpu"),
+    model: str | None = typer.Option(None, "--model", help="Target model (a diffusers directory or 'demo') for "
+                                                           "extractors that need it: cosine:unet."),
+    config: Path | None = typer.Option(None, "--config", help="YAML with these options as keys (or a run YAML's "
+                                                              "evaluate: section)."),
+) -> None:
+    """AMS / UMS per band, 95th percentile, Carlini's and Gu's ratios, the N_G law: DIR/metrics.json."""
+    c = evaluate_config(ctx, config)
+    if c.bands is not None:
+        parse_bands(c.bands)  # a typo fails before the sets load
+    gen = load_image_set(generated, c.resize)
+    tr = load_image_set(train, c.resize)
+    feature_model = load_feature_model(model, device)
+    with progress_bar(ctx, "evaluate") as cb:
+        result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
+                          feature_model=feature_model, device=device, progress=cb)
+    path = result.write(out)
+    top = result.bands[-1].name
+    console.print(f"{result.n_generated} generations vs {result.n_train} training images ({result.similarity}, "
+                  f"bands: {result.bands_source}); AMS {top} {result.ams[top]:.2%}, UMS {top} {result.ums[top]:.2%}, "
+                  f"Carlini extracted {result.carlini.extracted_fraction:.2%}, Gu {result.gu.memorized_fraction:.2%}")
+    console.print(f"wrote {path}")

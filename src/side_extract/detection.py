@@ -1,0 +1,180 @@
+"""Label-free detection of memorized images among generations (Carlini et al. 2023, generate-and-filter).
+
+A model that memorized a training image regenerates it many times. Without the training set:
+
+1. split each image into a ``grid x grid`` grid of tiles; the tiled distance of two images is the max over
+   tiles of the per-tile RMS-L2 (pixels in [0, 1]): two images are near-duplicates only if every tile is;
+2. link every pair of generations with tiled distance ``< threshold`` (streamed in blocks of pairs);
+3. report groups of size ``>= min_size``: maximal cliques (Carlini et al.; disjoint, largest first) or, as
+   a documented relaxation that is cheaper on dense graphs, connected components;
+4. with the training set, a group is *verified* when its medoid (the member with the smallest summed tiled
+   distance to the others, among its first 256 members) is within ``extraction_threshold`` pixel RMS-L2 of
+   a training image; precision = verified groups / groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.csgraph import connected_components
+
+from .data import ImageSet
+from .neighbors import NearestNeighborIndex, pixel_rows
+
+GroupMode = Literal["cliques", "components"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """Suspected memorized images: groups of mutually near-duplicate generations (rows of the generated set).
+
+    ``verified``, ``nearest_train_index``, ``nearest_train_distance`` and ``precision`` are None without a
+    training set; precision is also None when no group was found.
+    """
+
+    threshold: float
+    grid: int
+    min_size: int
+    mode: GroupMode
+    n_generated: int
+    n_edges: int
+    groups: list[list[int]]
+    representatives: list[int]
+    extraction_threshold: float | None = None
+    verified: list[bool] | None = None
+    nearest_train_index: list[int] | None = None
+    nearest_train_distance: list[float] | None = None
+    precision: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["n_groups"] = len(self.groups)
+        d["n_suspected"] = int(sum(len(g) for g in self.groups))
+        return d
+
+
+def default_grid(height: int, width: int) -> int:
+    """Tiles per side: 4 for images of 16 pixels and more, 2 from 8 (tiles of 4x4 on 8x8 images), else 1."""
+    side = min(height, width)
+    return 4 if side >= 16 else 2 if side >= 8 else 1
+
+
+def _tiles(images: np.ndarray, grid: int) -> list[np.ndarray]:
+    """(n, H, W, C) uint8 -> one (n, D_t) uint8 row block per tile (uneven splits allowed)."""
+    h, w = images.shape[1:3]
+    if not 1 <= grid <= min(h, w):
+        raise ValueError(f"grid={grid} must be between 1 and the image side {min(h, w)}")
+    rows = np.array_split(np.arange(h), grid)
+    cols = np.array_split(np.arange(w), grid)
+    return [images[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1].reshape(len(images), -1) for r in rows for c in cols]
+
+
+def _block(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Tiled max RMS-L2 between two sets given as per-tile float64 integer-valued rows (exact squared sums)."""
+    out = None
+    for ta, tb in zip(a, b):
+        s = (ta * ta).sum(1)[:, None] + (tb * tb).sum(1)[None, :] - 2 * ta @ tb.T
+        d = torch.sqrt(s.clamp_min(0) / (255.0**2 * ta.shape[1]))
+        out = d if out is None else torch.maximum(out, d)
+    return out
+
+
+def tiled_distances(a: np.ndarray, b: np.ndarray, grid: int) -> np.ndarray:
+    """(len(a), len(b)) tiled max RMS-L2 between uint8 image stacks (n, H, W, C) of one shape."""
+    ta = [torch.from_numpy(t.astype(np.float64)) for t in _tiles(a, grid)]
+    tb = [torch.from_numpy(t.astype(np.float64)) for t in _tiles(b, grid)]
+    return _block(ta, tb).numpy()
+
+
+def near_duplicate_pairs(images: np.ndarray, threshold: float, grid: int, *, chunk: int = 1024,
+                         device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair i < j of ``images`` ((n, H, W, C) uint8) with tiled distance < ``threshold``: (i, j, d)."""
+    tiles = _tiles(images, grid)
+    n = len(images)
+    found_i, found_j, found_d = [], [], []
+    with torch.no_grad():
+        for a0 in range(0, n, chunk):
+            a = [torch.from_numpy(t[a0:a0 + chunk].astype(np.float64)).to(device) for t in tiles]
+            for b0 in range(a0, n, chunk):
+                b = [torch.from_numpy(t[b0:b0 + chunk].astype(np.float64)).to(device) for t in tiles]
+                d = _block(a, b)
+                i, j = torch.nonzero(d < threshold, as_tuple=True)
+                keep = (i + a0) < (j + b0)
+                i, j = i[keep], j[keep]
+                found_i.append(i.cpu().numpy() + a0)
+                found_j.append(j.cpu().numpy() + b0)
+                found_d.append(d[i, j].cpu().numpy())
+    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d)
+
+
+def _groups(n: int, i: np.ndarray, j: np.ndarray, min_size: int, mode: GroupMode) -> list[list[int]]:
+    adj = sp.coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)).tocsr()
+    _, comp = connected_components(adj, directed=False)
+    sizes = np.bincount(comp)
+    big = [np.flatnonzero(comp == c) for c in np.flatnonzero(sizes >= min_size)]
+    if mode == "components":
+        return sorted((m.tolist() for m in big), key=lambda g: (-len(g), g))
+    import networkx as nx  # a dependency of torch
+
+    groups = []
+    for members in big:
+        sub = adj[members][:, members].tocoo()
+        g = nx.Graph()
+        g.add_nodes_from(range(len(members)))
+        g.add_edges_from(zip(sub.row.tolist(), sub.col.tolist()))
+        cliques = sorted((sorted(c) for c in nx.find_cliques(g) if len(c) >= min_size), key=lambda c: (-len(c), c))
+        taken: set[int] = set()
+        for c in cliques:  # disjoint, largest first
+            if taken.isdisjoint(c):
+                taken.update(c)
+                groups.append(sorted(members[c].tolist()))
+    return sorted(groups, key=lambda g: (-len(g), g))
+
+
+def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 10, grid: int | None = None,
+                     mode: GroupMode = "cliques", train: ImageSet | None = None, extraction_threshold: float = 0.15,
+                     chunk: int = 1024, device: str = "cpu") -> Detection:
+    """Groups of >= ``min_size`` mutually near-duplicate generations, verified against ``train`` if given.
+
+    Parameters
+    ----------
+    generated : N_G uint8 images (N_G, H, W, C)
+    threshold : link two generations when their tiled max RMS-L2 is < threshold (pixels in [0, 1])
+    min_size : smallest group reported (Carlini et al. used cliques of 10 among 500 generations per prompt)
+    grid : tiles per side (default :func:`default_grid`)
+    mode : "cliques" (maximal cliques, disjoint) or "components" (connected components, a relaxation)
+    train, extraction_threshold : verify each group's medoid: pixel RMS-L2 to the nearest training image
+        <= extraction_threshold (0.15: Carlini et al.'s Stable Diffusion value)
+    """
+    if threshold <= 0:
+        raise ValueError(f"threshold={threshold} must be > 0")
+    if min_size < 2:
+        raise ValueError(f"min_size={min_size} must be >= 2 (a group is at least a pair)")
+    if mode not in ("cliques", "components"):
+        raise ValueError(f"mode={mode!r} must be 'cliques' or 'components'")
+    images = generated.images
+    g = default_grid(*images.shape[1:3]) if grid is None else grid
+    i, j, _ = near_duplicate_pairs(images, threshold, g, chunk=chunk, device=device)
+    groups = _groups(len(images), i, j, min_size, mode)
+    reps = []
+    for members in groups:
+        m = np.asarray(members[:256])
+        reps.append(int(m[np.argmin(tiled_distances(images[m], images[m], g).sum(1))]))
+    out = Detection(threshold, g, min_size, mode, len(images), len(i), groups, reps)
+    if train is None:
+        return out
+    if train.images.shape[1:] != images.shape[1:]:
+        raise ValueError(f"generated images {images.shape[1:]} and training images {train.images.shape[1:]} "
+                         "differ in shape (H, W, C)")
+    if not reps:
+        return dataclasses.replace(out, extraction_threshold=extraction_threshold, verified=[],
+                                   nearest_train_index=[], nearest_train_distance=[])
+    nb = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images)).kneighbors(pixel_rows(images[reps]), 1)
+    d = nb.scores[:, 0]
+    verified = (d <= extraction_threshold).tolist()
+    return dataclasses.replace(out, extraction_threshold=extraction_threshold, verified=verified,
+                               nearest_train_index=nb.indices[:, 0].tolist(), nearest_train_distance=d.tolist(),
+                               precision=float(np.mean(verified)))

@@ -1,0 +1,347 @@
+"""Evaluation of generations against the training set, and band calibration from the null.
+
+:func:`evaluate` computes every metric of :mod:`side_extract.metrics` in one streamed pass and returns an
+:class:`Evaluation` (``metrics.json`` + the per-generation table); :func:`calibrate` measures the null
+distribution of best scores (held-out vs train, train vs rest of train) and proposes bands from it.
+The arrow points one way: this module imports :mod:`side_extract.metrics`, never the reverse.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import config as cfg
+from .data import ImageSet, balanced_first_n, load_digits_set
+from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
+                      _same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
+                      gu_from_neighbors, parse_bands, read_bands_file)
+from .neighbors import NearestNeighborIndex, pixel_rows
+from .runs import atomic_save_npz, atomic_write_json, atomic_write_text, versions
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationTable:
+    """One row per generation (arrays of length N_G); ``*_index`` are rows of the loaded sets, ``*_id`` their ids."""
+
+    generation_id: np.ndarray
+    target_label: np.ndarray  # -1 where the generations carry no label
+    nearest_train_index: np.ndarray  # by the chosen similarity
+    nearest_train_id: np.ndarray
+    similarity: np.ndarray  # best score by the chosen similarity
+    band: np.ndarray  # name of the exclusive band of the best score, "" if none
+    pixel_nearest_index: np.ndarray
+    pixel_distance: np.ndarray  # RMS-L2 to the pixel-nearest training image
+    carlini_ratio: np.ndarray
+    gu_ratio: np.ndarray
+    method: str = ""
+
+    def columns(self) -> dict[str, np.ndarray]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method"}
+        return {"generation_id": d.pop("generation_id"), "method": np.full(len(self.generation_id), self.method)} | d
+
+    def write(self, out_dir: str | Path) -> None:
+        """``per_generation.csv`` and ``per_generation.npz`` in ``out_dir``."""
+        cols = self.columns()
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        floats = {"similarity", "pixel_distance", "carlini_ratio", "gu_ratio"}
+        for row in zip(*cols.values()):
+            w.writerow([f"{v:.6g}" if k in floats else v for k, v in zip(cols, row)])
+        atomic_write_text(Path(out_dir) / "per_generation.csv", buf.getvalue())
+        atomic_save_npz(Path(out_dir) / "per_generation.npz", **{k: np.asarray(v) for k, v in cols.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Everything ``side evaluate`` writes; ``to_json()`` is ``metrics.json``."""
+
+    method: str
+    n_generated: int
+    n_train: int
+    similarity: str
+    orientation: Orientation
+    bands: tuple[Band, ...]
+    bands_source: str
+    ams: dict[str, float]
+    ums: dict[str, float]
+    ams_cumulative: dict[str, float]
+    ums_cumulative: dict[str, float]
+    p95: float
+    p95_quantile: float
+    carlini: CarliniRatio
+    gu: GuRatio
+    ng_law: dict[str, NGLaw]
+    fingerprints: dict[str, str]
+    table: GenerationTable = dataclasses.field(repr=False)
+    null: dict[str, Any] | None = None
+    detection: Any = None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        rule = ("lo <= s < hi (closed at hi >= 1); cumulative s >= lo" if self.orientation == "similarity"
+                else "lo <= d < hi; cumulative d < hi (smaller distance = closer)")
+        return {"schema": "side-extract/metrics/1", "method": self.method, "n_generated": self.n_generated,
+                "n_train": self.n_train, "similarity": self.similarity, "orientation": self.orientation,
+                "band_rule": rule, "bands": bands_json(self.bands), "bands_source": self.bands_source,
+                "ams": self.ams, "ums": self.ums, "ams_cumulative": self.ams_cumulative,
+                "ums_cumulative": self.ums_cumulative, "p95": self.p95, "p95_quantile": self.p95_quantile,
+                "carlini": self.carlini.to_json(), "gu": self.gu.to_json(),
+                "ng_law": {k: v.to_json() for k, v in self.ng_law.items()}, "null": self.null,
+                "detection": None if self.detection is None else self.detection.to_json(),
+                "fingerprints": self.fingerprints, "sources": self.sources, "config": self.config,
+                "versions": versions()}
+
+    def write(self, out_dir: str | Path) -> Path:
+        """``metrics.json`` + the per-generation table in ``out_dir``; returns the metrics.json path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.table.write(out)
+        atomic_write_json(out / "metrics.json", self.to_json())
+        return out / "metrics.json"
+
+
+
+
+def _rows(sim: Similarity, images: ImageSet, features: np.ndarray | None, c: cfg.EvaluateConfig, device: str,
+          reference: ImageSet, model: Any = None) -> np.ndarray:
+    """(n, D) rows to compare: uint8 pixels for rms-l2; float features for cosine, given or extracted with the
+    extractor fitted on ``reference`` (the training set), so that every set lands in one feature space."""
+    if sim.metric == "rms-l2":
+        return pixel_rows(images.images)
+    if features is not None:
+        features = np.asarray(features)
+        if features.ndim != 2 or len(features) != len(images):
+            raise ValueError(f"features of {images.name or 'a set'} must be ({len(images)}, D), got {features.shape}")
+        return features
+    try:
+        from .features import extract_features
+    except ImportError as e:
+        raise ValueError(f"similarity={sim.spec!r} needs side_extract.features, which cannot be imported: {e}") from e
+    return extract_features(sim.extractor, images, model=model, reference=reference, device=device,
+                            batch_size=c.feature_batch_size)
+
+
+def _index(metric: str, c: cfg.EvaluateConfig, device: str) -> NearestNeighborIndex:
+    return NearestNeighborIndex(metric, backend=c.backend, device=device, query_chunk=c.query_chunk,
+                                ref_chunk=c.ref_chunk)
+
+
+def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | None = None, *, method: str = "",
+             bands: Sequence[Band] | None = None, generated_features: np.ndarray | None = None,
+             train_features: np.ndarray | None = None, feature_model: Any = None, device: str = "cpu",
+             progress: Progress | None = None) -> Evaluation:
+    """Every memorization metric of ``generated`` against ``train``.
+
+    Parameters
+    ----------
+    generated, train : uint8 image sets of one shape (N_G and N images); ``generated.labels`` = target labels
+    config : options (similarity, bands, Carlini / Gu, chunks, backend)
+    bands : explicit bands; else ``config.bands``, ``config.bands_file``, the paper's bands for cosine, or
+        bands calibrated on the training set's own null (train vs rest of train), in that order
+    generated_features, train_features : (N_G, D) / (N, D) features for cosine, instead of extracting them
+    feature_model : the target model, for extractors that need one (``unet``)
+
+    Steps: 1. resolve bands; 2. one streamed pass of the generations against the training set gives each
+    generation's nearest neighbours (AMS, p95; eqs. 6-7) and every in-band pair (UMS, eqs. 8-9, N_G law);
+    3. pixel RMS-L2 neighbours (the same pass for rms-l2) give Carlini's and Gu's ratios; 4. the table.
+    """
+    c = config or cfg.EvaluateConfig()
+    sim = Similarity(c.similarity)
+    option_bands = parse_bands(c.bands) if c.bands is not None else None  # fail before any work
+    _same_shape(generated, train)
+    n_g, n_t = len(generated), len(train)
+    if n_t < 2:
+        raise ValueError(f"the training set needs at least 2 images (Gu's ratio uses the second nearest), got {n_t}")
+    if n_g < 1:
+        raise ValueError("the generated set is empty")
+    t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
+    g_rows = _rows(sim, generated, generated_features, c, device, train, feature_model)
+    index = _index(sim.metric, c, device).fit(t_rows)
+    # 1. bands
+    null = None
+    if bands is not None:
+        bands, source = tuple(bands), "argument"
+    elif option_bands is not None:
+        bands, source = option_bands, "option"
+    elif c.bands_file is not None:
+        bands, source = read_bands_file(c.bands_file, sim.spec), f"file:{c.bands_file}"
+    elif sim.metric == "cosine":
+        bands, source = PAPER_COSINE_BANDS, "paper-default"
+        if not (sim.extractor or "").startswith("torchscript:"):
+            log.warning("the paper's cosine bands were set for SSCD descriptors; for %s calibrate bands with "
+                        "`side calibrate --similarity %s` and pass --bands-file", sim.extractor, sim.spec)
+    else:
+        values = index.kneighbors(t_rows, 1, exclude_self=True).scores[:, 0]
+        bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), "train-null"
+        null = {"source": "train-vs-rest", "n": n_t,
+                "quantiles": _quantiles(values, c.calibration_quantiles, sim.orientation)}
+        log.warning("no bands given for %s: calibrated on the training set's own null (train vs rest of train); "
+                    "`side calibrate` with held-out images gives better ones", sim.spec)
+    # 2. one pass: nearest neighbours + in-band pairs
+    n_eff = carlini_n_effective(c.carlini_n, n_t, c.carlini_centering)
+    k_pix = max(2, n_eff if c.carlini_centering == "generation" else 1)
+    tally = BandTally(bands, sim.orientation, n_g, n_t, n_repeats=c.ng_repeats, random_state=c.seed)
+    nb = index.kneighbors(g_rows, k_pix if sim.metric == "rms-l2" else 1, pairs_range=tally.pairs_range,
+                          on_pairs=tally.add, progress=progress)
+    best, nearest = nb.scores[:, 0], nb.indices[:, 0]
+    # 3. pixel ratios
+    if sim.metric == "rms-l2":
+        pix_index, pix_nb = index, nb
+    else:
+        pix_index = _index("rms-l2", c, device).fit(pixel_rows(train.images))
+        pix_nb = pix_index.kneighbors(pixel_rows(generated.images), k_pix)
+    carlini = carlini_from_neighbors(pix_nb, pix_index, alpha=c.carlini_alpha, n=c.carlini_n,
+                                     centering=c.carlini_centering)
+    gu = gu_from_neighbors(pix_nb, c.gu_threshold)
+    # 4. table and results
+    band_of = np.full(n_g, "", dtype=object)
+    for b in reversed(bands):  # the first listed band wins where user bands overlap
+        band_of[b.contains(best, sim.orientation)] = b.name
+    labels = generated.labels if generated.labels is not None else np.full(n_g, -1, np.int64)
+    table = GenerationTable(generated.ids, labels, nearest, train.ids[nearest], best, band_of.astype(str),
+                            pix_nb.indices[:, 0], pix_nb.scores[:, 0], carlini.ratio, gu.ratio, method)
+    detection = None
+    if c.detect_threshold is not None:
+        from .detection import detect_memorized
+
+        detection = detect_memorized(generated, c.detect_threshold, min_size=c.detect_min_size, grid=c.detect_grid,
+                                     mode=c.detect_mode, train=train, extraction_threshold=c.extraction_threshold,
+                                     chunk=c.query_chunk, device=device)
+    p95, q = best_quantile(best, sim.orientation)
+    return Evaluation(method, n_g, n_t, sim.spec, sim.orientation, bands, source,
+                      ams(best, bands, sim.orientation), tally.ums(),
+                      ams(best, bands, sim.orientation, cumulative=True),
+                      tally.ums_cumulative(), p95, q, carlini, gu, tally.ng_law(),
+                      {"generated": generated.fingerprint(), "train": train.fingerprint()}, table, null, detection,
+                      cfg.to_dict(c), {"generated": generated.name, "train": train.name})
+
+
+# --------------------------------------------------------------------------------------------------
+# calibration: bands from the null distribution
+
+
+def _quantiles(values: np.ndarray, levels: Sequence[float], orientation: Orientation) -> dict[str, float]:
+    """Tail quantiles of a null: ``levels`` for a distance, ``1 - levels`` for a similarity (keys: the tail share)."""
+    return {str(q): float(np.quantile(values, q if orientation == "distance" else 1 - q)) for q in levels}
+
+
+def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[float] = (0.001, 0.01, 0.05)
+                  ) -> tuple[Band, ...]:
+    """Band edges at tail quantiles of a null distribution of best scores, farthest band first.
+
+    With levels (0.001, 0.01, 0.05) and a distance: high = [0, q_0.001), mid = [q_0.001, q_0.01),
+    low = [q_0.01, q_0.05): "high" means closer than all but 0.1 % of non-members. For a similarity, the
+    edges are the (1 - level) quantiles: high = [q_0.999, 1], mid = [q_0.99, q_0.999), low = [q_0.95, q_0.99).
+    More or fewer levels give bands named ``tail<level>``.
+    """
+    null = np.asarray(null, dtype=np.float64)
+    if null.ndim != 1 or len(null) == 0:
+        raise ValueError(f"the null must be a non-empty 1-D array of best scores, got shape {null.shape}")
+    levels = sorted(levels)
+    if len(null) * levels[0] < 1:
+        log.warning("a null of %d values cannot resolve the %.3g quantile; its band edge is the null's extreme",
+                    len(null), levels[0])
+    names = ["high", "mid", "low"] if len(levels) == 3 else [f"tail{q:g}" for q in levels]
+    edges = list(_quantiles(null, levels, orientation).values())
+    if orientation == "distance":
+        out = [Band(names[i], 0.0 if i == 0 else edges[i - 1], edges[i]) for i in range(len(levels))]
+    else:
+        out = [Band(names[i], edges[i], 1.0 if i == 0 else edges[i - 1]) for i in range(len(levels))]
+    for b in out:
+        if b.lo == b.hi:
+            log.warning("calibrated band %r is empty (lo = hi = %.4g): the null is too coarse", b.name, b.lo)
+    return tuple(reversed(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Null distributions of best scores and the bands proposed from them; ``to_json()`` is ``bands.json``.
+
+    ``nulls``: "heldout" (each held-out image vs the training set) and "train" (each training image vs the
+    rest of the training set); the bands come from ``null_source`` ("heldout" when given).
+    """
+
+    similarity: str
+    orientation: Orientation
+    quantile_levels: tuple[float, ...]
+    null_source: str
+    bands: tuple[Band, ...]
+    nulls: dict[str, np.ndarray] = dataclasses.field(repr=False)
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self, bins: int = 50) -> dict[str, Any]:
+        lo = min(float(v.min()) for v in self.nulls.values())
+        hi = max(float(v.max()) for v in self.nulls.values())
+        summary = {}
+        for name, v in self.nulls.items():
+            counts, edges = np.histogram(v, bins=bins, range=(lo, hi if hi > lo else lo + 1e-9))
+            summary[name] = {"n": len(v), "quantiles": _quantiles(v, self.quantile_levels, self.orientation),
+                             "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
+        return {"schema": "side-extract/bands/1", "similarity": self.similarity, "orientation": self.orientation,
+                "quantile_levels": list(self.quantile_levels), "null_source": self.null_source,
+                "bands": bands_json(self.bands), "null": summary, "fingerprints": self.fingerprints,
+                "sources": self.sources}
+
+    def write(self, out_dir: str | Path) -> Path:
+        """``bands.json`` and ``null.npz`` (the raw null values) in ``out_dir``; returns the bands.json path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_save_npz(out / "null.npz", **self.nulls)
+        atomic_write_json(out / "bands.json", self.to_json())
+        return out / "bands.json"
+
+
+def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.EvaluateConfig | None = None, *,
+              train_features: np.ndarray | None = None, heldout_features: np.ndarray | None = None,
+              feature_model: Any = None, device: str = "cpu", progress: Progress | None = None) -> Calibration:
+    """Measure the null of best scores and propose bands (see :func:`propose_bands` for the quantiles)."""
+    c = config or cfg.EvaluateConfig()
+    sim = Similarity(c.similarity)
+    if len(train) < 2:
+        raise ValueError(f"calibration needs at least 2 training images, got {len(train)}")
+    t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
+    index = _index(sim.metric, c, device).fit(t_rows)
+    nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}
+    fps, sources = {"train": train.fingerprint()}, {"train": train.name}
+    if heldout is not None:
+        _same_shape(heldout, train)
+        h_rows = _rows(sim, heldout, heldout_features, c, device, train, feature_model)
+        nulls["heldout"] = index.kneighbors(h_rows, 1, progress=progress).scores[:, 0]
+        fps["heldout"], sources["heldout"] = heldout.fingerprint(), heldout.name
+    source = "heldout" if heldout is not None else "train"
+    bands = propose_bands(nulls[source], sim.orientation, c.calibration_quantiles)
+    return Calibration(sim.spec, sim.orientation, tuple(c.calibration_quantiles), source, bands, nulls, fps, sources)
+
+
+def digits_complement(spec: str) -> ImageSet:
+    """The held-out digits for a ``digits:N`` training spec: every bundled digit not in that subset."""
+    if not spec.startswith("digits:"):
+        raise ValueError(f"digits_complement needs a 'digits:N' spec, got {spec!r}")
+    full = load_digits_set()
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"data spec {spec!r}: expected digits:N with an integer N") from None
+    if not 1 <= n < len(full):
+        raise ValueError(f"{spec!r}: the complement is empty unless 1 <= N < {len(full)}")
+    rest = np.setdiff1d(np.arange(len(full)), balanced_first_n(full.labels, n))
+    out = full.subset(rest)
+    return ImageSet(out.images, out.labels, out.ids, f"digits minus {spec}")

@@ -1,0 +1,377 @@
+"""Memorization metrics of generated images against the training set (paper-notes.md section 2).
+
+Scores come in two orientations. ``cosine:<extractor>`` is a *similarity* (higher = closer, best = max);
+``rms-l2`` is a *distance* on pixels in [0, 1] (lower = closer, best = min). Band rules:
+
+- a band ``[lo, hi)`` holds ``lo <= v < hi``; for cosine a band whose ``hi >= 1`` is closed above (it holds
+  every ``v >= lo``, also values rounded past 1). For distances the "high" band is the one of SMALL values.
+- cumulative: ``v >= lo`` for a similarity; ``v < hi`` for a distance. With contiguous bands, a band's
+  cumulative region is the union of it and every closer band.
+
+Metrics (eqs. 6-9 of the paper), for N_G generations x and training images x_j:
+
+- AMS(band) = #{x : best_j score(x, x_j) in band} / N_G
+- UMS(band) = |union over x of {j : score(x, x_j) in band}| / N_G (every training image in the band counts,
+  not only the nearest, so UMS can exceed AMS)
+- p95: the 95th percentile of the best similarity; for a distance, the 5th percentile of the best distance
+- Carlini et al.: d(x, nn) / (alpha * mean d to the n nearest), on pixel RMS-L2 whatever the similarity;
+  centering "generation": the n nearest training images of x (including nn, as in Carlini et al. 2023);
+  "reference": mean d from nn to its n nearest *other* training images. Extracted if < 1. 0/0 counts as 0.
+- Gu et al.: d1 / d2 (nearest / second nearest pixel distance), memorized if < 1/3. 0/0 counts as 0.
+- the N_G law: E[#unique](N) = sum_i 1 - (1 - p_i)^N with p_i = (#generations hitting i) / N_G.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from scipy.special import gammaln
+
+from .data import ImageSet
+from .neighbors import NearestNeighborIndex, Neighbors, pixel_rows
+from .runs import read_json
+
+log = logging.getLogger(__name__)
+
+Orientation = Literal["similarity", "distance"]
+Centering = Literal["generation", "reference"]
+
+
+# --------------------------------------------------------------------------------------------------
+# similarity and bands
+
+
+@dataclasses.dataclass(frozen=True)
+class Similarity:
+    """A parsed ``similarity`` option: ``"rms-l2"`` or ``"cosine:<extractor>"``."""
+
+    spec: str
+
+    def __post_init__(self) -> None:
+        if self.spec != "rms-l2" and not (self.spec.startswith("cosine:") and len(self.spec) > 7):
+            raise ValueError(f"similarity={self.spec!r} must be 'rms-l2' or 'cosine:<extractor>'")
+
+    @property
+    def metric(self) -> Literal["cosine", "rms-l2"]:
+        return "rms-l2" if self.spec == "rms-l2" else "cosine"
+
+    @property
+    def extractor(self) -> str | None:
+        return None if self.spec == "rms-l2" else self.spec.split(":", 1)[1]
+
+    @property
+    def orientation(self) -> Orientation:
+        return "distance" if self.spec == "rms-l2" else "similarity"
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """A named score interval ``[lo, hi)`` (see the module docstring for the exact rules)."""
+
+    name: str
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.lo <= self.hi:
+            raise ValueError(f"band {self.name!r}=[{self.lo}, {self.hi}) needs a name and lo <= hi")
+
+    def contains(self, v: np.ndarray, orientation: Orientation) -> np.ndarray:
+        if orientation == "similarity" and self.hi >= 1.0:
+            return v >= self.lo
+        return (v >= self.lo) & (v < self.hi)
+
+    def reaches(self, v: np.ndarray, orientation: Orientation) -> np.ndarray:
+        """The cumulative threshold: ``v >= lo`` (similarity) or ``v < hi`` (distance)."""
+        return v >= self.lo if orientation == "similarity" else v < self.hi
+
+
+PAPER_COSINE_BANDS = (Band("low", 0.4, 0.5), Band("mid", 0.5, 0.6), Band("high", 0.6, 1.0))
+
+
+def parse_bands(spec: str) -> tuple[Band, ...]:
+    """``"low=0.4:0.5,mid=0.5:0.6,high=0.6:1"`` -> Bands; names unique, lo < hi."""
+    bands = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            name, rng = part.split("=")
+            lo, hi = (float(v) for v in rng.split(":"))
+        except ValueError:
+            raise ValueError(f"bands={spec!r}: {part!r} must look like name=lo:hi (e.g. high=0.6:1)") from None
+        if not lo < hi:
+            raise ValueError(f"bands={spec!r}: band {name!r} needs lo < hi, got {lo}:{hi}")
+        bands.append(Band(name.strip(), lo, hi))
+    names = [b.name for b in bands]
+    if not bands or len(set(names)) != len(names):
+        raise ValueError(f"bands={spec!r} must name at least one band, each name once")
+    return tuple(bands)
+
+
+def bands_json(bands: Sequence[Band]) -> dict[str, list[float]]:
+    return {b.name: [b.lo, b.hi] for b in bands}
+
+
+def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
+    """Bands from a ``bands.json`` written by ``side calibrate``; its similarity must match."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"bands file {str(p)!r} does not exist (write one with `side calibrate`)")
+    data = read_json(p)
+    if data.get("similarity") != similarity:
+        raise ValueError(f"bands file {str(p)!r} was calibrated for similarity={data.get('similarity')!r}, "
+                         f"not {similarity!r}")
+    return tuple(Band(name, float(lo), float(hi)) for name, (lo, hi) in data["bands"].items())
+
+
+# --------------------------------------------------------------------------------------------------
+# streaming AMS / UMS and the N_G law
+
+
+@dataclasses.dataclass(frozen=True)
+class NGLaw:
+    """Unique training images hit as a function of the number of generations N.
+
+    Attributes
+    ----------
+    n_grid : N values; predicted_unique[i] = sum_j 1 - (1 - p_j)^N, p_j = hits_j / n_generated (plug-in)
+    observed_unique : mean over random nested subsets of the generations (None where N > n_generated)
+    rarefied_unique : the exact expectation of observed_unique over all N-subsets (hypergeometric), None
+        where N > n_generated. At N = n_generated the plug-in prediction falls below the observed count
+        when many images were hit only once or twice (p_j from few hits is noisy, 1 - (1 - p)^N concave).
+    hit_probability : (n_train,) p_j (not written to JSON)
+    """
+
+    n_generated: int
+    n_grid: list[int]
+    predicted_unique: list[float]
+    observed_unique: list[float | None]
+    rarefied_unique: list[float | None]
+    observed_std: list[float | None]
+    n_repeats: int
+    hit_probability: np.ndarray = dataclasses.field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hit_probability"}
+        return d | {"n_hit": int((self.hit_probability > 0).sum())}
+
+
+def default_n_grid(n_generated: int, factor: int = 10) -> list[int]:
+    g = np.unique(np.round(np.geomspace(1, factor * n_generated, 30)).astype(int))
+    return sorted(set(g.tolist()) | {n_generated})
+
+
+def _law(counts: np.ndarray, first: np.ndarray, n_generated: int, n_grid: Sequence[int] | None) -> NGLaw:
+    grid = default_n_grid(n_generated) if n_grid is None else sorted(int(v) for v in n_grid)
+    p = counts / n_generated
+    pred = [float((1.0 - (1.0 - p) ** n).sum()) for n in grid]
+    obs = [(first < n).sum(1) if n <= n_generated else None for n in grid]
+    rare: list[float | None] = []
+    hit = counts[counts > 0]
+    for n in grid:  # 1 - C(N_G - c, n) / C(N_G, n), summed over the images hit
+        if n > n_generated:
+            rare.append(None)
+            continue
+        miss = np.zeros(len(hit))
+        ok = n_generated - hit >= n
+        m = n_generated - hit[ok]
+        miss[ok] = np.exp(gammaln(m + 1) - gammaln(m - n + 1) - gammaln(n_generated + 1) + gammaln(n_generated - n + 1))
+        rare.append(float((1.0 - miss).sum()))
+    return NGLaw(n_generated, grid, pred, [None if o is None else float(o.mean()) for o in obs], rare,
+                 [None if o is None else float(o.std()) for o in obs], len(first), p)
+
+
+def ng_law(gen_idx: np.ndarray, train_idx: np.ndarray, n_generated: int, n_train: int, *,
+           n_grid: Sequence[int] | None = None, n_repeats: int = 5, random_state: int | None = 0) -> NGLaw:
+    """The N_G law from per-generation hits (pairs: generation ``gen_idx[k]`` hit training ``train_idx[k]``).
+
+    1. p_i = (#distinct generations hitting training image i) / N_G;
+    2. predicted E[#unique](N) = sum_i 1 - (1 - p_i)^N (linearity of expectation over i.i.d. generations);
+    3. observed: for ``n_repeats`` random orders of the generations, #{i hit by one of the first N}.
+    """
+    gen_idx, train_idx = np.asarray(gen_idx, np.int64), np.asarray(train_idx, np.int64)
+    if gen_idx.shape != train_idx.shape or gen_idx.ndim != 1:
+        raise ValueError(f"gen_idx {gen_idx.shape} and train_idx {train_idx.shape} must be 1-D of one length")
+    if len(gen_idx) and not (0 <= gen_idx.min() and gen_idx.max() < n_generated and 0 <= train_idx.min()
+                             and train_idx.max() < n_train):
+        raise ValueError(f"hits must index 0..{n_generated - 1} generations and 0..{n_train - 1} training images")
+    if n_repeats < 1:
+        raise ValueError(f"n_repeats={n_repeats} must be >= 1")
+    tally = _Hits(n_generated, n_train, n_repeats, random_state)
+    tally.add(gen_idx, train_idx)
+    return _law(tally.counts, tally.first, n_generated, n_grid)
+
+
+class _Hits:
+    """Per training image: how many distinct generations hit it, and its first hit under random orders."""
+
+    def __init__(self, n_generated: int, n_train: int, n_repeats: int, random_state: int | None) -> None:
+        rng = np.random.default_rng(random_state)
+        self.rank = np.stack([rng.permutation(n_generated) for _ in range(n_repeats)])  # rank of each generation
+        self.counts = np.zeros(n_train, np.int64)
+        self.first = np.full((n_repeats, n_train), n_generated, np.int64)
+        self.n_train = n_train
+
+    def add(self, g: np.ndarray, t: np.ndarray) -> None:
+        key = np.unique(g * self.n_train + t)  # a pair counts once even if reported twice
+        g, t = key // self.n_train, key % self.n_train
+        self.counts += np.bincount(t, minlength=self.n_train)
+        for r in range(len(self.rank)):
+            np.minimum.at(self.first[r], t, self.rank[r, g])
+
+
+class BandTally:
+    """Streams (generation, training, score) pairs into UMS per band, exclusive and cumulative.
+
+    ``pairs_range`` is the closed score range that every band's region lies in; pass it with ``add`` as
+    ``on_pairs`` to :meth:`NearestNeighborIndex.kneighbors`. Memory: O(n_bands * n_repeats * n_train).
+    """
+
+    def __init__(self, bands: Sequence[Band], orientation: Orientation, n_generated: int, n_train: int, *,
+                 n_repeats: int = 5, random_state: int | None = 0) -> None:
+        self.bands, self.orientation, self.n_generated = tuple(bands), orientation, n_generated
+        self.exclusive = {b.name: _Hits(n_generated, n_train, n_repeats, random_state) for b in bands}
+        self.cumulative = {b.name: np.zeros(n_train, bool) for b in bands}
+        if orientation == "similarity":
+            self.pairs_range = (min(b.lo for b in bands), np.inf)
+        else:
+            self.pairs_range = (-np.inf, max(b.hi for b in bands))
+
+    def add(self, gen_idx: np.ndarray, train_idx: np.ndarray, scores: np.ndarray) -> None:
+        for b in self.bands:
+            inside = b.contains(scores, self.orientation)
+            if inside.any():
+                self.exclusive[b.name].add(gen_idx[inside], train_idx[inside])
+            self.cumulative[b.name][train_idx[b.reaches(scores, self.orientation)]] = True
+
+    def ums(self) -> dict[str, float]:
+        return {n: float((h.counts > 0).sum() / self.n_generated) for n, h in self.exclusive.items()}
+
+    def ums_cumulative(self) -> dict[str, float]:
+        return {n: float(m.sum() / self.n_generated) for n, m in self.cumulative.items()}
+
+    def ng_law(self, n_grid: Sequence[int] | None = None) -> dict[str, NGLaw]:
+        return {n: _law(h.counts, h.first, self.n_generated, n_grid) for n, h in self.exclusive.items()}
+
+
+def ams(best: np.ndarray, bands: Sequence[Band], orientation: Orientation, *, cumulative: bool = False
+        ) -> dict[str, float]:
+    """AMS per band from each generation's best score ``best`` (N_G,)."""
+    f = Band.reaches if cumulative else Band.contains
+    return {b.name: float(f(b, best, orientation).mean()) for b in bands}
+
+
+def best_quantile(best: np.ndarray, orientation: Orientation) -> tuple[float, float]:
+    """(value, q): the 95th percentile of the best similarity, or the 5th percentile of the best distance."""
+    q = 0.95 if orientation == "similarity" else 0.05
+    return float(np.quantile(best, q)), q
+
+
+def ams_ums_dense(scores: np.ndarray, bands: Sequence[Band], orientation: Orientation) -> dict[str, dict[str, float]]:
+    """Reference implementation on a full (N_G, N) score matrix: eqs. 6-9 written out, for small sets and tests."""
+    best = scores.max(1) if orientation == "similarity" else scores.min(1)
+    n_g = len(scores)
+    return {"ams": ams(best, bands, orientation), "ams_cumulative": ams(best, bands, orientation, cumulative=True),
+            "ums": {b.name: float(b.contains(scores, orientation).any(0).sum() / n_g) for b in bands},
+            "ums_cumulative": {b.name: float(b.reaches(scores, orientation).any(0).sum() / n_g) for b in bands}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Carlini and Gu ratios (pixel RMS-L2)
+
+
+@dataclasses.dataclass(frozen=True)
+class CarliniRatio:
+    """Carlini et al.'s ratio; ``ratio`` (N_G,) is not written to JSON."""
+
+    alpha: float
+    n: int
+    n_effective: int
+    centering: Centering
+    extracted_fraction: float
+    ratio: np.ndarray = dataclasses.field(repr=False)
+    threshold: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "n": self.n, "n_effective": self.n_effective, "centering": self.centering,
+                "threshold": self.threshold, "distance": "rms-l2", "extracted_fraction": self.extracted_fraction}
+
+
+@dataclasses.dataclass(frozen=True)
+class GuRatio:
+    """Gu et al.'s d1 / d2; ``ratio`` (N_G,) is not written to JSON."""
+
+    threshold: float
+    memorized_fraction: float
+    ratio: np.ndarray = dataclasses.field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "distance": "rms-l2", "memorized_fraction": self.memorized_fraction}
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(num == 0, 0.0, num / den)
+
+
+def carlini_n_effective(n: int, n_train: int, centering: Centering) -> int:
+    """``n`` clamped to the training images available (n_train, or n_train - 1 for "reference"), warning."""
+    avail = n_train - (centering == "reference")
+    if centering not in ("generation", "reference"):
+        raise ValueError(f"carlini centering={centering!r} must be 'generation' or 'reference'")
+    if avail < 1:
+        need = 2 if centering == "reference" else 1
+        raise ValueError(f"Carlini's ratio with centering={centering!r} needs at least {need} training images, "
+                         f"got {n_train}")
+    if n > avail:
+        log.warning("carlini n=%d exceeds the %d training images available: using n=%d", n, avail, avail)
+    return min(n, avail)
+
+
+def carlini_from_neighbors(nb: Neighbors, index: NearestNeighborIndex, *, alpha: float = 0.5, n: int = 50,
+                           centering: Centering = "generation") -> CarliniRatio:
+    """Carlini's ratio from pixel RMS-L2 neighbours ``nb`` ((N_G, k >= n_effective)) of an index fitted on train."""
+    if index.metric != "rms-l2":
+        raise ValueError("Carlini's ratio is defined on pixel rms-l2 neighbours")
+    n_eff = carlini_n_effective(n, index.n_samples_fit_, centering)
+    d1 = nb.scores[:, 0]
+    if centering == "generation":
+        if nb.scores.shape[1] < n_eff:
+            raise ValueError(f"need {n_eff} neighbours per generation, got {nb.scores.shape[1]}")
+        mean = nb.scores[:, :n_eff].mean(1)
+    else:
+        uniq, inv = np.unique(nb.indices[:, 0], return_inverse=True)
+        ref = index.kneighbors(index.X_ref_[uniq], n_eff, exclude=uniq)
+        mean = ref.scores.mean(1)[inv]
+    r = _ratio(d1, alpha * mean)
+    return CarliniRatio(alpha, n, n_eff, centering, float((r < 1.0).mean()), r)
+
+
+def gu_from_neighbors(nb: Neighbors, threshold: float = 1 / 3) -> GuRatio:
+    """Gu's ratio d1 / d2 from pixel RMS-L2 neighbours ``nb`` ((N_G, k >= 2))."""
+    if nb.scores.shape[1] < 2:
+        raise ValueError("Gu's ratio needs the two nearest training images (k >= 2, at least 2 training images)")
+    r = _ratio(nb.scores[:, 0], nb.scores[:, 1])
+    return GuRatio(threshold, float((r < threshold).mean()), r)
+
+
+def _same_shape(generated: ImageSet, train: ImageSet) -> None:
+    if generated.images.shape[1:] != train.images.shape[1:]:
+        g, t = generated.images.shape[1:], train.images.shape[1:]
+        raise ValueError(f"generated images are {g[0]}x{g[1]}x{g[2]} (HxWxC) but training images are "
+                         f"{t[0]}x{t[1]}x{t[2]}; resize both to one size (--resize SIZE)")
+
+
+def pixel_ratios(generated: ImageSet, train: ImageSet, *, alpha: float = 0.5, n: int = 50,
+                 centering: Centering = "generation", gu_threshold: float = 1 / 3, backend: str = "auto",
+                 device: str = "cpu") -> tuple[CarliniRatio, GuRatio]:
+    """Carlini's and Gu's ratios of ``generated`` against ``train`` (uint8 images of one shape)."""
+    _same_shape(generated, train)
+    if len(train) < 2:
+        raise ValueError(f"the ratios need at least 2 training images, got {len(train)}")
+    index = NearestNeighborIndex("rms-l2", backend=backend, device=device).fit(pixel_rows(train.images))
+    nb = index.kneighbors(pixel_rows(generated.images), max(2, carlini_n_effective(n, len(train), centering)))
+    return carlini_from_neighbors(nb, index, alpha=alpha, n=n, centering=centering), gu_from_neighbors(nb, gu_threshold)

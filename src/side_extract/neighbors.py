@@ -1,0 +1,372 @@
+"""Exact nearest neighbours of query rows among reference rows, streamed in chunks.
+
+Two scores, chosen by ``metric``:
+
+- ``"cosine"``: rows are feature vectors; score = <q / |q|, r / |r|> in [-1, 1]; **higher is closer**.
+  A zero row has similarity 0 to everything; scores are clipped to [-1, 1] (float32 rounding).
+- ``"rms-l2"``: rows are flattened pixels, either uint8 in 0..255 or floats in [0, 1]; score =
+  sqrt(mean over the D values of (q - r)^2) in [0, 1] (pixels scaled to [0, 1]); **lower is closer**.
+  For uint8 rows the squared sums are computed in integer-valued floating point (float32 while
+  ``D <= 129``, float64 above), where every product and partial sum is an exact integer, so the
+  distances do not depend on the backend, the chunking or the summation order.
+
+Memory stays bounded: queries are processed ``query_chunk`` rows at a time against ``ref_chunk`` reference
+rows at a time, keeping only a running top-k per query; the fitted rows are referenced, not copied.
+Backends: faiss ``IndexFlatIP`` / ``IndexFlatL2`` (on all GPUs when ``faiss.get_num_gpus() > 0``), one
+index per reference chunk, merged; or chunked torch matrix products on ``device``. faiss computes in
+float32, so its rms-l2 results are recomputed exactly for the k returned neighbours.
+
+``pairs_within`` (and ``kneighbors(..., on_pairs=...)``, in the same pass) streams every (query,
+reference) pair whose score lies in a closed range: what unique-memorization counts need.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+Metric = Literal["cosine", "rms-l2"]
+Backend = Literal["auto", "faiss", "torch"]
+PairsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+Progress = Callable[[int, int], None]
+
+_EXACT_FLOAT32_MAX_D = 129  # 2 * 255^2 * D < 2^24: integer sums of uint8 rows stay exact in float32
+_CACHE_BYTES = 256 * 2**20  # prepared reference chunks are cached below this size
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbors:
+    """Top-k neighbours, best first.
+
+    Attributes
+    ----------
+    scores : (m, k) float64, cosine similarity (descending) or RMS-L2 distance (ascending)
+    indices : (m, k) int64, rows of the fitted reference set
+    """
+
+    scores: np.ndarray
+    indices: np.ndarray
+
+
+def pixel_rows(images: np.ndarray) -> np.ndarray:
+    """uint8 images (n, H, W, C) -> (n, H*W*C) uint8 rows (a view when contiguous); RMS-L2 is order-free."""
+    images = np.asarray(images)
+    if images.ndim < 2:
+        raise ValueError(f"images must have shape (n, ...), got {images.shape}")
+    return images.reshape(len(images), -1)
+
+
+def higher_is_closer(metric: Metric) -> bool:
+    return metric == "cosine"
+
+
+class NearestNeighborIndex:
+    """Exact k-nearest-neighbour search by cosine similarity or pixel RMS-L2 (scikit-learn contract).
+
+    Parameters
+    ----------
+    metric : "cosine" (features, higher = closer) or "rms-l2" (pixels, lower = closer)
+    backend : "faiss", "torch", or "auto" (faiss when importable; torch when a band scan shares the pass)
+    device : torch device of the torch backend
+    query_chunk, ref_chunk : rows per block; a block holds query_chunk x ref_chunk scores
+
+    Attributes
+    ----------
+    n_samples_fit_ : number of reference rows
+    n_features_in_ : D
+    backend_ : the backend "auto" resolved to
+    """
+
+    def __init__(self, metric: Metric = "cosine", *, backend: Backend = "auto", device: str = "cpu",
+                 query_chunk: int = 1024, ref_chunk: int = 8192) -> None:
+        self.metric = metric
+        self.backend = backend
+        self.device = device
+        self.query_chunk = query_chunk
+        self.ref_chunk = ref_chunk
+
+    # ---------------------------------------------------------------------------------------------
+    def fit(self, X: np.ndarray) -> "NearestNeighborIndex":
+        """Remember the reference rows ``X``: (n, D), uint8 or float (not copied)."""
+        if self.metric not in ("cosine", "rms-l2"):
+            raise ValueError(f"metric={self.metric!r} must be 'cosine' or 'rms-l2'")
+        if self.backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"backend={self.backend!r} must be 'auto', 'faiss' or 'torch'")
+        for name in ("query_chunk", "ref_chunk"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        X = self._check_rows(X, "X")
+        if len(X) == 0:
+            raise ValueError("X is empty: the reference set needs at least one row")
+        faiss_ok = _faiss() is not None
+        if self.backend == "faiss" and not faiss_ok:
+            raise ValueError("backend='faiss' but faiss is not importable; install faiss-cpu or use backend='torch'")
+        self.backend_ = "faiss" if self.backend == "faiss" or (self.backend == "auto" and faiss_ok) else "torch"
+        self.X_ref_ = X
+        self.n_samples_fit_, self.n_features_in_ = X.shape
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cacheable = X.shape[0] * X.shape[1] * 8 <= _CACHE_BYTES
+        return self
+
+    def kneighbors(self, Q: np.ndarray, k: int = 1, *, exclude: np.ndarray | None = None, exclude_self: bool = False,
+                   pairs_range: tuple[float, float] | None = None, on_pairs: PairsCallback | None = None,
+                   progress: Progress | None = None) -> Neighbors:
+        """The ``k`` nearest reference rows of each query row.
+
+        Parameters
+        ----------
+        Q : (m, D) queries, same kind of rows as the fitted ones
+        k : neighbours per query, 1 <= k <= n_samples_fit_ (minus one when excluding)
+        exclude : (m,) int, a reference row each query must not match (-1: none)
+        exclude_self : the queries are the fitted rows themselves; query i never matches reference i
+        pairs_range, on_pairs : also call ``on_pairs(query_rows, ref_rows, scores)`` with every pair whose
+            score lies in the closed range ``[lo, hi]``, in the same pass (the torch block code; with
+            ``backend="faiss"`` a second pass)
+        progress : ``callback(queries_done, m)``
+
+        Returns
+        -------
+        Neighbors with (m, k) scores and indices; ties are ordered by reference row.
+        """
+        self._check_fitted()
+        Q = self._check_rows(Q, "Q")
+        exclude = self._exclude(exclude, exclude_self, len(Q))
+        limit = self.n_samples_fit_ - (exclude is not None)
+        if not 1 <= k <= limit:
+            what = "reference rows minus the excluded one" if exclude is not None else "reference rows"
+            raise ValueError(f"k={k} must be between 1 and {limit} ({what})")
+        if (on_pairs is None) != (pairs_range is None):
+            raise ValueError("pairs_range and on_pairs must be given together")
+        use_faiss = self.backend_ == "faiss" and not (self.backend == "auto" and on_pairs is not None)
+        if use_faiss:
+            nb = self._faiss_knn(Q, k, exclude, None if on_pairs else progress)
+            if on_pairs is not None:
+                for q_rows, r_rows, s in self.pairs_within(Q, *pairs_range, exclude=exclude, progress=progress):
+                    on_pairs(q_rows, r_rows, s)
+            return nb
+        keys, idx = [], []
+        for q0, q1, best_k, best_i in self._torch_scan(Q, k, exclude, pairs_range, on_pairs, progress):
+            keys.append(best_k)
+            idx.append(best_i)
+        return self._finish(np.concatenate(keys), np.concatenate(idx))
+
+    def pairs_within(self, Q: np.ndarray, lo: float, hi: float, *, exclude: np.ndarray | None = None,
+                     exclude_self: bool = False, progress: Progress | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Stream every (query row, reference row, score) with ``lo <= score <= hi``, block by block.
+
+        Memory is bounded by one block and its hits. Use -inf / inf for an open side.
+        """
+        self._check_fitted()
+        Q = self._check_rows(Q, "Q")
+        exclude = self._exclude(exclude, exclude_self, len(Q))
+        if not lo <= hi:
+            raise ValueError(f"pairs_within: lo={lo} must be <= hi={hi}")
+        return self._pairs(Q, lo, hi, exclude, progress)
+
+    def _pairs(self, Q: np.ndarray, lo: float, hi: float, exclude: np.ndarray | None, progress: Progress | None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for _ in self._torch_scan(Q, 0, exclude, (lo, hi), lambda a, b, c: found.append((a, b, c)), progress):
+            yield from found
+            found.clear()
+
+    # ---------------------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "X_ref_"):
+            raise ValueError("this NearestNeighborIndex is not fitted yet; call fit(X) first")
+
+    def _check_rows(self, X: np.ndarray, name: str) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (n, D), got shape {X.shape}")
+        if X.dtype != np.uint8 and not np.issubdtype(X.dtype, np.floating):
+            raise ValueError(f"{name} must be uint8 or float, got {X.dtype}")
+        if hasattr(self, "n_features_in_") and X.shape[1] != self.n_features_in_:
+            raise ValueError(f"{name} has {X.shape[1]} values per row, the fitted set {self.n_features_in_}")
+        if hasattr(self, "X_ref_") and name == "Q" and (X.dtype == np.uint8) != (self.X_ref_.dtype == np.uint8):
+            raise ValueError(f"Q is {X.dtype} but the fitted rows are {self.X_ref_.dtype}; "
+                             "pass both as uint8 or both as float")
+        return X
+
+    def _exclude(self, exclude: np.ndarray | None, exclude_self: bool, m: int) -> np.ndarray | None:
+        if exclude_self:
+            if m != self.n_samples_fit_:
+                raise ValueError(f"exclude_self=True needs the query set to be the fitted set "
+                                 f"({m} != {self.n_samples_fit_} rows)")
+            return np.arange(m, dtype=np.int64)
+        if exclude is None:
+            return None
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if exclude.shape != (m,):
+            raise ValueError(f"exclude must have shape ({m},), got {exclude.shape}")
+        return exclude
+
+    def _scale(self) -> float:
+        """Squared-sum -> mean squared distance in [0, 1] pixel units."""
+        return (255.0**2 if self.X_ref_.dtype == np.uint8 else 1.0) * self.n_features_in_
+
+    def _dtype(self) -> torch.dtype:
+        if self.metric == "cosine" or (self.X_ref_.dtype == np.uint8 and self.n_features_in_ <= _EXACT_FLOAT32_MAX_D):
+            return torch.float32
+        return torch.float64
+
+    def _prep(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows -> (tensor on device, squared norms); cosine rows are L2-normalised."""
+        x = torch.from_numpy(np.ascontiguousarray(rows)).to(self.device, self._dtype())
+        if self.metric == "cosine":
+            return F.normalize(x, dim=1, eps=1e-12), torch.empty(0)
+        if rows.dtype != np.uint8:
+            x = x - 0.5  # centring shrinks the norms and so the cancellation error of |q|^2 + |r|^2 - 2 q.r
+        return x, (x * x).sum(1)
+
+    def _ref_chunk(self, r0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if r0 in self._cache:
+            return self._cache[r0]
+        out = self._prep(self.X_ref_[r0:r0 + self.ref_chunk])
+        if self._cacheable:
+            self._cache[r0] = out
+        return out
+
+    def _torch_scan(self, Q: np.ndarray, k: int, exclude: np.ndarray | None, pairs_range: tuple[float, float] | None,
+                    on_pairs: PairsCallback | None, progress: Progress | None
+                    ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Per query chunk: top-k keys (higher = closer; minus squared sums for rms-l2) and in-range pairs.
+
+        Inside a block the rms-l2 key is ``2 q.r - |r|^2`` (one fused matrix product; ``|q|^2`` is constant
+        per query, so it orders like ``-|q - r|^2``); for uint8 rows every value is an exact integer.
+        """
+        cos = self.metric == "cosine"
+        n, m = self.n_samples_fit_, len(Q)
+        if pairs_range is not None:  # the closed range, slightly widened; the exact check is on the scores
+            lo, hi = pairs_range
+            c = self._scale()
+            s_lo = (max(lo, 0.0) ** 2) * c * (1 - 1e-9) - 1e-9 if lo > 0 else None  # squared-sum range
+            s_hi = hi * hi * c * (1 + 1e-9) + 1e-9 if np.isfinite(hi) else None
+        with torch.no_grad():
+            for q0 in range(0, m, self.query_chunk):
+                q1 = min(m, q0 + self.query_chunk)
+                q, qn = self._prep(Q[q0:q1])
+                ex = None if exclude is None else torch.from_numpy(exclude[q0:q1]).to(self.device)
+                if pairs_range is not None:
+                    if cos:
+                        k_lo, k_hi = lo - 1e-6, hi + 1e-6
+                    else:  # S in [s_lo, s_hi]  <=>  key in [|q|^2 - s_hi, |q|^2 - s_lo]
+                        k_lo = None if s_hi is None else (qn - s_hi)[:, None]
+                        k_hi = None if s_lo is None else (qn - s_lo)[:, None]
+                vals, ids = [], []
+                for r0 in range(0, n, self.ref_chunk):
+                    r, rn = self._ref_chunk(r0)
+                    key = q @ r.T if cos else torch.addmm(rn[None, :], q, r.T, beta=-1, alpha=2)
+                    if ex is not None:
+                        rows = torch.nonzero((ex >= r0) & (ex < r0 + len(r))).flatten()
+                        key[rows, ex[rows] - r0] = -np.inf
+                    if on_pairs is not None:
+                        self._emit(key, q0, r0, qn, k_lo, k_hi, lo, hi, on_pairs)
+                    if k:
+                        v, i = torch.topk(key, min(k, key.shape[1]), dim=1)
+                        vals.append(v)
+                        ids.append(i + r0)
+                if k:
+                    best, order = torch.topk(torch.cat(vals, 1), k, dim=1)
+                    best_i = torch.gather(torch.cat(ids, 1), 1, order)
+                    best = best.double() if cos else best.double() - qn.double()[:, None]  # -> -|q - r|^2
+                else:
+                    best = torch.zeros((q1 - q0, 0), dtype=torch.float64)
+                    best_i = torch.zeros((q1 - q0, 0), dtype=torch.int64)
+                if progress is not None:
+                    progress(q1, m)
+                yield q0, q1, best.cpu().numpy(), best_i.cpu().numpy()
+
+    def _emit(self, key: torch.Tensor, q0: int, r0: int, qn: torch.Tensor, k_lo: Any, k_hi: Any, lo: float, hi: float,
+              on_pairs: PairsCallback) -> None:
+        """Pass the block's pairs with score in [lo, hi] to ``on_pairs`` (global rows, float64 scores)."""
+        mask = None
+        if k_lo is not None and not (isinstance(k_lo, float) and np.isinf(k_lo)):
+            mask = key >= k_lo
+        if k_hi is not None and not (isinstance(k_hi, float) and np.isinf(k_hi)):
+            mask = key <= k_hi if mask is None else mask & (key <= k_hi)
+        hit = torch.nonzero(mask) if mask is not None else torch.nonzero(torch.isfinite(key))
+        if not len(hit):
+            return
+        qi, ri = hit[:, 0], hit[:, 1]
+        kv = key[qi, ri].double()
+        s = (kv if self.metric == "cosine" else kv - qn[qi].double()).cpu().numpy()
+        s = self._to_scores(s)
+        keep = (s >= lo) & (s <= hi)
+        if keep.any():
+            on_pairs((qi.cpu().numpy() + q0)[keep], (ri.cpu().numpy() + r0)[keep], s[keep])
+
+    def _to_scores(self, key: np.ndarray) -> np.ndarray:
+        if self.metric == "cosine":
+            return np.clip(key.astype(np.float64), -1.0, 1.0)  # float32 rounding can exceed 1 for copies
+        return np.sqrt(np.maximum(-key, 0.0) / self._scale())
+
+    def _finish(self, keys: np.ndarray, idx: np.ndarray) -> Neighbors:
+        """Keys -> scores, rows ordered best first with ties by reference row."""
+        order = np.lexsort((idx, -keys), axis=-1)
+        keys, idx = np.take_along_axis(keys, order, 1), np.take_along_axis(idx, order, 1)
+        return Neighbors(self._to_scores(keys), idx.astype(np.int64))
+
+    # ---------------------------------------------------------------------------------------------
+    def _faiss_knn(self, Q: np.ndarray, k: int, exclude: np.ndarray | None, progress: Progress | None) -> Neighbors:
+        faiss = _faiss()
+        cos = self.metric == "cosine"
+        m, n = len(Q), self.n_samples_fit_
+        kk = k + (exclude is not None)
+        keys = np.full((m, 0), -np.inf)
+        idx = np.zeros((m, 0), dtype=np.int64)
+        gpus = faiss.get_num_gpus()
+        for r0 in range(0, n, self.ref_chunk):
+            r = self._faiss_rows(self.X_ref_[r0:r0 + self.ref_chunk])
+            index = faiss.IndexFlatIP(r.shape[1]) if cos else faiss.IndexFlatL2(r.shape[1])
+            if gpus > 0:
+                index = faiss.index_cpu_to_all_gpus(index)
+            index.add(r)
+            ck, ci = [], []
+            for q0 in range(0, m, self.query_chunk):
+                d, i = index.search(self._faiss_rows(Q[q0:q0 + self.query_chunk]), min(kk, len(r)))
+                ck.append(d.astype(np.float64) if cos else -d.astype(np.float64))
+                ci.append(i.astype(np.int64) + r0)
+            ck_all, ci_all = np.concatenate(ck), np.concatenate(ci)
+            if exclude is not None:
+                ck_all[ci_all == exclude[:, None]] = -np.inf
+            keys, idx = np.concatenate([keys, ck_all], 1), np.concatenate([idx, ci_all], 1)
+            top = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+            keys, idx = np.take_along_axis(keys, top, 1), np.take_along_axis(idx, top, 1)
+            if progress is not None:
+                progress(min(n, r0 + self.ref_chunk) * m // n, m)
+        if not cos:  # faiss works in float32: recompute the k distances exactly
+            keys = -self._exact_sq(Q, idx)
+        return self._finish(keys, idx)
+
+    def _faiss_rows(self, rows: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        if self.metric == "cosine":
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
+    def _exact_sq(self, Q: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Squared sums between each query and its listed reference rows, by direct differences (float64)."""
+        out = np.empty(idx.shape)
+        step = max(1, 2**22 // max(1, idx.shape[1] * self.n_features_in_))
+        for a in range(0, len(Q), step):
+            q = Q[a:a + step].astype(np.float64)[:, None, :]
+            r = self.X_ref_[idx[a:a + step]].astype(np.float64)
+            out[a:a + step] = ((q - r) ** 2).sum(-1)
+        return out
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss

@@ -1,0 +1,119 @@
+"""`side evaluate` and `side calibrate`: the CLI contract scripts depend on."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from side_extract.cli.main import app
+from side_extract.runs import atomic_save_npz
+
+runner = CliRunner()
+
+
+def flat(values, size: int = 8) -> np.ndarray:
+    v = np.asarray(values, dtype=np.uint8)
+    return np.broadcast_to(v[:, None, None, None], (len(v), size, size, 1)).copy()
+
+
+@pytest.fixture
+def sets(tmp_path):
+    atomic_save_npz(tmp_path / "train.npz", images=flat([0, 60, 120, 180, 240]))
+    ext = tmp_path / "run" / "extraction" / "side"
+    atomic_save_npz(ext / "shard-00000.npz", images=flat([60, 60]), index=np.arange(2), labels=np.array([4, 4]))
+    atomic_save_npz(ext / "shard-00001.npz", images=flat([180, 30]), index=np.arange(2, 4), labels=np.array([2, 9]))
+    atomic_save_npz(tmp_path / "small.npz", images=flat([0, 1], size=4))
+    return tmp_path
+
+
+def invoke(*args):
+    return runner.invoke(app, ["--no-progress", *map(str, args)])
+
+
+def test_evaluate_writes_the_contract(sets):
+    out = sets / "eval"
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--out", out,
+               "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01", "--carlini-n", 3)
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "metrics.json").read_text())
+    assert d["method"] == "side" and d["n_generated"] == 4 and d["n_train"] == 5 and d["similarity"] == "rms-l2"
+    assert d["bands"] == {"low": [0.1, 0.2], "mid": [0.01, 0.1], "high": [0.0, 0.01]} and d["bands_source"] == "option"
+    assert d["ams"] == {"low": 0.25, "mid": 0.0, "high": 0.75} and d["ums"] == {"low": 0.5, "mid": 0.0, "high": 0.5}
+    assert d["ams_cumulative"]["low"] == 1.0 and d["ums_cumulative"]["low"] == 0.75 and d["p95"] == 0.0
+    assert d["carlini"]["alpha"] == 0.5 and d["carlini"]["n"] == 3 and d["carlini"]["centering"] == "generation"
+    assert d["carlini"]["extracted_fraction"] == 0.75 and d["gu"]["memorized_fraction"] == 0.75
+    assert set(d["fingerprints"]) == {"generated", "train"}
+    rows = (out / "per_generation.csv").read_text().splitlines()
+    assert rows[1].startswith("0,side,4,1,1,0,high") and len(rows) == 5
+
+
+def test_evaluate_config_file_and_flags(sets, tmp_path):
+    yml = tmp_path / "run.yaml"
+    yml.write_text("model: demo\nevaluate:\n  bands: 'high=0:0.01'\n  carlini_n: 2\n  carlini_centering: reference\n")
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+               "--out", tmp_path / "e", "--config", yml, "--method", "uncond", "--carlini-n", 3)
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert d["method"] == "uncond" and d["bands"] == {"high": [0.0, 0.01]}
+    assert d["carlini"]["n"] == 3 and d["carlini"]["centering"] == "reference"  # flag over file
+
+
+def test_calibrate_then_evaluate_with_bands_file(sets):
+    r = invoke("calibrate", "--train", sets / "train.npz", "--heldout", sets / "run/extraction/side",
+               "--out", sets / "cal", "--calibration-quantiles", "0.1,0.3,0.45")
+    assert r.exit_code == 0, r.output
+    b = json.loads((sets / "cal" / "bands.json").read_text())
+    assert b["null_source"] == "heldout" and list(b["bands"]) == ["low", "mid", "high"]
+    assert set(b["null"]) == {"heldout", "train"} and "histogram" in b["null"]["train"]
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+               "--out", sets / "e", "--bands-file", sets / "cal" / "bands.json", "--carlini-n", 2)
+    assert r.exit_code == 0, r.output
+    d = json.loads((sets / "e" / "metrics.json").read_text())
+    assert d["bands"] == b["bands"] and d["bands_source"].startswith("file:")
+
+
+def test_calibrate_digits_uses_the_complement(tmp_path):
+    r = invoke("calibrate", "--train", "digits:50", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    b = json.loads((tmp_path / "bands.json").read_text())
+    assert b["null"]["heldout"]["n"] == 1747 and b["null"]["train"]["n"] == 50
+
+
+def test_default_bands_from_the_training_null(sets):
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+               "--out", sets / "e", "--carlini-n", 2)
+    assert r.exit_code == 0, r.output
+    d = json.loads((sets / "e" / "metrics.json").read_text())
+    assert d["bands_source"] == "train-null" and d["null"]["n"] == 5
+
+
+def test_mismatched_shapes_name_both(sets):
+    r = invoke("evaluate", "--generated", sets / "small.npz", "--train", sets / "train.npz", "--out", sets / "e")
+    assert r.exit_code == 2
+    assert "4x4x1" in r.output and "8x8x1" in r.output and "--resize" in r.output
+
+
+def test_bad_options_are_clear(sets):
+    r = invoke("evaluate", "--generated", sets / "small.npz", "--train", sets / "train.npz", "--out", sets / "e",
+               "--carlini-centering", "middle")
+    assert r.exit_code == 2 and "carlini_centering='middle'" in r.output
+    r = invoke("evaluate", "--generated", sets / "small.npz", "--train", sets / "train.npz", "--out", sets / "e",
+               "--bands", "high")
+    assert r.exit_code == 2 and "name=lo:hi" in r.output
+
+
+def test_model_option_enables_cosine_unet(sets, tiny_model_dir):
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+               "--out", sets / "u", "--similarity", "cosine:unet", "--model", tiny_model_dir, "--carlini-n", 3)
+    assert r.exit_code == 0, r.output
+    d = json.loads((sets / "u" / "metrics.json").read_text())
+    assert d["similarity"] == "cosine:unet" and d["n_generated"] == 4
+    r = invoke("calibrate", "--train", sets / "train.npz", "--out", sets / "c", "--similarity", "cosine:unet",
+               "--model", tiny_model_dir)
+    assert r.exit_code == 0, r.output
+    assert json.loads((sets / "c" / "bands.json").read_text())["similarity"] == "cosine:unet"
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+               "--out", sets / "v", "--similarity", "cosine:unet")
+    assert r.exit_code == 2 and "needs the target model" in r.output

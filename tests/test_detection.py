@@ -1,0 +1,90 @@
+"""Label-free detection: planted duplicate groups among generations are found and verified."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from side_extract import config as cfg
+from side_extract.data import ImageSet
+from side_extract.detection import default_grid, detect_memorized, near_duplicate_pairs, tiled_distances
+from side_extract.evaluation import evaluate
+
+
+def planted(seed: int = 0):
+    """30 random training images; generations: 6 noisy copies of train 3, 5 of train 7, 4 copies of a
+    non-training image (a false positive group), and 40 random images."""
+    rng = np.random.default_rng(seed)
+    train = rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)
+    outsider = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)
+
+    def copies(img, n):
+        noise = rng.integers(-3, 4, (n, *img.shape))
+        return np.clip(img[None].astype(int) + noise, 0, 255).astype(np.uint8)
+
+    gen = np.concatenate([copies(train[3], 6), copies(train[7], 5), copies(outsider, 4),
+                          rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)])
+    order = rng.permutation(len(gen))
+    return ImageSet(train), ImageSet(gen[order]), order
+
+
+def test_tiled_distance_is_max_over_tiles():
+    a = np.zeros((1, 8, 8, 1), np.uint8)
+    b = a.copy()
+    b[0, :4, :4] = 255  # one 4x4 tile differs completely
+    assert tiled_distances(a, b, 2)[0, 0] == pytest.approx(1.0)
+    assert tiled_distances(a, b, 1)[0, 0] == pytest.approx(0.5)  # whole-image RMS: sqrt(16 / 64)
+    assert default_grid(8, 8) == 2 and default_grid(32, 32) == 4 and default_grid(4, 4) == 1
+
+
+def test_pairs_match_brute_force():
+    _, gen, _ = planted()
+    d = tiled_distances(gen.images, gen.images, 2)
+    i, j, dd = near_duplicate_pairs(gen.images, 0.1, 2, chunk=13)
+    want = {(a, b) for a, b in zip(*np.nonzero(d < 0.1)) if a < b}
+    assert set(zip(i.tolist(), j.tolist())) == want
+    np.testing.assert_allclose(dd, d[i, j])
+
+
+@pytest.mark.parametrize("mode", ["cliques", "components"])
+def test_planted_groups_found_with_precision(mode):
+    train, gen, order = planted()
+    where = np.argsort(order)  # original position -> row in the shuffled set
+    det = detect_memorized(gen, 0.05, min_size=4, mode=mode, train=train, chunk=16)
+    groups = sorted(sorted(g) for g in det.groups)
+    assert groups == sorted([sorted(where[:6].tolist()), sorted(where[6:11].tolist()), sorted(where[11:15].tolist())])
+    by_size = {len(g): v for g, v in zip(det.groups, det.verified)}
+    assert by_size == {6: True, 5: True, 4: False}
+    assert det.precision == pytest.approx(2 / 3)
+    near = dict(zip(map(len, det.groups), det.nearest_train_index))
+    assert near[6] == 3 and near[5] == 7
+    assert det.to_json()["n_suspected"] == 15
+
+
+def test_cliques_stricter_than_components():
+    # a chain: 0-1 and 1-2 are near, 0-2 are not
+    base = np.zeros((3, 8, 8, 1), np.uint8)
+    base[1] += 10
+    base[2] += 20
+    gen = ImageSet(base)
+    thr = 15 / 255 + 1e-9
+    assert detect_memorized(gen, thr, min_size=3, mode="components").groups == [[0, 1, 2]]
+    assert detect_memorized(gen, thr, min_size=3, mode="cliques").groups == []
+    assert detect_memorized(gen, thr, min_size=3, mode="cliques", train=gen).precision is None
+
+
+def test_detection_in_evaluate(tmp_path):
+    train, gen, _ = planted()
+    r = evaluate(gen, train, cfg.EvaluateConfig(bands="high=0:0.05", carlini_n=5, detect_threshold=0.05,
+                                                detect_min_size=4))
+    assert r.detection.precision == pytest.approx(2 / 3)
+    assert r.to_json()["detection"]["n_groups"] == 3
+
+
+def test_errors():
+    _, gen, _ = planted()
+    with pytest.raises(ValueError, match="min_size=1"):
+        detect_memorized(gen, 0.1, min_size=1)
+    with pytest.raises(ValueError, match="mode='stars'"):
+        detect_memorized(gen, 0.1, mode="stars")
+    with pytest.raises(ValueError, match="grid=9"):
+        detect_memorized(gen, 0.1, grid=9)

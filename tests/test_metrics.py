@@ -1,0 +1,204 @@
+"""Hand-computed memorization metrics: AMS / UMS bands, orientation, Carlini and Gu ratios, N_G law, calibration."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from side_extract import config as cfg
+from side_extract.data import ImageSet, load_digits_set
+from side_extract.evaluation import calibrate, digits_complement, evaluate, propose_bands
+from side_extract.metrics import (PAPER_COSINE_BANDS, Band, ams_ums_dense, ng_law, parse_bands, pixel_ratios,
+                                  read_bands_file)
+
+
+def flat(values, size: int = 8) -> ImageSet:
+    """Constant 8x8x1 images: RMS-L2 between two of them is |a - b| / 255, exactly."""
+    v = np.asarray(values, dtype=np.uint8)
+    return ImageSet(np.broadcast_to(v[:, None, None, None], (len(v), size, size, 1)).copy())
+
+
+TRAIN = flat([0, 60, 120, 180, 240])
+GEN = flat([60, 60, 180, 30])  # two copies of train 1, one of train 3, one halfway between train 0 and 1
+BANDS = "low=0.1:0.2,mid=0.01:0.1,high=0:0.01"
+
+
+def run(gen=GEN, train=TRAIN, **kw):
+    return evaluate(gen, train, cfg.EvaluateConfig(bands=kw.pop("bands", BANDS), carlini_n=kw.pop("n", 2), **kw))
+
+
+def test_planted_copies_exact_ams_ums_and_ums_above_ams():
+    r = run()
+    # best distances: 0, 0, 0, 30/255 = 0.1176 (equal to train 0 and train 1: both in the low band)
+    assert r.ams == {"low": 0.25, "mid": 0.0, "high": 0.75}
+    assert r.ums == {"low": 0.5, "mid": 0.0, "high": 0.5}  # low: {0, 1}; high: {1, 3}; denominator N_G = 4
+    assert r.ums["low"] > r.ams["low"]
+    assert r.ams_cumulative == {"low": 1.0, "mid": 0.75, "high": 0.75}
+    assert r.ums_cumulative == {"low": 0.75, "mid": 0.5, "high": 0.5}  # low: {0, 1, 3}
+    assert r.p95 == 0.0 and r.p95_quantile == 0.05  # 5th percentile of the best distances
+    np.testing.assert_array_equal(r.table.nearest_train_index, [1, 1, 3, 0])  # tie 0 / 1 -> lower index
+    assert list(r.table.band) == ["high", "high", "high", "low"]
+    np.testing.assert_allclose(r.table.similarity, [0, 0, 0, 30 / 255])
+
+
+def test_empty_band_gives_zero():
+    r = run(bands="far=0.9:1.0,high=0:0.01")
+    assert r.ams["far"] == 0.0 and r.ums["far"] == 0.0
+    # cumulative "far" is d < 1: all 5 training images; UMS's denominator is N_G = 4, so it can exceed 1
+    assert r.ams_cumulative["far"] == 1.0 and r.ums_cumulative["far"] == 1.25
+
+
+def test_distance_orientation_small_is_close():
+    b = Band("high", 0.0, 0.1)
+    d = np.array([0.0, 0.05, 0.1, 0.5])
+    np.testing.assert_array_equal(b.contains(d, "distance"), [True, True, False, False])
+    np.testing.assert_array_equal(b.reaches(d, "distance"), [True, True, False, False])  # d < hi
+    s = Band("high", 0.6, 1.0)
+    v = np.array([0.59, 0.6, 0.99, 1.0, 1.0000001])
+    np.testing.assert_array_equal(s.contains(v, "similarity"), [False, True, True, True, True])  # closed at 1
+    np.testing.assert_array_equal(Band("mid", 0.5, 0.6).reaches(v, "similarity"), [True] * 5)  # s >= lo
+    # best = min for a distance: the generation at 30 is nearest (30/255) to train 0, not farther ones
+    assert run().table.similarity[3] == pytest.approx(30 / 255)
+
+
+def test_cosine_orientation_with_given_features():
+    def unit(deg):
+        return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+    # training features at 0, 100, 200 degrees; generations at 0 (copy), 50 (cos 50 = 0.643 to 0 and to 100)
+    # and 150 (cos 50 to 100 and 200), and 300 (cos 60 = 0.5 to 0 -> mid, cos 100 to 200 -> none)
+    tf = np.array([unit(0), unit(100), unit(200)], np.float32)
+    gf = np.array([unit(0), unit(50), unit(150), unit(302)], np.float32)
+    train, gen = flat([0, 100, 200]), flat([0, 50, 150, 30])
+    r = evaluate(gen, train, cfg.EvaluateConfig(similarity="cosine:test", carlini_n=2),
+                 generated_features=gf, train_features=tf)
+    assert r.bands == PAPER_COSINE_BANDS and r.bands_source == "paper-default" and r.orientation == "similarity"
+    assert r.ams == {"low": 0.0, "mid": 0.25, "high": 0.75}
+    assert r.ums == {"low": 0.0, "mid": 0.25, "high": 0.75}  # high: {0, 1, 2}; mid: {0}
+    assert r.ums_cumulative["mid"] == 0.75
+    np.testing.assert_allclose(r.table.similarity, [1.0, np.cos(np.radians(50)), np.cos(np.radians(50)),
+                                                    np.cos(np.radians(58))], atol=1e-6)
+    assert r.p95 == pytest.approx(np.quantile(r.table.similarity, 0.95)) and r.p95_quantile == 0.95
+
+
+def test_carlini_and_gu_by_hand():
+    r = run(n=3)
+    # generation 30: distances to train (0, 60, 120, ...) = 30, 30, 90 (/255); nearest 3 mean 50
+    np.testing.assert_allclose(r.carlini.ratio, [0, 0, 0, 30 / (0.5 * 50)])
+    np.testing.assert_allclose(r.gu.ratio, [0, 0, 0, 1.0])  # d1 / d2 = 30 / 30
+    assert r.carlini.extracted_fraction == 0.75 and r.gu.memorized_fraction == 0.75
+    assert r.carlini.n_effective == 3 and r.carlini.centering == "generation"
+    # reference centering: nn of generation 30 is train 0, whose 2 nearest other images are 60, 120 -> mean 90
+    c, g = pixel_ratios(GEN, TRAIN, n=2, centering="reference")
+    np.testing.assert_allclose(c.ratio[3], 30 / (0.5 * 90))
+    # generation 60 = train 1: d1 = 0 -> 0, whatever the denominator
+    assert c.ratio[0] == 0.0 and g.ratio[0] == 0.0
+
+
+def test_carlini_clamps_n_to_the_training_set(caplog):
+    with caplog.at_level(logging.WARNING):
+        r = run(n=50)
+        rr = run(n=50, carlini_centering="reference")
+    assert r.carlini.n == 50 and r.carlini.n_effective == 5 and rr.carlini.n_effective == 4
+    assert "exceeds the 5 training images" in caplog.text
+    # generation 30: mean over all 5 training images: (30 + 30 + 90 + 150 + 210) / 5 = 102
+    np.testing.assert_allclose(r.carlini.ratio[3], 30 / (0.5 * 102))
+
+
+def test_streaming_equals_dense_reference_on_random_data():
+    rng = np.random.default_rng(0)
+    train = ImageSet(rng.integers(0, 256, (70, 4, 4, 1), dtype=np.uint8))
+    gen = ImageSet(np.concatenate([train.images[:10], rng.integers(0, 256, (50, 4, 4, 1), dtype=np.uint8)]))
+    bands = "low=0.25:0.3,mid=0.2:0.25,high=0:0.2"
+    r = evaluate(gen, train, cfg.EvaluateConfig(bands=bands, carlini_n=5, query_chunk=7, ref_chunk=11))
+    d = np.sqrt(((gen.images.reshape(60, 1, -1).astype(float) - train.images.reshape(1, 70, -1)) ** 2).mean(-1)) / 255
+    dense = ams_ums_dense(d, parse_bands(bands), "distance")
+    assert dense == {"ams": r.ams, "ams_cumulative": r.ams_cumulative, "ums": r.ums, "ums_cumulative": r.ums_cumulative}
+    assert r.ums["low"] > 0 and r.ums["high"] >= 10 / 60
+
+
+def test_bands_from_training_null_when_none_given():
+    r = evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2))
+    assert r.bands_source == "train-null" and r.null["source"] == "train-vs-rest"
+    # the null: each training image's nearest other is 60/255 away
+    assert [b.name for b in r.bands] == ["low", "mid", "high"]
+    assert r.bands[-1].lo == 0.0 and r.bands[-1].hi == pytest.approx(60 / 255)
+    assert r.ams["high"] == 1.0  # all best distances (0 and 30/255) are below 60/255
+
+
+def test_json_schema(tmp_path):
+    r = run()
+    r.write(tmp_path)
+    import json
+
+    d = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("n_generated", "n_train", "similarity", "bands", "ams", "ums", "ams_cumulative", "ums_cumulative",
+                "p95", "carlini", "gu", "bands_source", "fingerprints", "ng_law"):
+        assert key in d
+    assert d["bands"]["low"] == [0.1, 0.2]
+    assert set(d["carlini"]) >= {"alpha", "n", "centering", "extracted_fraction"}
+    assert set(d["gu"]) >= {"threshold", "memorized_fraction"}
+    assert (tmp_path / "per_generation.csv").read_text().splitlines()[0].startswith("generation_id,method,target_label")
+    z = np.load(tmp_path / "per_generation.npz")
+    np.testing.assert_array_equal(z["nearest_train_index"], [1, 1, 3, 0])
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"generated images are 8x8x1 .* training images are 4x4x1"):
+        evaluate(GEN, flat([0, 1], size=4))
+    with pytest.raises(ValueError, match="name=lo:hi"):
+        parse_bands("high=0.6")
+    with pytest.raises(ValueError, match="lo < hi"):
+        parse_bands("high=0.6:0.5")
+    with pytest.raises(ValueError, match="similarity='l2'"):
+        cfg.EvaluateConfig(similarity="l2")
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate(GEN, flat([0]))
+
+
+def test_ng_law_against_simulation():
+    rng = np.random.default_rng(0)
+    n_train, n_g = 300, 3000
+    p = rng.uniform(0, 0.004, n_train) * (rng.random(n_train) < 0.5)
+    hits = rng.random((n_g, n_train)) < p
+    g, t = np.nonzero(hits)
+    law = ng_law(g, t, n_g, n_train, n_grid=[100, 1000, 3000, 15000], n_repeats=3)
+    truth = [(1 - (1 - p) ** n).sum() for n in law.n_grid]
+    np.testing.assert_allclose(law.predicted_unique, truth, rtol=0.1)
+    np.testing.assert_allclose(law.observed_unique[:2], truth[:2], rtol=0.15)
+    np.testing.assert_allclose(law.rarefied_unique[:2], law.observed_unique[:2], rtol=0.1)
+    assert law.observed_unique[2] == law.rarefied_unique[2] == (hits.any(0)).sum()
+    assert law.observed_unique[3] is None and law.predicted_unique[3] > law.predicted_unique[2]
+
+
+def test_propose_bands_quantiles_and_orientation():
+    null = np.linspace(0, 1, 100001)
+    d = propose_bands(null, "distance")
+    assert [(b.name, round(b.lo, 6), round(b.hi, 6)) for b in d] == [("low", 0.01, 0.05), ("mid", 0.001, 0.01),
+                                                                      ("high", 0.0, 0.001)]
+    s = propose_bands(null, "similarity")
+    assert [(b.name, round(b.lo, 6), round(b.hi, 6)) for b in s] == [("low", 0.95, 0.99), ("mid", 0.99, 0.999),
+                                                                      ("high", 0.999, 1.0)]
+
+
+def test_calibrate_and_bands_file(tmp_path):
+    heldout = flat([10, 70, 130, 200])  # nearest training distances 10, 10, 10, 20 (/255)
+    cal = calibrate(TRAIN, heldout, cfg.EvaluateConfig(calibration_quantiles=(0.1, 0.25, 0.4)))
+    assert cal.null_source == "heldout"
+    np.testing.assert_allclose(np.sort(cal.nulls["heldout"]), np.array([10, 10, 10, 20]) / 255)
+    np.testing.assert_allclose(cal.nulls["train"], np.full(5, 60 / 255))
+    cal.write(tmp_path)
+    bands = read_bands_file(tmp_path / "bands.json", "rms-l2")
+    assert [b.name for b in bands] == ["low", "mid", "high"] and bands[-1].hi == pytest.approx(10 / 255)
+    assert sum(cal.to_json()["null"]["heldout"]["histogram"]["counts"]) == 4
+    with pytest.raises(ValueError, match="calibrated for similarity='rms-l2'"):
+        read_bands_file(tmp_path / "bands.json", "cosine:x")
+
+
+def test_digits_complement():
+    held = digits_complement("digits:100")
+    train = load_digits_set(100)
+    assert len(held) == 1797 - 100 and not set(held.ids) & set(train.ids)
+    with pytest.raises(ValueError, match="complement is empty"):
+        digits_complement("digits:1797")

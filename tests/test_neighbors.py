@@ -1,0 +1,155 @@
+"""NearestNeighborIndex against brute force numpy; faiss vs torch; exclusion; band pair streams."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from side_extract.neighbors import NearestNeighborIndex, pixel_rows
+
+BACKENDS = ["torch", "faiss"]
+
+
+def brute_rms(q: np.ndarray, r: np.ndarray, scale: float) -> np.ndarray:
+    d = q.astype(np.float64)[:, None, :] - r.astype(np.float64)[None, :, :]
+    return np.sqrt((d**2).mean(-1)) / scale
+
+
+def brute_cos(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    rn = r / np.linalg.norm(r, axis=1, keepdims=True)
+    return qn @ rn.T
+
+
+@pytest.fixture
+def pixels():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (120, 48), dtype=np.uint8), rng.integers(0, 256, (90, 48), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunks", [(1024, 8192), (17, 23)])
+def test_rms_l2_uint8_matches_brute_force_exactly(pixels, backend, chunks):
+    ref, q = pixels
+    idx = NearestNeighborIndex("rms-l2", backend=backend, query_chunk=chunks[0], ref_chunk=chunks[1]).fit(ref)
+    nb = idx.kneighbors(q, 5)
+    d = brute_rms(q, ref, 255.0)
+    order = np.argsort(d, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(nb.indices, order)
+    np.testing.assert_allclose(nb.scores, np.take_along_axis(d, order, 1), rtol=0, atol=1e-12)
+    assert (np.diff(nb.scores, axis=1) >= 0).all()  # k > 1: ascending distances
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_l2_float_pixels_and_large_d(backend):
+    rng = np.random.default_rng(1)
+    ref, q = rng.random((60, 300)), rng.random((40, 300))  # D > 129: the float64 path
+    nb = NearestNeighborIndex("rms-l2", backend=backend, ref_chunk=16).fit(ref).kneighbors(q, 3)
+    d = brute_rms(q, ref, 1.0)
+    np.testing.assert_array_equal(nb.indices, np.argsort(d, 1)[:, :3])
+    np.testing.assert_allclose(nb.scores, np.sort(d, 1)[:, :3], atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosine_matches_brute_force(backend):
+    rng = np.random.default_rng(2)
+    ref, q = rng.normal(size=(150, 16)).astype(np.float32), rng.normal(size=(70, 16)).astype(np.float32)
+    nb = NearestNeighborIndex("cosine", backend=backend, query_chunk=32, ref_chunk=40).fit(ref).kneighbors(q, 4)
+    s = brute_cos(q.astype(np.float64), ref.astype(np.float64))
+    order = np.argsort(-s, 1)[:, :4]
+    np.testing.assert_array_equal(nb.indices, order)
+    np.testing.assert_allclose(nb.scores, np.take_along_axis(s, order, 1), atol=1e-5)
+    assert (np.diff(nb.scores, axis=1) <= 0).all()  # k > 1: descending similarities
+
+
+def test_faiss_and_torch_agree(pixels):
+    ref, q = pixels
+    a = NearestNeighborIndex("rms-l2", backend="faiss").fit(ref).kneighbors(q, 7)
+    b = NearestNeighborIndex("rms-l2", backend="torch", ref_chunk=50).fit(ref).kneighbors(q, 7)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_self_on_train_vs_train(pixels, backend):
+    ref, _ = pixels
+    ref = np.concatenate([ref, ref[:3]])  # rows 120..122 duplicate rows 0..2
+    nb = NearestNeighborIndex("rms-l2", backend=backend, ref_chunk=37).fit(ref).kneighbors(ref, 2, exclude_self=True)
+    d = brute_rms(ref, ref, 255.0)
+    np.fill_diagonal(d, np.inf)
+    assert not (nb.indices == np.arange(len(ref))[:, None]).any()
+    np.testing.assert_allclose(nb.scores, np.sort(d, 1)[:, :2], atol=1e-12)
+    assert nb.indices[0, 0] == 120 and nb.scores[0, 0] == 0.0 and nb.indices[120, 0] == 0
+
+
+def test_exact_copy_distance_is_zero_and_ties_by_index():
+    ref = np.zeros((4, 64), np.uint8)
+    ref[1:] = 7
+    nb = NearestNeighborIndex("rms-l2").fit(ref).kneighbors(ref[1:2], 3)
+    np.testing.assert_array_equal(nb.indices, [[1, 2, 3]])
+    np.testing.assert_array_equal(nb.scores, [[0.0, 0.0, 0.0]])
+
+
+def test_exclude_array(pixels):
+    ref, q = pixels
+    ex = np.full(len(q), -1)
+    first = NearestNeighborIndex("rms-l2").fit(ref).kneighbors(q, 1).indices[:, 0]
+    ex[::2] = first[::2]
+    nb = NearestNeighborIndex("rms-l2").fit(ref).kneighbors(q, 1, exclude=ex)
+    assert (nb.indices[::2, 0] != first[::2]).all()
+    np.testing.assert_array_equal(nb.indices[1::2, 0], first[1::2])
+
+
+@pytest.mark.parametrize("metric,lo,hi", [("rms-l2", 0.38, 0.41), ("rms-l2", -np.inf, 0.39), ("cosine", 0.2, np.inf)])
+def test_pairs_within_matches_brute_force(pixels, metric, lo, hi):
+    ref, q = pixels
+    if metric == "cosine":
+        ref, q = ref.astype(np.float32) - 127.5, q.astype(np.float32) - 127.5
+        s = brute_cos(q.astype(np.float64), ref.astype(np.float64))
+    else:
+        s = brute_rms(q, ref, 255.0)
+    idx = NearestNeighborIndex(metric, query_chunk=25, ref_chunk=33).fit(ref)
+    got = {(int(a), int(b)) for qa, rb, _ in idx.pairs_within(q, lo, hi) for a, b in zip(qa, rb)}
+    inside = (s >= lo) & (s <= hi)
+    want = set(zip(*map(lambda v: v.tolist(), np.nonzero(inside))))
+    # cosine in float32 may differ from float64 within 1e-6 of an edge
+    near_edge = (np.abs(s - lo) < 1e-5) | (np.abs(s - hi) < 1e-5)
+    assert got ^ want <= set(zip(*map(lambda v: v.tolist(), np.nonzero(near_edge))))
+    assert len(want) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pairs_in_the_same_pass_as_kneighbors(pixels, backend):
+    ref, q = pixels
+    idx = NearestNeighborIndex("rms-l2", backend=backend, query_chunk=40, ref_chunk=50).fit(ref)
+    seen = []
+    nb = idx.kneighbors(q, 2, pairs_range=(0.0, 0.39), on_pairs=lambda a, b, c: seen.append((a, b, c)))
+    pairs = sorted(zip(np.concatenate([s[0] for s in seen]).tolist(), np.concatenate([s[1] for s in seen]).tolist()))
+    ref_pairs = sorted((int(a), int(b)) for qa, rb, _ in idx.pairs_within(q, 0.0, 0.39) for a, b in zip(qa, rb))
+    assert pairs == ref_pairs
+    np.testing.assert_array_equal(nb.indices, idx.kneighbors(q, 2).indices)
+
+
+def test_errors(pixels):
+    ref, q = pixels
+    with pytest.raises(ValueError, match="not fitted"):
+        NearestNeighborIndex().kneighbors(q)
+    with pytest.raises(ValueError, match="metric='l1'"):
+        NearestNeighborIndex("l1").fit(ref)
+    with pytest.raises(ValueError, match="backend='annoy'"):
+        NearestNeighborIndex(backend="annoy").fit(ref)
+    idx = NearestNeighborIndex("rms-l2").fit(ref)
+    with pytest.raises(ValueError, match="k=121"):
+        idx.kneighbors(q, 121)
+    with pytest.raises(ValueError, match="k=120 must be between 1 and 119"):
+        idx.kneighbors(ref, 120, exclude_self=True)
+    with pytest.raises(ValueError, match="47 values per row"):
+        idx.kneighbors(q[:, :47])
+    with pytest.raises(ValueError, match="exclude_self"):
+        idx.kneighbors(q, exclude_self=True)
+    with pytest.raises(ValueError, match="lo=1"):
+        idx.pairs_within(q, 1, 0)
+
+
+def test_pixel_rows():
+    images = np.arange(2 * 3 * 4 * 1, dtype=np.uint8).reshape(2, 3, 4, 1)
+    assert pixel_rows(images).shape == (2, 12)
