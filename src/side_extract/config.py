@@ -81,12 +81,170 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Memorization metrics of generations against the training set (``side evaluate``, ``side calibrate``).
+
+    ``similarity`` is ``"rms-l2"`` (pixels in [0, 1], lower = closer) or ``"cosine:<extractor>"`` (a
+    feature extractor of ``features.EXTRACTORS``, higher = closer). ``bands`` is ``"name=lo:hi,..."``;
+    None means: the paper's bands for cosine, else ``bands_file`` (written by ``side calibrate``), else
+    bands calibrated on the training set's own null (train vs rest of train).
+    """
+
+    similarity: str = "rms-l2"
+    bands: str | None = None
+    bands_file: str | None = None
+    resize: int | None = None
+    carlini_alpha: float = 0.5
+    carlini_n: int = 50
+    carlini_centering: Literal["generation", "reference"] = "generation"
+    gu_threshold: float = 1.0 / 3.0
+    calibration_quantiles: tuple[float, ...] = (0.001, 0.01, 0.05)
+    ng_repeats: int = 5
+    detect_threshold: float | None = None
+    detect_min_size: int = 10
+    detect_grid: int | None = None
+    detect_mode: Literal["cliques", "components"] = "cliques"
+    extraction_threshold: float = 0.15
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    query_chunk: int = 1024
+    ref_chunk: int = 8192
+    feature_batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "carlini_n", "ng_repeats", "detect_min_size", "query_chunk", "ref_chunk", "feature_batch_size")
+        if self.similarity != "rms-l2" and not (self.similarity.startswith("cosine:") and len(self.similarity) > 7):
+            raise ValueError(f"similarity={self.similarity!r} must be 'rms-l2' or 'cosine:<extractor>'")
+        if self.carlini_alpha <= 0:
+            raise ValueError(f"carlini_alpha={self.carlini_alpha} must be > 0")
+        if not 0.0 < self.gu_threshold <= 1.0:
+            raise ValueError(f"gu_threshold={self.gu_threshold} must be in (0, 1]")
+        q = self.calibration_quantiles
+        if not q or any(not 0.0 < v < 0.5 for v in q) or list(q) != sorted(set(q)):
+            raise ValueError(f"calibration_quantiles={q} must be strictly increasing values in (0, 0.5)")
+        if self.detect_threshold is not None and self.detect_threshold <= 0:
+            raise ValueError(f"detect_threshold={self.detect_threshold} must be > 0 (or None to skip detection)")
+        if self.detect_grid is not None and self.detect_grid <= 0:
+            raise ValueError(f"detect_grid={self.detect_grid} must be a positive number of tiles per side")
+        if self.extraction_threshold <= 0:
+            raise ValueError(f"extraction_threshold={self.extraction_threshold} must be > 0")
+        if self.resize is not None and self.resize <= 0:
+            raise ValueError(f"resize={self.resize} must be a positive image size")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesConfig:
+    """Feature extractor for clustering the synthetic set (a name from ``features.EXTRACTORS``)."""
+
+    extractor: str = "pixels-pca"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class SurrogateConfig:
+    """Cluster surrogate labels (K-means + cohesion filter) and teacher labels."""
+
+    n_clusters: int = 100
+    tau: float = 0.5
+    min_size: int = 2
+    dropped: Literal["drop", "relabel"] = "drop"
+    n_init: int = 10
+    random_state: int = 0
+    teacher_min_confidence: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_clusters", "n_init", "min_size")
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau={self.tau} must be a cosine similarity in [-1, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """Architecture and training of a classifier (noise-aware for SIDE, clean for Cond / teacher)."""
+
+    depth: int = 18
+    width: int = 32
+    time_mode: Literal["scale_shift", "add"] = "scale_shift"
+    time_embed_dim: int = 128
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    eval_fraction: float = 0.1
+    eval_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "width", "time_embed_dim", "steps", "batch_size", "eval_every")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
+
+
+METHODS = ("side", "side-teacher", "cond", "uncond")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """Extraction: N_G generations per method, equal seeds across methods.
+
+    ``side``: guidance toward a random kept cluster by the noise-aware classifier; ``side-teacher``: the same
+    with teacher labels; ``cond``: guidance by a clean (time-independent) classifier toward a random class;
+    ``uncond``: plain sampling. ``scale`` is lambda; ``cond_scale`` defaults to it.
+    """
+
+    methods: tuple[str, ...] = ("side", "cond", "uncond")
+    n: int = 500
+    seed: int = 1
+    scale: float = 10.0
+    cond_scale: float | None = None
+    temperature: float = 1.0
+    t_lo: float = 0.0
+    t_hi: float = 1.0
+    scheduler: SchedulerKind = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    batch_size: int = 64
+    shard_size: int = 512
+
+    def __post_init__(self) -> None:
+        _positive(self, "n", "steps", "batch_size", "shard_size")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(METHODS)}")
+        if self.scale < 0 or (self.cond_scale is not None and self.cond_scale < 0):
+            raise ValueError(f"scale={self.scale} / cond_scale={self.cond_scale} must be >= 0")
+        if not 0.0 <= self.t_lo < self.t_hi <= 1.0:
+            raise ValueError(f"t_lo={self.t_lo}, t_hi={self.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Values to sweep; each value becomes a sub-run ``RUN/sweeps/<name>=<value>/`` sharing unchanged stages."""
+
+    scale: tuple[float, ...] = ()
+    n_clusters: tuple[int, ...] = ()
+    tau: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one audit run needs; written resolved to ``run/config.yaml``."""
 
     model: str = "demo"
     train: str | None = None
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)
+    surrogate: SurrogateConfig = dataclasses.field(default_factory=SurrogateConfig)
+    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    clean_classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
 
 # --------------------------------------------------------------------------------------------------

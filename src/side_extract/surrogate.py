@@ -1,0 +1,150 @@
+"""Surrogate labels for an unlabelled synthetic set (SIDE step 2), scikit-learn's fit/predict contract.
+
+:class:`ClusterLabeler` (the paper's final version):
+
+1. L2-normalise the features (so K-means on them approximates spherical clustering);
+2. K-means with K clusters (scikit-learn, ``n_init`` restarts, ``random_state``);
+3. cohesion of cluster k = mean cosine similarity of its members to its (normalised) centroid;
+4. keep cluster k iff cohesion >= ``tau`` and size >= ``min_size``;
+5. labels: each sample's cluster id if its cluster is kept; samples of dropped clusters get -1 and are
+   left out of classifier training (``dropped="drop"``, default), or are relabelled to the nearest kept
+   centroid (``dropped="relabel"``, the paper's literal wording; this undoes the filter, since every sample
+   then trains the classifier).
+
+:class:`TeacherLabeler` (the earlier "time-dependent knowledge distillation" version): a time-independent
+classifier trained on clean labelled images labels the synthetic set (``labels_`` from its argmax; with
+``min_confidence``, samples whose top probability is lower get -1).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+log = logging.getLogger(__name__)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be 2-D (n, D), got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class ClusterLabeler:
+    """K-means surrogate labels with a cohesion filter.
+
+    Parameters
+    ----------
+    n_clusters : K (paper: 100)
+    tau : minimum cohesion (mean cosine similarity to the centroid) of a kept cluster (paper: 0.5)
+    min_size : minimum members of a kept cluster
+    dropped : what happens to samples of dropped clusters: ``"drop"`` (label -1) or ``"relabel"``
+    n_init, random_state : passed to scikit-learn's KMeans
+
+    Attributes
+    ----------
+    centroids_ : (K, D) unit-norm centroids
+    cohesion_ : (K,) mean cosine similarity of members to their centroid (nan for an empty cluster)
+    sizes_ : (K,) members per cluster
+    kept_ : (K,) bool
+    cluster_ : (n,) raw K-means assignment
+    labels_ : (n,) surrogate label per training sample (cluster id, or -1)
+    """
+
+    def __init__(self, n_clusters: int = 100, tau: float = 0.5, min_size: int = 2,
+                 dropped: Literal["drop", "relabel"] = "drop", n_init: int = 10, random_state: int | None = 0) -> None:
+        self.n_clusters = n_clusters
+        self.tau = tau
+        self.min_size = min_size
+        self.dropped = dropped
+        self.n_init = n_init
+        self.random_state = random_state
+
+    def fit(self, features: np.ndarray) -> "ClusterLabeler":
+        x = _normalise(features)
+        n = len(x)
+        if not 2 <= self.n_clusters <= n:
+            raise ValueError(f"n_clusters={self.n_clusters} must be between 2 and the number of synthetic images ({n})")
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau={self.tau} must be a cosine similarity in [-1, 1]")
+        if self.dropped not in ("drop", "relabel"):
+            raise ValueError(f"dropped={self.dropped!r} must be 'drop' or 'relabel'")
+        km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=self.random_state).fit(x)
+        self.cluster_ = km.labels_.astype(np.int64)
+        self.centroids_ = _normalise(km.cluster_centers_)
+        cos = np.einsum("nd,nd->n", x, self.centroids_[self.cluster_])
+        self.sizes_ = np.bincount(self.cluster_, minlength=self.n_clusters)
+        sums = np.bincount(self.cluster_, weights=cos, minlength=self.n_clusters)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.cohesion_ = np.where(self.sizes_ > 0, sums / np.maximum(self.sizes_, 1), np.nan)
+        self.kept_ = (np.nan_to_num(self.cohesion_, nan=-np.inf) >= self.tau) & (self.sizes_ >= self.min_size)
+        if not self.kept_.any():
+            best = np.nanmax(self.cohesion_)
+            warnings.warn(
+                f"all {self.n_clusters} clusters were dropped by the cohesion filter (tau={self.tau}, "
+                f"min_size={self.min_size}); the most cohesive has cohesion {best:.3f}: set tau <= {best:.3f} "
+                f"(or use fewer clusters or another feature extractor) to keep some",
+                RuntimeWarning, stacklevel=2,
+            )
+            self.labels_ = np.full(n, -1, dtype=np.int64)
+            return self
+        if self.dropped == "drop":
+            self.labels_ = np.where(self.kept_[self.cluster_], self.cluster_, -1)
+        else:
+            self.labels_ = self.predict(features)
+        log.info("kept %d of %d clusters (tau=%s); %d of %d samples labelled", self.kept_.sum(), self.n_clusters,
+                 self.tau, (self.labels_ >= 0).sum(), n)
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Nearest kept centroid (by cosine similarity) of each row."""
+        if not hasattr(self, "kept_"):
+            raise ValueError("ClusterLabeler is not fitted yet; call fit first")
+        if not self.kept_.any():
+            return np.full(len(features), -1, dtype=np.int64)
+        kept_ids = np.flatnonzero(self.kept_)
+        sims = _normalise(features) @ self.centroids_[kept_ids].T
+        return kept_ids[np.argmax(sims, axis=1)].astype(np.int64)
+
+    def fit_predict(self, features: np.ndarray) -> np.ndarray:
+        return self.fit(features).labels_
+
+
+class TeacherLabeler:
+    """Labels from a time-independent classifier trained on clean labelled images.
+
+    Parameters
+    ----------
+    classifier : a trained classifier module, ``classifier(x) -> logits`` (time ignored), in eval mode
+    classes : (K,) the label value of each classifier output
+    min_confidence : samples whose top softmax probability is below this get -1 (0 keeps all)
+    """
+
+    def __init__(self, classifier: torch.nn.Module, classes: np.ndarray, min_confidence: float = 0.0,
+                 batch_size: int = 512) -> None:
+        self.classifier = classifier
+        self.classes = classes
+        self.min_confidence = min_confidence
+        self.batch_size = batch_size
+
+    def fit(self, x: torch.Tensor) -> "TeacherLabeler":
+        """Label the synthetic images ``x`` (n, C, H, W) in [-1, 1]."""
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise ValueError(f"min_confidence={self.min_confidence} must be in [0, 1)")
+        probs = []
+        with torch.no_grad():
+            for lo in range(0, len(x), self.batch_size):
+                xb = x[lo:lo + self.batch_size]
+                probs.append(torch.softmax(self.classifier(xb, torch.zeros(len(xb), dtype=torch.long)), -1))
+        p = torch.cat(probs).numpy()
+        self.confidence_ = p.max(1)
+        classes = np.asarray(self.classes, dtype=np.int64)
+        self.labels_ = np.where(self.confidence_ >= self.min_confidence, classes[p.argmax(1)], -1)
+        self.kept_classes_ = np.unique(self.labels_[self.labels_ >= 0])
+        return self

@@ -1,0 +1,82 @@
+"""Sweeps of lambda, K and tau: each value is a sub-run ``RUN/sweeps/<name>=<value>/``.
+
+A sub-run is an ordinary run directory. Before it runs, every stage its parent completed is shared into it
+(files hard-linked, manifest entry copied), so the sub-run recomputes only what the swept value changes:
+a lambda sweep reuses the synthetic set, labels and classifier and redoes extraction and evaluation; a K or
+tau sweep redoes labels, classifier, extraction and evaluation. Only the guided methods are swept (UnCond
+does not depend on any swept value; its parent result is the reference).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from . import config as cfg
+from .pipeline import AuditResult, ProgressFactory, _no_progress, run_audit
+from .runs import RunDir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SWEEPABLE = {"scale": "extract", "n_clusters": "surrogate", "tau": "surrogate"}
+
+
+def share_stages(parent: RunDir, child: RunDir) -> list[str]:
+    """Hard-link (or copy) each complete stage of ``parent`` into ``child`` unless the child has it."""
+    shared = []
+    parent_m, child_m = parent.manifest(), child.manifest()
+    for stage, entry in parent_m["stages"].items():
+        if entry.get("status") != "complete" or stage in child_m["stages"]:
+            continue
+        src, dst = parent.path / stage, child.path / stage
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
+        child_m["stages"][stage] = dict(entry, shared_from=str(parent.path))
+        shared.append(stage)
+    for extra in ("evaluation/bands.json", "evaluation/null.npz"):
+        if (parent.path / extra).exists() and not (child.path / extra).exists():
+            (child.path / extra).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(parent.path / extra, child.path / extra)
+    atomic_write_json(child.path / RunDir.MANIFEST, child_m)
+    return shared
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
+    """(sub-run name, its config) for every swept value in ``rc.sweep``."""
+    out = []
+    guided = tuple(m for m in rc.extract.methods if m != "uncond")
+    if not guided:
+        return out
+    for name, section in SWEEPABLE.items():
+        for value in getattr(rc.sweep, name):
+            sec = dataclasses.replace(getattr(rc, section), **{name: value})
+            if section == "extract":
+                sec = dataclasses.replace(sec, methods=guided)
+                sub = dataclasses.replace(rc, extract=sec, sweep=cfg.SweepConfig())
+            else:
+                sub = dataclasses.replace(rc, **{section: sec}, extract=dataclasses.replace(rc.extract, methods=guided),
+                                          sweep=cfg.SweepConfig())
+            out.append((f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}", sub))
+    return out
+
+
+def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
+                    progress: ProgressFactory = _no_progress) -> tuple[AuditResult, dict[str, AuditResult]]:
+    """The main run, then one sub-run per swept value (sharing the main run's unchanged stages)."""
+    main = run_audit(path, rc, device=device, progress=progress)
+    subs = {}
+    for name, sub_rc in sweep_configs(rc):
+        log.info("sweep %s", name)
+        child = RunDir(Path(path) / "sweeps" / name)
+        share_stages(RunDir(path), child)
+        subs[name] = run_audit(child.path, sub_rc, device=device, progress=progress)
+    return main, subs

@@ -1,0 +1,151 @@
+"""Training the classifiers: an explicit loop (SIDE step 3, and the Cond baseline's clean classifier).
+
+Noise-aware classifier p(y | x_t, t):
+
+1. hold out ``eval_fraction`` of the labelled images (stratified by nothing: a seeded permutation);
+2. each step: a batch (x_0, y), t ~ U{0 .. T-1}, eps ~ N(0, I), x_t = scheduler.add_noise(x_0, eps, t)
+   (the target's own noise schedule, so the classifier sees exactly the x_t the sampler produces);
+3. cross-entropy, AdamW (paper: lr 1e-4);
+4. every ``eval_every`` steps, accuracy on the held-out images at each timestep quartile
+   (t in [0, T/4), [T/4, T/2), ...), as guided-diffusion logs it, appended to ``log.json``.
+
+A time-independent classifier (``time_mode="none"``) trains on clean x_0 only. Training resumes from
+``checkpoint/`` (model in safetensors, optimizer via ``torch.load(weights_only=True)``); each step draws
+its batch from a generator seeded by (seed, step), so a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from safetensors.torch import load_file, save_file
+
+from . import config as cfg
+from .models.classifier import ClassifierArch, NoiseAwareResNet
+from .runs import atomic_directory, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierTrainResult:
+    model: NoiseAwareResNet
+    history: list[dict]
+    final_accuracy: dict[str, float]
+
+
+def _gen(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def accuracy_by_quartile(model: NoiseAwareResNet, x0: torch.Tensor, y: torch.Tensor,
+                         scheduler: SchedulerMixin | None, seed: int = 0, batch_size: int = 512) -> dict[str, float]:
+    """Held-out accuracy with t drawn uniformly inside each quartile of the training timesteps (or clean)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    quartiles = [None] if scheduler is None else range(4)
+    n_t = 0 if scheduler is None else scheduler.config.num_train_timesteps
+    for q in quartiles:
+        correct = 0
+        for lo in range(0, len(x0), batch_size):
+            xb, yb = x0[lo:lo + batch_size], y[lo:lo + batch_size]
+            if q is None:
+                t = torch.zeros(len(xb), dtype=torch.long)
+                xt = xb
+            else:
+                t = torch.randint(q * n_t // 4, (q + 1) * n_t // 4, (len(xb),), generator=g)
+                xt = scheduler.add_noise(xb, torch.randn(xb.shape, generator=g), t)
+            correct += (model(xt, t).argmax(1) == yb).sum().item()
+        out["clean" if q is None else f"q{q}"] = correct / max(1, len(x0))
+    return out
+
+
+def train_classifier(
+    arch: ClassifierArch,
+    x0: torch.Tensor,
+    y: np.ndarray,
+    c: cfg.ClassifierConfig,
+    *,
+    scheduler: SchedulerMixin | None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> ClassifierTrainResult:
+    """Train a classifier on images ``x0`` (n, C, H, W) in [-1, 1] with labels ``y`` (n,) in 0..K-1.
+
+    ``scheduler`` is the target's noise scheduler (time-dependent classifier) or None (clean classifier).
+    With ``out``, checkpoints and ``log.json`` are written there and an interrupted run resumes.
+    """
+    y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    if len(x0) != len(y_t):
+        raise ValueError(f"{len(x0)} images but {len(y_t)} labels")
+    if len(x0) < 2:
+        raise ValueError(f"need at least 2 labelled images to train a classifier, got {len(x0)}")
+    if y_t.min() < 0 or y_t.max() >= arch.num_classes:
+        raise ValueError(f"labels must lie in 0..{arch.num_classes - 1}, got {int(y_t.min())}..{int(y_t.max())}")
+    if (scheduler is None) != (arch.time_mode == "none"):
+        raise ValueError("a time-dependent classifier needs the target's scheduler; a clean one must not get one")
+
+    perm = torch.randperm(len(x0), generator=torch.Generator().manual_seed(c.seed))
+    n_eval = int(round(c.eval_fraction * len(x0))) if len(x0) >= 20 else 0
+    ev, tr = perm[:n_eval], perm[n_eval:]
+    x_tr, y_tr, x_ev, y_ev = x0[tr], y_t[tr], x0[ev], y_t[ev]
+
+    with torch.random.fork_rng():
+        torch.manual_seed(c.seed)
+        model = NoiseAwareResNet(arch)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    start, history = 0, []
+    ckpt = Path(out) / "checkpoint" if out is not None else None
+    if ckpt is not None and (ckpt / "state.json").is_file():
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["arch"] == cfg.to_dict(arch) and state["config"] == cfg.to_dict(c):
+            model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            start, history = state["step"], state["history"]
+            log.info("classifier: resuming at step %d", start)
+    model.to(device)
+    n_t = scheduler.config.num_train_timesteps if scheduler is not None else 0
+
+    for step in range(start + 1, c.steps + 1):
+        model.train()
+        g = _gen(c.seed, step)
+        idx = torch.randint(0, len(x_tr), (min(c.batch_size, len(x_tr)),), generator=g)
+        xb, yb = x_tr[idx], y_tr[idx]
+        if scheduler is not None:
+            t = torch.randint(0, n_t, (len(xb),), generator=g)
+            xb = scheduler.add_noise(xb, torch.randn(xb.shape, generator=g), t)
+        else:
+            t = torch.zeros(len(xb), dtype=torch.long)
+        loss = F.cross_entropy(model(xb.to(device), t.to(device)), yb.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(step, c.steps)
+        if step % c.eval_every == 0 or step == c.steps:
+            entry = {"step": step, "loss": round(loss.item(), 5)}
+            if n_eval:
+                entry["accuracy"] = accuracy_by_quartile(model, x_ev.to(device), y_ev.to(device), scheduler, seed=c.seed)
+            history.append(entry)
+            log.info("classifier step %d: %s", step, entry)
+            if ckpt is not None:
+                with atomic_directory(ckpt) as tmp:
+                    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+                    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+                    atomic_write_json(tmp / "state.json", {"step": step, "history": history, "config": cfg.to_dict(c),
+                                                           "arch": cfg.to_dict(arch)})
+    model.eval()
+    if out is not None:
+        atomic_write_json(Path(out) / "log.json", {"history": history, "n_train": len(tr), "n_eval": n_eval})
+    final = history[-1].get("accuracy", {}) if history else {}
+    return ClassifierTrainResult(model, history, final)

@@ -1,0 +1,54 @@
+"""Contract test over every registry entry: shape, dtype, determinism, batch independence."""
+import numpy as np
+import pytest
+import torch
+
+from side_extract.data import load_image_set
+from side_extract.features import EXTRACTORS, extract_features, get_extractor
+from side_extract.models.target import load_target
+
+ENTRIES = [n for n in EXTRACTORS if n != "torchscript"] + ["torchscript"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_image_set("digits:20")
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    """A real TorchScript file standing in for SSCD (a small conv net, scripted)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    path = tmp_path_factory.mktemp("ts") / "model.pt"
+    torch.jit.script(net).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_contract(name, images, tiny_model_dir, scripted):
+    spec = f"torchscript:{scripted}" if name == "torchscript" else name
+    model = load_target(tiny_model_dir)
+    f = extract_features(spec, images, model=model, batch_size=7)
+    assert f.dtype == np.float32 and f.ndim == 2 and len(f) == len(images)
+    assert np.isfinite(f).all()
+    again = extract_features(spec, images, model=model, batch_size=20)
+    np.testing.assert_allclose(f, again, rtol=1e-4, atol=1e-4)  # deterministic, batch-size independent
+    if name == "torchscript":
+        np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
+
+
+def test_unknown_and_bad_specs(tiny_model_dir):
+    with pytest.raises(ValueError, match="unknown feature extractor 'sscd'.*valid: pixels"):
+        get_extractor("sscd")
+    with pytest.raises(ValueError, match="needs a path"):
+        get_extractor("torchscript")
+    with pytest.raises(ValueError, match="no such file"):
+        get_extractor("torchscript:/nonexistent.pt")
+    with pytest.raises(ValueError, match="needs the target model"):
+        get_extractor("unet")
+
+
+def test_pca_fitted_on_reference(images):
+    a = extract_features("pixels-pca", images, reference=images)
+    b = extract_features("pixels-pca", images.subset(np.arange(5)), reference=images)
+    np.testing.assert_allclose(a[:5], b, atol=1e-5)

@@ -1,0 +1,101 @@
+"""The whole chain on a tiny model in seconds: files, skip on rerun, equal noise across methods, sweeps."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from side_extract import config as cfg
+from side_extract.cli.main import app
+from side_extract.data import load_shards
+from side_extract.pipeline import run_audit
+from side_extract.runs import read_json
+from side_extract.sweeps import run_with_sweeps
+
+TINY_CLF = cfg.ClassifierConfig(depth=10, width=8, steps=4, batch_size=16, eval_every=2)
+
+
+def tiny_rc(model_dir, **extract) -> cfg.RunConfig:
+    return cfg.RunConfig(
+        model=str(model_dir), train="digits:30",
+        sample=cfg.SampleConfig(n=40, steps=2, shard_size=16),
+        surrogate=cfg.SurrogateConfig(n_clusters=4, tau=-1.0, n_init=1),
+        classifier=TINY_CLF, clean_classifier=TINY_CLF,
+        extract=cfg.ExtractConfig(**{"methods": ("side", "side-teacher", "cond", "uncond"), "n": 6, "steps": 2,
+                                     "scale": 1.0, **extract}),
+        evaluate=cfg.EvaluateConfig(carlini_n=5),
+    )
+
+
+def test_whole_chain_and_skip(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir)
+    res = run_audit(tmp_path / "run", rc)
+    run = tmp_path / "run"
+    for f in ["config.yaml", "manifest.json", "synthetic/shard-00000.npz", "features/features.npz",
+              "surrogate/labels.npz", "surrogate/clusters.json", "classifier/model.safetensors",
+              "classifier-clean/config.json", "teacher/labels.npz", "classifier-teacher/model.safetensors",
+              "evaluation/bands.json"]:
+        assert (run / f).exists(), f
+    assert set(res.metrics) == {"side", "side-teacher", "cond", "uncond"}
+    for m, metrics in res.metrics.items():
+        assert metrics["n_generated"] == 6 and metrics["n_train"] == 30
+        s = load_shards(run / "extraction" / m)
+        assert len(s) == 6 and ((s.labels == -1) == (m == "uncond")).all()
+    side = load_shards(run / "extraction" / "side")
+    kept = set(np.flatnonzero(np.load(run / "surrogate" / "labels.npz")["kept"]))
+    assert set(side.labels) <= kept  # targets are kept clusters
+    assert yaml.safe_load((run / "config.yaml").read_text())["extract"]["n"] == 6
+    stamps = {k: v["started"] for k, v in read_json(run / "manifest.json")["stages"].items()}
+    run_audit(run, rc)  # unchanged: every stage skipped
+    assert {k: v["started"] for k, v in read_json(run / "manifest.json")["stages"].items()} == stamps
+    # a changed extraction setting reruns extraction and evaluation only
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0)))
+    after = read_json(run / "manifest.json")["stages"]
+    assert after["classifier"]["started"] == stamps["classifier"]
+    assert after["extraction/side"]["started"] != stamps["extraction/side"]
+
+
+def test_methods_share_noise(tiny_model_dir, tmp_path):
+    """With lambda = 0 every method's generation i is the same image: only guidance differs."""
+    res = run_audit(tmp_path / "r", tiny_rc(tiny_model_dir, scale=0.0, methods=("side", "uncond")), until="extraction")
+    np.testing.assert_array_equal(res.extractions["side"].images, res.extractions["uncond"].images)
+    res2 = run_audit(tmp_path / "r2", tiny_rc(tiny_model_dir, scale=50.0, methods=("side", "uncond")), until="extraction")
+    assert not np.array_equal(res2.extractions["side"].images, res2.extractions["uncond"].images)
+
+
+def test_sweeps_share_unchanged_stages(tiny_model_dir, tmp_path):
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side", "uncond")),
+                             sweep=cfg.SweepConfig(scale=(0.0, 3.0), tau=(0.0,)))
+    main, subs = run_with_sweeps(tmp_path / "run", rc)
+    assert set(subs) == {"scale=0", "scale=3", "tau=0"}
+    m = read_json(tmp_path / "run" / "sweeps" / "scale=3" / "manifest.json")["stages"]
+    assert m["classifier"].get("shared_from")  # the classifier was reused, not retrained
+    assert "shared_from" not in m["extraction/side"]
+    t = read_json(tmp_path / "run" / "sweeps" / "tau=0" / "manifest.json")["stages"]
+    assert "shared_from" not in t["surrogate"] and t["features"].get("shared_from")
+    assert (tmp_path / "run" / "sweeps" / "scale=3" / "evaluation" / "side" / "metrics.json").exists()
+    assert "uncond" in main.metrics and set(subs["scale=3"].metrics) == {"side"}
+
+
+def test_cli_run_and_unknown_key(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.dump_yaml(rc))
+    r = CliRunner().invoke(app, ["--no-progress", "run", str(path), "--out", str(tmp_path / "run"), "--no-report"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "evaluation" / "side" / "metrics.json").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: demo\nextract: {n: 5, lamda: 3}\n")
+    r = CliRunner().invoke(app, ["run", str(bad), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2
+    assert "unknown config key(s) in section 'extract': lamda" in r.output and "scale" in r.output
+
+
+def test_all_clusters_dropped_is_a_clear_error(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    rc = dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(n_clusters=4, tau=1.0, n_init=1))
+    with pytest.warns(RuntimeWarning, match="all 4 clusters were dropped"):
+        with pytest.raises(ValueError, match="lower surrogate.tau"):
+            run_audit(tmp_path / "r", rc)

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from side_extract.surrogate import ClusterLabeler, TeacherLabeler
+
+
+def blobs(n_per=30, d=16, seed=0, spread=0.05):
+    rng = np.random.default_rng(seed)
+    centers = np.eye(d)[:3] * 5  # three orthogonal directions: well separated in cosine
+    x = np.concatenate([c + spread * rng.standard_normal((n_per, d)) for c in centers])
+    return x, np.repeat(np.arange(3), n_per)
+
+
+def test_three_blobs_three_clusters():
+    x, truth = blobs()
+    lab = ClusterLabeler(n_clusters=3, tau=0.5, random_state=0).fit(x)
+    assert lab.kept_.all()
+    assert adjusted_rand_score(truth, lab.labels_) == 1.0
+    assert np.all(lab.cohesion_ > 0.99)
+    assert lab.sizes_.tolist() == [30, 30, 30]
+
+
+def test_low_cohesion_cluster_dropped_and_samples_excluded():
+    x, truth = blobs(n_per=40)
+    rng = np.random.default_rng(1)
+    diffuse = rng.standard_normal((40, 16))  # a fourth, incoherent group
+    diffuse[:, :3] = 0
+    x4 = np.concatenate([x, diffuse])
+    lab = ClusterLabeler(n_clusters=4, tau=0.5, random_state=0).fit(x4)
+    assert lab.kept_.sum() == 3
+    dropped = np.flatnonzero(~lab.kept_)[0]
+    assert lab.cohesion_[dropped] < 0.5
+    # the diffuse samples (rows 120..159) are exactly the excluded ones
+    assert np.array_equal(np.flatnonzero(lab.labels_ == -1), np.arange(120, 160))
+    relabel = ClusterLabeler(n_clusters=4, tau=0.5, random_state=0, dropped="relabel").fit(x4)
+    assert (relabel.labels_ >= 0).all() and set(relabel.labels_) <= set(np.flatnonzero(relabel.kept_))
+
+
+def test_cohesion_by_hand():
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [10.0, 0.0], [0.0, 10.0]])
+    lab = ClusterLabeler(n_clusters=2, tau=0.0, min_size=1, random_state=0, n_init=1).fit(x)
+    for k in range(2):
+        members = x[lab.cluster_ == k] / np.linalg.norm(x[lab.cluster_ == k], axis=1, keepdims=True)
+        c = members.mean(0)
+        c /= np.linalg.norm(c)
+        assert lab.cohesion_[k] == pytest.approx((members @ c).mean())
+
+
+def test_all_dropped_warns_with_advice():
+    x, _ = blobs(spread=3.0)
+    with pytest.warns(RuntimeWarning, match=r"all 3 clusters were dropped.*set tau <="):
+        lab = ClusterLabeler(n_clusters=3, tau=0.999).fit(x)
+    assert (lab.labels_ == -1).all()
+
+
+def test_too_many_clusters_names_both_numbers():
+    x, _ = blobs(n_per=5)
+    with pytest.raises(ValueError, match=r"n_clusters=100 .*\(15\)"):
+        ClusterLabeler(n_clusters=100).fit(x)
+
+
+def test_seeded_determinism_and_predict():
+    x, _ = blobs()
+    a = ClusterLabeler(n_clusters=3, random_state=5).fit(x)
+    b = ClusterLabeler(n_clusters=3, random_state=5).fit(x)
+    assert np.array_equal(a.labels_, b.labels_)
+    assert np.array_equal(a.predict(x), a.labels_)
+
+
+def test_teacher_labels_and_confidence():
+    class Fixed(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.stack([x.flatten(1).mean(1) * 10, -x.flatten(1).mean(1) * 10], 1)
+
+    x = torch.cat([torch.full((3, 1, 4, 4), 0.5), torch.full((2, 1, 4, 4), -0.5), torch.zeros(1, 1, 4, 4)])
+    t = TeacherLabeler(Fixed(), np.array([7, 9]), min_confidence=0.6).fit(x)
+    assert t.labels_.tolist() == [7, 7, 7, 9, 9, -1]
