@@ -1,0 +1,382 @@
+"""The audit report of a run directory: ``RUN/report/report.json`` (the source of truth) and one
+self-contained ``RUN/report/report.html`` (inline CSS, PNGs as data URIs, no script, nothing fetched).
+
+:func:`build_report` reads what the stages wrote (every input but ``config.yaml`` optional; a section whose
+inputs are missing is left out and listed in ``notes``) into a JSON-safe dict. :func:`render_html` draws that
+dict; only the pixels of the image pairs are read from the run (by the indices the dict names).
+
+Sections: method comparison (AMS / UMS per band, exclusive and cumulative, p95, Carlini, Gu, N_G), the
+closest generations beside their nearest training images, best scores against the null, extractions per
+surrogate cluster / target label, classifier accuracy per timestep quartile, sweep curves, the N_G law,
+config / fingerprints / versions / timings.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import yaml
+
+from . import report_plots as plots
+from .data import ImageSet, load_image_set, load_shards
+from .runs import atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "side-extract/report/1"
+CLASSIFIERS = ("classifier", "classifier-teacher", "classifier-clean")
+HIST_BINS = 40
+SWEPT_SECTION = {"scale": "extract", "n_clusters": "surrogate", "tau": "surrogate"}  # as in sweeps.SWEEPABLE
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def _closest_first(bands: dict[str, list[float]], orientation: str) -> list[str]:
+    """Band names, the closest band (most memorized) first."""
+    key = (lambda b: -bands[b][0]) if orientation == "similarity" else (lambda b: bands[b][1])
+    return sorted(bands, key=key)
+
+
+def _method_dirs(run: Path) -> dict[str, Path]:
+    ev = run / "evaluation"
+    return {p.parent.name: p.parent for p in sorted(ev.glob("*/metrics.json"))} if ev.is_dir() else {}
+
+
+def _per_generation(d: Path) -> dict[str, np.ndarray] | None:
+    p = d / "per_generation.npz"
+    if not p.is_file():
+        return None
+    with np.load(p, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
+    """Columns (AMS / UMS per band, exclusive then cumulative, p95, Carlini, Gu, N_G) and the best per column."""
+    bands: list[str] = []
+    for m in metrics.values():
+        bands += [b for b in _closest_first(m["bands"], m["orientation"])[::-1] if b not in bands]
+    orients = {m["orientation"] for m in metrics.values()}
+    same = len({(m["similarity"], str(m["bands"])) for m in metrics.values()}) == 1  # else bands differ: no "best"
+    cols = [{"key": f"{k}:{b}", "group": g, "label": b, "unit": "%", "better": "max" if same else None}
+            for k, g in (("ams", "AMS exclusive (%)"), ("ums", "UMS exclusive (%)"),
+                         ("ams_cumulative", "AMS cumulative (%)"), ("ums_cumulative", "UMS cumulative (%)"))
+            for b in bands]
+    orient = orients.pop() if len(orients) == 1 else None  # p95 is comparable only within one orientation
+    p95_label = {"similarity": "p95 best sim.", "distance": "p5 best dist."}.get(orient, "p95 / p5")
+    cols += [{"key": "p95", "group": None, "label": p95_label, "unit": "", "better":
+              {"similarity": "max", "distance": "min"}.get(orient)},
+             {"key": "carlini", "group": None, "label": "Carlini extracted (%)", "unit": "%", "better": "max"},
+             {"key": "gu", "group": None, "label": "Gu memorized (%)", "unit": "%", "better": "max"},
+             {"key": "n_generated", "group": None, "label": "N_G", "unit": "", "better": None}]
+    rows = []
+    for name, m in metrics.items():
+        v: dict[str, Any] = {f"{k}:{b}": m[k].get(b) for k in ("ams", "ums", "ams_cumulative", "ums_cumulative")
+                             for b in bands}
+        v |= {"p95": m["p95"], "carlini": m["carlini"]["extracted_fraction"], "gu": m["gu"]["memorized_fraction"],
+              "n_generated": m["n_generated"]}
+        rows.append({"method": name, "values": v})
+    best: dict[str, list[str]] = {}
+    for c in cols:
+        vals = [(r["method"], r["values"][c["key"]]) for r in rows if r["values"][c["key"]] is not None]
+        if c["better"] and len(rows) > 1 and len({v for _, v in vals}) > 1:
+            target = (max if c["better"] == "max" else min)(v for _, v in vals)
+            best[c["key"]] = [n for n, v in vals if v == target]
+    header = [{"label": g, "span": len(list(cs))} for g, cs in itertools.groupby(cols, key=lambda c: c["group"])]
+    return {"columns": cols, "header": header, "rows": rows, "best": best, "bands": bands}
+
+
+def _top(table: dict[str, np.ndarray], orientation: str, k: int) -> list[dict[str, Any]]:
+    """The ``k`` closest generations, one per nearest training image, closest first."""
+    s = table["similarity"].astype(float)
+    order = np.lexsort((table["generation_id"], -s if orientation == "similarity" else s))
+    near, band = table["nearest_train_index"], table["band"].astype(str)
+    out, seen = [], set()
+    for i in order:
+        t = int(near[i])
+        if t in seen:
+            continue
+        seen.add(t)
+        same = near == t
+        out.append({"rank": len(out) + 1, "generation_id": int(table["generation_id"][i]),
+                    "target_label": int(table["target_label"][i]), "nearest_train_index": t,
+                    "nearest_train_id": int(table["nearest_train_id"][i]), "similarity": float(s[i]),
+                    "band": str(band[i]), "carlini_ratio": float(table["carlini_ratio"][i]),
+                    "gu_ratio": float(table["gu_ratio"][i]), "n_generations_same_nearest": int(same.sum()),
+                    "n_in_band_same_nearest": int((same & (band != "")).sum())})
+        if len(out) == k:
+            break
+    return out
+
+
+def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> list[dict[str, Any]]:
+    """Histograms of each method's best score, grouped by similarity, with the null of ``evaluation/null.npz``."""
+    cal = read_json(run / "evaluation" / "bands.json") if (run / "evaluation" / "bands.json").is_file() else {}
+    nulls: dict[str, np.ndarray] = {}
+    if (run / "evaluation" / "null.npz").is_file():
+        with np.load(run / "evaluation" / "null.npz") as z:
+            nulls = {k: z[k].astype(float) for k in z.files}
+    out = []
+    for spec in dict.fromkeys(m["similarity"] for m in metrics.values()):
+        names = [n for n, m in metrics.items() if m["similarity"] == spec and n in tables]
+        if not names:
+            continue
+        null = nulls if cal.get("similarity") == spec else {}
+        vals = [tables[n]["similarity"].astype(float) for n in names] + list(null.values())
+        lo, hi = min(float(v.min()) for v in vals), max(float(v.max()) for v in vals)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, HIST_BINS + 1)
+        first = metrics[names[0]]
+        out.append({"similarity": spec, "orientation": first["orientation"], "bands": first["bands"],
+                    "edges": edges.tolist(),
+                    "methods": {n: np.histogram(tables[n]["similarity"], edges)[0].tolist() for n in names},
+                    "null": {k: np.histogram(v, edges)[0].tolist() for k, v in null.items()},
+                    "null_n": {k: len(v) for k, v in null.items()}})
+    return out
+
+
+def _by_label(table: dict[str, np.ndarray], bands: list[str], clusters: dict[int, dict] | None) -> list[dict]:
+    labels, band = table["target_label"].astype(int), table["band"].astype(str)
+    rows = []
+    for lab in np.unique(labels[labels >= 0]):
+        sel = labels == lab
+        row = {"label": int(lab), "n": int(sel.sum()), "bands": {b: int((sel & (band == b)).sum()) for b in bands},
+               "distinct_train_in_top": int(len(np.unique(table["nearest_train_index"][sel & (band == bands[0])])))
+               if bands else 0}
+        info = (clusters or {}).get(int(lab))
+        if info is not None:
+            row |= {"size": info.get("size"), "cohesion": info.get("cohesion"), "kept": info.get("kept")}
+        rows.append(row)
+    return rows
+
+
+def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> dict[str, Any] | None:
+    """Generations in the two closest bands per target label; for ``side``, joined with cluster size/cohesion."""
+    p = run / "surrogate" / "clusters.json"
+    info = read_json(p) if p.is_file() else None
+    by_id = {int(c["id"]): c for c in info["clusters"]} if info else None
+    methods = {}
+    for n, t in tables.items():
+        if not (t["target_label"] >= 0).any():
+            continue
+        bands = _closest_first(metrics[n]["bands"], metrics[n]["orientation"])[:2]
+        surrogate = n == "side" and by_id is not None
+        methods[n] = {"kind": "surrogate cluster" if n in ("side",) else "target class", "bands": bands,
+                      "rows": _by_label(t, bands, by_id if surrogate else None)}
+    if info is None and not methods:
+        return None
+    summary = {k: info[k] for k in ("tau", "kept", "n_clusters", "labelled") if k in info} if info else None
+    return {"surrogate": summary, "clusters": info["clusters"] if info else [], "methods": methods}
+
+
+def _classifiers(run: Path) -> dict[str, Any]:
+    out = {}
+    for name in CLASSIFIERS:
+        p = run / name / "config.json"
+        if p.is_file():
+            hist = read_json(p).get("history") or []
+            final = next((h["accuracy"] for h in reversed(hist) if h.get("accuracy")), {})
+            out[name] = {"history": hist, "final": final, "steps": hist[-1]["step"] if hist else 0}
+    return out
+
+
+def _value(v: str) -> float | str:
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict[str, Any]:
+    """``sweeps/<param>=<value>/evaluation/<method>/metrics.json`` -> per param and method: metric vs value;
+    this run's own result joins the curve at its configured value of the parameter."""
+    found: dict[str, dict[str, dict[Any, dict]]] = {}
+    for d in sorted((run / "sweeps").glob("*=*")) if (run / "sweeps").is_dir() else []:
+        param, value = d.name.split("=", 1)
+        shared = {k for k, e in (read_json(d / "manifest.json").get("stages", {}) if (d / "manifest.json").is_file()
+                                 else {}).items() if e.get("shared_from")}  # the parent's result, not swept
+        for m, md in _method_dirs(d).items():
+            if f"evaluation/{m}" in shared:
+                continue
+            found.setdefault(param, {}).setdefault(m, {})[_value(value)] = read_json(md / "metrics.json")
+    out: dict[str, Any] = {}
+    for param, per_method in found.items():
+        out[param] = {}
+        own = (config.get(SWEPT_SECTION.get(param, "")) or {}).get(param)
+        for m, runs in per_method.items():
+            if isinstance(own, (int, float)) and m in metrics:
+                runs.setdefault(float(own), metrics[m])
+            values = sorted(runs, key=lambda v: (isinstance(v, str), v))
+            ref = next(iter(runs.values()))
+            bands = _closest_first(ref["bands"], ref["orientation"])
+            series = {f"AMS {b}": [runs[v]["ams"].get(b) for v in values] for b in bands}
+            series[f"UMS {bands[0]}"] = [runs[v]["ums"].get(bands[0]) for v in values]
+            series["Carlini"] = [runs[v]["carlini"]["extracted_fraction"] for v in values]
+            series["Gu"] = [runs[v]["gu"]["memorized_fraction"] for v in values]
+            reference = {f"{n} AMS {bands[0]}": r["ams"][bands[0]] for n, r in metrics.items()
+                         if n not in per_method and r["bands"] == ref["bands"] and bands[0] in r["ams"]}
+            out[param][m] = {"values": values, "series": series, "reference": reference}
+    return out
+
+
+def _stages(run: Path) -> tuple[list[dict], dict[str, list[str]]]:
+    p = run / "manifest.json"
+    stages, versions = [], {}
+    for name, e in (read_json(p).get("stages", {}) if p.is_file() else {}).items():
+        info = {k: v for k, v in e.items() if k not in ("status", "fingerprint", "inputs", "versions", "seconds",
+                                                          "started", "started_unix")}
+        stages.append({"stage": name, "status": e.get("status"), "seconds": e.get("seconds"),
+                       "fingerprint": e.get("fingerprint"), "inputs": e.get("inputs", {}), "started": e.get("started"),
+                       "info": info})
+        for dist, ver in (e.get("versions") or {}).items():
+            versions.setdefault(dist, [])
+            if ver not in versions[dist]:
+                versions[dist].append(ver)
+    return stages, versions
+
+
+def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
+    """Everything the report shows, JSON-safe (see the module docstring); ``top`` image pairs per method."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ValueError(f"{str(run)!r} is not a run directory (it has no config.yaml)")
+    if top < 1:
+        raise ValueError(f"top={top} must be >= 1")
+    text = (run / "config.yaml").read_text()
+    config = yaml.safe_load(text) or {}
+    notes = []
+    order = list((config.get("extract") or {}).get("methods") or [])  # the config's order, then the rest
+    dirs = dict(sorted(_method_dirs(run).items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order),
+                                                                   kv[0])))
+    metrics = {n: read_json(d / "metrics.json") for n, d in dirs.items()}
+    tables = {n: t for n, d in dirs.items() if (t := _per_generation(d)) is not None}
+    for n in metrics.keys() - tables.keys():
+        notes.append(f"evaluation/{n}: no per_generation.npz, so no image pairs or histogram for {n}")
+    if not metrics:
+        notes.append("no evaluation/<method>/metrics.json: run the evaluation stage (side run / side evaluate)")
+    stages, versions = _stages(run)
+    for m in metrics.values():
+        for dist, ver in (m.get("versions") or {}).items():
+            versions.setdefault(dist, [])
+            if ver not in versions[dist]:
+                versions[dist].append(ver)
+    keep = ("n_generated", "n_train", "similarity", "orientation", "bands", "bands_source", "band_rule", "ams", "ums",
+            "ams_cumulative", "ums_cumulative", "p95", "p95_quantile", "carlini", "gu", "fingerprints", "sources")
+    data: dict[str, Any] = {
+        "schema": SCHEMA, "run": str(run.resolve()), "top": top,
+        "summary": {"model": config.get("model"), "train": config.get("train"),
+                    "methods": list(metrics) or (config.get("extract") or {}).get("methods", [])},
+        "methods": {n: {k: m.get(k) for k in keep} for n, m in metrics.items()},
+        "comparison": _comparison(metrics) if metrics else None,
+        "top_pairs": {n: _top(t, metrics[n]["orientation"], top) for n, t in tables.items()},
+        "histograms": _histograms(run, metrics, tables),
+        "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},
+        "clusters": _clusters(run, metrics, tables), "classifiers": _classifiers(run),
+        "sweeps": _sweeps(run, metrics, config),
+        "stages": stages, "versions": versions, "config": config, "config_yaml": text, "notes": notes}
+    for key, what in (("clusters", "surrogate/clusters.json or labelled generations"),
+                      ("classifiers", "classifier*/config.json"), ("sweeps", "sweeps/<param>=<value>/"),
+                      ("stages", "manifest.json")):
+        if not data[key]:
+            notes.append(f"no {what}: that section is left out")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+
+
+def _load_train(data: dict[str, Any], notes: list[str]) -> ImageSet | None:
+    spec = data["summary"].get("train")
+    if spec is None:
+        notes.append("config.yaml names no training set: image pairs show the generations alone")
+        return None
+    try:
+        return load_image_set(spec, ((data["config"].get("evaluate") or {}).get("resize")))
+    except ValueError as e:
+        notes.append(f"training set {spec!r} could not be loaded ({e}): image pairs show the generations alone")
+        return None
+
+
+def _pairs(data: dict[str, Any], run: Path, notes: list[str], size: int) -> dict[str, list[dict[str, Any]]]:
+    """Image data URIs for each top pair: the generation from ``extraction/<method>`` (by id), the training image
+    by index; each set only where its fingerprint matches the one the evaluation recorded."""
+    train = _load_train(data, notes) if data["top_pairs"] else None
+    train_fp = train.fingerprint() if train is not None else None
+    out = {}
+    for method, rows in data["top_pairs"].items():
+        fps = data["methods"][method].get("fingerprints") or {}
+        d = run / "extraction" / method
+        gen = load_shards(d) if d.is_dir() and any(d.glob("shard-*.npz")) else None
+        if gen is None:
+            notes.append(f"extraction/{method} holds no shards: its generations cannot be shown")
+        elif fps.get("generated") not in (None, gen.fingerprint()):
+            notes.append(f"extraction/{method} changed since it was evaluated: rerun the evaluation")
+            gen = None
+        tr = train
+        if tr is not None and fps.get("train") not in (None, train_fp):
+            notes.append(f"{method} was evaluated against another training set than {tr.name!r}: no training images")
+            tr = None
+        where = {int(g): i for i, g in enumerate(gen.ids)} if gen is not None else {}
+        shown = gen if gen is not None else tr
+        pixelated = shown is not None and max(shown.images.shape[1:3]) < size
+        out[method] = []
+        for r in rows:
+            g, t = where.get(r["generation_id"]), r["nearest_train_index"]
+            out[method].append(r | {
+                "gen_uri": None if g is None else plots.image_uri(gen.images[g], size),
+                "train_uri": plots.image_uri(tr.images[t], size) if tr is not None and t < len(tr) else None,
+                "pixelated": pixelated})
+    return out
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    if unit == "%":
+        return f"{100 * value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_html(data: dict[str, Any], run_dir: str | Path, *, image_size: int = 64) -> str:
+    """The report page for ``data`` (from :func:`build_report` or a ``report.json``); pixels read from the run."""
+    run = Path(run_dir)
+    notes = list(data["notes"])
+    figures: dict[str, Any] = {
+        "histograms": [plots.histograms_figure(h) for h in data["histograms"] if h["methods"]],
+        "ng_law": plots.ng_law_figure(data["ng_law"]) if data["ng_law"] else None,
+        "classifiers": plots.classifier_figure(curves) if (curves := {
+            n: c for n, c in data["classifiers"].items() if sum("accuracy" in h for h in c["history"]) > 1}) else None}
+    figures["sweeps"] = {p: plots.sweep_figure(p, curves) for p, curves in data["sweeps"].items()}
+    clusters = data["clusters"] or {"methods": {}}
+    figures["clusters"] = {m: plots.clusters_figure(c["rows"], c["bands"], c["kind"])
+                           for m, c in clusters["methods"].items()
+                           if c["rows"] and c["bands"]}
+    pairs = _pairs(data, run, notes, image_size)
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    return env.get_template("report.html.j2").render(d=data, figures=figures, pairs=pairs, notes=notes)
+
+
+def _template(name: str) -> str:
+    return (resources.files("side_extract") / "assets" / "templates" / name).read_text()
+
+
+def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> Path:
+    """Write ``RUN/report/report.json`` and the self-contained ``RUN/report/report.html``; returns the HTML path."""
+    run = Path(run_dir)
+    data = build_report(run, top=top)
+    out = run / "report"
+    atomic_write_json(out / "report.json", data)
+    html = render_html(data, run, image_size=image_size)
+    atomic_write_text(out / "report.html", html)
+    log.info("report: %s", out / "report.html")
+    return out / "report.html"

@@ -1,0 +1,201 @@
+"""`side report`: one self-contained HTML file plus the JSON behind it, from a small but real run directory."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from side_extract import config as cfg
+from side_extract.cli.main import app
+from side_extract.data import ImageSet, load_image_set
+from side_extract.evaluation import calibrate, digits_complement, evaluate
+from side_extract.report import build_report, write_report
+from side_extract.runs import RunDir, atomic_save_npz, atomic_write_json
+
+TRAIN = "digits:100"
+
+
+def generations(train: ImageSet, n_copies: int, n: int, seed: int, n_labels: int = 5) -> ImageSet:
+    """``n_copies`` exact copies of training images, then noisy copies and pure noise; labels cycle 0..n_labels-1."""
+    rng = np.random.default_rng(seed)
+    src = rng.choice(len(train), n, replace=True)
+    imgs = train.images[src].astype(np.int16)
+    noisy = slice(n_copies, n_copies + (n - n_copies) // 2)
+    imgs[noisy] += rng.normal(0, 40, imgs[noisy].shape).astype(np.int16)
+    imgs[n_copies + (n - n_copies) // 2:] = rng.integers(0, 256, imgs[n_copies + (n - n_copies) // 2:].shape)
+    return ImageSet(np.clip(imgs, 0, 255).astype(np.uint8), np.arange(n) % n_labels, np.arange(n, dtype=np.int64))
+
+
+def save_extraction(run: Path, method: str, gen: ImageSet) -> None:
+    half = len(gen) // 2
+    for k, sl in enumerate((slice(0, half), slice(half, None))):
+        atomic_save_npz(run / "extraction" / method / f"shard-{k:05d}.npz", images=gen.images[sl][..., 0],
+                        index=gen.ids[sl], labels=gen.labels[sl])
+
+
+def make_run(run: Path, *, sweeps: bool = True) -> Path:
+    """A run directory as the pipeline writes it: config, manifest, extraction shards, evaluation, calibration,
+    surrogate clusters, classifier histories, and a scale sweep."""
+    rc = cfg.RunConfig(train=TRAIN)
+    rd = RunDir(run)
+    rd.write_config(rc)
+    train = load_image_set(TRAIN)
+    c = cfg.EvaluateConfig(carlini_n=10)
+    rd.begin("calibration", "f" * 64)
+    calibrate(train, digits_complement(TRAIN), c).write(run / "evaluation")
+    rd.complete("calibration", null_source="heldout")
+    c = cfg.EvaluateConfig(carlini_n=10, bands_file=str(run / "evaluation" / "bands.json"))
+    for method, copies, n, seed in (("side", 12, 40, 1), ("uncond", 3, 30, 2)):
+        gen = generations(train, copies, n, seed, n_labels=5 if method == "side" else 1)
+        if method == "uncond":
+            gen = ImageSet(gen.images, np.full(len(gen), -1), gen.ids)
+        save_extraction(run, method, gen)
+        rd.begin(f"evaluation/{method}", method * 8)
+        evaluate(gen, train, c, method=method).write(run / "evaluation" / method)
+        rd.complete(f"evaluation/{method}")
+    atomic_write_json(run / "surrogate" / "clusters.json", {
+        "tau": 0.5, "kept": 4, "n_clusters": 5, "labelled": 180,
+        "clusters": [{"id": k, "size": 40 + k, "cohesion": 0.4 + 0.1 * k, "kept": k != 4} for k in range(5)]})
+    hist = [{"step": s, "loss": 1.0 / s, "accuracy": {f"q{q}": min(1.0, 0.9 - 0.2 * q + s / 1000) for q in range(4)}}
+            for s in (100, 200, 300)]
+    atomic_write_json(run / "classifier" / "config.json", {"arch": {}, "history": hist})
+    atomic_write_json(run / "classifier-clean" / "config.json",
+                      {"arch": {}, "history": [{"step": 50, "loss": 0.1, "accuracy": {"clean": 0.97}}]})
+    if sweeps:
+        for scale, copies in ((1.0, 2), (5.0, 8), (20.0, 15)):
+            sub = run / "sweeps" / f"scale={scale:g}"
+            RunDir(sub).write_config(rc)
+            gen = generations(train, copies, 30, 3)
+            save_extraction(sub, "side", gen)
+            evaluate(gen, train, c, method="side").write(sub / "evaluation" / "side")
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs") / "run")
+
+
+@pytest.fixture(scope="module")
+def written(run_dir) -> Path:
+    return write_report(run_dir, top=6)
+
+
+def test_html_is_one_self_contained_file(written):
+    html = written.read_text()
+    assert written == written.parent.parent / "report" / "report.html"
+    assert sorted(p.name for p in written.parent.iterdir()) == ["report.html", "report.json"]
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
+    assert html.count("data:image/png;base64,") >= 2 * 6 * 2  # image pairs of two methods, plus figures
+    for section in ("comparison", "pairs", "null", "nglaw", "clusters", "classifiers", "sweeps", "provenance"):
+        assert f'id="{section}"' in html
+
+
+def test_table_matches_metrics_json(run_dir, written):
+    html = written.read_text()
+    for method in ("side", "uncond"):
+        m = json.loads((run_dir / "evaluation" / method / "metrics.json").read_text())
+        row = re.search(rf"<tr><td class=\"l\"><b>{method}</b></td>(.*?)</tr>", html, re.S).group(1)
+        cells = dict(re.findall(r'data-key="([^"]+)">([^<]*)</td>', row))
+        for k in ("ams", "ums", "ams_cumulative", "ums_cumulative"):
+            for band, v in m[k].items():
+                assert cells[f"{k}:{band}"] == f"{100 * v:.1f}"
+        assert cells["carlini"] == f"{100 * m['carlini']['extracted_fraction']:.1f}"
+        assert cells["gu"] == f"{100 * m['gu']['memorized_fraction']:.1f}"
+        assert cells["p95"] == f"{m['p95']:.4g}" and cells["n_generated"] == str(m["n_generated"])
+    side = json.loads((run_dir / "evaluation" / "side" / "metrics.json").read_text())
+    assert side["ams"]["high"] >= 12 / 40  # the planted copies land in the closest band ...
+    assert re.search(r'class="best[^"]*" data-key="ams:high">', html)  # ... and side's share is the highlighted best
+
+
+def test_json_round_trips_and_is_the_source(run_dir, written):
+    data = json.loads((written.parent / "report.json").read_text())
+    assert data == json.loads(json.dumps(build_report(run_dir, top=6)))
+    assert data["comparison"]["best"]["ams:high"] == ["side"]
+    side = data["methods"]["side"]
+    assert side["ams"] == json.loads((run_dir / "evaluation" / "side" / "metrics.json").read_text())["ams"]
+    top = data["top_pairs"]["side"]
+    assert len(top) == 6 and top[0]["similarity"] == 0.0 and top[0]["band"] == "high"
+    assert [r["similarity"] for r in top] == sorted(r["similarity"] for r in top)  # closest first (distance)
+    assert len({r["nearest_train_index"] for r in top}) == 6
+    assert set(data["histograms"][0]["null"]) == {"train", "heldout"}
+    sweep = data["sweeps"]["scale"]["side"]
+    assert sweep["values"] == [1.0, 5.0, 10.0, 20.0]  # 10: this run's own scale (RunConfig's default)
+    assert sweep["series"]["AMS high"][2] == side["ams"]["high"] and "uncond AMS high" in sweep["reference"]
+    assert {r["label"] for r in data["clusters"]["methods"]["side"]["rows"]} == set(range(5))
+    assert data["classifiers"]["classifier"]["final"]["q0"] == pytest.approx(1.0)
+    assert [s["stage"] for s in data["stages"]] == ["calibration", "evaluation/side", "evaluation/uncond"]
+
+
+def test_pairs_show_the_generation_and_its_training_image(run_dir, written):
+    """The first pair of side is an exact copy: its two inline PNGs are the same bytes, upscaled to 64 px."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    html = written.read_text()
+    block = html[html.index('id="pairs"'):html.index('id="null"')]
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', block)
+    gen, tr = (Image.open(io.BytesIO(base64.b64decode(u))) for u in uris[:2])
+    assert gen.size == tr.size == (64, 64) and gen.mode == tr.mode == "L"
+    assert np.array_equal(np.asarray(gen), np.asarray(tr))
+
+
+def test_missing_optional_sections_do_not_crash(tmp_path):
+    run = tmp_path / "bare"
+    RunDir(run).write_config(cfg.RunConfig())
+    path = write_report(run)
+    html = path.read_text()
+    assert 'id="provenance"' in html and 'id="comparison"' not in html and "no evaluation" in html
+    data = json.loads((path.parent / "report.json").read_text())
+    assert data["comparison"] is None and data["top_pairs"] == {} and data["sweeps"] == {}
+
+
+def test_partial_run_without_shards_null_or_train(run_dir, tmp_path):
+    run = tmp_path / "partial"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report", "sweeps", "surrogate", "classifier*"))
+    shutil.rmtree(run / "extraction" / "uncond")
+    (run / "evaluation" / "null.npz").unlink()
+    (run / "evaluation" / "side" / "per_generation.npz").unlink()
+    path = write_report(run)
+    html = path.read_text()
+    assert "extraction/uncond holds no shards" in html and "no per_generation.npz" in html
+    data = json.loads((path.parent / "report.json").read_text())
+    assert data["histograms"][0]["null"] == {} and list(data["top_pairs"]) == ["uncond"]
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(ValueError, match="no config.yaml"):
+        build_report(tmp_path)
+
+
+def test_cli(run_dir, tmp_path):
+    run = tmp_path / "cli"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report", "sweeps"))
+    r = CliRunner().invoke(app, ["--no-progress", "report", str(run), "--top", "3"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert data["top"] == 3 and all(len(v) == 3 for v in data["top_pairs"].values())
+    r = CliRunner().invoke(app, ["--no-progress", "report", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "config.yaml" in r.output
+
+
+def test_pairs_are_withheld_when_the_sets_changed(run_dir, tmp_path):
+    """Indices are only shown against the very sets the evaluation measured (by fingerprint)."""
+    run = tmp_path / "changed"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report", "sweeps"))
+    shard = run / "extraction" / "side" / "shard-00000.npz"
+    with np.load(shard) as z:
+        atomic_save_npz(shard, images=255 - z["images"], index=z["index"], labels=z["labels"])
+    cfg_text = (run / "config.yaml").read_text().replace("train: digits:100", "train: digits:200")
+    (run / "config.yaml").write_text(cfg_text)
+    html = write_report(run).read_text()
+    assert "extraction/side changed since it was evaluated" in html
+    assert "evaluated against another training set" in html and html.count("no image") >= 2 * 8
