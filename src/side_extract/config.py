@@ -194,7 +194,10 @@ class ExtractConfig:
 
     ``side``: guidance toward a random kept cluster by the noise-aware classifier; ``side-teacher``: the same
     with teacher labels; ``cond``: guidance by a clean (time-independent) classifier toward a random class;
-    ``uncond``: plain sampling. ``scale`` is lambda; ``cond_scale`` defaults to it.
+    ``uncond``: plain sampling. ``scale`` is lambda; ``cond_scale`` defaults to it. ``t_lo``/``t_hi`` limit
+    guidance to that fraction of the timesteps. ``clip_model_output`` recomputes eps from the clipped x0
+    in every DDIM step (guided-diffusion's DDIM; diffusers' ``use_clipped_model_output``) for all methods
+    alike: without it, guidance at high noise pushes *away* from the target once x0 saturates.
     """
 
     methods: tuple[str, ...] = ("side", "cond", "uncond")
@@ -208,6 +211,7 @@ class ExtractConfig:
     scheduler: SchedulerKind = "ddim"
     steps: int = 50
     eta: float = 0.0
+    clip_model_output: bool = True
     batch_size: int = 64
     shard_size: int = 512
 

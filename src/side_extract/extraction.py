@@ -65,7 +65,8 @@ def extract(
                                t_range=(c.t_lo, c.t_hi))
         guide = g.for_indices
     x = sample(denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-               batch_size=c.batch_size, guidance=guide, device=device, progress=progress)
+               batch_size=c.batch_size, guidance=guide, clip_model_output=c.clip_model_output, device=device,
+               progress=progress)
     return {"images": to_uint8(x), "index": idx, "labels": labels}
 
 

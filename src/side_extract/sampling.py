@@ -78,8 +78,14 @@ def denoise_batch(
     *,
     eta: float = 0.0,
     guidance: GuidanceFn | None = None,
+    clip_model_output: bool = False,
 ) -> torch.Tensor:
-    """Run the reverse process from x_T = ``x`` to x_0 with ``sched``'s timesteps. Returns (B, C, H, W)."""
+    """Run the reverse process from x_T = ``x`` to x_0 with ``sched``'s timesteps. Returns (B, C, H, W).
+
+    ``clip_model_output`` (DDIM only) recomputes eps from the clipped x0 prediction, as guided-diffusion's
+    DDIM does (diffusers' ``use_clipped_model_output``). Without it, when x0 saturates at high t the guided
+    eps term of the DDIM update points *against* the guidance; with it, saturated steps carry no guidance.
+    """
     is_ddim = isinstance(sched, DDIMScheduler)
     for t in sched.timesteps:
         eps = denoiser(x, t)
@@ -89,7 +95,7 @@ def denoise_batch(
                 g = guidance(x, t)
         if g is not None and is_ddim:
             eps = guided_eps(eps, g, sched.alphas_cumprod[int(t)])
-        kwargs: dict[str, Any] = {"eta": eta} if is_ddim else {}
+        kwargs: dict[str, Any] = {"eta": eta, "use_clipped_model_output": clip_model_output} if is_ddim else {}
         x_next = sched.step(eps, t, x, generator=generators, **kwargs).prev_sample
         if g is not None and not is_ddim:
             x_next = guided_mean(x_next, g, ddpm_variance(sched, int(t)))
@@ -108,6 +114,7 @@ def sample(
     eta: float = 0.0,
     batch_size: int = 64,
     guidance: Callable[[np.ndarray], GuidanceFn | None] | None = None,
+    clip_model_output: bool = False,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> torch.Tensor:
@@ -130,7 +137,8 @@ def sample(
         gens = sample_generators(seed, idx, device)
         x = randn_tensor((len(idx), *denoiser.sample_shape), generator=gens, device=torch.device(device))
         g = guidance(idx) if guidance is not None else None
-        out.append(denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=g).clamp(-1, 1).cpu())
+        out.append(denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=g,
+                                 clip_model_output=clip_model_output).clamp(-1, 1).cpu())
         if progress is not None:
             progress(int(idx[-1] - start + 1), n)
     return torch.cat(out)
