@@ -241,6 +241,7 @@ class RunConfig:
 
     model: str = "demo"
     train: str | None = None
+    train_resize: int | None = None
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)
     surrogate: SurrogateConfig = dataclasses.field(default_factory=SurrogateConfig)

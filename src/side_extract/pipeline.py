@@ -95,8 +95,8 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray) -> np.ndarray:
 def _train_set(ctx: AuditContext) -> ImageSet:
     if ctx.rc.train is None:
         raise ValueError("this stage needs the training set: set 'train' in the run config (e.g. train: digits:100)")
-    s = load_image_set(ctx.rc.train)
-    check_fits(s.shape, ctx.denoiser.sample_shape, "training images")
+    s = load_image_set(ctx.rc.train, ctx.rc.train_resize)
+    check_fits(s.shape, ctx.denoiser.sample_shape, f"training images ({ctx.rc.train})")
     return s
 
 

@@ -1,0 +1,73 @@
+"""The command line: every command documents its defaults; config files and flags combine; errors are clean."""
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from side_extract.cli.main import app
+
+COMMANDS = [["train-target"], ["sample"], ["cluster"], ["train-classifier"], ["extract"], ["run"], ["demo"],
+            ["evaluate"], ["calibrate"], ["report"], ["theory", "check"], ["theory", "measure"]]
+
+
+def test_top_level_help_lists_commands():
+    r = CliRunner().invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("train-target", "sample", "run", "demo", "evaluate", "report", "theory"):
+        assert cmd in r.output
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_each_help_shows_defaults(cmd):
+    r = CliRunner().invoke(app, [*cmd, "--help"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "[default:" in r.output or cmd == ["report"] and "default" in r.output
+
+
+def test_sample_config_file_then_flags(tiny_model_dir, tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\nsample: {{n: 5, steps: 2, seed: 3}}\n")
+    r = CliRunner().invoke(app, ["--no-progress", "sample", "--config", str(conf), "--n", "3", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "r" / "config.yaml").read_text()
+    assert "n: 3" in text and "seed: 3" in text and "steps: 2" in text  # flag beats file; file beats default
+
+
+def test_bad_input_is_one_clean_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(app, ["--no-progress", "train-target", "--data", str(tmp_path / "empty"), "--out",
+                                 str(tmp_path / "m")])
+    assert r.exit_code == 2
+    assert "holds no images" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "m").exists()  # nothing half-written
+    conf = tmp_path / "bad.yaml"
+    conf.write_text("steps: 10\nbatchsize: 4\n")
+    r = CliRunner().invoke(app, ["train-target", "--config", str(conf), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "unknown config key(s): batchsize" in r.output
+
+
+def test_missing_model_directory(tmp_path):
+    r = CliRunner().invoke(app, ["--no-progress", "sample", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "is not a directory" in r.output
+
+
+def test_training_set_that_does_not_fit_the_model(tiny_model_dir, tmp_path):
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\ntrain: digits:30\ntrain_resize: 16\n"
+                    "extract: {methods: [uncond], n: 2, steps: 2}\n")
+    r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", str(tmp_path / "r")], terminal_width=300)
+    assert r.exit_code == 2
+    assert "16x16 with 1 channel(s), but the model expects 8x8 with 1 channel(s)" in r.output
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "side_extract.cli.main", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "train-target" in r.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    r = CliRunner().invoke(app, ["--no-progress", "demo", "--out", str(tmp_path / "demo")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "demo" / "report" / "report.html").exists()
