@@ -1,6 +1,5 @@
 """The whole chain on a tiny model in seconds: files, skip on rerun, equal noise across methods, sweeps."""
 import dataclasses
-import json
 
 import numpy as np
 import pytest

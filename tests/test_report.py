@@ -199,3 +199,24 @@ def test_pairs_are_withheld_when_the_sets_changed(run_dir, tmp_path):
     html = write_report(run).read_text()
     assert "extraction/side changed since it was evaluated" in html
     assert "evaluated against another training set" in html and html.count("no image") >= 2 * 8
+
+
+def test_theory_section_from_measure_json(tmp_path):
+    """A run with theory/measure.json gets the theory section with its verdicts."""
+    from side_extract import config as cfg
+    from side_extract.report import build_report, render_html
+    from side_extract.runs import atomic_write_json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.dump_yaml(cfg.RunConfig(train="digits:100")))
+    est = lambda m: {"mean": m, "stderr": 0.5, "ci95_low": m - 1, "ci95_high": m + 1, "n": 32}
+    atomic_write_json(run / "theory" / "measure.json", {
+        "m_uncond": est(29.3), "m_guided": est(27.2), "m_opt_uncond": est(4.4), "m_opt_cond": est(0.0),
+        "gain_model": est(-2.1), "gain_opt": est(-4.4), "ordering": {"conditioning memorizes no less": "holds"},
+        "eps": 0.1, "guidance_scale": 1.0, "index": list(range(32)), "n_steps": 32})
+    data = build_report(run)
+    assert [r["key"] for r in data["theory"]["rows"]][:2] == ["m_uncond", "m_guided"]
+    html = render_html(data, run)
+    assert "Memorization divergence (theory)" in html and "conditioning memorizes no less" in html
+    assert "29.3" in html

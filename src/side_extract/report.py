@@ -224,6 +224,22 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
     return out
 
 
+THEORY_ROWS = {"m_uncond": "M(D_c; p): unconditional model", "m_guided": "M(D_c; p_c): guided toward the class",
+               "m_opt_uncond": "M(D_c; KDE of D): empirical optimum", "m_opt_cond": "M(D_c; KDE of D_c): conditional optimum",
+               "gain_model": "gain of the model: guided - unconditional", "gain_opt": "gain of the optimum"}
+
+
+def _theory(run: Path) -> dict[str, Any] | None:
+    """``theory/measure.json`` (``side theory measure RUN``): the divergences with 95% intervals, the verdicts."""
+    path = run / "theory" / "measure.json"
+    if not path.is_file():
+        return None
+    m = read_json(path)
+    rows = [{"key": k, "label": label, **m[k]} for k, label in THEORY_ROWS.items() if isinstance(m.get(k), dict)]
+    return {"rows": rows, "ordering": m.get("ordering", {}), "eps": m.get("eps"), "guidance_scale": m.get("guidance_scale"),
+            "n_points": len(m.get("index", [])), "n_steps": m.get("n_steps")}
+
+
 def _stages(run: Path) -> tuple[list[dict], dict[str, list[str]]]:
     p = run / "manifest.json"
     stages, versions = [], {}
@@ -277,7 +293,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "histograms": _histograms(run, metrics, tables),
         "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},
         "clusters": _clusters(run, metrics, tables), "classifiers": _classifiers(run),
-        "sweeps": _sweeps(run, metrics, config),
+        "sweeps": _sweeps(run, metrics, config), "theory": _theory(run),
         "stages": stages, "versions": versions, "config": config, "config_yaml": text, "notes": notes}
     for key, what in (("clusters", "surrogate/clusters.json or labelled generations"),
                       ("classifiers", "classifier*/config.json"), ("sweeps", "sweeps/<param>=<value>/"),
@@ -355,6 +371,7 @@ def render_html(data: dict[str, Any], run_dir: str | Path, *, image_size: int = 
         "classifiers": plots.classifier_figure(curves) if (curves := {
             n: c for n, c in data["classifiers"].items() if sum("accuracy" in h for h in c["history"]) > 1}) else None}
     figures["sweeps"] = {p: plots.sweep_figure(p, curves) for p, curves in data["sweeps"].items()}
+    figures["theory"] = plots.theory_figure(data["theory"]["rows"]) if data.get("theory") else None
     clusters = data["clusters"] or {"methods": {}}
     figures["clusters"] = {m: plots.clusters_figure(c["rows"], c["bands"], c["kind"])
                            for m, c in clusters["methods"].items()

@@ -180,3 +180,17 @@ def clusters_figure(rows: list[dict[str, Any]], bands: list[str], kind: str = "s
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return figure_uri(fig)
+
+
+def theory_figure(rows: list[dict[str, Any]]) -> str:
+    """Each memorization divergence (or gain) as a point with its 95% interval."""
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1))
+    y = np.arange(len(rows))[::-1]
+    means = np.array([r["mean"] for r in rows])
+    err = np.array([[r["mean"] - r["ci95_low"] for r in rows], [r["ci95_high"] - r["mean"] for r in rows]])
+    ax.errorbar(means, y, xerr=err, fmt="o", color=COLORS[0], capsize=3)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(y, [r["key"] for r in rows])
+    ax.set_xlabel("nats (smaller M = more memorization)")
+    fig.tight_layout()
+    return figure_uri(fig)

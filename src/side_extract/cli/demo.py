@@ -28,15 +28,20 @@ def demo_cmd(
     model: str = typer.Option("demo", help="Target model (the embedded default, or a diffusers directory)."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
-    """SIDE audit of the embedded target (digits:100): SIDE vs UnCond vs Cond, metrics and HTML report."""
+    """SIDE audit of the embedded target (digits:100): SIDE vs UnCond vs Cond, metrics, the memorization
+    divergence of the unconditional vs the guided model, and the HTML report."""
     from ..pipeline import run_audit
     from ..report import write_report
+    from ..theory.measure import measure_run
 
     t0 = time.time()
     rc = demo_config(model)
     with stage_progress(ctx) as factory:
         result = run_audit(out, rc, device=device, progress=factory)
     print_summary(result.metrics)
+    theory, _ = measure_run(out, device=device)
+    for claim, verdict in theory.ordering.items():
+        console.print(f"theory: {verdict}: {claim}")
     report = write_report(out)
     console.print(f"done in {time.time() - t0:.0f} s")
     console.print(f"run directory: {out}")

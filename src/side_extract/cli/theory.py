@@ -69,37 +69,12 @@ def measure_cmd(
 
     Writes RUN/theory/measure.json.
     """
-    from .. import config as cfg
-    from ..data import load_image_set
-    from ..models.target import check_fits, load_target
-    from ..runs import atomic_write_json
-    from ..theory.measure import measure
+    from ..theory.measure import measure_run
 
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise ValueError(f"run directory {str(run)!r} has no config.yaml (is it a run directory?)")
-    rc = cfg.load_yaml(cfg_path)
-    if not rc.get("train"):
-        raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D")
-    clf_dir = run / "classifier"
-    if not clf_dir.is_dir():
-        raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
-                         "(the classifier stage writes RUN/classifier/)")
-    from ..models.classifier import load_classifier
-
-    classifier = load_classifier(clf_dir, device)
-    denoiser = load_target(rc.get("model", "demo"), device)
-    c, h, w = denoiser.sample_shape
-    data = load_image_set(rc["train"])
-    if data.shape[1:] != (h, w) and data.shape[0] == c:
-        data = load_image_set(rc["train"], resize_to=h)
-    check_fits(data.shape, denoiser.sample_shape, "training images")
     with progress_bar(ctx, "theory measure") as cb:
-        res = measure(denoiser, classifier, data.to_float(), eps=eps, bandwidth=bandwidth,
-                      guidance_scale=guidance_scale, n_points=min(n_points, len(data)), n_steps=steps,
-                      n_probes=probes, t_min=t_min, batch_size=batch_size, seed=seed, device=device, progress=cb)
-    dest = run / "theory" / "measure.json"
-    atomic_write_json(dest, res.to_dict() | {"model": rc.get("model", "demo"), "train": rc["train"]})
+        res, dest = measure_run(run, eps=eps, bandwidth=bandwidth, guidance_scale=guidance_scale, n_points=n_points,
+                                n_steps=steps, n_probes=probes, t_min=t_min, batch_size=batch_size, seed=seed,
+                                device=device, progress=cb)
     _print_measure(res)
     console.print(f"written: {dest}")
 

@@ -39,6 +39,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -269,3 +270,34 @@ def measure(
 
 
 __all__ = ["measure", "MeasureResult", "assign_classes", "verdict"]
+
+
+def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", **kwargs) -> tuple[MeasureResult, Path]:
+    """:func:`measure` on a run directory: its target (``config.yaml``: model, train, train_resize) and its
+    time-dependent classifier (``classifier/``); writes ``RUN/theory/measure.json``. ``kwargs`` go to
+    :func:`measure`."""
+    from ..data import load_image_set
+    from ..models.classifier import load_classifier
+    from ..models.target import check_fits, load_target
+    from ..runs import atomic_write_json
+    from ..config import load_yaml
+
+    run = Path(run)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise ValueError(f"run directory {str(run)!r} has no config.yaml (is it a run directory?)")
+    rc = load_yaml(cfg_path)
+    if not rc.get("train"):
+        raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D")
+    clf_dir = run / "classifier"
+    if not clf_dir.is_dir():
+        raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
+                         "(the classifier stage writes RUN/classifier/)")
+    classifier = load_classifier(clf_dir, device)
+    denoiser = load_target(rc.get("model", "demo"), device)
+    data = load_image_set(rc["train"], rc.get("train_resize"))
+    check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
+    res = measure(denoiser, classifier, data.to_float(), n_points=min(n_points, len(data)), device=device, **kwargs)
+    dest = run / "theory" / "measure.json"
+    atomic_write_json(dest, res.to_dict() | {"model": rc.get("model", "demo"), "train": rc["train"]})
+    return res, dest
