@@ -46,14 +46,14 @@ def test_whole_chain_and_skip(tiny_model_dir, tmp_path):
     kept = set(np.flatnonzero(np.load(run / "surrogate" / "labels.npz")["kept"]))
     assert set(side.labels) <= kept  # targets are kept clusters
     assert yaml.safe_load((run / "config.yaml").read_text())["extract"]["n"] == 6
-    stamps = {k: v["started"] for k, v in read_json(run / "manifest.json")["stages"].items()}
+    stamps = {k: v["started_unix"] for k, v in read_json(run / "manifest.json")["stages"].items()}
     run_audit(run, rc)  # unchanged: every stage skipped
-    assert {k: v["started"] for k, v in read_json(run / "manifest.json")["stages"].items()} == stamps
+    assert {k: v["started_unix"] for k, v in read_json(run / "manifest.json")["stages"].items()} == stamps
     # a changed extraction setting reruns extraction and evaluation only
     run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0)))
     after = read_json(run / "manifest.json")["stages"]
-    assert after["classifier"]["started"] == stamps["classifier"]
-    assert after["extraction/side"]["started"] != stamps["extraction/side"]
+    assert after["classifier"]["started_unix"] == stamps["classifier"]
+    assert after["extraction/side"]["started_unix"] != stamps["extraction/side"]
 
 
 def test_methods_share_noise(tiny_model_dir, tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from . import calibrate, demo, evaluate, report, run, sample, theory, train_target
+from . import bench, calibrate, demo, evaluate, report, run, sample, theory, train_target
 from .common import setup_logging
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ app.command("evaluate")(evaluate.evaluate_cmd)
 app.command("calibrate")(calibrate.calibrate_cmd)
 app.command("report")(report.report_cmd)
 app.add_typer(theory.theory_app, name="theory")
+app.add_typer(bench.bench_app, name="bench")
 
 if __name__ == "__main__":  # pragma: no cover
     app()
