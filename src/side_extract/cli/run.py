@@ -48,25 +48,25 @@ def stage_progress(ctx: typer.Context) -> Iterator[Any]:
 
 
 def print_summary(metrics: dict[str, dict]) -> None:
+    """One row per metric, one column per method (fits a terminal whatever the number of bands)."""
     if not metrics:
         return
     first = next(iter(metrics.values()))
-    bands = list(first["bands"])
-    table = Table(title=f"memorization ({first['similarity']}; N_G = {first['n_generated']})")
-    table.add_column("method")
-    for b in bands:
-        table.add_column(f"AMS {b} %", justify="right")
-        table.add_column(f"UMS {b} %", justify="right")
-    table.add_column("p95", justify="right")
-    table.add_column("Carlini %", justify="right")
-    table.add_column("Gu %", justify="right")
-    for m, r in metrics.items():
-        cells = []
-        for b in bands:
-            cells += [f"{100 * r['ams'][b]:.2f}", f"{100 * r['ums'][b]:.2f}"]
-        cells += [f"{r['p95']:.4f}", f"{100 * r['carlini']['extracted_fraction']:.2f}",
-                  f"{100 * r['gu']['memorized_fraction']:.2f}"]
-        table.add_row(m, *cells)
+    table = Table(title=f"memorization ({first['similarity']}, N_G = {first['n_generated']}, "
+                        f"{first['n_train']} training images)")
+    table.add_column("metric")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    rows: list[tuple[str, list[str]]] = []
+    for b in reversed(list(first["bands"])):
+        rows.append((f"AMS {b} %", [f"{100 * r['ams'][b]:.2f}" for r in metrics.values()]))
+        rows.append((f"UMS {b} %", [f"{100 * r['ums'][b]:.2f}" for r in metrics.values()]))
+    q = "p95" if first.get("orientation", "similarity") == "similarity" else "p5 distance"
+    rows.append((q, [f"{r['p95']:.4f}" for r in metrics.values()]))
+    rows.append(("Carlini extracted %", [f"{100 * r['carlini']['extracted_fraction']:.2f}" for r in metrics.values()]))
+    rows.append(("Gu memorized %", [f"{100 * r['gu']['memorized_fraction']:.2f}" for r in metrics.values()]))
+    for name, cells in rows:
+        table.add_row(name, *cells)
     console.print(table)
 
 
