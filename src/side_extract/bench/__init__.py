@@ -1,0 +1,60 @@
+"""Benchmarks (``side bench``): extraction power across training-set scales, and compute figures.
+
+- :mod:`side_extract.bench.extraction`: SIDE (cluster and teacher labels) vs Cond and UnCond on targets
+  trained on class-balanced digits subsets of several sizes, with lambda, K and tau sweeps;
+- :mod:`side_extract.bench.compute`: ratios measured side by side in one run (our sampler vs diffusers'
+  ``DDIMPipeline``, guided extraction vs its floor, nearest neighbours vs bare faiss), peak RSS of
+  ``evaluate``, ``side demo`` wall time.
+
+Each writes ``<name>.json`` (the source of truth, with the machine description and the exact command) and
+``<name>.md`` (tables rendered from that JSON by :mod:`side_extract.bench.tables`). This module holds what
+both share.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from ..runs import atomic_write_json, atomic_write_text, versions
+
+
+def machine_description() -> dict[str, Any]:
+    """Where a figure was measured: platform, CPUs, load at the start, torch threads, library versions."""
+    import torch
+
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        load = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "load_average_at_start": load,
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_results(out: str | Path, stem: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``out/<stem>.json`` and ``out/<stem>.md`` atomically; returns both paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"{stem}.json", data)
+    atomic_write_text(out / f"{stem}.md", markdown)
+    return out / f"{stem}.json", out / f"{stem}.md"
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    """A table cell: a number with ``digits`` significant digits, or an em dash for None."""
+    return "—" if v is None else f"{v:.{digits}g}"
+
+
+__all__ = ["machine_description", "write_results", "fmt"]

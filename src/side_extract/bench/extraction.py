@@ -1,0 +1,378 @@
+"""Extraction benchmark: SIDE vs the baselines across training-set scales (``side bench extraction``).
+
+For each training-set size ``n`` in ``scales``:
+
+1. the class-balanced digits subset ``digits:n`` (the first n/10 of each class), resized to ``size``, is
+   written once to ``CACHE/data/digits<n>-<size>px.npz``; the bundled digits outside it are its held-out set;
+2. a target is trained with one fixed ``TrainTargetConfig`` (the same step budget at every scale, so the
+   smallest set is memorized strongly and the largest weakly) into ``CACHE/targets/<name>-<fingerprint>``,
+   or reused from there when a target of the same config fingerprint was trained before (resumable);
+3. rms-l2 bands are calibrated once per training set on the held-out null (held-out digits vs the
+   training set, :func:`side_extract.evaluation.calibrate`) and every run on that set reads them;
+4. the audit chain (:func:`side_extract.pipeline.run_audit`) runs SIDE with cluster labels (``side``), SIDE
+   with teacher labels (``side-teacher``), Cond and UnCond at equal N_G and equal seeds into
+   ``CACHE/runs/<target>/seed-<seed>``; each method's ``metrics.json`` goes into the results unchanged;
+5. on one scale (``sweep_scale``, default the middle one): a lambda sweep of the guided methods and a K and
+   tau sweep of SIDE's cluster labels, as :class:`~side_extract.config.SweepConfig` sub-runs that share the
+   main run's unchanged stages (:func:`side_extract.sweeps.run_with_sweeps`) at ``sweep_n_generated``.
+
+The results hold, per scale, ``{n_train, n_generated, methods: {method: metrics.json}}`` and the ratio of
+each SIDE variant to the best baseline per metric (:func:`ratios_to_best_baseline`). ``run.extract.seed`` is
+the extraction seed: choose settings on one seed (validation) and report them on another (held-out).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from .. import config as cfg
+from ..data import ImageSet, load_image_set, resize
+from ..evaluation import calibrate, digits_complement
+from ..models.target import load_target, train_target
+from ..pipeline import ProgressFactory, _no_progress, run_audit
+from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
+from ..sweeps import run_with_sweeps, share_stages
+from . import machine_description, write_results
+from .tables import render_extraction_markdown
+
+log = logging.getLogger(__name__)
+
+SIDE_METHODS = ("side", "side-teacher")
+BASELINES = ("cond", "uncond")
+SCHEMA = "side-extract/bench-extraction/1"
+N_DIGITS = 1797
+
+
+def full_run_template() -> cfg.RunConfig:
+    """The audit settings of the full benchmark (``configs/digits.yaml`` with N_G = 2,000 and all methods)."""
+    return cfg.from_dict(cfg.RunConfig, {
+        "sample": {"n": 2000, "steps": 50},
+        "features": {"extractor": "pixels-pca"},
+        "surrogate": {"n_clusters": 100, "tau": 0.5},
+        "classifier": {"depth": 10, "width": 16, "steps": 1200, "lr": 1e-3},
+        "clean_classifier": {"depth": 10, "width": 16, "steps": 400, "lr": 1e-3},
+        "extract": {"methods": ["side", "side-teacher", "cond", "uncond"], "n": 2000, "seed": 1, "scale": 10.0,
+                    "steps": 50},
+        "evaluate": {"similarity": "rms-l2"},
+    })
+
+
+def full_target_template() -> cfg.TrainTargetConfig:
+    """The full benchmark's target: a (32, 64, 64) UNet, 3,000 steps of batch 64 at every scale.
+
+    At 16x16 this memorizes digits:100 (about half of 64 DDIM samples are copies after 3,000 steps,
+    docs/environment figures) and is 1,920 epochs of 100 images, 640 of 300 and 192 of 1,000.
+    """
+    return cfg.TrainTargetConfig(block_out_channels=(32, 64, 64), layers_per_block=1, steps=3000, batch_size=64,
+                                 lr=1e-3, checkpoint_every=1000, seed=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionBenchConfig:
+    """Everything the extraction benchmark runs.
+
+    ``run`` is the audit template: its ``model`` and ``train`` are replaced per scale, and ``run.sweep`` is
+    ignored (the sweeps are the fields below). ``target``'s ``data`` and ``resize`` are replaced per scale.
+    N_G is ``run.extract.n``; the extraction seed is ``run.extract.seed``.
+    """
+
+    scales: tuple[int, ...] = (100, 300, 1000)
+    size: int = 16
+    target: cfg.TrainTargetConfig = dataclasses.field(default_factory=full_target_template)
+    run: cfg.RunConfig = dataclasses.field(default_factory=full_run_template)
+    lambdas: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+    lambda_methods: tuple[str, ...] = ("side", "cond", "uncond")
+    n_clusters: tuple[int, ...] = (25, 50, 100, 200)
+    taus: tuple[float, ...] = (0.3, 0.5, 0.7)
+    sweep_scale: int | None = None
+    sweep_n_generated: int = 500
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.scales or len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"scales={list(self.scales)} must be distinct training-set sizes (at least one)")
+        for n in self.scales:
+            if not 2 <= n < N_DIGITS:
+                raise ValueError(f"scales: {n} must be between 2 and {N_DIGITS - 1} (the rest of the {N_DIGITS} "
+                                 "digits is the held-out set the bands are calibrated on)")
+        if self.size < 8:
+            raise ValueError(f"size={self.size} must be >= 8 (the digits are 8x8)")
+        if self.sweep_scale is not None and self.sweep_scale not in self.scales:
+            raise ValueError(f"sweep_scale={self.sweep_scale} must be one of scales={list(self.scales)}")
+        if self.sweep_n_generated <= 0:
+            raise ValueError(f"sweep_n_generated={self.sweep_n_generated} must be a positive integer")
+        bad = [m for m in self.lambda_methods if m not in cfg.METHODS]
+        if bad:
+            raise ValueError(f"lambda_methods={list(self.lambda_methods)}: each must be one of {', '.join(cfg.METHODS)}")
+        for k in self.n_clusters:
+            if not 2 <= k <= self.run.sample.n:
+                raise ValueError(f"n_clusters sweep value {k} must be between 2 and run.sample.n={self.run.sample.n}")
+        for t in self.taus:
+            if not -1.0 <= t <= 1.0:
+                raise ValueError(f"taus sweep value {t} must be a cosine similarity in [-1, 1]")
+        for lam in self.lambdas:
+            if lam < 0:
+                raise ValueError(f"lambdas sweep value {lam} must be >= 0")
+
+    @property
+    def chosen_sweep_scale(self) -> int:
+        """The scale the sweeps run on: ``sweep_scale``, else the middle of the sorted scales."""
+        return self.sweep_scale if self.sweep_scale is not None else sorted(self.scales)[len(self.scales) // 2]
+
+
+def quick_config() -> ExtractionBenchConfig:
+    """``--quick``: 30 and 60 digits at 8x8, a (16, 32) UNet for 400 steps, N_G = 64; a few minutes on 2 cores."""
+    clf = {"depth": 10, "width": 16, "steps": 150, "batch_size": 64, "lr": 1e-3, "eval_every": 50}
+    run = cfg.from_dict(cfg.RunConfig, {
+        "sample": {"n": 256, "steps": 20},
+        "features": {"extractor": "pixels-pca"},
+        "surrogate": {"n_clusters": 16, "tau": 0.5},
+        "classifier": clf,
+        "clean_classifier": dict(clf, steps=100),
+        "extract": {"methods": ["side", "side-teacher", "cond", "uncond"], "n": 64, "seed": 1, "scale": 10.0,
+                    "steps": 20},
+        "evaluate": {"similarity": "rms-l2"},
+    })
+    target = cfg.TrainTargetConfig(block_out_channels=(16, 32), norm_num_groups=16, steps=400, batch_size=64,
+                                   checkpoint_every=400)
+    return ExtractionBenchConfig(scales=(30, 60), size=8, target=target, run=run, n_clusters=(8, 16, 32),
+                                 taus=(0.3, 0.5, 0.7), sweep_n_generated=64, quick=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-scale inputs: training set, target, bands
+
+
+def _tag(n: int, size: int) -> str:
+    return f"digits{n}-{size}px"
+
+
+def training_set(n: int, size: int, cache: Path) -> tuple[ImageSet, Path, ImageSet]:
+    """``digits:n`` at ``size`` px (written to ``cache/data/<tag>.npz`` once) and its held-out complement."""
+    train = load_image_set(f"digits:{n}", resize_to=None if size == 8 else size)
+    path = cache / "data" / f"{_tag(n, size)}.npz"
+    if not path.exists():
+        atomic_save_npz(path, images=train.images, labels=train.labels, index=train.ids)
+    rest = digits_complement(f"digits:{n}")
+    if size != 8:
+        rest = ImageSet(resize(rest.images, size), rest.labels, rest.ids, rest.name)
+    return load_image_set(path), path, rest
+
+
+def ensure_target(c: cfg.TrainTargetConfig, n: int, size: int, cache: Path, *, device: str = "cpu",
+                  progress: ProgressFactory = _no_progress) -> dict[str, Any]:
+    """Train the target of ``c`` for ``digits:n`` at ``size`` px, or reuse the cached one of the same fingerprint."""
+    c = dataclasses.replace(c, data=f"digits:{n}", resize=None if size == 8 else size)
+    fp = fingerprint_of(c)
+    path = cache / "targets" / f"{_tag(n, size)}-{fp[:12]}"
+    info_path = cache / "targets" / f"{path.name}.json"
+    done = (path / "training_log.json").exists() and (path / "model_index.json").exists() and info_path.exists()
+    if not done:
+        images = load_image_set(c.data, c.resize)
+        t0 = time.time()
+        result = train_target(c, images, path, device=device, progress=progress(f"train target n={n}"))
+        atomic_write_json(info_path, {"config": cfg.to_dict(c), "fingerprint": fp, "final_loss": result.final_loss,
+                                      "train_seconds": round(time.time() - t0, 1), "resumed_from": result.resumed_from})
+    info = read_json(info_path)
+    return {"path": str(path), "fingerprint": fp, "config": cfg.to_dict(c), "final_loss": info["final_loss"],
+            "train_seconds": info["train_seconds"], "trained_now": not done,
+            "epochs": round(c.steps * c.batch_size / n, 1)}
+
+
+def ensure_bands(train: ImageSet, heldout: ImageSet, c: cfg.EvaluateConfig, cache: Path, tag: str, *,
+                 model: str | None = None, device: str = "cpu") -> Path:
+    """Bands from the held-out null, calibrated once per training set: ``cache/bands/<tag>-<fp>/bands.json``."""
+    keep = {"similarity": c.similarity, "quantiles": list(c.calibration_quantiles), "resize": c.resize}
+    fp = fingerprint_of(keep, train.fingerprint(), heldout.fingerprint(), model if c.similarity == "cosine:unet" else None)
+    directory = cache / "bands" / f"{tag}-{fp[:12]}"
+    if not (directory / "bands.json").exists():
+        feature_model = load_target(model, device) if c.similarity == "cosine:unet" and model else None
+        calibrate(train, heldout, c, feature_model=feature_model, device=device).write(directory)
+    return directory / "bands.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# ratios
+
+
+Better = Literal["higher", "lower"]
+
+
+def metric_values(metrics: dict[str, Any]) -> dict[str, tuple[float, Better]]:
+    """Flatten one ``metrics.json`` into {name: (value, which direction means more memorization)}.
+
+    Names: ``ams/<band>``, ``ums/<band>``, ``ams_cumulative/<band>``, ``ums_cumulative/<band>``, ``p95``,
+    ``carlini`` (extracted fraction), ``gu`` (memorized fraction). p95 is a distance for rms-l2 (lower =
+    closer to the training set) and a similarity for cosine.
+    """
+    out: dict[str, tuple[float, Better]] = {}
+    for key in ("ams", "ums", "ams_cumulative", "ums_cumulative"):
+        for band, v in metrics[key].items():
+            out[f"{key}/{band}"] = (float(v), "higher")
+    out["p95"] = (float(metrics["p95"]), "lower" if metrics["orientation"] == "distance" else "higher")
+    out["carlini"] = (float(metrics["carlini"]["extracted_fraction"]), "higher")
+    out["gu"] = (float(metrics["gu"]["memorized_fraction"]), "higher")
+    return out
+
+
+def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tuple[str, ...] = SIDE_METHODS,
+                            baselines: tuple[str, ...] = BASELINES) -> dict[str, dict[str, dict[str, Any]]]:
+    """SIDE / best baseline for every metric, for each SIDE variant present.
+
+    The best baseline of a metric is the baseline with the most memorization by that metric (the largest
+    fraction; the smallest p95 distance). ``ratio`` = side / best baseline, None when the baseline is 0
+    (``side`` and ``best_baseline`` are kept, so nothing is lost). For ``better == "lower"`` (p95 as a
+    distance) a ratio below 1 means SIDE comes closer. ``side_better`` says whether SIDE strictly beats it.
+
+    Returns ``{side_method: {metric: {side, best_baseline, best_baseline_method, ratio, better, side_better}}}``.
+    """
+    present = [b for b in baselines if b in methods]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    if not present:
+        return out
+    base_vals = {b: metric_values(methods[b]) for b in present}
+    for s in side_methods:
+        if s not in methods:
+            continue
+        rows = {}
+        for name, (v, better) in metric_values(methods[s]).items():
+            pick = max if better == "higher" else min
+            best_method = pick(present, key=lambda b: base_vals[b][name][0])
+            b = base_vals[best_method][name][0]
+            rows[name] = {"side": v, "best_baseline": b, "best_baseline_method": best_method,
+                          "ratio": None if b == 0 else v / b, "better": better,
+                          "side_better": v > b if better == "higher" else v < b}
+        out[s] = rows
+    return out
+
+
+def compact(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.json without its bulky parts (N_G law curves, config, versions), for sweep tables."""
+    return {k: v for k, v in metrics.items() if k not in ("ng_law", "config", "versions", "fingerprints", "null")}
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _scale_run_config(bc: ExtractionBenchConfig, target: dict, train_path: Path, bands: Path) -> cfg.RunConfig:
+    ev = dataclasses.replace(bc.run.evaluate, bands_file=str(bands), bands=None)
+    return dataclasses.replace(bc.run, model=target["path"], train=str(train_path), evaluate=ev, sweep=cfg.SweepConfig())
+
+
+def _share_from_sibling_seed(run_path: Path) -> None:
+    """A new extraction seed on a target starts from another seed's run: the synthetic set, labels and
+    classifiers do not depend on the extraction seed, so they are shared (extraction reruns: its fingerprint
+    holds the seed)."""
+    if (run_path / RunDir.MANIFEST).exists():
+        return
+    siblings = sorted(p for p in run_path.parent.glob("seed-*") if (p / RunDir.MANIFEST).exists() and p != run_path)
+    if siblings:
+        share_stages(RunDir(siblings[0]), RunDir(run_path))
+
+
+def _stage_seconds(run: Path) -> dict[str, float]:
+    return {k: v.get("seconds") for k, v in RunDir(run).manifest()["stages"].items() if not v.get("shared_from")}
+
+
+def run_sweeps(bc: ExtractionBenchConfig, main_run: Path, rc: cfg.RunConfig, *, device: str = "cpu",
+               progress: ProgressFactory = _no_progress) -> dict[str, Any]:
+    """Lambda sweep of ``lambda_methods`` and K / tau sweeps of ``side`` at ``sweep_n_generated``.
+
+    Each sweep has a parent run (``main_run/bench-lambda``, ``main_run/bench-surrogate``) that first shares
+    every complete stage of the main run (synthetic set, labels, classifiers, teacher) and then runs its
+    own sub-runs; a swept value equal to the parent's own is read from the parent, not recomputed.
+    """
+    n_g = bc.sweep_n_generated
+    out: dict[str, Any] = {"n_generated": n_g}
+    t0 = time.time()
+    lam_methods = tuple(m for m in bc.lambda_methods if m in cfg.METHODS)
+    if bc.lambdas and any(m != "uncond" for m in lam_methods):
+        parent = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=n_g, methods=lam_methods),
+                                     sweep=cfg.SweepConfig(scale=tuple(v for v in bc.lambdas if v != rc.extract.scale)))
+        out["scale"] = _sweep(main_run / "bench-lambda", main_run, parent, "scale", rc.extract.scale, bc.lambdas,
+                              device=device, progress=progress)
+    if "side" in rc.extract.methods and (bc.n_clusters or bc.taus):
+        surrogate_sweep = cfg.SweepConfig(n_clusters=tuple(v for v in bc.n_clusters if v != rc.surrogate.n_clusters),
+                                          tau=tuple(v for v in bc.taus if v != rc.surrogate.tau))
+        parent = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=n_g, methods=("side",)),
+                                     sweep=surrogate_sweep)
+        both = _sweep(main_run / "bench-surrogate", main_run, parent, None, None, (), device=device, progress=progress)
+        for name, own, values in (("n_clusters", rc.surrogate.n_clusters, bc.n_clusters),
+                                  ("tau", rc.surrogate.tau, bc.taus)):
+            if values:
+                pts = {p["value"]: p for p in both["points"] if p["name"] == name}
+                pts[own] = dict(both["parent"], name=name, value=own)
+                out[name] = {"run": both["run"], "points": [pts[v] for v in sorted(pts)]}
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _sweep(path: Path, main_run: Path, rc: cfg.RunConfig, name: str | None, own: Any, values: tuple, *,
+           device: str, progress: ProgressFactory) -> dict[str, Any]:
+    share_stages(RunDir(main_run), RunDir(path))
+    parent, subs = run_with_sweeps(path, rc, device=device, progress=progress)
+    guided = {m: compact(v) for m, v in parent.metrics.items() if m != "uncond"}
+    points = []
+    for sub_name, res in subs.items():
+        key, raw = sub_name.split("=", 1)
+        value = float(raw) if key in ("scale", "tau") else int(raw)
+        points.append({"name": key, "value": value, "run": str(res.run),
+                       "methods": {m: compact(v) for m, v in res.metrics.items()}})
+    result: dict[str, Any] = {"run": str(path), "parent": {"run": str(path), "methods": guided}}
+    if "uncond" in parent.metrics:
+        result["uncond"] = compact(parent.metrics["uncond"])
+    if name is None:
+        result["points"] = points
+        return result
+    by_value = {p["value"]: p for p in points}
+    by_value[own] = dict(result["parent"], name=name, value=own)
+    result["points"] = [by_value[v] for v in sorted(set(values) | {own}) if v in by_value]
+    return result
+
+
+def run_extraction_bench(bc: ExtractionBenchConfig, cache: str | Path, *, device: str = "cpu",
+                         progress: ProgressFactory = _no_progress, command: str | None = None) -> dict[str, Any]:
+    """Run the benchmark (reusing what ``cache`` holds) and return the results dict (see the module docstring)."""
+    cache = Path(cache)
+    t_start = time.time()
+    data: dict[str, Any] = {"schema": SCHEMA, "quick": bc.quick, "command": command, "machine": machine_description(),
+                            "seed": bc.run.extract.seed, "size": bc.size, "config": cfg.to_dict(bc), "scales": []}
+    sweep_at = bc.chosen_sweep_scale
+    for n in sorted(bc.scales):
+        log.info("scale n_train=%d", n)
+        t0 = time.time()
+        train, train_path, heldout = training_set(n, bc.size, cache)
+        target = ensure_target(bc.target, n, bc.size, cache, device=device, progress=progress)
+        bands = ensure_bands(train, heldout, bc.run.evaluate, cache, _tag(n, bc.size), model=target["path"],
+                             device=device)
+        rc = _scale_run_config(bc, target, train_path, bands)
+        run_path = cache / "runs" / Path(target["path"]).name / f"seed-{rc.extract.seed}"
+        _share_from_sibling_seed(run_path)
+        t_audit = time.time()
+        result = run_audit(run_path, rc, device=device, progress=progress)
+        entry: dict[str, Any] = {
+            "n_train": n, "n_generated": rc.extract.n, "methods": result.metrics,
+            "ratios": ratios_to_best_baseline(result.metrics), "target": target, "bands": read_json(bands)["bands"],
+            "run": str(run_path), "audit_seconds": round(time.time() - t_audit, 1),
+            "stage_seconds": _stage_seconds(run_path),
+        }
+        if n == sweep_at:
+            entry["sweeps"] = run_sweeps(bc, run_path, rc, device=device, progress=progress)
+        entry["seconds"] = round(time.time() - t0, 1)
+        data["scales"].append(entry)
+    data["seconds"] = round(time.time() - t_start, 1)
+    return data
+
+
+def write_extraction_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """``extraction.json`` + ``extraction.md`` (``extraction-quick.*`` for a ``--quick`` run) in ``out``."""
+    return write_results(out, "extraction-quick" if data.get("quick") else "extraction", data, render_extraction_markdown(data))
+
+
+__all__ = ["ExtractionBenchConfig", "quick_config", "full_run_template", "full_target_template",
+           "run_extraction_bench", "write_extraction_results", "ratios_to_best_baseline", "metric_values",
+           "render_extraction_markdown", "training_set", "ensure_target", "ensure_bands", "run_sweeps", "compact"]

@@ -1,0 +1,128 @@
+"""Markdown tables of the benchmark results, rendered from their JSON (which holds every figure shown)."""
+from __future__ import annotations
+
+from typing import Any
+
+from . import fmt
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _bands(metrics: dict[str, Any]) -> list[str]:
+    order = {"high": 0, "mid": 1, "low": 2}
+    return sorted(metrics["ams"], key=lambda b: (order.get(b, 3), b))
+
+
+def _metric_row(metrics: dict[str, Any], bands: list[str]) -> list[str]:
+    cells = [_pct(metrics["ams"][b]) for b in bands] + [_pct(metrics["ums"][b]) for b in bands]
+    return cells + [f"{metrics['p95']:.3f}", _pct(metrics["carlini"]["extracted_fraction"]),
+                    _pct(metrics["gu"]["memorized_fraction"])]
+
+
+def _ratio_cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return ""
+    if r["ratio"] is None:
+        return "∞" if r["side"] > 0 else "0/0"
+    return f"{r['ratio']:.2f}" + (" ✓" if r["side_better"] else "")
+
+
+def render_extraction_markdown(data: dict[str, Any]) -> str:
+    """The results as Markdown tables (everything in them is in the JSON)."""
+    m = data["machine"]
+    lines = [f"# Extraction benchmark{' (--quick)' if data.get('quick') else ''}", "",
+             f"Command: `{data.get('command') or '(library call)'}`  ",
+             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"load average at start {m['load_average_at_start']}; {m['date']}  ",
+             f"Extraction seed {data['seed']}, images {data['size']}x{data['size']}, total {data['seconds']:.0f} s.", ""]
+    scales = data["scales"]
+    if not scales:
+        return "\n".join(lines) + "\n"
+    bands = _bands(next(iter(scales[0]["methods"].values())))
+    head = ["n_train", "epochs", "method", *[f"AMS {b} %" for b in bands], *[f"UMS {b} %" for b in bands], "p95",
+            "Carlini %", "Gu %"]
+    lines += ["## Memorization per method (rms-l2 bands calibrated on held-out digits per training set)", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in scales:
+        for method, met in s["methods"].items():
+            lines.append("| " + " | ".join([str(s["n_train"]), str(s["target"]["epochs"]), method,
+                                            *_metric_row(met, bands)]) + " |")
+    side_methods = list(dict.fromkeys(m for s in scales for m in s["ratios"]))
+    if side_methods:
+        lines += ["", "## SIDE / best baseline (Cond, UnCond)", "",
+                  "Ratio > 1 means SIDE extracts more, except p95 (a distance: < 1 means SIDE comes closer); "
+                  "✓ marks where SIDE strictly beats the best baseline; ∞: the baselines found none.", ""]
+        keys = [f"ams/{b}" for b in bands] + [f"ums/{b}" for b in bands] + ["p95", "carlini", "gu"]
+        head = ["n_train", "SIDE variant", *keys]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for s in scales:
+            for sm in side_methods:
+                if sm in s["ratios"]:
+                    lines.append("| " + " | ".join([str(s["n_train"]), sm,
+                                                    *[_ratio_cell(s["ratios"][sm].get(k)) for k in keys]]) + " |")
+    for s in scales:
+        sw = s.get("sweeps")
+        if not sw:
+            continue
+        for name, label in (("scale", "lambda"), ("n_clusters", "K"), ("tau", "tau")):
+            if name not in sw:
+                continue
+            head = [label, "method", *[f"AMS {b} %" for b in bands], *[f"UMS {b} %" for b in bands], "p95",
+                    "Carlini %", "Gu %"]
+            lines += ["", f"## {label} sweep (n_train = {s['n_train']}, N_G = {sw['n_generated']})", "",
+                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for p in sw[name]["points"]:
+                for method, met in p["methods"].items():
+                    lines.append("| " + " | ".join([f"{p['value']:g}", method, *_metric_row(met, bands)]) + " |")
+            if name == "scale" and "uncond" in sw[name]:
+                lines.append("| " + " | ".join(["—", "uncond", *_metric_row(sw[name]["uncond"], bands)]) + " |")
+    lines += ["", "Bands per training set:", ""]
+    for s in scales:
+        edges = ", ".join(f"{b} [{fmt(lo, 3)}, {fmt(hi, 3)})" for b, (lo, hi) in s["bands"].items())
+        lines.append(f"- n_train = {s['n_train']}: {edges}; target trained {s['target']['train_seconds']:.0f} s, "
+                     f"final loss {s['target']['final_loss']:.4f}; audit {s['audit_seconds']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+
+def render_compute_markdown(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    lines = [f"# Compute benchmark{' (--quick)' if data.get('quick') else ''}", "",
+             f"Command: `{data.get('command') or '(library call)'}`  ",
+             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} thread(s)), "
+             f"load average at start {m['load_average_at_start']}; {m['date']}  ",
+             f"Model: `{data['model']['spec']}` ({'x'.join(map(str, data['model']['sample_shape']))}, "
+             f"{data['model']['parameters']:,} parameters); total {data['seconds']:.0f} s.", "",
+             "| figure | ours | reference | ratio |", "|---|---|---|---|"]
+    s = data["sampling"]
+    lines.append(f"| {s['what']} | {s['ours']['median_s']:.3f} s | DDIMPipeline {s['diffusers_ddim_pipeline']['median_s']:.3f} s "
+                 f"| **{s['ratio']:.2f}** (images agree to {s['max_abs_pixel_diff']:.1e}) |")
+    g = data["guidance"]
+    p = g["per_image_ms"]
+    lines.append(f"| guided extraction per image ({g['what']}) | {p['guided']:.2f} ms | floor {p['floor']:.2f} ms "
+                 f"(unguided {p['unguided']:.2f} + classifier fwd/bwd {p['classifier']:.2f}) | **{g['ratio']:.2f}** "
+                 f"(guided / unguided {g['guided_over_unguided']:.2f}) |")
+    for r in data["neighbors"]:
+        lines.append(f"| {r['what']} | faiss backend {r['faiss_backend']['median_s']:.3f} s; torch backend "
+                     f"{r['torch_backend']['median_s']:.3f} s | bare IndexFlatL2 {r['bare_faiss_indexflatl2']['median_s']:.3f} s "
+                     f"| **{r['ratio_faiss_backend']:.2f}** (faiss), {r['ratio_torch_backend']:.2f} (torch) |")
+    rss = data["evaluate_rss"]
+    if rss:
+        cells = "; ".join(f"N_G {r['n_generated']:,}: {r['peak_rss_mb']:.0f} MB ({r['seconds']:.1f} s)" for r in rss)
+        base = rss[0]["peak_rss_mb"]
+        lines.append(f"| peak RSS of evaluate vs {rss[0]['n_train']:,} random 8x8 training images (fresh process each) "
+                     f"| {cells} | N_G {rss[0]['n_generated']:,}: {base:.0f} MB | "
+                     f"**{rss[-1]['peak_rss_mb'] / base:.2f}** (largest / smallest N_G) |")
+    if data.get("demo"):
+        d = data["demo"]
+        lines.append(f"| `{d['command']}` wall time | {d['wall_s']:.0f} s | — | — |")
+    lines += ["", "Ratios are medians of per-repeat ratios, the two sides of each measured in the same repeat with the "
+              "order alternating. Part times: " + ", ".join(f"{k} {fmt(v)} s" for k, v in data["part_seconds"].items())
+              + "."]
+    return "\n".join(lines) + "\n"
+
+
+
+__all__ = ["render_extraction_markdown", "render_compute_markdown"]

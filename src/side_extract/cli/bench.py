@@ -1,0 +1,118 @@
+"""``side bench``: the extraction benchmark across training-set scales, and the compute benchmark."""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+
+import typer
+
+from .common import cli_errors, console
+from .run import print_summary, stage_progress
+
+bench_app = typer.Typer(
+    help="Benchmarks: extraction power across training-set scales, and compute figures (docs/benchmarks.md).",
+    no_args_is_help=True,
+)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{name}={text!r} must be comma-separated integers") from None
+
+
+@bench_app.command("extraction")
+@cli_errors
+def extraction_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for extraction.json and extraction.md."),
+    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache",
+                               help="Trained targets (keyed by their config fingerprint), bands and run directories."),
+    scales: str | None = typer.Option(None, "--scales", help="Training-set sizes, comma-separated "
+                                      "[default: 100,300,1000; --quick: 30,60]."),
+    size: int | None = typer.Option(None, "--size", help="Image size in px [default: 16; --quick: 8]."),
+    n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per method [default: 2000; --quick: 64]."),
+    train_steps: int | None = typer.Option(None, "--train-steps",
+                                           help="The one training budget of every target [default: 3000; --quick: 400]."),
+    seed: int | None = typer.Option(None, "--seed", help="Extraction seed: tune on one (validation), report on "
+                                    "another (held-out) [default: 1]."),
+    sweep_scale: int | None = typer.Option(None, "--sweep-scale", help="Scale of the lambda, K and tau sweeps "
+                                           "[default: the middle scale]."),
+    sweep_n_generated: int | None = typer.Option(None, "--sweep-n-generated", help="N_G per sweep point "
+                                                 "[default: 500; --quick: 64]."),
+    no_sweeps: bool = typer.Option(False, "--no-sweeps", help="Skip the lambda, K and tau sweeps."),
+    quick: bool = typer.Option(False, "--quick", help="A tiny configuration (30 and 60 digits at 8x8, N_G 64) that "
+                               "finishes in a few minutes; writes extraction-quick.*."),
+    device: str = typer.Option("cpu", help="Torch device."),
+) -> None:
+    """Train (or reuse) one target per digits subset; SIDE, SIDE-teacher, Cond, UnCond on each; sweeps; results."""
+    from ..bench.extraction import (ExtractionBenchConfig, quick_config, run_extraction_bench,
+                                    write_extraction_results)
+
+    bc = quick_config() if quick else ExtractionBenchConfig()
+    ex = bc.run.extract
+    changes: dict = {}
+    if scales is not None:
+        changes["scales"] = _ints(scales, "--scales")
+    if size is not None:
+        changes["size"] = size
+    if train_steps is not None:
+        changes["target"] = dataclasses.replace(bc.target, steps=train_steps)
+    ex = dataclasses.replace(ex, n=n_generated if n_generated is not None else ex.n,
+                             seed=seed if seed is not None else ex.seed)
+    changes["run"] = dataclasses.replace(bc.run, extract=ex)
+    if sweep_scale is not None:
+        changes["sweep_scale"] = sweep_scale
+    if sweep_n_generated is not None:
+        changes["sweep_n_generated"] = sweep_n_generated
+    if no_sweeps:
+        changes.update(lambdas=(), n_clusters=(), taus=())
+    bc = dataclasses.replace(bc, **changes)
+    # every option spelled out, so the command reproduces the run whatever the defaults become
+    argv = ["side", "--threads", str(_threads()), "bench", "extraction", "--out", str(out), "--cache", str(cache),
+            "--scales", ",".join(map(str, bc.scales)), "--size", str(bc.size), "--n-generated", str(bc.run.extract.n),
+            "--train-steps", str(bc.target.steps), "--seed", str(bc.run.extract.seed),
+            "--sweep-n-generated", str(bc.sweep_n_generated)]
+    argv += ["--sweep-scale", str(bc.chosen_sweep_scale)] if not no_sweeps else ["--no-sweeps"]
+    argv += ["--quick"] if quick else []
+    argv += ["--device", device] if device != "cpu" else []
+    command = shlex.join(argv)
+    console.print(f"extraction benchmark: scales {list(bc.scales)} at {bc.size}x{bc.size}, N_G {bc.run.extract.n}, "
+                  f"{bc.target.steps} training steps, seed {bc.run.extract.seed}; cache {cache}")
+    with stage_progress(ctx) as factory:
+        data = run_extraction_bench(bc, cache, device=device, progress=factory, command=command)
+    for s in data["scales"]:
+        console.print(f"n_train = {s['n_train']} ({s['target']['epochs']} epochs):")
+        print_summary(s["methods"])
+    json_path, md_path = write_extraction_results(data, out)
+    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+
+
+@bench_app.command("compute")
+@cli_errors
+def compute_cmd(
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for compute.json and compute.md."),
+    threads: int = typer.Option(1, "--bench-threads", help="Torch and faiss threads for the timed parts."),
+    no_demo: bool = typer.Option(False, "--no-demo", help="Skip the `side demo` wall-time part."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes, no demo (seconds); writes compute-quick.*."),
+) -> None:
+    """Ratios measured side by side: sampler vs DDIMPipeline, guided vs floor, kNN vs faiss; RSS; demo time."""
+    from ..bench.compute import ComputeBenchConfig, quick_compute_config, run_compute_bench, write_compute_results
+
+    c = quick_compute_config() if quick else ComputeBenchConfig()
+    c = dataclasses.replace(c, threads=threads, demo=c.demo and not no_demo)
+    argv = ["side", "bench", "compute", "--out", str(out), "--bench-threads", str(threads)]
+    argv += ["--no-demo"] if no_demo else []
+    argv += ["--quick"] if quick else []
+    data = run_compute_bench(c, command=shlex.join(argv), progress=lambda name: console.print(f"[dim]{name} ...[/]"))
+    json_path, md_path = write_compute_results(data, out)
+    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")

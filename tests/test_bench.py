@@ -1,0 +1,158 @@
+"""Benchmarks: the SIDE / best-baseline ratios on hand-made metrics, and extraction.json's schema on a tiny run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from side_extract import config as cfg
+from side_extract.bench.compute import interleaved, median_ratio
+from side_extract.bench.extraction import (ExtractionBenchConfig, ratios_to_best_baseline, run_extraction_bench,
+                                           write_extraction_results)
+from side_extract.bench.tables import render_extraction_markdown
+from side_extract.cli.main import app
+
+
+def metrics(ams_high: float, ums_high: float, p95: float, carlini: float, gu: float) -> dict:
+    """The parts of a metrics.json the ratios read (rms-l2: p95 is a distance)."""
+    return {"orientation": "distance", "ams": {"high": ams_high, "low": 0.5}, "ums": {"high": ums_high, "low": 0.0},
+            "ams_cumulative": {"high": ams_high, "low": 0.5}, "ums_cumulative": {"high": ums_high, "low": 0.0},
+            "p95": p95, "carlini": {"extracted_fraction": carlini}, "gu": {"memorized_fraction": gu}}
+
+
+def test_ratio_to_best_baseline_by_hand():
+    methods = {"side": metrics(0.30, 0.10, 0.05, 0.20, 0.0), "side-teacher": metrics(0.10, 0.02, 0.20, 0.0, 0.1),
+               "cond": metrics(0.10, 0.05, 0.10, 0.05, 0.0), "uncond": metrics(0.15, 0.01, 0.25, 0.10, 0.0)}
+    r = ratios_to_best_baseline(methods)
+    assert set(r) == {"side", "side-teacher"}
+    s = r["side"]
+    # the best baseline differs per metric: UnCond for AMS (0.15), Cond for UMS (0.05) and p95 (0.10)
+    assert s["ams/high"] == {"side": 0.30, "best_baseline": 0.15, "best_baseline_method": "uncond", "ratio": 2.0,
+                             "better": "higher", "side_better": True}
+    assert s["ums/high"]["best_baseline_method"] == "cond" and s["ums/high"]["ratio"] == pytest.approx(2.0)
+    assert s["p95"]["best_baseline_method"] == "cond" and s["p95"]["better"] == "lower"
+    assert s["p95"]["ratio"] == pytest.approx(0.5) and s["p95"]["side_better"]  # closer = better for a distance
+    assert s["carlini"]["ratio"] == pytest.approx(2.0) and s["carlini"]["best_baseline_method"] == "uncond"
+    # a zero baseline gives no ratio, but keeps both values; equal values are not a win
+    assert s["gu"]["ratio"] is None and s["gu"]["side"] == 0.0 and not s["gu"]["side_better"]
+    assert s["ums/low"]["ratio"] is None and not s["ums/low"]["side_better"]
+    t = r["side-teacher"]
+    assert t["ams/high"]["ratio"] == pytest.approx(10 / 15) and not t["ams/high"]["side_better"]
+    assert t["p95"]["ratio"] == pytest.approx(2.0) and not t["p95"]["side_better"]
+    assert t["gu"]["ratio"] is None and t["gu"]["side"] == 0.1  # SIDE found some, the baselines none
+    # only the methods present count; no baseline -> no ratios
+    assert set(ratios_to_best_baseline({"side": methods["side"], "cond": methods["cond"]})["side"]["ams/high"]) >= {"ratio"}
+    assert ratios_to_best_baseline({"side": methods["side"]}) == {}
+
+
+def test_interleaved_timing_and_median_ratio():
+    order = []
+    times = interleaved({"a": lambda r: order.append(("a", r)), "b": lambda r: order.append(("b", r))}, 3)
+    assert order == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert len(times["a"]) == len(times["b"]) == 3
+    assert median_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0
+
+
+TINY_CLF = cfg.ClassifierConfig(depth=10, width=8, steps=4, batch_size=16, eval_every=2)
+
+
+def tiny_bench() -> ExtractionBenchConfig:
+    """Two scales of a tiny (4, 8) UNet trained 3 steps; N_G 6; one lambda and one K / tau sweep value."""
+    run = cfg.RunConfig(
+        sample=cfg.SampleConfig(n=24, steps=2, shard_size=16),
+        surrogate=cfg.SurrogateConfig(n_clusters=3, tau=-1.0, n_init=1),
+        classifier=TINY_CLF, clean_classifier=TINY_CLF,
+        extract=cfg.ExtractConfig(methods=("side", "side-teacher", "cond", "uncond"), n=6, steps=2, scale=1.0, seed=3),
+        evaluate=cfg.EvaluateConfig(carlini_n=5),
+    )
+    target = cfg.TrainTargetConfig(block_out_channels=(4, 8), norm_num_groups=4, steps=3, batch_size=8,
+                                   checkpoint_every=3)
+    return ExtractionBenchConfig(scales=(20, 30), size=8, target=target, run=run, lambdas=(0.0, 1.0),
+                                 n_clusters=(2, 3), taus=(-1.0,), sweep_scale=20, sweep_n_generated=4, quick=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: on a shared 2-core machine, two threads run this test several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_extraction_json_schema_on_a_tiny_run(tmp_path, one_thread):
+    bc = tiny_bench()
+    data = run_extraction_bench(bc, tmp_path / "cache", command="side bench extraction --quick")
+    json_path, md_path = write_extraction_results(data, tmp_path / "out")
+    assert json_path.name == "extraction-quick.json"
+    d = json.loads(json_path.read_text())
+    assert d["command"] == "side bench extraction --quick" and d["seed"] == 3
+    assert {"platform", "cpu_count", "torch"} <= set(d["machine"])
+    assert [s["n_train"] for s in d["scales"]] == [20, 30]
+    for s in d["scales"]:
+        assert s["n_generated"] == 6
+        assert set(s["methods"]) == {"side", "side-teacher", "cond", "uncond"}
+        for m, met in s["methods"].items():
+            assert met["schema"] == "side-extract/metrics/1" and met["method"] == m
+            assert met["n_generated"] == 6 and met["n_train"] == s["n_train"]
+            assert met["bands_source"].startswith("file:")  # bands calibrated once per training set
+        assert set(s["ratios"]) == {"side", "side-teacher"} and "p95" in s["ratios"]["side"]
+        assert s["target"]["trained_now"] and s["target"]["epochs"] == pytest.approx(3 * 8 / s["n_train"], abs=0.1)
+    # the two scales have their own bands (held-out null of each training set)
+    assert d["scales"][0]["bands"] != d["scales"][1]["bands"]
+    sw = d["scales"][0]["sweeps"]
+    assert [p["value"] for p in sw["scale"]["points"]] == [0.0, 1.0]  # 1.0 is the main setting, from the parent
+    assert set(sw["scale"]["points"][0]["methods"]) == {"side", "cond"} and "uncond" in sw["scale"]
+    lam0 = sw["scale"]["points"][0]["methods"]
+    assert lam0["side"]["ams"] == lam0["cond"]["ams"] == sw["scale"]["uncond"]["ams"]  # lambda 0: no guidance
+    assert [p["value"] for p in sw["n_clusters"]["points"]] == [2, 3]
+    assert [p["value"] for p in sw["tau"]["points"]] == [-1.0]
+    assert "sweeps" not in d["scales"][1]
+    md = md_path.read_text()
+    assert "SIDE / best baseline" in md and "lambda sweep" in md and "K sweep" in md
+    assert render_extraction_markdown(d) == md
+    # another extraction seed (held-out) reuses the cached targets, and shares the synthetic set and
+    # classifiers of the first seed's run; only extraction and evaluation rerun
+    held_out = dataclasses.replace(bc.run, extract=dataclasses.replace(bc.run.extract, seed=4))
+    again = run_extraction_bench(dataclasses.replace(bc, run=held_out, lambdas=(), n_clusters=(), taus=()),
+                                 tmp_path / "cache")
+    assert again["seed"] == 4 and not any(s["target"]["trained_now"] for s in again["scales"])
+    stages = json.loads((Path(again["scales"][0]["run"]) / "manifest.json").read_text())["stages"]
+    assert again["scales"][0]["run"].endswith("seed-4") and stages["classifier"].get("shared_from")
+    assert "shared_from" not in stages["extraction/side"]
+    assert set(again["scales"][0]["stage_seconds"]) >= {"extraction/side", "evaluation/side"}
+    assert "classifier" not in again["scales"][0]["stage_seconds"]
+
+
+def test_bad_bench_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="scales: 1797 must be between 2 and 1796"):
+        ExtractionBenchConfig(scales=(100, 1797))
+    with pytest.raises(ValueError, match="sweep_scale=50 must be one of scales"):
+        ExtractionBenchConfig(scales=(100, 300), sweep_scale=50)
+    with pytest.raises(ValueError, match="n_clusters sweep value 5000"):
+        ExtractionBenchConfig(n_clusters=(5000,))
+    r = CliRunner().invoke(app, ["bench", "extraction", "--scales", "10,x"])
+    assert r.exit_code == 2 and "--scales='10,x' must be comma-separated integers" in r.output
+
+
+def test_compute_bench_schema_on_tiny_sizes(tmp_path, one_thread):
+    from side_extract.bench.compute import ComputeBenchConfig, run_compute_bench, write_compute_results
+
+    c = ComputeBenchConfig(steps=2, batch_size=4, repeats=2, classifier_classes=3, nn_queries=50, nn_refs=300,
+                           nn_dims=(16,), nn_repeats=1, rss_sizes=(100,), rss_n_train=200, demo=False, quick=True)
+    data = run_compute_bench(c, command="side bench compute --quick")
+    json_path, md_path = write_compute_results(data, tmp_path)
+    d = json.loads(json_path.read_text())
+    assert json_path.name == "compute-quick.json" and d["command"] == "side bench compute --quick"
+    assert d["sampling"]["max_abs_pixel_diff"] < 1e-5  # our loop and DDIMPipeline draw the same images
+    assert len(d["sampling"]["ours"]["all_s"]) == 2 and d["sampling"]["ratio"] > 0
+    assert d["guidance"]["ratio"] > 0 and set(d["guidance"]["per_image_ms"]) == {"guided", "unguided", "classifier", "floor"}
+    (nn,) = d["neighbors"]
+    assert nn["agreement_with_bare"]["faiss"]["max_abs_distance_diff"] < 1e-6
+    (rss,) = d["evaluate_rss"]
+    assert rss["n_generated"] == 100 and rss["peak_rss_mb"] >= rss["rss_before_mb"] > 0
+    assert "demo" not in d and "DDIMPipeline" in md_path.read_text()
