@@ -54,6 +54,11 @@ def test_whole_chain_and_skip(tiny_model_dir, tmp_path):
     after = read_json(run / "manifest.json")["stages"]
     assert after["classifier"]["started_unix"] == stamps["classifier"]
     assert after["extraction/side"]["started_unix"] != stamps["extraction/side"]
+    assert after["extraction/uncond"]["started_unix"] == stamps["extraction/uncond"]  # lambda is not its input
+    # dropping methods from the list redoes none of the others
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, methods=("side", "uncond"))))
+    again = read_json(run / "manifest.json")["stages"]
+    assert again["extraction/side"]["started_unix"] == after["extraction/side"]["started_unix"]
 
 
 def test_methods_share_noise(tiny_model_dir, tmp_path):

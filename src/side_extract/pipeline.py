@@ -140,6 +140,20 @@ def teacher_stage(ctx: AuditContext, clean: GuidanceSpec, synthetic: ImageSet) -
         return z["labels"]
 
 
+def _extraction_settings(c: cfg.ExtractConfig, guidance: GuidanceSpec | None) -> dict:
+    """What one method's generations depend on: not the list of other methods, nor the batch size; for an
+    unguided method, no guidance setting; for a guided one, its own scale rather than both scales."""
+    d = cfg.to_dict(c)
+    for k in ("methods", "batch_size", "scale", "cond_scale"):
+        d.pop(k)
+    if guidance is None:
+        for k in ("temperature", "t_lo", "t_hi"):
+            d.pop(k)
+    else:
+        d["guidance_scale"] = guidance.scale
+    return d
+
+
 # --------------------------------------------------------------------------------------------------
 # the chain
 
@@ -232,9 +246,9 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     extractions = {}
     for m in methods:
         g = guides[m]
-        fp = fingerprint_of(rc.extract, ctx.fp["model"], ctx.fp.get({"side": "classifier", "side-teacher": "classifier-teacher",
-                                                                    "cond": "classifier-clean"}.get(m, "model")),
-                            None if g is None else g.scale, m)
+        fp = fingerprint_of(_extraction_settings(rc.extract, g), ctx.fp["model"], m,
+                            ctx.fp.get({"side": "classifier", "side-teacher": "classifier-teacher",
+                                        "cond": "classifier-clean"}.get(m, "model")))
         ctx.fp[f"extraction/{m}"] = fp
         extractions[m] = extraction_stage(run, m, denoiser, rc.extract, g, fp, device=device,
                                           progress=progress(f"extract {m}"))
