@@ -156,7 +156,7 @@ def classifier_figure(classifiers: dict[str, dict[str, Any]]) -> str:
 
 def clusters_figure(rows: list[dict[str, Any]], bands: list[str], kind: str = "surrogate cluster") -> str:
     """Generations per target label (grey), the part in the closest bands (colours), and the cluster's cohesion."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 3.2))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.32 * len(rows) + 2)), 3.2))
     x = np.arange(len(rows))
     ax.bar(x, [r["n"] for r in rows], color="0.85", label="generations")
     bottom = np.zeros(len(rows))
@@ -164,7 +164,8 @@ def clusters_figure(rows: list[dict[str, Any]], bands: list[str], kind: str = "s
         v = np.asarray([r["bands"].get(b, 0) for r in rows], float)
         ax.bar(x, v, bottom=bottom, color=("#d9534f", "#f08a6c")[min(i, 1)], label=f"in band {b}")
         bottom += v
-    ax.set_xticks(x, [str(r["label"]) for r in rows], fontsize=7)
+    step = max(1, len(rows) // 40)  # at most ~40 tick labels
+    ax.set_xticks(x[::step], [str(r["label"]) for r in rows][::step], fontsize=7)
     ax.set_xlabel(kind)
     ax.set_ylabel("generations")
     ax.set_ylim(0, max(1.0, max(r["n"] for r in rows)) * 1.4)  # room for the legends above the bars
