@@ -35,7 +35,6 @@ from . import config as cfg
 
 log = logging.getLogger(__name__)
 
-StageStatus = Literal["running", "complete"]
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
