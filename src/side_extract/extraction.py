@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .data import ImageSet, load_shards, to_uint8
+from .data import ImageSet, to_uint8
 from .guidance import ClassifierGuidance
 from .models.target import Denoiser
 from .runs import RunDir
-from .sampling import sample, write_shards
+from .sampling import sample, shard_stage
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,9 @@ def extraction_stage(
     progress: Callable[[int, int], None] | None = None,
 ) -> ImageSet:
     """Write ``run/extraction/<method>/shard-*.npz`` (skip / resume as the manifest says)."""
-    stage = f"extraction/{method}"
-    decision = run.begin(stage, fingerprint)
-    directory = run.path / stage
-    if decision != "skip":
-        def make(lo: int, hi: int) -> dict[str, np.ndarray]:
-            return extract(denoiser, c, guidance, lo, hi, device=device,
-                           progress=None if progress is None else (lambda d, _t: progress(lo + d, c.n)))
 
-        written = write_shards(directory, c.n, c.shard_size, make, progress)
-        run.complete(stage, n=c.n, method=method, scale=None if guidance is None else guidance.scale,
-                     shards_written_now=written)
-    return load_shards(directory)
+    def make(lo: int, hi: int, shard_progress: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
+        return extract(denoiser, c, guidance, lo, hi, device=device, progress=shard_progress)
+
+    return shard_stage(run, f"extraction/{method}", fingerprint, c.n, c.shard_size, make, progress=progress,
+                       method=method, scale=None if guidance is None else guidance.scale)

@@ -183,6 +183,37 @@ def write_shards(
     return written
 
 
+def shard_stage(
+    run: RunDir,
+    stage: str,
+    fingerprint: str,
+    n: int,
+    shard_size: int,
+    make: Callable[[int, int, Progress | None], dict[str, np.ndarray]],
+    *,
+    inputs: dict[str, str] | None = None,
+    progress: Progress | None = None,
+    **info: Any,
+) -> ImageSet:
+    """A stage whose output is ``n`` images in ``run/<stage>/shard-*.npz``: skipped when complete with the same
+    fingerprint, resumed at its last whole shard when interrupted, else written afresh.
+
+    ``make(lo, hi, progress)`` returns one shard's arrays; its progress callback counts within the whole stage.
+    """
+    decision = run.begin(stage, fingerprint, inputs=inputs)
+    directory = run.path / stage
+    if decision != "skip":
+        t0 = time.time()
+
+        def make_shard(lo: int, hi: int) -> dict[str, np.ndarray]:
+            return make(lo, hi, None if progress is None else (lambda done, _total: progress(lo + done, n)))
+
+        written = write_shards(directory, n, shard_size, make_shard, progress)
+        run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
+                     sampling_seconds=round(time.time() - t0, 3), **info)
+    return load_shards(directory)
+
+
 def sample_stage(
     run: RunDir,
     denoiser: Denoiser,
@@ -194,22 +225,14 @@ def sample_stage(
     progress: Progress | None = None,
 ) -> ImageSet:
     """Unguided sampling of ``c.n`` images into ``run/<stage>/shard-*.npz`` (skips or resumes as the manifest says)."""
-    fp = _fingerprint(c, model_fingerprint)
-    decision = run.begin(stage, fp, inputs={"model": model_fingerprint})
-    directory = run.path / stage
-    if decision != "skip":
-        t0 = time.time()
 
-        def make(lo: int, hi: int) -> dict[str, np.ndarray]:
-            x = sample(denoiser, hi - lo, seed=c.seed, start=lo, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-                       batch_size=c.batch_size, device=device,
-                       progress=None if progress is None else (lambda d, _t: progress(lo + d, c.n)))
-            return {"images": to_uint8(x), "index": np.arange(lo, hi, dtype=np.int64)}
+    def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
+        x = sample(denoiser, hi - lo, seed=c.seed, start=lo, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
+                   batch_size=c.batch_size, device=device, progress=shard_progress)
+        return {"images": to_uint8(x), "index": np.arange(lo, hi, dtype=np.int64)}
 
-        written = write_shards(directory, c.n, c.shard_size, make, progress)
-        run.complete(stage, n=c.n, shards_written_now=written, resumed=decision == "resume",
-                     sampling_seconds=round(time.time() - t0, 3))
-    return load_shards(directory)
+    return shard_stage(run, stage, _fingerprint(c, model_fingerprint), c.n, c.shard_size, make,
+                       inputs={"model": model_fingerprint}, progress=progress)
 
 
 def _fingerprint(c: cfg.SampleConfig, model_fingerprint: str) -> str:
