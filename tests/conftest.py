@@ -41,3 +41,12 @@ def tiny_rgb_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny_rgb"
     save_target(tiny_unet(channels=3), tiny_scheduler(), out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: on a shared 2-core machine, two threads run a test several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

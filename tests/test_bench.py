@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from side_extract import config as cfg
@@ -73,15 +72,6 @@ def tiny_bench() -> ExtractionBenchConfig:
                                    checkpoint_every=3)
     return ExtractionBenchConfig(scales=(20, 30), size=8, target=target, run=run, lambdas=(0.0, 1.0),
                                  n_clusters=(2, 3), taus=(-1.0,), sweep_scale=20, sweep_n_generated=4, quick=True)
-
-
-@pytest.fixture
-def one_thread():
-    """Torch on one thread: on a shared 2-core machine, two threads run this test several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_extraction_json_schema_on_a_tiny_run(tmp_path, one_thread):

@@ -77,3 +77,16 @@ def test_teacher_labels_and_confidence():
     x = torch.cat([torch.full((3, 1, 4, 4), 0.5), torch.full((2, 1, 4, 4), -0.5), torch.zeros(1, 1, 4, 4)])
     t = TeacherLabeler(Fixed(), np.array([7, 9]), min_confidence=0.6).fit(x)
     assert t.labels_.tolist() == [7, 7, 7, 9, 9, -1]
+
+
+def test_select_k_by_silhouette_finds_the_true_k():
+    x, truth = blobs()
+    lab = ClusterLabeler(select_k=(2, 3, 5, 8), tau=0.5, random_state=0).fit(x)
+    assert set(lab.k_scores_) == {2, 3, 5, 8}
+    assert lab.n_clusters_ == 3 and max(lab.k_scores_, key=lab.k_scores_.get) == 3
+    assert adjusted_rand_score(truth, lab.labels_) == 1.0 and len(lab.cohesion_) == 3
+    # same answer as fixing K = 3
+    fixed = ClusterLabeler(n_clusters=3, tau=0.5, random_state=0).fit(x)
+    assert np.array_equal(fixed.labels_, lab.labels_) and fixed.k_scores_ == {}
+    with pytest.raises(ValueError, match="select_k value 90 must be between 2 and .* \\(89\\)"):
+        ClusterLabeler(select_k=(3, 90)).fit(x)

@@ -145,7 +145,11 @@ class FeaturesConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SurrogateConfig:
-    """Cluster surrogate labels (K-means + cohesion filter) and teacher labels."""
+    """Cluster surrogate labels (K-means + cohesion filter) and teacher labels.
+
+    ``select_k``: candidate Ks; when non-empty, K is the candidate with the best silhouette score (cluster
+    quality) and ``n_clusters`` is not used.
+    """
 
     n_clusters: int = 100
     tau: float = 0.5
@@ -154,9 +158,12 @@ class SurrogateConfig:
     n_init: int = 10
     random_state: int = 0
     teacher_min_confidence: float = 0.0
+    select_k: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _positive(self, "n_clusters", "n_init", "min_size")
+        if any(k < 2 for k in self.select_k):
+            raise ValueError(f"select_k={list(self.select_k)}: each candidate K must be >= 2")
         if not -1.0 <= self.tau <= 1.0:
             raise ValueError(f"tau={self.tau} must be a cosine similarity in [-1, 1]")
 

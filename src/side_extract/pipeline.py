@@ -79,15 +79,17 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray) -> np.ndarray:
     path = ctx.run.path / "surrogate" / "labels.npz"
     if ctx.run.begin("surrogate", fp) != "skip" or not path.exists():
         lab = ClusterLabeler(n_clusters=c.n_clusters, tau=c.tau, min_size=c.min_size, dropped=c.dropped,
-                             n_init=c.n_init, random_state=c.random_state).fit(features)
+                             n_init=c.n_init, random_state=c.random_state, select_k=c.select_k).fit(features)
         atomic_save_npz(path, labels=lab.labels_, cluster=lab.cluster_, kept=lab.kept_, cohesion=lab.cohesion_,
                         sizes=lab.sizes_, centroids=lab.centroids_.astype(np.float32))
         clusters = [{"id": k, "size": int(lab.sizes_[k]), "cohesion": float(np.nan_to_num(lab.cohesion_[k])),
-                     "kept": bool(lab.kept_[k])} for k in range(c.n_clusters)]
+                     "kept": bool(lab.kept_[k])} for k in range(lab.n_clusters_)]
         atomic_write_json(ctx.run.path / "surrogate" / "clusters.json",
-                          {"tau": c.tau, "kept": int(lab.kept_.sum()), "n_clusters": c.n_clusters,
+                          {"tau": c.tau, "kept": int(lab.kept_.sum()), "n_clusters": lab.n_clusters_,
+                           "k_scores": {str(k): v for k, v in lab.k_scores_.items()},
                            "labelled": int((lab.labels_ >= 0).sum()), "clusters": clusters})
-        ctx.run.complete("surrogate", kept=int(lab.kept_.sum()), labelled=int((lab.labels_ >= 0).sum()))
+        ctx.run.complete("surrogate", kept=int(lab.kept_.sum()), labelled=int((lab.labels_ >= 0).sum()),
+                         n_clusters=lab.n_clusters_)
     with np.load(path) as z:
         return z["labels"]
 

@@ -6,6 +6,10 @@
 2. K-means with K clusters (scikit-learn, ``n_init`` restarts, ``random_state``);
 3. cohesion of cluster k = mean cosine similarity of its members to its (normalised) centroid;
 4. keep cluster k iff cohesion >= ``tau`` and size >= ``min_size``;
+K can be chosen by cluster quality instead of fixed: with ``select_k`` (candidate Ks), K-means runs for each
+candidate and the K with the highest silhouette score (cosine, on the normalised features) is kept; every
+candidate's score is recorded (``k_scores_``).
+
 5. labels: each sample's cluster id if its cluster is kept; samples of dropped clusters get -1 and are
    left out of classifier training (``dropped="drop"``, default), or are relabelled to the nearest kept
    centroid (``dropped="relabel"``, the paper's literal wording; this undoes the filter, since every sample
@@ -24,6 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,13 @@ class ClusterLabeler:
     min_size : minimum members of a kept cluster
     dropped : what happens to samples of dropped clusters: ``"drop"`` (label -1) or ``"relabel"``
     n_init, random_state : passed to scikit-learn's KMeans
+    select_k : candidate Ks; when given, K is the candidate with the highest silhouette score and
+        ``n_clusters`` is not used
 
     Attributes
     ----------
+    n_clusters_ : the K used (``n_clusters``, or the chosen candidate)
+    k_scores_ : {K: silhouette score} of every candidate (empty without ``select_k``)
     centroids_ : (K, D) unit-norm centroids
     cohesion_ : (K,) mean cosine similarity of members to their centroid (nan for an empty cluster)
     sizes_ : (K,) members per cluster
@@ -58,8 +67,10 @@ class ClusterLabeler:
     """
 
     def __init__(self, n_clusters: int = 100, tau: float = 0.5, min_size: int = 2,
-                 dropped: Literal["drop", "relabel"] = "drop", n_init: int = 10, random_state: int | None = 0) -> None:
+                 dropped: Literal["drop", "relabel"] = "drop", n_init: int = 10, random_state: int | None = 0,
+                 select_k: tuple[int, ...] = ()) -> None:
         self.n_clusters = n_clusters
+        self.select_k = tuple(select_k)
         self.tau = tau
         self.min_size = min_size
         self.dropped = dropped
@@ -69,25 +80,40 @@ class ClusterLabeler:
     def fit(self, features: np.ndarray) -> "ClusterLabeler":
         x = _normalise(features)
         n = len(x)
-        if not 2 <= self.n_clusters <= n:
+        if not self.select_k and not 2 <= self.n_clusters <= n:
             raise ValueError(f"n_clusters={self.n_clusters} must be between 2 and the number of synthetic images ({n})")
+        for k in self.select_k:
+            if not 2 <= k < n:  # the silhouette needs at least one cluster with two members
+                raise ValueError(f"select_k value {k} must be between 2 and the number of synthetic images minus 1 ({n - 1})")
         if not -1.0 <= self.tau <= 1.0:
             raise ValueError(f"tau={self.tau} must be a cosine similarity in [-1, 1]")
         if self.dropped not in ("drop", "relabel"):
             raise ValueError(f"dropped={self.dropped!r} must be 'drop' or 'relabel'")
-        km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=self.random_state).fit(x)
+        self.k_scores_: dict[int, float] = {}
+        if self.select_k:
+            fits = {}
+            for k in self.select_k:
+                fits[k] = KMeans(n_clusters=k, n_init=self.n_init, random_state=self.random_state).fit(x)
+                self.k_scores_[k] = float(silhouette_score(x, fits[k].labels_, metric="cosine"))
+            self.n_clusters_ = max(self.k_scores_, key=lambda k: (self.k_scores_[k], -k))
+            km = fits[self.n_clusters_]
+            log.info("K by silhouette: %s -> K=%d", {k: round(v, 4) for k, v in self.k_scores_.items()}, self.n_clusters_)
+        else:
+            self.n_clusters_ = self.n_clusters
+            km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=self.random_state).fit(x)
+        K = self.n_clusters_
         self.cluster_ = km.labels_.astype(np.int64)
         self.centroids_ = _normalise(km.cluster_centers_)
         cos = np.einsum("nd,nd->n", x, self.centroids_[self.cluster_])
-        self.sizes_ = np.bincount(self.cluster_, minlength=self.n_clusters)
-        sums = np.bincount(self.cluster_, weights=cos, minlength=self.n_clusters)
+        self.sizes_ = np.bincount(self.cluster_, minlength=K)
+        sums = np.bincount(self.cluster_, weights=cos, minlength=K)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.cohesion_ = np.where(self.sizes_ > 0, sums / np.maximum(self.sizes_, 1), np.nan)
         self.kept_ = (np.nan_to_num(self.cohesion_, nan=-np.inf) >= self.tau) & (self.sizes_ >= self.min_size)
         if not self.kept_.any():
             best = np.nanmax(self.cohesion_)
             warnings.warn(
-                f"all {self.n_clusters} clusters were dropped by the cohesion filter (tau={self.tau}, "
+                f"all {K} clusters were dropped by the cohesion filter (tau={self.tau}, "
                 f"min_size={self.min_size}); the most cohesive has cohesion {best:.3f}: set tau <= {best:.3f} "
                 f"(or use fewer clusters or another feature extractor) to keep some",
                 RuntimeWarning, stacklevel=2,
@@ -98,7 +124,7 @@ class ClusterLabeler:
             self.labels_ = np.where(self.kept_[self.cluster_], self.cluster_, -1)
         else:
             self.labels_ = self.predict(features)
-        log.info("kept %d of %d clusters (tau=%s); %d of %d samples labelled", self.kept_.sum(), self.n_clusters,
+        log.info("kept %d of %d clusters (tau=%s); %d of %d samples labelled", self.kept_.sum(), K,
                  self.tau, (self.labels_ >= 0).sum(), n)
         return self
 

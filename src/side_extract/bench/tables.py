@@ -125,4 +125,69 @@ def render_compute_markdown(data: dict[str, Any]) -> str:
 
 
 
-__all__ = ["render_extraction_markdown", "render_compute_markdown"]
+def _overrides_cell(ov: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in ov.items()) or "(the base settings)"
+
+
+def _variants_seed_table(seed_data: dict[str, Any], method: str, chosen: str | None, objective_label: str) -> list[str]:
+    scales = seed_data["scales"]
+    head = ["variant", "overrides", objective_label]
+    for s in scales:
+        n = s["n_train"]
+        head += [f"{n}: AMS ≤mid %", f"{n}: UMS ≤mid %", f"{n}: Carlini %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells(met: dict[str, Any]) -> list[str]:
+        return [_pct(met["ams_cumulative"]["mid"]), _pct(met["ums_cumulative"]["mid"]),
+                _pct(met["carlini"]["extracted_fraction"])]
+
+    for b in scales[0]["baselines"]:
+        row = [f"*{b}* (baseline)", "", ""]
+        for s in scales:
+            row += cells(s["baselines"][b])
+        lines.append("| " + " | ".join(row) + " |")
+    for name, v in seed_data["variants"].items():
+        label = f"**{name}** (chosen)" if name == chosen else name
+        row = [label, _overrides_cell(v["overrides"]), f"{v['objective'][method]:+.3f}"]
+        for s in scales:
+            row += cells(s["variants"][name]["methods"][method])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def render_variants_markdown(data: dict[str, Any]) -> str:
+    """The variants experiment: every variant on the validation seed, then base and the chosen on held-out."""
+    m = data["machine"]
+    c = data["config"]
+    lines = ["# SIDE variants: chosen on a validation seed, reported on a held-out seed", "",
+             f"Command: `{data.get('command') or '(library call)'}`  ",
+             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"load average at start {m['load_average_at_start']}; {m['date']}  ",
+             f"Images {data['size']}x{data['size']}; validation seed {c['validation_seed']}, held-out seed "
+             f"{c['heldout_seed']}; total {data['seconds']:.0f} s.", "",
+             "Objective (chooses the variant, validation seed only): mean over scales and the metrics "
+             f"{', '.join('`' + o + '`' for o in data['objective'])} of log((v + 1/N_G) / (best baseline + 1/N_G)); "
+             "0 = on par with the best baseline, +0.10 = about 10 % more. ≤mid = the high and mid bands together "
+             "(cumulative).", "", f"Base settings: {_overrides_cell(c['base'])}.", ""]
+    for method in c["methods"]:
+        chosen = data["chosen"][method]
+        lines += [f"## {method}: validation seed {data['validation']['seed']}", "",
+                  *_variants_seed_table(data["validation"], method, chosen, "objective"), ""]
+        if "heldout" in data:
+            ho = data["heldout"]
+            lines += [f"## {method}: held-out seed {ho['seed']} (chosen on validation: **{chosen}**)", "",
+                      *_variants_seed_table(ho, method, chosen, "objective (held-out)"), "",
+                      "Ratio to the best baseline per metric on the held-out seed (✓: strictly better):", ""]
+            keys = ["ams/high", "ams/mid", "ams/low", "ums/high", "ums/mid", "ums/low", "p95", "carlini", "gu"]
+            head = ["n_train", "variant", *keys]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for s in ho["scales"]:
+                for name, v in s["variants"].items():
+                    r = v["ratios"].get(method, {})
+                    lines.append("| " + " | ".join([str(s["n_train"]), name, *[_ratio_cell(r.get(k)) for k in keys]])
+                                 + " |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["render_extraction_markdown", "render_compute_markdown", "render_variants_markdown"]

@@ -96,6 +96,58 @@ def extraction_cmd(
     console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
+@bench_app.command("variants")
+@cli_errors
+def variants_cmd(
+    ctx: typer.Context,
+    variants: Path = typer.Option(Path("benchmarks/variants.yaml"), "--variants",
+                                  help="YAML with 'base' (the paper's settings) and 'variants' (name -> dotted overrides)."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for variants.json and variants.md."),
+    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="The extraction benchmark's cache (targets, "
+                               "bands, runs); variants run as sub-runs of its runs."),
+    scales: str = typer.Option("300,1000", "--scales", help="Training-set sizes, comma-separated."),
+    size: int | None = typer.Option(None, "--size", help="Image size in px [default: the extraction benchmark's, 16]."),
+    n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per variant and baseline [default: 2000]."),
+    train_steps: int | None = typer.Option(None, "--train-steps", help="Training budget of the targets [default: 3000]."),
+    validation_seed: int = typer.Option(1, "--validation-seed", help="Extraction seed the variants are chosen on."),
+    heldout_seed: int | None = typer.Option(2, "--heldout-seed", help="Extraction seed the choice is reported on."),
+    methods: str = typer.Option("side", "--methods", help="SIDE methods to vary: side, side-teacher (comma-separated)."),
+    heldout: str = typer.Option("chosen", "--heldout", help="Run on the held-out seed: 'chosen' (base and the "
+                                "chosen variant) or 'all'."),
+    device: str = typer.Option("cpu", help="Torch device."),
+) -> None:
+    """Score SIDE variants (guidance range, temperature, K, samples, ...) on a validation seed; report the best on a held-out one."""
+    from ..bench.variants import VariantsBenchConfig, load_variants_file, run_variants_bench, write_variants_results
+
+    from ..bench.extraction import ExtractionBenchConfig
+
+    bc = ExtractionBenchConfig()
+    base, named = load_variants_file(variants)
+    changes: dict = {"scales": _ints(scales, "--scales"), "lambdas": (), "n_clusters": (), "taus": ()}
+    if size is not None:
+        changes["size"] = size
+    if train_steps is not None:
+        changes["target"] = dataclasses.replace(bc.target, steps=train_steps)
+    if n_generated is not None:
+        changes["run"] = dataclasses.replace(bc.run, extract=dataclasses.replace(bc.run.extract, n=n_generated))
+    bc = dataclasses.replace(bc, **changes)
+    vc = VariantsBenchConfig(bench=bc, base=base, variants=named, methods=tuple(m.strip() for m in methods.split(",")),
+                             validation_seed=validation_seed, heldout_seed=heldout_seed, heldout=heldout)
+    argv = ["side", "--threads", str(_threads()), "bench", "variants", "--variants", str(variants), "--out", str(out),
+            "--cache", str(cache), "--scales", ",".join(map(str, bc.scales)), "--size", str(bc.size),
+            "--n-generated", str(bc.run.extract.n), "--train-steps", str(bc.target.steps),
+            "--validation-seed", str(validation_seed), "--methods", ",".join(vc.methods), "--heldout", heldout]
+    argv += ["--heldout-seed", str(heldout_seed)] if heldout_seed is not None else []
+    argv += ["--device", device] if device != "cpu" else []
+    console.print(f"variants: {len(vc.names)} ({', '.join(vc.names)}) on scales {list(bc.scales)} at {bc.size}x{bc.size}, "
+                  f"N_G {bc.run.extract.n}; choose on seed {validation_seed}, report on seed {heldout_seed}")
+    with stage_progress(ctx) as factory:
+        data = run_variants_bench(vc, cache, device=device, progress=factory, command=shlex.join(argv))
+    json_path, md_path = write_variants_results(data, out)
+    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"chosen: {data['chosen']}; wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+
+
 @bench_app.command("compute")
 @cli_errors
 def compute_cmd(

@@ -1,0 +1,116 @@
+"""``side bench variants``: overrides, the objective by hand, the choice, and a tiny end-to-end run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from side_extract.bench.tables import render_variants_markdown
+from side_extract.bench.variants import (BASE, VariantsBenchConfig, apply_overrides, choose, dotted_to_nested,
+                                         load_variants_file, objective_score, run_variants_bench,
+                                         write_variants_results)
+from side_extract.cli.main import app
+from side_extract import config as cfg
+
+from test_bench import metrics, tiny_bench
+
+
+def test_dotted_overrides_nest_and_apply():
+    assert dotted_to_nested({"extract.t_hi": 0.5, "extract.scale": 2.0, "sample.n": 10}) == {
+        "extract": {"t_hi": 0.5, "scale": 2.0}, "sample": {"n": 10}}
+    rc = apply_overrides(cfg.RunConfig(), {"extract.t_hi": 0.5, "surrogate.n_clusters": 25}, where="v")
+    assert rc.extract.t_hi == 0.5 and rc.surrogate.n_clusters == 25 and rc.extract.scale == cfg.ExtractConfig().scale
+    with pytest.raises(ValueError, match="unknown config key.*t_high"):
+        apply_overrides(cfg.RunConfig(), {"extract.t_high": 0.5}, where="variants.x")
+    with pytest.raises(ValueError, match="t_lo=0.6, t_hi=0.5"):
+        apply_overrides(cfg.RunConfig(), {"extract.t_lo": 0.6, "extract.t_hi": 0.5}, where="variants.x")
+    with pytest.raises(ValueError, match="dotted section.field"):
+        dotted_to_nested({"extract..t_hi": 1})
+
+
+def test_objective_by_hand():
+    side = metrics(0.30, 0.10, 0.05, 0.20, 0.0)
+    cond = metrics(0.10, 0.05, 0.10, 0.05, 0.0)
+    uncond = metrics(0.15, 0.01, 0.25, 0.10, 0.0)
+    row = {"n_generated": 100, "side": side, "baselines": {"cond": cond, "uncond": uncond}}
+    e = 0.01
+    # AMS high: best baseline UnCond 0.15; UMS high: Cond 0.05; Carlini: UnCond 0.10; Gu: 0 vs 0 is a tie
+    want = (math.log((0.30 + e) / (0.15 + e)) + math.log((0.10 + e) / (0.05 + e)) + math.log((0.20 + e) / (0.10 + e))
+            + 0.0) / 4
+    got = objective_score([row], ("ams_cumulative/high", "ums_cumulative/high", "carlini", "gu"))
+    assert got == pytest.approx(want)
+    # p95 is a distance: closer than the closest baseline (0.05 vs 0.10) scores log 2
+    assert objective_score([row], ("p95",)) == pytest.approx(math.log(2))
+    # the mean runs over scales too; the same scale twice changes nothing
+    assert objective_score([row, row], ("carlini",)) == pytest.approx(math.log(0.21 / 0.11))
+    # a variant equal to the best baseline scores 0
+    assert objective_score([dict(row, side=uncond)], ("ams_cumulative/high", "carlini")) == pytest.approx(0.0)
+
+
+def test_choose_keeps_base_unless_a_variant_beats_it():
+    v = {"variants": {BASE: {"objective": {"side": 0.1}}, "a": {"objective": {"side": 0.1}},
+                      "b": {"objective": {"side": 0.05}}}}
+    assert choose(v, "side") == BASE  # a tie is not a win
+    v["variants"]["b"]["objective"]["side"] = 0.2
+    assert choose(v, "side") == "b"
+
+
+def test_bad_variant_settings_are_clear_errors(tmp_path):
+    bc = tiny_bench()
+    with pytest.raises(ValueError, match="'base' is reserved"):
+        VariantsBenchConfig(bench=bc, variants={BASE: {}})
+    with pytest.raises(ValueError, match="heldout_seed=1 must differ from validation_seed"):
+        VariantsBenchConfig(bench=bc, validation_seed=1, heldout_seed=1)
+    with pytest.raises(ValueError, match="methods=\\['cond'\\]"):
+        VariantsBenchConfig(bench=bc, methods=("cond",))
+    with pytest.raises(ValueError, match="objective metric 'ams/'|objective metric 'amz"):
+        VariantsBenchConfig(bench=bc, objective=("amz/high",))
+    with pytest.raises(ValueError, match="unknown config key.*scalez"):  # checked before anything runs
+        VariantsBenchConfig(bench=bc, variants={"x": {"extract.scalez": 1}})
+    bad = tmp_path / "v.yaml"
+    bad.write_text("base: {}\nvariant: {}\n")
+    with pytest.raises(ValueError, match="unknown top-level key.*variant"):
+        load_variants_file(bad)
+    r = CliRunner().invoke(app, ["bench", "variants", "--variants", str(bad)])
+    assert r.exit_code != 0 and "unknown top-level key" in r.output
+
+
+def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_thread):
+    bc = dataclasses.replace(tiny_bench(), scales=(20,), lambdas=(), n_clusters=(), taus=())
+    vf = tmp_path / "variants.yaml"
+    vf.write_text("base: {extract.scale: 1.0}\nvariants:\n  lam0: {extract.scale: 0.0}\n"
+                  "  k2: {surrogate.n_clusters: 2}\n")
+    base, variants = load_variants_file(vf)
+    vc = VariantsBenchConfig(bench=bc, base=base, variants=variants, validation_seed=3, heldout_seed=4)
+    data = run_variants_bench(vc, tmp_path / "cache", command="side bench variants")
+    val = data["validation"]
+    assert val["seed"] == 3 and list(val["variants"]) == [BASE, "lam0", "k2"]
+    s = val["scales"][0]
+    assert s["n_train"] == 20 and set(s["baselines"]) == {"cond", "uncond"}
+    # lambda 0 is unguided: it reproduces UnCond exactly, so it scores 0 against the best baseline only
+    # where UnCond is that baseline, and its metrics equal UnCond's
+    assert s["variants"]["lam0"]["methods"]["side"]["ams"] == s["baselines"]["uncond"]["ams"]
+    # a variant shares the base run's stages and recomputes only what it changes
+    lam0 = json.loads((Path(s["variants"]["lam0"]["run"]) / "manifest.json").read_text())["stages"]
+    assert lam0["classifier"].get("shared_from") and not lam0["extraction/side"].get("shared_from")
+    k2 = json.loads((Path(s["variants"]["k2"]["run"]) / "manifest.json").read_text())["stages"]
+    assert k2["synthetic"].get("shared_from") and not k2["surrogate"].get("shared_from")
+    assert s["variants"][BASE]["run"].endswith("seed-3")
+    scores = {n: v["objective"]["side"] for n, v in val["variants"].items()}
+    assert data["chosen"]["side"] == choose(val, "side")
+    assert scores[data["chosen"]["side"]] == max(scores.values())
+    # the held-out seed runs only base and the chosen variant
+    ho = data["heldout"]
+    assert ho["seed"] == 4 and list(ho["variants"]) == list(dict.fromkeys([BASE, data["chosen"]["side"]]))
+    assert ho["scales"][0]["run"].endswith("seed-4")
+    json_path, md_path = write_variants_results(data, tmp_path / "out")
+    md = md_path.read_text()
+    assert render_variants_markdown(json.loads(json_path.read_text())) == md
+    assert "held-out seed 4" in md and "`extract.scale=0.0`" in md
+    # rerunning is free: every stage is cached
+    again = run_variants_bench(vc, tmp_path / "cache")
+    assert again["validation"]["variants"] == val["variants"]
