@@ -83,12 +83,12 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     bc = dataclasses.replace(tiny_bench(), scales=(20,), lambdas=(), n_clusters=(), taus=())
     vf = tmp_path / "variants.yaml"
     vf.write_text("base: {extract.scale: 1.0}\nvariants:\n  lam0: {extract.scale: 0.0}\n"
-                  "  k2: {surrogate.n_clusters: 2}\n")
+                  "  k2: {surrogate.n_clusters: 2}\n  ksel: {surrogate.select_k: [2, 3]}\n")
     base, variants = load_variants_file(vf)
     vc = VariantsBenchConfig(bench=bc, base=base, variants=variants, validation_seed=3, heldout_seed=4)
     data = run_variants_bench(vc, tmp_path / "cache", command="side bench variants")
     val = data["validation"]
-    assert val["seed"] == 3 and list(val["variants"]) == [BASE, "lam0", "k2"]
+    assert val["seed"] == 3 and list(val["variants"]) == [BASE, "lam0", "k2", "ksel"]
     s = val["scales"][0]
     assert s["n_train"] == 20 and set(s["baselines"]) == {"cond", "uncond"}
     # lambda 0 is unguided: it reproduces UnCond exactly, so it scores 0 against the best baseline only
@@ -100,6 +100,10 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     k2 = json.loads((Path(s["variants"]["k2"]["run"]) / "manifest.json").read_text())["stages"]
     assert k2["synthetic"].get("shared_from") and not k2["surrogate"].get("shared_from")
     assert s["variants"][BASE]["run"].endswith("seed-3")
+    # K by silhouette: the chosen K is one of the candidates and every candidate's score is recorded
+    clusters = json.loads((Path(s["variants"]["ksel"]["run"]) / "surrogate" / "clusters.json").read_text())
+    assert set(clusters["k_scores"]) == {"2", "3"} and clusters["n_clusters"] == int(max(
+        clusters["k_scores"], key=lambda k: (clusters["k_scores"][k], -int(k))))
     scores = {n: v["objective"]["side"] for n, v in val["variants"].items()}
     assert data["chosen"]["side"] == choose(val, "side")
     assert scores[data["chosen"]["side"]] == max(scores.values())

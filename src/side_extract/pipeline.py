@@ -74,7 +74,10 @@ def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
 def surrogate_stage(ctx: AuditContext, features: np.ndarray) -> np.ndarray:
     """Cluster labels of the synthetic set: (n,) cluster id or -1; writes labels, centroids, cohesion."""
     c = ctx.rc.surrogate
-    fp = fingerprint_of(c, ctx.fp["features"])
+    settings = cfg.to_dict(c)
+    if not c.select_k:  # added after runs were cached: without it, a run keeps its earlier fingerprint
+        settings.pop("select_k")
+    fp = fingerprint_of(settings, ctx.fp["features"])
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
     if ctx.run.begin("surrogate", fp) != "skip" or not path.exists():

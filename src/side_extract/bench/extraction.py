@@ -47,15 +47,16 @@ N_DIGITS = 1797
 
 
 def full_run_template() -> cfg.RunConfig:
-    """The audit settings of the full benchmark (``configs/digits.yaml`` with N_G = 2,000 and all methods)."""
+    """The audit settings of the full benchmark: the paper's SIDE settings, spelled out (so that a change of
+    the library's defaults does not change what this benchmark measures), N_G = 2,000 and all methods."""
     return cfg.from_dict(cfg.RunConfig, {
         "sample": {"n": 2000, "steps": 50},
         "features": {"extractor": "pixels-pca"},
-        "surrogate": {"n_clusters": 100, "tau": 0.5},
+        "surrogate": {"n_clusters": 100, "tau": 0.5, "select_k": []},
         "classifier": {"depth": 10, "width": 16, "steps": 1200, "lr": 1e-3},
         "clean_classifier": {"depth": 10, "width": 16, "steps": 400, "lr": 1e-3},
         "extract": {"methods": ["side", "side-teacher", "cond", "uncond"], "n": 2000, "seed": 1, "scale": 10.0,
-                    "steps": 50},
+                    "temperature": 1.0, "t_lo": 0.0, "t_hi": 1.0, "scheduler": "ddim", "eta": 0.0, "steps": 50},
         "evaluate": {"similarity": "rms-l2"},
     })
 
