@@ -83,12 +83,13 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     bc = dataclasses.replace(tiny_bench(), scales=(20,), lambdas=(), n_clusters=(), taus=())
     vf = tmp_path / "variants.yaml"
     vf.write_text("base: {extract.scale: 1.0}\nvariants:\n  lam0: {extract.scale: 0.0}\n"
-                  "  k2: {surrogate.n_clusters: 2}\n  ksel: {surrogate.select_k: [2, 3]}\n")
+                  "  k2: {surrogate.n_clusters: 2}\n  ksel: {surrogate.select_k: [2, 3]}\n"
+                  "  ddpm: {extract.scheduler: ddpm}\n")
     base, variants = load_variants_file(vf)
     vc = VariantsBenchConfig(bench=bc, base=base, variants=variants, validation_seed=3, heldout_seed=4)
     data = run_variants_bench(vc, tmp_path / "cache", command="side bench variants")
     val = data["validation"]
-    assert val["seed"] == 3 and list(val["variants"]) == [BASE, "lam0", "k2", "ksel"]
+    assert val["seed"] == 3 and list(val["variants"]) == [BASE, "lam0", "k2", "ksel", "ddpm"]
     s = val["scales"][0]
     assert s["n_train"] == 20 and set(s["baselines"]) == {"cond", "uncond"}
     # lambda 0 is unguided: it reproduces UnCond exactly, so it scores 0 against the best baseline only
@@ -104,6 +105,17 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     clusters = json.loads((Path(s["variants"]["ksel"]["run"]) / "surrogate" / "clusters.json").read_text())
     assert set(clusters["k_scores"]) == {"2", "3"} and clusters["n_clusters"] == int(max(
         clusters["k_scores"], key=lambda k: (clusters["k_scores"][k], -int(k))))
+    # a variant with another sampler is measured against the baselines under that sampler as well
+    assert set(s["variants"]["ddpm"]["own_baselines"]) == {"cond (ddpm)", "uncond (ddpm)"}
+    assert s["variants"]["k2"]["own_baselines"] == {}
+    assert s["variants"]["ddpm"]["own_baselines"]["uncond (ddpm)"]["ams"] != s["baselines"]["uncond"]["ams"] or \
+        s["variants"]["ddpm"]["own_baselines"]["uncond (ddpm)"]["p95"] != s["baselines"]["uncond"]["p95"]
+    assert s["variants"]["ddpm"]["ratios"]["side"]["carlini"]["best_baseline_method"] in {
+        "cond", "uncond", "cond (ddpm)", "uncond (ddpm)"}
+    dv = s["variants"]["ddpm"]
+    assert val["variants"]["ddpm"]["objective"]["side"] == pytest.approx(objective_score(
+        [{"n_generated": 6, "side": dv["methods"]["side"], "baselines": {**s["baselines"], **dv["own_baselines"]}}],
+        vc.objective))
     scores = {n: v["objective"]["side"] for n, v in val["variants"].items()}
     assert data["chosen"]["side"] == choose(val, "side")
     assert scores[data["chosen"]["side"]] == max(scores.values())

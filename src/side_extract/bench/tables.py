@@ -152,6 +152,11 @@ def _variants_seed_table(seed_data: dict[str, Any], method: str, chosen: str | N
         for s in scales:
             row += cells(s["variants"][name]["methods"][method])
         lines.append("| " + " | ".join(row) + " |")
+        for b in scales[0]["variants"][name].get("own_baselines", {}):
+            row = [f"*{b}* (baseline with the variant's sampler)", "", ""]
+            for s in scales:
+                row += cells(s["variants"][name]["own_baselines"][b])
+            lines.append("| " + " | ".join(row) + " |")
     return lines
 
 

@@ -15,7 +15,9 @@ For each seed and each scale (training-set size) of the extraction benchmark:
 3. the variant's score is its **objective**: the mean, over the scales and the ``objective`` metrics, of
    ``log((v + e) / (b + e))``, v the variant's value, b the best baseline's (Cond or UnCond, whichever
    memorizes more by that metric), e = 1 / N_G (so a metric at zero on both sides counts as a tie, not
-   as infinity).
+   as infinity). A variant that changes the sampler itself (``extract.scheduler``, ``steps``, ``eta``,
+   ``clip_model_output``) also reruns Cond and UnCond with that sampler, and its best baseline is the best
+   of both samplers' baselines: a sampler that makes every method memorize more is not a SIDE win.
 
 **Protocol.** The variants are scored on ``validation_seed``; the best-scoring one (``base`` itself when
 none beats it) is *chosen* there. Only then are ``base`` and the chosen variant run on ``heldout_seed``
@@ -152,6 +154,14 @@ def objective_score(per_scale: list[dict[str, Any]], metrics: tuple[str, ...]) -
     return sum(terms) / len(terms) if terms else float("nan")
 
 
+SAMPLER_KEYS = ("scheduler", "steps", "eta", "clip_model_output")
+
+
+def sampler_settings(rc: cfg.RunConfig) -> dict[str, Any]:
+    """The extraction settings that change unguided samples too (a variant changing them reruns the baselines)."""
+    return {k: getattr(rc.extract, k) for k in SAMPLER_KEYS}
+
+
 def _scale_inputs(vc: VariantsBenchConfig, n: int, cache: Path, device: str, progress: ProgressFactory):
     bc = vc.bench
     train, train_path, heldout = training_set(n, bc.size, cache)
@@ -184,19 +194,27 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
                                  "baselines": {b: compact(m) for b, m in baselines.items()}, "variants": {}}
         for name in names:
             t0 = time.time()
+            own: dict[str, dict] = {}
             if name == BASE:
                 metrics, run_path = {m: main.metrics[m] for m in vc.methods}, main_path
             else:
                 run_path = main_path / "variants" / name
                 share_stages(RunDir(main_path), RunDir(run_path))
                 rc = _scale_config(vc, name, target, train_path, bands, seed, vc.methods)
+                resampled = sampler_settings(rc) != sampler_settings(main_rc)
+                if resampled:  # the baselines also get the variant's sampler: a sampler alone is no SIDE win
+                    rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=all_methods))
                 metrics = run_audit(run_path, rc, device=device, progress=progress).metrics
+                own = {f"{b} ({name})": metrics.pop(b) for b in BASELINES if resampled}
+            best_of = {**baselines, **own}
             scale["variants"][name] = {
                 "run": str(run_path), "seconds": round(time.time() - t0, 1),
                 "methods": {m: compact(v) for m, v in metrics.items()},
-                "ratios": ratios_to_best_baseline({**metrics, **baselines}, side_methods=vc.methods),
+                "own_baselines": {b: compact(v) for b, v in own.items()},
+                "ratios": ratios_to_best_baseline({**metrics, **best_of}, side_methods=vc.methods,
+                                                  baselines=tuple(best_of)),
             }
-            per_variant[name].append({"n_generated": main_rc.extract.n, "metrics": metrics, "baselines": baselines})
+            per_variant[name].append({"n_generated": main_rc.extract.n, "metrics": metrics, "baselines": best_of})
         out["scales"].append(scale)
     for name, rows in per_variant.items():
         out["variants"][name] = {
