@@ -59,6 +59,19 @@ def test_whole_chain_and_skip(tiny_model_dir, tmp_path):
     run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, methods=("side", "uncond"))))
     again = read_json(run / "manifest.json")["stages"]
     assert again["extraction/side"]["started_unix"] == after["extraction/side"]["started_unix"]
+    # SIDE's temperature reruns the SIDE methods only; Cond has its own (cond_temperature)
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, temperature=2.0)))
+    hot = read_json(run / "manifest.json")["stages"]
+    assert hot["extraction/side"]["started_unix"] != after["extraction/side"]["started_unix"]
+    assert hot["extraction/side-teacher"]["started_unix"] != after["extraction/side-teacher"]["started_unix"]
+    assert hot["extraction/cond"]["started_unix"] == after["extraction/cond"]["started_unix"]
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, temperature=2.0,
+                                                                       cond_temperature=3.0)))
+    cold = read_json(run / "manifest.json")["stages"]
+    assert cold["extraction/cond"]["started_unix"] != hot["extraction/cond"]["started_unix"]
+    assert cold["extraction/side"]["started_unix"] == hot["extraction/side"]["started_unix"]
+    with pytest.raises(ValueError, match="cond_temperature=0.0 must be > 0"):
+        cfg.ExtractConfig(cond_temperature=0.0)
 
 
 def test_methods_share_noise(tiny_model_dir, tmp_path):

@@ -201,7 +201,9 @@ class ExtractConfig:
 
     ``side``: guidance toward a random kept cluster by the noise-aware classifier; ``side-teacher``: the same
     with teacher labels; ``cond``: guidance by a clean (time-independent) classifier toward a random class;
-    ``uncond``: plain sampling. ``scale`` is lambda; ``cond_scale`` defaults to it. ``t_lo``/``t_hi`` limit
+    ``uncond``: plain sampling. ``scale`` is lambda; ``cond_scale`` defaults to it. ``temperature`` divides the
+    SIDE classifiers' logits before the softmax; ``cond_temperature`` the Cond classifier's (1: the
+    classifier as trained, the paper's baseline). ``t_lo``/``t_hi`` limit
     guidance to that fraction of the timesteps. ``clip_model_output`` recomputes eps from the clipped x0
     in every DDIM step (guided-diffusion's DDIM; diffusers' ``use_clipped_model_output``) for all methods
     alike: without it, guidance at high noise pushes *away* from the target once x0 saturates.
@@ -213,6 +215,7 @@ class ExtractConfig:
     scale: float = 10.0
     cond_scale: float | None = None
     temperature: float = 1.0
+    cond_temperature: float = 1.0
     t_lo: float = 0.0
     t_hi: float = 1.0
     scheduler: SchedulerKind = "ddim"
@@ -229,6 +232,8 @@ class ExtractConfig:
             raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(METHODS)}")
         if self.scale < 0 or (self.cond_scale is not None and self.cond_scale < 0):
             raise ValueError(f"scale={self.scale} / cond_scale={self.cond_scale} must be >= 0")
+        if self.temperature <= 0 or self.cond_temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} / cond_temperature={self.cond_temperature} must be > 0")
         if not 0.0 <= self.t_lo < self.t_hi <= 1.0:
             raise ValueError(f"t_lo={self.t_lo}, t_hi={self.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
 

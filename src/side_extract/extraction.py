@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class GuidanceSpec:
-    """A classifier to guide with, the label value of each of its outputs, and the scale."""
+    """A classifier to guide with, the label value of each of its outputs, the scale and the temperature."""
 
     classifier: torch.nn.Module
     classes: np.ndarray
     scale: float
+    temperature: float = 1.0
 
 
 def draw_targets(seed: int, indices: np.ndarray, n_classes: int) -> np.ndarray:
@@ -61,7 +62,7 @@ def extract(
         out_idx[idx] = draw_targets(c.seed, idx, len(guidance.classes))
         labels = np.asarray(guidance.classes, dtype=np.int64)[out_idx[idx]]
         g = ClassifierGuidance(guidance.classifier, guidance.scale, out_idx,
-                               denoiser.scheduler.config.num_train_timesteps, temperature=c.temperature,
+                               denoiser.scheduler.config.num_train_timesteps, temperature=guidance.temperature,
                                t_range=(c.t_lo, c.t_hi))
         guide = g.for_indices
     x = sample(denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,

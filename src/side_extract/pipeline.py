@@ -130,7 +130,8 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
         save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c)})
         ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy)
     model = load_classifier(directory, ctx.device)
-    return GuidanceSpec(model, np.asarray(model.arch.classes, dtype=np.int64), ctx.rc.extract.scale)
+    return GuidanceSpec(model, np.asarray(model.arch.classes, dtype=np.int64), ctx.rc.extract.scale,
+                        ctx.rc.extract.temperature)
 
 
 def teacher_stage(ctx: AuditContext, clean: GuidanceSpec, synthetic: ImageSet) -> np.ndarray:
@@ -147,15 +148,16 @@ def teacher_stage(ctx: AuditContext, clean: GuidanceSpec, synthetic: ImageSet) -
 
 def _extraction_settings(c: cfg.ExtractConfig, guidance: GuidanceSpec | None) -> dict:
     """What one method's generations depend on: not the list of other methods, nor the batch size; for an
-    unguided method, no guidance setting; for a guided one, its own scale rather than both scales."""
+    unguided method, no guidance setting; for a guided one, its own scale and temperature rather than both."""
     d = cfg.to_dict(c)
-    for k in ("methods", "batch_size", "scale", "cond_scale"):
+    for k in ("methods", "batch_size", "scale", "cond_scale", "cond_temperature"):
         d.pop(k)
     if guidance is None:
         for k in ("temperature", "t_lo", "t_hi"):
             d.pop(k)
     else:
         d["guidance_scale"] = guidance.scale
+        d["temperature"] = guidance.temperature
     return d
 
 
@@ -241,7 +243,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
             raise ValueError(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels")
         clean = classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(), clean=True)
         scale = rc.extract.scale if rc.extract.cond_scale is None else rc.extract.cond_scale
-        guides["cond"] = dataclasses.replace(clean, scale=scale)
+        guides["cond"] = dataclasses.replace(clean, scale=scale, temperature=rc.extract.cond_temperature)
         if "side-teacher" in methods:
             t_labels = teacher_stage(ctx, clean, synthetic)
             guides["side-teacher"] = classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels,
