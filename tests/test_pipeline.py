@@ -60,12 +60,12 @@ def test_whole_chain_and_skip(tiny_model_dir, tmp_path):
     again = read_json(run / "manifest.json")["stages"]
     assert again["extraction/side"]["started_unix"] == after["extraction/side"]["started_unix"]
     # SIDE's temperature reruns the SIDE methods only; Cond has its own (cond_temperature)
-    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, temperature=2.0)))
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, temperature=3.0)))
     hot = read_json(run / "manifest.json")["stages"]
     assert hot["extraction/side"]["started_unix"] != after["extraction/side"]["started_unix"]
     assert hot["extraction/side-teacher"]["started_unix"] != after["extraction/side-teacher"]["started_unix"]
     assert hot["extraction/cond"]["started_unix"] == after["extraction/cond"]["started_unix"]
-    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, temperature=2.0,
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, temperature=3.0,
                                                                        cond_temperature=3.0)))
     cold = read_json(run / "manifest.json")["stages"]
     assert cold["extraction/cond"]["started_unix"] != hot["extraction/cond"]["started_unix"]

@@ -130,11 +130,11 @@ def quick_config() -> ExtractionBenchConfig:
     run = cfg.from_dict(cfg.RunConfig, {
         "sample": {"n": 256, "steps": 20},
         "features": {"extractor": "pixels-pca"},
-        "surrogate": {"n_clusters": 16, "tau": 0.5},
+        "surrogate": {"n_clusters": 16, "tau": 0.5, "select_k": []},
         "classifier": clf,
         "clean_classifier": dict(clf, steps=100),
         "extract": {"methods": ["side", "side-teacher", "cond", "uncond"], "n": 64, "seed": 1, "scale": 10.0,
-                    "steps": 20},
+                    "temperature": 1.0, "steps": 20},
         "evaluate": {"similarity": "rms-l2"},
     })
     target = cfg.TrainTargetConfig(block_out_channels=(16, 32), norm_num_groups=16, steps=400, batch_size=64,

@@ -169,7 +169,8 @@ def render_variants_markdown(data: dict[str, Any]) -> str:
              f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
              f"load average at start {m['load_average_at_start']}; {m['date']}  ",
              f"Images {data['size']}x{data['size']}; validation seed {c['validation_seed']}, held-out seed "
-             f"{c['heldout_seed']}; total {data['seconds']:.0f} s.", "",
+             f"{c['heldout_seed'] if c['heldout_seed'] is not None else '(none)'}; total {data['seconds']:.0f} s "
+             "(stages found in the cache take no time).", "",
              "Objective (chooses the variant, validation seed only): mean over scales and the metrics "
              f"{', '.join('`' + o + '`' for o in data['objective'])} of log((v + 1/N_G) / (best baseline + 1/N_G)); "
              "0 = on par with the best baseline, +0.10 = about 10 % more. ≤mid = the high and mid bands together "

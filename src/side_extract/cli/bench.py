@@ -110,7 +110,9 @@ def variants_cmd(
     n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per variant and baseline [default: 2000]."),
     train_steps: int | None = typer.Option(None, "--train-steps", help="Training budget of the targets [default: 3000]."),
     validation_seed: int = typer.Option(1, "--validation-seed", help="Extraction seed the variants are chosen on."),
-    heldout_seed: int | None = typer.Option(2, "--heldout-seed", help="Extraction seed the choice is reported on."),
+    heldout_seed: int = typer.Option(2, "--heldout-seed", help="Extraction seed the choice is reported on."),
+    no_heldout: bool = typer.Option(False, "--no-heldout", help="Validation seed only (e.g. to carry a choice made "
+                                    "elsewhere to new targets: list only that variant)."),
     methods: str = typer.Option("side", "--methods", help="SIDE methods to vary: side, side-teacher (comma-separated)."),
     heldout: str = typer.Option("chosen", "--heldout", help="Run on the held-out seed: 'chosen' (base and the "
                                 "chosen variant) or 'all'."),
@@ -132,15 +134,17 @@ def variants_cmd(
         changes["run"] = dataclasses.replace(bc.run, extract=dataclasses.replace(bc.run.extract, n=n_generated))
     bc = dataclasses.replace(bc, **changes)
     vc = VariantsBenchConfig(bench=bc, base=base, variants=named, methods=tuple(m.strip() for m in methods.split(",")),
-                             validation_seed=validation_seed, heldout_seed=heldout_seed, heldout=heldout)
+                             validation_seed=validation_seed, heldout_seed=None if no_heldout else heldout_seed,
+                             heldout=heldout)
     argv = ["side", "--threads", str(_threads()), "bench", "variants", "--variants", str(variants), "--out", str(out),
             "--cache", str(cache), "--scales", ",".join(map(str, bc.scales)), "--size", str(bc.size),
             "--n-generated", str(bc.run.extract.n), "--train-steps", str(bc.target.steps),
             "--validation-seed", str(validation_seed), "--methods", ",".join(vc.methods), "--heldout", heldout]
-    argv += ["--heldout-seed", str(heldout_seed)] if heldout_seed is not None else []
+    argv += ["--no-heldout"] if no_heldout else ["--heldout-seed", str(heldout_seed)]
     argv += ["--device", device] if device != "cpu" else []
     console.print(f"variants: {len(vc.names)} ({', '.join(vc.names)}) on scales {list(bc.scales)} at {bc.size}x{bc.size}, "
-                  f"N_G {bc.run.extract.n}; choose on seed {validation_seed}, report on seed {heldout_seed}")
+                  f"N_G {bc.run.extract.n}; choose on seed {validation_seed}"
+                  + ("" if no_heldout else f", report on seed {heldout_seed}"))
     with stage_progress(ctx) as factory:
         data = run_variants_bench(vc, cache, device=device, progress=factory, command=shlex.join(argv))
     json_path, md_path = write_variants_results(data, out)
