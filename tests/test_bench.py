@@ -146,3 +146,14 @@ def test_compute_bench_schema_on_tiny_sizes(tmp_path, one_thread):
     (rss,) = d["evaluate_rss"]
     assert rss["n_generated"] == 100 and rss["peak_rss_mb"] >= rss["rss_before_mb"] > 0
     assert "demo" not in d and "DDIMPipeline" in md_path.read_text()
+
+
+def test_bench_help_shows_the_defaults_of_optional_options():
+    # Rich reads "[default: ...]" in a help string as markup and drops it; the defaults must stay visible
+    for cmd, wanted in ((["bench", "extraction"], ["default: 16", "default: 2000", "default: 3000"]),
+                        (["bench", "variants"], ["default: 16", "default: 2000", "default: 300,1000"])):
+        r = CliRunner().invoke(app, [*cmd, "--help"])
+        assert r.exit_code == 0
+        text = " ".join(r.output.replace("│", " ").split())  # undo the help panel's wrapping
+        for w in wanted:
+            assert w in text, (cmd, w)

@@ -37,17 +37,17 @@ def extraction_cmd(
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache",
                                help="Trained targets (keyed by their config fingerprint), bands and run directories."),
     scales: str | None = typer.Option(None, "--scales", help="Training-set sizes, comma-separated "
-                                      "[default: 100,300,1000; --quick: 30,60]."),
-    size: int | None = typer.Option(None, "--size", help="Image size in px [default: 16; --quick: 8]."),
-    n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per method [default: 2000; --quick: 64]."),
+                                      "(default: 100,300,1000; --quick: 30,60)."),
+    size: int | None = typer.Option(None, "--size", help="Image size in px (default: 16; --quick: 8)."),
+    n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per method (default: 2000; --quick: 64)."),
     train_steps: int | None = typer.Option(None, "--train-steps",
-                                           help="The one training budget of every target [default: 3000; --quick: 400]."),
+                                           help="The one training budget of every target (default: 3000; --quick: 400)."),
     seed: int | None = typer.Option(None, "--seed", help="Extraction seed: tune on one (validation), report on "
-                                    "another (held-out) [default: 1]."),
+                                    "another (held-out) (default: 1)."),
     sweep_scale: int | None = typer.Option(None, "--sweep-scale", help="Scale of the lambda, K and tau sweeps "
-                                           "[default: the middle scale]."),
+                                           "(default: the middle scale)."),
     sweep_n_generated: int | None = typer.Option(None, "--sweep-n-generated", help="N_G per sweep point "
-                                                 "[default: 500; --quick: 64]."),
+                                                 "(default: 500; --quick: 64)."),
     no_sweeps: bool = typer.Option(False, "--no-sweeps", help="Skip the lambda, K and tau sweeps."),
     quick: bool = typer.Option(False, "--quick", help="A tiny configuration (30 and 60 digits at 8x8, N_G 64) that "
                                "finishes in a few minutes; writes extraction-quick.*."),
@@ -106,9 +106,9 @@ def variants_cmd(
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="The extraction benchmark's cache (targets, "
                                "bands, runs); variants run as sub-runs of its runs."),
     scales: str = typer.Option("300,1000", "--scales", help="Training-set sizes, comma-separated."),
-    size: int | None = typer.Option(None, "--size", help="Image size in px [default: the extraction benchmark's, 16]."),
-    n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per variant and baseline [default: 2000]."),
-    train_steps: int | None = typer.Option(None, "--train-steps", help="Training budget of the targets [default: 3000]."),
+    size: int | None = typer.Option(None, "--size", help="Image size in px (default: 16, as in the extraction benchmark)."),
+    n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per variant and baseline (default: 2000)."),
+    train_steps: int | None = typer.Option(None, "--train-steps", help="Training budget of the targets (default: 3000)."),
     validation_seed: int = typer.Option(1, "--validation-seed", help="Extraction seed the variants are chosen on."),
     heldout_seed: int = typer.Option(2, "--heldout-seed", help="Extraction seed the choice is reported on."),
     no_heldout: bool = typer.Option(False, "--no-heldout", help="Validation seed only (e.g. to carry a choice made "
