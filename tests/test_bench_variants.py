@@ -69,6 +69,10 @@ def test_bad_variant_settings_are_clear_errors(tmp_path):
         VariantsBenchConfig(bench=bc, methods=("cond",))
     with pytest.raises(ValueError, match="objective metric 'ams/'|objective metric 'amz"):
         VariantsBenchConfig(bench=bc, objective=("amz/high",))
+    with pytest.raises(ValueError, match="x: 'extract.n' cannot be varied"):
+        VariantsBenchConfig(bench=bc, variants={"x": {"extract.n": 10}})
+    with pytest.raises(ValueError, match="base: 'evaluate.carlini_n' cannot be varied"):
+        VariantsBenchConfig(bench=bc, base={"evaluate.carlini_n": 10})
     with pytest.raises(ValueError, match="unknown config key.*scalez"):  # checked before anything runs
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.scalez": 1}})
     bad = tmp_path / "v.yaml"

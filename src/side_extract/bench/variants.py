@@ -43,6 +43,9 @@ from .extraction import (BASELINES, SIDE_METHODS, ExtractionBenchConfig, _scale_
 
 SCHEMA = "side-extract/bench-variants/1"
 BASE = "base"
+# what a variant may not change: the comparison with the baselines needs the same target, training set,
+# N_G, seeds and measurement (the benchmark sets them)
+FIXED = ("model", "train", "train_resize", "extract.n", "extract.seed", "extract.methods", "evaluate", "sweep")
 DEFAULT_OBJECTIVE = ("ams_cumulative/high", "ams_cumulative/mid", "ums_cumulative/high", "ums_cumulative/mid",
                      "carlini")
 
@@ -105,6 +108,10 @@ class VariantsBenchConfig:
         for name in self.names:
             if not name or "/" in name or name.startswith("."):
                 raise ValueError(f"variant name {name!r} must be non-empty, without '/', not starting with '.'")
+            for key in (self.base if name == BASE else self.variants[name]):
+                if any(key == f or key.startswith(f + ".") for f in FIXED):
+                    raise ValueError(f"{name}: {key!r} cannot be varied (the benchmark fixes {', '.join(FIXED)} so "
+                                     "that every variant is measured like the baselines)")
             self.run_config(name)  # every override is checked up front, not after an hour of runs
 
     def run_config(self, name: str) -> cfg.RunConfig:
