@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from side_extract.bench.extraction import ratios_to_best_baseline
 from side_extract.bench.tables import render_variants_markdown
-from side_extract.bench.variants import (BASE, VariantsBenchConfig, apply_overrides, choose, dotted_to_nested,
+from side_extract.bench.variants import (BASE, VariantsBenchConfig, apply_overrides, choose,
                                          load_variants_file, objective_score, run_variants_bench,
                                          write_variants_results)
 from side_extract.cli.main import app
@@ -20,7 +21,7 @@ from test_bench import metrics, tiny_bench
 
 
 def test_dotted_overrides_nest_and_apply():
-    assert dotted_to_nested({"extract.t_hi": 0.5, "extract.scale": 2.0, "sample.n": 10}) == {
+    assert cfg.dotted_to_nested({"extract.t_hi": 0.5, "extract.scale": 2.0, "sample.n": 10}) == {
         "extract": {"t_hi": 0.5, "scale": 2.0}, "sample": {"n": 10}}
     rc = apply_overrides(cfg.RunConfig(), {"extract.t_hi": 0.5, "surrogate.n_clusters": 25}, where="v")
     assert rc.extract.t_hi == 0.5 and rc.surrogate.n_clusters == 25 and rc.extract.scale == cfg.ExtractConfig().scale
@@ -29,26 +30,29 @@ def test_dotted_overrides_nest_and_apply():
     with pytest.raises(ValueError, match="t_lo=0.6, t_hi=0.5"):
         apply_overrides(cfg.RunConfig(), {"extract.t_lo": 0.6, "extract.t_hi": 0.5}, where="variants.x")
     with pytest.raises(ValueError, match="dotted section.field"):
-        dotted_to_nested({"extract..t_hi": 1})
+        cfg.dotted_to_nested({"extract..t_hi": 1})
 
 
 def test_objective_by_hand():
     side = metrics(0.30, 0.10, 0.05, 0.20, 0.0)
     cond = metrics(0.10, 0.05, 0.10, 0.05, 0.0)
     uncond = metrics(0.15, 0.01, 0.25, 0.10, 0.0)
-    row = {"n_generated": 100, "side": side, "baselines": {"cond": cond, "uncond": uncond}}
+
+    def row(s: dict) -> tuple[int, dict]:
+        return 100, ratios_to_best_baseline({"side": s, "cond": cond, "uncond": uncond})["side"]
+
     e = 0.01
     # AMS high: best baseline UnCond 0.15; UMS high: Cond 0.05; Carlini: UnCond 0.10; Gu: 0 vs 0 is a tie
     want = (math.log((0.30 + e) / (0.15 + e)) + math.log((0.10 + e) / (0.05 + e)) + math.log((0.20 + e) / (0.10 + e))
             + 0.0) / 4
-    got = objective_score([row], ("ams_cumulative/high", "ums_cumulative/high", "carlini", "gu"))
+    got = objective_score([row(side)], ("ams_cumulative/high", "ums_cumulative/high", "carlini", "gu"))
     assert got == pytest.approx(want)
     # p95 is a distance: closer than the closest baseline (0.05 vs 0.10) scores log 2
-    assert objective_score([row], ("p95",)) == pytest.approx(math.log(2))
+    assert objective_score([row(side)], ("p95",)) == pytest.approx(math.log(2))
     # the mean runs over scales too; the same scale twice changes nothing
-    assert objective_score([row, row], ("carlini",)) == pytest.approx(math.log(0.21 / 0.11))
+    assert objective_score([row(side), row(side)], ("carlini",)) == pytest.approx(math.log(0.21 / 0.11))
     # a variant equal to the best baseline scores 0
-    assert objective_score([dict(row, side=uncond)], ("ams_cumulative/high", "carlini")) == pytest.approx(0.0)
+    assert objective_score([row(uncond)], ("ams_cumulative/high", "carlini")) == pytest.approx(0.0)
 
 
 def test_choose_keeps_base_unless_a_variant_beats_it():
@@ -117,9 +121,9 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     assert s["variants"]["ddpm"]["ratios"]["side"]["carlini"]["best_baseline_method"] in {
         "cond", "uncond", "cond (ddpm)", "uncond (ddpm)"}
     dv = s["variants"]["ddpm"]
-    assert val["variants"]["ddpm"]["objective"]["side"] == pytest.approx(objective_score(
-        [{"n_generated": 6, "side": dv["methods"]["side"], "baselines": {**s["baselines"], **dv["own_baselines"]}}],
-        vc.objective))
+    four = {**s["baselines"], **dv["own_baselines"]}
+    fresh = ratios_to_best_baseline({"side": dv["methods"]["side"], **four}, baselines=tuple(four))["side"]
+    assert val["variants"]["ddpm"]["objective"]["side"] == pytest.approx(objective_score([(6, fresh)], vc.objective))
     scores = {n: v["objective"]["side"] for n, v in val["variants"].items()}
     assert data["chosen"]["side"] == choose(val, "side")
     assert scores[data["chosen"]["side"]] == max(scores.values())

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from side_extract.cli.main import app
@@ -71,3 +72,13 @@ def test_demo_runs_end_to_end(tmp_path):
     r = CliRunner().invoke(app, ["--no-progress", "demo", "--out", str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "demo" / "report" / "report.html").exists()
+
+
+def test_extract_temperature_flag_reaches_the_run_config(tiny_model_dir, tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\nextract: {{n: 2, steps: 2}}\n")
+    r = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(tmp_path / "r"), "--config", str(conf),
+                                 "--method", "uncond", "--temperature", "3", "--no-evaluate"])
+    assert r.exit_code == 0, r.output
+    extract = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["extract"]
+    assert extract["temperature"] == 3.0 and extract["cond_temperature"] == 1.0 and extract["n"] == 2

@@ -373,5 +373,21 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"extract.t_hi": 0.5}`` -> ``{"extract": {"t_hi": 0.5}}`` (nested dicts are merged as they are)."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            raise ValueError(f"override key {key!r} must be dotted section.field names, e.g. 'extract.t_hi'")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override key {key!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = merge(node.get(parts[-1], {}), value) if isinstance(value, dict) else value
+    return out
+
+
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

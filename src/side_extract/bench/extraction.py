@@ -259,20 +259,40 @@ def compact(metrics: dict[str, Any]) -> dict[str, Any]:
 # the benchmark
 
 
-def _scale_run_config(bc: ExtractionBenchConfig, target: dict, train_path: Path, bands: Path) -> cfg.RunConfig:
-    ev = dataclasses.replace(bc.run.evaluate, bands_file=str(bands), bands=None)
-    return dataclasses.replace(bc.run, model=target["path"], train=str(train_path), evaluate=ev, sweep=cfg.SweepConfig())
+@dataclasses.dataclass(frozen=True)
+class ScaleInputs:
+    """What every run on one training-set size reads: its training set, trained target and bands."""
+
+    n_train: int
+    train_path: Path
+    target: dict[str, Any]
+    bands: Path
+
+    def run_config(self, template: cfg.RunConfig) -> cfg.RunConfig:
+        """``template`` pointed at this scale's target, training set and bands (its sweeps dropped)."""
+        ev = dataclasses.replace(template.evaluate, bands_file=str(self.bands), bands=None)
+        return dataclasses.replace(template, model=self.target["path"], train=str(self.train_path), evaluate=ev,
+                                   sweep=cfg.SweepConfig())
+
+    def seed_run(self, cache: Path, seed: int) -> Path:
+        """``cache/runs/<target>/seed-<seed>``. A new extraction seed starts from another seed's run: the
+        synthetic set, labels and classifiers do not depend on the extraction seed, so they are shared
+        (extraction reruns: its fingerprint holds the seed)."""
+        run_path = cache / "runs" / Path(self.target["path"]).name / f"seed-{seed}"
+        if not (run_path / RunDir.MANIFEST).exists():
+            siblings = sorted(p for p in run_path.parent.glob("seed-*") if (p / RunDir.MANIFEST).exists())
+            if siblings:
+                share_stages(RunDir(siblings[0]), RunDir(run_path))
+        return run_path
 
 
-def _share_from_sibling_seed(run_path: Path) -> None:
-    """A new extraction seed on a target starts from another seed's run: the synthetic set, labels and
-    classifiers do not depend on the extraction seed, so they are shared (extraction reruns: its fingerprint
-    holds the seed)."""
-    if (run_path / RunDir.MANIFEST).exists():
-        return
-    siblings = sorted(p for p in run_path.parent.glob("seed-*") if (p / RunDir.MANIFEST).exists() and p != run_path)
-    if siblings:
-        share_stages(RunDir(siblings[0]), RunDir(run_path))
+def scale_inputs(bc: ExtractionBenchConfig, n: int, cache: Path, *, device: str = "cpu",
+                 progress: ProgressFactory = _no_progress) -> ScaleInputs:
+    """The training set, target (trained or from the cache) and bands (calibrated once) of ``digits:n``."""
+    train, train_path, heldout = training_set(n, bc.size, cache)
+    target = ensure_target(bc.target, n, bc.size, cache, device=device, progress=progress)
+    bands = ensure_bands(train, heldout, bc.run.evaluate, cache, _tag(n, bc.size), model=target["path"], device=device)
+    return ScaleInputs(n, train_path, target, bands)
 
 
 def _stage_seconds(run: Path) -> dict[str, float]:
@@ -346,18 +366,15 @@ def run_extraction_bench(bc: ExtractionBenchConfig, cache: str | Path, *, device
     for n in sorted(bc.scales):
         log.info("scale n_train=%d", n)
         t0 = time.time()
-        train, train_path, heldout = training_set(n, bc.size, cache)
-        target = ensure_target(bc.target, n, bc.size, cache, device=device, progress=progress)
-        bands = ensure_bands(train, heldout, bc.run.evaluate, cache, _tag(n, bc.size), model=target["path"],
-                             device=device)
-        rc = _scale_run_config(bc, target, train_path, bands)
-        run_path = cache / "runs" / Path(target["path"]).name / f"seed-{rc.extract.seed}"
-        _share_from_sibling_seed(run_path)
+        inputs = scale_inputs(bc, n, cache, device=device, progress=progress)
+        rc = inputs.run_config(bc.run)
+        run_path = inputs.seed_run(cache, rc.extract.seed)
         t_audit = time.time()
         result = run_audit(run_path, rc, device=device, progress=progress)
         entry: dict[str, Any] = {
             "n_train": n, "n_generated": rc.extract.n, "methods": result.metrics,
-            "ratios": ratios_to_best_baseline(result.metrics), "target": target, "bands": read_json(bands)["bands"],
+            "ratios": ratios_to_best_baseline(result.metrics), "target": inputs.target,
+            "bands": read_json(inputs.bands)["bands"],
             "run": str(run_path), "audit_seconds": round(time.time() - t_audit, 1),
             "stage_seconds": _stage_seconds(run_path),
         }
@@ -376,4 +393,4 @@ def write_extraction_results(data: dict[str, Any], out: str | Path) -> tuple[Pat
 
 __all__ = ["ExtractionBenchConfig", "quick_config", "full_run_template", "full_target_template",
            "run_extraction_bench", "write_extraction_results", "ratios_to_best_baseline", "metric_values",
-           "render_extraction_markdown", "training_set", "ensure_target", "ensure_bands", "run_sweeps", "compact"]
+           "ScaleInputs", "scale_inputs", "render_extraction_markdown", "training_set", "ensure_target", "ensure_bands", "run_sweeps", "compact"]

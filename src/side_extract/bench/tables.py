@@ -29,13 +29,22 @@ def _ratio_cell(r: dict[str, Any] | None) -> str:
     return f"{r['ratio']:.2f}" + (" ✓" if r["side_better"] else "")
 
 
+def _preamble(title: str, data: dict[str, Any]) -> list[str]:
+    """Title, the command that reproduces the results and the machine they were measured on."""
+    m = data["machine"]
+    return [f"# {title}{' (--quick)' if data.get('quick') else ''}", "",
+            f"Command: `{data.get('command') or '(library call)'}`  ",
+            f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} thread(s)), "
+            f"load average at start {m['load_average_at_start']}; {m['date']}  "]
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def render_extraction_markdown(data: dict[str, Any]) -> str:
     """The results as Markdown tables (everything in them is in the JSON)."""
-    m = data["machine"]
-    lines = [f"# Extraction benchmark{' (--quick)' if data.get('quick') else ''}", "",
-             f"Command: `{data.get('command') or '(library call)'}`  ",
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-             f"load average at start {m['load_average_at_start']}; {m['date']}  ",
+    lines = [*_preamble("Extraction benchmark", data),
              f"Extraction seed {data['seed']}, images {data['size']}x{data['size']}, total {data['seconds']:.0f} s.", ""]
     scales = data["scales"]
     if not scales:
@@ -88,11 +97,7 @@ def render_extraction_markdown(data: dict[str, Any]) -> str:
 
 
 def render_compute_markdown(data: dict[str, Any]) -> str:
-    m = data["machine"]
-    lines = [f"# Compute benchmark{' (--quick)' if data.get('quick') else ''}", "",
-             f"Command: `{data.get('command') or '(library call)'}`  ",
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} thread(s)), "
-             f"load average at start {m['load_average_at_start']}; {m['date']}  ",
+    lines = [*_preamble("Compute benchmark", data),
              f"Model: `{data['model']['spec']}` ({'x'.join(map(str, data['model']['sample_shape']))}, "
              f"{data['model']['parameters']:,} parameters); total {data['seconds']:.0f} s.", "",
              "| figure | ours | reference | ratio |", "|---|---|---|---|"]
@@ -135,64 +140,49 @@ def _variants_seed_table(seed_data: dict[str, Any], method: str, chosen: str | N
     for s in scales:
         n = s["n_train"]
         head += [f"{n}: AMS ≤mid %", f"{n}: UMS ≤mid %", f"{n}: Carlini %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def cells(met: dict[str, Any]) -> list[str]:
-        return [_pct(met["ams_cumulative"]["mid"]), _pct(met["ums_cumulative"]["mid"]),
-                _pct(met["carlini"]["extracted_fraction"])]
-
-    for b in scales[0]["baselines"]:
-        row = [f"*{b}* (baseline)", "", ""]
+    def row(label: str, overrides: str, objective: str, metrics_at) -> list[str]:
+        cells = [label, overrides, objective]
         for s in scales:
-            row += cells(s["baselines"][b])
-        lines.append("| " + " | ".join(row) + " |")
+            met = metrics_at(s)
+            cells += [_pct(met["ams_cumulative"]["mid"]), _pct(met["ums_cumulative"]["mid"]),
+                      _pct(met["carlini"]["extracted_fraction"])]
+        return cells
+
+    rows = [row(f"*{b}* (baseline)", "", "", lambda s, b=b: s["baselines"][b]) for b in scales[0]["baselines"]]
     for name, v in seed_data["variants"].items():
-        label = f"**{name}** (chosen)" if name == chosen else name
-        row = [label, _overrides_cell(v["overrides"]), f"{v['objective'][method]:+.3f}"]
-        for s in scales:
-            row += cells(s["variants"][name]["methods"][method])
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row(f"**{name}** (chosen)" if name == chosen else name, _overrides_cell(v["overrides"]),
+                        f"{v['objective'][method]:+.3f}", lambda s, name=name: s["variants"][name]["methods"][method]))
         for b in scales[0]["variants"][name].get("own_baselines", {}):
-            row = [f"*{b}* (baseline with the variant's sampler)", "", ""]
-            for s in scales:
-                row += cells(s["variants"][name]["own_baselines"][b])
-            lines.append("| " + " | ".join(row) + " |")
-    return lines
+            rows.append(row(f"*{b}* (baseline with the variant's sampler)", "", "",
+                            lambda s, name=name, b=b: s["variants"][name]["own_baselines"][b]))
+    return _table(head, rows)
 
 
 def render_variants_markdown(data: dict[str, Any]) -> str:
     """The variants experiment: every variant on the validation seed, then base and the chosen on held-out."""
-    m = data["machine"]
     c = data["config"]
-    lines = ["# SIDE variants: chosen on a validation seed, reported on a held-out seed", "",
-             f"Command: `{data.get('command') or '(library call)'}`  ",
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-             f"load average at start {m['load_average_at_start']}; {m['date']}  ",
+    heldout_seed = c["heldout_seed"] if c["heldout_seed"] is not None else "(none)"
+    lines = [*_preamble("SIDE variants: chosen on a validation seed, reported on a held-out seed", data),
              f"Images {data['size']}x{data['size']}; validation seed {c['validation_seed']}, held-out seed "
-             f"{c['heldout_seed'] if c['heldout_seed'] is not None else '(none)'}; total {data['seconds']:.0f} s "
-             "(stages found in the cache take no time).", "",
+             f"{heldout_seed}; total {data['seconds']:.0f} s (stages found in the cache take no time).", "",
              "Objective (chooses the variant, validation seed only): mean over scales and the metrics "
              f"{', '.join('`' + o + '`' for o in data['objective'])} of log((v + 1/N_G) / (best baseline + 1/N_G)); "
              "0 = on par with the best baseline, +0.10 = about 10 % more. ≤mid = the high and mid bands together "
              "(cumulative).", "", f"Base settings: {_overrides_cell(c['base'])}.", ""]
+    keys = ["ams/high", "ams/mid", "ams/low", "ums/high", "ums/mid", "ums/low", "p95", "carlini", "gu"]
     for method in c["methods"]:
         chosen = data["chosen"][method]
         lines += [f"## {method}: validation seed {data['validation']['seed']}", "",
                   *_variants_seed_table(data["validation"], method, chosen, "objective"), ""]
         if "heldout" in data:
             ho = data["heldout"]
+            ratio_rows = [[str(s["n_train"]), name, *[_ratio_cell(v["ratios"].get(method, {}).get(k)) for k in keys]]
+                          for s in ho["scales"] for name, v in s["variants"].items()]
             lines += [f"## {method}: held-out seed {ho['seed']} (chosen on validation: **{chosen}**)", "",
                       *_variants_seed_table(ho, method, chosen, "objective (held-out)"), "",
-                      "Ratio to the best baseline per metric on the held-out seed (✓: strictly better):", ""]
-            keys = ["ams/high", "ams/mid", "ams/low", "ums/high", "ums/mid", "ums/low", "p95", "carlini", "gu"]
-            head = ["n_train", "variant", *keys]
-            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            for s in ho["scales"]:
-                for name, v in s["variants"].items():
-                    r = v["ratios"].get(method, {})
-                    lines.append("| " + " | ".join([str(s["n_train"]), name, *[_ratio_cell(r.get(k)) for k in keys]])
-                                 + " |")
-            lines.append("")
+                      "Ratio to the best baseline per metric on the held-out seed (✓: strictly better):", "",
+                      *_table(["n_train", "variant", *keys], ratio_rows), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -34,12 +34,12 @@ from typing import Any, Literal
 
 from .. import config as cfg
 from ..pipeline import ProgressFactory, _no_progress, run_audit
-from ..runs import RunDir, read_json
+from ..runs import RunDir
 from ..sweeps import share_stages
 from . import machine_description, write_results
-from .extraction import (BASELINES, SIDE_METHODS, ExtractionBenchConfig, _scale_run_config, _share_from_sibling_seed,
-                         _tag, compact, ensure_bands, ensure_target, metric_values, ratios_to_best_baseline,
-                         training_set)
+from .extraction import (BASELINES, SIDE_METHODS, ExtractionBenchConfig, ScaleInputs, compact,
+                         ratios_to_best_baseline, scale_inputs)
+from .tables import render_variants_markdown
 
 SCHEMA = "side-extract/bench-variants/1"
 BASE = "base"
@@ -50,25 +50,9 @@ DEFAULT_OBJECTIVE = ("ams_cumulative/high", "ams_cumulative/mid", "ums_cumulativ
                      "carlini")
 
 
-def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``{"extract.t_hi": 0.5}`` -> ``{"extract": {"t_hi": 0.5}}`` (nested dicts are merged as they are)."""
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        parts = str(key).split(".")
-        if not all(parts):
-            raise ValueError(f"override key {key!r} must be dotted section.field names, e.g. 'extract.t_hi'")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override key {key!r} conflicts with another override of {p!r}")
-        node[parts[-1]] = cfg.merge(node.get(parts[-1], {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def apply_overrides(rc: cfg.RunConfig, overrides: dict[str, Any], where: str) -> cfg.RunConfig:
     """``rc`` with dotted ``overrides`` applied; an unknown key or a bad value names ``where`` it came from."""
-    return cfg.from_dict(cfg.RunConfig, cfg.merge(cfg.to_dict(rc), dotted_to_nested(overrides)), where=where)
+    return cfg.from_dict(cfg.RunConfig, cfg.merge(cfg.to_dict(rc), cfg.dotted_to_nested(overrides)), where=where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,23 +124,20 @@ def load_variants_file(path: str | Path) -> tuple[dict[str, Any], dict[str, dict
     return base, {str(k): dict(v or {}) for k, v in variants.items()}
 
 
-def objective_score(per_scale: list[dict[str, Any]], metrics: tuple[str, ...]) -> float:
-    """Mean over scales and ``metrics`` of log((v + e) / (b + e)), e = 1 / N_G (p95: log(b / v), a distance).
+def objective_score(per_scale: list[tuple[int, dict[str, dict[str, Any]]]], metrics: tuple[str, ...]) -> float:
+    """Mean over scales and ``metrics`` of log((v + e) / (b + e)), e = 1 / N_G (p95, a distance: log(b / v)).
 
-    ``per_scale``: ``[{"n_generated": N_G, "side": metrics.json, "baselines": {name: metrics.json}}]``.
+    ``per_scale``: ``[(N_G, rows)]``, ``rows`` one SIDE method's :func:`ratios_to_best_baseline` entry, which
+    holds each metric's value (``side``), its best baseline's (``best_baseline``) and its direction.
     """
     terms = []
-    for s in per_scale:
-        e = 1.0 / s["n_generated"]
-        side = metric_values(s["side"])
-        base = {b: metric_values(m) for b, m in s["baselines"].items()}
+    for n_generated, rows in per_scale:
+        e = 1.0 / n_generated
         for name in metrics:
-            v, better = side[name]
-            if better == "higher":
-                b = max(bv[name][0] for bv in base.values())
+            v, b = rows[name]["side"], rows[name]["best_baseline"]
+            if rows[name]["better"] == "higher":
                 terms.append(math.log((v + e) / (b + e)))
             else:
-                b = min(bv[name][0] for bv in base.values())
                 terms.append(math.log(b / v) if v > 0 and b > 0 else 0.0)
     return sum(terms) / len(terms) if terms else float("nan")
 
@@ -169,18 +150,9 @@ def sampler_settings(rc: cfg.RunConfig) -> dict[str, Any]:
     return {k: getattr(rc.extract, k) for k in SAMPLER_KEYS}
 
 
-def _scale_inputs(vc: VariantsBenchConfig, n: int, cache: Path, device: str, progress: ProgressFactory):
-    bc = vc.bench
-    train, train_path, heldout = training_set(n, bc.size, cache)
-    target = ensure_target(bc.target, n, bc.size, cache, device=device, progress=progress)
-    bands = ensure_bands(train, heldout, bc.run.evaluate, cache, _tag(n, bc.size), model=target["path"], device=device)
-    return target, train_path, bands
-
-
-def _scale_config(vc: VariantsBenchConfig, name: str, target: dict, train_path: Path, bands: Path, seed: int,
+def _scale_config(vc: VariantsBenchConfig, name: str, inputs: ScaleInputs, seed: int,
                   methods: tuple[str, ...]) -> cfg.RunConfig:
-    rc = vc.run_config(name)
-    rc = _scale_run_config(dataclasses.replace(vc.bench, run=rc), target, train_path, bands)
+    rc = inputs.run_config(vc.run_config(name))
     return dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=seed, methods=methods))
 
 
@@ -188,13 +160,11 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
              progress: ProgressFactory = _no_progress) -> dict[str, Any]:
     """Variants ``names`` on every scale at extraction seed ``seed``: metrics, ratios and objective of each."""
     out: dict[str, Any] = {"seed": seed, "scales": [], "variants": {}}
-    per_variant: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
+    all_methods = tuple(dict.fromkeys((*vc.methods, *BASELINES)))
     for n in sorted(vc.bench.scales):
-        target, train_path, bands = _scale_inputs(vc, n, cache, device, progress)
-        main_path = cache / "runs" / Path(target["path"]).name / f"seed-{seed}"
-        _share_from_sibling_seed(main_path)
-        all_methods = tuple(dict.fromkeys((*vc.methods, *BASELINES)))
-        main_rc = _scale_config(vc, BASE, target, train_path, bands, seed, all_methods)
+        inputs = scale_inputs(vc.bench, n, cache, device=device, progress=progress)
+        main_path = inputs.seed_run(cache, seed)
+        main_rc = _scale_config(vc, BASE, inputs, seed, all_methods)
         main = run_audit(main_path, main_rc, device=device, progress=progress)
         baselines = {b: main.metrics[b] for b in BASELINES}
         scale: dict[str, Any] = {"n_train": n, "n_generated": main_rc.extract.n, "run": str(main_path),
@@ -207,7 +177,7 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
             else:
                 run_path = main_path / "variants" / name
                 share_stages(RunDir(main_path), RunDir(run_path))
-                rc = _scale_config(vc, name, target, train_path, bands, seed, vc.methods)
+                rc = _scale_config(vc, name, inputs, seed, vc.methods)
                 resampled = sampler_settings(rc) != sampler_settings(main_rc)
                 if resampled:  # the baselines also get the variant's sampler: a sampler alone is no SIDE win
                     rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=all_methods))
@@ -221,20 +191,19 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
                 "ratios": ratios_to_best_baseline({**metrics, **best_of}, side_methods=vc.methods,
                                                   baselines=tuple(best_of)),
             }
-            per_variant[name].append({"n_generated": main_rc.extract.n, "metrics": metrics, "baselines": best_of})
         out["scales"].append(scale)
-    for name, rows in per_variant.items():
+    for name in names:
         out["variants"][name] = {
             "overrides": {} if name == BASE else vc.variants[name],
-            "objective": {m: objective_score([{"n_generated": r["n_generated"], "side": r["metrics"][m],
-                                               "baselines": r["baselines"]} for r in rows], vc.objective)
-                          for m in vc.methods},
+            "objective": {m: objective_score([(s["n_generated"], s["variants"][name]["ratios"][m])
+                                              for s in out["scales"]], vc.objective) for m in vc.methods},
         }
     return out
 
 
 def choose(validation: dict[str, Any], method: str) -> str:
-    """The variant with the highest validation objective for ``method`` (``base`` wins ties)."""
+    """The variant with the highest validation objective for ``method``: ``base`` unless one scores strictly
+    higher; among variants with equal scores, the one listed first."""
     scores = {name: v["objective"][method] for name, v in validation["variants"].items()}
     best = max(scores, key=lambda k: (scores[k], k == BASE))
     return best if scores[best] > scores[BASE] else BASE
@@ -257,18 +226,10 @@ def run_variants_bench(vc: VariantsBenchConfig, cache: str | Path, *, device: st
 
 
 def write_variants_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    from .tables import render_variants_markdown
-
+    """``variants.json`` + ``variants.md`` in ``out``."""
     return write_results(out, "variants", data, render_variants_markdown(data))
 
 
-def read_variants_results(path: str | Path) -> dict[str, Any]:
-    data = read_json(path)
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {data.get('schema')!r} is not {SCHEMA!r}")
-    return data
-
-
-__all__ = ["VariantsBenchConfig", "load_variants_file", "apply_overrides", "dotted_to_nested", "objective_score",
-           "run_seed", "choose", "run_variants_bench", "write_variants_results", "read_variants_results", "BASE",
+__all__ = ["VariantsBenchConfig", "load_variants_file", "apply_overrides", "objective_score",
+           "run_seed", "choose", "run_variants_bench", "write_variants_results", "BASE",
            "DEFAULT_OBJECTIVE"]

@@ -38,7 +38,7 @@ def typed_flags(ctx: typer.Context, names: dict[str, str]) -> dict[str, Any]:
     ``names`` maps a CLI parameter name to its dotted config path (``"steps" -> "sample.steps"``).
     Flags left at their default do not override the config file.
     """
-    out: dict[str, Any] = {}
+    typed: dict[str, Any] = {}
     for param, path in names.items():
         source = ctx.get_parameter_source(param)
         # compared by name: typer may carry its own copy of click's ParameterSource enum
@@ -46,12 +46,8 @@ def typed_flags(ctx: typer.Context, names: dict[str, str]) -> dict[str, Any]:
             value = ctx.params[param]
             if isinstance(value, Path):
                 value = str(value)
-            node = out
-            *parents, leaf = path.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = list(value) if isinstance(value, tuple) else value
-    return out
+            typed[path] = list(value) if isinstance(value, tuple) else value
+    return cfg.dotted_to_nested(typed)
 
 
 def build_config(cls: type[T], config_file: Path | None, overrides: dict[str, Any]) -> T:

@@ -145,6 +145,8 @@ def extract_cmd(
     n: int = typer.Option(E.n, help="N_G: generations per method."),
     seed: int = typer.Option(E.seed, help="Generation i of every method starts from the noise of (seed, i)."),
     scale: float = typer.Option(E.scale, help="Guidance scale lambda."),
+    temperature: float = typer.Option(E.temperature, help="Softmax temperature of the SIDE classifiers (the paper: "
+                                      "1; Cond's is extract.cond_temperature)."),
     steps: int = typer.Option(E.steps, help="Sampler steps."),
     scheduler: str = typer.Option(E.scheduler, help="ddim or ddpm."),
     config: Path | None = typer.Option(None, "--config"),
@@ -153,7 +155,7 @@ def extract_cmd(
 ) -> None:
     """Generate N_G images per method into RUN/extraction/<method>/ (and evaluate them)."""
     names = {"method": "extract.methods", "n": "extract.n", "seed": "extract.seed", "scale": "extract.scale",
-             "steps": "extract.steps", "scheduler": "extract.scheduler"}
+             "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler"}
     rc = load_run_config(run, config, typed_flags(ctx, names))
     with stage_progress(ctx) as factory:
         res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory)
