@@ -78,19 +78,48 @@ def test_training_resumes_exactly(tmp_path):
     arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8)
     c = cfg.ClassifierConfig(steps=6, batch_size=16, eval_every=3, eval_fraction=0.0)
     full = train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "a").model
-    # an interrupted run: the first 3 steps, checkpointed
+    # an interrupted run: the first 3 steps, checkpointed; the step budget is not part of the resume key
     import dataclasses
 
     train_classifier(arch, x, y, dataclasses.replace(c, steps=3), scheduler=tiny_scheduler(), out=tmp_path / "b")
-    # the checkpoint's config says steps=3; resuming requires the same config, so continue with steps=6 from it
-    import json
-
-    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
-    state["config"]["steps"] = 6
-    (tmp_path / "b" / "checkpoint" / "state.json").write_text(json.dumps(state))
     resumed = train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "b").model
     xx, tt = torch.randn(4, 1, 8, 8), torch.tensor([1, 200, 400, 800])
     torch.testing.assert_close(full(xx, tt), resumed(xx, tt), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["images", "labels", "schedule"])
+def test_checkpoint_of_other_data_is_not_resumed(tmp_path, change):
+    """A finished checkpoint in ``out`` made from other images, labels or noise schedule is discarded: the
+    result equals training from scratch on the new inputs (it used to be the old model, returned as is)."""
+    from diffusers import DDPMScheduler
+
+    x, y = separable_toy(64)
+    arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8)
+    c = cfg.ClassifierConfig(steps=4, batch_size=16, eval_every=2, eval_fraction=0.0)
+    train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "run")
+    x2, y2, sched2 = x, y, tiny_scheduler()
+    if change == "images":
+        x2 = x.flip(0)
+    elif change == "labels":
+        y2 = 1 - y
+    else:
+        sched2 = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    reused = train_classifier(arch, x2, y2, c, scheduler=sched2, out=tmp_path / "run").model
+    fresh = train_classifier(arch, x2, y2, c, scheduler=sched2, out=tmp_path / "fresh").model
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, reused.state_dict()[k]), k
+
+
+def test_every_class_keeps_a_training_image():
+    """A class with few members never lands wholly in the held-out split (its output would be untrained)."""
+    from side_extract.training import heldout_split
+
+    y = np.array([0] * 50 + [1] * 30 + [2] * 1 + [3] * 2 + [4] * 9)
+    for seed in range(20):
+        tr, ev = heldout_split(y, 0.34, seed)
+        assert set(y[tr]) == {0, 1, 2, 3, 4}
+        assert len(np.intersect1d(tr, ev)) == 0 and len(tr) + len(ev) == len(y)
+        assert len(ev) == 17 + 10 + 0 + 0 + 3  # floor(0.34 * n_c) per class
 
 
 def test_clean_classifier_and_validation():

@@ -1,12 +1,15 @@
-"""Guidance: the formulas against guided-diffusion's, scale 0 bit for bit, and that guidance guides."""
+"""Guidance: our sampler against guided-diffusion's published formulas (written here from
+``gaussian_diffusion.py``: ``p_mean_variance``, ``condition_mean``, ``condition_score``, ``p_sample``,
+``ddim_sample``, with the linear beta schedule of ``get_named_beta_schedule`` and ``respace.py``), including
+high-noise steps where x0 saturates; a hand-computed step; scale 0 bit for bit; the ``g(x, t, y)`` contract."""
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from side_extract.guidance import ClassifierGuidance, guided_eps, log_prob_grad
+from side_extract.guidance import ClassifierGuidance, log_prob_grad
 from side_extract.models.target import load_target
-from side_extract.sampling import ddpm_variance, denoise_batch, inference_scheduler, sample, sample_generators
+from side_extract.sampling import denoise_batch, guided_step, inference_scheduler, sample, sample_generators
 
 from conftest import tiny_scheduler
 
@@ -24,93 +27,159 @@ class LinearClassifier(torch.nn.Module):
         return x.flatten(1) @ self.w.T + self.b * (t.float()[:, None] / 1000)
 
 
-def reference_ddim_step(x, eps, grad, scale, abar_t, abar_prev):
-    """guided-diffusion: condition_score then ddim_sample (eta = 0), written from its equations."""
-    eps = eps - (1 - abar_t).sqrt() * scale * grad
-    x0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-    x0 = x0.clamp(-1, 1)
-    eps = (x - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()  # guided-diffusion recomputes eps from clipped x0
-    return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+# ------------------------------------------------------------------------------------------------
+# guided-diffusion, in float64 numpy, from its equations (no code of ours)
+
+T = 1000
+GD_BETAS = np.linspace(1000 / T * 0.0001, 1000 / T * 0.02, T, dtype=np.float64)  # "linear"
+GD_ABAR = np.cumprod(1.0 - GD_BETAS)
 
 
-def reference_ddpm_mean(x, eps, grad, scale, betas, abar, t):
-    """guided-diffusion: p_mean_variance (fixed_small, clipped x0) then condition_mean."""
-    abar_t, abar_prev = abar[t], abar[t - 1] if t > 0 else torch.tensor(1.0)
-    x0 = ((x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()).clamp(-1, 1)
-    coef1 = betas[t] * abar_prev.sqrt() / (1 - abar_t)
-    coef2 = (1 - abar_prev) * (1 - betas[t]).sqrt() / (1 - abar_t)
-    mean = coef1 * x0 + coef2 * x
-    var = betas[t] * (1 - abar_prev) / (1 - abar_t)
-    return mean + var * scale * grad
+def gd_respaced(use_timesteps):
+    """respace.py: the alphas_cumprod of the kept timesteps, and their betas."""
+    abar = GD_ABAR[sorted(use_timesteps)]
+    prev = np.append(1.0, abar[:-1])
+    return abar, prev, 1 - abar / prev
 
 
-def _double(sched):
-    """The scheduler's tables in float64, so the comparison measures formulas, not float32 rounding."""
-    sched.betas = sched.betas.double()
-    sched.alphas = 1.0 - sched.betas
-    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
-    if hasattr(sched, "final_alpha_cumprod"):
-        sched.final_alpha_cumprod = torch.as_tensor(sched.final_alpha_cumprod).double()
-    return sched
+def gd_xstart_from_eps(x, t_abar, eps):
+    return np.sqrt(1 / t_abar) * x - np.sqrt(1 / t_abar - 1) * eps
 
 
-def test_ddim_guided_step_matches_guided_diffusion():
-    torch.manual_seed(0)
-    sched = _double(DDIMScheduler.from_config(tiny_scheduler().config))
-    sched.set_timesteps(10)
-    x, eps, grad = (torch.randn(4, 1, 8, 8, dtype=torch.float64) for _ in range(3))
-    scale = 3.0
-    for t in sched.timesteps[:-1]:
-        t = int(t)
-        # guided-diffusion's DDIM recomputes eps from the clipped x0: diffusers' use_clipped_model_output=True
-        ours = sched.step(guided_eps(eps, scale * grad, sched.alphas_cumprod[t]), t, x, eta=0.0,
-                          use_clipped_model_output=True).prev_sample
-        prev = t - 1000 // 10
-        ref = reference_ddim_step(x, eps, grad, scale, sched.alphas_cumprod[t], sched.alphas_cumprod[prev])
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+def gd_eps_from_xstart(x, t_abar, xstart):
+    return (np.sqrt(1 / t_abar) * x - xstart) / np.sqrt(1 / t_abar - 1)
 
 
-def test_ddpm_guided_mean_matches_guided_diffusion():
-    torch.manual_seed(1)
-    sched = _double(DDPMScheduler.from_config(tiny_scheduler().config))
-    sched.set_timesteps(1000)
-    x, eps, grad = (torch.randn(3, 1, 8, 8, dtype=torch.float64) for _ in range(3))
-    scale = 2.5
-    for t in (999, 500, 10, 1):
-        # diffusers' step gives the clipped x0; its posterior mean is rebuilt from it, then our shift is added
-        pred_x0 = sched.step(eps, t, x, generator=None).pred_original_sample
-        abar_t, abar_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[t - 1]
-        beta_t = 1 - abar_t / abar_prev
-        mean = (abar_prev.sqrt() * beta_t / (1 - abar_t)) * pred_x0 + ((1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x
-        ours = mean + ddpm_variance(sched, t) * scale * grad
-        ref = reference_ddpm_mean(x, eps, grad, scale, sched.betas, sched.alphas_cumprod, t)
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+def gd_ddim_sample(x, eps, grad, abar, abar_prev, eta, noise, is_last):
+    """p_mean_variance(clip_denoised=True) -> condition_score -> ddim_sample's update."""
+    xstart = np.clip(gd_xstart_from_eps(x, abar, eps), -1, 1)
+    if grad is not None:  # condition_score: eps from the clipped xstart, minus sqrt(1 - abar) * grad
+        e = gd_eps_from_xstart(x, abar, xstart) - np.sqrt(1 - abar) * grad
+        xstart = gd_xstart_from_eps(x, abar, e)  # not clipped again
+    e = gd_eps_from_xstart(x, abar, xstart)
+    sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
+    mean = xstart * np.sqrt(abar_prev) + np.sqrt(1 - abar_prev - sigma ** 2) * e
+    return mean + (0.0 if is_last else sigma) * noise
 
 
-def test_ddpm_variance_equals_diffusers_noise_scale():
-    sched = inference_scheduler(tiny_scheduler(), "ddpm", 20)
-    for t in sched.timesteps:
-        torch.testing.assert_close(ddpm_variance(sched, int(t)), sched._get_variance(int(t)), rtol=1e-6, atol=1e-12)
+def gd_p_sample(x, eps, grad, abar, abar_prev, beta, noise, is_last):
+    """p_mean_variance(clip_denoised=True, fixed_small) -> condition_mean -> p_sample."""
+    xstart = np.clip(gd_xstart_from_eps(x, abar, eps), -1, 1)
+    coef1 = beta * np.sqrt(abar_prev) / (1 - abar)
+    coef2 = (1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar)
+    var = beta * (1 - abar_prev) / (1 - abar)
+    mean = coef1 * xstart + coef2 * x
+    if grad is not None:
+        mean = mean + var * grad
+    return mean + (0.0 if is_last else np.sqrt(var)) * noise
+
+
+def _noise(seeds, shape):
+    return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_ddim_steps_match_guided_diffusion_at_every_noise_level(eta, with_grad):
+    """Every step of a 10-step DDIM, from t = 900 (where most x0 pixels saturate) to t = 0."""
+    sched = inference_scheduler(DDPMScheduler(num_train_timesteps=T, beta_schedule="linear"), "ddim", 10)
+    kept = [int(t) for t in sched.timesteps]
+    abar_r, prev_r, _ = gd_respaced(kept)
+    rng = np.random.default_rng(0)
+    saturated = 0
+    for i, t in enumerate(sched.timesteps):
+        j = sorted(kept).index(int(t))
+        x = rng.normal(size=(4, 1, 8, 8)) * 1.5
+        eps = rng.normal(size=x.shape)
+        grad = rng.normal(size=x.shape) * 3.0 if with_grad else None
+        seeds = [10 * i + b for b in range(4)]
+        noise = _noise(seeds, x.shape).double().numpy()
+        ref = gd_ddim_sample(x, eps, grad, abar_r[j], prev_r[j], eta, noise, is_last=j == 0)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        ours = guided_step(sched, torch.tensor(x, dtype=torch.float32), t, torch.tensor(eps, dtype=torch.float32),
+                           gens, eta=eta, g=None if grad is None else torch.tensor(grad, dtype=torch.float32))
+        np.testing.assert_allclose(ours.double().numpy(), ref, atol=2e-3, rtol=1e-4)
+        saturated += int((np.abs(gd_xstart_from_eps(x, abar_r[j], eps)) > 1).mean() > 0.5)
+    assert saturated >= 5  # most of the steps tested have mostly saturated x0 predictions
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_ddpm_steps_match_guided_diffusion(with_grad):
+    sched = inference_scheduler(DDPMScheduler(num_train_timesteps=T, beta_schedule="linear"), "ddpm", 20)
+    kept = [int(t) for t in sched.timesteps]
+    abar_r, prev_r, beta_r = gd_respaced(kept)
+    rng = np.random.default_rng(1)
+    for i, t in enumerate(sched.timesteps):
+        j = sorted(kept).index(int(t))
+        x = rng.normal(size=(3, 1, 8, 8))
+        eps = rng.normal(size=x.shape)
+        grad = rng.normal(size=x.shape) * 2.0 if with_grad else None
+        seeds = [100 + 10 * i + b for b in range(3)]
+        noise = _noise(seeds, x.shape).double().numpy()
+        ref = gd_p_sample(x, eps, grad, abar_r[j], prev_r[j], beta_r[j], noise, is_last=j == 0)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        ours = guided_step(sched, torch.tensor(x, dtype=torch.float32), t, torch.tensor(eps, dtype=torch.float32),
+                           gens, g=None if grad is None else torch.tensor(grad, dtype=torch.float32))
+        np.testing.assert_allclose(ours.double().numpy(), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_hand_computed_step_with_saturated_x0():
+    """abar 0.1 -> 0.15, one pixel whose x0 prediction saturates, g = 1. By hand: the guided x0 moves by
+    (1 - abar) / sqrt(abar) = 2.8460, eps by -sqrt(1 - abar) = -0.9487, so x_{t-1} moves by
+    sqrt(0.15) * 2.8460 - sqrt(0.85) * 0.9487 = +0.2276. Guidance applied before the clip moves it by 0."""
+    betas = torch.tensor([1 - 0.15, 1 - 0.1 / 0.15], dtype=torch.float64)
+    sched = DDIMScheduler(num_train_timesteps=2, trained_betas=betas.numpy(), clip_sample=True)
+    sched.set_timesteps(2)
+    t = sched.timesteps[0]
+    assert int(t) == 1 and abs(float(sched.alphas_cumprod[1]) - 0.1) < 1e-6
+    x, eps = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), -1.0)  # x0 = 4.58: saturated
+    plain = guided_step(sched, x, t, eps, [torch.Generator()], clip_eps=True)
+    guided = guided_step(sched, x, t, eps, [torch.Generator()], g=torch.ones_like(x))
+    assert float(guided - plain) == pytest.approx(0.2276, abs=2e-4)
 
 
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
 def test_scale_zero_is_unguided_bit_for_bit(tiny_model_dir, kind):
     d = load_target(tiny_model_dir)
-    clf = LinearClassifier(64, 3)
-    g = ClassifierGuidance(clf, 0.0, np.array([0, 1, 2, 0, 1]), 1000)
-    guided = sample(d, 5, seed=2, scheduler=kind, steps=4, guidance=g.for_indices)
-    plain = sample(d, 5, seed=2, scheduler=kind, steps=4)
+    g = ClassifierGuidance(LinearClassifier(64, 3), np.arange(3), 0.0)
+    y = np.array([0, 1, 2, 0, 1])
+    guided = sample(d, 5, seed=2, scheduler=kind, steps=4, guidance=g, labels=y, clip_eps=True)
+    plain = sample(d, 5, seed=2, scheduler=kind, steps=4, clip_eps=True)
     assert torch.equal(guided, plain)
 
 
 def test_nonzero_scale_changes_output(tiny_model_dir):
     d = load_target(tiny_model_dir)
-    g = ClassifierGuidance(LinearClassifier(64, 3), 5.0, np.array([0, 1, 2]), 1000)
-    assert not torch.allclose(sample(d, 3, steps=4, guidance=g.for_indices), sample(d, 3, steps=4))
+    g = ClassifierGuidance(LinearClassifier(64, 3), np.arange(3), 5.0)
+    y = np.array([0, 1, 2])
+    assert not torch.allclose(sample(d, 3, steps=4, guidance=g, labels=y), sample(d, 3, steps=4))
+
+
+def test_guidance_at_high_noise_alone_changes_images(tiny_model_dir):
+    """Guidance only for t >= 800, where x0 saturates: guided-diffusion's order keeps its effect."""
+    d = load_target(tiny_model_dir)
+    g = ClassifierGuidance(LinearClassifier(64, 3, seed=3), np.arange(3), 0.5, t_range=(0.8, 1.0))
+    y = np.array([0, 1, 2, 0, 1, 2])
+    plain = sample(d, 6, seed=4, steps=10, clip_eps=True)
+    guided = sample(d, 6, seed=4, steps=10, guidance=g, labels=y, clip_eps=True)
+    change = (guided - plain).abs().flatten(1).mean(1)
+    assert change.mean() > 0.1 and (change > 0.02).sum() >= 3
+
+
+def test_labels_travel_with_the_batch(tiny_model_dir):
+    """Batch size 2 vs 6: each sample's guidance uses its own label, wherever it lands in a batch."""
+    d = load_target(tiny_model_dir)
+    g = ClassifierGuidance(LinearClassifier(64, 3, seed=1), np.arange(3), 2.0)
+    y = np.array([2, 0, 1, 1, 0, 2])
+    a = sample(d, 6, seed=7, steps=4, guidance=g, labels=y, batch_size=6)
+    b = sample(d, 6, seed=7, steps=4, guidance=g, labels=y, batch_size=2)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    c = sample(d, 6, seed=7, steps=4, guidance=g, labels=np.roll(y, 1), batch_size=6)
+    assert (a - c).abs().max() > 1e-3
 
 
 def test_log_prob_grad_matches_finite_difference():
-    clf = LinearClassifier(16, 4).double()
+    clf = LinearClassifier(16, 4).double().eval()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     t, y = torch.tensor(300), torch.tensor([1, 3])
     g = log_prob_grad(clf, x, t, y)
@@ -125,36 +194,60 @@ def test_log_prob_grad_matches_finite_difference():
             assert abs(fd.item() - g.view(2, -1)[b, j].item()) < 1e-6
 
 
-def test_one_guided_step_raises_log_p(tiny_model_dir):
-    """From the same x_t, the guided DDIM step lands where the classifier finds the target more likely.
+class BNClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn = torch.nn.BatchNorm1d(16)
+        self.fc = torch.nn.Linear(16, 3)
 
-    (At a low noise level, where x0-clipping is inactive; see docs on clip_sample at high t.)
-    """
+    def forward(self, x, t):
+        return self.fc(self.bn(x.flatten(1)))
+
+
+def test_guidance_puts_the_classifier_in_eval_mode():
+    """In training mode BatchNorm mixes a batch's samples: a sample's guidance must not depend on its batch."""
+    clf = BNClassifier().train()
+    g = ClassifierGuidance(clf, np.arange(3), 1.0)
+    assert not clf.training
+    x = torch.randn(4, 1, 4, 4)
+    y = torch.tensor([0, 1, 2, 0])
+    full = g(x, torch.tensor(10), y)
+    single = torch.cat([g(x[i:i + 1], torch.tensor(10), y[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(full, single, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="training mode"):
+        log_prob_grad(BNClassifier().train(), x, torch.tensor(10), y)
+
+
+def test_one_guided_step_raises_log_p(tiny_model_dir):
+    """From the same x_t, the guided DDIM step lands where the classifier finds the target more likely."""
     d = load_target(tiny_model_dir)
     clf = LinearClassifier(64, 3, seed=4)
     sched = inference_scheduler(d.scheduler, "ddim", 10)
     x = 0.2 * torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    y = np.array([0, 1, 2, 0, 1, 2])
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
     sched.timesteps = sched.timesteps[-2:-1]  # exactly one step, from t = 100 to t = 0
-    t_next = torch.tensor(0)
     gens = sample_generators(0, np.arange(6))
     plain = denoise_batch(d, sched, x, gens)
-    g = ClassifierGuidance(clf, 0.02, y, 1000).for_indices(np.arange(6))
-    guided = denoise_batch(d, sched, x, gens, guidance=g)
+    guided = denoise_batch(d, sched, x, gens, guidance=ClassifierGuidance(clf, np.arange(3), 0.02), y=y)
     with torch.no_grad():
-        lp = lambda z: torch.log_softmax(clf(z, t_next.expand(6)), -1)[torch.arange(6), torch.from_numpy(y)]
+        lp = lambda z: torch.log_softmax(clf(z, torch.zeros(6, dtype=torch.long)), -1)[torch.arange(6), y]
         assert (lp(guided) > lp(plain)).all()
 
 
 def test_guidance_validation():
     with pytest.raises(ValueError, match="scale=-1"):
-        ClassifierGuidance(LinearClassifier(4, 2), -1, np.zeros(1), 1000)
+        ClassifierGuidance(LinearClassifier(4, 2), np.arange(2), -1)
+    with pytest.raises(ValueError, match="scale=nan"):
+        ClassifierGuidance(LinearClassifier(4, 2), np.arange(2), float("nan"))
     with pytest.raises(ValueError, match="t_range"):
-        ClassifierGuidance(LinearClassifier(4, 2), 1, np.zeros(1), 1000, t_range=(0.5, 0.2))
+        ClassifierGuidance(LinearClassifier(4, 2), np.arange(2), 1, t_range=(0.5, 0.2))
+    with pytest.raises(ValueError, match="target labels"):
+        sample(None, 2, guidance=ClassifierGuidance(LinearClassifier(4, 2), np.arange(2), 1.0))  # type: ignore[arg-type]
 
 
-def test_t_range_turns_guidance_off_outside(tiny_model_dir):
-    g = ClassifierGuidance(LinearClassifier(64, 2), 3.0, np.array([0, 1]), 1000, t_range=(0.0, 0.5)).for_indices(np.arange(2))
-    x = torch.randn(2, 1, 8, 8)
-    assert g(x, torch.tensor(900)).abs().sum() == 0
-    assert g(x, torch.tensor(100)).abs().sum() > 0
+def test_t_range_turns_guidance_off_outside():
+    g = ClassifierGuidance(LinearClassifier(64, 2), np.arange(2), 3.0, t_range=(0.0, 0.5))
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    assert g(x, torch.tensor(900), y) is None
+    assert g(x, torch.tensor(100), y).abs().sum() > 0

@@ -116,3 +116,41 @@ def test_all_clusters_dropped_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.warns(RuntimeWarning, match="all 4 clusters were dropped"):
         with pytest.raises(ValueError, match="lower surrogate.tau"):
             run_audit(tmp_path / "r", rc)
+
+
+def _weights(path):
+    return (path / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("change,stage", [
+    ({"sample": {"seed": 2}}, "classifier"),
+    ({"sample": {"n": 48}}, "classifier"),
+    ({"features": {"extractor": "pixels"}}, "classifier"),
+    ({"train": "digits:40"}, "classifier-clean"),
+])
+def test_changed_upstream_input_retrains_the_classifier(tiny_model_dir, tmp_path, change, stage):
+    """Rerunning a run directory with a changed upstream input gives the classifier a fresh run with that
+    input would train: never the old model (it used to be reused byte for byte from its work directory)."""
+    base = tiny_rc(tiny_model_dir, methods=("side", "cond"))
+    changed = cfg.from_dict(cfg.RunConfig, cfg.merge(cfg.to_dict(base), change))
+    run_audit(tmp_path / "run", base, until="classifier")
+    old = _weights(tmp_path / "run" / stage)
+    run_audit(tmp_path / "run", changed, until="classifier")
+    run_audit(tmp_path / "fresh", changed, until="classifier")
+    assert _weights(tmp_path / "run" / stage) == _weights(tmp_path / "fresh" / stage) != old
+    assert not list((tmp_path / "run").glob("*-work")) and not (tmp_path / "run" / stage / "work").exists()
+
+
+def test_calibration_resizes_the_heldout_digits_like_the_training_set(tmp_path):
+    """With train_resize, the held-out digits the bands are calibrated on are resized too (calibration used
+    to fail, blaming the generated images)."""
+    from conftest import tiny_scheduler, tiny_unet
+    from side_extract.models.target import save_target
+
+    save_target(tiny_unet(size=16), tiny_scheduler(), tmp_path / "m16")
+    rc = cfg.RunConfig(model=str(tmp_path / "m16"), train="digits:30", train_resize=16,
+                       extract=cfg.ExtractConfig(methods=("uncond",), n=4, steps=2),
+                       evaluate=cfg.EvaluateConfig(carlini_n=5))
+    res = run_audit(tmp_path / "run", rc)
+    assert res.metrics["uncond"]["n_generated"] == 4
+    assert (tmp_path / "run" / "evaluation" / "bands.json").exists()

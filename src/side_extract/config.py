@@ -206,10 +206,10 @@ class ExtractConfig:
     with teacher labels; ``cond``: guidance by a clean (time-independent) classifier toward a random class;
     ``uncond``: plain sampling. ``scale`` is lambda; ``cond_scale`` defaults to it. ``temperature`` divides the
     SIDE classifiers' logits before the softmax (2, with K = 25 clusters, won ``side bench variants``; the
-    paper: 1); ``cond_temperature`` the Cond classifier's (1: the classifier as trained, the paper's baseline). ``t_lo``/``t_hi`` limit
-    guidance to that fraction of the timesteps. ``clip_model_output`` recomputes eps from the clipped x0
-    in every DDIM step (guided-diffusion's DDIM; diffusers' ``use_clipped_model_output``) for all methods
-    alike: without it, guidance at high noise pushes *away* from the target once x0 saturates.
+    paper: 1); ``cond_temperature`` the Cond classifier's (1: the classifier as trained, the paper's baseline).
+    ``t_lo``/``t_hi`` limit guidance to that fraction of the timesteps. Every method samples with
+    guided-diffusion's DDIM (eps recomputed from the clipped x0) and guidance in its order
+    (``sampling.guided_step``).
     """
 
     methods: tuple[str, ...] = ("side", "cond", "uncond")
@@ -224,7 +224,6 @@ class ExtractConfig:
     scheduler: SchedulerKind = "ddim"
     steps: int = 50
     eta: float = 0.0
-    clip_model_output: bool = True
     batch_size: int = 64
     shard_size: int = 512
 

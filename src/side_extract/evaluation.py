@@ -20,14 +20,13 @@ import numpy as np
 from . import config as cfg
 from .data import ImageSet, balanced_first_n, load_digits_set
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
-                      _same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
+                      check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
                       gu_from_neighbors, parse_bands, read_bands_file)
 from .neighbors import NearestNeighborIndex, pixel_rows
-from .runs import atomic_save_npz, atomic_write_json, atomic_write_text, versions
+from .runs import Progress, atomic_save_npz, atomic_write_json, atomic_write_text, versions
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     c = config or cfg.EvaluateConfig()
     sim = Similarity(c.similarity)
     option_bands = parse_bands(c.bands) if c.bands is not None else None  # fail before any work
-    _same_shape(generated, train)
+    check_same_shape(generated, train)
     n_g, n_t = len(generated), len(train)
     if n_t < 2:
         raise ValueError(f"the training set needs at least 2 images (Gu's ratio uses the second nearest), got {n_t}")
@@ -322,7 +321,7 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}
     fps, sources = {"train": train.fingerprint()}, {"train": train.name}
     if heldout is not None:
-        _same_shape(heldout, train)
+        check_same_shape(heldout, train)
         h_rows = _rows(sim, heldout, heldout_features, c, device, train, feature_model)
         nulls["heldout"] = index.kneighbors(h_rows, 1, progress=progress).scores[:, 0]
         fps["heldout"], sources["heldout"] = heldout.fingerprint(), heldout.name

@@ -45,8 +45,8 @@ def _imagenet_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -122,7 +122,7 @@ class UNetFeatures(FeatureExtractor):
         from .sampling import sample_generators  # per-image noise seeded by (seed, image id)
 
         noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in sample_generators(self.seed, ids)])
-        t = torch.full((len(x),), self.timestep, dtype=torch.long)
+        t = torch.full((len(x),), self.timestep, dtype=torch.long, device=x.device)
         xt = self.model.scheduler.add_noise(x, noise.to(x.device), t)
         captured: dict[str, torch.Tensor] = {}
         hook = self.model.unet.mid_block.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))

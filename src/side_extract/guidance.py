@@ -1,34 +1,37 @@
-"""Classifier guidance for unconditional denoisers (guided-diffusion's formulas).
+"""Classifier guidance for unconditional denoisers, in k-diffusion's shape: ``g(x, t, y)``.
 
-With a classifier p(y | x_t, t) and scale lambda, the guidance term is g = lambda * grad_x log p(y | x_t, t):
+A guidance object maps a batch ``x_t`` (B, C, H, W), a *training* timestep ``t`` and the batch's target
+labels ``y`` (B,) to ``g = lambda * grad_x log p(y | x_t, t)`` (the shape of x), or to ``None`` where it does
+not guide (scale 0, or t outside its range). The sampler (``sampling.guided_step``) applies g in
+guided-diffusion's order:
 
-- DDIM / score form (guided-diffusion ``condition_score``): eps' = eps - sqrt(1 - abar_t) * g
-- DDPM / mean form (guided-diffusion ``condition_mean``):  mean' = mean + Sigma_t * g
+- DDIM (``condition_score``): x0 from the *unguided* eps, clipped; eps recomputed from the clipped x0;
+  eps' = eps - sqrt(1 - abar_t) * g; the guided x0 that follows from eps' is not clipped again.
+- DDPM (``condition_mean``): the posterior mean from the clipped x0; mean' = mean + Sigma_t * g.
 
-The classifier always receives the *training* timestep t; diffusers' respaced DDIM timesteps already are
+The classifier always receives the training timestep t; diffusers' respaced DDIM timesteps already are
 training timesteps, so no remapping is needed (guided-diffusion's ``_WrappedModel`` does it by hand).
-Scale 0 returns no guidance at all, so the sampler reproduces unguided output bit for bit.
+Guidance that returns ``None`` leaves the sampler on its unguided path, so scale 0 reproduces unguided
+output bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-GuidanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+class Guidance(Protocol):
+    """``g(x, t, y)``: x (B, C, H, W) float, t a 0-dim training timestep, y (B,) int output indices.
 
-def guided_eps(eps: torch.Tensor, g: torch.Tensor, alpha_bar_t: torch.Tensor | float) -> torch.Tensor:
-    """eps' = eps - sqrt(1 - abar_t) * g."""
-    abar = torch.as_tensor(alpha_bar_t, dtype=eps.dtype, device=eps.device)
-    return eps - torch.sqrt(1 - abar) * g
+    Returns lambda * grad_x log p(y | x_t, t), shape of x, or None where the guidance is off.
+    """
 
-
-def guided_mean(mean_or_sample: torch.Tensor, g: torch.Tensor, variance: torch.Tensor | float) -> torch.Tensor:
-    """mean' = mean + Sigma_t * g (adding it to the sampled x_{t-1} shifts its mean by exactly that)."""
-    return mean_or_sample + torch.as_tensor(variance, dtype=g.dtype, device=g.device) * g
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None: ...
 
 
 def log_prob_grad(
@@ -40,9 +43,12 @@ def log_prob_grad(
 ) -> torch.Tensor:
     """grad_x sum_b log softmax(classifier(x, t) / T)[b, y_b], shape of x.
 
-    Each sample's gradient depends only on its own log-probability (the classifier is in eval mode, so
-    BatchNorm does not mix samples), which keeps results independent of the batch composition.
+    The classifier must be in eval mode (a ``torch.nn.Module`` in training mode is refused): in training mode
+    BatchNorm mixes the samples of a batch, so one sample's guidance would depend on its batch-mates.
     """
+    if isinstance(classifier, torch.nn.Module) and classifier.training:
+        raise ValueError("the guidance classifier is in training mode; call .eval() first (BatchNorm would "
+                         "mix the samples of a batch)")
     x_in = x.detach().requires_grad_(True)
     tt = t.expand(len(x)) if t.ndim == 0 else t
     logits = classifier(x_in, tt.to(x.device)) / temperature
@@ -52,50 +58,52 @@ def log_prob_grad(
     return grad
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class ClassifierGuidance:
-    """Guidance toward per-sample target labels by a classifier of (x_t, t).
+    """Guidance toward per-sample target classes by a classifier of (x_t, t).
 
     Parameters
     ----------
-    classifier : module called as ``classifier(x, t) -> logits (B, K)``; a time-independent classifier
-        is wrapped to ignore t (the Cond baseline)
+    classifier : module called as ``classifier(x, t) -> logits (B, K)``; put in eval mode here. A
+        time-independent classifier ignores t (the Cond baseline).
+    classes : (K,) int, the label value of each classifier output (cluster id, or training-set class)
     scale : lambda >= 0
-    labels : (N,) int, the target label of each global sample index (the run's index space)
     temperature : logits are divided by this before the softmax (1 = the classifier as trained)
     t_range : (lo, hi) fraction of the training timesteps over which to guide; guidance is off outside
+    num_train_timesteps : the target's number of training timesteps (what ``t_range`` is a fraction of)
     """
 
-    def __init__(
-        self,
-        classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        scale: float,
-        labels: np.ndarray,
-        num_train_timesteps: int,
-        temperature: float = 1.0,
-        t_range: tuple[float, float] = (0.0, 1.0),
-    ) -> None:
-        if scale < 0:
-            raise ValueError(f"guidance scale={scale} must be >= 0")
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature} must be > 0")
-        lo, hi = t_range
+    classifier: torch.nn.Module
+    classes: np.ndarray
+    scale: float
+    temperature: float = 1.0
+    t_range: tuple[float, float] = (0.0, 1.0)
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"guidance scale={self.scale} must be a finite number >= 0")
+        if not np.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be a finite number > 0")
+        lo, hi = self.t_range
         if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"t_range={t_range} must satisfy 0 <= lo < hi <= 1")
-        self.classifier = classifier
-        self.scale = float(scale)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.temperature = float(temperature)
-        self.t_lo, self.t_hi = lo * num_train_timesteps, hi * num_train_timesteps
+            raise ValueError(f"t_range={self.t_range} must satisfy 0 <= lo < hi <= 1")
+        if len(self.classes) < 1:
+            raise ValueError("classes=[] : a guidance classifier needs at least one class to guide toward")
+        object.__setattr__(self, "classes", np.asarray(self.classes, dtype=np.int64))
+        if isinstance(self.classifier, torch.nn.Module):
+            self.classifier.eval()
 
-    def for_indices(self, indices: np.ndarray) -> GuidanceFn | None:
-        """The guidance function of a batch holding global samples ``indices`` (None when scale is 0)."""
-        if self.scale == 0.0:
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def guides_at(self, t: torch.Tensor | int) -> bool:
+        """Whether this guidance is on at training timestep ``t``."""
+        lo, hi = self.t_range
+        return self.scale > 0 and lo * self.num_train_timesteps <= float(t) <= hi * self.num_train_timesteps
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        if not self.guides_at(t):
             return None
-        y = torch.from_numpy(self.labels[np.asarray(indices)])
-
-        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not self.t_lo <= float(t) <= self.t_hi:
-                return torch.zeros_like(x)
-            return self.scale * log_prob_grad(self.classifier, x, t, y, self.temperature)
-
-        return fn
+        return self.scale * log_prob_grad(self.classifier, x, t, y, self.temperature)

@@ -358,7 +358,7 @@ def gu_from_neighbors(nb: Neighbors, threshold: float = 1 / 3) -> GuRatio:
     return GuRatio(threshold, float((r < threshold).mean()), r)
 
 
-def _same_shape(generated: ImageSet, train: ImageSet) -> None:
+def check_same_shape(generated: ImageSet, train: ImageSet) -> None:
     if generated.images.shape[1:] != train.images.shape[1:]:
         g, t = generated.images.shape[1:], train.images.shape[1:]
         raise ValueError(f"generated images are {g[0]}x{g[1]}x{g[2]} (HxWxC) but training images are "
@@ -369,7 +369,7 @@ def pixel_ratios(generated: ImageSet, train: ImageSet, *, alpha: float = 0.5, n:
                  centering: Centering = "generation", gu_threshold: float = 1 / 3, backend: str = "auto",
                  device: str = "cpu") -> tuple[CarliniRatio, GuRatio]:
     """Carlini's and Gu's ratios of ``generated`` against ``train`` (uint8 images of one shape)."""
-    _same_shape(generated, train)
+    check_same_shape(generated, train)
     if len(train) < 2:
         raise ValueError(f"the ratios need at least 2 training images, got {len(train)}")
     index = NearestNeighborIndex("rms-l2", backend=backend, device=device).fit(pixel_rows(train.images))

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runs import Progress
+
 log = logging.getLogger(__name__)
 
 Metric = Literal["cosine", "rms-l2"]
@@ -38,7 +40,6 @@ PairsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 FAISS_QUERY_CHUNK = 65536  # queries per faiss search call (results are k per query: small)
 
-Progress = Callable[[int, int], None]
 
 _EXACT_FLOAT32_MAX_D = 129  # 2 * 255^2 * D < 2^24: integer sums of uint8 rows stay exact in float32
 _CACHE_BYTES = 256 * 2**20  # prepared reference chunks are cached below this size
@@ -64,10 +65,6 @@ def pixel_rows(images: np.ndarray) -> np.ndarray:
     if images.ndim < 2:
         raise ValueError(f"images must have shape (n, ...), got {images.shape}")
     return images.reshape(len(images), -1)
-
-
-def higher_is_closer(metric: Metric) -> bool:
-    return metric == "cosine"
 
 
 class NearestNeighborIndex:

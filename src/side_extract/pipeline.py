@@ -24,12 +24,14 @@ import torch
 
 from . import config as cfg
 from .data import ImageSet, load_image_set
-from .extraction import GuidanceSpec, extraction_stage
+from .extraction import extraction_stage
+from .data import resize
 from .evaluation import calibrate, digits_complement, evaluate
+from .guidance import ClassifierGuidance
 from .features import extract_features
 from .models.classifier import ClassifierArch, load_classifier, save_classifier
 from .models.target import Denoiser, check_fits, load_target, model_fingerprint
-from .runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of
+from .runs import RunDir, atomic_save_npz, atomic_write_json, stage_fingerprint
 from .sampling import sample_stage
 from .surrogate import ClusterLabeler, TeacherLabeler
 from .training import train_classifier
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 ProgressFactory = Callable[[str], Callable[[int, int], None] | None]
 
 
-def _no_progress(_name: str) -> None:
+def no_progress(_name: str) -> None:
+    """A :data:`ProgressFactory` that shows nothing."""
     return None
 
 
@@ -50,7 +53,7 @@ class AuditContext:
     rc: cfg.RunConfig
     denoiser: Denoiser
     device: str = "cpu"
-    progress: ProgressFactory = _no_progress
+    progress: ProgressFactory = no_progress
     fp: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -60,7 +63,7 @@ class AuditContext:
 
 def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
     c = ctx.rc.features
-    fp = fingerprint_of(c, ctx.fp["synthetic"])
+    fp = stage_fingerprint("features", c, ctx.fp["synthetic"])
     ctx.fp["features"] = fp
     path = ctx.run.path / "features" / "features.npz"
     if ctx.run.begin("features", fp) != "skip" or not path.exists():
@@ -74,10 +77,7 @@ def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
 def surrogate_stage(ctx: AuditContext, features: np.ndarray) -> np.ndarray:
     """Cluster labels of the synthetic set: (n,) cluster id or -1; writes labels, centroids, cohesion."""
     c = ctx.rc.surrogate
-    settings = cfg.to_dict(c)
-    if not c.select_k:  # added after runs were cached: without it, a run keeps its earlier fingerprint
-        settings.pop("select_k")
-    fp = fingerprint_of(settings, ctx.fp["features"])
+    fp = stage_fingerprint("surrogate", c, ctx.fp["features"])
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
     if ctx.run.begin("surrogate", fp) != "skip" or not path.exists():
@@ -106,10 +106,14 @@ def _train_set(ctx: AuditContext) -> ImageSet:
 
 
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
-                     *, clean: bool) -> GuidanceSpec:
-    """Train (or reuse) a classifier on images with labels >= 0; returns it with its class list."""
+                     *, clean: bool) -> ClassifierGuidance:
+    """Train (or reuse) a classifier on images with labels >= 0; returns it as guidance toward its classes
+    (SIDE's scale and temperature; the caller sets Cond's).
+
+    Its checkpoints live in ``RUN/<name>/work/`` so that a stage started afresh removes them with the rest.
+    """
     c = ctx.rc.clean_classifier if clean else ctx.rc.classifier
-    fp = fingerprint_of(c, input_fp, clean)
+    fp = stage_fingerprint("classifier", c, input_fp, clean)
     ctx.fp[name] = fp
     directory = ctx.run.path / name
     if ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists():
@@ -122,20 +126,21 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
         C, H, _ = ctx.denoiser.sample_shape
         arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
                               time_mode="none" if clean else c.time_mode, time_embed_dim=c.time_embed_dim,
-                              num_train_timesteps=ctx.denoiser.scheduler.config.num_train_timesteps,
                               classes=tuple(int(v) for v in classes))
         result = train_classifier(arch, x0[torch.from_numpy(keep)], y, c,
                                   scheduler=None if clean else ctx.denoiser.scheduler,
-                                  out=ctx.run.path / f"{name}-work", device=ctx.device, progress=ctx.progress(name))
+                                  out=directory / "work", device=ctx.device, progress=ctx.progress(name))
         save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c)})
         ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy)
     model = load_classifier(directory, ctx.device)
-    return GuidanceSpec(model, np.asarray(model.arch.classes, dtype=np.int64), ctx.rc.extract.scale,
-                        ctx.rc.extract.temperature)
+    e = ctx.rc.extract
+    return ClassifierGuidance(model, np.asarray(model.arch.classes, dtype=np.int64), e.scale, e.temperature,
+                              (e.t_lo, e.t_hi), ctx.denoiser.scheduler.config.num_train_timesteps)
 
 
-def teacher_stage(ctx: AuditContext, clean: GuidanceSpec, synthetic: ImageSet) -> np.ndarray:
-    fp = fingerprint_of(ctx.fp["classifier-clean"], ctx.fp["synthetic"], ctx.rc.surrogate.teacher_min_confidence)
+def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: ImageSet) -> np.ndarray:
+    fp = stage_fingerprint("teacher", ctx.fp["classifier-clean"], ctx.fp["synthetic"],
+                           ctx.rc.surrogate.teacher_min_confidence)
     ctx.fp["teacher"] = fp
     path = ctx.run.path / "teacher" / "labels.npz"
     if ctx.run.begin("teacher", fp) != "skip" or not path.exists():
@@ -146,18 +151,12 @@ def teacher_stage(ctx: AuditContext, clean: GuidanceSpec, synthetic: ImageSet) -
         return z["labels"]
 
 
-def _extraction_settings(c: cfg.ExtractConfig, guidance: GuidanceSpec | None) -> dict:
-    """What one method's generations depend on: not the list of other methods, nor the batch size; for an
-    unguided method, no guidance setting; for a guided one, its own scale and temperature rather than both."""
-    d = cfg.to_dict(c)
-    for k in ("methods", "batch_size", "scale", "cond_scale", "cond_temperature"):
-        d.pop(k)
-    if guidance is None:
-        for k in ("temperature", "t_lo", "t_hi"):
-            d.pop(k)
-    else:
-        d["guidance_scale"] = guidance.scale
-        d["temperature"] = guidance.temperature
+def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | None) -> dict:
+    """What one method's generations depend on, named positively: the sampler, N_G, the seed and sharding,
+    and for a guided method its own scale, temperature and guidance time range (not the other methods')."""
+    d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "shard_size")}
+    if guidance is not None:
+        d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
     return d
 
 
@@ -173,10 +172,12 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     c = ctx.rc.evaluate
     if c.bands is not None or c.bands_file is not None or c.similarity.startswith("cosine:torchscript"):
         return None
-    fp = fingerprint_of(c, train.fingerprint(), ctx.fp["model"] if c.similarity == "cosine:unet" else None)
+    fp = stage_fingerprint("calibration", c, train.fingerprint(), ctx.fp["model"] if c.similarity == "cosine:unet" else None)
     path = ctx.run.path / "evaluation" / "bands.json"
     if ctx.run.begin("calibration", fp) != "skip" or not path.exists():
         heldout = digits_complement(ctx.rc.train) if str(ctx.rc.train).startswith("digits:") else None
+        if heldout is not None and ctx.rc.train_resize is not None:  # the same size as the training set
+            heldout = dataclasses.replace(heldout, images=resize(heldout.images, ctx.rc.train_resize))
         cal = calibrate(train, heldout, c, feature_model=ctx.denoiser, device=ctx.device)
         cal.write(ctx.run.path / "evaluation")
         ctx.run.complete("calibration", null_source=cal.null_source)
@@ -189,8 +190,8 @@ def evaluation_stage(ctx: AuditContext, method: str, generated: ImageSet, train:
     if bands_file is not None:
         c = dataclasses.replace(c, bands_file=str(bands_file))
     stage = f"evaluation/{method}"
-    fp = fingerprint_of(c, ctx.fp[f"extraction/{method}"], train.fingerprint(),
-                        None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"])
+    fp = stage_fingerprint("evaluation", c, ctx.fp[f"extraction/{method}"], train.fingerprint(),
+                           None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"])
     path = ctx.run.path / stage / "metrics.json"
     if ctx.run.begin(stage, fp) != "skip" or not path.exists():
         ev = evaluate(generated, train, c, method=method, feature_model=ctx.denoiser, device=ctx.device,
@@ -212,7 +213,7 @@ UNTIL = ("surrogate", "classifier", "extraction", "evaluation")
 
 
 def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until: Until = "evaluation",
-              progress: ProgressFactory = _no_progress) -> AuditResult:
+              progress: ProgressFactory = no_progress) -> AuditResult:
     """Run every stage the config's methods need, up to and including ``until``, into run directory ``path``.
 
     ``evaluation`` (with ``rc.train`` set) measures each method's generations against the training set into
@@ -231,7 +232,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         synthetic = sample_stage(run, denoiser, rc.sample, model_fingerprint=ctx.fp["model"], device=device,
                                  progress=progress("synthetic"))
         ctx.fp["synthetic"] = run.stage_entry("synthetic")["fingerprint"]
-    guides: dict[str, GuidanceSpec | None] = {"uncond": None}
+    guides: dict[str, ClassifierGuidance | None] = {"uncond": None}
     if "side" in methods:
         labels = surrogate_stage(ctx, features_stage(ctx, synthetic))
         if upto == 0:
@@ -253,7 +254,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     extractions = {}
     for m in methods:
         g = guides[m]
-        fp = fingerprint_of(_extraction_settings(rc.extract, g), ctx.fp["model"], m,
+        fp = stage_fingerprint("extraction", extraction_settings(rc.extract, g), ctx.fp["model"], m,
                             ctx.fp.get({"side": "classifier", "side-teacher": "classifier-teacher",
                                         "cond": "classifier-clean"}.get(m, "model")))
         ctx.fp[f"extraction/{m}"] = fp

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +32,12 @@ from typing import Any, Literal
 import numpy as np
 
 from . import config as cfg
+from .data import ImageSet, load_shards
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""A progress callback: ``progress(done, total)``."""
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -117,6 +121,40 @@ def fingerprint_of(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# Bump a stage's version when a change of the code changes what the stage writes: every run's cached stage of
+# that kind (and, through the fingerprints, everything downstream of it) is then redone instead of reused.
+STAGE_VERSIONS: dict[str, int] = {
+    "synthetic": 1,
+    "features": 1,
+    "surrogate": 2,     # 2: select_k always part of the fingerprint
+    "classifier": 2,    # 2: classes split held-out per class; resume keyed by the training data
+    "teacher": 2,       # 2: inputs on the classifier's device
+    "extraction": 2,    # 2: guidance in guided-diffusion's order (after the x0 clip)
+    "calibration": 2,   # 2: held-out images resized like the training set
+    "evaluation": 1,
+}
+
+
+def stage_fingerprint(kind: str, *parts: Any) -> str:
+    """The fingerprint of a stage of ``kind`` (a key of :data:`STAGE_VERSIONS`): its code version, its settings
+    and the fingerprints of what it reads (``parts``)."""
+    if kind not in STAGE_VERSIONS:
+        raise ValueError(f"stage kind {kind!r} must be one of {', '.join(STAGE_VERSIONS)}")
+    return fingerprint_of({"stage": kind, "version": STAGE_VERSIONS[kind]}, *parts)
+
+
+def array_fingerprint(*arrays: Any) -> str:
+    """sha256 of arrays' dtypes, shapes and bytes (numpy arrays or CPU/device tensors), for data-keyed resume."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if hasattr(a, "detach"):
+            a = a.detach().cpu().numpy()
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def versions() -> dict[str, str]:
     out = {}
     for dist in ("side-extract", "torch", "diffusers", "numpy", "scikit-learn", "faiss-cpu", "safetensors"):
@@ -197,3 +235,73 @@ class RunDir:
 
     def write_config(self, run_config: Any) -> None:
         atomic_write_text(self.path / "config.yaml", cfg.dump_yaml(run_config))
+
+
+# --------------------------------------------------------------------------------------------------
+# sharded stage output
+
+
+def shard_path(directory: Path, k: int) -> Path:
+    return directory / f"shard-{k:05d}.npz"
+
+
+def write_shards(
+    directory: Path,
+    n: int,
+    shard_size: int,
+    make: Callable[[int, int], dict[str, np.ndarray]],
+    progress: Progress | None = None,
+) -> int:
+    """Write ``shard-K.npz`` for index ranges [K * shard_size, ...), skipping shards already written.
+
+    ``make(start, stop)`` returns the arrays of one shard; it must include ``images`` and ``index``.
+    Each shard is written atomically, so any shard present is whole. Returns the number written now.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    written = 0
+    n_shards = (n + shard_size - 1) // shard_size
+    for k in range(n_shards):
+        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
+        p = shard_path(directory, k)
+        if p.exists():
+            if progress is not None:
+                progress(hi, n)
+            continue
+        arrays = make(lo, hi)
+        assert np.array_equal(arrays["index"], np.arange(lo, hi)), "shard index range mismatch"
+        atomic_save_npz(p, **arrays)
+        written += 1
+        if progress is not None:
+            progress(hi, n)
+    return written
+
+
+def shard_stage(
+    run: RunDir,
+    stage: str,
+    fingerprint: str,
+    n: int,
+    shard_size: int,
+    make: Callable[[int, int, Progress | None], dict[str, np.ndarray]],
+    *,
+    inputs: dict[str, str] | None = None,
+    progress: Progress | None = None,
+    **info: Any,
+) -> ImageSet:
+    """A stage whose output is ``n`` images in ``run/<stage>/shard-*.npz``: skipped when complete with the same
+    fingerprint, resumed at its last whole shard when interrupted, else written afresh.
+
+    ``make(lo, hi, progress)`` returns one shard's arrays; its progress callback counts within the whole stage.
+    """
+    decision = run.begin(stage, fingerprint, inputs=inputs)
+    directory = run.path / stage
+    if decision != "skip":
+        t0 = time.time()
+
+        def make_shard(lo: int, hi: int) -> dict[str, np.ndarray]:
+            return make(lo, hi, None if progress is None else (lambda done, _total: progress(lo + done, n)))
+
+        written = write_shards(directory, n, shard_size, make_shard, progress)
+        run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
+                     sampling_seconds=round(time.time() - t0, 3), **info)
+    return load_shards(directory)

@@ -1,20 +1,16 @@
-"""Sampling: one loop for diffusers' DDPM and DDIM schedulers, per-sample seeds, sharded run output.
+"""Sampling: one loop for diffusers' DDPM and DDIM schedulers, per-sample seeds, guidance per batch.
 
 Sample ``i`` of a run with seed ``s`` draws all of its noise (the initial x_T and, for DDPM or DDIM with
 eta > 0, every step's noise) from its own generator seeded by ``sample_seed(s, i)``; so an image does not
-depend on the batch size, on which shard it lands in, or on how many processes share the work.
+depend on which shard it lands in or on how many processes share the work.
 
-Guidance (``guidance.py``) enters as a function of (x_t, t) returning ``lambda * grad log p(y | x_t, t)``
-for the batch's target labels; the loop applies it in guided-diffusion's two forms: DDIM
-``eps' = eps - sqrt(1 - abar_t) * g`` and DDPM ``mean' = mean + Sigma_t * g``.
+Guidance (``guidance.py``) is an object called as ``g(x_t, t, y)`` with the batch's target labels;
+:func:`guided_step` applies it in guided-diffusion's order (see there), for DDIM and DDPM alike.
 """
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,14 +19,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import config as cfg
-from .data import ImageSet, load_shards, to_uint8
-from .guidance import GuidanceFn, guided_eps, guided_mean
+from .data import ImageSet, to_uint8
+from .guidance import Guidance
 from .models.target import Denoiser
-from .runs import RunDir, atomic_save_npz, fingerprint_of
+from .runs import Progress, RunDir, shard_stage, stage_fingerprint
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -69,6 +63,71 @@ def ddpm_variance(sched: DDPMScheduler, t: int) -> torch.Tensor:
     return torch.clamp((1 - abar_prev) / (1 - abar_t) * beta_t, min=1e-20)
 
 
+def _raw_ddim(sched: DDIMScheduler) -> DDIMScheduler:
+    """The same DDIM schedule without x0 clipping: guided-diffusion does not clip the *guided* x0."""
+    raw = DDIMScheduler.from_config(sched.config, clip_sample=False)
+    raw.set_timesteps(sched.num_inference_steps)
+    return raw
+
+
+def clipped_eps(sched: DDIMScheduler, x: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+    """eps recomputed from the clipped x0 prediction (guided-diffusion's ``p_mean_variance`` with
+    ``clip_denoised`` then ``_predict_eps_from_xstart``); eps itself when the scheduler does not clip."""
+    if getattr(sched.config, "thresholding", False):
+        raise ValueError("schedulers with dynamic thresholding are not supported for guided sampling; "
+                         "use clip_sample (guided-diffusion's clip_denoised) instead")
+    if not sched.config.clip_sample:
+        return eps
+    abar = sched.alphas_cumprod[t].to(device=x.device, dtype=x.dtype)
+    r = sched.config.clip_sample_range
+    x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-r, r)
+    return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def guided_step(
+    sched: SchedulerMixin,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    generators: list[torch.Generator],
+    *,
+    eta: float = 0.0,
+    g: torch.Tensor | None = None,
+    clip_eps: bool = True,
+    raw: DDIMScheduler | None = None,
+) -> torch.Tensor:
+    """One reverse step x_t -> x_{t-1} with optional guidance ``g`` = lambda * grad log p(y | x_t, t).
+
+    DDIM, guided-diffusion's ``ddim_sample`` + ``condition_score``:
+
+    1. x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the scheduler's range;
+    2. eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)  (eps of the clipped x0);
+    3. eps' = eps - sqrt(1 - abar_t) g;
+    4. x0' = (x_t - sqrt(1 - abar_t) eps') / sqrt(abar_t), *not* clipped again;
+    5. x_{t-1} = sqrt(abar_prev) x0' + sqrt(1 - abar_prev - sigma^2) eps' + sigma z  (diffusers' step on ``raw``).
+
+    Unguided (``g`` None), diffusers' step with ``use_clipped_model_output=clip_eps`` (steps 1-2 and 5).
+
+    DDPM, guided-diffusion's ``p_sample`` + ``condition_mean``: diffusers' step (clipped x0, posterior mean,
+    Sigma_t z), then + Sigma_t g: adding it to the sampled x_{t-1} shifts its mean by exactly that.
+
+    ``raw``: the DDIM scheduler without x0 clipping (``_raw_ddim(sched)``), made once per loop by the caller.
+    """
+    if isinstance(sched, DDIMScheduler):
+        if g is None:
+            return sched.step(eps, t, x, eta=eta, use_clipped_model_output=clip_eps, generator=generators).prev_sample
+        ti = int(t)
+        eps_g = clipped_eps(sched, x, ti, eps) - (1 - sched.alphas_cumprod[ti].to(x.device, x.dtype)).sqrt() * g
+        raw = raw if raw is not None else _raw_ddim(sched)
+        return raw.step(eps_g, t, x, eta=eta, use_clipped_model_output=False, generator=generators).prev_sample
+    if isinstance(sched, DDPMScheduler):
+        x_next = sched.step(eps, t, x, generator=generators).prev_sample
+        if g is not None:
+            x_next = x_next + ddpm_variance(sched, int(t)).to(g.device, g.dtype) * g
+        return x_next
+    raise ValueError(f"scheduler {type(sched).__name__} is not supported: use DDIM or DDPM")
+
+
 @torch.no_grad()
 def denoise_batch(
     denoiser: Denoiser,
@@ -77,29 +136,26 @@ def denoise_batch(
     generators: list[torch.Generator],
     *,
     eta: float = 0.0,
-    guidance: GuidanceFn | None = None,
-    clip_model_output: bool = False,
+    guidance: Guidance | None = None,
+    y: torch.Tensor | None = None,
+    clip_eps: bool = True,
 ) -> torch.Tensor:
     """Run the reverse process from x_T = ``x`` to x_0 with ``sched``'s timesteps. Returns (B, C, H, W).
 
-    ``clip_model_output`` (DDIM only) recomputes eps from the clipped x0 prediction, as guided-diffusion's
-    DDIM does (diffusers' ``use_clipped_model_output``). Without it, when x0 saturates at high t the guided
-    eps term of the DDIM update points *against* the guidance; with it, saturated steps carry no guidance.
+    ``guidance(x_t, t, y)`` with the batch's target labels ``y`` (B,); ``clip_eps`` (DDIM) recomputes eps from
+    the clipped x0 in unguided steps too, as guided-diffusion's DDIM always does (diffusers' DDIMPipeline
+    does not: ``clip_eps=False`` reproduces it).
     """
-    is_ddim = isinstance(sched, DDIMScheduler)
+    if guidance is not None and y is None:
+        raise ValueError("guided sampling needs the batch's target labels y")
+    raw = _raw_ddim(sched) if guidance is not None and isinstance(sched, DDIMScheduler) else None
     for t in sched.timesteps:
         eps = denoiser(x, t)
         g = None
         if guidance is not None:
             with torch.enable_grad():
-                g = guidance(x, t)
-        if g is not None and is_ddim:
-            eps = guided_eps(eps, g, sched.alphas_cumprod[int(t)])
-        kwargs: dict[str, Any] = {"eta": eta, "use_clipped_model_output": clip_model_output} if is_ddim else {}
-        x_next = sched.step(eps, t, x, generator=generators, **kwargs).prev_sample
-        if g is not None and not is_ddim:
-            x_next = guided_mean(x_next, g, ddpm_variance(sched, int(t)))
-        x = x_next
+                g = guidance(x, t, y)
+        x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps, raw=raw)
     return x
 
 
@@ -113,8 +169,9 @@ def sample(
     steps: int = 50,
     eta: float = 0.0,
     batch_size: int = 64,
-    guidance: Callable[[np.ndarray], GuidanceFn | None] | None = None,
-    clip_model_output: bool = False,
+    guidance: Guidance | None = None,
+    labels: np.ndarray | None = None,
+    clip_eps: bool = False,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> torch.Tensor:
@@ -122,96 +179,32 @@ def sample(
 
     Parameters
     ----------
-    guidance : maps a batch's global indices to a guidance function (or None for unguided)
+    guidance : ``g(x, t, y)`` (``guidance.Guidance``), or None for unguided sampling
+    labels : (n,) int, the target output index of each sample (needed with guidance)
+    clip_eps : DDIM: eps from the clipped x0 in every step (guided-diffusion's DDIM); False is diffusers'
+        ``DDIMPipeline``
 
     Returns
     -------
-    (n, C, H, W) float in [-1, 1]
+    (n, C, H, W) float in [-1, 1], on the CPU
     """
     if n <= 0 or batch_size <= 0:
         raise ValueError(f"n={n} and batch_size={batch_size} must be positive")
+    if guidance is not None and (labels is None or len(labels) != n):
+        raise ValueError(f"guided sampling of {n} samples needs {n} target labels, got "
+                         f"{None if labels is None else len(labels)}")
     sched = inference_scheduler(denoiser.scheduler, scheduler, steps)
     out = []
     for b0 in range(start, start + n, batch_size):
         idx = np.arange(b0, min(b0 + batch_size, start + n))
         gens = sample_generators(seed, idx, device)
         x = randn_tensor((len(idx), *denoiser.sample_shape), generator=gens, device=torch.device(device))
-        g = guidance(idx) if guidance is not None else None
-        out.append(denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=g,
-                                 clip_model_output=clip_model_output).clamp(-1, 1).cpu())
+        y = None if guidance is None else torch.as_tensor(labels[idx - start], dtype=torch.long, device=device)
+        out.append(denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=guidance, y=y,
+                                 clip_eps=clip_eps).clamp(-1, 1).cpu())
         if progress is not None:
             progress(int(idx[-1] - start + 1), n)
     return torch.cat(out)
-
-
-# --------------------------------------------------------------------------------------------------
-# sharded output in a run directory
-
-
-def shard_path(directory: Path, k: int) -> Path:
-    return directory / f"shard-{k:05d}.npz"
-
-
-def write_shards(
-    directory: Path,
-    n: int,
-    shard_size: int,
-    make: Callable[[int, int], dict[str, np.ndarray]],
-    progress: Progress | None = None,
-) -> int:
-    """Write ``shard-K.npz`` for index ranges [K * shard_size, ...), skipping shards already written.
-
-    ``make(start, stop)`` returns the arrays of one shard; it must include ``images`` and ``index``.
-    Each shard is written atomically, so any shard present is whole. Returns the number written now.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    written = 0
-    n_shards = (n + shard_size - 1) // shard_size
-    for k in range(n_shards):
-        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-        p = shard_path(directory, k)
-        if p.exists():
-            if progress is not None:
-                progress(hi, n)
-            continue
-        arrays = make(lo, hi)
-        assert np.array_equal(arrays["index"], np.arange(lo, hi)), "shard index range mismatch"
-        atomic_save_npz(p, **arrays)
-        written += 1
-        if progress is not None:
-            progress(hi, n)
-    return written
-
-
-def shard_stage(
-    run: RunDir,
-    stage: str,
-    fingerprint: str,
-    n: int,
-    shard_size: int,
-    make: Callable[[int, int, Progress | None], dict[str, np.ndarray]],
-    *,
-    inputs: dict[str, str] | None = None,
-    progress: Progress | None = None,
-    **info: Any,
-) -> ImageSet:
-    """A stage whose output is ``n`` images in ``run/<stage>/shard-*.npz``: skipped when complete with the same
-    fingerprint, resumed at its last whole shard when interrupted, else written afresh.
-
-    ``make(lo, hi, progress)`` returns one shard's arrays; its progress callback counts within the whole stage.
-    """
-    decision = run.begin(stage, fingerprint, inputs=inputs)
-    directory = run.path / stage
-    if decision != "skip":
-        t0 = time.time()
-
-        def make_shard(lo: int, hi: int) -> dict[str, np.ndarray]:
-            return make(lo, hi, None if progress is None else (lambda done, _total: progress(lo + done, n)))
-
-        written = write_shards(directory, n, shard_size, make_shard, progress)
-        run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
-                     sampling_seconds=round(time.time() - t0, 3), **info)
-    return load_shards(directory)
 
 
 def sample_stage(
@@ -236,7 +229,6 @@ def sample_stage(
 
 
 def _fingerprint(c: cfg.SampleConfig, model_fingerprint: str) -> str:
-    # the batch size does not change the images, so it is left out of the fingerprint
-    d = cfg.to_dict(c)
-    d.pop("batch_size")
-    return fingerprint_of(d, model_fingerprint)
+    # what the images depend on: not the batch size (unguided sampling is per-sample)
+    d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "shard_size")}
+    return stage_fingerprint("synthetic", d, model_fingerprint)

@@ -164,10 +164,15 @@ class TeacherLabeler:
         if not 0.0 <= self.min_confidence < 1.0:
             raise ValueError(f"min_confidence={self.min_confidence} must be in [0, 1)")
         probs = []
+        param = next(iter(self.classifier.parameters()), None) if isinstance(self.classifier, torch.nn.Module) else None
+        device = x.device if param is None else param.device
+        if isinstance(self.classifier, torch.nn.Module):
+            self.classifier.eval()
         with torch.no_grad():
             for lo in range(0, len(x), self.batch_size):
-                xb = x[lo:lo + self.batch_size]
-                probs.append(torch.softmax(self.classifier(xb, torch.zeros(len(xb), dtype=torch.long)), -1))
+                xb = x[lo:lo + self.batch_size].to(device)
+                t = torch.zeros(len(xb), dtype=torch.long, device=device)
+                probs.append(torch.softmax(self.classifier(xb, t), -1).cpu())
         p = torch.cat(probs).numpy()
         self.confidence_ = p.max(1)
         classes = np.asarray(self.classes, dtype=np.int64)

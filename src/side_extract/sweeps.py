@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from . import config as cfg
-from .pipeline import AuditResult, ProgressFactory, _no_progress, run_audit
+from .pipeline import AuditResult, ProgressFactory, no_progress, run_audit
 from .runs import RunDir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
 
 
 def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
-                    progress: ProgressFactory = _no_progress) -> tuple[AuditResult, dict[str, AuditResult]]:
+                    progress: ProgressFactory = no_progress) -> tuple[AuditResult, dict[str, AuditResult]]:
     """The main run, then one sub-run per swept value (sharing the main run's unchanged stages)."""
     main = run_audit(path, rc, device=device, progress=progress)
     subs = {}

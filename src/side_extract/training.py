@@ -2,7 +2,8 @@
 
 Noise-aware classifier p(y | x_t, t):
 
-1. hold out ``eval_fraction`` of the labelled images (stratified by nothing: a seeded permutation);
+1. hold out ``eval_fraction`` of each class's images (seeded; rounded down, so every class keeps at least
+   one training image and no output of the classifier is left untrained);
 2. each step: a batch (x_0, y), t ~ U{0 .. T-1}, eps ~ N(0, I), x_t = scheduler.add_noise(x_0, eps, t)
    (the target's own noise schedule, so the classifier sees exactly the x_t the sampler produces);
 3. cross-entropy, AdamW (paper: lr 1e-4);
@@ -10,14 +11,17 @@ Noise-aware classifier p(y | x_t, t):
    (t in [0, T/4), [T/4, T/2), ...), as guided-diffusion logs it, appended to ``log.json``.
 
 A time-independent classifier (``time_mode="none"``) trains on clean x_0 only. Training resumes from
-``checkpoint/`` (model in safetensors, optimizer via ``torch.load(weights_only=True)``); each step draws
-its batch from a generator seeded by (seed, step), so a resumed run equals an uninterrupted one.
+``checkpoint/`` (model in safetensors, optimizer via ``torch.load(weights_only=True)``) only when the checkpoint
+was made from the same images, labels, noise schedule, architecture and settings (its resume key); any other
+checkpoint is discarded. Each step draws its batch from a generator seeded by (seed, step), so a resumed run
+equals an uninterrupted one.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as cfg
 from .models.classifier import ClassifierArch, NoiseAwareResNet
-from .runs import atomic_directory, atomic_write_json
+from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +63,38 @@ def accuracy_by_quartile(model: NoiseAwareResNet, x0: torch.Tensor, y: torch.Ten
         for lo in range(0, len(x0), batch_size):
             xb, yb = x0[lo:lo + batch_size], y[lo:lo + batch_size]
             if q is None:
-                t = torch.zeros(len(xb), dtype=torch.long)
+                t = torch.zeros(len(xb), dtype=torch.long, device=xb.device)
                 xt = xb
             else:
-                t = torch.randint(q * n_t // 4, (q + 1) * n_t // 4, (len(xb),), generator=g)
-                xt = scheduler.add_noise(xb, torch.randn(xb.shape, generator=g), t)
-            correct += (model(xt, t).argmax(1) == yb).sum().item()
+                t = torch.randint(q * n_t // 4, (q + 1) * n_t // 4, (len(xb),), generator=g).to(xb.device)
+                xt = scheduler.add_noise(xb, torch.randn(xb.shape, generator=g).to(xb.device), t)
+            correct += (model(xt, t.to(xb.device)).argmax(1) == yb).sum().item()
         out["clean" if q is None else f"q{q}"] = correct / max(1, len(x0))
     return out
+
+
+def heldout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices: ``floor(fraction * n_c)`` of each class's n_c images held out (seeded).
+
+    Rounding down keeps at least one training image in every class, so no classifier output is untrained.
+    """
+    rng = np.random.default_rng([seed, 0xE7A1])
+    train, held = [], []
+    for cls in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == cls))
+        k = int(np.floor(fraction * len(members)))
+        held.append(members[:k])
+        train.append(members[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held)).astype(np.int64)
+
+
+def resume_key(arch: ClassifierArch, c: cfg.ClassifierConfig, x0: torch.Tensor, y: torch.Tensor,
+               scheduler: SchedulerMixin | None) -> str:
+    """What a checkpoint must have been made from to be continued: the architecture, every setting but the
+    step budget, the images, the labels and the noise schedule."""
+    settings = {k: v for k, v in cfg.to_dict(c).items() if k != "steps"}
+    sched = None if scheduler is None else {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return fingerprint_of(cfg.to_dict(arch), settings, array_fingerprint(x0, y), sched)
 
 
 def train_classifier(
@@ -95,25 +123,29 @@ def train_classifier(
     if (scheduler is None) != (arch.time_mode == "none"):
         raise ValueError("a time-dependent classifier needs the target's scheduler; a clean one must not get one")
 
-    perm = torch.randperm(len(x0), generator=torch.Generator().manual_seed(c.seed))
-    n_eval = int(round(c.eval_fraction * len(x0))) if len(x0) >= 20 else 0
-    ev, tr = perm[:n_eval], perm[n_eval:]
+    tr, ev = heldout_split(y_t.numpy(), c.eval_fraction if len(x0) >= 20 else 0.0, c.seed)
+    n_eval = len(ev)
     x_tr, y_tr, x_ev, y_ev = x0[tr], y_t[tr], x0[ev], y_t[ev]
 
     with torch.random.fork_rng():
         torch.manual_seed(c.seed)
         model = NoiseAwareResNet(arch)
+    model.to(device)  # before the optimizer loads its state, so the state lands on the model's device
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     start, history = 0, []
+    key = resume_key(arch, c, x0, y_t, scheduler)
     ckpt = Path(out) / "checkpoint" if out is not None else None
     if ckpt is not None and (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
-        if state["arch"] == cfg.to_dict(arch) and state["config"] == cfg.to_dict(c):
+        if state.get("resume_key") == key:
+            # read on the host; load_state_dict copies into the model and casts the state to its device
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
             start, history = state["step"], state["history"]
             log.info("classifier: resuming at step %d", start)
-    model.to(device)
+        else:
+            log.info("classifier: discarding a checkpoint made from other data or settings")
+            shutil.rmtree(ckpt)
     n_t = scheduler.config.num_train_timesteps if scheduler is not None else 0
 
     for step in range(start + 1, c.steps + 1):
@@ -140,10 +172,10 @@ def train_classifier(
             log.info("classifier step %d: %s", step, entry)
             if ckpt is not None:
                 with atomic_directory(ckpt) as tmp:
-                    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+                    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                              str(tmp / "model.safetensors"))
                     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-                    atomic_write_json(tmp / "state.json", {"step": step, "history": history, "config": cfg.to_dict(c),
-                                                           "arch": cfg.to_dict(arch)})
+                    atomic_write_json(tmp / "state.json", {"step": step, "history": history, "resume_key": key})
     model.eval()
     if out is not None:
         atomic_write_json(Path(out) / "log.json", {"history": history, "n_train": len(tr), "n_eval": n_eval})

@@ -146,22 +146,22 @@ def bench_guidance(c: ComputeBenchConfig, denoiser: Any) -> dict[str, Any]:
     C, H, _ = denoiser.sample_shape
     T = denoiser.scheduler.config.num_train_timesteps
     arch = ClassifierArch(num_classes=c.classifier_classes, in_channels=C, image_size=H, depth=c.classifier_depth,
-                          width=c.classifier_width, num_train_timesteps=T)
+                          width=c.classifier_width)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         clf = NoiseAwareResNet(arch).eval()
     n = c.batch_size
     labels = np.arange(n) % c.classifier_classes
-    guide = ClassifierGuidance(clf, c.guidance_scale, labels, T)
+    guide = ClassifierGuidance(clf, np.arange(c.classifier_classes), c.guidance_scale, num_train_timesteps=T)
     timesteps = inference_scheduler(denoiser.scheduler, "ddim", c.steps).timesteps
     x = torch.randn((n, C, H, H), generator=torch.Generator().manual_seed(0))
     y = torch.from_numpy(labels)
 
     def guided(r: int) -> None:
-        sample(denoiser, n, seed=r, steps=c.steps, batch_size=n, guidance=guide.for_indices, clip_model_output=True)
+        sample(denoiser, n, seed=r, steps=c.steps, batch_size=n, guidance=guide, labels=labels, clip_eps=True)
 
     def unguided(r: int) -> None:
-        sample(denoiser, n, seed=r, steps=c.steps, batch_size=n, clip_model_output=True)
+        sample(denoiser, n, seed=r, steps=c.steps, batch_size=n, clip_eps=True)
 
     def classifier(_r: int) -> None:
         for t in timesteps:

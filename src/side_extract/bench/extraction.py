@@ -32,7 +32,7 @@ from .. import config as cfg
 from ..data import ImageSet, load_image_set, resize
 from ..evaluation import calibrate, digits_complement
 from ..models.target import load_target, train_target
-from ..pipeline import ProgressFactory, _no_progress, run_audit
+from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
 from ..sweeps import run_with_sweeps, share_stages
 from . import machine_description, write_results
@@ -164,7 +164,7 @@ def training_set(n: int, size: int, cache: Path) -> tuple[ImageSet, Path, ImageS
 
 
 def ensure_target(c: cfg.TrainTargetConfig, n: int, size: int, cache: Path, *, device: str = "cpu",
-                  progress: ProgressFactory = _no_progress) -> dict[str, Any]:
+                  progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Train the target of ``c`` for ``digits:n`` at ``size`` px, or reuse the cached one of the same fingerprint."""
     c = dataclasses.replace(c, data=f"digits:{n}", resize=None if size == 8 else size)
     fp = fingerprint_of(c)
@@ -287,7 +287,7 @@ class ScaleInputs:
 
 
 def scale_inputs(bc: ExtractionBenchConfig, n: int, cache: Path, *, device: str = "cpu",
-                 progress: ProgressFactory = _no_progress) -> ScaleInputs:
+                 progress: ProgressFactory = no_progress) -> ScaleInputs:
     """The training set, target (trained or from the cache) and bands (calibrated once) of ``digits:n``."""
     train, train_path, heldout = training_set(n, bc.size, cache)
     target = ensure_target(bc.target, n, bc.size, cache, device=device, progress=progress)
@@ -300,7 +300,7 @@ def _stage_seconds(run: Path) -> dict[str, float]:
 
 
 def run_sweeps(bc: ExtractionBenchConfig, main_run: Path, rc: cfg.RunConfig, *, device: str = "cpu",
-               progress: ProgressFactory = _no_progress) -> dict[str, Any]:
+               progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Lambda sweep of ``lambda_methods`` and K / tau sweeps of ``side`` at ``sweep_n_generated``.
 
     Each sweep has a parent run (``main_run/bench-lambda``, ``main_run/bench-surrogate``) that first shares
@@ -356,7 +356,7 @@ def _sweep(path: Path, main_run: Path, rc: cfg.RunConfig, name: str | None, own:
 
 
 def run_extraction_bench(bc: ExtractionBenchConfig, cache: str | Path, *, device: str = "cpu",
-                         progress: ProgressFactory = _no_progress, command: str | None = None) -> dict[str, Any]:
+                         progress: ProgressFactory = no_progress, command: str | None = None) -> dict[str, Any]:
     """Run the benchmark (reusing what ``cache`` holds) and return the results dict (see the module docstring)."""
     cache = Path(cache)
     t_start = time.time()

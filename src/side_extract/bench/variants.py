@@ -15,8 +15,8 @@ For each seed and each scale (training-set size) of the extraction benchmark:
 3. the variant's score is its **objective**: the mean, over the scales and the ``objective`` metrics, of
    ``log((v + e) / (b + e))``, v the variant's value, b the best baseline's (Cond or UnCond, whichever
    memorizes more by that metric), e = 1 / N_G (so a metric at zero on both sides counts as a tie, not
-   as infinity). A variant that changes the sampler itself (``extract.scheduler``, ``steps``, ``eta``,
-   ``clip_model_output``) also reruns Cond and UnCond with that sampler, and its best baseline is the best
+   as infinity). A variant that changes the sampler itself (``extract.scheduler``, ``steps``, ``eta``)
+   also reruns Cond and UnCond with that sampler, and its best baseline is the best
    of both samplers' baselines: a sampler that makes every method memorize more is not a SIDE win.
 
 **Protocol.** The variants are scored on ``validation_seed``; the best-scoring one (``base`` itself when
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import config as cfg
-from ..pipeline import ProgressFactory, _no_progress, run_audit
+from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir
 from ..sweeps import share_stages
 from . import machine_description, write_results
@@ -142,7 +142,7 @@ def objective_score(per_scale: list[tuple[int, dict[str, dict[str, Any]]]], metr
     return sum(terms) / len(terms) if terms else float("nan")
 
 
-SAMPLER_KEYS = ("scheduler", "steps", "eta", "clip_model_output")
+SAMPLER_KEYS = ("scheduler", "steps", "eta")
 
 
 def sampler_settings(rc: cfg.RunConfig) -> dict[str, Any]:
@@ -157,7 +157,7 @@ def _scale_config(vc: VariantsBenchConfig, name: str, inputs: ScaleInputs, seed:
 
 
 def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, *, device: str = "cpu",
-             progress: ProgressFactory = _no_progress) -> dict[str, Any]:
+             progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Variants ``names`` on every scale at extraction seed ``seed``: metrics, ratios and objective of each."""
     out: dict[str, Any] = {"seed": seed, "scales": [], "variants": {}}
     all_methods = tuple(dict.fromkeys((*vc.methods, *BASELINES)))
@@ -210,7 +210,7 @@ def choose(validation: dict[str, Any], method: str) -> str:
 
 
 def run_variants_bench(vc: VariantsBenchConfig, cache: str | Path, *, device: str = "cpu",
-                       progress: ProgressFactory = _no_progress, command: str | None = None) -> dict[str, Any]:
+                       progress: ProgressFactory = no_progress, command: str | None = None) -> dict[str, Any]:
     """Score every variant on the validation seed, choose, then run the held-out seed; the results dict."""
     cache = Path(cache)
     t0 = time.time()

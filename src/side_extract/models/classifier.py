@@ -40,7 +40,6 @@ class ClassifierArch:
     width: int = 32
     time_mode: TimeMode = "scale_shift"
     time_embed_dim: int = 128
-    num_train_timesteps: int = 1000
     classes: tuple[int, ...] = ()  # the surrogate-label (cluster) id of each output, in order
 
     def __post_init__(self) -> None:
@@ -119,7 +118,7 @@ class NoiseAwareResNet(nn.Module):
 def save_classifier(model: NoiseAwareResNet, directory: str | Path, extra: dict | None = None) -> None:
     """Write ``model.safetensors`` and ``config.json`` (arch + ``extra``) atomically."""
     with atomic_directory(directory) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         meta = {"arch": dataclasses.asdict(model.arch), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
 
@@ -130,6 +129,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise ValueError(f"{str(d)!r} is not a saved classifier (expected config.json and model.safetensors)")
     arch_d = json.loads((d / "config.json").read_text())["arch"]
+    arch_d.pop("num_train_timesteps", None)  # written by versions before 0.2, never used
     arch_d["classes"] = tuple(arch_d.get("classes", ()))
     model = NoiseAwareResNet(ClassifierArch(**arch_d))
     model.load_state_dict(load_file(str(d / "model.safetensors")))

@@ -229,13 +229,11 @@ def train_target(
         unet = build_unet(c, data.shape)
     scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
                               clip_sample=True, prediction_type="epsilon")
-    opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    ema = EMAModel(unet.parameters(), decay=c.ema_decay) if c.ema else None
     # what must match to continue from a checkpoint: everything but the step budget and checkpoint spacing
     resume_key = {k: v for k, v in cfg.to_dict(c).items() if k not in ("steps", "checkpoint_every")}
     resume_key["data_fingerprint"] = data.fingerprint()
 
-    start, losses = 0, []
+    start, losses, state = 0, [], None
     ckpt = _latest_checkpoint(out)
     if ckpt is not None:
         state_meta = read_json(ckpt / "training_state.json")
@@ -244,15 +242,19 @@ def train_target(
                              "choose another --out or delete it")
         start = int(state_meta["step"])
         unet = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
-        opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        state = torch.load(ckpt / "training_state.pt", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema = EMAModel(unet.parameters(), decay=c.ema_decay)
-            ema.load_state_dict(state["ema"])
+        state = torch.load(ckpt / "training_state.pt", weights_only=True, map_location="cpu")
         losses = list(state_meta.get("losses", []))
         log.info("resuming training from %s (step %d)", ckpt, start)
+    # the model moves before the optimizer and EMA are made or loaded, so their state lives on its device
     unet.to(device).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    ema = EMAModel(unet.parameters(), decay=c.ema_decay) if c.ema else None
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    if ema is not None:
+        ema.to(device)
     x0_all = x0_all.to(device)
 
     step = start
