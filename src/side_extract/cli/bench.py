@@ -152,6 +152,64 @@ def variants_cmd(
     console.print(f"chosen: {data['chosen']}; wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
+@bench_app.command("fair")
+@cli_errors
+def fair_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("benchmarks/results/fair"), "--out", help="Folder for fair.json and fair.md."),
+    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="Targets, bands and one run per replicate."),
+    scales: str = typer.Option("100,300,1000", "--scales", help="Training-set sizes, comma-separated."),
+    size: int = typer.Option(16, "--size", help="Image size in px."),
+    n_generated: int = typer.Option(2000, "--n-generated", help="N_G per method and held-out replicate."),
+    n_synthetic: int = typer.Option(2000, "--n-synthetic", help="Synthetic samples per replicate (SIDE step 1)."),
+    train_steps: int = typer.Option(3000, "--train-steps", help="The one training budget of every target."),
+    methods: str = typer.Option("side,side-teacher,cond,uncond", "--methods", help="Methods, comma-separated."),
+    lambdas: str = typer.Option("1,3,10", "--lambdas", help="Lambda grid, the same for every guided method."),
+    temperatures: str = typer.Option("1,2", "--temperatures", help="Temperature grid, the same for every guided method."),
+    validation: str = typer.Option("1,2", "--validation", help="Validation replicates (settings are chosen here)."),
+    heldout: str = typer.Option("11,12,13", "--heldout", help="Held-out replicates (results are reported here)."),
+    validation_n: int = typer.Option(500, "--validation-n", help="N_G per method and setting on validation replicates."),
+    select_metric: str = typer.Option("ums_cumulative/mid", "--select-metric", help="What tuning maximizes."),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Bootstrap draws for the ratio intervals."),
+    device: str = typer.Option("cpu", help="Torch device."),
+) -> None:
+    """The fair protocol: replicates that redraw everything downstream of the target, the same tuning grid for
+    every guided method on validation replicates, results with intervals on held-out replicates."""
+    from ..bench.extraction import ExtractionBenchConfig
+    from ..bench.protocol import FairBenchConfig, run_fair_bench, write_fair_results
+
+    def floats(text: str, name: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{name}={text!r} must be comma-separated numbers") from None
+
+    bc = ExtractionBenchConfig()
+    run = dataclasses.replace(bc.run, sample=dataclasses.replace(bc.run.sample, n=n_synthetic),
+                              extract=dataclasses.replace(bc.run.extract, n=n_generated))
+    bc = dataclasses.replace(bc, scales=_ints(scales, "--scales"), size=size, run=run, lambdas=(), n_clusters=(),
+                             taus=(), target=dataclasses.replace(bc.target, steps=train_steps))
+    fc = FairBenchConfig(bench=bc, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                         scales_grid=floats(lambdas, "--lambdas"), temperatures=floats(temperatures, "--temperatures"),
+                         validation_replicates=_ints(validation, "--validation"),
+                         heldout_replicates=_ints(heldout, "--heldout"), validation_n=validation_n,
+                         select_metric=select_metric, n_bootstrap=n_bootstrap)
+    argv = ["side", "--threads", str(_threads()), "bench", "fair", "--out", str(out), "--cache", str(cache),
+            "--scales", scales, "--size", str(size), "--n-generated", str(n_generated), "--n-synthetic",
+            str(n_synthetic), "--train-steps", str(train_steps), "--methods", methods, "--lambdas", lambdas,
+            "--temperatures", temperatures, "--validation", validation, "--heldout", heldout,
+            "--validation-n", str(validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap)]
+    argv += ["--device", device] if device != "cpu" else []
+    console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
+                  f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
+                  f"{list(fc.heldout_replicates)}")
+    with stage_progress(ctx) as factory:
+        data = run_fair_bench(fc, cache, device=device, progress=factory, command=shlex.join(argv))
+    json_path, md_path = write_fair_results(data, out)
+    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+
+
 @bench_app.command("compute")
 @cli_errors
 def compute_cmd(

@@ -1,0 +1,316 @@
+"""The fair benchmark protocol (``side bench fair``): replicates, an equal tuning budget, intervals.
+
+A **replicate** ``r`` redraws everything downstream of the target: the synthetic set (``sample.seed``), the
+K-means fit (``surrogate.random_state``), both classifiers (``classifier.seed``, ``clean_classifier.seed``)
+and the extraction noise and targets (``extract.seed``), all set to ``r``. Each replicate of each scale is
+its own run directory, ``CACHE/runs/<target>/rep-<r>``; the target, the training set and the bands are
+shared (they are what is audited, not what is drawn).
+
+For each training-set size in ``scales``:
+
+1. **Tuning, on validation replicates.** Every guided method (SIDE, SIDE-teacher, Cond) gets the same grid
+   of (lambda, temperature) settings at ``validation_n`` generations; UnCond has no setting on this
+   sampler. Each method's chosen setting maximizes ``select_metric`` averaged over the validation
+   replicates (ties: the smaller lambda, then the smaller temperature).
+2. **Report, on held-out replicates** (none of them seen in step 1): every method at its chosen setting, at
+   N_G = ``run.extract.n``, with equal seeds across methods within a replicate.
+3. **Intervals.** Per method and metric, the mean and the min-max over held-out replicates. For each SIDE
+   form against the best baseline (the baseline with the higher mean on that metric), the ratio of means and
+   a percentile bootstrap interval (``n_bootstrap`` draws) that resamples each method's generations with
+   replacement within every replicate. Bootstrapped metrics are computed from ``per_generation.npz``:
+   ``ams_cum/<band>`` (share of generations at that band or closer), ``distinct_nn/<band>`` (distinct
+   *nearest* training images among those generations, per generation: UMS restricted to each
+   generation's nearest neighbour, so at most UMS) and ``carlini`` (share with Carlini's ratio < 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import config as cfg
+from ..metrics import Band, read_bands_file
+from ..pipeline import ProgressFactory, no_progress, run_audit
+from ..runs import read_json
+from . import machine_description, write_results
+from .extraction import ExtractionBenchConfig, ScaleInputs, full_run_template, scale_inputs
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "side-extract/bench-fair/1"
+GUIDED = ("side", "side-teacher", "cond")
+SIDE_FORMS = ("side", "side-teacher")
+BASELINES = ("cond", "uncond")
+BOOT_METRICS = ("distinct_nn/high", "distinct_nn/mid", "ams_cum/high", "ams_cum/mid", "carlini")
+
+
+@dataclasses.dataclass(frozen=True)
+class FairBenchConfig:
+    """What ``side bench fair`` runs (see the module docstring)."""
+
+    bench: ExtractionBenchConfig = dataclasses.field(default_factory=ExtractionBenchConfig)
+    methods: tuple[str, ...] = ("side", "side-teacher", "cond", "uncond")
+    scales_grid: tuple[float, ...] = (1.0, 3.0, 10.0)
+    temperatures: tuple[float, ...] = (1.0, 2.0)
+    validation_replicates: tuple[int, ...] = (1, 2)
+    heldout_replicates: tuple[int, ...] = (11, 12, 13)
+    validation_n: int = 500
+    select_metric: str = "ums_cumulative/mid"
+    n_bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in cfg.METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(cfg.METHODS)}")
+        if not self.scales_grid or any(not np.isfinite(v) or v < 0 for v in self.scales_grid):
+            raise ValueError(f"scales_grid={list(self.scales_grid)} must be finite lambdas >= 0 (at least one)")
+        if not self.temperatures or any(not np.isfinite(v) or v <= 0 for v in self.temperatures):
+            raise ValueError(f"temperatures={list(self.temperatures)} must be finite and > 0 (at least one)")
+        if not self.validation_replicates or not self.heldout_replicates:
+            raise ValueError("validation_replicates and heldout_replicates must each name at least one replicate")
+        shared = set(self.validation_replicates) & set(self.heldout_replicates)
+        if shared:
+            raise ValueError(f"replicates {sorted(shared)} are both validation and held-out; they must differ")
+        if self.validation_n <= 0 or self.n_bootstrap <= 0:
+            raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
+        key, _, band = self.select_metric.partition("/")
+        if key not in ("ams", "ums", "ams_cumulative", "ums_cumulative") or not band:
+            raise ValueError(f"select_metric={self.select_metric!r} must be '<ams|ums|ams_cumulative|"
+                             "ums_cumulative>/<band>', e.g. 'ums_cumulative/mid'")
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        return [(s, t) for s in self.scales_grid for t in self.temperatures]
+
+
+def replicate_config(rc: cfg.RunConfig, r: int) -> cfg.RunConfig:
+    """``rc`` with every seed downstream of the target set to ``r``."""
+    return dataclasses.replace(
+        rc,
+        sample=dataclasses.replace(rc.sample, seed=r),
+        surrogate=dataclasses.replace(rc.surrogate, random_state=r),
+        classifier=dataclasses.replace(rc.classifier, seed=r),
+        clean_classifier=dataclasses.replace(rc.clean_classifier, seed=r),
+        extract=dataclasses.replace(rc.extract, seed=r),
+    )
+
+
+def method_config(rc: cfg.RunConfig, method: str, setting: tuple[float, float] | None, n: int) -> cfg.RunConfig:
+    """``rc`` running ``method`` alone at N_G ``n`` with its (lambda, temperature) setting."""
+    ex = dataclasses.replace(rc.extract, methods=(method,), n=n)
+    if setting is not None:
+        lam, temp = setting
+        if method == "cond":
+            ex = dataclasses.replace(ex, cond_scale=lam, cond_temperature=temp)
+        else:
+            ex = dataclasses.replace(ex, scale=lam, temperature=temp)
+    return dataclasses.replace(rc, extract=ex)
+
+
+def _metric(metrics: dict[str, Any], name: str) -> float:
+    key, _, band = name.partition("/")
+    return float(metrics[key][band])
+
+
+def _run_path(cache: Path, inputs: ScaleInputs, r: int) -> Path:
+    return cache / "runs" / Path(inputs.target["path"]).name / f"rep-{r}"
+
+
+def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str = "cpu",
+         progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """Step 1: every guided method over the same grid on the validation replicates; the chosen settings."""
+    base = inputs.run_config(fc.bench.run)
+    scores: dict[str, dict[str, list[float]]] = {m: {} for m in fc.methods if m in GUIDED}
+    for r in fc.validation_replicates:
+        rc = replicate_config(base, r)
+        path = _run_path(cache, inputs, r)
+        for m in scores:
+            for setting in fc.grid:
+                res = run_audit(path, method_config(rc, m, setting, fc.validation_n), device=device, progress=progress)
+                scores[m].setdefault(f"{setting[0]:g},{setting[1]:g}", []).append(_metric(res.metrics[m], fc.select_metric))
+    chosen: dict[str, list[float] | None] = {m: None for m in fc.methods if m not in GUIDED}
+    table: dict[str, dict[str, float]] = {}
+    for m, by_setting in scores.items():
+        means = {k: float(np.mean(v)) for k, v in by_setting.items()}
+        table[m] = means
+        best = max(fc.grid, key=lambda s: (means[f"{s[0]:g},{s[1]:g}"], -s[0], -s[1]))
+        chosen[m] = [best[0], best[1]]
+    return {"replicates": list(fc.validation_replicates), "n_generated": fc.validation_n,
+            "select_metric": fc.select_metric, "mean_by_setting": table, "chosen": chosen}
+
+
+def per_generation_stats(run: Path, method: str, bands: list[Band], orientation: str) -> dict[str, np.ndarray]:
+    """Per-generation arrays the bootstrap resamples: nearest training id and, per band, whether it reaches it."""
+    with np.load(run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
+        sim, nn, carlini = z["similarity"], z["nearest_train_id"], z["carlini_ratio"]
+    out = {"nn": nn.astype(np.int64), "carlini": (carlini < 1.0)}
+    for b in bands:
+        out[f"reach/{b.name}"] = b.reaches(sim, orientation)
+    return out
+
+
+def boot_values(stats: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, float]:
+    """The bootstrapped metrics of one method on the generations ``idx`` (with repeats)."""
+    n = len(idx)
+    out = {"carlini": float(stats["carlini"][idx].mean())}
+    for key in stats:
+        if key.startswith("reach/"):
+            band = key.split("/", 1)[1]
+            hit = stats[key][idx]
+            out[f"ams_cum/{band}"] = float(hit.mean())
+            out[f"distinct_nn/{band}"] = float(len(np.unique(stats["nn"][idx][hit])) / n)
+    return out
+
+
+def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tuple[str, ...], n_boot: int,
+                     seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """For each SIDE form and metric: ratio of means (over replicates) to the best baseline, and a 95 %
+    percentile bootstrap interval from resampling every method's generations within each replicate."""
+    rng = np.random.default_rng(seed)
+    methods = list(stats)
+    n_rep = len(next(iter(stats.values())))
+    point = {m: {k: float(np.mean([boot_values(s, np.arange(len(s["nn"])))[k] for s in stats[m]])) for k in metrics}
+             for m in methods}
+    draws = {m: {k: np.empty(n_boot) for k in metrics} for m in methods}
+    for b in range(n_boot):
+        for m in methods:
+            vals = [boot_values(s, rng.integers(0, len(s["nn"]), len(s["nn"]))) for s in stats[m]]
+            for k in metrics:
+                draws[m][k][b] = np.mean([v[k] for v in vals])
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    bases = [m for m in BASELINES if m in methods]
+    for s in (m for m in SIDE_FORMS if m in methods):
+        rows = {}
+        for k in metrics:
+            best = max(bases, key=lambda m: point[m][k])
+            ratio = point[s][k] / point[best][k] if point[best][k] > 0 else None
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = draws[s][k] / draws[best][k]
+            r = r[np.isfinite(r)]
+            lo, hi = (float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))) if len(r) else (None, None)
+            rows[k] = {"side": point[s][k], "best_baseline": point[best][k], "best_baseline_method": best,
+                       "ratio": ratio, "ci95": [lo, hi], "replicates": n_rep,
+                       "excludes_1": lo is not None and (lo > 1 or hi < 1)}
+        out[s] = rows
+    return out
+
+
+SUMMARY = ("ams/high", "ams/mid", "ums/high", "ums/mid", "ums_cumulative/mid", "p95")
+
+
+def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[float] | None], cache: Path, *,
+           device: str = "cpu", progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """Steps 2-3: every method at its chosen setting on each held-out replicate; spreads and intervals."""
+    base = inputs.run_config(fc.bench.run)
+    n = base.extract.n
+    per_rep: dict[str, list[dict[str, Any]]] = {m: [] for m in fc.methods}
+    stats: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in fc.methods}
+    bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
+    for r in fc.heldout_replicates:
+        rc = replicate_config(base, r)
+        path = _run_path(cache, inputs, r)
+        for m in fc.methods:
+            setting = chosen.get(m)
+            res = run_audit(path, method_config(rc, m, None if setting is None else tuple(setting), n),
+                            device=device, progress=progress)
+            met = res.metrics[m]
+            per_rep[m].append({"replicate": r, **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
+                               "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
+                               "gu": float(met["gu"]["memorized_fraction"])})
+            stats[m].append(per_generation_stats(path, m, bands, met["orientation"]))
+    summary = {}
+    for m, rows in per_rep.items():
+        keys = [k for k in rows[0] if k != "replicate"]
+        summary[m] = {k: {"mean": float(np.mean([x[k] for x in rows])), "min": float(min(x[k] for x in rows)),
+                          "max": float(max(x[k] for x in rows))} for k in keys}
+    return {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
+            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap)}
+
+
+def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
+                   progress: ProgressFactory = no_progress, command: str | None = None) -> dict[str, Any]:
+    cache = Path(cache)
+    t0 = time.time()
+    data: dict[str, Any] = {"schema": SCHEMA, "command": command, "machine": machine_description(),
+                            "size": fc.bench.size, "config": cfg.to_dict(fc), "scales": []}
+    for n in sorted(fc.bench.scales):
+        ts = time.time()
+        inputs = scale_inputs(fc.bench, n, cache, device=device, progress=progress)
+        tuning = tune(fc, inputs, cache, device=device, progress=progress)
+        held = report(fc, inputs, tuning["chosen"], cache, device=device, progress=progress)
+        data["scales"].append({"n_train": n, "target": inputs.target, "bands": read_json(inputs.bands)["bands"],
+                               "tuning": tuning, "heldout": held, "seconds": round(time.time() - ts, 1)})
+        log.info("fair bench: scale %d done in %.0f s", n, time.time() - ts)
+    data["seconds"] = round(time.time() - t0, 1)
+    return data
+
+
+def _f(v: float | None, pct: bool = True) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}" if pct else f"{v:.2f}"
+
+
+def render_fair_markdown(data: dict[str, Any]) -> str:
+    c = data["config"]
+    lines = ["# Fair extraction benchmark (replicates, equal tuning budget, intervals)", "",
+             f"Command: `{data['command']}`", "",
+             f"Machine: {data['machine'].get('description', data['machine'])}; total {data['seconds']} s.", "",
+             f"Every guided method tuned over lambda in {c['scales_grid']} x temperature in {c['temperatures']} on "
+             f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "
+             f"`{c['select_metric']}`); reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
+             "the synthetic set, the clustering, both classifiers and the extraction noise.", ""]
+    for s in data["scales"]:
+        h = s["heldout"]
+        lines += [f"## {s['n_train']} training images, {data['size']}x{data['size']}, N_G {h['n_generated']} per "
+                  f"method and replicate", "",
+                  "Mean over held-out replicates [min-max], % of N_G (p95: the 5th percentile of the nearest "
+                  "RMS-L2 distance, lower = closer):", "",
+                  "| method | setting (lambda, T) | AMS high | AMS mid | UMS high | UMS mid | UMS cum. mid | Carlini | "
+                  "p95 dist. |", "|---|---|---|---|---|---|---|---|---|"]
+        for m, summ in h["summary"].items():
+            st = s["tuning"]["chosen"].get(m)
+            cell = lambda k, pct=True: (f"{_f(summ[k]['mean'], pct)} [{_f(summ[k]['min'], pct)}-"
+                                        f"{_f(summ[k]['max'], pct)}]")
+            lines.append(f"| {m} | {'-' if st is None else f'{st[0]:g}, {st[1]:g}'} | {cell('ams/high')} | "
+                         f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
+                         f"{cell('carlini')} | {cell('p95', False)} |")
+        lines += ["", "SIDE form / best baseline (ratio of replicate means, 95 % bootstrap interval over generations; "
+                  "✓ where the interval excludes 1):", "",
+                  "| SIDE form | " + " | ".join(BOOT_METRICS) + " |", "|---|" + "---|" * len(BOOT_METRICS)]
+        for form, rows in h["ratios"].items():
+            cells = []
+            for k in BOOT_METRICS:
+                r = rows[k]
+                lo, hi = r["ci95"]
+                mark = " ✓" if r["excludes_1"] else ""
+                cells.append(f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
+                             f"{r['best_baseline_method']}{mark}")
+            lines.append(f"| {form} | " + " | ".join(cells) + " |")
+        lines += ["", f"Validation means of `{c['select_metric']}` by setting:", "",
+                  "| method | " + " | ".join(s["tuning"]["mean_by_setting"].get(GUIDED[0], {}).keys()) + " |",
+                  "|---|" + "---|" * len(s["tuning"]["mean_by_setting"].get(GUIDED[0], {}))]
+        for m, by in s["tuning"]["mean_by_setting"].items():
+            lines.append(f"| {m} | " + " | ".join(_f(v) for v in by.values()) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_fair_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    return write_results(out, "fair", data, render_fair_markdown(data))
+
+
+def quick_fair_config() -> FairBenchConfig:
+    """A tiny configuration for tests and a first look (the extraction benchmark's ``--quick`` inputs)."""
+    from .extraction import quick_config
+
+    return FairBenchConfig(bench=quick_config(), scales_grid=(1.0, 10.0), temperatures=(1.0,),
+                           validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=32, n_bootstrap=50)
+
+
+__all__ = ["FairBenchConfig", "replicate_config", "method_config", "run_fair_bench", "write_fair_results",
+           "render_fair_markdown", "bootstrap_ratios", "quick_fair_config", "full_run_template"]

@@ -1,0 +1,71 @@
+"""The fair protocol: replicates redraw everything downstream of the target, every guided method gets the
+same grid, settings are chosen on validation replicates only, bootstrap intervals by hand."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from side_extract import config as cfg
+from side_extract.bench.protocol import (FairBenchConfig, bootstrap_ratios, replicate_config, run_fair_bench,
+                                         write_fair_results)
+from side_extract.data import load_shards
+
+from test_bench import tiny_bench
+
+
+def test_a_replicate_redraws_every_seed_downstream_of_the_target():
+    rc = replicate_config(cfg.RunConfig(), 7)
+    assert (rc.sample.seed, rc.surrogate.random_state, rc.classifier.seed, rc.clean_classifier.seed,
+            rc.extract.seed) == (7, 7, 7, 7, 7)
+
+
+def test_validation_and_heldout_replicates_must_differ():
+    with pytest.raises(ValueError, match=r"replicates \[2\] are both"):
+        FairBenchConfig(validation_replicates=(1, 2), heldout_replicates=(2, 3))
+    with pytest.raises(ValueError, match="select_metric"):
+        FairBenchConfig(select_metric="ums")
+
+
+def _stats(nn, reach):
+    nn = np.asarray(nn)
+    return {"nn": nn, "carlini": np.asarray(reach, bool), "reach/mid": np.asarray(reach, bool)}
+
+
+def test_bootstrap_ratio_by_hand():
+    """SIDE reaches 4 distinct nearest images in 4 generations, Cond 2 and UnCond 1: ratio 2 against Cond.
+    Every generation of SIDE and UnCond reaches the band, half of Cond's: AMS ratio 1 against UnCond."""
+    stats = {"side": [_stats([0, 1, 2, 3], [1, 1, 1, 1])] * 2, "cond": [_stats([0, 0, 1, 1], [1, 0, 1, 0])] * 2,
+             "uncond": [_stats([5, 5, 5, 5], [1, 1, 1, 1])] * 2}
+    r = bootstrap_ratios(stats, ("distinct_nn/mid", "ams_cum/mid"), 300)["side"]
+    d = r["distinct_nn/mid"]
+    assert d["best_baseline_method"] == "cond" and d["ratio"] == pytest.approx((4 / 4) / (2 / 4))
+    assert d["ci95"][0] <= 2.0 <= d["ci95"][1] * 1.5 and d["replicates"] == 2
+    a = r["ams_cum/mid"]
+    assert a["best_baseline_method"] == "uncond" and a["ratio"] == 1.0 and a["ci95"] == [1.0, 1.0]
+    assert not a["excludes_1"]
+
+
+def test_fair_bench_on_a_tiny_run(tmp_path, one_thread):
+    bc = tiny_bench()
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
+    fc = FairBenchConfig(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,), validation_replicates=(1,),
+                         heldout_replicates=(2, 3), validation_n=4, n_bootstrap=20)
+    data = run_fair_bench(fc, tmp_path / "cache", command="side bench fair (test)")
+    json_path, md_path = write_fair_results(data, tmp_path / "out")
+    d = json.loads(json_path.read_text())
+    s = d["scales"][0]
+    chosen = s["tuning"]["chosen"]
+    assert chosen["uncond"] is None and all(len(chosen[m]) == 2 for m in ("side", "cond"))
+    assert set(s["tuning"]["mean_by_setting"]["cond"]) == set(s["tuning"]["mean_by_setting"]["side"]) == {"0,1", "1,1"}
+    assert s["heldout"]["replicates"] == [2, 3] and len(s["heldout"]["per_replicate"]["side"]) == 2
+    assert set(s["heldout"]["ratios"]) == {"side"}
+    # each replicate has its own run with its own synthetic set (redrawn, not shared)
+    runs = sorted((tmp_path / "cache" / "runs").glob("*/rep-*"))
+    assert [p.name for p in runs] == ["rep-1", "rep-2", "rep-3"]
+    syn = [load_shards(p / "synthetic").images for p in runs]
+    assert not np.array_equal(syn[1], syn[2])
+    manifest = json.loads((runs[1] / "manifest.json").read_text())["stages"]
+    assert not any(v.get("shared_from") for v in manifest.values())
+    assert "Fair extraction benchmark" in md_path.read_text()
