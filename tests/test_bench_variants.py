@@ -108,7 +108,7 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     assert lam0["classifier"].get("shared_from") and not lam0["extraction/side"].get("shared_from")
     k2 = json.loads((Path(s["variants"]["k2"]["run"]) / "manifest.json").read_text())["stages"]
     assert k2["synthetic"].get("shared_from") and not k2["surrogate"].get("shared_from")
-    assert s["variants"][BASE]["run"].endswith("seed-3")
+    assert s["variants"][BASE]["run"].endswith("rep-3")
     # K by silhouette: the chosen K is one of the candidates and every candidate's score is recorded
     clusters = json.loads((Path(s["variants"]["ksel"]["run"]) / "surrogate" / "clusters.json").read_text())
     assert set(clusters["k_scores"]) == {"2", "3"} and clusters["n_clusters"] == int(max(
@@ -130,7 +130,7 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     # the held-out seed runs only base and the chosen variant
     ho = data["heldout"]
     assert ho["seed"] == 4 and list(ho["variants"]) == list(dict.fromkeys([BASE, data["chosen"]["side"]]))
-    assert ho["scales"][0]["run"].endswith("seed-4")
+    assert ho["scales"][0]["run"].endswith("rep-4")
     json_path, md_path = write_variants_results(data, tmp_path / "out")
     md = md_path.read_text()
     assert render_variants_markdown(json.loads(json_path.read_text())) == md

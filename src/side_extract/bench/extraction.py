@@ -11,14 +11,16 @@ For each training-set size ``n`` in ``scales``:
    training set, :func:`side_extract.evaluation.calibrate`) and every run on that set reads them;
 4. the audit chain (:func:`side_extract.pipeline.run_audit`) runs SIDE with cluster labels (``side``), SIDE
    with teacher labels (``side-teacher``), Cond and UnCond at equal N_G and equal seeds into
-   ``CACHE/runs/<target>/seed-<seed>``; each method's ``metrics.json`` goes into the results unchanged;
+   ``CACHE/runs/<target>/rep-<seed>``; each method's ``metrics.json`` goes into the results unchanged;
 5. on one scale (``sweep_scale``, default the middle one): a lambda sweep of the guided methods and a K and
    tau sweep of SIDE's cluster labels, as :class:`~side_extract.config.SweepConfig` sub-runs that share the
    main run's unchanged stages (:func:`side_extract.sweeps.run_with_sweeps`) at ``sweep_n_generated``.
 
 The results hold, per scale, ``{n_train, n_generated, methods: {method: metrics.json}}`` and the ratio of
 each SIDE variant to the best baseline per metric (:func:`ratios_to_best_baseline`). ``run.extract.seed`` is
-the extraction seed: choose settings on one seed (validation) and report them on another (held-out).
+the replicate (:func:`replicate_config`: it seeds the synthetic set, the clustering, the classifiers and the
+extraction): choose settings on one replicate (validation) and report them on another (held-out); ``side
+bench fair`` does both with several replicates, the same tuning grid for every method and intervals.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ class ExtractionBenchConfig:
 
     ``run`` is the audit template: its ``model`` and ``train`` are replaced per scale, and ``run.sweep`` is
     ignored (the sweeps are the fields below). ``target``'s ``data`` and ``resize`` are replaced per scale.
-    N_G is ``run.extract.n``; the extraction seed is ``run.extract.seed``.
+    N_G is ``run.extract.n``; the replicate is ``run.extract.seed``.
     """
 
     scales: tuple[int, ...] = (100, 300, 1000)
@@ -274,16 +276,24 @@ class ScaleInputs:
         return dataclasses.replace(template, model=self.target["path"], train=str(self.train_path), evaluate=ev,
                                    sweep=cfg.SweepConfig())
 
-    def seed_run(self, cache: Path, seed: int) -> Path:
-        """``cache/runs/<target>/seed-<seed>``. A new extraction seed starts from another seed's run: the
-        synthetic set, labels and classifiers do not depend on the extraction seed, so they are shared
-        (extraction reruns: its fingerprint holds the seed)."""
-        run_path = cache / "runs" / Path(self.target["path"]).name / f"seed-{seed}"
-        if not (run_path / RunDir.MANIFEST).exists():
-            siblings = sorted(p for p in run_path.parent.glob("seed-*") if (p / RunDir.MANIFEST).exists())
-            if siblings:
-                share_stages(RunDir(siblings[0]), RunDir(run_path))
-        return run_path
+    def replicate_run(self, cache: Path, r: int) -> Path:
+        """``cache/runs/<target>/rep-<r>``: the run directory of replicate ``r`` (see :func:`replicate_config`),
+        which shares nothing with other replicates but the target, the training set and the bands."""
+        return cache / "runs" / Path(self.target["path"]).name / f"rep-{r}"
+
+
+def replicate_config(rc: cfg.RunConfig, r: int) -> cfg.RunConfig:
+    """Replicate ``r`` of ``rc``: every seed downstream of the target set to ``r`` (the synthetic set, the K-means
+    fit, both classifiers, the extraction noise and targets), so that a setting tuned on one replicate is tested
+    on a new clustering and new classifiers, not only on new extraction noise."""
+    return dataclasses.replace(
+        rc,
+        sample=dataclasses.replace(rc.sample, seed=r),
+        surrogate=dataclasses.replace(rc.surrogate, random_state=r),
+        classifier=dataclasses.replace(rc.classifier, seed=r),
+        clean_classifier=dataclasses.replace(rc.clean_classifier, seed=r),
+        extract=dataclasses.replace(rc.extract, seed=r),
+    )
 
 
 def scale_inputs(bc: ExtractionBenchConfig, n: int, cache: Path, *, device: str = "cpu",
@@ -367,8 +377,8 @@ def run_extraction_bench(bc: ExtractionBenchConfig, cache: str | Path, *, device
         log.info("scale n_train=%d", n)
         t0 = time.time()
         inputs = scale_inputs(bc, n, cache, device=device, progress=progress)
-        rc = inputs.run_config(bc.run)
-        run_path = inputs.seed_run(cache, rc.extract.seed)
+        rc = replicate_config(inputs.run_config(bc.run), bc.run.extract.seed)
+        run_path = inputs.replicate_run(cache, bc.run.extract.seed)
         t_audit = time.time()
         result = run_audit(run_path, rc, device=device, progress=progress)
         entry: dict[str, Any] = {
@@ -393,4 +403,4 @@ def write_extraction_results(data: dict[str, Any], out: str | Path) -> tuple[Pat
 
 __all__ = ["ExtractionBenchConfig", "quick_config", "full_run_template", "full_target_template",
            "run_extraction_bench", "write_extraction_results", "ratios_to_best_baseline", "metric_values",
-           "ScaleInputs", "scale_inputs", "render_extraction_markdown", "training_set", "ensure_target", "ensure_bands", "run_sweeps", "compact"]
+           "ScaleInputs", "scale_inputs", "replicate_config", "render_extraction_markdown", "training_set", "ensure_target", "ensure_bands", "run_sweeps", "compact"]

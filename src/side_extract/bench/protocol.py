@@ -37,7 +37,7 @@ from ..metrics import Band, read_bands_file
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import read_json
 from . import machine_description, write_results
-from .extraction import ExtractionBenchConfig, ScaleInputs, full_run_template, scale_inputs
+from .extraction import ExtractionBenchConfig, ScaleInputs, full_run_template, replicate_config, scale_inputs
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +87,6 @@ class FairBenchConfig:
         return [(s, t) for s in self.scales_grid for t in self.temperatures]
 
 
-def replicate_config(rc: cfg.RunConfig, r: int) -> cfg.RunConfig:
-    """``rc`` with every seed downstream of the target set to ``r``."""
-    return dataclasses.replace(
-        rc,
-        sample=dataclasses.replace(rc.sample, seed=r),
-        surrogate=dataclasses.replace(rc.surrogate, random_state=r),
-        classifier=dataclasses.replace(rc.classifier, seed=r),
-        clean_classifier=dataclasses.replace(rc.clean_classifier, seed=r),
-        extract=dataclasses.replace(rc.extract, seed=r),
-    )
-
-
 def method_config(rc: cfg.RunConfig, method: str, setting: tuple[float, float] | None, n: int) -> cfg.RunConfig:
     """``rc`` running ``method`` alone at N_G ``n`` with its (lambda, temperature) setting."""
     ex = dataclasses.replace(rc.extract, methods=(method,), n=n)
@@ -116,10 +104,6 @@ def _metric(metrics: dict[str, Any], name: str) -> float:
     return float(metrics[key][band])
 
 
-def _run_path(cache: Path, inputs: ScaleInputs, r: int) -> Path:
-    return cache / "runs" / Path(inputs.target["path"]).name / f"rep-{r}"
-
-
 def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str = "cpu",
          progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Step 1: every guided method over the same grid on the validation replicates; the chosen settings."""
@@ -127,7 +111,7 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
     scores: dict[str, dict[str, list[float]]] = {m: {} for m in fc.methods if m in GUIDED}
     for r in fc.validation_replicates:
         rc = replicate_config(base, r)
-        path = _run_path(cache, inputs, r)
+        path = inputs.replicate_run(cache, r)
         for m in scores:
             for setting in fc.grid:
                 res = run_audit(path, method_config(rc, m, setting, fc.validation_n), device=device, progress=progress)
@@ -212,7 +196,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
     for r in fc.heldout_replicates:
         rc = replicate_config(base, r)
-        path = _run_path(cache, inputs, r)
+        path = inputs.replicate_run(cache, r)
         for m in fc.methods:
             setting = chosen.get(m)
             res = run_audit(path, method_config(rc, m, None if setting is None else tuple(setting), n),

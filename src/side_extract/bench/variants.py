@@ -6,10 +6,10 @@ paper's settings, spelled out so that the comparison does not move when the libr
 
 For each seed and each scale (training-set size) of the extraction benchmark:
 
-1. the benchmark's own run of that seed (``CACHE/runs/<target>/seed-<seed>``, all methods at the ``base``
+1. the benchmark's own run of that seed (``CACHE/runs/<target>/rep-<seed>``, all methods at the ``base``
    settings) supplies the baselines, Cond and UnCond; it is computed here when the cache lacks it;
 2. each variant runs the SIDE methods (``methods``, default cluster-label SIDE) as a sub-run
-   ``.../seed-<seed>/variants/<name>`` that first shares the run's complete stages, so it recomputes only
+   ``.../rep-<seed>/variants/<name>`` that first shares the run's complete stages, so it recomputes only
    what its overrides change (a guidance setting: extraction; ``sample.n``: everything from the synthetic
    set on);
 3. the variant's score is its **objective**: the mean, over the scales and the ``objective`` metrics, of
@@ -38,7 +38,7 @@ from ..runs import RunDir
 from ..sweeps import share_stages
 from . import machine_description, write_results
 from .extraction import (BASELINES, SIDE_METHODS, ExtractionBenchConfig, ScaleInputs, compact,
-                         ratios_to_best_baseline, scale_inputs)
+                         ratios_to_best_baseline, replicate_config, scale_inputs)
 from .tables import render_variants_markdown
 
 SCHEMA = "side-extract/bench-variants/1"
@@ -153,7 +153,8 @@ def sampler_settings(rc: cfg.RunConfig) -> dict[str, Any]:
 def _scale_config(vc: VariantsBenchConfig, name: str, inputs: ScaleInputs, seed: int,
                   methods: tuple[str, ...]) -> cfg.RunConfig:
     rc = inputs.run_config(vc.run_config(name))
-    return dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=seed, methods=methods))
+    rc = replicate_config(rc, seed)
+    return dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=methods))
 
 
 def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, *, device: str = "cpu",
@@ -163,7 +164,7 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
     all_methods = tuple(dict.fromkeys((*vc.methods, *BASELINES)))
     for n in sorted(vc.bench.scales):
         inputs = scale_inputs(vc.bench, n, cache, device=device, progress=progress)
-        main_path = inputs.seed_run(cache, seed)
+        main_path = inputs.replicate_run(cache, seed)
         main_rc = _scale_config(vc, BASE, inputs, seed, all_methods)
         main = run_audit(main_path, main_rc, device=device, progress=progress)
         baselines = {b: main.metrics[b] for b in BASELINES}
