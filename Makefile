@@ -1,5 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test` (each sets up .venv when needed).
 PYTHON ?= python3
+# torch threads for `make demo` and `make test`; 0 = the cores free when the command starts
+THREADS ?= 0
 VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.side-extract-installed
@@ -18,13 +20,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/side demo --out runs/demo
+	$(BIN)/side --threads $(THREADS) demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	SIDE_THREADS=$(THREADS) $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	SIDE_THREADS=$(THREADS) $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -1,13 +1,23 @@
 """Shared fixtures: tiny diffusers-style dummy UNets (8x8, as diffusers' own tests use) saved as pipelines."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: idle threads sleep, not spin
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from side_extract.models.target import save_target
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Torch threads: SIDE_THREADS (make test THREADS=n), else the cores free now (fewer on a busy machine)."""
+    from side_extract.cli.common import free_cores
+
+    torch.set_num_threads(int(os.environ.get("SIDE_THREADS") or 0) or free_cores())
 
 
 def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:

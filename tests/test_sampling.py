@@ -68,9 +68,13 @@ def test_sample_stage_skips_when_unchanged(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "synthetic").iterdir()) == [
         "shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
     mtime = (tmp_path / "run" / "synthetic" / "shard-00000.npz").stat().st_mtime_ns
-    s2 = sample_stage(run, d, cfg.SampleConfig(n=10, steps=2, shard_size=4, batch_size=5), model_fingerprint=fp)
+    s2 = sample_stage(run, d, c, model_fingerprint=fp)
     assert (tmp_path / "run" / "synthetic" / "shard-00000.npz").stat().st_mtime_ns == mtime  # skipped
     np.testing.assert_array_equal(s1.images, s2.images)
+    # another batch size is another computation (batched convolutions round differently): redone, never mixed
+    s2b = sample_stage(run, d, cfg.SampleConfig(n=10, steps=2, shard_size=4, batch_size=5), model_fingerprint=fp)
+    assert (tmp_path / "run" / "synthetic" / "shard-00000.npz").stat().st_mtime_ns != mtime
+    assert np.abs(s1.images.astype(int) - s2b.images.astype(int)).max() <= 1
     # a changed config redoes the stage
     s3 = sample_stage(run, d, cfg.SampleConfig(n=6, steps=2, shard_size=4), model_fingerprint=fp)
     assert len(s3) == 6

@@ -7,6 +7,7 @@ valid ones. The resolved config (every default written out) goes into every run 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,17 @@ import yaml
 
 SchedulerKind = Literal["ddim", "ddpm"]
 T = TypeVar("T")
+
+
+def _finite(obj: Any) -> None:
+    """Every float setting (and each float in a tuple of them) must be a finite number: nan and inf pass
+    most range checks and then produce black or saturated images without a word."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name}={v} must be a finite number")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -47,6 +59,7 @@ class TrainTargetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "steps", "batch_size", "checkpoint_every", "num_train_timesteps", "layers_per_block")
         if not self.block_out_channels:
             raise ValueError("block_out_channels=() must name at least one block width")
@@ -75,6 +88,7 @@ class SampleConfig:
     shard_size: int = 512
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "n", "steps", "batch_size", "shard_size")
         if self.eta < 0:
             raise ValueError(f"eta={self.eta} must be >= 0")
@@ -112,6 +126,7 @@ class EvaluateConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "carlini_n", "ng_repeats", "detect_min_size", "query_chunk", "ref_chunk", "feature_batch_size")
         if self.similarity != "rms-l2" and not (self.similarity.startswith("cosine:") and len(self.similarity) > 7):
             raise ValueError(f"similarity={self.similarity!r} must be 'rms-l2' or 'cosine:<extractor>'")
@@ -140,6 +155,7 @@ class FeaturesConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "batch_size")
 
 
@@ -164,6 +180,7 @@ class SurrogateConfig:
     select_k: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "n_clusters", "n_init", "min_size")
         if any(k < 2 for k in self.select_k):
             raise ValueError(f"select_k={list(self.select_k)}: each candidate K must be >= 2")
@@ -188,6 +205,7 @@ class ClassifierConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "width", "time_embed_dim", "steps", "batch_size", "eval_every")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
@@ -228,6 +246,7 @@ class ExtractConfig:
     shard_size: int = 512
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "n", "steps", "batch_size", "shard_size")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
@@ -247,6 +266,9 @@ class SweepConfig:
     scale: tuple[float, ...] = ()
     n_clusters: tuple[int, ...] = ()
     tau: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _finite(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,6 +359,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{path}={value!r} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, Path)):

@@ -10,6 +10,7 @@ from the clipped x0 in every step) and, when guided, applies the guidance in gui
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from .data import ImageSet, to_uint8
 from .guidance import ClassifierGuidance
 from .models.target import Denoiser
 from .runs import Progress, RunDir, shard_stage
-from .sampling import sample
+from .sampling import SamplingDiverged, sample
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,18 @@ def extraction_stage(
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> ImageSet:
-    """Write ``run/extraction/<method>/shard-*.npz`` (skip / resume as the manifest says)."""
+    """Write ``run/extraction/<method>/shard-*.npz`` (skip / resume as the manifest says).
+
+    A method whose sampling diverges leaves no shard: its stage directory is removed and the error names it.
+    """
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
         return extract(denoiser, c, guidance, lo, hi, device=device, progress=shard_progress)
 
-    return shard_stage(run, f"extraction/{method}", fingerprint, c.n, c.shard_size, make, progress=progress,
-                       method=method, scale=None if guidance is None else guidance.scale)
+    stage = f"extraction/{method}"
+    try:
+        return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress,
+                           method=method, scale=None if guidance is None else guidance.scale)
+    except SamplingDiverged as e:
+        shutil.rmtree(run.path / stage, ignore_errors=True)
+        raise SamplingDiverged(f"method {method}: {e}") from None

@@ -23,15 +23,14 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .data import ImageSet, load_image_set
-from .extraction import extraction_stage
-from .data import resize
+from .data import ImageSet, load_image_set, resize
 from .evaluation import calibrate, digits_complement, evaluate
+from .extraction import extraction_stage
+from .features import EXTRACTORS, extract_features
 from .guidance import ClassifierGuidance
-from .features import extract_features
 from .models.classifier import ClassifierArch, load_classifier, save_classifier
 from .models.target import Denoiser, check_fits, load_target, model_fingerprint
-from .runs import RunDir, atomic_save_npz, atomic_write_json, stage_fingerprint
+from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
 from .sampling import sample_stage
 from .surrogate import ClusterLabeler, TeacherLabeler
 from .training import train_classifier
@@ -116,12 +115,12 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     fp = stage_fingerprint("classifier", c, input_fp, clean)
     ctx.fp[name] = fp
     directory = ctx.run.path / name
+    keep = labels >= 0
+    classes = np.unique(labels[keep])
+    if len(classes) < 2:
+        raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
+                         "(lower surrogate.tau or use fewer clusters)")
     if ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists():
-        keep = labels >= 0
-        classes = np.unique(labels[keep])
-        if len(classes) < 2:
-            raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
-                             "(lower surrogate.tau or use fewer clusters)")
         y = np.searchsorted(classes, labels[keep])
         C, H, _ = ctx.denoiser.sample_shape
         arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
@@ -152,9 +151,10 @@ def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: Image
 
 
 def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | None) -> dict:
-    """What one method's generations depend on, named positively: the sampler, N_G, the seed and sharding,
+    """What one method's generations depend on, named positively: the sampler, N_G, the seed, the batch size
+    (batched convolutions round differently, so guided images can move by a few uint8 levels) and sharding,
     and for a guided method its own scale, temperature and guidance time range (not the other methods')."""
-    d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "shard_size")}
+    d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     if guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
     return d
@@ -212,19 +212,81 @@ Until = Literal["surrogate", "classifier", "extraction", "evaluation"]
 UNTIL = ("surrogate", "classifier", "extraction", "evaluation")
 
 
+def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation") -> None:
+    """Check the resolved config against the model, the data and the methods before any stage runs; one
+    ``ValueError`` lists every problem found (not only the first)."""
+    problems: list[str] = []
+    methods = set(rc.extract.methods)
+    C, H, W = denoiser.sample_shape
+    needs_train = bool({"cond", "side-teacher"} & methods)
+    train = None
+    if rc.train is None:
+        if needs_train:
+            problems.append(f"methods {', '.join(sorted({'cond', 'side-teacher'} & methods))} need the training set: "
+                            "set 'train' (e.g. train: digits:100)")
+    else:
+        try:
+            train = load_image_set(rc.train, rc.train_resize)
+        except ValueError as e:
+            problems.append(f"train={rc.train!r}: {e}")
+    if train is not None:
+        try:
+            check_fits(train.shape, denoiser.sample_shape, f"training images ({rc.train})")
+        except ValueError as e:
+            problems.append(str(e))
+        if needs_train and train.labels is None:
+            problems.append(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels "
+                            "(an .npz with 'labels', or digits)")
+    if {"side", "side-teacher"} & methods:
+        ks = rc.surrogate.select_k or (rc.surrogate.n_clusters,)
+        if max(ks) > rc.sample.n:
+            problems.append(f"surrogate K={max(ks)} must be <= the number of synthetic images sample.n={rc.sample.n}")
+        if rc.features.extractor.split(":", 1)[0] not in EXTRACTORS:
+            problems.append(f"features.extractor={rc.features.extractor!r} must be one of {', '.join(EXTRACTORS)}")
+    if methods - {"uncond"}:
+        if C not in (1, 3) or not 8 <= H <= 256 or H != W:
+            problems.append(f"the classifiers need square 8-256 px images with 1 or 3 channels; the model makes "
+                            f"{H}x{W} with {C} channel(s)")
+    if not 0.0 <= rc.surrogate.teacher_min_confidence < 1.0:
+        problems.append(f"surrogate.teacher_min_confidence={rc.surrogate.teacher_min_confidence} must be in [0, 1)")
+    ev = rc.evaluate
+    if until == "evaluation" and rc.train is not None:
+        if ev.bands_file is not None and not Path(ev.bands_file).is_file():
+            problems.append(f"evaluate.bands_file={ev.bands_file!r} does not exist")
+        if ev.similarity.startswith("cosine:") and ev.similarity[7:].split(":", 1)[0] not in EXTRACTORS:
+            problems.append(f"evaluate.similarity={ev.similarity!r}: unknown extractor; valid: {', '.join(EXTRACTORS)}")
+    if problems:
+        raise ValueError("the run cannot start:\n  - " + "\n  - ".join(problems))
+
+
 def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until: Until = "evaluation",
-              progress: ProgressFactory = no_progress) -> AuditResult:
+              progress: ProgressFactory = no_progress, wait: bool = False, replace: bool = True) -> AuditResult:
     """Run every stage the config's methods need, up to and including ``until``, into run directory ``path``.
 
     ``evaluation`` (with ``rc.train`` set) measures each method's generations against the training set into
-    ``evaluation/<method>/metrics.json``.
+    ``evaluation/<method>/metrics.json``. Before anything is written, the model is loaded and the whole config
+    is checked against it and the data (:func:`preflight`). The run directory is locked for the whole call
+    (:func:`~side_extract.runs.run_lock`; ``wait`` blocks on another writer instead of failing). With
+    ``replace=False``, a finished stage whose settings changed is an error instead of being redone. After an
+    error, stages left ``running`` are marked ``failed`` in the manifest.
     """
     if until not in UNTIL:
         raise ValueError(f"until={until!r} must be one of {', '.join(UNTIL)}")
-    upto = UNTIL.index(until)
-    run = RunDir(path)
-    run.write_config(rc)
     denoiser = load_target(rc.model, device)
+    preflight(rc, denoiser, until)
+    with run_lock(path, wait=wait):
+        run = RunDir(path, replace=replace)
+        try:
+            return _chain(run, rc, denoiser, device, until, progress)
+        except BaseException as e:
+            run.fail_running(e)
+            raise
+
+
+def _chain(run: RunDir, rc: cfg.RunConfig, denoiser: Denoiser, device: str, until: Until,
+           progress: ProgressFactory) -> AuditResult:
+    upto = UNTIL.index(until)
+    run.write_config(rc)
     ctx = AuditContext(run, rc, denoiser, device, progress, {"model": model_fingerprint(rc.model)})
     methods = rc.extract.methods
     synthetic = None
@@ -240,8 +302,6 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels, ctx.fp["surrogate"], clean=False)
     if {"cond", "side-teacher"} & set(methods):
         train = _train_set(ctx)
-        if train.labels is None:
-            raise ValueError(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels")
         clean = classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(), clean=True)
         scale = rc.extract.scale if rc.extract.cond_scale is None else rc.extract.cond_scale
         guides["cond"] = dataclasses.replace(clean, scale=scale, temperature=rc.extract.cond_temperature)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +80,16 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _usual_permissions(root: Path) -> None:
+    """The user's umask on a tree: mkdtemp makes 0700 directories, safetensors writes 0600 files."""
+    os.chmod(root, 0o777 & ~_UMASK)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~_UMASK)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename."""
@@ -86,6 +98,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _usual_permissions(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -155,12 +168,79 @@ def array_fingerprint(*arrays: Any) -> str:
     return h.hexdigest()
 
 
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")
+    return None if torch is None else int(torch.get_num_threads())
+
+
 def versions() -> dict[str, str]:
     out = {}
     for dist in ("side-extract", "torch", "diffusers", "numpy", "scikit-learn", "faiss-cpu", "safetensors"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# one writer per run directory
+
+
+class RunLocked(ValueError):
+    """Another process holds the run directory's lock."""
+
+
+class StageWouldBeReplaced(ValueError):
+    """A complete stage's outputs would be deleted, and replacing them was not allowed."""
+
+
+_HELD: dict[Path, int] = {}  # run directories this process holds, with a re-entry count
+
+
+@contextlib.contextmanager
+def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold the exclusive lock of run directory ``path`` (``path/.lock``, ``fcntl.flock``) for the block.
+
+    A second writer fails at once with :class:`RunLocked` naming the holder (pid, command, since when), or with
+    ``wait`` blocks until the holder is done. The kernel releases the lock of a process that dies, so a lock
+    left by a killed process is taken over by the next writer (the file's stale holder is logged). Re-entrant
+    within one process (a pipeline that calls another stage function of the same run).
+    """
+    path = Path(path).resolve()
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            raise RunLocked(f"run directory {str(path)!r} is being written by another process "
+                            f"({f.read().strip() or 'holder unknown'}); wait for it (--wait) or use another "
+                            "run directory") from None
+        f.seek(0)
+        stale = f.read().strip()
+        if stale:
+            log.warning("run directory %s: taking over the lock left by %s", path, stale)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, command {' '.join(sys.argv)!r}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        f.flush()
+        _HELD[path] = 1
+        try:
+            yield
+        finally:
+            del _HELD[path]
+            f.seek(0)
+            f.truncate()
+            f.flush()
+    finally:
+        f.close()  # closing releases the flock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,8 +257,9 @@ class RunDir:
 
     MANIFEST = "manifest.json"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, replace: bool = True) -> None:
         self.path = Path(path)
+        self.replace = replace
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"run directory {str(self.path)!r} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -211,6 +292,11 @@ class RunDir:
             decision: Literal["skip", "resume", "fresh"] = "resume"
         else:
             decision = "fresh"
+            if entry is not None and entry.get("status") == "complete" and not self.replace:
+                raise StageWouldBeReplaced(
+                    f"{stage} holds finished results made with other settings or inputs "
+                    f"({', '.join(f'{k} {v}' for k, v in entry.items() if k in ('n', 'method', 'scale')) or 'see manifest.json'}); "
+                    "rerun with --force to replace them, or use another run directory")
             if (self.path / stage).exists():
                 shutil.rmtree(self.path / stage)
         m = self.manifest()
@@ -219,11 +305,29 @@ class RunDir:
             "fingerprint": fingerprint,
             "inputs": inputs or {},
             "versions": versions(),
+            "torch_threads": _torch_threads(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "started_unix": time.time(),
         }
         self._write_manifest(m)
         return decision
+
+    def fail_running(self, error: BaseException) -> list[str]:
+        """Mark every stage still ``running`` as ``failed`` with ``error`` (after an exception); returns them."""
+        m = self.manifest()
+        failed = [k for k, v in m["stages"].items() if v.get("status") == "running"]
+        for k in failed:
+            m["stages"][k].update(status="failed", error=f"{type(error).__name__}: {error}"[:500])
+        if failed:
+            self._write_manifest(m)
+        return failed
+
+    def reopen(self, stage: str) -> Literal["resume"]:
+        """Mark a complete stage whose files went missing as running again (it resumes: what exists is kept)."""
+        m = self.manifest()
+        m["stages"][stage]["status"] = "running"
+        self._write_manifest(m)
+        return "resume"
 
     def complete(self, stage: str, **info: Any) -> None:
         m = self.manifest()
@@ -295,6 +399,10 @@ def shard_stage(
     """
     decision = run.begin(stage, fingerprint, inputs=inputs)
     directory = run.path / stage
+    n_shards = (n + shard_size - 1) // shard_size
+    if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
+        log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
+        decision = run.reopen(stage)
     if decision != "skip":
         t0 = time.time()
 

@@ -27,6 +27,13 @@ from .runs import Progress, RunDir, shard_stage, stage_fingerprint
 log = logging.getLogger(__name__)
 
 
+DIVERGED_ABOVE = 1e6  # |x_t| no sane reverse process reaches (x_t ~ N(0, 1) plus a clipped-x0 mean)
+
+
+class SamplingDiverged(ValueError):
+    """x_t became non-finite or absurdly large during sampling (usually: the guidance scale is too large)."""
+
+
 def sample_seed(seed: int, index: int) -> int:
     """A 64-bit seed for global sample ``index`` of a run seeded ``seed`` (numpy SeedSequence)."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0])
@@ -149,13 +156,19 @@ def denoise_batch(
     if guidance is not None and y is None:
         raise ValueError("guided sampling needs the batch's target labels y")
     raw = _raw_ddim(sched) if guidance is not None and isinstance(sched, DDIMScheduler) else None
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         eps = denoiser(x, t)
         g = None
         if guidance is not None:
             with torch.enable_grad():
                 g = guidance(x, t, y)
         x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps, raw=raw)
+        if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > DIVERGED_ABOVE:
+            scale = getattr(guidance, "scale", None)
+            cause = (f"the guidance scale lambda={scale:g} is likely too large" if scale else
+                     "the model's eps predictions are not finite (check the weights and the scheduler)")
+            raise SamplingDiverged(f"sampling diverged at step {i + 1} of {len(sched.timesteps)} (t={int(t)}): x_t is "
+                                   f"{'not finite' if not bool(torch.isfinite(x).all()) else 'beyond 1e6'}; {cause}")
     return x
 
 
@@ -229,6 +242,6 @@ def sample_stage(
 
 
 def _fingerprint(c: cfg.SampleConfig, model_fingerprint: str) -> str:
-    # what the images depend on: not the batch size (unguided sampling is per-sample)
-    d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "shard_size")}
+    # what the images depend on, the batch size included (batched convolutions round differently)
+    d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     return stage_fingerprint("synthetic", d, model_fingerprint)

@@ -70,9 +70,13 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
 
 
 def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
-                    progress: ProgressFactory = no_progress) -> tuple[AuditResult, dict[str, AuditResult]]:
-    """The main run, then one sub-run per swept value (sharing the main run's unchanged stages)."""
-    main = run_audit(path, rc, device=device, progress=progress)
+                    progress: ProgressFactory = no_progress, wait: bool = False,
+                    replace: bool = True) -> tuple[AuditResult, dict[str, AuditResult]]:
+    """The main run, then one sub-run per swept value (sharing the main run's unchanged stages).
+
+    ``wait`` and ``replace`` apply to the main run (:func:`~side_extract.pipeline.run_audit`); sub-runs are
+    redone freely when their settings change."""
+    main = run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace)
     subs = {}
     for name, sub_rc in sweep_configs(rc):
         log.info("sweep %s", name)

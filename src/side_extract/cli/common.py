@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +21,8 @@ T = TypeVar("T")
 
 
 def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ValueError from the library into one clear line and exit status 2."""
+    """Turn a ValueError from the library, or an OS error (read-only or missing directory, disk full,
+    permission denied), into one clear line and exit status 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -27,6 +30,10 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except ValueError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            console.print(f"[bold red]error:[/] {e.strerror or e}{where}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -78,3 +85,30 @@ def progress_bar(ctx: typer.Context, description: str) -> Iterator[Callable[[int
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        fields = [float(v) for v in open("/proc/stat").readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def free_cores(sample_seconds: float = 0.25) -> int:
+    """How many of this process's cores are free now: their count minus the cores other processes keep busy,
+    measured over ``sample_seconds`` (/proc/stat; the 1-minute load average where that is missing). At least 1."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    a = _cpu_times()
+    if a is not None:
+        time.sleep(sample_seconds)
+        b = _cpu_times()
+        if b is not None and b[1] > a[1]:
+            busy = (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or n)
+            return max(1, min(n, n - int(round(busy))))
+    try:
+        return max(1, min(n, n - int(round(os.getloadavg()[0]))))
+    except OSError:
+        return n

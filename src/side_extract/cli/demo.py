@@ -27,6 +27,7 @@ def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
     model: str = typer.Option("demo", help="Target model (the embedded default, or a diffusers directory)."),
     device: str = typer.Option("cpu", help="Torch device."),
+    wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
     """SIDE audit of the embedded target (digits:100): SIDE vs UnCond vs Cond, metrics, the memorization
     divergence of the unconditional vs the guided model, and the HTML report."""
@@ -37,7 +38,7 @@ def demo_cmd(
     t0 = time.time()
     rc = demo_config(model)
     with stage_progress(ctx) as factory:
-        result = run_audit(out, rc, device=device, progress=factory)
+        result = run_audit(out, rc, device=device, progress=factory, wait=wait)
     print_summary(result.metrics)
     theory, _ = measure_run(out, device=device)
     for claim, verdict in theory.ordering.items():

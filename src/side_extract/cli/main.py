@@ -1,10 +1,18 @@
 """``side``: audit diffusion models for memorized training data."""
 from __future__ import annotations
 
-import typer
+import logging
+import os
 
-from . import bench, calibrate, demo, evaluate, report, run, sample, theory, train_target
-from .common import setup_logging
+# Idle OpenMP threads sleep instead of spinning: on a machine shared with other work, spinning threads of two
+# processes steal each other's cores (a 30x slowdown was measured). Read by torch's OpenMP runtime when torch
+# is first imported, which happens below this line.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer  # noqa: E402
+
+from . import bench, calibrate, demo, evaluate, report, run, sample, theory, train_target  # noqa: E402
+from .common import free_cores, setup_logging  # noqa: E402
 
 app = typer.Typer(
     name="side",
@@ -20,17 +28,19 @@ def main(
     ctx: typer.Context,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show rich progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
-    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: torch's default). Use 1 when other "
-                                                    "processes share the cores: oversubscribed threads run far slower."),
+    threads: int = typer.Option(0, "--threads", help="Torch CPU threads. 0: the cores free right now (all of them "
+                                "on an idle machine, fewer when other processes keep some busy: oversubscribed "
+                                "threads run many times slower)."),
 ) -> None:
     ctx.obj = {"progress": progress}
     setup_logging(verbose)
     if threads < 0:
         raise typer.BadParameter(f"--threads={threads} must be >= 0")
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    n = threads or free_cores()
+    torch.set_num_threads(n)
+    logging.getLogger(__name__).info("torch threads: %d%s", n, "" if threads else " (the cores free now)")
 
 
 app.command("train-target")(train_target.train_target_cmd)

@@ -70,14 +70,20 @@ def print_summary(metrics: dict[str, dict]) -> None:
     console.print(table)
 
 
-def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: Until) -> dict[str, dict]:
+WAIT_HELP = "If another process is writing the run directory, wait for it instead of failing."
+FORCE_HELP = ("Replace finished results (generations, classifiers, ...) made with other settings; without it "
+              "that is an error that names them.")
+
+
+def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: Until, *, wait: bool = False,
+         replace: bool = True) -> dict[str, dict]:
     with stage_progress(ctx) as factory:
         if until == "evaluation":
-            main, subs = run_with_sweeps(out, rc, device=device, progress=factory)
+            main, subs = run_with_sweeps(out, rc, device=device, progress=factory, wait=wait, replace=replace)
             for name, sub in subs.items():
                 console.print(f"sweep {name}: {sub.run}")
         else:
-            main = run_audit(out, rc, device=device, until=until, progress=factory)
+            main = run_audit(out, rc, device=device, until=until, progress=factory, wait=wait, replace=replace)
     return main.metrics
 
 
@@ -88,10 +94,12 @@ def run_cmd(
     out: Path = typer.Option(Path("runs/run"), "--out", help="Run directory."),
     device: str = typer.Option("cpu", help="Torch device."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
-    """Run the whole audit: sample, cluster, train classifiers, extract (SIDE and baselines), evaluate, sweeps."""
+    """Run the whole audit: sample, cluster, train classifiers, extract (SIDE and baselines), evaluate, sweeps.
+    A stage whose settings or inputs changed since the last run into OUT is redone."""
     rc = load_run_config(out, config, {})
-    metrics = _run(ctx, out, rc, device, "evaluation")
+    metrics = _run(ctx, out, rc, device, "evaluation", wait=wait)
     print_summary(metrics)
     if report and metrics:
         from ..report import write_report
@@ -110,12 +118,13 @@ def cluster_cmd(
     tau: float = typer.Option(cfg.SurrogateConfig.tau, help="Minimum cohesion of a kept cluster."),
     dropped: str = typer.Option(cfg.SurrogateConfig.dropped, help="drop or relabel samples of dropped clusters."),
     device: str = typer.Option("cpu"),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """Sample the synthetic set if needed, embed it, and cluster it into surrogate labels."""
     names = {"extractor": "features.extractor", "n_clusters": "surrogate.n_clusters", "tau": "surrogate.tau",
              "dropped": "surrogate.dropped"}
     rc = load_run_config(run, config, typed_flags(ctx, names))
-    _run(ctx, run, rc, device, "surrogate")
+    _run(ctx, run, rc, device, "surrogate", wait=wait)
     console.print(f"surrogate labels: {run / 'surrogate'}")
 
 
@@ -129,11 +138,12 @@ def train_classifier_cmd(
     depth: int = typer.Option(cfg.ClassifierConfig.depth, help="ResNet depth: 10, 18 or 34."),
     width: int = typer.Option(cfg.ClassifierConfig.width, help="Channels of the first stage."),
     device: str = typer.Option("cpu"),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """Train the classifiers the configured methods need (noise-aware for SIDE, clean for Cond / teacher)."""
     names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
     rc = load_run_config(run, config, typed_flags(ctx, names))
-    _run(ctx, run, rc, device, "classifier")
+    _run(ctx, run, rc, device, "classifier", wait=wait)
     console.print(f"classifiers in {run}")
 
 
@@ -152,12 +162,15 @@ def extract_cmd(
     config: Path | None = typer.Option(None, "--config"),
     device: str = typer.Option("cpu"),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Also measure against the training set."),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Generate N_G images per method into RUN/extraction/<method>/ (and evaluate them)."""
     names = {"method": "extract.methods", "n": "extract.n", "seed": "extract.seed", "scale": "extract.scale",
              "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler"}
     rc = load_run_config(run, config, typed_flags(ctx, names))
     with stage_progress(ctx) as factory:
-        res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory)
+        res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory,
+                        wait=wait, replace=force)
     print_summary(res.metrics)
     console.print(f"extractions in {run / 'extraction'}")

@@ -7,7 +7,7 @@ import typer
 
 from .. import config as cfg
 from ..models.target import load_target, model_fingerprint
-from ..runs import RunDir
+from ..runs import RunDir, run_lock
 from ..sampling import sample_stage
 from .common import build_config, cli_errors, console, progress_bar, typed_flags
 
@@ -28,14 +28,15 @@ def sample_cmd(
     shard_size: int = typer.Option(D.shard_size, help="Images per shard file."),
     device: str = typer.Option("cpu"),
     config: Path | None = typer.Option(None, "--config", help="Run YAML (keys: model, sample: {...})."),
+    wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
     """Sample N images; a rerun skips finished work and resumes an interrupted run at its last whole shard."""
     names = {"model": "model"} | {k: f"sample.{k}" for k in cfg.to_dict(D)}
     rc = build_config(cfg.RunConfig, config, typed_flags(ctx, names))
-    run = RunDir(out)
-    run.write_config(rc)
-    denoiser = load_target(rc.model, device)
-    with progress_bar(ctx, "sample") as cb:
+    denoiser = load_target(rc.model, device)  # before anything is written: a bad --model leaves nothing behind
+    with run_lock(out, wait=wait), progress_bar(ctx, "sample") as cb:
+        run = RunDir(out)
+        run.write_config(rc)
         images = sample_stage(run, denoiser, rc.sample, model_fingerprint=model_fingerprint(rc.model), device=device,
                               progress=cb)
     console.print(f"{len(images)} images in {run.path / 'synthetic'}")

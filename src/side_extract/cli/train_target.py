@@ -47,6 +47,10 @@ def train_target_cmd(
     c = build_config(cfg.TrainTargetConfig, config, overrides)
     images = load_image_set(c.data, c.resize)
     console.print(f"training on {images.name}: {len(images)} images of shape {images.shape}")
+    def report(step: int, steps: int, loss: float, seconds: float) -> None:
+        console.print(f"step {step}/{steps}: loss {loss:.4f}, {seconds:.0f} s", highlight=False)
+
     with progress_bar(ctx, "train-target") as cb:
-        result = train_target(c, images, out, device=device, progress=cb)
+        # without progress bars, a line every 5 % of the steps (step, mean loss since the last line, time)
+        result = train_target(c, images, out, device=device, progress=cb, report=report if cb is None else None)
     console.print(f"wrote {result.path} (steps {result.steps}, mean loss of the last 100 steps {result.final_loss:.4f})")

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import shutil
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -212,8 +213,13 @@ def train_target(
     *,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    report: Callable[[int, int, float, float], None] | None = None,
+    report_every: int = 0,
 ) -> TrainResult:
     """Train a ``UNet2DModel`` with the DDPM loss on ``data`` and write a diffusers directory to ``out``.
+
+    ``report(step, steps, mean_loss, seconds)`` is called every ``report_every`` steps (default: 20 times in
+    all) with the mean loss since the last call and the seconds since the start; the steps are also logged.
 
     1. x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), x_t = scheduler.add_noise(x_0, eps, t);
     2. loss = ||eps_theta(x_t, t) - eps||^2, AdamW, optional EMA of the weights;
@@ -258,6 +264,8 @@ def train_target(
     x0_all = x0_all.to(device)
 
     step = start
+    every = report_every or max(1, c.steps // 20)
+    t_start, since = time.time(), []
     for step in range(start + 1, c.steps + 1):
         g = _step_generator(c.seed, step)
         idx = torch.randint(0, len(x0_all), (c.batch_size,), generator=g)
@@ -272,8 +280,15 @@ def train_target(
         if ema is not None:
             ema.step(unet.parameters())
         losses.append(loss.item())
+        since.append(losses[-1])
         if progress is not None:
             progress(step, c.steps)
+        if step % every == 0 or step == c.steps:
+            mean = sum(since) / len(since)
+            log.info("train-target step %d/%d: loss %.4f, %.0f s", step, c.steps, mean, time.time() - t_start)
+            if report is not None:
+                report(step, c.steps, mean, time.time() - t_start)
+            since = []
         if step % c.checkpoint_every == 0 or step == c.steps:
             _write_checkpoint(out, unet, ema, scheduler, opt, c, resume_key, step, losses)
 

@@ -1,0 +1,157 @@
+"""Reliability (issue "Reliability"): one writer per run, no silent garbage, checks before the work, outputs
+the manifest can trust, honest fingerprints, one-line OS errors, the user's umask."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from side_extract import config as cfg
+from side_extract.cli.main import app
+from side_extract.pipeline import run_audit
+from side_extract.runs import RunLocked, read_json, run_lock
+from side_extract.sampling import SamplingDiverged
+
+from test_pipeline import tiny_rc
+
+
+def _holder(path, seconds):
+    """Another process that holds the run lock for ``seconds``."""
+    code = (f"import time; from side_extract.runs import run_lock\n"
+            f"with run_lock({str(path)!r}):\n    print('held', flush=True); time.sleep({seconds})\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    holder = _holder(run, 60)
+    try:
+        t0 = time.time()
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
+            run_audit(run, tiny_rc(tiny_model_dir, methods=("uncond",)))
+        assert time.time() - t0 < 10 and not (run / "config.yaml").exists()
+        res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(run), "--method", "uncond"])
+        assert res.exit_code == 2 and "being written by another process" in res.output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holders_lock_is_taken_over_and_wait_waits(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    holder = _holder(run, 60)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert str(holder.pid) in (run / ".lock").read_text()  # the stale holder is still named in the file
+    with run_lock(run):
+        assert str(os.getpid()) in (run / ".lock").read_text()
+    holder = _holder(run, 1.5)
+    t0 = time.time()
+    with run_lock(run, wait=True):
+        assert time.time() - t0 > 0.5
+    holder.wait()
+
+
+def test_non_finite_settings_are_refused():
+    for key in ("scale", "temperature", "cond_scale", "t_hi"):
+        with pytest.raises(ValueError, match=f"{key}=nan must be a finite number"):
+            cfg.from_dict(cfg.ExtractConfig, {key: float("nan")})
+    with pytest.raises(ValueError, match="scale=inf must be a finite number"):
+        cfg.ExtractConfig(scale=float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        cfg.SweepConfig(scale=(1.0, float("nan")))
+    res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", "/tmp/never", "--scale", "nan"])
+    assert res.exit_code == 2 and "finite" in res.output
+
+
+def test_diverging_guidance_stops_with_the_method_and_step_and_leaves_no_shard(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir, methods=("side",), scale=1e12)
+    with pytest.raises(SamplingDiverged, match=r"method side: sampling diverged at step \d+ of 2 .*lambda=1e\+12"):
+        run_audit(tmp_path / "run", rc, until="extraction")
+    assert not (tmp_path / "run" / "extraction" / "side").exists()
+    stages = read_json(tmp_path / "run" / "manifest.json")["stages"]
+    assert stages["extraction/side"]["status"] == "failed"
+    assert not any(v["status"] == "running" for v in stages.values())
+
+
+def test_every_problem_is_reported_before_any_work(tiny_model_dir, tmp_path):
+    unlabelled = tmp_path / "u.npz"
+    np.savez(unlabelled, images=np.zeros((5, 8, 8), np.uint8))
+    rc = tiny_rc(tiny_model_dir)
+    rc = dataclasses.replace(rc, train=str(unlabelled), sample=dataclasses.replace(rc.sample, n=3))
+    with pytest.raises(ValueError) as e:
+        run_audit(tmp_path / "run", rc)
+    msg = str(e.value)
+    assert "no labels" in msg and "K=4 must be <= the number of synthetic images sample.n=3" in msg
+    assert not (tmp_path / "run").exists()  # nothing written, no manifest entry left running
+    rgb = dataclasses.replace(tiny_rc(tiny_model_dir), train="digits:30", train_resize=16)
+    with pytest.raises(ValueError, match="16x16 with 1 channel"):
+        run_audit(tmp_path / "run2", rgb)
+
+
+def test_bad_model_leaves_no_config_behind(tmp_path):
+    res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(tmp_path / "r"), "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_deleted_outputs_are_redone_and_finished_generations_need_force(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    first = run_audit(run, rc, until="extraction").extractions["uncond"]
+    for f in (run / "extraction" / "uncond").glob("shard-*.npz"):
+        f.unlink()
+    again = run_audit(run, rc, until="extraction").extractions["uncond"]  # marked complete, files gone: redone
+    np.testing.assert_array_equal(first.images, again.images)
+    runner = CliRunner()
+    res = runner.invoke(app, ["--no-progress", "extract", "--run", str(run), "--method", "uncond", "--n", "4",
+                              "--no-evaluate"])
+    assert res.exit_code == 2 and "extraction/uncond holds finished results" in res.output and "--force" in res.output
+    assert len(list((run / "extraction" / "uncond").glob("shard-*.npz"))) == 1  # nothing deleted
+    res = runner.invoke(app, ["--no-progress", "extract", "--run", str(run), "--method", "uncond", "--n", "4",
+                              "--no-evaluate", "--force"])
+    assert res.exit_code == 0, res.output
+
+
+def test_batch_size_is_part_of_the_extraction_fingerprint(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    run_audit(tmp_path / "run", rc, until="extraction")
+    before = read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
+    assert before["torch_threads"] >= 1
+    run_audit(tmp_path / "run", dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, batch_size=2)),
+              until="extraction")
+    after = read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
+    assert after["fingerprint"] != before["fingerprint"]
+
+
+def test_os_errors_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(tmp_path / "file" / "run"), "--n", "2",
+                                   "--steps", "1"])
+    assert res.exit_code == 2 and res.output.strip().startswith("error:") and "Traceback" not in res.output
+
+
+def test_weights_get_the_users_umask(tiny_model_dir, tmp_path):
+    run_audit(tmp_path / "run", tiny_rc(tiny_model_dir, methods=("side",)), until="classifier")
+    d = tmp_path / "run" / "classifier"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert d.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (d / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_train_target_without_progress_bars_prints_progress_lines(tmp_path):
+    res = CliRunner().invoke(app, ["--no-progress", "train-target", "--data", "digits:20", "--out", str(tmp_path / "t"),
+                                   "--steps", "4", "--batch-size", "4", "--block-out-channels", "16,32",
+                                   "--norm-num-groups", "16", "--checkpoint-every", "4"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("step ")]
+    assert [ln.split(":")[0] for ln in lines] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+    assert all("loss" in ln and ln.endswith(" s") for ln in lines)
