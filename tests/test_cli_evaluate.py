@@ -82,8 +82,12 @@ def test_calibrate_digits_uses_the_complement(tmp_path):
 
 
 def test_default_bands_from_the_training_null(sets):
+    # 5 training images cannot estimate the default 0.1 % quantile: refused, saying what it needs
     r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
                "--out", sets / "e", "--carlini-n", 2)
+    assert r.exit_code == 2 and "at least 1000 held-out images" in r.output and "evaluate.bands" in r.output
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+               "--out", sets / "e", "--carlini-n", 2, "--calibration-quantiles", "0.05,0.1,0.2")
     assert r.exit_code == 0, r.output
     d = json.loads((sets / "e" / "metrics.json").read_text())
     assert d["bands_source"] == "train-null" and d["null"]["n"] == 5
@@ -111,7 +115,7 @@ def test_model_option_enables_cosine_unet(sets, tiny_model_dir):
     d = json.loads((sets / "u" / "metrics.json").read_text())
     assert d["similarity"] == "cosine:unet" and d["n_generated"] == 4
     r = invoke("calibrate", "--train", sets / "train.npz", "--out", sets / "c", "--similarity", "cosine:unet",
-               "--model", tiny_model_dir)
+               "--model", tiny_model_dir, "--calibration-quantiles", "0.05,0.1,0.2")
     assert r.exit_code == 0, r.output
     assert json.loads((sets / "c" / "bands.json").read_text())["similarity"] == "cosine:unet"
     r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",

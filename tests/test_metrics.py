@@ -119,7 +119,9 @@ def test_streaming_equals_dense_reference_on_random_data():
 
 
 def test_bands_from_training_null_when_none_given():
-    r = evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2))
+    with pytest.raises(ValueError, match="cannot estimate its 0.001 quantile"):
+        evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2))  # a null of a few values: refused
+    r = evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2, calibration_quantiles=(0.05, 0.1, 0.2)))
     assert r.bands_source == "train-null" and r.null["source"] == "train-vs-rest"
     # the null: each training image's nearest other is 60/255 away
     assert [b.name for b in r.bands] == ["low", "mid", "high"]
@@ -202,3 +204,12 @@ def test_digits_complement():
     assert len(held) == 1797 - 100 and not set(held.ids) & set(train.ids)
     with pytest.raises(ValueError, match="complement is empty"):
         digits_complement("digits:1797")
+
+
+def test_bands_from_given_heldout_images(tmp_path):
+    """evaluate.heldout: the bands come from held-out images vs the training set, not from train vs train."""
+    heldout = np.concatenate([GEN.images] * 4)
+    np.savez(tmp_path / "h.npz", images=heldout)
+    r = evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2, heldout=str(tmp_path / "h.npz"),
+                                                calibration_quantiles=(0.05, 0.1, 0.2)))
+    assert r.bands_source == f"heldout:{tmp_path / 'h.npz'}" and r.null["n"] == len(heldout)

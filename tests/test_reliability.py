@@ -155,3 +155,46 @@ def test_train_target_without_progress_bars_prints_progress_lines(tmp_path):
     lines = [ln for ln in res.output.splitlines() if ln.startswith("step ")]
     assert [ln.split(":")[0] for ln in lines] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
     assert all("loss" in ln and ln.endswith(" s") for ln in lines)
+
+
+def _npz(path, images, labels=None):
+    np.savez(path, images=images, **({} if labels is None else {"labels": labels}))
+    return str(path)
+
+
+def test_bands_on_small_data_refused_with_what_they_need_or_given(tiny_model_dir, tmp_path):
+    """64 training images with 36 held-out: the 0.1 % band edge would be the null's minimum. Refused with
+    what it needs; coarser quantiles or fixed (Carlini-style) bands work, and evaluate.heldout is used."""
+    from side_extract.data import load_image_set
+
+    digits = load_image_set("digits:100").images
+    train, held = _npz(tmp_path / "t.npz", digits[:64, ..., 0]), _npz(tmp_path / "h.npz", digits[64:100, ..., 0])
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)), train=train)
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=held))
+    with pytest.raises(ValueError, match="a null of 36 values cannot estimate its 0.001 quantile .*at least 1000"):
+        run_audit(tmp_path / "run", rc)
+    coarse = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.05, 0.1, 0.2)))
+    run_audit(tmp_path / "run", coarse)
+    bands = read_json(tmp_path / "run" / "evaluation" / "bands.json")
+    assert bands["null_source"] == "heldout"
+    fixed = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    res = run_audit(tmp_path / "fixed", fixed)
+    assert set(res.metrics["uncond"]["ams"]) == {"high", "mid", "low"}
+
+
+def test_report_draws_the_null_of_a_bands_file_or_says_there_is_none(tiny_model_dir, tmp_path):
+    from side_extract.evaluation import calibrate, digits_complement
+    from side_extract.data import load_image_set
+    from side_extract.report import write_report
+
+    cal = calibrate(load_image_set("digits:30"), digits_complement("digits:30"))
+    cal.write(tmp_path / "cal")
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands_file=str(tmp_path / "cal" / "bands.json")))
+    run_audit(tmp_path / "run", rc)
+    html = write_report(tmp_path / "run").read_text()
+    assert str(tmp_path / "cal" / "null.npz") in html and "null sizes: train 30, heldout 1767" in html
+    fixed = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands_file=None,
+                                                                 bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    run_audit(tmp_path / "fixed", fixed)
+    assert "No null distribution is drawn" in write_report(tmp_path / "fixed").read_text()

@@ -101,12 +101,15 @@ class EvaluateConfig:
     ``similarity`` is ``"rms-l2"`` (pixels in [0, 1], lower = closer) or ``"cosine:<extractor>"`` (a
     feature extractor of ``features.EXTRACTORS``, higher = closer). ``bands`` is ``"name=lo:hi,..."``;
     None means: the paper's bands for cosine, else ``bands_file`` (written by ``side calibrate``), else
-    bands calibrated on the training set's own null (train vs rest of train).
+    bands calibrated on a null: ``heldout`` (an image set of non-members, e.g. a folder or .npz), else the
+    digits outside a ``digits:N`` training set, else the training set's own (train vs rest of train). A null
+    far too small for the lowest ``calibration_quantiles`` level is refused (it names what it needs).
     """
 
     similarity: str = "rms-l2"
     bands: str | None = None
     bands_file: str | None = None
+    heldout: str | None = None
     resize: int | None = None
     carlini_alpha: float = 0.5
     carlini_n: int = 50

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import config as cfg
-from .data import ImageSet, balanced_first_n, load_digits_set
+from .data import ImageSet, balanced_first_n, load_digits_set, load_image_set
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
                       check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
                       gu_from_neighbors, parse_bands, read_bands_file)
@@ -186,6 +186,13 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         if not (sim.extractor or "").startswith("torchscript:"):
             log.warning("the paper's cosine bands were set for SSCD descriptors; for %s calibrate bands with "
                         "`side calibrate --similarity %s` and pass --bands-file", sim.extractor, sim.spec)
+    elif c.heldout is not None:
+        heldout = load_image_set(c.heldout, c.resize)
+        check_same_shape(heldout, train)
+        values = index.kneighbors(_rows(sim, heldout, None, c, device, train, feature_model), 1).scores[:, 0]
+        bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{c.heldout}"
+        null = {"source": "heldout-vs-train", "n": len(values),
+                "quantiles": _quantiles(values, c.calibration_quantiles, sim.orientation)}
     else:
         values = index.kneighbors(t_rows, 1, exclude_self=True).scores[:, 0]
         bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), "train-null"
@@ -254,9 +261,17 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     if null.ndim != 1 or len(null) == 0:
         raise ValueError(f"the null must be a non-empty 1-D array of best scores, got shape {null.shape}")
     levels = sorted(levels)
+    need = int(np.ceil(1 / levels[0]))
+    if len(null) * levels[0] < 0.1:
+        raise ValueError(
+            f"a null of {len(null)} values cannot estimate its {levels[0]:g} quantile (it needs at least {need} "
+            f"held-out images; with {len(null)} the band edge would be the null's extreme and the closest band would "
+            "hold almost every generation): give more held-out images (evaluate.heldout), coarser quantiles "
+            "(evaluate.calibration_quantiles, e.g. [0.05, 0.1, 0.2]) or fixed bands (evaluate.bands, e.g. "
+            "Carlini's RMS 0.15 style: 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
     if len(null) * levels[0] < 1:
-        log.warning("a null of %d values cannot resolve the %.3g quantile; its band edge is the null's extreme",
-                    len(null), levels[0])
+        log.warning("a null of %d values cannot resolve the %.3g quantile (it needs %d); its band edge is the "
+                    "null's extreme, so the closest band is wider than its name says", len(null), levels[0], need)
     names = ["high", "mid", "low"] if len(levels) == 3 else [f"tail{q:g}" for q in levels]
     edges = list(_quantiles(null, levels, orientation).values())
     if orientation == "distance":

@@ -175,9 +175,14 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     fp = stage_fingerprint("calibration", c, train.fingerprint(), ctx.fp["model"] if c.similarity == "cosine:unet" else None)
     path = ctx.run.path / "evaluation" / "bands.json"
     if ctx.run.begin("calibration", fp) != "skip" or not path.exists():
-        heldout = digits_complement(ctx.rc.train) if str(ctx.rc.train).startswith("digits:") else None
-        if heldout is not None and ctx.rc.train_resize is not None:  # the same size as the training set
-            heldout = dataclasses.replace(heldout, images=resize(heldout.images, ctx.rc.train_resize))
+        if c.heldout is not None:
+            heldout = load_image_set(c.heldout, ctx.rc.train_resize)
+        elif str(ctx.rc.train).startswith("digits:"):
+            heldout = digits_complement(ctx.rc.train)
+            if ctx.rc.train_resize is not None:  # the same size as the training set
+                heldout = dataclasses.replace(heldout, images=resize(heldout.images, ctx.rc.train_resize))
+        else:
+            heldout = None
         cal = calibrate(train, heldout, c, feature_model=ctx.denoiser, device=ctx.device)
         cal.write(ctx.run.path / "evaluation")
         ctx.run.complete("calibration", null_source=cal.null_source)
@@ -253,6 +258,14 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     if until == "evaluation" and rc.train is not None:
         if ev.bands_file is not None and not Path(ev.bands_file).is_file():
             problems.append(f"evaluate.bands_file={ev.bands_file!r} does not exist")
+        if ev.heldout is not None:
+            try:
+                h = load_image_set(ev.heldout, rc.train_resize)
+                if train is not None and h.shape != train.shape:
+                    problems.append(f"evaluate.heldout={ev.heldout!r} images are {h.shape} (C, H, W), the training "
+                                    f"set's {train.shape}")
+            except ValueError as e:
+                problems.append(f"evaluate.heldout={ev.heldout!r}: {e}")
         if ev.similarity.startswith("cosine:") and ev.similarity[7:].split(":", 1)[0] not in EXTRACTORS:
             problems.append(f"evaluate.similarity={ev.similarity!r}: unknown extractor; valid: {', '.join(EXTRACTORS)}")
     if problems:

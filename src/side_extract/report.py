@@ -116,11 +116,18 @@ def _top(table: dict[str, np.ndarray], orientation: str, k: int) -> list[dict[st
 
 
 def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> list[dict[str, Any]]:
-    """Histograms of each method's best score, grouped by similarity, with the null of ``evaluation/null.npz``."""
-    cal = read_json(run / "evaluation" / "bands.json") if (run / "evaluation" / "bands.json").is_file() else {}
+    """Histograms of each method's best score, grouped by similarity, with the null the bands came from: the
+    run's ``evaluation/null.npz``, else the ``null.npz`` beside a bands file the run was given (none for fixed
+    bands)."""
+    cal_dir = run / "evaluation"
+    if not (cal_dir / "bands.json").is_file():
+        bands_file = next((str(m.get("bands_source", ""))[5:] for m in metrics.values()
+                           if str(m.get("bands_source", "")).startswith("file:")), "")
+        cal_dir = Path(bands_file).parent if bands_file else cal_dir
+    cal = read_json(cal_dir / "bands.json") if (cal_dir / "bands.json").is_file() else {}
     nulls: dict[str, np.ndarray] = {}
-    if (run / "evaluation" / "null.npz").is_file():
-        with np.load(run / "evaluation" / "null.npz") as z:
+    if (cal_dir / "null.npz").is_file():
+        with np.load(cal_dir / "null.npz") as z:
             nulls = {k: z[k].astype(float) for k in z.files}
     out = []
     for spec in dict.fromkeys(m["similarity"] for m in metrics.values()):
@@ -136,7 +143,8 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
                     "edges": edges.tolist(),
                     "methods": {n: np.histogram(tables[n]["similarity"], edges)[0].tolist() for n in names},
                     "null": {k: np.histogram(v, edges)[0].tolist() for k, v in null.items()},
-                    "null_n": {k: len(v) for k, v in null.items()}})
+                    "null_n": {k: len(v) for k, v in null.items()},
+                    "null_file": str(cal_dir / "null.npz") if null else None})
     return out
 
 

@@ -61,6 +61,8 @@ def evaluate_cmd(
     bands: str | None = typer.Option(D.bands, help="name=lo:hi,... (default: the paper's for cosine; else "
                                                   "--bands-file; else calibrated on train vs rest of train)."),
     bands_file: str | None = typer.Option(D.bands_file, help="bands.json written by `side calibrate`."),
+    heldout: str | None = typer.Option(D.heldout, "--heldout", help="Held-out images (never trained on) to calibrate "
+                                       "the bands on, when no bands are given (default: the training set's own null)."),
     resize: int | None = typer.Option(D.resize, help="Resize both sets to this square size."),
     carlini_alpha: float = typer.Option(D.carlini_alpha),
     carlini_n: int = typer.Option(D.carlini_n, help="Neighbours averaged in Carlini's ratio."),
