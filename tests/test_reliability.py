@@ -171,7 +171,7 @@ def test_bands_on_small_data_refused_with_what_they_need_or_given(tiny_model_dir
     train, held = _npz(tmp_path / "t.npz", digits[:64, ..., 0]), _npz(tmp_path / "h.npz", digits[64:100, ..., 0])
     rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)), train=train)
     rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=held))
-    with pytest.raises(ValueError, match="a null of 36 values cannot estimate its 0.001 quantile .*at least 1000"):
+    with pytest.raises(ValueError, match="a null of 36 images, too few for its 0.001 quantile .*at least 1000"):
         run_audit(tmp_path / "run", rc)
     coarse = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.05, 0.1, 0.2)))
     run_audit(tmp_path / "run", coarse)

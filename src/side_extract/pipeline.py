@@ -28,12 +28,12 @@ from .evaluation import calibrate, digits_complement, evaluate
 from .extraction import extraction_stage
 from .features import EXTRACTORS, extract_features
 from .guidance import ClassifierGuidance
-from .models.classifier import ClassifierArch, load_classifier, save_classifier
-from .models.target import Denoiser, check_fits, load_target, model_fingerprint
+from .models.classifier import load_classifier, save_classifier
+from .models.target import Denoiser, Target, check_fits, load_target, model_fingerprint
 from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
 from .sampling import sample_stage
 from .surrogate import ClusterLabeler, TeacherLabeler
-from .training import train_classifier
+from .training import fit_label_classifier
 
 log = logging.getLogger(__name__)
 ProgressFactory = Callable[[str], Callable[[int, int], None] | None]
@@ -121,14 +121,9 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
         raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
                          "(lower surrogate.tau or use fewer clusters)")
     if ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists():
-        y = np.searchsorted(classes, labels[keep])
-        C, H, _ = ctx.denoiser.sample_shape
-        arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
-                              time_mode="none" if clean else c.time_mode, time_embed_dim=c.time_embed_dim,
-                              classes=tuple(int(v) for v in classes))
-        result = train_classifier(arch, x0[torch.from_numpy(keep)], y, c,
-                                  scheduler=None if clean else ctx.denoiser.scheduler,
-                                  out=directory / "work", device=ctx.device, progress=ctx.progress(name))
+        result = fit_label_classifier(x0, labels, c, scheduler=None if clean else ctx.denoiser.scheduler,
+                                      out=directory / "work", device=ctx.device, progress=ctx.progress(name),
+                                      name=name)
         save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c)})
         ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy)
     model = load_classifier(directory, ctx.device)
@@ -258,14 +253,27 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     if until == "evaluation" and rc.train is not None:
         if ev.bands_file is not None and not Path(ev.bands_file).is_file():
             problems.append(f"evaluate.bands_file={ev.bands_file!r} does not exist")
+        n_null = None
         if ev.heldout is not None:
             try:
                 h = load_image_set(ev.heldout, rc.train_resize)
+                n_null = len(h)
                 if train is not None and h.shape != train.shape:
                     problems.append(f"evaluate.heldout={ev.heldout!r} images are {h.shape} (C, H, W), the training "
                                     f"set's {train.shape}")
             except ValueError as e:
                 problems.append(f"evaluate.heldout={ev.heldout!r}: {e}")
+        elif str(rc.train).startswith("digits:"):
+            n_null = None  # the digits outside the subset: checked when calibrating
+        elif train is not None:
+            n_null = len(train)  # train vs the rest of train
+        q = min(ev.calibration_quantiles)
+        calibrates = ev.bands is None and ev.bands_file is None and not ev.similarity.startswith("cosine:")
+        if calibrates and n_null is not None and n_null * q < 0.1:
+            problems.append(f"the bands would be calibrated on a null of {n_null} images, too few for its {q:g} "
+                            f"quantile (it needs at least {int(np.ceil(1 / q))}): give held-out images "
+                            "(evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles) or fixed bands "
+                            "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
         if ev.similarity.startswith("cosine:") and ev.similarity[7:].split(":", 1)[0] not in EXTRACTORS:
             problems.append(f"evaluate.similarity={ev.similarity!r}: unknown extractor; valid: {', '.join(EXTRACTORS)}")
     if problems:
@@ -273,7 +281,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
 
 
 def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until: Until = "evaluation",
-              progress: ProgressFactory = no_progress, wait: bool = False, replace: bool = True) -> AuditResult:
+              progress: ProgressFactory = no_progress, wait: bool = False, replace: bool = True,
+              target: Target | None = None) -> AuditResult:
     """Run every stage the config's methods need, up to and including ``until``, into run directory ``path``.
 
     ``evaluation`` (with ``rc.train`` set) measures each method's generations against the training set into
@@ -282,25 +291,30 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     (:func:`~side_extract.runs.run_lock`; ``wait`` blocks on another writer instead of failing). With
     ``replace=False``, a finished stage whose settings changed is an error instead of being redone. After an
     error, stages left ``running`` are marked ``failed`` in the manifest.
+
+    ``target``: an in-memory model (:class:`~side_extract.models.target.Target`, see ``side_extract.api``)
+    instead of loading ``rc.model`` from disk; ``rc.model`` then only describes it.
     """
     if until not in UNTIL:
         raise ValueError(f"until={until!r} must be one of {', '.join(UNTIL)}")
-    denoiser = load_target(rc.model, device)
-    preflight(rc, denoiser, until)
+    if target is None:
+        target = Target(load_target(rc.model, device), model_fingerprint(rc.model), str(rc.model))
+    preflight(rc, target.denoiser, until)
     with run_lock(path, wait=wait):
         run = RunDir(path, replace=replace)
         try:
-            return _chain(run, rc, denoiser, device, until, progress)
+            return _chain(run, rc, target, device, until, progress)
         except BaseException as e:
             run.fail_running(e)
             raise
 
 
-def _chain(run: RunDir, rc: cfg.RunConfig, denoiser: Denoiser, device: str, until: Until,
+def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: Until,
            progress: ProgressFactory) -> AuditResult:
     upto = UNTIL.index(until)
     run.write_config(rc)
-    ctx = AuditContext(run, rc, denoiser, device, progress, {"model": model_fingerprint(rc.model)})
+    denoiser = target.denoiser
+    ctx = AuditContext(run, rc, denoiser, device, progress, {"model": target.fingerprint})
     methods = rc.extract.methods
     synthetic = None
     if {"side", "side-teacher"} & set(methods):

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from . import config as cfg
+from .models.target import Target
 from .pipeline import AuditResult, ProgressFactory, no_progress, run_audit
 from .runs import RunDir, atomic_write_json
 
@@ -71,16 +72,16 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
 
 def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
                     progress: ProgressFactory = no_progress, wait: bool = False,
-                    replace: bool = True) -> tuple[AuditResult, dict[str, AuditResult]]:
+                    replace: bool = True, target: Target | None = None) -> tuple[AuditResult, dict[str, AuditResult]]:
     """The main run, then one sub-run per swept value (sharing the main run's unchanged stages).
 
     ``wait`` and ``replace`` apply to the main run (:func:`~side_extract.pipeline.run_audit`); sub-runs are
     redone freely when their settings change."""
-    main = run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace)
+    main = run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace, target=target)
     subs = {}
     for name, sub_rc in sweep_configs(rc):
         log.info("sweep %s", name)
         child = RunDir(Path(path) / "sweeps" / name)
         share_stages(RunDir(path), child)
-        subs[name] = run_audit(child.path, sub_rc, device=device, progress=progress)
+        subs[name] = run_audit(child.path, sub_rc, device=device, progress=progress, target=target)
     return main, subs

@@ -181,3 +181,37 @@ def train_classifier(
         atomic_write_json(Path(out) / "log.json", {"history": history, "n_train": len(tr), "n_eval": n_eval})
     final = history[-1].get("accuracy", {}) if history else {}
     return ClassifierTrainResult(model, history, final)
+
+
+def fit_label_classifier(
+    x0: torch.Tensor,
+    labels: np.ndarray,
+    c: cfg.ClassifierConfig,
+    *,
+    scheduler: SchedulerMixin | None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    name: str = "classifier",
+) -> ClassifierTrainResult:
+    """A classifier of any label values (cluster ids, classes; -1 = unlabelled, left out), as the pipeline
+    trains them: the label values become outputs 0..K-1 in sorted order (``model.arch.classes`` maps them
+    back), the architecture follows ``c`` and the images' shape; noise-aware with the target's ``scheduler``,
+    time-independent (clean) with None.
+
+    ``x0``: (n, C, H, W) float in [-1, 1]; ``labels``: (n,) int.
+    """
+    labels = np.asarray(labels)
+    if len(labels) != len(x0):
+        raise ValueError(f"{len(x0)} images but {len(labels)} labels")
+    keep = labels >= 0
+    classes = np.unique(labels[keep])
+    if len(classes) < 2:
+        raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
+                         "(lower surrogate.tau or use fewer clusters)")
+    _, C, H, _ = x0.shape
+    arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
+                          time_mode="none" if scheduler is None else c.time_mode, time_embed_dim=c.time_embed_dim,
+                          classes=tuple(int(v) for v in classes))
+    return train_classifier(arch, x0[torch.from_numpy(keep)], np.searchsorted(classes, labels[keep]), c,
+                            scheduler=scheduler, out=out, device=device, progress=progress)

@@ -89,6 +89,16 @@ class CallableDenoiser:
         return self.fn(x, t)
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A model under audit: its denoiser, a fingerprint of what it computes (keys every cached stage), and a
+    description for the run's config."""
+
+    denoiser: Denoiser
+    fingerprint: str
+    description: str
+
+
 def demo_model_path() -> Path:
     """The embedded default target (see docs/demo-model.md for the command that made it)."""
     return Path(str(resources.files("side_extract") / "assets" / "demo"))

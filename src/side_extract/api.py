@@ -1,0 +1,303 @@
+"""The public Python API: ``side_extract.audit(model, train, out=...)`` and the typed results it returns.
+
+``model`` may be a diffusers pipeline directory (or ``"demo"``), a ``UNet2DModel`` with its scheduler, a
+``DDPMPipeline`` / ``DDIMPipeline`` object, or any callable ``eps(x_t, t)`` with its scheduler and sample shape.
+``train`` may be an image-set spec (``"digits:100"``, a folder, an ``.npz``), an :class:`~side_extract.data.ImageSet`
+or a uint8 array (N, H, W) / (N, H, W, C). Everything is written to the run directory ``out``, exactly as
+``side run`` writes it; :class:`Audit` reads it back as typed objects.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from . import config as cfg
+from .data import ImageSet, load_image_set, load_shards
+from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint
+from .pipeline import ProgressFactory, no_progress
+from .runs import atomic_save_npz, atomic_write_text, read_json, run_lock
+from .sweeps import run_with_sweeps
+
+ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# models and data from memory
+
+
+def _config_blob(obj: Any) -> bytes:
+    return json.dumps({k: v for k, v in dict(obj.config).items() if not k.startswith("_")}, sort_keys=True,
+                      default=str).encode()
+
+
+def module_fingerprint(unet: torch.nn.Module, scheduler: SchedulerMixin) -> str:
+    """sha256 over a model's config, its weights and its scheduler's config."""
+    h = hashlib.sha256()
+    if hasattr(unet, "config"):
+        h.update(_config_blob(unet))
+    for name, t in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(_config_blob(scheduler))
+    return h.hexdigest()
+
+
+def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
+                      scheduler: SchedulerMixin, device: str = "cpu") -> str:
+    """sha256 of what a callable computes: its outputs on fixed seeded inputs at three timesteps, with its
+    scheduler's config (a callable has no weights to hash)."""
+    g = torch.Generator().manual_seed(20241002)
+    x = torch.randn((2, *sample_shape), generator=g).to(device)
+    h = hashlib.sha256(_config_blob(scheduler))
+    n_t = int(scheduler.config.num_train_timesteps)
+    with torch.no_grad():
+        for t in (1, n_t // 2, n_t - 1):
+            h.update(fn(x, torch.tensor(t, device=device)).float().cpu().numpy().round(5).tobytes())
+    return h.hexdigest()
+
+
+def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
+              sample_shape: Sequence[int] | None = None, device: str = "cpu") -> Target:
+    """The :class:`~side_extract.models.target.Target` of any model form ``audit`` accepts (see the module docstring).
+
+    A ``UNet2DModel`` is moved to ``device`` in place. A callable needs ``scheduler`` and ``sample_shape``
+    (C, H, W); it is identified by its outputs on fixed probe inputs (:func:`probe_fingerprint`).
+    """
+    if isinstance(model, (str, Path)):
+        return Target(load_target(model, device), model_fingerprint(model), str(model))
+    if isinstance(model, DiffusionPipeline):
+        unet, sched = getattr(model, "unet", None), scheduler or getattr(model, "scheduler", None)
+        if not isinstance(unet, UNet2DModel) or sched is None:
+            raise ValueError(f"model: a {type(model).__name__} must have a UNet2DModel 'unet' and a 'scheduler' "
+                             "(DDPMPipeline or DDIMPipeline)")
+        model, scheduler = unet, sched
+    if isinstance(model, UNet2DModel):
+        if scheduler is None:
+            raise ValueError("model: a UNet2DModel needs the scheduler it was trained with (scheduler=...)")
+        fp = module_fingerprint(model, scheduler)
+        return Target(UNetDenoiser(model, scheduler, source="in-memory").to(device), fp, f"in-memory UNet2DModel {fp[:12]}")
+    if callable(model):
+        if scheduler is None or sample_shape is None:
+            raise ValueError("model: a callable eps(x, t) needs scheduler=... and sample_shape=(C, H, W)")
+        shape = tuple(int(v) for v in sample_shape)
+        if len(shape) != 3:
+            raise ValueError(f"sample_shape={sample_shape} must be (C, H, W)")
+        fp = probe_fingerprint(model, shape, scheduler, device)
+        return Target(CallableDenoiser(model, shape, scheduler), fp, f"callable {getattr(model, '__name__', 'eps')} {fp[:12]}")
+    raise ValueError(f"model of type {type(model).__name__} is not supported: pass a diffusers directory, a "
+                     "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
+
+
+def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray | None = None) -> ImageSet | str:
+    """An image-set spec is returned as it is; an array or :class:`ImageSet` as an ImageSet (uint8 NHWC)."""
+    if isinstance(images, (str, Path)):
+        return str(images)
+    if isinstance(images, ImageSet):
+        return images
+    a = np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim not in (3, 4):
+        raise ValueError(f"train: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
+    return ImageSet(a[..., None] if a.ndim == 3 else a, None if labels is None else np.asarray(labels, np.int64))
+
+
+def _run_config(config: cfg.RunConfig | dict | str | Path | None) -> cfg.RunConfig:
+    if config is None:
+        return cfg.RunConfig()
+    if isinstance(config, cfg.RunConfig):
+        return config
+    if isinstance(config, dict):
+        return cfg.from_dict(cfg.RunConfig, cfg.dotted_to_nested(config) if any("." in k for k in config) else config)
+    return cfg.from_dict(cfg.RunConfig, cfg.load_yaml(config))
+
+
+# --------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclasses.dataclass(frozen=True)
+class BandResult:
+    """One similarity band of one method: shares of N_G (AMS: generations; UMS: distinct training images)."""
+
+    band: str
+    lo: float
+    hi: float
+    ams: float
+    ums: float
+    ams_cumulative: float
+    ums_cumulative: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+    """Every metric of one method's generations (``metrics.json``, typed)."""
+
+    method: str
+    n_generated: int
+    n_train: int
+    similarity: str
+    orientation: str
+    bands: dict[str, BandResult]
+    p95: float  # 95th percentile of the best similarity, or 5th percentile of the best distance
+    carlini_extracted: float  # share with Carlini's ratio below 1
+    gu_memorized: float  # share with Gu's d1 / d2 below the threshold
+    raw: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> "MethodResult":
+        bands = {name: BandResult(name, float(lo), float(hi), float(m["ams"][name]), float(m["ums"][name]),
+                                  float(m["ams_cumulative"][name]), float(m["ums_cumulative"][name]))
+                 for name, (lo, hi) in m["bands"].items()}
+        return cls(m["method"], int(m["n_generated"]), int(m["n_train"]), m["similarity"], m["orientation"], bands,
+                   float(m["p95"]), float(m["carlini"]["extracted_fraction"]), float(m["gu"]["memorized_fraction"]), m)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractedPair:
+    """A generation beside its nearest training image. Images: (H, W, C) uint8."""
+
+    method: str
+    generation_id: int
+    train_id: int
+    similarity: float
+    band: str
+    generation: np.ndarray = dataclasses.field(repr=False)
+    nearest: np.ndarray = dataclasses.field(repr=False)
+
+
+TABLE_COLUMNS = ("method", "band", "lo", "hi", "ams", "ums", "ams_cumulative", "ums_cumulative", "p95",
+                 "carlini_extracted", "gu_memorized", "n_generated", "n_train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Audit:
+    """The results of a run directory as typed objects (what :func:`audit` returns; or ``Audit.load(run)``)."""
+
+    run: Path
+    config: cfg.RunConfig
+    methods: dict[str, MethodResult]
+
+    @classmethod
+    def load(cls, run: str | Path) -> "Audit":
+        run = Path(run)
+        rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
+        methods = {}
+        for m in rc.extract.methods:
+            p = run / "evaluation" / m / "metrics.json"
+            if p.is_file():
+                methods[m] = MethodResult.from_json(read_json(p))
+        return cls(run, rc, methods)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per method and band (``TABLE_COLUMNS``)."""
+        rows = []
+        for r in self.methods.values():
+            for b in r.bands.values():
+                rows.append({"method": r.method, "band": b.band, "lo": b.lo, "hi": b.hi, "ams": b.ams, "ums": b.ums,
+                             "ams_cumulative": b.ams_cumulative, "ums_cumulative": b.ums_cumulative, "p95": r.p95,
+                             "carlini_extracted": r.carlini_extracted, "gu_memorized": r.gu_memorized,
+                             "n_generated": r.n_generated, "n_train": r.n_train})
+        return rows
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """The table as CSV text; also written to ``path`` when given."""
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.table())
+        if path is not None:
+            atomic_write_text(path, buf.getvalue())
+        return buf.getvalue()
+
+    def to_pandas(self) -> Any:
+        """The table as a ``pandas.DataFrame`` (pandas is optional: ``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Audit.to_pandas() needs pandas (pip install pandas); Audit.table() and "
+                              "Audit.to_csv() need nothing") from None
+        return pd.DataFrame(self.table(), columns=list(TABLE_COLUMNS))
+
+    def pairs(self, method: str, *, band: str | None = None, top: int | None = None) -> list[ExtractedPair]:
+        """``method``'s generations beside their nearest training images, closest first (in ``band`` only,
+        when given; the ``top`` closest, when given)."""
+        if method not in self.methods:
+            raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}")
+        with np.load(self.run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
+            gid, tidx, tid = z["generation_id"], z["nearest_train_index"], z["nearest_train_id"]
+            sim, bands = z["similarity"].astype(float), z["band"].astype(str)
+        order = np.argsort(-sim if self.methods[method].orientation == "similarity" else sim, kind="stable")
+        if band is not None:
+            if band not in self.methods[method].bands:
+                raise ValueError(f"band={band!r} must be one of {', '.join(self.methods[method].bands)}")
+            order = order[bands[order] == band]
+        order = order[:top] if top is not None else order
+        gen = load_shards(self.run / "extraction" / method)
+        row_of = {int(i): r for r, i in enumerate(gen.ids)}
+        train = load_image_set(self.config.train, self.config.train_resize)
+        return [ExtractedPair(method, int(gid[i]), int(tid[i]), float(sim[i]), str(bands[i]),
+                              gen.images[row_of[int(gid[i])]], train.images[int(tidx[i])]) for i in order]
+
+    def report(self) -> Path:
+        """Write the HTML report (``RUN/report/report.html``) and return its path."""
+        from .report import write_report
+
+        return write_report(self.run)
+
+
+def audit(
+    model: ModelLike,
+    train: str | Path | ImageSet | np.ndarray,
+    *,
+    out: str | Path,
+    config: cfg.RunConfig | dict | str | Path | None = None,
+    scheduler: SchedulerMixin | None = None,
+    sample_shape: Sequence[int] | None = None,
+    labels: np.ndarray | None = None,
+    methods: Sequence[str] | None = None,
+    device: str = "cpu",
+    progress: ProgressFactory = no_progress,
+    wait: bool = False,
+) -> Audit:
+    """Run the SIDE audit of ``model`` against ``train`` into run directory ``out``; returns its results.
+
+    Parameters
+    ----------
+    model : a diffusers directory or ``"demo"``; a ``UNet2DModel`` (with ``scheduler``); a ``DDPMPipeline`` or
+        ``DDIMPipeline``; or a callable ``eps(x, t)`` (with ``scheduler`` and ``sample_shape``)
+    train : the training set: a spec (``"digits:100"``, folder, ``.npz``), an ``ImageSet``, or a uint8 array
+        (N, H, W) / (N, H, W, C) with optional ``labels`` (N,) (Cond and SIDE-teacher need labels); an
+        in-memory set is saved as ``out/inputs/train.npz``
+    config : a ``RunConfig``, a dict (nested, or dotted keys such as ``{"extract.n": 200}``), or a YAML path;
+        its ``model`` and ``train`` are replaced by the arguments
+    methods : overrides ``config.extract.methods`` (``side``, ``side-teacher``, ``cond``, ``uncond``)
+    """
+    rc = _run_config(config)
+    target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)
+    data = as_image_set(train, labels)
+    with run_lock(out, wait=wait):
+        if isinstance(data, ImageSet):
+            path = Path(out) / "inputs" / "train.npz"
+            arrays = {"images": data.images}
+            if data.labels is not None:
+                arrays["labels"] = data.labels
+            atomic_save_npz(path, **arrays)
+            data = str(path)
+        ex = rc.extract if methods is None else dataclasses.replace(rc.extract, methods=tuple(methods))
+        rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex)
+        run_with_sweeps(out, rc, device=device, progress=progress, target=target)
+    return Audit.load(out)
+
+
+__all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "as_target", "as_image_set",
+           "module_fingerprint", "probe_fingerprint", "TABLE_COLUMNS"]
