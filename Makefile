@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/side --threads $(THREADS) demo --out runs/demo
 
 test: $(STAMP)
-	SIDE_THREADS=$(THREADS) $(BIN)/python -m pytest -q
+	SIDE_THREADS=$(THREADS) $(BIN)/python -m pytest -q -rs
 
 test-slow: $(STAMP)
 	SIDE_THREADS=$(THREADS) $(BIN)/python -m pytest -q -m slow

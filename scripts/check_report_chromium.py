@@ -1,89 +1,41 @@
 #!/usr/bin/env python3
-"""Render an audit report in headless Chromium and fail if the screenshot is missing or blank.
+"""Open an audit report in headless Chromium: console errors, images that fail to decode, missing tables or
+figures, external URLs, a blank screenshot (``side_extract.report_browser``; the test suite runs the same
+check on a report it makes).
 
-Needs Debian's chromium (this script installs nothing):
+Needs Debian's chromium (this script installs nothing): ``apt-get update && apt-get install -y chromium``.
 
-    apt-get update && apt-get install -y chromium
+    .venv/bin/python scripts/check_report_chromium.py RUN/report/report.html [--out shot.png]
 
-Usage (from the repository, with the project's virtual environment for Pillow):
-
-    python scripts/check_report_chromium.py RUN/report/report.html [--out shot.png] [--window-size 1280,3000]
-
-Chromium runs offline (every host name resolves to nothing), so a report that needed the network would
-render with holes. Exit status: 0 rendered, 1 missing or blank screenshot, 2 chromium or the report missing.
+Exit status: 0 all good, 1 something wrong (printed), 2 chromium or the report missing.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--host-resolver-rules=MAP * ~NOTFOUND"]
-
-
-def find_chromium(given: str | None) -> str | None:
-    for name in ([given] if given else ["chromium", "chromium-browser", "google-chrome"]):
-        path = shutil.which(name) if name else None
-        if path:
-            return path
-    return None
-
-
-def screenshot(chromium: str, html: Path, out: Path, window: str, timeout: float) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="side-report-chromium-") as profile:
-        cmd = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={out}", f"--window-size={window}",
-               html.resolve().as_uri()]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def blank_reason(png: Path) -> str | None:
-    """Why the screenshot counts as blank, or None when it shows content."""
-    if not png.is_file() or png.stat().st_size == 0:
-        return f"no screenshot at {png}"
-    img = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
-    inked = (img < 200).mean()
-    if img.std() < 5 or inked < 0.005:
-        return f"screenshot {png} is blank (std {img.std():.2f}, {100 * inked:.2f}% of pixels inked)"
-    return None
+from side_extract.report_browser import check_report
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("html", type=Path, help="report.html to render")
-    ap.add_argument("--out", type=Path, default=None, help="screenshot path (default: next to the report)")
+    ap.add_argument("html", help="report.html to open")
+    ap.add_argument("--out", default=None, help="screenshot path (default: next to the report)")
     ap.add_argument("--window-size", default="1280,3000")
     ap.add_argument("--chromium", default=None, help="chromium binary (default: chromium on PATH)")
-    ap.add_argument("--timeout", type=float, default=120.0)
     a = ap.parse_args(argv)
-    if not a.html.is_file():
-        print(f"error: {a.html} does not exist", file=sys.stderr)
-        return 2
-    chromium = find_chromium(a.chromium)
-    if chromium is None:
-        print("error: chromium not found; install it with: apt-get install -y chromium", file=sys.stderr)
-        return 2
-    out = a.out or a.html.with_name("report-chromium.png")
-    out.unlink(missing_ok=True)
     try:
-        r = screenshot(chromium, a.html, out, a.window_size, a.timeout)
-    except subprocess.TimeoutExpired:
-        print(f"error: chromium took longer than {a.timeout:.0f} s", file=sys.stderr)
-        return 1
-    reason = blank_reason(out)
-    if reason is not None:
-        print(f"FAIL: {reason}\nchromium exit {r.returncode}; stderr tail:\n{r.stderr[-2000:]}", file=sys.stderr)
-        return 1
-    w, h = Image.open(out).size
-    print(f"ok: {out} ({w}x{h})")
-    return 0
+        c = check_report(a.html, chromium=a.chromium, screenshot=a.out, window_size=a.window_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"images {c.images} (broken {len(c.broken_images)}, without alt text {c.images_without_alt}), "
+          f"tables {c.tables}, figures {c.figures}, console errors {len(c.errors)}, external URLs "
+          f"{len(c.external_urls)}; screenshot {c.screenshot}")
+    for what in (c.errors, c.broken_images, c.external_urls, [c.blank_reason] if c.blank_reason else []):
+        for line in what:
+            print(f"  {line}")
+    return 0 if c.ok else 1
 
 
 if __name__ == "__main__":
