@@ -20,7 +20,7 @@ SMALL = {"sample.n": 40, "sample.steps": 2, "sample.shard_size": 16, "surrogate.
          "surrogate.n_init": 1, "classifier.depth": 10, "classifier.width": 8, "classifier.steps": 4,
          "classifier.batch_size": 16, "clean_classifier.depth": 10, "clean_classifier.width": 8,
          "clean_classifier.steps": 4, "clean_classifier.batch_size": 16, "extract.n": 6, "extract.steps": 2,
-         "extract.scale": 1.0, "evaluate.carlini_n": 5, "evaluate.bands": "high=0:0.1,mid=0.1:0.15,low=0.15:0.2"}
+         "extract.scale": 1.0, "evaluate.carlini_n": 5, "evaluate.quality": ["pixels"], "evaluate.bands": "high=0:0.1,mid=0.1:0.15,low=0.15:0.2"}
 
 
 def test_docs_example_runs(tmp_path, one_thread):

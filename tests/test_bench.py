@@ -67,7 +67,7 @@ def tiny_bench() -> ExtractionBenchConfig:
         surrogate=cfg.SurrogateConfig(n_clusters=3, tau=-1.0, n_init=1),
         classifier=TINY_CLF, clean_classifier=TINY_CLF,
         extract=cfg.ExtractConfig(methods=("side", "side-teacher", "cond", "uncond"), n=6, steps=2, scale=1.0, seed=3),
-        evaluate=cfg.EvaluateConfig(carlini_n=5),
+        evaluate=cfg.EvaluateConfig(carlini_n=5, quality=("pixels",), quality_max_reference=200),
     )
     target = cfg.TrainTargetConfig(block_out_channels=(4, 8), norm_num_groups=4, steps=3, batch_size=8,
                                    checkpoint_every=3)

@@ -24,7 +24,7 @@ def tiny_rc(model_dir, **extract) -> cfg.RunConfig:
         classifier=TINY_CLF, clean_classifier=TINY_CLF,
         extract=cfg.ExtractConfig(**{"methods": ("side", "side-teacher", "cond", "uncond"), "n": 6, "steps": 2,
                                      "scale": 1.0, **extract}),
-        evaluate=cfg.EvaluateConfig(carlini_n=5),
+        evaluate=cfg.EvaluateConfig(carlini_n=5, quality=("pixels",), quality_max_reference=200),
     )
 
 
@@ -150,7 +150,7 @@ def test_calibration_resizes_the_heldout_digits_like_the_training_set(tmp_path):
     save_target(tiny_unet(size=16), tiny_scheduler(), tmp_path / "m16")
     rc = cfg.RunConfig(model=str(tmp_path / "m16"), train="digits:30", train_resize=16,
                        extract=cfg.ExtractConfig(methods=("uncond",), n=4, steps=2),
-                       evaluate=cfg.EvaluateConfig(carlini_n=5))
+                       evaluate=cfg.EvaluateConfig(carlini_n=5, quality=("pixels",), quality_max_reference=200))
     res = run_audit(tmp_path / "run", rc)
     assert res.metrics["uncond"]["n_generated"] == 4
     assert (tmp_path / "run" / "evaluation" / "bands.json").exists()

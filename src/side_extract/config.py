@@ -104,6 +104,11 @@ class EvaluateConfig:
     bands calibrated on a null: ``heldout`` (an image set of non-members, e.g. a folder or .npz), else the
     digits outside a ``digits:N`` training set, else the training set's own (train vs rest of train). A null
     far too small for the lowest ``calibration_quantiles`` level is refused (it names what it needs).
+
+    ``quality``: feature spaces (``pixels``, an extractor name, ``torchscript:PATH``) in which each method's
+    sample quality is measured against held-out real images (``heldout``, else the digits outside a
+    ``digits:N`` training set; at most ``quality_max_reference`` of them): Frechet distance, KID with its
+    standard error, precision and recall (``quality.py``). Empty: not measured.
     """
 
     similarity: str = "rms-l2"
@@ -127,10 +132,16 @@ class EvaluateConfig:
     ref_chunk: int = 8192
     feature_batch_size: int = 256
     seed: int = 0
+    quality: tuple[str, ...] = ("pixels", "efficientnet-lite0")
+    quality_max_reference: int = 1000
+    quality_k: int = 3
+    quality_kid_subsets: int = 50
+    quality_kid_subset_size: int = 1000
 
     def __post_init__(self) -> None:
         _finite(self)
-        _positive(self, "carlini_n", "ng_repeats", "detect_min_size", "query_chunk", "ref_chunk", "feature_batch_size")
+        _positive(self, "carlini_n", "ng_repeats", "detect_min_size", "query_chunk", "ref_chunk", "feature_batch_size",
+                  "quality_max_reference", "quality_k", "quality_kid_subsets", "quality_kid_subset_size")
         if self.similarity != "rms-l2" and not (self.similarity.startswith("cosine:") and len(self.similarity) > 7):
             raise ValueError(f"similarity={self.similarity!r} must be 'rms-l2' or 'cosine:<extractor>'")
         if self.carlini_alpha <= 0:

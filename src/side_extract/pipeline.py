@@ -28,6 +28,7 @@ from .evaluation import calibrate, digits_complement, evaluate
 from .extraction import extraction_stage
 from .features import EXTRACTORS, extract_features
 from .guidance import ClassifierGuidance
+from .quality import image_features, quality_from_features
 from .models.classifier import load_classifier, save_classifier
 from .models.target import Denoiser, Target, check_fits, load_target, model_fingerprint
 from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
@@ -54,6 +55,7 @@ class AuditContext:
     device: str = "cpu"
     progress: ProgressFactory = no_progress
     fp: dict[str, str] = dataclasses.field(default_factory=dict)
+    cache: dict[tuple, np.ndarray] = dataclasses.field(default_factory=dict)  # in-process only (quality features)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,19 +186,63 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     return path
 
 
+def quality_reference(ctx: AuditContext) -> ImageSet | None:
+    """Held-out real images to measure sample quality against: ``evaluate.heldout``, else the digits outside a
+    ``digits:N`` training set (resized like it), at most ``quality_max_reference`` of them (seeded); else None."""
+    c, rc = ctx.rc.evaluate, ctx.rc
+    if c.heldout is not None:
+        ref = load_image_set(c.heldout, rc.train_resize)
+    elif str(rc.train).startswith("digits:"):
+        ref = digits_complement(rc.train)
+        if rc.train_resize is not None:
+            ref = dataclasses.replace(ref, images=resize(ref.images, rc.train_resize))
+    else:
+        return None
+    if len(ref) > c.quality_max_reference:
+        keep = np.sort(np.random.default_rng([c.seed, 0x9A11]).choice(len(ref), c.quality_max_reference, replace=False))
+        ref = ref.subset(keep)
+    return ref
+
+
+def quality_of(ctx: AuditContext, generated: ImageSet, reference: ImageSet | None) -> dict:
+    """``{feature space: Quality json}`` of one method's generations, or ``{"skipped": why}``."""
+    c = ctx.rc.evaluate
+    if not c.quality:
+        return {}
+    if reference is None:
+        return {"skipped": "no held-out real images (set evaluate.heldout): sample quality against the training "
+                           "set would mix quality with memorization"}
+    out = {}
+    for name in c.quality:
+        key = ("quality-reference", name, reference.fingerprint())
+        if key not in ctx.cache:
+            ctx.cache[key] = image_features(name, reference, device=ctx.device, batch_size=c.feature_batch_size)
+        gen = image_features(name, generated, device=ctx.device, batch_size=c.feature_batch_size)
+        q = quality_from_features(gen, ctx.cache[key], name, k=min(c.quality_k, len(gen) - 1, len(reference) - 1),
+                                  n_subsets=c.quality_kid_subsets, subset_size=c.quality_kid_subset_size,
+                                  random_state=c.seed)
+        out[name] = q.to_json()
+    return out
+
+
 def evaluation_stage(ctx: AuditContext, method: str, generated: ImageSet, train: ImageSet,
                      bands_file: Path | None) -> dict:
     c = ctx.rc.evaluate
     if bands_file is not None:
         c = dataclasses.replace(c, bands_file=str(bands_file))
     stage = f"evaluation/{method}"
+    reference = quality_reference(ctx) if c.quality else None
     fp = stage_fingerprint("evaluation", c, ctx.fp[f"extraction/{method}"], train.fingerprint(),
-                           None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"])
+                           None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"],
+                           None if reference is None else reference.fingerprint())
     path = ctx.run.path / stage / "metrics.json"
     if ctx.run.begin(stage, fp) != "skip" or not path.exists():
         ev = evaluate(generated, train, c, method=method, feature_model=ctx.denoiser, device=ctx.device,
                       progress=ctx.progress(f"evaluate {method}"))
         ev.write(ctx.run.path / stage)
+        metrics = json.loads(path.read_text())
+        metrics["quality"] = quality_of(ctx, generated, reference)
+        atomic_write_json(path, metrics)
         ctx.run.complete(stage)
     return json.loads(path.read_text())
 
@@ -253,6 +299,13 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     if until == "evaluation" and rc.train is not None:
         if ev.bands_file is not None and not Path(ev.bands_file).is_file():
             problems.append(f"evaluate.bands_file={ev.bands_file!r} does not exist")
+        for name in ev.quality:
+            if name != "pixels" and name.split(":", 1)[0] not in EXTRACTORS:
+                problems.append(f"evaluate.quality: {name!r} is not a feature space; valid: pixels, "
+                                f"{', '.join(EXTRACTORS)}")
+            elif name == "unet":
+                problems.append("evaluate.quality: 'unet' features depend on the audited model; use pixels, "
+                                "efficientnet-lite0 or torchscript:PATH")
         n_null = None
         if ev.heldout is not None:
             try:

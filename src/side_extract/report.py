@@ -92,6 +92,24 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
     return {"columns": cols, "header": header, "rows": rows, "best": best, "bands": bands}
 
 
+def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
+    """Sample quality rows per feature space (``metrics.json`` ``quality``), or None where none was measured."""
+    spaces: dict[str, list[dict[str, Any]]] = {}
+    skipped = []
+    for name, m in metrics.items():
+        q = m.get("quality") or {}
+        if "skipped" in q:
+            skipped.append(f"{name}: {q['skipped']}")
+        for space, v in q.items():
+            if space != "skipped":
+                spaces.setdefault(space, []).append({"method": name, **v})
+    if not spaces and not skipped:
+        return None
+    best = {s: {k: (min if k in ("frechet", "kid") else max)(rows, key=lambda r: r[k])["method"]
+                for k in ("frechet", "kid", "precision", "recall")} for s, rows in spaces.items() if len(rows) > 1}
+    return {"spaces": spaces, "best": best, "skipped": skipped}
+
+
 def _top(table: dict[str, np.ndarray], orientation: str, k: int) -> list[dict[str, Any]]:
     """The ``k`` closest generations, one per nearest training image, closest first."""
     s = table["similarity"].astype(float)
@@ -290,13 +308,15 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
             if ver not in versions[dist]:
                 versions[dist].append(ver)
     keep = ("n_generated", "n_train", "similarity", "orientation", "bands", "bands_source", "band_rule", "ams", "ums",
-            "ams_cumulative", "ums_cumulative", "p95", "p95_quantile", "carlini", "gu", "fingerprints", "sources")
+            "ams_cumulative", "ums_cumulative", "p95", "p95_quantile", "carlini", "gu", "fingerprints", "sources",
+            "quality")
     data: dict[str, Any] = {
         "schema": SCHEMA, "run": str(run.resolve()), "top": top,
         "summary": {"model": config.get("model"), "train": config.get("train"),
                     "methods": list(metrics) or (config.get("extract") or {}).get("methods", [])},
         "methods": {n: {k: m.get(k) for k in keep} for n, m in metrics.items()},
         "comparison": _comparison(metrics) if metrics else None,
+        "quality": _quality(metrics),
         "top_pairs": {n: _top(t, metrics[n]["orientation"], top) for n, t in tables.items()},
         "histograms": _histograms(run, metrics, tables),
         "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},

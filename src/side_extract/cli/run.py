@@ -65,6 +65,12 @@ def print_summary(metrics: dict[str, dict]) -> None:
     rows.append((q, [f"{r['p95']:.4f}" for r in metrics.values()]))
     rows.append(("Carlini extracted %", [f"{100 * r['carlini']['extracted_fraction']:.2f}" for r in metrics.values()]))
     rows.append(("Gu memorized %", [f"{100 * r['gu']['memorized_fraction']:.2f}" for r in metrics.values()]))
+    spaces = list(dict.fromkeys(k for r in metrics.values() for k in (r.get("quality") or {}) if k != "skipped"))
+    for space in spaces:
+        q = [(r.get("quality") or {}).get(space) for r in metrics.values()]
+        rows.append((f"Frechet ({space})", [f"{v['frechet']:.3f}" if v else "-" for v in q]))
+        rows.append((f"KID x1000 ({space})", [f"{1000 * v['kid']:.2f}±{1000 * v['kid_se']:.2f}" if v else "-" for v in q]))
+        rows.append((f"precision / recall ({space})", [f"{v['precision']:.2f} / {v['recall']:.2f}" if v else "-" for v in q]))
     for name, cells in rows:
         table.add_row(name, *cells)
     console.print(table)

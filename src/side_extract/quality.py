@@ -1,0 +1,128 @@
+"""Sample quality beside memorization: how far each method's generations are from held-out real images.
+
+In a feature space the package has offline (``pixels``; ``efficientnet-lite0``, the bundled ImageNet
+EfficientNet-Lite0; ``torchscript:PATH`` for an Inception- or SSCD-style model a user supplies):
+
+- **Frechet distance** (FID's formula; Heusel et al. 2017): ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^(1/2)),
+  with the square root from ``scipy.linalg.sqrtm`` (its tiny imaginary part from rounding dropped). Biased
+  upward for small N (it needs N well above the feature dimension): compare methods at equal N only.
+- **Kernel distance** (KID; Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
+  k(x, y) = (x . y / d + 1)^3, averaged over ``n_subsets`` random subsets of ``subset_size`` of each set; its
+  standard error is the subsets' standard deviation / sqrt(n_subsets). Unbiased at any N.
+- **Precision and recall** of the sample manifold (Kynkaanniemi et al. 2019): each set's manifold is the union
+  of balls around its points with radius the distance to the k-th nearest neighbour in the set; precision is
+  the share of generations inside the real manifold, recall the share of real images inside the generated one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from scipy import linalg
+
+from .data import ImageSet
+from .features import extract_features
+
+
+def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2)) for means (d,) and covariances (d, d)."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(s1).astype(np.float64), np.atleast_2d(s2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, covariances {s1.shape} / {s2.shape}")
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # singular product: offset both (as FID's reference code does)
+        off = np.eye(len(s1)) * 1e-6
+        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = np.real(covmean)
+    diff = mu1 - mu2
+    return float(max(0.0, diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
+
+
+def frechet_distance_of(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between the Gaussians fitted to feature sets a (n, d) and b (m, d)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"the Frechet distance needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(x, y) = (x . y / d + 1)^3 between a (n, d) and b (m, d)."""
+    d = a.shape[1]
+    kaa, kbb, kab = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+    n, m = len(a), len(b)
+    return float((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
+                 - 2 * kab.mean())
+
+
+def kernel_distance(a: np.ndarray, b: np.ndarray, *, n_subsets: int = 50, subset_size: int = 1000,
+                    random_state: int = 0) -> tuple[float, float]:
+    """KID: (mean, standard error) of the unbiased MMD^2 over random subsets (without replacement within one)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise ValueError(f"the kernel distance needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(random_state)
+    vals = np.array([mmd2_unbiased(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
+                     for _ in range(n_subsets)])
+    return float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(n_subsets)) if n_subsets > 1 else float("nan")
+
+
+def _dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances (n, m) by |a|^2 + |b|^2 - 2 a.b (no (n, m, d) intermediate)."""
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0))
+
+
+def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
+    d = _dist(x, x)
+    np.fill_diagonal(d, 0.0)
+    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (k-NN manifolds, see the module docstring)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {len(real)} and {len(fake)}")
+    r_real, r_fake = _kth_radius(real, k), _kth_radius(fake, k)
+    d = _dist(fake, real)  # (n_fake, n_real)
+    precision = float((d <= r_real[None, :]).any(1).mean())
+    recall = float((d.T <= r_fake[None, :]).any(1).mean())
+    return precision, recall
+
+
+@dataclasses.dataclass(frozen=True)
+class Quality:
+    """Sample quality of one set of generations against held-out real images in one feature space."""
+
+    features: str
+    n_generated: int
+    n_reference: int
+    frechet: float
+    kid: float
+    kid_se: float
+    precision: float
+    recall: float
+    k: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def quality_from_features(gen: np.ndarray, ref: np.ndarray, features: str, *, k: int = 3, n_subsets: int = 50,
+                          subset_size: int = 1000, random_state: int = 0) -> Quality:
+    kid, se = kernel_distance(gen, ref, n_subsets=n_subsets, subset_size=subset_size, random_state=random_state)
+    p, r = precision_recall(ref, gen, k)
+    return Quality(features, len(gen), len(ref), frechet_distance_of(gen, ref), kid, se, p, r, k)
+
+
+def image_features(name: str, images: ImageSet, *, device: str = "cpu", batch_size: int = 256) -> np.ndarray:
+    """Features for quality: ``pixels`` are the raw pixels in [-1, 1]; others from the extractor registry."""
+    return extract_features(name, images, device=device, batch_size=batch_size).astype(np.float64)
+
+
+__all__ = ["Quality", "frechet_distance", "frechet_distance_of", "kernel_distance", "mmd2_unbiased",
+           "precision_recall", "quality_from_features", "image_features"]

@@ -1,0 +1,103 @@
+"""Sample quality against independent references: the Frechet distance of Gaussians in closed form, the
+unbiased MMD^2 written as a double loop, precision/recall on hand-made manifolds; and in a run's metrics."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from side_extract.pipeline import run_audit
+from side_extract.quality import (frechet_distance, frechet_distance_of, kernel_distance, mmd2_unbiased,
+                                  precision_recall)
+
+from test_pipeline import tiny_rc
+
+
+def _rotation(d, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    return q
+
+
+def test_frechet_commuting_covariances_closed_form():
+    """S1 = R diag(a) R^T, S2 = R diag(b) R^T: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2."""
+    r = _rotation(5, 0)
+    a, b = np.array([1.0, 2.0, 0.5, 3.0, 0.1]), np.array([0.3, 2.0, 1.5, 1.0, 0.4])
+    mu1, mu2 = np.arange(5.0), np.arange(5.0)[::-1] * 0.5
+    expect = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, r @ np.diag(a) @ r.T, mu2, r @ np.diag(b) @ r.T) == pytest.approx(expect, rel=1e-9)
+
+
+def test_frechet_non_commuting_2x2_closed_form():
+    """For 2x2 M = S1 S2 with eigenvalues l1, l2 >= 0: Tr sqrt(M) = sqrt(Tr M + 2 sqrt(det M))."""
+    s1 = np.array([[2.0, 0.7], [0.7, 1.0]])
+    s2 = np.array([[0.5, -0.2], [-0.2, 1.5]])
+    m = s1 @ s2
+    tr_sqrt = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    expect = 1.0 ** 2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(np.array([1.0, 0.0]), s1, np.zeros(2), s2) == pytest.approx(expect, rel=1e-9)
+
+
+def test_frechet_from_samples_of_known_gaussians():
+    rng = np.random.default_rng(1)
+    r = _rotation(4, 2)
+    a, b = np.array([1.0, 0.5, 2.0, 0.2]), np.array([0.5, 0.5, 1.0, 0.8])
+    x = rng.normal(size=(40_000, 4)) * np.sqrt(a) @ r.T
+    y = rng.normal(size=(40_000, 4)) * np.sqrt(b) @ r.T + 0.5
+    expect = 4 * 0.25 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance_of(x, y) == pytest.approx(expect, rel=0.03)
+    assert frechet_distance_of(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def mmd2_loop(a, b):
+    """The unbiased estimator written out: pairs i != j within each set, all pairs across."""
+    k = lambda x, y: (x @ y / len(x) + 1) ** 3  # noqa: E731
+    n, m = len(a), len(b)
+    xx = sum(k(a[i], a[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(a[i], b[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_estimator_and_its_standard_error():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(7, 3)), rng.normal(size=(9, 3)) + 0.3
+    assert mmd2_unbiased(a, b) == pytest.approx(mmd2_loop(a, b), rel=1e-10)
+    same1, same2 = rng.normal(size=(600, 8)), rng.normal(size=(600, 8))
+    kid, se = kernel_distance(same1, same2, n_subsets=30, subset_size=200)
+    assert abs(kid) < 4 * se
+    far, se_far = kernel_distance(same1, same2 + 0.5, n_subsets=30, subset_size=200)
+    assert far > 10 * se_far > 0
+
+
+def test_precision_recall_on_hand_made_manifolds():
+    rng = np.random.default_rng(4)
+    modes = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    real = np.concatenate([m + 0.3 * rng.normal(size=(100, 2)) for m in modes])
+    half = np.concatenate([m + 0.3 * rng.normal(size=(100, 2)) for m in modes[:2]])  # two of four modes
+    p, r = precision_recall(real, half, k=3)
+    assert p > 0.95 and 0.4 < r < 0.6
+    p, r = precision_recall(real, real + 100, k=3)
+    assert p == 0.0 and r == 0.0
+
+
+def test_quality_in_a_runs_metrics(tiny_model_dir, tmp_path, one_thread):
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, quality=("pixels", "efficientnet-lite0"),
+                                                              quality_max_reference=40))
+    res = run_audit(tmp_path / "run", rc)
+    q = res.metrics["uncond"]["quality"]
+    assert set(q) == {"pixels", "efficientnet-lite0"}
+    for v in q.values():
+        assert v["n_generated"] == 6 and v["n_reference"] == 40 and v["frechet"] >= 0 and 0 <= v["precision"] <= 1
+    on_disk = json.loads((tmp_path / "run" / "evaluation" / "uncond" / "metrics.json").read_text())
+    assert on_disk["quality"] == q
+    # without held-out images (a training set that is not digits:N), quality says why it was not measured
+    from side_extract.data import load_image_set
+
+    np.savez(tmp_path / "t.npz", images=load_image_set("digits:30").images)
+    other = dataclasses.replace(rc, train=str(tmp_path / "t.npz"), evaluate=dataclasses.replace(
+        rc.evaluate, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    res = run_audit(tmp_path / "run2", other)
+    assert "no held-out real images" in res.metrics["uncond"]["quality"]["skipped"]
