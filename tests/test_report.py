@@ -98,7 +98,7 @@ def test_html_is_one_self_contained_file(written):
 
 
 def test_table_matches_metrics_json(run_dir, written):
-    html = written.read_text()
+    html = written.read_text().split('id="comparison-table"', 1)[1]  # the comparison table (the summary comes first)
     for method in ("side", "uncond"):
         m = json.loads((run_dir / "evaluation" / method / "metrics.json").read_text())
         row = re.search(rf"<tr><td class=\"l\"><b>{method}</b></td>(.*?)</tr>", html, re.S).group(1)
@@ -220,3 +220,33 @@ def test_theory_section_from_measure_json(tmp_path):
     html = render_html(data, run)
     assert "Memorization divergence (theory)" in html and "conditioning memorizes no less" in html
     assert "29.3" in html
+
+
+def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
+    """summary.json: distinct images per band, the 10x projection, cost, ratios and a one-sentence verdict; the
+    report opens on it; every pair image's alt text says what it shows and the similarity."""
+    import json
+
+    from side_extract.pipeline import run_audit
+    from side_extract.report import write_report
+    from side_extract.summary import verdict
+
+    from test_pipeline import tiny_rc
+
+    run_audit(tmp_path / "run", tiny_rc(tiny_model_dir, methods=("side", "cond", "uncond")))
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(s["methods"]) == {"side", "cond", "uncond"} and set(s["ratios_to_best_baseline"]) == {"side"}
+    u = s["methods"]["uncond"]
+    assert u["seconds"] > 0 and u["images_per_second"] > 0 and set(u["distinct_cumulative"]) == {"high", "mid", "low"}
+    assert all(v["n_generated"] == 60 for v in u["projected_10x"].values())
+    assert s["verdict"].startswith("side reached") and "best baseline" in s["verdict"]
+    html = write_report(tmp_path / "run").read_text()
+    assert html.index('id="summary"') < html.index('id="comparison"') and s["verdict"] in html.replace("&#39;", "'")
+    assert 'alt="generation ' in html and "to training image" in html and "rms-l2" in html.split('alt="generation ')[1][:120]
+    # the verdict by hand
+    m = lambda ums_mid: {"bands": {"high": [0, 0.1], "mid": [0.1, 0.2], "low": [0.2, 0.3]}, "orientation": "distance",
+                         "n_train": 100, "n_generated": 50}  # noqa: E731
+    rows = {"side": {"distinct_cumulative": {"mid": 12}}, "uncond": {"distinct_cumulative": {"mid": 8}}}
+    text = verdict({"side": m(0), "uncond": m(0)}, rows)
+    assert text == ("side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 "
+                    "generations, more than the best baseline, uncond, with 8 (1.50x).")

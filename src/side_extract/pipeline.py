@@ -33,6 +33,7 @@ from .models.classifier import load_classifier, save_classifier
 from .models.target import Denoiser, Target, check_fits, load_target, model_fingerprint
 from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
 from .sampling import sample_stage
+from .summary import write_summary
 from .surrogate import ClusterLabeler, TeacherLabeler
 from .training import fit_label_classifier
 
@@ -407,4 +408,5 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         train = _train_set(ctx)
         bands_file = calibration_stage(ctx, train)
         metrics = {m: evaluation_stage(ctx, m, s, train, bands_file) for m, s in extractions.items()}
+        write_summary(run.path)
     return AuditResult(run.path, extractions, metrics)

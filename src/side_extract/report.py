@@ -25,6 +25,7 @@ import yaml
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .runs import atomic_write_json, atomic_write_text, read_json
+from .summary import audit_summary
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "methods": {n: {k: m.get(k) for k in keep} for n, m in metrics.items()},
         "comparison": _comparison(metrics) if metrics else None,
         "quality": _quality(metrics),
+        "audit_summary": audit_summary(run) if metrics else None,
         "top_pairs": {n: _top(t, metrics[n]["orientation"], top) for n, t in tables.items()},
         "histograms": _histograms(run, metrics, tables),
         "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .. import config as cfg
 from ..data import ImageSet, load_image_set, resize
@@ -36,14 +36,13 @@ from ..evaluation import calibrate, digits_complement
 from ..models.target import load_target, train_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
+from ..summary import BASELINES, SIDE_METHODS, metric_values, ratios_to_best_baseline
 from ..sweeps import run_with_sweeps, share_stages
 from . import machine_description, write_results
 from .tables import render_extraction_markdown
 
 log = logging.getLogger(__name__)
 
-SIDE_METHODS = ("side", "side-teacher")
-BASELINES = ("cond", "uncond")
 SCHEMA = "side-extract/bench-extraction/1"
 N_DIGITS = 1797
 
@@ -199,57 +198,6 @@ def ensure_bands(train: ImageSet, heldout: ImageSet, c: cfg.EvaluateConfig, cach
 
 # --------------------------------------------------------------------------------------------------
 # ratios
-
-
-Better = Literal["higher", "lower"]
-
-
-def metric_values(metrics: dict[str, Any]) -> dict[str, tuple[float, Better]]:
-    """Flatten one ``metrics.json`` into {name: (value, which direction means more memorization)}.
-
-    Names: ``ams/<band>``, ``ums/<band>``, ``ams_cumulative/<band>``, ``ums_cumulative/<band>``, ``p95``,
-    ``carlini`` (extracted fraction), ``gu`` (memorized fraction). p95 is a distance for rms-l2 (lower =
-    closer to the training set) and a similarity for cosine.
-    """
-    out: dict[str, tuple[float, Better]] = {}
-    for key in ("ams", "ums", "ams_cumulative", "ums_cumulative"):
-        for band, v in metrics[key].items():
-            out[f"{key}/{band}"] = (float(v), "higher")
-    out["p95"] = (float(metrics["p95"]), "lower" if metrics["orientation"] == "distance" else "higher")
-    out["carlini"] = (float(metrics["carlini"]["extracted_fraction"]), "higher")
-    out["gu"] = (float(metrics["gu"]["memorized_fraction"]), "higher")
-    return out
-
-
-def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tuple[str, ...] = SIDE_METHODS,
-                            baselines: tuple[str, ...] = BASELINES) -> dict[str, dict[str, dict[str, Any]]]:
-    """SIDE / best baseline for every metric, for each SIDE variant present.
-
-    The best baseline of a metric is the baseline with the most memorization by that metric (the largest
-    fraction; the smallest p95 distance). ``ratio`` = side / best baseline, None when the baseline is 0
-    (``side`` and ``best_baseline`` are kept, so nothing is lost). For ``better == "lower"`` (p95 as a
-    distance) a ratio below 1 means SIDE comes closer. ``side_better`` says whether SIDE strictly beats it.
-
-    Returns ``{side_method: {metric: {side, best_baseline, best_baseline_method, ratio, better, side_better}}}``.
-    """
-    present = [b for b in baselines if b in methods]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    if not present:
-        return out
-    base_vals = {b: metric_values(methods[b]) for b in present}
-    for s in side_methods:
-        if s not in methods:
-            continue
-        rows = {}
-        for name, (v, better) in metric_values(methods[s]).items():
-            pick = max if better == "higher" else min
-            best_method = pick(present, key=lambda b: base_vals[b][name][0])
-            b = base_vals[best_method][name][0]
-            rows[name] = {"side": v, "best_baseline": b, "best_baseline_method": best_method,
-                          "ratio": None if b == 0 else v / b, "better": better,
-                          "side_better": v > b if better == "higher" else v < b}
-        out[s] = rows
-    return out
 
 
 def compact(metrics: dict[str, Any]) -> dict[str, Any]:

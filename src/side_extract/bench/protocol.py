@@ -36,6 +36,7 @@ from .. import config as cfg
 from ..metrics import Band, read_bands_file
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import read_json
+from ..summary import BASELINES, SIDE_METHODS
 from . import machine_description, write_results
 from .extraction import ExtractionBenchConfig, ScaleInputs, full_run_template, replicate_config, scale_inputs
 
@@ -43,8 +44,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "side-extract/bench-fair/1"
 GUIDED = ("side", "side-teacher", "cond")
-SIDE_FORMS = ("side", "side-teacher")
-BASELINES = ("cond", "uncond")
+SIDE_FORMS = SIDE_METHODS
 BOOT_METRICS = ("distinct_nn/high", "distinct_nn/mid", "ams_cum/high", "ams_cum/mid", "carlini")
 
 

@@ -1,0 +1,135 @@
+"""The audit summary a person can act on: ``RUN/summary.json`` and the report's first screen.
+
+For each method: how many distinct training images it reached per band (exclusive and cumulative), the N_G
+law's projection to 10x the budget, what it cost (seconds, images/s), its sample quality, and the ratio of
+each SIDE form to the best baseline per metric; then the verdict in one sentence.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from . import config as cfg
+from .runs import RunDir, atomic_write_json, read_json
+
+SIDE_METHODS = ("side", "side-teacher")
+BASELINES = ("cond", "uncond")
+SCHEMA = "side-extract/summary/1"
+Better = Literal["higher", "lower"]
+
+
+def metric_values(metrics: dict[str, Any]) -> dict[str, tuple[float, Better]]:
+    """Flatten one ``metrics.json`` into {name: (value, which direction means more memorization)}.
+
+    Names: ``ams/<band>``, ``ums/<band>``, ``ams_cumulative/<band>``, ``ums_cumulative/<band>``, ``p95``,
+    ``carlini`` (extracted fraction), ``gu`` (memorized fraction). p95 is a distance for rms-l2 (lower =
+    closer to the training set) and a similarity for cosine.
+    """
+    out: dict[str, tuple[float, Better]] = {}
+    for key in ("ams", "ums", "ams_cumulative", "ums_cumulative"):
+        for band, v in metrics[key].items():
+            out[f"{key}/{band}"] = (float(v), "higher")
+    out["p95"] = (float(metrics["p95"]), "lower" if metrics["orientation"] == "distance" else "higher")
+    out["carlini"] = (float(metrics["carlini"]["extracted_fraction"]), "higher")
+    out["gu"] = (float(metrics["gu"]["memorized_fraction"]), "higher")
+    return out
+
+
+def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tuple[str, ...] = SIDE_METHODS,
+                            baselines: tuple[str, ...] = BASELINES) -> dict[str, dict[str, dict[str, Any]]]:
+    """SIDE / best baseline for every metric, for each SIDE variant present.
+
+    The best baseline of a metric is the baseline with the most memorization by that metric (the largest
+    fraction; the smallest p95 distance). ``ratio`` = side / best baseline, None when the baseline is 0
+    (``side`` and ``best_baseline`` are kept, so nothing is lost). For ``better == "lower"`` (p95 as a
+    distance) a ratio below 1 means SIDE comes closer. ``side_better`` says whether SIDE strictly beats it.
+
+    Returns ``{side_method: {metric: {side, best_baseline, best_baseline_method, ratio, better, side_better}}}``.
+    """
+    present = [b for b in baselines if b in methods]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    if not present:
+        return out
+    base_vals = {b: metric_values(methods[b]) for b in present}
+    for s in side_methods:
+        if s not in methods:
+            continue
+        rows = {}
+        for name, (v, better) in metric_values(methods[s]).items():
+            pick = max if better == "higher" else min
+            best_method = pick(present, key=lambda b: base_vals[b][name][0])
+            b = base_vals[best_method][name][0]
+            rows[name] = {"side": v, "best_baseline": b, "best_baseline_method": best_method,
+                          "ratio": None if b == 0 else v / b, "better": better,
+                          "side_better": v > b if better == "higher" else v < b}
+        out[s] = rows
+    return out
+
+
+def _closest_first(bands: dict[str, list[float]], orientation: str) -> list[str]:
+    return sorted(bands, key=lambda b: -bands[b][0] if orientation == "similarity" else bands[b][1])
+
+
+def method_summary(m: dict[str, Any], stage: dict[str, Any] | None) -> dict[str, Any]:
+    """One method's row of the summary (see the module docstring)."""
+    n = int(m["n_generated"])
+    out: dict[str, Any] = {
+        "n_generated": n,
+        "distinct": {b: int(round(v * n)) for b, v in m["ums"].items()},
+        "distinct_cumulative": {b: int(round(v * n)) for b, v in m["ums_cumulative"].items()},
+        "projected_10x": {}, "carlini_extracted": m["carlini"]["extracted_fraction"],
+        "seconds": None, "images_per_second": None, "quality": m.get("quality") or {}}
+    for b, law in (m.get("ng_law") or {}).items():
+        grid, pred = law.get("n_grid") or [], law.get("predicted_unique") or []
+        if grid and grid[-1] >= 10 * n:
+            out["projected_10x"][b] = {"n_generated": grid[-1], "distinct": round(float(pred[-1]), 1)}
+    if stage and stage.get("seconds"):
+        out["seconds"] = stage["seconds"]
+        out["images_per_second"] = round(n / stage["seconds"], 2) if stage["seconds"] > 0 else None
+    return out
+
+
+def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any]]) -> str:
+    """The audit in one sentence: distinct training images reached at the middle band or closer."""
+    if not metrics:
+        return "No method has been evaluated yet."
+    first = next(iter(metrics.values()))
+    order = _closest_first(first["bands"], first["orientation"])
+    band = order[1] if len(order) > 2 else order[0]
+    n_train, n = first["n_train"], first["n_generated"]
+    count = {k: v["distinct_cumulative"][band] for k, v in methods.items()}
+    sides = [k for k in SIDE_METHODS if k in count]
+    bases = [k for k in BASELINES if k in count]
+    where = f"the '{band}' band or closer"
+    if sides and bases:
+        s = max(sides, key=lambda k: count[k])
+        b = max(bases, key=lambda k: count[k])
+        ratio = f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none"
+        word = "more than" if count[s] > count[b] else ("as many as" if count[s] == count[b] else "fewer than")
+        return (f"{s} reached {count[s]} distinct training images (of {n_train}) at {where} with {n} generations, "
+                f"{word} the best baseline, {b}, with {count[b]} ({ratio}).")
+    best = max(count, key=lambda k: count[k])
+    return f"{best} reached {count[best]} distinct training images (of {n_train}) at {where} with {n} generations."
+
+
+def audit_summary(run: str | Path) -> dict[str, Any]:
+    """The summary of a run directory's evaluated methods."""
+    run = Path(run)
+    found = {d.parent.name: d for d in (run / "evaluation").glob("*/metrics.json")}
+    order: list[str] = []
+    if (run / "config.yaml").is_file():
+        order = list(((cfg.load_yaml(run / "config.yaml").get("extract") or {}).get("methods")) or [])
+    metrics = {k: read_json(found[k]) for k in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
+    stages = RunDir(run).manifest()["stages"] if (run / RunDir.MANIFEST).is_file() else {}
+    methods = {k: method_summary(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()}
+    return {"schema": SCHEMA, "verdict": verdict(metrics, methods), "methods": methods,
+            "ratios_to_best_baseline": ratios_to_best_baseline(metrics)}
+
+
+def write_summary(run: str | Path) -> Path:
+    path = Path(run) / "summary.json"
+    atomic_write_json(path, audit_summary(run))
+    return path
+
+
+__all__ = ["audit_summary", "write_summary", "verdict", "ratios_to_best_baseline", "metric_values"]
