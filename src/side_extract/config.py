@@ -239,7 +239,10 @@ class ExtractConfig:
     ``uncond``: plain sampling. ``scale`` is lambda; ``cond_scale`` defaults to it. ``temperature`` divides the
     SIDE classifiers' logits before the softmax (2, with K = 25 clusters, won ``side bench variants``; the
     paper: 1); ``cond_temperature`` the Cond classifier's (1: the classifier as trained, the paper's baseline).
-    ``t_lo``/``t_hi`` limit guidance to that fraction of the timesteps. Every method samples with
+    ``t_lo``/``t_hi`` limit guidance to that fraction of the timesteps. ``allocation``: how the guided
+    methods' target classes are drawn: ``uniform`` (the paper), or ``adaptive`` (``allocation.py``: in ``rounds``
+    rounds, toward the classes still producing new images, near-duplicates below ``dedup_threshold`` pixel RMS
+    counting as one image; the stage's shards are then its rounds). Every method samples with
     guided-diffusion's DDIM (eps recomputed from the clipped x0) and guidance in its order
     (``sampling.guided_step``).
     """
@@ -258,10 +261,17 @@ class ExtractConfig:
     eta: float = 0.0
     batch_size: int = 64
     shard_size: int = 512
+    allocation: Literal["uniform", "adaptive"] = "uniform"
+    rounds: int = 4
+    dedup_threshold: float = 0.05
 
     def __post_init__(self) -> None:
         _finite(self)
-        _positive(self, "n", "steps", "batch_size", "shard_size")
+        _positive(self, "n", "steps", "batch_size", "shard_size", "rounds")
+        if not 0.0 < self.dedup_threshold < 1.0:
+            raise ValueError(f"dedup_threshold={self.dedup_threshold} must be a pixel RMS distance in (0, 1)")
+        if self.allocation not in ("uniform", "adaptive"):
+            raise ValueError(f"allocation={self.allocation!r} must be 'uniform' or 'adaptive'")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(METHODS)}")

@@ -15,7 +15,8 @@ import shutil
 import numpy as np
 
 from . import config as cfg
-from .data import ImageSet, to_uint8
+from .allocation import adaptive_targets
+from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .models.target import Denoiser
 from .runs import Progress, RunDir, shard_stage
@@ -31,6 +32,11 @@ def draw_targets(seed: int, indices: np.ndarray, n_classes: int) -> np.ndarray:
     return np.array([np.random.default_rng([seed, int(i), 0x5EED]).integers(n_classes) for i in indices], dtype=np.int64)
 
 
+def round_size(c: cfg.ExtractConfig) -> int:
+    """Generations per round of the adaptive allocation (the last round may be smaller)."""
+    return -(-c.n // c.rounds)
+
+
 def extract(
     denoiser: Denoiser,
     c: cfg.ExtractConfig,
@@ -38,14 +44,26 @@ def extract(
     start: int,
     stop: int,
     *,
+    previous: ImageSet | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
-    """Generations ``start .. stop - 1``: ``images`` (uint8), ``index`` and ``labels`` (target label or -1)."""
+    """Generations ``start .. stop - 1``: ``images`` (uint8), ``index`` and ``labels`` (target label or -1).
+
+    With ``c.allocation == "adaptive"`` (guided methods), ``start .. stop`` is one round and ``previous`` holds
+    the earlier rounds' generations with their target labels (``allocation.adaptive_targets``).
+    """
     idx = np.arange(start, stop, dtype=np.int64)
     if guidance is None:
         targets = None
         labels = np.full(len(idx), -1, dtype=np.int64)
+    elif c.allocation == "adaptive" and start > 0:
+        if previous is None or len(previous) != start:
+            raise ValueError(f"adaptive allocation of generations {start}..{stop - 1} needs the {start} earlier ones")
+        prev_targets = np.searchsorted(guidance.classes, previous.labels)
+        targets = adaptive_targets(c.seed, start // round_size(c), stop - start, guidance.n_classes, previous.images,
+                                   prev_targets, c.dedup_threshold)
+        labels = guidance.classes[targets]
     else:
         targets = draw_targets(c.seed, idx, guidance.n_classes)
         labels = guidance.classes[targets]
@@ -71,13 +89,20 @@ def extraction_stage(
     A method whose sampling diverges leaves no shard: its stage directory is removed and the error names it.
     """
 
-    def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
-        return extract(denoiser, c, guidance, lo, hi, device=device, progress=shard_progress)
-
     stage = f"extraction/{method}"
+    adaptive = guidance is not None and c.allocation == "adaptive"
+
+    def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
+        previous = None
+        if adaptive and lo > 0:  # the earlier rounds: the shards already written (whole, in index order)
+            previous = load_shards(run.path / stage)
+            keep = previous.ids < lo
+            previous = ImageSet(previous.images[keep], previous.labels[keep], previous.ids[keep])
+        return extract(denoiser, c, guidance, lo, hi, previous=previous, device=device, progress=shard_progress)
+
     try:
-        return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress,
-                           method=method, scale=None if guidance is None else guidance.scale)
+        return shard_stage(run, stage, fingerprint, c.n, round_size(c) if adaptive else c.shard_size, make,
+                           progress=progress, method=method, scale=None if guidance is None else guidance.scale)
     except SamplingDiverged as e:
         shutil.rmtree(run.path / stage, ignore_errors=True)
         raise SamplingDiverged(f"method {method}: {e}") from None

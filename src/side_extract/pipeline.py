@@ -155,6 +155,8 @@ def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | Non
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     if guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
+        if c.allocation != "uniform":
+            d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
     return d
 
 

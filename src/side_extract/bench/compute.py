@@ -59,6 +59,7 @@ class ComputeBenchConfig:
     rss_sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
     rss_n_train: int = 50_000
     demo: bool = True
+    busy: bool = False
     threads: int = 1
     quick: bool = False
 
@@ -277,11 +278,11 @@ def bench_evaluate_rss(c: ComputeBenchConfig) -> list[dict[str, Any]]:
 # 5. side demo
 
 
-def bench_demo(c: ComputeBenchConfig) -> dict[str, Any]:
+def bench_demo(c: ComputeBenchConfig, threads: int | None = None) -> dict[str, Any]:
     """``side --no-progress --threads T demo`` in a subprocess, into a fresh temporary run directory."""
     with tempfile.TemporaryDirectory(prefix="side-bench-demo-") as tmp:
         out = Path(tmp) / "demo"
-        args = ["--no-progress", "--threads", str(c.threads), "demo", "--out", str(out)]
+        args = ["--no-progress", "--threads", str(c.threads if threads is None else threads), "demo", "--out", str(out)]
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "side_extract.cli.main", *args], capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -292,6 +293,33 @@ def bench_demo(c: ComputeBenchConfig) -> dict[str, Any]:
     return {"command": "side " + " ".join(a if a != str(out) else "<tmp>/demo" for a in args),
             "wall_s": round(wall, 1), "stage_seconds": stages,
             "ams_high": {m: v["ams"].get("high") for m, v in metrics.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. side demo on a busy machine
+
+COMPETITOR = """
+import torch
+x = torch.randn(1500, 1500)
+while True:
+    x = torch.tanh(x @ x / 1500.0)
+"""
+
+
+def bench_busy_demo(c: ComputeBenchConfig) -> dict[str, Any]:
+    """``side demo`` with its default thread choice (``--threads 0``: the cores free now), first on an idle
+    machine, then beside a CPU-bound competitor (a torch matmul loop on torch's default threads, as another
+    user's job would run); the slowdown is busy / idle wall time (goal: at most 2.5)."""
+    idle = bench_demo(c, threads=0)
+    comp = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(3)  # let it spin up
+        busy = bench_demo(c, threads=0)
+    finally:
+        comp.kill()
+        comp.wait()
+    return {"idle": idle, "busy": busy, "slowdown": round(busy["wall_s"] / idle["wall_s"], 2),
+            "competitor": "python -c '<torch matmul loop, default threads>'"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +346,8 @@ def run_compute_bench(c: ComputeBenchConfig, *, command: str | None = None,
             ("neighbors", lambda: bench_neighbors(c)), ("evaluate_rss", lambda: bench_evaluate_rss(c))]
         if c.demo:
             parts.append(("demo", lambda: bench_demo(c)))
+        if c.busy:
+            parts.append(("busy_demo", lambda: bench_busy_demo(c)))
         seconds = {}
         for name, fn in parts:
             say(name)
@@ -338,4 +368,4 @@ def write_compute_results(data: dict[str, Any], out: str | Path) -> tuple[Path, 
 
 __all__ = ["ComputeBenchConfig", "quick_compute_config", "run_compute_bench", "write_compute_results",
            "render_compute_markdown", "interleaved", "median_ratio", "bench_sampling", "bench_guidance",
-           "bench_neighbors", "bench_evaluate_rss", "bench_demo", "evaluate_rss_child"]
+           "bench_neighbors", "bench_evaluate_rss", "bench_demo", "bench_busy_demo", "evaluate_rss_child"]

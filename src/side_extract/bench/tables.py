@@ -124,6 +124,10 @@ def render_compute_markdown(data: dict[str, Any]) -> str:
     if data.get("demo"):
         d = data["demo"]
         lines.append(f"| `{d['command']}` wall time | {d['wall_s']:.0f} s | — | — |")
+    if data.get("busy_demo"):
+        b = data["busy_demo"]
+        lines.append(f"| `{b['busy']['command']}` beside a CPU-bound competitor vs idle | {b['busy']['wall_s']:.0f} s | "
+                     f"idle {b['idle']['wall_s']:.0f} s | **{b['slowdown']:.2f}** (goal <= 2.5) |")
     lines += ["", "Ratios are medians of per-repeat ratios, the two sides of each measured in the same repeat with the "
               "order alternating. Part times: " + ", ".join(f"{k} {fmt(v)} s" for k, v in data["part_seconds"].items())
               + "."]

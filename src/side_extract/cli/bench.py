@@ -216,15 +216,18 @@ def compute_cmd(
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for compute.json and compute.md."),
     threads: int = typer.Option(1, "--bench-threads", help="Torch and faiss threads for the timed parts."),
     no_demo: bool = typer.Option(False, "--no-demo", help="Skip the `side demo` wall-time part."),
+    busy: bool = typer.Option(False, "--busy", help="Also time `side demo` idle and beside a CPU-bound competitor "
+                              "(the slowdown on a busy machine; about two demo runs)."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, no demo (seconds); writes compute-quick.*."),
 ) -> None:
     """Ratios measured side by side: sampler vs DDIMPipeline, guided vs floor, kNN vs faiss; RSS; demo time."""
     from ..bench.compute import ComputeBenchConfig, quick_compute_config, run_compute_bench, write_compute_results
 
     c = quick_compute_config() if quick else ComputeBenchConfig()
-    c = dataclasses.replace(c, threads=threads, demo=c.demo and not no_demo)
+    c = dataclasses.replace(c, threads=threads, demo=c.demo and not no_demo, busy=busy)
     argv = ["side", "bench", "compute", "--out", str(out), "--bench-threads", str(threads)]
     argv += ["--no-demo"] if no_demo else []
+    argv += ["--busy"] if busy else []
     argv += ["--quick"] if quick else []
     data = run_compute_bench(c, command=shlex.join(argv), progress=lambda name: console.print(f"[dim]{name} ...[/]"))
     json_path, md_path = write_compute_results(data, out)

@@ -1,0 +1,65 @@
+"""Budget policies for distinct extractions (beyond the paper): which target class each generation gets.
+
+The paper draws each generation's target cluster uniformly. With ``extract.allocation: adaptive`` the N_G
+generations of a guided method are made in ``extract.rounds`` rounds; round 0 draws uniformly, and every later
+round moves the budget toward the classes that are still producing *new* images, without looking at the
+training data:
+
+1. for each class, group the generations targeted at it so far into near-duplicates: two generations are the
+   same image when their pixel RMS distance (images in [0, 1]) is below ``extract.dedup_threshold``
+   (connected components, so a chain of near-copies is one image);
+2. estimate the class's unseen mass with Good-Turing: U_k = (f1_k + 1) / (n_k + 1), f1_k the images seen
+   exactly once among its n_k generations (add-one, so a class with no generations yet has U = 1 and one
+   that only repeats itself keeps a small share);
+3. draw the next round's targets with probabilities proportional to U_k, from a generator seeded by
+   (seed, round), so the allocation is deterministic given the earlier rounds' images.
+
+A class that keeps reproducing one memorized image (f1 = 0) loses budget to classes whose generations are
+still all different; UnCond has no classes, so this policy does not apply to it (both get the same N_G).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+
+def near_duplicate_groups(images: np.ndarray, threshold: float) -> np.ndarray:
+    """Component id (n,) of each image: linked when their pixel RMS distance in [0, 1] is < ``threshold``."""
+    n = len(images)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    x = images.reshape(n, -1).astype(np.float64) / 255.0
+    sq = (x * x).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0) / x.shape[1]
+    _, labels = connected_components(csr_matrix(np.sqrt(d2) < threshold), directed=False)
+    return labels.astype(np.int64)
+
+
+def unseen_mass(groups: np.ndarray) -> float:
+    """Good-Turing estimate of the probability that the next generation is new: (f1 + 1) / (n + 1)."""
+    if len(groups) == 0:
+        return 1.0
+    _, counts = np.unique(groups, return_counts=True)
+    return float(((counts == 1).sum() + 1) / (len(groups) + 1))
+
+
+def class_weights(images: np.ndarray, targets: np.ndarray, n_classes: int, threshold: float) -> np.ndarray:
+    """U_k for every class 0..n_classes-1 from the earlier generations ``images`` and their ``targets``."""
+    w = np.ones(n_classes)
+    for k in range(n_classes):
+        sel = targets == k
+        if sel.any():
+            w[k] = unseen_mass(near_duplicate_groups(images[sel], threshold))
+    return w
+
+
+def adaptive_targets(seed: int, round_index: int, n: int, n_classes: int, images: np.ndarray, targets: np.ndarray,
+                     threshold: float) -> np.ndarray:
+    """The targets (output indices) of ``n`` generations of round ``round_index`` (see the module docstring)."""
+    w = class_weights(images, targets, n_classes, threshold)
+    rng = np.random.default_rng([seed, round_index, 0xA110C])
+    return rng.choice(n_classes, size=n, p=w / w.sum()).astype(np.int64)
+
+
+__all__ = ["near_duplicate_groups", "unseen_mass", "class_weights", "adaptive_targets"]
