@@ -251,3 +251,27 @@ def test_t_range_turns_guidance_off_outside():
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
     assert g(x, torch.tensor(900), y) is None
     assert g(x, torch.tensor(100), y).abs().sum() > 0
+
+
+def test_denoised_guidance_by_hand():
+    """eps(x, t) = a x makes x0_hat = c x with c = (1 - sqrt(1 - abar) a) / sqrt(abar), so
+    grad_x log p(y | x0_hat) = c (W[y] - sum_k p_k W[k]) / T at x0_hat, for logits W z + b (written out here)."""
+    from side_extract.guidance import DenoisedGuidance
+    from side_extract.models.target import CallableDenoiser
+
+    sched = tiny_scheduler()
+    a, t, temp = 0.3, 600, 2.0
+    den = CallableDenoiser(lambda x, tt: a * x, (1, 4, 4), sched)
+    clf = LinearClassifier(16, 3, seed=5).double().eval()
+    g = DenoisedGuidance(clf, np.arange(3), 1.5, temp, denoiser=den)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    y = torch.tensor([2, 0])
+    abar = float(sched.alphas_cumprod[t])
+    c = (1 - np.sqrt(1 - abar) * a) / np.sqrt(abar)
+    z = c * x.flatten(1)
+    w, b = clf.w.detach(), clf.b.detach()  # the time bias is zero for the clean call (t = 0)
+    p = torch.softmax((z @ w.T) / temp, -1)
+    expect = 1.5 * c * (w[y] - p @ w) / temp
+    torch.testing.assert_close(g(x, torch.tensor(t), y).flatten(1), expect, rtol=1e-5, atol=1e-9)  # abar is float32
+    with pytest.raises(ValueError, match="needs the target denoiser"):
+        DenoisedGuidance(clf, np.arange(3), 1.0)

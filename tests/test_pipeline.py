@@ -154,3 +154,19 @@ def test_calibration_resizes_the_heldout_digits_like_the_training_set(tmp_path):
     res = run_audit(tmp_path / "run", rc)
     assert res.metrics["uncond"]["n_generated"] == 4
     assert (tmp_path / "run" / "evaluation" / "bands.json").exists()
+
+
+def test_side_through_the_denoised_estimate(tiny_model_dir, tmp_path):
+    """classifier.guidance_input: x0_hat trains a clean classifier on the surrogate labels and guides through
+    the target's denoised estimate; lambda 0 still equals plain sampling."""
+    from side_extract.models.classifier import load_classifier
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    rc = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, guidance_input="x0_hat"))
+    res = run_audit(tmp_path / "run", rc, until="extraction")
+    assert load_classifier(tmp_path / "run" / "classifier").arch.time_mode == "none"
+    plain = run_audit(tmp_path / "plain", tiny_rc(tiny_model_dir, methods=("side", "uncond")), until="extraction")
+    assert not np.array_equal(res.extractions["side"].images, plain.extractions["side"].images)
+    zero = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=0.0))
+    z = run_audit(tmp_path / "zero", zero, until="extraction")
+    np.testing.assert_array_equal(z.extractions["side"].images, z.extractions["uncond"].images)

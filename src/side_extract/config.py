@@ -204,7 +204,12 @@ class SurrogateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
-    """Architecture and training of a classifier (noise-aware for SIDE, clean for Cond / teacher)."""
+    """Architecture and training of a classifier (noise-aware for SIDE, clean for Cond / teacher).
+
+    ``guidance_input`` (SIDE's classifiers): ``x_t``, the paper's noise-aware classifier p(y | x_t, t); or
+    ``x0_hat``, a clean classifier applied to the target's denoised estimate with the gradient taken through
+    the target (``guidance.DenoisedGuidance``; beyond the paper).
+    """
 
     depth: int = 18
     width: int = 32
@@ -217,6 +222,7 @@ class ClassifierConfig:
     eval_fraction: float = 0.1
     eval_every: int = 250
     seed: int = 0
+    guidance_input: Literal["x_t", "x0_hat"] = "x_t"
 
     def __post_init__(self) -> None:
         _finite(self)

@@ -27,7 +27,7 @@ from .data import ImageSet, load_image_set, resize
 from .evaluation import calibrate, digits_complement, evaluate
 from .extraction import extraction_stage
 from .features import EXTRACTORS, extract_features
-from .guidance import ClassifierGuidance
+from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import load_classifier, save_classifier
 from .models.target import Denoiser, Target, check_fits, load_target, model_fingerprint
@@ -115,6 +115,7 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     Its checkpoints live in ``RUN/<name>/work/`` so that a stage started afresh removes them with the rest.
     """
     c = ctx.rc.clean_classifier if clean else ctx.rc.classifier
+    denoised = not clean and c.guidance_input == "x0_hat"  # a clean classifier, used through x0_hat(x_t, t)
     fp = stage_fingerprint("classifier", c, input_fp, clean)
     ctx.fp[name] = fp
     directory = ctx.run.path / name
@@ -124,15 +125,16 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
         raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
                          "(lower surrogate.tau or use fewer clusters)")
     if ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists():
-        result = fit_label_classifier(x0, labels, c, scheduler=None if clean else ctx.denoiser.scheduler,
+        result = fit_label_classifier(x0, labels, c, scheduler=None if clean or denoised else ctx.denoiser.scheduler,
                                       out=directory / "work", device=ctx.device, progress=ctx.progress(name),
                                       name=name)
         save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c)})
         ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy)
     model = load_classifier(directory, ctx.device)
     e = ctx.rc.extract
-    return ClassifierGuidance(model, np.asarray(model.arch.classes, dtype=np.int64), e.scale, e.temperature,
-                              (e.t_lo, e.t_hi), ctx.denoiser.scheduler.config.num_train_timesteps)
+    args = (model, np.asarray(model.arch.classes, dtype=np.int64), e.scale, e.temperature, (e.t_lo, e.t_hi),
+            ctx.denoiser.scheduler.config.num_train_timesteps)
+    return DenoisedGuidance(*args, denoiser=ctx.denoiser) if denoised else ClassifierGuidance(*args)
 
 
 def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: ImageSet) -> np.ndarray:

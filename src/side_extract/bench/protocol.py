@@ -38,6 +38,7 @@ from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import read_json
 from ..summary import BASELINES, SIDE_METHODS
 from . import machine_description, write_results
+from .tables import _preamble
 from .extraction import ExtractionBenchConfig, ScaleInputs, full_run_template, replicate_config, scale_inputs
 
 log = logging.getLogger(__name__)
@@ -241,9 +242,9 @@ def _f(v: float | None, pct: bool = True) -> str:
 
 def render_fair_markdown(data: dict[str, Any]) -> str:
     c = data["config"]
-    lines = ["# Fair extraction benchmark (replicates, equal tuning budget, intervals)", "",
-             f"Command: `{data['command']}`", "",
-             f"Machine: {data['machine'].get('description', data['machine'])}; total {data['seconds']} s.", "",
+    lines = [*_preamble("Fair extraction benchmark (replicates, equal tuning budget, intervals)", data),
+             f"Images {data['size']}x{data['size']}; total {data['seconds']:.0f} s (other benchmarks shared the 2 cores).",
+             "",
              f"Every guided method tuned over lambda in {c['scales_grid']} x temperature in {c['temperatures']} on "
              f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "
              f"`{c['select_metric']}`); reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
