@@ -69,3 +69,16 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread):
     manifest = json.loads((runs[1] / "manifest.json").read_text())["stages"]
     assert not any(v.get("shared_from") for v in manifest.values())
     assert "Fair extraction benchmark" in md_path.read_text()
+
+
+def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):
+    from side_extract.bench.signals import run_signals_bench, write_signals_results
+
+    bc = tiny_bench()
+    data = run_signals_bench(bc, 20, tmp_path / "cache", replicate=1, heldout_fraction=0.5, command="test")
+    assert set(data["signals"]) == {"paper", "every-block", "x0-hat"}
+    for r in data["signals"].values():
+        assert set(r["accuracy"]) == {"q0", "q1", "q2", "q3"} and all(0 <= v <= 1 for v in r["accuracy"].values())
+    assert data["signals"]["every-block"]["parameters"] > data["signals"]["paper"]["parameters"]
+    _, md = write_signals_results(data, tmp_path / "out")
+    assert "every-block" in md.read_text()

@@ -132,3 +132,24 @@ def test_clean_classifier_and_validation():
         train_classifier(arch, x, np.full(80, 5), cfg.ClassifierConfig(steps=1), scheduler=None)
     with pytest.raises(ValueError, match="needs the target's scheduler"):
         train_classifier(arch, x, y, cfg.ClassifierConfig(steps=1), scheduler=tiny_scheduler())
+
+
+def test_time_in_every_block_is_used_and_saved(tmp_path):
+    """time_blocks='every' (guided-diffusion's classifier): t changes every block's features; save/load round trip."""
+    arch = ClassifierArch(num_classes=3, in_channels=1, image_size=8, depth=10, width=8, time_blocks="every")
+    torch.manual_seed(0)
+    m = NoiseAwareResNet(arch).eval()
+    assert len([n for n, _ in m.named_parameters() if ".emb." in n]) == 2 * len(m.layers)
+    x = torch.randn(2, 1, 8, 8)
+    # zero the stem's time module: only the per-block conditioning can make t matter now
+    for p in m.time_mlp.parameters():
+        torch.nn.init.zeros_(p)
+    assert not torch.allclose(m(x, torch.tensor([10, 10])), m(x, torch.tensor([900, 900])))
+    save_classifier(m, tmp_path / "c")
+    back = load_classifier(tmp_path / "c")
+    assert back.arch.time_blocks == "every"
+    torch.testing.assert_close(back(x, torch.tensor([5, 700])), m(x, torch.tensor([5, 700])))
+    first = NoiseAwareResNet(ClassifierArch(num_classes=3, in_channels=1, image_size=8, depth=10, width=8)).eval()
+    for p in first.time_mlp.parameters():
+        torch.nn.init.zeros_(p)
+    torch.testing.assert_close(first(x, torch.tensor([10, 10])), first(x, torch.tensor([900, 900])))

@@ -206,6 +206,8 @@ class SurrogateConfig:
 class ClassifierConfig:
     """Architecture and training of a classifier (noise-aware for SIDE, clean for Cond / teacher).
 
+    ``time_blocks``: ``first``, the paper's single time module after the stem; ``every``, guided-diffusion's
+    classifier, with t conditioning every residual block as well (beyond the paper).
     ``guidance_input`` (SIDE's classifiers): ``x_t``, the paper's noise-aware classifier p(y | x_t, t); or
     ``x0_hat``, a clean classifier applied to the target's denoised estimate with the gradient taken through
     the target (``guidance.DenoisedGuidance``; beyond the paper).
@@ -214,6 +216,7 @@ class ClassifierConfig:
     depth: int = 18
     width: int = 32
     time_mode: Literal["scale_shift", "add"] = "scale_shift"
+    time_blocks: Literal["first", "every"] = "first"
     time_embed_dim: int = 128
     steps: int = 2000
     batch_size: int = 128

@@ -51,8 +51,14 @@ def _gen(seed: int, step: int) -> torch.Generator:
 
 @torch.no_grad()
 def accuracy_by_quartile(model: NoiseAwareResNet, x0: torch.Tensor, y: torch.Tensor,
-                         scheduler: SchedulerMixin | None, seed: int = 0, batch_size: int = 512) -> dict[str, float]:
-    """Held-out accuracy with t drawn uniformly inside each quartile of the training timesteps (or clean)."""
+                         scheduler: SchedulerMixin | None, seed: int = 0, batch_size: int = 512,
+                         denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Held-out accuracy with t drawn uniformly inside each quartile of the training timesteps (or clean).
+
+    With ``denoiser`` (a clean ``model`` used through the denoised estimate, ``guidance.DenoisedGuidance``), the
+    model classifies x0_hat(x_t, t) = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t) of the noised images;
+    ``scheduler`` is then the denoiser's.
+    """
     model.eval()
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -68,6 +74,10 @@ def accuracy_by_quartile(model: NoiseAwareResNet, x0: torch.Tensor, y: torch.Ten
             else:
                 t = torch.randint(q * n_t // 4, (q + 1) * n_t // 4, (len(xb),), generator=g).to(xb.device)
                 xt = scheduler.add_noise(xb, torch.randn(xb.shape, generator=g).to(xb.device), t)
+                if denoiser is not None:
+                    abar = scheduler.alphas_cumprod.to(xb.device)[t].view(-1, 1, 1, 1).to(xb.dtype)
+                    xt = (xt - (1 - abar).sqrt() * denoiser(xt, t)) / abar.sqrt()
+                    t = torch.zeros_like(t)
             correct += (model(xt, t.to(xb.device)).argmax(1) == yb).sum().item()
         out["clean" if q is None else f"q{q}"] = correct / max(1, len(x0))
     return out
@@ -212,6 +222,6 @@ def fit_label_classifier(
     _, C, H, _ = x0.shape
     arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
                           time_mode="none" if scheduler is None else c.time_mode, time_embed_dim=c.time_embed_dim,
-                          classes=tuple(int(v) for v in classes))
+                          classes=tuple(int(v) for v in classes), time_blocks=c.time_blocks)
     return train_classifier(arch, x0[torch.from_numpy(keep)], np.searchsorted(classes, labels[keep]), c,
                             scheduler=scheduler, out=out, device=device, progress=progress)

@@ -210,6 +210,40 @@ def fair_cmd(
     console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
+@bench_app.command("signals")
+@cli_errors
+def signals_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for signals-<size>px-n<N>.{json,md}."),
+    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="Targets, bands and replicate runs."),
+    n_train: int = typer.Option(300, "--n-train", help="Training-set size (digits:N)."),
+    size: int = typer.Option(16, "--size", help="Image size in px."),
+    replicate: int = typer.Option(1, "--replicate", help="Replicate whose synthetic set and clusters are used."),
+    n_synthetic: int = typer.Option(2000, "--n-synthetic", help="Synthetic samples (SIDE step 1)."),
+    steps: int = typer.Option(1200, "--steps", help="Training steps of every classifier."),
+    signals: str = typer.Option("paper,every-block,x0-hat", "--signals", help="Signals, comma-separated."),
+    device: str = typer.Option("cpu", help="Torch device."),
+) -> None:
+    """Held-out accuracy per timestep quartile of each guidance signal, on the same synthetic set and labels."""
+    from ..bench.extraction import ExtractionBenchConfig
+    from ..bench.signals import run_signals_bench, write_signals_results
+
+    bc = ExtractionBenchConfig()
+    run = dataclasses.replace(bc.run, sample=dataclasses.replace(bc.run.sample, n=n_synthetic),
+                              classifier=dataclasses.replace(bc.run.classifier, steps=steps))
+    bc = dataclasses.replace(bc, scales=(n_train,), size=size, run=run, lambdas=(), n_clusters=(), taus=())
+    argv = ["side", "--threads", str(_threads()), "bench", "signals", "--out", str(out), "--cache", str(cache),
+            "--n-train", str(n_train), "--size", str(size), "--replicate", str(replicate), "--n-synthetic",
+            str(n_synthetic), "--steps", str(steps), "--signals", signals]
+    with stage_progress(ctx) as factory:
+        data = run_signals_bench(bc, n_train, cache, replicate=replicate,
+                                 signals=tuple(x.strip() for x in signals.split(",") if x.strip()), device=device,
+                                 progress=factory, command=shlex.join(argv))
+    json_path, md_path = write_signals_results(data, out)
+    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+
+
 @bench_app.command("compute")
 @cli_errors
 def compute_cmd(

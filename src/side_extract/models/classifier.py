@@ -4,7 +4,9 @@ Architecture (the SIDE paper's appendix): a ResNet whose *single* time module si
 BatchNorm: the timestep's sinusoidal embedding goes through an MLP and either scale-shifts
 (``h * (1 + scale) + shift``, FiLM) or is added to the normalised stem features. Everything after that is a
 plain ResNet (BasicBlocks, 18/34-style depths), so the same network with ``time_mode="none"`` is the
-standard time-independent classifier of the Carlini Cond baseline.
+standard time-independent classifier of the Carlini Cond baseline. ``time_blocks="every"`` conditions every
+residual block on t as well (guided-diffusion's classifier: the time embedding projected and added, or
+scale-shifted, after each block's first BatchNorm), beyond the paper's single module.
 
 Works from 8x8 to 128x128 and 1 or 3 channels: small images keep full resolution in the stem (3x3 conv,
 stride 1, as CIFAR ResNets do); from 64 px the stem downsamples by 2 and max-pools, as ImageNet ResNets do.
@@ -41,6 +43,7 @@ class ClassifierArch:
     time_mode: TimeMode = "scale_shift"
     time_embed_dim: int = 128
     classes: tuple[int, ...] = ()  # the surrogate-label (cluster) id of each output, in order
+    time_blocks: Literal["first", "every"] = "first"
 
     def __post_init__(self) -> None:
         if self.depth not in DEPTHS:
@@ -53,13 +56,20 @@ class ClassifierArch:
             raise ValueError(f"image_size={self.image_size} must be between 8 and 256")
         if self.time_mode not in ("scale_shift", "add", "none"):
             raise ValueError(f"time_mode={self.time_mode!r} must be 'scale_shift', 'add' or 'none'")
+        if self.time_blocks not in ("first", "every"):
+            raise ValueError(f"time_blocks={self.time_blocks!r} must be 'first' or 'every'")
         if self.classes and len(self.classes) != self.num_classes:
             raise ValueError(f"classes has {len(self.classes)} entries for num_classes={self.num_classes}")
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    """A ResNet basic block; with ``emb_dim`` its first normalised features are conditioned on a time embedding
+    (``mode``: FiLM scale-shift or addition)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, emb_dim: int = 0, mode: str = "scale_shift") -> None:
         super().__init__()
+        self.mode = mode
+        self.emb = nn.Linear(emb_dim, 2 * cout if mode == "scale_shift" else cout) if emb_dim else None
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -68,8 +78,16 @@ class BasicBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(self.conv1(x)))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.bn1(self.conv1(x))
+        if self.emb is not None and emb is not None:
+            e = self.emb(F.silu(emb))[:, :, None, None]
+            if self.mode == "scale_shift":
+                scale, shift = e.chunk(2, dim=1)
+                h = h * (1 + scale) + shift
+            else:
+                h = h + e
+        h = F.relu(h)
         return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
 
 
@@ -90,28 +108,37 @@ class NoiseAwareResNet(nn.Module):
             out = 2 * w if arch.time_mode == "scale_shift" else w
             self.time_mlp = TimestepEmbedding(arch.time_embed_dim, arch.time_embed_dim, out_dim=out)
         layers, cin = [], w
+        every = arch.time_mode != "none" and arch.time_blocks == "every"
+        if every:  # the shared embedding every block projects (guided-diffusion: one time MLP, a Linear per block)
+            self.block_time_mlp = TimestepEmbedding(arch.time_embed_dim, arch.time_embed_dim)
         for i, n_blocks in enumerate(DEPTHS[arch.depth]):
             cout = w * 2**i
             for j in range(n_blocks):
-                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1,
+                                         arch.time_embed_dim if every else 0, arch.time_mode))
                 cin = cout
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.ModuleList(layers)
         self.fc = nn.Linear(cin, arch.num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         h = self.bn1(self.conv1(x))
+        block_emb = None
         if self.arch.time_mode != "none":
             if t is None:
                 raise ValueError("a time-dependent classifier needs the timestep t")
             t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
-            emb = self.time_mlp(self.time_proj(t).to(h.dtype))[:, :, None, None]
+            proj = self.time_proj(t).to(h.dtype)
+            emb = self.time_mlp(proj)[:, :, None, None]
             if self.arch.time_mode == "scale_shift":
                 scale, shift = emb.chunk(2, dim=1)
                 h = h * (1 + scale) + shift
             else:
                 h = h + emb
+            if self.arch.time_blocks == "every":
+                block_emb = self.block_time_mlp(proj)
         h = self.pool(F.relu(h))
-        h = self.layers(h)
+        for layer in self.layers:
+            h = layer(h, block_emb)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 

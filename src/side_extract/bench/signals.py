@@ -1,0 +1,104 @@
+"""Guidance signals compared (``side bench signals``): held-out accuracy per timestep quartile of each way to
+get p(y | x_t, t) for the surrogate labels, trained on the same synthetic set, labels and split.
+
+Signals (``classifier`` settings of the run template, overridden per signal):
+
+- ``paper``: the noise-aware ResNet with the paper's single time module after the stem;
+- ``every-block``: the same with t conditioning every residual block (guided-diffusion's classifier);
+- ``x0-hat``: a clean (time-independent) classifier applied to the target's denoised estimate
+  x0_hat(x_t, t) (``guidance.DenoisedGuidance``).
+
+The synthetic set and cluster labels come from replicate ``replicate`` of the fair protocol's run of that
+training set (``CACHE/runs/<target>/rep-<r>``, made if missing); a class-stratified ``heldout_fraction`` of
+the labelled samples is held out and every signal is scored on it, quartile by quartile (t uniform inside it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import config as cfg
+from ..data import load_shards
+from ..models.classifier import ClassifierArch
+from ..models.target import load_target
+from ..pipeline import ProgressFactory, no_progress, run_audit
+from ..training import accuracy_by_quartile, heldout_split, train_classifier
+from . import machine_description, write_results
+from .extraction import ExtractionBenchConfig, replicate_config, scale_inputs
+from .tables import _preamble
+
+SIGNALS = ("paper", "every-block", "x0-hat")
+SCHEMA = "side-extract/bench-signals/1"
+
+
+def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path, *, replicate: int = 1,
+                      signals: tuple[str, ...] = SIGNALS, heldout_fraction: float = 0.2, device: str = "cpu",
+                      progress: ProgressFactory = no_progress, command: str | None = None) -> dict[str, Any]:
+    bad = [s for s in signals if s not in SIGNALS]
+    if bad or not signals:
+        raise ValueError(f"signals={list(signals)}: each must be one of {', '.join(SIGNALS)}")
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
+    cache = Path(cache)
+    t0 = time.time()
+    inputs = scale_inputs(bc, n_train, cache, device=device, progress=progress)
+    rc = replicate_config(inputs.run_config(bc.run), replicate)
+    rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("side",)))
+    run = inputs.replicate_run(cache, replicate)
+    run_audit(run, rc, device=device, until="surrogate", progress=progress)
+    synthetic = load_shards(run / "synthetic")
+    with np.load(run / "surrogate" / "labels.npz") as z:
+        labels = z["labels"]
+    keep = labels >= 0
+    x0 = synthetic.to_float()[torch.from_numpy(keep)]
+    classes = np.unique(labels[keep])
+    y = np.searchsorted(classes, labels[keep])
+    tr, ev = heldout_split(y, heldout_fraction, rc.classifier.seed)
+    denoiser = load_target(inputs.target["path"], device)
+    sched = denoiser.scheduler
+    C, H, _ = denoiser.sample_shape
+    c = dataclasses.replace(rc.classifier, eval_fraction=0.0)
+    x_tr, y_tr = x0[tr], y[tr]
+    x_ev, y_ev = x0[ev].to(device), torch.as_tensor(y[ev]).to(device)
+    results = {}
+    for s in signals:
+        ts = time.time()
+        arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
+                              time_mode="none" if s == "x0-hat" else c.time_mode, time_embed_dim=c.time_embed_dim,
+                              time_blocks="every" if s == "every-block" else "first")
+        res = train_classifier(arch, x_tr, y_tr, c, scheduler=None if s == "x0-hat" else sched, device=device,
+                               progress=progress(f"signal {s}"))
+        acc = accuracy_by_quartile(res.model, x_ev, y_ev, sched, seed=rc.classifier.seed,
+                                   denoiser=denoiser if s == "x0-hat" else None)
+        results[s] = {"accuracy": acc, "train_seconds": round(time.time() - ts, 1),
+                      "parameters": sum(p.numel() for p in res.model.parameters())}
+    return {"schema": SCHEMA, "command": command, "machine": machine_description(), "size": bc.size,
+            "n_train": n_train, "replicate": replicate, "classes": len(classes), "n_labelled": int(keep.sum()),
+            "n_heldout": len(ev), "chance": float(np.bincount(y[ev]).max() / len(ev)) if len(ev) else None,
+            "classifier": cfg.to_dict(c), "signals": results, "seconds": round(time.time() - t0, 1)}
+
+
+def render_signals_markdown(data: dict[str, Any]) -> str:
+    lines = [*_preamble("Guidance signals: held-out accuracy per timestep quartile", data),
+             f"{data['n_train']} training images at {data['size']}x{data['size']}, replicate {data['replicate']}: "
+             f"{data['n_labelled']} labelled synthetic samples in {data['classes']} clusters, {data['n_heldout']} held "
+             f"out (majority class: {data['chance']:.2f}). Quartile q covers t in [q T/4, (q+1) T/4).", "",
+             "| signal | t in [0, 250) | [250, 500) | [500, 750) | [750, 1000) | parameters | training s |",
+             "|---|---|---|---|---|---|---|"]
+    for s, r in data["signals"].items():
+        a = r["accuracy"]
+        lines.append(f"| {s} | " + " | ".join(f"{a[f'q{q}']:.3f}" for q in range(4))
+                     + f" | {r['parameters']:,} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_signals_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    return write_results(out, f"signals-{data['size']}px-n{data['n_train']}", data, render_signals_markdown(data))
+
+
+__all__ = ["SIGNALS", "run_signals_bench", "render_signals_markdown", "write_signals_results"]
