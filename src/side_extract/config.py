@@ -236,7 +236,41 @@ class ClassifierConfig:
             raise ValueError(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
 
 
-METHODS = ("side", "side-teacher", "cond", "uncond")
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """SIDE's second form (``side-lora``): fine-tune the target on the synthetic set with its surrogate labels
+    (``finetune.py``). ``rank``: LoRA rank, or ``full`` to train every weight (small targets); ``alpha``: LoRA
+    scale (default: the rank); ``label_dropout``: share of samples trained with the null label (for
+    classifier-free guidance); ``guidance_scale``: w at sampling (1 = plain conditional sampling). The paper:
+    rank 512, lr 1e-5, on models far larger than the demo's."""
+
+    rank: int | Literal["full"] = 64
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
+    lr: float = 1e-4
+    steps: int = 1500
+    batch_size: int = 64
+    label_dropout: float = 0.1
+    guidance_scale: float = 1.0
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _finite(self)
+        _positive(self, "steps", "batch_size", "checkpoint_every")
+        if self.rank != "full" and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank={self.rank!r} must be a positive integer or 'full'")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout={self.label_dropout} must be in [0, 1)")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 0")
+        if not self.target_modules:
+            raise ValueError("target_modules=() must name at least one layer for the adapters")
+
+
+METHODS = ("side", "side-teacher", "side-lora", "cond", "uncond")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +278,8 @@ class ExtractConfig:
     """Extraction: N_G generations per method, equal seeds across methods.
 
     ``side``: guidance toward a random kept cluster by the noise-aware classifier; ``side-teacher``: the same
-    with teacher labels; ``cond``: guidance by a clean (time-independent) classifier toward a random class;
+    with teacher labels; ``side-lora``: the target fine-tuned on the surrogate labels, sampled conditionally
+    toward a random kept cluster (``lora``); ``cond``: guidance by a clean (time-independent) classifier toward a random class;
     ``uncond``: plain sampling. ``scale`` is lambda; ``cond_scale`` defaults to it. ``temperature`` divides the
     SIDE classifiers' logits before the softmax (2, with K = 25 clusters, won ``side bench variants``; the
     paper: 1); ``cond_temperature`` the Cond classifier's (1: the classifier as trained, the paper's baseline).
@@ -316,6 +351,7 @@ class RunConfig:
     surrogate: SurrogateConfig = dataclasses.field(default_factory=SurrogateConfig)
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     clean_classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)

@@ -54,7 +54,10 @@ def extract(
     the earlier rounds' generations with their target labels (``allocation.adaptive_targets``).
     """
     idx = np.arange(start, stop, dtype=np.int64)
-    if guidance is None:
+    if getattr(denoiser, "conditional", False):  # side-lora: the fine-tuned model, toward a uniform random cluster
+        targets = draw_targets(c.seed, idx, denoiser.n_classes)
+        labels = denoiser.classes[targets]
+    elif guidance is None:
         targets = None
         labels = np.full(len(idx), -1, dtype=np.int64)
     elif c.allocation == "adaptive" and start > 0:

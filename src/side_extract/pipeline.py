@@ -13,6 +13,7 @@ files, never from another stage's memory.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 from collections.abc import Callable
@@ -23,14 +24,16 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .data import ImageSet, load_image_set, resize
+from .data import ImageSet, load_image_set, load_shards, resize
 from .evaluation import calibrate, digits_complement, evaluate
 from .extraction import extraction_stage
 from .features import EXTRACTORS, extract_features
+from .finetune import ConditionalDenoiser, finetune, load_finetuned
 from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import load_classifier, save_classifier
-from .models.target import Denoiser, Target, check_fits, load_target, model_fingerprint
+from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
+from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
 from .sampling import sample_stage
 from .summary import write_summary
@@ -135,6 +138,34 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     args = (model, np.asarray(model.arch.classes, dtype=np.int64), e.scale, e.temperature, (e.t_lo, e.t_hi),
             ctx.denoiser.scheduler.config.num_train_timesteps)
     return DenoisedGuidance(*args, denoiser=ctx.denoiser) if denoised else ClassifierGuidance(*args)
+
+
+def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: np.ndarray) -> ConditionalDenoiser:
+    """SIDE's second form: the target fine-tuned on the synthetic set with the surrogate labels (``finetune.py``);
+    ``RUN/lora/`` holds the adapters, ``classes.json`` and the resumable work directory."""
+    c = ctx.rc.lora
+    settings = {k: v for k, v in cfg.to_dict(c).items() if k != "guidance_scale"}  # w only matters at sampling
+    fp = stage_fingerprint("lora", settings, ctx.fp["surrogate"], ctx.fp["model"])
+    ctx.fp["lora"] = fp
+    directory = ctx.run.path / "lora"
+    if ctx.run.begin("lora", fp) != "skip" or not (directory / "classes.json").exists():
+        res = finetune(ctx.denoiser, synthetic.to_float(), labels, c, directory, target_fingerprint=ctx.fp["model"],
+                       device=ctx.device, progress=ctx.progress("side-lora"))
+        ctx.run.complete("lora", classes=len(res.classes), final_loss=float(np.mean(res.losses[-50:])),
+                         resumed_from=res.resumed_from)
+    return load_finetuned(ctx.denoiser, directory, device=ctx.device)
+
+
+def copy_guard(generated: ImageSet, synthetic: ImageSet, table_npz: Path) -> dict:
+    """side-lora's guard against copying its own training data: the share of generations whose nearest
+    synthetic image (pixel RMS) is closer than their nearest training image."""
+    index = NearestNeighborIndex("rms-l2").fit(pixel_rows(synthetic.images))
+    d_syn = index.kneighbors(pixel_rows(generated.images), 1).scores[:, 0]
+    with np.load(table_npz, allow_pickle=False) as z:
+        d_train = z["pixel_distance"].astype(float)
+    return {"nearer_synthetic_fraction": float((d_syn < d_train).mean()), "n_synthetic": len(synthetic),
+            "median_distance_to_synthetic": float(np.median(d_syn)),
+            "median_distance_to_train": float(np.median(d_train))}
 
 
 def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: ImageSet) -> np.ndarray:
@@ -247,6 +278,9 @@ def evaluation_stage(ctx: AuditContext, method: str, generated: ImageSet, train:
         ev.write(ctx.run.path / stage)
         metrics = json.loads(path.read_text())
         metrics["quality"] = quality_of(ctx, generated, reference)
+        if method == "side-lora":
+            metrics["copy_guard"] = copy_guard(generated, load_shards(ctx.run.path / "synthetic"),
+                                               ctx.run.path / stage / "per_generation.npz")
         atomic_write_json(path, metrics)
         ctx.run.complete(stage)
     return json.loads(path.read_text())
@@ -288,13 +322,18 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if needs_train and train.labels is None:
             problems.append(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels "
                             "(an .npz with 'labels', or digits)")
-    if {"side", "side-teacher"} & methods:
+    if "side-lora" in methods:
+        if not isinstance(denoiser, UNetDenoiser):
+            problems.append("method side-lora fine-tunes a diffusers UNet2DModel target; this target is a callable")
+        if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
+            problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
+    if {"side", "side-teacher", "side-lora"} & methods:
         ks = rc.surrogate.select_k or (rc.surrogate.n_clusters,)
         if max(ks) > rc.sample.n:
             problems.append(f"surrogate K={max(ks)} must be <= the number of synthetic images sample.n={rc.sample.n}")
         if rc.features.extractor.split(":", 1)[0] not in EXTRACTORS:
             problems.append(f"features.extractor={rc.features.extractor!r} must be one of {', '.join(EXTRACTORS)}")
-    if methods - {"uncond"}:
+    if methods - {"uncond", "side-lora"}:
         if C not in (1, 3) or not 8 <= H <= 256 or H != W:
             problems.append(f"the classifiers need square 8-256 px images with 1 or 3 channels; the model makes "
                             f"{H}x{W} with {C} channel(s)")
@@ -375,16 +414,21 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     ctx = AuditContext(run, rc, denoiser, device, progress, {"model": target.fingerprint})
     methods = rc.extract.methods
     synthetic = None
-    if {"side", "side-teacher"} & set(methods):
+    if {"side", "side-teacher", "side-lora"} & set(methods):
         synthetic = sample_stage(run, denoiser, rc.sample, model_fingerprint=ctx.fp["model"], device=device,
                                  progress=progress("synthetic"))
         ctx.fp["synthetic"] = run.stage_entry("synthetic")["fingerprint"]
-    guides: dict[str, ClassifierGuidance | None] = {"uncond": None}
-    if "side" in methods:
+    guides: dict[str, ClassifierGuidance | None] = {"uncond": None, "side-lora": None}
+    denoisers: dict[str, Denoiser] = {}
+    if {"side", "side-lora"} & set(methods):
         labels = surrogate_stage(ctx, features_stage(ctx, synthetic))
         if upto == 0:
             return AuditResult(run.path, {}, {})
-        guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels, ctx.fp["surrogate"], clean=False)
+        if "side" in methods:
+            guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels, ctx.fp["surrogate"],
+                                              clean=False)
+        if "side-lora" in methods:
+            denoisers["side-lora"] = lora_stage(ctx, synthetic, labels)
     if {"cond", "side-teacher"} & set(methods):
         train = _train_set(ctx)
         clean = classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(), clean=True)
@@ -399,11 +443,14 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     extractions = {}
     for m in methods:
         g = guides[m]
-        fp = stage_fingerprint("extraction", extraction_settings(rc.extract, g), ctx.fp["model"], m,
-                            ctx.fp.get({"side": "classifier", "side-teacher": "classifier-teacher",
-                                        "cond": "classifier-clean"}.get(m, "model")))
+        settings = extraction_settings(rc.extract, g)
+        if m == "side-lora":
+            settings["cfg_scale"] = rc.lora.guidance_scale
+        fp = stage_fingerprint("extraction", settings, ctx.fp["model"], m,
+                               ctx.fp.get({"side": "classifier", "side-teacher": "classifier-teacher",
+                                           "cond": "classifier-clean", "side-lora": "lora"}.get(m, "model")))
         ctx.fp[f"extraction/{m}"] = fp
-        extractions[m] = extraction_stage(run, m, denoiser, rc.extract, g, fp, device=device,
+        extractions[m] = extraction_stage(run, m, denoisers.get(m, denoiser), rc.extract, g, fp, device=device,
                                           progress=progress(f"extract {m}"))
     atomic_write_json(run.path / "extraction" / "summary.json",
                       {m: {"n": len(s), "fingerprint": ctx.fp[f"extraction/{m}"]} for m, s in extractions.items()})

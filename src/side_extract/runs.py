@@ -142,6 +142,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "surrogate": 2,     # 2: select_k always part of the fingerprint
     "classifier": 2,    # 2: classes split held-out per class; resume keyed by the training data
     "teacher": 2,       # 2: inputs on the classifier's device
+    "lora": 1,
     "extraction": 2,    # 2: guidance in guided-diffusion's order (after the x0 clip)
     "calibration": 2,   # 2: held-out images resized like the training set
     "evaluation": 1,

@@ -153,11 +153,12 @@ def denoise_batch(
     the clipped x0 in unguided steps too, as guided-diffusion's DDIM always does (diffusers' DDIMPipeline
     does not: ``clip_eps=False`` reproduces it).
     """
-    if guidance is not None and y is None:
-        raise ValueError("guided sampling needs the batch's target labels y")
+    if (guidance is not None or getattr(denoiser, "conditional", False)) and y is None:
+        raise ValueError("guided or conditional sampling needs the batch's target labels y")
     raw = _raw_ddim(sched) if guidance is not None and isinstance(sched, DDIMScheduler) else None
+    conditional = getattr(denoiser, "conditional", False)
     for i, t in enumerate(sched.timesteps):
-        eps = denoiser(x, t)
+        eps = denoiser(x, t, y) if conditional else denoiser(x, t)
         g = None
         if guidance is not None:
             with torch.enable_grad():
@@ -203,8 +204,9 @@ def sample(
     """
     if n <= 0 or batch_size <= 0:
         raise ValueError(f"n={n} and batch_size={batch_size} must be positive")
-    if guidance is not None and (labels is None or len(labels) != n):
-        raise ValueError(f"guided sampling of {n} samples needs {n} target labels, got "
+    needs_labels = guidance is not None or getattr(denoiser, "conditional", False)
+    if needs_labels and (labels is None or len(labels) != n):
+        raise ValueError(f"guided or conditional sampling of {n} samples needs {n} target labels, got "
                          f"{None if labels is None else len(labels)}")
     sched = inference_scheduler(denoiser.scheduler, scheduler, steps)
     out = []
@@ -212,7 +214,7 @@ def sample(
         idx = np.arange(b0, min(b0 + batch_size, start + n))
         gens = sample_generators(seed, idx, device)
         x = randn_tensor((len(idx), *denoiser.sample_shape), generator=gens, device=torch.device(device))
-        y = None if guidance is None else torch.as_tensor(labels[idx - start], dtype=torch.long, device=device)
+        y = None if not needs_labels else torch.as_tensor(labels[idx - start], dtype=torch.long, device=device)
         out.append(denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=guidance, y=y,
                                  clip_eps=clip_eps).clamp(-1, 1).cpu())
         if progress is not None:

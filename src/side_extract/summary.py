@@ -12,7 +12,7 @@ from typing import Any, Literal
 from . import config as cfg
 from .runs import RunDir, atomic_write_json, read_json
 
-SIDE_METHODS = ("side", "side-teacher")
+SIDE_METHODS = ("side", "side-teacher", "side-lora")
 BASELINES = ("cond", "uncond")
 SCHEMA = "side-extract/summary/1"
 Better = Literal["higher", "lower"]

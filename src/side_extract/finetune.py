@@ -1,0 +1,234 @@
+"""SIDE's second form (the paper's Algorithm 1 for large models): fine-tune the target on its own synthetic set
+with the surrogate labels as classes, then sample the conditional model toward each cluster.
+
+1. The target ``UNet2DModel`` gets a class embedding with one row per kept cluster plus a *null* label (the
+   last row). It is initialised to zero, so before fine-tuning the conditional model computes exactly the
+   target's eps for every label (diffusers adds the class embedding to the time embedding).
+2. LoRA adapters (``peft``) on the attention and convolution layers (``lora.target_modules``, rank
+   ``lora.rank``; ``rank: full`` trains every weight instead) and the class embedding are trained with the
+   DDPM loss ||eps - eps_{theta + Delta}(x_t, t, y)||^2 on the synthetic images (paper: rank 512, lr 1e-5);
+   with probability ``label_dropout`` a sample's label is replaced by the null label, which teaches the
+   unconditional eps for classifier-free guidance.
+3. Sampling for cluster y uses eps = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)) with ``w =
+   lora.guidance_scale`` (w = 1: plain conditional sampling, one forward per step).
+
+Training is resumable (checkpoints keyed by the images, labels, target and settings, as the classifiers'), and
+the adapters are written in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``; a full
+fine-tune as ``unet/`` in diffusers' format) beside ``classes.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+
+from . import config as cfg
+from .models.target import UNetDenoiser
+from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
+
+log = logging.getLogger(__name__)
+
+
+def conditional_unet(unet: UNet2DModel, n_classes: int) -> UNet2DModel:
+    """A copy of ``unet`` with a zero-initialised class embedding of ``n_classes + 1`` rows (the last: null)."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise ValueError("the target UNet already has a class embedding; side-lora needs an unconditional target")
+    config["num_class_embeds"] = n_classes + 1
+    out = UNet2DModel(**config)
+    missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
+    assert set(missing) == {"class_embedding.weight"} and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        out.class_embedding.weight.zero_()
+    return out.to(next(unet.parameters()).device)
+
+
+def attach_adapters(unet: UNet2DModel, c: cfg.LoraConfig) -> torch.nn.Module:
+    """LoRA adapters on ``c.target_modules`` plus a trainable class embedding (peft), or every weight trainable
+    for ``rank: full``. Returns the model to train (a ``PeftModel`` or the UNet itself)."""
+    if c.rank == "full":
+        unet.requires_grad_(True)
+        return unet
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(r=int(c.rank), lora_alpha=float(c.alpha if c.alpha is not None else c.rank),
+                    target_modules=list(c.target_modules), modules_to_save=["class_embedding"], lora_dropout=0.0,
+                    init_lora_weights=True)
+    return get_peft_model(unet, lc)
+
+
+class ConditionalDenoiser:
+    """The fine-tuned target as ``eps(x, t, y)`` with classifier-free guidance (see the module docstring).
+
+    ``y``: (B,) output indices 0..K-1 (``classes`` maps them to cluster ids); ``denoiser(x, t)`` without y is
+    the null label (the unconditional eps the model learnt by label dropout)."""
+
+    conditional = True
+
+    def __init__(self, model: torch.nn.Module, target: UNetDenoiser, classes: np.ndarray, guidance_scale: float) -> None:
+        self.model = model.eval()
+        self.scheduler = target.scheduler
+        self.sample_shape = target.sample_shape
+        self.classes = np.asarray(classes, dtype=np.int64)
+        self.null = len(self.classes)
+        self.guidance_scale = float(guidance_scale)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t, class_labels=y).sample
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        null = torch.full((len(x),), self.null, dtype=torch.long, device=x.device)
+        if y is None:
+            return self._eps(x, t, null)
+        y = y.to(x.device)
+        if self.guidance_scale == 1.0:
+            return self._eps(x, t, y)
+        both = self._eps(torch.cat([x, x]), t, torch.cat([null, y]))
+        eps_u, eps_c = both.chunk(2)
+        return eps_u + self.guidance_scale * (eps_c - eps_u)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneResult:
+    classes: np.ndarray
+    losses: list[float]
+    resumed_from: int
+
+
+def _trainable_state(model: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
+    if full:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], full: bool) -> None:
+    if full:
+        model.load_state_dict(state)
+        return
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, state)
+
+
+def finetune(
+    target: UNetDenoiser,
+    x0: torch.Tensor,
+    labels: np.ndarray,
+    c: cfg.LoraConfig,
+    out: str | Path,
+    *,
+    target_fingerprint: str = "",
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``target`` on ``x0`` (n, C, H, W) in [-1, 1] with surrogate ``labels`` (n,; -1 = unlabelled,
+    left out) and write the result to ``out`` (see the module docstring). Resumes from ``out/work``."""
+    if not isinstance(target, UNetDenoiser):
+        raise ValueError("side-lora fine-tunes a diffusers UNet2DModel target; this target is a plain callable")
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    classes = np.unique(labels[keep])
+    if len(classes) < 2:
+        raise ValueError(f"side-lora: {len(classes)} labelled cluster(s); it needs at least 2 (lower surrogate.tau)")
+    x = x0[torch.from_numpy(keep)]
+    y = torch.as_tensor(np.searchsorted(classes, labels[keep]), dtype=torch.long)
+    out = Path(out)
+    full = c.rank == "full"
+    with torch.random.fork_rng():
+        torch.manual_seed(c.seed)
+        model = attach_adapters(conditional_unet(target.unet, len(classes)), c)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+    key = fingerprint_of({k: v for k, v in cfg.to_dict(c).items() if k not in ("steps", "checkpoint_every",
+                                                                               "guidance_scale")},
+                         array_fingerprint(x, y), target_fingerprint)
+    ckpt = out / "work" / "checkpoint"
+    start, losses = 0, []
+    if (ckpt / "state.json").is_file():
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("resume_key") == key:
+            _load_trainable(model, load_file(str(ckpt / "trainable.safetensors")), full)
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+            start, losses = int(state["step"]), list(state["losses"])
+            log.info("side-lora: resuming at step %d", start)
+        else:
+            shutil.rmtree(ckpt)
+    sched = target.scheduler
+    n_t = int(sched.config.num_train_timesteps)
+    null = len(classes)
+    for step in range(start + 1, c.steps + 1):
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(x), (min(c.batch_size, len(x)),), generator=g)
+        xb, yb = x[idx], y[idx].clone()
+        yb[torch.rand(len(yb), generator=g) < c.label_dropout] = null
+        t = torch.randint(0, n_t, (len(xb),), generator=g)
+        eps = torch.randn(xb.shape, generator=g)
+        xt = sched.add_noise(xb, eps, t)
+        pred = model(xt.to(device), t.to(device), class_labels=yb.to(device)).sample
+        loss = F.mse_loss(pred, eps.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(round(loss.item(), 6))
+        if progress is not None:
+            progress(step, c.steps)
+        if step % c.checkpoint_every == 0 or step == c.steps:
+            with atomic_directory(ckpt) as tmp:
+                save_file(_trainable_state(model, full), str(tmp / "trainable.safetensors"))
+                torch.save(opt.state_dict(), tmp / "optimizer.pt")
+                atomic_write_json(tmp / "state.json", {"step": step, "losses": losses, "resume_key": key})
+    model.eval()
+    save_finetuned(model, out, classes, c, losses)
+    return FinetuneResult(classes, losses, start)
+
+
+def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cfg.LoraConfig, losses: list[float]) -> None:
+    """``out/adapter/`` (peft: adapter_config.json + adapter_model.safetensors) or ``out/unet/`` (full), and
+    ``out/classes.json``; the work directory stays for a later resume."""
+    with atomic_directory(out / ("unet" if c.rank == "full" else "adapter")) as tmp:
+        if c.rank == "full":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+    atomic_write_json(out / "classes.json", {"classes": [int(v) for v in classes], "config": cfg.to_dict(c),
+                                             "final_loss": float(np.mean(losses[-50:])) if losses else None})
+
+
+def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scale: float | None = None,
+                   device: str = "cpu") -> ConditionalDenoiser:
+    """The fine-tuned conditional model written by :func:`finetune` (safetensors only)."""
+    d = Path(directory)
+    if not (d / "classes.json").is_file():
+        raise ValueError(f"{str(d)!r} holds no fine-tuned model (expected classes.json)")
+    meta: dict[str, Any] = json.loads((d / "classes.json").read_text())
+    classes = np.asarray(meta["classes"], dtype=np.int64)
+    c = cfg.from_dict(cfg.LoraConfig, meta["config"])
+    if (d / "unet").is_dir():
+        model = UNet2DModel.from_pretrained(d / "unet", use_safetensors=True)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(conditional_unet(target.unet, len(classes)), str(d / "adapter"))
+    return ConditionalDenoiser(model.to(device), target, classes,
+                               c.guidance_scale if guidance_scale is None else guidance_scale)
+
+
+__all__ = ["conditional_unet", "attach_adapters", "ConditionalDenoiser", "finetune", "save_finetuned",
+           "load_finetuned", "FinetuneResult"]

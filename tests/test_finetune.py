@@ -1,0 +1,125 @@
+"""side-lora (SIDE's fine-tuning form): the conditional copy of the target computes the target's eps before
+training; adapters disabled = the target exactly; label dropout; save/load of peft adapters; resume; the
+method in a run with its copy guard."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from side_extract import config as cfg
+from side_extract.finetune import ConditionalDenoiser, attach_adapters, conditional_unet, finetune, load_finetuned
+from side_extract.models.target import load_target
+from side_extract.pipeline import run_audit
+
+from test_pipeline import tiny_rc
+
+TINY = cfg.LoraConfig(rank=4, steps=6, batch_size=8, checkpoint_every=3, lr=1e-2)
+
+
+def _data(n=24, k=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand((n, 1, 8, 8), generator=g) * 2 - 1, np.arange(n) % k
+
+
+def test_the_conditional_copy_computes_the_targets_eps(tiny_model_dir):
+    target = load_target(tiny_model_dir)
+    cond = conditional_unet(target.unet, 3)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor(400)
+    with torch.no_grad():
+        ref = target(x, t)
+        for y in (0, 2, 3):  # 3 = the null label
+            torch.testing.assert_close(cond(x, t, class_labels=torch.full((4,), y)).sample, ref, rtol=0, atol=0)
+
+
+def test_adapters_disabled_are_the_target_exactly(tiny_model_dir, tmp_path):
+    target = load_target(tiny_model_dir)
+    x0, y = _data()
+    finetune(target, x0, y, TINY, tmp_path / "lora")
+    cd = load_finetuned(target, tmp_path / "lora")
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor(300)
+    yy = torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        tuned = cd(x, t, yy)
+        assert not torch.allclose(tuned, target(x, t))  # training changed it
+        with cd.model.disable_adapter():  # peft: the LoRA layers and the saved class embedding off
+            off = cd.model(x, t, class_labels=yy).sample
+    # the base weights are untouched: off = the target, up to float rounding (peft's wrapped layers compute
+    # the same convolutions through another call path: differences ~4e-7, also with zero adapters)
+    torch.testing.assert_close(off, target(x, t), rtol=0, atol=2e-6)
+    files = sorted(p.name for p in (tmp_path / "lora" / "adapter").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or \
+        {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+
+
+def test_save_load_round_trip_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
+    target = load_target(tiny_model_dir)
+    x0, y = _data()
+    full = finetune(target, x0, y, TINY, tmp_path / "a")
+    finetune(target, x0, y, dataclasses.replace(TINY, steps=3), tmp_path / "b")  # interrupted after 3 steps
+    resumed = finetune(target, x0, y, TINY, tmp_path / "b")
+    assert resumed.resumed_from == 3 and resumed.losses == full.losses
+    a, b = load_finetuned(target, tmp_path / "a"), load_finetuned(target, tmp_path / "b")
+    x, t, yy = torch.randn(3, 1, 8, 8), torch.tensor(500), torch.tensor([2, 1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, t, yy), b(x, t, yy), rtol=0, atol=0)
+    # other data: the checkpoint is not resumed
+    other = finetune(target, x0.flip(0), y, TINY, tmp_path / "b")
+    assert other.resumed_from == 0
+
+
+def test_label_dropout_and_guidance_scale(tiny_model_dir, tmp_path):
+    """label_dropout = 0.5: about half the training labels are the null label (seen by the model: the null
+    row of the class embedding is trained); w = 1 is conditional, w = 0 the null (unconditional) eps."""
+    target = load_target(tiny_model_dir)
+    x0, y = _data()
+    finetune(target, x0, y, dataclasses.replace(TINY, label_dropout=0.5), tmp_path / "d")
+    cd = load_finetuned(target, tmp_path / "d")
+    emb = dict(cd.model.named_parameters())
+    null_row = [v for k, v in emb.items() if "class_embedding" in k and "modules_to_save" in k][0][3]
+    assert null_row.abs().sum() > 0
+    finetune(target, x0, y, dataclasses.replace(TINY, label_dropout=0.0), tmp_path / "n")
+    never = load_finetuned(target, tmp_path / "n")
+    row = [v for k, v in dict(never.model.named_parameters()).items() if "class_embedding" in k and "modules_to_save" in k][0][3]
+    assert row.abs().sum() == 0  # never trained with the null label
+    x, t, yy = torch.randn(2, 1, 8, 8), torch.tensor(700), torch.tensor([0, 1])
+    with torch.no_grad():
+        w0 = load_finetuned(target, tmp_path / "d", guidance_scale=0.0)
+        torch.testing.assert_close(w0(x, t, yy), cd(x, t), atol=1e-5, rtol=0)  # w = 0: the null eps
+        w2 = load_finetuned(target, tmp_path / "d", guidance_scale=2.0)
+        torch.testing.assert_close(w2(x, t, yy), 2 * cd(x, t, yy) - cd(x, t), atol=1e-5, rtol=0)
+
+
+def test_side_lora_in_a_run_with_its_copy_guard(tiny_model_dir, tmp_path, one_thread):
+    rc = tiny_rc(tiny_model_dir, methods=("side-lora", "uncond"))
+    rc = dataclasses.replace(rc, lora=TINY)
+    res = run_audit(tmp_path / "run", rc)
+    assert set(res.metrics) == {"side-lora", "uncond"}
+    m = res.metrics["side-lora"]
+    assert 0.0 <= m["copy_guard"]["nearer_synthetic_fraction"] <= 1.0 and m["copy_guard"]["n_synthetic"] == 40
+    labels = res.extractions["side-lora"].labels
+    classes = json.loads((tmp_path / "run" / "lora" / "classes.json").read_text())["classes"]
+    assert set(labels) <= set(classes)
+    stamps = {k: v["started_unix"] for k, v in json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"].items()}
+    # w only changes sampling: the fine-tuned model is reused
+    run_audit(tmp_path / "run", dataclasses.replace(rc, lora=dataclasses.replace(TINY, guidance_scale=2.0)))
+    after = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert after["lora"]["started_unix"] == stamps["lora"]
+    assert after["extraction/side-lora"]["started_unix"] != stamps["extraction/side-lora"]
+
+
+def test_full_fine_tuning_and_checks(tiny_model_dir, tmp_path):
+    target = load_target(tiny_model_dir)
+    x0, y = _data()
+    finetune(target, x0, y, dataclasses.replace(TINY, rank="full", steps=2), tmp_path / "f")
+    assert (tmp_path / "f" / "unet" / "config.json").is_file()
+    cd = load_finetuned(target, tmp_path / "f")
+    assert isinstance(cd, ConditionalDenoiser) and cd.n_classes == 3
+    with pytest.raises(ValueError, match="rank=0"):
+        cfg.LoraConfig(rank=0)
+    assert cfg.from_dict(cfg.LoraConfig, {"rank": "full"}).rank == "full"
+    with pytest.raises(ValueError, match="at least 2"):
+        finetune(target, x0, np.zeros(len(x0), int), TINY, tmp_path / "x")
