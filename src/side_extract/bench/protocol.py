@@ -265,14 +265,14 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                          f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
                          f"{cell('carlini')} | {cell('p95', False)} |")
         lines += ["", "SIDE form / best baseline (ratio of replicate means, 95 % bootstrap interval over generations; "
-                  "✓ where the interval excludes 1):", "",
+                  "↑ where the whole interval is above 1, ↓ where it is below 1):", "",
                   "| SIDE form | " + " | ".join(BOOT_METRICS) + " |", "|---|" + "---|" * len(BOOT_METRICS)]
         for form, rows in h["ratios"].items():
             cells = []
             for k in BOOT_METRICS:
                 r = rows[k]
                 lo, hi = r["ci95"]
-                mark = " ✓" if r["excludes_1"] else ""
+                mark = "" if not r["excludes_1"] else (" ↑" if lo > 1 else " ↓")
                 cells.append(f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
                              f"{r['best_baseline_method']}{mark}")
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
