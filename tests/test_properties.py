@@ -102,3 +102,27 @@ def test_config_round_trips_through_dict_and_yaml(extract, surrogate):
     assert cfg.from_dict(cfg.RunConfig, cfg.to_dict(rc)) == rc
     assert cfg.from_dict(cfg.RunConfig, yaml.safe_load(cfg.dump_yaml(rc))) == rc
     assert dataclasses.replace(rc) == rc
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 30), st.integers(2, 40), st.integers(1, 5), st.integers(1, 7), st.integers(1, 9),
+       st.sampled_from(["rms-l2", "cosine"]), st.integers(0, 2**31))
+def test_sharded_top_k_merge_equals_one_search(n_q, n_r, k, q_chunk, r_chunk, metric, seed):
+    """The exact search over reference shards (ref_chunk rows at a time) merges per-shard top-k into the
+    same neighbours as one search over everything, and as brute force written out here."""
+    from side_extract.neighbors import NearestNeighborIndex
+
+    k = min(k, n_r)
+    rng = np.random.default_rng(seed)
+    q, r = rng.normal(size=(n_q, 6)).astype(np.float32), rng.normal(size=(n_r, 6)).astype(np.float32)
+    sharded = NearestNeighborIndex(metric, backend="torch", query_chunk=q_chunk, ref_chunk=r_chunk).fit(r).kneighbors(q, k)
+    whole = NearestNeighborIndex(metric, backend="torch", query_chunk=10_000, ref_chunk=10_000).fit(r).kneighbors(q, k)
+    np.testing.assert_array_equal(sharded.indices, whole.indices)
+    np.testing.assert_allclose(sharded.scores, whole.scores, rtol=1e-5, atol=1e-6)
+    if metric == "rms-l2":
+        d = np.sqrt(((q[:, None, :].astype(np.float64) - r[None]) ** 2).mean(-1))
+        ref = np.argsort(d, axis=1, kind="stable")[:, :k]
+    else:
+        qn, rn = q / np.linalg.norm(q, axis=1, keepdims=True), r / np.linalg.norm(r, axis=1, keepdims=True)
+        ref = np.argsort(-(qn @ rn.T), axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(sharded.indices, ref)

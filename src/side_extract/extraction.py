@@ -105,7 +105,8 @@ def extraction_stage(
 
     try:
         return shard_stage(run, stage, fingerprint, c.n, round_size(c) if adaptive else c.shard_size, make,
-                           progress=progress, method=method, scale=None if guidance is None else guidance.scale)
+                           progress=progress, sequential=adaptive, method=method,
+                           scale=None if guidance is None else guidance.scale)
     except SamplingDiverged as e:
         shutil.rmtree(run.path / stage, ignore_errors=True)
         raise SamplingDiverged(f"method {method}: {e}") from None

@@ -12,6 +12,7 @@ files, never from another stage's memory.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -25,6 +26,7 @@ import torch
 
 from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards, resize
+from .distributed import ProcessGroup
 from .evaluation import calibrate, digits_complement, evaluate
 from .extraction import extraction_stage
 from .features import EXTRACTORS, extract_features
@@ -394,15 +396,18 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     """
     if until not in UNTIL:
         raise ValueError(f"until={until!r} must be one of {', '.join(UNTIL)}")
+    group = ProcessGroup.from_env()  # one process, or one of a torchrun / accelerate launch (distributed.py)
+    device = group.device(device)
     if target is None:
         target = Target(load_target(rc.model, device), model_fingerprint(rc.model), str(rc.model))
     preflight(rc, target.denoiser, until)
-    with run_lock(path, wait=wait):
-        run = RunDir(path, replace=replace)
+    with run_lock(path, wait=wait) if group.main else contextlib.nullcontext():  # a launch is one writer
+        run = RunDir(path, replace=replace, group=group)
         try:
             return _chain(run, rc, target, device, until, progress)
         except BaseException as e:
-            run.fail_running(e)
+            if group.main:
+                run.fail_running(e)
             raise
 
 
@@ -421,23 +426,26 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     guides: dict[str, ClassifierGuidance | None] = {"uncond": None, "side-lora": None}
     denoisers: dict[str, Denoiser] = {}
     if {"side", "side-lora"} & set(methods):
-        labels = surrogate_stage(ctx, features_stage(ctx, synthetic))
+        once = run.group.main_first
+        labels = once(lambda: surrogate_stage(ctx, once(lambda: features_stage(ctx, synthetic))))
         if upto == 0:
             return AuditResult(run.path, {}, {})
         if "side" in methods:
-            guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels, ctx.fp["surrogate"],
-                                              clean=False)
+            guides["side"] = once(lambda: classifier_stage(ctx, "classifier", synthetic.to_float(), labels,
+                                                           ctx.fp["surrogate"], clean=False))
         if "side-lora" in methods:
-            denoisers["side-lora"] = lora_stage(ctx, synthetic, labels)
+            denoisers["side-lora"] = once(lambda: lora_stage(ctx, synthetic, labels))
     if {"cond", "side-teacher"} & set(methods):
+        once = run.group.main_first
         train = _train_set(ctx)
-        clean = classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(), clean=True)
+        clean = once(lambda: classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels,
+                                              train.fingerprint(), clean=True))
         scale = rc.extract.scale if rc.extract.cond_scale is None else rc.extract.cond_scale
         guides["cond"] = dataclasses.replace(clean, scale=scale, temperature=rc.extract.cond_temperature)
         if "side-teacher" in methods:
-            t_labels = teacher_stage(ctx, clean, synthetic)
-            guides["side-teacher"] = classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels,
-                                                      ctx.fp["teacher"], clean=False)
+            t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))
+            guides["side-teacher"] = once(lambda: classifier_stage(ctx, "classifier-teacher", synthetic.to_float(),
+                                                                   t_labels, ctx.fp["teacher"], clean=False))
     if upto <= 1:
         return AuditResult(run.path, {}, {})
     extractions = {}
@@ -452,12 +460,16 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         ctx.fp[f"extraction/{m}"] = fp
         extractions[m] = extraction_stage(run, m, denoisers.get(m, denoiser), rc.extract, g, fp, device=device,
                                           progress=progress(f"extract {m}"))
-    atomic_write_json(run.path / "extraction" / "summary.json",
-                      {m: {"n": len(s), "fingerprint": ctx.fp[f"extraction/{m}"]} for m, s in extractions.items()})
+    if run.group.main:
+        atomic_write_json(run.path / "extraction" / "summary.json",
+                          {m: {"n": len(s), "fingerprint": ctx.fp[f"extraction/{m}"]} for m, s in extractions.items()})
     metrics: dict[str, dict] = {}
     if upto == 3 and rc.train is not None:
+        once = run.group.main_first
         train = _train_set(ctx)
-        bands_file = calibration_stage(ctx, train)
-        metrics = {m: evaluation_stage(ctx, m, s, train, bands_file) for m, s in extractions.items()}
-        write_summary(run.path)
+        bands_file = once(lambda: calibration_stage(ctx, train))
+        metrics = {m: once(lambda m=m, s=s: evaluation_stage(ctx, m, s, train, bands_file))
+                   for m, s in extractions.items()}
+        if run.group.main:
+            write_summary(run.path)
     return AuditResult(run.path, extractions, metrics)

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import config as cfg
 from .data import ImageSet, load_shards
+from .distributed import SINGLE, ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +259,10 @@ class RunDir:
 
     MANIFEST = "manifest.json"
 
-    def __init__(self, path: str | Path, *, replace: bool = True) -> None:
+    def __init__(self, path: str | Path, *, replace: bool = True, group: ProcessGroup = SINGLE) -> None:
         self.path = Path(path)
         self.replace = replace
+        self.group = group
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"run directory {str(self.path)!r} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -284,8 +286,15 @@ class RunDir:
         return d
 
     def begin(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None) -> Literal["skip", "resume", "fresh"]:
-        """Start ``stage``: say whether to skip it, resume it, or start it afresh (its folder cleared)."""
+        """Start ``stage``: say whether to skip it, resume it, or start it afresh (its folder cleared).
+
+        On a process other than a launch's main one, the stage must already be complete (the main process ran
+        it first): it is only read."""
         entry = self.stage_entry(stage)
+        if not self.group.main:
+            if entry is not None and entry.get("fingerprint") == fingerprint and entry.get("status") == "complete":
+                return "skip"
+            raise RuntimeError(f"process {self.group.rank}: stage {stage} was not completed by the main process")
         if entry is not None and entry.get("fingerprint") == fingerprint:
             if entry.get("status") == "complete":
                 log.info("stage %s: inputs and config unchanged, skipped", stage)
@@ -339,7 +348,8 @@ class RunDir:
         self._write_manifest(m)
 
     def write_config(self, run_config: Any) -> None:
-        atomic_write_text(self.path / "config.yaml", cfg.dump_yaml(run_config))
+        if self.group.main:
+            atomic_write_text(self.path / "config.yaml", cfg.dump_yaml(run_config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,11 +366,16 @@ def write_shards(
     shard_size: int,
     make: Callable[[int, int], dict[str, np.ndarray]],
     progress: Progress | None = None,
+    *,
+    group: ProcessGroup = SINGLE,
+    sequential: bool = False,
 ) -> int:
     """Write ``shard-K.npz`` for index ranges [K * shard_size, ...), skipping shards already written.
 
     ``make(start, stop)`` returns the arrays of one shard; it must include ``images`` and ``index``.
-    Each shard is written atomically, so any shard present is whole. Returns the number written now.
+    Each shard is written atomically, so any shard present is whole. In a launch of several processes each
+    writes the shards it owns (k % world == rank); ``sequential`` (a shard that reads the earlier ones) waits
+    for every shard before the next. Returns the number written now by this process.
     """
     directory.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -368,6 +383,10 @@ def write_shards(
     for k in range(n_shards):
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
         p = shard_path(directory, k)
+        if not group.owns(k):
+            if sequential:
+                group.barrier()
+            continue
         if p.exists():
             if progress is not None:
                 progress(hi, n)
@@ -378,6 +397,8 @@ def write_shards(
         written += 1
         if progress is not None:
             progress(hi, n)
+        if sequential:
+            group.barrier()
     return written
 
 
@@ -391,26 +412,36 @@ def shard_stage(
     *,
     inputs: dict[str, str] | None = None,
     progress: Progress | None = None,
+    sequential: bool = False,
     **info: Any,
 ) -> ImageSet:
     """A stage whose output is ``n`` images in ``run/<stage>/shard-*.npz``: skipped when complete with the same
     fingerprint, resumed at its last whole shard when interrupted, else written afresh.
 
     ``make(lo, hi, progress)`` returns one shard's arrays; its progress callback counts within the whole stage.
+    In a launch of several processes the main one decides and records; every process writes its own shards
+    (``sequential``: see :func:`write_shards`).
     """
-    decision = run.begin(stage, fingerprint, inputs=inputs)
+    group = run.group
     directory = run.path / stage
-    n_shards = (n + shard_size - 1) // shard_size
-    if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
-        log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
-        decision = run.reopen(stage)
+    decision = None
+    if group.main:
+        decision = run.begin(stage, fingerprint, inputs=inputs)
+        n_shards = (n + shard_size - 1) // shard_size
+        if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
+            log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
+            decision = run.reopen(stage)
+    decision = group.share(decision)
     if decision != "skip":
         t0 = time.time()
 
         def make_shard(lo: int, hi: int) -> dict[str, np.ndarray]:
             return make(lo, hi, None if progress is None else (lambda done, _total: progress(lo + done, n)))
 
-        written = write_shards(directory, n, shard_size, make_shard, progress)
-        run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
-                     sampling_seconds=round(time.time() - t0, 3), **info)
+        written = write_shards(directory, n, shard_size, make_shard, progress, group=group, sequential=sequential)
+        group.barrier()
+        if group.main:
+            run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
+                         sampling_seconds=round(time.time() - t0, 3), processes=group.world, **info)
+        group.barrier()
     return load_shards(directory)

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from . import config as cfg
+from .distributed import ProcessGroup
 from .models.target import Target
 from .pipeline import AuditResult, ProgressFactory, no_progress, run_audit
 from .runs import RunDir, atomic_write_json
@@ -82,6 +83,9 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
     for name, sub_rc in sweep_configs(rc):
         log.info("sweep %s", name)
         child = RunDir(Path(path) / "sweeps" / name)
-        share_stages(RunDir(path), child)
+        group = ProcessGroup.from_env()
+        if group.main:  # in a launch of several processes the main one copies, the others wait
+            share_stages(RunDir(path), child)
+        group.barrier()
         subs[name] = run_audit(child.path, sub_rc, device=device, progress=progress, target=target)
     return main, subs

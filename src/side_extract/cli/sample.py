@@ -1,12 +1,14 @@
 """``side sample``: unguided samples of a target model, as shards in a run directory."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 
 from .. import config as cfg
 from ..models.target import load_target, model_fingerprint
+from ..distributed import ProcessGroup
 from ..runs import RunDir, run_lock
 from ..sampling import sample_stage
 from .common import build_config, cli_errors, console, progress_bar, typed_flags
@@ -33,9 +35,11 @@ def sample_cmd(
     """Sample N images; a rerun skips finished work and resumes an interrupted run at its last whole shard."""
     names = {"model": "model"} | {k: f"sample.{k}" for k in cfg.to_dict(D)}
     rc = build_config(cfg.RunConfig, config, typed_flags(ctx, names))
+    group = ProcessGroup.from_env()  # torchrun / accelerate launch: each process writes its own shards
+    device = group.device(device)
     denoiser = load_target(rc.model, device)  # before anything is written: a bad --model leaves nothing behind
-    with run_lock(out, wait=wait), progress_bar(ctx, "sample") as cb:
-        run = RunDir(out)
+    with (run_lock(out, wait=wait) if group.main else contextlib.nullcontext()), progress_bar(ctx, "sample") as cb:
+        run = RunDir(out, group=group)
         run.write_config(rc)
         images = sample_stage(run, denoiser, rc.sample, model_fingerprint=model_fingerprint(rc.model), device=device,
                               progress=cb)
