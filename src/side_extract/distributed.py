@@ -10,7 +10,8 @@ and writes the manifest.
 
 On the CPU: ``torchrun --nproc_per_node 2 -m side_extract.cli.main ...`` or ``accelerate launch --multi_gpu
 --num_processes 2 -m side_extract.cli.main ...`` (``accelerate launch --cpu --num_processes 2`` starts one
-process only). The processes talk through ``accelerate``'s ``PartialState`` (gloo on the CPU, NCCL on GPUs).
+process only). The processes talk through ``accelerate``'s ``PartialState`` (gloo: only small control messages
+cross between them; the images go through the run directory).
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ class ProcessGroup:
             return cls()
         from accelerate import PartialState
 
-        cuda = os.environ.get("SIDE_DEVICE", "cpu").startswith("cuda")
-        state = PartialState(cpu=not cuda)
+        # gloo carries the few control messages (decisions, barriers, errors); the models run on the device the
+        # command names, this process's GPU under --device cuda (``device``)
+        state = PartialState(cpu=True)
         return cls(state.process_index, state.num_processes, state.local_process_index)
 
     def device(self, device: str) -> str:
