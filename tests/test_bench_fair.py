@@ -82,3 +82,28 @@ def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):
     assert data["signals"]["every-block"]["parameters"] > data["signals"]["paper"]["parameters"]
     _, md = write_signals_results(data, tmp_path / "out")
     assert "every-block" in md.read_text()
+
+
+def test_forms_are_tuned_like_methods_in_their_own_sub_runs(tmp_path, one_thread):
+    """A form (a SIDE method with overrides) gets the same-size grid, runs in rep-r/forms/<name> sharing the
+    replicate's synthetic set, and is compared with the best baseline like the methods."""
+    bc = tiny_bench()
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
+    fc = FairBenchConfig(bench=bc, methods=("side", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+                         validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4, n_bootstrap=10,
+                         forms={"side-x0": {"method": "side", "classifier.guidance_input": "x0_hat"},
+                                "side-every": {"method": "side", "classifier.time_blocks": "every"}})
+    data = run_fair_bench(fc, tmp_path / "cache")
+    s = data["scales"][0]
+    assert set(s["tuning"]["mean_by_setting"]) == {"side", "side-x0", "side-every"}
+    assert all(len(v) == 2 for v in s["tuning"]["mean_by_setting"].values())  # the same budget
+    assert set(s["heldout"]["ratios"]) == {"side", "side-x0", "side-every"}
+    rep2 = next((tmp_path / "cache" / "runs").glob("*/rep-2"))
+    sub = rep2 / "forms" / "side-x0"
+    assert json.loads((sub / "manifest.json").read_text())["stages"]["synthetic"].get("shared_from")
+    from side_extract.models.classifier import load_classifier
+
+    assert load_classifier(sub / "classifier").arch.time_mode == "none"
+    assert load_classifier(rep2 / "forms" / "side-every" / "classifier").arch.time_blocks == "every"
+    with pytest.raises(ValueError, match="same tuning budget"):
+        FairBenchConfig(bench=bc, methods=("side-lora", "uncond"), scales_grid=(1.0,), temperatures=(1.0,))

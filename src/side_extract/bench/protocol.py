@@ -35,7 +35,8 @@ import numpy as np
 from .. import config as cfg
 from ..metrics import Band, read_bands_file
 from ..pipeline import ProgressFactory, no_progress, run_audit
-from ..runs import read_json
+from ..runs import RunDir, read_json
+from ..sweeps import share_stages
 from ..summary import BASELINES, SIDE_METHODS
 from . import machine_description, write_results
 from .tables import _preamble
@@ -62,6 +63,8 @@ class FairBenchConfig:
     validation_n: int = 500
     select_metric: str = "ums_cumulative/mid"
     n_bootstrap: int = 1000
+    forms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    lora_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in cfg.METHODS]
@@ -78,6 +81,14 @@ class FairBenchConfig:
             raise ValueError(f"replicates {sorted(shared)} are both validation and held-out; they must differ")
         if self.validation_n <= 0 or self.n_bootstrap <= 0:
             raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
+        for name, form in self.forms.items():
+            if name in cfg.METHODS or form.get("method") not in SIDE_FORMS:
+                raise ValueError(f"forms: {name!r} must be a new name with 'method' one of {', '.join(SIDE_FORMS)}; "
+                                 f"got {form}")
+        if "side-lora" in self.methods or any(f["method"] == "side-lora" for f in self.forms.values()):
+            if len(self.lora_scales) != len(self.grid):
+                raise ValueError(f"lora_scales has {len(self.lora_scales)} values; side-lora gets the same tuning "
+                                 f"budget as the other methods: {len(self.grid)}")
         key, _, band = self.select_metric.partition("/")
         if key not in ("ams", "ums", "ams_cumulative", "ums_cumulative") or not band:
             raise ValueError(f"select_metric={self.select_metric!r} must be '<ams|ums|ams_cumulative|"
@@ -87,17 +98,50 @@ class FairBenchConfig:
     def grid(self) -> list[tuple[float, float]]:
         return [(s, t) for s in self.scales_grid for t in self.temperatures]
 
+    @property
+    def entries(self) -> list[str]:
+        """Everything compared: the methods, then the forms."""
+        return list(self.methods) + list(self.forms)
 
-def method_config(rc: cfg.RunConfig, method: str, setting: tuple[float, float] | None, n: int) -> cfg.RunConfig:
-    """``rc`` running ``method`` alone at N_G ``n`` with its (lambda, temperature) setting."""
+    def base_method(self, name: str) -> str:
+        return self.forms[name]["method"] if name in self.forms else name
+
+    def settings(self, name: str) -> list[tuple[float, float]]:
+        """The tuning grid of a method or form: (lambda, temperature), or (w, 0) for side-lora (CFG scale w)."""
+        if self.base_method(name) == "side-lora":
+            return [(w, 0.0) for w in self.lora_scales]
+        return self.grid if self.base_method(name) in GUIDED else []
+
+
+def method_config(rc: cfg.RunConfig, method: str, setting: tuple[float, float] | None, n: int,
+                  overrides: dict[str, Any] | None = None) -> cfg.RunConfig:
+    """``rc`` running ``method`` alone at N_G ``n`` with its setting ((lambda, temperature); side-lora: (w, _))
+    and a form's dotted ``overrides`` (e.g. ``{"classifier.guidance_input": "x0_hat"}``)."""
+    if overrides:
+        rc = cfg.from_dict(cfg.RunConfig, cfg.merge(cfg.to_dict(rc), cfg.dotted_to_nested(overrides)))
     ex = dataclasses.replace(rc.extract, methods=(method,), n=n)
     if setting is not None:
         lam, temp = setting
         if method == "cond":
             ex = dataclasses.replace(ex, cond_scale=lam, cond_temperature=temp)
+        elif method == "side-lora":
+            rc = dataclasses.replace(rc, lora=dataclasses.replace(rc.lora, guidance_scale=lam))
         else:
             ex = dataclasses.replace(ex, scale=lam, temperature=temp)
     return dataclasses.replace(rc, extract=ex)
+
+
+def entry_run(fc: FairBenchConfig, name: str, rc: cfg.RunConfig, setting: tuple[float, float] | None, n: int,
+              rep: Path) -> tuple[Path, cfg.RunConfig]:
+    """Where and how a method or form runs on one replicate: a form in ``rep/forms/<name>``, which first shares
+    the replicate's finished stages (synthetic set, clusters, ...) so it redoes only what its overrides change."""
+    if name not in fc.forms:
+        return rep, method_config(rc, name, setting, n)
+    form = {k: v for k, v in fc.forms[name].items() if k != "method"}
+    path = rep / "forms" / name
+    if not (path / RunDir.MANIFEST).exists() and (rep / RunDir.MANIFEST).exists():
+        share_stages(RunDir(rep), RunDir(path))
+    return path, method_config(rc, fc.forms[name]["method"], setting, n, form)
 
 
 def _metric(metrics: dict[str, Any], name: str) -> float:
@@ -109,20 +153,22 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
          progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Step 1: every guided method over the same grid on the validation replicates; the chosen settings."""
     base = inputs.run_config(fc.bench.run)
-    scores: dict[str, dict[str, list[float]]] = {m: {} for m in fc.methods if m in GUIDED}
+    scores: dict[str, dict[str, list[float]]] = {m: {} for m in fc.entries if fc.settings(m)}
     for r in fc.validation_replicates:
         rc = replicate_config(base, r)
-        path = inputs.replicate_run(cache, r)
+        rep = inputs.replicate_run(cache, r)
         for m in scores:
-            for setting in fc.grid:
-                res = run_audit(path, method_config(rc, m, setting, fc.validation_n), device=device, progress=progress)
-                scores[m].setdefault(f"{setting[0]:g},{setting[1]:g}", []).append(_metric(res.metrics[m], fc.select_metric))
-    chosen: dict[str, list[float] | None] = {m: None for m in fc.methods if m not in GUIDED}
+            for setting in fc.settings(m):
+                path, mrc = entry_run(fc, m, rc, setting, fc.validation_n, rep)
+                res = run_audit(path, mrc, device=device, progress=progress)
+                scores[m].setdefault(f"{setting[0]:g},{setting[1]:g}", []).append(
+                    _metric(res.metrics[fc.base_method(m)], fc.select_metric))
+    chosen: dict[str, list[float] | None] = {m: None for m in fc.entries if not fc.settings(m)}
     table: dict[str, dict[str, float]] = {}
     for m, by_setting in scores.items():
         means = {k: float(np.mean(v)) for k, v in by_setting.items()}
         table[m] = means
-        best = max(fc.grid, key=lambda s: (means[f"{s[0]:g},{s[1]:g}"], -s[0], -s[1]))
+        best = max(fc.settings(m), key=lambda s: (means[f"{s[0]:g},{s[1]:g}"], -s[0], -s[1]))
         chosen[m] = [best[0], best[1]]
     return {"replicates": list(fc.validation_replicates), "n_generated": fc.validation_n,
             "select_metric": fc.select_metric, "mean_by_setting": table, "chosen": chosen}
@@ -152,7 +198,7 @@ def boot_values(stats: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, floa
 
 
 def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tuple[str, ...], n_boot: int,
-                     seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+                     seed: int = 0, side_forms: tuple[str, ...] = SIDE_FORMS) -> dict[str, dict[str, dict[str, Any]]]:
     """For each SIDE form and metric: ratio of means (over replicates) to the best baseline, and a 95 %
     percentile bootstrap interval from resampling every method's generations within each replicate."""
     rng = np.random.default_rng(seed)
@@ -168,7 +214,7 @@ def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tup
                 draws[m][k][b] = np.mean([v[k] for v in vals])
     out: dict[str, dict[str, dict[str, Any]]] = {}
     bases = [m for m in BASELINES if m in methods]
-    for s in (m for m in SIDE_FORMS if m in methods):
+    for s in (m for m in side_forms if m in methods):
         rows = {}
         for k in metrics:
             best = max(bases, key=lambda m: point[m][k])
@@ -192,28 +238,29 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     """Steps 2-3: every method at its chosen setting on each held-out replicate; spreads and intervals."""
     base = inputs.run_config(fc.bench.run)
     n = base.extract.n
-    per_rep: dict[str, list[dict[str, Any]]] = {m: [] for m in fc.methods}
-    stats: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in fc.methods}
+    per_rep: dict[str, list[dict[str, Any]]] = {m: [] for m in fc.entries}
+    stats: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in fc.entries}
     bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
     for r in fc.heldout_replicates:
         rc = replicate_config(base, r)
-        path = inputs.replicate_run(cache, r)
-        for m in fc.methods:
+        rep = inputs.replicate_run(cache, r)
+        for m in fc.entries:
             setting = chosen.get(m)
-            res = run_audit(path, method_config(rc, m, None if setting is None else tuple(setting), n),
-                            device=device, progress=progress)
-            met = res.metrics[m]
+            path, mrc = entry_run(fc, m, rc, None if setting is None else tuple(setting), n, rep)
+            res = run_audit(path, mrc, device=device, progress=progress)
+            met = res.metrics[fc.base_method(m)]
             per_rep[m].append({"replicate": r, **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
                                "gu": float(met["gu"]["memorized_fraction"])})
-            stats[m].append(per_generation_stats(path, m, bands, met["orientation"]))
+            stats[m].append(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]))
     summary = {}
     for m, rows in per_rep.items():
         keys = [k for k in rows[0] if k != "replicate"]
         summary[m] = {k: {"mean": float(np.mean([x[k] for x in rows])), "min": float(min(x[k] for x in rows)),
                           "max": float(max(x[k] for x in rows))} for k in keys}
     return {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
-            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap)}
+            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap,
+                                                           side_forms=tuple(m for m in fc.entries if m not in BASELINES))}
 
 
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
@@ -245,7 +292,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
     lines = [*_preamble("Fair extraction benchmark (replicates, equal tuning budget, intervals)", data),
              f"Images {data['size']}x{data['size']}; total {data['seconds']:.0f} s (other benchmarks shared the 2 cores).",
              "",
-             f"Every guided method tuned over lambda in {c['scales_grid']} x temperature in {c['temperatures']} on "
+             (f"Forms (a SIDE method with overrides, tuned like the methods): "
+              + "; ".join(f"`{k}` = {v}" for k, v in c.get("forms", {}).items()) + ". " if c.get("forms") else "")
+             + f"Every guided method tuned over lambda in {c['scales_grid']} x temperature in {c['temperatures']} on "
              f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "
              f"`{c['select_metric']}`); reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
              "the synthetic set, the clustering, both classifiers and the extraction noise.", ""]
@@ -276,11 +325,12 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 cells.append(f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
                              f"{r['best_baseline_method']}{mark}")
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
-        lines += ["", f"Validation means of `{c['select_metric']}` by setting:", "",
-                  "| method | " + " | ".join(s["tuning"]["mean_by_setting"].get(GUIDED[0], {}).keys()) + " |",
-                  "|---|" + "---|" * len(s["tuning"]["mean_by_setting"].get(GUIDED[0], {}))]
+        lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0):", "",
+                  "| method | chosen | every setting |", "|---|---|---|"]
         for m, by in s["tuning"]["mean_by_setting"].items():
-            lines.append(f"| {m} | " + " | ".join(_f(v) for v in by.values()) + " |")
+            ch = s["tuning"]["chosen"].get(m)
+            lines.append(f"| {m} | {'-' if ch is None else f'{ch[0]:g}, {ch[1]:g}'} | "
+                         + "; ".join(f"{k}: {_f(v)}" for k, v in by.items()) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -171,6 +171,11 @@ def fair_cmd(
     validation_n: int = typer.Option(500, "--validation-n", help="N_G per method and setting on validation replicates."),
     select_metric: str = typer.Option("ums_cumulative/mid", "--select-metric", help="What tuning maximizes."),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Bootstrap draws for the ratio intervals."),
+    form: list[str] = typer.Option([], "--form", help="A SIDE form to compare too, tuned on the same-size grid: "
+                                   "NAME=METHOD[,dotted.key=value...], e.g. "
+                                   "side-x0=side,classifier.guidance_input=x0_hat (repeat)."),
+    lora_scales: str = typer.Option("1,1.5,2,3,4,6", "--lora-scales", help="side-lora's grid of CFG scales w "
+                                    "(as many values as the lambda x temperature grid)."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """The fair protocol: replicates that redraw everything downstream of the target, the same tuning grid for
@@ -189,7 +194,23 @@ def fair_cmd(
                               extract=dataclasses.replace(bc.run.extract, n=n_generated))
     bc = dataclasses.replace(bc, scales=_ints(scales, "--scales"), size=size, run=run, lambdas=(), n_clusters=(),
                              taus=(), target=dataclasses.replace(bc.target, steps=train_steps))
+    import yaml
+
+    forms: dict = {}
+    for spec in form:
+        name, _, rest = spec.partition("=")
+        parts = [x for x in rest.split(",") if x]
+        if not name or not parts:
+            raise ValueError(f"--form {spec!r} must look like NAME=METHOD[,key=value...]")
+        entry: dict = {"method": parts[0]}
+        for kv in parts[1:]:
+            k, eq, v = kv.partition("=")
+            if not eq:
+                raise ValueError(f"--form {spec!r}: {kv!r} must be dotted.key=value")
+            entry[k] = yaml.safe_load(v)
+        forms[name] = entry
     fc = FairBenchConfig(bench=bc, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                         forms=forms, lora_scales=floats(lora_scales, "--lora-scales"),
                          scales_grid=floats(lambdas, "--lambdas"), temperatures=floats(temperatures, "--temperatures"),
                          validation_replicates=_ints(validation, "--validation"),
                          heldout_replicates=_ints(heldout, "--heldout"), validation_n=validation_n,
@@ -198,7 +219,10 @@ def fair_cmd(
             "--scales", scales, "--size", str(size), "--n-generated", str(n_generated), "--n-synthetic",
             str(n_synthetic), "--train-steps", str(train_steps), "--methods", methods, "--lambdas", lambdas,
             "--temperatures", temperatures, "--validation", validation, "--heldout", heldout,
-            "--validation-n", str(validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap)]
+            "--validation-n", str(validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap),
+            "--lora-scales", lora_scales]
+    for spec in form:
+        argv += ["--form", spec]
     argv += ["--device", device] if device != "cpu" else []
     console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
                   f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
