@@ -123,3 +123,13 @@ def test_full_fine_tuning_and_checks(tiny_model_dir, tmp_path):
     assert cfg.from_dict(cfg.LoraConfig, {"rank": "full"}).rank == "full"
     with pytest.raises(ValueError, match="at least 2"):
         finetune(target, x0, np.zeros(len(x0), int), TINY, tmp_path / "x")
+
+
+def test_copy_guard_in_summary_and_report(tiny_model_dir, tmp_path, one_thread):
+    from side_extract.report import write_report
+
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side-lora", "uncond")), lora=TINY)
+    run_audit(tmp_path / "run", rc)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["methods"]["side-lora"]["copy_guard"]["n_synthetic"] == 40 and s["methods"]["uncond"]["copy_guard"] is None
+    assert "copy guard" in write_report(tmp_path / "run").read_text()

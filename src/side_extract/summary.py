@@ -78,7 +78,8 @@ def method_summary(m: dict[str, Any], stage: dict[str, Any] | None) -> dict[str,
         "distinct": {b: int(round(v * n)) for b, v in m["ums"].items()},
         "distinct_cumulative": {b: int(round(v * n)) for b, v in m["ums_cumulative"].items()},
         "projected_10x": {}, "carlini_extracted": m["carlini"]["extracted_fraction"],
-        "seconds": None, "images_per_second": None, "quality": m.get("quality") or {}}
+        "seconds": None, "images_per_second": None, "quality": m.get("quality") or {},
+        "copy_guard": m.get("copy_guard")}
     for b, law in (m.get("ng_law") or {}).items():
         grid, pred = law.get("n_grid") or [], law.get("predicted_unique") or []
         if grid and grid[-1] >= 10 * n:
