@@ -31,7 +31,14 @@ def main(
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads. 0: the cores free right now (all of them "
                                 "on an idle machine, fewer when other processes keep some busy: oversubscribed "
                                 "threads run many times slower)."),
+    processes: int = typer.Option(1, "--processes", help="Run the command as a launch of this many processes on "
+                                  "this machine (torchrun; each writes its own shards, the files equal a "
+                                  "one-process run)."),
 ) -> None:
+    if processes < 1:
+        raise typer.BadParameter(f"--processes={processes} must be >= 1")
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(processes)
     ctx.obj = {"progress": progress}
     setup_logging(verbose)
     if threads < 0:
@@ -41,6 +48,28 @@ def main(
     n = threads or free_cores()
     torch.set_num_threads(n)
     logging.getLogger(__name__).info("torch threads: %d%s", n, "" if threads else " (the cores free now)")
+
+
+def _relaunch(n: int) -> None:
+    """Replace this process by ``torchrun --standalone --nproc_per_node n -m side_extract.cli.main <args>``."""
+    import shutil
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        raise typer.BadParameter("--processes needs torchrun (it comes with torch)")
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--processes":
+            skip = True
+            continue
+        if a.startswith("--processes="):
+            continue
+        args.append(a)
+    os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={n}", "-m", "side_extract.cli.main", *args])
 
 
 app.command("train-target")(train_target.train_target_cmd)
