@@ -131,5 +131,6 @@ def test_copy_guard_in_summary_and_report(tiny_model_dir, tmp_path, one_thread):
     rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side-lora", "uncond")), lora=TINY)
     run_audit(tmp_path / "run", rc)
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["methods"]["side-lora"]["copy_guard"]["n_synthetic"] == 40 and s["methods"]["uncond"]["copy_guard"] is None
+    assert s["methods"]["side-lora"]["copy_guard"]["n_synthetic"] == 40
+    assert 0 <= s["methods"]["uncond"]["copy_guard"]["nearer_synthetic_fraction"] <= 1  # the reference share
     assert "copy guard" in write_report(tmp_path / "run").read_text()
