@@ -81,4 +81,4 @@ def test_extract_temperature_flag_reaches_the_run_config(tiny_model_dir, tmp_pat
                                  "--method", "uncond", "--temperature", "3", "--no-evaluate"])
     assert r.exit_code == 0, r.output
     extract = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["extract"]
-    assert extract["temperature"] == 3.0 and extract["cond_temperature"] == 1.0 and extract["n"] == 2
+    assert extract["temperature"] == 3.0 and extract["cond_temperature"] == 2.0 and extract["n"] == 2  # Cond keeps its own

@@ -126,8 +126,8 @@ def test_json_round_trips_and_is_the_source(run_dir, written):
     assert len({r["nearest_train_index"] for r in top}) == 6
     assert set(data["histograms"][0]["null"]) == {"train", "heldout"}
     sweep = data["sweeps"]["scale"]["side"]
-    assert sweep["values"] == [1.0, 5.0, 10.0, 20.0]  # 10: this run's own scale (RunConfig's default)
-    assert sweep["series"]["AMS high"][2] == side["ams"]["high"] and "uncond AMS high" in sweep["reference"]
+    assert sweep["values"] == [1.0, 3.0, 5.0, 20.0]  # 3: this run's own scale (RunConfig's default)
+    assert sweep["series"]["AMS high"][1] == side["ams"]["high"] and "uncond AMS high" in sweep["reference"]
     assert {r["label"] for r in data["clusters"]["methods"]["side"]["rows"]} == set(range(5))
     assert data["classifiers"]["classifier"]["final"]["q0"] == pytest.approx(1.0)
     assert [s["stage"] for s in data["stages"]] == ["calibration", "evaluation/side", "evaluation/uncond"]
