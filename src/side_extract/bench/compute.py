@@ -60,6 +60,7 @@ class ComputeBenchConfig:
     rss_n_train: int = 50_000
     demo: bool = True
     busy: bool = False
+    only: tuple[str, ...] = ()
     threads: int = 1
     quick: bool = False
 
@@ -348,6 +349,12 @@ def run_compute_bench(c: ComputeBenchConfig, *, command: str | None = None,
             parts.append(("demo", lambda: bench_demo(c)))
         if c.busy:
             parts.append(("busy_demo", lambda: bench_busy_demo(c)))
+        if c.only:
+            known = [n for n, _ in parts]
+            bad = [n for n in c.only if n not in known]
+            if bad:
+                raise ValueError(f"only={list(c.only)}: each must be one of {', '.join(known)}")
+            parts = [(n, fn) for n, fn in parts if n in c.only]
         seconds = {}
         for name, fn in parts:
             say(name)
@@ -363,7 +370,9 @@ def run_compute_bench(c: ComputeBenchConfig, *, command: str | None = None,
 
 def write_compute_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """``compute.json`` + ``compute.md`` (``compute-quick.*`` for a ``--quick`` run) in ``out``."""
-    return write_results(out, "compute-quick" if data.get("quick") else "compute", data, render_compute_markdown(data))
+    only = (data.get("config") or {}).get("only") or []
+    stem = "compute-quick" if data.get("quick") else ("compute-" + "-".join(only) if only else "compute")
+    return write_results(out, stem, data, render_compute_markdown(data))
 
 
 __all__ = ["ComputeBenchConfig", "quick_compute_config", "run_compute_bench", "write_compute_results",

@@ -102,19 +102,21 @@ def render_compute_markdown(data: dict[str, Any]) -> str:
              f"Model: `{data['model']['spec']}` ({'x'.join(map(str, data['model']['sample_shape']))}, "
              f"{data['model']['parameters']:,} parameters); total {data['seconds']:.0f} s.", "",
              "| figure | ours | reference | ratio |", "|---|---|---|---|"]
-    s = data["sampling"]
-    lines.append(f"| {s['what']} | {s['ours']['median_s']:.3f} s | DDIMPipeline {s['diffusers_ddim_pipeline']['median_s']:.3f} s "
-                 f"| **{s['ratio']:.2f}** (images agree to {s['max_abs_pixel_diff']:.1e}) |")
-    g = data["guidance"]
-    p = g["per_image_ms"]
-    lines.append(f"| guided extraction per image ({g['what']}) | {p['guided']:.2f} ms | floor {p['floor']:.2f} ms "
-                 f"(unguided {p['unguided']:.2f} + classifier fwd/bwd {p['classifier']:.2f}) | **{g['ratio']:.2f}** "
-                 f"(guided / unguided {g['guided_over_unguided']:.2f}) |")
-    for r in data["neighbors"]:
+    s = data.get("sampling")
+    if s:
+        lines.append(f"| {s['what']} | {s['ours']['median_s']:.3f} s | DDIMPipeline {s['diffusers_ddim_pipeline']['median_s']:.3f} s "
+                     f"| **{s['ratio']:.2f}** (images agree to {s['max_abs_pixel_diff']:.1e}) |")
+    g = data.get("guidance")
+    if g:
+        p = g["per_image_ms"]
+        lines.append(f"| guided extraction per image ({g['what']}) | {p['guided']:.2f} ms | floor {p['floor']:.2f} ms "
+                     f"(unguided {p['unguided']:.2f} + classifier fwd/bwd {p['classifier']:.2f}) | **{g['ratio']:.2f}** "
+                     f"(guided / unguided {g['guided_over_unguided']:.2f}) |")
+    for r in data.get("neighbors") or []:
         lines.append(f"| {r['what']} | faiss backend {r['faiss_backend']['median_s']:.3f} s; torch backend "
                      f"{r['torch_backend']['median_s']:.3f} s | bare IndexFlatL2 {r['bare_faiss_indexflatl2']['median_s']:.3f} s "
                      f"| **{r['ratio_faiss_backend']:.2f}** (faiss), {r['ratio_torch_backend']:.2f} (torch) |")
-    rss = data["evaluate_rss"]
+    rss = data.get("evaluate_rss")
     if rss:
         cells = "; ".join(f"N_G {r['n_generated']:,}: {r['peak_rss_mb']:.0f} MB ({r['seconds']:.1f} s)" for r in rss)
         base = rss[0]["peak_rss_mb"]

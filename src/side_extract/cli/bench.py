@@ -276,16 +276,21 @@ def compute_cmd(
     no_demo: bool = typer.Option(False, "--no-demo", help="Skip the `side demo` wall-time part."),
     busy: bool = typer.Option(False, "--busy", help="Also time `side demo` idle and beside a CPU-bound competitor "
                               "(the slowdown on a busy machine; about two demo runs)."),
+    only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (sampling, guidance, "
+                             "neighbors, evaluate_rss, demo, busy_demo); writes compute-<parts>.*"),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, no demo (seconds); writes compute-quick.*."),
 ) -> None:
     """Ratios measured side by side: sampler vs DDIMPipeline, guided vs floor, kNN vs faiss; RSS; demo time."""
     from ..bench.compute import ComputeBenchConfig, quick_compute_config, run_compute_bench, write_compute_results
 
     c = quick_compute_config() if quick else ComputeBenchConfig()
-    c = dataclasses.replace(c, threads=threads, demo=c.demo and not no_demo, busy=busy)
+    parts = tuple(x.strip() for x in only.split(",") if x.strip())
+    c = dataclasses.replace(c, threads=threads, demo=c.demo and not no_demo, busy=busy or "busy_demo" in parts,
+                            only=parts)
     argv = ["side", "bench", "compute", "--out", str(out), "--bench-threads", str(threads)]
     argv += ["--no-demo"] if no_demo else []
     argv += ["--busy"] if busy else []
+    argv += ["--only", only] if parts else []
     argv += ["--quick"] if quick else []
     data = run_compute_bench(c, command=shlex.join(argv), progress=lambda name: console.print(f"[dim]{name} ...[/]"))
     json_path, md_path = write_compute_results(data, out)
