@@ -104,11 +104,12 @@ def test_side_lora_in_a_run_with_its_copy_guard(tiny_model_dir, tmp_path, one_th
     classes = json.loads((tmp_path / "run" / "lora" / "classes.json").read_text())["classes"]
     assert set(labels) <= set(classes)
     stamps = {k: v["started_unix"] for k, v in json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"].items()}
-    # w only changes sampling: the fine-tuned model is reused
-    run_audit(tmp_path / "run", dataclasses.replace(rc, lora=dataclasses.replace(TINY, guidance_scale=2.0)))
+    # w only changes sampling: the fine-tuned model is reused, and the new w is used (the images change)
+    w2 = run_audit(tmp_path / "run", dataclasses.replace(rc, lora=dataclasses.replace(TINY, guidance_scale=2.0)))
     after = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     assert after["lora"]["started_unix"] == stamps["lora"]
     assert after["extraction/side-lora"]["started_unix"] != stamps["extraction/side-lora"]
+    assert not np.array_equal(w2.extractions["side-lora"].images, res.extractions["side-lora"].images)
 
 
 def test_full_fine_tuning_and_checks(tiny_model_dir, tmp_path):

@@ -155,7 +155,7 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: np.ndarray) -> Co
                        device=ctx.device, progress=ctx.progress("side-lora"))
         ctx.run.complete("lora", classes=len(res.classes), final_loss=float(np.mean(res.losses[-50:])),
                          resumed_from=res.resumed_from)
-    return load_finetuned(ctx.denoiser, directory, device=ctx.device)
+    return load_finetuned(ctx.denoiser, directory, guidance_scale=c.guidance_scale, device=ctx.device)
 
 
 def copy_guard(generated: ImageSet, synthetic: ImageSet, table_npz: Path) -> dict:
