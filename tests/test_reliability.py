@@ -198,3 +198,21 @@ def test_report_draws_the_null_of_a_bands_file_or_says_there_is_none(tiny_model_
                                                                  bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
     run_audit(tmp_path / "fixed", fixed)
     assert "No null distribution is drawn" in write_report(tmp_path / "fixed").read_text()
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    """Torch threads = the cores not kept busy by others (from /proc/stat deltas), at least one; OpenMP waits
+    passively in the CLI (set before torch is imported)."""
+    from side_extract.cli import common
+
+    n = len(os.sched_getaffinity(0))
+    readings = iter([(100.0, 1000.0), (100.0 + 0.0, 1000.0 + 100.0 * (os.cpu_count() or 1))])
+    monkeypatch.setattr(common, "_cpu_times", lambda: next(readings))
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    assert common.free_cores() == n  # nothing else running
+    busy_all = iter([(0.0, 0.0), (1000.0, 1000.0)])
+    monkeypatch.setattr(common, "_cpu_times", lambda: next(busy_all))
+    assert common.free_cores() == 1  # every core busy: still one thread
+    out = subprocess.run([sys.executable, "-c", "import os, side_extract.cli.main; print(os.environ['OMP_WAIT_POLICY'])"],
+                         capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
+    assert out.stdout.strip() == "PASSIVE"
