@@ -283,9 +283,9 @@ class ExtractConfig:
     toward a random kept cluster (``lora``); ``cond``: guidance by a clean (time-independent) classifier toward a random class;
     ``uncond``: plain sampling. ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits
     before the softmax; ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
-    the settings each method chose most often on the fair protocol's validation replicates (``side bench fair``,
-    5 training-set scales at 8x8 and 16x16, same grid for both): SIDE lambda 3 and T 1 (the paper: 10, 1),
-    Cond lambda 1 and T 2.
+    the values each method chose most often on the fair protocol's validation replicates (``side bench fair``,
+    100 / 300 / 1,000 images at 8x8 and at 16x16, the same grid for both): SIDE lambda 3 (4 of 6) and T 1
+    (4 of 6; the paper: 10 and 1), Cond lambda 1 (4 of 6) and T 2 (5 of 6).
     ``t_lo``/``t_hi`` limit guidance to that fraction of the timesteps. ``allocation``: how the guided
     methods' target classes are drawn: ``uniform`` (the paper), or ``adaptive`` (``allocation.py``: in ``rounds``
     rounds, toward the classes still producing new images, near-duplicates below ``dedup_threshold`` pixel RMS
