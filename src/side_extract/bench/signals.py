@@ -24,10 +24,9 @@ import torch
 
 from .. import config as cfg
 from ..data import load_shards
-from ..models.classifier import ClassifierArch
 from ..models.target import load_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
-from ..training import accuracy_by_quartile, heldout_split, train_classifier
+from ..training import accuracy_by_quartile, fit_label_classifier, heldout_split
 from . import machine_description, write_results
 from .extraction import ExtractionBenchConfig, replicate_config, scale_inputs
 from .tables import _preamble
@@ -61,18 +60,15 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
     tr, ev = heldout_split(y, heldout_fraction, rc.classifier.seed)
     denoiser = load_target(inputs.target["path"], device)
     sched = denoiser.scheduler
-    C, H, _ = denoiser.sample_shape
     c = dataclasses.replace(rc.classifier, eval_fraction=0.0)
     x_tr, y_tr = x0[tr], y[tr]
     x_ev, y_ev = x0[ev].to(device), torch.as_tensor(y[ev]).to(device)
     results = {}
     for s in signals:
         ts = time.time()
-        arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
-                              time_mode="none" if s == "x0-hat" else c.time_mode, time_embed_dim=c.time_embed_dim,
-                              time_blocks="every" if s == "every-block" else "first")
-        res = train_classifier(arch, x_tr, y_tr, c, scheduler=None if s == "x0-hat" else sched, device=device,
-                               progress=progress(f"signal {s}"))
+        cs = dataclasses.replace(c, time_blocks="every" if s == "every-block" else "first")
+        res = fit_label_classifier(x_tr, y_tr, cs, scheduler=None if s == "x0-hat" else sched, device=device,
+                                   progress=progress(f"signal {s}"))
         acc = accuracy_by_quartile(res.model, x_ev, y_ev, sched, seed=rc.classifier.seed,
                                    denoiser=denoiser if s == "x0-hat" else None)
         results[s] = {"accuracy": acc, "train_seconds": round(time.time() - ts, 1),
