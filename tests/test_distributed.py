@@ -1,7 +1,10 @@
 """Two processes (torchrun, gloo on the CPU) write the same run as one process, bit for bit: the synthetic set
-and every method's generations; the top-k merge over shards is in test_properties."""
+and every method's generations (given the same trained models); the training stages are data-parallel (each
+process trains on half of every batch), which changes weights within float rounding, so the guided methods are
+compared on a copy of the one-process run's models. The top-k merge over shards is in test_properties."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
+from side_extract import config as cfg
 from side_extract.data import load_shards
+from side_extract.models.target import build_unet
 from side_extract.runs import read_json
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
@@ -30,30 +37,55 @@ def _run(args, nproc, env_extra=None):
     return proc
 
 
-def test_two_processes_equal_one(tiny_model_dir, tmp_path):
+def _config(tmp_path, tiny_model_dir):
     config = {"model": str(tiny_model_dir), "train": "digits:30",
               "sample": {"n": 24, "steps": 2, "shard_size": 5, "batch_size": 4},
               "surrogate": {"n_clusters": 3, "tau": -1.0, "n_init": 1},
               "classifier": {"depth": 10, "width": 8, "steps": 4, "batch_size": 16, "eval_every": 2},
               "clean_classifier": {"depth": 10, "width": 8, "steps": 4, "batch_size": 16, "eval_every": 2},
-              "extract": {"methods": ["side", "cond", "uncond"], "n": 14, "steps": 2, "scale": 1.0,
+              "lora": {"rank": 2, "steps": 3, "batch_size": 8, "checkpoint_every": 2},
+              "extract": {"methods": ["side", "cond", "uncond", "side-lora"], "n": 14, "steps": 2, "scale": 1.0,
                           "shard_size": 3, "batch_size": 4},
               "evaluate": {"carlini_n": 5, "quality": ["pixels"], "quality_max_reference": 100}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    common = ["--threads", "1", "--no-progress", "run", str(tmp_path / "run.yaml"), "--no-report"]
+    return ["--threads", "1", "--no-progress", "run", str(tmp_path / "run.yaml"), "--no-report"]
+
+
+def _same_shards(a_dir, b_dir):
+    a, b = load_shards(a_dir), load_shards(b_dir)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    if a.labels is not None:
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_two_processes_equal_one(tiny_model_dir, tmp_path):
+    common = _config(tmp_path, tiny_model_dir)
     _run([*common, "--out", str(tmp_path / "one")], 1)
     _run([*common, "--out", str(tmp_path / "two")], 2)
-    for stage in ("synthetic", "extraction/side", "extraction/cond", "extraction/uncond"):
-        a, b = load_shards(tmp_path / "one" / stage), load_shards(tmp_path / "two" / stage)
-        np.testing.assert_array_equal(a.images, b.images)
-        np.testing.assert_array_equal(a.ids, b.ids)
-        if a.labels is not None:
-            np.testing.assert_array_equal(a.labels, b.labels)
-    m1 = read_json(tmp_path / "one" / "evaluation" / "side" / "metrics.json")
-    m2 = read_json(tmp_path / "two" / "evaluation" / "side" / "metrics.json")
-    assert m1["ams"] == m2["ams"] and m1["ums"] == m2["ums"]
+    for stage in ("synthetic", "extraction/uncond"):
+        _same_shards(tmp_path / "one" / stage, tmp_path / "two" / stage)
     stages = read_json(tmp_path / "two" / "manifest.json")["stages"]
     assert stages["synthetic"]["processes"] == 2 and all(v["status"] == "complete" for v in stages.values())
+    for name in ("classifier", "classifier-clean"):  # trained data-parallel: each process half of every batch
+        assert stages[name]["processes"] == 2 and stages[name]["rows_per_process"] == 8
+    assert stages["lora"]["processes"] == 2
+
+    # the guided methods with the same models: a copy of the one-process run without its generations
+    shutil.copytree(tmp_path / "one", tmp_path / "three")
+    manifest = read_json(tmp_path / "three" / "manifest.json")
+    for stage in [k for k in manifest["stages"] if k.split("/")[0] in ("extraction", "evaluation", "calibration")]:
+        del manifest["stages"][stage]
+    (tmp_path / "three" / "manifest.json").write_text(json.dumps(manifest))
+    for d in ("extraction", "evaluation", "calibration"):
+        shutil.rmtree(tmp_path / "three" / d, ignore_errors=True)
+    _run([*common, "--out", str(tmp_path / "three")], 2)
+    for m in ("side", "cond", "uncond", "side-lora"):
+        _same_shards(tmp_path / "one" / "extraction" / m, tmp_path / "three" / "extraction" / m)
+    m1 = read_json(tmp_path / "one" / "evaluation" / "side" / "metrics.json")
+    m3 = read_json(tmp_path / "three" / "evaluation" / "side" / "metrics.json")
+    assert m1["ams"] == m3["ams"] and m1["ums"] == m3["ums"]
+
     # a killed process's shards are missing: the rerun (2 processes) writes exactly those
     for k in (1, 2):  # one of each process
         (tmp_path / "two" / "synthetic" / f"shard-{k:05d}.npz").unlink()
@@ -62,3 +94,29 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
                                   load_shards(tmp_path / "one" / "synthetic").images)
     entry = read_json(tmp_path / "two" / "manifest.json")["stages"]["synthetic"]
     assert entry["processes"] == 2 and entry["shards_written_now"] == 1  # each process wrote one missing shard
+
+
+def test_data_parallel_target_training_equals_one_process(tmp_path):
+    """``side train-target`` under torchrun: each process trains on half of every batch and the gradients are
+    averaged, so two processes end at one process's weights (within float rounding; the UNet has no BatchNorm)
+    and both processes hold the same weights (checked by the trainer)."""
+    args = ["--threads", "1", "--no-progress", "train-target", "--data", "digits:40", "--resize", "8",
+            "--block-out-channels", "8,16", "--norm-num-groups", "4", "--steps", "6", "--batch-size", "8", "--checkpoint-every", "3"]
+    _run([*args, "--out", str(tmp_path / "one")], 1)
+    _run([*args, "--out", str(tmp_path / "two")], 2)
+    a = load_file(str(tmp_path / "one" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors"))
+    c = cfg.from_dict(cfg.TrainTargetConfig, yaml.safe_load((tmp_path / "one" / "train_config.yaml").read_text()))
+    with torch.random.fork_rng():
+        torch.manual_seed(c.seed)
+        init = build_unet(c, (1, 8, 8)).state_dict()
+    assert a.keys() == b.keys()
+    moved = sum(float((a[k] - init[k]).pow(2).sum()) for k in a) ** 0.5
+    apart = sum(float((b[k] - a[k]).pow(2).sum()) for k in a) ** 0.5
+    # Adam's six steps moved the weights by `moved`; the two runs differ by float rounding only (a gradient of
+    # one half of the batch, or of the two halves unaveraged, gives a different direction: a ratio near 1)
+    assert moved > 0.1 and apart < 1e-3 * moved, (moved, apart)
+    la, lb = read_json(tmp_path / "one" / "training_log.json"), read_json(tmp_path / "two" / "training_log.json")
+    np.testing.assert_allclose(lb["loss_every_step"], la["loss_every_step"], rtol=1e-4)
+    assert (la["processes"], la["rows_per_process"]) == (1, 8)
+    assert (lb["processes"], lb["rows_per_process"]) == (2, 4)

@@ -12,13 +12,27 @@ On the CPU: ``torchrun --nproc_per_node 2 -m side_extract.cli.main ...`` or ``ac
 --num_processes 2 -m side_extract.cli.main ...`` (``accelerate launch --cpu --num_processes 2`` starts one
 process only). The processes talk through ``accelerate``'s ``PartialState`` (gloo: only small control messages
 cross between them; the images go through the run directory).
+
+Training (the classifiers, side-lora's fine-tuning, ``side train-target``) is data-parallel: every process
+draws the same global batch from the step's generator, takes its rows ``rank::world`` (``local_rows``) and
+computes ``world / n * sum(per-row losses)`` (``local_loss``); torch's ``DistributedDataParallel`` (the
+engine ``accelerate`` wraps) averages the gradients over the processes, which gives every process the
+gradient of the global batch's mean loss, so the optimizer steps are the same as one process's up to the
+order of floating-point sums (gloo on the CPU, an NCCL group on GPUs). One process is the same code: its
+rows are the whole batch and no wrapper is added. BatchNorm layers (the classifiers) normalise with each
+process's own rows on the CPU (torch's SyncBatchNorm needs GPUs) and with the global batch on GPUs.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -87,6 +101,87 @@ class ProcessGroup:
         if error is not None:
             raise RuntimeError(f"the main process failed: {error}")
         return fn()
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the main process only and give its value to every process (its error too)."""
+        if self.world == 1:
+            return fn()
+        if self.main:
+            try:
+                value = fn()
+            except BaseException as e:
+                self._broadcast(("error", f"{type(e).__name__}: {e}"))
+                raise
+            self._broadcast(("ok", value))
+            return value
+        status, value = self._broadcast(None)
+        if status == "error":
+            raise RuntimeError(f"the main process failed: {value}")
+        return value
+
+    # ---------------------------------------------------------------------------------------------
+    # data-parallel training
+    def local_rows(self, n: int) -> slice:
+        """This process's rows of a global batch of ``n`` (all of them for one process)."""
+        if n < self.world:
+            raise ValueError(f"a batch of {n} rows cannot be split between {self.world} processes; "
+                             f"use a batch size of at least {self.world}")
+        return slice(self.rank, n, self.world)
+
+    def local_loss(self, per_row: "torch.Tensor", n: int) -> "torch.Tensor":
+        """This process's share of the global batch's mean loss, scaled so that the gradients that
+        ``data_parallel`` averages over the processes are the mean loss's gradient."""
+        return per_row.sum() * (self.world / n)
+
+    def data_parallel(self, model: "torch.nn.Module", device: str) -> "torch.nn.Module":
+        """``model`` wrapped in ``DistributedDataParallel`` over this launch (the model itself for one
+        process). On GPUs its BatchNorm layers become SyncBatchNorm."""
+        if self.world == 1:
+            return model
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        if torch.device(device).type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=_nccl_group())
+            return DistributedDataParallel(model, device_ids=[torch.device(device).index],
+                                           process_group=_nccl_group())
+        return DistributedDataParallel(model)
+
+    def global_sum(self, value: float) -> float:
+        """The sum of a per-process number over the processes (a logged loss)."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        box = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(box)
+        return float(box.item())
+
+    def check_replicas(self, model: "torch.nn.Module", what: str) -> None:
+        """Raise unless every process holds the same parameters in ``model`` (data-parallel training keeps the
+        replicas equal; a difference means the processes trained on different data or settings). Buffers are
+        left out: BatchNorm's running statistics follow each process's own rows; the main process's are saved."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        h = hashlib.sha256()
+        for name, v in sorted(model.named_parameters()):
+            h.update(name.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        digests: list[Any] = [None] * self.world
+        dist.all_gather_object(digests, h.hexdigest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"{what}: the {self.world} processes ended with different weights; they must be "
+                               "launched with the same configuration and data")
+
+
+@functools.cache
+def _nccl_group() -> Any:
+    import torch.distributed as dist
+
+    return dist.new_group(backend="nccl")
 
 
 SINGLE = ProcessGroup()

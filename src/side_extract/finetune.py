@@ -33,6 +33,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from . import config as cfg
+from .distributed import SINGLE, ProcessGroup
 from .models.target import UNetDenoiser
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
 
@@ -136,9 +137,12 @@ def finetune(
     target_fingerprint: str = "",
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    group: ProcessGroup = SINGLE,
 ) -> FinetuneResult:
     """Fine-tune ``target`` on ``x0`` (n, C, H, W) in [-1, 1] with surrogate ``labels`` (n,; -1 = unlabelled,
-    left out) and write the result to ``out`` (see the module docstring). Resumes from ``out/work``."""
+    left out) and write the result to ``out`` (see the module docstring). Resumes from ``out/work``. Under a
+    launch of several processes each trains on its rows of every batch and the main one writes
+    (``distributed.py``)."""
     if not isinstance(target, UNetDenoiser):
         raise ValueError("side-lora fine-tunes a diffusers UNet2DModel target; this target is a plain callable")
     labels = np.asarray(labels)
@@ -161,41 +165,49 @@ def finetune(
                          array_fingerprint(x, y), target_fingerprint)
     ckpt = out / "work" / "checkpoint"
     start, losses = 0, []
-    if (ckpt / "state.json").is_file():
-        state = json.loads((ckpt / "state.json").read_text())
+    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None
+    group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
+    if state is not None:
         if state.get("resume_key") == key:
             _load_trainable(model, load_file(str(ckpt / "trainable.safetensors")), full)
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
             start, losses = int(state["step"]), list(state["losses"])
             log.info("side-lora: resuming at step %d", start)
-        else:
+        elif group.main:
             shutil.rmtree(ckpt)
     sched = target.scheduler
     n_t = int(sched.config.num_train_timesteps)
     null = len(classes)
+    n_batch = min(c.batch_size, len(x))
+    rows = group.local_rows(n_batch)
+    net = group.data_parallel(model, device)
     for step in range(start + 1, c.steps + 1):
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(x), (min(c.batch_size, len(x)),), generator=g)
+        idx = torch.randint(0, len(x), (n_batch,), generator=g)
         xb, yb = x[idx], y[idx].clone()
         yb[torch.rand(len(yb), generator=g) < c.label_dropout] = null
         t = torch.randint(0, n_t, (len(xb),), generator=g)
         eps = torch.randn(xb.shape, generator=g)
         xt = sched.add_noise(xb, eps, t)
-        pred = model(xt.to(device), t.to(device), class_labels=yb.to(device)).sample
-        loss = F.mse_loss(pred, eps.to(device))
+        xt, eps, t, yb = xt[rows], eps[rows], t[rows], yb[rows]  # this process's rows of the global batch
+        pred = net(xt.to(device), t.to(device), class_labels=yb.to(device)).sample
+        per_row = (pred - eps.to(device)).pow(2).flatten(1).mean(1)
+        loss = group.local_loss(per_row, n_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(round(loss.item(), 6))
+        losses.append(round(group.global_sum(per_row.sum().item()) / n_batch, 6))
         if progress is not None:
             progress(step, c.steps)
-        if step % c.checkpoint_every == 0 or step == c.steps:
+        if group.main and (step % c.checkpoint_every == 0 or step == c.steps):
             with atomic_directory(ckpt) as tmp:
                 save_file(_trainable_state(model, full), str(tmp / "trainable.safetensors"))
                 torch.save(opt.state_dict(), tmp / "optimizer.pt")
                 atomic_write_json(tmp / "state.json", {"step": step, "losses": losses, "resume_key": key})
     model.eval()
-    save_finetuned(model, out, classes, c, losses)
+    group.check_replicas(model, "side-lora")
+    if group.main:
+        save_finetuned(model, out, classes, c, losses)
     return FinetuneResult(classes, losses, start)
 
 

@@ -129,12 +129,17 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     if len(classes) < 2:
         raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
                          "(lower surrogate.tau or use fewer clusters)")
-    if ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists():
+    group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
+    if group.on_main(lambda: ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists()):
         result = fit_label_classifier(x0, labels, c, scheduler=None if clean or denoised else ctx.denoiser.scheduler,
                                       out=directory / "work", device=ctx.device, progress=ctx.progress(name),
-                                      name=name)
-        save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c)})
-        ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy)
+                                      name=name, group=group)
+        if group.main:
+            save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c),
+                                                            "processes": group.world})
+            ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy, processes=group.world,
+                             rows_per_process=result.rows_per_process)
+        group.barrier()
     model = load_classifier(directory, ctx.device)
     e = ctx.rc.extract
     args = (model, np.asarray(model.arch.classes, dtype=np.int64), e.scale, e.temperature, (e.t_lo, e.t_hi),
@@ -150,11 +155,14 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: np.ndarray) -> Co
     fp = stage_fingerprint("lora", settings, ctx.fp["surrogate"], ctx.fp["model"])
     ctx.fp["lora"] = fp
     directory = ctx.run.path / "lora"
-    if ctx.run.begin("lora", fp) != "skip" or not (directory / "classes.json").exists():
+    group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
+    if group.on_main(lambda: ctx.run.begin("lora", fp) != "skip" or not (directory / "classes.json").exists()):
         res = finetune(ctx.denoiser, synthetic.to_float(), labels, c, directory, target_fingerprint=ctx.fp["model"],
-                       device=ctx.device, progress=ctx.progress("side-lora"))
-        ctx.run.complete("lora", classes=len(res.classes), final_loss=float(np.mean(res.losses[-50:])),
-                         resumed_from=res.resumed_from)
+                       device=ctx.device, progress=ctx.progress("side-lora"), group=group)
+        if group.main:
+            ctx.run.complete("lora", classes=len(res.classes), final_loss=float(np.mean(res.losses[-50:])),
+                             resumed_from=res.resumed_from, processes=group.world)
+        group.barrier()
     return load_finetuned(ctx.denoiser, directory, guidance_scale=c.guidance_scale, device=ctx.device)
 
 
@@ -432,22 +440,22 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         labels = once(lambda: surrogate_stage(ctx, once(lambda: features_stage(ctx, synthetic))))
         if upto == 0:
             return AuditResult(run.path, {}, {})
-        if "side" in methods:
-            guides["side"] = once(lambda: classifier_stage(ctx, "classifier", synthetic.to_float(), labels,
-                                                           ctx.fp["surrogate"], clean=False))
+        if "side" in methods:  # the training stages run on every process (data-parallel)
+            guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels, ctx.fp["surrogate"],
+                                              clean=False)
         if "side-lora" in methods:
-            denoisers["side-lora"] = once(lambda: lora_stage(ctx, synthetic, labels))
+            denoisers["side-lora"] = lora_stage(ctx, synthetic, labels)
     if {"cond", "side-teacher"} & set(methods):
         once = run.group.main_first
         train = _train_set(ctx)
-        clean = once(lambda: classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels,
-                                              train.fingerprint(), clean=True))
+        clean = classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(),
+                                 clean=True)
         scale = rc.extract.scale if rc.extract.cond_scale is None else rc.extract.cond_scale
         guides["cond"] = dataclasses.replace(clean, scale=scale, temperature=rc.extract.cond_temperature)
         if "side-teacher" in methods:
             t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))
-            guides["side-teacher"] = once(lambda: classifier_stage(ctx, "classifier-teacher", synthetic.to_float(),
-                                                                   t_labels, ctx.fp["teacher"], clean=False))
+            guides["side-teacher"] = classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels,
+                                                      ctx.fp["teacher"], clean=False)
     if upto <= 1:
         return AuditResult(run.path, {}, {})
     extractions = {}

@@ -32,6 +32,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors.torch import load_file, save_file
 
 from . import config as cfg
+from .distributed import SINGLE, ProcessGroup
 from .models.classifier import ClassifierArch, NoiseAwareResNet
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
 
@@ -43,6 +44,7 @@ class ClassifierTrainResult:
     model: NoiseAwareResNet
     history: list[dict]
     final_accuracy: dict[str, float]
+    rows_per_process: int = 0  # rows of each batch this process trained on (the whole batch for one process)
 
 
 def _gen(seed: int, step: int) -> torch.Generator:
@@ -117,11 +119,14 @@ def train_classifier(
     out: str | Path | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    group: ProcessGroup = SINGLE,
 ) -> ClassifierTrainResult:
     """Train a classifier on images ``x0`` (n, C, H, W) in [-1, 1] with labels ``y`` (n,) in 0..K-1.
 
     ``scheduler`` is the target's noise scheduler (time-dependent classifier) or None (clean classifier).
-    With ``out``, checkpoints and ``log.json`` are written there and an interrupted run resumes.
+    With ``out``, checkpoints and ``log.json`` are written there (by the main process) and an interrupted run
+    resumes. Under a launch of several processes every process calls this with the same arguments and each
+    trains on its rows of every batch (``distributed.py``).
     """
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
     if len(x0) != len(y_t):
@@ -145,37 +150,45 @@ def train_classifier(
     start, history = 0, []
     key = resume_key(arch, c, x0, y_t, scheduler)
     ckpt = Path(out) / "checkpoint" if out is not None else None
-    if ckpt is not None and (ckpt / "state.json").is_file():
-        state = json.loads((ckpt / "state.json").read_text())
+    state = json.loads((ckpt / "state.json").read_text()) if ckpt is not None and (ckpt / "state.json").is_file() else None
+    group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
+    if state is not None:
         if state.get("resume_key") == key:
             # read on the host; load_state_dict copies into the model and casts the state to its device
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
             start, history = state["step"], state["history"]
             log.info("classifier: resuming at step %d", start)
-        else:
+        elif group.main:
             log.info("classifier: discarding a checkpoint made from other data or settings")
             shutil.rmtree(ckpt)
     n_t = scheduler.config.num_train_timesteps if scheduler is not None else 0
+    n_batch = min(c.batch_size, len(x_tr))
+    rows = group.local_rows(n_batch)
+    net = group.data_parallel(model, device)
 
     for step in range(start + 1, c.steps + 1):
         model.train()
         g = _gen(c.seed, step)
-        idx = torch.randint(0, len(x_tr), (min(c.batch_size, len(x_tr)),), generator=g)
+        idx = torch.randint(0, len(x_tr), (n_batch,), generator=g)
         xb, yb = x_tr[idx], y_tr[idx]
         if scheduler is not None:
             t = torch.randint(0, n_t, (len(xb),), generator=g)
             xb = scheduler.add_noise(xb, torch.randn(xb.shape, generator=g), t)
         else:
             t = torch.zeros(len(xb), dtype=torch.long)
-        loss = F.cross_entropy(model(xb.to(device), t.to(device)), yb.to(device))
+        xb, yb, t = xb[rows], yb[rows], t[rows]  # this process's rows of the global batch
+        per_row = F.cross_entropy(net(xb.to(device), t.to(device)), yb.to(device), reduction="none")
+        loss = group.local_loss(per_row, n_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if progress is not None:
             progress(step, c.steps)
         if step % c.eval_every == 0 or step == c.steps:
-            entry = {"step": step, "loss": round(loss.item(), 5)}
+            entry = {"step": step, "loss": round(group.global_sum(per_row.sum().item()) / n_batch, 5)}
+            if not group.main:
+                continue
             if n_eval:
                 entry["accuracy"] = accuracy_by_quartile(model, x_ev.to(device), y_ev.to(device), scheduler, seed=c.seed)
             history.append(entry)
@@ -187,10 +200,12 @@ def train_classifier(
                     torch.save(opt.state_dict(), tmp / "optimizer.pt")
                     atomic_write_json(tmp / "state.json", {"step": step, "history": history, "resume_key": key})
     model.eval()
-    if out is not None:
-        atomic_write_json(Path(out) / "log.json", {"history": history, "n_train": len(tr), "n_eval": n_eval})
+    group.check_replicas(model, "classifier")
+    if out is not None and group.main:
+        atomic_write_json(Path(out) / "log.json", {"history": history, "n_train": len(tr), "n_eval": n_eval,
+                                                   "processes": group.world, "rows_per_process": len(range(n_batch)[rows])})
     final = history[-1].get("accuracy", {}) if history else {}
-    return ClassifierTrainResult(model, history, final)
+    return ClassifierTrainResult(model, history, final, len(range(n_batch)[rows]))
 
 
 def fit_label_classifier(
@@ -203,6 +218,7 @@ def fit_label_classifier(
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     name: str = "classifier",
+    group: ProcessGroup = SINGLE,
 ) -> ClassifierTrainResult:
     """A classifier of any label values (cluster ids, classes; -1 = unlabelled, left out), as the pipeline
     trains them: the label values become outputs 0..K-1 in sorted order (``model.arch.classes`` maps them
@@ -224,4 +240,4 @@ def fit_label_classifier(
                           time_mode="none" if scheduler is None else c.time_mode, time_embed_dim=c.time_embed_dim,
                           classes=tuple(int(v) for v in classes), time_blocks=c.time_blocks)
     return train_classifier(arch, x0[torch.from_numpy(keep)], np.searchsorted(classes, labels[keep]), c,
-                            scheduler=scheduler, out=out, device=device, progress=progress)
+                            scheduler=scheduler, out=out, device=device, progress=progress, group=group)

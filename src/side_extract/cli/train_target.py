@@ -1,12 +1,14 @@
 """``side train-target``: train a diffusers UNet2DModel target for memorization studies."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 
 from .. import config as cfg
 from ..data import load_image_set
+from ..distributed import ProcessGroup
 from ..models.target import train_target
 from .common import build_config, cli_errors, console, progress_bar, typed_flags
 
@@ -46,11 +48,17 @@ def train_target_cmd(
             raise ValueError(f"block_out_channels={block_out_channels!r} must be comma-separated integers") from None
     c = build_config(cfg.TrainTargetConfig, config, overrides)
     images = load_image_set(c.data, c.resize)
-    console.print(f"training on {images.name}: {len(images)} images of shape {images.shape}")
+    group = ProcessGroup.from_env()  # several processes (torchrun / accelerate launch): data-parallel training
+    if group.main:
+        console.print(f"training on {images.name}: {len(images)} images of shape {images.shape}"
+                      + (f", {group.world} processes" if group.world > 1 else ""))
     def report(step: int, steps: int, loss: float, seconds: float) -> None:
         console.print(f"step {step}/{steps}: loss {loss:.4f}, {seconds:.0f} s", highlight=False)
 
-    with progress_bar(ctx, "train-target") as cb:
+    with progress_bar(ctx, "train-target") if group.main else contextlib.nullcontext() as cb:
         # without progress bars, a line every 5 % of the steps (step, mean loss since the last line, time)
-        result = train_target(c, images, out, device=device, progress=cb, report=report if cb is None else None)
+        result = train_target(c, images, out, device=group.device(device), progress=cb,
+                              report=report if cb is None and group.main else None, group=group)
+    if not group.main:
+        return
     console.print(f"wrote {result.path} (steps {result.steps}, mean loss of the last 100 steps {result.final_loss:.4f})")

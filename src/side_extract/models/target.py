@@ -25,6 +25,7 @@ from diffusers.training_utils import EMAModel
 
 from .. import config as cfg
 from ..data import ImageSet
+from ..distributed import SINGLE, ProcessGroup
 from ..runs import atomic_directory, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -225,8 +226,12 @@ def train_target(
     progress: Callable[[int, int], None] | None = None,
     report: Callable[[int, int, float, float], None] | None = None,
     report_every: int = 0,
+    group: ProcessGroup = SINGLE,
 ) -> TrainResult:
     """Train a ``UNet2DModel`` with the DDPM loss on ``data`` and write a diffusers directory to ``out``.
+
+    Under a launch of several processes each trains on its rows of every batch and the main one writes
+    (``distributed.py``).
 
     ``report(step, steps, mean_loss, seconds)`` is called every ``report_every`` steps (default: 20 times in
     all) with the mean loss since the last call and the seconds since the start; the steps are also logged.
@@ -251,7 +256,8 @@ def train_target(
 
     start, losses, state = 0, [], None
     ckpt = _latest_checkpoint(out)
-    if ckpt is not None:
+    if ckpt is not None:  # every process reads it; only the main one writes checkpoints, after a step that
+        # synchronises the processes (the gradient exchange), so no process reads a half-replaced checkpoint
         state_meta = read_json(ckpt / "training_state.json")
         if state_meta["resume_key"] != resume_key:
             raise ValueError(f"{str(out)!r} holds checkpoints of a different config or data set; "
@@ -273,6 +279,8 @@ def train_target(
         ema.to(device)
     x0_all = x0_all.to(device)
 
+    rows = group.local_rows(c.batch_size)  # this process's rows of every global batch (distributed.py)
+    net = group.data_parallel(unet, device)
     step = start
     every = report_every or max(1, c.steps // 20)
     t_start, since = time.time(), []
@@ -283,13 +291,15 @@ def train_target(
         t = torch.randint(0, c.num_train_timesteps, (c.batch_size,), generator=g).to(device)
         x0 = x0_all[idx.to(device)]
         xt = scheduler.add_noise(x0, eps, t)
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, eps)
+        xt, eps, t = xt[rows], eps[rows], t[rows]
+        per_row = (net(xt, t).sample - eps).pow(2).flatten(1).mean(1)
+        loss = group.local_loss(per_row, c.batch_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if ema is not None:
             ema.step(unet.parameters())
-        losses.append(loss.item())
+        losses.append(group.global_sum(per_row.sum().item()) / c.batch_size)
         since.append(losses[-1])
         if progress is not None:
             progress(step, c.steps)
@@ -299,9 +309,12 @@ def train_target(
             if report is not None:
                 report(step, c.steps, mean, time.time() - t_start)
             since = []
-        if step % c.checkpoint_every == 0 or step == c.steps:
+        if group.main and (step % c.checkpoint_every == 0 or step == c.steps):
             _write_checkpoint(out, unet, ema, scheduler, opt, c, resume_key, step, losses)
 
+    group.check_replicas(unet, "train-target")
+    if not group.main:
+        return TrainResult(out, c.steps, float(sum(losses[-100:]) / max(1, len(losses[-100:]))), start)
     final_unet = _averaged(unet, ema)
     save_target(final_unet, scheduler, out_final := out / ".final", extra={"train_config.yaml": cfg.dump_yaml(c)})
     # Move the pipeline files into out/ itself, each by rename, so out/ is a diffusers directory.
@@ -311,7 +324,9 @@ def train_target(
             shutil.rmtree(target)
         (out_final / name).replace(target)
     out_final.rmdir()
-    atomic_write_json(out / "training_log.json", {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses]})
+    atomic_write_json(out / "training_log.json", {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
+                                                  "processes": group.world,
+                                                  "rows_per_process": len(range(c.batch_size)[rows])})
     final = float(sum(losses[-100:]) / max(1, len(losses[-100:])))
     return TrainResult(out, c.steps, final, start)
 
