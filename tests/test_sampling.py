@@ -13,7 +13,7 @@ from side_extract import config as cfg
 from side_extract.data import load_shards
 from side_extract.models.target import load_target, model_fingerprint
 from side_extract.runs import RunDir, read_json
-from side_extract.sampling import inference_scheduler, sample, sample_generators, sample_stage
+from side_extract.sampling import BatchSize, inference_scheduler, sample, sample_generators, sample_stage
 
 
 @pytest.mark.parametrize("kind,eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
@@ -110,3 +110,45 @@ def test_resume_after_killed_process(tiny_model_dir, tmp_path):
     ref_u8 = to_uint8(ref)
     assert np.abs(resumed.images.astype(int) - ref_u8.astype(int)).max() <= 1
     assert resumed.ids.tolist() == list(range(1200))
+
+
+class _OutOfMemoryAbove:
+    """The tiny denoiser, raising torch's out-of-memory error for batches larger than ``limit`` (as a GPU
+    would); counts the calls that failed."""
+
+    def __init__(self, inner, limit):
+        self.inner, self.limit, self.failures = inner, limit, 0
+        self.scheduler, self.sample_shape = inner.scheduler, inner.sample_shape
+
+    def __call__(self, x, t):
+        if len(x) > self.limit:
+            self.failures += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory (fake: batch {len(x)} > {self.limit})")
+        return self.inner(x, t)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_images(tiny_model_dir):
+    """A batch that runs out of memory is redone in halves and the stage keeps the smaller size: the images
+    equal a run at that size (same per-sample noise, same batches), bit for bit."""
+    d = load_target(tiny_model_dir)
+    flaky = _OutOfMemoryAbove(d, limit=3)
+    size = BatchSize(16)
+    got = sample(flaky, 11, seed=4, steps=3, batch_size=size)
+    got2 = sample(flaky, 5, seed=4, start=11, steps=3, batch_size=size)  # the next shard of the same stage
+    assert size.size == 2 and size.backoffs == [16, 8, 4] and flaky.failures == 3  # no retry in the 2nd shard
+    want = torch.cat([sample(d, 11, seed=4, steps=3, batch_size=2),
+                      sample(d, 5, seed=4, start=11, steps=3, batch_size=2)])
+    torch.testing.assert_close(torch.cat([got, got2]), want, rtol=0, atol=0)
+    with pytest.raises(torch.OutOfMemoryError):  # even one image does not fit: the error is raised
+        sample(_OutOfMemoryAbove(d, limit=0), 2, seed=4, steps=3, batch_size=2)
+
+
+def test_bf16_autocast_is_close_to_fp32_and_really_lower_precision(tiny_rgb_model_dir):
+    d = load_target(tiny_rgb_model_dir)
+    full = sample(d, 6, seed=3, steps=4, batch_size=6)
+    low = sample(d, 6, seed=3, steps=4, batch_size=6, precision="bf16")
+    diff = (full - low).abs()
+    assert low.dtype == torch.float32
+    assert 0 < float(diff.mean()) < 0.02 and float(diff.max()) < 0.2  # bf16 keeps 8 bits of mantissa
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        cfg.SampleConfig(precision="fp16")

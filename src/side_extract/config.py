@@ -16,6 +16,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 SchedulerKind = Literal["ddim", "ddpm"]
+Precision = Literal["fp32", "bf16"]  # the denoiser's forward pass: float32, or under bfloat16 autocast
+
+
+def _precision(obj: Any) -> None:
+    if obj.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={obj.precision!r} must be 'fp32' or 'bf16' (the denoiser under bfloat16 autocast)")
 T = TypeVar("T")
 
 
@@ -77,7 +83,12 @@ class TrainTargetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """Unguided sampling of the synthetic set (SIDE step 1, and the UnCond baseline)."""
+    """Unguided sampling of the synthetic set (SIDE step 1, and the UnCond baseline).
+
+    ``batch_size``: images per denoiser call; on a GPU out-of-memory error the batch is halved and sampling
+    goes on (``sampling.BatchSize``). ``precision``: ``bf16`` runs the denoiser under bfloat16 autocast
+    (``side bench scale`` measures its parity with ``fp32``); guidance gradients stay in float32.
+    """
 
     n: int = 1000
     seed: int = 0
@@ -86,10 +97,12 @@ class SampleConfig:
     eta: float = 0.0
     batch_size: int = 64
     shard_size: int = 512
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         _finite(self)
         _positive(self, "n", "steps", "batch_size", "shard_size")
+        _precision(self)
         if self.eta < 0:
             raise ValueError(f"eta={self.eta} must be >= 0")
 
@@ -291,7 +304,7 @@ class ExtractConfig:
     rounds, toward the classes still producing new images, near-duplicates below ``dedup_threshold`` pixel RMS
     counting as one image; the stage's shards are then its rounds). Every method samples with
     guided-diffusion's DDIM (eps recomputed from the clipped x0) and guidance in its order
-    (``sampling.guided_step``).
+    (``sampling.guided_step``). ``batch_size`` and ``precision`` as in :class:`SampleConfig`.
     """
 
     methods: tuple[str, ...] = ("side", "cond", "uncond")
@@ -311,10 +324,12 @@ class ExtractConfig:
     allocation: Literal["uniform", "adaptive"] = "uniform"
     rounds: int = 4
     dedup_threshold: float = 0.05
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         _finite(self)
         _positive(self, "n", "steps", "batch_size", "shard_size", "rounds")
+        _precision(self)
         if not 0.0 < self.dedup_threshold < 1.0:
             raise ValueError(f"dedup_threshold={self.dedup_threshold} must be a pixel RMS distance in (0, 1)")
         if self.allocation not in ("uniform", "adaptive"):

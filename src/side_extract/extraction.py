@@ -20,7 +20,7 @@ from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .models.target import Denoiser
 from .runs import Progress, RunDir, shard_stage
-from .sampling import SamplingDiverged, sample
+from .sampling import BatchSize, SamplingDiverged, sample
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def extract(
     stop: int,
     *,
     previous: ImageSet | None = None,
+    batch_size: BatchSize | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
@@ -71,8 +72,8 @@ def extract(
         targets = draw_targets(c.seed, idx, guidance.n_classes)
         labels = guidance.classes[targets]
     x = sample(denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-               batch_size=c.batch_size, guidance=guidance, labels=targets, clip_eps=True, device=device,
-               progress=progress)
+               batch_size=batch_size or c.batch_size, guidance=guidance, labels=targets, clip_eps=True,
+               precision=c.precision, device=device, progress=progress)
     return {"images": to_uint8(x), "index": idx, "labels": labels}
 
 
@@ -94,6 +95,7 @@ def extraction_stage(
 
     stage = f"extraction/{method}"
     adaptive = guidance is not None and c.allocation == "adaptive"
+    size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
         previous = None
@@ -101,7 +103,8 @@ def extraction_stage(
             previous = load_shards(run.path / stage)
             keep = previous.ids < lo
             previous = ImageSet(previous.images[keep], previous.labels[keep], previous.ids[keep])
-        return extract(denoiser, c, guidance, lo, hi, previous=previous, device=device, progress=shard_progress)
+        return extract(denoiser, c, guidance, lo, hi, previous=previous, batch_size=size, device=device,
+                       progress=shard_progress)
 
     try:
         return shard_stage(run, stage, fingerprint, c.n, round_size(c) if adaptive else c.shard_size, make,

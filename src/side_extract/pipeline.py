@@ -198,6 +198,8 @@ def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | Non
     (batched convolutions round differently, so guided images can move by a few uint8 levels) and sharding,
     and for a guided method its own scale, temperature and guidance time range (not the other methods')."""
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
+    if c.precision != "fp32":
+        d["precision"] = c.precision
     if guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
         if c.allocation != "uniform":

@@ -146,8 +146,12 @@ def denoise_batch(
     guidance: Guidance | None = None,
     y: torch.Tensor | None = None,
     clip_eps: bool = True,
+    precision: cfg.Precision = "fp32",
 ) -> torch.Tensor:
     """Run the reverse process from x_T = ``x`` to x_0 with ``sched``'s timesteps. Returns (B, C, H, W).
+
+    ``precision="bf16"``: the denoiser runs under bfloat16 autocast, its eps cast back to ``x``'s dtype; the
+    scheduler arithmetic and the guidance stay in float32.
 
     ``guidance(x_t, t, y)`` with the batch's target labels ``y`` (B,); ``clip_eps`` (DDIM) recomputes eps from
     the clipped x0 in unguided steps too, as guided-diffusion's DDIM always does (diffusers' DDIMPipeline
@@ -157,8 +161,11 @@ def denoise_batch(
         raise ValueError("guided or conditional sampling needs the batch's target labels y")
     raw = _raw_ddim(sched) if guidance is not None and isinstance(sched, DDIMScheduler) else None
     conditional = getattr(denoiser, "conditional", False)
+    low = precision == "bf16"
     for i, t in enumerate(sched.timesteps):
-        eps = denoiser(x, t, y) if conditional else denoiser(x, t)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
+            eps = denoiser(x, t, y) if conditional else denoiser(x, t)
+        eps = eps.to(x.dtype)
         g = None
         if guidance is not None:
             with torch.enable_grad():
@@ -173,6 +180,27 @@ def denoise_batch(
     return x
 
 
+class BatchSize:
+    """The batch size of a stage's denoiser calls, halved on a GPU out-of-memory error (and kept halved for
+    the rest of the stage, so that one error costs one retry). Every sample draws its noise from its own
+    generator, so a smaller batch gives the same images up to the rounding of batched convolutions."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"batch_size={size} must be positive")
+        self.size = size
+        self.backoffs: list[int] = []  # the sizes that ran out of memory
+
+    def shrink(self, error: BaseException) -> None:
+        if self.size == 1:
+            raise error
+        self.backoffs.append(self.size)
+        log.warning("out of memory at a batch of %d: going on with %d", self.size, self.size // 2)
+        self.size //= 2
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def sample(
     denoiser: Denoiser,
     n: int,
@@ -182,10 +210,11 @@ def sample(
     scheduler: cfg.SchedulerKind = "ddim",
     steps: int = 50,
     eta: float = 0.0,
-    batch_size: int = 64,
+    batch_size: int | BatchSize = 64,
     guidance: Guidance | None = None,
     labels: np.ndarray | None = None,
     clip_eps: bool = False,
+    precision: cfg.Precision = "fp32",
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> torch.Tensor:
@@ -193,32 +222,43 @@ def sample(
 
     Parameters
     ----------
+    batch_size : images per denoiser call, or a stage's :class:`BatchSize` (halved on out-of-memory)
     guidance : ``g(x, t, y)`` (``guidance.Guidance``), or None for unguided sampling
     labels : (n,) int, the target output index of each sample (needed with guidance)
     clip_eps : DDIM: eps from the clipped x0 in every step (guided-diffusion's DDIM); False is diffusers'
         ``DDIMPipeline``
+    precision : "fp32", or "bf16" (the denoiser under bfloat16 autocast)
 
     Returns
     -------
     (n, C, H, W) float in [-1, 1], on the CPU
     """
-    if n <= 0 or batch_size <= 0:
-        raise ValueError(f"n={n} and batch_size={batch_size} must be positive")
+    size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
+    if n <= 0:
+        raise ValueError(f"n={n} must be positive")
     needs_labels = guidance is not None or getattr(denoiser, "conditional", False)
     if needs_labels and (labels is None or len(labels) != n):
         raise ValueError(f"guided or conditional sampling of {n} samples needs {n} target labels, got "
                          f"{None if labels is None else len(labels)}")
     sched = inference_scheduler(denoiser.scheduler, scheduler, steps)
     out = []
-    for b0 in range(start, start + n, batch_size):
-        idx = np.arange(b0, min(b0 + batch_size, start + n))
+    b0 = start
+    while b0 < start + n:
+        idx = np.arange(b0, min(b0 + size.size, start + n))
         gens = sample_generators(seed, idx, device)
         x = randn_tensor((len(idx), *denoiser.sample_shape), generator=gens, device=torch.device(device))
         y = None if not needs_labels else torch.as_tensor(labels[idx - start], dtype=torch.long, device=device)
-        out.append(denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=guidance, y=y,
-                                 clip_eps=clip_eps).clamp(-1, 1).cpu())
+        try:
+            batch = denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=guidance, y=y, clip_eps=clip_eps,
+                                  precision=precision)
+        except torch.OutOfMemoryError as e:
+            del x, gens
+            size.shrink(e)
+            continue  # the same samples again, in a smaller batch
+        out.append(batch.clamp(-1, 1).cpu())
+        b0 = int(idx[-1]) + 1
         if progress is not None:
-            progress(int(idx[-1] - start + 1), n)
+            progress(b0 - start, n)
     return torch.cat(out)
 
 
@@ -234,9 +274,11 @@ def sample_stage(
 ) -> ImageSet:
     """Unguided sampling of ``c.n`` images into ``run/<stage>/shard-*.npz`` (skips or resumes as the manifest says)."""
 
+    size = BatchSize(c.batch_size)
+
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
         x = sample(denoiser, hi - lo, seed=c.seed, start=lo, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-                   batch_size=c.batch_size, device=device, progress=shard_progress)
+                   batch_size=size, precision=c.precision, device=device, progress=shard_progress)
         return {"images": to_uint8(x), "index": np.arange(lo, hi, dtype=np.int64)}
 
     return shard_stage(run, stage, _fingerprint(c, model_fingerprint), c.n, c.shard_size, make,
@@ -246,4 +288,6 @@ def sample_stage(
 def _fingerprint(c: cfg.SampleConfig, model_fingerprint: str) -> str:
     # what the images depend on, the batch size included (batched convolutions round differently)
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
+    if c.precision != "fp32":
+        d["precision"] = c.precision
     return stage_fingerprint("synthetic", d, model_fingerprint)
