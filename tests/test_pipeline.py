@@ -170,3 +170,31 @@ def test_side_through_the_denoised_estimate(tiny_model_dir, tmp_path):
     zero = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=0.0))
     z = run_audit(tmp_path / "zero", zero, until="extraction")
     np.testing.assert_array_equal(z.extractions["side"].images, z.extractions["uncond"].images)
+
+
+def test_training_set_features_are_extracted_once_per_run(tiny_model_dir, tmp_path, monkeypatch):
+    """With a feature similarity, the training set's features are a stage of their own (keyed by extractor,
+    training set and model): the calibration and every method's evaluation reuse them, and a rerun with
+    another method reads them from the run directory instead of extracting them again."""
+    import side_extract.features as features_module
+    import side_extract.pipeline as pipeline_module
+
+    calls = []
+    real = features_module.extract_features
+
+    def counting(name, images, **kw):
+        calls.append(len(images))
+        return real(name, images, **kw)
+
+    for module in (pipeline_module, features_module):
+        monkeypatch.setattr(module, "extract_features", counting)
+    rc = tiny_rc(tiny_model_dir, methods=("cond", "uncond"))
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, similarity="cosine:unet", quality=()))
+    run_audit(tmp_path / "run", rc)
+    assert calls.count(30) == 1  # the 30 training images: once, for the calibration and both evaluations
+    entry = read_json(tmp_path / "run" / "manifest.json")["stages"]["train-features"]
+    assert entry["status"] == "complete" and entry["n"] == 30
+    calls.clear()
+    rc2 = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("cond", "uncond", "side")))
+    run_audit(tmp_path / "run", rc2)
+    assert 30 not in calls  # side's evaluation read the cached features

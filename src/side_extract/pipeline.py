@@ -28,6 +28,7 @@ from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
 from .evaluation import calibrate, digits_complement, evaluate
+from .metrics import Similarity
 from .extraction import extraction_stage
 from .features import EXTRACTORS, extract_features
 from .finetune import ConditionalDenoiser, finetune, load_finetuned
@@ -230,10 +231,31 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
                 heldout = dataclasses.replace(heldout, images=resize(heldout.images, ctx.rc.train_resize))
         else:
             heldout = None
-        cal = calibrate(train, heldout, c, feature_model=ctx.denoiser, device=ctx.device)
+        cal = calibrate(train, heldout, c, train_features=train_features_stage(ctx, train),
+                        feature_model=ctx.denoiser, device=ctx.device)
         cal.write(ctx.run.path / "evaluation")
         ctx.run.complete("calibration", null_source=cal.null_source)
     return path
+
+
+def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | None:
+    """The training set's features for a cosine similarity, extracted once per run into
+    ``RUN/train-features/features.npz`` (keyed by the extractor, the training set and, for ``unet``, the
+    model) and reused by the calibration and every method's evaluation. None for pixel RMS-L2."""
+    c = ctx.rc.evaluate
+    sim = Similarity(c.similarity)
+    if sim.metric != "cosine":
+        return None
+    needs_model = EXTRACTORS[sim.extractor.split(":", 1)[0]].needs_model
+    fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(), ctx.fp["model"] if needs_model else None)
+    path = ctx.run.path / "train-features" / "features.npz"
+    if ctx.run.begin("train-features", fp) != "skip" or not path.exists():
+        feats = extract_features(sim.extractor, train, model=ctx.denoiser, reference=train, device=ctx.device,
+                                 batch_size=c.feature_batch_size)
+        atomic_save_npz(path, features=feats)
+        ctx.run.complete("train-features", n=len(train), dim=int(feats.shape[1]))
+    with np.load(path, allow_pickle=False) as z:
+        return z["features"]
 
 
 def quality_reference(ctx: AuditContext) -> ImageSet | None:
@@ -287,8 +309,8 @@ def evaluation_stage(ctx: AuditContext, method: str, generated: ImageSet, train:
                            None if reference is None else reference.fingerprint())
     path = ctx.run.path / stage / "metrics.json"
     if ctx.run.begin(stage, fp) != "skip" or not path.exists():
-        ev = evaluate(generated, train, c, method=method, feature_model=ctx.denoiser, device=ctx.device,
-                      progress=ctx.progress(f"evaluate {method}"))
+        ev = evaluate(generated, train, c, method=method, train_features=train_features_stage(ctx, train),
+                      feature_model=ctx.denoiser, device=ctx.device, progress=ctx.progress(f"evaluate {method}"))
         ev.write(ctx.run.path / stage)
         metrics = json.loads(path.read_text())
         metrics["quality"] = quality_of(ctx, generated, reference)

@@ -146,6 +146,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "lora": 1,
     "extraction": 2,    # 2: guidance in guided-diffusion's order (after the x0 clip)
     "calibration": 2,   # 2: held-out images resized like the training set
+    "train-features": 1,
     "evaluation": 1,
 }
 

@@ -237,8 +237,9 @@ def bench_neighbors(c: ComputeBenchConfig) -> list[dict[str, Any]]:
 _RSS_CHILD = "import sys; from side_extract.bench.compute import evaluate_rss_child as f; f(*map(int, sys.argv[1:]))"
 
 
-def evaluate_rss_child(n_generated: int, n_train: int, threads: int = 1) -> None:
-    """(Run in a fresh process.) Evaluate random 8x8 generations (1 % planted copies); print one JSON line."""
+def evaluate_rss_child(n_generated: int, n_train: int, threads: int = 1, side: int = 8, channels: int = 1) -> None:
+    """(Run in a fresh process.) Evaluate random ``side`` x ``side`` x ``channels`` generations (1 % planted
+    copies) against random training images; print one JSON line."""
     import resource
 
     from .. import config as cfg
@@ -251,8 +252,8 @@ def evaluate_rss_child(n_generated: int, n_train: int, threads: int = 1) -> None
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     rng = np.random.default_rng(0)
-    train = ImageSet(rng.integers(0, 256, (n_train, 8, 8, 1), dtype=np.uint8))
-    gen = rng.integers(0, 256, (n_generated, 8, 8, 1), dtype=np.uint8)
+    train = ImageSet(rng.integers(0, 256, (n_train, side, side, channels), dtype=np.uint8))
+    gen = rng.integers(0, 256, (n_generated, side, side, channels), dtype=np.uint8)
     planted = rng.choice(n_generated, max(1, n_generated // 100), replace=False)
     gen[planted] = train.images[rng.integers(0, n_train, len(planted))]
     c = cfg.EvaluateConfig(bands="low=0.30:0.32,mid=0.2:0.30,high=0:0.2")
@@ -260,20 +261,24 @@ def evaluate_rss_child(n_generated: int, n_train: int, threads: int = 1) -> None
     before = peak_mb()
     t0 = time.perf_counter()
     r = evaluate(ImageSet(gen), train, c)
-    print(json.dumps({"n_generated": n_generated, "n_train": n_train, "seconds": round(time.perf_counter() - t0, 2),
-                      "rss_before_mb": round(before, 1), "peak_rss_mb": round(peak_mb(), 1),
+    print(json.dumps({"n_generated": n_generated, "n_train": n_train, "dims": side * side * channels,
+                      "seconds": round(time.perf_counter() - t0, 2), "rss_before_mb": round(before, 1),
+                      "peak_rss_mb": round(peak_mb(), 1), "train_set_mb": round(train.images.nbytes / 2**20, 1),
                       "ams_high": r.ams["high"], "planted_fraction": len(planted) / n_generated}))
 
 
+def evaluate_rss(n_generated: int, n_train: int, threads: int = 1, side: int = 8, channels: int = 1) -> dict[str, Any]:
+    """:func:`evaluate_rss_child` in a fresh process; its JSON row."""
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, *map(str, (n_generated, n_train, threads, side, channels))],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluate RSS child for N_G={n_generated}, {n_train} training images failed:\n"
+                           f"{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_evaluate_rss(c: ComputeBenchConfig) -> list[dict[str, Any]]:
-    rows = []
-    for n in c.rss_sizes:
-        proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(n), str(c.rss_n_train), str(c.threads)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"evaluate RSS child for N_G={n} failed:\n{proc.stderr[-2000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return rows
+    return [evaluate_rss(n, c.rss_n_train, c.threads) for n in c.rss_sizes]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,4 +385,4 @@ def write_compute_results(data: dict[str, Any], out: str | Path) -> tuple[Path, 
 
 __all__ = ["ComputeBenchConfig", "quick_compute_config", "run_compute_bench", "write_compute_results",
            "render_compute_markdown", "interleaved", "median_ratio", "bench_sampling", "bench_guidance",
-           "bench_neighbors", "bench_evaluate_rss", "bench_demo", "bench_busy_demo", "evaluate_rss_child"]
+           "bench_neighbors", "bench_evaluate_rss", "bench_demo", "bench_busy_demo", "evaluate_rss", "evaluate_rss_child"]

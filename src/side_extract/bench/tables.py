@@ -194,3 +194,65 @@ def render_variants_markdown(data: dict[str, Any]) -> str:
 
 
 __all__ = ["render_extraction_markdown", "render_compute_markdown", "render_variants_markdown"]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def render_scale_markdown(data: dict[str, Any]) -> str:
+    """``side bench scale``: per-model costs, the search, 1 vs 2 processes and the cost model."""
+    c = data["config"]
+    lines = [*_preamble("Scale benchmark", data), f"Total {data['seconds']:.0f} s.", ""]
+    models = data.get("models") or []
+    if models:
+        lines += ["## Models (random weights; seconds per image, this machine)", "",
+                  *_table(["model", "params", "batch", "denoiser call", "bf16 call", "bf16 rel. diff", "guided step",
+                           "classifier train step", "GFLOP / call", "peak RSS MB"],
+                          [[r["model"], f"{r['parameters'] / 1e6:.1f}M", str(r["batch"]),
+                            fmt(r["denoiser_s_per_image"]), fmt(r["denoiser_bf16_s_per_image"]),
+                            fmt(r["bf16_rel_mean_diff"], 2), fmt(r["guided_step_s_per_image"]),
+                            fmt(r["classifier_train_s_per_image"]), fmt(r["denoiser_flops_per_image"] / 1e9),
+                            fmt(r["peak_rss_mb"], 4)] for r in models]), "",
+                  "bf16 rel. diff: mean |eps_bf16 - eps_fp32| / mean |eps_fp32| of one call at t = 600 (autocast); "
+                  "a guided step is one denoiser call plus the noise-aware classifier's forward and backward "
+                  f"({models[0]['classifier_parameters'] / 1e6:.2f}M parameters, K = {c['classifier_classes']}).", ""]
+    search = data.get("search") or []
+    if search:
+        lines += ["## Exact nearest-neighbour search and metrics (`evaluate`, pixel RMS-L2)", "",
+                  *_table(["training images", "dims", "N_G", "seconds", "training set MB", "peak RSS MB"],
+                          [[f"{r['n_train']:,}", str(r["dims"]), f"{r['n_generated']:,}", fmt(r["seconds"]),
+                            fmt(r["train_set_mb"], 4), fmt(r["peak_rss_mb"], 4)] for r in search]), ""]
+    p = data.get("processes")
+    if p:
+        lines += ["## One and two processes (`side sample --model demo`, torchrun)", ""]
+        if "skipped" in p:
+            lines += [f"Skipped: {p['skipped']}.", ""]
+        else:
+            lines += [f"{p['n']} images: {p['wall_s_1']} s with 1 process, {p['wall_s_2']} s with 2 (speed-up "
+                      f"{p['speedup']}x, interpreter start included); images identical: {p['identical']}.", ""]
+    cost = data.get("cost") or []
+    if cost:
+        a = data["audit"]
+        lines += ["## Cost model", "",
+                  f"An audit of N_syn {a['n_synthetic']:,} synthetic images, N_G {a['n_generated']:,} generations for "
+                  f"each of {a['guided_methods']} guided and {a['unguided_methods']} unguided method(s), "
+                  f"{a['steps']} DDIM steps, {a['classifiers']} classifiers x {a['classifier_steps']:,} steps of "
+                  f"{a['classifier_batch']}, search against {a['n_train']:,} training images. 'Here' multiplies "
+                  "this machine's measured seconds per image (largest measured batch) by the counts. The GPU "
+                  f"columns are a projection, not a measurement: FLOPs / an assumed {c['gpu_tflops']:g} TFLOP/s "
+                  "sustained per GPU (bf16), every stage split evenly between the GPUs.", "",
+                  *_table(["model", "stage", "TFLOP", "here (1 process)", "1 GPU (projected)", "8 GPUs (projected)"],
+                          [[r["model"], r["stage"], fmt(r["flops"] / 1e12), _duration(r["cpu_s"]),
+                            _duration(r["gpu1_s"]), _duration(r["gpu8_s"])] for r in cost])]
+        for name in dict.fromkeys(r["model"] for r in cost):
+            rows = [r for r in cost if r["model"] == name]
+            here = sum(r["cpu_s"] or 0 for r in rows)
+            lines += ["", f"{name}: total here {_duration(here)}; 1 GPU {_duration(sum(r['gpu1_s'] for r in rows))}, "
+                      f"8 GPUs {_duration(sum(r['gpu8_s'] for r in rows))} (projected)."]
+    return "\n".join(lines) + "\n"

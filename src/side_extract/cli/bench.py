@@ -296,3 +296,31 @@ def compute_cmd(
     json_path, md_path = write_compute_results(data, out)
     console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+
+
+@bench_app.command("scale")
+@cli_errors
+def scale_cmd(
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for scale.json and scale.md."),
+    threads: int = typer.Option(1, "--bench-threads", help="Torch threads for the timed parts."),
+    only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (models, search, processes)."),
+    gpu_tflops: float = typer.Option(30.0, "--gpu-tflops", help="Assumed sustained TFLOP/s of one GPU for the "
+                                     "projection (not measured here; scripts/gpu-check measures it on a GPU)."),
+    quick: bool = typer.Option(False, "--quick", help="CIFAR-10 size at one small batch, a small search; writes "
+                               "scale-quick.*."),
+) -> None:
+    """Real model sizes (CIFAR-10 DDPM, 64x64), the search at 50k/200k training images, 1 vs 2 processes, and
+    the cost model of an audit (here, and projected to 1 and 8 GPUs)."""
+    from ..bench.scale import ScaleBenchConfig, quick_scale_config, run_scale_bench, write_scale_results
+
+    c = quick_scale_config() if quick else ScaleBenchConfig()
+    c = dataclasses.replace(c, threads=threads, gpu_tflops=gpu_tflops)
+    parts = tuple(x.strip() for x in only.split(",") if x.strip())
+    argv = ["side", "bench", "scale", "--out", str(out), "--bench-threads", str(threads), "--gpu-tflops", f"{gpu_tflops:g}"]
+    argv += ["--only", only] if parts else []
+    argv += ["--quick"] if quick else []
+    data = run_scale_bench(c, command=shlex.join(argv), parts=parts,
+                           progress=lambda name: console.print(f"[dim]{name} ...[/]"))
+    json_path, md_path = write_scale_results(data, out)
+    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")

@@ -69,7 +69,9 @@ def _relaunch(n: int) -> None:
         if a.startswith("--processes="):
             continue
         args.append(a)
-    os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={n}", "-m", "side_extract.cli.main", *args])
+    # "--": torchrun's parser would otherwise take an abbreviation of its own options from our arguments
+    # (`--n 100` is ambiguous to it)
+    os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={n}", "-m", "--", "side_extract.cli.main", *args])
 
 
 app.command("train-target")(train_target.train_target_cmd)

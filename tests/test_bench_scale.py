@@ -1,0 +1,58 @@
+"""``side bench scale``: the real-size architectures, the cost model's arithmetic, the markdown."""
+from __future__ import annotations
+
+import pytest
+
+from side_extract.bench.scale import Audit, ScaleBenchConfig, build_architecture, cost_model, throughput
+from side_extract.bench.tables import render_scale_markdown
+
+
+def test_cifar10_architecture_has_the_published_size():
+    """google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 DDPM) has 35.7M parameters."""
+    unet = build_architecture("cifar10-32")
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7
+    assert unet.config.sample_size == 32 and tuple(unet.config.block_out_channels) == (128, 256, 256, 256)
+
+
+def test_cost_model_by_hand():
+    row = {"model": "m", "batch": 4, "side": 2, "denoiser_s_per_image": 0.5, "guided_step_s_per_image": 1.0,
+           "classifier_train_s_per_image": 0.25, "denoiser_flops_per_image": 1e9, "classifier_flops_per_image": 1e8}
+    small = dict(row, batch=1, denoiser_s_per_image=99.0)  # the largest batch's figures are used
+    search = [{"dims": 12, "n_generated": 10, "n_train": 100, "seconds": 2.0}]  # 2e-3 s per pair
+    a = Audit(n_synthetic=10, n_generated=20, guided_methods=2, unguided_methods=1, steps=5, classifier_steps=3,
+              classifier_batch=4, classifiers=2, n_train=1000)
+    rows = {r["stage"]: r for r in cost_model([small, row], search, a, gpu_tflops=2.0)}
+    assert rows["synthetic set"]["cpu_s"] == 10 * 5 * 0.5
+    assert rows["extraction (guided)"]["cpu_s"] == 20 * 2 * 5 * 1.0
+    assert rows["extraction (unguided)"]["cpu_s"] == 20 * 1 * 5 * 0.5
+    assert rows["classifier training"]["cpu_s"] == 2 * 3 * 4 * 0.25
+    assert rows["search"]["cpu_s"] == pytest.approx(20 * 3 * 1000 * 2e-3)
+    # FLOPs: denoiser calls, plus forward + backward (3x forward) of the classifier per guided call
+    assert rows["extraction (guided)"]["flops"] == 20 * 2 * 5 * (1e9 + 3e8)
+    assert rows["classifier training"]["flops"] == 2 * 3 * 4 * 3e8
+    assert rows["search"]["flops"] == 20 * 3 * 1000 * 2 * 12
+    assert rows["synthetic set"]["gpu1_s"] == 10 * 5 * 1e9 / 2e12
+    assert rows["synthetic set"]["gpu8_s"] == rows["synthetic set"]["gpu1_s"] / 8
+
+
+def test_throughput_and_markdown_on_cpu():
+    r = throughput("cifar10-32", "cpu", batches=(1,), steps=1)
+    assert [x["precision"] for x in r["rows"]] == ["fp32", "bf16"]
+    assert 0 < r["bf16_rel_mean_diff"] < 0.05  # bf16 keeps 8 bits of mantissa: about 1 % on eps
+    assert r["flops_per_call"] == pytest.approx(12.1e9, rel=0.01)  # 2 x the multiply-adds of one call
+    data = {"machine": {"platform": "p", "cpu_count": 2, "torch": "t", "torch_threads": 1,
+                        "load_average_at_start": [0], "date": "d"},
+            "config": {"classifier_classes": 100, "gpu_tflops": 30.0}, "seconds": 1.0, "audit": vars(Audit()),
+            "cost": cost_model([{"model": "m", "batch": 1, "side": 32, "denoiser_s_per_image": 1.0,
+                                 "guided_step_s_per_image": 2.0, "classifier_train_s_per_image": 0.1,
+                                 "denoiser_flops_per_image": 1e10, "classifier_flops_per_image": 1e9}], [], Audit(),
+                               30.0)}
+    md = render_scale_markdown(data)
+    assert "a projection, not a measurement" in md and "| m | search |" in md
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="models=.*cifar10-32"):
+        ScaleBenchConfig(models=("imagenet",))
+    with pytest.raises(ValueError, match="gpu_tflops=0"):
+        ScaleBenchConfig(gpu_tflops=0)
