@@ -120,3 +120,13 @@ def test_data_parallel_target_training_equals_one_process(tmp_path):
     np.testing.assert_allclose(lb["loss_every_step"], la["loss_every_step"], rtol=1e-4)
     assert (la["processes"], la["rows_per_process"]) == (1, 8)
     assert (lb["processes"], lb["rows_per_process"]) == (2, 4)
+
+
+def test_processes_flag_passes_every_argument_through_torchrun(tiny_model_dir, tmp_path):
+    """`side --processes 2 sample --n 6`: torchrun's own parser must not read `--n` as an abbreviation of its
+    options (it did: "ambiguous option: --n"); the images equal one process's."""
+    args = ["--threads", "1", "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "6", "--steps", "2",
+            "--shard-size", "2"]
+    _run([*args, "--out", str(tmp_path / "one")], 1)
+    _run(["--processes", "2", *args, "--out", str(tmp_path / "two")], 1)
+    _same_shards(tmp_path / "one" / "synthetic", tmp_path / "two" / "synthetic")
