@@ -9,7 +9,9 @@ memory is its own:
    weights (cost does not depend on them). Per batch size: seconds per image of one denoiser call (fp32 and
    bf16 autocast, with bf16's parity against fp32), of one guided step (denoiser + the noise-aware
    classifier's forward and backward, the library's default classifier, K = 100), of one classifier training
-   step, the peak resident memory, and the FLOPs per image (``torch.utils.flop_counter``);
+   step (the four timed side by side, in alternating order, median over repeats; the ratios guided / call and
+   bf16 / fp32 come from the same repeats), the peak resident memory, and the FLOPs per image
+   (``torch.utils.flop_counter``);
 2. **search**: :func:`side_extract.evaluation.evaluate` (exact pixel RMS-L2 nearest neighbours + metrics) of
    N_G generations against 50,000 and 200,000 random 32x32x3 training images: seconds and peak memory (flat
    in N_G: the search streams reference chunks and keeps a running top-k);
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,10 +69,10 @@ class ScaleBenchConfig:
 
     models: tuple[str, ...] = ("cifar10-32", "unet-64")
     batch_sizes: tuple[int, ...] = (1, 16)
-    repeats: int = 2
+    repeats: int = 3
     classifier_classes: int = 100
     search_train: tuple[int, ...] = (50_000, 200_000)
-    search_generated: tuple[int, ...] = (100, 400)
+    search_generated: tuple[int, ...] = (100, 1600)
     search_side: int = 32
     processes_n: int = 96
     gpu_tflops: float = 30.0
@@ -122,22 +125,13 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (allocator, kernels)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def model_child(name: str, batch: int, repeats: int, classes: int, threads: int) -> None:
     """(Run in a fresh process.) Time one architecture at one batch size; print one JSON line."""
     from diffusers import DDPMScheduler
 
     from .. import config as cfg
     from ..guidance import ClassifierGuidance
+    from .compute import interleaved
     from ..models.classifier import ClassifierArch, NoiseAwareResNet
     from ..models.target import UNetDenoiser
     from ..sampling import guided_step, inference_scheduler
@@ -164,36 +158,44 @@ def model_child(name: str, batch: int, repeats: int, classes: int, threads: int)
 
     with torch.no_grad():
         eps32 = denoiser(x, t)
-        fwd = _seconds(lambda: denoiser(x, t), repeats)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             eps16 = denoiser(x, t).float()
-            fwd16 = _seconds(lambda: denoiser(x, t), repeats)
 
-    def guided() -> None:
+    def call(_r: int) -> None:
+        with torch.no_grad():
+            denoiser(x, t)
+
+    def call16(_r: int) -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            denoiser(x, t)
+
+    def guided(_r: int) -> None:
         with torch.no_grad():
             eps = denoiser(x, ts)
         g = guide(x, ts, y)
         with torch.no_grad():
             guided_step(sched, x, ts, eps, gens, g=g)
 
-    step = _seconds(guided, repeats)
     train_model = NoiseAwareResNet(arch).train()
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
     tt = torch.randint(0, 1000, (batch,), generator=gen)
 
-    def train_step() -> None:
+    def train_step(_r: int) -> None:
         loss = torch.nn.functional.cross_entropy(train_model(x, tt), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    train = _seconds(train_step, repeats)
+    fns = {"call": call, "call16": call16, "guided": guided, "train": train_step}
+    interleaved(fns, 1)  # warm-up (allocator, kernels)
+    times = {k: statistics.median(v) for k, v in interleaved(fns, repeats).items()}  # side by side, alternating
     row = {"model": name, "batch": batch, "side": side, "parameters": sum(p.numel() for p in unet.parameters()),
            "classifier_parameters": sum(p.numel() for p in clf.parameters()),
-           "denoiser_s_per_image": fwd / batch, "denoiser_bf16_s_per_image": fwd16 / batch,
+           "denoiser_s_per_image": times["call"] / batch, "denoiser_bf16_s_per_image": times["call16"] / batch,
            "bf16_max_abs_diff": float((eps16 - eps32).abs().max()),
            "bf16_rel_mean_diff": float((eps16 - eps32).abs().mean() / eps32.abs().mean()),
-           "guided_step_s_per_image": step / batch, "classifier_train_s_per_image": train / batch,
+           "guided_step_s_per_image": times["guided"] / batch, "classifier_train_s_per_image": times["train"] / batch,
+           "guided_over_call": times["guided"] / times["call"], "bf16_over_fp32": times["call16"] / times["call"],
            "peak_rss_mb": round(_peak_mb(), 1)}
     with torch.no_grad():
         row["denoiser_flops_per_image"] = flops_per_image(lambda: denoiser(x[:1], t))
