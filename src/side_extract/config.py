@@ -98,6 +98,7 @@ class SampleConfig:
     batch_size: int = 64
     shard_size: int = 512
     precision: Precision = "fp32"
+    clip_eps: bool = False
 
     def __post_init__(self) -> None:
         _finite(self)

@@ -278,7 +278,8 @@ def sample_stage(
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
         x = sample(denoiser, hi - lo, seed=c.seed, start=lo, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-                   batch_size=size, precision=c.precision, device=device, progress=shard_progress)
+                   batch_size=size, precision=c.precision, clip_eps=c.clip_eps, device=device,
+                   progress=shard_progress)
         return {"images": to_uint8(x), "index": np.arange(lo, hi, dtype=np.int64)}
 
     return shard_stage(run, stage, _fingerprint(c, model_fingerprint), c.n, c.shard_size, make,
@@ -290,4 +291,6 @@ def _fingerprint(c: cfg.SampleConfig, model_fingerprint: str) -> str:
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     if c.precision != "fp32":
         d["precision"] = c.precision
+    if c.clip_eps:
+        d["clip_eps"] = True
     return stage_fingerprint("synthetic", d, model_fingerprint)
