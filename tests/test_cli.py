@@ -82,3 +82,13 @@ def test_extract_temperature_flag_reaches_the_run_config(tiny_model_dir, tmp_pat
     assert r.exit_code == 0, r.output
     extract = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["extract"]
     assert extract["temperature"] == 3.0 and extract["cond_temperature"] == 2.0 and extract["n"] == 2  # Cond keeps its own
+
+
+def test_python_dash_m_side_extract_is_the_side_command():
+    """`python -m side_extract` (what `accelerate launch -m side_extract` and `torchrun -m -- side_extract` run)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "side_extract", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: side" in proc.stdout and "train-target" in proc.stdout

@@ -8,9 +8,9 @@ shards are missing and are written by the rerun. Every other stage runs on the m
 others then find it complete in the manifest and read its files. Only the main process holds the run lock
 and writes the manifest.
 
-On the CPU: ``torchrun --nproc_per_node 2 -m -- side_extract.cli.main ...`` (the ``--`` keeps torchrun from reading
+On the CPU: ``torchrun --nproc_per_node 2 -m -- side_extract ...`` (the ``--`` keeps torchrun from reading
 our ``--n`` as an abbreviation of its own options) or ``accelerate launch --multi_gpu
---num_processes 2 -m side_extract.cli.main ...`` (``accelerate launch --cpu --num_processes 2`` starts one
+--num_processes 2 -m side_extract ...`` (``accelerate launch --cpu --num_processes 2`` starts one
 process only). The processes talk through ``accelerate``'s ``PartialState`` (gloo: only small control messages
 cross between them; the images go through the run directory).
 
