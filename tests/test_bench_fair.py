@@ -76,7 +76,7 @@ def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):
 
     bc = tiny_bench()
     data = run_signals_bench(bc, 20, tmp_path / "cache", replicate=1, heldout_fraction=0.5, command="test")
-    assert set(data["signals"]) == {"paper", "every-block", "x0-hat"}
+    assert set(data["signals"]) == {"paper", "every-block", "x0-hat", "unet-features"}
     for r in data["signals"].values():
         assert set(r["accuracy"]) == {"q0", "q1", "q2", "q3"} and all(0 <= v <= 1 for v in r["accuracy"].values())
     assert data["signals"]["every-block"]["parameters"] > data["signals"]["paper"]["parameters"]

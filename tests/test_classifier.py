@@ -153,3 +153,39 @@ def test_time_in_every_block_is_used_and_saved(tmp_path):
     for p in first.time_mlp.parameters():
         torch.nn.init.zeros_(p)
     torch.testing.assert_close(first(x, torch.tensor([10, 10])), first(x, torch.tensor([900, 900])))
+
+
+def test_unet_feature_classifier_trains_its_head_only_and_guides(tmp_path):
+    """backbone='unet': the target's UNet features at t feed a trained head; the target's weights are neither
+    changed nor given gradients, the saved file holds the head only, the loaded classifier gives the same
+    logits with the same UNet, and its gradient w.r.t. x_t (what guidance uses) flows through the UNet."""
+    from conftest import tiny_unet
+
+    from side_extract.models.classifier import UNetFeatureClassifier, build_classifier
+
+    unet = tiny_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    arch = ClassifierArch(num_classes=3, in_channels=1, image_size=8, width=8, backbone="unet")
+    x0 = torch.rand(30, 1, 8, 8) * 2 - 1
+    y = np.arange(30) % 3
+    c = cfg.ClassifierConfig(backbone="unet", width=8, steps=6, batch_size=8, eval_every=3, eval_fraction=0.0)
+    res = train_classifier(arch, x0, y, c, scheduler=tiny_scheduler(), out=tmp_path / "w", unet=unet)
+    model = res.model
+    assert isinstance(model, UNetFeatureClassifier)
+    assert all(k.startswith("head.") for k in model.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert all(p.grad is None for p in unet.parameters())
+    save_classifier(model, tmp_path / "clf")
+    again = load_classifier(tmp_path / "clf", unet=unet)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([10, 300, 600, 900])
+    torch.testing.assert_close(again(x, t), model.eval()(x, t))
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(again(xg, t)[:, 1].sum(), xg)
+    assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match="UNet2DModel"):
+        load_classifier(tmp_path / "clf")
+    with pytest.raises(ValueError, match="clean"):
+        ClassifierArch(num_classes=3, in_channels=1, image_size=8, time_mode="none", backbone="unet")
+    with pytest.raises(ValueError, match="guidance_input"):
+        cfg.ClassifierConfig(backbone="unet", guidance_input="x0_hat")
+    assert build_classifier(ClassifierArch(num_classes=3, in_channels=1, image_size=8)).arch.backbone == "resnet"

@@ -198,3 +198,14 @@ def test_training_set_features_are_extracted_once_per_run(tiny_model_dir, tmp_pa
     rc2 = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("cond", "uncond", "side")))
     run_audit(tmp_path / "run", rc2)
     assert 30 not in calls  # side's evaluation read the cached features
+
+
+def test_side_with_the_unet_feature_classifier(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    rc = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, backbone="unet"))
+    res = run_audit(tmp_path / "run", rc)
+    cfg_json = read_json(tmp_path / "run" / "classifier" / "config.json")
+    assert cfg_json["arch"]["backbone"] == "unet" and set(res.metrics) == {"side", "uncond"}
+    bad = dataclasses.replace(rc, clean_classifier=dataclasses.replace(rc.clean_classifier, backbone="unet"))
+    with pytest.raises(ValueError, match="clean_classifier.backbone"):
+        run_audit(tmp_path / "bad", bad)

@@ -226,6 +226,9 @@ class ClassifierConfig:
     ``guidance_input`` (SIDE's classifiers): ``x_t``, the paper's noise-aware classifier p(y | x_t, t); or
     ``x0_hat``, a clean classifier applied to the target's denoised estimate with the gradient taken through
     the target (``guidance.DenoisedGuidance``; beyond the paper).
+    ``backbone`` (SIDE's noise-aware classifiers): ``resnet`` (the paper's), or ``unet``: the target's own frozen
+    UNet features at the same t with a trained head (``models.classifier.UNetFeatureClassifier``; beyond the
+    paper; ``width`` sets the head).
     """
 
     depth: int = 18
@@ -241,10 +244,15 @@ class ClassifierConfig:
     eval_every: int = 250
     seed: int = 0
     guidance_input: Literal["x_t", "x0_hat"] = "x_t"
+    backbone: Literal["resnet", "unet"] = "resnet"
 
     def __post_init__(self) -> None:
         _finite(self)
         _positive(self, "width", "time_embed_dim", "steps", "batch_size", "eval_every")
+        if self.backbone not in ("resnet", "unet"):
+            raise ValueError(f"backbone={self.backbone!r} must be 'resnet' or 'unet'")
+        if self.backbone == "unet" and self.guidance_input != "x_t":
+            raise ValueError("backbone='unet' is a noise-aware classifier of x_t; guidance_input must be 'x_t'")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -130,18 +130,19 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     if len(classes) < 2:
         raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
                          "(lower surrogate.tau or use fewer clusters)")
+    unet = ctx.denoiser.unet if c.backbone == "unet" and not clean else None  # UNet-feature classifier
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
     if group.on_main(lambda: ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists()):
         result = fit_label_classifier(x0, labels, c, scheduler=None if clean or denoised else ctx.denoiser.scheduler,
                                       out=directory / "work", device=ctx.device, progress=ctx.progress(name),
-                                      name=name, group=group)
+                                      name=name, group=group, unet=unet)
         if group.main:
             save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c),
                                                             "processes": group.world})
             ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy, processes=group.world,
                              rows_per_process=result.rows_per_process)
         group.barrier()
-    model = load_classifier(directory, ctx.device)
+    model = load_classifier(directory, ctx.device, unet=unet)
     e = ctx.rc.extract
     args = (model, np.asarray(model.arch.classes, dtype=np.int64), e.scale, e.temperature, (e.t_lo, e.t_hi),
             ctx.denoiser.scheduler.config.num_train_timesteps)
@@ -358,6 +359,12 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if needs_train and train.labels is None:
             problems.append(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels "
                             "(an .npz with 'labels', or digits)")
+    if rc.classifier.backbone == "unet" and {"side", "side-teacher"} & methods and not isinstance(denoiser, UNetDenoiser):
+        problems.append("classifier.backbone=unet reads the target's diffusers UNet2DModel features; this target is "
+                        "a callable (use backbone: resnet)")
+    if rc.clean_classifier.backbone != "resnet":
+        problems.append(f"clean_classifier.backbone={rc.clean_classifier.backbone!r}: the clean (time-independent) "
+                        "classifier must use backbone: resnet")
     if "side-lora" in methods:
         if not isinstance(denoiser, UNetDenoiser):
             problems.append("method side-lora fine-tunes a diffusers UNet2DModel target; this target is a callable")

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as cfg
 from .distributed import SINGLE, ProcessGroup
-from .models.classifier import ClassifierArch, NoiseAwareResNet
+from .models.classifier import Classifier, ClassifierArch, build_classifier
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierTrainResult:
-    model: NoiseAwareResNet
+    model: Classifier
     history: list[dict]
     final_accuracy: dict[str, float]
     rows_per_process: int = 0  # rows of each batch this process trained on (the whole batch for one process)
@@ -52,7 +52,7 @@ def _gen(seed: int, step: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def accuracy_by_quartile(model: NoiseAwareResNet, x0: torch.Tensor, y: torch.Tensor,
+def accuracy_by_quartile(model: Classifier, x0: torch.Tensor, y: torch.Tensor,
                          scheduler: SchedulerMixin | None, seed: int = 0, batch_size: int = 512,
                          denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Held-out accuracy with t drawn uniformly inside each quartile of the training timesteps (or clean).
@@ -101,12 +101,13 @@ def heldout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray
 
 
 def resume_key(arch: ClassifierArch, c: cfg.ClassifierConfig, x0: torch.Tensor, y: torch.Tensor,
-               scheduler: SchedulerMixin | None) -> str:
+               scheduler: SchedulerMixin | None, unet: torch.nn.Module | None = None) -> str:
     """What a checkpoint must have been made from to be continued: the architecture, every setting but the
-    step budget, the images, the labels and the noise schedule."""
+    step budget, the images, the labels, the noise schedule and (UNet-feature classifier) the UNet's weights."""
     settings = {k: v for k, v in cfg.to_dict(c).items() if k != "steps"}
     sched = None if scheduler is None else {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-    return fingerprint_of(cfg.to_dict(arch), settings, array_fingerprint(x0, y), sched)
+    backbone = None if unet is None else array_fingerprint(*(p for _, p in sorted(unet.state_dict().items())))
+    return fingerprint_of(cfg.to_dict(arch), settings, array_fingerprint(x0, y), sched, backbone)
 
 
 def train_classifier(
@@ -120,8 +121,10 @@ def train_classifier(
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     group: ProcessGroup = SINGLE,
+    unet: torch.nn.Module | None = None,
 ) -> ClassifierTrainResult:
     """Train a classifier on images ``x0`` (n, C, H, W) in [-1, 1] with labels ``y`` (n,) in 0..K-1.
+    ``unet``: the target's UNet, for ``arch.backbone == "unet"`` (only the head is trained).
 
     ``scheduler`` is the target's noise scheduler (time-dependent classifier) or None (clean classifier).
     With ``out``, checkpoints and ``log.json`` are written there (by the main process) and an interrupted run
@@ -144,11 +147,11 @@ def train_classifier(
 
     with torch.random.fork_rng():
         torch.manual_seed(c.seed)
-        model = NoiseAwareResNet(arch)
+        model = build_classifier(arch, unet)
     model.to(device)  # before the optimizer loads its state, so the state lands on the model's device
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     start, history = 0, []
-    key = resume_key(arch, c, x0, y_t, scheduler)
+    key = resume_key(arch, c, x0, y_t, scheduler, unet if arch.backbone == "unet" else None)
     ckpt = Path(out) / "checkpoint" if out is not None else None
     state = json.loads((ckpt / "state.json").read_text()) if ckpt is not None and (ckpt / "state.json").is_file() else None
     group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
@@ -219,6 +222,7 @@ def fit_label_classifier(
     progress: Callable[[int, int], None] | None = None,
     name: str = "classifier",
     group: ProcessGroup = SINGLE,
+    unet: torch.nn.Module | None = None,
 ) -> ClassifierTrainResult:
     """A classifier of any label values (cluster ids, classes; -1 = unlabelled, left out), as the pipeline
     trains them: the label values become outputs 0..K-1 in sorted order (``model.arch.classes`` maps them
@@ -238,6 +242,7 @@ def fit_label_classifier(
     _, C, H, _ = x0.shape
     arch = ClassifierArch(num_classes=len(classes), in_channels=C, image_size=H, depth=c.depth, width=c.width,
                           time_mode="none" if scheduler is None else c.time_mode, time_embed_dim=c.time_embed_dim,
-                          classes=tuple(int(v) for v in classes), time_blocks=c.time_blocks)
+                          classes=tuple(int(v) for v in classes), time_blocks=c.time_blocks,
+                          backbone=c.backbone if scheduler is not None else "resnet")
     return train_classifier(arch, x0[torch.from_numpy(keep)], np.searchsorted(classes, labels[keep]), c,
-                            scheduler=scheduler, out=out, device=device, progress=progress, group=group)
+                            scheduler=scheduler, out=out, device=device, progress=progress, group=group, unet=unet)

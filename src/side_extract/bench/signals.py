@@ -6,7 +6,9 @@ Signals (``classifier`` settings of the run template, overridden per signal):
 - ``paper``: the noise-aware ResNet with the paper's single time module after the stem;
 - ``every-block``: the same with t conditioning every residual block (guided-diffusion's classifier);
 - ``x0-hat``: a clean (time-independent) classifier applied to the target's denoised estimate
-  x0_hat(x_t, t) (``guidance.DenoisedGuidance``).
+  x0_hat(x_t, t) (``guidance.DenoisedGuidance``);
+- ``unet-features``: the target's own frozen UNet features at the same t with a trained head
+  (``classifier.backbone: unet``; its parameter count is the head's).
 
 The synthetic set and cluster labels come from replicate ``replicate`` of the fair protocol's run of that
 training set (``CACHE/runs/<target>/rep-<r>``, made if missing); a class-stratified ``heldout_fraction`` of
@@ -31,7 +33,7 @@ from . import machine_description, write_results
 from .extraction import ExtractionBenchConfig, replicate_config, scale_inputs
 from .tables import _preamble
 
-SIGNALS = ("paper", "every-block", "x0-hat")
+SIGNALS = ("paper", "every-block", "x0-hat", "unet-features")
 SCHEMA = "side-extract/bench-signals/1"
 
 
@@ -66,9 +68,11 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
     results = {}
     for s in signals:
         ts = time.time()
-        cs = dataclasses.replace(c, time_blocks="every" if s == "every-block" else "first")
+        cs = dataclasses.replace(c, time_blocks="every" if s == "every-block" else "first",
+                                 backbone="unet" if s == "unet-features" else "resnet")
         res = fit_label_classifier(x_tr, y_tr, cs, scheduler=None if s == "x0-hat" else sched, device=device,
-                                   progress=progress(f"signal {s}"))
+                                   progress=progress(f"signal {s}"),
+                                   unet=denoiser.unet if s == "unet-features" else None)
         acc = accuracy_by_quartile(res.model, x_ev, y_ev, sched, seed=rc.classifier.seed,
                                    denoiser=denoiser if s == "x0-hat" else None)
         results[s] = {"accuracy": acc, "train_seconds": round(time.time() - ts, 1),

@@ -8,6 +8,12 @@ standard time-independent classifier of the Carlini Cond baseline. ``time_blocks
 residual block on t as well (guided-diffusion's classifier: the time embedding projected and added, or
 scale-shifted, after each block's first BatchNorm), beyond the paper's single module.
 
+``backbone="unet"`` (beyond the paper; the extraction-power issue's "diffusion features" signal) replaces the
+ResNet by the *target's own* frozen UNet at the same t: the mean-pooled outputs of each down block and of the
+mid block (captured with forward hooks during the UNet's forward pass) feed a trained two-layer head. Only
+the head is trained and saved; the UNet's weights are passed detached (``torch.func.functional_call``), so
+gradients reach the input x_t (guidance) and the head, never the target.
+
 Works from 8x8 to 128x128 and 1 or 3 channels: small images keep full resolution in the stem (3x3 conv,
 stride 1, as CIFAR ResNets do); from 64 px the stem downsamples by 2 and max-pools, as ImageNet ResNets do.
 Saved as ``model.safetensors`` + ``config.json``.
@@ -44,6 +50,7 @@ class ClassifierArch:
     time_embed_dim: int = 128
     classes: tuple[int, ...] = ()  # the surrogate-label (cluster) id of each output, in order
     time_blocks: Literal["first", "every"] = "first"
+    backbone: Literal["resnet", "unet"] = "resnet"
 
     def __post_init__(self) -> None:
         if self.depth not in DEPTHS:
@@ -58,6 +65,11 @@ class ClassifierArch:
             raise ValueError(f"time_mode={self.time_mode!r} must be 'scale_shift', 'add' or 'none'")
         if self.time_blocks not in ("first", "every"):
             raise ValueError(f"time_blocks={self.time_blocks!r} must be 'first' or 'every'")
+        if self.backbone not in ("resnet", "unet"):
+            raise ValueError(f"backbone={self.backbone!r} must be 'resnet' or 'unet'")
+        if self.backbone == "unet" and self.time_mode == "none":
+            raise ValueError("backbone='unet' reads the target's features at the sample's timestep; a clean "
+                             "(time-independent) classifier must use backbone='resnet'")
         if self.classes and len(self.classes) != self.num_classes:
             raise ValueError(f"classes has {len(self.classes)} entries for num_classes={self.num_classes}")
 
@@ -142,22 +154,86 @@ class NoiseAwareResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 
-def save_classifier(model: NoiseAwareResNet, directory: str | Path, extra: dict | None = None) -> None:
-    """Write ``model.safetensors`` and ``config.json`` (arch + ``extra``) atomically."""
+class UNetFeatureClassifier(nn.Module):
+    """``forward(x, t) -> logits`` from the target UNet's features at the same t (``backbone="unet"``).
+
+    The UNet is held outside the module's registry: it is not a parameter, not in the state dict and not moved
+    by ``.to``; it stays on its own (the target's) device. ``arch.width`` sets the head's hidden size (4 x width).
+    """
+
+    def __init__(self, arch: ClassifierArch, unet: nn.Module) -> None:
+        super().__init__()
+        if arch.backbone != "unet":
+            raise ValueError(f"UNetFeatureClassifier needs backbone='unet', got {arch.backbone!r}")
+        self.arch = arch
+        object.__setattr__(self, "_unet", unet)
+        self._blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]
+        device = next(unet.parameters()).device
+        with torch.no_grad():
+            dim = self.features(torch.zeros((1, arch.in_channels, arch.image_size, arch.image_size), device=device),
+                                torch.zeros(1, dtype=torch.long, device=device)).shape[1]
+        hidden = 4 * arch.width
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, arch.num_classes))
+
+    @property
+    def unet(self) -> nn.Module:
+        return self._unet
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, D): the mean over pixels of each down block's and the mid block's output, concatenated."""
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, _inputs: object, output: object) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        hooks = [b.register_forward_hook(keep) for b in self._blocks]
+        try:
+            params = {k: v.detach() for k, v in self._unet.named_parameters()}
+            t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
+            torch.func.functional_call(self._unet, params, (x, t))
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.cat([f.float().mean((2, 3)) for f in captured], 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        if t is None:
+            raise ValueError("the UNet-feature classifier needs the timestep t")
+        return self.head(self.features(x, t))
+
+
+Classifier = NoiseAwareResNet | UNetFeatureClassifier
+
+
+def build_classifier(arch: ClassifierArch, unet: nn.Module | None = None) -> Classifier:
+    """The classifier ``arch`` describes; ``backbone="unet"`` needs the target's ``unet``."""
+    if arch.backbone == "unet":
+        if unet is None or not hasattr(unet, "down_blocks"):
+            raise ValueError("backbone='unet' needs the target's diffusers UNet2DModel (a plain callable target "
+                             "has no features to read)")
+        return UNetFeatureClassifier(arch, unet)
+    return NoiseAwareResNet(arch)
+
+
+def save_classifier(model: Classifier, directory: str | Path, extra: dict | None = None) -> None:
+    """Write ``model.safetensors`` (the trained weights: a UNet-feature classifier's head only) and
+    ``config.json`` (arch + ``extra``) atomically."""
     with atomic_directory(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         meta = {"arch": dataclasses.asdict(model.arch), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> NoiseAwareResNet:
-    """Load a classifier saved by :func:`save_classifier`, in eval mode (safetensors only)."""
+def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *, unet: nn.Module | None = None
+                    ) -> Classifier:
+    """Load a classifier saved by :func:`save_classifier`, in eval mode (safetensors only); a UNet-feature
+    classifier needs the target's ``unet`` it was trained on."""
     d = Path(directory)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise ValueError(f"{str(d)!r} is not a saved classifier (expected config.json and model.safetensors)")
     arch_d = json.loads((d / "config.json").read_text())["arch"]
     arch_d.pop("num_train_timesteps", None)  # written by versions before 0.2, never used
     arch_d["classes"] = tuple(arch_d.get("classes", ()))
-    model = NoiseAwareResNet(ClassifierArch(**arch_d))
+    model = build_classifier(ClassifierArch(**arch_d), unet)
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     return model.to(device).eval()

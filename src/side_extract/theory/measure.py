@@ -293,8 +293,8 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", **k
     if not clf_dir.is_dir():
         raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
                          "(the classifier stage writes RUN/classifier/)")
-    classifier = load_classifier(clf_dir, device)
     denoiser = load_target(rc.get("model", "demo"), device)
+    classifier = load_classifier(clf_dir, device, unet=getattr(denoiser, "unet", None))
     data = load_image_set(rc["train"], rc.get("train_resize"))
     check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
     res = measure(denoiser, classifier, data.to_float(), n_points=min(n_points, len(data)), device=device, **kwargs)
