@@ -70,6 +70,8 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     for name in ("classifier", "classifier-clean"):  # trained data-parallel: each process half of every batch
         assert stages[name]["processes"] == 2 and stages[name]["rows_per_process"] == 8
     assert stages["lora"]["processes"] == 2
+    # the evaluations are split between the processes (the i-th method to evaluate on process i mod 2)
+    assert {stages[f"evaluation/{m}"]["evaluated_by"] for m in ("side", "cond", "uncond", "side-lora")} == {0, 1}
 
     # the guided methods with the same models: a copy of the one-process run without its generations
     shutil.copytree(tmp_path / "one", tmp_path / "three")
@@ -82,9 +84,10 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     _run([*common, "--out", str(tmp_path / "three")], 2)
     for m in ("side", "cond", "uncond", "side-lora"):
         _same_shards(tmp_path / "one" / "extraction" / m, tmp_path / "three" / "extraction" / m)
-    m1 = read_json(tmp_path / "one" / "evaluation" / "side" / "metrics.json")
-    m3 = read_json(tmp_path / "three" / "evaluation" / "side" / "metrics.json")
-    assert m1["ams"] == m3["ams"] and m1["ums"] == m3["ums"]
+    for m in ("side", "cond", "uncond", "side-lora"):  # evaluated by either process: the same numbers
+        m1 = read_json(tmp_path / "one" / "evaluation" / m / "metrics.json")
+        m3 = read_json(tmp_path / "three" / "evaluation" / m / "metrics.json")
+        assert m1["ams"] == m3["ams"] and m1["ums"] == m3["ums"] and m1["carlini"] == m3["carlini"], m
 
     # a killed process's shards are missing: the rerun (2 processes) writes exactly those
     for k in (1, 2):  # one of each process

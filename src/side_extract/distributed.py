@@ -120,6 +120,29 @@ class ProcessGroup:
             raise RuntimeError(f"the main process failed: {value}")
         return value
 
+    def together(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on every process (each its own share of some work), then check in: an error on any
+        process is raised on every process (the failing one re-raises its own) instead of leaving the others
+        waiting at the next collective step."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+
+        mine: BaseException | None = None
+        value: Any = None
+        try:
+            value = fn()
+        except BaseException as e:  # reported to the others, then re-raised
+            mine = e
+        errors: list[Any] = [None] * self.world
+        dist.all_gather_object(errors, None if mine is None else f"process {self.rank}: {type(mine).__name__}: {mine}")
+        if mine is not None:
+            raise mine
+        failed = [e for e in errors if e]
+        if failed:
+            raise RuntimeError(f"another process failed: {failed[0]}")
+        return value
+
     # ---------------------------------------------------------------------------------------------
     # data-parallel training
     def local_rows(self, n: int) -> slice:

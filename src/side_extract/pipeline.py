@@ -298,29 +298,47 @@ def quality_of(ctx: AuditContext, generated: ImageSet, reference: ImageSet | Non
     return out
 
 
-def evaluation_stage(ctx: AuditContext, method: str, generated: ImageSet, train: ImageSet,
-                     bands_file: Path | None) -> dict:
+def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: ImageSet, c: cfg.EvaluateConfig,
+                    reference: ImageSet | None) -> None:
+    """Compute one method's evaluation into ``RUN/evaluation/<method>/`` (``metrics.json`` written last, with
+    the sample quality and the copy guard)."""
+    out = ctx.run.path / "evaluation" / method
+    ev = evaluate(generated, train, c, method=method, train_features=train_features_stage(ctx, train),
+                  feature_model=ctx.denoiser, device=ctx.device, progress=ctx.progress(f"evaluate {method}"))
+    ev.write(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["quality"] = quality_of(ctx, generated, reference)
+    if (ctx.run.path / "synthetic").is_dir() and ctx.fp.get("synthetic"):  # every method: side-lora's reference
+        metrics["copy_guard"] = copy_guard(generated, load_shards(ctx.run.path / "synthetic"),
+                                           out / "per_generation.npz")
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train: ImageSet,
+                      bands_file: Path | None) -> dict[str, dict]:
+    """Every method's evaluation (stage ``evaluation/<method>``); returns each one's metrics.
+
+    Under a launch of several processes the methods to (re)do are split between them (the i-th on process
+    i mod N): each process writes its methods' folders, the main one decides what to do and records it."""
     c = ctx.rc.evaluate
     if bands_file is not None:
         c = dataclasses.replace(c, bands_file=str(bands_file))
-    stage = f"evaluation/{method}"
     reference = quality_reference(ctx) if c.quality else None
-    fp = stage_fingerprint("evaluation", c, ctx.fp[f"extraction/{method}"], train.fingerprint(),
-                           None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"],
-                           None if reference is None else reference.fingerprint())
-    path = ctx.run.path / stage / "metrics.json"
-    if ctx.run.begin(stage, fp) != "skip" or not path.exists():
-        ev = evaluate(generated, train, c, method=method, train_features=train_features_stage(ctx, train),
-                      feature_model=ctx.denoiser, device=ctx.device, progress=ctx.progress(f"evaluate {method}"))
-        ev.write(ctx.run.path / stage)
-        metrics = json.loads(path.read_text())
-        metrics["quality"] = quality_of(ctx, generated, reference)
-        if (ctx.run.path / "synthetic").is_dir() and ctx.fp.get("synthetic"):  # every method: side-lora's reference
-            metrics["copy_guard"] = copy_guard(generated, load_shards(ctx.run.path / "synthetic"),
-                                               ctx.run.path / stage / "per_generation.npz")
-        atomic_write_json(path, metrics)
-        ctx.run.complete(stage)
-    return json.loads(path.read_text())
+    cal = None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"]
+    fps = {m: stage_fingerprint("evaluation", c, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
+                                None if reference is None else reference.fingerprint()) for m in extractions}
+    paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
+    group = ctx.run.group
+    group.main_first(lambda: train_features_stage(ctx, train))  # once; the other processes read the file
+    todo = group.on_main(lambda: [m for m in extractions
+                                  if ctx.run.begin(f"evaluation/{m}", fps[m]) != "skip" or not paths[m].exists()])
+    group.together(lambda: [evaluate_method(ctx, m, extractions[m], train, c, reference)
+                            for i, m in enumerate(todo) if group.owns(i)])
+    if group.main:
+        for i, m in enumerate(todo):
+            ctx.run.complete(f"evaluation/{m}", evaluated_by=i % group.world)
+    group.barrier()
+    return {m: json.loads(paths[m].read_text()) for m in extractions}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,8 +527,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         once = run.group.main_first
         train = _train_set(ctx)
         bands_file = once(lambda: calibration_stage(ctx, train))
-        metrics = {m: once(lambda m=m, s=s: evaluation_stage(ctx, m, s, train, bands_file))
-                   for m, s in extractions.items()}
+        metrics = evaluation_stages(ctx, extractions, train, bands_file)
         if run.group.main:
             write_summary(run.path)
     return AuditResult(run.path, extractions, metrics)
