@@ -118,7 +118,8 @@ def variants_cmd(
                                 "chosen variant) or 'all'."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
-    """Score SIDE variants (guidance range, temperature, K, samples, ...) on a validation seed; report the best on a held-out one."""
+    """Score SIDE variants on a validation replicate; report the best on a held-out one (superseded by `side bench
+    fair --form`, which tunes every method and form alike over several replicates: docs/benchmarks.md)."""
     from ..bench.variants import VariantsBenchConfig, load_variants_file, run_variants_bench, write_variants_results
 
     from ..bench.extraction import ExtractionBenchConfig
