@@ -133,3 +133,15 @@ def test_processes_flag_passes_every_argument_through_torchrun(tiny_model_dir, t
     _run([*args, "--out", str(tmp_path / "one")], 1)
     _run(["--processes", "2", *args, "--out", str(tmp_path / "two")], 1)
     _same_shards(tmp_path / "one" / "synthetic", tmp_path / "two" / "synthetic")
+
+
+def test_an_error_on_one_process_reaches_every_process():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = str(Path(__file__).parent / "dist_together.py")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1 raised its own: bad shard on process 1" in out
+    assert "rank 0 told: another process failed: process 1: ValueError: bad shard on process 1" in out
+    assert "finished without an error" not in out
