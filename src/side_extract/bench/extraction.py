@@ -51,10 +51,10 @@ def full_run_template() -> cfg.RunConfig:
     """The audit settings of the full benchmark: the paper's SIDE settings, spelled out (so that a change of
     the library's defaults does not change what this benchmark measures), N_G = 2,000 and all methods."""
     return cfg.from_dict(cfg.RunConfig, {
-        "sample": {"n": 2000, "steps": 50},
+        "sample": {"n": 2000, "steps": 50, "clip_eps": False},
         "features": {"extractor": "pixels-pca"},
         "surrogate": {"n_clusters": 100, "tau": 0.5, "select_k": []},
-        "classifier": {"depth": 10, "width": 16, "steps": 1200, "lr": 1e-3},
+        "classifier": {"depth": 10, "width": 16, "steps": 1200, "lr": 1e-3, "time_blocks": "first"},
         "clean_classifier": {"depth": 10, "width": 16, "steps": 400, "lr": 1e-3},
         "extract": {"methods": ["side", "side-teacher", "cond", "uncond"], "n": 2000, "seed": 1, "scale": 10.0,
                     "cond_scale": None, "cond_temperature": 1.0, "temperature": 1.0, "t_lo": 0.0, "t_hi": 1.0, "scheduler": "ddim", "eta": 0.0, "steps": 50},
@@ -127,7 +127,7 @@ class ExtractionBenchConfig:
 
 def quick_config() -> ExtractionBenchConfig:
     """``--quick``: 30 and 60 digits at 8x8, a (16, 32) UNet for 400 steps, N_G = 64; a few minutes on 2 cores."""
-    clf = {"depth": 10, "width": 16, "steps": 150, "batch_size": 64, "lr": 1e-3, "eval_every": 50}
+    clf = {"depth": 10, "width": 16, "steps": 150, "batch_size": 64, "lr": 1e-3, "eval_every": 50, "time_blocks": "first"}
     run = cfg.from_dict(cfg.RunConfig, {
         "sample": {"n": 256, "steps": 20},
         "features": {"extractor": "pixels-pca"},
