@@ -104,7 +104,7 @@ def test_resume_after_killed_process(tiny_model_dir, tmp_path):
     resumed = load_shards(run / "synthetic")
     # reference: the same shards computed in-process without interruption
     d = load_target(tiny_model_dir)
-    ref = sample(d, 1200, seed=0, steps=40, batch_size=50)
+    ref = sample(d, 1200, seed=0, steps=40, batch_size=50, clip_eps=cfg.SampleConfig().clip_eps)
     from side_extract.data import to_uint8
 
     ref_u8 = to_uint8(ref)
