@@ -171,16 +171,21 @@ class ProcessGroup:
                                            process_group=_nccl_group())
         return DistributedDataParallel(model)
 
-    def global_sum(self, value: float) -> float:
-        """The sum of a per-process number over the processes (a logged loss)."""
+    def local_count(self, n: int) -> int:
+        """How many of a global batch's ``n`` rows this process trains on."""
+        return len(range(n)[self.local_rows(n)])
+
+    def batch_mean(self, per_row: "torch.Tensor", n: int) -> float:
+        """The global batch's mean of a per-row quantity (the loss to log), from each process's rows."""
+        total = float(per_row.detach().sum().item())
         if self.world == 1:
-            return value
+            return total / n
         import torch
         import torch.distributed as dist
 
-        box = torch.tensor([value], dtype=torch.float64)
+        box = torch.tensor([total], dtype=torch.float64)
         dist.all_reduce(box)
-        return float(box.item())
+        return float(box.item()) / n
 
     def check_replicas(self, model: "torch.nn.Module", what: str) -> None:
         """Raise unless every process holds the same parameters in ``model`` (data-parallel training keeps the
@@ -208,6 +213,18 @@ def _nccl_group() -> Any:
     return dist.new_group(backend="nccl")
 
 
+def torchrun_command(nproc: int) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m -- side_extract.cli.main``: append the ``side`` arguments.
+    The ``--`` keeps torchrun's parser from reading our ``--n`` as an abbreviation of its own options."""
+    import shutil
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        raise ValueError("several processes need torchrun (it comes with torch), next to this Python or on PATH")
+    return [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "--", "side_extract.cli.main"]
+
+
 SINGLE = ProcessGroup()
 
-__all__ = ["ProcessGroup", "SINGLE"]
+__all__ = ["ProcessGroup", "SINGLE", "torchrun_command"]

@@ -196,7 +196,7 @@ def finetune(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(round(group.global_sum(per_row.sum().item()) / n_batch, 6))
+        losses.append(round(group.batch_mean(per_row, n_batch), 6))
         if progress is not None:
             progress(step, c.steps)
         if group.main and (step % c.checkpoint_every == 0 or step == c.steps):

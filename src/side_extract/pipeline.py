@@ -299,11 +299,11 @@ def quality_of(ctx: AuditContext, generated: ImageSet, reference: ImageSet | Non
 
 
 def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: ImageSet, c: cfg.EvaluateConfig,
-                    reference: ImageSet | None) -> None:
+                    reference: ImageSet | None, train_features: np.ndarray | None) -> None:
     """Compute one method's evaluation into ``RUN/evaluation/<method>/`` (``metrics.json`` written last, with
-    the sample quality and the copy guard)."""
+    the sample quality and the copy guard); ``train_features`` from :func:`train_features_stage`."""
     out = ctx.run.path / "evaluation" / method
-    ev = evaluate(generated, train, c, method=method, train_features=train_features_stage(ctx, train),
+    ev = evaluate(generated, train, c, method=method, train_features=train_features,
                   feature_model=ctx.denoiser, device=ctx.device, progress=ctx.progress(f"evaluate {method}"))
     ev.write(out)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -329,11 +329,12 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
                                 None if reference is None else reference.fingerprint()) for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
-    group.main_first(lambda: train_features_stage(ctx, train))  # once; the other processes read the file
     todo = group.on_main(lambda: [m for m in extractions
                                   if ctx.run.begin(f"evaluation/{m}", fps[m]) != "skip" or not paths[m].exists()])
-    group.together(lambda: [evaluate_method(ctx, m, extractions[m], train, c, reference)
-                            for i, m in enumerate(todo) if group.owns(i)])
+    if todo:  # the main process extracts them once, the others read its file
+        train_features = group.main_first(lambda: train_features_stage(ctx, train))
+        group.together(lambda: [evaluate_method(ctx, m, extractions[m], train, c, reference, train_features)
+                                for i, m in enumerate(todo) if group.owns(i)])
     if group.main:
         for i, m in enumerate(todo):
             ctx.run.complete(f"evaluation/{m}", evaluated_by=i % group.world)

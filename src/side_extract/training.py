@@ -189,7 +189,7 @@ def train_classifier(
         if progress is not None:
             progress(step, c.steps)
         if step % c.eval_every == 0 or step == c.steps:
-            entry = {"step": step, "loss": round(group.global_sum(per_row.sum().item()) / n_batch, 5)}
+            entry = {"step": step, "loss": round(group.batch_mean(per_row, n_batch), 5)}
             if not group.main:
                 continue
             if n_eval:
@@ -206,9 +206,9 @@ def train_classifier(
     group.check_replicas(model, "classifier")
     if out is not None and group.main:
         atomic_write_json(Path(out) / "log.json", {"history": history, "n_train": len(tr), "n_eval": n_eval,
-                                                   "processes": group.world, "rows_per_process": len(range(n_batch)[rows])})
+                                                   "processes": group.world, "rows_per_process": group.local_count(n_batch)})
     final = history[-1].get("accuracy", {}) if history else {}
-    return ClassifierTrainResult(model, history, final, len(range(n_batch)[rows]))
+    return ClassifierTrainResult(model, history, final, group.local_count(n_batch))
 
 
 def fit_label_classifier(

@@ -129,7 +129,7 @@ def quick_config() -> ExtractionBenchConfig:
     """``--quick``: 30 and 60 digits at 8x8, a (16, 32) UNet for 400 steps, N_G = 64; a few minutes on 2 cores."""
     clf = {"depth": 10, "width": 16, "steps": 150, "batch_size": 64, "lr": 1e-3, "eval_every": 50, "time_blocks": "first"}
     run = cfg.from_dict(cfg.RunConfig, {
-        "sample": {"n": 256, "steps": 20},
+        "sample": {"n": 256, "steps": 20, "clip_eps": False},
         "features": {"extractor": "pixels-pca"},
         "surrogate": {"n_clusters": 16, "tau": 0.5, "select_k": []},
         "classifier": clf,

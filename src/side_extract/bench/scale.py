@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -233,18 +232,19 @@ def bench_search(c: ScaleBenchConfig) -> list[dict[str, Any]]:
 def bench_processes(c: ScaleBenchConfig) -> dict[str, Any]:
     """``side sample --model demo`` at 1 and 2 processes (torchrun): wall time and identical images."""
     from ..data import load_shards
+    from ..distributed import torchrun_command
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        return {"skipped": "torchrun is not installed next to this Python"}
+    try:
+        torchrun_command(2)
+    except ValueError as e:
+        return {"skipped": str(e)}
     env = dict(os.environ, OMP_NUM_THREADS=str(c.threads))
     out: dict[str, Any] = {"n": c.processes_n}
     with tempfile.TemporaryDirectory(prefix="side-bench-scale-") as tmp:
         for nproc in (1, 2):
             args = ["--no-progress", "--threads", str(c.threads), "sample", "--model", "demo", "--n",
                     str(c.processes_n), "--out", f"{tmp}/p{nproc}"]
-            base = [sys.executable, "-m", "side_extract.cli.main"] if nproc == 1 else \
-                [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "--", "side_extract.cli.main"]
+            base = [sys.executable, "-m", "side_extract.cli.main"] if nproc == 1 else torchrun_command(nproc)
             t0 = time.perf_counter()
             proc = subprocess.run([*base, *args], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -363,11 +363,10 @@ def cost_model(models: list[dict[str, Any]], search: list[dict[str, Any]], audit
         d = 3 * r["side"] ** 2
         pairs = audit.n_generated * (audit.guided_methods + audit.unguided_methods) * audit.n_train
         per_pair = _search_seconds_per_pair(search, d)
-        if per_pair is not None:
-            cpu["search"] = pairs * per_pair
+        cpu["search"] = None if per_pair is None else pairs * per_pair  # not measured at this image size: None
         fl["search"] = pairs * 2 * d
-        for stage in cpu if per_pair is not None else [*cpu, "search"]:
-            row = {"model": name, "stage": stage, "cpu_s": cpu.get(stage), "flops": fl[stage]}
+        for stage, flops in fl.items():
+            row = {"model": name, "stage": stage, "cpu_s": cpu[stage], "flops": flops}
             for g in gpus:
                 row[f"gpu{g}_s"] = fl[stage] / (gpu_tflops * 1e12) / g
             out.append(row)

@@ -51,13 +51,15 @@ def main(
 
 
 def _relaunch(n: int) -> None:
-    """Replace this process by ``torchrun --standalone --nproc_per_node n -m side_extract.cli.main <args>``."""
-    import shutil
+    """Replace this process by ``torchrun ... -m -- side_extract.cli.main <args>`` (``torchrun_command``)."""
     import sys
 
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
-        raise typer.BadParameter("--processes needs torchrun (it comes with torch)")
+    from ..distributed import torchrun_command
+
+    try:
+        command = torchrun_command(n)
+    except ValueError as e:
+        raise typer.BadParameter(f"--processes: {e}") from None
     args, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -69,9 +71,7 @@ def _relaunch(n: int) -> None:
         if a.startswith("--processes="):
             continue
         args.append(a)
-    # "--": torchrun's parser would otherwise take an abbreviation of its own options from our arguments
-    # (`--n 100` is ambiguous to it)
-    os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={n}", "-m", "--", "side_extract.cli.main", *args])
+    os.execv(command[0], [*command, *args])
 
 
 app.command("train-target")(train_target.train_target_cmd)

@@ -299,7 +299,7 @@ def train_target(
         opt.step()
         if ema is not None:
             ema.step(unet.parameters())
-        losses.append(group.global_sum(per_row.sum().item()) / c.batch_size)
+        losses.append(group.batch_mean(per_row, c.batch_size))
         since.append(losses[-1])
         if progress is not None:
             progress(step, c.steps)
@@ -313,8 +313,9 @@ def train_target(
             _write_checkpoint(out, unet, ema, scheduler, opt, c, resume_key, step, losses)
 
     group.check_replicas(unet, "train-target")
+    final = float(sum(losses[-100:]) / max(1, len(losses[-100:])))
     if not group.main:
-        return TrainResult(out, c.steps, float(sum(losses[-100:]) / max(1, len(losses[-100:]))), start)
+        return TrainResult(out, c.steps, final, start)
     final_unet = _averaged(unet, ema)
     save_target(final_unet, scheduler, out_final := out / ".final", extra={"train_config.yaml": cfg.dump_yaml(c)})
     # Move the pipeline files into out/ itself, each by rename, so out/ is a diffusers directory.
@@ -326,8 +327,7 @@ def train_target(
     out_final.rmdir()
     atomic_write_json(out / "training_log.json", {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
                                                   "processes": group.world,
-                                                  "rows_per_process": len(range(c.batch_size)[rows])})
-    final = float(sum(losses[-100:]) / max(1, len(losses[-100:])))
+                                                  "rows_per_process": group.local_count(c.batch_size)})
     return TrainResult(out, c.steps, final, start)
 
 
