@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from side_extract import config as cfg
-from side_extract.bench.protocol import (FairBenchConfig, bootstrap_ratios, replicate_config, run_fair_bench,
-                                         write_fair_results)
+from side_extract.bench.protocol import (FairBenchConfig, bootstrap_ratios, budget_curve, budget_grid, replicate_config,
+                                         run_fair_bench, write_fair_results)
 from side_extract.data import load_shards
 
 from test_bench import tiny_bench
@@ -47,6 +47,20 @@ def test_bootstrap_ratio_by_hand():
     assert not a["excludes_1"]
 
 
+def test_budget_curve_reads_prefixes_by_hand():
+    """SIDE finds 2 new images in its first 2 generations and then repeats image 0; UnCond finds one image per
+    two generations and keeps going: SIDE leads 2/1 at n = 2, trails 4/6 at n = 8."""
+    side = _stats([0, 1, 2, 3, 0, 0, 0, 0], [1] * 8)
+    uncond = _stats([0, 0, 1, 1, 2, 3, 4, 5], [1] * 8)
+    curve = budget_curve({"side": [side, side], "uncond": [uncond, uncond]}, [2, 4, 8], 50, ("side",))
+    assert [p["n_generated"] for p in curve] == [2, 4, 8]
+    assert [p["distinct_mid"]["side"]["mean"] for p in curve] == [2, 4, 4]
+    assert [p["distinct_mid"]["uncond"]["mean"] for p in curve] == [1, 2, 6]
+    assert [p["ratios"]["side"]["distinct_nn/mid"]["ratio"] for p in curve] == pytest.approx([2, 2, 4 / 6])
+    assert budget_grid(1000, 300) == [100, 300, 1000] and budget_grid(2000, 1000) == [200, 600, 1000, 2000]
+    assert budget_grid(1000, 5000) == [100, 300, 1000]
+
+
 def test_fair_bench_on_a_tiny_run(tmp_path, one_thread):
     bc = tiny_bench()
     bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
@@ -61,6 +75,9 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread):
     assert set(s["tuning"]["mean_by_setting"]["cond"]) == set(s["tuning"]["mean_by_setting"]["side"]) == {"0,1", "1,1"}
     assert s["heldout"]["replicates"] == [2, 3] and len(s["heldout"]["per_replicate"]["side"]) == 2
     assert set(s["heldout"]["ratios"]) == {"side"}
+    curve = s["heldout"]["budget_curve"]
+    assert curve[-1]["n_generated"] == s["heldout"]["n_generated"] and "side" in curve[-1]["ratios"]
+    assert curve[-1]["ratios"]["side"]["distinct_nn/mid"]["ratio"] == s["heldout"]["ratios"]["side"]["distinct_nn/mid"]["ratio"]
     # each replicate has its own run with its own synthetic set (redrawn, not shared)
     runs = sorted((tmp_path / "cache" / "runs").glob("*/rep-*"))
     assert [p.name for p in runs] == ["rep-1", "rep-2", "rep-3"]
@@ -68,7 +85,7 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread):
     assert not np.array_equal(syn[1], syn[2])
     manifest = json.loads((runs[1] / "manifest.json").read_text())["stages"]
     assert not any(v.get("shared_from") for v in manifest.values())
-    assert "Fair extraction benchmark" in md_path.read_text()
+    assert "Fair extraction benchmark" in md_path.read_text() and "by budget" in md_path.read_text()
 
 
 def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):

@@ -21,6 +21,12 @@ For each training-set size in ``scales``:
    ``ams_cum/<band>`` (share of generations at that band or closer), ``distinct_nn/<band>`` (distinct
    *nearest* training images among those generations, per generation: UMS restricted to each
    generation's nearest neighbour, so at most UMS) and ``carlini`` (share with Carlini's ratio < 1).
+4. **Budget curve.** Generation ``i`` of a run depends on (seed, i) alone, so a run's first ``n`` generations
+   *are* the run at N_G = ``n``. The distinct-image ratios are re-read on such prefixes (``budget_grid``:
+   N_G/10, 3 N_G/10, the training-set size when below N_G, and N_G), with the same bootstrap: plain sampling
+   keeps finding new images as N_G grows while a guided method may saturate, so one N_G alone can mislead.
+   (With ``extract.allocation: adaptive`` a prefix is the first generations of the full budget's rounds, not
+   a run at that N_G.)
 """
 from __future__ import annotations
 
@@ -230,6 +236,35 @@ def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tup
     return out
 
 
+CURVE_METRICS = ("distinct_nn/mid", "distinct_nn/high", "ams_cum/mid")
+
+
+def budget_grid(n_generated: int, n_train: int) -> list[int]:
+    """The prefixes the budget curve is read at: N_G/10, 3 N_G/10, the training-set size (when below N_G), N_G."""
+    grid = {max(1, n_generated // 10), max(1, 3 * n_generated // 10), n_generated}
+    if n_train < n_generated:
+        grid.add(n_train)
+    return sorted(grid)
+
+
+def budget_curve(stats: dict[str, list[dict[str, np.ndarray]]], n_grid: list[int], n_boot: int,
+                 side_forms: tuple[str, ...], seed: int = 0) -> list[dict[str, Any]]:
+    """For each ``n`` in ``n_grid``: every method's distinct nearest training images (mid band or closer) in its
+    first ``n`` generations (mean, min, max over replicates) and :func:`bootstrap_ratios` on those prefixes."""
+    first = next(iter(stats.values()))[0]
+    metrics = tuple(k for k in CURVE_METRICS if f"reach/{k.split('/')[1]}" in first)  # the bands the runs have
+    out = []
+    for n in n_grid:
+        pre = {m: [{k: v[:n] for k, v in s.items()} for s in reps] for m, reps in stats.items()}
+        counts = {m: [n * boot_values(s, np.arange(len(s["nn"])))["distinct_nn/mid"] for s in reps]
+                  for m, reps in pre.items()}
+        out.append({"n_generated": n,
+                    "distinct_mid": {m: {"mean": float(np.mean(c)), "min": float(min(c)), "max": float(max(c))}
+                                     for m, c in counts.items()},
+                    "ratios": bootstrap_ratios(pre, metrics, n_boot, seed=seed, side_forms=side_forms)})
+    return out
+
+
 SUMMARY = ("ams/high", "ams/mid", "ums/high", "ums/mid", "ums_cumulative/mid", "p95")
 
 
@@ -258,9 +293,10 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         keys = [k for k in rows[0] if k != "replicate"]
         summary[m] = {k: {"mean": float(np.mean([x[k] for x in rows])), "min": float(min(x[k] for x in rows)),
                           "max": float(max(x[k] for x in rows))} for k in keys}
+    forms = tuple(m for m in fc.entries if m not in BASELINES)
     return {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
-            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap,
-                                                           side_forms=tuple(m for m in fc.entries if m not in BASELINES))}
+            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, side_forms=forms),
+            "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms)}
 
 
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
@@ -325,6 +361,25 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 cells.append(f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
                              f"{r['best_baseline_method']}{mark}")
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
+        curve = h.get("budget_curve")
+        if curve:
+            lines += ["", "Distinct nearest training images (mid band or closer) by budget: the first n generations "
+                      "of each held-out run are that run at N_G = n. Mean [min-max] over replicates, then each form's "
+                      "ratio to the best baseline at that n with its 95 % bootstrap interval:", "",
+                      "| method | " + " | ".join(f"n = {p['n_generated']}" for p in curve) + " |",
+                      "|---|" + "---|" * len(curve)]
+            for m in curve[0]["distinct_mid"]:
+                cells = []
+                for p in curve:
+                    d = p["distinct_mid"][m]
+                    r = p["ratios"].get(m, {}).get("distinct_nn/mid")
+                    cell = f"{d['mean']:.1f} [{d['min']:.0f}-{d['max']:.0f}]"
+                    if r is not None:
+                        lo, hi = r["ci95"]
+                        mark = "" if not r["excludes_1"] else (" ↑" if lo > 1 else " ↓")
+                        cell += f"; {_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}]{mark}"
+                    cells.append(cell)
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0):", "",
                   "| method | chosen | every setting |", "|---|---|---|"]
         for m, by in s["tuning"]["mean_by_setting"].items():
@@ -348,4 +403,4 @@ def quick_fair_config() -> FairBenchConfig:
 
 
 __all__ = ["FairBenchConfig", "replicate_config", "method_config", "run_fair_bench", "write_fair_results",
-           "render_fair_markdown", "bootstrap_ratios", "quick_fair_config", "full_run_template"]
+           "render_fair_markdown", "bootstrap_ratios", "budget_grid", "budget_curve", "quick_fair_config", "full_run_template"]
