@@ -359,6 +359,8 @@ class ExtractConfig:
             raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(METHODS)}")
         if self.scale < 0 or (self.cond_scale is not None and self.cond_scale < 0):
             raise ValueError(f"scale={self.scale} / cond_scale={self.cond_scale} must be >= 0")
+        if self.eta < 0:
+            raise ValueError(f"eta={self.eta} must be >= 0 (0: deterministic DDIM, 1: as stochastic as DDPM)")
         if self.temperature <= 0 or self.cond_temperature <= 0:
             raise ValueError(f"temperature={self.temperature} / cond_temperature={self.cond_temperature} must be > 0")
         if not 0.0 <= self.t_lo < self.t_hi <= 1.0:

@@ -177,6 +177,8 @@ def fair_cmd(
                                    "side-x0=side,classifier.guidance_input=x0_hat (repeat)."),
     lora_scales: str = typer.Option("1,1.5,2,3,4,6", "--lora-scales", help="side-lora's grid of CFG scales w "
                                     "(as many values as the lambda x temperature grid)."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta of every method's generations (0: deterministic DDIM, "
+                              "the paper's; 1: as stochastic as DDPM). The same for all methods, UnCond included."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """The fair protocol: replicates that redraw everything downstream of the target, the same tuning grid for
@@ -192,7 +194,7 @@ def fair_cmd(
 
     bc = ExtractionBenchConfig()
     run = dataclasses.replace(bc.run, sample=dataclasses.replace(bc.run.sample, n=n_synthetic),
-                              extract=dataclasses.replace(bc.run.extract, n=n_generated))
+                              extract=dataclasses.replace(bc.run.extract, n=n_generated, eta=eta))
     bc = dataclasses.replace(bc, scales=_ints(scales, "--scales"), size=size, run=run, lambdas=(), n_clusters=(),
                              taus=(), target=dataclasses.replace(bc.target, steps=train_steps))
     import yaml
@@ -224,6 +226,7 @@ def fair_cmd(
             "--lora-scales", lora_scales]
     for spec in form:
         argv += ["--form", spec]
+    argv += ["--eta", f"{eta:g}"] if eta != 0 else []
     argv += ["--device", device] if device != "cpu" else []
     console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
                   f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
