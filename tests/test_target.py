@@ -3,12 +3,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDPMPipeline
 
 from side_extract import config as cfg
 from side_extract.data import load_image_set
 from side_extract.models.target import (
-    CallableDenoiser, check_fits, load_target, model_fingerprint, save_target, train_target,
+    CallableDenoiser, check_fits, demo_model_path, load_target, model_fingerprint, resolve_model_path, save_target,
+    train_target,
 )
 
 from conftest import tiny_scheduler, tiny_unet
@@ -70,6 +72,16 @@ def test_demo_model_loads():
     d = load_target("demo")
     assert d.sample_shape == (1, 8, 8)
     assert len(model_fingerprint("demo")) == 64
+
+
+def test_the_embedded_1000_image_target_loads_and_is_the_recipe_it_says():
+    d = load_target("demo-1000")
+    assert d.sample_shape == (1, 8, 8) and model_fingerprint("demo-1000") != model_fingerprint("demo")
+    recipe = yaml.safe_load((resolve_model_path("demo-1000") / "train_config.yaml").read_text())
+    assert recipe["data"] == "digits:1000" and recipe["steps"] == 3000
+    assert list(d.unet.config.block_out_channels) == recipe["block_out_channels"]
+    with pytest.raises(ValueError, match="embedded target 'demo-5'"):
+        demo_model_path("demo-5")
 
 
 def test_callable_denoiser():

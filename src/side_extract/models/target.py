@@ -100,13 +100,21 @@ class Target:
     description: str
 
 
-def demo_model_path() -> Path:
-    """The embedded default target (see docs/demo-model.md for the command that made it)."""
-    return Path(str(resources.files("side_extract") / "assets" / "demo"))
+EMBEDDED_TARGETS = {
+    "demo": "a UNet2DModel trained on digits:100 until it memorizes (every sample near a training image)",
+    "demo-1000": "a UNet2DModel trained on digits:1000 for 3,000 steps (plain sampling reaches few training images)",
+}
+
+
+def demo_model_path(name: str = "demo") -> Path:
+    """An embedded target, ``demo`` or ``demo-1000`` (docs/demo-model.md has the commands that made them)."""
+    if name not in EMBEDDED_TARGETS:
+        raise ValueError(f"embedded target {name!r}: expected one of {', '.join(EMBEDDED_TARGETS)}")
+    return Path(str(resources.files("side_extract") / "assets" / name))
 
 
 def resolve_model_path(spec: str | Path) -> Path:
-    return demo_model_path() if str(spec) == "demo" else Path(spec)
+    return demo_model_path(str(spec)) if str(spec) in EMBEDDED_TARGETS else Path(spec)
 
 
 def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDenoiser:
@@ -117,7 +125,8 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
     path = resolve_model_path(spec)
     if not path.is_dir():
         raise ValueError(f"model {str(spec)!r}: {str(path)!r} is not a directory (expected a diffusers pipeline "
-                         "directory with unet/ and scheduler/, or 'demo')")
+                         "directory with unet/ and scheduler/, or one of the embedded targets: "
+                         f"{', '.join(EMBEDDED_TARGETS)})")
     unet_dir, sched_dir = path / "unet", path / "scheduler"
     if not (sched_dir / "scheduler_config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no scheduler/scheduler_config.json; "
@@ -363,5 +372,5 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 __all__ = [
     "Denoiser", "UNetDenoiser", "CallableDenoiser", "load_target", "save_target", "train_target", "build_unet",
-    "check_fits", "model_fingerprint", "demo_model_path", "resolve_model_path", "TrainResult",
+    "check_fits", "model_fingerprint", "demo_model_path", "EMBEDDED_TARGETS", "resolve_model_path", "TrainResult",
 ]
