@@ -67,6 +67,18 @@ def test_console_script_entry_point():
     assert r.returncode == 0 and "train-target" in r.stdout
 
 
+def test_each_embedded_target_has_its_own_demo_config():
+    from side_extract.cli.demo import demo_config
+    from side_extract.models.target import load_target
+
+    default, memorized, custom = demo_config(), demo_config("demo"), demo_config("/some/dir")
+    assert (default.model, default.train) == ("demo-1000", "digits:1000")
+    assert (memorized.model, memorized.train) == ("demo", "digits:100")
+    assert (custom.model, custom.train) == ("/some/dir", "digits:1000")
+    for rc in (default, memorized):  # the config's training set fits its target
+        assert load_target(rc.model).sample_shape == (1, 8, 8)
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     r = CliRunner().invoke(app, ["--no-progress", "demo", "--out", str(tmp_path / "demo")])

@@ -8,12 +8,19 @@ from pathlib import Path
 import typer
 
 from .. import config as cfg
+from ..models.target import EMBEDDED_TARGETS
 from .common import cli_errors, console
 from .run import print_summary, stage_progress
 
 
-def demo_config(model: str = "demo") -> cfg.RunConfig:
-    text = (resources.files("side_extract") / "assets" / "demo_run.yaml").read_text()
+DEFAULT_TARGET = "demo-1000"
+
+
+def demo_config(model: str = DEFAULT_TARGET) -> cfg.RunConfig:
+    """The demo's run config: an embedded target's own (``assets/<name>_run.yaml``: its training set and sizes);
+    any other model directory gets the default target's settings."""
+    name = model if model in EMBEDDED_TARGETS else DEFAULT_TARGET
+    text = (resources.files("side_extract") / "assets" / f"{name}_run.yaml").read_text()
     import yaml
 
     data = yaml.safe_load(text)
@@ -25,12 +32,14 @@ def demo_config(model: str = "demo") -> cfg.RunConfig:
 def demo_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
-    model: str = typer.Option("demo", help="Target model (the embedded default, or a diffusers directory)."),
+    model: str = typer.Option(DEFAULT_TARGET, help="Target model: an embedded one (demo-1000: digits:1000, where "
+                              "plain sampling reaches few training images; demo: digits:100, memorized throughout), "
+                              "or a diffusers directory (run with demo-1000's settings)."),
     device: str = typer.Option("cpu", help="Torch device."),
     wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
-    """SIDE audit of the embedded target (digits:100): SIDE vs UnCond vs Cond, metrics, the memorization
-    divergence of the unconditional vs the guided model, and the HTML report."""
+    """SIDE audit of an embedded target (default demo-1000, trained on digits:1000): SIDE vs UnCond vs Cond,
+    metrics, the memorization divergence of the unconditional vs the guided model, and the HTML report."""
     from ..pipeline import run_audit
     from ..report import write_report
     from ..theory.measure import measure_run
