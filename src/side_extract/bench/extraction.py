@@ -135,7 +135,7 @@ def quick_config() -> ExtractionBenchConfig:
         "classifier": clf,
         "clean_classifier": dict(clf, steps=100),
         "extract": {"methods": ["side", "side-teacher", "cond", "uncond"], "n": 64, "seed": 1, "scale": 10.0,
-                    "cond_scale": None, "cond_temperature": 1.0, "temperature": 1.0, "steps": 20},
+                    "cond_scale": None, "cond_temperature": 1.0, "temperature": 1.0, "eta": 0.0, "steps": 20},
         "evaluate": {"similarity": "rms-l2", "quality": ["pixels"]},  # quality in pixel space only: cheap
     })
     target = cfg.TrainTargetConfig(block_out_channels=(16, 32), norm_num_groups=16, steps=400, batch_size=64,
