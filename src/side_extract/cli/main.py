@@ -39,7 +39,7 @@ def main(
         raise typer.BadParameter(f"--processes={processes} must be >= 1")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(processes)
-    ctx.obj = {"progress": progress}
+    ctx.obj = {"progress": progress, "threads_auto": threads == 0}
     setup_logging(verbose)
     if threads < 0:
         raise typer.BadParameter(f"--threads={threads} must be >= 0")
