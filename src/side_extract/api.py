@@ -1,6 +1,6 @@
 """The public Python API: ``side_extract.audit(model, train, out=...)`` and the typed results it returns.
 
-``model`` may be a diffusers pipeline directory (or ``"demo"``), a ``UNet2DModel`` with its scheduler, a
+``model`` may be a diffusers pipeline directory (or an embedded target: ``"demo-1000"``, ``"demo"``), a ``UNet2DModel`` with its scheduler, a
 ``DDPMPipeline`` / ``DDIMPipeline`` object, or any callable ``eps(x_t, t)`` with its scheduler and sample shape.
 ``train`` may be an image-set spec (``"digits:100"``, a folder, an ``.npz``), an :class:`~side_extract.data.ImageSet`
 or a uint8 array (N, H, W) / (N, H, W, C). Everything is written to the run directory ``out``, exactly as
@@ -273,7 +273,7 @@ def audit(
 
     Parameters
     ----------
-    model : a diffusers directory or ``"demo"``; a ``UNet2DModel`` (with ``scheduler``); a ``DDPMPipeline`` or
+    model : a diffusers directory or an embedded target (``"demo-1000"``, ``"demo"``); a ``UNet2DModel`` (with ``scheduler``); a ``DDPMPipeline`` or
         ``DDIMPipeline``; or a callable ``eps(x, t)`` (with ``scheduler`` and ``sample_shape``)
     train : the training set: a spec (``"digits:100"``, folder, ``.npz``), an ``ImageSet``, or a uint8 array
         (N, H, W) / (N, H, W, C) with optional ``labels`` (N,) (Cond and SIDE-teacher need labels); an
