@@ -25,6 +25,7 @@ process's own rows on the CPU (torch's SyncBatchNorm needs GPUs) and with the gl
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -36,6 +37,16 @@ if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to interpreter shutdown, gloo's threads were
+    destroyed while still joinable on one process of a finished 2-process launch ("terminate called without an
+    active exception", SIGABRT), and torchrun then failed a launch whose work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,7 @@ class ProcessGroup:
         # gloo carries the few control messages (decisions, barriers, errors); the models run on the device the
         # command names, this process's GPU under --device cuda (``device``)
         state = PartialState(cpu=True)
+        atexit.register(_close_process_group)
         return cls(state.process_index, state.num_processes, state.local_process_index)
 
     def device(self, device: str) -> str:
