@@ -72,6 +72,7 @@ class ProcessGroup:
         # gloo carries the few control messages (decisions, barriers, errors); the models run on the device the
         # command names, this process's GPU under --device cuda (``device``)
         state = PartialState(cpu=True)
+        atexit.unregister(_close_process_group)  # once, however many times a command asks for its group
         atexit.register(_close_process_group)
         return cls(state.process_index, state.num_processes, state.local_process_index)
 

@@ -100,10 +100,7 @@ class Target:
     description: str
 
 
-EMBEDDED_TARGETS = {
-    "demo": "a UNet2DModel trained on digits:100 until it memorizes (every sample near a training image)",
-    "demo-1000": "a UNet2DModel trained on digits:1000 for 3,000 steps (plain sampling reaches few training images)",
-}
+EMBEDDED_TARGETS = ("demo-1000", "demo")  # side_extract/assets/<name>/, recipes in docs/demo-model.md
 
 
 def demo_model_path(name: str = "demo") -> Path:
