@@ -152,3 +152,25 @@ def test_bf16_autocast_is_close_to_fp32_and_really_lower_precision(tiny_rgb_mode
     assert 0 < float(diff.mean()) < 0.02 and float(diff.max()) < 0.2  # bf16 keeps 8 bits of mantissa
     with pytest.raises(ValueError, match="precision='fp16'"):
         cfg.SampleConfig(precision="fp16")
+
+
+def test_extraction_draws_its_own_noise_even_at_the_synthetic_sets_seed(tiny_model_dir):
+    """A run (or a benchmark replicate) with sample.seed == extract.seed must not regenerate its synthetic set as
+    UnCond's output: the extraction has a noise stream of its own (before the streams, with clip_eps both were
+    the same images)."""
+    from side_extract.data import to_uint8
+    from side_extract.extraction import extract
+
+    den = load_target(tiny_model_dir)
+    synthetic = sample(den, 4, seed=3, steps=5, batch_size=4, clip_eps=True)
+    c = cfg.ExtractConfig(n=4, seed=3, steps=5, eta=0.0, batch_size=4)
+    uncond = extract(den, c, None, 0, 4)["images"]
+    assert (np.abs(uncond.astype(int) - to_uint8(synthetic).astype(int)).reshape(4, -1).max(1) > 8).all()
+    from side_extract.sampling import EXTRACTION_STREAM, sample_seed
+    again = sample(den, 4, seed=3, steps=5, batch_size=4, clip_eps=True, stream=EXTRACTION_STREAM)
+    assert np.array_equal(uncond, to_uint8(again))
+    # stream 0 keeps the seeds of every synthetic set made before streams existed: SeedSequence((seed, index))
+    ref = int(np.random.SeedSequence([3, 7]).generate_state(1, np.uint64)[0])
+    assert sample_seed(3, 7) == ref and sample_seed(3, 7, EXTRACTION_STREAM) != ref
+    with pytest.raises(ValueError, match="stream=-1"):
+        sample_seed(3, 7, -1)

@@ -1,7 +1,8 @@
 """Extraction (SIDE step 4) and its baselines: N_G generations per method with equal seeds.
 
-Generation ``i`` of every method starts from the same noise (its generator is seeded by (extract seed, i)),
-so methods differ only by their guidance. Each guided generation's target class is drawn uniformly among
+Generation ``i`` of every method starts from the same noise (its generator is seeded by (extract seed, i) in
+the extraction's own noise stream, ``sampling.EXTRACTION_STREAM``, apart from the synthetic set's even at
+equal seeds), so methods differ only by their guidance. Each guided generation's target class is drawn uniformly among
 the classifier's classes from (seed, i) alone and stored beside the image (``labels`` in each shard: the
 class's label value; -1 for ``uncond``). Every method samples with guided-diffusion's DDIM (eps recomputed
 from the clipped x0 in every step) and, when guided, applies the guidance in guided-diffusion's order
@@ -20,7 +21,7 @@ from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .models.target import Denoiser
 from .runs import Progress, RunDir, shard_stage
-from .sampling import BatchSize, SamplingDiverged, sample
+from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def extract(
         labels = guidance.classes[targets]
     x = sample(denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
                batch_size=batch_size or c.batch_size, guidance=guidance, labels=targets, clip_eps=True,
-               precision=c.precision, device=device, progress=progress)
+               precision=c.precision, device=device, progress=progress, stream=EXTRACTION_STREAM)
     return {"images": to_uint8(x), "index": idx, "labels": labels}
 
 

@@ -144,7 +144,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "classifier": 2,    # 2: classes split held-out per class; resume keyed by the training data
     "teacher": 2,       # 2: inputs on the classifier's device
     "lora": 1,
-    "extraction": 2,    # 2: guidance in guided-diffusion's order (after the x0 clip)
+    "extraction": 3,    # 2: guidance in guided-diffusion's order (after the x0 clip); 3: its own noise stream
     "calibration": 2,   # 2: held-out images resized like the training set
     "train-features": 1,
     "evaluation": 1,

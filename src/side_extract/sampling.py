@@ -1,8 +1,12 @@
 """Sampling: one loop for diffusers' DDPM and DDIM schedulers, per-sample seeds, guidance per batch.
 
 Sample ``i`` of a run with seed ``s`` draws all of its noise (the initial x_T and, for DDPM or DDIM with
-eta > 0, every step's noise) from its own generator seeded by ``sample_seed(s, i)``; so an image does not
-depend on which shard it lands in or on how many processes share the work.
+eta > 0, every step's noise) from its own generator seeded by ``sample_seed(s, i, stream)``; so an image does
+not depend on which shard it lands in or on how many processes share the work. The stream keeps stages
+apart: the synthetic set draws from :data:`SYNTHETIC_STREAM` and the extraction from
+:data:`EXTRACTION_STREAM`, so a run whose ``sample.seed`` equals its ``extract.seed`` does not generate its
+synthetic set a second time as UnCond's output (nor start SIDE's generation ``i`` from synthetic sample
+``i``'s noise).
 
 Guidance (``guidance.py``) is an object called as ``g(x_t, t, y)`` with the batch's target labels;
 :func:`guided_step` applies it in guided-diffusion's order (see there), for DDIM and DDPM alike.
@@ -27,6 +31,8 @@ from .runs import Progress, RunDir, shard_stage, stage_fingerprint
 log = logging.getLogger(__name__)
 
 
+SYNTHETIC_STREAM = 0  # the synthetic set (and other noise keyed by image index, e.g. noised features)
+EXTRACTION_STREAM = 1  # the generations of every extraction method
 DIVERGED_ABOVE = 1e6  # |x_t| no sane reverse process reaches (x_t ~ N(0, 1) plus a clipped-x0 mean)
 
 
@@ -34,13 +40,18 @@ class SamplingDiverged(ValueError):
     """x_t became non-finite or absurdly large during sampling (usually: the guidance scale is too large)."""
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """A 64-bit seed for global sample ``index`` of a run seeded ``seed`` (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0])
+def sample_seed(seed: int, index: int, stream: int = SYNTHETIC_STREAM) -> int:
+    """A 64-bit seed for global sample ``index`` of noise stream ``stream`` of a run seeded ``seed`` (numpy
+    SeedSequence of (seed, index) for stream 0, as before streams existed, and (seed, index, stream) otherwise)."""
+    if stream < 0:
+        raise ValueError(f"stream={stream} must be >= 0")
+    entropy = [int(seed), int(index)] + ([int(stream)] if stream else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
-def sample_generators(seed: int, indices: np.ndarray | list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
-    return [torch.Generator(device).manual_seed(sample_seed(seed, int(i))) for i in indices]
+def sample_generators(seed: int, indices: np.ndarray | list[int], device: str | torch.device = "cpu",
+                      stream: int = SYNTHETIC_STREAM) -> list[torch.Generator]:
+    return [torch.Generator(device).manual_seed(sample_seed(seed, int(i), stream)) for i in indices]
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind, steps: int) -> SchedulerMixin:
@@ -217,8 +228,9 @@ def sample(
     precision: cfg.Precision = "fp32",
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    stream: int = SYNTHETIC_STREAM,
 ) -> torch.Tensor:
-    """Draw samples ``start .. start + n - 1`` of the run seeded ``seed``.
+    """Draw samples ``start .. start + n - 1`` of noise stream ``stream`` of the run seeded ``seed``.
 
     Parameters
     ----------
@@ -245,7 +257,7 @@ def sample(
     b0 = start
     while b0 < start + n:
         idx = np.arange(b0, min(b0 + size.size, start + n))
-        gens = sample_generators(seed, idx, device)
+        gens = sample_generators(seed, idx, device, stream)
         x = randn_tensor((len(idx), *denoiser.sample_shape), generator=gens, device=torch.device(device))
         y = None if not needs_labels else torch.as_tensor(labels[idx - start], dtype=torch.long, device=device)
         try:

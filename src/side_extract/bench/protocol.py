@@ -2,7 +2,8 @@
 
 A **replicate** ``r`` redraws everything downstream of the target: the synthetic set (``sample.seed``), the
 K-means fit (``surrogate.random_state``), both classifiers (``classifier.seed``, ``clean_classifier.seed``)
-and the extraction noise and targets (``extract.seed``), all set to ``r``. Each replicate of each scale is
+and the extraction noise and targets (``extract.seed``), all set to ``r`` (the extraction draws from its own
+noise stream, ``sampling.EXTRACTION_STREAM``, so it does not repeat the synthetic set's noise). Each replicate of each scale is
 its own run directory, ``CACHE/runs/<target>/rep-<r>``; the target, the training set and the bands are
 shared (they are what is audited, not what is drawn).
 
@@ -326,14 +327,15 @@ def _f(v: float | None, pct: bool = True) -> str:
 def render_fair_markdown(data: dict[str, Any]) -> str:
     c = data["config"]
     lines = [*_preamble("Fair extraction benchmark (replicates, equal tuning budget, intervals)", data),
-             f"Images {data['size']}x{data['size']}; total {data['seconds']:.0f} s (other benchmarks shared the 2 cores).",
+             f"Images {data['size']}x{data['size']}; total {data['seconds']:.0f} s wall (the load average above says what else ran).",
              "",
              (f"Forms (a SIDE method with overrides, tuned like the methods): "
               + "; ".join(f"`{k}` = {v}" for k, v in c.get("forms", {}).items()) + ". " if c.get("forms") else "")
              + f"Every guided method tuned over lambda in {c['scales_grid']} x temperature in {c['temperatures']} on "
              f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "
              f"`{c['select_metric']}`); reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
-             "the synthetic set, the clustering, both classifiers and the extraction noise.", ""]
+             "the synthetic set, the clustering, both classifiers and the extraction noise (its own noise stream, "
+             "independent of the synthetic set's).", ""]
     for s in data["scales"]:
         h = s["heldout"]
         lines += [f"## {s['n_train']} training images, {data['size']}x{data['size']}, N_G {h['n_generated']} per "
