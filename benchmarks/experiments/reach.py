@@ -1,0 +1,67 @@
+"""How many training images can a target be made to produce at all? A ceiling for the extraction-power goal.
+
+Plain sampling (the extraction sampler: guided-diffusion's DDIM, clipped eps, eta 1, the extraction's noise
+stream) draws N_max generations from a fair-protocol target; each generation's nearest training image (pixel
+RMS distance, the protocol's mid band or closer counts as a hit) is recorded. The script prints:
+
+- the distinct training images reached after n = 1,000, 2,000, 5,000, ... generations (the UnCond curve);
+- Chao1's lower-bound estimate of how many training images plain sampling reaches with unlimited generations,
+  S_obs + f1^2 / (2 f2) (f1, f2: images hit exactly once, twice);
+- what a method that spread N_G generations *uniformly* over the S reachable images would reach,
+  S (1 - exp(-N_G / S)) (the best any flattening of plain sampling's distribution can do without finding images
+  plain sampling never produces), next to UnCond at N_G and the goal's 1.5x.
+
+If that flattening bound is below 1.5x UnCond, a SIDE form can meet the goal only by producing training images
+that plain sampling practically never does, not by redistributing its generations over the ones it does.
+
+    python benchmarks/experiments/reach.py CACHE/runs/<target>/rep-<r> N_MAX [N_G] [SEED]
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from side_extract import config as cfg
+from side_extract.data import load_image_set, to_uint8
+from side_extract.metrics import read_bands_file
+from side_extract.models.target import load_target
+from side_extract.sampling import EXTRACTION_STREAM, sample
+
+rep, n_max = Path(sys.argv[1]), int(sys.argv[2])
+n_g = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
+seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
+rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(rep / "config.yaml"))
+den = load_target(rc.model)
+train = load_image_set(rc.train, rc.train_resize)
+mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
+tr = torch.as_tensor(train.images.reshape(len(train), -1), dtype=torch.float64) / 255
+tr_sq = (tr * tr).sum(1)
+
+nearest, hit = [], []
+chunk = 1000
+for lo in range(0, n_max, chunk):
+    x = to_uint8(sample(den, min(chunk, n_max - lo), seed=seed, start=lo, steps=rc.extract.steps, eta=1.0,
+                        batch_size=250, clip_eps=True, stream=EXTRACTION_STREAM))
+    g = torch.as_tensor(x.reshape(len(x), -1), dtype=torch.float64) / 255
+    d = ((g * g).sum(1)[:, None] + tr_sq[None] - 2 * g @ tr.T).clamp_min(0).div(g.shape[1]).sqrt()
+    best, idx = d.min(1)
+    nearest.append(idx.numpy())
+    hit.append(mid.reaches(best.numpy(), "distance"))
+    print(f"  {lo + len(x):,} generations", file=sys.stderr, flush=True)
+nearest, hit = np.concatenate(nearest), np.concatenate(hit)
+
+print(f"Target `{rc.model}`, {len(train)} training images; UnCond (DDIM eta 1, clipped eps), seed {seed}, "
+      f"{n_max:,} generations; hits: nearest training image at the mid band or closer.\n")
+print("| generations | distinct training images reached | hits |")
+print("|---|---|---|")
+for n in sorted({n for n in (1000, 2000, 5000, 10000, 20000, 50000) if n < n_max} | {n_max}):
+    print(f"| {n:,} | {len(set(nearest[:n][hit[:n]].tolist()))} | {int(hit[:n].sum())} |")
+counts = np.bincount(nearest[hit], minlength=len(train))
+s_obs, f1, f2 = int((counts > 0).sum()), int((counts == 1).sum()), int((counts == 2).sum())
+chao1 = s_obs + (f1 * f1 / (2 * f2) if f2 else f1 * (f1 - 1) / 2)
+u_g = len(set(nearest[:n_g][hit[:n_g]].tolist()))
+print(f"\nReached in {n_max:,}: {s_obs} (f1 {f1}, f2 {f2}); Chao1 estimate of the reachable set: {chao1:.0f}.")
+for name, s in (("reached set", s_obs), ("Chao1 estimate", chao1)):
+    print(f"Uniform over the {name} ({s:.0f} images), N_G {n_g:,}: {s * (1 - np.exp(-n_g / s)):.0f} distinct images; "
+          f"UnCond at N_G {n_g:,}: {u_g}; the goal (1.5x): {1.5 * u_g:.0f}.")
