@@ -28,6 +28,7 @@ from side_extract.metrics import read_bands_file
 from side_extract.models.target import load_target
 from side_extract.sampling import EXTRACTION_STREAM, sample
 
+torch.set_num_threads(1)
 rep, n_max = Path(sys.argv[1]), int(sys.argv[2])
 n_g = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
 seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
