@@ -33,6 +33,30 @@ def _stats(nn, reach):
     return {"nn": nn, "carlini": np.asarray(reach, bool), "reach/mid": np.asarray(reach, bool)}
 
 
+def test_settings_are_tuned_at_the_reported_budget_unless_told_otherwise():
+    fc = FairBenchConfig()
+    assert fc.validation_n == fc.bench.run.extract.n
+    assert FairBenchConfig(validation_n=300).validation_n == 300
+
+
+def test_cli_tunes_at_n_generated_by_default(monkeypatch, tmp_path):
+    """`side bench fair` without --validation-n hands the protocol --n-generated (it used to hand it 500)."""
+    from typer.testing import CliRunner
+
+    from side_extract.bench import protocol
+    from side_extract.cli.main import app
+
+    seen = {}
+
+    def stop(fc, *a, **k):
+        seen["validation_n"] = fc.validation_n
+        raise SystemExit(0)
+
+    monkeypatch.setattr(protocol, "run_fair_bench", stop)
+    CliRunner().invoke(app, ["bench", "fair", "--out", str(tmp_path), "--cache", str(tmp_path), "--n-generated", "77"])
+    assert seen == {"validation_n": 77}
+
+
 def test_bootstrap_ratio_by_hand():
     """SIDE reaches 4 distinct nearest images in 4 generations, Cond 2 and UnCond 1: ratio 2 against Cond.
     Every generation of SIDE and UnCond reaches the band, half of Cond's: AMS ratio 1 against UnCond."""

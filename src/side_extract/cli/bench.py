@@ -169,7 +169,8 @@ def fair_cmd(
     temperatures: str = typer.Option("1,2", "--temperatures", help="Temperature grid, the same for every guided method."),
     validation: str = typer.Option("1,2", "--validation", help="Validation replicates (settings are chosen here)."),
     heldout: str = typer.Option("11,12,13", "--heldout", help="Held-out replicates (results are reported here)."),
-    validation_n: int = typer.Option(500, "--validation-n", help="N_G per method and setting on validation replicates."),
+    validation_n: int | None = typer.Option(None, "--validation-n", help="N_G per method and setting on validation "
+                                               "replicates (default: --n-generated, the budget that is reported)."),
     select_metric: str = typer.Option("ums_cumulative/mid", "--select-metric", help="What tuning maximizes."),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Bootstrap draws for the ratio intervals."),
     form: list[str] = typer.Option([], "--form", help="A SIDE form to compare too, tuned on the same-size grid: "
@@ -216,13 +217,14 @@ def fair_cmd(
                          forms=forms, lora_scales=floats(lora_scales, "--lora-scales"),
                          scales_grid=floats(lambdas, "--lambdas"), temperatures=floats(temperatures, "--temperatures"),
                          validation_replicates=_ints(validation, "--validation"),
-                         heldout_replicates=_ints(heldout, "--heldout"), validation_n=validation_n,
+                         heldout_replicates=_ints(heldout, "--heldout"),
+                         validation_n=n_generated if validation_n is None else validation_n,
                          select_metric=select_metric, n_bootstrap=n_bootstrap)
     argv = ["side", "--threads", str(_threads()), "bench", "fair", "--out", str(out), "--cache", str(cache),
             "--scales", scales, "--size", str(size), "--n-generated", str(n_generated), "--n-synthetic",
             str(n_synthetic), "--train-steps", str(train_steps), "--methods", methods, "--lambdas", lambdas,
             "--temperatures", temperatures, "--validation", validation, "--heldout", heldout,
-            "--validation-n", str(validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap),
+            "--validation-n", str(fc.validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap),
             "--lora-scales", lora_scales]
     for spec in form:
         argv += ["--form", spec]
