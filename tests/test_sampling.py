@@ -160,13 +160,13 @@ def test_extraction_draws_its_own_noise_even_at_the_synthetic_sets_seed(tiny_mod
     the same images)."""
     from side_extract.data import to_uint8
     from side_extract.extraction import extract
+    from side_extract.sampling import EXTRACTION_STREAM, sample_seed
 
     den = load_target(tiny_model_dir)
     synthetic = sample(den, 4, seed=3, steps=5, batch_size=4, clip_eps=True)
     c = cfg.ExtractConfig(n=4, seed=3, steps=5, eta=0.0, batch_size=4)
     uncond = extract(den, c, None, 0, 4)["images"]
     assert (np.abs(uncond.astype(int) - to_uint8(synthetic).astype(int)).reshape(4, -1).max(1) > 8).all()
-    from side_extract.sampling import EXTRACTION_STREAM, sample_seed
     again = sample(den, 4, seed=3, steps=5, batch_size=4, clip_eps=True, stream=EXTRACTION_STREAM)
     assert np.array_equal(uncond, to_uint8(again))
     # stream 0 keeps the seeds of every synthetic set made before streams existed: SeedSequence((seed, index))

@@ -16,6 +16,7 @@ that plain sampling practically never does, not by redistributing its generation
 
     python benchmarks/experiments/reach.py CACHE/runs/<target>/rep-<r> N_MAX [N_G] [SEED]
 """
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,10 +24,12 @@ import numpy as np
 import torch
 
 from side_extract import config as cfg
-from side_extract.data import load_image_set, to_uint8
+from side_extract.data import load_image_set
+from side_extract.extraction import extract
 from side_extract.metrics import read_bands_file
 from side_extract.models.target import load_target
-from side_extract.sampling import EXTRACTION_STREAM, sample
+from side_extract.neighbors import NearestNeighborIndex, pixel_rows
+from side_extract.sampling import BatchSize
 
 torch.set_num_threads(1)
 rep, n_max = Path(sys.argv[1]), int(sys.argv[2])
@@ -36,19 +39,16 @@ rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(rep / "config.yaml"))
 den = load_target(rc.model)
 train = load_image_set(rc.train, rc.train_resize)
 mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
-tr = torch.as_tensor(train.images.reshape(len(train), -1), dtype=torch.float64) / 255
-tr_sq = (tr * tr).sum(1)
+index = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images))  # the evaluation's exact search
+uncond = dataclasses.replace(rc.extract, seed=seed, eta=1.0)  # the extraction's sampler and noise stream
 
 nearest, hit = [], []
 chunk = 1000
 for lo in range(0, n_max, chunk):
-    x = to_uint8(sample(den, min(chunk, n_max - lo), seed=seed, start=lo, steps=rc.extract.steps, eta=1.0,
-                        batch_size=250, clip_eps=True, stream=EXTRACTION_STREAM))
-    g = torch.as_tensor(x.reshape(len(x), -1), dtype=torch.float64) / 255
-    d = ((g * g).sum(1)[:, None] + tr_sq[None] - 2 * g @ tr.T).clamp_min(0).div(g.shape[1]).sqrt()
-    best, idx = d.min(1)
-    nearest.append(idx.numpy())
-    hit.append(mid.reaches(best.numpy(), "distance"))
+    x = extract(den, uncond, None, lo, min(lo + chunk, n_max), batch_size=BatchSize(250))["images"]
+    nn = index.kneighbors(pixel_rows(x), 1)
+    nearest.append(nn.indices[:, 0])
+    hit.append(mid.reaches(nn.scores[:, 0], "distance"))
     print(f"  {lo + len(x):,} generations", file=sys.stderr, flush=True)
 nearest, hit = np.concatenate(nearest), np.concatenate(hit)
 

@@ -217,8 +217,7 @@ def fair_cmd(
                          forms=forms, lora_scales=floats(lora_scales, "--lora-scales"),
                          scales_grid=floats(lambdas, "--lambdas"), temperatures=floats(temperatures, "--temperatures"),
                          validation_replicates=_ints(validation, "--validation"),
-                         heldout_replicates=_ints(heldout, "--heldout"),
-                         validation_n=n_generated if validation_n is None else validation_n,
+                         heldout_replicates=_ints(heldout, "--heldout"), validation_n=validation_n,
                          select_metric=select_metric, n_bootstrap=n_bootstrap)
     argv = ["side", "--threads", str(_threads()), "bench", "fair", "--out", str(out), "--cache", str(cache),
             "--scales", scales, "--size", str(size), "--n-generated", str(n_generated), "--n-synthetic",
