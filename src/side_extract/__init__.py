@@ -2,7 +2,7 @@
 
 Implements SIDE (Surrogate condItional Data Extraction; Chen, Ma, Zou, Jiang, arXiv 2410.02467), its
 baselines (Carlini UnCond / Cond), the memorization metrics (AMS/UMS, 95th percentile, Carlini's and Gu's
-ratios) and the paper's theory. The stages are modules (``sampling``, ``features``, ``surrogate``,
+ratios) and the paper's theory. The stages are modules (``sampling``, ``features``, ``memorization``, ``surrogate``,
 ``training``, ``extraction``, ``evaluation``, ``report``) chained over a run directory by ``pipeline``;
 the ``side`` command line lives in ``side_extract.cli``.
 """
@@ -24,7 +24,9 @@ _EXPORTS = {
     "Target": "models.target", "load_target": "models.target", "train_target": "models.target",
     "sample": "sampling",
     "extract_features": "features",
-    "ClusterLabeler": "surrogate", "TeacherLabeler": "surrogate",
+    "ClusterLabeler": "surrogate", "TeacherLabeler": "surrogate", "SurrogateLabels": "surrogate",
+    "label_candidates": "surrogate",
+    "denoising_error": "memorization", "memorization_candidates": "memorization",
     "fit_label_classifier": "training", "train_classifier": "training",
     "ClassifierGuidance": "guidance",
     "extract": "extraction", "draw_targets": "extraction",

@@ -206,6 +206,13 @@ class SurrogateConfig:
 
     ``select_k``: candidate Ks; when non-empty, K is the candidate with the best silhouette score (cluster
     quality) and ``n_clusters`` is not used.
+
+    Memorization-aware labels (beyond the paper; ``memorization.py``): with ``memorized_fraction`` < 1, only
+    that fraction of the synthetic set, the samples the target denoises best at ``memorization_t`` (a
+    fraction of T; mean over ``memorization_draws`` noise draws), is clustered into the K surrogate labels;
+    every other sample gets one *background* label that the classifier learns and no generation is guided
+    toward, so guidance pulls toward likely-memorized clusters and away from the rest. 1 (default) = the
+    paper: every sample is clustered.
     """
 
     n_clusters: int = 25
@@ -216,10 +223,17 @@ class SurrogateConfig:
     random_state: int = 0
     teacher_min_confidence: float = 0.0
     select_k: tuple[int, ...] = ()
+    memorized_fraction: float = 1.0
+    memorization_t: float = 0.2
+    memorization_draws: int = 4
 
     def __post_init__(self) -> None:
         _finite(self)
-        _positive(self, "n_clusters", "n_init", "min_size")
+        _positive(self, "n_clusters", "n_init", "min_size", "memorization_draws")
+        if not 0.0 < self.memorized_fraction <= 1.0:
+            raise ValueError(f"memorized_fraction={self.memorized_fraction} must lie in (0, 1] (1 = cluster every sample)")
+        if not 0.0 < self.memorization_t < 1.0:
+            raise ValueError(f"memorization_t={self.memorization_t} must lie strictly between 0 and 1 (a fraction of T)")
         if any(k < 2 for k in self.select_k):
             raise ValueError(f"select_k={list(self.select_k)}: each candidate K must be >= 2")
         if not -1.0 <= self.tau <= 1.0:

@@ -62,15 +62,16 @@ def extract(
     elif guidance is None:
         targets = None
         labels = np.full(len(idx), -1, dtype=np.int64)
-    elif c.allocation == "adaptive" and start > 0:
-        if previous is None or len(previous) != start:
-            raise ValueError(f"adaptive allocation of generations {start}..{stop - 1} needs the {start} earlier ones")
-        prev_targets = np.searchsorted(guidance.classes, previous.labels)
-        targets = adaptive_targets(c.seed, start // round_size(c), stop - start, guidance.n_classes, previous.images,
-                                   prev_targets, c.dedup_threshold)
-        labels = guidance.classes[targets]
-    else:
-        targets = draw_targets(c.seed, idx, guidance.n_classes)
+    else:  # targets: classifier outputs, drawn among the classes that may be guided toward (not background)
+        outputs = guidance.target_outputs
+        if c.allocation == "adaptive" and start > 0:
+            if previous is None or len(previous) != start:
+                raise ValueError(f"adaptive allocation of generations {start}..{stop - 1} needs the {start} earlier ones")
+            prev_targets = np.searchsorted(guidance.classes[outputs], previous.labels)
+            targets = outputs[adaptive_targets(c.seed, start // round_size(c), stop - start, len(outputs),
+                                               previous.images, prev_targets, c.dedup_threshold)]
+        else:
+            targets = outputs[draw_targets(c.seed, idx, len(outputs))]
         labels = guidance.classes[targets]
     x = sample(denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
                batch_size=batch_size or c.batch_size, guidance=guidance, labels=targets, clip_eps=True,

@@ -71,6 +71,8 @@ class ClassifierGuidance:
     temperature : logits are divided by this before the softmax (1 = the classifier as trained)
     t_range : (lo, hi) fraction of the training timesteps over which to guide; guidance is off outside
     num_train_timesteps : the target's number of training timesteps (what ``t_range`` is a fraction of)
+    background : label values (of ``classes``) that no generation is guided toward: the background class of
+        memorization-aware surrogate labels, which the classifier tells apart so that guidance pulls away from it
     """
 
     classifier: torch.nn.Module
@@ -79,6 +81,7 @@ class ClassifierGuidance:
     temperature: float = 1.0
     t_range: tuple[float, float] = (0.0, 1.0)
     num_train_timesteps: int = 1000
+    background: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.scale) or self.scale < 0:
@@ -91,12 +94,24 @@ class ClassifierGuidance:
         if len(self.classes) < 1:
             raise ValueError("classes=[] : a guidance classifier needs at least one class to guide toward")
         object.__setattr__(self, "classes", np.asarray(self.classes, dtype=np.int64))
+        object.__setattr__(self, "background", tuple(int(v) for v in self.background))
+        missing = sorted(set(self.background) - set(self.classes.tolist()))
+        if missing:
+            raise ValueError(f"background={missing} must be label values of the classifier's classes "
+                             f"{self.classes.tolist()}")
+        if len(self.target_outputs) < 1:
+            raise ValueError(f"every class {self.classes.tolist()} is background: nothing to guide toward")
         if isinstance(self.classifier, torch.nn.Module):
             self.classifier.eval()
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def target_outputs(self) -> np.ndarray:
+        """Output indices of the classes that generations may be guided toward (every class but background)."""
+        return np.flatnonzero(~np.isin(self.classes, self.background))
 
     def guides_at(self, t: torch.Tensor | int) -> bool:
         """Whether this guidance is on at training timestep ``t``."""

@@ -1,7 +1,8 @@
 """The audit as a chain of stages over a run directory (``side run`` and ``side demo``).
 
 synthetic -> features -> surrogate -> classifier            -> extraction/side         -> evaluation/<m>
-                         (clusters)   (noise-aware)
+   |                     (clusters)   (noise-aware)
+   +-> memorization (only with surrogate.memorized_fraction < 1: which samples are clustered)
 train set -> classifier-clean -> teacher labels -> classifier-teacher -> extraction/side-teacher
              (time-independent)  ----------------------------------> extraction/cond
 target ---------------------------------------------------------------> extraction/uncond
@@ -40,7 +41,8 @@ from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
 from .sampling import sample_stage
 from .summary import write_summary
-from .surrogate import ClusterLabeler, TeacherLabeler
+from .memorization import denoising_error, memorization_candidates
+from .surrogate import ClusterLabeler, SurrogateLabels, TeacherLabeler, label_candidates
 from .training import fit_label_classifier
 
 log = logging.getLogger(__name__)
@@ -82,27 +84,59 @@ def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
         return z["features"]
 
 
-def surrogate_stage(ctx: AuditContext, features: np.ndarray) -> np.ndarray:
-    """Cluster labels of the synthetic set: (n,) cluster id or -1; writes labels, centroids, cohesion."""
+def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | None:
+    """Memorization scores of the synthetic set (``memorization.py``), only for memorization-aware labels
+    (``surrogate.memorized_fraction`` < 1): (n,) denoising error, lower = more likely memorized; else None."""
     c = ctx.rc.surrogate
-    fp = stage_fingerprint("surrogate", c, ctx.fp["features"])
+    if c.memorized_fraction >= 1.0:
+        return None
+    settings = {"t": c.memorization_t, "draws": c.memorization_draws, "seed": ctx.rc.sample.seed}
+    fp = stage_fingerprint("memorization", settings, ctx.fp["synthetic"], ctx.fp["model"])
+    ctx.fp["memorization"] = fp
+    path = ctx.run.path / "memorization" / "scores.npz"
+    if ctx.run.begin("memorization", fp) != "skip" or not path.exists():
+        scores = denoising_error(ctx.denoiser, synthetic.to_float(), c.memorization_t, c.memorization_draws,
+                                 ctx.rc.sample.seed, device=ctx.device)
+        atomic_save_npz(path, scores=scores, index=synthetic.ids)
+        ctx.run.complete("memorization", t=c.memorization_t, draws=c.memorization_draws)
+    with np.load(path) as z:
+        return z["scores"]
+
+
+def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray | None = None) -> SurrogateLabels:
+    """Cluster labels of the synthetic set (with memorization ``scores``: of its likely-memorized fraction, the
+    rest one background label); writes labels, centroids, cohesion."""
+    c = ctx.rc.surrogate
+    settings = cfg.to_dict(c)
+    if scores is None:  # the paper's labels: named as before memorization-aware labels existed
+        for k in ("memorized_fraction", "memorization_t", "memorization_draws"):
+            settings.pop(k)
+    fp = stage_fingerprint("surrogate", settings, ctx.fp["features"], *([ctx.fp["memorization"]] if scores is not None else []))
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
     if ctx.run.begin("surrogate", fp) != "skip" or not path.exists():
         lab = ClusterLabeler(n_clusters=c.n_clusters, tau=c.tau, min_size=c.min_size, dropped=c.dropped,
-                             n_init=c.n_init, random_state=c.random_state, select_k=c.select_k).fit(features)
-        atomic_save_npz(path, labels=lab.labels_, cluster=lab.cluster_, kept=lab.kept_, cohesion=lab.cohesion_,
-                        sizes=lab.sizes_, centroids=lab.centroids_.astype(np.float32))
+                             n_init=c.n_init, random_state=c.random_state, select_k=c.select_k)
+        candidates = (np.arange(len(features)) if scores is None
+                      else memorization_candidates(scores, c.memorized_fraction))
+        out = label_candidates(lab, features, candidates)
+        background = -1 if out.background is None else out.background
+        atomic_save_npz(path, labels=out.labels, cluster=lab.cluster_, kept=lab.kept_, cohesion=lab.cohesion_,
+                        sizes=lab.sizes_, centroids=lab.centroids_.astype(np.float32), candidates=candidates,
+                        background=np.int64(background))
         clusters = [{"id": k, "size": int(lab.sizes_[k]), "cohesion": float(np.nan_to_num(lab.cohesion_[k])),
                      "kept": bool(lab.kept_[k])} for k in range(lab.n_clusters_)]
+        labelled = int(np.isin(out.labels, out.targets).sum())
         atomic_write_json(ctx.run.path / "surrogate" / "clusters.json",
                           {"tau": c.tau, "kept": int(lab.kept_.sum()), "n_clusters": lab.n_clusters_,
                            "k_scores": {str(k): v for k, v in lab.k_scores_.items()},
-                           "labelled": int((lab.labels_ >= 0).sum()), "clusters": clusters})
-        ctx.run.complete("surrogate", kept=int(lab.kept_.sum()), labelled=int((lab.labels_ >= 0).sum()),
-                         n_clusters=lab.n_clusters_)
+                           "labelled": labelled, "candidates": len(candidates), "background": out.background,
+                           "clusters": clusters})
+        ctx.run.complete("surrogate", kept=int(lab.kept_.sum()), labelled=labelled, n_clusters=lab.n_clusters_,
+                         candidates=len(candidates))
     with np.load(path) as z:
-        return z["labels"]
+        background = int(z["background"]) if "background" in z.files else -1
+        return SurrogateLabels(z["labels"], None if background < 0 else background)
 
 
 def _train_set(ctx: AuditContext) -> ImageSet:
@@ -114,9 +148,9 @@ def _train_set(ctx: AuditContext) -> ImageSet:
 
 
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
-                     *, clean: bool) -> ClassifierGuidance:
-    """Train (or reuse) a classifier on images with labels >= 0; returns it as guidance toward its classes
-    (SIDE's scale and temperature; the caller sets Cond's).
+                     *, clean: bool, background: int | None = None) -> ClassifierGuidance:
+    """Train (or reuse) a classifier on images with labels >= 0; returns it as guidance toward its classes but
+    ``background`` (SIDE's scale and temperature; the caller sets Cond's).
 
     Its checkpoints live in ``RUN/<name>/work/`` so that a stage started afresh removes them with the rest.
     """
@@ -145,7 +179,7 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     model = load_classifier(directory, ctx.device, unet=unet)
     e = ctx.rc.extract
     args = (model, np.asarray(model.arch.classes, dtype=np.int64), e.scale, e.temperature, (e.t_lo, e.t_hi),
-            ctx.denoiser.scheduler.config.num_train_timesteps)
+            ctx.denoiser.scheduler.config.num_train_timesteps, () if background is None else (background,))
     return DenoisedGuidance(*args, denoiser=ctx.denoiser) if denoised else ClassifierGuidance(*args)
 
 
@@ -391,8 +425,15 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     if {"side", "side-teacher", "side-lora"} & methods:
         ks = rc.surrogate.select_k or (rc.surrogate.n_clusters,)
-        if max(ks) > rc.sample.n:
-            problems.append(f"surrogate K={max(ks)} must be <= the number of synthetic images sample.n={rc.sample.n}")
+        n_clustered = len(memorization_candidates(np.zeros(rc.sample.n), rc.surrogate.memorized_fraction))
+        if max(ks) > n_clustered:
+            what = ("the number of synthetic images sample.n" if n_clustered == rc.sample.n else
+                    f"the memorization candidates (surrogate.memorized_fraction={rc.surrogate.memorized_fraction} "
+                    f"of sample.n={rc.sample.n})")
+            problems.append(f"surrogate K={max(ks)} must be <= {what}={n_clustered}")
+        if rc.surrogate.memorized_fraction < 1.0 and "side-lora" in methods:
+            problems.append(f"surrogate.memorized_fraction={rc.surrogate.memorized_fraction}: memorization-aware labels "
+                            "guide method side only; side-lora needs memorized_fraction: 1")
         if rc.features.extractor.split(":", 1)[0] not in EXTRACTORS:
             problems.append(f"features.extractor={rc.features.extractor!r} must be one of {', '.join(EXTRACTORS)}")
     if methods - {"uncond", "side-lora"}:
@@ -487,14 +528,15 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     denoisers: dict[str, Denoiser] = {}
     if {"side", "side-lora"} & set(methods):
         once = run.group.main_first
-        labels = once(lambda: surrogate_stage(ctx, once(lambda: features_stage(ctx, synthetic))))
+        scores = once(lambda: memorization_stage(ctx, synthetic))
+        labels = once(lambda: surrogate_stage(ctx, once(lambda: features_stage(ctx, synthetic)), scores))
         if upto == 0:
             return AuditResult(run.path, {}, {})
         if "side" in methods:  # the training stages run on every process (data-parallel)
-            guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels, ctx.fp["surrogate"],
-                                              clean=False)
+            guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels,
+                                              ctx.fp["surrogate"], clean=False, background=labels.background)
         if "side-lora" in methods:
-            denoisers["side-lora"] = lora_stage(ctx, synthetic, labels)
+            denoisers["side-lora"] = lora_stage(ctx, synthetic, labels.labels)
     if {"cond", "side-teacher"} & set(methods):
         once = run.group.main_first
         train = _train_set(ctx)

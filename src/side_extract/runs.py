@@ -140,6 +140,7 @@ def fingerprint_of(*parts: Any) -> str:
 STAGE_VERSIONS: dict[str, int] = {
     "synthetic": 1,
     "features": 1,
+    "memorization": 1,
     "surrogate": 2,     # 2: select_k always part of the fingerprint
     "classifier": 2,    # 2: classes split held-out per class; resume keyed by the training data
     "teacher": 2,       # 2: inputs on the classifier's device

@@ -21,6 +21,7 @@ classifier trained on clean labelled images labels the synthetic set (``labels_`
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Literal
@@ -140,6 +141,37 @@ class ClusterLabeler:
 
     def fit_predict(self, features: np.ndarray) -> np.ndarray:
         return self.fit(features).labels_
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SurrogateLabels:
+    """The surrogate labels of a synthetic set: ``labels`` (n,) per sample, a cluster id (a class to guide
+    toward), -1 (left out of training) or ``background``: the label of the samples outside the memorization
+    candidates (memorization-aware labels), which the classifier learns and no generation is guided toward.
+    ``background`` is None when every sample was clustered (the paper)."""
+
+    labels: np.ndarray
+    background: int | None = None
+
+    @property
+    def targets(self) -> np.ndarray:
+        """The label values that generations may be guided toward."""
+        v = np.unique(self.labels[self.labels >= 0])
+        return v[v != self.background] if self.background is not None else v
+
+
+def label_candidates(labeler: "ClusterLabeler", features: np.ndarray, candidates: np.ndarray) -> SurrogateLabels:
+    """Fit ``labeler`` on the rows ``candidates`` of ``features`` only; every other row gets the background label
+    (one past the cluster ids). With every row a candidate this is ``labeler.fit(features)`` and no background."""
+    n = len(features)
+    candidates = np.asarray(candidates, dtype=np.int64)
+    labeler.fit(np.asarray(features)[candidates])
+    if len(candidates) == n:
+        return SurrogateLabels(labeler.labels_)
+    background = int(labeler.n_clusters_)
+    labels = np.full(n, background, dtype=np.int64)
+    labels[candidates] = labeler.labels_
+    return SurrogateLabels(labels, background)
 
 
 class TeacherLabeler:

@@ -1,0 +1,163 @@
+"""Memorization-aware surrogate labels: the denoising-error score, the candidate split, the background class that
+guidance never targets, and the stage in the chain (files, resume, fingerprints, preflight)."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from side_extract import config as cfg
+from side_extract.data import load_shards
+from side_extract.extraction import extract
+from side_extract.guidance import ClassifierGuidance
+from side_extract.memorization import denoising_error, memorization_candidates
+from side_extract.models.classifier import load_classifier
+from side_extract.models.target import CallableDenoiser
+from side_extract.pipeline import run_audit
+from side_extract.runs import read_json
+from side_extract.surrogate import ClusterLabeler, label_candidates
+
+from test_pipeline import tiny_rc
+
+# the surrogate stage's fingerprint of tiny_rc, computed by the code before memorization-aware labels existed
+PAPER_SURROGATE_FP = "c1cf41a31b88b1b32c03ae158e7cb67c381633797dddd59ade520a31c1ab8849"  # by the code before this change
+
+
+def one_image_model(m: torch.Tensor) -> CallableDenoiser:
+    """The exact denoiser of a data distribution that is the single image ``m``: eps(x_t, t) = (x_t - sqrt(abar) m)
+    / sqrt(1 - abar), so the denoised estimate is m at every noise level (a perfectly memorized image)."""
+    sched = DDPMScheduler(num_train_timesteps=1000)
+
+    def eps(x, t):
+        abar = sched.alphas_cumprod[t.long()].view(-1, 1, 1, 1).to(x.dtype)
+        return (x - abar.sqrt() * m) / (1 - abar).sqrt()
+
+    return CallableDenoiser(eps, tuple(m.shape), sched)
+
+
+def test_denoising_error_of_a_memorized_image_by_hand():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand((1, 4, 4), generator=g) * 1.6 - 0.8
+    other = torch.rand((1, 4, 4), generator=g) * 2 - 1
+    den = one_image_model(m)
+    s = denoising_error(den, torch.stack([m, other]), t_fraction=0.3, draws=3, seed=5)
+    # x0_hat = m whatever the noise: error 0 for m, the mean squared difference for the other image
+    assert s[0] == pytest.approx(0.0, abs=1e-10)
+    assert s[1] == pytest.approx(float((m - other).pow(2).mean()), rel=1e-5)
+
+
+def test_denoising_error_does_not_depend_on_the_batch(tiny_model_dir):
+    from side_extract.models.target import load_target
+    den = load_target(tiny_model_dir)
+    x = torch.rand((5, 1, 8, 8), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    whole = denoising_error(den, x, 0.2, 2, seed=3, batch_size=5)
+    np.testing.assert_allclose(denoising_error(den, x, 0.2, 2, seed=3, batch_size=1), whole, rtol=1e-5)
+    np.testing.assert_allclose(denoising_error(den, x, 0.2, 2, seed=3, batch_size=2), whole, rtol=1e-5)
+    np.testing.assert_allclose(denoising_error(den, x[:1], 0.2, 2, seed=3), whole[:1], rtol=1e-5)
+    assert not np.allclose(denoising_error(den, x, 0.2, 2, seed=4, batch_size=5), whole)  # the seed matters
+    with pytest.raises(ValueError, match="t_fraction=1.0 must lie strictly between 0 and 1"):
+        denoising_error(den, x, 1.0)
+    with pytest.raises(ValueError, match="draws=0 must be >= 1"):
+        denoising_error(den, x, 0.2, 0)
+
+
+def test_candidates_are_the_lowest_scores():
+    s = np.array([0.5, 0.1, 0.9, 0.1, 0.3, 0.7])
+    np.testing.assert_array_equal(memorization_candidates(s, 0.5), [1, 3, 4])
+    np.testing.assert_array_equal(memorization_candidates(s, 0.01), [1, 3])  # at least 2
+    np.testing.assert_array_equal(memorization_candidates(s, 1.0), np.arange(6))
+    with pytest.raises(ValueError, match="memorized_fraction=0.0 must lie in"):
+        memorization_candidates(s, 0.0)
+    with pytest.raises(ValueError, match="finite"):
+        memorization_candidates(np.array([0.1, np.nan]), 0.5)
+
+
+def test_non_candidates_share_one_background_label():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 5
+    feats = np.concatenate([centres[i] + rng.normal(size=(10, 8)) * 0.1 for i in range(3)])
+    cand = np.arange(0, 30, 2)  # half of each blob
+    out = label_candidates(ClusterLabeler(n_clusters=3, tau=-1.0, n_init=2), feats, cand)
+    assert out.background == 3
+    np.testing.assert_array_equal(out.labels[np.setdiff1d(np.arange(30), cand)], 3)
+    assert set(out.labels[cand]) == {0, 1, 2} and list(out.targets) == [0, 1, 2]
+    every = label_candidates(ClusterLabeler(n_clusters=3, tau=-1.0, n_init=2), feats, np.arange(30))
+    assert every.background is None and set(every.labels) == {0, 1, 2}
+
+
+class _Fixed(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x, t):
+        return torch.zeros(len(x), self.k) + x.flatten(1)[:, :1]
+
+
+def test_guidance_never_targets_the_background(tiny_model_dir):
+    from side_extract.models.target import load_target
+    g = ClassifierGuidance(_Fixed(4), np.array([0, 2, 5, 7]), 1.0, background=(5,))
+    np.testing.assert_array_equal(g.target_outputs, [0, 1, 3])
+    c = cfg.ExtractConfig(methods=("side",), n=40, steps=2, scale=1.0)
+    labels = extract(load_target(tiny_model_dir), c, g, 0, 40)["labels"]
+    assert set(labels) == {0, 2, 7}  # 40 uniform draws over the three targets, never the background's 5
+    with pytest.raises(ValueError, match=r"background=\[3\] must be label values"):
+        ClassifierGuidance(_Fixed(2), np.array([0, 1]), 1.0, background=(3,))
+    with pytest.raises(ValueError, match="nothing to guide toward"):
+        ClassifierGuidance(_Fixed(2), np.array([0, 1]), 1.0, background=(0, 1))
+
+
+def test_memorization_aware_chain(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    rc = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorized_fraction=0.5, n_clusters=3))
+    run = tmp_path / "run"
+    run_audit(run, rc, until="extraction")
+    scores = np.load(run / "memorization" / "scores.npz")["scores"]
+    z = np.load(run / "surrogate" / "labels.npz")
+    assert len(scores) == 40 and int(z["background"]) == 3
+    np.testing.assert_array_equal(z["candidates"], np.sort(np.argsort(scores, kind="stable")[:20]))
+    others = np.setdiff1d(np.arange(40), z["candidates"])
+    np.testing.assert_array_equal(z["labels"][others], 3)
+    assert 3 in load_classifier(run / "classifier").arch.classes  # the classifier learns the background
+    side = load_shards(run / "extraction" / "side")
+    assert len(side) == 6 and 3 not in set(side.labels) and (side.labels >= 0).all()
+    stamps = {k: v["started_unix"] for k, v in read_json(run / "manifest.json")["stages"].items()}
+    run_audit(run, rc, until="extraction")  # unchanged: skipped
+    assert {k: v["started_unix"] for k, v in read_json(run / "manifest.json")["stages"].items()} == stamps
+    # another noise level rescores and relabels; the synthetic set stays
+    other = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorization_t=0.4))
+    run_audit(run, other, until="surrogate")
+    after = read_json(run / "manifest.json")["stages"]
+    assert after["memorization"]["started_unix"] != stamps["memorization"]
+    assert after["surrogate"]["started_unix"] != stamps["surrogate"]
+    assert after["synthetic"]["started_unix"] == stamps["synthetic"]
+
+
+def test_paper_labels_keep_their_fingerprint(tiny_model_dir, tmp_path):
+    """memorized_fraction 1 (the default) computes no scores and names the surrogate stage as before the option
+    existed, so that cached surrogate labels and classifiers stay valid (the value was computed by the code before
+    memorization-aware labels)."""
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run_audit(tmp_path / "r", rc, until="surrogate")
+    stages = read_json(tmp_path / "r" / "manifest.json")["stages"]
+    assert "memorization" not in stages
+    assert stages["surrogate"]["fingerprint"] == PAPER_SURROGATE_FP
+
+
+def test_preflight_names_the_candidate_count(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    rc = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorized_fraction=0.05, n_clusters=4))
+    with pytest.raises(ValueError, match=r"surrogate K=4 must be <= the memorization candidates .*=2"):
+        run_audit(tmp_path / "r", rc)
+    assert not (tmp_path / "r" / "synthetic").exists()
+    lora = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorized_fraction=0.5, n_clusters=2),
+                               extract=dataclasses.replace(rc.extract, methods=("side-lora",)))
+    with pytest.raises(ValueError, match="side-lora needs memorized_fraction: 1"):
+        run_audit(tmp_path / "r2", lora)
+    with pytest.raises(ValueError, match=r"memorized_fraction=1.5 must lie in \(0, 1\]"):
+        cfg.SurrogateConfig(memorized_fraction=1.5)
+    with pytest.raises(ValueError, match="memorization_t=0.0 must lie strictly between 0 and 1"):
+        cfg.SurrogateConfig(memorization_t=0.0)
+
+
