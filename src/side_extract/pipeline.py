@@ -105,13 +105,16 @@ def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | N
 
 def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray | None = None) -> SurrogateLabels:
     """Cluster labels of the synthetic set (with memorization ``scores``: of its likely-memorized fraction, the
-    rest one background label); writes labels, centroids, cohesion."""
+    rest one background label); writes ``labels.npz`` (``labels`` per sample, ``candidates``: the rows that were
+    clustered, ``cluster``: their raw K-means ids, ``background``: the background label or -1; centroids,
+    cohesion) and ``clusters.json``."""
     c = ctx.rc.surrogate
     settings = cfg.to_dict(c)
     if scores is None:  # the paper's labels: named as before memorization-aware labels existed
         for k in ("memorized_fraction", "memorization_t", "memorization_draws"):
             settings.pop(k)
-    fp = stage_fingerprint("surrogate", settings, ctx.fp["features"], *([ctx.fp["memorization"]] if scores is not None else []))
+    inputs = [ctx.fp["features"]] + ([ctx.fp["memorization"]] if scores is not None else [])
+    fp = stage_fingerprint("surrogate", settings, *inputs)
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
     if ctx.run.begin("surrogate", fp) != "skip" or not path.exists():
