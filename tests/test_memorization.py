@@ -15,6 +15,7 @@ from side_extract.memorization import denoising_error, memorization_candidates
 from side_extract.models.classifier import load_classifier
 from side_extract.models.target import CallableDenoiser
 from side_extract.pipeline import run_audit
+from side_extract.report import write_report
 from side_extract.runs import read_json
 from side_extract.surrogate import ClusterLabeler, label_candidates
 
@@ -112,7 +113,9 @@ def test_memorization_aware_chain(tiny_model_dir, tmp_path):
     rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
     rc = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorized_fraction=0.5, n_clusters=3))
     run = tmp_path / "run"
-    run_audit(run, rc, until="extraction")
+    run_audit(run, rc)
+    html = write_report(run).read_text()
+    assert "only the\n20 samples the target denoises best were clustered" in html and "background\nlabel 3" in html
     scores = np.load(run / "memorization" / "scores.npz")["scores"]
     z = np.load(run / "surrogate" / "labels.npz")
     assert len(scores) == 40 and int(z["background"]) == 3
@@ -123,7 +126,7 @@ def test_memorization_aware_chain(tiny_model_dir, tmp_path):
     side = load_shards(run / "extraction" / "side")
     assert len(side) == 6 and 3 not in set(side.labels) and (side.labels >= 0).all()
     stamps = {k: v["started_unix"] for k, v in read_json(run / "manifest.json")["stages"].items()}
-    run_audit(run, rc, until="extraction")  # unchanged: skipped
+    run_audit(run, rc)  # unchanged: skipped
     assert {k: v["started_unix"] for k, v in read_json(run / "manifest.json")["stages"].items()} == stamps
     # another noise level rescores and relabels; the synthetic set stays
     other = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorization_t=0.4))

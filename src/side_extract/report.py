@@ -198,6 +198,8 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> d
     if info is None and not methods:
         return None
     summary = {k: info[k] for k in ("tau", "kept", "n_clusters", "labelled") if k in info} if info else None
+    if summary is not None:
+        summary |= {"background": info.get("background"), "candidates": info.get("candidates")}
     return {"surrogate": summary, "clusters": info["clusters"] if info else [], "methods": methods}
 
 
