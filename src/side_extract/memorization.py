@@ -13,8 +13,9 @@ Lower = more likely memorized. The noise of sample i is drawn from its own gener
 samples.
 
 On the digits targets of ``side bench fair`` (16x16, 300 images, 1,000 synthetic samples at t = 0.2 T) the score
-separates synthetic samples at the mid similarity band of a training image from the rest with ROC AUC 0.75;
-at 0.5 T and above it carries no signal (AUC 0.49 / 0.42).
+separates synthetic samples at the mid similarity band of a training image from the rest with ROC AUC 0.79;
+at 0.5 T and above it carries no signal (AUC 0.53 / 0.41;
+``benchmarks/results/experiments/memorization-auc-16px-n300.md``).
 """
 from __future__ import annotations
 
