@@ -39,7 +39,8 @@ def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.
         raise ValueError(f"images must be (n, C, H, W), got shape {tuple(x0.shape)}")
     n_t = denoiser.scheduler.config.num_train_timesteps
     t = min(n_t - 1, max(1, round(t_fraction * n_t)))
-    abar = denoiser.scheduler.alphas_cumprod[t].to(torch.float32)
+    sched = denoiser.scheduler
+    abar = sched.alphas_cumprod[t].to(torch.float32)
     a, s = abar.sqrt().item(), (1 - abar).sqrt().item()
     out = np.empty(len(x0), dtype=np.float64)
     for b0 in range(0, len(x0), batch_size):
@@ -47,22 +48,27 @@ def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.
         gens = sample_generators(seed, range(b0, b0 + len(xb)), stream=MEMORIZATION_STREAM)
         z = torch.stack([torch.randn((draws, *xb.shape[1:]), generator=g) for g in gens], 1)  # (draws, B, C, H, W)
         err = torch.zeros(len(xb), dtype=torch.float64)
-        tt = torch.full((len(xb),), t, dtype=torch.long, device=device)
+        tt = torch.full((len(xb),), t, dtype=torch.long)
         with torch.no_grad():
             for d in range(draws):
-                xt = (a * xb + s * z[d]).to(device)
-                x0_hat = ((xt - s * denoiser(xt, tt).to(torch.float32)) / a).clamp(-1, 1).cpu()
+                xt = sched.add_noise(xb, z[d], tt).to(device)  # sqrt(abar) x0 + sqrt(1 - abar) z
+                x0_hat = ((xt - s * denoiser(xt, tt.to(device)).to(torch.float32)) / a).clamp(-1, 1).cpu()
                 err += (x0_hat - xb).pow(2).flatten(1).mean(1).double()
         out[b0:b0 + len(xb)] = (err / draws).numpy()
     return out
 
 
+def candidate_count(n: int, fraction: float) -> int:
+    """How many of ``n`` samples :func:`memorization_candidates` keeps: ``fraction`` of them, at least 2."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"memorized_fraction={fraction} must lie in (0, 1]")
+    return min(n, max(2, int(round(fraction * n))))
+
+
 def memorization_candidates(scores: np.ndarray, fraction: float) -> np.ndarray:
     """Sorted indices of the ``fraction`` of samples with the lowest scores (at least 2; ties broken by index)."""
     scores = np.asarray(scores, dtype=np.float64)
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"memorized_fraction={fraction} must lie in (0, 1]")
+    k = candidate_count(len(scores), fraction)
     if not np.isfinite(scores).all():
         raise ValueError("memorization scores must be finite")
-    k = min(len(scores), max(2, int(round(fraction * len(scores)))))
     return np.sort(np.argsort(scores, kind="stable")[:k])

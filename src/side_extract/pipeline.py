@@ -41,7 +41,7 @@ from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
 from .sampling import sample_stage
 from .summary import write_summary
-from .memorization import denoising_error, memorization_candidates
+from .memorization import candidate_count, denoising_error, memorization_candidates
 from .surrogate import ClusterLabeler, SurrogateLabels, TeacherLabeler, label_candidates
 from .training import fit_label_classifier
 
@@ -428,7 +428,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     if {"side", "side-teacher", "side-lora"} & methods:
         ks = rc.surrogate.select_k or (rc.surrogate.n_clusters,)
-        n_clustered = len(memorization_candidates(np.zeros(rc.sample.n), rc.surrogate.memorized_fraction))
+        n_clustered = candidate_count(rc.sample.n, rc.surrogate.memorized_fraction)
         if max(ks) > n_clustered:
             what = ("the number of synthetic images sample.n" if n_clustered == rc.sample.n else
                     f"the memorization candidates (surrogate.memorized_fraction={rc.surrogate.memorized_fraction} "
