@@ -11,7 +11,7 @@ from diffusers import DDIMPipeline, DDPMPipeline
 
 from side_extract import config as cfg
 from side_extract.data import load_shards
-from side_extract.models.target import load_target, model_fingerprint
+from side_extract.models.target import load_target, model_fingerprint, predict_x0
 from side_extract.runs import RunDir, read_json
 from side_extract.sampling import BatchSize, inference_scheduler, sample, sample_generators, sample_stage
 
@@ -31,6 +31,24 @@ def test_parity_with_diffusers_pipelines(tiny_rgb_model_dir, kind, eta):
     pipe.set_progress_bar_config(disable=True)
     ours01 = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(ours01, ref, atol=1e-5, rtol=0)
+
+
+def test_predict_x0_inverts_the_forward_process_and_matches_diffusers_step():
+    # Reference: diffusers' add_noise (x_t = sqrt(abar) x0 + sqrt(1 - abar) eps) and the DDIM step's own
+    # pred_original_sample, with and without its clip to clip_sample_range.
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=True, clip_sample_range=1.0)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
+    eps = torch.randn(3, 1, 4, 4, generator=g)
+    t = int(sched.timesteps[3])
+    xt = sched.add_noise(x0, eps, torch.full((3,), t))
+    torch.testing.assert_close(predict_x0(sched, xt, t, eps), x0, atol=1e-5, rtol=0)
+    wild = torch.randn(3, 1, 4, 4, generator=g) * 3  # an eps whose x0 leaves [-1, 1]
+    ref = sched.step(wild, t, xt, eta=0.0).pred_original_sample
+    assert ref.abs().max() <= 1.0 and predict_x0(sched, xt, t, wild).abs().max() > 1.0
+    torch.testing.assert_close(predict_x0(sched, xt, t, wild, 1.0), ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kind,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models.target import predict_x0
+
 
 class Guidance(Protocol):
     """``g(x, t, y)``: x (B, C, H, W) float, t a 0-dim training timestep, y (B,) int output indices.
@@ -147,9 +149,8 @@ class DenoisedGuidance(ClassifierGuidance):
             return None
         if isinstance(self.classifier, torch.nn.Module) and self.classifier.training:
             raise ValueError("the guidance classifier is in training mode; call .eval() first")
-        abar = self.denoiser.scheduler.alphas_cumprod[int(t)].to(device=x.device, dtype=x.dtype)
         x_in = x.detach().requires_grad_(True)
-        x0 = (x_in - (1 - abar).sqrt() * self.denoiser(x_in, t)) / abar.sqrt()
+        x0 = predict_x0(self.denoiser.scheduler, x_in, int(t), self.denoiser(x_in, t))
         zeros = torch.zeros(len(x), dtype=torch.long, device=x.device)
         logp = F.log_softmax(self.classifier(x0, zeros).float() / self.temperature, dim=-1)
         selected = logp[torch.arange(len(x), device=x.device), y.to(x.device)]

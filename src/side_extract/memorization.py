@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .models.target import Denoiser
+from .models.target import Denoiser, predict_x0
 from .sampling import sample_generators
 
 MEMORIZATION_STREAM = 2  # noise of the memorization scores (the synthetic set: 0, the extraction: 1)
@@ -40,8 +40,6 @@ def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.
     n_t = denoiser.scheduler.config.num_train_timesteps
     t = min(n_t - 1, max(1, round(t_fraction * n_t)))
     sched = denoiser.scheduler
-    abar = sched.alphas_cumprod[t].to(torch.float32)
-    a, s = abar.sqrt().item(), (1 - abar).sqrt().item()
     out = np.empty(len(x0), dtype=np.float64)
     for b0 in range(0, len(x0), batch_size):
         xb = x0[b0:b0 + batch_size].to(torch.float32)
@@ -52,7 +50,7 @@ def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.
         with torch.no_grad():
             for d in range(draws):
                 xt = sched.add_noise(xb, z[d], tt).to(device)  # sqrt(abar) x0 + sqrt(1 - abar) z
-                x0_hat = ((xt - s * denoiser(xt, tt.to(device)).to(torch.float32)) / a).clamp(-1, 1).cpu()
+                x0_hat = predict_x0(sched, xt, t, denoiser(xt, tt.to(device)).to(torch.float32), 1.0).cpu()
                 err += (x0_hat - xb).pow(2).flatten(1).mean(1).double()
         out[b0:b0 + len(xb)] = (err / draws).numpy()
     return out

@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import config as cfg
 from .data import ImageSet, to_uint8
 from .guidance import Guidance
-from .models.target import Denoiser
+from .models.target import Denoiser, predict_x0
 from .runs import Progress, RunDir, shard_stage, stage_fingerprint
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ def clipped_eps(sched: DDIMScheduler, x: torch.Tensor, t: int, eps: torch.Tensor
     if not sched.config.clip_sample:
         return eps
     abar = sched.alphas_cumprod[t].to(device=x.device, dtype=x.dtype)
-    r = sched.config.clip_sample_range
-    x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-r, r)
+    x0 = predict_x0(sched, x, t, eps, sched.config.clip_sample_range)
     return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
 
 

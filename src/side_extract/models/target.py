@@ -48,6 +48,16 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
+def predict_x0(sched: SchedulerMixin, x: torch.Tensor, t: int, eps: torch.Tensor,
+               clip_range: float | None = None) -> torch.Tensor:
+    """The denoised estimate x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clamped to
+    [-clip_range, clip_range] when ``clip_range`` is given (the one place this formula is written: the clipped
+    DDIM step, guidance through the denoised estimate and the memorization score all call it)."""
+    abar = sched.alphas_cumprod[int(t)].to(device=x.device, dtype=x.dtype)
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    return x0 if clip_range is None else x0.clamp(-clip_range, clip_range)
+
+
 class UNetDenoiser:
     """A diffusers ``UNet2DModel`` predicting epsilon, with its noise scheduler."""
 
