@@ -103,18 +103,29 @@ def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | N
         return z["scores"]
 
 
+def surrogate_settings(c: cfg.SurrogateConfig) -> dict:
+    """What the surrogate labels depend on: every clustering setting, and the memorization-aware ones only when
+    that option is on (``memorized_fraction`` < 1), so the paper's labels keep the fingerprint they had before
+    the option existed and no cached run is redone."""
+    d = cfg.to_dict(c)
+    if c.memorized_fraction >= 1.0:
+        for k in ("memorized_fraction", "memorization_t", "memorization_draws"):
+            d.pop(k)
+    return d
+
+
 def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray | None = None) -> SurrogateLabels:
     """Cluster labels of the synthetic set (with memorization ``scores``: of its likely-memorized fraction, the
     rest one background label); writes ``labels.npz`` (``labels`` per sample, ``candidates``: the rows that were
     clustered, ``cluster``: their raw K-means ids, ``background``: the background label or -1; centroids,
     cohesion) and ``clusters.json``."""
     c = ctx.rc.surrogate
-    settings = cfg.to_dict(c)
-    if scores is None:  # the paper's labels: named as before memorization-aware labels existed
-        for k in ("memorized_fraction", "memorization_t", "memorization_draws"):
-            settings.pop(k)
+    if (scores is None) != (c.memorized_fraction >= 1.0):
+        raise ValueError(f"memorization scores are {'missing' if scores is None else 'given'} but "
+                         f"surrogate.memorized_fraction={c.memorized_fraction} "
+                         f"{'asks for them' if scores is None else 'is 1 (the paper labels every sample)'}")
     inputs = [ctx.fp["features"]] + ([ctx.fp["memorization"]] if scores is not None else [])
-    fp = stage_fingerprint("surrogate", settings, *inputs)
+    fp = stage_fingerprint("surrogate", surrogate_settings(c), *inputs)
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
     if ctx.run.begin("surrogate", fp) != "skip" or not path.exists():
