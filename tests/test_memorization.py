@@ -154,13 +154,28 @@ def test_preflight_names_the_candidate_count(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"surrogate K=4 must be <= the memorization candidates .*=2"):
         run_audit(tmp_path / "r", rc)
     assert not (tmp_path / "r" / "synthetic").exists()
-    lora = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorized_fraction=0.5, n_clusters=2),
-                               extract=dataclasses.replace(rc.extract, methods=("side-lora",)))
-    with pytest.raises(ValueError, match="side-lora needs memorized_fraction: 1"):
-        run_audit(tmp_path / "r2", lora)
     with pytest.raises(ValueError, match=r"memorized_fraction=1.5 must lie in \(0, 1\]"):
         cfg.SurrogateConfig(memorized_fraction=1.5)
     with pytest.raises(ValueError, match="memorization_t=0.0 must lie strictly between 0 and 1"):
         cfg.SurrogateConfig(memorization_t=0.0)
 
 
+
+
+def test_side_lora_learns_the_background_and_never_targets_it(tiny_model_dir, tmp_path, one_thread):
+    """side-lora with memorization-aware labels: the background is one more class of the fine-tune (recorded in
+    classes.json, restored on load) and no generation is drawn toward it (the old code drew among all classes)."""
+    from side_extract.finetune import load_finetuned
+    from side_extract.models.target import load_target
+    rc = tiny_rc(tiny_model_dir, methods=("side-lora",))
+    rc = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorized_fraction=0.5, n_clusters=2),
+                             lora=cfg.LoraConfig(rank=4, steps=4, batch_size=8, checkpoint_every=2, lr=1e-2),
+                             extract=dataclasses.replace(rc.extract, n=30))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    assert read_json(run / "lora" / "classes.json")["background"] == 2
+    model = load_finetuned(load_target(tiny_model_dir), run / "lora")
+    np.testing.assert_array_equal(model.classes, [0, 1, 2])
+    assert model.background == 2 and model.target_outputs.tolist() == [0, 1]
+    labels = load_shards(run / "extraction" / "side-lora").labels
+    assert set(labels) == {0, 1}  # 30 uniform draws over the two clusters, never the background's 2

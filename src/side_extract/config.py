@@ -211,7 +211,8 @@ class SurrogateConfig:
     that fraction of the synthetic set, the samples the target denoises best at ``memorization_t`` (a
     fraction of T; mean over ``memorization_draws`` noise draws), is clustered into the K surrogate labels;
     every other sample gets one *background* label that the classifier learns and no generation is guided
-    toward, so guidance pulls toward likely-memorized clusters and away from the rest. 1 (default) = the
+    toward, so guidance pulls toward likely-memorized clusters and away from the rest (``side-lora``: the fine-tune
+    learns the background as one more class, and no generation is drawn toward it). 1 (default) = the
     paper: every sample is clustered. On the fair protocol at 16x16 (``benchmarks/results/fair16/mem-n*``),
     0.25 with the K = 25 form reached 1.73x UnCond's distinct training images at 1,000 training images (interval
     [1.47, 2.59]), 1.00x at 100 and 0.92x at 300 (where every SIDE form stays below plain sampling); it stays off by

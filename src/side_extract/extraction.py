@@ -57,7 +57,8 @@ def extract(
     """
     idx = np.arange(start, stop, dtype=np.int64)
     if getattr(denoiser, "conditional", False):  # side-lora: the fine-tuned model, toward a uniform random cluster
-        targets = draw_targets(c.seed, idx, denoiser.n_classes)
+        outputs = denoiser.target_outputs  # (not the background class of memorization-aware labels)
+        targets = outputs[draw_targets(c.seed, idx, len(outputs))]
         labels = denoiser.classes[targets]
     elif guidance is None:
         targets = None

@@ -12,6 +12,10 @@ with the surrogate labels as classes, then sample the conditional model toward e
 3. Sampling for cluster y uses eps = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)) with ``w =
    lora.guidance_scale`` (w = 1: plain conditional sampling, one forward per step).
 
+With memorization-aware surrogate labels the background label (the samples outside the memorization candidates)
+is one more class of the fine-tune, so the model learns where the unlikely-memorized samples lie; no generation
+is drawn toward it (``ConditionalDenoiser.target_outputs``), as for the classifier of method ``side``.
+
 Training is resumable (checkpoints keyed by the images, labels, target and settings, as the classifiers'), and
 the adapters are written in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``; a full
 fine-tune as ``unet/`` in diffusers' format) beside ``classes.json``.
@@ -72,21 +76,34 @@ class ConditionalDenoiser:
     """The fine-tuned target as ``eps(x, t, y)`` with classifier-free guidance (see the module docstring).
 
     ``y``: (B,) output indices 0..K-1 (``classes`` maps them to cluster ids); ``denoiser(x, t)`` without y is
-    the null label (the unconditional eps the model learnt by label dropout)."""
+    the null label (the unconditional eps the model learnt by label dropout). ``background``: the label value
+    (of ``classes``) of memorization-aware labels' background class, never a generation's target; None without."""
 
     conditional = True
 
-    def __init__(self, model: torch.nn.Module, target: UNetDenoiser, classes: np.ndarray, guidance_scale: float) -> None:
+    def __init__(self, model: torch.nn.Module, target: UNetDenoiser, classes: np.ndarray, guidance_scale: float,
+                 background: int | None = None) -> None:
         self.model = model.eval()
         self.scheduler = target.scheduler
         self.sample_shape = target.sample_shape
         self.classes = np.asarray(classes, dtype=np.int64)
         self.null = len(self.classes)
         self.guidance_scale = float(guidance_scale)
+        if background is not None and int(background) not in self.classes:
+            raise ValueError(f"background={background} must be one of the fine-tuned classes {self.classes.tolist()}")
+        self.background = None if background is None else int(background)
+        if len(self.target_outputs) < 1:
+            raise ValueError(f"every class {self.classes.tolist()} is background: nothing to generate toward")
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def target_outputs(self) -> np.ndarray:
+        """Output indices of the classes that generations may be drawn toward (every class but background)."""
+        return np.flatnonzero(self.classes != self.background) if self.background is not None \
+            else np.arange(len(self.classes))
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, class_labels=y).sample
@@ -108,6 +125,7 @@ class FinetuneResult:
     classes: np.ndarray
     losses: list[float]
     resumed_from: int
+    background: int | None = None
 
 
 def _trainable_state(model: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
@@ -138,11 +156,13 @@ def finetune(
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     group: ProcessGroup = SINGLE,
+    background: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``target`` on ``x0`` (n, C, H, W) in [-1, 1] with surrogate ``labels`` (n,; -1 = unlabelled,
     left out) and write the result to ``out`` (see the module docstring). Resumes from ``out/work``. Under a
     launch of several processes each trains on its rows of every batch and the main one writes
-    (``distributed.py``)."""
+    (``distributed.py``). ``background``: the label value of memorization-aware labels' background class (trained
+    like the others, recorded so that sampling never targets it)."""
     if not isinstance(target, UNetDenoiser):
         raise ValueError("side-lora fine-tunes a diffusers UNet2DModel target; this target is a plain callable")
     labels = np.asarray(labels)
@@ -150,6 +170,8 @@ def finetune(
     classes = np.unique(labels[keep])
     if len(classes) < 2:
         raise ValueError(f"side-lora: {len(classes)} labelled cluster(s); it needs at least 2 (lower surrogate.tau)")
+    if background is not None and int(background) not in classes:
+        raise ValueError(f"background={background} is not among the labels {classes.tolist()}")
     x = x0[torch.from_numpy(keep)]
     y = torch.as_tensor(np.searchsorted(classes, labels[keep]), dtype=torch.long)
     out = Path(out)
@@ -207,11 +229,12 @@ def finetune(
     model.eval()
     group.check_replicas(model, "side-lora")
     if group.main:
-        save_finetuned(model, out, classes, c, losses)
-    return FinetuneResult(classes, losses, start)
+        save_finetuned(model, out, classes, c, losses, background)
+    return FinetuneResult(classes, losses, start, background)
 
 
-def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cfg.LoraConfig, losses: list[float]) -> None:
+def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cfg.LoraConfig, losses: list[float],
+                   background: int | None = None) -> None:
     """``out/adapter/`` (peft: adapter_config.json + adapter_model.safetensors) or ``out/unet/`` (full), and
     ``out/classes.json``; the work directory stays for a later resume."""
     with atomic_directory(out / ("unet" if c.rank == "full" else "adapter")) as tmp:
@@ -220,6 +243,7 @@ def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cf
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
     atomic_write_json(out / "classes.json", {"classes": [int(v) for v in classes], "config": cfg.to_dict(c),
+                                             "background": None if background is None else int(background),
                                              "final_loss": float(np.mean(losses[-50:])) if losses else None})
 
 
@@ -239,7 +263,7 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
 
         model = PeftModel.from_pretrained(conditional_unet(target.unet, len(classes)), str(d / "adapter"))
     return ConditionalDenoiser(model.to(device), target, classes,
-                               c.guidance_scale if guidance_scale is None else guidance_scale)
+                               c.guidance_scale if guidance_scale is None else guidance_scale, meta.get("background"))
 
 
 __all__ = ["conditional_unet", "attach_adapters", "ConditionalDenoiser", "finetune", "save_finetuned",

@@ -197,7 +197,7 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     return DenoisedGuidance(*args, denoiser=ctx.denoiser) if denoised else ClassifierGuidance(*args)
 
 
-def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: np.ndarray) -> ConditionalDenoiser:
+def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) -> ConditionalDenoiser:
     """SIDE's second form: the target fine-tuned on the synthetic set with the surrogate labels (``finetune.py``);
     ``RUN/lora/`` holds the adapters, ``classes.json`` and the resumable work directory."""
     c = ctx.rc.lora
@@ -207,8 +207,9 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: np.ndarray) -> Co
     directory = ctx.run.path / "lora"
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
     if group.on_main(lambda: ctx.run.begin("lora", fp) != "skip" or not (directory / "classes.json").exists()):
-        res = finetune(ctx.denoiser, synthetic.to_float(), labels, c, directory, target_fingerprint=ctx.fp["model"],
-                       device=ctx.device, progress=ctx.progress("side-lora"), group=group)
+        res = finetune(ctx.denoiser, synthetic.to_float(), labels.labels, c, directory,
+                       target_fingerprint=ctx.fp["model"], device=ctx.device, progress=ctx.progress("side-lora"),
+                       group=group, background=labels.background)
         if group.main:
             ctx.run.complete("lora", classes=len(res.classes), final_loss=float(np.mean(res.losses[-50:])),
                              resumed_from=res.resumed_from, processes=group.world)
@@ -445,9 +446,6 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                     f"the memorization candidates (surrogate.memorized_fraction={rc.surrogate.memorized_fraction} "
                     f"of sample.n={rc.sample.n})")
             problems.append(f"surrogate K={max(ks)} must be <= {what}={n_clustered}")
-        if rc.surrogate.memorized_fraction < 1.0 and "side-lora" in methods:
-            problems.append(f"surrogate.memorized_fraction={rc.surrogate.memorized_fraction}: memorization-aware labels "
-                            "guide method side only; side-lora needs memorized_fraction: 1")
         if rc.features.extractor.split(":", 1)[0] not in EXTRACTORS:
             problems.append(f"features.extractor={rc.features.extractor!r} must be one of {', '.join(EXTRACTORS)}")
     if methods - {"uncond", "side-lora"}:
@@ -550,7 +548,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
             guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels,
                                               ctx.fp["surrogate"], clean=False, background=labels.background)
         if "side-lora" in methods:
-            denoisers["side-lora"] = lora_stage(ctx, synthetic, labels.labels)
+            denoisers["side-lora"] = lora_stage(ctx, synthetic, labels)
     if {"cond", "side-teacher"} & set(methods):
         once = run.group.main_first
         train = _train_set(ctx)
