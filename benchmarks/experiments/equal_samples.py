@@ -1,0 +1,77 @@
+"""SIDE against plain sampling at equal *model samples*: the fair benchmark compares methods at equal N_G (the paper's
+and the extraction issue's comparison: distinct training images per generation an auditor checks); SIDE also draws a
+synthetic set of N_S samples from the target first. This extends each held-out replicate's UnCond run (the fair
+benchmark's own generations 0..N_G-1, read from the cache) with the next generations of the same noise stream
+(``extraction.extract``, indices N_G..N_G+extra-1) and counts distinct nearest training images at the mid band or
+closer, as the fair tables do, at N_G and at N_G + extra (extra = N_S: equal model samples).
+
+    python benchmarks/experiments/equal_samples.py CACHE/runs/<target> REPS EXTRA [FORM]
+
+REPS: comma-separated held-out replicates (e.g. 11,12,13). FORM (e.g. mem-k25): also count, for that SIDE form's
+held-out run in the cache (``rep-<r>/forms/FORM``: its synthetic set and its generations at the setting the benchmark
+chose), the distinct images of its generations, of its synthetic set, and of both together: what the whole audit
+showed for its N_S + N_G model samples.
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from side_extract import config as cfg
+from side_extract.data import load_image_set, load_shards
+from side_extract.extraction import extract
+from side_extract.metrics import read_bands_file
+from side_extract.models.target import load_target
+from side_extract.neighbors import NearestNeighborIndex, pixel_rows
+
+torch.set_num_threads(1)
+root, reps, extra = Path(sys.argv[1]), [int(r) for r in sys.argv[2].split(",")], int(sys.argv[3])
+form = sys.argv[4] if len(sys.argv) > 4 else None
+rows = []
+for r in reps:
+    rep = root / f"rep-{r}"
+    rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(rep / "config.yaml"))
+    den = load_target(rc.model)
+    train = load_image_set(rc.train, rc.train_resize)
+    mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
+    index = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images))
+    cached = load_shards(rep / "extraction" / "uncond")
+    n = len(cached)
+    check = extract(den, rc.extract, None, 0, 8)["images"]  # the cache is this stream: regenerate a few and compare
+    diff = np.abs(check.astype(int) - cached.images[:8].astype(int)).max()
+    if diff > 2:
+        raise SystemExit(f"rep {r}: regenerated images differ from the cached UnCond run by {diff} uint8 levels")
+    t0 = time.time()
+    more = extract(den, rc.extract, None, n, n + extra)["images"]
+    images = np.concatenate([cached.images, more])
+    nn = index.kneighbors(pixel_rows(images), 1)
+    hit = mid.reaches(nn.scores[:, 0], "distance")
+    nearest = nn.indices[:, 0]
+    counts = [len(set(nearest[:m][hit[:m]].tolist())) for m in (n, n + extra)]
+    if form:
+        found = []
+        for part in ("extraction/side", "synthetic"):
+            imgs = load_shards(rep / "forms" / form / part).images
+            nn_f = index.kneighbors(pixel_rows(imgs), 1)
+            found.append(set(nn_f.indices[:, 0][mid.reaches(nn_f.scores[:, 0], "distance")].tolist()))
+        counts += [len(found[0]), len(found[1]), len(found[0] | found[1])]
+    rows.append(counts)
+    print(f"rep {r}: UnCond (eta {rc.extract.eta}) N_G {n}: {counts[0]} distinct; {n + extra}: {counts[1]} distinct "
+          f"(extra {extra} generations in {time.time() - t0:.0f} s; first 8 regenerated within {diff} levels)"
+          + (f"; {form}: generations {counts[2]}, synthetic set {counts[3]}, both {counts[4]}" if form else ""),
+          flush=True)
+a = np.array(rows, dtype=float)
+
+
+def cell(col: int) -> str:
+    return f"{a[:, col].mean():.1f} [{a[:, col].min():.0f}-{a[:, col].max():.0f}]"
+
+
+print(f"\nmean over replicates {reps} [min-max]: UnCond at N_G {n}: {cell(0)}; at {n + extra}: {cell(1)}")
+if form:
+    print(f"{form}: its {n} generations {cell(2)}; its synthetic set {cell(3)}; both {cell(4)}")
+    print(f"ratios of means: generations / UnCond at {n}: {a[:, 2].mean() / a[:, 0].mean():.2f}; generations / UnCond "
+          f"at {n + extra}: {a[:, 2].mean() / a[:, 1].mean():.2f}; generations and synthetic set / UnCond at {n + extra} "
+          f"(equal model samples): {a[:, 4].mean() / a[:, 1].mean():.2f}")
