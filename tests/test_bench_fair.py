@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from side_extract import config as cfg
-from side_extract.bench.protocol import (FairBenchConfig, bootstrap_ratios, budget_curve, budget_grid, replicate_config,
-                                         run_fair_bench, write_fair_results)
+from side_extract.bench.protocol import (FairBenchConfig, bootstrap_ratios, budget_curve, budget_grid, count_ratios,
+                                         replicate_config, run_fair_bench, write_fair_results)
 from side_extract.data import load_shards
 
 from test_bench import tiny_bench
@@ -71,6 +71,18 @@ def test_bootstrap_ratio_by_hand():
     assert not a["excludes_1"]
 
 
+def test_equal_samples_ratio_counts_by_hand():
+    """SIDE reaches 4 distinct nearest images in its 4 generations; UnCond 6 in its 8 (N_G + N_S): 4 / 6, although
+    per generation SIDE's share (1) is above UnCond's (0.75). A resample of SIDE never finds more than 4."""
+    side = _stats([0, 1, 2, 3], [1, 1, 1, 1])
+    uncond = _stats([0, 0, 1, 1, 2, 3, 4, 5], [1] * 8)
+    r = count_ratios({"side": [side, side]}, [uncond, uncond], 200)["side"]
+    assert r["side"] == 4 and r["uncond"] == 6 and r["ratio"] == pytest.approx(4 / 6)
+    assert r["ci95"][0] <= 4 / 6 <= r["ci95"][1] * 1.5 and r["ci95"][1] <= 4 / 2
+    with pytest.raises(ValueError, match="'uncond-samples' must be a new name"):
+        FairBenchConfig(forms={"uncond-samples": {"method": "side"}})
+
+
 def test_budget_curve_reads_prefixes_by_hand():
     """SIDE finds 2 new images in its first 2 generations and then repeats image 0; UnCond finds one image per
     two generations and keeps going: SIDE leads 2/1 at n = 2, trails 4/6 at n = 8."""
@@ -110,6 +122,17 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread):
     manifest = json.loads((runs[1] / "manifest.json").read_text())["stages"]
     assert not any(v.get("shared_from") for v in manifest.values())
     assert "Fair extraction benchmark" in md_path.read_text() and "by budget" in md_path.read_text()
+    # equal model samples: UnCond at N_G + N_S in its own sub-run, whose first N_G generations are the N_G run's
+    eq = s["heldout"]["equal_samples"]
+    n, n_syn = s["heldout"]["n_generated"], bc.run.sample.n
+    assert eq["n_generated"] == n + n_syn and eq["n_synthetic"] == n_syn
+    for rep in runs[1:]:
+        longer = load_shards(rep / "forms" / "uncond-samples" / "extraction" / "uncond")
+        assert len(longer) == n + n_syn
+        np.testing.assert_array_equal(longer.images[:n], load_shards(rep / "extraction" / "uncond").images)
+    assert eq["ratios"]["side"]["side"] == pytest.approx(curve[-1]["distinct_mid"]["side"]["mean"])
+    assert eq["uncond"]["mean"] >= curve[-1]["distinct_mid"]["uncond"]["mean"]  # a longer run finds at least as many
+    assert "Equal model samples" in md_path.read_text()
 
 
 def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):

@@ -30,6 +30,12 @@ For each training-set size in ``scales``:
    keeps finding new images as N_G grows while a guided method may saturate, so one N_G alone can mislead.
    (With ``extract.allocation: adaptive`` a prefix is the first generations of the full budget's rounds, not
    a run at that N_G.)
+5. **Equal model samples** (``equal_samples``, on by default). The comparison above is per generation checked (the
+   paper's): at equal N_G. A SIDE form also draws its synthetic set (N_S = ``sample.n`` samples) from the target
+   first. On every held-out replicate UnCond also runs at N_G + N_S generations (``rep-<r>/forms/uncond-samples``;
+   its first N_G generations are its N_G run, same seed and noise stream), and each form's distinct images at N_G
+   are set against that count, with the same bootstrap: plain sampling given every model sample the audit drew
+   (not counting the memorization scores or the classifiers' training).
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ from .extraction import ExtractionBenchConfig, ScaleInputs, full_run_template, r
 log = logging.getLogger(__name__)
 
 SCHEMA = "side-extract/bench-fair/1"
+EQUAL_SAMPLES = "uncond-samples"  # UnCond at N_G + N_S: the sub-run of step 5 (module docstring)
 GUIDED = ("side", "side-teacher", "cond")
 SIDE_FORMS = SIDE_METHODS
 BOOT_METRICS = ("distinct_nn/high", "distinct_nn/mid", "ams_cum/high", "ams_cum/mid", "carlini")
@@ -74,6 +81,7 @@ class FairBenchConfig:
     n_bootstrap: int = 1000
     forms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     lora_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    equal_samples: bool = True
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in cfg.METHODS]
@@ -93,7 +101,7 @@ class FairBenchConfig:
         if self.validation_n <= 0 or self.n_bootstrap <= 0:
             raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
         for name, form in self.forms.items():
-            if name in cfg.METHODS or form.get("method") not in SIDE_FORMS:
+            if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in SIDE_FORMS:
                 raise ValueError(f"forms: {name!r} must be a new name with 'method' one of {', '.join(SIDE_FORMS)}; "
                                  f"got {form}")
         if "side-lora" in self.methods or any(f["method"] == "side-lora" for f in self.forms.values()):
@@ -146,6 +154,8 @@ def entry_run(fc: FairBenchConfig, name: str, rc: cfg.RunConfig, setting: tuple[
               rep: Path) -> tuple[Path, cfg.RunConfig]:
     """Where and how a method or form runs on one replicate: a form in ``rep/forms/<name>``, which first shares
     the replicate's finished stages (synthetic set, clusters, ...) so it redoes only what its overrides change."""
+    if name == EQUAL_SAMPLES:  # UnCond in its own sub-run, its N_G + N_S generations (module docstring, step 5)
+        return rep / "forms" / name, method_config(rc, "uncond", None, n)
     if name not in fc.forms:
         return rep, method_config(rc, name, setting, n)
     form = {k: v for k, v in fc.forms[name].items() if k != "method"}
@@ -270,6 +280,35 @@ def budget_curve(stats: dict[str, list[dict[str, np.ndarray]]], n_grid: list[int
     return out
 
 
+def count_ratios(forms: dict[str, list[dict[str, np.ndarray]]], base: list[dict[str, np.ndarray]], n_boot: int,
+                 seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Each form's distinct nearest training images (mid band or closer; mean over replicates) against ``base``'s,
+    as *counts* (the runs may differ in length), with a 95 % percentile bootstrap interval that resamples every
+    run's own generations within each replicate."""
+    rng = np.random.default_rng(seed)
+
+    def count(s: dict[str, np.ndarray], idx: np.ndarray) -> float:
+        hit = s["reach/mid"][idx]
+        return float(len(np.unique(s["nn"][idx][hit])))
+
+    def mean_count(reps: list[dict[str, np.ndarray]], draw: bool) -> float:
+        return float(np.mean([count(s, rng.integers(0, len(s["nn"]), len(s["nn"])) if draw
+                                    else np.arange(len(s["nn"]))) for s in reps]))
+
+    base_point = mean_count(base, False)
+    base_draws = np.array([mean_count(base, True) for _ in range(n_boot)])
+    out = {}
+    for name, reps in forms.items():
+        point = mean_count(reps, False)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.array([mean_count(reps, True) for _ in range(n_boot)]) / base_draws
+        r = r[np.isfinite(r)]
+        lo, hi = (float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))) if len(r) else (None, None)
+        out[name] = {"side": point, "uncond": base_point, "ratio": point / base_point if base_point > 0 else None,
+                     "ci95": [lo, hi], "excludes_1": lo is not None and (lo > 1 or hi < 1)}
+    return out
+
+
 SUMMARY = ("ams/high", "ams/mid", "ums/high", "ums/mid", "ums_cumulative/mid", "p95")
 
 
@@ -280,6 +319,9 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     n = base.extract.n
     per_rep: dict[str, list[dict[str, Any]]] = {m: [] for m in fc.entries}
     stats: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in fc.entries}
+    forms = tuple(m for m in fc.entries if m not in BASELINES)
+    equal_samples = fc.equal_samples and bool(forms)
+    eq_stats: list[dict[str, np.ndarray]] = []
     bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
     for r in fc.heldout_replicates:
         rc = replicate_config(base, r)
@@ -293,15 +335,25 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
                                "gu": float(met["gu"]["memorized_fraction"])})
             stats[m].append(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]))
+        if equal_samples:
+            path, mrc = entry_run(fc, EQUAL_SAMPLES, rc, None, n + base.sample.n, rep)
+            res = run_audit(path, mrc, device=device, progress=progress)
+            eq_stats.append(per_generation_stats(path, "uncond", bands, res.metrics["uncond"]["orientation"]))
     summary = {}
     for m, rows in per_rep.items():
         keys = [k for k in rows[0] if k != "replicate"]
         summary[m] = {k: {"mean": float(np.mean([x[k] for x in rows])), "min": float(min(x[k] for x in rows)),
                           "max": float(max(x[k] for x in rows))} for k in keys}
-    forms = tuple(m for m in fc.entries if m not in BASELINES)
-    return {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
-            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, side_forms=forms),
-            "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms)}
+    out = {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
+           "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, side_forms=forms),
+           "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms)}
+    if equal_samples:
+        counts = [float(len(np.unique(s["nn"][s["reach/mid"]]))) for s in eq_stats]
+        out["equal_samples"] = {
+            "n_generated": n + base.sample.n, "n_synthetic": base.sample.n,
+            "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
+            "ratios": count_ratios({m: stats[m] for m in forms}, eq_stats, fc.n_bootstrap)}
+    return out
 
 
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
@@ -386,6 +438,19 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                         cell += f"; {_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}]{mark}"
                     cells.append(cell)
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        eq = h.get("equal_samples")
+        if eq:
+            u = eq["uncond"]
+            lines += ["", f"Equal model samples: each form drew {eq['n_synthetic']} synthetic samples before its "
+                      f"{h['n_generated']} generations. UnCond with {eq['n_generated']} generations (the same noise "
+                      f"stream, extended) reaches {u['mean']:.1f} [{u['min']:.0f}-{u['max']:.0f}] distinct nearest "
+                      "training images at the mid band or closer; each form's count at N_G against it (ratio of "
+                      "replicate means, 95 % bootstrap interval):", ""]
+            for form, r in eq["ratios"].items():
+                lo, hi = r["ci95"]
+                mark = "" if not r["excludes_1"] else (" ↑" if lo > 1 else " ↓")
+                lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_f(r['ratio'], False)} "
+                             f"[{_f(lo, False)}, {_f(hi, False)}]{mark}")
         lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0):", "",
                   "| method | chosen | every setting |", "|---|---|---|"]
         for m, by in s["tuning"]["mean_by_setting"].items():
@@ -409,4 +474,4 @@ def quick_fair_config() -> FairBenchConfig:
 
 
 __all__ = ["FairBenchConfig", "replicate_config", "method_config", "run_fair_bench", "write_fair_results",
-           "render_fair_markdown", "bootstrap_ratios", "budget_grid", "budget_curve", "quick_fair_config", "full_run_template"]
+           "render_fair_markdown", "bootstrap_ratios", "count_ratios", "budget_grid", "budget_curve", "quick_fair_config", "full_run_template"]

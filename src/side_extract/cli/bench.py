@@ -180,6 +180,9 @@ def fair_cmd(
                                     "(as many values as the lambda x temperature grid)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta of every method's generations (0: deterministic DDIM, "
                               "the paper's; 1: as stochastic as DDPM). The same for all methods, UnCond included."),
+    equal_samples: bool = typer.Option(True, "--equal-samples/--no-equal-samples", help="Also run UnCond at N_G + "
+                                       "N_S on every held-out replicate and set each SIDE form against it (plain "
+                                       "sampling given the synthetic set's samples too)."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """The fair protocol: replicates that redraw everything downstream of the target, the same tuning grid for
@@ -218,7 +221,7 @@ def fair_cmd(
                          scales_grid=floats(lambdas, "--lambdas"), temperatures=floats(temperatures, "--temperatures"),
                          validation_replicates=_ints(validation, "--validation"),
                          heldout_replicates=_ints(heldout, "--heldout"), validation_n=validation_n,
-                         select_metric=select_metric, n_bootstrap=n_bootstrap)
+                         select_metric=select_metric, n_bootstrap=n_bootstrap, equal_samples=equal_samples)
     argv = ["side", "--threads", str(_threads()), "bench", "fair", "--out", str(out), "--cache", str(cache),
             "--scales", scales, "--size", str(size), "--n-generated", str(n_generated), "--n-synthetic",
             str(n_synthetic), "--train-steps", str(train_steps), "--methods", methods, "--lambdas", lambdas,
@@ -228,6 +231,7 @@ def fair_cmd(
     for spec in form:
         argv += ["--form", spec]
     argv += ["--eta", f"{eta:g}"] if eta != 0 else []
+    argv += [] if equal_samples else ["--no-equal-samples"]
     argv += ["--device", device] if device != "cpu" else []
     console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
                   f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
