@@ -215,8 +215,8 @@ class SurrogateConfig:
     learns the background as one more class, and no generation is drawn toward it). 1 (default) = the
     paper: every sample is clustered. On the fair protocol at 16x16 (``benchmarks/results/fair16/mem-n*``),
     0.25 with the K = 25 form reached 1.73x UnCond's distinct training images at 1,000 training images (interval
-    [1.47, 2.59]), 1.00x at 100 and 0.92x at 300 (where every SIDE form stays below plain sampling); it stays off by
-    default because of the 300-image cell.
+    [1.47, 2.59]), 1.00x at 100 and 0.92x at 300 (where every SIDE form stays below plain sampling; at 8x8 1.43x at
+    1,000 and 0.99x at 300, ``fair8/mem-n*``); it stays off by default because of the 300-image cell.
     """
 
     n_clusters: int = 25
