@@ -445,7 +445,8 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       f"{h['n_generated']} generations. UnCond with {eq['n_generated']} generations (the same noise "
                       f"stream, extended) reaches {u['mean']:.1f} [{u['min']:.0f}-{u['max']:.0f}] distinct nearest "
                       "training images at the mid band or closer; each form's count at N_G against it (ratio of "
-                      "replicate means, 95 % bootstrap interval):", ""]
+                      "replicate means, 95 % bootstrap interval; resampling with replacement lowers distinct counts, "
+                      "the shorter run's more, so the interval sits low: read it as indicative):", ""]
             for form, r in eq["ratios"].items():
                 lo, hi = r["ci95"]
                 mark = "" if not r["excludes_1"] else (" ↑" if lo > 1 else " ↓")
