@@ -5,6 +5,9 @@ benchmark's own generations 0..N_G-1, read from the cache) with the next generat
 (``extraction.extract``, indices N_G..N_G+extra-1) and counts distinct nearest training images at the mid band or
 closer, as the fair tables do, at N_G and at N_G + extra (extra = N_S: equal model samples).
 
+(`side bench fair` now reports the UnCond half of this itself, step 5 of its protocol; this script also counts what
+a form's synthetic set reached, from a finished benchmark's cache.)
+
     python benchmarks/experiments/equal_samples.py CACHE/runs/<target> REPS EXTRA [FORM]
 
 REPS: comma-separated held-out replicates (e.g. 11,12,13). FORM (e.g. mem-k25): also count, for that SIDE form's

@@ -154,8 +154,6 @@ def entry_run(fc: FairBenchConfig, name: str, rc: cfg.RunConfig, setting: tuple[
               rep: Path) -> tuple[Path, cfg.RunConfig]:
     """Where and how a method or form runs on one replicate: a form in ``rep/forms/<name>``, which first shares
     the replicate's finished stages (synthetic set, clusters, ...) so it redoes only what its overrides change."""
-    if name == EQUAL_SAMPLES:  # UnCond in its own sub-run, its N_G + N_S generations (module docstring, step 5)
-        return rep / "forms" / name, method_config(rc, "uncond", None, n)
     if name not in fc.forms:
         return rep, method_config(rc, name, setting, n)
     form = {k: v for k, v in fc.forms[name].items() if k != "method"}
@@ -218,6 +216,20 @@ def boot_values(stats: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, floa
     return out
 
 
+def _percentile_interval(num: np.ndarray, den: np.ndarray) -> tuple[float | None, float | None]:
+    """95 % percentile interval of the bootstrap ratios num / den (draws with a zero denominator left out)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = num / den
+    r = r[np.isfinite(r)]
+    return (float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))) if len(r) else (None, None)
+
+
+def distinct_count(s: dict[str, np.ndarray], idx: np.ndarray | None = None) -> float:
+    """Distinct nearest training images at the mid band or closer among the generations ``idx`` (default: all)."""
+    idx = np.arange(len(s["nn"])) if idx is None else idx
+    return boot_values(s, idx)["distinct_nn/mid"] * len(idx)
+
+
 def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tuple[str, ...], n_boot: int,
                      seed: int = 0, side_forms: tuple[str, ...] = SIDE_FORMS) -> dict[str, dict[str, dict[str, Any]]]:
     """For each SIDE form and metric: ratio of means (over replicates) to the best baseline, and a 95 %
@@ -240,10 +252,7 @@ def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tup
         for k in metrics:
             best = max(bases, key=lambda m: point[m][k])
             ratio = point[s][k] / point[best][k] if point[best][k] > 0 else None
-            with np.errstate(divide="ignore", invalid="ignore"):
-                r = draws[s][k] / draws[best][k]
-            r = r[np.isfinite(r)]
-            lo, hi = (float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))) if len(r) else (None, None)
+            lo, hi = _percentile_interval(draws[s][k], draws[best][k])
             rows[k] = {"side": point[s][k], "best_baseline": point[best][k], "best_baseline_method": best,
                        "ratio": ratio, "ci95": [lo, hi], "replicates": n_rep,
                        "excludes_1": lo is not None and (lo > 1 or hi < 1)}
@@ -287,23 +296,16 @@ def count_ratios(forms: dict[str, list[dict[str, np.ndarray]]], base: list[dict[
     run's own generations within each replicate."""
     rng = np.random.default_rng(seed)
 
-    def count(s: dict[str, np.ndarray], idx: np.ndarray) -> float:
-        hit = s["reach/mid"][idx]
-        return float(len(np.unique(s["nn"][idx][hit])))
-
     def mean_count(reps: list[dict[str, np.ndarray]], draw: bool) -> float:
-        return float(np.mean([count(s, rng.integers(0, len(s["nn"]), len(s["nn"])) if draw
-                                    else np.arange(len(s["nn"]))) for s in reps]))
+        return float(np.mean([distinct_count(s, rng.integers(0, len(s["nn"]), len(s["nn"])) if draw else None)
+                              for s in reps]))
 
     base_point = mean_count(base, False)
     base_draws = np.array([mean_count(base, True) for _ in range(n_boot)])
     out = {}
     for name, reps in forms.items():
         point = mean_count(reps, False)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.array([mean_count(reps, True) for _ in range(n_boot)]) / base_draws
-        r = r[np.isfinite(r)]
-        lo, hi = (float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))) if len(r) else (None, None)
+        lo, hi = _percentile_interval(np.array([mean_count(reps, True) for _ in range(n_boot)]), base_draws)
         out[name] = {"side": point, "uncond": base_point, "ratio": point / base_point if base_point > 0 else None,
                      "ci95": [lo, hi], "excludes_1": lo is not None and (lo > 1 or hi < 1)}
     return out
@@ -335,9 +337,9 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
                                "gu": float(met["gu"]["memorized_fraction"])})
             stats[m].append(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]))
-        if equal_samples:
-            path, mrc = entry_run(fc, EQUAL_SAMPLES, rc, None, n + base.sample.n, rep)
-            res = run_audit(path, mrc, device=device, progress=progress)
+        if equal_samples:  # UnCond in its own sub-run at N_G + N_S (module docstring, step 5)
+            path = rep / "forms" / EQUAL_SAMPLES
+            res = run_audit(path, method_config(rc, "uncond", None, n + base.sample.n), device=device, progress=progress)
             eq_stats.append(per_generation_stats(path, "uncond", bands, res.metrics["uncond"]["orientation"]))
     summary = {}
     for m, rows in per_rep.items():
@@ -348,7 +350,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, side_forms=forms),
            "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms)}
     if equal_samples:
-        counts = [float(len(np.unique(s["nn"][s["reach/mid"]]))) for s in eq_stats]
+        counts = [distinct_count(s) for s in eq_stats]
         out["equal_samples"] = {
             "n_generated": n + base.sample.n, "n_synthetic": base.sample.n,
             "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
@@ -378,6 +380,11 @@ def _f(v: float | None, pct: bool = True) -> str:
     if v is None:
         return "-"
     return f"{100 * v:.2f}" if pct else f"{v:.2f}"
+
+
+def _mark(r: dict[str, Any]) -> str:
+    """" ↑" / " ↓" where a ratio's whole interval lies above / below 1, else nothing."""
+    return "" if not r["excludes_1"] else (" ↑" if r["ci95"][0] > 1 else " ↓")
 
 
 def render_fair_markdown(data: dict[str, Any]) -> str:
@@ -415,7 +422,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             for k in BOOT_METRICS:
                 r = rows[k]
                 lo, hi = r["ci95"]
-                mark = "" if not r["excludes_1"] else (" ↑" if lo > 1 else " ↓")
+                mark = _mark(r)
                 cells.append(f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
                              f"{r['best_baseline_method']}{mark}")
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
@@ -434,7 +441,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                     cell = f"{d['mean']:.1f} [{d['min']:.0f}-{d['max']:.0f}]"
                     if r is not None:
                         lo, hi = r["ci95"]
-                        mark = "" if not r["excludes_1"] else (" ↑" if lo > 1 else " ↓")
+                        mark = _mark(r)
                         cell += f"; {_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}]{mark}"
                     cells.append(cell)
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -449,7 +456,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       "the shorter run's more, so the interval sits low: read it as indicative):", ""]
             for form, r in eq["ratios"].items():
                 lo, hi = r["ci95"]
-                mark = "" if not r["excludes_1"] else (" ↑" if lo > 1 else " ↓")
+                mark = _mark(r)
                 lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_f(r['ratio'], False)} "
                              f"[{_f(lo, False)}, {_f(hi, False)}]{mark}")
         lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0):", "",
