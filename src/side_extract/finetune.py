@@ -40,6 +40,7 @@ from . import config as cfg
 from .distributed import SINGLE, ProcessGroup
 from .models.target import UNetDenoiser
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
+from .surrogate import target_outputs
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ class ConditionalDenoiser:
     @property
     def target_outputs(self) -> np.ndarray:
         """Output indices of the classes that generations may be drawn toward (every class but background)."""
-        return np.flatnonzero(self.classes != self.background) if self.background is not None \
-            else np.arange(len(self.classes))
+        return target_outputs(self.classes, () if self.background is None else (self.background,))
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, class_labels=y).sample
@@ -125,7 +125,6 @@ class FinetuneResult:
     classes: np.ndarray
     losses: list[float]
     resumed_from: int
-    background: int | None = None
 
 
 def _trainable_state(model: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
@@ -230,7 +229,7 @@ def finetune(
     group.check_replicas(model, "side-lora")
     if group.main:
         save_finetuned(model, out, classes, c, losses, background)
-    return FinetuneResult(classes, losses, start, background)
+    return FinetuneResult(classes, losses, start)
 
 
 def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cfg.LoraConfig, losses: list[float],

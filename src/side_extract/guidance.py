@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.target import predict_x0
+from .surrogate import target_outputs
 
 
 class Guidance(Protocol):
@@ -113,7 +114,7 @@ class ClassifierGuidance:
     @property
     def target_outputs(self) -> np.ndarray:
         """Output indices of the classes that generations may be guided toward (every class but background)."""
-        return np.flatnonzero(~np.isin(self.classes, self.background))
+        return target_outputs(self.classes, self.background)
 
     def guides_at(self, t: torch.Tensor | int) -> bool:
         """Whether this guidance is on at training timestep ``t``."""

@@ -160,6 +160,13 @@ class SurrogateLabels:
         return v[v != self.background] if self.background is not None else v
 
 
+def target_outputs(classes: np.ndarray, background: "tuple[int, ...] | list[int]") -> np.ndarray:
+    """Output indices of ``classes`` (label values, one per model output) that generations may be drawn toward:
+    every one but the ``background`` label values (the background class of memorization-aware labels). Shared by
+    the guidance classifier (method ``side``) and the fine-tuned conditional model (``side-lora``)."""
+    return np.flatnonzero(~np.isin(np.asarray(classes), list(background)))
+
+
 def label_candidates(labeler: "ClusterLabeler", features: np.ndarray, candidates: np.ndarray) -> SurrogateLabels:
     """Fit ``labeler`` on the rows ``candidates`` of ``features`` only; every other row gets the background label
     (one past the cluster ids). With every row a candidate this is ``labeler.fit(features)`` and no background."""
