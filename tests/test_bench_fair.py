@@ -2,14 +2,16 @@
 same grid, settings are chosen on validation replicates only, bootstrap intervals by hand."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from side_extract import config as cfg
-from side_extract.bench.protocol import (FairBenchConfig, bootstrap_ratios, budget_curve, budget_grid, count_ratios,
-                                         replicate_config, run_fair_bench, write_fair_results)
+from side_extract.bench.intervals import bootstrap_ratios, count_ratios
+from side_extract.bench.protocol import (BASELINES, FairBenchConfig, budget_curve, budget_grid, replicate_config,
+                                         reused_tuning, run_fair_bench, write_fair_results)
 from side_extract.data import load_shards
 
 from test_bench import tiny_bench
@@ -62,7 +64,7 @@ def test_bootstrap_ratio_by_hand():
     Every generation of SIDE and UnCond reaches the band, half of Cond's: AMS ratio 1 against UnCond."""
     stats = {"side": [_stats([0, 1, 2, 3], [1, 1, 1, 1])] * 2, "cond": [_stats([0, 0, 1, 1], [1, 0, 1, 0])] * 2,
              "uncond": [_stats([5, 5, 5, 5], [1, 1, 1, 1])] * 2}
-    r = bootstrap_ratios(stats, ("distinct_nn/mid", "ams_cum/mid"), 300)["side"]
+    r = bootstrap_ratios(stats, ("distinct_nn/mid", "ams_cum/mid"), 300, ("side",), BASELINES)["side"]
     d = r["distinct_nn/mid"]
     assert d["best_baseline_method"] == "cond" and d["ratio"] == pytest.approx((4 / 4) / (2 / 4))
     assert d["ci95"][0] <= 2.0 <= d["ci95"][1] * 1.5 and d["replicates"] == 2
@@ -97,7 +99,7 @@ def test_budget_curve_reads_prefixes_by_hand():
     assert budget_grid(1000, 5000) == [100, 300, 1000]
 
 
-def test_fair_bench_on_a_tiny_run(tmp_path, one_thread):
+def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     bc = tiny_bench()
     bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
     fc = FairBenchConfig(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,), validation_replicates=(1,),
@@ -133,6 +135,16 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread):
     assert eq["ratios"]["side"]["side"] == pytest.approx(curve[-1]["distinct_mid"]["side"]["mean"])
     assert eq["uncond"]["mean"] >= curve[-1]["distinct_mid"]["uncond"]["mean"]  # a longer run finds at least as many
     assert "Equal model samples" in md_path.read_text()
+    # a re-report takes the earlier run's tuning (no validation grid) and reports the same held-out runs again
+    from side_extract.bench import protocol
+
+    with pytest.raises(ValueError, match="differs in scales_grid"):
+        reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), d, "fair.json")
+    tuning = reused_tuning(dataclasses.replace(fc, n_bootstrap=30), d, "fair.json")
+    monkeypatch.setattr(protocol, "tune", lambda *a, **k: pytest.fail("the validation grid ran again"))
+    again = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache", tuning=tuning)["scales"][0]
+    assert again["tuning"]["chosen"] == chosen and again["tuning"]["reused_from"] == "fair.json"
+    assert again["heldout"]["per_replicate"] == s["heldout"]["per_replicate"]
 
 
 def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):

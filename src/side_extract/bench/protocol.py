@@ -19,11 +19,13 @@ For each training-set size in ``scales``:
    N_G = ``run.extract.n``, with equal seeds across methods within a replicate.
 3. **Intervals.** Per method and metric, the mean and the min-max over held-out replicates. For each SIDE
    form against the best baseline (the baseline with the higher mean on that metric), the ratio of means and
-   a percentile bootstrap interval (``n_bootstrap`` draws) that resamples each method's generations with
-   replacement within every replicate. Bootstrapped metrics are computed from ``per_generation.npz``:
-   ``ams_cum/<band>`` (share of generations at that band or closer), ``distinct_nn/<band>`` (distinct
-   *nearest* training images among those generations, per generation: UMS restricted to each
-   generation's nearest neighbour, so at most UMS) and ``carlini`` (share with Carlini's ratio < 1).
+   a 95 % interval from ``n_bootstrap`` resamples of each method's generations within every replicate
+   (:mod:`side_extract.bench.intervals`: a percentile bootstrap for the shares, iNEXT's assemblage bootstrap
+   for the distinct-image counts, which plain resampling lowers). Bootstrapped metrics are computed from
+   ``per_generation.npz``: ``ams_cum/<band>`` (share of generations at that band or closer),
+   ``distinct_nn/<band>`` (distinct *nearest* training images among those generations, per generation: UMS
+   restricted to each generation's nearest neighbour, so at most UMS) and ``carlini`` (share with Carlini's
+   ratio < 1).
 4. **Budget curve.** Generation ``i`` of a run depends on (seed, i) alone, so a run's first ``n`` generations
    *are* the run at N_G = ``n``. The distinct-image ratios are re-read on such prefixes (``budget_grid``:
    N_G/10, 3 N_G/10, the training-set size when below N_G, and N_G), with the same bootstrap: plain sampling
@@ -34,12 +36,13 @@ For each training-set size in ``scales``:
    paper's): at equal N_G. A SIDE form also draws its synthetic set (N_S = ``sample.n`` samples) from the target
    first. On every held-out replicate UnCond also runs at N_G + N_S generations (``rep-<r>/forms/uncond-samples``;
    its first N_G generations are its N_G run, same seed and noise stream), and each form's distinct images at N_G
-   are set against that count, with the same bootstrap: plain sampling given every model sample the audit drew
+   are set against that count, with the same distinct-count interval: plain sampling given every model sample the audit drew
    (not counting the memorization scores or the classifiers' training).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -55,6 +58,7 @@ from ..sweeps import share_stages
 from ..summary import BASELINES, SIDE_METHODS
 from . import machine_description, write_results
 from .tables import _preamble
+from .intervals import INTERVAL_METHOD, bootstrap_ratios, count_ratios, distinct_count, per_generation_stats
 from .extraction import ExtractionBenchConfig, ScaleInputs, full_run_template, replicate_config, scale_inputs
 
 log = logging.getLogger(__name__)
@@ -193,73 +197,6 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
             "select_metric": fc.select_metric, "mean_by_setting": table, "chosen": chosen}
 
 
-def per_generation_stats(run: Path, method: str, bands: list[Band], orientation: str) -> dict[str, np.ndarray]:
-    """Per-generation arrays the bootstrap resamples: nearest training id and, per band, whether it reaches it."""
-    with np.load(run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
-        sim, nn, carlini = z["similarity"], z["nearest_train_id"], z["carlini_ratio"]
-    out = {"nn": nn.astype(np.int64), "carlini": (carlini < 1.0)}
-    for b in bands:
-        out[f"reach/{b.name}"] = b.reaches(sim, orientation)
-    return out
-
-
-def boot_values(stats: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, float]:
-    """The bootstrapped metrics of one method on the generations ``idx`` (with repeats)."""
-    n = len(idx)
-    out = {"carlini": float(stats["carlini"][idx].mean())}
-    for key in stats:
-        if key.startswith("reach/"):
-            band = key.split("/", 1)[1]
-            hit = stats[key][idx]
-            out[f"ams_cum/{band}"] = float(hit.mean())
-            out[f"distinct_nn/{band}"] = float(len(np.unique(stats["nn"][idx][hit])) / n)
-    return out
-
-
-def _percentile_interval(num: np.ndarray, den: np.ndarray) -> tuple[float | None, float | None]:
-    """95 % percentile interval of the bootstrap ratios num / den (draws with a zero denominator left out)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = num / den
-    r = r[np.isfinite(r)]
-    return (float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))) if len(r) else (None, None)
-
-
-def distinct_count(s: dict[str, np.ndarray], idx: np.ndarray | None = None) -> float:
-    """Distinct nearest training images at the mid band or closer among the generations ``idx`` (default: all)."""
-    idx = np.arange(len(s["nn"])) if idx is None else idx
-    return boot_values(s, idx)["distinct_nn/mid"] * len(idx)
-
-
-def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tuple[str, ...], n_boot: int,
-                     seed: int = 0, side_forms: tuple[str, ...] = SIDE_FORMS) -> dict[str, dict[str, dict[str, Any]]]:
-    """For each SIDE form and metric: ratio of means (over replicates) to the best baseline, and a 95 %
-    percentile bootstrap interval from resampling every method's generations within each replicate."""
-    rng = np.random.default_rng(seed)
-    methods = list(stats)
-    n_rep = len(next(iter(stats.values())))
-    point = {m: {k: float(np.mean([boot_values(s, np.arange(len(s["nn"])))[k] for s in stats[m]])) for k in metrics}
-             for m in methods}
-    draws = {m: {k: np.empty(n_boot) for k in metrics} for m in methods}
-    for b in range(n_boot):
-        for m in methods:
-            vals = [boot_values(s, rng.integers(0, len(s["nn"]), len(s["nn"]))) for s in stats[m]]
-            for k in metrics:
-                draws[m][k][b] = np.mean([v[k] for v in vals])
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    bases = [m for m in BASELINES if m in methods]
-    for s in (m for m in side_forms if m in methods):
-        rows = {}
-        for k in metrics:
-            best = max(bases, key=lambda m: point[m][k])
-            ratio = point[s][k] / point[best][k] if point[best][k] > 0 else None
-            lo, hi = _percentile_interval(draws[s][k], draws[best][k])
-            rows[k] = {"side": point[s][k], "best_baseline": point[best][k], "best_baseline_method": best,
-                       "ratio": ratio, "ci95": [lo, hi], "replicates": n_rep,
-                       "excludes_1": lo is not None and (lo > 1 or hi < 1)}
-        out[s] = rows
-    return out
-
-
 CURVE_METRICS = ("distinct_nn/mid", "distinct_nn/high", "ams_cum/mid")
 
 
@@ -280,34 +217,11 @@ def budget_curve(stats: dict[str, list[dict[str, np.ndarray]]], n_grid: list[int
     out = []
     for n in n_grid:
         pre = {m: [{k: v[:n] for k, v in s.items()} for s in reps] for m, reps in stats.items()}
-        counts = {m: [n * boot_values(s, np.arange(len(s["nn"])))["distinct_nn/mid"] for s in reps]
-                  for m, reps in pre.items()}
+        counts = {m: [distinct_count(s) for s in reps] for m, reps in pre.items()}
         out.append({"n_generated": n,
                     "distinct_mid": {m: {"mean": float(np.mean(c)), "min": float(min(c)), "max": float(max(c))}
                                      for m, c in counts.items()},
-                    "ratios": bootstrap_ratios(pre, metrics, n_boot, seed=seed, side_forms=side_forms)})
-    return out
-
-
-def count_ratios(forms: dict[str, list[dict[str, np.ndarray]]], base: list[dict[str, np.ndarray]], n_boot: int,
-                 seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Each form's distinct nearest training images (mid band or closer; mean over replicates) against ``base``'s,
-    as *counts* (the runs may differ in length), with a 95 % percentile bootstrap interval that resamples every
-    run's own generations within each replicate."""
-    rng = np.random.default_rng(seed)
-
-    def mean_count(reps: list[dict[str, np.ndarray]], draw: bool) -> float:
-        return float(np.mean([distinct_count(s, rng.integers(0, len(s["nn"]), len(s["nn"])) if draw else None)
-                              for s in reps]))
-
-    base_point = mean_count(base, False)
-    base_draws = np.array([mean_count(base, True) for _ in range(n_boot)])
-    out = {}
-    for name, reps in forms.items():
-        point = mean_count(reps, False)
-        lo, hi = _percentile_interval(np.array([mean_count(reps, True) for _ in range(n_boot)]), base_draws)
-        out[name] = {"side": point, "uncond": base_point, "ratio": point / base_point if base_point > 0 else None,
-                     "ci95": [lo, hi], "excludes_1": lo is not None and (lo > 1 or hi < 1)}
+                    "ratios": bootstrap_ratios(pre, metrics, n_boot, side_forms, BASELINES, seed=seed)})
     return out
 
 
@@ -347,7 +261,8 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         summary[m] = {k: {"mean": float(np.mean([x[k] for x in rows])), "min": float(min(x[k] for x in rows)),
                           "max": float(max(x[k] for x in rows))} for k in keys}
     out = {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
-           "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, side_forms=forms),
+           "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, forms, BASELINES),
+           "interval_method": INTERVAL_METHOD,
            "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms)}
     if equal_samples:
         counts = [distinct_count(s) for s in eq_stats]
@@ -358,8 +273,34 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     return out
 
 
+# what may differ between a fair bench and the earlier one whose tuning it reuses (none of it touches tuning)
+REPORT_ONLY = ("n_bootstrap", "equal_samples")
+
+
+def reused_tuning(fc: FairBenchConfig, prior: dict[str, Any], source: str) -> dict[int, dict[str, Any]]:
+    """The tuning step of an earlier fair bench (its ``fair.json`` as ``prior``), per training-set size, for a
+    re-report on the held-out replicates (new intervals, the equal-samples line) without re-running the
+    validation grid. Refused unless ``prior`` ran this configuration, up to :data:`REPORT_ONLY`, at every scale."""
+    if prior.get("schema") != SCHEMA:
+        raise ValueError(f"--tuning-from {source}: schema {prior.get('schema')!r}, expected {SCHEMA!r}")
+    mine = json.loads(json.dumps(cfg.to_dict(fc)))
+    theirs = dict(prior.get("config", {}))
+    diff = sorted(k for k in set(mine) | set(theirs) if k not in REPORT_ONLY and mine.get(k) != theirs.get(k))
+    if diff:
+        raise ValueError(f"--tuning-from {source} ran another configuration (differs in {', '.join(diff)}); "
+                         "its settings were chosen for that one")
+    by_scale = {s["n_train"]: s["tuning"] for s in prior.get("scales", [])}
+    missing = [n for n in fc.bench.scales if n not in by_scale]
+    if missing:
+        raise ValueError(f"--tuning-from {source} has no tuning for scales {missing} (it has {sorted(by_scale)})")
+    return {n: {**by_scale[n], "reused_from": source} for n in fc.bench.scales}
+
+
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
-                   progress: ProgressFactory = no_progress, command: str | None = None) -> dict[str, Any]:
+                   progress: ProgressFactory = no_progress, command: str | None = None,
+                   tuning: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Steps 1-5 of the module docstring per training-set size; with ``tuning`` (:func:`reused_tuning`) step 1 is
+    taken from an earlier run instead."""
     cache = Path(cache)
     t0 = time.time()
     data: dict[str, Any] = {"schema": SCHEMA, "command": command, "machine": machine_description(),
@@ -367,10 +308,10 @@ def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu
     for n in sorted(fc.bench.scales):
         ts = time.time()
         inputs = scale_inputs(fc.bench, n, cache, device=device, progress=progress)
-        tuning = tune(fc, inputs, cache, device=device, progress=progress)
-        held = report(fc, inputs, tuning["chosen"], cache, device=device, progress=progress)
+        tuned = tuning[n] if tuning is not None else tune(fc, inputs, cache, device=device, progress=progress)
+        held = report(fc, inputs, tuned["chosen"], cache, device=device, progress=progress)
         data["scales"].append({"n_train": n, "target": inputs.target, "bands": read_json(inputs.bands)["bands"],
-                               "tuning": tuning, "heldout": held, "seconds": round(time.time() - ts, 1)})
+                               "tuning": tuned, "heldout": held, "seconds": round(time.time() - ts, 1)})
         log.info("fair bench: scale %d done in %.0f s", n, time.time() - ts)
     data["seconds"] = round(time.time() - t0, 1)
     return data
@@ -414,8 +355,11 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {m} | {'-' if st is None else f'{st[0]:g}, {st[1]:g}'} | {cell('ams/high')} | "
                          f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
                          f"{cell('carlini')} | {cell('p95', False)} |")
-        lines += ["", "SIDE form / best baseline (ratio of replicate means, 95 % bootstrap interval over generations; "
-                  "↑ where the whole interval is above 1, ↓ where it is below 1):", "",
+        inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
+        lines += ["", "SIDE form / best baseline (ratio of replicate means, 95 % bootstrap interval over generations"
+                  + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the observed ratio, shares: "
+                     "percentile" if inext else "") + "; ↑ where the whole interval is above 1, ↓ where it is below 1):",
+                  "",
                   "| SIDE form | " + " | ".join(BOOT_METRICS) + " |", "|---|" + "---|" * len(BOOT_METRICS)]
         for form, rows in h["ratios"].items():
             cells = []
@@ -452,14 +396,19 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       f"{h['n_generated']} generations. UnCond with {eq['n_generated']} generations (the same noise "
                       f"stream, extended) reaches {u['mean']:.1f} [{u['min']:.0f}-{u['max']:.0f}] distinct nearest "
                       "training images at the mid band or closer; each form's count at N_G against it (ratio of "
-                      "replicate means, 95 % bootstrap interval; resampling with replacement lowers distinct counts, "
-                      "the shorter run's more, so the interval sits low: read it as indicative):", ""]
+                      "replicate means, 95 % bootstrap interval; "
+                      + ("iNEXT's assemblage bootstrap standard error around the observed ratio):" if inext else
+                         "resampling with replacement lowers distinct counts, the shorter run's more, so the interval "
+                         "sits low: read it as indicative):"), ""]
             for form, r in eq["ratios"].items():
                 lo, hi = r["ci95"]
                 mark = _mark(r)
                 lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_f(r['ratio'], False)} "
                              f"[{_f(lo, False)}, {_f(hi, False)}]{mark}")
-        lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0):", "",
+        reused = s["tuning"].get("reused_from")
+        lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0)"
+                  + (f", taken with the chosen settings from `{reused}` (`--tuning-from`: its validation grid was not "
+                     "run again)" if reused else "") + ":", "",
                   "| method | chosen | every setting |", "|---|---|---|"]
         for m, by in s["tuning"]["mean_by_setting"].items():
             ch = s["tuning"]["chosen"].get(m)
@@ -481,5 +430,5 @@ def quick_fair_config() -> FairBenchConfig:
                            validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=32, n_bootstrap=50)
 
 
-__all__ = ["FairBenchConfig", "replicate_config", "method_config", "run_fair_bench", "write_fair_results",
-           "render_fair_markdown", "bootstrap_ratios", "count_ratios", "budget_grid", "budget_curve", "quick_fair_config", "full_run_template"]
+__all__ = ["FairBenchConfig", "replicate_config", "method_config", "reused_tuning", "run_fair_bench", "write_fair_results",
+           "render_fair_markdown", "budget_grid", "budget_curve", "quick_fair_config", "full_run_template"]

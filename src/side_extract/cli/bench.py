@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 from pathlib import Path
 
@@ -183,12 +184,15 @@ def fair_cmd(
     equal_samples: bool = typer.Option(True, "--equal-samples/--no-equal-samples", help="Also run UnCond at N_G + "
                                        "N_S on every held-out replicate and set each SIDE form against it (plain "
                                        "sampling given the synthetic set's samples too)."),
+    tuning_from: Path | None = typer.Option(None, "--tuning-from", help="An earlier fair.json of this same "
+                                            "configuration: take its chosen settings instead of re-running the "
+                                            "validation grid, and report on the held-out replicates again."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """The fair protocol: replicates that redraw everything downstream of the target, the same tuning grid for
     every guided method on validation replicates, results with intervals on held-out replicates."""
     from ..bench.extraction import ExtractionBenchConfig
-    from ..bench.protocol import FairBenchConfig, run_fair_bench, write_fair_results
+    from ..bench.protocol import FairBenchConfig, reused_tuning, run_fair_bench, write_fair_results
 
     def floats(text: str, name: str) -> tuple[float, ...]:
         try:
@@ -232,12 +236,18 @@ def fair_cmd(
         argv += ["--form", spec]
     argv += ["--eta", f"{eta:g}"] if eta != 0 else []
     argv += [] if equal_samples else ["--no-equal-samples"]
+    argv += ["--tuning-from", str(tuning_from)] if tuning_from is not None else []
     argv += ["--device", device] if device != "cpu" else []
+    tuning = None
+    if tuning_from is not None:
+        if not tuning_from.is_file():
+            raise ValueError(f"--tuning-from {tuning_from}: no such file (expected an earlier fair.json)")
+        tuning = reused_tuning(fc, json.loads(tuning_from.read_text()), str(tuning_from))
     console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
                   f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
                   f"{list(fc.heldout_replicates)}")
     with stage_progress(ctx) as factory:
-        data = run_fair_bench(fc, cache, device=device, progress=factory, command=shlex.join(argv))
+        data = run_fair_bench(fc, cache, device=device, progress=factory, command=shlex.join(argv), tuning=tuning)
     json_path, md_path = write_fair_results(data, out)
     console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
