@@ -140,6 +140,13 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
 
     with pytest.raises(ValueError, match="differs in scales_grid"):
         reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), d, "fair.json")
+    older = json.loads(json.dumps(d))  # a file from before an option existed: accepted while it is at its default
+    del older["config"]["bench"]["run"]["surrogate"]["memorized_fraction"]
+    assert reused_tuning(fc, older, "older.json")[20]["chosen"] == chosen
+    mem = dataclasses.replace(bc.run.surrogate, memorized_fraction=0.5)
+    with pytest.raises(ValueError, match=r"differs in bench\.run\.surrogate\.memorized_fraction"):
+        reused_tuning(dataclasses.replace(fc, bench=dataclasses.replace(
+            bc, run=dataclasses.replace(bc.run, surrogate=mem))), older, "older.json")
     tuning = reused_tuning(dataclasses.replace(fc, n_bootstrap=30), d, "fair.json")
     monkeypatch.setattr(protocol, "tune", lambda *a, **k: pytest.fail("the validation grid ran again"))
     again = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache", tuning=tuning)["scales"][0]

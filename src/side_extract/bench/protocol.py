@@ -277,15 +277,34 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
 REPORT_ONLY = ("n_bootstrap", "equal_samples")
 
 
+def _config_differences(obj: Any, theirs: Any, path: str = "") -> list[str]:
+    """Dotted names where config dataclass ``obj`` and an earlier run's ``to_dict`` of it (``theirs``) disagree. A
+    field the earlier file lacks (added to the code since) counts as equal when ``obj`` holds its default: new
+    options default to the old behaviour."""
+    if not dataclasses.is_dataclass(obj):
+        return [] if json.loads(json.dumps(obj)) == theirs else [path]
+    if not isinstance(theirs, dict):
+        return [path]
+    out = []
+    for f in dataclasses.fields(obj):
+        name = f"{path}.{f.name}" if path else f.name
+        mine = getattr(obj, f.name)
+        if f.name in theirs:
+            out += _config_differences(mine, theirs[f.name], name)
+        elif not (f.default is not dataclasses.MISSING and mine == f.default
+                  or f.default_factory is not dataclasses.MISSING and mine == f.default_factory()):
+            out.append(name)
+    out += [f"{path}.{k}" if path else k for k in theirs if k not in {f.name for f in dataclasses.fields(obj)}]
+    return out
+
+
 def reused_tuning(fc: FairBenchConfig, prior: dict[str, Any], source: str) -> dict[int, dict[str, Any]]:
     """The tuning step of an earlier fair bench (its ``fair.json`` as ``prior``), per training-set size, for a
     re-report on the held-out replicates (new intervals, the equal-samples line) without re-running the
     validation grid. Refused unless ``prior`` ran this configuration, up to :data:`REPORT_ONLY`, at every scale."""
     if prior.get("schema") != SCHEMA:
         raise ValueError(f"--tuning-from {source}: schema {prior.get('schema')!r}, expected {SCHEMA!r}")
-    mine = json.loads(json.dumps(cfg.to_dict(fc)))
-    theirs = dict(prior.get("config", {}))
-    diff = sorted(k for k in set(mine) | set(theirs) if k not in REPORT_ONLY and mine.get(k) != theirs.get(k))
+    diff = [k for k in _config_differences(fc, prior.get("config", {})) if k.split(".")[0] not in REPORT_ONLY]
     if diff:
         raise ValueError(f"--tuning-from {source} ran another configuration (differs in {', '.join(diff)}); "
                          "its settings were chosen for that one")
