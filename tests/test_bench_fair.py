@@ -147,6 +147,7 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     with pytest.raises(ValueError, match=r"differs in bench\.run\.surrogate\.memorized_fraction"):
         reused_tuning(dataclasses.replace(fc, bench=dataclasses.replace(
             bc, run=dataclasses.replace(bc.run, surrogate=mem))), older, "older.json")
+    assert reused_tuning(dataclasses.replace(fc, heldout_replicates=(2, 3, 4)), d, "fair.json")[20]["chosen"] == chosen
     tuning = reused_tuning(dataclasses.replace(fc, n_bootstrap=30), d, "fair.json")
     monkeypatch.setattr(protocol, "tune", lambda *a, **k: pytest.fail("the validation grid ran again"))
     again = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache", tuning=tuning)["scales"][0]

@@ -273,8 +273,9 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     return out
 
 
-# what may differ between a fair bench and the earlier one whose tuning it reuses (none of it touches tuning)
-REPORT_ONLY = ("n_bootstrap", "equal_samples")
+# what may differ between a fair bench and the earlier one whose tuning it reuses (none of it touches tuning; the
+# held-out replicates stay disjoint from the validation ones, FairBenchConfig checks)
+REPORT_ONLY = ("n_bootstrap", "equal_samples", "heldout_replicates")
 
 
 def _config_differences(obj: Any, theirs: Any, path: str = "") -> list[str]:

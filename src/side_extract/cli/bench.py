@@ -185,8 +185,9 @@ def fair_cmd(
                                        "N_S on every held-out replicate and set each SIDE form against it (plain "
                                        "sampling given the synthetic set's samples too)."),
     tuning_from: Path | None = typer.Option(None, "--tuning-from", help="An earlier fair.json of this same "
-                                            "configuration: take its chosen settings instead of re-running the "
-                                            "validation grid, and report on the held-out replicates again."),
+                                            "configuration (--heldout, --n-bootstrap may differ): take its chosen "
+                                            "settings instead of re-running the validation grid, and report on the "
+                                            "held-out replicates again."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """The fair protocol: replicates that redraw everything downstream of the target, the same tuning grid for
