@@ -13,7 +13,7 @@ from side_extract.bench.intervals import bootstrap_ratios, count_ratios, distinc
 def test_assemblage_follows_inext_by_hand():
     """Counts 1, 1, 2, 3 (n = 7): f1 = 2, f2 = 1, so Chao1's f0 = 6/7 * 2^2 / 2 = 12/7, A = 7 f0 / (7 f0 + 2) = 6/7,
     the undetected share a = f1 / n * A = 12/49, shared by ceil(f0) = 2 species; the detected ones are shrunk by
-    w = a / sum(p (1 - p)^7) (Chao et al. 2014, Appendix S2; iNEXT's EstiBootComm.Ind)."""
+    w = a / sum(p (1 - p)^7) (iNEXT's EstiBootComm.Ind; Chao et al. 2014, Appendix G)."""
     p = np.array([1, 1, 2, 3]) / 7
     b = 2 * (1 / 7) * (6 / 7) ** 7 + (2 / 7) * (5 / 7) ** 7 + (3 / 7) * (4 / 7) ** 7
     w = (12 / 49) / b
@@ -81,10 +81,23 @@ def test_distinct_ratio_interval_covers_the_true_ratio():
 
 def test_distinct_draws_centre_on_the_observed_count_when_every_image_repeats():
     """Images hit many times each leave nothing unseen: every resample finds all of them (iNEXT's standard error 0),
-    so 99 images against 100 is 0.99 with a degenerate interval, not an interval wholly below the point."""
+    so 99 images against 100 is 0.99 with a zero-width interval, which is not marked as excluding 1 (the percentile
+    interval put the point at its top end)."""
     a = {"nn": np.repeat(np.arange(99), 20), "reach/mid": np.ones(1980, bool)}
     b = {"nn": np.repeat(np.arange(100), 30), "reach/mid": np.ones(3000, bool)}
     assert set(distinct_draws(a, "mid", 50, np.random.default_rng(0)) * 1980) == {99}
     r = count_ratios({"f": [a]}, [b], 100)["f"]
     assert r["ratio"] == pytest.approx(0.99) and r["ci95"] == pytest.approx([0.99, 0.99])
-    assert math.isclose(r["ci95"][0], r["ratio"])
+    assert math.isclose(r["ci95"][0], r["ratio"]) and not r["excludes_1"]
+
+
+def test_a_run_of_singletons_stays_cheap_and_a_run_without_hits_has_no_upper_bound():
+    """1,000 generations on 1,000 different images: Chao1 adds f0 = 999 * 1000 / 2 unseen images (about 500,000
+    categories; a multinomial over all of them took gigabytes at 1,000 draws). Pooled, each resample holds about
+    1,000 images (singletons are as likely lost as replaced). A form that reached nothing: [0, None], unmarked."""
+    run = {"nn": np.arange(1000), "reach/mid": np.ones(1000, bool)}
+    d = distinct_draws(run, "mid", 1000, np.random.default_rng(0)) * 1000
+    assert abs(d.mean() - 1000) < 20 and d.std() > 0
+    none = {"nn": np.zeros(1000, np.int64), "reach/mid": np.zeros(1000, bool)}
+    r = count_ratios({"f": [none]}, [run], 50)["f"]
+    assert r["ratio"] == 0 and r["ci95"] == [0.0, None] and not r["excludes_1"]
