@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from .. import config as cfg
-from ..metrics import Band, read_bands_file
+from ..metrics import read_bands_file
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir, read_json
 from ..sweeps import share_stages
