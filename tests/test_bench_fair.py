@@ -153,6 +153,8 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     again = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache", tuning=tuning)["scales"][0]
     assert again["tuning"]["chosen"] == chosen and again["tuning"]["reused_from"] == "fair.json"
     assert again["heldout"]["per_replicate"] == s["heldout"]["per_replicate"]
+    assert reused_tuning(fc, json.loads(json.dumps({**d, "scales": [again]})), "rereport.json")[20]["reused_from"] \
+        == "fair.json"  # the file whose run tuned, not the re-report in between
 
 
 def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):

@@ -313,7 +313,8 @@ def reused_tuning(fc: FairBenchConfig, prior: dict[str, Any], source: str) -> di
     missing = [n for n in fc.bench.scales if n not in by_scale]
     if missing:
         raise ValueError(f"--tuning-from {source} has no tuning for scales {missing} (it has {sorted(by_scale)})")
-    return {n: {**by_scale[n], "reused_from": source} for n in fc.bench.scales}
+    # a re-report of a re-report names the file whose run did the tuning
+    return {n: {**by_scale[n], "reused_from": by_scale[n].get("reused_from", source)} for n in fc.bench.scales}
 
 
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
