@@ -115,10 +115,10 @@ def distinct_draws(stats: dict[str, np.ndarray], band: str, n_boot: int, rng: np
     q = richness_assemblage(counts)
     seen, unseen = q[:len(counts)], q[len(counts):]
     p = np.concatenate([[1 - hits / n], hits / n * seen, [hits / n * unseen.sum()]])
-    draws = rng.multinomial(n, p / p.sum(), size=n_boot)
-    found = (draws[:, 1:-1] > 0).sum(axis=1)
+    resampled = rng.multinomial(n, p / p.sum(), size=n_boot)
+    found = (resampled[:, 1:-1] > 0).sum(axis=1)
     if len(unseen):
-        found += np.array([len(np.unique(rng.integers(0, len(unseen), m))) for m in draws[:, -1]])
+        found += np.array([len(np.unique(rng.integers(0, len(unseen), m))) for m in resampled[:, -1]])
     return found / n
 
 

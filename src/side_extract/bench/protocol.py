@@ -42,7 +42,6 @@ For each training-set size in ``scales``:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -278,25 +277,11 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
 REPORT_ONLY = ("n_bootstrap", "equal_samples", "heldout_replicates")
 
 
-def _config_differences(obj: Any, theirs: Any, path: str = "") -> list[str]:
-    """Dotted names where config dataclass ``obj`` and an earlier run's ``to_dict`` of it (``theirs``) disagree. A
-    field the earlier file lacks (added to the code since) counts as equal when ``obj`` holds its default: new
-    options default to the old behaviour."""
-    if not dataclasses.is_dataclass(obj):
-        return [] if json.loads(json.dumps(obj)) == theirs else [path]
-    if not isinstance(theirs, dict):
-        return [path]
-    out = []
-    for f in dataclasses.fields(obj):
-        name = f"{path}.{f.name}" if path else f.name
-        mine = getattr(obj, f.name)
-        if f.name in theirs:
-            out += _config_differences(mine, theirs[f.name], name)
-        elif not (f.default is not dataclasses.MISSING and mine == f.default
-                  or f.default_factory is not dataclasses.MISSING and mine == f.default_factory()):
-            out.append(name)
-    out += [f"{path}.{k}" if path else k for k in theirs if k not in {f.name for f in dataclasses.fields(obj)}]
-    return out
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A ``to_dict`` rendering as {dotted name: leaf value}."""
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    return {k: v for name, sub in d.items() for k, v in _flat(sub, f"{prefix}.{name}" if prefix else name).items()}
 
 
 def reused_tuning(fc: FairBenchConfig, prior: dict[str, Any], source: str) -> dict[int, dict[str, Any]]:
@@ -305,7 +290,13 @@ def reused_tuning(fc: FairBenchConfig, prior: dict[str, Any], source: str) -> di
     validation grid. Refused unless ``prior`` ran this configuration, up to :data:`REPORT_ONLY`, at every scale."""
     if prior.get("schema") != SCHEMA:
         raise ValueError(f"--tuning-from {source}: schema {prior.get('schema')!r}, expected {SCHEMA!r}")
-    diff = [k for k in _config_differences(fc, prior.get("config", {})) if k.split(".")[0] not in REPORT_ONLY]
+    try:  # a key the earlier file lacks (an option added since) takes its default, which keeps the old behaviour
+        theirs = dataclasses.replace(cfg.from_dict(FairBenchConfig, prior.get("config")),
+                                     **{k: getattr(fc, k) for k in REPORT_ONLY})
+    except ValueError as e:
+        raise ValueError(f"--tuning-from {source}: its configuration does not load: {e}") from None
+    mine_flat, theirs_flat = _flat(cfg.to_dict(fc)), _flat(cfg.to_dict(theirs))
+    diff = sorted(k for k in mine_flat.keys() | theirs_flat.keys() if mine_flat.get(k) != theirs_flat.get(k))
     if diff:
         raise ValueError(f"--tuning-from {source} ran another configuration (differs in {', '.join(diff)}); "
                          "its settings were chosen for that one")

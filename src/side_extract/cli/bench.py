@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 from pathlib import Path
 
 import typer
 
+from ..runs import read_json
 from .common import cli_errors, console
 from .run import print_summary, stage_progress
 
@@ -243,7 +243,7 @@ def fair_cmd(
     if tuning_from is not None:
         if not tuning_from.is_file():
             raise ValueError(f"--tuning-from {tuning_from}: no such file (expected an earlier fair.json)")
-        tuning = reused_tuning(fc, json.loads(tuning_from.read_text()), str(tuning_from))
+        tuning = reused_tuning(fc, read_json(tuning_from), str(tuning_from))
     console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
                   f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
                   f"{list(fc.heldout_replicates)}")
