@@ -31,9 +31,11 @@ If ceiling(1) is below 1.5x UnCond, no form that only redistributes plain sampli
 synthetic set shows meets the goal; it must also raise the rate of copies of images the synthetic set missed by the r
 at which the ceiling crosses 1.5x.
 
-    python benchmarks/experiments/informed_ceiling.py CACHE/runs/<target> REPS N_MAX [N_G] [SEED]
+    python benchmarks/experiments/informed_ceiling.py CACHE/runs/<target> REPS N_MAX [N_G] [SEED] [N_S_PLAIN]
 
 REPS: comma-separated replicates of a finished `side bench fair` cache (their config and synthetic set are read).
+N_S_PLAIN: the size of the plain-sampling synthetic set (default: the replicate's N_S), to see how the bound grows
+with a larger synthetic set.
 """
 import dataclasses
 import sys
@@ -54,6 +56,7 @@ torch.set_num_threads(1)
 root, reps, n_max = Path(sys.argv[1]), [int(r) for r in sys.argv[2].split(",")], int(sys.argv[3])
 n_g = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
 seed = int(sys.argv[5]) if len(sys.argv) > 5 else 5000
+n_s_plain = int(sys.argv[6]) if len(sys.argv) > 6 else None
 multipliers = (1.0, 1.1, 1.5, 2.0, 3.0)
 
 
@@ -83,7 +86,7 @@ for r in reps:
     mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
     index = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images))  # the evaluation's exact search
     own = load_shards(rep / "synthetic").images
-    n_s = len(own)
+    n_s = n_s_plain or len(own)
     sampler = dataclasses.replace(rc.extract, seed=seed + r, eta=1.0)
     nearest, hit = [], []
     for lo in range(0, n_s + n_max, 1000):

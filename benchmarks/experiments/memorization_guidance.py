@@ -1,0 +1,117 @@
+"""Prototype (not in the library yet): label-free *memorization guidance*, plain sampling steered toward
+low denoising error.
+
+The memorization score of ``memorization.py`` (the target's denoising error of an image at t_m; lower = likelier a
+copy of a training image, the loss / "t-error" membership signal) is differentiable. At every DDIM step with
+t <= T_HI * T this guides the sample toward a denoised estimate the target reproduces well:
+
+    x0_hat = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t)
+    s(x_t) = mean_pixels (x0_hat(x_m, t_m) - x0_hat)^2,   x_m = sqrt(abar_m) x0_hat + sqrt(1 - abar_m) z
+    g = lambda * grad_{x_t} -log s(x_t)
+
+(z: one fixed noise per step; the gradient runs through both denoiser calls), applied in guided-diffusion's DDIM
+order by ``sampling.guided_step`` like any classifier guidance; no synthetic set, no labels, no training data.
+The generations use the extraction's sampler and noise stream of the replicate (the same initial noise as its
+UnCond run; lambda 0 reproduces it). Each generation costs about 1.5-2.7x an unguided one (two extra denoiser
+passes and their backward pass on the guided steps).
+
+    python benchmarks/experiments/memorization_guidance.py CACHE/runs/<target>/rep-<r> N LAMBDAS [T_HI] [T_M] [SEEDS] [SIDE_LAMBDA]
+
+LAMBDAS comma-separated (0 = plain sampling); T_HI (default 0.5) and T_M (default 0.2): fractions of T; SEEDS:
+comma-separated extraction seeds (default: the replicate's), each a replicate of its own (for this method nothing
+else is downstream of the target: no synthetic set, no classifier). Prints one table row per seed and lambda:
+distinct training images at the mid band or closer (copies = generations there) after the first 100, 300 and N
+generations; with several lambdas including 0, each lambda's mean distinct count over the seeds against plain
+sampling's (lambda 0), with the fair benchmark's distinct-count interval (``bench.intervals.count_ratios``).
+SIDE_LAMBDA: also guide by the replicate's SIDE classifier (``rep-<r>/classifier``, toward a uniformly drawn kept
+cluster per generation, as ``side extract`` draws them) at that scale, the two guidance terms added; lambda 0 is then
+SIDE alone (only meaningful with the replicate's own seed: its classifier belongs to it).
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from side_extract import config as cfg
+from side_extract.bench.intervals import count_ratios
+from side_extract.data import load_image_set, to_uint8
+from side_extract.metrics import read_bands_file
+from side_extract.guidance import ClassifierGuidance
+from side_extract.models.classifier import load_classifier
+from side_extract.models.target import load_target, predict_x0
+from side_extract.extraction import draw_targets
+from side_extract.neighbors import NearestNeighborIndex, pixel_rows
+from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
+
+torch.set_num_threads(1)
+rep, n, lams = Path(sys.argv[1]), int(sys.argv[2]), [float(v) for v in sys.argv[3].split(",")]
+t_hi = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5
+t_m_frac = float(sys.argv[5]) if len(sys.argv) > 5 else 0.2
+rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(rep / "config.yaml"))
+seeds = [int(v) for v in sys.argv[6].split(",")] if len(sys.argv) > 6 else [rc.extract.seed]
+side_lambda = float(sys.argv[7]) if len(sys.argv) > 7 else None
+den = load_target(rc.model)
+sched = den.scheduler
+T = sched.config.num_train_timesteps
+t_m = round(t_m_frac * T)
+train = load_image_set(rc.train, rc.train_resize)
+mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
+index = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images))  # the evaluation's exact search
+
+
+class MemorizationGuidance:
+    def __init__(self, scale: float, side: ClassifierGuidance | None = None) -> None:
+        self.scale, self.side = scale, side
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        g_side = self.side(x, t, y) if self.side is not None else None
+        if self.scale == 0 or int(t) > t_hi * T:
+            return g_side
+        x = x.detach().requires_grad_(True)
+        x0 = predict_x0(sched, x, int(t), den(x, t.expand(len(x))))
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
+        abar = sched.alphas_cumprod[t_m]
+        x_m = abar.sqrt() * x0 + (1 - abar).sqrt() * z
+        x0_m = predict_x0(sched, x_m, t_m, den(x_m, torch.full((len(x),), t_m)))
+        s = (x0_m - x0).pow(2).flatten(1).mean(1)
+        (grad,) = torch.autograd.grad((-s.clamp_min(1e-8).log()).sum(), x)
+        return self.scale * grad if g_side is None else self.scale * grad + g_side
+
+
+ex = rc.extract
+print(f"Target `{rc.model}`, {len(train)} training images; config of `{rep.name}` (DDIM {ex.steps} steps, eta {ex.eta:g}, "
+      f"clipped eps), extraction seeds {seeds}; guidance at t <= {t_hi:g} T, t_m = {t_m}.\n")
+side = None
+if side_lambda is not None:
+    model = load_classifier(rep / "classifier")
+    side = ClassifierGuidance(model, np.asarray(model.arch.classes, dtype=np.int64), side_lambda, ex.temperature,
+                              (ex.t_lo, ex.t_hi), T)
+    print(f"With the replicate's SIDE classifier ({len(side.target_outputs)} clusters) at lambda {side_lambda:g}.\n")
+print(f"| seed | lambda | n = 100 | n = 300 | n = {n:,} | seconds |")
+print("|---|---|---|---|---|---|")
+stats: dict[float, list[dict[str, np.ndarray]]] = {lam: [] for lam in lams}
+for seed in seeds:
+    for lam in lams:
+        t0 = time.time()
+        outputs = np.zeros(n, dtype=np.int64) if side is None else \
+            side.target_outputs[draw_targets(seed, np.arange(n), len(side.target_outputs))]
+        x = sample(den, n, seed=seed, start=0, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
+                   batch_size=BatchSize(250), guidance=MemorizationGuidance(lam, side), labels=outputs,
+                   clip_eps=True, stream=EXTRACTION_STREAM)
+        nn = index.kneighbors(pixel_rows(to_uint8(x)), 1)
+        hit, near = mid.reaches(nn.scores[:, 0], "distance"), nn.indices[:, 0]
+        stats[lam].append({"nn": near.astype(np.int64), "reach/mid": hit})
+        cells = [f"{len(set(near[:m][hit[:m]].tolist()))} ({int(hit[:m].sum())} copies)" for m in (100, 300, n)]
+        print(f"| {seed} | {lam:g} | " + " | ".join(cells) + f" | {time.time() - t0:.0f} |", flush=True)
+if 0.0 in stats and len(lams) > 1:
+    ratios = count_ratios({f"{lam:g}": stats[lam] for lam in lams if lam != 0}, stats[0.0], n_boot=1000)
+    print(f"\nDistinct training images at the mid band or closer in {n:,} generations, mean over {len(seeds)} seeds, "
+          "against plain sampling (lambda 0) on the same seeds (95 % interval: iNEXT's assemblage bootstrap standard "
+          "error around the observed ratio):\n")
+    for lam, r in ratios.items():
+        lo, hi = r["ci95"]
+        copies = np.mean([s["reach/mid"].mean() for s in stats[float(lam)]]) / np.mean([s["reach/mid"].mean() for s in stats[0.0]])
+        print(f"- lambda {lam}: {r['side']:.1f} against {r['uncond']:.1f}: **{r['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]**; "
+              f"copies {copies:.2f}x")
