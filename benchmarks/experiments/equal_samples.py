@@ -22,12 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from side_extract import config as cfg
-from side_extract.data import load_image_set, load_shards
+from replicate import Replicate
+from side_extract.data import load_shards
 from side_extract.extraction import extract
-from side_extract.metrics import read_bands_file
-from side_extract.models.target import load_target
-from side_extract.neighbors import NearestNeighborIndex, pixel_rows
 
 torch.set_num_threads(1)
 root, reps, extra = Path(sys.argv[1]), [int(r) for r in sys.argv[2].split(",")], int(sys.argv[3])
@@ -35,11 +32,8 @@ form = sys.argv[4] if len(sys.argv) > 4 else None
 rows = []
 for r in reps:
     rep = root / f"rep-{r}"
-    rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(rep / "config.yaml"))
-    den = load_target(rc.model)
-    train = load_image_set(rc.train, rc.train_resize)
-    mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
-    index = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images))
+    replicate = Replicate.load(rep)
+    rc, den = replicate.config, replicate.denoiser
     cached = load_shards(rep / "extraction" / "uncond")
     n = len(cached)
     check = extract(den, rc.extract, None, 0, 8)["images"]  # the cache is this stream: regenerate a few and compare
@@ -49,16 +43,13 @@ for r in reps:
     t0 = time.time()
     more = extract(den, rc.extract, None, n, n + extra)["images"]
     images = np.concatenate([cached.images, more])
-    nn = index.kneighbors(pixel_rows(images), 1)
-    hit = mid.reaches(nn.scores[:, 0], "distance")
-    nearest = nn.indices[:, 0]
+    nearest, hit = replicate.copies(images)
     counts = [len(set(nearest[:m][hit[:m]].tolist())) for m in (n, n + extra)]
     if form:
         found = []
         for part in ("extraction/side", "synthetic"):
-            imgs = load_shards(rep / "forms" / form / part).images
-            nn_f = index.kneighbors(pixel_rows(imgs), 1)
-            found.append(set(nn_f.indices[:, 0][mid.reaches(nn_f.scores[:, 0], "distance")].tolist()))
+            near_f, hit_f = replicate.copies(load_shards(rep / "forms" / form / part).images)
+            found.append(set(near_f[hit_f].tolist()))
         counts += [len(found[0]), len(found[1]), len(found[0] | found[1])]
     rows.append(counts)
     print(f"rep {r}: UnCond (eta {rc.extract.eta}) N_G {n}: {counts[0]} distinct; {n + extra}: {counts[1]} distinct "

@@ -44,12 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from side_extract import config as cfg
-from side_extract.data import load_image_set, load_shards
+from replicate import Replicate
+from side_extract.data import load_shards
 from side_extract.extraction import extract
-from side_extract.metrics import read_bands_file
-from side_extract.models.target import load_target
-from side_extract.neighbors import NearestNeighborIndex, pixel_rows
 from side_extract.sampling import BatchSize
 
 torch.set_num_threads(1)
@@ -60,50 +57,44 @@ n_s_plain = int(sys.argv[6]) if len(sys.argv) > 6 else None
 multipliers = (1.0, 1.1, 1.5, 2.0, 3.0)
 
 
-def copies(index, mid, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    nn = index.kneighbors(pixel_rows(images), 1)
-    return nn.indices[:, 0], mid.reaches(nn.scores[:, 0], "distance")
-
-
-def ceilings(seen: set[int], nearest: np.ndarray, hit: np.ndarray) -> tuple[float, dict[float, int | None]]:
+def ceilings(seen: set[int], nearest: np.ndarray, hit: np.ndarray) -> tuple[np.ndarray, float, dict[float, int | None]]:
+    """The stream's copies of seen images (mask), h, and ceiling(r) for every multiplier r."""
     on_seen = hit & np.isin(nearest, sorted(seen))
     unseen_hits = nearest[hit & ~on_seen]
     h = len(unseen_hits) / int((~on_seen).sum())
     budget = n_g - len(seen)
     out = {}
     for m in multipliers:
+        if budget <= 0:  # more seen images than generations: the oracle copies N_G of them
+            out[m] = n_g
+            continue
         k = round(budget * min(1.0, m * h))
         out[m] = len(seen) + len(set(unseen_hits[:k].tolist())) if k <= len(unseen_hits) else None
-    return h, out
+    return on_seen, h, out
 
 
 rows, spreads = [], []
 for r in reps:
-    rep = root / f"rep-{r}"
-    rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(rep / "config.yaml"))
-    den = load_target(rc.model)
-    train = load_image_set(rc.train, rc.train_resize)
-    mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
-    index = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images))  # the evaluation's exact search
-    own = load_shards(rep / "synthetic").images
+    replicate = Replicate.load(root / f"rep-{r}")
+    rc, den, train = replicate.config, replicate.denoiser, replicate.train
+    own = load_shards(replicate.path / "synthetic").images
     n_s = n_s_plain or len(own)
     sampler = dataclasses.replace(rc.extract, seed=seed + r, eta=1.0)
     nearest, hit = [], []
     for lo in range(0, n_s + n_max, 1000):
         x = extract(den, sampler, None, lo, min(lo + 1000, n_s + n_max), batch_size=BatchSize(250))["images"]
-        a, b = copies(index, mid, x)
+        a, b = replicate.copies(x)
         nearest.append(a)
         hit.append(b)
         print(f"  rep {r}: {lo + len(x):,} generations", file=sys.stderr, flush=True)
     nearest, hit = np.concatenate(nearest), np.concatenate(hit)
-    s_sets = {"the replicate's": copies(index, mid, own), "plain sampling's": (nearest[:n_s], hit[:n_s])}
+    s_sets = {"the replicate's": replicate.copies(own), "plain sampling's": (nearest[:n_s], hit[:n_s])}
     nearest, hit = nearest[n_s:], hit[n_s:]
     windows = [len(set(nearest[lo:lo + n_g][hit[lo:lo + n_g]].tolist())) for lo in range(0, n_max - n_g + 1, n_g)]
     uncond = float(np.mean(windows))
     for name, (s_near, s_hit) in s_sets.items():
         seen = set(s_near[s_hit].tolist())
-        h, ceil = ceilings(seen, nearest, hit)
-        on_seen = hit & np.isin(nearest, sorted(seen))
+        on_seen, h, ceil = ceilings(seen, nearest, hit)
         rows.append({"rep": r, "set": name, "n_s": n_s, "copies": int(s_hit.sum()), "seen": len(seen), "uncond": uncond,
                      "windows": windows, "on_seen": on_seen.sum() / max(1, hit.sum()), "h": h, "ceilings": ceil})
     counts = np.bincount(nearest[hit], minlength=len(train))
@@ -114,7 +105,7 @@ for r in reps:
                     "cells": [(S, S * (1 - np.exp(-rate * n_g / S)), -S * np.log(1 - goal / S) / n_g if goal < S else None)
                               for S in (s_obs, chao1)]})
 
-print(f"Target `{rc.model}`, {len(train)} training images, N_G {n_g:,}, N_S {n_s:,}; streams of {n_max:,} "
+print(f"Target `{rc.model}`, {len(train)} training images, N_G {n_g:,}, N_S {n_s:,} (the replicate's: {len(own):,}); streams of {n_max:,} "
       f"plain-sampling generations after the N_S (DDIM eta 1, clipped eps, seed {seed} + replicate); a copy: nearest "
       "training image at the mid band or closer.\n")
 print("| replicate | synthetic set | its copies | images it reached, s | UnCond at N_G (windows) | share of the stream's "

@@ -34,31 +34,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from side_extract import config as cfg
+from replicate import Replicate
 from side_extract.bench.intervals import count_ratios
-from side_extract.data import load_image_set, to_uint8
-from side_extract.metrics import read_bands_file
-from side_extract.guidance import ClassifierGuidance
-from side_extract.models.classifier import load_classifier
-from side_extract.models.target import load_target, predict_x0
+from side_extract.data import to_uint8
 from side_extract.extraction import draw_targets
-from side_extract.neighbors import NearestNeighborIndex, pixel_rows
+from side_extract.guidance import ClassifierGuidance
+from side_extract.memorization import reconstruction_error
+from side_extract.models.classifier import load_classifier
+from side_extract.models.target import predict_x0
 from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
 
 torch.set_num_threads(1)
 rep, n, lams = Path(sys.argv[1]), int(sys.argv[2]), [float(v) for v in sys.argv[3].split(",")]
 t_hi = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5
 t_m_frac = float(sys.argv[5]) if len(sys.argv) > 5 else 0.2
-rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(rep / "config.yaml"))
+replicate = Replicate.load(rep)
+rc, den, train = replicate.config, replicate.denoiser, replicate.train
 seeds = [int(v) for v in sys.argv[6].split(",")] if len(sys.argv) > 6 else [rc.extract.seed]
 side_lambda = float(sys.argv[7]) if len(sys.argv) > 7 else None
-den = load_target(rc.model)
 sched = den.scheduler
 T = sched.config.num_train_timesteps
 t_m = round(t_m_frac * T)
-train = load_image_set(rc.train, rc.train_resize)
-mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
-index = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images))  # the evaluation's exact search
 
 
 class MemorizationGuidance:
@@ -72,10 +68,7 @@ class MemorizationGuidance:
         x = x.detach().requires_grad_(True)
         x0 = predict_x0(sched, x, int(t), den(x, t.expand(len(x))))
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
-        abar = sched.alphas_cumprod[t_m]
-        x_m = abar.sqrt() * x0 + (1 - abar).sqrt() * z
-        x0_m = predict_x0(sched, x_m, t_m, den(x_m, torch.full((len(x),), t_m)))
-        s = (x0_m - x0).pow(2).flatten(1).mean(1)
+        s = reconstruction_error(den, x0, t_m, z, clip_range=None)  # the memorization score, one draw, unclamped
         (grad,) = torch.autograd.grad((-s.clamp_min(1e-8).log()).sum(), x)
         return self.scale * grad if g_side is None else self.scale * grad + g_side
 
@@ -100,8 +93,7 @@ for seed in seeds:
         x = sample(den, n, seed=seed, start=0, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
                    batch_size=BatchSize(250), guidance=MemorizationGuidance(lam, side), labels=outputs,
                    clip_eps=True, stream=EXTRACTION_STREAM)
-        nn = index.kneighbors(pixel_rows(to_uint8(x)), 1)
-        hit, near = mid.reaches(nn.scores[:, 0], "distance"), nn.indices[:, 0]
+        near, hit = replicate.copies(to_uint8(x))
         stats[lam].append({"nn": near.astype(np.int64), "reach/mid": hit})
         cells = [f"{len(set(near[:m][hit[:m]].tolist()))} ({int(hit[:m].sum())} copies)" for m in (100, 300, n)]
         print(f"| {seed} | {lam:g} | " + " | ".join(cells) + f" | {time.time() - t0:.0f} |", flush=True)

@@ -23,32 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from side_extract import config as cfg
-from side_extract.data import load_image_set
+from replicate import Replicate
 from side_extract.extraction import extract
-from side_extract.metrics import read_bands_file
-from side_extract.models.target import load_target
-from side_extract.neighbors import NearestNeighborIndex, pixel_rows
 from side_extract.sampling import BatchSize
 
 torch.set_num_threads(1)
 rep, n_max = Path(sys.argv[1]), int(sys.argv[2])
 n_g = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
 seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
-rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(rep / "config.yaml"))
-den = load_target(rc.model)
-train = load_image_set(rc.train, rc.train_resize)
-mid = {b.name: b for b in read_bands_file(rc.evaluate.bands_file, "rms-l2")}["mid"]
-index = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images))  # the evaluation's exact search
+replicate = Replicate.load(rep)
+rc, den, train = replicate.config, replicate.denoiser, replicate.train
 uncond = dataclasses.replace(rc.extract, seed=seed, eta=1.0)  # the extraction's sampler and noise stream
 
 nearest, hit = [], []
 chunk = 1000
 for lo in range(0, n_max, chunk):
     x = extract(den, uncond, None, lo, min(lo + chunk, n_max), batch_size=BatchSize(250))["images"]
-    nn = index.kneighbors(pixel_rows(x), 1)
-    nearest.append(nn.indices[:, 0])
-    hit.append(mid.reaches(nn.scores[:, 0], "distance"))
+    near, copy = replicate.copies(x)
+    nearest.append(near)
+    hit.append(copy)
     print(f"  {lo + len(x):,} generations", file=sys.stderr, flush=True)
 nearest, hit = np.concatenate(nearest), np.concatenate(hit)
 

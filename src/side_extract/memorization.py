@@ -39,21 +39,30 @@ def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.
         raise ValueError(f"images must be (n, C, H, W), got shape {tuple(x0.shape)}")
     n_t = denoiser.scheduler.config.num_train_timesteps
     t = min(n_t - 1, max(1, round(t_fraction * n_t)))
-    sched = denoiser.scheduler
     out = np.empty(len(x0), dtype=np.float64)
     for b0 in range(0, len(x0), batch_size):
         xb = x0[b0:b0 + batch_size].to(torch.float32)
         gens = sample_generators(seed, range(b0, b0 + len(xb)), stream=MEMORIZATION_STREAM)
         z = torch.stack([torch.randn((draws, *xb.shape[1:]), generator=g) for g in gens], 1)  # (draws, B, C, H, W)
         err = torch.zeros(len(xb), dtype=torch.float64)
-        tt = torch.full((len(xb),), t, dtype=torch.long)
         with torch.no_grad():
             for d in range(draws):
-                xt = sched.add_noise(xb, z[d], tt).to(device)  # sqrt(abar) x0 + sqrt(1 - abar) z
-                x0_hat = predict_x0(sched, xt, t, denoiser(xt, tt.to(device)).to(torch.float32), 1.0).cpu()
-                err += (x0_hat - xb).pow(2).flatten(1).mean(1).double()
+                err += reconstruction_error(denoiser, xb.to(device), t, z[d].to(device)).cpu().double()
         out[b0:b0 + len(xb)] = (err / draws).numpy()
     return out
+
+
+def reconstruction_error(denoiser: Denoiser, x0: torch.Tensor, t: int, z: torch.Tensor,
+                         clip_range: float | None = 1.0) -> torch.Tensor:
+    """(B,) mean_pixels (x0_hat(x_t, t) - x0)^2 with x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z: one noise draw of
+    the score in the module docstring (x0_hat clamped to ``clip_range``; None leaves it unclamped). Differentiable
+    in ``x0`` when called with gradients enabled (memorization guidance,
+    ``benchmarks/experiments/memorization_guidance.py``)."""
+    sched = denoiser.scheduler
+    tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
+    xt = sched.add_noise(x0, z, tt)
+    x0_hat = predict_x0(sched, xt, t, denoiser(xt, tt).to(torch.float32), clip_range)
+    return (x0_hat - x0).pow(2).flatten(1).mean(1)
 
 
 def candidate_count(n: int, fraction: float) -> int:
