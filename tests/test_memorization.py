@@ -11,7 +11,7 @@ from side_extract import config as cfg
 from side_extract.data import load_shards
 from side_extract.extraction import extract
 from side_extract.guidance import ClassifierGuidance
-from side_extract.memorization import denoising_error, memorization_candidates
+from side_extract.memorization import denoising_error, memorization_candidates, reconstruction_error
 from side_extract.models.classifier import load_classifier
 from side_extract.models.target import CallableDenoiser
 from side_extract.pipeline import run_audit
@@ -46,6 +46,19 @@ def test_denoising_error_of_a_memorized_image_by_hand():
     # x0_hat = m whatever the noise: error 0 for m, the mean squared difference for the other image
     assert s[0] == pytest.approx(0.0, abs=1e-10)
     assert s[1] == pytest.approx(float((m - other).pow(2).mean()), rel=1e-5)
+
+
+def test_reconstruction_error_is_differentiable_by_hand():
+    """For the one-image model x0_hat = m at every noise level, so one draw of the score is mean (m - x0)^2 and its
+    gradient in x0 is 2 (x0 - m) / (pixels): what memorization guidance follows."""
+    g = torch.Generator().manual_seed(2)
+    m = torch.rand((1, 4, 4), generator=g) * 1.6 - 0.8
+    x0 = (torch.rand((3, 1, 4, 4), generator=g) * 2 - 1).requires_grad_(True)
+    z = torch.randn((3, 1, 4, 4), generator=g)
+    e = reconstruction_error(one_image_model(m), x0, 100, z, clip_range=None)
+    torch.testing.assert_close(e, (m - x0).pow(2).flatten(1).mean(1))
+    (grad,) = torch.autograd.grad(e.sum(), x0)
+    torch.testing.assert_close(grad, 2 * (x0 - m).detach() / 16)
 
 
 def test_denoising_error_does_not_depend_on_the_batch(tiny_model_dir):
