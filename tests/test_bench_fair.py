@@ -193,3 +193,25 @@ def test_forms_are_tuned_like_methods_in_their_own_sub_runs(tmp_path, one_thread
     assert load_classifier(rep2 / "forms" / "side-every" / "classifier").arch.time_blocks == "every"
     with pytest.raises(ValueError, match="same tuning budget"):
         FairBenchConfig(bench=bc, methods=("side-lora", "uncond"), scales_grid=(1.0,), temperatures=(1.0,))
+
+
+def test_memguide_is_tuned_on_the_same_budget_and_compared_without_a_synthetic_set(tmp_path, one_thread):
+    """memguide (label-free) gets as many lambdas as the grid has settings, draws no synthetic set (so no
+    equal-samples line), and is set against the best baseline like a SIDE form; lambda 0 is UnCond exactly."""
+    bc = tiny_bench()
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
+    fc = FairBenchConfig(bench=bc, methods=("memguide", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+                         memguide_scales=(0.0, 30.0), validation_replicates=(1,), heldout_replicates=(2, 3),
+                         validation_n=4, n_bootstrap=10)
+    data = run_fair_bench(fc, tmp_path / "cache")
+    s = data["scales"][0]
+    assert set(s["tuning"]["mean_by_setting"]["memguide"]) == {"0,0", "30,0"}  # the same budget: two settings
+    assert s["tuning"]["chosen"]["memguide"][0] in (0.0, 30.0) and s["tuning"]["chosen"]["uncond"] is None
+    assert set(s["heldout"]["ratios"]) == {"memguide"} and "equal_samples" not in s["heldout"]
+    rep1 = next((tmp_path / "cache" / "runs").glob("*/rep-1"))
+    assert not (rep1 / "synthetic").exists()
+    md = write_fair_results(data, tmp_path / "out")[1].read_text()
+    assert "memguide over lambda in [0.0, 30.0]" in md and "| memguide |" in md
+    with pytest.raises(ValueError, match="memguide_scales has 1 values; memguide gets the same tuning budget"):
+        FairBenchConfig(bench=bc, methods=("memguide", "uncond"), scales_grid=(1.0, 3.0), temperatures=(1.0,),
+                        memguide_scales=(30.0,))

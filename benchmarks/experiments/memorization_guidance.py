@@ -1,19 +1,23 @@
-"""Prototype (not in the library yet): label-free *memorization guidance*, plain sampling steered toward
-low denoising error.
+"""Label-free *memorization guidance* (the library's ``memguide`` method, ``memorization.MemorizationGuidance``)
+on a fair-benchmark replicate, with its time range and reconstruction time free and optionally combined with SIDE.
 
 The memorization score of ``memorization.py`` (the target's denoising error of an image at t_m; lower = likelier a
 copy of a training image, the loss / "t-error" membership signal) is differentiable. At every DDIM step with
-t <= T_HI * T this guides the sample toward a denoised estimate the target reproduces well:
+t <= T_HI * T the guidance steers the sample toward a denoised estimate the target reproduces well:
 
     x0_hat = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t)
     s(x_t) = mean_pixels (x0_hat(x_m, t_m) - x0_hat)^2,   x_m = sqrt(abar_m) x0_hat + sqrt(1 - abar_m) z
     g = lambda * grad_{x_t} -log s(x_t)
 
-(z: one fixed noise per step; the gradient runs through both denoiser calls), applied in guided-diffusion's DDIM
-order by ``sampling.guided_step`` like any classifier guidance; no synthetic set, no labels, no training data.
-The generations use the extraction's sampler and noise stream of the replicate (the same initial noise as its
-UnCond run; lambda 0 reproduces it). Each generation costs about 1.5-2.7x an unguided one (two extra denoiser
-passes and their backward pass on the guided steps).
+(z: the generation's own probe noise at that step; the gradient runs through both denoiser calls), applied in
+guided-diffusion's DDIM order by ``sampling.guided_step`` like any classifier guidance; no synthetic set, no labels,
+no training data. The generations use the extraction's sampler and noise stream of the replicate (the same initial
+noise as its UnCond run; lambda 0 reproduces it). ``side bench fair --methods memguide,...`` runs the method on the
+fair protocol at its configured T_HI and T_M; this script explores those two and the combination with SIDE.
+
+History: the results in ``benchmarks/results/experiments/memorization-guidance-16px-*.md`` were made by the prototype
+of this script at commit 10ddc56, whose probe noise was drawn per batch position (seeded by t) rather than per
+generation; the library's guidance draws it per generation so that a generation does not depend on its batch.
 
     python benchmarks/experiments/memorization_guidance.py CACHE/runs/<target>/rep-<r> N LAMBDAS [T_HI] [T_M] [SEEDS] [SIDE_LAMBDA]
 
@@ -39,9 +43,8 @@ from side_extract.bench.intervals import count_ratios
 from side_extract.data import to_uint8
 from side_extract.extraction import draw_targets
 from side_extract.guidance import ClassifierGuidance
-from side_extract.memorization import reconstruction_error
+from side_extract.memorization import MemorizationGuidance
 from side_extract.models.classifier import load_classifier
-from side_extract.models.target import predict_x0
 from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
 
 torch.set_num_threads(1)
@@ -52,30 +55,28 @@ replicate = Replicate.load(rep)
 rc, den, train = replicate.config, replicate.denoiser, replicate.train
 seeds = [int(v) for v in sys.argv[6].split(",")] if len(sys.argv) > 6 else [rc.extract.seed]
 side_lambda = float(sys.argv[7]) if len(sys.argv) > 7 else None
-sched = den.scheduler
-T = sched.config.num_train_timesteps
-t_m = round(t_m_frac * T)
+T = den.scheduler.config.num_train_timesteps
 
 
-class MemorizationGuidance:
-    def __init__(self, scale: float, side: ClassifierGuidance | None = None) -> None:
-        self.scale, self.side = scale, side
+class WithSide:
+    """Memorization guidance (called with generation indices) plus SIDE's classifier guidance toward each
+    generation's drawn cluster (``targets[index]``)."""
+
+    def __init__(self, mem: MemorizationGuidance, side: ClassifierGuidance | None, targets: np.ndarray) -> None:
+        self.mem, self.side, self.targets = mem, side, torch.as_tensor(targets)
+        self.scale = mem.scale
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        g_side = self.side(x, t, y) if self.side is not None else None
-        if self.scale == 0 or int(t) > t_hi * T:
-            return g_side
-        x = x.detach().requires_grad_(True)
-        x0 = predict_x0(sched, x, int(t), den(x, t.expand(len(x))))
-        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
-        s = reconstruction_error(den, x0, t_m, z, clip_range=None)  # the memorization score, one draw, unclamped
-        (grad,) = torch.autograd.grad((-s.clamp_min(1e-8).log()).sum(), x)
-        return self.scale * grad if g_side is None else self.scale * grad + g_side
+        g = self.mem(x, t, y)
+        if self.side is None:
+            return g
+        g_side = self.side(x, t, self.targets[y])
+        return g_side if g is None else (g if g_side is None else g + g_side)
 
 
 ex = rc.extract
 print(f"Target `{rc.model}`, {len(train)} training images; config of `{rep.name}` (DDIM {ex.steps} steps, eta {ex.eta:g}, "
-      f"clipped eps), extraction seeds {seeds}; guidance at t <= {t_hi:g} T, t_m = {t_m}.\n")
+      f"clipped eps), extraction seeds {seeds}; guidance at t <= {t_hi:g} T, t_m = {t_m_frac:g} T.\n")
 side = None
 if side_lambda is not None:
     model = load_classifier(rep / "classifier")
@@ -88,11 +89,12 @@ stats: dict[float, list[dict[str, np.ndarray]]] = {lam: [] for lam in lams}
 for seed in seeds:
     for lam in lams:
         t0 = time.time()
-        outputs = np.zeros(n, dtype=np.int64) if side is None else \
+        targets = np.zeros(n, dtype=np.int64) if side is None else \
             side.target_outputs[draw_targets(seed, np.arange(n), len(side.target_outputs))]
+        guidance = WithSide(MemorizationGuidance(den, lam, t_hi, t_m_frac, seed), side, targets)
         x = sample(den, n, seed=seed, start=0, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                   batch_size=BatchSize(250), guidance=MemorizationGuidance(lam, side), labels=outputs,
-                   clip_eps=True, stream=EXTRACTION_STREAM)
+                   batch_size=BatchSize(250), guidance=guidance, labels=np.arange(n), clip_eps=True,
+                   stream=EXTRACTION_STREAM)
         near, hit = replicate.copies(to_uint8(x))
         stats[lam].append({"nn": near.astype(np.int64), "reach/mid": hit})
         cells = [f"{len(set(near[:m][hit[:m]].tolist()))} ({int(hit[:m].sum())} copies)" for m in (100, 300, n)]

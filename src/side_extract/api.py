@@ -280,7 +280,8 @@ def audit(
         in-memory set is saved as ``out/inputs/train.npz``
     config : a ``RunConfig``, a dict (nested, or dotted keys such as ``{"extract.n": 200}``), or a YAML path;
         its ``model`` and ``train`` are replaced by the arguments
-    methods : overrides ``config.extract.methods`` (``side``, ``side-teacher``, ``cond``, ``uncond``)
+    methods : overrides ``config.extract.methods`` (``side``, ``side-teacher``, ``side-lora``, ``cond``, ``uncond``,
+        ``memguide``)
     """
     rc = _run_config(config)
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)

@@ -322,7 +322,7 @@ class LoraConfig:
             raise ValueError("target_modules=() must name at least one layer for the adapters")
 
 
-METHODS = ("side", "side-teacher", "side-lora", "cond", "uncond")
+METHODS = ("side", "side-teacher", "side-lora", "cond", "uncond", "memguide")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +332,10 @@ class ExtractConfig:
     ``side``: guidance toward a random kept cluster by the noise-aware classifier; ``side-teacher``: the same
     with teacher labels; ``side-lora``: the target fine-tuned on the surrogate labels, sampled conditionally
     toward a random kept cluster (``lora``); ``cond``: guidance by a clean (time-independent) classifier toward a random class;
-    ``uncond``: plain sampling. ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits
+    ``uncond``: plain sampling; ``memguide`` (beyond the paper, label-free): plain sampling guided toward low
+    memorization score (``memorization.MemorizationGuidance``: lambda ``memguide_scale`` at t <= ``memguide_t_hi``
+    T, the score's reconstruction at ``memguide_t_m`` T; the defaults were chosen on the fair protocol's validation
+    replicate 1 at 300 images). ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits
     before the softmax; ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
     the values each method chose most often on the fair protocol's validation replicates (``side bench fair``,
     100 / 300 / 1,000 images at 8x8 and at 16x16, the same grid for both): SIDE lambda 3 (4 of 6) and T 1
@@ -371,6 +374,9 @@ class ExtractConfig:
     rounds: int = 4
     dedup_threshold: float = 0.05
     precision: Precision = "fp32"
+    memguide_scale: float = 30.0
+    memguide_t_hi: float = 0.2
+    memguide_t_m: float = 0.1
 
     def __post_init__(self) -> None:
         _finite(self)
@@ -391,6 +397,12 @@ class ExtractConfig:
             raise ValueError(f"temperature={self.temperature} / cond_temperature={self.cond_temperature} must be > 0")
         if not 0.0 <= self.t_lo < self.t_hi <= 1.0:
             raise ValueError(f"t_lo={self.t_lo}, t_hi={self.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        if self.memguide_scale < 0:
+            raise ValueError(f"memguide_scale={self.memguide_scale} must be >= 0")
+        if not 0.0 < self.memguide_t_hi <= 1.0:
+            raise ValueError(f"memguide_t_hi={self.memguide_t_hi} must lie in (0, 1] (a fraction of the training timesteps)")
+        if not 0.0 < self.memguide_t_m < 1.0:
+            raise ValueError(f"memguide_t_m={self.memguide_t_m} must lie strictly between 0 and 1")
 
 
 @dataclasses.dataclass(frozen=True)

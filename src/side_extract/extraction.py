@@ -4,7 +4,8 @@ Generation ``i`` of every method starts from the same noise (its generator is se
 the extraction's own noise stream, ``sampling.EXTRACTION_STREAM``, apart from the synthetic set's even at
 equal seeds), so methods differ only by their guidance. Each guided generation's target class is drawn uniformly among
 the classifier's classes from (seed, i) alone and stored beside the image (``labels`` in each shard: the
-class's label value; -1 for ``uncond``). Every method samples with guided-diffusion's DDIM (eps recomputed
+class's label value; -1 for ``uncond`` and the label-free ``memguide``, whose guidance receives each
+generation's index instead of a label). Every method samples with guided-diffusion's DDIM (eps recomputed
 from the clipped x0 in every step) and, when guided, applies the guidance in guided-diffusion's order
 (:func:`side_extract.sampling.guided_step`).
 """
@@ -19,6 +20,7 @@ from . import config as cfg
 from .allocation import adaptive_targets
 from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
+from .memorization import MemorizationGuidance
 from .models.target import Denoiser
 from .runs import Progress, RunDir, shard_stage
 from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample
@@ -41,7 +43,7 @@ def round_size(c: cfg.ExtractConfig) -> int:
 def extract(
     denoiser: Denoiser,
     c: cfg.ExtractConfig,
-    guidance: ClassifierGuidance | None,
+    guidance: ClassifierGuidance | MemorizationGuidance | None,
     start: int,
     stop: int,
     *,
@@ -62,6 +64,9 @@ def extract(
         labels = denoiser.classes[targets]
     elif guidance is None:
         targets = None
+        labels = np.full(len(idx), -1, dtype=np.int64)
+    elif isinstance(guidance, MemorizationGuidance):  # label-free: the guidance keys its probe noise by index
+        targets = idx
         labels = np.full(len(idx), -1, dtype=np.int64)
     else:  # targets: classifier outputs, drawn among the classes that may be guided toward (not background)
         outputs = guidance.target_outputs
@@ -85,7 +90,7 @@ def extraction_stage(
     method: str,
     denoiser: Denoiser,
     c: cfg.ExtractConfig,
-    guidance: ClassifierGuidance | None,
+    guidance: ClassifierGuidance | MemorizationGuidance | None,
     fingerprint: str,
     *,
     device: str = "cpu",
@@ -97,7 +102,7 @@ def extraction_stage(
     """
 
     stage = f"extraction/{method}"
-    adaptive = guidance is not None and c.allocation == "adaptive"
+    adaptive = isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive"  # toward classes only
     size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:

@@ -16,8 +16,13 @@ On the digits targets of ``side bench fair`` (16x16, 300 images, 1,000 synthetic
 separates synthetic samples at the mid similarity band of a training image from the rest with ROC AUC 0.79;
 at 0.5 T and above it carries no signal (AUC 0.53 / 0.41;
 ``benchmarks/results/experiments/memorization-auc-16px-n300.md``).
+
+The score is differentiable, and :class:`MemorizationGuidance` steers sampling toward low score: the label-free
+extraction method ``memguide`` (beyond the paper; no synthetic set, no labels, no training data).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -26,6 +31,7 @@ from .models.target import Denoiser, predict_x0
 from .sampling import sample_generators
 
 MEMORIZATION_STREAM = 2  # noise of the memorization scores (the synthetic set: 0, the extraction: 1)
+MEMGUIDE_STREAM = 3  # the probe noise of memorization guidance
 
 
 def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.2, draws: int = 4, seed: int = 0,
@@ -37,8 +43,7 @@ def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.
         raise ValueError(f"draws={draws} must be >= 1")
     if x0.ndim != 4:
         raise ValueError(f"images must be (n, C, H, W), got shape {tuple(x0.shape)}")
-    n_t = denoiser.scheduler.config.num_train_timesteps
-    t = min(n_t - 1, max(1, round(t_fraction * n_t)))
+    t = timestep(t_fraction, denoiser.scheduler.config.num_train_timesteps)
     out = np.empty(len(x0), dtype=np.float64)
     for b0 in range(0, len(x0), batch_size):
         xb = x0[b0:b0 + batch_size].to(torch.float32)
@@ -56,13 +61,98 @@ def reconstruction_error(denoiser: Denoiser, x0: torch.Tensor, t: int, z: torch.
                          clip_range: float | None = 1.0) -> torch.Tensor:
     """(B,) mean_pixels (x0_hat(x_t, t) - x0)^2 with x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z: one noise draw of
     the score in the module docstring (x0_hat clamped to ``clip_range``; None leaves it unclamped). Differentiable
-    in ``x0`` when called with gradients enabled (memorization guidance,
-    ``benchmarks/experiments/memorization_guidance.py``)."""
+    in ``x0`` when called with gradients enabled (:class:`MemorizationGuidance`)."""
     sched = denoiser.scheduler
     tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
     xt = sched.add_noise(x0, z, tt)
     x0_hat = predict_x0(sched, xt, t, denoiser(xt, tt).to(torch.float32), clip_range)
     return (x0_hat - x0).pow(2).flatten(1).mean(1)
+
+
+def timestep(fraction: float, num_train_timesteps: int) -> int:
+    """round(fraction * T), kept within 1 .. T - 1."""
+    return min(num_train_timesteps - 1, max(1, round(fraction * num_train_timesteps)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MemorizationGuidance:
+    """Memorization guidance (beyond the paper): plain sampling steered toward images the target reproduces well.
+
+    At every reverse step with t <= ``t_hi`` * T, for each sample b of the batch:
+
+    1. x0_hat = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t)  (the current denoised estimate, unclipped);
+    2. s_b = :func:`reconstruction_error` of x0_hat at t_m = round(``t_m`` * T) with one probe noise z_b
+       (unclamped): how well the target re-denoises its own estimate, the memorization score of the module
+       docstring with one draw;
+    3. g = ``scale`` * grad_{x_t} -log s_b, the gradient through both denoiser calls.
+
+    The sampler applies g like classifier guidance (``sampling.guided_step``: guided-diffusion's order), so
+    ``scale`` 0 (or t above ``t_hi`` T) reproduces plain sampling bit for bit. The probe noise z_b is drawn
+    from (``seed``, generation index, t) in its own stream (:data:`MEMGUIDE_STREAM`): a generation does not
+    depend on its batch. Cost: two extra denoiser passes and their backward pass on each guided step.
+
+    Being label-free, the guidance is called as ``g(x_t, t, y)`` with ``y`` the batch's *generation indices*
+    (not target labels). Its settings were chosen on the fair protocol's validation replicate 1 at 300 images
+    (``benchmarks/results/experiments/memorization-guidance-16px-n300.md``): t_hi 0.2, t_m 0.1, lambda 30.
+
+    Parameters
+    ----------
+    denoiser : the target (``eps(x, t)`` with its ``scheduler``)
+    scale : lambda >= 0
+    t_hi : guide at training timesteps t <= t_hi * T; in (0, 1]
+    t_m : the score's reconstruction time, a fraction of T in (0, 1)
+    seed : seed of the probe noise (the extraction seed)
+    """
+
+    denoiser: Denoiser
+    scale: float
+    t_hi: float = 0.2
+    t_m: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"memguide scale={self.scale} must be a finite number >= 0")
+        if not 0.0 < self.t_hi <= 1.0:
+            raise ValueError(f"memguide t_hi={self.t_hi} must lie in (0, 1] (a fraction of the training timesteps)")
+        if not 0.0 < self.t_m < 1.0:
+            raise ValueError(f"memguide t_m={self.t_m} must lie strictly between 0 and 1 (a fraction of the "
+                             "training timesteps)")
+        if not hasattr(self.denoiser, "scheduler"):
+            raise ValueError("MemorizationGuidance needs the target denoiser (eps(x, t) with its scheduler)")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.denoiser.scheduler.config.num_train_timesteps)
+
+    @property
+    def t_range(self) -> tuple[float, float]:
+        return (0.0, self.t_hi)
+
+    def guides_at(self, t: torch.Tensor | int) -> bool:
+        return self.scale > 0 and float(t) <= self.t_hi * self.num_train_timesteps
+
+    def probe(self, indices: torch.Tensor, t: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """z (B, *shape): generation ``indices[b]``'s probe noise at step ``t``."""
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+            sample_seed_at(self.seed, int(i), t))) for i in indices.tolist()])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        if not self.guides_at(t):
+            return None
+        sched = self.denoiser.scheduler
+        x_in = x.detach().requires_grad_(True)
+        tt = t.expand(len(x)) if t.ndim == 0 else t
+        x0 = predict_x0(sched, x_in, int(t), self.denoiser(x_in, tt).to(x.dtype))
+        z = self.probe(y, int(t), tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
+        s = reconstruction_error(self.denoiser, x0, timestep(self.t_m, self.num_train_timesteps), z, clip_range=None)
+        (grad,) = torch.autograd.grad((-s.clamp_min(1e-8).log()).sum(), x_in)
+        return self.scale * grad
+
+
+def sample_seed_at(seed: int, index: int, t: int) -> int:
+    """The probe-noise seed of generation ``index`` at training timestep ``t`` (stream :data:`MEMGUIDE_STREAM`)."""
+    return int(np.random.SeedSequence([int(seed), int(index), int(t), MEMGUIDE_STREAM]).generate_state(1, np.uint64)[0])
 
 
 def candidate_count(n: int, fraction: float) -> int:

@@ -41,7 +41,7 @@ from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
 from .sampling import sample_stage
 from .summary import write_summary
-from .memorization import candidate_count, denoising_error, memorization_candidates
+from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
 from .surrogate import ClusterLabeler, SurrogateLabels, TeacherLabeler, label_candidates
 from .training import fit_label_classifier
 
@@ -244,14 +244,17 @@ def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: Image
         return z["labels"]
 
 
-def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | None) -> dict:
+def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None) -> dict:
     """What one method's generations depend on, named positively: the sampler, N_G, the seed, the batch size
     (batched convolutions round differently, so guided images can move by a few uint8 levels) and sharding,
-    and for a guided method its own scale, temperature and guidance time range (not the other methods')."""
+    and for a guided method its own scale, temperature and guidance time range (not the other methods'); for
+    memorization guidance its scale, time range and reconstruction time."""
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     if c.precision != "fp32":
         d["precision"] = c.precision
-    if guidance is not None:
+    if isinstance(guidance, MemorizationGuidance):
+        d.update(memguide_scale=guidance.scale, memguide_t_hi=guidance.t_hi, memguide_t_m=guidance.t_m)
+    elif guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
         if c.allocation != "uniform":
             d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
@@ -448,7 +451,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             problems.append(f"surrogate K={max(ks)} must be <= {what}={n_clustered}")
         if rc.features.extractor.split(":", 1)[0] not in EXTRACTORS:
             problems.append(f"features.extractor={rc.features.extractor!r} must be one of {', '.join(EXTRACTORS)}")
-    if methods - {"uncond", "side-lora"}:
+    if methods - {"uncond", "side-lora", "memguide"}:  # the methods that train a classifier
         if C not in (1, 3) or not 8 <= H <= 256 or H != W:
             problems.append(f"the classifiers need square 8-256 px images with 1 or 3 channels; the model makes "
                             f"{H}x{W} with {C} channel(s)")
@@ -536,7 +539,10 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         synthetic = sample_stage(run, denoiser, rc.sample, model_fingerprint=ctx.fp["model"], device=device,
                                  progress=progress("synthetic"))
         ctx.fp["synthetic"] = run.stage_entry("synthetic")["fingerprint"]
-    guides: dict[str, ClassifierGuidance | None] = {"uncond": None, "side-lora": None}
+    ex = rc.extract
+    guides: dict[str, ClassifierGuidance | MemorizationGuidance | None] = {
+        "uncond": None, "side-lora": None,
+        "memguide": MemorizationGuidance(denoiser, ex.memguide_scale, ex.memguide_t_hi, ex.memguide_t_m, ex.seed)}
     denoisers: dict[str, Denoiser] = {}
     if {"side", "side-lora"} & set(methods):
         once = run.group.main_first

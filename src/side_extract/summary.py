@@ -14,6 +14,8 @@ from .runs import RunDir, atomic_write_json, read_json
 
 SIDE_METHODS = ("side", "side-teacher", "side-lora")
 BASELINES = ("cond", "uncond")
+LABEL_FREE = ("memguide",)  # guided without labels (beyond the paper): neither a SIDE form nor a paper baseline
+COMPARED = SIDE_METHODS + LABEL_FREE  # what is set against the best baseline
 SCHEMA = "side-extract/summary/1"
 Better = Literal["higher", "lower"]
 
@@ -35,9 +37,9 @@ def metric_values(metrics: dict[str, Any]) -> dict[str, tuple[float, Better]]:
     return out
 
 
-def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tuple[str, ...] = SIDE_METHODS,
+def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tuple[str, ...] = COMPARED,
                             baselines: tuple[str, ...] = BASELINES) -> dict[str, dict[str, dict[str, Any]]]:
-    """SIDE / best baseline for every metric, for each SIDE variant present.
+    """SIDE / best baseline for every metric, for each SIDE variant present (and memorization guidance, label-free).
 
     The best baseline of a metric is the baseline with the most memorization by that metric (the largest
     fraction; the smallest p95 distance). ``ratio`` = side / best baseline, None when the baseline is 0
@@ -99,7 +101,7 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
     band = order[1] if len(order) > 2 else order[0]
     n_train, n = first["n_train"], first["n_generated"]
     count = {k: v["distinct_cumulative"][band] for k, v in methods.items()}
-    sides = [k for k in SIDE_METHODS if k in count]
+    sides = [k for k in SIDE_METHODS if k in count] or [k for k in LABEL_FREE if k in count]
     bases = [k for k in BASELINES if k in count]
     where = f"the '{band}' band or closer"
     if sides and bases:
@@ -107,8 +109,12 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
         b = max(bases, key=lambda k: count[k])
         ratio = f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none"
         word = "more than" if count[s] > count[b] else ("as many as" if count[s] == count[b] else "fewer than")
-        return (f"{s} reached {count[s]} distinct training images (of {n_train}) at {where} with {n} generations, "
-                f"{word} the best baseline, {b}, with {count[b]} ({ratio}).")
+        out = (f"{s} reached {count[s]} distinct training images (of {n_train}) at {where} with {n} generations, "
+               f"{word} the best baseline, {b}, with {count[b]} ({ratio}).")
+        for k in (k for k in LABEL_FREE if k in count and k != s):
+            out += (f" {k} (label-free, beyond the paper) reached {count[k]}"
+                    + (f" ({count[k] / count[b]:.2f}x the best baseline)." if count[b] else "."))
+        return out
     best = max(count, key=lambda k: count[k])
     return f"{best} reached {count[best]} distinct training images (of {n_train}) at {where} with {n} generations."
 
@@ -133,4 +139,4 @@ def write_summary(run: str | Path) -> Path:
     return path
 
 
-__all__ = ["audit_summary", "write_summary", "verdict", "ratios_to_best_baseline", "metric_values"]
+__all__ = ["SIDE_METHODS", "BASELINES", "LABEL_FREE", "COMPARED", "audit_summary", "write_summary", "verdict", "ratios_to_best_baseline", "metric_values"]

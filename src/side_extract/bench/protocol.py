@@ -10,7 +10,7 @@ shared (they are what is audited, not what is drawn).
 For each training-set size in ``scales``:
 
 1. **Tuning, on validation replicates.** Every guided method (SIDE, SIDE-teacher, Cond) gets the same grid
-   of (lambda, temperature) settings at ``validation_n`` generations (by default the reported N_G: a
+   of (lambda, temperature) settings (side-lora as many CFG scales w, memorization guidance as many lambdas) at ``validation_n`` generations (by default the reported N_G: a
    guided method's lead over plain sampling is largest at small budgets, so settings tuned at fewer
    generations than are reported favour forceful guidance that saturates by N_G); UnCond has no setting on
    this sampler. Each method's chosen setting maximizes ``select_metric`` averaged over the validation
@@ -36,7 +36,8 @@ For each training-set size in ``scales``:
    paper's): at equal N_G. A SIDE form also draws its synthetic set (N_S = ``sample.n`` samples) from the target
    first. On every held-out replicate UnCond also runs at N_G + N_S generations (``rep-<r>/forms/uncond-samples``;
    its first N_G generations are its N_G run, same seed and noise stream), and each form's distinct images at N_G
-   are set against that count, with the same distinct-count interval: plain sampling given every model sample the audit drew
+   are set against that count (memorization guidance draws no synthetic set: its equal-samples comparison is
+   the per-generation one), with the same distinct-count interval: plain sampling given every model sample the audit drew
    (not counting the memorization scores or the classifiers' training).
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ from ..metrics import read_bands_file
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir, read_json
 from ..sweeps import share_stages
-from ..summary import BASELINES, SIDE_METHODS
+from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS
 from . import machine_description, write_results
 from .tables import _preamble
 from .intervals import INTERVAL_METHOD, bootstrap_ratios, count_ratios, distinct_count, per_generation_stats
@@ -84,6 +85,7 @@ class FairBenchConfig:
     n_bootstrap: int = 1000
     forms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     lora_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    memguide_scales: tuple[float, ...] = (3.0, 10.0, 20.0, 30.0, 60.0, 100.0)
     equal_samples: bool = True
 
     def __post_init__(self) -> None:
@@ -111,6 +113,12 @@ class FairBenchConfig:
             if len(self.lora_scales) != len(self.grid):
                 raise ValueError(f"lora_scales has {len(self.lora_scales)} values; side-lora gets the same tuning "
                                  f"budget as the other methods: {len(self.grid)}")
+        if "memguide" in self.methods:
+            if len(self.memguide_scales) != len(self.grid):
+                raise ValueError(f"memguide_scales has {len(self.memguide_scales)} values; memguide gets the same "
+                                 f"tuning budget as the other methods: {len(self.grid)}")
+            if any(not np.isfinite(v) or v < 0 for v in self.memguide_scales):
+                raise ValueError(f"memguide_scales={list(self.memguide_scales)} must be finite lambdas >= 0")
         key, _, band = self.select_metric.partition("/")
         if key not in ("ams", "ums", "ams_cumulative", "ums_cumulative") or not band:
             raise ValueError(f"select_metric={self.select_metric!r} must be '<ams|ums|ams_cumulative|"
@@ -129,9 +137,12 @@ class FairBenchConfig:
         return self.forms[name]["method"] if name in self.forms else name
 
     def settings(self, name: str) -> list[tuple[float, float]]:
-        """The tuning grid of a method or form: (lambda, temperature), or (w, 0) for side-lora (CFG scale w)."""
+        """The tuning grid of a method or form: (lambda, temperature), or (w, 0) for side-lora (CFG scale w), or
+        (lambda, 0) for memguide."""
         if self.base_method(name) == "side-lora":
             return [(w, 0.0) for w in self.lora_scales]
+        if name == "memguide":
+            return [(lam, 0.0) for lam in self.memguide_scales]
         return self.grid if self.base_method(name) in GUIDED else []
 
 
@@ -148,6 +159,8 @@ def method_config(rc: cfg.RunConfig, method: str, setting: tuple[float, float] |
             ex = dataclasses.replace(ex, cond_scale=lam, cond_temperature=temp)
         elif method == "side-lora":
             rc = dataclasses.replace(rc, lora=dataclasses.replace(rc.lora, guidance_scale=lam))
+        elif method == "memguide":
+            ex = dataclasses.replace(ex, memguide_scale=lam)
         else:
             ex = dataclasses.replace(ex, scale=lam, temperature=temp)
     return dataclasses.replace(rc, extract=ex)
@@ -235,7 +248,8 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     per_rep: dict[str, list[dict[str, Any]]] = {m: [] for m in fc.entries}
     stats: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in fc.entries}
     forms = tuple(m for m in fc.entries if m not in BASELINES)
-    equal_samples = fc.equal_samples and bool(forms)
+    sampled = tuple(m for m in forms if m not in LABEL_FREE)  # the forms that draw a synthetic set first
+    equal_samples = fc.equal_samples and bool(sampled)
     eq_stats: list[dict[str, np.ndarray]] = []
     bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
     for r in fc.heldout_replicates:
@@ -268,7 +282,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         out["equal_samples"] = {
             "n_generated": n + base.sample.n, "n_synthetic": base.sample.n,
             "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
-            "ratios": count_ratios({m: stats[m] for m in forms}, eq_stats, fc.n_bootstrap)}
+            "ratios": count_ratios({m: stats[m] for m in sampled}, eq_stats, fc.n_bootstrap)}
     return out
 
 
@@ -342,6 +356,7 @@ def _mark(r: dict[str, Any]) -> str:
 
 def render_fair_markdown(data: dict[str, Any]) -> str:
     c = data["config"]
+    ex = c["bench"]["run"]["extract"]
     lines = [*_preamble("Fair extraction benchmark (replicates, equal tuning budget, intervals)", data),
              f"Images {data['size']}x{data['size']}; total {data['seconds']:.0f} s wall (the load average above says what else ran).",
              "",
@@ -349,7 +364,10 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
               + "; ".join(f"`{k}` = {v}" for k, v in c.get("forms", {}).items()) + ". " if c.get("forms") else "")
              + f"Every guided method tuned over lambda in {c['scales_grid']} x temperature in {c['temperatures']} on "
              f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "
-             f"`{c['select_metric']}`); reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
+             f"`{c['select_metric']}`)"
+             + (f", memguide over lambda in {c['memguide_scales']} (t <= {ex['memguide_t_hi']:g} T, t_m = "
+                f"{ex['memguide_t_m']:g} T)" if "memguide" in c["methods"] else "")
+             + f"; reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
              "the synthetic set, the clustering, both classifiers and the extraction noise (its own noise stream, "
              "independent of the synthetic set's).", ""]
     for s in data["scales"]:
@@ -368,7 +386,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                          f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
                          f"{cell('carlini')} | {cell('p95', False)} |")
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
-        lines += ["", "SIDE form / best baseline (ratio of replicate means, 95 % bootstrap interval over generations"
+        lines += ["", "SIDE form (or memguide) / best baseline (ratio of replicate means, 95 % bootstrap interval over generations"
                   + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the observed ratio, shares: "
                      "percentile" if inext else "") + "; ↑ where the whole interval is above 1, ↓ where it is below 1):",
                   "",
@@ -418,7 +436,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_f(r['ratio'], False)} "
                              f"[{_f(lo, False)}, {_f(hi, False)}]{mark}")
         reused = s["tuning"].get("reused_from")
-        lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0)"
+        lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0; memguide: lambda,0)"
                   + (f", taken with the chosen settings from `{reused}` (`--tuning-from`: its validation grid was not "
                      "run again)" if reused else "") + ":", "",
                   "| method | chosen | every setting |", "|---|---|---|"]

@@ -179,6 +179,8 @@ def fair_cmd(
                                    "side-x0=side,classifier.guidance_input=x0_hat (repeat)."),
     lora_scales: str = typer.Option("1,1.5,2,3,4,6", "--lora-scales", help="side-lora's grid of CFG scales w "
                                     "(as many values as the lambda x temperature grid)."),
+    memguide_scales: str = typer.Option("3,10,20,30,60,100", "--memguide-scales", help="memguide's grid of "
+                                        "lambdas (as many values as the lambda x temperature grid)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta of every method's generations (0: deterministic DDIM, "
                               "the paper's; 1: as stochastic as DDPM). The same for all methods, UnCond included."),
     equal_samples: bool = typer.Option(True, "--equal-samples/--no-equal-samples", help="Also run UnCond at N_G + "
@@ -223,6 +225,7 @@ def fair_cmd(
         forms[name] = entry
     fc = FairBenchConfig(bench=bc, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                          forms=forms, lora_scales=floats(lora_scales, "--lora-scales"),
+                         memguide_scales=floats(memguide_scales, "--memguide-scales"),
                          scales_grid=floats(lambdas, "--lambdas"), temperatures=floats(temperatures, "--temperatures"),
                          validation_replicates=_ints(validation, "--validation"),
                          heldout_replicates=_ints(heldout, "--heldout"), validation_n=validation_n,
@@ -233,6 +236,7 @@ def fair_cmd(
             "--temperatures", temperatures, "--validation", validation, "--heldout", heldout,
             "--validation-n", str(fc.validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap),
             "--lora-scales", lora_scales]
+    argv += ["--memguide-scales", memguide_scales] if "memguide" in fc.methods else []
     for spec in form:
         argv += ["--form", spec]
     argv += ["--eta", f"{eta:g}"] if eta != 0 else []

@@ -157,12 +157,14 @@ def train_classifier_cmd(
 def extract_cmd(
     ctx: typer.Context,
     run: Path = typer.Option(..., "--run", help="Run directory."),
-    method: list[str] = typer.Option(list(E.methods), "--method", help="side, side-teacher, side-lora, cond or uncond (repeat)."),
+    method: list[str] = typer.Option(list(E.methods), "--method", help="side, side-teacher, side-lora, cond, uncond or memguide (label-free memorization guidance) (repeat)."),
     n: int = typer.Option(E.n, help="N_G: generations per method."),
     seed: int = typer.Option(E.seed, help="Generation i of every method starts from the noise of (seed, i)."),
     scale: float = typer.Option(E.scale, help="Guidance scale lambda."),
     temperature: float = typer.Option(E.temperature, help="Softmax temperature of the SIDE classifiers (the paper: "
                                       "1; Cond's is extract.cond_temperature)."),
+    memguide_scale: float = typer.Option(E.memguide_scale, "--memguide-scale", help="memguide's lambda (its "
+                                         "time range and reconstruction time: extract.memguide_t_hi / _t_m)."),
     steps: int = typer.Option(E.steps, help="Sampler steps."),
     scheduler: str = typer.Option(E.scheduler, help="ddim or ddpm."),
     config: Path | None = typer.Option(None, "--config"),
@@ -173,7 +175,8 @@ def extract_cmd(
 ) -> None:
     """Generate N_G images per method into RUN/extraction/<method>/ (and evaluate them)."""
     names = {"method": "extract.methods", "n": "extract.n", "seed": "extract.seed", "scale": "extract.scale",
-             "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler"}
+             "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler",
+             "memguide_scale": "extract.memguide_scale"}
     rc = load_run_config(run, config, typed_flags(ctx, names))
     with stage_progress(ctx) as factory:
         res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory,

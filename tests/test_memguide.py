@@ -1,0 +1,135 @@
+"""Memorization guidance (``memguide``, beyond the paper): the guidance against its formula on a model whose
+denoiser is known in closed form, batch independence, scale 0 = plain sampling bit for bit, and the method in the
+chain (labels, fingerprints that leave the other methods' cached generations valid, bad settings refused)."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from side_extract import config as cfg
+from side_extract.data import load_shards
+from side_extract.memorization import MemorizationGuidance
+from side_extract.models.target import CallableDenoiser, load_target
+from side_extract.pipeline import run_audit
+from side_extract.runs import read_json
+from side_extract.sampling import sample
+
+from test_pipeline import tiny_rc
+
+# the uncond extraction stage's fingerprint of tiny_rc(methods=("uncond",)), computed by the code before memguide
+# existed: adding the method must not invalidate cached plain-sampling generations
+UNCOND_FP = "3e56a4f335c2d0fb76ae31d782952292238c3510adc7759c5e3a0a921f44383e"
+
+
+def gaussian_model(sigma2: float) -> CallableDenoiser:
+    """The exact denoiser of data ~ N(0, sigma2 I): E[x0 | x_t] = c_t x_t with c_t = sqrt(abar) sigma2 /
+    (abar sigma2 + 1 - abar), so eps(x_t, t) = (x_t - sqrt(abar) c_t x_t) / sqrt(1 - abar)."""
+    sched = DDIMScheduler(num_train_timesteps=1000)
+
+    def eps(x, t):
+        abar = sched.alphas_cumprod[t.long()].view(-1, 1, 1, 1).to(x.dtype)
+        c = abar.sqrt() * sigma2 / (abar * sigma2 + 1 - abar)
+        return (x - abar.sqrt() * c * x) / (1 - abar).sqrt()
+
+    return CallableDenoiser(eps, (1, 4, 4), sched)
+
+
+def test_guidance_is_the_gradient_of_minus_log_score_by_hand():
+    """With x0_hat = c_t x_t, the score of one probe z is s = mean_p (alpha x0 + beta z)^2, x0 = c_t x_t,
+    alpha = c_m sqrt(abar_m) - 1, beta = c_m sqrt(1 - abar_m); so g = lambda grad -log s =
+    -lambda 2 alpha c_t (alpha x0 + beta z) / (P s)."""
+    sigma2, lam, t, t_m = 0.3, 7.0, 150, 100
+    den = gaussian_model(sigma2)
+    g = MemorizationGuidance(den, lam, t_hi=0.2, t_m=0.1, seed=4)
+    x = torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([0, 5, 9])
+    out = g(x, torch.tensor(t), idx)
+    ac = den.scheduler.alphas_cumprod.double()
+    c = lambda a: a.sqrt() * sigma2 / (a * sigma2 + 1 - a)
+    c_t, c_m = c(ac[t]), c(ac[t_m])
+    alpha, beta = c_m * ac[t_m].sqrt() - 1, c_m * (1 - ac[t_m]).sqrt()
+    z = g.probe(idx, t, (1, 4, 4)).double()
+    r = alpha * c_t * x.double() + beta * z
+    s = r.pow(2).flatten(1).mean(1).view(-1, 1, 1, 1)
+    expected = -lam * 2 * alpha * c_t * r / (16 * s)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-6)
+    assert g(x, torch.tensor(201), idx) is None  # above t_hi * T = 200: off
+    assert MemorizationGuidance(den, 0.0)(x, torch.tensor(t), idx) is None  # scale 0: off
+
+
+def test_guidance_does_not_depend_on_the_batch(tiny_model_dir):
+    den = load_target(tiny_model_dir)
+    g = MemorizationGuidance(den, 30.0, seed=2)
+    x = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([10, 11, 12, 13])
+    whole = g(x, torch.tensor(100), idx)
+    for b in range(4):
+        torch.testing.assert_close(g(x[b:b + 1], torch.tensor(100), idx[b:b + 1]), whole[b:b + 1], rtol=1e-4, atol=1e-6)
+    # the probe noise is the generation's own: another index or another seed changes it
+    assert not torch.allclose(g.probe(idx[:1], 100, (1, 8, 8)), g.probe(idx[1:2], 100, (1, 8, 8)))
+    assert not torch.allclose(g.probe(idx[:1], 100, (1, 8, 8)),
+                              MemorizationGuidance(den, 30.0, seed=3).probe(idx[:1], 100, (1, 8, 8)))
+    assert not torch.allclose(g.probe(idx[:1], 100, (1, 8, 8)), g.probe(idx[:1], 80, (1, 8, 8)))
+
+
+def test_scale_0_is_plain_sampling_bit_for_bit(tiny_model_dir):
+    den = load_target(tiny_model_dir)
+    kw = dict(seed=3, scheduler="ddim", steps=10, eta=1.0, clip_eps=True)
+    plain = sample(den, 5, **kw)
+    off = sample(den, 5, guidance=MemorizationGuidance(den, 0.0), labels=np.arange(5), **kw)
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    on = sample(den, 5, guidance=MemorizationGuidance(den, 30.0, t_hi=0.5), labels=np.arange(5), **kw)
+    assert not torch.allclose(on, plain)
+
+
+def test_bad_settings_are_refused_before_any_work(tiny_model_dir):
+    den = load_target(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"memguide scale=-1.0 must be a finite number >= 0"):
+        MemorizationGuidance(den, -1.0)
+    with pytest.raises(ValueError, match=r"memguide t_m=1.0 must lie strictly between 0 and 1"):
+        MemorizationGuidance(den, 1.0, t_m=1.0)
+    with pytest.raises(ValueError, match=r"memguide_t_hi=0.0 must lie in \(0, 1\]"):
+        cfg.ExtractConfig(memguide_t_hi=0.0)
+    with pytest.raises(ValueError, match=r"memguide_scale=-2.0 must be >= 0"):
+        cfg.ExtractConfig(memguide_scale=-2.0)
+    with pytest.raises(ValueError, match="each must be one of .*memguide"):
+        cfg.ExtractConfig(methods=("memguided",))
+
+
+def test_memguide_in_the_chain(tiny_model_dir, tmp_path):
+    rc = tiny_rc(tiny_model_dir, methods=("uncond", "memguide"), memguide_t_hi=0.5)
+    run = tmp_path / "run"
+    res = run_audit(run, rc)
+    assert set(res.metrics) == {"uncond", "memguide"}
+    assert not (run / "synthetic").exists()  # label-free: no synthetic set, no classifier
+    mg, plain = load_shards(run / "extraction" / "memguide"), load_shards(run / "extraction" / "uncond")
+    assert len(mg) == 6 and (mg.labels == -1).all()
+    assert (mg.images != plain.images).any()
+    stages = read_json(run / "manifest.json")["stages"]
+    assert stages["extraction/uncond"]["fingerprint"] == UNCOND_FP
+    # another lambda re-generates memguide only; lambda 0 is plain sampling's images exactly
+    off = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, memguide_scale=0.0))
+    run_audit(run, off)
+    after = read_json(run / "manifest.json")["stages"]
+    assert after["extraction/uncond"]["started_unix"] == stages["extraction/uncond"]["started_unix"]
+    assert after["extraction/memguide"]["fingerprint"] != stages["extraction/memguide"]["fingerprint"]
+    np.testing.assert_array_equal(load_shards(run / "extraction" / "memguide").images, plain.images)
+
+
+def test_verdict_names_memguide_beside_side_and_alone():
+    from side_extract.summary import verdict
+
+    m = {"bands": {"high": [0, 0.1], "mid": [0.1, 0.2], "low": [0.2, 0.3]}, "orientation": "distance",
+         "n_train": 100, "n_generated": 50}
+    rows = {"side": {"distinct_cumulative": {"mid": 12}}, "uncond": {"distinct_cumulative": {"mid": 8}},
+            "memguide": {"distinct_cumulative": {"mid": 20}}}
+    assert verdict({k: m for k in rows}, rows) == (
+        "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
+        "than the best baseline, uncond, with 8 (1.50x). memguide (label-free, beyond the paper) reached 20 (2.50x "
+        "the best baseline).")
+    alone = {k: rows[k] for k in ("memguide", "uncond")}
+    assert verdict({k: m for k in alone}, alone) == (
+        "memguide reached 20 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
+        "than the best baseline, uncond, with 8 (2.50x).")
