@@ -13,6 +13,7 @@ from side_extract.data import load_shards
 from side_extract.memorization import MemorizationGuidance
 from side_extract.models.target import CallableDenoiser, load_target
 from side_extract.pipeline import run_audit
+from side_extract.report import write_report
 from side_extract.runs import read_json
 from side_extract.sampling import sample
 
@@ -107,6 +108,9 @@ def test_memguide_in_the_chain(tiny_model_dir, tmp_path):
     mg, plain = load_shards(run / "extraction" / "memguide"), load_shards(run / "extraction" / "uncond")
     assert len(mg) == 6 and (mg.labels == -1).all()
     assert (mg.images != plain.images).any()
+    summary = read_json(run / "summary.json")
+    assert set(summary["ratios_to_best_baseline"]) == {"memguide"} and summary["verdict"].startswith("memguide reached")
+    assert "memguide" in write_report(run).read_text()
     stages = read_json(run / "manifest.json")["stages"]
     assert stages["extraction/uncond"]["fingerprint"] == UNCOND_FP
     # another lambda re-generates memguide only; lambda 0 is plain sampling's images exactly

@@ -386,11 +386,12 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                          f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
                          f"{cell('carlini')} | {cell('p95', False)} |")
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
-        lines += ["", "SIDE form (or memguide) / best baseline (ratio of replicate means, 95 % bootstrap interval over generations"
-                  + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the observed ratio, shares: "
-                     "percentile" if inext else "") + "; ↑ where the whole interval is above 1, ↓ where it is below 1):",
-                  "",
-                  "| SIDE form | " + " | ".join(BOOT_METRICS) + " |", "|---|" + "---|" * len(BOOT_METRICS)]
+        if h["ratios"]:  # (none when only baselines ran)
+            lines += ["", "SIDE form (or memguide) / best baseline (ratio of replicate means, 95 % bootstrap interval "
+                      "over generations" + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the "
+                                            "observed ratio, shares: percentile" if inext else "")
+                      + "; ↑ where the whole interval is above 1, ↓ where it is below 1):", "",
+                      "| SIDE form | " + " | ".join(BOOT_METRICS) + " |", "|---|" + "---|" * len(BOOT_METRICS)]
         for form, rows in h["ratios"].items():
             cells = []
             for k in BOOT_METRICS:
