@@ -44,7 +44,7 @@ def _config(tmp_path, tiny_model_dir):
               "classifier": {"depth": 10, "width": 8, "steps": 4, "batch_size": 16, "eval_every": 2},
               "clean_classifier": {"depth": 10, "width": 8, "steps": 4, "batch_size": 16, "eval_every": 2},
               "lora": {"rank": 2, "steps": 3, "batch_size": 8, "checkpoint_every": 2},
-              "extract": {"methods": ["side", "cond", "uncond", "side-lora"], "n": 14, "steps": 2, "scale": 1.0,
+              "extract": {"methods": ["side", "cond", "uncond", "side-lora", "memguide"], "n": 14, "steps": 2, "scale": 1.0,
                           "shard_size": 3, "batch_size": 4},
               "evaluate": {"carlini_n": 5, "quality": ["pixels"], "quality_max_reference": 100}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
@@ -63,7 +63,7 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     common = _config(tmp_path, tiny_model_dir)
     _run([*common, "--out", str(tmp_path / "one")], 1)
     _run([*common, "--out", str(tmp_path / "two")], 2)
-    for stage in ("synthetic", "extraction/uncond"):
+    for stage in ("synthetic", "extraction/uncond", "extraction/memguide"):  # (memguide: its probe noise by index)
         _same_shards(tmp_path / "one" / stage, tmp_path / "two" / stage)
     stages = read_json(tmp_path / "two" / "manifest.json")["stages"]
     assert stages["synthetic"]["processes"] == 2 and all(v["status"] == "complete" for v in stages.values())
@@ -82,7 +82,7 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     for d in ("extraction", "evaluation", "calibration"):
         shutil.rmtree(tmp_path / "three" / d, ignore_errors=True)
     _run([*common, "--out", str(tmp_path / "three")], 2)
-    for m in ("side", "cond", "uncond", "side-lora"):
+    for m in ("side", "cond", "uncond", "side-lora", "memguide"):
         _same_shards(tmp_path / "one" / "extraction" / m, tmp_path / "three" / "extraction" / m)
     for m in ("side", "cond", "uncond", "side-lora"):  # evaluated by either process: the same numbers
         m1 = read_json(tmp_path / "one" / "evaluation" / m / "metrics.json")
