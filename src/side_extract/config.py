@@ -356,7 +356,7 @@ class ExtractConfig:
     (README "Benchmarks"); an audit runs UnCond too, so it finds more either way. The benchmarks pin eta 0.
     """
 
-    methods: tuple[str, ...] = ("side", "cond", "uncond")
+    methods: tuple[str, ...] = ("side", "memguide", "cond", "uncond")
     n: int = 500
     seed: int = 1
     scale: float = 3.0

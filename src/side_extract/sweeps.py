@@ -3,8 +3,8 @@
 A sub-run is an ordinary run directory. Before it runs, every stage its parent completed is shared into it
 (files hard-linked, manifest entry copied), so the sub-run recomputes only what the swept value changes:
 a lambda sweep reuses the synthetic set, labels and classifier and redoes extraction and evaluation; a K or
-tau sweep redoes labels, classifier, extraction and evaluation. Only the guided methods are swept (UnCond
-does not depend on any swept value; its parent result is the reference).
+tau sweep redoes labels, classifier, extraction and evaluation. Only the classifier-guided methods are swept
+(UnCond and memorization guidance do not depend on any swept value; their parent results are the reference).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
 def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
     """(sub-run name, its config) for every swept value in ``rc.sweep``."""
     out = []
-    guided = tuple(m for m in rc.extract.methods if m != "uncond")
+    guided = tuple(m for m in rc.extract.methods if m not in ("uncond", "memguide"))  # memguide: none of these values
     if not guided:
         return out
     for name, section in SWEEPABLE.items():
