@@ -354,6 +354,13 @@ def _mark(r: dict[str, Any]) -> str:
     return "" if not r["excludes_1"] else (" ↑" if r["ci95"][0] > 1 else " ↓")
 
 
+def _setting(name: str, setting: list[float] | None) -> str:
+    """A chosen setting as the tables show it: "lambda, T" (side-lora "w, 0"); memguide's lambda alone."""
+    if setting is None:
+        return "-"
+    return f"{setting[0]:g}" if name in LABEL_FREE else f"{setting[0]:g}, {setting[1]:g}"
+
+
 def render_fair_markdown(data: dict[str, Any]) -> str:
     c = data["config"]
     ex = c["bench"]["run"]["extract"]
@@ -382,7 +389,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             st = s["tuning"]["chosen"].get(m)
             cell = lambda k, pct=True: (f"{_f(summ[k]['mean'], pct)} [{_f(summ[k]['min'], pct)}-"
                                         f"{_f(summ[k]['max'], pct)}]")
-            lines.append(f"| {m} | {'-' if st is None else f'{st[0]:g}, {st[1]:g}'} | {cell('ams/high')} | "
+            lines.append(f"| {m} | {_setting(m, st)} | {cell('ams/high')} | "
                          f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
                          f"{cell('carlini')} | {cell('p95', False)} |")
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
@@ -443,7 +450,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                   "| method | chosen | every setting |", "|---|---|---|"]
         for m, by in s["tuning"]["mean_by_setting"].items():
             ch = s["tuning"]["chosen"].get(m)
-            lines.append(f"| {m} | {'-' if ch is None else f'{ch[0]:g}, {ch[1]:g}'} | "
+            lines.append(f"| {m} | {_setting(m, ch)} | "
                          + "; ".join(f"{k}: {_f(v)}" for k, v in by.items()) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
