@@ -74,6 +74,11 @@ def timestep(fraction: float, num_train_timesteps: int) -> int:
     return min(num_train_timesteps - 1, max(1, round(fraction * num_train_timesteps)))
 
 
+def probe_seed(seed: int, index: int, t: int) -> int:
+    """The probe-noise seed of generation ``index`` at training timestep ``t`` (stream :data:`MEMGUIDE_STREAM`)."""
+    return int(np.random.SeedSequence([int(seed), int(index), int(t), MEMGUIDE_STREAM]).generate_state(1, np.uint64)[0])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class MemorizationGuidance:
     """Memorization guidance (beyond the paper): plain sampling steered toward images the target reproduces well.
@@ -92,8 +97,9 @@ class MemorizationGuidance:
     depend on its batch. Cost: two extra denoiser passes and their backward pass on each guided step.
 
     Being label-free, the guidance is called as ``g(x_t, t, y)`` with ``y`` the batch's *generation indices*
-    (not target labels). Its settings were chosen on the fair protocol's validation replicate 1 at 300 images
-    (``benchmarks/results/experiments/memorization-guidance-16px-n300.md``): t_hi 0.2, t_m 0.1, lambda 30.
+    (not target labels). t_hi 0.2 and t_m 0.1 were chosen on the fair protocol's validation replicate 1 at 300
+    images (``benchmarks/results/experiments/memorization-guidance-16px-n300.md``); lambda 30 is what ``side bench
+    fair`` chose there (at 1,000 images: 100; ``benchmarks/results/fair16/memguide-n*``).
 
     Parameters
     ----------
@@ -125,17 +131,13 @@ class MemorizationGuidance:
     def num_train_timesteps(self) -> int:
         return int(self.denoiser.scheduler.config.num_train_timesteps)
 
-    @property
-    def t_range(self) -> tuple[float, float]:
-        return (0.0, self.t_hi)
-
     def guides_at(self, t: torch.Tensor | int) -> bool:
         return self.scale > 0 and float(t) <= self.t_hi * self.num_train_timesteps
 
     def probe(self, indices: torch.Tensor, t: int, shape: tuple[int, ...]) -> torch.Tensor:
         """z (B, *shape): generation ``indices[b]``'s probe noise at step ``t``."""
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-            sample_seed_at(self.seed, int(i), t))) for i in indices.tolist()])
+            probe_seed(self.seed, int(i), t))) for i in indices.tolist()])
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if not self.guides_at(t):
@@ -148,11 +150,6 @@ class MemorizationGuidance:
         s = reconstruction_error(self.denoiser, x0, timestep(self.t_m, self.num_train_timesteps), z, clip_range=None)
         (grad,) = torch.autograd.grad((-s.clamp_min(1e-8).log()).sum(), x_in)
         return self.scale * grad
-
-
-def sample_seed_at(seed: int, index: int, t: int) -> int:
-    """The probe-noise seed of generation ``index`` at training timestep ``t`` (stream :data:`MEMGUIDE_STREAM`)."""
-    return int(np.random.SeedSequence([int(seed), int(index), int(t), MEMGUIDE_STREAM]).generate_state(1, np.uint64)[0])
 
 
 def candidate_count(n: int, fraction: float) -> int:
