@@ -27,6 +27,7 @@ _EXPORTS = {
     "ClusterLabeler": "surrogate", "TeacherLabeler": "surrogate", "SurrogateLabels": "surrogate",
     "label_candidates": "surrogate",
     "denoising_error": "memorization", "memorization_candidates": "memorization",
+    "MemorizationGuidance": "memorization",
     "fit_label_classifier": "training", "train_classifier": "training",
     "ClassifierGuidance": "guidance",
     "extract": "extraction", "draw_targets": "extraction",
