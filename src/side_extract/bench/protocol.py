@@ -13,8 +13,9 @@ For each training-set size in ``scales``:
    of (lambda, temperature) settings (side-lora as many CFG scales w, memorization guidance as many lambdas)
    at ``validation_n`` generations (by default the reported N_G: a guided method's lead over plain sampling
    is largest at small budgets, so settings tuned at fewer generations than are reported favour forceful
-   guidance that saturates by N_G); UnCond has no setting on this sampler. Each method's chosen setting maximizes ``select_metric`` averaged over the validation
-   replicates (ties: the smaller lambda, then the smaller temperature).
+   guidance that saturates by N_G); UnCond has no setting on this sampler. Each method's chosen setting
+   maximizes ``select_metric`` averaged over the validation replicates (ties: the smaller lambda, then the
+   smaller temperature).
 2. **Report, on held-out replicates** (none of them seen in step 1): every method at its chosen setting, at
    N_G = ``run.extract.n``, with equal seeds across methods within a replicate.
 3. **Intervals.** Per method and metric, the mean and the min-max over held-out replicates. For each SIDE
