@@ -21,7 +21,8 @@ generation; the library's guidance draws it per generation so that a generation 
 
     python benchmarks/experiments/memorization_guidance.py CACHE/runs/<target>/rep-<r> N LAMBDAS [T_HI] [T_M] [SEEDS] [SIDE_LAMBDA]
 
-LAMBDAS comma-separated (0 = plain sampling); T_HI (default 0.5) and T_M (default 0.2): fractions of T; SEEDS:
+LAMBDAS comma-separated (0 = plain sampling); T_HI and T_M: fractions of T (default: the library's
+``extract.memguide_t_hi`` and ``memguide_t_m``, 0.2 and 0.1); SEEDS:
 comma-separated extraction seeds (default: the replicate's), each a replicate of its own (for this method nothing
 else is downstream of the target: no synthetic set, no classifier). Prints one table row per seed and lambda:
 distinct training images at the mid band or closer (copies = generations there) after the first 100, 300 and N
@@ -49,9 +50,9 @@ from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
 
 torch.set_num_threads(1)
 rep, n, lams = Path(sys.argv[1]), int(sys.argv[2]), [float(v) for v in sys.argv[3].split(",")]
-t_hi = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5
-t_m_frac = float(sys.argv[5]) if len(sys.argv) > 5 else 0.2
 replicate = Replicate.load(rep)
+t_hi = float(sys.argv[4]) if len(sys.argv) > 4 else replicate.config.extract.memguide_t_hi
+t_m_frac = float(sys.argv[5]) if len(sys.argv) > 5 else replicate.config.extract.memguide_t_m
 rc, den, train = replicate.config, replicate.denoiser, replicate.train
 seeds = [int(v) for v in sys.argv[6].split(",")] if len(sys.argv) > 6 else [rc.extract.seed]
 side_lambda = float(sys.argv[7]) if len(sys.argv) > 7 else None

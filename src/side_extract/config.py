@@ -335,8 +335,8 @@ class ExtractConfig:
     ``uncond``: plain sampling; ``memguide`` (beyond the paper, label-free): plain sampling guided toward low
     memorization score (``memorization.MemorizationGuidance``: lambda ``memguide_scale`` at t <= ``memguide_t_hi``
     T, the score's reconstruction at ``memguide_t_m`` T; the defaults were chosen on the fair protocol's validation
-    replicate 1 at 300 images). ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits
-    before the softmax; ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
+    replicate 1 at 300 images, 16x16; its lambda grid chose 30 there, 100 at 1,000 images and 20 at 300 images,
+    8x8). ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits before the softmax; ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
     the values each method chose most often on the fair protocol's validation replicates (``side bench fair``,
     100 / 300 / 1,000 images at 8x8 and at 16x16, the same grid for both): SIDE lambda 3 (4 of 6) and T 1
     (4 of 6; the paper: 10 and 1), Cond lambda 1 (4 of 6) and T 2 (5 of 6).
@@ -400,7 +400,8 @@ class ExtractConfig:
         if self.memguide_scale < 0:
             raise ValueError(f"memguide_scale={self.memguide_scale} must be >= 0")
         if not 0.0 < self.memguide_t_hi <= 1.0:
-            raise ValueError(f"memguide_t_hi={self.memguide_t_hi} must lie in (0, 1] (a fraction of the training timesteps)")
+            raise ValueError(f"memguide_t_hi={self.memguide_t_hi} must lie in (0, 1] (a fraction of the training "
+                             "timesteps)")
         if not 0.0 < self.memguide_t_m < 1.0:
             raise ValueError(f"memguide_t_m={self.memguide_t_m} must lie strictly between 0 and 1")
 

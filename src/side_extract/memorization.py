@@ -74,11 +74,6 @@ def timestep(fraction: float, num_train_timesteps: int) -> int:
     return min(num_train_timesteps - 1, max(1, round(fraction * num_train_timesteps)))
 
 
-def probe_seed(seed: int, index: int, t: int) -> int:
-    """The probe-noise seed of generation ``index`` at training timestep ``t`` (stream :data:`MEMGUIDE_STREAM`)."""
-    return int(np.random.SeedSequence([int(seed), int(index), int(t), MEMGUIDE_STREAM]).generate_state(1, np.uint64)[0])
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class MemorizationGuidance:
     """Memorization guidance (beyond the paper): plain sampling steered toward images the target reproduces well.
@@ -136,8 +131,8 @@ class MemorizationGuidance:
 
     def probe(self, indices: torch.Tensor, t: int, shape: tuple[int, ...]) -> torch.Tensor:
         """z (B, *shape): generation ``indices[b]``'s probe noise at step ``t``."""
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-            probe_seed(self.seed, int(i), t))) for i in indices.tolist()])
+        gens = sample_generators(self.seed, indices.tolist(), stream=MEMGUIDE_STREAM, step=t)
+        return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if not self.guides_at(t):

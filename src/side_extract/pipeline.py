@@ -540,9 +540,10 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
                                  progress=progress("synthetic"))
         ctx.fp["synthetic"] = run.stage_entry("synthetic")["fingerprint"]
     ex = rc.extract
-    guides: dict[str, ClassifierGuidance | MemorizationGuidance | None] = {
-        "uncond": None, "side-lora": None,
-        "memguide": MemorizationGuidance(denoiser, ex.memguide_scale, ex.memguide_t_hi, ex.memguide_t_m, ex.seed)}
+    guides: dict[str, ClassifierGuidance | MemorizationGuidance | None] = {"uncond": None, "side-lora": None}
+    if "memguide" in methods:  # label-free: the target alone
+        guides["memguide"] = MemorizationGuidance(denoiser, ex.memguide_scale, ex.memguide_t_hi, ex.memguide_t_m,
+                                                  ex.seed)
     denoisers: dict[str, Denoiser] = {}
     if {"side", "side-lora"} & set(methods):
         once = run.group.main_first

@@ -40,18 +40,20 @@ class SamplingDiverged(ValueError):
     """x_t became non-finite or absurdly large during sampling (usually: the guidance scale is too large)."""
 
 
-def sample_seed(seed: int, index: int, stream: int = SYNTHETIC_STREAM) -> int:
+def sample_seed(seed: int, index: int, stream: int = SYNTHETIC_STREAM, step: int | None = None) -> int:
     """A 64-bit seed for global sample ``index`` of noise stream ``stream`` of a run seeded ``seed`` (numpy
-    SeedSequence of (seed, index) for stream 0, as before streams existed, and (seed, index, stream) otherwise)."""
+    SeedSequence of (seed, index) for stream 0, as before streams existed, and (seed, index, stream) otherwise).
+    ``step``: a fresh seed per reverse step t for noise drawn at each step by a stateless caller (memorization
+    guidance's probe): (seed, index, step[, stream])."""
     if stream < 0:
         raise ValueError(f"stream={stream} must be >= 0")
-    entropy = [int(seed), int(index)] + ([int(stream)] if stream else [])
+    entropy = [int(seed), int(index)] + ([int(step)] if step is not None else []) + ([int(stream)] if stream else [])
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
 def sample_generators(seed: int, indices: np.ndarray | list[int], device: str | torch.device = "cpu",
-                      stream: int = SYNTHETIC_STREAM) -> list[torch.Generator]:
-    return [torch.Generator(device).manual_seed(sample_seed(seed, int(i), stream)) for i in indices]
+                      stream: int = SYNTHETIC_STREAM, step: int | None = None) -> list[torch.Generator]:
+    return [torch.Generator(device).manual_seed(sample_seed(seed, int(i), stream, step)) for i in indices]
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind, steps: int) -> SchedulerMixin:

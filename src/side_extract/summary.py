@@ -139,4 +139,5 @@ def write_summary(run: str | Path) -> Path:
     return path
 
 
-__all__ = ["SIDE_METHODS", "BASELINES", "LABEL_FREE", "COMPARED", "audit_summary", "write_summary", "verdict", "ratios_to_best_baseline", "metric_values"]
+__all__ = ["SIDE_METHODS", "BASELINES", "LABEL_FREE", "COMPARED", "audit_summary", "write_summary", "verdict",
+           "ratios_to_best_baseline", "metric_values"]

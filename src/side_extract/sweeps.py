@@ -19,6 +19,7 @@ from .distributed import ProcessGroup
 from .models.target import Target
 from .pipeline import AuditResult, ProgressFactory, no_progress, run_audit
 from .runs import RunDir, atomic_write_json
+from .summary import LABEL_FREE
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
 def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
     """(sub-run name, its config) for every swept value in ``rc.sweep``."""
     out = []
-    guided = tuple(m for m in rc.extract.methods if m not in ("uncond", "memguide"))  # memguide: none of these values
+    guided = tuple(m for m in rc.extract.methods if m not in ("uncond", *LABEL_FREE))
     if not guided:
         return out
     for name, section in SWEEPABLE.items():

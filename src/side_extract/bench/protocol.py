@@ -445,7 +445,8 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_f(r['ratio'], False)} "
                              f"[{_f(lo, False)}, {_f(hi, False)}]{mark}")
         reused = s["tuning"].get("reused_from")
-        lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting (lambda,T; side-lora: w,0; memguide: lambda,0)"
+        lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting "
+                  "(lambda,T; side-lora: w,0; memguide: lambda,0)"
                   + (f", taken with the chosen settings from `{reused}` (`--tuning-from`: its validation grid was not "
                      "run again)" if reused else "") + ":", "",
                   "| method | chosen | every setting |", "|---|---|---|"]

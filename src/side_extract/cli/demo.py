@@ -39,7 +39,8 @@ def demo_cmd(
     wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
     """SIDE audit of an embedded target (default demo-1000, trained on digits:1000): SIDE, memorization guidance
-    (label-free), UnCond and Cond, metrics, the memorization divergence of the unconditional vs the guided model, and the HTML report."""
+    (label-free), UnCond and Cond, metrics, the memorization divergence of the unconditional vs the guided model,
+    and the HTML report."""
     from ..pipeline import run_audit
     from ..report import write_report
     from ..theory.measure import measure_run

@@ -157,7 +157,8 @@ def train_classifier_cmd(
 def extract_cmd(
     ctx: typer.Context,
     run: Path = typer.Option(..., "--run", help="Run directory."),
-    method: list[str] = typer.Option(list(E.methods), "--method", help="side, side-teacher, side-lora, cond, uncond or memguide (label-free memorization guidance) (repeat)."),
+    method: list[str] = typer.Option(list(E.methods), "--method", help="side, side-teacher, side-lora, cond, uncond or memguide "
+                                   "(label-free memorization guidance) (repeat)."),
     n: int = typer.Option(E.n, help="N_G: generations per method."),
     seed: int = typer.Option(E.seed, help="Generation i of every method starts from the noise of (seed, i)."),
     scale: float = typer.Option(E.scale, help="Guidance scale lambda."),
