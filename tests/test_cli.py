@@ -86,14 +86,27 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "report" / "report.html").exists()
 
 
-def test_extract_temperature_flag_reaches_the_run_config(tiny_model_dir, tmp_path):
+def _extract(tiny_model_dir, tmp_path, *flags: str) -> dict:
+    """`side extract` of 2 generations with ``flags`` into tmp_path/r; the run config's extract section."""
     conf = tmp_path / "c.yaml"
     conf.write_text(f"model: {tiny_model_dir}\nextract: {{n: 2, steps: 2}}\n")
     r = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(tmp_path / "r"), "--config", str(conf),
-                                 "--method", "uncond", "--temperature", "3", "--no-evaluate"])
+                                 *flags, "--no-evaluate"])
     assert r.exit_code == 0, r.output
-    extract = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["extract"]
+    return yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["extract"]
+
+
+def test_extract_temperature_flag_reaches_the_run_config(tiny_model_dir, tmp_path):
+    extract = _extract(tiny_model_dir, tmp_path, "--method", "uncond", "--temperature", "3")
     assert extract["temperature"] == 3.0 and extract["cond_temperature"] == 2.0 and extract["n"] == 2  # Cond keeps its own
+
+
+def test_extract_memguide_scale_flag_reaches_the_run_config(tiny_model_dir, tmp_path):
+    from side_extract.data import load_shards
+
+    extract = _extract(tiny_model_dir, tmp_path, "--method", "memguide", "--memguide-scale", "5")
+    assert extract["methods"] == ["memguide"] and extract["memguide_scale"] == 5.0
+    assert len(load_shards(tmp_path / "r" / "extraction" / "memguide")) == 2
 
 
 def test_python_dash_m_side_extract_is_the_side_command():

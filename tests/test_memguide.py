@@ -138,18 +138,3 @@ def test_verdict_names_memguide_beside_side_and_alone():
         "memguide reached 20 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
         "than the best baseline, uncond, with 8 (2.50x).")
 
-
-def test_extract_memguide_scale_flag_reaches_the_run_config(tiny_model_dir, tmp_path):
-    import yaml
-    from typer.testing import CliRunner
-
-    from side_extract.cli.main import app
-
-    conf = tmp_path / "c.yaml"
-    conf.write_text(f"model: {tiny_model_dir}\nextract: {{n: 2, steps: 2}}\n")
-    r = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(tmp_path / "r"), "--config", str(conf),
-                                 "--method", "memguide", "--memguide-scale", "5", "--no-evaluate"])
-    assert r.exit_code == 0, r.output
-    extract = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["extract"]
-    assert extract["methods"] == ["memguide"] and extract["memguide_scale"] == 5.0
-    assert len(load_shards(tmp_path / "r" / "extraction" / "memguide")) == 2
