@@ -93,8 +93,9 @@ class MemorizationGuidance:
 
     Being label-free, the guidance is called as ``g(x_t, t, y)`` with ``y`` the batch's *generation indices*
     (not target labels). t_hi 0.2 and t_m 0.1 were chosen on the fair protocol's validation replicate 1 at 300
-    images (``benchmarks/results/experiments/memorization-guidance-16px-n300.md``); lambda 30 is what ``side bench
-    fair`` chose there (at 1,000 images: 100; ``benchmarks/results/fair16/memguide-n*``).
+    images (``benchmarks/results/experiments/memorization-guidance-16px-n300.md``); ``side bench fair`` chose
+    lambda 30 there and 100 at 1,000 images (``benchmarks/results/fair16/memguide-n*``; ``extract.memguide_scale``
+    defaults to 100, see ``config.ExtractConfig``).
 
     Parameters
     ----------
