@@ -86,7 +86,7 @@ class FairBenchConfig:
     n_bootstrap: int = 1000
     forms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     lora_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-    memguide_scales: tuple[float, ...] = (3.0, 10.0, 20.0, 30.0, 60.0, 100.0)
+    memguide_scales: tuple[float, ...] = (10.0, 20.0, 30.0, 60.0, 100.0, 200.0)
     equal_samples: bool = True
 
     def __post_init__(self) -> None:

@@ -179,7 +179,7 @@ def fair_cmd(
                                    "side-x0=side,classifier.guidance_input=x0_hat (repeat)."),
     lora_scales: str = typer.Option("1,1.5,2,3,4,6", "--lora-scales", help="side-lora's grid of CFG scales w "
                                     "(as many values as the lambda x temperature grid)."),
-    memguide_scales: str = typer.Option("3,10,20,30,60,100", "--memguide-scales", help="memguide's grid of "
+    memguide_scales: str = typer.Option("10,20,30,60,100,200", "--memguide-scales", help="memguide's grid of "
                                         "lambdas (as many values as the lambda x temperature grid)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta of every method's generations (0: deterministic DDIM, "
                               "the paper's; 1: as stochastic as DDPM). The same for all methods, UnCond included."),
