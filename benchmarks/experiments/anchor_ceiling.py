@@ -84,8 +84,8 @@ for r in reps:
         rows.setdefault(k, []).append(v)
 
 base = np.mean(rows["uncond"])
-print(f"\n| generator (N_G generations) | distinct training images, mid or closer: " + ", ".join(f"rep {r}" for r in reps)
-      + " | mean | x UnCond |")
+print("\n| generator (N_G generations) | distinct training images, mid or closer: "
+      + ", ".join(f"rep {r}" for r in reps) + " | mean | x UnCond |")
 print("|---|---|---|---|")
 for k, v in rows.items():
     print(f"| {k} | {', '.join(map(str, v))} | {np.mean(v):.1f} | {np.mean(v) / base:.2f}x |")

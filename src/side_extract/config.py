@@ -335,9 +335,11 @@ class ExtractConfig:
     ``uncond``: plain sampling; ``memguide`` (beyond the paper, label-free): plain sampling guided toward low
     memorization score (``memorization.MemorizationGuidance``: lambda ``memguide_scale`` at t <= ``memguide_t_hi``
     T, the score's reconstruction at ``memguide_t_m`` T; the range and t_m were chosen on the fair protocol's
-    validation replicate 1 at 300 images, 16x16; lambda 100 is the value its grid chose most often, 2 of 4: 30 and
-    100 at 300 and 1,000 images, 16x16, 20 and 100 at 8x8; its validation score is at most 5 % below a cell's best,
-    lambda 30's up to 23 %). ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits before the softmax; ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
+    validation replicate 1 at 300 images, 16x16; lambda 100 is the value its grid chose most often, 2 of 5 cells:
+    30 and 100 at 300 and 1,000 images, 16x16, 20 and 100 at 8x8, 3 at 100 images, 16x16, where every lambda tied
+    within 0.1 point; its validation score is at most 5 % below a cell's best, lambda 30's up to 23 %).
+    ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits before the softmax;
+    ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
     the values each method chose most often on the fair protocol's validation replicates (``side bench fair``,
     100 / 300 / 1,000 images at 8x8 and at 16x16, the same grid for both): SIDE lambda 3 (4 of 6) and T 1
     (4 of 6; the paper: 10 and 1), Cond lambda 1 (4 of 6) and T 2 (5 of 6).
