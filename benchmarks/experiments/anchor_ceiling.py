@@ -30,13 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from replicate import Replicate
 from side_extract.data import to_uint8
 from side_extract.memorization import MemorizationGuidance, denoising_error
 from side_extract.sampling import EXTRACTION_STREAM, SYNTHETIC_STREAM, sample
-
-import torch
 
 torch.set_num_threads(1)
 cache, reps = Path(sys.argv[1]), [int(v) for v in sys.argv[2].split(",")]
