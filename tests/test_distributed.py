@@ -37,6 +37,9 @@ def _run(args, nproc, env_extra=None):
     return proc
 
 
+METHODS = ("side", "cond", "uncond", "side-lora", "memguide")  # every extraction method the runs compare
+
+
 def _config(tmp_path, tiny_model_dir):
     config = {"model": str(tiny_model_dir), "train": "digits:30",
               "sample": {"n": 24, "steps": 2, "shard_size": 5, "batch_size": 4},
@@ -44,8 +47,8 @@ def _config(tmp_path, tiny_model_dir):
               "classifier": {"depth": 10, "width": 8, "steps": 4, "batch_size": 16, "eval_every": 2},
               "clean_classifier": {"depth": 10, "width": 8, "steps": 4, "batch_size": 16, "eval_every": 2},
               "lora": {"rank": 2, "steps": 3, "batch_size": 8, "checkpoint_every": 2},
-              "extract": {"methods": ["side", "cond", "uncond", "side-lora", "memguide"], "n": 14, "steps": 2, "scale": 1.0,
-                          "shard_size": 3, "batch_size": 4},
+              "extract": {"methods": list(METHODS), "n": 14, "steps": 2, "scale": 1.0, "shard_size": 3,
+                          "batch_size": 4},
               "evaluate": {"carlini_n": 5, "quality": ["pixels"], "quality_max_reference": 100}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     return ["--threads", "1", "--no-progress", "run", str(tmp_path / "run.yaml"), "--no-report"]
@@ -82,9 +85,9 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     for d in ("extraction", "evaluation", "calibration"):
         shutil.rmtree(tmp_path / "three" / d, ignore_errors=True)
     _run([*common, "--out", str(tmp_path / "three")], 2)
-    for m in ("side", "cond", "uncond", "side-lora", "memguide"):
+    for m in METHODS:
         _same_shards(tmp_path / "one" / "extraction" / m, tmp_path / "three" / "extraction" / m)
-    for m in ("side", "cond", "uncond", "side-lora"):  # evaluated by either process: the same numbers
+    for m in METHODS:  # evaluated by either process: the same numbers
         m1 = read_json(tmp_path / "one" / "evaluation" / m / "metrics.json")
         m3 = read_json(tmp_path / "three" / "evaluation" / m / "metrics.json")
         assert m1["ams"] == m3["ams"] and m1["ums"] == m3["ums"] and m1["carlini"] == m3["carlini"], m

@@ -137,4 +137,3 @@ def test_verdict_names_memguide_beside_side_and_alone():
     assert verdict({k: m for k in alone}, alone) == (
         "memguide reached 20 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
         "than the best baseline, uncond, with 8 (2.50x).")
-
