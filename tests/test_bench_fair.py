@@ -202,16 +202,22 @@ def test_memguide_is_tuned_on_the_same_budget_and_compared_without_a_synthetic_s
     bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
     fc = FairBenchConfig(bench=bc, methods=("memguide", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
                          memguide_scales=(0.0, 30.0), validation_replicates=(1,), heldout_replicates=(2, 3),
-                         validation_n=4, n_bootstrap=10)
+                         validation_n=4, n_bootstrap=10,
+                         forms={"mg-avoid": {"method": "memguide", "extract.memguide_avoid": 1.0,
+                                             "extract.rounds": 2}})
     data = run_fair_bench(fc, tmp_path / "cache")
     s = data["scales"][0]
-    assert set(s["tuning"]["mean_by_setting"]["memguide"]) == {"0,0", "30,0"}  # the same budget: two settings
-    assert s["tuning"]["chosen"]["memguide"][0] in (0.0, 30.0) and s["tuning"]["chosen"]["uncond"] is None
-    assert set(s["heldout"]["ratios"]) == {"memguide"} and "equal_samples" not in s["heldout"]
+    for m in ("memguide", "mg-avoid"):  # the same budget: two settings each, the form's too
+        assert set(s["tuning"]["mean_by_setting"][m]) == {"0,0", "30,0"}
+        assert s["tuning"]["chosen"][m][0] in (0.0, 30.0)
+    assert s["tuning"]["chosen"]["uncond"] is None
+    assert set(s["heldout"]["ratios"]) == {"memguide", "mg-avoid"} and "equal_samples" not in s["heldout"]
     rep1 = next((tmp_path / "cache" / "runs").glob("*/rep-1"))
-    assert not (rep1 / "synthetic").exists()
+    assert not (rep1 / "synthetic").exists() and not (rep1 / "forms" / "mg-avoid" / "synthetic").exists()
     md = write_fair_results(data, tmp_path / "out")[1].read_text()
     assert "memguide over lambda in [0.0, 30.0]" in md and "| memguide |" in md
+    chosen = s["tuning"]["chosen"]["mg-avoid"][0]
+    assert f"| mg-avoid | {chosen:g} |" in md  # a memguide form's setting is its lambda alone
     with pytest.raises(ValueError, match="memguide_scales has 1 values; memguide gets the same tuning budget"):
         FairBenchConfig(bench=bc, methods=("memguide", "uncond"), scales_grid=(1.0, 3.0), temperatures=(1.0,),
                         memguide_scales=(30.0,))

@@ -137,3 +137,57 @@ def test_verdict_names_memguide_beside_side_and_alone():
     assert verdict({k: m for k in alone}, alone) == (
         "memguide reached 20 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
         "than the best baseline, uncond, with 8 (2.50x).")
+
+
+def test_avoidance_moves_the_denoised_estimate_by_its_formula_by_hand():
+    """Avoidance alone (scale 0) on the closed-form model, with x small enough that x0_hat = c_t x_t is not
+    clipped: in guided-diffusion's DDIM order a guidance g moves x0 by (1 - abar) g / sqrt(abar), which must be
+    Delta = eta * sum_j exp(-d_j^2 / (2 h^2)) (x0 - m_j), d_j the RMS distance of x0 and m_j in [0, 1] units
+    (half the RMS in [-1, 1])."""
+    sigma2, eta, h, t = 0.3, 0.7, 0.05, 300
+    den = gaussian_model(sigma2)
+    x = 0.05 * torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    ac = den.scheduler.alphas_cumprod.double()
+    a = ac[t]
+    x0 = a.sqrt() * sigma2 / (a * sigma2 + 1 - a) * x.double()
+    memory = torch.stack([x0[0] + 0.06, x0[1] - 0.1 * torch.ones(1, 4, 4, dtype=torch.float64)]).float()
+    g = MemorizationGuidance(den, 0.0, avoid=eta, avoid_h=h, avoid_window=(0.2, 0.6)).remembering(memory)
+    out = g(x, torch.tensor(t), torch.tensor([0, 1])).double()
+    expected = torch.zeros_like(x0)
+    for i in range(2):
+        for m in memory.double():
+            d2 = ((x0[i] - m) / 2).pow(2).mean()
+            expected[i] += eta * torch.exp(-d2 / (2 * h * h)) * (x0[i] - m)
+    torch.testing.assert_close((1 - a) * out / a.sqrt(), expected, rtol=1e-4, atol=1e-7)
+    # off outside the window, without memory, and at strength 0
+    assert g(x, torch.tensor(601), torch.tensor([0, 1])) is None and g(x, torch.tensor(199), torch.tensor([0, 1])) is None
+    assert MemorizationGuidance(den, 0.0, avoid=eta)(x, torch.tensor(t), torch.tensor([0, 1])) is None
+    assert dataclasses.replace(g, avoid=0.0)(x, torch.tensor(t), torch.tensor([0, 1])) is None
+    with pytest.raises(ValueError, match=r"memguide avoid_h=0.0 must be a pixel RMS distance in \(0, 1\)"):
+        MemorizationGuidance(den, 1.0, avoid=1.0, avoid_h=0.0)
+    with pytest.raises(ValueError, match=r"memguide_avoid_t_lo=0.6, memguide_avoid_t_hi=0.2 must satisfy"):
+        cfg.ExtractConfig(memguide_avoid_t_lo=0.6, memguide_avoid_t_hi=0.2)
+
+
+def test_avoidance_in_the_chain_runs_in_rounds(tiny_model_dir, tmp_path):
+    """memguide with avoidance: its first round has nothing to avoid (the images of memguide without it), the
+    later rounds are pushed away from the earlier ones; the stage is written round by round, reruns reproduce it,
+    and switching avoidance on or off re-generates memguide alone."""
+    rc = tiny_rc(tiny_model_dir, methods=("uncond", "memguide"), memguide_t_hi=0.5, memguide_avoid_t_lo=0.0,
+                 memguide_avoid_t_hi=1.0, memguide_avoid_h=0.2, rounds=3)
+    plain_run, avoid_run = tmp_path / "plain", tmp_path / "avoid"
+    run_audit(plain_run, rc)
+    on = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, memguide_avoid=1.0))
+    run_audit(avoid_run, on)
+    plain, avoided = (load_shards(r / "extraction" / "memguide") for r in (plain_run, avoid_run))
+    assert len(avoided) == 6 and sorted(p.name for p in (avoid_run / "extraction" / "memguide").glob("shard-*.npz")) \
+        == ["shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]  # one shard per round of 2
+    np.testing.assert_array_equal(avoided.images[:2], plain.images[:2])
+    assert (avoided.images[2:] != plain.images[2:]).any()
+    stages = read_json(avoid_run / "manifest.json")["stages"]
+    assert stages["extraction/uncond"]["fingerprint"] == UNCOND_FP
+    assert stages["extraction/memguide"]["fingerprint"] != read_json(plain_run / "manifest.json")["stages"][
+        "extraction/memguide"]["fingerprint"]
+    again = tmp_path / "again"
+    run_audit(again, on)
+    np.testing.assert_array_equal(load_shards(again / "extraction" / "memguide").images, avoided.images)

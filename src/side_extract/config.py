@@ -338,6 +338,10 @@ class ExtractConfig:
     validation replicate 1 at 300 images, 16x16; lambda 100 is the value its grid chose most often, 2 of 5 cells:
     30 and 100 at 300 and 1,000 images, 16x16, 20 and 100 at 8x8, 3 at 100 images, 16x16, where every lambda tied
     within 0.1 point; its validation score is at most 5 % below a cell's best, lambda 30's up to 23 %).
+    ``memguide_avoid`` > 0 adds label-free *avoidance* to memguide: its generations come in ``rounds`` rounds, and
+    in the window ``memguide_avoid_t_lo`` T <= t <= ``memguide_avoid_t_hi`` T each one's denoised estimate is
+    pushed away from the earlier rounds' generations with strength ``memguide_avoid`` and kernel width
+    ``memguide_avoid_h`` (pixel RMS; ``memorization.MemorizationGuidance``); the stage's shards are then its rounds.
     ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits before the softmax;
     ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
     the values each method chose most often on the fair protocol's validation replicates (``side bench fair``,
@@ -380,6 +384,10 @@ class ExtractConfig:
     memguide_scale: float = 100.0
     memguide_t_hi: float = 0.2
     memguide_t_m: float = 0.1
+    memguide_avoid: float = 0.0
+    memguide_avoid_h: float = 0.05
+    memguide_avoid_t_lo: float = 0.2
+    memguide_avoid_t_hi: float = 0.6
 
     def __post_init__(self) -> None:
         _finite(self)
@@ -407,6 +415,13 @@ class ExtractConfig:
                              "timesteps)")
         if not 0.0 < self.memguide_t_m < 1.0:
             raise ValueError(f"memguide_t_m={self.memguide_t_m} must lie strictly between 0 and 1")
+        if self.memguide_avoid < 0:
+            raise ValueError(f"memguide_avoid={self.memguide_avoid} must be >= 0 (0: no avoidance)")
+        if not 0.0 < self.memguide_avoid_h < 1.0:
+            raise ValueError(f"memguide_avoid_h={self.memguide_avoid_h} must be a pixel RMS distance in (0, 1)")
+        if not 0.0 <= self.memguide_avoid_t_lo < self.memguide_avoid_t_hi <= 1.0:
+            raise ValueError(f"memguide_avoid_t_lo={self.memguide_avoid_t_lo}, memguide_avoid_t_hi="
+                             f"{self.memguide_avoid_t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
 
 
 @dataclasses.dataclass(frozen=True)

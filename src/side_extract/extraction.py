@@ -68,6 +68,10 @@ def extract(
     elif isinstance(guidance, MemorizationGuidance):  # label-free: the guidance keys its probe noise by index
         targets = idx
         labels = np.full(len(idx), -1, dtype=np.int64)
+        if guidance.avoid > 0 and start > 0:  # avoidance: away from the earlier rounds' generations
+            if previous is None or len(previous) != start:
+                raise ValueError(f"avoidance in generations {start}..{stop - 1} needs the {start} earlier ones")
+            guidance = guidance.remembering(previous.to_float())
     else:  # targets: classifier outputs, drawn among the classes that may be guided toward (not background)
         outputs = guidance.target_outputs
         if c.allocation == "adaptive" and start > 0:
@@ -102,7 +106,9 @@ def extraction_stage(
     """
 
     stage = f"extraction/{method}"
-    adaptive = isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive"  # toward classes only
+    # in rounds, each seeing the earlier ones: adaptive allocation (toward classes only) and memguide's avoidance
+    adaptive = (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
+        isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
     size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:

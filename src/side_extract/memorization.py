@@ -97,6 +97,16 @@ class MemorizationGuidance:
     lambda 30 there and 100 at 1,000 images (``benchmarks/results/fair16/memguide-n*``; ``extract.memguide_scale``
     defaults to 100, see ``config.ExtractConfig``).
 
+    **Avoidance** (``avoid`` > 0; label-free, beyond the paper). Memorization guidance piles its copies onto the
+    images it reaches most easily. With a ``memory`` of earlier generations (:meth:`remembering`; the extraction
+    stage runs in rounds and gives each round the earlier rounds' images), every step with
+    ``avoid_window[0]`` T <= t <= ``avoid_window[1]`` T adds :meth:`repulsion`, which pushes each clipped denoised
+    estimate away from the memory images within about ``avoid_h`` (pixel RMS in [0, 1]) of it, so that the memorized
+    image a trajectory settles on is less often one already generated. h 0.05 and the window 0.2-0.6 T (the
+    defaults), strength 1 and 4 rounds were chosen on validation seeds 1-2 of the fair protocol's 300-image 16x16
+    target (``benchmarks/experiments/avoidance.py``, ``benchmarks/results/experiments/avoidance-16px-n300.md``);
+    a wider kernel, or avoidance where memorization guidance acts, pushes generations off memorized images.
+
     Parameters
     ----------
     denoiser : the target (``eps(x, t)`` with its ``scheduler``)
@@ -104,6 +114,10 @@ class MemorizationGuidance:
     t_hi : guide at training timesteps t <= t_hi * T; in (0, 1]
     t_m : the score's reconstruction time, a fraction of T in (0, 1)
     seed : seed of the probe noise (the extraction seed)
+    avoid : avoidance strength eta >= 0 (0: off)
+    avoid_h : the kernel width, a pixel RMS distance in (0, 1)
+    avoid_window : (t_lo, t_hi) fractions of T where avoidance acts
+    memory : (M, C, H, W) images in [-1, 1] to avoid (None: nothing yet)
     """
 
     denoiser: Denoiser
@@ -111,8 +125,20 @@ class MemorizationGuidance:
     t_hi: float = 0.2
     t_m: float = 0.1
     seed: int = 0
+    avoid: float = 0.0
+    avoid_h: float = 0.05
+    avoid_window: tuple[float, float] = (0.2, 0.6)
+    memory: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if not np.isfinite(self.avoid) or self.avoid < 0:
+            raise ValueError(f"memguide avoid={self.avoid} must be a finite number >= 0 (0: no avoidance)")
+        if not 0.0 < self.avoid_h < 1.0:
+            raise ValueError(f"memguide avoid_h={self.avoid_h} must be a pixel RMS distance in (0, 1)")
+        lo, hi = self.avoid_window
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"memguide avoid_window={list(self.avoid_window)} must satisfy 0 <= t_lo < t_hi <= 1 "
+                             "(fractions of the training timesteps)")
         if not np.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"memguide scale={self.scale} must be a finite number >= 0")
         if not 0.0 < self.t_hi <= 1.0:
@@ -135,7 +161,44 @@ class MemorizationGuidance:
         gens = sample_generators(self.seed, indices.tolist(), stream=MEMGUIDE_STREAM, step=t)
         return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
+    def remembering(self, images: torch.Tensor) -> MemorizationGuidance:
+        """This guidance, avoiding ``images`` (M, C, H, W) in [-1, 1]: the earlier rounds' generations."""
+        if images.ndim != 4:
+            raise ValueError(f"memory images must be (M, C, H, W), got shape {tuple(images.shape)}")
+        return dataclasses.replace(self, memory=images.to(torch.float32))
+
+    def avoids_at(self, t: torch.Tensor | int) -> bool:
+        lo, hi = self.avoid_window
+        return (self.avoid > 0 and self.memory is not None and len(self.memory) > 0
+                and lo * self.num_train_timesteps <= float(t) <= hi * self.num_train_timesteps)
+
+    def repulsion(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The avoidance term: the guidance that moves each clipped denoised estimate x0_i by
+        Delta_i = avoid * sum_j k_ij (x0_i - m_j), k_ij = exp(-d_ij^2 / (2 avoid_h^2)), d_ij the pixel RMS
+        distance of x0_i and memory image m_j in [0, 1] units; in guided-diffusion's DDIM order (``guided_step``)
+        a guidance g moves x0 by (1 - abar_t) g / sqrt(abar_t), so g = Delta sqrt(abar_t) / (1 - abar_t)."""
+        sched, ti = self.denoiser.scheduler, int(t)
+        abar = sched.alphas_cumprod[ti].to(device=x.device, dtype=x.dtype)
+        memory = self.memory.to(device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            tt = t.expand(len(x)) if t.ndim == 0 else t
+            x0 = predict_x0(sched, x, ti, self.denoiser(x, tt).to(x.dtype), 1.0)
+            delta = torch.zeros_like(x0)
+            for j0 in range(0, len(memory), 1024):  # (B, chunk, C, H, W) at a time
+                diff = x0[:, None] - memory[None, j0:j0 + 1024]
+                k = torch.exp(-diff.pow(2).flatten(2).mean(2) / 4 / (2 * self.avoid_h ** 2))
+                delta += (k[..., None, None, None] * diff).sum(1)
+        return self.avoid * delta * abar.sqrt() / (1 - abar)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        g = self.memorization_term(x, t, y)
+        if not self.avoids_at(t):
+            return g
+        push = self.repulsion(x, t)
+        return push if g is None else g + push
+
+    def memorization_term(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """``scale`` * grad_{x_t} -log s (steps 1-3 above), or None above ``t_hi`` T."""
         if not self.guides_at(t):
             return None
         sched = self.denoiser.scheduler

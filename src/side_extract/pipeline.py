@@ -254,6 +254,9 @@ def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | Mem
         d["precision"] = c.precision
     if isinstance(guidance, MemorizationGuidance):
         d.update(memguide_scale=guidance.scale, memguide_t_hi=guidance.t_hi, memguide_t_m=guidance.t_m)
+        if guidance.avoid > 0:
+            d.update(memguide_avoid=guidance.avoid, memguide_avoid_h=guidance.avoid_h,
+                     memguide_avoid_window=list(guidance.avoid_window), rounds=c.rounds)
     elif guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
         if c.allocation != "uniform":
@@ -543,7 +546,8 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     guides: dict[str, ClassifierGuidance | MemorizationGuidance | None] = {"uncond": None, "side-lora": None}
     if "memguide" in methods:  # label-free: the target alone
         guides["memguide"] = MemorizationGuidance(denoiser, ex.memguide_scale, ex.memguide_t_hi, ex.memguide_t_m,
-                                                  ex.seed)
+                                                  ex.seed, ex.memguide_avoid, ex.memguide_avoid_h,
+                                                  (ex.memguide_avoid_t_lo, ex.memguide_avoid_t_hi))
     denoisers: dict[str, Denoiser] = {}
     if {"side", "side-lora"} & set(methods):
         once = run.group.main_first

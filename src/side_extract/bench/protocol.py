@@ -107,14 +107,14 @@ class FairBenchConfig:
         if self.validation_n <= 0 or self.n_bootstrap <= 0:
             raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
         for name, form in self.forms.items():
-            if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in SIDE_FORMS:
-                raise ValueError(f"forms: {name!r} must be a new name with 'method' one of {', '.join(SIDE_FORMS)}; "
-                                 f"got {form}")
+            if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in SIDE_FORMS + LABEL_FREE:
+                raise ValueError(f"forms: {name!r} must be a new name with 'method' one of "
+                                 f"{', '.join(SIDE_FORMS + LABEL_FREE)}; got {form}")
         if "side-lora" in self.methods or any(f["method"] == "side-lora" for f in self.forms.values()):
             if len(self.lora_scales) != len(self.grid):
                 raise ValueError(f"lora_scales has {len(self.lora_scales)} values; side-lora gets the same tuning "
                                  f"budget as the other methods: {len(self.grid)}")
-        if "memguide" in self.methods:
+        if any(self.base_method(m) == "memguide" for m in self.entries):
             if len(self.memguide_scales) != len(self.grid):
                 raise ValueError(f"memguide_scales has {len(self.memguide_scales)} values; memguide gets the same "
                                  f"tuning budget as the other methods: {len(self.grid)}")
@@ -142,7 +142,7 @@ class FairBenchConfig:
         (lambda, 0) for memguide."""
         if self.base_method(name) == "side-lora":
             return [(w, 0.0) for w in self.lora_scales]
-        if name == "memguide":
+        if self.base_method(name) == "memguide":
             return [(lam, 0.0) for lam in self.memguide_scales]
         return self.grid if self.base_method(name) in GUIDED else []
 
@@ -249,7 +249,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     per_rep: dict[str, list[dict[str, Any]]] = {m: [] for m in fc.entries}
     stats: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in fc.entries}
     forms = tuple(m for m in fc.entries if m not in BASELINES)
-    sampled = tuple(m for m in forms if m not in LABEL_FREE)  # the forms that draw a synthetic set first
+    sampled = tuple(m for m in forms if fc.base_method(m) not in LABEL_FREE)  # the forms that draw a synthetic set first
     equal_samples = fc.equal_samples and bool(sampled)
     eq_stats: list[dict[str, np.ndarray]] = []
     bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
@@ -355,11 +355,13 @@ def _mark(r: dict[str, Any]) -> str:
     return "" if not r["excludes_1"] else (" ↑" if r["ci95"][0] > 1 else " ↓")
 
 
-def _setting(name: str, setting: list[float] | None) -> str:
-    """A chosen setting as the tables show it: "lambda, T" (side-lora "w, 0"); memguide's lambda alone."""
+def _setting(c: dict[str, Any], name: str, setting: list[float] | None) -> str:
+    """A chosen setting as the tables show it: "lambda, T" (side-lora "w, 0"); memguide's (and its forms') lambda
+    alone. ``c``: the benchmark's config (its forms name their method)."""
     if setting is None:
         return "-"
-    return f"{setting[0]:g}" if name in LABEL_FREE else f"{setting[0]:g}, {setting[1]:g}"
+    method = c.get("forms", {}).get(name, {}).get("method", name)
+    return f"{setting[0]:g}" if method in LABEL_FREE else f"{setting[0]:g}, {setting[1]:g}"
 
 
 def render_fair_markdown(data: dict[str, Any]) -> str:
@@ -374,7 +376,8 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
              f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "
              f"`{c['select_metric']}`)"
              + (f", memguide over lambda in {c['memguide_scales']} (t <= {ex['memguide_t_hi']:g} T, t_m = "
-                f"{ex['memguide_t_m']:g} T)" if "memguide" in c["methods"] else "")
+                f"{ex['memguide_t_m']:g} T)" if "memguide" in c["methods"] or any(
+                    f["method"] == "memguide" for f in c.get("forms", {}).values()) else "")
              + f"; reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
              "the synthetic set, the clustering, both classifiers and the extraction noise (its own noise stream, "
              "independent of the synthetic set's).", ""]
@@ -390,7 +393,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             st = s["tuning"]["chosen"].get(m)
             cell = lambda k, pct=True: (f"{_f(summ[k]['mean'], pct)} [{_f(summ[k]['min'], pct)}-"
                                         f"{_f(summ[k]['max'], pct)}]")
-            lines.append(f"| {m} | {_setting(m, st)} | {cell('ams/high')} | "
+            lines.append(f"| {m} | {_setting(c, m, st)} | {cell('ams/high')} | "
                          f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
                          f"{cell('carlini')} | {cell('p95', False)} |")
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
@@ -452,7 +455,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                   "| method | chosen | every setting |", "|---|---|---|"]
         for m, by in s["tuning"]["mean_by_setting"].items():
             ch = s["tuning"]["chosen"].get(m)
-            lines.append(f"| {m} | {_setting(m, ch)} | "
+            lines.append(f"| {m} | {_setting(c, m, ch)} | "
                          + "; ".join(f"{k}: {_f(v)}" for k, v in by.items()) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
