@@ -174,9 +174,10 @@ def fair_cmd(
                                                "replicates (default: --n-generated, the budget that is reported)."),
     select_metric: str = typer.Option("ums_cumulative/mid", "--select-metric", help="What tuning maximizes."),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Bootstrap draws for the ratio intervals."),
-    form: list[str] = typer.Option([], "--form", help="A SIDE form to compare too, tuned on the same-size grid: "
-                                   "NAME=METHOD[,dotted.key=value...], e.g. "
-                                   "side-x0=side,classifier.guidance_input=x0_hat (repeat)."),
+    form: list[str] = typer.Option([], "--form", help="A SIDE form (or a memguide form) to compare too, tuned on the "
+                                   "same-size grid: NAME=METHOD[,dotted.key=value...], e.g. "
+                                   "side-x0=side,classifier.guidance_input=x0_hat or "
+                                   "memguide-avoid=memguide,extract.memguide_avoid=1 (repeat)."),
     lora_scales: str = typer.Option("1,1.5,2,3,4,6", "--lora-scales", help="side-lora's grid of CFG scales w "
                                     "(as many values as the lambda x temperature grid)."),
     memguide_scales: str = typer.Option("10,20,30,60,100,200", "--memguide-scales", help="memguide's grid of "
