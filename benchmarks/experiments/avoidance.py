@@ -12,6 +12,8 @@ set, no labels, no training data), in the window t_lo T <= t <= t_hi T of the tr
 x0_i the clipped denoised estimate of generation i, m_j an earlier output, d the pixel RMS distance in [0, 1]
 units; applied as the guidance that moves x0 by Delta in guided-diffusion's DDIM order
 (g = Delta sqrt(abar_t) / (1 - abar_t); ``sampling.guided_step``), added to memorization guidance's own term.
+The script first had its own copy of this term; it now runs the library's (``MemorizationGuidance`` with ``avoid``,
+``avoid_h``, ``avoid_window`` and ``remembering``), which gives the same generations (checked on seed 1, N 100).
 With MEMORY = "copies" only the earlier outputs whose memorization score (``memorization.denoising_error``, the
 library's t = 0.2 T, 4 draws; label-free) is below the median of all earlier outputs are avoided. eta = 0 is
 memorization guidance itself (lambda > 0) or plain sampling (lambda = 0), the same generations as the library's
@@ -37,7 +39,6 @@ from replicate import Replicate
 from side_extract.bench.intervals import count_ratios
 from side_extract.data import to_uint8
 from side_extract.memorization import MemorizationGuidance, denoising_error
-from side_extract.models.target import predict_x0
 from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
 
 torch.set_num_threads(1)
@@ -47,32 +48,8 @@ replicate = Replicate.load(rep_path)
 rc, den = replicate.config, replicate.denoiser
 seeds = [int(v) for v in sys.argv[5].split(",")] if len(sys.argv) > 5 else [rc.extract.seed]
 ex, T = rc.extract, den.scheduler.config.num_train_timesteps
-abar = den.scheduler.alphas_cumprod
 if n % rounds:
     raise SystemExit(f"N={n} must be a multiple of ROUNDS={rounds}")
-
-
-class Avoid:
-    """Memorization guidance (generation indices as ``y``) plus repulsion from ``memory`` (M, C, H, W) in [-1, 1]."""
-
-    def __init__(self, mem: MemorizationGuidance, eta: float, h: float, t_lo: float, t_hi: float) -> None:
-        self.mem, self.eta, self.h, self.window = mem, eta, h, (t_lo * T, t_hi * T)
-        self.memory = torch.empty(0)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        g = self.mem(x, t, y)
-        if self.eta == 0 or len(self.memory) == 0 or not self.window[0] <= float(t) <= self.window[1]:
-            return g
-        ti = int(t)
-        ab = abar[ti].to(x.dtype)
-        with torch.no_grad():
-            x0 = predict_x0(den.scheduler, x, ti, den(x, t.expand(len(x)) if t.ndim == 0 else t).to(x.dtype), 1.0)
-            diff = x0[:, None] - self.memory[None]  # (B, M, C, H, W)
-            d2 = diff.pow(2).flatten(2).mean(2) / 4  # RMS^2 in [0, 1] units
-            k = torch.exp(-d2 / (2 * self.h ** 2))
-            delta = self.eta * (k[..., None, None, None] * diff).sum(1)
-            push = delta * ab.sqrt() / (1 - ab)
-        return push if g is None else g + push
 
 
 print(f"Target `{rc.model}`, {len(replicate.train)} training images; config of `{rep_path.name}` (DDIM {ex.steps} "
@@ -86,21 +63,22 @@ for seed in seeds:
         lam, eta, h, t_lo, t_hi = map(float, entry[:5])
         memory_kind = entry[5] if len(entry) > 5 else "all"
         t0 = time.time()
-        avoid = Avoid(MemorizationGuidance(den, lam, ex.memguide_t_hi, ex.memguide_t_m, seed), eta, h, t_lo, t_hi)
+        avoid = (eta, h, (t_lo, t_hi)) if eta > 0 else (0.0,)  # eta 0: the rest of the entry is unused
+        guidance = MemorizationGuidance(den, lam, ex.memguide_t_hi, ex.memguide_t_m, seed, *avoid)
         per = n // rounds
         outs, scores = [], []
         for r in range(rounds):
             x = sample(den, per, seed=seed, start=r * per, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                       batch_size=BatchSize(250), guidance=avoid, labels=np.arange(r * per, (r + 1) * per),
+                       batch_size=BatchSize(250), guidance=guidance, labels=np.arange(r * per, (r + 1) * per),
                        clip_eps=True, stream=EXTRACTION_STREAM)
             outs.append(x)
             if eta > 0 and r < rounds - 1:
                 if memory_kind == "copies":
                     scores.append(denoising_error(den, x, seed=seed))
                     allx, s = torch.cat(outs), np.concatenate(scores)
-                    avoid.memory = allx[torch.as_tensor(s <= np.median(s))]
+                    guidance = guidance.remembering(allx[torch.as_tensor(s <= np.median(s))])
                 else:
-                    avoid.memory = torch.cat(outs)
+                    guidance = guidance.remembering(torch.cat(outs))
         near, hit = replicate.copies(to_uint8(torch.cat(outs)))
         key = ",".join(entry)
         stats.setdefault(key, []).append({"nn": near.astype(np.int64), "reach/mid": hit})

@@ -184,8 +184,9 @@ class MemorizationGuidance:
             tt = t.expand(len(x)) if t.ndim == 0 else t
             x0 = predict_x0(sched, x, ti, self.denoiser(x, tt).to(x.dtype), 1.0)
             delta = torch.zeros_like(x0)
-            for j0 in range(0, len(memory), 1024):  # (B, chunk, C, H, W) at a time
-                diff = x0[:, None] - memory[None, j0:j0 + 1024]
+            chunk = max(1, 2 ** 24 // x0.numel())  # memory images per pass: (B, chunk, C, H, W) <= 16M values
+            for j0 in range(0, len(memory), chunk):
+                diff = x0[:, None] - memory[None, j0:j0 + chunk]
                 k = torch.exp(-diff.pow(2).flatten(2).mean(2) / 4 / (2 * self.avoid_h ** 2))
                 delta += (k[..., None, None, None] * diff).sum(1)
         return self.avoid * delta * abar.sqrt() / (1 - abar)
