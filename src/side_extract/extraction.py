@@ -7,7 +7,8 @@ the classifier's classes from (seed, i) alone and stored beside the image (``lab
 class's label value; -1 for ``uncond`` and the label-free ``memguide``, whose guidance receives each
 generation's index instead of a label). Every method samples with guided-diffusion's DDIM (eps recomputed
 from the clipped x0 in every step) and, when guided, applies the guidance in guided-diffusion's order
-(:func:`side_extract.sampling.guided_step`).
+(:func:`side_extract.sampling.guided_step`). Adaptive allocation and memguide's avoidance generate in rounds,
+each seeing the earlier rounds' generations: the stage's shards are then its rounds, written in order.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def draw_targets(seed: int, indices: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def round_size(c: cfg.ExtractConfig) -> int:
-    """Generations per round of the adaptive allocation (the last round may be smaller)."""
+    """Generations per round of the adaptive allocation and of memguide's avoidance (the last round may be
+    smaller)."""
     return -(-c.n // c.rounds)
 
 
@@ -54,7 +56,8 @@ def extract(
 ) -> dict[str, np.ndarray]:
     """Generations ``start .. stop - 1``: ``images`` (uint8), ``index`` and ``labels`` (target label or -1).
 
-    With ``c.allocation == "adaptive"`` (guided methods), ``start .. stop`` is one round and ``previous`` holds
+    With ``c.allocation == "adaptive"`` (guided methods), or memguide with avoidance (``guidance.avoid`` > 0),
+    ``start .. stop`` is one round and ``previous`` holds
     the earlier rounds' generations with their target labels (``allocation.adaptive_targets``).
     """
     idx = np.arange(start, stop, dtype=np.int64)
@@ -107,13 +110,13 @@ def extraction_stage(
 
     stage = f"extraction/{method}"
     # in rounds, each seeing the earlier ones: adaptive allocation (toward classes only) and memguide's avoidance
-    adaptive = (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
+    in_rounds = (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
         isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
     size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
         previous = None
-        if adaptive and lo > 0:  # the earlier rounds: the shards already written (whole, in index order)
+        if in_rounds and lo > 0:  # the earlier rounds: the shards already written (whole, in index order)
             previous = load_shards(run.path / stage)
             keep = previous.ids < lo
             previous = ImageSet(previous.images[keep], previous.labels[keep], previous.ids[keep])
@@ -121,8 +124,8 @@ def extraction_stage(
                        progress=shard_progress)
 
     try:
-        return shard_stage(run, stage, fingerprint, c.n, round_size(c) if adaptive else c.shard_size, make,
-                           progress=progress, sequential=adaptive, method=method,
+        return shard_stage(run, stage, fingerprint, c.n, round_size(c) if in_rounds else c.shard_size, make,
+                           progress=progress, sequential=in_rounds, method=method,
                            scale=None if guidance is None else guidance.scale)
     except SamplingDiverged as e:
         shutil.rmtree(run.path / stage, ignore_errors=True)
