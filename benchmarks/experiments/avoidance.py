@@ -47,10 +47,9 @@ grid = [s.split(",") for s in sys.argv[4].split()]
 replicate = Replicate.load(rep_path)
 rc, den = replicate.config, replicate.denoiser
 seeds = [int(v) for v in sys.argv[5].split(",")] if len(sys.argv) > 5 else [rc.extract.seed]
-ex, T = rc.extract, den.scheduler.config.num_train_timesteps
+ex = rc.extract
 if n % rounds:
     raise SystemExit(f"N={n} must be a multiple of ROUNDS={rounds}")
-
 
 print(f"Target `{rc.model}`, {len(replicate.train)} training images; config of `{rep_path.name}` (DDIM {ex.steps} "
       f"steps, eta {ex.eta:g}, clipped eps), N_G {n} in {rounds} rounds; memguide t <= {ex.memguide_t_hi:g} T, "

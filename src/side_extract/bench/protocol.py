@@ -355,13 +355,17 @@ def _mark(r: dict[str, Any]) -> str:
     return "" if not r["excludes_1"] else (" ↑" if r["ci95"][0] > 1 else " ↓")
 
 
+def _method(c: dict[str, Any], name: str) -> str:
+    """The method an entry of a written benchmark config ``c`` runs: a form names its own."""
+    return c.get("forms", {}).get(name, {}).get("method", name)
+
+
 def _setting(c: dict[str, Any], name: str, setting: list[float] | None) -> str:
     """A chosen setting as the tables show it: "lambda, T" (side-lora "w, 0"); memguide's (and its forms') lambda
-    alone. ``c``: the benchmark's config (its forms name their method)."""
+    alone."""
     if setting is None:
         return "-"
-    method = c.get("forms", {}).get(name, {}).get("method", name)
-    return f"{setting[0]:g}" if method in LABEL_FREE else f"{setting[0]:g}, {setting[1]:g}"
+    return f"{setting[0]:g}" if _method(c, name) in LABEL_FREE else f"{setting[0]:g}, {setting[1]:g}"
 
 
 def render_fair_markdown(data: dict[str, Any]) -> str:
@@ -376,8 +380,8 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
              f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "
              f"`{c['select_metric']}`)"
              + (f", memguide over lambda in {c['memguide_scales']} (t <= {ex['memguide_t_hi']:g} T, t_m = "
-                f"{ex['memguide_t_m']:g} T)" if "memguide" in c["methods"] or any(
-                    f["method"] == "memguide" for f in c.get("forms", {}).values()) else "")
+                f"{ex['memguide_t_m']:g} T)" if any(
+                    _method(c, m) == "memguide" for m in [*c["methods"], *c.get("forms", {})]) else "")
              + f"; reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
              "the synthetic set, the clustering, both classifiers and the extraction noise (its own noise stream, "
              "independent of the synthetic set's).", ""]
