@@ -11,7 +11,7 @@ from side_extract import config as cfg
 from side_extract.allocation import adaptive_targets, class_weights, near_duplicate_groups, unseen_mass
 from side_extract.data import load_shards
 from side_extract.pipeline import run_audit
-from side_extract.runs import read_json
+from side_extract.runs import read_json, shard_ranges
 
 from test_pipeline import tiny_rc
 
@@ -64,6 +64,34 @@ def test_adaptive_rounds_in_a_run_are_deterministic_and_resume(tiny_model_dir, t
     assert after["extraction/side"]["fingerprint"] != stages["extraction/side"]["fingerprint"]
     assert after["extraction/uncond"]["fingerprint"] == stages["extraction/uncond"]["fingerprint"]  # not guided
     assert len(load_shards(tmp_path / "run" / "extraction" / "side")) == 12
+
+
+def test_a_round_cut_into_shards_makes_the_same_images(tiny_model_dir, tmp_path):
+    """A round of 4 cut into shards of 2 (as a launch of several processes writes them in parallel): the same
+    images and targets as one shard per round (batches of 2 either way), 6 shards, and a lost shard of a middle
+    round is redone alone from the earlier rounds; a round-less stage is cut as before."""
+    rc = tiny_rc(tiny_model_dir, methods=("side",), n=12, allocation="adaptive", rounds=3, batch_size=2,
+                 shard_size=4)
+    whole = run_audit(tmp_path / "whole", rc, until="extraction").extractions["side"]
+    cut_rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, shard_size=2))
+    cut = run_audit(tmp_path / "cut", cut_rc, until="extraction").extractions["side"]
+    assert len(list((tmp_path / "whole" / "extraction" / "side").glob("shard-*.npz"))) == 3
+    shards = sorted((tmp_path / "cut" / "extraction" / "side").glob("shard-*.npz"))
+    assert len(shards) == 6 and np.load(shards[3])["index"].tolist() == [6, 7]  # round 1's second half
+    np.testing.assert_array_equal(cut.images, whole.images)
+    np.testing.assert_array_equal(cut.labels, whole.labels)
+    assert cut.ids.tolist() == list(range(12))
+    fps = [read_json(tmp_path / r / "manifest.json")["stages"]["extraction/side"]["fingerprint"] for r in ("whole", "cut")]
+    assert fps[0] != fps[1]  # another layout of the files: not resumed from the other's
+    shards[3].unlink()
+    again = run_audit(tmp_path / "cut", cut_rc, until="extraction").extractions["side"]
+    np.testing.assert_array_equal(again.images, whole.images)
+    assert read_json(tmp_path / "cut" / "manifest.json")["stages"]["extraction/side"]["shards_written_now"] == 1
+    assert shard_ranges(10, 4) == [[(0, 4), (4, 8), (8, 10)]]
+    assert shard_ranges(10, 3, round_size=4) == [[(0, 3), (3, 4)], [(4, 7), (7, 8)], [(8, 10)]]
+    assert shard_ranges(10, 5, round_size=4) == [[(0, 4)], [(4, 8)], [(8, 10)]]
+    with pytest.raises(ValueError, match="shard_size=0"):
+        shard_ranges(10, 0)
 
 
 def test_allocation_settings_are_checked():

@@ -9,7 +9,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from side_extract import config as cfg
-from side_extract.data import load_shards
+from side_extract.data import ImageSet, load_shards
+from side_extract.extraction import extract
 from side_extract.memorization import MemorizationGuidance
 from side_extract.models.target import CallableDenoiser, load_target
 from side_extract.pipeline import run_audit
@@ -191,3 +192,22 @@ def test_avoidance_in_the_chain_runs_in_rounds(tiny_model_dir, tmp_path):
     again = tmp_path / "again"
     run_audit(again, on)
     np.testing.assert_array_equal(load_shards(again / "extraction" / "memguide").images, avoided.images)
+
+
+def test_avoidance_round_cut_into_calls_equals_the_whole_round(tiny_model_dir):
+    """A round made in two calls (two shards, as two processes write them) gives the images of one call, both
+    avoiding the same earlier round; a call that spans two rounds, or lacks the earlier rounds, is refused."""
+    den = load_target(tiny_model_dir)
+    c = cfg.ExtractConfig(n=8, rounds=2, steps=3, batch_size=2, memguide_avoid=1.0, memguide_avoid_h=0.3,
+                          memguide_avoid_t_lo=0.0, memguide_avoid_t_hi=1.0, memguide_t_hi=0.5)
+    g = MemorizationGuidance(den, 30.0, t_hi=0.5, avoid=1.0, avoid_h=0.3, avoid_window=(0.0, 1.0))
+    first = extract(den, c, g, 0, 4)
+    earlier = ImageSet(first["images"], first["labels"], first["index"])
+    whole = extract(den, c, g, 4, 8, previous=earlier)
+    halves = [extract(den, c, g, lo, lo + 2, previous=earlier) for lo in (4, 6)]
+    np.testing.assert_array_equal(np.concatenate([h["images"] for h in halves]), whole["images"])
+    assert (whole["images"] != extract(den, c, dataclasses.replace(g, avoid=0.0), 4, 8)["images"]).any()
+    with pytest.raises(ValueError, match=r"generations 2..5 span two rounds of 4"):
+        extract(den, c, g, 2, 6, previous=earlier)
+    with pytest.raises(ValueError, match=r"generations 6..7 need the 4 of the earlier rounds"):
+        extract(den, c, g, 6, 8, previous=earlier.subset(np.arange(3)))

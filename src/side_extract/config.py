@@ -341,7 +341,8 @@ class ExtractConfig:
     ``memguide_avoid`` > 0 adds label-free *avoidance* to memguide: its generations come in ``rounds`` rounds, and
     in the window ``memguide_avoid_t_lo`` T <= t <= ``memguide_avoid_t_hi`` T each one's denoised estimate is
     pushed away from the earlier rounds' generations with strength ``memguide_avoid`` and kernel width
-    ``memguide_avoid_h`` (pixel RMS; ``memorization.MemorizationGuidance``); the stage's shards are then its rounds.
+    ``memguide_avoid_h`` (pixel RMS; ``memorization.MemorizationGuidance``); each round's shards wait for the
+    earlier rounds.
     ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits before the softmax;
     ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
     the values each method chose most often on the fair protocol's validation replicates (``side bench fair``,
@@ -350,7 +351,7 @@ class ExtractConfig:
     ``t_lo``/``t_hi`` limit guidance to that fraction of the timesteps. ``allocation``: how the guided
     methods' target classes are drawn: ``uniform`` (the paper), or ``adaptive`` (``allocation.py``: in ``rounds``
     rounds, toward the classes still producing new images, near-duplicates below ``dedup_threshold`` pixel RMS
-    counting as one image; the stage's shards are then its rounds). Every method samples with
+    counting as one image; each round's shards wait for the earlier rounds). Every method samples with
     guided-diffusion's DDIM (eps recomputed from the clipped x0) and guidance in its order
     (``sampling.guided_step``). ``batch_size`` and ``precision`` as in :class:`SampleConfig`.
 

@@ -8,7 +8,8 @@ class's label value; -1 for ``uncond`` and the label-free ``memguide``, whose gu
 generation's index instead of a label). Every method samples with guided-diffusion's DDIM (eps recomputed
 from the clipped x0 in every step) and, when guided, applies the guidance in guided-diffusion's order
 (:func:`side_extract.sampling.guided_step`). Adaptive allocation and memguide's avoidance generate in rounds,
-each seeing the earlier rounds' generations: the stage's shards are then its rounds, written in order.
+each seeing the earlier rounds' generations: each round is cut into shards of ``shard_size`` (written in parallel
+by a launch's processes), and a round begins when the earlier ones are whole.
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def round_size(c: cfg.ExtractConfig) -> int:
     return -(-c.n // c.rounds)
 
 
+def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None) -> bool:
+    """Whether a method generates in rounds, each seeing the earlier rounds' generations: adaptive allocation
+    (classes to guide toward) and memguide's avoidance."""
+    return (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
+        isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
+
+
 def extract(
     denoiser: Denoiser,
     c: cfg.ExtractConfig,
@@ -56,11 +64,17 @@ def extract(
 ) -> dict[str, np.ndarray]:
     """Generations ``start .. stop - 1``: ``images`` (uint8), ``index`` and ``labels`` (target label or -1).
 
-    With ``c.allocation == "adaptive"`` (guided methods), or memguide with avoidance (``guidance.avoid`` > 0),
-    ``start .. stop`` is one round and ``previous`` holds
-    the earlier rounds' generations with their target labels (``allocation.adaptive_targets``).
+    In rounds (:func:`in_rounds`) ``start .. stop`` lies within one round and ``previous`` holds the earlier
+    rounds' generations with their target labels (``allocation.adaptive_targets`` draws the whole round's
+    targets, of which these are a slice), so the images do not depend on how a round is cut into calls.
     """
     idx = np.arange(start, stop, dtype=np.int64)
+    begin = start - start % round_size(c)  # the first generation of this call's round
+    if in_rounds(c, guidance):
+        if stop > begin + round_size(c):
+            raise ValueError(f"generations {start}..{stop - 1} span two rounds of {round_size(c)}")
+        if begin > 0 and (previous is None or not np.array_equal(previous.ids, np.arange(begin))):
+            raise ValueError(f"generations {start}..{stop - 1} need the {begin} of the earlier rounds")
     if getattr(denoiser, "conditional", False):  # side-lora: the fine-tuned model, toward a uniform random cluster
         outputs = denoiser.target_outputs  # (not the background class of memorization-aware labels)
         targets = outputs[draw_targets(c.seed, idx, len(outputs))]
@@ -71,18 +85,15 @@ def extract(
     elif isinstance(guidance, MemorizationGuidance):  # label-free: the guidance keys its probe noise by index
         targets = idx
         labels = np.full(len(idx), -1, dtype=np.int64)
-        if guidance.avoid > 0 and start > 0:  # avoidance: away from the earlier rounds' generations
-            if previous is None or len(previous) != start:
-                raise ValueError(f"avoidance in generations {start}..{stop - 1} needs the {start} earlier ones")
+        if guidance.avoid > 0 and begin > 0:  # avoidance: away from the earlier rounds' generations
             guidance = guidance.remembering(previous.to_float())
     else:  # targets: classifier outputs, drawn among the classes that may be guided toward (not background)
         outputs = guidance.target_outputs
-        if c.allocation == "adaptive" and start > 0:
-            if previous is None or len(previous) != start:
-                raise ValueError(f"adaptive allocation of generations {start}..{stop - 1} needs the {start} earlier ones")
+        if c.allocation == "adaptive" and begin > 0:
             prev_targets = np.searchsorted(guidance.classes[outputs], previous.labels)
-            targets = outputs[adaptive_targets(c.seed, start // round_size(c), stop - start, len(outputs),
-                                               previous.images, prev_targets, c.dedup_threshold)]
+            whole = adaptive_targets(c.seed, begin // round_size(c), min(c.n, begin + round_size(c)) - begin,
+                                     len(outputs), previous.images, prev_targets, c.dedup_threshold)
+            targets = outputs[whole[start - begin:stop - begin]]
         else:
             targets = outputs[draw_targets(c.seed, idx, len(outputs))]
         labels = guidance.classes[targets]
@@ -109,23 +120,22 @@ def extraction_stage(
     """
 
     stage = f"extraction/{method}"
-    # in rounds, each seeing the earlier ones: adaptive allocation (toward classes only) and memguide's avoidance
-    in_rounds = (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
-        isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
+    rounds = in_rounds(c, guidance)
     size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
         previous = None
-        if in_rounds and lo > 0:  # the earlier rounds: the shards already written (whole, in index order)
+        begin = lo - lo % round_size(c)
+        if rounds and begin > 0:  # the earlier rounds: their shards, whole (this round's may be in the making)
             previous = load_shards(run.path / stage)
-            keep = previous.ids < lo
+            keep = previous.ids < begin
             previous = ImageSet(previous.images[keep], previous.labels[keep], previous.ids[keep])
         return extract(denoiser, c, guidance, lo, hi, previous=previous, batch_size=size, device=device,
                        progress=shard_progress)
 
     try:
-        return shard_stage(run, stage, fingerprint, c.n, round_size(c) if in_rounds else c.shard_size, make,
-                           progress=progress, sequential=in_rounds, method=method,
+        return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress,
+                           round_size=round_size(c) if rounds else None, method=method,
                            scale=None if guidance is None else guidance.scale)
     except SamplingDiverged as e:
         shutil.rmtree(run.path / stage, ignore_errors=True)

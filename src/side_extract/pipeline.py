@@ -30,7 +30,7 @@ from .data import ImageSet, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
 from .evaluation import calibrate, digits_complement, evaluate
 from .metrics import Similarity
-from .extraction import extraction_stage
+from .extraction import extraction_stage, in_rounds, round_size
 from .features import EXTRACTORS, extract_features
 from .finetune import ConditionalDenoiser, finetune, load_finetuned
 from .guidance import ClassifierGuidance, DenoisedGuidance
@@ -261,6 +261,8 @@ def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | Mem
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
         if c.allocation != "uniform":
             d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
+    if in_rounds(c, guidance) and c.shard_size < round_size(c):  # a round in several shards (earlier: in one)
+        d["round_shards"] = -(-round_size(c) // c.shard_size)
     return d
 
 

@@ -362,44 +362,58 @@ def shard_path(directory: Path, k: int) -> Path:
     return directory / f"shard-{k:05d}.npz"
 
 
+def shard_ranges(n: int, shard_size: int, round_size: int | None = None) -> list[list[tuple[int, int]]]:
+    """The index ranges of a stage's shards, grouped in rounds: ``n`` indices in rounds of ``round_size`` (one
+    round when None), each round cut into shards of at most ``shard_size``. Shard K of the stage is the K-th
+    range in this order; the layout depends on these three numbers only, never on the number of processes, so a
+    stage begun by one launch resumes in another."""
+    if n < 1 or shard_size < 1 or (round_size is not None and round_size < 1):
+        raise ValueError(f"n={n}, shard_size={shard_size}, round_size={round_size} must be >= 1")
+    step = n if round_size is None else round_size
+    rounds = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rounds.append([(lo, min(stop, lo + shard_size)) for lo in range(start, stop, shard_size)])
+    return rounds
+
+
 def write_shards(
     directory: Path,
-    n: int,
-    shard_size: int,
+    rounds: list[list[tuple[int, int]]],
     make: Callable[[int, int], dict[str, np.ndarray]],
     progress: Progress | None = None,
     *,
     group: ProcessGroup = SINGLE,
-    sequential: bool = False,
 ) -> int:
-    """Write ``shard-K.npz`` for index ranges [K * shard_size, ...), skipping shards already written.
+    """Write ``shard-K.npz`` for the K-th index range of ``rounds`` (:func:`shard_ranges`), skipping shards
+    already written.
 
     ``make(start, stop)`` returns the arrays of one shard; it must include ``images`` and ``index``.
     Each shard is written atomically, so any shard present is whole. In a launch of several processes each
-    writes the shards it owns (k % world == rank); ``sequential`` (a shard that reads the earlier ones) waits
-    for every shard before the next. Returns the number written now by this process.
+    writes the shards it owns (k % world == rank); with more than one round (shards that read the earlier
+    rounds' ones) every process waits at the end of each round until the round is whole, so the shards within a
+    round are written in parallel. Returns the number written now by this process.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    written = 0
-    n_shards = (n + shard_size - 1) // shard_size
-    for k in range(n_shards):
-        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-        p = shard_path(directory, k)
-        if not group.owns(k):
-            if sequential:
-                group.barrier()
-            continue
-        if p.exists():
+    n = rounds[-1][-1][1]
+    written, first = 0, 0
+    for shards in rounds:
+        for k, (lo, hi) in enumerate(shards, start=first):
+            p = shard_path(directory, k)
+            if not group.owns(k):
+                continue
+            if p.exists():
+                if progress is not None:
+                    progress(hi, n)
+                continue
+            arrays = make(lo, hi)
+            assert np.array_equal(arrays["index"], np.arange(lo, hi)), "shard index range mismatch"
+            atomic_save_npz(p, **arrays)
+            written += 1
             if progress is not None:
                 progress(hi, n)
-            continue
-        arrays = make(lo, hi)
-        assert np.array_equal(arrays["index"], np.arange(lo, hi)), "shard index range mismatch"
-        atomic_save_npz(p, **arrays)
-        written += 1
-        if progress is not None:
-            progress(hi, n)
-        if sequential:
+        first += len(shards)
+        if len(rounds) > 1:
             group.barrier()
     return written
 
@@ -414,22 +428,24 @@ def shard_stage(
     *,
     inputs: dict[str, str] | None = None,
     progress: Progress | None = None,
-    sequential: bool = False,
+    round_size: int | None = None,
     **info: Any,
 ) -> ImageSet:
     """A stage whose output is ``n`` images in ``run/<stage>/shard-*.npz``: skipped when complete with the same
     fingerprint, resumed at its last whole shard when interrupted, else written afresh.
 
     ``make(lo, hi, progress)`` returns one shard's arrays; its progress callback counts within the whole stage.
-    In a launch of several processes the main one decides and records; every process writes its own shards
-    (``sequential``: see :func:`write_shards`).
+    ``round_size``: the shards come in rounds, each made after the earlier rounds are whole (:func:`shard_ranges`,
+    :func:`write_shards`). In a launch of several processes the main one decides and records; every process
+    writes its own shards.
     """
     group = run.group
     directory = run.path / stage
     decision = None
+    rounds = shard_ranges(n, shard_size, round_size)
     if group.main:
         decision = run.begin(stage, fingerprint, inputs=inputs)
-        n_shards = (n + shard_size - 1) // shard_size
+        n_shards = sum(len(r) for r in rounds)
         if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
             log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
             decision = run.reopen(stage)
@@ -440,7 +456,7 @@ def shard_stage(
         def make_shard(lo: int, hi: int) -> dict[str, np.ndarray]:
             return make(lo, hi, None if progress is None else (lambda done, _total: progress(lo + done, n)))
 
-        written = write_shards(directory, n, shard_size, make_shard, progress, group=group, sequential=sequential)
+        written = write_shards(directory, rounds, make_shard, progress, group=group)
         group.barrier()
         if group.main:
             run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
