@@ -13,6 +13,7 @@ from side_extract.bench.intervals import bootstrap_ratios, count_ratios
 from side_extract.bench.protocol import (BASELINES, FairBenchConfig, budget_curve, budget_grid, replicate_config,
                                          reused_tuning, run_fair_bench, write_fair_results)
 from side_extract.data import load_shards
+from side_extract.models.target import model_fingerprint
 
 from test_bench import tiny_bench
 
@@ -124,6 +125,9 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     manifest = json.loads((runs[1] / "manifest.json").read_text())["stages"]
     assert not any(v.get("shared_from") for v in manifest.values())
     assert "Fair extraction benchmark" in md_path.read_text() and "by budget" in md_path.read_text()
+    # the trained target itself is recorded (the same config can train to other weights on another machine)
+    assert s["target"]["model_sha256"] == model_fingerprint(s["target"]["path"])
+    assert f"model fingerprint `{s['target']['model_sha256'][:16]}`" in md_path.read_text()
     # equal model samples: UnCond at N_G + N_S in its own sub-run, whose first N_G generations are the N_G run's
     eq = s["heldout"]["equal_samples"]
     n, n_syn = s["heldout"]["n_generated"], bc.run.sample.n

@@ -33,7 +33,7 @@ from typing import Any
 from .. import config as cfg
 from ..data import ImageSet, load_image_set, resize
 from ..evaluation import calibrate, digits_complement
-from ..models.target import load_target, train_target
+from ..models.target import load_target, model_fingerprint, train_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
 from ..summary import BASELINES, SIDE_METHODS, metric_values, ratios_to_best_baseline
@@ -179,8 +179,10 @@ def ensure_target(c: cfg.TrainTargetConfig, n: int, size: int, cache: Path, *, d
         atomic_write_json(info_path, {"config": cfg.to_dict(c), "fingerprint": fp, "final_loss": result.final_loss,
                                       "train_seconds": round(time.time() - t0, 1), "resumed_from": result.resumed_from})
     info = read_json(info_path)
-    return {"path": str(path), "fingerprint": fp, "config": cfg.to_dict(c), "final_loss": info["final_loss"],
-            "train_seconds": info["train_seconds"], "trained_now": not done,
+    # the trained model itself (the fingerprint of every run's manifest): training the same config on another
+    # machine or thread count can round differently, so two result files share a target only where these agree
+    return {"path": str(path), "fingerprint": fp, "model_sha256": model_fingerprint(path), "config": cfg.to_dict(c),
+            "final_loss": info["final_loss"], "train_seconds": info["train_seconds"], "trained_now": not done,
             "epochs": round(c.steps * c.batch_size / n, 1)}
 
 

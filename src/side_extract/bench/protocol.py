@@ -388,8 +388,11 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
     for s in data["scales"]:
         h = s["heldout"]
         lines += [f"## {s['n_train']} training images, {data['size']}x{data['size']}, N_G {h['n_generated']} per "
-                  f"method and replicate", "",
-                  "Mean over held-out replicates [min-max], % of N_G (p95: the 5th percentile of the nearest "
+                  f"method and replicate", ""]
+        if "model_sha256" in s["target"]:  # (files written before the target's fingerprint was recorded lack it)
+            lines += [f"Target `{Path(s['target']['path']).name}`, model fingerprint `{s['target']['model_sha256'][:16]}` "
+                      "(sha256 of its weights and configs: results rest on the same target only where it agrees).", ""]
+        lines += ["Mean over held-out replicates [min-max], % of N_G (p95: the 5th percentile of the nearest "
                   "RMS-L2 distance, lower = closer):", "",
                   "| method | setting (lambda, T) | AMS high | AMS mid | UMS high | UMS mid | UMS cum. mid | Carlini | "
                   "p95 dist. |", "|---|---|---|---|---|---|---|---|---|"]
