@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from side_extract import config as cfg
 from side_extract.data import load_shards
+from side_extract.distributed import torchrun_command
 from side_extract.models.target import build_unet
 from side_extract.runs import read_json
 
@@ -31,7 +32,7 @@ def _run(args, nproc, env_extra=None):
     if nproc == 1:
         cmd = [sys.executable, "-m", "side_extract.cli.main", *args]
     else:
-        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "side_extract.cli.main", *args]
+        cmd = [*torchrun_command(nproc), *args]  # what `side --processes N` runs
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -123,7 +124,7 @@ def test_rounds_are_written_in_parallel_and_equal_one_process(tiny_model_dir, tm
         del manifest["stages"][f"extraction/{m}"]
     (tmp_path / "two" / "manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(tmp_path / "two" / "extraction")
-    _run(["--processes", "2", *args, "--run", str(tmp_path / "two")], 1)  # (torchrun would read --run as its own)
+    _run([*args, "--run", str(tmp_path / "two")], 2)
     stages = read_json(tmp_path / "two" / "manifest.json")["stages"]
     for m in ("side", "memguide"):
         _same_shards(tmp_path / "one" / "extraction" / m, tmp_path / "two" / "extraction" / m)
