@@ -53,7 +53,7 @@ class WithAvoidance:
         self.avoid, self.scale = avoid, side.scale
 
     def __call__(self, x, t, y):
-        g, push = side(x, t, y), (self.avoid(x, t, y) if self.avoid.memory is not None else None)
+        g, push = side(x, t, y), self.avoid(x, t, y)  # (the push is None outside its window and before round 2)
         return g if push is None else (push if g is None else g + push)
 
 
@@ -65,14 +65,14 @@ stats = {}
 per = n // rounds
 for eta, h, t_lo, t_hi in grid:
     t0 = time.time()
-    guidance = WithAvoidance(MemorizationGuidance(den, 0.0, ex.memguide_t_hi, ex.memguide_t_m, ex.seed,
-                                                  max(eta, 1e-9), h, (t_lo, t_hi)))
+    guidance = side if eta == 0 else WithAvoidance(MemorizationGuidance(den, 0.0, ex.memguide_t_hi, ex.memguide_t_m,
+                                                                        ex.seed, eta, h, (t_lo, t_hi)))
     outs = []
     # SIDE alone in the pipeline's shards (batches made alike, so its images are the run's); with avoidance in rounds
     ranges = [r[0] for r in shard_ranges(n, per, per)] if eta > 0 else shard_ranges(n, ex.shard_size)[0]
     for lo, hi in ranges:
         outs.append(sample(den, hi - lo, seed=ex.seed, start=lo, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                           batch_size=BatchSize(ex.batch_size), guidance=guidance if eta > 0 else side,
+                           batch_size=BatchSize(ex.batch_size), guidance=guidance,
                            labels=targets[lo:hi], clip_eps=True, stream=EXTRACTION_STREAM))
         if eta > 0:
             guidance = WithAvoidance(guidance.avoid.remembering(torch.cat(outs)))

@@ -43,6 +43,11 @@ def round_size(c: cfg.ExtractConfig) -> int:
     return -(-c.n // c.rounds)
 
 
+def round_start(c: cfg.ExtractConfig, i: int) -> int:
+    """The first generation of the round that generation ``i`` belongs to."""
+    return i - i % round_size(c)
+
+
 def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None) -> bool:
     """Whether a method generates in rounds, each seeing the earlier rounds' generations: adaptive allocation
     (classes to guide toward) and memguide's avoidance."""
@@ -69,7 +74,7 @@ def extract(
     targets, of which these are a slice), so the images do not depend on how a round is cut into calls.
     """
     idx = np.arange(start, stop, dtype=np.int64)
-    begin = start - start % round_size(c)  # the first generation of this call's round
+    begin = round_start(c, start)
     if in_rounds(c, guidance):
         if stop > begin + round_size(c):
             raise ValueError(f"generations {start}..{stop - 1} span two rounds of {round_size(c)}")
@@ -125,7 +130,7 @@ def extraction_stage(
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
         previous = None
-        begin = lo - lo % round_size(c)
+        begin = round_start(c, lo)
         if rounds and begin > 0:  # the earlier rounds: their shards, whole (this round's may be in the making)
             previous = load_shards(run.path / stage)
             keep = previous.ids < begin
