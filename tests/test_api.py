@@ -2,6 +2,7 @@
 go through the whole chain without a model directory; the typed results match the run's files."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -11,7 +12,12 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 
 import side_extract
+from side_extract import config as cfg
 from side_extract.api import Audit, as_target
+from side_extract.data import load_shards
+from side_extract.extraction import extract
+from side_extract.models.target import load_target
+from side_extract.pipeline import method_guidance, run_audit
 
 from conftest import tiny_scheduler, tiny_unet
 
@@ -98,3 +104,61 @@ def test_to_pandas_says_what_it_needs(tmp_path, monkeypatch):
 
     with pytest.raises(ImportError, match="pip install pandas"):
         Audit(tmp_path, RunConfig(), {}).to_pandas()
+
+
+def test_regenerate_reproduces_every_methods_generations_bit_for_bit(tiny_model_dir, tmp_path, one_thread):
+    """Audit.regenerate makes a finished run's generations again from its files alone: SIDE with adaptive rounds,
+    memguide with avoidance (rounds that read the earlier rounds back), Cond, UnCond and side-lora, in shards of 4
+    cut into batches of 3 (the run's batches, not the shard's), in any order and with repeats."""
+    from test_finetune import TINY
+    from test_pipeline import tiny_rc
+
+    methods = ("side", "memguide", "cond", "uncond", "side-lora")
+    rc = tiny_rc(tiny_model_dir, methods=methods, n=12, shard_size=4, batch_size=3, allocation="adaptive", rounds=2,
+                 memguide_t_hi=0.5, memguide_avoid=1.0, memguide_avoid_h=0.2, memguide_avoid_t_lo=0.0,
+                 memguide_avoid_t_hi=1.0)
+    rc = dataclasses.replace(rc, lora=TINY)
+    run = tmp_path / "run"
+    run_audit(run, rc, until="extraction")
+    audit = Audit.load(run)
+    wanted = [11, 0, 7, 7, 4]
+    for m in methods:
+        stored = load_shards(run / "extraction" / m)
+        again = audit.regenerate(m, wanted)
+        assert again.dtype == np.uint8 and again.shape == (5, *stored.images.shape[1:])
+        np.testing.assert_array_equal(again, stored.images[wanted], err_msg=m)
+    # memguide's later round depends on the earlier one: it is the avoiding round, not memguide alone
+    plain = dataclasses.replace(rc.extract, memguide_avoid=0.0)
+    den, g = method_guidance(run, dataclasses.replace(rc, extract=plain), "memguide", load_target(tiny_model_dir))
+    alone = extract(den, plain, g, 6, 9, batch_size=3)["images"]
+    assert (alone != load_shards(run / "extraction" / "memguide").images[6:9]).any()
+    with pytest.raises(ValueError, match="not one of this run's methods"):
+        audit.regenerate("side-teacher", [0])
+    with pytest.raises(ValueError, match=r"0 \.\. 11"):
+        audit.regenerate("side", [12])
+    with pytest.raises(ValueError, match="non-empty"):
+        audit.regenerate("side", [])
+
+
+def test_regenerate_needs_the_runs_own_in_memory_model(tmp_path, one_thread):
+    unet = tiny_unet()
+    digits = side_extract.load_image_set("digits:30")
+    res = side_extract.audit(unet, digits.images, scheduler=tiny_scheduler(), config=SMALL, out=tmp_path / "run",
+                             methods=["side", "uncond"])
+    with pytest.raises(ValueError, match="pass it as model="):
+        res.regenerate("side", [0])
+    with pytest.raises(ValueError, match="is not the run's target"):
+        res.regenerate("side", [0], model=tiny_unet(seed=1), scheduler=tiny_scheduler())
+    again = res.regenerate("side", [5, 2], model=unet, scheduler=tiny_scheduler())
+    np.testing.assert_array_equal(again, load_shards(tmp_path / "run" / "extraction" / "side").images[[5, 2]])
+
+
+def test_regenerate_makes_each_generation_in_the_runs_batch(tmp_path, one_thread):
+    """On the embedded demo target memguide's images move by a uint8 level with the batch they are made in (batched
+    convolutions round differently), so the run's own batches (batch size 6 within shards of 8) are what make them
+    equal; made one by one, some pixels differ here."""
+    rc = cfg.RunConfig(model="demo", extract=cfg.ExtractConfig(methods=("memguide",), n=12, steps=10, shard_size=8,
+                                                               batch_size=6, memguide_t_hi=0.5))
+    run_audit(tmp_path / "run", rc, until="extraction")
+    stored = load_shards(tmp_path / "run" / "extraction" / "memguide").images
+    np.testing.assert_array_equal(Audit.load(tmp_path / "run").regenerate("memguide", range(12)), stored)

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 from side_extract.cli.main import app
 
 COMMANDS = [["train-target"], ["sample"], ["cluster"], ["train-classifier"], ["extract"], ["run"], ["demo"],
-            ["evaluate"], ["calibrate"], ["report"], ["theory", "check"], ["theory", "measure"]]
+            ["evaluate"], ["calibrate"], ["report"], ["verify"], ["theory", "check"], ["theory", "measure"]]
 
 
 def test_top_level_help_lists_commands():
@@ -94,6 +95,24 @@ def _extract(tiny_model_dir, tmp_path, *flags: str) -> dict:
                                  *flags, "--no-evaluate"])
     assert r.exit_code == 0, r.output
     return yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["extract"]
+
+
+def test_verify_makes_generations_again_and_catches_an_altered_file(tiny_model_dir, tmp_path):
+    _extract(tiny_model_dir, tmp_path, "--method", "memguide")
+    run = tmp_path / "r"
+    ok = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "1,0"], terminal_width=200)
+    assert ok.exit_code == 0 and "all 2 generations equal the stored ones bit for bit" in ok.output, ok.output
+    shard = run / "extraction" / "memguide" / "shard-00000.npz"
+    with np.load(shard) as z:
+        arrays = dict(z)
+    arrays["images"][1, 0, 0] ^= 1  # one pixel of generation 1, one uint8 level
+    np.savez(shard, **arrays)
+    bad = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "0,1"], terminal_width=200)
+    assert bad.exit_code == 1 and "1 of 2 generations differ" in bad.output, bad.output
+    for flags, says in ((["--generations", "0,x"], "comma-separated integers"),
+                        (["--generations", "2"], "0 .. 1"), ([], "give --generations")):
+        r = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", *flags], terminal_width=200)
+        assert r.exit_code == 2 and says in r.output, r.output
 
 
 def test_extract_temperature_flag_reaches_the_run_config(tiny_model_dir, tmp_path):

@@ -32,6 +32,7 @@ SIDE_LAMBDA: also guide by the replicate's SIDE classifier (``rep-<r>/classifier
 cluster per generation, as ``side extract`` draws them) at that scale, the two guidance terms added; lambda 0 is then
 SIDE alone (only meaningful with the replicate's own seed: its classifier belongs to it).
 """
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ from side_extract.data import to_uint8
 from side_extract.extraction import draw_targets
 from side_extract.guidance import ClassifierGuidance
 from side_extract.memorization import MemorizationGuidance
-from side_extract.models.classifier import load_classifier
+from side_extract.pipeline import method_guidance
 from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
 
 torch.set_num_threads(1)
@@ -56,7 +57,6 @@ t_m_frac = float(sys.argv[5]) if len(sys.argv) > 5 else replicate.config.extract
 rc, den, train = replicate.config, replicate.denoiser, replicate.train
 seeds = [int(v) for v in sys.argv[6].split(",")] if len(sys.argv) > 6 else [rc.extract.seed]
 side_lambda = float(sys.argv[7]) if len(sys.argv) > 7 else None
-T = den.scheduler.config.num_train_timesteps
 
 
 class WithSide:
@@ -80,9 +80,7 @@ print(f"Target `{rc.model}`, {len(train)} training images; config of `{rep.name}
       f"clipped eps), extraction seeds {seeds}; guidance at t <= {t_hi:g} T, t_m = {t_m_frac:g} T.\n")
 side = None
 if side_lambda is not None:
-    model = load_classifier(rep / "classifier")
-    side = ClassifierGuidance(model, np.asarray(model.arch.classes, dtype=np.int64), side_lambda, ex.temperature,
-                              (ex.t_lo, ex.t_hi), T)
+    side = dataclasses.replace(method_guidance(rep, rc, "side", den)[1], scale=side_lambda)  # the run's, at side_lambda
     print(f"With the replicate's SIDE classifier ({len(side.target_outputs)} clusters) at lambda {side_lambda:g}.\n")
 print(f"| seed | lambda | n = 100 | n = 300 | n = {n:,} | seconds |")
 print("|---|---|---|---|---|---|")

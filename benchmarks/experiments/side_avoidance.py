@@ -28,8 +28,7 @@ from side_extract.bench.intervals import count_ratios
 from side_extract.data import load_shards, to_uint8
 from side_extract.extraction import draw_targets
 from side_extract.memorization import MemorizationGuidance
-from side_extract.models.classifier import load_classifier
-from side_extract.guidance import ClassifierGuidance
+from side_extract.pipeline import method_guidance
 from side_extract.runs import shard_ranges
 from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
 
@@ -40,9 +39,7 @@ if n % rounds:
     raise SystemExit(f"N={n} must be a multiple of ROUNDS={rounds}")
 rep = Replicate.load(run)
 rc, den, ex = rep.config, rep.denoiser, rep.config.extract
-model = load_classifier(run / "classifier")
-side = ClassifierGuidance(model, np.asarray(model.arch.classes, dtype=np.int64), ex.scale, ex.temperature,
-                          (ex.t_lo, ex.t_hi), den.scheduler.config.num_train_timesteps)
+side = method_guidance(run, rc, "side", den)[1]  # the run's classifier with its settings, as its extraction used it
 targets = side.target_outputs[draw_targets(ex.seed, np.arange(n), len(side.target_outputs))]
 
 

@@ -32,7 +32,7 @@ _EXPORTS = {
     "ClassifierGuidance": "guidance",
     "extract": "extraction", "draw_targets": "extraction",
     "evaluate": "evaluation", "calibrate": "evaluation",
-    "run_audit": "pipeline",
+    "run_audit": "pipeline", "method_guidance": "pipeline",
     "write_report": "report",
 }
 __all__ = sorted(_EXPORTS)

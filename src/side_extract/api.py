@@ -24,7 +24,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
-from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint
+from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
 from .runs import atomic_save_npz, atomic_write_text, read_json, run_lock
 from .sweeps import run_with_sweeps
@@ -247,6 +247,55 @@ class Audit:
         train = load_image_set(self.config.train, self.config.train_resize)
         return [ExtractedPair(method, int(gid[i]), int(tid[i]), float(sim[i]), str(bands[i]),
                               gen.images[row_of[int(gid[i])]], train.images[int(tidx[i])]) for i in order]
+
+    def regenerate(self, method: str, indices: Sequence[int], *, model: ModelLike | None = None,
+                   scheduler: SchedulerMixin | None = None, sample_shape: Sequence[int] | None = None,
+                   device: str = "cpu") -> np.ndarray:
+        """``method``'s generations ``indices`` made again from the run's files, uint8 in the layout of the stored
+        ones: the target, the method's classifier (fine-tuned model, memorization guidance) and settings, and
+        for a method in rounds the run's earlier rounds. Each generation is made in the denoiser batch the run
+        made it in, so on the same hardware and thread count they equal ``RUN/extraction/<method>`` bit for bit
+        (unless the run halved its batch after a GPU out-of-memory error; then up to rounding): a way to show a
+        reported extraction comes from the model and not from the audit's files.
+
+        ``model``: the target, as ``audit`` takes it; needed when the run's was a model in memory, else the run
+        config's. Its fingerprint must match the one the run's manifest recorded.
+        """
+        from .extraction import batch_of, earlier_rounds, extract, in_rounds, round_start
+        from .pipeline import method_guidance
+
+        ex = self.config.extract
+        if method not in ex.methods:
+            raise ValueError(f"method={method!r} is not one of this run's methods ({', '.join(ex.methods)})")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) == 0 or idx.min() < 0 or idx.max() >= ex.n:
+            raise ValueError(f"indices={idx.tolist()[:8]} must be a non-empty list of generations in 0 .. {ex.n - 1}")
+        stage = self.run / "extraction" / method
+        entry = (read_json(self.run / "manifest.json").get("stages", {}).get(f"extraction/{method}")
+                 if (self.run / "manifest.json").is_file() else None)
+        if entry is None or entry.get("status") != "complete":
+            raise ValueError(f"{str(stage)!r}: the run has not finished {method}'s extraction (manifest.json)")
+        if model is None:
+            if not resolve_model_path(str(self.config.model)).exists():
+                raise ValueError(f"the run's target {self.config.model!r} is not a model on disk: pass it as model=")
+            model = self.config.model
+        target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)
+        recorded = entry.get("inputs", {}).get("model")
+        if recorded is not None and recorded != target.fingerprint:
+            raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
+                             f"({recorded[:16]}, manifest.json)")
+        denoiser, guidance = method_guidance(self.run, self.config, method, target.denoiser, device=device)
+        rounds = in_rounds(ex, guidance)
+        made: dict[int, np.ndarray] = {}
+        for i in idx.tolist():
+            if i in made:
+                continue
+            lo, hi = batch_of(ex, guidance, i)
+            previous = earlier_rounds(stage, round_start(ex, lo)) if rounds else None
+            batch = extract(denoiser, ex, guidance, lo, hi, previous=previous, batch_size=ex.batch_size,
+                            device=device)["images"]
+            made.update({j: batch[j - lo] for j in range(lo, hi)})
+        return np.stack([made[i] for i in idx.tolist()])
 
     def report(self) -> Path:
         """Write the HTML report (``RUN/report/report.html``) and return its path."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .memorization import MemorizationGuidance
 from .models.target import Denoiser
-from .runs import Progress, RunDir, shard_stage
+from .runs import Progress, RunDir, shard_ranges, shard_stage
 from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,30 @@ def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationG
     (classes to guide toward) and memguide's avoidance."""
     return (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
         isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
+
+
+def earlier_rounds(directory: Path, begin: int) -> ImageSet | None:
+    """The generations ``0 .. begin - 1`` among an extraction stage's shards in ``directory`` (the rounds before
+    the one starting at ``begin``; None for the first round). Later shards, whole or in the making, are left out."""
+    if begin == 0:
+        return None
+    s = load_shards(directory)
+    keep = s.ids < begin
+    return ImageSet(s.images[keep], s.labels[keep], s.ids[keep])
+
+
+def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None, i: int) -> tuple[int, int]:
+    """The generations ``lo .. hi - 1`` that the extraction stage made in one denoiser call with generation ``i``:
+    its shard (``runs.shard_ranges``) cut into batches of ``batch_size`` from the shard's start. Batched
+    convolutions round differently, so a guided generation is reproduced bit for bit only within its batch."""
+    if not 0 <= i < c.n:
+        raise ValueError(f"generation {i} is not one of the run's {c.n} (0 .. {c.n - 1})")
+    for lo, hi in (r for rnd in shard_ranges(c.n, c.shard_size, round_size(c) if in_rounds(c, guidance) else None)
+                   for r in rnd):
+        if lo <= i < hi:
+            b0 = lo + (i - lo) // c.batch_size * c.batch_size
+            return b0, min(hi, b0 + c.batch_size)
+    raise AssertionError("unreachable: the shards cover 0 .. n - 1")
 
 
 def extract(
@@ -116,10 +141,12 @@ def extraction_stage(
     guidance: ClassifierGuidance | MemorizationGuidance | None,
     fingerprint: str,
     *,
+    model_fingerprint: str | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> ImageSet:
-    """Write ``run/extraction/<method>/shard-*.npz`` (skip / resume as the manifest says).
+    """Write ``run/extraction/<method>/shard-*.npz`` (skip / resume as the manifest says); the manifest records
+    the target's ``model_fingerprint`` among the stage's inputs.
 
     A method whose sampling diverges leaves no shard: its stage directory is removed and the error names it.
     """
@@ -129,17 +156,13 @@ def extraction_stage(
     size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
-        previous = None
-        begin = round_start(c, lo)
-        if rounds and begin > 0:  # the earlier rounds: their shards, whole (this round's may be in the making)
-            previous = load_shards(run.path / stage)
-            keep = previous.ids < begin
-            previous = ImageSet(previous.images[keep], previous.labels[keep], previous.ids[keep])
+        previous = earlier_rounds(run.path / stage, round_start(c, lo)) if rounds else None
         return extract(denoiser, c, guidance, lo, hi, previous=previous, batch_size=size, device=device,
                        progress=shard_progress)
 
     try:
         return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress,
+                           inputs=None if model_fingerprint is None else {"model": model_fingerprint},
                            round_size=round_size(c) if rounds else None, method=method,
                            scale=None if guidance is None else guidance.scale)
     except SamplingDiverged as e:

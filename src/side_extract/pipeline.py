@@ -32,7 +32,7 @@ from .evaluation import calibrate, digits_complement, evaluate
 from .metrics import Similarity
 from .extraction import extraction_stage, in_rounds, round_size
 from .features import EXTRACTORS, extract_features
-from .finetune import ConditionalDenoiser, finetune, load_finetuned
+from .finetune import finetune, load_finetuned
 from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import load_classifier, save_classifier
@@ -162,9 +162,9 @@ def _train_set(ctx: AuditContext) -> ImageSet:
 
 
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
-                     *, clean: bool, background: int | None = None) -> ClassifierGuidance:
-    """Train (or reuse) a classifier on images with labels >= 0; returns it as guidance toward its classes but
-    ``background`` (SIDE's scale and temperature; the caller sets Cond's).
+                     *, clean: bool) -> None:
+    """Train (or reuse) the classifier ``RUN/<name>/`` on images with labels >= 0 (:func:`method_guidance` turns
+    it into a method's guidance).
 
     Its checkpoints live in ``RUN/<name>/work/`` so that a stage started afresh removes them with the rest.
     """
@@ -178,28 +178,72 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     if len(classes) < 2:
         raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
                          "(lower surrogate.tau or use fewer clusters)")
-    unet = ctx.denoiser.unet if c.backbone == "unet" and not clean else None  # UNet-feature classifier
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
     if group.on_main(lambda: ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists()):
         result = fit_label_classifier(x0, labels, c, scheduler=None if clean or denoised else ctx.denoiser.scheduler,
                                       out=directory / "work", device=ctx.device, progress=ctx.progress(name),
-                                      name=name, group=group, unet=unet)
+                                      name=name, group=group, unet=_classifier_unet(ctx.denoiser, c, clean))
         if group.main:
             save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c),
                                                             "processes": group.world})
             ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy, processes=group.world,
                              rows_per_process=result.rows_per_process)
         group.barrier()
-    model = load_classifier(directory, ctx.device, unet=unet)
-    e = ctx.rc.extract
-    args = (model, np.asarray(model.arch.classes, dtype=np.int64), e.scale, e.temperature, (e.t_lo, e.t_hi),
-            ctx.denoiser.scheduler.config.num_train_timesteps, () if background is None else (background,))
-    return DenoisedGuidance(*args, denoiser=ctx.denoiser) if denoised else ClassifierGuidance(*args)
 
 
-def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) -> ConditionalDenoiser:
+def _classifier_unet(denoiser: Denoiser, c: cfg.ClassifierConfig, clean: bool) -> torch.nn.Module | None:
+    """The target's UNet for a classifier built on its features (``backbone: unet``), else None."""
+    return denoiser.unet if c.backbone == "unet" and not clean else None
+
+
+GUIDING_CLASSIFIER = {"side": "classifier", "side-teacher": "classifier-teacher", "cond": "classifier-clean"}
+
+
+def method_guidance(run: str | Path, rc: cfg.RunConfig, method: str, denoiser: Denoiser, *,
+                    device: str = "cpu") -> tuple[Denoiser, ClassifierGuidance | MemorizationGuidance | None]:
+    """What ``method``'s extraction samples with, built from the run directory's files and its config: the
+    denoiser (side-lora: the fine-tuned conditional model of ``RUN/lora``; else the target ``denoiser``) and
+    the guidance (``side``, ``side-teacher``, ``cond``: the classifier of ``RUN/<GUIDING_CLASSIFIER[method]>``
+    with the run's scale, temperature and time range, and for memorization-aware labels the background class
+    of ``RUN/surrogate/labels.npz`` left out; ``memguide``: the target's memorization guidance; ``uncond``:
+    None). The pipeline extracts with it once the training stages are done; ``Audit.regenerate`` rebuilds a
+    finished run's generations with it."""
+    run, ex = Path(run), rc.extract
+    if method == "uncond":
+        return denoiser, None
+    if method == "memguide":
+        return denoiser, MemorizationGuidance(denoiser, ex.memguide_scale, ex.memguide_t_hi, ex.memguide_t_m,
+                                              ex.seed, ex.memguide_avoid, ex.memguide_avoid_h,
+                                              (ex.memguide_avoid_t_lo, ex.memguide_avoid_t_hi))
+    if method == "side-lora":
+        return load_finetuned(denoiser, run / "lora", guidance_scale=rc.lora.guidance_scale, device=device), None
+    if method not in GUIDING_CLASSIFIER:
+        raise ValueError(f"method={method!r} must be one of {', '.join(cfg.METHODS)}")
+    clean = method == "cond"
+    c = rc.clean_classifier if clean else rc.classifier
+    directory = run / GUIDING_CLASSIFIER[method]
+    if not (directory / "model.safetensors").is_file():
+        raise ValueError(f"{str(directory)!r} holds no trained classifier (expected model.safetensors): has the "
+                         f"run trained {method}'s classifier?")
+    model = load_classifier(directory, device, unet=_classifier_unet(denoiser, c, clean))
+    background: tuple[int, ...] = ()
+    if method == "side" and (run / "surrogate" / "labels.npz").is_file():
+        with np.load(run / "surrogate" / "labels.npz", allow_pickle=False) as z:
+            b = int(z["background"]) if "background" in z.files else -1
+        background = () if b < 0 else (b,)
+    scale, temperature = ((ex.scale if ex.cond_scale is None else ex.cond_scale, ex.cond_temperature) if clean
+                          else (ex.scale, ex.temperature))
+    args = (model, np.asarray(model.arch.classes, dtype=np.int64), scale, temperature, (ex.t_lo, ex.t_hi),
+            denoiser.scheduler.config.num_train_timesteps, background)
+    if not clean and c.guidance_input == "x0_hat":  # a clean classifier, used through x0_hat(x_t, t)
+        return denoiser, DenoisedGuidance(*args, denoiser=denoiser)
+    return denoiser, ClassifierGuidance(*args)
+
+
+def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) -> None:
     """SIDE's second form: the target fine-tuned on the synthetic set with the surrogate labels (``finetune.py``);
-    ``RUN/lora/`` holds the adapters, ``classes.json`` and the resumable work directory."""
+    ``RUN/lora/`` holds the adapters, ``classes.json`` and the resumable work directory (:func:`method_guidance`
+    loads it)."""
     c = ctx.rc.lora
     settings = {k: v for k, v in cfg.to_dict(c).items() if k != "guidance_scale"}  # w only matters at sampling
     fp = stage_fingerprint("lora", settings, ctx.fp["surrogate"], ctx.fp["model"])
@@ -214,7 +258,6 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
             ctx.run.complete("lora", classes=len(res.classes), final_loss=float(np.mean(res.losses[-50:])),
                              resumed_from=res.resumed_from, processes=group.world)
         group.barrier()
-    return load_finetuned(ctx.denoiser, directory, guidance_scale=c.guidance_scale, device=ctx.device)
 
 
 def copy_guard(generated: ImageSet, synthetic: ImageSet, table_npz: Path) -> dict:
@@ -544,13 +587,6 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         synthetic = sample_stage(run, denoiser, rc.sample, model_fingerprint=ctx.fp["model"], device=device,
                                  progress=progress("synthetic"))
         ctx.fp["synthetic"] = run.stage_entry("synthetic")["fingerprint"]
-    ex = rc.extract
-    guides: dict[str, ClassifierGuidance | MemorizationGuidance | None] = {"uncond": None, "side-lora": None}
-    if "memguide" in methods:  # label-free: the target alone
-        guides["memguide"] = MemorizationGuidance(denoiser, ex.memguide_scale, ex.memguide_t_hi, ex.memguide_t_m,
-                                                  ex.seed, ex.memguide_avoid, ex.memguide_avoid_h,
-                                                  (ex.memguide_avoid_t_lo, ex.memguide_avoid_t_hi))
-    denoisers: dict[str, Denoiser] = {}
     if {"side", "side-lora"} & set(methods):
         once = run.group.main_first
         scores = once(lambda: memorization_stage(ctx, synthetic))
@@ -558,35 +594,30 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         if upto == 0:
             return AuditResult(run.path, {}, {})
         if "side" in methods:  # the training stages run on every process (data-parallel)
-            guides["side"] = classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels,
-                                              ctx.fp["surrogate"], clean=False, background=labels.background)
+            classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels, ctx.fp["surrogate"], clean=False)
         if "side-lora" in methods:
-            denoisers["side-lora"] = lora_stage(ctx, synthetic, labels)
+            lora_stage(ctx, synthetic, labels)
     if {"cond", "side-teacher"} & set(methods):
         once = run.group.main_first
         train = _train_set(ctx)
-        clean = classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(),
-                                 clean=True)
-        scale = rc.extract.scale if rc.extract.cond_scale is None else rc.extract.cond_scale
-        guides["cond"] = dataclasses.replace(clean, scale=scale, temperature=rc.extract.cond_temperature)
+        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(), clean=True)
         if "side-teacher" in methods:
+            clean = method_guidance(run.path, rc, "cond", denoiser, device=device)[1]
             t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))
-            guides["side-teacher"] = classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels,
-                                                      ctx.fp["teacher"], clean=False)
+            classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels, ctx.fp["teacher"], clean=False)
     if upto <= 1:
         return AuditResult(run.path, {}, {})
     extractions = {}
     for m in methods:
-        g = guides[m]
+        sampler, g = method_guidance(run.path, rc, m, denoiser, device=device)
         settings = extraction_settings(rc.extract, g)
         if m == "side-lora":
             settings["cfg_scale"] = rc.lora.guidance_scale
         fp = stage_fingerprint("extraction", settings, ctx.fp["model"], m,
-                               ctx.fp.get({"side": "classifier", "side-teacher": "classifier-teacher",
-                                           "cond": "classifier-clean", "side-lora": "lora"}.get(m, "model")))
+                               ctx.fp.get({**GUIDING_CLASSIFIER, "side-lora": "lora"}.get(m, "model")))
         ctx.fp[f"extraction/{m}"] = fp
-        extractions[m] = extraction_stage(run, m, denoisers.get(m, denoiser), rc.extract, g, fp, device=device,
-                                          progress=progress(f"extract {m}"))
+        extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp["model"],
+                                          device=device, progress=progress(f"extract {m}"))
     if run.group.main:
         atomic_write_json(run.path / "extraction" / "summary.json",
                           {m: {"n": len(s), "fingerprint": ctx.fp[f"extraction/{m}"]} for m, s in extractions.items()})

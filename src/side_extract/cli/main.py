@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 
-from . import bench, calibrate, demo, evaluate, report, run, sample, theory, train_target  # noqa: E402
+from . import bench, calibrate, demo, evaluate, report, run, sample, theory, train_target, verify  # noqa: E402
 from .common import free_cores, setup_logging  # noqa: E402
 
 app = typer.Typer(
@@ -84,6 +84,7 @@ app.command("demo")(demo.demo_cmd)
 app.command("evaluate")(evaluate.evaluate_cmd)
 app.command("calibrate")(calibrate.calibrate_cmd)
 app.command("report")(report.report_cmd)
+app.command("verify")(verify.verify_cmd)
 app.add_typer(theory.theory_app, name="theory")
 app.add_typer(bench.bench_app, name="bench")
 

@@ -1,0 +1,56 @@
+"""``side verify RUN``: make a finished run's generations again from the target and the run's files, and check
+they equal the stored ones (``Audit.regenerate``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from .common import cli_errors, console
+
+
+@cli_errors
+def verify_cmd(
+    run: Path = typer.Argument(..., help="Run directory (written by `side run` / `side extract` / `side demo`)."),
+    method: str = typer.Option("side", "--method", help="The method whose generations are made again."),
+    generations: str = typer.Option("", "--generations", help="Comma-separated generation indices. Default: the "
+                                    "method's --top closest generations to the training set (the report's)."),
+    top: int = typer.Option(8, "--top", help="How many of the closest generations, without --generations."),
+    model: str = typer.Option("", "--model", help="The target, when the run's config does not name a model on disk "
+                              "(its fingerprint must match the run's)."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Each generation is made in the batch the run made it in: on the same hardware (and torch threads, see the
+    run's manifest.json) it equals the stored image bit for bit. Exit status 1 when one differs."""
+    from ..api import Audit
+    from ..data import load_shards
+
+    audit = Audit.load(run)
+    if generations:
+        try:
+            ids = [int(v) for v in generations.split(",")]
+        except ValueError:
+            raise ValueError(f"--generations={generations!r} must be comma-separated integers") from None
+    else:
+        if top < 1:
+            raise ValueError(f"--top={top} must be >= 1")
+        if method not in audit.methods:
+            raise ValueError(f"{method} has no evaluation in {run} to pick the closest generations from: "
+                             "give --generations")
+        ids = [p.generation_id for p in audit.pairs(method, top=top)]
+    again = audit.regenerate(method, ids, model=model or None, device=device)
+    stored = load_shards(Path(run) / "extraction" / method)
+    row = {int(i): r for r, i in enumerate(stored.ids)}
+    table = Table("generation", "pixels that differ", "largest difference (uint8 levels)", title=f"{method}, {run}")
+    bad = 0
+    for i, image in zip(ids, again):
+        diff = np.abs(image.astype(np.int16) - stored.images[row[i]].astype(np.int16))
+        bad += bool(diff.any())
+        table.add_row(str(i), str(int((diff > 0).sum())), str(int(diff.max())))
+    console.print(table)
+    if bad:
+        console.print(f"[bold red]{bad} of {len(ids)} generations differ from the stored ones[/]")
+        raise typer.Exit(1)
+    console.print(f"all {len(ids)} generations equal the stored ones bit for bit")
