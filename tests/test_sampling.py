@@ -192,3 +192,15 @@ def test_extraction_draws_its_own_noise_even_at_the_synthetic_sets_seed(tiny_mod
     assert sample_seed(3, 7) == ref and sample_seed(3, 7, EXTRACTION_STREAM) != ref
     with pytest.raises(ValueError, match="stream=-1"):
         sample_seed(3, 7, -1)
+
+
+def test_every_noise_stream_is_listed_once_in_sampling():
+    """The run's noise streams are numbered in one module, each number used once, and the modules that draw from
+    them use those constants (the memorization scores and memorization guidance once had theirs elsewhere)."""
+    import side_extract.memorization as memorization
+    import side_extract.sampling as sampling
+
+    streams = {k: v for k, v in vars(sampling).items() if k.endswith("_STREAM")}
+    assert set(streams) == {"SYNTHETIC_STREAM", "EXTRACTION_STREAM", "MEMORIZATION_STREAM", "MEMGUIDE_STREAM"}
+    assert sorted(streams.values()) == list(range(len(streams)))
+    assert not [k for k, v in vars(memorization).items() if k.endswith("_STREAM") and streams.get(k) != v]

@@ -28,10 +28,7 @@ import numpy as np
 import torch
 
 from .models.target import Denoiser, predict_x0
-from .sampling import sample_generators
-
-MEMORIZATION_STREAM = 2  # noise of the memorization scores (the synthetic set: 0, the extraction: 1)
-MEMGUIDE_STREAM = 3  # the probe noise of memorization guidance
+from .sampling import MEMGUIDE_STREAM, MEMORIZATION_STREAM, sample_generators
 
 
 def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.2, draws: int = 4, seed: int = 0,

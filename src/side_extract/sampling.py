@@ -31,8 +31,11 @@ from .runs import Progress, RunDir, shard_stage, stage_fingerprint
 log = logging.getLogger(__name__)
 
 
+# Every noise stream of a run, in one place (a new one takes the next number; two uses never share one):
 SYNTHETIC_STREAM = 0  # the synthetic set (and other noise keyed by image index, e.g. noised features)
 EXTRACTION_STREAM = 1  # the generations of every extraction method
+MEMORIZATION_STREAM = 2  # the probe noise of the synthetic set's memorization scores (memorization.py)
+MEMGUIDE_STREAM = 3  # the probe noise of memorization guidance, keyed by (generation, step) (memorization.py)
 DIVERGED_ABOVE = 1e6  # |x_t| no sane reverse process reaches (x_t ~ N(0, 1) plus a clipped-x0 mean)
 
 
