@@ -42,3 +42,12 @@ class Replicate:
         """Each image's nearest training image and whether it is at the mid band or closer (uint8 images)."""
         nn = self.index.kneighbors(pixel_rows(images), 1)
         return nn.indices[:, 0], self.mid.reaches(nn.scores[:, 0], "distance")
+
+
+def rounds_arguments(argv: list[str]) -> tuple[Path, int, int, list[tuple[float, ...]]]:
+    """``RUN N ROUNDS "a,b,... a,b,..."`` of the scripts that generate in rounds: the run, N_G, the rounds (N must be a
+    multiple of them) and the grid of comma-separated settings."""
+    run, n, rounds = Path(argv[1]), int(argv[2]), int(argv[3])
+    if n % rounds:
+        raise SystemExit(f"N={n} must be a multiple of ROUNDS={rounds}")
+    return run, n, rounds, [tuple(map(float, s.split(","))) for s in argv[4].split()]

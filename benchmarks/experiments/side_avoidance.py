@@ -18,12 +18,11 @@ each setting against eta 0 with the fair benchmark's distinct-count interval (on
 """
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from replicate import Replicate
+from replicate import Replicate, rounds_arguments
 from side_extract.bench.intervals import count_ratios
 from side_extract.data import load_shards, to_uint8
 from side_extract.extraction import draw_targets
@@ -33,10 +32,7 @@ from side_extract.runs import shard_ranges
 from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
 
 torch.set_num_threads(1)
-run, n, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-grid = [tuple(map(float, s.split(","))) for s in sys.argv[4].split()]
-if n % rounds:
-    raise SystemExit(f"N={n} must be a multiple of ROUNDS={rounds}")
+run, n, rounds, grid = rounds_arguments(sys.argv)
 rep = Replicate.load(run)
 rc, den, ex = rep.config, rep.denoiser, rep.config.extract
 side = method_guidance(run, rc, "side", den)[1]  # the run's classifier with its settings, as its extraction used it
