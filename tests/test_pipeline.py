@@ -209,3 +209,41 @@ def test_side_with_the_unet_feature_classifier(tiny_model_dir, tmp_path):
     bad = dataclasses.replace(rc, clean_classifier=dataclasses.replace(rc.clean_classifier, backbone="unet"))
     with pytest.raises(ValueError, match="clean_classifier.backbone"):
         run_audit(tmp_path / "bad", bad)
+
+
+def test_a_finished_extraction_grows_to_a_larger_n_keeping_its_whole_shards(tiny_model_dir, tmp_path):
+    """Raising extract.n on a finished run makes only the generations it lacks (plus the old short last shard):
+    the grown run equals a fresh run at the larger N_G, and its evaluation is redone. A method in rounds, or a
+    smaller N_G, is a changed stage as before (another layout; refused without replace): nothing is kept that would
+    differ."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    methods = ("side", "memguide", "uncond")
+    rc = tiny_rc(tiny_model_dir, methods=methods, n=6, shard_size=4, memguide_t_hi=0.5)
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    first = read_json(run / "manifest.json")["stages"]
+    kept = {m: (run / "extraction" / m / "shard-00000.npz").stat().st_mtime_ns for m in methods}
+    grown = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=10))
+    res = run_audit(run, grown)
+    stages = read_json(run / "manifest.json")["stages"]
+    fresh = tmp_path / "fresh"
+    run_audit(fresh, grown, until="extraction")
+    for m in methods:
+        e = stages[f"extraction/{m}"]
+        assert e["status"] == "complete" and e["grown_from"] == 6 and e["n"] == 10 and e["shards_written_now"] == 2
+        assert (run / "extraction" / m / "shard-00000.npz").stat().st_mtime_ns == kept[m]  # [0, 4) kept
+        np.testing.assert_array_equal(load_shards(run / "extraction" / m).images,
+                                      load_shards(fresh / "extraction" / m).images, err_msg=m)
+        assert e["fingerprint"] == read_json(fresh / "manifest.json")["stages"][f"extraction/{m}"]["fingerprint"]
+        assert stages[f"evaluation/{m}"]["started_unix"] > first[f"evaluation/{m}"]["started_unix"]
+        assert res.metrics[m]["n_generated"] == 10
+    assert stages["classifier"]["started_unix"] == first["classifier"]["started_unix"]
+    with pytest.raises(StageWouldBeReplaced, match="extraction/side"):
+        run_audit(run, rc, replace=False)  # fewer generations: another layout, refused (the CLI without --force)
+    rounds = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("side",), allocation="adaptive",
+                                                                 rounds=2))
+    run_audit(tmp_path / "r", rounds, until="extraction")
+    with pytest.raises(StageWouldBeReplaced, match="extraction/side"):
+        run_audit(tmp_path / "r", dataclasses.replace(rounds, extract=dataclasses.replace(rounds.extract, n=10)),
+                  until="extraction", replace=False)

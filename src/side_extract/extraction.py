@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,11 +143,14 @@ def extraction_stage(
     fingerprint: str,
     *,
     model_fingerprint: str | None = None,
+    fingerprint_at: Callable[[int], str] | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> ImageSet:
     """Write ``run/extraction/<method>/shard-*.npz`` (skip / resume as the manifest says); the manifest records
-    the target's ``model_fingerprint`` among the stage's inputs.
+    the target's ``model_fingerprint`` among the stage's inputs. ``fingerprint_at(m)``: the stage's fingerprint
+    at N_G = m, with which a finished extraction of fewer generations grows to ``c.n`` (its whole shards kept:
+    generation i depends on (seed, i) alone); a method in rounds never grows (its rounds depend on N_G).
 
     A method whose sampling diverges leaves no shard: its stage directory is removed and the error names it.
     """
@@ -163,7 +167,8 @@ def extraction_stage(
     try:
         return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress,
                            inputs=None if model_fingerprint is None else {"model": model_fingerprint},
-                           round_size=round_size(c) if rounds else None, method=method,
+                           round_size=round_size(c) if rounds else None,
+                           fingerprint_at=None if rounds else fingerprint_at, method=method,
                            scale=None if guidance is None else guidance.scale)
     except SamplingDiverged as e:
         shutil.rmtree(run.path / stage, ignore_errors=True)

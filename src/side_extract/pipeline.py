@@ -613,11 +613,15 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         settings = extraction_settings(rc.extract, g)
         if m == "side-lora":
             settings["cfg_scale"] = rc.lora.guidance_scale
-        fp = stage_fingerprint("extraction", settings, ctx.fp["model"], m,
-                               ctx.fp.get({**GUIDING_CLASSIFIER, "side-lora": "lora"}.get(m, "model")))
-        ctx.fp[f"extraction/{m}"] = fp
+        upstream = ctx.fp.get({**GUIDING_CLASSIFIER, "side-lora": "lora"}.get(m, "model"))
+
+        def fingerprint_at(n: int, settings: dict = settings, m: str = m, upstream: str | None = upstream) -> str:
+            return stage_fingerprint("extraction", {**settings, "n": n}, ctx.fp["model"], m, upstream)
+
+        fp = ctx.fp[f"extraction/{m}"] = fingerprint_at(rc.extract.n)
         extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp["model"],
-                                          device=device, progress=progress(f"extract {m}"))
+                                          fingerprint_at=fingerprint_at, device=device,
+                                          progress=progress(f"extract {m}"))
     if run.group.main:
         atomic_write_json(run.path / "extraction" / "summary.json",
                           {m: {"n": len(s), "fingerprint": ctx.fp[f"extraction/{m}"]} for m, s in extractions.items()})

@@ -311,6 +311,16 @@ class RunDir:
                     "rerun with --force to replace them, or use another run directory")
             if (self.path / stage).exists():
                 shutil.rmtree(self.path / stage)
+        self._mark_running(stage, fingerprint, inputs)
+        return decision
+
+    def grow(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, from_n: int) -> Literal["resume"]:
+        """Mark a complete stage of ``from_n`` images as running under ``fingerprint``, the same stage with more
+        images (:func:`shard_stage`): its files are kept and it resumes."""
+        self._mark_running(stage, fingerprint, inputs, grown_from=from_n)
+        return "resume"
+
+    def _mark_running(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, **info: Any) -> None:
         m = self.manifest()
         m["stages"][stage] = {
             "status": "running",
@@ -320,9 +330,9 @@ class RunDir:
             "torch_threads": _torch_threads(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "started_unix": time.time(),
+            **info,
         }
         self._write_manifest(m)
-        return decision
 
     def fail_running(self, error: BaseException) -> list[str]:
         """Mark every stage still ``running`` as ``failed`` with ``error`` (after an exception); returns them."""
@@ -429,22 +439,37 @@ def shard_stage(
     inputs: dict[str, str] | None = None,
     progress: Progress | None = None,
     round_size: int | None = None,
+    fingerprint_at: Callable[[int], str] | None = None,
     **info: Any,
 ) -> ImageSet:
     """A stage whose output is ``n`` images in ``run/<stage>/shard-*.npz``: skipped when complete with the same
-    fingerprint, resumed at its last whole shard when interrupted, else written afresh.
+    fingerprint, resumed at its last whole shard when interrupted, grown when complete with fewer images, else
+    written afresh.
 
     ``make(lo, hi, progress)`` returns one shard's arrays; its progress callback counts within the whole stage.
     ``round_size``: the shards come in rounds, each made after the earlier rounds are whole (:func:`shard_ranges`,
-    :func:`write_shards`). In a launch of several processes the main one decides and records; every process
-    writes its own shards.
+    :func:`write_shards`). ``fingerprint_at(m)``: the stage's fingerprint had it ``m`` images, for a stage whose
+    image i does not depend on ``n`` (not in rounds): a complete stage of m < ``n`` images with that fingerprint
+    is grown, keeping every shard whose index range is the same in both layouts. In a launch of several processes
+    the main one decides and records; every process writes its own shards.
     """
     group = run.group
     directory = run.path / stage
     decision = None
     rounds = shard_ranges(n, shard_size, round_size)
     if group.main:
-        decision = run.begin(stage, fingerprint, inputs=inputs)
+        entry = run.stage_entry(stage)
+        old_n = entry.get("n") if entry is not None and entry.get("status") == "complete" else None
+        if (fingerprint_at is not None and round_size is None and isinstance(old_n, int) and 0 < old_n < n
+                and entry.get("fingerprint") != fingerprint and entry.get("fingerprint") == fingerprint_at(old_n)):
+            new = {r: k for k, r in enumerate(shard_ranges(n, shard_size)[0])}
+            for k, r in enumerate(shard_ranges(old_n, shard_size)[0]):
+                if new.get(r) != k:  # (the old last shard, when it was short)
+                    shard_path(directory, k).unlink(missing_ok=True)
+            log.info("stage %s: growing its %d images to %d", stage, old_n, n)
+            decision = run.grow(stage, fingerprint, inputs, old_n)
+        else:
+            decision = run.begin(stage, fingerprint, inputs=inputs)
         n_shards = sum(len(r) for r in rounds)
         if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
             log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
