@@ -146,6 +146,9 @@ def test_pairs_show_the_generation_and_its_training_image(run_dir, written):
     gen, tr = (Image.open(io.BytesIO(base64.b64decode(u))) for u in uris[:2])
     assert gen.size == tr.size == (64, 64) and gen.mode == tr.mode == "L"
     assert np.array_equal(np.asarray(gen), np.asarray(tr))
+    # each method's pairs end with the command that makes those generations again, in the order shown
+    shown = [int(g) for g in re.findall(r'alt="generation (\d+) of side,', block)]
+    assert f"--method side --generations {','.join(map(str, shown))}</code>" in block and shown
 
 
 def test_missing_optional_sections_do_not_crash(tmp_path):

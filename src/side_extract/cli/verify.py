@@ -16,7 +16,7 @@ def verify_cmd(
     run: Path = typer.Argument(..., help="Run directory (written by `side run` / `side extract` / `side demo`)."),
     method: str = typer.Option("side", "--method", help="The method whose generations are made again."),
     generations: str = typer.Option("", "--generations", help="Comma-separated generation indices. Default: the "
-                                    "method's --top closest generations to the training set (the report's)."),
+                                    "method's --top closest generations to the training set."),
     top: int = typer.Option(8, "--top", help="How many of the closest generations, without --generations."),
     model: str = typer.Option("", "--model", help="The target, when the run's config does not name a model on disk "
                               "(its fingerprint must match the run's)."),
