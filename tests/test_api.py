@@ -159,6 +159,9 @@ def test_regenerate_makes_each_generation_in_the_runs_batch(tmp_path, one_thread
     equal; made one by one, some pixels differ here."""
     rc = cfg.RunConfig(model="demo", extract=cfg.ExtractConfig(methods=("memguide",), n=12, steps=10, shard_size=8,
                                                                batch_size=6, memguide_t_hi=0.5))
+    run_audit(tmp_path / "early", rc, until="classifier")  # (memguide trains nothing: no extraction yet)
+    with pytest.raises(ValueError, match="has not finished memguide's extraction"):
+        Audit.load(tmp_path / "early").regenerate("memguide", [0])
     run_audit(tmp_path / "run", rc, until="extraction")
     stored = load_shards(tmp_path / "run" / "extraction" / "memguide").images
     np.testing.assert_array_equal(Audit.load(tmp_path / "run").regenerate("memguide", range(12)), stored)
