@@ -211,3 +211,33 @@ def test_avoidance_round_cut_into_calls_equals_the_whole_round(tiny_model_dir):
         extract(den, c, g, 2, 6, previous=earlier)
     with pytest.raises(ValueError, match=r"generations 6..7 need the 4 of the earlier rounds"):
         extract(den, c, g, 6, 8, previous=earlier.subset(np.arange(3)))
+
+
+def test_avoidance_takes_the_samplers_eps_instead_of_a_pass_of_its_own(tiny_model_dir):
+    """Avoidance needs eps(x_t, t), which the sampler has just computed: it is passed in (``uses_eps``), so a step
+    with avoidance alone runs the denoiser once, not twice, and the images are those of recomputing it."""
+    den = load_target(tiny_model_dir)
+
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, x, t, *rest):
+            self.calls += 1
+            return den(x, t, *rest)
+
+        def __getattr__(self, name):
+            return getattr(den, name)
+
+    class Recomputing(MemorizationGuidance):  # the guidance before: no eps from the sampler
+        uses_eps = False
+
+    memory = torch.rand(3, 1, 8, 8) * 2 - 1
+    counting = Counting()
+    mg = MemorizationGuidance(counting, 0.0, avoid=1.0, avoid_h=0.5, avoid_window=(0.0, 1.0)).remembering(memory)
+    x = sample(counting, 2, seed=3, steps=5, guidance=mg, labels=np.arange(2), clip_eps=True)
+    assert counting.calls == 5  # one pass per step: the sampler's
+    old = Recomputing(den, 0.0, avoid=1.0, avoid_h=0.5, avoid_window=(0.0, 1.0)).remembering(memory)
+    torch.testing.assert_close(sample(den, 2, seed=3, steps=5, guidance=old, labels=np.arange(2), clip_eps=True), x,
+                               rtol=0, atol=0)
+    assert not torch.equal(x, sample(den, 2, seed=3, steps=5, clip_eps=True))  # the avoidance did act

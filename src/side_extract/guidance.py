@@ -31,7 +31,9 @@ from .surrogate import target_outputs
 class Guidance(Protocol):
     """``g(x, t, y)``: x (B, C, H, W) float, t a 0-dim training timestep, y (B,) int output indices.
 
-    Returns lambda * grad_x log p(y | x_t, t), shape of x, or None where the guidance is off.
+    Returns lambda * grad_x log p(y | x_t, t), shape of x, or None where the guidance is off. A guidance whose
+    class sets ``uses_eps = True`` is called ``g(x, t, y, eps=eps)`` with the sampler's own eps(x_t, t), so that it
+    need not run the denoiser again for it (memorization guidance's avoidance).
     """
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None: ...

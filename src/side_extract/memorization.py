@@ -23,6 +23,7 @@ extraction method ``memguide`` (beyond the paper; no synthetic set, no labels, n
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -169,17 +170,19 @@ class MemorizationGuidance:
         return (self.avoid > 0 and self.memory is not None and len(self.memory) > 0
                 and lo * self.num_train_timesteps <= float(t) <= hi * self.num_train_timesteps)
 
-    def repulsion(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def repulsion(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """The avoidance term: the guidance that moves each clipped denoised estimate x0_i by
         Delta_i = avoid * sum_j k_ij (x0_i - m_j), k_ij = exp(-d_ij^2 / (2 avoid_h^2)), d_ij the pixel RMS
         distance of x0_i and memory image m_j in [0, 1] units; in guided-diffusion's DDIM order (``guided_step``)
-        a guidance g moves x0 by (1 - abar_t) g / sqrt(abar_t), so g = Delta sqrt(abar_t) / (1 - abar_t)."""
+        a guidance g moves x0 by (1 - abar_t) g / sqrt(abar_t), so g = Delta sqrt(abar_t) / (1 - abar_t).
+        ``eps``: the sampler's eps(x_t, t), when it has one (else the denoiser runs for it)."""
         sched, ti = self.denoiser.scheduler, int(t)
         abar = sched.alphas_cumprod[ti].to(device=x.device, dtype=x.dtype)
         memory = self.memory.to(device=x.device, dtype=x.dtype)
         with torch.no_grad():
-            tt = t.expand(len(x)) if t.ndim == 0 else t
-            x0 = predict_x0(sched, x, ti, self.denoiser(x, tt).to(x.dtype), 1.0)
+            if eps is None:
+                eps = self.denoiser(x, t.expand(len(x)) if t.ndim == 0 else t)
+            x0 = predict_x0(sched, x, ti, eps.detach().to(x.dtype), 1.0)
             delta = torch.zeros_like(x0)
             chunk = max(1, 2 ** 24 // x0.numel())  # memory images per pass: (B, chunk, C, H, W) <= 16M values
             for j0 in range(0, len(memory), chunk):
@@ -188,11 +191,14 @@ class MemorizationGuidance:
                 delta += (k[..., None, None, None] * diff).sum(1)
         return self.avoid * delta * abar.sqrt() / (1 - abar)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    uses_eps: ClassVar[bool] = True  # the sampler passes its eps (guidance.Guidance): avoidance needs no extra pass
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 eps: torch.Tensor | None = None) -> torch.Tensor | None:
         g = self.memorization_term(x, t, y)
         if not self.avoids_at(t):
             return g
-        push = self.repulsion(x, t)
+        push = self.repulsion(x, t, eps)
         return push if g is None else g + push
 
     def memorization_term(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:

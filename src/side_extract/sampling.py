@@ -184,7 +184,7 @@ def denoise_batch(
         g = None
         if guidance is not None:
             with torch.enable_grad():
-                g = guidance(x, t, y)
+                g = guidance(x, t, y, eps=eps) if getattr(guidance, "uses_eps", False) else guidance(x, t, y)
         x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps, raw=raw)
         if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > DIVERGED_ABOVE:
             scale = getattr(guidance, "scale", None)
