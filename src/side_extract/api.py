@@ -285,13 +285,14 @@ class Audit:
             raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
                              f"({recorded[:16]}, manifest.json)")
         denoiser, guidance = method_guidance(self.run, self.config, method, target.denoiser, device=device)
-        rounds = in_rounds(ex, guidance)
+        stored = load_shards(stage) if in_rounds(ex, guidance) else None  # the earlier rounds, read once
         made: dict[int, np.ndarray] = {}
         for i in idx.tolist():
             if i in made:
                 continue
             lo, hi = batch_of(ex, guidance, i)
-            previous = earlier_rounds(stage, round_start(ex, lo)) if rounds else None
+            begin = round_start(ex, lo)
+            previous = earlier_rounds(stored, begin) if stored is not None and begin > 0 else None
             batch = extract(denoiser, ex, guidance, lo, hi, previous=previous, batch_size=ex.batch_size,
                             device=device)["images"]
             made.update({j: batch[j - lo] for j in range(lo, hi)})

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -57,14 +56,11 @@ def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationG
         isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
 
 
-def earlier_rounds(directory: Path, begin: int) -> ImageSet | None:
-    """The generations ``0 .. begin - 1`` among an extraction stage's shards in ``directory`` (the rounds before
-    the one starting at ``begin``; None for the first round). Later shards, whole or in the making, are left out."""
-    if begin == 0:
-        return None
-    s = load_shards(directory)
-    keep = s.ids < begin
-    return ImageSet(s.images[keep], s.labels[keep], s.ids[keep])
+def earlier_rounds(generations: ImageSet, begin: int) -> ImageSet:
+    """The generations ``0 .. begin - 1`` of a method's ``generations`` (its shards, read back): the rounds before
+    the one starting at ``begin``. Later ones, whole or in the making, are left out."""
+    keep = generations.ids < begin
+    return ImageSet(generations.images[keep], generations.labels[keep], generations.ids[keep])
 
 
 def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None, i: int) -> tuple[int, int]:
@@ -160,7 +156,8 @@ def extraction_stage(
     size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
-        previous = earlier_rounds(run.path / stage, round_start(c, lo)) if rounds else None
+        begin = round_start(c, lo)
+        previous = earlier_rounds(load_shards(run.path / stage), begin) if rounds and begin > 0 else None
         return extract(denoiser, c, guidance, lo, hi, previous=previous, batch_size=size, device=device,
                        progress=shard_progress)
 

@@ -148,9 +148,7 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
                            "clusters": clusters})
         ctx.run.complete("surrogate", kept=int(lab.kept_.sum()), labelled=labelled, n_clusters=lab.n_clusters_,
                          candidates=len(candidates))
-    with np.load(path) as z:
-        background = int(z["background"]) if "background" in z.files else -1
-        return SurrogateLabels(z["labels"], None if background < 0 else background)
+    return SurrogateLabels.load(path)
 
 
 def _train_set(ctx: AuditContext) -> ImageSet:
@@ -227,10 +225,9 @@ def method_guidance(run: str | Path, rc: cfg.RunConfig, method: str, denoiser: D
                          f"run trained {method}'s classifier?")
     model = load_classifier(directory, device, unet=_classifier_unet(denoiser, c, clean))
     background: tuple[int, ...] = ()
-    if method == "side" and (run / "surrogate" / "labels.npz").is_file():
-        with np.load(run / "surrogate" / "labels.npz", allow_pickle=False) as z:
-            b = int(z["background"]) if "background" in z.files else -1
-        background = () if b < 0 else (b,)
+    if method == "side":  # memorization-aware labels: no generation is guided toward the background class
+        b = SurrogateLabels.load(run / "surrogate" / "labels.npz").background
+        background = () if b is None else (b,)
     scale, temperature = ((ex.scale if ex.cond_scale is None else ex.cond_scale, ex.cond_temperature) if clean
                           else (ex.scale, ex.temperature))
     args = (model, np.asarray(model.arch.classes, dtype=np.int64), scale, temperature, (ex.t_lo, ex.t_hi),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -158,6 +159,14 @@ class SurrogateLabels:
         """The label values that generations may be guided toward."""
         v = np.unique(self.labels[self.labels >= 0])
         return v[v != self.background] if self.background is not None else v
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SurrogateLabels":
+        """The labels the surrogate stage wrote (``RUN/surrogate/labels.npz``: ``labels``, and ``background``
+        stored as -1 for none; files older than the option have no ``background``)."""
+        with np.load(path, allow_pickle=False) as z:
+            background = int(z["background"]) if "background" in z.files else -1
+            return cls(z["labels"], None if background < 0 else background)
 
 
 def target_outputs(classes: np.ndarray, background: "tuple[int, ...] | list[int]") -> np.ndarray:
