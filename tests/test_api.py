@@ -165,3 +165,50 @@ def test_regenerate_makes_each_generation_in_the_runs_batch(tmp_path, one_thread
     run_audit(tmp_path / "run", rc, until="extraction")
     stored = load_shards(tmp_path / "run" / "extraction" / "memguide").images
     np.testing.assert_array_equal(Audit.load(tmp_path / "run").regenerate("memguide", range(12)), stored)
+
+
+class _OutOfMemoryAbove:
+    """A denoiser raising torch's out-of-memory error for batches larger than ``limit``, as a GPU would."""
+
+    def __init__(self, inner, limit):
+        self.inner, self.limit = inner, limit
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x, t, *args, **kwargs):
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (fake: batch {len(x)} > {self.limit})")
+        return self.inner(x, t, *args, **kwargs)
+
+
+def test_regenerate_and_verify_follow_a_batch_halved_on_out_of_memory(tmp_path, one_thread, monkeypatch):
+    """A run whose denoiser ran out of memory at batches above 3 made its generations in the halved batches
+    ([0, 3), [3, 6), [6, 8), [8, 11), [11, 12) instead of [0, 6), [6, 8), [8, 12)); its shards record them, and
+    regenerate / verify make each generation in its own batch again: bit for bit, where the configured
+    batches would move pixels."""
+    import side_extract.pipeline as pipeline
+
+    rc = cfg.RunConfig(model="demo", train="digits:100", train_resize=8,
+                       evaluate=cfg.EvaluateConfig(carlini_n=5, quality=()),
+                       extract=cfg.ExtractConfig(methods=("memguide",), n=12, steps=10, shard_size=8, batch_size=6,
+                                                 memguide_t_hi=0.5))
+    build = pipeline.method_guidance
+    with monkeypatch.context() as m:  # the run's sampler runs out of memory above 3 images
+        m.setattr(pipeline, "method_guidance",
+                  lambda *a, **k: (lambda den, g: (_OutOfMemoryAbove(den, 3), g))(*build(*a, **k)))
+        run_audit(tmp_path / "run", rc)
+    stage = tmp_path / "run" / "extraction" / "memguide"
+    with np.load(stage / "shard-00000.npz") as z0, np.load(stage / "shard-00001.npz") as z1:
+        assert np.concatenate([z0["batch"], z1["batch"]]).tolist() == [0] * 3 + [3] * 3 + [6] * 2 + [8] * 3 + [11]
+    stored = load_shards(stage).images
+    audit = Audit.load(tmp_path / "run")
+    np.testing.assert_array_equal(audit.regenerate("memguide", range(12)), stored)
+    checks = audit.verify("memguide", top=4)
+    assert len(checks) == 4 and all(c.equal and c.method == "memguide" for c in checks)
+    # the configured batches, which the run did not use, give other pixels
+    den, g = method_guidance(tmp_path / "run", rc, "memguide", load_target("demo"))
+    configured = np.concatenate([extract(den, rc.extract, g, lo, hi, batch_size=6)["images"]
+                                 for lo, hi in ((0, 6), (6, 8), (8, 12))])
+    assert (configured != stored).any()
+    assert [c.pixels_differ > 0 for c in audit.verify("memguide", [0, 5, 11])] == [False] * 3

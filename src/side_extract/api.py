@@ -26,7 +26,7 @@ from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
 from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
-from .runs import atomic_save_npz, atomic_write_text, read_json, run_lock
+from .runs import atomic_save_npz, atomic_write_text, read_json, read_stages, run_lock
 from .sweeps import run_with_sweeps
 
 ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -175,6 +175,21 @@ class ExtractedPair:
     nearest: np.ndarray = dataclasses.field(repr=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """One generation made again (:meth:`Audit.verify`) against the stored one: how many pixel values differ
+    and by how many uint8 levels at most."""
+
+    method: str
+    generation_id: int
+    pixels_differ: int
+    largest_difference: int
+
+    @property
+    def equal(self) -> bool:
+        return self.pixels_differ == 0
+
+
 TABLE_COLUMNS = ("method", "band", "lo", "hi", "ams", "ums", "ams_cumulative", "ums_cumulative", "p95",
                  "carlini_extracted", "gu_memorized", "n_generated", "n_train")
 
@@ -254,15 +269,16 @@ class Audit:
         """``method``'s generations ``indices`` made again from the run's files, uint8 in the layout of the stored
         ones: the target, the method's classifier (fine-tuned model, memorization guidance) and settings, and
         for a method in rounds the run's earlier rounds. Each generation is made in the denoiser batch the run
-        made it in, so on the same hardware and thread count they equal ``RUN/extraction/<method>`` bit for bit
-        (unless the run halved its batch after a GPU out-of-memory error; then up to rounding): a way to show a
+        made it in (as its shards recorded it, even after the batch was halved on a GPU out-of-memory error), so
+        on the same hardware and thread count they equal ``RUN/extraction/<method>`` bit for bit: a way to show a
         reported extraction comes from the model and not from the audit's files.
 
         ``model``: the target, as ``audit`` takes it; needed when the run's was a model in memory, else the run
         config's. Its fingerprint must match the one the run's manifest recorded.
         """
-        from .extraction import batch_of, earlier_rounds, extract, in_rounds, round_start
+        from .extraction import batch_of, earlier_rounds, extract, in_rounds, round_start, stored_batches
         from .pipeline import method_guidance
+        from .sampling import BatchSize
 
         ex = self.config.extract
         if method not in ex.methods:
@@ -271,8 +287,7 @@ class Audit:
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= ex.n:
             raise ValueError(f"indices={idx.tolist()[:8]} must be a non-empty list of generations in 0 .. {ex.n - 1}")
         stage = self.run / "extraction" / method
-        entry = (read_json(self.run / "manifest.json").get("stages", {}).get(f"extraction/{method}")
-                 if (self.run / "manifest.json").is_file() else None)
+        entry = read_stages(self.run).get(f"extraction/{method}")
         if entry is None or entry.get("status") != "complete":
             raise ValueError(f"{str(stage)!r}: the run has not finished {method}'s extraction (manifest.json)")
         if model is None:
@@ -286,17 +301,42 @@ class Audit:
                              f"({recorded[:16]}, manifest.json)")
         denoiser, guidance = method_guidance(self.run, self.config, method, target.denoiser, device=device)
         stored = load_shards(stage) if in_rounds(ex, guidance) else None  # the earlier rounds, read once
+        starts = stored_batches(stage)
         made: dict[int, np.ndarray] = {}
         for i in idx.tolist():
             if i in made:
                 continue
-            lo, hi = batch_of(ex, guidance, i)
+            lo, hi = batch_of(ex, guidance, i, starts)
             begin = round_start(ex, lo)
             previous = earlier_rounds(stored, begin) if stored is not None and begin > 0 else None
-            batch = extract(denoiser, ex, guidance, lo, hi, previous=previous, batch_size=ex.batch_size,
+            batch = extract(denoiser, ex, guidance, lo, hi, previous=previous, batch_size=BatchSize(hi - lo),
                             device=device)["images"]
             made.update({j: batch[j - lo] for j in range(lo, hi)})
         return np.stack([made[i] for i in idx.tolist()])
+
+    def verify(self, method: str, indices: Sequence[int] | None = None, *, top: int = 8,
+               model: ModelLike | None = None, scheduler: SchedulerMixin | None = None,
+               sample_shape: Sequence[int] | None = None, device: str = "cpu") -> list[Verification]:
+        """:meth:`regenerate` ``method``'s generations ``indices`` (default: its ``top`` closest to the training
+        set) and compare them with the stored ones, one :class:`Verification` each; all ``equal`` on the
+        hardware and thread count the run was made with."""
+        if indices is None:
+            if top < 1:
+                raise ValueError(f"top={top} must be >= 1")
+            if method not in self.methods:
+                raise ValueError(f"method={method!r} has no evaluation in {self.run} to pick its closest "
+                                 "generations from: give the indices")
+            indices = [p.generation_id for p in self.pairs(method, top=top)]
+        ids = [int(i) for i in indices]
+        again = self.regenerate(method, ids, model=model, scheduler=scheduler, sample_shape=sample_shape,
+                                device=device)
+        stored = load_shards(self.run / "extraction" / method)
+        row = {int(i): r for r, i in enumerate(stored.ids)}
+        out = []
+        for i, image in zip(ids, again):
+            diff = np.abs(image.astype(np.int16) - stored.images[row[i]].astype(np.int16))
+            out.append(Verification(method, i, int((diff > 0).sum()), int(diff.max())))
+        return out
 
     def report(self) -> Path:
         """Write the HTML report (``RUN/report/report.html``) and return its path."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -63,12 +64,37 @@ def earlier_rounds(generations: ImageSet, begin: int) -> ImageSet:
     return ImageSet(generations.images[keep], generations.labels[keep], generations.ids[keep])
 
 
-def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None, i: int) -> tuple[int, int]:
-    """The generations ``lo .. hi - 1`` that the extraction stage made in one denoiser call with generation ``i``:
-    its shard (``runs.shard_ranges``) cut into batches of ``batch_size`` from the shard's start. Batched
-    convolutions round differently, so a guided generation is reproduced bit for bit only within its batch."""
+def stored_batches(stage: Path) -> np.ndarray | None:
+    """The first generation of each generation's denoiser batch, as an extraction stage's shards recorded it
+    (``batch``), in order of generation index; None when a shard lacks it (runs made before it was recorded)."""
+    ids, starts = [], []
+    for shard in sorted(stage.glob("shard-*.npz")):
+        with np.load(shard, allow_pickle=False) as z:
+            if "batch" not in z.files or "index" not in z.files:
+                return None
+            ids.append(z["index"])
+            starts.append(z["batch"])
+    if not ids:
+        return None
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    return np.concatenate(starts)[order].astype(np.int64)
+
+
+def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None, i: int,
+             starts: np.ndarray | None = None) -> tuple[int, int]:
+    """The generations ``lo .. hi - 1`` that the extraction stage made in one denoiser call with generation ``i``.
+    Batched convolutions round differently, so a guided generation is reproduced bit for bit only within its
+    batch. ``starts``: the batches the stage recorded (:func:`stored_batches`), which hold even where it halved
+    its batch on out-of-memory or was resumed with another batch size; without them, the shard
+    (``runs.shard_ranges``) cut into batches of ``batch_size`` from the shard's start."""
     if not 0 <= i < c.n:
         raise ValueError(f"generation {i} is not one of the run's {c.n} (0 .. {c.n - 1})")
+    if starts is not None:
+        if len(starts) != c.n:
+            raise ValueError(f"the stage recorded the batches of {len(starts)} generations, not the run's {c.n}")
+        lo = int(starts[i])
+        same = np.flatnonzero(starts == lo)
+        return lo, int(same[-1]) + 1
     for lo, hi in (r for rnd in shard_ranges(c.n, c.shard_size, round_size(c) if in_rounds(c, guidance) else None)
                    for r in rnd):
         if lo <= i < hi:
@@ -85,11 +111,12 @@ def extract(
     stop: int,
     *,
     previous: ImageSet | None = None,
-    batch_size: BatchSize | None = None,
+    batch_size: int | BatchSize | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
-    """Generations ``start .. stop - 1``: ``images`` (uint8), ``index`` and ``labels`` (target label or -1).
+    """Generations ``start .. stop - 1``: ``images`` (uint8), ``index``, ``labels`` (target label or -1) and
+    ``batch`` (the first generation of each one's denoiser batch: ``batch_size``'s cut, halved on out-of-memory).
 
     In rounds (:func:`in_rounds`) ``start .. stop`` lies within one round and ``previous`` holds the earlier
     rounds' generations with their target labels (``allocation.adaptive_targets`` draws the whole round's
@@ -124,10 +151,13 @@ def extract(
         else:
             targets = outputs[draw_targets(c.seed, idx, len(outputs))]
         labels = guidance.classes[targets]
+    size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size or c.batch_size)
+    made = len(size.made)
     x = sample(denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-               batch_size=batch_size or c.batch_size, guidance=guidance, labels=targets, clip_eps=True,
+               batch_size=size, guidance=guidance, labels=targets, clip_eps=True,
                precision=c.precision, device=device, progress=progress, stream=EXTRACTION_STREAM)
-    return {"images": to_uint8(x), "index": idx, "labels": labels}
+    batch = np.concatenate([np.full(hi - lo, lo, dtype=np.int64) for lo, hi in size.made[made:]])
+    return {"images": to_uint8(x), "index": idx, "labels": labels, "batch": batch}
 
 
 def extraction_stage(

@@ -24,7 +24,7 @@ import yaml
 
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
-from .runs import atomic_write_json, atomic_write_text, read_json
+from .runs import atomic_write_json, atomic_write_text, read_json, read_stages
 from .summary import audit_summary
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,7 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
     found: dict[str, dict[str, dict[Any, dict]]] = {}
     for d in sorted((run / "sweeps").glob("*=*")) if (run / "sweeps").is_dir() else []:
         param, value = d.name.split("=", 1)
-        shared = {k for k, e in (read_json(d / "manifest.json").get("stages", {}) if (d / "manifest.json").is_file()
-                                 else {}).items() if e.get("shared_from")}  # the parent's result, not swept
+        shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
         for m, md in _method_dirs(d).items():
             if f"evaluation/{m}" in shared:
                 continue
@@ -270,9 +269,8 @@ def _theory(run: Path) -> dict[str, Any] | None:
 
 
 def _stages(run: Path) -> tuple[list[dict], dict[str, list[str]]]:
-    p = run / "manifest.json"
     stages, versions = [], {}
-    for name, e in (read_json(p).get("stages", {}) if p.is_file() else {}).items():
+    for name, e in read_stages(run).items():
         info = {k: v for k, v in e.items() if k not in ("status", "fingerprint", "inputs", "versions", "seconds",
                                                           "started", "started_unix")}
         stages.append({"stage": name, "status": e.get("status"), "seconds": e.get("seconds"),

@@ -128,6 +128,13 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_stages(run: str | Path) -> dict[str, dict[str, Any]]:
+    """The stage entries of run directory ``run``'s manifest, read only ({} where it has none; unlike
+    :class:`RunDir`, which creates the directory)."""
+    p = Path(run) / RunDir.MANIFEST
+    return read_json(p).get("stages", {}) if p.is_file() else {}
+
+
 def fingerprint_of(*parts: Any) -> str:
     """sha256 of a JSON rendering of ``parts`` (configs, other fingerprints, numbers)."""
     blob = json.dumps([cfg.to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True,

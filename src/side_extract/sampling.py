@@ -198,13 +198,15 @@ def denoise_batch(
 class BatchSize:
     """The batch size of a stage's denoiser calls, halved on a GPU out-of-memory error (and kept halved for
     the rest of the stage, so that one error costs one retry). Every sample draws its noise from its own
-    generator, so a smaller batch gives the same images up to the rounding of batched convolutions."""
+    generator, so a smaller batch gives the same images up to the rounding of batched convolutions; ``made``
+    records each denoiser batch that succeeded, so the images can be made again in their own batches."""
 
     def __init__(self, size: int) -> None:
         if size <= 0:
             raise ValueError(f"batch_size={size} must be positive")
         self.size = size
         self.backoffs: list[int] = []  # the sizes that ran out of memory
+        self.made: list[tuple[int, int]] = []  # (first, last + 1) sample index of each batch that succeeded
 
     def shrink(self, error: BaseException) -> None:
         if self.size == 1:
@@ -273,6 +275,7 @@ def sample(
             continue  # the same samples again, in a smaller batch
         out.append(batch.clamp(-1, 1).cpu())
         b0 = int(idx[-1]) + 1
+        size.made.append((int(idx[0]), b0))
         if progress is not None:
             progress(b0 - start, n)
     return torch.cat(out)
