@@ -7,14 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from side_extract import config as cfg
 from side_extract.bench.compute import interleaved, median_ratio
 from side_extract.bench.extraction import (ExtractionBenchConfig, ratios_to_best_baseline, run_extraction_bench,
                                            write_extraction_results)
 from side_extract.bench.tables import render_extraction_markdown
-from side_extract.cli.main import app
 
 
 def metrics(ams_high: float, ums_high: float, p95: float, carlini: float, gu: float) -> dict:

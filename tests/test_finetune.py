@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from side_extract import config as cfg
-from side_extract.finetune import ConditionalDenoiser, attach_adapters, conditional_unet, finetune, load_finetuned
+from side_extract.finetune import ConditionalDenoiser, conditional_unet, finetune, load_finetuned
 from side_extract.models.target import load_target
 from side_extract.pipeline import run_audit
 

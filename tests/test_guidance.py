@@ -269,7 +269,7 @@ def test_denoised_guidance_by_hand():
     abar = float(sched.alphas_cumprod[t])
     c = (1 - np.sqrt(1 - abar) * a) / np.sqrt(abar)
     z = c * x.flatten(1)
-    w, b = clf.w.detach(), clf.b.detach()  # the time bias is zero for the clean call (t = 0)
+    w = clf.w.detach()  # the classifier's time-dependent bias is zero for the clean call (t = 0)
     p = torch.softmax((z @ w.T) / temp, -1)
     expect = 1.5 * c * (w[y] - p @ w) / temp
     torch.testing.assert_close(g(x, torch.tensor(t), y).flatten(1), expect, rtol=1e-5, atol=1e-9)  # abar is float32

@@ -1,7 +1,6 @@
 """Reliability (issue "Reliability"): one writer per run, no silent garbage, checks before the work, outputs
 the manifest can trust, honest fingerprints, one-line OS errors, the user's umask."""
 import dataclasses
-import json
 import os
 import signal
 import subprocess

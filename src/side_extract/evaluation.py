@@ -11,7 +11,7 @@ import csv
 import dataclasses
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 

@@ -14,7 +14,6 @@ Guidance (``guidance.py``) is an object called as ``g(x_t, t, y)`` with the batc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import torch

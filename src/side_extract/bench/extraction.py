@@ -36,7 +36,7 @@ from ..evaluation import calibrate, digits_complement
 from ..models.target import load_target, model_fingerprint, train_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
-from ..summary import BASELINES, SIDE_METHODS, metric_values, ratios_to_best_baseline
+from ..summary import metric_values, ratios_to_best_baseline
 from ..sweeps import run_with_sweeps, share_stages
 from . import machine_description, write_results
 from .tables import render_extraction_markdown

@@ -374,7 +374,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
     lines = [*_preamble("Fair extraction benchmark (replicates, equal tuning budget, intervals)", data),
              f"Images {data['size']}x{data['size']}; total {data['seconds']:.0f} s wall (the load average above says what else ran).",
              "",
-             (f"Forms (a SIDE method, or memguide, with overrides, tuned like the methods): "
+             ("Forms (a SIDE method, or memguide, with overrides, tuned like the methods): "
               + "; ".join(f"`{k}` = {v}" for k, v in c.get("forms", {}).items()) + ". " if c.get("forms") else "")
              + f"Every guided method tuned over lambda in {c['scales_grid']} x temperature in {c['temperatures']} on "
              f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "

@@ -35,10 +35,10 @@ from typing import Any, Literal
 from .. import config as cfg
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir
+from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
 from . import machine_description, write_results
-from .extraction import (BASELINES, SIDE_METHODS, ExtractionBenchConfig, ScaleInputs, compact,
-                         ratios_to_best_baseline, replicate_config, scale_inputs)
+from .extraction import ExtractionBenchConfig, ScaleInputs, compact, ratios_to_best_baseline, replicate_config, scale_inputs
 from .tables import render_variants_markdown
 
 SCHEMA = "side-extract/bench-variants/1"
