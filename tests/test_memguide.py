@@ -47,7 +47,7 @@ def test_guidance_is_the_gradient_of_minus_log_score_by_hand():
     g = MemorizationGuidance(den, lam, t_hi=0.2, t_m=0.1, seed=4)
     x = torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     idx = torch.tensor([0, 5, 9])
-    out = g(x, torch.tensor(t), idx)
+    out = g(x, torch.tensor(t), ids=idx)
     ac = den.scheduler.alphas_cumprod.double()
     c = lambda a: a.sqrt() * sigma2 / (a * sigma2 + 1 - a)
     c_t, c_m = c(ac[t]), c(ac[t_m])
@@ -57,8 +57,10 @@ def test_guidance_is_the_gradient_of_minus_log_score_by_hand():
     s = r.pow(2).flatten(1).mean(1).view(-1, 1, 1, 1)
     expected = -lam * 2 * alpha * c_t * r / (16 * s)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-6)
-    assert g(x, torch.tensor(201), idx) is None  # above t_hi * T = 200: off
-    assert MemorizationGuidance(den, 0.0)(x, torch.tensor(t), idx) is None  # scale 0: off
+    assert g(x, torch.tensor(201), ids=idx) is None  # above t_hi * T = 200: off
+    assert MemorizationGuidance(den, 0.0)(x, torch.tensor(t), ids=idx) is None  # scale 0: off
+    with pytest.raises(ValueError, match="generation indices"):  # its probe noise is keyed by them, not by labels
+        g(x, torch.tensor(t), idx)
 
 
 def test_guidance_does_not_depend_on_the_batch(tiny_model_dir):
@@ -66,9 +68,9 @@ def test_guidance_does_not_depend_on_the_batch(tiny_model_dir):
     g = MemorizationGuidance(den, 30.0, seed=2)
     x = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(1))
     idx = torch.tensor([10, 11, 12, 13])
-    whole = g(x, torch.tensor(100), idx)
+    whole = g(x, torch.tensor(100), ids=idx)
     for b in range(4):
-        torch.testing.assert_close(g(x[b:b + 1], torch.tensor(100), idx[b:b + 1]), whole[b:b + 1], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g(x[b:b + 1], torch.tensor(100), ids=idx[b:b + 1]), whole[b:b + 1], rtol=1e-4, atol=1e-6)
     # the probe noise is the generation's own: another index or another seed changes it
     assert not torch.allclose(g.probe(idx[:1], 100, (1, 8, 8)), g.probe(idx[1:2], 100, (1, 8, 8)))
     assert not torch.allclose(g.probe(idx[:1], 100, (1, 8, 8)),
@@ -153,7 +155,7 @@ def test_avoidance_moves_the_denoised_estimate_by_its_formula_by_hand():
     x0 = a.sqrt() * sigma2 / (a * sigma2 + 1 - a) * x.double()
     memory = torch.stack([x0[0] + 0.06, x0[1] - 0.1 * torch.ones(1, 4, 4, dtype=torch.float64)]).float()
     g = MemorizationGuidance(den, 0.0, avoid=eta, avoid_h=h, avoid_window=(0.2, 0.6)).remembering(memory)
-    out = g(x, torch.tensor(t), torch.tensor([0, 1])).double()
+    out = g(x, torch.tensor(t), ids=torch.tensor([0, 1])).double()
     expected = torch.zeros_like(x0)
     for i in range(2):
         for m in memory.double():
@@ -161,9 +163,9 @@ def test_avoidance_moves_the_denoised_estimate_by_its_formula_by_hand():
             expected[i] += eta * torch.exp(-d2 / (2 * h * h)) * (x0[i] - m)
     torch.testing.assert_close((1 - a) * out / a.sqrt(), expected, rtol=1e-4, atol=1e-7)
     # off outside the window, without memory, and at strength 0
-    assert g(x, torch.tensor(601), torch.tensor([0, 1])) is None and g(x, torch.tensor(199), torch.tensor([0, 1])) is None
-    assert MemorizationGuidance(den, 0.0, avoid=eta)(x, torch.tensor(t), torch.tensor([0, 1])) is None
-    assert dataclasses.replace(g, avoid=0.0)(x, torch.tensor(t), torch.tensor([0, 1])) is None
+    assert g(x, torch.tensor(601), ids=torch.tensor([0, 1])) is None and g(x, torch.tensor(199), ids=torch.tensor([0, 1])) is None
+    assert MemorizationGuidance(den, 0.0, avoid=eta)(x, torch.tensor(t), ids=torch.tensor([0, 1])) is None
+    assert dataclasses.replace(g, avoid=0.0)(x, torch.tensor(t), ids=torch.tensor([0, 1])) is None
     with pytest.raises(ValueError, match=r"memguide avoid_h=0.0 must be a pixel RMS distance in \(0, 1\)"):
         MemorizationGuidance(den, 1.0, avoid=1.0, avoid_h=0.0)
     with pytest.raises(ValueError, match=r"memguide_avoid_t_lo=0.6, memguide_avoid_t_hi=0.2 must satisfy"):
@@ -235,9 +237,9 @@ def test_avoidance_takes_the_samplers_eps_instead_of_a_pass_of_its_own(tiny_mode
     memory = torch.rand(3, 1, 8, 8) * 2 - 1
     counting = Counting()
     mg = MemorizationGuidance(counting, 0.0, avoid=1.0, avoid_h=0.5, avoid_window=(0.0, 1.0)).remembering(memory)
-    x = sample(counting, 2, seed=3, steps=5, guidance=mg, labels=np.arange(2), clip_eps=True)
+    x = sample(counting, 2, seed=3, steps=5, guidance=mg, clip_eps=True)  # label-free: no labels needed
     assert counting.calls == 5  # one pass per step: the sampler's
     old = Recomputing(den, 0.0, avoid=1.0, avoid_h=0.5, avoid_window=(0.0, 1.0)).remembering(memory)
-    torch.testing.assert_close(sample(den, 2, seed=3, steps=5, guidance=old, labels=np.arange(2), clip_eps=True), x,
+    torch.testing.assert_close(sample(den, 2, seed=3, steps=5, guidance=old, clip_eps=True), x,
                                rtol=0, atol=0)
     assert not torch.equal(x, sample(den, 2, seed=3, steps=5, clip_eps=True))  # the avoidance did act

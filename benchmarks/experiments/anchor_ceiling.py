@@ -59,7 +59,7 @@ for r in reps:
     syn = sample(den, n_s, seed=rc.sample.seed, stream=SYNTHETIC_STREAM, **common)
     score = denoising_error(den, syn, mem.memorization_t, mem.memorization_draws, rc.sample.seed)
     gen = {"uncond": sample(den, n, seed=ex.seed, stream=EXTRACTION_STREAM, **common),
-           "memguide": sample(den, n, seed=ex.seed, stream=EXTRACTION_STREAM, labels=np.arange(n),
+           "memguide": sample(den, n, seed=ex.seed, stream=EXTRACTION_STREAM,
                               guidance=MemorizationGuidance(den, lam, ex.memguide_t_hi, ex.memguide_t_m, ex.seed),
                               **common)}
     s_near, s_hit = rep.copies(to_uint8(syn))

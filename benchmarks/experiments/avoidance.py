@@ -68,8 +68,7 @@ for seed in seeds:
         outs, scores = [], []
         for r in range(rounds):
             x = sample(den, per, seed=seed, start=r * per, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                       batch_size=BatchSize(250), guidance=guidance, labels=np.arange(r * per, (r + 1) * per),
-                       clip_eps=True, stream=EXTRACTION_STREAM)
+                       batch_size=BatchSize(250), guidance=guidance, clip_eps=True, stream=EXTRACTION_STREAM)
             outs.append(x)
             if eta > 0 and r < rounds - 1:
                 if memory_kind == "copies":

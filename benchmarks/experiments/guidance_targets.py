@@ -17,7 +17,7 @@ import sys, time
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from side_extract import config as cfg
-from side_extract.data import load_image_set, load_shards, to_uint8
+from side_extract.data import load_image_set, to_uint8
 from side_extract.metrics import read_bands_file
 from side_extract.models.target import load_target
 from side_extract.models.classifier import load_classifier

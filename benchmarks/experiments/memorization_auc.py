@@ -12,7 +12,6 @@ of "low error -> copy" per t and the hit rate among the lowest-error quarter (wh
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 

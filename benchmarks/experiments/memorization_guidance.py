@@ -60,18 +60,20 @@ side_lambda = float(sys.argv[7]) if len(sys.argv) > 7 else None
 
 
 class WithSide:
-    """Memorization guidance (called with generation indices) plus SIDE's classifier guidance toward each
-    generation's drawn cluster (``targets[index]``)."""
+    """Memorization guidance plus SIDE's classifier guidance toward each generation's drawn cluster
+    (``targets[index]``); label-free to the sampler, which gives it the generation indices."""
+
+    uses_ids = True
 
     def __init__(self, mem: MemorizationGuidance, side: ClassifierGuidance | None, targets: np.ndarray) -> None:
         self.mem, self.side, self.targets = mem, side, torch.as_tensor(targets)
         self.scale = mem.scale
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        g = self.mem(x, t, y)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: None = None, *, ids: torch.Tensor) -> torch.Tensor | None:
+        g = self.mem(x, t, ids=ids)
         if self.side is None:
             return g
-        g_side = self.side(x, t, self.targets[y])
+        g_side = self.side(x, t, self.targets[ids])
         return g_side if g is None else (g if g_side is None else g + g_side)
 
 
@@ -92,7 +94,7 @@ for seed in seeds:
             side.target_outputs[draw_targets(seed, np.arange(n), len(side.target_outputs))]
         guidance = WithSide(MemorizationGuidance(den, lam, t_hi, t_m_frac, seed), side, targets)
         x = sample(den, n, seed=seed, start=0, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                   batch_size=BatchSize(250), guidance=guidance, labels=np.arange(n), clip_eps=True,
+                   batch_size=BatchSize(250), guidance=guidance, clip_eps=True,
                    stream=EXTRACTION_STREAM)
         near, hit = replicate.copies(to_uint8(x))
         stats[lam].append({"nn": near.astype(np.int64), "reach/mid": hit})

@@ -51,8 +51,8 @@ def restart(x: torch.Tensor, seed: int, t_r: float, rounds: int, guidance, batch
             gens = sample_generators(seed * 1000 + r, idx, stream=RESTART_STREAM)
             z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
             xt = sched.add_noise(out[idx], z, torch.full((len(idx),), t0, dtype=torch.long))
-            y = torch.as_tensor(idx) if guidance is not None else None
-            out[idx] = denoise_batch(den, sched, xt, gens, eta=ex.eta, guidance=guidance, y=y, clip_eps=True).clamp(-1, 1)
+            out[idx] = denoise_batch(den, sched, xt, gens, eta=ex.eta, guidance=guidance, ids=torch.as_tensor(idx),
+                                     clip_eps=True).clamp(-1, 1)
     return out
 
 
@@ -66,7 +66,7 @@ for seed in seeds:
     t0 = time.time()
     guidance = None if mg_lambda is None else MemorizationGuidance(den, mg_lambda, ex.memguide_t_hi, ex.memguide_t_m, seed)
     x = sample(den, n, seed=seed, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta, batch_size=250,
-               guidance=guidance, labels=None if guidance is None else np.arange(n), clip_eps=True,
+               guidance=guidance, clip_eps=True,
                stream=EXTRACTION_STREAM)
     for name, (t_r, rounds) in [("start", (0.0, 0)), *((f"{a:g}:{b}", (a, b)) for a, b in specs)]:
         xs = x if rounds == 0 else restart(x, seed, t_r, rounds, guidance)

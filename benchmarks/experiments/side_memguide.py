@@ -40,14 +40,17 @@ targets = torch.as_tensor(side.target_outputs[draw_targets(ex.seed, np.arange(n)
 
 
 class Combined:
-    """SIDE's pull toward generation i's cluster plus memorization guidance and avoidance; called with the batch's
-    generation indices (what memorization guidance keys its probe noise by), from which the clusters are looked up."""
+    """SIDE's pull toward generation i's cluster plus memorization guidance and avoidance; label-free to the
+    sampler, which gives it the batch's generation indices (memorization guidance keys its probe noise by them),
+    from which the clusters are looked up."""
+
+    uses_ids = True
 
     def __init__(self, side_g, mem: MemorizationGuidance):
         self.side, self.mem, self.scale = side_g, mem, max(side_g.scale, mem.scale, mem.avoid)
 
-    def __call__(self, x, t, idx):
-        g, m = self.side(x, t, targets[idx]), self.mem(x, t, idx)
+    def __call__(self, x, t, y=None, *, ids):
+        g, m = self.side(x, t, targets[ids]), self.mem(x, t, ids=ids)
         return m if g is None else (g if m is None else g + m)
 
     def remembering(self, images):
@@ -68,8 +71,7 @@ for side_lambda, mem_lambda, eta in grid:
     outs = []
     for lo, hi in ([r[0] for r in shard_ranges(n, per, per)] if eta > 0 else [(0, n)]):
         outs.append(sample(den, hi - lo, seed=ex.seed, start=lo, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                           batch_size=BatchSize(ex.batch_size), guidance=guidance, labels=np.arange(lo, hi),
-                           clip_eps=True, stream=EXTRACTION_STREAM))
+                           batch_size=BatchSize(ex.batch_size), guidance=guidance, clip_eps=True, stream=EXTRACTION_STREAM))
         if eta > 0:
             guidance = guidance.remembering(torch.cat(outs))
     near, hit = rep.copies(to_uint8(torch.cat(outs)))

@@ -5,7 +5,7 @@ the extraction's own noise stream, ``sampling.EXTRACTION_STREAM``, apart from th
 equal seeds), so methods differ only by their guidance. Each guided generation's target class is drawn uniformly among
 the classifier's classes from (seed, i) alone and stored beside the image (``labels`` in each shard: the
 class's label value; -1 for ``uncond`` and the label-free ``memguide``, whose guidance receives each
-generation's index instead of a label). Every method samples with guided-diffusion's DDIM (eps recomputed
+generation's index instead, ``guidance.Guidance``). Every method samples with guided-diffusion's DDIM (eps recomputed
 from the clipped x0 in every step) and, when guided, applies the guidance in guided-diffusion's order
 (:func:`side_extract.sampling.guided_step`). Adaptive allocation and memguide's avoidance generate in rounds,
 each seeing the earlier rounds' generations: each round is cut into shards of ``shard_size`` (written in parallel
@@ -136,8 +136,8 @@ def extract(
     elif guidance is None:
         targets = None
         labels = np.full(len(idx), -1, dtype=np.int64)
-    elif isinstance(guidance, MemorizationGuidance):  # label-free: the guidance keys its probe noise by index
-        targets = idx
+    elif isinstance(guidance, MemorizationGuidance):  # label-free: the sampler gives it the generation indices
+        targets = None
         labels = np.full(len(idx), -1, dtype=np.int64)
         if guidance.avoid > 0 and begin > 0:  # avoidance: away from the earlier rounds' generations
             guidance = guidance.remembering(previous.to_float())

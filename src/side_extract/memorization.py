@@ -89,8 +89,8 @@ class MemorizationGuidance:
     from (``seed``, generation index, t) in its own stream (:data:`MEMGUIDE_STREAM`): a generation does not
     depend on its batch. Cost: two extra denoiser passes and their backward pass on each guided step.
 
-    Being label-free, the guidance is called as ``g(x_t, t, y)`` with ``y`` the batch's *generation indices*
-    (not target labels). t_hi 0.2 and t_m 0.1 were chosen on the fair protocol's validation replicate 1 at 300
+    Being label-free (``uses_ids``), the guidance is called as ``g(x_t, t, None, ids=ids)`` with the batch's
+    generation indices, which key its probe noise. t_hi 0.2 and t_m 0.1 were chosen on the fair protocol's validation replicate 1 at 300
     images (``benchmarks/results/experiments/memorization-guidance-16px-n300.md``); ``side bench fair`` chose
     lambda 30 there and 100 at 1,000 images (``benchmarks/results/fair16/memguide-n*``; ``extract.memguide_scale``
     defaults to 100, see ``config.ExtractConfig``).
@@ -192,16 +192,22 @@ class MemorizationGuidance:
         return self.avoid * delta * abar.sqrt() / (1 - abar)
 
     uses_eps: ClassVar[bool] = True  # the sampler passes its eps (guidance.Guidance): avoidance needs no extra pass
+    uses_ids: ClassVar[bool] = True  # label-free: the sampler passes the generation indices, not labels
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                 eps: torch.Tensor | None = None) -> torch.Tensor | None:
-        g = self.memorization_term(x, t, y)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                 ids: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The guidance for the batch ``x`` at ``t``: ``ids`` (B,) are its generation indices (``y`` is not used:
+        no labels)."""
+        if ids is None or len(ids) != len(x):
+            raise ValueError(f"memorization guidance needs the batch's {len(x)} generation indices (ids=), got "
+                             f"{None if ids is None else len(ids)}")
+        g = self.memorization_term(x, t, ids)
         if not self.avoids_at(t):
             return g
         push = self.repulsion(x, t, eps)
         return push if g is None else g + push
 
-    def memorization_term(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    def memorization_term(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         """``scale`` * grad_{x_t} -log s (steps 1-3 above), or None above ``t_hi`` T."""
         if not self.guides_at(t):
             return None
@@ -209,7 +215,7 @@ class MemorizationGuidance:
         x_in = x.detach().requires_grad_(True)
         tt = t.expand(len(x)) if t.ndim == 0 else t
         x0 = predict_x0(sched, x_in, int(t), self.denoiser(x_in, tt).to(x.dtype))
-        z = self.probe(y, int(t), tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
+        z = self.probe(ids, int(t), tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
         s = reconstruction_error(self.denoiser, x0, timestep(self.t_m, self.num_train_timesteps), z, clip_range=None)
         (grad,) = torch.autograd.grad((-s.clamp_min(1e-8).log()).sum(), x_in)
         return self.scale * grad

@@ -159,6 +159,7 @@ def denoise_batch(
     eta: float = 0.0,
     guidance: Guidance | None = None,
     y: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
     clip_eps: bool = True,
     precision: cfg.Precision = "fp32",
 ) -> torch.Tensor:
@@ -167,12 +168,17 @@ def denoise_batch(
     ``precision="bf16"``: the denoiser runs under bfloat16 autocast, its eps cast back to ``x``'s dtype; the
     scheduler arithmetic and the guidance stay in float32.
 
-    ``guidance(x_t, t, y)`` with the batch's target labels ``y`` (B,); ``clip_eps`` (DDIM) recomputes eps from
-    the clipped x0 in unguided steps too, as guided-diffusion's DDIM always does (diffusers' DDIMPipeline
-    does not: ``clip_eps=False`` reproduces it).
+    ``guidance(x_t, t, y)`` with the batch's target labels ``y`` (B,), or a label-free one (``uses_ids``) with
+    the batch's sample indices ``ids`` (B,) instead; ``clip_eps`` (DDIM) recomputes eps from the clipped x0 in
+    unguided steps too, as guided-diffusion's DDIM always does (diffusers' DDIMPipeline does not:
+    ``clip_eps=False`` reproduces it).
     """
-    if (guidance is not None or getattr(denoiser, "conditional", False)) and y is None:
+    label_free = getattr(guidance, "uses_ids", False)
+    if (getattr(denoiser, "conditional", False) or (guidance is not None and not label_free)) and y is None:
         raise ValueError("guided or conditional sampling needs the batch's target labels y")
+    if label_free and ids is None:
+        raise ValueError("label-free guidance needs the batch's sample indices ids")
+    keys = {"ids": ids} if label_free else {}
     raw = _raw_ddim(sched) if guidance is not None and isinstance(sched, DDIMScheduler) else None
     conditional = getattr(denoiser, "conditional", False)
     low = precision == "bf16"
@@ -183,7 +189,7 @@ def denoise_batch(
         g = None
         if guidance is not None:
             with torch.enable_grad():
-                g = guidance(x, t, y, eps=eps) if getattr(guidance, "uses_eps", False) else guidance(x, t, y)
+                g = guidance(x, t, y, **keys, **({"eps": eps} if getattr(guidance, "uses_eps", False) else {}))
         x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps, raw=raw)
         if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > DIVERGED_ABOVE:
             scale = getattr(guidance, "scale", None)
@@ -241,7 +247,8 @@ def sample(
     ----------
     batch_size : images per denoiser call, or a stage's :class:`BatchSize` (halved on out-of-memory)
     guidance : ``g(x, t, y)`` (``guidance.Guidance``), or None for unguided sampling
-    labels : (n,) int, the target output index of each sample (needed with guidance)
+    labels : (n,) int, the target output index of each sample (needed with guidance, unless it is label-free:
+        that one receives the samples' indices ``start ..`` instead)
     clip_eps : DDIM: eps from the clipped x0 in every step (guided-diffusion's DDIM); False is diffusers'
         ``DDIMPipeline``
     precision : "fp32", or "bf16" (the denoiser under bfloat16 autocast)
@@ -253,7 +260,8 @@ def sample(
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
     if n <= 0:
         raise ValueError(f"n={n} must be positive")
-    needs_labels = guidance is not None or getattr(denoiser, "conditional", False)
+    needs_labels = getattr(denoiser, "conditional", False) or (
+        guidance is not None and not getattr(guidance, "uses_ids", False))
     if needs_labels and (labels is None or len(labels) != n):
         raise ValueError(f"guided or conditional sampling of {n} samples needs {n} target labels, got "
                          f"{None if labels is None else len(labels)}")
@@ -266,8 +274,8 @@ def sample(
         x = randn_tensor((len(idx), *denoiser.sample_shape), generator=gens, device=torch.device(device))
         y = None if not needs_labels else torch.as_tensor(labels[idx - start], dtype=torch.long, device=device)
         try:
-            batch = denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=guidance, y=y, clip_eps=clip_eps,
-                                  precision=precision)
+            batch = denoise_batch(denoiser, sched, x, gens, eta=eta, guidance=guidance, y=y,
+                                  ids=torch.as_tensor(idx, dtype=torch.long), clip_eps=clip_eps, precision=precision)
         except torch.OutOfMemoryError as e:
             del x, gens
             size.shrink(e)
