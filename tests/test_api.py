@@ -151,6 +151,14 @@ def test_regenerate_needs_the_runs_own_in_memory_model(tmp_path, one_thread):
         res.regenerate("side", [0], model=tiny_unet(seed=1), scheduler=tiny_scheduler())
     again = res.regenerate("side", [5, 2], model=unet, scheduler=tiny_scheduler())
     np.testing.assert_array_equal(again, load_shards(tmp_path / "run" / "extraction" / "side").images[[5, 2]])
+    # a config.yaml that no longer describes the stage (its lambda edited after the run) is refused, not run
+    conf = tmp_path / "run" / "config.yaml"
+    edited = re.sub(r"(?m)^  scale: .*$", "  scale: 7.5", conf.read_text(), count=1)
+    assert edited != conf.read_text()
+    conf.write_text(edited)
+    with pytest.raises(ValueError, match="does not describe side's extraction as the run made it"):
+        Audit.load(tmp_path / "run").regenerate("side", [0], model=unet, scheduler=tiny_scheduler())
+    Audit.load(tmp_path / "run").regenerate("uncond", [0], model=unet, scheduler=tiny_scheduler())  # its own settings
 
 
 def test_regenerate_makes_each_generation_in_the_runs_batch(tmp_path, one_thread):

@@ -277,7 +277,7 @@ class Audit:
         config's. Its fingerprint must match the one the run's manifest recorded.
         """
         from .extraction import batch_of, earlier_rounds, extract, in_rounds, round_start, stored_batches
-        from .pipeline import method_guidance
+        from .pipeline import extraction_fingerprint, extraction_upstream, method_guidance
         from .sampling import BatchSize
 
         ex = self.config.extract
@@ -287,7 +287,8 @@ class Audit:
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= ex.n:
             raise ValueError(f"indices={idx.tolist()[:8]} must be a non-empty list of generations in 0 .. {ex.n - 1}")
         stage = self.run / "extraction" / method
-        entry = read_stages(self.run).get(f"extraction/{method}")
+        stages = read_stages(self.run)
+        entry = stages.get(f"extraction/{method}")
         if entry is None or entry.get("status") != "complete":
             raise ValueError(f"{str(stage)!r}: the run has not finished {method}'s extraction (manifest.json)")
         if model is None:
@@ -300,6 +301,13 @@ class Audit:
             raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
                              f"({recorded[:16]}, manifest.json)")
         denoiser, guidance = method_guidance(self.run, self.config, method, target.denoiser, device=device)
+        up = extraction_upstream(method)
+        made_by = extraction_fingerprint(self.config, method, guidance, target.fingerprint,
+                                         target.fingerprint if up == "model" else stages.get(up, {}).get("fingerprint"))
+        if entry.get("fingerprint") != made_by:
+            raise ValueError(f"{str(self.run / 'config.yaml')!r} does not describe {method}'s extraction as the run made "
+                             f"it (its settings or upstream stages changed since: the fingerprint differs from "
+                             f"manifest.json's), so its generations cannot be made again from it")
         stored = load_shards(stage) if in_rounds(ex, guidance) else None  # the earlier rounds, read once
         starts = stored_batches(stage)
         made: dict[int, np.ndarray] = {}

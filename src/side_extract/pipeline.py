@@ -306,6 +306,23 @@ def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | Mem
     return d
 
 
+def extraction_upstream(method: str) -> str:
+    """The stage whose fingerprint a method's extraction depends on besides the target's: its classifier, the
+    fine-tuned model (``lora``), or ``model`` (the target alone: UnCond, memguide)."""
+    return {**GUIDING_CLASSIFIER, "side-lora": "lora"}.get(method, "model")
+
+
+def extraction_fingerprint(rc: cfg.RunConfig, method: str, guidance: ClassifierGuidance | MemorizationGuidance | None,
+                           model_fp: str, upstream_fp: str | None, n: int | None = None) -> str:
+    """The fingerprint of ``extraction/<method>`` at N_G ``n`` (default ``rc.extract.n``): its settings
+    (:func:`extraction_settings`), the target's and its upstream stage's fingerprints."""
+    settings = extraction_settings(rc.extract, guidance)
+    if method == "side-lora":
+        settings["cfg_scale"] = rc.lora.guidance_scale
+    return stage_fingerprint("extraction", {**settings, "n": rc.extract.n if n is None else n}, model_fp, method,
+                             upstream_fp)
+
+
 # --------------------------------------------------------------------------------------------------
 # the chain
 
@@ -607,13 +624,10 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     extractions = {}
     for m in methods:
         sampler, g = method_guidance(run.path, rc, m, denoiser, device=device)
-        settings = extraction_settings(rc.extract, g)
-        if m == "side-lora":
-            settings["cfg_scale"] = rc.lora.guidance_scale
-        upstream = ctx.fp.get({**GUIDING_CLASSIFIER, "side-lora": "lora"}.get(m, "model"))
+        upstream = ctx.fp.get(extraction_upstream(m))
 
-        def fingerprint_at(n: int, settings: dict = settings, m: str = m, upstream: str | None = upstream) -> str:
-            return stage_fingerprint("extraction", {**settings, "n": n}, ctx.fp["model"], m, upstream)
+        def fingerprint_at(n: int, m: str = m, g=g, upstream: str | None = upstream) -> str:
+            return extraction_fingerprint(rc, m, g, ctx.fp["model"], upstream, n)
 
         fp = ctx.fp[f"extraction/{m}"] = fingerprint_at(rc.extract.n)
         extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp["model"],
