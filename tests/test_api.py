@@ -175,6 +175,25 @@ def test_regenerate_makes_each_generation_in_the_runs_batch(tmp_path, one_thread
     np.testing.assert_array_equal(Audit.load(tmp_path / "run").regenerate("memguide", range(12)), stored)
 
 
+def test_recorded_batches_where_shards_have_them_the_configured_cut_elsewhere(tmp_path):
+    """A run grown from one made before shards recorded their batches: the old shard's generations take the
+    configured cut (its shard in batches of batch_size), the new shard's the batches it recorded (halved here)."""
+    from side_extract.extraction import batch_of, stored_batches
+
+    c = cfg.ExtractConfig(n=12, shard_size=8, batch_size=6)
+    images = np.zeros((4, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "shard-00000.npz", images=np.zeros((8, 8, 8, 1), dtype=np.uint8), index=np.arange(8))
+    assert stored_batches(tmp_path) is None  # nothing recorded: the cut everywhere
+    np.savez(tmp_path / "shard-00001.npz", images=images, index=np.arange(8, 12), batch=np.array([8, 8, 8, 11]))
+    starts = stored_batches(tmp_path)
+    assert starts.tolist() == [-1] * 8 + [8, 8, 8, 11]
+    assert [batch_of(c, None, i, starts) for i in (0, 5, 6, 7, 8, 10, 11)] == \
+        [(0, 6), (0, 6), (6, 8), (6, 8), (8, 11), (8, 11), (11, 12)]
+    assert batch_of(c, None, 9) == (8, 12)  # the configured cut, had the stage recorded nothing
+    with pytest.raises(ValueError, match="recorded the batches of 12 generations, not the run's 13"):
+        batch_of(dataclasses.replace(c, n=13), None, 0, starts)
+
+
 class _OutOfMemoryAbove:
     """A denoiser raising torch's out-of-memory error for batches larger than ``limit``, as a GPU would."""
 

@@ -66,15 +66,14 @@ def earlier_rounds(generations: ImageSet, begin: int) -> ImageSet:
 
 def stored_batches(stage: Path) -> np.ndarray | None:
     """The first generation of each generation's denoiser batch, as an extraction stage's shards recorded it
-    (``batch``), in order of generation index; None when a shard lacks it (runs made before it was recorded)."""
+    (``batch``), in order of generation index; -1 for the generations of shards made before it was recorded
+    (a run grown from an older one); None when no shard recorded it."""
     ids, starts = [], []
     for shard in sorted(stage.glob("shard-*.npz")):
         with np.load(shard, allow_pickle=False) as z:
-            if "batch" not in z.files or "index" not in z.files:
-                return None
             ids.append(z["index"])
-            starts.append(z["batch"])
-    if not ids:
+            starts.append(z["batch"] if "batch" in z.files else np.full(len(z["index"]), -1, dtype=np.int64))
+    if not ids or all((s < 0).all() for s in starts):
         return None
     order = np.argsort(np.concatenate(ids), kind="stable")
     return np.concatenate(starts)[order].astype(np.int64)
@@ -85,13 +84,13 @@ def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGu
     """The generations ``lo .. hi - 1`` that the extraction stage made in one denoiser call with generation ``i``.
     Batched convolutions round differently, so a guided generation is reproduced bit for bit only within its
     batch. ``starts``: the batches the stage recorded (:func:`stored_batches`), which hold even where it halved
-    its batch on out-of-memory or was resumed with another batch size; without them, the shard
-    (``runs.shard_ranges``) cut into batches of ``batch_size`` from the shard's start."""
+    its batch on out-of-memory; where they are missing (-1, or None), the shard (``runs.shard_ranges``) cut
+    into batches of ``batch_size`` from the shard's start."""
     if not 0 <= i < c.n:
         raise ValueError(f"generation {i} is not one of the run's {c.n} (0 .. {c.n - 1})")
-    if starts is not None:
-        if len(starts) != c.n:
-            raise ValueError(f"the stage recorded the batches of {len(starts)} generations, not the run's {c.n}")
+    if starts is not None and len(starts) != c.n:
+        raise ValueError(f"the stage recorded the batches of {len(starts)} generations, not the run's {c.n}")
+    if starts is not None and starts[i] >= 0:
         lo = int(starts[i])
         same = np.flatnonzero(starts == lo)
         return lo, int(same[-1]) + 1
