@@ -151,14 +151,28 @@ def test_regenerate_needs_the_runs_own_in_memory_model(tmp_path, one_thread):
         res.regenerate("side", [0], model=tiny_unet(seed=1), scheduler=tiny_scheduler())
     again = res.regenerate("side", [5, 2], model=unet, scheduler=tiny_scheduler())
     np.testing.assert_array_equal(again, load_shards(tmp_path / "run" / "extraction" / "side").images[[5, 2]])
-    # a config.yaml that no longer describes the stage (its lambda edited after the run) is refused, not run
-    conf = tmp_path / "run" / "config.yaml"
+    # the run's config.yaml rewritten by a later call that ran memguide alone at another lambda (as the benchmarks'
+    # replicates do): each extraction is made again from the config it was made with (its stage's config.yaml)
+    side_extract.audit(unet, digits.images, scheduler=tiny_scheduler(), out=tmp_path / "run", methods=["memguide"],
+                       config={**SMALL, "extract.scale": 4.0, "extract.memguide_scale": 7.0})
+    later = Audit.load(tmp_path / "run")
+    assert later.config.extract.methods == ("memguide",) and later.config.extract.scale == 4.0
+    for m in ("side", "uncond", "memguide"):
+        np.testing.assert_array_equal(later.regenerate(m, [5, 0], model=unet, scheduler=tiny_scheduler()),
+                                      load_shards(tmp_path / "run" / "extraction" / m).images[[5, 0]], err_msg=m)
+    checks = later.verify("side", top=2, model=unet, scheduler=tiny_scheduler())  # its evaluation picks them
+    assert [c.equal for c in checks] == [True, True] and len(later.pairs("side")) == 6
+    # a config that no longer describes the stage (its lambda edited after the run) is refused, not run
+    conf = tmp_path / "run" / "extraction" / "side" / "config.yaml"
     edited = re.sub(r"(?m)^  scale: .*$", "  scale: 7.5", conf.read_text(), count=1)
     assert edited != conf.read_text()
     conf.write_text(edited)
     with pytest.raises(ValueError, match="does not describe side's extraction as the run made it"):
-        Audit.load(tmp_path / "run").regenerate("side", [0], model=unet, scheduler=tiny_scheduler())
-    Audit.load(tmp_path / "run").regenerate("uncond", [0], model=unet, scheduler=tiny_scheduler())  # its own settings
+        later.regenerate("side", [0], model=unet, scheduler=tiny_scheduler())
+    later.regenerate("uncond", [0], model=unet, scheduler=tiny_scheduler())  # its own settings
+    conf.unlink()  # a run made before the stage kept its config: the run's, which now says lambda 4
+    with pytest.raises(ValueError, match="is not one of this run's methods"):
+        later.regenerate("side", [0], model=unet, scheduler=tiny_scheduler())
 
 
 def test_regenerate_makes_each_generation_in_the_runs_batch(tmp_path, one_thread):

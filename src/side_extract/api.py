@@ -243,18 +243,27 @@ class Audit:
                               "Audit.to_csv() need nothing") from None
         return pd.DataFrame(self.table(), columns=list(TABLE_COLUMNS))
 
+    def _result(self, method: str) -> MethodResult:
+        """``method``'s results: of the config's methods, or of an evaluation the run directory holds besides
+        them (a benchmark replicate runs one method at a time, and its config.yaml names the last)."""
+        if method in self.methods:
+            return self.methods[method]
+        p = self.run / "evaluation" / method / "metrics.json"
+        if method in cfg.METHODS and p.is_file():
+            return MethodResult.from_json(read_json(p))
+        raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}")
+
     def pairs(self, method: str, *, band: str | None = None, top: int | None = None) -> list[ExtractedPair]:
         """``method``'s generations beside their nearest training images, closest first (in ``band`` only,
         when given; the ``top`` closest, when given)."""
-        if method not in self.methods:
-            raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}")
+        result = self._result(method)
         with np.load(self.run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
             gid, tidx, tid = z["generation_id"], z["nearest_train_index"], z["nearest_train_id"]
             sim, bands = z["similarity"].astype(float), z["band"].astype(str)
-        order = np.argsort(-sim if self.methods[method].orientation == "similarity" else sim, kind="stable")
+        order = np.argsort(-sim if result.orientation == "similarity" else sim, kind="stable")
         if band is not None:
-            if band not in self.methods[method].bands:
-                raise ValueError(f"band={band!r} must be one of {', '.join(self.methods[method].bands)}")
+            if band not in result.bands:
+                raise ValueError(f"band={band!r} must be one of {', '.join(result.bands)}")
             order = order[bands[order] == band]
         order = order[:top] if top is not None else order
         gen = load_shards(self.run / "extraction" / method)
@@ -274,38 +283,42 @@ class Audit:
         reported extraction comes from the model and not from the audit's files.
 
         ``model``: the target, as ``audit`` takes it; needed when the run's was a model in memory, else the run
-        config's. Its fingerprint must match the one the run's manifest recorded.
+        config's. Its fingerprint must match the one the run's manifest recorded. The settings are the ones the
+        stage was made with (``RUN/extraction/<method>/config.yaml``; the run's ``config.yaml`` for runs made
+        before it was kept), checked against the stage's fingerprint.
         """
         from .extraction import batch_of, earlier_rounds, extract, in_rounds, round_start, stored_batches
         from .pipeline import extraction_fingerprint, extraction_upstream, method_guidance
         from .sampling import BatchSize
 
-        ex = self.config.extract
+        stage = self.run / "extraction" / method
+        rc = (cfg.from_dict(cfg.RunConfig, cfg.load_yaml(stage / "config.yaml")) if (stage / "config.yaml").is_file()
+              else self.config)
+        ex = rc.extract
         if method not in ex.methods:
             raise ValueError(f"method={method!r} is not one of this run's methods ({', '.join(ex.methods)})")
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= ex.n:
             raise ValueError(f"indices={idx.tolist()[:8]} must be a non-empty list of generations in 0 .. {ex.n - 1}")
-        stage = self.run / "extraction" / method
         stages = read_stages(self.run)
         entry = stages.get(f"extraction/{method}")
         if entry is None or entry.get("status") != "complete":
             raise ValueError(f"{str(stage)!r}: the run has not finished {method}'s extraction (manifest.json)")
         if model is None:
-            if not resolve_model_path(str(self.config.model)).exists():
-                raise ValueError(f"the run's target {self.config.model!r} is not a model on disk: pass it as model=")
-            model = self.config.model
+            if not resolve_model_path(str(rc.model)).exists():
+                raise ValueError(f"the run's target {rc.model!r} is not a model on disk: pass it as model=")
+            model = rc.model
         target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)
         recorded = entry.get("inputs", {}).get("model")
         if recorded is not None and recorded != target.fingerprint:
             raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
                              f"({recorded[:16]}, manifest.json)")
-        denoiser, guidance = method_guidance(self.run, self.config, method, target.denoiser, device=device)
+        denoiser, guidance = method_guidance(self.run, rc, method, target.denoiser, device=device)
         up = extraction_upstream(method)
-        made_by = extraction_fingerprint(self.config, method, guidance, target.fingerprint,
+        made_by = extraction_fingerprint(rc, method, guidance, target.fingerprint,
                                          target.fingerprint if up == "model" else stages.get(up, {}).get("fingerprint"))
         if entry.get("fingerprint") != made_by:
-            raise ValueError(f"{str(self.run / 'config.yaml')!r} does not describe {method}'s extraction as the run made "
+            raise ValueError(f"the run's config does not describe {method}'s extraction as the run made "
                              f"it (its settings or upstream stages changed since: the fingerprint differs from "
                              f"manifest.json's), so its generations cannot be made again from it")
         stored = load_shards(stage) if in_rounds(ex, guidance) else None  # the earlier rounds, read once
@@ -331,9 +344,6 @@ class Audit:
         if indices is None:
             if top < 1:
                 raise ValueError(f"top={top} must be >= 1")
-            if method not in self.methods:
-                raise ValueError(f"method={method!r} has no evaluation in {self.run} to pick its closest "
-                                 "generations from: give the indices")
             indices = [p.generation_id for p in self.pairs(method, top=top)]
         ids = [int(i) for i in indices]
         again = self.regenerate(method, ids, model=model, scheduler=scheduler, sample_shape=sample_shape,

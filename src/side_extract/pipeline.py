@@ -633,6 +633,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp["model"],
                                           fingerprint_at=fingerprint_at, device=device,
                                           progress=progress(f"extract {m}"))
+        run.write_config(rc, f"extraction/{m}")  # what Audit.regenerate rebuilds it from
     if run.group.main:
         atomic_write_json(run.path / "extraction" / "summary.json",
                           {m: {"n": len(s), "fingerprint": ctx.fp[f"extraction/{m}"]} for m, s in extractions.items()})

@@ -366,9 +366,12 @@ class RunDir:
         entry.update(info)
         self._write_manifest(m)
 
-    def write_config(self, run_config: Any) -> None:
+    def write_config(self, run_config: Any, stage: str | None = None) -> None:
+        """``config.yaml`` of the run, or with ``stage`` of that stage's folder: the config it was made with
+        (a run directory that runs one method at a time with other settings, as the benchmarks' replicates do,
+        keeps each extraction's own)."""
         if self.group.main:
-            atomic_write_text(self.path / "config.yaml", cfg.dump_yaml(run_config))
+            atomic_write_text(self.path / (stage or ".") / "config.yaml", cfg.dump_yaml(run_config))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def verify_cmd(
         except ValueError:
             raise ValueError(f"--generations={generations!r} must be comma-separated integers") from None
     audit = Audit.load(run)
-    if ids is None and method in audit.config.extract.methods and method not in audit.methods:
+    if ids is None and not (Path(run) / "evaluation" / method / "metrics.json").is_file():
         raise ValueError(f"{method} has no evaluation in {run} to pick the closest generations from: give --generations")
     checks = audit.verify(method, ids, top=top, model=model or None, device=device)
     table = Table("generation", "pixels that differ", "largest difference (uint8 levels)", title=f"{method}, {run}")
