@@ -157,6 +157,7 @@ def test_regenerate_needs_the_runs_own_in_memory_model(tmp_path, one_thread):
                        config={**SMALL, "extract.scale": 4.0, "extract.memguide_scale": 7.0})
     later = Audit.load(tmp_path / "run")
     assert later.config.extract.methods == ("memguide",) and later.config.extract.scale == 4.0
+    assert list(later.methods) == ["memguide", "side", "uncond"]  # every evaluation it holds, the config's first
     for m in ("side", "uncond", "memguide"):
         np.testing.assert_array_equal(later.regenerate(m, [5, 0], model=unet, scheduler=tiny_scheduler()),
                                       load_shards(tmp_path / "run" / "extraction" / m).images[[5, 0]], err_msg=m)

@@ -206,11 +206,12 @@ class Audit:
     def load(cls, run: str | Path) -> "Audit":
         run = Path(run)
         rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
-        methods = {}
-        for m in rc.extract.methods:
-            p = run / "evaluation" / m / "metrics.json"
-            if p.is_file():
-                methods[m] = MethodResult.from_json(read_json(p))
+        # every evaluation the directory holds, as the report and summary.json list them: the config's methods
+        # first (a benchmark replicate runs one method at a time, and its config.yaml names the last)
+        found = {p.parent.name: p for p in (run / "evaluation").glob("*/metrics.json")}
+        order = list(rc.extract.methods)
+        methods = {m: MethodResult.from_json(read_json(found[m]))
+                   for m in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
         return cls(run, rc, methods)
 
     def table(self) -> list[dict[str, Any]]:
@@ -243,20 +244,12 @@ class Audit:
                               "Audit.to_csv() need nothing") from None
         return pd.DataFrame(self.table(), columns=list(TABLE_COLUMNS))
 
-    def _result(self, method: str) -> MethodResult:
-        """``method``'s results: of the config's methods, or of an evaluation the run directory holds besides
-        them (a benchmark replicate runs one method at a time, and its config.yaml names the last)."""
-        if method in self.methods:
-            return self.methods[method]
-        p = self.run / "evaluation" / method / "metrics.json"
-        if method in cfg.METHODS and p.is_file():
-            return MethodResult.from_json(read_json(p))
-        raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}")
-
     def pairs(self, method: str, *, band: str | None = None, top: int | None = None) -> list[ExtractedPair]:
         """``method``'s generations beside their nearest training images, closest first (in ``band`` only,
         when given; the ``top`` closest, when given)."""
-        result = self._result(method)
+        if method not in self.methods:
+            raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}")
+        result = self.methods[method]
         with np.load(self.run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
             gid, tidx, tid = z["generation_id"], z["nearest_train_index"], z["nearest_train_id"]
             sim, bands = z["similarity"].astype(float), z["band"].astype(str)
