@@ -21,8 +21,9 @@ def verify_cmd(
                               "(its fingerprint must match the run's)."),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """Each generation is made in the batch the run made it in: on the same hardware (and torch threads, see the
-    run's manifest.json) it equals the stored image bit for bit. Exit status 1 when one differs."""
+    """Each generation is made from the config its extraction was made with, in the denoiser batch its shard
+    recorded: on the same hardware (and torch threads, see the run's manifest.json) it equals the stored image bit
+    for bit. Exit status 1 when one differs."""
     from ..api import Audit
 
     ids = None
