@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import config as cfg
-from .runs import RunDir, atomic_write_json, read_json
+from .runs import atomic_write_json, read_json, read_stages
 
 SIDE_METHODS = ("side", "side-teacher", "side-lora")
 BASELINES = ("cond", "uncond")
@@ -127,7 +127,7 @@ def audit_summary(run: str | Path) -> dict[str, Any]:
     if (run / "config.yaml").is_file():
         order = list(((cfg.load_yaml(run / "config.yaml").get("extract") or {}).get("methods")) or [])
     metrics = {k: read_json(found[k]) for k in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
-    stages = RunDir(run).manifest()["stages"] if (run / RunDir.MANIFEST).is_file() else {}
+    stages = read_stages(run)
     methods = {k: method_summary(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()}
     return {"schema": SCHEMA, "verdict": verdict(metrics, methods), "methods": methods,
             "ratios_to_best_baseline": ratios_to_best_baseline(metrics)}
