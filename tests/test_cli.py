@@ -1,4 +1,5 @@
 """The command line: every command documents its defaults; config files and flags combine; errors are clean."""
+import json
 import subprocess
 import sys
 
@@ -102,6 +103,15 @@ def test_verify_makes_generations_again_and_catches_an_altered_file(tiny_model_d
     run = tmp_path / "r"
     ok = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "1,0"], terminal_width=200)
     assert ok.exit_code == 0 and "all 2 generations equal the stored ones bit for bit" in ok.output, ok.output
+    assert "made on" not in ok.output and "made with torch" not in ok.output  # made here, on this device and versions
+    manifest = json.loads((run / "manifest.json").read_text())
+    entry = manifest["stages"]["extraction/memguide"]
+    assert entry["device"] == "cpu"
+    entry.update(torch_threads=entry["torch_threads"] + 7, device="cuda:0")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    noted = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "0"], terminal_width=200)
+    assert noted.exit_code == 0 and "note: made on cuda:0, made again on cpu" in noted.output, noted.output
+    assert f"made with {entry['torch_threads']} torch threads" in noted.output, noted.output
     shard = run / "extraction" / "memguide" / "shard-00000.npz"
     with np.load(shard) as z:
         arrays = dict(z)

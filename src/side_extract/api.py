@@ -328,6 +328,26 @@ class Audit:
             made.update({j: batch[j - lo] for j in range(lo, hi)})
         return np.stack([made[i] for i in idx.tolist()])
 
+    def verify_conditions(self, method: str, device: str = "cpu") -> list[str]:
+        """Where making ``method``'s generations again here differs from how the run made them (the device, torch
+        threads, torch or diffusers version its manifest recorded): each a reason :meth:`verify` may find pixels
+        that differ by rounding although nothing was altered. Empty when every recorded condition matches."""
+        from .runs import versions
+
+        entry = read_stages(self.run).get(f"extraction/{method}") or {}
+        out = []
+        made = entry.get("device")
+        if made is not None and torch.device(made).type != torch.device(device).type:
+            out.append(f"made on {made}, made again on {device}")
+        threads = entry.get("torch_threads")
+        if threads is not None and threads != torch.get_num_threads():
+            out.append(f"made with {threads} torch threads, made again with {torch.get_num_threads()}")
+        now = versions()
+        for dist, v in (entry.get("versions") or {}).items():
+            if dist in ("torch", "diffusers") and now.get(dist) != v:
+                out.append(f"made with {dist} {v}, made again with {now.get(dist)}")
+        return out
+
     def verify(self, method: str, indices: Sequence[int] | None = None, *, top: int = 8,
                model: ModelLike | None = None, scheduler: SchedulerMixin | None = None,
                sample_shape: Sequence[int] | None = None, device: str = "cpu") -> list[Verification]:

@@ -195,7 +195,7 @@ def extraction_stage(
                            inputs=None if model_fingerprint is None else {"model": model_fingerprint},
                            round_size=round_size(c) if rounds else None,
                            fingerprint_at=None if rounds else fingerprint_at, method=method,
-                           scale=None if guidance is None else guidance.scale)
+                           scale=None if guidance is None else guidance.scale, device=str(device))
     except SamplingDiverged as e:
         shutil.rmtree(run.path / stage, ignore_errors=True)
         raise SamplingDiverged(f"method {method}: {e}") from None

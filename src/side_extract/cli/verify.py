@@ -35,6 +35,8 @@ def verify_cmd(
     audit = Audit.load(run)
     if ids is None and not (Path(run) / "evaluation" / method / "metrics.json").is_file():
         raise ValueError(f"{method} has no evaluation in {run} to pick the closest generations from: give --generations")
+    for note in audit.verify_conditions(method, device):
+        console.print(f"[yellow]note: {note}: images may differ by rounding without any file altered[/]")
     checks = audit.verify(method, ids, top=top, model=model or None, device=device)
     table = Table("generation", "pixels that differ", "largest difference (uint8 levels)", title=f"{method}, {run}")
     for c in checks:
