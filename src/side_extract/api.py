@@ -289,7 +289,9 @@ class Audit:
               else self.config)
         ex = rc.extract
         if method not in ex.methods:
-            raise ValueError(f"method={method!r} is not one of this run's methods ({', '.join(ex.methods)})")
+            raise ValueError(f"method={method!r} is not one of this run's methods ({', '.join(ex.methods)})" + (
+                f"; its extraction, made before each stage kept its config, cannot be rebuilt from the run's "
+                f"config.yaml" if stage.is_dir() else ""))
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= ex.n:
             raise ValueError(f"indices={idx.tolist()[:8]} must be a non-empty list of generations in 0 .. {ex.n - 1}")
