@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from side_extract import config as cfg
 from side_extract.cli.main import app
 from side_extract.data import load_shards
-from side_extract.pipeline import run_audit
+from side_extract.models.target import load_target
+from side_extract.pipeline import method_guidance, run_audit
 from side_extract.runs import read_json
 from side_extract.sweeps import run_with_sweeps
 
@@ -72,6 +73,20 @@ def test_whole_chain_and_skip(tiny_model_dir, tmp_path):
     assert cold["extraction/side"]["started_unix"] == hot["extraction/side"]["started_unix"]
     with pytest.raises(ValueError, match="cond_temperature=0.0 must be > 0"):
         cfg.ExtractConfig(cond_temperature=0.0)
+    # SIDE-teacher's own lambda and temperature (None: SIDE's), so one config holds both methods' tuned settings:
+    # only its extraction reruns, and it guides with them
+    teach = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.0, temperature=3.0,
+                                                                cond_temperature=3.0, teacher_scale=5.0,
+                                                                teacher_temperature=1.5))
+    run_audit(run, teach)
+    own = read_json(run / "manifest.json")["stages"]
+    assert own["extraction/side"]["started_unix"] == cold["extraction/side"]["started_unix"]
+    assert own["extraction/side-teacher"]["started_unix"] != cold["extraction/side-teacher"]["started_unix"]
+    assert own["extraction/side-teacher"]["scale"] == 5.0 and own["extraction/side"]["scale"] == 2.0
+    g = method_guidance(run, teach, "side-teacher", load_target(tiny_model_dir))[1]
+    assert (g.scale, g.temperature) == (5.0, 1.5)
+    with pytest.raises(ValueError, match="teacher_temperature=0.0 must be > 0"):
+        cfg.ExtractConfig(teacher_temperature=0.0)
 
 
 def test_methods_share_noise(tiny_model_dir, tmp_path):

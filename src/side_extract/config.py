@@ -344,7 +344,9 @@ class ExtractConfig:
     ``memguide_avoid_h`` (pixel RMS; ``memorization.MemorizationGuidance``); each round's shards wait for the
     earlier rounds.
     ``scale`` is SIDE's lambda and ``temperature`` divides its classifiers' logits before the softmax;
-    ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's. The defaults are
+    ``cond_scale`` (None: ``scale``) and ``cond_temperature`` are Cond's; ``teacher_scale`` and
+    ``teacher_temperature`` SIDE-teacher's (None: SIDE's ``scale`` and ``temperature``), so that one config holds
+    every method's tuned setting. The defaults are
     the values each method chose most often on the fair protocol's validation replicates (``side bench fair``,
     100 / 300 / 1,000 images at 8x8 and at 16x16, the same grid for both): SIDE lambda 3 (4 of 6) and T 1
     (4 of 6; the paper: 10 and 1), Cond lambda 1 (4 of 6) and T 2 (5 of 6).
@@ -371,6 +373,8 @@ class ExtractConfig:
     cond_scale: float | None = 1.0
     temperature: float = 1.0
     cond_temperature: float = 2.0
+    teacher_scale: float | None = None
+    teacher_temperature: float | None = None
     t_lo: float = 0.0
     t_hi: float = 1.0
     scheduler: SchedulerKind = "ddim"
@@ -403,6 +407,10 @@ class ExtractConfig:
             raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(METHODS)}")
         if self.scale < 0 or (self.cond_scale is not None and self.cond_scale < 0):
             raise ValueError(f"scale={self.scale} / cond_scale={self.cond_scale} must be >= 0")
+        if self.teacher_scale is not None and self.teacher_scale < 0:
+            raise ValueError(f"teacher_scale={self.teacher_scale} must be >= 0 (or null: SIDE's scale)")
+        if self.teacher_temperature is not None and self.teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature={self.teacher_temperature} must be > 0 (or null: SIDE's temperature)")
         if self.eta < 0:
             raise ValueError(f"eta={self.eta} must be >= 0 (0: deterministic DDIM, 1: as stochastic as DDPM)")
         if self.temperature <= 0 or self.cond_temperature <= 0:

@@ -63,7 +63,7 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
         for value in getattr(rc.sweep, name):
             sec = dataclasses.replace(getattr(rc, section), **{name: value})
             if name == "scale":  # a lambda sweep moves every guided method's lambda, Cond's too
-                sec = dataclasses.replace(sec, cond_scale=value)
+                sec = dataclasses.replace(sec, cond_scale=value, teacher_scale=value)
             if section == "extract":
                 sec = dataclasses.replace(sec, methods=guided)
                 sub = dataclasses.replace(rc, extract=sec, sweep=cfg.SweepConfig())

@@ -162,6 +162,8 @@ def method_config(rc: cfg.RunConfig, method: str, setting: tuple[float, float] |
             rc = dataclasses.replace(rc, lora=dataclasses.replace(rc.lora, guidance_scale=lam))
         elif method == "memguide":
             ex = dataclasses.replace(ex, memguide_scale=lam)
+        elif method == "side-teacher":
+            ex = dataclasses.replace(ex, teacher_scale=lam, teacher_temperature=temp)
         else:
             ex = dataclasses.replace(ex, scale=lam, temperature=temp)
     return dataclasses.replace(rc, extract=ex)
