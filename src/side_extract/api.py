@@ -26,7 +26,7 @@ from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
 from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
-from .runs import atomic_save_npz, atomic_write_text, read_json, read_stages, run_lock
+from .runs import atomic_save_npz, atomic_write_text, evaluated_methods, read_json, read_stages, run_lock
 from .sweeps import run_with_sweeps
 
 ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -206,12 +206,8 @@ class Audit:
     def load(cls, run: str | Path) -> "Audit":
         run = Path(run)
         rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
-        # every evaluation the directory holds, as the report and summary.json list them: the config's methods
-        # first (a benchmark replicate runs one method at a time, and its config.yaml names the last)
-        found = {p.parent.name: p for p in (run / "evaluation").glob("*/metrics.json")}
-        order = list(rc.extract.methods)
-        methods = {m: MethodResult.from_json(read_json(found[m]))
-                   for m in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
+        # every evaluation the directory holds, as the report and summary.json list them
+        methods = {m: MethodResult.from_json(read_json(d / "metrics.json")) for m, d in evaluated_methods(run).items()}
         return cls(run, rc, methods)
 
     def table(self) -> list[dict[str, Any]]:
@@ -290,8 +286,8 @@ class Audit:
         ex = rc.extract
         if method not in ex.methods:
             raise ValueError(f"method={method!r} is not one of this run's methods ({', '.join(ex.methods)})" + (
-                f"; its extraction, made before each stage kept its config, cannot be rebuilt from the run's "
-                f"config.yaml" if stage.is_dir() else ""))
+                "; its extraction, made before each stage kept its config, cannot be rebuilt from the run's "
+                "config.yaml" if stage.is_dir() else ""))
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= ex.n:
             raise ValueError(f"indices={idx.tolist()[:8]} must be a non-empty list of generations in 0 .. {ex.n - 1}")

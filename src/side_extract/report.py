@@ -24,7 +24,7 @@ import yaml
 
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
-from .runs import atomic_write_json, atomic_write_text, read_json, read_stages
+from .runs import atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages
 from .summary import audit_summary
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,6 @@ def _closest_first(bands: dict[str, list[float]], orientation: str) -> list[str]
     """Band names, the closest band (most memorized) first."""
     key = (lambda b: -bands[b][0]) if orientation == "similarity" else (lambda b: bands[b][1])
     return sorted(bands, key=key)
-
-
-def _method_dirs(run: Path) -> dict[str, Path]:
-    ev = run / "evaluation"
-    return {p.parent.name: p.parent for p in sorted(ev.glob("*/metrics.json"))} if ev.is_dir() else {}
 
 
 def _per_generation(d: Path) -> dict[str, np.ndarray] | None:
@@ -228,7 +223,7 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
     for d in sorted((run / "sweeps").glob("*=*")) if (run / "sweeps").is_dir() else []:
         param, value = d.name.split("=", 1)
         shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
-        for m, md in _method_dirs(d).items():
+        for m, md in evaluated_methods(d).items():
             if f"evaluation/{m}" in shared:
                 continue
             found.setdefault(param, {}).setdefault(m, {})[_value(value)] = read_json(md / "metrics.json")
@@ -293,9 +288,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     text = (run / "config.yaml").read_text()
     config = yaml.safe_load(text) or {}
     notes = []
-    order = list((config.get("extract") or {}).get("methods") or [])  # the config's order, then the rest
-    dirs = dict(sorted(_method_dirs(run).items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order),
-                                                                   kv[0])))
+    dirs = evaluated_methods(run)  # the config's order, then the rest
     metrics = {n: read_json(d / "metrics.json") for n, d in dirs.items()}
     tables = {n: t for n, d in dirs.items() if (t := _per_generation(d)) is not None}
     for n in metrics.keys() - tables.keys():

@@ -128,6 +128,17 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def evaluated_methods(run: str | Path) -> dict[str, Path]:
+    """Each method run directory ``run`` holds an evaluation of (``evaluation/<method>/metrics.json``) -> that
+    folder: the config's methods first, in its order, then the others by name (a directory that ran one method at
+    a time, as the benchmarks' replicates do, has a config naming only the last)."""
+    run = Path(run)
+    found = {p.parent.name: p.parent for p in (run / "evaluation").glob("*/metrics.json")}
+    conf = run / "config.yaml"
+    order = list(((cfg.load_yaml(conf).get("extract") or {}).get("methods") or []) if conf.is_file() else [])
+    return {m: found[m] for m in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
+
+
 def read_stages(run: str | Path) -> dict[str, dict[str, Any]]:
     """The stage entries of run directory ``run``'s manifest, read only ({} where it has none; unlike
     :class:`RunDir`, which creates the directory)."""

@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from . import config as cfg
-from .runs import atomic_write_json, read_json, read_stages
+from .runs import atomic_write_json, evaluated_methods, read_json, read_stages
 
 SIDE_METHODS = ("side", "side-teacher", "side-lora")
 BASELINES = ("cond", "uncond")
@@ -122,11 +121,7 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
 def audit_summary(run: str | Path) -> dict[str, Any]:
     """The summary of a run directory's evaluated methods."""
     run = Path(run)
-    found = {d.parent.name: d for d in (run / "evaluation").glob("*/metrics.json")}
-    order: list[str] = []
-    if (run / "config.yaml").is_file():
-        order = list(((cfg.load_yaml(run / "config.yaml").get("extract") or {}).get("methods")) or [])
-    metrics = {k: read_json(found[k]) for k in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
+    metrics = {k: read_json(d / "metrics.json") for k, d in evaluated_methods(run).items()}
     stages = read_stages(run)
     methods = {k: method_summary(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()}
     return {"schema": SCHEMA, "verdict": verdict(metrics, methods), "methods": methods,

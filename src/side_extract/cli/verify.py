@@ -33,7 +33,7 @@ def verify_cmd(
         except ValueError:
             raise ValueError(f"--generations={generations!r} must be comma-separated integers") from None
     audit = Audit.load(run)
-    if ids is None and not (Path(run) / "evaluation" / method / "metrics.json").is_file():
+    if ids is None and method not in audit.methods:
         raise ValueError(f"{method} has no evaluation in {run} to pick the closest generations from: give --generations")
     for note in audit.verify_conditions(method, device):
         console.print(f"[yellow]note: {note}: images may differ by rounding without any file altered[/]")
