@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import config as cfg
 from .allocation import adaptive_targets
@@ -27,7 +28,7 @@ from .guidance import ClassifierGuidance
 from .memorization import MemorizationGuidance
 from .models.target import Denoiser
 from .runs import Progress, RunDir, shard_ranges, shard_stage
-from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample
+from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample_batches
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,12 @@ def extract(
             targets = outputs[draw_targets(c.seed, idx, len(outputs))]
         labels = guidance.classes[targets]
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size or c.batch_size)
-    made = len(size.made)
-    x = sample(denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-               batch_size=size, guidance=guidance, labels=targets, clip_eps=True,
-               precision=c.precision, device=device, progress=progress, stream=EXTRACTION_STREAM)
-    batch = np.concatenate([np.full(hi - lo, lo, dtype=np.int64) for lo, hi in size.made[made:]])
+    batches = list(sample_batches(
+        denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
+        batch_size=size, guidance=guidance, labels=targets, clip_eps=True, precision=c.precision, device=device,
+        progress=progress, stream=EXTRACTION_STREAM))
+    x = torch.cat([images for _, images in batches])
+    batch = np.concatenate([np.full(len(images), first, dtype=np.int64) for first, images in batches])
     return {"images": to_uint8(x), "index": idx, "labels": labels, "batch": batch}
 
 

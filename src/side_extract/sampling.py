@@ -14,6 +14,7 @@ Guidance (``guidance.py``) is an object called as ``g(x_t, t, y)`` with the batc
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -203,15 +204,15 @@ def denoise_batch(
 class BatchSize:
     """The batch size of a stage's denoiser calls, halved on a GPU out-of-memory error (and kept halved for
     the rest of the stage, so that one error costs one retry). Every sample draws its noise from its own
-    generator, so a smaller batch gives the same images up to the rounding of batched convolutions; ``made``
-    records each denoiser batch that succeeded, so the images can be made again in their own batches."""
+    generator, so a smaller batch gives the same images up to the rounding of batched convolutions
+    (:func:`sample_batches` yields the batches that succeeded, so the images can be made again in their own
+    batches)."""
 
     def __init__(self, size: int) -> None:
         if size <= 0:
             raise ValueError(f"batch_size={size} must be positive")
         self.size = size
         self.backoffs: list[int] = []  # the sizes that ran out of memory
-        self.made: list[tuple[int, int]] = []  # (first, last + 1) sample index of each batch that succeeded
 
     def shrink(self, error: BaseException) -> None:
         if self.size == 1:
@@ -223,7 +224,18 @@ class BatchSize:
             torch.cuda.empty_cache()
 
 
-def sample(
+def sample(denoiser: Denoiser, n: int, **options) -> torch.Tensor:
+    """Draw samples ``start .. start + n - 1`` of noise stream ``stream`` of the run seeded ``seed``
+    (``options``: those of :func:`sample_batches`, which makes them batch by batch).
+
+    Returns
+    -------
+    (n, C, H, W) float in [-1, 1], on the CPU
+    """
+    return torch.cat([images for _, images in sample_batches(denoiser, n, **options)])
+
+
+def sample_batches(
     denoiser: Denoiser,
     n: int,
     *,
@@ -240,8 +252,11 @@ def sample(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     stream: int = SYNTHETIC_STREAM,
-) -> torch.Tensor:
-    """Draw samples ``start .. start + n - 1`` of noise stream ``stream`` of the run seeded ``seed``.
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Samples ``start .. start + n - 1`` of noise stream ``stream`` of the run seeded ``seed``, one denoiser
+    batch at a time: yields ``(first, images)`` for each batch that succeeded, ``first`` the index of its first
+    sample and ``images`` (b, C, H, W) float in [-1, 1] on the CPU. A batch that ran out of memory is redone in
+    halves, so the batches tell how the samples were made.
 
     Parameters
     ----------
@@ -252,10 +267,6 @@ def sample(
     clip_eps : DDIM: eps from the clipped x0 in every step (guided-diffusion's DDIM); False is diffusers'
         ``DDIMPipeline``
     precision : "fp32", or "bf16" (the denoiser under bfloat16 autocast)
-
-    Returns
-    -------
-    (n, C, H, W) float in [-1, 1], on the CPU
     """
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
     if n <= 0:
@@ -266,7 +277,6 @@ def sample(
         raise ValueError(f"guided or conditional sampling of {n} samples needs {n} target labels, got "
                          f"{None if labels is None else len(labels)}")
     sched = inference_scheduler(denoiser.scheduler, scheduler, steps)
-    out = []
     b0 = start
     while b0 < start + n:
         idx = np.arange(b0, min(b0 + size.size, start + n))
@@ -280,12 +290,10 @@ def sample(
             del x, gens
             size.shrink(e)
             continue  # the same samples again, in a smaller batch
-        out.append(batch.clamp(-1, 1).cpu())
         b0 = int(idx[-1]) + 1
-        size.made.append((int(idx[0]), b0))
         if progress is not None:
             progress(b0 - start, n)
-    return torch.cat(out)
+        yield int(idx[0]), batch.clamp(-1, 1).cpu()
 
 
 def sample_stage(
