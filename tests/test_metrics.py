@@ -9,7 +9,7 @@ import pytest
 from side_extract import config as cfg
 from side_extract.data import ImageSet, load_digits_set
 from side_extract.evaluation import calibrate, digits_complement, evaluate, propose_bands
-from side_extract.metrics import (PAPER_COSINE_BANDS, Band, ams_ums_dense, ng_law, parse_bands, pixel_ratios,
+from side_extract.metrics import (PAPER_COSINE_BANDS, Band, ams, ams_ums_dense, ng_law, parse_bands, pixel_ratios,
                                   read_bands_file)
 
 
@@ -157,6 +157,10 @@ def test_errors():
         cfg.EvaluateConfig(similarity="l2")
     with pytest.raises(ValueError, match="at least 2"):
         evaluate(GEN, flat([0]))
+    with pytest.raises(ValueError, match="at least one generation"):
+        ams(np.array([]), PAPER_COSINE_BANDS, "similarity")
+    with pytest.raises(ValueError, match="carlini n=0 must be at least 1"):
+        pixel_ratios(GEN, TRAIN, n=0)
 
 
 def test_ng_law_against_simulation():
@@ -176,12 +180,42 @@ def test_ng_law_against_simulation():
 
 def test_propose_bands_quantiles_and_orientation():
     null = np.linspace(0, 1, 100001)
-    d = propose_bands(null, "distance")
-    assert [(b.name, round(b.lo, 6), round(b.hi, 6)) for b in d] == [("low", 0.01, 0.05), ("mid", 0.001, 0.01),
+    d = propose_bands(null, "distance")  # (its 0 and 1 are exact copies, left out: 4 decimals)
+    assert [(b.name, round(b.lo, 4), round(b.hi, 4)) for b in d] == [("low", 0.01, 0.05), ("mid", 0.001, 0.01),
                                                                       ("high", 0.0, 0.001)]
     s = propose_bands(null, "similarity")
-    assert [(b.name, round(b.lo, 6), round(b.hi, 6)) for b in s] == [("low", 0.95, 0.99), ("mid", 0.99, 0.999),
+    assert [(b.name, round(b.lo, 4), round(b.hi, 4)) for b in s] == [("low", 0.95, 0.99), ("mid", 0.99, 0.999),
                                                                       ("high", 0.999, 1.0)]
+
+
+def test_evaluate_says_when_the_training_set_holds_duplicates(caplog):
+    with caplog.at_level(logging.WARNING):
+        evaluate(GEN, TRAIN, cfg.EvaluateConfig(bands="low=0.1:0.2,mid=0.05:0.1,high=0:0.05"))
+    assert "duplicates" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        e = evaluate(GEN, flat([0, 60, 60, 120, 180, 180, 180]),
+                     cfg.EvaluateConfig(bands="low=0.1:0.2,mid=0.05:0.1,high=0:0.05"))
+    assert "holds 3 exact duplicates of 2 images" in caplog.text
+    assert e.gu.memorized_fraction == 0.75  # the literal definition: exact copies of a duplicated image, 0/0
+
+
+def test_calibrated_bands_keep_exact_copies_in_the_closest_band_when_the_reference_has_duplicates(caplog):
+    """A null holding exact copies (5 of 1,005: the training set has duplicates) put the 0.1 % edge at the
+    extreme: for a similarity, high = [1, 1] and mid = [q, 1] both held an exact copy; for a distance,
+    high = [0, 0) was empty and exact copies fell in mid. The copies are left out of the edges."""
+    rng = np.random.default_rng(0)
+    sims = np.concatenate([rng.uniform(0.2, 0.9, 1000), np.ones(5)])
+    with caplog.at_level(logging.WARNING):
+        bands = propose_bands(sims, "similarity")
+    assert "5 of the null's 1005 best scores are exact copies" in caplog.text
+    assert ams(np.array([1.0]), bands, "similarity") == {"low": 0.0, "mid": 0.0, "high": 1.0}
+    assert 0.85 < bands[-1].lo < 0.9  # the 0.1 % edge is the non-copies'
+    dists = np.concatenate([rng.uniform(0.1, 0.8, 1000), np.zeros(5)])
+    bands = propose_bands(dists, "distance")
+    assert ams(np.array([0.0]), bands, "distance") == {"low": 0.0, "mid": 0.0, "high": 1.0}
+    assert bands[-1].hi > 0.1
+    with pytest.raises(ValueError, match="every best score of the null is an exact copy"):
+        propose_bands(np.zeros(10), "distance")
 
 
 def test_calibrate_and_bands_file(tmp_path):

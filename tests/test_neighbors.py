@@ -123,10 +123,12 @@ def test_pairs_in_the_same_pass_as_kneighbors(pixels, backend):
     idx = NearestNeighborIndex("rms-l2", backend=backend, query_chunk=40, ref_chunk=50).fit(ref)
     seen = []
     nb = idx.kneighbors(q, 2, pairs_range=(0.0, 0.39), on_pairs=lambda a, b, c: seen.append((a, b, c)))
-    pairs = sorted(zip(np.concatenate([s[0] for s in seen]).tolist(), np.concatenate([s[1] for s in seen]).tolist()))
-    ref_pairs = sorted((int(a), int(b)) for qa, rb, _ in idx.pairs_within(q, 0.0, 0.39) for a, b in zip(qa, rb))
-    assert pairs == ref_pairs
-    np.testing.assert_array_equal(nb.indices, idx.kneighbors(q, 2).indices)
+    pairs = {(a, b) for s in seen for a, b in zip(s[0].tolist(), s[1].tolist())}
+    d = brute_rms(q, ref, 255.0)  # the pairs and neighbours against brute force, not against the index itself
+    want = set(zip(*map(lambda v: v.tolist(), np.nonzero(d <= 0.39))))
+    assert len(want) > 0 and pairs == want  # (no distance lies within 1e-9 of 0.39 here)
+    assert np.abs(d - 0.39).min() > 1e-9
+    np.testing.assert_allclose(nb.scores, np.sort(d, axis=1)[:, :2], rtol=1e-12)
 
 
 def test_errors(pixels):
@@ -148,6 +150,12 @@ def test_errors(pixels):
         idx.kneighbors(q, exclude_self=True)
     with pytest.raises(ValueError, match="lo=1"):
         idx.pairs_within(q, 1, 0)
+    feats = q.astype(np.float32)
+    feats[7, 3] = np.nan  # a NaN row would rank first (topk) and hide every query's true neighbour
+    with pytest.raises(ValueError, match=r"non-finite values in 1 of its 90 rows \(the first: \[7\]\)"):
+        NearestNeighborIndex("cosine").fit(feats)
+    with pytest.raises(ValueError, match="Q holds non-finite"):
+        NearestNeighborIndex("cosine").fit(ref.astype(np.float32)).kneighbors(feats)
 
 
 def test_pixel_rows():

@@ -170,6 +170,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         raise ValueError(f"the training set needs at least 2 images (Gu's ratio uses the second nearest), got {n_t}")
     if n_g < 1:
         raise ValueError("the generated set is empty")
+    _warn_duplicates(train)
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
     g_rows = _rows(sim, generated, generated_features, c, device, train, feature_model)
     index = _index(sim.metric, c, device).fit(t_rows)
@@ -239,6 +240,17 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
                       cfg.to_dict(c), {"generated": generated.name, "train": train.name})
 
 
+def _warn_duplicates(train: ImageSet) -> None:
+    """Say so when the training set holds exact duplicates: the metrics follow their literal definitions there."""
+    rows = np.ascontiguousarray(train.images.reshape(len(train), -1))
+    _, counts = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_counts=True)
+    if (counts > 1).any():
+        log.warning("the training set holds %d exact duplicates of %d images: UMS counts each copy as its own "
+                    "training image; Gu's ratio counts an exact copy of a duplicated image as memorized (0/0) and a "
+                    "near copy of it not (d1/d2 near 1). Deduplicate the training set for counts per distinct image", int((counts - 1).sum()),
+                    int((counts > 1).sum()))
+
+
 # --------------------------------------------------------------------------------------------------
 # calibration: bands from the null distribution
 
@@ -256,10 +268,22 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     low = [q_0.01, q_0.05): "high" means closer than all but 0.1 % of non-members. For a similarity, the
     edges are the (1 - level) quantiles: high = [q_0.999, 1], mid = [q_0.99, q_0.999), low = [q_0.95, q_0.99).
     More or fewer levels give bands named ``tail<level>``.
+
+    Exact copies in the null (distance 0, similarity 1: the reference set holds a duplicate of the image scored)
+    are left out, with a warning: the bands say how close a non-copy comes, and an edge at the extreme would
+    leave the closest band empty (distance) or make two bands share the exact copies (similarity).
     """
     null = np.asarray(null, dtype=np.float64)
     if null.ndim != 1 or len(null) == 0:
         raise ValueError(f"the null must be a non-empty 1-D array of best scores, got shape {null.shape}")
+    copies = null <= 0 if orientation == "distance" else null >= 1 - 1e-6
+    if copies.any():
+        log.warning("%d of the null's %d best scores are exact copies (the reference set holds duplicates): they "
+                    "are left out of the band edges", int(copies.sum()), len(null))
+        null = null[~copies]
+        if len(null) == 0:
+            raise ValueError("every best score of the null is an exact copy (the reference images all have "
+                             "duplicates): no band edge can be estimated; give fixed bands (evaluate.bands)")
     levels = sorted(levels)
     need = int(np.ceil(1 / levels[0]))
     if len(null) * levels[0] < 0.1:

@@ -260,6 +260,8 @@ class BandTally:
 def ams(best: np.ndarray, bands: Sequence[Band], orientation: Orientation, *, cumulative: bool = False
         ) -> dict[str, float]:
     """AMS per band from each generation's best score ``best`` (N_G,)."""
+    if len(best) == 0:
+        raise ValueError("AMS needs at least one generation's best score, got none")
     f = Band.reaches if cumulative else Band.contains
     return {b.name: float(f(b, best, orientation).mean()) for b in bands}
 
@@ -320,6 +322,8 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def carlini_n_effective(n: int, n_train: int, centering: Centering) -> int:
     """``n`` clamped to the training images available (n_train, or n_train - 1 for "reference"), warning."""
     avail = n_train - (centering == "reference")
+    if n < 1:
+        raise ValueError(f"carlini n={n} must be at least 1 (the training images each ratio is centred on)")
     if centering not in ("generation", "reference"):
         raise ValueError(f"carlini centering={centering!r} must be 'generation' or 'reference'")
     if avail < 1:

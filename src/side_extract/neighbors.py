@@ -189,6 +189,10 @@ class NearestNeighborIndex:
             raise ValueError(f"{name} must be 2-D (n, D), got shape {X.shape}")
         if X.dtype != np.uint8 and not np.issubdtype(X.dtype, np.floating):
             raise ValueError(f"{name} must be uint8 or float, got {X.dtype}")
+        if X.dtype != np.uint8 and not np.isfinite(X).all():  # a NaN row would rank first and hide every neighbour
+            bad = np.flatnonzero(~np.isfinite(X).all(1))
+            raise ValueError(f"{name} holds non-finite values in {len(bad)} of its {len(X)} rows (the first: "
+                             f"{bad[:5].tolist()}); features must be finite (check the extractor and its inputs)")
         if hasattr(self, "n_features_in_") and X.shape[1] != self.n_features_in_:
             raise ValueError(f"{name} has {X.shape[1]} values per row, the fitted set {self.n_features_in_}")
         if hasattr(self, "X_ref_") and name == "Q" and (X.dtype == np.uint8) != (self.X_ref_.dtype == np.uint8):
