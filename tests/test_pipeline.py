@@ -240,7 +240,7 @@ def test_a_finished_extraction_grows_to_a_larger_n_keeping_its_whole_shards(tiny
     first = read_json(run / "manifest.json")["stages"]
     kept = {m: (run / "extraction" / m / "shard-00000.npz").stat().st_mtime_ns for m in methods}
     grown = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=10))
-    res = run_audit(run, grown)
+    res = run_audit(run, grown, replace=False)  # as `side extract --run RUN --n 10`: no --force needed
     stages = read_json(run / "manifest.json")["stages"]
     fresh = tmp_path / "fresh"
     run_audit(fresh, grown, until="extraction")
@@ -262,3 +262,13 @@ def test_a_finished_extraction_grows_to_a_larger_n_keeping_its_whole_shards(tiny
     with pytest.raises(StageWouldBeReplaced, match="extraction/side"):
         run_audit(tmp_path / "r", dataclasses.replace(rounds, extract=dataclasses.replace(rounds.extract, n=10)),
                   until="extraction", replace=False)
+
+
+def test_clustering_alone_does_not_need_the_training_set(tiny_model_dir, tmp_path):
+    """`side cluster --run RUN` with the default methods (Cond among them) on a run without `train`: the
+    preflight asked for the training set that only Cond's classifier, a later stage, needs."""
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side", "cond", "uncond")), train=None)
+    run_audit(tmp_path / "run", rc, until="surrogate")
+    assert (tmp_path / "run" / "surrogate" / "labels.npz").exists()
+    with pytest.raises(ValueError, match="methods cond need the training set"):
+        run_audit(tmp_path / "run", rc, until="classifier")

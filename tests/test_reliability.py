@@ -219,3 +219,28 @@ def test_threads_follow_the_free_cores(monkeypatch):
     out = subprocess.run([sys.executable, "-c", "import os, side_extract.cli.main; print(os.environ['OMP_WAIT_POLICY'])"],
                          capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
     assert out.stdout.strip() == "PASSIVE"
+
+
+def test_stages_made_from_a_grown_stage_are_redone_without_force_and_others_are_not(tmp_path):
+    """An evaluation names the extraction it was made from; once that extraction grew (even over an interrupted
+    growth, resumed), redoing the evaluation replaces nothing the run still stands for. Any other change of a
+    finished stage still needs replace (the CLI's --force)."""
+    from side_extract.runs import RunDir, StageWouldBeReplaced
+
+    run = RunDir(tmp_path / "run", replace=False)
+    for stage, fp, inputs in [("extraction/side", "x6", None), ("evaluation/side", "e6", {"extraction/side": "x6"}),
+                              ("evaluation/other", "o1", {"extraction/side": "x6", "calibration": "c1"})]:
+        assert run.begin(stage, fp, inputs) == "fresh"
+        run.complete(stage)
+    run.grow("extraction/side", "x10", None, 6)  # interrupted: resumed by the next launch under the same fingerprint
+    assert RunDir(tmp_path / "run", replace=False).begin("extraction/side", "x10") == "resume"
+    run.complete("extraction/side")
+    run.grow("extraction/side", "x14", None, 10)
+    run.complete("extraction/side")
+    assert run.stage_entry("extraction/side")["grown_from_fingerprints"] == ["x6", "x10"]
+    assert run.begin("evaluation/side", "e14", {"extraction/side": "x14"}) == "fresh"
+    with pytest.raises(StageWouldBeReplaced, match="evaluation/other"):  # another input changed too
+        run.begin("evaluation/other", "o2", {"extraction/side": "x14", "calibration": "c2"})
+    run.complete("evaluation/side")
+    with pytest.raises(StageWouldBeReplaced, match="evaluation/side"):  # a change that is no growth
+        run.begin("evaluation/side", "e14b", {"extraction/side": "x14"})

@@ -449,7 +449,9 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
     todo = group.on_main(lambda: [m for m in extractions
-                                  if ctx.run.begin(f"evaluation/{m}", fps[m]) != "skip" or not paths[m].exists()])
+                                  if ctx.run.begin(f"evaluation/{m}", fps[m],
+                                                   inputs={f"extraction/{m}": ctx.fp[f"extraction/{m}"]}) != "skip"
+                                  or not paths[m].exists()])
     if todo:  # the main process extracts them once, the others read its file
         train_features = group.main_first(lambda: train_features_stage(ctx, train))
         group.together(lambda: [evaluate_method(ctx, m, extractions[m], train, c, reference, train_features)
@@ -478,7 +480,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     problems: list[str] = []
     methods = set(rc.extract.methods)
     C, H, W = denoiser.sample_shape
-    needs_train = bool({"cond", "side-teacher"} & methods)
+    needs_train = bool({"cond", "side-teacher"} & methods) and until != "surrogate"  # (clustering does not)
     train = None
     if rc.train is None:
         if needs_train:

@@ -320,23 +320,39 @@ class RunDir:
                 log.info("stage %s: inputs and config unchanged, skipped", stage)
                 return "skip"
             decision: Literal["skip", "resume", "fresh"] = "resume"
+            kept = {k: entry[k] for k in ("grown_from", "grown_from_fingerprints") if k in entry}  # an interrupted growth
         else:
+            kept = {}
             decision = "fresh"
-            if entry is not None and entry.get("status") == "complete" and not self.replace:
+            if (entry is not None and entry.get("status") == "complete" and not self.replace
+                    and not self._inputs_grew(entry, inputs)):
                 raise StageWouldBeReplaced(
                     f"{stage} holds finished results made with other settings or inputs "
                     f"({', '.join(f'{k} {v}' for k, v in entry.items() if k in ('n', 'method', 'scale')) or 'see manifest.json'}); "
                     "rerun with --force to replace them, or use another run directory")
             if (self.path / stage).exists():
                 shutil.rmtree(self.path / stage)
-        self._mark_running(stage, fingerprint, inputs)
+        self._mark_running(stage, fingerprint, inputs, **kept)
         return decision
 
     def grow(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, from_n: int) -> Literal["resume"]:
         """Mark a complete stage of ``from_n`` images as running under ``fingerprint``, the same stage with more
-        images (:func:`shard_stage`): its files are kept and it resumes."""
-        self._mark_running(stage, fingerprint, inputs, grown_from=from_n)
+        images (:func:`shard_stage`): its files are kept and it resumes. The entry keeps the fingerprints it grew
+        from, so that the stages made from them are redone without ``replace`` (:meth:`begin`)."""
+        old = self.stage_entry(stage) or {}
+        earlier = [*old.get("grown_from_fingerprints", []), old.get("fingerprint")]
+        self._mark_running(stage, fingerprint, inputs, grown_from=from_n, grown_from_fingerprints=earlier)
         return "resume"
+
+    def _inputs_grew(self, entry: dict[str, Any], inputs: dict[str, str] | None) -> bool:
+        """Whether a finished stage differs from the one asked for only in inputs that grew since (each input
+        named by its stage, as the evaluations name their extraction): the old results describe a stage that no
+        longer exists, so redoing them replaces nothing the run still stands for."""
+        old = entry.get("inputs") or {}
+        new = inputs or {}
+        changed = [k for k in new if old.get(k) != new[k]]
+        return (bool(changed) and set(old) == set(new)
+                and all(old[k] in (self.stage_entry(k) or {}).get("grown_from_fingerprints", []) for k in changed))
 
     def _mark_running(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, **info: Any) -> None:
         m = self.manifest()
