@@ -29,13 +29,14 @@ SMALL = {"sample.n": 40, "sample.steps": 2, "sample.shard_size": 16, "surrogate.
          "extract.scale": 1.0, "evaluate.carlini_n": 5, "evaluate.quality": ["pixels"], "evaluate.bands": "high=0:0.1,mid=0.1:0.15,low=0.15:0.2"}
 
 
-def test_docs_example_runs(tmp_path, one_thread):
+def test_docs_example_runs(tmp_path, one_thread, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     assert len(blocks) >= 3
-    scope = {"workdir": tmp_path}
+    monkeypatch.chdir(tmp_path)  # the page's relative paths (workdir = Path("runs")) land here
+    scope: dict = {}
     for code in blocks:
         exec(compile(code, str(DOC), "exec"), scope)
-    assert (tmp_path / "audit" / "report" / "report.html").is_file()
+    assert (tmp_path / "runs" / "audit" / "report" / "report.html").is_file()
     assert scope["result"].to_csv().splitlines()[0].startswith("method,band,lo,hi,ams,ums")
 
 
