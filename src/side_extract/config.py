@@ -25,11 +25,14 @@ def _precision(obj: Any) -> None:
 T = TypeVar("T")
 
 
-def _finite(obj: Any) -> None:
+def _numbers(obj: Any) -> None:
     """Every float setting (and each float in a tuple of them) must be a finite number: nan and inf pass
-    most range checks and then produce black or saturated images without a word."""
+    most range checks and then produce black or saturated images without a word. Every seed must be a
+    non-negative integer (numpy's and sklearn's seeding refuse the others, after the stages before them ran)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if f.name in ("seed", "random_state") and isinstance(value, int) and value < 0:
+            raise ValueError(f"{f.name}={value} must be a non-negative integer")
         values = value if isinstance(value, tuple) else (value,)
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
@@ -65,7 +68,7 @@ class TrainTargetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
         _positive(self, "steps", "batch_size", "checkpoint_every", "num_train_timesteps", "layers_per_block")
         if not self.block_out_channels:
             raise ValueError("block_out_channels=() must name at least one block width")
@@ -107,7 +110,7 @@ class SampleConfig:
     clip_eps: bool = True
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
         _positive(self, "n", "steps", "batch_size", "shard_size")
         _precision(self)
         if self.eta < 0:
@@ -159,11 +162,13 @@ class EvaluateConfig:
     quality_kid_subset_size: int = 1000
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
         _positive(self, "carlini_n", "ng_repeats", "detect_min_size", "query_chunk", "ref_chunk", "feature_batch_size",
                   "quality_max_reference", "quality_k", "quality_kid_subsets", "quality_kid_subset_size")
         if self.similarity != "rms-l2" and not (self.similarity.startswith("cosine:") and len(self.similarity) > 7):
             raise ValueError(f"similarity={self.similarity!r} must be 'rms-l2' or 'cosine:<extractor>'")
+        if self.bands is not None and self.bands_file is not None:
+            raise ValueError(f"bands={self.bands!r} and bands_file={self.bands_file!r}: give one of them, not both")
         if self.carlini_alpha <= 0:
             raise ValueError(f"carlini_alpha={self.carlini_alpha} must be > 0")
         if not 0.0 < self.gu_threshold <= 1.0:
@@ -189,7 +194,7 @@ class FeaturesConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
         _positive(self, "batch_size")
 
 
@@ -232,7 +237,7 @@ class SurrogateConfig:
     memorization_draws: int = 4
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
         _positive(self, "n_clusters", "n_init", "min_size", "memorization_draws")
         if not 0.0 < self.memorized_fraction <= 1.0:
             raise ValueError(f"memorized_fraction={self.memorized_fraction} must lie in (0, 1] (1 = cluster every sample)")
@@ -276,10 +281,14 @@ class ClassifierConfig:
     backbone: Literal["resnet", "unet"] = "resnet"
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
         _positive(self, "width", "time_embed_dim", "steps", "batch_size", "eval_every")
         if self.backbone not in ("resnet", "unet"):
             raise ValueError(f"backbone={self.backbone!r} must be 'resnet' or 'unet'")
+        from .models.classifier import DEPTHS
+
+        if self.backbone == "resnet" and self.depth not in DEPTHS:
+            raise ValueError(f"depth={self.depth} must be one of {sorted(DEPTHS)} (the ResNet's depth)")
         if self.backbone == "unet" and self.guidance_input != "x_t":
             raise ValueError("backbone='unet' is a noise-aware classifier of x_t; guidance_input must be 'x_t'")
         if self.lr <= 0:
@@ -308,7 +317,7 @@ class LoraConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
         _positive(self, "steps", "batch_size", "checkpoint_every")
         if self.rank != "full" and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"rank={self.rank!r} must be a positive integer or 'full'")
@@ -395,7 +404,7 @@ class ExtractConfig:
     memguide_avoid_t_hi: float = 0.6
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
         _positive(self, "n", "steps", "batch_size", "shard_size", "rounds")
         _precision(self)
         if not 0.0 < self.dedup_threshold < 1.0:
@@ -442,7 +451,7 @@ class SweepConfig:
     tau: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        _finite(self)
+        _numbers(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -185,18 +185,30 @@ EXTRACTORS: dict[str, Entry] = {
 }
 
 
-def get_extractor(name: str, *, model=None, device: str | torch.device = "cpu", batch_size: int = 256,
-                  **options) -> FeatureExtractor:
-    """Build the extractor called ``name`` (``torchscript:PATH`` for a TorchScript file)."""
+def check_extractor(name: str) -> tuple[str, str]:
+    """``(key, argument)`` of extractor ``name``, or a ValueError naming what is wrong (an unknown name, a
+    ``torchscript`` without a path or whose file is missing, an argument to an extractor that takes none);
+    cheap, so that a run checks it before any stage."""
     key, _, arg = name.partition(":")
     if key not in EXTRACTORS:
-        raise ValueError(f"unknown feature extractor {name!r}; valid: {', '.join(n if n != 'torchscript' else 'torchscript:PATH' for n in EXTRACTORS)}")
+        raise ValueError(f"unknown feature extractor {name!r}; valid: "
+                         f"{', '.join(n if n != 'torchscript' else 'torchscript:PATH' for n in EXTRACTORS)}")
     if key == "torchscript":
         if not arg:
             raise ValueError("feature extractor 'torchscript' needs a path: torchscript:PATH")
-        return TorchScriptFeatures(arg, device=device, batch_size=batch_size)
-    if arg:
+        if not Path(arg).is_file():
+            raise ValueError(f"torchscript:{arg}: no such file (give the path of a local TorchScript model)")
+    elif arg:
         raise ValueError(f"feature extractor {key!r} takes no ':' argument (got {name!r})")
+    return key, arg
+
+
+def get_extractor(name: str, *, model=None, device: str | torch.device = "cpu", batch_size: int = 256,
+                  **options) -> FeatureExtractor:
+    """Build the extractor called ``name`` (``torchscript:PATH`` for a TorchScript file)."""
+    key, arg = check_extractor(name)
+    if key == "torchscript":
+        return TorchScriptFeatures(arg, device=device, batch_size=batch_size)
     kw = dict(device=device, batch_size=batch_size, **options)
     if EXTRACTORS[key].needs_model:
         kw["model"] = model

@@ -120,7 +120,12 @@ def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"bands file {str(p)!r} does not exist (write one with `side calibrate`)")
-    data = read_json(p)
+    try:
+        data = read_json(p)
+        data["bands"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"bands file {str(p)!r} is not a bands.json as `side calibrate` writes it "
+                         f"(a JSON object with 'similarity' and 'bands'): {e}") from None
     if data.get("similarity") != similarity:
         raise ValueError(f"bands file {str(p)!r} was calibrated for similarity={data.get('similarity')!r}, "
                          f"not {similarity!r}")

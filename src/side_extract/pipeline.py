@@ -29,16 +29,16 @@ from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
 from .evaluation import calibrate, digits_complement, evaluate
-from .metrics import Similarity
+from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, in_rounds, round_size
-from .features import EXTRACTORS, extract_features
+from .features import EXTRACTORS, check_extractor, extract_features
 from .finetune import finetune, load_finetuned
 from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import load_classifier, save_classifier
 from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
 from .neighbors import NearestNeighborIndex, pixel_rows
-from .runs import RunDir, atomic_save_npz, atomic_write_json, run_lock, stage_fingerprint
+from .runs import RunDir, atomic_save_npz, atomic_write_json, file_fingerprint, run_lock, stage_fingerprint
 from .sampling import sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -71,9 +71,16 @@ class AuditContext:
 # stages
 
 
+def script_fingerprints(extractor: str | None) -> list[str]:
+    """[the file's fingerprint] for a ``torchscript:PATH`` extractor (its settings name only the path), else []."""
+    if extractor is None or not extractor.startswith("torchscript:"):
+        return []
+    return [file_fingerprint(extractor.split(":", 1)[1])]
+
+
 def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
     c = ctx.rc.features
-    fp = stage_fingerprint("features", c, ctx.fp["synthetic"])
+    fp = stage_fingerprint("features", c, ctx.fp["synthetic"], *script_fingerprints(c.extractor))
     ctx.fp["features"] = fp
     path = ctx.run.path / "features" / "features.npz"
     if ctx.run.begin("features", fp) != "skip" or not path.exists():
@@ -340,11 +347,15 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     c = ctx.rc.evaluate
     if c.bands is not None or c.bands_file is not None or c.similarity.startswith("cosine:torchscript"):
         return None
-    fp = stage_fingerprint("calibration", c, train.fingerprint(), ctx.fp["model"] if c.similarity == "cosine:unet" else None)
+    given = None if c.heldout is None else load_image_set(c.heldout, ctx.rc.train_resize)  # keyed by its images
+    fp = stage_fingerprint("calibration", c, train.fingerprint(),
+                           ctx.fp["model"] if c.similarity == "cosine:unet" else None,
+                           *([] if given is None else [given.fingerprint()]),
+                           *script_fingerprints(Similarity(c.similarity).extractor))
     path = ctx.run.path / "evaluation" / "bands.json"
     if ctx.run.begin("calibration", fp) != "skip" or not path.exists():
-        if c.heldout is not None:
-            heldout = load_image_set(c.heldout, ctx.rc.train_resize)
+        if given is not None:
+            heldout = given
         elif str(ctx.rc.train).startswith("digits:"):
             heldout = digits_complement(ctx.rc.train)
             if ctx.rc.train_resize is not None:  # the same size as the training set
@@ -367,7 +378,8 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
     if sim.metric != "cosine":
         return None
     needs_model = EXTRACTORS[sim.extractor.split(":", 1)[0]].needs_model
-    fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(), ctx.fp["model"] if needs_model else None)
+    fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(), ctx.fp["model"] if needs_model else None,
+                           *script_fingerprints(sim.extractor))
     path = ctx.run.path / "train-features" / "features.npz"
     if ctx.run.begin("train-features", fp) != "skip" or not path.exists():
         feats = extract_features(sim.extractor, train, model=ctx.denoiser, reference=train, device=ctx.device,
@@ -444,8 +456,10 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
         c = dataclasses.replace(c, bands_file=str(bands_file))
     reference = quality_reference(ctx) if c.quality else None
     cal = None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"]
+    files = [*script_fingerprints(Similarity(c.similarity).extractor),  # what the files the config names hold
+             *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)])]
     fps = {m: stage_fingerprint("evaluation", c, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
-                                None if reference is None else reference.fingerprint()) for m in extractions}
+                                None if reference is None else reference.fingerprint(), *files) for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
     todo = group.on_main(lambda: [m for m in extractions
@@ -518,8 +532,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                     f"the memorization candidates (surrogate.memorized_fraction={rc.surrogate.memorized_fraction} "
                     f"of sample.n={rc.sample.n})")
             problems.append(f"surrogate K={max(ks)} must be <= {what}={n_clustered}")
-        if rc.features.extractor.split(":", 1)[0] not in EXTRACTORS:
-            problems.append(f"features.extractor={rc.features.extractor!r} must be one of {', '.join(EXTRACTORS)}")
+        try:
+            check_extractor(rc.features.extractor)
+        except ValueError as e:
+            problems.append(f"features.extractor: {e}")
     if methods - {"uncond", "side-lora", "memguide"}:  # the methods that train a classifier
         if C not in (1, 3) or not 8 <= H <= 256 or H != W:
             problems.append(f"the classifiers need square 8-256 px images with 1 or 3 channels; the model makes "
@@ -528,8 +544,16 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         problems.append(f"surrogate.teacher_min_confidence={rc.surrogate.teacher_min_confidence} must be in [0, 1)")
     ev = rc.evaluate
     if until == "evaluation" and rc.train is not None:
-        if ev.bands_file is not None and not Path(ev.bands_file).is_file():
-            problems.append(f"evaluate.bands_file={ev.bands_file!r} does not exist")
+        extractor = Similarity(ev.similarity).extractor
+        checks = (  # what the evaluations read, checked before the stages upstream of them run (or are replaced)
+            None if ev.bands is None else lambda: parse_bands(ev.bands),
+            None if ev.bands_file is None else lambda: read_bands_file(ev.bands_file, ev.similarity),
+            None if extractor is None else lambda: check_extractor(extractor))
+        for check in filter(None, checks):
+            try:
+                check()
+            except ValueError as e:
+                problems.append(f"evaluate: {e}")
         for name in ev.quality:
             if name != "pixels" and name.split(":", 1)[0] not in EXTRACTORS:
                 problems.append(f"evaluate.quality: {name!r} is not a feature space; valid: pixels, "
@@ -558,10 +582,14 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                             f"quantile (it needs at least {int(np.ceil(1 / q))}): give held-out images "
                             "(evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles) or fixed bands "
                             "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
-        if ev.similarity.startswith("cosine:") and ev.similarity[7:].split(":", 1)[0] not in EXTRACTORS:
-            problems.append(f"evaluate.similarity={ev.similarity!r}: unknown extractor; valid: {', '.join(EXTRACTORS)}")
     if problems:
         raise ValueError("the run cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def load_run_target(rc: cfg.RunConfig, device: str = "cpu") -> Target:
+    """The model ``rc.model`` names, loaded on ``device`` (this process's own in a launch of several)."""
+    device = ProcessGroup.from_env().device(device)
+    return Target(load_target(rc.model, device), model_fingerprint(rc.model), str(rc.model))
 
 
 def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until: Until = "evaluation",
@@ -584,7 +612,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     group = ProcessGroup.from_env()  # one process, or one of a torchrun / accelerate launch (distributed.py)
     device = group.device(device)
     if target is None:
-        target = Target(load_target(rc.model, device), model_fingerprint(rc.model), str(rc.model))
+        target = load_run_target(rc, device)
     preflight(rc, target.denoiser, until)
     with run_lock(path, wait=wait) if group.main else contextlib.nullcontext():  # a launch is one writer
         run = RunDir(path, replace=replace, group=group)

@@ -153,6 +153,16 @@ def fingerprint_of(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes: a stage that reads a file the user names (a bands file, a TorchScript
+    extractor) is keyed by what the file holds, not by its path, so replacing it redoes the stage."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # Bump a stage's version when a change of the code changes what the stage writes: every run's cached stage of
 # that kind (and, through the fingerprints, everything downstream of it) is then redone instead of reused.
 STAGE_VERSIONS: dict[str, int] = {

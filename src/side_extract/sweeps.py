@@ -17,7 +17,7 @@ from pathlib import Path
 from . import config as cfg
 from .distributed import ProcessGroup
 from .models.target import Target
-from .pipeline import AuditResult, ProgressFactory, no_progress, run_audit
+from .pipeline import AuditResult, ProgressFactory, load_run_target, no_progress, preflight, run_audit
 from .runs import RunDir, atomic_write_json
 from .summary import LABEL_FREE
 
@@ -61,7 +61,10 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
         return out
     for name, section in SWEEPABLE.items():
         for value in getattr(rc.sweep, name):
-            sec = dataclasses.replace(getattr(rc, section), **{name: value})
+            try:
+                sec = dataclasses.replace(getattr(rc, section), **{name: value})
+            except ValueError as e:
+                raise ValueError(f"sweep {name}={value}: {e}") from None
             if name == "scale":  # a lambda sweep moves every guided method's lambda, Cond's too
                 sec = dataclasses.replace(sec, cond_scale=value, teacher_scale=value)
             if section == "extract":
@@ -80,10 +83,19 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
     """The main run, then one sub-run per swept value (sharing the main run's unchanged stages).
 
     ``wait`` and ``replace`` apply to the main run (:func:`~side_extract.pipeline.run_audit`); sub-runs are
-    redone freely when their settings change."""
+    redone freely when their settings change. Every sub-run's config is checked (:func:`preflight`) before the
+    main run starts."""
+    sweeps = sweep_configs(rc)
+    if sweeps:
+        target = target or load_run_target(rc, device)
+        for name, sub_rc in sweeps:
+            try:
+                preflight(sub_rc, target.denoiser)
+            except ValueError as e:
+                raise ValueError(f"sweep {name}: {e}") from None
     main = run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace, target=target)
     subs = {}
-    for name, sub_rc in sweep_configs(rc):
+    for name, sub_rc in sweeps:
         log.info("sweep %s", name)
         child = RunDir(Path(path) / "sweeps" / name)
         group = ProcessGroup.from_env()

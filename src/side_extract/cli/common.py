@@ -62,6 +62,16 @@ def build_config(cls: type[T], config_file: Path | None, overrides: dict[str, An
     return cfg.from_dict(cls, cfg.merge(base, overrides))
 
 
+def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> cfg.RunConfig:
+    """A stage command's config: the run's own ``config.yaml`` (when it exists), then ``config``, then the flags."""
+    base: dict[str, Any] = {}
+    if (run / "config.yaml").is_file():
+        base = cfg.load_yaml(run / "config.yaml")
+    if config is not None:
+        base = cfg.merge(base, cfg.load_yaml(config))
+    return cfg.from_dict(cfg.RunConfig, cfg.merge(base, overrides))
+
+
 def progress_enabled(ctx: typer.Context) -> bool:
     return bool((ctx.find_root().obj or {}).get("progress", True))
 

@@ -1,7 +1,8 @@
 """``side run``, ``side cluster``, ``side train-classifier``, ``side extract``: the audit's stages over a run directory.
 
-Each reads the run's own ``config.yaml`` (when the run exists), then ``--config``, then the flags typed,
-and runs the chain up to its stage; finished stages with unchanged inputs are skipped.
+``side run CONFIG`` runs CONFIG (every key it leaves out at its default). The stage commands read the run's own
+``config.yaml`` (when the run exists), then ``--config``, then the flags typed. Each runs the chain up to its
+stage; finished stages with unchanged inputs are skipped.
 """
 from __future__ import annotations
 
@@ -16,18 +17,24 @@ from rich.table import Table
 from .. import config as cfg
 from ..pipeline import Until, run_audit
 from ..sweeps import run_with_sweeps
-from .common import cli_errors, console, progress_enabled, typed_flags
+from .common import build_config, cli_errors, console, load_run_config, progress_enabled, typed_flags
 
 E = cfg.ExtractConfig()
 
 
-def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> cfg.RunConfig:
-    base: dict[str, Any] = {}
-    if (run / "config.yaml").is_file():
-        base = cfg.load_yaml(run / "config.yaml")
-    if config is not None:
-        base = cfg.merge(base, cfg.load_yaml(config))
-    return cfg.from_dict(cfg.RunConfig, cfg.merge(base, overrides))
+def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
+    """Name the settings that differ from the config the run directory was last run with."""
+    if not (run / "config.yaml").is_file():
+        return
+
+    def flat(d: dict[str, Any], at: str = "") -> dict[str, Any]:
+        return {k: v for key, value in d.items() for k, v in
+                (flat(value, f"{at}{key}.") if isinstance(value, dict) else {f"{at}{key}": value}).items()}
+
+    old, new = flat(cfg.load_yaml(run / "config.yaml")), flat(cfg.to_dict(rc))
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        console.print(f"settings changed since the last run into {run}: {'; '.join(changed)}")
 
 
 @contextlib.contextmanager
@@ -104,7 +111,8 @@ def run_cmd(
 ) -> None:
     """Run the whole audit: sample, cluster, train classifiers, extract (SIDE and baselines), evaluate, sweeps.
     A stage whose settings or inputs changed since the last run into OUT is redone."""
-    rc = load_run_config(out, config, {})
+    rc = build_config(cfg.RunConfig, config, {})  # CONFIG says the whole run: a key left out is its default
+    _say_changes(out, rc)
     metrics = _run(ctx, out, rc, device, "evaluation", wait=wait)
     print_summary(metrics)
     if report and metrics:

@@ -11,7 +11,7 @@ from ..models.target import load_target, model_fingerprint
 from ..distributed import ProcessGroup
 from ..runs import RunDir, run_lock
 from ..sampling import sample_stage
-from .common import build_config, cli_errors, console, progress_bar, typed_flags
+from .common import cli_errors, console, load_run_config, progress_bar, typed_flags
 
 D = cfg.SampleConfig()
 
@@ -20,7 +20,7 @@ D = cfg.SampleConfig()
 def sample_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Run directory; images go to OUT/synthetic/shard-*.npz."),
-    model: str = typer.Option(cfg.RunConfig.model, help="diffusers pipeline directory, or 'demo'."),
+    model: str = typer.Option(cfg.RunConfig.model, help="diffusers pipeline directory, or an embedded target: 'demo' or 'demo-1000'."),
     n: int = typer.Option(D.n, help="Number of images."),
     seed: int = typer.Option(D.seed, help="Run seed; image i's noise is seeded by (seed, i)."),
     scheduler: str = typer.Option(D.scheduler, help="ddim or ddpm."),
@@ -34,7 +34,7 @@ def sample_cmd(
 ) -> None:
     """Sample N images; a rerun skips finished work and resumes an interrupted run at its last whole shard."""
     names = {"model": "model"} | {k: f"sample.{k}" for k in cfg.to_dict(D)}
-    rc = build_config(cfg.RunConfig, config, typed_flags(ctx, names))
+    rc = load_run_config(out, config, typed_flags(ctx, names))  # an existing run keeps its other settings
     group = ProcessGroup.from_env()  # torchrun / accelerate launch: each process writes its own shards
     device = group.device(device)
     denoiser = load_target(rc.model, device)  # before anything is written: a bad --model leaves nothing behind

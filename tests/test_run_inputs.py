@@ -1,0 +1,139 @@
+"""What a run reads besides its config values: every bad value refused before a stage runs or is replaced;
+the files a config names (bands file, held-out images, TorchScript extractor) keyed by their content; `side run
+CONFIG` runs CONFIG; sweeps checked before the main run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from side_extract import config as cfg
+from side_extract.cli.main import app
+from side_extract.data import load_image_set
+from side_extract.pipeline import run_audit
+from side_extract.runs import read_json
+from side_extract.sweeps import run_with_sweeps
+
+from test_pipeline import tiny_rc
+
+FIXED = "high=0:0.1,mid=0.1:0.15,low=0.15:0.2"
+
+
+def _small(model_dir, **evaluate) -> cfg.RunConfig:
+    rc = tiny_rc(model_dir, methods=("side", "uncond"))
+    return dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, quality=(), **evaluate))
+
+
+def _started(run) -> dict[str, float]:
+    return {k: v["started_unix"] for k, v in read_json(run / "manifest.json")["stages"].items()}
+
+
+@pytest.mark.parametrize("section,key", [("sample", "seed"), ("classifier", "seed"), ("extract", "seed"),
+                                         ("evaluate", "seed"), ("surrogate", "random_state")])
+def test_a_negative_seed_is_refused_by_the_config(section, key):
+    with pytest.raises(ValueError, match=f"{key}=-1 must be a non-negative integer"):
+        cfg.from_dict(cfg.RunConfig, {section: {key: -1}})
+
+
+def test_the_config_refuses_values_that_were_found_late():
+    with pytest.raises(ValueError, match=r"depth=7 must be one of \[10, 18, 34\]"):
+        cfg.ClassifierConfig(depth=7)
+    with pytest.raises(ValueError, match="give one of them, not both"):
+        cfg.EvaluateConfig(bands=FIXED, bands_file="bands.json")
+
+
+def test_bad_evaluation_inputs_fail_before_any_stage_and_leave_finished_results(tiny_model_dir, tmp_path):
+    """Malformed bands, a bands file that is not JSON, a missing TorchScript file: each was found only when the
+    evaluation ran, after sampling, training and extraction, and after `begin` had cleared the finished
+    evaluation of a run that already had one."""
+    run = tmp_path / "run"
+    rc = _small(tiny_model_dir, bands=FIXED)
+    run_audit(run, rc)
+    metrics = (run / "evaluation" / "side" / "metrics.json").read_bytes()
+    not_json = tmp_path / "bands.json"
+    not_json.write_text("high: 0.1")
+    for bad, match in [(dict(bands="high=0:0.1,mid=0.1:oops"), "bands='high=0:0.1,mid=0.1:oops'"),
+                       (dict(bands=None, bands_file=str(not_json)), "is not a bands.json"),
+                       (dict(similarity="cosine:torchscript:/nowhere/sscd.pt"), "torchscript:/nowhere/sscd.pt: no such")]:
+        with pytest.raises(ValueError, match=match):
+            run_audit(run, dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, **bad)))
+        assert (run / "evaluation" / "side" / "metrics.json").read_bytes() == metrics
+        with pytest.raises(ValueError, match=match):
+            run_audit(tmp_path / "fresh", dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, **bad)))
+        assert not (tmp_path / "fresh" / "synthetic").exists()
+    with pytest.raises(ValueError, match="features.extractor: torchscript:/nowhere/f.pt: no such file"):
+        run_audit(tmp_path / "fresh", dataclasses.replace(rc, features=cfg.FeaturesConfig(
+            extractor="torchscript:/nowhere/f.pt")))
+
+
+def test_a_replaced_bands_file_or_held_out_set_redoes_what_read_it(tiny_model_dir, tmp_path):
+    """The fingerprints held the file's path only: the same path with other bands, or other held-out images,
+    reused the stale calibration and evaluations."""
+    bands = tmp_path / "bands.json"
+    bands.write_text(json.dumps({"similarity": "rms-l2", "bands": {"low": [0.15, 0.2], "mid": [0.1, 0.15],
+                                                                   "high": [0.0, 0.1]}}))
+    run = tmp_path / "run"
+    rc = _small(tiny_model_dir, bands_file=str(bands))
+    run_audit(run, rc)
+    first = _started(run)
+    run_audit(run, rc)
+    assert _started(run) == first  # unchanged: skipped
+    bands.write_text(json.dumps({"similarity": "rms-l2", "bands": {"low": [0.2, 0.3], "mid": [0.15, 0.2],
+                                                                   "high": [0.0, 0.15]}}))
+    res = run_audit(run, rc)
+    again = _started(run)
+    assert again["evaluation/side"] > first["evaluation/side"] and again["extraction/side"] == first["extraction/side"]
+    assert res.metrics["side"]["bands"]["high"] == [0.0, 0.15]
+
+    held = tmp_path / "held.npz"
+    np.savez(held, images=load_image_set("digits:200").images[:100])
+    cal = dataclasses.replace(rc, evaluate=dataclasses.replace(
+        rc.evaluate, bands_file=None, heldout=str(held), calibration_quantiles=(0.05, 0.1, 0.2)))
+    run_audit(run, cal)
+    before = _started(run)
+    edges = read_json(run / "evaluation" / "bands.json")["bands"]
+    np.savez(held, images=load_image_set("digits:200").images[100:])
+    run_audit(run, cal)
+    after = _started(run)
+    assert after["calibration"] > before["calibration"] and after["evaluation/side"] > before["evaluation/side"]
+    assert read_json(run / "evaluation" / "bands.json")["bands"] != edges
+
+
+def test_a_bad_sweep_value_fails_before_the_main_run(tiny_model_dir, tmp_path):
+    rc = dataclasses.replace(_small(tiny_model_dir, bands=FIXED), sweep=cfg.SweepConfig(n_clusters=(2, 1000)))
+    with pytest.raises(ValueError, match=r"(?s)sweep n_clusters=1000: .*surrogate K=1000 must be <="):
+        run_with_sweeps(tmp_path / "run", rc)
+    assert not (tmp_path / "run").exists()
+    rc = dataclasses.replace(rc, sweep=cfg.SweepConfig(tau=(5.0,)))
+    with pytest.raises(ValueError, match=r"sweep tau=5.0: tau=5.0"):
+        run_with_sweeps(tmp_path / "run", rc)
+    assert not (tmp_path / "run").exists()
+
+
+def test_side_run_runs_its_config_and_side_sample_keeps_the_runs_settings(tiny_model_dir, tmp_path):
+    """`side run CONFIG --out RUN` merged CONFIG over RUN's saved config, so a key deleted from CONFIG kept the
+    old run's value; `side sample --out RUN` on an existing run wrote every other setting back to its default."""
+    rc = _small(tiny_model_dir, bands=FIXED)
+    conf = cfg.to_dict(rc)
+    conf["extract"]["scale"] = 5.0
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    run = tmp_path / "run"
+    runner = CliRunner()
+    args = ["--threads", "1", "--no-progress", "run", str(path), "--out", str(run), "--no-report"]
+    assert runner.invoke(app, args).exit_code == 0
+    del conf["extract"]["scale"]
+    path.write_text(yaml.safe_dump(conf))
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "extract.scale 5.0 -> 3.0" in r.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["extract"]["scale"] == cfg.ExtractConfig().scale
+    r = runner.invoke(app, ["--threads", "1", "--no-progress", "sample", "--out", str(run), "--n", "48"])
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["sample"]["n"] == 48 and saved["extract"]["methods"] == ["side", "uncond"]
+    assert saved["train"] == "digits:30" and saved["sample"]["steps"] == 2
