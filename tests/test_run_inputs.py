@@ -42,6 +42,8 @@ def test_a_negative_seed_is_refused_by_the_config(section, key):
 def test_the_config_refuses_values_that_were_found_late():
     with pytest.raises(ValueError, match=r"depth=7 must be one of \[10, 18, 34\]"):
         cfg.ClassifierConfig(depth=7)
+    with pytest.raises(ValueError, match="rank='half' must be an integer or must be one of 'full'"):
+        cfg.from_dict(cfg.RunConfig, {"lora": {"rank": "half"}})
     with pytest.raises(ValueError, match="give one of them, not both"):
         cfg.EvaluateConfig(bands=FIXED, bands_file="bands.json")
 

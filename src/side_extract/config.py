@@ -523,7 +523,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{path}={value!r} is not allowed")
+        said = f"{path}={value!r} "  # every form the value could take, e.g. "must be an integer or must be one of 'full'"
+        raise ValueError(said + " or ".join(e.removeprefix(said) for e in errors) if errors else f"{said}is not allowed")
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{path}={value!r} must be one of {', '.join(map(repr, args))}")

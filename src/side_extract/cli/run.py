@@ -134,7 +134,8 @@ def cluster_cmd(
     device: str = typer.Option("cpu"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
-    """Sample the synthetic set if needed, embed it, and cluster it into surrogate labels."""
+    """Sample the synthetic set if needed, embed it, and cluster it into surrogate labels.
+    Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {"extractor": "features.extractor", "n_clusters": "surrogate.n_clusters", "tau": "surrogate.tau",
              "dropped": "surrogate.dropped"}
     rc = load_run_config(run, config, typed_flags(ctx, names))
@@ -154,7 +155,8 @@ def train_classifier_cmd(
     device: str = typer.Option("cpu"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
-    """Train the classifiers the configured methods need (noise-aware for SIDE, clean for Cond / teacher)."""
+    """Train the classifiers the configured methods need (noise-aware for SIDE, clean for Cond / teacher).
+    Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
     rc = load_run_config(run, config, typed_flags(ctx, names))
     _run(ctx, run, rc, device, "classifier", wait=wait)
@@ -182,7 +184,8 @@ def extract_cmd(
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
-    """Generate N_G images per method into RUN/extraction/<method>/ (and evaluate them)."""
+    """Generate N_G images per method into RUN/extraction/<method>/ (and evaluate them).
+    Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {"method": "extract.methods", "n": "extract.n", "seed": "extract.seed", "scale": "extract.scale",
              "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler",
              "memguide_scale": "extract.memguide_scale"}
