@@ -285,10 +285,6 @@ class ClassifierConfig:
         _positive(self, "width", "time_embed_dim", "steps", "batch_size", "eval_every")
         if self.backbone not in ("resnet", "unet"):
             raise ValueError(f"backbone={self.backbone!r} must be 'resnet' or 'unet'")
-        from .models.classifier import DEPTHS
-
-        if self.backbone == "resnet" and self.depth not in DEPTHS:
-            raise ValueError(f"depth={self.depth} must be one of {sorted(DEPTHS)} (the ResNet's depth)")
         if self.backbone == "unet" and self.guidance_input != "x_t":
             raise ValueError("backbone='unet' is a noise-aware classifier of x_t; guidance_input must be 'x_t'")
         if self.lr <= 0:

@@ -35,7 +35,7 @@ from .features import EXTRACTORS, check_extractor, extract_features
 from .finetune import finetune, load_finetuned
 from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
-from .models.classifier import load_classifier, save_classifier
+from .models.classifier import DEPTHS, load_classifier, save_classifier
 from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import RunDir, atomic_save_npz, atomic_write_json, file_fingerprint, run_lock, stage_fingerprint
@@ -516,6 +516,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     if rc.classifier.backbone == "unet" and {"side", "side-teacher"} & methods and not isinstance(denoiser, UNetDenoiser):
         problems.append("classifier.backbone=unet reads the target's diffusers UNet2DModel features; this target is "
                         "a callable (use backbone: resnet)")
+    for name, c in (("classifier", rc.classifier), ("clean_classifier", rc.clean_classifier)):
+        if c.backbone == "resnet" and c.depth not in DEPTHS:
+            problems.append(f"{name}.depth={c.depth} must be one of {sorted(DEPTHS)} (the ResNet's depth)")
     if rc.clean_classifier.backbone != "resnet":
         problems.append(f"clean_classifier.backbone={rc.clean_classifier.backbone!r}: the clean (time-independent) "
                         "classifier must use backbone: resnet")
