@@ -39,6 +39,11 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tiny_model_dir, tmp_pat
         assert time.time() - t0 < 10 and not (run / "config.yaml").exists()
         res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(run), "--method", "uncond"])
         assert res.exit_code == 2 and "being written by another process" in res.output
+        # before the model loads and the config is checked (a model that does not exist: the lock is said first)
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
+            run_audit(run, dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)), model=str(tmp_path / "no")))
+        res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(run), "--model", str(tmp_path / "no")])
+        assert res.exit_code == 2 and "being written by another process" in res.output
     finally:
         holder.kill()
         holder.wait()

@@ -228,6 +228,26 @@ class StageWouldBeReplaced(ValueError):
 _HELD: dict[Path, int] = {}  # run directories this process holds, with a re-entry count
 
 
+def _locked(path: Path, f: Any) -> RunLocked:
+    f.seek(0)
+    return RunLocked(f"run directory {str(path)!r} is being written by another process "
+                     f"({f.read().strip() or 'holder unknown'}); wait for it (--wait) or use another run directory")
+
+
+def check_unlocked(path: str | Path) -> None:
+    """Raise :class:`RunLocked` at once when another process holds run directory ``path``'s lock: a probe
+    before the slow work that precedes :func:`run_lock` (loading the model, checking the config), which still
+    takes the lock itself."""
+    path = Path(path).resolve()
+    if path in _HELD or not (path / ".lock").is_file():
+        return
+    with open(path / ".lock", "a+") as f:  # closing it releases the probe's own lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _locked(path, f) from None
+
+
 @contextlib.contextmanager
 def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
     """Hold the exclusive lock of run directory ``path`` (``path/.lock``, ``fcntl.flock``) for the block.
@@ -251,10 +271,7 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            f.seek(0)
-            raise RunLocked(f"run directory {str(path)!r} is being written by another process "
-                            f"({f.read().strip() or 'holder unknown'}); wait for it (--wait) or use another "
-                            "run directory") from None
+            raise _locked(path, f) from None
         f.seek(0)
         stale = f.read().strip()
         if stale:
