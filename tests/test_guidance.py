@@ -152,7 +152,18 @@ def test_nonzero_scale_changes_output(tiny_model_dir):
     d = load_target(tiny_model_dir)
     g = ClassifierGuidance(LinearClassifier(64, 3), np.arange(3), 5.0)
     y = np.array([0, 1, 2])
-    assert not torch.allclose(sample(d, 3, steps=4, guidance=g, labels=y), sample(d, 3, steps=4))
+    assert not torch.allclose(sample(d, 3, steps=4, guidance=g, labels=y, clip_eps=True),
+                              sample(d, 3, steps=4, clip_eps=True))
+
+
+def test_guided_ddim_refuses_the_unclipped_sampler(tiny_model_dir):
+    """A guided DDIM step always took eps from the clipped x0; with clip_eps=False its unguided steps (and an
+    unguided baseline) did not, so lambda -> 0 did not give the baseline back (0.16 apart at lambda 1e-9)."""
+    d = load_target(tiny_model_dir)
+    g = ClassifierGuidance(LinearClassifier(64, 3), np.arange(3), 1e-9)
+    with pytest.raises(ValueError, match="pass clip_eps=True"):
+        sample(d, 3, steps=4, guidance=g, labels=np.array([0, 1, 2]))
+    sample(d, 3, steps=4, scheduler="ddpm", guidance=g, labels=np.array([0, 1, 2]))  # (DDPM has no such switch)
 
 
 def test_guidance_at_high_noise_alone_changes_images(tiny_model_dir):
@@ -171,10 +182,10 @@ def test_labels_travel_with_the_batch(tiny_model_dir):
     d = load_target(tiny_model_dir)
     g = ClassifierGuidance(LinearClassifier(64, 3, seed=1), np.arange(3), 2.0)
     y = np.array([2, 0, 1, 1, 0, 2])
-    a = sample(d, 6, seed=7, steps=4, guidance=g, labels=y, batch_size=6)
-    b = sample(d, 6, seed=7, steps=4, guidance=g, labels=y, batch_size=2)
+    a = sample(d, 6, seed=7, steps=4, guidance=g, labels=y, batch_size=6, clip_eps=True)
+    b = sample(d, 6, seed=7, steps=4, guidance=g, labels=y, batch_size=2, clip_eps=True)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    c = sample(d, 6, seed=7, steps=4, guidance=g, labels=np.roll(y, 1), batch_size=6)
+    c = sample(d, 6, seed=7, steps=4, guidance=g, labels=np.roll(y, 1), batch_size=6, clip_eps=True)
     assert (a - c).abs().max() > 1e-3
 
 

@@ -174,6 +174,10 @@ def denoise_batch(
     unguided steps too, as guided-diffusion's DDIM always does (diffusers' DDIMPipeline does not:
     ``clip_eps=False`` reproduces it).
     """
+    if guidance is not None and isinstance(sched, DDIMScheduler) and not clip_eps:
+        raise ValueError("guided DDIM sampling takes eps from the clipped x0 in every guided step (guided-diffusion's "
+                         "order, the extraction's sampler): pass clip_eps=True, and sample an unguided baseline with "
+                         "clip_eps=True too (clip_eps=False is diffusers' DDIMPipeline, another sampler)")
     label_free = getattr(guidance, "uses_ids", False)
     if (getattr(denoiser, "conditional", False) or (guidance is not None and not label_free)) and y is None:
         raise ValueError("guided or conditional sampling needs the batch's target labels y")
