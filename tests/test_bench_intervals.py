@@ -101,3 +101,44 @@ def test_a_run_of_singletons_stays_cheap_and_a_run_without_hits_has_no_upper_bou
     none = {"nn": np.zeros(1000, np.int64), "reach/mid": np.zeros(1000, bool)}
     r = count_ratios({"f": [none]}, [run], 50)["f"]
     assert r["ratio"] == 0 and r["ci95"] == [0.0, None] and not r["excludes_1"]
+
+
+def _varied(base: np.ndarray, sigma_hit: float, sigma_w: float, rng: np.random.Generator) -> np.ndarray:
+    """One replicate's population: the form's hit rate and each image's weight redrawn (log-normal), as a replicate
+    redraws the synthetic set, clustering and classifier."""
+    hit = min(0.95, (1 - base[0]) * math.exp(sigma_hit * rng.standard_normal()))
+    w = base[1:] * np.exp(sigma_w * rng.standard_normal(len(base) - 1))
+    return np.concatenate([[1 - hit], hit * w / w.sum()])
+
+
+def test_the_interval_covers_the_true_ratio_when_the_replicates_themselves_vary():
+    """Six replicates, N_G 1,000, 300 images: the form's population is redrawn per replicate (hit rate sigma 0.2,
+    image weights sigma 0.5), the baseline's fixed; the truth is the ratio of expected distinct counts averaged over
+    replicate populations. The resampling interval alone (before) covered it in 63 % of 200 trials; with the
+    replicates' paired standard error (and t at 5 degrees of freedom where it is the larger), 94 %."""
+    base, form = _population(300, 0.25, 1.0, 1), _population(300, 0.25, 1.0, 4)
+    rng = np.random.default_rng(0)
+    truth = (np.mean([_expected_distinct(_varied(form, 0.2, 0.5, rng), 1000) for _ in range(4000)])
+             / _expected_distinct(base, 1000))
+    inside, trials = 0, 120
+    for t in range(trials):
+        side = [_run(_varied(form, 0.2, 0.5, rng), 1000, rng) for _ in range(6)]
+        plain = [_run(base, 1000, rng) for _ in range(6)]
+        lo, hi = bootstrap_ratios({"side": side, "uncond": plain}, ("distinct_nn/mid",), 100, ("side",), ("uncond",),
+                                  seed=t)["side"]["distinct_nn/mid"]["ci95"]
+        inside += lo <= truth <= hi
+    assert inside / trials >= 0.88
+
+
+def test_replicate_se_is_the_paired_delta_method_by_hand():
+    """num 2, 4 and den 1, 1: d = (2/3 - 1, 4/3 - 1) = (-1/3, 1/3), sd 0.4714, se = sd / sqrt(2) = 1/3, one degree
+    of freedom; equal ratios in every replicate: no spread at all."""
+    from side_extract.bench.intervals import interval, replicate_se
+
+    se, df = replicate_se([2.0, 4.0], [1.0, 1.0])
+    assert se == pytest.approx(1 / 3) and df == 1
+    assert replicate_se([2.0, 4.0], [1.0, 2.0]) == (0.0, 1)
+    assert replicate_se([2.0], [1.0]) == (0.0, None)
+    lo, hi = interval("distinct_nn/mid", 3.0, 1.0, np.full(10, 3.0), np.ones(10), [2.0, 4.0], [1.0, 1.0])
+    q = 12.706204736174698  # t(0.975, 1)
+    assert (lo, hi) == pytest.approx((3 * math.exp(-q / 3), 3 * math.exp(q / 3)))
