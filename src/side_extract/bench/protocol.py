@@ -406,11 +406,15 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                          f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
                          f"{cell('carlini')} | {cell('p95', False)} |")
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
+        spread = h.get("interval_method") == INTERVAL_METHOD  # and before it took in the replicates' spread
+        caption = ("95 % interval of the log ratio, its standard error the larger of the replicates' spread (paired "
+                   "by replicate; t at R - 1 df) and the resampling of each replicate's generations (distinct_nn: "
+                   "iNEXT's assemblage)" if spread else "95 % bootstrap interval over generations"
+                   + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the observed ratio, shares: "
+                      "percentile" if inext else ""))
         if h["ratios"]:  # (none when only baselines ran)
-            lines += ["", "SIDE form (or memguide) / best baseline (ratio of replicate means, 95 % bootstrap interval "
-                      "over generations" + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the "
-                                            "observed ratio, shares: percentile" if inext else "")
-                      + "; ↑ where the whole interval is above 1, ↓ where it is below 1):", "",
+            lines += ["", f"SIDE form (or memguide) / best baseline (ratio of replicate means, {caption}"
+                      "; ↑ where the whole interval is above 1, ↓ where it is below 1):", "",
                       "| SIDE form | " + " | ".join(BOOT_METRICS) + " |", "|---|" + "---|" * len(BOOT_METRICS)]
         for form, rows in h["ratios"].items():
             cells = []
@@ -425,7 +429,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         if curve:
             lines += ["", "Distinct nearest training images (mid band or closer) by budget: the first n generations "
                       "of each held-out run are that run at N_G = n. Mean [min-max] over replicates, then each form's "
-                      "ratio to the best baseline at that n with its 95 % bootstrap interval:", "",
+                      "ratio to the best baseline at that n with its 95 % interval (as above):", "",
                       "| method | " + " | ".join(f"n = {p['n_generated']}" for p in curve) + " |",
                       "|---|" + "---|" * len(curve)]
             for m in curve[0]["distinct_mid"]:
@@ -447,8 +451,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       f"{h['n_generated']} generations. UnCond with {eq['n_generated']} generations (the same noise "
                       f"stream, extended) reaches {u['mean']:.1f} [{u['min']:.0f}-{u['max']:.0f}] distinct nearest "
                       "training images at the mid band or closer; each form's count at N_G against it (ratio of "
-                      "replicate means, 95 % bootstrap interval; "
-                      + ("iNEXT's assemblage bootstrap standard error around the observed ratio):" if inext else
+                      "replicate means, "
+                      + (f"{caption}):" if spread else "95 % bootstrap interval; iNEXT's assemblage bootstrap standard "
+                         "error around the observed ratio):" if inext else
                          "resampling with replacement lowers distinct counts, the shorter run's more, so the interval "
                          "sits low: read it as indicative):"), ""]
             for form, r in eq["ratios"].items():
