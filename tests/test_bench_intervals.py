@@ -139,6 +139,6 @@ def test_replicate_se_is_the_paired_delta_method_by_hand():
     assert se == pytest.approx(1 / 3) and df == 1
     assert replicate_se([2.0, 4.0], [1.0, 2.0]) == (0.0, 1)
     assert replicate_se([2.0], [1.0]) == (0.0, None)
-    lo, hi = interval("distinct_nn/mid", 3.0, 1.0, np.full(10, 3.0), np.ones(10), [2.0, 4.0], [1.0, 1.0])
+    lo, hi = interval(3.0, 1.0, np.full(10, 3.0), np.ones(10), [2.0, 4.0], [1.0, 1.0])
     q = 12.706204736174698  # t(0.975, 1)
     assert (lo, hi) == pytest.approx((3 * math.exp(-q / 3), 3 * math.exp(q / 3)))

@@ -247,8 +247,8 @@ def _warn_duplicates(train: ImageSet) -> None:
     if (counts > 1).any():
         log.warning("the training set holds %d exact duplicates of %d images: UMS counts each copy as its own "
                     "training image; Gu's ratio counts an exact copy of a duplicated image as memorized (0/0) and a "
-                    "near copy of it not (d1/d2 near 1). Deduplicate the training set for counts per distinct image", int((counts - 1).sum()),
-                    int((counts > 1).sum()))
+                    "near copy of it not (d1/d2 near 1). Deduplicate the training set for counts per distinct image",
+                    int((counts - 1).sum()), int((counts > 1).sum()))
 
 
 # --------------------------------------------------------------------------------------------------

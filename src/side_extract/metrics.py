@@ -122,10 +122,13 @@ def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
         raise ValueError(f"bands file {str(p)!r} does not exist (write one with `side calibrate`)")
     try:
         data = read_json(p)
-        data["bands"].items()
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except ValueError as e:
+        data, why = None, str(e)
+    else:
+        why = "no 'bands' mapping"
+    if not isinstance(data, dict) or not isinstance(data.get("bands"), dict):
         raise ValueError(f"bands file {str(p)!r} is not a bands.json as `side calibrate` writes it "
-                         f"(a JSON object with 'similarity' and 'bands'): {e}") from None
+                         f"(a JSON object with 'similarity' and 'bands'): {why}")
     if data.get("similarity") != similarity:
         raise ValueError(f"bands file {str(p)!r} was calibrated for similarity={data.get('similarity')!r}, "
                          f"not {similarity!r}")

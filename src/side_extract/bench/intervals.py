@@ -156,13 +156,13 @@ def replicate_se(num_reps: list[float] | None, den_reps: list[float] | None) -> 
     return float(d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1
 
 
-def interval(metric: str, num: float, den: float, num_draws: np.ndarray, den_draws: np.ndarray,
+def interval(num: float, den: float, num_draws: np.ndarray, den_draws: np.ndarray,
              num_reps: list[float] | None = None, den_reps: list[float] | None = None
              ) -> tuple[float | None, float | None]:
     """95 % interval of ``num / den`` (module docstring): ``ratio * exp(+-q se)`` around the observed ratio, ``se``
     the larger of the resampled draws' delta-method standard error of the log ratio and the replicates'
     (:func:`replicate_se`, from each replicate's value ``num_reps`` / ``den_reps``), ``q`` Student's t quantile
-    at the replicates' degrees of freedom where theirs is the larger (else normal). ``metric`` is kept for the callers' rows."""
+    at the replicates' degrees of freedom where theirs is the larger (else normal)."""
     if den <= 0:
         return None, None
     if num <= 0:  # nothing reached: the resamples cannot bound it from above
@@ -174,9 +174,9 @@ def interval(metric: str, num: float, den: float, num_draws: np.ndarray, den_dra
     return ratio * math.exp(-q * se), ratio * math.exp(q * se)
 
 
-def _row(metric: str, num: float, den: float, num_draws: np.ndarray, den_draws: np.ndarray,
+def _row(num: float, den: float, num_draws: np.ndarray, den_draws: np.ndarray,
          num_reps: list[float] | None = None, den_reps: list[float] | None = None) -> dict[str, Any]:
-    lo, hi = interval(metric, num, den, num_draws, den_draws, num_reps, den_reps)
+    lo, hi = interval(num, den, num_draws, den_draws, num_reps, den_reps)
     return {"ratio": num / den if den > 0 else None, "ci95": [lo, hi],
             "excludes_1": lo is not None and hi is not None and hi > lo and (lo > 1 or hi < 1),
             **({} if num_reps is None else {"per_replicate": [float(v) for v in num_reps],
@@ -200,7 +200,7 @@ def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tup
         for k in metrics:
             best = max(bases, key=lambda m: point[m][k])
             rows[k] = {"side": point[s][k], "best_baseline": point[best][k], "best_baseline_method": best,
-                       **_row(k, point[s][k], point[best][k], boot[s][k], boot[best][k], reps[s][k], reps[best][k]),
+                       **_row(point[s][k], point[best][k], boot[s][k], boot[best][k], reps[s][k], reps[best][k]),
                        "replicates": n_rep}
         out[s] = rows
     return out
@@ -222,7 +222,7 @@ def count_ratios(forms: dict[str, list[dict[str, np.ndarray]]], base: list[dict[
         form_reps, point_draws = counts(reps)
         point, base_point = float(np.mean(form_reps)), float(np.mean(base_reps))
         out[name] = {"side": point, "uncond": base_point,
-                     **_row("distinct_nn/mid", point, base_point, point_draws, base_draws, form_reps, base_reps)}
+                     **_row(point, base_point, point_draws, base_draws, form_reps, base_reps)}
     return out
 
 
