@@ -104,6 +104,19 @@ def test_train_target_writes_pipeline_and_resume_is_exact(tmp_path):
     assert len(list((tmp_path / "b" / "checkpoints").iterdir())) <= 2
 
 
+def test_a_shorter_rerun_does_not_return_the_longer_trained_model(tmp_path):
+    """A checkpoint past the requested steps cannot be wound back: a 2-step rerun in a folder trained for 4 steps
+    gives the 2-step model (here from the step-2 checkpoint), not the 4-step one (it did before)."""
+    data = load_image_set("digits:20")
+    train_target(dataclasses.replace(TINY, steps=2), data, tmp_path / "short")
+    train_target(TINY, data, tmp_path / "b")
+    again = train_target(dataclasses.replace(TINY, steps=2), data, tmp_path / "b")
+    assert again.resumed_from == 2 and again.steps == 2
+    a, b = load_target(tmp_path / "short"), load_target(tmp_path / "b")
+    for (n1, p1), (_, p2) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)
+
+
 def test_train_target_ema_and_config_mismatch(tmp_path):
     data = load_image_set("digits:20")
     train_target(dataclasses.replace(TINY, ema=True, ema_decay=0.9), data, tmp_path / "e")

@@ -323,6 +323,9 @@ class LoraConfig:
             raise ValueError(f"label_dropout={self.label_dropout} must be in [0, 1)")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 0")
+        if self.guidance_scale != 1.0 and self.label_dropout == 0:
+            raise ValueError(f"guidance_scale={self.guidance_scale} needs label_dropout > 0: the null label it guides "
+                             "against is trained only by label dropout (guidance_scale 1 is plain conditional sampling)")
         if not self.target_modules:
             raise ValueError("target_modules=() must name at least one layer for the adapters")
 

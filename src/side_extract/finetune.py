@@ -114,7 +114,8 @@ class ConditionalDenoiser:
         y = y.to(x.device)
         if self.guidance_scale == 1.0:
             return self._eps(x, t, y)
-        both = self._eps(torch.cat([x, x]), t, torch.cat([null, y]))
+        t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t  # a per-sample t covers both halves
+        both = self._eps(torch.cat([x, x]), t2, torch.cat([null, y]))
         eps_u, eps_c = both.chunk(2)
         return eps_u + self.guidance_scale * (eps_c - eps_u)
 
@@ -188,7 +189,7 @@ def finetune(
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None
     group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
     if state is not None:
-        if state.get("resume_key") == key:
+        if state.get("resume_key") == key and int(state["step"]) <= c.steps:  # a longer run's cannot be wound back
             _load_trainable(model, load_file(str(ckpt / "trainable.safetensors")), full)
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
             start, losses = int(state["step"]), list(state["losses"])
@@ -235,11 +236,11 @@ def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cf
                    background: int | None = None) -> None:
     """``out/adapter/`` (peft: adapter_config.json + adapter_model.safetensors) or ``out/unet/`` (full), and
     ``out/classes.json``; the work directory stays for a later resume."""
-    with atomic_directory(out / ("unet" if c.rank == "full" else "adapter")) as tmp:
-        if c.rank == "full":
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+    form, other = ("unet", "adapter") if c.rank == "full" else ("adapter", "unet")
+    with atomic_directory(out / form) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    if (out / other).exists():  # an earlier fine-tune of the other form in this folder: load_finetuned reads one
+        shutil.rmtree(out / other)
     atomic_write_json(out / "classes.json", {"classes": [int(v) for v in classes], "config": cfg.to_dict(c),
                                              "background": None if background is None else int(background),
                                              "final_loss": float(np.mean(losses[-50:])) if losses else None})
@@ -254,14 +255,20 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
     meta: dict[str, Any] = json.loads((d / "classes.json").read_text())
     classes = np.asarray(meta["classes"], dtype=np.int64)
     c = cfg.from_dict(cfg.LoraConfig, meta["config"])
-    if (d / "unet").is_dir():
-        model = UNet2DModel.from_pretrained(d / "unet", use_safetensors=True)
+    w = c.guidance_scale if guidance_scale is None else float(guidance_scale)
+    if w != 1.0 and c.label_dropout == 0:
+        raise ValueError(f"guidance_scale={w} needs the null label, but {str(d)!r} was fine-tuned with label_dropout=0, "
+                         "which never trains it; use guidance_scale 1 (plain conditional sampling)")
+    form = d / ("unet" if c.rank == "full" else "adapter")  # the form classes.json names, not whichever folder exists
+    if not form.is_dir():
+        raise ValueError(f"{str(d)!r} holds no {form.name}/ folder, which its classes.json (rank {c.rank!r}) names")
+    if c.rank == "full":
+        model = UNet2DModel.from_pretrained(form, use_safetensors=True)
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(conditional_unet(target.unet, len(classes)), str(d / "adapter"))
-    return ConditionalDenoiser(model.to(device), target, classes,
-                               c.guidance_scale if guidance_scale is None else guidance_scale, meta.get("background"))
+        model = PeftModel.from_pretrained(conditional_unet(target.unet, len(classes)), str(form))
+    return ConditionalDenoiser(model.to(device), target, classes, w, meta.get("background"))
 
 
 __all__ = ["conditional_unet", "attach_adapters", "ConditionalDenoiser", "finetune", "save_finetuned",

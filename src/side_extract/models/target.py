@@ -220,8 +220,11 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = [p for p in (out / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+def _latest_checkpoint(out: Path, at_most: int) -> Path | None:
+    """The latest ``checkpoints/step-N`` with N <= ``at_most``: a checkpoint past the requested steps cannot be
+    wound back, so a shorter rerun starts from an earlier one (or afresh) instead of returning a longer-trained model."""
+    ckpts = [p for p in (out / "checkpoints").glob("step-*")
+             if re.fullmatch(r"step-\d+", p.name) and int(p.name.split("-")[1]) <= at_most]
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
@@ -271,7 +274,7 @@ def train_target(
     resume_key["data_fingerprint"] = data.fingerprint()
 
     start, losses, state = 0, [], None
-    ckpt = _latest_checkpoint(out)
+    ckpt = _latest_checkpoint(out, c.steps)
     if ckpt is not None:  # every process reads it; only the main one writes checkpoints, after a step that
         # synchronises the processes (the gradient exchange), so no process reads a half-replaced checkpoint
         state_meta = read_json(ckpt / "training_state.json")
