@@ -249,3 +249,69 @@ def test_stages_made_from_a_grown_stage_are_redone_without_force_and_others_are_
     run.complete("evaluation/side")
     with pytest.raises(StageWouldBeReplaced, match="evaluation/side"):  # a change that is no growth
         run.begin("evaluation/side", "e14b", {"extraction/side": "x14"})
+
+
+def test_every_methods_copy_guard_follows_the_synthetic_set(tiny_model_dir, tmp_path, one_thread):
+    """UnCond's copy guard is measured against the run's synthetic set: a new synthetic set redoes it (before:
+    UnCond's evaluation was skipped and kept the old set's figure beside SIDE's new one)."""
+    from side_extract.data import load_shards
+    from side_extract.pipeline import copy_guard
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    old = run_audit(tmp_path / "run", rc).metrics["uncond"]["copy_guard"]
+    rc2 = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, seed=5))
+    res = run_audit(tmp_path / "run", rc2)
+    assert res.metrics["uncond"]["copy_guard"]["median_distance_to_synthetic"] != old["median_distance_to_synthetic"]
+    d_train = np.load(tmp_path / "run" / "evaluation" / "uncond" / "per_generation.npz")["pixel_distance"]
+    now = copy_guard(load_shards(tmp_path / "run" / "extraction" / "uncond"), load_shards(tmp_path / "run" / "synthetic"),
+                     d_train.astype(float))
+    assert res.metrics["uncond"]["copy_guard"] == now
+    assert read_json(tmp_path / "run" / "evaluation" / "uncond" / "metrics.json")["copy_guard"] == now
+
+
+def test_another_spelling_of_the_run_path_redoes_nothing(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """The calibrated bands lie in the run directory; its path as typed used to key every evaluation, so the same
+    run reached by an absolute path redid them (and, without --force, was refused)."""
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    monkeypatch.chdir(tmp_path)
+    run_audit("run", rc)
+    before = {k: v["started_unix"] for k, v in read_json(tmp_path / "run" / "manifest.json")["stages"].items()}
+    run_audit(tmp_path / "run", rc, replace=False)
+    after = {k: v["started_unix"] for k, v in read_json(tmp_path / "run" / "manifest.json")["stages"].items()}
+    assert after == before
+
+
+def test_a_refused_run_keeps_its_config(tiny_model_dir, tmp_path, one_thread):
+    """A run refused because it would replace finished results changed nothing, so config.yaml still holds the
+    settings those results were made with (before: the refused settings, which a later flagless rerun inherited)."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), seed=1)
+    run_audit(tmp_path / "run", rc)
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(StageWouldBeReplaced):
+        run_audit(tmp_path / "run", dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=7)),
+                  replace=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == text
+
+
+def test_unfinished_or_stale_evaluations_are_not_results(tiny_model_dir, tmp_path, one_thread):
+    """Readers (report, summary, Audit.load) list only evaluations the manifest marks finished and made from the
+    extraction the run now holds (before: any metrics.json on disk)."""
+    import json
+
+    from side_extract.runs import evaluated_methods
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    assert set(evaluated_methods(run)) == {"side", "uncond"}
+    # a new extraction of uncond, stopped before its evaluation: the old evaluation no longer describes it
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=7)), until="extraction")
+    assert set(evaluated_methods(run)) == set()  # both extractions drew new noise
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=7)))
+    assert set(evaluated_methods(run)) == {"side", "uncond"}
+    m = read_json(run / "manifest.json")
+    m["stages"]["evaluation/uncond"]["status"] = "running"  # as after a kill during its evaluation
+    (run / "manifest.json").write_text(json.dumps(m))
+    assert set(evaluated_methods(run)) == {"side"}

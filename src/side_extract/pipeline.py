@@ -38,8 +38,8 @@ from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
 from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
 from .neighbors import NearestNeighborIndex, pixel_rows
-from .runs import (RunDir, atomic_save_npz, atomic_write_json, check_unlocked, file_fingerprint, run_lock,
-                   stage_fingerprint)
+from .runs import (RunDir, StageWouldBeReplaced, atomic_save_npz, atomic_write_json, atomic_write_text,
+                   check_unlocked, file_fingerprint, run_lock, stage_fingerprint)
 from .sampling import sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -270,15 +270,13 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
         group.barrier()
 
 
-def copy_guard(generated: ImageSet, synthetic: ImageSet, table_npz: Path) -> dict:
+def copy_guard(generated: ImageSet, synthetic: ImageSet, d_train: np.ndarray) -> dict:
     """side-lora's guard against copying its own training data: the share of generations whose nearest
     synthetic image (pixel RMS) is closer than their nearest training image. On a target that memorizes, the
     synthetic images are themselves near-copies, so the share is high for every method: compare side-lora's
     with UnCond's (plain samples of the same model), computed the same way."""
     index = NearestNeighborIndex("rms-l2").fit(pixel_rows(synthetic.images))
-    d_syn = index.kneighbors(pixel_rows(generated.images), 1).scores[:, 0]
-    with np.load(table_npz, allow_pickle=False) as z:
-        d_train = z["pixel_distance"].astype(float)
+    d_syn = index.kneighbors(pixel_rows(generated.images), 1).scores[:, 0]  # d_train: each one's nearest training image
     return {"nearer_synthetic_fraction": float((d_syn < d_train).mean()), "n_synthetic": len(synthetic),
             "median_distance_to_synthetic": float(np.median(d_syn)),
             "median_distance_to_train": float(np.median(d_train))}
@@ -437,13 +435,19 @@ def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: 
     out = ctx.run.path / "evaluation" / method
     ev = evaluate(generated, train, c, method=method, train_features=train_features,
                   feature_model=ctx.denoiser, device=ctx.device, progress=ctx.progress(f"evaluate {method}"))
-    ev.write(out)
-    metrics = json.loads((out / "metrics.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    ev.table.write(out)
+    metrics = ev.to_json()
     metrics["quality"] = quality_of(ctx, generated, reference)
-    if (ctx.run.path / "synthetic").is_dir() and ctx.fp.get("synthetic"):  # every method: side-lora's reference
+    if _synthetic_fingerprint(ctx):  # every method: side-lora's reference
         metrics["copy_guard"] = copy_guard(generated, load_shards(ctx.run.path / "synthetic"),
-                                           out / "per_generation.npz")
-    atomic_write_json(out / "metrics.json", metrics)
+                                           np.asarray(ev.table.pixel_distance, dtype=float))
+    atomic_write_json(out / "metrics.json", metrics)  # once, whole: a reader never sees it without quality
+
+
+def _synthetic_fingerprint(ctx: AuditContext) -> str | None:
+    """The run's synthetic set, which every evaluation's copy guard is measured against (None: the run has none)."""
+    return ctx.fp.get("synthetic") if (ctx.run.path / "synthetic").is_dir() else None
 
 
 def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train: ImageSet,
@@ -459,8 +463,12 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     cal = None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"]
     files = [*script_fingerprints(Similarity(c.similarity).extractor),  # what the files the config names hold
              *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)])]
-    fps = {m: stage_fingerprint("evaluation", c, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
-                                None if reference is None else reference.fingerprint(), *files) for m in extractions}
+    # keyed by the config as given (calibrated bands by the calibration's fingerprint, not by the path of the run
+    # directory they lie in, which another spelling of the run would change) and by the synthetic set, which
+    # every method's copy guard is measured against
+    fps = {m: stage_fingerprint("evaluation", ctx.rc.evaluate, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
+                                None if reference is None else reference.fingerprint(), _synthetic_fingerprint(ctx),
+                                *files) for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
     todo = group.on_main(lambda: [m for m in extractions
@@ -622,11 +630,15 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     preflight(rc, target.denoiser, until)
     with run_lock(path, wait=wait) if group.main else contextlib.nullcontext():  # a launch is one writer
         run = RunDir(path, replace=replace, group=group)
+        config = run.path / "config.yaml"
+        before = config.read_text() if group.main and config.is_file() else None
         try:
             return _chain(run, rc, target, device, until, progress)
         except BaseException as e:
             if group.main:
                 run.fail_running(e)
+                if isinstance(e, StageWouldBeReplaced) and before is not None:
+                    atomic_write_text(config, before)  # nothing finished was replaced: its settings still stand
             raise
 
 

@@ -133,7 +133,23 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
     folder: the config's methods first, in its order, then the others by name (a directory that ran one method at
     a time, as the benchmarks' replicates do, has a config naming only the last)."""
     run = Path(run)
+    stages = read_stages(run)
+
+    def current(m: str) -> bool:
+        """Finished, and made from the extraction the run holds now (an evaluation that ``side evaluate --out``
+        wrote into the folder has no manifest entry and is taken as it is)."""
+        e = stages.get(f"evaluation/{m}")
+        if e is None:
+            return True
+        return e.get("status") == "complete" and all((stages.get(k) or {}).get("fingerprint") == fp
+                                                      for k, fp in (e.get("inputs") or {}).items())
+
     found = {p.parent.name: p.parent for p in (run / "evaluation").glob("*/metrics.json")}
+    stale = sorted(m for m in found if not current(m))
+    if stale:
+        log.warning("%s: evaluation of %s left out: unfinished, or made from an extraction the run no longer holds "
+                    "(rerun `side extract --run %s` to evaluate it again)", run, ", ".join(stale), run)
+    found = {m: d for m, d in found.items() if m not in stale}
     conf = run / "config.yaml"
     order = list(((cfg.load_yaml(conf).get("extract") or {}).get("methods") or []) if conf.is_file() else [])
     return {m: found[m] for m in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
