@@ -180,3 +180,32 @@ def test_an_error_on_one_process_reaches_every_process():
     assert "rank 1 raised its own: bad shard on process 1" in out
     assert "rank 0 told: another process failed: process 1: ValueError: bad shard on process 1" in out
     assert "finished without an error" not in out
+
+
+def test_the_wait_for_the_main_process_is_bounded_by_the_configured_timeout():
+    """$SIDE_PROCESS_TIMEOUT_S bounds how long a process waits at an exchange (before: torch's fixed 30 minutes,
+    which ended launches whose main process worked alone or waited for a lock longer than that)."""
+    script = str(Path(__file__).parent / "dist_timeout.py")
+
+    def launch(timeout_s, sleep_s):
+        env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S=str(timeout_s))
+        return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(sleep_s)],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    short = launch(1, 6)
+    assert short.returncode != 0 and "rank 1 passed the barrier" not in short.stdout
+    ok = launch(60, 3)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "rank 0 passed the barrier" in ok.stdout and "rank 1 passed the barrier" in ok.stdout
+
+
+def test_a_bad_timeout_is_named():
+    from side_extract.distributed import process_timeout
+
+    os.environ["SIDE_PROCESS_TIMEOUT_S"] = "soon"
+    try:
+        with pytest.raises(ValueError, match="SIDE_PROCESS_TIMEOUT_S='soon' must be a positive number"):
+            process_timeout()
+    finally:
+        del os.environ["SIDE_PROCESS_TIMEOUT_S"]
+    assert process_timeout().total_seconds() == 86400

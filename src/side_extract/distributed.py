@@ -34,9 +34,31 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    import datetime
+
     import torch
 
 T = TypeVar("T")
+
+
+TIMEOUT_ENV = "SIDE_PROCESS_TIMEOUT_S"
+
+
+def process_timeout() -> datetime.timedelta:
+    """How long a process waits for the others at one exchange: ``$SIDE_PROCESS_TIMEOUT_S`` seconds, by default
+    24 hours. The others wait while the main process works alone (memorization scores, features, clustering,
+    calibration) or waits for another writer's lock (``--wait``); torch's own default, 30 minutes, ended such a
+    launch with a bare gloo error."""
+    import datetime
+
+    raw = os.environ.get(TIMEOUT_ENV, "86400")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
 
 
 def _close_process_group() -> None:
@@ -71,7 +93,7 @@ class ProcessGroup:
 
         # gloo carries the few control messages (decisions, barriers, errors); the models run on the device the
         # command names, this process's GPU under --device cuda (``device``)
-        state = PartialState(cpu=True)
+        state = PartialState(cpu=True, timeout=process_timeout())
         atexit.unregister(_close_process_group)  # once, however many times a command asks for its group
         atexit.register(_close_process_group)
         return cls(state.process_index, state.num_processes, state.local_process_index)
@@ -240,4 +262,4 @@ def torchrun_command(nproc: int) -> list[str]:
 
 SINGLE = ProcessGroup()
 
-__all__ = ["ProcessGroup", "SINGLE", "torchrun_command"]
+__all__ = ["ProcessGroup", "SINGLE", "torchrun_command", "process_timeout", "TIMEOUT_ENV"]

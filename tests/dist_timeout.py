@@ -1,0 +1,13 @@
+"""Run under torchrun (tests/test_distributed.py): the main process works alone for argv[1] seconds before the
+next exchange; the other waits at it, as in the stages the main process runs first. The wait is bounded by
+$SIDE_PROCESS_TIMEOUT_S."""
+import sys
+import time
+
+from side_extract.distributed import ProcessGroup
+
+group = ProcessGroup.from_env()
+if group.main:
+    time.sleep(float(sys.argv[1]))
+group.barrier()
+print(f"rank {group.rank} passed the barrier", flush=True)
