@@ -315,3 +315,20 @@ def test_unfinished_or_stale_evaluations_are_not_results(tiny_model_dir, tmp_pat
     m["stages"]["evaluation/uncond"]["status"] = "running"  # as after a kill during its evaluation
     (run / "manifest.json").write_text(json.dumps(m))
     assert set(evaluated_methods(run)) == {"side"}
+
+
+def test_atomic_directory_is_not_blocked_by_an_earlier_calls_leftover(tmp_path):
+    """A kill while the replaced folder was being removed left `.NAME.old-PID` behind; with the same pid (a reused
+    container) every later replacement failed with 'Directory not empty'."""
+    from side_extract.runs import atomic_directory
+
+    ckpt = tmp_path / "ckpt"
+    with atomic_directory(ckpt) as d:
+        (d / "a.txt").write_text("1")
+    leftover = tmp_path / f".ckpt.old-{os.getpid()}"
+    leftover.mkdir()
+    (leftover / "stale.txt").write_text("killed mid-removal")
+    with atomic_directory(ckpt) as d:
+        (d / "a.txt").write_text("2")
+    assert (ckpt / "a.txt").read_text() == "2" and sorted(p.name for p in ckpt.iterdir()) == ["a.txt"]
+    assert {p.name for p in tmp_path.iterdir()} == {"ckpt", leftover.name}  # nothing new left behind

@@ -253,3 +253,20 @@ def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
     text = verdict({"side": m(0), "uncond": m(0)}, rows)
     assert text == ("side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 "
                     "generations, more than the best baseline, uncond, with 8 (1.50x).")
+
+
+def test_fixed_bands_draw_no_stale_null(run_dir, tmp_path):
+    """Evaluations redone with fixed bands in a run that once calibrated: the report draws no null (before: the
+    earlier calibration's null.npz, still in the run, beside bands it did not make)."""
+    run = tmp_path / "fixed"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report", "sweeps"))
+    train = load_image_set(TRAIN)
+    c = cfg.EvaluateConfig(carlini_n=10, bands="high=0:0.05,mid=0.05:0.1,low=0.1:0.2")
+    for method in ("side", "uncond"):
+        from side_extract.data import load_shards
+        evaluate(load_shards(run / "extraction" / method), train, c, method=method).write(run / "evaluation" / method)
+    assert (run / "evaluation" / "null.npz").is_file()
+    data = build_report(run)
+    assert data["histograms"][0]["null"] == {} and data["histograms"][0]["null_n"] == {}
+    # the calibrated run itself still draws its null, also when the path its evaluations name is relative
+    assert build_report(run_dir)["histograms"][0]["null"] != {}

@@ -131,16 +131,21 @@ def _top(table: dict[str, np.ndarray], orientation: str, k: int) -> list[dict[st
 
 def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> list[dict[str, Any]]:
     """Histograms of each method's best score, grouped by similarity, with the null the bands came from: the
-    run's ``evaluation/null.npz``, else the ``null.npz`` beside a bands file the run was given (none for fixed
-    bands)."""
-    cal_dir = run / "evaluation"
-    if not (cal_dir / "bands.json").is_file():
-        bands_file = next((str(m.get("bands_source", ""))[5:] for m in metrics.values()
-                           if str(m.get("bands_source", "")).startswith("file:")), "")
-        cal_dir = Path(bands_file).parent if bands_file else cal_dir
-    cal = read_json(cal_dir / "bands.json") if (cal_dir / "bands.json").is_file() else {}
+    ``null.npz`` beside the bands file the evaluations name (the run's own calibration, ``evaluation/bands.json``,
+    or a file the run was given); none for bands that came from no file (fixed bands, the paper's), even where an
+    earlier calibration's files are still in the run."""
+    named = next((str(m.get("bands_source", ""))[5:] for m in metrics.values()
+                  if str(m.get("bands_source", "")).startswith("file:")), None)
+    cal_dir: Path | None = None
+    if named is not None:
+        own = run / "evaluation"
+        if Path(named).parts[-2:] == ("evaluation", "bands.json") and (own / "bands.json").is_file():
+            cal_dir = own  # the run's own calibration, however its path was spelled, or the run copied or moved
+        elif Path(named).is_file():
+            cal_dir = Path(named).parent
+    cal = read_json(cal_dir / "bands.json") if cal_dir is not None and (cal_dir / "bands.json").is_file() else {}
     nulls: dict[str, np.ndarray] = {}
-    if (cal_dir / "null.npz").is_file():
+    if cal_dir is not None and (cal_dir / "null.npz").is_file():
         with np.load(cal_dir / "null.npz") as z:
             nulls = {k: z[k].astype(float) for k in z.files}
     out = []

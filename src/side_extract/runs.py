@@ -101,7 +101,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         yield tmp
         _usual_permissions(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            # a fresh empty name (rename may replace an empty directory): a leftover of a killed earlier call, or
+            # of another process with the same pid in a reused container, cannot block it
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old)
