@@ -332,3 +332,23 @@ def test_atomic_directory_is_not_blocked_by_an_earlier_calls_leftover(tmp_path):
         (d / "a.txt").write_text("2")
     assert (ckpt / "a.txt").read_text() == "2" and sorted(p.name for p in ckpt.iterdir()) == ["a.txt"]
     assert {p.name for p in tmp_path.iterdir()} == {"ckpt", leftover.name}  # nothing new left behind
+
+
+def test_a_sweep_does_not_write_into_a_sub_run_another_process_holds(tiny_model_dir, tmp_path, one_thread):
+    """The parent's stages are shared into a sub-run only under the sub-run's lock (before: its manifest and files
+    were rewritten while another process held it, and only then did the sub-run fail)."""
+    from side_extract.sweeps import run_with_sweeps
+
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side",)), sweep=cfg.SweepConfig(scale=(3.0,)))
+    child = tmp_path / "run" / "sweeps" / "scale=3"
+    holder = _holder(child, 60)
+    try:
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
+            run_with_sweeps(tmp_path / "run", rc)
+        assert not (child / "manifest.json").exists() and sorted(p.name for p in child.iterdir()) == [".lock"]
+        assert read_json(tmp_path / "run" / "manifest.json")["stages"]["evaluation/side"]["status"] == "complete"
+    finally:
+        holder.kill()
+        holder.wait()
+    main, subs = run_with_sweeps(tmp_path / "run", rc)  # free again: the sweep runs, the main run is reused
+    assert set(subs) == {"scale=3"}

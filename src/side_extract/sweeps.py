@@ -8,6 +8,7 @@ tau sweep redoes labels, classifier, extraction and evaluation. Only the classif
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -18,7 +19,7 @@ from . import config as cfg
 from .distributed import ProcessGroup
 from .models.target import Target
 from .pipeline import AuditResult, ProgressFactory, load_run_target, no_progress, preflight, run_audit
-from .runs import RunDir, atomic_write_json
+from .runs import RunDir, atomic_write_json, run_lock
 from .summary import LABEL_FREE
 
 log = logging.getLogger(__name__)
@@ -84,23 +85,31 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
 
     ``wait`` and ``replace`` apply to the main run (:func:`~side_extract.pipeline.run_audit`); sub-runs are
     redone freely when their settings change. Every sub-run's config is checked (:func:`preflight`) before the
-    main run starts."""
+    main run starts. The run's lock is held from before the model loads until the last sub-run is done, and each
+    sub-run's own lock before its parent's stages are shared into it (``wait``: block on another writer)."""
     sweeps = sweep_configs(rc)
-    if sweeps:
+    if not sweeps:
+        return run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace, target=target), {}
+    group = ProcessGroup.from_env()
+
+    def hold(p: Path) -> contextlib.AbstractContextManager:  # a launch is one writer: its main process locks
+        return run_lock(p, wait=wait) if group.main else contextlib.nullcontext()
+
+    with hold(Path(path)):
         target = target or load_run_target(rc, device)
         for name, sub_rc in sweeps:
             try:
                 preflight(sub_rc, target.denoiser)
             except ValueError as e:
                 raise ValueError(f"sweep {name}: {e}") from None
-    main = run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace, target=target)
-    subs = {}
-    for name, sub_rc in sweeps:
-        log.info("sweep %s", name)
-        child = RunDir(Path(path) / "sweeps" / name)
-        group = ProcessGroup.from_env()
-        if group.main:  # in a launch of several processes the main one copies, the others wait
-            share_stages(RunDir(path), child)
-        group.barrier()
-        subs[name] = run_audit(child.path, sub_rc, device=device, progress=progress, target=target)
+        main = run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace, target=target)
+        subs = {}
+        for name, sub_rc in sweeps:
+            log.info("sweep %s", name)
+            child = Path(path) / "sweeps" / name
+            with hold(child):
+                if group.main:  # in a launch of several processes the main one copies, the others wait
+                    share_stages(RunDir(path), RunDir(child))
+                group.barrier()
+                subs[name] = run_audit(child, sub_rc, device=device, progress=progress, wait=wait, target=target)
     return main, subs
