@@ -272,3 +272,25 @@ def test_clustering_alone_does_not_need_the_training_set(tiny_model_dir, tmp_pat
     assert (tmp_path / "run" / "surrogate" / "labels.npz").exists()
     with pytest.raises(ValueError, match="methods cond need the training set"):
         run_audit(tmp_path / "run", rc, until="classifier")
+
+
+def test_a_changed_parent_stage_is_shared_into_its_sweeps_again(tiny_model_dir, tmp_path):
+    """After the parent's synthetic set changes, a lambda sweep takes the parent's new stages (before: it kept its
+    entries shared from the old ones and retrained the classifier itself)."""
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side",)), sweep=cfg.SweepConfig(scale=(3.0,)))
+    run_with_sweeps(tmp_path / "run", rc)
+    rc2 = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, seed=9))
+    run_with_sweeps(tmp_path / "run", rc2)
+    parent = read_json(tmp_path / "run" / "manifest.json")["stages"]
+    child = read_json(tmp_path / "run" / "sweeps" / "scale=3" / "manifest.json")["stages"]
+    for stage in ("synthetic", "surrogate", "classifier", "calibration"):
+        assert child[stage].get("shared_from") and child[stage]["fingerprint"] == parent[stage]["fingerprint"], stage
+    assert (tmp_path / "run" / "sweeps" / "scale=3" / "evaluation" / "bands.json").read_bytes() == \
+        (tmp_path / "run" / "evaluation" / "bands.json").read_bytes()
+
+
+def test_a_run_path_that_is_a_file_is_named_before_the_model_loads(tmp_path):
+    (tmp_path / "file").write_text("x")
+    rc = dataclasses.replace(tiny_rc(tmp_path / "no-model", methods=("uncond",)))
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        run_audit(tmp_path / "file", rc)

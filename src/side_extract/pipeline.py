@@ -39,7 +39,7 @@ from .models.classifier import DEPTHS, load_classifier, save_classifier
 from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (RunDir, StageWouldBeReplaced, atomic_save_npz, atomic_write_json, atomic_write_text,
-                   check_unlocked, file_fingerprint, run_lock, stage_fingerprint)
+                   check_run_path, check_unlocked, file_fingerprint, run_lock, stage_fingerprint)
 from .sampling import sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -623,6 +623,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         raise ValueError(f"until={until!r} must be one of {', '.join(UNTIL)}")
     group = ProcessGroup.from_env()  # one process, or one of a torchrun / accelerate launch (distributed.py)
     device = group.device(device)
+    check_run_path(path)
     if group.main and not wait:
         check_unlocked(path)  # another writer: said at once, not after the model has loaded
     if target is None:

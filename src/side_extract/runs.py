@@ -252,6 +252,13 @@ def _locked(path: Path, f: Any) -> RunLocked:
                      f"({f.read().strip() or 'holder unknown'}); wait for it (--wait) or use another run directory")
 
 
+def check_run_path(path: str | Path) -> None:
+    """A clear error for a run path that cannot be a run directory (before any slow work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"run directory {str(path)!r} exists and is not a directory")
+
+
 def check_unlocked(path: str | Path) -> None:
     """Raise :class:`RunLocked` at once when another process holds run directory ``path``'s lock: a probe
     before the slow work that precedes :func:`run_lock` (loading the model, checking the config), which still
@@ -328,8 +335,7 @@ class RunDir:
         self.path = Path(path)
         self.replace = replace
         self.group = group
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"run directory {str(self.path)!r} exists and is not a directory")
+        check_run_path(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
 
     # manifest ----------------------------------------------------------------------------------

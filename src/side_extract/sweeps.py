@@ -28,20 +28,26 @@ SWEEPABLE = {"scale": "extract", "n_clusters": "surrogate", "tau": "surrogate"}
 
 
 def share_stages(parent: RunDir, child: RunDir) -> list[str]:
-    """Hard-link (or copy) each complete stage of ``parent`` into ``child`` unless the child has it."""
+    """Hard-link (or copy) each complete stage of ``parent`` into ``child`` unless the child has it, or shared
+    it from an earlier version of the parent's stage (then the parent's new one replaces it)."""
     shared = []
     parent_m, child_m = parent.manifest(), child.manifest()
     for stage, entry in parent_m["stages"].items():
-        if entry.get("status") != "complete" or stage in child_m["stages"]:
+        mine = child_m["stages"].get(stage)
+        if entry.get("status") != "complete" or (
+                mine is not None and not (mine.get("shared_from") and mine.get("fingerprint") != entry.get("fingerprint"))):
             continue
         src, dst = parent.path / stage, child.path / stage
+        if mine is not None and dst.exists():
+            shutil.rmtree(dst)
         if src.is_dir():
             shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
         child_m["stages"][stage] = dict(entry, shared_from=str(parent.path))
         shared.append(stage)
-    for extra in ("evaluation/bands.json", "evaluation/null.npz"):
-        if (parent.path / extra).exists() and not (child.path / extra).exists():
+    for extra in ("evaluation/bands.json", "evaluation/null.npz"):  # the calibration stage's files
+        if (parent.path / extra).exists() and (not (child.path / extra).exists() or "calibration" in shared):
             (child.path / extra).parent.mkdir(parents=True, exist_ok=True)
+            (child.path / extra).unlink(missing_ok=True)
             _link_or_copy(parent.path / extra, child.path / extra)
     atomic_write_json(child.path / RunDir.MANIFEST, child_m)
     return shared
