@@ -19,7 +19,7 @@ from . import config as cfg
 from .distributed import ProcessGroup
 from .models.target import Target
 from .pipeline import AuditResult, ProgressFactory, load_run_target, no_progress, preflight, run_audit
-from .runs import RunDir, atomic_write_json, run_lock
+from .runs import RunDir, atomic_write_json, check_run_path, check_unlocked, run_lock
 from .summary import LABEL_FREE
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,16 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
     def hold(p: Path) -> contextlib.AbstractContextManager:  # a launch is one writer: its main process locks
         return run_lock(p, wait=wait) if group.main else contextlib.nullcontext()
 
+    check_run_path(path)
+    if group.main and not wait:
+        check_unlocked(path)  # another writer: said at once, before the model loads
+    target = target or load_run_target(rc, device)
+    for name, sub_rc in sweeps:  # a bad sweep value fails before anything is written
+        try:
+            preflight(sub_rc, target.denoiser)
+        except ValueError as e:
+            raise ValueError(f"sweep {name}: {e}") from None
     with hold(Path(path)):
-        target = target or load_run_target(rc, device)
-        for name, sub_rc in sweeps:
-            try:
-                preflight(sub_rc, target.denoiser)
-            except ValueError as e:
-                raise ValueError(f"sweep {name}: {e}") from None
         main = run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace, target=target)
         subs = {}
         for name, sub_rc in sweeps:
