@@ -267,3 +267,46 @@ def test_cli_check_and_errors(tmp_path):
     (tmp_path / "config.yaml").write_text("model: demo\ntrain: digits:100\n")
     missing = runner.invoke(app, ["theory", "measure", str(tmp_path)])
     assert missing.exit_code == 2 and "classifier" in missing.output
+
+
+def test_the_stratified_estimate_reports_its_real_spread():
+    """Samples of q_eps use every training point equally often; the i.i.d. standard error also counted the spread
+    between points, which that removes (85x too wide on far-apart points), so checks on them could not fail. The
+    design's error must match the estimate's spread across seeds."""
+    from side_extract.theory.divergence import GaussianModel, memorization_divergence
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 5))
+    model = GaussianModel(rng.standard_normal(5), a @ a.T / 5 + 0.5 * np.eye(5))
+    far = 10 * rng.standard_normal((20, 5))
+    for n in (4000, 4010):  # whole permutations; and a remainder of 10 extra draws
+        runs = [memorization_divergence(far, model.log_prob, 0.05, n, s).estimate for s in range(40)]
+        spread = np.std([e.mean for e in runs], ddof=1)
+        reported = np.mean([e.stderr for e in runs])
+        assert 0.7 < reported / spread < 1.4, (n, reported, spread)
+
+
+def test_check_d_catches_a_log_n_error_in_the_normalisation():
+    """Row 3 of check D tests log q_eps's normalisation: a prediction off by log N must fail it (it passed)."""
+    import dataclasses
+    import math
+
+    from side_extract.theory.checks import check_d
+    from side_extract.theory.divergence import Estimate
+
+    row = check_d(seed=0).rows[2]
+    assert row.passed
+    for shift in (math.log(20), 0.5):
+        moved = dataclasses.replace(row, prediction=Estimate.exact(row.prediction.mean + shift))
+        assert moved.passed is False, shift
+
+
+def test_divergence_gap_refuses_a_wrongly_shaped_log_density():
+    from side_extract.theory.divergence import Estimate, GaussianModel, divergence_gap
+
+    data = np.random.default_rng(1).standard_normal((30, 3))
+    g = GaussianModel(np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match=r"log_prob_a returned shape \(40, 1\), expected \(40,\)"):
+        divergence_gap(data, lambda x: g.log_prob(x)[:, None], g.log_prob, 0.2, n=40)
+    with pytest.raises(ValueError, match="at least 2"):
+        Estimate.from_values(np.array([1.0]))

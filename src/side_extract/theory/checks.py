@@ -177,7 +177,8 @@ def check_b(seed: int = 0, n_data: int = 300, dim: int = 16, eps: float = 0.1) -
         memorizing = sigma == eps
         label = "gain ~ -log C" if memorizing else "wide kernels, not memorizing: gain -> 0"
         rows.append(CheckRow(f"C={c} random classes, bandwidth {sigma}: {label}",
-                             Estimate.exact(-math.log(c) if memorizing else 0.0), Estimate.from_values(full - per),
+                             Estimate.exact(-math.log(c) if memorizing else 0.0),
+                             Estimate.from_strata(full - per, idx, n_data),
                              "~=" if memorizing else None, 0.01))
     return CheckResult("B", "empirical optimum: random classes", "C equal random classes give a gain of about -log C",
                        tuple(rows), time.time() - t0)
@@ -224,10 +225,10 @@ def check_c(seed: int = 0, eps: float = 0.1) -> CheckResult:
                          Estimate.exact(_trace_cov(pts[lab == 1])), ">"))
     wide = pts[lab == 1]
     n_all, n_1 = GaussianModel.fit(pts, eps**2), GaussianModel.fit(wide, eps**2)
-    xq, _ = sample_q_eps(wide, eps, 20_000, rng)
+    xq, iq = sample_q_eps(wide, eps, 20_000, rng)
     rows.append(CheckRow("counterexample: M(D_1; N_1) - M(D_1; N) = -KL(N_1 || N) <= 0",
                          Estimate.exact(-kl_gaussians(n_1, n_all)),
-                         Estimate.from_values(n_all.log_prob(xq) - n_1.log_prob(xq)), "~="))
+                         Estimate.from_strata(n_all.log_prob(xq) - n_1.log_prob(xq), iq, len(wide)), "~="))
     return CheckResult("C", "law of total covariance",
                        "conditioning shrinks covariance on average; a single class can grow (counterexample)",
                        tuple(rows), time.time() - t0)
@@ -256,10 +257,10 @@ def check_d(seed: int = 0, dim: int = 5, n_mc: int = 20_000) -> CheckResult:
     rows.append(CheckRow("N=1, eps=0.3: M = KL(N(x1, eps^2 I) || N(mu, S))",
                          Estimate.exact(gaussian_divergence_single_point(point[0], 0.3, model)), mc.estimate))
     data = rng.standard_normal((50, dim)) * 1.5
-    x, _ = sample_q_eps(data, 0.3, n_mc, rng)
+    x, ix = sample_q_eps(data, 0.3, n_mc, rng)
     rows.append(CheckRow("N=50, eps=0.3: E_q[-log p] (cross-entropy part of M)",
                          Estimate.exact(gaussian_cross_entropy(data, 0.3, model)),
-                         Estimate.from_values(-model.log_prob(x))))
+                         Estimate.from_strata(-model.log_prob(x), ix, len(data))))
     far = 10.0 * rng.standard_normal((20, dim))
     eps = 0.05
     entropy = math.log(len(far)) + 0.5 * dim * math.log(2 * math.pi * math.e * eps**2)

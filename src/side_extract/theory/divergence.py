@@ -76,7 +76,7 @@ class Estimate:
     Attributes
     ----------
     mean : the estimate
-    stderr : sd / sqrt(n) of the per-sample values
+    stderr : its standard error (sd / sqrt(n) of i.i.d. values; :meth:`from_strata` for stratified draws)
     n : number of samples
     """
 
@@ -87,10 +87,48 @@ class Estimate:
     @classmethod
     def from_values(cls, values: np.ndarray) -> "Estimate":
         v = np.asarray(values, dtype=np.float64).ravel()
-        if len(v) == 0:
-            raise ValueError("cannot estimate a mean from 0 values")
-        sd = float(v.std(ddof=1)) if len(v) > 1 else float("inf")
+        if len(v) < 2:  # one value has no spread: an infinite error would let any check pass
+            raise ValueError(f"cannot estimate a mean and its error from {len(v)} value(s); at least 2 are needed")
+        sd = float(v.std(ddof=1))
         return cls(float(v.mean()), sd / math.sqrt(len(v)), len(v))
+
+    @classmethod
+    def from_strata(cls, values: np.ndarray, index: np.ndarray, n_data: int) -> "Estimate":
+        """The mean of ``values`` drawn by :func:`stratified_indices` (``index``: each value's training point, of
+        ``n_data``), with the standard error of that design.
+
+        Each of the N points is drawn c_i = m or m + 1 times (m = n // N; the r = n - m N extra draws fall on a
+        random subset without replacement). The mean's variance is then (sum_i c_i s_i^2 + r (1 - r/N) S^2) / n^2,
+        with s_i^2 the variance within point i's draws (pooled over the points drawn at least twice, for the
+        points drawn once) and S^2 the spread of the points' own means (their observed spread less the part their
+        draws' noise explains). The i.i.d. formula, sd / sqrt(n), also counts the spread between points, which
+        the stratification removes: on far-apart points it was 85x too wide. Where no point is drawn twice
+        (n < 2 N with r < 2, or n <= N), the within-point variance cannot be told from the between-point one, and
+        the i.i.d. formula is kept (wider than the truth: conservative)."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        idx = np.asarray(index, dtype=np.int64).ravel()
+        if v.shape != idx.shape:
+            raise ValueError(f"values {v.shape} and index {idx.shape} must have the same length")
+        if len(v) and (idx.min() < 0 or idx.max() >= n_data):
+            raise ValueError(f"index must lie in [0, {n_data}); got [{idx.min()}, {idx.max()}]")
+        counts = np.bincount(idx, minlength=n_data)
+        if len(v) < 2 or counts.max() < 2:
+            return cls.from_values(v)
+        n = len(v)
+        sums = np.bincount(idx, weights=v, minlength=n_data)
+        drawn = counts > 0
+        means = np.where(drawn, sums / np.maximum(counts, 1), 0.0)
+        sq = np.bincount(idx, weights=(v - means[idx]) ** 2, minlength=n_data)
+        several = counts >= 2
+        pooled = sq[several].sum() / (counts[several] - 1).sum()
+        s2 = np.where(several, sq / np.maximum(counts - 1, 1), pooled)
+        var = float((counts[drawn] * s2[drawn]).sum())
+        m = n // n_data
+        r = n - m * n_data
+        if r > 0:
+            spread = float(np.var(means[drawn], ddof=1)) - float(np.mean(s2[drawn] / counts[drawn]))
+            var += r * (1 - r / n_data) * max(spread, 0.0)
+        return cls(float(v.mean()), math.sqrt(var) / n, n)
 
     @classmethod
     def exact(cls, value: float) -> "Estimate":
@@ -221,7 +259,7 @@ def memorization_divergence(data: np.ndarray | torch.Tensor, log_prob: LogProb, 
     lp = np.asarray(log_prob(x), dtype=np.float64).reshape(-1)
     if lp.shape != lq.shape:
         raise ValueError(f"log_prob returned shape {lp.shape}, expected ({len(x)},)")
-    return DivergenceEstimate(Estimate.from_values(lq - lp), eps, x, index, lq, lp)
+    return DivergenceEstimate(Estimate.from_strata(lq - lp, index, len(as_points(data))), eps, x, index, lq, lp)
 
 
 def divergence_gap(data: np.ndarray | torch.Tensor, log_prob_a: LogProb, log_prob_b: LogProb, eps: float,
@@ -230,8 +268,14 @@ def divergence_gap(data: np.ndarray | torch.Tensor, log_prob_a: LogProb, log_pro
 
     The entropy of q_eps cancels, so log q_eps is never needed. Negative means ``a`` memorizes D more.
     """
-    x, _ = sample_q_eps(data, eps, n, random_state)
-    return Estimate.from_values(np.asarray(log_prob_b(x)) - np.asarray(log_prob_a(x)))
+    x, index = sample_q_eps(data, eps, n, random_state)
+    diffs = []
+    for name, f in (("log_prob_b", log_prob_b), ("log_prob_a", log_prob_a)):
+        out = np.asarray(f(x), dtype=np.float64)
+        if out.shape != (len(x),):  # an (n, 1) result would broadcast the difference to (n, n)
+            raise ValueError(f"{name} returned shape {out.shape}, expected ({len(x)},)")
+        diffs.append(out)
+    return Estimate.from_strata(diffs[0] - diffs[1], index, len(as_points(data)))
 
 
 # --------------------------------------------------------------------------------------------------
