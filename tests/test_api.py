@@ -255,3 +255,33 @@ def test_regenerate_and_verify_follow_a_batch_halved_on_out_of_memory(tmp_path, 
                                  for lo, hi in ((0, 6), (6, 8), (8, 12))])
     assert (configured != stored).any()
     assert [c.pixels_differ > 0 for c in audit.verify("memguide", [0, 5, 11])] == [False] * 3
+
+
+def test_api_input_mistakes_are_named_and_leave_nothing_behind(tmp_path, one_thread):
+    """labels= with a spec or a labelled ImageSet was dropped without a word; methods="uncond" was split into
+    letters; pairs(top=-1) returned all but one pair; a refused audit left out/.lock and out/inputs/ behind;
+    loading a classifier moved the caller's torch RNG."""
+    digits = side_extract.load_image_set("digits:30")
+    kw = dict(scheduler=tiny_scheduler(), config=SMALL)
+    with pytest.raises(ValueError, match="carries its own labels"):
+        side_extract.audit(tiny_unet(), "digits:30", labels=digits.labels, out=tmp_path / "a", **kw)
+    with pytest.raises(ValueError, match="has labels already"):
+        side_extract.audit(tiny_unet(), digits, labels=digits.labels, out=tmp_path / "a", **kw)
+    with pytest.raises(ValueError, match="unknown-method"):
+        side_extract.audit(tiny_unet(), digits.images, out=tmp_path / "a", methods=["unknown-method"], **kw)
+    with pytest.raises(ValueError, match="needs labels|has no labels"):  # Cond without labels: refused in preflight
+        side_extract.audit(tiny_unet(), digits.images, out=tmp_path / "a", methods=["cond"], **kw)
+    assert not (tmp_path / "a").exists()
+    unlabelled = dataclasses.replace(digits, labels=None)
+    res = side_extract.audit(tiny_unet(), unlabelled, labels=digits.labels, out=tmp_path / "b", methods="uncond", **kw)
+    assert list(res.methods) == ["uncond"]
+    assert (np.load(tmp_path / "b" / "inputs" / "train.npz")["labels"] == digits.labels).all()
+    with pytest.raises(ValueError, match="top=-1"):
+        res.pairs("uncond", top=-1)
+    from side_extract.models.classifier import load_classifier
+
+    res = side_extract.audit(tiny_unet(), digits.images, labels=digits.labels, out=tmp_path / "c", methods=["side"], **kw)
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    load_classifier(tmp_path / "c" / "classifier")
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,19 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
 def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray | None = None) -> ImageSet | str:
     """An image-set spec is returned as it is; an array or :class:`ImageSet` as an ImageSet (uint8 NHWC)."""
     if isinstance(images, (str, Path)):
+        if labels is not None:
+            raise ValueError(f"labels=... go with an array or an unlabelled ImageSet; the spec {str(images)!r} "
+                             "carries its own labels")
         return str(images)
     if isinstance(images, ImageSet):
-        return images
+        if labels is None:
+            return images
+        if images.labels is not None:
+            raise ValueError("labels=...: this ImageSet has labels already; pass one or the other")
+        lab = np.asarray(labels, np.int64)
+        if lab.shape != (len(images),):
+            raise ValueError(f"labels has shape {lab.shape}, expected ({len(images)},)")
+        return dataclasses.replace(images, labels=lab)
     a = np.asarray(images)
     if a.dtype != np.uint8 or a.ndim not in (3, 4):
         raise ValueError(f"train: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
@@ -243,6 +254,8 @@ class Audit:
     def pairs(self, method: str, *, band: str | None = None, top: int | None = None) -> list[ExtractedPair]:
         """``method``'s generations beside their nearest training images, closest first (in ``band`` only,
         when given; the ``top`` closest, when given)."""
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+            raise ValueError(f"top={top!r} must be a positive integer (or None: every pair)")
         if method not in self.methods:
             raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}")
         result = self.methods[method]
@@ -403,19 +416,27 @@ def audit(
         ``memguide``)
     """
     rc = _run_config(config)
+    if isinstance(methods, str):  # one method, not its letters
+        methods = (methods,)
+    ex = rc.extract if methods is None else dataclasses.replace(rc.extract, methods=tuple(methods))
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)
     data = as_image_set(train, labels)
-    with run_lock(out, wait=wait):
-        if isinstance(data, ImageSet):
-            path = Path(out) / "inputs" / "train.npz"
-            arrays = {"images": data.images}
-            if data.labels is not None:
-                arrays["labels"] = data.labels
-            atomic_save_npz(path, **arrays)
-            data = str(path)
-        ex = rc.extract if methods is None else dataclasses.replace(rc.extract, methods=tuple(methods))
-        rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex)
-        run_with_sweeps(out, rc, device=device, progress=progress, target=target)
+    fresh = not Path(out).exists()
+    try:
+        with run_lock(out, wait=wait):
+            if isinstance(data, ImageSet):
+                path = Path(out) / "inputs" / "train.npz"
+                arrays = {"images": data.images}
+                if data.labels is not None:
+                    arrays["labels"] = data.labels
+                atomic_save_npz(path, **arrays)
+                data = str(path)
+            rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex)
+            run_with_sweeps(out, rc, device=device, progress=progress, target=target)
+    except BaseException:
+        if fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # refused before any stage began: leave nothing behind
+        raise
     return Audit.load(out)
 
 

@@ -234,6 +234,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *
     arch_d = json.loads((d / "config.json").read_text())["arch"]
     arch_d.pop("num_train_timesteps", None)  # written by versions before 0.2, never used
     arch_d["classes"] = tuple(arch_d.get("classes", ()))
-    model = build_classifier(ClassifierArch(**arch_d), unet)
+    with torch.random.fork_rng():  # its random initialisation, overwritten below, leaves the caller's RNG alone
+        model = build_classifier(ClassifierArch(**arch_d), unet)
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     return model.to(device).eval()

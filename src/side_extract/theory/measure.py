@@ -161,7 +161,8 @@ def measure(
     denoiser : the target, eps(x_t, t), with ``scheduler.alphas_cumprod`` and ``sample_shape`` (C, H, W)
     classifier : ``classifier(x, t) -> logits (B, K)``, time-dependent, in eval mode
     train : (N, C, H, W) float in [-1, 1], the training set D
-    labels : (N,) int classes of the training images; default: the classifier's argmax at ``t_min``
+    labels : (N,) int classes of the training images, as the classifier's output indices 0..K-1 (not cluster ids:
+        ``ClassifierGuidance.classes`` maps between them); default: the classifier's argmax at ``t_min``
     eps : smoothing scale of q_eps in data units ([-1, 1] pixels); 0.1 is under one grey level step of
         8x8 digits (2/16)
     bandwidth : kernel width of the empirical optimum; default ``eps`` (the KL-optimal width, so
@@ -206,6 +207,11 @@ def measure(
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (n_data,):
         raise ValueError(f"labels has shape {labels.shape}, expected ({n_data},)")
+    with torch.no_grad():  # the classifier's outputs: a label indexes them (a negative one would wrap around)
+        k = int(classifier(train[:1], torch.full((1,), t_min, dtype=torch.long, device=train.device)).shape[-1])
+    if labels.min() < 0 or labels.max() >= k:
+        raise ValueError(f"labels must be the classifier's output indices 0..{k - 1}; got values "
+                         f"{labels.min()}..{labels.max()} (map cluster ids through ClassifierGuidance.classes)")
     classes, counts = np.unique(labels, return_counts=True)
     class_sizes = {int(c): int(k) for c, k in zip(classes, counts)}
     if len(classes) == 1:
