@@ -21,7 +21,7 @@ from test_bench import tiny_bench
 def test_a_replicate_redraws_every_seed_downstream_of_the_target():
     rc = replicate_config(cfg.RunConfig(), 7)
     assert (rc.sample.seed, rc.surrogate.random_state, rc.classifier.seed, rc.clean_classifier.seed,
-            rc.extract.seed) == (7, 7, 7, 7, 7)
+            rc.lora.seed, rc.extract.seed) == (7, 7, 7, 7, 7, 7)  # side-lora's fine-tuning too (it kept seed 0)
 
 
 def test_validation_and_heldout_replicates_must_differ():
@@ -29,6 +29,29 @@ def test_validation_and_heldout_replicates_must_differ():
         FairBenchConfig(validation_replicates=(1, 2), heldout_replicates=(2, 3))
     with pytest.raises(ValueError, match="select_metric"):
         FairBenchConfig(select_metric="ums")
+
+
+def test_a_benchmark_that_could_not_mean_what_it_says_is_refused():
+    """A form that pins a seed (its held-out replicates would repeat one run), sets N_G or the bands; entries with
+    no baseline to set them against (crashed after every run); one held-out replicate (a single run)."""
+    for key in ("sample.seed", "extract.seed", "surrogate.random_state", "extract.n", "evaluate.bands"):
+        with pytest.raises(ValueError, match=f"may not set {key}"):
+            FairBenchConfig(forms={"f": {"method": "side", key: 0}})
+    with pytest.raises(ValueError, match="add cond or uncond"):
+        FairBenchConfig(methods=("side", "side-teacher"))
+    with pytest.raises(ValueError, match="at least 2"):
+        FairBenchConfig(heldout_replicates=(11,))
+
+
+def test_a_methods_interval_does_not_depend_on_the_other_methods_in_the_table():
+    side, uncond = [_stats([0, 1, 2, 2], [1, 1, 1, 0])] * 2, [_stats([5, 5, 6, 7], [1, 1, 0, 1])] * 2
+    weak = [_stats([9, 9, 9, 9], [0, 0, 0, 1])] * 2  # a Cond that is not the best baseline
+    alone = bootstrap_ratios({"side": side, "uncond": uncond}, ("distinct_nn/mid", "ams_cum/mid"), 200, ("side",),
+                             BASELINES)["side"]
+    among = bootstrap_ratios({"cond": weak, "side": side, "uncond": uncond}, ("distinct_nn/mid", "ams_cum/mid"), 200,
+                             ("side",), BASELINES)["side"]
+    for k in alone:
+        assert among[k]["best_baseline_method"] == "uncond" and among[k]["ci95"] == alone[k]["ci95"], k
 
 
 def _stats(nn, reach):
@@ -53,11 +76,16 @@ def test_cli_tunes_at_n_generated_by_default(monkeypatch, tmp_path):
 
     def stop(fc, *a, **k):
         seen["validation_n"] = fc.validation_n
+        seen["command"] = k.get("command")
         raise SystemExit(0)
 
     monkeypatch.setattr(protocol, "run_fair_bench", stop)
     CliRunner().invoke(app, ["bench", "fair", "--out", str(tmp_path), "--cache", str(tmp_path), "--n-generated", "77"])
-    assert seen == {"validation_n": 77}
+    assert seen["validation_n"] == 77 and "--memguide-scales" not in seen["command"]
+    # memguide as a form only: its grid is part of the recorded command (it was left out)
+    CliRunner().invoke(app, ["bench", "fair", "--out", str(tmp_path), "--cache", str(tmp_path), "--methods", "uncond",
+                             "--memguide-scales", "1,2,3,4,5,6", "--form", "mga=memguide,extract.memguide_avoid=1"])
+    assert "--memguide-scales 1,2,3,4,5,6" in seen["command"]
 
 
 def test_bootstrap_ratio_by_hand():
@@ -159,6 +187,16 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     assert again["heldout"]["per_replicate"] == s["heldout"]["per_replicate"]
     assert reused_tuning(fc, json.loads(json.dumps({**d, "scales": [again]})), "rereport.json")[20]["reused_from"] \
         == "fair.json"  # the file whose run tuned, not the re-report in between
+    # settings chosen on another target's weights, or by code whose stages worked otherwise, are not reused
+    other = json.loads(json.dumps(d))
+    other["scales"][0]["target"]["model_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="chosen on another target"):
+        run_fair_bench(fc, tmp_path / "cache", tuning=reused_tuning(fc, other, "other.json"))
+    assert d["code"]["stage_versions"]["extraction"] >= 1
+    other = json.loads(json.dumps(d))
+    other["code"]["stage_versions"]["extraction"] += 1
+    with pytest.raises(ValueError, match="stages worked otherwise"):
+        reused_tuning(fc, other, "other.json")
 
 
 def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):
@@ -182,9 +220,15 @@ def test_forms_are_tuned_like_methods_in_their_own_sub_runs(tmp_path, one_thread
     fc = FairBenchConfig(bench=bc, methods=("side", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
                          validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4, n_bootstrap=10,
                          forms={"side-x0": {"method": "side", "classifier.guidance_input": "x0_hat"},
-                                "side-every": {"method": "side", "classifier.time_blocks": "every"}})
+                                "side-every": {"method": "side", "classifier.time_blocks": "every",
+                                               "sample.n": bc.run.sample.n + 8}})
     data = run_fair_bench(fc, tmp_path / "cache")
     s = data["scales"][0]
+    # a form with a synthetic set of another size is left out of the equal-samples line, which says so
+    assert set(s["heldout"]["equal_samples"]["ratios"]) == {"side", "side-x0"}
+    assert s["heldout"]["equal_samples"]["left_out"] == ["side-every"]
+    assert "(left out: side-every, which drew a synthetic set of another size)" in \
+        write_fair_results(data, tmp_path / "out")[1].read_text()
     assert set(s["tuning"]["mean_by_setting"]) == {"side", "side-x0", "side-every"}
     assert all(len(v) == 2 for v in s["tuning"]["mean_by_setting"].values())  # the same budget
     assert set(s["heldout"]["ratios"]) == {"side", "side-x0", "side-every"}
@@ -222,6 +266,11 @@ def test_memguide_is_tuned_on_the_same_budget_and_compared_without_a_synthetic_s
     assert "memguide over lambda in [0.0, 30.0]" in md and "| memguide |" in md
     chosen = s["tuning"]["chosen"]["mg-avoid"][0]
     assert f"| mg-avoid | {chosen:g} |" in md  # a memguide form's setting is its lambda alone
+    # the form made in rounds: its budget-curve cells below N_G are its first rounds, and say so
+    assert s["heldout"]["in_rounds"] == ["mg-avoid"]
+    section = md[md.find("by budget"):md.find("Validation means")]
+    row = next(line for line in section.splitlines() if line.startswith("| mg-avoid |"))
+    assert "‡: made in rounds (mg-avoid)" in section and row.count("‡") == len(s["heldout"]["budget_curve"]) - 1
     with pytest.raises(ValueError, match="memguide_scales has 1 values; memguide gets the same tuning budget"):
         FairBenchConfig(bench=bc, methods=("memguide", "uncond"), scales_grid=(1.0, 3.0), temperatures=(1.0,),
                         memguide_scales=(30.0,))

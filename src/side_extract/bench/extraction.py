@@ -234,7 +234,7 @@ class ScaleInputs:
 
 def replicate_config(rc: cfg.RunConfig, r: int) -> cfg.RunConfig:
     """Replicate ``r`` of ``rc``: every seed downstream of the target set to ``r`` (the synthetic set, the K-means
-    fit, both classifiers, the extraction noise and targets), so that a setting tuned on one replicate is tested
+    fit, both classifiers, side-lora's fine-tuning, the extraction noise and targets), so that a setting tuned on one replicate is tested
     on a new clustering and new classifiers, not only on new extraction noise."""
     return dataclasses.replace(
         rc,
@@ -242,6 +242,7 @@ def replicate_config(rc: cfg.RunConfig, r: int) -> cfg.RunConfig:
         surrogate=dataclasses.replace(rc.surrogate, random_state=r),
         classifier=dataclasses.replace(rc.classifier, seed=r),
         clean_classifier=dataclasses.replace(rc.clean_classifier, seed=r),
+        lora=dataclasses.replace(rc.lora, seed=r),
         extract=dataclasses.replace(rc.extract, seed=r),
     )
 

@@ -43,6 +43,7 @@ the same form (before: the resampled ratios' percentiles).
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -183,16 +184,24 @@ def _row(num: float, den: float, num_draws: np.ndarray, den_draws: np.ndarray,
                                            "baseline_per_replicate": [float(v) for v in den_reps or []]})}
 
 
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """One resampling stream per method (by its name): a method's interval does not depend on which other methods
+    the table holds, nor on their order."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
 def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tuple[str, ...], n_boot: int,
                      side_forms: tuple[str, ...], baselines: tuple[str, ...], seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
     """For each SIDE form and metric: the ratio of replicate means to the best baseline (the one with the higher
     mean), with the module docstring's 95 % interval from resampling within every replicate."""
-    rng = np.random.default_rng(seed)
     methods = list(stats)
     n_rep = len(next(iter(stats.values())))
     reps = {m: {k: [value(s, k) for s in stats[m]] for k in metrics} for m in methods}
     point = {m: {k: float(np.mean(reps[m][k])) for k in metrics} for m in methods}
-    boot = {m: {k: np.mean([draws(s, k, n_boot, rng) for s in stats[m]], axis=0) for k in metrics} for m in methods}
+    boot = {}
+    for m in methods:
+        rng = _rng(seed, m)
+        boot[m] = {k: np.mean([draws(s, k, n_boot, rng) for s in stats[m]], axis=0) for k in metrics}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     bases = [m for m in baselines if m in methods]
     for s in (m for m in side_forms if m in methods):
@@ -210,16 +219,15 @@ def count_ratios(forms: dict[str, list[dict[str, np.ndarray]]], base: list[dict[
                  seed: int = 0) -> dict[str, dict[str, Any]]:
     """Each form's distinct nearest training images (mid band or closer; mean over replicates) against ``base``'s,
     as *counts* (the runs may differ in length), with the distinct-count interval of the module docstring."""
-    rng = np.random.default_rng(seed)
-
-    def counts(reps: list[dict[str, np.ndarray]]) -> tuple[list[float], np.ndarray]:
+    def counts(reps: list[dict[str, np.ndarray]], name: str) -> tuple[list[float], np.ndarray]:
+        rng = _rng(seed, name)
         return ([float(distinct_count(s)) for s in reps],
                 np.mean([distinct_draws(s, "mid", n_boot, rng) * len(s["nn"]) for s in reps], axis=0))
 
-    base_reps, base_draws = counts(base)
+    base_reps, base_draws = counts(base, "uncond at N_G + N_S")
     out = {}
     for name, reps in forms.items():
-        form_reps, point_draws = counts(reps)
+        form_reps, point_draws = counts(reps, name)
         point, base_point = float(np.mean(form_reps)), float(np.mean(base_reps))
         out[name] = {"side": point, "uncond": base_point,
                      **_row(point, base_point, point_draws, base_draws, form_reps, base_reps)}

@@ -54,7 +54,7 @@ import numpy as np
 from .. import config as cfg
 from ..metrics import read_bands_file
 from ..pipeline import ProgressFactory, no_progress, run_audit
-from ..runs import RunDir, read_json
+from ..runs import STAGE_VERSIONS, RunDir, read_json, versions
 from ..sweeps import share_stages
 from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS
 from . import machine_description, write_results
@@ -110,6 +110,17 @@ class FairBenchConfig:
             if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in SIDE_FORMS + LABEL_FREE:
                 raise ValueError(f"forms: {name!r} must be a new name with 'method' one of "
                                  f"{', '.join(SIDE_FORMS + LABEL_FREE)}; got {form}")
+            pinned = [k for k in form if k.rsplit(".", 1)[-1] in ("seed", "random_state")
+                      or k == "extract.n" or k.startswith("evaluate.")]
+            if pinned:  # a seed would repeat one replicate; N_G and the bands are the benchmark's, not a form's
+                raise ValueError(f"forms: {name!r} may not set {', '.join(pinned)} (the replicate sets every seed, the "
+                                 "benchmark N_G and the bands)")
+        if not set(self.methods) & set(BASELINES) and [m for m in self.entries if m not in BASELINES]:
+            raise ValueError(f"methods={list(self.methods)}: every entry is set against the best baseline; add cond "
+                             "or uncond")
+        if len(self.heldout_replicates) < 2:
+            raise ValueError(f"heldout_replicates={list(self.heldout_replicates)}: at least 2 are needed (the interval "
+                             "takes in the replicates' spread; one replicate is a single run)")
         if "side-lora" in self.methods or any(f["method"] == "side-lora" for f in self.forms.values()):
             if len(self.lora_scales) != len(self.grid):
                 raise ValueError(f"lora_scales has {len(self.lora_scales)} values; side-lora gets the same tuning "
@@ -251,9 +262,13 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     per_rep: dict[str, list[dict[str, Any]]] = {m: [] for m in fc.entries}
     stats: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in fc.entries}
     forms = tuple(m for m in fc.entries if m not in BASELINES)
-    sampled = tuple(m for m in forms if fc.base_method(m) not in LABEL_FREE)  # the forms that draw a synthetic set first
+    # the forms that draw a synthetic set first, of the base run's size N_S (one of another size would need UnCond
+    # at its own N_G + N_S: it is left out of the equal-samples line, which says so)
+    drawing = tuple(m for m in forms if fc.base_method(m) not in LABEL_FREE)
+    sampled = tuple(m for m in drawing if fc.forms.get(m, {}).get("sample.n", base.sample.n) == base.sample.n)
     equal_samples = fc.equal_samples and bool(sampled)
     eq_stats: list[dict[str, np.ndarray]] = []
+    rounds: set[str] = set()
     bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
     for r in fc.heldout_replicates:
         rc = replicate_config(base, r)
@@ -261,6 +276,8 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         for m in fc.entries:
             setting = chosen.get(m)
             path, mrc = entry_run(fc, m, rc, None if setting is None else tuple(setting), n, rep)
+            if _in_rounds(fc.base_method(m), mrc.extract):
+                rounds.add(m)
             res = run_audit(path, mrc, device=device, progress=progress)
             met = res.metrics[fc.base_method(m)]
             per_rep[m].append({"replicate": r, **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
@@ -278,15 +295,23 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                           "max": float(max(x[k] for x in rows))} for k in keys}
     out = {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, forms, BASELINES),
-           "interval_method": INTERVAL_METHOD,
+           "interval_method": INTERVAL_METHOD, "in_rounds": [m for m in fc.entries if m in rounds],
            "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms)}
     if equal_samples:
         counts = [distinct_count(s) for s in eq_stats]
         out["equal_samples"] = {
             "n_generated": n + base.sample.n, "n_synthetic": base.sample.n,
+            "left_out": [m for m in drawing if m not in sampled],
             "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
             "ratios": count_ratios({m: stats[m] for m in sampled}, eq_stats, fc.n_bootstrap)}
     return out
+
+
+def _in_rounds(method: str, ex: cfg.ExtractConfig) -> bool:
+    """Whether an entry generates in rounds (``extraction.in_rounds``): its first n generations are its first
+    rounds, not a run at N_G = n."""
+    return (method in ("side", "side-teacher", "cond") and ex.allocation == "adaptive") or (
+        method == "memguide" and ex.memguide_avoid > 0)
 
 
 # what may differ between a fair bench and the earlier one whose tuning it reuses (none of it touches tuning; the
@@ -317,12 +342,20 @@ def reused_tuning(fc: FairBenchConfig, prior: dict[str, Any], source: str) -> di
     if diff:
         raise ValueError(f"--tuning-from {source} ran another configuration (differs in {', '.join(diff)}); "
                          "its settings were chosen for that one")
-    by_scale = {s["n_train"]: s["tuning"] for s in prior.get("scales", [])}
+    if prior.get("code") is not None and prior["code"].get("stage_versions") != STAGE_VERSIONS:
+        raise ValueError(f"--tuning-from {source} was made by code whose stages worked otherwise (stage versions "
+                         f"{prior['code'].get('stage_versions')}, now {STAGE_VERSIONS}); tune again")
+    if prior.get("code") is None:
+        log.warning("--tuning-from %s records no code versions (an older file): its tuning is reused as it is", source)
+    by_scale = {s["n_train"]: {**s["tuning"], "target_sha256": (s.get("target") or {}).get("model_sha256")}
+                for s in prior.get("scales", [])}
     missing = [n for n in fc.bench.scales if n not in by_scale]
     if missing:
         raise ValueError(f"--tuning-from {source} has no tuning for scales {missing} (it has {sorted(by_scale)})")
     # a re-report of a re-report names the file whose run did the tuning
-    return {n: {**by_scale[n], "reused_from": by_scale[n].get("reused_from", source)} for n in fc.bench.scales}
+    return {n: {**{k: v for k, v in by_scale[n].items() if k != "target_sha256"},
+                "reused_from": by_scale[n].get("reused_from", source), "_target_sha256": by_scale[n]["target_sha256"]}
+            for n in fc.bench.scales}
 
 
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
@@ -333,11 +366,19 @@ def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu
     cache = Path(cache)
     t0 = time.time()
     data: dict[str, Any] = {"schema": SCHEMA, "command": command, "machine": machine_description(),
+                            "code": {"side_extract": versions().get("side-extract"), "stage_versions": dict(STAGE_VERSIONS)},
                             "size": fc.bench.size, "config": cfg.to_dict(fc), "scales": []}
     for n in sorted(fc.bench.scales):
         ts = time.time()
         inputs = scale_inputs(fc.bench, n, cache, device=device, progress=progress)
-        tuned = tuning[n] if tuning is not None else tune(fc, inputs, cache, device=device, progress=progress)
+        if tuning is not None:
+            tuned = dict(tuning[n])
+            sha = tuned.pop("_target_sha256", None)
+            if sha is not None and sha != inputs.target.get("model_sha256"):
+                raise ValueError(f"the tuning reused for {n} training images was chosen on another target (weights "
+                                 f"{sha[:12]}, now {str(inputs.target.get('model_sha256'))[:12]}); tune again")
+        else:
+            tuned = tune(fc, inputs, cache, device=device, progress=progress)
         held = report(fc, inputs, tuned["chosen"], cache, device=device, progress=progress)
         data["scales"].append({"n_train": n, "target": inputs.target, "bands": read_json(inputs.bands)["bands"],
                                "tuning": tuned, "heldout": held, "seconds": round(time.time() - ts, 1)})
@@ -372,6 +413,7 @@ def _setting(c: dict[str, Any], name: str, setting: list[float] | None) -> str:
 
 def render_fair_markdown(data: dict[str, Any]) -> str:
     c = data["config"]
+    lora = any(_method(c, m) == "side-lora" for m in [*c["methods"], *c.get("forms", {})])
     ex = c["bench"]["run"]["extract"]
     lines = [*_preamble("Fair extraction benchmark (replicates, equal tuning budget, intervals)", data),
              f"Images {data['size']}x{data['size']}; total {data['seconds']:.0f} s wall (the load average above says what else ran).",
@@ -384,9 +426,12 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
              + (f", memguide over lambda in {c['memguide_scales']} (t <= {ex['memguide_t_hi']:g} T, t_m = "
                 f"{ex['memguide_t_m']:g} T)" if any(
                     _method(c, m) == "memguide" for m in [*c["methods"], *c.get("forms", {})]) else "")
+             + (f", side-lora over CFG scale w in {c['lora_scales']}" if lora else "")
              + f"; reported on held-out replicates {c['heldout_replicates']}. A replicate redraws "
-             "the synthetic set, the clustering, both classifiers and the extraction noise (its own noise stream, "
-             "independent of the synthetic set's).", ""]
+             "the synthetic set, the clustering, both classifiers"
+             + ((", side-lora's fine-tuning" if data.get("code") else " (not side-lora's fine-tuning seed: these runs "
+                 "kept it fixed)") if lora else "")
+             + " and the extraction noise (its own noise stream, independent of the synthetic set's).", ""]
     for s in data["scales"]:
         h = s["heldout"]
         lines += [f"## {s['n_train']} training images, {data['size']}x{data['size']}, N_G {h['n_generated']} per "
@@ -429,7 +474,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         if curve:
             lines += ["", "Distinct nearest training images (mid band or closer) by budget: the first n generations "
                       "of each held-out run are that run at N_G = n. Mean [min-max] over replicates, then each form's "
-                      "ratio to the best baseline at that n with its 95 % interval (as above):", "",
+                      "ratio to the best baseline at that n with its 95 % interval (as above)"
+                      + ("; ‡: made in rounds (" + ", ".join(h["in_rounds"]) + "), so its first n generations are its "
+                         "first rounds, not a run at N_G = n" if h.get("in_rounds") else "") + ":", "",
                       "| method | " + " | ".join(f"n = {p['n_generated']}" for p in curve) + " |",
                       "|---|" + "---|" * len(curve)]
             for m in curve[0]["distinct_mid"]:
@@ -442,13 +489,18 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                         lo, hi = r["ci95"]
                         mark = _mark(r)
                         cell += f"; {_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}]{mark}"
+                    if m in h.get("in_rounds", ()) and p["n_generated"] < h["n_generated"]:
+                        cell += " ‡"
                     cells.append(cell)
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
         eq = h.get("equal_samples")
         if eq:
             u = eq["uncond"]
             lines += ["", f"Equal model samples: each form drew {eq['n_synthetic']} synthetic samples before its "
-                      f"{h['n_generated']} generations. UnCond with {eq['n_generated']} generations (the same noise "
+                      f"{h['n_generated']} generations"
+                      + (f" (left out: {', '.join(eq['left_out'])}, which drew a synthetic set of another size)"
+                         if eq.get("left_out") else "")
+                      + f". UnCond with {eq['n_generated']} generations (the same noise "
                       f"stream, extended) reaches {u['mean']:.1f} [{u['min']:.0f}-{u['max']:.0f}] distinct nearest "
                       "training images at the mid band or closer; each form's count at N_G against it (ratio of "
                       "replicate means, "

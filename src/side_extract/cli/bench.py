@@ -237,7 +237,7 @@ def fair_cmd(
             "--temperatures", temperatures, "--validation", validation, "--heldout", heldout,
             "--validation-n", str(fc.validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap),
             "--lora-scales", lora_scales]
-    argv += ["--memguide-scales", memguide_scales] if "memguide" in fc.methods else []
+    argv += ["--memguide-scales", memguide_scales] if any(fc.base_method(m) == "memguide" for m in fc.entries) else []
     for spec in form:
         argv += ["--form", spec]
     argv += ["--eta", f"{eta:g}"] if eta != 0 else []
