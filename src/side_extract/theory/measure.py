@@ -167,7 +167,7 @@ def measure(
         8x8 digits (2/16)
     bandwidth : kernel width of the empirical optimum; default ``eps`` (the KL-optimal width, so
         M(D; KDE_D) = 0, the floor)
-    guidance_scale : lambda; 1 is the Bayes class-conditional p(x) p(c | x)
+    guidance_scale : lambda; 1 is the Bayes class-conditional p(x | c) = p(x) p(c | x) / p(c)
     n_points : Monte Carlo points (training points drawn without replacement; at most N)
     n_steps, n_probes, trace, t_min : the ODE settings (:func:`~.likelihood.pf_ode_log_likelihood`)
     batch_size : points per ODE batch (results do not depend on it)
