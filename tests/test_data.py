@@ -119,3 +119,38 @@ def test_imageset_validates():
 def test_resize_identity():
     a = np.random.default_rng(0).integers(0, 255, (2, 8, 8, 1), dtype=np.uint8)
     assert resize(a, 8) is a
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """Pillow's convert("L") clips 16-bit greyscale: a 0..65535 ramp loaded as 0 and 255 only."""
+    ramp = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1040).astype(np.uint16)
+    folder = tmp_path / "png16"
+    folder.mkdir()
+    Image.fromarray(ramp).save(folder / "a.png")  # uint16: mode I;16
+    Image.fromarray(ramp).save(folder / "b.png")
+    got = load_image_set(folder).images[0, ..., 0]
+    np.testing.assert_array_equal(got, ((ramp.astype(np.int64) + 128) // 257).astype(np.uint8))
+    assert len(np.unique(got)) > 50
+
+
+def test_data_file_mistakes_are_named(tmp_path):
+    from side_extract.data import load_shards
+
+    np.save(tmp_path / "one.npy", np.zeros((2, 8, 8), np.uint8))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(ValueError, match="not a readable .npz file: it holds one array"):
+        load_image_set(tmp_path / "one.npz")
+    np.savez(tmp_path / "f.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.array([0.9, 1.5, 2.2]))
+    with pytest.raises(ValueError, match="'labels' must hold integers, got float64"):
+        load_image_set(tmp_path / "f.npz")
+    with open(tmp_path / "UP.NPZ", "wb") as f:  # (np.savez would append .npz to the name)
+        np.savez(f, images=np.zeros((3, 8, 8), np.uint8))
+    assert len(load_image_set(tmp_path / "UP.NPZ")) == 3
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("shard-00000.npz", "shard-00000 (copy).npz"):  # a stray copy: every generation counted twice
+        np.savez(shards / name, images=np.zeros((2, 8, 8), np.uint8), index=np.array([0, 1]))
+    with pytest.raises(ValueError, match="more than once"):
+        load_shards(shards)
+    flipped = load_image_set("digits:4").images[:, ::-1]
+    assert resize(flipped, 4).shape == (4, 4, 4, 1)

@@ -52,3 +52,15 @@ def test_pca_fitted_on_reference(images):
     a = extract_features("pixels-pca", images, reference=images)
     b = extract_features("pixels-pca", images.subset(np.arange(5)), reference=images)
     np.testing.assert_allclose(a[:5], b, atol=1e-5)
+
+
+def test_unet_features_depend_on_the_image_not_its_id(tiny_model_dir):
+    """The noise was keyed by the image's id, so training image i and generation i (which share ids) got the same
+    noise and their features correlated; the same image under another id got other features."""
+    from side_extract.data import ImageSet
+
+    digits = load_image_set("digits:12")
+    target = load_target(tiny_model_dir)
+    a = extract_features("unet", digits, model=target)
+    b = extract_features("unet", ImageSet(digits.images, digits.labels, digits.ids + 1000), model=target)
+    np.testing.assert_array_equal(a, b)

@@ -101,3 +101,31 @@ def test_quality_in_a_runs_metrics(tiny_model_dir, tmp_path, one_thread):
         rc.evaluate, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
     res = run_audit(tmp_path / "run2", other)
     assert "no held-out real images" in res.metrics["uncond"]["quality"]["skipped"]
+
+
+def test_kid_error_is_the_sets_sampling_error():
+    """KID's error was the subsets' spread / sqrt(n_subsets): 0 when the subsets are the whole sets (the default
+    sizes), about 10x too small otherwise. It must match KID's spread over independent draws of both sets."""
+    for n, subset in ((120, 1000), (160, 40)):
+        vals, ses = [], []
+        for s in range(30):
+            r = np.random.default_rng(s)
+            k, se = kernel_distance(r.standard_normal((n, 8)), r.standard_normal((n, 8)) * 1.1 + 0.1, n_subsets=10,
+                                    subset_size=subset)
+            vals.append(k)
+            ses.append(se)
+        assert 0.7 < np.mean(ses) / np.std(vals, ddof=1) < 1.4, (n, subset, np.mean(ses), np.std(vals, ddof=1))
+
+
+def test_a_fitted_quality_space_is_fitted_on_the_held_out_images():
+    """pixels-pca as a quality space was fitted on each set apart (two bases: the Frechet distance lost its mean
+    term); both sets now share the reference's basis."""
+    from side_extract.data import load_image_set
+    from side_extract.features import get_extractor
+    from side_extract.quality import image_features
+
+    ref, gen = load_image_set("digits:100"), load_image_set("digits:200").subset(np.arange(100, 200))
+    ours = image_features("pixels-pca", gen, reference=ref)
+    ex = get_extractor("pixels-pca")
+    ex.fit(ref)
+    np.testing.assert_allclose(ours, ex.transform(gen), atol=1e-6)

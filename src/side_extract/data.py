@@ -108,7 +108,7 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"resize={size} must be a positive image size")
     if images.shape[1:3] == (size, size):
         return images
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()  # a flipped view has negative strides
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -156,7 +156,7 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         try:
             with Image.open(f) as im:
                 im.load()
-                arrays.append(np.asarray(im.convert("L") if im.mode in ("1", "L", "I;16", "I", "LA") else im.convert("RGB")))
+                arrays.append(_as_8bit(im, f))
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"image file {str(f)!r} is unreadable or corrupt: {e}") from e
     if resize_to is not None:
@@ -176,17 +176,37 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     return ImageSet(stacked.astype(np.uint8), name=str(path))
 
 
+def _as_8bit(im: Image.Image, f: Path) -> np.ndarray:
+    """A greyscale (H, W) or RGB (H, W, 3) uint8 array of an opened image. 16-bit greyscale is scaled to 8 bits
+    (Pillow's ``convert("L")`` clips it, so a 0..65535 ramp became 0 and 255)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"image file {str(f)!r}: integer pixels outside 0..65535 ({a.min()}..{a.max()}); "
+                             "convert it to 8 or 16 bits")
+        return ((a + 128) // 257).astype(np.uint8)
+    return np.asarray(im.convert("L") if im.mode in ("1", "L", "LA") else im.convert("RGB"))
+
+
 def load_npz(path: Path) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("it holds one array (a .npy file), not named arrays")
             arrays = {k: z[k] for k in z.files if k in ("images", "labels", "index")}
             files = z.files
+    except TypeError:  # a .npy file: np.load returns a bare array, which is no context manager
+        raise ValueError(f"{str(path)!r} is not a readable .npz file: it holds one array (a .npy file), "
+                         "not named arrays") from None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a readable .npz file: {e}") from e
     if "images" not in arrays:
         raise ValueError(f"{str(path)!r} has no 'images' array (it has: {', '.join(files) or 'nothing'})")
     images, labels, ids = arrays["images"], arrays.get("labels"), arrays.get("index")
     images = _as_nhwc_uint8(images, str(path))
+    for name, a in (("labels", labels), ("index", ids)):
+        if a is not None and not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
+            raise ValueError(f"{str(path)!r}: '{name}' must hold integers, got {a.dtype} (they were truncated)")
     return ImageSet(
         images,
         None if labels is None else np.asarray(labels, dtype=np.int64),
@@ -204,6 +224,10 @@ def load_shards(path: Path) -> ImageSet:
     labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
     images = np.concatenate([p.images for p in parts])
     ids = np.concatenate([p.ids for p in parts])
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():  # e.g. a stray copy of a shard: every generation in it would count twice
+        raise ValueError(f"{str(path)!r}: the shards hold sample indices more than once (e.g. "
+                         f"{uniq[counts > 1][:5].tolist()}); remove the extra shard-*.npz files")
     order = np.argsort(ids, kind="stable")
     return ImageSet(images[order], None if labels is None else labels[order], ids[order], str(path))
 
@@ -235,7 +259,7 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
         p = Path(s)
         if p.is_dir():
             out = load_shards(p) if any(p.glob("shard-*.npz")) else load_folder(p, resize_to)
-        elif p.is_file() and p.suffix == ".npz":
+        elif p.is_file() and p.suffix.lower() == ".npz":
             out = load_npz(p)
         elif p.exists():
             raise ValueError(f"data spec {s!r}: expected a folder of images, an .npz file, or 'digits[:N]'")

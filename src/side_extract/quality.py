@@ -60,17 +60,40 @@ def mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
                  - 2 * kab.mean())
 
 
+def mmd2_jackknife_se(a: np.ndarray, b: np.ndarray) -> float:
+    """The two-sample jackknife standard error (Arvesen 1969) of :func:`mmd2_unbiased` on the whole sets: the
+    statistic left without each point of ``a`` and of ``b`` in turn (from the kernel matrices' row sums),
+    var = (n-1)/n sum_i (theta_-i - mean)^2 + (m-1)/m sum_j (theta_-j - mean)^2. Needs 3 or more points per set."""
+    d = a.shape[1]
+    n, m = len(a), len(b)
+    kaa, kbb, kab = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+    np.fill_diagonal(kaa, 0.0)
+    np.fill_diagonal(kbb, 0.0)
+    saa, sbb, sab = kaa.sum(), kbb.sum(), kab.sum()
+    ra, rb, ca, cb = kaa.sum(1), kbb.sum(1), kab.sum(1), kab.sum(0)
+    without_a = (saa - 2 * ra) / ((n - 1) * (n - 2)) + sbb / (m * (m - 1)) - 2 * (sab - ca) / ((n - 1) * m)
+    without_b = saa / (n * (n - 1)) + (sbb - 2 * rb) / ((m - 1) * (m - 2)) - 2 * (sab - cb) / (n * (m - 1))
+    var = (n - 1) / n * ((without_a - without_a.mean()) ** 2).sum() + \
+        (m - 1) / m * ((without_b - without_b.mean()) ** 2).sum()
+    return float(np.sqrt(var))
+
+
 def kernel_distance(a: np.ndarray, b: np.ndarray, *, n_subsets: int = 50, subset_size: int = 1000,
                     random_state: int = 0) -> tuple[float, float]:
-    """KID: (mean, standard error) of the unbiased MMD^2 over random subsets (without replacement within one)."""
+    """KID: the mean of the unbiased MMD^2 over random subsets (without replacement within one; the whole sets
+    when both fit in ``subset_size``, then every subset gives the same value), and its standard error: the
+    sampling error of the sets themselves (the two-sample jackknife of the whole-set statistic, which the subset
+    mean estimates without bias) plus the subsets' own noise. Before, the error was the subsets' spread / sqrt(50)
+    alone: 0 when the subsets were the whole sets, and about 10x too small otherwise."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     m = min(subset_size, len(a), len(b))
-    if m < 2:
-        raise ValueError(f"the kernel distance needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    if m < 3:
+        raise ValueError(f"the kernel distance needs at least 3 samples per set, got {len(a)} and {len(b)}")
     rng = np.random.default_rng(random_state)
     vals = np.array([mmd2_unbiased(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
                      for _ in range(n_subsets)])
-    return float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(n_subsets)) if n_subsets > 1 else float("nan")
+    subsets_var = float(vals.var(ddof=1)) / n_subsets if n_subsets > 1 else 0.0
+    return float(vals.mean()), float(np.sqrt(mmd2_jackknife_se(a, b) ** 2 + subsets_var))
 
 
 def _dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -122,10 +145,14 @@ def quality_from_features(gen: np.ndarray, ref: np.ndarray, features: str, *, k:
     return Quality(features, len(gen), len(ref), frechet_distance_of(gen, ref), kid, se, p, r, k)
 
 
-def image_features(name: str, images: ImageSet, *, device: str = "cpu", batch_size: int = 256) -> np.ndarray:
-    """Features for quality: ``pixels`` are the raw pixels in [-1, 1]; others from the extractor registry."""
-    return extract_features(name, images, device=device, batch_size=batch_size).astype(np.float64)
+def image_features(name: str, images: ImageSet, *, device: str = "cpu", batch_size: int = 256,
+                   reference: ImageSet | None = None) -> np.ndarray:
+    """Features for quality: ``pixels`` are the raw pixels in [-1, 1]; others from the extractor registry. A
+    fitted extractor (``pixels-pca``) is fitted on ``reference`` (the held-out images), so generated and real
+    features share one basis (fitted on each set apart, the Frechet distance lost its mean term)."""
+    return extract_features(name, images, device=device, batch_size=batch_size,
+                            reference=reference).astype(np.float64)
 
 
-__all__ = ["Quality", "frechet_distance", "frechet_distance_of", "kernel_distance", "mmd2_unbiased",
+__all__ = ["Quality", "frechet_distance", "frechet_distance_of", "kernel_distance", "mmd2_unbiased", "mmd2_jackknife_se",
            "precision_recall", "quality_from_features", "image_features"]
