@@ -99,3 +99,13 @@ def test_allocation_settings_are_checked():
         cfg.ExtractConfig(dedup_threshold=0.0)
     with pytest.raises(ValueError, match="allocation='greedy'"):
         cfg.from_dict(cfg.ExtractConfig, {"allocation": "greedy"})
+
+
+def test_earlier_labels_map_to_their_own_class_whatever_the_order():
+    """Classes [2, 0, 1, 3]: four earlier generations toward label 2 are output slot 0 (searchsorted, which assumes
+    sorted classes, gave slot 3, so the class repeating itself kept its budget and another class lost it)."""
+    from side_extract.extraction import target_slots
+
+    np.testing.assert_array_equal(target_slots(np.array([2, 0, 1, 3]), np.array([2, 2, 3, 0])), [0, 0, 3, 1])
+    with pytest.raises(ValueError, match=r"labels \[7\] that are not among"):
+        target_slots(np.array([2, 0, 1, 3]), np.array([2, 7]))

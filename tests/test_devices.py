@@ -67,3 +67,27 @@ def test_imagenet_preprocessing_on_a_device():
     with FakeDevice():
         out = _imagenet_preprocess(torch.rand(2, 1, 8, 8).to(FAKE) * 2 - 1, 16)
         assert on_device(out) and out.shape == (2, 3, 16, 16)
+
+
+def test_noise_streams_are_drawn_on_the_cpu_for_every_device(tiny_model_dir, monkeypatch):
+    """CUDA's generator draws other numbers than the CPU's for the same seed: generation i's noise must come from
+    CPU streams on every device, or a run resumed or regenerated on another device type mixes two noise families
+    (the streams were built on the sampling device)."""
+    from side_extract import sampling
+    from side_extract.models.target import load_target
+
+    made = []
+    real = sampling.sample_generators
+
+    def spy(seed, indices, device="cpu", stream=sampling.SYNTHETIC_STREAM, step=None):
+        made.append(str(device))
+        return real(seed, indices, device, stream, step)
+
+    monkeypatch.setattr(sampling, "sample_generators", spy)
+    target = load_target(tiny_model_dir)
+    with FakeDevice():
+        target.unet.to(FAKE)
+        on_dev = sampling.sample(target, 3, seed=4, steps=2, batch_size=2, device=FAKE).cpu()
+    target.unet.to("cpu")
+    assert made and set(made) == {"cpu"}
+    np.testing.assert_array_equal(on_dev.numpy(), sampling.sample(target, 3, seed=4, steps=2, batch_size=2).numpy())

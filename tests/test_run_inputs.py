@@ -34,9 +34,11 @@ def _started(run) -> dict[str, float]:
 
 @pytest.mark.parametrize("section,key", [("sample", "seed"), ("classifier", "seed"), ("extract", "seed"),
                                          ("evaluate", "seed"), ("surrogate", "random_state")])
-def test_a_negative_seed_is_refused_by_the_config(section, key):
-    with pytest.raises(ValueError, match=f"{key}=-1 must be a non-negative integer"):
-        cfg.from_dict(cfg.RunConfig, {section: {key: -1}})
+def test_a_seed_outside_32_bits_is_refused_by_the_config(section, key):
+    for bad in (-1, 2**32 + 5):  # 2**32 + 5 collided with seed 5 of another noise stream
+        with pytest.raises(ValueError, match=rf"{key}={bad} must be an integer in \[0, 2\*\*32\)"):
+            cfg.from_dict(cfg.RunConfig, {section: {key: bad}})
+    cfg.from_dict(cfg.RunConfig, {section: {key: 2**32 - 1}})
 
 
 def test_the_config_refuses_values_that_were_found_late():

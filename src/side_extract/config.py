@@ -28,11 +28,13 @@ T = TypeVar("T")
 def _numbers(obj: Any) -> None:
     """Every float setting (and each float in a tuple of them) must be a finite number: nan and inf pass
     most range checks and then produce black or saturated images without a word. Every seed must be a
-    non-negative integer (numpy's and sklearn's seeding refuse the others, after the stages before them ran)."""
+    integer in [0, 2**32) (numpy's and sklearn's seeding refuse negative ones, after the stages before them ran)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name in ("seed", "random_state") and isinstance(value, int) and value < 0:
-            raise ValueError(f"{f.name}={value} must be a non-negative integer")
+        if f.name in ("seed", "random_state") and isinstance(value, int) and not 0 <= value < 2**32:
+            # numpy's SeedSequence splits a seed >= 2**32 into two words: seed 2**32 + 5 of one stream would
+            # collide with seed 5 of another
+            raise ValueError(f"{f.name}={value} must be an integer in [0, 2**32)")
         values = value if isinstance(value, tuple) else (value,)
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
@@ -361,7 +363,9 @@ class ExtractConfig:
     ``t_lo``/``t_hi`` limit guidance to that fraction of the timesteps. ``allocation``: how the guided
     methods' target classes are drawn: ``uniform`` (the paper), or ``adaptive`` (``allocation.py``: in ``rounds``
     rounds, toward the classes still producing new images, near-duplicates below ``dedup_threshold`` pixel RMS
-    counting as one image; each round's shards wait for the earlier rounds). Every method samples with
+    counting as one image; each round's shards wait for the earlier rounds; rounds are ceil(n / ``rounds``) generations
+    each, so ``rounds`` is an upper bound: n = 9 makes 3 rounds of 3 and 0; side-lora draws uniformly, with a
+    warning). Every method samples with
     guided-diffusion's DDIM (eps recomputed from the clipped x0) and guidance in its order
     (``sampling.guided_step``). ``batch_size`` and ``precision`` as in :class:`SampleConfig`.
 

@@ -103,6 +103,18 @@ def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGu
     raise AssertionError("unreachable: the shards cover 0 .. n - 1")
 
 
+def target_slots(guided: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each label's position in ``guided`` (the labels that may be guided toward, in output order), by an explicit
+    map: the labels need not be sorted (``searchsorted`` assumed they were and gave the budget of the class that
+    repeats itself to another), and a label outside them is an error, not a neighbour's slot."""
+    slot = {int(v): k for k, v in enumerate(guided)}
+    unknown = sorted({int(v) for v in labels} - set(slot))
+    if unknown:
+        raise ValueError(f"earlier rounds hold labels {unknown[:5]} that are not among the classes guided toward "
+                         f"{list(slot)}")
+    return np.array([slot[int(v)] for v in labels], dtype=np.int64)
+
+
 def extract(
     denoiser: Denoiser,
     c: cfg.ExtractConfig,
@@ -144,7 +156,7 @@ def extract(
     else:  # targets: classifier outputs, drawn among the classes that may be guided toward (not background)
         outputs = guidance.target_outputs
         if c.allocation == "adaptive" and begin > 0:
-            prev_targets = np.searchsorted(guidance.classes[outputs], previous.labels)
+            prev_targets = target_slots(guidance.classes[outputs], previous.labels)
             whole = adaptive_targets(c.seed, begin // round_size(c), min(c.n, begin + round_size(c)) - begin,
                                      len(outputs), previous.images, prev_targets, c.dedup_threshold)
             targets = outputs[whole[start - begin:stop - begin]]

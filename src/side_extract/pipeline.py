@@ -503,6 +503,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     ``ValueError`` lists every problem found (not only the first)."""
     problems: list[str] = []
     methods = set(rc.extract.methods)
+    if rc.extract.allocation == "adaptive" and "side-lora" in methods:
+        log.warning("extract.allocation adaptive applies to side, side-teacher and cond; side-lora draws its target "
+                    "clusters uniformly")
     C, H, W = denoiser.sample_shape
     needs_train = bool({"cond", "side-teacher"} & methods) and until != "surrogate"  # (clustering does not)
     train = None
