@@ -364,7 +364,7 @@ class ExtractConfig:
     methods' target classes are drawn: ``uniform`` (the paper), or ``adaptive`` (``allocation.py``: in ``rounds``
     rounds, toward the classes still producing new images, near-duplicates below ``dedup_threshold`` pixel RMS
     counting as one image; each round's shards wait for the earlier rounds; rounds are ceil(n / ``rounds``) generations
-    each, so ``rounds`` is an upper bound: n = 9 makes 3 rounds of 3 and 0; side-lora draws uniformly, with a
+    each, so ``rounds`` is an upper bound (n = 9 with 4 makes 3 rounds of 3); side-lora draws uniformly, with a
     warning). Every method samples with
     guided-diffusion's DDIM (eps recomputed from the clipped x0) and guidance in its order
     (``sampling.guided_step``). ``batch_size`` and ``precision`` as in :class:`SampleConfig`.
