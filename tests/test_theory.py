@@ -310,7 +310,11 @@ def test_divergence_gap_refuses_a_wrongly_shaped_log_density():
 
     data = np.random.default_rng(1).standard_normal((30, 3))
     g = GaussianModel(np.zeros(3), np.eye(3))
-    with pytest.raises(ValueError, match=r"log_prob_a returned shape \(40, 1\), expected \(40,\)"):
-        divergence_gap(data, lambda x: g.log_prob(x)[:, None], g.log_prob, 0.2, n=40)
+    other = GaussianModel(np.ones(3), 2 * np.eye(3))
+    flat = divergence_gap(data, other.log_prob, g.log_prob, 0.2, n=40)
+    column = divergence_gap(data, lambda x: other.log_prob(x)[:, None], g.log_prob, 0.2, n=40)
+    assert column == flat  # an (n, 1) density is one value per point (it broadcast the gap to n x n)
+    with pytest.raises(ValueError, match=r"log_prob_a returned shape \(41,\), expected \(40,\)"):
+        divergence_gap(data, lambda x: np.append(other.log_prob(x), 0.0), g.log_prob, 0.2, n=40)
     with pytest.raises(ValueError, match="at least 2"):
         Estimate.from_values(np.array([1.0]))

@@ -191,8 +191,6 @@ def _as_8bit(im: Image.Image, f: Path) -> np.ndarray:
 def load_npz(path: Path) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("it holds one array (a .npy file), not named arrays")
             arrays = {k: z[k] for k in z.files if k in ("images", "labels", "index")}
             files = z.files
     except TypeError:  # a .npy file: np.load returns a bare array, which is no context manager

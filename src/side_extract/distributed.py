@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import datetime
 import functools
 import hashlib
 import os
@@ -34,8 +35,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    import datetime
-
     import torch
 
 T = TypeVar("T")
@@ -49,8 +48,6 @@ def process_timeout() -> datetime.timedelta:
     24 hours. The others wait while the main process works alone (memorization scores, features, clustering,
     calibration) or waits for another writer's lock (``--wait``); torch's own default, 30 minutes, ended such a
     launch with a bare gloo error."""
-    import datetime
-
     raw = os.environ.get(TIMEOUT_ENV, "86400")
     try:
         seconds = float(raw)

@@ -53,9 +53,16 @@ def round_start(c: cfg.ExtractConfig, i: int) -> int:
 
 def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None) -> bool:
     """Whether a method generates in rounds, each seeing the earlier rounds' generations: adaptive allocation
-    (classes to guide toward) and memguide's avoidance."""
+    (classes to guide toward) and memguide's avoidance (:func:`method_in_rounds`: the same from the config)."""
     return (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
         isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
+
+
+def method_in_rounds(method: str, c: cfg.ExtractConfig) -> bool:
+    """:func:`in_rounds` of ``method`` from its config alone (before its guidance is built): the classifier-guided
+    methods under adaptive allocation, memguide with avoidance."""
+    return (method in ("side", "side-teacher", "cond") and c.allocation == "adaptive") or (
+        method == "memguide" and c.memguide_avoid > 0)
 
 
 def earlier_rounds(generations: ImageSet, begin: int) -> ImageSet:

@@ -256,9 +256,10 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
     classes = np.asarray(meta["classes"], dtype=np.int64)
     c = cfg.from_dict(cfg.LoraConfig, meta["config"])
     w = c.guidance_scale if guidance_scale is None else float(guidance_scale)
-    if w != 1.0 and c.label_dropout == 0:
-        raise ValueError(f"guidance_scale={w} needs the null label, but {str(d)!r} was fine-tuned with label_dropout=0, "
-                         "which never trains it; use guidance_scale 1 (plain conditional sampling)")
+    try:  # LoraConfig's own check: w != 1 needs a null label, which only label dropout trains
+        dataclasses.replace(c, guidance_scale=w)
+    except ValueError as e:
+        raise ValueError(f"{str(d)!r} (fine-tuned with label_dropout={c.label_dropout}): {e}") from None
     form = d / ("unet" if c.rank == "full" else "adapter")  # the form classes.json names, not whichever folder exists
     if not form.is_dir():
         raise ValueError(f"{str(d)!r} holds no {form.name}/ folder, which its classes.json (rank {c.rank!r}) names")

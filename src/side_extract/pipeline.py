@@ -274,9 +274,10 @@ def copy_guard(generated: ImageSet, synthetic: ImageSet, d_train: np.ndarray) ->
     """side-lora's guard against copying its own training data: the share of generations whose nearest
     synthetic image (pixel RMS) is closer than their nearest training image. On a target that memorizes, the
     synthetic images are themselves near-copies, so the share is high for every method: compare side-lora's
-    with UnCond's (plain samples of the same model), computed the same way."""
+    with UnCond's (plain samples of the same model), computed the same way. ``d_train``: each generation's pixel RMS
+    distance to its nearest training image (the evaluation's ``pixel_distance``)."""
     index = NearestNeighborIndex("rms-l2").fit(pixel_rows(synthetic.images))
-    d_syn = index.kneighbors(pixel_rows(generated.images), 1).scores[:, 0]  # d_train: each one's nearest training image
+    d_syn = index.kneighbors(pixel_rows(generated.images), 1).scores[:, 0]
     return {"nearer_synthetic_fraction": float((d_syn < d_train).mean()), "n_synthetic": len(synthetic),
             "median_distance_to_synthetic": float(np.median(d_syn)),
             "median_distance_to_train": float(np.median(d_train))}

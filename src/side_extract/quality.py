@@ -51,10 +51,15 @@ def frechet_distance_of(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
+def _kernels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """KID's kernel k(x, y) = (x . y / d + 1)^3 within a, within b and between them."""
+    d = a.shape[1]
+    return (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+
+
 def mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
     """Unbiased MMD^2 with k(x, y) = (x . y / d + 1)^3 between a (n, d) and b (m, d)."""
-    d = a.shape[1]
-    kaa, kbb, kab = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+    kaa, kbb, kab = _kernels(a, b)
     n, m = len(a), len(b)
     return float((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
                  - 2 * kab.mean())
@@ -64,9 +69,8 @@ def mmd2_jackknife_se(a: np.ndarray, b: np.ndarray) -> float:
     """The two-sample jackknife standard error (Arvesen 1969) of :func:`mmd2_unbiased` on the whole sets: the
     statistic left without each point of ``a`` and of ``b`` in turn (from the kernel matrices' row sums),
     var = (n-1)/n sum_i (theta_-i - mean)^2 + (m-1)/m sum_j (theta_-j - mean)^2. Needs 3 or more points per set."""
-    d = a.shape[1]
     n, m = len(a), len(b)
-    kaa, kbb, kab = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+    kaa, kbb, kab = _kernels(a, b)
     np.fill_diagonal(kaa, 0.0)
     np.fill_diagonal(kbb, 0.0)
     saa, sbb, sab = kaa.sum(), kbb.sum(), kab.sum()

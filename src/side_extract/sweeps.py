@@ -91,7 +91,7 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
 
     ``wait`` and ``replace`` apply to the main run (:func:`~side_extract.pipeline.run_audit`); sub-runs are
     redone freely when their settings change. Every sub-run's config is checked (:func:`preflight`) before the
-    main run starts. The run's lock is held from before the model loads until the last sub-run is done, and each
+    main run starts. The run's lock is held from the main run's start until the last sub-run is done, and each
     sub-run's own lock before its parent's stages are shared into it (``wait``: block on another writer)."""
     sweeps = sweep_configs(rc)
     if not sweeps:

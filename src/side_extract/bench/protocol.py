@@ -53,6 +53,7 @@ import numpy as np
 
 from .. import config as cfg
 from ..metrics import read_bands_file
+from ..extraction import method_in_rounds
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import STAGE_VERSIONS, RunDir, read_json, versions
 from ..sweeps import share_stages
@@ -276,7 +277,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         for m in fc.entries:
             setting = chosen.get(m)
             path, mrc = entry_run(fc, m, rc, None if setting is None else tuple(setting), n, rep)
-            if _in_rounds(fc.base_method(m), mrc.extract):
+            if method_in_rounds(fc.base_method(m), mrc.extract):  # its first n generations are its first rounds
                 rounds.add(m)
             res = run_audit(path, mrc, device=device, progress=progress)
             met = res.metrics[fc.base_method(m)]
@@ -305,13 +306,6 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
             "ratios": count_ratios({m: stats[m] for m in sampled}, eq_stats, fc.n_bootstrap)}
     return out
-
-
-def _in_rounds(method: str, ex: cfg.ExtractConfig) -> bool:
-    """Whether an entry generates in rounds (``extraction.in_rounds``): its first n generations are its first
-    rounds, not a run at N_G = n."""
-    return (method in ("side", "side-teacher", "cond") and ex.allocation == "adaptive") or (
-        method == "memguide" and ex.memguide_avoid > 0)
 
 
 # what may differ between a fair bench and the earlier one whose tuning it reuses (none of it touches tuning; the
@@ -347,15 +341,14 @@ def reused_tuning(fc: FairBenchConfig, prior: dict[str, Any], source: str) -> di
                          f"{prior['code'].get('stage_versions')}, now {STAGE_VERSIONS}); tune again")
     if prior.get("code") is None:
         log.warning("--tuning-from %s records no code versions (an older file): its tuning is reused as it is", source)
-    by_scale = {s["n_train"]: {**s["tuning"], "target_sha256": (s.get("target") or {}).get("model_sha256")}
+    # each scale's tuning with the target it was chosen on (a re-report of a re-report keeps the first one's)
+    by_scale = {s["n_train"]: {"target_sha256": (s.get("target") or {}).get("model_sha256"), **s["tuning"]}
                 for s in prior.get("scales", [])}
     missing = [n for n in fc.bench.scales if n not in by_scale]
     if missing:
         raise ValueError(f"--tuning-from {source} has no tuning for scales {missing} (it has {sorted(by_scale)})")
     # a re-report of a re-report names the file whose run did the tuning
-    return {n: {**{k: v for k, v in by_scale[n].items() if k != "target_sha256"},
-                "reused_from": by_scale[n].get("reused_from", source), "_target_sha256": by_scale[n]["target_sha256"]}
-            for n in fc.bench.scales}
+    return {n: {**by_scale[n], "reused_from": by_scale[n].get("reused_from", source)} for n in fc.bench.scales}
 
 
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
@@ -372,8 +365,8 @@ def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu
         ts = time.time()
         inputs = scale_inputs(fc.bench, n, cache, device=device, progress=progress)
         if tuning is not None:
-            tuned = dict(tuning[n])
-            sha = tuned.pop("_target_sha256", None)
+            tuned = tuning[n]
+            sha = tuned.get("target_sha256")
             if sha is not None and sha != inputs.target.get("model_sha256"):
                 raise ValueError(f"the tuning reused for {n} training images was chosen on another target (weights "
                                  f"{sha[:12]}, now {str(inputs.target.get('model_sha256'))[:12]}); tune again")

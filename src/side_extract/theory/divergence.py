@@ -256,9 +256,7 @@ def memorization_divergence(data: np.ndarray | torch.Tensor, log_prob: LogProb, 
     """
     x, index = sample_q_eps(data, eps, n, random_state)
     lq = log_q_eps(x, data, eps)
-    lp = np.asarray(log_prob(x), dtype=np.float64).reshape(-1)
-    if lp.shape != lq.shape:
-        raise ValueError(f"log_prob returned shape {lp.shape}, expected ({len(x)},)")
+    lp = _log_density(log_prob, x, "log_prob")
     return DivergenceEstimate(Estimate.from_strata(lq - lp, index, len(as_points(data))), eps, x, index, lq, lp)
 
 
@@ -269,13 +267,17 @@ def divergence_gap(data: np.ndarray | torch.Tensor, log_prob_a: LogProb, log_pro
     The entropy of q_eps cancels, so log q_eps is never needed. Negative means ``a`` memorizes D more.
     """
     x, index = sample_q_eps(data, eps, n, random_state)
-    diffs = []
-    for name, f in (("log_prob_b", log_prob_b), ("log_prob_a", log_prob_a)):
-        out = np.asarray(f(x), dtype=np.float64)
-        if out.shape != (len(x),):  # an (n, 1) result would broadcast the difference to (n, n)
-            raise ValueError(f"{name} returned shape {out.shape}, expected ({len(x)},)")
-        diffs.append(out)
-    return Estimate.from_strata(diffs[0] - diffs[1], index, len(as_points(data)))
+    gap = _log_density(log_prob_b, x, "log_prob_b") - _log_density(log_prob_a, x, "log_prob_a")
+    return Estimate.from_strata(gap, index, len(as_points(data)))
+
+
+def _log_density(log_prob: LogProb, x: np.ndarray, name: str) -> np.ndarray:
+    """``log_prob(x)`` as (n,) float64, one value per point (an (n, 1) result is flattened: left as it was, a
+    difference of two broadcast to (n, n)); any other size is an error."""
+    out = np.asarray(log_prob(x), dtype=np.float64)
+    if out.size != len(x):
+        raise ValueError(f"{name} returned shape {out.shape}, expected ({len(x)},)")
+    return out.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------------
