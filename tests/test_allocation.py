@@ -1,5 +1,6 @@
-"""Adaptive budget allocation: near-duplicate groups, the Good-Turing unseen mass by hand, the budget moving
-toward classes that still produce new images, and rounds as shards in a run (deterministic, resumable)."""
+"""Budget policies: near-duplicate groups (against a dense reference), the Good-Turing unseen mass by hand, the
+budget moving toward classes that still produce new images, rounds as shards in a run (deterministic,
+resumable), and dedup-driven stopping for every method (where it stops, skip, resume, what it reports)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,13 @@ import numpy as np
 import pytest
 
 from side_extract import config as cfg
-from side_extract.allocation import adaptive_targets, class_weights, near_duplicate_groups, unseen_mass
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import cdist
+
+from side_extract.allocation import adaptive_targets, class_weights, near_duplicate_groups, stop_after, unseen_mass
 from side_extract.data import load_shards
+from side_extract.api import Audit
+from side_extract.summary import audit_summary
 from side_extract.pipeline import run_audit
 from side_extract.runs import read_json, shard_ranges
 
@@ -25,6 +31,20 @@ def test_near_duplicates_link_in_chains():
     imgs = np.concatenate([_img(0), _img(10), _img(20), _img(200)])
     assert near_duplicate_groups(imgs, 0.05).tolist() == [0, 0, 0, 1]  # 0 and 20 linked through 10
     assert len(set(near_duplicate_groups(imgs, 0.03).tolist())) == 4
+
+
+def test_near_duplicates_in_blocks_match_the_whole_distance_matrix():
+    """Computed a block of rows at a time (1 MB: about 40 rows of 3,000), the groups are those of the full
+    pairwise RMS matrix (scipy's cdist, a dense reference); memory no longer grows with n^2."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (60, 8, 8))
+    imgs = np.clip(base[rng.integers(0, 60, 3000)] + rng.normal(0, 6, (3000, 8, 8)), 0, 255).astype(np.uint8)
+    x = imgs.reshape(len(imgs), -1) / 255.0
+    for threshold in (0.02, 0.05):
+        n_ref, ref = connected_components(cdist(x, x) / np.sqrt(x.shape[1]) < threshold, directed=False)
+        got = near_duplicate_groups(imgs, threshold, working_memory_mb=1)
+        assert len(set(got)) == n_ref and len(set(zip(got.tolist(), ref.tolist()))) == n_ref  # the same partition
+    assert len(set(near_duplicate_groups(imgs, 0.05, working_memory_mb=1))) == 60
 
 
 def test_unseen_mass_by_hand():
@@ -109,3 +129,59 @@ def test_earlier_labels_map_to_their_own_class_whatever_the_order():
     np.testing.assert_array_equal(target_slots(np.array([2, 0, 1, 3]), np.array([2, 2, 3, 0])), [0, 0, 3, 1])
     with pytest.raises(ValueError, match=r"labels \[7\] that are not among"):
         target_slots(np.array([2, 0, 1, 3]), np.array([2, 7]))
+
+
+def test_stop_after_by_hand():
+    same = np.concatenate([_img(100)] * 4)  # one image four times: U = (0 + 1) / (4 + 1)
+    assert stop_after(same, 0.05, 0.25) == (True, pytest.approx(0.2))
+    assert stop_after(same, 0.05, 0.2) == (False, pytest.approx(0.2))  # strictly below
+    distinct = np.concatenate([_img(v) for v in (0, 50, 100, 150)])  # all new: U = 5 / 5
+    assert stop_after(distinct, 0.05, 0.9) == (False, 1.0)
+
+
+def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_dir, tmp_path, caplog):
+    """Every generation counted as one image (dedup_threshold 0.99): after round 1 (4 of 12) U = 1/5, after round 2
+    1/9, so stop_unseen 0.15 stops UnCond and SIDE after 8. The 8 are the unstopped run's first 8 (same noise, same
+    batches); a rerun skips; a lost shard is made again and the stage stops at the same place; a near-duplicate
+    distance nothing reaches never stops; the metrics and the summary count the generations made."""
+    stop = dict(n=12, rounds=3, batch_size=2, shard_size=4, dedup_threshold=0.99, stop_unseen=0.15)
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"), **stop)
+    res = run_audit(tmp_path / "run", rc)
+    stages = read_json(tmp_path / "run" / "manifest.json")["stages"]
+    full = run_audit(tmp_path / "full", tiny_rc(tiny_model_dir, methods=("uncond",), n=12, batch_size=2,
+                                                shard_size=4)).extractions["uncond"]
+    for m in ("side", "uncond"):
+        assert len(res.extractions[m]) == 8 and res.metrics[m]["n_generated"] == 8
+        e = stages[f"extraction/{m}"]
+        assert e["stopped_at"] == 8 and e["unseen_mass"] == pytest.approx(1 / 9) and e["n"] == 12
+        assert len(list((tmp_path / "run" / "extraction" / m).glob("shard-*.npz"))) == 2
+    np.testing.assert_array_equal(res.extractions["uncond"].images, full.images[:8])
+    audit = Audit.load(tmp_path / "run")  # a stopped stage is made again from its files, bit for bit
+    np.testing.assert_array_equal(audit.regenerate("side", [7, 0]), res.extractions["side"].images[[7, 0]])
+    with pytest.raises(ValueError, match="generation 9 was not made: the stage stopped after 8"):
+        audit.regenerate("uncond", [9])
+    summary = audit_summary(tmp_path / "run")
+    assert summary["methods"]["uncond"]["stopped"] == {"at": 8, "of": 12, "unseen_mass": pytest.approx(1 / 9),
+                                                       "stop_unseen": 0.15}
+    assert "stopped" not in audit_summary(tmp_path / "full")["methods"]["uncond"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run_audit(tmp_path / "run", rc)  # skipped whole: no shard counts as missing
+    assert "shard files are missing" not in caplog.text
+    assert read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"] == stages["extraction/uncond"]
+    (tmp_path / "run" / "extraction" / "uncond" / "shard-00001.npz").unlink()
+    again = run_audit(tmp_path / "run", rc, until="extraction").extractions["uncond"]
+    np.testing.assert_array_equal(again.images, res.extractions["uncond"].images)
+    e = read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
+    assert e["shards_written_now"] == 1 and e["stopped_at"] == 8
+    never = tiny_rc(tiny_model_dir, methods=("uncond",), **{**stop, "dedup_threshold": 1e-6})
+    made = run_audit(tmp_path / "never", never, until="extraction").extractions["uncond"]
+    assert len(made) == 12 and "stopped_at" not in read_json(tmp_path / "never" / "manifest.json")["stages"][
+        "extraction/uncond"]
+    np.testing.assert_array_equal(made.images, full.images)
+    off = read_json(tmp_path / "full" / "manifest.json")["stages"]["extraction/uncond"]["fingerprint"]
+    assert read_json(tmp_path / "never" / "manifest.json")["stages"]["extraction/uncond"]["fingerprint"] != off
+    with pytest.raises(ValueError, match="stop_unseen=1.0 must lie in"):
+        cfg.ExtractConfig(stop_unseen=1.0)
+    with pytest.raises(ValueError, match="stop_unseen=-0.1 must lie in"):
+        cfg.ExtractConfig(stop_unseen=-0.1)

@@ -11,7 +11,7 @@ import pytest
 from side_extract import config as cfg
 from side_extract.bench.intervals import bootstrap_ratios, count_ratios
 from side_extract.bench.protocol import (BASELINES, FairBenchConfig, budget_curve, budget_grid, replicate_config,
-                                         reused_tuning, run_fair_bench, write_fair_results)
+                                         reused_tuning, run_fair_bench, tuning_score, write_fair_results)
 from side_extract.data import load_shards
 from side_extract.models.target import model_fingerprint
 
@@ -76,6 +76,7 @@ def test_cli_tunes_at_n_generated_by_default(monkeypatch, tmp_path):
 
     def stop(fc, *a, **k):
         seen["validation_n"] = fc.validation_n
+        seen["stop_unseen"] = fc.bench.run.extract.stop_unseen
         seen["command"] = k.get("command")
         raise SystemExit(0)
 
@@ -86,6 +87,9 @@ def test_cli_tunes_at_n_generated_by_default(monkeypatch, tmp_path):
     CliRunner().invoke(app, ["bench", "fair", "--out", str(tmp_path), "--cache", str(tmp_path), "--methods", "uncond",
                              "--memguide-scales", "1,2,3,4,5,6", "--form", "mga=memguide,extract.memguide_avoid=1"])
     assert "--memguide-scales 1,2,3,4,5,6" in seen["command"]
+    # dedup-driven stopping is a setting of the comparison: every method's, recorded in the command
+    CliRunner().invoke(app, ["bench", "fair", "--out", str(tmp_path), "--cache", str(tmp_path), "--stop-unseen", "0.3"])
+    assert seen["stop_unseen"] == 0.3 and "--stop-unseen 0.3" in seen["command"]
 
 
 def test_bootstrap_ratio_by_hand():
@@ -274,3 +278,28 @@ def test_memguide_is_tuned_on_the_same_budget_and_compared_without_a_synthetic_s
     with pytest.raises(ValueError, match="memguide_scales has 1 values; memguide gets the same tuning budget"):
         FairBenchConfig(bench=bc, methods=("memguide", "uncond"), scales_grid=(1.0, 3.0), temperatures=(1.0,),
                         memguide_scales=(30.0,))
+
+
+def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp_path, one_thread):
+    """--stop-unseen for every method: with every generation one image (dedup_threshold 0.99) each method stops
+    after its first round (U = 1/3 after 2 of 4 validation generations, 1/4 after 3 of 6 held-out ones); tuning
+    scores a setting per N_G asked for (the share of the 2 made, halved), the table says how many were made."""
+    bc = tiny_bench()
+    ex = dataclasses.replace(bc.run.extract, rounds=2, dedup_threshold=0.99, stop_unseen=0.4)
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,), "run": dataclasses.replace(bc.run, extract=ex)})
+    fc = FairBenchConfig(bench=bc, methods=("memguide", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+                         memguide_scales=(0.0, 30.0), validation_replicates=(1,), heldout_replicates=(2, 3),
+                         validation_n=4, n_bootstrap=10)
+    data = run_fair_bench(fc, tmp_path / "cache")
+    s = data["scales"][0]
+    h = s["heldout"]
+    assert all(row["n_generated"] == 3 for m in ("memguide", "uncond") for row in h["per_replicate"][m])
+    assert h["in_rounds"] == ["memguide", "uncond"]
+    rep1 = next((tmp_path / "cache" / "runs").glob("*/rep-1"))  # holds the grid's last setting, lambda 30
+    assert json.loads((rep1 / "evaluation" / "memguide" / "metrics.json").read_text())["n_generated"] == 2
+    # by hand: 30 distinct images in 100 generations made of 400 asked for score 30 / 400, not 30 / 100
+    assert tuning_score({"ums_cumulative": {"mid": 0.3}, "n_generated": 100}, "ums_cumulative/mid", 400) == 0.075
+    assert tuning_score({"ums_cumulative": {"mid": 0.3}, "n_generated": 400}, "ums_cumulative/mid", 400) == 0.3
+    md = write_fair_results(data, tmp_path / "out")[1].read_text()
+    assert "Dedup-driven stopping for every method (`extract.stop_unseen` = 0.4" in md
+    assert "memguide 3.0 [3-3]; uncond 3.0 [3-3]" in md

@@ -134,6 +134,23 @@ def test_rounds_are_written_in_parallel_and_equal_one_process(tiny_model_dir, tm
     assert (side.labels >= 0).all()
 
 
+def test_dedup_driven_stopping_stops_both_processes_where_one_stops(tiny_model_dir, tmp_path):
+    """UnCond under dedup-driven stopping (every generation one image: U = 1/5 after round 1 of 4, 1/9 after round
+    2) in two processes: each decides from the round's shards, both stop after 8 of 12, and the shards equal one
+    process's."""
+    config = {"model": str(tiny_model_dir),
+              "extract": {"methods": ["uncond"], "n": 12, "steps": 2, "shard_size": 2, "batch_size": 2, "rounds": 3,
+                          "dedup_threshold": 0.99, "stop_unseen": 0.15}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    args = ["--threads", "1", "--no-progress", "extract", "--config", str(tmp_path / "run.yaml"), "--no-evaluate"]
+    _run([*args, "--run", str(tmp_path / "one")], 1)
+    _run([*args, "--run", str(tmp_path / "two")], 2)
+    _same_shards(tmp_path / "one" / "extraction" / "uncond", tmp_path / "two" / "extraction" / "uncond")
+    entry = read_json(tmp_path / "two" / "manifest.json")["stages"]["extraction/uncond"]
+    assert entry["stopped_at"] == 8 and entry["processes"] == 2 and entry["shards_written_now"] == 2
+    assert len(list((tmp_path / "two" / "extraction" / "uncond").glob("shard-*.npz"))) == 4
+
+
 def test_data_parallel_target_training_equals_one_process(tmp_path):
     """``side train-target`` under torchrun: each process trains on half of every batch and the gradients are
     averaged, so two processes end at one process's weights (within float rounding; the UNet has no BatchNorm)

@@ -15,24 +15,38 @@ training data:
    (seed, round), so the allocation is deterministic given the earlier rounds' images.
 
 A class that keeps reproducing one memorized image (f1 = 0) loses budget to classes whose generations are
-still all different; UnCond has no classes, so this policy does not apply to it (both get the same N_G).
+still all different. UnCond has no classes, so this policy does not apply to it; what does is the other policy
+here, *dedup-driven stopping* (``extract.stop_unseen``, every method alike): after each round, the unseen mass of
+all the method's generations so far (the same grouping and estimate, pooled over classes) is compared with
+``stop_unseen`` and the method stops once it is below (:func:`stop_after`).
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import csr_matrix
+from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from sklearn.metrics import pairwise_distances_chunked
 
 
-def near_duplicate_groups(images: np.ndarray, threshold: float) -> np.ndarray:
-    """Component id (n,) of each image: linked when their pixel RMS distance in [0, 1] is < ``threshold``."""
+def near_duplicate_groups(images: np.ndarray, threshold: float, working_memory_mb: int = 64) -> np.ndarray:
+    """Component id (n,) of each image: linked when their pixel RMS distance in [0, 1] is < ``threshold``.
+
+    The distances are computed a block of rows at a time (about ``working_memory_mb`` each) and only the links
+    are kept, so memory grows with the number of near-duplicate pairs, not with n^2."""
     n = len(images)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     x = images.reshape(n, -1).astype(np.float64) / 255.0
-    sq = (x * x).sum(1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0) / x.shape[1]
-    _, labels = connected_components(csr_matrix(np.sqrt(d2) < threshold), directed=False)
+    radius = threshold * np.sqrt(x.shape[1])  # RMS < threshold  <=>  Euclidean < threshold sqrt(D)
+
+    def links(block: np.ndarray, _start: int) -> list[np.ndarray]:  # each row's linked columns
+        return [np.flatnonzero(row < radius) for row in block]
+
+    cols = [c for chunk in pairwise_distances_chunked(x, reduce_func=links, working_memory=working_memory_mb)
+            for c in chunk]
+    rows = np.repeat(np.arange(n), [len(c) for c in cols])
+    graph = coo_matrix((np.ones(len(rows), dtype=bool), (rows, np.concatenate(cols))), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
     return labels.astype(np.int64)
 
 
@@ -42,6 +56,13 @@ def unseen_mass(groups: np.ndarray) -> float:
         return 1.0
     _, counts = np.unique(groups, return_counts=True)
     return float(((counts == 1).sum() + 1) / (len(groups) + 1))
+
+
+def stop_after(images: np.ndarray, threshold: float, stop_unseen: float) -> tuple[bool, float]:
+    """Dedup-driven stopping: whether a method whose generations so far are ``images`` stops (their pooled
+    :func:`unseen_mass`, near-duplicates below ``threshold`` grouped, is below ``stop_unseen``), and that mass."""
+    u = unseen_mass(near_duplicate_groups(images, threshold))
+    return u < stop_unseen, u
 
 
 def class_weights(images: np.ndarray, targets: np.ndarray, n_classes: int, threshold: float) -> np.ndarray:
@@ -62,4 +83,4 @@ def adaptive_targets(seed: int, round_index: int, n: int, n_classes: int, images
     return rng.choice(n_classes, size=n, p=w / w.sum()).astype(np.int64)
 
 
-__all__ = ["near_duplicate_groups", "unseen_mass", "class_weights", "adaptive_targets"]
+__all__ = ["near_duplicate_groups", "unseen_mass", "stop_after", "class_weights", "adaptive_targets"]

@@ -365,7 +365,13 @@ class ExtractConfig:
     rounds, toward the classes still producing new images, near-duplicates below ``dedup_threshold`` pixel RMS
     counting as one image; each round's shards wait for the earlier rounds; rounds are ceil(n / ``rounds``) generations
     each, so ``rounds`` is an upper bound (n = 9 with 4 makes 3 rounds of 3); side-lora draws uniformly, with a
-    warning). Every method samples with
+    warning). ``stop_unseen`` > 0 (label-free, beyond the paper; 0, the default, is off) is *dedup-driven
+    stopping*, offered to every method alike, UnCond included: the method generates in ``rounds`` rounds and stops
+    after the first round at which the Good-Turing estimate of the chance that its next generation is a new image
+    (its generations so far grouped into near-duplicates below ``dedup_threshold``; ``allocation.unseen_mass``)
+    falls below ``stop_unseen``, so a target that keeps repeating the same images is not sampled to the end of
+    N_G; the stage records where it stopped, and the method's metrics count the generations it made. At equal
+    N_G it can only lower a method's distinct images; it saves budget. Every method samples with
     guided-diffusion's DDIM (eps recomputed from the clipped x0) and guidance in its order
     (``sampling.guided_step``). ``batch_size`` and ``precision`` as in :class:`SampleConfig`.
 
@@ -397,6 +403,7 @@ class ExtractConfig:
     allocation: Literal["uniform", "adaptive"] = "uniform"
     rounds: int = 4
     dedup_threshold: float = 0.05
+    stop_unseen: float = 0.0
     precision: Precision = "fp32"
     memguide_scale: float = 100.0
     memguide_t_hi: float = 0.2
@@ -414,6 +421,9 @@ class ExtractConfig:
             raise ValueError(f"dedup_threshold={self.dedup_threshold} must be a pixel RMS distance in (0, 1)")
         if self.allocation not in ("uniform", "adaptive"):
             raise ValueError(f"allocation={self.allocation!r} must be 'uniform' or 'adaptive'")
+        if not 0.0 <= self.stop_unseen < 1.0:
+            raise ValueError(f"stop_unseen={self.stop_unseen} must lie in [0, 1): the unseen-mass estimate below which "
+                             "a method stops generating (0: never stops)")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(METHODS)}")

@@ -7,9 +7,11 @@ the classifier's classes from (seed, i) alone and stored beside the image (``lab
 class's label value; -1 for ``uncond`` and the label-free ``memguide``, whose guidance receives each
 generation's index instead, ``guidance.Guidance``). Every method samples with guided-diffusion's DDIM (eps recomputed
 from the clipped x0 in every step) and, when guided, applies the guidance in guided-diffusion's order
-(:func:`side_extract.sampling.guided_step`). Adaptive allocation and memguide's avoidance generate in rounds,
-each seeing the earlier rounds' generations: each round is cut into shards of ``shard_size`` (written in parallel
-by a launch's processes), and a round begins when the earlier ones are whole.
+(:func:`side_extract.sampling.guided_step`). Adaptive allocation, memguide's avoidance and dedup-driven stopping
+(``extract.stop_unseen``, any method) generate in rounds, each seeing the earlier rounds' generations: each round
+is cut into shards of ``shard_size`` (written in parallel by a launch's processes), and a round begins when the
+earlier ones are whole; under dedup-driven stopping the stage ends after the first round whose generations so far
+have an unseen mass below ``stop_unseen`` (``allocation.stop_after``), with fewer than N_G generations.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .allocation import adaptive_targets
+from .allocation import adaptive_targets, stop_after
 from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .memorization import MemorizationGuidance
@@ -53,15 +55,16 @@ def round_start(c: cfg.ExtractConfig, i: int) -> int:
 
 def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None) -> bool:
     """Whether a method generates in rounds, each seeing the earlier rounds' generations: adaptive allocation
-    (classes to guide toward) and memguide's avoidance (:func:`method_in_rounds`: the same from the config)."""
-    return (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
+    (classes to guide toward), memguide's avoidance and, for every method, dedup-driven stopping
+    (:func:`method_in_rounds`: the same from the config)."""
+    return c.stop_unseen > 0 or (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
         isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
 
 
 def method_in_rounds(method: str, c: cfg.ExtractConfig) -> bool:
-    """:func:`in_rounds` of ``method`` from its config alone (before its guidance is built): the classifier-guided
-    methods under adaptive allocation, memguide with avoidance."""
-    return (method in ("side", "side-teacher", "cond") and c.allocation == "adaptive") or (
+    """:func:`in_rounds` of ``method`` from its config alone (before its guidance is built): every method under
+    dedup-driven stopping, the classifier-guided methods under adaptive allocation, memguide with avoidance."""
+    return c.stop_unseen > 0 or (method in ("side", "side-teacher", "cond") and c.allocation == "adaptive") or (
         method == "memguide" and c.memguide_avoid > 0)
 
 
@@ -96,8 +99,11 @@ def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGu
     into batches of ``batch_size`` from the shard's start."""
     if not 0 <= i < c.n:
         raise ValueError(f"generation {i} is not one of the run's {c.n} (0 .. {c.n - 1})")
-    if starts is not None and len(starts) != c.n:
+    if starts is not None and (len(starts) > c.n or (len(starts) < c.n and not c.stop_unseen > 0)):
         raise ValueError(f"the stage recorded the batches of {len(starts)} generations, not the run's {c.n}")
+    if starts is not None and i >= len(starts):
+        raise ValueError(f"generation {i} was not made: the stage stopped after {len(starts)} generations "
+                         f"(extract.stop_unseen={c.stop_unseen})")
     if starts is not None and starts[i] >= 0:
         lo = int(starts[i])
         same = np.flatnonzero(starts == lo)
@@ -211,10 +217,17 @@ def extraction_stage(
         return extract(denoiser, c, guidance, lo, hi, previous=previous, batch_size=size, device=device,
                        progress=shard_progress)
 
+    def stop(end: int) -> dict[str, float] | None:  # dedup-driven stopping, after the round ending at ``end``
+        made = load_shards(run.path / stage)
+        assert len(made) == end, f"{len(made)} generations on disk after the round ending at {end}"
+        stops, u = stop_after(made.images, c.dedup_threshold, c.stop_unseen)
+        log.info("%s: %d generations, unseen mass %.3f%s", method, end, u, " (stopping)" if stops else "")
+        return {"unseen_mass": round(u, 6), "stop_unseen": c.stop_unseen} if stops else None
+
     try:
         return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress,
                            inputs=None if model_fingerprint is None else {"model": model_fingerprint},
-                           round_size=round_size(c) if rounds else None,
+                           round_size=round_size(c) if rounds else None, stop=stop if c.stop_unseen > 0 else None,
                            fingerprint_at=None if rounds else fingerprint_at, method=method,
                            scale=None if guidance is None else guidance.scale, device=str(device))
     except SamplingDiverged as e:

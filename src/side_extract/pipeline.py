@@ -300,7 +300,8 @@ def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | Mem
     """What one method's generations depend on, named positively: the sampler, N_G, the seed, the batch size
     (batched convolutions round differently, so guided images can move by a few uint8 levels) and sharding,
     and for a guided method its own scale, temperature and guidance time range (not the other methods'); for
-    memorization guidance its scale, time range and reconstruction time."""
+    memorization guidance its scale, time range and reconstruction time; under dedup-driven stopping its
+    threshold, rounds and near-duplicate distance."""
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     if c.precision != "fp32":
         d["precision"] = c.precision
@@ -313,6 +314,8 @@ def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | Mem
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
         if c.allocation != "uniform":
             d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
+    if c.stop_unseen > 0:  # dedup-driven stopping, any method
+        d.update(stop_unseen=c.stop_unseen, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
     if in_rounds(c, guidance) and c.shard_size < round_size(c):  # a round in several shards (earlier: in one)
         d["round_shards"] = -(-round_size(c) // c.shard_size)
     return d

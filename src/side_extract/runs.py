@@ -482,9 +482,12 @@ def write_shards(
     progress: Progress | None = None,
     *,
     group: ProcessGroup = SINGLE,
+    stop: Callable[[int], bool] | None = None,
 ) -> int:
     """Write ``shard-K.npz`` for the K-th index range of ``rounds`` (:func:`shard_ranges`), skipping shards
-    already written.
+    already written. ``stop(end)``, asked on every process once the round ending at index ``end`` is whole
+    (before the last round), ends the writing there when true; it must decide from the shards alone, so that
+    every process, and a resumed run, decides the same.
 
     ``make(start, stop)`` returns the arrays of one shard; it must include ``images`` and ``index``.
     Each shard is written atomically, so any shard present is whole. In a launch of several processes each
@@ -513,6 +516,9 @@ def write_shards(
         first += len(shards)
         if len(rounds) > 1:
             group.barrier()
+        end = shards[-1][1]
+        if stop is not None and end < n and stop(end):
+            break
     return written
 
 
@@ -528,6 +534,7 @@ def shard_stage(
     progress: Progress | None = None,
     round_size: int | None = None,
     fingerprint_at: Callable[[int], str] | None = None,
+    stop: Callable[[int], dict[str, Any] | None] | None = None,
     **info: Any,
 ) -> ImageSet:
     """A stage whose output is ``n`` images in ``run/<stage>/shard-*.npz``: skipped when complete with the same
@@ -538,8 +545,10 @@ def shard_stage(
     ``round_size``: the shards come in rounds, each made after the earlier rounds are whole (:func:`shard_ranges`,
     :func:`write_shards`). ``fingerprint_at(m)``: the stage's fingerprint had it ``m`` images, for a stage whose
     image i does not depend on ``n`` (not in rounds): a complete stage of m < ``n`` images with that fingerprint
-    is grown, keeping every shard whose index range is the same in both layouts. In a launch of several processes
-    the main one decides and records; every process writes its own shards.
+    is grown, keeping every shard whose index range is the same in both layouts. ``stop(end)``: with rounds, asked
+    after each round but the last (:func:`write_shards`); a dict ends the stage there with fewer than ``n``
+    images, and is recorded in the manifest with ``stopped_at`` = ``end``. In a launch of several processes the
+    main one decides and records; every process writes its own shards.
     """
     group = run.group
     directory = run.path / stage
@@ -558,7 +567,8 @@ def shard_stage(
             decision = run.grow(stage, fingerprint, inputs, old_n)
         else:
             decision = run.begin(stage, fingerprint, inputs=inputs)
-        n_shards = sum(len(r) for r in rounds)
+        stopped_at = entry.get("stopped_at") if decision == "skip" else None  # a stage that stopped early
+        n_shards = sum(1 for rnd in rounds for _, hi in rnd if stopped_at is None or hi <= stopped_at)
         if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
             log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
             decision = run.reopen(stage)
@@ -569,10 +579,19 @@ def shard_stage(
         def make_shard(lo: int, hi: int) -> dict[str, np.ndarray]:
             return make(lo, hi, None if progress is None else (lambda done, _total: progress(lo + done, n)))
 
-        written = write_shards(directory, rounds, make_shard, progress, group=group)
+        stopped: dict[str, Any] = {}
+
+        def stop_at(end: int) -> bool:
+            said = stop(end)
+            if said is not None:
+                stopped.update(said, stopped_at=end)
+            return said is not None
+
+        written = write_shards(directory, rounds, make_shard, progress, group=group,
+                               stop=None if stop is None else stop_at)
         group.barrier()
         if group.main:
             run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
-                         sampling_seconds=round(time.time() - t0, 3), processes=group.world, **info)
+                         sampling_seconds=round(time.time() - t0, 3), processes=group.world, **stopped, **info)
         group.barrier()
     return load_shards(directory)

@@ -1,7 +1,8 @@
 """The audit summary a person can act on: ``RUN/summary.json`` and the report's first screen.
 
 For each method: how many distinct training images it reached per band (exclusive and cumulative), the N_G
-law's projection to 10x the budget, what it cost (seconds, images/s), its sample quality, and the ratio of
+law's projection to 10x the budget, what it cost (seconds, images/s), where dedup-driven stopping ended it
+(``stopped``: after ``at`` of the ``of`` generations asked for), its sample quality, and the ratio of
 each SIDE form to the best baseline per metric; then the verdict in one sentence.
 """
 from __future__ import annotations
@@ -85,6 +86,9 @@ def method_summary(m: dict[str, Any], stage: dict[str, Any] | None) -> dict[str,
         grid, pred = law.get("n_grid") or [], law.get("predicted_unique") or []
         if grid and grid[-1] >= 10 * n:
             out["projected_10x"][b] = {"n_generated": grid[-1], "distinct": round(float(pred[-1]), 1)}
+    if stage and "stopped_at" in stage:  # dedup-driven stopping ended it before N_G (extract.stop_unseen)
+        out["stopped"] = {"at": stage["stopped_at"], "of": stage.get("n"), "unseen_mass": stage.get("unseen_mass"),
+                          "stop_unseen": stage.get("stop_unseen")}
     if stage and stage.get("seconds"):
         out["seconds"] = stage["seconds"]
         out["images_per_second"] = round(n / stage["seconds"], 2) if stage["seconds"] > 0 else None
@@ -98,8 +102,9 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
     first = next(iter(metrics.values()))
     order = _closest_first(first["bands"], first["orientation"])
     band = order[1] if len(order) > 2 else order[0]
-    n_train, n = first["n_train"], first["n_generated"]
+    n_train = first["n_train"]
     count = {k: v["distinct_cumulative"][band] for k, v in methods.items()}
+    n_of = {k: v["n_generated"] for k, v in methods.items()}  # differ where dedup-driven stopping ended one early
     sides = [k for k in SIDE_METHODS if k in count] or [k for k in LABEL_FREE if k in count]
     bases = [k for k in BASELINES if k in count]
     where = f"the '{band}' band or closer"
@@ -108,14 +113,17 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
         b = max(bases, key=lambda k: count[k])
         ratio = f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none"
         word = "more than" if count[s] > count[b] else ("as many as" if count[s] == count[b] else "fewer than")
-        out = (f"{s} reached {count[s]} distinct training images (of {n_train}) at {where} with {n} generations, "
-               f"{word} the best baseline, {b}, with {count[b]} ({ratio}).")
+        same = n_of[s] == n_of[b]
+        out = (f"{s} reached {count[s]} distinct training images (of {n_train}) at {where} with {n_of[s]} generations, "
+               f"{word} the best baseline, {b}, with {count[b]}{'' if same else f' in {n_of[b]}'} ({ratio}).")
         for k in (k for k in LABEL_FREE if k in count and k != s):
             out += (f" {k} (label-free, beyond the paper) reached {count[k]}"
+                    + ("" if n_of[k] == n_of[b] else f" in {n_of[k]} generations")
                     + (f" ({count[k] / count[b]:.2f}x the best baseline)." if count[b] else "."))
         return out
     best = max(count, key=lambda k: count[k])
-    return f"{best} reached {count[best]} distinct training images (of {n_train}) at {where} with {n} generations."
+    return (f"{best} reached {count[best]} distinct training images (of {n_train}) at {where} with {n_of[best]} "
+            "generations.")
 
 
 def audit_summary(run: str | Path) -> dict[str, Any]:

@@ -40,6 +40,11 @@ For each training-set size in ``scales``:
    are set against that count (memorization guidance draws no synthetic set: its equal-samples comparison is
    the per-generation one), with the same distinct-count interval: plain sampling given every model sample the audit drew
    (not counting the memorization scores or the classifiers' training).
+6. **Dedup-driven stopping** (``extract.stop_unseen`` > 0, ``--stop-unseen``: off by default). The same label-free
+   policy for every method, UnCond included: each generates in rounds and stops after the first round whose
+   generations' unseen mass falls below the threshold (``allocation.stop_after``), so N_G is a ceiling. Tuning
+   scores each setting per N_G asked for (a method gains nothing by stopping early), the table reports the
+   generations each method made, and the distinct-image counts are counts within them.
 """
 from __future__ import annotations
 
@@ -199,6 +204,13 @@ def _metric(metrics: dict[str, Any], name: str) -> float:
     return float(metrics[key][band])
 
 
+def tuning_score(metrics: dict[str, Any], select_metric: str, n_asked: int) -> float:
+    """What tuning maximizes for one run: ``select_metric`` (a share of the generations made) per generation
+    *asked for*, so that a method stopped early by dedup-driven stopping gains nothing by making fewer (the
+    same value when every generation was made)."""
+    return _metric(metrics, select_metric) * metrics["n_generated"] / n_asked
+
+
 def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str = "cpu",
          progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Step 1: every guided method over the same grid on the validation replicates; the chosen settings."""
@@ -212,7 +224,7 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
                 path, mrc = entry_run(fc, m, rc, setting, fc.validation_n, rep)
                 res = run_audit(path, mrc, device=device, progress=progress)
                 scores[m].setdefault(f"{setting[0]:g},{setting[1]:g}", []).append(
-                    _metric(res.metrics[fc.base_method(m)], fc.select_metric))
+                    tuning_score(res.metrics[fc.base_method(m)], fc.select_metric, fc.validation_n))
     chosen: dict[str, list[float] | None] = {m: None for m in fc.entries if not fc.settings(m)}
     table: dict[str, dict[str, float]] = {}
     for m, by_setting in scores.items():
@@ -281,7 +293,8 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                 rounds.add(m)
             res = run_audit(path, mrc, device=device, progress=progress)
             met = res.metrics[fc.base_method(m)]
-            per_rep[m].append({"replicate": r, **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
+            per_rep[m].append({"replicate": r, "n_generated": int(met["n_generated"]),
+                               **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
                                "gu": float(met["gu"]["memorized_fraction"])})
             stats[m].append(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]))
@@ -432,6 +445,15 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         if "model_sha256" in s["target"]:  # (files written before the target's fingerprint was recorded lack it)
             lines += [f"Target `{Path(s['target']['path']).name}`, model fingerprint `{s['target']['model_sha256'][:16]}` "
                       "(sha256 of its weights and configs: results rest on the same target only where it agrees).", ""]
+        stopping = ex.get("stop_unseen", 0) > 0  # dedup-driven stopping (files written before it lack the key)
+        if stopping:
+            made = "; ".join(f"{m} {v['n_generated']['mean']:.1f} [{v['n_generated']['min']:.0f}-"
+                             f"{v['n_generated']['max']:.0f}]" for m, v in h["summary"].items() if "n_generated" in v)
+            lines += [f"Dedup-driven stopping for every method (`extract.stop_unseen` = {ex['stop_unseen']:g}, rounds of "
+                      f"ceil(N_G / {ex['rounds']})): a method stops after the first round whose generations' unseen "
+                      "mass falls below it, so N_G is a ceiling (tuning scores a method per N_G, not per generation "
+                      "made); generations made, mean [min-max]: " + made + ". Shares below are of the generations "
+                      "made.", ""]
         lines += ["Mean over held-out replicates [min-max], % of N_G (p95: the 5th percentile of the nearest "
                   "RMS-L2 distance, lower = closer):", "",
                   "| method | setting (lambda, T) | AMS high | AMS mid | UMS high | UMS mid | UMS cum. mid | Carlini | "

@@ -184,6 +184,9 @@ def fair_cmd(
                                         "lambdas (as many values as the lambda x temperature grid)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta of every method's generations (0: deterministic DDIM, "
                               "the paper's; 1: as stochastic as DDPM). The same for all methods, UnCond included."),
+    stop_unseen: float = typer.Option(0.0, "--stop-unseen", help="Dedup-driven stopping for every method, UnCond "
+                                      "included (extract.stop_unseen; 0: off): a method stops after the first round "
+                                      "whose generations' unseen mass is below this."),
     equal_samples: bool = typer.Option(True, "--equal-samples/--no-equal-samples", help="Also run UnCond at N_G + "
                                        "N_S on every held-out replicate and set each SIDE form against it (plain "
                                        "sampling given the synthetic set's samples too)."),
@@ -206,7 +209,8 @@ def fair_cmd(
 
     bc = ExtractionBenchConfig()
     run = dataclasses.replace(bc.run, sample=dataclasses.replace(bc.run.sample, n=n_synthetic),
-                              extract=dataclasses.replace(bc.run.extract, n=n_generated, eta=eta))
+                              extract=dataclasses.replace(bc.run.extract, n=n_generated, eta=eta,
+                                                                 stop_unseen=stop_unseen))
     bc = dataclasses.replace(bc, scales=_ints(scales, "--scales"), size=size, run=run, lambdas=(), n_clusters=(),
                              taus=(), target=dataclasses.replace(bc.target, steps=train_steps))
     import yaml
@@ -241,6 +245,7 @@ def fair_cmd(
     for spec in form:
         argv += ["--form", spec]
     argv += ["--eta", f"{eta:g}"] if eta != 0 else []
+    argv += ["--stop-unseen", f"{stop_unseen:g}"] if stop_unseen != 0 else []
     argv += [] if equal_samples else ["--no-equal-samples"]
     argv += ["--tuning-from", str(tuning_from)] if tuning_from is not None else []
     argv += ["--device", device] if device != "cpu" else []
