@@ -282,19 +282,21 @@ def test_memguide_is_tuned_on_the_same_budget_and_compared_without_a_synthetic_s
 
 def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp_path, one_thread):
     """--stop-unseen for every method: with every generation one image (dedup_threshold 0.99) each method stops
-    after its first round (U = 1/3 after 2 of 4 validation generations, 1/4 after 3 of 6 held-out ones); tuning
-    scores a setting per N_G asked for (the share of the 2 made, halved), the table says how many were made."""
+    after its first round (U = 1/3 after 2 of 4 validation generations, 1/4 after 3 of 6 held-out ones), UnCond at
+    N_G + N_S too; tuning scores a setting per N_G asked for (by hand below), the tables say how many were made and
+    that the ratios are per generation made."""
     bc = tiny_bench()
     ex = dataclasses.replace(bc.run.extract, rounds=2, dedup_threshold=0.99, stop_unseen=0.4)
     bc = type(bc)(**{**bc.__dict__, "scales": (20,), "run": dataclasses.replace(bc.run, extract=ex)})
-    fc = FairBenchConfig(bench=bc, methods=("memguide", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+    fc = FairBenchConfig(bench=bc, methods=("side", "memguide", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
                          memguide_scales=(0.0, 30.0), validation_replicates=(1,), heldout_replicates=(2, 3),
                          validation_n=4, n_bootstrap=10)
     data = run_fair_bench(fc, tmp_path / "cache")
     s = data["scales"][0]
     h = s["heldout"]
-    assert all(row["n_generated"] == 3 for m in ("memguide", "uncond") for row in h["per_replicate"][m])
-    assert h["in_rounds"] == ["memguide", "uncond"]
+    assert all(row["n_generated"] == 3 for m in ("side", "memguide", "uncond") for row in h["per_replicate"][m])
+    assert h["in_rounds"] == ["side", "memguide", "uncond"]
+    assert h["equal_samples"]["made"] == [15, 15]  # UnCond at N_G + N_S = 30 stops too: U = 1/16 after 15
     rep1 = next((tmp_path / "cache" / "runs").glob("*/rep-1"))  # holds the grid's last setting, lambda 30
     assert json.loads((rep1 / "evaluation" / "memguide" / "metrics.json").read_text())["n_generated"] == 2
     # by hand: 30 distinct images in 100 generations made of 400 asked for score 30 / 400, not 30 / 100
@@ -302,4 +304,6 @@ def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp
     assert tuning_score({"ums_cumulative": {"mid": 0.3}, "n_generated": 400}, "ums_cumulative/mid", 400) == 0.3
     md = write_fair_results(data, tmp_path / "out")[1].read_text()
     assert "Dedup-driven stopping for every method (`extract.stop_unseen` = 0.4" in md
-    assert "memguide 3.0 [3-3]; uncond 3.0 [3-3]" in md
+    assert "side 3.0 [3-3]; memguide 3.0 [3-3]; uncond 3.0 [3-3]" in md
+    assert "distinct_nn: distinct images per generation made, not a ratio of counts" in md
+    assert "UnCond with 30 generations at most (it made 15.0 [15-15] before dedup-driven stopping ended it)" in md

@@ -6,15 +6,15 @@ a threshold. The question is what an audit gives up for the budget it saves: for
 stopped, how many distinct training images (mid band or closer) it had reached by then, and how many the same
 method reaches with the whole budget (``benchmarks/results/experiments/dedup-stopping-*.md``).
 
-    python benchmarks/experiments/dedup_stopping.py MODEL TRAIN N ROUNDS THRESHOLDS METHODS SEEDS OUT
+    python benchmarks/experiments/dedup_stopping.py MODEL TRAIN N ROUNDS THRESHOLDS METHODS SEEDS OUT [DEDUP]
 
 MODEL: a diffusers directory or an embedded target (``demo``, ``demo-1000``); TRAIN its training set (``digits:100``);
 N the budget N_G; ROUNDS rounds of N / ROUNDS generations (one shard each, batches of 50, so that a stopped run's
 generations are the unstopped run's first ones bit for bit, which the script checks); THRESHOLDS, METHODS (label-free
-ones: ``uncond``, ``memguide``) and SEEDS comma-separated; OUT a folder for the run directories. Every other setting
-is the library's default (DDIM eta 1, memguide lambda 100), so this measures the policy as an audit would use it.
+ones: ``uncond``, ``memguide``) and SEEDS comma-separated; OUT a folder for the run directories; DEDUP the
+near-duplicate distance (``extract.dedup_threshold``, pixel RMS; default the library's 0.05). Every other setting is
+the library's default (DDIM eta 1, memguide lambda 100), so this measures the policy as an audit would use it.
 """
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -34,13 +34,14 @@ thresholds = [float(v) for v in sys.argv[5].split(",")]
 methods = sys.argv[6].split(",")
 seeds = [int(v) for v in sys.argv[7].split(",")]
 out = Path(sys.argv[8])
+dedup = float(sys.argv[9]) if len(sys.argv) > 9 else cfg.ExtractConfig.dedup_threshold
 if n % rounds or (n // rounds) % 50:
     raise SystemExit(f"N={n} must be ROUNDS={rounds} rounds of a multiple of 50 generations")
 
 
 def config(method: str, seed: int, stop: float) -> cfg.RunConfig:
     ex = cfg.ExtractConfig(methods=(method,), n=n, seed=seed, rounds=rounds, shard_size=n // rounds, batch_size=50,
-                           stop_unseen=stop)
+                           stop_unseen=stop, dedup_threshold=dedup)
     return cfg.RunConfig(model=model, train=train, extract=ex)
 
 
@@ -77,7 +78,8 @@ for method in methods:
             rows.append((method, seed, stop, made, entry.get("unseen_mass"), got, curve[-1], secs, full_s))
             print(rows[-1], flush=True)
 
-lines = [f"# Dedup-driven stopping on `{model}` ({train}), N_G {n} in {rounds} rounds", "",
+lines = [f"# Dedup-driven stopping on `{model}` ({train}), N_G {n} in {rounds} rounds, near-duplicates below {dedup:g}",
+         "",
          "Command: `python benchmarks/experiments/dedup_stopping.py " + " ".join(sys.argv[1:]) + "` "
          f"({time.time() - t_start:.0f} s, one thread; library defaults otherwise: DDIM 50 steps, eta 1, memguide "
          "lambda 100). Distinct: training images reached at the mid band or closer (bands calibrated on held-out "
@@ -95,6 +97,6 @@ for method in methods:
         sel = [r for r in rows if r[0] == method and r[2] == stop]
         lines.append(f"- {method}, stop_unseen {stop:g}: mean budget spent {np.mean([r[3] for r in sel]) / n:.0%}, "
                      f"distinct kept {sum(r[5] for r in sel)} of {sum(r[6] for r in sel)} over seeds {seeds}.")
-path = out / f"dedup-stopping-{Path(model).name}.md"
+path = out / f"dedup-stopping-{Path(model).name}{'' if len(sys.argv) <= 9 else f'-dedup{dedup:g}'}.md"
 path.write_text("\n".join(lines) + "\n")
 print(path)

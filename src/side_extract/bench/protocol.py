@@ -315,6 +315,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         counts = [distinct_count(s) for s in eq_stats]
         out["equal_samples"] = {
             "n_generated": n + base.sample.n, "n_synthetic": base.sample.n,
+            "made": [len(s["nn"]) for s in eq_stats],  # fewer where dedup-driven stopping ended it
             "left_out": [m for m in drawing if m not in sampled],
             "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
             "ratios": count_ratios({m: stats[m] for m in sampled}, eq_stats, fc.n_bootstrap)}
@@ -453,7 +454,8 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       f"ceil(N_G / {ex['rounds']})): a method stops after the first round whose generations' unseen "
                       "mass falls below it, so N_G is a ceiling (tuning scores a method per N_G, not per generation "
                       "made); generations made, mean [min-max]: " + made + ". Shares below are of the generations "
-                      "made.", ""]
+                      "made, and so are the ratios (distinct_nn: distinct images per generation made, not a ratio of "
+                      "counts); the counts are the last column of the budget table.", ""]
         lines += ["Mean over held-out replicates [min-max], % of N_G (p95: the 5th percentile of the nearest "
                   "RMS-L2 distance, lower = closer):", "",
                   "| method | setting (lambda, T) | AMS high | AMS mid | UMS high | UMS mid | UMS cum. mid | Carlini | "
@@ -515,8 +517,11 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       f"{h['n_generated']} generations"
                       + (f" (left out: {', '.join(eq['left_out'])}, which drew a synthetic set of another size)"
                          if eq.get("left_out") else "")
-                      + f". UnCond with {eq['n_generated']} generations (the same noise "
-                      f"stream, extended) reaches {u['mean']:.1f} [{u['min']:.0f}-{u['max']:.0f}] distinct nearest "
+                      + f". UnCond with {eq['n_generated']} generations"
+                      + (f" at most (it made {np.mean(eq['made']):.1f} [{min(eq['made'])}-{max(eq['made'])}] before "
+                         "dedup-driven stopping ended it)" if "made" in eq and min(eq["made"]) < eq["n_generated"] else "")
+                      + f" (the same noise stream, extended) reaches {u['mean']:.1f} [{u['min']:.0f}-{u['max']:.0f}] "
+                      "distinct nearest "
                       "training images at the mid band or closer; each form's count at N_G against it (ratio of "
                       "replicate means, "
                       + (f"{caption}):" if spread else "95 % bootstrap interval; iNEXT's assemblage bootstrap standard "
