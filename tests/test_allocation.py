@@ -185,3 +185,5 @@ def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_di
         cfg.ExtractConfig(stop_unseen=1.0)
     with pytest.raises(ValueError, match="stop_unseen=-0.1 must lie in"):
         cfg.ExtractConfig(stop_unseen=-0.1)
+    with pytest.raises(ValueError, match=r"stop_unseen=0.1 needs at least 2 rounds to stop between \(rounds=1"):
+        cfg.ExtractConfig(stop_unseen=0.1, rounds=1)

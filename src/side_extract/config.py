@@ -424,6 +424,9 @@ class ExtractConfig:
         if not 0.0 <= self.stop_unseen < 1.0:
             raise ValueError(f"stop_unseen={self.stop_unseen} must lie in [0, 1): the unseen-mass estimate below which "
                              "a method stops generating (0: never stops)")
+        if self.stop_unseen > 0 and min(self.rounds, self.n) < 2:
+            raise ValueError(f"stop_unseen={self.stop_unseen} needs at least 2 rounds to stop between (rounds="
+                             f"{self.rounds}, n={self.n}): a single round is the whole budget")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(METHODS)}")

@@ -104,7 +104,7 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
     band = order[1] if len(order) > 2 else order[0]
     n_train = first["n_train"]
     count = {k: v["distinct_cumulative"][band] for k, v in methods.items()}
-    n_of = {k: v["n_generated"] for k, v in methods.items()}  # differ where dedup-driven stopping ended one early
+    n_of = {k: int(metrics[k]["n_generated"]) for k in methods}  # differ where dedup-driven stopping ended one
     sides = [k for k in SIDE_METHODS if k in count] or [k for k in LABEL_FREE if k in count]
     bases = [k for k in BASELINES if k in count]
     where = f"the '{band}' band or closer"
