@@ -4,6 +4,7 @@ resumable), and dedup-driven stopping for every method (where it stops, skip, re
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from side_extract.data import load_shards
 from side_extract.api import Audit
 from side_extract.summary import audit_summary
 from side_extract.pipeline import run_audit
-from side_extract.runs import read_json, shard_ranges
+from side_extract.runs import RunDir, read_json, shard_ranges
 
 from test_pipeline import tiny_rc
 
@@ -45,6 +46,21 @@ def test_near_duplicates_in_blocks_match_the_whole_distance_matrix():
         got = near_duplicate_groups(imgs, threshold, working_memory_mb=1)
         assert len(set(got)) == n_ref and len(set(zip(got.tolist(), ref.tolist()))) == n_ref  # the same partition
     assert len(set(near_duplicate_groups(imgs, 0.05, working_memory_mb=1))) == 60
+
+
+def test_a_pair_exactly_at_the_threshold_is_not_linked():
+    """Pixels 100, 20 and 2 grey levels apart in 8x8 are RMS sqrt(10404) / 255 / 8 = 0.05 exactly: not below 0.05,
+    so not linked, on any background (the float comparison before linked about half of such ties, by rounding);
+    one level less in one pixel is below and linked."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 150, (8, 8))
+        idx = rng.choice(64, 3, replace=False)
+        for step, linked in (([100, 20, 2], False), ([100, 20, 1], True)):
+            b = a.copy()
+            b.flat[idx] += np.array(step)
+            groups = near_duplicate_groups(np.stack([a, b]).astype(np.uint8), 0.05)
+            assert (groups[0] == groups[1]) == linked, (step, a.tolist())
 
 
 def test_unseen_mass_by_hand():
@@ -169,16 +185,26 @@ def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_di
         run_audit(tmp_path / "run", rc)  # skipped whole: no shard counts as missing
     assert "shard files are missing" not in caplog.text
     assert read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"] == stages["extraction/uncond"]
-    (tmp_path / "run" / "extraction" / "uncond" / "shard-00001.npz").unlink()
-    again = run_audit(tmp_path / "run", rc, until="extraction").extractions["uncond"]
-    np.testing.assert_array_equal(again.images, res.extractions["uncond"].images)
-    e = read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
-    assert e["shards_written_now"] == 1 and e["stopped_at"] == 8
+    for lost in ("shard-00001.npz", "shard-00000.npz"):  # the last round, then the first (the second is on disk)
+        (tmp_path / "run" / "extraction" / "uncond" / lost).unlink()
+        again = run_audit(tmp_path / "run", rc, until="extraction").extractions["uncond"]
+        np.testing.assert_array_equal(again.images, res.extractions["uncond"].images)
+        e = read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
+        assert e["shards_written_now"] == 1 and e["stopped_at"] == 8
+    RunDir(tmp_path / "run").reopen("extraction/uncond")  # reopened, it forgets where it stopped until it completes
+    assert "stopped_at" not in read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
     never = tiny_rc(tiny_model_dir, methods=("uncond",), **{**stop, "dedup_threshold": 1e-6})
     made = run_audit(tmp_path / "never", never, until="extraction").extractions["uncond"]
     assert len(made) == 12 and "stopped_at" not in read_json(tmp_path / "never" / "manifest.json")["stages"][
         "extraction/uncond"]
     np.testing.assert_array_equal(made.images, full.images)
+    # killed in its third round: the rounds before are judged from their own shards, not the third's already on disk
+    manifest = read_json(tmp_path / "never" / "manifest.json")
+    manifest["stages"]["extraction/uncond"]["status"] = "running"
+    (tmp_path / "never" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "never" / "extraction" / "uncond" / "shard-00002.npz").unlink()
+    resumed = run_audit(tmp_path / "never", never, until="extraction").extractions["uncond"]
+    np.testing.assert_array_equal(resumed.images, full.images)
     off = read_json(tmp_path / "full" / "manifest.json")["stages"]["extraction/uncond"]["fingerprint"]
     assert read_json(tmp_path / "never" / "manifest.json")["stages"]["extraction/uncond"]["fingerprint"] != off
     with pytest.raises(ValueError, match="stop_unseen=1.0 must lie in"):
@@ -187,3 +213,17 @@ def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_di
         cfg.ExtractConfig(stop_unseen=-0.1)
     with pytest.raises(ValueError, match=r"stop_unseen=0.1 needs at least 2 rounds to stop between \(rounds=1"):
         cfg.ExtractConfig(stop_unseen=0.1, rounds=1)
+
+
+def test_a_stopped_methods_shares_count_per_generation_asked_in_the_summary_ratios():
+    """Stopped after 8 of 12 with half its generations at the mid band: 4 of 12 asked, 1/3, in the ratios; a stage
+    that did not stop is left alone."""
+    from side_extract.summary import per_budget
+
+    m = {"n_generated": 8, "ams": {"mid": 0.5}, "ums": {"mid": 0.25}, "ams_cumulative": {"mid": 0.5},
+         "ums_cumulative": {"mid": 0.25}, "carlini": {"extracted_fraction": 0.75}, "gu": {"memorized_fraction": 0.0},
+         "p95": 0.1}
+    out = per_budget(m, {"n": 12, "stopped_at": 8})
+    assert out["ams"]["mid"] == pytest.approx(1 / 3) and out["ums_cumulative"]["mid"] == pytest.approx(1 / 6)
+    assert out["carlini"]["extracted_fraction"] == pytest.approx(0.5) and out["p95"] == 0.1
+    assert m["ams"]["mid"] == 0.5 and per_budget(m, {"n": 8}) is m and per_budget(m, None) is m

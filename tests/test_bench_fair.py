@@ -280,7 +280,7 @@ def test_memguide_is_tuned_on_the_same_budget_and_compared_without_a_synthetic_s
                         memguide_scales=(30.0,))
 
 
-def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp_path, one_thread):
+def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp_path, one_thread, monkeypatch):
     """--stop-unseen for every method: with every generation one image (dedup_threshold 0.99) each method stops
     after its first round (U = 1/3 after 2 of 4 validation generations, 1/4 after 3 of 6 held-out ones), UnCond at
     N_G + N_S too; tuning scores a setting per N_G asked for (by hand below), the tables say how many were made and
@@ -291,7 +291,13 @@ def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp
     fc = FairBenchConfig(bench=bc, methods=("side", "memguide", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
                          memguide_scales=(0.0, 30.0), validation_replicates=(1,), heldout_replicates=(2, 3),
                          validation_n=4, n_bootstrap=10)
+    from side_extract.bench import protocol
+
+    scored, real = [], protocol.tuning_score  # the tuning table is made of tuning_score, per N_G asked (4)
+    monkeypatch.setattr(protocol, "tuning_score", lambda met, key, n: scored.append((met["n_generated"], n))
+                        or real(met, key, n))
     data = run_fair_bench(fc, tmp_path / "cache")
+    assert scored and set(scored) == {(2, 4)}
     s = data["scales"][0]
     h = s["heldout"]
     assert all(row["n_generated"] == 3 for m in ("side", "memguide", "uncond") for row in h["per_replicate"][m])
@@ -305,5 +311,24 @@ def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp
     md = write_fair_results(data, tmp_path / "out")[1].read_text()
     assert "Dedup-driven stopping for every method (`extract.stop_unseen` = 0.4" in md
     assert "side 3.0 [3-3]; memguide 3.0 [3-3]; uncond 3.0 [3-3]" in md
-    assert "distinct_nn: distinct images per generation made, not a ratio of counts" in md
+    assert "so they are per N_G asked for (distinct_nn: a ratio of counts)" in md
     assert "UnCond with 30 generations at most (it made 15.0 [15-15] before dedup-driven stopping ended it)" in md
+
+
+def test_generations_not_made_count_as_misses_so_ratios_are_of_counts():
+    """Method A stopped after 2 of 4 generations with 2 distinct images, B made all 4 and reached 3: per generation
+    made A would lead (1.0 against 0.75) though it found fewer; padded to N_G asked, A's rate is 2/4 and the ratio
+    the ratio of counts, 2/3."""
+    from side_extract.bench.intervals import value
+    from side_extract.bench.protocol import padded_to
+
+    a = {"nn": np.array([3, 5]), "reach/mid": np.array([True, True]), "carlini": np.array([True, False])}
+    b = {"nn": np.array([1, 2, 7, 7]), "reach/mid": np.array([True, True, True, True]),
+         "carlini": np.array([False] * 4)}
+    pa = padded_to(a, 4)
+    assert pa["nn"].tolist() == [3, 5, -1, -1] and pa["reach/mid"].tolist() == [True, True, False, False]
+    assert value(a, "distinct_nn/mid") == 1.0 and value(b, "distinct_nn/mid") == 0.75
+    assert value(pa, "distinct_nn/mid") / value(b, "distinct_nn/mid") == pytest.approx(2 / 3)
+    assert value(pa, "carlini") == 0.25 and padded_to(b, 4) is b
+    ratio = bootstrap_ratios({"a": [pa], "b": [b]}, ("distinct_nn/mid",), 20, ("a",), ("b",))
+    assert ratio["a"]["distinct_nn/mid"]["ratio"] == pytest.approx(2 / 3)

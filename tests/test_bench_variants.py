@@ -75,6 +75,8 @@ def test_bad_variant_settings_are_clear_errors(tmp_path):
         VariantsBenchConfig(bench=bc, objective=("amz/high",))
     with pytest.raises(ValueError, match="x: 'extract.n' cannot be varied"):
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.n": 10}})
+    with pytest.raises(ValueError, match="x: 'extract.stop_unseen' cannot be varied"):  # SIDE's budget alone
+        VariantsBenchConfig(bench=bc, variants={"x": {"extract.stop_unseen": 0.1}})
     with pytest.raises(ValueError, match="base: 'evaluate.carlini_n' cannot be varied"):
         VariantsBenchConfig(bench=bc, base={"evaluate.carlini_n": 10})
     with pytest.raises(ValueError, match="unknown config key.*scalez"):  # checked before anything runs

@@ -32,18 +32,22 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, working_memory_m
     """Component id (n,) of each image: linked when their pixel RMS distance in [0, 1] is < ``threshold``.
 
     The distances are computed a block of rows at a time (about ``working_memory_mb`` each) and only the links
-    are kept, so memory grows with the number of near-duplicate pairs, not with n^2."""
+    are kept, so memory grows with the number of near-duplicate pairs, not with n^2. They are squared distances in
+    grey levels, exact integers in float64, so a pair exactly at the threshold (possible with uint8 images: one
+    pixel 102 levels apart in 8x8 is RMS 0.05) is not linked, whatever the rounding."""
     n = len(images)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    x = images.reshape(n, -1).astype(np.float64) / 255.0
-    radius = threshold * np.sqrt(x.shape[1])  # RMS < threshold  <=>  Euclidean < threshold sqrt(D)
+    x = images.reshape(n, -1).astype(np.float64)
+    # RMS < t  <=>  sum of squared level differences < (255 t)^2 D; the float threshold's own rounding (0.05 is not
+    # exact) is kept off an exact integer tie by a relative margin far below one grey level
+    limit = (255.0 * threshold) ** 2 * x.shape[1] * (1 - 1e-9)
 
     def links(block: np.ndarray, _start: int) -> list[np.ndarray]:  # each row's linked columns
-        return [np.flatnonzero(row < radius) for row in block]
+        return [np.flatnonzero(row < limit) for row in block]
 
-    cols = [c for chunk in pairwise_distances_chunked(x, reduce_func=links, working_memory=working_memory_mb)
-            for c in chunk]
+    cols = [c for chunk in pairwise_distances_chunked(x, reduce_func=links, working_memory=working_memory_mb,
+                                                       metric="euclidean", squared=True) for c in chunk]
     rows = np.repeat(np.arange(n), [len(c) for c in cols])
     graph = coo_matrix((np.ones(len(rows), dtype=bool), (rows, np.concatenate(cols))), shape=(n, n)).tocsr()
     _, labels = connected_components(graph, directed=False)

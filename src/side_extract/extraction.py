@@ -218,8 +218,11 @@ def extraction_stage(
                        progress=shard_progress)
 
     def stop(end: int) -> dict[str, float] | None:  # dedup-driven stopping, after the round ending at ``end``
-        made = load_shards(run.path / stage)
-        assert len(made) == end, f"{len(made)} generations on disk after the round ending at {end}"
+        # the rounds up to ``end`` only: on a resumed stage later rounds' shards may already be on disk, and in a
+        # launch of several processes another process may be writing the next round
+        made = earlier_rounds(load_shards(run.path / stage), end)
+        if len(made) != end:
+            raise RuntimeError(f"{stage}: {len(made)} of the {end} generations before round end {end} are on disk")
         stops, u = stop_after(made.images, c.dedup_threshold, c.stop_unseen)
         log.info("%s: %d generations, unseen mass %.3f%s", method, end, u, " (stopping)" if stops else "")
         return {"unseen_mass": round(u, 6), "stop_unseen": c.stop_unseen} if stops else None

@@ -433,6 +433,8 @@ class RunDir:
         """Mark a complete stage whose files went missing as running again (it resumes: what exists is kept)."""
         m = self.manifest()
         m["stages"][stage]["status"] = "running"
+        for key in ("stopped_at", "unseen_mass", "stop_unseen"):  # decided again when the stage completes
+            m["stages"][stage].pop(key, None)
         self._write_manifest(m)
         return "resume"
 

@@ -3,7 +3,8 @@
 For each method: how many distinct training images it reached per band (exclusive and cumulative), the N_G
 law's projection to 10x the budget, what it cost (seconds, images/s), where dedup-driven stopping ended it
 (``stopped``: after ``at`` of the ``of`` generations asked for), its sample quality, and the ratio of
-each SIDE form to the best baseline per metric; then the verdict in one sentence.
+each SIDE form to the best baseline per metric (shares per generation asked for, where a method stopped early:
+:func:`per_budget`); then the verdict in one sentence.
 """
 from __future__ import annotations
 
@@ -126,6 +127,20 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
             "generations.")
 
 
+def per_budget(metrics: dict[str, Any], stage: dict[str, Any] | None) -> dict[str, Any]:
+    """``metrics`` with its shares per generation *asked for* where dedup-driven stopping ended the stage early
+    (``stopped_at`` in its manifest entry): the generations not made count as misses, so a method is not favoured
+    in the ratios for stopping early (its distinct images per generation made would be). Otherwise unchanged."""
+    if not stage or "stopped_at" not in stage or not stage.get("n"):
+        return metrics
+    f = metrics["n_generated"] / stage["n"]
+    out = {**metrics, **{k: {b: v * f for b, v in metrics[k].items()}
+                         for k in ("ams", "ums", "ams_cumulative", "ums_cumulative")}}
+    out["carlini"] = {**metrics["carlini"], "extracted_fraction": metrics["carlini"]["extracted_fraction"] * f}
+    out["gu"] = {**metrics["gu"], "memorized_fraction": metrics["gu"]["memorized_fraction"] * f}
+    return out
+
+
 def audit_summary(run: str | Path) -> dict[str, Any]:
     """The summary of a run directory's evaluated methods."""
     run = Path(run)
@@ -133,7 +148,8 @@ def audit_summary(run: str | Path) -> dict[str, Any]:
     stages = read_stages(run)
     methods = {k: method_summary(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()}
     return {"schema": SCHEMA, "verdict": verdict(metrics, methods), "methods": methods,
-            "ratios_to_best_baseline": ratios_to_best_baseline(metrics)}
+            "ratios_to_best_baseline": ratios_to_best_baseline(
+                {k: per_budget(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()})}
 
 
 def write_summary(run: str | Path) -> Path:

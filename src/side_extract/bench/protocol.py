@@ -239,6 +239,19 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
 CURVE_METRICS = ("distinct_nn/mid", "distinct_nn/high", "ams_cum/mid")
 
 
+def padded_to(stats: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """One run's per-generation arrays (:func:`per_generation_stats`) as a run of ``n`` generations: a method that
+    dedup-driven stopping ended early gets the generations it did not make as misses (no band reached, nearest
+    image -1), so that its shares and distinct-image ratios are per N_G asked for, like its tuning score, and a
+    method is not favoured for stopping early (per generation made, a count that grows slower than the budget
+    would be)."""
+    made = len(stats["nn"])
+    if made >= n:
+        return stats
+    return {k: np.concatenate([v, np.full(n - made, -1 if k == "nn" else False, dtype=v.dtype)])
+            for k, v in stats.items()}
+
+
 def budget_grid(n_generated: int, n_train: int) -> list[int]:
     """The prefixes the budget curve is read at: N_G/10, 3 N_G/10, the training-set size (when below N_G), N_G."""
     grid = {max(1, n_generated // 10), max(1, 3 * n_generated // 10), n_generated}
@@ -297,11 +310,12 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                                **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
                                "gu": float(met["gu"]["memorized_fraction"])})
-            stats[m].append(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]))
+            stats[m].append(padded_to(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]), n))
         if equal_samples:  # UnCond in its own sub-run at N_G + N_S (module docstring, step 5)
             path = rep / "forms" / EQUAL_SAMPLES
             res = run_audit(path, method_config(rc, "uncond", None, n + base.sample.n), device=device, progress=progress)
-            eq_stats.append(per_generation_stats(path, "uncond", bands, res.metrics["uncond"]["orientation"]))
+            eq_stats.append(padded_to(per_generation_stats(path, "uncond", bands, res.metrics["uncond"]["orientation"]),
+                                      n + base.sample.n))
     summary = {}
     for m, rows in per_rep.items():
         keys = [k for k in rows[0] if k != "replicate"]
@@ -315,7 +329,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         counts = [distinct_count(s) for s in eq_stats]
         out["equal_samples"] = {
             "n_generated": n + base.sample.n, "n_synthetic": base.sample.n,
-            "made": [len(s["nn"]) for s in eq_stats],  # fewer where dedup-driven stopping ended it
+            "made": [int((s["nn"] >= 0).sum()) for s in eq_stats],  # fewer where dedup-driven stopping ended it
             "left_out": [m for m in drawing if m not in sampled],
             "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
             "ratios": count_ratios({m: stats[m] for m in sampled}, eq_stats, fc.n_bootstrap)}
@@ -453,9 +467,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             lines += [f"Dedup-driven stopping for every method (`extract.stop_unseen` = {ex['stop_unseen']:g}, rounds of "
                       f"ceil(N_G / {ex['rounds']})): a method stops after the first round whose generations' unseen "
                       "mass falls below it, so N_G is a ceiling (tuning scores a method per N_G, not per generation "
-                      "made); generations made, mean [min-max]: " + made + ". Shares below are of the generations "
-                      "made, and so are the ratios (distinct_nn: distinct images per generation made, not a ratio of "
-                      "counts); the counts are the last column of the budget table.", ""]
+                      "made); generations made, mean [min-max]: " + made + ". The shares in the first table are of the "
+                      "generations made; the ratios and the budget table count the generations not made as misses, "
+                      "so they are per N_G asked for (distinct_nn: a ratio of counts).", ""]
         lines += ["Mean over held-out replicates [min-max], % of N_G (p95: the 5th percentile of the nearest "
                   "RMS-L2 distance, lower = closer):", "",
                   "| method | setting (lambda, T) | AMS high | AMS mid | UMS high | UMS mid | UMS cum. mid | Carlini | "

@@ -45,7 +45,8 @@ SCHEMA = "side-extract/bench-variants/1"
 BASE = "base"
 # what a variant may not change: the comparison with the baselines needs the same target, training set,
 # N_G, seeds and measurement (the benchmark sets them)
-FIXED = ("model", "train", "train_resize", "extract.n", "extract.seed", "extract.methods", "evaluate", "sweep")
+FIXED = ("model", "train", "train_resize", "extract.n", "extract.seed", "extract.methods", "extract.stop_unseen",
+         "evaluate", "sweep")  # (stopping changes every method's budget, which a variant may not do to SIDE alone)
 DEFAULT_OBJECTIVE = ("ams_cumulative/high", "ams_cumulative/mid", "ums_cumulative/high", "ums_cumulative/mid",
                      "carlini")
 
