@@ -77,6 +77,15 @@ def test_bad_variant_settings_are_clear_errors(tmp_path):
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.n": 10}})
     with pytest.raises(ValueError, match="x: 'extract.stop_unseen' cannot be varied"):  # SIDE's budget alone
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.stop_unseen": 0.1}})
+    from side_extract.bench.extraction import run_extraction_bench
+    from side_extract.bench.variants import run_variants_bench
+
+    stopping = type(bc)(**{**bc.__dict__, "run": dataclasses.replace(
+        bc.run, extract=dataclasses.replace(bc.run.extract, stop_unseen=0.1))})
+    with pytest.raises(ValueError, match="side bench extraction: extract.stop_unseen=0.1 is not supported here"):
+        run_extraction_bench(stopping, "/nonexistent")  # refused before anything is read or made
+    with pytest.raises(ValueError, match="side bench variants: extract.stop_unseen=0.1 is not supported here"):
+        run_variants_bench(VariantsBenchConfig(bench=stopping), "/nonexistent")
     with pytest.raises(ValueError, match="base: 'evaluate.carlini_n' cannot be varied"):
         VariantsBenchConfig(bench=bc, base={"evaluate.carlini_n": 10})
     with pytest.raises(ValueError, match="unknown config key.*scalez"):  # checked before anything runs

@@ -316,9 +316,18 @@ def _sweep(path: Path, main_run: Path, rc: cfg.RunConfig, name: str | None, own:
     return result
 
 
+def refuse_stopping(ex: cfg.ExtractConfig, bench: str) -> None:
+    """This benchmark compares methods at equal N_G and records N_G as each one's budget: dedup-driven stopping
+    (which ends methods at different budgets) belongs to ``side bench fair --stop-unseen``."""
+    if ex.stop_unseen > 0:
+        raise ValueError(f"{bench}: extract.stop_unseen={ex.stop_unseen} is not supported here (it compares methods at "
+                         "equal N_G); use side bench fair --stop-unseen")
+
+
 def run_extraction_bench(bc: ExtractionBenchConfig, cache: str | Path, *, device: str = "cpu",
                          progress: ProgressFactory = no_progress, command: str | None = None) -> dict[str, Any]:
     """Run the benchmark (reusing what ``cache`` holds) and return the results dict (see the module docstring)."""
+    refuse_stopping(bc.run.extract, "side bench extraction")
     cache = Path(cache)
     t_start = time.time()
     data: dict[str, Any] = {"schema": SCHEMA, "quick": bc.quick, "command": command, "machine": machine_description(),

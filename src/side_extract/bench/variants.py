@@ -38,7 +38,8 @@ from ..runs import RunDir
 from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
 from . import machine_description, write_results
-from .extraction import ExtractionBenchConfig, ScaleInputs, compact, ratios_to_best_baseline, replicate_config, scale_inputs
+from .extraction import (ExtractionBenchConfig, ScaleInputs, compact, ratios_to_best_baseline, refuse_stopping,
+                         replicate_config, scale_inputs)
 from .tables import render_variants_markdown
 
 SCHEMA = "side-extract/bench-variants/1"
@@ -214,6 +215,7 @@ def choose(validation: dict[str, Any], method: str) -> str:
 def run_variants_bench(vc: VariantsBenchConfig, cache: str | Path, *, device: str = "cpu",
                        progress: ProgressFactory = no_progress, command: str | None = None) -> dict[str, Any]:
     """Score every variant on the validation seed, choose, then run the held-out seed; the results dict."""
+    refuse_stopping(vc.bench.run.extract, "side bench variants")
     cache = Path(cache)
     t0 = time.time()
     data: dict[str, Any] = {"schema": SCHEMA, "command": command, "machine": machine_description(),
