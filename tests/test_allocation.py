@@ -63,6 +63,18 @@ def test_a_pair_exactly_at_the_threshold_is_not_linked():
             assert (groups[0] == groups[1]) == linked, (step, a.tolist())
 
 
+def test_a_pair_just_below_the_threshold_is_linked_at_any_size():
+    """28x28 at threshold 0.93: the largest integer sum of squared level differences below (255 * 0.93)^2 * 784 =
+    44,092,256.04 is 44,092,256 (678 pixels 255 apart, then 72, 11 and 1): RMS just below 0.93, linked (a relative
+    margin of 1e-9 on the limit, about 0.04 squared levels here, unlinked it)."""
+    a, b = np.zeros(784, dtype=np.uint8), np.zeros(784, dtype=np.uint8)
+    b[:678] = 255
+    b[678:681] = [72, 11, 1]
+    assert int((b.astype(np.int64) ** 2).sum()) == 44_092_256
+    groups = near_duplicate_groups(np.stack([a, b]).reshape(2, 28, 28), 0.93)
+    assert groups[0] == groups[1]
+
+
 def test_unseen_mass_by_hand():
     assert unseen_mass(np.array([0, 0, 1, 2])) == pytest.approx((2 + 1) / (4 + 1))
     assert unseen_mass(np.array([5, 5, 5])) == pytest.approx(1 / 4)
@@ -191,6 +203,25 @@ def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_di
         np.testing.assert_array_equal(again.images, res.extractions["uncond"].images)
         e = read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
         assert e["shards_written_now"] == 1 and e["stopped_at"] == 8
+    # a shard past the stop, as an earlier attempt that stopped later leaves it (a lost shard remade on another device
+    # can move the stop): removed when the stage stops before it, so the files agree with the manifest
+    stage = tmp_path / "run" / "extraction" / "uncond"
+    with np.load(stage / "shard-00001.npz") as z:
+        np.savez(stage / "shard-00002.npz", **{k: (z[k] + 4 if k in ("index", "batch") else z[k]) for k in z.files})
+    (stage / "shard-00000.npz").unlink()
+    again = run_audit(tmp_path / "run", rc, until="extraction").extractions["uncond"]
+    assert len(again) == 8 and not (stage / "shard-00002.npz").exists()
+    # the other way: the stage's files now hold all 12 under the same fingerprint (as a remake that did not stop
+    # leaves them): its evaluation, keyed by how many were made, is redone instead of describing the 8
+    with np.load(stage / "shard-00001.npz") as z:
+        np.savez(stage / "shard-00002.npz", **{k: (z[k] + 4 if k in ("index", "batch") else z[k]) for k in z.files})
+    manifest = read_json(tmp_path / "run" / "manifest.json")
+    del manifest["stages"]["extraction/uncond"]["stopped_at"]
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    assert run_audit(tmp_path / "run", rc).metrics["uncond"]["n_generated"] == 12
+    (stage / "shard-00002.npz").unlink()
+    manifest["stages"]["extraction/uncond"]["stopped_at"] = 8
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
     RunDir(tmp_path / "run").reopen("extraction/uncond")  # reopened, it forgets where it stopped until it completes
     assert "stopped_at" not in read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
     never = tiny_rc(tiny_model_dir, methods=("uncond",), **{**stop, "dedup_threshold": 1e-6})

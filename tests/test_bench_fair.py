@@ -284,7 +284,7 @@ def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp
     """--stop-unseen for every method: with every generation one image (dedup_threshold 0.99) each method stops
     after its first round (U = 1/3 after 2 of 4 validation generations, 1/4 after 3 of 6 held-out ones), UnCond at
     N_G + N_S too; tuning scores a setting per N_G asked for (by hand below), the tables say how many were made and
-    that the ratios are per generation made."""
+    that the ratios count the generations not made as misses."""
     bc = tiny_bench()
     ex = dataclasses.replace(bc.run.extract, rounds=2, dedup_threshold=0.99, stop_unseen=0.4)
     bc = type(bc)(**{**bc.__dict__, "scales": (20,), "run": dataclasses.replace(bc.run, extract=ex)})

@@ -270,3 +270,22 @@ def test_fixed_bands_draw_no_stale_null(run_dir, tmp_path):
     assert data["histograms"][0]["null"] == {} and data["histograms"][0]["null_n"] == {}
     # the calibrated run itself still draws its null, also when the path its evaluations name is relative
     assert build_report(run_dir)["histograms"][0]["null"] != {}
+
+
+def test_no_ums_is_marked_best_between_methods_that_made_other_numbers_of_generations():
+    """UnCond stopped early (dedup-driven stopping) at 500 of 2,000 with 100 distinct images (UMS 20 %), SIDE made
+    2,000 and reached 200 (10 %): the larger UMS is not the larger count, so no UMS column marks a best (it did);
+    AMS, Carlini and Gu are rates per generation and p95 a quantile: marked as before; with equal N_G, UMS too."""
+    from side_extract.report import _comparison
+
+    def m(ums, n, p95):
+        shares = {"high": ums, "mid": ums}
+        return {"bands": {"high": [0, 0.1], "mid": [0.1, 0.2]}, "orientation": "distance", "similarity": "rms-l2",
+                "ams": shares, "ums": shares, "ams_cumulative": shares, "ums_cumulative": shares, "p95": p95,
+                "carlini": {"extracted_fraction": ums}, "gu": {"memorized_fraction": ums}, "n_generated": n}
+
+    stopped = _comparison({"side": m(0.10, 2000, 0.05), "uncond": m(0.20, 500, 0.08)})["best"]
+    assert not [k for k in stopped if k.startswith("ums")] and stopped["p95"] == ["side"]
+    assert stopped["ams:mid"] == ["uncond"] and stopped["carlini"] == ["uncond"]
+    equal = _comparison({"side": m(0.10, 2000, 0.05), "uncond": m(0.20, 2000, 0.08)})["best"]
+    assert equal["ums_cumulative:mid"] == ["uncond"] and equal["carlini"] == ["uncond"]

@@ -22,6 +22,9 @@ all the method's generations so far (the same grouping and estimate, pooled over
 """
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -39,9 +42,9 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, working_memory_m
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     x = images.reshape(n, -1).astype(np.float64)
-    # RMS < t  <=>  sum of squared level differences < (255 t)^2 D; the float threshold's own rounding (0.05 is not
-    # exact) is kept off an exact integer tie by a relative margin far below one grey level
-    limit = (255.0 * threshold) ** 2 * x.shape[1] * (1 - 1e-9)
+    # RMS < t  <=>  sum of squared level differences S < (255 t)^2 D, with t the decimal the threshold was written
+    # as (0.05, not the float just above it); S is an integer, so S < L  <=>  S < ceil(L), computed exactly
+    limit = math.ceil((255 * Fraction(repr(float(threshold)))) ** 2 * x.shape[1])
 
     def links(block: np.ndarray, _start: int) -> list[np.ndarray]:  # each row's linked columns
         return [np.flatnonzero(row < limit) for row in block]

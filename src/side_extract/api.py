@@ -138,7 +138,8 @@ def _run_config(config: cfg.RunConfig | dict | str | Path | None) -> cfg.RunConf
 
 @dataclasses.dataclass(frozen=True)
 class BandResult:
-    """One similarity band of one method: shares of N_G (AMS: generations; UMS: distinct training images)."""
+    """One similarity band of one method: shares of the generations it made, N_G unless dedup-driven stopping ended
+    it early (AMS: generations; UMS: distinct training images)."""
 
     band: str
     lo: float

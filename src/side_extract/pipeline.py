@@ -470,10 +470,12 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
              *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)])]
     # keyed by the config as given (calibrated bands by the calibration's fingerprint, not by the path of the run
     # directory they lie in, which another spelling of the run would change) and by the synthetic set, which
-    # every method's copy guard is measured against
+    # every method's copy guard is measured against; and, for a method that dedup-driven stopping ended early, by
+    # how many generations it made (a rerun that remade a lost shard may stop elsewhere under the same fingerprint)
+    made = {m: [] if len(s) == ctx.rc.extract.n else [f"made {len(s)}"] for m, s in extractions.items()}
     fps = {m: stage_fingerprint("evaluation", ctx.rc.evaluate, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
                                 None if reference is None else reference.fingerprint(), _synthetic_fingerprint(ctx),
-                                *files) for m in extractions}
+                                *files, *made[m]) for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
     todo = group.on_main(lambda: [m for m in extractions

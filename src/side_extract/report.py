@@ -60,7 +60,12 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
         bands += [b for b in _closest_first(m["bands"], m["orientation"])[::-1] if b not in bands]
     orients = {m["orientation"] for m in metrics.values()}
     same = len({(m["similarity"], str(m["bands"])) for m in metrics.values()}) == 1  # else bands differ: no "best"
-    cols = [{"key": f"{k}:{b}", "group": g, "label": b, "unit": "%", "better": "max" if same else None}
+    # UMS is distinct images over the generations made, not a rate: where methods made other numbers of generations
+    # (dedup-driven stopping, or generations evaluated apart) a larger UMS need not be more images, so none is
+    # marked best; AMS, Carlini and Gu are rates per generation and stay comparable
+    ums = "max" if len({m["n_generated"] for m in metrics.values()}) == 1 else None
+    cols = [{"key": f"{k}:{b}", "group": g, "label": b, "unit": "%",
+             "better": (ums if k.startswith("ums") else "max") if same else None}
             for k, g in (("ams", "AMS exclusive (%)"), ("ums", "UMS exclusive (%)"),
                          ("ams_cumulative", "AMS cumulative (%)"), ("ums_cumulative", "UMS cumulative (%)"))
             for b in bands]

@@ -592,6 +592,10 @@ def shard_stage(
         written = write_shards(directory, rounds, make_shard, progress, group=group,
                                stop=None if stop is None else stop_at)
         group.barrier()
+        if group.main and stopped:  # shards past the stop, left by an earlier attempt that stopped later (a lost shard
+            for k, (lo, _) in enumerate(r for rnd in rounds for r in rnd):  # remade on another device can move it)
+                if lo >= stopped["stopped_at"]:
+                    shard_path(directory, k).unlink(missing_ok=True)
         if group.main:
             run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
                          sampling_seconds=round(time.time() - t0, 3), processes=group.world, **stopped, **info)
