@@ -317,6 +317,46 @@ def test_unfinished_or_stale_evaluations_are_not_results(tiny_model_dir, tmp_pat
     assert set(evaluated_methods(run)) == {"side"}
 
 
+def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path):
+    """Another process's probe (check_unlocked) holds the lock for an instant: a writer or a second probe that meets
+    it waits it out (both used to fail at once with RunLocked); a lock held longer than that patience is a writer."""
+    import fcntl
+    import threading
+
+    from side_extract.runs import PROBE_PATIENCE_S, check_unlocked
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("")
+
+    def hold(seconds: float, taken: threading.Event) -> None:
+        with open(run / ".lock", "a+") as f:  # another open file description: flock conflicts as across processes
+            fcntl.flock(f, fcntl.LOCK_EX)
+            taken.set()
+            time.sleep(seconds)
+
+    def write() -> None:
+        with run_lock(run):
+            pass
+
+    for attempt in (lambda: check_unlocked(run), write):
+        taken = threading.Event()
+        t = threading.Thread(target=hold, args=(0.05, taken))
+        t.start()
+        taken.wait()
+        attempt()  # the instant passes: no RunLocked
+        t.join()
+    taken = threading.Event()
+    t = threading.Thread(target=hold, args=(PROBE_PATIENCE_S + 1.0, taken))
+    t.start()
+    taken.wait()
+    try:
+        with pytest.raises(RunLocked, match="being written by another process"):
+            check_unlocked(run)
+    finally:
+        t.join()
+
+
 def test_atomic_directory_is_not_blocked_by_an_earlier_calls_leftover(tmp_path):
     """A kill while the replaced folder was being removed left `.NAME.old-PID` behind; with the same pid (a reused
     container) every later replacement failed with 'Directory not empty'."""

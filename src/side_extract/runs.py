@@ -246,6 +246,24 @@ class StageWouldBeReplaced(ValueError):
 _HELD: dict[Path, int] = {}  # run directories this process holds, with a re-entry count
 
 
+PROBE_PATIENCE_S = 0.25  # how long a lock held only for an instant (another process's probe) is waited out
+
+
+def _take_lock(f: Any, path: Path) -> None:
+    """``flock`` ``f`` exclusively without blocking, or raise :class:`RunLocked`; a lock held only for an instant
+    (:func:`check_unlocked`'s probe in another process, or two probes at once) is retried for
+    ``PROBE_PATIENCE_S``, so it is not mistaken for a writer holding the run (who holds it for the whole run)."""
+    deadline = time.monotonic() + PROBE_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise _locked(path, f) from None
+            time.sleep(0.01)
+
+
 def _locked(path: Path, f: Any) -> RunLocked:
     f.seek(0)
     return RunLocked(f"run directory {str(path)!r} is being written by another process "
@@ -267,10 +285,7 @@ def check_unlocked(path: str | Path) -> None:
     if path in _HELD or not (path / ".lock").is_file():
         return
     with open(path / ".lock", "a+") as f:  # closing it releases the probe's own lock
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _locked(path, f) from None
+        _take_lock(f, path)
 
 
 @contextlib.contextmanager
@@ -293,10 +308,10 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
     path.mkdir(parents=True, exist_ok=True)
     f = open(path / ".lock", "a+")
     try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise _locked(path, f) from None
+        if wait:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        else:
+            _take_lock(f, path)
         f.seek(0)
         stale = f.read().strip()
         if stale:
