@@ -32,6 +32,41 @@ def invoke(*args):
     return runner.invoke(app, ["--no-progress", *map(str, args)])
 
 
+def test_evaluate_into_a_run_directory_takes_its_lock(sets):
+    """`side evaluate --out RUN/evaluation/x` writes into a run directory: while another process holds the run (here
+    a thread holding its lock through another file description), it is refused by name and writes nothing; once the
+    run is free it writes (it used to write beside the holder)."""
+    import fcntl
+    import threading
+
+    run = sets / "run"
+    (run / "manifest.json").write_text(json.dumps({"stages": {}}))
+    (run / ".lock").write_text("pid 1, command 'side run'\n")
+    args = ["evaluate", "--generated", run / "extraction/side", "--train", sets / "train.npz", "--out",
+            run / "evaluation" / "mine", "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01", "--carlini-n", 3]
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with open(run / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            taken.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    taken.wait()
+    try:
+        r = invoke(*args)
+    finally:
+        release.set()
+        t.join()
+    assert r.exit_code != 0 and "being written by another process" in r.output and "side run" in r.output
+    assert not (run / "evaluation" / "mine").exists()
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert (run / "evaluation" / "mine" / "metrics.json").is_file()
+
+
 def test_evaluate_writes_the_contract(sets):
     out = sets / "eval"
     r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--out", out,

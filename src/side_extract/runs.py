@@ -277,6 +277,15 @@ def check_run_path(path: str | Path) -> None:
         raise ValueError(f"run directory {str(path)!r} exists and is not a directory")
 
 
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run directory ``path`` lies in (itself or the nearest parent holding a ``manifest.json``), or None: a
+    command that writes there (``side evaluate --out RUN/evaluation/x``) takes that run's lock."""
+    for p in (Path(path).resolve(), *Path(path).resolve().parents):
+        if (p / RunDir.MANIFEST).is_file():
+            return p
+    return None
+
+
 def check_unlocked(path: str | Path) -> None:
     """Raise :class:`RunLocked` at once when another process holds run directory ``path``'s lock: a probe
     before the slow work that precedes :func:`run_lock` (loading the model, checking the config), which still

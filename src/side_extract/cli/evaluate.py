@@ -1,6 +1,7 @@
 """``side evaluate``: memorization metrics of generations against the training set -> DIR/metrics.json."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from .. import config as cfg
 from ..data import load_image_set
 from ..evaluation import evaluate
 from ..metrics import parse_bands
+from ..runs import check_unlocked, enclosing_run, run_lock
 from .common import build_config, cli_errors, console, progress_bar, typed_flags
 
 D = cfg.EvaluateConfig()
@@ -93,13 +95,17 @@ def evaluate_cmd(
     c = evaluate_config(ctx, config)
     if c.bands is not None:
         parse_bands(c.bands)  # a typo fails before the sets load
+    run = enclosing_run(out)  # writing into a run directory: as one of its writers, under its lock
+    if run is not None:
+        check_unlocked(run)  # another writer: said at once, before the sets load
     gen = load_image_set(generated, c.resize)
     tr = load_image_set(train, c.resize)
     feature_model = load_feature_model(model, device)
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
                           feature_model=feature_model, device=device, progress=cb)
-    path = result.write(out)
+    with run_lock(run) if run is not None else contextlib.nullcontext():
+        path = result.write(out)
     top = result.bands[-1].name
     console.print(f"{result.n_generated} generations vs {result.n_train} training images ({result.similarity}, "
                   f"bands: {result.bands_source}); AMS {top} {result.ams[top]:.2%}, UMS {top} {result.ums[top]:.2%}, "
