@@ -181,7 +181,7 @@ def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_di
     for m in ("side", "uncond"):
         assert len(res.extractions[m]) == 8 and res.metrics[m]["n_generated"] == 8
         e = stages[f"extraction/{m}"]
-        assert e["stopped_at"] == 8 and e["unseen_mass"] == pytest.approx(1 / 9) and e["n"] == 12
+        assert e["stopped"] == {"at": 8, "unseen_mass": pytest.approx(1 / 9), "stop_unseen": 0.15} and e["n"] == 12
         assert len(list((tmp_path / "run" / "extraction" / m).glob("shard-*.npz"))) == 2
     np.testing.assert_array_equal(res.extractions["uncond"].images, full.images[:8])
     audit = Audit.load(tmp_path / "run")  # a stopped stage is made again from its files, bit for bit
@@ -202,7 +202,7 @@ def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_di
         again = run_audit(tmp_path / "run", rc, until="extraction").extractions["uncond"]
         np.testing.assert_array_equal(again.images, res.extractions["uncond"].images)
         e = read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
-        assert e["shards_written_now"] == 1 and e["stopped_at"] == 8
+        assert e["shards_written_now"] == 1 and e["stopped"]["at"] == 8
     # a shard past the stop, as an earlier attempt that stopped later leaves it (a lost shard remade on another device
     # can move the stop): removed when the stage stops before it, so the files agree with the manifest
     stage = tmp_path / "run" / "extraction" / "uncond"
@@ -216,17 +216,17 @@ def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_di
     with np.load(stage / "shard-00001.npz") as z:
         np.savez(stage / "shard-00002.npz", **{k: (z[k] + 4 if k in ("index", "batch") else z[k]) for k in z.files})
     manifest = read_json(tmp_path / "run" / "manifest.json")
-    del manifest["stages"]["extraction/uncond"]["stopped_at"]
+    stopped = manifest["stages"]["extraction/uncond"].pop("stopped")
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
     assert run_audit(tmp_path / "run", rc).metrics["uncond"]["n_generated"] == 12
     (stage / "shard-00002.npz").unlink()
-    manifest["stages"]["extraction/uncond"]["stopped_at"] = 8
+    manifest["stages"]["extraction/uncond"]["stopped"] = stopped
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
     RunDir(tmp_path / "run").reopen("extraction/uncond")  # reopened, it forgets where it stopped until it completes
-    assert "stopped_at" not in read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
+    assert "stopped" not in read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]
     never = tiny_rc(tiny_model_dir, methods=("uncond",), **{**stop, "dedup_threshold": 1e-6})
     made = run_audit(tmp_path / "never", never, until="extraction").extractions["uncond"]
-    assert len(made) == 12 and "stopped_at" not in read_json(tmp_path / "never" / "manifest.json")["stages"][
+    assert len(made) == 12 and "stopped" not in read_json(tmp_path / "never" / "manifest.json")["stages"][
         "extraction/uncond"]
     np.testing.assert_array_equal(made.images, full.images)
     # killed in its third round: the rounds before are judged from their own shards, not the third's already on disk
@@ -254,7 +254,7 @@ def test_a_stopped_methods_shares_count_per_generation_asked_in_the_summary_rati
     m = {"n_generated": 8, "ams": {"mid": 0.5}, "ums": {"mid": 0.25}, "ams_cumulative": {"mid": 0.5},
          "ums_cumulative": {"mid": 0.25}, "carlini": {"extracted_fraction": 0.75}, "gu": {"memorized_fraction": 0.0},
          "p95": 0.1}
-    out = per_budget(m, {"n": 12, "stopped_at": 8})
+    out = per_budget(m, {"n": 12, "stopped": {"at": 8}})
     assert out["ams"]["mid"] == pytest.approx(1 / 3) and out["ums_cumulative"]["mid"] == pytest.approx(1 / 6)
     assert out["carlini"]["extracted_fraction"] == pytest.approx(0.5) and out["p95"] == 0.1
     assert m["ams"]["mid"] == 0.5 and per_budget(m, {"n": 8}) is m and per_budget(m, None) is m

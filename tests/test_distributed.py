@@ -147,7 +147,7 @@ def test_dedup_driven_stopping_stops_both_processes_where_one_stops(tiny_model_d
     _run([*args, "--run", str(tmp_path / "two")], 2)
     _same_shards(tmp_path / "one" / "extraction" / "uncond", tmp_path / "two" / "extraction" / "uncond")
     entry = read_json(tmp_path / "two" / "manifest.json")["stages"]["extraction/uncond"]
-    assert entry["stopped_at"] == 8 and entry["processes"] == 2 and entry["shards_written_now"] == 2
+    assert entry["stopped"]["at"] == 8 and entry["processes"] == 2 and entry["shards_written_now"] == 2
     assert len(list((tmp_path / "two" / "extraction" / "uncond").glob("shard-*.npz"))) == 4
 
 

@@ -457,8 +457,7 @@ class RunDir:
         """Mark a complete stage whose files went missing as running again (it resumes: what exists is kept)."""
         m = self.manifest()
         m["stages"][stage]["status"] = "running"
-        for key in ("stopped_at", "unseen_mass", "stop_unseen"):  # decided again when the stage completes
-            m["stages"][stage].pop(key, None)
+        m["stages"][stage].pop("stopped", None)  # where it stopped is decided again when the stage completes
         self._write_manifest(m)
         return "resume"
 
@@ -573,7 +572,7 @@ def shard_stage(
     image i does not depend on ``n`` (not in rounds): a complete stage of m < ``n`` images with that fingerprint
     is grown, keeping every shard whose index range is the same in both layouts. ``stop(end)``: with rounds, asked
     after each round but the last (:func:`write_shards`); a dict ends the stage there with fewer than ``n``
-    images, and is recorded in the manifest with ``stopped_at`` = ``end``. In a launch of several processes the
+    images, and is recorded in the manifest entry as ``stopped``: ``{"at": end, **that dict}``. In a launch of several processes the
     main one decides and records; every process writes its own shards.
     """
     group = run.group
@@ -593,7 +592,7 @@ def shard_stage(
             decision = run.grow(stage, fingerprint, inputs, old_n)
         else:
             decision = run.begin(stage, fingerprint, inputs=inputs)
-        stopped_at = entry.get("stopped_at") if decision == "skip" else None  # a stage that stopped early
+        stopped_at = (entry.get("stopped") or {}).get("at") if decision == "skip" else None  # it stopped early
         n_shards = sum(1 for rnd in rounds for _, hi in rnd if stopped_at is None or hi <= stopped_at)
         if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
             log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
@@ -610,7 +609,7 @@ def shard_stage(
         def stop_at(end: int) -> bool:
             said = stop(end)
             if said is not None:
-                stopped.update(said, stopped_at=end)
+                stopped.update(at=end, **said)
             return said is not None
 
         written = write_shards(directory, rounds, make_shard, progress, group=group,
@@ -618,10 +617,10 @@ def shard_stage(
         group.barrier()
         if group.main and stopped:  # shards past the stop, left by an earlier attempt that stopped later (a lost shard
             for k, (lo, _) in enumerate(r for rnd in rounds for r in rnd):  # remade on another device can move it)
-                if lo >= stopped["stopped_at"]:
+                if lo >= stopped["at"]:
                     shard_path(directory, k).unlink(missing_ok=True)
         if group.main:
             run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
-                         sampling_seconds=round(time.time() - t0, 3), processes=group.world, **stopped, **info)
+                         sampling_seconds=round(time.time() - t0, 3), processes=group.world, **({"stopped": stopped} if stopped else {}), **info)
         group.barrier()
     return load_shards(directory)

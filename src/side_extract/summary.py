@@ -87,9 +87,8 @@ def method_summary(m: dict[str, Any], stage: dict[str, Any] | None) -> dict[str,
         grid, pred = law.get("n_grid") or [], law.get("predicted_unique") or []
         if grid and grid[-1] >= 10 * n:
             out["projected_10x"][b] = {"n_generated": grid[-1], "distinct": round(float(pred[-1]), 1)}
-    if stage and "stopped_at" in stage:  # dedup-driven stopping ended it before N_G (extract.stop_unseen)
-        out["stopped"] = {"at": stage["stopped_at"], "of": stage.get("n"), "unseen_mass": stage.get("unseen_mass"),
-                          "stop_unseen": stage.get("stop_unseen")}
+    if stage and "stopped" in stage:  # dedup-driven stopping ended it before N_G (extract.stop_unseen)
+        out["stopped"] = {**stage["stopped"], "of": stage.get("n")}
     if stage and stage.get("seconds"):
         out["seconds"] = stage["seconds"]
         out["images_per_second"] = round(n / stage["seconds"], 2) if stage["seconds"] > 0 else None
@@ -129,9 +128,9 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
 
 def per_budget(metrics: dict[str, Any], stage: dict[str, Any] | None) -> dict[str, Any]:
     """``metrics`` with its shares per generation *asked for* where dedup-driven stopping ended the stage early
-    (``stopped_at`` in its manifest entry): the generations not made count as misses, so a method is not favoured
+    (``stopped`` in its manifest entry): the generations not made count as misses, so a method is not favoured
     in the ratios for stopping early (its distinct images per generation made would be). Otherwise unchanged."""
-    if not stage or "stopped_at" not in stage or not stage.get("n"):
+    if not stage or "stopped" not in stage or not stage.get("n"):
         return metrics
     f = metrics["n_generated"] / stage["n"]
     out = {**metrics, **{k: {b: v * f for b, v in metrics[k].items()}
