@@ -186,3 +186,44 @@ def test_copy_guard_in_summary_and_report(tiny_model_dir, tmp_path, one_thread):
     assert s["methods"]["side-lora"]["copy_guard"]["n_synthetic"] == 40
     assert 0 <= s["methods"]["uncond"]["copy_guard"]["nearer_synthetic_fraction"] <= 1  # the reference share
     assert "copy guard" in write_report(tmp_path / "run").read_text()
+
+
+def test_side_lora_takes_the_adaptive_allocation(tiny_model_dir, tmp_path, one_thread):
+    """extract.allocation adaptive applies to side-lora's clusters as to the classifier's (it drew them uniformly,
+    with a warning): one shard per round, each later round's targets the allocation's draw from the earlier rounds
+    (computed here from ``allocation.adaptive_targets`` directly), not the uniform draw; the fingerprint names the
+    allocation, and the stage is made again bit for bit after its last round is lost."""
+    from side_extract.allocation import adaptive_targets
+    from side_extract.data import load_shards
+    from side_extract.extraction import draw_targets
+    from side_extract.pipeline import method_guidance
+
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side-lora",), n=12, allocation="adaptive", rounds=3),
+                             lora=TINY)
+    run = tmp_path / "run"
+    first = run_audit(run, rc, until="extraction").extractions["side-lora"]
+    stage = run / "extraction" / "side-lora"
+    assert len(list(stage.glob("shard-*.npz"))) == 3  # one shard per round: each round waits for the earlier ones
+    den, _ = method_guidance(run, rc, "side-lora", load_target(tiny_model_dir))
+    outputs, classes, c = den.target_outputs, den.classes, rc.extract
+    slot = {int(classes[o]): k for k, o in enumerate(outputs)}
+    for r in (1, 2):
+        begin = 4 * r
+        prev = np.array([slot[int(v)] for v in first.labels[:begin]])
+        want = classes[outputs[adaptive_targets(c.seed, r, 4, len(outputs), first.images[:begin], prev,
+                                                c.dedup_threshold)]]
+        np.testing.assert_array_equal(first.labels[begin:begin + 4], want)
+    uniform_labels = classes[outputs[draw_targets(c.seed, np.arange(12), len(outputs))]]
+    np.testing.assert_array_equal(first.labels[:4], uniform_labels[:4])  # the first round: no earlier images
+    assert not np.array_equal(first.labels[4:], uniform_labels[4:])
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    sorted(stage.glob("shard-*.npz"))[-1].unlink()
+    again = run_audit(run, rc, until="extraction").extractions["side-lora"]
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    uniform = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, allocation="uniform"))
+    run_audit(run, uniform, until="extraction")
+    after = json.loads((run / "manifest.json").read_text())["stages"]
+    assert after["extraction/side-lora"]["fingerprint"] != stages["extraction/side-lora"]["fingerprint"]
+    assert after["lora"]["fingerprint"] == stages["lora"]["fingerprint"]  # sampling only: the fine-tune is kept
+    np.testing.assert_array_equal(load_shards(stage).labels, uniform_labels)

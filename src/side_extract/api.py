@@ -326,13 +326,13 @@ class Audit:
             raise ValueError(f"the run's config does not describe {method}'s extraction as the run made "
                              f"it (its settings or upstream stages changed since: the fingerprint differs from "
                              f"manifest.json's), so its generations cannot be made again from it")
-        stored = load_shards(stage) if in_rounds(ex, guidance) else None  # the earlier rounds, read once
+        stored = load_shards(stage) if in_rounds(ex, guidance, denoiser) else None  # the earlier rounds, read once
         starts = stored_batches(stage)
         made: dict[int, np.ndarray] = {}
         for i in idx.tolist():
             if i in made:
                 continue
-            lo, hi = batch_of(ex, guidance, i, starts)
+            lo, hi = batch_of(ex, guidance, i, starts, denoiser)
             begin = round_start(ex, lo)
             previous = earlier_rounds(stored, begin) if stored is not None and begin > 0 else None
             batch = extract(denoiser, ex, guidance, lo, hi, previous=previous, batch_size=BatchSize(hi - lo),

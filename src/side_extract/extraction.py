@@ -53,19 +53,26 @@ def round_start(c: cfg.ExtractConfig, i: int) -> int:
     return i - i % round_size(c)
 
 
-def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None) -> bool:
-    """Whether a method generates in rounds, each seeing the earlier rounds' generations: adaptive allocation
-    (classes to guide toward), memguide's avoidance and, for every method, dedup-driven stopping
-    (:func:`method_in_rounds`: the same from the config)."""
-    return c.stop_unseen > 0 or (isinstance(guidance, ClassifierGuidance) and c.allocation == "adaptive") or (
-        isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
+TARGETED = ("side", "side-teacher", "cond", "side-lora")  # the methods that draw a target class per generation
+
+
+def rounds_rule(c: cfg.ExtractConfig, *, targeted: bool, avoiding: bool) -> bool:
+    """The one rule for generating in rounds, each seeing the earlier rounds' generations: every method under
+    dedup-driven stopping, a method that draws target classes (``targeted``: classifier guidance or side-lora's
+    conditional model) under adaptive allocation, memguide with avoidance (``avoiding``)."""
+    return c.stop_unseen > 0 or (targeted and c.allocation == "adaptive") or avoiding
+
+
+def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None,
+              denoiser: Denoiser | None = None) -> bool:
+    """:func:`rounds_rule` of a method from its built guidance and denoiser (side-lora's is conditional)."""
+    return rounds_rule(c, targeted=isinstance(guidance, ClassifierGuidance) or getattr(denoiser, "conditional", False),
+                       avoiding=isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
 
 
 def method_in_rounds(method: str, c: cfg.ExtractConfig) -> bool:
-    """:func:`in_rounds` of ``method`` from its config alone (before its guidance is built): every method under
-    dedup-driven stopping, the classifier-guided methods under adaptive allocation, memguide with avoidance."""
-    return c.stop_unseen > 0 or (method in ("side", "side-teacher", "cond") and c.allocation == "adaptive") or (
-        method == "memguide" and c.memguide_avoid > 0)
+    """:func:`rounds_rule` of ``method`` from its config alone (before its guidance is built)."""
+    return rounds_rule(c, targeted=method in TARGETED, avoiding=method == "memguide" and c.memguide_avoid > 0)
 
 
 def earlier_rounds(generations: ImageSet, begin: int) -> ImageSet:
@@ -91,7 +98,7 @@ def stored_batches(stage: Path) -> np.ndarray | None:
 
 
 def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None, i: int,
-             starts: np.ndarray | None = None) -> tuple[int, int]:
+             starts: np.ndarray | None = None, denoiser: Denoiser | None = None) -> tuple[int, int]:
     """The generations ``lo .. hi - 1`` that the extraction stage made in one denoiser call with generation ``i``.
     Batched convolutions round differently, so a guided generation is reproduced bit for bit only within its
     batch. ``starts``: the batches the stage recorded (:func:`stored_batches`), which hold even where it halved
@@ -108,7 +115,7 @@ def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGu
         lo = int(starts[i])
         same = np.flatnonzero(starts == lo)
         return lo, int(same[-1]) + 1
-    for lo, hi in (r for rnd in shard_ranges(c.n, c.shard_size, round_size(c) if in_rounds(c, guidance) else None)
+    for lo, hi in (r for rnd in shard_ranges(c.n, c.shard_size, round_size(c) if in_rounds(c, guidance, denoiser) else None)
                    for r in rnd):
         if lo <= i < hi:
             b0 = lo + (i - lo) // c.batch_size * c.batch_size
@@ -149,33 +156,32 @@ def extract(
     """
     idx = np.arange(start, stop, dtype=np.int64)
     begin = round_start(c, start)
-    if in_rounds(c, guidance):
+    if in_rounds(c, guidance, denoiser):
         if stop > begin + round_size(c):
             raise ValueError(f"generations {start}..{stop - 1} span two rounds of {round_size(c)}")
         if begin > 0 and (previous is None or not np.array_equal(previous.ids, np.arange(begin))):
             raise ValueError(f"generations {start}..{stop - 1} need the {begin} of the earlier rounds")
-    if getattr(denoiser, "conditional", False):  # side-lora: the fine-tuned model, toward a uniform random cluster
-        outputs = denoiser.target_outputs  # (not the background class of memorization-aware labels)
-        targets = outputs[draw_targets(c.seed, idx, len(outputs))]
-        labels = denoiser.classes[targets]
-    elif guidance is None:
+    if getattr(denoiser, "conditional", False):  # side-lora: the fine-tuned model, toward a cluster of its own
+        steer = denoiser  # (its target outputs leave out the background class of memorization-aware labels)
+    elif isinstance(guidance, ClassifierGuidance):  # classifier outputs that may be guided toward (not background)
+        steer = guidance
+    else:  # UnCond, and memguide (label-free: the sampler gives it the generation indices)
+        steer = None
+        if isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0 and begin > 0:
+            guidance = guidance.remembering(previous.to_float())  # avoidance: away from the earlier rounds' images
+    if steer is None:
         targets = None
         labels = np.full(len(idx), -1, dtype=np.int64)
-    elif isinstance(guidance, MemorizationGuidance):  # label-free: the sampler gives it the generation indices
-        targets = None
-        labels = np.full(len(idx), -1, dtype=np.int64)
-        if guidance.avoid > 0 and begin > 0:  # avoidance: away from the earlier rounds' generations
-            guidance = guidance.remembering(previous.to_float())
-    else:  # targets: classifier outputs, drawn among the classes that may be guided toward (not background)
-        outputs = guidance.target_outputs
+    else:
+        outputs = steer.target_outputs
         if c.allocation == "adaptive" and begin > 0:
-            prev_targets = target_slots(guidance.classes[outputs], previous.labels)
+            prev_targets = target_slots(steer.classes[outputs], previous.labels)
             whole = adaptive_targets(c.seed, begin // round_size(c), min(c.n, begin + round_size(c)) - begin,
                                      len(outputs), previous.images, prev_targets, c.dedup_threshold)
             targets = outputs[whole[start - begin:stop - begin]]
         else:
             targets = outputs[draw_targets(c.seed, idx, len(outputs))]
-        labels = guidance.classes[targets]
+        labels = steer.classes[targets]
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size or c.batch_size)
     batches = list(sample_batches(
         denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
@@ -208,7 +214,7 @@ def extraction_stage(
     """
 
     stage = f"extraction/{method}"
-    rounds = in_rounds(c, guidance)
+    rounds = in_rounds(c, guidance, denoiser)
     size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from .data import ImageSet, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
 from .evaluation import calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
-from .extraction import extraction_stage, in_rounds, round_size
+from .extraction import extraction_stage, method_in_rounds, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
 from .finetune import finetune, load_finetuned
 from .guidance import ClassifierGuidance, DenoisedGuidance
@@ -296,7 +296,8 @@ def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: Image
         return z["labels"]
 
 
-def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None) -> dict:
+def extraction_settings(c: cfg.ExtractConfig, method: str,
+                        guidance: ClassifierGuidance | MemorizationGuidance | None) -> dict:
     """What one method's generations depend on, named positively: the sampler, N_G, the seed, the batch size
     (batched convolutions round differently, so guided images can move by a few uint8 levels) and sharding,
     and for a guided method its own scale, temperature and guidance time range (not the other methods'); for
@@ -312,11 +313,11 @@ def extraction_settings(c: cfg.ExtractConfig, guidance: ClassifierGuidance | Mem
                      memguide_avoid_window=list(guidance.avoid_window), rounds=c.rounds)
     elif guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
-        if c.allocation != "uniform":
-            d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
+    if c.allocation != "uniform" and (method == "side-lora" or isinstance(guidance, ClassifierGuidance)):
+        d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
     if c.stop_unseen > 0:  # dedup-driven stopping, any method
         d.update(stop_unseen=c.stop_unseen, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
-    if in_rounds(c, guidance) and c.shard_size < round_size(c):  # a round in several shards (earlier: in one)
+    if method_in_rounds(method, c) and c.shard_size < round_size(c):  # a round in several shards (earlier: in one)
         d["round_shards"] = -(-round_size(c) // c.shard_size)
     return d
 
@@ -331,7 +332,7 @@ def extraction_fingerprint(rc: cfg.RunConfig, method: str, guidance: ClassifierG
                            model_fp: str, upstream_fp: str | None, n: int | None = None) -> str:
     """The fingerprint of ``extraction/<method>`` at N_G ``n`` (default ``rc.extract.n``): its settings
     (:func:`extraction_settings`), the target's and its upstream stage's fingerprints."""
-    settings = extraction_settings(rc.extract, guidance)
+    settings = extraction_settings(rc.extract, method, guidance)
     if method == "side-lora":
         settings["cfg_scale"] = rc.lora.guidance_scale
     return stage_fingerprint("extraction", {**settings, "n": rc.extract.n if n is None else n}, model_fp, method,
@@ -509,9 +510,6 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     ``ValueError`` lists every problem found (not only the first)."""
     problems: list[str] = []
     methods = set(rc.extract.methods)
-    if rc.extract.allocation == "adaptive" and "side-lora" in methods:
-        log.warning("extract.allocation adaptive applies to side, side-teacher and cond; side-lora draws its target "
-                    "clusters uniformly")
     C, H, W = denoiser.sample_shape
     needs_train = bool({"cond", "side-teacher"} & methods) and until != "surrogate"  # (clustering does not)
     train = None
