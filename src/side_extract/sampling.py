@@ -54,9 +54,12 @@ def sample_seed(seed: int, index: int, stream: int = SYNTHETIC_STREAM, step: int
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
-def sample_generators(seed: int, indices: np.ndarray | list[int], device: str | torch.device = "cpu",
-                      stream: int = SYNTHETIC_STREAM, step: int | None = None) -> list[torch.Generator]:
-    return [torch.Generator(device).manual_seed(sample_seed(seed, int(i), stream, step)) for i in indices]
+def sample_generators(seed: int, indices: np.ndarray | list[int], stream: int = SYNTHETIC_STREAM,
+                      step: int | None = None) -> list[torch.Generator]:
+    """One CPU generator per index, seeded from (seed, index, stream, step) alone. CPU on every device: CUDA's
+    generator draws other numbers from the same seed, so noise drawn here and moved to the device is the same
+    on a GPU as on this machine."""
+    return [torch.Generator("cpu").manual_seed(sample_seed(seed, int(i), stream, step)) for i in indices]
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind, steps: int) -> SchedulerMixin:
@@ -284,7 +287,7 @@ def sample_batches(
     b0 = start
     while b0 < start + n:
         idx = np.arange(b0, min(b0 + size.size, start + n))
-        gens = sample_generators(seed, idx, "cpu", stream)  # CPU streams on every device: CUDA's generator draws
+        gens = sample_generators(seed, idx, stream)  # CPU streams on every device: CUDA's generator draws
         # other numbers, so a run resumed or regenerated on another device type would mix two noise families
         x = randn_tensor((len(idx), *denoiser.sample_shape), generator=gens, device=torch.device(device))
         y = None if not needs_labels else torch.as_tensor(labels[idx - start], dtype=torch.long, device=device)
