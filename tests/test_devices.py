@@ -79,9 +79,10 @@ def test_noise_streams_are_drawn_on_the_cpu_for_every_device(tiny_model_dir, mon
     made = []
     real = sampling.sample_generators
 
-    def spy(seed, indices, device="cpu", stream=sampling.SYNTHETIC_STREAM, step=None):
-        made.append(str(device))
-        return real(seed, indices, device, stream, step)
+    def spy(*args, **kwargs):
+        gens = real(*args, **kwargs)
+        made.extend(str(g.device) for g in gens)
+        return gens
 
     monkeypatch.setattr(sampling, "sample_generators", spy)
     target = load_target(tiny_model_dir)
