@@ -104,14 +104,15 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
 
 
 def test_rounds_are_written_in_parallel_and_equal_one_process(tiny_model_dir, tmp_path):
-    """The stages made in rounds (adaptive allocation of SIDE's targets, memguide's avoidance): two processes
-    write each round's shards in parallel (the main process two of the four) and wait for the round before the
-    next; the images and targets equal one process's, given the same classifier."""
+    """The stages made in rounds (adaptive allocation of SIDE's and side-lora's targets, memguide's avoidance): two
+    processes write each round's shards in parallel (the main process two of the four) and wait for the round before
+    the next; the images and targets equal one process's, given the same classifier and fine-tune."""
     config = {"model": str(tiny_model_dir), "train": "digits:30",
               "sample": {"n": 24, "steps": 2, "shard_size": 12, "batch_size": 4},
               "surrogate": {"n_clusters": 3, "tau": -1.0, "n_init": 1},
               "classifier": {"depth": 10, "width": 8, "steps": 4, "batch_size": 16, "eval_every": 2},
-              "extract": {"methods": ["side", "memguide"], "n": 12, "steps": 3, "scale": 1.0, "shard_size": 3,
+              "lora": {"rank": 4, "steps": 4, "batch_size": 8, "checkpoint_every": 2, "lr": 0.01},
+              "extract": {"methods": ["side", "memguide", "side-lora"], "n": 12, "steps": 3, "scale": 1.0, "shard_size": 3,
                           "batch_size": 3, "rounds": 2, "allocation": "adaptive", "memguide_avoid": 1.0,
                           "memguide_avoid_h": 0.3, "memguide_avoid_t_lo": 0.0, "memguide_avoid_t_hi": 1.0,
                           "memguide_t_hi": 0.5}}
@@ -120,13 +121,13 @@ def test_rounds_are_written_in_parallel_and_equal_one_process(tiny_model_dir, tm
     _run([*args, "--run", str(tmp_path / "one")], 1)
     shutil.copytree(tmp_path / "one", tmp_path / "two")  # the same classifier; the extractions made again
     manifest = read_json(tmp_path / "two" / "manifest.json")
-    for m in ("side", "memguide"):
+    for m in ("side", "memguide", "side-lora"):
         del manifest["stages"][f"extraction/{m}"]
     (tmp_path / "two" / "manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(tmp_path / "two" / "extraction")
     _run([*args, "--run", str(tmp_path / "two")], 2)
     stages = read_json(tmp_path / "two" / "manifest.json")["stages"]
-    for m in ("side", "memguide"):
+    for m in ("side", "memguide", "side-lora"):
         _same_shards(tmp_path / "one" / "extraction" / m, tmp_path / "two" / "extraction" / m)
         assert len(list((tmp_path / "two" / "extraction" / m).glob("shard-*.npz"))) == 4  # 2 rounds of 2 shards
         assert stages[f"extraction/{m}"]["processes"] == 2 and stages[f"extraction/{m}"]["shards_written_now"] == 2

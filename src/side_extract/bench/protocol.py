@@ -309,7 +309,10 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             per_rep[m].append({"replicate": r, "n_generated": int(met["n_generated"]),
                                **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
-                               "gu": float(met["gu"]["memorized_fraction"])})
+                               "gu": float(met["gu"]["memorized_fraction"]),
+                               # side-lora's guard against copying its fine-tuning set (every method's, as reference)
+                               **({"copy_guard": float(met["copy_guard"]["nearer_synthetic_fraction"])}
+                                  if met.get("copy_guard") else {})})
             stats[m].append(padded_to(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]), n))
         if equal_samples:  # UnCond in its own sub-run at N_G + N_S (module docstring, step 5)
             path = rep / "forms" / EQUAL_SAMPLES
@@ -481,6 +484,13 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {m} | {_setting(c, m, st)} | {cell('ams/high')} | "
                          f"{cell('ams/mid')} | {cell('ums/high')} | {cell('ums/mid')} | {cell('ums_cumulative/mid')} | "
                          f"{cell('carlini')} | {cell('p95', False)} |")
+        guarded = {m: v["copy_guard"] for m, v in h["summary"].items() if "copy_guard" in v}
+        if lora and guarded:  # (files written before it was recorded lack it)
+            lines += ["", "Copy guard: share of generations nearer one of the replicate's synthetic images (side-lora's "
+                      "fine-tuning set) than to any training image, % (mean [min-max] over replicates): "
+                      + "; ".join(f"{m} {_f(g['mean'])} [{_f(g['min'])}-{_f(g['max'])}]" for m, g in guarded.items())
+                      + (" (the other methods' shares are the reference: how near their generations lie to the "
+                         "synthetic set without fine-tuning on it)." if len(guarded) > 1 else ".")]
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
         spread = h.get("interval_method") == INTERVAL_METHOD  # and before it took in the replicates' spread
         caption = ("95 % interval of the log ratio, its standard error the larger of the replicates' spread (paired "
