@@ -203,11 +203,11 @@ def test_recorded_batches_where_shards_have_them_the_configured_cut_elsewhere(tm
     np.savez(tmp_path / "shard-00001.npz", images=images, index=np.arange(8, 12), batch=np.array([8, 8, 8, 11]))
     starts = stored_batches(tmp_path)
     assert starts.tolist() == [-1] * 8 + [8, 8, 8, 11]
-    assert [batch_of(c, None, i, starts) for i in (0, 5, 6, 7, 8, 10, 11)] == \
+    assert [batch_of(c, None, i, starts, denoiser=None) for i in (0, 5, 6, 7, 8, 10, 11)] == \
         [(0, 6), (0, 6), (6, 8), (6, 8), (8, 11), (8, 11), (11, 12)]
-    assert batch_of(c, None, 9) == (8, 12)  # the configured cut, had the stage recorded nothing
+    assert batch_of(c, None, 9, denoiser=None) == (8, 12)  # the configured cut, had the stage recorded nothing
     with pytest.raises(ValueError, match="recorded the batches of 12 generations, not the run's 13"):
-        batch_of(dataclasses.replace(c, n=13), None, 0, starts)
+        batch_of(dataclasses.replace(c, n=13), None, 0, starts, denoiser=None)
 
 
 class _OutOfMemoryAbove:

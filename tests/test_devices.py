@@ -77,14 +77,13 @@ def test_noise_streams_are_drawn_on_the_cpu_for_every_device(tiny_model_dir, mon
     from side_extract.models.target import load_target
 
     made = []
-    real = sampling.sample_generators
+    real = sampling.randn_tensor
 
-    def spy(*args, **kwargs):
-        gens = real(*args, **kwargs)
-        made.extend(str(g.device) for g in gens)
-        return gens
+    def spy(shape, generator=None, **kwargs):  # the generators the sampler draws each batch's noise from
+        made.extend(str(g.device) for g in (generator if isinstance(generator, list) else [generator]))
+        return real(shape, generator=generator, **kwargs)
 
-    monkeypatch.setattr(sampling, "sample_generators", spy)
+    monkeypatch.setattr(sampling, "randn_tensor", spy)
     target = load_target(tiny_model_dir)
     with FakeDevice():
         target.unet.to(FAKE)

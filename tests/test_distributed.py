@@ -133,6 +133,17 @@ def test_rounds_are_written_in_parallel_and_equal_one_process(tiny_model_dir, tm
         assert stages[f"extraction/{m}"]["processes"] == 2 and stages[f"extraction/{m}"]["shards_written_now"] == 2
     side = load_shards(tmp_path / "two" / "extraction" / "side")
     assert (side.labels >= 0).all()
+    # side-lora's second round is the adaptive allocation's draw, not the uniform one (which it took before)
+    from side_extract import config as cfg
+    from side_extract.extraction import draw_targets
+    from side_extract.models.target import load_target
+    from side_extract.pipeline import method_guidance
+
+    rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(tmp_path / "two" / "config.yaml"))
+    den, _ = method_guidance(tmp_path / "two", rc, "side-lora", load_target(tiny_model_dir))
+    uniform = den.classes[den.target_outputs[draw_targets(rc.extract.seed, np.arange(12), len(den.target_outputs))]]
+    lora = load_shards(tmp_path / "two" / "extraction" / "side-lora").labels
+    assert np.array_equal(lora[:6], uniform[:6]) and not np.array_equal(lora[6:], uniform[6:])
 
 
 def test_dedup_driven_stopping_stops_both_processes_where_one_stops(tiny_model_dir, tmp_path):

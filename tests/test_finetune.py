@@ -217,7 +217,7 @@ def test_side_lora_takes_the_adaptive_allocation(tiny_model_dir, tmp_path, one_t
     np.testing.assert_array_equal(first.labels[:4], uniform_labels[:4])  # the first round: no earlier images
     assert not np.array_equal(first.labels[4:], uniform_labels[4:])
     stages = json.loads((run / "manifest.json").read_text())["stages"]
-    sorted(stage.glob("shard-*.npz"))[-1].unlink()
+    max(stage.glob("shard-*.npz")).unlink()
     again = run_audit(run, rc, until="extraction").extractions["side-lora"]
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.labels, first.labels)

@@ -1,7 +1,8 @@
 """Budget policies for distinct extractions (beyond the paper): which target class each generation gets.
 
 The paper draws each generation's target cluster uniformly. With ``extract.allocation: adaptive`` the N_G
-generations of a guided method are made in ``extract.rounds`` rounds; round 0 draws uniformly, and every later
+generations of a method that draws target classes (classifier guidance, or side-lora's conditional model) are made
+in ``extract.rounds`` rounds; round 0 draws uniformly, and every later
 round moves the budget toward the classes that are still producing *new* images, without looking at the
 training data:
 

@@ -332,7 +332,7 @@ class Audit:
         for i in idx.tolist():
             if i in made:
                 continue
-            lo, hi = batch_of(ex, guidance, i, starts, denoiser)
+            lo, hi = batch_of(ex, guidance, i, starts, denoiser=denoiser)
             begin = round_start(ex, lo)
             previous = earlier_rounds(stored, begin) if stored is not None and begin > 0 else None
             batch = extract(denoiser, ex, guidance, lo, hi, previous=previous, batch_size=BatchSize(hi - lo),

@@ -361,11 +361,11 @@ class ExtractConfig:
     100 / 300 / 1,000 images at 8x8 and at 16x16, the same grid for both): SIDE lambda 3 (4 of 6) and T 1
     (4 of 6; the paper: 10 and 1), Cond lambda 1 (4 of 6) and T 2 (5 of 6).
     ``t_lo``/``t_hi`` limit guidance to that fraction of the timesteps. ``allocation``: how the methods that
-    draw target classes (side, side-teacher, cond, side-lora) draw them: ``uniform`` (the paper), or ``adaptive`` (``allocation.py``: in ``rounds``
-    rounds, toward the classes still producing new images, near-duplicates below ``dedup_threshold`` pixel RMS
-    counting as one image; each round's shards wait for the earlier rounds; rounds are ceil(n / ``rounds``) generations
-    each, so ``rounds`` is an upper bound (n = 9 with 4 makes 3 rounds of 3)). ``stop_unseen`` > 0 (label-free, beyond the paper; 0, the default, is off) is *dedup-driven
-    stopping*, offered to every method alike, UnCond included: the method generates in ``rounds`` rounds and stops
+    draw target classes (side, side-teacher, cond, side-lora) draw them: ``uniform`` (the paper), or ``adaptive``
+    (``allocation.py``: in ``rounds`` rounds, toward the classes still producing new images, near-duplicates below
+    ``dedup_threshold`` pixel RMS counting as one image; each round's shards wait for the earlier rounds; rounds are
+    ceil(n / ``rounds``) generations each, so ``rounds`` is an upper bound (n = 9 with 4 makes 3 rounds of 3)).
+    ``stop_unseen`` > 0 (label-free, beyond the paper; 0, the default, is off) is *dedup-driven stopping*, offered to every method alike, UnCond included: the method generates in ``rounds`` rounds and stops
     after the first round at which the Good-Turing estimate of the chance that its next generation is a new image
     (its generations so far grouped into near-duplicates below ``dedup_threshold``; ``allocation.unseen_mass``)
     falls below ``stop_unseen``, so a target that keeps repeating the same images is not sampled to the end of

@@ -2,9 +2,10 @@
 
 Generation ``i`` of every method starts from the same noise (its generator is seeded by (extract seed, i) in
 the extraction's own noise stream, ``sampling.EXTRACTION_STREAM``, apart from the synthetic set's even at
-equal seeds), so methods differ only by their guidance. Each guided generation's target class is drawn uniformly among
-the classifier's classes from (seed, i) alone and stored beside the image (``labels`` in each shard: the
-class's label value; -1 for ``uncond`` and the label-free ``memguide``, whose guidance receives each
+equal seeds), so methods differ only by their guidance. Each generation of a method that draws target classes (the
+classifier-guided ones and side-lora's conditional model) gets its class uniformly from (seed, i) alone (or, under
+adaptive allocation, from the earlier rounds, ``allocation.py``), stored beside the image (``labels`` in each shard:
+the class's label value; -1 for ``uncond`` and the label-free ``memguide``, whose guidance receives each
 generation's index instead, ``guidance.Guidance``). Every method samples with guided-diffusion's DDIM (eps recomputed
 from the clipped x0 in every step) and, when guided, applies the guidance in guided-diffusion's order
 (:func:`side_extract.sampling.guided_step`). Adaptive allocation, memguide's avoidance and dedup-driven stopping
@@ -64,8 +65,9 @@ def rounds_rule(c: cfg.ExtractConfig, *, targeted: bool, avoiding: bool) -> bool
 
 
 def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None,
-              denoiser: Denoiser | None = None) -> bool:
-    """:func:`rounds_rule` of a method from its built guidance and denoiser (side-lora's is conditional)."""
+              denoiser: Denoiser | None) -> bool:
+    """:func:`rounds_rule` of a method from its built guidance and its denoiser (side-lora's is conditional: pass
+    the one it samples, or None where it is known not to be side-lora's)."""
     return rounds_rule(c, targeted=isinstance(guidance, ClassifierGuidance) or getattr(denoiser, "conditional", False),
                        avoiding=isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
 
@@ -98,7 +100,7 @@ def stored_batches(stage: Path) -> np.ndarray | None:
 
 
 def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None, i: int,
-             starts: np.ndarray | None = None, denoiser: Denoiser | None = None) -> tuple[int, int]:
+             starts: np.ndarray | None = None, *, denoiser: Denoiser | None) -> tuple[int, int]:
     """The generations ``lo .. hi - 1`` that the extraction stage made in one denoiser call with generation ``i``.
     Batched convolutions round differently, so a guided generation is reproduced bit for bit only within its
     batch. ``starts``: the batches the stage recorded (:func:`stored_batches`), which hold even where it halved

@@ -30,7 +30,7 @@ from .data import ImageSet, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
 from .evaluation import calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
-from .extraction import extraction_stage, method_in_rounds, round_size
+from .extraction import TARGETED, extraction_stage, method_in_rounds, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
 from .finetune import finetune, load_finetuned
 from .guidance import ClassifierGuidance, DenoisedGuidance
@@ -301,7 +301,8 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
     """What one method's generations depend on, named positively: the sampler, N_G, the seed, the batch size
     (batched convolutions round differently, so guided images can move by a few uint8 levels) and sharding,
     and for a guided method its own scale, temperature and guidance time range (not the other methods'); for
-    memorization guidance its scale, time range and reconstruction time; under dedup-driven stopping its
+    memorization guidance its scale, time range and reconstruction time; for a method that draws target classes
+    under adaptive allocation the allocation, rounds and near-duplicate distance; under dedup-driven stopping its
     threshold, rounds and near-duplicate distance."""
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     if c.precision != "fp32":
@@ -313,7 +314,7 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
                      memguide_avoid_window=list(guidance.avoid_window), rounds=c.rounds)
     elif guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
-    if c.allocation != "uniform" and (method == "side-lora" or isinstance(guidance, ClassifierGuidance)):
+    if c.allocation != "uniform" and method in TARGETED:
         d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
     if c.stop_unseen > 0:  # dedup-driven stopping, any method
         d.update(stop_unseen=c.stop_unseen, rounds=c.rounds, dedup_threshold=c.dedup_threshold)

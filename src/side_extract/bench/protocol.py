@@ -310,7 +310,8 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                                **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
                                "gu": float(met["gu"]["memorized_fraction"]),
-                               # side-lora's guard against copying its fine-tuning set (every method's, as reference)
+                               # side-lora's guard against copying its fine-tuning set; recorded for every entry
+                               # whose run draws a synthetic set (the baselines' runs here draw none)
                                **({"copy_guard": float(met["copy_guard"]["nearer_synthetic_fraction"])}
                                   if met.get("copy_guard") else {})})
             stats[m].append(padded_to(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]), n))
@@ -489,8 +490,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             lines += ["", "Copy guard: share of generations nearer one of the replicate's synthetic images (side-lora's "
                       "fine-tuning set) than to any training image, % (mean [min-max] over replicates): "
                       + "; ".join(f"{m} {_f(g['mean'])} [{_f(g['min'])}-{_f(g['max'])}]" for m, g in guarded.items())
-                      + (" (the other methods' shares are the reference: how near their generations lie to the "
-                         "synthetic set without fine-tuning on it)." if len(guarded) > 1 else ".")]
+                      + (" (the other forms' shares are the reference: how near generations lie to the synthetic "
+                         "set without fine-tuning on it)" if len(guarded) > 1 else "")
+                      + "; the baselines' runs draw no synthetic set, so they have none here."]
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
         spread = h.get("interval_method") == INTERVAL_METHOD  # and before it took in the replicates' spread
         caption = ("95 % interval of the log ratio, its standard error the larger of the replicates' spread (paired "
