@@ -352,6 +352,22 @@ def test_side_lora_forms_copy_guard_is_in_the_fair_tables(tmp_path, one_thread):
     assert guards == [json.loads(p.read_text())["copy_guard"]["nearer_synthetic_fraction"] for p in stored]
     g = h["summary"]["lora-t"]["copy_guard"]
     assert g["mean"] == pytest.approx(np.mean(guards)) and g["min"] == min(guards)
+    # UnCond's reference share against the form's synthetic set, by brute force from the stored images and the
+    # evaluation's distance to the nearest training image
+    ref = []
+    for r in (2, 3):
+        rep = next(tmp_path.glob(f"cache/**/rep-{r}"))
+        gen = load_shards(rep / "extraction" / "uncond")
+        syn = load_shards(rep / "forms" / "lora-t" / "synthetic")
+        with np.load(rep / "evaluation" / "uncond" / "per_generation.npz") as z:
+            d_train = dict(zip(z["generation_id"].tolist(), z["pixel_distance"].tolist()))
+        a = gen.images.reshape(len(gen), -1).astype(np.float64) / 255
+        b = syn.images.reshape(len(syn), -1).astype(np.float64) / 255
+        d_syn = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).mean(-1)).min(1)
+        ref.append(float(np.mean(d_syn < np.array([d_train[int(i)] for i in gen.ids]) - 1e-9)))
+    got = [row["copy_guard"] for row in h["per_replicate"]["uncond"]]
+    assert got == pytest.approx(ref, abs=1e-12) and h["copy_guard_synthetic"] == "lora-t"
     md = write_fair_results(data, tmp_path / "out")[1].read_text()
     assert f"lora-t {100 * g['mean']:.2f} [{100 * g['min']:.2f}-{100 * g['max']:.2f}]" in md
-    assert "Copy guard" in md
+    u = h["summary"]["uncond"]["copy_guard"]
+    assert f"uncond {100 * u['mean']:.2f} [" in md and "the baselines' against `lora-t`'s synthetic set" in md

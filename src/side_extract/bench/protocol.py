@@ -59,7 +59,8 @@ import numpy as np
 from .. import config as cfg
 from ..metrics import read_bands_file
 from ..extraction import method_in_rounds
-from ..pipeline import ProgressFactory, no_progress, run_audit
+from ..data import load_shards
+from ..pipeline import ProgressFactory, copy_guard, no_progress, run_audit
 from ..runs import STAGE_VERSIONS, RunDir, read_json, versions
 from ..sweeps import share_stages
 from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS
@@ -296,12 +297,15 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     eq_stats: list[dict[str, np.ndarray]] = []
     rounds: set[str] = set()
     bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
+    guarded_forms = [m for m in forms if fc.base_method(m) == "side-lora"]
     for r in fc.heldout_replicates:
         rc = replicate_config(base, r)
         rep = inputs.replicate_run(cache, r)
+        paths: dict[str, Path] = {}
         for m in fc.entries:
             setting = chosen.get(m)
             path, mrc = entry_run(fc, m, rc, None if setting is None else tuple(setting), n, rep)
+            paths[m] = path
             if method_in_rounds(fc.base_method(m), mrc.extract):  # its first n generations are its first rounds
                 rounds.add(m)
             res = run_audit(path, mrc, device=device, progress=progress)
@@ -310,11 +314,14 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                                **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
                                "gu": float(met["gu"]["memorized_fraction"]),
-                               # side-lora's guard against copying its fine-tuning set; recorded for every entry
-                               # whose run draws a synthetic set (the baselines' runs here draw none)
+                               # side-lora's guard against copying its fine-tuning set, for every entry whose run
+                               # draws a synthetic set (the baselines', which draw none, below)
                                **({"copy_guard": float(met["copy_guard"]["nearer_synthetic_fraction"])}
                                   if met.get("copy_guard") else {})})
             stats[m].append(padded_to(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]), n))
+        if guarded_forms:  # the baselines' share against the first side-lora form's synthetic set: the reference
+            for m in (b for b in fc.entries if b in BASELINES and "copy_guard" not in per_rep[b][-1]):
+                per_rep[m][-1]["copy_guard"] = reference_copy_guard(paths[m], m, paths[guarded_forms[0]])
         if equal_samples:  # UnCond in its own sub-run at N_G + N_S (module docstring, step 5)
             path = rep / "forms" / EQUAL_SAMPLES
             res = run_audit(path, method_config(rc, "uncond", None, n + base.sample.n), device=device, progress=progress)
@@ -326,6 +333,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         summary[m] = {k: {"mean": float(np.mean([x[k] for x in rows])), "min": float(min(x[k] for x in rows)),
                           "max": float(max(x[k] for x in rows))} for k in keys}
     out = {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
+           **({"copy_guard_synthetic": guarded_forms[0]} if guarded_forms else {}),
            "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, forms, BASELINES),
            "interval_method": INTERVAL_METHOD, "in_rounds": [m for m in fc.entries if m in rounds],
            "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms)}
@@ -338,6 +346,17 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
             "ratios": count_ratios({m: stats[m] for m in sampled}, eq_stats, fc.n_bootstrap)}
     return out
+
+
+def reference_copy_guard(run: Path, method: str, synthetic_run: Path) -> float:
+    """The copy guard's share (``pipeline.copy_guard``) of ``method``'s generations in ``run`` against the synthetic
+    set of ``synthetic_run`` (a side-lora form's: its fine-tuning data): how many generations of a method that never
+    saw that set lie nearer to it than to any training image, the reference for side-lora's share."""
+    generated = load_shards(run / "extraction" / method)
+    with np.load(run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
+        d_train = dict(zip(z["generation_id"].tolist(), z["pixel_distance"].tolist()))
+    d = np.array([d_train[int(i)] for i in generated.ids])
+    return copy_guard(generated, load_shards(synthetic_run / "synthetic"), d)["nearer_synthetic_fraction"]
 
 
 # what may differ between a fair bench and the earlier one whose tuning it reuses (none of it touches tuning; the
@@ -487,12 +506,13 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                          f"{cell('carlini')} | {cell('p95', False)} |")
         guarded = {m: v["copy_guard"] for m, v in h["summary"].items() if "copy_guard" in v}
         if lora and guarded:  # (files written before it was recorded lack it)
+            ref = h.get("copy_guard_synthetic")
             lines += ["", "Copy guard: share of generations nearer one of the replicate's synthetic images (side-lora's "
                       "fine-tuning set) than to any training image, % (mean [min-max] over replicates): "
                       + "; ".join(f"{m} {_f(g['mean'])} [{_f(g['min'])}-{_f(g['max'])}]" for m, g in guarded.items())
-                      + (" (the other forms' shares are the reference: how near generations lie to the synthetic "
-                         "set without fine-tuning on it)" if len(guarded) > 1 else "")
-                      + "; the baselines' runs draw no synthetic set, so they have none here."]
+                      + (f" (the baselines' against `{ref}`'s synthetic set, the other forms' against their own: the "
+                         "reference, how near generations of a model not fine-tuned on that set lie to it)." if ref
+                         else ".")]
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
         spread = h.get("interval_method") == INTERVAL_METHOD  # and before it took in the replicates' spread
         caption = ("95 % interval of the log ratio, its standard error the larger of the replicates' spread (paired "
