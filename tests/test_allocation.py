@@ -254,7 +254,7 @@ def test_a_stopped_methods_shares_count_per_generation_asked_in_the_summary_rati
     m = {"n_generated": 8, "ams": {"mid": 0.5}, "ums": {"mid": 0.25}, "ams_cumulative": {"mid": 0.5},
          "ums_cumulative": {"mid": 0.25}, "carlini": {"extracted_fraction": 0.75}, "gu": {"memorized_fraction": 0.0},
          "p95": 0.1}
-    out = per_budget(m, {"n": 12, "stopped": {"at": 8}})
+    out = per_budget(m, 12)
     assert out["ams"]["mid"] == pytest.approx(1 / 3) and out["ums_cumulative"]["mid"] == pytest.approx(1 / 6)
     assert out["carlini"]["extracted_fraction"] == pytest.approx(0.5) and out["p95"] == 0.1
-    assert m["ams"]["mid"] == 0.5 and per_budget(m, {"n": 8}) is m and per_budget(m, None) is m
+    assert m["ams"]["mid"] == 0.5 and per_budget(m, 8) is m

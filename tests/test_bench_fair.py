@@ -306,8 +306,12 @@ def test_dedup_driven_stopping_is_every_methods_and_tuning_scores_per_budget(tmp
     rep1 = next((tmp_path / "cache" / "runs").glob("*/rep-1"))  # holds the grid's last setting, lambda 30
     assert json.loads((rep1 / "evaluation" / "memguide" / "metrics.json").read_text())["n_generated"] == 2
     # by hand: 30 distinct images in 100 generations made of 400 asked for score 30 / 400, not 30 / 100
-    assert tuning_score({"ums_cumulative": {"mid": 0.3}, "n_generated": 100}, "ums_cumulative/mid", 400) == 0.075
-    assert tuning_score({"ums_cumulative": {"mid": 0.3}, "n_generated": 400}, "ums_cumulative/mid", 400) == 0.3
+    def made(n: int) -> dict:
+        return {"n_generated": n, **{k: {"mid": 0.3} for k in ("ams", "ums", "ams_cumulative", "ums_cumulative")},
+                "carlini": {"extracted_fraction": 0.5}, "gu": {"memorized_fraction": 0.1}}
+
+    assert tuning_score(made(100), "ums_cumulative/mid", 400) == pytest.approx(0.075)
+    assert tuning_score(made(400), "ums_cumulative/mid", 400) == 0.3
     md = write_fair_results(data, tmp_path / "out")[1].read_text()
     assert "Dedup-driven stopping for every method (`extract.stop_unseen` = 0.4" in md
     assert "side 3.0 [3-3]; memguide 3.0 [3-3]; uncond 3.0 [3-3]" in md

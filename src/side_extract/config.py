@@ -365,10 +365,11 @@ class ExtractConfig:
     (``allocation.py``: in ``rounds`` rounds, toward the classes still producing new images, near-duplicates below
     ``dedup_threshold`` pixel RMS counting as one image; each round's shards wait for the earlier rounds; rounds are
     ceil(n / ``rounds``) generations each, so ``rounds`` is an upper bound (n = 9 with 4 makes 3 rounds of 3)).
-    ``stop_unseen`` > 0 (label-free, beyond the paper; 0, the default, is off) is *dedup-driven stopping*, offered to every method alike, UnCond included: the method generates in ``rounds`` rounds and stops
-    after the first round at which the Good-Turing estimate of the chance that its next generation is a new image
-    (its generations so far grouped into near-duplicates below ``dedup_threshold``; ``allocation.unseen_mass``)
-    falls below ``stop_unseen``, so a target that keeps repeating the same images is not sampled to the end of
+    ``stop_unseen`` > 0 (label-free, beyond the paper; 0, the default, is off) is *dedup-driven stopping*, offered
+    to every method alike, UnCond included: the method generates in ``rounds`` rounds and stops after the first
+    round at which the Good-Turing estimate of the chance that its next generation is a new image (its
+    generations so far grouped into near-duplicates below ``dedup_threshold``; ``allocation.unseen_mass``) falls
+    below ``stop_unseen``, so a target that keeps repeating the same images is not sampled to the end of
     N_G; the stage records where it stopped, and the method's metrics count the generations it made. At equal
     N_G it can only lower a method's distinct images; it saves budget. Every method samples with
     guided-diffusion's DDIM (eps recomputed from the clipped x0) and guidance in its order

@@ -117,8 +117,8 @@ def batch_of(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGu
         lo = int(starts[i])
         same = np.flatnonzero(starts == lo)
         return lo, int(same[-1]) + 1
-    for lo, hi in (r for rnd in shard_ranges(c.n, c.shard_size, round_size(c) if in_rounds(c, guidance, denoiser) else None)
-                   for r in rnd):
+    layout = shard_ranges(c.n, c.shard_size, round_size(c) if in_rounds(c, guidance, denoiser) else None)
+    for lo, hi in (r for rnd in layout for r in rnd):
         if lo <= i < hi:
             b0 = lo + (i - lo) // c.batch_size * c.batch_size
             return b0, min(hi, b0 + c.batch_size)

@@ -572,8 +572,8 @@ def shard_stage(
     image i does not depend on ``n`` (not in rounds): a complete stage of m < ``n`` images with that fingerprint
     is grown, keeping every shard whose index range is the same in both layouts. ``stop(end)``: with rounds, asked
     after each round but the last (:func:`write_shards`); a dict ends the stage there with fewer than ``n``
-    images, and is recorded in the manifest entry as ``stopped``: ``{"at": end, **that dict}``. In a launch of several processes the
-    main one decides and records; every process writes its own shards.
+    images, and is recorded in the manifest entry as ``stopped``: ``{"at": end, **that dict}``. In a launch of
+    several processes the main one decides and records; every process writes its own shards.
     """
     group = run.group
     directory = run.path / stage
@@ -615,12 +615,14 @@ def shard_stage(
         written = write_shards(directory, rounds, make_shard, progress, group=group,
                                stop=None if stop is None else stop_at)
         group.barrier()
-        if group.main and stopped:  # shards past the stop, left by an earlier attempt that stopped later (a lost shard
-            for k, (lo, _) in enumerate(r for rnd in rounds for r in rnd):  # remade on another device can move it)
+        if group.main and stopped:  # shards past the stop, left by an earlier attempt that stopped later
+            # (a lost shard remade on another device can move the stop)
+            for k, (lo, _) in enumerate(r for rnd in rounds for r in rnd):
                 if lo >= stopped["at"]:
                     shard_path(directory, k).unlink(missing_ok=True)
         if group.main:
             run.complete(stage, n=n, shards_written_now=written, resumed=decision == "resume",
-                         sampling_seconds=round(time.time() - t0, 3), processes=group.world, **({"stopped": stopped} if stopped else {}), **info)
+                         sampling_seconds=round(time.time() - t0, 3), processes=group.world,
+                         **({"stopped": stopped} if stopped else {}), **info)
         group.barrier()
     return load_shards(directory)

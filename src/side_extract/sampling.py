@@ -287,8 +287,8 @@ def sample_batches(
     b0 = start
     while b0 < start + n:
         idx = np.arange(b0, min(b0 + size.size, start + n))
-        gens = sample_generators(seed, idx, stream)  # CPU streams on every device: CUDA's generator draws
-        # other numbers, so a run resumed or regenerated on another device type would mix two noise families
+        gens = sample_generators(seed, idx, stream)  # CPU streams: a run resumed or regenerated on another device
+        # type draws the same noise
         x = randn_tensor((len(idx), *denoiser.sample_shape), generator=gens, device=torch.device(device))
         y = None if not needs_labels else torch.as_tensor(labels[idx - start], dtype=torch.long, device=device)
         try:

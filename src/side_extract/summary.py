@@ -126,13 +126,14 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
             "generations.")
 
 
-def per_budget(metrics: dict[str, Any], stage: dict[str, Any] | None) -> dict[str, Any]:
-    """``metrics`` with its shares per generation *asked for* where dedup-driven stopping ended the stage early
-    (``stopped`` in its manifest entry): the generations not made count as misses, so a method is not favoured
-    in the ratios for stopping early (its distinct images per generation made would be). Otherwise unchanged."""
-    if not stage or "stopped" not in stage or not stage.get("n"):
+def per_budget(metrics: dict[str, Any], n_asked: int) -> dict[str, Any]:
+    """``metrics`` with its shares per generation *asked for* (``n_asked``) where dedup-driven stopping made fewer:
+    the generations not made count as misses, so a method is not favoured for stopping early (its distinct images
+    per generation made would be), in the summary's ratios as in the fair benchmark's tuning. Otherwise
+    ``metrics`` itself."""
+    if metrics["n_generated"] >= n_asked:
         return metrics
-    f = metrics["n_generated"] / stage["n"]
+    f = metrics["n_generated"] / n_asked
     out = {**metrics, **{k: {b: v * f for b, v in metrics[k].items()}
                          for k in ("ams", "ums", "ams_cumulative", "ums_cumulative")}}
     out["carlini"] = {**metrics["carlini"], "extracted_fraction": metrics["carlini"]["extracted_fraction"] * f}
@@ -148,7 +149,8 @@ def audit_summary(run: str | Path) -> dict[str, Any]:
     methods = {k: method_summary(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()}
     return {"schema": SCHEMA, "verdict": verdict(metrics, methods), "methods": methods,
             "ratios_to_best_baseline": ratios_to_best_baseline(
-                {k: per_budget(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()})}
+                {k: per_budget(m, (stages.get(f"extraction/{k}") or {}).get("n") or m["n_generated"])
+                 for k, m in metrics.items()})}
 
 
 def write_summary(run: str | Path) -> Path:

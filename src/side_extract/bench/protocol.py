@@ -57,13 +57,13 @@ from typing import Any
 import numpy as np
 
 from .. import config as cfg
-from ..metrics import read_bands_file
-from ..extraction import method_in_rounds
 from ..data import load_shards
+from ..extraction import method_in_rounds
+from ..metrics import read_bands_file
 from ..pipeline import ProgressFactory, copy_guard, no_progress, run_audit
 from ..runs import STAGE_VERSIONS, RunDir, read_json, versions
 from ..sweeps import share_stages
-from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS
+from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS, per_budget
 from . import machine_description, write_results
 from .tables import _preamble
 from .intervals import INTERVAL_METHOD, bootstrap_ratios, count_ratios, distinct_count, per_generation_stats
@@ -206,10 +206,9 @@ def _metric(metrics: dict[str, Any], name: str) -> float:
 
 
 def tuning_score(metrics: dict[str, Any], select_metric: str, n_asked: int) -> float:
-    """What tuning maximizes for one run: ``select_metric`` (a share of the generations made) per generation
-    *asked for*, so that a method stopped early by dedup-driven stopping gains nothing by making fewer (the
-    same value when every generation was made)."""
-    return _metric(metrics, select_metric) * metrics["n_generated"] / n_asked
+    """What tuning maximizes for one run: ``select_metric`` per generation *asked for* (``summary.per_budget``), so
+    that a method stopped early by dedup-driven stopping gains nothing by making fewer."""
+    return _metric(per_budget(metrics, n_asked), select_metric)
 
 
 def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str = "cpu",

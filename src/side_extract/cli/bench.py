@@ -210,7 +210,7 @@ def fair_cmd(
     bc = ExtractionBenchConfig()
     run = dataclasses.replace(bc.run, sample=dataclasses.replace(bc.run.sample, n=n_synthetic),
                               extract=dataclasses.replace(bc.run.extract, n=n_generated, eta=eta,
-                                                                 stop_unseen=stop_unseen))
+                                                          stop_unseen=stop_unseen))
     bc = dataclasses.replace(bc, scales=_ints(scales, "--scales"), size=size, run=run, lambdas=(), n_clusters=(),
                              taus=(), target=dataclasses.replace(bc.target, steps=train_steps))
     import yaml
