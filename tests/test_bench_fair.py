@@ -10,8 +10,9 @@ import pytest
 
 from side_extract import config as cfg
 from side_extract.bench.intervals import bootstrap_ratios, count_ratios
-from side_extract.bench.protocol import (BASELINES, FairBenchConfig, budget_curve, budget_grid, replicate_config,
-                                         reused_tuning, run_fair_bench, tuning_score, write_fair_results)
+from side_extract.bench.protocol import (BASELINES, FairBenchConfig, budget_curve, budget_grid,
+                                         chosen_on_validation, replicate_config, reused_tuning, run_fair_bench,
+                                         tuning_score, write_fair_results)
 from side_extract.data import load_shards
 from side_extract.models.target import model_fingerprint
 
@@ -106,6 +107,31 @@ def test_bootstrap_ratio_by_hand():
     assert not a["excludes_1"]
 
 
+def test_the_headline_form_is_chosen_on_validation_not_on_the_heldout_replicates():
+    """Forms a and b tie on validation (12 %), b has the higher held-out ratio: the headline is a (the earlier of the
+    tied), b is named as tied and as the held-out highest. The label-free pick is made among memguide entries only,
+    and a baseline is never a pick."""
+    c = {"select_metric": "ums_cumulative/mid", "methods": ["side", "memguide", "cond", "uncond"],
+         "forms": {"a": {"method": "side"}, "b": {"method": "side"}, "mg-avoid": {"method": "memguide"}}}
+    chosen = {"side": [1.0, 1.0], "cond": [1.0, 2.0], "uncond": None, "memguide": [60.0, 0.0], "a": [3.0, 1.0],
+              "b": [1.0, 2.0], "mg-avoid": [60.0, 0.0]}
+    means = {"side": {"1,1": 0.10, "3,1": 0.09}, "cond": {"1,2": 0.30}, "memguide": {"60,0": 0.18, "30,0": 0.17},
+             "a": {"1,1": 0.11, "3,1": 0.12}, "b": {"1,1": 0.10, "1,2": 0.12}, "mg-avoid": {"60,0": 0.20}}
+    ratio = {"side": 0.9, "a": 1.0, "b": 1.1, "memguide": 1.3, "mg-avoid": 1.47}
+    ratios = {m: {"distinct_nn/mid": {"side": 100 * v, "ratio": v, "ci95": [v - 0.1, v + 0.1], "best_baseline_method": "cond",
+                                      "excludes_1": v - 0.1 > 1}} for m, v in ratio.items()}
+    picks = chosen_on_validation(c, {"tuning": {"chosen": chosen, "mean_by_setting": means},
+                                     "heldout": {"ratios": ratios}})
+    assert picks["side"]["entry"] == "a" and picks["side"]["validation"] == 0.12 and picks["side"]["tied"] == ["b"]
+    assert picks["side"]["heldout_highest"] == "b" and picks["side"]["distinct_nn/mid"]["ratio"] == 1.0
+    assert picks["side"]["setting"] == [3.0, 1.0]
+    assert picks["label_free"]["entry"] == "mg-avoid" and picks["label_free"]["tied"] == []
+    assert picks["label_free"]["heldout_highest"] == "mg-avoid"
+    # only baselines and label-free entries: no SIDE pick
+    assert set(chosen_on_validation({**c, "forms": {}}, {"tuning": {"chosen": chosen, "mean_by_setting": {
+        "memguide": means["memguide"]}}, "heldout": {"ratios": {"memguide": ratios["memguide"]}}})) == {"label_free"}
+
+
 def test_equal_samples_ratio_counts_by_hand():
     """SIDE reaches 4 distinct nearest images in its 4 generations; UnCond 6 in its 8 (N_G + N_S): 4 / 6, although
     per generation SIDE's share (1) is above UnCond's (0.75). A resample of SIDE never finds more than 4."""
@@ -146,6 +172,10 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     assert set(s["tuning"]["mean_by_setting"]["cond"]) == set(s["tuning"]["mean_by_setting"]["side"]) == {"0,1", "1,1"}
     assert s["heldout"]["replicates"] == [2, 3] and len(s["heldout"]["per_replicate"]["side"]) == 2
     assert set(s["heldout"]["ratios"]) == {"side"}
+    pick = s["chosen_on_validation"]["side"]  # the only SIDE form, at its chosen setting's validation score
+    assert pick["entry"] == "side" and pick["validation"] == s["tuning"]["mean_by_setting"]["side"][
+        "{:g},{:g}".format(*chosen["side"])] and "label_free" not in s["chosen_on_validation"]
+    assert "- best SIDE form: **side**" in md_path.read_text()
     curve = s["heldout"]["budget_curve"]
     assert curve[-1]["n_generated"] == s["heldout"]["n_generated"] and "side" in curve[-1]["ratios"]
     assert curve[-1]["ratios"]["side"]["distinct_nn/mid"]["ratio"] == s["heldout"]["ratios"]["side"]["distinct_nn/mid"]["ratio"]

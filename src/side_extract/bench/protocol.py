@@ -26,7 +26,8 @@ For each training-set size in ``scales``:
    ``per_generation.npz``: ``ams_cum/<band>`` (share of generations at that band or closer),
    ``distinct_nn/<band>`` (distinct *nearest* training images among those generations, per generation: UMS
    restricted to each generation's nearest neighbour, so at most UMS) and ``carlini`` (share with Carlini's
-   ratio < 1).
+   ratio < 1). The headline entry, the best SIDE form (and the best label-free entry), is the one whose chosen
+   setting scored highest in step 1 (:func:`chosen_on_validation`), not the one with the highest held-out mean.
 4. **Budget curve.** Generation ``i`` of a run depends on (seed, i) alone, so a run's first ``n`` generations
    *are* the run at N_G = ``n``. The distinct-image ratios are re-read on such prefixes (``budget_grid``:
    N_G/10, 3 N_G/10, the training-set size when below N_G, and N_G), with the same bootstrap: plain sampling
@@ -223,14 +224,14 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
             for setting in fc.settings(m):
                 path, mrc = entry_run(fc, m, rc, setting, fc.validation_n, rep)
                 res = run_audit(path, mrc, device=device, progress=progress)
-                scores[m].setdefault(f"{setting[0]:g},{setting[1]:g}", []).append(
+                scores[m].setdefault(_setting_key(setting), []).append(
                     tuning_score(res.metrics[fc.base_method(m)], fc.select_metric, fc.validation_n))
     chosen: dict[str, list[float] | None] = {m: None for m in fc.entries if not fc.settings(m)}
     table: dict[str, dict[str, float]] = {}
     for m, by_setting in scores.items():
         means = {k: float(np.mean(v)) for k, v in by_setting.items()}
         table[m] = means
-        best = max(fc.settings(m), key=lambda s: (means[f"{s[0]:g},{s[1]:g}"], -s[0], -s[1]))
+        best = max(fc.settings(m), key=lambda s: (means[_setting_key(s)], -s[0], -s[1]))
         chosen[m] = [best[0], best[1]]
     return {"replicates": list(fc.validation_replicates), "n_generated": fc.validation_n,
             "select_metric": fc.select_metric, "mean_by_setting": table, "chosen": chosen}
@@ -423,8 +424,10 @@ def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu
         else:
             tuned = tune(fc, inputs, cache, device=device, progress=progress)
         held = report(fc, inputs, tuned["chosen"], cache, device=device, progress=progress)
-        data["scales"].append({"n_train": n, "target": inputs.target, "bands": read_json(inputs.bands)["bands"],
-                               "tuning": tuned, "heldout": held, "seconds": round(time.time() - ts, 1)})
+        scale = {"n_train": n, "target": inputs.target, "bands": read_json(inputs.bands)["bands"], "tuning": tuned,
+                 "heldout": held}
+        data["scales"].append({**scale, "chosen_on_validation": chosen_on_validation(data["config"], scale),
+                               "seconds": round(time.time() - ts, 1)})
         log.info("fair bench: scale %d done in %.0f s", n, time.time() - ts)
     data["seconds"] = round(time.time() - t0, 1)
     return data
@@ -444,6 +447,35 @@ def _mark(r: dict[str, Any]) -> str:
 def _method(c: dict[str, Any], name: str) -> str:
     """The method an entry of a written benchmark config ``c`` runs: a form names its own."""
     return c.get("forms", {}).get(name, {}).get("method", name)
+
+
+def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The headline pick of one scale of a written fair benchmark (``c`` its config, ``s`` the scale), per kind
+    (``side``: the SIDE forms; ``label_free``: memguide and its forms): the entry whose chosen setting scored highest
+    on the validation replicates (``select_metric``; ties: the earlier entry, the others named in ``tied``), with
+    its held-out distinct-image ratio to the best baseline. The validation replicates chose each entry's setting;
+    they choose the entry too, since the highest held-out mean would flatter the winner among close forms
+    (``heldout_highest`` names that entry for comparison). The baseline stays the one with the higher held-out mean:
+    UnCond has no validation runs, and the stronger baseline is the harder comparison."""
+    tuning, ratios = s["tuning"], s["heldout"]["ratios"]
+    out: dict[str, dict[str, Any]] = {}
+    for kind, methods in (("side", SIDE_METHODS), ("label_free", LABEL_FREE)):
+        scored = {m: by[_setting_key(tuning["chosen"][m])] for m, by in tuning["mean_by_setting"].items()
+                  if _method(c, m) in methods and m in ratios}
+        if not scored:
+            continue
+        entry = max(scored, key=scored.get)  # the first of equals: the earlier entry
+        row = ratios[entry]["distinct_nn/mid"]
+        out[kind] = {"entry": entry, "validation": scored[entry], "setting": tuning["chosen"][entry],
+                     "tied": [m for m, v in scored.items() if v == scored[entry] and m != entry],
+                     "heldout_highest": max(scored, key=lambda m: ratios[m]["distinct_nn/mid"]["side"]),
+                     "distinct_nn/mid": row}
+    return out
+
+
+def _setting_key(setting: list[float]) -> str:
+    """A setting as ``mean_by_setting`` keys it: "lambda,T" (``tune``)."""
+    return f"{setting[0]:g},{setting[1]:g}"
 
 
 def _setting(c: dict[str, Any], name: str, setting: list[float] | None) -> str:
@@ -532,6 +564,24 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 cells.append(f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
                              f"{r['best_baseline_method']}{mark}")
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
+        picks = chosen_on_validation(c, s)
+        if picks:
+            lines += ["", f"Chosen on validation (the entry whose chosen setting scored highest on "
+                      f"`{c['select_metric']}` on the validation replicates, as its setting was; the held-out "
+                      "replicates choose nothing), its distinct_nn/mid ratio as above:", ""]
+            for kind, label in (("side", "best SIDE form"), ("label_free", "best label-free entry")):
+                p = picks.get(kind)
+                if p is None:
+                    continue
+                r = p["distinct_nn/mid"]
+                lo, hi = r["ci95"]
+                lines.append(f"- {label}: **{p['entry']}** ({_setting(c, p['entry'], p['setting'])}; validation "
+                             f"{_f(p['validation'])} %"
+                             + (f", tied with {', '.join(p['tied'])}" if p["tied"] else "") + f"): "
+                             f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
+                             f"{r['best_baseline_method']}{_mark(r)}"
+                             + (f" (the highest held-out mean: {p['heldout_highest']})"
+                                if p["heldout_highest"] != p["entry"] else " (also the highest held-out mean)"))
         curve = h.get("budget_curve")
         if curve:
             lines += ["", "Distinct nearest training images (mid band or closer) by budget: the first n generations "
