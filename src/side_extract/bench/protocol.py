@@ -464,10 +464,11 @@ def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict
                   if _method(c, m) in methods and m in ratios}
         if not scored:
             continue
-        entry = max(scored, key=scored.get)  # the first of equals: the earlier entry
+        level = {m: round(v, 9) for m, v in scored.items()}  # means of equal counts summed in another order tie
+        entry = max(level, key=level.get)  # the first of equals: the earlier entry
         row = ratios[entry]["distinct_nn/mid"]
         out[kind] = {"entry": entry, "validation": scored[entry], "setting": tuning["chosen"][entry],
-                     "tied": [m for m, v in scored.items() if v == scored[entry] and m != entry],
+                     "tied": [m for m, v in level.items() if v == level[entry] and m != entry],
                      "heldout_highest": max(scored, key=lambda m: ratios[m]["distinct_nn/mid"]["side"]),
                      "distinct_nn/mid": row}
     return out
@@ -476,6 +477,14 @@ def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict
 def _setting_key(setting: list[float]) -> str:
     """A setting as ``mean_by_setting`` keys it: "lambda,T" (``tune``)."""
     return f"{setting[0]:g},{setting[1]:g}"
+
+
+def _setting_named(c: dict[str, Any], name: str, setting: list[float]) -> str:
+    """A chosen setting with its names: "lambda 3, T 1", side-lora "w 6", memguide "lambda 60"."""
+    method = _method(c, name)
+    if method == "side-lora":
+        return f"w {setting[0]:g}"
+    return f"lambda {setting[0]:g}" if method in LABEL_FREE else f"lambda {setting[0]:g}, T {setting[1]:g}"
 
 
 def _setting(c: dict[str, Any], name: str, setting: list[float] | None) -> str:
@@ -567,16 +576,17 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         picks = chosen_on_validation(c, s)
         if picks:
             lines += ["", f"Chosen on validation (the entry whose chosen setting scored highest on "
-                      f"`{c['select_metric']}` on the validation replicates, as its setting was; the held-out "
-                      "replicates choose nothing), its distinct_nn/mid ratio as above:", ""]
+                      f"`{c['select_metric']}` on the validation replicates at N_G {c['validation_n']}, as its "
+                      "setting was; ties: the earlier entry), its distinct_nn/mid ratio as above (the best baseline "
+                      "is still the one with the higher held-out mean: UnCond has no validation runs):", ""]
             for kind, label in (("side", "best SIDE form"), ("label_free", "best label-free entry")):
                 p = picks.get(kind)
                 if p is None:
                     continue
                 r = p["distinct_nn/mid"]
                 lo, hi = r["ci95"]
-                lines.append(f"- {label}: **{p['entry']}** ({_setting(c, p['entry'], p['setting'])}; validation "
-                             f"{_f(p['validation'])} %"
+                lines.append(f"- {label}: **{p['entry']}** ({_setting_named(c, p['entry'], p['setting'])}; "
+                             f"validation {_f(p['validation'])} %"
                              + (f", tied with {', '.join(p['tied'])}" if p["tied"] else "") + f"): "
                              f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
                              f"{r['best_baseline_method']}{_mark(r)}"
