@@ -10,7 +10,7 @@ import pytest
 
 from side_extract import config as cfg
 from side_extract.bench.intervals import bootstrap_ratios, count_ratios
-from side_extract.bench.protocol import (BASELINES, FairBenchConfig, budget_curve, budget_grid,
+from side_extract.bench.protocol import (BASELINES, FairBenchConfig, best_setting, budget_curve, budget_grid,
                                          chosen_on_validation, replicate_config, reused_tuning, run_fair_bench,
                                          tuning_score, write_fair_results)
 from side_extract.data import load_shards
@@ -105,6 +105,17 @@ def test_bootstrap_ratio_by_hand():
     a = r["ams_cum/mid"]
     assert a["best_baseline_method"] == "uncond" and a["ratio"] == 1.0 and a["ci95"] == [1.0, 1.0]
     assert not a["excludes_1"]
+
+
+def test_a_tie_on_validation_goes_to_the_smaller_lambda_even_through_a_rounding_error():
+    """Two validation replicates: lambda 3 scores 0.1 and 0.2, lambda 1 0.15 and 0.15: the same mean, but the
+    floats differ in the last bit (lambda 3's is the larger). The documented rule (the smaller lambda, then the
+    smaller temperature) must decide, not the rounding."""
+    means = {"1,1": float(np.mean([0.15, 0.15])), "3,1": float(np.mean([0.1, 0.2])), "10,1": 0.1}
+    assert means["3,1"] > means["1,1"]  # by a rounding error
+    assert best_setting([(1.0, 1.0), (3.0, 1.0), (10.0, 1.0)], means) == (1.0, 1.0)
+    assert best_setting([(1.0, 2.0), (1.0, 1.0)], {"1,2": 0.2, "1,1": 0.2}) == (1.0, 1.0)
+    assert best_setting([(1.0, 1.0), (3.0, 1.0)], {"1,1": 0.1, "3,1": 0.2}) == (3.0, 1.0)
 
 
 def test_the_headline_form_is_chosen_on_validation_not_on_the_heldout_replicates():

@@ -231,10 +231,23 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
     for m, by_setting in scores.items():
         means = {k: float(np.mean(v)) for k, v in by_setting.items()}
         table[m] = means
-        best = max(fc.settings(m), key=lambda s: (means[_setting_key(s)], -s[0], -s[1]))
+        best = best_setting(fc.settings(m), means)
         chosen[m] = [best[0], best[1]]
     return {"replicates": list(fc.validation_replicates), "n_generated": fc.validation_n,
             "select_metric": fc.select_metric, "mean_by_setting": table, "chosen": chosen}
+
+
+def best_setting(settings: list[tuple[float, float]], means: dict[str, float]) -> tuple[float, float]:
+    """The setting with the highest validation mean (``means`` keyed by :func:`_setting_key`); ties: the smaller
+    lambda, then the smaller temperature. Means are compared by :func:`_level`: equal scores summed over the
+    replicates in another order differ by a rounding error, which must not break a tie."""
+    return max(settings, key=lambda s: (_level(means[_setting_key(s)]), -s[0], -s[1]))
+
+
+def _level(score: float) -> float:
+    """A validation mean as it is compared (:func:`best_setting`, :func:`chosen_on_validation`): to 9 decimals, so
+    that equal scores summed in another order tie."""
+    return round(score, 9)
 
 
 CURVE_METRICS = ("distinct_nn/mid", "distinct_nn/high", "ams_cum/mid")
@@ -464,7 +477,7 @@ def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict
                   if _method(c, m) in methods and m in ratios}
         if not scored:
             continue
-        level = {m: round(v, 9) for m, v in scored.items()}  # means of equal counts summed in another order tie
+        level = {m: _level(v) for m, v in scored.items()}
         entry = max(level, key=level.get)  # the first of equals: the earlier entry
         row = ratios[entry]["distinct_nn/mid"]
         out[kind] = {"entry": entry, "validation": scored[entry], "setting": tuning["chosen"][entry],
