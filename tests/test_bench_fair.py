@@ -187,9 +187,10 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     assert set(s["tuning"]["mean_by_setting"]["cond"]) == set(s["tuning"]["mean_by_setting"]["side"]) == {"0,1", "1,1"}
     assert s["heldout"]["replicates"] == [2, 3] and len(s["heldout"]["per_replicate"]["side"]) == 2
     assert set(s["heldout"]["ratios"]) == {"side"}
-    pick = s["chosen_on_validation"]["side"]  # the only SIDE form, at its chosen setting's validation score
+    picks = chosen_on_validation(d["config"], s)  # from the written file alone
+    pick = picks["side"]  # the only SIDE form, at its chosen setting's validation score
     assert pick["entry"] == "side" and pick["validation"] == s["tuning"]["mean_by_setting"]["side"][
-        "{:g},{:g}".format(*chosen["side"])] and "label_free" not in s["chosen_on_validation"]
+        "{:g},{:g}".format(*chosen["side"])] and "label_free" not in picks
     assert "- best SIDE form: **side** (lambda {:g}, T {:g}; validation".format(*chosen["side"]) in md_path.read_text()
     curve = s["heldout"]["budget_curve"]
     assert curve[-1]["n_generated"] == s["heldout"]["n_generated"] and "side" in curve[-1]["ratios"]

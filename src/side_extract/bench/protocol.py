@@ -437,10 +437,8 @@ def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu
         else:
             tuned = tune(fc, inputs, cache, device=device, progress=progress)
         held = report(fc, inputs, tuned["chosen"], cache, device=device, progress=progress)
-        scale = {"n_train": n, "target": inputs.target, "bands": read_json(inputs.bands)["bands"], "tuning": tuned,
-                 "heldout": held}
-        data["scales"].append({**scale, "chosen_on_validation": chosen_on_validation(data["config"], scale),
-                               "seconds": round(time.time() - ts, 1)})
+        data["scales"].append({"n_train": n, "target": inputs.target, "bands": read_json(inputs.bands)["bands"],
+                               "tuning": tuned, "heldout": held, "seconds": round(time.time() - ts, 1)})
         log.info("fair bench: scale %d done in %.0f s", n, time.time() - ts)
     data["seconds"] = round(time.time() - t0, 1)
     return data
@@ -492,20 +490,17 @@ def _setting_key(setting: list[float]) -> str:
     return f"{setting[0]:g},{setting[1]:g}"
 
 
-def _setting_named(c: dict[str, Any], name: str, setting: list[float]) -> str:
-    """A chosen setting with its names: "lambda 3, T 1", side-lora "w 6", memguide "lambda 60"."""
+def _setting(c: dict[str, Any], name: str, setting: list[float] | None, named: bool = False) -> str:
+    """A chosen setting as the tables show it: "lambda, T" (side-lora "w, 0"); memguide's (and its forms') lambda
+    alone. ``named``: with the names, "lambda 3, T 1", side-lora "w 6", memguide "lambda 60"."""
+    if setting is None:
+        return "-"
     method = _method(c, name)
+    if not named:
+        return f"{setting[0]:g}" if method in LABEL_FREE else f"{setting[0]:g}, {setting[1]:g}"
     if method == "side-lora":
         return f"w {setting[0]:g}"
     return f"lambda {setting[0]:g}" if method in LABEL_FREE else f"lambda {setting[0]:g}, T {setting[1]:g}"
-
-
-def _setting(c: dict[str, Any], name: str, setting: list[float] | None) -> str:
-    """A chosen setting as the tables show it: "lambda, T" (side-lora "w, 0"); memguide's (and its forms') lambda
-    alone."""
-    if setting is None:
-        return "-"
-    return f"{setting[0]:g}" if _method(c, name) in LABEL_FREE else f"{setting[0]:g}, {setting[1]:g}"
 
 
 def render_fair_markdown(data: dict[str, Any]) -> str:
@@ -586,7 +581,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 cells.append(f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
                              f"{r['best_baseline_method']}{mark}")
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
-        picks = chosen_on_validation(c, s)
+        picks = chosen_on_validation(c, s)  # derived from the file's tuning and ratios, not stored beside them
         if picks:
             lines += ["", f"Chosen on validation (the entry whose chosen setting scored highest on "
                       f"`{c['select_metric']}` on the validation replicates at N_G {c['validation_n']}, as its "
@@ -598,7 +593,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                     continue
                 r = p["distinct_nn/mid"]
                 lo, hi = r["ci95"]
-                lines.append(f"- {label}: **{p['entry']}** ({_setting_named(c, p['entry'], p['setting'])}; "
+                lines.append(f"- {label}: **{p['entry']}** ({_setting(c, p['entry'], p['setting'], named=True)}; "
                              f"validation {_f(p['validation'])} %"
                              + (f", tied with {', '.join(p['tied'])}" if p["tied"] else "") + f"): "
                              f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
