@@ -87,6 +87,23 @@ def test_training_resumes_exactly(tmp_path):
     torch.testing.assert_close(full(xx, tt), resumed(xx, tt), rtol=0, atol=0)
 
 
+def test_checkpoint_past_the_step_budget_is_not_resumed(tmp_path):
+    """A checkpoint of a longer run in ``out`` cannot be wound back: asking for fewer steps trains them afresh (it
+    used to return the longer-trained model, with its longer history)."""
+    import dataclasses
+
+    x, y = separable_toy(64)
+    arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8)
+    c = cfg.ClassifierConfig(steps=4, batch_size=16, eval_every=2, eval_fraction=0.0)
+    train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "run")
+    short = dataclasses.replace(c, steps=2)
+    reused = train_classifier(arch, x, y, short, scheduler=tiny_scheduler(), out=tmp_path / "run")
+    fresh = train_classifier(arch, x, y, short, scheduler=tiny_scheduler(), out=tmp_path / "fresh")
+    assert [h["step"] for h in reused.history] == [h["step"] for h in fresh.history] == [2]
+    for k, v in fresh.model.state_dict().items():
+        assert torch.equal(v, reused.model.state_dict()[k]), k
+
+
 @pytest.mark.parametrize("change", ["images", "labels", "schedule"])
 def test_checkpoint_of_other_data_is_not_resumed(tmp_path, change):
     """A finished checkpoint in ``out`` made from other images, labels or noise schedule is discarded: the

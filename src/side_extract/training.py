@@ -156,14 +156,14 @@ def train_classifier(
     state = json.loads((ckpt / "state.json").read_text()) if ckpt is not None and (ckpt / "state.json").is_file() else None
     group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
     if state is not None:
-        if state.get("resume_key") == key:
+        if state.get("resume_key") == key and int(state["step"]) <= c.steps:  # a longer run's cannot be wound back
             # read on the host; load_state_dict copies into the model and casts the state to its device
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
             start, history = state["step"], state["history"]
             log.info("classifier: resuming at step %d", start)
         elif group.main:
-            log.info("classifier: discarding a checkpoint made from other data or settings")
+            log.info("classifier: discarding a checkpoint made from other data or settings, or past %d steps", c.steps)
             shutil.rmtree(ckpt)
     n_t = scheduler.config.num_train_timesteps if scheduler is not None else 0
     n_batch = min(c.batch_size, len(x_tr))
