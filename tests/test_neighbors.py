@@ -117,6 +117,21 @@ def test_pairs_within_matches_brute_force(pixels, metric, lo, hi):
     assert len(want) > 0
 
 
+@pytest.mark.parametrize("metric,lo,hi", [("rms-l2", 1e-4, np.inf), ("cosine", -np.inf, 1.0)])
+def test_excluded_pairs_stay_out_when_a_side_is_open(pixels, metric, lo, hi):
+    """With ``exclude_self`` and a range open on one side, every pair but the excluded ones (a row with itself) is
+    streamed; the excluded pairs used to come out too, as cosine -1 or distance inf."""
+    ref, _ = pixels
+    if metric == "cosine":
+        ref = ref.astype(np.float32) - 127.5
+    idx = NearestNeighborIndex(metric, query_chunk=25, ref_chunk=33).fit(ref)
+    got = [(int(a), int(b), float(v)) for qa, rb, sc in idx.pairs_within(ref, lo, hi, exclude_self=True)
+           for a, b, v in zip(qa, rb, sc)]
+    n = len(ref)
+    assert {(a, b) for a, b, _ in got} == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert all(np.isfinite(v) for _, _, v in got)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pairs_in_the_same_pass_as_kneighbors(pixels, backend):
     ref, q = pixels

@@ -292,12 +292,12 @@ class NearestNeighborIndex:
     def _emit(self, key: torch.Tensor, q0: int, r0: int, qn: torch.Tensor, k_lo: Any, k_hi: Any, lo: float, hi: float,
               on_pairs: PairsCallback) -> None:
         """Pass the block's pairs with score in [lo, hi] to ``on_pairs`` (global rows, float64 scores)."""
-        mask = None
+        mask = torch.isfinite(key)  # an excluded pair's key is -inf: never a pair, whichever bounds are open
         if k_lo is not None and not (isinstance(k_lo, float) and np.isinf(k_lo)):
-            mask = key >= k_lo
+            mask &= key >= k_lo
         if k_hi is not None and not (isinstance(k_hi, float) and np.isinf(k_hi)):
-            mask = key <= k_hi if mask is None else mask & (key <= k_hi)
-        hit = torch.nonzero(mask) if mask is not None else torch.nonzero(torch.isfinite(key))
+            mask &= key <= k_hi
+        hit = torch.nonzero(mask)
         if not len(hit):
             return
         qi, ri = hit[:, 0], hit[:, 1]
