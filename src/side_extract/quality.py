@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -65,16 +66,38 @@ def mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
                  - 2 * kab.mean())
 
 
+BLOCK_VALUES = 1 << 22  # values per block of a kernel or distance matrix (32 MiB in float64)
+
+
+def _row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
+    """Row slices of an (n_rows, n_cols) matrix, each at most :data:`BLOCK_VALUES` values (one row at least): the
+    whole-set statistics below never hold an N_G x N_G matrix (at the paper's N_G of 50,000, 20 GB each)."""
+    step = max(1, BLOCK_VALUES // max(1, n_cols))
+    for i in range(0, n_rows, step):
+        yield slice(i, min(n_rows, i + step))
+
+
+def _kernel_row_sums(x: np.ndarray, y: np.ndarray, same: bool) -> np.ndarray:
+    """Row sums of KID's kernel between x (n, d) and y (m, d), block by block; with ``same`` (y is x) the
+    diagonal k(x_i, x_i) is left out."""
+    d, out = x.shape[1], np.empty(len(x))
+    for rows in _row_blocks(len(x), len(y)):
+        k = (x[rows] @ y.T / d + 1) ** 3
+        if same:
+            k[np.arange(k.shape[0]), np.arange(rows.start, rows.stop)] = 0.0
+        out[rows] = k.sum(1)
+    return out
+
+
 def mmd2_jackknife_se(a: np.ndarray, b: np.ndarray) -> float:
     """The two-sample jackknife standard error (Arvesen 1969) of :func:`mmd2_unbiased` on the whole sets: the
-    statistic left without each point of ``a`` and of ``b`` in turn (from the kernel matrices' row sums),
-    var = (n-1)/n sum_i (theta_-i - mean)^2 + (m-1)/m sum_j (theta_-j - mean)^2. Needs 3 or more points per set."""
+    statistic left without each point of ``a`` and of ``b`` in turn (from the kernel matrices' row sums, made block
+    by block), var = (n-1)/n sum_i (theta_-i - mean)^2 + (m-1)/m sum_j (theta_-j - mean)^2. Needs 3 or more points
+    per set."""
     n, m = len(a), len(b)
-    kaa, kbb, kab = _kernels(a, b)
-    np.fill_diagonal(kaa, 0.0)
-    np.fill_diagonal(kbb, 0.0)
-    saa, sbb, sab = kaa.sum(), kbb.sum(), kab.sum()
-    ra, rb, ca, cb = kaa.sum(1), kbb.sum(1), kab.sum(1), kab.sum(0)
+    ra, rb = _kernel_row_sums(a, a, True), _kernel_row_sums(b, b, True)
+    ca, cb = _kernel_row_sums(a, b, False), _kernel_row_sums(b, a, False)
+    saa, sbb, sab = ra.sum(), rb.sum(), ca.sum()
     without_a = (saa - 2 * ra) / ((n - 1) * (n - 2)) + sbb / (m * (m - 1)) - 2 * (sab - ca) / ((n - 1) * m)
     without_b = saa / (n * (n - 1)) + (sbb - 2 * rb) / ((m - 1) * (m - 2)) - 2 * (sab - cb) / (n * (m - 1))
     var = (n - 1) / n * ((without_a - without_a.mean()) ** 2).sum() + \
@@ -107,21 +130,29 @@ def _dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
-    d = _dist(x, x)
-    np.fill_diagonal(d, 0.0)
-    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+    """Each point's distance to its k-th nearest neighbour in ``x`` (itself excluded), block by block."""
+    out = np.empty(len(x))
+    for rows in _row_blocks(len(x), len(x)):
+        d = _dist(x[rows], x)
+        d[np.arange(d.shape[0]), np.arange(rows.start, rows.stop)] = 0.0  # the point itself: column 0 once sorted
+        out[rows] = np.partition(d, k, axis=1)[:, k]
+    return out
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (k-NN manifolds, see the module docstring)."""
+    """Improved precision and recall (k-NN manifolds, see the module docstring), block by block over the
+    generations."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     if len(real) <= k or len(fake) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {len(real)} and {len(fake)}")
     r_real, r_fake = _kth_radius(real, k), _kth_radius(fake, k)
-    d = _dist(fake, real)  # (n_fake, n_real)
-    precision = float((d <= r_real[None, :]).any(1).mean())
-    recall = float((d.T <= r_fake[None, :]).any(1).mean())
-    return precision, recall
+    inside_real = np.zeros(len(fake), bool)  # a generation inside the real manifold
+    covered = np.zeros(len(real), bool)  # a real image inside the generated manifold
+    for rows in _row_blocks(len(fake), len(real)):
+        d = _dist(fake[rows], real)  # (block of fakes, n_real)
+        inside_real[rows] = (d <= r_real[None, :]).any(1)
+        covered |= (d <= r_fake[rows, None]).any(0)
+    return float(inside_real.mean()), float(covered.mean())
 
 
 @dataclasses.dataclass(frozen=True)
