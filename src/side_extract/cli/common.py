@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import config as cfg
 
-console = Console(stderr=True, emoji=False)
+# soft_wrap: a message is one line however long (a path or value in it stays whole; the terminal wraps it)
+console = Console(stderr=True, emoji=False, soft_wrap=True)
 T = TypeVar("T")
 
 

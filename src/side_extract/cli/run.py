@@ -34,7 +34,8 @@ def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
     old, new = flat(cfg.load_yaml(run / "config.yaml")), flat(cfg.to_dict(rc))
     changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
-        console.print(f"settings changed since the last run into {run}: {'; '.join(changed)}")
+        # one line (the console's soft wrap: it was cut inside a value at 80 columns); a value is no markup
+        console.print(f"settings changed since the last run into {run}: {'; '.join(changed)}", markup=False)
 
 
 @contextlib.contextmanager
