@@ -139,6 +139,23 @@ def test_batch_size_is_part_of_the_extraction_fingerprint(tiny_model_dir, tmp_pa
     assert after["fingerprint"] != before["fingerprint"]
 
 
+def test_relabelled_training_set_trains_the_clean_classifier_anew(tiny_model_dir, tmp_path):
+    """The clean classifier's fingerprint held the training images, not their labels: a training set relabelled in
+    place kept the stale classifier (and Cond's guidance and metrics from it)."""
+    from side_extract.data import load_image_set, resize
+
+    d = load_image_set("digits:30")
+    train = tmp_path / "train.npz"
+    np.savez(train, images=resize(d.images, 8), labels=d.labels)
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("cond",)), train=str(train))
+    run_audit(tmp_path / "run", rc, until="classifier")
+    before = read_json(tmp_path / "run" / "manifest.json")["stages"]["classifier-clean"]
+    np.savez(train, images=resize(d.images, 8), labels=d.labels % 2)
+    run_audit(tmp_path / "run", rc, until="classifier")
+    after = read_json(tmp_path / "run" / "manifest.json")["stages"]["classifier-clean"]
+    assert (before["classes"], after["classes"]) == (10, 2) and after["fingerprint"] != before["fingerprint"]
+
+
 def test_os_errors_are_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(tmp_path / "file" / "run"), "--n", "2",

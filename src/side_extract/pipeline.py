@@ -38,8 +38,9 @@ from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
 from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
 from .neighbors import NearestNeighborIndex, pixel_rows
-from .runs import (RunDir, StageWouldBeReplaced, atomic_save_npz, atomic_write_json, atomic_write_text,
-                   check_run_path, check_unlocked, file_fingerprint, run_lock, stage_fingerprint)
+from .runs import (RunDir, StageWouldBeReplaced, array_fingerprint, atomic_save_npz, atomic_write_json,
+                   atomic_write_text, check_run_path, check_unlocked, file_fingerprint, fingerprint_of, run_lock,
+                   stage_fingerprint)
 from .sampling import sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -677,7 +678,9 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     if {"cond", "side-teacher"} & set(methods):
         once = run.group.main_first
         train = _train_set(ctx)
-        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, train.fingerprint(), clean=True)
+        # the training set's labels with its images: a relabelled set trains the clean classifier anew
+        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels,
+                         fingerprint_of(train.fingerprint(), array_fingerprint(train.labels)), clean=True)
         if "side-teacher" in methods:
             clean = method_guidance(run.path, rc, "cond", denoiser, device=device)[1]
             t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))
