@@ -414,3 +414,28 @@ def test_a_sweep_does_not_write_into_a_sub_run_another_process_holds(tiny_model_
         holder.wait()
     main, subs = run_with_sweeps(tmp_path / "run", rc)  # free again: the sweep runs, the main run is reused
     assert set(subs) == {"scale=3"}
+
+
+def test_a_folder_that_is_no_run_is_refused_before_anything_is_written(tiny_model_dir, tmp_path):
+    """A run clears a stage's folder its manifest does not list: pointed at a folder that is no run directory, it
+    deleted the user's ``features/`` and ``synthetic/`` there. Now such a folder is refused before the model loads,
+    by the API and the CLI too, and nothing in it is touched."""
+    import side_extract
+
+    out = tmp_path / "project"
+    (out / "features").mkdir(parents=True)
+    (out / "features" / "my_notes.txt").write_text("mine")
+    (out / "synthetic").mkdir()
+    (out / "synthetic" / "my_images.png").write_bytes(b"png")
+    rc = tiny_rc(tmp_path / "no-model-needed", methods=("side",))
+    with pytest.raises(ValueError, match=r"'.*project' is not empty and holds no manifest.json.*features, synthetic"):
+        run_audit(out, rc)
+    with pytest.raises(ValueError, match="is not empty and holds no manifest.json"):
+        side_extract.audit(tiny_model_dir, "digits:30", out=out, config={"extract.n": 6})
+    res = CliRunner().invoke(app, ["--no-progress", "sample", "--model", str(tiny_model_dir), "--out", str(out)])
+    assert res.exit_code == 2 and "holds no manifest.json" in res.output and "Traceback" not in res.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "features", "features/my_notes.txt", "synthetic", "synthetic/my_images.png"]
+    # an empty folder, and one holding only what a run writes before its first manifest, are runs to be
+    run_audit(tmp_path / "empty", tiny_rc(tiny_model_dir, methods=("uncond",)), until="extraction")
+    assert read_json(tmp_path / "empty" / "manifest.json")["stages"]["extraction/uncond"]["status"] == "complete"

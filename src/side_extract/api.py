@@ -27,7 +27,8 @@ from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
 from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
-from .runs import atomic_save_npz, atomic_write_text, evaluated_methods, read_json, read_stages, run_lock
+from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, read_json, read_stages,
+                   run_lock)
 from .sweeps import run_with_sweeps
 
 ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -422,6 +423,7 @@ def audit(
     ex = rc.extract if methods is None else dataclasses.replace(rc.extract, methods=tuple(methods))
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)
     data = as_image_set(train, labels)
+    check_run_path(out)  # a folder that is no run: refused before its inputs/ is written
     fresh = not Path(out).exists()
     try:
         with run_lock(out, wait=wait):

@@ -270,11 +270,24 @@ def _locked(path: Path, f: Any) -> RunLocked:
                      f"({f.read().strip() or 'holder unknown'}); wait for it (--wait) or use another run directory")
 
 
+OWN_BEFORE_MANIFEST = ("config.yaml", "inputs", "sweeps")  # the API saves an in-memory training set in inputs/
+
+
 def check_run_path(path: str | Path) -> None:
     """A clear error for a run path that cannot be a run directory (before any slow work)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"run directory {str(path)!r} exists and is not a directory")
+    if path.is_dir() and not (path / RunDir.MANIFEST).is_file():
+        # a run clears a stage's folder that its manifest does not list: in a folder that is no run, those are
+        # someone's files. What a run writes before its first manifest (its lock, config.yaml, the API's inputs/, a
+        # sweep's sub-runs) is let through.
+        other = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p.name not in OWN_BEFORE_MANIFEST)
+        if other:
+            raise ValueError(
+                f"run directory {str(path)!r} is not empty and holds no {RunDir.MANIFEST}, so it is no run directory "
+                f"(it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); a run writes and replaces "
+                "folders there: use a new or empty directory")
 
 
 def enclosing_run(path: str | Path) -> Path | None:
