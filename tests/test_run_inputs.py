@@ -60,7 +60,10 @@ def test_bad_evaluation_inputs_fail_before_any_stage_and_leave_finished_results(
     not_json.write_text("high: 0.1")
     for bad, match in [(dict(bands="high=0:0.1,mid=0.1:oops"), "bands='high=0:0.1,mid=0.1:oops'"),
                        (dict(bands=None, bands_file=str(not_json)), "is not a bands.json"),
-                       (dict(similarity="cosine:torchscript:/nowhere/sscd.pt"), "torchscript:/nowhere/sscd.pt: no such")]:
+                       (dict(similarity="cosine:torchscript:/nowhere/sscd.pt"), "torchscript:/nowhere/sscd.pt: no such"),
+                       (dict(quality=("torchscript:/nowhere/q.pt",)), "evaluate.quality: torchscript:/nowhere/q.pt: no such"),
+                       (dict(quality=("efficientnet-lite0:x",)), "evaluate.quality: feature extractor 'efficientnet-lite0' "
+                                                                 "takes no ':' argument")]:
         with pytest.raises(ValueError, match=match):
             run_audit(run, dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, **bad)))
         assert (run / "evaluation" / "side" / "metrics.json").read_bytes() == metrics
@@ -106,6 +109,34 @@ def test_a_replaced_bands_file_or_held_out_set_redoes_what_read_it(tiny_model_di
     after = _started(run)
     assert after["calibration"] > before["calibration"] and after["evaluation/side"] > before["evaluation/side"]
     assert read_json(run / "evaluation" / "bands.json")["bands"] != edges
+
+
+def test_a_replaced_quality_torchscript_file_redoes_the_evaluations(tiny_model_dir, tmp_path):
+    """The evaluations were keyed by the similarity's TorchScript file, not by a quality feature space's: the same
+    path holding another network kept the stale Frechet distance and KID."""
+    import torch
+
+    script = tmp_path / "q.pt"
+
+    def save(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        torch.jit.script(net).save(str(script))
+
+    save(0)
+    run = tmp_path / "run"
+    rc = _small(tiny_model_dir, bands=FIXED)
+    rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("uncond",)), evaluate=dataclasses.replace(
+        rc.evaluate, quality=(f"torchscript:{script}",), quality_max_reference=40))
+    first = run_audit(run, rc).metrics["uncond"]["quality"][f"torchscript:{script}"]["frechet"]
+    before = _started(run)
+    run_audit(run, rc)
+    assert _started(run) == before  # the same file: skipped
+    save(1)
+    second = run_audit(run, rc).metrics["uncond"]["quality"][f"torchscript:{script}"]["frechet"]
+    after = _started(run)
+    assert after["evaluation/uncond"] > before["evaluation/uncond"] and second != first
+    assert after["extraction/uncond"] == before["extraction/uncond"]
 
 
 def test_a_bad_sweep_value_fails_before_the_main_run(tiny_model_dir, tmp_path):

@@ -470,7 +470,8 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     reference = quality_reference(ctx) if c.quality else None
     cal = None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"]
     files = [*script_fingerprints(Similarity(c.similarity).extractor),  # what the files the config names hold
-             *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)])]
+             *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)]),
+             *(f for name in c.quality for f in script_fingerprints(name))]
     # keyed by the config as given (calibrated bands by the calibration's fingerprint, not by the path of the run
     # directory they lie in, which another spelling of the run would change) and by the synthetic set, which
     # every method's copy guard is measured against; and, for a method that dedup-driven stopping ended early, by
@@ -580,6 +581,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             if name != "pixels" and name.split(":", 1)[0] not in EXTRACTORS:
                 problems.append(f"evaluate.quality: {name!r} is not a feature space; valid: pixels, "
                                 f"{', '.join(EXTRACTORS)}")
+            elif name != "pixels" and (bad := _extractor_problem(name)):
+                problems.append(f"evaluate.quality: {bad}")  # a missing torchscript file, an argument to none
             elif name == "unet":
                 problems.append("evaluate.quality: 'unet' features depend on the audited model; use pixels, "
                                 "efficientnet-lite0 or torchscript:PATH")
@@ -606,6 +609,14 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                             "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
     if problems:
         raise ValueError("the run cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def _extractor_problem(name: str) -> str | None:
+    try:
+        check_extractor(name)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def load_run_target(rc: cfg.RunConfig, device: str = "cpu") -> Target:
