@@ -46,6 +46,34 @@ def test_the_config_refuses_values_that_were_found_late():
         cfg.from_dict(cfg.RunConfig, {"lora": {"rank": "half"}})
     with pytest.raises(ValueError, match="give one of them, not both"):
         cfg.EvaluateConfig(bands=FIXED, bands_file="bands.json")
+    for alpha in (0, -64):  # 0 made every adapter add nothing (they never trained), < 0 flipped their update
+        with pytest.raises(ValueError, match=f"alpha={float(alpha)} must be > 0"):
+            cfg.from_dict(cfg.RunConfig, {"lora": {"alpha": alpha}})
+    for section in ("classifier", "clean_classifier"):  # torch's own error came at training, naming no key
+        with pytest.raises(ValueError, match=r"weight_decay=-0.5 must be >= 0"):
+            cfg.from_dict(cfg.RunConfig, {section: {"weight_decay": -0.5}})
+    with pytest.raises(ValueError, match=r"weight_decay=-0.5 must be >= 0"):
+        cfg.TrainTargetConfig(weight_decay=-0.5)
+
+
+def test_side_lora_settings_that_fit_no_target_fail_before_sampling(tiny_model_dir, tmp_path):
+    """``lora.target_modules`` naming no layer failed with peft's error (naming no key) after the synthetic set was
+    sampled and clustered; a target with its own class embedding likewise."""
+    rc = tiny_rc(tiny_model_dir, methods=("side-lora",))
+    bad = dataclasses.replace(rc, lora=dataclasses.replace(rc.lora, target_modules=("to_qq", "conv1")))
+    with pytest.raises(ValueError, match=r"lora.target_modules: 'to_qq' name no layer of the target UNet"):
+        run_audit(tmp_path / "run", bad)
+    assert not (tmp_path / "run" / "synthetic").exists()
+    from side_extract.finetune import lora_problems
+    from side_extract.models.target import load_target
+
+    unet = load_target(tiny_model_dir).unet
+    assert lora_problems(unet, rc.lora) == []
+    from diffusers import UNet2DModel
+
+    labelled = UNet2DModel(**{**{k: v for k, v in unet.config.items() if not k.startswith("_")}, "num_class_embeds": 3})
+    assert lora_problems(labelled, rc.lora) == [
+        "the target UNet already has a class embedding; side-lora needs an unconditional target"]
 
 
 def test_bad_evaluation_inputs_fail_before_any_stage_and_leave_finished_results(tiny_model_dir, tmp_path):

@@ -82,6 +82,8 @@ class TrainTargetConfig:
                 )
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
 
@@ -291,6 +293,8 @@ class ClassifierConfig:
             raise ValueError("backbone='unet' is a noise-aware classifier of x_t; guidance_input must be 'x_t'")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
 
@@ -321,6 +325,8 @@ class LoraConfig:
             raise ValueError(f"rank={self.rank!r} must be a positive integer or 'full'")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if self.alpha is not None and self.alpha <= 0:  # 0 scales every adapter to nothing, < 0 flips its update
+            raise ValueError(f"alpha={self.alpha} must be > 0 (or unset: the rank)")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout={self.label_dropout} must be in [0, 1)")
         if self.guidance_scale < 0:

@@ -44,11 +44,33 @@ from .surrogate import target_outputs
 log = logging.getLogger(__name__)
 
 
+CONDITIONAL_TARGET = "the target UNet already has a class embedding; side-lora needs an unconditional target"
+
+
+def _has_class_embedding(unet: UNet2DModel) -> bool:
+    return bool(unet.config.get("num_class_embeds") or unet.config.get("class_embed_type"))
+
+
+def lora_problems(unet: UNet2DModel, c: cfg.LoraConfig) -> list[str]:
+    """What makes ``unet`` unfit for side-lora with ``c``, found before any stage: a class embedding of its own,
+    or ``target_modules`` naming no layer (peft's rule: a module whose name is the entry or ends in ``.entry``)."""
+    problems = []
+    if _has_class_embedding(unet):
+        problems.append(CONDITIONAL_TARGET)
+    if c.rank != "full":
+        names = [n for n, _ in unet.named_modules()]
+        unmatched = [t for t in c.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unmatched:
+            problems.append(f"lora.target_modules: {', '.join(map(repr, unmatched))} name no layer of the target "
+                            f"UNet (the default: {', '.join(cfg.LoraConfig().target_modules)})")
+    return problems
+
+
 def conditional_unet(unet: UNet2DModel, n_classes: int) -> UNet2DModel:
     """A copy of ``unet`` with a zero-initialised class embedding of ``n_classes + 1`` rows (the last: null)."""
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    if config.get("num_class_embeds") or config.get("class_embed_type"):
-        raise ValueError("the target UNet already has a class embedding; side-lora needs an unconditional target")
+    if _has_class_embedding(unet):
+        raise ValueError(CONDITIONAL_TARGET)
     config["num_class_embeds"] = n_classes + 1
     out = UNet2DModel(**config)
     missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)

@@ -32,7 +32,7 @@ from .evaluation import calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import TARGETED, extraction_stage, method_in_rounds, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
-from .finetune import finetune, load_finetuned
+from .finetune import finetune, load_finetuned, lora_problems
 from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
@@ -545,6 +545,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     if "side-lora" in methods:
         if not isinstance(denoiser, UNetDenoiser):
             problems.append("method side-lora fine-tunes a diffusers UNet2DModel target; this target is a callable")
+        else:
+            problems.extend(lora_problems(denoiser.unet, rc.lora))
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     if {"side", "side-teacher", "side-lora"} & methods:
