@@ -274,6 +274,18 @@ def test_clustering_alone_does_not_need_the_training_set(tiny_model_dir, tmp_pat
         run_audit(tmp_path / "run", rc, until="classifier")
 
 
+def test_clustering_stops_at_the_surrogate_labels(tiny_model_dir, tmp_path):
+    """`side cluster` (until=surrogate) with Cond or side-teacher among the methods went on to train their
+    classifiers and teacher labels; with no method that clusters it trained them and printed a path never made."""
+    rc = tiny_rc(tiny_model_dir, methods=("side", "side-teacher", "cond"))
+    run_audit(tmp_path / "run", rc, until="surrogate")
+    stages = set(read_json(tmp_path / "run" / "manifest.json")["stages"])
+    assert stages == {"synthetic", "features", "surrogate"} | ({"memorization"} & stages), stages
+    with pytest.raises(ValueError, match=r"extract.methods \(side-teacher, uncond\) has neither"):
+        run_audit(tmp_path / "r2", tiny_rc(tiny_model_dir, methods=("side-teacher", "uncond")), until="surrogate")
+    assert not (tmp_path / "r2").exists()
+
+
 def test_a_changed_parent_stage_is_shared_into_its_sweeps_again(tiny_model_dir, tmp_path):
     """After the parent's synthetic set changes, a lambda sweep takes the parent's new stages (before: it kept its
     entries shared from the old ones and retrained the classifier itself)."""

@@ -515,6 +515,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     methods = set(rc.extract.methods)
     C, H, W = denoiser.sample_shape
     needs_train = bool({"cond", "side-teacher"} & methods) and until != "surrogate"  # (clustering does not)
+    if until == "surrogate" and not {"side", "side-lora"} & methods:
+        problems.append(f"clustering (until=surrogate, side cluster) makes the surrogate labels of side and side-lora; "
+                        f"extract.methods ({', '.join(rc.extract.methods)}) has neither: add side, or train the "
+                        "classifiers the methods need (side train-classifier)")
     train = None
     if rc.train is None:
         if needs_train:
@@ -682,8 +686,9 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         once = run.group.main_first
         scores = once(lambda: memorization_stage(ctx, synthetic))
         labels = once(lambda: surrogate_stage(ctx, once(lambda: features_stage(ctx, synthetic)), scores))
-        if upto == 0:
-            return AuditResult(run.path, {}, {})
+    if upto == 0:  # the surrogate labels and what they are made from, for whichever method asked for them
+        return AuditResult(run.path, {}, {})
+    if {"side", "side-lora"} & set(methods):
         if "side" in methods:  # the training stages run on every process (data-parallel)
             classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels, ctx.fp["surrogate"], clean=False)
         if "side-lora" in methods:
