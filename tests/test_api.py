@@ -285,3 +285,37 @@ def test_api_input_mistakes_are_named_and_leave_nothing_behind(tmp_path, one_thr
     before = torch.random.get_rng_state()
     load_classifier(tmp_path / "c" / "classifier")
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_a_callable_is_checked_like_a_unet(tmp_path, one_thread):
+    """A UNet's scheduler for v- or x0-prediction was refused, a callable's was not (its output then read as eps);
+    a callable returning the wrong shape failed in the first stage with torch's error, leaving a run behind."""
+    from diffusers import DDPMScheduler
+
+    unet = tiny_unet()
+    fn = lambda x, t: unet(x, t).sample  # noqa: E731
+    v = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="prediction_type='v_prediction': only epsilon-predicting"):
+        as_target(fn, scheduler=v, sample_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="prediction_type='v_prediction': only epsilon-predicting"):
+        as_target(unet, scheduler=v)
+    with pytest.raises(ValueError, match=r"must return eps shaped like its input \(2, 1, 8, 8\); it returned \(2, 1, 8, 4\)"):
+        side_extract.audit(lambda x, t: fn(x, t)[..., :4], "digits:30", scheduler=tiny_scheduler(),
+                           sample_shape=(1, 8, 8), config=SMALL, out=tmp_path / "run", methods=["uncond"])
+    assert not (tmp_path / "run").exists()
+    bf16 = as_target(tiny_unet().to(torch.bfloat16), scheduler=tiny_scheduler())  # numpy has no bfloat16
+    assert bf16.fingerprint != as_target(tiny_unet(), scheduler=tiny_scheduler()).fingerprint
+
+
+def test_an_in_memory_training_set_is_found_from_any_working_directory(tmp_path, one_thread, monkeypatch):
+    """audit(out="run") with an array recorded the saved set as 'run/inputs/train.npz', relative to the caller's
+    working directory: read from elsewhere, the run's pairs and report lost the training images."""
+    digits = side_extract.load_image_set("digits:30")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    side_extract.audit(tiny_unet(), digits.images, scheduler=tiny_scheduler(), config=SMALL, out="run",
+                       methods=["uncond"])
+    monkeypatch.chdir(tmp_path)
+    res = Audit.load(tmp_path / "work" / "run")
+    assert Path(res.config.train).is_absolute()
+    assert len(res.pairs("uncond")) > 0

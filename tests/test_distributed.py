@@ -238,3 +238,17 @@ def test_a_bad_timeout_is_named():
     finally:
         del os.environ["SIDE_PROCESS_TIMEOUT_S"]
     assert process_timeout().total_seconds() == 86400
+
+
+def test_the_python_api_under_torchrun(tiny_model_dir, tmp_path):
+    """``audit()`` on two processes: every rank took the run lock, so one failed with RunLocked (and its clean-up
+    could remove the directory the other was writing); now the main process locks and writes the inputs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = str(Path(__file__).parent / "dist_api.py")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tiny_model_dir),
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "rank 0 done: 6 generations" in out and "rank 1 done: 6 generations" in out
+    stages = read_json(tmp_path / "run" / "manifest.json")["stages"]
+    assert stages["evaluation/uncond"]["status"] == "complete"

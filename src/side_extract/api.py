@@ -8,6 +8,7 @@ or a uint8 array (N, H, W) / (N, H, W, C). Everything is written to the run dire
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -25,6 +26,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
+from .distributed import ProcessGroup
 from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
 from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, read_json, read_stages,
@@ -50,7 +52,9 @@ def module_fingerprint(unet: torch.nn.Module, scheduler: SchedulerMixin) -> str:
         h.update(_config_blob(unet))
     for name, t in sorted(unet.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        t = t.detach().cpu().contiguous()
+        # numpy has no bfloat16: its bytes as int16 (a bf16 model's own fingerprint, not its float32 copy's)
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
     h.update(_config_blob(scheduler))
     return h.hexdigest()
 
@@ -65,7 +69,11 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     n_t = int(scheduler.config.num_train_timesteps)
     with torch.no_grad():
         for t in (1, n_t // 2, n_t - 1):
-            h.update(fn(x, torch.tensor(t, device=device)).float().cpu().numpy().round(5).tobytes())
+            eps = fn(x, torch.tensor(t, device=device))
+            if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+                raise ValueError(f"model: the callable must return eps shaped like its input {tuple(x.shape)}; it "
+                                 f"returned {tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__}")
+            h.update(eps.float().cpu().numpy().round(5).tobytes())
     return h.hexdigest()
 
 
@@ -95,8 +103,9 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         shape = tuple(int(v) for v in sample_shape)
         if len(shape) != 3:
             raise ValueError(f"sample_shape={sample_shape} must be (C, H, W)")
+        denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses a scheduler of another prediction type)
         fp = probe_fingerprint(model, shape, scheduler, device)
-        return Target(CallableDenoiser(model, shape, scheduler), fp, f"callable {getattr(model, '__name__', 'eps')} {fp[:12]}")
+        return Target(denoiser, fp, f"callable {getattr(model, '__name__', 'eps')} {fp[:12]}")
     raise ValueError(f"model of type {type(model).__name__} is not supported: pass a diffusers directory, a "
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
 
@@ -424,20 +433,22 @@ def audit(
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)
     data = as_image_set(train, labels)
     check_run_path(out)  # a folder that is no run: refused before its inputs/ is written
+    group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
     try:
-        with run_lock(out, wait=wait):
+        with run_lock(out, wait=wait) if group.main else contextlib.nullcontext():
             if isinstance(data, ImageSet):
-                path = Path(out) / "inputs" / "train.npz"
+                # absolute: the run is read again from other working directories (Audit.load, side report)
+                path = Path(out).resolve() / "inputs" / "train.npz"
                 arrays = {"images": data.images}
                 if data.labels is not None:
                     arrays["labels"] = data.labels
-                atomic_save_npz(path, **arrays)
+                group.on_main(lambda: atomic_save_npz(path, **arrays))
                 data = str(path)
             rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex)
             run_with_sweeps(out, rc, device=device, progress=progress, target=target)
     except BaseException:
-        if fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
+        if group.main and fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any stage began: leave nothing behind
         raise
     return Audit.load(out)

@@ -58,16 +58,20 @@ def predict_x0(sched: SchedulerMixin, x: torch.Tensor, t: int, eps: torch.Tensor
     return x0 if clip_range is None else x0.clamp(-clip_range, clip_range)
 
 
+def check_epsilon(scheduler: SchedulerMixin, model_prediction: str | None = None) -> None:
+    """Every sampler, guidance and score here reads the model's output as epsilon: a scheduler (or model config)
+    for v- or x0-prediction is refused."""
+    declared = scheduler.config.get("prediction_type", "epsilon")
+    if model_prediction not in (None, "epsilon") or declared != "epsilon":
+        raise ValueError(f"prediction_type={model_prediction if model_prediction not in (None, 'epsilon') else declared!r}: "
+                         "only epsilon-predicting models are supported")
+
+
 class UNetDenoiser:
     """A diffusers ``UNet2DModel`` predicting epsilon, with its noise scheduler."""
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, source: str = "") -> None:
-        if unet.config.get("prediction_type", None) not in (None, "epsilon") or scheduler.config.get(
-            "prediction_type", "epsilon"
-        ) != "epsilon":
-            raise ValueError(
-                f"prediction_type={scheduler.config.get('prediction_type')!r}: only epsilon-predicting models are supported"
-            )
+        check_epsilon(scheduler, unet.config.get("prediction_type", None))
         self.unet = unet.eval()
         self.scheduler = scheduler
         self.source = source
@@ -92,6 +96,7 @@ class CallableDenoiser:
         sample_shape: tuple[int, int, int],
         scheduler: SchedulerMixin,
     ) -> None:
+        check_epsilon(scheduler)
         self.fn = fn
         self.sample_shape = tuple(int(s) for s in sample_shape)  # type: ignore[assignment]
         self.scheduler = scheduler
