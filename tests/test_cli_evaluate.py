@@ -109,6 +109,15 @@ def test_calibrate_then_evaluate_with_bands_file(sets):
     assert d["bands"] == b["bands"] and d["bands_source"].startswith("file:")
 
 
+def test_calibrate_reads_heldout_from_its_config_file(sets):
+    """`side calibrate --config FILE` with `heldout:` in FILE calibrated on the train-vs-rest null: only the flag was
+    read."""
+    (sets / "cal.yaml").write_text(f"heldout: {sets / 'run/extraction/side'}\ncalibration_quantiles: [0.1, 0.3, 0.45]\n")
+    r = invoke("calibrate", "--train", sets / "train.npz", "--config", sets / "cal.yaml", "--out", sets / "cal")
+    assert r.exit_code == 0, r.output
+    assert json.loads((sets / "cal" / "bands.json").read_text())["null_source"] == "heldout"
+
+
 def test_calibrate_digits_uses_the_complement(tmp_path):
     r = invoke("calibrate", "--train", "digits:50", "--out", tmp_path)
     assert r.exit_code == 0, r.output

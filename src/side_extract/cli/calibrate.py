@@ -40,8 +40,8 @@ def calibrate_cmd(
     at tail quantiles of the held-out null (the train-vs-rest null without held-out images)."""
     c = evaluate_config(ctx, config)
     tr = load_image_set(train, c.resize)
-    if heldout is not None:
-        ho = load_image_set(heldout, c.resize)
+    if c.heldout is not None:  # --heldout, else the config file's heldout
+        ho = load_image_set(c.heldout, c.resize)
     elif train.startswith("digits:"):
         ho = digits_complement(train)
         if c.resize is not None:
