@@ -66,7 +66,8 @@ def _same_shards(a_dir, b_dir):
 def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     common = _config(tmp_path, tiny_model_dir)
     _run([*common, "--out", str(tmp_path / "one")], 1)
-    _run([*common, "--out", str(tmp_path / "two")], 2)
+    proc = _run([*common[:-1], "--out", str(tmp_path / "two")], 2)  # with the report: written once, by the main
+    assert (proc.stdout + proc.stderr).count("report: ") == 1 and (tmp_path / "two" / "report" / "report.html").is_file()
     for stage in ("synthetic", "extraction/uncond", "extraction/memguide"):  # (memguide: its probe noise by index)
         _same_shards(tmp_path / "one" / stage, tmp_path / "two" / stage)
     stages = read_json(tmp_path / "two" / "manifest.json")["stages"]

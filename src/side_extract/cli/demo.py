@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from .. import config as cfg
+from ..distributed import ProcessGroup
 from ..models.target import EMBEDDED_TARGETS
 from .common import cli_errors, console
 from .run import print_summary, stage_progress
@@ -55,8 +56,11 @@ def demo_cmd(
     rc = demo_config(model)
     with stage_progress(ctx) as factory:
         result = run_audit(out, rc, device=device, progress=factory, wait=wait)
+    group = ProcessGroup.from_env()
+    if not group.main:
+        return  # in a launch of several processes the main one measures, sums up and reports, once
     print_summary(result.metrics)
-    theory, _ = measure_run(out, device=device)
+    theory, _ = measure_run(out, device=group.device(device))
     for claim, verdict in theory.ordering.items():
         console.print(f"theory: {verdict}: {claim}")
     report = write_report(out)

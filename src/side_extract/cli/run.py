@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from .. import config as cfg
+from ..distributed import ProcessGroup
 from ..pipeline import Until, run_audit
 from ..sweeps import run_with_sweeps
 from .common import build_config, cli_errors, console, load_run_config, progress_enabled, typed_flags
@@ -115,6 +116,8 @@ def run_cmd(
     rc = build_config(cfg.RunConfig, config, {})  # CONFIG says the whole run: a key left out is its default
     _say_changes(out, rc)
     metrics = _run(ctx, out, rc, device, "evaluation", wait=wait)
+    if not ProcessGroup.from_env().main:
+        return  # in a launch of several processes the main one sums up and writes the report, once
     print_summary(metrics)
     if report and metrics:
         from ..report import write_report
