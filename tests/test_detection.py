@@ -88,3 +88,5 @@ def test_errors():
         detect_memorized(gen, 0.1, mode="stars")
     with pytest.raises(ValueError, match="grid=9"):
         detect_memorized(gen, 0.1, grid=9)
+    with pytest.raises(ValueError, match="needs at least one generation, got none"):  # (was numpy's reshape error)
+        detect_memorized(gen.subset(np.arange(0)), 0.1)

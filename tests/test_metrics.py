@@ -161,6 +161,13 @@ def test_errors():
         ams(np.array([]), PAPER_COSINE_BANDS, "similarity")
     with pytest.raises(ValueError, match="carlini n=0 must be at least 1"):
         pixel_ratios(GEN, TRAIN, n=0)
+    # the library functions that evaluate() guards, called directly on nothing (were numpy's reshape or
+    # "need at least one array to concatenate", and ng_law's "Geometric sequence cannot include zero")
+    empty = GEN.subset(np.arange(0))
+    with pytest.raises(ValueError, match="the ratios need at least one generation, got none"):
+        pixel_ratios(empty, TRAIN)
+    with pytest.raises(ValueError, match="n_generated=0 and n_train=5 must be >= 1"):
+        ng_law(np.array([], int), np.array([], int), 0, 5)
 
 
 def test_ng_law_against_simulation():

@@ -165,6 +165,11 @@ def test_errors(pixels):
         idx.kneighbors(q, exclude_self=True)
     with pytest.raises(ValueError, match="lo=1"):
         idx.pairs_within(q, 1, 0)
+    for backend in BACKENDS:  # (were "need at least one array to concatenate" and faiss's own)
+        with pytest.raises(ValueError, match=r"Q has no rows: it needs at least one \(n, D\) row"):
+            NearestNeighborIndex("rms-l2", backend=backend).fit(ref).kneighbors(q[:0])
+    with pytest.raises(ValueError, match="X has no rows"):
+        NearestNeighborIndex("rms-l2").fit(ref[:0])
     feats = q.astype(np.float32)
     feats[7, 3] = np.nan  # a NaN row would rank first (topk) and hide every query's true neighbour
     with pytest.raises(ValueError, match=r"non-finite values in 1 of its 90 rows \(the first: \[7\]\)"):

@@ -155,6 +155,8 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
         raise ValueError(f"min_size={min_size} must be >= 2 (a group is at least a pair)")
     if mode not in ("cliques", "components"):
         raise ValueError(f"mode={mode!r} must be 'cliques' or 'components'")
+    if len(generated) == 0:
+        raise ValueError("detect_memorized needs at least one generation, got none")
     images = generated.images
     g = default_grid(*images.shape[1:3]) if grid is None else grid
     i, j, _ = near_duplicate_pairs(images, threshold, g, chunk=chunk, device=device)

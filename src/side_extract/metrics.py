@@ -208,6 +208,8 @@ def ng_law(gen_idx: np.ndarray, train_idx: np.ndarray, n_generated: int, n_train
         raise ValueError(f"hits must index 0..{n_generated - 1} generations and 0..{n_train - 1} training images")
     if n_repeats < 1:
         raise ValueError(f"n_repeats={n_repeats} must be >= 1")
+    if n_generated < 1 or n_train < 1:
+        raise ValueError(f"n_generated={n_generated} and n_train={n_train} must be >= 1")
     tally = _Hits(n_generated, n_train, n_repeats, random_state)
     tally.add(gen_idx, train_idx)
     return _law(tally.counts, tally.first, n_generated, n_grid)
@@ -382,6 +384,8 @@ def pixel_ratios(generated: ImageSet, train: ImageSet, *, alpha: float = 0.5, n:
                  device: str = "cpu") -> tuple[CarliniRatio, GuRatio]:
     """Carlini's and Gu's ratios of ``generated`` against ``train`` (uint8 images of one shape)."""
     check_same_shape(generated, train)
+    if len(generated) == 0:
+        raise ValueError("the ratios need at least one generation, got none")
     if len(train) < 2:
         raise ValueError(f"the ratios need at least 2 training images, got {len(train)}")
     index = NearestNeighborIndex("rms-l2", backend=backend, device=device).fit(pixel_rows(train.images))

@@ -187,6 +187,8 @@ class NearestNeighborIndex:
         X = np.asarray(X)
         if X.ndim != 2:
             raise ValueError(f"{name} must be 2-D (n, D), got shape {X.shape}")
+        if len(X) == 0:
+            raise ValueError(f"{name} has no rows: it needs at least one (n, D) row")
         if X.dtype != np.uint8 and not np.issubdtype(X.dtype, np.floating):
             raise ValueError(f"{name} must be uint8 or float, got {X.dtype}")
         if X.dtype != np.uint8 and not np.isfinite(X).all():  # a NaN row would rank first and hide every neighbour
