@@ -61,10 +61,10 @@ def predict_x0(sched: SchedulerMixin, x: torch.Tensor, t: int, eps: torch.Tensor
 def check_epsilon(scheduler: SchedulerMixin, model_prediction: str | None = None) -> None:
     """Every sampler, guidance and score here reads the model's output as epsilon: a scheduler (or model config)
     for v- or x0-prediction is refused."""
-    declared = scheduler.config.get("prediction_type", "epsilon")
-    if model_prediction not in (None, "epsilon") or declared != "epsilon":
-        raise ValueError(f"prediction_type={model_prediction if model_prediction not in (None, 'epsilon') else declared!r}: "
-                         "only epsilon-predicting models are supported")
+    kind = model_prediction if model_prediction not in (None, "epsilon") else scheduler.config.get("prediction_type",
+                                                                                                  "epsilon")
+    if kind != "epsilon":
+        raise ValueError(f"prediction_type={kind!r}: only epsilon-predicting models are supported")
 
 
 class UNetDenoiser:
