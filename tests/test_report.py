@@ -204,6 +204,26 @@ def test_pairs_are_withheld_when_the_sets_changed(run_dir, tmp_path):
     assert "evaluated against another training set" in html and html.count("no image") >= 2 * 8
 
 
+def test_pairs_of_a_run_with_resized_training_images(tmp_path):
+    """A run that resized its training set (train_resize) was evaluated on the resized images, but the report
+    reloaded the set with evaluate.resize: every pair lost its training image, under a false note that the run was
+    evaluated against another training set."""
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    rd.write_config(cfg.RunConfig(train=TRAIN, train_resize=16))
+    train = load_image_set(TRAIN, 16)
+    gen = generations(train, 6, 12, 4, n_labels=1)
+    gen = ImageSet(gen.images, np.full(len(gen), -1), gen.ids)
+    save_extraction(run, "uncond", gen)
+    rd.begin("evaluation/uncond", "u" * 64)
+    evaluate(gen, train, cfg.EvaluateConfig(carlini_n=10, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"),
+             method="uncond").write(run / "evaluation" / "uncond")
+    rd.complete("evaluation/uncond")
+    html = write_report(run, top=4).read_text()
+    assert "evaluated against another training set" not in html and "no image" not in html
+    assert len(re.findall(r'src="data:image/png;base64,', html[html.index('id="pairs"'):])) >= 8
+
+
 def test_theory_section_from_measure_json(tmp_path):
     """A run with theory/measure.json gets the theory section with its verdicts."""
     from side_extract import config as cfg

@@ -345,8 +345,11 @@ def _load_train(data: dict[str, Any], notes: list[str]) -> ImageSet | None:
     if spec is None:
         notes.append("config.yaml names no training set: image pairs show the generations alone")
         return None
+    config = data["config"]
+    # as the run loaded it (train_resize); a config without that key: as `side evaluate` did (evaluate.resize)
+    resize = config["train_resize"] if "train_resize" in config else (config.get("evaluate") or {}).get("resize")
     try:
-        return load_image_set(spec, ((data["config"].get("evaluate") or {}).get("resize")))
+        return load_image_set(spec, resize)
     except ValueError as e:
         notes.append(f"training set {spec!r} could not be loaded ({e}): image pairs show the generations alone")
         return None
