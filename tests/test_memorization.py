@@ -98,6 +98,11 @@ def test_non_candidates_share_one_background_label():
     assert set(out.labels[cand]) == {0, 1, 2} and list(out.targets) == [0, 1, 2]
     every = label_candidates(ClusterLabeler(n_clusters=3, tau=-1.0, n_init=2), feats, np.arange(30))
     assert every.background is None and set(every.labels) == {0, 1, 2}
+    # every row a candidate, in another order: the labels still land on their own rows (they came back in the
+    # candidates' order, so rows of one blob got other blobs' labels)
+    shuffled = label_candidates(ClusterLabeler(n_clusters=3, tau=-1.0, n_init=2), feats, rng.permutation(30))
+    blobs = shuffled.labels.reshape(3, 10)
+    assert shuffled.background is None and (blobs == blobs[:, :1]).all() and len(set(blobs[:, 0])) == 3
 
 
 class _Fixed(torch.nn.Module):

@@ -182,12 +182,10 @@ def label_candidates(labeler: "ClusterLabeler", features: np.ndarray, candidates
     n = len(features)
     candidates = np.asarray(candidates, dtype=np.int64)
     labeler.fit(np.asarray(features)[candidates])
-    if len(candidates) == n:
-        return SurrogateLabels(labeler.labels_)
     background = int(labeler.n_clusters_)
     labels = np.full(n, background, dtype=np.int64)
-    labels[candidates] = labeler.labels_
-    return SurrogateLabels(labels, background)
+    labels[candidates] = labeler.labels_  # back to the rows of ``features``, whatever the candidates' order
+    return SurrogateLabels(labels, background if len(np.unique(candidates)) < n else None)
 
 
 class TeacherLabeler:
