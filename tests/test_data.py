@@ -100,6 +100,12 @@ def test_npz_variants(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable .npz"):
         load_image_set(tmp_path / "d.npz")
+    np.savez(tmp_path / "e.npz", images=np.zeros((10, 4, 4), np.uint8), labels=np.arange(5))  # (the error named no file)
+    with pytest.raises(ValueError, match=r"e.npz': labels shape \(5,\) does not match 10 images"):
+        load_image_set(tmp_path / "e.npz")
+    np.savez(tmp_path / "f.npz", images=np.zeros((32, 32, 3), np.uint8))  # (was: 32 greyscale images, 32x3 px)
+    with pytest.raises(ValueError, match=r"shape \(32, 32, 3\) looks like one colour image"):
+        load_image_set(tmp_path / "f.npz")
 
 
 def test_unknown_spec():

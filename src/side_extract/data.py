@@ -205,12 +205,11 @@ def load_npz(path: Path) -> ImageSet:
     for name, a in (("labels", labels), ("index", ids)):
         if a is not None and not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
             raise ValueError(f"{str(path)!r}: '{name}' must hold integers, got {a.dtype} (they were truncated)")
-    return ImageSet(
-        images,
-        None if labels is None else np.asarray(labels, dtype=np.int64),
-        None if ids is None else np.asarray(ids, dtype=np.int64),
-        str(path),
-    )
+    try:
+        return ImageSet(images, None if labels is None else np.asarray(labels, dtype=np.int64),
+                        None if ids is None else np.asarray(ids, dtype=np.int64), str(path))
+    except ValueError as e:  # labels or index of another length: say which file
+        raise ValueError(f"{str(path)!r}: {e}") from None
 
 
 def load_shards(path: Path) -> ImageSet:
@@ -234,6 +233,9 @@ def _as_nhwc_uint8(images: np.ndarray, where: str) -> np.ndarray:
     if images.dtype != np.uint8:
         raise ValueError(f"{where}: 'images' must be uint8, got {images.dtype}")
     if images.ndim == 3:
+        if images.shape[-1] in (3, 4) and images.shape[1] > 4:  # (H, W, C) of one picture, read as N thin images
+            raise ValueError(f"{where}: 'images' of shape {images.shape} looks like one colour image (H, W, C); "
+                             f"give a batch (N, H, W, C), e.g. images[None], or (N, H, W) greyscale images")
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"{where}: 'images' must have shape (N, H, W) or (N, H, W, C) with C in (1, 3), got {images.shape}")
