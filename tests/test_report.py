@@ -292,6 +292,26 @@ def test_fixed_bands_draw_no_stale_null(run_dir, tmp_path):
     assert build_report(run_dir)["histograms"][0]["null"] != {}
 
 
+def test_bands_from_another_run_draw_that_runs_null(run_dir, tmp_path):
+    """Evaluations with bands from another run's evaluation/bands.json, in a run holding an older calibration of
+    its own: any path ending in evaluation/bands.json was taken for the run's own, so the histogram drew the
+    run's stale null beside the other run's bands."""
+    other = tmp_path / "other"
+    shutil.copytree(run_dir / "evaluation", other / "evaluation")
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report", "sweeps"))
+    train = load_image_set(TRAIN)
+    calibrate(train, digits_complement(TRAIN), cfg.EvaluateConfig(calibration_quantiles=(0.01, 0.1, 0.3))).write(
+        run / "evaluation")  # the run's own, other bands and a null of other values
+    c = cfg.EvaluateConfig(carlini_n=10, bands_file=str(other / "evaluation" / "bands.json"))
+    from side_extract.data import load_shards
+
+    for method in ("side", "uncond"):
+        evaluate(load_shards(run / "extraction" / method), train, c, method=method).write(run / "evaluation" / method)
+    h = build_report(run)["histograms"][0]
+    assert h["null_file"] == str(other / "evaluation" / "null.npz")
+
+
 def test_no_ums_is_marked_best_between_methods_that_made_other_numbers_of_generations():
     """UnCond stopped early (dedup-driven stopping) at 500 of 2,000 with 100 distinct images (UMS 20 %), SIDE made
     2,000 and reached 200 (10 %): the larger UMS is not the larger count, so no UMS column marks a best (it did);

@@ -139,15 +139,18 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
     ``null.npz`` beside the bands file the evaluations name (the run's own calibration, ``evaluation/bands.json``,
     or a file the run was given); none for bands that came from no file (fixed bands, the paper's), even where an
     earlier calibration's files are still in the run."""
-    named = next((str(m.get("bands_source", ""))[5:] for m in metrics.values()
-                  if str(m.get("bands_source", "")).startswith("file:")), None)
+    given = next((m for m in metrics.values() if str(m.get("bands_source", "")).startswith("file:")), None)
     cal_dir: Path | None = None
-    if named is not None:
-        own = run / "evaluation"
-        if Path(named).parts[-2:] == ("evaluation", "bands.json") and (own / "bands.json").is_file():
+    if given is not None:
+        named, own = Path(str(given["bands_source"])[5:]), run / "evaluation"
+
+        def same_bands(d: Path) -> bool:  # the file still holds the bands the evaluations used
+            return (d / "bands.json").is_file() and read_json(d / "bands.json").get("bands") == given.get("bands")
+
+        if named.parts[-2:] == ("evaluation", "bands.json") and same_bands(own):
             cal_dir = own  # the run's own calibration, however its path was spelled, or the run copied or moved
-        elif Path(named).is_file():
-            cal_dir = Path(named).parent
+        elif named.is_file() and same_bands(named.parent):
+            cal_dir = named.parent  # another run's calibration (not a stale one of this run's)
     cal = read_json(cal_dir / "bands.json") if cal_dir is not None and (cal_dir / "bands.json").is_file() else {}
     nulls: dict[str, np.ndarray] = {}
     if cal_dir is not None and (cal_dir / "null.npz").is_file():
