@@ -237,6 +237,14 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     assert again["heldout"]["per_replicate"] == s["heldout"]["per_replicate"]
     assert reused_tuning(fc, json.loads(json.dumps({**d, "scales": [again]})), "rereport.json")[20]["reused_from"] \
         == "fair.json"  # the file whose run tuned, not the re-report in between
+    assert "not checked" not in protocol.render_fair_markdown({**d, "scales": [again]})
+    # a file that recorded no target (older): reused, and the report says its target was not checked
+    unknown = json.loads(json.dumps(d))
+    del unknown["scales"][0]["target"]["model_sha256"]
+    blind = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache",
+                           tuning=reused_tuning(fc, unknown, "unknown.json"))
+    assert "that file records no target, so the target it was chosen on is not checked" in \
+        protocol.render_fair_markdown(blind)
     # settings chosen on another target's weights, or by code whose stages worked otherwise, are not reused
     other = json.loads(json.dumps(d))
     other["scales"][0]["target"]["model_sha256"] = "0" * 64

@@ -434,6 +434,8 @@ def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu
             if sha is not None and sha != inputs.target.get("model_sha256"):
                 raise ValueError(f"the tuning reused for {n} training images was chosen on another target (weights "
                                  f"{sha[:12]}, now {str(inputs.target.get('model_sha256'))[:12]}); tune again")
+            if sha is None:  # an older file: the report says so too
+                log.warning("the tuning reused for %d training images records no target: not checked", n)
         else:
             tuned = tune(fc, inputs, cache, device=device, progress=progress)
         held = report(fc, inputs, tuned["chosen"], cache, device=device, progress=progress)
@@ -650,7 +652,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting "
                   "(lambda,T; side-lora: w,0; memguide: lambda,0)"
                   + (f", taken with the chosen settings from `{reused}` (`--tuning-from`: its validation grid was not "
-                     "run again)" if reused else "") + ":", "",
+                     "run again" + ("; that file records no target, so the target it was chosen on is not checked"
+                                    if s["tuning"].get("target_sha256") is None else "") + ")" if reused else "")
+                  + ":", "",
                   "| method | chosen | every setting |", "|---|---|---|"]
         for m, by in s["tuning"]["mean_by_setting"].items():
             ch = s["tuning"]["chosen"].get(m)
