@@ -65,6 +65,25 @@ def test_folder_rgb(tmp_path):
     assert load_image_set(tmp_path).images.shape == (2, 5, 5, 3)
 
 
+def test_transparent_images_are_named_not_silently_flattened(tmp_path):
+    """RGBA files lost their alpha without a word: a fully transparent pixel showed the colour stored under it. A
+    folder with such pixels warns, naming them; fully opaque RGBA files load as RGB quietly."""
+    import warnings
+
+    opaque = np.zeros((5, 5, 4), np.uint8)
+    opaque[..., 3] = 255
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image_set(tmp_path).images.shape == (1, 5, 5, 3)
+    hidden = opaque.copy()
+    hidden[0, 0] = [255, 0, 0, 0]  # transparent red
+    Image.fromarray(hidden, "RGBA").save(tmp_path / "b.png")
+    with pytest.warns(UserWarning, match=r"1 of the 2 images in .* have transparent pixels \(the first: b.png\)"):
+        s = load_image_set(tmp_path)
+    assert s.images[1, 0, 0].tolist() == [255, 0, 0]
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="holds no images"):
         load_image_set(tmp_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -151,14 +152,21 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"folder {str(path)!r} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
-    arrays = []
+    arrays, see_through = [], []
     for f in files:
         try:
             with Image.open(f) as im:
                 im.load()
                 arrays.append(_as_8bit(im, f))
+                if _transparent(im):
+                    see_through.append(f.name)
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"image file {str(f)!r} is unreadable or corrupt: {e}") from e
+    if see_through:  # the alpha channel is dropped: what lies under a transparent pixel is shown as it is
+        warnings.warn(f"{len(see_through)} of the {len(files)} images in {str(path)!r} have transparent pixels (the "
+                      f"first: {', '.join(see_through[:3])}); their alpha is dropped, so each transparent pixel shows "
+                      "the colour stored under it: flatten them onto a background first if that matters",
+                      UserWarning, stacklevel=2)
     if resize_to is not None:
         arrays = [resize(a.reshape(1, *a.shape[:2], -1), resize_to)[0].squeeze(-1) if a.ndim == 2
                   else resize(a[None], resize_to)[0] for a in arrays]
@@ -174,6 +182,13 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     if stacked.ndim == 3:
         stacked = stacked[..., None]
     return ImageSet(stacked.astype(np.uint8), name=str(path))
+
+
+def _transparent(im: Image.Image) -> bool:
+    """Whether an opened image has a pixel that is not fully opaque (an alpha channel or a transparency key)."""
+    if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in im.info:
+        return False
+    return im.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def _as_8bit(im: Image.Image, f: Path) -> np.ndarray:
