@@ -307,6 +307,46 @@ def test_a_callable_is_checked_like_a_unet(tmp_path, one_thread):
     assert bf16.fingerprint != as_target(tiny_unet(), scheduler=tiny_scheduler()).fingerprint
 
 
+def test_a_callable_named_by_model_id_keeps_its_run_across_rounding(tmp_path, one_thread):
+    """A callable is known by its outputs on probe inputs rounded to 5 decimals: the same model on another device
+    or thread count can move a value across a rounding step, and the run then redid every stage (and refused
+    regenerate/verify). With ``model_id`` its stages are keyed on the name the user gives its weights."""
+    import json
+
+    unet, sched = tiny_unet(), tiny_scheduler()
+    fn = lambda x, t: unet(x, t).sample  # noqa: E731
+    moved = lambda x, t: unet(x, t).sample + 4e-6  # noqa: E731  (the same model, computed elsewhere)
+    assert (as_target(fn, scheduler=sched, sample_shape=(1, 8, 8)).fingerprint
+            != as_target(moved, scheduler=sched, sample_shape=(1, 8, 8)).fingerprint)  # the fragility
+    a = as_target(fn, scheduler=sched, sample_shape=(1, 8, 8), model_id="ckpt-sha256-0123")
+    assert a.fingerprint == as_target(moved, scheduler=sched, sample_shape=(1, 8, 8), model_id="ckpt-sha256-0123").fingerprint
+    assert a.fingerprint != as_target(fn, scheduler=sched, sample_shape=(1, 8, 8), model_id="ckpt-sha256-4567").fingerprint
+    from side_extract.api import identity_fingerprint
+    assert identity_fingerprint("m", (1, 8, 8), sched) != identity_fingerprint("m", (1, 16, 4), sched)
+    assert identity_fingerprint("m", (1, 8, 8), sched) != identity_fingerprint(
+        "m", (1, 8, 8), tiny_scheduler().__class__(num_train_timesteps=500))
+
+    run = tmp_path / "run"
+    first = side_extract.audit(fn, "digits:30", scheduler=sched, sample_shape=(1, 8, 8), config=SMALL, out=run,
+                               methods=["uncond"], model_id="ckpt-sha256-0123")
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    again = side_extract.audit(moved, "digits:30", scheduler=sched, sample_shape=(1, 8, 8), config=SMALL, out=run,
+                               methods=["uncond"], model_id="ckpt-sha256-0123")
+    assert json.loads((run / "manifest.json").read_text())["stages"] == stages  # every stage reused, none redone
+    assert again.methods["uncond"] == first.methods["uncond"]
+    checks = again.verify("uncond", [0, 3], model=fn, scheduler=sched, sample_shape=(1, 8, 8),
+                          model_id="ckpt-sha256-0123")
+    assert [c.equal for c in checks] == [True, True]
+    with pytest.raises(ValueError, match="pass the same model_id="):
+        again.regenerate("uncond", [0], model=fn, scheduler=sched, sample_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"model_id='x' is for a callable eps\(x, t\); a UNet2DModel"):
+        as_target(unet, scheduler=sched, model_id="x")
+    with pytest.raises(ValueError, match="model_id=' ' must be a non-empty string"):
+        side_extract.audit(fn, "digits:30", scheduler=sched, sample_shape=(1, 8, 8), config=SMALL,
+                           out=tmp_path / "bad", methods=["uncond"], model_id=" ")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_an_in_memory_training_set_is_found_from_any_working_directory(tmp_path, one_thread, monkeypatch):
     """audit(out="run") with an array recorded the saved set as 'run/inputs/train.npz', relative to the caller's
     working directory: read from elsewhere, the run's pairs and report lost the training images."""

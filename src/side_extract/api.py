@@ -77,13 +77,34 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     return h.hexdigest()
 
 
+def identity_fingerprint(model_id: str, sample_shape: Sequence[int], scheduler: SchedulerMixin) -> str:
+    """sha256 of a callable's identity as its user names it (``model_id``), its sample shape and its scheduler's
+    config: what keys a callable's stages when ``model_id`` is given instead of its outputs on probe inputs."""
+    h = hashlib.sha256(b"side-extract/model-id/1\0" + model_id.encode() + b"\0")
+    h.update(json.dumps([int(v) for v in sample_shape]).encode())
+    h.update(_config_blob(scheduler))
+    return h.hexdigest()
+
+
 def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
-              sample_shape: Sequence[int] | None = None, device: str = "cpu") -> Target:
+              sample_shape: Sequence[int] | None = None, device: str = "cpu", model_id: str | None = None) -> Target:
     """The :class:`~side_extract.models.target.Target` of any model form ``audit`` accepts (see the module docstring).
 
     A ``UNet2DModel`` is moved to ``device`` in place. A callable needs ``scheduler`` and ``sample_shape``
-    (C, H, W); it is identified by its outputs on fixed probe inputs (:func:`probe_fingerprint`).
+    (C, H, W); it is identified by its outputs on fixed probe inputs (:func:`probe_fingerprint`), rounded to 5
+    decimals, which another device, thread count or library version can move by a rounding step: the run would
+    then no longer know it as its target, and every stage would be made again. ``model_id`` (a callable only)
+    names the model instead, e.g. its checkpoint's sha256: the stages are keyed on it, the scheduler's config and
+    the sample shape, so it must change whenever the weights do. The callable is still probed once for its
+    output's shape.
     """
+    if model_id is not None:
+        if not isinstance(model_id, str) or not model_id.strip():
+            raise ValueError(f"model_id={model_id!r} must be a non-empty string naming the model's weights (e.g. "
+                             "their checkpoint's sha256)")
+        if isinstance(model, (str, Path, DiffusionPipeline, UNet2DModel)) or not callable(model):
+            raise ValueError(f"model_id={model_id!r} is for a callable eps(x, t); a {type(model).__name__} is "
+                             "identified by its own weights and config")
     if isinstance(model, (str, Path)):
         return Target(load_target(model, device), model_fingerprint(model), str(model))
     if isinstance(model, DiffusionPipeline):
@@ -104,8 +125,12 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if len(shape) != 3:
             raise ValueError(f"sample_shape={sample_shape} must be (C, H, W)")
         denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses a scheduler of another prediction type)
-        fp = probe_fingerprint(model, shape, scheduler, device)
-        return Target(denoiser, fp, f"callable {getattr(model, '__name__', 'eps')} {fp[:12]}")
+        fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
+        name = getattr(model, "__name__", "eps")
+        if model_id is not None:
+            fp = identity_fingerprint(model_id, shape, scheduler)
+            return Target(denoiser, fp, f"callable {name} model_id={model_id} {fp[:12]}")
+        return Target(denoiser, fp, f"callable {name} {fp[:12]}")
     raise ValueError(f"model of type {type(model).__name__} is not supported: pass a diffusers directory, a "
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
 
@@ -287,7 +312,7 @@ class Audit:
 
     def regenerate(self, method: str, indices: Sequence[int], *, model: ModelLike | None = None,
                    scheduler: SchedulerMixin | None = None, sample_shape: Sequence[int] | None = None,
-                   device: str = "cpu") -> np.ndarray:
+                   device: str = "cpu", model_id: str | None = None) -> np.ndarray:
         """``method``'s generations ``indices`` made again from the run's files, uint8 in the layout of the stored
         ones: the target, the method's classifier (fine-tuned model, memorization guidance) and settings, and
         for a method in rounds the run's earlier rounds. Each generation is made in the denoiser batch the run
@@ -295,8 +320,9 @@ class Audit:
         on the same hardware and thread count they equal ``RUN/extraction/<method>`` bit for bit: a way to show a
         reported extraction comes from the model and not from the audit's files.
 
-        ``model``: the target, as ``audit`` takes it; needed when the run's was a model in memory, else the run
-        config's. Its fingerprint must match the one the run's manifest recorded. The settings are the ones the
+        ``model``: the target, as ``audit`` takes it (with the ``model_id`` the audit was given, if any); needed
+        when the run's was a model in memory, else the run config's. Its fingerprint must match the one the run's
+        manifest recorded. The settings are the ones the
         stage was made with (``RUN/extraction/<method>/config.yaml``; the run's ``config.yaml`` for runs made
         before it was kept), checked against the stage's fingerprint.
         """
@@ -323,11 +349,18 @@ class Audit:
             if not resolve_model_path(str(rc.model)).exists():
                 raise ValueError(f"the run's target {rc.model!r} is not a model on disk: pass it as model=")
             model = rc.model
-        target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)
+        target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
         recorded = entry.get("inputs", {}).get("model")
         if recorded is not None and recorded != target.fingerprint:
+            hint = ""
+            if "model_id=" in str(rc.model) and model_id is None:
+                hint = f"; the run knows its target by the model_id it was given ({rc.model}): pass the same model_id="
+            elif model_id is None and callable(model) and not isinstance(model, (str, Path, UNet2DModel,
+                                                                                 DiffusionPipeline)):
+                hint = ("; a callable is known by its outputs on probe inputs, which another device or thread count "
+                        "can move by a rounding step (audit with model_id= to key a run on a name instead)")
             raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
-                             f"({recorded[:16]}, manifest.json)")
+                             f"({recorded[:16]}, manifest.json){hint}")
         denoiser, guidance = method_guidance(self.run, rc, method, target.denoiser, device=device)
         up = extraction_upstream(method)
         made_by = extraction_fingerprint(rc, method, guidance, target.fingerprint,
@@ -372,7 +405,8 @@ class Audit:
 
     def verify(self, method: str, indices: Sequence[int] | None = None, *, top: int = 8,
                model: ModelLike | None = None, scheduler: SchedulerMixin | None = None,
-               sample_shape: Sequence[int] | None = None, device: str = "cpu") -> list[Verification]:
+               sample_shape: Sequence[int] | None = None, device: str = "cpu",
+               model_id: str | None = None) -> list[Verification]:
         """:meth:`regenerate` ``method``'s generations ``indices`` (default: its ``top`` closest to the training
         set) and compare them with the stored ones, one :class:`Verification` each; all ``equal`` on the
         hardware and thread count the run was made with."""
@@ -382,7 +416,7 @@ class Audit:
             indices = [p.generation_id for p in self.pairs(method, top=top)]
         ids = [int(i) for i in indices]
         again = self.regenerate(method, ids, model=model, scheduler=scheduler, sample_shape=sample_shape,
-                                device=device)
+                                device=device, model_id=model_id)
         stored = load_shards(self.run / "extraction" / method)
         row = {int(i): r for r, i in enumerate(stored.ids)}
         out = []
@@ -411,6 +445,7 @@ def audit(
     device: str = "cpu",
     progress: ProgressFactory = no_progress,
     wait: bool = False,
+    model_id: str | None = None,
 ) -> Audit:
     """Run the SIDE audit of ``model`` against ``train`` into run directory ``out``; returns its results.
 
@@ -425,12 +460,15 @@ def audit(
         its ``model`` and ``train`` are replaced by the arguments
     methods : overrides ``config.extract.methods`` (``side``, ``side-teacher``, ``side-lora``, ``cond``, ``uncond``,
         ``memguide``)
+    model_id : a callable only: a name for its weights (e.g. their checkpoint's sha256) that keys the run's stages
+        instead of the callable's outputs on probe inputs, which another device or thread count can move by a
+        rounding step (:func:`as_target`); pass it again to ``Audit.regenerate``/``verify``
     """
     rc = _run_config(config)
     if isinstance(methods, str):  # one method, not its letters
         methods = (methods,)
     ex = rc.extract if methods is None else dataclasses.replace(rc.extract, methods=tuple(methods))
-    target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device)
+    target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
     data = as_image_set(train, labels)
     check_run_path(out)  # a folder that is no run: refused before its inputs/ is written
     group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
@@ -455,4 +493,4 @@ def audit(
 
 
 __all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "as_target", "as_image_set",
-           "module_fingerprint", "probe_fingerprint", "TABLE_COLUMNS"]
+           "module_fingerprint", "probe_fingerprint", "identity_fingerprint", "TABLE_COLUMNS"]
