@@ -198,6 +198,12 @@ def test_bands_on_small_data_refused_with_what_they_need_or_given(tiny_model_dir
     rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=held))
     with pytest.raises(ValueError, match="a null of 36 images, too few for its 0.001 quantile .*at least 1000"):
         run_audit(tmp_path / "run", rc)
+    # a cosine feature space other than an SSCD-like TorchScript file is calibrated too: it was let through, sampled,
+    # clustered, trained and extracted, and failed only at the calibration after them
+    cos = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, similarity="cosine:pixels"))
+    with pytest.raises(ValueError, match="(?s)the run cannot start:.*a null of 36 images, too few"):
+        run_audit(tmp_path / "cos", cos)
+    assert not (tmp_path / "cos" / "synthetic").exists()
     coarse = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.05, 0.1, 0.2)))
     run_audit(tmp_path / "run", coarse)
     bands = read_json(tmp_path / "run" / "evaluation" / "bands.json")

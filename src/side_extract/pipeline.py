@@ -345,13 +345,20 @@ def extraction_fingerprint(rc: cfg.RunConfig, method: str, guidance: ClassifierG
 # the chain
 
 
+def calibrates_bands(c: cfg.EvaluateConfig) -> bool:
+    """Whether a run calibrates its bands on a null: no bands or bands file given, and a similarity without the
+    paper's fixed bands (those are for SSCD-like descriptors, ``cosine:torchscript:PATH``; pixel RMS-L2 and the
+    other feature spaces are calibrated)."""
+    return c.bands is None and c.bands_file is None and not c.similarity.startswith("cosine:torchscript")
+
+
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     """Bands from the null (held-out digits or train vs rest of train), once per run: evaluation/bands.json.
 
-    Only for similarities without fixed bands (pixel RMS-L2, non-SSCD features) and when no bands are given.
+    Only where :func:`calibrates_bands`.
     """
     c = ctx.rc.evaluate
-    if c.bands is not None or c.bands_file is not None or c.similarity.startswith("cosine:torchscript"):
+    if not calibrates_bands(c):
         return None
     given = None if c.heldout is None else load_image_set(c.heldout, ctx.rc.train_resize)  # keyed by its images
     fp = stage_fingerprint("calibration", c, train.fingerprint(),
@@ -607,8 +614,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         elif train is not None:
             n_null = len(train)  # train vs the rest of train
         q = min(ev.calibration_quantiles)
-        calibrates = ev.bands is None and ev.bands_file is None and not ev.similarity.startswith("cosine:")
-        if calibrates and n_null is not None and n_null * q < 0.1:
+        if calibrates_bands(ev) and n_null is not None and n_null * q < 0.1:
             problems.append(f"the bands would be calibrated on a null of {n_null} images, too few for its {q:g} "
                             f"quantile (it needs at least {int(np.ceil(1 / q))}): give held-out images "
                             "(evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles) or fixed bands "
