@@ -127,10 +127,13 @@ class EvaluateConfig:
 
     ``similarity`` is ``"rms-l2"`` (pixels in [0, 1], lower = closer) or ``"cosine:<extractor>"`` (a
     feature extractor of ``features.EXTRACTORS``, higher = closer). ``bands`` is ``"name=lo:hi,..."``;
-    None means: the paper's bands for cosine, else ``bands_file`` (written by ``side calibrate``), else
-    bands calibrated on a null: ``heldout`` (an image set of non-members, e.g. a folder or .npz), else the
-    digits outside a ``digits:N`` training set, else the training set's own (train vs rest of train). A null
-    far too small for the lowest ``calibration_quantiles`` level is refused (it names what it needs).
+    None means: ``bands_file`` (written by ``side calibrate``), else the paper's bands (0.4 / 0.5 / 0.6) for an
+    SSCD-like ``cosine:torchscript:PATH``, else bands calibrated on a null: ``heldout`` (an image set of
+    non-members, e.g. a folder or .npz), else (in a run) the digits outside a ``digits:N`` training set, else the
+    training set's own (train vs rest of train). ``side evaluate`` on its own gives every cosine similarity the
+    paper's bands (with a warning for features other than a TorchScript descriptor). A null far too small for the
+    lowest ``calibration_quantiles`` level is refused before a run's first stage (it names what it needs).
+    ``side evaluate`` and ``side calibrate`` do not measure ``quality``; a run does.
 
     ``quality``: feature spaces (``pixels``, an extractor name, ``torchscript:PATH``) in which each method's
     sample quality is measured against held-out real images (``heldout``, else the digits outside a

@@ -60,8 +60,9 @@ def evaluate_cmd(
     out: Path = typer.Option(..., "--out", help="Directory to write metrics.json and per_generation.{csv,npz} to."),
     method: str | None = typer.Option(None, help="Method name in the results (default: the extraction dir's name)."),
     similarity: str = typer.Option(D.similarity, help="rms-l2 (pixels) or cosine:<extractor>."),
-    bands: str | None = typer.Option(D.bands, help="name=lo:hi,... (default: the paper's for cosine; else "
-                                                  "--bands-file; else calibrated on train vs rest of train)."),
+    bands: str | None = typer.Option(D.bands, help="name=lo:hi,... (default: --bands-file; else the paper's for "
+                                                  "cosine; else calibrated on --heldout; else on train vs rest of "
+                                                  "train)."),
     bands_file: str | None = typer.Option(D.bands_file, help="bands.json written by `side calibrate`."),
     heldout: str | None = typer.Option(D.heldout, "--heldout", help="Held-out images (never trained on) to calibrate "
                                        "the bands on, when no bands are given (default: the training set's own null)."),

@@ -175,7 +175,9 @@ def extract_cmd(
                                    "(label-free memorization guidance) (repeat)."),
     n: int = typer.Option(E.n, help="N_G: generations per method."),
     seed: int = typer.Option(E.seed, help="Generation i of every method starts from the noise of (seed, i)."),
-    scale: float = typer.Option(E.scale, help="Guidance scale lambda."),
+    scale: float = typer.Option(E.scale, help="Classifier-guidance scale lambda of side, and of "
+                                "side-teacher unless extract.teacher_scale is set (Cond's is extract.cond_scale, side-lora's CFG scale "
+                                "lora.guidance_scale)."),
     temperature: float = typer.Option(E.temperature, help="Softmax temperature of the SIDE classifiers (the paper: "
                                       "1; Cond's is extract.cond_temperature)."),
     memguide_scale: float = typer.Option(E.memguide_scale, "--memguide-scale", help="memguide's lambda (its "

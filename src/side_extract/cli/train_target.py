@@ -24,7 +24,7 @@ def train_target_cmd(
     block_out_channels: str = typer.Option(",".join(map(str, D.block_out_channels)), help="UNet widths, comma-separated."),
     layers_per_block: int = typer.Option(D.layers_per_block),
     norm_num_groups: int = typer.Option(D.norm_num_groups),
-    attention: bool = typer.Option(D.attention, help="Self-attention in the lowest-resolution block."),
+    attention: bool = typer.Option(D.attention, help="Self-attention in the lowest-resolution down and up blocks too (the mid block always has one)."),
     num_train_timesteps: int = typer.Option(D.num_train_timesteps),
     beta_schedule: str = typer.Option(D.beta_schedule),
     steps: int = typer.Option(D.steps, help="Optimizer steps in total (a rerun resumes from the last checkpoint)."),
