@@ -624,3 +624,57 @@ def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# the reference page (docs/config.md is this function's output; a test keeps them equal)
+
+REFERENCE_COMMAND = ("python -c \"from side_extract.config import reference_markdown; "
+                     "print(reference_markdown(), end='')\" > docs/config.md")
+
+
+def reference_markdown() -> str:
+    """Every key of a run config (``side run CONFIG``, ``audit(config=...)``) with its default and type, section by
+    section, each with its dataclass's documentation: the text of ``docs/config.md``."""
+    import inspect
+
+    def default_text(v: Any) -> str:
+        return "`" + (yaml.safe_dump(to_dict(v) if dataclasses.is_dataclass(v) else
+                                     list(v) if isinstance(v, tuple) else v, default_flow_style=True,
+                                     width=10_000).strip().removesuffix("...").strip()) + "`"
+
+    def type_text(t: Any) -> str:
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if origin is Literal:
+            return " or ".join(repr(a) if isinstance(a, str) else str(a) for a in args)
+        if origin in (typing.Union, types.UnionType):
+            return " or ".join("null" if a is type(None) else type_text(a) for a in args)
+        if origin in (tuple, list):
+            inner = [a for a in args if a is not Ellipsis]
+            return "list of " + (" or ".join(type_text(a) for a in inner) if inner else "values")
+        if origin is dict:
+            return "mapping"
+        return getattr(t, "__name__", str(t))
+
+    default = RunConfig()
+    out = ["# Run configuration reference", "",
+           "Every key a run config takes (`side run CONFIG`, `side_extract.audit(config=...)`, a sweep's `base`), with its "
+           "default and type. A key left out takes its default; an unknown key or a value of the wrong type or range "
+           "is refused with the valid ones before any work. The run writes the resolved config, every default "
+           "included, to `RUN/config.yaml`. Generated from `src/side_extract/config.py` (its docstrings are the "
+           f"documentation below): `{REFERENCE_COMMAND}`; a test fails when this page is stale.", "",
+           "## Top level", "", "| key | default | type |", "|---|---|---|"]
+    sections = []
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            sections.append((f.name, value))
+        else:
+            out.append(f"| `{f.name}` | {default_text(value)} | {type_text(typing.get_type_hints(RunConfig)[f.name])} |")
+    for name, value in sections:
+        doc = inspect.cleandoc(type(value).__doc__ or "")
+        out += ["", f"## `{name}` ({type(value).__name__})", "", doc, "", "| key | default | type |", "|---|---|---|"]
+        hints = typing.get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            out.append(f"| `{name}.{f.name}` | {default_text(getattr(value, f.name))} | {type_text(hints[f.name])} |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,28 @@
+"""docs/config.md is generated from config.py: a key, default or docstring changed there and not here fails."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from side_extract import config as cfg
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+
+
+def test_the_config_reference_page_is_current():
+    assert DOC.read_text() == cfg.reference_markdown(), f"docs/config.md is stale; regenerate it: {cfg.REFERENCE_COMMAND}"
+
+
+def test_the_reference_names_every_key_with_its_default():
+    text = cfg.reference_markdown()
+    run = cfg.RunConfig()
+    for f in dataclasses.fields(run):
+        section = getattr(run, f.name)
+        if not dataclasses.is_dataclass(section):
+            assert f"| `{f.name}` |" in text
+            continue
+        for g in dataclasses.fields(section):
+            assert f"| `{f.name}.{g.name}` |" in text, f"{f.name}.{g.name} missing"
+    assert "| `extract.scale` | `3.0` | float |" in text  # SIDE's default lambda, README "Defaults"
+    assert "| `sample.scheduler` | `ddim` | 'ddim' or 'ddpm' |" in text
+    assert "| `lora.rank` | `64` | int or 'full' |" in text
