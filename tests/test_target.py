@@ -125,6 +125,35 @@ def test_train_target_ema_and_config_mismatch(tmp_path):
         train_target(dataclasses.replace(TINY, lr=5e-4, steps=6), data, tmp_path / "e")
 
 
+def test_a_finished_target_is_not_replaced_by_another_config_or_data(tmp_path):
+    """A rerun with other settings or data and fewer steps than the folder's checkpoints trained from scratch and
+    replaced the finished target without a word (only a checkpoint at or below --steps was checked); a folder of
+    someone else's files got unet/, scheduler/, checkpoints/ written into it."""
+    import hashlib
+
+    data = load_image_set("digits:20")
+    train_target(TINY, data, tmp_path / "t")  # 4 steps, checkpoints at 2 and 4
+    weights = tmp_path / "t" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="a target trained with a different config or data set"):
+        train_target(dataclasses.replace(TINY, steps=1, lr=1e-2), data, tmp_path / "t")
+    with pytest.raises(ValueError, match="a target trained with a different config or data set"):
+        train_target(dataclasses.replace(TINY, steps=1), load_image_set("digits:10"), tmp_path / "t")
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    # the checkpoints gone, the model's own config still says what it was trained with
+    import shutil
+    shutil.rmtree(tmp_path / "t" / "checkpoints")
+    with pytest.raises(ValueError, match=r"different config or data set \(train_config.yaml\)"):
+        train_target(dataclasses.replace(TINY, steps=1, lr=1e-2), data, tmp_path / "t")
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.png").write_bytes(b"not mine")
+    with pytest.raises(ValueError, match="holds files train-target did not write \\(holiday.png\\)"):
+        train_target(TINY, data, photos)
+    assert sorted(p.name for p in photos.iterdir()) == ["holiday.png"]
+
+
 def test_train_target_rejects_bad_shapes():
     with pytest.raises(ValueError, match="not divisible"):
         train_target(dataclasses.replace(TINY, block_out_channels=(4, 4, 8, 8)), load_image_set("digits:10", resize_to=12),

@@ -233,6 +233,36 @@ def _latest_checkpoint(out: Path, at_most: int) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+TRAIN_OUT_FILES = ("unet", "scheduler", "model_index.json", "train_config.yaml", "training_log.json", "checkpoints",
+                   ".final")  # what train_target writes into --out
+
+
+def check_train_out(out: Path, resume_key: dict) -> None:
+    """Refuse an ``out`` that holds what this training must not replace: files it did not write, or a model or
+    checkpoints trained with another config or data set (at any step: a checkpoint past the requested steps is
+    not resumed, but the model trained to it is still the folder's)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; expected a directory to write the target to")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in TRAIN_OUT_FILES)
+    if foreign:
+        raise ValueError(f"--out {str(out)!r} holds files train-target did not write ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty --out")
+    differs = f"{str(out)!r} holds a target trained with a different config or data set"
+    for state in sorted((out / "checkpoints").glob("step-*/training_state.json")):
+        if read_json(state)["resume_key"] != resume_key:
+            raise ValueError(f"{differs} ({state.parent.name}); training here would replace it: choose another "
+                             "--out or delete it")
+    made = out / "train_config.yaml"
+    if made.is_file():
+        old = {k: v for k, v in cfg.to_dict(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made))).items()
+               if k not in ("steps", "checkpoint_every")}
+        if old != {k: v for k, v in resume_key.items() if k != "data_fingerprint"}:
+            raise ValueError(f"{differs} (train_config.yaml); training here would replace it: choose another --out "
+                             "or delete it")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     path: Path
@@ -278,6 +308,7 @@ def train_target(
     resume_key = {k: v for k, v in cfg.to_dict(c).items() if k not in ("steps", "checkpoint_every")}
     resume_key["data_fingerprint"] = data.fingerprint()
 
+    check_train_out(out, resume_key)  # before anything is written
     start, losses, state = 0, [], None
     ckpt = _latest_checkpoint(out, c.steps)
     if ckpt is not None:  # every process reads it; only the main one writes checkpoints, after a step that
