@@ -146,3 +146,19 @@ def test_python_dash_m_side_extract_is_the_side_command():
     proc = subprocess.run([sys.executable, "-m", "side_extract", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Usage: side" in proc.stdout and "train-target" in proc.stdout
+
+
+@pytest.mark.parametrize("device, says", [("foo", "is not a torch device: expected cpu, cuda, cuda:N or mps"),
+                                          ("cuda:99", "")])
+def test_a_device_torch_cannot_use_is_one_error_line_before_any_work(tmp_path, device, says):
+    """--device cuda on a CPU build of torch (or a typo) ended every command in torch's assertion or parse error."""
+    import side_extract
+
+    r = CliRunner().invoke(app, ["--no-progress", "sample", "--n", "2", "--steps", "2", "--device", device,
+                                 "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2, r.output
+    assert f"error: device='{device}'" in r.output and says in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match=f"device='{device}'"):
+        side_extract.audit("demo", "digits:30", out=tmp_path / "a", device=device)
+    assert not (tmp_path / "a").exists()

@@ -26,7 +26,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
-from .distributed import ProcessGroup
+from .distributed import ProcessGroup, check_device
 from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
 from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, read_json, read_stages,
@@ -464,6 +464,7 @@ def audit(
         instead of the callable's outputs on probe inputs, which another device or thread count can move by a
         rounding step (:func:`as_target`); pass it again to ``Audit.regenerate``/``verify``
     """
+    check_device(device)
     rc = _run_config(config)
     if isinstance(methods, str):  # one method, not its letters
         methods = (methods,)

@@ -43,6 +43,30 @@ T = TypeVar("T")
 TIMEOUT_ENV = "SIDE_PROCESS_TIMEOUT_S"
 
 
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use here, naming it and what is available (torch's own errors were an
+    assertion or a parse error from deep inside the first stage)."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device: expected cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA (a CPU build)" if torch.version.cuda is None
+                   else "no GPU is visible to it")
+            raise ValueError(f"device={device!r}: {why}; use device 'cpu', or install a CUDA build of torch on a "
+                             "machine with a GPU")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: MPS is not available here; use device 'cpu'")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N or mps")
+
+
 def process_timeout() -> datetime.timedelta:
     """How long a process waits for the others at one exchange: ``$SIDE_PROCESS_TIMEOUT_S`` seconds, by default
     24 hours. The others wait while the main process works alone (memorization scores, features, clustering,

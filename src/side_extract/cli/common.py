@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import config as cfg
+from ..distributed import check_device
 
 # soft_wrap: a message is one line however long (a path or value in it stays whole; the terminal wraps it)
 console = Console(stderr=True, emoji=False, soft_wrap=True)
@@ -28,6 +29,8 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if isinstance(kwargs.get("device"), str):  # before any work (a bad one failed in the first stage)
+                check_device(kwargs["device"])
             return fn(*args, **kwargs)
         except ValueError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
