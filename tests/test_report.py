@@ -329,3 +329,34 @@ def test_no_ums_is_marked_best_between_methods_that_made_other_numbers_of_genera
     assert stopped["ams:mid"] == ["uncond"] and stopped["carlini"] == ["uncond"]
     equal = _comparison({"side": m(0.10, 2000, 0.05), "uncond": m(0.20, 2000, 0.08)})["best"]
     assert equal["ums_cumulative:mid"] == ["uncond"] and equal["carlini"] == ["uncond"]
+
+
+def test_labels_remade_after_the_extraction_are_not_joined_to_it(tiny_model_dir, tmp_path):
+    """`side cluster` on a finished run with fewer clusters: the report joined SIDE's extraction (targets 0..3)
+    with the new clusters.json (0..2) and crashed in the template, after writing a new report.json beside the old
+    report.html; with as many clusters it silently showed the new clustering's sizes beside the old extraction."""
+    import dataclasses
+    import json
+    import time
+
+    from side_extract.pipeline import run_audit
+    from side_extract.report import write_report
+
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run_audit(tmp_path / "run", rc)
+    html = write_report(tmp_path / "run")
+    fresh = json.loads((tmp_path / "run" / "report" / "report.json").read_text())["clusters"]
+    assert fresh["surrogate"]["stale"] is False and all("size" in r and r["size"] is not None
+                                                        for r in fresh["methods"]["side"]["rows"])
+    time.sleep(1.1)  # the manifest's times: the new labels start after the extraction did
+    fewer = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, n_clusters=3))
+    run_audit(tmp_path / "run", fewer, until="surrogate")
+    before = html.read_text()
+    write_report(tmp_path / "run")
+    data = json.loads((tmp_path / "run" / "report" / "report.json").read_text())["clusters"]
+    assert data["surrogate"]["stale"] is True and data["surrogate"]["n_clusters"] == 3
+    assert all(r["size"] is None for r in data["methods"]["side"]["rows"])
+    page = html.read_text()
+    assert page != before and "made again after SIDE" in page.replace("\n", " ")

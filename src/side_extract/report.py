@@ -183,8 +183,8 @@ def _by_label(table: dict[str, np.ndarray], bands: list[str], clusters: dict[int
         row = {"label": int(lab), "n": int(sel.sum()), "bands": {b: int((sel & (band == b)).sum()) for b in bands},
                "distinct_train_in_top": int(len(np.unique(table["nearest_train_index"][sel & (band == bands[0])])))
                if bands else 0}
-        info = (clusters or {}).get(int(lab))
-        if info is not None:
+        if clusters is not None:  # a label the clustering does not hold (remade since) shows as missing
+            info = clusters.get(int(lab)) or {}
             row |= {"size": info.get("size"), "cohesion": info.get("cohesion"), "kept": info.get("kept")}
         rows.append(row)
     return rows
@@ -195,6 +195,11 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> d
     p = run / "surrogate" / "clusters.json"
     info = read_json(p) if p.is_file() else None
     by_id = {int(c["id"]): c for c in info["clusters"]} if info else None
+    stages = read_stages(run)
+    made, used = (stages.get(k, {}).get("started_unix") for k in ("surrogate", "extraction/side"))
+    stale = by_id is not None and made is not None and used is not None and made > used
+    if stale:  # `side cluster` remade the labels after SIDE's extraction: its sizes are not the extraction's
+        by_id = {}
     methods = {}
     for n, t in tables.items():
         if not (t["target_label"] >= 0).any():
@@ -207,7 +212,7 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> d
         return None
     summary = {k: info[k] for k in ("tau", "kept", "n_clusters", "labelled") if k in info} if info else None
     if summary is not None:
-        summary |= {"background": info.get("background"), "candidates": info.get("candidates")}
+        summary |= {"background": info.get("background"), "candidates": info.get("candidates"), "stale": stale}
     return {"surrogate": summary, "clusters": info["clusters"] if info else [], "methods": methods}
 
 
@@ -431,8 +436,8 @@ def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> 
     run = Path(run_dir)
     data = build_report(run, top=top)
     out = run / "report"
+    html = render_html(data, run, image_size=image_size)  # before either file is written: never one without the other
     atomic_write_json(out / "report.json", data)
-    html = render_html(data, run, image_size=image_size)
     atomic_write_text(out / "report.html", html)
     log.info("report: %s", out / "report.html")
     return out / "report.html"
