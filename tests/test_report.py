@@ -360,3 +360,31 @@ def test_labels_remade_after_the_extraction_are_not_joined_to_it(tiny_model_dir,
     assert all(r["size"] is None for r in data["methods"]["side"]["rows"])
     page = html.read_text()
     assert page != before and "made again after SIDE" in page.replace("\n", " ")
+
+
+def test_a_step_command_that_remakes_a_finished_stage_names_the_later_stages_it_left_out_of_date(
+        tiny_model_dir, tmp_path, caplog):
+    """`side sample` / `side cluster` / `side train-classifier` on a finished run replaced their stage without a
+    word, and every later stage stayed 'complete' in the manifest although made from the earlier results."""
+    import dataclasses
+    import logging
+    import time
+
+    from side_extract.pipeline import run_audit
+
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run_audit(tmp_path / "run", rc)
+    time.sleep(0.05)
+    fewer = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, n_clusters=3))
+    with caplog.at_level(logging.WARNING, logger="side_extract"):
+        run_audit(tmp_path / "run", fewer, until="surrogate")
+    said = [r.getMessage() for r in caplog.records if "made again here" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("surrogate was made again here")
+    assert "classifier, extraction/side, evaluation/side were made from its earlier results" in said[0]
+    assert "extraction/uncond" not in said[0]  # made from the model alone
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="side_extract"):
+        run_audit(tmp_path / "run", fewer)  # the whole chain again: nothing left out of date
+    assert not [r for r in caplog.records if "made again here" in r.getMessage()]

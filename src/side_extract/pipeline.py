@@ -667,7 +667,12 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         config = run.path / "config.yaml"
         before = config.read_text() if group.main and config.is_file() else None
         try:
-            return _chain(run, rc, target, device, until, progress)
+            result = _chain(run, rc, target, device, until, progress)
+            for stage, later in (run.out_of_date() if group.main else {}).items():
+                log.warning("%s was made again here, but %s were made from its earlier results and now describe "
+                            "another run: complete it again (side run CONFIG --out RUN, or side extract --run RUN "
+                            "--force) before reading them", stage, ", ".join(later))
+            return result
         except BaseException as e:
             if group.main:
                 run.fail_running(e)

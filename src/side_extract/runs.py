@@ -358,6 +358,29 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
 # run directory
 
 
+SIDE_CHAIN = ("synthetic", "memorization", "features", "surrogate", "classifier", "teacher", "classifier-teacher",
+              "lora")  # made from the synthetic set, in this order (the chain of ``pipeline._chain``)
+
+
+def made_from(later: str, stage: str) -> bool:
+    """Whether run stage ``later`` is made from stage ``stage``'s results: within the SIDE chain, every stage after
+    ``stage`` and the extractions (and evaluations) of the methods it guides; the clean classifier, Cond's and
+    the teacher labels'; an extraction, its evaluation."""
+    method = later.split("/", 1)[1] if later.startswith(("extraction/", "evaluation/")) else None
+    if {stage, later} == {"memorization", "features"}:  # both made from the synthetic set alone
+        return False
+    if stage in SIDE_CHAIN:
+        return (later in SIDE_CHAIN and SIDE_CHAIN.index(later) > SIDE_CHAIN.index(stage)) or method in (
+            "side", "side-teacher", "side-lora")
+    if stage == "classifier-clean":
+        return later in ("teacher", "classifier-teacher") or method in ("cond", "side-teacher")
+    if stage.startswith("extraction/"):
+        return later == "evaluation/" + stage.split("/", 1)[1]
+    if stage == "calibration":
+        return later.startswith("evaluation/")
+    return False
+
+
 class RunDir:
     """A run directory and its manifest.
 
@@ -371,6 +394,7 @@ class RunDir:
     def __init__(self, path: str | Path, *, replace: bool = True, group: ProcessGroup = SINGLE) -> None:
         self.path = Path(path)
         self.replace = replace
+        self.replaced: list[str] = []  # finished stages this writer made again (``begin``)
         self.group = group
         check_run_path(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -418,10 +442,30 @@ class RunDir:
                     f"{stage} holds finished results made with other settings or inputs "
                     f"({', '.join(f'{k} {v}' for k, v in entry.items() if k in ('n', 'method', 'scale')) or 'see manifest.json'}); "
                     "rerun with --force to replace them, or use another run directory")
+            if entry is not None and entry.get("status") == "complete":
+                self.replaced.append(stage)
+                log.info("stage %s: its finished results were made with other settings or inputs; made again",
+                            stage)
             if (self.path / stage).exists():
                 shutil.rmtree(self.path / stage)
         self._mark_running(stage, fingerprint, inputs, **kept)
         return decision
+
+    def out_of_date(self) -> dict[str, list[str]]:
+        """For each stage this writer made again: the finished stages made from it (:func:`made_from`) that were
+        made before it, from its earlier results (a step command such as ``side cluster`` stops before redoing them)."""
+        stages = self.manifest()["stages"]
+        names = list(stages)
+        out = {}
+        for stage in self.replaced:
+            if stage not in stages:
+                continue
+            made = stages[stage].get("started_unix", 0.0)
+            later = [n for n in names[names.index(stage) + 1:] if made_from(n, stage)
+                     and stages[n].get("status") == "complete" and stages[n].get("started_unix", 0.0) < made]
+            if later:
+                out[stage] = later
+        return out
 
     def grow(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, from_n: int) -> Literal["resume"]:
         """Mark a complete stage of ``from_n`` images as running under ``fingerprint``, the same stage with more
