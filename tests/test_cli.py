@@ -162,3 +162,11 @@ def test_a_device_torch_cannot_use_is_one_error_line_before_any_work(tmp_path, d
     with pytest.raises(ValueError, match=f"device='{device}'"):
         side_extract.audit("demo", "digits:30", out=tmp_path / "a", device=device)
     assert not (tmp_path / "a").exists()
+
+
+def test_verify_names_a_method_the_run_never_extracted(tmp_path):
+    """`side verify RUN --method bogus` said 'give --generations', and following that hint gave the real answer."""
+    (tmp_path / "run" / "extraction" / "uncond").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("model: demo\n")
+    r = CliRunner().invoke(app, ["verify", str(tmp_path / "run"), "--method", "bogus"], terminal_width=200)
+    assert r.exit_code == 2 and "--method='bogus': the run holds no extraction of it (it holds: uncond)" in r.output

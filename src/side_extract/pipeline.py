@@ -530,7 +530,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     if rc.train is None:
         if needs_train:
             problems.append(f"methods {', '.join(sorted({'cond', 'side-teacher'} & methods))} need the training set: "
-                            "set 'train' (e.g. train: digits:100)")
+                            "set 'train' (e.g. train: digits:100) in a --config file, or leave them out of "
+                            "extract.methods (the default methods include cond)")
     else:
         try:
             train = load_image_set(rc.train, rc.train_resize)

@@ -33,6 +33,10 @@ def verify_cmd(
         except ValueError:
             raise ValueError(f"--generations={generations!r} must be comma-separated integers") from None
     audit = Audit.load(run)
+    made = sorted(p.name for p in (run / "extraction").iterdir() if p.is_dir()) if (run / "extraction").is_dir() else []
+    if method not in made:
+        raise ValueError(f"--method={method!r}: the run holds no extraction of it (it holds: "
+                         f"{', '.join(made) or 'none'})")
     if ids is None and method not in audit.methods:
         raise ValueError(f"{method} has no evaluation in {run} to pick the closest generations from: give --generations")
     for note in audit.verify_conditions(method, device):
