@@ -26,3 +26,14 @@ def test_the_reference_names_every_key_with_its_default():
     assert "| `extract.scale` | `3.0` | float |" in text  # SIDE's default lambda, README "Defaults"
     assert "| `sample.scheduler` | `ddim` | 'ddim' or 'ddpm' |" in text
     assert "| `lora.rank` | `64` | int or 'full' |" in text
+
+
+def test_a_range_error_names_the_section_of_its_key():
+    """`sample.n: -5` and `extract.n: -1` both said 'n=... must be a positive integer' (side run reads both)."""
+    import pytest
+
+    for data, said in [({"sample": {"n": -5}}, "sample.n=-5 must be a positive integer"),
+                       ({"extract": {"n": -1}}, "extract.n=-1 must be a positive integer"),
+                       ({"lora": {"steps": 0}}, "lora.steps=0 must be a positive integer")]:
+        with pytest.raises(ValueError, match=said.replace(".", r"\.")):
+            cfg.from_dict(cfg.RunConfig, data)

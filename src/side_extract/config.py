@@ -529,7 +529,14 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
         kwargs[name] = _coerce(hints[name], value, path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a range check names the key alone ("n=-5 ..."): say which section's
+        msg = str(e)
+        key = msg.split("=", 1)[0] if "=" in msg else ""
+        if not where or key not in fields:
+            raise
+        raise ValueError(f"{where}.{msg}") from None
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
