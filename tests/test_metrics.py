@@ -153,6 +153,9 @@ def test_errors():
         parse_bands("high=0.6")
     with pytest.raises(ValueError, match="lo < hi"):
         parse_bands("high=0.6:0.5")
+    with pytest.raises(ValueError, match="'high' \\(0.0:0.1\\) and 'mid' \\(0.0:0.2\\) overlap"):
+        parse_bands("high=0:0.1,mid=0:0.2")  # accepted before: AMS per band summed to 150 %
+    assert [b.name for b in parse_bands("mid=0.1:0.2,high=0:0.1")] == ["mid", "high"]  # order is free, touching ok
     with pytest.raises(ValueError, match="similarity='l2'"):
         cfg.EvaluateConfig(similarity="l2")
     with pytest.raises(ValueError, match="at least 2"):

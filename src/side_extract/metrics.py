@@ -108,6 +108,11 @@ def parse_bands(spec: str) -> tuple[Band, ...]:
     names = [b.name for b in bands]
     if not bands or len(set(names)) != len(names):
         raise ValueError(f"bands={spec!r} must name at least one band, each name once")
+    ordered = sorted(bands, key=lambda b: b.lo)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.lo < a.hi:  # a score in both would count twice: the per-band shares would sum past 100 %
+            raise ValueError(f"bands={spec!r}: bands {a.name!r} ({a.lo}:{a.hi}) and {b.name!r} ({b.lo}:{b.hi}) "
+                             "overlap; each score must fall in one band at most")
     return tuple(bands)
 
 
