@@ -179,3 +179,15 @@ def test_data_file_mistakes_are_named(tmp_path):
         load_shards(shards)
     flipped = load_image_set("digits:4").images[:, ::-1]
     assert resize(flipped, 4).shape == (4, 4, 4, 1)
+
+
+def test_digits_n_names_the_largest_balanced_subset():
+    """digits:1797 was said to be in range ('1..1797') and then failed on a class with too few images."""
+    import pytest
+
+    from side_extract.data import load_image_set
+
+    assert len(load_image_set("digits:1748")) == 1748
+    for n in (1749, 1797, 0):
+        with pytest.raises(ValueError, match=rf"digits:{n} must ask for 1\.\.1748 images .*`digits` alone is all 1797"):
+            load_image_set(f"digits:{n}")

@@ -141,8 +141,12 @@ def load_digits_set(n: int | None = None) -> ImageSet:
     ids = np.arange(len(images), dtype=np.int64)
     name = "digits"
     if n is not None:
-        if not 1 <= n <= len(images):
-            raise ValueError(f"digits:{n} must ask for 1..{len(images)} images")
+        per_class = np.bincount(labels)  # the largest class-balanced subset (balanced_first_n): every share exists
+        most = max(m for m in range(1, len(images) + 1)
+                   if all(m // len(per_class) + (k < m % len(per_class)) <= have for k, have in enumerate(per_class)))
+        if not 1 <= n <= most:
+            raise ValueError(f"digits:{n} must ask for 1..{most} images (a class-balanced subset; the rarest class "
+                             f"has {per_class.min()} images); `digits` alone is all {len(images)}")
         idx = balanced_first_n(labels, n)
         images, labels, ids, name = images[idx], labels[idx], ids[idx], f"digits:{n}"
     return ImageSet(images, labels, ids, name)
@@ -176,7 +180,7 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         for f, a in zip(files, arrays):
             examples.setdefault(a.shape[:2], f.name)
         listing = ", ".join(f"{n} is {h}x{w}" for (h, w), n in examples.items())
-        raise ValueError(f"images in {str(path)!r} have mixed sizes ({listing}); pass --resize SIZE to resize them all")
+        raise ValueError(f"images in {str(path)!r} have mixed sizes ({listing}); resize them all to one size (train_resize in a run config, --resize in side train-target)")
     rgb = any(a.ndim == 3 for a in arrays)
     stacked = np.stack([np.repeat(a[..., None], 3, -1) if rgb and a.ndim == 2 else a for a in arrays])
     if stacked.ndim == 3:

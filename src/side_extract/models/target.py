@@ -188,7 +188,7 @@ def check_fits(images_shape: tuple[int, int, int], model_shape: tuple[int, int, 
         mc, mh, mw = model_shape
         raise ValueError(
             f"{what} are {h}x{w} with {c} channel(s), but the model expects {mh}x{mw} with {mc} channel(s)"
-            + ("; resize them (--resize, or train_resize in a run config)" if c == mc and h != mh else "")
+            + ("; resize them (train_resize in a run config, --resize in side train-target)" if c == mc and h != mh else "")
         )
 
 
