@@ -170,3 +170,13 @@ def test_verify_names_a_method_the_run_never_extracted(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("model: demo\n")
     r = CliRunner().invoke(app, ["verify", str(tmp_path / "run"), "--method", "bogus"], terminal_width=200)
     assert r.exit_code == 2 and "--method='bogus': the run holds no extraction of it (it holds: uncond)" in r.output
+
+
+def test_extract_says_when_it_cannot_evaluate(tiny_model_dir, tmp_path):
+    """`side extract` (evaluation on by default) on a run without a training set skipped evaluation without a word."""
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\nextract: {{n: 2, steps: 2}}\n")
+    r = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(tmp_path / "r"), "--config", str(conf),
+                                 "--method", "uncond"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "not evaluated: the run has no training set" in r.output

@@ -201,3 +201,6 @@ def extract_cmd(
                         wait=wait, replace=force)
     print_summary(res.metrics)
     console.print(f"extractions in {run / 'extraction'}")
+    if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
+        console.print("not evaluated: the run has no training set (set train, e.g. train: digits:100, in a --config "
+                      "file)", highlight=False, soft_wrap=True)
