@@ -141,13 +141,16 @@ def load_digits_set(n: int | None = None) -> ImageSet:
     ids = np.arange(len(images), dtype=np.int64)
     name = "digits"
     if n is not None:
-        per_class = np.bincount(labels)  # the largest class-balanced subset (balanced_first_n): every share exists
-        most = max(m for m in range(1, len(images) + 1)
-                   if all(m // len(per_class) + (k < m % len(per_class)) <= have for k, have in enumerate(per_class)))
-        if not 1 <= n <= most:
+        try:
+            if n < 1:
+                raise ValueError(n)
+            idx = balanced_first_n(labels, n)
+        except ValueError:  # name the largest class-balanced subset (only here: a scan of every size)
+            per_class = np.bincount(labels)
+            most = max(m for m in range(1, len(images) + 1) if all(
+                m // len(per_class) + (k < m % len(per_class)) <= have for k, have in enumerate(per_class)))
             raise ValueError(f"digits:{n} must ask for 1..{most} images (a class-balanced subset; the rarest class "
-                             f"has {per_class.min()} images); `digits` alone is all {len(images)}")
-        idx = balanced_first_n(labels, n)
+                             f"has {per_class.min()} images); `digits` alone is all {len(images)}") from None
         images, labels, ids, name = images[idx], labels[idx], ids[idx], f"digits:{n}"
     return ImageSet(images, labels, ids, name)
 

@@ -444,8 +444,7 @@ class RunDir:
                     "rerun with --force to replace them, or use another run directory")
             if entry is not None and entry.get("status") == "complete":
                 self.replaced.append(stage)
-                log.info("stage %s: its finished results were made with other settings or inputs; made again",
-                            stage)
+                log.info("stage %s: its finished results were made with other settings or inputs; made again", stage)
             if (self.path / stage).exists():
                 shutil.rmtree(self.path / stage)
         self._mark_running(stage, fingerprint, inputs, **kept)
