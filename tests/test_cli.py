@@ -180,3 +180,33 @@ def test_extract_says_when_it_cannot_evaluate(tiny_model_dir, tmp_path):
                                  "--method", "uncond"], terminal_width=200)
     assert r.exit_code == 0, r.output
     assert "not evaluated: the run has no training set" in r.output
+
+
+HEAVY = ("torch", "diffusers", "matplotlib", "sklearn", "peft")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["bench", "fair", "--help"], ["run"],
+                                  ["--threads", "-1", "sample"]], ids=" ".join)
+def test_help_and_usage_errors_import_no_heavy_library(argv):
+    """`side --help`, a subcommand's --help and a usage error answer at once (they took ~10 s: the CLI imported
+    torch, diffusers and matplotlib before parsing anything)."""
+    code = ("import sys\nfrom side_extract.cli.main import app\n"
+            f"try:\n    app({argv!r}, prog_name='side')\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print('LOADED', [m for m in {HEAVY!r} if m in sys.modules], code)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    line = [x for x in r.stdout.splitlines() if x.startswith("LOADED")][-1]
+    assert line.startswith("LOADED []"), line
+    assert line.endswith(" 0" if "--help" in argv else " 2"), (line, r.stderr[-500:])
+
+
+def test_threads_are_set_when_a_command_starts_its_work(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        r = CliRunner().invoke(app, ["--threads", "1", "report", str(tmp_path / "none")])
+        assert r.exit_code == 2  # no such run: the command ran, after setting the threads
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from ..runs import read_json
 from .common import cli_errors, console
 from .run import print_summary, stage_progress
 
@@ -253,6 +252,8 @@ def fair_cmd(
     if tuning_from is not None:
         if not tuning_from.is_file():
             raise ValueError(f"--tuning-from {tuning_from}: no such file (expected an earlier fair.json)")
+        from ..runs import read_json
+
         tuning = reused_tuning(fc, read_json(tuning_from), str(tuning_from))
     console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
                   f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
@@ -301,6 +302,7 @@ def signals_cmd(
 @bench_app.command("compute")
 @cli_errors
 def compute_cmd(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for compute.json and compute.md."),
     threads: int = typer.Option(1, "--bench-threads", help="Torch and faiss threads for the timed parts."),
     no_demo: bool = typer.Option(False, "--no-demo", help="Skip the `side demo` wall-time part."),
@@ -331,6 +333,7 @@ def compute_cmd(
 @bench_app.command("scale")
 @cli_errors
 def scale_cmd(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for scale.json and scale.md."),
     threads: int = typer.Option(1, "--bench-threads", help="Torch threads for the timed parts."),
     only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (models, search, processes)."),

@@ -6,9 +6,6 @@ from pathlib import Path
 import typer
 
 from .. import config as cfg
-from ..data import ImageSet, load_image_set
-from ..data import resize as resize_images
-from ..evaluation import calibrate, digits_complement
 from .common import cli_errors, console, progress_bar
 from .evaluate import evaluate_config, load_feature_model
 
@@ -39,6 +36,10 @@ def calibrate_cmd(
     """Best scores of held-out images vs the training set and of each training image vs the rest; band edges
     at tail quantiles of the held-out null (the train-vs-rest null without held-out images)."""
     c = evaluate_config(ctx, config)
+    from ..data import ImageSet, load_image_set
+    from ..data import resize as resize_images
+    from ..evaluation import calibrate, digits_complement
+
     tr = load_image_set(train, c.resize)
     if c.heldout is not None:  # --heldout, else the config file's heldout
         ho = load_image_set(c.heldout, c.resize)

@@ -31,6 +31,7 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             if isinstance(kwargs.get("device"), str):  # before any work (a bad one failed in the first stage)
                 check_device(kwargs["device"])
+            set_threads(kwargs.get("ctx"))
             return fn(*args, **kwargs)
         except ValueError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
@@ -41,6 +42,21 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def set_threads(ctx: typer.Context | None) -> None:
+    """Set torch's CPU threads to ``side --threads N`` (0: the cores free now) once the command's own parsing
+    succeeded: the root callback only records the request, so ``--help`` and usage errors never import torch.
+    ``ctx``: the command's context (every command takes one; None when called outside the CLI)."""
+    obj = ctx.find_root().obj if hasattr(ctx, "find_root") else None
+    if not isinstance(obj, dict) or "threads" not in obj or obj.get("threads_set"):
+        return
+    import torch
+
+    n = obj["threads"] or free_cores()
+    torch.set_num_threads(n)
+    obj["threads_set"] = True
+    logging.getLogger(__name__).info("torch threads: %d%s", n, "" if obj["threads"] else " (the cores free now)")
 
 
 def typed_flags(ctx: typer.Context, names: dict[str, str]) -> dict[str, Any]:

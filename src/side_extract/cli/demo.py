@@ -9,7 +9,6 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from ..models.target import EMBEDDED_TARGETS
 from .common import cli_errors, console
 from .run import print_summary, stage_progress
 
@@ -20,6 +19,8 @@ DEFAULT_TARGET = "demo-1000"
 def demo_config(model: str = DEFAULT_TARGET) -> cfg.RunConfig:
     """The demo's run config: an embedded target's own (``assets/<name>_run.yaml``: its training set and sizes);
     any other model directory gets the default target's settings."""
+    from ..models.target import EMBEDDED_TARGETS
+
     name = model if model in EMBEDDED_TARGETS else DEFAULT_TARGET
     text = (resources.files("side_extract") / "assets" / f"{name}_run.yaml").read_text()
     import yaml
@@ -42,6 +43,7 @@ def demo_cmd(
     """SIDE audit of an embedded target (default demo-1000, trained on digits:1000): SIDE, memorization guidance
     (label-free), UnCond and Cond, metrics, the memorization divergence of the unconditional vs the guided model,
     and the HTML report."""
+    from ..models.target import EMBEDDED_TARGETS
     from ..pipeline import run_audit
     from ..report import write_report
     from ..theory.measure import measure_run

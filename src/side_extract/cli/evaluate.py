@@ -8,10 +8,6 @@ from typing import Any
 import typer
 
 from .. import config as cfg
-from ..data import load_image_set
-from ..evaluation import evaluate
-from ..metrics import parse_bands
-from ..runs import check_unlocked, enclosing_run, run_lock
 from .common import build_config, cli_errors, console, progress_bar, typed_flags
 
 D = cfg.EvaluateConfig()
@@ -94,6 +90,11 @@ def evaluate_cmd(
 ) -> None:
     """AMS / UMS per band, 95th percentile, Carlini's and Gu's ratios, the N_G law: DIR/metrics.json."""
     c = evaluate_config(ctx, config)
+    from ..data import load_image_set
+    from ..evaluation import evaluate
+    from ..metrics import parse_bands
+    from ..runs import check_unlocked, enclosing_run, run_lock
+
     if c.bands is not None:
         parse_bands(c.bands)  # a typo fails before the sets load
     run = enclosing_run(out)  # writing into a run directory: as one of its writers, under its lock

@@ -1,18 +1,18 @@
 """``side``: audit diffusion models for memorized training data."""
 from __future__ import annotations
 
-import logging
 import os
 
 # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work, spinning threads of two
 # processes steal each other's cores (a 30x slowdown was measured). Read by torch's OpenMP runtime when torch
-# is first imported, which happens below this line.
+# is first imported, which a command does when it
+# starts its work (the CLI's modules import torch only there).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 
 from . import bench, calibrate, demo, evaluate, report, run, sample, theory, train_target, verify  # noqa: E402
-from .common import free_cores, setup_logging  # noqa: E402
+from .common import setup_logging  # noqa: E402
 
 app = typer.Typer(
     name="side",
@@ -39,15 +39,12 @@ def main(
         raise typer.BadParameter(f"--processes={processes} must be >= 1")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(processes)
-    ctx.obj = {"progress": progress, "threads_auto": threads == 0}
-    setup_logging(verbose)
     if threads < 0:
         raise typer.BadParameter(f"--threads={threads} must be >= 0")
-    import torch
-
-    n = threads or free_cores()
-    torch.set_num_threads(n)
-    logging.getLogger(__name__).info("torch threads: %d%s", n, "" if threads else " (the cores free now)")
+    # torch's threads are set when a command starts its work (common.cli_errors), not here: this callback runs
+    # before a subcommand's --help or a usage error, which then return without importing torch.
+    ctx.obj = {"progress": progress, "threads": threads, "threads_auto": threads == 0}
+    setup_logging(verbose)
 
 
 def _relaunch(n: int) -> None:

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import typer
 
-from ..report import write_report
 from .common import cli_errors, console
 
 
 @cli_errors
 def report_cmd(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory (holds config.yaml; written by `side run` / `side demo`)."),
     top: int = typer.Option(8, "--top", help="Closest generations shown per method, beside their training images."),
     image_size: int = typer.Option(64, "--image-size", help="Upscale smaller images to this many pixels "
@@ -19,5 +19,7 @@ def report_cmd(
     """One self-contained HTML report (inline images, no network) and the JSON behind it."""
     if image_size < 1:
         raise ValueError(f"image_size={image_size} must be >= 1")
+    from ..report import write_report
+
     path = write_report(run, top=top, image_size=image_size)
     console.print(f"wrote {path} and {path.with_name('report.json')}")

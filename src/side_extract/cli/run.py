@@ -9,16 +9,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from ..pipeline import Until, run_audit
-from ..sweeps import run_with_sweeps
 from .common import build_config, cli_errors, console, load_run_config, progress_enabled, typed_flags
+
+if TYPE_CHECKING:
+    from ..pipeline import Until
 
 E = cfg.ExtractConfig()
 
@@ -60,6 +60,8 @@ def print_summary(metrics: dict[str, dict]) -> None:
     """One row per metric, one column per method (fits a terminal whatever the number of bands)."""
     if not metrics:
         return
+    from rich.table import Table
+
     first = next(iter(metrics.values()))
     table = Table(title=f"memorization ({first['similarity']}, N_G = {first['n_generated']}, "
                         f"{first['n_train']} training images)")
@@ -92,6 +94,9 @@ FORCE_HELP = ("Replace finished results (generations, classifiers, ...) made wit
 
 def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: Until, *, wait: bool = False,
          replace: bool = True) -> dict[str, dict]:
+    from ..pipeline import run_audit
+    from ..sweeps import run_with_sweeps
+
     with stage_progress(ctx) as factory:
         if until == "evaluation":
             main, subs = run_with_sweeps(out, rc, device=device, progress=factory, wait=wait, replace=replace)
@@ -196,6 +201,8 @@ def extract_cmd(
              "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler",
              "memguide_scale": "extract.memguide_scale"}
     rc = load_run_config(run, config, typed_flags(ctx, names))
+    from ..pipeline import run_audit
+
     with stage_progress(ctx) as factory:
         res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory,
                         wait=wait, replace=force)

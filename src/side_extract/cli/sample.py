@@ -7,10 +7,7 @@ from pathlib import Path
 import typer
 
 from .. import config as cfg
-from ..models.target import load_target, model_fingerprint
 from ..distributed import ProcessGroup
-from ..runs import RunDir, check_run_path, check_unlocked, run_lock
-from ..sampling import sample_stage
 from .common import cli_errors, console, load_run_config, progress_bar, typed_flags
 
 D = cfg.SampleConfig()
@@ -37,6 +34,10 @@ def sample_cmd(
     rc = load_run_config(out, config, typed_flags(ctx, names))  # an existing run keeps its other settings
     group = ProcessGroup.from_env()  # torchrun / accelerate launch: each process writes its own shards
     device = group.device(device)
+    from ..models.target import load_target, model_fingerprint
+    from ..runs import RunDir, check_run_path, check_unlocked, run_lock
+    from ..sampling import sample_stage
+
     check_run_path(out)  # a folder that is no run: said before its lock is taken
     if group.main and not wait:
         check_unlocked(out)  # another writer: said at once, not after the model has loaded

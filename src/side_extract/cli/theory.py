@@ -23,6 +23,7 @@ def _verdict_style(v: bool | None) -> str:
 @theory_app.command("check")
 @cli_errors
 def check_cmd(
+    ctx: typer.Context,
     only: str = typer.Option("", "--only", help="Comma-separated subset of A,B,C,D,E (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Seed; each check derives its own generator from it."),
 ) -> None:

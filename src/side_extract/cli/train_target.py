@@ -7,9 +7,7 @@ from pathlib import Path
 import typer
 
 from .. import config as cfg
-from ..data import load_image_set
 from ..distributed import ProcessGroup
-from ..models.target import train_target
 from .common import build_config, cli_errors, console, progress_bar, typed_flags
 
 D = cfg.TrainTargetConfig()
@@ -47,6 +45,9 @@ def train_target_cmd(
         except ValueError:
             raise ValueError(f"block_out_channels={block_out_channels!r} must be comma-separated integers") from None
     c = build_config(cfg.TrainTargetConfig, config, overrides)
+    from ..data import load_image_set
+    from ..models.target import train_target
+
     images = load_image_set(c.data, c.resize)
     group = ProcessGroup.from_env()  # several processes (torchrun / accelerate launch): data-parallel training
     if group.main:

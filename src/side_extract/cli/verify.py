@@ -12,6 +12,7 @@ from .common import cli_errors, console
 
 @cli_errors
 def verify_cmd(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory (written by `side run` / `side extract` / `side demo`)."),
     method: str = typer.Option("side", "--method", help="The method whose generations are made again."),
     generations: str = typer.Option("", "--generations", help="Comma-separated generation indices. Default: the "
