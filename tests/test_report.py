@@ -388,3 +388,18 @@ def test_a_step_command_that_remakes_a_finished_stage_names_the_later_stages_it_
     with caplog.at_level(logging.WARNING, logger="side_extract"):
         run_audit(tmp_path / "run", fewer)  # the whole chain again: nothing left out of date
     assert not [r for r in caplog.records if "made again here" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name,content", [("config.yaml", "train: [digits:100\n"), ("manifest.json", '{"stages": {'),
+                                          ("manifest.json", "[1, 2]"),
+                                          ("evaluation/side/metrics.json", '{"ams": ')], ids=str)
+def test_a_damaged_run_file_is_one_error_that_names_it(run_dir, tmp_path, name, content):
+    """A run file cut short or edited by hand: `side report` says which one (a YAML traceback, or a JSON error
+    without the file's name, before)."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    (run / name).write_text(content)
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error:") and name.split("/")[-1] in r.output and "Traceback" not in r.output
+    assert not (run / "report").exists()

@@ -20,8 +20,8 @@ from typing import Any
 
 import jinja2
 import numpy as np
-import yaml
 
+from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .runs import atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages
@@ -304,7 +304,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     if top < 1:
         raise ValueError(f"top={top} must be >= 1")
     text = (run / "config.yaml").read_text()
-    config = yaml.safe_load(text) or {}
+    config = cfg.load_yaml(run / "config.yaml")  # a damaged file: one error that names it
     notes = []
     dirs = evaluated_methods(run)  # the config's order, then the rest
     metrics = {n: read_json(d / "metrics.json") for n, d in dirs.items()}

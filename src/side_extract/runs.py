@@ -127,7 +127,19 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's value; one that is not JSON (cut short, edited by hand) is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); it is damaged: restore or delete it") from None
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A run's ``manifest.json``: a JSON object whose ``stages`` is an object, or a ValueError naming the file."""
+    m = read_json(path)
+    if not isinstance(m, dict) or not isinstance(m.get("stages", {}), dict):
+        raise ValueError(f"{str(path)!r} is not a run manifest (expected a JSON object with a 'stages' object)")
+    return m
 
 
 def evaluated_methods(run: str | Path) -> dict[str, Path]:
@@ -161,7 +173,7 @@ def read_stages(run: str | Path) -> dict[str, dict[str, Any]]:
     """The stage entries of run directory ``run``'s manifest, read only ({} where it has none; unlike
     :class:`RunDir`, which creates the directory)."""
     p = Path(run) / RunDir.MANIFEST
-    return read_json(p).get("stages", {}) if p.is_file() else {}
+    return read_manifest(p).get("stages", {}) if p.is_file() else {}
 
 
 def fingerprint_of(*parts: Any) -> str:
@@ -404,7 +416,7 @@ class RunDir:
         p = self.path / self.MANIFEST
         if not p.exists():
             return {"stages": {}}
-        return read_json(p)
+        return read_manifest(p)
 
     def _write_manifest(self, m: dict[str, Any]) -> None:
         atomic_write_json(self.path / self.MANIFEST, m)
