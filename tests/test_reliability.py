@@ -445,3 +445,30 @@ def test_a_folder_that_is_no_run_is_refused_before_anything_is_written(tiny_mode
     # an empty folder, and one holding only what a run writes before its first manifest, are runs to be
     run_audit(tmp_path / "empty", tiny_rc(tiny_model_dir, methods=("uncond",)), until="extraction")
     assert read_json(tmp_path / "empty" / "manifest.json")["stages"]["extraction/uncond"]["status"] == "complete"
+
+
+def test_an_interrupted_force_run_resumes_without_force(tiny_model_dir, tmp_path, one_thread):
+    """`side extract --force` with new settings, interrupted mid-extraction, then the same command without
+    --force: it resumes and evaluates the new extraction. Before, it finished the extraction and then refused at
+    the evaluation (made from the extraction the --force run had already replaced)."""
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=12, shard_size=4)
+    run = tmp_path / "run"
+    old = run_audit(run, rc).metrics["uncond"]
+    rc2 = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=rc.extract.seed + 1))
+
+    def interrupting(name):
+        def cb(done, total):
+            if name.startswith("extract") and done >= 8:
+                raise KeyboardInterrupt
+
+        return cb
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, rc2, replace=True, progress=interrupting)
+    assert read_json(run / "manifest.json")["stages"]["extraction/uncond"]["status"] == "failed"
+    new = run_audit(run, rc2, replace=False).metrics["uncond"]
+    assert new["n_generated"] == 12 and new != old
+    stages = read_json(run / "manifest.json")["stages"]
+    assert stages["evaluation/uncond"]["inputs"]["extraction/uncond"] == stages["extraction/uncond"]["fingerprint"]
+    with pytest.raises(ValueError, match="--force"):  # a settings change of a finished stage still needs --force
+        run_audit(run, rc, replace=False)

@@ -449,7 +449,7 @@ class RunDir:
             kept = {}
             decision = "fresh"
             if (entry is not None and entry.get("status") == "complete" and not self.replace
-                    and not self._inputs_grew(entry, inputs)):
+                    and not self._inputs_remade(entry, inputs)):
                 raise StageWouldBeReplaced(
                     f"{stage} holds finished results made with other settings or inputs "
                     f"({', '.join(f'{k} {v}' for k, v in entry.items() if k in ('n', 'method', 'scale')) or 'see manifest.json'}); "
@@ -481,21 +481,22 @@ class RunDir:
     def grow(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, from_n: int) -> Literal["resume"]:
         """Mark a complete stage of ``from_n`` images as running under ``fingerprint``, the same stage with more
         images (:func:`shard_stage`): its files are kept and it resumes. The entry keeps the fingerprints it grew
-        from, so that the stages made from them are redone without ``replace`` (:meth:`begin`)."""
+        from (the stages made from it are redone without ``replace``: :meth:`begin`)."""
         old = self.stage_entry(stage) or {}
         earlier = [*old.get("grown_from_fingerprints", []), old.get("fingerprint")]
         self._mark_running(stage, fingerprint, inputs, grown_from=from_n, grown_from_fingerprints=earlier)
         return "resume"
 
-    def _inputs_grew(self, entry: dict[str, Any], inputs: dict[str, str] | None) -> bool:
-        """Whether a finished stage differs from the one asked for only in inputs that grew since (each input
-        named by its stage, as the evaluations name their extraction): the old results describe a stage that no
-        longer exists, so redoing them replaces nothing the run still stands for."""
+    def _inputs_remade(self, entry: dict[str, Any], inputs: dict[str, str] | None) -> bool:
+        """Whether a finished stage differs from the one asked for only in inputs that have been made again since
+        (each input named by its stage, as the evaluations name their extraction; the manifest now holds that stage
+        under the fingerprint asked for): it grew, or an interrupted ``--force`` run remade it. The old results
+        describe inputs the run no longer holds, so redoing them replaces nothing the run still stands for."""
         old = entry.get("inputs") or {}
         new = inputs or {}
         changed = [k for k in new if old.get(k) != new[k]]
         return (bool(changed) and set(old) == set(new)
-                and all(old[k] in (self.stage_entry(k) or {}).get("grown_from_fingerprints", []) for k in changed))
+                and all((self.stage_entry(k) or {}).get("fingerprint") == new[k] for k in changed))
 
     def _mark_running(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, **info: Any) -> None:
         m = self.manifest()
