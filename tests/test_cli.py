@@ -210,3 +210,14 @@ def test_threads_are_set_when_a_command_starts_its_work(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_new_run_directory_says_which_model_it_uses(tmp_path):
+    """`side cluster --run NEW` with no config naming a model ran the embedded `demo` target without a word."""
+    r = CliRunner().invoke(app, ["--no-progress", "cluster", "--run", str(tmp_path / "new"), "--n-clusters", "0"])
+    assert "no config names a model" in r.output and "'demo'" in r.output, r.output
+    conf = tmp_path / "c.yaml"
+    conf.write_text("model: demo\n")
+    r = CliRunner().invoke(app, ["--no-progress", "cluster", "--run", str(tmp_path / "new2"), "--config", str(conf),
+                                 "--n-clusters", "0"])
+    assert "no config names a model" not in r.output, r.output

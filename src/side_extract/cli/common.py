@@ -89,7 +89,12 @@ def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -
         base = cfg.load_yaml(run / "config.yaml")
     if config is not None:
         base = cfg.merge(base, cfg.load_yaml(config))
-    return cfg.from_dict(cfg.RunConfig, cfg.merge(base, overrides))
+    merged = cfg.merge(base, overrides)
+    if "model" not in merged:  # a new run directory, and nothing named the model: said, not assumed silently
+        console.print(f"{run}: no config names a model, so the run uses the default, the embedded target "
+                      f"{cfg.RunConfig.model!r} (a --config file with model: ..., or side sample --model, names "
+                      "another)", highlight=False, markup=False)
+    return cfg.from_dict(cfg.RunConfig, merged)
 
 
 def progress_enabled(ctx: typer.Context) -> bool:
