@@ -221,3 +221,30 @@ def test_a_new_run_directory_says_which_model_it_uses(tmp_path):
     r = CliRunner().invoke(app, ["--no-progress", "cluster", "--run", str(tmp_path / "new2"), "--config", str(conf),
                                  "--n-clusters", "0"])
     assert "no config names a model" not in r.output, r.output
+
+
+def test_no_progress_prints_a_line_when_a_stage_starts_and_ends(tiny_model_dir, tmp_path):
+    """--no-progress (logs, CI) printed nothing until the results; now each stage that works says how far it got
+    and when it is done, and a stage that is skipped says nothing."""
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\ntrain: digits:30\nextract: {{n: 3, steps: 2}}\n"
+                    "evaluate: {carlini_n: 2, quality: []}\n")
+    argv = ["--no-progress", "extract", "--run", str(tmp_path / "r"), "--config", str(conf), "--method", "uncond"]
+    r = CliRunner().invoke(app, argv, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "extract uncond: 3 of 3 done in" in r.output and "evaluate uncond: 3 of 3 done in" in r.output
+    again = CliRunner().invoke(app, argv, terminal_width=200)
+    assert again.exit_code == 0 and "extract uncond:" not in again.output, again.output
+
+
+def test_progress_lines_say_progress_every_so_often_and_the_end_once(monkeypatch):
+    from side_extract.cli import common
+
+    clock = iter([0.0, 10.0, 20.0, 41.0, 50.0, 75.0])  # made at 0; reports at 10, 20, 41, 50, 75
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    said = []
+    monkeypatch.setattr(common.console, "print", lambda text, **_: said.append(text))
+    cb = common.progress_lines("stage", every=30.0)
+    for done in (1, 2, 3, 4, 5, 5):  # the last: after done, nothing more (and no clock read)
+        cb(done, 5)
+    assert said == ["stage: 1 of 5, 10 s", "stage: 3 of 5, 41 s", "stage: 5 of 5 done in 75 s"]

@@ -101,11 +101,38 @@ def progress_enabled(ctx: typer.Context) -> bool:
     return bool((ctx.find_root().obj or {}).get("progress", True))
 
 
+def progress_lines(name: str, every: float = 30.0) -> Callable[[int, int], None]:
+    """A ``callback(done, total)`` for runs without progress bars (``--no-progress``: logs, CI): a line at its
+    first report, one every ``every`` seconds while the work runs, and one when it is done, timed from this call
+    (a stage's start). A stage that is skipped (its results are already there) never reports: it prints nothing."""
+    t0 = last = time.monotonic()
+    state = {"said": False, "finished": False}
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False)
+
+    def update(done: int, total: int) -> None:
+        nonlocal last
+        if state["finished"]:
+            return
+        now = time.monotonic()
+        if total and done >= total:
+            state["finished"] = True
+            say(f"{name}: {done} of {total} done in {now - t0:.0f} s")
+        elif not state["said"] or now - last >= every:
+            state["said"], last = True, now
+            say(f"{name}: {done} of {total}, {now - t0:.0f} s")
+
+    return update
+
+
 @contextlib.contextmanager
-def progress_bar(ctx: typer.Context, description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar as a ``callback(done, total)``; None when progress bars are switched off."""
+def progress_bar(ctx: typer.Context, description: str, *,
+                 lines: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar as a ``callback(done, total)``; with progress bars switched off, a line now and then
+    (:func:`progress_lines`), or None where ``lines`` is False (the caller reports in its own words)."""
     if not progress_enabled(ctx):
-        yield None
+        yield progress_lines(description) if lines else None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())

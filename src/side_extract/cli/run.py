@@ -15,7 +15,8 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import build_config, cli_errors, console, load_run_config, progress_enabled, typed_flags
+from .common import (build_config, cli_errors, console, load_run_config, progress_enabled, progress_lines,
+                     typed_flags)
 
 if TYPE_CHECKING:
     from ..pipeline import Until
@@ -41,9 +42,9 @@ def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
 
 @contextlib.contextmanager
 def stage_progress(ctx: typer.Context) -> Iterator[Any]:
-    """A progress factory: one rich bar per stage (or none when progress bars are off)."""
+    """A progress factory: one rich bar per stage (a line now and then when progress bars are off)."""
     if not progress_enabled(ctx):
-        yield lambda name: None
+        yield progress_lines
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -56,7 +56,7 @@ def train_target_cmd(
     def report(step: int, steps: int, loss: float, seconds: float) -> None:
         console.print(f"step {step}/{steps}: loss {loss:.4f}, {seconds:.0f} s", highlight=False)
 
-    with progress_bar(ctx, "train-target") if group.main else contextlib.nullcontext() as cb:
+    with progress_bar(ctx, "train-target", lines=False) if group.main else contextlib.nullcontext() as cb:
         # without progress bars, a line every 5 % of the steps (step, mean loss since the last line, time)
         result = train_target(c, images, out, device=group.device(device), progress=cb,
                               report=report if cb is None and group.main else None, group=group)
