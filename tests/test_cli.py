@@ -212,15 +212,17 @@ def test_threads_are_set_when_a_command_starts_its_work(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_a_new_run_directory_says_which_model_it_uses(tmp_path):
-    """`side cluster --run NEW` with no config naming a model ran the embedded `demo` target without a word."""
-    r = CliRunner().invoke(app, ["--no-progress", "cluster", "--run", str(tmp_path / "new"), "--n-clusters", "0"])
-    assert "no config names a model" in r.output and "'demo'" in r.output, r.output
-    conf = tmp_path / "c.yaml"
-    conf.write_text("model: demo\n")
-    r = CliRunner().invoke(app, ["--no-progress", "cluster", "--run", str(tmp_path / "new2"), "--config", str(conf),
-                                 "--n-clusters", "0"])
-    assert "no config names a model" not in r.output, r.output
+def test_a_new_run_directory_says_which_model_it_used(tmp_path):
+    """`side sample --out NEW` with nothing naming a model ran the embedded `demo` target without a word; it says
+    so when it is done (and a command that fails says only its error)."""
+    argv = ["--no-progress", "sample", "--n", "2", "--steps", "1"]
+    r = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "new")])
+    assert r.exit_code == 0 and "no config names a model, so the run used the default" in r.output, r.output
+    assert "'demo'" in r.output
+    again = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "new")])  # its config.yaml names it now
+    assert again.exit_code == 0 and "no config names a model" not in again.output, again.output
+    named = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "new2"), "--model", "demo"])
+    assert named.exit_code == 0 and "no config names a model" not in named.output, named.output
 
 
 def test_no_progress_prints_a_line_when_a_stage_starts_and_ends(tiny_model_dir, tmp_path):

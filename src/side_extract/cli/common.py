@@ -82,19 +82,27 @@ def build_config(cls: type[T], config_file: Path | None, overrides: dict[str, An
     return cfg.from_dict(cls, cfg.merge(base, overrides))
 
 
-def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> cfg.RunConfig:
-    """A stage command's config: the run's own ``config.yaml`` (when it exists), then ``config``, then the flags."""
+def _run_config_dict(run: Path, config: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
     base: dict[str, Any] = {}
     if (run / "config.yaml").is_file():
         base = cfg.load_yaml(run / "config.yaml")
     if config is not None:
         base = cfg.merge(base, cfg.load_yaml(config))
-    merged = cfg.merge(base, overrides)
-    if "model" not in merged:  # a new run directory, and nothing named the model: said, not assumed silently
-        console.print(f"{run}: no config names a model, so the run uses the default, the embedded target "
-                      f"{cfg.RunConfig.model!r} (a --config file with model: ..., or side sample --model, names "
-                      "another)", highlight=False, markup=False)
-    return cfg.from_dict(cfg.RunConfig, merged)
+    return cfg.merge(base, overrides)
+
+
+def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> cfg.RunConfig:
+    """A stage command's config: the run's own ``config.yaml`` (when it exists), then ``config``, then the flags."""
+    return cfg.from_dict(cfg.RunConfig, _run_config_dict(run, config, overrides))
+
+
+def default_model_note(run: Path, config: Path | None, overrides: dict[str, Any]) -> str | None:
+    """What a stage command says when it leaves, where nothing named the model (a new run directory, no
+    ``--config`` or flag naming one): that it used the default, rather than doing so without a word."""
+    if "model" in _run_config_dict(run, config, overrides):
+        return None
+    return (f"{run}: no config names a model, so the run used the default, the embedded target "
+            f"{cfg.RunConfig.model!r} (a --config file with model: ..., or side sample --model, names another)")
 
 
 def progress_enabled(ctx: typer.Context) -> bool:

@@ -15,8 +15,8 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (build_config, cli_errors, console, load_run_config, progress_enabled, progress_lines,
-                     typed_flags)
+from .common import (build_config, cli_errors, console, default_model_note, load_run_config, progress_enabled,
+                     progress_lines, typed_flags)
 
 if TYPE_CHECKING:
     from ..pipeline import Until
@@ -93,6 +93,11 @@ FORCE_HELP = ("Replace finished results (generations, classifiers, ...) made wit
               "that is an error that names them.")
 
 
+def _say(note: str | None) -> None:
+    if note is not None:
+        console.print(note, highlight=False, markup=False)
+
+
 def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: Until, *, wait: bool = False,
          replace: bool = True) -> dict[str, dict]:
     from ..pipeline import run_audit
@@ -148,9 +153,11 @@ def cluster_cmd(
     Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {"extractor": "features.extractor", "n_clusters": "surrogate.n_clusters", "tau": "surrogate.tau",
              "dropped": "surrogate.dropped"}
-    rc = load_run_config(run, config, typed_flags(ctx, names))
+    flags = typed_flags(ctx, names)
+    note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     _run(ctx, run, rc, device, "surrogate", wait=wait)
     console.print(f"surrogate labels: {run / 'surrogate'}")
+    _say(note)
 
 
 @cli_errors
@@ -168,9 +175,11 @@ def train_classifier_cmd(
     """Train the classifiers the configured methods need (noise-aware for SIDE, clean for Cond / teacher).
     Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
-    rc = load_run_config(run, config, typed_flags(ctx, names))
+    flags = typed_flags(ctx, names)
+    note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     _run(ctx, run, rc, device, "classifier", wait=wait)
     console.print(f"classifiers in {run}")
+    _say(note)
 
 
 @cli_errors
@@ -201,7 +210,8 @@ def extract_cmd(
     names = {"method": "extract.methods", "n": "extract.n", "seed": "extract.seed", "scale": "extract.scale",
              "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler",
              "memguide_scale": "extract.memguide_scale"}
-    rc = load_run_config(run, config, typed_flags(ctx, names))
+    flags = typed_flags(ctx, names)
+    note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     from ..pipeline import run_audit
 
     with stage_progress(ctx) as factory:
@@ -212,3 +222,4 @@ def extract_cmd(
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
         console.print("not evaluated: the run has no training set (set train, e.g. train: digits:100, in a --config "
                       "file)", highlight=False, soft_wrap=True)
+    _say(note)

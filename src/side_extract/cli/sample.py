@@ -8,7 +8,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import cli_errors, console, load_run_config, progress_bar, typed_flags
+from .common import cli_errors, console, default_model_note, load_run_config, progress_bar, typed_flags
 
 D = cfg.SampleConfig()
 
@@ -31,7 +31,9 @@ def sample_cmd(
 ) -> None:
     """Sample N images; a rerun skips finished work and resumes an interrupted run at its last whole shard."""
     names = {"model": "model"} | {k: f"sample.{k}" for k in cfg.to_dict(D)}
-    rc = load_run_config(out, config, typed_flags(ctx, names))  # an existing run keeps its other settings
+    flags = typed_flags(ctx, names)
+    note = default_model_note(out, config, flags)
+    rc = load_run_config(out, config, flags)  # an existing run keeps its other settings
     group = ProcessGroup.from_env()  # torchrun / accelerate launch: each process writes its own shards
     device = group.device(device)
     from ..models.target import load_target, model_fingerprint
@@ -48,3 +50,5 @@ def sample_cmd(
         images = sample_stage(run, denoiser, rc.sample, model_fingerprint=model_fingerprint(rc.model), device=device,
                               progress=cb)
     console.print(f"{len(images)} images in {run.path / 'synthetic'}")
+    if note is not None:
+        console.print(note, highlight=False, markup=False)
