@@ -472,3 +472,27 @@ def test_an_interrupted_force_run_resumes_without_force(tiny_model_dir, tmp_path
     assert stages["evaluation/uncond"]["inputs"]["extraction/uncond"] == stages["extraction/uncond"]["fingerprint"]
     with pytest.raises(ValueError, match="--force"):  # a settings change of a finished stage still needs --force
         run_audit(run, rc, replace=False)
+
+
+def test_stale_stages_follow_the_recorded_inputs_through_the_chain():
+    """Hand-made manifest: a stage is stale when an input it recorded was made again since (another fingerprint) or
+    is gone, directly or through its inputs; the target model is no stage; a stage recording no inputs (an older
+    release's) is taken as it is."""
+    from side_extract.runs import remade_inputs, stale_stages
+
+    done = {"status": "complete"}
+    stages = {"synthetic": {**done, "fingerprint": "s2", "inputs": {"model": "m1"}},
+              "features": {**done, "fingerprint": "f1", "inputs": {"synthetic": "s1"}},
+              "surrogate": {**done, "fingerprint": "c1", "inputs": {"features": "f1"}},
+              "classifier": {**done, "fingerprint": "k1", "inputs": {"surrogate": "c1"}},
+              "extraction/side": {**done, "fingerprint": "x1", "inputs": {"model": "m0", "classifier": "k1"}},
+              "evaluation/side": {**done, "fingerprint": "e1", "inputs": {"extraction/side": "x1"}},
+              "extraction/uncond": {**done, "fingerprint": "u1", "inputs": {"model": "m0"}},
+              "evaluation/uncond": {**done, "fingerprint": "v1", "inputs": {"extraction/uncond": "u0"}},
+              "evaluation/cond": {**done, "fingerprint": "w1", "inputs": {"extraction/cond": "y1"}},
+              "calibration": {**done, "fingerprint": "b1"},
+              "teacher": {"status": "running", "fingerprint": "t1", "inputs": {"synthetic": "s1"}}}
+    assert remade_inputs(stages, "features") == ["synthetic"] and remade_inputs(stages, "extraction/side") == []
+    assert stale_stages(stages) == {"features": ["synthetic"], "surrogate": ["synthetic"], "classifier": ["synthetic"],
+                                    "extraction/side": ["synthetic"], "evaluation/side": ["synthetic"],
+                                    "evaluation/uncond": ["extraction/uncond"], "evaluation/cond": ["extraction/cond"]}

@@ -403,3 +403,32 @@ def test_a_damaged_run_file_is_one_error_that_names_it(run_dir, tmp_path, name, 
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error:") and name.split("/")[-1] in r.output and "Traceback" not in r.output
     assert not (run / "report").exists()
+
+
+def test_a_retrained_classifier_marks_the_extraction_it_guided_in_the_report(tiny_model_dir, tmp_path):
+    """Only a re-clustering was noticed: after `side train-classifier` with other settings on a finished run, the
+    report showed SIDE's extraction, guided by the earlier classifier, without a word. Each stage now records the
+    stages it was made from in the manifest, and the report reads them."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+    from side_extract.report import build_report
+
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run_audit(tmp_path / "run", rc)
+    stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    made_from = {n: set(e.get("inputs") or {}) - {"model"} for n, e in stages.items()}
+    assert made_from["features"] == {"synthetic"} and made_from["classifier"] == {"surrogate"}
+    assert "features" in made_from["surrogate"] and made_from["extraction/side"] == {"classifier"}
+    assert made_from["extraction/uncond"] == set() and made_from["evaluation/side"] == {"extraction/side"}
+    assert not [n for n in build_report(tmp_path / "run")["notes"] if "made again since" in n]
+    more = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
+    run_audit(tmp_path / "run", more, until="classifier")
+    data = build_report(tmp_path / "run")
+    said = [n for n in data["notes"] if "made again since" in n]
+    assert len(said) == 1 and said[0].startswith("extraction/side was made from earlier results of classifier")
+    assert data["clusters"]["surrogate"]["stale"] is False  # the clustering is the one SIDE's extraction used
+    run_audit(tmp_path / "run", more)  # the whole chain again: nothing left out of date
+    assert not [n for n in build_report(tmp_path / "run")["notes"] if "made again since" in n]

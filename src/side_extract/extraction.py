@@ -203,12 +203,14 @@ def extraction_stage(
     fingerprint: str,
     *,
     model_fingerprint: str | None = None,
+    upstream: dict[str, str] | None = None,
     fingerprint_at: Callable[[int], str] | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> ImageSet:
     """Write ``run/extraction/<method>/shard-*.npz`` (skip / resume as the manifest says); the manifest records
-    the target's ``model_fingerprint`` among the stage's inputs. ``fingerprint_at(m)``: the stage's fingerprint
+    the target's ``model_fingerprint`` and ``upstream`` (the run stage its guidance comes from -> its fingerprint)
+    among the stage's inputs. ``fingerprint_at(m)``: the stage's fingerprint
     at N_G = m, with which a finished extraction of fewer generations grows to ``c.n`` (its whole shards kept:
     generation i depends on (seed, i) alone); a method in rounds never grows (its rounds depend on N_G).
 
@@ -235,9 +237,9 @@ def extraction_stage(
         log.info("%s: %d generations, unseen mass %.3f%s", method, end, u, " (stopping)" if stops else "")
         return {"unseen_mass": round(u, 6), "stop_unseen": c.stop_unseen} if stops else None
 
+    inputs = ({} if model_fingerprint is None else {"model": model_fingerprint}) | (upstream or {})
     try:
-        return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress,
-                           inputs=None if model_fingerprint is None else {"model": model_fingerprint},
+        return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress, inputs=inputs or None,
                            round_size=round_size(c) if rounds else None, stop=stop if c.stop_unseen > 0 else None,
                            fingerprint_at=None if rounds else fingerprint_at, method=method,
                            scale=None if guidance is None else guidance.scale, device=str(device))

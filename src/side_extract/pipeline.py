@@ -85,7 +85,7 @@ def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
     fp = stage_fingerprint("features", c, ctx.fp["synthetic"], *script_fingerprints(c.extractor))
     ctx.fp["features"] = fp
     path = ctx.run.path / "features" / "features.npz"
-    if ctx.run.begin("features", fp) != "skip" or not path.exists():
+    if ctx.run.begin("features", fp, inputs={"synthetic": ctx.fp["synthetic"]}) != "skip" or not path.exists():
         feats = extract_features(c.extractor, synthetic, model=ctx.denoiser, device=ctx.device, batch_size=c.batch_size)
         atomic_save_npz(path, features=feats, index=synthetic.ids)
         ctx.run.complete("features", extractor=c.extractor, dim=int(feats.shape[1]))
@@ -103,7 +103,8 @@ def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | N
     fp = stage_fingerprint("memorization", settings, ctx.fp["synthetic"], ctx.fp["model"])
     ctx.fp["memorization"] = fp
     path = ctx.run.path / "memorization" / "scores.npz"
-    if ctx.run.begin("memorization", fp) != "skip" or not path.exists():
+    if (ctx.run.begin("memorization", fp, inputs={"synthetic": ctx.fp["synthetic"], "model": ctx.fp["model"]}) != "skip"
+            or not path.exists()):
         scores = denoising_error(ctx.denoiser, synthetic.to_float(), c.memorization_t, c.memorization_draws,
                                  ctx.rc.sample.seed, device=ctx.device)
         atomic_save_npz(path, scores=scores, index=synthetic.ids)
@@ -133,11 +134,11 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
         raise ValueError(f"memorization scores are {'missing' if scores is None else 'given'} but "
                          f"surrogate.memorized_fraction={c.memorized_fraction} "
                          f"{'asks for them' if scores is None else 'is 1 (the paper labels every sample)'}")
-    inputs = [ctx.fp["features"]] + ([ctx.fp["memorization"]] if scores is not None else [])
-    fp = stage_fingerprint("surrogate", surrogate_settings(c), *inputs)
+    inputs = {k: ctx.fp[k] for k in ("features", *(["memorization"] if scores is not None else []))}
+    fp = stage_fingerprint("surrogate", surrogate_settings(c), *inputs.values())
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
-    if ctx.run.begin("surrogate", fp) != "skip" or not path.exists():
+    if ctx.run.begin("surrogate", fp, inputs=inputs) != "skip" or not path.exists():
         lab = ClusterLabeler(n_clusters=c.n_clusters, tau=c.tau, min_size=c.min_size, dropped=c.dropped,
                              n_init=c.n_init, random_state=c.random_state, select_k=c.select_k)
         candidates = (np.arange(len(features)) if scores is None
@@ -169,9 +170,10 @@ def _train_set(ctx: AuditContext) -> ImageSet:
 
 
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
-                     *, clean: bool) -> None:
+                     *, clean: bool, input_stage: str | None = None) -> None:
     """Train (or reuse) the classifier ``RUN/<name>/`` on images with labels >= 0 (:func:`method_guidance` turns
-    it into a method's guidance).
+    it into a method's guidance). ``input_fp``: the fingerprint of its images and labels, the run stage
+    ``input_stage``'s where they come from one (the manifest records it among the stage's inputs).
 
     Its checkpoints live in ``RUN/<name>/work/`` so that a stage started afresh removes them with the rest.
     """
@@ -186,7 +188,9 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
         raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
                          "(lower surrogate.tau or use fewer clusters)")
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
-    if group.on_main(lambda: ctx.run.begin(name, fp) != "skip" or not (directory / "model.safetensors").exists()):
+    inputs = None if input_stage is None else {input_stage: input_fp}
+    if group.on_main(lambda: ctx.run.begin(name, fp, inputs=inputs) != "skip"
+                     or not (directory / "model.safetensors").exists()):
         result = fit_label_classifier(x0, labels, c, scheduler=None if clean or denoised else ctx.denoiser.scheduler,
                                       out=directory / "work", device=ctx.device, progress=ctx.progress(name),
                                       name=name, group=group, unet=_classifier_unet(ctx.denoiser, c, clean))
@@ -261,7 +265,9 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
     ctx.fp["lora"] = fp
     directory = ctx.run.path / "lora"
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
-    if group.on_main(lambda: ctx.run.begin("lora", fp) != "skip" or not (directory / "classes.json").exists()):
+    inputs = {"surrogate": ctx.fp["surrogate"], "model": ctx.fp["model"]}
+    if group.on_main(lambda: ctx.run.begin("lora", fp, inputs=inputs) != "skip"
+                     or not (directory / "classes.json").exists()):
         res = finetune(ctx.denoiser, synthetic.to_float(), labels.labels, c, directory,
                        target_fingerprint=ctx.fp["model"], device=ctx.device, progress=ctx.progress("side-lora"),
                        group=group, background=labels.background)
@@ -289,7 +295,8 @@ def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: Image
                            ctx.rc.surrogate.teacher_min_confidence)
     ctx.fp["teacher"] = fp
     path = ctx.run.path / "teacher" / "labels.npz"
-    if ctx.run.begin("teacher", fp) != "skip" or not path.exists():
+    inputs = {k: ctx.fp[k] for k in ("classifier-clean", "synthetic")}
+    if ctx.run.begin("teacher", fp, inputs=inputs) != "skip" or not path.exists():
         t = TeacherLabeler(clean.classifier, clean.classes, ctx.rc.surrogate.teacher_min_confidence).fit(synthetic.to_float())
         atomic_save_npz(path, labels=t.labels_, confidence=t.confidence_)
         ctx.run.complete("teacher", labelled=int((t.labels_ >= 0).sum()))
@@ -702,7 +709,8 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         return AuditResult(run.path, {}, {})
     if {"side", "side-lora"} & set(methods):
         if "side" in methods:  # the training stages run on every process (data-parallel)
-            classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels, ctx.fp["surrogate"], clean=False)
+            classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels, ctx.fp["surrogate"], clean=False,
+                             input_stage="surrogate")
         if "side-lora" in methods:
             lora_stage(ctx, synthetic, labels)
     if {"cond", "side-teacher"} & set(methods):
@@ -714,19 +722,23 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         if "side-teacher" in methods:
             clean = method_guidance(run.path, rc, "cond", denoiser, device=device)[1]
             t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))
-            classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels, ctx.fp["teacher"], clean=False)
+            classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels, ctx.fp["teacher"], clean=False,
+                             input_stage="teacher")
     if upto <= 1:
         return AuditResult(run.path, {}, {})
     extractions = {}
     for m in methods:
         sampler, g = method_guidance(run.path, rc, m, denoiser, device=device)
-        upstream = ctx.fp.get(extraction_upstream(m))
+        upstream_stage = extraction_upstream(m)
+        upstream = ctx.fp.get(upstream_stage)
 
         def fingerprint_at(n: int, m: str = m, g=g, upstream: str | None = upstream) -> str:
             return extraction_fingerprint(rc, m, g, ctx.fp["model"], upstream, n)
 
         fp = ctx.fp[f"extraction/{m}"] = fingerprint_at(rc.extract.n)
         extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp["model"],
+                                          upstream={} if upstream is None or upstream_stage == "model"
+                                          else {upstream_stage: upstream},
                                           fingerprint_at=fingerprint_at, device=device,
                                           progress=progress(f"extract {m}"))
         run.write_config(rc, f"extraction/{m}")  # what Audit.regenerate rebuilds it from

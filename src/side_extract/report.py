@@ -24,7 +24,7 @@ import numpy as np
 from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
-from .runs import atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages
+from .runs import atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages, stale_stages
 from .summary import audit_summary
 
 log = logging.getLogger(__name__)
@@ -195,9 +195,7 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> d
     p = run / "surrogate" / "clusters.json"
     info = read_json(p) if p.is_file() else None
     by_id = {int(c["id"]): c for c in info["clusters"]} if info else None
-    stages = read_stages(run)
-    made, used = (stages.get(k, {}).get("started_unix") for k in ("surrogate", "extraction/side"))
-    stale = by_id is not None and made is not None and used is not None and made > used
+    stale = by_id is not None and "surrogate" in stale_stages(read_stages(run)).get("extraction/side", [])
     if stale:  # `side cluster` remade the labels after SIDE's extraction: its sizes are not the extraction's
         by_id = {}
     methods = {}
@@ -313,6 +311,11 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         notes.append(f"evaluation/{n}: no per_generation.npz, so no image pairs or histogram for {n}")
     if not metrics:
         notes.append("no evaluation/<method>/metrics.json: run the evaluation stage (side run / side evaluate)")
+    stale = stale_stages(read_stages(run))
+    for n in metrics:
+        if roots := stale.get(f"extraction/{n}"):
+            notes.append(f"extraction/{n} was made from earlier results of {', '.join(roots)}, made again since: its "
+                         f"figures describe the run before that (complete the run again to bring them up to date)")
     stages, versions = _stages(run)
     for m in metrics.values():
         for dist, ver in (m.get("versions") or {}).items():

@@ -4,7 +4,8 @@ Layout (see DESIGN.md)::
 
     run/
       config.yaml      resolved config, every default written out
-      manifest.json    per stage: status, fingerprint of its inputs + config, versions, timings
+      manifest.json    per stage: status, fingerprint of its inputs + config, the stages it was made from
+                       (``inputs``: stage -> fingerprint; what stale_stages reads), versions, timings
       synthetic/ features/ surrogate/ classifier/ extraction/<method>/ evaluation/<method>/ report/
 
 Every file is written to a temporary name in the same directory and renamed into place, so a crash never
@@ -155,8 +156,7 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
         e = stages.get(f"evaluation/{m}")
         if e is None:
             return True
-        return e.get("status") == "complete" and all((stages.get(k) or {}).get("fingerprint") == fp
-                                                      for k, fp in (e.get("inputs") or {}).items())
+        return e.get("status") == "complete" and not remade_inputs(stages, f"evaluation/{m}")
 
     found = {p.parent.name: p.parent for p in (run / "evaluation").glob("*/metrics.json")}
     stale = sorted(m for m in found if not current(m))
@@ -370,27 +370,34 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
 # run directory
 
 
-SIDE_CHAIN = ("synthetic", "memorization", "features", "surrogate", "classifier", "teacher", "classifier-teacher",
-              "lora")  # made from the synthetic set, in this order (the chain of ``pipeline._chain``)
+MODEL_INPUT = "model"  # an ``inputs`` key that names the target model, not a run stage
 
 
-def made_from(later: str, stage: str) -> bool:
-    """Whether run stage ``later`` is made from stage ``stage``'s results: within the SIDE chain, every stage after
-    ``stage`` and the extractions (and evaluations) of the methods it guides; the clean classifier, Cond's and
-    the teacher labels'; an extraction, its evaluation."""
-    method = later.split("/", 1)[1] if later.startswith(("extraction/", "evaluation/")) else None
-    if {stage, later} == {"memorization", "features"}:  # both made from the synthetic set alone
-        return False
-    if stage in SIDE_CHAIN:
-        return (later in SIDE_CHAIN and SIDE_CHAIN.index(later) > SIDE_CHAIN.index(stage)) or method in (
-            "side", "side-teacher", "side-lora")
-    if stage == "classifier-clean":
-        return later in ("teacher", "classifier-teacher") or method in ("cond", "side-teacher")
-    if stage.startswith("extraction/"):
-        return later == "evaluation/" + stage.split("/", 1)[1]
-    if stage == "calibration":
-        return later.startswith("evaluation/")
-    return False
+def remade_inputs(stages: dict[str, dict[str, Any]], name: str) -> list[str]:
+    """The run stages stage ``name`` was made from (its manifest entry's ``inputs``) that the run no longer holds
+    as they were: made again since, under another fingerprint, or gone from the manifest."""
+    entry = stages.get(name) or {}
+    return [k for k, fp in (entry.get("inputs") or {}).items()
+            if k != MODEL_INPUT and (stages.get(k) or {}).get("fingerprint") != fp]
+
+
+def stale_stages(stages: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Each finished stage made from results the run no longer holds -> the stages made again since that it was
+    made from, directly or through its inputs (an extraction guided by a classifier trained on surrogate labels
+    that ``side cluster`` remade names ``surrogate``). Read from the inputs each stage records in the manifest; a
+    stage that records none (made by an older release) is taken as it is."""
+    roots: dict[str, list[str]] = {}
+
+    def of(name: str, seen: tuple[str, ...] = ()) -> list[str]:
+        if name not in roots:
+            found = remade_inputs(stages, name)
+            for k in (stages.get(name) or {}).get("inputs") or {}:
+                if k in stages and k not in found and k not in seen:
+                    found += [r for r in of(k, (*seen, name)) if r not in found]
+            roots[name] = found
+        return roots[name]
+
+    return {n: of(n) for n, e in stages.items() if e.get("status") == "complete" and of(n)}
 
 
 class RunDir:
@@ -463,17 +470,12 @@ class RunDir:
         return decision
 
     def out_of_date(self) -> dict[str, list[str]]:
-        """For each stage this writer made again: the finished stages made from it (:func:`made_from`) that were
-        made before it, from its earlier results (a step command such as ``side cluster`` stops before redoing them)."""
-        stages = self.manifest()["stages"]
-        names = list(stages)
+        """For each stage this writer made again: the finished stages made from its earlier results, directly or
+        through others (:func:`stale_stages`; a step command such as ``side cluster`` stops before redoing them)."""
+        stale = stale_stages(self.manifest()["stages"])
         out = {}
         for stage in self.replaced:
-            if stage not in stages:
-                continue
-            made = stages[stage].get("started_unix", 0.0)
-            later = [n for n in names[names.index(stage) + 1:] if made_from(n, stage)
-                     and stages[n].get("status") == "complete" and stages[n].get("started_unix", 0.0) < made]
+            later = [n for n, roots in stale.items() if stage in roots]
             if later:
                 out[stage] = later
         return out
@@ -488,15 +490,17 @@ class RunDir:
         return "resume"
 
     def _inputs_remade(self, entry: dict[str, Any], inputs: dict[str, str] | None) -> bool:
-        """Whether a finished stage differs from the one asked for only in inputs that have been made again since
-        (each input named by its stage, as the evaluations name their extraction; the manifest now holds that stage
-        under the fingerprint asked for): it grew, or an interrupted ``--force`` run remade it. The old results
-        describe inputs the run no longer holds, so redoing them replaces nothing the run still stands for."""
+        """Whether a finished stage differs from the one asked for only in inputs (run stages, named in its
+        ``inputs``) that the manifest already holds under the fingerprint asked for, and that grew, or were made
+        again before this writer started: an interrupted ``--force`` run remade them. The old results describe
+        inputs the run no longer holds, so redoing them replaces nothing the run still stands for. An input this
+        writer itself made again with other settings is no such case: what is made from it needs ``replace``."""
         old = entry.get("inputs") or {}
         new = inputs or {}
         changed = [k for k in new if old.get(k) != new[k]]
-        return (bool(changed) and set(old) == set(new)
-                and all((self.stage_entry(k) or {}).get("fingerprint") == new[k] for k in changed))
+
+        return bool(changed) and set(old) == set(new) and all(
+            (self.stage_entry(k) or {}).get("fingerprint") == new[k] and k not in self.replaced for k in changed)
 
     def _mark_running(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, **info: Any) -> None:
         m = self.manifest()
