@@ -186,7 +186,7 @@ HEAVY = ("torch", "diffusers", "matplotlib", "sklearn", "peft")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["bench", "fair", "--help"], ["run"],
-                                  ["--threads", "-1", "sample"]], ids=" ".join)
+                                  ["--threads", "-1", "sample"], ["--version"]], ids=" ".join)
 def test_help_and_usage_errors_import_no_heavy_library(argv):
     """`side --help`, a subcommand's --help and a usage error answer at once (they took ~10 s: the CLI imported
     torch, diffusers and matplotlib before parsing anything)."""
@@ -196,7 +196,7 @@ def test_help_and_usage_errors_import_no_heavy_library(argv):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     line = [x for x in r.stdout.splitlines() if x.startswith("LOADED")][-1]
     assert line.startswith("LOADED []"), line
-    assert line.endswith(" 0" if "--help" in argv else " 2"), (line, r.stderr[-500:])
+    assert line.endswith(" 0" if "--help" in argv or "--version" in argv else " 2"), (line, r.stderr[-500:])
 
 
 def test_threads_are_set_when_a_command_starts_its_work(tmp_path):
@@ -250,3 +250,10 @@ def test_progress_lines_say_progress_every_so_often_and_the_end_once(monkeypatch
     for done in (1, 2, 3, 4, 5, 5):  # the last: after done, nothing more (and no clock read)
         cb(done, 5)
     assert said == ["stage: 1 of 5, 10 s", "stage: 3 of 5, 41 s", "stage: 5 of 5 done in 75 s"]
+
+
+def test_version_is_the_installed_distributions():
+    from importlib import metadata
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"side-extract {metadata.version('side-extract')}"

@@ -23,6 +23,14 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"side-extract {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -34,6 +42,8 @@ def main(
     processes: int = typer.Option(1, "--processes", help="Run the command as a launch of this many processes on "
                                   "this machine (torchrun; each writes its own shards, the files equal a "
                                   "one-process run)."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Print the installed side-extract version and exit."),
 ) -> None:
     if processes < 1:
         raise typer.BadParameter(f"--processes={processes} must be >= 1")
