@@ -447,31 +447,23 @@ def test_a_folder_that_is_no_run_is_refused_before_anything_is_written(tiny_mode
     assert read_json(tmp_path / "empty" / "manifest.json")["stages"]["extraction/uncond"]["status"] == "complete"
 
 
-def test_an_interrupted_force_run_resumes_without_force(tiny_model_dir, tmp_path, one_thread):
-    """`side extract --force` with new settings, interrupted mid-extraction, then the same command without
-    --force: it resumes and evaluates the new extraction. Before, it finished the extraction and then refused at
-    the evaluation (made from the extraction the --force run had already replaced)."""
-    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=12, shard_size=4)
+def test_a_step_command_leaves_the_finished_extraction_to_force(tiny_model_dir, tmp_path, one_thread):
+    """`side train-classifier` with other settings, then `side extract` without --force: refused at the
+    extraction, before any work, however often it is rerun (a rule of this series let each rerun redo one more
+    finished stage without --force, the extraction among them)."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
     run = tmp_path / "run"
-    old = run_audit(run, rc).metrics["uncond"]
-    rc2 = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=rc.extract.seed + 1))
-
-    def interrupting(name):
-        def cb(done, total):
-            if name.startswith("extract") and done >= 8:
-                raise KeyboardInterrupt
-
-        return cb
-
-    with pytest.raises(KeyboardInterrupt):
-        run_audit(run, rc2, replace=True, progress=interrupting)
-    assert read_json(run / "manifest.json")["stages"]["extraction/uncond"]["status"] == "failed"
-    new = run_audit(run, rc2, replace=False).metrics["uncond"]
-    assert new["n_generated"] == 12 and new != old
-    stages = read_json(run / "manifest.json")["stages"]
-    assert stages["evaluation/uncond"]["inputs"]["extraction/uncond"] == stages["extraction/uncond"]["fingerprint"]
-    with pytest.raises(ValueError, match="--force"):  # a settings change of a finished stage still needs --force
-        run_audit(run, rc, replace=False)
+    run_audit(run, rc)
+    made = read_json(run / "manifest.json")["stages"]["extraction/side"]
+    more = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
+    run_audit(run, more, until="classifier")  # side train-classifier (a step command replaces its own stage)
+    for _ in range(2):
+        with pytest.raises(StageWouldBeReplaced, match="^extraction/side"):
+            run_audit(run, more, replace=False)  # side extract
+    assert read_json(run / "manifest.json")["stages"]["extraction/side"] == made
+    assert run_audit(run, more, replace=True).metrics["side"]["n_generated"] == rc.extract.n  # side extract --force
 
 
 def test_stale_stages_follow_the_recorded_inputs_through_the_chain():

@@ -456,7 +456,7 @@ class RunDir:
             kept = {}
             decision = "fresh"
             if (entry is not None and entry.get("status") == "complete" and not self.replace
-                    and not self._inputs_remade(entry, inputs)):
+                    and not self._inputs_grew(entry, inputs)):
                 raise StageWouldBeReplaced(
                     f"{stage} holds finished results made with other settings or inputs "
                     f"({', '.join(f'{k} {v}' for k, v in entry.items() if k in ('n', 'method', 'scale')) or 'see manifest.json'}); "
@@ -489,18 +489,17 @@ class RunDir:
         self._mark_running(stage, fingerprint, inputs, grown_from=from_n, grown_from_fingerprints=earlier)
         return "resume"
 
-    def _inputs_remade(self, entry: dict[str, Any], inputs: dict[str, str] | None) -> bool:
-        """Whether a finished stage differs from the one asked for only in inputs (run stages, named in its
-        ``inputs``) that the manifest already holds under the fingerprint asked for, and that grew, or were made
-        again before this writer started: an interrupted ``--force`` run remade them. The old results describe
-        inputs the run no longer holds, so redoing them replaces nothing the run still stands for. An input this
-        writer itself made again with other settings is no such case: what is made from it needs ``replace``."""
+    def _inputs_grew(self, entry: dict[str, Any], inputs: dict[str, str] | None) -> bool:
+        """Whether a finished stage differs from the one asked for only in inputs that grew since (each input
+        named by its stage, as the evaluations name their extraction): the old results describe a stage that no
+        longer exists, so redoing them replaces nothing the run still stands for. An input made again with other
+        settings is no such case, whoever made it (a step command, an interrupted ``--force`` run): what was made
+        from it stays a finished result, and replacing it needs ``replace``."""
         old = entry.get("inputs") or {}
         new = inputs or {}
         changed = [k for k in new if old.get(k) != new[k]]
-
-        return bool(changed) and set(old) == set(new) and all(
-            (self.stage_entry(k) or {}).get("fingerprint") == new[k] and k not in self.replaced for k in changed)
+        return (bool(changed) and set(old) == set(new)
+                and all(old[k] in (self.stage_entry(k) or {}).get("grown_from_fingerprints", []) for k in changed))
 
     def _mark_running(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, **info: Any) -> None:
         m = self.manifest()
