@@ -421,7 +421,7 @@ def test_a_retrained_classifier_marks_the_extraction_it_guided_in_the_report(tin
     stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     made_from = {n: set(e.get("inputs") or {}) - {"model"} for n, e in stages.items()}
     assert made_from["features"] == {"synthetic"} and made_from["classifier"] == {"surrogate"}
-    assert "features" in made_from["surrogate"] and made_from["extraction/side"] == {"classifier"}
+    assert "features" in made_from["surrogate"] and made_from["extraction/side"] == {"classifier", "surrogate"}
     assert made_from["extraction/uncond"] == set() and made_from["evaluation/side"] == {"extraction/side"}
     assert not [n for n in build_report(tmp_path / "run")["notes"] if "made again since" in n]
     more = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
@@ -432,3 +432,24 @@ def test_a_retrained_classifier_marks_the_extraction_it_guided_in_the_report(tin
     assert data["clusters"]["surrogate"]["stale"] is False  # the clustering is the one SIDE's extraction used
     run_audit(tmp_path / "run", more)  # the whole chain again: nothing left out of date
     assert not [n for n in build_report(tmp_path / "run")["notes"] if "made again since" in n]
+
+
+def test_clusters_remade_and_then_a_classifier_trained_on_them_still_mark_the_old_extraction(tiny_model_dir, tmp_path):
+    """`side cluster` then `side train-classifier` on a finished run: the classifier's inputs are current again, but
+    SIDE's extraction was made from the earlier clusters; the report showed the new clusters' sizes beside it."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run_audit(tmp_path / "run", rc)
+    fewer = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, n_clusters=3))
+    run_audit(tmp_path / "run", fewer, until="surrogate")  # side cluster
+    run_audit(tmp_path / "run", fewer, until="classifier")  # side train-classifier
+    data = build_report(tmp_path / "run")
+    assert data["clusters"]["surrogate"]["stale"] is True
+    assert all(r["size"] is None for r in data["clusters"]["methods"]["side"]["rows"])
+    said = [n for n in data["notes"] if n.startswith("extraction/side was made from earlier results")]
+    assert len(said) == 1 and "surrogate" in said[0] and "classifier" in said[0]

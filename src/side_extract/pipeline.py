@@ -337,6 +337,15 @@ def extraction_upstream(method: str) -> str:
     return {**GUIDING_CLASSIFIER, "side-lora": "lora"}.get(method, "model")
 
 
+def extraction_inputs(method: str, fp: dict[str, str]) -> dict[str, str]:
+    """The run stages a method's extraction is made from, for the manifest (``fp``: the stages' fingerprints): its
+    guidance's stage (:func:`extraction_upstream`) and, for the methods that target surrogate clusters, the
+    surrogate labels whose cluster ids its generations carry (a re-clustering leaves them stale even where the
+    classifier was retrained on the new clusters since)."""
+    stages = [extraction_upstream(method), *(["surrogate"] if method in ("side", "side-lora") else [])]
+    return {k: fp[k] for k in stages if k != "model" and k in fp}
+
+
 def extraction_fingerprint(rc: cfg.RunConfig, method: str, guidance: ClassifierGuidance | MemorizationGuidance | None,
                            model_fp: str, upstream_fp: str | None, n: int | None = None) -> str:
     """The fingerprint of ``extraction/<method>`` at N_G ``n`` (default ``rc.extract.n``): its settings
@@ -729,16 +738,14 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     extractions = {}
     for m in methods:
         sampler, g = method_guidance(run.path, rc, m, denoiser, device=device)
-        upstream_stage = extraction_upstream(m)
-        upstream = ctx.fp.get(upstream_stage)
+        upstream = ctx.fp.get(extraction_upstream(m))
 
         def fingerprint_at(n: int, m: str = m, g=g, upstream: str | None = upstream) -> str:
             return extraction_fingerprint(rc, m, g, ctx.fp["model"], upstream, n)
 
         fp = ctx.fp[f"extraction/{m}"] = fingerprint_at(rc.extract.n)
         extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp["model"],
-                                          upstream={} if upstream is None or upstream_stage == "model"
-                                          else {upstream_stage: upstream},
+                                          upstream=extraction_inputs(m, ctx.fp),
                                           fingerprint_at=fingerprint_at, device=device,
                                           progress=progress(f"extract {m}"))
         run.write_config(rc, f"extraction/{m}")  # what Audit.regenerate rebuilds it from
