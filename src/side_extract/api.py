@@ -254,7 +254,7 @@ class Audit:
         run = Path(run)
         rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
         # every evaluation the directory holds, as the report and summary.json list them
-        methods = {m: MethodResult.from_json(read_json(d / "metrics.json")) for m, d in evaluated_methods(run).items()}
+        methods = {m: MethodResult.from_json(read_json(d / "metrics.json", dict)) for m, d in evaluated_methods(run).items()}
         return cls(run, rc, methods)
 
     def table(self) -> list[dict[str, Any]]:

@@ -193,7 +193,9 @@ def _by_label(table: dict[str, np.ndarray], bands: list[str], clusters: dict[int
 def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> dict[str, Any] | None:
     """Generations in the two closest bands per target label; for ``side``, joined with cluster size/cohesion."""
     p = run / "surrogate" / "clusters.json"
-    info = read_json(p) if p.is_file() else None
+    info = read_json(p, dict) if p.is_file() else None
+    if info is not None and not isinstance(info.get("clusters"), list):
+        raise ValueError(f"{str(p)!r} has no 'clusters' list; it is damaged: restore or delete it")
     by_id = {int(c["id"]): c for c in info["clusters"]} if info else None
     stale = by_id is not None and "surrogate" in stale_stages(read_stages(run)).get("extraction/side", [])
     if stale:  # `side cluster` remade the labels after SIDE's extraction: its sizes are not the extraction's
@@ -219,7 +221,7 @@ def _classifiers(run: Path) -> dict[str, Any]:
     for name in CLASSIFIERS:
         p = run / name / "config.json"
         if p.is_file():
-            hist = read_json(p).get("history") or []
+            hist = read_json(p, dict).get("history") or []
             final = next((h["accuracy"] for h in reversed(hist) if h.get("accuracy")), {})
             out[name] = {"history": hist, "final": final, "steps": hist[-1]["step"] if hist else 0}
     return out
@@ -242,7 +244,7 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
         for m, md in evaluated_methods(d).items():
             if f"evaluation/{m}" in shared:
                 continue
-            found.setdefault(param, {}).setdefault(m, {})[_value(value)] = read_json(md / "metrics.json")
+            found.setdefault(param, {}).setdefault(m, {})[_value(value)] = read_json(md / "metrics.json", dict)
     out: dict[str, Any] = {}
     for param, per_method in found.items():
         out[param] = {}
@@ -305,7 +307,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     config = cfg.load_yaml(run / "config.yaml")  # a damaged file: one error that names it
     notes = []
     dirs = evaluated_methods(run)  # the config's order, then the rest
-    metrics = {n: read_json(d / "metrics.json") for n, d in dirs.items()}
+    metrics = {n: read_json(d / "metrics.json", dict) for n, d in dirs.items()}
     tables = {n: t for n, d in dirs.items() if (t := _per_generation(d)) is not None}
     for n in metrics.keys() - tables.keys():
         notes.append(f"evaluation/{n}: no per_generation.npz, so no image pairs or histogram for {n}")

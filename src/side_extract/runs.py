@@ -127,19 +127,28 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file's value; one that is not JSON (cut short, edited by hand) is a ValueError naming the file."""
+def read_json(path: str | Path, expect: type | None = None) -> Any:
+    """A JSON file's value; one that is not JSON (cut short, edited by hand), or, with ``expect`` (``dict``,
+    ``list``), whose value is not of that type, is a ValueError naming the file."""
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}); it is damaged: restore or delete it") from None
+    if expect is not None and not isinstance(value, expect):
+        kind = {dict: "a JSON object", list: "a JSON array"}.get(expect, expect.__name__)
+        raise ValueError(f"{str(path)!r} holds {type(value).__name__}, not {kind}; it is damaged: restore or delete it")
+    return value
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """A run's ``manifest.json``: a JSON object whose ``stages`` is an object, or a ValueError naming the file."""
-    m = read_json(path)
-    if not isinstance(m, dict) or not isinstance(m.get("stages", {}), dict):
-        raise ValueError(f"{str(path)!r} is not a run manifest (expected a JSON object with a 'stages' object)")
+    """A run's ``manifest.json``: a JSON object whose ``stages`` maps each stage to an object (its ``inputs``, where
+    it has them, an object too), or a ValueError naming the file."""
+    m = read_json(path, dict)
+    stages = m.get("stages", {})
+    if not isinstance(stages, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("inputs") or {}, dict) for e in stages.values()):
+        raise ValueError(f"{str(path)!r} is not a run manifest (expected a JSON object whose 'stages' maps each stage "
+                         "to an object); it is damaged: restore or delete it")
     return m
 
 

@@ -144,7 +144,7 @@ def per_budget(metrics: dict[str, Any], n_asked: int) -> dict[str, Any]:
 def audit_summary(run: str | Path) -> dict[str, Any]:
     """The summary of a run directory's evaluated methods."""
     run = Path(run)
-    metrics = {k: read_json(d / "metrics.json") for k, d in evaluated_methods(run).items()}
+    metrics = {k: read_json(d / "metrics.json", dict) for k, d in evaluated_methods(run).items()}
     stages = read_stages(run)
     methods = {k: method_summary(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()}
     return {"schema": SCHEMA, "verdict": verdict(metrics, methods), "methods": methods,
