@@ -258,3 +258,19 @@ def test_a_stopped_methods_shares_count_per_generation_asked_in_the_summary_rati
     assert out["ams"]["mid"] == pytest.approx(1 / 3) and out["ums_cumulative"]["mid"] == pytest.approx(1 / 6)
     assert out["carlini"]["extracted_fraction"] == pytest.approx(0.5) and out["p95"] == 0.1
     assert m["ams"]["mid"] == 0.5 and per_budget(m, 8) is m
+
+
+def test_a_stage_that_stops_early_reports_its_end(tiny_model_dir, tmp_path):
+    """Dedup-driven stopping ended the stage below N_G: its progress never reached its total, so a bar stayed
+    part-filled and --no-progress never printed the stage's 'done' line. It now reports done at the stop."""
+    from side_extract.runs import read_json
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=12, shard_size=3, rounds=4, stop_unseen=0.9,
+                 dedup_threshold=0.99)
+    calls = []
+    run_audit(tmp_path / "run", rc, until="extraction",
+              progress=lambda name: (lambda done, total: calls.append((name, done, total))))
+    stopped = read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/uncond"]["stopped"]
+    assert stopped["at"] < 12  # the case at hand: the stage did stop early
+    last = [(d, t) for name, d, t in calls if name == "extract uncond"][-1]
+    assert last == (stopped["at"], stopped["at"])

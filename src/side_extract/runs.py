@@ -696,6 +696,8 @@ def shard_stage(
         written = write_shards(directory, rounds, make_shard, progress, group=group,
                                stop=None if stop is None else stop_at)
         group.barrier()
+        if stopped and progress is not None:  # ended early: the work is done at the stop (a bar fills, a line says so)
+            progress(stopped["at"], stopped["at"])
         if group.main and stopped:  # shards past the stop, left by an earlier attempt that stopped later
             # (a lost shard remade on another device can move the stop)
             for k, (lo, _) in enumerate(r for rnd in rounds for r in rnd):
