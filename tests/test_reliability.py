@@ -466,6 +466,65 @@ def test_a_step_command_leaves_the_finished_extraction_to_force(tiny_model_dir, 
     assert run_audit(run, more, replace=True).metrics["side"]["n_generated"] == rc.extract.n  # side extract --force
 
 
+@pytest.mark.parametrize("where", ["classifier", "extract side"])
+def test_an_interrupted_force_run_is_finished_by_the_same_command_without_force(tiny_model_dir, tmp_path, one_thread,
+                                                                               where):
+    """`side extract --force` with new settings, cut short (in the classifier's training or in the extraction),
+    then the same command without --force: it finishes the work. Before, it ran the stages left and then refused
+    at the first finished one the --force run had not reached yet (the evaluation)."""
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run = tmp_path / "run"
+    old = run_audit(run, rc).metrics["side"]
+    more = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
+
+    def interrupting(name):
+        def cb(done, total):
+            if name == where and done >= 1:
+                raise KeyboardInterrupt
+
+        return cb
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, more, replace=True, progress=interrupting)  # side extract --force, Ctrl-C
+    assert "replacing" in read_json(run / "manifest.json")
+    new = run_audit(run, more, replace=False).metrics["side"]  # side extract
+    assert new != old and "replacing" not in read_json(run / "manifest.json")
+    stages = read_json(run / "manifest.json")["stages"]
+    assert stages["evaluation/side"]["inputs"]["extraction/side"] == stages["extraction/side"]["fingerprint"]
+
+
+def test_an_interrupted_step_command_does_not_let_a_later_command_replace_more(tiny_model_dir, tmp_path, one_thread):
+    """`side train-classifier` cut short replaces its own stage only: a plain `side extract` afterwards still
+    refuses to replace the finished extraction; and a finished run with other settings forgets the cut-short one."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    more = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
+
+    def interrupting(where):
+        def factory(name):
+            def cb(done, total):
+                if name == where and done >= 1:
+                    raise KeyboardInterrupt
+
+            return cb
+
+        return factory
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, more, until="classifier", progress=interrupting("classifier"))  # side train-classifier, Ctrl-C
+    with pytest.raises(StageWouldBeReplaced, match="^extraction/side"):
+        run_audit(run, more, replace=False)  # side extract (the classifier's training resumed and finished)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, more, replace=True, progress=interrupting("extract side"))  # side extract --force, Ctrl-C
+    run_audit(run, rc, replace=True)  # side run with the first settings, to the end
+    assert "replacing" not in read_json(run / "manifest.json")
+    with pytest.raises(StageWouldBeReplaced):
+        run_audit(run, more, replace=False)  # the cut-short --force run is not resumed any more
+
+
 def test_stale_stages_follow_the_recorded_inputs_through_the_chain():
     """Hand-made manifest: a stage is stale when an input it recorded was made again since (another fingerprint) or
     is gone, directly or through its inputs; the target model is no stage; a stage recording no inputs (an older

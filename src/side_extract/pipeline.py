@@ -683,8 +683,17 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         run = RunDir(path, replace=replace, group=group)
         config = run.path / "config.yaml"
         before = config.read_text() if group.main and config.is_file() else None
+        settings = (fingerprint_of(rc, target.fingerprint), UNTIL.index(until))
+        if group.main and replace:
+            run.mark_replacing(*settings)  # kept should this call not finish: a rerun then finishes its work
+        elif group.main and run.resumes_replacing(*settings):
+            run.replace = True
+            log.warning("%s: an interrupted run with these settings was replacing finished results; this one "
+                        "finishes it (as --force would)", run.path)
         try:
             result = _chain(run, rc, target, device, until, progress)
+            if group.main:
+                run.done_replacing(*settings)
             for stage, later in (run.out_of_date() if group.main else {}).items():
                 log.warning("%s was made again here, but %s were made from its earlier results and now describe "
                             "another run: complete it again (side run CONFIG --out RUN, or side extract --run RUN "

@@ -524,6 +524,33 @@ class RunDir:
         }
         self._write_manifest(m)
 
+    # A writer allowed to replace finished results (``replace``: ``side extract --force``, ``side run``) that
+    # does not finish leaves the work half done: its new stages failed or missing, the old results after them
+    # still complete. A rerun with the same settings that stops no later is that writer's work resumed, and may
+    # replace what it would have replaced; the manifest's ``replacing`` entry says so until a writer finishes.
+    def mark_replacing(self, settings: str, until: int) -> None:
+        """Record that a writer allowed to replace finished results, with run settings ``settings`` (a
+        fingerprint) up to stage rank ``until``, is at work."""
+        m = self.manifest()
+        m["replacing"] = {"settings": settings, "until": until}
+        self._write_manifest(m)
+
+    def resumes_replacing(self, settings: str, until: int) -> bool:
+        """Whether a writer with ``settings`` up to ``until`` resumes the unfinished one :meth:`mark_replacing`
+        recorded: the same settings, and it stops no later (``side train-classifier`` cut short does not let a
+        plain ``side extract`` replace the extraction it left out of date)."""
+        r = self.manifest().get("replacing")
+        return isinstance(r, dict) and r.get("settings") == settings and until <= r.get("until", -1)
+
+    def done_replacing(self, settings: str, until: int) -> None:
+        """A writer finished: the recorded unfinished one is no longer to be resumed when this one covered its
+        work (the same settings, as far or further) or went elsewhere (other settings)."""
+        m = self.manifest()
+        r = m.get("replacing")
+        if isinstance(r, dict) and (r.get("settings") != settings or until >= r.get("until", -1)):
+            del m["replacing"]
+            self._write_manifest(m)
+
     def fail_running(self, error: BaseException) -> list[str]:
         """Mark every stage still ``running`` as ``failed`` with ``error`` (after an exception); returns them."""
         m = self.manifest()
