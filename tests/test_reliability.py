@@ -487,6 +487,7 @@ def test_an_interrupted_force_run_is_finished_by_the_same_command_without_force(
     with pytest.raises(KeyboardInterrupt):
         run_audit(run, more, replace=True, progress=interrupting)  # side extract --force, Ctrl-C
     assert "replacing" in read_json(run / "manifest.json")
+    run_audit(run, more, until="surrogate")  # side cluster with the same settings in between: the record stays
     new = run_audit(run, more, replace=False).metrics["side"]  # side extract
     assert new != old and "replacing" not in read_json(run / "manifest.json")
     stages = read_json(run / "manifest.json")["stages"]
@@ -523,6 +524,38 @@ def test_an_interrupted_step_command_does_not_let_a_later_command_replace_more(t
     assert "replacing" not in read_json(run / "manifest.json")
     with pytest.raises(StageWouldBeReplaced):
         run_audit(run, more, replace=False)  # the cut-short --force run is not resumed any more
+
+
+def test_a_cut_short_force_run_is_not_resumed_over_a_rewritten_training_file(tiny_model_dir, tmp_path, one_thread):
+    """The record of a cut-short --force run follows the files its settings name by their contents: a training set
+    rewritten under the same path is other settings, so its finished results still need --force."""
+    from side_extract.data import load_image_set
+    from side_extract.runs import StageWouldBeReplaced
+
+    d = load_image_set("digits:60")
+    train = tmp_path / "train.npz"
+    np.savez(train, images=d.images[:30], labels=d.labels[:30])
+    rc = tiny_rc(tiny_model_dir, methods=("side", "cond"))
+    rc = dataclasses.replace(rc, train=str(train),
+                             evaluate=dataclasses.replace(rc.evaluate, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    more = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.5))
+
+    def interrupting(name):
+        def cb(done, total):
+            if name == "extract side" and done >= 1:
+                raise KeyboardInterrupt
+
+        return cb
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, more, replace=True, progress=interrupting)  # side extract --force --scale 2.5, Ctrl-C
+    np.savez(train, images=d.images[30:], labels=d.labels[30:])  # the same path, other images
+    clean = read_json(run / "manifest.json")["stages"]["classifier-clean"]
+    with pytest.raises(StageWouldBeReplaced, match="^classifier-clean"):
+        run_audit(run, more, replace=False)
+    assert read_json(run / "manifest.json")["stages"]["classifier-clean"] == clean
 
 
 def test_stale_stages_follow_the_recorded_inputs_through_the_chain():

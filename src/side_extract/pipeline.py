@@ -40,7 +40,7 @@ from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_targ
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (RunDir, StageWouldBeReplaced, array_fingerprint, atomic_save_npz, atomic_write_json,
                    atomic_write_text, check_run_path, check_unlocked, file_fingerprint, fingerprint_of, run_lock,
-                   stage_fingerprint)
+                   settings_fingerprint, stage_fingerprint)
 from .sampling import sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -683,7 +683,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         run = RunDir(path, replace=replace, group=group)
         config = run.path / "config.yaml"
         before = config.read_text() if group.main and config.is_file() else None
-        settings = (fingerprint_of(rc, target.fingerprint), UNTIL.index(until))
+        settings = (settings_fingerprint(rc, target.fingerprint), UNTIL.index(until))  # files by their contents
         if group.main and replace:
             run.mark_replacing(*settings)  # kept should this call not finish: a rerun then finishes its work
         elif group.main and run.resumes_replacing(*settings):

@@ -227,6 +227,36 @@ def stage_fingerprint(kind: str, *parts: Any) -> str:
     return fingerprint_of({"stage": kind, "version": STAGE_VERSIONS[kind]}, *parts)
 
 
+def settings_fingerprint(config: Any, *parts: Any) -> str:
+    """A run config's fingerprint that follows the files it names: every string value that is an existing file
+    counts by its bytes, a directory by its files' names, sizes and modification times (a training set or bands
+    file rewritten under the same path is other settings)."""
+    named: dict[str, str] = {}
+
+    def visit(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, str) and v and len(v) < 4096:
+            for spec in dict.fromkeys((v, v.rsplit(":", 1)[-1])):  # a path, or one after a prefix (torchscript:PATH)
+                p = Path(spec)
+                try:
+                    if p.is_file():
+                        named[spec] = file_fingerprint(p)
+                    elif p.is_dir():
+                        named[spec] = fingerprint_of(sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                                                            for f in p.rglob("*") if f.is_file()))
+                except OSError:
+                    pass
+
+    d = cfg.to_dict(config) if dataclasses.is_dataclass(config) else config
+    visit(d)
+    return fingerprint_of(d, named, *parts)
+
+
 def array_fingerprint(*arrays: Any) -> str:
     """sha256 of arrays' dtypes, shapes and bytes (numpy arrays or CPU/device tensors), for data-keyed resume."""
     h = hashlib.sha256()
@@ -530,8 +560,12 @@ class RunDir:
     # replace what it would have replaced; the manifest's ``replacing`` entry says so until a writer finishes.
     def mark_replacing(self, settings: str, until: int) -> None:
         """Record that a writer allowed to replace finished results, with run settings ``settings`` (a
-        fingerprint) up to stage rank ``until``, is at work."""
+        fingerprint) up to stage rank ``until``, is at work. An unfinished one with the same settings that went
+        further stays recorded as far as it went (a ``side cluster`` in between does not shorten it)."""
         m = self.manifest()
+        r = m.get("replacing")
+        if isinstance(r, dict) and r.get("settings") == settings and isinstance(r.get("until"), int):
+            until = max(until, r["until"])
         m["replacing"] = {"settings": settings, "until": until}
         self._write_manifest(m)
 

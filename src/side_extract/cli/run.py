@@ -90,7 +90,7 @@ def print_summary(metrics: dict[str, dict]) -> None:
 
 WAIT_HELP = "If another process is writing the run directory, wait for it instead of failing."
 FORCE_HELP = ("Replace finished results (generations, classifiers, ...) made with other settings; without it "
-              "that is an error that names them. A --force run cut short is finished by the same command without it.")
+              "that is an error that names them. A --force run cut short is finished by a rerun with the same settings without it.")
 
 
 def _say(note: str | None) -> None:
