@@ -50,8 +50,9 @@ def demo_cmd(
 
     t0 = time.time()
     if model in EMBEDDED_TARGETS and (ctx.obj or {}).get("threads_auto") and device == "cpu":
-        # The embedded 8x8 targets are too small for intra-op threads: the demo took 4.9 min on 2 threads and
-        # 2.7 min on 1 on an idle 2-core machine (README). An explicit --threads N still wins.
+        # The embedded 8x8 targets are too small for intra-op threads: the demo took 265 s by its clock on 2
+        # threads and 213 s on 1 on an idle 2-core machine (benchmarks/results/demo.md, session 24). An explicit
+        # --threads N still wins.
         import torch
 
         torch.set_num_threads(1)
