@@ -190,14 +190,16 @@ def _by_label(table: dict[str, np.ndarray], bands: list[str], clusters: dict[int
     return rows
 
 
-def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) -> dict[str, Any] | None:
-    """Generations in the two closest bands per target label; for ``side``, joined with cluster size/cohesion."""
+def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict],
+              stale_from: dict[str, list[str]]) -> dict[str, Any] | None:
+    """Generations in the two closest bands per target label; for ``side``, joined with cluster size/cohesion
+    (``stale_from``: :func:`~side_extract.runs.stale_stages` of the run)."""
     p = run / "surrogate" / "clusters.json"
     info = read_json(p, dict) if p.is_file() else None
     if info is not None and not isinstance(info.get("clusters"), list):
         raise ValueError(f"{str(p)!r} has no 'clusters' list; it is damaged: restore or delete it")
     by_id = {int(c["id"]): c for c in info["clusters"]} if info else None
-    stale = by_id is not None and "surrogate" in stale_stages(read_stages(run)).get("extraction/side", [])
+    stale = by_id is not None and "surrogate" in stale_from.get("extraction/side", [])
     if stale:  # `side cluster` remade the labels after SIDE's extraction: its sizes are not the extraction's
         by_id = {}
     methods = {}
@@ -338,7 +340,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "top_pairs": {n: _top(t, metrics[n]["orientation"], top) for n, t in tables.items()},
         "histograms": _histograms(run, metrics, tables),
         "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},
-        "clusters": _clusters(run, metrics, tables), "classifiers": _classifiers(run),
+        "clusters": _clusters(run, metrics, tables, stale), "classifiers": _classifiers(run),
         "sweeps": _sweeps(run, metrics, config), "theory": _theory(run),
         "stages": stages, "versions": versions, "config": config, "config_yaml": text, "notes": notes}
     for key, what in (("clusters", "surrogate/clusters.json or labelled generations"),

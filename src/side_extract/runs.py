@@ -247,8 +247,9 @@ def settings_fingerprint(config: Any, *parts: Any) -> str:
                     if p.is_file():
                         named[spec] = file_fingerprint(p)
                     elif p.is_dir():
-                        named[spec] = fingerprint_of(sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                                                            for f in p.rglob("*") if f.is_file()))
+                        files = sorted(f for f in p.rglob("*") if f.is_file())
+                        named[spec] = fingerprint_of([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                                                      for f in files])
                 except OSError:
                     pass
 

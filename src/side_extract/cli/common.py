@@ -96,6 +96,12 @@ def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -
     return cfg.from_dict(cfg.RunConfig, _run_config_dict(run, config, overrides))
 
 
+def say_note(note: str | None) -> None:
+    """Print ``note`` as it is (no markup), where there is one."""
+    if note is not None:
+        console.print(note, highlight=False, markup=False)
+
+
 def default_model_note(run: Path, config: Path | None, overrides: dict[str, Any]) -> str | None:
     """What a stage command says when it leaves, where nothing named the model (a new run directory, no
     ``--config`` or flag naming one): that it used the default, rather than doing so without a word."""

@@ -16,7 +16,7 @@ import typer
 from .. import config as cfg
 from ..distributed import ProcessGroup
 from .common import (build_config, cli_errors, console, default_model_note, load_run_config, progress_enabled,
-                     progress_lines, typed_flags)
+                     progress_lines, say_note, typed_flags)
 
 if TYPE_CHECKING:
     from ..pipeline import Until
@@ -93,11 +93,6 @@ FORCE_HELP = ("Replace finished results (generations, classifiers, ...) made wit
               "that is an error that names them. A --force run cut short is finished by a rerun with the same settings without it.")
 
 
-def _say(note: str | None) -> None:
-    if note is not None:
-        console.print(note, highlight=False, markup=False)
-
-
 def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: Until, *, wait: bool = False,
          replace: bool = True) -> dict[str, dict]:
     from ..pipeline import run_audit
@@ -157,7 +152,7 @@ def cluster_cmd(
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     _run(ctx, run, rc, device, "surrogate", wait=wait)
     console.print(f"surrogate labels: {run / 'surrogate'}")
-    _say(note)
+    say_note(note)
 
 
 @cli_errors
@@ -179,7 +174,7 @@ def train_classifier_cmd(
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     _run(ctx, run, rc, device, "classifier", wait=wait)
     console.print(f"classifiers in {run}")
-    _say(note)
+    say_note(note)
 
 
 @cli_errors
@@ -222,4 +217,4 @@ def extract_cmd(
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
         console.print("not evaluated: the run has no training set (set train, e.g. train: digits:100, in a --config "
                       "file)", highlight=False, soft_wrap=True)
-    _say(note)
+    say_note(note)

@@ -8,7 +8,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import cli_errors, console, default_model_note, load_run_config, progress_bar, typed_flags
+from .common import cli_errors, console, default_model_note, load_run_config, progress_bar, say_note, typed_flags
 
 D = cfg.SampleConfig()
 
@@ -50,5 +50,4 @@ def sample_cmd(
         images = sample_stage(run, denoiser, rc.sample, model_fingerprint=model_fingerprint(rc.model), device=device,
                               progress=cb)
     console.print(f"{len(images)} images in {run.path / 'synthetic'}")
-    if note is not None:
-        console.print(note, highlight=False, markup=False)
+    say_note(note)
