@@ -43,6 +43,25 @@ def test_whole_chain_on_a_device(tiny_model_dir, tmp_path):
         np.testing.assert_array_equal(s.images, host.extractions[m].images)
 
 
+def test_every_other_method_and_signal_on_a_device(tiny_model_dir, tmp_path):
+    """The methods and guidance signals the chain above leaves out: memorization guidance (label-free, with
+    avoidance of earlier rounds under adaptive allocation), side-lora's fine-tuned conditional model, and the
+    noise-aware classifier on the target's UNet features and the clean classifier guiding through the denoised
+    estimate. memguide's denoiser calls
+    passed host timesteps on CUDA (found by ``scripts/gpu-check``'s demo run on a GPU)."""
+    rc = tiny_rc(tiny_model_dir, methods=("side", "side-lora", "memguide", "cond"), memguide_avoid=1.0,
+                 memguide_avoid_t_lo=0.0, memguide_avoid_t_hi=1.0, memguide_t_hi=1.0, allocation="adaptive", rounds=2)
+    rc = dataclasses.replace(rc, lora=cfg.LoraConfig(rank=4, steps=2, batch_size=8, checkpoint_every=2, lr=1e-2),
+                             classifier=dataclasses.replace(TINY_CLF, backbone="unet"),
+                             clean_classifier=dataclasses.replace(TINY_CLF, guidance_input="x0_hat"))
+    with FakeDevice() as mode:
+        res = run_audit(tmp_path / "run", rc, device=FAKE)
+    assert set(res.metrics) == {"side", "side-lora", "memguide", "cond"} and mode.ops > 1000
+    host = run_audit(tmp_path / "host", rc, until="extraction")
+    for m, s in res.extractions.items():
+        np.testing.assert_allclose(s.images, host.extractions[m].images, atol=1e-6)
+
+
 def test_classifier_resume_on_a_device(tmp_path):
     """Resuming loads the optimizer state onto the model's device (it used to stay on the host)."""
     x = torch.randn(40, 1, 8, 8)

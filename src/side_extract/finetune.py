@@ -127,7 +127,7 @@ class ConditionalDenoiser:
         return target_outputs(self.classes, () if self.background is None else (self.background,))
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t, class_labels=y).sample
+        return self.model(x, torch.as_tensor(t, device=x.device), class_labels=y).sample
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         null = torch.full((len(x),), self.null, dtype=torch.long, device=x.device)

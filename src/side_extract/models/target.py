@@ -38,8 +38,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 class Denoiser(Protocol):
     """eps(x_t, t) with the shape of one sample and the scheduler the model was trained with.
 
-    ``__call__(x, t)``: x (B, C, H, W) float, t a scalar or (B,) tensor of *training* timesteps;
-    returns eps (B, C, H, W).
+    ``__call__(x, t)``: x (B, C, H, W) float, t a scalar or (B,) tensor of *training* timesteps, on any device
+    (the denoiser puts it on x's: diffusers' UNets move a 0-dim t but not a (B,) one); returns eps (B, C, H, W).
     """
 
     sample_shape: tuple[int, int, int]
@@ -80,7 +80,7 @@ class UNetDenoiser:
         self.sample_shape = (int(unet.config.in_channels), int(h), int(w))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
+        return self.unet(x, torch.as_tensor(t, device=x.device)).sample
 
     def to(self, device: str | torch.device) -> "UNetDenoiser":
         self.unet.to(device)
@@ -102,7 +102,7 @@ class CallableDenoiser:
         self.scheduler = scheduler
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, t)
+        return self.fn(x, torch.as_tensor(t, device=x.device))
 
 
 @dataclasses.dataclass(frozen=True)
