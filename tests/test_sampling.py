@@ -11,7 +11,7 @@ from diffusers import DDIMPipeline, DDPMPipeline
 
 from side_extract import config as cfg
 from side_extract.data import load_shards
-from side_extract.models.target import load_target, model_fingerprint, predict_x0
+from side_extract.models.target import CallableDenoiser, load_target, model_fingerprint, predict_x0
 from side_extract.runs import RunDir, read_json
 from side_extract.sampling import BatchSize, inference_scheduler, sample, sample_generators, sample_stage
 
@@ -170,6 +170,32 @@ def test_bf16_autocast_is_close_to_fp32_and_really_lower_precision(tiny_rgb_mode
     assert 0 < float(diff.mean()) < 0.02 and float(diff.max()) < 0.2  # bf16 keeps 8 bits of mantissa
     with pytest.raises(ValueError, match="precision='fp16'"):
         cfg.SampleConfig(precision="fp16")
+
+
+def test_fp32_sampling_turns_off_cudas_tf32_and_restores_it(tiny_model_dir):
+    """precision='fp32' samples in IEEE float32 on CUDA too: cuDNN's default TF32 convolutions moved an H200's
+    unguided images up to 13/255 from the CPU's (scripts/gpu-check). The flags are read inside the denoiser,
+    for every guidance pass as well, and given back afterwards; bf16 leaves them alone."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    d = load_target(tiny_model_dir)
+    seen = []
+
+    def spy(x, t):
+        seen.append((conv.fp32_precision, matmul.fp32_precision))
+        return d(x, t)
+
+    spied = CallableDenoiser(spy, d.sample_shape, d.scheduler)
+    before = (conv.fp32_precision, matmul.fp32_precision)
+    conv.fp32_precision = "tf32"  # CUDA's default for convolutions
+    try:
+        sample(spied, 2, seed=0, steps=3, batch_size=2)
+        assert seen and set(seen) == {("ieee", "ieee")}
+        assert conv.fp32_precision == "tf32"
+        seen.clear()
+        sample(spied, 2, seed=0, steps=3, batch_size=2, precision="bf16")
+        assert set(seen) == {("tf32", matmul.fp32_precision)}
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
 
 
 def test_extraction_draws_its_own_noise_even_at_the_synthetic_sets_seed(tiny_model_dir):

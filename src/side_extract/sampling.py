@@ -13,6 +13,7 @@ Guidance (``guidance.py``) is an object called as ``g(x_t, t, y)`` with the batc
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -153,6 +154,32 @@ def guided_step(
     raise ValueError(f"scheduler {type(sched).__name__} is not supported: use DDIM or DDPM")
 
 
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 convolutions and matrix products in IEEE float32 on CUDA while the block runs (no effect on the
+    CPU). cuDNN runs float32 convolutions in TF32 (a 10-bit mantissa) by default: on an H200, 50 unguided DDIM
+    steps of the demo target then ended up to 13/255 from the CPU's images on 2.7 % of pixels
+    (``scripts/gpu-check``, benchmarks/results/gpu-check.md). ``precision="fp32"`` means float32; ``"bf16"`` is
+    the fast choice."""
+    flags = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
+    if all(hasattr(f, "fp32_precision") for f in flags):  # torch >= 2.9
+        old = [f.fp32_precision for f in flags]
+        for f in flags:
+            f.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for f, o in zip(flags, old):
+                f.fp32_precision = o
+        return
+    old_legacy = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # pragma: no cover
+    try:  # pragma: no cover
+        yield
+    finally:  # pragma: no cover
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_legacy
+
+
 @torch.no_grad()
 def denoise_batch(
     denoiser: Denoiser,
@@ -190,21 +217,23 @@ def denoise_batch(
     raw = _raw_ddim(sched) if guidance is not None and isinstance(sched, DDIMScheduler) else None
     conditional = getattr(denoiser, "conditional", False)
     low = precision == "bf16"
-    for i, t in enumerate(sched.timesteps):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
-            eps = denoiser(x, t, y) if conditional else denoiser(x, t)
-        eps = eps.to(x.dtype)
-        g = None
-        if guidance is not None:
-            with torch.enable_grad():
-                g = guidance(x, t, y, **keys, **({"eps": eps} if getattr(guidance, "uses_eps", False) else {}))
-        x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps, raw=raw)
-        if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > DIVERGED_ABOVE:
-            scale = getattr(guidance, "scale", None)
-            cause = (f"the guidance scale lambda={scale:g} is likely too large" if scale else
-                     "the model's eps predictions are not finite (check the weights and the scheduler)")
-            raise SamplingDiverged(f"sampling diverged at step {i + 1} of {len(sched.timesteps)} (t={int(t)}): x_t is "
-                                   f"{'not finite' if not bool(torch.isfinite(x).all()) else 'beyond 1e6'}; {cause}")
+    with contextlib.nullcontext() if low else ieee_float32():
+        for i, t in enumerate(sched.timesteps):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
+                eps = denoiser(x, t, y) if conditional else denoiser(x, t)
+            eps = eps.to(x.dtype)
+            g = None
+            if guidance is not None:
+                with torch.enable_grad():
+                    g = guidance(x, t, y, **keys, **({"eps": eps} if getattr(guidance, "uses_eps", False) else {}))
+            x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps, raw=raw)
+            if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > DIVERGED_ABOVE:
+                scale = getattr(guidance, "scale", None)
+                cause = (f"the guidance scale lambda={scale:g} is likely too large" if scale else
+                         "the model's eps predictions are not finite (check the weights and the scheduler)")
+                state = "not finite" if not bool(torch.isfinite(x).all()) else "beyond 1e6"
+                raise SamplingDiverged(f"sampling diverged at step {i + 1} of {len(sched.timesteps)} (t={int(t)}): "
+                                       f"x_t is {state}; {cause}")
     return x
 
 
