@@ -100,7 +100,8 @@ class SampleConfig:
     8x8: 1.71x against 1.93x).
     ``batch_size``: images per denoiser call; on a GPU out-of-memory error the batch is halved and sampling
     goes on (``sampling.BatchSize``). ``precision``: ``bf16`` runs the denoiser under bfloat16 autocast
-    (``side bench scale`` measures its parity with ``fp32``); guidance gradients stay in float32.
+    (``side bench scale`` measures its parity with ``fp32``); guidance gradients stay in float32. ``fp32`` is
+    IEEE float32 on CUDA too (cuDNN's default TF32 convolutions are turned off while sampling).
     """
 
     n: int = 1000
