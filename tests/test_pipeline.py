@@ -306,3 +306,20 @@ def test_a_run_path_that_is_a_file_is_named_before_the_model_loads(tmp_path):
     rc = dataclasses.replace(tiny_rc(tmp_path / "no-model", methods=("uncond",)))
     with pytest.raises(ValueError, match="exists and is not a directory"):
         run_audit(tmp_path / "file", rc)
+
+
+def test_an_evaluation_reports_done_when_its_metrics_are_written(tiny_model_dir, tmp_path):
+    """The evaluation's progress ends when its metrics.json is written, after the quality metrics and the copy
+    guard: it ended at the nearest-neighbour search, so `--no-progress` said "evaluate side: ... done in 0 s"
+    before most of the stage's work."""
+    run = tmp_path / "run"
+    finished = {}
+
+    def factory(name):
+        def update(done, total):
+            if name.startswith("evaluate ") and done >= total:
+                finished[name] = (run / "evaluation" / name.split()[1] / "metrics.json").exists()
+        return update
+
+    run_audit(run, tiny_rc(tiny_model_dir, methods=("side", "uncond")), progress=factory)
+    assert finished == {"evaluate side": True, "evaluate uncond": True}

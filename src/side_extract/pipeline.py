@@ -464,8 +464,12 @@ def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: 
     """Compute one method's evaluation into ``RUN/evaluation/<method>/`` (``metrics.json`` written last, with
     the sample quality and the copy guard); ``train_features`` from :func:`train_features_stage`."""
     out = ctx.run.path / "evaluation" / method
+    report = ctx.progress(f"evaluate {method}")
+    # the nearest-neighbour pass counts the generations; it stops one short, and the quality metrics and the copy
+    # guard end the stage (--no-progress said "done in 0 s" at the search's end, before most of the work)
+    search = None if report is None else (lambda done, total: report(min(done, total - 1), total))
     ev = evaluate(generated, train, c, method=method, train_features=train_features,
-                  feature_model=ctx.denoiser, device=ctx.device, progress=ctx.progress(f"evaluate {method}"))
+                  feature_model=ctx.denoiser, device=ctx.device, progress=search)
     out.mkdir(parents=True, exist_ok=True)
     ev.table.write(out)
     metrics = ev.to_json()
@@ -474,6 +478,8 @@ def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: 
         metrics["copy_guard"] = copy_guard(generated, load_shards(ctx.run.path / "synthetic"),
                                            np.asarray(ev.table.pixel_distance, dtype=float))
     atomic_write_json(out / "metrics.json", metrics)  # once, whole: a reader never sees it without quality
+    if report is not None:
+        report(len(generated), len(generated))
 
 
 def _synthetic_fingerprint(ctx: AuditContext) -> str | None:
