@@ -30,7 +30,7 @@ from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .memorization import MemorizationGuidance
 from .models.target import Denoiser
-from .runs import Progress, RunDir, shard_ranges, shard_stage
+from .runs import MODEL_INPUT, Progress, RunDir, shard_ranges, shard_stage
 from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample_batches
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def extraction_stage(
         log.info("%s: %d generations, unseen mass %.3f%s", method, end, u, " (stopping)" if stops else "")
         return {"unseen_mass": round(u, 6), "stop_unseen": c.stop_unseen} if stops else None
 
-    inputs = ({} if model_fingerprint is None else {"model": model_fingerprint}) | (upstream or {})
+    inputs = ({} if model_fingerprint is None else {MODEL_INPUT: model_fingerprint}) | (upstream or {})
     try:
         return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress, inputs=inputs or None,
                            round_size=round_size(c) if rounds else None, stop=stop if c.stop_unseen > 0 else None,

@@ -38,7 +38,7 @@ from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
 from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
 from .neighbors import NearestNeighborIndex, pixel_rows
-from .runs import (RunDir, StageWouldBeReplaced, array_fingerprint, atomic_save_npz, atomic_write_json,
+from .runs import (MODEL_INPUT, RunDir, StageWouldBeReplaced, array_fingerprint, atomic_save_npz, atomic_write_json,
                    atomic_write_text, check_run_path, check_unlocked, file_fingerprint, fingerprint_of, run_lock,
                    settings_fingerprint, stage_fingerprint)
 from .sampling import sample_stage
@@ -100,10 +100,10 @@ def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | N
     if c.memorized_fraction >= 1.0:
         return None
     settings = {"t": c.memorization_t, "draws": c.memorization_draws, "seed": ctx.rc.sample.seed}
-    fp = stage_fingerprint("memorization", settings, ctx.fp["synthetic"], ctx.fp["model"])
+    fp = stage_fingerprint("memorization", settings, ctx.fp["synthetic"], ctx.fp[MODEL_INPUT])
     ctx.fp["memorization"] = fp
     path = ctx.run.path / "memorization" / "scores.npz"
-    if (ctx.run.begin("memorization", fp, inputs={"synthetic": ctx.fp["synthetic"], "model": ctx.fp["model"]}) != "skip"
+    if (ctx.run.begin("memorization", fp, inputs={"synthetic": ctx.fp["synthetic"], MODEL_INPUT: ctx.fp[MODEL_INPUT]}) != "skip"
             or not path.exists()):
         scores = denoising_error(ctx.denoiser, synthetic.to_float(), c.memorization_t, c.memorization_draws,
                                  ctx.rc.sample.seed, device=ctx.device)
@@ -261,15 +261,15 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
     loads it)."""
     c = ctx.rc.lora
     settings = {k: v for k, v in cfg.to_dict(c).items() if k != "guidance_scale"}  # w only matters at sampling
-    fp = stage_fingerprint("lora", settings, ctx.fp["surrogate"], ctx.fp["model"])
+    fp = stage_fingerprint("lora", settings, ctx.fp["surrogate"], ctx.fp[MODEL_INPUT])
     ctx.fp["lora"] = fp
     directory = ctx.run.path / "lora"
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
-    inputs = {"surrogate": ctx.fp["surrogate"], "model": ctx.fp["model"]}
+    inputs = {"surrogate": ctx.fp["surrogate"], MODEL_INPUT: ctx.fp[MODEL_INPUT]}
     if group.on_main(lambda: ctx.run.begin("lora", fp, inputs=inputs) != "skip"
                      or not (directory / "classes.json").exists()):
         res = finetune(ctx.denoiser, synthetic.to_float(), labels.labels, c, directory,
-                       target_fingerprint=ctx.fp["model"], device=ctx.device, progress=ctx.progress("side-lora"),
+                       target_fingerprint=ctx.fp[MODEL_INPUT], device=ctx.device, progress=ctx.progress("side-lora"),
                        group=group, background=labels.background)
         if group.main:
             ctx.run.complete("lora", classes=len(res.classes), final_loss=float(np.mean(res.losses[-50:])),
@@ -334,7 +334,7 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
 def extraction_upstream(method: str) -> str:
     """The stage whose fingerprint a method's extraction depends on besides the target's: its classifier, the
     fine-tuned model (``lora``), or ``model`` (the target alone: UnCond, memguide)."""
-    return {**GUIDING_CLASSIFIER, "side-lora": "lora"}.get(method, "model")
+    return {**GUIDING_CLASSIFIER, "side-lora": "lora"}.get(method, MODEL_INPUT)
 
 
 def extraction_inputs(method: str, fp: dict[str, str]) -> dict[str, str]:
@@ -343,7 +343,7 @@ def extraction_inputs(method: str, fp: dict[str, str]) -> dict[str, str]:
     surrogate labels whose cluster ids its generations carry (a re-clustering leaves them stale even where the
     classifier was retrained on the new clusters since)."""
     stages = [extraction_upstream(method), *(["surrogate"] if method in ("side", "side-lora") else [])]
-    return {k: fp[k] for k in stages if k != "model" and k in fp}
+    return {k: fp[k] for k in stages if k != MODEL_INPUT and k in fp}
 
 
 def extraction_fingerprint(rc: cfg.RunConfig, method: str, guidance: ClassifierGuidance | MemorizationGuidance | None,
@@ -378,7 +378,7 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
         return None
     given = None if c.heldout is None else load_image_set(c.heldout, ctx.rc.train_resize)  # keyed by its images
     fp = stage_fingerprint("calibration", c, train.fingerprint(),
-                           ctx.fp["model"] if c.similarity == "cosine:unet" else None,
+                           ctx.fp[MODEL_INPUT] if c.similarity == "cosine:unet" else None,
                            *([] if given is None else [given.fingerprint()]),
                            *script_fingerprints(Similarity(c.similarity).extractor))
     path = ctx.run.path / "evaluation" / "bands.json"
@@ -407,7 +407,7 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
     if sim.metric != "cosine":
         return None
     needs_model = EXTRACTORS[sim.extractor.split(":", 1)[0]].needs_model
-    fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(), ctx.fp["model"] if needs_model else None,
+    fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(), ctx.fp[MODEL_INPUT] if needs_model else None,
                            *script_fingerprints(sim.extractor))
     path = ctx.run.path / "train-features" / "features.npz"
     if ctx.run.begin("train-features", fp) != "skip" or not path.exists():
@@ -718,11 +718,11 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     upto = UNTIL.index(until)
     run.write_config(rc)
     denoiser = target.denoiser
-    ctx = AuditContext(run, rc, denoiser, device, progress, {"model": target.fingerprint})
+    ctx = AuditContext(run, rc, denoiser, device, progress, {MODEL_INPUT: target.fingerprint})
     methods = rc.extract.methods
     synthetic = None
     if {"side", "side-teacher", "side-lora"} & set(methods):
-        synthetic = sample_stage(run, denoiser, rc.sample, model_fingerprint=ctx.fp["model"], device=device,
+        synthetic = sample_stage(run, denoiser, rc.sample, model_fingerprint=ctx.fp[MODEL_INPUT], device=device,
                                  progress=progress("synthetic"))
         ctx.fp["synthetic"] = run.stage_entry("synthetic")["fingerprint"]
     if {"side", "side-lora"} & set(methods):
@@ -756,10 +756,10 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         upstream = ctx.fp.get(extraction_upstream(m))
 
         def fingerprint_at(n: int, m: str = m, g=g, upstream: str | None = upstream) -> str:
-            return extraction_fingerprint(rc, m, g, ctx.fp["model"], upstream, n)
+            return extraction_fingerprint(rc, m, g, ctx.fp[MODEL_INPUT], upstream, n)
 
         fp = ctx.fp[f"extraction/{m}"] = fingerprint_at(rc.extract.n)
-        extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp["model"],
+        extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp[MODEL_INPUT],
                                           upstream=extraction_inputs(m, ctx.fp),
                                           fingerprint_at=fingerprint_at, device=device,
                                           progress=progress(f"extract {m}"))

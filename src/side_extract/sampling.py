@@ -27,7 +27,7 @@ from . import config as cfg
 from .data import ImageSet, to_uint8
 from .guidance import Guidance
 from .models.target import Denoiser, predict_x0
-from .runs import Progress, RunDir, shard_stage, stage_fingerprint
+from .runs import MODEL_INPUT, Progress, RunDir, shard_stage, stage_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def sample_stage(
         return {"images": to_uint8(x), "index": np.arange(lo, hi, dtype=np.int64)}
 
     return shard_stage(run, stage, _fingerprint(c, model_fingerprint), c.n, c.shard_size, make,
-                       inputs={"model": model_fingerprint}, progress=progress)
+                       inputs={MODEL_INPUT: model_fingerprint}, progress=progress)
 
 
 def _fingerprint(c: cfg.SampleConfig, model_fingerprint: str) -> str:
