@@ -172,10 +172,11 @@ def test_bf16_autocast_is_close_to_fp32_and_really_lower_precision(tiny_rgb_mode
         cfg.SampleConfig(precision="fp16")
 
 
-def test_fp32_sampling_turns_off_cudas_tf32_and_restores_it(tiny_model_dir):
+def test_each_precision_sets_cudas_float32_mode_while_sampling_and_restores_it(tiny_model_dir):
     """precision='fp32' samples in IEEE float32 on CUDA too: cuDNN's default TF32 convolutions moved an H200's
-    unguided images up to 13/255 from the CPU's (scripts/gpu-check). The flags are read inside the denoiser,
-    for every guidance pass as well, and given back afterwards; bf16 leaves them alone."""
+    unguided images up to 13/255 from the CPU's (scripts/gpu-check). 'tf32' asks for TF32, 'bf16' leaves the flags
+    alone. The flags are read inside the denoiser, so every guidance pass runs under them as well, and they are
+    given back afterwards. On a CPU, where the flags do nothing, tf32's images are fp32's."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     d = load_target(tiny_model_dir)
     seen = []
@@ -186,16 +187,20 @@ def test_fp32_sampling_turns_off_cudas_tf32_and_restores_it(tiny_model_dir):
 
     spied = CallableDenoiser(spy, d.sample_shape, d.scheduler)
     before = (conv.fp32_precision, matmul.fp32_precision)
-    conv.fp32_precision = "tf32"  # CUDA's default for convolutions
+    conv.fp32_precision, matmul.fp32_precision = "tf32", "ieee"  # CUDA's defaults
+    images = {}
     try:
-        sample(spied, 2, seed=0, steps=3, batch_size=2)
-        assert seen and set(seen) == {("ieee", "ieee")}
-        assert conv.fp32_precision == "tf32"
-        seen.clear()
-        sample(spied, 2, seed=0, steps=3, batch_size=2, precision="bf16")
-        assert set(seen) == {("tf32", matmul.fp32_precision)}
+        for precision, expected in [("fp32", ("ieee", "ieee")), ("tf32", ("tf32", "tf32")),
+                                    ("bf16", ("tf32", "ieee"))]:
+            seen.clear()
+            images[precision] = sample(spied, 2, seed=0, steps=3, batch_size=2, precision=precision)
+            assert seen and set(seen) == {expected}, precision
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "ieee")
     finally:
         conv.fp32_precision, matmul.fp32_precision = before
+    assert torch.equal(images["fp32"], images["tf32"])
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        sample(d, 2, seed=0, steps=3, precision="fp16")
 
 
 def test_extraction_draws_its_own_noise_even_at_the_synthetic_sets_seed(tiny_model_dir):

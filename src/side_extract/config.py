@@ -16,12 +16,16 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 SchedulerKind = Literal["ddim", "ddpm"]
-Precision = Literal["fp32", "bf16"]  # the denoiser's forward pass: float32, or under bfloat16 autocast
+# the denoiser's forward pass: IEEE float32; float32 with CUDA's TF32 convolutions and matrix products (10-bit
+# mantissa; the same as fp32 on a CPU); or under bfloat16 autocast
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def _precision(obj: Any) -> None:
-    if obj.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={obj.precision!r} must be 'fp32' or 'bf16' (the denoiser under bfloat16 autocast)")
+    if obj.precision not in PRECISIONS:
+        raise ValueError(f"precision={obj.precision!r} must be 'fp32' (IEEE float32), 'tf32' (CUDA's TF32 "
+                         "convolutions and matrix products) or 'bf16' (the denoiser under bfloat16 autocast)")
 T = TypeVar("T")
 
 
@@ -101,7 +105,9 @@ class SampleConfig:
     ``batch_size``: images per denoiser call; on a GPU out-of-memory error the batch is halved and sampling
     goes on (``sampling.BatchSize``). ``precision``: ``bf16`` runs the denoiser under bfloat16 autocast
     (``side bench scale`` measures its parity with ``fp32``); guidance gradients stay in float32. ``fp32`` is
-    IEEE float32 on CUDA too (cuDNN's default TF32 convolutions are turned off while sampling).
+    IEEE float32 on CUDA too (cuDNN's default TF32 convolutions are turned off while sampling); ``tf32`` keeps
+    float32 tensors with CUDA's TF32 convolutions and matrix products (faster on a GPU; on a CPU the same as
+    ``fp32``).
     """
 
     n: int = 1000

@@ -155,17 +155,21 @@ def guided_step(
 
 
 @contextlib.contextmanager
-def ieee_float32() -> Iterator[None]:
-    """float32 convolutions and matrix products in IEEE float32 on CUDA while the block runs (no effect on the
-    CPU). cuDNN runs float32 convolutions in TF32 (a 10-bit mantissa) by default: on an H200, 50 unguided DDIM
-    steps of the demo target then ended up to 13/255 from the CPU's images on 2.7 % of pixels
-    (``scripts/gpu-check``, benchmarks/results/gpu-check.md). ``precision="fp32"`` means float32; ``"bf16"`` is
-    the fast choice."""
+def float32_matmul(precision: cfg.Precision) -> Iterator[None]:
+    """While the block runs, CUDA's float32 convolutions and matrix products in IEEE float32 (``"fp32"``) or in
+    TF32, a 10-bit mantissa (``"tf32"``); ``"bf16"`` leaves them as they are (autocast chooses). No effect on the
+    CPU. cuDNN runs float32 convolutions in TF32 by default: on an H200, 50 unguided DDIM steps of the demo target
+    then ended up to 13/255 from the CPU's images on 2.7 % of pixels (``scripts/gpu-check``,
+    benchmarks/results/gpu-check.md), so ``"fp32"`` turns it off."""
+    if precision == "bf16":
+        yield
+        return
+    mode = "ieee" if precision == "fp32" else "tf32"
     flags = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
     if all(hasattr(f, "fp32_precision") for f in flags):  # torch >= 2.9
         old = [f.fp32_precision for f in flags]
         for f in flags:
-            f.fp32_precision = "ieee"
+            f.fp32_precision = mode
         try:
             yield
         finally:
@@ -173,7 +177,7 @@ def ieee_float32() -> Iterator[None]:
                 f.fp32_precision = o
         return
     old_legacy = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # pragma: no cover
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"  # pragma: no cover
     try:  # pragma: no cover
         yield
     finally:  # pragma: no cover
@@ -197,13 +201,16 @@ def denoise_batch(
     """Run the reverse process from x_T = ``x`` to x_0 with ``sched``'s timesteps. Returns (B, C, H, W).
 
     ``precision="bf16"``: the denoiser runs under bfloat16 autocast, its eps cast back to ``x``'s dtype; the
-    scheduler arithmetic and the guidance stay in float32.
+    scheduler arithmetic and the guidance stay in float32. ``"fp32"`` / ``"tf32"``: CUDA's float32 convolutions
+    and matrix products, the guidance's too, in IEEE float32 / TF32 (:func:`float32_matmul`).
 
     ``guidance(x_t, t, y)`` with the batch's target labels ``y`` (B,), or a label-free one (``uses_ids``) with
     the batch's sample indices ``ids`` (B,) instead; ``clip_eps`` (DDIM) recomputes eps from the clipped x0 in
     unguided steps too, as guided-diffusion's DDIM always does (diffusers' DDIMPipeline does not:
     ``clip_eps=False`` reproduces it).
     """
+    if precision not in cfg.PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {', '.join(cfg.PRECISIONS)}")
     if guidance is not None and isinstance(sched, DDIMScheduler) and not clip_eps:
         raise ValueError("guided DDIM sampling takes eps from the clipped x0 in every guided step (guided-diffusion's "
                          "order, the extraction's sampler): pass clip_eps=True, and sample an unguided baseline with "
@@ -217,7 +224,7 @@ def denoise_batch(
     raw = _raw_ddim(sched) if guidance is not None and isinstance(sched, DDIMScheduler) else None
     conditional = getattr(denoiser, "conditional", False)
     low = precision == "bf16"
-    with contextlib.nullcontext() if low else ieee_float32():
+    with float32_matmul(precision):
         for i, t in enumerate(sched.timesteps):
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
                 eps = denoiser(x, t, y) if conditional else denoiser(x, t)
@@ -302,7 +309,8 @@ def sample_batches(
         that one receives the samples' indices ``start ..`` instead)
     clip_eps : DDIM: eps from the clipped x0 in every step (guided-diffusion's DDIM); False is diffusers'
         ``DDIMPipeline``
-    precision : "fp32", or "bf16" (the denoiser under bfloat16 autocast)
+    precision : "fp32" (IEEE float32), "tf32" (CUDA's TF32 convolutions and matrix products) or "bf16" (the
+        denoiser under bfloat16 autocast)
     """
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
     if n <= 0:

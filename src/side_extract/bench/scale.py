@@ -260,14 +260,15 @@ def bench_processes(c: ScaleBenchConfig) -> dict[str, Any]:
 def throughput(name: str, device: str, batches: tuple[int, ...] = (64, 256), steps: int = 2,
                backoff_batch: int | None = None) -> dict[str, Any]:
     """Sustained throughput of one architecture on ``device`` (``scripts/gpu-check`` runs it on CUDA): per
-    precision and batch, denoiser calls per second, images per second of ``steps``-step sampling and the
-    TFLOP/s they sustain (the figure ``--gpu-tflops`` assumes), the peak device memory, bf16's parity
-    against fp32; with ``backoff_batch``, one sampling call at that batch size, halved on out-of-memory
-    (``sampling.BatchSize``), and the sizes that ran out."""
+    precision (IEEE fp32, tf32 on CUDA, bf16) and batch, denoiser calls per second, images per second of
+    ``steps``-step sampling and the TFLOP/s they sustain (the figure ``--gpu-tflops`` assumes), the peak device
+    memory, bf16's (and on CUDA tf32's) parity against fp32; with ``backoff_batch``, one sampling call at that
+    batch size, halved on out-of-memory (``sampling.BatchSize``), and the sizes that ran out."""
     from diffusers import DDPMScheduler
 
+    from ..config import PRECISIONS
     from ..models.target import UNetDenoiser
-    from ..sampling import BatchSize, sample
+    from ..sampling import BatchSize, float32_matmul, sample
 
     cuda = torch.device(device).type == "cuda"
 
@@ -282,13 +283,15 @@ def throughput(name: str, device: str, batches: tuple[int, ...] = (64, 256), ste
     with torch.no_grad():
         flops = flops_per_image(lambda: unet(torch.zeros((1, 3, side, side), device=device), t))
     out: dict[str, Any] = {"model": name, "device": str(device), "flops_per_call": flops, "rows": []}
-    for precision in ("fp32", "bf16"):
+    # tf32 only on CUDA: on a CPU it is fp32 (the flags it sets apply to CUDA alone)
+    for precision in PRECISIONS if cuda else ("fp32", "bf16"):
         for b in batches:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             x = torch.randn((b, 3, side, side), generator=torch.Generator().manual_seed(0)).to(device)
-            with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
-                                                 enabled=precision == "bf16"):
+            with torch.no_grad(), float32_matmul(precision), torch.autocast(torch.device(device).type,
+                                                                             dtype=torch.bfloat16,
+                                                                             enabled=precision == "bf16"):
                 denoiser(x, t)
                 sync()
                 t0 = time.perf_counter()
@@ -306,10 +309,15 @@ def throughput(name: str, device: str, batches: tuple[int, ...] = (64, 256), ste
                                 "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None})
     x = torch.randn((8, 3, side, side), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
-        e32 = denoiser(x, t).float()
+        with float32_matmul("fp32"):
+            e32 = denoiser(x, t).float()
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             e16 = denoiser(x, t).float()
-    out["bf16_rel_mean_diff"] = float((e16 - e32).abs().mean() / e32.abs().mean())
+        out["bf16_rel_mean_diff"] = float((e16 - e32).abs().mean() / e32.abs().mean())
+        if cuda:
+            with float32_matmul("tf32"):
+                e_tf32 = denoiser(x, t).float()
+            out["tf32_rel_mean_diff"] = float((e_tf32 - e32).abs().mean() / e32.abs().mean())
     if backoff_batch:
         size = BatchSize(backoff_batch)
         t0 = time.perf_counter()
