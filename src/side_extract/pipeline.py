@@ -103,8 +103,8 @@ def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | N
     fp = stage_fingerprint("memorization", settings, ctx.fp["synthetic"], ctx.fp[MODEL_INPUT])
     ctx.fp["memorization"] = fp
     path = ctx.run.path / "memorization" / "scores.npz"
-    if (ctx.run.begin("memorization", fp, inputs={"synthetic": ctx.fp["synthetic"], MODEL_INPUT: ctx.fp[MODEL_INPUT]}) != "skip"
-            or not path.exists()):
+    inputs = {"synthetic": ctx.fp["synthetic"], MODEL_INPUT: ctx.fp[MODEL_INPUT]}
+    if ctx.run.begin("memorization", fp, inputs=inputs) != "skip" or not path.exists():
         scores = denoising_error(ctx.denoiser, synthetic.to_float(), c.memorization_t, c.memorization_draws,
                                  ctx.rc.sample.seed, device=ctx.device)
         atomic_save_npz(path, scores=scores, index=synthetic.ids)
@@ -407,7 +407,8 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
     if sim.metric != "cosine":
         return None
     needs_model = EXTRACTORS[sim.extractor.split(":", 1)[0]].needs_model
-    fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(), ctx.fp[MODEL_INPUT] if needs_model else None,
+    fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(),
+                           ctx.fp[MODEL_INPUT] if needs_model else None,
                            *script_fingerprints(sim.extractor))
     path = ctx.run.path / "train-features" / "features.npz"
     if ctx.run.begin("train-features", fp) != "skip" or not path.exists():

@@ -196,8 +196,9 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict],
     (``stale_from``: :func:`~side_extract.runs.stale_stages` of the run)."""
     p = run / "surrogate" / "clusters.json"
     info = read_json(p, dict) if p.is_file() else None
-    if info is not None and not (isinstance(info.get("clusters"), list)
-                                 and all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in info["clusters"])):
+    items = None if info is None else info.get("clusters")
+    if info is not None and not (isinstance(items, list)
+                                 and all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in items)):
         raise ValueError(f"{str(p)!r} has no 'clusters' list of objects with an integer 'id'; it is damaged: restore "
                          "or delete it")
     by_id = {int(c["id"]): c for c in info["clusters"]} if info else None
