@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from side_extract import config as cfg
+from side_extract.api import Audit
 from side_extract.data import load_image_set
 from side_extract.features import _imagenet_preprocess
 from side_extract.models.classifier import ClassifierArch
 from side_extract.models.target import train_target
 from side_extract.pipeline import run_audit
+from side_extract.theory.measure import measure_run
 from side_extract.training import train_classifier
 
 from conftest import tiny_scheduler
@@ -60,6 +62,11 @@ def test_every_other_method_and_signal_on_a_device(tiny_model_dir, tmp_path):
     host = run_audit(tmp_path / "host", rc, until="extraction")
     for m, s in res.extractions.items():
         np.testing.assert_allclose(s.images, host.extractions[m].images, atol=1e-6)
+    with FakeDevice():  # what `side demo` does after the chain, and `side verify`, on the device
+        measure_run(tmp_path / "run", device=FAKE, n_points=4)
+        checks = [c for m in ("memguide", "side-lora") for c in Audit.load(tmp_path / "run").verify(m, top=2,
+                                                                                                   device=FAKE)]
+    assert len(checks) == 4 and all(c.pixels_differ == 0 for c in checks)
 
 
 def test_classifier_resume_on_a_device(tmp_path):

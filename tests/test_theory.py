@@ -323,3 +323,23 @@ def test_divergence_gap_refuses_a_wrongly_shaped_log_density():
         divergence_gap(data, lambda x: np.append(other.log_prob(x), 0.0), g.log_prob, 0.2, n=40)
     with pytest.raises(ValueError, match="at least 2"):
         Estimate.from_values(np.array([1.0]))
+
+
+def test_measure_takes_second_derivatives_through_a_classifier_on_the_targets_attending_unet(tiny_model_dir, tmp_path):
+    """The guided model's divergence differentiates the classifier's gradient once more. A noise-aware classifier on
+    the target's UNet features goes through the UNet's attention, whose fused kernels have no double backward:
+    `side theory measure` (and `side demo`'s theory lines) on such a run failed with "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+    from side_extract.theory.measure import measure_run
+
+    from test_pipeline import TINY_CLF, tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    rc = dataclasses.replace(rc, classifier=dataclasses.replace(TINY_CLF, backbone="unet"))
+    run_audit(tmp_path / "run", rc, until="classifier")
+    res, path = measure_run(tmp_path / "run", n_points=4, n_steps=4)
+    assert path.exists() and np.isfinite(res.log_p_guided).all()
+    assert not np.array_equal(res.log_p_guided, res.log_p_uncond)

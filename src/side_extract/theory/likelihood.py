@@ -53,6 +53,7 @@ discretisation error is a bias the interval does not cover: check it by doubling
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -143,12 +144,26 @@ def _rademacher(shape: tuple[int, ...], n_probes: int, generator: torch.Generato
     return (2.0 * signs - 1.0).to(dtype=like.dtype, device=like.device)
 
 
+def _math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` in its math kernel, which supports derivatives of any order."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _drift_and_divergence(eps_fn: EpsFn, y: torch.Tensor, t: int, sqrt_abar: float, trace: TraceKind,
                           n_probes: int, generator: torch.Generator | list[torch.Generator] | None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """f = eps(sqrt(abar) y, t) and div_y f, per sample (float64 divergences)."""
+    """f = eps(sqrt(abar) y, t) and div_y f, per sample (float64 divergences).
+
+    Attention runs in PyTorch's math kernel here: the divergence of a guided eps is a second derivative, and the
+    fused attention kernels have no double backward (a classifier on the target's UNet features, whose blocks
+    attend, failed with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented")."""
     b = len(y)
-    with torch.enable_grad():
+    with torch.enable_grad(), _math_attention():
         y_in = y.detach().requires_grad_(True)
         f = eps_fn(sqrt_abar * y_in, torch.full((b,), t, dtype=torch.long, device=y.device))
         if f.shape != y.shape:
