@@ -458,3 +458,22 @@ def test_clusters_remade_and_then_a_classifier_trained_on_them_still_mark_the_ol
     assert all(r["size"] is None for r in data["clusters"]["methods"]["side"]["rows"])
     said = [n for n in data["notes"] if n.startswith("extraction/side was made from earlier results")]
     assert len(said) == 1 and "surrogate" in said[0] and "classifier" in said[0]
+
+
+@pytest.mark.parametrize("methods", [("side-lora",), ("side-lora", "uncond")], ids=str)
+def test_side_loras_copy_guard_caption_with_and_without_plain_sampling(tiny_model_dir, tmp_path, methods):
+    """side-lora's copy-guard caption compares with UnCond's share where the run has UnCond; a run of side-lora
+    alone crashed the template ("'dict object' has no attribute 'uncond'") after the whole audit."""
+    import dataclasses
+
+    from side_extract import config as cfg
+    from side_extract.pipeline import run_audit
+    from side_extract.report import write_report
+
+    from test_pipeline import tiny_rc
+
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=methods),
+                             lora=cfg.LoraConfig(rank=4, steps=2, batch_size=8, checkpoint_every=2))
+    run_audit(tmp_path / "run", rc)
+    html = write_report(tmp_path / "run").read_text()
+    assert "copy guard" in html and ("for plain sampling of the same model" in html) == ("uncond" in methods)
