@@ -323,3 +323,13 @@ def test_an_evaluation_reports_done_when_its_metrics_are_written(tiny_model_dir,
 
     run_audit(run, tiny_rc(tiny_model_dir, methods=("side", "uncond")), progress=factory)
     assert finished == {"evaluate side": True, "evaluate uncond": True}
+
+
+def test_too_few_generations_for_sample_quality_skip_it_with_the_reason(tiny_model_dir, tmp_path):
+    """N_G below 3 (or a method that dedup-driven stopping ended that early) leaves the kernel distance nothing to
+    measure: the evaluation failed after the whole extraction ("the kernel distance needs at least 3 samples per
+    set"); the memorization metrics stand, and the quality says why it is missing."""
+    res = run_audit(tmp_path / "run", tiny_rc(tiny_model_dir, methods=("uncond",), n=2))
+    m = res.metrics["uncond"]
+    assert m["n_generated"] == 2 and "ums" in m
+    assert "at least 3 images per set, got 2 generations" in m["quality"]["skipped"]

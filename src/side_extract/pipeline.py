@@ -446,6 +446,9 @@ def quality_of(ctx: AuditContext, generated: ImageSet, reference: ImageSet | Non
     if reference is None:
         return {"skipped": "no held-out real images (set evaluate.heldout): sample quality against the training "
                            "set would mix quality with memorization"}
+    if min(len(generated), len(reference)) < 3:  # a small N_G, or a method that dedup-driven stopping ended early
+        return {"skipped": f"sample quality needs at least 3 images per set, got {len(generated)} generations and "
+                           f"{len(reference)} reference images"}
     out = {}
     for name in c.quality:
         key = ("quality-reference", name, reference.fingerprint())
