@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from side_extract import config as cfg
 from side_extract.cli.main import app
-from side_extract.data import load_shards
+from side_extract.data import load_image_set, load_shards
 from side_extract.models.target import load_target
 from side_extract.pipeline import method_guidance, run_audit
 from side_extract.runs import read_json
@@ -333,3 +333,17 @@ def test_too_few_generations_for_sample_quality_skip_it_with_the_reason(tiny_mod
     m = res.metrics["uncond"]
     assert m["n_generated"] == 2 and "ums" in m
     assert "at least 3 images per set, got 2 generations" in m["quality"]["skipped"]
+
+
+def test_a_training_set_of_one_class_is_refused_before_any_stage_for_cond(tiny_model_dir, tmp_path):
+    """Cond's and side-teacher's classifiers learn the training set's labels: one class was found only when the
+    clean classifier's stage began, with advice about SIDE's clusters (surrogate.tau) that did not apply."""
+    data = load_image_set("digits:30")
+    one = tmp_path / "one-class.npz"
+    np.savez(one, images=data.images, labels=np.zeros(len(data), dtype=np.int64))
+    rc = tiny_rc(tiny_model_dir, methods=("cond", "uncond"))
+    fixed_bands = dataclasses.replace(rc.evaluate, bands="high=0:0.1,mid=0.1:0.2")  # only the labels are wrong
+    rc = dataclasses.replace(rc, train=str(one), evaluate=fixed_bands)
+    with pytest.raises(ValueError, match=r"cannot start:\n  - methods cond and side-teacher .* has 1 labelled class"):
+        run_audit(tmp_path / "run", rc)
+    assert not (tmp_path / "run" / "manifest.json").exists()

@@ -185,8 +185,11 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:
-        raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
-                         "(lower surrogate.tau or use fewer clusters)")
+        remedy = {"classifier": "lower surrogate.tau or use fewer clusters",
+                  "classifier-teacher": "the teacher labelled the synthetic set with too few classes: lower "
+                                        "surrogate.teacher_min_confidence, or sample more synthetic images",
+                  }.get(name, "the training set needs labels of at least 2 classes")
+        raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 ({remedy})")
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
     inputs = None if input_stage is None else {input_stage: input_fp}
     if group.on_main(lambda: ctx.run.begin(name, fp, inputs=inputs) != "skip"
@@ -571,6 +574,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if needs_train and train.labels is None:
             problems.append(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels "
                             "(an .npz with 'labels', or digits)")
+        elif needs_train and len(np.unique(train.labels[train.labels >= 0])) < 2:
+            problems.append(f"methods cond and side-teacher train a classifier on the training set's labels; "
+                            f"{rc.train!r} has {len(np.unique(train.labels[train.labels >= 0]))} labelled class(es), "
+                            "it needs at least 2")
     if rc.classifier.backbone == "unet" and {"side", "side-teacher"} & methods and not isinstance(denoiser, UNetDenoiser):
         problems.append("classifier.backbone=unet reads the target's diffusers UNet2DModel features; this target is "
                         "a callable (use backbone: resnet)")
