@@ -49,8 +49,8 @@ def test_every_other_method_and_signal_on_a_device(tiny_model_dir, tmp_path):
     """The methods and guidance signals the chain above leaves out: memorization guidance (label-free, with
     avoidance of earlier rounds under adaptive allocation), side-lora's fine-tuned conditional model, and the
     noise-aware classifier on the target's UNet features and the clean classifier guiding through the denoised
-    estimate. memguide's denoiser calls
-    passed host timesteps on CUDA (found by ``scripts/gpu-check``'s demo run on a GPU)."""
+    estimate. memguide's denoiser calls passed host timesteps on CUDA (found by ``side demo --device cuda`` on an
+    H200)."""
     rc = tiny_rc(tiny_model_dir, methods=("side", "side-lora", "memguide", "cond"), memguide_avoid=1.0,
                  memguide_avoid_t_lo=0.0, memguide_avoid_t_hi=1.0, memguide_t_hi=1.0, allocation="adaptive", rounds=2)
     rc = dataclasses.replace(rc, lora=cfg.LoraConfig(rank=4, steps=2, batch_size=8, checkpoint_every=2, lr=1e-2),

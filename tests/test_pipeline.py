@@ -133,6 +133,20 @@ def test_all_clusters_dropped_is_a_clear_error(tiny_model_dir, tmp_path):
             run_audit(tmp_path / "r", rc)
 
 
+def test_a_teacher_of_one_class_names_the_teachers_remedy(tiny_model_dir, tmp_path, monkeypatch):
+    """A classifier stage left with one class says what to change for that classifier: the teacher's labels come
+    from its confidence filter, not from SIDE's clusters (the message advised surrogate.tau for every classifier)."""
+    from side_extract import pipeline
+
+    def one_class_teacher(ctx, clean, synthetic):  # the teacher put every synthetic image in class 0
+        ctx.fp["teacher"] = "one-class"
+        return np.zeros(len(synthetic), np.int64)
+
+    monkeypatch.setattr(pipeline, "teacher_stage", one_class_teacher)
+    with pytest.raises(ValueError, match="classifier-teacher: 1 labelled class.*surrogate.teacher_min_confidence"):
+        run_audit(tmp_path / "r", tiny_rc(tiny_model_dir, methods=("side-teacher",)))
+
+
 def _weights(path):
     return (path / "model.safetensors").read_bytes()
 

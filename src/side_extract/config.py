@@ -11,7 +11,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
@@ -19,7 +19,7 @@ SchedulerKind = Literal["ddim", "ddpm"]
 # the denoiser's forward pass: IEEE float32; float32 with CUDA's TF32 convolutions and matrix products (10-bit
 # mantissa; the same as fp32 on a CPU); or under bfloat16 autocast
 Precision = Literal["fp32", "tf32", "bf16"]
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = get_args(Precision)
 
 
 def _precision(obj: Any) -> None:

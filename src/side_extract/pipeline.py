@@ -170,7 +170,7 @@ def _train_set(ctx: AuditContext) -> ImageSet:
 
 
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
-                     *, clean: bool, input_stage: str | None = None) -> None:
+                     *, clean: bool, input_stage: str | None = None, too_few: str) -> None:
     """Train (or reuse) the classifier ``RUN/<name>/`` on images with labels >= 0 (:func:`method_guidance` turns
     it into a method's guidance). ``input_fp``: the fingerprint of its images and labels, the run stage
     ``input_stage``'s where they come from one (the manifest records it among the stage's inputs).
@@ -185,11 +185,7 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:
-        remedy = {"classifier": "lower surrogate.tau or use fewer clusters",
-                  "classifier-teacher": "the teacher labelled the synthetic set with too few classes: lower "
-                                        "surrogate.teacher_min_confidence, or sample more synthetic images",
-                  }.get(name, "the training set needs labels of at least 2 classes")
-        raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 ({remedy})")
+        raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 ({too_few})")
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
     inputs = None if input_stage is None else {input_stage: input_fp}
     if group.on_main(lambda: ctx.run.begin(name, fp, inputs=inputs) != "skip"
@@ -574,10 +570,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if needs_train and train.labels is None:
             problems.append(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels "
                             "(an .npz with 'labels', or digits)")
-        elif needs_train and len(np.unique(train.labels[train.labels >= 0])) < 2:
+        elif needs_train and (n_classes := len(np.unique(train.labels[train.labels >= 0]))) < 2:
             problems.append(f"methods cond and side-teacher train a classifier on the training set's labels; "
-                            f"{rc.train!r} has {len(np.unique(train.labels[train.labels >= 0]))} labelled class(es), "
-                            "it needs at least 2")
+                            f"{rc.train!r} has {n_classes} labelled class(es), it needs at least 2")
     if rc.classifier.backbone == "unet" and {"side", "side-teacher"} & methods and not isinstance(denoiser, UNetDenoiser):
         problems.append("classifier.backbone=unet reads the target's diffusers UNet2DModel features; this target is "
                         "a callable (use backbone: resnet)")
@@ -745,7 +740,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     if {"side", "side-lora"} & set(methods):
         if "side" in methods:  # the training stages run on every process (data-parallel)
             classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels, ctx.fp["surrogate"], clean=False,
-                             input_stage="surrogate")
+                             input_stage="surrogate", too_few="lower surrogate.tau or use fewer clusters")
         if "side-lora" in methods:
             lora_stage(ctx, synthetic, labels)
     if {"cond", "side-teacher"} & set(methods):
@@ -753,12 +748,14 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         train = _train_set(ctx)
         # the training set's labels with its images: a relabelled set trains the clean classifier anew
         classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels,
-                         fingerprint_of(train.fingerprint(), array_fingerprint(train.labels)), clean=True)
+                         fingerprint_of(train.fingerprint(), array_fingerprint(train.labels)), clean=True,
+                         too_few="the training set needs labels of at least 2 classes")
         if "side-teacher" in methods:
             clean = method_guidance(run.path, rc, "cond", denoiser, device=device)[1]
             t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))
             classifier_stage(ctx, "classifier-teacher", synthetic.to_float(), t_labels, ctx.fp["teacher"], clean=False,
-                             input_stage="teacher")
+                             input_stage="teacher", too_few="the teacher labelled the synthetic set with too few "
+                             "classes: lower surrogate.teacher_min_confidence, or sample more synthetic images")
     if upto <= 1:
         return AuditResult(run.path, {}, {})
     extractions = {}

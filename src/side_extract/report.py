@@ -201,7 +201,7 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict],
                                  and all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in items)):
         raise ValueError(f"{str(p)!r} has no 'clusters' list of objects with an integer 'id'; it is damaged: restore "
                          "or delete it")
-    by_id = {int(c["id"]): c for c in info["clusters"]} if info else None
+    by_id = {c["id"]: c for c in items} if info is not None else None
     stale = by_id is not None and "surrogate" in stale_from.get("extraction/side", [])
     if stale:  # `side cluster` remade the labels after SIDE's extraction: its sizes are not the extraction's
         by_id = {}
