@@ -12,7 +12,8 @@ from side_extract import config as cfg
 from side_extract.bench.intervals import bootstrap_ratios, count_ratios
 from side_extract.bench.protocol import (BASELINES, FairBenchConfig, best_setting, budget_curve, budget_grid,
                                          chosen_on_validation, replicate_config, reused_tuning, run_fair_bench,
-                                         tuning_score, write_fair_results)
+                                         tuning_budget, tuning_score, write_fair_results)
+from side_extract.bench.protocol import _budget_line
 from side_extract.data import load_shards
 from side_extract.models.target import model_fingerprint
 
@@ -147,6 +148,29 @@ def test_the_headline_form_is_chosen_on_validation_not_on_the_heldout_replicates
         "memguide": means["memguide"]}}, "heldout": {"ratios": {"memguide": ratios["memguide"]}}})) == {"label_free"}
 
 
+def test_tuning_budget_counts_each_family_and_names_an_unequal_one():
+    """Three SIDE forms of 6 settings each against Cond's 6: the best SIDE form is the best of 18, and the report says
+    so; a SIDE form of 6 against Cond's 6 is equal; against UnCond alone there is nothing to even out."""
+    c = {"methods": ["side", "memguide", "cond", "uncond"], "validation_replicates": [1],
+         "forms": {"a": {"method": "side"}, "b": {"method": "side"}, "mg-avoid": {"method": "memguide"}}}
+    six = {f"{s:g},{t:g}": 0.1 for s in (1, 3, 10) for t in (1, 2)}
+    s = {"tuning": {"mean_by_setting": {"side": six, "a": six, "b": six, "cond": six, "memguide": dict(list(six.items())[:3]),
+                                        "mg-avoid": dict(list(six.items())[:3])}}}
+    assert tuning_budget(c, s) == {"side": {"side": 6, "a": 6, "b": 6}, "label_free": {"memguide": 3, "mg-avoid": 3},
+                                   "cond": {"cond": 6}, "uncond": {"uncond": 0}}
+    line = _budget_line(c, s)
+    assert line.startswith("Tuning budget (settings tried on validation replicates [1]; a headline entry is the best of "
+                           "its family's): SIDE forms 18 (side 6, a 6, b 6); label-free entries 6 (memguide 3, mg-avoid 3); "
+                           "cond 6; uncond 0 (nothing to tune).")
+    assert "**Unequal:** the best of the SIDE forms is the best of 18 settings, cond the best of 6" in line
+    assert "grid of 18 settings" in line and line.count("Unequal") == 1  # label-free: 6 against 6
+    one = {"methods": ["side", "cond"], "validation_replicates": [1]}
+    assert "Unequal" not in _budget_line(one, {"tuning": {"mean_by_setting": {"side": six, "cond": six}}})
+    lora = {"methods": ["uncond"], "validation_replicates": [1], "forms": {"lora": {"method": "side-lora"}}}
+    assert _budget_line(lora, {"tuning": {"mean_by_setting": {"lora": six}}}).endswith(
+        "The SIDE forms' 6 settings have no counterpart: the only baseline, UnCond, has nothing to tune.")
+
+
 def test_equal_samples_ratio_counts_by_hand():
     """SIDE reaches 4 distinct nearest images in its 4 generations; UnCond 6 in its 8 (N_G + N_S): 4 / 6, although
     per generation SIDE's share (1) is above UnCond's (0.75). A resample of SIDE never finds more than 4."""
@@ -192,6 +216,7 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     assert pick["entry"] == "side" and pick["validation"] == s["tuning"]["mean_by_setting"]["side"][
         "{:g},{:g}".format(*chosen["side"])] and "label_free" not in picks
     assert "- best SIDE form: **side** (lambda {:g}, T {:g}; validation".format(*chosen["side"]) in md_path.read_text()
+    assert "SIDE forms 2; cond 2; uncond 0 (nothing to tune)." in md_path.read_text()
     curve = s["heldout"]["budget_curve"]
     assert curve[-1]["n_generated"] == s["heldout"]["n_generated"] and "side" in curve[-1]["ratios"]
     assert curve[-1]["ratios"]["side"]["distinct_nn/mid"]["ratio"] == s["heldout"]["ratios"]["side"]["distinct_nn/mid"]["ratio"]

@@ -487,6 +487,48 @@ def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict
     return out
 
 
+def tuning_budget(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """How many settings each entry of one scale of a written fair benchmark tried on the validation replicates,
+    grouped by the family its headline is picked among: ``side`` (the SIDE forms: the best SIDE form is the best
+    of all of them), ``label_free`` (memguide and its forms), and each baseline on its own (``cond``, ``uncond``:
+    the best baseline is one method's chosen setting). An entry without settings (UnCond) tried 0."""
+    tried = {m: len(by) for m, by in s["tuning"]["mean_by_setting"].items()}
+    out: dict[str, dict[str, int]] = {}
+    for m in [*c["methods"], *c.get("forms", {})]:
+        method = _method(c, m)
+        family = "side" if method in SIDE_METHODS else "label_free" if method in LABEL_FREE else method
+        out.setdefault(family, {})[m] = tried.get(m, 0)
+    return out
+
+
+def _budget_line(c: dict[str, Any], s: dict[str, Any]) -> str:
+    """The tuning budget of one scale (:func:`tuning_budget`) as a sentence, saying plainly where a headline entry
+    (the best SIDE form, the best label-free entry) was picked among more settings than the baselines had."""
+    budget = tuning_budget(c, s)
+    label = {"side": "SIDE forms", "label_free": "label-free entries"}
+    parts = []
+    order = [*label, *BASELINES]
+    for family in sorted(budget, key=lambda f: order.index(f) if f in order else len(order)):
+        entries = budget[family]
+        inner = ", ".join(f"{m} {k}" for m, k in entries.items())
+        parts.append(f"{label.get(family, family)} {sum(entries.values())}" + (f" ({inner})" if len(entries) > 1 else "")
+                     + (" (nothing to tune)" if family == "uncond" else ""))
+    line = (f"Tuning budget (settings tried on validation replicates {c['validation_replicates']}; a headline entry is "
+            "the best of its family's): " + "; ".join(parts) + ".")
+    tunable = {b: sum(budget[b].values()) for b in BASELINES if b in budget and b != "uncond"}
+    for family in (f for f in label if f in budget):
+        total = sum(budget[family].values())
+        if not tunable:
+            line += (f" The {label[family]}' {total} settings have no counterpart: the only baseline, UnCond, has "
+                     "nothing to tune.")
+        elif total > max(tunable.values()):
+            b, k = max(tunable.items(), key=lambda kv: kv[1])
+            line += (f" **Unequal:** the best of the {label[family]} is the best of {total} settings, {b} the best of "
+                     f"{k}, which flatters their ratios against it; a run of {b} alone on a grid of {total} settings (the "
+                     "same target and replicates) gives it the same budget.")
+    return line
+
+
 def _setting_key(setting: list[float]) -> str:
     """A setting as ``mean_by_setting`` keys it: "lambda,T" (``tune``)."""
     return f"{setting[0]:g},{setting[1]:g}"
@@ -602,6 +644,8 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                              f"{r['best_baseline_method']}{_mark(r)}"
                              + (f" (the highest held-out mean: {p['heldout_highest']})"
                                 if p["heldout_highest"] != p["entry"] else " (also the highest held-out mean)"))
+        if s["tuning"]["mean_by_setting"]:
+            lines += ["", _budget_line(c, s)]
         curve = h.get("budget_curve")
         if curve:
             lines += ["", "Distinct nearest training images (mid band or closer) by budget: the first n generations "
@@ -677,4 +721,5 @@ def quick_fair_config() -> FairBenchConfig:
 
 
 __all__ = ["FairBenchConfig", "replicate_config", "method_config", "reused_tuning", "run_fair_bench", "write_fair_results",
-           "render_fair_markdown", "budget_grid", "budget_curve", "quick_fair_config", "full_run_template"]
+           "render_fair_markdown", "budget_grid", "budget_curve", "quick_fair_config", "full_run_template",
+           "tuning_budget"]
