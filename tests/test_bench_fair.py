@@ -219,6 +219,11 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     assert "SIDE forms 2; cond 2; uncond 0 (nothing to tune)." in md_path.read_text()
     curve = s["heldout"]["budget_curve"]
     assert curve[-1]["n_generated"] == s["heldout"]["n_generated"] and "side" in curve[-1]["ratios"]
+    for m in ("side", "cond", "uncond"):  # each replicate's count, in the held-out order, for pairing across files
+        d_m = curve[-1]["distinct_mid"][m]
+        assert len(d_m["per_replicate"]) == 2 and np.mean(d_m["per_replicate"]) == d_m["mean"]
+    assert [c / 4 for c in curve[-1]["distinct_mid"]["side"]["per_replicate"]] == pytest.approx(
+        s["heldout"]["ratios"]["side"]["distinct_nn/mid"]["per_replicate"])
     assert curve[-1]["ratios"]["side"]["distinct_nn/mid"]["ratio"] == s["heldout"]["ratios"]["side"]["distinct_nn/mid"]["ratio"]
     # each replicate has its own run with its own synthetic set (redrawn, not shared)
     runs = sorted((tmp_path / "cache" / "runs").glob("*/rep-*"))

@@ -35,7 +35,12 @@ def per_replicate(spec: str) -> tuple[str, list[int], int, list[float] | None]:
         key = "per_replicate" if name == entry else "baseline_per_replicate" if m["best_baseline_method"] == entry else ""
         if key:  # files written before the interval took in the replicates' spread did not record their values
             return scale["target"], reps, int(scale["heldout"]["n_generated"]), m.get(key)
-    raise SystemExit(f"{path}: no per-replicate {METRIC} for {entry!r}")
+    n = int(scale["heldout"]["n_generated"])  # else the budget curve's counts at N_G (files of this release on)
+    last = [p for p in scale["heldout"].get("budget_curve", []) if p["n_generated"] == n]
+    counts = last[0]["distinct_mid"].get(entry, {}).get("per_replicate") if last else None
+    if counts is None:
+        raise SystemExit(f"{path}: no per-replicate {METRIC} for {entry!r}")
+    return scale["target"], reps, n, [c / n for c in counts]
 
 
 def row(a: str, b: str) -> str:
@@ -43,7 +48,9 @@ def row(a: str, b: str) -> str:
     tb, rb, nb, vb = per_replicate(b)
     if ra != rb or na != nb:
         raise SystemExit(f"{a} and {b}: replicates {ra} and {rb} or N_G {na} and {nb} differ")
-    fa, fb = (t.get("fingerprint") if isinstance(t, dict) else t for t in (ta, tb))
+    # the trained model's own fingerprint where both files recorded it (the same config can train to other weights)
+    key = "model_sha256" if all(isinstance(t, dict) and "model_sha256" in t for t in (ta, tb)) else "fingerprint"
+    fa, fb = (t.get(key) if isinstance(t, dict) else t for t in (ta, tb))
     same_target = f"same ({fa[:12]})" if fa == fb else f"differ ({fa[:12]} / {fb[:12]})"
     head = f"| `{a}` | `{b}` | {ra[0]}-{ra[-1]} | {same_target} |"
     if va is None or vb is None:

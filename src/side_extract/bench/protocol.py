@@ -277,7 +277,9 @@ def budget_grid(n_generated: int, n_train: int) -> list[int]:
 def budget_curve(stats: dict[str, list[dict[str, np.ndarray]]], n_grid: list[int], n_boot: int,
                  side_forms: tuple[str, ...], seed: int = 0) -> list[dict[str, Any]]:
     """For each ``n`` in ``n_grid``: every method's distinct nearest training images (mid band or closer) in its
-    first ``n`` generations (mean, min, max over replicates) and :func:`bootstrap_ratios` on those prefixes."""
+    first ``n`` generations (mean, min, max over replicates, and each replicate's count in ``per_replicate``, in
+    the held-out replicates' order, so that entries of two benchmark files can be set against each other paired
+    by replicate) and :func:`bootstrap_ratios` on those prefixes."""
     first = next(iter(stats.values()))[0]
     metrics = tuple(k for k in CURVE_METRICS if f"reach/{k.split('/')[1]}" in first)  # the bands the runs have
     out = []
@@ -285,8 +287,8 @@ def budget_curve(stats: dict[str, list[dict[str, np.ndarray]]], n_grid: list[int
         pre = {m: [{k: v[:n] for k, v in s.items()} for s in reps] for m, reps in stats.items()}
         counts = {m: [distinct_count(s) for s in reps] for m, reps in pre.items()}
         out.append({"n_generated": n,
-                    "distinct_mid": {m: {"mean": float(np.mean(c)), "min": float(min(c)), "max": float(max(c))}
-                                     for m, c in counts.items()},
+                    "distinct_mid": {m: {"mean": float(np.mean(c)), "min": float(min(c)), "max": float(max(c)),
+                                         "per_replicate": [int(v) for v in c]} for m, c in counts.items()},
                     "ratios": bootstrap_ratios(pre, metrics, n_boot, side_forms, BASELINES, seed=seed)})
     return out
 
