@@ -12,7 +12,7 @@ from side_extract import config as cfg
 from side_extract.bench.intervals import bootstrap_ratios, count_ratios
 from side_extract.bench.protocol import (BASELINES, FairBenchConfig, best_setting, budget_curve, budget_grid,
                                          chosen_on_validation, replicate_config, reused_tuning, run_fair_bench,
-                                         tuning_budget, tuning_score, write_fair_results)
+                                         render_fair_markdown, tuning_budget, tuning_score, write_fair_results)
 from side_extract.bench.protocol import _budget_line
 from side_extract.data import load_shards
 from side_extract.models.target import model_fingerprint
@@ -163,12 +163,47 @@ def test_tuning_budget_counts_each_family_and_names_an_unequal_one():
                            "its family's): SIDE forms 18 (side 6, a 6, b 6); label-free entries 6 (memguide 3, mg-avoid 3); "
                            "cond 6; uncond 0 (nothing to tune).")
     assert "**Unequal:** the best of the SIDE forms is the best of 18 settings, cond the best of 6" in line
-    assert "grid of 18 settings" in line and line.count("Unequal") == 1  # label-free: 6 against 6
+    assert "cond forms (`--form NAME=cond,key=value`) or a run of cond alone on a grid of 18 settings" in line
+    assert line.count("Unequal") == 1  # label-free: 6 against 6
     one = {"methods": ["side", "cond"], "validation_replicates": [1]}
     assert "Unequal" not in _budget_line(one, {"tuning": {"mean_by_setting": {"side": six, "cond": six}}})
     lora = {"methods": ["uncond"], "validation_replicates": [1], "forms": {"lora": {"method": "side-lora"}}}
     assert _budget_line(lora, {"tuning": {"mean_by_setting": {"lora": six}}}).endswith(
         "The SIDE forms' 6 settings have no counterpart: the only baseline, UnCond, has nothing to tune.")
+
+
+def test_baseline_forms_join_the_baselines_and_even_the_tuning_budget(tmp_path, one_thread):
+    """A form of Cond (guidance only in the first half of the noise levels) is one more baseline: tuned on the grid
+    like Cond, run on every held-out replicate, never set against a baseline itself; each SIDE ratio is against
+    the best of the four baselines, and with it Cond's family has as many settings as the SIDE form."""
+    bc = tiny_bench()
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
+    fc = FairBenchConfig(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+                         validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4, n_bootstrap=20,
+                         equal_samples=False, forms={"cond-late": {"method": "cond", "extract.t_lo": 0.5},
+                                                     "uncond-ddpm": {"method": "uncond", "extract.eta": 0.5}})
+    assert fc.baselines == ("cond", "uncond", "cond-late", "uncond-ddpm") and fc.compared == ("side",)
+    data = run_fair_bench(fc, tmp_path / "cache", command="side bench fair (test)")
+    s = data["scales"][0]
+    assert set(s["tuning"]["mean_by_setting"]) == {"side", "cond", "cond-late"}  # uncond forms have nothing to tune
+    assert s["tuning"]["chosen"]["uncond-ddpm"] is None
+    h = s["heldout"]
+    assert set(h["ratios"]) == {"side"} and set(h["per_replicate"]) == {"side", "cond", "uncond", "cond-late",
+                                                                        "uncond-ddpm"}
+    curve = h["budget_curve"][-1]
+    means = {m: curve["distinct_mid"][m]["mean"] for m in fc.baselines}
+    r = h["ratios"]["side"]["distinct_nn/mid"]
+    assert r["best_baseline"] == pytest.approx(max(means.values()) / h["n_generated"])  # the best of all four
+    assert r["best_baseline_method"] == max(fc.baselines, key=lambda m: (means[m], -fc.baselines.index(m)))
+    rep = tmp_path / "cache" / "runs"
+    assert len(list(rep.glob("*/rep-2/forms/cond-late/evaluation/cond/metrics.json"))) == 1
+    assert len(list(rep.glob("*/rep-3/forms/uncond-ddpm/evaluation/uncond/metrics.json"))) == 1
+    md = render_fair_markdown(data)
+    assert "Forms (a SIDE method, or memguide, or a baseline: one more baseline to pick the best from" in md
+    assert ("SIDE forms 2; cond 4 (cond 2, cond-late 2); uncond 0 (nothing to tune: uncond, uncond-ddpm)." in md
+            and "Unequal" not in md)
+    with pytest.raises(ValueError, match="'method' one of side, side-teacher, side-lora, memguide, cond, uncond"):
+        FairBenchConfig(forms={"x": {"method": "nope"}})
 
 
 def test_equal_samples_ratio_counts_by_hand():
@@ -193,6 +228,13 @@ def test_budget_curve_reads_prefixes_by_hand():
     assert [p["distinct_mid"]["side"]["mean"] for p in curve] == [2, 4, 4]
     assert [p["distinct_mid"]["uncond"]["mean"] for p in curve] == [1, 2, 6]
     assert [p["ratios"]["side"]["distinct_nn/mid"]["ratio"] for p in curve] == pytest.approx([2, 2, 4 / 6])
+    # a baseline form that finds more (7 of 8) is the best baseline: SIDE's 4 against it
+    wide = _stats([0, 1, 2, 3, 4, 5, 6, 0], [1] * 8)
+    curve = budget_curve({"side": [side, side], "uncond": [uncond, uncond], "uncond-x": [wide, wide]}, [2, 8], 50,
+                         ("side",), baselines=("uncond", "uncond-x"))
+    r = curve[-1]["ratios"]["side"]["distinct_nn/mid"]
+    assert r["best_baseline_method"] == "uncond-x" and r["ratio"] == pytest.approx(4 / 7)
+    assert curve[0]["ratios"]["side"]["distinct_nn/mid"]["best_baseline_method"] == "uncond-x"  # 2 against 1
     assert budget_grid(1000, 300) == [100, 300, 1000] and budget_grid(2000, 1000) == [200, 600, 1000, 2000]
     assert budget_grid(1000, 5000) == [100, 300, 1000]
 

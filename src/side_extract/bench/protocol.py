@@ -115,15 +115,15 @@ class FairBenchConfig:
         if self.validation_n <= 0 or self.n_bootstrap <= 0:
             raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
         for name, form in self.forms.items():
-            if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in SIDE_FORMS + LABEL_FREE:
+            if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in SIDE_FORMS + LABEL_FREE + BASELINES:
                 raise ValueError(f"forms: {name!r} must be a new name with 'method' one of "
-                                 f"{', '.join(SIDE_FORMS + LABEL_FREE)}; got {form}")
+                                 f"{', '.join(SIDE_FORMS + LABEL_FREE + BASELINES)}; got {form}")
             pinned = [k for k in form if k.rsplit(".", 1)[-1] in ("seed", "random_state")
                       or k == "extract.n" or k.startswith("evaluate.")]
             if pinned:  # a seed would repeat one replicate; N_G and the bands are the benchmark's, not a form's
                 raise ValueError(f"forms: {name!r} may not set {', '.join(pinned)} (the replicate sets every seed, the "
                                  "benchmark N_G and the bands)")
-        if not set(self.methods) & set(BASELINES) and [m for m in self.entries if m not in BASELINES]:
+        if not self.baselines and self.compared:
             raise ValueError(f"methods={list(self.methods)}: every entry is set against the best baseline; add cond "
                              "or uncond")
         if len(self.heldout_replicates) < 2:
@@ -152,6 +152,18 @@ class FairBenchConfig:
     def entries(self) -> list[str]:
         """Everything compared: the methods, then the forms."""
         return list(self.methods) + list(self.forms)
+
+    @property
+    def baselines(self) -> tuple[str, ...]:
+        """The entries the others are set against: Cond, UnCond and their forms (a baseline form gives a baseline
+        more to choose from, e.g. the same tuning budget as several SIDE forms); the best is the one with the
+        higher held-out mean."""
+        return tuple(m for m in self.entries if self.base_method(m) in BASELINES)
+
+    @property
+    def compared(self) -> tuple[str, ...]:
+        """The entries set against the best baseline: the SIDE forms and the label-free ones."""
+        return tuple(m for m in self.entries if self.base_method(m) not in BASELINES)
 
     def base_method(self, name: str) -> str:
         return self.forms[name]["method"] if name in self.forms else name
@@ -275,7 +287,8 @@ def budget_grid(n_generated: int, n_train: int) -> list[int]:
 
 
 def budget_curve(stats: dict[str, list[dict[str, np.ndarray]]], n_grid: list[int], n_boot: int,
-                 side_forms: tuple[str, ...], seed: int = 0) -> list[dict[str, Any]]:
+                 side_forms: tuple[str, ...], seed: int = 0,
+                 baselines: tuple[str, ...] = BASELINES) -> list[dict[str, Any]]:
     """For each ``n`` in ``n_grid``: every method's distinct nearest training images (mid band or closer) in its
     first ``n`` generations (mean, min, max over replicates, and each replicate's count in ``per_replicate``, in
     the held-out replicates' order, so that entries of two benchmark files can be set against each other paired
@@ -289,7 +302,7 @@ def budget_curve(stats: dict[str, list[dict[str, np.ndarray]]], n_grid: list[int
         out.append({"n_generated": n,
                     "distinct_mid": {m: {"mean": float(np.mean(c)), "min": float(min(c)), "max": float(max(c)),
                                          "per_replicate": [int(v) for v in c]} for m, c in counts.items()},
-                    "ratios": bootstrap_ratios(pre, metrics, n_boot, side_forms, BASELINES, seed=seed)})
+                    "ratios": bootstrap_ratios(pre, metrics, n_boot, side_forms, baselines, seed=seed)})
     return out
 
 
@@ -303,7 +316,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     n = base.extract.n
     per_rep: dict[str, list[dict[str, Any]]] = {m: [] for m in fc.entries}
     stats: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in fc.entries}
-    forms = tuple(m for m in fc.entries if m not in BASELINES)
+    forms = fc.compared
     # the forms that draw a synthetic set first, of the base run's size N_S (one of another size would need UnCond
     # at its own N_G + N_S: it is left out of the equal-samples line, which says so)
     drawing = tuple(m for m in forms if fc.base_method(m) not in LABEL_FREE)
@@ -335,8 +348,9 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                                   if met.get("copy_guard") else {})})
             stats[m].append(padded_to(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]), n))
         if guarded_forms:  # the baselines' share against the first side-lora form's synthetic set: the reference
-            for m in (b for b in fc.entries if b in BASELINES and "copy_guard" not in per_rep[b][-1]):
-                per_rep[m][-1]["copy_guard"] = reference_copy_guard(paths[m], m, paths[guarded_forms[0]])
+            for m in (b for b in fc.baselines if "copy_guard" not in per_rep[b][-1]):
+                per_rep[m][-1]["copy_guard"] = reference_copy_guard(paths[m], fc.base_method(m),
+                                                                    paths[guarded_forms[0]])
         if equal_samples:  # UnCond in its own sub-run at N_G + N_S (module docstring, step 5)
             path = rep / "forms" / EQUAL_SAMPLES
             res = run_audit(path, method_config(rc, "uncond", None, n + base.sample.n), device=device, progress=progress)
@@ -349,9 +363,10 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                           "max": float(max(x[k] for x in rows))} for k in keys}
     out = {"replicates": list(fc.heldout_replicates), "n_generated": n, "per_replicate": per_rep,
            **({"copy_guard_synthetic": guarded_forms[0]} if guarded_forms else {}),
-           "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, forms, BASELINES),
+           "summary": summary, "ratios": bootstrap_ratios(stats, BOOT_METRICS, fc.n_bootstrap, forms, fc.baselines),
            "interval_method": INTERVAL_METHOD, "in_rounds": [m for m in fc.entries if m in rounds],
-           "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms)}
+           "budget_curve": budget_curve(stats, budget_grid(n, inputs.n_train), fc.n_bootstrap, forms,
+                                        baselines=fc.baselines)}
     if equal_samples:
         counts = [distinct_count(s) for s in eq_stats]
         out["equal_samples"] = {
@@ -512,9 +527,10 @@ def _budget_line(c: dict[str, Any], s: dict[str, Any]) -> str:
     order = [*label, *BASELINES]
     for family in sorted(budget, key=lambda f: order.index(f) if f in order else len(order)):
         entries = budget[family]
-        inner = ", ".join(f"{m} {k}" for m, k in entries.items())
-        parts.append(f"{label.get(family, family)} {sum(entries.values())}" + (f" ({inner})" if len(entries) > 1 else "")
-                     + (" (nothing to tune)" if family == "uncond" else ""))
+        inner = (f"nothing to tune: {', '.join(entries)}" if family == "uncond" and len(entries) > 1 else
+                 "nothing to tune" if family == "uncond" else ", ".join(f"{m} {k}" for m, k in entries.items()))
+        parts.append(f"{label.get(family, family)} {sum(entries.values())}"
+                     + (f" ({inner})" if len(entries) > 1 or family == "uncond" else ""))
     line = (f"Tuning budget (settings tried on validation replicates {c['validation_replicates']}; a headline entry is "
             "the best of its family's): " + "; ".join(parts) + ".")
     tunable = {b: sum(budget[b].values()) for b in BASELINES if b in budget and b != "uncond"}
@@ -526,8 +542,8 @@ def _budget_line(c: dict[str, Any], s: dict[str, Any]) -> str:
         elif total > max(tunable.values()):
             b, k = max(tunable.items(), key=lambda kv: kv[1])
             line += (f" **Unequal:** the best of the {label[family]} is the best of {total} settings, {b} the best of "
-                     f"{k}, which flatters their ratios against it; a run of {b} alone on a grid of {total} settings (the "
-                     "same target and replicates) gives it the same budget.")
+                     f"{k}, which flatters their ratios against it; {b} forms (`--form NAME={b},key=value`) or a run of {b} "
+                     f"alone on a grid of {total} settings (the same target and replicates) give it the same budget.")
     return line
 
 
@@ -556,7 +572,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
     lines = [*_preamble("Fair extraction benchmark (replicates, equal tuning budget, intervals)", data),
              f"Images {data['size']}x{data['size']}; total {data['seconds']:.0f} s wall (the load average above says what else ran).",
              "",
-             ("Forms (a SIDE method, or memguide, with overrides, tuned like the methods): "
+             ("Forms (a SIDE method, or memguide" + (", or a baseline: one more baseline to pick the best from"
+                                                      if any(f["method"] in BASELINES for f in c["forms"].values())
+                                                      else "") + ", with overrides, tuned like the methods): "
               + "; ".join(f"`{k}` = {v}" for k, v in c.get("forms", {}).items()) + ". " if c.get("forms") else "")
              + f"Every guided method tuned over lambda in {c['scales_grid']} x temperature in {c['temperatures']} on "
              f"validation replicates {c['validation_replicates']} (N_G {c['validation_n']}, by "

@@ -176,7 +176,10 @@ def fair_cmd(
     form: list[str] = typer.Option([], "--form", help="A SIDE form (or a memguide form) to compare too, tuned on the "
                                    "same-size grid: NAME=METHOD[,dotted.key=value...], e.g. "
                                    "side-x0=side,classifier.guidance_input=x0_hat or "
-                                   "memguide-avoid=memguide,extract.memguide_avoid=1 (repeat)."),
+                                   "memguide-avoid=memguide,extract.memguide_avoid=1 (repeat). A form of cond or "
+                                   "uncond is a baseline form: one more baseline to pick the best from (e.g. "
+                                   "cond-late=cond,extract.t_hi=0.5, to give Cond as many settings as several SIDE "
+                                   "forms have)."),
     lora_scales: str = typer.Option("1,1.5,2,3,4,6", "--lora-scales", help="side-lora's grid of CFG scales w "
                                     "(as many values as the lambda x temperature grid)."),
     memguide_scales: str = typer.Option("10,20,30,60,100,200", "--memguide-scales", help="memguide's grid of "
