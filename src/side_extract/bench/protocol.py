@@ -115,9 +115,10 @@ class FairBenchConfig:
         if self.validation_n <= 0 or self.n_bootstrap <= 0:
             raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
         for name, form in self.forms.items():
-            if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in SIDE_FORMS + LABEL_FREE + BASELINES:
-                raise ValueError(f"forms: {name!r} must be a new name with 'method' one of "
-                                 f"{', '.join(SIDE_FORMS + LABEL_FREE + BASELINES)}; got {form}")
+            kinds = SIDE_FORMS + LABEL_FREE + BASELINES
+            if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in kinds:
+                raise ValueError(f"forms: {name!r} must be a new name with 'method' one of {', '.join(kinds)}; "
+                                 f"got {form}")
             pinned = [k for k in form if k.rsplit(".", 1)[-1] in ("seed", "random_state")
                       or k == "extract.n" or k.startswith("evaluate.")]
             if pinned:  # a seed would repeat one replicate; N_G and the bands are the benchmark's, not a form's
@@ -507,8 +508,9 @@ def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict
 def tuning_budget(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict[str, int]]:
     """How many settings each entry of one scale of a written fair benchmark tried on the validation replicates,
     grouped by the family its headline is picked among: ``side`` (the SIDE forms: the best SIDE form is the best
-    of all of them), ``label_free`` (memguide and its forms), and each baseline on its own (``cond``, ``uncond``:
-    the best baseline is one method's chosen setting). An entry without settings (UnCond) tried 0."""
+    of all of them), ``label_free`` (memguide and its forms), and each baseline with its baseline forms (``cond``,
+    ``uncond``: the best baseline is the best of them all by held-out mean). An entry without settings (UnCond and
+    its forms) tried 0."""
     tried = {m: len(by) for m, by in s["tuning"]["mean_by_setting"].items()}
     out: dict[str, dict[str, int]] = {}
     for m in [*c["methods"], *c.get("forms", {})]:
@@ -542,8 +544,9 @@ def _budget_line(c: dict[str, Any], s: dict[str, Any]) -> str:
         elif total > max(tunable.values()):
             b, k = max(tunable.items(), key=lambda kv: kv[1])
             line += (f" **Unequal:** the best of the {label[family]} is the best of {total} settings, {b} the best of "
-                     f"{k}, which flatters their ratios against it; {b} forms (`--form NAME={b},key=value`) or a run of {b} "
-                     f"alone on a grid of {total} settings (the same target and replicates) give it the same budget.")
+                     f"{k}, which flatters their ratios against it; {b} forms (`--form NAME={b},key=value`) or a run "
+                     f"of {b} alone on a grid of {total} settings (the same target and replicates) give it the same "
+                     "budget.")
     return line
 
 
