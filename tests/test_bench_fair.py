@@ -277,7 +277,10 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     assert "Fair extraction benchmark" in md_path.read_text() and "by budget" in md_path.read_text()
     # the trained target itself is recorded (the same config can train to other weights on another machine)
     assert s["target"]["model_sha256"] == model_fingerprint(s["target"]["path"])
+    assert s["target"]["trained_with"]["torch_threads"] == 1 and s["target"]["trained_with"]["resumed_from"] == 0
     assert f"model fingerprint `{s['target']['model_sha256'][:16]}`" in md_path.read_text()
+    assert ("results rest on the same target only where it agrees; trained on 1 torch thread(s), cpu)."
+            in md_path.read_text())
     # equal model samples: UnCond at N_G + N_S in its own sub-run, whose first N_G generations are the N_G run's
     eq = s["heldout"]["equal_samples"]
     n, n_syn = s["heldout"]["n_generated"], bc.run.sample.n

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -102,6 +103,11 @@ def test_train_target_writes_pipeline_and_resume_is_exact(tmp_path):
     for (n1, p1), (_, p2) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)
     assert len(list((tmp_path / "b" / "checkpoints").iterdir())) <= 2
+    # how each was trained, beyond the config (thread counts and versions can round to other weights)
+    logs = [json.loads((tmp_path / d / "training_log.json").read_text()) for d in ("a", "b")]
+    assert [g["resumed_from"] for g in logs] == [0, 2]
+    assert all(g["torch_threads"] == torch.get_num_threads() and g["device"] == "cpu"
+               and g["versions"]["torch"] == torch.__version__ and g["platform"] for g in logs)
 
 
 def test_a_shorter_rerun_does_not_return_the_longer_trained_model(tmp_path):

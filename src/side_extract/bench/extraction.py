@@ -181,9 +181,12 @@ def ensure_target(c: cfg.TrainTargetConfig, n: int, size: int, cache: Path, *, d
     info = read_json(info_path)
     # the trained model itself (the fingerprint of every run's manifest): training the same config on another
     # machine or thread count can round differently, so two result files share a target only where these agree
+    trained = read_json(path / "training_log.json", dict)  # (targets trained before it was recorded lack the keys)
     return {"path": str(path), "fingerprint": fp, "model_sha256": model_fingerprint(path), "config": cfg.to_dict(c),
             "final_loss": info["final_loss"], "train_seconds": info["train_seconds"], "trained_now": not done,
-            "epochs": round(c.steps * c.batch_size / n, 1)}
+            "epochs": round(c.steps * c.batch_size / n, 1),
+            "trained_with": {k: trained[k] for k in ("torch_threads", "device", "platform", "resumed_from", "versions")
+                             if k in trained}}
 
 
 def ensure_bands(train: ImageSet, heldout: ImageSet, c: cfg.EvaluateConfig, cache: Path, tag: str, *,

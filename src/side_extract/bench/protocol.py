@@ -596,8 +596,12 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         lines += [f"## {s['n_train']} training images, {data['size']}x{data['size']}, N_G {h['n_generated']} per "
                   f"method and replicate", ""]
         if "model_sha256" in s["target"]:  # (files written before the target's fingerprint was recorded lack it)
+            trained = s["target"].get("trained_with", {})  # (files written before it was recorded lack it)
             lines += [f"Target `{Path(s['target']['path']).name}`, model fingerprint `{s['target']['model_sha256'][:16]}` "
-                      "(sha256 of its weights and configs: results rest on the same target only where it agrees).", ""]
+                      "(sha256 of its weights and configs: results rest on the same target only where it agrees"
+                      + (f"; trained on {trained['torch_threads']} torch thread(s), {trained['device']}"
+                         + (f", resumed at step {trained['resumed_from']}" if trained.get("resumed_from") else "")
+                         if "torch_threads" in trained else "") + ").", ""]
         stopping = ex.get("stop_unseen", 0) > 0  # dedup-driven stopping (files written before it lack the key)
         if stopping:
             made = "; ".join(f"{m} {v['n_generated']['mean']:.1f} [{v['n_generated']['min']:.0f}-"

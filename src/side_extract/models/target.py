@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import platform
 import re
 import shutil
 import time
@@ -26,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from .. import config as cfg
 from ..data import ImageSet
 from ..distributed import SINGLE, ProcessGroup
-from ..runs import atomic_directory, atomic_write_json, atomic_write_text, read_json
+from ..runs import atomic_directory, atomic_write_json, atomic_write_text, read_json, versions
 
 log = logging.getLogger(__name__)
 
@@ -380,9 +381,14 @@ def train_target(
             shutil.rmtree(target)
         (out_final / name).replace(target)
     out_final.rmdir()
+    # how it was trained beyond the config: the same config on another thread count, device or library version can
+    # round differently and end at other weights, and a result rests on the weights (model_fingerprint)
     atomic_write_json(out / "training_log.json", {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
                                                   "processes": group.world,
-                                                  "rows_per_process": group.local_count(c.batch_size)})
+                                                  "rows_per_process": group.local_count(c.batch_size),
+                                                  "resumed_from": start, "torch_threads": torch.get_num_threads(),
+                                                  "device": str(device), "platform": platform.platform(),
+                                                  "versions": versions()})
     return TrainResult(out, c.steps, final, start)
 
 
