@@ -196,12 +196,17 @@ def test_bands_on_small_data_refused_with_what_they_need_or_given(tiny_model_dir
     train, held = _npz(tmp_path / "t.npz", digits[:64, ..., 0]), _npz(tmp_path / "h.npz", digits[64:100, ..., 0])
     rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)), train=train)
     rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=held))
-    with pytest.raises(ValueError, match="a null of 36 images, too few for its 0.001 quantile .*at least 1000"):
-        run_audit(tmp_path / "run", rc)
+    with pytest.raises(ValueError, match=r"a null of 36 images \(the held-out images evaluate.heldout='.*h.npz'\), too "
+                       r"few for its 0.001 quantile .*at least 1000\): give more held-out images"):
+        run_audit(tmp_path / "run", rc)  # (the held-out images were given: it said "give held-out images")
+    own = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=None))
+    with pytest.raises(ValueError, match=r"a null of 64 images \(the training set against itself\), too few for its "
+                       r"0.001 quantile .*: give held-out images"):
+        run_audit(tmp_path / "run", own)
     # a cosine feature space other than an SSCD-like TorchScript file is calibrated too: it was let through, sampled,
     # clustered, trained and extracted, and failed only at the calibration after them
     cos = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, similarity="cosine:pixels"))
-    with pytest.raises(ValueError, match="(?s)the run cannot start:.*a null of 36 images, too few"):
+    with pytest.raises(ValueError, match="(?s)the run cannot start:.*a null of 36 images .*, too few"):
         run_audit(tmp_path / "cos", cos)
     assert not (tmp_path / "cos" / "synthetic").exists()
     coarse = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.05, 0.1, 0.2)))

@@ -644,8 +644,11 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             n_null = len(train)  # train vs the rest of train
         q = min(ev.calibration_quantiles)
         if calibrates_bands(ev) and n_null is not None and n_null * q < 0.1:
-            problems.append(f"the bands would be calibrated on a null of {n_null} images, too few for its {q:g} "
-                            f"quantile (it needs at least {int(np.ceil(1 / q))}): give held-out images "
+            source = (f"the held-out images evaluate.heldout={ev.heldout!r}" if ev.heldout is not None
+                      else "the training set against itself")
+            problems.append(f"the bands would be calibrated on a null of {n_null} images ({source}), too few for its "
+                            f"{q:g} quantile (it needs at least {int(np.ceil(1 / q))}): give "
+                            + ("more " if ev.heldout is not None else "") + "held-out images "
                             "(evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles) or fixed bands "
                             "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
     if problems:
