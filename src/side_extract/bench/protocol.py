@@ -480,6 +480,13 @@ def _method(c: dict[str, Any], name: str) -> str:
     return c.get("forms", {}).get(name, {}).get("method", name)
 
 
+def _family(c: dict[str, Any], name: str) -> str:
+    """The family an entry of a written benchmark config ``c`` is picked among: ``side`` (the SIDE forms),
+    ``label_free`` (memguide and its forms), or its baseline method (``cond``, ``uncond``, with their forms)."""
+    method = _method(c, name)
+    return "side" if method in SIDE_METHODS else "label_free" if method in LABEL_FREE else method
+
+
 def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The headline pick of one scale of a written fair benchmark (``c`` its config, ``s`` the scale), per kind
     (``side``: the SIDE forms; ``label_free``: memguide and its forms): the entry whose chosen setting scored highest
@@ -490,9 +497,9 @@ def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict
     UnCond has no validation runs, and the stronger baseline is the harder comparison."""
     tuning, ratios = s["tuning"], s["heldout"]["ratios"]
     out: dict[str, dict[str, Any]] = {}
-    for kind, methods in (("side", SIDE_METHODS), ("label_free", LABEL_FREE)):
+    for kind in ("side", "label_free"):
         scored = {m: by[_setting_key(tuning["chosen"][m])] for m, by in tuning["mean_by_setting"].items()
-                  if _method(c, m) in methods and m in ratios}
+                  if _family(c, m) == kind and m in ratios}
         if not scored:
             continue
         level = {m: _level(v) for m, v in scored.items()}
@@ -514,9 +521,7 @@ def tuning_budget(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict[str, i
     tried = {m: len(by) for m, by in s["tuning"]["mean_by_setting"].items()}
     out: dict[str, dict[str, int]] = {}
     for m in [*c["methods"], *c.get("forms", {})]:
-        method = _method(c, m)
-        family = "side" if method in SIDE_METHODS else "label_free" if method in LABEL_FREE else method
-        out.setdefault(family, {})[m] = tried.get(m, 0)
+        out.setdefault(_family(c, m), {})[m] = tried.get(m, 0)
     return out
 
 
@@ -528,14 +533,13 @@ def _budget_line(c: dict[str, Any], s: dict[str, Any]) -> str:
     parts = []
     order = [*label, *BASELINES]
     for family in sorted(budget, key=lambda f: order.index(f) if f in order else len(order)):
-        entries = budget[family]
-        inner = (f"nothing to tune: {', '.join(entries)}" if family == "uncond" and len(entries) > 1 else
-                 "nothing to tune" if family == "uncond" else ", ".join(f"{m} {k}" for m, k in entries.items()))
-        parts.append(f"{label.get(family, family)} {sum(entries.values())}"
-                     + (f" ({inner})" if len(entries) > 1 or family == "uncond" else ""))
+        entries, total = budget[family], sum(budget[family].values())
+        inner = ("nothing to tune" + (f": {', '.join(entries)}" if len(entries) > 1 else "") if total == 0
+                 else ", ".join(f"{m} {k}" for m, k in entries.items()) if len(entries) > 1 else "")
+        parts.append(f"{label.get(family, family)} {total}" + (f" ({inner})" if inner else ""))
     line = (f"Tuning budget (settings tried on validation replicates {c['validation_replicates']}; a headline entry is "
             "the best of its family's): " + "; ".join(parts) + ".")
-    tunable = {b: sum(budget[b].values()) for b in BASELINES if b in budget and b != "uncond"}
+    tunable = {b: sum(budget[b].values()) for b in BASELINES if sum(budget.get(b, {}).values()) > 0}
     for family in (f for f in label if f in budget):
         total = sum(budget[family].values())
         if not tunable:
