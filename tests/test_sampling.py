@@ -203,6 +203,52 @@ def test_each_precision_sets_cudas_float32_mode_while_sampling_and_restores_it(t
         sample(d, 2, seed=0, steps=3, precision="fp16")
 
 
+def test_reproducible_gradients_on_an_accelerator_and_nothing_on_the_cpu():
+    """On CUDA, guidance gradients through the target differed run to run: made again twice on an H200, 60 of 256
+    memguide generations differed (up to 196/255), 52 of 256 SIDE ones guided through the denoised estimate
+    (benchmarks/results/gpu-check.md). Inside reproducible_gradients cuDNN is deterministic and attention runs in
+    the math kernel only; both are given back afterwards, and on the CPU nothing changes."""
+    from side_extract.sampling import reproducible_gradients
+
+    cuda = torch.backends.cuda
+    kernels = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())
+    before = torch.backends.cudnn.deterministic
+    assert kernels[:2] != (False, False) and not before  # PyTorch's defaults, else the test proves nothing
+    with reproducible_gradients(torch.device("cuda", 0)):
+        assert torch.backends.cudnn.deterministic
+        assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == \
+            (False, False, True)
+    assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == kernels
+    assert torch.backends.cudnn.deterministic == before
+    with reproducible_gradients(torch.device("cpu")):
+        assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == kernels
+        assert torch.backends.cudnn.deterministic == before
+
+
+def test_every_guidance_call_runs_with_reproducible_gradients_on_the_samples_device(tiny_model_dir, monkeypatch):
+    import contextlib
+
+    import side_extract.sampling as sampling
+
+    inside, calls = [], []
+
+    @contextlib.contextmanager
+    def recorder(device):
+        inside.append(torch.device(device))
+        yield
+        inside.pop()
+
+    def guidance(x, t, y):
+        calls.append(list(inside))
+        assert torch.is_grad_enabled()
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(sampling, "reproducible_gradients", recorder)
+    d = load_target(tiny_model_dir)
+    sample(d, 2, seed=0, steps=3, batch_size=2, guidance=guidance, labels=np.zeros(2, dtype=int), clip_eps=True)
+    assert len(calls) == 3 and all(c == [torch.device("cpu")] for c in calls)
+
+
 def test_extraction_draws_its_own_noise_even_at_the_synthetic_sets_seed(tiny_model_dir):
     """A run (or a benchmark replicate) with sample.seed == extract.seed must not regenerate its synthetic set as
     UnCond's output: the extraction has a noise stream of its own (before the streams, with clip_eps both were

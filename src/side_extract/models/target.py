@@ -7,6 +7,7 @@ never unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -47,6 +48,17 @@ class Denoiser(Protocol):
     scheduler: SchedulerMixin
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` in PyTorch's math kernel while the block runs: it supports derivatives of
+    any order, and its backward is a fixed sequence of matrix products (the fused kernels' backward is not:
+    CUDA's memory-efficient kernel splits the keys and adds the parts up in whatever order they finish)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def predict_x0(sched: SchedulerMixin, x: torch.Tensor, t: int, eps: torch.Tensor,

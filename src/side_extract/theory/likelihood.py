@@ -53,7 +53,6 @@ discretisation error is a bias the interval does not cover: check it by doubling
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -61,6 +60,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from ..models.target import math_attention
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TraceKind = Literal["hutchinson", "exact"]
@@ -144,15 +145,6 @@ def _rademacher(shape: tuple[int, ...], n_probes: int, generator: torch.Generato
     return (2.0 * signs - 1.0).to(dtype=like.dtype, device=like.device)
 
 
-def _math_attention() -> contextlib.AbstractContextManager:
-    """``scaled_dot_product_attention`` in its math kernel, which supports derivatives of any order."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 def _drift_and_divergence(eps_fn: EpsFn, y: torch.Tensor, t: int, sqrt_abar: float, trace: TraceKind,
                           n_probes: int, generator: torch.Generator | list[torch.Generator] | None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +155,7 @@ def _drift_and_divergence(eps_fn: EpsFn, y: torch.Tensor, t: int, sqrt_abar: flo
     attend, failed with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
     implemented")."""
     b = len(y)
-    with torch.enable_grad(), _math_attention():
+    with torch.enable_grad(), math_attention():
         y_in = y.detach().requires_grad_(True)
         f = eps_fn(sqrt_abar * y_in, torch.full((b,), t, dtype=torch.long, device=y.device))
         if f.shape != y.shape:
