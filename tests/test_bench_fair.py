@@ -172,10 +172,21 @@ def test_tuning_budget_counts_each_family_and_names_an_unequal_one():
         "The SIDE forms' 6 settings have no counterpart: the only baseline, UnCond, has nothing to tune.")
 
 
-def test_baseline_forms_join_the_baselines_and_even_the_tuning_budget(tmp_path, one_thread):
+def test_baseline_forms_join_the_baselines_and_even_the_tuning_budget(tmp_path, one_thread, monkeypatch):
     """A form of Cond (guidance only in the first half of the noise levels) is one more baseline: tuned on the grid
     like Cond, run on every held-out replicate, never set against a baseline itself; each SIDE ratio is against
     the best of the four baselines, and with it Cond's family has as many settings as the SIDE form."""
+    import side_extract.bench.protocol as protocol
+
+    # the tiny model reaches no training image, so every count is 0 and the best baseline is the first by any
+    # rule: what shows that the held-out ratios and the budget curve weigh the forms too is what they are given
+    given = []
+
+    def spy(stats, metrics, n_boot, side_forms, baselines=BASELINES, seed=0):
+        given.append(tuple(baselines))
+        return bootstrap_ratios(stats, metrics, n_boot, side_forms, baselines, seed=seed)
+
+    monkeypatch.setattr(protocol, "bootstrap_ratios", spy)
     bc = tiny_bench()
     bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
     fc = FairBenchConfig(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
@@ -195,6 +206,8 @@ def test_baseline_forms_join_the_baselines_and_even_the_tuning_budget(tmp_path, 
     r = h["ratios"]["side"]["distinct_nn/mid"]
     assert r["best_baseline"] == pytest.approx(max(means.values()) / h["n_generated"])  # the best of all four
     assert r["best_baseline_method"] == max(fc.baselines, key=lambda m: (means[m], -fc.baselines.index(m)))
+    n_curve = len(h["budget_curve"])  # the held-out ratios, then one call per budget-curve point
+    assert given[-(n_curve + 1):] == [fc.baselines] * (n_curve + 1)
     rep = tmp_path / "cache" / "runs"
     assert len(list(rep.glob("*/rep-2/forms/cond-late/evaluation/cond/metrics.json"))) == 1
     assert len(list(rep.glob("*/rep-3/forms/uncond-ddpm/evaluation/uncond/metrics.json"))) == 1
