@@ -211,18 +211,28 @@ def test_reproducible_gradients_on_an_accelerator_and_nothing_on_the_cpu():
     from side_extract.sampling import reproducible_gradients
 
     cuda = torch.backends.cuda
-    kernels = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())
-    before = torch.backends.cudnn.deterministic
-    assert kernels[:2] != (False, False) and not before  # PyTorch's defaults, else the test proves nothing
-    with reproducible_gradients(torch.device("cuda", 0)):
-        assert torch.backends.cudnn.deterministic
-        assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == \
-            (False, False, True)
-    assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == kernels
-    assert torch.backends.cudnn.deterministic == before
-    with reproducible_gradients(torch.device("cpu")):
-        assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == kernels
-        assert torch.backends.cudnn.deterministic == before
+
+    def flags():
+        return (torch.backends.cudnn.deterministic, cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+                cuda.math_sdp_enabled())
+
+    before = flags()
+    assert before[:3] != (False, False, False) and not before[0]  # PyTorch's defaults, else the test proves nothing
+    try:
+        with reproducible_gradients(torch.device("cuda", 0)):
+            assert flags() == (True, False, False, True)
+        assert flags() == before
+        with pytest.raises(RuntimeError, match="guidance failed"):  # given back when the guidance raises, too
+            with reproducible_gradients(torch.device("cuda", 0)):
+                raise RuntimeError("guidance failed")
+        assert flags() == before
+        with reproducible_gradients(torch.device("cpu")):
+            assert flags() == before
+    finally:  # never leak into later tests, whatever the code under test did
+        torch.backends.cudnn.deterministic = before[0]
+        cuda.enable_flash_sdp(before[1])
+        cuda.enable_mem_efficient_sdp(before[2])
+        cuda.enable_math_sdp(before[3])
 
 
 def test_every_guidance_call_runs_with_reproducible_gradients_on_the_samples_device(tiny_model_dir, monkeypatch):
@@ -247,6 +257,14 @@ def test_every_guidance_call_runs_with_reproducible_gradients_on_the_samples_dev
     d = load_target(tiny_model_dir)
     sample(d, 2, seed=0, steps=3, batch_size=2, guidance=guidance, labels=np.zeros(2, dtype=int), clip_eps=True)
     assert len(calls) == 3 and all(c == [torch.device("cpu")] for c in calls)
+    # on a (simulated) second device, the samples' device
+    from fake_device import FAKE, FakeDevice
+
+    calls.clear()
+    with FakeDevice():
+        sample(load_target(tiny_model_dir, FAKE), 2, seed=0, steps=3, batch_size=2, guidance=guidance,
+               labels=np.zeros(2, dtype=int), clip_eps=True, device=FAKE)
+    assert len(calls) == 3 and all(c == [FAKE] for c in calls)
 
 
 def test_extraction_draws_its_own_noise_even_at_the_synthetic_sets_seed(tiny_model_dir):

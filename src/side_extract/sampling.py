@@ -161,7 +161,7 @@ def float32_matmul(precision: cfg.Precision) -> Iterator[None]:
     CPU. cuDNN runs float32 convolutions in TF32 by default: on an H200, 50 unguided DDIM steps of the demo target
     in TF32 ended up to 15/255 from the CPU's images on 2.7 % of pixels, in IEEE float32 at most 1/255 on 0.006 %
     (``scripts/gpu-check``, benchmarks/results/gpu-check.md), so ``"fp32"`` turns it off. IEEE float32 costs
-    speed on a large model: 20 TFLOP/s against TF32's 65 for the CIFAR-10 DDPM architecture there."""
+    speed on a large model: 20 TFLOP/s against TF32's 66 for the CIFAR-10 DDPM architecture there."""
     if precision == "bf16":
         yield
         return
