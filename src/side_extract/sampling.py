@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import config as cfg
 from .data import ImageSet, to_uint8
 from .guidance import Guidance
-from .models.target import Denoiser, math_attention, predict_x0
+from .models.target import Denoiser, predict_x0, reproducible_gradients
 from .runs import MODEL_INPUT, Progress, RunDir, shard_stage, stage_fingerprint
 
 log = logging.getLogger(__name__)
@@ -183,26 +183,6 @@ def float32_matmul(precision: cfg.Precision) -> Iterator[None]:
         yield
     finally:  # pragma: no cover
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_legacy
-
-
-@contextlib.contextmanager
-def reproducible_gradients(device: torch.device) -> Iterator[None]:
-    """While the block runs on an accelerator, gradients come out the same run to run, so that ``side verify``
-    can make a guided generation again bit for bit: cuDNN picks deterministic algorithms and attention runs in
-    the math kernel (:func:`math_attention`). Without them, on an H200, guidance through the demo target's UNet
-    (whose middle block attends) differed from one making to the next in 60 of 256 memguide generations, up to
-    196/255 (benchmarks/results/gpu-determinism.json); with them, in none, at the same speed. On the CPU, whose
-    kernels are deterministic, nothing changes, so CPU results stay as they were."""
-    if torch.device(device).type == "cpu":
-        yield
-        return
-    old = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        with math_attention():
-            yield
-    finally:
-        torch.backends.cudnn.deterministic = old
 
 
 @torch.no_grad()

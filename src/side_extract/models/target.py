@@ -15,7 +15,7 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -59,6 +59,27 @@ def math_attention() -> contextlib.AbstractContextManager:
     except ImportError:  # pragma: no cover - torch < 2.3
         return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
     return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def reproducible_gradients(device: torch.device) -> Iterator[None]:
+    """While the block runs on an accelerator, gradients come out the same run to run, so that ``side verify``
+    can make a guided generation again bit for bit: cuDNN picks deterministic algorithms and attention runs in
+    the math kernel (:func:`math_attention`). Sampling runs every guidance call under it, and theory its
+    divergences. Without them, on an H200, guidance through the demo target's UNet (whose middle block attends)
+    differed from one making to the next in 60 of 256 memguide generations, up to 196/255
+    (benchmarks/results/gpu-determinism.json); with them, in none, at the same speed. On the CPU, whose kernels
+    are deterministic, nothing changes, so CPU results stay as they were."""
+    if torch.device(device).type == "cpu":
+        yield
+        return
+    old = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        with math_attention():
+            yield
+    finally:
+        torch.backends.cudnn.deterministic = old
 
 
 def predict_x0(sched: SchedulerMixin, x: torch.Tensor, t: int, eps: torch.Tensor,

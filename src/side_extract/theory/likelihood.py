@@ -61,7 +61,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..models.target import math_attention
+from ..models.target import math_attention, reproducible_gradients
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TraceKind = Literal["hutchinson", "exact"]
@@ -155,7 +155,7 @@ def _drift_and_divergence(eps_fn: EpsFn, y: torch.Tensor, t: int, sqrt_abar: flo
     attend, failed with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
     implemented")."""
     b = len(y)
-    with torch.enable_grad(), math_attention():
+    with torch.enable_grad(), math_attention(), reproducible_gradients(y.device):
         y_in = y.detach().requires_grad_(True)
         f = eps_fn(sqrt_abar * y_in, torch.full((b,), t, dtype=torch.long, device=y.device))
         if f.shape != y.shape:
