@@ -1,6 +1,7 @@
 """Shared fixtures: tiny diffusers-style dummy UNets (8x8, as diffusers' own tests use) saved as pipelines."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -60,3 +61,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class ContextRecorder:
+    """A stand-in for a context manager that takes a device (``models.target.reproducible_gradients``):
+    ``devices()`` is the stack of devices whose blocks are open right now, ``seen`` what was recorded inside."""
+
+    def __init__(self) -> None:
+        self.open: list[torch.device] = []
+        self.seen: list[list[torch.device]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, device):
+        self.open.append(torch.device(device))
+        try:
+            yield
+        finally:
+            self.open.pop()
+
+    def record(self) -> None:
+        self.seen.append(list(self.open))
+
+
+@pytest.fixture
+def context_recorder() -> ContextRecorder:
+    return ContextRecorder()

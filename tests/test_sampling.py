@@ -235,27 +235,19 @@ def test_reproducible_gradients_on_an_accelerator_and_nothing_on_the_cpu():
         cuda.enable_math_sdp(before[3])
 
 
-def test_every_guidance_call_runs_with_reproducible_gradients_on_the_samples_device(tiny_model_dir, monkeypatch):
-    import contextlib
-
+def test_every_guidance_call_runs_with_reproducible_gradients_on_the_samples_device(tiny_model_dir, monkeypatch,
+                                                                                    context_recorder):
     import side_extract.sampling as sampling
 
-    inside, calls = [], []
-
-    @contextlib.contextmanager
-    def recorder(device):
-        inside.append(torch.device(device))
-        yield
-        inside.pop()
-
     def guidance(x, t, y):
-        calls.append(list(inside))
+        context_recorder.record()
         assert torch.is_grad_enabled()
         return torch.zeros_like(x)
 
-    monkeypatch.setattr(sampling, "reproducible_gradients", recorder)
+    monkeypatch.setattr(sampling, "reproducible_gradients", context_recorder)
     d = load_target(tiny_model_dir)
     sample(d, 2, seed=0, steps=3, batch_size=2, guidance=guidance, labels=np.zeros(2, dtype=int), clip_eps=True)
+    calls = context_recorder.seen
     assert len(calls) == 3 and all(c == [torch.device("cpu")] for c in calls)
     # on a (simulated) second device, the samples' device
     from fake_device import FAKE, FakeDevice

@@ -116,28 +116,19 @@ def test_ode_likelihood_of_optimal_gaussian_denoiser_is_the_gaussian():
     np.testing.assert_allclose(hutch.log_prob, res.log_prob, atol=1e-8)
 
 
-def test_every_divergence_runs_with_reproducible_gradients_on_the_points_device(monkeypatch):
+def test_every_divergence_runs_with_reproducible_gradients_on_the_points_device(monkeypatch, context_recorder):
     """Theory's divergences are gradients through the model, as guidance is: on CUDA they run under
     reproducible_gradients (sampling's is measured in benchmarks/results/gpu-determinism.json)."""
-    import contextlib
-
     import side_extract.theory.likelihood as likelihood
 
-    inside, calls = [], []
-
-    @contextlib.contextmanager
-    def recorder(device):
-        inside.append(torch.device(device))
-        yield
-        inside.pop()
-
     def eps(x, t):
-        calls.append(list(inside))
+        context_recorder.record()
         return 0.5 * x
 
-    monkeypatch.setattr(likelihood, "reproducible_gradients", recorder)
+    monkeypatch.setattr(likelihood, "reproducible_gradients", context_recorder)
     x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     pf_ode_log_likelihood(eps, x, AC, n_steps=4, trace="exact")
+    calls = context_recorder.seen
     assert calls and all(c == [torch.device("cpu")] for c in calls)
 
 
