@@ -1,10 +1,11 @@
-"""GPU check of sampling.reproducible_gradients (run on a CUDA machine from the repository root:
+"""GPU check of models.target.reproducible_gradients as sampling uses it. Run it on a CUDA machine from the
+repository root:
     python benchmarks/results/experiments/gpu_determinism.py runs/det cuda 256
-it writes runs/det/det.json; benchmarks/results/gpu-determinism.json holds the one H200 run).
+It writes runs/det/det.json; benchmarks/results/gpu-determinism.json holds the one H200 run.
 Reproducibility of guidance gradients through the target on CUDA: three runs whose guidance backpropagates
 through the target's UNet (memguide; SIDE with the UNet-feature classifier; SIDE through the denoised estimate),
-each made with sampling.reproducible_gradients; every generation made again twice with it (against the stored
-ones and each other) and twice with it replaced by a no-op (the code before, against each other)."""
+each made with it. Every generation is made again twice with it (against the stored ones and each other) and
+twice with sampling's name for it replaced by a no-op (the code before, against each other)."""
 import contextlib, dataclasses, json, sys, time
 from pathlib import Path
 import numpy as np
