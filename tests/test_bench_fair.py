@@ -169,7 +169,11 @@ def test_tuning_budget_counts_each_family_and_names_an_unequal_one():
     assert "Unequal" not in _budget_line(one, {"tuning": {"mean_by_setting": {"side": six, "cond": six}}})
     lora = {"methods": ["uncond"], "validation_replicates": [1], "forms": {"lora": {"method": "side-lora"}}}
     assert _budget_line(lora, {"tuning": {"mean_by_setting": {"lora": six}}}).endswith(
-        "The SIDE forms' 6 settings have no counterpart: the only baseline, UnCond, has nothing to tune.")
+        "The SIDE forms' 6 settings have no counterpart: the only baseline, uncond, has nothing to tune.")
+    # the names come from the entries: an UnCond form is a second baseline with nothing to tune
+    lora["forms"]["uncond-ddpm"] = {"method": "uncond"}
+    assert _budget_line(lora, {"tuning": {"mean_by_setting": {"lora": six}}}).endswith(
+        "The SIDE forms' 6 settings have no counterpart: the baselines (uncond, uncond-ddpm) have nothing to tune.")
 
 
 def test_baseline_forms_join_the_baselines_and_even_the_tuning_budget(tmp_path, one_thread, monkeypatch):

@@ -540,11 +540,13 @@ def _budget_line(c: dict[str, Any], s: dict[str, Any]) -> str:
     line = (f"Tuning budget (settings tried on validation replicates {c['validation_replicates']}; a headline entry is "
             "the best of its family's): " + "; ".join(parts) + ".")
     tunable = {b: sum(budget[b].values()) for b in BASELINES if sum(budget.get(b, {}).values()) > 0}
+    untuned = [m for b in BASELINES for m in budget.get(b, {})]  # every baseline, when none has settings
     for family in (f for f in label if f in budget):
         total = sum(budget[family].values())
         if not tunable:
-            line += (f" The {label[family]}' {total} settings have no counterpart: the only baseline, UnCond, has "
-                     "nothing to tune.")
+            line += (f" The {label[family]}' {total} settings have no counterpart: "
+                     + (f"the only baseline, {untuned[0]}, has" if len(untuned) == 1
+                        else f"the baselines ({', '.join(untuned)}) have") + " nothing to tune.")
         elif total > max(tunable.values()):
             b, k = max(tunable.items(), key=lambda kv: kv[1])
             line += (f" **Unequal:** the best of the {label[family]} is the best of {total} settings, {b} the best of "
