@@ -313,40 +313,40 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     from side_extract.bench import protocol
 
     with pytest.raises(ValueError, match="differs in scales_grid"):
-        reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), d, "fair.json")
+        reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), (d, "fair.json"))
     older = json.loads(json.dumps(d))  # a file from before an option existed: accepted while it is at its default
     del older["config"]["bench"]["run"]["surrogate"]["memorized_fraction"]
-    assert reused_tuning(fc, older, "older.json")[20]["chosen"] == chosen
+    assert reused_tuning(fc, (older, "older.json"))[20]["chosen"] == chosen
     mem = dataclasses.replace(bc.run.surrogate, memorized_fraction=0.5)
     with pytest.raises(ValueError, match=r"differs in bench\.run\.surrogate\.memorized_fraction"):
         reused_tuning(dataclasses.replace(fc, bench=dataclasses.replace(
-            bc, run=dataclasses.replace(bc.run, surrogate=mem))), older, "older.json")
-    assert reused_tuning(dataclasses.replace(fc, heldout_replicates=(2, 3, 4)), d, "fair.json")[20]["chosen"] == chosen
-    tuning = reused_tuning(dataclasses.replace(fc, n_bootstrap=30), d, "fair.json")
+            bc, run=dataclasses.replace(bc.run, surrogate=mem))), (older, "older.json"))
+    assert reused_tuning(dataclasses.replace(fc, heldout_replicates=(2, 3, 4)), (d, "fair.json"))[20]["chosen"] == chosen
+    tuning = reused_tuning(dataclasses.replace(fc, n_bootstrap=30), (d, "fair.json"))
     monkeypatch.setattr(protocol, "tune", lambda *a, **k: pytest.fail("the validation grid ran again"))
     again = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache", tuning=tuning)["scales"][0]
     assert again["tuning"]["chosen"] == chosen and again["tuning"]["reused_from"] == "fair.json"
     assert again["heldout"]["per_replicate"] == s["heldout"]["per_replicate"]
-    assert reused_tuning(fc, json.loads(json.dumps({**d, "scales": [again]})), "rereport.json")[20]["reused_from"] \
+    assert reused_tuning(fc, (json.loads(json.dumps({**d, "scales": [again]})), "rereport.json"))[20]["reused_from"] \
         == "fair.json"  # the file whose run tuned, not the re-report in between
     assert "not checked" not in protocol.render_fair_markdown({**d, "scales": [again]})
     # a file that recorded no target (older): reused, and the report says its target was not checked
     unknown = json.loads(json.dumps(d))
     del unknown["scales"][0]["target"]["model_sha256"]
     blind = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache",
-                           tuning=reused_tuning(fc, unknown, "unknown.json"))
+                           tuning=reused_tuning(fc, (unknown, "unknown.json")))
     assert "that file records no target, so the target it was chosen on is not checked" in \
         protocol.render_fair_markdown(blind)
     # settings chosen on another target's weights, or by code whose stages worked otherwise, are not reused
     other = json.loads(json.dumps(d))
     other["scales"][0]["target"]["model_sha256"] = "0" * 64
     with pytest.raises(ValueError, match="chosen on another target"):
-        run_fair_bench(fc, tmp_path / "cache", tuning=reused_tuning(fc, other, "other.json"))
+        run_fair_bench(fc, tmp_path / "cache", tuning=reused_tuning(fc, (other, "other.json")))
     assert d["code"]["stage_versions"]["extraction"] >= 1
     other = json.loads(json.dumps(d))
     other["code"]["stage_versions"]["extraction"] += 1
     with pytest.raises(ValueError, match="stages worked otherwise"):
-        reused_tuning(fc, other, "other.json")
+        reused_tuning(fc, (other, "other.json"))
 
 
 def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):
@@ -521,3 +521,53 @@ def test_side_lora_forms_copy_guard_is_in_the_fair_tables(tmp_path, one_thread):
     assert f"lora-t {100 * g['mean']:.2f} [{100 * g['min']:.2f}-{100 * g['max']:.2f}]" in md
     u = h["summary"]["uncond"]["copy_guard"]
     assert f"uncond {100 * u['mean']:.2f} [" in md and "the baselines' against `lora-t`'s synthetic set" in md
+
+
+def test_a_fair_bench_split_over_two_processes_joins_into_the_one_run_report(tmp_path, one_thread, monkeypatch):
+    """The entries of one fair bench run as two (SIDE + UnCond, Cond + UnCond, as two processes would, on one
+    cache); a report with both files' tuning (``--tuning-from A --tuning-from B``) runs no validation grid and
+    equals the single run's held-out results. The join refuses an entry no file tuned, two files that tuned one
+    entry differently, an entry defined otherwise there, and files tuned on other targets."""
+    import side_extract.bench.protocol as protocol
+
+    bc = tiny_bench()
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
+    fc = FairBenchConfig(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+                         validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4, n_bootstrap=20,
+                         equal_samples=False)
+    whole = json.loads(json.dumps(run_fair_bench(fc, tmp_path / "one")))
+    split = tmp_path / "two"
+    a = json.loads(json.dumps(run_fair_bench(dataclasses.replace(fc, methods=("side", "uncond")), split)))
+    b = json.loads(json.dumps(run_fair_bench(dataclasses.replace(fc, methods=("cond", "uncond")), split)))
+    with pytest.raises(ValueError, match="no file tuned 'cond'"):
+        reused_tuning(fc, (a, "a.json"))
+    joined = reused_tuning(fc, (a, "a.json"), (b, "b.json"))[20]
+    assert joined["reused_from_by_entry"] == {"side": "a.json", "cond": "b.json"}
+    assert joined["chosen"] == whole["scales"][0]["tuning"]["chosen"]
+    assert joined["mean_by_setting"] == whole["scales"][0]["tuning"]["mean_by_setting"]
+    monkeypatch.setattr(protocol, "tune", lambda *a, **k: pytest.fail("the validation grid ran again"))
+    again = run_fair_bench(fc, split, tuning={20: joined})
+    assert again["scales"][0]["heldout"]["per_replicate"] == whole["scales"][0]["heldout"]["per_replicate"]
+    assert "from `a.json` (side); `b.json` (cond) (`--tuning-from`" in render_fair_markdown(again)
+    # each entry takes the setting of the file that tuned it (the tiny model ties every setting: set them apart)
+    b2 = json.loads(json.dumps(b))
+    b2["scales"][0]["tuning"]["chosen"]["cond"] = [1.0, 1.0]
+    assert reused_tuning(fc, (a, "a.json"), (b2, "b.json"))[20]["chosen"] == {"uncond": None, "side": [0.0, 1.0],
+                                                                              "cond": [1.0, 1.0]}
+    with pytest.raises(ValueError, match="b.json and b2.json both tuned 'cond', with other results"):
+        reused_tuning(fc, (a, "a.json"), (b, "b.json"), (b2, "b2.json"))
+    assert reused_tuning(fc, (a, "a.json"), (b, "b.json"), (b, "b-again.json"))[20]["chosen"] == joined["chosen"]
+    # a form by another definition in the file than here; a file tuned on another target
+    with_form = dataclasses.replace(fc, forms={"side-x": {"method": "side", "extract.t_lo": 0.5}})
+    a_form = json.loads(json.dumps(a))
+    a_form["config"]["forms"] = {"side-x": {"method": "side", "extract.t_lo": 0.25}}
+    a_form["scales"][0]["tuning"]["chosen"]["side-x"] = [0.0, 1.0]
+    with pytest.raises(ValueError, match="'side-x' is .*0.25.* there, .*0.5.* here"):
+        reused_tuning(with_form, (a_form, "a.json"), (b, "b.json"))
+    other = json.loads(json.dumps(b))
+    other["scales"][0]["target"]["model_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="on other targets"):
+        reused_tuning(fc, (a, "a.json"), (other, "b.json"))
+    # the old rule stays for what is not an entry list: another grid is another configuration
+    with pytest.raises(ValueError, match="differs in scales_grid"):
+        reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), (a, "a.json"), (b, "b.json"))

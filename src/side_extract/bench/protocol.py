@@ -393,6 +393,7 @@ def reference_copy_guard(run: Path, method: str, synthetic_run: Path) -> float:
 # what may differ between a fair bench and the earlier one whose tuning it reuses (none of it touches tuning; the
 # held-out replicates stay disjoint from the validation ones, FairBenchConfig checks)
 REPORT_ONLY = ("n_bootstrap", "equal_samples", "heldout_replicates")
+ENTRY_LISTS = ("methods", "forms")  # what each of several --tuning-from files may hold a part of
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -402,35 +403,85 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for name, sub in d.items() for k, v in _flat(sub, f"{prefix}.{name}" if prefix else name).items()}
 
 
-def reused_tuning(fc: FairBenchConfig, prior: dict[str, Any], source: str) -> dict[int, dict[str, Any]]:
-    """The tuning step of an earlier fair bench (its ``fair.json`` as ``prior``), per training-set size, for a
-    re-report on the held-out replicates (new intervals, the equal-samples line) without re-running the
-    validation grid. Refused unless ``prior`` ran this configuration, up to :data:`REPORT_ONLY`, at every scale."""
-    if prior.get("schema") != SCHEMA:
-        raise ValueError(f"--tuning-from {source}: schema {prior.get('schema')!r}, expected {SCHEMA!r}")
-    try:  # a key the earlier file lacks (an option added since) takes its default, which keeps the old behaviour
-        theirs = dataclasses.replace(cfg.from_dict(FairBenchConfig, prior.get("config")),
-                                     **{k: getattr(fc, k) for k in REPORT_ONLY})
-    except ValueError as e:
-        raise ValueError(f"--tuning-from {source}: its configuration does not load: {e}") from None
-    mine_flat, theirs_flat = _flat(cfg.to_dict(fc)), _flat(cfg.to_dict(theirs))
-    diff = sorted(k for k in mine_flat.keys() | theirs_flat.keys() if mine_flat.get(k) != theirs_flat.get(k))
-    if diff:
-        raise ValueError(f"--tuning-from {source} ran another configuration (differs in {', '.join(diff)}); "
-                         "its settings were chosen for that one")
-    if prior.get("code") is not None and prior["code"].get("stage_versions") != STAGE_VERSIONS:
-        raise ValueError(f"--tuning-from {source} was made by code whose stages worked otherwise (stage versions "
-                         f"{prior['code'].get('stage_versions')}, now {STAGE_VERSIONS}); tune again")
-    if prior.get("code") is None:
-        log.warning("--tuning-from %s records no code versions (an older file): its tuning is reused as it is", source)
-    # each scale's tuning with the target it was chosen on (a re-report of a re-report keeps the first one's)
-    by_scale = {s["n_train"]: {"target_sha256": (s.get("target") or {}).get("model_sha256"), **s["tuning"]}
-                for s in prior.get("scales", [])}
-    missing = [n for n in fc.bench.scales if n not in by_scale]
-    if missing:
-        raise ValueError(f"--tuning-from {source} has no tuning for scales {missing} (it has {sorted(by_scale)})")
-    # a re-report of a re-report names the file whose run did the tuning
-    return {n: {**by_scale[n], "reused_from": by_scale[n].get("reused_from", source)} for n in fc.bench.scales}
+def _definition(fc: FairBenchConfig, name: str) -> dict[str, Any] | None:
+    """What an entry runs: a method by its name, a form by its method and overrides; None if ``fc`` lacks it."""
+    if name in fc.forms:
+        return dict(fc.forms[name])
+    return {"method": name} if name in fc.methods else None
+
+
+def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> dict[int, dict[str, Any]]:
+    """The tuning step of earlier fair benches (each ``(fair.json contents, its path)``), per training-set size,
+    for a report on the held-out replicates (new intervals, the equal-samples line, other held-out replicates)
+    without re-running the validation grid. Several files may each have tuned a part of the entries (a fair
+    bench split over processes, e.g. the SIDE forms in one and the baselines in another): every entry of ``fc``
+    with a grid takes its chosen setting from the file that tuned it. Refused unless each file ran this
+    configuration up to :data:`REPORT_ONLY` and the entry lists, each entry taken from a file is defined there as
+    here, the files tuned on the same target, and files that tuned the same entry agree on it."""
+    if not priors:
+        raise ValueError("reused_tuning needs at least one earlier fair.json")
+    by_source: list[tuple[str, FairBenchConfig, dict[int, dict[str, Any]]]] = []
+    for prior, source in priors:
+        if prior.get("schema") != SCHEMA:
+            raise ValueError(f"--tuning-from {source}: schema {prior.get('schema')!r}, expected {SCHEMA!r}")
+        try:  # a key the earlier file lacks (an option added since) takes its default, which keeps the old behaviour
+            loaded = cfg.from_dict(FairBenchConfig, prior.get("config"))
+            theirs = dataclasses.replace(loaded, **{k: getattr(fc, k) for k in REPORT_ONLY + ENTRY_LISTS})
+        except ValueError as e:
+            raise ValueError(f"--tuning-from {source}: its configuration does not load: {e}") from None
+        mine_flat, theirs_flat = _flat(cfg.to_dict(fc)), _flat(cfg.to_dict(theirs))
+        diff = sorted(k for k in mine_flat.keys() | theirs_flat.keys() if mine_flat.get(k) != theirs_flat.get(k))
+        if diff:
+            raise ValueError(f"--tuning-from {source} ran another configuration (differs in {', '.join(diff)}); "
+                             "its settings were chosen for that one")
+        if prior.get("code") is not None and prior["code"].get("stage_versions") != STAGE_VERSIONS:
+            raise ValueError(f"--tuning-from {source} was made by code whose stages worked otherwise (stage versions "
+                             f"{prior['code'].get('stage_versions')}, now {STAGE_VERSIONS}); tune again")
+        if prior.get("code") is None:
+            log.warning("--tuning-from %s records no code versions (an older file): its tuning is reused as it is",
+                        source)
+        # each scale's tuning with the target it was chosen on (a re-report of a re-report keeps the first one's)
+        by_scale = {s["n_train"]: {"target_sha256": (s.get("target") or {}).get("model_sha256"), **s["tuning"]}
+                    for s in prior.get("scales", [])}
+        missing = [n for n in fc.bench.scales if n not in by_scale]
+        if missing:
+            raise ValueError(f"--tuning-from {source} has no tuning for scales {missing} (it has {sorted(by_scale)})")
+        by_source.append((source, loaded, by_scale))
+    out: dict[int, dict[str, Any]] = {}
+    for n in fc.bench.scales:
+        shas = {src: s[n]["target_sha256"] for src, _, s in by_source}
+        if len(set(shas.values())) > 1:
+            raise ValueError(f"--tuning-from files tuned {n} training images on other targets (weights "
+                             + ", ".join(f"{src}: {str(v)[:12]}" for src, v in shas.items()) + "); tune again")
+        chosen: dict[str, list[float] | None] = {m: None for m in fc.entries if not fc.settings(m)}
+        means: dict[str, dict[str, float]] = {}
+        origin: dict[str, str] = {}
+        for m in (m for m in fc.entries if fc.settings(m)):
+            found = [(src, loaded, s[n]) for src, loaded, s in by_source
+                     if _definition(loaded, m) is not None and m in s[n]["chosen"]]
+            if not found:
+                raise ValueError(f"--tuning-from: no file tuned {m!r} ({', '.join(src for src, _, _ in by_source)}); "
+                                 "tune it, or leave it out of this report")
+            for src, loaded, t in found:
+                if _definition(loaded, m) != _definition(fc, m):
+                    raise ValueError(f"--tuning-from {src}: {m!r} is {_definition(loaded, m)} there, "
+                                     f"{_definition(fc, m)} here")
+                mine = (t["chosen"][m], t["mean_by_setting"].get(m))
+                if m in origin and mine != (chosen[m], means.get(m)):
+                    raise ValueError(f"--tuning-from {origin[m]} and {src} both tuned {m!r}, with other results")
+                if m not in origin:  # the file whose run tuned it (a re-report's own source, entry by entry)
+                    chosen[m] = t["chosen"][m]
+                    origin[m] = (t.get("reused_from_by_entry") or {}).get(m) or t.get("reused_from", src)
+                    if t["mean_by_setting"].get(m) is not None:
+                        means[m] = t["mean_by_setting"][m]
+        first = by_source[0][2][n]
+        sources = list(dict.fromkeys(origin.values())) or [first.get("reused_from", by_source[0][0])]
+        out[n] = {**{k: v for k, v in first.items() if k not in ("chosen", "mean_by_setting", "reused_from")},
+                  "mean_by_setting": means, "chosen": {m: chosen[m] for m in fc.entries},
+                  # the file whose run tuned (a re-report of a re-report names the first); several: each entry's
+                  "reused_from": sources[0] if len(sources) == 1 else ", ".join(sources),
+                  **({"reused_from_by_entry": origin} if len(sources) > 1 else {})}
+    return out
 
 
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
@@ -726,9 +777,12 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_f(r['ratio'], False)} "
                              f"[{_f(lo, False)}, {_f(hi, False)}]{mark}")
         reused = s["tuning"].get("reused_from")
+        by_entry = s["tuning"].get("reused_from_by_entry") or {}
+        sources = ("; ".join(f"`{src}` ({', '.join(m for m, f in by_entry.items() if f == src)})"  # several files
+                             for src in dict.fromkeys(by_entry.values())) if by_entry else f"`{reused}`")
         lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting "
                   "(lambda,T; side-lora: w,0; memguide: lambda,0)"
-                  + (f", taken with the chosen settings from `{reused}` (`--tuning-from`: its validation grid was not "
+                  + (f", taken with the chosen settings from {sources} (`--tuning-from`: the validation grid was not "
                      "run again" + ("; that file records no target, so the target it was chosen on is not checked"
                                     if s["tuning"].get("target_sha256") is None else "") + ")" if reused else "")
                   + ":", "",

@@ -192,10 +192,12 @@ def fair_cmd(
     equal_samples: bool = typer.Option(True, "--equal-samples/--no-equal-samples", help="Also run UnCond at N_G + "
                                        "N_S on every held-out replicate and set each SIDE form against it (plain "
                                        "sampling given the synthetic set's samples too)."),
-    tuning_from: Path | None = typer.Option(None, "--tuning-from", help="An earlier fair.json of this same "
-                                            "configuration (--heldout, --n-bootstrap may differ): take its chosen "
-                                            "settings instead of re-running the validation grid, and report on the "
-                                            "held-out replicates again."),
+    tuning_from: list[Path] = typer.Option([], "--tuning-from", help="An earlier fair.json of this same "
+                                           "configuration (--heldout, --n-bootstrap may differ): take its chosen "
+                                           "settings instead of re-running the validation grid, and report on the "
+                                           "held-out replicates again. Repeat it to join the tuning of fair benches "
+                                           "that each ran some of the entries (--methods, --form), e.g. one split "
+                                           "over processes: every tuned entry must come from one of them."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """The fair protocol: replicates that redraw everything downstream of the target, the same tuning grid for
@@ -249,15 +251,17 @@ def fair_cmd(
     argv += ["--eta", f"{eta:g}"] if eta != 0 else []
     argv += ["--stop-unseen", f"{stop_unseen:g}"] if stop_unseen != 0 else []
     argv += [] if equal_samples else ["--no-equal-samples"]
-    argv += ["--tuning-from", str(tuning_from)] if tuning_from is not None else []
+    for path in tuning_from:
+        argv += ["--tuning-from", str(path)]
     argv += ["--device", device] if device != "cpu" else []
     tuning = None
-    if tuning_from is not None:
-        if not tuning_from.is_file():
-            raise ValueError(f"--tuning-from {tuning_from}: no such file (expected an earlier fair.json)")
+    if tuning_from:
         from ..runs import read_json
 
-        tuning = reused_tuning(fc, read_json(tuning_from), str(tuning_from))
+        for path in tuning_from:
+            if not path.is_file():
+                raise ValueError(f"--tuning-from {path}: no such file (expected an earlier fair.json)")
+        tuning = reused_tuning(fc, *((read_json(path), str(path)) for path in tuning_from))
     console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
                   f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
                   f"{list(fc.heldout_replicates)}")
