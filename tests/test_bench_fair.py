@@ -571,3 +571,31 @@ def test_a_fair_bench_split_over_two_processes_joins_into_the_one_run_report(tmp
     # the old rule stays for what is not an entry list: another grid is another configuration
     with pytest.raises(ValueError, match="differs in scales_grid"):
         reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), (a, "a.json"), (b, "b.json"))
+
+
+def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp_path, one_thread, monkeypatch):
+    """Cond is guided by the training set's own labels, so a Cond form that changes the clustering makes Cond's
+    generations again: it would count as six more settings of tuning and one more baseline without being either.
+    Tuning goes setting by setting over the entries, so it is refused at its first run (the third), not after the
+    grids of the entries before it; an UnCond form that changes nothing UnCond reads is refused on the held-out
+    replicates, where it first runs."""
+    import side_extract.bench.protocol as protocol
+
+    calls = []
+    real = protocol.run_audit
+    monkeypatch.setattr(protocol, "run_audit", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    bc = tiny_bench()
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
+    fc = FairBenchConfig(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+                         validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4, n_bootstrap=20,
+                         equal_samples=False, forms={"cond-k3": {"method": "cond", "surrogate.n_clusters": 3}})
+    with pytest.raises(ValueError, match=r"'cond-k3' makes exactly the generations 'cond' makes .*surrogate\.n_clusters"):
+        run_fair_bench(fc, tmp_path / "cache")
+    assert len(calls) == 3 and calls[-1].name == "cond-k3"
+    # a form that does change what Cond reads (its guidance window) runs
+    late = dataclasses.replace(fc, forms={"cond-late": {"method": "cond", "extract.t_lo": 0.5}})
+    assert run_fair_bench(late, tmp_path / "cache")["scales"][0]["tuning"]["chosen"]["cond-late"] is not None
+    same = dataclasses.replace(fc, methods=("side", "uncond"),
+                               forms={"uncond-k3": {"method": "uncond", "surrogate.n_clusters": 3}})
+    with pytest.raises(ValueError, match="'uncond-k3' makes exactly the generations 'uncond' makes"):
+        run_fair_bench(same, tmp_path / "cache")

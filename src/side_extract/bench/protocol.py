@@ -230,13 +230,18 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
     """Step 1: every guided method over the same grid on the validation replicates; the chosen settings."""
     base = inputs.run_config(fc.bench.run)
     scores: dict[str, dict[str, list[float]]] = {m: {} for m in fc.entries if fc.settings(m)}
+    made: dict[str, str] = {}
     for r in fc.validation_replicates:
         rc = replicate_config(base, r)
         rep = inputs.replicate_run(cache, r)
-        for m in scores:
-            for setting in fc.settings(m):
+        # setting by setting, every entry at each (every grid has the same length): an entry that repeats another
+        # one's runs is found at the first setting, not after the grids of every entry before it
+        for i in range(len(fc.grid)):
+            for m in scores:
+                setting = fc.settings(m)[i]
                 path, mrc = entry_run(fc, m, rc, setting, fc.validation_n, rep)
                 res = run_audit(path, mrc, device=device, progress=progress)
+                check_distinct_runs(fc, made, m, path)
                 scores[m].setdefault(_setting_key(setting), []).append(
                     tuning_score(res.metrics[fc.base_method(m)], fc.select_metric, fc.validation_n))
     chosen: dict[str, list[float] | None] = {m: None for m in fc.entries if not fc.settings(m)}
@@ -248,6 +253,21 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
         chosen[m] = [best[0], best[1]]
     return {"replicates": list(fc.validation_replicates), "n_generated": fc.validation_n,
             "select_metric": fc.select_metric, "mean_by_setting": table, "chosen": chosen}
+
+
+def check_distinct_runs(fc: FairBenchConfig, made: dict[str, str], name: str, path: Path) -> None:
+    """Refuse entry ``name`` when the run it just made in ``path`` is another entry's (``made``: extraction stage
+    fingerprint -> entry, filled here): a form whose overrides change nothing its method reads (e.g. a Cond form
+    with ``surrogate.*`` keys: Cond is guided by the training set's own labels) makes the same generations, and
+    would count as more tuning budget and one more row without being either."""
+    stage = RunDir(path).manifest()["stages"].get(f"extraction/{fc.base_method(name)}") or {}
+    fp = stage.get("fingerprint")
+    other = made.setdefault(fp, name) if fp else name
+    if other != name:
+        keys = sorted(k for k in {**fc.forms.get(name, {}), **fc.forms.get(other, {})} if k != "method")
+        raise ValueError(f"forms: {name!r} makes exactly the generations {other!r} makes (the same extraction stage); "
+                         f"the keys that set them apart ({', '.join(keys)}) change nothing "
+                         f"{fc.base_method(name)} reads. Drop the form, or override what {fc.base_method(name)} uses")
 
 
 def best_setting(settings: list[tuple[float, float]], means: dict[str, float]) -> tuple[float, float]:
@@ -327,6 +347,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     rounds: set[str] = set()
     bands = list(read_bands_file(inputs.bands, base.evaluate.similarity))
     guarded_forms = [m for m in forms if fc.base_method(m) == "side-lora"]
+    made: dict[str, str] = {}
     for r in fc.heldout_replicates:
         rc = replicate_config(base, r)
         rep = inputs.replicate_run(cache, r)
@@ -338,6 +359,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             if method_in_rounds(fc.base_method(m), mrc.extract):  # its first n generations are its first rounds
                 rounds.add(m)
             res = run_audit(path, mrc, device=device, progress=progress)
+            check_distinct_runs(fc, made, m, path)
             met = res.metrics[fc.base_method(m)]
             per_rep[m].append({"replicate": r, "n_generated": int(met["n_generated"]),
                                **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
