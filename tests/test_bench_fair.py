@@ -549,6 +549,15 @@ def test_a_fair_bench_split_over_two_processes_joins_into_the_one_run_report(tmp
     again = run_fair_bench(fc, split, tuning={20: joined})
     assert again["scales"][0]["heldout"]["per_replicate"] == whole["scales"][0]["heldout"]["per_replicate"]
     assert "from `a.json` (side); `b.json` (cond) (`--tuning-from`" in render_fair_markdown(again)
+    # a re-report of the joined report names the files whose runs tuned, entry by entry; one of fewer entries (a
+    # file may hold entries this report lacks) names the one file its entries came from, and nothing of the other
+    rejoined = reused_tuning(fc, (again, "joined.json"))[20]
+    assert rejoined["reused_from_by_entry"] == {"side": "a.json", "cond": "b.json"}
+    assert rejoined["chosen"] == joined["chosen"]
+    fewer = reused_tuning(dataclasses.replace(fc, methods=("side", "uncond")), (again, "joined.json"))[20]
+    assert fewer["reused_from"] == "a.json" and "reused_from_by_entry" not in fewer
+    assert fewer["chosen"] == {"uncond": None, "side": joined["chosen"]["side"]}
+    assert fewer["target_sha256"] == whole["scales"][0]["target"]["model_sha256"]
     # each entry takes the setting of the file that tuned it (the tiny model ties every setting: set them apart)
     b2 = json.loads(json.dumps(b))
     b2["scales"][0]["tuning"]["chosen"]["cond"] = [1.0, 1.0]
@@ -568,6 +577,9 @@ def test_a_fair_bench_split_over_two_processes_joins_into_the_one_run_report(tmp
     other["scales"][0]["target"]["model_sha256"] = "0" * 64
     with pytest.raises(ValueError, match="on other targets"):
         reused_tuning(fc, (a, "a.json"), (other, "b.json"))
+    unknown = json.loads(json.dumps(b))  # a file that recorded no target: joined, and the target is not checked
+    del unknown["scales"][0]["target"]["model_sha256"]
+    assert reused_tuning(fc, (a, "a.json"), (unknown, "b.json"))[20]["target_sha256"] is None
     # the old rule stays for what is not an entry list: another grid is another configuration
     with pytest.raises(ValueError, match="differs in scales_grid"):
         reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), (a, "a.json"), (b, "b.json"))
@@ -594,7 +606,8 @@ def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp
     assert len(calls) == 3 and calls[-1].name == "cond-k3"
     # a form that does change what Cond reads (its guidance window) runs
     late = dataclasses.replace(fc, forms={"cond-late": {"method": "cond", "extract.t_lo": 0.5}})
-    assert run_fair_bench(late, tmp_path / "cache")["scales"][0]["tuning"]["chosen"]["cond-late"] is not None
+    tuned = run_fair_bench(late, tmp_path / "cache")["scales"][0]["tuning"]  # no error: its runs are its own
+    assert set(tuned["mean_by_setting"]) == {"side", "cond", "cond-late"}
     same = dataclasses.replace(fc, methods=("side", "uncond"),
                                forms={"uncond-k3": {"method": "uncond", "surrogate.n_clusters": 3}})
     with pytest.raises(ValueError, match="'uncond-k3' makes exactly the generations 'uncond' makes"):

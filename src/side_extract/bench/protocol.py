@@ -472,12 +472,13 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
     out: dict[int, dict[str, Any]] = {}
     for n in fc.bench.scales:
         shas = {src: s[n]["target_sha256"] for src, _, s in by_source}
-        if len(set(shas.values())) > 1:
+        if len({v for v in shas.values() if v is not None}) > 1:
             raise ValueError(f"--tuning-from files tuned {n} training images on other targets (weights "
                              + ", ".join(f"{src}: {str(v)[:12]}" for src, v in shas.items()) + "); tune again")
         chosen: dict[str, list[float] | None] = {m: None for m in fc.entries if not fc.settings(m)}
         means: dict[str, dict[str, float]] = {}
         origin: dict[str, str] = {}
+        given: dict[str, str] = {}  # the file given here that it was first taken from (for the messages)
         for m in (m for m in fc.entries if fc.settings(m)):
             found = [(src, loaded, s[n]) for src, loaded, s in by_source
                      if _definition(loaded, m) is not None and m in s[n]["chosen"]]
@@ -490,15 +491,18 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
                                      f"{_definition(fc, m)} here")
                 mine = (t["chosen"][m], t["mean_by_setting"].get(m))
                 if m in origin and mine != (chosen[m], means.get(m)):
-                    raise ValueError(f"--tuning-from {origin[m]} and {src} both tuned {m!r}, with other results")
+                    raise ValueError(f"--tuning-from {given[m]} and {src} both tuned {m!r}, with other results")
                 if m not in origin:  # the file whose run tuned it (a re-report's own source, entry by entry)
-                    chosen[m] = t["chosen"][m]
+                    chosen[m], given[m] = t["chosen"][m], src
                     origin[m] = (t.get("reused_from_by_entry") or {}).get(m) or t.get("reused_from", src)
                     if t["mean_by_setting"].get(m) is not None:
                         means[m] = t["mean_by_setting"][m]
         first = by_source[0][2][n]
         sources = list(dict.fromkeys(origin.values())) or [first.get("reused_from", by_source[0][0])]
-        out[n] = {**{k: v for k, v in first.items() if k not in ("chosen", "mean_by_setting", "reused_from")},
+        out[n] = {**{k: v for k, v in first.items()
+                     if k not in ("chosen", "mean_by_setting", "reused_from", "reused_from_by_entry", "target_sha256")},
+                  # a file that recorded no target leaves the target unchecked (the report says so)
+                  "target_sha256": None if None in shas.values() else next(iter(shas.values())),
                   "mean_by_setting": means, "chosen": {m: chosen[m] for m in fc.entries},
                   # the file whose run tuned (a re-report of a re-report names the first); several: each entry's
                   "reused_from": sources[0] if len(sources) == 1 else ", ".join(sources),
