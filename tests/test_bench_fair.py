@@ -321,7 +321,8 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     with pytest.raises(ValueError, match=r"differs in bench\.run\.surrogate\.memorized_fraction"):
         reused_tuning(dataclasses.replace(fc, bench=dataclasses.replace(
             bc, run=dataclasses.replace(bc.run, surrogate=mem))), (older, "older.json"))
-    assert reused_tuning(dataclasses.replace(fc, heldout_replicates=(2, 3, 4)), (d, "fair.json"))[20]["chosen"] == chosen
+    more = dataclasses.replace(fc, heldout_replicates=(2, 3, 4))
+    assert reused_tuning(more, (d, "fair.json"))[20]["chosen"] == chosen
     tuning = reused_tuning(dataclasses.replace(fc, n_bootstrap=30), (d, "fair.json"))
     monkeypatch.setattr(protocol, "tune", lambda *a, **k: pytest.fail("the validation grid ran again"))
     again = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache", tuning=tuning)["scales"][0]
@@ -601,7 +602,8 @@ def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp
     fc = FairBenchConfig(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
                          validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4, n_bootstrap=20,
                          equal_samples=False, forms={"cond-k3": {"method": "cond", "surrogate.n_clusters": 3}})
-    with pytest.raises(ValueError, match=r"'cond-k3' makes exactly the generations 'cond' makes .*surrogate\.n_clusters"):
+    with pytest.raises(ValueError,
+                       match=r"'cond-k3' makes exactly the generations 'cond' makes .*surrogate\.n_clusters"):
         run_fair_bench(fc, tmp_path / "cache")
     assert len(calls) == 3 and calls[-1].name == "cond-k3"
     # a form that does change what Cond reads (its guidance window) runs
