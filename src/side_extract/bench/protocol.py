@@ -480,8 +480,7 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
         origin: dict[str, str] = {}
         given: dict[str, str] = {}  # the file given here that it was first taken from (for the messages)
         for m in (m for m in fc.entries if fc.settings(m)):
-            found = [(src, loaded, s[n]) for src, loaded, s in by_source
-                     if _definition(loaded, m) is not None and m in s[n]["chosen"]]
+            found = [(src, loaded, s[n]) for src, loaded, s in by_source if m in s[n]["chosen"]]
             if not found:
                 raise ValueError(f"--tuning-from: no file tuned {m!r} ({', '.join(src for src, _, _ in by_source)}); "
                                  "tune it, or leave it out of this report")
