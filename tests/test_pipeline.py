@@ -201,6 +201,30 @@ def test_side_through_the_denoised_estimate(tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(z.extractions["side"].images, z.extractions["uncond"].images)
 
 
+def test_cond_through_the_denoised_estimate(tiny_model_dir, tmp_path):
+    """clean_classifier.guidance_input: x0_hat makes Cond guide through the target's denoised estimate with the same
+    clean classifier (it used to be accepted and ignored): a rerun with it keeps the classifier-clean stage and makes
+    other Cond generations; lambda 0 still equals plain sampling."""
+    from side_extract.guidance import DenoisedGuidance
+
+    rc = tiny_rc(tiny_model_dir, methods=("cond", "uncond"))
+    run = tmp_path / "run"
+    plain = run_audit(run, rc, until="extraction")
+    stages = read_json(run / "manifest.json")["stages"]
+    x0 = dataclasses.replace(rc, clean_classifier=dataclasses.replace(rc.clean_classifier, guidance_input="x0_hat"))
+    res = run_audit(run, x0, until="extraction")
+    again = read_json(run / "manifest.json")["stages"]
+    assert again["classifier-clean"] == stages["classifier-clean"]  # not trained again
+    assert again["extraction/cond"]["fingerprint"] != stages["extraction/cond"]["fingerprint"]
+    assert not np.array_equal(res.extractions["cond"].images, plain.extractions["cond"].images)
+    np.testing.assert_array_equal(res.extractions["uncond"].images, plain.extractions["uncond"].images)
+    _, guidance = method_guidance(run, x0, "cond", load_target(rc.model))
+    assert isinstance(guidance, DenoisedGuidance)
+    zero = dataclasses.replace(x0, extract=dataclasses.replace(x0.extract, cond_scale=0.0))
+    z = run_audit(tmp_path / "zero", zero, until="extraction")
+    np.testing.assert_array_equal(z.extractions["cond"].images, z.extractions["uncond"].images)
+
+
 def test_training_set_features_are_extracted_once_per_run(tiny_model_dir, tmp_path, monkeypatch):
     """With a feature similarity, the training set's features are a stage of their own (keyed by extractor,
     training set and model): the calibration and every method's evaluation reuse them, and a rerun with

@@ -271,9 +271,10 @@ class ClassifierConfig:
     the paper), guided-diffusion's classifier, with t conditioning every residual block as well: on the fair
     protocol (8x8, 300 images, K = 100) it reached 0.84x UnCond's distinct images where the paper's reached
     0.74x, and 1.06x vs 0.87x its Carlini share (``benchmarks/results/fair8/forms-n300``).
-    ``guidance_input`` (SIDE's classifiers): ``x_t``, the paper's noise-aware classifier p(y | x_t, t); or
-    ``x0_hat``, a clean classifier applied to the target's denoised estimate with the gradient taken through
-    the target (``guidance.DenoisedGuidance``; beyond the paper).
+    ``guidance_input``: ``x_t``, the paper's (SIDE: the noise-aware classifier p(y | x_t, t); Cond: the clean
+    classifier applied to x_t as it is); or ``x0_hat``, a clean classifier applied to the target's denoised estimate
+    with the gradient taken through the target (``guidance.DenoisedGuidance``; beyond the paper; for Cond, a
+    stronger baseline of the same classifier, which trains the same either way).
     ``backbone`` (SIDE's noise-aware classifiers): ``resnet`` (the paper's), or ``unet``: the target's own frozen
     UNet features at the same t with a trained head (``models.classifier.UNetFeatureClassifier``; beyond the
     paper; ``width`` sets the head).

@@ -179,7 +179,9 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     """
     c = ctx.rc.clean_classifier if clean else ctx.rc.classifier
     denoised = not clean and c.guidance_input == "x0_hat"  # a clean classifier, used through x0_hat(x_t, t)
-    fp = stage_fingerprint("classifier", c, input_fp, clean)
+    # a clean classifier trains the same whatever guides with it (x_t for Cond, x0_hat(x_t, t)); the extraction's
+    # fingerprint names its guidance input
+    fp = stage_fingerprint("classifier", dataclasses.replace(c, guidance_input="x_t") if clean else c, input_fp, clean)
     ctx.fp[name] = fp
     directory = ctx.run.path / name
     keep = labels >= 0
@@ -249,7 +251,7 @@ def method_guidance(run: str | Path, rc: cfg.RunConfig, method: str, denoiser: D
         scale, temperature = ex.scale, ex.temperature
     args = (model, np.asarray(model.arch.classes, dtype=np.int64), scale, temperature, (ex.t_lo, ex.t_hi),
             denoiser.scheduler.config.num_train_timesteps, background)
-    if not clean and c.guidance_input == "x0_hat":  # a clean classifier, used through x0_hat(x_t, t)
+    if c.guidance_input == "x0_hat":  # a clean classifier, used through x0_hat(x_t, t) (SIDE's or Cond's)
         return denoiser, DenoisedGuidance(*args, denoiser=denoiser)
     return denoiser, ClassifierGuidance(*args)
 
@@ -321,6 +323,8 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
                      memguide_avoid_window=list(guidance.avoid_window), rounds=c.rounds)
     elif guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
+        if isinstance(guidance, DenoisedGuidance):
+            d["guidance_input"] = "x0_hat"
     if c.allocation != "uniform" and method in TARGETED:
         d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
     if c.stop_unseen > 0:  # dedup-driven stopping, any method
