@@ -225,6 +225,33 @@ def test_cond_through_the_denoised_estimate(tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(z.extractions["cond"].images, z.extractions["uncond"].images)
 
 
+def test_time_keys_of_a_classifier_without_time_are_named_and_train_nothing_again(tiny_model_dir, tmp_path, caplog):
+    """The clean classifier (Cond's, the teacher's) has no time input: setting its time keys used to retrain the same
+    classifier as another stage (and make Cond's generations again under another fingerprint); now the run keeps
+    the stage and warns, naming the keys. SIDE's noise-aware classifier does read them."""
+    rc = tiny_rc(tiny_model_dir, methods=("cond", "uncond"))
+    run = tmp_path / "run"
+    run_audit(run, rc, until="extraction")
+    stages = read_json(run / "manifest.json")["stages"]
+    timed = dataclasses.replace(rc.clean_classifier, time_blocks="first", time_embed_dim=64)
+    inert = dataclasses.replace(rc, clean_classifier=timed)
+    with caplog.at_level("WARNING", logger="side_extract.pipeline"):
+        run_audit(run, inert, until="extraction")
+    again = read_json(run / "manifest.json")["stages"]
+    for stage in ("classifier-clean", "extraction/cond"):
+        assert again[stage] == stages[stage], stage
+    assert "clean_classifier.time_blocks='first', clean_classifier.time_embed_dim=64" in caplog.text
+    assert cfg.inert_classifier_keys(inert) == ["clean_classifier.time_blocks='first'",
+                                                "clean_classifier.time_embed_dim=64"]
+    # the same keys on SIDE's noise-aware classifier are no such thing; through x0_hat they are
+    side = dataclasses.replace(rc, classifier=timed, extract=dataclasses.replace(rc.extract, methods=("side",)))
+    assert cfg.inert_classifier_keys(side) == []
+    x0 = dataclasses.replace(side, classifier=dataclasses.replace(timed, guidance_input="x0_hat"))
+    assert cfg.inert_classifier_keys(x0) == ["classifier.time_blocks='first'", "classifier.time_embed_dim=64"]
+    unet = dataclasses.replace(side, classifier=dataclasses.replace(timed, backbone="unet"))
+    assert cfg.inert_classifier_keys(unet) == ["classifier.time_blocks='first'", "classifier.time_embed_dim=64"]
+
+
 def test_training_set_features_are_extracted_once_per_run(tiny_model_dir, tmp_path, monkeypatch):
     """With a feature similarity, the training set's features are a stage of their own (keyed by extractor,
     training set and model): the calibration and every method's evaluation reuse them, and a rerun with

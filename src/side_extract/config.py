@@ -274,7 +274,9 @@ class ClassifierConfig:
     ``guidance_input``: ``x_t``, the paper's (SIDE: the noise-aware classifier p(y | x_t, t); Cond: the clean
     classifier applied to x_t as it is); or ``x0_hat``, a clean classifier applied to the target's denoised estimate
     with the gradient taken through the target (``guidance.DenoisedGuidance``; beyond the paper; for Cond, a
-    stronger baseline of the same classifier, which trains the same either way).
+    stronger baseline of the same classifier, which trains the same either way). Only the noise-aware ResNet reads
+    ``time_mode``, ``time_blocks`` and ``time_embed_dim``: the clean classifier and SIDE's through x0_hat have no time
+    input, one on the UNet's features takes the target's time embedding; a run warns when they are set there.
     ``backbone`` (SIDE's noise-aware classifiers): ``resnet`` (the paper's), or ``unet``: the target's own frozen
     UNet features at the same t with a trained head (``models.classifier.UNetFeatureClassifier``; beyond the
     paper; ``width`` sets the head).
@@ -295,6 +297,13 @@ class ClassifierConfig:
     guidance_input: Literal["x_t", "x0_hat"] = "x_t"
     backbone: Literal["resnet", "unet"] = "resnet"
 
+    @property
+    def reads_time_keys(self) -> bool:
+        """Whether this classifier, trained as SIDE's, reads ``time_mode``, ``time_blocks`` and ``time_embed_dim``:
+        the paper's noise-aware ResNet does; one through x0_hat (no time input) and one on the target's UNet features
+        (the target's own time embedding) do not. A clean classifier never does."""
+        return self.guidance_input == "x_t" and self.backbone == "resnet"
+
     def __post_init__(self) -> None:
         _numbers(self)
         _positive(self, "width", "time_embed_dim", "steps", "batch_size", "eval_every")
@@ -308,6 +317,23 @@ class ClassifierConfig:
             raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
+
+
+CLASSIFIER_TIME_KEYS = ("time_mode", "time_blocks", "time_embed_dim")  # what only a noise-aware classifier reads
+
+
+def inert_classifier_keys(rc: RunConfig) -> list[str]:
+    """The time keys set away from their defaults on a classifier that does not read them (``clean_classifier``,
+    when a method trains it, has no time input; ``classifier`` guiding through x0_hat has none either, and on the
+    target's UNet features it takes the target's own time embedding), as ``section.key=value``: they change
+    nothing, and a run warns of them."""
+    default = ClassifierConfig()
+    methods = set(rc.extract.methods)
+    timeless = [("clean_classifier", rc.clean_classifier)] if {"cond", "side-teacher"} & methods else []
+    if not rc.classifier.reads_time_keys and {"side", "side-teacher"} & methods:
+        timeless.append(("classifier", rc.classifier))
+    return [f"{name}.{k}={getattr(c, k)!r}" for name, c in timeless for k in CLASSIFIER_TIME_KEYS
+            if getattr(c, k) != getattr(default, k)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -179,9 +179,7 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     """
     c = ctx.rc.clean_classifier if clean else ctx.rc.classifier
     denoised = not clean and c.guidance_input == "x0_hat"  # a clean classifier, used through x0_hat(x_t, t)
-    # a clean classifier trains the same whatever guides with it (x_t for Cond, x0_hat(x_t, t)); the extraction's
-    # fingerprint names its guidance input
-    fp = stage_fingerprint("classifier", dataclasses.replace(c, guidance_input="x_t") if clean else c, input_fp, clean)
+    fp = stage_fingerprint("classifier", classifier_settings(c, clean=clean), input_fp, clean)
     ctx.fp[name] = fp
     directory = ctx.run.path / name
     keep = labels >= 0
@@ -201,6 +199,19 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
             ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy, processes=group.world,
                              rows_per_process=result.rows_per_process)
         group.barrier()
+
+
+def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> cfg.ClassifierConfig:
+    """What training classifier ``c`` reads, for its stage's fingerprint: one that does not read the time keys (a
+    ``clean`` one, Cond's and the teacher's; SIDE's through x0_hat or on the UNet's features,
+    :attr:`~side_extract.config.ClassifierConfig.reads_time_keys`) ignores them, and a clean one trains the same
+    whatever guides with it (x_t or x0_hat: the extraction's fingerprint names it); those keys take their defaults,
+    so that changing them neither trains the same classifier again nor passes for another setting."""
+    default = cfg.ClassifierConfig()
+    keys = {k: getattr(default, k) for k in cfg.CLASSIFIER_TIME_KEYS} if clean or not c.reads_time_keys else {}
+    if clean:
+        keys["guidance_input"] = default.guidance_input
+    return dataclasses.replace(c, **keys)
 
 
 def _classifier_unet(denoiser: Denoiser, c: cfg.ClassifierConfig, clean: bool) -> torch.nn.Module | None:
@@ -583,6 +594,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     for name, c in (("classifier", rc.classifier), ("clean_classifier", rc.clean_classifier)):
         if c.backbone == "resnet" and c.depth not in DEPTHS:
             problems.append(f"{name}.depth={c.depth} must be one of {sorted(DEPTHS)} (the ResNet's depth)")
+    if inert := cfg.inert_classifier_keys(rc):
+        log.warning("%s: a classifier without a time input does not read them (a noise-aware classifier does: "
+                    "classifier.guidance_input x_t)", ", ".join(inert))
     if rc.clean_classifier.backbone != "resnet":
         problems.append(f"clean_classifier.backbone={rc.clean_classifier.backbone!r}: the clean (time-independent) "
                         "classifier must use backbone: resnet")

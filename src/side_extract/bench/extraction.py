@@ -133,7 +133,7 @@ def quick_config() -> ExtractionBenchConfig:
         "features": {"extractor": "pixels-pca"},
         "surrogate": {"n_clusters": 16, "tau": 0.5, "select_k": []},
         "classifier": clf,
-        "clean_classifier": dict(clf, steps=100),
+        "clean_classifier": {k: v for k, v in dict(clf, steps=100).items() if k != "time_blocks"},  # no time input
         "extract": {"methods": ["side", "side-teacher", "cond", "uncond"], "n": 64, "seed": 1, "scale": 10.0,
                     "cond_scale": None, "cond_temperature": 1.0, "temperature": 1.0, "eta": 0.0, "steps": 20},
         "evaluate": {"similarity": "rms-l2", "quality": ["pixels"]},  # quality in pixel space only: cheap
