@@ -240,16 +240,45 @@ def test_time_keys_of_a_classifier_without_time_are_named_and_train_nothing_agai
     again = read_json(run / "manifest.json")["stages"]
     for stage in ("classifier-clean", "extraction/cond"):
         assert again[stage] == stages[stage], stage
-    assert "clean_classifier.time_blocks='first', clean_classifier.time_embed_dim=64" in caplog.text
-    assert cfg.inert_classifier_keys(inert) == ["clean_classifier.time_blocks='first'",
-                                                "clean_classifier.time_embed_dim=64"]
-    # the same keys on SIDE's noise-aware classifier are no such thing; through x0_hat they are
+    assert "clean_classifier.time_blocks='first' (the clean classifier has no time input); " in caplog.text
+    named = [s.split(" (")[0] for s in cfg.inert_settings(inert)]
+    assert named == ["clean_classifier.time_blocks='first'", "clean_classifier.time_embed_dim=64"]
+    # the same keys on SIDE's noise-aware classifier are no such thing; through x0_hat or on the UNet they are
     side = dataclasses.replace(rc, classifier=timed, extract=dataclasses.replace(rc.extract, methods=("side",)))
-    assert cfg.inert_classifier_keys(side) == []
-    x0 = dataclasses.replace(side, classifier=dataclasses.replace(timed, guidance_input="x0_hat"))
-    assert cfg.inert_classifier_keys(x0) == ["classifier.time_blocks='first'", "classifier.time_embed_dim=64"]
-    unet = dataclasses.replace(side, classifier=dataclasses.replace(timed, backbone="unet"))
-    assert cfg.inert_classifier_keys(unet) == ["classifier.time_blocks='first'", "classifier.time_embed_dim=64"]
+    assert cfg.inert_settings(side) == []
+    time_keys = ["classifier.time_blocks='first'", "classifier.time_embed_dim=64"]
+    for c, expected in ((dataclasses.replace(timed, guidance_input="x0_hat"), time_keys),
+                        (dataclasses.replace(timed, backbone="unet"), [*time_keys, "classifier.depth=10"])):
+        named = [s.split(" (")[0] for s in cfg.inert_settings(dataclasses.replace(side, classifier=c))]
+        assert named == expected
+
+
+def test_settings_that_change_nothing_are_named():
+    """Each listed setting is set away from its default where the run does not read it; its method's absence is
+    not such a case (the key is merely unused)."""
+    rc = cfg.from_dict(cfg.RunConfig, {
+        "classifier": {"backbone": "unet", "depth": 10},
+        "sample": {"scheduler": "ddpm", "eta": 0.5, "clip_eps": False},
+        "extract": {"methods": ["side", "side-lora", "uncond"], "scheduler": "ddpm", "eta": 0.0},
+        "lora": {"rank": "full", "alpha": 8.0},
+        "evaluate": {"resize": 16, "detect_mode": "components"}})
+    named = [s.split(" (")[0] for s in cfg.inert_settings(rc)]
+    assert named == ["classifier.depth=10", "sample.eta=0.5", "sample.clip_eps=False", "extract.eta=0.0",
+                     "lora.alpha=8.0", "evaluate.resize=16", "evaluate.detect_mode='components'"]
+    used = cfg.from_dict(cfg.RunConfig, {
+        "classifier": {"depth": 10}, "sample": {"eta": 0.5}, "extract": {"methods": ["side", "uncond"], "eta": 0.0},
+        "lora": {"rank": "full", "alpha": 8.0}, "evaluate": {"detect_threshold": 0.1, "detect_mode": "components"}})
+    assert cfg.inert_settings(used) == []  # DDIM reads eta; no side-lora; detection runs
+
+
+def test_a_unet_feature_classifier_takes_any_depth():
+    """The UNet's features have no depth: ``depth`` 50 used to pass the run's checks and fail in the classifier
+    stage, after the synthetic set and the clustering."""
+    from side_extract.models.classifier import ClassifierArch
+
+    assert ClassifierArch(num_classes=3, in_channels=1, image_size=8, depth=50, backbone="unet").depth == 50
+    with pytest.raises(ValueError, match="depth=50"):
+        ClassifierArch(num_classes=3, in_channels=1, image_size=8, depth=50)
 
 
 def test_training_set_features_are_extracted_once_per_run(tiny_model_dir, tmp_path, monkeypatch):

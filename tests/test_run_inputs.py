@@ -178,6 +178,26 @@ def test_a_bad_sweep_value_fails_before_the_main_run(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_sweep_that_would_change_nothing_is_refused(tiny_model_dir, tmp_path):
+    """A sweep of a value no enabled method reads used to be ignored silently (no guided method) or to make sub-runs
+    that repeat the main run (K with select_k, which picks K itself); both are refused before anything is written."""
+    rc = _small(tiny_model_dir, bands=FIXED)
+    cases = [(dict(sweep=cfg.SweepConfig(scale=(1.0, 3.0)),
+                   extract=dataclasses.replace(rc.extract, methods=("memguide", "uncond"))),
+              r"sweep\.scale: no method in extract\.methods \(memguide, uncond\) reads extract\.scale"),
+             (dict(sweep=cfg.SweepConfig(n_clusters=(2, 3)),
+                   extract=dataclasses.replace(rc.extract, methods=("cond", "uncond"))),
+              r"sweep\.n_clusters: .* it moves side, side-lora"),
+             (dict(sweep=cfg.SweepConfig(n_clusters=(2, 3)),
+                   extract=dataclasses.replace(rc.extract, methods=("side", "uncond")),
+                   surrogate=dataclasses.replace(rc.surrogate, select_k=(2, 3))),
+              r"sweep\.n_clusters with surrogate\.select_k=\[2, 3\]")]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_with_sweeps(tmp_path / "run", dataclasses.replace(rc, **changes))
+        assert not (tmp_path / "run").exists()
+
+
 def test_side_run_runs_its_config_and_side_sample_keeps_the_runs_settings(tiny_model_dir, tmp_path):
     """`side run CONFIG --out RUN` merged CONFIG over RUN's saved config, so a key deleted from CONFIG kept the
     old run's value; `side sample --out RUN` on an existing run wrote every other setting back to its default."""

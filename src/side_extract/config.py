@@ -322,20 +322,6 @@ class ClassifierConfig:
 CLASSIFIER_TIME_KEYS = ("time_mode", "time_blocks", "time_embed_dim")  # what only a noise-aware classifier reads
 
 
-def inert_classifier_keys(rc: RunConfig) -> list[str]:
-    """The time keys set away from their defaults on a classifier that does not read them (``clean_classifier``,
-    when a method trains it, has no time input; ``classifier`` guiding through x0_hat has none either, and on the
-    target's UNet features it takes the target's own time embedding), as ``section.key=value``: they change
-    nothing, and a run warns of them."""
-    default = ClassifierConfig()
-    methods = set(rc.extract.methods)
-    timeless = [("clean_classifier", rc.clean_classifier)] if {"cond", "side-teacher"} & methods else []
-    if not rc.classifier.reads_time_keys and {"side", "side-teacher"} & methods:
-        timeless.append(("classifier", rc.classifier))
-    return [f"{name}.{k}={getattr(c, k)!r}" for name, c in timeless for k in CLASSIFIER_TIME_KEYS
-            if getattr(c, k) != getattr(default, k)]
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """SIDE's second form (``side-lora``): fine-tune the target on the synthetic set with its surrogate labels
@@ -529,6 +515,42 @@ class RunConfig:
     extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+
+
+def inert_settings(rc: RunConfig) -> list[str]:
+    """The settings set away from their defaults that change nothing in this run, given the others, as
+    ``section.key=value (why)``; a run warns of them (:func:`side_extract.pipeline.preflight`). A key of a method that
+    is not in ``extract.methods`` is not listed: it is simply unused."""
+    methods = set(rc.extract.methods)
+    out: list[str] = []
+
+    def changed(section: str, obj: Any, keys: tuple[str, ...], why: str) -> None:
+        default = type(obj)()
+        out.extend(f"{section}.{k}={getattr(obj, k)!r} ({why})" for k in keys if getattr(obj, k) != getattr(default, k))
+
+    if {"cond", "side-teacher"} & methods:
+        changed("clean_classifier", rc.clean_classifier, CLASSIFIER_TIME_KEYS, "the clean classifier has no time input")
+    if {"side", "side-teacher"} & methods:
+        c = rc.classifier
+        if c.guidance_input == "x0_hat":
+            changed("classifier", c, CLASSIFIER_TIME_KEYS, "a classifier through x0_hat has no time input")
+        elif c.backbone == "unet":
+            changed("classifier", c, CLASSIFIER_TIME_KEYS + ("depth",),
+                    "a classifier on the UNet's features takes the target's time embedding; width sets its head")
+    if rc.sample.scheduler == "ddpm":
+        changed("sample", rc.sample, ("eta", "clip_eps"), "DDIM's; sample.scheduler is ddpm")
+    if rc.extract.scheduler == "ddpm":
+        changed("extract", rc.extract, ("eta",), "DDIM's; extract.scheduler is ddpm")
+    if "side-lora" in methods and rc.lora.rank == "full":
+        changed("lora", rc.lora, ("alpha", "target_modules"), "LoRA's; lora.rank is full: every weight trains")
+    ev = rc.evaluate
+    if ev.resize is not None:
+        out.append(f"evaluate.resize={ev.resize!r} (side evaluate's and side calibrate's; a run resizes its image "
+                   "sets with train_resize)")
+    if ev.detect_threshold is None:
+        changed("evaluate", ev, ("detect_min_size", "detect_grid", "detect_mode", "extraction_threshold"),
+                "clique detection runs only with evaluate.detect_threshold")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

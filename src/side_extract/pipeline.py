@@ -205,12 +205,15 @@ def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> cfg.Classifi
     """What training classifier ``c`` reads, for its stage's fingerprint: one that does not read the time keys (a
     ``clean`` one, Cond's and the teacher's; SIDE's through x0_hat or on the UNet's features,
     :attr:`~side_extract.config.ClassifierConfig.reads_time_keys`) ignores them, and a clean one trains the same
-    whatever guides with it (x_t or x0_hat: the extraction's fingerprint names it); those keys take their defaults,
-    so that changing them neither trains the same classifier again nor passes for another setting."""
+    whatever guides with it (x_t or x0_hat: the extraction's fingerprint names it), and one on the UNet's features
+    has no depth; those keys take their defaults, so that changing them neither trains the same classifier again
+    nor passes for another setting (:func:`~side_extract.config.inert_settings` warns of them)."""
     default = cfg.ClassifierConfig()
     keys = {k: getattr(default, k) for k in cfg.CLASSIFIER_TIME_KEYS} if clean or not c.reads_time_keys else {}
     if clean:
         keys["guidance_input"] = default.guidance_input
+    elif c.backbone == "unet":  # the UNet's features have no depth of their own
+        keys["depth"] = default.depth
     return dataclasses.replace(c, **keys)
 
 
@@ -594,9 +597,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     for name, c in (("classifier", rc.classifier), ("clean_classifier", rc.clean_classifier)):
         if c.backbone == "resnet" and c.depth not in DEPTHS:
             problems.append(f"{name}.depth={c.depth} must be one of {sorted(DEPTHS)} (the ResNet's depth)")
-    if inert := cfg.inert_classifier_keys(rc):
-        log.warning("%s: a classifier without a time input does not read them (a noise-aware classifier does: "
-                    "classifier.guidance_input x_t)", ", ".join(inert))
+    if inert := cfg.inert_settings(rc):
+        log.warning("settings that change nothing in this run: %s", "; ".join(inert))
     if rc.clean_classifier.backbone != "resnet":
         problems.append(f"clean_classifier.backbone={rc.clean_classifier.backbone!r}: the clean (time-independent) "
                         "classifier must use backbone: resnet")

@@ -4,7 +4,9 @@ A sub-run is an ordinary run directory. Before it runs, every stage its parent c
 (files hard-linked, manifest entry copied), so the sub-run recomputes only what the swept value changes:
 a lambda sweep reuses the synthetic set, labels and classifier and redoes extraction and evaluation; a K or
 tau sweep redoes labels, classifier, extraction and evaluation. Only the classifier-guided methods are swept
-(UnCond and memorization guidance do not depend on any swept value; their parent results are the reference).
+(UnCond and memorization guidance do not depend on any swept value; their parent results are the reference); a
+sub-run's stage that its value does not move (Cond's in a K sweep, side-lora's in a lambda sweep) is its parent's,
+shared, and the report leaves it out of the sweep's curves.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ from .summary import LABEL_FREE
 log = logging.getLogger(__name__)
 
 SWEEPABLE = {"scale": "extract", "n_clusters": "surrogate", "tau": "surrogate"}
+# the methods whose generations a swept value moves (side-lora samples with lora.guidance_scale, not lambda; Cond and
+# side-teacher are guided by the training set's labels, not by the surrogate clusters)
+SWEPT_METHODS = {"scale": ("side", "side-teacher", "cond"), "n_clusters": ("side", "side-lora"),
+                 "tau": ("side", "side-lora")}
 
 
 def share_stages(parent: RunDir, child: RunDir) -> list[str]:
@@ -61,9 +67,20 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 
 def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
-    """(sub-run name, its config) for every swept value in ``rc.sweep``."""
+    """(sub-run name, its config) for every swept value in ``rc.sweep``. A sweep that would change nothing is
+    refused: one of a value no method in ``extract.methods`` reads (:data:`SWEPT_METHODS`), or of K while
+    ``surrogate.select_k`` picks K itself."""
     out = []
     guided = tuple(m for m in rc.extract.methods if m not in ("uncond", *LABEL_FREE))
+    for name, readers in SWEPT_METHODS.items():
+        if getattr(rc.sweep, name) and not set(readers) & set(rc.extract.methods):
+            raise ValueError(f"sweep.{name}: no method in extract.methods ({', '.join(rc.extract.methods)}) reads "
+                             f"{SWEEPABLE[name]}.{name}, so every sub-run would repeat the main run; it moves "
+                             f"{', '.join(readers)}")
+    if rc.sweep.n_clusters and rc.surrogate.select_k:
+        raise ValueError(f"sweep.n_clusters with surrogate.select_k={list(rc.surrogate.select_k)}: K is the candidate "
+                         "with the best silhouette score whatever surrogate.n_clusters says, so every sub-run would "
+                         "cluster with the same K; leave select_k empty to sweep K")
     if not guided:
         return out
     for name, section in SWEEPABLE.items():

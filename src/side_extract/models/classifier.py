@@ -53,7 +53,7 @@ class ClassifierArch:
     backbone: Literal["resnet", "unet"] = "resnet"
 
     def __post_init__(self) -> None:
-        if self.depth not in DEPTHS:
+        if self.backbone == "resnet" and self.depth not in DEPTHS:  # the UNet's features have no depth of their own
             raise ValueError(f"depth={self.depth} must be one of {sorted(DEPTHS)}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes={self.num_classes} must be >= 2 (guidance needs a choice of labels)")
