@@ -205,7 +205,8 @@ def test_cond_through_the_denoised_estimate(tiny_model_dir, tmp_path):
     """clean_classifier.guidance_input: x0_hat makes Cond guide through the target's denoised estimate with the same
     clean classifier (it used to be accepted and ignored): a rerun with it keeps the classifier-clean stage and makes
     other Cond generations; lambda 0 still equals plain sampling."""
-    from side_extract.guidance import DenoisedGuidance
+    from side_extract.guidance import ClassifierGuidance, DenoisedGuidance
+    from side_extract.pipeline import extraction_settings
 
     rc = tiny_rc(tiny_model_dir, methods=("cond", "uncond"))
     run = tmp_path / "run"
@@ -220,6 +221,11 @@ def test_cond_through_the_denoised_estimate(tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(res.extractions["uncond"].images, plain.extractions["uncond"].images)
     _, guidance = method_guidance(run, x0, "cond", load_target(rc.model))
     assert isinstance(guidance, DenoisedGuidance)
+    # SIDE's classifier through x0_hat is a stage of its own already: its extraction's settings stay as they were
+    # (a run made before Cond read the key is rebuilt and verified from them)
+    plain = ClassifierGuidance(**{f.name: getattr(guidance, f.name) for f in dataclasses.fields(ClassifierGuidance)})
+    assert extraction_settings(x0.extract, "side", guidance) == extraction_settings(x0.extract, "side", plain)
+    assert extraction_settings(x0.extract, "cond", guidance) != extraction_settings(x0.extract, "cond", plain)
     zero = dataclasses.replace(x0, extract=dataclasses.replace(x0.extract, cond_scale=0.0))
     z = run_audit(tmp_path / "zero", zero, until="extraction")
     np.testing.assert_array_equal(z.extractions["cond"].images, z.extractions["uncond"].images)
@@ -269,6 +275,11 @@ def test_settings_that_change_nothing_are_named():
         "classifier": {"depth": 10}, "sample": {"eta": 0.5}, "extract": {"methods": ["side", "uncond"], "eta": 0.0},
         "lora": {"rank": "full", "alpha": 8.0}, "evaluate": {"detect_threshold": 0.1, "detect_mode": "components"}})
     assert cfg.inert_settings(used) == []  # DDIM reads eta; no side-lora; detection runs
+    teacher = cfg.from_dict(cfg.RunConfig, {"clean_classifier": {"guidance_input": "x0_hat"},
+                                            "surrogate": {"n_clusters": 40, "select_k": [10, 20]},
+                                            "extract": {"methods": ["side", "side-teacher"]}})
+    assert [s.split(" (")[0] for s in cfg.inert_settings(teacher)] == ["clean_classifier.guidance_input='x0_hat'",
+                                                                      "surrogate.n_clusters=40"]
 
 
 def test_a_unet_feature_classifier_takes_any_depth():

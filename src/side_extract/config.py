@@ -530,6 +530,11 @@ def inert_settings(rc: RunConfig) -> list[str]:
 
     if {"cond", "side-teacher"} & methods:
         changed("clean_classifier", rc.clean_classifier, CLASSIFIER_TIME_KEYS, "the clean classifier has no time input")
+        if "cond" not in methods:
+            changed("clean_classifier", rc.clean_classifier, ("guidance_input",),
+                    "Cond's guidance; side-teacher's teacher reads the clean classifier as it is")
+    if {"side", "side-lora"} & methods and rc.surrogate.select_k:
+        changed("surrogate", rc.surrogate, ("n_clusters",), "surrogate.select_k picks K by silhouette")
     if {"side", "side-teacher"} & methods:
         c = rc.classifier
         if c.guidance_input == "x0_hat":

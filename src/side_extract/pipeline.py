@@ -337,8 +337,8 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
                      memguide_avoid_window=list(guidance.avoid_window), rounds=c.rounds)
     elif guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
-        if isinstance(guidance, DenoisedGuidance):
-            d["guidance_input"] = "x0_hat"
+        if method == "cond" and isinstance(guidance, DenoisedGuidance):  # the same clean classifier either way
+            d["guidance_input"] = "x0_hat"  # (SIDE's classifier stage already differs: it trains on clean images)
     if c.allocation != "uniform" and method in TARGETED:
         d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
     if c.stop_unseen > 0:  # dedup-driven stopping, any method
