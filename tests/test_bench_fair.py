@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -549,6 +550,16 @@ def test_a_fair_bench_split_over_two_processes_joins_into_the_one_run_report(tmp
     monkeypatch.setattr(protocol, "tune", lambda *a, **k: pytest.fail("the validation grid ran again"))
     again = run_fair_bench(fc, split, tuning={20: joined})
     assert again["scales"][0]["heldout"]["per_replicate"] == whole["scales"][0]["heldout"]["per_replicate"]
+    # the processes may share replicates: a replicate's run directory another process holds is waited for (it used to
+    # end the bench with RunLocked)
+    from test_reliability import _holder
+
+    holder = _holder(next(split.glob("runs/*/rep-2")), 2)
+    t0 = time.time()
+    held = run_fair_bench(fc, split, tuning={20: joined})
+    assert time.time() - t0 > 1.0
+    holder.wait()
+    assert held["scales"][0]["heldout"]["per_replicate"] == again["scales"][0]["heldout"]["per_replicate"]
     assert "from `a.json` (side); `b.json` (cond) (`--tuning-from`" in render_fair_markdown(again)
     # a re-report of the joined report names the files whose runs tuned, entry by entry; one of fewer entries (a
     # file may hold entries this report lacks) names the one file its entries came from, and nothing of the other

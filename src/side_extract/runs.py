@@ -383,7 +383,11 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
     f = open(path / ".lock", "a+")
     try:
         if wait:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                _take_lock(f, path)
+            except RunLocked as e:  # said once, then waited for
+                log.info("%s; waiting", e.args[0].split("; wait for it")[0])
+                fcntl.flock(f, fcntl.LOCK_EX)
         else:
             _take_lock(f, path)
         f.seek(0)

@@ -5,7 +5,8 @@ K-means fit (``surrogate.random_state``), both classifiers (``classifier.seed``,
 and the extraction noise and targets (``extract.seed``), all set to ``r`` (the extraction draws from its own
 noise stream, ``sampling.EXTRACTION_STREAM``, so it does not repeat the synthetic set's noise). Each replicate of each scale is
 its own run directory, ``CACHE/runs/<target>/rep-<r>``; the target, the training set and the bands are
-shared (they are what is audited, not what is drawn).
+shared (they are what is audited, not what is drawn). A run directory another process holds (a bench split over
+processes, each running other entries) is waited for.
 
 For each training-set size in ``scales``:
 
@@ -240,7 +241,7 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
             for m in scores:
                 setting = fc.settings(m)[i]
                 path, mrc = entry_run(fc, m, rc, setting, fc.validation_n, rep)
-                res = run_audit(path, mrc, device=device, progress=progress)
+                res = run_audit(path, mrc, device=device, progress=progress, wait=True)
                 check_distinct_runs(fc, made, m, path)
                 scores[m].setdefault(_setting_key(setting), []).append(
                     tuning_score(res.metrics[fc.base_method(m)], fc.select_metric, fc.validation_n))
@@ -358,7 +359,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             paths[m] = path
             if method_in_rounds(fc.base_method(m), mrc.extract):  # its first n generations are its first rounds
                 rounds.add(m)
-            res = run_audit(path, mrc, device=device, progress=progress)
+            res = run_audit(path, mrc, device=device, progress=progress, wait=True)
             check_distinct_runs(fc, made, m, path)
             met = res.metrics[fc.base_method(m)]
             per_rep[m].append({"replicate": r, "n_generated": int(met["n_generated"]),
@@ -376,7 +377,8 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                                                                     paths[guarded_forms[0]])
         if equal_samples:  # UnCond in its own sub-run at N_G + N_S (module docstring, step 5)
             path = rep / "forms" / EQUAL_SAMPLES
-            res = run_audit(path, method_config(rc, "uncond", None, n + base.sample.n), device=device, progress=progress)
+            res = run_audit(path, method_config(rc, "uncond", None, n + base.sample.n), device=device,
+                            progress=progress, wait=True)
             eq_stats.append(padded_to(per_generation_stats(path, "uncond", bands, res.metrics["uncond"]["orientation"]),
                                       n + base.sample.n))
     summary = {}
