@@ -386,7 +386,7 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
             try:
                 _take_lock(f, path)
             except RunLocked as e:  # said once, then waited for
-                log.info("%s; waiting", e.args[0].split("; wait for it")[0])
+                log.warning("%s; waiting for it", e.args[0].split("; wait for it")[0])  # shown without --verbose
                 fcntl.flock(f, fcntl.LOCK_EX)
         else:
             _take_lock(f, path)
