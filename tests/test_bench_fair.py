@@ -617,9 +617,14 @@ def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp
                        match=r"'cond-k3' makes exactly the generations 'cond' makes .*surrogate\.n_clusters"):
         run_fair_bench(fc, tmp_path / "cache")
     assert len(calls) == 3 and calls[-1].name == "cond-k3"
-    timed = dataclasses.replace(fc, forms={"cond-first": {"method": "cond", "clean_classifier.time_blocks": "first"}})
-    with pytest.raises(ValueError, match=r"'cond-first' makes exactly the generations 'cond' makes"):
-        run_fair_bench(timed, tmp_path / "cache")  # Cond's classifier has no time input
+    # a form whose every override is a setting its runs do not read is refused before any run
+    with pytest.raises(ValueError, match=r"'cond-first' changes nothing its runs read: clean_classifier\.time_blocks"):
+        dataclasses.replace(fc, forms={"cond-first": {"method": "cond", "clean_classifier.time_blocks": "first"}})
+    ddpm = dataclasses.replace(bc, run=dataclasses.replace(bc.run, sample=dataclasses.replace(bc.run.sample,
+                                                                                             scheduler="ddpm")))
+    with pytest.raises(ValueError, match=r"'side-eta' changes nothing its runs read: sample\.eta=0\.5 \(DDIM's"):
+        dataclasses.replace(fc, bench=ddpm, forms={"side-eta": {"method": "side", "sample.eta": 0.5}})
+    assert len(calls) == 3  # nothing ran
     # a form that does change what Cond reads (its guidance window) runs
     late = dataclasses.replace(fc, forms={"cond-late": {"method": "cond", "extract.t_lo": 0.5}})
     tuned = run_fair_bench(late, tmp_path / "cache")["scales"][0]["tuning"]  # no error: its runs are its own

@@ -125,6 +125,16 @@ class FairBenchConfig:
             if pinned:  # a seed would repeat one replicate; N_G and the bands are the benchmark's, not a form's
                 raise ValueError(f"forms: {name!r} may not set {', '.join(pinned)} (the replicate sets every seed, the "
                                  "benchmark N_G and the bands)")
+            overrides = {k: v for k, v in form.items() if k != "method"}
+            try:
+                inert = cfg.inert_settings(method_config(self.bench.run, form["method"], None, 1, overrides))
+            except ValueError as e:
+                raise ValueError(f"forms: {name!r}: {e}") from None
+            inert = [i for i in inert if i.split("=", 1)[0] in overrides]
+            if inert and len(inert) == len(overrides):  # it would make its method's runs again (or the same ones)
+                raise ValueError(f"forms: {name!r} changes nothing its runs read: {'; '.join(inert)}")
+            if inert:
+                log.warning("forms: %r sets what its runs do not read: %s", name, "; ".join(inert))
         if not self.baselines and self.compared:
             raise ValueError(f"methods={list(self.methods)}: every entry is set against the best baseline; add cond "
                              "or uncond")
