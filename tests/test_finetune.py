@@ -161,6 +161,10 @@ def test_side_lora_in_a_run_with_its_copy_guard(tiny_model_dir, tmp_path, one_th
     assert after["lora"]["started_unix"] == stamps["lora"]
     assert after["extraction/side-lora"]["started_unix"] != stamps["extraction/side-lora"]
     assert not np.array_equal(w2.extractions["side-lora"].images, res.extractions["side-lora"].images)
+    # how often it checkpoints changes nothing it trains: the stage is kept (it used to fine-tune again)
+    run_audit(tmp_path / "run", dataclasses.replace(rc, lora=dataclasses.replace(TINY, checkpoint_every=2)))
+    again = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert again["lora"] == after["lora"]
 
 
 def test_full_fine_tuning_and_checks(tiny_model_dir, tmp_path):
@@ -173,6 +177,12 @@ def test_full_fine_tuning_and_checks(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="rank=0"):
         cfg.LoraConfig(rank=0)
     assert cfg.from_dict(cfg.LoraConfig, {"rank": "full"}).rank == "full"
+    # at rank full LoRA's keys train nothing: the stage's settings leave them at their defaults, and not at a rank
+    from side_extract.pipeline import lora_settings
+
+    full = cfg.LoraConfig(rank="full")
+    assert lora_settings(dataclasses.replace(full, alpha=8.0, target_modules=("conv1",))) == lora_settings(full)
+    assert lora_settings(cfg.LoraConfig(rank=4, alpha=8.0)) != lora_settings(cfg.LoraConfig(rank=4))
     with pytest.raises(ValueError, match="at least 2"):
         finetune(target, x0, np.zeros(len(x0), int), TINY, tmp_path / "x")
 

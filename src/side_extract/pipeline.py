@@ -270,13 +270,24 @@ def method_guidance(run: str | Path, rc: cfg.RunConfig, method: str, denoiser: D
     return denoiser, ClassifierGuidance(*args)
 
 
+def lora_settings(c: cfg.LoraConfig) -> dict:
+    """What fine-tuning reads, for the lora stage's fingerprint: not the CFG scale w (sampling's), nor how often it
+    checkpoints (each step draws from its own generator, so a run checkpointed more often, or resumed, trains the
+    same), nor at rank ``full`` LoRA's ``alpha`` and ``target_modules``; those take their defaults, so that changing
+    them does not fine-tune again (:func:`~side_extract.config.inert_settings` warns of the last two)."""
+    default = cfg.LoraConfig()
+    keys: dict = {"checkpoint_every": default.checkpoint_every}
+    if c.rank == "full":
+        keys.update(alpha=default.alpha, target_modules=default.target_modules)
+    return {k: v for k, v in cfg.to_dict(dataclasses.replace(c, **keys)).items() if k != "guidance_scale"}
+
+
 def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) -> None:
     """SIDE's second form: the target fine-tuned on the synthetic set with the surrogate labels (``finetune.py``);
     ``RUN/lora/`` holds the adapters, ``classes.json`` and the resumable work directory (:func:`method_guidance`
     loads it)."""
     c = ctx.rc.lora
-    settings = {k: v for k, v in cfg.to_dict(c).items() if k != "guidance_scale"}  # w only matters at sampling
-    fp = stage_fingerprint("lora", settings, ctx.fp["surrogate"], ctx.fp[MODEL_INPUT])
+    fp = stage_fingerprint("lora", lora_settings(c), ctx.fp["surrogate"], ctx.fp[MODEL_INPUT])
     ctx.fp["lora"] = fp
     directory = ctx.run.path / "lora"
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
