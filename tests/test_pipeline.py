@@ -282,6 +282,22 @@ def test_settings_that_change_nothing_are_named():
                                                                       "surrogate.n_clusters=40"]
 
 
+def test_ddims_settings_under_ddpm_make_nothing_again(tiny_model_dir, tmp_path):
+    """DDPM reads neither eta nor the clipped eps: changing them under DDPM keeps the synthetic set and the extraction
+    (they used to be made again, the same images under another fingerprint)."""
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"), scheduler="ddpm")
+    rc = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, scheduler="ddpm"))
+    run = tmp_path / "run"
+    run_audit(run, rc, until="extraction")
+    stages = read_json(run / "manifest.json")["stages"]
+    ddim_keys = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, eta=0.5, clip_eps=False),
+                                    extract=dataclasses.replace(rc.extract, eta=0.0))
+    run_audit(run, ddim_keys, until="extraction")
+    again = read_json(run / "manifest.json")["stages"]
+    for stage in ("synthetic", "classifier", "extraction/side", "extraction/uncond"):
+        assert again[stage] == stages[stage], stage
+
+
 def test_a_unet_feature_classifier_takes_any_depth():
     """The UNet's features have no depth: ``depth`` 50 used to pass the run's checks and fail in the classifier
     stage, after the synthetic set and the clustering."""

@@ -339,6 +339,8 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
     under adaptive allocation the allocation, rounds and near-duplicate distance; under dedup-driven stopping its
     threshold, rounds and near-duplicate distance."""
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
+    if c.scheduler == "ddpm":  # DDIM's eta does not apply (config.inert_settings warns of it)
+        d["eta"] = cfg.ExtractConfig.eta
     if c.precision != "fp32":
         d["precision"] = c.precision
     if isinstance(guidance, MemorizationGuidance):
