@@ -298,6 +298,22 @@ def test_ddims_settings_under_ddpm_make_nothing_again(tiny_model_dir, tmp_path):
         assert again[stage] == stages[stage], stage
 
 
+def test_a_metric_setting_re_evaluates_without_calibrating_again(tiny_model_dir, tmp_path):
+    """The calibration reads the similarity, the quantiles and the null's images, not the metrics' own settings:
+    changing Carlini's n redoes the evaluations and keeps the bands (it used to calibrate again)."""
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    stages = read_json(run / "manifest.json")["stages"]
+    run_audit(run, dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, carlini_n=4, gu_threshold=0.3)))
+    again = read_json(run / "manifest.json")["stages"]
+    assert again["calibration"] == stages["calibration"]
+    assert again["evaluation/uncond"]["fingerprint"] != stages["evaluation/uncond"]["fingerprint"]
+    quantiles = dataclasses.replace(rc.evaluate, calibration_quantiles=(0.01, 0.05, 0.1))
+    run_audit(run, dataclasses.replace(rc, evaluate=quantiles))
+    assert read_json(run / "manifest.json")["stages"]["calibration"]["fingerprint"] != stages["calibration"]["fingerprint"]
+
+
 def test_a_unet_feature_classifier_takes_any_depth():
     """The UNet's features have no depth: ``depth`` 50 used to pass the run's checks and fail in the classifier
     stage, after the synthetic set and the clustering."""

@@ -398,6 +398,20 @@ def calibrates_bands(c: cfg.EvaluateConfig) -> bool:
     return c.bands is None and c.bands_file is None and not c.similarity.startswith("cosine:torchscript")
 
 
+# what the calibration (the null of best scores and the bands from it) does not read: the metrics' own settings
+CALIBRATION_IGNORES = ("resize", "carlini_alpha", "carlini_n", "carlini_centering", "gu_threshold", "ng_repeats",
+                       "detect_threshold", "detect_min_size", "detect_grid", "detect_mode", "extraction_threshold",
+                       "seed", "quality", "quality_max_reference", "quality_k", "quality_kid_subsets",
+                       "quality_kid_subset_size")
+
+
+def calibration_settings(c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
+    """``c`` with the keys the calibration does not read at their defaults, for its stage's fingerprint: changing
+    Carlini's, Gu's, detection's or sample quality's settings re-evaluates the methods without calibrating again."""
+    default = cfg.EvaluateConfig()
+    return dataclasses.replace(c, **{k: getattr(default, k) for k in CALIBRATION_IGNORES})
+
+
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     """Bands from the null (held-out digits or train vs rest of train), once per run: evaluation/bands.json.
 
@@ -407,7 +421,7 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     if not calibrates_bands(c):
         return None
     given = None if c.heldout is None else load_image_set(c.heldout, ctx.rc.train_resize)  # keyed by its images
-    fp = stage_fingerprint("calibration", c, train.fingerprint(),
+    fp = stage_fingerprint("calibration", calibration_settings(c), train.fingerprint(),
                            ctx.fp[MODEL_INPUT] if c.similarity == "cosine:unet" else None,
                            *([] if given is None else [given.fingerprint()]),
                            *script_fingerprints(Similarity(c.similarity).extractor))
