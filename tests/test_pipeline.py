@@ -263,14 +263,15 @@ def test_settings_that_change_nothing_are_named():
     """Each listed setting is set away from its default where the run does not read it; its method's absence is
     not such a case (the key is merely unused)."""
     rc = cfg.from_dict(cfg.RunConfig, {
+        "features": {"batch_size": 8},
         "classifier": {"backbone": "unet", "depth": 10},
         "sample": {"scheduler": "ddpm", "eta": 0.5, "clip_eps": False},
         "extract": {"methods": ["side", "side-lora", "uncond"], "scheduler": "ddpm", "eta": 0.0},
         "lora": {"rank": "full", "alpha": 8.0},
         "evaluate": {"resize": 16, "detect_mode": "components"}})
     named = [s.split(" (")[0] for s in cfg.inert_settings(rc)]
-    assert named == ["classifier.depth=10", "sample.eta=0.5", "sample.clip_eps=False", "extract.eta=0.0",
-                     "lora.alpha=8.0", "evaluate.resize=16", "evaluate.detect_mode='components'"]
+    assert named == ["classifier.depth=10", "features.batch_size=8", "sample.eta=0.5", "sample.clip_eps=False",
+                     "extract.eta=0.0", "lora.alpha=8.0", "evaluate.resize=16", "evaluate.detect_mode='components'"]
     used = cfg.from_dict(cfg.RunConfig, {
         "classifier": {"depth": 10}, "sample": {"eta": 0.5}, "extract": {"methods": ["side", "uncond"], "eta": 0.0},
         "lora": {"rank": "full", "alpha": 8.0}, "evaluate": {"detect_threshold": 0.1, "detect_mode": "components"}})
@@ -293,8 +294,11 @@ def test_ddims_settings_under_ddpm_make_nothing_again(tiny_model_dir, tmp_path):
     ddim_keys = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, eta=0.5, clip_eps=False),
                                     extract=dataclasses.replace(rc.extract, eta=0.0))
     run_audit(run, ddim_keys, until="extraction")
+    # nor do the pixel features (pixels-pca, the default) batch their images
+    run_audit(run, dataclasses.replace(ddim_keys, features=dataclasses.replace(rc.features, batch_size=7)),
+              until="extraction")
     again = read_json(run / "manifest.json")["stages"]
-    for stage in ("synthetic", "classifier", "extraction/side", "extraction/uncond"):
+    for stage in ("synthetic", "features", "classifier", "extraction/side", "extraction/uncond"):
         assert again[stage] == stages[stage], stage
 
 

@@ -517,6 +517,12 @@ class RunConfig:
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
 
+def reads_batch_size(c: FeaturesConfig) -> bool:
+    """Whether the extractor's features depend on ``batch_size``: the network ones (batched convolutions round
+    differently); the pixel ones (``pixels``, ``pixels-pca``) embed each image alone."""
+    return c.extractor.split(":", 1)[0] not in ("pixels", "pixels-pca")
+
+
 def inert_settings(rc: RunConfig) -> list[str]:
     """The settings set away from their defaults that change nothing in this run, given the others, as
     ``section.key=value (why)``; a run warns of them (:func:`side_extract.pipeline.preflight`). A key of a method that
@@ -542,6 +548,8 @@ def inert_settings(rc: RunConfig) -> list[str]:
         elif c.backbone == "unet":
             changed("classifier", c, CLASSIFIER_TIME_KEYS + ("depth",),
                     "a classifier on the UNet's features takes the target's time embedding; width sets its head")
+    if {"side", "side-teacher", "side-lora"} & methods and not reads_batch_size(rc.features):
+        changed("features", rc.features, ("batch_size",), "the pixel extractors embed each image alone")
     if rc.sample.scheduler == "ddpm":
         changed("sample", rc.sample, ("eta", "clip_eps"), "DDIM's; sample.scheduler is ddpm")
     if rc.extract.scheduler == "ddpm":

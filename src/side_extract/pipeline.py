@@ -82,7 +82,8 @@ def script_fingerprints(extractor: str | None) -> list[str]:
 
 def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
     c = ctx.rc.features
-    fp = stage_fingerprint("features", c, ctx.fp["synthetic"], *script_fingerprints(c.extractor))
+    settings = c if cfg.reads_batch_size(c) else dataclasses.replace(c, batch_size=cfg.FeaturesConfig.batch_size)
+    fp = stage_fingerprint("features", settings, ctx.fp["synthetic"], *script_fingerprints(c.extractor))
     ctx.fp["features"] = fp
     path = ctx.run.path / "features" / "features.npz"
     if ctx.run.begin("features", fp, inputs={"synthetic": ctx.fp["synthetic"]}) != "skip" or not path.exists():
