@@ -597,7 +597,8 @@ def test_a_fair_bench_split_over_two_processes_joins_into_the_one_run_report(tmp
         reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), (a, "a.json"), (b, "b.json"))
 
 
-def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp_path, one_thread, monkeypatch):
+def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp_path, one_thread, monkeypatch,
+                                                                              caplog):
     """Cond is guided by the training set's own labels, so a Cond form that changes the clustering makes Cond's
     generations again: it would count as six more settings of tuning and one more baseline without being either.
     Tuning goes setting by setting over the entries, so it is refused at its first run (the third), not after the
@@ -624,7 +625,14 @@ def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp
                                                                                              scheduler="ddpm")))
     with pytest.raises(ValueError, match=r"'side-eta' changes nothing its runs read: sample\.eta=0\.5 \(DDIM's"):
         dataclasses.replace(fc, bench=ddpm, forms={"side-eta": {"method": "side", "sample.eta": 0.5}})
-    assert len(calls) == 3  # nothing ran
+    # one with some such overrides is warned of; under dedup-driven stopping too (its config is checked at the
+    # validation budget, where stopping has rounds to stop after)
+    stopping = dataclasses.replace(bc, run=dataclasses.replace(bc.run, extract=dataclasses.replace(
+        bc.run.extract, stop_unseen=0.1, rounds=2)))
+    with caplog.at_level("WARNING", logger="side_extract.bench.protocol"):
+        dataclasses.replace(fc, bench=stopping, forms={"cond-late-t": {"method": "cond", "extract.t_lo": 0.5,
+                                                                        "clean_classifier.time_blocks": "first"}})
+    assert "'cond-late-t' sets what its runs do not read: clean_classifier.time_blocks='first'" in caplog.text
     # a form that does change what Cond reads (its guidance window) runs
     late = dataclasses.replace(fc, forms={"cond-late": {"method": "cond", "extract.t_lo": 0.5}})
     tuned = run_fair_bench(late, tmp_path / "cache")["scales"][0]["tuning"]  # no error: its runs are its own

@@ -178,7 +178,7 @@ def test_full_fine_tuning_and_checks(tiny_model_dir, tmp_path):
         cfg.LoraConfig(rank=0)
     assert cfg.from_dict(cfg.LoraConfig, {"rank": "full"}).rank == "full"
     # at rank full LoRA's keys train nothing: the stage's settings leave them at their defaults, and not at a rank
-    from side_extract.pipeline import lora_settings
+    from side_extract.finetune import lora_settings
 
     full = cfg.LoraConfig(rank="full")
     assert lora_settings(dataclasses.replace(full, alpha=8.0, target_modules=("conv1",))) == lora_settings(full)

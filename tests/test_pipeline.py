@@ -284,15 +284,15 @@ def test_settings_that_change_nothing_are_named():
 
 
 def test_ddims_settings_under_ddpm_make_nothing_again(tiny_model_dir, tmp_path):
-    """DDPM reads neither eta nor the clipped eps: changing them under DDPM keeps the synthetic set and the extraction
-    (they used to be made again, the same images under another fingerprint)."""
+    """DDPM reads neither eta nor the clipped eps: changing the synthetic set's under DDPM keeps it and what was made
+    from it (they used to be made again, the same images under another fingerprint). The extraction's eta stays in
+    its fingerprint, which `side verify` checks a run against (runs made before would fail it), and is warned of."""
     rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"), scheduler="ddpm")
     rc = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, scheduler="ddpm"))
     run = tmp_path / "run"
     run_audit(run, rc, until="extraction")
     stages = read_json(run / "manifest.json")["stages"]
-    ddim_keys = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, eta=0.5, clip_eps=False),
-                                    extract=dataclasses.replace(rc.extract, eta=0.0))
+    ddim_keys = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, eta=0.5, clip_eps=False))
     run_audit(run, ddim_keys, until="extraction")
     # nor do the pixel features (pixels-pca, the default) batch their images
     run_audit(run, dataclasses.replace(ddim_keys, features=dataclasses.replace(rc.features, batch_size=7)),

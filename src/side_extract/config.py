@@ -548,7 +548,7 @@ def inert_settings(rc: RunConfig) -> list[str]:
         elif c.backbone == "unet":
             changed("classifier", c, CLASSIFIER_TIME_KEYS + ("depth",),
                     "a classifier on the UNet's features takes the target's time embedding; width sets its head")
-    if {"side", "side-teacher", "side-lora"} & methods and not reads_batch_size(rc.features):
+    if {"side", "side-lora"} & methods and not reads_batch_size(rc.features):  # (side-teacher's labels: a classifier's)
         changed("features", rc.features, ("batch_size",), "the pixel extractors embed each image alone")
     if rc.sample.scheduler == "ddpm":
         changed("sample", rc.sample, ("eta", "clip_eps"), "DDIM's; sample.scheduler is ddpm")

@@ -51,6 +51,18 @@ def _has_class_embedding(unet: UNet2DModel) -> bool:
     return bool(unet.config.get("num_class_embeds") or unet.config.get("class_embed_type"))
 
 
+def lora_settings(c: cfg.LoraConfig) -> dict:
+    """What fine-tuning reads, for the lora stage's fingerprint: not the CFG scale w (sampling's), nor how often it
+    checkpoints (each step draws from its own generator, so a run checkpointed more often, or resumed, trains the
+    same), nor at rank ``full`` LoRA's ``alpha`` and ``target_modules``; those take their defaults, so that changing
+    them does not fine-tune again (:func:`~side_extract.config.inert_settings` warns of the last two)."""
+    default = cfg.LoraConfig()
+    keys: dict = {"checkpoint_every": default.checkpoint_every}
+    if c.rank == "full":
+        keys.update(alpha=default.alpha, target_modules=default.target_modules)
+    return {k: v for k, v in cfg.to_dict(dataclasses.replace(c, **keys)).items() if k != "guidance_scale"}
+
+
 def lora_problems(unet: UNet2DModel, c: cfg.LoraConfig) -> list[str]:
     """What makes ``unet`` unfit for side-lora with ``c``, found before any stage: a class embedding of its own,
     or ``target_modules`` naming no layer (peft's rule: a module whose name is the entry or ends in ``.entry``)."""
@@ -203,9 +215,8 @@ def finetune(
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
-    key = fingerprint_of({k: v for k, v in cfg.to_dict(c).items() if k not in ("steps", "checkpoint_every",
-                                                                               "guidance_scale")},
-                         array_fingerprint(x, y), target_fingerprint)
+    key = fingerprint_of({k: v for k, v in lora_settings(c).items() if k not in ("steps", "checkpoint_every")},
+                         array_fingerprint(x, y), target_fingerprint)  # a longer run continues a shorter one
     ckpt = out / "work" / "checkpoint"
     start, losses = 0, []
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None

@@ -32,7 +32,7 @@ from .evaluation import calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import TARGETED, extraction_stage, method_in_rounds, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
-from .finetune import finetune, load_finetuned, lora_problems
+from .finetune import finetune, load_finetuned, lora_problems, lora_settings
 from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
@@ -271,18 +271,6 @@ def method_guidance(run: str | Path, rc: cfg.RunConfig, method: str, denoiser: D
     return denoiser, ClassifierGuidance(*args)
 
 
-def lora_settings(c: cfg.LoraConfig) -> dict:
-    """What fine-tuning reads, for the lora stage's fingerprint: not the CFG scale w (sampling's), nor how often it
-    checkpoints (each step draws from its own generator, so a run checkpointed more often, or resumed, trains the
-    same), nor at rank ``full`` LoRA's ``alpha`` and ``target_modules``; those take their defaults, so that changing
-    them does not fine-tune again (:func:`~side_extract.config.inert_settings` warns of the last two)."""
-    default = cfg.LoraConfig()
-    keys: dict = {"checkpoint_every": default.checkpoint_every}
-    if c.rank == "full":
-        keys.update(alpha=default.alpha, target_modules=default.target_modules)
-    return {k: v for k, v in cfg.to_dict(dataclasses.replace(c, **keys)).items() if k != "guidance_scale"}
-
-
 def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) -> None:
     """SIDE's second form: the target fine-tuned on the synthetic set with the surrogate labels (``finetune.py``);
     ``RUN/lora/`` holds the adapters, ``classes.json`` and the resumable work directory (:func:`method_guidance`
@@ -340,8 +328,6 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
     under adaptive allocation the allocation, rounds and near-duplicate distance; under dedup-driven stopping its
     threshold, rounds and near-duplicate distance."""
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
-    if c.scheduler == "ddpm":  # DDIM's eta does not apply (config.inert_settings warns of it)
-        d["eta"] = cfg.ExtractConfig.eta
     if c.precision != "fp32":
         d["precision"] = c.precision
     if isinstance(guidance, MemorizationGuidance):

@@ -127,7 +127,8 @@ class FairBenchConfig:
                                  "benchmark N_G and the bands)")
             overrides = {k: v for k, v in form.items() if k != "method"}
             try:
-                inert = cfg.inert_settings(method_config(self.bench.run, form["method"], None, 1, overrides))
+                inert = cfg.inert_settings(method_config(self.bench.run, form["method"], None, self.validation_n,
+                                                         overrides))
             except ValueError as e:
                 raise ValueError(f"forms: {name!r}: {e}") from None
             inert = [i for i in inert if i.split("=", 1)[0] in overrides]
