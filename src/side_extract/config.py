@@ -297,13 +297,6 @@ class ClassifierConfig:
     guidance_input: Literal["x_t", "x0_hat"] = "x_t"
     backbone: Literal["resnet", "unet"] = "resnet"
 
-    @property
-    def reads_time_keys(self) -> bool:
-        """Whether this classifier, trained as SIDE's, reads ``time_mode``, ``time_blocks`` and ``time_embed_dim``:
-        the paper's noise-aware ResNet does; one through x0_hat (no time input) and one on the target's UNet features
-        (the target's own time embedding) do not. A clean classifier never does."""
-        return self.guidance_input == "x_t" and self.backbone == "resnet"
-
     def __post_init__(self) -> None:
         _numbers(self)
         _positive(self, "width", "time_embed_dim", "steps", "batch_size", "eval_every")
@@ -517,10 +510,36 @@ class RunConfig:
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
 
-def reads_batch_size(c: FeaturesConfig) -> bool:
-    """Whether the extractor's features depend on ``batch_size``: the network ones (batched convolutions round
-    differently); the pixel ones (``pixels``, ``pixels-pca``) embed each image alone."""
-    return c.extractor.split(":", 1)[0] not in ("pixels", "pixels-pca")
+def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
+    """The keys of section config ``c`` that nothing reads, given its own other keys, each with why. The one source
+    for the run's warning (:func:`inert_settings`) and for the stage fingerprints, which set them to their defaults
+    (:func:`at_defaults`) so that changing them makes nothing again. ``clean``: ``c`` is the time-independent
+    classifier (Cond's, the teacher's)."""
+    keys: tuple[str, ...] = ()
+    why = ""
+    if isinstance(c, ClassifierConfig):
+        if clean:
+            keys, why = CLASSIFIER_TIME_KEYS, "the clean classifier has no time input"
+        elif c.guidance_input == "x0_hat":
+            keys, why = CLASSIFIER_TIME_KEYS, "a classifier through x0_hat has no time input"
+        elif c.backbone == "unet":
+            keys, why = (CLASSIFIER_TIME_KEYS + ("depth",),
+                         "a classifier on the UNet's features takes the target's time embedding; width sets its head")
+    elif isinstance(c, SampleConfig) and c.scheduler == "ddpm":
+        keys, why = ("eta", "clip_eps"), "DDIM's; sample.scheduler is ddpm"
+    elif isinstance(c, ExtractConfig) and c.scheduler == "ddpm":
+        keys, why = ("eta",), "DDIM's; extract.scheduler is ddpm"
+    elif isinstance(c, LoraConfig) and c.rank == "full":
+        keys, why = ("alpha", "target_modules"), "LoRA's; lora.rank is full: every weight trains"
+    elif isinstance(c, FeaturesConfig) and c.extractor.split(":", 1)[0] in ("pixels", "pixels-pca"):
+        keys, why = ("batch_size",), "the pixel extractors embed each image alone"
+    return dict.fromkeys(keys, why)
+
+
+def at_defaults(c: T, keys: Any) -> T:
+    """Section config ``c`` with ``keys`` set to their defaults (a stage's fingerprint of what it reads)."""
+    default = type(c)()
+    return dataclasses.replace(c, **{k: getattr(default, k) for k in keys})
 
 
 def inert_settings(rc: RunConfig) -> list[str]:
@@ -530,39 +549,33 @@ def inert_settings(rc: RunConfig) -> list[str]:
     methods = set(rc.extract.methods)
     out: list[str] = []
 
-    def changed(section: str, obj: Any, keys: tuple[str, ...], why: str) -> None:
+    def changed(section: str, obj: Any, unread: dict[str, str]) -> None:
         default = type(obj)()
-        out.extend(f"{section}.{k}={getattr(obj, k)!r} ({why})" for k in keys if getattr(obj, k) != getattr(default, k))
+        out.extend(f"{section}.{k}={getattr(obj, k)!r} ({why})" for k, why in unread.items()
+                   if getattr(obj, k) != getattr(default, k))
 
     if {"cond", "side-teacher"} & methods:
-        changed("clean_classifier", rc.clean_classifier, CLASSIFIER_TIME_KEYS, "the clean classifier has no time input")
+        changed("clean_classifier", rc.clean_classifier, unread_keys(rc.clean_classifier, clean=True))
         if "cond" not in methods:
-            changed("clean_classifier", rc.clean_classifier, ("guidance_input",),
-                    "Cond's guidance; side-teacher's teacher reads the clean classifier as it is")
+            changed("clean_classifier", rc.clean_classifier,
+                    {"guidance_input": "Cond's guidance; side-teacher's teacher reads the clean classifier as it is"})
     if {"side", "side-lora"} & methods and rc.surrogate.select_k:
-        changed("surrogate", rc.surrogate, ("n_clusters",), "surrogate.select_k picks K by silhouette")
+        changed("surrogate", rc.surrogate, {"n_clusters": "surrogate.select_k picks K by silhouette"})
     if {"side", "side-teacher"} & methods:
-        c = rc.classifier
-        if c.guidance_input == "x0_hat":
-            changed("classifier", c, CLASSIFIER_TIME_KEYS, "a classifier through x0_hat has no time input")
-        elif c.backbone == "unet":
-            changed("classifier", c, CLASSIFIER_TIME_KEYS + ("depth",),
-                    "a classifier on the UNet's features takes the target's time embedding; width sets its head")
-    if {"side", "side-lora"} & methods and not reads_batch_size(rc.features):  # (side-teacher's labels: a classifier's)
-        changed("features", rc.features, ("batch_size",), "the pixel extractors embed each image alone")
-    if rc.sample.scheduler == "ddpm":
-        changed("sample", rc.sample, ("eta", "clip_eps"), "DDIM's; sample.scheduler is ddpm")
-    if rc.extract.scheduler == "ddpm":
-        changed("extract", rc.extract, ("eta",), "DDIM's; extract.scheduler is ddpm")
-    if "side-lora" in methods and rc.lora.rank == "full":
-        changed("lora", rc.lora, ("alpha", "target_modules"), "LoRA's; lora.rank is full: every weight trains")
+        changed("classifier", rc.classifier, unread_keys(rc.classifier))
+    if {"side", "side-lora"} & methods:  # (side-teacher's labels are a classifier's, not the features')
+        changed("features", rc.features, unread_keys(rc.features))
+    changed("sample", rc.sample, unread_keys(rc.sample))
+    changed("extract", rc.extract, unread_keys(rc.extract))
+    if "side-lora" in methods:
+        changed("lora", rc.lora, unread_keys(rc.lora))
     ev = rc.evaluate
     if ev.resize is not None:
         out.append(f"evaluate.resize={ev.resize!r} (side evaluate's and side calibrate's; a run resizes its image "
                    "sets with train_resize)")
     if ev.detect_threshold is None:
-        changed("evaluate", ev, ("detect_min_size", "detect_grid", "detect_mode", "extraction_threshold"),
-                "clique detection runs only with evaluate.detect_threshold")
+        changed("evaluate", ev, dict.fromkeys(("detect_min_size", "detect_grid", "detect_mode", "extraction_threshold"),
+                                              "clique detection runs only with evaluate.detect_threshold"))
     return out
 
 

@@ -55,12 +55,9 @@ def lora_settings(c: cfg.LoraConfig) -> dict:
     """What fine-tuning reads, for the lora stage's fingerprint: not the CFG scale w (sampling's), nor how often it
     checkpoints (each step draws from its own generator, so a run checkpointed more often, or resumed, trains the
     same), nor at rank ``full`` LoRA's ``alpha`` and ``target_modules``; those take their defaults, so that changing
-    them does not fine-tune again (:func:`~side_extract.config.inert_settings` warns of the last two)."""
-    default = cfg.LoraConfig()
-    keys: dict = {"checkpoint_every": default.checkpoint_every}
-    if c.rank == "full":
-        keys.update(alpha=default.alpha, target_modules=default.target_modules)
-    return {k: v for k, v in cfg.to_dict(dataclasses.replace(c, **keys)).items() if k != "guidance_scale"}
+    them does not fine-tune again (the last two: :func:`~side_extract.config.unread_keys`, which a run warns of)."""
+    unread = cfg.at_defaults(c, ["checkpoint_every", *cfg.unread_keys(c)])
+    return {k: v for k, v in cfg.to_dict(unread).items() if k != "guidance_scale"}
 
 
 def lora_problems(unet: UNet2DModel, c: cfg.LoraConfig) -> list[str]:

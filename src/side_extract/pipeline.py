@@ -82,8 +82,8 @@ def script_fingerprints(extractor: str | None) -> list[str]:
 
 def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
     c = ctx.rc.features
-    settings = c if cfg.reads_batch_size(c) else dataclasses.replace(c, batch_size=cfg.FeaturesConfig.batch_size)
-    fp = stage_fingerprint("features", settings, ctx.fp["synthetic"], *script_fingerprints(c.extractor))
+    fp = stage_fingerprint("features", cfg.at_defaults(c, cfg.unread_keys(c)), ctx.fp["synthetic"],
+                           *script_fingerprints(c.extractor))
     ctx.fp["features"] = fp
     path = ctx.run.path / "features" / "features.npz"
     if ctx.run.begin("features", fp, inputs={"synthetic": ctx.fp["synthetic"]}) != "skip" or not path.exists():
@@ -203,19 +203,10 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
 
 
 def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> cfg.ClassifierConfig:
-    """What training classifier ``c`` reads, for its stage's fingerprint: one that does not read the time keys (a
-    ``clean`` one, Cond's and the teacher's; SIDE's through x0_hat or on the UNet's features,
-    :attr:`~side_extract.config.ClassifierConfig.reads_time_keys`) ignores them, and a clean one trains the same
-    whatever guides with it (x_t or x0_hat: the extraction's fingerprint names it), and one on the UNet's features
-    has no depth; those keys take their defaults, so that changing them neither trains the same classifier again
-    nor passes for another setting (:func:`~side_extract.config.inert_settings` warns of them)."""
-    default = cfg.ClassifierConfig()
-    keys = {k: getattr(default, k) for k in cfg.CLASSIFIER_TIME_KEYS} if clean or not c.reads_time_keys else {}
-    if clean:
-        keys["guidance_input"] = default.guidance_input
-    elif c.backbone == "unet":  # the UNet's features have no depth of their own
-        keys["depth"] = default.depth
-    return dataclasses.replace(c, **keys)
+    """What training classifier ``c`` reads, for its stage's fingerprint: not the keys it does not read at all
+    (:func:`~side_extract.config.unread_keys`), and for a ``clean`` one (Cond's, the teacher's) not the input it
+    guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it)."""
+    return cfg.at_defaults(c, [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])])
 
 
 def _classifier_unet(denoiser: Denoiser, c: cfg.ClassifierConfig, clean: bool) -> torch.nn.Module | None:
@@ -327,6 +318,7 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
     memorization guidance its scale, time range and reconstruction time; for a method that draws target classes
     under adaptive allocation the allocation, rounds and near-duplicate distance; under dedup-driven stopping its
     threshold, rounds and near-duplicate distance."""
+    # (eta stays even under DDPM, which does not read it: `side verify` checks runs made before against this)
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     if c.precision != "fp32":
         d["precision"] = c.precision
@@ -395,8 +387,7 @@ CALIBRATION_IGNORES = ("resize", "carlini_alpha", "carlini_n", "carlini_centerin
 def calibration_settings(c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     """``c`` with the keys the calibration does not read at their defaults, for its stage's fingerprint: changing
     Carlini's, Gu's, detection's or sample quality's settings re-evaluates the methods without calibrating again."""
-    default = cfg.EvaluateConfig()
-    return dataclasses.replace(c, **{k: getattr(default, k) for k in CALIBRATION_IGNORES})
+    return cfg.at_defaults(c, CALIBRATION_IGNORES)
 
 
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:

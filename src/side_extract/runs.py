@@ -316,10 +316,14 @@ def _take_lock(f: Any, path: Path) -> None:
             time.sleep(0.01)
 
 
-def _locked(path: Path, f: Any) -> RunLocked:
+def _held(path: Path, f: Any) -> str:
+    """Who holds run directory ``path``'s lock, from its lock file ``f``."""
     f.seek(0)
-    return RunLocked(f"run directory {str(path)!r} is being written by another process "
-                     f"({f.read().strip() or 'holder unknown'}); wait for it (--wait) or use another run directory")
+    return f"run directory {str(path)!r} is being written by another process ({f.read().strip() or 'holder unknown'})"
+
+
+def _locked(path: Path, f: Any) -> RunLocked:
+    return RunLocked(f"{_held(path, f)}; wait for it (--wait) or use another run directory")
 
 
 OWN_BEFORE_MANIFEST = ("config.yaml", "inputs", "sweeps")  # the API saves an in-memory training set in inputs/
@@ -385,8 +389,8 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
         if wait:
             try:
                 _take_lock(f, path)
-            except RunLocked as e:  # said once, then waited for
-                log.warning("%s; waiting for it", e.args[0].split("; wait for it")[0])  # shown without --verbose
+            except RunLocked:  # said once (at warning level: shown without --verbose), then waited for
+                log.warning("%s; waiting for it", _held(path, f))
                 fcntl.flock(f, fcntl.LOCK_EX)
         else:
             _take_lock(f, path)

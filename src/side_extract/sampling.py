@@ -14,7 +14,6 @@ Guidance (``guidance.py``) is an object called as ``g(x_t, t, y)`` with the batc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Iterator
 
@@ -369,8 +368,7 @@ def sample_stage(
 
 def _fingerprint(c: cfg.SampleConfig, model_fingerprint: str) -> str:
     # what the images depend on, the batch size included (batched convolutions round differently)
-    if c.scheduler == "ddpm":  # DDIM's eta and clipped eps do not apply (config.inert_settings warns of them)
-        c = dataclasses.replace(c, eta=cfg.SampleConfig.eta, clip_eps=cfg.SampleConfig.clip_eps)
+    c = cfg.at_defaults(c, cfg.unread_keys(c))  # e.g. DDIM's eta and clipped eps under DDPM
     d = {k: getattr(c, k) for k in ("n", "seed", "scheduler", "steps", "eta", "batch_size", "shard_size")}
     if c.precision != "fp32":
         d["precision"] = c.precision
