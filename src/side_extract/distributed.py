@@ -30,6 +30,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 TIMEOUT_ENV = "SIDE_PROCESS_TIMEOUT_S"
@@ -82,13 +84,24 @@ def process_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+CLOSE_BARRIER_S = 60.0  # how long a finished process waits at exit for the others (a dead peer: then it goes on)
+
+
 def _close_process_group() -> None:
-    """Tear the process group down before the interpreter does: left to interpreter shutdown, gloo's threads were
-    destroyed while still joinable on one process of a finished 2-process launch ("terminate called without an
-    active exception", SIGABRT), and torchrun then failed a launch whose work was done."""
+    """Tear the process group down before the interpreter does, once every process has got there: left to
+    interpreter shutdown, gloo's threads were destroyed while still joinable on one process of a finished 2-process
+    launch ("terminate called without an active exception", SIGABRT), and torchrun then failed a launch whose work
+    was done. Destroying it at exit alone still did so in about 1 of 40 launches: the main process's last broadcast
+    returns before the others have received it, so it could tear its group down with that send still in flight. A
+    barrier that every process answers (gloo's monitored barrier, which gives up after ``CLOSE_BARRIER_S`` on a
+    process that died) comes first."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=CLOSE_BARRIER_S))
+        except RuntimeError as e:  # a process that failed or died: tear down anyway
+            log.warning("at exit, not every process reached the end (%s)", str(e).splitlines()[0] if str(e) else e)
         dist.destroy_process_group()
 
 
