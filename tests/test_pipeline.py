@@ -283,6 +283,28 @@ def test_settings_that_change_nothing_are_named():
                                                                       "surrogate.n_clusters=40"]
 
 
+def test_extraction_keys_nothing_reads_are_named():
+    """memguide's avoidance kernel and window without avoidance, ``rounds`` where no method generates in rounds,
+    and the near-duplicate distance without dedup-driven stopping or adaptive allocation change nothing, and are
+    named; the switch that reads each one silences it. (They were accepted in silence: a user who set
+    ``memguide_avoid_h`` believing avoidance on got plain memguide.)"""
+    base = {"methods": ["memguide", "uncond"], "memguide_avoid_h": 0.1, "memguide_avoid_t_hi": 0.8, "rounds": 8,
+            "dedup_threshold": 0.1}
+
+    def named(**extract):
+        rc = cfg.from_dict(cfg.RunConfig, {"extract": {**base, **extract}})
+        return [s.split(" (")[0] for s in cfg.inert_settings(rc)]
+
+    avoid_keys = ["extract.memguide_avoid_h=0.1", "extract.memguide_avoid_t_hi=0.8"]
+    assert named() == [*avoid_keys, "extract.rounds=8", "extract.dedup_threshold=0.1"]
+    assert named(memguide_avoid=1.0) == ["extract.dedup_threshold=0.1"]  # avoidance reads rounds, not the distance
+    assert named(stop_unseen=0.05) == avoid_keys  # stopping reads rounds and the distance, for every method
+    # adaptive allocation is read by the methods that draw target classes only
+    assert named(allocation="adaptive") == [*avoid_keys, "extract.rounds=8", "extract.dedup_threshold=0.1"]
+    assert named(allocation="adaptive", methods=["side", "uncond"]) == []  # no memguide: its keys merely unused
+    assert named(methods=["side", "uncond"]) == ["extract.rounds=8", "extract.dedup_threshold=0.1"]
+
+
 def test_ddims_settings_under_ddpm_make_nothing_again(tiny_model_dir, tmp_path):
     """DDPM reads neither eta nor the clipped eps: changing the synthetic set's under DDPM keeps it and what was made
     from it (they used to be made again, the same images under another fingerprint). The extraction's eta stays in

@@ -542,6 +542,21 @@ def at_defaults(c: T, keys: Any) -> T:
     return dataclasses.replace(c, **{k: getattr(default, k) for k in keys})
 
 
+TARGETED = ("side", "side-teacher", "cond", "side-lora")  # the methods that draw a target class per generation
+
+
+def rounds_rule(c: ExtractConfig, *, targeted: bool, avoiding: bool) -> bool:
+    """The one rule for generating in rounds, each seeing the earlier rounds' generations: every method under
+    dedup-driven stopping, a method that draws target classes (``targeted``: classifier guidance or side-lora's
+    conditional model) under adaptive allocation, memguide with avoidance (``avoiding``)."""
+    return c.stop_unseen > 0 or (targeted and c.allocation == "adaptive") or avoiding
+
+
+def method_in_rounds(method: str, c: ExtractConfig) -> bool:
+    """:func:`rounds_rule` of ``method`` from its config alone (before its guidance is built)."""
+    return rounds_rule(c, targeted=method in TARGETED, avoiding=method == "memguide" and c.memguide_avoid > 0)
+
+
 def inert_settings(rc: RunConfig) -> list[str]:
     """The settings set away from their defaults that change nothing in this run, given the others, as
     ``section.key=value (why)``; a run warns of them (:func:`side_extract.pipeline.preflight`). A key of a method that
@@ -567,6 +582,17 @@ def inert_settings(rc: RunConfig) -> list[str]:
         changed("features", rc.features, unread_keys(rc.features))
     changed("sample", rc.sample, unread_keys(rc.sample))
     changed("extract", rc.extract, unread_keys(rc.extract))
+    ex = rc.extract
+    if "memguide" in methods and ex.memguide_avoid == 0:
+        changed("extract", ex, dict.fromkeys(("memguide_avoid_h", "memguide_avoid_t_lo", "memguide_avoid_t_hi"),
+                                             "memguide's avoidance runs only with extract.memguide_avoid > 0"))
+    targeted = set(TARGETED) & methods
+    if not any(method_in_rounds(m, ex) for m in methods):
+        changed("extract", ex, {"rounds": "no method generates in rounds: that takes extract.stop_unseen, adaptive "
+                                          "allocation or memguide's avoidance"})
+    if not (ex.stop_unseen > 0 or (targeted and ex.allocation == "adaptive")):
+        changed("extract", ex, {"dedup_threshold": "read by dedup-driven stopping (extract.stop_unseen) and by "
+                                                   "adaptive allocation only"})
     if "side-lora" in methods:
         changed("lora", rc.lora, unread_keys(rc.lora))
     ev = rc.evaluate

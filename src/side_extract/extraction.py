@@ -54,27 +54,12 @@ def round_start(c: cfg.ExtractConfig, i: int) -> int:
     return i - i % round_size(c)
 
 
-TARGETED = ("side", "side-teacher", "cond", "side-lora")  # the methods that draw a target class per generation
-
-
-def rounds_rule(c: cfg.ExtractConfig, *, targeted: bool, avoiding: bool) -> bool:
-    """The one rule for generating in rounds, each seeing the earlier rounds' generations: every method under
-    dedup-driven stopping, a method that draws target classes (``targeted``: classifier guidance or side-lora's
-    conditional model) under adaptive allocation, memguide with avoidance (``avoiding``)."""
-    return c.stop_unseen > 0 or (targeted and c.allocation == "adaptive") or avoiding
-
-
 def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None,
               denoiser: Denoiser | None) -> bool:
-    """:func:`rounds_rule` of a method from its built guidance and its denoiser (side-lora's is conditional: pass
+    """:func:`~side_extract.config.rounds_rule` of a method from its built guidance and its denoiser (side-lora's is conditional: pass
     the one it samples, or None where it is known not to be side-lora's)."""
-    return rounds_rule(c, targeted=isinstance(guidance, ClassifierGuidance) or getattr(denoiser, "conditional", False),
+    return cfg.rounds_rule(c, targeted=isinstance(guidance, ClassifierGuidance) or getattr(denoiser, "conditional", False),
                        avoiding=isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
-
-
-def method_in_rounds(method: str, c: cfg.ExtractConfig) -> bool:
-    """:func:`rounds_rule` of ``method`` from its config alone (before its guidance is built)."""
-    return rounds_rule(c, targeted=method in TARGETED, avoiding=method == "memguide" and c.memguide_avoid > 0)
 
 
 def earlier_rounds(generations: ImageSet, begin: int) -> ImageSet:

@@ -30,7 +30,7 @@ from .data import ImageSet, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
 from .evaluation import calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
-from .extraction import TARGETED, extraction_stage, method_in_rounds, round_size
+from .extraction import extraction_stage, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
 from .finetune import finetune, load_finetuned, lora_problems, lora_settings
 from .guidance import ClassifierGuidance, DenoisedGuidance
@@ -331,11 +331,11 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
         if method == "cond" and isinstance(guidance, DenoisedGuidance):  # the same clean classifier either way
             d["guidance_input"] = "x0_hat"  # (SIDE's classifier stage already differs: it trains on clean images)
-    if c.allocation != "uniform" and method in TARGETED:
+    if c.allocation != "uniform" and method in cfg.TARGETED:
         d.update(allocation=c.allocation, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
     if c.stop_unseen > 0:  # dedup-driven stopping, any method
         d.update(stop_unseen=c.stop_unseen, rounds=c.rounds, dedup_threshold=c.dedup_threshold)
-    if method_in_rounds(method, c) and c.shard_size < round_size(c):  # a round in several shards (earlier: in one)
+    if cfg.method_in_rounds(method, c) and c.shard_size < round_size(c):  # a round in several shards (earlier: in one)
         d["round_shards"] = -(-round_size(c) // c.shard_size)
     return d
 

@@ -60,7 +60,6 @@ import numpy as np
 
 from .. import config as cfg
 from ..data import load_shards
-from ..extraction import method_in_rounds
 from ..metrics import read_bands_file
 from ..pipeline import ProgressFactory, copy_guard, no_progress, run_audit
 from ..runs import STAGE_VERSIONS, RunDir, read_json, versions
@@ -368,7 +367,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             setting = chosen.get(m)
             path, mrc = entry_run(fc, m, rc, None if setting is None else tuple(setting), n, rep)
             paths[m] = path
-            if method_in_rounds(fc.base_method(m), mrc.extract):  # its first n generations are its first rounds
+            if cfg.method_in_rounds(fc.base_method(m), mrc.extract):  # its first n generations are its first rounds
                 rounds.add(m)
             res = run_audit(path, mrc, device=device, progress=progress, wait=True)
             check_distinct_runs(fc, made, m, path)
