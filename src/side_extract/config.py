@@ -545,11 +545,17 @@ def at_defaults(c: T, keys: Any) -> T:
 TARGETED = ("side", "side-teacher", "cond", "side-lora")  # the methods that draw a target class per generation
 
 
+def dedup_rule(c: ExtractConfig, *, targeted: bool) -> bool:
+    """Whether a method groups its own generations into near-duplicates (``extract.dedup_threshold``): every method
+    under dedup-driven stopping, a method that draws target classes (``targeted``: classifier guidance or side-lora's
+    conditional model) under adaptive allocation."""
+    return c.stop_unseen > 0 or (targeted and c.allocation == "adaptive")
+
+
 def rounds_rule(c: ExtractConfig, *, targeted: bool, avoiding: bool) -> bool:
-    """The one rule for generating in rounds, each seeing the earlier rounds' generations: every method under
-    dedup-driven stopping, a method that draws target classes (``targeted``: classifier guidance or side-lora's
-    conditional model) under adaptive allocation, memguide with avoidance (``avoiding``)."""
-    return c.stop_unseen > 0 or (targeted and c.allocation == "adaptive") or avoiding
+    """The one rule for generating in rounds, each seeing the earlier rounds' generations: every method that groups
+    its generations into near-duplicates (:func:`dedup_rule`), and memguide with avoidance (``avoiding``)."""
+    return dedup_rule(c, targeted=targeted) or avoiding
 
 
 def method_in_rounds(method: str, c: ExtractConfig) -> bool:
@@ -557,17 +563,17 @@ def method_in_rounds(method: str, c: ExtractConfig) -> bool:
     return rounds_rule(c, targeted=method in TARGETED, avoiding=method == "memguide" and c.memguide_avoid > 0)
 
 
-def inert_settings(rc: RunConfig) -> list[str]:
-    """The settings set away from their defaults that change nothing in this run, given the others, as
-    ``section.key=value (why)``; a run warns of them (:func:`side_extract.pipeline.preflight`). A key of a method that
-    is not in ``extract.methods`` is not listed: it is simply unused."""
+def inert_keys(rc: RunConfig) -> dict[str, str]:
+    """The settings set away from their defaults that change nothing in this run, given the others: ``section.key``
+    -> ``section.key=value (why)``. A key of a method that is not in ``extract.methods`` is not listed: it is simply
+    unused."""
     methods = set(rc.extract.methods)
-    out: list[str] = []
+    out: dict[str, str] = {}
 
     def changed(section: str, obj: Any, unread: dict[str, str]) -> None:
         default = type(obj)()
-        out.extend(f"{section}.{k}={getattr(obj, k)!r} ({why})" for k, why in unread.items()
-                   if getattr(obj, k) != getattr(default, k))
+        out.update({f"{section}.{k}": f"{section}.{k}={getattr(obj, k)!r} ({why})" for k, why in unread.items()
+                    if getattr(obj, k) != getattr(default, k)})
 
     if {"cond", "side-teacher"} & methods:
         changed("clean_classifier", rc.clean_classifier, unread_keys(rc.clean_classifier, clean=True))
@@ -586,23 +592,28 @@ def inert_settings(rc: RunConfig) -> list[str]:
     if "memguide" in methods and ex.memguide_avoid == 0:
         changed("extract", ex, dict.fromkeys(("memguide_avoid_h", "memguide_avoid_t_lo", "memguide_avoid_t_hi"),
                                              "memguide's avoidance runs only with extract.memguide_avoid > 0"))
-    targeted = set(TARGETED) & methods
     if not any(method_in_rounds(m, ex) for m in methods):
         changed("extract", ex, {"rounds": "no method generates in rounds: that takes extract.stop_unseen, adaptive "
                                           "allocation or memguide's avoidance"})
-    if not (ex.stop_unseen > 0 or (targeted and ex.allocation == "adaptive")):
+    if not any(dedup_rule(ex, targeted=m in TARGETED) for m in methods):
         changed("extract", ex, {"dedup_threshold": "read by dedup-driven stopping (extract.stop_unseen) and by "
                                                    "adaptive allocation only"})
     if "side-lora" in methods:
         changed("lora", rc.lora, unread_keys(rc.lora))
     ev = rc.evaluate
     if ev.resize is not None:
-        out.append(f"evaluate.resize={ev.resize!r} (side evaluate's and side calibrate's; a run resizes its image "
-                   "sets with train_resize)")
+        out["evaluate.resize"] = (f"evaluate.resize={ev.resize!r} (side evaluate's and side calibrate's; a run resizes "
+                                  "its image sets with train_resize)")
     if ev.detect_threshold is None:
         changed("evaluate", ev, dict.fromkeys(("detect_min_size", "detect_grid", "detect_mode", "extraction_threshold"),
                                               "clique detection runs only with evaluate.detect_threshold"))
     return out
+
+
+def inert_settings(rc: RunConfig) -> list[str]:
+    """:func:`inert_keys`' texts, ``section.key=value (why)``; a run warns of them
+    (:func:`side_extract.pipeline.preflight`)."""
+    return list(inert_keys(rc).values())
 
 
 # --------------------------------------------------------------------------------------------------

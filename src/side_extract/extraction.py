@@ -56,10 +56,11 @@ def round_start(c: cfg.ExtractConfig, i: int) -> int:
 
 def in_rounds(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None,
               denoiser: Denoiser | None) -> bool:
-    """:func:`~side_extract.config.rounds_rule` of a method from its built guidance and its denoiser (side-lora's is conditional: pass
-    the one it samples, or None where it is known not to be side-lora's)."""
-    return cfg.rounds_rule(c, targeted=isinstance(guidance, ClassifierGuidance) or getattr(denoiser, "conditional", False),
-                       avoiding=isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
+    """:func:`~side_extract.config.rounds_rule` of a method from its built guidance and its denoiser (side-lora's is
+    conditional: pass the one it samples, or None where it is known not to be side-lora's)."""
+    targeted = isinstance(guidance, ClassifierGuidance) or getattr(denoiser, "conditional", False)
+    return cfg.rounds_rule(c, targeted=targeted,
+                           avoiding=isinstance(guidance, MemorizationGuidance) and guidance.avoid > 0)
 
 
 def earlier_rounds(generations: ImageSet, begin: int) -> ImageSet:

@@ -126,11 +126,11 @@ class FairBenchConfig:
                                  "benchmark N_G and the bands)")
             overrides = {k: v for k, v in form.items() if k != "method"}
             try:
-                inert = cfg.inert_settings(method_config(self.bench.run, form["method"], None, self.validation_n,
-                                                         overrides))
+                inert_keys = cfg.inert_keys(method_config(self.bench.run, form["method"], None, self.validation_n,
+                                                          overrides))
             except ValueError as e:
                 raise ValueError(f"forms: {name!r}: {e}") from None
-            inert = [i for i in inert if i.split("=", 1)[0] in overrides]
+            inert = [text for key, text in inert_keys.items() if key in overrides]
             if inert and len(inert) == len(overrides):  # it would make its method's runs again (or the same ones)
                 raise ValueError(f"forms: {name!r} changes nothing its runs read: {'; '.join(inert)}")
             if inert:
