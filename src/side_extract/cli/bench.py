@@ -11,7 +11,8 @@ from .common import cli_errors, console
 from .run import print_summary, stage_progress
 
 bench_app = typer.Typer(
-    help="Benchmarks: extraction power across training-set scales, and compute figures (docs/benchmarks.md).",
+    help="Benchmarks: extraction power across training-set scales, and compute figures (how: docs/benchmarks.md; "
+    "results: docs/results.md).",
     no_args_is_help=True,
 )
 
