@@ -73,12 +73,33 @@ def test_each_embedded_target_has_its_own_demo_config():
     from side_extract.cli.demo import demo_config
     from side_extract.models.target import load_target
 
-    default, memorized, custom = demo_config(), demo_config("demo"), demo_config("/some/dir")
+    default, memorized, custom = demo_config(), demo_config("demo"), demo_config("/some/dir", "digits:100")
     assert (default.model, default.train) == ("demo-1000", "digits:1000")
     assert (memorized.model, memorized.train) == ("demo", "digits:100")
-    assert (custom.model, custom.train) == ("/some/dir", "digits:1000")
+    assert (custom.model, custom.train) == ("/some/dir", "digits:100")
+    assert custom.extract.methods == default.extract.methods and "cond" in custom.extract.methods
     for rc in (default, memorized):  # the config's training set fits its target
         assert load_target(rc.model).sample_shape == (1, 8, 8)
+
+
+def test_demo_of_a_model_directory_audits_against_its_own_training_images(tmp_path):
+    """`side demo --model DIR` audited a user's model against digits:1000, demo-1000's training set; now it needs
+    the model's own (--train), refuses --train with an embedded target, and leaves Cond out for images without
+    labels instead of failing on them."""
+    from side_extract.cli.demo import demo_config
+
+    np.savez(tmp_path / "plain.npz", images=np.zeros((4, 8, 8), np.uint8))
+    unlabelled = demo_config("/some/dir", str(tmp_path / "plain.npz"))
+    assert unlabelled.train == str(tmp_path / "plain.npz")
+    assert unlabelled.extract.methods == ("side", "memguide", "uncond")
+    with pytest.raises(ValueError, match="needs its training images: --train"):
+        demo_config("/some/dir")
+    with pytest.raises(ValueError, match="has its own training set"):
+        demo_config("demo", "digits:100")
+    r = CliRunner().invoke(app, ["--no-progress", "demo", "--out", str(tmp_path / "d"), "--model", str(tmp_path)],
+                           terminal_width=300)
+    assert r.exit_code == 2 and "needs its training images: --train" in r.output, r.output
+    assert not (tmp_path / "d").exists()  # refused before any work
 
 
 @pytest.mark.slow
@@ -223,6 +244,20 @@ def test_a_new_run_directory_says_which_model_it_used(tmp_path):
     assert again.exit_code == 0 and "no config names a model" not in again.output, again.output
     named = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "new2"), "--model", "demo"])
     assert named.exit_code == 0 and "no config names a model" not in named.output, named.output
+
+
+def test_side_run_says_when_its_config_names_no_model(tmp_path):
+    """`side run CONFIG` with no model: in CONFIG audited the embedded demo target without a word (a user's own
+    training set then met a model it was never trained on); it says so before the run starts."""
+    body = ("train: digits:20\nextract: {methods: [uncond], n: 2, steps: 1}\n"
+            "evaluate: {bands: 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2', quality: [], carlini_n: 2}\n")
+    (tmp_path / "c.yaml").write_text(body)
+    argv = ["--no-progress", "run", str(tmp_path / "c.yaml"), "--no-report"]
+    r = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "r")], terminal_width=300)
+    assert r.exit_code == 0 and "names no model, so the run audits the default" in r.output, r.output
+    (tmp_path / "c.yaml").write_text("model: demo\n" + body)
+    named = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "r2")], terminal_width=300)
+    assert named.exit_code == 0 and "names no model" not in named.output, named.output
 
 
 def test_no_progress_prints_a_line_when_a_stage_starts_and_ends(tiny_model_dir, tmp_path):

@@ -16,17 +16,31 @@ from .run import print_summary, stage_progress
 DEFAULT_TARGET = "demo-1000"
 
 
-def demo_config(model: str = DEFAULT_TARGET) -> cfg.RunConfig:
+def demo_config(model: str = DEFAULT_TARGET, train: str | None = None) -> cfg.RunConfig:
     """The demo's run config: an embedded target's own (``assets/<name>_run.yaml``: its training set and sizes);
-    any other model directory gets the default target's settings."""
+    any other model directory gets the default target's settings with its own training set ``train``, which it
+    must name (an embedded target's is fixed). A training set without labels leaves Cond out (it trains on them)."""
+    from ..data import load_image_set
     from ..models.target import EMBEDDED_TARGETS
 
-    name = model if model in EMBEDDED_TARGETS else DEFAULT_TARGET
+    embedded = model in EMBEDDED_TARGETS
+    if embedded and train is not None:
+        raise ValueError(f"--train {train!r}: the embedded target {model!r} has its own training set; --train is for "
+                         "a model directory (--model DIR)")
+    if not embedded and train is None:
+        raise ValueError(f"--model {model!r} is not an embedded target ({', '.join(EMBEDDED_TARGETS)}), so the demo "
+                         "needs its training images: --train (a folder of PNG/JPEG files, an .npz with 'images' and "
+                         "optional 'labels', or digits:N)")
+    name = model if embedded else DEFAULT_TARGET
     text = (resources.files("side_extract") / "assets" / f"{name}_run.yaml").read_text()
     import yaml
 
     data = yaml.safe_load(text)
     data["model"] = model
+    if not embedded:
+        data["train"] = train
+        if load_image_set(train).labels is None:
+            data["extract"]["methods"] = [m for m in data["extract"]["methods"] if m != "cond"]
     return cfg.from_dict(cfg.RunConfig, data)
 
 
@@ -36,7 +50,10 @@ def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
     model: str = typer.Option(DEFAULT_TARGET, help="Target model: an embedded one (demo-1000: digits:1000, where "
                               "plain sampling reaches few training images; demo: digits:100, memorized throughout), "
-                              "or a diffusers directory (run with demo-1000's settings)."),
+                              "or a diffusers directory (run with demo-1000's settings; give --train)."),
+    train: str = typer.Option(None, "--train", help="The training images of a --model directory: a folder of "
+                              "PNG/JPEG files, an .npz with 'images' (and 'labels' for Cond), or digits:N. Without "
+                              "labels the demo leaves Cond out."),
     device: str = typer.Option("cpu", help="Torch device."),
     wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
@@ -56,7 +73,9 @@ def demo_cmd(
         import torch
 
         torch.set_num_threads(1)
-    rc = demo_config(model)
+    rc = demo_config(model, train)
+    if "cond" not in rc.extract.methods:
+        console.print(f"{train} has no labels: the demo runs without Cond (it trains a classifier on them)")
     with stage_progress(ctx) as factory:
         result = run_audit(out, rc, device=device, progress=factory, wait=wait)
     group = ProcessGroup.from_env()

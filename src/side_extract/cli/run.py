@@ -120,6 +120,9 @@ def run_cmd(
     """Run the whole audit: sample, cluster, train classifiers, extract (SIDE and baselines), evaluate, sweeps.
     A stage whose settings or inputs changed since the last run into OUT is redone."""
     rc = build_config(cfg.RunConfig, config, {})  # CONFIG says the whole run: a key left out is its default
+    if "model" not in cfg.load_yaml(config) and ProcessGroup.from_env().main:
+        say_note(f"{config} names no model, so the run audits the default, the embedded target "
+                 f"{cfg.RunConfig.model!r} (model: DIR names a diffusers DDPMPipeline directory)")
     _say_changes(out, rc)
     metrics = _run(ctx, out, rc, device, "evaluation", wait=wait)
     if not ProcessGroup.from_env().main:
@@ -137,7 +140,9 @@ def cluster_cmd(
     ctx: typer.Context,
     run: Path = typer.Option(..., "--run", help="Run directory (created if missing)."),
     config: Path | None = typer.Option(None, "--config", help="Run YAML overriding the run's config.yaml."),
-    extractor: str = typer.Option(cfg.FeaturesConfig.extractor, help="Feature extractor (see docs)."),
+    extractor: str = typer.Option(cfg.FeaturesConfig.extractor,
+                                  help="Feature extractor: pixels, pixels-pca, unet, efficientnet-lite0 or "
+                                  "torchscript:PATH (docs/config.md, features)."),
     n_clusters: int = typer.Option(cfg.SurrogateConfig.n_clusters, help="K of K-means."),
     tau: float = typer.Option(cfg.SurrogateConfig.tau, help="Minimum cohesion of a kept cluster."),
     dropped: str = typer.Option(cfg.SurrogateConfig.dropped, help="drop or relabel samples of dropped clusters."),
