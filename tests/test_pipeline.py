@@ -511,3 +511,33 @@ def test_a_training_set_of_one_class_is_refused_before_any_stage_for_cond(tiny_m
     with pytest.raises(ValueError, match=r"cannot start:\n  - methods cond and side-teacher .* has 1 labelled class"):
         run_audit(tmp_path / "run", rc)
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_a_training_set_without_held_out_images_says_where_its_bands_came_from(tiny_model_dir, tmp_path, caplog):
+    """A user's own training set with no evaluate.heldout was calibrated on the training images against each other
+    without a word, while the docs said held-out images; now the run warns and the report says which null the bands
+    came from. An unlabelled set with the default methods (Cond) is refused with the way out named."""
+    from side_extract.report import write_report
+
+    digits = load_image_set("digits:60")
+    np.savez(tmp_path / "train.npz", images=digits.images[:30])
+    np.savez(tmp_path / "heldout.npz", images=digits.images[30:])
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",), n=4), train=str(tmp_path / "train.npz"))
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.1, 0.2, 0.3)))
+    with caplog.at_level("WARNING", logger="side_extract.pipeline"):
+        run_audit(tmp_path / "run", rc)
+    assert "evaluate.heldout is not set" in caplog.text
+    assert read_json(tmp_path / "run" / "evaluation" / "bands.json")["null_source"] == "train"
+    html = write_report(tmp_path / "run").read_text()
+    assert "The bands come from the training images against each other" in " ".join(html.split())
+
+    caplog.clear()
+    given = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=str(tmp_path / "heldout.npz")))
+    with caplog.at_level("WARNING", logger="side_extract.pipeline"):
+        run_audit(tmp_path / "given", given)
+    assert "evaluate.heldout is not set" not in caplog.text
+    assert "The bands come from the heldout null" in " ".join(write_report(tmp_path / "given").read_text().split())
+
+    with pytest.raises(ValueError, match="has no labels .* or leave them out of extract.methods"):
+        run_audit(tmp_path / "cond", dataclasses.replace(rc, extract=dataclasses.replace(rc.extract,
+                                                                                          methods=("side", "cond"))))

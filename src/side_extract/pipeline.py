@@ -413,6 +413,10 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
                 heldout = dataclasses.replace(heldout, images=resize(heldout.images, ctx.rc.train_resize))
         else:
             heldout = None
+            log.warning("evaluate.heldout is not set (train=%r): the similarity bands are calibrated on the training "
+                        "images against each other, not on held-out images against the training set; give "
+                        "evaluate.heldout (images from the training distribution the model did not see) for the "
+                        "bands the paper calibrates", ctx.rc.train)
         cal = calibrate(train, heldout, c, train_features=train_features_stage(ctx, train),
                         feature_model=ctx.denoiser, device=ctx.device)
         cal.write(ctx.run.path / "evaluation")
@@ -591,8 +595,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         except ValueError as e:
             problems.append(str(e))
         if needs_train and train.labels is None:
-            problems.append(f"methods cond and side-teacher need a labelled training set; {rc.train!r} has no labels "
-                            "(an .npz with 'labels', or digits)")
+            problems.append(f"methods {', '.join(sorted({'cond', 'side-teacher'} & methods))} need a labelled training "
+                            f"set; {rc.train!r} has no labels (give an .npz with 'labels', or digits; a folder of "
+                            "images has none), or leave them out of extract.methods (the default methods include cond; "
+                            "side, memguide and uncond need no labels)")
         elif needs_train and (n_classes := len(np.unique(train.labels[train.labels >= 0]))) < 2:
             problems.append(f"methods cond and side-teacher train a classifier on the training set's labels; "
                             f"{rc.train!r} has {n_classes} labelled class(es), it needs at least 2")

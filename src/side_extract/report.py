@@ -171,7 +171,8 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
                     "methods": {n: np.histogram(tables[n]["similarity"], edges)[0].tolist() for n in names},
                     "null": {k: np.histogram(v, edges)[0].tolist() for k, v in null.items()},
                     "null_n": {k: len(v) for k, v in null.items()},
-                    "null_file": str(cal_dir / "null.npz") if null else None})
+                    "null_file": str(cal_dir / "null.npz") if null else None,
+                    "null_source": cal.get("null_source") if null else None})
     return out
 
 
