@@ -3,6 +3,7 @@ go through the whole chain without a model directory; the typed results match th
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -359,3 +360,25 @@ def test_an_in_memory_training_set_is_found_from_any_working_directory(tmp_path,
     res = Audit.load(tmp_path / "work" / "run")
     assert Path(res.config.train).is_absolute()
     assert len(res.pairs("uncond")) > 0
+
+
+def test_held_out_images_and_the_summary_from_python(tmp_path, one_thread):
+    """audit() could not take held-out images in memory (only a path in the config), so the bands of an in-memory
+    training set came from the set against itself; and the summary side run prints had no accessor."""
+    digits = side_extract.load_image_set("digits:60")
+    train, held = digits.images[:30], digits.images[30:]
+    config = {**SMALL, "evaluate.bands": None, "evaluate.calibration_quantiles": [0.1, 0.2, 0.3]}
+    res = side_extract.audit(tiny_unet(), train, heldout=held, scheduler=tiny_scheduler(), config=config,
+                             out=tmp_path / "run", methods=["uncond"])
+    saved = np.load(tmp_path / "run" / "inputs" / "heldout.npz")["images"]
+    np.testing.assert_array_equal(saved.reshape(held.shape), held)
+    assert res.config.evaluate.heldout == str((tmp_path / "run" / "inputs" / "heldout.npz").resolve())
+    bands = json.loads((tmp_path / "run" / "evaluation" / "bands.json").read_text())
+    assert bands["null_source"] == "heldout" and bands["null"]["heldout"]["n"] == 30
+    summary = res.summary
+    assert summary["methods"]["uncond"]["n_generated"] == res.methods["uncond"].n_generated
+    assert summary["verdict"] == json.loads((tmp_path / "run" / "summary.json").read_text())["verdict"]
+    with pytest.raises(ValueError, match="heldout: an array must be uint8"):
+        side_extract.audit(tiny_unet(), train, heldout=held.astype(np.float32), scheduler=tiny_scheduler(),
+                           out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

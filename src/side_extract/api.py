@@ -135,8 +135,10 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
 
 
-def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray | None = None) -> ImageSet | str:
-    """An image-set spec is returned as it is; an array or :class:`ImageSet` as an ImageSet (uint8 NHWC)."""
+def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray | None = None,
+                 name: str = "train") -> ImageSet | str:
+    """An image-set spec is returned as it is; an array or :class:`ImageSet` as an ImageSet (uint8 NHWC).
+    ``name``: the argument the images came in, for the errors."""
     if isinstance(images, (str, Path)):
         if labels is not None:
             raise ValueError(f"labels=... go with an array or an unlabelled ImageSet; the spec {str(images)!r} "
@@ -153,7 +155,7 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
         return dataclasses.replace(images, labels=lab)
     a = np.asarray(images)
     if a.dtype != np.uint8 or a.ndim not in (3, 4):
-        raise ValueError(f"train: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
+        raise ValueError(f"{name}: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
     return ImageSet(a[..., None] if a.ndim == 3 else a, None if labels is None else np.asarray(labels, np.int64))
 
 
@@ -256,6 +258,19 @@ class Audit:
         # every evaluation the directory holds, as the report and summary.json list them
         methods = {m: MethodResult.from_json(read_json(d / "metrics.json", dict)) for m, d in evaluated_methods(run).items()}
         return cls(run, rc, methods)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The run's ``summary.json``, what ``side run`` prints and the report's first screen shows: per method the
+        distinct training images per band (``distinct``, ``distinct_cumulative``: training images with a
+        generation in the band, UMS x N_G), the N_G law's projection, cost and stopping; each SIDE form's and
+        memguide's ratio to the best baseline per metric (``ratios_to_best_baseline``); and the ``verdict``
+        sentence."""
+        path = self.run / "summary.json"
+        if not path.is_file():
+            raise ValueError(f"{self.run} has no summary.json: it is written when a run's evaluations are done "
+                             "(side run, side evaluate --run, side_extract.audit)")
+        return read_json(path, dict)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per method and band (``TABLE_COLUMNS``)."""
@@ -441,6 +456,7 @@ def audit(
     scheduler: SchedulerMixin | None = None,
     sample_shape: Sequence[int] | None = None,
     labels: np.ndarray | None = None,
+    heldout: str | Path | ImageSet | np.ndarray | None = None,
     methods: Sequence[str] | None = None,
     device: str = "cpu",
     progress: ProgressFactory = no_progress,
@@ -456,6 +472,11 @@ def audit(
     train : the training set: a spec (``"digits:100"``, folder, ``.npz``), an ``ImageSet``, or a uint8 array
         (N, H, W) / (N, H, W, C) with optional ``labels`` (N,) (Cond and SIDE-teacher need labels); an
         in-memory set is saved as ``out/inputs/train.npz``
+    heldout : images from the training distribution that the model did not train on (``evaluate.heldout``), in the
+        same forms as ``train``; the similarity bands are calibrated on them against the training set, and sample
+        quality is measured against them. Without them (and without ``evaluate.heldout`` in ``config``) a training
+        set other than digits is calibrated against itself, and the run warns. An in-memory set is saved as
+        ``out/inputs/heldout.npz``
     config : a ``RunConfig``, a dict (nested, or dotted keys such as ``{"extract.n": 200}``), or a YAML path;
         its ``model`` and ``train`` are replaced by the arguments
     methods : overrides ``config.extract.methods`` (``side``, ``side-teacher``, ``side-lora``, ``cond``, ``uncond``,
@@ -471,6 +492,7 @@ def audit(
     ex = rc.extract if methods is None else dataclasses.replace(rc.extract, methods=tuple(methods))
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
     data = as_image_set(train, labels)
+    held = None if heldout is None else as_image_set(heldout, name="heldout")
     check_run_path(out)  # a folder that is no run: refused before its inputs/ is written
     group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
@@ -484,7 +506,12 @@ def audit(
                     arrays["labels"] = data.labels
                 group.on_main(lambda: atomic_save_npz(path, **arrays))
                 data = str(path)
-            rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex)
+            if isinstance(held, ImageSet):
+                held_path = Path(out).resolve() / "inputs" / "heldout.npz"
+                group.on_main(lambda: atomic_save_npz(held_path, images=held.images))
+                held = str(held_path)
+            ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
+            rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex, evaluate=ev)
             run_with_sweeps(out, rc, device=device, progress=progress, target=target)
     except BaseException:
         if group.main and fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
