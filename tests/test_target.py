@@ -58,6 +58,25 @@ def test_missing_scheduler_config(tmp_path):
         load_target(tmp_path / "m")
 
 
+def test_a_class_conditional_unet_is_refused_with_the_way_to_audit_one_class(tmp_path):
+    """A class-conditional UNet2DModel loaded, then failed in the first sampling step with diffusers' own error
+    (class_labels missing); it is refused where it is loaded, naming the callable route."""
+    from diffusers import UNet2DModel
+
+    from side_extract.api import as_target
+
+    unet = tiny_unet()
+    labelled = UNet2DModel(**{**{k: v for k, v in unet.config.items() if not k.startswith("_")}, "num_class_embeds": 3})
+    save_target(labelled, tiny_scheduler(), tmp_path / "m")
+    with pytest.raises(ValueError, match="class-conditional UNet2DModel .num_class_embeds=3"):
+        load_target(tmp_path / "m")
+    with pytest.raises(ValueError, match="pass a callable that fixes the class"):
+        as_target(labelled, scheduler=tiny_scheduler())
+    one_class = as_target(lambda x, t: labelled(x, t, class_labels=torch.full((len(x),), 1)).sample,
+                          scheduler=tiny_scheduler(), sample_shape=(1, 8, 8))
+    assert one_class.denoiser(torch.zeros(2, 1, 8, 8), torch.tensor(5)).shape == (2, 1, 8, 8)
+
+
 def test_not_a_directory(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_target(tmp_path / "missing")

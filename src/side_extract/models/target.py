@@ -106,6 +106,13 @@ class UNetDenoiser:
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, source: str = "") -> None:
         check_epsilon(scheduler, unet.config.get("prediction_type", None))
+        if unet.config.get("num_class_embeds") or unet.config.get("class_embed_type"):
+            raise ValueError(f"{source or 'the model'}: a class-conditional UNet2DModel (num_class_embeds="
+                             f"{unet.config.get('num_class_embeds')}, class_embed_type="
+                             f"{unet.config.get('class_embed_type')!r}); side-extract audits unconditional models "
+                             "(eps(x, t) with no label). To audit one class of it, pass a callable that fixes the "
+                             "class, e.g. lambda x, t: unet(x, t, class_labels=torch.full((len(x),), y)).sample, with "
+                             "its scheduler and sample_shape (side_extract.audit)")
         self.unet = unet.eval()
         self.scheduler = scheduler
         self.source = source
