@@ -8,7 +8,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from side_extract import config as cfg
 from side_extract.cli.main import app
+from side_extract.data import load_image_set
 
 COMMANDS = [["train-target"], ["sample"], ["cluster"], ["train-classifier"], ["extract"], ["run"], ["demo"],
             ["evaluate"], ["calibrate"], ["report"], ["verify"], ["theory", "check"], ["theory", "measure"]]
@@ -292,3 +294,26 @@ def test_version_is_the_installed_distributions():
 
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"side-extract {metadata.version('side-extract')}"
+
+
+def test_the_own_model_template_is_the_memorization_aware_form_with_three_paths_to_fill(tiny_model_dir, tmp_path):
+    """configs/own-model.yaml (README "Your own model") parses, is the benchmark's mem-k25 form, and with its three
+    paths pointed at real files passes the pre-run checks: nothing in it needs labels."""
+    from pathlib import Path
+
+    from side_extract.config import from_dict, load_yaml
+    from side_extract.models.target import load_target
+    from side_extract.pipeline import preflight
+
+    data = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "own-model.yaml")
+    rc = from_dict(cfg.RunConfig, data)
+    assert (rc.model, rc.train, rc.evaluate.heldout) == ("/path/to/model", "/path/to/train", "/path/to/heldout")
+    assert (rc.surrogate.n_clusters, rc.surrogate.memorized_fraction, rc.classifier.time_blocks) == (25, 0.25, "every")
+    assert not {"cond", "side-teacher"} & set(rc.extract.methods)
+    digits = load_image_set("digits")
+    np.savez(tmp_path / "train.npz", images=digits.images[:30])
+    np.savez(tmp_path / "heldout.npz", images=digits.images[30:1030])  # the 0.001 quantile's 1,000
+    paths = {"model": str(tiny_model_dir), "train": str(tmp_path / "train.npz"),
+             "evaluate": {"heldout": str(tmp_path / "heldout.npz")}}
+    filled = from_dict(cfg.RunConfig, cfg.merge(data, paths))
+    preflight(filled, load_target(tiny_model_dir))

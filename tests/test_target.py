@@ -77,6 +77,24 @@ def test_a_class_conditional_unet_is_refused_with_the_way_to_audit_one_class(tmp
     assert one_class.denoiser(torch.zeros(2, 1, 8, 8), torch.tensor(5)).shape == (2, 1, 8, 8)
 
 
+def test_a_unet_saved_alone_is_refused_and_the_readme_recipe_makes_it_a_target(tmp_path):
+    """UNet2DModel.save_pretrained writes config.json and weights with no scheduler; the error said only that
+    scheduler/ was missing. It names what the directory holds and the recipe README "Your own model" gives, which
+    yields a target with the model's own weights."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "alone")
+    with pytest.raises(ValueError, match="holds a model saved alone .config.json, no unet/ and scheduler/"):
+        load_target(tmp_path / "alone")
+    schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    DDPMPipeline(unet=UNet2DModel.from_pretrained(tmp_path / "alone"), scheduler=schedule).save_pretrained(tmp_path / "m")
+    target = load_target(tmp_path / "m")
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(10)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x, t), unet(x, t).sample)
+
+
 def test_not_a_directory(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_target(tmp_path / "missing")

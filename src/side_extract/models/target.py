@@ -181,6 +181,12 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
                          "directory with unet/ and scheduler/, or one of the embedded targets: "
                          f"{', '.join(EMBEDDED_TARGETS)})")
     unet_dir, sched_dir = path / "unet", path / "scheduler"
+    if (path / "config.json").is_file() and not unet_dir.is_dir():
+        raise ValueError(f"model directory {str(path)!r} holds a model saved alone (config.json, no unet/ and "
+                         "scheduler/); save it with the noise schedule it was trained with: DDPMPipeline(unet="
+                         f"UNet2DModel.from_pretrained({str(path)!r}), scheduler=DDPMScheduler("
+                         "num_train_timesteps=..., beta_schedule=...)).save_pretrained(NEW_DIR) (README \"Your own "
+                         "model\")")
     if not (sched_dir / "scheduler_config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no scheduler/scheduler_config.json; "
                          "save it with DDPMPipeline(unet, scheduler).save_pretrained(...)")
