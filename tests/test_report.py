@@ -477,3 +477,31 @@ def test_side_loras_copy_guard_caption_with_and_without_plain_sampling(tiny_mode
     run_audit(tmp_path / "run", rc)
     html = write_report(tmp_path / "run").read_text()
     assert "copy guard" in html and ("for plain sampling of the same model" in html) == ("uncond" in methods)
+
+
+def test_summary_counts_distinct_nearest_training_images_as_the_benchmarks_do(tiny_model_dir, tmp_path):
+    """summary.json and the report counted only UMS (every training image within a band of some generation), while
+    the benchmarks' tables count distinct *nearest* training images; a user could not set one against the other.
+    The summary now holds both, the nearest count read by hand here from per_generation.csv."""
+    import csv
+    import json
+
+    from side_extract.pipeline import run_audit
+    from side_extract.report import write_report
+
+    from test_pipeline import tiny_rc
+
+    import dataclasses
+
+    # the embedded `demo` target copies its 100 training images, so the bands hold generations
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",), n=40, steps=25), model="demo",
+                             train="digits:100")
+    run_audit(tmp_path / "run", rc)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())["methods"]["uncond"]
+    metrics = json.loads((tmp_path / "run" / "evaluation" / "uncond" / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "run" / "evaluation" / "uncond" / "per_generation.csv")))
+    for band, (_, hi) in metrics["bands"].items():  # rms-l2: a distance, "at the band or closer" is below its top
+        by_hand = {r["nearest_train_id"] for r in rows if float(r["similarity"]) < hi}
+        assert s["distinct_nearest_cumulative"][band] == len(by_hand) <= s["distinct_cumulative"][band]
+    assert any(s["distinct_nearest_cumulative"].values())
+    assert "distinct nearest at mid or closer" in write_report(tmp_path / "run").read_text()

@@ -263,9 +263,10 @@ class Audit:
     def summary(self) -> dict[str, Any]:
         """The run's ``summary.json``, what ``side run`` prints and the report's first screen shows: per method the
         distinct training images per band (``distinct``, ``distinct_cumulative``: training images with a
-        generation in the band, UMS x N_G), the N_G law's projection, cost and stopping; each SIDE form's and
-        memguide's ratio to the best baseline per metric (``ratios_to_best_baseline``); and the ``verdict``
-        sentence."""
+        generation in the band, UMS x N_G; ``distinct_nearest_cumulative``: the distinct nearest training images of
+        the generations at the band or closer, the benchmarks' count), the N_G law's projection, cost and
+        stopping; each SIDE form's and memguide's ratio to the best baseline per metric
+        (``ratios_to_best_baseline``); and the ``verdict`` sentence."""
         path = self.run / "summary.json"
         if not path.is_file():
             raise ValueError(f"{self.run} has no summary.json: it is written when a run's evaluations are done "

@@ -66,6 +66,30 @@ class GenerationTable:
         atomic_save_npz(Path(out_dir) / "per_generation.npz", **{k: np.asarray(v) for k, v in cols.items()})
 
 
+def generation_stats(eval_dir: Path, bands: Sequence[Band], orientation: Orientation) -> dict[str, np.ndarray]:
+    """The per-generation arrays of one evaluation (``eval_dir/per_generation.npz``) that distinct counts and the
+    fair benchmark's bootstrap read: the nearest training id (``nn``), Carlini's hit (``carlini``) and, per band,
+    whether the generation reaches it (``reach/<band>``: at that band or closer)."""
+    with np.load(Path(eval_dir) / "per_generation.npz", allow_pickle=False) as z:
+        sim, nn, carlini = z["similarity"], z["nearest_train_id"], z["carlini_ratio"]
+    out = {"nn": nn.astype(np.int64), "carlini": (carlini < 1.0)}
+    for b in bands:
+        out[f"reach/{b.name}"] = b.reaches(sim, orientation)
+    return out
+
+
+def per_generation_stats(run: Path, method: str, bands: Sequence[Band],
+                         orientation: Orientation) -> dict[str, np.ndarray]:
+    """:func:`generation_stats` of ``method``'s evaluation in run directory ``run``."""
+    return generation_stats(Path(run) / "evaluation" / method, bands, orientation)
+
+
+def distinct_count(stats: dict[str, np.ndarray], band: str = "mid") -> int:
+    """Distinct nearest training images among the generations at ``band`` or closer (the fair benchmark's count;
+    UMS counts every training image within the band of some generation, so it is never smaller)."""
+    return len(np.unique(stats["nn"][stats[f"reach/{band}"]]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """Everything ``side evaluate`` writes; ``to_json()`` is ``metrics.json``."""

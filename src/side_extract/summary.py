@@ -1,6 +1,8 @@
 """The audit summary a person can act on: ``RUN/summary.json`` and the report's first screen.
 
-For each method: how many distinct training images it reached per band (exclusive and cumulative), the N_G
+For each method: how many distinct training images it reached per band (exclusive and cumulative: UMS counts,
+every training image within the band of some generation; and ``distinct_nearest_cumulative``, the distinct
+*nearest* training images of the generations at that band or closer, the fair benchmark's count), the N_G
 law's projection to 10x the budget, what it cost (seconds, images/s), where dedup-driven stopping ended it
 (``stopped``: after ``at`` of the ``of`` generations asked for), its sample quality, and the ratio of
 each SIDE form to the best baseline per metric (shares per generation asked for, where a method stopped early:
@@ -11,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from .evaluation import distinct_count, generation_stats
+from .metrics import Band
 from .runs import atomic_write_json, evaluated_methods, read_json, read_stages
 
 SIDE_METHODS = ("side", "side-teacher", "side-lora")
@@ -73,13 +77,19 @@ def _closest_first(bands: dict[str, list[float]], orientation: str) -> list[str]
     return sorted(bands, key=lambda b: -bands[b][0] if orientation == "similarity" else bands[b][1])
 
 
-def method_summary(m: dict[str, Any], stage: dict[str, Any] | None) -> dict[str, Any]:
-    """One method's row of the summary (see the module docstring)."""
+def method_summary(m: dict[str, Any], stage: dict[str, Any] | None, eval_dir: Path | None = None) -> dict[str, Any]:
+    """One method's row of the summary (see the module docstring); ``eval_dir``: its evaluation's directory, whose
+    ``per_generation.npz`` gives the distinct nearest training images (None, or no such file: not given)."""
     n = int(m["n_generated"])
+    nearest = None
+    if eval_dir is not None and (eval_dir / "per_generation.npz").is_file():
+        stats = generation_stats(eval_dir, [Band(b, lo, hi) for b, (lo, hi) in m["bands"].items()], m["orientation"])
+        nearest = {b: distinct_count(stats, b) for b in m["bands"]}
     out: dict[str, Any] = {
         "n_generated": n,
         "distinct": {b: int(round(v * n)) for b, v in m["ums"].items()},
         "distinct_cumulative": {b: int(round(v * n)) for b, v in m["ums_cumulative"].items()},
+        "distinct_nearest_cumulative": nearest,
         "projected_10x": {}, "carlini_extracted": m["carlini"]["extracted_fraction"],
         "seconds": None, "images_per_second": None, "quality": m.get("quality") or {},
         "copy_guard": m.get("copy_guard")}
@@ -144,9 +154,10 @@ def per_budget(metrics: dict[str, Any], n_asked: int) -> dict[str, Any]:
 def audit_summary(run: str | Path) -> dict[str, Any]:
     """The summary of a run directory's evaluated methods."""
     run = Path(run)
-    metrics = {k: read_json(d / "metrics.json", dict) for k, d in evaluated_methods(run).items()}
+    dirs = evaluated_methods(run)
+    metrics = {k: read_json(d / "metrics.json", dict) for k, d in dirs.items()}
     stages = read_stages(run)
-    methods = {k: method_summary(m, stages.get(f"extraction/{k}")) for k, m in metrics.items()}
+    methods = {k: method_summary(m, stages.get(f"extraction/{k}"), dirs[k]) for k, m in metrics.items()}
     return {"schema": SCHEMA, "verdict": verdict(metrics, methods), "methods": methods,
             "ratios_to_best_baseline": ratios_to_best_baseline(
                 {k: per_budget(m, (stages.get(f"extraction/{k}") or {}).get("n") or m["n_generated"])

@@ -44,27 +44,16 @@ from __future__ import annotations
 
 import math
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.stats import t as student_t
 
-from ..metrics import Band
+from ..evaluation import distinct_count, per_generation_stats
 
 INTERVAL_METHOD = ("log ratio of replicate means, t with R - 1 df; SE the larger of the replicates' (paired delta "
                    "method) and the resampling's (shares: generations; distinct counts: iNEXT assemblage)")
 Z95 = 1.959963984540054
-
-
-def per_generation_stats(run: Path, method: str, bands: list[Band], orientation: str) -> dict[str, np.ndarray]:
-    """Per-generation arrays the bootstrap resamples: nearest training id and, per band, whether it reaches it."""
-    with np.load(run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
-        sim, nn, carlini = z["similarity"], z["nearest_train_id"], z["carlini_ratio"]
-    out = {"nn": nn.astype(np.int64), "carlini": (carlini < 1.0)}
-    for b in bands:
-        out[f"reach/{b.name}"] = b.reaches(sim, orientation)
-    return out
 
 
 def value(stats: dict[str, np.ndarray], metric: str) -> float:
@@ -74,11 +63,6 @@ def value(stats: dict[str, np.ndarray], metric: str) -> float:
     if kind == "distinct_nn":
         return distinct_count(stats, band) / len(stats["nn"])
     return float(_indicator(stats, metric).mean())
-
-
-def distinct_count(stats: dict[str, np.ndarray], band: str = "mid") -> int:
-    """Distinct nearest training images among the generations at ``band`` or closer."""
-    return len(np.unique(stats["nn"][stats[f"reach/{band}"]]))
 
 
 def _indicator(stats: dict[str, np.ndarray], metric: str) -> np.ndarray:
