@@ -359,3 +359,42 @@ def test_measure_takes_second_derivatives_through_a_classifier_on_the_targets_at
     res, path = measure_run(tmp_path / "run", n_points=4, n_steps=4)
     assert path.exists() and np.isfinite(res.log_p_guided).all()
     assert not np.array_equal(res.log_p_guided, res.log_p_uncond)
+
+
+def test_measure_of_an_audit_made_in_memory_takes_its_model(tmp_path):
+    """`side theory measure RUN` loaded the run's config model, which for side_extract.audit(unet, ...) is the text
+    "in-memory UNet2DModel <fp>", not a model: it failed with "not a directory" and no way to pass the model. The
+    model is now taken as audit() takes it, from Python or as a directory (--model), and checked against the run."""
+    import dataclasses
+
+    import side_extract
+    from side_extract.models.target import save_target
+    from side_extract.theory.measure import measure_run
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+    from conftest import tiny_scheduler, tiny_unet
+    from test_pipeline import TINY_CLF
+
+    unet, digits = tiny_unet(), side_extract.load_image_set("digits:30")
+    config = {"sample.n": 40, "sample.steps": 2, "surrogate.n_clusters": 4, "surrogate.tau": -1.0,
+              "surrogate.n_init": 1, **{f"classifier.{k}": v for k, v in dataclasses.asdict(TINY_CLF).items()},
+              "extract.n": 4, "extract.steps": 2, "evaluate.bands": "high=0:0.1,mid=0.1:0.15,low=0.15:0.2",
+              "evaluate.quality": []}
+    side_extract.audit(unet, digits.images, scheduler=tiny_scheduler(), config=config, out=tmp_path / "run",
+                       methods=["side"])
+    with pytest.raises(ValueError, match="is not a model on disk: pass it"):
+        measure_run(tmp_path / "run", n_points=4, n_steps=2)
+    res, path = measure_run(tmp_path / "run", n_points=4, n_steps=2, model=unet, scheduler=tiny_scheduler())
+    assert np.isfinite(res.log_p_guided).all() and "in-memory UNet2DModel" in json.loads(path.read_text())["model"]
+    with pytest.raises(ValueError, match="is not the run's target's"):
+        measure_run(tmp_path / "run", n_points=4, n_steps=2, model=tiny_unet(seed=1), scheduler=tiny_scheduler())
+    # a run of a model directory that has moved since: --model names where it is now
+    save_target(unet, tiny_scheduler(), tmp_path / "m")
+    side_extract.audit(str(tmp_path / "m"), digits.images, config=config, out=tmp_path / "run2", methods=["side"])
+    (tmp_path / "m").rename(tmp_path / "moved")
+    argv = ["--no-progress", "theory", "measure", str(tmp_path / "run2"), "--n-points", "4", "--steps", "2"]
+    r = CliRunner().invoke(app, argv, terminal_width=200)
+    assert r.exit_code == 2 and "is not a model on disk" in r.output, r.output
+    r = CliRunner().invoke(app, [*argv, "--model", str(tmp_path / "moved")], terminal_width=200)
+    assert r.exit_code == 0, r.output

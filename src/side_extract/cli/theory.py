@@ -65,6 +65,8 @@ def measure_cmd(
     batch_size: int = typer.Option(32, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
+    model: str = typer.Option("", "--model", help="The target, when the run's config does not name a model on disk "
+                              "(an audit of a model in memory; its fingerprint must match the run's)."),
 ) -> None:
     """M of the unconditional, the guided (class-conditional) model and the empirical optimum.
 
@@ -75,7 +77,7 @@ def measure_cmd(
     with progress_bar(ctx, "theory measure") as cb:
         res, dest = measure_run(run, eps=eps, bandwidth=bandwidth, guidance_scale=guidance_scale, n_points=n_points,
                                 n_steps=steps, n_probes=probes, t_min=t_min, batch_size=batch_size, seed=seed,
-                                device=device, progress=cb)
+                                device=device, progress=cb, model=model or None)
     _print_measure(res)
     console.print(f"written: {dest}")
 

@@ -39,6 +39,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -281,14 +282,18 @@ def measure(
 __all__ = ["measure", "MeasureResult", "assign_classes", "verdict"]
 
 
-def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", **kwargs) -> tuple[MeasureResult, Path]:
+def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", model: Any = None,
+                scheduler: Any = None, sample_shape: Any = None, model_id: str | None = None,
+                **kwargs) -> tuple[MeasureResult, Path]:
     """:func:`measure` on a run directory: its target (``config.yaml``: model, train, train_resize) and its
-    time-dependent classifier (``classifier/``); writes ``RUN/theory/measure.json``. ``kwargs`` go to
-    :func:`measure`."""
+    time-dependent classifier (``classifier/``); writes ``RUN/theory/measure.json``. ``model`` (with
+    ``scheduler``, ``sample_shape``, ``model_id`` as ``side_extract.audit`` takes them): the target, needed where the
+    run's was a model in memory; its fingerprint must be the one the run's synthetic set was sampled from.
+    ``kwargs`` go to :func:`measure`."""
     from ..data import load_image_set
     from ..models.classifier import load_classifier
-    from ..models.target import check_fits, load_target
-    from ..runs import atomic_write_json
+    from ..models.target import check_fits, load_target, resolve_model_path
+    from ..runs import atomic_write_json, read_stages
     from ..config import load_yaml
 
     run = Path(run)
@@ -302,11 +307,25 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", **k
     if not clf_dir.is_dir():
         raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
                          "(the classifier stage writes RUN/classifier/)")
-    denoiser = load_target(rc.get("model", "demo"), device)
+    if model is None:
+        model = rc.get("model", "demo")
+        if not resolve_model_path(str(model)).exists():
+            raise ValueError(f"the run's target {model!r} is not a model on disk: pass it (measure_run(..., model=), "
+                             "side theory measure --model DIR)")
+        denoiser = load_target(model, device)
+    else:
+        from ..api import as_target
+
+        target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
+        recorded = (read_stages(run).get("synthetic") or {}).get("inputs", {}).get("model")
+        if recorded is not None and recorded != target.fingerprint:
+            raise ValueError(f"model: its fingerprint {target.fingerprint[:12]} is not the run's target's "
+                             f"({recorded[:12]}, which sampled its synthetic set and so its classifier's data)")
+        denoiser, model = target.denoiser, target.description
     classifier = load_classifier(clf_dir, device, unet=getattr(denoiser, "unet", None))
     data = load_image_set(rc["train"], rc.get("train_resize"))
     check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
     res = measure(denoiser, classifier, data.to_float(), n_points=min(n_points, len(data)), device=device, **kwargs)
     dest = run / "theory" / "measure.json"
-    atomic_write_json(dest, res.to_dict() | {"model": rc.get("model", "demo"), "train": rc["train"]})
+    atomic_write_json(dest, res.to_dict() | {"model": str(model), "train": rc["train"]})
     return res, dest
