@@ -96,8 +96,12 @@ def test_demo_of_a_model_directory_audits_against_its_own_training_images(tmp_pa
     assert unlabelled.extract.methods == ("side", "memguide", "uncond")
     with pytest.raises(ValueError, match="needs its training images: --train"):
         demo_config("/some/dir")
-    with pytest.raises(ValueError, match="has its own training set"):
+    with pytest.raises(ValueError, match="--train 'digits:100': the embedded target 'demo' has its own"):
         demo_config("demo", "digits:100")
+    with pytest.raises(ValueError, match="--heldout 'x.npz': the embedded target 'demo-1000' has its own"):
+        demo_config("demo-1000", heldout="x.npz")
+    assert demo_config("/some/dir", "digits:100", str(tmp_path / "plain.npz")).evaluate.heldout == str(
+        tmp_path / "plain.npz")
     r = CliRunner().invoke(app, ["--no-progress", "demo", "--out", str(tmp_path / "d"), "--model", str(tmp_path)],
                            terminal_width=300)
     assert r.exit_code == 2 and "needs its training images: --train" in r.output, r.output

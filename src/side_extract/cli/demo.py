@@ -16,17 +16,19 @@ from .run import print_summary, stage_progress
 DEFAULT_TARGET = "demo-1000"
 
 
-def demo_config(model: str = DEFAULT_TARGET, train: str | None = None) -> cfg.RunConfig:
+def demo_config(model: str = DEFAULT_TARGET, train: str | None = None, heldout: str | None = None) -> cfg.RunConfig:
     """The demo's run config: an embedded target's own (``assets/<name>_run.yaml``: its training set and sizes);
     any other model directory gets the default target's settings with its own training set ``train``, which it
-    must name (an embedded target's is fixed). A training set without labels leaves Cond out (it trains on them)."""
+    must name, and its held-out images ``heldout`` if given (an embedded target's are fixed: the digits it did not
+    train on). A training set without labels leaves Cond out (it trains on them)."""
     from ..data import load_image_set
     from ..models.target import EMBEDDED_TARGETS
 
     embedded = model in EMBEDDED_TARGETS
-    if embedded and train is not None:
-        raise ValueError(f"--train {train!r}: the embedded target {model!r} has its own training set; --train is for "
-                         "a model directory (--model DIR)")
+    for flag, given in (("--train", train), ("--heldout", heldout)):
+        if embedded and given is not None:
+            raise ValueError(f"{flag} {given!r}: the embedded target {model!r} has its own training and held-out "
+                             f"images; {flag} is for a model directory (--model DIR)")
     if not embedded and train is None:
         raise ValueError(f"--model {model!r} is not an embedded target ({', '.join(EMBEDDED_TARGETS)}), so the demo "
                          "needs its training images: --train (a folder of PNG/JPEG files, an .npz with 'images' and "
@@ -39,6 +41,8 @@ def demo_config(model: str = DEFAULT_TARGET, train: str | None = None) -> cfg.Ru
     data["model"] = model
     if not embedded:
         data["train"] = train
+        if heldout is not None:
+            data["evaluate"]["heldout"] = heldout
         if load_image_set(train).labels is None:
             data["extract"]["methods"] = [m for m in data["extract"]["methods"] if m != "cond"]
     return cfg.from_dict(cfg.RunConfig, data)
@@ -54,6 +58,9 @@ def demo_cmd(
     train: str = typer.Option(None, "--train", help="The training images of a --model directory: a folder of "
                               "PNG/JPEG files, an .npz with 'images' (and 'labels' for Cond), or digits:N. Without "
                               "labels the demo leaves Cond out."),
+    heldout: str = typer.Option(None, "--heldout", help="Images of a --model directory's training distribution that "
+                                "it did not train on (at least 1,000): the similarity bands are calibrated on them. "
+                                "Without them, on the training images against each other."),
     device: str = typer.Option("cpu", help="Torch device."),
     wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
@@ -73,7 +80,7 @@ def demo_cmd(
         import torch
 
         torch.set_num_threads(1)
-    rc = demo_config(model, train)
+    rc = demo_config(model, train, heldout)
     if "cond" not in rc.extract.methods:
         console.print(f"{train} has no labels: the demo runs without Cond (it trains a classifier on them)")
     with stage_progress(ctx) as factory:
