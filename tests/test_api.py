@@ -18,6 +18,7 @@ from side_extract.api import Audit, as_target
 from side_extract.data import load_shards
 from side_extract.extraction import extract
 from side_extract.models.target import load_target
+from side_extract.runs import read_stages
 from side_extract.pipeline import method_guidance, run_audit
 
 from conftest import tiny_scheduler, tiny_unet
@@ -370,9 +371,9 @@ def test_held_out_images_and_the_summary_from_python(tmp_path, one_thread):
     config = {**SMALL, "evaluate.bands": None, "evaluate.calibration_quantiles": [0.1, 0.2, 0.3]}
     res = side_extract.audit(tiny_unet(), train, heldout=held, scheduler=tiny_scheduler(), config=config,
                              out=tmp_path / "run", methods=["uncond"])
-    saved = np.load(tmp_path / "run" / "inputs" / "heldout.npz")["images"]
-    np.testing.assert_array_equal(saved.reshape(held.shape), held)
-    assert res.config.evaluate.heldout == str((tmp_path / "run" / "inputs" / "heldout.npz").resolve())
+    (saved_path,) = (tmp_path / "run" / "inputs").glob("heldout-*.npz")  # named by its images
+    np.testing.assert_array_equal(np.load(saved_path)["images"].reshape(held.shape), held)
+    assert res.config.evaluate.heldout == str(saved_path.resolve())
     bands = json.loads((tmp_path / "run" / "evaluation" / "bands.json").read_text())
     assert bands["null_source"] == "heldout" and bands["null"]["heldout"]["n"] == 30
     summary = res.summary
@@ -382,3 +383,22 @@ def test_held_out_images_and_the_summary_from_python(tmp_path, one_thread):
         side_extract.audit(tiny_unet(), train, heldout=held.astype(np.float32), scheduler=tiny_scheduler(),
                            out=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+    # a refused call into the existing run leaves its inputs as they were (they were written before the checks)
+    inputs = {p.name: p.read_bytes() for p in (tmp_path / "run" / "inputs").iterdir()}
+    with pytest.raises(ValueError, match="held-out images .heldout. are 16x16"):
+        side_extract.audit(tiny_unet(), train, heldout=np.zeros((30, 16, 16), np.uint8), scheduler=tiny_scheduler(),
+                           config=config, out=tmp_path / "run", methods=["uncond"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "inputs").iterdir()} == inputs
+    # the run moved: the same call reuses every stage (the held-out images are keyed, not where they were saved)
+    stages = read_stages(tmp_path / "run")
+    (tmp_path / "run").rename(tmp_path / "moved")
+    side_extract.audit(tiny_unet(), train, heldout=held, scheduler=tiny_scheduler(), config=config,
+                       out=tmp_path / "moved", methods=["uncond"])
+    again = read_stages(tmp_path / "moved")
+    assert {k: v["fingerprint"] for k, v in again.items()} == {k: v["fingerprint"] for k, v in stages.items()}
+    # the summary follows the evaluations the run holds now, not the file an earlier run wrote
+    rc = Audit.load(tmp_path / "moved").config
+    run_audit(tmp_path / "moved", dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=4)),
+              until="extraction", target=as_target(tiny_unet(), scheduler=tiny_scheduler()))
+    assert json.loads((tmp_path / "moved" / "summary.json").read_text())["methods"]  # the file of the earlier run
+    assert Audit.load(tmp_path / "moved").summary["methods"] == {}

@@ -94,6 +94,8 @@ def test_demo_of_a_model_directory_audits_against_its_own_training_images(tmp_pa
     unlabelled = demo_config("/some/dir", str(tmp_path / "plain.npz"))
     assert unlabelled.train == str(tmp_path / "plain.npz")
     assert unlabelled.extract.methods == ("side", "memguide", "uncond")
+    np.savez(tmp_path / "one.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.full(4, 3))
+    assert "cond" not in demo_config("/some/dir", str(tmp_path / "one.npz")).extract.methods  # one class
     with pytest.raises(ValueError, match="needs its training images: --train"):
         demo_config("/some/dir")
     with pytest.raises(ValueError, match="--train 'digits:100': the embedded target 'demo' has its own"):

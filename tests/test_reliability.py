@@ -197,7 +197,8 @@ def test_bands_on_small_data_refused_with_what_they_need_or_given(tiny_model_dir
     rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)), train=train)
     rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=held))
     with pytest.raises(ValueError, match=r"a null of 36 images \(the held-out images evaluate.heldout='.*h.npz'\), too "
-                       r"few for its 0.001 quantile .*at least 1000\): give more held-out images"):
+                       r"few for its 0.001 quantile .it needs at least 100, and 1000 for an edge set by more than the "
+                       r"closest few.: give more held-out images"):
         run_audit(tmp_path / "run", rc)  # (the held-out images were given: it said "give held-out images")
     own = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=None))
     with pytest.raises(ValueError, match=r"a null of 64 images \(the training set against itself\), too few for its "

@@ -27,8 +27,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
 from .distributed import ProcessGroup, check_device
-from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
+from .models.target import (CallableDenoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint,
+                            resolve_model_path)
 from .pipeline import ProgressFactory, no_progress
+from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, read_json, read_stages,
                    run_lock)
 from .sweeps import run_with_sweeps
@@ -266,12 +268,10 @@ class Audit:
         generation in the band, UMS x N_G; ``distinct_nearest_cumulative``: the distinct nearest training images of
         the generations at the band or closer, the benchmarks' count), the N_G law's projection, cost and
         stopping; each SIDE form's and memguide's ratio to the best baseline per metric
-        (``ratios_to_best_baseline``); and the ``verdict`` sentence."""
-        path = self.run / "summary.json"
-        if not path.is_file():
-            raise ValueError(f"{self.run} has no summary.json: it is written when a run's evaluations are done "
-                             "(side run, side evaluate --run, side_extract.audit)")
-        return read_json(path, dict)
+        (``ratios_to_best_baseline``); and the ``verdict`` sentence. Computed from the evaluations the run holds
+        now, as the report does (the file is written when a run's evaluations are done, and a later stage command
+        can leave it behind)."""
+        return audit_summary(self.run)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per method and band (``TABLE_COLUMNS``)."""
@@ -477,7 +477,7 @@ def audit(
         same forms as ``train``; the similarity bands are calibrated on them against the training set, and sample
         quality is measured against them. Without them (and without ``evaluate.heldout`` in ``config``) a training
         set other than digits is calibrated against itself, and the run warns. An in-memory set is saved as
-        ``out/inputs/heldout.npz``
+        ``out/inputs/heldout-<its fingerprint>.npz``
     config : a ``RunConfig``, a dict (nested, or dotted keys such as ``{"extract.n": 200}``), or a YAML path;
         its ``model`` and ``train`` are replaced by the arguments
     methods : overrides ``config.extract.methods`` (``side``, ``side-teacher``, ``side-lora``, ``cond``, ``uncond``,
@@ -494,6 +494,10 @@ def audit(
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
     data = as_image_set(train, labels)
     held = None if heldout is None else as_image_set(heldout, name="heldout")
+    if rc.train_resize is None:  # before an in-memory set is written over an existing run's inputs
+        for name, images in (("training images (train)", data), ("held-out images (heldout)", held)):
+            if isinstance(images, ImageSet):
+                check_fits(images.shape, target.denoiser.sample_shape, name)
     check_run_path(out)  # a folder that is no run: refused before its inputs/ is written
     group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
@@ -507,8 +511,8 @@ def audit(
                     arrays["labels"] = data.labels
                 group.on_main(lambda: atomic_save_npz(path, **arrays))
                 data = str(path)
-            if isinstance(held, ImageSet):
-                held_path = Path(out).resolve() / "inputs" / "heldout.npz"
+            if isinstance(held, ImageSet):  # named by its images: another call's set never replaces it
+                held_path = Path(out).resolve() / "inputs" / f"heldout-{held.fingerprint()[:12]}.npz"
                 group.on_main(lambda: atomic_save_npz(held_path, images=held.images))
                 held = str(held_path)
             ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)

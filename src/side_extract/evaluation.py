@@ -309,13 +309,14 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
             raise ValueError("every best score of the null is an exact copy (the reference images all have "
                              "duplicates): no band edge can be estimated; give fixed bands (evaluate.bands)")
     levels = sorted(levels)
-    need = int(np.ceil(1 / levels[0]))
+    least, need = int(np.ceil(0.1 / levels[0])), int(np.ceil(1 / levels[0]))
     if len(null) * levels[0] < 0.1:
         raise ValueError(
-            f"a null of {len(null)} values cannot estimate its {levels[0]:g} quantile (it needs at least {need} "
-            f"held-out images; with {len(null)} the band edge would be the null's extreme and the closest band would "
-            "hold almost every generation): give more held-out images (evaluate.heldout), coarser quantiles "
-            "(evaluate.calibration_quantiles, e.g. [0.05, 0.1, 0.2]) or fixed bands (evaluate.bands, e.g. "
+            f"a null of {len(null)} values cannot estimate its {levels[0]:g} quantile (it needs at least {least} "
+            f"held-out images, and {need} for an edge set by more than the closest few; with {len(null)} the band "
+            "edge would be the null's extreme and the closest band would hold almost every generation): give more "
+            "held-out images (evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles, e.g. "
+            "[0.05, 0.1, 0.2]) or fixed bands (evaluate.bands, e.g. "
             "Carlini's RMS 0.15 style: 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
     if len(null) * levels[0] < 1:
         log.warning("a null of %d values cannot resolve the %.3g quantile (it needs %d); its band edge is the "

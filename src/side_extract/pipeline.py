@@ -387,7 +387,7 @@ CALIBRATION_IGNORES = ("resize", "carlini_alpha", "carlini_n", "carlini_centerin
 def calibration_settings(c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     """``c`` with the keys the calibration does not read at their defaults, for its stage's fingerprint: changing
     Carlini's, Gu's, detection's or sample quality's settings re-evaluates the methods without calibrating again."""
-    return cfg.at_defaults(c, CALIBRATION_IGNORES)
+    return cfg.at_defaults(c, (*CALIBRATION_IGNORES, "heldout"))  # (the held-out images are keyed, not their path)
 
 
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
@@ -415,8 +415,8 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
             heldout = None
             log.warning("evaluate.heldout is not set (train=%r): the similarity bands are calibrated on the training "
                         "images against each other, not on held-out images against the training set; give "
-                        "evaluate.heldout (images from the training distribution the model did not see) for the "
-                        "bands the paper calibrates", ctx.rc.train)
+                        "evaluate.heldout (side_extract.audit(heldout=...); images from the training distribution the "
+                        "model did not see) for the bands the paper calibrates", ctx.rc.train)
         cal = calibrate(train, heldout, c, train_features=train_features_stage(ctx, train),
                         feature_model=ctx.denoiser, device=ctx.device)
         cal.write(ctx.run.path / "evaluation")
@@ -536,7 +536,8 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     # every method's copy guard is measured against; and, for a method that dedup-driven stopping ended early, by
     # how many generations it made (a rerun that remade a lost shard may stop elsewhere under the same fingerprint)
     made = {m: [] if len(s) == ctx.rc.extract.n else [f"made {len(s)}"] for m, s in extractions.items()}
-    fps = {m: stage_fingerprint("evaluation", ctx.rc.evaluate, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
+    keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout"])  # the held-out images are keyed below, not their path
+    fps = {m: stage_fingerprint("evaluation", keyed, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
                                 None if reference is None else reference.fingerprint(), _synthetic_fingerprint(ctx),
                                 *files, *made[m]) for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
@@ -678,7 +679,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             source = (f"the held-out images evaluate.heldout={ev.heldout!r}" if ev.heldout is not None
                       else "the training set against itself")
             problems.append(f"the bands would be calibrated on a null of {n_null} images ({source}), too few for its "
-                            f"{q:g} quantile (it needs at least {int(np.ceil(1 / q))}): give "
+                            f"{q:g} quantile (it needs at least {int(np.ceil(0.1 / q))}, and {int(np.ceil(1 / q))} for "
+                            "an edge set by more than the closest few): give "
                             + ("more " if ev.heldout is not None else "") + "held-out images "
                             "(evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles) or fixed bands "
                             "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")

@@ -141,8 +141,9 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
     earlier calibration's files are still in the run."""
     given = next((m for m in metrics.values() if str(m.get("bands_source", "")).startswith("file:")), None)
     cal_dir: Path | None = None
+    own = run / "evaluation"
     if given is not None:
-        named, own = Path(str(given["bands_source"])[5:]), run / "evaluation"
+        named = Path(str(given["bands_source"])[5:])
 
         def same_bands(d: Path) -> bool:  # the file still holds the bands the evaluations used
             return (d / "bands.json").is_file() and read_json(d / "bands.json").get("bands") == given.get("bands")
@@ -172,7 +173,8 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
                     "null": {k: np.histogram(v, edges)[0].tolist() for k, v in null.items()},
                     "null_n": {k: len(v) for k, v in null.items()},
                     "null_file": str(cal_dir / "null.npz") if null else None,
-                    "null_source": cal.get("null_source") if null else None})
+                    # where the bands came from: said of the run's own calibration only (another run's file is named)
+                    "null_source": cal.get("null_source") if null and cal_dir == own else None})
     return out
 
 

@@ -20,7 +20,8 @@ def demo_config(model: str = DEFAULT_TARGET, train: str | None = None, heldout: 
     """The demo's run config: an embedded target's own (``assets/<name>_run.yaml``: its training set and sizes);
     any other model directory gets the default target's settings with its own training set ``train``, which it
     must name, and its held-out images ``heldout`` if given (an embedded target's are fixed: the digits it did not
-    train on). A training set without labels leaves Cond out (it trains on them)."""
+    train on). A training set without labels of two classes or more leaves Cond out (it trains a classifier on
+    them)."""
     from ..data import load_image_set
     from ..models.target import EMBEDDED_TARGETS
 
@@ -43,7 +44,8 @@ def demo_config(model: str = DEFAULT_TARGET, train: str | None = None, heldout: 
         data["train"] = train
         if heldout is not None:
             data["evaluate"]["heldout"] = heldout
-        if load_image_set(train).labels is None:
+        labels = load_image_set(train).labels
+        if labels is None or len(set(labels[labels >= 0].tolist())) < 2:  # Cond's classifier needs two classes
             data["extract"]["methods"] = [m for m in data["extract"]["methods"] if m != "cond"]
     return cfg.from_dict(cfg.RunConfig, data)
 
@@ -59,8 +61,8 @@ def demo_cmd(
                               "PNG/JPEG files, an .npz with 'images' (and 'labels' for Cond), or digits:N. Without "
                               "labels the demo leaves Cond out."),
     heldout: str = typer.Option(None, "--heldout", help="Images of a --model directory's training distribution that "
-                                "it did not train on (at least 1,000): the similarity bands are calibrated on them. "
-                                "Without them, on the training images against each other."),
+                                "it did not train on (100 at least, 1,000 better): the similarity bands are calibrated "
+                                "on them. Without them, on the training images against each other."),
     device: str = typer.Option("cpu", help="Torch device."),
     wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
@@ -82,7 +84,8 @@ def demo_cmd(
         torch.set_num_threads(1)
     rc = demo_config(model, train, heldout)
     if "cond" not in rc.extract.methods:
-        console.print(f"{train} has no labels: the demo runs without Cond (it trains a classifier on them)")
+        console.print(f"{train} has no labels of two classes or more: the demo runs without Cond (it trains a "
+                      "classifier on them)")
     with stage_progress(ctx) as factory:
         result = run_audit(out, rc, device=device, progress=factory, wait=wait)
     group = ProcessGroup.from_env()

@@ -292,7 +292,7 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
     ``kwargs`` go to :func:`measure`."""
     from ..data import load_image_set
     from ..models.classifier import load_classifier
-    from ..models.target import check_fits, load_target, resolve_model_path
+    from ..models.target import check_fits, load_target, model_fingerprint, resolve_model_path
     from ..runs import atomic_write_json, read_stages
     from ..config import load_yaml
 
@@ -312,16 +312,16 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
         if not resolve_model_path(str(model)).exists():
             raise ValueError(f"the run's target {model!r} is not a model on disk: pass it (measure_run(..., model=), "
                              "side theory measure --model DIR)")
-        denoiser = load_target(model, device)
+        denoiser, fp, what = load_target(model, device), model_fingerprint(model), f"the run's target {model!r}"
     else:
-        from ..api import as_target
+        from ..api import as_target  # (the API's reading of every model form audit() takes)
 
         target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
-        recorded = (read_stages(run).get("synthetic") or {}).get("inputs", {}).get("model")
-        if recorded is not None and recorded != target.fingerprint:
-            raise ValueError(f"model: its fingerprint {target.fingerprint[:12]} is not the run's target's "
-                             f"({recorded[:12]}, which sampled its synthetic set and so its classifier's data)")
-        denoiser, model = target.denoiser, target.description
+        denoiser, fp, what, model = target.denoiser, target.fingerprint, "model", target.description
+    recorded = (read_stages(run).get("synthetic") or {}).get("inputs", {}).get("model")
+    if recorded is not None and recorded != fp:  # a model directory replaced since the run, or another model
+        raise ValueError(f"{what}: its fingerprint {fp[:12]} is not the one the run's synthetic set was sampled from "
+                         f"({recorded[:12]}), which the classifier was trained on")
     classifier = load_classifier(clf_dir, device, unet=getattr(denoiser, "unet", None))
     data = load_image_set(rc["train"], rc.get("train_resize"))
     check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
