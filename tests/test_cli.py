@@ -262,7 +262,7 @@ def test_side_run_says_when_its_config_names_no_model(tmp_path):
     (tmp_path / "c.yaml").write_text(body)
     argv = ["--no-progress", "run", str(tmp_path / "c.yaml"), "--no-report"]
     r = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "r")], terminal_width=300)
-    assert r.exit_code == 0 and "names no model, so the run audits the default" in r.output, r.output
+    assert r.exit_code == 0 and "c.yaml names no model, so the run used the default" in r.output, r.output
     (tmp_path / "c.yaml").write_text("model: demo\n" + body)
     named = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "r2")], terminal_width=300)
     assert named.exit_code == 0 and "names no model" not in named.output, named.output

@@ -102,13 +102,19 @@ def say_note(note: str | None) -> None:
         console.print(note, highlight=False, markup=False)
 
 
+def no_model_note(what: str, how: str) -> str:
+    """The sentence said where nothing named the model and a run used the default target: ``what`` says what named
+    none, ``how`` how to name another."""
+    return f"{what}, so the run used the default, the embedded target {cfg.RunConfig.model!r} ({how})"
+
+
 def default_model_note(run: Path, config: Path | None, overrides: dict[str, Any]) -> str | None:
     """What a stage command says when it leaves, where nothing named the model (a new run directory, no
     ``--config`` or flag naming one): that it used the default, rather than doing so without a word."""
     if "model" in _run_config_dict(run, config, overrides):
         return None
-    return (f"{run}: no config names a model, so the run used the default, the embedded target "
-            f"{cfg.RunConfig.model!r} (a --config file with model: ..., or side sample --model, names another)")
+    return no_model_note(f"{run}: no config names a model",
+                         "a --config file with model: ..., or side sample --model, names another")
 
 
 def progress_enabled(ctx: typer.Context) -> bool:

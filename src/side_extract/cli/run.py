@@ -15,8 +15,8 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (build_config, cli_errors, console, default_model_note, load_run_config, progress_enabled,
-                     progress_lines, say_note, typed_flags)
+from .common import (build_config, cli_errors, console, default_model_note, load_run_config, no_model_note,
+                     progress_enabled, progress_lines, say_note, typed_flags)
 
 if TYPE_CHECKING:
     from ..pipeline import Until
@@ -120,9 +120,9 @@ def run_cmd(
     """Run the whole audit: sample, cluster, train classifiers, extract (SIDE and baselines), evaluate, sweeps.
     A stage whose settings or inputs changed since the last run into OUT is redone."""
     rc = build_config(cfg.RunConfig, config, {})  # CONFIG says the whole run: a key left out is its default
-    if "model" not in cfg.load_yaml(config) and ProcessGroup.from_env().main:
-        say_note(f"{config} names no model, so the run audits the default, the embedded target "
-                 f"{cfg.RunConfig.model!r} (model: DIR names a diffusers DDPMPipeline directory)")
+    if "model" not in cfg.load_yaml(config) and ProcessGroup.from_env().main:  # (CONFIG is the whole run: the run
+        # directory's config.yaml does not name it for this run, unlike a stage command's --config)
+        say_note(no_model_note(f"{config} names no model", "model: DIR names a diffusers DDPMPipeline directory"))
     _say_changes(out, rc)
     metrics = _run(ctx, out, rc, device, "evaluation", wait=wait)
     if not ProcessGroup.from_env().main:
