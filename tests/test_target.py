@@ -72,9 +72,19 @@ def test_a_class_conditional_unet_is_refused_with_the_way_to_audit_one_class(tmp
         load_target(tmp_path / "m")
     with pytest.raises(ValueError, match="pass a callable that fixes the class"):
         as_target(labelled, scheduler=tiny_scheduler())
-    one_class = as_target(lambda x, t: labelled(x, t, class_labels=torch.full((len(x),), 1)).sample,
+    one_class = as_target(lambda x, t: labelled(x, t, class_labels=torch.full((len(x),), 1, device=x.device)).sample,
                           scheduler=tiny_scheduler(), sample_shape=(1, 8, 8))
     assert one_class.denoiser(torch.zeros(2, 1, 8, 8), torch.tensor(5)).shape == (2, 1, 8, 8)
+
+
+def test_a_unet_directory_of_another_class_is_refused(tmp_path):
+    """diffusers loads another class's config into a UNet2DModel without a word (the README says the target must
+    be a UNet2DModel); its config's class is read first."""
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "m")
+    conf = tmp_path / "m" / "unet" / "config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ValueError, match="unet/ holds a UNet2DConditionModel"):
+        load_target(tmp_path / "m")
 
 
 def test_a_unet_saved_alone_is_refused_and_the_readme_recipe_makes_it_a_target(tmp_path):
@@ -87,7 +97,7 @@ def test_a_unet_saved_alone_is_refused_and_the_readme_recipe_makes_it_a_target(t
     unet.save_pretrained(tmp_path / "alone")
     with pytest.raises(ValueError, match="holds a model saved alone .config.json, no unet/ and scheduler/"):
         load_target(tmp_path / "alone")
-    schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
     DDPMPipeline(unet=UNet2DModel.from_pretrained(tmp_path / "alone"), scheduler=schedule).save_pretrained(tmp_path / "m")
     target = load_target(tmp_path / "m")
     x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(10)

@@ -62,13 +62,15 @@ def demo_cmd(
                               "labels the demo leaves Cond out."),
     heldout: str = typer.Option(None, "--heldout", help="Images of a --model directory's training distribution that "
                                 "it did not train on (100 at least, 1,000 better): the similarity bands are calibrated "
-                                "on them. Without them, on the training images against each other."),
+                                "on them. Without them, on the training images against each other (for --train "
+                                "digits:N, the digits outside the subset)."),
     device: str = typer.Option("cpu", help="Torch device."),
     wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
     """SIDE audit of an embedded target (default demo-1000, trained on digits:1000): SIDE, memorization guidance
     (label-free), UnCond and Cond, metrics, the memorization divergence of the unconditional vs the guided model,
-    and the HTML report."""
+    and the HTML report. --model demo runs SIDE, Cond and UnCond; --model DIR (with --train) runs demo-1000's
+    settings on a model directory, without Cond where its training images have no labels of two classes."""
     from ..models.target import EMBEDDED_TARGETS
     from ..pipeline import run_audit
     from ..report import write_report

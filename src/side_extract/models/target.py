@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import platform
 import re
@@ -111,8 +112,8 @@ class UNetDenoiser:
                              f"{unet.config.get('num_class_embeds')}, class_embed_type="
                              f"{unet.config.get('class_embed_type')!r}); side-extract audits unconditional models "
                              "(eps(x, t) with no label). To audit one class of it, pass a callable that fixes the "
-                             "class, e.g. lambda x, t: unet(x, t, class_labels=torch.full((len(x),), y)).sample, with "
-                             "its scheduler and sample_shape (side_extract.audit)")
+                             "class, e.g. lambda x, t: unet(x, t, class_labels=torch.full((len(x),), y, "
+                             "device=x.device)).sample, with its scheduler and sample_shape (side_extract.audit)")
         self.unet = unet.eval()
         self.scheduler = scheduler
         self.source = source
@@ -202,6 +203,11 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
                 "UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )
         raise ValueError(f"model directory {str(path)!r} has no unet/*.safetensors weights")
+    kind = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":  # (diffusers would load another class's config into a UNet2DModel without a word)
+        raise ValueError(f"model directory {str(path)!r}: unet/ holds a {kind}; side-extract audits an "
+                         "unconditional diffusers UNet2DModel (another architecture can be audited from Python as "
+                         "a callable eps(x, t) with its scheduler and sample_shape)")
     unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
     scheduler = DDPMScheduler.from_pretrained(sched_dir)
     return UNetDenoiser(unet, scheduler, source=str(path)).to(device)
