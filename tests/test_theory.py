@@ -387,7 +387,7 @@ def test_measure_of_an_audit_made_in_memory_takes_its_model(tmp_path):
         measure_run(tmp_path / "run", n_points=4, n_steps=2)
     res, path = measure_run(tmp_path / "run", n_points=4, n_steps=2, model=unet, scheduler=tiny_scheduler())
     assert np.isfinite(res.log_p_guided).all() and "in-memory UNet2DModel" in json.loads(path.read_text())["model"]
-    with pytest.raises(ValueError, match="is not the one the run's synthetic set was sampled from"):
+    with pytest.raises(ValueError, match="is not the run's target"):
         measure_run(tmp_path / "run", n_points=4, n_steps=2, model=tiny_unet(seed=1), scheduler=tiny_scheduler())
     # a run of a model directory that has moved since: --model names where it is now
     save_target(unet, tiny_scheduler(), tmp_path / "m")
@@ -400,5 +400,5 @@ def test_measure_of_an_audit_made_in_memory_takes_its_model(tmp_path):
     assert r.exit_code == 0, r.output
     # a model directory replaced in place since the run is refused, not measured against the run's classifier
     save_target(tiny_unet(seed=1), tiny_scheduler(), tmp_path / "m")
-    with pytest.raises(ValueError, match="the run's target .* is not the one the run's synthetic set was sampled"):
+    with pytest.raises(ValueError, match="model: fingerprint .* is not the run's target"):
         measure_run(tmp_path / "run2", n_points=4, n_steps=2)

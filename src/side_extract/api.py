@@ -137,6 +137,31 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
 
 
+def run_target(run_model: str, recorded: str | None, model: ModelLike | None = None, *,
+               scheduler: SchedulerMixin | None = None, sample_shape: Sequence[int] | None = None, device: str = "cpu",
+               model_id: str | None = None, pass_as: str = "model=") -> Target:
+    """The target a run was made from, to make or measure something of the run again: ``model`` when given (any form
+    :func:`audit` takes, with ``model_id`` if the audit had one), else the run config's ``run_model`` from disk;
+    refused where its fingerprint is not ``recorded``, the one the run's manifest holds (None: not checked).
+    ``pass_as``: how the caller takes a model, for the error of a run whose target is not on disk."""
+    if model is None:
+        if not resolve_model_path(run_model).exists():
+            raise ValueError(f"the run's target {run_model!r} is not a model on disk: pass it as {pass_as}")
+        model = run_model
+    target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
+    if recorded is not None and recorded != target.fingerprint:
+        hint = ""
+        if "model_id=" in run_model and model_id is None:
+            hint = f"; the run knows its target by the model_id it was given ({run_model}): pass the same model_id="
+        elif model_id is None and callable(model) and not isinstance(model, (str, Path, UNet2DModel,
+                                                                             DiffusionPipeline)):
+            hint = ("; a callable is known by its outputs on probe inputs, which another device or thread count "
+                    "can move by a rounding step (audit with model_id= to key a run on a name instead)")
+        raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
+                         f"({recorded[:16]}, manifest.json){hint}")
+    return target
+
+
 def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray | None = None,
                  name: str = "train") -> ImageSet | str:
     """An image-set spec is returned as it is; an array or :class:`ImageSet` as an ImageSet (uint8 NHWC).
@@ -361,22 +386,8 @@ class Audit:
         entry = stages.get(f"extraction/{method}")
         if entry is None or entry.get("status") != "complete":
             raise ValueError(f"{str(stage)!r}: the run has not finished {method}'s extraction (manifest.json)")
-        if model is None:
-            if not resolve_model_path(str(rc.model)).exists():
-                raise ValueError(f"the run's target {rc.model!r} is not a model on disk: pass it as model=")
-            model = rc.model
-        target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
-        recorded = entry.get("inputs", {}).get("model")
-        if recorded is not None and recorded != target.fingerprint:
-            hint = ""
-            if "model_id=" in str(rc.model) and model_id is None:
-                hint = f"; the run knows its target by the model_id it was given ({rc.model}): pass the same model_id="
-            elif model_id is None and callable(model) and not isinstance(model, (str, Path, UNet2DModel,
-                                                                                 DiffusionPipeline)):
-                hint = ("; a callable is known by its outputs on probe inputs, which another device or thread count "
-                        "can move by a rounding step (audit with model_id= to key a run on a name instead)")
-            raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
-                             f"({recorded[:16]}, manifest.json){hint}")
+        target = run_target(str(rc.model), entry.get("inputs", {}).get("model"), model, scheduler=scheduler,
+                            sample_shape=sample_shape, device=device, model_id=model_id)
         denoiser, guidance = method_guidance(self.run, rc, method, target.denoiser, device=device)
         up = extraction_upstream(method)
         made_by = extraction_fingerprint(rc, method, guidance, target.fingerprint,
@@ -525,5 +536,5 @@ def audit(
     return Audit.load(out)
 
 
-__all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "as_target", "as_image_set",
+__all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "as_target", "run_target", "as_image_set",
            "module_fingerprint", "probe_fingerprint", "identity_fingerprint", "TABLE_COLUMNS"]

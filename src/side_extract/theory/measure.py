@@ -292,7 +292,7 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
     ``kwargs`` go to :func:`measure`."""
     from ..data import load_image_set
     from ..models.classifier import load_classifier
-    from ..models.target import check_fits, load_target, model_fingerprint, resolve_model_path
+    from ..models.target import check_fits
     from ..runs import atomic_write_json, read_stages
     from ..config import load_yaml
 
@@ -307,21 +307,13 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
     if not clf_dir.is_dir():
         raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
                          "(the classifier stage writes RUN/classifier/)")
-    if model is None:
-        model = rc.get("model", "demo")
-        if not resolve_model_path(str(model)).exists():
-            raise ValueError(f"the run's target {model!r} is not a model on disk: pass it (measure_run(..., model=), "
-                             "side theory measure --model DIR)")
-        denoiser, fp, what = load_target(model, device), model_fingerprint(model), f"the run's target {model!r}"
-    else:
-        from ..api import as_target  # (the API's reading of every model form audit() takes)
+    from ..api import run_target  # (the API's reading of every model form audit() takes, checked against the run)
 
-        target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
-        denoiser, fp, what, model = target.denoiser, target.fingerprint, "model", target.description
-    recorded = (read_stages(run).get("synthetic") or {}).get("inputs", {}).get("model")
-    if recorded is not None and recorded != fp:  # a model directory replaced since the run, or another model
-        raise ValueError(f"{what}: its fingerprint {fp[:12]} is not the one the run's synthetic set was sampled from "
-                         f"({recorded[:12]}), which the classifier was trained on")
+    # the synthetic set's model: the one the classifier's training data came from
+    target = run_target(str(rc.get("model", "demo")), (read_stages(run).get("synthetic") or {}).get("inputs", {})
+                        .get("model"), model, scheduler=scheduler, sample_shape=sample_shape, device=device,
+                        model_id=model_id, pass_as="measure_run(..., model=) or side theory measure --model DIR")
+    denoiser, model = target.denoiser, target.description
     classifier = load_classifier(clf_dir, device, unet=getattr(denoiser, "unet", None))
     data = load_image_set(rc["train"], rc.get("train_resize"))
     check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
