@@ -50,7 +50,7 @@ def test_in_memory_unet_end_to_end_without_a_model_directory(tmp_path, one_threa
     assert isinstance(res, Audit) and set(res.methods) == {"side", "cond", "uncond"}
     assert not list(tmp_path.rglob("unet"))  # no model directory was written anywhere
     assert res.config.model.startswith("in-memory UNet2DModel")
-    assert (tmp_path / "run" / "inputs" / "train.npz").is_file()
+    assert len(list((tmp_path / "run" / "inputs").glob("train-*.npz"))) == 1
     side = res.methods["side"]
     assert side.n_generated == 6 and side.n_train == 30 and set(side.bands) == {"high", "mid", "low"}
     # typed results are the run's metrics.json
@@ -277,7 +277,8 @@ def test_api_input_mistakes_are_named_and_leave_nothing_behind(tmp_path, one_thr
     unlabelled = dataclasses.replace(digits, labels=None)
     res = side_extract.audit(tiny_unet(), unlabelled, labels=digits.labels, out=tmp_path / "b", methods="uncond", **kw)
     assert list(res.methods) == ["uncond"]
-    assert (np.load(tmp_path / "b" / "inputs" / "train.npz")["labels"] == digits.labels).all()
+    (saved,) = (tmp_path / "b" / "inputs").glob("train-*.npz")
+    assert (np.load(saved)["labels"] == digits.labels).all()
     with pytest.raises(ValueError, match="top=-1"):
         res.pairs("uncond", top=-1)
     from side_extract.models.classifier import load_classifier
@@ -383,12 +384,17 @@ def test_held_out_images_and_the_summary_from_python(tmp_path, one_thread):
         side_extract.audit(tiny_unet(), train, heldout=held.astype(np.float32), scheduler=tiny_scheduler(),
                            out=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
-    # a refused call into the existing run leaves its inputs as they were (they were written before the checks)
+    # a call refused at the pre-run checks leaves the existing run's inputs as they were (it wrote them first): a
+    # held-out set of another size, and another training set without the labels Cond needs
     inputs = {p.name: p.read_bytes() for p in (tmp_path / "run" / "inputs").iterdir()}
-    with pytest.raises(ValueError, match="held-out images .heldout. are 16x16"):
+    with pytest.raises(ValueError, match=r"evaluate.heldout=.* images are \(1, 16, 16\)"):
         side_extract.audit(tiny_unet(), train, heldout=np.zeros((30, 16, 16), np.uint8), scheduler=tiny_scheduler(),
                            config=config, out=tmp_path / "run", methods=["uncond"])
+    with pytest.raises(ValueError, match="has no labels"):
+        side_extract.audit(tiny_unet(), train[::-1], heldout=held, scheduler=tiny_scheduler(), config=config,
+                           out=tmp_path / "run", methods=["cond"])
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "inputs").iterdir()} == inputs
+    assert Audit.load(tmp_path / "run").pairs("uncond")[0].nearest.shape == (8, 8, 1)
     # the run moved: the same call reuses every stage (the held-out images are keyed, not where they were saved)
     stages = read_stages(tmp_path / "run")
     (tmp_path / "run").rename(tmp_path / "moved")

@@ -26,13 +26,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
+from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
-from .models.target import (CallableDenoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint,
-                            resolve_model_path)
+from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
 from .summary import audit_summary
-from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, read_json, read_stages,
-                   run_lock)
+from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, fingerprint_of, read_json,
+                   read_stages, run_lock)
 from .sweeps import run_with_sweeps
 
 ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -483,12 +483,13 @@ def audit(
         ``DDIMPipeline``; or a callable ``eps(x, t)`` (with ``scheduler`` and ``sample_shape``)
     train : the training set: a spec (``"digits:100"``, folder, ``.npz``), an ``ImageSet``, or a uint8 array
         (N, H, W) / (N, H, W, C) with optional ``labels`` (N,) (Cond and SIDE-teacher need labels); an
-        in-memory set is saved as ``out/inputs/train.npz``
+        in-memory set is saved as ``out/inputs/train-<12 hex digits of its pixels' and labels' fingerprint>.npz``
     heldout : images from the training distribution that the model did not train on (``evaluate.heldout``), in the
         same forms as ``train``; the similarity bands are calibrated on them against the training set, and sample
         quality is measured against them. Without them (and without ``evaluate.heldout`` in ``config``) a training
         set other than digits is calibrated against itself, and the run warns. An in-memory set is saved as
-        ``out/inputs/heldout-<its fingerprint>.npz``
+        ``out/inputs/heldout-<its fingerprint>.npz``, named like ``train``. A call refused before its run starts
+        removes the input files it wrote (an earlier call's, which the run was made from, are never replaced)
     config : a ``RunConfig``, a dict (nested, or dotted keys such as ``{"extract.n": 200}``), or a YAML path;
         its ``model`` and ``train`` are replaced by the arguments
     methods : overrides ``config.extract.methods`` (``side``, ``side-teacher``, ``side-lora``, ``cond``, ``uncond``,
@@ -505,33 +506,38 @@ def audit(
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
     data = as_image_set(train, labels)
     held = None if heldout is None else as_image_set(heldout, name="heldout")
-    if rc.train_resize is None:  # before an in-memory set is written over an existing run's inputs
-        for name, images in (("training images (train)", data), ("held-out images (heldout)", held)):
-            if isinstance(images, ImageSet):
-                check_fits(images.shape, target.denoiser.sample_shape, name)
     check_run_path(out)  # a folder that is no run: refused before its inputs/ is written
     group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
+    written: list[Path] = []  # the input files this call wrote
+
+    def saved(name: str, images: ImageSet) -> str:
+        """An in-memory set saved in the run, named by its pixels and labels, so that another call's set never
+        replaces one a run was made from; its absolute path (the run is read again from other directories)."""
+        key = fingerprint_of(images.fingerprint(), None if images.labels is None else image_fingerprint(images.labels))
+        path = Path(out).resolve() / "inputs" / f"{name}-{key[:12]}.npz"
+        if group.main and not path.exists():
+            written.append(path)
+        labels = {} if images.labels is None else {"labels": images.labels}
+        group.on_main(lambda: atomic_save_npz(path, images=images.images, **labels))
+        return str(path)
+
     try:
         with run_lock(out, wait=wait) if group.main else contextlib.nullcontext():
-            if isinstance(data, ImageSet):
-                # absolute: the run is read again from other working directories (Audit.load, side report)
-                path = Path(out).resolve() / "inputs" / "train.npz"
-                arrays = {"images": data.images}
-                if data.labels is not None:
-                    arrays["labels"] = data.labels
-                group.on_main(lambda: atomic_save_npz(path, **arrays))
-                data = str(path)
-            if isinstance(held, ImageSet):  # named by its images: another call's set never replaces it
-                held_path = Path(out).resolve() / "inputs" / f"heldout-{held.fingerprint()[:12]}.npz"
-                group.on_main(lambda: atomic_save_npz(held_path, images=held.images))
-                held = str(held_path)
+            data = saved("train", data) if isinstance(data, ImageSet) else data
+            held = saved("heldout", held) if isinstance(held, ImageSet) else held
             ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
             rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex, evaluate=ev)
             run_with_sweeps(out, rc, device=device, progress=progress, target=target)
     except BaseException:
         if group.main and fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any stage began: leave nothing behind
+        elif group.main and written:  # an existing run: keep only the inputs its config names
+            named = cfg.load_yaml(Path(out) / "config.yaml") if (Path(out) / "config.yaml").is_file() else {}
+            keep = {str(named.get("train")), str((named.get("evaluate") or {}).get("heldout"))}
+            for path in written:
+                if str(path) not in keep:
+                    path.unlink(missing_ok=True)
         raise
     return Audit.load(out)
 
