@@ -83,6 +83,11 @@ class ImageSet:
         )
 
 
+def labelled_classes(labels: np.ndarray | None) -> int:
+    """How many classes ``labels`` holds (-1: unlabelled); 0 without labels. A classifier on them needs 2."""
+    return 0 if labels is None else len(np.unique(labels[labels >= 0]))
+
+
 def fingerprint(images: np.ndarray) -> str:
     """sha256 over the array's shape and its pixel bytes (C order)."""
     h = hashlib.sha256()

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as cfg
 from .distributed import SINGLE, ProcessGroup
-from .models.target import UNetDenoiser
+from .models.target import UNetDenoiser, has_class_embedding
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
 from .surrogate import target_outputs
 
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 
 
 CONDITIONAL_TARGET = "the target UNet already has a class embedding; side-lora needs an unconditional target"
-
-
-def _has_class_embedding(unet: UNet2DModel) -> bool:
-    return bool(unet.config.get("num_class_embeds") or unet.config.get("class_embed_type"))
 
 
 def lora_settings(c: cfg.LoraConfig) -> dict:
@@ -64,7 +60,7 @@ def lora_problems(unet: UNet2DModel, c: cfg.LoraConfig) -> list[str]:
     """What makes ``unet`` unfit for side-lora with ``c``, found before any stage: a class embedding of its own,
     or ``target_modules`` naming no layer (peft's rule: a module whose name is the entry or ends in ``.entry``)."""
     problems = []
-    if _has_class_embedding(unet):
+    if has_class_embedding(unet):
         problems.append(CONDITIONAL_TARGET)
     if c.rank != "full":
         names = [n for n, _ in unet.named_modules()]
@@ -78,7 +74,7 @@ def lora_problems(unet: UNet2DModel, c: cfg.LoraConfig) -> list[str]:
 def conditional_unet(unet: UNet2DModel, n_classes: int) -> UNet2DModel:
     """A copy of ``unet`` with a zero-initialised class embedding of ``n_classes + 1`` rows (the last: null)."""
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    if _has_class_embedding(unet):
+    if has_class_embedding(unet):
         raise ValueError(CONDITIONAL_TARGET)
     config["num_class_embeds"] = n_classes + 1
     out = UNet2DModel(**config)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .data import ImageSet, load_image_set, load_shards, resize
+from .data import ImageSet, labelled_classes, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
 from .evaluation import calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
@@ -600,7 +600,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                             f"set; {rc.train!r} has no labels (give an .npz with 'labels', or digits; a folder of "
                             "images has none), or leave them out of extract.methods (the default methods include cond; "
                             "side, memguide and uncond need no labels)")
-        elif needs_train and (n_classes := len(np.unique(train.labels[train.labels >= 0]))) < 2:
+        elif needs_train and (n_classes := labelled_classes(train.labels)) < 2:
             problems.append(f"methods cond and side-teacher train a classifier on the training set's labels; "
                             f"{rc.train!r} has {n_classes} labelled class(es), it needs at least 2")
     if rc.classifier.backbone == "unet" and {"side", "side-teacher"} & methods and not isinstance(denoiser, UNetDenoiser):

@@ -22,7 +22,7 @@ def demo_config(model: str = DEFAULT_TARGET, train: str | None = None, heldout: 
     must name, and its held-out images ``heldout`` if given (an embedded target's are fixed: the digits it did not
     train on). A training set without labels of two classes or more leaves Cond out (it trains a classifier on
     them)."""
-    from ..data import load_image_set
+    from ..data import labelled_classes, load_image_set
     from ..models.target import EMBEDDED_TARGETS
 
     embedded = model in EMBEDDED_TARGETS
@@ -44,8 +44,7 @@ def demo_config(model: str = DEFAULT_TARGET, train: str | None = None, heldout: 
         data["train"] = train
         if heldout is not None:
             data["evaluate"]["heldout"] = heldout
-        labels = load_image_set(train).labels
-        if labels is None or len(set(labels[labels >= 0].tolist())) < 2:  # Cond's classifier needs two classes
+        if labelled_classes(load_image_set(train).labels) < 2:  # Cond's classifier needs two classes
             data["extract"]["methods"] = [m for m in data["extract"]["methods"] if m != "cond"]
     return cfg.from_dict(cfg.RunConfig, data)
 

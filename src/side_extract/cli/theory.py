@@ -65,8 +65,9 @@ def measure_cmd(
     batch_size: int = typer.Option(32, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
-    model: str = typer.Option("", "--model", help="The target, when the run's config does not name a model on disk "
-                              "(an audit of a model in memory; its fingerprint must match the run's)."),
+    model: str = typer.Option("", "--model", help="The target's directory, when the run's config does not name it "
+                              "on disk (a model directory moved since the run; its fingerprint must match the run's). "
+                              "A model audited in memory is given from Python: measure_run(RUN, model=...)."),
 ) -> None:
     """M of the unconditional, the guided (class-conditional) model and the empirical optimum.
 

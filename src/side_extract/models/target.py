@@ -102,12 +102,17 @@ def check_epsilon(scheduler: SchedulerMixin, model_prediction: str | None = None
         raise ValueError(f"prediction_type={kind!r}: only epsilon-predicting models are supported")
 
 
+def has_class_embedding(unet: UNet2DModel) -> bool:
+    """Whether ``unet`` is class-conditional (a class embedding of its own)."""
+    return bool(unet.config.get("num_class_embeds") or unet.config.get("class_embed_type"))
+
+
 class UNetDenoiser:
     """A diffusers ``UNet2DModel`` predicting epsilon, with its noise scheduler."""
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, source: str = "") -> None:
         check_epsilon(scheduler, unet.config.get("prediction_type", None))
-        if unet.config.get("num_class_embeds") or unet.config.get("class_embed_type"):
+        if has_class_embedding(unet):
             raise ValueError(f"{source or 'the model'}: a class-conditional UNet2DModel (num_class_embeds="
                              f"{unet.config.get('num_class_embeds')}, class_embed_type="
                              f"{unet.config.get('class_embed_type')!r}); side-extract audits unconditional models "
