@@ -172,6 +172,7 @@ def test_partial_run_without_shards_null_or_train(run_dir, tmp_path):
     assert "extraction/uncond holds no shards" in html and "no per_generation.npz" in html
     data = json.loads((path.parent / "report.json").read_text())
     assert data["histograms"][0]["null"] == {} and list(data["top_pairs"]) == ["uncond"]
+    assert data["audit_summary"]["findings"]["left_out"] == {"side": "its evaluation has no per_generation.npz"}
 
 
 def test_not_a_run_directory(tmp_path):
@@ -263,7 +264,23 @@ def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
     assert u["seconds"] > 0 and u["images_per_second"] > 0 and set(u["distinct_cumulative"]) == {"high", "mid", "low"}
     assert all(v["n_generated"] == 60 for v in u["projected_10x"].values())
     assert s["verdict"].startswith("side reached") and "best baseline" in s["verdict"]
+    # what every method found together: summary.json, findings.csv (one row per image) and the end of `side run`
+    f = s["findings"]
+    assert f["methods"] == ["side", "cond", "uncond"] and f["generations"] == 18
+    assert f["bands"] == ["high", "mid", "low"]
+    rows = (tmp_path / "run" / "findings.csv").read_text().splitlines()
+    assert rows[0].endswith("band_by_side,band_by_cond,band_by_uncond")
+    assert len(rows) == 1 + f["distinct_nearest_cumulative"]["low"]
+    from side_extract.cli.common import console
+    from side_extract.cli.run import print_findings
+
+    with console.capture() as said:
+        print_findings(tmp_path / "run")
+    out = " ".join(said.get().split())
+    mid = f["distinct_nearest_cumulative"]["mid"]
+    assert s["verdict"] in out and f"together the methods' 18 generations have {mid} distinct nearest" in out
     html = write_report(tmp_path / "run").read_text()
+    assert 'id="findings-table"' in html
     assert html.index('id="summary"') < html.index('id="comparison"') and s["verdict"] in html.replace("&#39;", "'")
     assert 'alt="generation ' in html and "to training image" in html and "rms-l2" in html.split('alt="generation ')[1][:120]
     # the verdict by hand

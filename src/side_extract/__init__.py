@@ -17,7 +17,7 @@ except metadata.PackageNotFoundError:  # pragma: no cover - running from a sourc
 # The public API, imported on first use (``import side_extract`` stays light: torch loads with the first name).
 _EXPORTS = {
     "audit": "api", "Audit": "api", "MethodResult": "api", "BandResult": "api", "ExtractedPair": "api",
-    "Verification": "api", "as_target": "api",
+    "Verification": "api", "as_target": "api", "Finding": "findings", "Findings": "findings",
     "RunConfig": "config", "SampleConfig": "config", "FeaturesConfig": "config", "SurrogateConfig": "config",
     "ClassifierConfig": "config", "ExtractConfig": "config", "EvaluateConfig": "config", "TrainTargetConfig": "config",
     "ImageSet": "data", "load_image_set": "data",

@@ -30,6 +30,7 @@ from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
 from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
+from .findings import Findings, collect
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, fingerprint_of, read_json,
                    read_stages, run_lock)
@@ -297,6 +298,13 @@ class Audit:
         now, as the report does (the file is written when a run's evaluations are done, and a later stage command
         can leave it behind)."""
         return audit_summary(self.run)
+
+    def findings(self) -> Findings | None:
+        """The training images every method's generations reached together, closest first (``RUN/findings.csv``):
+        per image the closest band, the best generation's method and id, the closest band each method reached on
+        it and the generations on it; ``count(band)`` / ``count(band, method)`` / ``only(method, band)`` give the
+        distinct images at a band or closer found by all, by one, or by one alone (None: nothing evaluated)."""
+        return collect(self.run)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per method and band (``TABLE_COLUMNS``)."""

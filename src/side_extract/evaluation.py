@@ -90,6 +90,20 @@ def distinct_count(stats: dict[str, np.ndarray], band: str = "mid") -> int:
     return len(np.unique(stats["nn"][stats[f"reach/{band}"]]))
 
 
+def incomparable(metrics: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The evaluations (method -> its ``metrics.json``) that cannot be set against the first one, each with why:
+    made with another similarity, orientation, bands or training set size (``side evaluate --out`` into a run)."""
+    if not metrics:
+        return {}
+    first = next(iter(metrics.values()))
+    keys = ("similarity", "orientation", "bands", "n_train")
+    out = {}
+    for m, v in metrics.items():
+        if other := [k for k in keys if v.get(k) != first.get(k)]:
+            out[m] = "its evaluation used other " + ", ".join(other)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """Everything ``side evaluate`` writes; ``to_json()`` is ``metrics.json``."""

@@ -6,14 +6,16 @@ every training image within the band of some generation; and ``distinct_nearest_
 law's projection to 10x the budget, what it cost (seconds, images/s), where dedup-driven stopping ended it
 (``stopped``: after ``at`` of the ``of`` generations asked for), its sample quality, and the ratio of
 each SIDE form to the best baseline per metric (shares per generation asked for, where a method stopped early:
-:func:`per_budget`); then the verdict in one sentence.
+:func:`per_budget`); the verdict in one sentence; and ``findings``, what every method found together and each one
+alone (:mod:`side_extract.findings`, whose ``RUN/findings.csv`` lists the training images).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
-from .evaluation import distinct_count, generation_stats
+from .evaluation import distinct_count, generation_stats, incomparable
+from .findings import FILE, Findings, from_evaluations, write_findings
 from .metrics import Band
 from .runs import atomic_write_json, evaluated_methods, read_json, read_stages
 
@@ -153,20 +155,37 @@ def per_budget(metrics: dict[str, Any], n_asked: int) -> dict[str, Any]:
 
 def audit_summary(run: str | Path) -> dict[str, Any]:
     """The summary of a run directory's evaluated methods."""
+    return _summary(run)[0]
+
+
+def _summary(run: str | Path) -> tuple[dict[str, Any], Findings | None]:
     run = Path(run)
     dirs = evaluated_methods(run)
     metrics = {k: read_json(d / "metrics.json", dict) for k, d in dirs.items()}
     stages = read_stages(run)
     methods = {k: method_summary(m, stages.get(f"extraction/{k}"), dirs[k]) for k, m in metrics.items()}
-    return {"schema": SCHEMA, "verdict": verdict(metrics, methods), "methods": methods,
+    findings = from_evaluations(dirs, metrics)
+    other = incomparable(metrics)  # evaluated in other bands (side evaluate --out into the run): not compared
+    same = {k: m for k, m in metrics.items() if k not in other}
+    said = verdict(same, {k: methods[k] for k in same})
+    if other:
+        said += " Not compared: " + "; ".join(f"{k} ({why})" for k, why in other.items()) + "."
+    return {"schema": SCHEMA, "verdict": said, "methods": methods, "not_compared": other,
             "ratios_to_best_baseline": ratios_to_best_baseline(
                 {k: per_budget(m, (stages.get(f"extraction/{k}") or {}).get("n") or m["n_generated"])
-                 for k, m in metrics.items()})}
+                 for k, m in same.items()}),
+            "findings": None if findings is None else findings.to_json()}, findings
 
 
 def write_summary(run: str | Path) -> Path:
+    """``RUN/summary.json``, and ``RUN/findings.csv`` where the run holds an evaluation."""
+    summary, findings = _summary(run)
     path = Path(run) / "summary.json"
-    atomic_write_json(path, audit_summary(run))
+    atomic_write_json(path, summary)
+    if findings is not None:
+        write_findings(run, findings)
+    else:  # no evaluation now: a list left by an earlier one would describe results the run no longer holds
+        (Path(run) / FILE).unlink(missing_ok=True)
     return path
 
 

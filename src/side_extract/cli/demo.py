@@ -10,7 +10,7 @@ import typer
 from .. import config as cfg
 from ..distributed import ProcessGroup
 from .common import cli_errors, console
-from .run import print_summary, stage_progress
+from .run import print_findings, print_summary, stage_progress
 
 
 DEFAULT_TARGET = "demo-1000"
@@ -93,6 +93,7 @@ def demo_cmd(
     if not group.main:
         return  # in a launch of several processes the main one measures, sums up and reports, once
     print_summary(result.metrics)
+    print_findings(out)
     theory, _ = measure_run(out, device=group.device(device))
     for claim, verdict in theory.ordering.items():
         console.print(f"theory: {verdict}: {claim}")

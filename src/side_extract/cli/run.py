@@ -88,6 +88,25 @@ def print_summary(metrics: dict[str, dict]) -> None:
     console.print(table)
 
 
+def print_findings(run: Path) -> None:
+    """The verdict, and what every method evaluated in ``run`` found together (``summary.json``, ``findings.csv``)."""
+    from ..summary import audit_summary
+
+    s = audit_summary(run)
+    if not s["methods"]:
+        return
+    console.print(s["verdict"], highlight=False, soft_wrap=True)
+    f = s["findings"]
+    if f and len(f["methods"]) > 1:
+        bands = f["bands"]  # closest first; the verdict's band: the middle one of three or more
+        band = bands[1] if len(bands) > 2 else bands[0]
+        alone = ", ".join(f"{m} {f['only'][m][band]}" for m in f["methods"])
+        console.print(f"together the methods' {f['generations']} generations have "
+                      f"{f['distinct_nearest_cumulative'][band]} distinct nearest training images at the '{band}' band "
+                      f"or closer (found by one method alone: {alone}); each one, closest first: "
+                      f"{Path(run) / f['file']}", highlight=False, soft_wrap=True)
+
+
 WAIT_HELP = "If another process is writing the run directory, wait for it instead of failing."
 FORCE_HELP = ("Replace finished results (generations, classifiers, ...) made with other settings; without it "
               "that is an error that names them. A --force run cut short is finished by a rerun with the same settings without it.")
@@ -128,6 +147,7 @@ def run_cmd(
     if not ProcessGroup.from_env().main:
         return  # in a launch of several processes the main one sums up and writes the report, once
     print_summary(metrics)
+    print_findings(out)
     if report and metrics:
         from ..report import write_report
 
@@ -218,6 +238,8 @@ def extract_cmd(
         res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory,
                         wait=wait, replace=force)
     print_summary(res.metrics)
+    if res.metrics:
+        print_findings(run)
     console.print(f"extractions in {run / 'extraction'}")
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
         console.print("not evaluated: the run has no training set (set train, e.g. train: digits:100, in a --config "

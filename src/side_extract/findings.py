@@ -1,0 +1,166 @@
+"""The training images the audit found, across every method: ``RUN/findings.csv`` and ``summary.json``'s
+``findings``.
+
+Each method's evaluation names every generation's nearest training image and its score
+(``evaluation/<method>/per_generation.npz``). A *finding* is a training image that is the nearest one of at least
+one generation whose score lies in a band or closer than the closest band. It records the closest band reached,
+the best generation (its method and id), the closest band each method's generations reached on it, and how many
+generations landed on it. Per band the count is the benchmarks' (distinct nearest training images at that band or
+closer, as ``summary.json``'s ``distinct_nearest_cumulative`` per method), here of every method together: what the
+audit as a whole found, the list a data owner acts on. ``only`` counts the images a single method found: what
+each method added to the others.
+
+Every method is read in the bands and similarity of the first evaluated one (the config's first method); an
+evaluation in other bands (``side evaluate --out`` into the run) is left out, with why. The synthetic set (SIDE's
+first step) is not searched: its samples are not evaluated against the training set.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .evaluation import incomparable
+from .metrics import Band
+from .runs import atomic_write_text, evaluated_methods, read_json
+
+FILE = "findings.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One training image the audit found (see the module docstring)."""
+
+    train_index: int  # row of the loaded training set
+    train_id: int
+    band: str  # the closest band a generation reached on it
+    similarity: float  # the best score of a generation on it (by the run's similarity; a distance for rms-l2)
+    method: str  # the method and generation with that score (the first method in the run's order on a tie)
+    generation_id: int
+    by_method: dict[str, str]  # method -> the closest band its generations reached on it (the methods that did)
+    generations: int  # generations of every method whose nearest training image it is, at a band or closer
+
+
+@dataclasses.dataclass(frozen=True)
+class Findings:
+    """Every method's findings together; ``found`` closest first."""
+
+    similarity: str
+    orientation: str
+    bands: tuple[Band, ...]  # closest first
+    methods: tuple[str, ...]  # the methods read, in the run's order
+    generations: dict[str, int]  # generations read per method
+    left_out: dict[str, str]  # method -> why it was not read
+    found: tuple[Finding, ...]
+
+    def _rank(self, band: str) -> int:
+        names = [b.name for b in self.bands]
+        if band not in names:
+            raise ValueError(f"band={band!r} must be one of {', '.join(names)}")
+        return names.index(band)
+
+    def _within(self, band_of: str, band: str) -> bool:
+        return self._rank(band_of) <= self._rank(band)
+
+    def at(self, band: str) -> list[Finding]:
+        """The findings at ``band`` or closer, closest first."""
+        self._rank(band)
+        return [f for f in self.found if self._within(f.band, band)]
+
+    def count(self, band: str, method: str | None = None) -> int:
+        """Distinct training images found at ``band`` or closer: by every method together, or by ``method``."""
+        if method is None:
+            return len(self.at(band))
+        return sum(1 for f in self.found if method in f.by_method and self._within(f.by_method[method], band))
+
+    def only(self, method: str, band: str) -> int:
+        """Training images at ``band`` or closer that ``method`` found and no other method did."""
+        if method not in self.methods:
+            raise ValueError(f"method={method!r} was not read; read: {', '.join(self.methods)}")
+        return sum(1 for f in self.found
+                   if [m for m, b in f.by_method.items() if self._within(b, band)] == [method])
+
+    def to_json(self) -> dict[str, Any]:
+        """``summary.json``'s ``findings``: the counts per band (closest first), every method's and each one's alone."""
+        names = [b.name for b in self.bands]
+        return {"methods": list(self.methods), "generations": sum(self.generations.values()),
+                "left_out": self.left_out, "bands": names,
+                "distinct_nearest_cumulative": {b: self.count(b) for b in names},
+                "only": {m: {b: self.only(m, b) for b in names} for m in self.methods}, "file": FILE}
+
+    def to_csv(self) -> str:
+        """One row per finding, closest first: the training image, the closest band and best score with its
+        method and generation, the generations on it, and one ``band_by_<method>`` column per method ("" where
+        that method's generations did not reach it)."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["train_index", "train_id", "band", "similarity", "method", "generation_id", "generations",
+                    *(f"band_by_{m}" for m in self.methods)])
+        for f in self.found:
+            w.writerow([f.train_index, f.train_id, f.band, f"{f.similarity:.6g}", f.method, f.generation_id,
+                        f.generations, *(f.by_method.get(m, "") for m in self.methods)])
+        return buf.getvalue()
+
+
+def _closest_first(bands: dict[str, list[float]], orientation: str) -> tuple[Band, ...]:
+    out = [Band(name, float(lo), float(hi)) for name, (lo, hi) in bands.items()]
+    return tuple(sorted(out, key=lambda b: -b.lo if orientation == "similarity" else b.hi))
+
+
+def collect(run: str | Path) -> Findings | None:
+    """The findings of every evaluation run directory ``run`` holds (None: it holds none)."""
+    dirs = evaluated_methods(run)
+    return from_evaluations(dirs, {m: read_json(d / "metrics.json", dict) for m, d in dirs.items()})
+
+
+def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> Findings | None:
+    """The findings of the evaluations in ``dirs`` (method -> its folder, in the run's order) with their
+    ``metrics.json`` contents (None: no evaluation)."""
+    if not dirs:
+        return None
+    first = next(iter(metrics.values()))
+    left_out = incomparable(metrics) | {m: "its evaluation has no per_generation.npz" for m, d in dirs.items()
+                                        if not (d / "per_generation.npz").is_file()}
+    methods = tuple(m for m in metrics if m not in left_out)
+    bands = _closest_first(first["bands"], first["orientation"])
+    closer = (lambda a, b: a > b) if first["orientation"] == "similarity" else (lambda a, b: a < b)
+    rows: dict[int, dict[str, Any]] = {}
+    generations = {}
+    for m in methods:
+        with np.load(dirs[m] / "per_generation.npz", allow_pickle=False) as z:
+            sim, gid = z["similarity"].astype(float), z["generation_id"].astype(np.int64)
+            tidx, tid = z["nearest_train_index"].astype(np.int64), z["nearest_train_id"].astype(np.int64)
+        generations[m] = len(sim)
+        rank = np.full(len(sim), len(bands))
+        for i in reversed(range(len(bands))):  # the closest band a generation reaches wins
+            rank[bands[i].reaches(sim, first["orientation"])] = i
+        for g in np.flatnonzero(rank < len(bands)):
+            r = rows.setdefault(int(tidx[g]), {"train_id": int(tid[g]), "rank": int(rank[g]), "sim": sim[g],
+                                               "method": m, "gid": int(gid[g]), "by": {}, "n": 0})
+            r["n"] += 1
+            r["by"][m] = min(r["by"].get(m, len(bands)), int(rank[g]))
+            r["rank"] = min(r["rank"], int(rank[g]))
+            if closer(sim[g], r["sim"]):
+                r["sim"], r["method"], r["gid"] = sim[g], m, int(gid[g])
+    found = [Finding(i, r["train_id"], bands[r["rank"]].name, float(r["sim"]), r["method"], r["gid"],
+                     {m: bands[k].name for m, k in r["by"].items()}, r["n"]) for i, r in rows.items()]
+    sign = -1.0 if first["orientation"] == "similarity" else 1.0
+    found.sort(key=lambda f: (sign * f.similarity, f.train_index))
+    return Findings(first["similarity"], first["orientation"], bands, methods, generations, left_out, tuple(found))
+
+
+def write_findings(run: str | Path, findings: Findings | None = None) -> Path | None:
+    """``RUN/findings.csv`` (None, and no file, where the run holds no evaluation)."""
+    findings = collect(run) if findings is None else findings
+    if findings is None:
+        return None
+    path = Path(run) / FILE
+    atomic_write_text(path, findings.to_csv())
+    return path
+
+
+__all__ = ["Finding", "Findings", "collect", "from_evaluations", "write_findings", "FILE"]

@@ -1,0 +1,140 @@
+"""What every method found together (``side_extract.findings``: ``findings.csv``, ``summary.json``'s ``findings``):
+a toy counted by hand in both orientations, the invariants against each method's own count, and the files a run
+writes."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from side_extract.evaluation import GenerationTable
+from side_extract.findings import collect
+from side_extract.runs import atomic_write_json
+from side_extract.summary import audit_summary, write_summary
+
+DISTANCE_BANDS = {"high": [0.0, 0.1], "mid": [0.1, 0.2], "low": [0.2, 0.3]}
+SIMILARITY_BANDS = {"low": [0.7, 0.8], "mid": [0.8, 0.9], "high": [0.9, 1.0]}
+
+# (nearest training image, distance) per generation; training image 2 is reached by no band, 4 by none at all
+TOY = {"a": [(0, 0.05), (1, 0.15), (1, 0.12), (2, 0.5)],
+       "b": [(1, 0.08), (3, 0.25), (0, 0.09)]}
+
+
+def write_evaluation(run: Path, method: str, rows: list[tuple[int, float]], orientation: str,
+                     bands: dict | None = None, similarity: str | None = None) -> None:
+    """An evaluation folder as ``side evaluate`` writes it: per_generation.{csv,npz} (the real writer) and the keys
+    of metrics.json the findings read."""
+    n = len(rows)
+    train = np.array([t for t, _ in rows])
+    score = np.array([s for _, s in rows], dtype=float)
+    if orientation == "similarity":
+        score = 1.0 - score
+    out = run / "evaluation" / method
+    GenerationTable(np.arange(n), np.full(n, -1), train, train + 100, score, np.full(n, ""), train, score, score,
+                    score, method).write(out)
+    bands = bands or (DISTANCE_BANDS if orientation == "distance" else SIMILARITY_BANDS)
+    atomic_write_json(out / "metrics.json", {
+        "method": method, "n_generated": n, "n_train": 5, "orientation": orientation,
+        "similarity": similarity or ("rms-l2" if orientation == "distance" else "cosine:pixels"), "bands": bands,
+        **{k: dict.fromkeys(bands, 0.0) for k in ("ams", "ums", "ams_cumulative", "ums_cumulative")},
+        "p95": 0.0, "carlini": {"extracted_fraction": 0.0}, "gu": {"memorized_fraction": 0.0}})
+
+
+@pytest.mark.parametrize("orientation", ["distance", "similarity"])
+def test_the_union_of_the_methods_by_hand(tmp_path, orientation):
+    for m, rows in TOY.items():
+        write_evaluation(tmp_path, m, rows, orientation)
+    f = collect(tmp_path)
+    assert [b.name for b in f.bands] == ["high", "mid", "low"] and f.methods == ("a", "b")
+    assert f.generations == {"a": 4, "b": 3}
+    # by hand: image 0 high (a 0.05, b 0.09), image 1 high by b (0.08) and mid by a (0.12), image 3 low by b only
+    got = [(x.train_index, x.train_id, x.band, x.method, x.generation_id, x.by_method, x.generations) for x in f.found]
+    assert got == [(0, 100, "high", "a", 0, {"a": "high", "b": "high"}, 2),
+                   (1, 101, "high", "b", 0, {"a": "mid", "b": "high"}, 3),
+                   (3, 103, "low", "b", 1, {"b": "low"}, 1)]
+    best = [0.05, 0.08, 0.25] if orientation == "distance" else [0.95, 0.92, 0.75]
+    assert [x.similarity for x in f.found] == pytest.approx(best)
+    assert [f.count(b) for b in ("high", "mid", "low")] == [2, 2, 3]
+    assert [f.count(b, "a") for b in ("high", "mid", "low")] == [1, 2, 2]
+    assert [f.only("b", b) for b in ("high", "mid", "low")] == [1, 0, 1]  # image 1 at high; image 3
+    assert [f.only("a", b) for b in ("high", "mid", "low")] == [0, 0, 0]
+    rows = list(csv.DictReader(io.StringIO(f.to_csv())))
+    assert [r["train_index"] for r in rows] == ["0", "1", "3"]
+    assert rows[1]["band_by_a"] == "mid" and rows[1]["band_by_b"] == "high" and rows[2]["band_by_a"] == ""
+    j = f.to_json()
+    assert j["distinct_nearest_cumulative"] == {"high": 2, "mid": 2, "low": 3} and j["generations"] == 7
+    assert j["only"] == {"a": {"high": 0, "mid": 0, "low": 0}, "b": {"high": 1, "mid": 0, "low": 1}}
+    with pytest.raises(ValueError, match="band='top' must be one of high, mid, low"):
+        f.count("top")
+    with pytest.raises(ValueError, match="method='c' was not read"):
+        f.only("c", "mid")
+
+
+def test_an_evaluation_in_other_bands_is_left_out_and_named(tmp_path):
+    write_evaluation(tmp_path, "a", TOY["a"], "distance")
+    write_evaluation(tmp_path, "b", TOY["b"], "distance", bands={"close": [0.0, 0.3]})
+    f = collect(tmp_path)
+    assert f.methods == ("a",) and f.left_out == {"b": "its evaluation used other bands"}
+    assert [f.count(b) for b in ("high", "mid", "low")] == [1, 2, 2]
+    assert audit_summary(tmp_path)["findings"]["left_out"] == {"b": "its evaluation used other bands"}
+
+
+def test_each_methods_count_and_the_union_agree_with_the_summary(tmp_path):
+    """On a real evaluation (test_report's run): one method alone gives its own distinct nearest count, the
+    union lies between the largest method's and the sum, and the images found alone never exceed it."""
+    from test_report import make_run
+
+    run = make_run(tmp_path / "run", sweeps=False)
+    s = audit_summary(run)
+    f = collect(run)
+    for band in (b.name for b in f.bands):
+        own = {m: s["methods"][m]["distinct_nearest_cumulative"][band] for m in f.methods}
+        assert {m: f.count(band, m) for m in f.methods} == own
+        assert max(own.values()) <= f.count(band) <= sum(own.values())
+        assert sum(f.only(m, band) for m in f.methods) <= f.count(band)
+        assert f.count(band) - f.only("side", band) == len({x.train_index for x in f.at(band)
+                                                            if "uncond" in x.by_method
+                                                            and f._within(x.by_method["uncond"], band)})
+    assert s["findings"] == f.to_json() and f.count("low") > 0
+    from side_extract import Audit
+
+    assert Audit.load(run).findings() == f  # the Python API reads the same
+    write_summary(run)
+    assert (run / "findings.csv").read_text() == f.to_csv()
+    assert json.loads((run / "summary.json").read_text())["findings"]["file"] == "findings.csv"
+
+
+def test_a_run_with_no_evaluation_left_keeps_no_list(tmp_path):
+    write_evaluation(tmp_path, "a", TOY["a"], "distance")
+    write_summary(tmp_path)
+    assert (tmp_path / "findings.csv").is_file()
+    (tmp_path / "evaluation" / "a" / "metrics.json").unlink()
+    write_summary(tmp_path)
+    assert not (tmp_path / "findings.csv").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["findings"] is None
+
+
+def test_an_evaluation_in_other_bands_no_longer_breaks_the_summary_and_report(tmp_path):
+    """An evaluation written into a run with other bands (``side evaluate --out RUN/evaluation/X --bands ...``) made
+    summary.json's verdict raise KeyError, and with it the report; it is now left out of the comparison, named."""
+    from side_extract import config as cfg
+    from side_extract.data import load_image_set
+    from side_extract.evaluation import evaluate
+    from side_extract.report import write_report
+
+    from test_report import TRAIN, generations, make_run
+
+    run = make_run(tmp_path / "run", sweeps=False)
+    train = load_image_set(TRAIN)
+    evaluate(generations(train, 5, 20, 7), train, cfg.EvaluateConfig(carlini_n=10, bands="near=0:0.3"),
+             method="extra").write(run / "evaluation" / "extra")
+    s = audit_summary(run)
+    assert s["not_compared"] == {"extra": "its evaluation used other bands"}
+    assert s["verdict"].endswith("Not compared: extra (its evaluation used other bands).")
+    assert "extra" in s["methods"] and s["findings"]["left_out"] == s["not_compared"]
+    html = write_report(run).read_text()
+    assert 'id="findings-table"' in html and "Left out: extra (its evaluation used other bands)" in html
