@@ -25,23 +25,26 @@ TOY = {"a": [(0, 0.05), (1, 0.15), (1, 0.12), (2, 0.5)],
 
 
 def write_evaluation(run: Path, method: str, rows: list[tuple[int, float]], orientation: str,
-                     bands: dict | None = None, similarity: str | None = None) -> None:
+                     bands: dict | None = None, similarity: str | None = None, ids: dict[int, int] | None = None,
+                     train: str | None = None) -> None:
     """An evaluation folder as ``side evaluate`` writes it: per_generation.{csv,npz} (the real writer) and the keys
     of metrics.json the findings read."""
     n = len(rows)
-    train = np.array([t for t, _ in rows])
+    train_rows = np.array([t for t, _ in rows])
     score = np.array([s for _, s in rows], dtype=float)
     if orientation == "similarity":
         score = 1.0 - score
     out = run / "evaluation" / method
-    GenerationTable(np.arange(n), np.full(n, -1), train, train + 100, score, np.full(n, ""), train, score, score,
+    tid = np.array([(ids or {}).get(int(t), int(t) + 100) for t in train_rows])
+    GenerationTable(np.arange(n), np.full(n, -1), train_rows, tid, score, np.full(n, ""), train_rows, score, score,
                     score, method).write(out)
     bands = bands or (DISTANCE_BANDS if orientation == "distance" else SIMILARITY_BANDS)
     atomic_write_json(out / "metrics.json", {
         "method": method, "n_generated": n, "n_train": 5, "orientation": orientation,
         "similarity": similarity or ("rms-l2" if orientation == "distance" else "cosine:pixels"), "bands": bands,
         **{k: dict.fromkeys(bands, 0.0) for k in ("ams", "ums", "ams_cumulative", "ums_cumulative")},
-        "p95": 0.0, "carlini": {"extracted_fraction": 0.0}, "gu": {"memorized_fraction": 0.0}})
+        "p95": 0.0, "carlini": {"extracted_fraction": 0.0}, "gu": {"memorized_fraction": 0.0},
+        "fingerprints": {"train": train or "t" * 64}})
 
 
 @pytest.mark.parametrize("orientation", ["distance", "similarity"])
@@ -138,3 +141,62 @@ def test_an_evaluation_in_other_bands_no_longer_breaks_the_summary_and_report(tm
     assert "extra" in s["methods"] and s["findings"]["left_out"] == s["not_compared"]
     html = write_report(run).read_text()
     assert 'id="findings-table"' in html and "Left out: extra (its evaluation used other bands)" in html
+
+
+def test_ties_go_to_the_first_method_in_the_runs_order_and_a_band_edge_is_the_farther_band(tmp_path):
+    """The config lists uncond before memguide (the reverse of their names' order): on a tie uncond's generation is
+    the best; a distance exactly on the high band's upper edge (0.1) is mid, not high ([lo, hi))."""
+    from side_extract import config as cfg
+    from side_extract.runs import RunDir
+
+    RunDir(tmp_path).write_config(cfg.RunConfig(extract=cfg.ExtractConfig(methods=("uncond", "memguide"))))
+    write_evaluation(tmp_path, "memguide", [(0, 0.05), (1, 0.1)], "distance")
+    write_evaluation(tmp_path, "uncond", [(2, 0.3), (0, 0.05)], "distance")
+    f = collect(tmp_path)
+    assert f.methods == ("uncond", "memguide")
+    assert [(x.train_index, x.band, x.method, x.generation_id) for x in f.found] == [(0, "high", "uncond", 1),
+                                                                                    (1, "mid", "memguide", 1)]
+    assert [f.count(b) for b in ("high", "mid", "low")] == [1, 2, 2]  # 0.3 lies on low's upper edge: in no band
+
+
+def test_an_evaluation_against_another_training_set_of_the_same_size_is_left_out(tmp_path):
+    write_evaluation(tmp_path, "a", TOY["a"], "distance")
+    write_evaluation(tmp_path, "b", TOY["b"], "distance", train="u" * 64)
+    f = collect(tmp_path)
+    assert f.methods == ("a",) and f.left_out == {"b": "its evaluation used other training set"}
+
+
+def test_training_images_that_share_an_id_count_once_as_in_each_methods_own_count(tmp_path):
+    """Rows 0 and 1 of the training set carry the same id (an .npz whose index repeats one): each method's
+    distinct count goes by id, and so do the findings."""
+    from side_extract.evaluation import distinct_count, generation_stats
+    from side_extract.metrics import Band
+
+    write_evaluation(tmp_path, "a", [(0, 0.05), (1, 0.06)], "distance", ids={0: 7, 1: 7})
+    f = collect(tmp_path)
+    own = distinct_count(generation_stats(tmp_path / "evaluation" / "a", [Band("high", 0.0, 0.1)], "distance"),
+                         "high")
+    assert f.count("high") == f.count("high", "a") == own == 1 and f.found[0].train_id == 7
+    assert f.found[0].generations == 2 and f.found[0].train_index == 0  # the row of the best generation
+
+
+def test_side_evaluate_into_a_run_writes_its_summary_and_findings_again(tmp_path):
+    """An evaluation written into the run (side evaluate --out RUN/evaluation/X) left summary.json and
+    findings.csv without it; they now include it, and the report names what it shows."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    from test_report import TRAIN, make_run
+
+    run = make_run(tmp_path / "run", sweeps=False)
+    write_summary(run)
+    before = (run / "findings.csv").read_text()
+    r = CliRunner().invoke(app, ["evaluate", "--generated", str(run / "extraction" / "side"), "--train", TRAIN,
+                                 "--out", str(run / "evaluation" / "again"), "--carlini-n", "10",
+                                 "--bands-file", str(run / "evaluation" / "bands.json")])
+    assert r.exit_code == 0, r.output
+    s = json.loads((run / "summary.json").read_text())
+    assert "again" in s["methods"] and s["findings"]["methods"] == ["side", "uncond", "again"]
+    after = (run / "findings.csv").read_text()
+    assert after != before and after.splitlines()[0].endswith("band_by_again")

@@ -278,7 +278,8 @@ def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
         print_findings(tmp_path / "run")
     out = " ".join(said.get().split())
     mid = f["distinct_nearest_cumulative"]["mid"]
-    assert s["verdict"] in out and f"together the methods' 18 generations have {mid} distinct nearest" in out
+    assert s["verdict"] in out
+    assert f"every method together: {mid} distinct nearest training images at the 'mid' band or closer in 18" in out
     html = write_report(tmp_path / "run").read_text()
     assert 'id="findings-table"' in html
     assert html.index('id="summary"') < html.index('id="comparison"') and s["verdict"] in html.replace("&#39;", "'")

@@ -66,13 +66,16 @@ class GenerationTable:
         atomic_save_npz(Path(out_dir) / "per_generation.npz", **{k: np.asarray(v) for k, v in cols.items()})
 
 
-def generation_stats(eval_dir: Path, bands: Sequence[Band], orientation: Orientation) -> dict[str, np.ndarray]:
+def generation_stats(eval_dir: Path, bands: Sequence[Band], orientation: Orientation, *,
+                     columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The per-generation arrays of one evaluation (``eval_dir/per_generation.npz``) that distinct counts and the
     fair benchmark's bootstrap read: the nearest training id (``nn``), Carlini's hit (``carlini``) and, per band,
-    whether the generation reaches it (``reach/<band>``: at that band or closer)."""
+    whether the generation reaches it (``reach/<band>``: at that band or closer); with the file's ``columns``
+    (:class:`GenerationTable`'s names) as they are."""
     with np.load(Path(eval_dir) / "per_generation.npz", allow_pickle=False) as z:
         sim, nn, carlini = z["similarity"], z["nearest_train_id"], z["carlini_ratio"]
-    out = {"nn": nn.astype(np.int64), "carlini": (carlini < 1.0)}
+        extra = {c: z[c] for c in columns}
+    out = {"nn": nn.astype(np.int64), "carlini": (carlini < 1.0), **extra}
     for b in bands:
         out[f"reach/{b.name}"] = b.reaches(sim, orientation)
     return out
@@ -92,14 +95,19 @@ def distinct_count(stats: dict[str, np.ndarray], band: str = "mid") -> int:
 
 def incomparable(metrics: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The evaluations (method -> its ``metrics.json``) that cannot be set against the first one, each with why:
-    made with another similarity, orientation, bands or training set size (``side evaluate --out`` into a run)."""
+    made with another similarity, orientation, bands or training set (``side evaluate --out`` into a run)."""
     if not metrics:
         return {}
     first = next(iter(metrics.values()))
-    keys = ("similarity", "orientation", "bands", "n_train")
+
+    def train(m: dict[str, Any]) -> Any:  # the training set's fingerprint (a set of the same size may differ)
+        return (m.get("fingerprints") or {}).get("train")
+
+    keys = {"similarity": lambda m: m.get("similarity"), "orientation": lambda m: m.get("orientation"),
+            "bands": lambda m: m.get("bands"), "training set": lambda m: (m.get("n_train"), train(m))}
     out = {}
     for m, v in metrics.items():
-        if other := [k for k in keys if v.get(k) != first.get(k)]:
+        if other := [k for k, of in keys.items() if of(v) != of(first)]:
             out[m] = "its evaluation used other " + ", ".join(other)
     return out
 

@@ -2,17 +2,20 @@
 ``findings``.
 
 Each method's evaluation names every generation's nearest training image and its score
-(``evaluation/<method>/per_generation.npz``). A *finding* is a training image that is the nearest one of at least
-one generation whose score lies in a band or closer than the closest band. It records the closest band reached,
-the best generation (its method and id), the closest band each method's generations reached on it, and how many
-generations landed on it. Per band the count is the benchmarks' (distinct nearest training images at that band or
-closer, as ``summary.json``'s ``distinct_nearest_cumulative`` per method), here of every method together: what the
-audit as a whole found, the list a data owner acts on. ``only`` counts the images a single method found: what
-each method added to the others.
+(``evaluation/<method>/per_generation.npz``). A generation *reaches* a band when its score is at that band or
+closer (:meth:`~side_extract.metrics.Band.reaches`: a score in a gap between two bands that do not touch reaches
+the farther one). A *finding* is a training image (by its id, as each method's distinct count goes) that is the
+nearest one of at least one generation that reaches a band. It records the closest band reached, the best
+generation (its method and id; on a tie the first method in the run's order), the closest band each method's
+generations reached on it, and how many generations did. Per band the count is the benchmarks' (distinct nearest
+training images at that band or closer; for one method alone, ``summary.json``'s ``distinct_nearest_cumulative``),
+here of every method together: what the audit as a whole found, the list a data owner acts on. ``only`` counts
+the images one method found and no other did: what each method added to the rest. The counts are per generation
+made: methods that made other numbers of generations are not set to one budget here.
 
-Every method is read in the bands and similarity of the first evaluated one (the config's first method); an
-evaluation in other bands (``side evaluate --out`` into the run) is left out, with why. The synthetic set (SIDE's
-first step) is not searched: its samples are not evaluated against the training set.
+Every method is read in the bands, similarity and training set of the first evaluated one (the config's first
+method); an evaluation made otherwise (``side evaluate --out`` into the run) is left out, with why. The synthetic
+set (SIDE's first step) is not searched: its samples are not evaluated against the training set.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import incomparable
-from .metrics import Band
+from .evaluation import generation_stats, incomparable
+from .metrics import Band, closest_first
 from .runs import atomic_write_text, evaluated_methods, read_json
 
 FILE = "findings.csv"
@@ -35,7 +38,7 @@ FILE = "findings.csv"
 class Finding:
     """One training image the audit found (see the module docstring)."""
 
-    train_index: int  # row of the loaded training set
+    train_index: int  # its row in the loaded training set (the best generation's nearest)
     train_id: int
     band: str  # the closest band a generation reached on it
     similarity: float  # the best score of a generation on it (by the run's similarity; a distance for rms-l2)
@@ -106,11 +109,6 @@ class Findings:
         return buf.getvalue()
 
 
-def _closest_first(bands: dict[str, list[float]], orientation: str) -> tuple[Band, ...]:
-    out = [Band(name, float(lo), float(hi)) for name, (lo, hi) in bands.items()]
-    return tuple(sorted(out, key=lambda b: -b.lo if orientation == "similarity" else b.hi))
-
-
 def collect(run: str | Path) -> Findings | None:
     """The findings of every evaluation run directory ``run`` holds (None: it holds none)."""
     dirs = evaluated_methods(run)
@@ -126,31 +124,34 @@ def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) 
     left_out = incomparable(metrics) | {m: "its evaluation has no per_generation.npz" for m, d in dirs.items()
                                         if not (d / "per_generation.npz").is_file()}
     methods = tuple(m for m in metrics if m not in left_out)
-    bands = _closest_first(first["bands"], first["orientation"])
-    closer = (lambda a, b: a > b) if first["orientation"] == "similarity" else (lambda a, b: a < b)
-    rows: dict[int, dict[str, Any]] = {}
+    orientation = first["orientation"]
+    bands = tuple(Band(b, *first["bands"][b]) for b in closest_first(first["bands"], orientation))
+    closer = (lambda a, b: a > b) if orientation == "similarity" else (lambda a, b: a < b)
+    rows: dict[int, dict[str, Any]] = {}  # by training id, as each method's distinct count goes
     generations = {}
     for m in methods:
-        with np.load(dirs[m] / "per_generation.npz", allow_pickle=False) as z:
-            sim, gid = z["similarity"].astype(float), z["generation_id"].astype(np.int64)
-            tidx, tid = z["nearest_train_index"].astype(np.int64), z["nearest_train_id"].astype(np.int64)
+        st = generation_stats(dirs[m], bands, orientation,
+                              columns=("similarity", "generation_id", "nearest_train_index"))
+        sim = st["similarity"].astype(float)
         generations[m] = len(sim)
         rank = np.full(len(sim), len(bands))
         for i in reversed(range(len(bands))):  # the closest band a generation reaches wins
-            rank[bands[i].reaches(sim, first["orientation"])] = i
+            rank[st[f"reach/{bands[i].name}"]] = i
         for g in np.flatnonzero(rank < len(bands)):
-            r = rows.setdefault(int(tidx[g]), {"train_id": int(tid[g]), "rank": int(rank[g]), "sim": sim[g],
-                                               "method": m, "gid": int(gid[g]), "by": {}, "n": 0})
+            r = rows.setdefault(int(st["nn"][g]), {"index": int(st["nearest_train_index"][g]), "rank": int(rank[g]),
+                                                   "sim": sim[g], "method": m, "gid": int(st["generation_id"][g]),
+                                                   "by": {}, "n": 0})
             r["n"] += 1
             r["by"][m] = min(r["by"].get(m, len(bands)), int(rank[g]))
             r["rank"] = min(r["rank"], int(rank[g]))
             if closer(sim[g], r["sim"]):
-                r["sim"], r["method"], r["gid"] = sim[g], m, int(gid[g])
-    found = [Finding(i, r["train_id"], bands[r["rank"]].name, float(r["sim"]), r["method"], r["gid"],
+                r["sim"], r["method"], r["gid"], r["index"] = sim[g], m, int(st["generation_id"][g]), \
+                    int(st["nearest_train_index"][g])
+    found = [Finding(r["index"], i, bands[r["rank"]].name, float(r["sim"]), r["method"], r["gid"],
                      {m: bands[k].name for m, k in r["by"].items()}, r["n"]) for i, r in rows.items()]
-    sign = -1.0 if first["orientation"] == "similarity" else 1.0
-    found.sort(key=lambda f: (sign * f.similarity, f.train_index))
-    return Findings(first["similarity"], first["orientation"], bands, methods, generations, left_out, tuple(found))
+    sign = -1.0 if orientation == "similarity" else 1.0
+    found.sort(key=lambda f: (sign * f.similarity, f.train_id))
+    return Findings(first["similarity"], orientation, bands, methods, generations, left_out, tuple(found))
 
 
 def write_findings(run: str | Path, findings: Findings | None = None) -> Path | None:

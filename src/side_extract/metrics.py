@@ -93,6 +93,13 @@ class Band:
 PAPER_COSINE_BANDS = (Band("low", 0.4, 0.5), Band("mid", 0.5, 0.6), Band("high", 0.6, 1.0))
 
 
+def closest_first(bands: dict[str, Sequence[float]], orientation: Orientation) -> list[str]:
+    """The names of ``bands`` (name -> (lo, hi), as metrics.json holds them), the closest band (most memorized)
+    first."""
+    key = (lambda b: -bands[b][0]) if orientation == "similarity" else (lambda b: bands[b][1])
+    return sorted(bands, key=key)
+
+
 def parse_bands(spec: str) -> tuple[Band, ...]:
     """``"low=0.4:0.5,mid=0.5:0.6,high=0.6:1"`` -> Bands; names unique, lo < hi."""
     bands = []

@@ -24,8 +24,10 @@ import numpy as np
 from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
-from .runs import atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages, stale_stages
-from .summary import audit_summary
+from .metrics import closest_first
+from .runs import (RunDir, atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages,
+                   stale_stages)
+from .summary import audit_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,6 @@ SWEPT_SECTION = {"scale": "extract", "n_clusters": "surrogate", "tau": "surrogat
 
 # --------------------------------------------------------------------------------------------------
 # data
-
-
-def _closest_first(bands: dict[str, list[float]], orientation: str) -> list[str]:
-    """Band names, the closest band (most memorized) first."""
-    key = (lambda b: -bands[b][0]) if orientation == "similarity" else (lambda b: bands[b][1])
-    return sorted(bands, key=key)
 
 
 def _per_generation(d: Path) -> dict[str, np.ndarray] | None:
@@ -57,7 +53,7 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
     """Columns (AMS / UMS per band, exclusive then cumulative, p95, Carlini, Gu, N_G) and the best per column."""
     bands: list[str] = []
     for m in metrics.values():
-        bands += [b for b in _closest_first(m["bands"], m["orientation"])[::-1] if b not in bands]
+        bands += [b for b in closest_first(m["bands"], m["orientation"])[::-1] if b not in bands]
     orients = {m["orientation"] for m in metrics.values()}
     same = len({(m["similarity"], str(m["bands"])) for m in metrics.values()}) == 1  # else bands differ: no "best"
     # UMS is distinct images over the generations made, not a rate: where methods made other numbers of generations
@@ -212,7 +208,7 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict],
     for n, t in tables.items():
         if not (t["target_label"] >= 0).any():
             continue
-        bands = _closest_first(metrics[n]["bands"], metrics[n]["orientation"])[:2]
+        bands = closest_first(metrics[n]["bands"], metrics[n]["orientation"])[:2]
         surrogate = n == "side" and by_id is not None
         methods[n] = {"kind": "surrogate cluster" if n in ("side",) else "target class", "bands": bands,
                       "rows": _by_label(t, bands, by_id if surrogate else None)}
@@ -262,7 +258,7 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
                 runs.setdefault(float(own), metrics[m])
             values = sorted(runs, key=lambda v: (isinstance(v, str), v))
             ref = next(iter(runs.values()))
-            bands = _closest_first(ref["bands"], ref["orientation"])
+            bands = closest_first(ref["bands"], ref["orientation"])
             series = {f"AMS {b}": [runs[v]["ams"].get(b) for v in values] for b in bands}
             series[f"UMS {bands[0]}"] = [runs[v]["ums"].get(bands[0]) for v in values]
             series["Carlini"] = [runs[v]["carlini"]["extracted_fraction"] for v in values]
@@ -445,8 +441,13 @@ def _template(name: str) -> str:
 
 
 def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> Path:
-    """Write ``RUN/report/report.json`` and the self-contained ``RUN/report/report.html``; returns the HTML path."""
+    """Write ``RUN/report/report.json`` and the self-contained ``RUN/report/report.html``; returns the HTML path.
+    ``RUN/summary.json`` and ``RUN/findings.csv``, which the report shows and names, are written again first from
+    the evaluations the run holds now (one written into the run by ``side evaluate --out``, or a run of a release
+    without ``findings.csv``)."""
     run = Path(run_dir)
+    if (run / "evaluation").is_dir() and (run / RunDir.MANIFEST).is_file():
+        write_summary(run)
     data = build_report(run, top=top)
     out = run / "report"
     html = render_html(data, run, image_size=image_size)  # before either file is written: never one without the other

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from .evaluation import distinct_count, generation_stats, incomparable
 from .findings import FILE, Findings, from_evaluations, write_findings
-from .metrics import Band
+from .metrics import Band, closest_first
 from .runs import atomic_write_json, evaluated_methods, read_json, read_stages
 
 SIDE_METHODS = ("side", "side-teacher", "side-lora")
@@ -75,8 +75,10 @@ def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tu
     return out
 
 
-def _closest_first(bands: dict[str, list[float]], orientation: str) -> list[str]:
-    return sorted(bands, key=lambda b: -bands[b][0] if orientation == "similarity" else bands[b][1])
+def verdict_band(closest_first: list[str]) -> str:
+    """The band the verdict counts at (``closest_first``: band names, the closest first): the second closest of
+    three or more (the paper's mid band of low, mid, high), else the closest."""
+    return closest_first[1] if len(closest_first) > 2 else closest_first[0]
 
 
 def method_summary(m: dict[str, Any], stage: dict[str, Any] | None, eval_dir: Path | None = None) -> dict[str, Any]:
@@ -112,8 +114,7 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
     if not metrics:
         return "No method has been evaluated yet."
     first = next(iter(metrics.values()))
-    order = _closest_first(first["bands"], first["orientation"])
-    band = order[1] if len(order) > 2 else order[0]
+    band = verdict_band(closest_first(first["bands"], first["orientation"]))
     n_train = first["n_train"]
     count = {k: v["distinct_cumulative"][band] for k, v in methods.items()}
     n_of = {k: int(metrics[k]["n_generated"]) for k in methods}  # differ where dedup-driven stopping ended one

@@ -108,6 +108,10 @@ def evaluate_cmd(
                           feature_model=feature_model, device=device, progress=cb)
     with run_lock(run) if run is not None else contextlib.nullcontext():
         path = result.write(out)
+        if run is not None and Path(out).resolve().parent == (run / "evaluation").resolve():
+            from ..summary import write_summary  # an evaluation of the run: its summary and findings include it
+
+            write_summary(run)
     top = result.bands[-1].name
     console.print(f"{result.n_generated} generations vs {result.n_train} training images ({result.similarity}, "
                   f"bands: {result.bands_source}); AMS {top} {result.ams[top]:.2%}, UMS {top} {result.ums[top]:.2%}, "

@@ -90,7 +90,7 @@ def print_summary(metrics: dict[str, dict]) -> None:
 
 def print_findings(run: Path) -> None:
     """The verdict, and what every method evaluated in ``run`` found together (``summary.json``, ``findings.csv``)."""
-    from ..summary import audit_summary
+    from ..summary import audit_summary, verdict_band
 
     s = audit_summary(run)
     if not s["methods"]:
@@ -98,12 +98,14 @@ def print_findings(run: Path) -> None:
     console.print(s["verdict"], highlight=False, soft_wrap=True)
     f = s["findings"]
     if f and len(f["methods"]) > 1:
-        bands = f["bands"]  # closest first; the verdict's band: the middle one of three or more
-        band = bands[1] if len(bands) > 2 else bands[0]
+        band = verdict_band(f["bands"])
+        made = {m: s["methods"][m]["n_generated"] for m in f["methods"]}
         alone = ", ".join(f"{m} {f['only'][m][band]}" for m in f["methods"])
-        console.print(f"together the methods' {f['generations']} generations have "
-                      f"{f['distinct_nearest_cumulative'][band]} distinct nearest training images at the '{band}' band "
-                      f"or closer (found by one method alone: {alone}); each one, closest first: "
+        each = "" if len(set(made.values())) == 1 else " (" + ", ".join(f"{m} {n}" for m, n in made.items()) + ")"
+        console.print(f"every method together: {f['distinct_nearest_cumulative'][band]} distinct nearest training "
+                      f"images at the '{band}' band or closer in {f['generations']} generations{each} (the "
+                      f"benchmarks' count; the verdict's counts are UMS, every training image within the band of "
+                      f"some generation); found by no other method: {alone}; each one, closest first: "
                       f"{Path(run) / f['file']}", highlight=False, soft_wrap=True)
 
 
@@ -238,7 +240,7 @@ def extract_cmd(
         res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory,
                         wait=wait, replace=force)
     print_summary(res.metrics)
-    if res.metrics:
+    if res.metrics and ProcessGroup.from_env().main:  # (once in a launch of several processes)
         print_findings(run)
     console.print(f"extractions in {run / 'extraction'}")
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
