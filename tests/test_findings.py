@@ -69,7 +69,7 @@ def test_the_union_of_the_methods_by_hand(tmp_path, orientation):
     assert [r["train_index"] for r in rows] == ["0", "1", "3"]
     assert rows[1]["band_by_a"] == "mid" and rows[1]["band_by_b"] == "high" and rows[2]["band_by_a"] == ""
     j = f.to_json()
-    assert j["distinct_nearest_cumulative"] == {"high": 2, "mid": 2, "low": 3} and j["generations"] == 7
+    assert j["distinct_nearest_cumulative"] == {"high": 2, "mid": 2, "low": 3} and j["generations"] == {"a": 4, "b": 3}
     assert j["only"] == {"a": {"high": 0, "mid": 0, "low": 0}, "b": {"high": 1, "mid": 0, "low": 1}}
     with pytest.raises(ValueError, match="band='top' must be one of high, mid, low"):
         f.count("top")
@@ -200,3 +200,74 @@ def test_side_evaluate_into_a_run_writes_its_summary_and_findings_again(tmp_path
     assert "again" in s["methods"] and s["findings"]["methods"] == ["side", "uncond", "again"]
     after = (run / "findings.csv").read_text()
     assert after != before and after.splitlines()[0].endswith("band_by_again")
+
+
+def test_the_synthetic_set_is_measured_once_and_counts_while_it_is_the_runs(tiny_model_dir, tmp_path):
+    """A run measures its synthetic set like a method's generations (RUN/synthetic-evaluation, in the run's bands)
+    and the findings count it last, as ``synthetic``; a rerun reuses it; a synthetic set drawn again without it
+    (side cluster) leaves it out until the run measures the new one."""
+    import dataclasses
+
+    from side_extract.data import load_image_set, load_shards
+    from side_extract.evaluation import evaluate
+    from side_extract.pipeline import run_audit
+    from side_extract.runs import read_stages
+
+    from test_pipeline import tiny_rc
+
+    run = tmp_path / "run"
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run_audit(run, rc)
+    d = run / "synthetic-evaluation"
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["n_generated"] == 40 and m["bands"] == json.loads((run / "evaluation" / "side" / "metrics.json")
+                                                               .read_text())["bands"]
+    by_hand = evaluate(load_shards(run / "synthetic"), load_image_set("digits:30"),
+                       dataclasses.replace(rc.evaluate, bands_file=str(run / "evaluation" / "bands.json")))
+    with np.load(d / "per_generation.npz") as z:
+        assert (z["nearest_train_id"] == by_hand.table.nearest_train_id).all()
+        assert np.allclose(z["similarity"], by_hand.table.similarity)
+    f = collect(run)
+    assert f.methods == ("side", "uncond", "synthetic") and f.generations["synthetic"] == 40
+    assert f.count("low", "synthetic") == len({int(i) for i, s in zip(by_hand.table.nearest_train_id,
+                                                                      by_hand.table.similarity)
+                                               if s < m["bands"]["low"][1]})
+    stamp = (d / "metrics.json").stat().st_mtime_ns
+    run_audit(run, rc)
+    assert (d / "metrics.json").stat().st_mtime_ns == stamp  # reused
+    again = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, seed=rc.sample.seed + 1))
+    run_audit(run, again, until="surrogate")  # the synthetic set drawn again, nothing measured
+    assert collect(run).methods == ("side", "uncond")
+    run_audit(run, again)
+    assert collect(run).methods == ("side", "uncond", "synthetic")
+    stages = read_stages(run)
+    assert stages["synthetic-evaluation"]["inputs"] == {"synthetic": stages["synthetic"]["fingerprint"]}
+
+
+def test_the_synthetic_sets_measurement_is_keyed_by_what_it_reads_and_never_blocks_a_rerun(tiny_model_dir, tmp_path):
+    """Sample quality (not measured on the synthetic set) changes nothing; a Carlini setting redoes it, also in a
+    rerun that may not replace finished results (side extract --run without --force), where a grown extraction is
+    evaluated again: that rerun raised StageWouldBeReplaced on this stage after redoing the others. A run whose
+    methods' evaluations are out of date has no findings, not the synthetic set's alone."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+    from side_extract.runs import read_stages
+
+    from test_pipeline import tiny_rc
+
+    run = tmp_path / "run"
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run_audit(run, rc)
+    fp = lambda: read_stages(run)["synthetic-evaluation"]["fingerprint"]  # noqa: E731
+    first = fp()
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, quality=()))
+    run_audit(run, rc)  # (the methods' evaluations are made again: they measure it)
+    assert fp() == first
+    grown = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=10),
+                                evaluate=dataclasses.replace(rc.evaluate, carlini_n=4))
+    run_audit(run, grown, replace=False)
+    assert fp() != first and json.loads((run / "summary.json").read_text())["methods"]["side"]["n_generated"] == 10
+    assert json.loads((run / "synthetic-evaluation" / "metrics.json").read_text())["carlini"]["n"] == 4
+    run_audit(run, dataclasses.replace(grown, extract=dataclasses.replace(grown.extract, n=12)), until="extraction")
+    assert collect(run) is None  # side's evaluation is of 10 generations the run no longer holds

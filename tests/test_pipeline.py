@@ -482,11 +482,13 @@ def test_an_evaluation_reports_done_when_its_metrics_are_written(tiny_model_dir,
     def factory(name):
         def update(done, total):
             if name.startswith("evaluate ") and done >= total:
-                finished[name] = (run / "evaluation" / name.split()[1] / "metrics.json").exists()
+                what = name.split()[1]
+                out = run / ("synthetic-evaluation" if what == "synthetic" else f"evaluation/{what}")
+                finished[name] = (out / "metrics.json").exists()
         return update
 
     run_audit(run, tiny_rc(tiny_model_dir, methods=("side", "uncond")), progress=factory)
-    assert finished == {"evaluate side": True, "evaluate uncond": True}
+    assert finished == {"evaluate side": True, "evaluate uncond": True, "evaluate synthetic": True}
 
 
 def test_too_few_generations_for_sample_quality_skip_it_with_the_reason(tiny_model_dir, tmp_path):

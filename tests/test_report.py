@@ -266,10 +266,11 @@ def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
     assert s["verdict"].startswith("side reached") and "best baseline" in s["verdict"]
     # what every method found together: summary.json, findings.csv (one row per image) and the end of `side run`
     f = s["findings"]
-    assert f["methods"] == ["side", "cond", "uncond"] and f["generations"] == 18
+    assert f["methods"] == ["side", "cond", "uncond", "synthetic"]  # the synthetic set last: samples too
+    assert f["generations"] == {"side": 6, "cond": 6, "uncond": 6, "synthetic": 40}
     assert f["bands"] == ["high", "mid", "low"]
     rows = (tmp_path / "run" / "findings.csv").read_text().splitlines()
-    assert rows[0].endswith("band_by_side,band_by_cond,band_by_uncond")
+    assert rows[0].endswith("band_by_side,band_by_cond,band_by_uncond,band_by_synthetic")
     assert len(rows) == 1 + f["distinct_nearest_cumulative"]["low"]
     from side_extract.cli.common import console
     from side_extract.cli.run import print_findings
@@ -279,7 +280,8 @@ def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
     out = " ".join(said.get().split())
     mid = f["distinct_nearest_cumulative"]["mid"]
     assert s["verdict"] in out
-    assert f"every method together: {mid} distinct nearest training images at the 'mid' band or closer in 18" in out
+    assert (f"every method and the synthetic set together: {mid} distinct nearest training images at the 'mid' band "
+            "or closer in 58 model samples (side 6, cond 6, uncond 6, synthetic 40;") in out
     html = write_report(tmp_path / "run").read_text()
     assert 'id="findings-table"' in html
     assert html.index('id="summary"') < html.index('id="comparison"') and s["verdict"] in html.replace("&#39;", "'")

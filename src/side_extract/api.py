@@ -300,10 +300,11 @@ class Audit:
         return audit_summary(self.run)
 
     def findings(self) -> Findings | None:
-        """The training images every method's generations reached together, closest first (``RUN/findings.csv``):
-        per image the closest band, the best generation's method and id, the closest band each method reached on
-        it and the generations on it; ``count(band)`` / ``count(band, method)`` / ``only(method, band)`` give the
-        distinct images at a band or closer found by all, by one, or by one alone (None: nothing evaluated)."""
+        """The training images every method's generations and the synthetic set (``synthetic``, where the run
+        measured it) reached together, closest first (``RUN/findings.csv``): per image the closest band, the best
+        sample's source and id, the closest band each source reached on it and the samples on it;
+        ``count(band)`` / ``count(band, source)`` / ``only(source, band)`` give the distinct images at a band or
+        closer found by all, by one, or by one and no other (None: no method evaluated)."""
         return collect(self.run)
 
     def table(self) -> list[dict[str, Any]]:

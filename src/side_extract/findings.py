@@ -14,8 +14,10 @@ the images one method found and no other did: what each method added to the rest
 made: methods that made other numbers of generations are not set to one budget here.
 
 Every method is read in the bands, similarity and training set of the first evaluated one (the config's first
-method); an evaluation made otherwise (``side evaluate --out`` into the run) is left out, with why. The synthetic
-set (SIDE's first step) is not searched: its samples are not evaluated against the training set.
+method); an evaluation made otherwise (``side evaluate --out`` into the run) is left out, with why. The run's
+synthetic set (SIDE's first step: samples of the target the audit drew before any method generated) is one more
+source, ``synthetic``, last, where the run measured it (``RUN/synthetic-evaluation``): its copies are found
+training images too, and with it the counts are per model sample the audit drew.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ import numpy as np
 
 from .evaluation import generation_stats, incomparable
 from .metrics import Band, closest_first
-from .runs import atomic_write_text, evaluated_methods, read_json
+from .runs import atomic_write_text, evaluated_methods, evaluated_synthetic, read_json
 
 FILE = "findings.csv"
+SYNTHETIC = "synthetic"  # the synthetic set, as a source of the findings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +43,13 @@ class Finding:
 
     train_index: int  # its row in the loaded training set (the best generation's nearest)
     train_id: int
-    band: str  # the closest band a generation reached on it
-    similarity: float  # the best score of a generation on it (by the run's similarity; a distance for rms-l2)
-    method: str  # the method and generation with that score (the first method in the run's order on a tie)
+    band: str  # the closest band a sample reached on it
+    similarity: float  # the best score of a sample on it (by the run's similarity; a distance for rms-l2)
+    method: str  # the source of the sample with that score (the first in the run's order on a tie): a method, or
+    # ``synthetic``, whose generation_id is then the sample's index in RUN/synthetic (Audit.pairs takes methods)
     generation_id: int
-    by_method: dict[str, str]  # method -> the closest band its generations reached on it (the methods that did)
-    generations: int  # generations of every method whose nearest training image it is, at a band or closer
+    by_method: dict[str, str]  # source -> the closest band its samples reached on it (the sources that did)
+    generations: int  # samples of every source whose nearest training image it is, at a band or closer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +59,8 @@ class Findings:
     similarity: str
     orientation: str
     bands: tuple[Band, ...]  # closest first
-    methods: tuple[str, ...]  # the methods read, in the run's order
-    generations: dict[str, int]  # generations read per method
+    methods: tuple[str, ...]  # the methods read, in the run's order (then ``synthetic``, the synthetic set)
+    generations: dict[str, int]  # generations (samples of the synthetic set) read per method
     left_out: dict[str, str]  # method -> why it was not read
     found: tuple[Finding, ...]
 
@@ -90,7 +94,7 @@ class Findings:
     def to_json(self) -> dict[str, Any]:
         """``summary.json``'s ``findings``: the counts per band (closest first), every method's and each one's alone."""
         names = [b.name for b in self.bands]
-        return {"methods": list(self.methods), "generations": sum(self.generations.values()),
+        return {"methods": list(self.methods), "generations": self.generations,
                 "left_out": self.left_out, "bands": names,
                 "distinct_nearest_cumulative": {b: self.count(b) for b in names},
                 "only": {m: {b: self.only(m, b) for b in names} for m in self.methods}, "file": FILE}
@@ -112,7 +116,20 @@ class Findings:
 def collect(run: str | Path) -> Findings | None:
     """The findings of every evaluation run directory ``run`` holds (None: it holds none)."""
     dirs = evaluated_methods(run)
-    return from_evaluations(dirs, {m: read_json(d / "metrics.json", dict) for m, d in dirs.items()})
+    return from_evaluations(*with_synthetic(run, dirs, {m: read_json(d / "metrics.json", dict)
+                                                        for m, d in dirs.items()}))
+
+
+def with_synthetic(run: str | Path, dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]
+                   ) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """The methods' evaluations (``dirs``, ``metrics``) and, last, the synthetic set's where the run holds a current
+    one (:func:`~side_extract.runs.evaluated_synthetic`) and some method's: ``synthetic`` (``synthetic-set`` where
+    an evaluation written into the run took that name)."""
+    syn = evaluated_synthetic(run) if dirs else None  # (not alone: the findings are of an evaluated run)
+    if syn is None:
+        return dirs, metrics
+    name = SYNTHETIC if SYNTHETIC not in dirs else "synthetic-set"  # (an evaluation named synthetic: side evaluate)
+    return {**dirs, name: syn}, {**metrics, name: read_json(syn / "metrics.json", dict)}
 
 
 def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> Findings | None:
@@ -164,4 +181,5 @@ def write_findings(run: str | Path, findings: Findings | None = None) -> Path | 
     return path
 
 
-__all__ = ["Finding", "Findings", "collect", "from_evaluations", "write_findings", "FILE"]
+__all__ = ["Finding", "Findings", "collect", "from_evaluations", "with_synthetic", "write_findings", "FILE",
+           "SYNTHETIC"]

@@ -20,7 +20,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,9 +38,9 @@ from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
 from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
 from .neighbors import NearestNeighborIndex, pixel_rows
-from .runs import (MODEL_INPUT, RunDir, StageWouldBeReplaced, array_fingerprint, atomic_save_npz, atomic_write_json,
-                   atomic_write_text, check_run_path, check_unlocked, file_fingerprint, fingerprint_of, run_lock,
-                   settings_fingerprint, stage_fingerprint)
+from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
+                   atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
+                   file_fingerprint, fingerprint_of, run_lock, settings_fingerprint, stage_fingerprint)
 from .sampling import sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -528,9 +528,9 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
         c = dataclasses.replace(c, bands_file=str(bands_file))
     reference = quality_reference(ctx) if c.quality else None
     cal = None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"]
-    files = [*script_fingerprints(Similarity(c.similarity).extractor),  # what the files the config names hold
-             *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)]),
-             *(f for name in c.quality for f in script_fingerprints(name))]
+    scores = [*script_fingerprints(Similarity(c.similarity).extractor),  # what the files the config names hold
+              *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)])]
+    files = [*scores, *(f for name in c.quality for f in script_fingerprints(name))]
     # keyed by the config as given (calibrated bands by the calibration's fingerprint, not by the path of the run
     # directory they lie in, which another spelling of the run would change) and by the synthetic set, which
     # every method's copy guard is measured against; and, for a method that dedup-driven stopping ended early, by
@@ -550,11 +550,46 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
         train_features = group.main_first(lambda: train_features_stage(ctx, train))
         group.together(lambda: [evaluate_method(ctx, m, extractions[m], train, c, reference, train_features)
                                 for i, m in enumerate(todo) if group.owns(i)])
-    if group.main:
+
+    def finish() -> None:
         for i, m in enumerate(todo):
             ctx.run.complete(f"evaluation/{m}", evaluated_by=i % group.world)
+        if _synthetic_fingerprint(ctx):
+            synthetic_evaluation_stage(ctx, train, c, keyed, [cal, *scores])
+
+    group.on_main(finish)  # (an error there reaches every process)
     group.barrier()
     return {m: json.loads(paths[m].read_text()) for m in extractions}
+
+
+def synthetic_evaluation_stage(ctx: AuditContext, train: ImageSet, c: cfg.EvaluateConfig, keyed: cfg.EvaluateConfig,
+                               parts: list[Any]) -> None:
+    """The run's synthetic set (SIDE's first step: samples of the target the audit drew anyway) measured against the
+    training set like a method's generations, in the same bands (``c``), into ``RUN/synthetic-evaluation/``
+    (``metrics.json`` and ``per_generation.*``; no sample quality): what it found counts in the audit's findings
+    (:mod:`side_extract.findings`). ``keyed``: the config as the evaluations' fingerprints take it; ``parts``: the
+    calibration's fingerprint and the files the similarity reads."""
+    name = SYNTHETIC_EVALUATION
+    out = ctx.run.path / name
+    unread = cfg.at_defaults(keyed, ["quality", "quality_max_reference", "quality_k", "quality_kid_subsets",
+                                     "quality_kid_subset_size"])
+    fp = stage_fingerprint("evaluation", unread, ctx.fp["synthetic"], train.fingerprint(), *parts)
+    # derived from the synthetic set alone: made again without --force where settings changed (what it measured
+    # stays in the synthetic set), so a rerun that may replace nothing else is not refused here, after the others
+    if ctx.run.begin(name, fp, inputs={"synthetic": ctx.fp["synthetic"]}, derived=True) == "skip" \
+            and (out / "metrics.json").exists():
+        return
+    synthetic = load_shards(ctx.run.path / "synthetic")
+    report = ctx.progress("evaluate synthetic")
+    search = None if report is None else (lambda done, total: report(min(done, total - 1), total))  # (as a method's)
+    ev = evaluate(synthetic, train, c, method="synthetic", train_features=train_features_stage(ctx, train),
+                  feature_model=ctx.denoiser, device=ctx.device, progress=search)
+    out.mkdir(parents=True, exist_ok=True)
+    ev.table.write(out)
+    atomic_write_json(out / "metrics.json", ev.to_json())
+    if report is not None:
+        report(len(synthetic), len(synthetic))
+    ctx.run.complete(name, n=len(synthetic))
 
 
 @dataclasses.dataclass(frozen=True)

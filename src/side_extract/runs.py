@@ -178,6 +178,23 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
     return {m: found[m] for m in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
 
 
+SYNTHETIC_EVALUATION = "synthetic-evaluation"  # the synthetic set measured against the training set (its stage)
+
+
+def evaluated_synthetic(run: str | Path) -> Path | None:
+    """``RUN/synthetic-evaluation`` where it is finished and made from the synthetic set the run holds now, else
+    None."""
+    d = Path(run) / SYNTHETIC_EVALUATION
+    e = read_stages(run).get(SYNTHETIC_EVALUATION)
+    if e is None or not (d / "metrics.json").is_file():
+        return None
+    if e.get("status") != "complete" or remade_inputs(read_stages(run), SYNTHETIC_EVALUATION):
+        log.warning("%s: the synthetic set's evaluation left out: unfinished, or made from a synthetic set the run no "
+                    "longer holds", run)
+        return None
+    return d
+
+
 def read_stages(run: str | Path) -> dict[str, dict[str, Any]]:
     """The stage entries of run directory ``run``'s manifest, read only ({} where it has none; unlike
     :class:`RunDir`, which creates the directory)."""
@@ -484,8 +501,11 @@ class RunDir:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def begin(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None) -> Literal["skip", "resume", "fresh"]:
-        """Start ``stage``: say whether to skip it, resume it, or start it afresh (its folder cleared).
+    def begin(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
+              derived: bool = False) -> Literal["skip", "resume", "fresh"]:
+        """Start ``stage``: say whether to skip it, resume it, or start it afresh (its folder cleared). A finished
+        stage made with other settings is replaced only where the writer may replace (``--force``) or its inputs
+        grew, unless it is ``derived``: a measurement of files the run keeps, made again from them at no loss.
 
         On a process other than a launch's main one, the stage must already be complete (the main process ran
         it first): it is only read."""
@@ -503,7 +523,7 @@ class RunDir:
         else:
             kept = {}
             decision = "fresh"
-            if (entry is not None and entry.get("status") == "complete" and not self.replace
+            if (entry is not None and entry.get("status") == "complete" and not self.replace and not derived
                     and not self._inputs_grew(entry, inputs)):
                 raise StageWouldBeReplaced(
                     f"{stage} holds finished results made with other settings or inputs "

@@ -6,8 +6,9 @@ every training image within the band of some generation; and ``distinct_nearest_
 law's projection to 10x the budget, what it cost (seconds, images/s), where dedup-driven stopping ended it
 (``stopped``: after ``at`` of the ``of`` generations asked for), its sample quality, and the ratio of
 each SIDE form to the best baseline per metric (shares per generation asked for, where a method stopped early:
-:func:`per_budget`); the verdict in one sentence; and ``findings``, what every method found together and each one
-alone (:mod:`side_extract.findings`, whose ``RUN/findings.csv`` lists the training images).
+:func:`per_budget`); the verdict in one sentence; and ``findings``, what every method and the synthetic set found
+together and each one that no other did (:mod:`side_extract.findings`, whose ``RUN/findings.csv`` lists the training
+images).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .evaluation import distinct_count, generation_stats, incomparable
-from .findings import FILE, Findings, from_evaluations, write_findings
+from .findings import FILE, Findings, from_evaluations, with_synthetic, write_findings
 from .metrics import Band, closest_first
 from .runs import atomic_write_json, evaluated_methods, read_json, read_stages
 
@@ -165,7 +166,7 @@ def _summary(run: str | Path) -> tuple[dict[str, Any], Findings | None]:
     metrics = {k: read_json(d / "metrics.json", dict) for k, d in dirs.items()}
     stages = read_stages(run)
     methods = {k: method_summary(m, stages.get(f"extraction/{k}"), dirs[k]) for k, m in metrics.items()}
-    findings = from_evaluations(dirs, metrics)
+    findings = from_evaluations(*with_synthetic(run, dirs, metrics))
     other = incomparable(metrics)  # evaluated in other bands (side evaluate --out into the run): not compared
     same = {k: m for k, m in metrics.items() if k not in other}
     said = verdict(same, {k: methods[k] for k in same})

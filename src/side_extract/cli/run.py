@@ -90,6 +90,7 @@ def print_summary(metrics: dict[str, dict]) -> None:
 
 def print_findings(run: Path) -> None:
     """The verdict, and what every method evaluated in ``run`` found together (``summary.json``, ``findings.csv``)."""
+    from ..findings import SYNTHETIC
     from ..summary import audit_summary, verdict_band
 
     s = audit_summary(run)
@@ -99,14 +100,15 @@ def print_findings(run: Path) -> None:
     f = s["findings"]
     if f and len(f["methods"]) > 1:
         band = verdict_band(f["bands"])
-        made = {m: s["methods"][m]["n_generated"] for m in f["methods"]}
+        made = f["generations"]
         alone = ", ".join(f"{m} {f['only'][m][band]}" for m in f["methods"])
-        each = "" if len(set(made.values())) == 1 else " (" + ", ".join(f"{m} {n}" for m, n in made.items()) + ")"
-        console.print(f"every method together: {f['distinct_nearest_cumulative'][band]} distinct nearest training "
-                      f"images at the '{band}' band or closer in {f['generations']} generations{each} (the "
-                      f"benchmarks' count; the verdict's counts are UMS, every training image within the band of "
-                      f"some generation); found by no other method: {alone}; each one, closest first: "
-                      f"{Path(run) / f['file']}", highlight=False, soft_wrap=True)
+        each = ", ".join(f"{m} {n}" for m, n in made.items())
+        console.print(f"every method{' and the synthetic set' if SYNTHETIC in made else ''} together: "
+                      f"{f['distinct_nearest_cumulative'][band]} distinct nearest training images at the '{band}' band "
+                      f"or closer in {sum(made.values())} model samples ({each}; counted as the benchmarks count per "
+                      f"method, not as the verdict's UMS, every training image within the band of some generation); "
+                      f"found by no other: {alone}; each one, closest first: {Path(run) / f['file']}",
+                      highlight=False, soft_wrap=True)
 
 
 WAIT_HELP = "If another process is writing the run directory, wait for it instead of failing."
