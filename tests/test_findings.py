@@ -200,6 +200,13 @@ def test_side_evaluate_into_a_run_writes_its_summary_and_findings_again(tmp_path
     assert "again" in s["methods"] and s["findings"]["methods"] == ["side", "uncond", "again"]
     after = (run / "findings.csv").read_text()
     assert after != before and after.splitlines()[0].endswith("band_by_again")
+    # the report reads: it names the file where it is current, and says so where it is not (it writes nothing)
+    from side_extract.report import write_report
+
+    assert "in the run directory lists every one" in write_report(run).read_text()
+    (run / "findings.csv").unlink()
+    assert "is missing or older than these evaluations" in write_report(run).read_text()
+    assert not (run / "findings.csv").exists()
 
 
 def test_the_synthetic_set_is_measured_once_and_counts_while_it_is_the_runs(tiny_model_dir, tmp_path):

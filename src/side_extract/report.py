@@ -25,9 +25,8 @@ from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import closest_first
-from .runs import (RunDir, atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages,
-                   stale_stages)
-from .summary import audit_summary, write_summary
+from .runs import atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages, stale_stages
+from .summary import audit_summary, findings_file_current
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +338,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "comparison": _comparison(metrics) if metrics else None,
         "quality": _quality(metrics),
         "audit_summary": audit_summary(run) if metrics else None,
+        "findings_file_current": findings_file_current(run) if metrics else False,
         "top_pairs": {n: _top(t, metrics[n]["orientation"], top) for n, t in tables.items()},
         "histograms": _histograms(run, metrics, tables),
         "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},
@@ -441,13 +441,8 @@ def _template(name: str) -> str:
 
 
 def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> Path:
-    """Write ``RUN/report/report.json`` and the self-contained ``RUN/report/report.html``; returns the HTML path.
-    ``RUN/summary.json`` and ``RUN/findings.csv``, which the report shows and names, are written again first from
-    the evaluations the run holds now (one written into the run by ``side evaluate --out``, or a run of a release
-    without ``findings.csv``)."""
+    """Write ``RUN/report/report.json`` and the self-contained ``RUN/report/report.html``; returns the HTML path."""
     run = Path(run_dir)
-    if (run / "evaluation").is_dir() and (run / RunDir.MANIFEST).is_file():
-        write_summary(run)
     data = build_report(run, top=top)
     out = run / "report"
     html = render_html(data, run, image_size=image_size)  # before either file is written: never one without the other

@@ -179,6 +179,14 @@ def _summary(run: str | Path) -> tuple[dict[str, Any], Findings | None]:
             "findings": None if findings is None else findings.to_json()}, findings
 
 
+def findings_file_current(run: str | Path) -> bool:
+    """Whether ``RUN/findings.csv`` lists what the run's evaluations hold now (a reader, as the report, writes
+    nothing into the run: :func:`write_summary` does, under the run's lock, after each evaluation)."""
+    path = Path(run) / FILE
+    findings = _summary(run)[1]
+    return findings is not None and path.is_file() and path.read_text() == findings.to_csv()
+
+
 def write_summary(run: str | Path) -> Path:
     """``RUN/summary.json``, and ``RUN/findings.csv`` where the run holds an evaluation."""
     summary, findings = _summary(run)
@@ -192,4 +200,4 @@ def write_summary(run: str | Path) -> Path:
 
 
 __all__ = ["SIDE_METHODS", "BASELINES", "LABEL_FREE", "COMPARED", "audit_summary", "write_summary", "verdict",
-           "ratios_to_best_baseline", "metric_values"]
+           "findings_file_current", "ratios_to_best_baseline", "metric_values"]
