@@ -239,6 +239,14 @@ def test_the_synthetic_set_is_measured_once_and_counts_while_it_is_the_runs(tiny
     assert f.count("low", "synthetic") == len({int(i) for i, s in zip(by_hand.table.nearest_train_id,
                                                                       by_hand.table.similarity)
                                                if s < m["bands"]["low"][1]})
+    from side_extract import Audit
+
+    pairs = Audit.load(run).pairs("synthetic", top=3)  # a finding of the synthetic set can be looked at
+    syn = load_shards(run / "synthetic")
+    order = np.argsort(by_hand.table.similarity, kind="stable")[:3]  # rms-l2: the closest first
+    assert [p.generation_id for p in pairs] == [int(by_hand.table.generation_id[i]) for i in order]
+    assert all((p.generation == syn.images[list(syn.ids).index(p.generation_id)]).all() and p.method == "synthetic"
+               for p in pairs)
     stamp = (d / "metrics.json").stat().st_mtime_ns
     run_audit(run, rc)
     assert (d / "metrics.json").stat().st_mtime_ns == stamp  # reused

@@ -30,10 +30,10 @@ from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
 from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
 from .pipeline import ProgressFactory, no_progress
-from .findings import Findings, collect
+from .findings import SYNTHETIC, Findings, collect
 from .summary import audit_summary
-from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, fingerprint_of, read_json,
-                   read_stages, run_lock)
+from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, evaluated_synthetic,
+                   fingerprint_of, read_json, read_stages, run_lock)
 from .sweeps import run_with_sweeps
 
 ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -339,13 +339,21 @@ class Audit:
 
     def pairs(self, method: str, *, band: str | None = None, top: int | None = None) -> list[ExtractedPair]:
         """``method``'s generations beside their nearest training images, closest first (in ``band`` only,
-        when given; the ``top`` closest, when given)."""
+        when given; the ``top`` closest, when given). ``"synthetic"``: the synthetic set's samples, where the run
+        measured it (a source of :meth:`findings`)."""
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
             raise ValueError(f"top={top!r} must be a positive integer (or None: every pair)")
-        if method not in self.methods:
-            raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}")
-        result = self.methods[method]
-        with np.load(self.run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
+        synthetic = evaluated_synthetic(self.run) if method == SYNTHETIC and method not in self.methods else None
+        if method not in self.methods and synthetic is None:
+            raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}"
+                             + (f", {SYNTHETIC} (the synthetic set)" if evaluated_synthetic(self.run) else ""))
+        if synthetic is not None:
+            result = MethodResult.from_json(read_json(synthetic / "metrics.json", dict))
+            evaluated, made = synthetic, self.run / "synthetic"
+        else:
+            result = self.methods[method]
+            evaluated, made = self.run / "evaluation" / method, self.run / "extraction" / method
+        with np.load(evaluated / "per_generation.npz", allow_pickle=False) as z:
             gid, tidx, tid = z["generation_id"], z["nearest_train_index"], z["nearest_train_id"]
             sim, bands = z["similarity"].astype(float), z["band"].astype(str)
         order = np.argsort(-sim if result.orientation == "similarity" else sim, kind="stable")
@@ -354,7 +362,7 @@ class Audit:
                 raise ValueError(f"band={band!r} must be one of {', '.join(result.bands)}")
             order = order[bands[order] == band]
         order = order[:top] if top is not None else order
-        gen = load_shards(self.run / "extraction" / method)
+        gen = load_shards(made)
         row_of = {int(i): r for r, i in enumerate(gen.ids)}
         train = load_image_set(self.config.train, self.config.train_resize)
         return [ExtractedPair(method, int(gid[i]), int(tid[i]), float(sim[i]), str(bands[i]),

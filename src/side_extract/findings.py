@@ -46,7 +46,7 @@ class Finding:
     band: str  # the closest band a sample reached on it
     similarity: float  # the best score of a sample on it (by the run's similarity; a distance for rms-l2)
     method: str  # the source of the sample with that score (the first in the run's order on a tie): a method, or
-    # ``synthetic``, whose generation_id is then the sample's index in RUN/synthetic (Audit.pairs takes methods)
+    # ``synthetic``, whose generation_id is then the sample's index in RUN/synthetic (Audit.pairs takes both)
     generation_id: int
     by_method: dict[str, str]  # source -> the closest band its samples reached on it (the sources that did)
     generations: int  # samples of every source whose nearest training image it is, at a band or closer
