@@ -343,10 +343,10 @@ class Audit:
         measured it (a source of :meth:`findings`)."""
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
             raise ValueError(f"top={top!r} must be a positive integer (or None: every pair)")
-        synthetic = evaluated_synthetic(self.run) if method == SYNTHETIC and method not in self.methods else None
-        if method not in self.methods and synthetic is None:
+        synthetic = evaluated_synthetic(self.run) if method not in self.methods else None
+        if method not in self.methods and (method != SYNTHETIC or synthetic is None):
             raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}"
-                             + (f", {SYNTHETIC} (the synthetic set)" if evaluated_synthetic(self.run) else ""))
+                             + (f", {SYNTHETIC} (the synthetic set)" if synthetic else ""))
         if synthetic is not None:
             result = MethodResult.from_json(read_json(synthetic / "metrics.json", dict))
             evaluated, made = synthetic, self.run / "synthetic"

@@ -28,7 +28,7 @@ import torch
 from . import config as cfg
 from .data import ImageSet, labelled_classes, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
-from .evaluation import calibrate, digits_complement, evaluate
+from .evaluation import Evaluation, calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
@@ -378,10 +378,10 @@ def calibrates_bands(c: cfg.EvaluateConfig) -> bool:
 
 
 # what the calibration (the null of best scores and the bands from it) does not read: the metrics' own settings
+QUALITY_KEYS = ("quality", "quality_max_reference", "quality_k", "quality_kid_subsets", "quality_kid_subset_size")
 CALIBRATION_IGNORES = ("resize", "carlini_alpha", "carlini_n", "carlini_centering", "gu_threshold", "ng_repeats",
                        "detect_threshold", "detect_min_size", "detect_grid", "detect_mode", "extraction_threshold",
-                       "seed", "quality", "quality_max_reference", "quality_k", "quality_kid_subsets",
-                       "quality_kid_subset_size")
+                       "seed", *QUALITY_KEYS)
 
 
 def calibration_settings(c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
@@ -493,20 +493,30 @@ def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: 
                     reference: ImageSet | None, train_features: np.ndarray | None) -> None:
     """Compute one method's evaluation into ``RUN/evaluation/<method>/`` (``metrics.json`` written last, with
     the sample quality and the copy guard); ``train_features`` from :func:`train_features_stage`."""
-    out = ctx.run.path / "evaluation" / method
-    report = ctx.progress(f"evaluate {method}")
-    # the nearest-neighbour pass counts the generations; it stops one short, and the quality metrics and the copy
-    # guard end the stage (--no-progress said "done in 0 s" at the search's end, before most of the work)
+    def more(ev: Evaluation) -> dict[str, Any]:
+        out: dict[str, Any] = {"quality": quality_of(ctx, generated, reference)}
+        if _synthetic_fingerprint(ctx):  # every method: side-lora's reference
+            out["copy_guard"] = copy_guard(generated, load_shards(ctx.run.path / "synthetic"),
+                                           np.asarray(ev.table.pixel_distance, dtype=float))
+        return out
+
+    measure_into(ctx, method, generated, train, c, train_features, ctx.run.path / "evaluation" / method, more)
+
+
+def measure_into(ctx: AuditContext, name: str, generated: ImageSet, train: ImageSet, c: cfg.EvaluateConfig,
+                 train_features: np.ndarray | None, out: Path,
+                 more: Callable[[Evaluation], dict[str, Any]] | None = None) -> None:
+    """``generated`` measured against the training set into ``out`` (``per_generation.*``, then ``metrics.json``,
+    written last and once, with what ``more`` adds to it), reported as stage ``evaluate <name>``."""
+    report = ctx.progress(f"evaluate {name}")
+    # the nearest-neighbour pass counts the generations; it stops one short, and what follows (``more``: quality
+    # metrics, the copy guard) ends the stage (--no-progress said "done in 0 s" at the search's end, before them)
     search = None if report is None else (lambda done, total: report(min(done, total - 1), total))
-    ev = evaluate(generated, train, c, method=method, train_features=train_features,
+    ev = evaluate(generated, train, c, method=name, train_features=train_features,
                   feature_model=ctx.denoiser, device=ctx.device, progress=search)
     out.mkdir(parents=True, exist_ok=True)
     ev.table.write(out)
-    metrics = ev.to_json()
-    metrics["quality"] = quality_of(ctx, generated, reference)
-    if _synthetic_fingerprint(ctx):  # every method: side-lora's reference
-        metrics["copy_guard"] = copy_guard(generated, load_shards(ctx.run.path / "synthetic"),
-                                           np.asarray(ev.table.pixel_distance, dtype=float))
+    metrics = ev.to_json() | ({} if more is None else more(ev))
     atomic_write_json(out / "metrics.json", metrics)  # once, whole: a reader never sees it without quality
     if report is not None:
         report(len(generated), len(generated))
@@ -571,8 +581,7 @@ def synthetic_evaluation_stage(ctx: AuditContext, train: ImageSet, c: cfg.Evalua
     calibration's fingerprint and the files the similarity reads."""
     name = SYNTHETIC_EVALUATION
     out = ctx.run.path / name
-    unread = cfg.at_defaults(keyed, ["quality", "quality_max_reference", "quality_k", "quality_kid_subsets",
-                                     "quality_kid_subset_size"])
+    unread = cfg.at_defaults(keyed, QUALITY_KEYS)
     fp = stage_fingerprint("evaluation", unread, ctx.fp["synthetic"], train.fingerprint(), *parts)
     # derived from the synthetic set alone: made again without --force where settings changed (what it measured
     # stays in the synthetic set), so a rerun that may replace nothing else is not refused here, after the others
@@ -580,15 +589,7 @@ def synthetic_evaluation_stage(ctx: AuditContext, train: ImageSet, c: cfg.Evalua
             and (out / "metrics.json").exists():
         return
     synthetic = load_shards(ctx.run.path / "synthetic")
-    report = ctx.progress("evaluate synthetic")
-    search = None if report is None else (lambda done, total: report(min(done, total - 1), total))  # (as a method's)
-    ev = evaluate(synthetic, train, c, method="synthetic", train_features=train_features_stage(ctx, train),
-                  feature_model=ctx.denoiser, device=ctx.device, progress=search)
-    out.mkdir(parents=True, exist_ok=True)
-    ev.table.write(out)
-    atomic_write_json(out / "metrics.json", ev.to_json())
-    if report is not None:
-        report(len(synthetic), len(synthetic))
+    measure_into(ctx, "synthetic", synthetic, train, c, train_features_stage(ctx, train), out)
     ctx.run.complete(name, n=len(synthetic))
 
 

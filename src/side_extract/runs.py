@@ -185,10 +185,11 @@ def evaluated_synthetic(run: str | Path) -> Path | None:
     """``RUN/synthetic-evaluation`` where it is finished and made from the synthetic set the run holds now, else
     None."""
     d = Path(run) / SYNTHETIC_EVALUATION
-    e = read_stages(run).get(SYNTHETIC_EVALUATION)
+    stages = read_stages(run)
+    e = stages.get(SYNTHETIC_EVALUATION)
     if e is None or not (d / "metrics.json").is_file():
         return None
-    if e.get("status") != "complete" or remade_inputs(read_stages(run), SYNTHETIC_EVALUATION):
+    if e.get("status") != "complete" or remade_inputs(stages, SYNTHETIC_EVALUATION):
         log.warning("%s: the synthetic set's evaluation left out: unfinished, or made from a synthetic set the run no "
                     "longer holds", run)
         return None
