@@ -26,7 +26,7 @@ from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import closest_first
 from .runs import atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages, stale_stages
-from .summary import audit_summary, findings_file_current
+from .summary import findings_file_current, summary_and_findings
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     keep = ("n_generated", "n_train", "similarity", "orientation", "bands", "bands_source", "band_rule", "ams", "ums",
             "ams_cumulative", "ums_cumulative", "p95", "p95_quantile", "carlini", "gu", "fingerprints", "sources",
             "quality")
+    summary = summary_and_findings(run) if metrics else None  # (computed once: the report shows both)
     data: dict[str, Any] = {
         "schema": SCHEMA, "run": str(run.resolve()), "top": top,
         "summary": {"model": config.get("model"), "train": config.get("train"),
@@ -337,8 +338,8 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "methods": {n: {k: m.get(k) for k in keep} for n, m in metrics.items()},
         "comparison": _comparison(metrics) if metrics else None,
         "quality": _quality(metrics),
-        "audit_summary": audit_summary(run) if metrics else None,
-        "findings_file_current": findings_file_current(run) if metrics else False,
+        "audit_summary": summary[0] if summary else None,
+        "findings_file_current": bool(summary) and findings_file_current(run, summary[1]),
         "top_pairs": {n: _top(t, metrics[n]["orientation"], top) for n, t in tables.items()},
         "histograms": _histograms(run, metrics, tables),
         "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},

@@ -157,10 +157,11 @@ def per_budget(metrics: dict[str, Any], n_asked: int) -> dict[str, Any]:
 
 def audit_summary(run: str | Path) -> dict[str, Any]:
     """The summary of a run directory's evaluated methods."""
-    return _summary(run)[0]
+    return summary_and_findings(run)[0]
 
 
-def _summary(run: str | Path) -> tuple[dict[str, Any], Findings | None]:
+def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | None]:
+    """:func:`audit_summary` and the :class:`~side_extract.findings.Findings` its ``findings`` block is made from."""
     run = Path(run)
     dirs = evaluated_methods(run)
     metrics = {k: read_json(d / "metrics.json", dict) for k, d in dirs.items()}
@@ -179,17 +180,16 @@ def _summary(run: str | Path) -> tuple[dict[str, Any], Findings | None]:
             "findings": None if findings is None else findings.to_json()}, findings
 
 
-def findings_file_current(run: str | Path) -> bool:
-    """Whether ``RUN/findings.csv`` lists what the run's evaluations hold now (a reader, as the report, writes
-    nothing into the run: :func:`write_summary` does, under the run's lock, after each evaluation)."""
+def findings_file_current(run: str | Path, findings: Findings | None) -> bool:
+    """Whether ``RUN/findings.csv`` lists ``findings``, what the run's evaluations hold now (a reader, as the report,
+    writes nothing into the run: :func:`write_summary` does, under the run's lock, after each evaluation)."""
     path = Path(run) / FILE
-    findings = _summary(run)[1]
     return findings is not None and path.is_file() and path.read_text() == findings.to_csv()
 
 
 def write_summary(run: str | Path) -> Path:
     """``RUN/summary.json``, and ``RUN/findings.csv`` where the run holds an evaluation."""
-    summary, findings = _summary(run)
+    summary, findings = summary_and_findings(run)
     path = Path(run) / "summary.json"
     atomic_write_json(path, summary)
     if findings is not None:
@@ -200,4 +200,4 @@ def write_summary(run: str | Path) -> Path:
 
 
 __all__ = ["SIDE_METHODS", "BASELINES", "LABEL_FREE", "COMPARED", "audit_summary", "write_summary", "verdict",
-           "findings_file_current", "ratios_to_best_baseline", "metric_values"]
+           "summary_and_findings", "findings_file_current", "ratios_to_best_baseline", "metric_values"]
