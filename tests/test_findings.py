@@ -213,6 +213,28 @@ def test_side_evaluate_into_a_run_writes_its_summary_and_findings_again(tmp_path
     assert not (run / "findings.csv").exists()
 
 
+def test_side_evaluate_refuses_to_write_into_a_folder_of_the_runs_own_stages(tmp_path):
+    """``side evaluate --out RUN/evaluation/side`` replaced the run's own evaluation of side while its manifest entry
+    still vouched for it (a rerun kept it; with other bands it made every other method "not compared"). Refused now,
+    before the sets load, naming the stage; the run's files stay as they were."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    from test_report import TRAIN, make_run
+
+    run = make_run(tmp_path / "run", sweeps=False)
+    write_summary(run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for out, stage in ((run / "evaluation" / "side", "evaluation/side"), (run / "calibration", "calibration"),
+                       (run / "evaluation" / "uncond" / "x", "evaluation/uncond")):
+        r = CliRunner().invoke(app, ["evaluate", "--generated", str(run / "extraction" / "side"), "--train", TRAIN,
+                                     "--out", str(out), "--carlini-n", "10", "--bands", "high=0.9:1"])
+        assert r.exit_code != 0 and f"own stage '{stage}'" in " ".join(r.output.split()), r.output
+        assert "Traceback" not in r.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_the_synthetic_set_is_measured_once_and_counts_while_it_is_the_runs(tiny_model_dir, tmp_path):
     """A run measures its synthetic set like a method's generations (RUN/synthetic-evaluation, in the run's bands)
     and the findings count it last, as ``synthetic``; a rerun reuses it; a synthetic set drawn again without it

@@ -373,6 +373,18 @@ def enclosing_run(path: str | Path) -> Path | None:
     return None
 
 
+def stage_holding(run: str | Path, path: str | Path) -> str | None:
+    """The stage of run directory ``run``'s manifest whose folder (``RUN/<stage>``) is ``path`` or holds it (None:
+    no stage's): a folder a command outside the pipeline must not write into, as its manifest entry would then
+    vouch for files the stage did not make (``side evaluate --out RUN/evaluation/side`` replacing the run's own
+    evaluation of side)."""
+    run, path = Path(run).resolve(), Path(path).resolve()
+    for stage in read_stages(run):
+        if path == run / stage or (run / stage) in path.parents:
+            return stage
+    return None
+
+
 def check_unlocked(path: str | Path) -> None:
     """Raise :class:`RunLocked` at once when another process holds run directory ``path``'s lock: a probe
     before the slow work that precedes :func:`run_lock` (loading the model, checking the config), which still

@@ -93,12 +93,17 @@ def evaluate_cmd(
     from ..data import load_image_set
     from ..evaluation import evaluate
     from ..metrics import parse_bands
-    from ..runs import check_unlocked, enclosing_run, run_lock
+    from ..runs import check_unlocked, enclosing_run, run_lock, stage_holding
 
     if c.bands is not None:
         parse_bands(c.bands)  # a typo fails before the sets load
     run = enclosing_run(out)  # writing into a run directory: as one of its writers, under its lock
     if run is not None:
+        if (stage := stage_holding(run, out)) is not None:
+            other = run / "evaluation" / (Path(out).name + "-own")
+            raise ValueError(f"--out {str(out)!r} is the folder of the run's own stage {stage!r} (its manifest vouches "
+                             f"for what the run made there): write to a new name, e.g. --out {other}, or rerun the "
+                             "stage with `side extract` / `side run`")
         check_unlocked(run)  # another writer: said at once, before the sets load
     gen = load_image_set(generated, c.resize)
     tr = load_image_set(train, c.resize)
