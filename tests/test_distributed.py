@@ -102,6 +102,11 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
                                   load_shards(tmp_path / "one" / "synthetic").images)
     entry = read_json(tmp_path / "two" / "manifest.json")["stages"]["synthetic"]
     assert entry["processes"] == 2 and entry["shards_written_now"] == 1  # each process wrote one missing shard
+    # side extract on a finished run: the table and the findings said once, by the main process (not once each)
+    proc = _run(["--threads", "1", "--no-progress", "extract", "--run", str(tmp_path / "two")], 2)
+    said = proc.stdout + proc.stderr
+    assert said.count("memorization (") == 1 and said.count("together:") == 1 and said.count("extractions in") == 1, \
+        said[-3000:]
 
 
 def test_rounds_are_written_in_parallel_and_equal_one_process(tiny_model_dir, tmp_path):

@@ -241,8 +241,10 @@ def extract_cmd(
     with stage_progress(ctx) as factory:
         res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory,
                         wait=wait, replace=force)
+    if not ProcessGroup.from_env().main:
+        return  # in a launch of several processes the main one sums up, once
     print_summary(res.metrics)
-    if res.metrics and ProcessGroup.from_env().main:  # (once in a launch of several processes)
+    if res.metrics:
         print_findings(run)
     console.print(f"extractions in {run / 'extraction'}")
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
