@@ -11,24 +11,22 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
-import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import config as cfg
 from .data import ImageSet, load_image_set, load_shards
 from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
-from .models.target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
+from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fingerprint, probe_fingerprint,
+                           run_target)
 from .pipeline import ProgressFactory, no_progress
 from .findings import SYNTHETIC, Findings, collect
 from .summary import audit_summary
@@ -36,131 +34,12 @@ from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated
                    fingerprint_of, read_json, read_stages, run_lock)
 from .sweeps import run_with_sweeps
 
-ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["Audit", "ExtractedPair", "MethodResult", "ModelLike", "Verification", "as_image_set", "as_target", "audit",
+           "identity_fingerprint", "module_fingerprint", "probe_fingerprint", "run_target"]
 
 
 # --------------------------------------------------------------------------------------------------
-# models and data from memory
-
-
-def _config_blob(obj: Any) -> bytes:
-    return json.dumps({k: v for k, v in dict(obj.config).items() if not k.startswith("_")}, sort_keys=True,
-                      default=str).encode()
-
-
-def module_fingerprint(unet: torch.nn.Module, scheduler: SchedulerMixin) -> str:
-    """sha256 over a model's config, its weights and its scheduler's config."""
-    h = hashlib.sha256()
-    if hasattr(unet, "config"):
-        h.update(_config_blob(unet))
-    for name, t in sorted(unet.state_dict().items()):
-        h.update(name.encode())
-        t = t.detach().cpu().contiguous()
-        # numpy has no bfloat16: its bytes as int16 (a bf16 model's own fingerprint, not its float32 copy's)
-        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
-    h.update(_config_blob(scheduler))
-    return h.hexdigest()
-
-
-def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
-                      scheduler: SchedulerMixin, device: str = "cpu") -> str:
-    """sha256 of what a callable computes: its outputs on fixed seeded inputs at three timesteps, with its
-    scheduler's config (a callable has no weights to hash)."""
-    g = torch.Generator().manual_seed(20241002)
-    x = torch.randn((2, *sample_shape), generator=g).to(device)
-    h = hashlib.sha256(_config_blob(scheduler))
-    n_t = int(scheduler.config.num_train_timesteps)
-    with torch.no_grad():
-        for t in (1, n_t // 2, n_t - 1):
-            eps = fn(x, torch.tensor(t, device=device))
-            if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
-                raise ValueError(f"model: the callable must return eps shaped like its input {tuple(x.shape)}; it "
-                                 f"returned {tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__}")
-            h.update(eps.float().cpu().numpy().round(5).tobytes())
-    return h.hexdigest()
-
-
-def identity_fingerprint(model_id: str, sample_shape: Sequence[int], scheduler: SchedulerMixin) -> str:
-    """sha256 of a callable's identity as its user names it (``model_id``), its sample shape and its scheduler's
-    config: what keys a callable's stages when ``model_id`` is given instead of its outputs on probe inputs."""
-    h = hashlib.sha256(b"side-extract/model-id/1\0" + model_id.encode() + b"\0")
-    h.update(json.dumps([int(v) for v in sample_shape]).encode())
-    h.update(_config_blob(scheduler))
-    return h.hexdigest()
-
-
-def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
-              sample_shape: Sequence[int] | None = None, device: str = "cpu", model_id: str | None = None) -> Target:
-    """The :class:`~side_extract.models.target.Target` of any model form ``audit`` accepts (see the module docstring).
-
-    A ``UNet2DModel`` is moved to ``device`` in place. A callable needs ``scheduler`` and ``sample_shape``
-    (C, H, W); it is identified by its outputs on fixed probe inputs (:func:`probe_fingerprint`), rounded to 5
-    decimals, which another device, thread count or library version can move by a rounding step: the run would
-    then no longer know it as its target, and every stage would be made again. ``model_id`` (a callable only)
-    names the model instead, e.g. its checkpoint's sha256: the stages are keyed on it, the scheduler's config and
-    the sample shape, so it must change whenever the weights do. The callable is still probed once for its
-    output's shape.
-    """
-    if model_id is not None:
-        if not isinstance(model_id, str) or not model_id.strip():
-            raise ValueError(f"model_id={model_id!r} must be a non-empty string naming the model's weights (e.g. "
-                             "their checkpoint's sha256)")
-        if isinstance(model, (str, Path, DiffusionPipeline, UNet2DModel)) or not callable(model):
-            raise ValueError(f"model_id={model_id!r} is for a callable eps(x, t); a {type(model).__name__} is "
-                             "identified by its own weights and config")
-    if isinstance(model, (str, Path)):
-        return Target(load_target(model, device), model_fingerprint(model), str(model))
-    if isinstance(model, DiffusionPipeline):
-        unet, sched = getattr(model, "unet", None), scheduler or getattr(model, "scheduler", None)
-        if not isinstance(unet, UNet2DModel) or sched is None:
-            raise ValueError(f"model: a {type(model).__name__} must have a UNet2DModel 'unet' and a 'scheduler' "
-                             "(DDPMPipeline or DDIMPipeline)")
-        model, scheduler = unet, sched
-    if isinstance(model, UNet2DModel):
-        if scheduler is None:
-            raise ValueError("model: a UNet2DModel needs the scheduler it was trained with (scheduler=...)")
-        fp = module_fingerprint(model, scheduler)
-        return Target(UNetDenoiser(model, scheduler, source="in-memory").to(device), fp, f"in-memory UNet2DModel {fp[:12]}")
-    if callable(model):
-        if scheduler is None or sample_shape is None:
-            raise ValueError("model: a callable eps(x, t) needs scheduler=... and sample_shape=(C, H, W)")
-        shape = tuple(int(v) for v in sample_shape)
-        if len(shape) != 3:
-            raise ValueError(f"sample_shape={sample_shape} must be (C, H, W)")
-        denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses a scheduler of another prediction type)
-        fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
-        name = getattr(model, "__name__", "eps")
-        if model_id is not None:
-            fp = identity_fingerprint(model_id, shape, scheduler)
-            return Target(denoiser, fp, f"callable {name} model_id={model_id} {fp[:12]}")
-        return Target(denoiser, fp, f"callable {name} {fp[:12]}")
-    raise ValueError(f"model of type {type(model).__name__} is not supported: pass a diffusers directory, a "
-                     "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
-
-
-def run_target(run_model: str, recorded: str | None, model: ModelLike | None = None, *,
-               scheduler: SchedulerMixin | None = None, sample_shape: Sequence[int] | None = None, device: str = "cpu",
-               model_id: str | None = None, pass_as: str = "model=") -> Target:
-    """The target a run was made from, to make or measure something of the run again: ``model`` when given (any form
-    :func:`audit` takes, with ``model_id`` if the audit had one), else the run config's ``run_model`` from disk;
-    refused where its fingerprint is not ``recorded``, the one the run's manifest holds (None: not checked).
-    ``pass_as``: how the caller takes a model, for the error of a run whose target is not on disk."""
-    if model is None:
-        if not resolve_model_path(run_model).exists():
-            raise ValueError(f"the run's target {run_model!r} is not a model on disk: pass it as {pass_as}")
-        model = run_model
-    target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
-    if recorded is not None and recorded != target.fingerprint:
-        hint = ""
-        if "model_id=" in run_model and model_id is None:
-            hint = f"; the run knows its target by the model_id it was given ({run_model}): pass the same model_id="
-        elif model_id is None and callable(model) and not isinstance(model, (str, Path, UNet2DModel,
-                                                                             DiffusionPipeline)):
-            hint = ("; a callable is known by its outputs on probe inputs, which another device or thread count "
-                    "can move by a rounding step (audit with model_id= to key a run on a name instead)")
-        raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
-                         f"({recorded[:16]}, manifest.json){hint}")
-    return target
+# data from memory (models: models/forms.py)
 
 
 def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray | None = None,

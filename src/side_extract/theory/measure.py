@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.forms import run_target
 from ..models.target import Denoiser
 from .divergence import Estimate, as_points, log_q_eps, stratified_indices
 from .likelihood import TraceKind, guided_eps_fn, ode_timesteps, pf_ode_log_likelihood, sigmas
@@ -307,8 +308,6 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
     if not clf_dir.is_dir():
         raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
                          "(the classifier stage writes RUN/classifier/)")
-    from ..api import run_target  # (the API's reading of every model form audit() takes, checked against the run)
-
     # the synthetic set's model: the one the classifier's training data came from
     target = run_target(str(rc.get("model", "demo")), (read_stages(run).get("synthetic") or {}).get("inputs", {})
                         .get("model"), model, scheduler=scheduler, sample_shape=sample_shape, device=device,
