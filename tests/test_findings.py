@@ -226,13 +226,19 @@ def test_side_evaluate_refuses_to_write_into_a_folder_of_the_runs_own_stages(tmp
     run = make_run(tmp_path / "run", sweeps=False)
     write_summary(run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    for out, stage in ((run / "evaluation" / "side", "evaluation/side"), (run / "calibration", "calibration"),
+    for out, stage in ((run / "evaluation" / "side", "evaluation/side"), (run / "evaluation", "calibration"),
                        (run / "evaluation" / "uncond" / "x", "evaluation/uncond")):
         r = CliRunner().invoke(app, ["evaluate", "--generated", str(run / "extraction" / "side"), "--train", TRAIN,
                                      "--out", str(out), "--carlini-n", "10", "--bands", "high=0.9:1"])
         assert r.exit_code != 0 and f"own stage '{stage}'" in " ".join(r.output.split()), r.output
         assert "Traceback" not in r.output
+    # side calibrate into RUN/evaluation replaced the run's bands.json and null.npz (its calibration stage's files)
+    r = CliRunner().invoke(app, ["calibrate", "--train", TRAIN, "--out", str(run / "evaluation"),
+                                 "--calibration-quantiles", "0.1,0.2,0.3"])
+    assert r.exit_code != 0 and "own stage 'calibration'" in " ".join(r.output.split()), r.output
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    r = CliRunner().invoke(app, ["calibrate", "--train", TRAIN, "--out", str(run / "evaluation" / "mine")])
+    assert r.exit_code == 0 and (run / "evaluation" / "mine" / "bands.json").is_file(), r.output  # a new folder: yes
 
 
 def test_the_synthetic_set_is_measured_once_and_counts_while_it_is_the_runs(tiny_model_dir, tmp_path):

@@ -380,7 +380,10 @@ def stage_holding(run: str | Path, path: str | Path) -> str | None:
     evaluation of side)."""
     run, path = Path(run).resolve(), Path(path).resolve()
     for stage in read_stages(run):
-        if path == run / stage or (run / stage) in path.parents:
+        if stage == "calibration":  # its files (bands.json, null.npz) lie in RUN/evaluation, beside the methods'
+            if path == run / "evaluation":
+                return stage
+        elif path == run / stage or (run / stage) in path.parents:
             return stage
     return None
 

@@ -1,13 +1,14 @@
 """``side calibrate``: the null distribution of best scores and band edges proposed from it -> DIR/bands.json."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 
 from .. import config as cfg
 from .common import cli_errors, console, progress_bar
-from .evaluate import evaluate_config, load_feature_model
+from .evaluate import evaluate_config, load_feature_model, run_written_into
 
 D = cfg.EvaluateConfig()
 
@@ -39,7 +40,9 @@ def calibrate_cmd(
     from ..data import ImageSet, load_image_set
     from ..data import resize as resize_images
     from ..evaluation import calibrate, digits_complement
+    from ..runs import run_lock
 
+    run = run_written_into(out)  # (RUN/evaluation itself holds the run's own calibration: refused)
     tr = load_image_set(train, c.resize)
     if c.heldout is not None:  # --heldout, else the config file's heldout
         ho = load_image_set(c.heldout, c.resize)
@@ -54,7 +57,8 @@ def calibrate_cmd(
     feature_model = load_feature_model(model, device)
     with progress_bar(ctx, "calibrate") as cb:
         result = calibrate(tr, ho, c, feature_model=feature_model, device=device, progress=cb)
-    path = result.write(out)
+    with run_lock(run) if run is not None else contextlib.nullcontext():
+        path = result.write(out)
     edges = ", ".join(f"{b.name} [{b.lo:.4g}, {b.hi:.4g})" for b in result.bands)
     console.print(f"bands from the {result.null_source} null: {edges}")
     console.print(f"wrote {path}")

@@ -47,6 +47,23 @@ def default_method(generated: str) -> str:
     return p.name if p.parent.name == "extraction" else ""
 
 
+def run_written_into(out: Path) -> Path | None:
+    """The run directory ``out`` lies in, if any (the command writes there as one of its writers, under its lock),
+    checked before the sets load: ``out`` may not be the folder of one of the run's own stages (its manifest vouches
+    for what the run made there), and no other process may be writing the run."""
+    from ..runs import check_unlocked, enclosing_run, stage_holding
+
+    run = enclosing_run(out)
+    if run is not None:
+        if (stage := stage_holding(run, out)) is not None:
+            other = run / "evaluation" / (Path(out).name + "-own")
+            raise ValueError(f"--out {str(out)!r} is the folder of the run's own stage {stage!r} (its manifest vouches "
+                             f"for what the run made there): write to a new name, e.g. --out {other}, or rerun the "
+                             "stage with `side extract` / `side run`")
+        check_unlocked(run)  # another writer: said at once
+    return run
+
+
 @cli_errors
 def evaluate_cmd(
     ctx: typer.Context,
@@ -93,18 +110,11 @@ def evaluate_cmd(
     from ..data import load_image_set
     from ..evaluation import evaluate
     from ..metrics import parse_bands
-    from ..runs import check_unlocked, enclosing_run, run_lock, stage_holding
+    from ..runs import run_lock
 
     if c.bands is not None:
         parse_bands(c.bands)  # a typo fails before the sets load
-    run = enclosing_run(out)  # writing into a run directory: as one of its writers, under its lock
-    if run is not None:
-        if (stage := stage_holding(run, out)) is not None:
-            other = run / "evaluation" / (Path(out).name + "-own")
-            raise ValueError(f"--out {str(out)!r} is the folder of the run's own stage {stage!r} (its manifest vouches "
-                             f"for what the run made there): write to a new name, e.g. --out {other}, or rerun the "
-                             "stage with `side extract` / `side run`")
-        check_unlocked(run)  # another writer: said at once, before the sets load
+    run = run_written_into(out)
     gen = load_image_set(generated, c.resize)
     tr = load_image_set(train, c.resize)
     feature_model = load_feature_model(model, device)
