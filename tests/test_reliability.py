@@ -586,3 +586,77 @@ def test_stale_stages_follow_the_recorded_inputs_through_the_chain():
     assert stale_stages(stages) == {"features": ["synthetic"], "surrogate": ["synthetic"], "classifier": ["synthetic"],
                                     "extraction/side": ["synthetic"], "evaluation/side": ["synthetic"],
                                     "evaluation/uncond": ["extraction/uncond"], "evaluation/cond": ["extraction/cond"]}
+
+
+def _started(run):
+    return {k: v["started_unix"] for k, v in read_json(run / "manifest.json")["stages"].items()}
+
+
+def test_a_call_of_baselines_alone_reuses_the_runs_results(tiny_model_dir, tmp_path, one_thread):
+    """``side extract --method uncond`` on a finished, unchanged run: nothing is made again and nothing refused
+    (before: the evaluation's key lost the synthetic set the run holds, so it was refused, or redone under --force
+    without its copy guard); extraction/summary.json still lists every method the run holds."""
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run = tmp_path / "run"
+    guard = run_audit(run, rc).metrics["uncond"]["copy_guard"]
+    before = _started(run)
+    alone = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("uncond",)))
+    res = run_audit(run, alone, replace=False)
+    assert _started(run) == before and res.metrics["uncond"]["copy_guard"] == guard
+    assert set(read_json(run / "extraction" / "summary.json")) == {"side", "uncond"}
+    run_audit(run, alone)  # may replace: still nothing to replace
+    assert _started(run) == before
+
+
+def test_a_refused_growth_leaves_every_method_as_it_was(tiny_model_dir, tmp_path, one_thread):
+    """N_G raised where one method can grow (UnCond) and one cannot (memguide in rounds, with avoidance): refused
+    before either is touched (before: UnCond grew, then memguide was refused, config.yaml went back to the old N_G
+    and the plain rerun the warning named was refused in turn)."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond", "memguide"), memguide_avoid=0.5, rounds=2, n=4)
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    grown = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=6))
+    with pytest.raises(StageWouldBeReplaced, match="extraction/memguide") as e:
+        run_audit(run, grown, replace=False)
+    assert "extraction/uncond" not in str(e.value)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
+    run_audit(run, rc, replace=False)  # the run as it was: nothing refused
+    res = run_audit(run, grown)  # allowed to replace: uncond grows, memguide is made again
+    assert {m: s["n_generated"] for m, s in res.metrics.items()} == {"uncond": 6, "memguide": 6}
+
+
+def test_a_deleted_per_generation_table_is_made_again(tiny_model_dir, tmp_path, one_thread):
+    """A finished evaluation whose per_generation.npz was deleted (or the synthetic set's) is made again, as every
+    stage whose files were deleted (before: skipped; the findings then left the method out without an error)."""
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    tables = [run / "evaluation" / "side" / "per_generation.npz", run / "synthetic-evaluation" / "per_generation.npz"]
+    want = [p.read_bytes() for p in tables]
+    summary = (run / "summary.json").read_bytes()
+    for p in tables:
+        p.unlink()
+    run_audit(run, rc, replace=False)
+    assert [p.read_bytes() for p in tables] == want and (run / "summary.json").read_bytes() == summary
+
+
+def test_new_generations_without_their_evaluation_leave_no_summary_of_the_old_ones(tiny_model_dir, tmp_path,
+                                                                                    one_thread):
+    """``side extract --n 20 --no-evaluate``: summary.json and findings.csv described the old generations as the
+    run's results; the summary now says no evaluation is current, the list is gone, and the report names the
+    evaluations it left out (before: "no evaluation/<method>/metrics.json", beside files that exist)."""
+    from side_extract.report import build_report
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    assert read_json(run / "summary.json")["methods"]
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=8)), until="extraction")
+    s = read_json(run / "summary.json")
+    assert s["methods"] == {} and s["findings"] is None and not (run / "findings.csv").exists()
+    assert read_json(run / "extraction" / "summary.json")["uncond"]["n"] == 8
+    notes = build_report(run)["notes"]
+    assert any("evaluation of uncond left out" in n for n in notes) and not any("no evaluation/" in n for n in notes)

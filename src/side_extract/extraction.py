@@ -30,7 +30,7 @@ from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .memorization import MemorizationGuidance
 from .models.target import Denoiser
-from .runs import MODEL_INPUT, Progress, RunDir, shard_ranges, shard_stage
+from .runs import MODEL_INPUT, Progress, RunDir, grows_from, shard_ranges, shard_stage
 from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample_batches
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,25 @@ def extract(
     return {"images": to_uint8(x), "index": idx, "labels": labels, "batch": batch}
 
 
+def _inputs(model_fingerprint: str | None, upstream: dict[str, str] | None) -> dict[str, str]:
+    """An extraction's inputs as its manifest entry records them: the target and the stage its guidance comes from."""
+    return ({} if model_fingerprint is None else {MODEL_INPUT: model_fingerprint}) | (upstream or {})
+
+
+def planned_extraction(run: RunDir, method: str, denoiser: Denoiser, c: cfg.ExtractConfig,
+                       guidance: ClassifierGuidance | MemorizationGuidance | None, fingerprint: str, *,
+                       model_fingerprint: str | None = None, upstream: dict[str, str] | None = None,
+                       fingerprint_at: Callable[[int], str] | None = None) -> dict[str, tuple[str, dict[str, str]]]:
+    """What :func:`extraction_stage` with these arguments would begin (stage -> fingerprint and inputs, for
+    :meth:`~side_extract.runs.RunDir.refuse_before`); empty where it grows a finished stage (never refused)."""
+    stage = f"extraction/{method}"
+    rounds = in_rounds(c, guidance, denoiser)
+    if grows_from(run.stage_entry(stage), fingerprint, c.n, None if rounds else fingerprint_at,
+                  round_size(c) if rounds else None) is not None:
+        return {}
+    return {stage: (fingerprint, _inputs(model_fingerprint, upstream))}
+
+
 def extraction_stage(
     run: RunDir,
     method: str,
@@ -223,7 +242,7 @@ def extraction_stage(
         log.info("%s: %d generations, unseen mass %.3f%s", method, end, u, " (stopping)" if stops else "")
         return {"unseen_mass": round(u, 6), "stop_unseen": c.stop_unseen} if stops else None
 
-    inputs = ({} if model_fingerprint is None else {MODEL_INPUT: model_fingerprint}) | (upstream or {})
+    inputs = _inputs(model_fingerprint, upstream)
     try:
         return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress, inputs=inputs or None,
                            round_size=round_size(c) if rounds else None, stop=stop if c.stop_unseen > 0 else None,

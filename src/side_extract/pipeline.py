@@ -30,7 +30,7 @@ from .data import ImageSet, labelled_classes, load_image_set, load_shards, resiz
 from .distributed import ProcessGroup
 from .evaluation import Evaluation, calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
-from .extraction import extraction_stage, round_size
+from .extraction import extraction_stage, planned_extraction, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
 from .finetune import finetune, load_finetuned, lora_problems, lora_settings
 from .guidance import ClassifierGuidance, DenoisedGuidance
@@ -552,10 +552,15 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
                                 *files, *made[m]) for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
-    todo = group.on_main(lambda: [m for m in extractions
-                                  if ctx.run.begin(f"evaluation/{m}", fps[m],
-                                                   inputs={f"extraction/{m}": ctx.fp[f"extraction/{m}"]}) != "skip"
-                                  or not paths[m].exists()])
+    inputs = {m: {f"extraction/{m}": ctx.fp[f"extraction/{m}"]} for m in extractions}
+    done = {m: [paths[m], paths[m].with_name("per_generation.npz")] for m in extractions}  # (a reader needs both)
+
+    def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
+        ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m]) for m in extractions})
+        return [m for m in extractions if ctx.run.begin(f"evaluation/{m}", fps[m], inputs=inputs[m]) != "skip"
+                or not all(p.exists() for p in done[m])]
+
+    todo = group.on_main(plan)
     if todo:  # the main process extracts them once, the others read its file
         train_features = group.main_first(lambda: train_features_stage(ctx, train))
         group.together(lambda: [evaluate_method(ctx, m, extractions[m], train, c, reference, train_features)
@@ -586,7 +591,7 @@ def synthetic_evaluation_stage(ctx: AuditContext, train: ImageSet, c: cfg.Evalua
     # derived from the synthetic set alone: made again without --force where settings changed (what it measured
     # stays in the synthetic set), so a rerun that may replace nothing else is not refused here, after the others
     if ctx.run.begin(name, fp, inputs={"synthetic": ctx.fp["synthetic"]}, derived=True) == "skip" \
-            and (out / "metrics.json").exists():
+            and (out / "metrics.json").exists() and (out / "per_generation.npz").exists():
         return
     synthetic = load_shards(ctx.run.path / "synthetic")
     measure_into(ctx, "synthetic", synthetic, train, c, train_features_stage(ctx, train), out)
@@ -791,6 +796,18 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
             raise
 
 
+def write_extraction_summary(run: RunDir, made: dict[str, int]) -> None:
+    """``RUN/extraction/summary.json``: N_G and fingerprint of every extraction the run holds finished, those of this
+    call (``made``: method -> generations made) and those an earlier call made (a call of some methods, as
+    ``side extract --method uncond``, wrote only its own before)."""
+    out = {}
+    for name, e in run.manifest()["stages"].items():
+        if name.startswith("extraction/") and e.get("status") == "complete":
+            m = name.split("/", 1)[1]
+            out[m] = {"n": made.get(m, (e.get("stopped") or {}).get("at", e.get("n"))), "fingerprint": e["fingerprint"]}
+    atomic_write_json(run.path / "extraction" / "summary.json", out)
+
+
 def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: Until,
            progress: ProgressFactory) -> AuditResult:
     upto = UNTIL.index(until)
@@ -803,6 +820,11 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         synthetic = sample_stage(run, denoiser, rc.sample, model_fingerprint=ctx.fp[MODEL_INPUT], device=device,
                                  progress=progress("synthetic"))
         ctx.fp["synthetic"] = run.stage_entry("synthetic")["fingerprint"]
+    elif (held := run.stage_entry("synthetic")) and held.get("status") == "complete":
+        # a run of methods that need none (side extract --method uncond) still holds the synthetic set an earlier
+        # call drew: every evaluation's copy guard and the run's findings measure it, keyed as before (without it
+        # an unchanged run's evaluations looked changed: refused, or redone with no copy guard under --force)
+        ctx.fp["synthetic"] = held["fingerprint"]
     if {"side", "side-lora"} & set(methods):
         once = run.group.main_first
         scores = once(lambda: memorization_stage(ctx, synthetic))
@@ -830,8 +852,8 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
                              "classes: lower surrogate.teacher_min_confidence, or sample more synthetic images")
     if upto <= 1:
         return AuditResult(run.path, {}, {})
-    extractions = {}
-    for m in methods:
+    plans = {}  # every method's guidance and stage arguments first: a refused method is refused before any other
+    for m in methods:  # extraction is made (or grown)
         sampler, g = method_guidance(run.path, rc, m, denoiser, device=device)
         upstream = ctx.fp.get(extraction_upstream(m))
 
@@ -839,20 +861,24 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
             return extraction_fingerprint(rc, m, g, ctx.fp[MODEL_INPUT], upstream, n)
 
         fp = ctx.fp[f"extraction/{m}"] = fingerprint_at(rc.extract.n)
-        extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, model_fingerprint=ctx.fp[MODEL_INPUT],
-                                          upstream=extraction_inputs(m, ctx.fp),
-                                          fingerprint_at=fingerprint_at, device=device,
+        plans[m] = (sampler, g, fp, {"model_fingerprint": ctx.fp[MODEL_INPUT], "upstream": extraction_inputs(m, ctx.fp),
+                                     "fingerprint_at": fingerprint_at})
+    run.group.on_main(lambda: run.refuse_before({k: v for m, (sampler, g, fp, kw) in plans.items() for k, v in
+                                                 planned_extraction(run, m, sampler, rc.extract, g, fp, **kw).items()}))
+    extractions = {}
+    for m, (sampler, g, fp, kw) in plans.items():
+        extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, **kw, device=device,
                                           progress=progress(f"extract {m}"))
         run.write_config(rc, f"extraction/{m}")  # what Audit.regenerate rebuilds it from
     if run.group.main:
-        atomic_write_json(run.path / "extraction" / "summary.json",
-                          {m: {"n": len(s), "fingerprint": ctx.fp[f"extraction/{m}"]} for m, s in extractions.items()})
+        write_extraction_summary(run, {m: len(s) for m, s in extractions.items()})
     metrics: dict[str, dict] = {}
     if upto == 3 and rc.train is not None:
         once = run.group.main_first
         train = _train_set(ctx)
         bands_file = once(lambda: calibration_stage(ctx, train))
         metrics = evaluation_stages(ctx, extractions, train, bands_file)
-        if run.group.main:
-            write_summary(run.path)
+    if run.group.main and (metrics or (run.path / "summary.json").exists()):
+        write_summary(run.path)  # (also after new generations without their evaluation: the summary of evaluations
+        # the run no longer holds, and findings.csv, would otherwise stay as if they still described it)
     return AuditResult(run.path, extractions, metrics)

@@ -314,7 +314,10 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     tables = {n: t for n, d in dirs.items() if (t := _per_generation(d)) is not None}
     for n in metrics.keys() - tables.keys():
         notes.append(f"evaluation/{n}: no per_generation.npz, so no image pairs or histogram for {n}")
-    if not metrics:
+    if left := sorted(p.parent.name for p in (run / "evaluation").glob("*/metrics.json") if p.parent.name not in dirs):
+        notes.append(f"evaluation of {', '.join(left)} left out: unfinished, or made from generations the run no "
+                     "longer holds (evaluate again: side extract --run RUN, or side run)")
+    elif not metrics:
         notes.append("no evaluation/<method>/metrics.json: run the evaluation stage (side run / side evaluate)")
     stale = stale_stages(read_stages(run))
     for n in metrics:

@@ -539,12 +539,8 @@ class RunDir:
         else:
             kept = {}
             decision = "fresh"
-            if (entry is not None and entry.get("status") == "complete" and not self.replace and not derived
-                    and not self._inputs_grew(entry, inputs)):
-                raise StageWouldBeReplaced(
-                    f"{stage} holds finished results made with other settings or inputs "
-                    f"({', '.join(f'{k} {v}' for k, v in entry.items() if k in ('n', 'method', 'scale')) or 'see manifest.json'}); "
-                    "rerun with --force to replace them, or use another run directory")
+            if (refused := self.refusal(stage, fingerprint, inputs, derived=derived)) is not None:
+                raise StageWouldBeReplaced(refused)
             if entry is not None and entry.get("status") == "complete":
                 self.replaced.append(stage)
                 log.info("stage %s: its finished results were made with other settings or inputs; made again", stage)
@@ -552,6 +548,28 @@ class RunDir:
                 shutil.rmtree(self.path / stage)
         self._mark_running(stage, fingerprint, inputs, **kept)
         return decision
+
+    def refusal(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
+                derived: bool = False) -> str | None:
+        """Why :meth:`begin` would refuse ``stage`` with ``fingerprint`` (None: it would not): it is finished with
+        other settings or inputs, this writer may not replace, and it is neither ``derived`` nor made from inputs
+        that only grew."""
+        entry = self.stage_entry(stage)
+        if (entry is None or entry.get("fingerprint") == fingerprint or entry.get("status") != "complete"
+                or self.replace or derived or self._inputs_grew(entry, inputs)):
+            return None
+        said = ", ".join(f"{k} {v}" for k, v in entry.items() if k in ("n", "method", "scale")) or "see manifest.json"
+        return (f"{stage} holds finished results made with other settings or inputs ({said}); rerun with --force to "
+                "replace them, or use another run directory")
+
+    def refuse_before(self, planned: dict[str, tuple[str, dict[str, str] | None]]) -> None:
+        """Raise :class:`StageWouldBeReplaced` naming every stage of ``planned`` (stage -> its fingerprint and
+        inputs) that :meth:`begin` would refuse, before any of them begins: a command that is refused leaves each
+        sibling stage as it was (one method's extraction grown, or its evaluation cleared, before a later one's
+        refusal). On the main process of a launch (call it through ``group.on_main``: the others learn its error)."""
+        said = [r for stage, (fp, inputs) in planned.items() if (r := self.refusal(stage, fp, inputs)) is not None]
+        if said:
+            raise StageWouldBeReplaced("; ".join(said))
 
     def out_of_date(self) -> dict[str, list[str]]:
         """For each stage this writer made again: the finished stages made from its earlier results, directly or
@@ -734,6 +752,18 @@ def write_shards(
     return written
 
 
+def grows_from(entry: dict[str, Any] | None, fingerprint: str, n: int, fingerprint_at: Callable[[int], str] | None,
+               round_size: int | None) -> int | None:
+    """How many images a finished shard stage (its manifest ``entry``) holds where :func:`shard_stage` grows it to
+    ``n`` under ``fingerprint`` instead of making it again (None: it does not grow): it was made with the same
+    settings at a smaller N (``fingerprint_at``), not in rounds."""
+    old_n = entry.get("n") if entry is not None and entry.get("status") == "complete" else None
+    if (fingerprint_at is not None and round_size is None and isinstance(old_n, int) and 0 < old_n < n
+            and entry.get("fingerprint") != fingerprint and entry.get("fingerprint") == fingerprint_at(old_n)):
+        return old_n
+    return None
+
+
 def shard_stage(
     run: RunDir,
     stage: str,
@@ -768,9 +798,8 @@ def shard_stage(
     rounds = shard_ranges(n, shard_size, round_size)
     if group.main:
         entry = run.stage_entry(stage)
-        old_n = entry.get("n") if entry is not None and entry.get("status") == "complete" else None
-        if (fingerprint_at is not None and round_size is None and isinstance(old_n, int) and 0 < old_n < n
-                and entry.get("fingerprint") != fingerprint and entry.get("fingerprint") == fingerprint_at(old_n)):
+        old_n = grows_from(entry, fingerprint, n, fingerprint_at, round_size)
+        if old_n is not None:
             new = {r: k for k, r in enumerate(shard_ranges(n, shard_size)[0])}
             for k, r in enumerate(shard_ranges(old_n, shard_size)[0]):
                 if new.get(r) != k:  # (the old last shard, when it was short)
