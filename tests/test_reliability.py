@@ -660,3 +660,32 @@ def test_new_generations_without_their_evaluation_leave_no_summary_of_the_old_on
     assert read_json(run / "extraction" / "summary.json")["uncond"]["n"] == 8
     notes = build_report(run)["notes"]
     assert any("evaluation of uncond left out" in n for n in notes) and not any("no evaluation/" in n for n in notes)
+
+
+def test_side_sample_with_another_model_names_what_the_earlier_one_made(tiny_model_dir, tmp_path, one_thread, caplog):
+    """``side sample --model OTHER`` into a finished run re-pointed its config at OTHER without a word, and the
+    report then credited the earlier model's generations to OTHER. The manifest records the run's target now: the
+    command names the stages made from the earlier one, and the report says so beside their figures."""
+    import logging
+
+    from side_extract.models.target import save_target
+    from side_extract.report import build_report
+
+    from conftest import tiny_scheduler, tiny_unet
+
+    other = tmp_path / "other"
+    save_target(tiny_unet(seed=3), tiny_scheduler(), other)
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    assert not any("extraction/" in n and "target" in n for n in build_report(run)["notes"])
+    with caplog.at_level(logging.WARNING):
+        r = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(run), "--model", str(other)])
+    assert r.exit_code == 0, r.output
+    said = " ".join(rec.getMessage() for rec in caplog.records)
+    assert "the run's target is another model now" in said and "extraction/uncond" in said
+    assert "synthetic was made again here" in said and "extraction/side" in said
+    notes = build_report(run)["notes"]
+    assert any(n.startswith("extraction/uncond was made from earlier results of the target") for n in notes), notes
+    run_audit(run, dataclasses.replace(rc, model=str(other)))  # completed with the new target: up to date again
+    assert not any("was made from earlier results" in n for n in build_report(run)["notes"])

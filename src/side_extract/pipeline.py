@@ -783,10 +783,8 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
             result = _chain(run, rc, target, device, until, progress)
             if group.main:
                 run.done_replacing(*settings)
-            for stage, later in (run.out_of_date() if group.main else {}).items():
-                log.warning("%s was made again here, but %s were made from its earlier results and now describe "
-                            "another run: complete it again (side run CONFIG --out RUN, or side extract --run RUN "
-                            "--force) before reading them", stage, ", ".join(later))
+            if group.main:
+                warn_out_of_date(run)
             return result
         except BaseException as e:
             if group.main:
@@ -794,6 +792,16 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
                 if isinstance(e, StageWouldBeReplaced) and before is not None:
                     atomic_write_text(config, before)  # nothing finished was replaced: its settings still stand
             raise
+
+
+def warn_out_of_date(run: RunDir) -> None:
+    """Say which finished stages a writer left describing another run (:meth:`RunDir.out_of_date`): made from
+    results it made again, or from the target the run named before."""
+    for stage, later in run.out_of_date().items():
+        what = ("the run's target is another model now, but %s were made from the earlier one" if stage == MODEL_INPUT
+                else f"{stage} was made again here, but %s were made from its earlier results")
+        log.warning(what + " and now describe another run: complete it again (side run CONFIG --out RUN, or side "
+                    "extract --run RUN --force) before reading them", ", ".join(later))
 
 
 def write_extraction_summary(run: RunDir, made: dict[str, int]) -> None:
@@ -812,6 +820,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
            progress: ProgressFactory) -> AuditResult:
     upto = UNTIL.index(until)
     run.write_config(rc)
+    run.set_model(target.fingerprint, str(rc.model))
     denoiser = target.denoiser
     ctx = AuditContext(run, rc, denoiser, device, progress, {MODEL_INPUT: target.fingerprint})
     methods = rc.extract.methods

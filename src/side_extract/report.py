@@ -25,7 +25,8 @@ from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import closest_first
-from .runs import atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_stages, stale_stages
+from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_model, read_stages,
+                   stale_stages)
 from .summary import findings_file_current, summary_and_findings
 
 log = logging.getLogger(__name__)
@@ -319,10 +320,11 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
                      "longer holds (evaluate again: side extract --run RUN, or side run)")
     elif not metrics:
         notes.append("no evaluation/<method>/metrics.json: run the evaluation stage (side run / side evaluate)")
-    stale = stale_stages(read_stages(run))
+    stale = stale_stages(read_stages(run), read_model(run))
     for n in metrics:
         if roots := stale.get(f"extraction/{n}"):
-            notes.append(f"extraction/{n} was made from earlier results of {', '.join(roots)}, made again since: its "
+            said = [r if r != MODEL_INPUT else "the target (the run's config names another model now)" for r in roots]
+            notes.append(f"extraction/{n} was made from earlier results of {', '.join(said)}, made again since: its "
                          f"figures describe the run before that (complete the run again to bring them up to date)")
     stages, versions = _stages(run)
     for m in metrics.values():

@@ -454,24 +454,45 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
 MODEL_INPUT = "model"  # an ``inputs`` key that names the target model, not a run stage
 
 
-def remade_inputs(stages: dict[str, dict[str, Any]], name: str) -> list[str]:
+def read_model(run: str | Path) -> str | None:
+    """The fingerprint of the target the run's config names now, as its last writer recorded it in the manifest
+    (None: not recorded, a run of an older release)."""
+    p = Path(run) / RunDir.MANIFEST
+    return _model_of(read_manifest(p)) if p.is_file() else None
+
+
+def _model_of(manifest: dict[str, Any]) -> str | None:
+    m = manifest.get("model")
+    return m.get("fingerprint") if isinstance(m, dict) else None
+
+
+def remade_inputs(stages: dict[str, dict[str, Any]], name: str, model: str | None = None) -> list[str]:
     """The run stages stage ``name`` was made from (its manifest entry's ``inputs``) that the run no longer holds
-    as they were: made again since, under another fingerprint, or gone from the manifest."""
+    as they were: made again since, under another fingerprint, or gone from the manifest; and ``model``
+    (:data:`MODEL_INPUT`) where the stage was made from another target than ``model``, the run's now
+    (:func:`read_model`; None: not compared)."""
     entry = stages.get(name) or {}
-    return [k for k, fp in (entry.get("inputs") or {}).items()
-            if k != MODEL_INPUT and (stages.get(k) or {}).get("fingerprint") != fp]
+    out = []
+    for k, fp in (entry.get("inputs") or {}).items():
+        if k == MODEL_INPUT:
+            if model is not None and fp != model:
+                out.append(k)
+        elif (stages.get(k) or {}).get("fingerprint") != fp:
+            out.append(k)
+    return out
 
 
-def stale_stages(stages: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+def stale_stages(stages: dict[str, dict[str, Any]], model: str | None = None) -> dict[str, list[str]]:
     """Each finished stage made from results the run no longer holds -> the stages made again since that it was
     made from, directly or through its inputs (an extraction guided by a classifier trained on surrogate labels
-    that ``side cluster`` remade names ``surrogate``). Read from the inputs each stage records in the manifest; a
-    stage that records none (made by an older release) is taken as it is."""
+    that ``side cluster`` remade names ``surrogate``); ``model`` where it was made from another target than
+    ``model``, the run's now. Read from the inputs each stage records in the manifest; a stage that records none
+    (made by an older release) is taken as it is."""
     roots: dict[str, list[str]] = {}
 
     def of(name: str, seen: tuple[str, ...] = ()) -> list[str]:
         if name not in roots:
-            found = remade_inputs(stages, name)
+            found = remade_inputs(stages, name, model)
             for k in (stages.get(name) or {}).get("inputs") or {}:
                 if k in stages and k not in found and k not in seen:
                     found += [r for r in of(k, (*seen, name)) if r not in found]
@@ -574,7 +595,8 @@ class RunDir:
     def out_of_date(self) -> dict[str, list[str]]:
         """For each stage this writer made again: the finished stages made from its earlier results, directly or
         through others (:func:`stale_stages`; a step command such as ``side cluster`` stops before redoing them)."""
-        stale = stale_stages(self.manifest()["stages"])
+        m = self.manifest()
+        stale = stale_stages(m["stages"], _model_of(m))
         out = {}
         for stage in self.replaced:
             later = [n for n, roots in stale.items() if stage in roots]
@@ -673,6 +695,21 @@ class RunDir:
         entry["seconds"] = round(time.time() - entry.get("started_unix", time.time()), 3)
         entry.update(info)
         self._write_manifest(m)
+
+    def set_model(self, fingerprint: str, name: str) -> None:
+        """Record the target the run's config names now (``name``) by its ``fingerprint`` (:func:`read_model`):
+        stages made from another one are out of date (:func:`stale_stages`); a change is listed among the things
+        this writer made again (:meth:`out_of_date`, as :data:`MODEL_INPUT`)."""
+        if not self.group.main:
+            return
+        m = self.manifest()
+        before = _model_of(m)
+        if before == fingerprint and m["model"].get("name") == name:
+            return
+        m["model"] = {"fingerprint": fingerprint, "name": name}
+        self._write_manifest(m)
+        if before is not None and before != fingerprint:
+            self.replaced.append(MODEL_INPUT)
 
     def write_config(self, run_config: Any, stage: str | None = None) -> None:
         """``config.yaml`` of the run, or with ``stage`` of that stage's folder: the config it was made with

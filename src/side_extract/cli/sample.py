@@ -47,7 +47,12 @@ def sample_cmd(
     with (run_lock(out, wait=wait) if group.main else contextlib.nullcontext()), progress_bar(ctx, "sample") as cb:
         run = RunDir(out, group=group)
         run.write_config(rc)
-        images = sample_stage(run, denoiser, rc.sample, model_fingerprint=model_fingerprint(rc.model), device=device,
-                              progress=cb)
+        fp = model_fingerprint(rc.model)
+        run.set_model(fp, str(rc.model))
+        images = sample_stage(run, denoiser, rc.sample, model_fingerprint=fp, device=device, progress=cb)
+    if group.main:
+        from ..pipeline import warn_out_of_date
+
+        warn_out_of_date(run)  # (a step command: what was made from the earlier synthetic set, or model, is named)
     console.print(f"{len(images)} images in {run.path / 'synthetic'}")
     say_note(note)
