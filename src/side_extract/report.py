@@ -25,8 +25,8 @@ from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import closest_first
-from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_model, read_stages,
-                   stale_stages)
+from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_model,
+                   read_stages, stale_stages)
 from .summary import findings_file_current, summary_and_findings
 
 log = logging.getLogger(__name__)
