@@ -466,8 +466,8 @@ def test_a_step_command_leaves_the_finished_extraction_to_force(tiny_model_dir, 
     more = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
     run_audit(run, more, until="classifier")  # side train-classifier (a step command replaces its own stage)
     for _ in range(2):
-        with pytest.raises(StageWouldBeReplaced, match="^extraction/side"):
-            run_audit(run, more, replace=False)  # side extract
+        with pytest.raises(StageWouldBeReplaced, match="^extraction/side.*changed: classifier made again"):
+            run_audit(run, more, replace=False)  # side extract (it names what changed)
     assert read_json(run / "manifest.json")["stages"]["extraction/side"] == made
     assert run_audit(run, more, replace=True).metrics["side"]["n_generated"] == rc.extract.n  # side extract --force
 
@@ -606,6 +606,20 @@ def test_a_call_of_baselines_alone_reuses_the_runs_results(tiny_model_dir, tmp_p
     assert set(read_json(run / "extraction" / "summary.json")) == {"side", "uncond"}
     run_audit(run, alone)  # may replace: still nothing to replace
     assert _started(run) == before
+
+
+def test_a_refusal_names_the_settings_that_changed(tiny_model_dir, tmp_path, one_thread):
+    """A refused extraction or evaluation named the finished stage's N_G, method and scale (none of which had
+    changed), not the setting that had: it now names each one, old -> new."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    with pytest.raises(StageWouldBeReplaced, match="changed: extract.steps 2 -> 3"):
+        run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, steps=3)), replace=False)
+    with pytest.raises(StageWouldBeReplaced, match="^evaluation/uncond.*changed: carlini_n 5 -> 6"):
+        run_audit(run, dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, carlini_n=6)), replace=False)
 
 
 def test_a_refused_growth_leaves_every_method_as_it_was(tiny_model_dir, tmp_path, one_thread):

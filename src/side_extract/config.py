@@ -712,6 +712,18 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value  # pragma: no cover - every field type above is handled
 
 
+def differences(old: dict[str, Any], new: dict[str, Any], prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """``key old -> new`` for each dotted key (``extract.steps``) whose value differs between two config dicts
+    (:func:`to_dict`'s form, or a config.yaml read back), among the keys that start with one of ``prefixes``."""
+    def flat(d: dict[str, Any], at: str = "") -> dict[str, Any]:
+        return {k: v for key, value in d.items() for k, v in
+                (flat(value, f"{at}{key}.") if isinstance(value, dict) else {f"{at}{key}": value}).items()}
+
+    a, b = flat(old), flat(new)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k.startswith(prefixes)]
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a clear error."""
     p = Path(path)

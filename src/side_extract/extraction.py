@@ -188,15 +188,20 @@ def _inputs(model_fingerprint: str | None, upstream: dict[str, str] | None) -> d
 def planned_extraction(run: RunDir, method: str, denoiser: Denoiser, c: cfg.ExtractConfig,
                        guidance: ClassifierGuidance | MemorizationGuidance | None, fingerprint: str, *,
                        model_fingerprint: str | None = None, upstream: dict[str, str] | None = None,
-                       fingerprint_at: Callable[[int], str] | None = None) -> dict[str, tuple[str, dict[str, str]]]:
-    """What :func:`extraction_stage` with these arguments would begin (stage -> fingerprint and inputs, for
+                       fingerprint_at: Callable[[int], str] | None = None, run_config: cfg.RunConfig | None = None
+                       ) -> dict[str, tuple[str, dict[str, str], list[str]]]:
+    """What :func:`extraction_stage` with these arguments would begin (stage -> fingerprint, inputs and the
+    settings changed since the stage's own config.yaml, where ``run_config`` is given; for
     :meth:`~side_extract.runs.RunDir.refuse_before`); empty where it grows a finished stage (never refused)."""
     stage = f"extraction/{method}"
     rounds = in_rounds(c, guidance, denoiser)
     if grows_from(run.stage_entry(stage), fingerprint, c.n, None if rounds else fingerprint_at,
                   round_size(c) if rounds else None) is not None:
         return {}
-    return {stage: (fingerprint, _inputs(model_fingerprint, upstream))}
+    made = run.path / stage / "config.yaml"
+    changed = ([] if run_config is None or not made.is_file()
+               else cfg.differences(cfg.load_yaml(made), cfg.to_dict(run_config), ("model", "extract.")))
+    return {stage: (fingerprint, _inputs(model_fingerprint, upstream), changed)}
 
 
 def extraction_stage(

@@ -40,7 +40,7 @@ from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_targ
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
-                   file_fingerprint, fingerprint_of, run_lock, settings_fingerprint, stage_fingerprint)
+                   file_fingerprint, fingerprint_of, read_json, run_lock, settings_fingerprint, stage_fingerprint)
 from .sampling import sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -555,8 +555,12 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     inputs = {m: {f"extraction/{m}": ctx.fp[f"extraction/{m}"]} for m in extractions}
     done = {m: [paths[m], paths[m].with_name("per_generation.npz")] for m in extractions}  # (a reader needs both)
 
+    def changed(m: str) -> list[str]:  # the settings the finished evaluation was made with, against these
+        old = paths[m].is_file() and read_json(paths[m], dict).get("config")
+        return cfg.differences(old, cfg.to_dict(c)) if isinstance(old, dict) else []
+
     def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
-        ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m]) for m in extractions})
+        ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], changed(m)) for m in extractions})
         return [m for m in extractions if ctx.run.begin(f"evaluation/{m}", fps[m], inputs=inputs[m]) != "skip"
                 or not all(p.exists() for p in done[m])]
 
@@ -873,7 +877,8 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         plans[m] = (sampler, g, fp, {"model_fingerprint": ctx.fp[MODEL_INPUT], "upstream": extraction_inputs(m, ctx.fp),
                                      "fingerprint_at": fingerprint_at})
     run.group.on_main(lambda: run.refuse_before({k: v for m, (sampler, g, fp, kw) in plans.items() for k, v in
-                                                 planned_extraction(run, m, sampler, rc.extract, g, fp, **kw).items()}))
+                                                 planned_extraction(run, m, sampler, rc.extract, g, fp, **kw,
+                                                                    run_config=rc).items()}))
     extractions = {}
     for m, (sampler, g, fp, kw) in plans.items():
         extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, **kw, device=device,

@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -571,24 +571,31 @@ class RunDir:
         return decision
 
     def refusal(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
-                derived: bool = False) -> str | None:
+                derived: bool = False, changed: Sequence[str] = ()) -> str | None:
         """Why :meth:`begin` would refuse ``stage`` with ``fingerprint`` (None: it would not): it is finished with
         other settings or inputs, this writer may not replace, and it is neither ``derived`` nor made from inputs
-        that only grew."""
+        that only grew. The message names the inputs made again since and ``changed``, the settings the caller
+        found changed (``key old -> new``)."""
         entry = self.stage_entry(stage)
         if (entry is None or entry.get("fingerprint") == fingerprint or entry.get("status") != "complete"
                 or self.replace or derived or self._inputs_grew(entry, inputs)):
             return None
         said = ", ".join(f"{k} {v}" for k, v in entry.items() if k in ("n", "method", "scale")) or "see manifest.json"
-        return (f"{stage} holds finished results made with other settings or inputs ({said}); rerun with --force to "
-                "replace them, or use another run directory")
+        old = entry.get("inputs") or {}
+        why = [*changed, *("made from another target" if k == MODEL_INPUT else f"{k} made again"
+                           for k, v in (inputs or {}).items() if k in old and old[k] != v)]
+        return (f"{stage} holds finished results made with other settings or inputs ({said})"
+                + (f"; changed: {'; '.join(why)}" if why else "")
+                + "; rerun with --force to replace them, or use another run directory")
 
-    def refuse_before(self, planned: dict[str, tuple[str, dict[str, str] | None]]) -> None:
-        """Raise :class:`StageWouldBeReplaced` naming every stage of ``planned`` (stage -> its fingerprint and
-        inputs) that :meth:`begin` would refuse, before any of them begins: a command that is refused leaves each
-        sibling stage as it was (one method's extraction grown, or its evaluation cleared, before a later one's
-        refusal). On the main process of a launch (call it through ``group.on_main``: the others learn its error)."""
-        said = [r for stage, (fp, inputs) in planned.items() if (r := self.refusal(stage, fp, inputs)) is not None]
+    def refuse_before(self, planned: dict[str, tuple[str, dict[str, str] | None, Sequence[str]]]) -> None:
+        """Raise :class:`StageWouldBeReplaced` naming every stage of ``planned`` (stage -> its fingerprint, inputs
+        and the settings found changed) that :meth:`begin` would refuse, before any of them begins: a command that
+        is refused leaves each sibling stage as it was (one method's extraction grown, or its evaluation cleared,
+        before a later one's refusal). On the main process of a launch (call it through ``group.on_main``: the
+        others learn its error)."""
+        said = [r for stage, (fp, inputs, changed) in planned.items()
+                if (r := self.refusal(stage, fp, inputs, changed=changed)) is not None]
         if said:
             raise StageWouldBeReplaced("; ".join(said))
 

@@ -28,13 +28,7 @@ def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
     """Name the settings that differ from the config the run directory was last run with."""
     if not (run / "config.yaml").is_file():
         return
-
-    def flat(d: dict[str, Any], at: str = "") -> dict[str, Any]:
-        return {k: v for key, value in d.items() for k, v in
-                (flat(value, f"{at}{key}.") if isinstance(value, dict) else {f"{at}{key}": value}).items()}
-
-    old, new = flat(cfg.load_yaml(run / "config.yaml")), flat(cfg.to_dict(rc))
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed = cfg.differences(cfg.load_yaml(run / "config.yaml"), cfg.to_dict(rc))
     if changed:
         # one line (the console's soft wrap: it was cut inside a value at 80 columns); a value is no markup
         console.print(f"settings changed since the last run into {run}: {'; '.join(changed)}", markup=False)
