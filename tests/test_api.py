@@ -273,6 +273,15 @@ def test_api_input_mistakes_are_named_and_leave_nothing_behind(tmp_path, one_thr
         side_extract.audit(tiny_unet(), digits.images, out=tmp_path / "a", methods=["unknown-method"], **kw)
     with pytest.raises(ValueError, match="needs labels|has no labels"):  # Cond without labels: refused in preflight
         side_extract.audit(tiny_unet(), digits.images, out=tmp_path / "a", methods=["cond"], **kw)
+    # a review's finds: each a traceback, a silent truncation, an ignored argument, or a file the user never named
+    for call, says in ((dict(labels=digits.labels + 0.7), "labels must hold integers, got float64"),
+                       (dict(config={1: 2}), r"config: keys must be strings .*\[1\]"),
+                       (dict(scheduler="ddpm"), "scheduler='ddpm' must be a diffusers scheduler object"),
+                       (dict(sample_shape=(3, 32, 32)), r"sample_shape=\(3, 32, 32\) is not the UNet2DModel's own")):
+        with pytest.raises(ValueError, match=says):
+            side_extract.audit(tiny_unet(), digits.images, out=tmp_path / "a", methods=["uncond"], **(kw | call))
+    with pytest.raises(ValueError, match=r"train: the array holds no images \(shape \(0, 8, 8, 1\)\)"):
+        side_extract.audit(tiny_unet(), digits.images[:0], out=tmp_path / "a", methods=["uncond"], **kw)
     assert not (tmp_path / "a").exists()
     unlabelled = dataclasses.replace(digits, labels=None)
     res = side_extract.audit(tiny_unet(), unlabelled, labels=digits.labels, out=tmp_path / "b", methods="uncond", **kw)
@@ -281,6 +290,8 @@ def test_api_input_mistakes_are_named_and_leave_nothing_behind(tmp_path, one_thr
     assert (np.load(saved)["labels"] == digits.labels).all()
     with pytest.raises(ValueError, match="top=-1"):
         res.pairs("uncond", top=-1)
+    with pytest.raises(ValueError, match=r"indices=\[1.7\] must be integers"):  # (it made generation 1)
+        res.regenerate("uncond", [1.7], model=tiny_unet(), scheduler=tiny_scheduler())
     from side_extract.models.classifier import load_classifier
 
     res = side_extract.audit(tiny_unet(), digits.images, labels=digits.labels, out=tmp_path / "c", methods=["side"], **kw)

@@ -50,6 +50,18 @@ def test_bad_input_is_one_clean_line(tmp_path):
     conf.write_text("steps: 10\nbatchsize: 4\n")
     r = CliRunner().invoke(app, ["train-target", "--config", str(conf), "--out", str(tmp_path / "m")])
     assert r.exit_code == 2 and "unknown config key(s): batchsize" in r.output
+    # keys YAML reads as other types, a number past float's range, a group count of 0: tracebacks before
+    for text, says in (("extract:\n  on: 3\n", "unknown config key(s) in section 'extract': True; YAML reads"),
+                       ("extract:\n  scale: 1" + "0" * 400 + "\n", "extract.scale (an integer of"),
+                       ("extract:\n  2: 3\n  n: 4\n", "unknown config key(s) in section 'extract': 2;")):
+        conf.write_text(text)
+        r = CliRunner().invoke(app, ["run", str(conf), "--out", str(tmp_path / "r")])
+        assert r.exit_code == 2 and says in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
+    for flag, says in (("--norm-num-groups=0", "norm_num_groups=0 must be a positive"),
+                       ("--block-out-channels=-32,-64", "must all be >= 1")):
+        r = CliRunner().invoke(app, ["train-target", flag, "--out", str(tmp_path / "m")])
+        assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
 
 
 def test_missing_model_directory(tmp_path):

@@ -56,14 +56,23 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
             return images
         if images.labels is not None:
             raise ValueError("labels=...: this ImageSet has labels already; pass one or the other")
-        lab = np.asarray(labels, np.int64)
-        if lab.shape != (len(images),):
-            raise ValueError(f"labels has shape {lab.shape}, expected ({len(images)},)")
-        return dataclasses.replace(images, labels=lab)
+        return dataclasses.replace(images, labels=_labels(labels, len(images)))
     a = np.asarray(images)
     if a.dtype != np.uint8 or a.ndim not in (3, 4):
         raise ValueError(f"{name}: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
-    return ImageSet(a[..., None] if a.ndim == 3 else a, None if labels is None else np.asarray(labels, np.int64))
+    if a.size == 0:
+        raise ValueError(f"{name}: the array holds no images (shape {a.shape})")
+    return ImageSet(a[..., None] if a.ndim == 3 else a, None if labels is None else _labels(labels, len(a)))
+
+
+def _labels(labels: Any, n: int) -> np.ndarray:
+    """``labels`` as int64, one per image (``n``); integers only (a float label was truncated without a word)."""
+    lab = np.asarray(labels)
+    if not (np.issubdtype(lab.dtype, np.integer) or np.issubdtype(lab.dtype, np.bool_)):
+        raise ValueError(f"labels must hold integers, got {lab.dtype}")
+    if lab.shape != (n,):
+        raise ValueError(f"labels has shape {lab.shape}, expected ({n},)")
+    return lab.astype(np.int64)
 
 
 def _run_config(config: cfg.RunConfig | dict | str | Path | None) -> cfg.RunConfig:
@@ -72,6 +81,8 @@ def _run_config(config: cfg.RunConfig | dict | str | Path | None) -> cfg.RunConf
     if isinstance(config, cfg.RunConfig):
         return config
     if isinstance(config, dict):
+        if bad := [k for k in config if not isinstance(k, str)]:
+            raise ValueError(f"config: keys must be strings (e.g. 'extract.n' or 'extract'), got {bad!r}")
         return cfg.from_dict(cfg.RunConfig, cfg.dotted_to_nested(config) if any("." in k for k in config) else config)
     return cfg.from_dict(cfg.RunConfig, cfg.load_yaml(config))
 
@@ -275,7 +286,10 @@ class Audit:
             raise ValueError(f"method={method!r} is not one of this run's methods ({', '.join(ex.methods)})" + (
                 "; its extraction, made before each stage kept its config, cannot be rebuilt from the run's "
                 "config.yaml" if stage.is_dir() else ""))
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.asarray(indices).reshape(-1)
+        if len(idx) and not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"indices={idx.tolist()[:8]} must be integers (generation numbers), got {idx.dtype}")
+        idx = idx.astype(np.int64)
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= ex.n:
             raise ValueError(f"indices={idx.tolist()[:8]} must be a non-empty list of generations in 0 .. {ex.n - 1}")
         stages = read_stages(self.run)

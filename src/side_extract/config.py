@@ -75,9 +75,12 @@ class TrainTargetConfig:
 
     def __post_init__(self) -> None:
         _numbers(self)
-        _positive(self, "steps", "batch_size", "checkpoint_every", "num_train_timesteps", "layers_per_block")
+        _positive(self, "steps", "batch_size", "checkpoint_every", "num_train_timesteps", "layers_per_block",
+                  "norm_num_groups")
         if not self.block_out_channels:
             raise ValueError("block_out_channels=() must name at least one block width")
+        if any(c < 1 for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels={self.block_out_channels} must all be >= 1")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(
@@ -646,10 +649,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     if not isinstance(data, dict):
         raise ValueError(f"config section {where or cls.__name__!r} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))  # (YAML reads some keys as other types: on: True, 1: 2)
     if unknown:
         section = f" in section {where!r}" if where else ""
-        raise ValueError(f"unknown config key(s){section}: {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        hint = ("; YAML reads an unquoted on/off/yes/no as true/false: quote such a key"
+                if any(isinstance(k, bool) for k in data) else "")
+        raise ValueError(f"unknown config key(s){section}: {', '.join(unknown)}{hint}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -702,9 +707,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}={value!r} must be a number")
-        if not math.isfinite(value):
-            raise ValueError(f"{path}={value!r} must be a finite number")
-        return float(value)
+        try:
+            if not math.isfinite(value):
+                raise ValueError(f"{path}={value!r} must be a finite number")
+            return float(value)
+        except OverflowError:  # an integer past float's range
+            raise ValueError(f"{path} (an integer of {value.bit_length()} bits) must be a finite number") from None
     if tp is str:
         if not isinstance(value, (str, Path)):
             raise ValueError(f"{path}={value!r} must be a string")

@@ -86,6 +86,9 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if isinstance(model, (str, Path, DiffusionPipeline, UNet2DModel)) or not callable(model):
             raise ValueError(f"model_id={model_id!r} is for a callable eps(x, t); a {type(model).__name__} is "
                              "identified by its own weights and config")
+    if scheduler is not None and not isinstance(scheduler, SchedulerMixin):
+        raise ValueError(f"scheduler={scheduler!r} must be a diffusers scheduler object (e.g. DDPMScheduler), not a "
+                         f"{type(scheduler).__name__}")
     if isinstance(model, (str, Path)):
         return Target(load_target(model, device), model_fingerprint(model), str(model))
     if isinstance(model, DiffusionPipeline):
@@ -97,6 +100,11 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
     if isinstance(model, UNet2DModel):
         if scheduler is None:
             raise ValueError("model: a UNet2DModel needs the scheduler it was trained with (scheduler=...)")
+        if sample_shape is not None and tuple(int(v) for v in sample_shape) != (
+                model.config.in_channels, *([model.config.sample_size] * 2 if isinstance(model.config.sample_size, int)
+                                            else model.config.sample_size)):
+            raise ValueError(f"sample_shape={tuple(sample_shape)} is not the UNet2DModel's own (in_channels "
+                             f"{model.config.in_channels}, sample_size {model.config.sample_size}): leave it out")
         fp = module_fingerprint(model, scheduler)
         return Target(UNetDenoiser(model, scheduler, source="in-memory").to(device), fp, f"in-memory UNet2DModel {fp[:12]}")
     if callable(model):
