@@ -103,6 +103,19 @@ def test_every_problem_is_reported_before_any_work(tiny_model_dir, tmp_path):
     rgb = dataclasses.replace(tiny_rc(tiny_model_dir), train="digits:30", train_resize=16)
     with pytest.raises(ValueError, match="16x16 with 1 channel"):
         run_audit(tmp_path / "run2", rgb)
+    # found only after sampling, training and every extraction before (a review): a detection grid wider than the
+    # images, held-out images that are the training images, a minimum cluster size above the synthetic set's
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    late = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, min_size=100),
+                               evaluate=dataclasses.replace(rc.evaluate, detect_threshold=0.1, detect_grid=100,
+                                                            heldout="digits:30", calibration_quantiles=(0.05, 0.1, 0.2)))
+    with pytest.raises(ValueError) as e:
+        run_audit(tmp_path / "run3", late)
+    msg = " ".join(str(e.value).split())
+    assert "evaluate.detect_grid=100 must be between 1 and the image side 8" in msg
+    assert "every one of its 30 images is a training image" in msg
+    assert "surrogate.min_size=100 is more than the 40 synthetic images clustered" in msg
+    assert not (tmp_path / "run3").exists()
 
 
 def test_bad_model_leaves_no_config_behind(tmp_path):

@@ -53,6 +53,10 @@ def test_all_dropped_warns_with_advice():
     with pytest.warns(RuntimeWarning, match=r"all 3 clusters were dropped.*set tau <="):
         lab = ClusterLabeler(n_clusters=3, tau=0.999).fit(x)
     assert (lab.labels_ == -1).all()
+    # dropped by their size alone: the advice names min_size (it said "set tau <= ..." with tau already at -1)
+    with pytest.warns(RuntimeWarning, match=r"dropped by the size filter \(min_size=1000; the largest has \d+ images\)"):
+        lab = ClusterLabeler(n_clusters=3, tau=-1.0, min_size=1000).fit(x)
+    assert (lab.labels_ == -1).all()
 
 
 def test_too_many_clusters_names_both_numbers():

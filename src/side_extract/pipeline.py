@@ -674,6 +674,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                     f"the memorization candidates (surrogate.memorized_fraction={rc.surrogate.memorized_fraction} "
                     f"of sample.n={rc.sample.n})")
             problems.append(f"surrogate K={max(ks)} must be <= {what}={n_clustered}")
+        if rc.surrogate.min_size > n_clustered:
+            problems.append(f"surrogate.min_size={rc.surrogate.min_size} is more than the {n_clustered} synthetic "
+                            "images clustered: every cluster would be dropped (lower it, or raise sample.n)")
         try:
             check_extractor(rc.features.extractor)
         except ValueError as e:
@@ -686,6 +689,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         problems.append(f"surrogate.teacher_min_confidence={rc.surrogate.teacher_min_confidence} must be in [0, 1)")
     ev = rc.evaluate
     if until == "evaluation" and rc.train is not None:
+        side = ev.resize or min(H, W)  # the generations' side as the evaluation reads them
+        if ev.detect_threshold is not None and ev.detect_grid is not None and not 1 <= ev.detect_grid <= side:
+            problems.append(f"evaluate.detect_grid={ev.detect_grid} must be between 1 and the image side {side}")
         extractor = Similarity(ev.similarity).extractor
         checks = (  # what the evaluations read, checked before the stages upstream of them run (or are replaced)
             None if ev.bands is None else lambda: parse_bands(ev.bands),
@@ -713,6 +719,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                 if train is not None and h.shape != train.shape:
                     problems.append(f"evaluate.heldout={ev.heldout!r} images are {h.shape} (C, H, W), the training "
                                     f"set's {train.shape}")
+                elif train is not None and _copies_of(h, train) == len(h):
+                    problems.append(f"evaluate.heldout={ev.heldout!r}: every one of its {len(h)} images is a training "
+                                    "image (an exact copy); held-out images must be ones the model never saw")
             except ValueError as e:
                 problems.append(f"evaluate.heldout={ev.heldout!r}: {e}")
         elif str(rc.train).startswith("digits:"):
@@ -731,6 +740,12 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                             "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
     if problems:
         raise ValueError("the run cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def _copies_of(images: ImageSet, train: ImageSet) -> int:
+    """How many of ``images`` are byte for byte one of the training images ``train`` (the same shape)."""
+    seen = {img.tobytes() for img in train.images}
+    return sum(img.tobytes() in seen for img in images.images)
 
 
 def _extractor_problem(name: str) -> str | None:

@@ -113,13 +113,18 @@ class ClusterLabeler:
             self.cohesion_ = np.where(self.sizes_ > 0, sums / np.maximum(self.sizes_, 1), np.nan)
         self.kept_ = (np.nan_to_num(self.cohesion_, nan=-np.inf) >= self.tau) & (self.sizes_ >= self.min_size)
         if not self.kept_.any():
-            best = np.nanmax(self.cohesion_)
-            warnings.warn(
-                f"all {K} clusters were dropped by the cohesion filter (tau={self.tau}, "
-                f"min_size={self.min_size}); the most cohesive has cohesion {best:.3f}: set tau <= {best:.3f} "
-                f"(or use fewer clusters or another feature extractor) to keep some",
-                RuntimeWarning, stacklevel=2,
-            )
+            big = self.sizes_ >= self.min_size
+            if not big.any():  # the size filter alone dropped them: the advice is about min_size, not tau
+                said = (f"all {K} clusters were dropped by the size filter (min_size={self.min_size}; the largest has "
+                        f"{self.sizes_.max()} images): set surrogate.min_size <= {self.sizes_.max()} (or use fewer "
+                        "clusters or more synthetic images) to keep some")
+            else:
+                best = np.nanmax(np.where(big, self.cohesion_, np.nan))
+                said = (f"all {K} clusters were dropped by the cohesion filter (tau={self.tau}, "
+                        f"min_size={self.min_size}); the most cohesive of at least min_size images has cohesion "
+                        f"{best:.3f}: set tau <= {best:.3f} (or use fewer clusters or another feature extractor) to "
+                        "keep some")
+            warnings.warn(said, RuntimeWarning, stacklevel=2)
             self.labels_ = np.full(n, -1, dtype=np.int64)
             return self
         if self.dropped == "drop":
