@@ -106,9 +106,9 @@ def test_every_problem_is_reported_before_any_work(tiny_model_dir, tmp_path):
     # found only after sampling, training and every extraction before (a review): a detection grid wider than the
     # images, held-out images that are the training images, a minimum cluster size above the synthetic set's
     rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
-    late = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, min_size=100),
-                               evaluate=dataclasses.replace(rc.evaluate, detect_threshold=0.1, detect_grid=100,
-                                                            heldout="digits:30", calibration_quantiles=(0.05, 0.1, 0.2)))
+    ev = dataclasses.replace(rc.evaluate, detect_threshold=0.1, detect_grid=100, heldout="digits:30",
+                             calibration_quantiles=(0.05, 0.1, 0.2))
+    late = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, min_size=100), evaluate=ev)
     with pytest.raises(ValueError) as e:
         run_audit(tmp_path / "run3", late)
     msg = " ".join(str(e.value).split())

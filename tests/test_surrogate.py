@@ -54,7 +54,7 @@ def test_all_dropped_warns_with_advice():
         lab = ClusterLabeler(n_clusters=3, tau=0.999).fit(x)
     assert (lab.labels_ == -1).all()
     # dropped by their size alone: the advice names min_size (it said "set tau <= ..." with tau already at -1)
-    with pytest.warns(RuntimeWarning, match=r"dropped by the size filter \(min_size=1000; the largest has \d+ images\)"):
+    with pytest.warns(RuntimeWarning, match=r"by the size filter \(min_size=1000; the largest has \d+ images\)"):
         lab = ClusterLabeler(n_clusters=3, tau=-1.0, min_size=1000).fit(x)
     assert (lab.labels_ == -1).all()
 
