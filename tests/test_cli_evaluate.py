@@ -93,6 +93,11 @@ def test_evaluate_config_file_and_flags(sets, tmp_path):
     d = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert d["method"] == "uncond" and d["bands"] == {"high": [0.0, 0.01]}
     assert d["carlini"]["n"] == 3 and d["carlini"]["centering"] == "reference"  # flag over file
+    # a run YAML that leaves evaluate: at its defaults was refused ("unknown config key(s): extract, model, train")
+    yml.write_text("model: demo\ntrain: digits:30\nextract: {n: 5}\n")
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+               "--out", tmp_path / "e2", "--config", yml, "--carlini-n", 3, "--bands", "high=0:0.01")
+    assert r.exit_code == 0, r.output
 
 
 def test_calibrate_then_evaluate_with_bands_file(sets):

@@ -75,6 +75,11 @@ def test_the_union_of_the_methods_by_hand(tmp_path, orientation):
         f.count("top")
     with pytest.raises(ValueError, match="method='c' was not read"):
         f.only("c", "mid")
+    # a mistyped method or band gave 0 ("found nothing") where the method had no finding at that band
+    with pytest.raises(ValueError, match="method='aa' was not read"):
+        f.count("mid", "aa")
+    with pytest.raises(ValueError, match="band='top' must be one of"):
+        f.only("a", "top")
 
 
 def test_an_evaluation_in_other_bands_is_left_out_and_named(tmp_path):

@@ -82,12 +82,18 @@ class Findings:
         """Distinct training images found at ``band`` or closer: by every method together, or by ``method``."""
         if method is None:
             return len(self.at(band))
+        self._check(method, band)
         return sum(1 for f in self.found if method in f.by_method and self._within(f.by_method[method], band))
+
+    def _check(self, method: str, band: str) -> None:
+        """A mistyped method or band is an error (a count of 0 read as "found nothing")."""
+        if method not in self.methods:
+            raise ValueError(f"method={method!r} was not read; read: {', '.join(self.methods)}")
+        self._rank(band)
 
     def only(self, method: str, band: str) -> int:
         """Training images at ``band`` or closer that ``method`` found and no other method did."""
-        if method not in self.methods:
-            raise ValueError(f"method={method!r} was not read; read: {', '.join(self.methods)}")
+        self._check(method, band)
         return sum(1 for f in self.found
                    if [m for m, b in f.by_method.items() if self._within(b, band)] == [method])
 

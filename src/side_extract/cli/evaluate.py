@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,11 @@ OPTIONS = [k for k in cfg.to_dict(D)]
 def evaluate_config(ctx: typer.Context, config: Path | None) -> cfg.EvaluateConfig:
     """File then typed flags; the file is an EvaluateConfig mapping, or a run YAML (its ``evaluate:`` section)."""
     base: dict[str, Any] = cfg.load_yaml(config) if config is not None else {}
+    run_keys = {f.name for f in dataclasses.fields(cfg.RunConfig)} - set(OPTIONS)
     if isinstance(base.get("evaluate"), dict):
         base = base["evaluate"]
+    elif base and set(base) <= run_keys | {"evaluate"}:  # a run YAML that leaves evaluate: at its defaults
+        base = {}
     overrides = typed_flags(ctx, {k: k for k in OPTIONS if k in ctx.params})
     if "calibration_quantiles" in overrides:
         overrides["calibration_quantiles"] = parse_floats(overrides["calibration_quantiles"], "calibration_quantiles")
