@@ -172,6 +172,8 @@ class Audit:
     @classmethod
     def load(cls, run: str | Path) -> "Audit":
         run = Path(run)
+        if not (run / "config.yaml").is_file():
+            raise ValueError(f"{str(run)!r} is not a run directory (it has no config.yaml)")
         rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
         # every evaluation the directory holds, as the report and summary.json list them
         methods = {m: MethodResult.from_json(read_json(d / "metrics.json", dict)) for m, d in evaluated_methods(run).items()}

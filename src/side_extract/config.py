@@ -735,6 +735,8 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefixes: tuple[str, .
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a clear error."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"config file {str(p)!r} is a directory; a run YAML was expected (e.g. configs/digits.yaml)")
     if not p.is_file():
         raise ValueError(f"config file {str(p)!r} does not exist")
     try:
