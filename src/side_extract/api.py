@@ -34,10 +34,6 @@ from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated
                    fingerprint_of, read_json, read_stages, run_lock)
 from .sweeps import run_with_sweeps
 
-__all__ = ["Audit", "ExtractedPair", "MethodResult", "ModelLike", "Verification", "as_image_set", "as_target", "audit",
-           "identity_fingerprint", "module_fingerprint", "probe_fingerprint", "run_target"]
-
-
 # --------------------------------------------------------------------------------------------------
 # data from memory (models: models/forms.py)
 
@@ -421,6 +417,7 @@ def audit(
     check_run_path(out)  # a folder that is no run: refused before its inputs/ is written
     group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
+    own = [p for p in (Path(out) / "inputs", Path(out) / ".lock") if not p.exists()]  # what a refusal removes again
     written: list[Path] = []  # the input files this call wrote
 
     def saved(name: str, images: ImageSet) -> str:
@@ -442,8 +439,10 @@ def audit(
             rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex, evaluate=ev)
             run_with_sweeps(out, rc, device=device, progress=progress, target=target)
     except BaseException:
-        if group.main and fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
-            shutil.rmtree(out, ignore_errors=True)  # refused before any stage began: leave nothing behind
+        if group.main and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
+            # refused before any stage began: leave nothing behind (in a folder the caller made, what it holds)
+            for p in [Path(out)] if fresh else own:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         elif group.main and written:  # an existing run: keep only the inputs its config names
             named = cfg.load_yaml(Path(out) / "config.yaml") if (Path(out) / "config.yaml").is_file() else {}
             keep = {str(named.get("train")), str((named.get("evaluate") or {}).get("heldout"))}
