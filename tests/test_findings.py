@@ -216,6 +216,12 @@ def test_side_evaluate_into_a_run_writes_its_summary_and_findings_again(tmp_path
     (run / "findings.csv").unlink()
     assert "is missing or older than these evaluations" in write_report(run).read_text()
     assert not (run / "findings.csv").exists()
+    # without a bands flag it takes the run's own bands (it calibrated its own, so it was left out of the findings)
+    r = CliRunner().invoke(app, ["evaluate", "--generated", str(run / "extraction" / "side"), "--train", TRAIN,
+                                 "--out", str(run / "evaluation" / "plain"), "--carlini-n", "10"])
+    assert r.exit_code == 0 and "bands: the run's" in r.output, r.output
+    s = json.loads((run / "summary.json").read_text())
+    assert "plain" in s["findings"]["methods"] and "plain" not in s["not_compared"]
 
 
 def test_side_evaluate_refuses_to_write_into_a_folder_of_the_runs_own_stages(tmp_path):

@@ -816,8 +816,8 @@ def reference_markdown() -> str:
            "Every key a run config takes (`side run CONFIG`, `side_extract.audit(config=...)`, a sweep's `base`), with its "
            "default and type. A key left out takes its default; an unknown key or a value of the wrong type or range "
            "is refused with the valid ones before any work; a key set where the run does not read it (DDIM's eta under "
-           "DDPM, a clean classifier's time keys, ...: `inert_settings`) is named in a warning, and a sweep that would "
-           "change nothing is refused. The run writes the resolved config, every default "
+           "DDPM, a clean classifier's time keys, ...: `inert_settings`) is named in a warning, and a sweep of a key "
+           "none of its methods reads is refused. The run writes the resolved config, every default "
            "included, to `RUN/config.yaml`. Generated from `src/side_extract/config.py` (its docstrings are the "
            f"documentation below): `{REFERENCE_COMMAND}`; a test fails when this page is stale.", "",
            "## Top level", "", "| key | default | type |", "|---|---|---|"]

@@ -200,7 +200,8 @@ def planned_extraction(run: RunDir, method: str, denoiser: Denoiser, c: cfg.Extr
         return {}
     made = run.path / stage / "config.yaml"
     changed = ([] if run_config is None or not made.is_file()
-               else cfg.differences(cfg.load_yaml(made), cfg.to_dict(run_config), ("model", "extract.")))
+               else [d for d in cfg.differences(cfg.load_yaml(made), cfg.to_dict(run_config), ("model", "extract."))
+                     if not d.startswith("extract.methods ")])  # (which methods run does not change this one's)
     return {stage: (fingerprint, _inputs(model_fingerprint, upstream), changed)}
 
 

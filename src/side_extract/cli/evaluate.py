@@ -114,11 +114,21 @@ def evaluate_cmd(
     from ..data import load_image_set
     from ..evaluation import evaluate
     from ..metrics import parse_bands
-    from ..runs import run_lock
+    from ..runs import read_json, run_lock
 
     if c.bands is not None:
         parse_bands(c.bands)  # a typo fails before the sets load
     run = run_written_into(out)
+    own = None if run is None else run / "evaluation" / "bands.json"
+    if own is not None and c.bands is None and c.bands_file is None and own.is_file():
+        # into a run: its own bands, so the evaluation is compared with the run's (in other bands it is left out)
+        said = read_json(own, dict).get("similarity")
+        if said == c.similarity:
+            c = dataclasses.replace(c, bands_file=str(own))
+            console.print(f"bands: the run's ({own}); --bands or --bands-file to choose others", highlight=False)
+        else:
+            console.print(f"bands: calibrated here, not the run's ({own} is for {said!r}, this evaluation for "
+                          f"{c.similarity!r}); it is left out of the run's comparison", highlight=False)
     gen = load_image_set(generated, c.resize)
     tr = load_image_set(train, c.resize)
     feature_model = load_feature_model(model, device)
