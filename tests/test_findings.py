@@ -222,6 +222,13 @@ def test_side_evaluate_into_a_run_writes_its_summary_and_findings_again(tmp_path
     assert r.exit_code == 0 and "bands: the run's" in r.output, r.output
     s = json.loads((run / "summary.json").read_text())
     assert "plain" in s["findings"]["methods"] and "plain" not in s["not_compared"]
+    # bands the run's config names win over its calibrated file
+    conf = run / "config.yaml"
+    conf.write_text(conf.read_text().replace("bands: null", "bands: high=0:0.05,mid=0.05:0.1,low=0.1:0.2", 1))
+    r = CliRunner().invoke(app, ["evaluate", "--generated", str(run / "extraction" / "side"), "--train", TRAIN,
+                                 "--out", str(run / "evaluation" / "named"), "--carlini-n", "10"])
+    assert r.exit_code == 0 and "its config's (high=0:0.05" in " ".join(r.output.split()), r.output
+    assert json.loads((run / "evaluation" / "named" / "metrics.json").read_text())["bands"]["mid"] == [0.05, 0.1]
 
 
 def test_side_evaluate_refuses_to_write_into_a_folder_of_the_runs_own_stages(tmp_path):

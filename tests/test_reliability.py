@@ -716,3 +716,10 @@ def test_side_sample_with_another_model_names_what_the_earlier_one_made(tiny_mod
     assert any(n.startswith("extraction/uncond was made from earlier results of the target") for n in notes), notes
     run_audit(run, dataclasses.replace(rc, model=str(other)))  # completed with the new target: up to date again
     assert not any("was made from earlier results" in n for n in build_report(run)["notes"])
+    # a run with the first target again, refused: it leaves the run's target as it was (and its config)
+    from side_extract.runs import StageWouldBeReplaced, read_model
+
+    model = read_model(run)
+    with pytest.raises(StageWouldBeReplaced):
+        run_audit(run, rc, replace=False)
+    assert read_model(run) == model and not any("was made from earlier" in n for n in build_report(run)["notes"])

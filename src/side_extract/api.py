@@ -417,8 +417,9 @@ def audit(
     check_run_path(out)  # a folder that is no run: refused before its inputs/ is written
     group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
-    own = [p for p in (Path(out) / "inputs", Path(out) / ".lock") if not p.exists()]  # what a refusal removes again
+    new_inputs = not (Path(out) / "inputs").exists()  # a folder this call makes, which a refusal removes again
     written: list[Path] = []  # the input files this call wrote
+    locked = False  # (refused before the lock, e.g. another writer holds it: nothing here is this call's)
 
     def saved(name: str, images: ImageSet) -> str:
         """An in-memory set saved in the run, named by its pixels and labels, so that another call's set never
@@ -433,17 +434,20 @@ def audit(
 
     try:
         with run_lock(out, wait=wait) if group.main else contextlib.nullcontext():
+            locked = True
             data = saved("train", data) if isinstance(data, ImageSet) else data
             held = saved("heldout", held) if isinstance(held, ImageSet) else held
             ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
             rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex, evaluate=ev)
             run_with_sweeps(out, rc, device=device, progress=progress, target=target)
     except BaseException:
-        if group.main and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
-            # refused before any stage began: leave nothing behind (in a folder the caller made, what it holds)
-            for p in [Path(out)] if fresh else own:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        elif group.main and written:  # an existing run: keep only the inputs its config names
+        if not (group.main and locked):
+            pass
+        elif fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # refused before any stage began: leave nothing behind
+        elif new_inputs and not (Path(out) / "manifest.json").exists():
+            shutil.rmtree(Path(out) / "inputs", ignore_errors=True)  # in a folder the caller made: what it wrote
+        elif written:  # an existing run: keep only the inputs its config names
             named = cfg.load_yaml(Path(out) / "config.yaml") if (Path(out) / "config.yaml").is_file() else {}
             keep = {str(named.get("train")), str((named.get("evaluate") or {}).get("heldout"))}
             for path in written:

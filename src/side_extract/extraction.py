@@ -189,19 +189,26 @@ def planned_extraction(run: RunDir, method: str, denoiser: Denoiser, c: cfg.Extr
                        guidance: ClassifierGuidance | MemorizationGuidance | None, fingerprint: str, *,
                        model_fingerprint: str | None = None, upstream: dict[str, str] | None = None,
                        fingerprint_at: Callable[[int], str] | None = None, run_config: cfg.RunConfig | None = None
-                       ) -> dict[str, tuple[str, dict[str, str], list[str]]]:
-    """What :func:`extraction_stage` with these arguments would begin (stage -> fingerprint, inputs and the
-    settings changed since the stage's own config.yaml, where ``run_config`` is given; for
+                       ) -> dict[str, tuple[str, dict[str, str], Callable[[], list[str]]]]:
+    """What :func:`extraction_stage` with these arguments would begin (stage -> fingerprint, inputs and a function
+    giving the settings changed since the stage's own config.yaml, where ``run_config`` is given; for
     :meth:`~side_extract.runs.RunDir.refuse_before`); empty where it grows a finished stage (never refused)."""
     stage = f"extraction/{method}"
     rounds = in_rounds(c, guidance, denoiser)
     if grows_from(run.stage_entry(stage), fingerprint, c.n, None if rounds else fingerprint_at,
                   round_size(c) if rounds else None) is not None:
         return {}
-    made = run.path / stage / "config.yaml"
-    changed = ([] if run_config is None or not made.is_file()
-               else [d for d in cfg.differences(cfg.load_yaml(made), cfg.to_dict(run_config), ("model", "extract."))
-                     if not d.startswith("extract.methods ")])  # (which methods run does not change this one's)
+
+    def changed() -> list[str]:
+        made = run.path / stage / "config.yaml"
+        try:
+            old = cfg.load_yaml(made) if run_config is not None and made.is_file() else None
+        except ValueError:  # a damaged file: the refusal says the rest
+            old = None
+        return [] if old is None else [
+            d for d in cfg.differences(old, cfg.to_dict(run_config), ("model", "extract."))
+            if not d.startswith("extract.methods ")]  # (which methods run does not change this one's)
+
     return {stage: (fingerprint, _inputs(model_fingerprint, upstream), changed)}
 
 

@@ -556,11 +556,14 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     done = {m: [paths[m], paths[m].with_name("per_generation.npz")] for m in extractions}  # (a reader needs both)
 
     def changed(m: str) -> list[str]:  # the settings the finished evaluation was made with, against these
-        old = paths[m].is_file() and read_json(paths[m], dict).get("config")
+        try:
+            old = paths[m].is_file() and read_json(paths[m], dict).get("config")
+        except ValueError:  # a damaged file: the refusal says the rest
+            old = None
         return cfg.differences(old, cfg.to_dict(c)) if isinstance(old, dict) else []
 
     def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
-        ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], changed(m)) for m in extractions})
+        ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], lambda m=m: changed(m)) for m in extractions})
         return [m for m in extractions if ctx.run.begin(f"evaluation/{m}", fps[m], inputs=inputs[m]) != "skip"
                 or not all(p.exists() for p in done[m])]
 
@@ -689,9 +692,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         problems.append(f"surrogate.teacher_min_confidence={rc.surrogate.teacher_min_confidence} must be in [0, 1)")
     ev = rc.evaluate
     if until == "evaluation" and rc.train is not None:
-        side = ev.resize or min(H, W)  # the generations' side as the evaluation reads them
-        if ev.detect_threshold is not None and ev.detect_grid is not None and not 1 <= ev.detect_grid <= side:
-            problems.append(f"evaluate.detect_grid={ev.detect_grid} must be between 1 and the image side {side}")
+        if ev.detect_threshold is not None and ev.detect_grid is not None and not 1 <= ev.detect_grid <= min(H, W):
+            # (a run reads the model's own images: evaluate.resize is for side evaluate's sets)
+            problems.append(f"evaluate.detect_grid={ev.detect_grid} must be between 1 and the image side {min(H, W)}")
         extractor = Similarity(ev.similarity).extractor
         checks = (  # what the evaluations read, checked before the stages upstream of them run (or are replaced)
             None if ev.bands is None else lambda: parse_bands(ev.bands),
@@ -791,6 +794,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         run = RunDir(path, replace=replace, group=group)
         config = run.path / "config.yaml"
         before = config.read_text() if group.main and config.is_file() else None
+        model_before = run.model_entry() if group.main else None
         settings = (settings_fingerprint(rc, target.fingerprint), UNTIL.index(until))  # files by their contents
         if group.main and replace:
             run.mark_replacing(*settings)  # kept should this call not finish: a rerun then finishes its work
@@ -810,6 +814,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
                 run.fail_running(e)
                 if isinstance(e, StageWouldBeReplaced) and before is not None:
                     atomic_write_text(config, before)  # nothing finished was replaced: its settings still stand
+                    run.restore_model(model_before)  # (and its target)
             raise
 
 
@@ -880,25 +885,31 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
                              "classes: lower surrogate.teacher_min_confidence, or sample more synthetic images")
     if upto <= 1:
         return AuditResult(run.path, {}, {})
-    plans = {}  # every method's guidance and stage arguments first: a refused method is refused before any other
-    for m in methods:  # extraction is made (or grown)
+    def plan(m: str) -> tuple[Denoiser, Any, str, dict[str, Any]]:
+        """``m``'s sampler, guidance, fingerprint and stage arguments (its guidance loaded from the run's files)."""
         sampler, g = method_guidance(run.path, rc, m, denoiser, device=device)
         upstream = ctx.fp.get(extraction_upstream(m))
 
-        def fingerprint_at(n: int, m: str = m, g=g, upstream: str | None = upstream) -> str:
+        def fingerprint_at(n: int, g=g) -> str:
             return extraction_fingerprint(rc, m, g, ctx.fp[MODEL_INPUT], upstream, n)
 
         fp = ctx.fp[f"extraction/{m}"] = fingerprint_at(rc.extract.n)
-        plans[m] = (sampler, g, fp, {"model_fingerprint": ctx.fp[MODEL_INPUT], "upstream": extraction_inputs(m, ctx.fp),
-                                     "fingerprint_at": fingerprint_at})
-    run.group.on_main(lambda: run.refuse_before({k: v for m, (sampler, g, fp, kw) in plans.items() for k, v in
-                                                 planned_extraction(run, m, sampler, rc.extract, g, fp, **kw,
-                                                                    run_config=rc).items()}))
+        return sampler, g, fp, {"model_fingerprint": ctx.fp[MODEL_INPUT], "upstream": extraction_inputs(m, ctx.fp),
+                                "fingerprint_at": fingerprint_at}
+
+    def planned(m: str) -> dict[str, Any]:  # (the guidance is let go at once: one method's is held at a time)
+        sampler, g, fp, kw = plan(m)
+        return planned_extraction(run, m, sampler, rc.extract, g, fp, **kw, run_config=rc)
+
+    # every method's refusal said before any extraction is made or grown
+    run.group.on_main(lambda: run.refuse_before({k: v for m in methods for k, v in planned(m).items()}))
     extractions = {}
-    for m, (sampler, g, fp, kw) in plans.items():
+    for m in methods:
+        sampler, g, fp, kw = plan(m)
         extractions[m] = extraction_stage(run, m, sampler, rc.extract, g, fp, **kw, device=device,
                                           progress=progress(f"extract {m}"))
         run.write_config(rc, f"extraction/{m}")  # what Audit.regenerate rebuilds it from
+        del sampler, g
     if run.group.main:
         write_extraction_summary(run, {m: len(s) for m, s in extractions.items()})
     metrics: dict[str, dict] = {}

@@ -379,11 +379,10 @@ def stage_holding(run: str | Path, path: str | Path) -> str | None:
     vouch for files the stage did not make (``side evaluate --out RUN/evaluation/side`` replacing the run's own
     evaluation of side)."""
     run, path = Path(run).resolve(), Path(path).resolve()
+    if path == run / "evaluation":  # the calibration's files (bands.json, null.npz), beside the methods' folders,
+        return "calibration"  # which side evaluate reads as the run's bands: the run's even before it calibrates
     for stage in read_stages(run):
-        if stage == "calibration":  # its files (bands.json, null.npz) lie in RUN/evaluation, beside the methods'
-            if path == run / "evaluation":
-                return stage
-        elif path == run / stage or (run / stage) in path.parents:
+        if stage != "calibration" and (path == run / stage or (run / stage) in path.parents):
             return stage
     return None
 
@@ -588,14 +587,16 @@ class RunDir:
                 + (f"; changed: {'; '.join(why)}" if why else "")
                 + "; rerun with --force to replace them, or use another run directory")
 
-    def refuse_before(self, planned: dict[str, tuple[str, dict[str, str] | None, Sequence[str]]]) -> None:
+    def refuse_before(self, planned: dict[str, tuple[str, dict[str, str] | None, Callable[[], Sequence[str]]]]
+                      ) -> None:
         """Raise :class:`StageWouldBeReplaced` naming every stage of ``planned`` (stage -> its fingerprint, inputs
-        and the settings found changed) that :meth:`begin` would refuse, before any of them begins: a command that
+        and a function giving the settings found changed) that :meth:`begin` would refuse, before any of them begins: a command that
         is refused leaves each sibling stage as it was (one method's extraction grown, or its evaluation cleared,
         before a later one's refusal). On the main process of a launch (call it through ``group.on_main``: the
         others learn its error)."""
-        said = [r for stage, (fp, inputs, changed) in planned.items()
-                if (r := self.refusal(stage, fp, inputs, changed=changed)) is not None]
+        said = [r for stage, (fp, inputs, changed) in planned.items()  # (``changed`` read only for a refusal)
+                if self.refusal(stage, fp, inputs) is not None
+                and (r := self.refusal(stage, fp, inputs, changed=changed())) is not None]
         if said:
             raise StageWouldBeReplaced("; ".join(said))
 
@@ -702,6 +703,19 @@ class RunDir:
         entry["seconds"] = round(time.time() - entry.get("started_unix", time.time()), 3)
         entry.update(info)
         self._write_manifest(m)
+
+    def model_entry(self) -> Any:
+        """The manifest's record of the run's target (:meth:`set_model`), as it is (None: none)."""
+        return self.manifest().get("model")
+
+    def restore_model(self, entry: Any) -> None:
+        """Put back the record :meth:`model_entry` returned (a refused writer recorded its target too early)."""
+        m = self.manifest()
+        if m.get("model") != entry:
+            m.pop("model", None)
+            if entry is not None:
+                m["model"] = entry
+            self._write_manifest(m)
 
     def set_model(self, fingerprint: str, name: str) -> None:
         """Record the target the run's config names now (``name``) by its ``fingerprint`` (:func:`read_model`):

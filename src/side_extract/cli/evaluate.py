@@ -68,6 +68,30 @@ def run_written_into(out: Path) -> Path | None:
     return run
 
 
+def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
+    """``c`` with the bands of run directory ``run`` (so an evaluation written into it is compared with its methods';
+    in other bands it is left out): the bands or bands file its config names, else the ones it calibrated
+    (``RUN/evaluation/bands.json``) where made for ``c``'s similarity. Said on the console."""
+    from ..runs import read_json
+
+    ev = (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
+    own = run / "evaluation" / "bands.json"
+    if ev.get("similarity", D.similarity) != c.similarity:
+        console.print(f"bands: calibrated here, not the run's (the run measures {ev.get('similarity', D.similarity)!r}, "
+                      f"this evaluation {c.similarity!r}): it is left out of the run's comparison", highlight=False)
+        return c
+    if ev.get("bands"):
+        c, said = dataclasses.replace(c, bands=str(ev["bands"])), f"its config's ({ev['bands']})"
+    elif ev.get("bands_file"):
+        c, said = dataclasses.replace(c, bands_file=str(ev["bands_file"])), f"its config's ({ev['bands_file']})"
+    elif own.is_file() and read_json(own, dict).get("similarity") == c.similarity:
+        c, said = dataclasses.replace(c, bands_file=str(own)), f"calibrated ({own})"
+    else:
+        return c
+    console.print(f"bands: the run's, {said}; --bands or --bands-file to choose others", highlight=False)
+    return c
+
+
 @cli_errors
 def evaluate_cmd(
     ctx: typer.Context,
@@ -114,21 +138,13 @@ def evaluate_cmd(
     from ..data import load_image_set
     from ..evaluation import evaluate
     from ..metrics import parse_bands
-    from ..runs import read_json, run_lock
+    from ..runs import run_lock
 
     if c.bands is not None:
         parse_bands(c.bands)  # a typo fails before the sets load
     run = run_written_into(out)
-    own = None if run is None else run / "evaluation" / "bands.json"
-    if own is not None and c.bands is None and c.bands_file is None and own.is_file():
-        # into a run: its own bands, so the evaluation is compared with the run's (in other bands it is left out)
-        said = read_json(own, dict).get("similarity")
-        if said == c.similarity:
-            c = dataclasses.replace(c, bands_file=str(own))
-            console.print(f"bands: the run's ({own}); --bands or --bands-file to choose others", highlight=False)
-        else:
-            console.print(f"bands: calibrated here, not the run's ({own} is for {said!r}, this evaluation for "
-                          f"{c.similarity!r}); it is left out of the run's comparison", highlight=False)
+    if run is not None and c.bands is None and c.bands_file is None:
+        c = run_bands(run, c)
     gen = load_image_set(generated, c.resize)
     tr = load_image_set(train, c.resize)
     feature_model = load_feature_model(model, device)
