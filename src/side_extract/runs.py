@@ -590,10 +590,10 @@ class RunDir:
     def refuse_before(self, planned: dict[str, tuple[str, dict[str, str] | None, Callable[[], Sequence[str]]]]
                       ) -> None:
         """Raise :class:`StageWouldBeReplaced` naming every stage of ``planned`` (stage -> its fingerprint, inputs
-        and a function giving the settings found changed) that :meth:`begin` would refuse, before any of them begins: a command that
-        is refused leaves each sibling stage as it was (one method's extraction grown, or its evaluation cleared,
-        before a later one's refusal). On the main process of a launch (call it through ``group.on_main``: the
-        others learn its error)."""
+        and a function giving the settings found changed) that :meth:`begin` would refuse, before any of them
+        begins: a command that is refused leaves each sibling stage as it was (one method's extraction grown, or its
+        evaluation cleared, before a later one's refusal). On the main process of a launch (call it through
+        ``group.on_main``: the others learn its error)."""
         said = [r for stage, (fp, inputs, changed) in planned.items()  # (``changed`` read only for a refusal)
                 if self.refusal(stage, fp, inputs) is not None
                 and (r := self.refusal(stage, fp, inputs, changed=changed())) is not None]

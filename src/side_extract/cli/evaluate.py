@@ -76,9 +76,9 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
 
     ev = (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
     own = run / "evaluation" / "bands.json"
-    if ev.get("similarity", D.similarity) != c.similarity:
-        console.print(f"bands: calibrated here, not the run's (the run measures {ev.get('similarity', D.similarity)!r}, "
-                      f"this evaluation {c.similarity!r}): it is left out of the run's comparison", highlight=False)
+    if (theirs := ev.get("similarity", D.similarity)) != c.similarity:
+        console.print(f"bands: calibrated here, not the run's (the run measures {theirs!r}, this evaluation "
+                      f"{c.similarity!r}): it is left out of the run's comparison", highlight=False)
         return c
     if ev.get("bands"):
         c, said = dataclasses.replace(c, bands=str(ev["bands"])), f"its config's ({ev['bands']})"
