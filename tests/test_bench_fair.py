@@ -32,6 +32,29 @@ def test_validation_and_heldout_replicates_must_differ():
         FairBenchConfig(validation_replicates=(1, 2), heldout_replicates=(2, 3))
     with pytest.raises(ValueError, match="select_metric"):
         FairBenchConfig(select_metric="ums")
+    # each accepted before, and found hours later (a seed of -1, a KeyError) or never (a repeat: an interval of no
+    # spread from one replicate counted twice)
+    for kw, says in ((dict(heldout_replicates=(11, 11)), r"heldout_replicates=\[11, 11\] must be distinct"),
+                     (dict(validation_replicates=(-1,)), r"validation_replicates=\[-1\] must be distinct .* >= 0"),
+                     (dict(select_metric="ums/bogus"), "band 'bogus' is not one of the run's bands")):
+        with pytest.raises(ValueError, match=says):
+            FairBenchConfig(**kw)
+
+
+def test_bench_command_lines_that_meant_nothing_are_refused_at_once(tmp_path):
+    """A form's value that is no YAML (a traceback), a form name given twice (the first dropped without a word), an
+    --out that is a file (found when writing, after the work), an empty list of theory checks (all 0 passed)."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    (tmp_path / "afile").write_text("")
+    for args, says in ((["bench", "fair", "--scales", "30", "--form", "x=side,extract.scale=[1"], "is not YAML"),
+                       (["bench", "fair", "--scales", "30", "--form", "x=side", "--form", "x=cond"], "given twice"),
+                       (["bench", "compute", "--quick", "--out", str(tmp_path / "afile")], "is not a folder"),
+                       (["theory", "check", "--only", ","], "(none named)")):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and says in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
 
 
 def test_a_benchmark_that_could_not_mean_what_it_says_is_refused():

@@ -60,7 +60,7 @@ import numpy as np
 
 from .. import config as cfg
 from ..data import load_shards
-from ..metrics import read_bands_file
+from ..metrics import parse_bands, read_bands_file
 from ..pipeline import ProgressFactory, copy_guard, no_progress, run_audit
 from ..runs import STAGE_VERSIONS, RunDir, read_json, versions
 from ..sweeps import share_stages
@@ -107,6 +107,10 @@ class FairBenchConfig:
             raise ValueError(f"temperatures={list(self.temperatures)} must be finite and > 0 (at least one)")
         if not self.validation_replicates or not self.heldout_replicates:
             raise ValueError("validation_replicates and heldout_replicates must each name at least one replicate")
+        for name, reps in (("validation_replicates", self.validation_replicates),
+                           ("heldout_replicates", self.heldout_replicates)):
+            if any(r < 0 for r in reps) or len(set(reps)) != len(reps):  # (a repeat counts one replicate twice:
+                raise ValueError(f"{name}={list(reps)} must be distinct replicate numbers >= 0")  # no spread)
         shared = set(self.validation_replicates) & set(self.heldout_replicates)
         if shared:
             raise ValueError(f"replicates {sorted(shared)} are both validation and held-out; they must differ")
@@ -155,6 +159,13 @@ class FairBenchConfig:
         if key not in ("ams", "ums", "ams_cumulative", "ums_cumulative") or not band:
             raise ValueError(f"select_metric={self.select_metric!r} must be '<ams|ums|ams_cumulative|"
                              "ums_cumulative>/<band>', e.g. 'ums_cumulative/mid'")
+        ev = self.bench.run.evaluate
+        names = ([b.name for b in parse_bands(ev.bands)] if ev.bands else None if ev.bands_file
+                 else ["high", "mid", "low"] if len(ev.calibration_quantiles) == 3 or ev.similarity.startswith(
+                     "cosine:torchscript") else [f"tail{q:g}" for q in ev.calibration_quantiles])
+        if names is not None and band not in names:  # (found at the first tuning run's metrics, as a KeyError)
+            raise ValueError(f"select_metric={self.select_metric!r}: band {band!r} is not one of the run's bands "
+                             f"({', '.join(names)})")
 
     @property
     def grid(self) -> list[tuple[float, float]]:

@@ -23,6 +23,13 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _out_folder(out: Path) -> Path:
+    """``--out`` checked when the command line is read (a benchmark writes its results at the end, hours later)."""
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{str(out)!r} exists and is not a folder")
+    return out
+
+
 def _ints(text: str, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -34,7 +41,8 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 @cli_errors
 def extraction_cmd(
     ctx: typer.Context,
-    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for extraction.json and extraction.md."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
+                               help="Folder for extraction.json and extraction.md."),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache",
                                help="Trained targets (keyed by their config fingerprint), bands and run directories."),
     scales: str | None = typer.Option(None, "--scales", help="Training-set sizes, comma-separated "
@@ -103,7 +111,8 @@ def variants_cmd(
     ctx: typer.Context,
     variants: Path = typer.Option(Path("benchmarks/variants.yaml"), "--variants",
                                   help="YAML with 'base' (the paper's settings) and 'variants' (name -> dotted overrides)."),
-    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for variants.json and variants.md."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
+                               help="Folder for variants.json and variants.md."),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="The extraction benchmark's cache (targets, "
                                "bands, runs); variants run as sub-runs of its runs."),
     scales: str = typer.Option("300,1000", "--scales", help="Training-set sizes, comma-separated."),
@@ -158,7 +167,8 @@ def variants_cmd(
 @cli_errors
 def fair_cmd(
     ctx: typer.Context,
-    out: Path = typer.Option(Path("benchmarks/results/fair"), "--out", help="Folder for fair.json and fair.md."),
+    out: Path = typer.Option(Path("benchmarks/results/fair"), "--out", callback=_out_folder,
+                               help="Folder for fair.json and fair.md."),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="Targets, bands and one run per replicate."),
     scales: str = typer.Option("100,300,1000", "--scales", help="Training-set sizes, comma-separated."),
     size: int = typer.Option(16, "--size", help="Image size in px."),
@@ -231,7 +241,13 @@ def fair_cmd(
             k, eq, v = kv.partition("=")
             if not eq:
                 raise ValueError(f"--form {spec!r}: {kv!r} must be dotted.key=value")
-            entry[k] = yaml.safe_load(v)
+            try:
+                entry[k] = yaml.safe_load(v)
+            except yaml.YAMLError as e:
+                raise ValueError(f"--form {spec!r}: {kv!r}: the value is not YAML ({e.__class__.__name__}); a list "
+                                 "cannot be given here (values are split at commas)") from None
+        if name in forms:
+            raise ValueError(f"--form {name!r} is given twice; each form needs its own name")
         forms[name] = entry
     fc = FairBenchConfig(bench=bc, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                          forms=forms, lora_scales=floats(lora_scales, "--lora-scales"),
@@ -277,7 +293,8 @@ def fair_cmd(
 @cli_errors
 def signals_cmd(
     ctx: typer.Context,
-    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for signals-<size>px-n<N>.{json,md}."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
+                               help="Folder for signals-<size>px-n<N>.{json,md}."),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="Targets, bands and replicate runs."),
     n_train: int = typer.Option(300, "--n-train", help="Training-set size (digits:N)."),
     size: int = typer.Option(16, "--size", help="Image size in px."),
@@ -311,7 +328,8 @@ def signals_cmd(
 @cli_errors
 def compute_cmd(
     ctx: typer.Context,
-    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for compute.json and compute.md."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
+                               help="Folder for compute.json and compute.md."),
     threads: int = typer.Option(1, "--bench-threads", help="Torch and faiss threads for the timed parts."),
     no_demo: bool = typer.Option(False, "--no-demo", help="Skip the `side demo` wall-time part."),
     busy: bool = typer.Option(False, "--busy", help="Also time `side demo` idle and beside a CPU-bound competitor "
@@ -342,7 +360,8 @@ def compute_cmd(
 @cli_errors
 def scale_cmd(
     ctx: typer.Context,
-    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for scale.json and scale.md."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
+                               help="Folder for scale.json and scale.md."),
     threads: int = typer.Option(1, "--bench-threads", help="Torch threads for the timed parts."),
     only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (models, search, processes)."),
     gpu_tflops: float = typer.Option(30.0, "--gpu-tflops", help="Assumed sustained TFLOP/s of one GPU for the "

@@ -309,8 +309,9 @@ def parse_only(only: str | None) -> list[str]:
         return list(CHECKS)
     names = [s.strip().upper() for s in only.split(",") if s.strip()]
     bad = [n for n in names if n not in REGISTRY]
-    if bad:
-        raise ValueError(f"only={only!r}: unknown check(s) {', '.join(bad)}; valid: {', '.join(CHECKS)}")
+    if bad or not names:  # (',' named none: "all 0 check(s) passed")
+        raise ValueError(f"only={only!r}: unknown check(s) {', '.join(bad) or '(none named)'}; valid: "
+                         f"{', '.join(CHECKS)}")
     return list(dict.fromkeys(names))
 
 
