@@ -20,6 +20,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,6 +181,14 @@ def extract(
     return {"images": to_uint8(x), "index": idx, "labels": labels, "batch": batch}
 
 
+def _growth(c: cfg.ExtractConfig, guidance: ClassifierGuidance | MemorizationGuidance | None, denoiser: Denoiser,
+            fingerprint_at: Callable[[int], str] | None) -> dict[str, Any]:
+    """How an extraction's shard stage is cut and may grow (:func:`~side_extract.runs.shard_stage`'s
+    ``fingerprint_at`` and ``round_size``): a method in rounds never grows (its rounds depend on N_G)."""
+    rounds = in_rounds(c, guidance, denoiser)
+    return {"fingerprint_at": None if rounds else fingerprint_at, "round_size": round_size(c) if rounds else None}
+
+
 def _inputs(model_fingerprint: str | None, upstream: dict[str, str] | None) -> dict[str, str]:
     """An extraction's inputs as its manifest entry records them: the target and the stage its guidance comes from."""
     return ({} if model_fingerprint is None else {MODEL_INPUT: model_fingerprint}) | (upstream or {})
@@ -194,9 +203,8 @@ def planned_extraction(run: RunDir, method: str, denoiser: Denoiser, c: cfg.Extr
     giving the settings changed since the stage's own config.yaml, where ``run_config`` is given; for
     :meth:`~side_extract.runs.RunDir.refuse_before`); empty where it grows a finished stage (never refused)."""
     stage = f"extraction/{method}"
-    rounds = in_rounds(c, guidance, denoiser)
-    if grows_from(run.stage_entry(stage), fingerprint, c.n, None if rounds else fingerprint_at,
-                  round_size(c) if rounds else None) is not None:
+    growth = _growth(c, guidance, denoiser, fingerprint_at)
+    if grows_from(run.stage_entry(stage), fingerprint, c.n, **growth) is not None:
         return {}
 
     def changed() -> list[str]:
@@ -236,7 +244,8 @@ def extraction_stage(
     """
 
     stage = f"extraction/{method}"
-    rounds = in_rounds(c, guidance, denoiser)
+    growth = _growth(c, guidance, denoiser, fingerprint_at)
+    rounds = growth["round_size"] is not None
     size = BatchSize(c.batch_size)  # halved on out-of-memory, for the rest of the stage
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
@@ -258,8 +267,7 @@ def extraction_stage(
     inputs = _inputs(model_fingerprint, upstream)
     try:
         return shard_stage(run, stage, fingerprint, c.n, c.shard_size, make, progress=progress, inputs=inputs or None,
-                           round_size=round_size(c) if rounds else None, stop=stop if c.stop_unseen > 0 else None,
-                           fingerprint_at=None if rounds else fingerprint_at, method=method,
+                           **growth, stop=stop if c.stop_unseen > 0 else None, method=method,
                            scale=None if guidance is None else guidance.scale, device=str(device))
     except SamplingDiverged as e:
         shutil.rmtree(run.path / stage, ignore_errors=True)

@@ -503,6 +503,12 @@ def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: 
     measure_into(ctx, method, generated, train, c, train_features, ctx.run.path / "evaluation" / method, more)
 
 
+def measured(out: Path) -> bool:
+    """Whether :func:`measure_into` left its files in ``out`` (a skipped stage whose files were deleted is redone:
+    a reader needs both)."""
+    return (out / "metrics.json").is_file() and (out / "per_generation.npz").is_file()
+
+
 def measure_into(ctx: AuditContext, name: str, generated: ImageSet, train: ImageSet, c: cfg.EvaluateConfig,
                  train_features: np.ndarray | None, out: Path,
                  more: Callable[[Evaluation], dict[str, Any]] | None = None) -> None:
@@ -553,7 +559,6 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
     inputs = {m: {f"extraction/{m}": ctx.fp[f"extraction/{m}"]} for m in extractions}
-    done = {m: [paths[m], paths[m].with_name("per_generation.npz")] for m in extractions}  # (a reader needs both)
 
     def changed(m: str) -> list[str]:  # the settings the finished evaluation was made with, against these
         try:
@@ -565,7 +570,7 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
         ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], lambda m=m: changed(m)) for m in extractions})
         return [m for m in extractions if ctx.run.begin(f"evaluation/{m}", fps[m], inputs=inputs[m]) != "skip"
-                or not all(p.exists() for p in done[m])]
+                or not measured(paths[m].parent)]
 
     todo = group.on_main(plan)
     if todo:  # the main process extracts them once, the others read its file
@@ -597,8 +602,7 @@ def synthetic_evaluation_stage(ctx: AuditContext, train: ImageSet, c: cfg.Evalua
     fp = stage_fingerprint("evaluation", unread, ctx.fp["synthetic"], train.fingerprint(), *parts)
     # derived from the synthetic set alone: made again without --force where settings changed (what it measured
     # stays in the synthetic set), so a rerun that may replace nothing else is not refused here, after the others
-    if ctx.run.begin(name, fp, inputs={"synthetic": ctx.fp["synthetic"]}, derived=True) == "skip" \
-            and (out / "metrics.json").exists() and (out / "per_generation.npz").exists():
+    if ctx.run.begin(name, fp, inputs={"synthetic": ctx.fp["synthetic"]}, derived=True) == "skip" and measured(out):
         return
     synthetic = load_shards(ctx.run.path / "synthetic")
     measure_into(ctx, "synthetic", synthetic, train, c, train_features_stage(ctx, train), out)

@@ -570,18 +570,18 @@ class RunDir:
         return decision
 
     def refusal(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
-                derived: bool = False, changed: Sequence[str] = ()) -> str | None:
+                derived: bool = False, changed: Callable[[], Sequence[str]] = tuple) -> str | None:
         """Why :meth:`begin` would refuse ``stage`` with ``fingerprint`` (None: it would not): it is finished with
         other settings or inputs, this writer may not replace, and it is neither ``derived`` nor made from inputs
-        that only grew. The message names the inputs made again since and ``changed``, the settings the caller
-        found changed (``key old -> new``)."""
+        that only grew. The message names the inputs made again since and ``changed()``, the settings the caller
+        found changed (``key old -> new``; asked for only when refusing)."""
         entry = self.stage_entry(stage)
         if (entry is None or entry.get("fingerprint") == fingerprint or entry.get("status") != "complete"
                 or self.replace or derived or self._inputs_grew(entry, inputs)):
             return None
         said = ", ".join(f"{k} {v}" for k, v in entry.items() if k in ("n", "method", "scale")) or "see manifest.json"
         old = entry.get("inputs") or {}
-        why = [*changed, *("made from another target" if k == MODEL_INPUT else f"{k} made again"
+        why = [*changed(), *("made from another target" if k == MODEL_INPUT else f"{k} made again"
                            for k, v in (inputs or {}).items() if k in old and old[k] != v)]
         return (f"{stage} holds finished results made with other settings or inputs ({said})"
                 + (f"; changed: {'; '.join(why)}" if why else "")
@@ -594,9 +594,8 @@ class RunDir:
         begins: a command that is refused leaves each sibling stage as it was (one method's extraction grown, or its
         evaluation cleared, before a later one's refusal). On the main process of a launch (call it through
         ``group.on_main``: the others learn its error)."""
-        said = [r for stage, (fp, inputs, changed) in planned.items()  # (``changed`` read only for a refusal)
-                if self.refusal(stage, fp, inputs) is not None
-                and (r := self.refusal(stage, fp, inputs, changed=changed())) is not None]
+        said = [r for stage, (fp, inputs, changed) in planned.items()
+                if (r := self.refusal(stage, fp, inputs, changed=changed)) is not None]
         if said:
             raise StageWouldBeReplaced("; ".join(said))
 
