@@ -121,3 +121,23 @@ def test_extraction_json_schema_on_a_tiny_run(tmp_path, one_thread):
     from side_extract.data import load_shards
 
     assert not np.array_equal(load_shards(run4 / "synthetic").images, load_shards(run3 / "synthetic").images)
+
+
+def test_compute_parts_named_in_only_are_checked_before_the_work():
+    from side_extract.bench.compute import ComputeBenchConfig, quick_compute_config
+
+    quick = quick_compute_config()
+    # --quick turns the demo off: --only demo with --quick was refused as "not one of sampling, ..." (no reason)
+    with pytest.raises(ValueError, match="names 'demo', but that part is off \\(--quick and --no-demo"):
+        dataclasses.replace(quick, only=("demo",))
+    with pytest.raises(ValueError, match="names 'busy_demo', but that part is off"):
+        ComputeBenchConfig(only=("busy_demo",))
+    with pytest.raises(ValueError, match="only=\\['sampler'\\]: each must be one of sampling, guidance"):
+        ComputeBenchConfig(only=("sampler",))  # found before the model loads, not after
+    assert dataclasses.replace(quick, only=("neighbors",)).only == ("neighbors",)
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    r = CliRunner().invoke(app, ["bench", "compute", "--quick", "--only", "demo", "--out", "/nonexistent/x"])
+    assert r.exit_code != 0 and "--quick and --no-demo turn it off" in r.output

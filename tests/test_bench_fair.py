@@ -25,6 +25,16 @@ def test_a_replicate_redraws_every_seed_downstream_of_the_target():
     rc = replicate_config(cfg.RunConfig(), 7)
     assert (rc.sample.seed, rc.surrogate.random_state, rc.classifier.seed, rc.clean_classifier.seed,
             rc.lora.seed, rc.extract.seed) == (7, 7, 7, 7, 7, 7)  # side-lora's fine-tuning too (it kept seed 0)
+    with pytest.raises(ValueError, match="replicate=-1 must be an integer >= 0"):
+        replicate_config(cfg.RunConfig(), -1)
+
+
+def test_signals_bench_refuses_a_negative_replicate_before_training_a_target(tmp_path):
+    from side_extract.bench.signals import run_signals_bench
+
+    with pytest.raises(ValueError, match="replicate=-1 must be an integer >= 0"):  # it failed after the target trained
+        run_signals_bench(tiny_bench(), 20, tmp_path / "cache", replicate=-1)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_validation_and_heldout_replicates_must_differ():

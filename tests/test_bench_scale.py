@@ -56,3 +56,6 @@ def test_bad_settings_are_named():
         ScaleBenchConfig(models=("imagenet",))
     with pytest.raises(ValueError, match="gpu_tflops=0"):
         ScaleBenchConfig(gpu_tflops=0)
+    for bad in (float("inf"), float("nan")):  # an infinite throughput projected every GPU time to 0 s
+        with pytest.raises(ValueError, match="gpu_tflops=.* must be finite and > 0"):
+            ScaleBenchConfig(gpu_tflops=bad)

@@ -90,6 +90,17 @@ def test_bad_variant_settings_are_clear_errors(tmp_path):
         VariantsBenchConfig(bench=bc, base={"evaluate.carlini_n": 10})
     with pytest.raises(ValueError, match="unknown config key.*scalez"):  # checked before anything runs
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.scalez": 1}})
+    for name in ("validation_seed", "heldout_seed"):  # refused up front: it failed after the targets trained
+        with pytest.raises(ValueError, match=f"{name}=-1 must be an integer >= 0"):
+            VariantsBenchConfig(bench=bc, variants={"x": {}}, **{name: -1})
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("base: {extract.scale: 3}\n")  # ran the base alone
+    with pytest.raises(ValueError, match="'variants' names none"):
+        load_variants_file(empty)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("variants:\n  1: {extract.scale: 3}\n  '1': {extract.scale: 5}\n")  # kept one of the two
+    with pytest.raises(ValueError, match="variant name\\(s\\) \\['1'\\] given twice"):
+        load_variants_file(twice)
     bad = tmp_path / "v.yaml"
     bad.write_text("base: {}\nvariant: {}\n")
     with pytest.raises(ValueError, match="unknown top-level key.*variant"):

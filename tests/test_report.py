@@ -525,3 +525,14 @@ def test_summary_counts_distinct_nearest_training_images_as_the_benchmarks_do(ti
         assert s["distinct_nearest_cumulative"][band] == len(by_hand) <= s["distinct_cumulative"][band]
     assert any(s["distinct_nearest_cumulative"].values())
     assert "distinct nearest at mid or closer" in write_report(tmp_path / "run").read_text()
+
+
+def test_report_image_size_is_bounded_before_the_report_is_built(tmp_path):
+    """--image-size 100000 ran for minutes inlining one huge PNG per pair; 0 and 1.5 reached the resizer."""
+    from side_extract.report import write_report
+
+    for bad in (0, 100_000, 1.5):
+        with pytest.raises(ValueError, match=f"image_size={bad!r} must be an integer from 1 to 1024"):
+            write_report(tmp_path / "no-run", image_size=bad)  # refused before the (missing) run is read
+    r = CliRunner().invoke(app, ["report", str(tmp_path), "--image-size", "5000"])
+    assert r.exit_code != 0 and "from 1 to 1024" in r.output

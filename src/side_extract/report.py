@@ -446,8 +446,14 @@ def _template(name: str) -> str:
     return (resources.files("side_extract") / "assets" / "templates" / name).read_text()
 
 
+MAX_IMAGE_SIZE = 1024
+
+
 def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> Path:
     """Write ``RUN/report/report.json`` and the self-contained ``RUN/report/report.html``; returns the HTML path."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size={image_size!r} must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels of each "
+                         "image shown; every pair is inlined in the page)")
     run = Path(run_dir)
     data = build_report(run, top=top)
     out = run / "report"

@@ -39,6 +39,7 @@ from .tables import render_compute_markdown
 
 log = logging.getLogger(__name__)
 SCHEMA = "side-extract/bench-compute/1"
+PARTS = ("sampling", "guidance", "neighbors", "evaluate_rss", "demo", "busy_demo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,13 @@ class ComputeBenchConfig:
             raise ValueError(f"classifier_classes={self.classifier_classes} must be >= 2")
         if any(n <= 0 for n in self.rss_sizes) or any(d <= 0 for d in self.nn_dims):
             raise ValueError(f"rss_sizes={self.rss_sizes} and nn_dims={self.nn_dims} must be positive")
+        bad = [n for n in self.only if n not in PARTS]
+        if bad:
+            raise ValueError(f"only={list(self.only)}: each must be one of {', '.join(PARTS)}")
+        for name, on, why in (("demo", self.demo, "--quick and --no-demo turn it off"),
+                              ("busy_demo", self.busy, "--busy turns it on")):
+            if name in self.only and not on:
+                raise ValueError(f"only={list(self.only)} names {name!r}, but that part is off ({why})")
 
 
 def quick_compute_config() -> ComputeBenchConfig:
@@ -357,11 +365,7 @@ def run_compute_bench(c: ComputeBenchConfig, *, command: str | None = None,
             parts.append(("demo", lambda: bench_demo(c)))
         if c.busy:
             parts.append(("busy_demo", lambda: bench_busy_demo(c)))
-        if c.only:
-            known = [n for n, _ in parts]
-            bad = [n for n in c.only if n not in known]
-            if bad:
-                raise ValueError(f"only={list(c.only)}: each must be one of {', '.join(known)}")
+        if c.only:  # (names checked by the config)
             parts = [(n, fn) for n, fn in parts if n in c.only]
         seconds = {}
         for name, fn in parts:

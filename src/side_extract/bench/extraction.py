@@ -235,10 +235,18 @@ class ScaleInputs:
         return cache / "runs" / Path(self.target["path"]).name / f"rep-{r}"
 
 
+def check_replicate(r: object, name: str) -> None:
+    """A replicate number is every downstream seed (:func:`replicate_config`): an integer >= 0, checked before a
+    benchmark trains anything."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"{name}={r!r} must be an integer >= 0 (it seeds a replicate)")
+
+
 def replicate_config(rc: cfg.RunConfig, r: int) -> cfg.RunConfig:
     """Replicate ``r`` of ``rc``: every seed downstream of the target set to ``r`` (the synthetic set, the K-means
     fit, both classifiers, side-lora's fine-tuning, the extraction noise and targets), so that a setting tuned on one replicate is tested
     on a new clustering and new classifiers, not only on new extraction noise."""
+    check_replicate(r, "replicate")
     return dataclasses.replace(
         rc,
         sample=dataclasses.replace(rc.sample, seed=r),

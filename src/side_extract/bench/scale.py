@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -88,8 +89,8 @@ class ScaleBenchConfig:
         for name in ("batch_sizes", "search_train", "search_generated"):
             if not getattr(self, name) or any(v <= 0 for v in getattr(self, name)):
                 raise ValueError(f"{name}={list(getattr(self, name))} must be positive integers (at least one)")
-        if not self.gpu_tflops > 0:
-            raise ValueError(f"gpu_tflops={self.gpu_tflops} must be > 0 (an assumed sustained TFLOP/s)")
+        if not (math.isfinite(self.gpu_tflops) and self.gpu_tflops > 0):
+            raise ValueError(f"gpu_tflops={self.gpu_tflops} must be finite and > 0 (an assumed sustained TFLOP/s)")
 
 
 def quick_scale_config() -> ScaleBenchConfig:

@@ -30,7 +30,7 @@ from ..models.target import load_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..training import accuracy_by_quartile, fit_label_classifier, heldout_split
 from . import machine_description, write_results
-from .extraction import ExtractionBenchConfig, replicate_config, scale_inputs
+from .extraction import ExtractionBenchConfig, check_replicate, replicate_config, scale_inputs
 from .tables import _preamble
 
 SIGNALS = ("paper", "every-block", "x0-hat", "unet-features")
@@ -43,6 +43,7 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
     bad = [s for s in signals if s not in SIGNALS]
     if bad or not signals:
         raise ValueError(f"signals={list(signals)}: each must be one of {', '.join(SIGNALS)}")
+    check_replicate(replicate, "replicate")
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
     cache = Path(cache)

@@ -38,8 +38,8 @@ from ..runs import RunDir
 from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
 from . import machine_description, write_results
-from .extraction import (ExtractionBenchConfig, ScaleInputs, compact, ratios_to_best_baseline, refuse_stopping,
-                         replicate_config, scale_inputs)
+from .extraction import (ExtractionBenchConfig, ScaleInputs, check_replicate, compact, ratios_to_best_baseline,
+                         refuse_stopping, replicate_config, scale_inputs)
 from .tables import render_variants_markdown
 
 SCHEMA = "side-extract/bench-variants/1"
@@ -83,6 +83,9 @@ class VariantsBenchConfig:
             raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(SIDE_METHODS)}")
         if self.heldout not in ("chosen", "all"):
             raise ValueError(f"heldout={self.heldout!r} must be 'chosen' or 'all'")
+        check_replicate(self.validation_seed, "validation_seed")
+        if self.heldout_seed is not None:
+            check_replicate(self.heldout_seed, "heldout_seed")
         if self.heldout_seed is not None and self.heldout_seed == self.validation_seed:
             raise ValueError(f"heldout_seed={self.heldout_seed} must differ from validation_seed "
                              f"(settings are chosen on the validation seed)")
@@ -123,6 +126,13 @@ def load_variants_file(path: str | Path) -> tuple[dict[str, Any], dict[str, dict
     if not isinstance(base, dict) or not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None
                                                                                  for v in variants.values()):
         raise ValueError(f"{path}: 'base' must map dotted keys to values and 'variants' must map names to such maps")
+    if not variants:
+        raise ValueError(f"{path}: 'variants' names none; list at least one (name -> dotted overrides) to set "
+                         "against the base (the base alone is `side bench extraction`)")
+    names = [str(k) for k in variants]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{path}: variant name(s) {twice} given twice (e.g. 1: and \"1\":); each needs its own name")
     return base, {str(k): dict(v or {}) for k, v in variants.items()}
 
 

@@ -14,11 +14,9 @@ def report_cmd(
     run: Path = typer.Argument(..., help="Run directory (holds config.yaml; written by `side run` / `side demo`)."),
     top: int = typer.Option(8, "--top", help="Closest generations shown per method, beside their training images."),
     image_size: int = typer.Option(64, "--image-size", help="Upscale smaller images to this many pixels "
-                                                            "(nearest-neighbour)."),
+                                                            "(nearest-neighbour; at most 1024)."),
 ) -> None:
     """One self-contained HTML report (inline images, no network) and the JSON behind it."""
-    if image_size < 1:
-        raise ValueError(f"image_size={image_size} must be >= 1")
     from ..report import write_report
 
     path = write_report(run, top=top, image_size=image_size)
