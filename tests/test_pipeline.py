@@ -97,10 +97,15 @@ def test_methods_share_noise(tiny_model_dir, tmp_path):
     assert not np.array_equal(res2.extractions["side"].images, res2.extractions["uncond"].images)
 
 
-def test_sweeps_share_unchanged_stages(tiny_model_dir, tmp_path):
-    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side", "uncond")),
-                             sweep=cfg.SweepConfig(scale=(0.0, 3.0), tau=(0.0,)))
-    main, subs = run_with_sweeps(tmp_path / "run", rc)
+def test_sweeps_share_unchanged_stages(tiny_model_dir, tmp_path, caplog):
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    rc = dataclasses.replace(rc, sweep=cfg.SweepConfig(scale=(0.0, 3.0), tau=(0.0,)),
+                             extract=dataclasses.replace(rc.extract, rounds=rc.extract.rounds + 1))
+    assert cfg.inert_settings(rc)  # (no method here generates in rounds)
+    with caplog.at_level("WARNING", logger="side_extract.pipeline"):
+        main, subs = run_with_sweeps(tmp_path / "run", rc)
+    said = [r for r in caplog.records if "settings that change nothing" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]  # once for the sweep, not 7 times (3 checks, 4 runs)
     assert set(subs) == {"scale=0", "scale=3", "tau=0"}
     m = read_json(tmp_path / "run" / "sweeps" / "scale=3" / "manifest.json")["stages"]
     assert m["classifier"].get("shared_from")  # the classifier was reused, not retrained

@@ -620,9 +620,10 @@ Until = Literal["surrogate", "classifier", "extraction", "evaluation"]
 UNTIL = ("surrogate", "classifier", "extraction", "evaluation")
 
 
-def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation") -> None:
+def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *, warn_inert: bool = True) -> None:
     """Check the resolved config against the model, the data and the methods before any stage runs; one
-    ``ValueError`` lists every problem found (not only the first)."""
+    ``ValueError`` lists every problem found (not only the first). ``warn_inert``: warn of the settings that change
+    nothing in this run (:func:`~side_extract.config.inert_settings`; off where the caller has said so already)."""
     problems: list[str] = []
     methods = set(rc.extract.methods)
     C, H, W = denoiser.sample_shape
@@ -661,7 +662,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     for name, c in (("classifier", rc.classifier), ("clean_classifier", rc.clean_classifier)):
         if c.backbone == "resnet" and c.depth not in DEPTHS:
             problems.append(f"{name}.depth={c.depth} must be one of {sorted(DEPTHS)} (the ResNet's depth)")
-    if inert := cfg.inert_settings(rc):
+    if warn_inert and (inert := cfg.inert_settings(rc)):
         log.warning("settings that change nothing in this run: %s", "; ".join(inert))
     if rc.clean_classifier.backbone != "resnet":
         problems.append(f"clean_classifier.backbone={rc.clean_classifier.backbone!r}: the clean (time-independent) "
@@ -771,7 +772,7 @@ def load_run_target(rc: cfg.RunConfig, device: str = "cpu") -> Target:
 
 def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until: Until = "evaluation",
               progress: ProgressFactory = no_progress, wait: bool = False, replace: bool = True,
-              target: Target | None = None) -> AuditResult:
+              target: Target | None = None, warn_inert: bool = True) -> AuditResult:
     """Run every stage the config's methods need, up to and including ``until``, into run directory ``path``.
 
     ``evaluation`` (with ``rc.train`` set) measures each method's generations against the training set into
@@ -782,7 +783,8 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     error, stages left ``running`` are marked ``failed`` in the manifest.
 
     ``target``: an in-memory model (:class:`~side_extract.models.target.Target`, see ``side_extract.api``)
-    instead of loading ``rc.model`` from disk; ``rc.model`` then only describes it.
+    instead of loading ``rc.model`` from disk; ``rc.model`` then only describes it. ``warn_inert=False``: do not
+    warn of settings that change nothing (a sweep's sub-run whose main run has named the same ones).
     """
     if until not in UNTIL:
         raise ValueError(f"until={until!r} must be one of {', '.join(UNTIL)}")
@@ -793,7 +795,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         check_unlocked(path)  # another writer: said at once, not after the model has loaded
     if target is None:
         target = load_run_target(rc, device)
-    preflight(rc, target.denoiser, until)
+    preflight(rc, target.denoiser, until, warn_inert=warn_inert)
     with run_lock(path, wait=wait) if group.main else contextlib.nullcontext():  # a launch is one writer
         run = RunDir(path, replace=replace, group=group)
         config = run.path / "config.yaml"

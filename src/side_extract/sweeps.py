@@ -124,7 +124,7 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
     target = target or load_run_target(rc, device)
     for name, sub_rc in sweeps:  # a bad sweep value fails before anything is written
         try:
-            preflight(sub_rc, target.denoiser)
+            preflight(sub_rc, target.denoiser, warn_inert=False)  # (the runs warn: each sub-run what the main does not)
         except ValueError as e:
             raise ValueError(f"sweep {name}: {e}") from None
     with hold(Path(path)):
@@ -137,5 +137,6 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
                 if group.main:  # in a launch of several processes the main one copies, the others wait
                     share_stages(RunDir(path), RunDir(child))
                 group.barrier()
-                subs[name] = run_audit(child, sub_rc, device=device, progress=progress, wait=wait, target=target)
+                subs[name] = run_audit(child, sub_rc, device=device, progress=progress, wait=wait, target=target,
+                                       warn_inert=cfg.inert_settings(sub_rc) != cfg.inert_settings(rc))
     return main, subs
