@@ -126,6 +126,23 @@ def test_demo_of_a_model_directory_audits_against_its_own_training_images(tmp_pa
     assert not (tmp_path / "d").exists()  # refused before any work
 
 
+def test_demo_command_runs_its_whole_chain_on_a_tiny_config(tiny_model_dir, tmp_path, monkeypatch):
+    """The default suite's run of `side demo` itself (the full demo is the slow test below): the command's chain
+    after its config (audit, metrics table, findings, theory, report) on a tiny target and config."""
+    from test_pipeline import tiny_rc
+
+    import side_extract.cli.demo as demo
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "memguide", "cond", "uncond"))
+    monkeypatch.setattr(demo, "demo_config", lambda model, train, heldout: rc)
+    r = CliRunner().invoke(app, ["--no-progress", "demo", "--out", str(tmp_path / "demo")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "theory:" in r.output and "report:" in r.output
+    assert (tmp_path / "demo" / "report" / "report.html").exists()
+    for m in rc.extract.methods:
+        assert (tmp_path / "demo" / "evaluation" / m / "metrics.json").exists(), m
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     r = CliRunner().invoke(app, ["--no-progress", "demo", "--out", str(tmp_path / "demo")])

@@ -264,6 +264,27 @@ def test_t_range_turns_guidance_off_outside():
     assert g(x, torch.tensor(100), y).abs().sum() > 0
 
 
+def test_guidance_at_the_edges_of_t_range_is_on():
+    g = ClassifierGuidance(LinearClassifier(64, 2), np.arange(2), 1.0, t_range=(0.2, 0.5), num_train_timesteps=1000)
+    assert g.guides_at(200) and g.guides_at(500) and not g.guides_at(199) and not g.guides_at(501)
+
+
+def test_temperature_divides_the_logits_by_hand():
+    """For logits W x + b, grad_x log softmax((W x + b) / T)[y] = (W[y] - p W) / T, p = softmax((W x + b) / T);
+    the guidance is lambda times that (the finite-difference test uses T = 1 only)."""
+    torch.manual_seed(0)
+    w, b = torch.randn(3, 16, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+
+    class Lin(torch.nn.Module):
+        def forward(self, x, t):
+            return x.flatten(1) @ w.T + b
+
+    x, y = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.tensor([2, 0])
+    g = ClassifierGuidance(Lin(), np.arange(3), 1.5, temperature=2.0)(x, torch.tensor(10), y)
+    p = torch.softmax((x.flatten(1) @ w.T + b) / 2.0, -1)
+    torch.testing.assert_close(g.flatten(1), 1.5 * (w[y] - p @ w) / 2.0)
+
+
 def test_denoised_guidance_by_hand():
     """eps(x, t) = a x makes x0_hat = c x with c = (1 - sqrt(1 - abar) a) / sqrt(abar), so
     grad_x log p(y | x0_hat) = c (W[y] - sum_k p_k W[k]) / T at x0_hat, for logits W z + b (written out here)."""

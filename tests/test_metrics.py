@@ -257,3 +257,40 @@ def test_bands_from_given_heldout_images(tmp_path):
     r = evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2, heldout=str(tmp_path / "h.npz"),
                                                 calibration_quantiles=(0.05, 0.1, 0.2)))
     assert r.bands_source == f"heldout:{tmp_path / 'h.npz'}" and r.null["n"] == len(heldout)
+
+
+def test_carlini_and_gu_thresholds_are_strict_by_hand():
+    """Gu: memorized when d1 / d2 < 1/3; Carlini: extracted when d1 / (alpha * mean of the n nearest) < 1 (both
+    papers' strict inequalities). Row 0 sits exactly on both thresholds, row 1 below both."""
+    from side_extract.metrics import carlini_from_neighbors, gu_from_neighbors
+    from side_extract.neighbors import NearestNeighborIndex, Neighbors
+
+    nb = Neighbors(np.array([[1.0, 3.0], [0.5, 3.0]]), np.array([[0, 1], [0, 1]]))
+    gu = gu_from_neighbors(nb)
+    assert gu.ratio.tolist() == pytest.approx([1 / 3, 1 / 6]) and gu.memorized_fraction == 0.5
+    index = NearestNeighborIndex("rms-l2").fit(np.zeros((2, 4), np.float32))
+    c = carlini_from_neighbors(nb, index, n=2)  # alpha 0.5: 1 / (0.5 * (1 + 3) / 2) = 1; 0.5 / (0.5 * 1.75)
+    assert c.ratio.tolist() == pytest.approx([1.0, 0.5 / 0.875]) and c.extracted_fraction == 0.5
+
+
+def test_cumulative_similarity_band_includes_its_lower_edge():
+    # similarity 0.6 is the high band's lower edge: it reaches high, and so mid and low too
+    assert ams(np.array([0.6]), PAPER_COSINE_BANDS, "similarity", cumulative=True) == {"low": 1.0, "mid": 1.0,
+                                                                                      "high": 1.0}
+    assert ams(np.array([0.6]), PAPER_COSINE_BANDS, "similarity") == {"low": 0.0, "mid": 0.0, "high": 1.0}
+
+
+def test_best_quantile_by_hand():
+    from side_extract.metrics import best_quantile
+
+    v = np.linspace(0, 1, 21)  # 0, 0.05, ..., 1: the 5th percentile is the second value, the 95th the 20th
+    assert best_quantile(v, "distance") == (pytest.approx(0.05), 0.05)
+    assert best_quantile(v, "similarity") == (pytest.approx(0.95), 0.95)
+
+
+def test_ng_law_by_hand():
+    """One training image hit by 1 of 2 generations: p = 1/2, predicted unique 1 - (1/2)^N at N = 1, 2, 4; rarefied
+    (N of the 2 generations drawn without replacement) 1 - C(1, N) / C(2, N): 1/2, 1, and none past N_G."""
+    law = ng_law(np.array([0]), np.array([0]), 2, 1, n_grid=[1, 2, 4], n_repeats=1)
+    assert law.predicted_unique == pytest.approx([0.5, 0.75, 0.9375])
+    assert law.rarefied_unique[:2] == pytest.approx([0.5, 1.0]) and law.rarefied_unique[2] is None

@@ -48,6 +48,24 @@ def test_cohesion_by_hand():
         assert lab.cohesion_[k] == pytest.approx((members @ c).mean())
 
 
+def test_cohesion_against_the_normalised_centroid_and_inclusive_filters_by_hand():
+    """Cluster {(1, 0), (0, 1)}: its normalised centroid is (s, s), s = 1/sqrt(2), so each member's cosine, and the
+    cohesion, is s = 0.7071 (without normalising the centroid it would be 0.5 and tau = 0.6 would drop it). The two
+    filters keep a cluster at exactly tau and at exactly min_size."""
+    s = 1 / np.sqrt(2)
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [-s, -s], [-2 * s, -2 * s]])
+    lab = ClusterLabeler(n_clusters=2, tau=0.6, min_size=2, random_state=0, n_init=5).fit(x)
+    a = lab.cluster_[0]
+    assert lab.cluster_[1] == a and lab.cluster_[2] == lab.cluster_[3] != a
+    assert lab.cohesion_[a] == pytest.approx(s) and lab.cohesion_[1 - a] == pytest.approx(1.0)
+    assert lab.kept_.all()
+    y = np.array([[1.0, 0.0], [10.0, 0.0], [0.0, 1.0], [0.0, 10.0]])  # cohesion exactly 1, size exactly 2
+    lab = ClusterLabeler(n_clusters=2, tau=1.0, min_size=2, random_state=0, n_init=1).fit(y)
+    assert lab.cohesion_.tolist() == [1.0, 1.0] and lab.kept_.all()
+    assert not ClusterLabeler(n_clusters=2, tau=0.0, min_size=3, random_state=0, n_init=1).fit(
+        np.concatenate([y, y[:1]])).kept_.all()  # sizes 3 and 2: the pair is dropped at min_size 3
+
+
 def test_all_dropped_warns_with_advice():
     x, _ = blobs(spread=3.0)
     with pytest.warns(RuntimeWarning, match=r"all 3 clusters were dropped.*set tau <="):

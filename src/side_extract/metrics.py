@@ -295,7 +295,8 @@ def best_quantile(best: np.ndarray, orientation: Orientation) -> tuple[float, fl
 
 
 def ams_ums_dense(scores: np.ndarray, bands: Sequence[Band], orientation: Orientation) -> dict[str, dict[str, float]]:
-    """Reference implementation on a full (N_G, N) score matrix: eqs. 6-9 written out, for small sets and tests."""
+    """AMS and UMS on a full (N_G, N) score matrix (eqs. 6-9 on the dense matrix), for small sets; the tests check
+    the streamed tally against it (it shares the band rules, :class:`Band`, which hand-computed tests pin)."""
     best = scores.max(1) if orientation == "similarity" else scores.min(1)
     n_g = len(scores)
     return {"ams": ams(best, bands, orientation), "ams_cumulative": ams(best, bands, orientation, cumulative=True),
