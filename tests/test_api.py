@@ -404,8 +404,8 @@ def test_held_out_images_and_the_summary_from_python(tmp_path, one_thread):
     # held-out set of another size, and another training set without the labels Cond needs
     inputs = {p.name: p.read_bytes() for p in (tmp_path / "run" / "inputs").iterdir()}
     with pytest.raises(ValueError, match=r"evaluate.heldout=.* images are \(1, 16, 16\)"):
-        side_extract.audit(tiny_unet(), train, heldout=np.zeros((30, 16, 16), np.uint8), scheduler=tiny_scheduler(),
-                           config=config, out=tmp_path / "run", methods=["uncond"])
+        side_extract.audit(tiny_unet(), train, heldout=np.full((30, 16, 16), 128, np.uint8),
+                           scheduler=tiny_scheduler(), config=config, out=tmp_path / "run", methods=["uncond"])
     with pytest.raises(ValueError, match="has no labels"):
         side_extract.audit(tiny_unet(), train[::-1], heldout=held, scheduler=tiny_scheduler(), config=config,
                            out=tmp_path / "run", methods=["cond"])
@@ -425,3 +425,101 @@ def test_held_out_images_and_the_summary_from_python(tmp_path, one_thread):
     # (the run rewrites the file too: new generations without their evaluation leave no summary of the old ones)
     assert json.loads((tmp_path / "moved" / "summary.json").read_text())["methods"] == {}
     assert Audit.load(tmp_path / "moved").summary["methods"] == {}
+
+
+def test_a_rerun_into_an_audit_names_what_changed_and_marks_what_it_cannot_compare(tmp_path, one_thread, caplog):
+    """A review's finds: a second audit() into a run (another training set, fewer methods) said nothing, and the
+    Audit it returned listed the earlier call's method beside the new one without a word; its pairs() showed
+    training images of the new set at the old set's rows (the wrong images)."""
+    digits = side_extract.load_image_set("digits:30")
+    kw = dict(scheduler=tiny_scheduler(), config=SMALL)
+    first = side_extract.audit(tiny_unet(), digits.images, out=tmp_path / "run", methods=["uncond", "memguide"], **kw)
+    assert first.methods["memguide"].not_compared is None
+    with caplog.at_level("WARNING", logger="side_extract.api"):
+        res = side_extract.audit(tiny_unet(), digits.images[::-1].copy(), out=tmp_path / "run", methods=["uncond"],
+                                 **kw)
+    said = [r.getMessage() for r in caplog.records if "settings changed since the last run" in r.getMessage()]
+    assert len(said) == 1 and "train '" in said[0] and "extract.methods ['uncond', 'memguide'] -> ['uncond']" in said[0]
+    assert res.methods["uncond"].not_compared is None
+    assert "training set" in res.methods["memguide"].not_compared  # (measured on the first set)
+    rows = {r["method"]: r["not_compared"] for r in res.table()}
+    assert rows["uncond"] == "" and "training set" in rows["memguide"]
+    assert res.to_csv().splitlines()[0].endswith(",n_train,not_compared")
+    with pytest.raises(ValueError, match="memguide's evaluation was measured against another training set"):
+        res.pairs("memguide")
+    train = side_extract.load_image_set(res.config.train)
+    for p in res.pairs("uncond"):  # the row of the nearest image in the run's training set, beside its id
+        np.testing.assert_array_equal(p.nearest, train.images[p.train_index])
+
+
+def test_an_audits_ids_paths_and_equality_are_the_callers(tmp_path, one_thread, monkeypatch):
+    """An ImageSet's own ids were dropped (findings and pairs said rows 0..N-1); Audit.run was relative, so a chdir
+    lost the run; runs equal bit for bit in two folders compared unequal (raw holds the paths)."""
+    digits = side_extract.load_image_set("digits:30")
+    ids = np.arange(1000, 1030)
+    kw = dict(scheduler=tiny_scheduler(), config=SMALL, methods=["uncond"])
+    monkeypatch.chdir(tmp_path)
+    a = side_extract.audit(tiny_unet(), side_extract.ImageSet(digits.images, ids=ids), out="a", **kw)
+    assert a.run == tmp_path / "a"  # absolute
+    pairs = a.pairs("uncond")
+    assert all(p.train_id == 1000 + p.train_index for p in pairs)
+    b = side_extract.audit(tiny_unet(), side_extract.ImageSet(digits.images, ids=ids), out="b", **kw)
+    assert a.methods["uncond"] == b.methods["uncond"]
+    plain = side_extract.audit(tiny_unet(), digits.images, out="c", **kw)  # default ids: the file is named as before
+    assert len(list((tmp_path / "c" / "inputs").glob("train-*.npz"))) == 1
+    named = {p.name for p in (tmp_path / "a" / "inputs").iterdir()}
+    assert named != {p.name for p in (tmp_path / "c" / "inputs").iterdir()}
+    assert [p.train_id for p in plain.pairs("uncond")] == [p.train_index for p in plain.pairs("uncond")]
+
+
+def test_images_in_zero_to_one_cast_to_uint8_and_a_bad_progress_are_refused(tmp_path):
+    digits = side_extract.load_image_set("digits:30")
+    slip = (digits.images / 255.0).astype(np.uint8)  # every pixel 0 (or 1): audited, it found "nothing memorized"
+    for train in (slip, side_extract.ImageSet(slip)):
+        with pytest.raises(ValueError, match="train: every pixel is 0 or 1"):
+            side_extract.audit(tiny_unet(), train, scheduler=tiny_scheduler(), out=tmp_path / "a")
+    with pytest.raises(ValueError, match="progress=True must be a factory"):  # (a TypeError after the run began)
+        side_extract.audit(tiny_unet(), digits.images, scheduler=tiny_scheduler(), out=tmp_path / "a", progress=True)
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_pieces_refuse_images_they_cannot_read(tmp_path):
+    """A review's finds: 0-255 floats or uint8 went into the classifier's training and the memorization score
+    (scores around 3e4, or a conv error), float labels were truncated, an array into evaluate() was an
+    AttributeError, a Target into sample() too."""
+    target = as_target(tiny_unet(), scheduler=tiny_scheduler())
+    x = side_extract.sample(target.denoiser, 4, steps=2)
+    c = side_extract.ClassifierConfig(depth=10, width=8, steps=1)
+    for bad, says in (((x + 1) * 127.5, r"must lie in \[-1, 1\], got values 0"),
+                      ((x > 0).to(torch.uint8), "float torch tensor .* got a torch.uint8 tensor"),
+                      (x.permute(0, 2, 3, 1).numpy(), "got ndarray")):
+        with pytest.raises(ValueError, match=says):
+            side_extract.fit_label_classifier(bad, np.array([0, 1, 0, 1]), c, scheduler=tiny_scheduler())
+        with pytest.raises(ValueError, match=says):
+            side_extract.denoising_error(target.denoiser, bad)
+    with pytest.raises(ValueError, match="images are \\(1, 4, 4\\) .* but the model's are \\(1, 8, 8\\)"):
+        side_extract.denoising_error(target.denoiser, x[:, :, :4, :4])
+    with pytest.raises(ValueError, match="labels must hold integers, got float64"):
+        side_extract.fit_label_classifier(x, np.array([0.0, 1.7, 0.0, 1.0]), c, scheduler=tiny_scheduler())
+    digits = side_extract.load_image_set("digits:30")
+    with pytest.raises(ValueError, match="generated must be an ImageSet"):
+        side_extract.evaluate(digits.images, digits)
+    with pytest.raises(ValueError, match="a Target: pass target.denoiser"):
+        side_extract.sample(target, 2, steps=2)
+
+
+def test_sweeps_read_back_and_a_short_repr(tmp_path, one_thread):
+    config = {**SMALL, "sweep.scale": [0.0]}
+    res = side_extract.audit(tiny_unet(), side_extract.load_image_set("digits:30").images, scheduler=tiny_scheduler(),
+                             config=config, out=tmp_path / "run", methods=["side"])
+    assert list(res.sweeps) == ["scale=0"] and res.sweeps["scale=0"].run == tmp_path / "run" / "sweeps" / "scale=0"
+    assert list(res.sweeps["scale=0"].methods) == ["side"] and res.sweeps["scale=0"].sweeps == {}
+    assert len(repr(res)) < 1000 and "RunConfig" not in repr(res)
+
+
+def test_a_setting_given_twice_or_ignored_is_refused():
+    with pytest.raises(ValueError, match=r"extract.n is given twice \(as 'extract.n' and as 'extract'\)"):
+        side_extract.api._run_config({"extract.n": 16, "extract": {"n": 8}})
+    assert side_extract.api._run_config({"extract.n": 16, "extract": {"steps": 8}}).extract.n == 16
+    with pytest.raises(ValueError, match="scheduler= and sample_shape= are for a model object"):
+        as_target("demo", scheduler=tiny_scheduler())

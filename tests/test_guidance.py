@@ -257,6 +257,21 @@ def test_guidance_validation():
         sample(None, 2, guidance=ClassifierGuidance(LinearClassifier(4, 2), np.arange(2), 1.0))  # type: ignore[arg-type]
 
 
+def test_target_labels_and_the_classifiers_outputs_are_checked(tiny_model_dir):
+    """A label of -1 guided toward the last class without a word (negative indexing), 1.5 was truncated to 1, 99
+    was an IndexError at the first guided step; a guidance naming 7 classes over a 2-output classifier ran."""
+    d = load_target(tiny_model_dir)
+    g = ClassifierGuidance(LinearClassifier(64, 2), np.arange(2), 1.0)
+    for labels, says in ((np.array([0, -1]), r"output indices 0..1 .* got -1..0"), (np.array([0, 99]), "got 0..99"),
+                         (np.array([0.0, 1.5]), "integer output indices, got float64")):
+        with pytest.raises(ValueError, match=says):
+            sample(d, 2, steps=2, guidance=g, labels=labels)
+    seven = ClassifierGuidance(LinearClassifier(64, 2), np.arange(7), 1.0)
+    with pytest.raises(ValueError, match="has 2 outputs but the guidance names 7 classes"):
+        seven(torch.randn(2, 1, 8, 8), torch.tensor(10), torch.tensor([0, 1]))
+    assert g(torch.randn(2, 1, 8, 8), torch.tensor(10), torch.tensor([0, 1])) is not None
+
+
 def test_t_range_turns_guidance_off_outside():
     g = ClassifierGuidance(LinearClassifier(64, 2), np.arange(2), 3.0, t_range=(0.0, 0.5))
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,10 +30,13 @@ from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fi
                            run_target)
 from .pipeline import ProgressFactory, no_progress
 from .findings import SYNTHETIC, Findings, collect
+from .evaluation import incomparable
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, evaluated_synthetic,
-                   fingerprint_of, read_json, read_stages, run_lock)
+                   fingerprint_of, read_json, read_stages, run_lock, settings_changed)
 from .sweeps import run_with_sweeps
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # data from memory (models: models/forms.py)
@@ -48,6 +52,7 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
                              "carries its own labels")
         return str(images)
     if isinstance(images, ImageSet):
+        _check_levels(images.images, name)
         if labels is None:
             return images
         if images.labels is not None:
@@ -58,7 +63,16 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
         raise ValueError(f"{name}: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
     if a.size == 0:
         raise ValueError(f"{name}: the array holds no images (shape {a.shape})")
+    _check_levels(a, name)
     return ImageSet(a[..., None] if a.ndim == 3 else a, None if labels is None else _labels(labels, len(a)))
+
+
+def _check_levels(images: np.ndarray, name: str) -> None:
+    """Refuse uint8 images whose every pixel is 0 or 1: images in [0, 1] cast to uint8 (which truncates them),
+    not 0-255 images; audited as they are, they are near-black and every method finds nothing."""
+    if images.size and images.max() <= 1:
+        raise ValueError(f"{name}: every pixel is 0 or 1, so these look like images in [0, 1] cast to uint8 (which "
+                         "truncates them); pass uint8 in 0-255, e.g. (x * 255).round().astype(np.uint8)")
 
 
 def _labels(labels: Any, n: int) -> np.ndarray:
@@ -89,8 +103,10 @@ def _run_config(config: cfg.RunConfig | dict | str | Path | None) -> cfg.RunConf
 
 @dataclasses.dataclass(frozen=True)
 class BandResult:
-    """One similarity band of one method: shares of the generations it made, N_G unless dedup-driven stopping ended
-    it early (AMS: generations; UMS: distinct training images)."""
+    """One similarity band of one method, per generation made (N_G, unless dedup-driven stopping ended it early):
+    AMS, the share of generations in the band; UMS, the distinct training images in the band divided by N_G (the
+    paper's eq. 8: not a share of the training set, and above 1 when generations lie near several training images
+    each). ``*_cumulative``: at the band or closer."""
 
     band: str
     lo: float
@@ -114,7 +130,10 @@ class MethodResult:
     p95: float  # 95th percentile of the best similarity, or 5th percentile of the best distance
     carlini_extracted: float  # share with Carlini's ratio below 1
     gu_memorized: float  # share with Gu's d1 / d2 below the threshold
-    raw: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+    raw: dict[str, Any] = dataclasses.field(repr=False, compare=False, default_factory=dict)  # metrics.json
+    # why it cannot be set against the run's other methods (None: it can): its evaluation used another training
+    # set, bands or similarity (an earlier call into the run measured it; the summary lists it as not compared)
+    not_compared: str | None = None
 
     @classmethod
     def from_json(cls, m: dict[str, Any]) -> "MethodResult":
@@ -127,11 +146,14 @@ class MethodResult:
 
 @dataclasses.dataclass(frozen=True)
 class ExtractedPair:
-    """A generation beside its nearest training image. Images: (H, W, C) uint8."""
+    """A generation beside its nearest training image. Images: (H, W, C) uint8. ``train_index``: the training
+    image's row in the run's training set (``load_image_set(config.train).images[train_index]``); ``train_id``: its
+    id there (``ImageSet.ids``: an index file's ids, a digits subset's digit numbers; the row where it has none)."""
 
     method: str
     generation_id: int
     train_id: int
+    train_index: int
     similarity: float
     band: str
     generation: np.ndarray = dataclasses.field(repr=False)
@@ -154,7 +176,7 @@ class Verification:
 
 
 TABLE_COLUMNS = ("method", "band", "lo", "hi", "ams", "ums", "ams_cumulative", "ums_cumulative", "p95",
-                 "carlini_extracted", "gu_memorized", "n_generated", "n_train")
+                 "carlini_extracted", "gu_memorized", "n_generated", "n_train", "not_compared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,18 +184,32 @@ class Audit:
     """The results of a run directory as typed objects (what :func:`audit` returns; or ``Audit.load(run)``)."""
 
     run: Path
-    config: cfg.RunConfig
+    config: cfg.RunConfig = dataclasses.field(repr=False)  # (its repr ran to thousands of characters)
     methods: dict[str, MethodResult]
 
     @classmethod
     def load(cls, run: str | Path) -> "Audit":
-        run = Path(run)
+        """The results run directory ``run`` holds (its path made absolute: the object stays valid after a
+        ``chdir``). Every evaluation is listed, as the report and ``summary.json`` list them; one that cannot be set
+        against the others (an earlier call's, on another training set or bands) says why in ``not_compared``."""
+        run = Path(run).resolve()
         if not (run / "config.yaml").is_file():
             raise ValueError(f"{str(run)!r} is not a run directory (it has no config.yaml)")
         rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
-        # every evaluation the directory holds, as the report and summary.json list them
-        methods = {m: MethodResult.from_json(read_json(d / "metrics.json", dict)) for m, d in evaluated_methods(run).items()}
+        metrics = {m: read_json(d / "metrics.json", dict) for m, d in evaluated_methods(run).items()}
+        apart = incomparable(metrics)
+        methods = {m: dataclasses.replace(MethodResult.from_json(v), not_compared=apart.get(m))
+                   for m, v in metrics.items()}
         return cls(run, rc, methods)
+
+    @property
+    def sweeps(self) -> dict[str, "Audit"]:
+        """The run's sweep sub-runs (the config's ``sweep:``), by name (``scale=3``, ``tau=0.5``), each read as an
+        :class:`Audit` (``RUN/sweeps/<name>``)."""
+        root = self.run / "sweeps"
+        if not root.is_dir():
+            return {}
+        return {p.name: Audit.load(p) for p in sorted(root.iterdir()) if (p / "config.yaml").is_file()}
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -203,7 +239,7 @@ class Audit:
                 rows.append({"method": r.method, "band": b.band, "lo": b.lo, "hi": b.hi, "ams": b.ams, "ums": b.ums,
                              "ams_cumulative": b.ams_cumulative, "ums_cumulative": b.ums_cumulative, "p95": r.p95,
                              "carlini_extracted": r.carlini_extracted, "gu_memorized": r.gu_memorized,
-                             "n_generated": r.n_generated, "n_train": r.n_train})
+                             "n_generated": r.n_generated, "n_train": r.n_train, "not_compared": r.not_compared or ""})
         return rows
 
     def to_csv(self, path: str | Path | None = None) -> str:
@@ -227,7 +263,8 @@ class Audit:
 
     def pairs(self, method: str, *, band: str | None = None, top: int | None = None) -> list[ExtractedPair]:
         """``method``'s generations beside their nearest training images, closest first (in ``band`` only,
-        when given; the ``top`` closest, when given). ``"synthetic"``: the synthetic set's samples, where the run
+        when given: that band alone, where :meth:`findings`' ``at``/``count``/``only`` take the band or closer; the
+        ``top`` closest, when given). ``"synthetic"``: the synthetic set's samples, where the run
         measured it (a source of :meth:`findings`)."""
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
             raise ValueError(f"top={top!r} must be a positive integer (or None: every pair)")
@@ -253,7 +290,13 @@ class Audit:
         gen = load_shards(made)
         row_of = {int(i): r for r, i in enumerate(gen.ids)}
         train = load_image_set(self.config.train, self.config.train_resize)
-        return [ExtractedPair(method, int(gid[i]), int(tid[i]), float(sim[i]), str(bands[i]),
+        measured = (result.raw.get("fingerprints") or {}).get("train")
+        if measured is not None and train.fingerprint() != measured:  # (its rows would index other images)
+            raise ValueError(f"{method}'s evaluation was measured against another training set than the run's "
+                             f"train now ({self.config.train!r}: changed since, or a later call into the run named "
+                             f"another): its nearest training images cannot be shown; measure it again "
+                             f"(audit(..., methods=[{method!r}]))")
+        return [ExtractedPair(method, int(gid[i]), int(tid[i]), int(tidx[i]), float(sim[i]), str(bands[i]),
                               gen.images[row_of[int(gid[i])]], train.images[int(tidx[i])]) for i in order]
 
     def regenerate(self, method: str, indices: Sequence[int], *, model: ModelLike | None = None,
@@ -405,8 +448,20 @@ def audit(
     model_id : a callable only: a name for its weights (e.g. their checkpoint's sha256) that keys the run's stages
         instead of the callable's outputs on probe inputs, which another device or thread count can move by a
         rounding step (:func:`as_target`); pass it again to ``Audit.regenerate``/``verify``
+    device : torch device of every stage (``"cpu"``, ``"cuda"``, ``"cuda:1"``); a model object given here is moved
+        to it and put in eval mode, in place
+    progress : a factory ``name -> callback(done, total)``, called once per stage (``name``: the stage); the
+        default reports nothing
+    wait : if another process is writing ``out``, wait for it instead of failing at once
+
+    A call into an existing run directory continues it: finished stages whose settings are unchanged are kept,
+    the others made again, and the settings that changed since its last call are named in a warning (logger
+    ``side_extract.api``). Evaluations an earlier call made and this one did not redo stay in the run; the
+    returned :class:`Audit` marks those that cannot be compared with the rest (``MethodResult.not_compared``).
     """
     check_device(device)
+    if not callable(progress):
+        raise ValueError(f"progress={progress!r} must be a factory name -> callback(done, total) (or left out)")
     rc = _run_config(config)
     if isinstance(methods, str):  # one method, not its letters
         methods = (methods,)
@@ -424,12 +479,16 @@ def audit(
     def saved(name: str, images: ImageSet) -> str:
         """An in-memory set saved in the run, named by its pixels and labels, so that another call's set never
         replaces one a run was made from; its absolute path (the run is read again from other directories)."""
-        key = fingerprint_of(images.fingerprint(), None if images.labels is None else image_fingerprint(images.labels))
+        ids = None if np.array_equal(images.ids, np.arange(len(images))) else image_fingerprint(images.ids)
+        key = fingerprint_of(images.fingerprint(), None if images.labels is None else image_fingerprint(images.labels),
+                             *([ids] if ids else []))
         path = Path(out).resolve() / "inputs" / f"{name}-{key[:12]}.npz"
         if group.main and not path.exists():
             written.append(path)
-        labels = {} if images.labels is None else {"labels": images.labels}
-        group.on_main(lambda: atomic_save_npz(path, images=images.images, **labels))
+        extra = {} if images.labels is None else {"labels": images.labels}
+        if not np.array_equal(images.ids, np.arange(len(images))):
+            extra["index"] = images.ids  # the caller's ids, which findings and pairs report (the loader reads them)
+        group.on_main(lambda: atomic_save_npz(path, images=images.images, **extra))
         return str(path)
 
     try:
@@ -439,6 +498,8 @@ def audit(
             held = saved("heldout", held) if isinstance(held, ImageSet) else held
             ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
             rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex, evaluate=ev)
+            if group.main and (changed := settings_changed(out, rc)):
+                log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
             run_with_sweeps(out, rc, device=device, progress=progress, target=target)
     except BaseException:
         if not (group.main and locked):
@@ -457,5 +518,5 @@ def audit(
     return Audit.load(out)
 
 
-__all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "as_target", "run_target", "as_image_set",
-           "module_fingerprint", "probe_fingerprint", "identity_fingerprint", "TABLE_COLUMNS"]
+__all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "Verification", "as_target", "run_target",
+           "as_image_set", "module_fingerprint", "probe_fingerprint", "identity_fingerprint", "TABLE_COLUMNS"]

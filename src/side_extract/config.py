@@ -764,10 +764,19 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
     """``{"extract.t_hi": 0.5}`` -> ``{"extract": {"t_hi": 0.5}}`` (nested dicts are merged as they are)."""
     out: dict[str, Any] = {}
+    seen: dict[str, str] = {}  # each setting's dotted name -> the key that set it
+
+    def leaves(value: Any, at: str) -> list[str]:
+        return [p for k, v in value.items() for p in leaves(v, f"{at}.{k}")] if isinstance(value, dict) else [at]
+
     for key, value in overrides.items():
         parts = str(key).split(".")
         if not all(parts):
             raise ValueError(f"override key {key!r} must be dotted section.field names, e.g. 'extract.t_hi'")
+        for name in leaves(value, str(key)):  # ({"extract.n": 16, "extract": {"n": 8}} kept 8 without a word)
+            if name in seen:
+                raise ValueError(f"{name} is given twice (as {seen[name]!r} and as {key!r}); give it once")
+            seen[name] = str(key)
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})

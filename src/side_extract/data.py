@@ -18,7 +18,9 @@ import dataclasses
 import hashlib
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +96,22 @@ def fingerprint(images: np.ndarray) -> str:
     h.update(repr(tuple(images.shape)).encode())
     h.update(np.ascontiguousarray(images).tobytes())
     return h.hexdigest()
+
+
+def check_float_images(x: Any, name: str, shape: Sequence[int] | None = None) -> None:
+    """Refuse ``x`` unless it is images as the stages take them: a float torch tensor (n, C, H, W) in [-1, 1]
+    (:func:`to_float` of uint8 images); ``shape``: the (C, H, W) it must have (a model's ``sample_shape``)."""
+    form = "a float torch tensor (n, C, H, W) in [-1, 1] (side_extract.data.to_float of uint8 (N, H, W, C) images)"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: images must be {form}, got {got}")
+    if x.ndim != 4 or (shape is None and x.shape[1] not in (1, 3)):
+        raise ValueError(f"{name}: images must be {form}, got shape {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"{name}: images are {tuple(x.shape[1:])} (C, H, W) but the model's are {tuple(shape)}")
+    if x.numel() and (float(x.min()) < -1.001 or float(x.max()) > 1.001):
+        raise ValueError(f"{name}: images must lie in [-1, 1], got values {float(x.min()):g}..{float(x.max()):g} "
+                         "(0-255 pixels? use side_extract.data.to_float)")
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:

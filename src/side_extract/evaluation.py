@@ -207,6 +207,10 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     generation's nearest neighbours (AMS, p95; eqs. 6-7) and every in-band pair (UMS, eqs. 8-9, N_G law);
     3. pixel RMS-L2 neighbours (the same pass for rms-l2) give Carlini's and Gu's ratios; 4. the table.
     """
+    for name, s in (("generated", generated), ("train", train)):
+        if not isinstance(s, ImageSet):  # (an array was an AttributeError)
+            raise ValueError(f"{name} must be an ImageSet (side_extract.ImageSet(uint8 (N, H, W, C) images)), got "
+                             f"{type(s).__name__}")
     c = config or cfg.EvaluateConfig()
     sim = Similarity(c.similarity)
     option_bands = parse_bands(c.bands) if c.bands is not None else None  # fail before any work

@@ -41,14 +41,29 @@ class Guidance(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None: ...
 
 
+def _selected(logp: torch.Tensor, y: torch.Tensor, n_classes: int | None) -> torch.Tensor:
+    """``logp[b, y_b]`` for each sample b; the classifier's outputs checked against the guidance's ``n_classes``
+    and each label against the outputs (a label of -1 picked the last output without a word; 99, an IndexError)."""
+    k = logp.shape[-1]
+    if n_classes is not None and k != n_classes:
+        raise ValueError(f"the guidance classifier has {k} outputs but the guidance names {n_classes} classes "
+                         "(classes: the label value of each output, in order)")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ValueError(f"target labels must be output indices 0..{k - 1} of the classifier, got "
+                         f"{int(y.min())}..{int(y.max())} (an output index, not a class value)")
+    return logp[torch.arange(len(y), device=logp.device), y.to(logp.device)]
+
+
 def log_prob_grad(
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
     temperature: float = 1.0,
+    n_classes: int | None = None,
 ) -> torch.Tensor:
-    """grad_x sum_b log softmax(classifier(x, t) / T)[b, y_b], shape of x.
+    """grad_x sum_b log softmax(classifier(x, t) / T)[b, y_b], shape of x (``y``: output indices; ``n_classes``,
+    where given: the outputs the classifier must have).
 
     The classifier must be in eval mode (a ``torch.nn.Module`` in training mode is refused): in training mode
     BatchNorm mixes the samples of a batch, so one sample's guidance would depend on its batch-mates.
@@ -59,8 +74,7 @@ def log_prob_grad(
     x_in = x.detach().requires_grad_(True)
     tt = t.expand(len(x)) if t.ndim == 0 else t
     logits = classifier(x_in, tt.to(x.device)) / temperature
-    logp = F.log_softmax(logits.float(), dim=-1)
-    selected = logp[torch.arange(len(x), device=x.device), y.to(x.device)]
+    selected = _selected(F.log_softmax(logits.float(), dim=-1), y, n_classes)
     (grad,) = torch.autograd.grad(selected.sum(), x_in)
     return grad
 
@@ -128,7 +142,7 @@ class ClassifierGuidance:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if not self.guides_at(t):
             return None
-        return self.scale * log_prob_grad(self.classifier, x, t, y, self.temperature)
+        return self.scale * log_prob_grad(self.classifier, x, t, y, self.temperature, len(self.classes))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -158,6 +172,6 @@ class DenoisedGuidance(ClassifierGuidance):
         x0 = predict_x0(self.denoiser.scheduler, x_in, int(t), self.denoiser(x_in, t))
         zeros = torch.zeros(len(x), dtype=torch.long, device=x.device)
         logp = F.log_softmax(self.classifier(x0, zeros).float() / self.temperature, dim=-1)
-        selected = logp[torch.arange(len(x), device=x.device), y.to(x.device)]
+        selected = _selected(logp, y, len(self.classes))
         (grad,) = torch.autograd.grad(selected.sum(), x_in)
         return self.scale * grad

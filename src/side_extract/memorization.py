@@ -28,6 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from .data import check_float_images
 from .models.target import Denoiser, predict_x0
 from .sampling import MEMGUIDE_STREAM, MEMORIZATION_STREAM, sample_generators
 
@@ -39,8 +40,7 @@ def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.
         raise ValueError(f"t_fraction={t_fraction} must lie strictly between 0 and 1 (a fraction of the training timesteps)")
     if draws < 1:
         raise ValueError(f"draws={draws} must be >= 1")
-    if x0.ndim != 4:
-        raise ValueError(f"images must be (n, C, H, W), got shape {tuple(x0.shape)}")
+    check_float_images(x0, "denoising_error x0", denoiser.sample_shape)
     t = timestep(t_fraction, denoiser.scheduler.config.num_train_timesteps)
     out = np.empty(len(x0), dtype=np.float64)
     for b0 in range(0, len(x0), batch_size):

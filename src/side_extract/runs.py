@@ -152,6 +152,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return m
 
 
+def settings_changed(run: str | Path, rc: cfg.RunConfig) -> list[str]:
+    """``key old -> new`` for each setting of ``rc`` that differs from the config run directory ``run`` was last
+    run with (none for a new run): what a rerun into it says before it replaces anything."""
+    config = Path(run) / "config.yaml"
+    return cfg.differences(cfg.load_yaml(config), cfg.to_dict(rc)) if config.is_file() else []
+
+
 def evaluated_methods(run: str | Path) -> dict[str, Path]:
     """Each method run directory ``run`` holds an evaluation of (``evaluation/<method>/metrics.json``) -> that
     folder: the config's methods first, in its order, then the others by name (a directory that ran one method at

@@ -321,6 +321,19 @@ def sample_batches(
     if needs_labels and (labels is None or len(labels) != n):
         raise ValueError(f"guided or conditional sampling of {n} samples needs {n} target labels, got "
                          f"{None if labels is None else len(labels)}")
+    if needs_labels:
+        labels = np.asarray(labels)
+        if not np.issubdtype(labels.dtype, np.integer):  # (a float label was truncated without a word)
+            raise ValueError(f"target labels must be integer output indices, got {labels.dtype}")
+        k = len(getattr(denoiser if getattr(denoiser, "conditional", False) else guidance, "classes", ()))
+        if labels.min() < 0 or (k and labels.max() >= k):  # (found before the first step, not at it)
+            raise ValueError(f"target labels must be output indices 0..{k - 1 if k else 'K-1'} (one per class, not "
+                             f"the class values), got {labels.min()}..{labels.max()}")
+    if not hasattr(denoiser, "scheduler") or not hasattr(denoiser, "sample_shape"):
+        hint = " (a Target: pass target.denoiser)" if hasattr(denoiser, "denoiser") else (
+            " (a model: side_extract.as_target(model, scheduler=...).denoiser)")
+        raise ValueError(f"denoiser must be eps(x, t) with its scheduler and sample_shape{hint}, got "
+                         f"{type(denoiser).__name__}")
     sched = inference_scheduler(denoiser.scheduler, scheduler, steps)
     b0 = start
     while b0 < start + n:

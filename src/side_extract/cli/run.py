@@ -26,10 +26,9 @@ E = cfg.ExtractConfig()
 
 def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
     """Name the settings that differ from the config the run directory was last run with."""
-    if not (run / "config.yaml").is_file():
-        return
-    changed = cfg.differences(cfg.load_yaml(run / "config.yaml"), cfg.to_dict(rc))
-    if changed:
+    from ..runs import settings_changed
+
+    if changed := settings_changed(run, rc):
         # one line (the console's soft wrap: it was cut inside a value at 80 columns); a value is no markup
         console.print(f"settings changed since the last run into {run}: {'; '.join(changed)}", markup=False)
 

@@ -90,6 +90,9 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         raise ValueError(f"scheduler={scheduler!r} must be a diffusers scheduler object (e.g. DDPMScheduler), not a "
                          f"{type(scheduler).__name__}")
     if isinstance(model, (str, Path)):
+        if scheduler is not None or sample_shape is not None:  # (they were ignored without a word)
+            raise ValueError(f"scheduler= and sample_shape= are for a model object; the model directory {str(model)!r} "
+                             "brings its own (leave them out)")
         return Target(load_target(model, device), model_fingerprint(model), str(model))
     if isinstance(model, DiffusionPipeline):
         unet, sched = getattr(model, "unet", None), scheduler or getattr(model, "scheduler", None)
