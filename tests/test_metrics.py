@@ -294,3 +294,24 @@ def test_ng_law_by_hand():
     law = ng_law(np.array([0]), np.array([0]), 2, 1, n_grid=[1, 2, 4], n_repeats=1)
     assert law.predicted_unique == pytest.approx([0.5, 0.75, 0.9375])
     assert law.rarefied_unique[:2] == pytest.approx([0.5, 1.0]) and law.rarefied_unique[2] is None
+
+
+def test_extrapolation_counts_images_not_yet_hit_by_hand():
+    """Chao et al. (2014, eq. 9, incidence data): T = 10 generations hit six images, three once (Q1) and two twice
+    (Q2): Q0 = (9/10) 3^2 / (2 * 2) = 2.025 unseen; at 2T, S = 6 + Q0 (1 - (1 - Q1 / (T Q0 + Q1))^10)
+    = 6 + 2.025 (1 - (1 - 3/23.25)^10) = 7.5163. The plug-in sum_j 1 - (1 - p_j)^N can never pass 6."""
+    from side_extract.metrics import extrapolated_unique, unseen_estimate
+
+    counts = np.array([1, 1, 1, 2, 2, 5, 0, 0])
+    assert unseen_estimate(3, 2, 10) == pytest.approx(2.025)
+    assert unseen_estimate(3, 0, 10) == pytest.approx(0.9 * 3)  # no doubletons: (T-1)/T Q1 (Q1 - 1) / 2
+    assert extrapolated_unique(counts, 10, 20) == pytest.approx(7.5163, abs=1e-4)
+    assert extrapolated_unique(counts, 10, 10) == 6.0  # at T itself: the images hit
+    assert extrapolated_unique(counts, 10, 21) is None and extrapolated_unique(counts, 10, 9) is None
+    assert extrapolated_unique(np.array([2, 3, 0]), 10, 20) == 2.0  # nothing seen once: nothing unseen
+    gen = np.repeat(np.arange(6), [1, 1, 1, 2, 2, 5])  # the same hits as a law: generation g hit image t
+    law = ng_law(np.arange(12), gen, n_generated=12, n_train=8, n_grid=[12, 24, 120])
+    assert law.extrapolated_unique[0] is None and law.extrapolated_unique[2] is None
+    assert law.extrapolated_unique[1] == pytest.approx(extrapolated_unique(np.bincount(gen, minlength=8), 12, 24))
+    assert law.extrapolated_unique[1] > 6 >= law.predicted_unique[2]  # (q1, q2) = (3, 2) recorded
+    assert (law.q1, law.q2) == (3, 2)

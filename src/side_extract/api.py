@@ -216,8 +216,8 @@ class Audit:
         """The run's ``summary.json``, what ``side run`` prints and the report's first screen shows: per method the
         distinct training images per band (``distinct``, ``distinct_cumulative``: training images with a
         generation in the band, UMS x N_G; ``distinct_nearest_cumulative``: the distinct nearest training images of
-        the generations at the band or closer, the benchmarks' count), the N_G law's projection, cost and
-        stopping; each SIDE form's and memguide's ratio to the best baseline per metric
+        the generations at the band or closer, the benchmarks' count), the estimate at twice N_G
+        (``estimated_2x``), cost and stopping; each SIDE form's and memguide's ratio to the best baseline per metric
         (``ratios_to_best_baseline``); and the ``verdict`` sentence. Computed from the evaluations the run holds
         now, as the report does (the file is written when a run's evaluations are done, and a later stage command
         can leave it behind)."""

@@ -161,7 +161,11 @@ class NGLaw:
     observed_unique : mean over random nested subsets of the generations (None where N > n_generated)
     rarefied_unique : the exact expectation of observed_unique over all N-subsets (hypergeometric), None
         where N > n_generated. At N = n_generated the plug-in prediction falls below the observed count
-        when many images were hit only once or twice (p_j from few hits is noisy, 1 - (1 - p)^N concave).
+        when many images were hit only once or twice (p_j from few hits is noisy, 1 - (1 - p)^N concave), and
+        it never exceeds the images already hit, however large N: it is no projection to a larger budget.
+    extrapolated_unique : the estimate for n_generated < N <= 2 n_generated that does count images not yet hit
+        (:func:`extrapolated_unique`, Chao et al. 2014), None elsewhere
+    q1, q2 : training images hit by exactly one and exactly two generations (what the estimate rests on)
     hit_probability : (n_train,) p_j (not written to JSON)
     """
 
@@ -173,6 +177,9 @@ class NGLaw:
     observed_std: list[float | None]
     n_repeats: int
     hit_probability: np.ndarray = dataclasses.field(repr=False)
+    extrapolated_unique: list[float | None] = dataclasses.field(default_factory=list)
+    q1: int = 0
+    q2: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hit_probability"}
@@ -181,7 +188,32 @@ class NGLaw:
 
 def default_n_grid(n_generated: int, factor: int = 10) -> list[int]:
     g = np.unique(np.round(np.geomspace(1, factor * n_generated, 30)).astype(int))
-    return sorted(set(g.tolist()) | {n_generated})
+    return sorted(set(g.tolist()) | {n_generated, 2 * n_generated})
+
+
+def unseen_estimate(q1: float, q2: float, n: float) -> float:
+    """Chao's estimate of the species not yet seen from the singletons ``q1`` and doubletons ``q2`` of ``n``
+    sampling units (or individuals): (n - 1) / n * q1^2 / (2 q2), and (n - 1) / n * q1 (q1 - 1) / 2 where q2 = 0
+    (Chao1 / Chao2, bias-corrected; Chao et al. 2014, Ecological Monographs 84: 45-67)."""
+    if n <= 0:
+        return 0.0
+    return (n - 1) / n * (q1 * (q1 - 1) / 2 if q2 == 0 else q1 ** 2 / (2 * q2))
+
+
+def extrapolated_unique(counts: np.ndarray, n_units: int, n: int) -> float | None:
+    """Expected distinct training images hit in ``n`` >= ``n_units`` generations, from ``counts`` (per training
+    image, how many of the ``n_units`` generations hit it): the incidence-based extrapolation of Chao et al.
+    (2014, eq. 9, as coded in the iNEXT package), S_obs + Q0 (1 - (1 - Q1 / (T Q0 + Q1))^(n - T)) with T =
+    ``n_units`` and Q0 = :func:`unseen_estimate`. Unlike sum_j 1 - (1 - p_j)^n it counts images not yet hit; it
+    is reliable to about twice the budget, so None past 2 T (and below T, where rarefaction is exact)."""
+    if not n_units <= n <= 2 * n_units:
+        return None
+    c = np.asarray(counts)
+    s_obs, q1, q2 = int((c > 0).sum()), int((c == 1).sum()), int((c == 2).sum())
+    q0 = unseen_estimate(q1, q2, n_units)
+    if q0 == 0 or q1 == 0:
+        return float(s_obs)
+    return float(s_obs + q0 * (1 - (1 - q1 / (n_units * q0 + q1)) ** (n - n_units)))
 
 
 def _law(counts: np.ndarray, first: np.ndarray, n_generated: int, n_grid: Sequence[int] | None) -> NGLaw:
@@ -201,7 +233,9 @@ def _law(counts: np.ndarray, first: np.ndarray, n_generated: int, n_grid: Sequen
         miss[ok] = np.exp(gammaln(m + 1) - gammaln(m - n + 1) - gammaln(n_generated + 1) + gammaln(n_generated - n + 1))
         rare.append(float((1.0 - miss).sum()))
     return NGLaw(n_generated, grid, pred, [None if o is None else float(o.mean()) for o in obs], rare,
-                 [None if o is None else float(o.std()) for o in obs], len(first), p)
+                 [None if o is None else float(o.std()) for o in obs], len(first), p,
+                 [extrapolated_unique(counts, n_generated, n) if n > n_generated else None for n in grid],
+                 int((counts == 1).sum()), int((counts == 2).sum()))
 
 
 def ng_law(gen_idx: np.ndarray, train_idx: np.ndarray, n_generated: int, n_train: int, *,

@@ -91,13 +91,20 @@ def histograms_figure(hist: dict[str, Any]) -> str:
 
 
 def ng_law_figure(laws: dict[str, dict[str, Any]]) -> str:
-    """Unique training images hit vs N_G: the law's prediction (line), observed subsets (dots), rarefied (dashed)."""
+    """Unique training images hit vs N_G: the plug-in law (thin line), observed subsets (dots), rarefied (dashed),
+    the extrapolation past N_G (thick)."""
     fig, axes = _grid(len(laws))
     for ax, (method, bands) in zip(axes, laws.items()):
         for i, (band, law) in enumerate(bands.items()):
             col = COLORS[i % len(COLORS)]
             n = np.asarray(law["n_grid"], float)
-            ax.plot(n, law["predicted_unique"], color=col, lw=1.5, label=f"{band}: predicted")
+            ax.plot(n, law["predicted_unique"], color=col, lw=0.8, label=f"{band}: plug-in")
+            ext = [(x, e) for x, e in zip(n, law.get("extrapolated_unique") or []) if e is not None]
+            if ext:
+                ex, ey = zip(*ext)
+                last = next((r for r in reversed(law["rarefied_unique"]) if r is not None), None)
+                ax.plot([law["n_generated"], *ex], [last, *ey] if last is not None else [ey[0], *ey], color=col,
+                        lw=2, label=f"{band}: estimated")
             obs = [(x, o, s or 0.0) for x, o, s in zip(n, law["observed_unique"], law["observed_std"]) if o is not None]
             if obs:
                 x, o, s = map(np.asarray, zip(*obs))

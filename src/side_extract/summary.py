@@ -2,8 +2,10 @@
 
 For each method: how many distinct training images it reached per band (exclusive and cumulative: UMS counts,
 every training image within the band of some generation; and ``distinct_nearest_cumulative``, the distinct
-*nearest* training images of the generations at that band or closer, the fair benchmark's count), the N_G
-law's projection to 10x the budget, what it cost (seconds, images/s), where dedup-driven stopping ended it
+*nearest* training images of the generations at that band or closer, the fair benchmark's count), the estimate
+at twice the budget (``estimated_2x``: Chao et al.'s extrapolation, which counts images not yet hit; the N_G law's
+plug-in sum never passes the images already hit, so it is no projection), what it cost (seconds, images/s), where
+dedup-driven stopping ended it
 (``stopped``: after ``at`` of the ``of`` generations asked for), its sample quality, and the ratio of
 each SIDE form to the best baseline per metric (shares per generation asked for, where a method stopped early:
 :func:`per_budget`); the verdict in one sentence; and ``findings``, what every method and the synthetic set found
@@ -95,13 +97,14 @@ def method_summary(m: dict[str, Any], stage: dict[str, Any] | None, eval_dir: Pa
         "distinct": {b: int(round(v * n)) for b, v in m["ums"].items()},
         "distinct_cumulative": {b: int(round(v * n)) for b, v in m["ums_cumulative"].items()},
         "distinct_nearest_cumulative": nearest,
-        "projected_10x": {}, "carlini_extracted": m["carlini"]["extracted_fraction"],
+        "estimated_2x": {}, "carlini_extracted": m["carlini"]["extracted_fraction"],
         "seconds": None, "images_per_second": None, "quality": m.get("quality") or {},
         "copy_guard": m.get("copy_guard")}
-    for b, law in (m.get("ng_law") or {}).items():
-        grid, pred = law.get("n_grid") or [], law.get("predicted_unique") or []
-        if grid and grid[-1] >= 10 * n:
-            out["projected_10x"][b] = {"n_generated": grid[-1], "distinct": round(float(pred[-1]), 1)}
+    for b, law in (m.get("ng_law") or {}).items():  # (an evaluation made before the estimate has none)
+        est = dict(zip(law.get("n_grid") or [], law.get("extrapolated_unique") or []))
+        if est.get(2 * n) is not None:
+            out["estimated_2x"][b] = {"n_generated": 2 * n, "distinct": round(float(est[2 * n]), 1),
+                                      "seen_once": law.get("q1"), "seen_twice": law.get("q2")}
     if stage and "stopped" in stage:  # dedup-driven stopping ended it before N_G (extract.stop_unseen)
         out["stopped"] = {**stage["stopped"], "of": stage.get("n")}
     if stage and stage.get("seconds"):

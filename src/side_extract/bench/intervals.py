@@ -50,6 +50,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from ..evaluation import distinct_count, per_generation_stats
+from ..metrics import unseen_estimate
 
 INTERVAL_METHOD = ("log ratio of replicate means, t with R - 1 df; SE the larger of the replicates' (paired delta "
                    "method) and the resampling's (shares: generations; distinct counts: iNEXT assemblage)")
@@ -88,7 +89,7 @@ def richness_assemblage(counts: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0)
     f1, f2 = float(np.sum(c == 1)), float(np.sum(c == 2))
-    f0 = (n - 1) / n * (f1 * (f1 - 1) / 2 if f2 == 0 else f1 ** 2 / (2 * f2))
+    f0 = unseen_estimate(f1, f2, n)
     a = f1 / n * (n * f0 / (n * f0 + f1) if f1 > 0 else 1.0)
     p = c / n
     w = 0.0 if f0 == 0 else a / float(np.sum(p * (1 - p) ** n))
