@@ -206,3 +206,16 @@ def test_unet_feature_classifier_trains_its_head_only_and_guides(tmp_path):
     with pytest.raises(ValueError, match="guidance_input"):
         cfg.ClassifierConfig(backbone="unet", guidance_input="x0_hat")
     assert build_classifier(ClassifierArch(num_classes=3, in_channels=1, image_size=8)).arch.backbone == "resnet"
+
+
+def test_the_most_common_held_out_labels_share_is_recorded():
+    """30 images of class 0 and 10 of class 1, a quarter of each held out (rounded down): 7 and 2, so always answering
+    0 scores 7/9 on the held-out images."""
+    from side_extract import config as cfg
+    from side_extract.training import fit_label_classifier
+
+    x = torch.rand(40, 1, 8, 8) * 2 - 1
+    y = np.array([0] * 30 + [1] * 10)
+    c = cfg.ClassifierConfig(depth=10, width=8, steps=1, eval_fraction=0.25)
+    res = fit_label_classifier(x, y, c, scheduler=None)
+    assert res.majority_rate == pytest.approx(7 / 9)

@@ -537,3 +537,37 @@ def test_report_image_size_is_bounded_before_the_report_is_built(tmp_path):
             write_report(tmp_path / "no-run", image_size=bad)  # refused before the (missing) run is read
     r = CliRunner().invoke(app, ["report", str(tmp_path), "--image-size", "5000"])
     assert r.exit_code != 0 and "from 1 to 1024" in r.output
+
+
+def test_a_method_left_unevaluated_or_measured_in_other_bands_is_said(run_dir, tmp_path):
+    """A helper's review: a configured method whose evaluation was deleted vanished without a word (the verdict
+    moved to another best baseline), and a method measured with other bands sat under the run's band headers,
+    its histogram shaded with the run's bands."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    configured = cfg.RunConfig().extract.methods
+    notes = build_report(run)["notes"]
+    said = [n for n in notes if "in the config's methods but not evaluated" in n]
+    assert len(said) == 1 and said[0].startswith(", ".join(m for m in configured if m not in ("side", "uncond")))
+    m = json.loads((run / "evaluation" / "uncond" / "metrics.json").read_text())
+    m["bands"] = {b: [lo * 0.5, hi * 0.5] for b, (lo, hi) in m["bands"].items()}
+    (run / "evaluation" / "uncond" / "metrics.json").write_text(json.dumps(m))
+    data = build_report(run)
+    assert not data["comparison"]["same_bands"] and set(data["comparison"]["best"]) <= {"carlini", "gu"}
+    (hist,) = data["histograms"]
+    assert hist["method_bands"]["uncond"] == m["bands"] and hist["method_bands"]["side"] != m["bands"]
+    html = write_report(run).read_text()
+    assert "(not compared: its evaluation used other bands)" in html
+    assert "so no band column\nhighlights a best" in html and "the best method per column is highlighted" not in html
+
+
+def test_classifier_table_shows_what_always_answering_the_most_common_label_scores(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    saved = json.loads((run / "classifier" / "config.json").read_text())
+    (run / "classifier" / "config.json").write_text(json.dumps({**saved, "majority_rate": 0.802}))
+    data = build_report(run)
+    assert data["classifiers"]["classifier"]["majority"] == 0.802
+    assert data["classifiers"]["classifier-clean"]["majority"] is None  # (saved before it was recorded)
+    html = write_report(run).read_text()
+    assert "most common label (%)" in html and "<td>80.2</td>" in html

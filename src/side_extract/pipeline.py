@@ -196,7 +196,8 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
                                       name=name, group=group, unet=_classifier_unet(ctx.denoiser, c, clean))
         if group.main:
             save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c),
-                                                            "processes": group.world})
+                                                            "processes": group.world,
+                                                            "majority_rate": result.majority_rate})
             ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy, processes=group.world,
                              rows_per_process=result.rows_per_process)
         group.barrier()

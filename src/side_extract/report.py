@@ -86,7 +86,7 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
             target = (max if c["better"] == "max" else min)(v for _, v in vals)
             best[c["key"]] = [n for n, v in vals if v == target]
     header = [{"label": g, "span": len(list(cs))} for g, cs in itertools.groupby(cols, key=lambda c: c["group"])]
-    return {"columns": cols, "header": header, "rows": rows, "best": best, "bands": bands}
+    return {"columns": cols, "header": header, "rows": rows, "best": best, "bands": bands, "same_bands": same}
 
 
 def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
@@ -164,6 +164,7 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, HIST_BINS + 1)
         first = metrics[names[0]]
         out.append({"similarity": spec, "orientation": first["orientation"], "bands": first["bands"],
+                    "method_bands": {n: metrics[n]["bands"] for n in names},  # (each panel shaded with its own)
                     "edges": edges.tolist(),
                     "methods": {n: np.histogram(tables[n]["similarity"], edges)[0].tolist() for n in names},
                     "null": {k: np.histogram(v, edges)[0].tolist() for k, v in null.items()},
@@ -225,9 +226,11 @@ def _classifiers(run: Path) -> dict[str, Any]:
     for name in CLASSIFIERS:
         p = run / name / "config.json"
         if p.is_file():
-            hist = read_json(p, dict).get("history") or []
+            saved = read_json(p, dict)
+            hist = saved.get("history") or []
             final = next((h["accuracy"] for h in reversed(hist) if h.get("accuracy")), {})
-            out[name] = {"history": hist, "final": final, "steps": hist[-1]["step"] if hist else 0}
+            out[name] = {"history": hist, "final": final, "steps": hist[-1]["step"] if hist else 0,
+                         "majority": saved.get("majority_rate")}
     return out
 
 
@@ -320,6 +323,11 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
                      "longer holds (evaluate again: side extract --run RUN, or side run)")
     elif not metrics:
         notes.append("no evaluation/<method>/metrics.json: run the evaluation stage (side run / side evaluate)")
+    configured = (config.get("extract") or {}).get("methods") or []
+    if metrics and (unmeasured := [m for m in configured if m not in metrics and m not in left]):
+        notes.append(f"{', '.join(unmeasured)}: in the config's methods but not evaluated (no "
+                     "evaluation/<method>/metrics.json), so this report leaves them out: the comparison and the "
+                     "verdict are of the others (evaluate them: side extract --run RUN)")
     stale = stale_stages(read_stages(run), read_model(run))
     for n in metrics:
         if roots := stale.get(f"extraction/{n}"):

@@ -71,7 +71,8 @@ def histograms_figure(hist: dict[str, Any]) -> str:
     edges = np.asarray(hist["edges"])
     width = np.diff(edges)
     for ax, (name, counts) in zip(axes, methods.items()):
-        closest = sorted(hist["bands"].items(), key=lambda kv: -kv[1][0] if hist["orientation"] == "similarity"
+        bands = (hist.get("method_bands") or {}).get(name, hist["bands"])  # its own evaluation's bands
+        closest = sorted(bands.items(), key=lambda kv: -kv[1][0] if hist["orientation"] == "similarity"
                          else kv[1][1])  # darkest = closest band
         for (bname, (lo, hi)), col in zip(closest, ("#d9534f", "#f08a6c", "#f9b98c", "#fde0c5", "#fdeee0")):
             if min(hi, edges[-1]) > max(lo, edges[0]):

@@ -46,6 +46,8 @@ class ClassifierTrainResult:
     history: list[dict]
     final_accuracy: dict[str, float]
     rows_per_process: int = 0  # rows of each batch this process trained on (the whole batch for one process)
+    # the held-out images' most common label's share: the accuracy of always answering it (None: none held out)
+    majority_rate: float | None = None
 
 
 def _gen(seed: int, step: int) -> torch.Generator:
@@ -209,7 +211,8 @@ def train_classifier(
         atomic_write_json(Path(out) / "log.json", {"history": history, "n_train": len(tr), "n_eval": n_eval,
                                                    "processes": group.world, "rows_per_process": group.local_count(n_batch)})
     final = history[-1].get("accuracy", {}) if history else {}
-    return ClassifierTrainResult(model, history, final, group.local_count(n_batch))
+    majority = float(torch.bincount(y_ev).max()) / n_eval if n_eval else None
+    return ClassifierTrainResult(model, history, final, group.local_count(n_batch), majority)
 
 
 def fit_label_classifier(
