@@ -48,6 +48,9 @@ def test_in_memory_unet_end_to_end_without_a_model_directory(tmp_path, one_threa
     res = side_extract.audit(unet, digits.images, labels=digits.labels, scheduler=tiny_scheduler(), config=SMALL,
                              out=tmp_path / "run", methods=["side", "cond", "uncond"])
     assert isinstance(res, Audit) and set(res.methods) == {"side", "cond", "uncond"}
+    shards = load_shards(tmp_path / "run" / "extraction" / "side")
+    for p in res.pairs("side", top=3):  # each generation's SIDE target cluster, as its shard holds it
+        assert p.target_label == int(shards.labels[list(shards.ids).index(p.generation_id)])
     assert not list(tmp_path.rglob("unet"))  # no model directory was written anywhere
     assert res.config.model.startswith("in-memory UNet2DModel")
     assert len(list((tmp_path / "run" / "inputs").glob("train-*.npz"))) == 1
@@ -450,6 +453,8 @@ def test_a_rerun_into_an_audit_names_what_changed_and_marks_what_it_cannot_compa
     train = side_extract.load_image_set(res.config.train)
     for p in res.pairs("uncond"):  # the row of the nearest image in the run's training set, beside its id
         np.testing.assert_array_equal(p.nearest, train.images[p.train_index])
+        assert p.target_label is None  # (unguided)
+    assert len(res.pairs("uncond", top=np.int64(2))) == 2  # (a numpy integer was refused)
 
 
 def test_an_audits_ids_paths_and_equality_are_the_callers(tmp_path, one_thread, monkeypatch):

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import logging
+import numbers
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,7 +149,8 @@ class MethodResult:
 class ExtractedPair:
     """A generation beside its nearest training image. Images: (H, W, C) uint8. ``train_index``: the training
     image's row in the run's training set (``load_image_set(config.train).images[train_index]``); ``train_id``: its
-    id there (``ImageSet.ids``: an index file's ids, a digits subset's digit numbers; the row where it has none)."""
+    id there (``ImageSet.ids``: an index file's ids, a digits subset's digit numbers; the row where it has none).
+    ``target_label``: the label the generation was guided toward (a surrogate cluster, a class; None: unguided)."""
 
     method: str
     generation_id: int
@@ -158,6 +160,7 @@ class ExtractedPair:
     band: str
     generation: np.ndarray = dataclasses.field(repr=False)
     nearest: np.ndarray = dataclasses.field(repr=False)
+    target_label: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +269,7 @@ class Audit:
         when given: that band alone, where :meth:`findings`' ``at``/``count``/``only`` take the band or closer; the
         ``top`` closest, when given). ``"synthetic"``: the synthetic set's samples, where the run
         measured it (a source of :meth:`findings`)."""
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        if top is not None and (isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1):
             raise ValueError(f"top={top!r} must be a positive integer (or None: every pair)")
         synthetic = evaluated_synthetic(self.run) if method not in self.methods else None
         if method not in self.methods and (method != SYNTHETIC or synthetic is None):
@@ -281,12 +284,13 @@ class Audit:
         with np.load(evaluated / "per_generation.npz", allow_pickle=False) as z:
             gid, tidx, tid = z["generation_id"], z["nearest_train_index"], z["nearest_train_id"]
             sim, bands = z["similarity"].astype(float), z["band"].astype(str)
+            target = z["target_label"] if "target_label" in z.files else np.full(len(gid), -1)
         order = np.argsort(-sim if result.orientation == "similarity" else sim, kind="stable")
         if band is not None:
             if band not in result.bands:
                 raise ValueError(f"band={band!r} must be one of {', '.join(result.bands)}")
             order = order[bands[order] == band]
-        order = order[:top] if top is not None else order
+        order = order[:int(top)] if top is not None else order
         gen = load_shards(made)
         row_of = {int(i): r for r, i in enumerate(gen.ids)}
         train = load_image_set(self.config.train, self.config.train_resize)
@@ -297,7 +301,8 @@ class Audit:
                              f"another): its nearest training images cannot be shown; measure it again "
                              f"(audit(..., methods=[{method!r}]))")
         return [ExtractedPair(method, int(gid[i]), int(tid[i]), int(tidx[i]), float(sim[i]), str(bands[i]),
-                              gen.images[row_of[int(gid[i])]], train.images[int(tidx[i])]) for i in order]
+                              gen.images[row_of[int(gid[i])]], train.images[int(tidx[i])],
+                              None if target[i] < 0 else int(target[i])) for i in order]
 
     def regenerate(self, method: str, indices: Sequence[int], *, model: ModelLike | None = None,
                    scheduler: SchedulerMixin | None = None, sample_shape: Sequence[int] | None = None,
