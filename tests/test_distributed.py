@@ -229,6 +229,7 @@ def test_the_wait_for_the_main_process_is_bounded_by_the_configured_timeout():
 
     short = launch(1, 6)
     assert short.returncode != 0 and "rank 1 passed the barrier" not in short.stdout
+    assert "Timed out waiting 1000ms" in short.stderr, short.stderr[-2000:]  # the configured 1 s, not another failure
     ok = launch(60, 3)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "rank 0 passed the barrier" in ok.stdout and "rank 1 passed the barrier" in ok.stdout
