@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,21 @@ def test_the_wait_for_the_main_process_is_bounded_by_the_configured_timeout():
     assert "rank 0 passed the barrier" in ok.stdout and "rank 1 passed the barrier" in ok.stdout
 
 
+@pytest.mark.parametrize("mode", ["uncaught", "cli"])
+def test_a_process_failing_alone_ends_the_launch_at_once(mode):
+    """Process 1 fails while the main process waits for it at an exchange: the launch hung until the process
+    timeout (a day by default; 120 s here), the failed process waiting at the exit barrier the main one never
+    reached. Now it leaves at once and torchrun stops the main process."""
+    script = str(Path(__file__).parent / "dist_error.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="120")
+    t0 = time.time()
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, mode], capture_output=True, text=True,
+                       env=env, timeout=180)
+    assert r.returncode != 0 and "main passed the barrier" not in r.stdout
+    assert "process 1 fails alone" in r.stdout + r.stderr
+    assert time.time() - t0 < 60, r.stderr[-2000:]
+
+
 def test_a_bad_timeout_is_named():
     from side_extract.distributed import process_timeout
 
@@ -259,3 +275,9 @@ def test_the_python_api_under_torchrun(tiny_model_dir, tmp_path):
     assert "rank 0 done: 6 generations" in out and "rank 1 done: 6 generations" in out
     stages = read_json(tmp_path / "run" / "manifest.json")["stages"]
     assert stages["evaluation/uncond"]["status"] == "complete"
+    # processes given other settings mixed their shards into one run without a word (exit 0): refused on both
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tiny_model_dir),
+                           str(tmp_path / "mixed"), "disagree"], capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count("the processes of this launch were given different settings") >= 1
+    assert not (tmp_path / "mixed" / "extraction").exists()

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -85,6 +86,16 @@ def process_timeout() -> datetime.timedelta:
 
 
 CLOSE_BARRIER_S = 60.0  # how long a finished process waits at exit for the others (a dead peer: then it goes on)
+_LEAVING_WITH: list[int] = []  # the exit status this process leaves with on an error (see leaving_on_error)
+
+
+def leaving_on_error(status: int = 1) -> None:
+    """Say that this process is leaving on an error (the command line's error exit says so; an uncaught exception
+    is seen by itself): its exit then tears the group down at once instead of waiting at the exit barrier. The
+    others may be waiting for it at another exchange, which that barrier never answers: a launch whose process 1
+    failed alone hung until ``$SIDE_PROCESS_TIMEOUT_S`` (a day by default). Leaving at once, its launcher
+    (torchrun, accelerate) stops the others. ``status``: the exit status it leaves with."""
+    _LEAVING_WITH[:] = [status]
 
 
 def _close_process_group() -> None:
@@ -98,6 +109,10 @@ def _close_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if _LEAVING_WITH or getattr(sys, "last_value", None) is not None:  # (uncaught: Python sets it)
+            log.warning("this process is leaving on an error: its launcher stops the others")
+            os._exit(_LEAVING_WITH[0] if _LEAVING_WITH else 1)  # (no teardown: the others may be inside an
+            # exchange with it, and gloo's would wait for them)
         try:
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=CLOSE_BARRIER_S))
         except RuntimeError as e:  # a process that failed or died: tear down anyway
@@ -188,6 +203,21 @@ class ProcessGroup:
         if status == "error":
             raise RuntimeError(f"the main process failed: {value}")
         return value
+
+    def agree(self, value: Any, what: str) -> None:
+        """Refuse, on every process, a launch whose processes disagree on ``value`` (``what`` names it): processes
+        given other configs or run directories mixed their stages' files without a word (each machine of a launch
+        reads its own command line)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        if any(v != values[0] for v in values):
+            other = next(r for r, v in enumerate(values) if v != values[0])
+            raise ValueError(f"the processes of this launch were given different {what}: process 0 {values[0]!r}, "
+                             f"process {other} {values[other]!r} (give every process the same command line)")
 
     def together(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on every process (each its own share of some work), then check in: an error on any

@@ -796,7 +796,10 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         check_unlocked(path)  # another writer: said at once, not after the model has loaded
     if target is None:
         target = load_run_target(rc, device)
-    preflight(rc, target.denoiser, until, warn_inert=warn_inert)
+    preflight(rc, target.denoiser, until, warn_inert=warn_inert and group.main)
+    group.agree({"config": fingerprint_of(rc), "model": target.fingerprint, "until": until, "run": str(path),
+                 "replace": replace}, "settings (config or model), stage or run directory")  # (the values, not
+    # the files they name: each machine of a launch may read its own copy)
     with run_lock(path, wait=wait) if group.main else contextlib.nullcontext():  # a launch is one writer
         run = RunDir(path, replace=replace, group=group)
         config = run.path / "config.yaml"

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import config as cfg
-from ..distributed import check_device
+from ..distributed import ProcessGroup, check_device, leaving_on_error
 
 # soft_wrap: a message is one line however long (a path or value in it stays whole; the terminal wraps it)
 console = Console(stderr=True, emoji=False, soft_wrap=True)
@@ -35,11 +35,18 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except ValueError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            leaving_on_error(2)
             raise typer.Exit(2) from None
         except OSError as e:
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             console.print(f"[bold red]error:[/] {e.strerror or e}{where}", highlight=False, soft_wrap=True)
+            leaving_on_error(2)
             raise typer.Exit(2) from None
+        except BaseException as e:
+            code = getattr(e, "exit_code", getattr(e, "code", 1))
+            if code not in (0, None):  # (typer.Exit / SystemExit 0: a command that is done)
+                leaving_on_error(code if isinstance(code, int) else 1)
+            raise
 
     return wrapper
 
@@ -150,7 +157,11 @@ def progress_lines(name: str, every: float = 30.0) -> Callable[[int, int], None]
 def progress_bar(ctx: typer.Context, description: str, *,
                  lines: bool = True) -> Iterator[Callable[[int, int], None] | None]:
     """A rich progress bar as a ``callback(done, total)``; with progress bars switched off, a line now and then
-    (:func:`progress_lines`), or None where ``lines`` is False (the caller reports in its own words)."""
+    (:func:`progress_lines`), or None where ``lines`` is False (the caller reports in its own words). In a launch
+    of several processes only the main one reports (the others' bars interleaved with its own, and stopped short)."""
+    if not ProcessGroup.from_env().main:
+        yield (lambda done, total: None) if lines else None
+        return
     if not progress_enabled(ctx):
         yield progress_lines(description) if lines else None
         return

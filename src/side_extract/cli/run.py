@@ -35,7 +35,11 @@ def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
 
 @contextlib.contextmanager
 def stage_progress(ctx: typer.Context) -> Iterator[Any]:
-    """A progress factory: one rich bar per stage (a line now and then when progress bars are off)."""
+    """A progress factory: one rich bar per stage (a line now and then when progress bars are off); nothing on the
+    other processes of a launch (the main one reports)."""
+    if not ProcessGroup.from_env().main:
+        yield lambda name: None
+        return
     if not progress_enabled(ctx):
         yield progress_lines
         return
