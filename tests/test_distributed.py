@@ -75,6 +75,12 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     assert stages["synthetic"]["processes"] == 2 and all(v["status"] == "complete" for v in stages.values())
     for name in ("classifier", "classifier-clean"):  # trained data-parallel: each process half of every batch
         assert stages[name]["processes"] == 2 and stages[name]["rows_per_process"] == 8
+        # BatchNorm normalises with the global batch's statistics on the CPU too (it used each process's own rows:
+        # weights 0.04 apart after these 4 steps, where float rounding leaves them within 1e-5)
+        a = load_file(str(tmp_path / "one" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / name / "model.safetensors"))
+        apart = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        assert apart < 1e-4, (name, apart)
     assert stages["lora"]["processes"] == 2
     # the evaluations are split between the processes (the i-th method to evaluate on process i mod 2)
     assert {stages[f"evaluation/{m}"]["evaluated_by"] for m in ("side", "cond", "uncond", "side-lora")} == {0, 1}
