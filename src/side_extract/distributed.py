@@ -307,7 +307,6 @@ class ProcessGroup:
                                "launched with the same configuration and data")
 
 
-@functools.cache
 def _global_batchnorm(model: "torch.nn.Module") -> None:
     """Make ``model``'s BatchNorm2d layers normalise with the global batch's statistics on the CPU, as torch's
     SyncBatchNorm does on GPUs (which it alone supports): each layer's per-channel sums, sums of squares and row
@@ -353,6 +352,7 @@ def _global_batchnorm_class() -> type:
     return type("GlobalBatchNorm2d", (torch.nn.BatchNorm2d,), {"forward": _global_batchnorm_forward})
 
 
+@functools.cache
 def _nccl_group() -> Any:
     import torch.distributed as dist
 
