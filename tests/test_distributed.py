@@ -108,7 +108,8 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(load_shards(tmp_path / "two" / "synthetic").images,
                                   load_shards(tmp_path / "one" / "synthetic").images)
     entry = read_json(tmp_path / "two" / "manifest.json")["stages"]["synthetic"]
-    assert entry["processes"] == 2 and entry["shards_written_now"] == 1  # each process wrote one missing shard
+    assert entry["processes"] == 2 and entry["shards_written_now"] == 2  # each process wrote one missing shard (the
+    # manifest counted the main process's only)
     # side extract on a finished run: the table and the findings said once, by the main process (not once each)
     proc = _run(["--threads", "1", "--no-progress", "extract", "--run", str(tmp_path / "two")], 2)
     said = proc.stdout + proc.stderr
@@ -143,7 +144,7 @@ def test_rounds_are_written_in_parallel_and_equal_one_process(tiny_model_dir, tm
     for m in ("side", "memguide", "side-lora"):
         _same_shards(tmp_path / "one" / "extraction" / m, tmp_path / "two" / "extraction" / m)
         assert len(list((tmp_path / "two" / "extraction" / m).glob("shard-*.npz"))) == 4  # 2 rounds of 2 shards
-        assert stages[f"extraction/{m}"]["processes"] == 2 and stages[f"extraction/{m}"]["shards_written_now"] == 2
+        assert stages[f"extraction/{m}"]["processes"] == 2 and stages[f"extraction/{m}"]["shards_written_now"] == 4
     side = load_shards(tmp_path / "two" / "extraction" / "side")
     assert (side.labels >= 0).all()
     # side-lora's second round is the adaptive allocation's draw, not the uniform one (which it took before)
@@ -172,7 +173,8 @@ def test_dedup_driven_stopping_stops_both_processes_where_one_stops(tiny_model_d
     _run([*args, "--run", str(tmp_path / "two")], 2)
     _same_shards(tmp_path / "one" / "extraction" / "uncond", tmp_path / "two" / "extraction" / "uncond")
     entry = read_json(tmp_path / "two" / "manifest.json")["stages"]["extraction/uncond"]
-    assert entry["stopped"]["at"] == 8 and entry["processes"] == 2 and entry["shards_written_now"] == 2
+    assert entry["stopped"]["at"] == 8 and entry["processes"] == 2 and entry["shards_written_now"] == 4  # (both
+    # processes' shards: the main one's alone were counted)
     assert len(list((tmp_path / "two" / "extraction" / "uncond").glob("shard-*.npz"))) == 4
 
 

@@ -205,6 +205,16 @@ class ProcessGroup:
             raise RuntimeError(f"the main process failed: {value}")
         return value
 
+    def total(self, value: int) -> int:
+        """The sum of every process's ``value`` (e.g. the shards each one wrote), on every process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return sum(values)
+
     def agree(self, value: Any, what: str) -> None:
         """Refuse, on every process, a launch whose processes disagree on ``value`` (``what`` names it): processes
         given other configs or run directories mixed their stages' files without a word (each machine of a launch

@@ -892,9 +892,9 @@ def shard_stage(
                 stopped.update(at=end, **said)
             return said is not None
 
-        written = write_shards(directory, rounds, make_shard, progress, group=group,
-                               stop=None if stop is None else stop_at)
-        group.barrier()
+        # (checked in: a process that failed writing raises on every process, instead of the others waiting for it)
+        written = group.total(group.together(lambda: write_shards(directory, rounds, make_shard, progress, group=group,
+                                                                  stop=None if stop is None else stop_at)))
         if stopped and progress is not None:  # ended early: the work is done at the stop (a bar fills, a line says so)
             progress(stopped["at"], stopped["at"])
         if group.main and stopped:  # shards past the stop, left by an earlier attempt that stopped later
