@@ -528,3 +528,23 @@ def test_a_setting_given_twice_or_ignored_is_refused():
     assert side_extract.api._run_config({"extract.n": 16, "extract": {"steps": 8}}).extract.n == 16
     with pytest.raises(ValueError, match="scheduler= and sample_shape= are for a model object"):
         as_target("demo", scheduler=tiny_scheduler())
+
+
+def test_errors_name_what_the_caller_passed():
+    """A refusal named the file an in-memory set was saved to (out/inputs/train-<hash>.npz), which the caller never
+    named, and told them to give an .npz with labels; seed=None and stop < start were a TypeError and "n=-3"."""
+    import tempfile
+
+    digits = side_extract.load_image_set("digits:30")
+    with tempfile.TemporaryDirectory() as tmp:
+        with pytest.raises(ValueError) as e:
+            side_extract.audit(tiny_unet(), digits.images, scheduler=tiny_scheduler(), config=SMALL,
+                               out=Path(tmp) / "a", methods=["cond"])
+    said = str(e.value)
+    assert "train= (the images passed in memory, saved as train-" in said and "/inputs/" not in said
+    assert "audit(..., labels=...)" in said
+    target = as_target(tiny_unet(), scheduler=tiny_scheduler())
+    with pytest.raises(ValueError, match="seed=None must be an integer >= 0"):
+        side_extract.sample(target.denoiser, 2, steps=2, seed=None)
+    with pytest.raises(ValueError, match="start=5, stop=2: generations start .. stop - 1 need integers"):
+        extract(target.denoiser, cfg.ExtractConfig(steps=2), None, 5, 2)

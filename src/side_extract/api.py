@@ -479,6 +479,7 @@ def audit(
     fresh = not Path(out).exists()
     new_inputs = not (Path(out) / "inputs").exists()  # a folder this call makes, which a refusal removes again
     written: list[Path] = []  # the input files this call wrote
+    saved_as: dict[str, str] = {}  # an in-memory set's saved path -> the argument it came in
     locked = False  # (refused before the lock, e.g. another writer holds it: nothing here is this call's)
 
     def saved(name: str, images: ImageSet) -> str:
@@ -488,6 +489,7 @@ def audit(
         key = fingerprint_of(images.fingerprint(), None if images.labels is None else image_fingerprint(images.labels),
                              *([ids] if ids else []))
         path = Path(out).resolve() / "inputs" / f"{name}-{key[:12]}.npz"
+        saved_as[str(path)] = name
         if group.main and not path.exists():
             written.append(path)
         extra = {} if images.labels is None else {"labels": images.labels}
@@ -506,7 +508,7 @@ def audit(
             if group.main and (changed := settings_changed(out, rc)):
                 log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
             run_with_sweeps(out, rc, device=device, progress=progress, target=target)
-    except BaseException:
+    except BaseException as e:
         if not (group.main and locked):
             pass
         elif fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
@@ -519,6 +521,12 @@ def audit(
             for path in written:
                 if str(path) not in keep:
                     path.unlink(missing_ok=True)
+        if isinstance(e, ValueError) and any(p in str(e) for p in saved_as):  # name what the caller passed, not
+            text = str(e)  # the file it was saved to (which the user never named)
+            for path, name in saved_as.items():
+                text = text.replace(repr(path), path).replace(path, f"{name}= (the images passed in memory, saved as "
+                                                                     f"{Path(path).name})")
+            raise ValueError(text) from None
         raise
     return Audit.load(out)
 

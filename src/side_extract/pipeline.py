@@ -652,8 +652,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if needs_train and train.labels is None:
             problems.append(f"methods {', '.join(sorted({'cond', 'side-teacher'} & methods))} need a labelled training "
                             f"set; {rc.train!r} has no labels (give an .npz with 'labels', or digits; a folder of "
-                            "images has none), or leave them out of extract.methods (the default methods include cond; "
-                            "side, memguide and uncond need no labels)")
+                            "images has none; from Python, audit(..., labels=...)), or leave them out of "
+                            "extract.methods (the default methods include cond; side, memguide and uncond need no "
+                            "labels)")
         elif needs_train and (n_classes := labelled_classes(train.labels)) < 2:
             problems.append(f"methods cond and side-teacher train a classifier on the training set's labels; "
                             f"{rc.train!r} has {n_classes} labelled class(es), it needs at least 2")

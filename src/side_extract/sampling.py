@@ -316,6 +316,9 @@ def sample_batches(
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
     if n <= 0:
         raise ValueError(f"n={n} must be positive")
+    for name, v in (("seed", seed), ("start", start)):  # (seed=None was a TypeError deep in the noise streams)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name}={v!r} must be an integer >= 0")
     needs_labels = getattr(denoiser, "conditional", False) or (
         guidance is not None and not getattr(guidance, "uses_ids", False))
     if needs_labels and (labels is None or len(labels) != n):
