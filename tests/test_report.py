@@ -571,3 +571,20 @@ def test_classifier_table_shows_what_always_answering_the_most_common_label_scor
     assert data["classifiers"]["classifier-clean"]["majority"] is None  # (saved before it was recorded)
     html = write_report(run).read_text()
     assert "most common label (%)" in html and "<td>80.2</td>" in html
+
+
+def test_kid_best_is_marked_only_beyond_its_standard_error():
+    """The demo's KID x1000 (a review's find): cond 41.67 +- 7.58, side 47.73 +- 7.14, uncond 47.80 +- 8.42 (x1e-3):
+    cond was marked best although the differences lie within one standard error. By hand: 47.73 - 41.67 = 6.06 <=
+    1.96 sqrt(7.58^2 + 7.14^2) = 20.4, so no best; with errors of 0.5 the gap is 6.06 > 1.96 * 0.71 = 1.39."""
+    from side_extract.report import _quality
+
+    def metrics(se):
+        rows = {"cond": (41.67, 7.58), "side": (47.73, 7.14), "uncond": (47.80, 8.42)}
+        return {m: {"quality": {"pixels": {"frechet": 1.0 + i, "kid": k * 1e-3, "kid_se": (se or e) * 1e-3,
+                                           "precision": 0.5, "recall": 0.5 + i / 10}}}
+                for i, (m, (k, e)) in enumerate(rows.items())}
+
+    assert _quality(metrics(None))["best"]["pixels"]["kid"] is None
+    assert _quality(metrics(0.5))["best"]["pixels"]["kid"] == "cond"
+    assert _quality(metrics(None))["best"]["pixels"]["frechet"] == "cond"  # (the others as before)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,13 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
         return None
     best = {s: {k: (min if k in ("frechet", "kid") else max)(rows, key=lambda r: r[k])["method"]
                 for k in ("frechet", "kid", "precision", "recall")} for s, rows in spaces.items() if len(rows) > 1}
+    for s, rows in spaces.items():  # KID comes with its standard error: a best within the noise is no best
+        if s in best:
+            low = next(r for r in rows if r["method"] == best[s]["kid"])
+            if any(r is not low and r["kid"] - low["kid"] <= 1.96 * math.hypot(r.get("kid_se") or 0.0,
+                                                                                 low.get("kid_se") or 0.0)
+                   for r in rows):
+                best[s]["kid"] = None
     return {"spaces": spaces, "best": best, "skipped": skipped}
 
 
