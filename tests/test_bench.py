@@ -30,13 +30,15 @@ def test_ratio_to_best_baseline_by_hand():
     s = r["side"]
     # the best baseline differs per metric: UnCond for AMS (0.15), Cond for UMS (0.05) and p95 (0.10)
     assert s["ams/high"] == {"side": 0.30, "best_baseline": 0.15, "best_baseline_method": "uncond", "ratio": 2.0,
-                             "better": "higher", "side_better": True}
+                             "better": "higher", "side_better": True, "tied_baselines": []}
     assert s["ums/high"]["best_baseline_method"] == "cond" and s["ums/high"]["ratio"] == pytest.approx(2.0)
     assert s["p95"]["best_baseline_method"] == "cond" and s["p95"]["better"] == "lower"
     assert s["p95"]["ratio"] == pytest.approx(0.5) and s["p95"]["side_better"]  # closer = better for a distance
     assert s["carlini"]["ratio"] == pytest.approx(2.0) and s["carlini"]["best_baseline_method"] == "uncond"
     # a zero baseline gives no ratio, but keeps both values; equal values are not a win
     assert s["gu"]["ratio"] is None and s["gu"]["side"] == 0.0 and not s["gu"]["side_better"]
+    assert s["gu"]["best_baseline_method"] == "cond" and s["gu"]["tied_baselines"] == ["uncond"]  # both at 0: a tie
+    # (the report said "vs cond" where Cond and UnCond tied: now "vs cond = uncond")
     assert s["ums/low"]["ratio"] is None and not s["ums/low"]["side_better"]
     t = r["side-teacher"]
     assert t["ams/high"]["ratio"] == pytest.approx(10 / 15) and not t["ams/high"]["side_better"]

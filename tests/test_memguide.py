@@ -145,6 +145,10 @@ def test_verdict_names_memguide_beside_side_and_alone():
     assert verdict({k: m for k in alone}, alone) == (
         "memguide reached 20 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
         "than the best baseline, uncond, with 8 (2.50x).")
+    tie = {**rows, "cond": {"distinct_cumulative": {"mid": 8}}}  # (the demo's Cond and UnCond: 13 each)
+    assert verdict({k: m for k in tie}, tie).startswith(
+        "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
+        "than the best baseline, cond and uncond, with 8 (1.50x).")
 
 
 def test_avoidance_moves_the_denoised_estimate_by_its_formula_by_hand():

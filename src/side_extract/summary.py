@@ -72,6 +72,7 @@ def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tu
             best_method = pick(present, key=lambda b: base_vals[b][name][0])
             b = base_vals[best_method][name][0]
             rows[name] = {"side": v, "best_baseline": b, "best_baseline_method": best_method,
+                          "tied_baselines": [o for o in present if o != best_method and base_vals[o][name][0] == b],
                           "ratio": None if b == 0 else v / b, "better": better,
                           "side_better": v > b if better == "higher" else v < b}
         out[s] = rows
@@ -131,8 +132,9 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
         ratio = f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none"
         word = "more than" if count[s] > count[b] else ("as many as" if count[s] == count[b] else "fewer than")
         same = n_of[s] == n_of[b]
+        tied = " and ".join(k for k in bases if count[k] == count[b] and n_of[k] == n_of[b])  # (a tie: both named)
         out = (f"{s} reached {count[s]} distinct training images (of {n_train}) at {where} with {n_of[s]} generations, "
-               f"{word} the best baseline, {b}, with {count[b]}{'' if same else f' in {n_of[b]}'} ({ratio}).")
+               f"{word} the best baseline, {tied}, with {count[b]}{'' if same else f' in {n_of[b]}'} ({ratio}).")
         for k in (k for k in LABEL_FREE if k in count and k != s):
             out += (f" {k} (label-free, beyond the paper) reached {count[k]}"
                     + ("" if n_of[k] == n_of[b] else f" in {n_of[k]} generations")
