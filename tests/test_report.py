@@ -588,3 +588,25 @@ def test_kid_best_is_marked_only_beyond_its_standard_error():
     assert _quality(metrics(None))["best"]["pixels"]["kid"] is None
     assert _quality(metrics(0.5))["best"]["pixels"]["kid"] == "cond"
     assert _quality(metrics(None))["best"]["pixels"]["frechet"] == "cond"  # (the others as before)
+
+
+def test_an_evaluation_under_another_name_shows_the_generations_it_names(run_dir, tmp_path):
+    """`side evaluate --out RUN/evaluation/NAME` of a run's generations: the report looked for extraction/NAME and
+    showed no image pairs ("holds no shards"), although its metrics.json names the generations it measured."""
+    from side_extract.data import load_shards
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    gen = load_shards(run / "extraction" / "uncond")
+    c = cfg.EvaluateConfig(carlini_n=10, bands_file=str(run / "evaluation" / "bands.json"))
+    ev = evaluate(gen, load_image_set(TRAIN), c, method="uncond-again")
+    ev.write(run / "evaluation" / "uncond-again")
+    assert json.loads((run / "evaluation" / "uncond-again" / "metrics.json").read_text())["sources"]["generated"] == \
+        str(run / "extraction" / "uncond")
+    data = build_report(run)
+    from side_extract.report import _pairs
+
+    notes: list[str] = []
+    pairs = _pairs(data, run, notes, 16)
+    assert not [n for n in notes if "uncond-again" in n], notes
+    assert pairs["uncond-again"] and all(p["gen_uri"] for p in pairs["uncond-again"])

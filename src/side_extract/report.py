@@ -403,6 +403,9 @@ def _pairs(data: dict[str, Any], run: Path, notes: list[str], size: int) -> dict
     for method, rows in data["top_pairs"].items():
         fps = data["methods"][method].get("fingerprints") or {}
         d = run / "extraction" / method
+        if not (d.is_dir() and any(d.glob("shard-*.npz"))):  # an evaluation written under another name (side
+            named = Path(str((data["methods"][method].get("sources") or {}).get("generated") or ""))  # evaluate --out
+            d = named if named.name and named.is_dir() else d  # RUN/evaluation/NAME): the generations it names
         gen = load_shards(d) if d.is_dir() and any(d.glob("shard-*.npz")) else None
         if gen is None:
             notes.append(f"extraction/{method} holds no shards: its generations cannot be shown")
