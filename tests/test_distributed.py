@@ -289,3 +289,15 @@ def test_the_python_api_under_torchrun(tiny_model_dir, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and out.count("the processes of this launch were given different settings") >= 1
     assert not (tmp_path / "mixed" / "extraction").exists()
+
+
+def test_cuda_in_a_launch_is_each_processs_own_gpu_and_needs_one(monkeypatch):
+    """--device cuda under a launch of N processes per machine took cuda:<local rank> without checking that it
+    exists (read from the code by a review; no GPU here: the count is simulated)."""
+    from side_extract.distributed import ProcessGroup
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert ProcessGroup(rank=0, world=2, local_rank=0).device("cuda") == "cuda:0"
+    assert ProcessGroup(rank=0, world=1).device("cpu") == "cpu" and ProcessGroup().device("cuda") == "cuda"
+    with pytest.raises(ValueError, match="process 1 would take cuda:1, but this machine has 1 GPU"):
+        ProcessGroup(rank=1, world=2, local_rank=1).device("cuda")

@@ -149,8 +149,16 @@ class ProcessGroup:
         return cls(state.process_index, state.num_processes, state.local_process_index)
 
     def device(self, device: str) -> str:
-        """``cuda`` means this process's GPU (``cuda:<local rank>``) in a launch of several processes."""
-        return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
+        """``cuda`` means this process's GPU (``cuda:<local rank>``) in a launch of several processes; a machine
+        with fewer GPUs than the processes launched on it is refused (they would fail at their first tensor)."""
+        if device != "cuda" or self.world == 1:
+            return device
+        import torch
+
+        if self.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"--device cuda: process {self.rank} would take cuda:{self.local_rank}, but this machine "
+                             f"has {torch.cuda.device_count()} GPU(s); launch at most that many processes per machine")
+        return f"cuda:{self.local_rank}"
 
     def owns(self, shard: int) -> bool:
         return shard % self.world == self.rank
