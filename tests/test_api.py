@@ -546,7 +546,7 @@ def test_errors_name_what_the_caller_passed():
     target = as_target(tiny_unet(), scheduler=tiny_scheduler())
     with pytest.raises(ValueError, match="seed=None must be an integer >= 0"):
         side_extract.sample(target.denoiser, 2, steps=2, seed=None)
-    with pytest.raises(ValueError, match="start=5, stop=2: generations start .. stop - 1 need integers"):
+    with pytest.raises(ValueError, match="start=5, stop=2: generations start .. stop - 1 need start < stop"):
         extract(target.denoiser, cfg.ExtractConfig(steps=2), None, 5, 2)
 
 

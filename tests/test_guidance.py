@@ -263,7 +263,8 @@ def test_target_labels_and_the_classifiers_outputs_are_checked(tiny_model_dir):
     d = load_target(tiny_model_dir)
     g = ClassifierGuidance(LinearClassifier(64, 2), np.arange(2), 1.0)
     for labels, says in ((np.array([0, -1]), r"output indices 0..1 .* got -1..0"), (np.array([0, 99]), "got 0..99"),
-                         (np.array([0.0, 1.5]), "integer output indices, got float64")):
+                         (np.array([0.0, 1.5]),
+                          r"target labels \(integer output indices\) must hold integers, got float64")):
         with pytest.raises(ValueError, match=says):
             sample(d, 2, steps=2, guidance=g, labels=labels)
     seven = ClassifierGuidance(LinearClassifier(64, 2), np.arange(7), 1.0)

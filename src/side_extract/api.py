@@ -24,7 +24,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import config as cfg
-from .data import ImageSet, load_image_set, load_shards
+from .data import ImageSet, integer_labels, load_image_set, load_shards
 from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
 from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fingerprint, probe_fingerprint,
@@ -78,9 +78,7 @@ def _check_levels(images: np.ndarray, name: str) -> None:
 
 def _labels(labels: Any, n: int) -> np.ndarray:
     """``labels`` as int64, one per image (``n``); integers only (a float label was truncated without a word)."""
-    lab = np.asarray(labels)
-    if not (np.issubdtype(lab.dtype, np.integer) or np.issubdtype(lab.dtype, np.bool_)):
-        raise ValueError(f"labels must hold integers, got {lab.dtype}")
+    lab = integer_labels(labels)
     if lab.shape != (n,):
         raise ValueError(f"labels has shape {lab.shape}, expected ({n},)")
     return lab.astype(np.int64)

@@ -98,6 +98,15 @@ def fingerprint(images: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def integer_labels(labels: Any, what: str = "labels") -> np.ndarray:
+    """``labels`` as an array, refused unless it holds integers (or booleans): a float label was truncated to
+    another class without a word. ``what``: how the error names them."""
+    lab = np.asarray(labels)
+    if not (np.issubdtype(lab.dtype, np.integer) or np.issubdtype(lab.dtype, np.bool_)):
+        raise ValueError(f"{what} must hold integers, got {lab.dtype}")
+    return lab
+
+
 def check_float_images(x: Any, name: str, shape: Sequence[int] | None = None) -> None:
     """Refuse ``x`` unless it is images as the stages take them: a float torch tensor (n, C, H, W) in [-1, 1]
     (:func:`to_float` of uint8 images); ``shape``: the (C, H, W) it must have (a model's ``sample_shape``)."""
@@ -248,8 +257,8 @@ def load_npz(path: Path) -> ImageSet:
     images, labels, ids = arrays["images"], arrays.get("labels"), arrays.get("index")
     images = _as_nhwc_uint8(images, str(path))
     for name, a in (("labels", labels), ("index", ids)):
-        if a is not None and not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
-            raise ValueError(f"{str(path)!r}: '{name}' must hold integers, got {a.dtype} (they were truncated)")
+        if a is not None:
+            integer_labels(a, f"{str(path)!r}: '{name}'")
     try:
         return ImageSet(images, None if labels is None else np.asarray(labels, dtype=np.int64),
                         None if ids is None else np.asarray(ids, dtype=np.int64), str(path))

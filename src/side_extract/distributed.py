@@ -213,26 +213,25 @@ class ProcessGroup:
             raise RuntimeError(f"the main process failed: {value}")
         return value
 
-    def total(self, value: int) -> int:
-        """The sum of every process's ``value`` (e.g. the shards each one wrote), on every process."""
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in rank order, on every process (``[value]`` for one process)."""
         if self.world == 1:
-            return value
+            return [value]
         import torch.distributed as dist
 
         values: list[Any] = [None] * self.world
         dist.all_gather_object(values, value)
-        return sum(values)
+        return values
+
+    def total(self, value: int) -> int:
+        """The sum of every process's ``value`` (e.g. the shards each one wrote), on every process."""
+        return sum(self.gather(value))
 
     def agree(self, value: Any, what: str) -> None:
         """Refuse, on every process, a launch whose processes disagree on ``value`` (``what`` names it): processes
         given other configs or run directories mixed their stages' files without a word (each machine of a launch
         reads its own command line)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        values: list[Any] = [None] * self.world
-        dist.all_gather_object(values, value)
+        values = self.gather(value)
         if any(v != values[0] for v in values):
             other = next(r for r, v in enumerate(values) if v != values[0])
             raise ValueError(f"the processes of this launch were given different {what}: process 0 {values[0]!r}, "
@@ -244,16 +243,13 @@ class ProcessGroup:
         waiting at the next collective step."""
         if self.world == 1:
             return fn()
-        import torch.distributed as dist
-
         mine: BaseException | None = None
         value: Any = None
         try:
             value = fn()
         except BaseException as e:  # reported to the others, then re-raised
             mine = e
-        errors: list[Any] = [None] * self.world
-        dist.all_gather_object(errors, None if mine is None else f"process {self.rank}: {type(mine).__name__}: {mine}")
+        errors = self.gather(None if mine is None else f"process {self.rank}: {type(mine).__name__}: {mine}")
         if mine is not None:
             raise mine
         failed = [e for e in errors if e]
@@ -309,18 +305,15 @@ class ProcessGroup:
     def check_replicas(self, model: "torch.nn.Module", what: str) -> None:
         """Raise unless every process holds the same parameters in ``model`` (data-parallel training keeps the
         replicas equal; a difference means the processes trained on different data or settings). Buffers are
-        left out: BatchNorm's running statistics follow each process's own rows; the main process's are saved."""
+        left out: BatchNorm's running statistics, updated from the global batch on every process, may differ in their
+        last bits; the main process's are saved."""
         if self.world == 1:
             return
-        import torch.distributed as dist
-
         h = hashlib.sha256()
         for name, v in sorted(model.named_parameters()):
             h.update(name.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        digests: list[Any] = [None] * self.world
-        dist.all_gather_object(digests, h.hexdigest())
-        if len(set(digests)) != 1:
+        if len(set(self.gather(h.hexdigest()))) != 1:
             raise RuntimeError(f"{what}: the {self.world} processes ended with different weights; they must be "
                                "launched with the same configuration and data")
 

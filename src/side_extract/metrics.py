@@ -206,10 +206,14 @@ def extrapolated_unique(counts: np.ndarray, n_units: int, n: int) -> float | Non
     (2014, eq. 9, as coded in the iNEXT package), S_obs + Q0 (1 - (1 - Q1 / (T Q0 + Q1))^(n - T)) with T =
     ``n_units`` and Q0 = :func:`unseen_estimate`. Unlike sum_j 1 - (1 - p_j)^n it counts images not yet hit; it
     is reliable to about twice the budget, so None past 2 T (and below T, where rarefaction is exact)."""
+    c = np.asarray(counts)
+    return _extrapolated(int((c > 0).sum()), int((c == 1).sum()), int((c == 2).sum()), n_units, n)
+
+
+def _extrapolated(s_obs: int, q1: int, q2: int, n_units: int, n: int) -> float | None:
+    """:func:`extrapolated_unique` from the images hit (``s_obs``), once (``q1``) and twice (``q2``)."""
     if not n_units <= n <= 2 * n_units:
         return None
-    c = np.asarray(counts)
-    s_obs, q1, q2 = int((c > 0).sum()), int((c == 1).sum()), int((c == 2).sum())
     q0 = unseen_estimate(q1, q2, n_units)
     if q0 == 0 or q1 == 0:
         return float(s_obs)
@@ -232,10 +236,10 @@ def _law(counts: np.ndarray, first: np.ndarray, n_generated: int, n_grid: Sequen
         m = n_generated - hit[ok]
         miss[ok] = np.exp(gammaln(m + 1) - gammaln(m - n + 1) - gammaln(n_generated + 1) + gammaln(n_generated - n + 1))
         rare.append(float((1.0 - miss).sum()))
+    s_obs, q1, q2 = len(hit), int((hit == 1).sum()), int((hit == 2).sum())
     return NGLaw(n_generated, grid, pred, [None if o is None else float(o.mean()) for o in obs], rare,
                  [None if o is None else float(o.std()) for o in obs], len(first), p,
-                 [extrapolated_unique(counts, n_generated, n) if n > n_generated else None for n in grid],
-                 int((counts == 1).sum()), int((counts == 2).sum()))
+                 [_extrapolated(s_obs, q1, q2, n_generated, n) if n > n_generated else None for n in grid], q1, q2)
 
 
 def ng_law(gen_idx: np.ndarray, train_idx: np.ndarray, n_generated: int, n_train: int, *,

@@ -24,7 +24,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import config as cfg
-from .data import ImageSet, to_uint8
+from .data import ImageSet, integer_labels, to_uint8
 from .guidance import Guidance
 from .models.target import Denoiser, predict_x0, reproducible_gradients
 from .runs import MODEL_INPUT, Progress, RunDir, shard_stage, stage_fingerprint
@@ -325,9 +325,7 @@ def sample_batches(
         raise ValueError(f"guided or conditional sampling of {n} samples needs {n} target labels, got "
                          f"{None if labels is None else len(labels)}")
     if needs_labels:
-        labels = np.asarray(labels)
-        if not np.issubdtype(labels.dtype, np.integer):  # (a float label was truncated without a word)
-            raise ValueError(f"target labels must be integer output indices, got {labels.dtype}")
+        labels = integer_labels(labels, "target labels (integer output indices)")
         k = len(getattr(denoiser if getattr(denoiser, "conditional", False) else guidance, "classes", ()))
         if labels.min() < 0 or (k and labels.max() >= k):  # (found before the first step, not at it)
             raise ValueError(f"target labels must be output indices 0..{k - 1 if k else 'K-1'} (one per class, not "

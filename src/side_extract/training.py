@@ -32,7 +32,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors.torch import load_file, save_file
 
 from . import config as cfg
-from .data import check_float_images
+from .data import check_float_images, integer_labels
 from .distributed import SINGLE, ProcessGroup
 from .models.classifier import Classifier, ClassifierArch, build_classifier
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
@@ -236,9 +236,7 @@ def fit_label_classifier(
     ``x0``: (n, C, H, W) float in [-1, 1]; ``labels``: (n,) int.
     """
     check_float_images(x0, f"{name} x0")
-    labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):  # (1.7 became class 1 without a word)
-        raise ValueError(f"{name}: labels must hold integers, got {labels.dtype}")
+    labels = integer_labels(labels, f"{name}: labels")
     if len(labels) != len(x0):
         raise ValueError(f"{len(x0)} images but {len(labels)} labels")
     keep = labels >= 0
