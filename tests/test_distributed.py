@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -247,16 +246,15 @@ def test_the_wait_for_the_main_process_is_bounded_by_the_configured_timeout():
 @pytest.mark.parametrize("mode", ["uncaught", "cli"])
 def test_a_process_failing_alone_ends_the_launch_at_once(mode):
     """Process 1 fails while the main process waits for it at an exchange: the launch hung until the process
-    timeout (a day by default; 120 s here), the failed process waiting at the exit barrier the main one never
-    reached. Now it leaves at once and torchrun stops the main process."""
+    timeout (a day by default; 300 s here), the failed process waiting at the exit barrier the main one never
+    reached. Now it leaves at once and torchrun stops the main process: the launch ends by itself, not by the
+    process timeout, which lies past this test's guard on the launch (a hang fails it with TimeoutExpired)."""
     script = str(Path(__file__).parent / "dist_error.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="120")
-    t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="300")
     r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, mode], capture_output=True, text=True,
-                       env=env, timeout=180)
+                       env=env, timeout=150)
     assert r.returncode != 0 and "main passed the barrier" not in r.stdout
     assert "process 1 fails alone" in r.stdout + r.stderr
-    assert time.time() - t0 < 60, r.stderr[-2000:]
 
 
 def test_a_bad_timeout_is_named():
