@@ -402,9 +402,12 @@ def test_signals_bench_on_a_tiny_run(tmp_path, one_thread):
     assert set(data["signals"]) == {"paper", "every-block", "x0-hat", "unet-features"}
     for r in data["signals"].values():
         assert set(r["accuracy"]) == {"q0", "q1", "q2", "q3"} and all(0 <= v <= 1 for v in r["accuracy"].values())
+        assert set(r["balanced_accuracy"]) == set(r["accuracy"])
+        assert all(0 <= v <= 1 for v in r["balanced_accuracy"].values())
     assert data["signals"]["every-block"]["parameters"] > data["signals"]["paper"]["parameters"]
     _, md = write_signals_results(data, tmp_path / "out")
-    assert "every-block" in md.read_text()
+    assert "every-block" in md.read_text() and "Mean recall per label" in md.read_text()
+    assert f"chance {1 / data['classes']:.3f}" in md.read_text()
 
 
 def test_forms_are_tuned_like_methods_in_their_own_sub_runs(tmp_path, one_thread):

@@ -219,3 +219,87 @@ def test_the_most_common_held_out_labels_share_is_recorded():
     c = cfg.ClassifierConfig(depth=10, width=8, steps=1, eval_fraction=0.25)
     res = fit_label_classifier(x, y, c, scheduler=None)
     assert res.majority_rate == pytest.approx(7 / 9)
+
+
+def test_class_weights_by_hand():
+    """Label c weighs n_c ** -balance, scaled so the rows' weights average 1: counts 3 and 1."""
+    from side_extract.training import class_weights
+
+    y = torch.tensor([0, 0, 0, 1])
+    torch.testing.assert_close(class_weights(y, 3, 0.0), torch.tensor([1.0, 1.0, 0.0]))
+    # balance 1: raw 1/3 and 1; the rows sum to 3 * 1/3 + 1 = 2, scaled by 4 / 2
+    torch.testing.assert_close(class_weights(y, 3, 1.0), torch.tensor([2 / 3, 2.0, 0.0]))
+    # balance 0.5: raw 3 ** -0.5 and 1; the rows sum to 3 * 0.57735 + 1 = 2.73205, scaled by 4 / 2.73205
+    torch.testing.assert_close(class_weights(y, 3, 0.5), torch.tensor([0.845299, 1.464102, 0.0]))
+    # balance 1: each label's rows weigh the same in total (2 = 3 * 2/3 = 1 * 2)
+
+
+def test_balanced_accuracy_by_hand():
+    """Always answering the label of 3 of 4 images: accuracy 0.75, mean recall per label (1 + 0) / 2 = 0.5."""
+    from side_extract.training import accuracy, balanced_accuracy
+
+    y = torch.tensor([0, 0, 0, 1])
+    assert accuracy(torch.zeros(4, dtype=torch.long), y) == 0.75
+    assert balanced_accuracy(torch.zeros(4, dtype=torch.long), y) == 0.5
+    # a label predicted but absent from y does not count; recalls 2/3 and 1
+    assert balanced_accuracy(torch.tensor([0, 0, 2, 1]), y) == pytest.approx((2 / 3 + 1) / 2)
+    assert balanced_accuracy(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)) == 0.0
+
+
+def _imbalanced(n0: int, n1: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Noise images; label 1's carry a faint square (they overlap label 0's)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n0 + n1, 1, 8, 8, generator=g) * 0.5
+    x[n0:, :, 2:6, 2:6] += 0.25
+    return x.clamp(-1, 1), np.array([0] * n0 + [1] * n1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_balance_makes_the_classifier_answer_the_rare_label_more(seed):
+    """Trained on 360 images of label 0 and 40 of label 1 whose images overlap, a classifier with balance 1 (each
+    label weighs the same in the loss) answers label 1 on more of 400 fresh images (200 of each) than the plain
+    cross-entropy's, and its mean recall per label is higher: the weighting moves the decision toward the rare
+    label, as a prior shift does (the plain loss's optimum answers 1 where p(1 | x) > 1/2, the balanced one where
+    9 p(1 | x) > p(0 | x))."""
+    from side_extract.training import balanced_accuracy, fit_label_classifier, predictions_by_quartile
+
+    x, y = _imbalanced(360, 40, 0)
+    xe, ye = _imbalanced(200, 200, 1)
+    shares, recalls = [], []
+    for balance in (0.0, 1.0):
+        c = cfg.ClassifierConfig(depth=10, width=8, steps=100, eval_fraction=0.0, balance=balance, lr=1e-3,
+                                 batch_size=64, seed=seed)
+        predicted = predictions_by_quartile(fit_label_classifier(x, y, c, scheduler=None).model, xe, None)["clean"]
+        shares.append((predicted == 1).float().mean().item())
+        recalls.append(balanced_accuracy(predicted, torch.as_tensor(ye)))
+    assert shares[1] > shares[0] + 0.03 and recalls[1] > recalls[0]
+
+
+def test_training_records_the_mean_recall_per_label_and_balance_is_checked():
+    from side_extract.training import fit_label_classifier
+
+    x, y = _imbalanced(30, 10, 0)
+    res = fit_label_classifier(x, y, cfg.ClassifierConfig(depth=10, width=8, steps=2, eval_every=1, eval_fraction=0.25),
+                               scheduler=None)
+    assert [set(h["balanced_accuracy"]) for h in res.history] == [{"clean"}, {"clean"}]
+    assert res.final_balanced_accuracy == res.history[-1]["balanced_accuracy"]
+    assert 0 <= res.final_balanced_accuracy["clean"] <= 1
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"balance={bad} must lie in \[0, 1\]"):
+            cfg.ClassifierConfig(balance=bad)
+
+
+def test_balance_at_zero_leaves_the_fingerprints_of_earlier_releases_alone():
+    """Runs made before ``balance`` existed keep their classifiers (its 0 is their plain cross-entropy); any other
+    value is other settings, for the stage and for a checkpoint's resumption."""
+    from side_extract.pipeline import classifier_settings
+    from side_extract.training import resume_key
+
+    plain, weighted = cfg.ClassifierConfig(), cfg.ClassifierConfig(balance=0.5)
+    assert "balance" not in classifier_settings(plain, clean=False)
+    assert classifier_settings(weighted, clean=False)["balance"] == 0.5
+    before = {k: v for k, v in cfg.to_dict(plain).items() if k != "balance"}  # what the releases before wrote
+    assert classifier_settings(plain, clean=False) == before | {"guidance_input": "x_t"}
+    arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8)
+    x, y = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    assert resume_key(arch, plain, x, y, None) != resume_key(arch, weighted, x, y, None)

@@ -610,3 +610,25 @@ def test_an_evaluation_under_another_name_shows_the_generations_it_names(run_dir
     pairs = _pairs(data, run, notes, 16)
     assert not [n for n in notes if "uncond-again" in n], notes
     assert pairs["uncond-again"] and all(p["gen_uri"] for p in pairs["uncond-again"])
+
+
+def test_classifier_table_shows_the_mean_recall_per_label_beside_its_chance(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    saved = json.loads((run / "classifier" / "config.json").read_text())
+    saved["arch"]["num_classes"] = 8
+    last = saved["history"][-1]
+    last["balanced_accuracy"] = {"q0": 0.5, "q1": 0.4, "q2": 0.3, "q3": 0.25}  # as training records it
+    (run / "classifier" / "config.json").write_text(json.dumps(saved))
+    data = build_report(run)
+    c = data["classifiers"]["classifier"]
+    assert c["balanced"] == last["balanced_accuracy"]
+    assert c["balanced_chance"] == pytest.approx(1 / 8)
+    html = write_report(run).read_text()
+    row = html.split("classifier: mean recall per label", 1)[1].split("</tr>", 1)[0]
+    assert re.findall(r"<td>([^<]*)</td>", row) == ["300", "50.0", "40.0", "30.0", "25.0", "–", "chance 12.5"]
+    for h in saved["history"]:  # a classifier saved before it was recorded: no such row
+        h.pop("balanced_accuracy", None)
+    (run / "classifier" / "config.json").write_text(json.dumps(saved))
+    assert build_report(run)["classifiers"]["classifier"]["balanced_chance"] is None
+    assert "classifier: mean recall per label" not in write_report(run).read_text()

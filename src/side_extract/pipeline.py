@@ -198,16 +198,21 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
             save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c),
                                                             "processes": group.world,
                                                             "majority_rate": result.majority_rate})
-            ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy, processes=group.world,
+            ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy,
+                             balanced_accuracy=result.final_balanced_accuracy, processes=group.world,
                              rows_per_process=result.rows_per_process)
         group.barrier()
 
 
-def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> cfg.ClassifierConfig:
+def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
     """What training classifier ``c`` reads, for its stage's fingerprint: not the keys it does not read at all
     (:func:`~side_extract.config.unread_keys`), and for a ``clean`` one (Cond's, the teacher's) not the input it
-    guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it)."""
-    return cfg.at_defaults(c, [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])])
+    guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it). ``balance``
+    at 0, the plain cross-entropy of the releases before the key, is left out: their classifiers stay current."""
+    settings = cfg.to_dict(cfg.at_defaults(c, [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]))
+    if settings["balance"] == 0:
+        del settings["balance"]
+    return settings
 
 
 def _classifier_unet(denoiser: Denoiser, c: cfg.ClassifierConfig, clean: bool) -> torch.nn.Module | None:

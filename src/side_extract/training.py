@@ -48,6 +48,8 @@ class ClassifierTrainResult:
     rows_per_process: int = 0  # rows of each batch this process trained on (the whole batch for one process)
     # the held-out images' most common label's share: the accuracy of always answering it (None: none held out)
     majority_rate: float | None = None
+    # the mean recall per label (``balanced_accuracy``) per timestep quartile, beside ``final_accuracy``
+    final_balanced_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _gen(seed: int, step: int) -> torch.Generator:
@@ -55,10 +57,12 @@ def _gen(seed: int, step: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def accuracy_by_quartile(model: Classifier, x0: torch.Tensor, y: torch.Tensor,
-                         scheduler: SchedulerMixin | None, seed: int = 0, batch_size: int = 512,
-                         denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Held-out accuracy with t drawn uniformly inside each quartile of the training timesteps (or clean).
+def predictions_by_quartile(model: Classifier, x0: torch.Tensor, scheduler: SchedulerMixin | None, seed: int = 0,
+                            batch_size: int = 512,
+                            denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """The model's predicted output (argmax) for every image of ``x0``, with t drawn uniformly inside each quartile
+    of the training timesteps (keys ``q0``..``q3``) or clean (``clean``, without a scheduler).
 
     With ``denoiser`` (a clean ``model`` used through the denoised estimate, ``guidance.DenoisedGuidance``), the
     model classifies x0_hat(x_t, t) = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t) of the noised images;
@@ -70,9 +74,9 @@ def accuracy_by_quartile(model: Classifier, x0: torch.Tensor, y: torch.Tensor,
     quartiles = [None] if scheduler is None else range(4)
     n_t = 0 if scheduler is None else scheduler.config.num_train_timesteps
     for q in quartiles:
-        correct = 0
+        predicted = []
         for lo in range(0, len(x0), batch_size):
-            xb, yb = x0[lo:lo + batch_size], y[lo:lo + batch_size]
+            xb = x0[lo:lo + batch_size]
             if q is None:
                 t = torch.zeros(len(xb), dtype=torch.long, device=xb.device)
                 xt = xb
@@ -83,9 +87,43 @@ def accuracy_by_quartile(model: Classifier, x0: torch.Tensor, y: torch.Tensor,
                     abar = scheduler.alphas_cumprod.to(xb.device)[t].view(-1, 1, 1, 1).to(xb.dtype)
                     xt = (xt - (1 - abar).sqrt() * denoiser(xt, t)) / abar.sqrt()
                     t = torch.zeros_like(t)
-            correct += (model(xt, t.to(xb.device)).argmax(1) == yb).sum().item()
-        out["clean" if q is None else f"q{q}"] = correct / max(1, len(x0))
+            predicted.append(model(xt, t.to(xb.device)).argmax(1))
+        out["clean" if q is None else f"q{q}"] = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
     return out
+
+
+def accuracy(predicted: torch.Tensor, y: torch.Tensor) -> float:
+    """The share of ``predicted`` equal to ``y`` (0 for no images)."""
+    return (predicted == y).sum().item() / max(1, len(y))
+
+
+def balanced_accuracy(predicted: torch.Tensor, y: torch.Tensor) -> float:
+    """The mean over the labels present in ``y`` of each label's recall (the share of its images predicted as it):
+    1 / (number of labels) for always answering one label, whatever the labels' shares (0 for no images)."""
+    labels = torch.unique(y)
+    if not len(labels):
+        return 0.0
+    return sum(((predicted == y) & (y == c)).sum().item() / (y == c).sum().item() for c in labels) / len(labels)
+
+
+def accuracy_by_quartile(model: Classifier, x0: torch.Tensor, y: torch.Tensor,
+                         scheduler: SchedulerMixin | None, seed: int = 0, batch_size: int = 512,
+                         denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Held-out accuracy with t drawn uniformly inside each quartile of the training timesteps (or clean); the
+    images are noised as :func:`predictions_by_quartile` says."""
+    return {k: accuracy(p, y) for k, p in predictions_by_quartile(model, x0, scheduler, seed, batch_size,
+                                                                   denoiser).items()}
+
+
+def class_weights(y: torch.Tensor, num_classes: int, balance: float) -> torch.Tensor:
+    """Per-label weights of the cross-entropy (``ClassifierConfig.balance``): label c weighs ``n_c ** -balance``
+    for its ``n_c`` rows of ``y``, scaled so that the weights of the rows of ``y`` average 1 (the loss keeps its
+    scale); 0 = every row weighs 1 (the paper), 1 = every label weighs the same in total. A label without rows
+    gets weight 0 (no row carries it)."""
+    counts = torch.bincount(y, minlength=num_classes).to(torch.float64)
+    w = torch.where(counts > 0, counts.clamp(min=1) ** -float(balance), torch.zeros_like(counts))
+    w = w * len(y) / (w * counts).sum()
+    return w.to(torch.float32)
 
 
 def heldout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +145,7 @@ def resume_key(arch: ClassifierArch, c: cfg.ClassifierConfig, x0: torch.Tensor, 
                scheduler: SchedulerMixin | None, unet: torch.nn.Module | None = None) -> str:
     """What a checkpoint must have been made from to be continued: the architecture, every setting but the
     step budget, the images, the labels, the noise schedule and (UNet-feature classifier) the UNet's weights."""
-    settings = {k: v for k, v in cfg.to_dict(c).items() if k != "steps"}
+    settings = {k: v for k, v in cfg.to_dict(c).items() if k != "steps" and not (k == "balance" and v == 0)}
     sched = None if scheduler is None else {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     backbone = None if unet is None else array_fingerprint(*(p for _, p in sorted(unet.state_dict().items())))
     return fingerprint_of(cfg.to_dict(arch), settings, array_fingerprint(x0, y), sched, backbone)
@@ -172,6 +210,7 @@ def train_classifier(
     n_batch = min(c.batch_size, len(x_tr))
     rows = group.local_rows(n_batch)
     net = group.data_parallel(model, device)
+    weights = class_weights(y_tr, arch.num_classes, c.balance).to(device)
 
     for step in range(start + 1, c.steps + 1):
         model.train()
@@ -184,7 +223,8 @@ def train_classifier(
         else:
             t = torch.zeros(len(xb), dtype=torch.long)
         xb, yb, t = xb[rows], yb[rows], t[rows]  # this process's rows of the global batch
-        per_row = F.cross_entropy(net(xb.to(device), t.to(device)), yb.to(device), reduction="none")
+        yb = yb.to(device)
+        per_row = F.cross_entropy(net(xb.to(device), t.to(device)), yb, reduction="none") * weights[yb]
         loss = group.local_loss(per_row, n_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -196,7 +236,9 @@ def train_classifier(
             if not group.main:
                 continue
             if n_eval:
-                entry["accuracy"] = accuracy_by_quartile(model, x_ev.to(device), y_ev.to(device), scheduler, seed=c.seed)
+                predicted = predictions_by_quartile(model, x_ev.to(device), scheduler, seed=c.seed)
+                entry["accuracy"] = {k: accuracy(p.cpu(), y_ev) for k, p in predicted.items()}
+                entry["balanced_accuracy"] = {k: round(balanced_accuracy(p.cpu(), y_ev), 6) for k, p in predicted.items()}
             history.append(entry)
             log.info("classifier step %d: %s", step, entry)
             if ckpt is not None:
@@ -211,8 +253,9 @@ def train_classifier(
         atomic_write_json(Path(out) / "log.json", {"history": history, "n_train": len(tr), "n_eval": n_eval,
                                                    "processes": group.world, "rows_per_process": group.local_count(n_batch)})
     final = history[-1].get("accuracy", {}) if history else {}
+    final_balanced = history[-1].get("balanced_accuracy", {}) if history else {}
     majority = float(torch.bincount(y_ev).max()) / n_eval if n_eval else None
-    return ClassifierTrainResult(model, history, final, group.local_count(n_batch), majority)
+    return ClassifierTrainResult(model, history, final, group.local_count(n_batch), majority, final_balanced)
 
 
 def fit_label_classifier(

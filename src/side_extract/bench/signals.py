@@ -28,7 +28,7 @@ from .. import config as cfg
 from ..data import load_shards
 from ..models.target import load_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
-from ..training import accuracy_by_quartile, fit_label_classifier, heldout_split
+from ..training import accuracy, balanced_accuracy, fit_label_classifier, heldout_split, predictions_by_quartile
 from . import machine_description, write_results
 from .extraction import ExtractionBenchConfig, check_replicate, replicate_config, scale_inputs
 from .tables import _preamble
@@ -74,9 +74,11 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
         res = fit_label_classifier(x_tr, y_tr, cs, scheduler=None if s == "x0-hat" else sched, device=device,
                                    progress=progress(f"signal {s}"),
                                    unet=denoiser.unet if s == "unet-features" else None)
-        acc = accuracy_by_quartile(res.model, x_ev, y_ev, sched, seed=rc.classifier.seed,
-                                   denoiser=denoiser if s == "x0-hat" else None)
-        results[s] = {"accuracy": acc, "train_seconds": round(time.time() - ts, 1),
+        predicted = predictions_by_quartile(res.model, x_ev, sched, seed=rc.classifier.seed,
+                                            denoiser=denoiser if s == "x0-hat" else None)
+        acc = {k: accuracy(p, y_ev) for k, p in predicted.items()}
+        results[s] = {"accuracy": acc, "balanced_accuracy": {k: balanced_accuracy(p, y_ev) for k, p in predicted.items()},
+                      "train_seconds": round(time.time() - ts, 1),
                       "parameters": sum(p.numel() for p in res.model.parameters())}
     return {"schema": SCHEMA, "command": command, "machine": machine_description(), "size": bc.size,
             "n_train": n_train, "replicate": replicate, "classes": len(classes), "n_labelled": int(keep.sum()),
@@ -95,6 +97,13 @@ def render_signals_markdown(data: dict[str, Any]) -> str:
         a = r["accuracy"]
         lines.append(f"| {s} | " + " | ".join(f"{a[f'q{q}']:.3f}" for q in range(4))
                      + f" | {r['parameters']:,} | {r['train_seconds']:.0f} |")
+    if all("balanced_accuracy" in r for r in data["signals"].values()):  # (files written before it was recorded)
+        lines += ["", f"Mean recall per label (each label's share of its held-out images classified as it, averaged "
+                      f"over the labels; chance {1 / data['classes']:.3f}):", "",
+                  "| signal | t in [0, 250) | [250, 500) | [500, 750) | [750, 1000) |", "|---|---|---|---|---|"]
+        for s, r in data["signals"].items():
+            b = r["balanced_accuracy"]
+            lines.append(f"| {s} | " + " | ".join(f"{b[f'q{q}']:.3f}" for q in range(4)) + " |")
     return "\n".join(lines) + "\n"
 
 
