@@ -557,3 +557,15 @@ def test_api_md_lists_every_exported_name():
     rows = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `")]
     listed = {n for first in rows for n in re.findall(r"`(\w+)`", first)}
     assert listed == set(side_extract.__all__), (set(side_extract.__all__) - listed, listed - set(side_extract.__all__))
+
+
+def test_every_exported_name_resolves_and_the_return_types_are_exported():
+    """What ``evaluate``, ``calibrate``, ``fit_label_classifier`` and ``train_classifier`` return was named in api.md
+    but importable only from the submodules."""
+    for name in side_extract.__all__:
+        assert getattr(side_extract, name) is not None, name
+    from side_extract.evaluation import Calibration, Evaluation
+    from side_extract.training import ClassifierTrainResult
+
+    assert (side_extract.Evaluation, side_extract.Calibration) == (Evaluation, Calibration)
+    assert side_extract.ClassifierTrainResult is ClassifierTrainResult

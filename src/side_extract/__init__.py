@@ -28,10 +28,10 @@ _EXPORTS = {
     "label_candidates": "surrogate",
     "denoising_error": "memorization", "memorization_candidates": "memorization",
     "MemorizationGuidance": "memorization",
-    "fit_label_classifier": "training", "train_classifier": "training",
+    "fit_label_classifier": "training", "train_classifier": "training", "ClassifierTrainResult": "training",
     "ClassifierGuidance": "guidance",
     "extract": "extraction", "draw_targets": "extraction",
-    "evaluate": "evaluation", "calibrate": "evaluation",
+    "evaluate": "evaluation", "calibrate": "evaluation", "Evaluation": "evaluation", "Calibration": "evaluation",
     "run_audit": "pipeline", "method_guidance": "pipeline",
     "write_report": "report",
 }
