@@ -299,3 +299,19 @@ def test_cuda_in_a_launch_is_each_processs_own_gpu_and_needs_one(monkeypatch):
     assert ProcessGroup(rank=0, world=1).device("cpu") == "cpu" and ProcessGroup().device("cuda") == "cuda"
     with pytest.raises(ValueError, match="process 1 would take cuda:1, but this machine has 1 GPU"):
         ProcessGroup(rank=1, world=2, local_rank=1).device("cuda")
+
+
+def test_a_gpu_named_by_number_in_a_launch_is_shared_and_the_main_process_says_so(caplog):
+    """--device cuda:1 under a launch put every process on that one GPU without a word (a review's find): still
+    taken as asked (small models may want it), with a warning from the main process that names --device cuda."""
+    from side_extract.distributed import ProcessGroup
+
+    with caplog.at_level("WARNING", logger="side_extract.distributed"):
+        assert ProcessGroup(rank=0, world=2, local_rank=0).device("cuda:1") == "cuda:1"
+    assert "all 2 processes of this launch share that one GPU; --device cuda gives each" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="side_extract.distributed"):
+        ProcessGroup(rank=1, world=2, local_rank=1).device("cuda:1")  # the other process: silent
+        ProcessGroup(rank=0, world=1).device("cuda:1")  # one process: nothing shared
+        ProcessGroup(rank=0, world=2, local_rank=0).device("cpu")
+    assert caplog.text == ""

@@ -150,7 +150,11 @@ class ProcessGroup:
 
     def device(self, device: str) -> str:
         """``cuda`` means this process's GPU (``cuda:<local rank>``) in a launch of several processes; a machine
-        with fewer GPUs than the processes launched on it is refused (they would fail at their first tensor)."""
+        with fewer GPUs than the processes launched on it is refused (they would fail at their first tensor). A
+        GPU named by number (``cuda:1``) is taken by every process, as asked, and the main one says so."""
+        if self.world > 1 and device.startswith("cuda:") and self.main:
+            log.warning("--device %s: all %d processes of this launch share that one GPU; --device cuda gives each "
+                        "process its own (cuda:<local rank>)", device, self.world)
         if device != "cuda" or self.world == 1:
             return device
         import torch
