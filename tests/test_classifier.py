@@ -284,6 +284,12 @@ def test_training_records_the_mean_recall_per_label_and_balance_is_checked():
     assert [set(h["balanced_accuracy"]) for h in res.history] == [{"clean"}, {"clean"}]
     assert res.final_balanced_accuracy == res.history[-1]["balanced_accuracy"]
     assert 0 <= res.final_balanced_accuracy["clean"] <= 1
+    assert res.heldout_labels == 2  # 7 and 2 held out
+    # 3 labels, one with 3 images: a quarter of 3 rounds down to none held out, so the recall averages over 2
+    y3 = np.array([0] * 20 + [1] * 17 + [2] * 3)
+    res = fit_label_classifier(x, y3, cfg.ClassifierConfig(depth=10, width=8, steps=1, eval_fraction=0.25),
+                               scheduler=None)
+    assert res.heldout_labels == 2
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=rf"balance={bad} must lie in \[0, 1\]"):
             cfg.ClassifierConfig(balance=bad)

@@ -197,7 +197,8 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
         if group.main:
             save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c),
                                                             "processes": group.world,
-                                                            "majority_rate": result.majority_rate})
+                                                            "majority_rate": result.majority_rate,
+                                                            "heldout_labels": result.heldout_labels})
             ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy,
                              balanced_accuracy=result.final_balanced_accuracy, processes=group.world,
                              rows_per_process=result.rows_per_process)

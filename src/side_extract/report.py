@@ -238,7 +238,7 @@ def _classifiers(run: Path) -> dict[str, Any]:
             hist = saved.get("history") or []
             final = next((h["accuracy"] for h in reversed(hist) if h.get("accuracy")), {})
             balanced = next((h["balanced_accuracy"] for h in reversed(hist) if h.get("balanced_accuracy")), {})
-            labels = (saved.get("arch") or {}).get("num_classes")
+            labels = saved.get("heldout_labels")  # what the recall averages over
             out[name] = {"history": hist, "final": final, "steps": hist[-1]["step"] if hist else 0,
                          "majority": saved.get("majority_rate"), "balanced": balanced,
                          "balanced_chance": 1 / labels if balanced and labels else None}

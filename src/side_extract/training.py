@@ -50,6 +50,9 @@ class ClassifierTrainResult:
     majority_rate: float | None = None
     # the mean recall per label (``balanced_accuracy``) per timestep quartile, beside ``final_accuracy``
     final_balanced_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
+    # the labels among the held-out images (what the mean recall averages over; always answering one of them
+    # scores 1 / heldout_labels): a label with fewer than 1 / eval_fraction images has none held out
+    heldout_labels: int = 0
 
 
 def _gen(seed: int, step: int) -> torch.Generator:
@@ -255,7 +258,8 @@ def train_classifier(
     final = history[-1].get("accuracy", {}) if history else {}
     final_balanced = history[-1].get("balanced_accuracy", {}) if history else {}
     majority = float(torch.bincount(y_ev).max()) / n_eval if n_eval else None
-    return ClassifierTrainResult(model, history, final, group.local_count(n_batch), majority, final_balanced)
+    return ClassifierTrainResult(model, history, final, group.local_count(n_batch), majority, final_balanced,
+                                 len(torch.unique(y_ev)))
 
 
 def fit_label_classifier(

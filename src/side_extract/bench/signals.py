@@ -83,6 +83,7 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
     return {"schema": SCHEMA, "command": command, "machine": machine_description(), "size": bc.size,
             "n_train": n_train, "replicate": replicate, "classes": len(classes), "n_labelled": int(keep.sum()),
             "n_heldout": len(ev), "chance": float(np.bincount(y[ev]).max() / len(ev)) if len(ev) else None,
+            "heldout_labels": len(np.unique(y[ev])),
             "classifier": cfg.to_dict(c), "signals": results, "seconds": round(time.time() - t0, 1)}
 
 
@@ -99,7 +100,7 @@ def render_signals_markdown(data: dict[str, Any]) -> str:
                      + f" | {r['parameters']:,} | {r['train_seconds']:.0f} |")
     if all("balanced_accuracy" in r for r in data["signals"].values()):  # (files written before it was recorded)
         lines += ["", f"Mean recall per label (each label's share of its held-out images classified as it, averaged "
-                      f"over the labels; chance {1 / data['classes']:.3f}):", "",
+                      f"over the {data['heldout_labels']} labels held out; chance {1 / data['heldout_labels']:.3f}):", "",
                   "| signal | t in [0, 250) | [250, 500) | [500, 750) | [750, 1000) |", "|---|---|---|---|---|"]
         for s, r in data["signals"].items():
             b = r["balanced_accuracy"]
