@@ -562,6 +562,17 @@ def at_defaults(c: T, keys: Any) -> T:
     return dataclasses.replace(c, **{k: getattr(default, k) for k in keys})
 
 
+# keys added after runs were made, with the value that behaves as the releases before them: at that value a key is
+# left out of the settings a stage or checkpoint is keyed by, so those runs' results stay current
+LATER_KEYS: dict[type, dict[str, Any]] = {ClassifierConfig: {"balance": 0.0}}
+
+
+def keyed_settings(c: Any) -> dict[str, Any]:
+    """``to_dict(c)`` without the :data:`LATER_KEYS` of its section that hold their earlier behaviour's value."""
+    earlier = LATER_KEYS.get(type(c), {})
+    return {k: v for k, v in to_dict(c).items() if not (k in earlier and v == earlier[k])}
+
+
 TARGETED = ("side", "side-teacher", "cond", "side-lora")  # the methods that draw a target class per generation
 
 

@@ -208,12 +208,9 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
 def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
     """What training classifier ``c`` reads, for its stage's fingerprint: not the keys it does not read at all
     (:func:`~side_extract.config.unread_keys`), and for a ``clean`` one (Cond's, the teacher's) not the input it
-    guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it). ``balance``
-    at 0, the plain cross-entropy of the releases before the key, is left out: their classifiers stay current."""
-    settings = cfg.to_dict(cfg.at_defaults(c, [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]))
-    if settings["balance"] == 0:
-        del settings["balance"]
-    return settings
+    guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it), nor
+    ``balance`` at 0 (:data:`~side_extract.config.LATER_KEYS`: runs made before it keep their classifiers)."""
+    return cfg.keyed_settings(cfg.at_defaults(c, [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]))
 
 
 def _classifier_unet(denoiser: Denoiser, c: cfg.ClassifierConfig, clean: bool) -> torch.nn.Module | None:

@@ -148,7 +148,7 @@ def resume_key(arch: ClassifierArch, c: cfg.ClassifierConfig, x0: torch.Tensor, 
                scheduler: SchedulerMixin | None, unet: torch.nn.Module | None = None) -> str:
     """What a checkpoint must have been made from to be continued: the architecture, every setting but the
     step budget, the images, the labels, the noise schedule and (UNet-feature classifier) the UNet's weights."""
-    settings = {k: v for k, v in cfg.to_dict(c).items() if k != "steps" and not (k == "balance" and v == 0)}
+    settings = {k: v for k, v in cfg.keyed_settings(c).items() if k != "steps"}
     sched = None if scheduler is None else {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     backbone = None if unet is None else array_fingerprint(*(p for _, p in sorted(unet.state_dict().items())))
     return fingerprint_of(cfg.to_dict(arch), settings, array_fingerprint(x0, y), sched, backbone)
