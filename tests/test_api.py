@@ -95,6 +95,27 @@ def test_pipeline_objects_and_callables_are_targets(tmp_path):
         side_extract.audit(unet, np.zeros((4, 8, 8), np.float32), scheduler=sched, out=tmp_path / "x")
 
 
+def test_a_scheduler_given_with_a_pipeline_object_replaces_its_own_and_says_so(caplog):
+    """A pipeline object with ``scheduler=`` took the given scheduler without a word (an API review's find): still
+    taken (the caller named it), with a warning where it is another class or config than the pipeline's own."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    unet, sched = tiny_unet(), tiny_scheduler()
+    other = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_end=0.03)
+    with caplog.at_level("WARNING", logger="side_extract.models.forms"):
+        replaced = as_target(DDPMPipeline(unet=unet, scheduler=sched), scheduler=other)
+    assert "scheduler=DDPMScheduler replaces the DDPMPipeline's own DDPMScheduler" in caplog.text
+    assert replaced.fingerprint == as_target(unet, scheduler=other).fingerprint != as_target(unet, scheduler=sched).fingerprint
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="side_extract.models.forms"):
+        as_target(DDPMPipeline(unet=unet, scheduler=sched), scheduler=tiny_scheduler())  # the same config: silent
+        as_target(DDPMPipeline(unet=unet, scheduler=sched))
+    assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="side_extract.models.forms"):
+        as_target(DDPMPipeline(unet=unet, scheduler=sched), scheduler=DDIMScheduler.from_config(sched.config))
+    assert "scheduler=DDIMScheduler replaces the DDPMPipeline's own DDPMScheduler" in caplog.text
+
+
 def test_to_pandas_says_what_it_needs(tmp_path, monkeypatch):
     import builtins
 

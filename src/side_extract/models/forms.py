@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
+
+log = logging.getLogger(__name__)
 
 ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -71,7 +74,8 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
               sample_shape: Sequence[int] | None = None, device: str = "cpu", model_id: str | None = None) -> Target:
     """The :class:`~side_extract.models.target.Target` of any model form ``audit`` accepts (see the module docstring).
 
-    A ``UNet2DModel`` is moved to ``device`` in place. A callable needs ``scheduler`` and ``sample_shape``
+    A ``UNet2DModel`` is moved to ``device`` in place. A pipeline object brings its scheduler; ``scheduler=`` replaces
+    it (with a warning where it is another class or config). A callable needs ``scheduler`` and ``sample_shape``
     (C, H, W); it is identified by its outputs on fixed probe inputs (:func:`probe_fingerprint`), rounded to 5
     decimals, which another device, thread count or library version can move by a rounding step: the run would
     then no longer know it as its target, and every stage would be made again. ``model_id`` (a callable only)
@@ -95,7 +99,13 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                              "brings its own (leave them out)")
         return Target(load_target(model, device), model_fingerprint(model), str(model))
     if isinstance(model, DiffusionPipeline):
-        unet, sched = getattr(model, "unet", None), scheduler or getattr(model, "scheduler", None)
+        own = getattr(model, "scheduler", None)
+        unet, sched = getattr(model, "unet", None), scheduler or own
+        if scheduler is not None and isinstance(own, SchedulerMixin) and (
+                type(own) is not type(scheduler) or _config_blob(own) != _config_blob(scheduler)):
+            log.warning("scheduler=%s replaces the %s's own %s (another class or config): the audit uses the one "
+                        "given (its noise schedule is part of the target's fingerprint)", type(scheduler).__name__,
+                        type(model).__name__, type(own).__name__)
         if not isinstance(unet, UNet2DModel) or sched is None:
             raise ValueError(f"model: a {type(model).__name__} must have a UNet2DModel 'unet' and a 'scheduler' "
                              "(DDPMPipeline or DDIMPipeline)")
