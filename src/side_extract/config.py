@@ -299,8 +299,8 @@ class ClassifierConfig:
     ``benchmarks/results/fair8/mem-bal-n1000``): at balance 1 the mean recall rose from 0.38 to 0.64 at t < 250 and
     more generations landed close (Carlini 14.7 % against 11.3 %), but the distinct training images at the mid band
     or closer did not rise (0.96x [0.80, 1.15] the unweighted form's; at 0.5, 1.00x [0.77, 1.30],
-    ``fair8/mem-bal-all-n1000``); at 16x16 and 300 images 1.05x [0.98, 1.13] the unweighted form's, level with
-    the best baseline (``fair16/mem-bal-n300``); so it stays off by default.
+    ``fair8/mem-bal-all-n1000``); at 16x16 and 300 images, on ten held-out replicates, 1.00x [0.97, 1.04] the
+    unweighted form's and 1.00x [0.96, 1.05] UnCond's (``fair16/mem-bal-n300-10``); so it stays off by default.
     """
 
     depth: int = 18
