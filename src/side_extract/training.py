@@ -109,15 +109,6 @@ def balanced_accuracy(predicted: torch.Tensor, y: torch.Tensor) -> float:
     return sum(((predicted == y) & (y == c)).sum().item() / (y == c).sum().item() for c in labels) / len(labels)
 
 
-def accuracy_by_quartile(model: Classifier, x0: torch.Tensor, y: torch.Tensor,
-                         scheduler: SchedulerMixin | None, seed: int = 0, batch_size: int = 512,
-                         denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Held-out accuracy with t drawn uniformly inside each quartile of the training timesteps (or clean); the
-    images are noised as :func:`predictions_by_quartile` says."""
-    return {k: accuracy(p, y) for k, p in predictions_by_quartile(model, x0, scheduler, seed, batch_size,
-                                                                   denoiser).items()}
-
-
 def class_weights(y: torch.Tensor, num_classes: int, balance: float) -> torch.Tensor:
     """Per-label weights of the cross-entropy (``ClassifierConfig.balance``): label c weighs ``n_c ** -balance``
     for its ``n_c`` rows of ``y``, scaled so that the weights of the rows of ``y`` average 1 (the loss keeps its
