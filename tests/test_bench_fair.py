@@ -659,11 +659,11 @@ def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp
     bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
     fc = FairBenchConfig(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
                          validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4, n_bootstrap=20,
-                         equal_samples=False, forms={"cond-k3": {"method": "cond", "surrogate.n_clusters": 3}})
+                         equal_samples=False, forms={"cond-k4": {"method": "cond", "surrogate.n_clusters": 4}})
     with pytest.raises(ValueError,
-                       match=r"'cond-k3' makes exactly the generations 'cond' makes .*surrogate\.n_clusters"):
+                       match=r"'cond-k4' makes exactly the generations 'cond' makes .*surrogate\.n_clusters"):
         run_fair_bench(fc, tmp_path / "cache")
-    assert len(calls) == 3 and calls[-1].name == "cond-k3"
+    assert len(calls) == 3 and calls[-1].name == "cond-k4"
     # a form whose every override is a setting its runs do not read is refused before any run
     with pytest.raises(ValueError, match=r"'cond-first' changes nothing its runs read: clean_classifier\.time_blocks"):
         dataclasses.replace(fc, forms={"cond-first": {"method": "cond", "clean_classifier.time_blocks": "first"}})
@@ -684,6 +684,69 @@ def test_a_form_that_repeats_another_entrys_runs_is_refused_at_its_first_run(tmp
     tuned = run_fair_bench(late, tmp_path / "cache")["scales"][0]["tuning"]  # no error: its runs are its own
     assert set(tuned["mean_by_setting"]) == {"side", "cond", "cond-late"}
     same = dataclasses.replace(fc, methods=("side", "uncond"),
-                               forms={"uncond-k3": {"method": "uncond", "surrogate.n_clusters": 3}})
-    with pytest.raises(ValueError, match="'uncond-k3' makes exactly the generations 'uncond' makes"):
+                               forms={"uncond-k4": {"method": "uncond", "surrogate.n_clusters": 4}})
+    with pytest.raises(ValueError, match="'uncond-k4' makes exactly the generations 'uncond' makes"):
         run_fair_bench(same, tmp_path / "cache")
+
+
+def test_a_validation_run_made_before_is_kept_and_not_made_again(tmp_path, one_thread, monkeypatch, caplog):
+    """A replicate's run directory keeps only its last extraction, so a fair bench run again on its cache (the same
+    entries, or one more form) used to remake every setting of its validation grid. Each validation run's metrics are
+    kept under the key of everything they depend on and read instead: the same tuning, no run made again; a new form
+    runs only its own grid; a kept file that is not one is made again; another setting, a rewritten file or another
+    stage version is another key."""
+    import side_extract.bench.protocol as protocol
+    from side_extract.bench.extraction import scale_inputs
+
+    made = []
+    real = protocol.run_audit
+    monkeypatch.setattr(protocol, "run_audit", lambda *a, **k: made.append(a[0]) or real(*a, **k))
+    bc = tiny_bench()
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
+    fc = FairBenchConfig(bench=bc, methods=("side", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+                         validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4, n_bootstrap=10,
+                         equal_samples=False)
+    cache = tmp_path / "cache"
+    first = run_fair_bench(fc, cache)
+    rep1 = next((cache / "runs").glob("*/rep-1"))
+    assert made.count(rep1) == 2 and first["scales"][0]["tuning"]["runs_kept"] == 0
+    made.clear()
+    again = run_fair_bench(fc, cache)
+    t0, t1 = first["scales"][0]["tuning"], again["scales"][0]["tuning"]
+    assert rep1 not in made and (t1["runs"], t1["runs_kept"]) == (2, 2)  # the validation grid: every run kept
+    assert (t1["chosen"], t1["mean_by_setting"]) == (t0["chosen"], t0["mean_by_setting"])
+    assert again["scales"][0]["heldout"]["per_replicate"] == first["scales"][0]["heldout"]["per_replicate"]
+    # one more form: its own grid runs, the others' is kept
+    made.clear()
+    joined = run_fair_bench(dataclasses.replace(fc, forms={"side-x0": {"method": "side",
+                                                                       "classifier.guidance_input": "x0_hat"}}), cache)
+    tj = joined["scales"][0]["tuning"]
+    assert [p for p in made if rep1 in (p, p.parent.parent)] == [rep1 / "forms" / "side-x0"] * 2
+    assert (tj["runs"], tj["runs_kept"]) == (4, 2) and tj["mean_by_setting"]["side"] == t0["mean_by_setting"]["side"]
+    md = render_fair_markdown(json.loads(json.dumps(joined)))
+    assert "; 2 of its 4 runs kept from an earlier fair bench (the cache's `validation-runs/`" in md
+    assert "runs kept" not in render_fair_markdown(json.loads(json.dumps(first)))
+    assert len(sorted((cache / "validation-runs").rglob("*.json"))) == 4
+    # the key: another setting, a bands file rewritten under the same path, another stage version
+    inputs = scale_inputs(bc, 20, cache)
+    rc = protocol.method_config(replicate_config(inputs.run_config(bc.run), 1), "side", (1.0, 1.0), 4)
+    key = protocol.validation_key(rc, inputs)
+    kept = next((cache / "validation-runs").rglob(f"rep-1/{key}.json"))
+    assert json.loads(kept.read_text())["metrics"]["n_generated"] == 4
+    assert key != protocol.validation_key(protocol.method_config(replicate_config(inputs.run_config(bc.run), 1),
+                                                                 "side", (0.0, 1.0), 4), inputs)
+    bands = inputs.bands.read_text()
+    inputs.bands.write_text(bands.replace("0", "0 ", 1))
+    assert key != protocol.validation_key(rc, inputs)
+    inputs.bands.write_text(bands)
+    assert key == protocol.validation_key(rc, inputs)
+    with monkeypatch.context() as m:
+        m.setitem(protocol.STAGE_VERSIONS, "extraction", protocol.STAGE_VERSIONS["extraction"] + 1)
+        assert key != protocol.validation_key(rc, inputs)
+    # a kept file that is not one (cut short by hand, say) is made again, with a warning
+    kept.write_text("{")
+    made.clear()
+    with caplog.at_level("WARNING", logger="side_extract.bench.protocol"):
+        assert run_fair_bench(fc, cache)["scales"][0]["tuning"]["runs_kept"] == 1
+    assert f"{kept}: not a kept validation run" in caplog.text and made.count(rep1) == 1
+    assert json.loads(kept.read_text())["key"] == key  # and kept again

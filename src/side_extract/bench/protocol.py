@@ -16,7 +16,9 @@ For each training-set size in ``scales``:
    is largest at small budgets, so settings tuned at fewer generations than are reported favour forceful
    guidance that saturates by N_G); UnCond has no setting on this sampler. Each method's chosen setting
    maximizes ``select_metric`` averaged over the validation replicates (ties: the smaller lambda, then the
-   smaller temperature).
+   smaller temperature). Each validation run's metrics are kept in ``CACHE/validation-runs`` under the key of
+   what they depend on (:func:`validation_key`), so running the bench again, or with one more form, makes only
+   the runs it has not made before.
 2. **Report, on held-out replicates** (none of them seen in step 1): every method at its chosen setting, at
    N_G = ``run.extract.n``, with equal seeds across methods within a replicate.
 3. **Intervals.** Per method and metric, the mean and the min-max over held-out replicates. For each SIDE
@@ -62,7 +64,7 @@ from .. import config as cfg
 from ..data import load_shards
 from ..metrics import parse_bands, read_bands_file
 from ..pipeline import ProgressFactory, copy_guard, no_progress, run_audit
-from ..runs import STAGE_VERSIONS, RunDir, read_json, versions
+from ..runs import STAGE_VERSIONS, RunDir, atomic_write_json, read_json, settings_fingerprint, versions
 from ..sweeps import share_stages
 from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS, per_budget
 from . import machine_description, write_results
@@ -253,6 +255,7 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
     base = inputs.run_config(fc.bench.run)
     scores: dict[str, dict[str, list[float]]] = {m: {} for m in fc.entries if fc.settings(m)}
     made: dict[str, str] = {}
+    kept = 0
     for r in fc.validation_replicates:
         rc = replicate_config(base, r)
         rep = inputs.replicate_run(cache, r)
@@ -262,10 +265,18 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
             for m in scores:
                 setting = fc.settings(m)[i]
                 path, mrc = entry_run(fc, m, rc, setting, fc.validation_n, rep)
-                res = run_audit(path, mrc, device=device, progress=progress, wait=True)
-                check_distinct_runs(fc, made, m, path)
+                key = validation_key(mrc, inputs)
+                stored = kept_validation_run(cache, inputs, r, key)
+                if stored is None:
+                    res = run_audit(path, mrc, device=device, progress=progress, wait=True)
+                    stored = {"metrics": res.metrics[fc.base_method(m)],
+                              "extraction": extraction_fingerprint(fc, m, path)}
+                    keep_validation_run(cache, inputs, r, key, stored)
+                else:
+                    kept += 1
+                check_distinct_runs(fc, made, m, stored["extraction"])
                 scores[m].setdefault(_setting_key(setting), []).append(
-                    tuning_score(res.metrics[fc.base_method(m)], fc.select_metric, fc.validation_n))
+                    tuning_score(stored["metrics"], fc.select_metric, fc.validation_n))
     chosen: dict[str, list[float] | None] = {m: None for m in fc.entries if not fc.settings(m)}
     table: dict[str, dict[str, float]] = {}
     for m, by_setting in scores.items():
@@ -274,16 +285,57 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
         best = best_setting(fc.settings(m), means)
         chosen[m] = [best[0], best[1]]
     return {"replicates": list(fc.validation_replicates), "n_generated": fc.validation_n,
-            "select_metric": fc.select_metric, "mean_by_setting": table, "chosen": chosen}
+            "select_metric": fc.select_metric, "mean_by_setting": table, "chosen": chosen,
+            "runs": sum(len(v) for by in scores.values() for v in by.values()), "runs_kept": kept}
 
 
-def check_distinct_runs(fc: FairBenchConfig, made: dict[str, str], name: str, path: Path) -> None:
-    """Refuse entry ``name`` when the run it just made in ``path`` is another entry's (``made``: extraction stage
-    fingerprint -> entry, filled here): a form whose overrides change nothing its method reads (e.g. a Cond form
-    with ``surrogate.*`` keys: Cond is guided by the training set's own labels) makes the same generations, and
-    would count as more tuning budget and one more row without being either."""
+VALIDATION_RUNS = "validation-runs"
+
+
+def validation_key(mrc: cfg.RunConfig, inputs: ScaleInputs) -> str:
+    """What a validation run's metrics depend on: its config with the files it names (by their contents; a
+    directory by its files' names, sizes and times), the target's weights and the stage versions of the code."""
+    return settings_fingerprint(mrc, inputs.target.get("model_sha256"), dict(STAGE_VERSIONS))
+
+
+def _kept_path(cache: Path, inputs: ScaleInputs, r: int, key: str) -> Path:
+    return cache / VALIDATION_RUNS / Path(inputs.target["path"]).name / f"rep-{r}" / f"{key}.json"
+
+
+def kept_validation_run(cache: Path, inputs: ScaleInputs, r: int, key: str) -> dict[str, Any] | None:
+    """A validation run made before with the same ``key`` (:func:`validation_key`): its method's metrics and its
+    extraction stage's fingerprint. A replicate's run directory keeps only its last extraction, so without these a
+    fair bench run again (with one more form, say) would remake every setting of its grid."""
+    path = _kept_path(cache, inputs, r, key)
+    if not path.is_file():
+        return None
+    try:
+        kept = read_json(path)
+    except (OSError, ValueError) as e:
+        log.warning("%s: not a kept validation run (%s); the run is made again", path, e)
+        return None
+    if not (isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("metrics"), dict)):
+        log.warning("%s: not a kept validation run of this key; the run is made again", path)
+        return None
+    log.info("validation run %s: kept from an earlier fair bench (%s)", key[:12], path)
+    return kept
+
+
+def keep_validation_run(cache: Path, inputs: ScaleInputs, r: int, key: str, run: dict[str, Any]) -> None:
+    atomic_write_json(_kept_path(cache, inputs, r, key), {"key": key, **run})
+
+
+def extraction_fingerprint(fc: FairBenchConfig, name: str, path: Path) -> str | None:
+    """The fingerprint of entry ``name``'s extraction stage in the run directory ``path`` (its last run)."""
     stage = RunDir(path).manifest()["stages"].get(f"extraction/{fc.base_method(name)}") or {}
-    fp = stage.get("fingerprint")
+    return stage.get("fingerprint")
+
+
+def check_distinct_runs(fc: FairBenchConfig, made: dict[str, str], name: str, fp: str | None) -> None:
+    """Refuse entry ``name`` when the run it just made (its extraction stage's fingerprint ``fp``) is another
+    entry's (``made``: extraction stage fingerprint -> entry, filled here): a form whose overrides change nothing its
+    method reads (e.g. a Cond form with ``surrogate.*`` keys: Cond is guided by the training set's own labels) makes
+    the same generations, and would count as more tuning budget and one more row without being either."""
     other = made.setdefault(fp, name) if fp else name
     if other != name:
         keys = sorted(k for k in {**fc.forms.get(name, {}), **fc.forms.get(other, {})} if k != "method")
@@ -381,7 +433,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             if cfg.method_in_rounds(fc.base_method(m), mrc.extract):  # its first n generations are its first rounds
                 rounds.add(m)
             res = run_audit(path, mrc, device=device, progress=progress, wait=True)
-            check_distinct_runs(fc, made, m, path)
+            check_distinct_runs(fc, made, m, extraction_fingerprint(fc, m, path))
             met = res.metrics[fc.base_method(m)]
             per_rep[m].append({"replicate": r, "n_generated": int(met["n_generated"]),
                                **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
@@ -833,6 +885,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                   + (f", taken with the chosen settings from {sources} (`--tuning-from`: the validation grid was not "
                      "run again" + ("; that file records no target, so the target it was chosen on is not checked"
                                     if s["tuning"].get("target_sha256") is None else "") + ")" if reused else "")
+                  + (f"; {s['tuning']['runs_kept']} of its {s['tuning']['runs']} runs kept from an earlier fair bench "
+                     f"(the cache's `{VALIDATION_RUNS}/`: the same config, the same files and target, the same stage "
+                     "versions)" if not reused and s["tuning"].get("runs_kept") else "")
                   + ":", "",
                   "| method | chosen | every setting |", "|---|---|---|"]
         for m, by in s["tuning"]["mean_by_setting"].items():
