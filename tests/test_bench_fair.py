@@ -45,7 +45,8 @@ def test_validation_and_heldout_replicates_must_differ():
     # each accepted before, and found hours later (a seed of -1, a KeyError) or never (a repeat: an interval of no
     # spread from one replicate counted twice)
     for kw, says in ((dict(heldout_replicates=(11, 11)), r"heldout_replicates=\[11, 11\] must be distinct"),
-                     (dict(validation_replicates=(-1,)), r"validation_replicates=\[-1\] must be distinct .* >= 0"),
+                     (dict(validation_replicates=(-1,)), r"validation_replicates=-1 must be an integer >= 0"),
+                     (dict(heldout_replicates=(11, 12.5)), r"heldout_replicates=12.5 must be an integer >= 0"),
                      (dict(select_metric="ums/bogus"), "band 'bogus' is not one of the run's bands")):
         with pytest.raises(ValueError, match=says):
             FairBenchConfig(**kw)

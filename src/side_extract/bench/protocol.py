@@ -70,7 +70,8 @@ from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS, per_budget
 from . import machine_description, write_results
 from .tables import _preamble
 from .intervals import INTERVAL_METHOD, bootstrap_ratios, count_ratios, distinct_count, per_generation_stats
-from .extraction import ExtractionBenchConfig, ScaleInputs, full_run_template, replicate_config, scale_inputs
+from .extraction import (ExtractionBenchConfig, ScaleInputs, check_replicate, full_run_template, replicate_config,
+                         scale_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,10 @@ class FairBenchConfig:
             raise ValueError("validation_replicates and heldout_replicates must each name at least one replicate")
         for name, reps in (("validation_replicates", self.validation_replicates),
                            ("heldout_replicates", self.heldout_replicates)):
-            if any(r < 0 for r in reps) or len(set(reps)) != len(reps):  # (a repeat counts one replicate twice:
-                raise ValueError(f"{name}={list(reps)} must be distinct replicate numbers >= 0")  # no spread)
+            for r in reps:
+                check_replicate(r, name)
+            if len(set(reps)) != len(reps):  # (a repeat counts one replicate twice: no spread)
+                raise ValueError(f"{name}={list(reps)} must be distinct replicate numbers")
         shared = set(self.validation_replicates) & set(self.heldout_replicates)
         if shared:
             raise ValueError(f"replicates {sorted(shared)} are both validation and held-out; they must differ")
