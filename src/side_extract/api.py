@@ -191,7 +191,8 @@ class Audit:
     @classmethod
     def load(cls, run: str | Path) -> "Audit":
         """The results run directory ``run`` holds (its path made absolute: the object stays valid after a
-        ``chdir``). Every evaluation is listed, as the report and ``summary.json`` list them; one that cannot be set
+        ``chdir``). Every current evaluation is listed, as the report and ``summary.json`` list them (one left
+        unfinished, or made from an extraction replaced since, is left out with a warning); one that cannot be set
         against the others (an earlier call's, on another training set or bands) says why in ``not_compared``."""
         run = Path(run).resolve()
         if not (run / "config.yaml").is_file():
@@ -437,7 +438,8 @@ def audit(
         ``DDIMPipeline``; or a callable ``eps(x, t)`` (with ``scheduler`` and ``sample_shape``)
     train : the training set: a spec (``"digits:100"``, folder, ``.npz``), an ``ImageSet``, or a uint8 array
         (N, H, W) / (N, H, W, C) with optional ``labels`` (N,) (Cond and SIDE-teacher need labels); an
-        in-memory set is saved as ``out/inputs/train-<12 hex digits of its pixels' and labels' fingerprint>.npz``
+        in-memory set is saved as ``out/inputs/train-<12 hex digits of its pixels', labels' (and ids', where they are
+        not 0..N-1) fingerprint>.npz``
     heldout : images from the training distribution that the model did not train on (``evaluate.heldout``), in the
         same forms as ``train``; the similarity bands are calibrated on them against the training set, and sample
         quality is measured against them. Without them (and without ``evaluate.heldout`` in ``config``) a training

@@ -270,7 +270,9 @@ class BatchSize:
 
 def sample(denoiser: Denoiser, n: int, **options) -> torch.Tensor:
     """Draw samples ``start .. start + n - 1`` of noise stream ``stream`` of the run seeded ``seed``
-    (``options``: those of :func:`sample_batches`, which makes them batch by batch).
+    (``options``: those of :func:`sample_batches`, which makes them batch by batch). Guided DDIM sampling (a
+    ``guidance``) needs ``clip_eps=True`` (guided-diffusion's order, the extraction's sampler; ``False``, the default,
+    is diffusers' DDIMPipeline) and says so; sample an unguided baseline you compare with ``clip_eps=True`` too.
 
     Returns
     -------

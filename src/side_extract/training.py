@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierTrainResult:
+    """What :func:`train_classifier` and :func:`fit_label_classifier` return: the trained ``model``; its ``history``
+    (one dict per evaluation, every ``eval_every`` steps: ``step``, ``loss``, and where images were held out
+    ``accuracy`` and ``balanced_accuracy`` per timestep quartile ``q0``..``q3``, ``clean`` for a clean classifier);
+    the last evaluation's ``final_accuracy`` and ``final_balanced_accuracy`` (empty where none was held out);
+    ``majority_rate``, the accuracy of always answering the held-out images' most common label; ``heldout_labels``,
+    the labels among them (chance for the mean recall is 1 / heldout_labels); and ``rows_per_process``."""
+
     model: Classifier
     history: list[dict]
     final_accuracy: dict[str, float]

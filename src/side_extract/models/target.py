@@ -177,7 +177,8 @@ def resolve_model_path(spec: str | Path) -> Path:
 
 
 def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDenoiser:
-    """Load a diffusers pipeline directory (or ``demo``) as a :class:`UNetDenoiser`.
+    """Load a diffusers pipeline directory (or an embedded target: ``demo``, ``demo-1000``) as a
+    :class:`UNetDenoiser`.
 
     Raises ``ValueError`` when the directory lacks ``unet/`` weights in safetensors or a scheduler config.
     """
