@@ -31,11 +31,12 @@ If ceiling(1) is below 1.5x UnCond, no form that only redistributes plain sampli
 synthetic set shows meets the goal; it must also raise the rate of copies of images the synthetic set missed by the r
 at which the ceiling crosses 1.5x.
 
-    python benchmarks/experiments/informed_ceiling.py CACHE/runs/<target> REPS N_MAX [N_G] [SEED] [N_S_PLAIN]
+    python benchmarks/experiments/informed_ceiling.py CACHE/runs/<target> REPS N_MAX [N_G] [SEED] [N_S_PLAIN] [FORM]
 
 REPS: comma-separated replicates of a finished `side bench fair` cache (their config and synthetic set are read).
 N_S_PLAIN: the size of the plain-sampling synthetic set (default: the replicate's N_S), to see how the bound grows
-with a larger synthetic set.
+with a larger synthetic set. FORM: read a form's sub-run (``rep-<r>/forms/<FORM>``: its config, synthetic set and
+sampler) instead of the replicate's own.
 """
 import dataclasses
 import sys
@@ -53,7 +54,8 @@ torch.set_num_threads(1)
 root, reps, n_max = Path(sys.argv[1]), [int(r) for r in sys.argv[2].split(",")], int(sys.argv[3])
 n_g = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
 seed = int(sys.argv[5]) if len(sys.argv) > 5 else 5000
-n_s_plain = int(sys.argv[6]) if len(sys.argv) > 6 else None
+n_s_plain = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] else None
+form = sys.argv[7] if len(sys.argv) > 7 else None
 multipliers = (1.0, 1.1, 1.5, 2.0, 3.0)
 
 
@@ -75,7 +77,7 @@ def ceilings(seen: set[int], nearest: np.ndarray, hit: np.ndarray) -> tuple[np.n
 
 rows, spreads = [], []
 for r in reps:
-    replicate = Replicate.load(root / f"rep-{r}")
+    replicate = Replicate.load(root / f"rep-{r}" / "forms" / form if form else root / f"rep-{r}")
     rc, den, train = replicate.config, replicate.denoiser, replicate.train
     own = load_shards(replicate.path / "synthetic").images
     n_s = n_s_plain or len(own)
