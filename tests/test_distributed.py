@@ -315,3 +315,23 @@ def test_a_gpu_named_by_number_in_a_launch_is_shared_and_the_main_process_says_s
         ProcessGroup(rank=0, world=1).device("cuda:1")  # one process: nothing shared
         ProcessGroup(rank=0, world=2, local_rank=0).device("cpu")
     assert caplog.text == ""
+
+
+def test_a_launch_says_a_usage_error_once_before_it_starts_and_its_errors_without_torchruns_report(tmp_path):
+    """`side --processes 2 run --model X` (run takes a config file, not --model): each process of the launch used to
+    parse the arguments, so the usage error was printed twice, then torchrun's failure report with a traceback, and
+    the status was 1. Now the arguments parse before the launch: said once, status 2, no process started. An error
+    every process meets (a model that is not there) ends the launch with status 2 and the processes' own message,
+    without torchrun's report; nothing is left in the output folder."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    side = [sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress", "--processes", "2"]
+    usage = subprocess.run([*side, "run", "--model", str(tmp_path / "nope")], capture_output=True, text=True,
+                           env=env, timeout=120)
+    said = usage.stdout + usage.stderr
+    assert usage.returncode == 2 and said.count("No such option: --model") == 1, said
+    assert "Traceback" not in said and "ChildFailedError" not in said and "torch.distributed" not in said
+    missing = subprocess.run([*side, "sample", "--model", str(tmp_path / "nope"), "--n", "4", "--out",
+                              str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    said = missing.stdout + missing.stderr
+    assert missing.returncode == 2 and f"model '{tmp_path / 'nope'}'" in said and "is not a directory" in said, said
+    assert "Traceback" not in said and "ChildFailedError" not in said and not (tmp_path / "out").exists()

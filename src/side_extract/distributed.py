@@ -374,18 +374,53 @@ def _nccl_group() -> Any:
     return dist.new_group(backend="nccl")
 
 
+def launch_arguments(nproc: int) -> list[str]:
+    """torchrun's arguments for a launch of ``side`` on this machine: append the ``side`` arguments. The ``--``
+    keeps torchrun's parser from reading our ``--n`` as an abbreviation of its own options."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc={nproc!r} must be an integer >= 1")
+    return ["--standalone", f"--nproc_per_node={nproc}", "-m", "--", "side_extract.cli.main"]
+
+
 def torchrun_command(nproc: int) -> list[str]:
-    """``torchrun --standalone --nproc_per_node N -m -- side_extract.cli.main``: append the ``side`` arguments.
-    The ``--`` keeps torchrun's parser from reading our ``--n`` as an abbreviation of its own options."""
+    """``torchrun --standalone --nproc_per_node N -m -- side_extract.cli.main``: append the ``side`` arguments."""
     import shutil
     import sys
 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         raise ValueError("several processes need torchrun (it comes with torch), next to this Python or on PATH")
-    return [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "--", "side_extract.cli.main"]
+    return [torchrun, *launch_arguments(nproc)]
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run ``side ARGS`` as a launch of ``nproc`` processes on this machine (torchrun's launcher, run in this
+    process, which waits for them) and return the launch's exit status: 0, or the first failed process's. A
+    process that failed with status 2 (an error it printed itself: a config or input error, said by every process
+    that met it) gets no more words; another status (a crash, a signal) is named in one line, not torchrun's report
+    and traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchrun's default for each process, without its warning: each process sets its own threads (side --threads)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.CRITICAL)  # its per-process failure lines: said below, once
+    try:
+        run(parse_args([*launch_arguments(nproc), *args]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code != 2:
+            how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
+            print(f"error: process {rank} of the launch of {nproc} {how}", file=sys.stderr, flush=True)
+        return code if code > 0 else 1
+    finally:
+        elastic.setLevel(level)
+    return 0
 
 
 SINGLE = ProcessGroup()
 
-__all__ = ["ProcessGroup", "SINGLE", "torchrun_command", "process_timeout", "TIMEOUT_ENV"]
+__all__ = ["ProcessGroup", "SINGLE", "launch", "launch_arguments", "torchrun_command", "process_timeout", "TIMEOUT_ENV"]

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import config as cfg
-from ..distributed import ProcessGroup, check_device, leaving_on_error
+from ..distributed import ProcessGroup, check_device, launch, leaving_on_error
 
 # soft_wrap: a message is one line however long (a path or value in it stays whole; the terminal wraps it)
 console = Console(stderr=True, emoji=False, soft_wrap=True)
@@ -31,6 +31,7 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             if isinstance(kwargs.get("device"), str):  # before any work (a bad one failed in the first stage)
                 check_device(kwargs["device"])
+            launch_if_asked(kwargs.get("ctx"))
             set_threads(kwargs.get("ctx"))
             return fn(*args, **kwargs)
         except ValueError as e:
@@ -49,6 +50,27 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return wrapper
+
+
+def launch_if_asked(ctx: typer.Context | None) -> None:
+    """``side --processes N COMMAND ...``: once the command's arguments have parsed (a usage error is said once,
+    before any process starts), run this same command line as a launch of N processes and exit with its status.
+    A process of the launch (``WORLD_SIZE`` set) runs the command itself."""
+    import sys
+
+    obj = ctx.find_root().obj if hasattr(ctx, "find_root") else None
+    n = obj.get("processes", 1) if isinstance(obj, dict) else 1
+    if n <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    args, skip = [], False
+    for a in sys.argv[1:]:  # the same command line, less --processes
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            args.append(a)
+    raise typer.Exit(launch(n, args))
 
 
 def set_threads(ctx: typer.Context | None) -> None:

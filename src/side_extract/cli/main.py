@@ -47,38 +47,13 @@ def main(
 ) -> None:
     if processes < 1:
         raise typer.BadParameter(f"--processes={processes} must be >= 1")
-    if processes > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(processes)
     if threads < 0:
         raise typer.BadParameter(f"--threads={threads} must be >= 0")
-    # torch's threads are set when a command starts its work (common.cli_errors), not here: this callback runs
-    # before a subcommand's --help or a usage error, which then return without importing torch.
-    ctx.obj = {"progress": progress, "threads": threads, "threads_auto": threads == 0}
+    # torch's threads are set, and a launch of several processes started, when a command starts its work
+    # (common.cli_errors), not here: this callback runs before a subcommand's --help or its arguments are parsed,
+    # so a usage error is said once, by this process, and returns without importing torch.
+    ctx.obj = {"progress": progress, "threads": threads, "threads_auto": threads == 0, "processes": processes}
     setup_logging(verbose)
-
-
-def _relaunch(n: int) -> None:
-    """Replace this process by ``torchrun ... -m -- side_extract.cli.main <args>`` (``torchrun_command``)."""
-    import sys
-
-    from ..distributed import torchrun_command
-
-    try:
-        command = torchrun_command(n)
-    except ValueError as e:
-        raise typer.BadParameter(f"--processes: {e}") from None
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--processes":
-            skip = True
-            continue
-        if a.startswith("--processes="):
-            continue
-        args.append(a)
-    os.execv(command[0], [*command, *args])
 
 
 app.command("train-target")(train_target.train_target_cmd)
