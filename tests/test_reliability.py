@@ -64,6 +64,33 @@ def test_a_killed_holders_lock_is_taken_over_and_wait_waits(tiny_model_dir, tmp_
     holder.wait()
 
 
+def test_settings_that_failed_later_or_were_dropped_are_refused_at_once(tmp_path):
+    """Each was accepted: DDIM's eta above 1 (its noise outgrows the step: the samples turned to NaN mid-run, the
+    error blamed the weights, and the run was left half made), a method named twice (recorded so in the config), and
+    a config section that is not a mapping where a flag sets a key in it (the flag replaced it without a word)."""
+    from side_extract.models.target import load_target
+    from side_extract.sampling import sample
+
+    for section in (cfg.SampleConfig, cfg.ExtractConfig):
+        with pytest.raises(ValueError, match=r"eta=1.5 must be in \[0, 1\]"):
+            cfg.from_dict(section, {"eta": 1.5})
+    with pytest.raises(ValueError, match=r"eta=5 must be in \[0, 1\]"):
+        sample(load_target("demo"), 2, steps=2, eta=5)
+    with pytest.raises(ValueError, match=r"methods=\['side', 'uncond', 'side'\] names side more than once"):
+        cfg.from_dict(cfg.ExtractConfig, {"methods": ["side", "uncond", "side"]})
+    with pytest.raises(ValueError, match="config section 'sample' must be a mapping, got 5"):
+        cfg.merge({"sample": 5}, {"sample": {"n": 4}})
+    assert cfg.merge({"sample": None, "a": {"b": 1}}, {"sample": {"n": 4}, "a": {"c": 2}}) == {
+        "sample": {"n": 4}, "a": {"b": 1, "c": 2}}
+    (tmp_path / "bad.yaml").write_text("sample: 5\n")
+    res = CliRunner().invoke(app, ["--no-progress", "sample", "--config", str(tmp_path / "bad.yaml"), "--n", "4",
+                                   "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "config section 'sample' must be a mapping, got 5" in res.output, res.output
+    res = CliRunner().invoke(app, ["--no-progress", "sample", "--n", "4", "--eta", "5", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "eta=5.0 must be in [0, 1]" in res.output, res.output
+    assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists()
+
+
 def test_non_finite_settings_are_refused():
     for key in ("scale", "temperature", "cond_scale", "t_hi"):
         with pytest.raises(ValueError, match=f"{key}=nan must be a finite number"):
@@ -72,10 +99,10 @@ def test_non_finite_settings_are_refused():
         cfg.ExtractConfig(scale=float("inf"))
     with pytest.raises(ValueError, match="finite"):
         cfg.SweepConfig(scale=(1.0, float("nan")))
-    with pytest.raises(ValueError, match=r"eta=-1 must be >= 0"):
+    with pytest.raises(ValueError, match=r"eta=-1 must be in \[0, 1\]"):
         cfg.ExtractConfig(eta=-1)
     res = CliRunner().invoke(app, ["--no-progress", "bench", "fair", "--out", "/tmp/never", "--eta", "-0.5"])
-    assert res.exit_code == 2 and "eta=-0.5 must be >= 0" in res.output
+    assert res.exit_code == 2 and "eta=-0.5 must be in [0, 1]" in res.output
     res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", "/tmp/never", "--scale", "nan"])
     assert res.exit_code == 2 and "finite" in res.output
 

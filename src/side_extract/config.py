@@ -127,8 +127,8 @@ class SampleConfig:
         _numbers(self)
         _positive(self, "n", "steps", "batch_size", "shard_size")
         _precision(self)
-        if self.eta < 0:
-            raise ValueError(f"eta={self.eta} must be >= 0")
+        if not 0.0 <= self.eta <= 1.0:  # (beyond 1 DDIM's noise outgrows its step: the samples turn to NaN)
+            raise ValueError(f"eta={self.eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,14 +478,16 @@ class ExtractConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(METHODS)}")
+        if twice := sorted({m for m in self.methods if self.methods.count(m) > 1}):
+            raise ValueError(f"methods={list(self.methods)} names {', '.join(twice)} more than once")
         if self.scale < 0 or (self.cond_scale is not None and self.cond_scale < 0):
             raise ValueError(f"scale={self.scale} / cond_scale={self.cond_scale} must be >= 0")
         if self.teacher_scale is not None and self.teacher_scale < 0:
             raise ValueError(f"teacher_scale={self.teacher_scale} must be >= 0 (or null: SIDE's scale)")
         if self.teacher_temperature is not None and self.teacher_temperature <= 0:
             raise ValueError(f"teacher_temperature={self.teacher_temperature} must be > 0 (or null: SIDE's temperature)")
-        if self.eta < 0:
-            raise ValueError(f"eta={self.eta} must be >= 0 (0: deterministic DDIM, 1: as stochastic as DDPM)")
+        if not 0.0 <= self.eta <= 1.0:  # (beyond 1 DDIM's noise outgrows its step: the samples turn to NaN)
+            raise ValueError(f"eta={self.eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
         if self.temperature <= 0 or self.cond_temperature <= 0:
             raise ValueError(f"temperature={self.temperature} / cond_temperature={self.cond_temperature} must be > 0")
         if not 0.0 <= self.t_lo < self.t_hi <= 1.0:
@@ -778,11 +780,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursively overlay ``overrides`` on ``base`` (nested dicts merge, other values replace)."""
+    """Recursively overlay ``overrides`` on ``base`` (nested dicts merge, other values replace). A section of
+    ``base`` that is not a mapping where ``overrides`` sets keys in it is refused: replacing it would drop what the
+    file said without a word (``sample: 5`` in a config, ``--n 4`` on the command line)."""
     out = dict(base)
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
+        elif isinstance(v, dict) and out.get(k) is not None:
+            raise ValueError(f"config section {k!r} must be a mapping, got {out[k]!r}")
         else:
             out[k] = v
     return out

@@ -212,6 +212,8 @@ def denoise_batch(
     """
     if precision not in cfg.PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {', '.join(cfg.PRECISIONS)}")
+    if not 0.0 <= eta <= 1.0:  # (beyond 1 DDIM's noise outgrows its step: the samples turn to NaN)
+        raise ValueError(f"eta={eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
     if guidance is not None and isinstance(sched, DDIMScheduler) and not clip_eps:
         raise ValueError("guided DDIM sampling takes eps from the clipped x0 in every guided step (guided-diffusion's "
                          "order, the extraction's sampler): pass clip_eps=True, and sample an unguided baseline with "
