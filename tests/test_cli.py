@@ -63,9 +63,20 @@ def test_bad_input_is_one_clean_line(tmp_path):
         assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
     for args, says in ((["run", str(tmp_path)], "is a directory; a run YAML was expected"),
-                       (["verify", str(tmp_path / "nope")], "is not a run directory (it has no config.yaml)")):
+                       (["verify", str(tmp_path / "nope")], "does not exist (expected a run directory")):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and says in " ".join(r.output.split()), r.output
+    # a folder that is no run: its report was an empty page written into it (a config.yaml of any text sufficed)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "config.yaml").write_text("hello: world\n")
+    for args in (["report", str(fake)], ["theory", "measure", str(fake)], ["verify", str(fake)]):
+        r = CliRunner().invoke(app, ["--no-progress", *args])
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and "is not a run directory: its config.yaml is not a run's" in said, (args, r.output)
+    assert sorted(p.name for p in fake.iterdir()) == ["config.yaml"]
+    r = CliRunner().invoke(app, ["report", str(fake / "config.yaml")])
+    assert r.exit_code == 2 and "is a file, not a run directory" in " ".join(r.output.split()), r.output
 
 
 def test_missing_model_directory(tmp_path):

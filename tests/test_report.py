@@ -188,7 +188,7 @@ def test_cli(run_dir, tmp_path):
     data = json.loads((run / "report" / "report.json").read_text())
     assert data["top"] == 3 and all(len(v) == 3 for v in data["top_pairs"].values())
     r = CliRunner().invoke(app, ["--no-progress", "report", str(tmp_path / "nope")])
-    assert r.exit_code == 2 and "config.yaml" in r.output
+    assert r.exit_code == 2 and "does not exist (expected a run directory" in r.output
 
 
 def test_pairs_are_withheld_when_the_sets_changed(run_dir, tmp_path):

@@ -33,8 +33,8 @@ from .pipeline import ProgressFactory, no_progress
 from .findings import SYNTHETIC, Findings, collect
 from .evaluation import incomparable
 from .summary import audit_summary
-from .runs import (atomic_save_npz, atomic_write_text, check_run_path, evaluated_methods, evaluated_synthetic,
-                   fingerprint_of, read_json, read_stages, run_lock, settings_changed)
+from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
+                   evaluated_synthetic, fingerprint_of, read_json, read_stages, run_lock, settings_changed)
 from .sweeps import run_with_sweeps
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,7 @@ class Audit:
         ``chdir``). Every current evaluation is listed, as the report and ``summary.json`` list them (one left
         unfinished, or made from an extraction replaced since, is left out with a warning); one that cannot be set
         against the others (an earlier call's, on another training set or bands) says why in ``not_compared``."""
-        run = Path(run).resolve()
-        if not (run / "config.yaml").is_file():
-            raise ValueError(f"{str(run)!r} is not a run directory (it has no config.yaml)")
+        run = check_run_directory(Path(run).resolve())
         rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
         metrics = {m: read_json(d / "metrics.json", dict) for m, d in evaluated_methods(run).items()}
         apart = incomparable(metrics)

@@ -26,8 +26,8 @@ from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import closest_first
-from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, evaluated_methods, read_json, read_model,
-                   read_stages, stale_stages)
+from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, check_run_directory, evaluated_methods,
+                   read_json, read_model, read_stages, stale_stages)
 from .summary import findings_file_current, summary_and_findings
 
 log = logging.getLogger(__name__)
@@ -316,9 +316,7 @@ def _stages(run: Path) -> tuple[list[dict], dict[str, list[str]]]:
 
 def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     """Everything the report shows, JSON-safe (see the module docstring); ``top`` image pairs per method."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ValueError(f"{str(run)!r} is not a run directory (it has no config.yaml)")
+    run = check_run_directory(run_dir)
     if top < 1:
         raise ValueError(f"top={top} must be >= 1")
     text = (run / "config.yaml").read_text()

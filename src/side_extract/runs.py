@@ -203,6 +203,24 @@ def evaluated_synthetic(run: str | Path) -> Path | None:
     return d
 
 
+def check_run_directory(path: str | Path) -> Path:
+    """``path`` if it is a run directory (it holds a run's ``config.yaml``: one that reads as a run config); else a
+    ValueError that says what it is instead (a readers' check: the report of a folder holding any ``config.yaml``
+    was an empty page written into it)."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{str(p)!r} does not exist (expected a run directory: side run or side demo makes one)")
+    if not p.is_dir():
+        raise ValueError(f"{str(p)!r} is a file, not a run directory")
+    if not (p / "config.yaml").is_file():
+        raise ValueError(f"{str(p)!r} is not a run directory (it has no config.yaml: side run or side demo makes one)")
+    try:
+        cfg.from_dict(cfg.RunConfig, cfg.load_yaml(p / "config.yaml"))
+    except ValueError as e:
+        raise ValueError(f"{str(p)!r} is not a run directory: its config.yaml is not a run's ({e})") from None
+    return p
+
+
 def read_stages(run: str | Path) -> dict[str, dict[str, Any]]:
     """The stage entries of run directory ``run``'s manifest, read only ({} where it has none; unlike
     :class:`RunDir`, which creates the directory)."""

@@ -294,13 +294,11 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
     from ..data import load_image_set
     from ..models.classifier import load_classifier
     from ..models.target import check_fits
-    from ..runs import atomic_write_json, read_stages
+    from ..runs import atomic_write_json, check_run_directory, read_stages
     from ..config import load_yaml
 
-    run = Path(run)
+    run = check_run_directory(run)
     cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise ValueError(f"run directory {str(run)!r} has no config.yaml (is it a run directory?)")
     rc = load_yaml(cfg_path)
     if not rc.get("train"):
         raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D")
