@@ -171,3 +171,22 @@ def test_model_option_enables_cosine_unet(sets, tiny_model_dir):
     r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
                "--out", sets / "v", "--similarity", "cosine:unet")
     assert r.exit_code == 2 and "needs the target model" in r.output
+
+
+def test_an_out_that_is_a_file_and_held_out_images_of_another_size_are_said_before_the_work(sets, monkeypatch):
+    """`--out` naming a file was found after the calibration and the evaluation ("File exists"); held-out images of
+    another size than the training set's were found after the training set's null, and called "generated"."""
+    import side_extract.evaluation as evaluation
+
+    (sets / "afile").write_text("mine\n")
+    for args in (("calibrate", "--train", sets / "train.npz", "--out", sets / "afile"),
+                 ("evaluate", "--generated", sets / "run" / "extraction" / "side", "--train", sets / "train.npz",
+                  "--out", sets / "afile")):
+        r = invoke(*args)
+        assert r.exit_code == 2 and f"--out '{sets / 'afile'}' exists and is not a directory" in r.output, r.output
+    assert (sets / "afile").read_text() == "mine\n"
+    monkeypatch.setattr(evaluation, "calibrate", lambda *a, **k: pytest.fail("calibrated before the check"))
+    r = invoke("calibrate", "--train", sets / "train.npz", "--heldout", sets / "small.npz", "--out", sets / "c")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "held-out images (" in said and "are 4x4x1 (HxWxC) but training images are 8x8x1" in said
+    assert not (sets / "c").exists()

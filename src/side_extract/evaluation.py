@@ -239,7 +239,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
                         "`side calibrate --similarity %s` and pass --bands-file", sim.extractor, sim.spec)
     elif c.heldout is not None:
         heldout = load_image_set(c.heldout, c.resize)
-        check_same_shape(heldout, train)
+        check_same_shape(heldout, train, "held-out images")
         values = index.kneighbors(_rows(sim, heldout, None, c, device, train, feature_model), 1).scores[:, 0]
         bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{c.heldout}"
         null = {"source": "heldout-vs-train", "n": len(values),
@@ -411,7 +411,7 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}
     fps, sources = {"train": train.fingerprint()}, {"train": train.name}
     if heldout is not None:
-        check_same_shape(heldout, train)
+        check_same_shape(heldout, train, "held-out images")
         h_rows = _rows(sim, heldout, heldout_features, c, device, train, feature_model)
         nulls["heldout"] = index.kneighbors(h_rows, 1, progress=progress).scores[:, 0]
         fps["heldout"], sources["heldout"] = heldout.fingerprint(), heldout.name

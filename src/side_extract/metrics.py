@@ -423,10 +423,12 @@ def gu_from_neighbors(nb: Neighbors, threshold: float = 1 / 3) -> GuRatio:
     return GuRatio(threshold, float((r < threshold).mean()), r)
 
 
-def check_same_shape(generated: ImageSet, train: ImageSet) -> None:
+def check_same_shape(generated: ImageSet, train: ImageSet, what: str = "generated images") -> None:
+    """Refuse ``generated`` (``what``: the held-out images, ...) of another shape than ``train``'s, naming both."""
     if generated.images.shape[1:] != train.images.shape[1:]:
         g, t = generated.images.shape[1:], train.images.shape[1:]
-        raise ValueError(f"generated images are {g[0]}x{g[1]}x{g[2]} (HxWxC) but training images are "
+        name = f" ({generated.name})" if generated.name else ""
+        raise ValueError(f"{what}{name} are {g[0]}x{g[1]}x{g[2]} (HxWxC) but training images are "
                          f"{t[0]}x{t[1]}x{t[2]}; resize both to one size (--resize SIZE)")
 
 

@@ -40,6 +40,7 @@ def calibrate_cmd(
     from ..data import ImageSet, load_image_set
     from ..data import resize as resize_images
     from ..evaluation import calibrate, digits_complement
+    from ..metrics import check_same_shape
     from ..runs import run_lock
 
     run = run_written_into(out)  # (RUN/evaluation itself holds the run's own calibration: refused)
@@ -54,6 +55,8 @@ def calibrate_cmd(
     else:
         ho = None
         console.print("no --heldout: bands from each training image vs the rest of the training set")
+    if ho is not None:  # before the work (it was found after the training set's null)
+        check_same_shape(ho, tr, "held-out images")
     feature_model = load_feature_model(model, device)
     with progress_bar(ctx, "calibrate") as cb:
         result = calibrate(tr, ho, c, feature_model=feature_model, device=device, progress=cb)

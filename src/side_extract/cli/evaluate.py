@@ -54,9 +54,12 @@ def default_method(generated: str) -> str:
 def run_written_into(out: Path) -> Path | None:
     """The run directory ``out`` lies in, if any (the command writes there as one of its writers, under its lock),
     checked before the sets load: ``out`` may not be the folder of one of the run's own stages (its manifest vouches
-    for what the run made there), and no other process may be writing the run."""
+    for what the run made there), and no other process may be writing the run; nor may ``out`` be a file (it was
+    found after the work)."""
     from ..runs import check_unlocked, enclosing_run, stage_holding
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory (expected a folder to write into)")
     run = enclosing_run(out)
     if run is not None:
         if (stage := stage_holding(run, out)) is not None:
