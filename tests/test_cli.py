@@ -367,3 +367,16 @@ def test_the_own_model_template_is_the_memorization_aware_form_with_three_paths_
              "evaluate": {"heldout": str(tmp_path / "heldout.npz")}}
     filled = from_dict(cfg.RunConfig, cfg.merge(data, paths))
     preflight(filled, load_target(tiny_model_dir))
+
+
+def test_out_of_memory_and_a_message_with_brackets_are_one_clean_line(tmp_path):
+    """A batch size of 10^12 ended in a traceback from torch's allocator (status 1); an error naming a path with
+    brackets lost them (rich read `[a]` as markup): '/tmp/r[a]/x' was said as '/tmp/r/x'."""
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "train-target", "--steps", "2", "--batch-size",
+                                 "1000000000000", "--out", str(tmp_path / "m")])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "error: out of memory (" in said and "lower the batch size" in said, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "m").exists()
+    odd = tmp_path / "r[a]" / "x"
+    r = CliRunner().invoke(app, ["report", str(odd)])
+    assert r.exit_code == 2 and f"'{odd}' does not exist" in " ".join(r.output.split()), r.output

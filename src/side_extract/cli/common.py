@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import config as cfg
@@ -35,21 +36,38 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             set_threads(kwargs.get("ctx"))
             return fn(*args, **kwargs)
         except ValueError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             leaving_on_error(2)
             raise typer.Exit(2) from None
         except OSError as e:
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
-            console.print(f"[bold red]error:[/] {e.strerror or e}{where}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}", highlight=False,
+                          soft_wrap=True)
             leaving_on_error(2)
             raise typer.Exit(2) from None
         except BaseException as e:
+            if out_of_memory(e):  # (a batch size of 10^12 was a traceback ending in torch's allocator)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                console.print(f"[bold red]error:[/] out of memory ({escape(first)}): lower the batch size "
+                              "(--batch-size, the config's batch_size keys), the number of images, or use a larger "
+                              "machine",
+                              highlight=False, soft_wrap=True)
+                leaving_on_error(2)
+                raise typer.Exit(2) from None
             code = getattr(e, "exit_code", getattr(e, "code", 1))
             if code not in (0, None):  # (typer.Exit / SystemExit 0: a command that is done)
                 leaving_on_error(code if isinstance(code, int) else 1)
             raise
 
     return wrapper
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the machine ran out of memory: Python's MemoryError, torch's OutOfMemoryError (a GPU's), or
+    the RuntimeError of torch's CPU allocator."""
+    text = str(e)
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)))
 
 
 def launch_if_asked(ctx: typer.Context | None) -> None:
