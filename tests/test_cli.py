@@ -380,3 +380,26 @@ def test_out_of_memory_and_a_message_with_brackets_are_one_clean_line(tmp_path):
     odd = tmp_path / "r[a]" / "x"
     r = CliRunner().invoke(app, ["report", str(odd)])
     assert r.exit_code == 2 and f"'{odd}' does not exist" in " ".join(r.output.split()), r.output
+
+
+def test_a_model_directory_with_a_config_diffusers_cannot_build_is_one_clean_line(tiny_model_dir, tmp_path):
+    """A scheduler config with num_train_timesteps -5 or an unknown beta_schedule was a traceback from diffusers
+    (status 1); an unreadable unet/config.json was said without naming the file."""
+    import json
+    import shutil
+
+    for where, edit, says in (("scheduler/scheduler_config.json", {"num_train_timesteps": -5},
+                               "scheduler/scheduler_config.json cannot be loaded by diffusers"),
+                              ("scheduler/scheduler_config.json", {"beta_schedule": "weird"},
+                               "scheduler/scheduler_config.json cannot be loaded by diffusers (NotImplementedError"),
+                              ("unet/config.json", None, "unet/config.json is not a readable config")):
+        model = tmp_path / "m"
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(tiny_model_dir, model)
+        f = model / where
+        f.write_text(json.dumps({**json.loads(f.read_text()), **edit}) if edit else "{bad")
+        r = CliRunner().invoke(app, ["--no-progress", "sample", "--model", str(model), "--n", "2", "--out",
+                                     str(tmp_path / "r")])
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and f"model directory '{model}': {says}" in said and "Traceback" not in said, r.output
+        assert not (tmp_path / "r").exists()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -209,14 +209,32 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
                 "UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )
         raise ValueError(f"model directory {str(path)!r} has no unet/*.safetensors weights")
+    for f in (unet_dir / "config.json", sched_dir / "scheduler_config.json"):
+        try:
+            if not isinstance(json.loads(f.read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"model directory {str(path)!r}: {str(f.relative_to(path))} is not a readable config "
+                             f"({e})") from None
     kind = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
     if kind != "UNet2DModel":  # (diffusers would load another class's config into a UNet2DModel without a word)
         raise ValueError(f"model directory {str(path)!r}: unet/ holds a {kind}; side-extract audits an "
                          "unconditional diffusers UNet2DModel (another architecture can be audited from Python as "
                          "a callable eps(x, t) with its scheduler and sample_shape)")
-    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
-    scheduler = DDPMScheduler.from_pretrained(sched_dir)
+    scheduler = _loaded(path, "scheduler/scheduler_config.json", lambda: DDPMScheduler.from_pretrained(sched_dir))
+    unet = _loaded(path, "unet/", lambda: UNet2DModel.from_pretrained(unet_dir, use_safetensors=True))
     return UNetDenoiser(unet, scheduler, source=str(path)).to(device)
+
+
+def _loaded(path: Path, name: str, load: Callable[[], Any]) -> Any:
+    """``load()``, with diffusers' own error on a config it cannot build from (a negative num_train_timesteps, an
+    unknown beta_schedule: tracebacks before) said as the file of model directory ``path`` it comes from."""
+    try:
+        return load()
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model directory {str(path)!r}: {name} cannot be loaded by diffusers "
+                         f"({type(e).__name__}: {first})") from None
 
 
 def model_fingerprint(spec: str | Path) -> str:
