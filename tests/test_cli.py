@@ -403,3 +403,14 @@ def test_a_model_directory_with_a_config_diffusers_cannot_build_is_one_clean_lin
         said = " ".join(r.output.split())
         assert r.exit_code == 2 and f"model directory '{model}': {says}" in said and "Traceback" not in said, r.output
         assert not (tmp_path / "r").exists()
+
+
+def test_a_launch_of_a_command_it_does_not_split_is_refused(tmp_path):
+    """`side --processes 2 report RUN` ran the report twice, side by side, each writing the same files."""
+    for name, args in (("report", [str(tmp_path)]),
+                       ("evaluate", ["--generated", "x", "--train", "digits:10", "--out", str(tmp_path / "e")]),
+                       ("bench fair", ["--out", str(tmp_path / "b")])):
+        r = CliRunner().invoke(app, ["--no-progress", "--processes", "2", *name.split(), *args])
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and f"--processes=2: side {name} runs in one process" in said, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -70,16 +70,29 @@ def out_of_memory(e: BaseException) -> bool:
             or (isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)))
 
 
+# the commands whose work a launch of several processes splits (each process its shards, its rows of each batch);
+# the others would run N times over, side by side
+LAUNCHED = ("run", "extract", "sample", "cluster", "train-classifier", "train-target", "demo")
+
+
 def launch_if_asked(ctx: typer.Context | None) -> None:
     """``side --processes N COMMAND ...``: once the command's arguments have parsed (a usage error is said once,
     before any process starts), run this same command line as a launch of N processes and exit with its status.
-    A process of the launch (``WORLD_SIZE`` set) runs the command itself."""
+    A process of the launch (``WORLD_SIZE`` set) runs the command itself. A command a launch does not split is
+    refused (it ran once per process, side by side, each writing the same files)."""
     import sys
 
     obj = ctx.find_root().obj if hasattr(ctx, "find_root") else None
     n = obj.get("processes", 1) if isinstance(obj, dict) else 1
     if n <= 1 or "WORLD_SIZE" in os.environ:
         return
+    names, c = [], ctx
+    while c is not None and c.parent is not None:
+        names.insert(0, c.info_name)
+        c = c.parent
+    if " ".join(names) not in LAUNCHED:
+        raise ValueError(f"--processes={n}: side {' '.join(names)} runs in one process (a launch splits the work of "
+                         f"side {', '.join(LAUNCHED)}); leave --processes out")
     args, skip = [], False
     for a in sys.argv[1:]:  # the same command line, less --processes
         if skip:
