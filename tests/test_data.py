@@ -191,3 +191,12 @@ def test_digits_n_names_the_largest_balanced_subset():
     for n in (1749, 1797, 0):
         with pytest.raises(ValueError, match=rf"digits:{n} must ask for 1\.\.1748 images .*`digits` alone is all 1797"):
             load_image_set(f"digits:{n}")
+
+
+def test_a_file_that_is_no_npz_is_said_so_without_numpys_pickle_hint(tmp_path):
+    """A text file named .npz was said in numpy's words ("contains pickled (object) data. If you trust the file you
+    can load it unsafely"), suggesting a pickle and how to load one."""
+    (tmp_path / "fake.npz").write_text("hello\n")
+    with pytest.raises(ValueError, match=r"fake.npz' is not a readable .npz file: not a zip of named arrays") as e:
+        load_image_set(str(tmp_path / "fake.npz"))
+    assert "unsafely" not in str(e.value) and "allow_pickle" not in str(e.value)

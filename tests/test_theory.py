@@ -256,6 +256,8 @@ def test_measure_rejects_bad_input():
         measure(den, clf, train, n_points=2, guidance_scale=-1.0)
     with pytest.raises(ValueError, match=r"model expects \(1, 8, 8\)"):
         measure(den, clf, torch.zeros(5, 1, 4, 4), n_points=2)
+    with pytest.raises(ValueError, match="seed=-4 must be an integer >= 0"):  # numpy's words, naming no value
+        measure(den, clf, train, n_points=2, seed=-4)
     k = clf(train[:1], torch.zeros(1, dtype=torch.long)).shape[-1]
     for bad in (-1, k):  # -1 guided toward the last logit, reported as class -1; K failed after a batch's ODE
         with pytest.raises(ValueError, match=f"output indices 0..{k - 1}"):

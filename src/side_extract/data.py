@@ -251,6 +251,10 @@ def load_npz(path: Path) -> ImageSet:
         raise ValueError(f"{str(path)!r} is not a readable .npz file: it holds one array (a .npy file), "
                          "not named arrays") from None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        if isinstance(e, ValueError) and "pickled" in str(e):  # numpy's words for a file that is no array file at
+            # all: it would load it as a pickle, and suggests allowing that, which side-extract never does
+            raise ValueError(f"{str(path)!r} is not a readable .npz file: not a zip of named arrays (as np.savez "
+                             "writes; side-extract never loads pickles)") from None
         raise ValueError(f"{str(path)!r} is not a readable .npz file: {e}") from e
     if "images" not in arrays:
         raise ValueError(f"{str(path)!r} has no 'images' array (it has: {', '.join(files) or 'nothing'})")

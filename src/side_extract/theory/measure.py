@@ -200,6 +200,8 @@ def measure(
         raise ValueError(f"n_probes={n_probes!r} must be a positive integer")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0")
     ac = denoiser.scheduler.alphas_cumprod
     ts = ode_timesteps(ac, n_steps, t_min)  # validates n_steps and t_min early
 
