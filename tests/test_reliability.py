@@ -88,7 +88,14 @@ def test_settings_that_failed_later_or_were_dropped_are_refused_at_once(tmp_path
     assert res.exit_code == 2 and "config section 'sample' must be a mapping, got 5" in res.output, res.output
     res = CliRunner().invoke(app, ["--no-progress", "sample", "--n", "4", "--eta", "5", "--out", str(tmp_path / "e")])
     assert res.exit_code == 2 and "eta=5.0 must be in [0, 1]" in res.output, res.output
-    assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists()
+    # an n of 10^14 (a typo): the stage's shard plan filled the memory (5 GB in 15 s) before anything was said
+    for section in (cfg.SampleConfig, cfg.ExtractConfig):
+        with pytest.raises(ValueError, match=r"n=100000000000000 images of shard_size=512 would make "
+                                             r"195,312,500,000 shard files \(at most 1,000,000\)"):
+            cfg.from_dict(section, {"n": 10**14})
+    res = CliRunner().invoke(app, ["--no-progress", "sample", "--n", str(10**14), "--out", str(tmp_path / "n")])
+    assert res.exit_code == 2 and "would make 195,312,500,000 shard files" in res.output, res.output
+    assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists() and not (tmp_path / "n").exists()
 
 
 def test_non_finite_settings_are_refused():

@@ -52,6 +52,18 @@ def _positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{name}={value} must be a positive integer")
 
 
+MAX_SHARDS = 1_000_000  # shard files of one stage (a folder of more is no longer a run directory one can handle)
+
+
+def _shards(obj: Any) -> None:
+    """Refuse an ``n`` that would make more than :data:`MAX_SHARDS` shard files of ``shard_size`` images: an n of
+    10^14 (a typo) was accepted, and the stage's shard plan filled the memory before anything was said."""
+    shards = -(-obj.n // obj.shard_size)
+    if shards > MAX_SHARDS:
+        raise ValueError(f"n={obj.n} images of shard_size={obj.shard_size} would make {shards:,} shard files (at most "
+                         f"{MAX_SHARDS:,}): lower n or raise shard_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainTargetConfig:
     """Training a diffusers ``UNet2DModel`` target for memorization studies."""
@@ -126,6 +138,7 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _numbers(self)
         _positive(self, "n", "steps", "batch_size", "shard_size")
+        _shards(self)
         _precision(self)
         if not 0.0 <= self.eta <= 1.0:  # (beyond 1 DDIM's noise outgrows its step: the samples turn to NaN)
             raise ValueError(f"eta={self.eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
@@ -464,6 +477,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         _numbers(self)
         _positive(self, "n", "steps", "batch_size", "shard_size", "rounds")
+        _shards(self)
         _precision(self)
         if not 0.0 < self.dedup_threshold < 1.0:
             raise ValueError(f"dedup_threshold={self.dedup_threshold} must be a pixel RMS distance in (0, 1)")
