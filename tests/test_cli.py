@@ -414,3 +414,16 @@ def test_a_launch_of_a_command_it_does_not_split_is_refused(tmp_path):
         said = " ".join(r.output.split())
         assert r.exit_code == 2 and f"--processes=2: side {name} runs in one process" in said, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_bench_options_are_named_as_typed(tmp_path):
+    """`side bench fair --lambdas 1,nan` said `scales_grid=[1.0, nan]`, `--n-generated -1` said `n=-1`, `side bench
+    signals --n-train 0` said `scales: 0`: the config's names, not the options the user typed."""
+    for args, says in ((["fair", "--lambdas", "1,nan"], "--lambdas='1,nan' must be finite numbers"),
+                       (["fair", "--n-generated", "-1"], "'--n-generated'"),
+                       (["fair", "--n-bootstrap", "0"], "'--n-bootstrap'"),
+                       (["signals", "--n-train", "0"], "'--n-train'"),
+                       (["signals", "--n-synthetic", "0"], "'--n-synthetic'")):
+        r = CliRunner().invoke(app, ["--no-progress", "bench", *args, "--out", str(tmp_path / "b")])
+        assert r.exit_code == 2 and says in " ".join(r.output.split()), (args, r.output)
+    assert not (tmp_path / "b").exists()

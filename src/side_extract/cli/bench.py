@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from pathlib import Path
 
@@ -171,10 +172,11 @@ def fair_cmd(
                                help="Folder for fair.json and fair.md."),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="Targets, bands and one run per replicate."),
     scales: str = typer.Option("100,300,1000", "--scales", help="Training-set sizes, comma-separated."),
-    size: int = typer.Option(16, "--size", help="Image size in px."),
-    n_generated: int = typer.Option(2000, "--n-generated", help="N_G per method and held-out replicate."),
-    n_synthetic: int = typer.Option(2000, "--n-synthetic", help="Synthetic samples per replicate (SIDE step 1)."),
-    train_steps: int = typer.Option(3000, "--train-steps", help="The one training budget of every target."),
+    size: int = typer.Option(16, "--size", min=1, help="Image size in px."),
+    n_generated: int = typer.Option(2000, "--n-generated", min=1, help="N_G per method and held-out replicate."),
+    n_synthetic: int = typer.Option(2000, "--n-synthetic", min=1,
+                                    help="Synthetic samples per replicate (SIDE step 1)."),
+    train_steps: int = typer.Option(3000, "--train-steps", min=1, help="The one training budget of every target."),
     methods: str = typer.Option("side,side-teacher,cond,uncond", "--methods", help="Methods, comma-separated."),
     lambdas: str = typer.Option("1,3,10", "--lambdas", help="Lambda grid, the same for every guided method."),
     temperatures: str = typer.Option("1,2", "--temperatures", help="Temperature grid, the same for every guided method."),
@@ -183,7 +185,7 @@ def fair_cmd(
     validation_n: int | None = typer.Option(None, "--validation-n", help="N_G per method and setting on validation "
                                                "replicates (default: --n-generated, the budget that is reported)."),
     select_metric: str = typer.Option("ums_cumulative/mid", "--select-metric", help="What tuning maximizes."),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Bootstrap draws for the ratio intervals."),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=1, help="Bootstrap draws for the ratio intervals."),
     form: list[str] = typer.Option([], "--form", help="A SIDE form (or a memguide form) to compare too, tuned on the "
                                    "same-size grid: NAME=METHOD[,dotted.key=value...], e.g. "
                                    "side-x0=side,classifier.guidance_input=x0_hat or "
@@ -218,9 +220,12 @@ def fair_cmd(
 
     def floats(text: str, name: str) -> tuple[float, ...]:
         try:
-            return tuple(float(v) for v in text.split(",") if v.strip())
+            values = tuple(float(v) for v in text.split(",") if v.strip())
         except ValueError:
             raise ValueError(f"{name}={text!r} must be comma-separated numbers") from None
+        if not all(math.isfinite(v) for v in values):  # (said with the option's name, not the config's)
+            raise ValueError(f"{name}={text!r} must be finite numbers")
+        return values
 
     bc = ExtractionBenchConfig()
     run = dataclasses.replace(bc.run, sample=dataclasses.replace(bc.run.sample, n=n_synthetic),
@@ -296,11 +301,11 @@ def signals_cmd(
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
                                help="Folder for signals-<size>px-n<N>.{json,md}."),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="Targets, bands and replicate runs."),
-    n_train: int = typer.Option(300, "--n-train", help="Training-set size (digits:N)."),
-    size: int = typer.Option(16, "--size", help="Image size in px."),
+    n_train: int = typer.Option(300, "--n-train", min=1, help="Training-set size (digits:N)."),
+    size: int = typer.Option(16, "--size", min=1, help="Image size in px."),
     replicate: int = typer.Option(1, "--replicate", help="Replicate whose synthetic set and clusters are used."),
-    n_synthetic: int = typer.Option(2000, "--n-synthetic", help="Synthetic samples (SIDE step 1)."),
-    steps: int = typer.Option(1200, "--steps", help="Training steps of every classifier."),
+    n_synthetic: int = typer.Option(2000, "--n-synthetic", min=1, help="Synthetic samples (SIDE step 1)."),
+    steps: int = typer.Option(1200, "--steps", min=1, help="Training steps of every classifier."),
     signals: str = typer.Option("paper,every-block,x0-hat", "--signals", help="Signals, comma-separated."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
