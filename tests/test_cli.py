@@ -427,3 +427,11 @@ def test_bench_options_are_named_as_typed(tmp_path):
         r = CliRunner().invoke(app, ["--no-progress", "bench", *args, "--out", str(tmp_path / "b")])
         assert r.exit_code == 2 and says in " ".join(r.output.split()), (args, r.output)
     assert not (tmp_path / "b").exists()
+
+
+def test_extract_into_a_run_that_does_not_exist_is_refused_without_a_config(tmp_path):
+    """`side extract --run TYPO` started a whole new audit of the default target (the demo), every default method."""
+    r = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(tmp_path / "typo"), "--method", "uncond"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"--run '{tmp_path / 'typo'}' does not exist: side extract continues a run" in said
+    assert not (tmp_path / "typo").exists()

@@ -233,6 +233,9 @@ def extract_cmd(
              "memguide_scale": "extract.memguide_scale"}
     flags = typed_flags(ctx, names)
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+    if not run.exists() and config is None:  # (a typo in --run started a whole new audit of the default target)
+        raise ValueError(f"--run {str(run)!r} does not exist: side extract continues a run (side run, side sample or "
+                         "side cluster makes one); to start one there, give its --config (model, training set)")
     from ..pipeline import run_audit
 
     with stage_progress(ctx) as factory:
