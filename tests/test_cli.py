@@ -75,6 +75,8 @@ def test_bad_input_is_one_clean_line(tmp_path):
         said = " ".join(r.output.split())
         assert r.exit_code == 2 and "is not a run directory: its config.yaml is not a run's" in said, (args, r.output)
     assert sorted(p.name for p in fake.iterdir()) == ["config.yaml"]
+    r = CliRunner().invoke(app, ["verify", str(fake), "--generations", "0,-1"])  # said as indices=[0, -1]
+    assert r.exit_code == 2 and "--generations='0,-1' must be generation numbers >= 0" in r.output, r.output
     r = CliRunner().invoke(app, ["report", str(fake / "config.yaml")])
     assert r.exit_code == 2 and "is a file, not a run directory" in " ".join(r.output.split()), r.output
 

@@ -88,6 +88,8 @@ def test_settings_that_failed_later_or_were_dropped_are_refused_at_once(tmp_path
     assert res.exit_code == 2 and "config section 'sample' must be a mapping, got 5" in res.output, res.output
     res = CliRunner().invoke(app, ["--no-progress", "sample", "--n", "4", "--eta", "5", "--out", str(tmp_path / "e")])
     assert res.exit_code == 2 and "eta=5.0 must be in [0, 1]" in res.output, res.output
+    with pytest.raises(ValueError, match=r"train_resize=-4 must be a positive image size"):  # (it said resize=-4)
+        cfg.from_dict(cfg.RunConfig, {"train_resize": -4})
     # an n of 10^14 (a typo): the stage's shard plan filled the memory (5 GB in 15 s) before anything was said
     for section in (cfg.SampleConfig, cfg.ExtractConfig):
         with pytest.raises(ValueError, match=r"n=100000000000000 images of shard_size=512 would make "

@@ -551,6 +551,11 @@ class RunConfig:
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
+    def __post_init__(self) -> None:
+        if self.train_resize is not None and self.train_resize < 1:  # (said as resize=-4 when the set loaded)
+            raise ValueError(f"train_resize={self.train_resize} must be a positive image size (or null: the images "
+                             "as they are)")
+
 
 def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
     """The keys of section config ``c`` that nothing reads, given its own other keys, each with why. The one source

@@ -33,6 +33,8 @@ def verify_cmd(
             ids = [int(v) for v in generations.split(",")]
         except ValueError:
             raise ValueError(f"--generations={generations!r} must be comma-separated integers") from None
+        if any(i < 0 for i in ids):  # (said as indices=[-1] before)
+            raise ValueError(f"--generations={generations!r} must be generation numbers >= 0")
     audit = Audit.load(run)
     made = sorted(p.name for p in (run / "extraction").iterdir() if p.is_dir()) if (run / "extraction").is_dir() else []
     if method not in made:
