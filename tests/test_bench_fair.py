@@ -751,3 +751,19 @@ def test_a_validation_run_made_before_is_kept_and_not_made_again(tmp_path, one_t
         assert run_fair_bench(fc, cache)["scales"][0]["tuning"]["runs_kept"] == 1
     assert f"{kept}: not a kept validation run" in caplog.text and made.count(rep1) == 1
     assert json.loads(kept.read_text())["key"] == key  # and kept again
+
+
+def test_fair_md_says_what_its_first_table_holds():
+    """Its first table's caption said "% of N_G" under dedup-driven stopping (the shares are of the generations
+    made) and called p95 the 5th percentile of an RMS-L2 distance whatever the similarity."""
+    from pathlib import Path
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results" / "fair16"
+    stopped = json.loads((results / "stop-n100r" / "fair.json").read_text())
+    assert "[min-max], % of generations made (p95: the 5th percentile" in render_fair_markdown(stopped)
+    plain = json.loads((results / "mem9-n300" / "fair.json").read_text())
+    assert "[min-max], % of N_G (p95: the 5th percentile of the nearest RMS-L2 distance" in render_fair_markdown(plain)
+    plain["config"]["bench"]["run"]["evaluate"]["similarity"] = "cosine:pixels"
+    md = render_fair_markdown(plain)
+    assert "(p95: the 95th percentile of the best cosine:pixels similarity, higher = closer)" in md
+    assert "| p95 sim. |" in md and "p95 dist." not in md

@@ -3,8 +3,9 @@
 Two kinds of metric are bootstrapped from each run's ``per_generation.npz`` (:func:`per_generation_stats`):
 
 - **shares** (``ams_cum/<band>``, ``carlini``): the mean of a per-generation indicator. Resampling the
-  generations with replacement is unbiased for a mean; the interval is the bootstrap's 2.5 / 97.5 percentiles
-  of the ratio (:func:`share_draws`).
+  generations with replacement is unbiased for a mean (:func:`share_draws`); the interval takes the resampled log
+  ratios' standard error, as for the counts below (until the replicates' spread was taken in, it was their 2.5 /
+  97.5 percentiles).
 - **distinct-image counts** (``distinct_nn/<band>``): how many distinct nearest training images the
   generations reaching the band hold. Resampling with replacement repeats some generations and drops others,
   which loses about 37 % of the images hit once and 14 % of those hit twice: the resampled counts of the

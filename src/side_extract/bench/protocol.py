@@ -1,8 +1,8 @@
 """The fair benchmark protocol (``side bench fair``): replicates, an equal tuning budget, intervals.
 
 A **replicate** ``r`` redraws everything downstream of the target: the synthetic set (``sample.seed``), the
-K-means fit (``surrogate.random_state``), both classifiers (``classifier.seed``, ``clean_classifier.seed``)
-and the extraction noise and targets (``extract.seed``), all set to ``r`` (the extraction draws from its own
+K-means fit (``surrogate.random_state``), both classifiers (``classifier.seed``, ``clean_classifier.seed``),
+side-lora's fine-tune (``lora.seed``) and the extraction noise and targets (``extract.seed``), all set to ``r`` (the extraction draws from its own
 noise stream, ``sampling.EXTRACTION_STREAM``, so it does not repeat the synthetic set's noise). Each replicate of each scale is
 its own run directory, ``CACHE/runs/<target>/rep-<r>``; the target, the training set and the bands are
 shared (they are what is audited, not what is drawn). A run directory another process holds (a bench split over
@@ -23,9 +23,10 @@ For each training-set size in ``scales``:
    N_G = ``run.extract.n``, with equal seeds across methods within a replicate.
 3. **Intervals.** Per method and metric, the mean and the min-max over held-out replicates. For each SIDE
    form against the best baseline (the baseline with the higher mean on that metric), the ratio of means and
-   a 95 % interval from ``n_bootstrap`` resamples of each method's generations within every replicate
-   (:mod:`side_extract.bench.intervals`: a percentile bootstrap for the shares, iNEXT's assemblage bootstrap
-   for the distinct-image counts, which plain resampling lowers). Bootstrapped metrics are computed from
+   a 95 % interval of its log (:mod:`side_extract.bench.intervals`): its standard error the larger of the
+   replicates' spread (paired by replicate, delta method; then Student's t at R - 1 df) and the resampling of each
+   replicate's generations, ``n_bootstrap`` draws (the shares: plain resampling; the distinct-image counts, which
+   plain resampling lowers: iNEXT's assemblage bootstrap; then the normal quantile). Bootstrapped metrics are computed from
    ``per_generation.npz``: ``ams_cum/<band>`` (share of generations at that band or closer),
    ``distinct_nn/<band>`` (distinct *nearest* training images among those generations, per generation: UMS
    restricted to each generation's nearest neighbour, so at most UMS) and ``carlini`` (share with Carlini's
@@ -45,8 +46,10 @@ For each training-set size in ``scales``:
    the per-generation one), with the same distinct-count interval: plain sampling given every model sample the audit drew
    (not counting the memorization scores or the classifiers' training).
 6. **Dedup-driven stopping** (``extract.stop_unseen`` > 0, ``--stop-unseen``: off by default). The same label-free
-   policy for every method, UnCond included: each generates in rounds and stops after the first round whose
-   generations' unseen mass falls below the threshold (``allocation.stop_after``), so N_G is a ceiling. Tuning
+   policy for every method, UnCond included: each generates in rounds and stops after the first round at whose end
+   the unseen mass of its generations so far falls below the threshold (``allocation.stop_after``), so N_G is a
+   ceiling; every method then runs in rounds, so a run's first n generations are its first rounds, not a run at
+   N_G = n (the budget curve marks them). Tuning
    scores each setting per N_G asked for (a method gains nothing by stopping early), the table reports the
    generations each method made, and the distinct-image counts are counts within them.
 """
@@ -767,15 +770,18 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             made = "; ".join(f"{m} {v['n_generated']['mean']:.1f} [{v['n_generated']['min']:.0f}-"
                              f"{v['n_generated']['max']:.0f}]" for m, v in h["summary"].items() if "n_generated" in v)
             lines += [f"Dedup-driven stopping for every method (`extract.stop_unseen` = {ex['stop_unseen']:g}, rounds of "
-                      f"ceil(N_G / {ex['rounds']})): a method stops after the first round whose generations' unseen "
-                      "mass falls below it, so N_G is a ceiling (tuning scores a method per N_G, not per generation "
+                      f"ceil(N_G / {ex['rounds']})): a method stops after the first round at whose end the unseen mass "
+                      "of its generations so far falls below it, so N_G is a ceiling (tuning scores a method per N_G, not per generation "
                       "made); generations made, mean [min-max]: " + made + ". The shares in the first table are of the "
                       "generations made; the ratios and the budget table count the generations not made as misses, "
                       "so they are per N_G asked for (distinct_nn: a ratio of counts).", ""]
-        lines += ["Mean over held-out replicates [min-max], % of N_G (p95: the 5th percentile of the nearest "
-                  "RMS-L2 distance, lower = closer):", "",
+        similarity = ((c.get("bench") or {}).get("run") or {}).get("evaluate", {}).get("similarity", "rms-l2")
+        p95 = ("p95: the 5th percentile of the nearest RMS-L2 distance, lower = closer" if similarity == "rms-l2"
+               else f"p95: the 95th percentile of the best {similarity} similarity, higher = closer")
+        lines += [f"Mean over held-out replicates [min-max], % of {'generations made' if stopping else 'N_G'} "
+                  f"({p95}):", "",
                   "| method | setting (lambda, T) | AMS high | AMS mid | UMS high | UMS mid | UMS cum. mid | Carlini | "
-                  "p95 dist. |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"{'p95 dist.' if similarity == 'rms-l2' else 'p95 sim.'} |", "|---|---|---|---|---|---|---|---|---|"]
         for m, summ in h["summary"].items():
             st = s["tuning"]["chosen"].get(m)
             cell = lambda k, pct=True: (f"{_f(summ[k]['mean'], pct)} [{_f(summ[k]['min'], pct)}-"
@@ -795,8 +801,8 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
         spread = h.get("interval_method") == INTERVAL_METHOD  # and before it took in the replicates' spread
         caption = ("95 % interval of the log ratio, its standard error the larger of the replicates' spread (paired "
-                   "by replicate; t at R - 1 df) and the resampling of each replicate's generations (distinct_nn: "
-                   "iNEXT's assemblage)" if spread else "95 % bootstrap interval over generations"
+                   "by replicate; then t at R - 1 df) and the resampling of each replicate's generations (distinct_nn: "
+                   "iNEXT's assemblage; then the normal quantile)" if spread else "95 % bootstrap interval over generations"
                    + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the observed ratio, shares: "
                       "percentile" if inext else ""))
         if h["ratios"]:  # (none when only baselines ran)
