@@ -42,6 +42,23 @@ def test_docs_example_runs(tmp_path, one_thread, monkeypatch):
     assert scope["result"].to_csv().splitlines()[0].startswith("method,band,lo,hi,ams,ums")
 
 
+def test_readmes_python_example_runs(tmp_path, one_thread, monkeypatch):
+    """README's "From Python" block, run as written on a tiny in-memory target (its config made small enough for a
+    test: N_G 20 instead of its 500, so that its generation 17 exists); it was never run before."""
+    readme = DOC.parents[1] / "README.md"
+    (code,) = re.findall(r"## From Python\n\n```python\n(.*?)```", readme.read_text(), flags=re.S)
+    real = side_extract.audit
+    monkeypatch.setattr(side_extract, "audit", lambda *a, config=None, **k: real(
+        *a, config={**(config or {}), **SMALL, "extract.n": 20}, **k))
+    monkeypatch.chdir(tmp_path)
+    digits = side_extract.load_image_set("digits:30")
+    scope = {"unet": tiny_unet(), "scheduler": tiny_scheduler(), "train_images": digits.images,
+             "train_labels": digits.labels}
+    exec(compile(code, str(readme), "exec"), scope)
+    assert (tmp_path / "audit.csv").is_file() and (tmp_path / "runs" / "audit" / "report" / "report.html").is_file()
+    assert scope["result"].verify("side", top=2, model=scope["unet"], scheduler=scope["scheduler"])[0].equal
+
+
 def test_in_memory_unet_end_to_end_without_a_model_directory(tmp_path, one_thread):
     unet = tiny_unet()
     digits = side_extract.load_image_set("digits:30")
