@@ -266,7 +266,7 @@ def measure(
     opt_minus_guided = E(lp_g - lkde_cls)
     ordering = {
         "conditioning memorizes no less: M(D_c; p_c) - M(D_c; p) <= 0": verdict(gain_model),
-        "the empirical optimum memorizes the most: M(D_c; KDE_c) - M(D_c; p_c) <= 0"
+        "the conditional empirical optimum memorizes the most: M(D_c; KDE_c) - M(D_c; p_c) <= 0"
         # at the kernel width eps, KDE_c is q_eps itself (M = 0): the claim is then M(D_c; p_c) >= 0, true of any model
         + (" (kernel width = eps: the optimum's M is 0, so this only checks the estimate M >= 0)"
            if bandwidth == float(eps) else ""): verdict(opt_minus_guided),
