@@ -607,3 +607,42 @@ def test_every_exported_name_resolves_and_the_return_types_are_exported():
 
     assert (side_extract.Evaluation, side_extract.Calibration) == (Evaluation, Calibration)
     assert side_extract.ClassifierTrainResult is ClassifierTrainResult
+
+
+def test_api_inputs_that_went_wrong_silently_or_late_are_refused_at_once(tmp_path, one_thread):
+    """Each was accepted: labels below -1 (all taken for unlabelled: half a class set dropped without a word), an
+    ImageSet with float labels (refused later, in a garbled message) or repeated ids (every pair's train_id the
+    same), sample(n=2.5) (3 samples), labels without guidance (ignored), steps=2.5 or guidance=5 (errors deep in
+    diffusers or at the first step), surrogate K = 1 (found after the synthetic set was sampled and embedded), a UNet
+    whose out_channels differ from its in_channels (a conv error while sampling), a callable returning NaN (found
+    after the run directory was written); and load_target's own result was refused as "a callable"."""
+    from diffusers import UNet2DModel
+
+    d = side_extract.load_image_set("digits:30")
+    with pytest.raises(ValueError, match=r"labels hold -5: classes are 0, 1, \.\.\. and -1 marks an unlabelled image"):
+        side_extract.audit("demo", d.images, labels=d.labels - 5, out=tmp_path / "a")
+    with pytest.raises(ValueError, match="train: the ImageSet's labels must hold integers, got float64"):
+        side_extract.audit("demo", side_extract.ImageSet(d.images, d.labels.astype(float)), out=tmp_path / "a")
+    with pytest.raises(ValueError, match="train: the ImageSet's ids must be distinct integers .* 29 repeated"):
+        side_extract.audit("demo", side_extract.ImageSet(d.images, None, np.zeros(30, dtype=np.int64)),
+                           out=tmp_path / "a")
+    den = load_target("demo")
+    for kw, says in ((dict(n=2.5), "n=2.5 must be a positive integer"),
+                     (dict(n=2, labels=np.array([0, 1])), "labels= given, but nothing here reads them"),
+                     (dict(n=2, steps=2.5), "steps=2.5 must be an integer >= 0"),
+                     (dict(n=2, guidance=5), "guidance=5 must be a guidance")):
+        with pytest.raises(ValueError, match=says):
+            side_extract.sample(den, **{"steps": 2, **kw})
+    with pytest.raises(ValueError, match=r"surrogate.n_clusters=1 must be >= 2"):
+        side_extract.audit("demo", d.images, labels=d.labels, out=tmp_path / "a", config={"surrogate.n_clusters": 1})
+    two = UNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+                      norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(ValueError, match="maps 1 channels to 2; a noise-predicting UNet's out_channels equal"):
+        side_extract.audit(two, d.images, scheduler=tiny_scheduler(), out=tmp_path / "a")
+    with pytest.raises(ValueError, match="the callable returns non-finite eps"):
+        side_extract.audit(lambda x, t: x * float("nan"), d.images, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8),
+                           out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    target = side_extract.as_target(den)  # load_target's result: the same target as its directory
+    assert target.fingerprint == side_extract.as_target("demo").fingerprint

@@ -54,6 +54,13 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
         return str(images)
     if isinstance(images, ImageSet):
         _check_levels(images.images, name)
+        if images.labels is not None:
+            _labels(images.labels, len(images), f"{name}: the ImageSet's labels")
+        ids = np.asarray(images.ids)
+        if not np.issubdtype(ids.dtype, np.integer) or len(np.unique(ids)) != len(ids):  # (every pair's train_id
+            # was the same when they repeated)
+            raise ValueError(f"{name}: the ImageSet's ids must be distinct integers (they name each image in pairs and "
+                             f"findings), got {ids.dtype} with {len(ids) - len(np.unique(ids))} repeated")
         if labels is None:
             return images
         if images.labels is not None:
@@ -76,11 +83,14 @@ def _check_levels(images: np.ndarray, name: str) -> None:
                          "truncates them); pass uint8 in 0-255, e.g. (x * 255).round().astype(np.uint8)")
 
 
-def _labels(labels: Any, n: int) -> np.ndarray:
-    """``labels`` as int64, one per image (``n``); integers only (a float label was truncated without a word)."""
-    lab = integer_labels(labels)
+def _labels(labels: Any, n: int, what: str = "labels") -> np.ndarray:
+    """``labels`` as int64, one per image (``n``); integers only (a float label was truncated without a word), -1
+    for an unlabelled image and classes from 0 (every negative label was taken for unlabelled without a word)."""
+    lab = integer_labels(labels, what)
     if lab.shape != (n,):
-        raise ValueError(f"labels has shape {lab.shape}, expected ({n},)")
+        raise ValueError(f"{what} has shape {lab.shape}, expected ({n},)")
+    if lab.size and lab.min() < -1:
+        raise ValueError(f"{what} hold {int(lab.min())}: classes are 0, 1, ... and -1 marks an unlabelled image")
     return lab.astype(np.int64)
 
 

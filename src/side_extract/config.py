@@ -281,6 +281,9 @@ class SurrogateConfig:
             raise ValueError(f"memorization_t={self.memorization_t} must lie strictly between 0 and 1 (a fraction of T)")
         if any(k < 2 for k in self.select_k):
             raise ValueError(f"select_k={list(self.select_k)}: each candidate K must be >= 2")
+        if self.n_clusters < 2:  # (found after the synthetic set was sampled and embedded)
+            raise ValueError(f"n_clusters={self.n_clusters} must be >= 2 (K-means into one cluster labels nothing "
+                             "apart)")
         if not -1.0 <= self.tau <= 1.0:
             raise ValueError(f"tau={self.tau} must be a cosine similarity in [-1, 1]")
 

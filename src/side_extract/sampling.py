@@ -318,13 +318,21 @@ def sample_batches(
         denoiser under bfloat16 autocast)
     """
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
-    if n <= 0:
-        raise ValueError(f"n={n} must be positive")
-    for name, v in (("seed", seed), ("start", start)):  # (seed=None was a TypeError deep in the noise streams)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:  # (n=2.5 made 3 samples)
+        raise ValueError(f"n={n!r} must be a positive integer")
+    for name, v in (("seed", seed), ("start", start), ("steps", steps)):  # (seed=None was a TypeError deep in the
+        # noise streams; steps=2.5 an IndexError in diffusers)
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"{name}={v!r} must be an integer >= 0")
+    if guidance is not None and not callable(guidance):
+        raise ValueError(f"guidance={guidance!r} must be a guidance g(x, t, y) (e.g. side_extract.ClassifierGuidance)")
     needs_labels = getattr(denoiser, "conditional", False) or (
         guidance is not None and not getattr(guidance, "uses_ids", False))
+    if labels is not None and not needs_labels:  # (they were ignored)
+        raise ValueError("labels= given, but nothing here reads them: " + (
+            f"{type(guidance).__name__} is label-free (it takes each sample's index): leave labels out"
+            if guidance is not None else "unguided sampling of an unconditional model (give guidance=..., or leave "
+            "labels out)"))
     if needs_labels and (labels is None or len(labels) != n):
         raise ValueError(f"guided or conditional sampling of {n} samples needs {n} target labels, got "
                          f"{None if labels is None else len(labels)}")

@@ -1,5 +1,6 @@
 """Every model form an audit takes, as a :class:`~side_extract.models.target.Target` with its fingerprint: a diffusers
-directory or embedded target, a ``UNet2DModel`` with its scheduler, a ``DDPMPipeline`` / ``DDIMPipeline``, or any
+directory or embedded target (or what :func:`load_target` made of one), a ``UNet2DModel`` with its scheduler, a
+``DDPMPipeline`` / ``DDIMPipeline``, or any
 callable ``eps(x_t, t)`` with its scheduler and sample shape (:func:`as_target`); and the target a run was made from,
 checked against its manifest (:func:`run_target`). The public API (:mod:`side_extract.api`) and the theory's
 measurement of a run read models through here.
@@ -57,6 +58,9 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
             if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
                 raise ValueError(f"model: the callable must return eps shaped like its input {tuple(x.shape)}; it "
                                  f"returned {tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__}")
+            if not torch.isfinite(eps).all():  # (found after the run directory and a stage were written, before)
+                raise ValueError(f"model: the callable returns non-finite eps (NaN or inf) at t={t} on random inputs; "
+                                 "an audit would diverge at its first step")
             h.update(eps.float().cpu().numpy().round(5).tobytes())
     return h.hexdigest()
 
@@ -87,12 +91,18 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if not isinstance(model_id, str) or not model_id.strip():
             raise ValueError(f"model_id={model_id!r} must be a non-empty string naming the model's weights (e.g. "
                              "their checkpoint's sha256)")
-        if isinstance(model, (str, Path, DiffusionPipeline, UNet2DModel)) or not callable(model):
+        if isinstance(model, (str, Path, DiffusionPipeline, UNet2DModel, UNetDenoiser)) or not callable(model):
             raise ValueError(f"model_id={model_id!r} is for a callable eps(x, t); a {type(model).__name__} is "
                              "identified by its own weights and config")
     if scheduler is not None and not isinstance(scheduler, SchedulerMixin):
         raise ValueError(f"scheduler={scheduler!r} must be a diffusers scheduler object (e.g. DDPMScheduler), not a "
                          f"{type(scheduler).__name__}")
+    if isinstance(model, UNetDenoiser):  # what load_target returns: its directory, or its UNet and scheduler
+        source = Path(model.source) if model.source and model.source != "in-memory" else None
+        if source is not None and source.is_dir() and scheduler is None and sample_shape is None:
+            model = str(source)
+        else:
+            model, scheduler = model.unet, scheduler or model.scheduler
     if isinstance(model, (str, Path)):
         if scheduler is not None or sample_shape is not None:  # (they were ignored without a word)
             raise ValueError(f"scheduler= and sample_shape= are for a model object; the model directory {str(model)!r} "
@@ -113,6 +123,10 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
     if isinstance(model, UNet2DModel):
         if scheduler is None:
             raise ValueError("model: a UNet2DModel needs the scheduler it was trained with (scheduler=...)")
+        if model.config.out_channels != model.config.in_channels:  # (a conv error in the first sampling step)
+            raise ValueError(f"model: the UNet2DModel maps {model.config.in_channels} channels to "
+                             f"{model.config.out_channels}; a noise-predicting UNet's out_channels equal its "
+                             "in_channels")
         if sample_shape is not None and tuple(int(v) for v in sample_shape) != (
                 model.config.in_channels, *([model.config.sample_size] * 2 if isinstance(model.config.sample_size, int)
                                             else model.config.sample_size)):
@@ -124,8 +138,8 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if scheduler is None or sample_shape is None:
             raise ValueError("model: a callable eps(x, t) needs scheduler=... and sample_shape=(C, H, W)")
         shape = tuple(int(v) for v in sample_shape)
-        if len(shape) != 3:
-            raise ValueError(f"sample_shape={sample_shape} must be (C, H, W)")
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"sample_shape={sample_shape} must be (C, H, W), each at least 1")
         denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses a scheduler of another prediction type)
         fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
         name = getattr(model, "__name__", "eps")
