@@ -93,7 +93,7 @@ finite = st.floats(0.01, 100.0, allow_nan=False, allow_infinity=False)
 @given(st.builds(cfg.ExtractConfig, methods=st.lists(st.sampled_from(cfg.METHODS), min_size=1, unique=True).map(tuple),
                  n=st.integers(1, 10_000), seed=st.integers(0, 2**31), scale=finite, temperature=finite,
                  steps=st.integers(1, 1000), eta=st.floats(0, 1)),
-       st.builds(cfg.SurrogateConfig, n_clusters=st.integers(1, 500), tau=st.floats(-1, 1),
+       st.builds(cfg.SurrogateConfig, n_clusters=st.integers(2, 500), tau=st.floats(-1, 1),
                  select_k=st.lists(st.integers(2, 50), max_size=3).map(tuple)))
 def test_config_round_trips_through_dict_and_yaml(extract, surrogate):
     import yaml
