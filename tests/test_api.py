@@ -646,3 +646,43 @@ def test_api_inputs_that_went_wrong_silently_or_late_are_refused_at_once(tmp_pat
     assert not (tmp_path / "a").exists()
     target = side_extract.as_target(den)  # load_target's result: the same target as its directory
     assert target.fingerprint == side_extract.as_target("demo").fingerprint
+
+
+def test_lower_level_calls_name_what_is_wrong(tmp_path, one_thread):
+    """Each was a raw exception from Python, numpy, torch or sklearn that named no argument (an AttributeError on a
+    dict given as a config, numpy's "expected non-negative integer", torch's list of device types, sklearn's words
+    on KMeans, "'int' object is not iterable"), or was accepted and failed at the first sampling step."""
+    from side_extract.extraction import draw_targets
+
+    d = side_extract.load_image_set("digits:20")
+    den = load_target("demo")
+    cases = [
+        (lambda: side_extract.evaluate(d, d, {"bands": "high=0:0.1"}), "config must be an EvaluateConfig"),
+        (lambda: side_extract.evaluate(d, d, bands=["high"]), "bands must be Band objects"),
+        (lambda: side_extract.evaluate(d, d, device="gpu"), "gpu"),
+        (lambda: side_extract.extract(den, {"steps": 2}, None, 0, 2), "c must be an ExtractConfig"),
+        (lambda: side_extract.extract(den, cfg.ExtractConfig(steps=2), None, -2, 2),
+         "start=-2 must be an integer >= 0"),
+        (lambda: draw_targets(-1, np.arange(3), 4), "seed=-1 must be an integer >= 0"),
+        (lambda: draw_targets(1, np.array([-1, 2]), 4), "indices must be generation numbers"),
+        (lambda: side_extract.fit_label_classifier(torch.zeros(4, 1, 8, 8), np.array([0, 1, 0, 1]), {"depth": 10},
+                                                   scheduler=None), "c must be a ClassifierConfig"),
+        (lambda: side_extract.fit_label_classifier(torch.zeros(4, 1, 8, 8), np.array([0, 1, 0, 1]),
+                                                   cfg.ClassifierConfig(), scheduler="ddpm"),
+         "scheduler='ddpm' must be the target's diffusers scheduler"),
+        (lambda: side_extract.ClusterLabeler(n_clusters="4"), "n_clusters='4' must be an integer >= 2"),
+        (lambda: side_extract.ClusterLabeler(n_init=0), "n_init=0 must be an integer >= 1"),
+        (lambda: side_extract.ClusterLabeler(n_clusters=2).fit(np.array([[0.0, 1.0], [np.nan, 1.0], [1.0, 0.0]])),
+         "features hold NaN or inf"),
+        (lambda: side_extract.ClassifierGuidance("not a model", np.arange(3), scale=1.0),
+         "classifier must be a module"),
+        (lambda: side_extract.ClassifierGuidance(torch.nn.Identity(), np.arange(3), scale="3"),
+         "guidance scale='3' must be a number"),
+    ]
+    for call, says in cases:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            call()
+    one = side_extract.ClassifierGuidance(torch.nn.Identity(), np.arange(3), scale=1.0, background=2)
+    assert one.background == (2,)
+    listed = side_extract.ImageSet(list(d.images), list(d.labels))  # lists as the arrays they are
+    assert listed.images.shape == d.images.shape and listed.labels.tolist() == d.labels.tolist()

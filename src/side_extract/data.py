@@ -48,6 +48,9 @@ class ImageSet:
     name: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("images", "labels", "ids"):  # a list (of arrays) as the array it is (an AttributeError before)
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), np.ndarray):
+                object.__setattr__(self, name, np.asarray(getattr(self, name)))
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] not in (1, 3):
             raise ValueError(
                 f"images must be uint8 of shape (N, H, W, C) with C in (1, 3), got {self.images.dtype} "

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import config as cfg
 from .data import ImageSet, balanced_first_n, load_digits_set, load_image_set
+from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
                       check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
                       gu_from_neighbors, parse_bands, read_bands_file)
@@ -211,6 +212,12 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         if not isinstance(s, ImageSet):  # (an array was an AttributeError)
             raise ValueError(f"{name} must be an ImageSet (side_extract.ImageSet(uint8 (N, H, W, C) images)), got "
                              f"{type(s).__name__}")
+    if config is not None and not isinstance(config, cfg.EvaluateConfig):  # (a dict was an AttributeError)
+        raise ValueError(f"config must be an EvaluateConfig (e.g. side_extract.EvaluateConfig(bands=...)), got "
+                         f"{type(config).__name__}")
+    if bands is not None and not all(isinstance(b, Band) for b in bands):
+        raise ValueError(f"bands must be Band objects (side_extract.metrics.Band(name, lo, hi)), got {list(bands)!r}")
+    check_device(device)  # (device="gpu" was torch's list of device types)
     c = config or cfg.EvaluateConfig()
     sim = Similarity(c.similarity)
     option_bands = parse_bands(c.bands) if c.bands is not None else None  # fail before any work

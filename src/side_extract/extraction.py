@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 
 def draw_targets(seed: int, indices: np.ndarray, n_classes: int) -> np.ndarray:
     """Output index of the target class of each generation, uniform, from (seed, index) alone."""
+    ind = np.asarray(indices)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:  # (numpy's "expected
+        # non-negative integer" named nothing)
+        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    if ind.size and (not np.issubdtype(ind.dtype, np.integer) or ind.min() < 0):
+        raise ValueError(f"indices must be generation numbers (integers >= 0), got {ind.dtype} from {ind.min()}")
     if n_classes < 1:
         raise ValueError("no classes to guide toward (every surrogate cluster was dropped?)")
     return np.array([np.random.default_rng([seed, int(i), 0x5EED]).integers(n_classes) for i in indices], dtype=np.int64)
@@ -143,7 +149,13 @@ def extract(
     rounds' generations with their target labels (``allocation.adaptive_targets`` draws the whole round's
     targets, of which these are a slice), so the images do not depend on how a round is cut into calls.
     """
-    if not start < stop:  # (the sampler checks that they are integers >= 0; "n=-3" said this before)
+    if not isinstance(c, cfg.ExtractConfig):  # (a dict was an AttributeError)
+        raise ValueError(f"c must be an ExtractConfig (e.g. side_extract.ExtractConfig(steps=...)), got "
+                         f"{type(c).__name__}")
+    for name, v in (("start", start), ("stop", stop)):  # (start=-2 was numpy's "expected non-negative integer")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name}={v!r} must be an integer >= 0 (a generation number)")
+    if not start < stop:
         raise ValueError(f"start={start!r}, stop={stop!r}: generations start .. stop - 1 need start < stop")
     idx = np.arange(start, stop, dtype=np.int64)
     begin = round_start(c, start)

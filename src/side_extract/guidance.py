@@ -105,10 +105,18 @@ class ClassifierGuidance:
     background: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if not callable(self.classifier):  # (found at the first sampling step)
+            raise ValueError(f"classifier must be a module called as classifier(x, t), got "
+                             f"{type(self.classifier).__name__}")
+        for name, v in (("scale", self.scale), ("temperature", self.temperature)):  # (a str was numpy's TypeError)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ValueError(f"guidance {name}={v!r} must be a number")
         if not np.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"guidance scale={self.scale} must be a finite number >= 0")
         if not np.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be a finite number > 0")
+        if isinstance(self.background, (int, np.integer)):  # one label value (it was "'int' is not iterable")
+            object.__setattr__(self, "background", (int(self.background),))
         lo, hi = self.t_range
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"t_range={self.t_range} must satisfy 0 <= lo < hi <= 1")

@@ -71,6 +71,12 @@ class ClusterLabeler:
     def __init__(self, n_clusters: int = 25, tau: float = 0.5, min_size: int = 2,
                  dropped: Literal["drop", "relabel"] = "drop", n_init: int = 10, random_state: int | None = 0,
                  select_k: tuple[int, ...] = ()) -> None:
+        for name, v, least in (("n_clusters", n_clusters, 2), ("n_init", n_init, 1), ("min_size", min_size, 1)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:  # (sklearn's words on
+                # KMeans, or a TypeError, at fit)
+                raise ValueError(f"{name}={v!r} must be an integer >= {least}")
+        if dropped not in ("drop", "relabel"):
+            raise ValueError(f"dropped={dropped!r} must be 'drop' or 'relabel'")
         self.n_clusters = n_clusters
         self.select_k = tuple(select_k)
         self.tau = tau
@@ -80,6 +86,8 @@ class ClusterLabeler:
         self.random_state = random_state
 
     def fit(self, features: np.ndarray) -> "ClusterLabeler":
+        if not np.isfinite(np.asarray(features, dtype=float)).all():  # (sklearn's words on missing values)
+            raise ValueError("features hold NaN or inf: K-means needs finite features")
         x = _normalise(features)
         n = len(x)
         if not self.select_k and not 2 <= self.n_clusters <= n:

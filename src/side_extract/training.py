@@ -280,6 +280,12 @@ def fit_label_classifier(
 
     ``x0``: (n, C, H, W) float in [-1, 1]; ``labels``: (n,) int.
     """
+    if not isinstance(c, cfg.ClassifierConfig):  # (a dict, or scheduler="ddpm", was an AttributeError)
+        raise ValueError(f"c must be a ClassifierConfig (e.g. side_extract.ClassifierConfig(depth=...)), got "
+                         f"{type(c).__name__}")
+    if scheduler is not None and not hasattr(scheduler, "add_noise"):
+        raise ValueError(f"scheduler={scheduler!r} must be the target's diffusers scheduler (noise-aware), or None "
+                         "(a clean classifier)")
     check_float_images(x0, f"{name} x0")
     labels = integer_labels(labels, f"{name}: labels")
     if len(labels) != len(x0):
