@@ -627,9 +627,9 @@ def test_api_inputs_that_went_wrong_silently_or_late_are_refused_at_once(tmp_pat
         side_extract.audit("demo", side_extract.ImageSet(d.images, None, np.zeros(30, dtype=np.int64)),
                            out=tmp_path / "a")
     den = load_target("demo")
-    for kw, says in ((dict(n=2.5), "n=2.5 must be a positive integer"),
+    for kw, says in ((dict(n=2.5), "n=2.5 must be an integer >= 1"),
                      (dict(n=2, labels=np.array([0, 1])), "labels= given, but nothing here reads them"),
-                     (dict(n=2, steps=2.5), "steps=2.5 must be an integer >= 0"),
+                     (dict(n=2, steps=2.5), "steps=2.5 must be an integer >= 1"),
                      (dict(n=2, guidance=5), "guidance=5 must be a guidance")):
         with pytest.raises(ValueError, match=says):
             side_extract.sample(den, **{"steps": 2, **kw})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -50,6 +51,28 @@ def _positive(obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if value <= 0:
             raise ValueError(f"{name}={value} must be a positive integer")
+
+
+def check_int(value: Any, name: str, least: int = 0) -> None:
+    """Refuse ``value`` unless it is an integer (not a bool) of at least ``least``, naming it: the library's calls
+    take counts, seeds and indices this way (a float count made a wrong number of samples; a negative seed was
+    numpy's "expected non-negative integer", which names nothing)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name}={value!r} must be an integer >= {least}")
+
+
+def check_eta(eta: float) -> None:
+    """DDIM's eta lies in [0, 1]: beyond 1 its noise outgrows the step and the samples turn to NaN."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
+
+
+def check_section(value: Any, section: type, name: str) -> None:
+    """Refuse ``value`` unless it is the config object ``section`` (a dict given instead was an AttributeError)."""
+    if not isinstance(value, section):
+        article = "an" if section.__name__[0] in "AEIOU" else "a"
+        raise ValueError(f"{name} must be {article} {section.__name__} (e.g. side_extract.{section.__name__}(...)), "
+                         f"got {type(value).__name__}")
 
 
 MAX_SHARDS = 1_000_000  # shard files of one stage (a folder of more is no longer a run directory one can handle)
@@ -140,8 +163,7 @@ class SampleConfig:
         _positive(self, "n", "steps", "batch_size", "shard_size")
         _shards(self)
         _precision(self)
-        if not 0.0 <= self.eta <= 1.0:  # (beyond 1 DDIM's noise outgrows its step: the samples turn to NaN)
-            raise ValueError(f"eta={self.eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
+        check_eta(self.eta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,8 +525,7 @@ class ExtractConfig:
             raise ValueError(f"teacher_scale={self.teacher_scale} must be >= 0 (or null: SIDE's scale)")
         if self.teacher_temperature is not None and self.teacher_temperature <= 0:
             raise ValueError(f"teacher_temperature={self.teacher_temperature} must be > 0 (or null: SIDE's temperature)")
-        if not 0.0 <= self.eta <= 1.0:  # (beyond 1 DDIM's noise outgrows its step: the samples turn to NaN)
-            raise ValueError(f"eta={self.eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
+        check_eta(self.eta)
         if self.temperature <= 0 or self.cond_temperature <= 0:
             raise ValueError(f"temperature={self.temperature} / cond_temperature={self.cond_temperature} must be > 0")
         if not 0.0 <= self.t_lo < self.t_hi <= 1.0:

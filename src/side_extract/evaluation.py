@@ -212,9 +212,8 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         if not isinstance(s, ImageSet):  # (an array was an AttributeError)
             raise ValueError(f"{name} must be an ImageSet (side_extract.ImageSet(uint8 (N, H, W, C) images)), got "
                              f"{type(s).__name__}")
-    if config is not None and not isinstance(config, cfg.EvaluateConfig):  # (a dict was an AttributeError)
-        raise ValueError(f"config must be an EvaluateConfig (e.g. side_extract.EvaluateConfig(bands=...)), got "
-                         f"{type(config).__name__}")
+    if config is not None:
+        cfg.check_section(config, cfg.EvaluateConfig, "config")  # (a dict was an AttributeError)
     if bands is not None and not all(isinstance(b, Band) for b in bands):
         raise ValueError(f"bands must be Band objects (side_extract.metrics.Band(name, lo, hi)), got {list(bands)!r}")
     check_device(device)  # (device="gpu" was torch's list of device types)

@@ -40,9 +40,7 @@ log = logging.getLogger(__name__)
 def draw_targets(seed: int, indices: np.ndarray, n_classes: int) -> np.ndarray:
     """Output index of the target class of each generation, uniform, from (seed, index) alone."""
     ind = np.asarray(indices)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:  # (numpy's "expected
-        # non-negative integer" named nothing)
-        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    cfg.check_int(seed, "seed")
     if ind.size and (not np.issubdtype(ind.dtype, np.integer) or ind.min() < 0):
         raise ValueError(f"indices must be generation numbers (integers >= 0), got {ind.dtype} from {ind.min()}")
     if n_classes < 1:
@@ -149,12 +147,9 @@ def extract(
     rounds' generations with their target labels (``allocation.adaptive_targets`` draws the whole round's
     targets, of which these are a slice), so the images do not depend on how a round is cut into calls.
     """
-    if not isinstance(c, cfg.ExtractConfig):  # (a dict was an AttributeError)
-        raise ValueError(f"c must be an ExtractConfig (e.g. side_extract.ExtractConfig(steps=...)), got "
-                         f"{type(c).__name__}")
-    for name, v in (("start", start), ("stop", stop)):  # (start=-2 was numpy's "expected non-negative integer")
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name}={v!r} must be an integer >= 0 (a generation number)")
+    cfg.check_section(c, cfg.ExtractConfig, "c")
+    cfg.check_int(start, "start")  # (start=-2 was numpy's "expected non-negative integer")
+    cfg.check_int(stop, "stop")
     if not start < stop:
         raise ValueError(f"start={start!r}, stop={stop!r}: generations start .. stop - 1 need start < stop")
     idx = np.arange(start, stop, dtype=np.int64)

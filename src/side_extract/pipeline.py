@@ -210,7 +210,8 @@ def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, An
     (:func:`~side_extract.config.unread_keys`), and for a ``clean`` one (Cond's, the teacher's) not the input it
     guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it), nor
     ``balance`` at 0 (:data:`~side_extract.config.LATER_KEYS`: runs made before it keep their classifiers)."""
-    return cfg.keyed_settings(cfg.at_defaults(c, [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]))
+    unread = [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]
+    return cfg.keyed_settings(cfg.at_defaults(c, unread))
 
 
 def _classifier_unet(denoiser: Denoiser, c: cfg.ClassifierConfig, clean: bool) -> torch.nn.Module | None:

@@ -212,8 +212,7 @@ def denoise_batch(
     """
     if precision not in cfg.PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {', '.join(cfg.PRECISIONS)}")
-    if not 0.0 <= eta <= 1.0:  # (beyond 1 DDIM's noise outgrows its step: the samples turn to NaN)
-        raise ValueError(f"eta={eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
+    cfg.check_eta(eta)
     if guidance is not None and isinstance(sched, DDIMScheduler) and not clip_eps:
         raise ValueError("guided DDIM sampling takes eps from the clipped x0 in every guided step (guided-diffusion's "
                          "order, the extraction's sampler): pass clip_eps=True, and sample an unguided baseline with "
@@ -318,12 +317,10 @@ def sample_batches(
         denoiser under bfloat16 autocast)
     """
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:  # (n=2.5 made 3 samples)
-        raise ValueError(f"n={n!r} must be a positive integer")
-    for name, v in (("seed", seed), ("start", start), ("steps", steps)):  # (seed=None was a TypeError deep in the
-        # noise streams; steps=2.5 an IndexError in diffusers)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name}={v!r} must be an integer >= 0")
+    # (n=2.5 made 3 samples; seed=None was a TypeError deep in the noise streams; steps=2.5 an IndexError in
+    # diffusers)
+    for name, v, least in (("n", n, 1), ("seed", seed, 0), ("start", start, 0), ("steps", steps, 1)):
+        cfg.check_int(v, name, least)
     if guidance is not None and not callable(guidance):
         raise ValueError(f"guidance={guidance!r} must be a guidance g(x, t, y) (e.g. side_extract.ClassifierGuidance)")
     needs_labels = getattr(denoiser, "conditional", False) or (

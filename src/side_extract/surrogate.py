@@ -32,6 +32,8 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
+from .config import check_int
+
 log = logging.getLogger(__name__)
 
 
@@ -72,9 +74,7 @@ class ClusterLabeler:
                  dropped: Literal["drop", "relabel"] = "drop", n_init: int = 10, random_state: int | None = 0,
                  select_k: tuple[int, ...] = ()) -> None:
         for name, v, least in (("n_clusters", n_clusters, 2), ("n_init", n_init, 1), ("min_size", min_size, 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:  # (sklearn's words on
-                # KMeans, or a TypeError, at fit)
-                raise ValueError(f"{name}={v!r} must be an integer >= {least}")
+            check_int(v, name, least)  # (sklearn's words on KMeans, or a TypeError, at fit)
         if dropped not in ("drop", "relabel"):
             raise ValueError(f"dropped={dropped!r} must be 'drop' or 'relabel'")
         self.n_clusters = n_clusters

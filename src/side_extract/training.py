@@ -280,9 +280,7 @@ def fit_label_classifier(
 
     ``x0``: (n, C, H, W) float in [-1, 1]; ``labels``: (n,) int.
     """
-    if not isinstance(c, cfg.ClassifierConfig):  # (a dict, or scheduler="ddpm", was an AttributeError)
-        raise ValueError(f"c must be a ClassifierConfig (e.g. side_extract.ClassifierConfig(depth=...)), got "
-                         f"{type(c).__name__}")
+    cfg.check_section(c, cfg.ClassifierConfig, "c")  # (a dict, or scheduler="ddpm", was an AttributeError)
     if scheduler is not None and not hasattr(scheduler, "add_noise"):
         raise ValueError(f"scheduler={scheduler!r} must be the target's diffusers scheduler (noise-aware), or None "
                          "(a clean classifier)")

@@ -238,8 +238,7 @@ class ScaleInputs:
 def check_replicate(r: object, name: str) -> None:
     """A replicate number is every downstream seed (:func:`replicate_config`): an integer >= 0, checked before a
     benchmark trains anything."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"{name}={r!r} must be an integer >= 0 (it seeds a replicate)")
+    cfg.check_int(r, name)
 
 
 def replicate_config(rc: cfg.RunConfig, r: int) -> cfg.RunConfig:

@@ -2,11 +2,11 @@
 
 A **replicate** ``r`` redraws everything downstream of the target: the synthetic set (``sample.seed``), the
 K-means fit (``surrogate.random_state``), both classifiers (``classifier.seed``, ``clean_classifier.seed``),
-side-lora's fine-tune (``lora.seed``) and the extraction noise and targets (``extract.seed``), all set to ``r`` (the extraction draws from its own
-noise stream, ``sampling.EXTRACTION_STREAM``, so it does not repeat the synthetic set's noise). Each replicate of each scale is
-its own run directory, ``CACHE/runs/<target>/rep-<r>``; the target, the training set and the bands are
-shared (they are what is audited, not what is drawn). A run directory another process holds (a bench split over
-processes, each running other entries) is waited for.
+side-lora's fine-tune (``lora.seed``) and the extraction noise and targets (``extract.seed``), all set to ``r``
+(the extraction draws from its own noise stream, ``sampling.EXTRACTION_STREAM``, so it does not repeat the
+synthetic set's noise). Each replicate of each scale is its own run directory, ``CACHE/runs/<target>/rep-<r>``;
+the target, the training set and the bands are shared (they are what is audited, not what is drawn). A run
+directory another process holds (a bench split over processes, each running other entries) is waited for.
 
 For each training-set size in ``scales``:
 
@@ -26,8 +26,8 @@ For each training-set size in ``scales``:
    a 95 % interval of its log (:mod:`side_extract.bench.intervals`): its standard error the larger of the
    replicates' spread (paired by replicate, delta method; then Student's t at R - 1 df) and the resampling of each
    replicate's generations, ``n_bootstrap`` draws (the shares: plain resampling; the distinct-image counts, which
-   plain resampling lowers: iNEXT's assemblage bootstrap; then the normal quantile). Bootstrapped metrics are computed from
-   ``per_generation.npz``: ``ams_cum/<band>`` (share of generations at that band or closer),
+   plain resampling lowers: iNEXT's assemblage bootstrap; then the normal quantile). Bootstrapped metrics are
+   computed from ``per_generation.npz``: ``ams_cum/<band>`` (share of generations at that band or closer),
    ``distinct_nn/<band>`` (distinct *nearest* training images among those generations, per generation: UMS
    restricted to each generation's nearest neighbour, so at most UMS) and ``carlini`` (share with Carlini's
    ratio < 1). The headline entry, the best SIDE form (and the best label-free entry), is the one whose chosen
@@ -276,7 +276,7 @@ def tune(fc: FairBenchConfig, inputs: ScaleInputs, cache: Path, *, device: str =
                 if stored is None:
                     res = run_audit(path, mrc, device=device, progress=progress, wait=True)
                     stored = {"metrics": res.metrics[fc.base_method(m)],
-                              "extraction": extraction_fingerprint(fc, m, path)}
+                              "extraction": made_extraction(fc, m, path)}
                     keep_validation_run(cache, inputs, r, key, stored)
                 else:
                     kept += 1
@@ -331,10 +331,9 @@ def keep_validation_run(cache: Path, inputs: ScaleInputs, r: int, key: str, run:
     atomic_write_json(_kept_path(cache, inputs, r, key), {"key": key, **run})
 
 
-def extraction_fingerprint(fc: FairBenchConfig, name: str, path: Path) -> str | None:
+def made_extraction(fc: FairBenchConfig, name: str, path: Path) -> str | None:
     """The fingerprint of entry ``name``'s extraction stage in the run directory ``path`` (its last run)."""
-    stage = RunDir(path).manifest()["stages"].get(f"extraction/{fc.base_method(name)}") or {}
-    return stage.get("fingerprint")
+    return (RunDir(path).stage_entry(f"extraction/{fc.base_method(name)}") or {}).get("fingerprint")
 
 
 def check_distinct_runs(fc: FairBenchConfig, made: dict[str, str], name: str, fp: str | None) -> None:
@@ -439,7 +438,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             if cfg.method_in_rounds(fc.base_method(m), mrc.extract):  # its first n generations are its first rounds
                 rounds.add(m)
             res = run_audit(path, mrc, device=device, progress=progress, wait=True)
-            check_distinct_runs(fc, made, m, extraction_fingerprint(fc, m, path))
+            check_distinct_runs(fc, made, m, made_extraction(fc, m, path))
             met = res.metrics[fc.base_method(m)]
             per_rep[m].append({"replicate": r, "n_generated": int(met["n_generated"]),
                                **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
@@ -770,18 +769,20 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             made = "; ".join(f"{m} {v['n_generated']['mean']:.1f} [{v['n_generated']['min']:.0f}-"
                              f"{v['n_generated']['max']:.0f}]" for m, v in h["summary"].items() if "n_generated" in v)
             lines += [f"Dedup-driven stopping for every method (`extract.stop_unseen` = {ex['stop_unseen']:g}, rounds of "
-                      f"ceil(N_G / {ex['rounds']})): a method stops after the first round at whose end the unseen mass "
-                      "of its generations so far falls below it, so N_G is a ceiling (tuning scores a method per N_G, not per generation "
-                      "made); generations made, mean [min-max]: " + made + ". The shares in the first table are of the "
-                      "generations made; the ratios and the budget table count the generations not made as misses, "
-                      "so they are per N_G asked for (distinct_nn: a ratio of counts).", ""]
+                      f"ceil(N_G / {ex['rounds']})): a method stops after the first round at whose end the unseen "
+                      "mass of its generations so far falls below it, so N_G is a ceiling (tuning scores a method per "
+                      "N_G, not per generation made); generations made, mean [min-max]: " + made + ". The shares in "
+                      "the first table are of the generations made; the ratios and the budget table count the "
+                      "generations not made as misses, so they are per N_G asked for (distinct_nn: a ratio of "
+                      "counts).", ""]
         similarity = ((c.get("bench") or {}).get("run") or {}).get("evaluate", {}).get("similarity", "rms-l2")
         p95 = ("p95: the 5th percentile of the nearest RMS-L2 distance, lower = closer" if similarity == "rms-l2"
                else f"p95: the 95th percentile of the best {similarity} similarity, higher = closer")
         lines += [f"Mean over held-out replicates [min-max], % of {'generations made' if stopping else 'N_G'} "
                   f"({p95}):", "",
                   "| method | setting (lambda, T) | AMS high | AMS mid | UMS high | UMS mid | UMS cum. mid | Carlini | "
-                  f"{'p95 dist.' if similarity == 'rms-l2' else 'p95 sim.'} |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"{'p95 dist.' if similarity == 'rms-l2' else 'p95 sim.'} |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m, summ in h["summary"].items():
             st = s["tuning"]["chosen"].get(m)
             cell = lambda k, pct=True: (f"{_f(summ[k]['mean'], pct)} [{_f(summ[k]['min'], pct)}-"
@@ -801,8 +802,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
         spread = h.get("interval_method") == INTERVAL_METHOD  # and before it took in the replicates' spread
         caption = ("95 % interval of the log ratio, its standard error the larger of the replicates' spread (paired "
-                   "by replicate; then t at R - 1 df) and the resampling of each replicate's generations (distinct_nn: "
-                   "iNEXT's assemblage; then the normal quantile)" if spread else "95 % bootstrap interval over generations"
+                   "by replicate; then t at R - 1 df) and the resampling of each replicate's generations "
+                   "(distinct_nn: iNEXT's assemblage; then the normal quantile)" if spread
+                   else "95 % bootstrap interval over generations"
                    + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the observed ratio, shares: "
                       "percentile" if inext else ""))
         if h["ratios"]:  # (none when only baselines ran)

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import check_int
 from ..models.forms import run_target
 from ..models.target import Denoiser
 from .divergence import Estimate, as_points, log_q_eps, stratified_indices
@@ -200,8 +201,7 @@ def measure(
         raise ValueError(f"n_probes={n_probes!r} must be a positive integer")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    check_int(seed, "seed")
     ac = denoiser.scheduler.alphas_cumprod
     ts = ode_timesteps(ac, n_steps, t_min)  # validates n_steps and t_min early
 
