@@ -686,3 +686,23 @@ def test_lower_level_calls_name_what_is_wrong(tmp_path, one_thread):
     assert one.background == (2,)
     listed = side_extract.ImageSet(list(d.images), list(d.labels))  # lists as the arrays they are
     assert listed.images.shape == d.images.shape and listed.labels.tolist() == d.labels.tolist()
+
+
+def test_a_path_argument_given_something_else_is_named(tmp_path):
+    """None or a number where a path goes was pathlib's "expected str, bytes or os.PathLike object, not int",
+    naming neither the argument nor what it takes (``audit(out=None)`` said so only after reading the model and the
+    data)."""
+    cases = [
+        (lambda: side_extract.audit("demo", "digits:20", out=None), "out=None must be a path"),
+        (lambda: side_extract.Audit.load(5), "run=5 must be a path"),
+        (lambda: side_extract.write_report(5), "run_dir=5 must be a path"),
+        (lambda: side_extract.run_audit(None, cfg.RunConfig()), "path=None must be a path"),
+        (lambda: side_extract.load_target(5), "spec=5 must be a path"),
+        (lambda: side_extract.load_image_set(5), "spec=5 must be a path"),
+        (lambda: side_extract.train_target(cfg.TrainTargetConfig(), side_extract.load_image_set("digits:4"), out=None),
+         "out=None must be a path"),
+    ]
+    for call, says in cases:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            call()
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import types
 import typing
 from pathlib import Path
@@ -73,6 +74,13 @@ def check_section(value: Any, section: type, name: str) -> None:
         article = "an" if section.__name__[0] in "AEIOU" else "a"
         raise ValueError(f"{name} must be {article} {section.__name__} (e.g. side_extract.{section.__name__}(...)), "
                          f"got {type(value).__name__}")
+
+
+def check_path(value: Any, name: str) -> None:
+    """Refuse ``value`` unless it is a path (str or os.PathLike): None or a number given for a path was pathlib's
+    TypeError, which names neither the argument nor what it takes."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name}={value!r} must be a path (a str or pathlib.Path), got {type(value).__name__}")
 
 
 MAX_SHARDS = 1_000_000  # shard files of one stage (a folder of more is no longer a run directory one can handle)

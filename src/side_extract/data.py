@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .config import check_path
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -307,6 +309,7 @@ def _as_nhwc_uint8(images: np.ndarray, where: str) -> np.ndarray:
 
 def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
     """Load an image set from a spec (see the module docstring), optionally resized to a square size."""
+    check_path(spec, "spec")
     s = str(spec)
     if s == "digits" or s.startswith("digits:"):
         n = None

@@ -37,6 +37,8 @@ from .runs import read_json
 
 log = logging.getLogger(__name__)
 
+Z95 = 1.959963984540054  # the standard normal's 0.975 quantile: every normal-approximation 95 % interval here
+
 Orientation = Literal["similarity", "distance"]
 Centering = Literal["generation", "reference"]
 

@@ -25,7 +25,7 @@ import numpy as np
 from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
-from .metrics import closest_first
+from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, check_run_directory, evaluated_methods,
                    read_json, read_model, read_stages, stale_stages)
 from .summary import findings_file_current, summary_and_findings
@@ -108,8 +108,8 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
     for s, rows in spaces.items():  # KID comes with its standard error: a best within the noise is no best
         if s in best:
             low = next(r for r in rows if r["method"] == best[s]["kid"])
-            if any(r is not low and r["kid"] - low["kid"] <= 1.96 * math.hypot(r.get("kid_se") or 0.0,
-                                                                                 low.get("kid_se") or 0.0)
+            if any(r is not low and r["kid"] - low["kid"] <= Z95 * math.hypot(r.get("kid_se") or 0.0,
+                                                                                low.get("kid_se") or 0.0)
                    for r in rows):
                 best[s]["kid"] = None
     return {"spaces": spaces, "best": best, "skipped": skipped}
@@ -474,6 +474,7 @@ def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size!r} must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels of each "
                          "image shown; every pair is inlined in the page)")
+    cfg.check_path(run_dir, "run_dir")
     run = Path(run_dir)
     data = build_report(run, top=top)
     out = run / "report"

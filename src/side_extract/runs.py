@@ -203,10 +203,11 @@ def evaluated_synthetic(run: str | Path) -> Path | None:
     return d
 
 
-def check_run_directory(path: str | Path) -> Path:
+def check_run_directory(path: str | Path, name: str = "run") -> Path:
     """``path`` if it is a run directory (it holds a run's ``config.yaml``: one that reads as a run config); else a
     ValueError that says what it is instead (a readers' check: the report of a folder holding any ``config.yaml``
-    was an empty page written into it)."""
+    was an empty page written into it). ``name``: the argument it came in."""
+    cfg.check_path(path, name)
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{str(p)!r} does not exist (expected a run directory: side run or side demo makes one)")
@@ -372,8 +373,10 @@ def _locked(path: Path, f: Any) -> RunLocked:
 OWN_BEFORE_MANIFEST = ("config.yaml", "inputs", "sweeps")  # the API saves an in-memory training set in inputs/
 
 
-def check_run_path(path: str | Path) -> None:
-    """A clear error for a run path that cannot be a run directory (before any slow work)."""
+def check_run_path(path: str | Path, name: str = "path") -> None:
+    """A clear error for a run path that cannot be a run directory (before any slow work); ``name``: the argument
+    it came in."""
+    cfg.check_path(path, name)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"run directory {str(path)!r} exists and is not a directory")

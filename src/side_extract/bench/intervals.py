@@ -51,11 +51,10 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from ..evaluation import distinct_count, per_generation_stats
-from ..metrics import unseen_estimate
+from ..metrics import Z95, unseen_estimate
 
 INTERVAL_METHOD = ("log ratio of replicate means, t with R - 1 df; SE the larger of the replicates' (paired delta "
                    "method) and the resampling's (shares: generations; distinct counts: iNEXT assemblage)")
-Z95 = 1.959963984540054
 
 
 def value(stats: dict[str, np.ndarray], metric: str) -> float:

@@ -182,6 +182,7 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
 
     Raises ``ValueError`` when the directory lacks ``unet/`` weights in safetensors or a scheduler config.
     """
+    cfg.check_path(spec, "spec")
     path = resolve_model_path(spec)
     if not path.is_dir():
         raise ValueError(f"model {str(spec)!r}: {str(path)!r} is not a directory (expected a diffusers pipeline "
@@ -374,6 +375,7 @@ def train_target(
 
     The final model (EMA weights when ``ema``) is ``out/unet`` + ``out/scheduler``.
     """
+    cfg.check_path(out, "out")
     out = Path(out)
     x0_all = data.to_float()
     with torch.random.fork_rng():  # seeded initialisation without touching the global RNG

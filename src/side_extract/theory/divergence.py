@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-Z95 = 1.959963984540054
+from ..metrics import Z95
+
 LOG_2PI = math.log(2.0 * math.pi)
 LogProb = Callable[[np.ndarray], np.ndarray]
 RandomState = int | np.random.Generator
