@@ -342,11 +342,13 @@ class ClassifierConfig:
     always answering it; balancing makes it learn the clusters that generations are guided toward. The training
     log records the mean recall per label (``balanced_accuracy``, chance 1 / labels) beside the accuracy. Measured
     with the memorization-aware K = 25 form (8x8, 1,000 images, six held-out replicates,
-    ``benchmarks/results/fair8/mem-bal-n1000``): at balance 1 the mean recall rose from 0.38 to 0.64 at t < 250 and
-    more generations landed close (Carlini 14.7 % against 11.3 %), but the distinct training images at the mid band
-    or closer did not rise (0.96x [0.80, 1.15] the unweighted form's; at 0.5, 1.00x [0.77, 1.30],
-    ``fair8/mem-bal-all-n1000``); at 16x16 and 300 images, on ten held-out replicates, 1.00x [0.97, 1.04] the
-    unweighted form's and 1.00x [0.96, 1.05] UnCond's (``fair16/mem-bal-n300-10``); so it stays off by default.
+    ``benchmarks/results/fair8/mem-bal-n1000``): at balance 1 the mean recall rose from 0.38 to 0.64 at t < 250
+    (``benchmarks/results/experiments/classifier-recall-8px-n1000.md``) and more generations landed close (Carlini
+    14.7 % against 11.3 %), but the distinct training images at the mid band or closer did not rise (0.96x [0.80,
+    1.15] the unweighted form's; at 0.5, 1.00x [0.77, 1.30]; ``fair8/mem-bal-all-n1000``, the ratios in
+    ``benchmarks/results/experiments/balance-8px-n1000-paired.md``); at 16x16 and 300 images, on ten held-out
+    replicates, 1.00x [0.97, 1.04] the unweighted form's and 1.00x [0.96, 1.05] UnCond's (``fair16/mem-bal-n300-10``;
+    the first ratio in ``benchmarks/results/experiments/balance-16px-n300-10.md``); so it stays off by default.
     """
 
     depth: int = 18
@@ -452,7 +454,12 @@ class ExtractConfig:
     every method's tuned setting. The defaults are
     the values each method chose most often on the fair protocol's validation replicates (``side bench fair``,
     100 / 300 / 1,000 images at 8x8 and at 16x16, the same grid for both): SIDE lambda 3 (4 of 6) and T 1
-    (4 of 6; the paper: 10 and 1), Cond lambda 1 (4 of 6) and T 2 (5 of 6).
+    (4 of 6; the paper: 10 and 1), Cond lambda 1 (4 of 6) and T 2 (5 of 6). Those six cells tuned the paper's
+    SIDE form with the paper's sampler (DDIM eta 0, eps not clipped). The K = 25 forms at eta 1 chose otherwise
+    (16x16, ``fair16/forms-n100``, ``mem9-n300``, ``mem6-n1000``, ``mem-n1000-retuned-8``): ``clip-every-k25`` (1, 1),
+    (1, 2), (10, 1), (10, 2) and ``mem-k25`` (1, 2), (1, 2), (10, 1), (3, 1): the tuned setting moves with the
+    target and its training-set size, so an audit of another model keeps the defaults or compares lambdas with a
+    ``sweep`` (one seed: a direction, not a held-out result).
     ``t_lo``/``t_hi`` limit guidance to that fraction of the timesteps. ``allocation``: how the methods that
     draw target classes (side, side-teacher, cond, side-lora) draw them: ``uniform`` (the paper), or ``adaptive``
     (``allocation.py``: in ``rounds`` rounds, toward the classes still producing new images, near-duplicates below
@@ -472,8 +479,8 @@ class ExtractConfig:
     as DDPM). The default is 1: on the fair protocol's held-out replicates (``side bench fair --eta``, distinct
     training images at the mid band or closer) it raised UnCond and Cond in every cell measured and SIDE at 1,000
     images: 16x16 (UnCond 2.7 -> 16.0 of 1,000 generations, the K = 25 SIDE form 6.7 -> 19.0), 8x8 (UnCond 10.0 ->
-    22.0 of 2,000, SIDE 17.4 -> 26.7); at 300 images (8x8) UnCond 82.3 -> 99.7 and Cond 56.7 -> 95.7 while the
-    tuned SIDE form stayed level (84.3 -> 81.7). It narrows SIDE's lead over UnCond, and at 300 images reverses it
+    23.0 of 2,000, SIDE 17.4 -> 29.0); at 300 images (8x8) UnCond 82.3 -> 105.0 and Cond 56.7 -> 95.7 while the
+    tuned SIDE form stayed level (84.3 -> 86.7). It narrows SIDE's lead over UnCond, and at 300 images reverses it
     (README "Benchmarks"); an audit runs UnCond too, so it finds more either way. The benchmarks' ``--eta``
     defaults to 0 (the paper's sampler); the fair protocol's headline files pass ``--eta 1``.
     """
