@@ -10,8 +10,9 @@ smaller meaning more memorization. It is estimated here by Monte Carlo:
 1. draw x = x_i + eps * xi, xi ~ N(0, I), with the index i stratified over D (every point is used equally
    often; see :func:`sample_q_eps`), which is an exact sample of q_eps;
 2. log q_eps(x) exactly, by a log-sum-exp over all N training points (:func:`log_q_eps`);
-3. M is the mean of log q_eps(x) - log p(x); its 95% interval is the normal approximation
-   mean +- 1.96 * sd / sqrt(n) over the n Monte Carlo samples.
+3. M is the mean of log q_eps(x) - log p(x); its 95% interval is the normal approximation mean +- Z95 * stderr,
+   the standard error of the stratified design (:meth:`Estimate.from_strata`; sd / sqrt(n), the i.i.d. formula,
+   where too few points are drawn twice to estimate it).
 
 Because M(D; p) = -H(q_eps) + CE(q_eps, p) and the entropy H(q_eps) does not depend on the model, the
 difference of M between two models evaluated on the same samples is a difference of cross-entropies; it is
@@ -34,6 +35,8 @@ import torch
 from scipy.special import logsumexp
 
 from ..metrics import Z95
+
+MIN_REPEATS = 10  # repeat draws (degrees of freedom) the stratified standard error needs (Estimate.from_strata)
 
 LOG_2PI = math.log(2.0 * math.pi)
 LogProb = Callable[[np.ndarray], np.ndarray]
@@ -103,9 +106,11 @@ class Estimate:
         with s_i^2 the variance within point i's draws (pooled over the points drawn at least twice, for the
         points drawn once) and S^2 the spread of the points' own means (their observed spread less the part their
         draws' noise explains). The i.i.d. formula, sd / sqrt(n), also counts the spread between points, which
-        the stratification removes: on far-apart points it was 85x too wide. Where no point is drawn twice
-        (n < 2 N with r < 2, or n <= N), the within-point variance cannot be told from the between-point one, and
-        the i.i.d. formula is kept (wider than the truth: conservative)."""
+        the stratification removes: on far-apart points it was about 80-100x too wide. The within-point variance
+        comes from the repeat draws (n - number of points drawn, degrees of freedom); with fewer than
+        :data:`MIN_REPEATS` of them (n <= N, or n < N + MIN_REPEATS with m = 1) it cannot be told reliably from the
+        between-point one, and the i.i.d. formula is kept (wider than the truth: conservative). It was used from a
+        single repeat draw: at n = N + 1 one point's two draws set the variance of all of them."""
         v = np.asarray(values, dtype=np.float64).ravel()
         idx = np.asarray(index, dtype=np.int64).ravel()
         if v.shape != idx.shape:
@@ -113,7 +118,7 @@ class Estimate:
         if len(v) and (idx.min() < 0 or idx.max() >= n_data):
             raise ValueError(f"index must lie in [0, {n_data}); got [{idx.min()}, {idx.max()}]")
         counts = np.bincount(idx, minlength=n_data)
-        if len(v) < 2 or counts.max() < 2:
+        if len(v) < 2 or (counts[counts >= 2] - 1).sum() < MIN_REPEATS:
             return cls.from_values(v)
         n = len(v)
         sums = np.bincount(idx, weights=v, minlength=n_data)

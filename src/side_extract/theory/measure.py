@@ -28,9 +28,11 @@ Cost and accuracy: 2 K model evaluations per point and model (K <= ``n_steps``),
 ``n_probes`` backward passes (the guided one also a classifier forward, backward and double backward).
 With the defaults (32 points, 32 steps, 1 probe) an 8x8 digits target (UNet (32, 64)) and a small
 classifier take about 10 s on one CPU thread. More points narrow the intervals (~ 1 / sqrt(n_points):
-the spread between points, ~8 nats for 8x8 digits, dominates them); more probes cut the Hutchinson noise,
-already small (~0.6 nats per point with one); more steps cut the ODE's bias (about 0.7 nats in d = 64 at
-32 steps, 0.2 at 64, which the interval does not include; it largely cancels in the paired gain).
+the spread between points, 8-15 nats on 8x8 digits targets, dominates them); more probes cut the Hutchinson
+noise, already small (0.6-1.0 nats per point with one, ``benchmarks/results/experiments/theory-figures.md``);
+more steps cut the ODE's bias (about 0.7 nats in d = 64 at 32 steps, 0.2 at 64, which the interval does not
+include; the gain compares two models on the same points and probes, but whether their biases cancel there
+was not measured).
 """
 from __future__ import annotations
 
