@@ -298,8 +298,8 @@ def test_cli_check_and_errors(tmp_path):
 
 def test_the_stratified_estimate_reports_its_real_spread():
     """Samples of q_eps use every training point equally often; the i.i.d. standard error also counted the spread
-    between points, which that removes (about 80-100x too wide on far-apart points), so checks on them could not fail. The
-    design's error must match the estimate's spread across seeds."""
+    between points, which that removes (about 80-100x too wide on far-apart points), so checks on them could not
+    fail. The design's error must match the estimate's spread across seeds."""
     from side_extract.theory.divergence import GaussianModel, memorization_divergence
 
     rng = np.random.default_rng(0)

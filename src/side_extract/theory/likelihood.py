@@ -27,9 +27,10 @@ int div dsigma = int (sigma div) dlog sigma. Both use the same model evaluations
 Discretisation bias, measured on a Gaussian N(mu, s^2 I) in d = 64 (s = 0.1 .. 1): about 0.7 nats at
 32 steps, 0.2 at 64, 0.05-0.08 at 128 (second order); on the fully memorizing empirical optimum of 50
 points, under 0.03 nats on average from 32 steps on, but up to 1.2 nats for one point at 32 steps (d = 4; 0.39 in
-d = 64), 0.08 at 64 and 0.03 at 128 (``benchmarks/results/experiments/theory-figures.md``). Summing sigma*div in log sigma rather than div in sigma cut the
-Gaussian error 3 to 5 fold at equal cost (div ~ d / sigma at large sigma is badly served by trapezoids
-in sigma); an EDM (rho = 7) grid was no better than the log-uniform one on the linear schedule.
+d = 64), 0.08 at 64 and 0.03 at 128 (``benchmarks/results/experiments/theory-figures.md``). Summing sigma*div
+in log sigma rather than div in sigma cut the Gaussian error 3 to 5 fold at equal cost (div ~ d / sigma at large
+sigma is badly served by trapezoids in sigma); an EDM (rho = 7) grid was no better than the log-uniform one
+on the linear schedule.
 
 What is measured: ``log p(x)`` is the density of the model's samples at the smallest noise level t_min, in
 data coordinates (y = x_0 + sigma_min n, images in [-1, 1], dimension d = C*H*W). t_min = 0 gives
@@ -48,10 +49,10 @@ estimate of log p unbiased (given the discretisation) while its noise averages o
 On an 8x8 digits UNet no longer shipped (32 steps, 1 probe) the per-point standard deviation of log p fell
 from 6.7 nats with one probe per trajectory to 0.6 with fresh probes, against a spread of ~8 nats between points
 (its command was not kept); on the shipped ``demo`` target fresh probes give 1.0 nats against a spread of 14.7
-(``benchmarks/results/experiments/theory-figures.md``); so one probe is the default and the interval over Monte Carlo points, which includes this noise, is hardly wider
-than with the exact trace. Per-sample generators (a list) make results independent of the batching, and
-two models run with generators of the same seeds see the same probes (a paired comparison). The ODE
-discretisation error is a bias the interval does not cover: check it by doubling ``n_steps``.
+(``benchmarks/results/experiments/theory-figures.md``); so one probe is the default and the interval over
+Monte Carlo points, which includes this noise, is hardly wider than with the exact trace. Per-sample generators
+(a list) make results independent of the batching, and two models run with generators of the same seeds see
+the same probes (a paired comparison). The ODE discretisation error is a bias the interval does not cover: check it by doubling ``n_steps``.
 """
 from __future__ import annotations
 
