@@ -52,7 +52,8 @@ from 6.7 nats with one probe per trajectory to 0.6 with fresh probes, against a 
 (``benchmarks/results/experiments/theory-figures.md``); so one probe is the default and the interval over
 Monte Carlo points, which includes this noise, is hardly wider than with the exact trace. Per-sample generators
 (a list) make results independent of the batching, and two models run with generators of the same seeds see
-the same probes (a paired comparison). The ODE discretisation error is a bias the interval does not cover: check it by doubling ``n_steps``.
+the same probes (a paired comparison). The ODE discretisation error is a bias the interval does not cover:
+check it by doubling ``n_steps``.
 """
 from __future__ import annotations
 
