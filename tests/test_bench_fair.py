@@ -430,6 +430,12 @@ def test_forms_are_tuned_like_methods_in_their_own_sub_runs(tmp_path, one_thread
         write_fair_results(data, tmp_path / "out")[1].read_text()
     assert set(s["tuning"]["mean_by_setting"]) == {"side", "side-x0", "side-every"}
     assert all(len(v) == 2 for v in s["tuning"]["mean_by_setting"].values())  # the same budget
+    # with that form alone no line can be made, and fair.md said nothing, as if the comparison were turned off
+    lone = run_fair_bench(dataclasses.replace(fc, methods=("uncond",), forms={"side-every": fc.forms["side-every"]}),
+                          tmp_path / "cache")
+    assert lone["scales"][0]["heldout"]["equal_samples"] == {"n_synthetic": bc.run.sample.n, "left_out": ["side-every"]}
+    assert "Equal model samples: not measured. Every form that draws a synthetic set (side-every)" in \
+        write_fair_results(lone, tmp_path / "out-lone")[1].read_text()
     assert set(s["heldout"]["ratios"]) == {"side", "side-x0", "side-every"}
     rep2 = next((tmp_path / "cache" / "runs").glob("*/rep-2"))
     sub = rep2 / "forms" / "side-x0"

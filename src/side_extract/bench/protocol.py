@@ -478,6 +478,9 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
             "left_out": [m for m in drawing if m not in sampled],
             "uncond": {"mean": float(np.mean(counts)), "min": min(counts), "max": max(counts)},
             "ratios": count_ratios({m: stats[m] for m in sampled}, eq_stats, fc.n_bootstrap)}
+    elif fc.equal_samples and drawing:  # every form drew a synthetic set of another size: fair.md says so (it was
+        # silent, as if the comparison had been turned off)
+        out["equal_samples"] = {"n_synthetic": base.sample.n, "left_out": list(drawing)}
     return out
 
 
@@ -865,7 +868,12 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                     cells.append(cell)
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
         eq = h.get("equal_samples")
-        if eq:
+        if eq and "uncond" not in eq:
+            lines += ["", f"Equal model samples: not measured. Every form that draws a synthetic set "
+                      f"({', '.join(eq['left_out'])}) drew one of another size than the run's N_S = "
+                      f"{eq['n_synthetic']}, against which UnCond's N_G + N_S run is made; compare them per model "
+                      "sample with UnCond given that form's N_G + N_S generations."]
+        elif eq:
             u = eq["uncond"]
             lines += ["", f"Equal model samples: each form drew {eq['n_synthetic']} synthetic samples before its "
                       f"{h['n_generated']} generations"
