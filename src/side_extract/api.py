@@ -204,8 +204,7 @@ class Audit:
         ``chdir``). Every current evaluation is listed, as the report and ``summary.json`` list them (one left
         unfinished, or made from an extraction replaced since, is left out with a warning); one that cannot be set
         against the others (an earlier call's, on another training set or bands) says why in ``not_compared``."""
-        cfg.check_path(run, "run")
-        run = check_run_directory(Path(run).resolve())
+        run = check_run_directory(run).resolve()
         rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
         metrics = {m: read_json(d / "metrics.json", dict) for m, d in evaluated_methods(run).items()}
         apart = incomparable(metrics)
@@ -475,7 +474,8 @@ def audit(
     returned :class:`Audit` marks those that cannot be compared with the rest (``MethodResult.not_compared``).
     """
     check_device(device)
-    cfg.check_path(out, "out")  # (None or a number was pathlib's TypeError, after the model and data were read)
+    check_run_path(out, "out")  # a folder that is no run, or no path at all: refused before the model and data are
+    # read, and before its inputs/ is written
     if not callable(progress):
         raise ValueError(f"progress={progress!r} must be a factory name -> callback(done, total) (or left out)")
     rc = _run_config(config)
@@ -485,7 +485,6 @@ def audit(
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
     data = as_image_set(train, labels)
     held = None if heldout is None else as_image_set(heldout, name="heldout")
-    check_run_path(out, "out")  # a folder that is no run: refused before its inputs/ is written
     group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
     new_inputs = not (Path(out) / "inputs").exists()  # a folder this call makes, which a refusal removes again

@@ -316,7 +316,7 @@ def _stages(run: Path) -> tuple[list[dict], dict[str, list[str]]]:
 
 def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     """Everything the report shows, JSON-safe (see the module docstring); ``top`` image pairs per method."""
-    run = check_run_directory(run_dir)
+    run = check_run_directory(run_dir, "run_dir")
     if top < 1:
         raise ValueError(f"top={top} must be >= 1")
     text = (run / "config.yaml").read_text()
@@ -474,9 +474,8 @@ def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size!r} must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels of each "
                          "image shown; every pair is inlined in the page)")
-    cfg.check_path(run_dir, "run_dir")
+    data = build_report(run_dir, top=top)  # (checks run_dir first)
     run = Path(run_dir)
-    data = build_report(run, top=top)
     out = run / "report"
     html = render_html(data, run, image_size=image_size)  # before either file is written: never one without the other
     atomic_write_json(out / "report.json", data)

@@ -118,7 +118,7 @@ class Estimate:
         if len(v) and (idx.min() < 0 or idx.max() >= n_data):
             raise ValueError(f"index must lie in [0, {n_data}); got [{idx.min()}, {idx.max()}]")
         counts = np.bincount(idx, minlength=n_data)
-        if len(v) < 2 or (counts[counts >= 2] - 1).sum() < MIN_REPEATS:
+        if len(v) < 2 or len(v) - np.count_nonzero(counts) < MIN_REPEATS:  # draws beyond each point's first
             return cls.from_values(v)
         n = len(v)
         sums = np.bincount(idx, weights=v, minlength=n_data)
