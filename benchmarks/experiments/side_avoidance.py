@@ -37,16 +37,21 @@ rep = Replicate.load(run)
 rc, den, ex = rep.config, rep.denoiser, rep.config.extract
 side = method_guidance(run, rc, "side", den)[1]  # the run's classifier with its settings, as its extraction used it
 targets = side.target_outputs[draw_targets(ex.seed, np.arange(n), len(side.target_outputs))]
+by_index = torch.as_tensor(targets)  # (the combined guidance gets indices, not labels)
 
 
 class WithAvoidance:
-    """SIDE's guidance plus the avoidance term (which ignores y: it needs no labels)."""
+    """SIDE's guidance plus the avoidance term. The avoidance is label-free (it takes the generation indices), so the
+    sampler passes ids, not labels, and each generation's target cluster is looked up from its index."""
+
+    uses_ids = True
 
     def __init__(self, avoid: MemorizationGuidance):
         self.avoid, self.scale = avoid, side.scale
 
-    def __call__(self, x, t, y):
-        g, push = side(x, t, y), self.avoid(x, t, y)  # (the push is None outside its window and before round 2)
+    def __call__(self, x, t, y=None, *, ids):
+        # (the push is None outside its window and before round 2)
+        g, push = side(x, t, by_index[ids.cpu()]), self.avoid(x, t, ids=ids)
         return g if push is None else (push if g is None else g + push)
 
 
@@ -66,7 +71,7 @@ for eta, h, t_lo, t_hi in grid:
     for lo, hi in ranges:
         outs.append(sample(den, hi - lo, seed=ex.seed, start=lo, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
                            batch_size=BatchSize(ex.batch_size), guidance=guidance,
-                           labels=targets[lo:hi], clip_eps=True, stream=EXTRACTION_STREAM))
+                           labels=targets[lo:hi] if eta == 0 else None, clip_eps=True, stream=EXTRACTION_STREAM))
         if eta > 0:
             guidance = WithAvoidance(guidance.avoid.remembering(torch.cat(outs)))
     images = to_uint8(torch.cat(outs))
