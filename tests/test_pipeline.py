@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from side_extract import config as cfg
 from side_extract.cli.main import app
-from side_extract.data import load_image_set, load_shards
+from side_extract.data import ImageSet, load_image_set, load_shards
 from side_extract.models.target import load_target
 from side_extract.pipeline import method_guidance, run_audit
 from side_extract.runs import read_json
@@ -518,6 +518,35 @@ def test_a_training_set_of_one_class_is_refused_before_any_stage_for_cond(tiny_m
     with pytest.raises(ValueError, match=r"cannot start:\n  - methods cond and side-teacher .* has 1 labelled class"):
         run_audit(tmp_path / "run", rc)
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_a_training_set_of_images_in_zero_to_one_is_refused_by_every_entry_not_only_audit(tiny_model_dir, tmp_path):
+    """Images in [0, 1] cast to uint8 (every pixel 0 or 1) were refused by ``audit`` only: a run config naming such an
+    .npz ran every stage and found "nothing memorized", evaluate() and calibrate() measured against near-black images,
+    and train_target trained a model on them. Now each refuses the training set at once; a model's generations may
+    still be all black (evaluate takes them)."""
+    from side_extract.evaluation import calibrate, evaluate
+    from side_extract.models.target import train_target
+
+    data = load_image_set("digits:30")
+    slip = ImageSet((data.images / 255.0).astype(np.uint8), data.labels)  # every pixel 0 (or 1)
+    np.savez(tmp_path / "slip.npz", images=slip.images, labels=slip.labels)
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)), train=str(tmp_path / "slip.npz"))
+    with pytest.raises(ValueError, match=r"cannot start:\n  - train='.*slip.npz': every pixel is 0 or 1"):
+        run_audit(tmp_path / "run", rc)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    res = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", str(tmp_path / "slip.npz"), "--train",
+                                   str(tmp_path / "slip.npz"), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 2 and "every pixel is 0 or 1" in res.output, res.output
+    for call in (lambda: evaluate(data, slip), lambda: calibrate(slip)):
+        with pytest.raises(ValueError, match="train: every pixel is 0 or 1"):
+            call()
+    with pytest.raises(ValueError, match="every pixel is 0 or 1"):
+        train_target(cfg.TrainTargetConfig(steps=1), slip, tmp_path / "target")
+    assert not (tmp_path / "target").exists()
+    black = ImageSet(np.zeros_like(data.images))  # a collapsed model's generations: measured, not refused
+    fixed = dataclasses.replace(rc.evaluate, bands="high=0:0.1,mid=0.1:0.2")
+    assert evaluate(black, data, fixed).n_generated == len(data)
 
 
 def test_a_training_set_without_held_out_images_says_where_its_bands_came_from(tiny_model_dir, tmp_path, caplog):

@@ -66,7 +66,8 @@ def test_streamed_tally_equals_the_dense_formula(scores):
 
 
 image_sets = st.tuples(st.integers(2, 8), st.integers(3, 10)).flatmap(
-    lambda s: st.tuples(arrays(np.uint8, (s[0], 4, 4, 1)), arrays(np.uint8, (s[1], 4, 4, 1))))
+    lambda s: st.tuples(arrays(np.uint8, (s[0], 4, 4, 1)), arrays(np.uint8, (s[1], 4, 4, 1)))
+).filter(lambda s: s[1].max() > 1)  # (a training set whose every pixel is 0 or 1 is refused: images in [0, 1])
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -24,7 +24,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import config as cfg
-from .data import ImageSet, integer_labels, load_image_set, load_shards
+from .data import ImageSet, check_levels, integer_labels, load_image_set, load_shards
 from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
 from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fingerprint, probe_fingerprint,
@@ -53,7 +53,7 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
                              "carries its own labels")
         return str(images)
     if isinstance(images, ImageSet):
-        _check_levels(images.images, name)
+        check_levels(images.images, name)
         if images.labels is not None:
             _labels(images.labels, len(images), f"{name}: the ImageSet's labels")
         ids = np.asarray(images.ids)
@@ -71,16 +71,8 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
         raise ValueError(f"{name}: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
     if a.size == 0:
         raise ValueError(f"{name}: the array holds no images (shape {a.shape})")
-    _check_levels(a, name)
+    check_levels(a, name)
     return ImageSet(a[..., None] if a.ndim == 3 else a, None if labels is None else _labels(labels, len(a)))
-
-
-def _check_levels(images: np.ndarray, name: str) -> None:
-    """Refuse uint8 images whose every pixel is 0 or 1: images in [0, 1] cast to uint8 (which truncates them),
-    not 0-255 images; audited as they are, they are near-black and every method finds nothing."""
-    if images.size and images.max() <= 1:
-        raise ValueError(f"{name}: every pixel is 0 or 1, so these look like images in [0, 1] cast to uint8 (which "
-                         "truncates them); pass uint8 in 0-255, e.g. (x * 255).round().astype(np.uint8)")
 
 
 def _labels(labels: Any, n: int, what: str = "labels") -> np.ndarray:

@@ -112,6 +112,15 @@ def integer_labels(labels: Any, what: str = "labels") -> np.ndarray:
     return lab
 
 
+def check_levels(images: np.ndarray, name: str) -> None:
+    """Refuse uint8 images whose every pixel is 0 or 1: images in [0, 1] cast to uint8 (which truncates them),
+    not 0-255 images; audited or trained on as they are, they are near-black and every method finds nothing. For
+    images given as a training set (a model's generations may be all black)."""
+    if images.size and images.max() <= 1:
+        raise ValueError(f"{name}: every pixel is 0 or 1, so these look like images in [0, 1] cast to uint8 (which "
+                         "truncates them); give uint8 in 0-255, e.g. (x * 255).round().astype(np.uint8)")
+
+
 def check_float_images(x: Any, name: str, shape: Sequence[int] | None = None) -> None:
     """Refuse ``x`` unless it is images as the stages take them: a float torch tensor (n, C, H, W) in [-1, 1]
     (:func:`to_float` of uint8 images); ``shape``: the (C, H, W) it must have (a model's ``sample_shape``)."""

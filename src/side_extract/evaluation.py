@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import config as cfg
-from .data import ImageSet, balanced_first_n, load_digits_set, load_image_set
+from .data import ImageSet, balanced_first_n, check_levels, load_digits_set, load_image_set
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
                       check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
@@ -226,6 +226,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         raise ValueError(f"the training set needs at least 2 images (Gu's ratio uses the second nearest), got {n_t}")
     if n_g < 1:
         raise ValueError("the generated set is empty")
+    check_levels(train.images, "train")  # (only the training set: a model's generations may be all black)
     _warn_duplicates(train)
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
     g_rows = _rows(sim, generated, generated_features, c, device, train, feature_model)
@@ -412,6 +413,7 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     sim = Similarity(c.similarity)
     if len(train) < 2:
         raise ValueError(f"calibration needs at least 2 training images, got {len(train)}")
+    check_levels(train.images, "train")
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
     index = _index(sim.metric, c, device).fit(t_rows)
     nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}

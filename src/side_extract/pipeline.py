@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .data import ImageSet, labelled_classes, load_image_set, load_shards, resize
+from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards, resize
 from .distributed import ProcessGroup
 from .evaluation import Evaluation, calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
@@ -651,6 +651,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     if train is not None:
         try:
             check_fits(train.shape, denoiser.sample_shape, f"training images ({rc.train})")
+        except ValueError as e:
+            problems.append(str(e))
+        try:
+            check_levels(train.images, f"train={rc.train!r}")
         except ValueError as e:
             problems.append(str(e))
         if needs_train and train.labels is None:

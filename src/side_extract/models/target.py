@@ -27,7 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import EMAModel
 
 from .. import config as cfg
-from ..data import ImageSet
+from ..data import ImageSet, check_levels
 from ..distributed import SINGLE, ProcessGroup
 from ..runs import atomic_directory, atomic_write_json, atomic_write_text, read_json, versions
 
@@ -376,6 +376,7 @@ def train_target(
     The final model (EMA weights when ``ema``) is ``out/unet`` + ``out/scheduler``.
     """
     cfg.check_path(out, "out")
+    check_levels(data.images, f"data ({data.name})" if data.name else "data")
     out = Path(out)
     x0_all = data.to_float()
     with torch.random.fork_rng():  # seeded initialisation without touching the global RNG
