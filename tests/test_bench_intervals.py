@@ -142,3 +142,36 @@ def test_replicate_se_is_the_paired_delta_method_by_hand():
     lo, hi = interval(3.0, 1.0, np.full(10, 3.0), np.ones(10), [2.0, 4.0], [1.0, 1.0])
     q = 12.706204736174698  # t(0.975, 1)
     assert (lo, hi) == pytest.approx((3 * math.exp(-q / 3), 3 * math.exp(q / 3)))
+
+
+def test_the_interval_takes_the_larger_error_and_t_only_where_the_replicates_give_it():
+    """Both errors non-zero, by the module docstring's rule: ratio * exp(+-q se), se = max(se_boot, se_rep), q from
+    Student's t at the replicates' degrees of freedom only where their error is the larger (else 1.96). Draws 3 +-
+    0.3 and 1 +- 0.05: se_boot = sqrt(0.09 / 9 + 0.0025 / 1) = sqrt(0.0125). Replicates (2, 4) / (1, 1): se_rep 1/3
+    wins with t(0.975, 1); (2.9, 3.1) / (1, 1): d = (-1/30, 1/30), se_rep = 1/30 loses to se_boot (0.112): z."""
+    from side_extract.bench.intervals import interval
+
+    num_draws, den_draws = np.array([2.7, 3.3] * 5), np.array([0.95, 1.05] * 5)
+    se_boot = math.sqrt(0.0125)
+    lo, hi = interval(3.0, 1.0, num_draws, den_draws, [2.0, 4.0], [1.0, 1.0])
+    q = 12.706204736174698  # t(0.975, 1)
+    assert (lo, hi) == pytest.approx((3 * math.exp(-q / 3), 3 * math.exp(q / 3)))
+    lo, hi = interval(3.0, 1.0, num_draws, den_draws, [2.9, 3.1], [1.0, 1.0])
+    z = 1.959963984540054
+    assert (lo, hi) == pytest.approx((3 * math.exp(-z * se_boot), 3 * math.exp(z * se_boot)))
+    assert interval(3.0, 1.0, num_draws, den_draws) == pytest.approx((lo, hi))  # no replicates: the draws alone
+
+
+def test_an_interval_wholly_above_or_below_1_is_marked_and_one_across_1_is_not():
+    """The arrows of fair.md: ``excludes_1`` where the whole interval lies on one side of 1. Draws with spread (a
+    zero-width interval is never marked): 3 +- 0.3 against 1 +- 0.05 is [2.41, 3.73] by the rule above; 0.3 +- 0.03
+    against 1 +- 0.05 lies below 1; 1.05 +- 0.3 against 1 +- 0.05 spans it."""
+    from side_extract.bench.intervals import _row
+
+    den = np.array([0.95, 1.05] * 5)
+    above = _row(3.0, 1.0, np.array([2.7, 3.3] * 5), den)
+    below = _row(0.3, 1.0, np.array([0.27, 0.33] * 5), den)
+    across = _row(1.05, 1.0, np.array([0.75, 1.35] * 5), den)
+    assert above["ci95"][0] > 1 and above["excludes_1"] is True
+    assert below["ci95"][1] < 1 and below["excludes_1"] is True
+    assert across["ci95"][0] < 1 < across["ci95"][1] and across["excludes_1"] is False

@@ -286,6 +286,12 @@ def test_best_quantile_by_hand():
     v = np.linspace(0, 1, 21)  # 0, 0.05, ..., 1: the 5th percentile is the second value, the 95th the 20th
     assert best_quantile(v, "distance") == (pytest.approx(0.05), 0.05)
     assert best_quantile(v, "similarity") == (pytest.approx(0.95), 0.95)
+    # between data points, linear interpolation between order statistics (numpy's default, Hyndman & Fan's type 7:
+    # position q (n - 1)): on 0, 1, 2, 3 the 5th percentile lies at 0.15, the 95th at 2.85 (not the nearest or a
+    # lower / higher value, which agree with it on the grid above)
+    u = np.array([3.0, 0.0, 2.0, 1.0])
+    assert best_quantile(u, "distance") == (pytest.approx(0.15), 0.05)
+    assert best_quantile(u, "similarity") == (pytest.approx(2.85), 0.95)
 
 
 def test_ng_law_by_hand():
@@ -315,3 +321,17 @@ def test_extrapolation_counts_images_not_yet_hit_by_hand():
     assert law.extrapolated_unique[1] == pytest.approx(extrapolated_unique(np.bincount(gen, minlength=8), 12, 24))
     assert law.extrapolated_unique[1] > 6 >= law.predicted_unique[2]  # (q1, q2) = (3, 2) recorded
     assert (law.q1, law.q2) == (3, 2)
+
+
+def test_the_per_generation_carlini_hit_the_benchmarks_read_is_the_evaluations_own(tmp_path):
+    """The fair benchmark bootstraps Carlini's share from each generation's hit in ``per_generation.npz``
+    (``generation_stats``), not from metrics.json. By hand (n = 2, alpha 0.5): the three copies have d1 = 0, a ratio
+    of 0 (extracted); the halfway image has d1 = d2 = 30/255, a ratio d1 / (0.5 * d1) = 2 (not)."""
+    from side_extract.evaluation import distinct_count, generation_stats
+
+    r = run()
+    r.write(tmp_path)
+    stats = generation_stats(tmp_path, parse_bands(BANDS), "distance")
+    assert stats["carlini"].tolist() == [True, True, True, False]
+    assert stats["carlini"].mean() == r.carlini.extracted_fraction == 0.75
+    assert distinct_count(stats, "high") == 2  # train 1 and 3

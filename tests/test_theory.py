@@ -181,6 +181,25 @@ def test_guided_ode_likelihood_of_exact_mixture_is_the_component():
     np.testing.assert_allclose(res.log_prob, exact, atol=0.05)
 
 
+def test_guided_eps_at_any_scale_moves_eps_toward_the_components_by_that_multiple():
+    """eps_guided = eps - lambda sqrt(1 - abar) grad log p(c | x_t) and, for the exact mixture, grad log p(c | x_t) =
+    score_c - score, so eps_guided = eps + lambda (eps_c - eps) with the component's eps_c = sqrt(1 - abar)
+    (x - sqrt(abar) m_c) / (abar s^2 + 1 - abar), written out here: at lambda 1 the component's own eps, at 2 and
+    0.5 twice and half the step from eps (a scale ignored above 0 passed the scale-1 tests)."""
+    s = 0.4
+    means = torch.tensor([[0.5, 0.5, -0.5, 0.0], [-0.5, -0.5, 0.5, 0.0]], dtype=torch.float64)
+    eps, clf = _mixture(means, s)
+    labels = torch.tensor([0, 1, 1, 0])
+    x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor([50, 200, 500, 900])
+    a = AC[t].to(torch.float64).reshape(-1, 1)
+    eps_c = (torch.sqrt(1 - a) * (x.reshape(4, -1) - torch.sqrt(a) * means[labels]) / (a * s**2 + 1 - a))
+    base = eps(x, t).reshape(4, -1)
+    for scale in (0.5, 1.0, 2.0):
+        got = guided_eps_fn(eps, clf, labels, scale, AC)(x, t).reshape(4, -1)
+        torch.testing.assert_close(got, base + scale * (eps_c - base), rtol=1e-6, atol=1e-6)  # (AC is float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # measure
 
@@ -207,6 +226,25 @@ def test_measure_on_exact_mixture_orders_as_the_theorem_says():
         "the conditional empirical optimum memorizes the most: M(D_c; KDE_c) - M(D_c; p_c) <= 0 (kernel width = eps: "
         "the optimum's M is 0, so this only checks the estimate M >= 0)"]
     json.dumps(res.to_dict())
+    # a wider kernel (bandwidth = 2 eps): M(D; KDE_D) = E_{x ~ q_eps}[log q_eps(x) - log q_2eps(x)], the KL of the two
+    # kernel densities (1.27 nats at d = 4 if every point saw only its own kernel; less where kernels overlap). Its
+    # value for this training set by Monte Carlo, written out with scipy's logsumexp, and the per-point spread:
+    from scipy.special import logsumexp
+
+    pts, rng = train.reshape(40, 4).numpy(), np.random.default_rng(0)
+
+    def log_kde(x, h):
+        d2 = ((x[:, None] - pts[None]) ** 2).sum(-1)
+        return logsumexp(-d2 / (2 * h * h), axis=1) - 2 * math.log(2 * math.pi * h * h)  # (+ const: log 1/N)
+
+    xs = pts[rng.integers(0, 40, 20000)] + 0.1 * rng.standard_normal((20000, 4))
+    per_point = log_kde(xs, 0.1) - log_kde(xs, 0.2)
+    wide = measure(den, clf, train, labels=lab.numpy(), eps=0.1, bandwidth=0.2, n_points=24, n_steps=4,
+                   trace="exact", batch_size=24)
+    tol = 4 * per_point.std() / math.sqrt(24)  # four standard errors of a 24-point mean
+    assert wide.bandwidth == 0.2 and abs(wide.m_opt_full.mean - per_point.mean()) < tol  # (0.83 against 1.09)
+    assert wide.m_opt_cond.ci95[0] > 0  # within a class too: its own kernel at eps against the class's at 2 eps
+    assert not any("kernel width = eps" in k for k in wide.ordering)
 
 
 def _tiny_unet_denoiser():
