@@ -24,6 +24,12 @@ def test_assemblage_follows_inext_by_hand():
     # no singletons: nothing unseen, the observed shares unchanged; one singleton and no doubleton: f0 = 0
     assert richness_assemblage(np.array([2, 2, 4])) == pytest.approx([0.25, 0.25, 0.5])
     assert richness_assemblage(np.array([1, 3])) == pytest.approx([0.25, 0.75])
+    # f0 that rounds down but not by ceil: counts 1, 1, 1, 2, 2, 2 (n = 9, f1 = f2 = 3): f0 = 8/9 * 9/6 = 4/3,
+    # A = 9 f0 / (9 f0 + 3) = 0.8, a = 3/9 * 0.8 = 4/15 shared by ceil(4/3) = 2 unseen species (round would give 1)
+    p = np.array([1, 1, 1, 2, 2, 2]) / 9
+    w = (4 / 15) / (3 * (1 / 9) * (8 / 9) ** 9 + 3 * (2 / 9) * (7 / 9) ** 9)
+    expected = [*(p * (1 - w * (1 - p) ** 9)), 2 / 15, 2 / 15]
+    assert richness_assemblage(np.array([1, 1, 1, 2, 2, 2])) == pytest.approx(expected, rel=1e-12)
 
 
 def _population(n_images: int, hit: float, zipf: float, seed: int) -> np.ndarray:

@@ -50,9 +50,10 @@ def gd_eps_from_xstart(x, t_abar, xstart):
     return (np.sqrt(1 / t_abar) * x - xstart) / np.sqrt(1 / t_abar - 1)
 
 
-def gd_ddim_sample(x, eps, grad, abar, abar_prev, eta, noise, is_last):
-    """p_mean_variance(clip_denoised=True) -> condition_score -> ddim_sample's update."""
-    xstart = np.clip(gd_xstart_from_eps(x, abar, eps), -1, 1)
+def gd_ddim_sample(x, eps, grad, abar, abar_prev, eta, noise, is_last, clip=1.0):
+    """p_mean_variance(clip_denoised=True) -> condition_score -> ddim_sample's update (guided-diffusion clips to
+    [-1, 1]; ``clip``: a scheduler's other clip_sample_range r, x0 clipped to [-r, r] at the same place)."""
+    xstart = np.clip(gd_xstart_from_eps(x, abar, eps), -clip, clip)
     if grad is not None:  # condition_score: eps from the clipped xstart, minus sqrt(1 - abar) * grad
         e = gd_eps_from_xstart(x, abar, xstart) - np.sqrt(1 - abar) * grad
         xstart = gd_xstart_from_eps(x, abar, e)  # not clipped again
@@ -62,9 +63,9 @@ def gd_ddim_sample(x, eps, grad, abar, abar_prev, eta, noise, is_last):
     return mean + (0.0 if is_last else sigma) * noise
 
 
-def gd_p_sample(x, eps, grad, abar, abar_prev, beta, noise, is_last):
+def gd_p_sample(x, eps, grad, abar, abar_prev, beta, noise, is_last, clip=1.0):
     """p_mean_variance(clip_denoised=True, fixed_small) -> condition_mean -> p_sample."""
-    xstart = np.clip(gd_xstart_from_eps(x, abar, eps), -1, 1)
+    xstart = np.clip(gd_xstart_from_eps(x, abar, eps), -clip, clip)
     coef1 = beta * np.sqrt(abar_prev) / (1 - abar)
     coef2 = (1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar)
     var = beta * (1 - abar_prev) / (1 - abar)
@@ -121,6 +122,30 @@ def test_ddpm_steps_match_guided_diffusion(with_grad):
         ours = guided_step(sched, torch.tensor(x, dtype=torch.float32), t, torch.tensor(eps, dtype=torch.float32),
                            gens, g=None if grad is None else torch.tensor(grad, dtype=torch.float32))
         np.testing.assert_allclose(ours.double().numpy(), ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_a_schedulers_clip_sample_range_is_where_x0_is_clipped(kind):
+    """A target whose scheduler clips x0 to [-0.5, 0.5] (``clip_sample_range``): every guided step clips there, as
+    the reference does with r = 0.5 (every test above had r = 1)."""
+    base = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample_range=0.5)
+    sched = inference_scheduler(base, kind, 10)
+    assert sched.config.clip_sample_range == 0.5
+    kept = [int(t) for t in sched.timesteps]
+    abar_r, prev_r, beta_r = gd_respaced(kept)
+    rng = np.random.default_rng(2)
+    for i, t in enumerate(sched.timesteps):
+        j = sorted(kept).index(int(t))
+        x = rng.normal(size=(3, 1, 8, 8))
+        eps, grad = rng.normal(size=x.shape), rng.normal(size=x.shape) * 2.0
+        seeds = [200 + 10 * i + b for b in range(3)]
+        noise = _noise(seeds, x.shape).double().numpy()
+        ref = (gd_ddim_sample(x, eps, grad, abar_r[j], prev_r[j], 0.6, noise, j == 0, clip=0.5) if kind == "ddim"
+               else gd_p_sample(x, eps, grad, abar_r[j], prev_r[j], beta_r[j], noise, j == 0, clip=0.5))
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        ours = guided_step(sched, torch.tensor(x, dtype=torch.float32), t, torch.tensor(eps, dtype=torch.float32),
+                           gens, g=torch.tensor(grad, dtype=torch.float32), **({"eta": 0.6} if kind == "ddim" else {}))
+        np.testing.assert_allclose(ours.double().numpy(), ref, atol=2e-3, rtol=1e-4)
 
 
 def test_hand_computed_step_with_saturated_x0():

@@ -139,6 +139,11 @@ def test_json_schema(tmp_path):
                 "p95", "carlini", "gu", "bands_source", "fingerprints", "ng_law"):
         assert key in d
     assert d["bands"]["low"] == [0.1, 0.2]
+    # the values written are the evaluation's own (by hand in test_planted_copies_exact_ams_ums_and_ums_above_ams)
+    assert d["ams"] == r.ams == {"low": 0.25, "mid": 0.0, "high": 0.75} and d["ums"] == r.ums
+    assert d["ams_cumulative"] == r.ams_cumulative and d["ums_cumulative"] == r.ums_cumulative
+    assert d["p95"] == r.p95 == 0.0 and d["n_generated"] == 4 and d["n_train"] == 5
+    assert d["carlini"]["extracted_fraction"] == 0.75 and d["carlini"]["n"] == 2
     assert set(d["carlini"]) >= {"alpha", "n", "centering", "extracted_fraction"}
     assert set(d["gu"]) >= {"threshold", "memorized_fraction"}
     assert (tmp_path / "per_generation.csv").read_text().splitlines()[0].startswith("generation_id,method,target_label")

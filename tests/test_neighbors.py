@@ -180,4 +180,6 @@ def test_errors(pixels):
 
 def test_pixel_rows():
     images = np.arange(2 * 3 * 4 * 1, dtype=np.uint8).reshape(2, 3, 4, 1)
-    assert pixel_rows(images).shape == (2, 12)
+    rows = pixel_rows(images)
+    assert rows.shape == (2, 12) and rows.dtype == np.uint8
+    assert rows[0].tolist() == list(range(12)) and rows[1].tolist() == list(range(12, 24))  # each image, in order

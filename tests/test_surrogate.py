@@ -38,6 +38,27 @@ def test_low_cohesion_cluster_dropped_and_samples_excluded():
     assert (relabel.labels_ >= 0).all() and set(relabel.labels_) <= set(np.flatnonzero(relabel.kept_))
 
 
+def test_relabel_sends_a_dropped_clusters_samples_to_the_nearest_kept_centroid():
+    """``dropped="relabel"``: a loose group around blob 2's direction (cosine about 0.57 to it, about 0 to blobs 0
+    and 1) forms a cluster of low cohesion that tau 0.8 drops; its samples go to blob 2's cluster, the nearest kept
+    centroid, not merely to some kept cluster (blob 2's is not the first kept one here)."""
+    rng = np.random.default_rng(1)
+    centers = np.eye(16)[:3] * 5
+    x = np.concatenate([c + 0.05 * rng.standard_normal((30, 16)) for c in centers])
+    loose = np.zeros((30, 16))
+    loose[:, 2], loose[:, 3:] = 5, 2.0 * rng.standard_normal((30, 13))
+    x4 = np.concatenate([x, loose])
+    lab = ClusterLabeler(n_clusters=4, tau=0.8, random_state=0).fit(x4)
+    blob2 = lab.cluster_[60]
+    dropped = np.flatnonzero(lab.labels_ == -1)
+    assert len(dropped) > 0 and set(dropped) <= set(range(90, 120)) and lab.kept_[blob2]
+    assert np.flatnonzero(lab.kept_)[0] != blob2
+    relabel = ClusterLabeler(n_clusters=4, tau=0.8, random_state=0, dropped="relabel").fit(x4)
+    assert (relabel.labels_[dropped] == blob2).all()
+    kept_rows = np.setdiff1d(np.arange(120), dropped)
+    assert np.array_equal(relabel.labels_[kept_rows], lab.labels_[kept_rows])  # the kept clusters' samples stay
+
+
 def test_cohesion_by_hand():
     x = np.array([[1.0, 0.0], [0.0, 1.0], [10.0, 0.0], [0.0, 10.0]])
     lab = ClusterLabeler(n_clusters=2, tau=0.0, min_size=1, random_state=0, n_init=1).fit(x)

@@ -49,6 +49,11 @@ def test_divergence_estimator_matches_analytic_gaussian_kl():
     model = GaussianModel(rng.standard_normal(4), a @ a.T / 4 + np.eye(4))
     point = rng.standard_normal((1, 4))
     exact = gaussian_divergence_single_point(point[0], 0.5, model)
+    # KL(N(x_1, eps^2 I) || N(mu, S)) = 1/2 [tr(S^-1 eps^2 I) + (mu - x_1)' S^-1 (mu - x_1) - d + ln det S - d ln eps^2]
+    cov, diff = a @ a.T / 4 + np.eye(4), model.mean - point[0]
+    by_formula = 0.5 * (0.25 * np.trace(np.linalg.inv(cov)) + diff @ np.linalg.solve(cov, diff) - 4
+                        + np.linalg.slogdet(cov)[1] - 4 * math.log(0.25))
+    assert exact == pytest.approx(by_formula, rel=1e-10)
     est = memorization_divergence(point, model.log_prob, 0.5, n=20_000, random_state=2).estimate
     lo, hi = est.ci95
     assert abs(est.mean - exact) < 4 * est.stderr and hi - lo < 0.1, (exact, est)
