@@ -81,9 +81,13 @@ def _noise(seeds, shape):
 
 @pytest.mark.parametrize("eta", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("with_grad", [True, False])
-def test_ddim_steps_match_guided_diffusion_at_every_noise_level(eta, with_grad):
-    """Every step of a 10-step DDIM, from t = 900 (where most x0 pixels saturate) to t = 0."""
-    sched = inference_scheduler(DDPMScheduler(num_train_timesteps=T, beta_schedule="linear"), "ddim", 10)
+@pytest.mark.parametrize("clip", [1.0, 0.5])
+def test_ddim_steps_match_guided_diffusion_at_every_noise_level(eta, with_grad, clip):
+    """Every step of a 10-step DDIM, from t = 900 (where most x0 pixels saturate) to t = 0; also for a target whose
+    scheduler clips x0 to [-0.5, 0.5] (``clip_sample_range``), which every step must clip to."""
+    base = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample_range=clip)
+    sched = inference_scheduler(base, "ddim", 10)
+    assert sched.config.clip_sample_range == clip
     kept = [int(t) for t in sched.timesteps]
     abar_r, prev_r, _ = gd_respaced(kept)
     rng = np.random.default_rng(0)
@@ -95,7 +99,7 @@ def test_ddim_steps_match_guided_diffusion_at_every_noise_level(eta, with_grad):
         grad = rng.normal(size=x.shape) * 3.0 if with_grad else None
         seeds = [10 * i + b for b in range(4)]
         noise = _noise(seeds, x.shape).double().numpy()
-        ref = gd_ddim_sample(x, eps, grad, abar_r[j], prev_r[j], eta, noise, is_last=j == 0)
+        ref = gd_ddim_sample(x, eps, grad, abar_r[j], prev_r[j], eta, noise, is_last=j == 0, clip=clip)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         ours = guided_step(sched, torch.tensor(x, dtype=torch.float32), t, torch.tensor(eps, dtype=torch.float32),
                            gens, eta=eta, g=None if grad is None else torch.tensor(grad, dtype=torch.float32))
@@ -105,8 +109,10 @@ def test_ddim_steps_match_guided_diffusion_at_every_noise_level(eta, with_grad):
 
 
 @pytest.mark.parametrize("with_grad", [True, False])
-def test_ddpm_steps_match_guided_diffusion(with_grad):
-    sched = inference_scheduler(DDPMScheduler(num_train_timesteps=T, beta_schedule="linear"), "ddpm", 20)
+@pytest.mark.parametrize("clip", [1.0, 0.5])
+def test_ddpm_steps_match_guided_diffusion(with_grad, clip):
+    base = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample_range=clip)
+    sched = inference_scheduler(base, "ddpm", 20)
     kept = [int(t) for t in sched.timesteps]
     abar_r, prev_r, beta_r = gd_respaced(kept)
     rng = np.random.default_rng(1)
@@ -117,35 +123,11 @@ def test_ddpm_steps_match_guided_diffusion(with_grad):
         grad = rng.normal(size=x.shape) * 2.0 if with_grad else None
         seeds = [100 + 10 * i + b for b in range(3)]
         noise = _noise(seeds, x.shape).double().numpy()
-        ref = gd_p_sample(x, eps, grad, abar_r[j], prev_r[j], beta_r[j], noise, is_last=j == 0)
+        ref = gd_p_sample(x, eps, grad, abar_r[j], prev_r[j], beta_r[j], noise, is_last=j == 0, clip=clip)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         ours = guided_step(sched, torch.tensor(x, dtype=torch.float32), t, torch.tensor(eps, dtype=torch.float32),
                            gens, g=None if grad is None else torch.tensor(grad, dtype=torch.float32))
         np.testing.assert_allclose(ours.double().numpy(), ref, atol=2e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
-def test_a_schedulers_clip_sample_range_is_where_x0_is_clipped(kind):
-    """A target whose scheduler clips x0 to [-0.5, 0.5] (``clip_sample_range``): every guided step clips there, as
-    the reference does with r = 0.5 (every test above had r = 1)."""
-    base = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample_range=0.5)
-    sched = inference_scheduler(base, kind, 10)
-    assert sched.config.clip_sample_range == 0.5
-    kept = [int(t) for t in sched.timesteps]
-    abar_r, prev_r, beta_r = gd_respaced(kept)
-    rng = np.random.default_rng(2)
-    for i, t in enumerate(sched.timesteps):
-        j = sorted(kept).index(int(t))
-        x = rng.normal(size=(3, 1, 8, 8))
-        eps, grad = rng.normal(size=x.shape), rng.normal(size=x.shape) * 2.0
-        seeds = [200 + 10 * i + b for b in range(3)]
-        noise = _noise(seeds, x.shape).double().numpy()
-        ref = (gd_ddim_sample(x, eps, grad, abar_r[j], prev_r[j], 0.6, noise, j == 0, clip=0.5) if kind == "ddim"
-               else gd_p_sample(x, eps, grad, abar_r[j], prev_r[j], beta_r[j], noise, j == 0, clip=0.5))
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        ours = guided_step(sched, torch.tensor(x, dtype=torch.float32), t, torch.tensor(eps, dtype=torch.float32),
-                           gens, g=torch.tensor(grad, dtype=torch.float32), **({"eta": 0.6} if kind == "ddim" else {}))
-        np.testing.assert_allclose(ours.double().numpy(), ref, atol=2e-3, rtol=1e-4)
 
 
 def test_hand_computed_step_with_saturated_x0():
