@@ -130,6 +130,26 @@ def test_calibrate_digits_uses_the_complement(tmp_path):
     assert b["null"]["heldout"]["n"] == 1747 and b["null"]["train"]["n"] == 50
 
 
+def test_evaluate_digits_calibrates_on_the_complement_as_calibrate_does(tmp_path):
+    """``side evaluate --train digits:N`` calibrated its bands on the training digits against each other (warning
+    that the null was too coarse) while ``side calibrate`` and a run take the digits outside the subset; now it takes
+    them too, and its bands are calibrate's; ``digits`` (all of them) keeps the training null."""
+    from side_extract.data import load_image_set
+
+    atomic_save_npz(tmp_path / "gen.npz", images=load_image_set("digits").images[::40])
+    r = invoke("calibrate", "--train", "digits:100", "--out", tmp_path / "cal")
+    assert r.exit_code == 0, r.output
+    r = invoke("evaluate", "--generated", tmp_path / "gen.npz", "--train", "digits:100", "--out", tmp_path / "e")
+    assert r.exit_code == 0 and "held-out set: the 1697 digits not in digits:100" in r.output, r.output
+    d = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert d["bands_source"] == "heldout:digits minus digits:100" and d["null"]["n"] == 1697
+    assert d["bands"] == json.loads((tmp_path / "cal" / "bands.json").read_text())["bands"]
+    r = invoke("evaluate", "--generated", tmp_path / "gen.npz", "--train", "digits", "--out", tmp_path / "all",
+               "--calibration-quantiles", "0.05,0.1,0.2")
+    assert r.exit_code == 0 and "held-out set" not in r.output, r.output
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["bands_source"] == "train-null"
+
+
 def test_default_bands_from_the_training_null(sets):
     # 5 training images cannot estimate the default 0.1 % quantile: refused, saying what it needs
     r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",

@@ -192,15 +192,17 @@ def _index(metric: str, c: cfg.EvaluateConfig, device: str) -> NearestNeighborIn
 def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | None = None, *, method: str = "",
              bands: Sequence[Band] | None = None, generated_features: np.ndarray | None = None,
              train_features: np.ndarray | None = None, feature_model: Any = None, device: str = "cpu",
-             progress: Progress | None = None) -> Evaluation:
+             progress: Progress | None = None, heldout: ImageSet | None = None) -> Evaluation:
     """Every memorization metric of ``generated`` against ``train``.
 
     Parameters
     ----------
     generated, train : uint8 image sets of one shape (N_G and N images); ``generated.labels`` = target labels
     config : options (similarity, bands, Carlini / Gu, chunks, backend)
-    bands : explicit bands; else ``config.bands``, ``config.bands_file``, the paper's bands for cosine, or
-        bands calibrated on the training set's own null (train vs rest of train), in that order
+    bands : explicit bands; else ``config.bands``, ``config.bands_file``, the paper's bands for cosine, bands
+        calibrated on held-out images (``heldout``, else ``config.heldout``), or on the training set's own null
+        (train vs rest of train), in that order
+    heldout : held-out images (never trained on) in memory, instead of ``config.heldout``'s spec
     generated_features, train_features : (N_G, D) / (N, D) features for cosine, instead of extracting them
     feature_model : the target model, for extractors that need one (``unet``)
 
@@ -221,6 +223,10 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     sim = Similarity(c.similarity)
     option_bands = parse_bands(c.bands) if c.bands is not None else None  # fail before any work
     check_same_shape(generated, train)
+    if heldout is not None:  # (before any work)
+        if not isinstance(heldout, ImageSet):
+            raise ValueError(f"heldout must be an ImageSet, got {type(heldout).__name__}")
+        check_same_shape(heldout, train, "held-out images")
     n_g, n_t = len(generated), len(train)
     if n_t < 2:
         raise ValueError(f"the training set needs at least 2 images (Gu's ratio uses the second nearest), got {n_t}")
@@ -244,11 +250,12 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         if not (sim.extractor or "").startswith("torchscript:"):
             log.warning("the paper's cosine bands were set for SSCD descriptors; for %s calibrate bands with "
                         "`side calibrate --similarity %s` and pass --bands-file", sim.extractor, sim.spec)
-    elif c.heldout is not None:
-        heldout = load_image_set(c.heldout, c.resize)
+    elif heldout is not None or c.heldout is not None:
+        name = c.heldout if heldout is None else heldout.name or "images given"
+        heldout = load_image_set(c.heldout, c.resize) if heldout is None else heldout
         check_same_shape(heldout, train, "held-out images")
         values = index.kneighbors(_rows(sim, heldout, None, c, device, train, feature_model), 1).scores[:, 0]
-        bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{c.heldout}"
+        bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{name}"
         null = {"source": "heldout-vs-train", "n": len(values),
                 "quantiles": _quantiles(values, c.calibration_quantiles, sim.orientation)}
     else:

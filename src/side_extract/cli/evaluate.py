@@ -105,11 +105,13 @@ def evaluate_cmd(
     method: str | None = typer.Option(None, help="Method name in the results (default: the extraction dir's name)."),
     similarity: str = typer.Option(D.similarity, help="rms-l2 (pixels) or cosine:<extractor>."),
     bands: str | None = typer.Option(D.bands, help="name=lo:hi,... (default: --bands-file; else the paper's for "
-                                                  "cosine; else calibrated on --heldout; else on train vs rest of "
-                                                  "train)."),
+                                                  "cosine; else calibrated on --heldout, for digits:N the digits "
+                                                  "outside it; else on train vs rest of train)."),
     bands_file: str | None = typer.Option(D.bands_file, help="bands.json written by `side calibrate`."),
     heldout: str | None = typer.Option(D.heldout, "--heldout", help="Held-out images (never trained on) to calibrate "
-                                       "the bands on, when no bands are given (default: the training set's own null)."),
+                                       "the bands on, when no bands are given (default: for --train digits:N the "
+                                       "digits outside it, as `side calibrate` and a run take; else the training "
+                                       "set's own null)."),
     resize: int | None = typer.Option(D.resize, help="Resize both sets to this square size."),
     carlini_alpha: float = typer.Option(D.carlini_alpha),
     carlini_n: int = typer.Option(D.carlini_n, help="Neighbours averaged in Carlini's ratio."),
@@ -150,10 +152,21 @@ def evaluate_cmd(
         c = run_bands(run, c)
     gen = load_image_set(generated, c.resize)
     tr = load_image_set(train, c.resize)
+    rest = None  # bands to calibrate on digits:N: the digits outside it are the held-out images, as in a run
+    if (c.bands is None and c.bands_file is None and c.heldout is None and not c.similarity.startswith("cosine")
+            and train.startswith("digits:")):
+        from ..data import ImageSet
+        from ..data import resize as resize_images
+        from ..evaluation import digits_complement
+
+        rest = digits_complement(train)  # (never empty: digits:N takes a class-balanced subset, N <= 1748)
+        if c.resize is not None:
+            rest = ImageSet(resize_images(rest.images, c.resize), rest.labels, rest.ids, rest.name)
+        console.print(f"held-out set: the {len(rest)} digits not in {train}")
     feature_model = load_feature_model(model, device)
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
-                          feature_model=feature_model, device=device, progress=cb)
+                          feature_model=feature_model, device=device, progress=cb, heldout=rest)
     with run_lock(run) if run is not None else contextlib.nullcontext():
         path = result.write(out)
         if run is not None and Path(out).resolve().parent == (run / "evaluation").resolve():
