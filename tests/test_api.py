@@ -595,6 +595,27 @@ def test_api_md_lists_every_exported_name():
     rows = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `")]
     listed = {n for first in rows for n in re.findall(r"`(\w+)`", first)}
     assert listed == set(side_extract.__all__), (set(side_extract.__all__) - listed, listed - set(side_extract.__all__))
+    # "Each names its module": the module column is where each name is defined (as_target was listed under api)
+    wrong = {}
+    for row in table.splitlines():
+        if row.startswith("| `"):
+            names, module = re.findall(r"`(\w+)`", row.split("|")[1]), row.split("|")[2].strip()
+            wrong |= {n: (module, getattr(side_extract, n).__module__) for n in names
+                      if getattr(side_extract, n).__module__ != f"side_extract.{module}"}
+    assert not wrong, wrong
+
+
+def test_help_on_sample_shows_its_options():
+    """``help(side_extract.sample)`` showed ``sample(denoiser, n, **options)``, though api.md says each name's help
+    gives its parameters: it now shows sample_batches' keywords with their defaults, and takes each of them."""
+    import inspect
+
+    params = inspect.signature(side_extract.sample).parameters
+    assert {"seed", "steps", "eta", "guidance", "labels", "clip_eps", "stream"} <= set(params)
+    assert params["eta"].default == 0.0 and params["clip_eps"].default is False
+    from side_extract.sampling import sample_batches
+
+    assert list(params) == list(inspect.signature(sample_batches).parameters)
 
 
 def test_every_exported_name_resolves_and_the_return_types_are_exported():

@@ -14,6 +14,7 @@ Guidance (``guidance.py``) is an object called as ``g(x_t, t, y)`` with the batc
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator
 
@@ -271,7 +272,9 @@ class BatchSize:
 
 def sample(denoiser: Denoiser, n: int, **options) -> torch.Tensor:
     """Draw samples ``start .. start + n - 1`` of noise stream ``stream`` of the run seeded ``seed``
-    (``options``: those of :func:`sample_batches`, which makes them batch by batch). Guided DDIM sampling (a
+    (``options``: the keywords of :func:`sample_batches`, which makes them batch by batch and documents each:
+    ``seed``, ``start``, ``scheduler``, ``steps``, ``eta``, ``batch_size``, ``guidance``, ``labels``, ``clip_eps``,
+    ``precision``, ``device``, ``progress``, ``stream``; ``help`` shows their defaults). Guided DDIM sampling (a
     ``guidance``) needs ``clip_eps=True`` (guided-diffusion's order, the extraction's sampler; ``False``, the default,
     is diffusers' DDIMPipeline) and says so; sample an unguided baseline you compare with ``clip_eps=True`` too.
 
@@ -363,6 +366,11 @@ def sample_batches(
         if progress is not None:
             progress(b0 - start, n)
         yield int(idx[0]), batch.clamp(-1, 1).cpu()
+
+
+
+# help(sample) and inspect show sample_batches' keywords and defaults, not just **options (api.md's reference)
+sample.__signature__ = inspect.signature(sample_batches).replace(return_annotation="torch.Tensor")
 
 
 def sample_stage(

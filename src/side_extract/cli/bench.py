@@ -60,7 +60,7 @@ def extraction_cmd(
                                                  "(default: 500; --quick: 64)."),
     no_sweeps: bool = typer.Option(False, "--no-sweeps", help="Skip the lambda, K and tau sweeps."),
     quick: bool = typer.Option(False, "--quick", help="A tiny configuration (30 and 60 digits at 8x8, N_G 64) that "
-                               "finishes in a few minutes; writes extraction-quick.*."),
+                               "finishes in about 1.5 minutes on a 2-core CPU; writes extraction-quick.*."),
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """Train (or reuse) one target per digits subset; SIDE, SIDE-teacher, Cond, UnCond on each; sweeps; results."""
@@ -206,7 +206,8 @@ def fair_cmd(
                                        "N_S on every held-out replicate and set each SIDE form against it (plain "
                                        "sampling given the synthetic set's samples too)."),
     tuning_from: list[Path] = typer.Option([], "--tuning-from", help="An earlier fair.json of this same "
-                                           "configuration (--heldout, --n-bootstrap may differ): take its chosen "
+                                           "configuration (--heldout, --n-bootstrap and --equal-samples/"
+                                           "--no-equal-samples may differ): take its chosen "
                                            "settings instead of re-running the validation grid, and report on the "
                                            "held-out replicates again. Repeat it to join the tuning of fair benches "
                                            "that each ran some of the entries (--methods, --form), e.g. one split "

@@ -85,8 +85,8 @@ def demo_cmd(
         torch.set_num_threads(1)
     rc = demo_config(model, train, heldout)
     if "cond" not in rc.extract.methods:
-        console.print(f"{train} has no labels of two classes or more: the demo runs without Cond (it trains a "
-                      "classifier on them)")
+        console.print(f"{train} has no labels of two classes or more: the demo runs without Cond (Cond's classifier "
+                      "learns the training set's labels)")
     with stage_progress(ctx) as factory:
         result = run_audit(out, rc, device=device, progress=factory, wait=wait)
     group = ProcessGroup.from_env()
