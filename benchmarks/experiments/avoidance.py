@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from replicate import Replicate
+from replicate import Replicate, ratio_text
 from side_extract.bench.intervals import count_ratios
 from side_extract.data import to_uint8
 from side_extract.memorization import MemorizationGuidance, denoising_error
@@ -89,5 +89,4 @@ if base is not None and len(stats) > 1:
           "against plain sampling on the same seeds (95 % interval: iNEXT's assemblage bootstrap standard error "
           "around the observed ratio):\n")
     for k, r in ratios.items():
-        lo, hi = r["ci95"]
-        print(f"- {k}: {r['side']:.1f} against {r['uncond']:.1f}: **{r['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]**")
+        print(f"- {k}: {r['side']:.1f} against {r['uncond']:.1f}: **{ratio_text(r)}**")

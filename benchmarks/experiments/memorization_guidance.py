@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from replicate import Replicate
+from replicate import Replicate, ratio_text
 from side_extract.bench.intervals import count_ratios
 from side_extract.data import to_uint8
 from side_extract.extraction import draw_targets
@@ -106,7 +106,6 @@ if 0.0 in stats and len(lams) > 1:
           "against plain sampling (lambda 0) on the same seeds (95 % interval: iNEXT's assemblage bootstrap standard "
           "error around the observed ratio):\n")
     for lam, r in ratios.items():
-        lo, hi = r["ci95"]
         copies = np.mean([s["reach/mid"].mean() for s in stats[float(lam)]]) / np.mean([s["reach/mid"].mean() for s in stats[0.0]])
-        print(f"- lambda {lam}: {r['side']:.1f} against {r['uncond']:.1f}: **{r['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]**; "
+        print(f"- lambda {lam}: {r['side']:.1f} against {r['uncond']:.1f}: **{ratio_text(r)}**; "
               f"copies {copies:.2f}x")

@@ -44,6 +44,13 @@ class Replicate:
         return nn.indices[:, 0], self.mid.reaches(nn.scores[:, 0], "distance")
 
 
+def ratio_text(r: dict) -> str:
+    """``0.90x [0.78, 1.04]`` of a ``count_ratios`` row; a dash for what a run that reached no training image leaves
+    undefined (the ratio against such a base, the upper bound of its own interval)."""
+    lo, hi = r["ci95"]
+    return "{}x [{}, {}]".format(*("—" if v is None else f"{v:.2f}" for v in (r["ratio"], lo, hi)))
+
+
 def rounds_arguments(argv: list[str]) -> tuple[Path, int, int, list[tuple[float, ...]]]:
     """``RUN N ROUNDS "a,b,... a,b,..."`` of the scripts that generate in rounds: the run, N_G, the rounds (N must be a
     multiple of them) and the grid of comma-separated settings."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from replicate import Replicate
+from replicate import Replicate, ratio_text
 from side_extract.bench.intervals import count_ratios
 from side_extract.data import to_uint8
 from side_extract.memorization import MemorizationGuidance
@@ -79,6 +79,5 @@ ratios = count_ratios({k: v for k, v in stats.items() if k != "start"}, stats["s
 print(f"\nDistinct training images at the mid band or closer in {n:,} generations, mean over {len(seeds)} seeds, "
       "against the start (95 % interval: iNEXT's assemblage bootstrap standard error around the observed ratio):\n")
 for name, r in ratios.items():
-    lo, hi = r["ci95"]
     copies = np.mean([s["reach/mid"].mean() for s in stats[name]]) / np.mean([s["reach/mid"].mean() for s in stats["start"]])
-    print(f"- {name}: {r['side']:.1f} against {r['uncond']:.1f}: **{r['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]**; copies {copies:.2f}x")
+    print(f"- {name}: {r['side']:.1f} against {r['uncond']:.1f}: **{ratio_text(r)}**; copies {copies:.2f}x")

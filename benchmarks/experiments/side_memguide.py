@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from replicate import Replicate, rounds_arguments
+from replicate import Replicate, ratio_text, rounds_arguments
 from side_extract.bench.intervals import count_ratios
 from side_extract.data import to_uint8
 from side_extract.extraction import draw_targets
@@ -83,6 +83,4 @@ if len(stats) > 1:
     print(f"\nAgainst the first setting {first} on the same seed (iNEXT's assemblage bootstrap standard error around "
           "the ratio):\n")
     for k, r in count_ratios({str(k): v for k, v in stats.items() if k != first}, stats[first], n_boot=1000).items():
-        lo, hi = r["ci95"]
-        print(f"- SIDE lambda, memguide lambda, eta {k}: {r['side']:.0f} against {r['uncond']:.0f}: {r['ratio']:.2f}x "
-              f"[{lo:.2f}, {hi:.2f}]")
+        print(f"- SIDE lambda, memguide lambda, eta {k}: {r['side']:.0f} against {r['uncond']:.0f}: {ratio_text(r)}")
