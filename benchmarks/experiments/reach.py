@@ -56,6 +56,6 @@ s_obs, f1, f2 = int((counts > 0).sum()), int((counts == 1).sum()), int((counts =
 chao1 = s_obs + (f1 * f1 / (2 * f2) if f2 else f1 * (f1 - 1) / 2)
 u_g = len(set(nearest[:n_g][hit[:n_g]].tolist()))
 print(f"\nReached in {n_max:,}: {s_obs} (f1 {f1}, f2 {f2}); Chao1 estimate of the reachable set: {chao1:.0f}.")
-for name, s in (("reached set", s_obs), ("Chao1 estimate", chao1)):
+for name, s in (("reached set", s_obs), ("Chao1 estimate", chao1)) if s_obs else ():  # (nothing reached: no set)
     print(f"Uniform over the {name} ({s:.0f} images), N_G {n_g:,}: {s * (1 - np.exp(-n_g / s)):.0f} distinct images; "
           f"UnCond at N_G {n_g:,}: {u_g}; the goal (1.5x): {1.5 * u_g:.0f}.")
