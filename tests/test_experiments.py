@@ -63,3 +63,15 @@ def test_validation_picks_md_is_what_its_script_makes_of_the_committed_files():
     assert r.returncode == 0, r.stderr[-3000:]
     committed = (root / "benchmarks" / "results" / "experiments" / "validation-picks.md").read_text()
     assert r.stdout == committed, "validation-picks.md is stale: regenerate it with the command in its docstring"
+
+
+def test_the_paired_from_files_table_is_what_its_command_makes_of_the_committed_files():
+    """``experiments/avoidance-paired-from-files.md`` holds the output of the command its header gives; the script
+    changed what its target column shows (the model's fingerprint) and the file kept the old column."""
+    root = EXPERIMENTS.parents[1]
+    committed = (root / "benchmarks" / "results" / "experiments" / "avoidance-paired-from-files.md").read_text()
+    command = committed.split("Command: `python ", 1)[1].split("`", 1)[0].split()
+    r = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() and r.stdout in committed, r.stdout
