@@ -35,22 +35,26 @@ def replicate_run(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("script, args, rows", [
-    ("side_avoidance.py", ["2", "0,0.05,0.2,0.6 1,0.05,0.2,0.6"],
+    ("side_avoidance.py", ["N", "2", "0,0.05,0.2,0.6 1,0.05,0.2,0.6"],
      "- eta, h, window (1.0, 0.05, 0.2, 0.6): 0 against 0"),
-    ("side_memguide.py", ["2", "0,60,0 0.3,60,1"], "- SIDE lambda, memguide lambda, eta (0.3, 60.0, 1.0): 0 against"),
-    ("avoidance.py", ["2", "0,0,0.05,0.2,0.6 30,1,0.05,0.2,0.6"], "- 30,1,0.05,0.2,0.6: 0.0 against 0.0"),
-    ("memorization_guidance.py", ["0,30"], "- lambda 30: 0.0 against 0.0"),
-    ("restart.py", ["0.1:1", "1", "30"], "- 0.1:1: 0.0 against 0.0"),
-    ("reach.py", [], "Reached in 6: 0 (f1 0, f2 0)"),
+    ("side_memguide.py", ["N", "2", "0,60,0 0.3,60,1"],
+     "- SIDE lambda, memguide lambda, eta (0.3, 60.0, 1.0): 0 against"),
+    ("avoidance.py", ["N", "2", "0,0,0.05,0.2,0.6 30,1,0.05,0.2,0.6"], "- 30,1,0.05,0.2,0.6: 0.0 against 0.0"),
+    ("memorization_guidance.py", ["N", "0,30"], "- lambda 30: 0.0 against 0.0"),
+    ("restart.py", ["N", "0.1:1", "1", "30"], "- 0.1:1: 0.0 against 0.0"),
+    ("reach.py", ["N"], "Reached in 6: 0 (f1 0, f2 0)"),
+    ("extrapolation_check.py", [], "| side | mid | 0.0 | 0.0 | 0.0 | 0 |"),
 ])
 def test_a_replicate_script_runs_on_a_tiny_run(replicate_run, tmp_path, script, args, rows):
     run, n = replicate_run
     path = os.pathsep.join([str(EXPERIMENTS), *filter(None, [os.environ.get("PYTHONPATH")])])
-    r = subprocess.run([sys.executable, str(EXPERIMENTS / script), str(run), str(n), *args], capture_output=True,
+    args = [str(n) if a == "N" else a for a in args]  # (N: the run's N_G)
+    r = subprocess.run([sys.executable, str(EXPERIMENTS / script), str(run), *args], capture_output=True,
                        text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert rows in r.stdout, r.stdout
-    assert script == "reach.py" or "x [—, —]" in r.stdout, r.stdout  # nothing reached: no ratio, said as a dash
+    # nothing reached: no ratio, said as a dash
+    assert script in ("reach.py", "extrapolation_check.py") or "x [—, —]" in r.stdout, r.stdout
 
 
 def test_validation_picks_md_is_what_its_script_makes_of_the_committed_files():
