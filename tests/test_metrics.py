@@ -253,6 +253,12 @@ def test_digits_complement():
     assert len(held) == 1797 - 100 and not set(held.ids) & set(train.ids)
     with pytest.raises(ValueError, match="complement is empty"):
         digits_complement("digits:1797")
+    # at the training set's size (train_resize / --resize): the same digits, resized as load_image_set resizes
+    from side_extract.data import load_image_set
+
+    big = digits_complement("digits:100", 16)
+    assert big.images.shape[1:3] == (16, 16) and big.ids.tolist() == held.ids.tolist() and big.name == held.name
+    assert np.array_equal(big.images[:5], load_image_set("digits", 16).subset(held.ids[:5]).images)
 
 
 def test_bands_from_given_heldout_images(tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import config as cfg
-from .data import ImageSet, balanced_first_n, check_levels, load_digits_set, load_image_set
+from .data import ImageSet, balanced_first_n, check_levels, load_digits_set, load_image_set, resize
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
                       check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
@@ -252,8 +252,9 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
                         "`side calibrate --similarity %s` and pass --bands-file", sim.extractor, sim.spec)
     elif heldout is not None or c.heldout is not None:
         name = c.heldout if heldout is None else heldout.name or "images given"
-        heldout = load_image_set(c.heldout, c.resize) if heldout is None else heldout
-        check_same_shape(heldout, train, "held-out images")
+        if heldout is None:  # (one given was checked before any work)
+            heldout = load_image_set(c.heldout, c.resize)
+            check_same_shape(heldout, train, "held-out images")
         values = index.kneighbors(_rows(sim, heldout, None, c, device, train, feature_model), 1).scores[:, 0]
         bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{name}"
         null = {"source": "heldout-vs-train", "n": len(values),
@@ -435,8 +436,9 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     return Calibration(sim.spec, sim.orientation, tuple(c.calibration_quantiles), source, bands, nulls, fps, sources)
 
 
-def digits_complement(spec: str) -> ImageSet:
-    """The held-out digits for a ``digits:N`` training spec: every bundled digit not in that subset."""
+def digits_complement(spec: str, resize_to: int | None = None) -> ImageSet:
+    """The held-out digits for a ``digits:N`` training spec: every bundled digit not in that subset, resized to
+    ``resize_to`` px square as the training set is (``train_resize``, ``--resize``)."""
     if not spec.startswith("digits:"):
         raise ValueError(f"digits_complement needs a 'digits:N' spec, got {spec!r}")
     full = load_digits_set()
@@ -448,4 +450,5 @@ def digits_complement(spec: str) -> ImageSet:
         raise ValueError(f"{spec!r}: the complement is empty unless 1 <= N < {len(full)}")
     rest = np.setdiff1d(np.arange(len(full)), balanced_first_n(full.labels, n))
     out = full.subset(rest)
-    return ImageSet(out.images, out.labels, out.ids, f"digits minus {spec}")
+    images = out.images if resize_to is None else resize(out.images, resize_to)
+    return ImageSet(images, out.labels, out.ids, f"digits minus {spec}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards, resize
+from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
 from .distributed import ProcessGroup
 from .evaluation import Evaluation, calibrate, digits_complement, evaluate
 from .metrics import Similarity, parse_bands, read_bands_file
@@ -413,9 +413,7 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
         if given is not None:
             heldout = given
         elif str(ctx.rc.train).startswith("digits:"):
-            heldout = digits_complement(ctx.rc.train)
-            if ctx.rc.train_resize is not None:  # the same size as the training set
-                heldout = dataclasses.replace(heldout, images=resize(heldout.images, ctx.rc.train_resize))
+            heldout = digits_complement(ctx.rc.train, ctx.rc.train_resize)  # the same size as the training set
         else:
             heldout = None
             log.warning("evaluate.heldout is not set (train=%r): the similarity bands are calibrated on the training "
@@ -458,9 +456,7 @@ def quality_reference(ctx: AuditContext) -> ImageSet | None:
     if c.heldout is not None:
         ref = load_image_set(c.heldout, rc.train_resize)
     elif str(rc.train).startswith("digits:"):
-        ref = digits_complement(rc.train)
-        if rc.train_resize is not None:
-            ref = dataclasses.replace(ref, images=resize(ref.images, rc.train_resize))
+        ref = digits_complement(rc.train, rc.train_resize)
     else:
         return None
     if len(ref) > c.quality_max_reference:

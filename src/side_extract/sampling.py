@@ -368,7 +368,6 @@ def sample_batches(
         yield int(idx[0]), batch.clamp(-1, 1).cpu()
 
 
-
 # help(sample) and inspect show sample_batches' keywords and defaults, not just **options (api.md's reference)
 sample.__signature__ = inspect.signature(sample_batches).replace(return_annotation="torch.Tensor")
 

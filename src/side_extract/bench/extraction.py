@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as cfg
-from ..data import ImageSet, load_image_set, resize
+from ..data import ImageSet, load_image_set
 from ..evaluation import calibrate, digits_complement
 from ..models.target import load_target, model_fingerprint, train_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
@@ -158,9 +158,7 @@ def training_set(n: int, size: int, cache: Path) -> tuple[ImageSet, Path, ImageS
     path = cache / "data" / f"{_tag(n, size)}.npz"
     if not path.exists():
         atomic_save_npz(path, images=train.images, labels=train.labels, index=train.ids)
-    rest = digits_complement(f"digits:{n}")
-    if size != 8:
-        rest = ImageSet(resize(rest.images, size), rest.labels, rest.ids, rest.name)
+    rest = digits_complement(f"digits:{n}", None if size == 8 else size)
     return load_image_set(path), path, rest
 
 

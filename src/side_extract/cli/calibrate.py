@@ -37,8 +37,7 @@ def calibrate_cmd(
     """Best scores of held-out images vs the training set and of each training image vs the rest; band edges
     at tail quantiles of the held-out null (the train-vs-rest null without held-out images)."""
     c = evaluate_config(ctx, config)
-    from ..data import ImageSet, load_image_set
-    from ..data import resize as resize_images
+    from ..data import load_image_set
     from ..evaluation import calibrate, digits_complement
     from ..metrics import check_same_shape
     from ..runs import run_lock
@@ -48,9 +47,7 @@ def calibrate_cmd(
     if c.heldout is not None:  # --heldout, else the config file's heldout
         ho = load_image_set(c.heldout, c.resize)
     elif train.startswith("digits:"):
-        ho = digits_complement(train)
-        if c.resize is not None:
-            ho = ImageSet(resize_images(ho.images, c.resize), ho.labels, ho.ids, ho.name)
+        ho = digits_complement(train, c.resize)
         console.print(f"held-out set: the {len(ho)} digits not in {train}")
     else:
         ho = None

@@ -141,7 +141,7 @@ def evaluate_cmd(
     """AMS / UMS per band, 95th percentile, Carlini's and Gu's ratios, the N_G law: DIR/metrics.json."""
     c = evaluate_config(ctx, config)
     from ..data import load_image_set
-    from ..evaluation import evaluate
+    from ..evaluation import digits_complement, evaluate
     from ..metrics import parse_bands
     from ..runs import run_lock
 
@@ -152,21 +152,15 @@ def evaluate_cmd(
         c = run_bands(run, c)
     gen = load_image_set(generated, c.resize)
     tr = load_image_set(train, c.resize)
-    rest = None  # bands to calibrate on digits:N: the digits outside it are the held-out images, as in a run
-    if (c.bands is None and c.bands_file is None and c.heldout is None and not c.similarity.startswith("cosine")
-            and train.startswith("digits:")):
-        from ..data import ImageSet
-        from ..data import resize as resize_images
-        from ..evaluation import digits_complement
-
-        rest = digits_complement(train)  # (never empty: digits:N takes a class-balanced subset, N <= 1748)
-        if c.resize is not None:
-            rest = ImageSet(resize_images(rest.images, c.resize), rest.labels, rest.ids, rest.name)
-        console.print(f"held-out set: the {len(rest)} digits not in {train}")
+    # for digits:N the digits outside it are the held-out images, as in a run and `side calibrate` (evaluate takes
+    # them only where it calibrates bands)
+    rest = digits_complement(train, c.resize) if c.heldout is None and train.startswith("digits:") else None
     feature_model = load_feature_model(model, device)
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
                           feature_model=feature_model, device=device, progress=cb, heldout=rest)
+    if rest is not None and result.bands_source == f"heldout:{rest.name}":
+        console.print(f"bands calibrated on the held-out set: the {len(rest)} digits not in {train}")
     with run_lock(run) if run is not None else contextlib.nullcontext():
         path = result.write(out)
         if run is not None and Path(out).resolve().parent == (run / "evaluation").resolve():
