@@ -87,4 +87,5 @@ print("\n| generator (N_G generations) | distinct training images, mid or closer
       + ", ".join(f"rep {r}" for r in reps) + " | mean | x UnCond |")
 print("|---|---|---|---|")
 for k, v in rows.items():
-    print(f"| {k} | {', '.join(map(str, v))} | {np.mean(v):.1f} | {np.mean(v) / base:.2f}x |")
+    print(f"| {k} | {', '.join(map(str, v))} | {np.mean(v):.1f} | "
+          + (f"{np.mean(v) / base:.2f}x |" if base > 0 else "— (plain sampling reached nothing) |"))

@@ -43,8 +43,9 @@ def main(runs: Path, out: Path | None) -> None:
     for rep in reps:
         for form in sorted((rep / "forms").iterdir()):
             saved = form / "classifier" / "config.json"
-            if not saved.is_file():
-                continue
+            methods = cfg.load_yaml(form / "config.yaml")["extract"]["methods"]
+            if not saved.is_file() or not {"side", "side-teacher"} & set(methods):
+                continue  # a form of a method no noise-aware classifier guides holds the replicate's, shared
             s = read_json(saved, dict)
             last = s["history"][-1]
             acc, rec = last.get("accuracy", {}), last.get("balanced_accuracy")

@@ -36,8 +36,9 @@ for r in reps:
     rc, den = replicate.config, replicate.denoiser
     cached = load_shards(rep / "extraction" / "uncond")
     n = len(cached)
-    check = extract(den, rc.extract, None, 0, 8)["images"]  # the cache is this stream: regenerate a few and compare
-    diff = np.abs(check.astype(int) - cached.images[:8].astype(int)).max()
+    k = min(8, n)  # the cache is this stream: regenerate a few and compare
+    check = extract(den, rc.extract, None, 0, k)["images"]
+    diff = np.abs(check.astype(int) - cached.images[:k].astype(int)).max()
     if diff > 2:
         raise SystemExit(f"rep {r}: regenerated images differ from the cached UnCond run by {diff} uint8 levels")
     t0 = time.time()
@@ -53,10 +54,15 @@ for r in reps:
         counts += [len(found[0]), len(found[1]), len(found[0] | found[1])]
     rows.append(counts)
     print(f"rep {r}: UnCond (eta {rc.extract.eta}) N_G {n}: {counts[0]} distinct; {n + extra}: {counts[1]} distinct "
-          f"(extra {extra} generations in {time.time() - t0:.0f} s; first 8 regenerated within {diff} levels)"
+          f"(extra {extra} generations in {time.time() - t0:.0f} s; first {k} regenerated within {diff} levels)"
           + (f"; {form}: generations {counts[2]}, synthetic set {counts[3]}, both {counts[4]}" if form else ""),
           flush=True)
 a = np.array(rows, dtype=float)
+
+
+def of(num: int, den: int) -> str:
+    """The ratio of two columns' means; a dash where the second's is 0 (a run that reached nothing)."""
+    return f"{a[:, num].mean() / a[:, den].mean():.2f}" if a[:, den].mean() > 0 else "—"
 
 
 def cell(col: int) -> str:
@@ -66,6 +72,5 @@ def cell(col: int) -> str:
 print(f"\nmean over replicates {reps} [min-max]: UnCond at N_G {n}: {cell(0)}; at {n + extra}: {cell(1)}")
 if form:
     print(f"{form}: its {n} generations {cell(2)}; its synthetic set {cell(3)}; both {cell(4)}")
-    print(f"ratios of means: generations / UnCond at {n}: {a[:, 2].mean() / a[:, 0].mean():.2f}; generations / UnCond "
-          f"at {n + extra}: {a[:, 2].mean() / a[:, 1].mean():.2f}; generations and synthetic set / UnCond at {n + extra} "
-          f"(equal model samples): {a[:, 4].mean() / a[:, 1].mean():.2f}")
+    print(f"ratios of means: generations / UnCond at {n}: {of(2, 0)}; generations / UnCond at {n + extra}: {of(2, 1)}; "
+          f"generations and synthetic set / UnCond at {n + extra} (equal model samples): {of(4, 1)}")

@@ -2,16 +2,16 @@
 background label only), or guiding only at high noise, spread the hits over more training images?
 
 For one fair-protocol replicate's memorization-aware form (`rep-<r>/forms/<FORM>`, its synthetic set, labels and
-classifier as the benchmark left them), 1,000 generations (DDIM eta 1, 50 steps, clipped eps, the extraction's noise
-stream) per specification, scored against the training set as the protocol does (distinct nearest training images /
-hits at the high band and at the mid band or closer). Specifications, space-separated:
+classifier as the benchmark left them), N_G generations (default 1,000; DDIM eta 1, 50 steps, clipped eps, the
+extraction's noise stream) per specification, scored against the training set as the protocol does (distinct nearest
+training images / hits at the high band and at the mid band or closer). Specifications, space-separated:
 
 - ``uncond``: plain sampling;
 - ``drawn,LAMBDA,T[,TLO]``: the library's guidance toward one uniformly drawn non-background cluster per generation,
   guidance on for t >= TLO * T only (default 0: always);
 - ``union,LAMBDA,T``: guidance by grad log sum_{k != background} p(k | x_t, t): toward any candidate cluster.
 
-    python benchmarks/experiments/guidance_targets.py CACHE/runs/<target>/rep-<r> FORM 'SPEC ...' [THREADS]
+    python benchmarks/experiments/guidance_targets.py CACHE/runs/<target>/rep-<r> FORM 'SPEC ...' [THREADS] [N_G]
 """
 import sys, time
 from pathlib import Path
@@ -25,7 +25,7 @@ from side_extract.guidance import ClassifierGuidance
 from side_extract.sampling import sample, EXTRACTION_STREAM
 from side_extract.extraction import draw_targets
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
-rep = Path(sys.argv[1]); N = 1000
+rep = Path(sys.argv[1]); N = int(sys.argv[5]) if len(sys.argv) > 5 else 1000
 form = rep / "forms" / sys.argv[2]
 rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(form / "config.yaml"))
 den = load_target(rc.model)

@@ -56,6 +56,9 @@ n_g = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
 seed = int(sys.argv[5]) if len(sys.argv) > 5 else 5000
 n_s_plain = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] else None
 form = sys.argv[7] if len(sys.argv) > 7 else None
+if n_max < n_g:
+    raise SystemExit(f"N_MAX={n_max} is shorter than N_G={n_g}: UnCond at N_G is measured on the stream's windows "
+                     "of N_G")
 multipliers = (1.0, 1.1, 1.5, 2.0, 3.0)
 
 
@@ -94,6 +97,10 @@ for r in reps:
     nearest, hit = nearest[n_s:], hit[n_s:]
     windows = [len(set(nearest[lo:lo + n_g][hit[lo:lo + n_g]].tolist())) for lo in range(0, n_max - n_g + 1, n_g)]
     uncond = float(np.mean(windows))
+    if uncond == 0:  # every bound below is a multiple of it
+        raise SystemExit(f"rep {r}: plain sampling reached no training image at the mid band or closer in {n_max:,} "
+                         "generations: there is nothing to bound (a target that memorizes nothing, or bands too "
+                         "narrow)")
     for name, (s_near, s_hit) in s_sets.items():
         seen = set(s_near[s_hit].tolist())
         on_seen, h, ceil = ceilings(seen, nearest, hit)

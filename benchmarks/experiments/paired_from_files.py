@@ -56,12 +56,15 @@ def row(a: str, b: str) -> str:
     if va is None or vb is None:
         return head + " - | per-replicate values not recorded in the file |"
     num, den = float(np.mean(va)), float(np.mean(vb))
+    counts = f" {na * num:.1f} / {na * den:.1f} of {na:,} |"
     se, df = replicate_se(va, vb)
+    if df is None:  # one replicate, or a mean of 0 (a run that reached nothing): no ratio or no spread to bound it
+        return head + counts + (f" {num / den:.2f} [—, —] |" if den > 0 else " — |")
     q = float(student_t.ppf(0.975, df))
     ratio = num / den
     lo, hi = ratio * math.exp(-q * se), ratio * math.exp(q * se)
     mark = " ↑" if lo > 1 else " ↓" if hi < 1 else ""
-    return head + f" {na * num:.1f} / {na * den:.1f} of {na:,} | {ratio:.2f} [{lo:.2f}, {hi:.2f}]{mark} |"
+    return head + counts + f" {ratio:.2f} [{lo:.2f}, {hi:.2f}]{mark} |"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ mid band or closer and A / B with its interval.
 import sys
 from pathlib import Path
 
+from replicate import ratio_text
 from side_extract import config as cfg
 from side_extract.bench.intervals import count_ratios, per_generation_stats
 from side_extract.metrics import read_bands_file
@@ -33,6 +34,5 @@ def stats(entry: str) -> list:
 
 
 r = count_ratios({a: stats(a)}, stats(b), n_boot=1000)[a]
-lo, hi = r["ci95"]
 print(f"{a}: {r['side']:.1f}, {b}: {r['uncond']:.1f} distinct training images at the mid band or closer (mean over "
-      f"replicates {reps}); {a} / {b}: {r['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]")
+      f"replicates {reps}); {a} / {b}: {ratio_text(r)}")

@@ -39,19 +39,28 @@ print(f"plain sampling, {n_base} generations: {base.mean():.1f} distinct trainin
       f"(replicates {reps})")
 rng = np.random.default_rng(0)
 boot = rng.integers(0, len(reps), size=(10000, len(reps)))
+
+
+def ratio(num: np.ndarray, den: np.ndarray) -> str:
+    """num's mean over den's with a 95 % interval from resampling the replicates (the same resamples for both);
+    a dash where den's mean is 0 (a run that reached nothing leaves the ratio undefined)."""
+    if den.mean() == 0:
+        return "—x [—, —]"
+    means = den[boot].mean(1)
+    lo, hi = np.percentile(num[boot].mean(1)[means > 0] / means[means > 0], [2.5, 97.5])
+    return f"{num.mean() / den.mean():.2f}x [{lo:.2f}, {hi:.2f}]"
+
+
 for entry in entries:
     parts = entry.split("+")
     fs = [found(r, parts) for r in reps]
     both = np.array([f.count("mid") for f in fs], dtype=float)
     n = sum(fs[0].generations.values())
-    ratios = both[boot].mean(1) / base[boot].mean(1)
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
     each = "; ".join(f"{p} {np.mean([f.count('mid', p) for f in fs]):.1f}, {np.mean([f.only(p, 'mid') for f in fs]):.1f}"
                      " of them alone" for p in parts) if len(parts) > 1 else ""
     against = ""
     if ref is not None:
         other = np.array([found(r, ref.split("+")).count("mid") for r in reps], dtype=float)
-        rlo, rhi = np.percentile(both[boot].mean(1) / other[boot].mean(1), [2.5, 97.5])
-        against = f"; / {ref} {both.mean() / other.mean():.2f}x [{rlo:.2f}, {rhi:.2f}]"
+        against = f"; / {ref} {ratio(both, other)}"
     print(f"{entry} ({n} generations): {both.mean():.1f}{f' together ({each})' if each else ''}; / plain sampling "
-          f"{both.mean() / base.mean():.2f}x [{lo:.2f}, {hi:.2f}]{against}")
+          f"{ratio(both, base)}{against}")
