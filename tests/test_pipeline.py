@@ -346,6 +346,43 @@ def test_a_metric_setting_re_evaluates_without_calibrating_again(tiny_model_dir,
     assert recalibrated["fingerprint"] != stages["calibration"]["fingerprint"]
 
 
+def test_the_same_training_pixels_with_another_null_calibrate_again(tiny_model_dir, tmp_path):
+    """The calibration was keyed by the training pixels and a *given* held-out set only: the same 30 digits given as
+    an .npz (no held-out set: the training images against each other) and then as digits:30 (the digits outside
+    them) reused the first null's bands, and every method was evaluated in them."""
+    digits = load_image_set("digits:30")
+    np.savez(tmp_path / "train.npz", images=digits.images)
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=4)
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.1, 0.2, 0.3)))
+    specs = {"digits": "digits:30", "npz": str(tmp_path / "train.npz")}
+
+    def made(run) -> tuple:
+        return (read_json(run / "evaluation" / "bands.json")["bands"],
+                read_json(run / "evaluation" / "uncond" / "metrics.json")["ums"])
+
+    for name, spec in specs.items():
+        run_audit(tmp_path / f"fresh-{name}", dataclasses.replace(rc, train=spec))
+    assert made(tmp_path / "fresh-digits") != made(tmp_path / "fresh-npz")
+    for first, then in (("npz", "digits"), ("digits", "npz")):
+        run = tmp_path / f"{first}-then-{then}"
+        run_audit(run, dataclasses.replace(rc, train=specs[first]))
+        run_audit(run, dataclasses.replace(rc, train=specs[then]))
+        assert made(run) == made(tmp_path / f"fresh-{then}"), (first, then)
+
+
+def test_settings_no_stage_reads_leave_the_run_as_it_was(tiny_model_dir, tmp_path):
+    """``surrogate.teacher_min_confidence`` (read by the teacher's stage only) clustered the synthetic set again and
+    retrained SIDE's classifier; ``evaluate.resize`` (side evaluate's: a run reads its own images, and warns that it
+    changes nothing) redid every evaluation. Both are left out of those stages' fingerprints."""
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"), n=4)
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    stages = read_json(run / "manifest.json")["stages"]
+    run_audit(run, dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, teacher_min_confidence=0.5),
+                                       evaluate=dataclasses.replace(rc.evaluate, resize=8)))
+    assert read_json(run / "manifest.json")["stages"] == stages
+
+
 def test_a_unet_feature_classifier_takes_any_depth():
     """The UNet's features have no depth: ``depth`` 50 used to pass the run's checks and fail in the classifier
     stage, after the synthetic set and the clustering."""

@@ -118,7 +118,7 @@ def surrogate_settings(c: cfg.SurrogateConfig) -> dict:
     """What the surrogate labels depend on: every clustering setting, and the memorization-aware ones only when
     that option is on (``memorized_fraction`` < 1), so the paper's labels keep the fingerprint they had before
     the option existed and no cached run is redone."""
-    d = cfg.to_dict(c)
+    d = cfg.to_dict(cfg.at_defaults(c, ["teacher_min_confidence"]))  # (the teacher's stage reads it)
     if c.memorized_fraction >= 1.0:
         for k in ("memorized_fraction", "memorization_t", "memorization_draws"):
             d.pop(k)
@@ -395,6 +395,17 @@ def calibration_settings(c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     return cfg.at_defaults(c, (*CALIBRATION_IGNORES, "heldout"))  # (the held-out images are keyed, not their path)
 
 
+def real_heldout(rc: cfg.RunConfig) -> ImageSet | None:
+    """A run's held-out real images (its bands' null and its sample-quality reference): ``evaluate.heldout``, else
+    the digits outside ``digits:N`` (resized like the training set), else None (the bands then come from the
+    training images against each other)."""
+    if rc.evaluate.heldout is not None:
+        return load_image_set(rc.evaluate.heldout, rc.train_resize)
+    if str(rc.train).startswith("digits:"):
+        return digits_complement(rc.train, rc.train_resize)
+    return None
+
+
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     """Bands from the null (held-out digits or train vs rest of train), once per run: evaluation/bands.json.
 
@@ -403,19 +414,16 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     c = ctx.rc.evaluate
     if not calibrates_bands(c):
         return None
-    given = None if c.heldout is None else load_image_set(c.heldout, ctx.rc.train_resize)  # keyed by its images
+    heldout = real_heldout(ctx.rc)
+    # keyed by the null's images (none: the training set against itself), not by where they came from: the same
+    # training pixels given as digits:N and as an .npz are other nulls
     fp = stage_fingerprint("calibration", calibration_settings(c), train.fingerprint(),
                            ctx.fp[MODEL_INPUT] if c.similarity == "cosine:unet" else None,
-                           *([] if given is None else [given.fingerprint()]),
+                           heldout.fingerprint() if heldout is not None else "null: the training set",
                            *script_fingerprints(Similarity(c.similarity).extractor))
     path = ctx.run.path / "evaluation" / "bands.json"
     if ctx.run.begin("calibration", fp) != "skip" or not path.exists():
-        if given is not None:
-            heldout = given
-        elif str(ctx.rc.train).startswith("digits:"):
-            heldout = digits_complement(ctx.rc.train, ctx.rc.train_resize)  # the same size as the training set
-        else:
-            heldout = None
+        if heldout is None:
             log.warning("evaluate.heldout is not set (train=%r): the similarity bands are calibrated on the training "
                         "images against each other, not on held-out images against the training set; give "
                         "evaluate.heldout (side_extract.audit(heldout=...); images from the training distribution the "
@@ -452,12 +460,9 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
 def quality_reference(ctx: AuditContext) -> ImageSet | None:
     """Held-out real images to measure sample quality against: ``evaluate.heldout``, else the digits outside a
     ``digits:N`` training set (resized like it), at most ``quality_max_reference`` of them (seeded); else None."""
-    c, rc = ctx.rc.evaluate, ctx.rc
-    if c.heldout is not None:
-        ref = load_image_set(c.heldout, rc.train_resize)
-    elif str(rc.train).startswith("digits:"):
-        ref = digits_complement(rc.train, rc.train_resize)
-    else:
+    c = ctx.rc.evaluate
+    ref = real_heldout(ctx.rc)
+    if ref is None:
         return None
     if len(ref) > c.quality_max_reference:
         keep = np.sort(np.random.default_rng([c.seed, 0x9A11]).choice(len(ref), c.quality_max_reference, replace=False))
@@ -553,7 +558,9 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     # every method's copy guard is measured against; and, for a method that dedup-driven stopping ended early, by
     # how many generations it made (a rerun that remade a lost shard may stop elsewhere under the same fingerprint)
     made = {m: [] if len(s) == ctx.rc.extract.n else [f"made {len(s)}"] for m, s in extractions.items()}
-    keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout"])  # the held-out images are keyed below, not their path
+    # the held-out images are keyed by the calibration's fingerprint, not their path; evaluate.resize is side
+    # evaluate's (a run reads its own images)
+    keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize"])
     fps = {m: stage_fingerprint("evaluation", keyed, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
                                 None if reference is None else reference.fingerprint(), _synthetic_fingerprint(ctx),
                                 *files, *made[m]) for m in extractions}
