@@ -51,6 +51,25 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tiny_model_dir, tmp_pat
         holder.wait()
 
 
+def test_side_theory_measure_takes_the_run_lock(tiny_model_dir, tmp_path):
+    """``side theory measure`` read the run's classifier, config and synthetic stage and wrote theory/measure.json
+    while another process could be training that classifier again; it now holds the run's lock, as every writer."""
+    from side_extract.theory.measure import measure_run
+
+    run = tmp_path / "run"
+    run_audit(run, tiny_rc(tiny_model_dir, methods=("side",)), until="classifier")
+    holder = _holder(run, 60)
+    try:
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
+            measure_run(run, n_points=4, n_steps=4)
+        assert not (run / "theory").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    res, path = measure_run(run, n_points=4, n_steps=4)  # the holder gone
+    assert path == run / "theory" / "measure.json" and path.is_file()
+
+
 def test_a_killed_holders_lock_is_taken_over_and_wait_waits(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     holder = _holder(run, 60)

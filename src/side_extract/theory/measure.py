@@ -298,27 +298,29 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
     from ..data import load_image_set
     from ..models.classifier import load_classifier
     from ..models.target import check_fits
-    from ..runs import atomic_write_json, check_run_directory, read_stages
+    from ..runs import atomic_write_json, check_run_directory, read_stages, run_lock
     from ..config import load_yaml
 
     run = check_run_directory(run)
-    cfg_path = run / "config.yaml"
-    rc = load_yaml(cfg_path)
-    if not rc.get("train"):
-        raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D")
-    clf_dir = run / "classifier"
-    if not clf_dir.is_dir():
-        raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
-                         "(the classifier stage writes RUN/classifier/)")
-    # the synthetic set's model: the one the classifier's training data came from
-    target = run_target(str(rc.get("model", "demo")), (read_stages(run).get("synthetic") or {}).get("inputs", {})
-                        .get("model"), model, scheduler=scheduler, sample_shape=sample_shape, device=device,
-                        model_id=model_id, pass_as="measure_run(..., model=) or side theory measure --model DIR")
-    denoiser, model = target.denoiser, target.description
-    classifier = load_classifier(clf_dir, device, unet=getattr(denoiser, "unet", None))
-    data = load_image_set(rc["train"], rc.get("train_resize"))
-    check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
-    res = measure(denoiser, classifier, data.to_float(), n_points=min(n_points, len(data)), device=device, **kwargs)
-    dest = run / "theory" / "measure.json"
-    atomic_write_json(dest, res.to_dict() | {"model": str(model), "train": rc["train"]})
+    with run_lock(run):  # one snapshot of the run's stages, and no writer between them and the file
+        cfg_path = run / "config.yaml"
+        rc = load_yaml(cfg_path)
+        if not rc.get("train"):
+            raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D")
+        clf_dir = run / "classifier"
+        if not clf_dir.is_dir():
+            raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
+                             "(the classifier stage writes RUN/classifier/)")
+        # the synthetic set's model: the one the classifier's training data came from
+        sampled_from = (read_stages(run).get("synthetic") or {}).get("inputs", {}).get("model")
+        target = run_target(str(rc.get("model", "demo")), sampled_from, model, scheduler=scheduler,
+                            sample_shape=sample_shape, device=device, model_id=model_id,
+                            pass_as="measure_run(..., model=) or side theory measure --model DIR")
+        denoiser, model = target.denoiser, target.description
+        classifier = load_classifier(clf_dir, device, unet=getattr(denoiser, "unet", None))
+        data = load_image_set(rc["train"], rc.get("train_resize"))
+        check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
+        res = measure(denoiser, classifier, data.to_float(), n_points=min(n_points, len(data)), device=device, **kwargs)
+        dest = run / "theory" / "measure.json"
+        atomic_write_json(dest, res.to_dict() | {"model": str(model), "train": rc["train"]})
     return res, dest
