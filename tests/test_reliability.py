@@ -3,6 +3,7 @@ the manifest can trust, honest fingerprints, one-line OS errors, the user's umas
 import dataclasses
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -178,6 +179,21 @@ def test_every_problem_is_reported_before_any_work(tiny_model_dir, tmp_path):
 def test_bad_model_leaves_no_config_behind(tmp_path):
     res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(tmp_path / "r"), "--model", str(tmp_path / "nope")])
     assert res.exit_code == 2 and not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_a_refusal_in_a_copied_run_names_the_setting_not_the_bands_path(tiny_model_dir, tmp_path):
+    """A run copied elsewhere keeps its evaluations (their calibrated bands are keyed by the calibration, not by the
+    path of bands.json); a refused re-evaluation listed "bands_file 'A/evaluation/bands.json' -> 'B/...'" among the
+    settings changed, as if the copy had changed it."""
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=4)
+    run_audit(tmp_path / "a", rc)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    config = tmp_path / "b.yaml"
+    config.write_text(cfg.dump_yaml(dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, carlini_n=4))))
+    res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(tmp_path / "b"), "--config", str(config)])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "evaluation/uncond holds finished results" in said, res.output
+    assert "carlini_n 5 -> 4" in said and "bands_file" not in said, res.output
 
 
 def test_deleted_outputs_are_redone_and_finished_generations_need_force(tiny_model_dir, tmp_path):

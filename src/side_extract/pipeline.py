@@ -573,7 +573,12 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
             old = paths[m].is_file() and read_json(paths[m], dict).get("config")
         except ValueError:  # a damaged file: the refusal says the rest
             old = None
-        return cfg.differences(old, cfg.to_dict(c)) if isinstance(old, dict) else []
+        if not isinstance(old, dict):
+            return []
+        new = cfg.to_dict(c)
+        if bands_file is not None:  # the run's calibrated bands: keyed by the calibration, wherever the run lies
+            old, new = ({k: v for k, v in d.items() if k != "bands_file"} for d in (old, new))
+        return cfg.differences(old, new)
 
     def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
         ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], lambda m=m: changed(m)) for m in extractions})
