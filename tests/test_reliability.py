@@ -196,6 +196,30 @@ def test_a_refusal_in_a_copied_run_names_the_setting_not_the_bands_path(tiny_mod
     assert "carlini_n 5 -> 4" in said and "bands_file" not in said, res.output
 
 
+def test_more_steps_than_the_model_has_timesteps_is_refused_before_anything_is_replaced(tiny_model_dir, tmp_path):
+    """The sampler refused steps above the model's training timesteps only once its stage had begun: a rerun with
+    extract.steps 5000 (or --steps, or sample.steps) had already deleted the finished generations (or synthetic
+    set) and saved the bad value in config.yaml; a new run refused it after sampling and training."""
+    run = tmp_path / "run"
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"), n=4)
+    run_audit(run, rc, until="extraction")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    T = 1000  # the tiny scheduler's training timesteps
+    for key, bad in (("extract", dataclasses.replace(rc.extract, steps=T + 1)),
+                     ("sample", dataclasses.replace(rc.sample, steps=T + 1))):
+        with pytest.raises(ValueError, match=f"{key}.steps={T + 1} must be between 1 and the model's {T} training"):
+            run_audit(run, dataclasses.replace(rc, **{key: bad}), until="extraction")
+    res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(run), "--method", "uncond", "--steps",
+                                   str(T + 1), "--force", "--no-evaluate"])
+    assert res.exit_code == 2 and f"extract.steps={T + 1}" in res.output, res.output
+    res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(run), "--steps", str(T + 1)])
+    assert res.exit_code == 2 and f"sample.steps={T + 1}" in res.output, res.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    with pytest.raises(ValueError, match="sample.steps"):  # a new run: before the synthetic set
+        run_audit(tmp_path / "new", dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, steps=T + 1)))
+    assert not (tmp_path / "new" / "synthetic").exists()
+
+
 def test_deleted_outputs_are_redone_and_finished_generations_need_force(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     rc = tiny_rc(tiny_model_dir, methods=("uncond",))

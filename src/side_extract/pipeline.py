@@ -41,7 +41,7 @@ from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
                    file_fingerprint, fingerprint_of, read_json, run_lock, settings_fingerprint, stage_fingerprint)
-from .sampling import sample_stage
+from .sampling import check_steps, sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
 from .surrogate import ClusterLabeler, SurrogateLabels, TeacherLabeler, label_candidates
@@ -641,6 +641,11 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     methods = set(rc.extract.methods)
     C, H, W = denoiser.sample_shape
     needs_train = bool({"cond", "side-teacher"} & methods) and until != "surrogate"  # (clustering does not)
+    for name, steps in (("sample.steps", rc.sample.steps), ("extract.steps", rc.extract.steps)):
+        try:  # (checked by the sampler too, but only once its stage has begun: after replacing what it held)
+            check_steps(steps, denoiser.scheduler, name)
+        except ValueError as e:
+            problems.append(str(e))
     if until == "surrogate" and not {"side", "side-lora"} & methods:
         problems.append(f"clustering (until=surrogate, side cluster) makes the surrogate labels of side and side-lora; "
                         f"extract.methods ({', '.join(rc.extract.methods)}) has neither: add side, or train the "

@@ -72,11 +72,16 @@ def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind
         sched = DDPMScheduler.from_config(train_scheduler.config)
     else:
         raise ValueError(f"scheduler={kind!r} must be 'ddim' or 'ddpm'")
-    n_train = sched.config.num_train_timesteps
-    if not 1 <= steps <= n_train:
-        raise ValueError(f"steps={steps} must be between 1 and the model's {n_train} training timesteps")
+    check_steps(steps, sched)
     sched.set_timesteps(steps)
     return sched
+
+
+def check_steps(steps: int, scheduler: SchedulerMixin, name: str = "steps") -> None:
+    """Refuse a number of sampling steps outside 1..the model's training timesteps (``name``: the setting)."""
+    n_train = scheduler.config.num_train_timesteps
+    if not 1 <= steps <= n_train:
+        raise ValueError(f"{name}={steps} must be between 1 and the model's {n_train} training timesteps")
 
 
 def ddpm_variance(sched: DDPMScheduler, t: int) -> torch.Tensor:
