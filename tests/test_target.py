@@ -87,6 +87,30 @@ def test_a_unet_directory_of_another_class_is_refused(tmp_path):
         load_target(tmp_path / "m")
 
 
+def test_a_model_directory_that_is_no_image_noise_predictor_is_refused_on_loading(tmp_path):
+    """A UNet mapping 1 channel to 2 (learned variance) failed with a conv traceback in the first sampling step, a
+    2-channel one only after every generation (naming a shard), and weights lacking a tensor with "Cannot copy out
+    of meta tensor"; each is said on loading, naming the directory."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file, save_file
+
+    kw = dict(sample_size=8, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4,
+              down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    save_target(UNet2DModel(in_channels=1, out_channels=2, **kw), tiny_scheduler(), tmp_path / "sigma")
+    with pytest.raises(ValueError, match="sigma': the UNet2DModel maps 1 channels to 2"):
+        load_target(tmp_path / "sigma")
+    save_target(UNet2DModel(in_channels=2, out_channels=2, **kw), tiny_scheduler(), tmp_path / "two")
+    with pytest.raises(ValueError, match="two': the UNet2DModel has 2 channels; side-extract audits images of 1"):
+        load_target(tmp_path / "two")
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "m")
+    (weights,) = (tmp_path / "m" / "unet").glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors.pop("conv_in.weight")
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="unet/ weights lack 1 of the UNet's tensors .conv_in.weight.; save the"):
+        load_target(tmp_path / "m")
+
+
 def test_a_unet_saved_alone_is_refused_and_the_readme_recipe_makes_it_a_target(tmp_path):
     """UNet2DModel.save_pretrained writes config.json and weights with no scheduler; the error said only that
     scheduler/ was missing. It names what the directory holds and the recipe README "Your own model" gives, which

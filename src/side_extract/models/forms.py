@@ -18,7 +18,8 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .target import CallableDenoiser, Target, UNetDenoiser, load_target, model_fingerprint, resolve_model_path
+from .target import (CallableDenoiser, Target, UNetDenoiser, check_unet, load_target, model_fingerprint,
+                     resolve_model_path)
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,7 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
     if isinstance(model, UNet2DModel):
         if scheduler is None:
             raise ValueError("model: a UNet2DModel needs the scheduler it was trained with (scheduler=...)")
-        if model.config.out_channels != model.config.in_channels:  # (a conv error in the first sampling step)
-            raise ValueError(f"model: the UNet2DModel maps {model.config.in_channels} channels to "
-                             f"{model.config.out_channels}; a noise-predicting UNet's out_channels equal its "
-                             "in_channels")
+        check_unet(model, "model")
         if sample_shape is not None and tuple(int(v) for v in sample_shape) != (
                 model.config.in_channels, *([model.config.sample_size] * 2 if isinstance(model.config.sample_size, int)
                                             else model.config.sample_size)):

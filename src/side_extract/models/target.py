@@ -224,7 +224,24 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
                          "a callable eps(x, t) with its scheduler and sample_shape)")
     scheduler = _loaded(path, "scheduler/scheduler_config.json", lambda: DDPMScheduler.from_pretrained(sched_dir))
     unet = _loaded(path, "unet/", lambda: UNet2DModel.from_pretrained(unet_dir, use_safetensors=True))
+    check_unet(unet, f"model directory {str(path)!r}")
+    missing = [name for name, t in (*unet.named_parameters(), *unet.named_buffers()) if t.is_meta]
+    if missing:  # (diffusers leaves them unset: "Cannot copy out of meta tensor" when moved to the device)
+        raise ValueError(f"model directory {str(path)!r}: unet/ weights lack {len(missing)} of the UNet's tensors "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); save the whole model again")
     return UNetDenoiser(unet, scheduler, source=str(path)).to(device)
+
+
+def check_unet(unet: UNet2DModel, what: str) -> None:
+    """Refuse a UNet2DModel that is no noise predictor of the images side-extract reads: out_channels other than
+    in_channels (a learned-variance UNet), or channels other than 1 (grey) and 3 (RGB)."""
+    c_in, c_out = unet.config.in_channels, unet.config.out_channels
+    if c_out != c_in:  # (a conv error in the first sampling step)
+        raise ValueError(f"{what}: the UNet2DModel maps {c_in} channels to {c_out}; a noise-predicting UNet's "
+                         "out_channels equal its in_channels")
+    if c_in not in (1, 3):  # (the images and shards side-extract writes and reads)
+        raise ValueError(f"{what}: the UNet2DModel has {c_in} channels; side-extract audits images of 1 (grey) or "
+                         "3 (RGB) channels")
 
 
 def _loaded(path: Path, name: str, load: Callable[[], Any]) -> Any:
