@@ -586,6 +586,50 @@ def test_a_training_set_of_images_in_zero_to_one_is_refused_by_every_entry_not_o
     assert evaluate(black, data, fixed).n_generated == len(data)
 
 
+def test_held_out_images_in_zero_to_one_are_refused_too(tiny_model_dir, tmp_path):
+    """Only the training set was checked for [0, 1] images cast to uint8: such held-out images calibrated bands
+    around 0.42 (pixel RMS) and a run said plain sampling reached every training image with 8 generations. A run's
+    preflight, evaluate() and calibrate() (given or by path) refuse them; calibrate() names an array given for an
+    ImageSet (an AttributeError before) and checks the held-out set before the training set's null."""
+    from side_extract.evaluation import calibrate, evaluate
+
+    data = load_image_set("digits:60")
+    train, heldout = data.subset(np.arange(30)), data.subset(np.arange(30, 60))
+    slip = ImageSet((heldout.images / 255.0).astype(np.uint8))  # every pixel 0 (or 1)
+    np.savez(tmp_path / "slip.npz", images=slip.images)
+    np.savez(tmp_path / "train.npz", images=train.images)
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)), train=str(tmp_path / "train.npz"))
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=str(tmp_path / "slip.npz"),
+                                                              calibration_quantiles=(0.1, 0.2, 0.3)))
+    with pytest.raises(ValueError, match=r"evaluate.heldout='.*slip.npz': its images: every pixel is 0 or 1"):
+        run_audit(tmp_path / "run", rc)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    by_path = cfg.EvaluateConfig(heldout=str(tmp_path / "slip.npz"))
+    for call in (lambda: evaluate(train, train, heldout=slip), lambda: calibrate(train, slip),
+                 lambda: evaluate(train, train, by_path)):
+        with pytest.raises(ValueError, match="every pixel is 0 or 1"):
+            call()
+    with pytest.raises(ValueError, match="train must be an ImageSet .* got ndarray"):
+        calibrate(train.images)
+    with pytest.raises(ValueError, match="config must be an EvaluateConfig .* got str"):
+        calibrate(train, heldout, "rms-l2")
+    coarse = cfg.EvaluateConfig(calibration_quantiles=(0.1, 0.2, 0.3))
+    assert calibrate(train, heldout, coarse).null_source == "heldout"
+
+
+def test_float_images_with_nan_are_refused():
+    """NaN failed both sides of the [-1, 1] check and passed (denoising_error and the classifiers took it)."""
+    import torch
+
+    from side_extract.data import check_float_images
+
+    x = torch.zeros(2, 1, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x: images hold NaN or infinite values"):
+        check_float_images(x, "x")
+    check_float_images(torch.zeros(2, 1, 8, 8), "x")
+
+
 def test_a_training_set_without_held_out_images_says_where_its_bands_came_from(tiny_model_dir, tmp_path, caplog):
     """A user's own training set with no evaluate.heldout was calibrated on the training images against each other
     without a word, while the docs said held-out images; now the run warns and the report says which null the bands

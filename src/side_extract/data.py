@@ -132,6 +132,8 @@ def check_float_images(x: Any, name: str, shape: Sequence[int] | None = None) ->
         raise ValueError(f"{name}: images must be {form}, got shape {tuple(x.shape)}")
     if shape is not None and tuple(x.shape[1:]) != tuple(shape):
         raise ValueError(f"{name}: images are {tuple(x.shape[1:])} (C, H, W) but the model's are {tuple(shape)}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: images hold NaN or infinite values")
     if x.numel() and (float(x.min()) < -1.001 or float(x.max()) > 1.001):
         raise ValueError(f"{name}: images must lie in [-1, 1], got values {float(x.min()):g}..{float(x.max()):g} "
                          "(0-255 pixels? use side_extract.data.to_float)")

@@ -227,6 +227,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         if not isinstance(heldout, ImageSet):
             raise ValueError(f"heldout must be an ImageSet, got {type(heldout).__name__}")
         check_same_shape(heldout, train, "held-out images")
+        check_levels(heldout.images, "held-out images")
     n_g, n_t = len(generated), len(train)
     if n_t < 2:
         raise ValueError(f"the training set needs at least 2 images (Gu's ratio uses the second nearest), got {n_t}")
@@ -255,6 +256,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         if heldout is None:  # (one given was checked before any work)
             heldout = load_image_set(c.heldout, c.resize)
             check_same_shape(heldout, train, "held-out images")
+            check_levels(heldout.images, f"evaluate.heldout={c.heldout!r}")
         values = index.kneighbors(_rows(sim, heldout, None, c, device, train, feature_model), 1).scores[:, 0]
         bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{name}"
         null = {"source": "heldout-vs-train", "n": len(values),
@@ -417,17 +419,25 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
               train_features: np.ndarray | None = None, heldout_features: np.ndarray | None = None,
               feature_model: Any = None, device: str = "cpu", progress: Progress | None = None) -> Calibration:
     """Measure the null of best scores and propose bands (see :func:`propose_bands` for the quantiles)."""
+    for name, s in (("train", train), ("heldout", heldout)):
+        if not (isinstance(s, ImageSet) or (name == "heldout" and s is None)):  # (an array was an AttributeError)
+            raise ValueError(f"{name} must be an ImageSet (side_extract.ImageSet(uint8 (N, H, W, C) images)), got "
+                             f"{type(s).__name__}")
+    if config is not None:
+        cfg.check_section(config, cfg.EvaluateConfig, "config")  # (a similarity string was an AttributeError)
     c = config or cfg.EvaluateConfig()
     sim = Similarity(c.similarity)
     if len(train) < 2:
         raise ValueError(f"calibration needs at least 2 training images, got {len(train)}")
     check_levels(train.images, "train")
+    if heldout is not None:  # (before any work)
+        check_same_shape(heldout, train, "held-out images")
+        check_levels(heldout.images, "held-out images")
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
     index = _index(sim.metric, c, device).fit(t_rows)
     nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}
     fps, sources = {"train": train.fingerprint()}, {"train": train.name}
     if heldout is not None:
-        check_same_shape(heldout, train, "held-out images")
         h_rows = _rows(sim, heldout, heldout_features, c, device, train, feature_model)
         nulls["heldout"] = index.kneighbors(h_rows, 1, progress=progress).scores[:, 0]
         fps["heldout"], sources["heldout"] = heldout.fingerprint(), heldout.name

@@ -747,6 +747,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             try:
                 h = load_image_set(ev.heldout, rc.train_resize)
                 n_null = len(h)
+                check_levels(h.images, "its images")
                 if train is not None and h.shape != train.shape:
                     problems.append(f"evaluate.heldout={ev.heldout!r} images are {h.shape} (C, H, W), the training "
                                     f"set's {train.shape}")
