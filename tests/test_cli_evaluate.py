@@ -210,3 +210,20 @@ def test_an_out_that_is_a_file_and_held_out_images_of_another_size_are_said_befo
     said = " ".join(r.output.split())
     assert r.exit_code == 2 and "held-out images (" in said and "are 4x4x1 (HxWxC) but training images are 8x8x1" in said
     assert not (sets / "c").exists()
+
+
+def test_held_out_images_that_would_not_be_read_are_refused(sets):
+    """`--heldout` only calibrates bands: beside --bands (or --bands-file), or written into a run whose bands the
+    evaluation takes, it was never read, even when the path did not exist, and the command succeeded."""
+    base = ["evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--carlini-n", 3]
+    r = invoke(*base, "--out", sets / "e", "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01",
+               "--heldout", sets / "missing.npz")
+    assert r.exit_code == 2 and "calibrates the bands, and --bands or --bands-file gives them" in r.output, r.output
+    run = sets / "run"
+    (run / "manifest.json").write_text(json.dumps({"stages": {}}))
+    (run / "config.yaml").write_text("evaluate:\n  bands: low=0.1:0.2,mid=0.01:0.1,high=0:0.01\n")
+    r = invoke(*base, "--out", run / "evaluation" / "mine", "--heldout", sets / "train.npz")
+    assert r.exit_code == 2 and "--out lies in run" in " ".join(r.output.split()), r.output
+    assert not (sets / "e").exists() and not (run / "evaluation" / "mine").exists()
+    r = invoke(*base, "--out", run / "evaluation" / "mine")  # without it: the run's bands
+    assert r.exit_code == 0, r.output

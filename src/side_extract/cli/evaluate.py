@@ -147,9 +147,17 @@ def evaluate_cmd(
 
     if c.bands is not None:
         parse_bands(c.bands)  # a typo fails before the sets load
+    if c.heldout is not None and (c.bands is not None or c.bands_file is not None):
+        raise ValueError(f"--heldout {c.heldout!r} calibrates the bands, and --bands or --bands-file gives them: "
+                         "it would not be read; leave one out")
     run = run_written_into(out)
     if run is not None and c.bands is None and c.bands_file is None:
+        before = c
         c = run_bands(run, c)
+        if c.heldout is not None and c != before:
+            raise ValueError(f"--heldout {c.heldout!r}: --out lies in run {str(run)!r}, whose bands this evaluation "
+                             "takes (to be compared with its methods'), so it would not be read; leave it out, give "
+                             "--bands/--bands-file, or write elsewhere")
     gen = load_image_set(generated, c.resize)
     tr = load_image_set(train, c.resize)
     # for digits:N the digits outside it are the held-out images, as in a run and `side calibrate` (evaluate takes
