@@ -200,3 +200,10 @@ def test_a_file_that_is_no_npz_is_said_so_without_numpys_pickle_hint(tmp_path):
     with pytest.raises(ValueError, match=r"fake.npz' is not a readable .npz file: not a zip of named arrays") as e:
         load_image_set(str(tmp_path / "fake.npz"))
     assert "unsafely" not in str(e.value) and "allow_pickle" not in str(e.value)
+
+
+def test_images_without_pixels_are_refused(tmp_path):
+    """Images of height or width 0 passed: side evaluate wrote a metrics.json with a NaN 95th percentile."""
+    np.savez(tmp_path / "flat.npz", images=np.zeros((3, 0, 0, 1), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"'images' of shape \(3, 0, 0, 1\) have no pixels"):
+        load_image_set(tmp_path / "flat.npz")

@@ -820,3 +820,14 @@ def test_side_sample_with_another_model_names_what_the_earlier_one_made(tiny_mod
     with pytest.raises(StageWouldBeReplaced):
         run_audit(run, rc, replace=False)
     assert read_model(run) == model and not any("was made from earlier" in n for n in build_report(run)["notes"])
+
+
+def test_a_damaged_metrics_file_in_a_run_is_named(tiny_model_dir, tmp_path):
+    """A run's evaluation/<method>/metrics.json cut short was read with a bare json.loads: "Expecting property name
+    enclosed in double quotes", naming no file (side report and side verify named it)."""
+    run = tmp_path / "run"
+    run_audit(run, tiny_rc(tiny_model_dir, methods=("uncond",), n=4))
+    (run / "evaluation" / "uncond" / "metrics.json").write_text("{bad")
+    res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(run), "--method", "uncond"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "metrics.json' is not valid JSON" in said, res.output

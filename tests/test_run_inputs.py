@@ -221,3 +221,26 @@ def test_side_run_runs_its_config_and_side_sample_keeps_the_runs_settings(tiny_m
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["sample"]["n"] == 48 and saved["extract"]["methods"] == ["side", "uncond"]
     assert saved["train"] == "digits:30" and saved["sample"]["steps"] == 2
+
+
+def test_a_config_file_with_a_key_twice_or_not_utf8_is_refused_by_name(tmp_path):
+    """yaml.safe_load kept the last of two keys without a word (a second ``sample:`` section replaced the first,
+    a second ``classifier:`` block dropped the first one's keys); a file that is not UTF-8 failed with "'utf-8' codec
+    can't decode byte 0xff", naming no file. YAML's merge keys (<<: *anchor) still merge."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("sample:\n  n: 4\nclassifier:\n  steps: 3\nsample:\n  n: 5\n")
+    with pytest.raises(ValueError, match=r"twice.yaml' is not valid YAML: the key 'sample' is given twice"):
+        cfg.load_yaml(twice)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("sample:\n  n: 4\n  n: 5\n")
+    with pytest.raises(ValueError, match="the key 'n' is given twice"):
+        cfg.load_yaml(inner)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"a: 1\n\x00\x01\xff\xfe")
+    with pytest.raises(ValueError, match=r"binary.yaml' is not UTF-8 text"):
+        cfg.load_yaml(binary)
+    res = CliRunner().invoke(app, ["--no-progress", "run", str(twice), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "given twice" in res.output and not (tmp_path / "r").exists(), res.output
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b\n  n: 4\nsample:\n  <<: *b\n  steps: 3\n")
+    assert cfg.load_yaml(merged)["sample"] == {"n": 4, "steps": 3}

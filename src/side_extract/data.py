@@ -315,6 +315,8 @@ def _as_nhwc_uint8(images: np.ndarray, where: str) -> np.ndarray:
         raise ValueError(f"{where}: 'images' must have shape (N, H, W) or (N, H, W, C) with C in (1, 3), got {images.shape}")
     if len(images) == 0:
         raise ValueError(f"{where}: 'images' is empty")
+    if 0 in images.shape[1:3]:
+        raise ValueError(f"{where}: 'images' of shape {images.shape} have no pixels (height or width 0)")
     return images
 
 

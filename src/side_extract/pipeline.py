@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -599,7 +598,7 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
 
     group.on_main(finish)  # (an error there reaches every process)
     group.barrier()
-    return {m: json.loads(paths[m].read_text()) for m in extractions}
+    return {m: read_json(paths[m], dict) for m in extractions}
 
 
 def synthetic_evaluation_stage(ctx: AuditContext, train: ImageSet, c: cfg.EvaluateConfig, keyed: cfg.EvaluateConfig,
