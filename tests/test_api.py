@@ -727,3 +727,32 @@ def test_a_path_argument_given_something_else_is_named(tmp_path):
         with pytest.raises(ValueError, match=re.escape(says)):
             call()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_types_in_python_are_named_before_any_work(tmp_path):
+    """From Python a wrong type was an AttributeError or TypeError that named nothing: a dict or an array given to
+    train_target, a list as audit's config, SampleConfig(n="5") (a comparison's TypeError), n=5.5 (accepted, then a
+    TypeError after the run directory was begun), RunConfig(sample={...}) (an AttributeError later), a resize of
+    "a" or 2.5 (inside torch)."""
+    from side_extract import config as cfg
+    from side_extract.data import load_image_set
+    from side_extract.models.target import train_target
+
+    digits = load_image_set("digits:20")
+    for call, said in ((lambda: train_target({"steps": 1}, digits, tmp_path / "t"), "c must be a TrainTargetConfig"),
+                       (lambda: train_target(cfg.TrainTargetConfig(steps=1), digits.images, tmp_path / "t"),
+                        "data must be an ImageSet .* got ndarray"),
+                       (lambda: train_target(cfg.TrainTargetConfig(steps=1), "digits:20", tmp_path / "t"),
+                        "data must be an ImageSet .* got str"),
+                       (lambda: side_extract.audit("demo", "digits:20", out=tmp_path / "a", config=[1, 2]),
+                        "config must be a RunConfig, a dict of settings or the path of a run YAML, got list"),
+                       (lambda: cfg.SampleConfig(n="5"), "n='5' must be an integer"),
+                       (lambda: cfg.SampleConfig(n=5.5), "n=5.5 must be an integer"),
+                       (lambda: cfg.ExtractConfig(scale="3"), "scale='3' must be a number"),
+                       (lambda: cfg.RunConfig(sample={"n": 4}), "sample must be a SampleConfig .* got dict"),
+                       (lambda: load_image_set("digits:20", "a"), "resize_to='a' must be a positive image size"),
+                       (lambda: load_image_set("digits:20", 2.5), "resize_to=2.5 must be a positive image size")):
+        with pytest.raises(ValueError, match=said):
+            call()
+    assert not (tmp_path / "t").exists() and not (tmp_path / "a").exists()
+    assert cfg.SampleConfig(n=np.int64(5)).n == 5 and cfg.ExtractConfig(scale=3).scale == 3  # numbers of any kind

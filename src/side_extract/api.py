@@ -95,6 +95,9 @@ def _run_config(config: cfg.RunConfig | dict | str | Path | None) -> cfg.RunConf
         if bad := [k for k in config if not isinstance(k, str)]:
             raise ValueError(f"config: keys must be strings (e.g. 'extract.n' or 'extract'), got {bad!r}")
         return cfg.from_dict(cfg.RunConfig, cfg.dotted_to_nested(config) if any("." in k for k in config) else config)
+    if not isinstance(config, (str, Path)):  # (a list was os.fspath's TypeError)
+        raise ValueError(f"config must be a RunConfig, a dict of settings or the path of a run YAML, got "
+                         f"{type(config).__name__}")
     return cfg.from_dict(cfg.RunConfig, cfg.load_yaml(config))
 
 

@@ -7,6 +7,7 @@ valid ones. The resolved config (every default written out) goes into every run 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -31,10 +32,29 @@ def _precision(obj: Any) -> None:
 T = TypeVar("T")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _types(obj: Any) -> None:
+    """Every setting of config dataclass ``obj`` must have its field's type, as :func:`from_dict` checks a file's
+    (a config built in Python with ``n="5"`` was a TypeError in a comparison, ``n=5.5`` a TypeError after the run
+    directory was begun, ``RunConfig(sample={...})`` an AttributeError)."""
+    for f in dataclasses.fields(obj):
+        tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        if dataclasses.is_dataclass(tp):
+            check_section(value, tp, f.name)
+        else:
+            _coerce(tp, value, f.name)
+
+
 def _numbers(obj: Any) -> None:
-    """Every float setting (and each float in a tuple of them) must be a finite number: nan and inf pass
-    most range checks and then produce black or saturated images without a word. Every seed must be a
-    integer in [0, 2**32) (numpy's and sklearn's seeding refuse negative ones, after the stages before them ran)."""
+    """Every setting must have its type (:func:`_types`); every float setting (and each float in a tuple of them)
+    must be a finite number: nan and inf pass most range checks and then produce black or saturated images without
+    a word. Every seed must be a integer in [0, 2**32) (numpy's and sklearn's seeding refuse negative ones, after
+    the stages before them ran)."""
+    _types(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if f.name in ("seed", "random_state") and isinstance(value, int) and not 0 <= value < 2**32:
@@ -591,6 +611,7 @@ class RunConfig:
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
+        _types(self)
         if self.train_resize is not None and self.train_resize < 1:  # (said as resize=-4 when the set loaded)
             raise ValueError(f"train_resize={self.train_resize} must be a positive image size (or null: the images "
                              "as they are)")
@@ -788,11 +809,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ValueError(f"{path}={value!r} must be true or false")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{path}={value!r} must be an integer")
-        return value
+        return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"{path}={value!r} must be a number")
         try:
             if not math.isfinite(value):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -151,10 +152,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def check_size(size: Any, name: str = "resize") -> None:
+    """Refuse an image size that is not a positive integer (a string or 2.5 was a TypeError inside torch)."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
+        raise ValueError(f"{name}={size!r} must be a positive image size (an integer)")
+
+
 def resize(images: np.ndarray, size: int) -> np.ndarray:
     """Resize uint8 (N, H, W, C) to (N, size, size, C): bilinear with antialiasing (torch)."""
-    if size <= 0:
-        raise ValueError(f"resize={size} must be a positive image size")
+    check_size(size)
     if images.shape[1:3] == (size, size):
         return images
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()  # a flipped view has negative strides
@@ -323,6 +329,8 @@ def _as_nhwc_uint8(images: np.ndarray, where: str) -> np.ndarray:
 def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
     """Load an image set from a spec (see the module docstring), optionally resized to a square size."""
     check_path(spec, "spec")
+    if resize_to is not None:  # (before the set loads)
+        check_size(resize_to, "resize_to")
     s = str(spec)
     if s == "digits" or s.startswith("digits:"):
         n = None

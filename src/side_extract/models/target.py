@@ -392,6 +392,10 @@ def train_target(
 
     The final model (EMA weights when ``ema``) is ``out/unet`` + ``out/scheduler``.
     """
+    cfg.check_section(c, cfg.TrainTargetConfig, "c")  # (a dict, or an array for data, was an AttributeError)
+    if not isinstance(data, ImageSet):
+        raise ValueError(f"data must be an ImageSet (side_extract.load_image_set('digits:100'), or "
+                         f"side_extract.ImageSet(uint8 (N, H, W, C) images)), got {type(data).__name__}")
     cfg.check_path(out, "out")
     check_levels(data.images, f"data ({data.name})" if data.name else "data")
     out = Path(out)
