@@ -831,3 +831,19 @@ def test_a_damaged_metrics_file_in_a_run_is_named(tiny_model_dir, tmp_path):
     res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(run), "--method", "uncond"])
     said = " ".join(res.output.split())
     assert res.exit_code == 2 and "metrics.json' is not valid JSON" in said, res.output
+
+
+def test_a_refused_stage_names_the_settings_that_changed(tiny_model_dir, tmp_path):
+    """Only the evaluations' refusals named what changed; a re-clustering refused by `side extract` said "surrogate
+    holds finished results made with other settings or inputs (see manifest.json)", leaving the user to find which.
+    Every stage's refusal now names its config section's changes; the run's config is left as it was."""
+    rc = tiny_rc(tiny_model_dir, methods=("side",), n=4)
+    run_audit(tmp_path / "run", rc)
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    config = tmp_path / "other.yaml"
+    config.write_text(cfg.dump_yaml(dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, n_clusters=3))))
+    res = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(tmp_path / "run"), "--config", str(config)])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "surrogate holds finished results" in said, res.output
+    assert "changed: surrogate.n_clusters 4 -> 3" in said, res.output
+    assert (tmp_path / "run" / "config.yaml").read_text() == before

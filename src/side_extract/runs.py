@@ -335,6 +335,13 @@ class RunLocked(ValueError):
     """Another process holds the run directory's lock."""
 
 
+# the config section each stage is made from (a stage's name before any "/": extraction/side -> extraction)
+STAGE_SECTIONS = {"synthetic": "sample", "features": "features", "surrogate": "surrogate", "classifier": "classifier",
+                  "classifier-clean": "clean_classifier", "classifier-teacher": "classifier", "lora": "lora",
+                  "extraction": "extract", "evaluation": "evaluate", "calibration": "evaluate",
+                  "memorization": "surrogate"}
+
+
 class StageWouldBeReplaced(ValueError):
     """A complete stage's outputs would be deleted, and replacing them was not allowed."""
 
@@ -544,6 +551,7 @@ class RunDir:
         self.replace = replace
         self.replaced: list[str] = []  # finished stages this writer made again (``begin``)
         self.group = group
+        self.config_before: dict[str, Any] | None = None  # the run's settings before this writer's (``write_config``)
         check_run_path(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
 
@@ -609,11 +617,24 @@ class RunDir:
             return None
         said = ", ".join(f"{k} {v}" for k, v in entry.items() if k in ("n", "method", "scale")) or "see manifest.json"
         old = entry.get("inputs") or {}
-        why = [*changed(), *("made from another target" if k == MODEL_INPUT else f"{k} made again"
-                           for k, v in (inputs or {}).items() if k in old and old[k] != v)]
+        why = [*(changed() or self._section_changes(stage)),
+               *("made from another target" if k == MODEL_INPUT else f"{k} made again"
+                 for k, v in (inputs or {}).items() if k in old and old[k] != v)]
         return (f"{stage} holds finished results made with other settings or inputs ({said})"
                 + (f"; changed: {'; '.join(why)}" if why else "")
                 + "; rerun with --force to replace them, or use another run directory")
+
+    def _section_changes(self, stage: str) -> list[str]:
+        """The settings of ``stage``'s config section (:data:`STAGE_SECTIONS`) that differ between the run's config
+        before this writer (``config_before``) and the one it wrote: what a refusal names where its caller did not."""
+        section = STAGE_SECTIONS.get(stage.split("/", 1)[0])
+        now = self.path / "config.yaml"
+        if section is None or self.config_before is None or not now.is_file():
+            return []
+        try:
+            return cfg.differences(self.config_before, cfg.load_yaml(now), (f"{section}.",))
+        except ValueError:  # a damaged file: the refusal says the rest
+            return []
 
     def refuse_before(self, planned: dict[str, tuple[str, dict[str, str] | None, Callable[[], Sequence[str]]]]
                       ) -> None:
@@ -764,7 +785,13 @@ class RunDir:
         (a run directory that runs one method at a time with other settings, as the benchmarks' replicates do,
         keeps each extraction's own)."""
         if self.group.main:
-            atomic_write_text(self.path / (stage or ".") / "config.yaml", cfg.dump_yaml(run_config))
+            path = self.path / (stage or ".") / "config.yaml"
+            if stage is None and self.config_before is None and path.is_file():
+                try:
+                    self.config_before = cfg.load_yaml(path)
+                except ValueError:
+                    pass  # a damaged file: a refusal names no setting
+            atomic_write_text(path, cfg.dump_yaml(run_config))
 
 
 # --------------------------------------------------------------------------------------------------
