@@ -150,22 +150,25 @@ def test_replicate_se_is_the_paired_delta_method_by_hand():
     assert (lo, hi) == pytest.approx((3 * math.exp(-q / 3), 3 * math.exp(q / 3)))
 
 
-def test_the_interval_takes_the_larger_error_and_t_only_where_the_replicates_give_it():
-    """Both errors non-zero, by the module docstring's rule: ratio * exp(+-q se), se = max(se_boot, se_rep), q from
-    Student's t at the replicates' degrees of freedom only where their error is the larger (else 1.96). Draws 3 +-
-    0.3 and 1 +- 0.05: se_boot = sqrt(0.09 / 9 + 0.0025 / 1) = sqrt(0.0125). Replicates (2, 4) / (1, 1): se_rep 1/3
-    wins with t(0.975, 1); (2.9, 3.1) / (1, 1): d = (-1/30, 1/30), se_rep = 1/30 loses to se_boot (0.112): z."""
+def test_the_interval_is_the_wider_of_the_replicates_t_interval_and_the_resamplings():
+    """Both errors non-zero, by the module docstring's rule: ratio * exp(+-h), h the wider of t(0.975, R - 1) *
+    se_rep and 1.96 * se_boot. Draws 3 +- 0.3 and 1 +- 0.05: se_boot = sqrt(0.09 / 9 + 0.0025 / 1) = sqrt(0.0125).
+    Replicates (2, 4) / (1, 1): se_rep 1/3, t(0.975, 1) * 1/3 wins; (2.99, 3.01) / (1, 1): d = (-1/300, 1/300),
+    se_rep 1/300, t * 1/300 = 0.042 loses to 1.96 * se_boot = 0.219. (2.9, 3.1) / (1, 1): se_rep = 1/30 is below
+    se_boot (0.112), but t * 1/30 = 0.424 is wider than 1.96 * se_boot: the old rule (t only where se_rep was the
+    larger) took 0.219, an interval half as wide as the replicates' own."""
     from side_extract.bench.intervals import interval
 
     num_draws, den_draws = np.array([2.7, 3.3] * 5), np.array([0.95, 1.05] * 5)
     se_boot = math.sqrt(0.0125)
+    q, z = 12.706204736174698, 1.959963984540054  # t(0.975, 1), the normal's
     lo, hi = interval(3.0, 1.0, num_draws, den_draws, [2.0, 4.0], [1.0, 1.0])
-    q = 12.706204736174698  # t(0.975, 1)
     assert (lo, hi) == pytest.approx((3 * math.exp(-q / 3), 3 * math.exp(q / 3)))
-    lo, hi = interval(3.0, 1.0, num_draws, den_draws, [2.9, 3.1], [1.0, 1.0])
-    z = 1.959963984540054
+    lo, hi = interval(3.0, 1.0, num_draws, den_draws, [2.99, 3.01], [1.0, 1.0])
     assert (lo, hi) == pytest.approx((3 * math.exp(-z * se_boot), 3 * math.exp(z * se_boot)))
     assert interval(3.0, 1.0, num_draws, den_draws) == pytest.approx((lo, hi))  # no replicates: the draws alone
+    lo, hi = interval(3.0, 1.0, num_draws, den_draws, [2.9, 3.1], [1.0, 1.0])
+    assert (lo, hi) == pytest.approx((3 * math.exp(-q / 30), 3 * math.exp(q / 30)))
 
 
 def test_an_interval_wholly_above_or_below_1_is_marked_and_one_across_1_is_not():
@@ -181,3 +184,33 @@ def test_an_interval_wholly_above_or_below_1_is_marked_and_one_across_1_is_not()
     assert above["ci95"][0] > 1 and above["excludes_1"] is True
     assert below["ci95"][1] < 1 and below["excludes_1"] is True
     assert across["ci95"][0] < 1 < across["ci95"][1] and across["excludes_1"] is False
+
+
+def test_reinterval_restates_an_old_rule_interval_as_the_new_rule_makes_it():
+    """``benchmarks/reinterval.py`` re-stated the committed fair.json files from their per-replicate values alone.
+    For rows made by the old rule (q = t only where the replicates' error was the larger, else 1.96, on the larger
+    error), written here from that rule, its interval equals what ``interval`` now gives from the same draws."""
+    import importlib.util
+    from pathlib import Path
+
+    from scipy.stats import t as student_t
+
+    from side_extract.bench.intervals import _row, interval, replicate_se
+
+    spec = importlib.util.spec_from_file_location(
+        "reinterval", Path(__file__).resolve().parents[1] / "benchmarks" / "reinterval.py")
+    reinterval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reinterval)
+    num_draws, den_draws = np.array([2.7, 3.3] * 5), np.array([0.95, 1.05] * 5)
+    for num_reps in ([2.0, 4.0], [2.99, 3.01], [2.9, 3.1], [2.9, 3.0, 3.1], [3.0, 3.0]):
+        den_reps = [1.0] * len(num_reps)
+        num = float(np.mean(num_reps))
+        se_boot = math.sqrt(float(np.var(num_draws)) / num ** 2 + float(np.var(den_draws)) / 1.0)
+        se_rep, df = replicate_se(num_reps, den_reps)
+        q = float(student_t.ppf(0.975, df)) if df is not None and se_rep > se_boot else 1.959963984540054
+        h = q * max(se_boot, se_rep)
+        old = {**_row(num, 1.0, num_draws, den_draws, num_reps, den_reps),
+               "ci95": [num * math.exp(-h), num * math.exp(h)]}
+        (lo, hi), excludes = reinterval.restate(old)
+        assert (lo, hi) == pytest.approx(interval(num, 1.0, num_draws, den_draws, num_reps, den_reps)), num_reps
+        assert excludes == _row(num, 1.0, num_draws, den_draws, num_reps, den_reps)["excludes_1"]

@@ -362,8 +362,9 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
             "[0.05, 0.1, 0.2]) or fixed bands (evaluate.bands, e.g. "
             "Carlini's RMS 0.15 style: 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
     if len(null) * levels[0] < 1:
-        log.warning("a null of %d values cannot resolve the %.3g quantile (it needs %d); its band edge is the "
-                    "null's extreme, so the closest band is wider than its name says", len(null), levels[0], need)
+        log.warning("a null of %d values cannot resolve the %.3g quantile (it needs %d); its band edge lies "
+                    "between the null's two most extreme values, so the closest band is wider than its name says",
+                    len(null), levels[0], need)
     names = ["high", "mid", "low"] if len(levels) == 3 else [f"tail{q:g}" for q in levels]
     edges = list(_quantiles(null, levels, orientation).values())
     if orientation == "distance":

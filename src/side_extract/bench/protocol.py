@@ -804,9 +804,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                          else ".")]
         inext = "interval_method" in h  # results written before the distinct-count interval changed say nothing
         spread = h.get("interval_method") == INTERVAL_METHOD  # and before it took in the replicates' spread
-        caption = ("95 % interval of the log ratio, its standard error the larger of the replicates' spread (paired "
-                   "by replicate; then t at R - 1 df) and the resampling of each replicate's generations "
-                   "(distinct_nn: iNEXT's assemblage; then the normal quantile)" if spread
+        caption = ("95 % interval of the log ratio, the wider of the replicates' spread's (paired by replicate, t at "
+                   "R - 1 df) and the resampling's of each replicate's generations (distinct_nn: iNEXT's assemblage; "
+                   "the normal quantile)" if spread
                    else "95 % bootstrap interval over generations"
                    + ("; distinct_nn: iNEXT's assemblage bootstrap standard error around the observed ratio, shares: "
                       "percentile" if inext else ""))
