@@ -797,3 +797,13 @@ def test_every_committed_bench_table_is_its_json_rendered():
         if render(json.loads(j.read_text())) != j.with_suffix(".md").read_text():
             stale.append(str(j.relative_to(root)))
     assert checked >= 100 and not stale, f"re-render these tables from their .json: {stale}"
+
+
+def test_a_stopped_file_written_before_padding_says_its_ratios_are_per_generation_made():
+    """``fair16/stop-n100`` was written when the ratios were per generation made (uncond's 91 images over its 500
+    generations); re-rendered later, its caption said they were per N_G asked for, which its own numbers contradict.
+    The caption now follows the file's numbers: the best baseline's value times N_G is its count, or not."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fair16"
+    old, new = (json.loads((root / f / "fair.json").read_text()) for f in ("stop-n100", "stop-n100r"))
+    assert "so are the ratios: this file was written before" in render_fair_markdown(old)
+    assert "count the generations not made as misses, so they are per N_G asked" in render_fair_markdown(new)

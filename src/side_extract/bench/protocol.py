@@ -349,6 +349,19 @@ def check_distinct_runs(fc: FairBenchConfig, made: dict[str, str], name: str, fp
                          f"{fc.base_method(name)} reads. Drop the form, or override what {fc.base_method(name)} uses")
 
 
+def _ratios_per_asked(h: dict[str, Any]) -> bool:
+    """Whether a held-out section's distinct-image ratios are per N_G asked for (generations a stopped method did
+    not make count as misses) or, in files written before that, per generation made: the best baseline's value
+    times N_G is then its distinct count at N_G in the budget table, or not."""
+    last = [p for p in h.get("budget_curve", []) if p["n_generated"] == h["n_generated"]]
+    for rows in h["ratios"].values():
+        r = rows.get("distinct_nn/mid") or {}
+        count = (last[0]["distinct_mid"].get(r.get("best_baseline_method")) or {}).get("mean") if last else None
+        if r.get("best_baseline") is not None and count is not None:
+            return abs(r["best_baseline"] * h["n_generated"] - count) <= 1e-6 * max(1.0, count)
+    return True
+
+
 def best_setting(settings: list[tuple[float, float]], means: dict[str, float]) -> tuple[float, float]:
     """The setting with the highest validation mean (``means`` keyed by :func:`_setting_key`); ties: the smaller
     lambda, then the smaller temperature. Means are compared by :func:`_level`: equal scores summed over the
@@ -775,9 +788,12 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       f"ceil(N_G / {ex['rounds']})): a method stops after the first round at whose end the unseen "
                       "mass of its generations so far falls below it, so N_G is a ceiling (tuning scores a method per "
                       "N_G, not per generation made); generations made, mean [min-max]: " + made + ". The shares in "
-                      "the first table are of the generations made; the ratios and the budget table count the "
-                      "generations not made as misses, so they are per N_G asked for (distinct_nn: a ratio of "
-                      "counts).", ""]
+                      "the first table are of the generations made; "
+                      + ("the ratios and the budget table count the generations not made as misses, so they are per "
+                         "N_G asked for (distinct_nn: a ratio of counts)." if _ratios_per_asked(h) else
+                         "so are the ratios: this file was written before the fair benchmark counted the generations "
+                         "not made as misses, which favours a method that stops early (the budget table's counts "
+                         "are counts)."), ""]
         similarity = ((c.get("bench") or {}).get("run") or {}).get("evaluate", {}).get("similarity", "rms-l2")
         p95 = ("p95: the 5th percentile of the nearest RMS-L2 distance, lower = closer" if similarity == "rms-l2"
                else f"p95: the 95th percentile of the best {similarity} similarity, higher = closer")
