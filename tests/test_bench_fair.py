@@ -807,3 +807,15 @@ def test_a_stopped_file_written_before_padding_says_its_ratios_are_per_generatio
     old, new = (json.loads((root / f / "fair.json").read_text()) for f in ("stop-n100", "stop-n100r"))
     assert "so are the ratios: this file was written before" in render_fair_markdown(old)
     assert "count the generations not made as misses, so they are per N_G asked" in render_fair_markdown(new)
+
+
+def test_a_tuning_grid_that_repeats_a_value_is_refused():
+    """A repeated lambda, temperature, LoRA or memguide scale passed: it counted as a setting tried while trying one
+    fewer, so the entries' tuning budgets were no longer equal as the tables say."""
+    bc = tiny_bench()
+    base = dict(bench=bc, methods=("side", "uncond", "memguide"), scales_grid=(1.0, 3.0), temperatures=(1.0,),
+                validation_replicates=(1,), heldout_replicates=(2, 3), memguide_scales=(10.0, 30.0))
+    FairBenchConfig(**base)
+    for key, value in (("scales_grid", (3.0, 3.0)), ("temperatures", (1.0, 1.0)), ("memguide_scales", (30.0, 30.0))):
+        with pytest.raises(ValueError, match=f"{key}=.* repeats a value"):
+            FairBenchConfig(**{**base, key: value})

@@ -153,6 +153,10 @@ class FairBenchConfig:
         if len(self.heldout_replicates) < 2:
             raise ValueError(f"heldout_replicates={list(self.heldout_replicates)}: at least 2 are needed (the interval "
                              "takes in the replicates' spread; one replicate is a single run)")
+        for name in ("scales_grid", "temperatures", "lora_scales", "memguide_scales"):
+            values = list(getattr(self, name))
+            if len(set(values)) != len(values):  # (a setting tried twice is one fewer tried: an unequal budget)
+                raise ValueError(f"{name}={values} repeats a value; each setting of the tuning grid is tried once")
         if "side-lora" in self.methods or any(f["method"] == "side-lora" for f in self.forms.values()):
             if len(self.lora_scales) != len(self.grid):
                 raise ValueError(f"lora_scales has {len(self.lora_scales)} values; side-lora gets the same tuning "
