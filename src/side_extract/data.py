@@ -113,6 +113,14 @@ def integer_labels(labels: Any, what: str = "labels") -> np.ndarray:
     return lab
 
 
+def check_image_set(value: Any, name: str) -> None:
+    """Refuse ``value`` unless it is an :class:`ImageSet`, naming the argument (an array or a spec given instead was
+    an AttributeError deep inside)."""
+    if not isinstance(value, ImageSet):
+        raise ValueError(f"{name} must be an ImageSet (side_extract.load_image_set('digits:100'), or "
+                         f"side_extract.ImageSet(uint8 (N, H, W, C) images)), got {type(value).__name__}")
+
+
 def check_levels(images: np.ndarray, name: str) -> None:
     """Refuse uint8 images whose every pixel is 0 or 1: images in [0, 1] cast to uint8 (which truncates them),
     not 0-255 images; audited or trained on as they are, they are near-black and every method finds nothing. For

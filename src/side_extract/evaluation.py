@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from . import config as cfg
-from .data import ImageSet, balanced_first_n, check_levels, load_digits_set, load_image_set, resize
+from .data import (ImageSet, balanced_first_n, check_image_set, check_levels, load_digits_set, load_image_set,
+                   resize)
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
                       check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
@@ -210,10 +211,8 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     generation's nearest neighbours (AMS, p95; eqs. 6-7) and every in-band pair (UMS, eqs. 8-9, N_G law);
     3. pixel RMS-L2 neighbours (the same pass for rms-l2) give Carlini's and Gu's ratios; 4. the table.
     """
-    for name, s in (("generated", generated), ("train", train)):
-        if not isinstance(s, ImageSet):  # (an array was an AttributeError)
-            raise ValueError(f"{name} must be an ImageSet (side_extract.ImageSet(uint8 (N, H, W, C) images)), got "
-                             f"{type(s).__name__}")
+    check_image_set(generated, "generated")
+    check_image_set(train, "train")
     if config is not None:
         cfg.check_section(config, cfg.EvaluateConfig, "config")  # (a dict was an AttributeError)
     if bands is not None and not all(isinstance(b, Band) for b in bands):
@@ -224,8 +223,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     option_bands = parse_bands(c.bands) if c.bands is not None else None  # fail before any work
     check_same_shape(generated, train)
     if heldout is not None:  # (before any work)
-        if not isinstance(heldout, ImageSet):
-            raise ValueError(f"heldout must be an ImageSet, got {type(heldout).__name__}")
+        check_image_set(heldout, "heldout")
         check_same_shape(heldout, train, "held-out images")
         check_levels(heldout.images, "held-out images")
     n_g, n_t = len(generated), len(train)
@@ -420,10 +418,9 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
               train_features: np.ndarray | None = None, heldout_features: np.ndarray | None = None,
               feature_model: Any = None, device: str = "cpu", progress: Progress | None = None) -> Calibration:
     """Measure the null of best scores and propose bands (see :func:`propose_bands` for the quantiles)."""
-    for name, s in (("train", train), ("heldout", heldout)):
-        if not (isinstance(s, ImageSet) or (name == "heldout" and s is None)):  # (an array was an AttributeError)
-            raise ValueError(f"{name} must be an ImageSet (side_extract.ImageSet(uint8 (N, H, W, C) images)), got "
-                             f"{type(s).__name__}")
+    check_image_set(train, "train")
+    if heldout is not None:
+        check_image_set(heldout, "heldout")
     if config is not None:
         cfg.check_section(config, cfg.EvaluateConfig, "config")  # (a similarity string was an AttributeError)
     c = config or cfg.EvaluateConfig()
@@ -445,6 +442,17 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     source = "heldout" if heldout is not None else "train"
     bands = propose_bands(nulls[source], sim.orientation, c.calibration_quantiles)
     return Calibration(sim.spec, sim.orientation, tuple(c.calibration_quantiles), source, bands, nulls, fps, sources)
+
+
+def held_out_set(train: str | None, heldout: str | None, resize_to: int | None = None) -> ImageSet | None:
+    """The held-out images to calibrate bands on for a training set named ``train``: ``heldout``'s images, else the
+    digits outside ``digits:N`` (:func:`digits_complement`), else None (the training images against each other);
+    resized to ``resize_to`` as the training set is. What a run, ``side calibrate`` and ``side evaluate`` take."""
+    if heldout is not None:
+        return load_image_set(heldout, resize_to)
+    if str(train).startswith("digits:"):
+        return digits_complement(str(train), resize_to)
+    return None
 
 
 def digits_complement(spec: str, resize_to: int | None = None) -> ImageSet:

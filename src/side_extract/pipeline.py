@@ -27,7 +27,7 @@ import torch
 from . import config as cfg
 from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
 from .distributed import ProcessGroup
-from .evaluation import Evaluation, calibrate, digits_complement, evaluate
+from .evaluation import Evaluation, calibrate, evaluate, held_out_set
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, planned_extraction, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
@@ -395,14 +395,9 @@ def calibration_settings(c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
 
 
 def real_heldout(rc: cfg.RunConfig) -> ImageSet | None:
-    """A run's held-out real images (its bands' null and its sample-quality reference): ``evaluate.heldout``, else
-    the digits outside ``digits:N`` (resized like the training set), else None (the bands then come from the
-    training images against each other)."""
-    if rc.evaluate.heldout is not None:
-        return load_image_set(rc.evaluate.heldout, rc.train_resize)
-    if str(rc.train).startswith("digits:"):
-        return digits_complement(rc.train, rc.train_resize)
-    return None
+    """A run's held-out real images (its bands' null and its sample-quality reference): :func:`held_out_set` of its
+    training set, ``evaluate.heldout`` and ``train_resize``."""
+    return held_out_set(rc.train, rc.evaluate.heldout, rc.train_resize)
 
 
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:

@@ -339,7 +339,7 @@ class RunLocked(ValueError):
 STAGE_SECTIONS = {"synthetic": "sample", "features": "features", "surrogate": "surrogate", "classifier": "classifier",
                   "classifier-clean": "clean_classifier", "classifier-teacher": "classifier", "lora": "lora",
                   "extraction": "extract", "evaluation": "evaluate", "calibration": "evaluate",
-                  "memorization": "surrogate"}
+                  "memorization": "surrogate", "teacher": "surrogate"}
 
 
 class StageWouldBeReplaced(ValueError):

@@ -38,19 +38,15 @@ def calibrate_cmd(
     at tail quantiles of the held-out null (the train-vs-rest null without held-out images)."""
     c = evaluate_config(ctx, config)
     from ..data import load_image_set
-    from ..evaluation import calibrate, digits_complement
+    from ..evaluation import calibrate, held_out_set
     from ..metrics import check_same_shape
     from ..runs import run_lock
 
     run = run_written_into(out)  # (RUN/evaluation itself holds the run's own calibration: refused)
     tr = load_image_set(train, c.resize)
-    if c.heldout is not None:  # --heldout, else the config file's heldout
-        ho = load_image_set(c.heldout, c.resize)
-    elif train.startswith("digits:"):
-        ho = digits_complement(train, c.resize)
+    ho = held_out_set(train, c.heldout, c.resize)  # --heldout, else the config file's, else the digits outside
+    if c.heldout is None and ho is not None:
         console.print(f"held-out set: the {len(ho)} digits not in {train}")
-    else:
-        ho = None
         console.print("no --heldout: bands from each training image vs the rest of the training set")
     if ho is not None:  # before the work (it was found after the training set's null)
         check_same_shape(ho, tr, "held-out images")

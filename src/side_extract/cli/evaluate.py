@@ -141,7 +141,7 @@ def evaluate_cmd(
     """AMS / UMS per band, 95th percentile, Carlini's and Gu's ratios, the N_G law: DIR/metrics.json."""
     c = evaluate_config(ctx, config)
     from ..data import load_image_set
-    from ..evaluation import digits_complement, evaluate
+    from ..evaluation import evaluate, held_out_set
     from ..metrics import parse_bands
     from ..runs import run_lock
 
@@ -162,7 +162,7 @@ def evaluate_cmd(
     tr = load_image_set(train, c.resize)
     # for digits:N the digits outside it are the held-out images, as in a run and `side calibrate` (evaluate takes
     # them only where it calibrates bands)
-    rest = digits_complement(train, c.resize) if c.heldout is None and train.startswith("digits:") else None
+    rest = held_out_set(train, None, c.resize) if c.heldout is None else None
     feature_model = load_feature_model(model, device)
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,

@@ -27,7 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import EMAModel
 
 from .. import config as cfg
-from ..data import ImageSet, check_levels
+from ..data import ImageSet, check_image_set, check_levels
 from ..distributed import SINGLE, ProcessGroup
 from ..runs import atomic_directory, atomic_write_json, atomic_write_text, read_json, versions
 
@@ -393,9 +393,7 @@ def train_target(
     The final model (EMA weights when ``ema``) is ``out/unet`` + ``out/scheduler``.
     """
     cfg.check_section(c, cfg.TrainTargetConfig, "c")  # (a dict, or an array for data, was an AttributeError)
-    if not isinstance(data, ImageSet):
-        raise ValueError(f"data must be an ImageSet (side_extract.load_image_set('digits:100'), or "
-                         f"side_extract.ImageSet(uint8 (N, H, W, C) images)), got {type(data).__name__}")
+    check_image_set(data, "data")
     cfg.check_path(out, "out")
     check_levels(data.images, f"data ({data.name})" if data.name else "data")
     out = Path(out)
