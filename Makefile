@@ -22,8 +22,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/side --threads $(THREADS) demo --out runs/demo
 
+# one pytest-xdist worker per core (-n auto); each test file runs whole on one worker, so a module's fixtures are made
+# once (--dist loadfile); WORKERS=0 runs the suite in this process
+WORKERS ?= auto
 test: $(STAMP)
-	SIDE_THREADS=$(THREADS) $(BIN)/python -m pytest -q -rs
+	SIDE_THREADS=$(THREADS) $(BIN)/python -m pytest -q -rs -n $(WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
 	SIDE_THREADS=$(THREADS) $(BIN)/python -m pytest -q -m slow

@@ -15,10 +15,13 @@ from side_extract.models.target import save_target
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Torch threads: SIDE_THREADS (make test THREADS=n), else the cores free now (fewer on a busy machine)."""
+    """Torch threads: SIDE_THREADS (make test THREADS=n), else the cores free now (fewer on a busy machine), shared
+    among pytest-xdist's workers (``make test`` runs one per core): two workers of two threads each on two cores
+    ran the suite several times slower."""
     from side_extract.cli.common import free_cores
 
-    torch.set_num_threads(int(os.environ.get("SIDE_THREADS") or 0) or free_cores())
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    torch.set_num_threads(int(os.environ.get("SIDE_THREADS") or 0) or max(1, free_cores() // workers))
 
 
 def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
