@@ -72,6 +72,88 @@ def test_save_load_round_trip_and_resume_equals_uninterrupted(tiny_model_dir, tm
     assert other.resumed_from == 0
 
 
+def _with_dropout(tiny_model_dir, out, p=0.3):
+    """The tiny target with diffusers' ``dropout`` in its resnets (the demo's targets have none)."""
+    from diffusers import UNet2DModel
+
+    from side_extract.models.target import save_target
+
+    target = load_target(tiny_model_dir)
+    config = {k: v for k, v in dict(target.unet.config).items() if not k.startswith("_")}
+    unet = UNet2DModel(**{**config, "dropout": p})
+    unet.load_state_dict(target.unet.state_dict())
+    save_target(unet, target.scheduler, out)
+    return load_target(out)
+
+
+def test_a_target_with_dropout_resumes_and_reseeds_like_one_without(tiny_model_dir, tmp_path):
+    """A target with dropout drew its masks from torch's global generator, which finetune never seeded: a resumed
+    fine-tune differed from an uninterrupted one, and the result depended on what the process drew before."""
+    target = _with_dropout(tiny_model_dir, tmp_path / "target")
+    x0, y = _data()
+    torch.manual_seed(1)
+    full = finetune(target, x0, y, TINY, tmp_path / "a")
+    finetune(target, x0, y, dataclasses.replace(TINY, steps=3), tmp_path / "b")
+    torch.manual_seed(2)  # another state of the global generator before the resumed part
+    resumed = finetune(target, x0, y, TINY, tmp_path / "b")
+    assert resumed.resumed_from == 3 and resumed.losses == full.losses
+    torch.manual_seed(3)
+    again = finetune(target, x0, y, TINY, tmp_path / "c")
+    assert again.losses == full.losses
+    x, t, yy = torch.randn(3, 1, 8, 8), torch.tensor(500), torch.tensor([2, 1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(load_finetuned(target, tmp_path / "a")(x, t, yy),
+                                   load_finetuned(target, tmp_path / "b")(x, t, yy), rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_another_target_is_not_continued(tiny_model_dir, tmp_path):
+    """finetune called without target_fingerprint (as the Python API may) keyed its checkpoint by the data and
+    settings only: a fine-tune of target B in a folder holding target A's continued A's adapters on B."""
+    a = load_target(tiny_model_dir)
+    b = _with_dropout(tiny_model_dir, tmp_path / "b-target", p=0.0)
+    with torch.no_grad():  # B: other weights (the same architecture and scheduler)
+        for w in b.unet.parameters():
+            w.mul_(0.5)
+    x0, y = _data()
+    finetune(a, x0, y, dataclasses.replace(TINY, steps=3), tmp_path / "lora")
+    on_b = finetune(b, x0, y, TINY, tmp_path / "lora")
+    fresh = finetune(b, x0, y, TINY, tmp_path / "fresh")
+    assert on_b.resumed_from == 0 and on_b.losses == fresh.losses
+    again = finetune(b, x0, y, dataclasses.replace(TINY, steps=8), tmp_path / "fresh")  # B's own is continued
+    assert again.resumed_from == 6
+
+
+def test_class_lr_trains_the_labels_without_changing_the_default(tiny_model_dir, tmp_path):
+    """lora.class_lr: the class embedding (the only way the labels reach the model) at its own learning rate. At
+    lr 1e-4 its entries move by about 1e-4 a step, so the labels change eps by almost nothing; unset, it is lr and
+    the fine-tune, its stage key and its checkpoint key are an earlier release's."""
+    from side_extract.finetune import lora_settings
+
+    target = load_target(tiny_model_dir)
+    x0, y = _data()
+    slow = dataclasses.replace(TINY, lr=1e-4)
+    assert "class_lr" not in lora_settings(slow)  # (runs made before it keep their fine-tunes)
+    assert lora_settings(dataclasses.replace(slow, class_lr=1e-4)) != lora_settings(slow)
+    same = finetune(target, x0, y, dataclasses.replace(slow, class_lr=1e-4), tmp_path / "same")
+    assert same.losses == finetune(target, x0, y, slow, tmp_path / "default").losses
+
+    def label_effect(directory):
+        cd = load_finetuned(target, directory)
+        x, t = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(300)
+        with torch.no_grad():
+            u, c = cd(x, t), cd(x, t, torch.tensor([0, 1, 2, 0, 1, 2]))
+        return float((c - u).norm() / u.norm()), cd.model.base_model.model.class_embedding.modules_to_save
+
+    effect, _ = label_effect(tmp_path / "default")
+    finetune(target, x0, y, dataclasses.replace(slow, class_lr=1e-1), tmp_path / "fast")
+    fast, emb = label_effect(tmp_path / "fast")
+    rows = next(iter(emb.values())).weight.detach()
+    assert rows[:3].abs().max() > 0.3  # six steps of Adam at 0.1 (the null row: only by label dropout)
+    assert fast > 20 * effect
+    with pytest.raises(ValueError, match=r"class_lr=0.0 must be > 0"):
+        cfg.LoraConfig(class_lr=0.0)
+
+
 def test_a_shorter_rerun_does_not_return_the_longer_trained_model(tiny_model_dir, tmp_path):
     """A checkpoint past the requested steps cannot be wound back: a 3-step fine-tune in a folder that holds a
     6-step one is the 3-step model (before: the 6-step weights, labelled steps 3)."""

@@ -4,8 +4,10 @@ with the surrogate labels as classes, then sample the conditional model toward e
 1. The target ``UNet2DModel`` gets a class embedding with one row per kept cluster plus a *null* label (the
    last row). It is initialised to zero, so before fine-tuning the conditional model computes exactly the
    target's eps for every label (diffusers adds the class embedding to the time embedding).
-2. LoRA adapters (``peft``) on the attention and convolution layers (``lora.target_modules``, rank
-   ``lora.rank``; ``rank: full`` trains every weight instead) and the class embedding are trained with the
+2. LoRA adapters (``peft``) on the layers ``lora.target_modules`` names (rank ``lora.rank``; by default the
+   resnets' ``conv1``/``conv2`` and attention's ``to_q``/``to_k``/``to_v``/``to_out.0``: ``conv_in``, ``conv_out``,
+   the shortcuts, up/down-samplers and the time embedding stay frozen; ``rank: full`` trains every weight
+   instead) and the class embedding (at ``lora.class_lr``) are trained with the
    DDPM loss ||eps - eps_{theta + Delta}(x_t, t, y)||^2 on the synthetic images (paper: rank 512, lr 1e-5);
    with probability ``label_dropout`` a sample's label is replaced by the null label, which teaches the
    unconditional eps for classifier-free guidance.
@@ -37,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as cfg
 from .distributed import SINGLE, ProcessGroup
+from .models.forms import module_fingerprint
 from .models.target import UNetDenoiser, has_class_embedding
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
 from .surrogate import target_outputs
@@ -53,7 +56,7 @@ def lora_settings(c: cfg.LoraConfig) -> dict:
     same), nor at rank ``full`` LoRA's ``alpha`` and ``target_modules``; those take their defaults, so that changing
     them does not fine-tune again (the last two: :func:`~side_extract.config.unread_keys`, which a run warns of)."""
     unread = cfg.at_defaults(c, ["checkpoint_every", *cfg.unread_keys(c)])
-    return {k: v for k, v in cfg.to_dict(unread).items() if k != "guidance_scale"}
+    return {k: v for k, v in cfg.keyed_settings(unread).items() if k != "guidance_scale"}
 
 
 def lora_problems(unet: UNet2DModel, c: cfg.LoraConfig) -> list[str]:
@@ -154,6 +157,23 @@ class FinetuneResult:
     resumed_from: int
 
 
+def _param_groups(model: torch.nn.Module, c: cfg.LoraConfig) -> list[dict[str, Any]]:
+    """The trainable parameters: one group at ``lr``, or, with ``class_lr``, the class embedding's in a second group
+    at ``class_lr`` (one group as before otherwise, so an earlier release's optimizer checkpoint still loads)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if c.class_lr is None:
+        return [{"params": [p for _, p in named]}]
+    cls = [p for n, p in named if "class_embedding" in n]
+    assert cls, "the conditional UNet has a trainable class embedding"
+    return [{"params": [p for n, p in named if "class_embedding" not in n]}, {"params": cls, "lr": c.class_lr}]
+
+
+def _cuda_indices(device: str) -> list[int]:
+    """The CUDA device whose generator a step's fork of torch's RNG saves and restores (none on the CPU)."""
+    d = torch.device(device)
+    return [] if d.type != "cuda" else [d.index if d.index is not None else torch.cuda.current_device()]
+
+
 def _trainable_state(model: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
     if full:
         return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -178,7 +198,7 @@ def finetune(
     c: cfg.LoraConfig,
     out: str | Path,
     *,
-    target_fingerprint: str = "",
+    target_fingerprint: str | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     group: ProcessGroup = SINGLE,
@@ -188,7 +208,9 @@ def finetune(
     left out) and write the result to ``out`` (see the module docstring). Resumes from ``out/work``. Under a
     launch of several processes each trains on its rows of every batch and the main one writes
     (``distributed.py``). ``background``: the label value of memorization-aware labels' background class (trained
-    like the others, recorded so that sampling never targets it)."""
+    like the others, recorded so that sampling never targets it). ``target_fingerprint`` keys the resumable
+    checkpoint by the target (a run passes its model's; None: the fingerprint of ``target``'s weights and
+    scheduler), so a checkpoint of another target in ``out`` is never continued."""
     if not isinstance(target, UNetDenoiser):
         raise ValueError("side-lora fine-tunes a diffusers UNet2DModel target; this target is a plain callable")
     labels = np.asarray(labels)
@@ -206,8 +228,9 @@ def finetune(
         torch.manual_seed(c.seed)
         model = attach_adapters(conditional_unet(target.unet, len(classes)), c)
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(model, c), lr=c.lr, weight_decay=0.0)
+    if target_fingerprint is None:
+        target_fingerprint = module_fingerprint(target.unet, target.scheduler)
     key = fingerprint_of({k: v for k, v in lora_settings(c).items() if k not in ("steps", "checkpoint_every")},
                          array_fingerprint(x, y), target_fingerprint)  # a longer run continues a shorter one
     ckpt = out / "work" / "checkpoint"
@@ -237,11 +260,15 @@ def finetune(
         eps = torch.randn(xb.shape, generator=g)
         xt = sched.add_noise(xb, eps, t)
         xt, eps, t, yb = xt[rows], eps[rows], t[rows], yb[rows]  # this process's rows of the global batch
-        pred = net(xt.to(device), t.to(device), class_labels=yb.to(device)).sample
-        per_row = (pred - eps.to(device)).pow(2).flatten(1).mean(1)
-        loss = group.local_loss(per_row, n_batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # a target with dropout draws its masks from torch's global generator: seeded per step, so a resumed
+        # fine-tune and one in a process that drew other numbers before train the same
+        with torch.random.fork_rng(devices=_cuda_indices(device)):
+            torch.manual_seed(c.seed * 1_000_003 + step)
+            pred = net(xt.to(device), t.to(device), class_labels=yb.to(device)).sample
+            per_row = (pred - eps.to(device)).pow(2).flatten(1).mean(1)
+            loss = group.local_loss(per_row, n_batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         losses.append(round(group.batch_mean(per_row, n_batch), 6))
         if progress is not None:
