@@ -72,6 +72,19 @@ def test_cliques_stricter_than_components():
     assert detect_memorized(gen, thr, min_size=3, mode="cliques", train=gen).precision is None
 
 
+def test_a_clique_overlapping_a_larger_one_keeps_its_other_members():
+    """Two groups of near-copies with one generation between them (near both, the groups far apart): two maximal
+    cliques of 5 sharing it. The second group was dropped whole because it overlapped the first."""
+    values = [0, 0, 0, 0, 5, 10, 10, 10, 10]  # group A, the generation between, group B
+    gen = ImageSet(np.stack([np.full((8, 8, 1), v, np.uint8) for v in values]))
+    thr = 6 / 255
+    assert detect_memorized(gen, thr, min_size=4, mode="cliques").groups == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert detect_memorized(gen, thr, min_size=5, mode="cliques").groups == [[0, 1, 2, 3, 4]]  # B alone: 4
+    assert detect_memorized(gen, thr, min_size=4, mode="components").groups == [list(range(9))]
+    i, j, d = near_duplicate_pairs(gen.images[:0], thr, 2)  # no images: no pairs (it raised)
+    assert len(i) == len(j) == len(d) == 0
+
+
 def test_detection_in_evaluate(tmp_path):
     train, gen, _ = planted()
     r = evaluate(gen, train, cfg.EvaluateConfig(bands="high=0:0.05", carlini_n=5, detect_threshold=0.05,

@@ -69,6 +69,8 @@ def test_kid_estimator_and_its_standard_error():
     assert abs(kid) < 4 * se
     far, se_far = kernel_distance(same1, same2 + 0.5, n_subsets=30, subset_size=200)
     assert far > 10 * se_far > 0
+    with pytest.raises(ValueError, match=r"subset_size=2: the kernel distance's subsets need at least 3"):
+        kernel_distance(same1, same2, subset_size=2)  # (it blamed the sets: "got 600 and 600")
 
 
 def test_precision_recall_on_hand_made_manifolds():

@@ -588,6 +588,17 @@ def test_kid_best_is_marked_only_beyond_its_standard_error():
     assert _quality(metrics(None))["best"]["pixels"]["kid"] is None
     assert _quality(metrics(0.5))["best"]["pixels"]["kid"] == "cond"
     assert _quality(metrics(None))["best"]["pixels"]["frechet"] == "cond"  # (the others as before)
+    assert _quality(metrics(None))["best"]["pixels"]["recall"] == "uncond"
+
+
+def test_a_quality_value_several_methods_share_marks_no_best():
+    """Precision 1.0 for two methods (common at small N_G) marked the first in the table best (a review's find), and
+    a KID tie left its standard-error rule without a best to compare."""
+    from side_extract.report import _quality
+
+    q = {m: {"quality": {"pixels": {"frechet": 5.0, "kid": 0.01, "kid_se": 0.0, "precision": 1.0, "recall": r}}}
+         for m, r in (("side", 0.2), ("uncond", 0.3))}
+    assert _quality(q)["best"]["pixels"] == {"frechet": None, "kid": None, "precision": None, "recall": "uncond"}
 
 
 def test_an_evaluation_under_another_name_shows_the_generations_it_names(run_dir, tmp_path):

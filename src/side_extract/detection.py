@@ -5,7 +5,8 @@ A model that memorized a training image regenerates it many times. Without the t
 1. split each image into a ``grid x grid`` grid of tiles; the tiled distance of two images is the max over
    tiles of the per-tile RMS-L2 (pixels in [0, 1]): two images are near-duplicates only if every tile is;
 2. link every pair of generations with tiled distance ``< threshold`` (streamed in blocks of pairs);
-3. report groups of size ``>= min_size``: maximal cliques (Carlini et al.; disjoint, largest first) or, as
+3. report groups of size ``>= min_size``: maximal cliques (Carlini et al.; made disjoint largest first, a clique
+   that overlaps a larger one keeping its other members) or, as
    a documented relaxation that is cheaper on dense graphs, connected components;
 4. with the training set, a group is *verified* when its medoid (the member with the smallest summed tiled
    distance to the others, among its first 256 members) is within ``extraction_threshold`` pixel RMS-L2 of
@@ -14,6 +15,7 @@ A model that memorized a training image regenerates it many times. Without the t
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from typing import Any, Literal
 
 import numpy as np
@@ -92,8 +94,10 @@ def tiled_distances(a: np.ndarray, b: np.ndarray, grid: int) -> np.ndarray:
 def near_duplicate_pairs(images: np.ndarray, threshold: float, grid: int, *, chunk: int = 1024,
                          device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair i < j of ``images`` ((n, H, W, C) uint8) with tiled distance < ``threshold``: (i, j, d)."""
-    tiles = _tiles(images, grid)
     n = len(images)
+    if n == 0:  # (nothing to tile)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    tiles = _tiles(images, grid)
     found_i, found_j, found_d = [], [], []
     with torch.no_grad():
         for a0 in range(0, n, chunk):
@@ -125,13 +129,31 @@ def _groups(n: int, i: np.ndarray, j: np.ndarray, min_size: int, mode: GroupMode
         g = nx.Graph()
         g.add_nodes_from(range(len(members)))
         g.add_edges_from(zip(sub.row.tolist(), sub.col.tolist()))
-        cliques = sorted((sorted(c) for c in nx.find_cliques(g) if len(c) >= min_size), key=lambda c: (-len(c), c))
-        taken: set[int] = set()
-        for c in cliques:  # disjoint, largest first
-            if taken.isdisjoint(c):
-                taken.update(c)
-                groups.append(sorted(members[c].tolist()))
+        cliques = [sorted(c) for c in nx.find_cliques(g) if len(c) >= min_size]
+        groups += [sorted(members[c].tolist()) for c in _disjoint_cliques(cliques, min_size)]
     return sorted(groups, key=lambda g: (-len(g), g))
+
+
+def _disjoint_cliques(cliques: list[list[int]], min_size: int) -> list[list[int]]:
+    """Disjoint groups from overlapping maximal cliques, largest first: each step takes the clique with the most
+    members not yet taken, those members (a subset of a clique is a clique), while they number ``min_size`` or
+    more. A clique that shares members with a larger one keeps the rest (it was dropped whole: one generation
+    between two memorized images hid the second image's group)."""
+    heap = [(-len(c), c) for c in cliques]
+    heapq.heapify(heap)
+    taken: set[int] = set()
+    out = []
+    while heap:
+        size, c = heapq.heappop(heap)
+        rest = [v for v in c if v not in taken]
+        if len(rest) < min_size:
+            continue
+        if len(rest) < -size:  # shrunk since it was queued: queue it again at its size now
+            heapq.heappush(heap, (-len(rest), rest))
+            continue
+        taken.update(rest)
+        out.append(rest)
+    return out
 
 
 def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 10, grid: int | None = None,

@@ -7,8 +7,9 @@ EfficientNet-Lite0; ``torchscript:PATH`` for an Inception- or SSCD-style model a
   with the square root from ``scipy.linalg.sqrtm`` (its tiny imaginary part from rounding dropped). Biased
   upward for small N (it needs N well above the feature dimension): compare methods at equal N only.
 - **Kernel distance** (KID; Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
-  k(x, y) = (x . y / d + 1)^3, averaged over ``n_subsets`` random subsets of ``subset_size`` of each set; its
-  standard error is the subsets' standard deviation / sqrt(n_subsets). Unbiased at any N.
+  k(x, y) = (x . y / d + 1)^3, averaged over ``n_subsets`` random subsets of ``subset_size`` of each set (at
+  most the smaller set's size); its standard error combines the sets' own sampling error (a two-sample
+  jackknife) with the subsets' noise (:func:`kernel_distance`). Unbiased at any N.
 - **Precision and recall** of the sample manifold (Kynkaanniemi et al. 2019): each set's manifold is the union
   of balls around its points with radius the distance to the k-th nearest neighbour in the set; precision is
   the share of generations inside the real manifold, recall the share of real images inside the generated one.
@@ -107,13 +108,16 @@ def mmd2_jackknife_se(a: np.ndarray, b: np.ndarray) -> float:
 
 def kernel_distance(a: np.ndarray, b: np.ndarray, *, n_subsets: int = 50, subset_size: int = 1000,
                     random_state: int = 0) -> tuple[float, float]:
-    """KID: the mean of the unbiased MMD^2 over random subsets (without replacement within one; the whole sets
-    when both fit in ``subset_size``, then every subset gives the same value), and its standard error: the
+    """KID: the mean of the unbiased MMD^2 over random subsets of min(``subset_size``, both sets' sizes) of each
+    set (without replacement within one; the whole sets when both have that many, then every subset gives the
+    same value; a larger set is drawn from again in every subset), and its standard error: the
     sampling error of the sets themselves (the two-sample jackknife of the whole-set statistic, which the subset
     mean estimates without bias) plus the subsets' own noise. Before, the error was the subsets' spread / sqrt(50)
     alone: 0 when the subsets were the whole sets, and about 10x too small otherwise."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     m = min(subset_size, len(a), len(b))
+    if subset_size < 3:
+        raise ValueError(f"subset_size={subset_size}: the kernel distance's subsets need at least 3 samples")
     if m < 3:
         raise ValueError(f"the kernel distance needs at least 3 samples per set, got {len(a)} and {len(b)}")
     rng = np.random.default_rng(random_state)

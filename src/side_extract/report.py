@@ -90,6 +90,14 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
     return {"columns": cols, "header": header, "rows": rows, "best": best, "bands": bands, "same_bands": same}
 
 
+def _sole_best(rows: list[dict[str, Any]], key: str, *, low: bool) -> str | None:
+    """The method whose ``key`` is lowest (``low``) or highest, or None where another method ties it (precision
+    1.0 for several at small N_G: the first in the table was marked best)."""
+    target = (min if low else max)(r[key] for r in rows)
+    at = [r["method"] for r in rows if r[key] == target]
+    return at[0] if len(at) == 1 else None
+
+
 def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
     """Sample quality rows per feature space (``metrics.json`` ``quality``), or None where none was measured."""
     spaces: dict[str, list[dict[str, Any]]] = {}
@@ -103,10 +111,10 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
                 spaces.setdefault(space, []).append({"method": name, **v})
     if not spaces and not skipped:
         return None
-    best = {s: {k: (min if k in ("frechet", "kid") else max)(rows, key=lambda r: r[k])["method"]
-                for k in ("frechet", "kid", "precision", "recall")} for s, rows in spaces.items() if len(rows) > 1}
+    best = {s: {k: _sole_best(rows, k, low=k in ("frechet", "kid")) for k in ("frechet", "kid", "precision", "recall")}
+            for s, rows in spaces.items() if len(rows) > 1}
     for s, rows in spaces.items():  # KID comes with its standard error: a best within the noise is no best
-        if s in best:
+        if s in best and best[s]["kid"] is not None:
             low = next(r for r in rows if r["method"] == best[s]["kid"])
             if any(r is not low and r["kid"] - low["kid"] <= Z95 * math.hypot(r.get("kid_se") or 0.0,
                                                                                 low.get("kid_se") or 0.0)
