@@ -418,8 +418,10 @@ class LoraConfig:
     learning rate of the class embedding, the only way the labels reach the model (default: ``lr``). It starts at
     zero and AdamW moves each of its entries by about the learning rate per step, so at lr 1e-4 and 300 steps its
     rows stay near 0.01 against time embeddings of 1-6, and the conditional eps differs from the unconditional
-    one by about 2e-4 of its size on the demo target: the labels, and with them w, change almost nothing. The
-    paper: rank 512, lr 1e-5, on models far larger than the demo's."""
+    one by about 2e-4 of its size on the demo target: the labels, and with them w, change almost nothing. Measured
+    at 16x16, 300 images (light budget, two held-out replicates): class_lr 0.01 reached 0.50x UnCond's distinct
+    images, 0.1 0.43x, no better than without it (0.56x; ``benchmarks/results/fair16/lora-clslr2-n300``), so it
+    stays unset. The paper: rank 512, lr 1e-5, on models far larger than the demo's."""
 
     rank: int | Literal["full"] = 64
     alpha: float | None = None
