@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scipy.stats import t as student_t
-
-from side_extract.bench.intervals import INTERVAL_METHOD, replicate_se
+from side_extract.bench.intervals import INTERVAL_METHOD, spread_interval
 from side_extract.bench.protocol import render_fair_markdown
 from side_extract.runs import atomic_write_json, atomic_write_text, read_json
 
@@ -39,9 +37,7 @@ def restate(row: dict[str, Any]) -> tuple[list[float], bool] | None:
     num, den = row.get("per_replicate"), row.get("baseline_per_replicate")
     if not num or not den or ratio is None or lo is None or hi is None or not 0 < lo <= ratio <= hi:
         return None
-    se_rep, df = replicate_se(num, den)
-    h = max(math.log(hi / ratio), float(student_t.ppf(0.975, df)) * se_rep if df is not None else 0.0)
-    lo, hi = ratio * math.exp(-h), ratio * math.exp(h)
+    lo, hi = spread_interval(ratio, math.log(hi / ratio), num, den)  # the old half-width is the resampling's
     return [lo, hi], hi > lo and (lo > 1 or hi < 1)
 
 

@@ -120,12 +120,18 @@ def test_calibrate_reads_heldout_from_its_config_file(sets):
     (sets / "cal.yaml").write_text(f"heldout: {sets / 'run/extraction/side'}\ncalibration_quantiles: [0.1, 0.3, 0.45]\n")
     r = invoke("calibrate", "--train", sets / "train.npz", "--config", sets / "cal.yaml", "--out", sets / "cal")
     assert r.exit_code == 0, r.output
+    assert "no --heldout" not in r.output and "digits not in" not in r.output, r.output
+    (sets / "self.yaml").write_text("calibration_quantiles: [0.1, 0.3, 0.45]\n")  # no held-out set at all
+    r = invoke("calibrate", "--train", sets / "train.npz", "--config", sets / "self.yaml", "--out", sets / "cal-self")
+    assert r.exit_code == 0 and "no --heldout: bands from each training image vs the rest" in r.output, r.output
     assert json.loads((sets / "cal" / "bands.json").read_text())["null_source"] == "heldout"
 
 
 def test_calibrate_digits_uses_the_complement(tmp_path):
     r = invoke("calibrate", "--train", "digits:50", "--out", tmp_path)
     assert r.exit_code == 0, r.output
+    # (session 40's review commit printed "no --heldout: bands from each training image vs the rest" here too)
+    assert "the 1747 digits not in digits:50" in r.output and "no --heldout" not in r.output, r.output
     b = json.loads((tmp_path / "bands.json").read_text())
     assert b["null"]["heldout"]["n"] == 1747 and b["null"]["train"]["n"] == 50
 

@@ -45,9 +45,9 @@ def calibrate_cmd(
     run = run_written_into(out)  # (RUN/evaluation itself holds the run's own calibration: refused)
     tr = load_image_set(train, c.resize)
     ho = held_out_set(train, c.heldout, c.resize)  # --heldout, else the config file's, else the digits outside
-    if c.heldout is None and ho is not None:
-        console.print(f"held-out set: the {len(ho)} digits not in {train}")
-        console.print("no --heldout: bands from each training image vs the rest of the training set")
+    if c.heldout is None:
+        console.print(f"held-out set: the {len(ho)} digits not in {train}" if ho is not None else
+                      "no --heldout: bands from each training image vs the rest of the training set")
     if ho is not None:  # before the work (it was found after the training set's null)
         check_same_shape(ho, tr, "held-out images")
     feature_model = load_feature_model(model, device)
