@@ -518,6 +518,50 @@ def test_atomic_directory_is_not_blocked_by_an_earlier_calls_leftover(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"ckpt", leftover.name}  # nothing new left behind
 
 
+def _killed_mid_write(run, kind):
+    """A process killed (SIGKILL) between writing a file or folder of the run under its temporary name and the
+    rename into place, as by the OOM killer or a power loss: the real writers, nothing simulated but the kill."""
+    write = {"file": "atomic_write_bytes(run / 'synthetic' / 'shard-00000.npz', b'x' * 4096)",
+             "folder": "cm = atomic_directory(run / 'classifier'); d = cm.__enter__(); "
+                       "(d / 'model.safetensors').write_bytes(b'w'); os.kill(os.getpid(), signal.SIGKILL)"}[kind]
+    code = ("import os, signal\nfrom pathlib import Path\nfrom side_extract.runs import atomic_directory, "
+            f"atomic_write_bytes\nrun = Path({str(run)!r})\nos.replace = lambda *a: os.kill(os.getpid(), "
+            f"signal.SIGKILL)\n{write}\n")
+    p = subprocess.run([sys.executable, "-c", code])
+    assert p.returncode == -signal.SIGKILL
+
+
+def test_the_next_writer_removes_what_a_killed_writer_left_half_written(tmp_path):
+    """A writer killed mid-write left its temporary file or folder in the run for good (a shard, a checkpoint:
+    disk that nothing reads). The next holder of the run's lock removes them, once a minute old; it keeps a fresh
+    one (a reader such as `side report` writes without the lock), look-alikes, and a nested run's own."""
+    run = tmp_path / "run"
+    (run / "synthetic").mkdir(parents=True)
+    _killed_mid_write(run, "file")
+    _killed_mid_write(run, "folder")
+    left = sorted(p.relative_to(run).as_posix() for p in run.rglob(".*") if p.name != ".lock")
+    assert [p.split("/")[-1].split(".")[-1] for p in left] == ["tmp", "tmp"]  # one in run/, one in run/synthetic/
+    nested = run / "sweeps" / "scale=3"
+    (nested / "synthetic").mkdir(parents=True)
+    (nested / ".lock").touch()
+    _killed_mid_write(nested, "file")
+    kept = [run / ".notes.tmp", run / "synthetic" / ".shard-00001.npz.abcd1234.tmp.bak"]
+    for p in kept:
+        p.write_text("a user's file")
+    old = time.time() - 3600
+    for p in run.rglob(".*"):
+        os.utime(p, (old, old))
+    fresh = run / "synthetic" / ".shard-00002.npz.q1w2e3r4.tmp"
+    fresh.write_bytes(b"being written")
+    with run_lock(run):
+        pass
+    now = sorted(p.relative_to(run).as_posix() for p in run.rglob(".*") if p.name != ".lock")
+    assert not any(p in now for p in left)
+    assert {p.relative_to(run).as_posix() for p in [*kept, fresh]} <= set(now)
+    assert [p for p in now if p.startswith("sweeps/scale=3/synthetic/.shard")]  # the nested run's, kept
+    assert (run / "synthetic").is_dir()
+
+
 def test_a_sweep_does_not_write_into_a_sub_run_another_process_holds(tiny_model_dir, tmp_path, one_thread):
     """The parent's stages are shared into a sub-run only under the sub-run's lock (before: its manifest and files
     were rewritten while another process held it, and only then did the sub-run fail)."""

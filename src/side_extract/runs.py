@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -113,6 +114,40 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")  # atomic_write_bytes' and atomic_directory's names
+
+
+def sweep_leftovers(path: str | Path, min_age_s: float = 60.0) -> list[Path]:
+    """Remove what writers killed mid-write (SIGKILL, power loss) left in run directory ``path``: the temporary
+    files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.tmp``,
+    ``.NAME.XXXXXXXX.old``), which nothing reads, once untouched for ``min_age_s`` seconds. :func:`run_lock` calls
+    it for the lock's new holder, before its first write: no other writer of the run's stages can be between a
+    temporary name and its rename then, and the age spares the small files that readers such as ``side report``
+    write without the lock. A nested run directory (one with its own ``.lock``) is left to its own writers.
+    Returns what was removed."""
+    root = Path(path)
+    before = time.time() - min_age_s
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in list(dirnames):
+            p = here / name
+            if _LEFTOVER.match(name) or (p / ".lock").exists() or p.is_symlink():
+                dirnames.remove(name)  # not walked into
+            if _LEFTOVER.match(name) and not p.is_symlink() and p.lstat().st_mtime < before:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        for name in filenames:
+            p = here / name
+            if _LEFTOVER.match(name) and p.lstat().st_mtime < before:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    if removed:
+        log.info("run directory %s: removed %d temporary file(s) left by a writer killed mid-write (%s)",
+                 root, len(removed), ", ".join(str(p.relative_to(root)) for p in removed[:5]))
+    return removed
 
 
 def _json_default(o: Any) -> Any:
@@ -469,6 +504,7 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
         f.truncate()
         f.write(f"pid {os.getpid()}, command {' '.join(sys.argv)!r}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         f.flush()
+        sweep_leftovers(path)
         _HELD[path] = 1
         try:
             yield
