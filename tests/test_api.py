@@ -348,17 +348,18 @@ def test_api_input_mistakes_are_named_and_leave_nothing_behind(tmp_path, one_thr
 
 
 def test_a_callable_is_checked_like_a_unet(tmp_path, one_thread):
-    """A UNet's scheduler for v- or x0-prediction was refused, a callable's was not (its output then read as eps);
-    a callable returning the wrong shape failed in the first stage with torch's error, leaving a run behind."""
+    """A UNet's scheduler of a prediction type side-extract cannot read was refused, a callable's was not (its
+    output then read as eps); a callable returning the wrong shape failed in the first stage with torch's error,
+    leaving a run behind. (v and x0: tests/test_predictions.py.)"""
     from diffusers import DDPMScheduler
 
     unet = tiny_unet()
     fn = lambda x, t: unet(x, t).sample  # noqa: E731
-    v = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
-    with pytest.raises(ValueError, match="prediction_type='v_prediction': only epsilon-predicting"):
-        as_target(fn, scheduler=v, sample_shape=(1, 8, 8))
-    with pytest.raises(ValueError, match="prediction_type='v_prediction': only epsilon-predicting"):
-        as_target(unet, scheduler=v)
+    unknown = DDPMScheduler(num_train_timesteps=1000, prediction_type="flow")
+    with pytest.raises(ValueError, match="prediction_type='flow': a model must predict one of"):
+        as_target(fn, scheduler=unknown, sample_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="prediction_type='flow': a model must predict one of"):
+        as_target(unet, scheduler=unknown)
     with pytest.raises(ValueError, match=r"must return eps shaped like its input \(2, 1, 8, 8\); it returned \(2, 1, 8, 4\)"):
         side_extract.audit(lambda x, t: fn(x, t)[..., :4], "digits:30", scheduler=tiny_scheduler(),
                            sample_shape=(1, 8, 8), config=SMALL, out=tmp_path / "run", methods=["uncond"])

@@ -8,7 +8,8 @@ with the surrogate labels as classes, then sample the conditional model toward e
    resnets' ``conv1``/``conv2`` and attention's ``to_q``/``to_k``/``to_v``/``to_out.0``: ``conv_in``, ``conv_out``,
    the shortcuts, up/down-samplers and the time embedding stay frozen; ``rank: full`` trains every weight
    instead) and the class embedding (at ``lora.class_lr``) are trained with the
-   DDPM loss ||eps - eps_{theta + Delta}(x_t, t, y)||^2 on the synthetic images (paper: rank 512, lr 1e-5);
+   DDPM loss ||eps - eps_{theta + Delta}(x_t, t, y)||^2 on the synthetic images (paper: rank 512, lr 1e-5; for
+   a target trained to predict v or x0, the same loss on that output, as it was trained);
    with probability ``label_dropout`` a sample's label is replaced by the null label, which teaches the
    unconditional eps for classifier-free guidance.
 3. Sampling for cluster y uses eps = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)) with ``w =
@@ -40,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from . import config as cfg
 from .distributed import SINGLE, ProcessGroup
 from .models.forms import module_fingerprint
-from .models.target import UNetDenoiser, has_class_embedding
+from .models.target import UNetDenoiser, as_epsilon, has_class_embedding, prediction_target
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
 from .surrogate import target_outputs
 
@@ -115,6 +116,7 @@ class ConditionalDenoiser:
                  background: int | None = None) -> None:
         self.model = model.eval()
         self.scheduler = target.scheduler
+        self.prediction = target.prediction  # what the fine-tuned UNet outputs, as the target: eps, v or x0
         self.sample_shape = target.sample_shape
         self.classes = np.asarray(classes, dtype=np.int64)
         self.null = len(self.classes)
@@ -135,7 +137,8 @@ class ConditionalDenoiser:
         return target_outputs(self.classes, () if self.background is None else (self.background,))
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model(x, torch.as_tensor(t, device=x.device), class_labels=y).sample
+        out = self.model(x, torch.as_tensor(t, device=x.device), class_labels=y).sample
+        return as_epsilon(self.scheduler, self.prediction, x, t, out)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         null = torch.full((len(x),), self.null, dtype=torch.long, device=x.device)
@@ -230,7 +233,7 @@ def finetune(
     model.to(device).train()
     opt = torch.optim.AdamW(_param_groups(model, c), lr=c.lr, weight_decay=0.0)
     if target_fingerprint is None:
-        target_fingerprint = module_fingerprint(target.unet, target.scheduler)
+        target_fingerprint = module_fingerprint(target.unet, target.model_scheduler)
     key = fingerprint_of({k: v for k, v in lora_settings(c).items() if k not in ("steps", "checkpoint_every")},
                          array_fingerprint(x, y), target_fingerprint)  # a longer run continues a shorter one
     ckpt = out / "work" / "checkpoint"
@@ -265,7 +268,8 @@ def finetune(
         with torch.random.fork_rng(devices=_cuda_indices(device)):
             torch.manual_seed(c.seed * 1_000_003 + step)
             pred = net(xt.to(device), t.to(device), class_labels=yb.to(device)).sample
-            per_row = (pred - eps.to(device)).pow(2).flatten(1).mean(1)
+            want = prediction_target(sched, target.prediction, xb[rows], eps, t).to(device)  # eps for an eps model
+            per_row = (pred - want).pow(2).flatten(1).mean(1)
             loss = group.local_loss(per_row, n_batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()

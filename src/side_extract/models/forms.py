@@ -103,7 +103,7 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if source is not None and source.is_dir() and scheduler is None and sample_shape is None:
             model = str(source)
         else:
-            model, scheduler = model.unet, scheduler or model.scheduler
+            model, scheduler = model.unet, scheduler or model.model_scheduler
     if isinstance(model, (str, Path)):
         if scheduler is not None or sample_shape is not None:  # (they were ignored without a word)
             raise ValueError(f"scheduler= and sample_shape= are for a model object; the model directory {str(model)!r} "
@@ -138,7 +138,7 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         shape = tuple(int(v) for v in sample_shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"sample_shape={sample_shape} must be (C, H, W), each at least 1")
-        denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses a scheduler of another prediction type)
+        denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses an unknown prediction type)
         fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
         name = getattr(model, "__name__", "eps")
         if model_id is not None:

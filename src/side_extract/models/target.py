@@ -1,9 +1,9 @@
 """Target diffusion models: the :class:`Denoiser` protocol, loading, saving and training.
 
 A target is anything that predicts the noise ``eps(x_t, t)`` together with the noise scheduler it was
-trained with. Model directories are read exactly as diffusers' ``DDPMPipeline.save_pretrained`` writes
-them (``unet/`` + ``scheduler/`` + ``model_index.json``), safetensors only: a pickle checkpoint is refused,
-never unpickled.
+trained with (a model trained to predict v or x0 is read as the epsilon its output means). Model directories
+are read exactly as diffusers' ``DDPMPipeline.save_pretrained`` writes them (``unet/`` + ``scheduler/`` +
+``model_index.json``), safetensors only: a pickle checkpoint is refused, never unpickled.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """eps(x_t, t) with the shape of one sample and the scheduler the model was trained with.
+    """eps(x_t, t) with the shape of one sample and the scheduler the model was trained with, as an epsilon
+    model's (a v- or x0-predicting model's denoiser returns the epsilon its output means).
 
     ``__call__(x, t)``: x (B, C, H, W) float, t a scalar or (B,) tensor of *training* timesteps, on any device
     (the denoiser puts it on x's: diffusers' UNets move a 0-dim t but not a (B,) one); returns eps (B, C, H, W).
@@ -93,13 +94,65 @@ def predict_x0(sched: SchedulerMixin, x: torch.Tensor, t: int, eps: torch.Tensor
     return x0 if clip_range is None else x0.clamp(-clip_range, clip_range)
 
 
-def check_epsilon(scheduler: SchedulerMixin, model_prediction: str | None = None) -> None:
-    """Every sampler, guidance and score here reads the model's output as epsilon: a scheduler (or model config)
-    for v- or x0-prediction is refused."""
-    kind = model_prediction if model_prediction not in (None, "epsilon") else scheduler.config.get("prediction_type",
-                                                                                                  "epsilon")
-    if kind != "epsilon":
-        raise ValueError(f"prediction_type={kind!r}: only epsilon-predicting models are supported")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+"""What a model's output can be (diffusers' ``prediction_type``): the noise, the velocity v = sqrt(abar) eps -
+sqrt(1 - abar) x0, or the clean image x0. Every sampler, guidance and score here reads epsilon: a denoiser turns
+the others into it (:func:`as_epsilon`)."""
+
+
+def prediction_type(scheduler: SchedulerMixin, model_prediction: str | None = None) -> str:
+    """The prediction type a model was trained with: its scheduler's ``prediction_type`` (diffusers' default:
+    epsilon), or the UNet config's own where it declares one (``model_prediction``); refused where the two declare
+    different ones, or one that is not in :data:`PREDICTIONS`."""
+    declared = scheduler.config.get("prediction_type", None)
+    if model_prediction is not None and declared is not None and model_prediction != declared:
+        raise ValueError(f"the UNet's config says prediction_type={model_prediction!r}, its scheduler's "
+                         f"prediction_type={declared!r}: save it with the scheduler it was trained with")
+    kind = model_prediction or declared or "epsilon"
+    if kind not in PREDICTIONS:
+        raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
+    return kind
+
+
+def epsilon_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """``scheduler`` as a scheduler of an epsilon-predicting model (the same class and noise schedule): what
+    the samplers step with the epsilon a denoiser returns."""
+    if scheduler.config.get("prediction_type", "epsilon") == "epsilon":
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, prediction_type="epsilon")
+
+
+def as_epsilon(scheduler: SchedulerMixin, kind: str, x: torch.Tensor, t: torch.Tensor | int,
+               output: torch.Tensor) -> torch.Tensor:
+    """The noise epsilon that a model of prediction type ``kind`` means by ``output`` at x_t = ``x``, timestep(s)
+    ``t`` (a number, or one per sample), as diffusers' schedulers convert it in their step: v-prediction
+    eps = sqrt(abar) v + sqrt(1 - abar) x_t; x0-prediction (``sample``) eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+    if kind == "epsilon":
+        return output
+    t = torch.as_tensor(t).long().cpu()
+    abar = scheduler.alphas_cumprod[t].to(device=output.device, dtype=output.dtype)
+    abar = abar.reshape(-1, *([1] * (output.ndim - 1))) if abar.ndim else abar
+    if kind == "v_prediction":
+        return abar.sqrt() * output + (1 - abar).sqrt() * x.to(output.dtype)
+    if kind == "sample":
+        return (x.to(output.dtype) - abar.sqrt() * output) / (1 - abar).sqrt()
+    raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
+
+
+def prediction_target(scheduler: SchedulerMixin, kind: str, x0: torch.Tensor, noise: torch.Tensor,
+                      t: torch.Tensor) -> torch.Tensor:
+    """What a model of prediction type ``kind`` is trained to output for x_t = sqrt(abar) x0 + sqrt(1 - abar)
+    ``noise`` at timesteps ``t`` (one per sample): the noise, v = sqrt(abar) noise - sqrt(1 - abar) x0, or x0
+    (as diffusers' training scripts set the loss's target)."""
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        abar = scheduler.alphas_cumprod[t.long().cpu()].to(device=x0.device, dtype=x0.dtype)
+        abar = abar.reshape(-1, *([1] * (x0.ndim - 1)))
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
 
 
 def has_class_embedding(unet: UNet2DModel) -> bool:
@@ -108,10 +161,13 @@ def has_class_embedding(unet: UNet2DModel) -> bool:
 
 
 class UNetDenoiser:
-    """A diffusers ``UNet2DModel`` predicting epsilon, with its noise scheduler."""
+    """A diffusers ``UNet2DModel`` with the noise scheduler it was trained with, as a denoiser: it returns
+    epsilon whatever the model predicts (:data:`PREDICTIONS`; ``prediction``). ``scheduler`` is the trained one
+    as an epsilon model's (:func:`epsilon_scheduler`), the one every sampler steps with; ``model_scheduler`` is
+    the one given, part of the model's identity (its fingerprint)."""
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, source: str = "") -> None:
-        check_epsilon(scheduler, unet.config.get("prediction_type", None))
+        self.prediction = prediction_type(scheduler, unet.config.get("prediction_type", None))
         if has_class_embedding(unet):
             raise ValueError(f"{source or 'the model'}: a class-conditional UNet2DModel (num_class_embeds="
                              f"{unet.config.get('num_class_embeds')}, class_embed_type="
@@ -120,14 +176,16 @@ class UNetDenoiser:
                              "class, e.g. lambda x, t: unet(x, t, class_labels=torch.full((len(x),), y, "
                              "device=x.device)).sample, with its scheduler and sample_shape (side_extract.audit)")
         self.unet = unet.eval()
-        self.scheduler = scheduler
+        self.model_scheduler = scheduler
+        self.scheduler = epsilon_scheduler(scheduler)
         self.source = source
         size = unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (int(unet.config.in_channels), int(h), int(w))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, torch.as_tensor(t, device=x.device)).sample
+        out = self.unet(x, torch.as_tensor(t, device=x.device)).sample
+        return as_epsilon(self.scheduler, self.prediction, x, t, out)
 
     def to(self, device: str | torch.device) -> "UNetDenoiser":
         self.unet.to(device)
@@ -135,7 +193,9 @@ class UNetDenoiser:
 
 
 class CallableDenoiser:
-    """Wrap any callable ``fn(x, t) -> eps`` as a :class:`Denoiser`."""
+    """Wrap any callable ``fn(x, t)`` as a :class:`Denoiser`: its output is what its scheduler's
+    ``prediction_type`` says (epsilon unless it says otherwise), turned into epsilon as :class:`UNetDenoiser`
+    does."""
 
     def __init__(
         self,
@@ -143,13 +203,14 @@ class CallableDenoiser:
         sample_shape: tuple[int, int, int],
         scheduler: SchedulerMixin,
     ) -> None:
-        check_epsilon(scheduler)
+        self.prediction = prediction_type(scheduler)
         self.fn = fn
         self.sample_shape = tuple(int(s) for s in sample_shape)  # type: ignore[assignment]
-        self.scheduler = scheduler
+        self.model_scheduler = scheduler
+        self.scheduler = epsilon_scheduler(scheduler)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, torch.as_tensor(t, device=x.device))
+        return as_epsilon(self.scheduler, self.prediction, x, t, self.fn(x, torch.as_tensor(t, device=x.device)))
 
 
 @dataclasses.dataclass(frozen=True)
