@@ -148,3 +148,63 @@ def test_the_fine_tuned_copy_of_a_v_model_returns_epsilon_and_trains_on_v(v_mode
     with torch.no_grad():
         torch.testing.assert_close(tuned(x, t), as_epsilon(s, "v_prediction", x, t, tuned.model(
             x, t, class_labels=torch.full((4,), tuned.null)).sample))
+
+
+def test_train_target_learns_v_or_x0_and_keeps_earlier_targets_keys(tmp_path):
+    """`side train-target --prediction-type`: the saved scheduler says what the UNet outputs, the first step's loss
+    is on v (diffusers' velocity) or x0, and the default keeps every earlier target's key (the benchmark cache's
+    names and a checkpoint's resume key): prediction_type is left out of them at epsilon."""
+    from diffusers import UNet2DModel
+
+    from side_extract import config as cfg
+    from side_extract.bench.extraction import full_target_template
+    from side_extract.data import load_image_set
+    from side_extract.models.target import train_target
+    from side_extract.runs import fingerprint_of
+
+    from test_target import TINY as TINY_TARGET
+
+    digits = load_image_set("digits:20")
+    np.savez(tmp_path / "one.npz", images=np.repeat(digits.images[:1], 20, axis=0))  # one image: each row's x0
+    data = load_image_set(tmp_path / "one.npz")
+    image = torch.as_tensor(data.to_float()[:1])
+    for kind in KINDS:
+        seen, losses = [], []
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: seen.append((args[0].detach(), args[1].detach(), out.sample.detach()))
+            if isinstance(m, UNet2DModel) and m.training else None)
+        try:
+            res = train_target(dataclasses.replace(TINY_TARGET, prediction_type=kind, steps=1), data, tmp_path / kind,
+                               report=lambda step, steps, loss, sec: losses.append(loss), report_every=1)
+        finally:
+            hook.remove()
+        model = load_target(tmp_path / kind)
+        assert model.prediction == kind and model.model_scheduler.config.prediction_type == kind and res.steps == 1
+        xt, t, out = seen[0]
+        s = model.scheduler
+        abar = s.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        noise = (xt - abar.sqrt() * image) / (1 - abar).sqrt()
+        want = s.get_velocity(image.expand_as(xt), noise, t) if kind == "v_prediction" else image.expand_as(xt)
+        assert losses[0] == pytest.approx(float((out - want).pow(2).flatten(1).mean(1).mean()), rel=1e-4)
+    c = full_target_template()
+    assert fingerprint_of(cfg.keyed_settings(dataclasses.replace(c, data="digits:300", resize=16)))[:12] == \
+        "fa27d08e5a17"  # benchmarks/results/fair16/*-n300: digits300-16px-fa27d08e5a17
+    assert "prediction_type" not in cfg.keyed_settings(c)
+    assert cfg.keyed_settings(dataclasses.replace(c, prediction_type="v_prediction"))["prediction_type"] == \
+        "v_prediction"
+
+
+def test_train_target_cli_takes_and_checks_the_prediction_type(tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    bad = CliRunner().invoke(app, ["--threads", "1", "train-target", "--out", str(tmp_path / "x"), "--prediction-type",
+                                   "flow", "--steps", "1"])
+    assert bad.exit_code == 2 and "prediction_type='flow' must be one of 'epsilon', 'v_prediction', 'sample'" in \
+        bad.output and not (tmp_path / "x").exists()
+    ok = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "train-target", "--out", str(tmp_path / "v"),
+                                  "--data", "digits:20", "--prediction-type", "v_prediction", "--steps", "1",
+                                  "--block-out-channels", "4,8", "--norm-num-groups", "4", "--batch-size", "4"])
+    assert ok.exit_code == 0, ok.output
+    assert load_target(tmp_path / "v").prediction == "v_prediction"

@@ -117,7 +117,9 @@ def _shards(obj: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainTargetConfig:
-    """Training a diffusers ``UNet2DModel`` target for memorization studies."""
+    """Training a diffusers ``UNet2DModel`` target for memorization studies. ``prediction_type``: what the UNet
+    learns to output, as in diffusers' training scripts: the noise (``epsilon``, the default and the paper's), v
+    (``v_prediction``) or x0 (``sample``); its scheduler records it, and the audit reads every kind as epsilon."""
 
     data: str = "digits:100"
     resize: int | None = None
@@ -127,6 +129,7 @@ class TrainTargetConfig:
     attention: bool = False
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
@@ -661,7 +664,8 @@ def at_defaults(c: T, keys: Any) -> T:
 
 # keys added after runs were made, with the value that behaves as the releases before them: at that value a key is
 # left out of the settings a stage or checkpoint is keyed by, so those runs' results stay current
-LATER_KEYS: dict[type, dict[str, Any]] = {ClassifierConfig: {"balance": 0.0}, LoraConfig: {"class_lr": None}}
+LATER_KEYS: dict[type, dict[str, Any]] = {ClassifierConfig: {"balance": 0.0}, LoraConfig: {"class_lr": None},
+                                          TrainTargetConfig: {"prediction_type": "epsilon"}}
 
 
 def keyed_settings(c: Any) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def ensure_target(c: cfg.TrainTargetConfig, n: int, size: int, cache: Path, *, d
                   progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Train the target of ``c`` for ``digits:n`` at ``size`` px, or reuse the cached one of the same fingerprint."""
     c = dataclasses.replace(c, data=f"digits:{n}", resize=None if size == 8 else size)
-    fp = fingerprint_of(c)
+    fp = fingerprint_of(cfg.keyed_settings(c))  # (keys added later, at their earlier value, leave it as it was)
     path = cache / "targets" / f"{_tag(n, size)}-{fp[:12]}"
     info_path = cache / "targets" / f"{path.name}.json"
     done = (path / "training_log.json").exists() and (path / "model_index.json").exists() and info_path.exists()

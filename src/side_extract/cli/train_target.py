@@ -25,6 +25,8 @@ def train_target_cmd(
     attention: bool = typer.Option(D.attention, help="Self-attention in the lowest-resolution down and up blocks too (the mid block always has one)."),
     num_train_timesteps: int = typer.Option(D.num_train_timesteps),
     beta_schedule: str = typer.Option(D.beta_schedule),
+    prediction_type: str = typer.Option(D.prediction_type, help="What the UNet learns to output: epsilon (the noise), "
+                                        "v_prediction or sample (x0), as in diffusers' training scripts."),
     steps: int = typer.Option(D.steps, help="Optimizer steps in total (a rerun resumes from the last checkpoint)."),
     batch_size: int = typer.Option(D.batch_size),
     lr: float = typer.Option(D.lr),

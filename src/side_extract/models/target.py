@@ -412,7 +412,7 @@ def check_train_out(out: Path, resume_key: dict) -> None:
                              "--out or delete it")
     made = out / "train_config.yaml"
     if made.is_file():
-        old = {k: v for k, v in cfg.to_dict(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made))).items()
+        old = {k: v for k, v in cfg.keyed_settings(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made))).items()
                if k not in ("steps", "checkpoint_every")}
         if old != {k: v for k, v in resume_key.items() if k != "data_fingerprint"}:
             raise ValueError(f"{differs} (train_config.yaml); training here would replace it: choose another --out "
@@ -447,7 +447,8 @@ def train_target(
     all) with the mean loss since the last call and the seconds since the start; the steps are also logged.
 
     1. x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), x_t = scheduler.add_noise(x_0, eps, t);
-    2. loss = ||eps_theta(x_t, t) - eps||^2, AdamW, optional EMA of the weights;
+    2. loss = ||eps_theta(x_t, t) - eps||^2 (``c.prediction_type``: v or x_0 in place of eps,
+       :func:`prediction_target`), AdamW, optional EMA of the weights;
     3. every ``checkpoint_every`` steps a diffusers directory (plus optimizer/EMA state) is written under
        ``out/checkpoints/step-N``; a rerun resumes from the latest one with the same config.
 
@@ -463,9 +464,10 @@ def train_target(
         torch.manual_seed(c.seed)
         unet = build_unet(c, data.shape)
     scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
-                              clip_sample=True, prediction_type="epsilon")
-    # what must match to continue from a checkpoint: everything but the step budget and checkpoint spacing
-    resume_key = {k: v for k, v in cfg.to_dict(c).items() if k not in ("steps", "checkpoint_every")}
+                              clip_sample=True, prediction_type=c.prediction_type)
+    # what must match to continue from a checkpoint: everything but the step budget and checkpoint spacing (and
+    # the keys added later, at the value that trains as before: config.LATER_KEYS)
+    resume_key = {k: v for k, v in cfg.keyed_settings(c).items() if k not in ("steps", "checkpoint_every")}
     resume_key["data_fingerprint"] = data.fingerprint()
 
     check_train_out(out, resume_key)  # before anything is written
@@ -507,7 +509,8 @@ def train_target(
         x0 = x0_all[idx.to(device)]
         xt = scheduler.add_noise(x0, eps, t)
         xt, eps, t = xt[rows], eps[rows], t[rows]
-        per_row = (net(xt, t).sample - eps).pow(2).flatten(1).mean(1)
+        want = prediction_target(scheduler, c.prediction_type, x0[rows], eps, t)  # eps itself for an eps model
+        per_row = (net(xt, t).sample - want).pow(2).flatten(1).mean(1)
         loss = group.local_loss(per_row, c.batch_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
