@@ -36,9 +36,9 @@ def _scheduler(kind: str, **kw) -> DDPMScheduler:
 def test_sampling_a_v_or_x0_model_steps_as_diffusers_does_on_its_raw_output(kind, sampler, eta):
     unet = tiny_unet()
     denoiser = UNetDenoiser(unet, _scheduler(kind))
-    assert denoiser.prediction == kind and denoiser.scheduler.config.prediction_type == "epsilon"
-    assert denoiser.model_scheduler.config.prediction_type == kind
+    assert denoiser.prediction == kind and denoiser.scheduler.config.prediction_type == kind  # the model as trained
     ours = inference_scheduler(denoiser.scheduler, sampler, 10)
+    assert ours.config.prediction_type == "epsilon"  # what the denoiser returns
     ref = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[sampler].from_config(_scheduler(kind).config)
     ref.set_timesteps(10)
     start = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(1))
@@ -83,10 +83,32 @@ def test_prediction_types_that_cannot_be_read_are_refused(tmp_path):
         as_target(unet, scheduler=_scheduler("flow"))
     with pytest.raises(ValueError, match="prediction_type='flow'"):
         as_target(lambda x, t: unet(x, t).sample, scheduler=_scheduler("flow"), sample_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"ends with no signal at all \(alphas_cumprod\[T-1\] = 0"):
+        as_target(unet, scheduler=_scheduler("v_prediction", rescale_betas_zero_snr=True))
     unet.register_to_config(prediction_type="v_prediction")
     with pytest.raises(ValueError, match="the UNet's config says prediction_type='v_prediction', its scheduler's "
                                          "prediction_type='epsilon'"):
         as_target(unet, scheduler=_scheduler("epsilon"))
+
+
+def test_reading_epsilon_survives_bf16_and_a_wrapped_callable():
+    """Under bf16 autocast abar near t = 0 rounded to 1 in the model's dtype: an x0 model's eps was a division by
+    zero. A callable already wrapped as a denoiser is read once, not converted twice."""
+    unet = tiny_unet()
+    x = torch.randn(2, 1, 8, 8)
+    for kind in KINDS:
+        d = UNetDenoiser(unet, _scheduler(kind))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            low = d(x, torch.tensor(1))
+        with torch.no_grad():
+            full = d(x, torch.tensor(1))
+        assert torch.isfinite(low).all()
+        assert (low - full).abs().max() < 0.05 * full.abs().max()
+        fn = lambda x, t: unet(x, t).sample  # noqa: E731
+        wrapped = as_target(fn, scheduler=_scheduler(kind), sample_shape=(1, 8, 8)).denoiser
+        twice = as_target(wrapped)
+        with torch.no_grad():
+            torch.testing.assert_close(twice.denoiser(x, torch.tensor(500)), d(x, torch.tensor(500)))
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +126,10 @@ def test_a_v_model_is_audited_and_known_by_its_prediction_type(v_model_dir, tmp_
     eps_dir = tmp_path / "tiny-eps"
     save_target(target.unet, _scheduler("epsilon"), eps_dir)
     assert model_fingerprint(eps_dir) != model_fingerprint(v_model_dir)
-    again = as_target(target)  # an in-memory denoiser is identified by the scheduler it was given, not its eps view
+    again = as_target(target)  # an in-memory denoiser is identified by the scheduler it was given
     assert again.denoiser.prediction == "v_prediction" and again.fingerprint == model_fingerprint(v_model_dir)
+    save_target(target.unet, target.scheduler, tmp_path / "copy")  # the README's recipe keeps what it predicts
+    assert load_target(tmp_path / "copy").prediction == "v_prediction"
     rc = dataclasses.replace(tiny_rc(v_model_dir, methods=("side", "side-lora", "memguide", "uncond")), lora=TINY)
     res = run_audit(tmp_path / "run", rc)
     assert set(res.metrics) == {"side", "side-lora", "memguide", "uncond"}
@@ -179,7 +203,7 @@ def test_train_target_learns_v_or_x0_and_keeps_earlier_targets_keys(tmp_path):
         finally:
             hook.remove()
         model = load_target(tmp_path / kind)
-        assert model.prediction == kind and model.model_scheduler.config.prediction_type == kind and res.steps == 1
+        assert model.prediction == kind and model.scheduler.config.prediction_type == kind and res.steps == 1
         xt, t, out = seen[0]
         s = model.scheduler
         abar = s.alphas_cumprod[t].reshape(-1, 1, 1, 1)

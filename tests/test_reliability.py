@@ -533,7 +533,7 @@ def _killed_mid_write(run, kind):
 
 def test_the_next_writer_removes_what_a_killed_writer_left_half_written(tmp_path):
     """A writer killed mid-write left its temporary file or folder in the run for good (a shard, a checkpoint:
-    disk that nothing reads). The next holder of the run's lock removes them, once a minute old; it keeps a fresh
+    disk that nothing reads). The next holder of the run's lock removes them, once 15 minutes old; it keeps a fresh
     one (a reader such as `side report` writes without the lock), look-alikes, and a nested run's own."""
     run = tmp_path / "run"
     (run / "synthetic").mkdir(parents=True)
@@ -560,6 +560,25 @@ def test_the_next_writer_removes_what_a_killed_writer_left_half_written(tmp_path
     assert {p.relative_to(run).as_posix() for p in [*kept, fresh]} <= set(now)
     assert [p for p in now if p.startswith("sweeps/scale=3/synthetic/.shard")]  # the nested run's, kept
     assert (run / "synthetic").is_dir()
+
+
+def test_the_sweep_reads_ages_on_the_file_systems_clock(tmp_path):
+    """On a network file system the server stamps the files: a temporary file written a moment ago by a writer
+    without the lock looks old on a machine whose clock runs ahead, so ages are taken against the file system's own
+    time (the lock file's, just written), and a link named like a leftover is not followed."""
+    from side_extract.runs import LEFTOVER_AGE_S, sweep_leftovers
+
+    p = tmp_path / ".report.json.a1b2c3d4.tmp"
+    p.write_text("being written")
+    stamped = p.stat().st_mtime - 2 * LEFTOVER_AGE_S  # a server clock behind this machine's
+    os.utime(p, (stamped, stamped))
+    assert sweep_leftovers(tmp_path, now=stamped + 5) == [] and p.exists()
+    target = tmp_path / "keep"
+    target.mkdir()
+    link = tmp_path / ".keep.zzzzzzzz.old"
+    link.symlink_to(target)
+    assert sweep_leftovers(tmp_path, now=stamped + LEFTOVER_AGE_S + 5) == [p]
+    assert link.is_symlink() and target.is_dir()
 
 
 def test_a_sweep_does_not_write_into_a_sub_run_another_process_holds(tiny_model_dir, tmp_path, one_thread):

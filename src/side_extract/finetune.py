@@ -233,7 +233,7 @@ def finetune(
     model.to(device).train()
     opt = torch.optim.AdamW(_param_groups(model, c), lr=c.lr, weight_decay=0.0)
     if target_fingerprint is None:
-        target_fingerprint = module_fingerprint(target.unet, target.model_scheduler)
+        target_fingerprint = module_fingerprint(target.unet, target.scheduler)
     key = fingerprint_of({k: v for k, v in lora_settings(c).items() if k not in ("steps", "checkpoint_every")},
                          array_fingerprint(x, y), target_fingerprint)  # a longer run continues a shorter one
     ckpt = out / "work" / "checkpoint"

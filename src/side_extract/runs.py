@@ -107,8 +107,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             # of another process with the same pid in a reused container, cannot block it
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old)
+            os.utime(old)  # (it kept the replaced folder's time: fresh, so no sweep takes it for a leftover yet)
             os.replace(tmp, path)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # (what is left is a leftover: the next writer's sweep takes it)
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -116,34 +117,51 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
-_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")  # atomic_write_bytes' and atomic_directory's names
+_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.(tmp|old)")  # atomic_write_bytes' and atomic_directory's names
+LEFTOVER_AGE_S = 900.0  # how long a temporary name must be untouched before the sweep takes it for a leftover
 
 
-def sweep_leftovers(path: str | Path, min_age_s: float = 60.0) -> list[Path]:
+def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
     """Remove what writers killed mid-write (SIGKILL, power loss) left in run directory ``path``: the temporary
     files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.tmp``,
-    ``.NAME.XXXXXXXX.old``), which nothing reads, once untouched for ``min_age_s`` seconds. :func:`run_lock` calls
-    it for the lock's new holder, before its first write: no other writer of the run's stages can be between a
-    temporary name and its rename then, and the age spares the small files that readers such as ``side report``
-    write without the lock. A nested run directory (one with its own ``.lock``) is left to its own writers.
-    Returns what was removed."""
+    ``.NAME.XXXXXXXX.old``), which nothing reads, once untouched for ``min_age_s`` seconds before ``now`` (the
+    file system's clock, which on a network file system can differ from this machine's; default: this machine's).
+    :func:`run_lock` calls it for the lock's new holder, before its first write: no other writer of the run's
+    stages can be between a temporary name and its rename then, and the age spares what readers such as ``side
+    report`` write without the lock (small files, written in an instant). A nested run directory (one with its own
+    ``.lock``) is left to its own writers; an entry that cannot be read or removed is left as it is. Returns what
+    was removed."""
     root = Path(path)
-    before = time.time() - min_age_s
+    before = (time.time() if now is None else now) - min_age_s
     removed = []
+
+    def old(p: Path) -> bool:
+        try:
+            return not p.is_symlink() and p.lstat().st_mtime < before
+        except OSError:  # gone (renamed into place since it was listed) or unreadable
+            return False
+
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         for name in list(dirnames):
             p = here / name
-            if _LEFTOVER.match(name) or (p / ".lock").exists() or p.is_symlink():
+            leftover = _LEFTOVER.fullmatch(name) is not None
+            try:
+                nested = (p / ".lock").exists()
+            except OSError:  # a folder this user cannot enter
+                nested = True
+            if leftover or nested or p.is_symlink():
                 dirnames.remove(name)  # not walked into
-            if _LEFTOVER.match(name) and not p.is_symlink() and p.lstat().st_mtime < before:
+            if leftover and old(p):
                 shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+                if not p.exists():
+                    removed.append(p)
         for name in filenames:
             p = here / name
-            if _LEFTOVER.match(name) and p.lstat().st_mtime < before:
-                p.unlink(missing_ok=True)
-                removed.append(p)
+            if _LEFTOVER.fullmatch(name) and old(p):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
     if removed:
         log.info("run directory %s: removed %d temporary file(s) left by a writer killed mid-write (%s)",
                  root, len(removed), ", ".join(str(p.relative_to(root)) for p in removed[:5]))
@@ -504,7 +522,10 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
         f.truncate()
         f.write(f"pid {os.getpid()}, command {' '.join(sys.argv)!r}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         f.flush()
-        sweep_leftovers(path)
+        try:  # the file system's time now: the lock file was just written (network file systems keep their own)
+            sweep_leftovers(path, now=os.fstat(f.fileno()).st_mtime)
+        except OSError as e:  # housekeeping: never a reason to stop the writer
+            log.warning("run directory %s: could not sweep temporary files left by killed writers (%s)", path, e)
         _HELD[path] = 1
         try:
             yield

@@ -65,11 +65,12 @@ def sample_generators(seed: int, indices: np.ndarray | list[int], stream: int = 
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind, steps: int) -> SchedulerMixin:
-    """A fresh DDIM or DDPM scheduler from the target's training scheduler config, set to ``steps`` steps."""
+    """A fresh DDIM or DDPM scheduler from the target's training scheduler config, set to ``steps`` steps: an
+    epsilon model's, since a denoiser returns epsilon whatever its model predicts (``models.target.as_epsilon``)."""
     if kind == "ddim":
-        sched = DDIMScheduler.from_config(train_scheduler.config)
+        sched = DDIMScheduler.from_config(train_scheduler.config, prediction_type="epsilon")
     elif kind == "ddpm":
-        sched = DDPMScheduler.from_config(train_scheduler.config)
+        sched = DDPMScheduler.from_config(train_scheduler.config, prediction_type="epsilon")
     else:
         raise ValueError(f"scheduler={kind!r} must be 'ddim' or 'ddpm'")
     check_steps(steps, sched)

@@ -125,7 +125,7 @@ def bench_sampling(c: ComputeBenchConfig, denoiser: Any) -> dict[str, Any]:
 
     from ..sampling import sample, sample_generators
 
-    pipe = DDIMPipeline(unet=denoiser.unet, scheduler=denoiser.model_scheduler)  # (the model as trained)
+    pipe = DDIMPipeline(unet=denoiser.unet, scheduler=denoiser.scheduler)
     pipe.set_progress_bar_config(disable=True)
     n = c.batch_size
 

@@ -103,7 +103,10 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if source is not None and source.is_dir() and scheduler is None and sample_shape is None:
             model = str(source)
         else:
-            model, scheduler = model.unet, scheduler or model.model_scheduler
+            model, scheduler = model.unet, scheduler or model.scheduler
+    elif isinstance(model, CallableDenoiser):  # a wrapped callable: the callable (its output read once, not twice)
+        sample_shape = model.sample_shape if sample_shape is None else sample_shape
+        model, scheduler = model.fn, scheduler or model.scheduler
     if isinstance(model, (str, Path)):
         if scheduler is not None or sample_shape is not None:  # (they were ignored without a word)
             raise ValueError(f"scheduler= and sample_shape= are for a model object; the model directory {str(model)!r} "

@@ -39,8 +39,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """eps(x_t, t) with the shape of one sample and the scheduler the model was trained with, as an epsilon
-    model's (a v- or x0-predicting model's denoiser returns the epsilon its output means).
+    """eps(x_t, t) with the shape of one sample and the scheduler the model was trained with (a v- or
+    x0-predicting model's denoiser returns the epsilon its output means; its scheduler still says what it predicts).
 
     ``__call__(x, t)``: x (B, C, H, W) float, t a scalar or (B,) tensor of *training* timesteps, on any device
     (the denoiser puts it on x's: diffusers' UNets move a 0-dim t but not a (B,) one); returns eps (B, C, H, W).
@@ -97,7 +97,8 @@ def predict_x0(sched: SchedulerMixin, x: torch.Tensor, t: int, eps: torch.Tensor
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 """What a model's output can be (diffusers' ``prediction_type``): the noise, the velocity v = sqrt(abar) eps -
 sqrt(1 - abar) x0, or the clean image x0. Every sampler, guidance and score here reads epsilon: a denoiser turns
-the others into it (:func:`as_epsilon`)."""
+the others into it (:func:`as_epsilon`), and the samplers step it as an epsilon model's
+(``sampling.inference_scheduler``)."""
 
 
 def prediction_type(scheduler: SchedulerMixin, model_prediction: str | None = None) -> str:
@@ -111,15 +112,12 @@ def prediction_type(scheduler: SchedulerMixin, model_prediction: str | None = No
     kind = model_prediction or declared or "epsilon"
     if kind not in PREDICTIONS:
         raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is not None and float(abar[-1]) <= 0:  # (sampling stopped with a bare 'diverged' at its first step)
+        raise ValueError("the scheduler's noise schedule ends with no signal at all (alphas_cumprod[T-1] = 0, as "
+                         "rescale_betas_zero_snr makes it): the noise and x0 cannot be read from x_t there, and every "
+                         "stage here reads them; audit the model with its schedule's last step kept above zero")
     return kind
-
-
-def epsilon_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
-    """``scheduler`` as a scheduler of an epsilon-predicting model (the same class and noise schedule): what
-    the samplers step with the epsilon a denoiser returns."""
-    if scheduler.config.get("prediction_type", "epsilon") == "epsilon":
-        return scheduler
-    return type(scheduler).from_config(scheduler.config, prediction_type="epsilon")
 
 
 def as_epsilon(scheduler: SchedulerMixin, kind: str, x: torch.Tensor, t: torch.Tensor | int,
@@ -129,13 +127,15 @@ def as_epsilon(scheduler: SchedulerMixin, kind: str, x: torch.Tensor, t: torch.T
     eps = sqrt(abar) v + sqrt(1 - abar) x_t; x0-prediction (``sample``) eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
     if kind == "epsilon":
         return output
+    # in float32 whatever the model ran in: under bf16 autocast abar near t = 0 rounds to 1 (x0: a division by 0)
     t = torch.as_tensor(t).long().cpu()
-    abar = scheduler.alphas_cumprod[t].to(device=output.device, dtype=output.dtype)
+    abar = scheduler.alphas_cumprod[t].to(device=output.device, dtype=torch.float32)
     abar = abar.reshape(-1, *([1] * (output.ndim - 1))) if abar.ndim else abar
+    out, x = output.float(), x.float()
     if kind == "v_prediction":
-        return abar.sqrt() * output + (1 - abar).sqrt() * x.to(output.dtype)
+        return abar.sqrt() * out + (1 - abar).sqrt() * x
     if kind == "sample":
-        return (x.to(output.dtype) - abar.sqrt() * output) / (1 - abar).sqrt()
+        return (x - abar.sqrt() * out) / (1 - abar).sqrt()
     raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
 
 
@@ -149,9 +149,9 @@ def prediction_target(scheduler: SchedulerMixin, kind: str, x0: torch.Tensor, no
     if kind == "sample":
         return x0
     if kind == "v_prediction":
-        abar = scheduler.alphas_cumprod[t.long().cpu()].to(device=x0.device, dtype=x0.dtype)
+        abar = scheduler.alphas_cumprod[t.long().cpu()].to(device=x0.device, dtype=torch.float32)
         abar = abar.reshape(-1, *([1] * (x0.ndim - 1)))
-        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        return (abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()).to(x0.dtype)
     raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
 
 
@@ -161,10 +161,9 @@ def has_class_embedding(unet: UNet2DModel) -> bool:
 
 
 class UNetDenoiser:
-    """A diffusers ``UNet2DModel`` with the noise scheduler it was trained with, as a denoiser: it returns
-    epsilon whatever the model predicts (:data:`PREDICTIONS`; ``prediction``). ``scheduler`` is the trained one
-    as an epsilon model's (:func:`epsilon_scheduler`), the one every sampler steps with; ``model_scheduler`` is
-    the one given, part of the model's identity (its fingerprint)."""
+    """A diffusers ``UNet2DModel`` with the noise scheduler it was trained with (``scheduler``, as given: part
+    of the model's identity), as a denoiser: it returns epsilon whatever the model predicts (``prediction``, one of
+    :data:`PREDICTIONS`)."""
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, source: str = "") -> None:
         self.prediction = prediction_type(scheduler, unet.config.get("prediction_type", None))
@@ -176,8 +175,7 @@ class UNetDenoiser:
                              "class, e.g. lambda x, t: unet(x, t, class_labels=torch.full((len(x),), y, "
                              "device=x.device)).sample, with its scheduler and sample_shape (side_extract.audit)")
         self.unet = unet.eval()
-        self.model_scheduler = scheduler
-        self.scheduler = epsilon_scheduler(scheduler)
+        self.scheduler = scheduler
         self.source = source
         size = unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -206,8 +204,7 @@ class CallableDenoiser:
         self.prediction = prediction_type(scheduler)
         self.fn = fn
         self.sample_shape = tuple(int(s) for s in sample_shape)  # type: ignore[assignment]
-        self.model_scheduler = scheduler
-        self.scheduler = epsilon_scheduler(scheduler)
+        self.scheduler = scheduler
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return as_epsilon(self.scheduler, self.prediction, x, t, self.fn(x, torch.as_tensor(t, device=x.device)))
