@@ -39,6 +39,13 @@ def test_frechet_non_commuting_2x2_closed_form():
     assert frechet_distance(np.array([1.0, 0.0]), s1, np.zeros(2), s2) == pytest.approx(expect, rel=1e-9)
 
 
+def test_frechet_refuses_matrices_that_are_no_covariances():
+    """sqrtm of a product with a negative eigenvalue is imaginary; its real part was taken without a word."""
+    s1 = np.diag([-1.0, 1.0])  # not positive semi-definite: sqrtm(s1 @ I) = diag(i, 1)
+    with pytest.raises(ValueError, match="imaginary part of 1 on its diagonal, beyond rounding"):
+        frechet_distance(np.zeros(2), s1, np.zeros(2), np.eye(2))
+
+
 def test_frechet_from_samples_of_known_gaussians():
     rng = np.random.default_rng(1)
     r = _rotation(4, 2)

@@ -4,7 +4,8 @@ In a feature space the package has offline (``pixels``; ``efficientnet-lite0``, 
 EfficientNet-Lite0; ``torchscript:PATH`` for an Inception- or SSCD-style model a user supplies):
 
 - **Frechet distance** (FID's formula; Heusel et al. 2017): ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^(1/2)),
-  with the square root from ``scipy.linalg.sqrtm`` (its tiny imaginary part from rounding dropped). Biased
+  with the square root from ``scipy.linalg.sqrtm`` (its tiny imaginary part from rounding dropped; one beyond
+  1e-3 on the diagonal, which only matrices that are no covariances give, is refused, as pytorch-fid does). Biased
   upward for small N (it needs N well above the feature dimension): compare methods at equal N only.
 - **Kernel distance** (KID; Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
   k(x, y) = (x . y / d + 1)^3, averaged over ``n_subsets`` random subsets of ``subset_size`` of each set (at
@@ -40,7 +41,12 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
         if not np.isfinite(covmean).all():  # singular product: offset both (as FID's reference code does)
             off = np.eye(len(s1)) * 1e-6
             covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    covmean = np.real(covmean)
+    if np.iscomplexobj(covmean):  # rounding leaves a tiny imaginary part; more means the input was no covariance
+        imag = float(np.abs(np.diagonal(covmean).imag).max())
+        if imag > 1e-3:  # (the rule of pytorch-fid's calculate_frechet_distance)
+            raise ValueError(f"sqrtm(s1 s2) has an imaginary part of {imag:.3g} on its diagonal, beyond rounding: "
+                             "s1 and s2 must be covariance matrices (symmetric, positive semi-definite)")
+        covmean = covmean.real
     diff = mu1 - mu2
     return float(max(0.0, diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
 
