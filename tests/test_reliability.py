@@ -1,6 +1,7 @@
 """Reliability (issue "Reliability"): one writer per run, no silent garbage, checks before the work, outputs
 the manifest can trust, honest fingerprints, one-line OS errors, the user's umask."""
 import dataclasses
+import json
 import os
 import signal
 import shutil
@@ -454,6 +455,34 @@ def test_unfinished_or_stale_evaluations_are_not_results(tiny_model_dir, tmp_pat
     m["stages"]["evaluation/uncond"]["status"] = "running"  # as after a kill during its evaluation
     (run / "manifest.json").write_text(json.dumps(m))
     assert set(evaluated_methods(run)) == {"side"}
+
+
+def test_a_classifier_saved_before_a_kill_is_not_trained_again(tiny_model_dir, tmp_path, one_thread):
+    """Killed after the classifier was saved (which replaces RUN/classifier/, its checkpoints included) and before
+    the manifest marked it complete: the rerun trained it again from scratch. The saved classifier names the stage
+    it was made for, so the rerun keeps it; one saved for other settings is still trained again."""
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run = tmp_path / "run"
+    run_audit(run, rc, until="classifier")
+    weights = run / "classifier" / "model.safetensors"
+    made = weights.stat().st_mtime_ns
+    m = read_json(run / "manifest.json")
+    entry = dict(m["stages"]["classifier"])
+    m["stages"]["classifier"]["status"] = "running"  # the state a kill between the save and the record leaves
+    (run / "manifest.json").write_text(json.dumps(m))
+    run_audit(run, rc, until="classifier")
+    after = read_json(run / "manifest.json")["stages"]["classifier"]
+    assert weights.stat().st_mtime_ns == made and after["status"] == "complete"
+    assert {k: after[k] for k in ("classes", "accuracy", "balanced_accuracy")} == \
+        {k: entry[k] for k in ("classes", "accuracy", "balanced_accuracy")}
+    config = read_json(run / "classifier" / "config.json")
+    config["stage"]["fingerprint"] = "another"  # a classifier saved for other settings: trained again
+    (run / "classifier" / "config.json").write_text(json.dumps(config))
+    m = read_json(run / "manifest.json")
+    m["stages"]["classifier"]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(m))
+    run_audit(run, rc, until="classifier")
+    assert weights.stat().st_mtime_ns != made
 
 
 def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypatch):

@@ -188,20 +188,45 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
         raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 ({too_few})")
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
     inputs = None if input_stage is None else {input_stage: input_fp}
-    if group.on_main(lambda: ctx.run.begin(name, fp, inputs=inputs) != "skip"
-                     or not (directory / "model.safetensors").exists()):
+
+    def to_train() -> bool:
+        decision = ctx.run.begin(name, fp, inputs=inputs)
+        if decision == "skip":
+            return not (directory / "model.safetensors").exists()
+        saved = _saved_completion(directory, fp) if decision == "resume" else None
+        if saved is not None:  # saved, then interrupted before the manifest said so (the save removed work/)
+            log.info("stage %s: its classifier was saved whole before the interruption; kept", name)
+            ctx.run.complete(name, **saved)
+        return saved is None
+
+    if group.on_main(to_train):
         result = fit_label_classifier(x0, labels, c, scheduler=None if clean or denoised else ctx.denoiser.scheduler,
                                       out=directory / "work", device=ctx.device, progress=ctx.progress(name),
                                       name=name, group=group, unet=_classifier_unet(ctx.denoiser, c, clean))
         if group.main:
+            done = {"classes": len(classes), "accuracy": result.final_accuracy,
+                    "balanced_accuracy": result.final_balanced_accuracy, "processes": group.world,
+                    "rows_per_process": result.rows_per_process}
             save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c),
                                                             "processes": group.world,
                                                             "majority_rate": result.majority_rate,
-                                                            "heldout_labels": result.heldout_labels})
-            ctx.run.complete(name, classes=len(classes), accuracy=result.final_accuracy,
-                             balanced_accuracy=result.final_balanced_accuracy, processes=group.world,
-                             rows_per_process=result.rows_per_process)
+                                                            "heldout_labels": result.heldout_labels,
+                                                            "stage": {"fingerprint": fp, "complete": done}})
+            ctx.run.complete(name, **done)
         group.barrier()
+
+
+def _saved_completion(directory: Path, fp: str) -> dict[str, Any] | None:
+    """What the manifest records of a finished classifier stage, as the classifier saved in ``directory`` for
+    stage fingerprint ``fp`` holds it (``config.json``'s ``stage``); None where no whole classifier of that
+    fingerprint is saved there (none, another, one of a release that did not record it, a damaged file)."""
+    try:
+        stage = read_json(directory / "config.json", dict).get("stage")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stage, dict) or stage.get("fingerprint") != fp or not isinstance(stage.get("complete"), dict):
+        return None
+    return stage["complete"] if (directory / "model.safetensors").is_file() else None
 
 
 def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
