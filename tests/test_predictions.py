@@ -17,7 +17,7 @@ from side_extract.models.forms import as_target
 from side_extract.models.target import (UNetDenoiser, as_epsilon, load_target, model_fingerprint, prediction_target,
                                         save_target)
 from side_extract.pipeline import run_audit
-from side_extract.runs import read_model
+from side_extract.runs import read_json, read_model
 from side_extract.sampling import denoise_batch, inference_scheduler
 
 from conftest import tiny_unet
@@ -137,6 +137,11 @@ def test_a_v_model_is_audited_and_known_by_its_prediction_type(v_model_dir, tmp_
         assert np.isfinite(e.images.astype(float)).all() and len(e.images) == rc.extract.n
     side_extract.audit(target, "digits:30", config=rc, out=tmp_path / "api", methods=["uncond"])
     assert read_model(tmp_path / "api") == model_fingerprint(v_model_dir)
+    from side_extract.report import write_report  # the report says what the target predicts
+
+    html = write_report(tmp_path / "run").read_text()
+    assert "trained to predict v; its output read as the noise it means" in html
+    assert read_json(tmp_path / "run" / "report" / "report.json")["summary"]["prediction"] == "v_prediction"
 
 
 def test_the_fine_tuned_copy_of_a_v_model_returns_epsilon_and_trains_on_v(v_model_dir, tmp_path):

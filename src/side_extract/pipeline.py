@@ -896,7 +896,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
            progress: ProgressFactory) -> AuditResult:
     upto = UNTIL.index(until)
     run.write_config(rc)
-    run.set_model(target.fingerprint, str(rc.model))
+    run.set_model(target.fingerprint, str(rc.model), getattr(target.denoiser, "prediction", "epsilon"))
     denoiser = target.denoiser
     ctx = AuditContext(run, rc, denoiser, device, progress, {MODEL_INPUT: target.fingerprint})
     methods = rc.extract.methods

@@ -822,17 +822,19 @@ class RunDir:
                 m["model"] = entry
             self._write_manifest(m)
 
-    def set_model(self, fingerprint: str, name: str) -> None:
-        """Record the target the run's config names now (``name``) by its ``fingerprint`` (:func:`read_model`):
-        stages made from another one are out of date (:func:`stale_stages`); a change is listed among the things
-        this writer made again (:meth:`out_of_date`, as :data:`MODEL_INPUT`)."""
+    def set_model(self, fingerprint: str, name: str, prediction: str = "epsilon") -> None:
+        """Record the target the run's config names now (``name``) by its ``fingerprint`` (:func:`read_model`) and
+        what it predicts (``prediction``: epsilon, v_prediction or sample; the report says it): stages made from
+        another one are out of date (:func:`stale_stages`); a change is listed among the things this writer made
+        again (:meth:`out_of_date`, as :data:`MODEL_INPUT`)."""
         if not self.group.main:
             return
         m = self.manifest()
         before = _model_of(m)
-        if before == fingerprint and m["model"].get("name") == name:
+        entry = {"fingerprint": fingerprint, "name": name, "prediction": prediction}
+        if before == fingerprint and m["model"].get("name") == name and m["model"].get("prediction") == prediction:
             return
-        m["model"] = {"fingerprint": fingerprint, "name": name}
+        m["model"] = entry
         self._write_manifest(m)
         if before is not None and before != fingerprint:
             self.replaced.append(MODEL_INPUT)

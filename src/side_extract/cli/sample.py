@@ -49,7 +49,7 @@ def sample_cmd(
         run = RunDir(out, group=group)
         run.write_config(rc)
         fp = model_fingerprint(rc.model)
-        run.set_model(fp, str(rc.model))
+        run.set_model(fp, str(rc.model), denoiser.prediction)
         images = sample_stage(run, denoiser, rc.sample, model_fingerprint=fp, device=device, progress=cb)
     if group.main:
         from ..pipeline import warn_out_of_date
