@@ -563,24 +563,26 @@ def _killed_mid_write(run, kind):
 def test_the_next_writer_removes_what_a_killed_writer_left_half_written(tmp_path):
     """A writer killed mid-write left its temporary file or folder in the run for good (a shard, a checkpoint:
     disk that nothing reads). The next holder of the run's lock removes them, once 15 minutes old; it keeps a fresh
-    one (a reader such as `side report` writes without the lock), look-alikes, and a nested run's own."""
+    one (a reader such as `side report` writes without the lock), look-alikes (before: a user's `.notes.20240101.old`
+    went too), and a nested run's own."""
     run = tmp_path / "run"
     (run / "synthetic").mkdir(parents=True)
     _killed_mid_write(run, "file")
     _killed_mid_write(run, "folder")
     left = sorted(p.relative_to(run).as_posix() for p in run.rglob(".*") if p.name != ".lock")
-    assert [p.split("/")[-1].split(".")[-1] for p in left] == ["tmp", "tmp"]  # one in run/, one in run/synthetic/
+    assert [p.split(".")[-1] for p in left] == ["side-tmp", "side-tmp"]  # one in run/, one in run/synthetic/
     nested = run / "sweeps" / "scale=3"
     (nested / "synthetic").mkdir(parents=True)
     (nested / ".lock").touch()
     _killed_mid_write(nested, "file")
-    kept = [run / ".notes.tmp", run / "synthetic" / ".shard-00001.npz.abcd1234.tmp.bak"]
+    kept = [run / ".notes.tmp", run / "synthetic" / ".shard-00001.npz.abcd1234.side-tmp.bak",
+            run / ".notes.20240101.old", run / "synthetic" / ".cfg.yaml.backup01.tmp"]  # a user's own hidden files
     for p in kept:
         p.write_text("a user's file")
     old = time.time() - 3600
     for p in run.rglob(".*"):
         os.utime(p, (old, old))
-    fresh = run / "synthetic" / ".shard-00002.npz.q1w2e3r4.tmp"
+    fresh = run / "synthetic" / ".shard-00002.npz.q1w2e3r4.side-tmp"
     fresh.write_bytes(b"being written")
     with run_lock(run):
         pass
@@ -597,14 +599,14 @@ def test_the_sweep_reads_ages_on_the_file_systems_clock(tmp_path):
     time (the lock file's, just written), and a link named like a leftover is not followed."""
     from side_extract.runs import LEFTOVER_AGE_S, sweep_leftovers
 
-    p = tmp_path / ".report.json.a1b2c3d4.tmp"
+    p = tmp_path / ".report.json.a1b2c3d4.side-tmp"
     p.write_text("being written")
     stamped = p.stat().st_mtime - 2 * LEFTOVER_AGE_S  # a server clock behind this machine's
     os.utime(p, (stamped, stamped))
     assert sweep_leftovers(tmp_path, now=stamped + 5) == [] and p.exists()
     target = tmp_path / "keep"
     target.mkdir()
-    link = tmp_path / ".keep.zzzzzzzz.old"
+    link = tmp_path / ".keep.zzzzzzzz.side-old"
     link.symlink_to(target)
     assert sweep_leftovers(tmp_path, now=stamped + LEFTOVER_AGE_S + 5) == [p]
     assert link.is_symlink() and target.is_dir()

@@ -55,7 +55,7 @@ os.umask(_UMASK)
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".side-tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -98,14 +98,14 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".side-tmp", dir=path.parent))
     try:
         yield tmp
         _usual_permissions(tmp)
         if path.exists():
             # a fresh empty name (rename may replace an empty directory): a leftover of a killed earlier call, or
             # of another process with the same pid in a reused container, cannot block it
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".side-old", dir=path.parent))
             os.replace(path, old)
             os.utime(old)  # (it kept the replaced folder's time: fresh, so no sweep takes it for a leftover yet)
             os.replace(tmp, path)
@@ -117,14 +117,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
-_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.(tmp|old)")  # atomic_write_bytes' and atomic_directory's names
+# atomic_write_bytes' and atomic_directory's names; the marker `side-` keeps a user's own `.notes.20240101.old` out
+_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.side-(tmp|old)")
 LEFTOVER_AGE_S = 900.0  # how long a temporary name must be untouched before the sweep takes it for a leftover
 
 
 def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
     """Remove what writers killed mid-write (SIGKILL, power loss) left in run directory ``path``: the temporary
-    files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.tmp``,
-    ``.NAME.XXXXXXXX.old``), which nothing reads, once untouched for ``min_age_s`` seconds before ``now`` (the
+    files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.side-tmp``,
+    ``.NAME.XXXXXXXX.side-old``), which nothing reads, once untouched for ``min_age_s`` seconds before ``now`` (the
     file system's clock, which on a network file system can differ from this machine's; default: this machine's).
     :func:`run_lock` calls it for the lock's new holder, before its first write: no other writer of the run's
     stages can be between a temporary name and its rename then, and the age spares what readers such as ``side
