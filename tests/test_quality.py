@@ -46,6 +46,18 @@ def test_frechet_refuses_matrices_that_are_no_covariances():
         frechet_distance(np.zeros(2), s1, np.zeros(2), np.eye(2))
 
 
+def test_frechet_scales_with_the_features_without_refusing_rounding():
+    """FD(s a, s b) = s^2 FD(a, b). With fewer samples than dimensions sqrtm's rounding leaves an imaginary part
+    that grows with the features' scale: features x 255 were refused as 'no covariances' (an absolute 1e-3)."""
+    rng = np.random.default_rng(0)
+    a = np.maximum(rng.normal(size=(100, 300)), 0)
+    b = a.copy()
+    b[::2] = np.maximum(rng.normal(size=(50, 300)), 0)
+    base = frechet_distance_of(a, b)
+    assert base > 0
+    assert frechet_distance_of(a * 255, b * 255) == pytest.approx(base * 255**2, rel=1e-4)
+
+
 def test_frechet_from_samples_of_known_gaussians():
     rng = np.random.default_rng(1)
     r = _rotation(4, 2)

@@ -43,7 +43,9 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
             covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
     if np.iscomplexobj(covmean):  # rounding leaves a tiny imaginary part; more means the input was no covariance
         imag = float(np.abs(np.diagonal(covmean).imag).max())
-        if imag > 1e-3:  # (the rule of pytorch-fid's calculate_frechet_distance)
+        # pytorch-fid's rule (calculate_frechet_distance: 1e-3), relative to the diagonal's size for features
+        # beyond unit scale: rounding grows with it (features x 255 left 0.06 on a valid pair, refused before)
+        if imag > 1e-3 * max(1.0, float(np.abs(np.diagonal(covmean).real).max())):
             raise ValueError(f"sqrtm(s1 s2) has an imaginary part of {imag:.3g} on its diagonal, beyond rounding: "
                              "s1 and s2 must be covariance matrices (symmetric, positive semi-definite)")
         covmean = covmean.real
