@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from side_extract import config as cfg
 from side_extract.cli.main import app
+from side_extract.models.classifier import load_classifier
 from side_extract.pipeline import run_audit
 from side_extract.runs import RunLocked, read_json, run_lock
 from side_extract.sampling import SamplingDiverged
@@ -460,7 +461,7 @@ def test_unfinished_or_stale_evaluations_are_not_results(tiny_model_dir, tmp_pat
 def test_a_classifier_saved_before_a_kill_is_not_trained_again(tiny_model_dir, tmp_path, one_thread):
     """Killed after the classifier was saved (which replaces RUN/classifier/, its checkpoints included) and before
     the manifest marked it complete: the rerun trained it again from scratch. The saved classifier names the stage
-    it was made for, so the rerun keeps it; one saved for other settings is still trained again."""
+    it was made for, so the rerun keeps it; one saved for other settings, or cut short, is still trained again."""
     rc = tiny_rc(tiny_model_dir, methods=("side",))
     run = tmp_path / "run"
     run_audit(run, rc, until="classifier")
@@ -483,6 +484,14 @@ def test_a_classifier_saved_before_a_kill_is_not_trained_again(tiny_model_dir, t
     (run / "manifest.json").write_text(json.dumps(m))
     run_audit(run, rc, until="classifier")
     assert weights.stat().st_mtime_ns != made
+    made = weights.stat().st_mtime_ns
+    weights.write_bytes(weights.read_bytes()[:-100])  # a power loss cut the weights file short: trained again
+    m = read_json(run / "manifest.json")
+    m["stages"]["classifier"]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(m))
+    run_audit(run, rc, until="classifier")
+    assert weights.stat().st_mtime_ns != made
+    load_classifier(run / "classifier")
 
 
 def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypatch):

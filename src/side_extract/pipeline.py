@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from . import config as cfg
 from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
@@ -226,7 +227,13 @@ def _saved_completion(directory: Path, fp: str) -> dict[str, Any] | None:
         return None
     if not isinstance(stage, dict) or stage.get("fingerprint") != fp or not isinstance(stage.get("complete"), dict):
         return None
-    return stage["complete"] if (directory / "model.safetensors").is_file() else None
+    try:  # the header and the file's length, which safetensors checks against it: a power loss can leave the
+        # renamed folder with a whole config.json beside a cut weights file (the files are not fsynced)
+        with safe_open(directory / "model.safetensors", "pt"):
+            pass
+    except (OSError, SafetensorError):
+        return None
+    return stage["complete"]
 
 
 def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
