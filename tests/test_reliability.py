@@ -539,6 +539,26 @@ def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypa
         t.join()
 
 
+def test_atomic_directory_puts_its_files_on_disk_before_the_rename(tmp_path, monkeypatch):
+    """atomic_write_bytes fsyncs its file before the rename; atomic_directory did not: after a power loss the
+    renamed folder (a classifier, LoRA adapters, a checkpoint) could hold cut files that looked whole."""
+    from side_extract.runs import atomic_directory
+
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with atomic_directory(tmp_path / "classifier") as d:
+        (d / "sub").mkdir()
+        (d / "model.safetensors").write_bytes(b"w" * 64)
+        (d / "sub" / "state.pt").write_bytes(b"s")
+        staged = {os.path.realpath(d / "model.safetensors"), os.path.realpath(d / "sub" / "state.pt")}
+    assert staged <= set(synced)  # under the temporary name, so before the rename
+
+
 def test_atomic_directory_is_not_blocked_by_an_earlier_calls_leftover(tmp_path):
     """A kill while the replaced folder was being removed left `.NAME.old-PID` behind; with the same pid (a reused
     container) every later replacement failed with 'Directory not empty'."""

@@ -83,14 +83,22 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _usual_permissions(root: Path) -> None:
-    """The user's umask on a tree: mkdtemp makes 0700 directories, safetensors writes 0600 files."""
+def _seal(root: Path) -> None:
+    """Ready a tree for its rename into place: the user's umask on it (mkdtemp makes 0700 directories, safetensors
+    writes 0600 files), and its files on disk (fsync, as :func:`atomic_write_bytes` does), so that a power loss
+    after the rename cannot leave a whole-looking folder of cut files."""
     os.chmod(root, 0o777 & ~_UMASK)
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~_UMASK)
         for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~_UMASK)
+            name = os.path.join(dirpath, f)
+            os.chmod(name, 0o666 & ~_UMASK)
+            fd = os.open(name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 @contextlib.contextmanager
@@ -101,7 +109,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".side-tmp", dir=path.parent))
     try:
         yield tmp
-        _usual_permissions(tmp)
+        _seal(tmp)
         if path.exists():
             # a fresh empty name (rename may replace an empty directory): a leftover of a killed earlier call, or
             # of another process with the same pid in a reused container, cannot block it
