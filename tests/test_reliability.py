@@ -541,8 +541,9 @@ def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypa
 
 def test_atomic_directory_puts_its_files_on_disk_before_the_rename(tmp_path, monkeypatch):
     """atomic_write_bytes fsyncs its file before the rename; atomic_directory did not: after a power loss the
-    renamed folder (a classifier, LoRA adapters, a checkpoint) could hold cut files that looked whole."""
-    from side_extract.runs import atomic_directory
+    renamed folder (a classifier, LoRA adapters, a checkpoint) could hold cut files that looked whole. Neither put
+    the rename itself on disk (the directory's fsync), so the manifest's later record could outlive it."""
+    from side_extract.runs import atomic_directory, atomic_write_bytes
 
     synced, real = [], os.fsync
 
@@ -557,6 +558,10 @@ def test_atomic_directory_puts_its_files_on_disk_before_the_rename(tmp_path, mon
         (d / "sub" / "state.pt").write_bytes(b"s")
         staged = {os.path.realpath(d / "model.safetensors"), os.path.realpath(d / "sub" / "state.pt")}
     assert staged <= set(synced)  # under the temporary name, so before the rename
+    assert synced[-1] == os.path.realpath(tmp_path)  # and the rename itself, once made
+    synced.clear()
+    atomic_write_bytes(tmp_path / "manifest.json", b"{}")
+    assert synced[-1] == os.path.realpath(tmp_path) and len(synced) == 2
 
 
 def test_atomic_directory_is_not_blocked_by_an_earlier_calls_leftover(tmp_path):

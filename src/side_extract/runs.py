@@ -63,10 +63,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_directory(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _sync_directory(path: Path) -> None:
+    """Put a rename in ``path`` on disk (fsync of the directory), so that a record written after it (the manifest's
+    'complete') cannot outlive it in a power loss; a file system that cannot fsync a directory is left to itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -120,6 +135,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)  # (what is left is a leftover: the next writer's sweep takes it)
         else:
             os.replace(tmp, path)
+        _sync_directory(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
