@@ -4,6 +4,7 @@ process trains on half of every batch), which changes weights within float round
 compared on a copy of the one-process run's models. The top-k merge over shards is in test_properties."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -175,6 +176,33 @@ def test_dedup_driven_stopping_stops_both_processes_where_one_stops(tiny_model_d
     assert entry["stopped"]["at"] == 8 and entry["processes"] == 2 and entry["shards_written_now"] == 4  # (both
     # processes' shards: the main one's alone were counted)
     assert len(list((tmp_path / "two" / "extraction" / "uncond").glob("shard-*.npz"))) == 4
+
+
+def test_classifiers_trained_by_the_main_process_alone_equal_one_process(tiny_model_dir, tmp_path):
+    """``classifier.data_parallel: false``: under a launch the main process trains the classifiers alone while the
+    other waits (data-parallel on one CPU took the demo 2.6x as long): the classifiers are the one-process run's bit
+    for bit, and so are the guided methods' generations; who trains is no part of the stage's fingerprint."""
+    common = _config(tmp_path, tiny_model_dir)
+    config = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    config["extract"]["methods"] = ["side", "cond"]
+    for name in ("classifier", "clean_classifier"):
+        config[name]["data_parallel"] = False
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    _run([*common, "--out", str(tmp_path / "one")], 1)
+    _run([*common, "--out", str(tmp_path / "two")], 2)
+    stages = read_json(tmp_path / "two" / "manifest.json")["stages"]
+    for name in ("classifier", "classifier-clean"):
+        assert stages[name]["processes"] == 1 and stages[name]["rows_per_process"] == 16, stages[name]
+        a = load_file(str(tmp_path / "one" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for m in ("side", "cond"):
+        _same_shards(tmp_path / "one" / "extraction" / m, tmp_path / "two" / "extraction" / m)
+    from side_extract.pipeline import classifier_settings
+
+    c = cfg.from_dict(cfg.ClassifierConfig, config["classifier"])
+    assert classifier_settings(c, clean=False) == classifier_settings(dataclasses.replace(c, data_parallel=True),
+                                                                      clean=False)
 
 
 def test_data_parallel_target_training_equals_one_process(tmp_path):

@@ -372,6 +372,12 @@ class ClassifierConfig:
     ``benchmarks/results/experiments/balance-8px-n1000-paired.md``); at 16x16 and 300 images, on ten held-out
     replicates, 1.00x [0.97, 1.04] the unweighted form's and 1.00x [0.96, 1.05] UnCond's (``fair16/mem-bal-n300-10``;
     the first ratio in ``benchmarks/results/experiments/balance-16px-n300-10.md``); so it stays off by default.
+    ``data_parallel`` (a launch of several processes only): true (default), every process trains on its share of
+    each batch (``distributed``); false, the main process trains alone while the others wait, which gives the
+    one-process run's classifier bit for bit. On one CPU the processes share its cores and every step all-reduces
+    the gradients: the demo's classifiers trained in 69 s + 28 s on two processes against 26 s + 11 s on one
+    (``benchmarks/results/demo.md``, session 43). It changes no result beyond float rounding, so it is not part of
+    the stage's fingerprint.
     """
 
     depth: int = 18
@@ -389,6 +395,7 @@ class ClassifierConfig:
     guidance_input: Literal["x_t", "x0_hat"] = "x_t"
     backbone: Literal["resnet", "unet"] = "resnet"
     balance: float = 0.0
+    data_parallel: bool = True
 
     def __post_init__(self) -> None:
         _numbers(self)
@@ -664,7 +671,8 @@ def at_defaults(c: T, keys: Any) -> T:
 
 # keys added after runs were made, with the value that behaves as the releases before them: at that value a key is
 # left out of the settings a stage or checkpoint is keyed by, so those runs' results stay current
-LATER_KEYS: dict[type, dict[str, Any]] = {ClassifierConfig: {"balance": 0.0}, LoraConfig: {"class_lr": None},
+LATER_KEYS: dict[type, dict[str, Any]] = {ClassifierConfig: {"balance": 0.0, "data_parallel": True},
+                                          LoraConfig: {"class_lr": None},
                                           TrainTargetConfig: {"prediction_type": "epsilon"}}
 
 

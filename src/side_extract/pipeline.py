@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import config as cfg
 from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
-from .distributed import ProcessGroup
+from .distributed import SINGLE, ProcessGroup
 from .evaluation import Evaluation, calibrate, evaluate, held_out_set
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, planned_extraction, round_size
@@ -187,7 +187,9 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     classes = np.unique(labels[keep])
     if len(classes) < 2:
         raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 ({too_few})")
-    group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
+    group = ctx.run.group  # the main process decides, writes and records
+    # who trains: every process (data-parallel), or the main one alone while the others wait for it
+    trainers = group if c.data_parallel else SINGLE
     inputs = None if input_stage is None else {input_stage: input_fp}
 
     def to_train() -> bool:
@@ -200,21 +202,27 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
             ctx.run.complete(name, **saved)
         return saved is None
 
-    if group.on_main(to_train):
+    def train() -> None:
         result = fit_label_classifier(x0, labels, c, scheduler=None if clean or denoised else ctx.denoiser.scheduler,
                                       out=directory / "work", device=ctx.device, progress=ctx.progress(name),
-                                      name=name, group=group, unet=_classifier_unet(ctx.denoiser, c, clean))
+                                      name=name, group=trainers, unet=_classifier_unet(ctx.denoiser, c, clean))
         if group.main:
             done = {"classes": len(classes), "accuracy": result.final_accuracy,
-                    "balanced_accuracy": result.final_balanced_accuracy, "processes": group.world,
+                    "balanced_accuracy": result.final_balanced_accuracy, "processes": trainers.world,
                     "rows_per_process": result.rows_per_process}
             save_classifier(result.model, directory, extra={"history": result.history, "config": cfg.to_dict(c),
-                                                            "processes": group.world,
+                                                            "processes": trainers.world,
                                                             "majority_rate": result.majority_rate,
                                                             "heldout_labels": result.heldout_labels,
                                                             "stage": {"fingerprint": fp, "complete": done}})
             ctx.run.complete(name, **done)
-        group.barrier()
+
+    if group.on_main(to_train):
+        if trainers is group:
+            train()
+            group.barrier()
+        else:
+            group.on_main(train)  # (its error, too, reaches the processes waiting for it)
 
 
 def _saved_completion(directory: Path, fp: str) -> dict[str, Any] | None:
@@ -240,8 +248,9 @@ def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, An
     """What training classifier ``c`` reads, for its stage's fingerprint: not the keys it does not read at all
     (:func:`~side_extract.config.unread_keys`), and for a ``clean`` one (Cond's, the teacher's) not the input it
     guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it), nor
-    ``balance`` at 0 (:data:`~side_extract.config.LATER_KEYS`: runs made before it keep their classifiers)."""
-    unread = [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]
+    ``balance`` at 0 (:data:`~side_extract.config.LATER_KEYS`: runs made before it keep their classifiers), nor
+    ``data_parallel`` (who trains: the same classifier up to float rounding)."""
+    unread = [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else []), "data_parallel"]
     return cfg.keyed_settings(cfg.at_defaults(c, unread))
 
 
