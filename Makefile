@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# processes for `make demo`: two where the machine has two cores or more (the sharded stages, sampling and every
+# method's generations, split between them; the demo's classifiers are trained by the main process alone, so every
+# figure is the one-process run's); PROCESSES=1 runs it in one process
+PROCESSES ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1)
 demo: $(STAMP)
-	$(BIN)/side --threads $(THREADS) demo --out runs/demo
+	$(BIN)/side --threads $(THREADS) --processes $(PROCESSES) demo --out runs/demo
 
 # one pytest-xdist worker per core (-n auto); each test file runs whole on one worker, so a module's fixtures are made
 # once (--dist loadfile); WORKERS=0 runs the suite in this process
