@@ -494,6 +494,20 @@ def test_a_classifier_saved_before_a_kill_is_not_trained_again(tiny_model_dir, t
     load_classifier(run / "classifier")
 
 
+def test_a_finished_classifier_whose_weights_were_cut_is_trained_again(tiny_model_dir, tmp_path, one_thread):
+    """A finished stage's weights file cut short since (a disk fault, a copy interrupted) was skipped as complete and
+    the run failed when it loaded the classifier; it is trained again."""
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run = tmp_path / "run"
+    run_audit(run, rc, until="classifier")
+    weights = run / "classifier" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-100])
+    run_audit(run, rc, until="extraction")
+    load_classifier(run / "classifier")
+    assert weights.stat().st_size == len(whole)
+
+
 def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypatch):
     """Another process's probe (check_unlocked) holds the lock for an instant: a writer or a second probe that meets
     it waits it out (both used to fail at once with RunLocked); a lock held longer than that patience is a writer.

@@ -194,8 +194,8 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
 
     def to_train() -> bool:
         decision = ctx.run.begin(name, fp, inputs=inputs)
-        if decision == "skip":
-            return not (directory / "model.safetensors").exists()
+        if decision == "skip":  # (a weights file gone or damaged since: trained again, not a failed load later)
+            return not _whole_safetensors(directory / "model.safetensors")
         saved = _saved_completion(directory, fp) if decision == "resume" else None
         if saved is not None:  # saved, then interrupted before the manifest said so (the save removed work/)
             log.info("stage %s: its classifier was saved whole before the interruption; kept", name)
@@ -235,13 +235,18 @@ def _saved_completion(directory: Path, fp: str) -> dict[str, Any] | None:
         return None
     if not isinstance(stage, dict) or stage.get("fingerprint") != fp or not isinstance(stage.get("complete"), dict):
         return None
-    try:  # the header and the file's length, which safetensors checks against it: a power loss can leave the
-        # renamed folder with a whole config.json beside a cut weights file (the files are not fsynced)
-        with safe_open(directory / "model.safetensors", "pt"):
-            pass
+    # (a power loss before the files were on disk can leave the renamed folder with a whole config.json beside a
+    # cut weights file)
+    return stage["complete"] if _whole_safetensors(directory / "model.safetensors") else None
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a readable safetensors file as long as its header says (safetensors checks both)."""
+    try:
+        with safe_open(path, "pt"):
+            return True
     except (OSError, SafetensorError):
-        return None
-    return stage["complete"]
+        return False
 
 
 def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
