@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -309,3 +311,33 @@ def test_balance_at_zero_leaves_the_fingerprints_of_earlier_releases_alone():
     arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8)
     x, y = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
     assert resume_key(arch, plain, x, y, None) != resume_key(arch, weighted, x, y, None)
+
+
+def test_who_trains_is_in_no_key_and_no_rerun_warning(tmp_path):
+    """``data_parallel`` says who trains, not what: a checkpoint made with it true was discarded on a resume with it
+    false, every kept validation run of the fair benchmark stopped matching (its key, settings_fingerprint, hashed the
+    whole config), and a
+    rerun of an earlier release's run was told 'classifier.data_parallel None -> True' (and balance's likewise)."""
+    import yaml
+
+    from side_extract.runs import fingerprint_of, settings_changed, settings_fingerprint
+    from side_extract.training import resume_key
+
+    arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8)
+    x, y = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    alone = cfg.ClassifierConfig(data_parallel=False)
+    assert resume_key(arch, alone, x, y, None) == resume_key(arch, cfg.ClassifierConfig(), x, y, None)
+    rc = cfg.RunConfig()
+    rc_alone = dataclasses.replace(rc, classifier=alone, clean_classifier=alone)
+    earlier = cfg.to_dict(rc)
+    for section in ("classifier", "clean_classifier"):
+        del earlier[section]["data_parallel"]  # the config the releases before this key hashed
+    assert settings_fingerprint(rc) == settings_fingerprint(rc_alone) == fingerprint_of(earlier, {})
+    run = tmp_path / "run"
+    run.mkdir()
+    for section in ("classifier", "clean_classifier"):
+        del earlier[section]["balance"]  # written before balance existed
+    (run / "config.yaml").write_text(yaml.safe_dump(earlier))
+    assert settings_changed(run, rc) == [] and settings_changed(run, rc_alone) == []
+    changed = dataclasses.replace(rc, classifier=cfg.ClassifierConfig(balance=0.5))
+    assert settings_changed(run, changed) == ["classifier.balance 0.0 -> 0.5"]

@@ -6,6 +6,7 @@ valid ones. The resolved config (every default written out) goes into every run 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -671,15 +672,44 @@ def at_defaults(c: T, keys: Any) -> T:
 
 # keys added after runs were made, with the value that behaves as the releases before them: at that value a key is
 # left out of the settings a stage or checkpoint is keyed by, so those runs' results stay current
-LATER_KEYS: dict[type, dict[str, Any]] = {ClassifierConfig: {"balance": 0.0, "data_parallel": True},
-                                          LoraConfig: {"class_lr": None},
+LATER_KEYS: dict[type, dict[str, Any]] = {ClassifierConfig: {"balance": 0.0}, LoraConfig: {"class_lr": None},
                                           TrainTargetConfig: {"prediction_type": "epsilon"}}
+
+# keys that say who does the work, not what it makes: in no stage fingerprint, checkpoint key or cache key
+UNKEYED: dict[type, tuple[str, ...]] = {ClassifierConfig: ("data_parallel",)}
 
 
 def keyed_settings(c: Any) -> dict[str, Any]:
-    """``to_dict(c)`` without the :data:`LATER_KEYS` of its section that hold their earlier behaviour's value."""
-    earlier = LATER_KEYS.get(type(c), {})
-    return {k: v for k, v in to_dict(c).items() if not (k in earlier and v == earlier[k])}
+    """``to_dict(c)`` without the :data:`UNKEYED` keys of its section, nor the :data:`LATER_KEYS` that hold their
+    earlier behaviour's value."""
+    earlier, unkeyed = LATER_KEYS.get(type(c), {}), UNKEYED.get(type(c), ())
+    return {k: v for k, v in to_dict(c).items() if k not in unkeyed and not (k in earlier and v == earlier[k])}
+
+
+def keyed_dict(rc: Any) -> dict[str, Any]:
+    """``to_dict(rc)`` of a run config without its sections' :data:`UNKEYED` keys: what a whole config's
+    fingerprint hashes (the sections' :data:`LATER_KEYS` stay, as the releases since each one's addition hashed
+    them)."""
+    d = to_dict(rc)
+    for f in dataclasses.fields(rc):
+        for k in UNKEYED.get(type(getattr(rc, f.name)), ()):
+            d[f.name].pop(k, None)
+    return d
+
+
+def as_comparable(rc: Any, old: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(old, new)``: a run config.yaml's dict ``old`` and run config ``rc``, as the settings they key: without the
+    :data:`UNKEYED` keys, and with the :data:`LATER_KEYS` that ``old`` (an earlier release's) lacks given their
+    earlier value (a rerun of such a run is not told that ``classifier.balance`` went from None to 0.0)."""
+    old = copy.deepcopy(old)
+    for f in dataclasses.fields(rc):
+        section = type(getattr(rc, f.name))
+        if isinstance(old.get(f.name), dict):
+            for k, v in LATER_KEYS.get(section, {}).items():
+                old[f.name].setdefault(k, v)
+            for k in UNKEYED.get(section, ()):
+                old[f.name].pop(k, None)
+    return old, keyed_dict(rc)
 
 
 TARGETED = ("side", "side-teacher", "cond", "side-lora")  # the methods that draw a target class per generation

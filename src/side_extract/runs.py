@@ -234,7 +234,7 @@ def settings_changed(run: str | Path, rc: cfg.RunConfig) -> list[str]:
     """``key old -> new`` for each setting of ``rc`` that differs from the config run directory ``run`` was last
     run with (none for a new run): what a rerun into it says before it replaces anything."""
     config = Path(run) / "config.yaml"
-    return cfg.differences(cfg.load_yaml(config), cfg.to_dict(rc)) if config.is_file() else []
+    return cfg.differences(*cfg.as_comparable(rc, cfg.load_yaml(config))) if config.is_file() else []
 
 
 def evaluated_methods(run: str | Path) -> dict[str, Path]:
@@ -375,7 +375,7 @@ def settings_fingerprint(config: Any, *parts: Any) -> str:
                 except OSError:
                     pass
 
-    d = cfg.to_dict(config) if dataclasses.is_dataclass(config) else config
+    d = cfg.keyed_dict(config) if dataclasses.is_dataclass(config) else config
     visit(d)
     return fingerprint_of(d, named, *parts)
 
