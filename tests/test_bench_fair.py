@@ -368,6 +368,9 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
             bc, run=dataclasses.replace(bc.run, surrogate=mem))), (older, "older.json"))
     more = dataclasses.replace(fc, heldout_replicates=(2, 3, 4))
     assert reused_tuning(more, (d, "fair.json"))[20]["chosen"] == chosen
+    alone = dataclasses.replace(bc.run.classifier, data_parallel=False)  # who trains: the same configuration
+    assert reused_tuning(dataclasses.replace(fc, bench=dataclasses.replace(
+        bc, run=dataclasses.replace(bc.run, classifier=alone))), (d, "fair.json"))[20]["chosen"] == chosen
     tuning = reused_tuning(dataclasses.replace(fc, n_bootstrap=30), (d, "fair.json"))
     monkeypatch.setattr(protocol, "tune", lambda *a, **k: pytest.fail("the validation grid ran again"))
     again = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache", tuning=tuning)["scales"][0]

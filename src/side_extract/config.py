@@ -686,15 +686,20 @@ def keyed_settings(c: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(c).items() if k not in unkeyed and not (k in earlier and v == earlier[k])}
 
 
-def keyed_dict(rc: Any) -> dict[str, Any]:
-    """``to_dict(rc)`` of a run config without its sections' :data:`UNKEYED` keys: what a whole config's
-    fingerprint hashes (the sections' :data:`LATER_KEYS` stay, as the releases since each one's addition hashed
-    them)."""
-    d = to_dict(rc)
-    for f in dataclasses.fields(rc):
-        for k in UNKEYED.get(type(getattr(rc, f.name)), ()):
-            d[f.name].pop(k, None)
-    return d
+def keyed_dict(c: Any) -> dict[str, Any]:
+    """``to_dict(c)`` of a config (a run config, a benchmark's, a section) without the :data:`UNKEYED` keys of it
+    and of the sections it holds, at any depth: what a whole config's fingerprint hashes, and what two configs are
+    compared by (the sections' :data:`LATER_KEYS` stay, as the releases since each one's addition hashed them)."""
+    def strip(obj: Any, d: dict[str, Any]) -> dict[str, Any]:
+        for k in UNKEYED.get(type(obj), ()):
+            d.pop(k, None)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and isinstance(d.get(f.name), dict):
+                strip(value, d[f.name])
+        return d
+
+    return strip(c, to_dict(c))
 
 
 def as_comparable(rc: Any, old: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
