@@ -26,8 +26,8 @@ from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import Z95, closest_first
-from .runs import (MODEL_INPUT, RunDir, atomic_write_json, atomic_write_text, check_run_directory,
-                   evaluated_methods, read_json, read_manifest, read_model, read_stages, stale_stages)
+from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, check_run_directory, evaluated_methods,
+                   read_json, read_model_entry, read_stages, stale_stages)
 from .summary import findings_file_current, summary_and_findings
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,8 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         notes.append(f"{', '.join(unmeasured)}: in the config's methods but not evaluated (no "
                      "evaluation/<method>/metrics.json), so this report leaves them out: the comparison and the "
                      "verdict are of the others (evaluate them: side extract --run RUN)")
-    stale = stale_stages(read_stages(run), read_model(run))
+    model = read_model_entry(run)
+    stale = stale_stages(read_stages(run), model.get("fingerprint"))
     for n in metrics:
         if roots := stale.get(f"extraction/{n}"):
             said = [r if r != MODEL_INPUT else "the target (the run's config names another model now)" for r in roots]
@@ -363,7 +364,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     summary = summary_and_findings(run) if metrics else None  # (computed once: the report shows both)
     data: dict[str, Any] = {
         "schema": SCHEMA, "run": str(run.resolve()), "top": top,
-        "summary": {"model": config.get("model"), "prediction": _prediction(run), "train": config.get("train"),
+        "summary": {"model": config.get("model"), "prediction": model.get("prediction"), "train": config.get("train"),
                     "methods": list(metrics) or (config.get("extract") or {}).get("methods", [])},
         "methods": {n: {k: m.get(k) for k in keep} for n, m in metrics.items()},
         "comparison": _comparison(metrics) if metrics else None,
@@ -475,16 +476,6 @@ def _template(name: str) -> str:
 
 
 MAX_IMAGE_SIZE = 1024
-
-
-def _prediction(run: Path) -> str | None:
-    """What the run's target predicts (epsilon, v_prediction, sample), as its last writer recorded it (None: not
-    recorded, a run of an earlier release or a damaged manifest)."""
-    try:
-        entry = read_manifest(run / RunDir.MANIFEST).get("model") if (run / RunDir.MANIFEST).is_file() else None
-    except ValueError:
-        return None
-    return entry.get("prediction") if isinstance(entry, dict) else None
 
 
 def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> Path:

@@ -570,11 +570,19 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
 MODEL_INPUT = "model"  # an ``inputs`` key that names the target model, not a run stage
 
 
+def read_model_entry(run: str | Path) -> dict[str, Any]:
+    """What the run's last writer recorded in the manifest of the target the run's config names now
+    (:meth:`RunDir.set_model`: ``fingerprint``, ``name``, ``prediction``); {} where nothing is recorded (a run of an
+    older release)."""
+    p = Path(run) / RunDir.MANIFEST
+    entry = read_manifest(p).get("model") if p.is_file() else None
+    return entry if isinstance(entry, dict) else {}
+
+
 def read_model(run: str | Path) -> str | None:
     """The fingerprint of the target the run's config names now, as its last writer recorded it in the manifest
     (None: not recorded, a run of an older release)."""
-    p = Path(run) / RunDir.MANIFEST
-    return _model_of(read_manifest(p)) if p.is_file() else None
+    return read_model_entry(run).get("fingerprint")
 
 
 def _model_of(manifest: dict[str, Any]) -> str | None:
