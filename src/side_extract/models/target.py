@@ -120,6 +120,13 @@ def prediction_type(scheduler: SchedulerMixin, model_prediction: str | None = No
     return kind
 
 
+def _abar(scheduler: SchedulerMixin, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """alphas_cumprod at timestep(s) ``t`` (a number, or one per sample, broadcast over ``like``'s sample axes), in
+    float32 whatever the model ran in: under bf16 abar near t = 0 rounds to 1 (x0's epsilon: a division by 0)."""
+    abar = scheduler.alphas_cumprod[torch.as_tensor(t).long().cpu()].to(device=like.device, dtype=torch.float32)
+    return abar.reshape(-1, *([1] * (like.ndim - 1))) if abar.ndim else abar
+
+
 def as_epsilon(scheduler: SchedulerMixin, kind: str, x: torch.Tensor, t: torch.Tensor | int,
                output: torch.Tensor) -> torch.Tensor:
     """The noise epsilon that a model of prediction type ``kind`` means by ``output`` at x_t = ``x``, timestep(s)
@@ -127,10 +134,7 @@ def as_epsilon(scheduler: SchedulerMixin, kind: str, x: torch.Tensor, t: torch.T
     eps = sqrt(abar) v + sqrt(1 - abar) x_t; x0-prediction (``sample``) eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
     if kind == "epsilon":
         return output
-    # in float32 whatever the model ran in: under bf16 autocast abar near t = 0 rounds to 1 (x0: a division by 0)
-    t = torch.as_tensor(t).long().cpu()
-    abar = scheduler.alphas_cumprod[t].to(device=output.device, dtype=torch.float32)
-    abar = abar.reshape(-1, *([1] * (output.ndim - 1))) if abar.ndim else abar
+    abar = _abar(scheduler, t, output)
     out, x = output.float(), x.float()
     if kind == "v_prediction":
         return abar.sqrt() * out + (1 - abar).sqrt() * x
@@ -149,8 +153,7 @@ def prediction_target(scheduler: SchedulerMixin, kind: str, x0: torch.Tensor, no
     if kind == "sample":
         return x0
     if kind == "v_prediction":
-        abar = scheduler.alphas_cumprod[t.long().cpu()].to(device=x0.device, dtype=torch.float32)
-        abar = abar.reshape(-1, *([1] * (x0.ndim - 1)))
+        abar = _abar(scheduler, t, x0)
         return (abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()).to(x0.dtype)
     raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
 
