@@ -690,16 +690,19 @@ def keyed_dict(c: Any) -> dict[str, Any]:
     """``to_dict(c)`` of a config (a run config, a benchmark's, a section) without the :data:`UNKEYED` keys of it
     and of the sections it holds, at any depth: what a whole config's fingerprint hashes, and what two configs are
     compared by (the sections' :data:`LATER_KEYS` stay, as the releases since each one's addition hashed them)."""
-    def strip(obj: Any, d: dict[str, Any]) -> dict[str, Any]:
-        for k in UNKEYED.get(type(obj), ()):
-            d.pop(k, None)
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value) and isinstance(d.get(f.name), dict):
-                strip(value, d[f.name])
-        return d
+    return _without_unkeyed(c, to_dict(c))
 
-    return strip(c, to_dict(c))
+
+def _without_unkeyed(c: Any, d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (a config dict laid out as config ``c``) with the :data:`UNKEYED` keys of ``c``'s sections removed,
+    at any depth, in place."""
+    for k in UNKEYED.get(type(c), ()):
+        d.pop(k, None)
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if dataclasses.is_dataclass(value) and isinstance(d.get(f.name), dict):
+            _without_unkeyed(value, d[f.name])
+    return d
 
 
 def as_comparable(rc: Any, old: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -708,13 +711,10 @@ def as_comparable(rc: Any, old: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     earlier value (a rerun of such a run is not told that ``classifier.balance`` went from None to 0.0)."""
     old = copy.deepcopy(old)
     for f in dataclasses.fields(rc):
-        section = type(getattr(rc, f.name))
         if isinstance(old.get(f.name), dict):
-            for k, v in LATER_KEYS.get(section, {}).items():
+            for k, v in LATER_KEYS.get(type(getattr(rc, f.name)), {}).items():
                 old[f.name].setdefault(k, v)
-            for k in UNKEYED.get(section, ()):
-                old[f.name].pop(k, None)
-    return old, keyed_dict(rc)
+    return _without_unkeyed(rc, old), keyed_dict(rc)
 
 
 TARGETED = ("side", "side-teacher", "cond", "side-lora")  # the methods that draw a target class per generation
