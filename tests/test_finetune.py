@@ -249,6 +249,45 @@ def test_side_lora_in_a_run_with_its_copy_guard(tiny_model_dir, tmp_path, one_th
     assert again["lora"] == after["lora"]
 
 
+def test_a_finished_fine_tune_whose_files_were_damaged_is_fine_tuned_again(tiny_model_dir, tmp_path, one_thread):
+    """A finished lora stage was skipped whenever classes.json existed: with its adapter weights cut short or its
+    adapter/ folder gone since (a disk fault, a copy interrupted), the run then failed when it loaded the model.
+    It is fine-tuned again; a whole one is still kept."""
+    import shutil
+
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side-lora",)), lora=TINY)
+    run = tmp_path / "run"
+    first = run_audit(run, rc, until="extraction").extractions["side-lora"].images
+    weights = run / "lora" / "adapter" / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    started = json.loads((run / "manifest.json").read_text())["stages"]["lora"]["started_unix"]
+    run_audit(run, rc, until="extraction")
+    assert json.loads((run / "manifest.json").read_text())["stages"]["lora"]["started_unix"] == started  # kept
+    for damage in (lambda: weights.write_bytes(whole[:-100]), lambda: shutil.rmtree(run / "lora" / "adapter")):
+        damage()
+        shutil.rmtree(run / "extraction")  # (so that the extraction loads the fine-tuned model again)
+        again = run_audit(run, rc, until="extraction").extractions["side-lora"].images
+        assert weights.read_bytes() == whole  # the same fine-tune: seeded, resumed from its last checkpoint
+        np.testing.assert_array_equal(again, first)
+
+
+def test_saved_whole_reads_the_form_classes_json_names(tiny_model_dir, tmp_path):
+    """saved_whole (the lora stage's skip check) looks at the weights of the form classes.json names: the full
+    fine-tune's unet/ file, not a leftover adapter/."""
+    from side_extract.finetune import saved_whole
+
+    target = load_target(tiny_model_dir)
+    x0, y = _data()
+    assert not saved_whole(tmp_path / "f")
+    finetune(target, x0, y, dataclasses.replace(TINY, rank="full", steps=2), tmp_path / "f")
+    assert saved_whole(tmp_path / "f")
+    weights = tmp_path / "f" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert not saved_whole(tmp_path / "f")
+    (tmp_path / "f" / "classes.json").write_text("{")
+    assert not saved_whole(tmp_path / "f")
+
+
 def test_full_fine_tuning_and_checks(tiny_model_dir, tmp_path):
     target = load_target(tiny_model_dir)
     x0, y = _data()

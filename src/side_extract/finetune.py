@@ -42,7 +42,7 @@ from . import config as cfg
 from .distributed import SINGLE, ProcessGroup
 from .models.forms import module_fingerprint
 from .models.target import UNetDenoiser, as_epsilon, has_class_embedding, prediction_target
-from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
+from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of, read_json, whole_safetensors
 from .surrogate import target_outputs
 
 log = logging.getLogger(__name__)
@@ -303,6 +303,20 @@ def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cf
                                              "final_loss": float(np.mean(losses[-50:])) if losses else None})
 
 
+def saved_whole(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a fine-tuned model that :func:`load_finetuned` can read: a readable
+    ``classes.json`` and, whole, the weights file of the form it names (``adapter/`` or ``unet/``) beside its
+    config."""
+    d = Path(directory)
+    try:
+        full = read_json(d / "classes.json", dict)["config"]["rank"] == "full"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    form, weights, config = (("unet", "diffusion_pytorch_model.safetensors", "config.json") if full
+                             else ("adapter", "adapter_model.safetensors", "adapter_config.json"))
+    return (d / form / config).is_file() and whole_safetensors(d / form / weights)
+
+
 def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scale: float | None = None,
                    device: str = "cpu") -> ConditionalDenoiser:
     """The fine-tuned conditional model written by :func:`finetune` (safetensors only)."""
@@ -330,4 +344,4 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
 
 
 __all__ = ["conditional_unet", "attach_adapters", "ConditionalDenoiser", "finetune", "save_finetuned",
-           "load_finetuned", "FinetuneResult"]
+           "load_finetuned", "saved_whole", "FinetuneResult"]

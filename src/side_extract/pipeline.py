@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 from . import config as cfg
 from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
@@ -32,7 +31,7 @@ from .evaluation import Evaluation, calibrate, evaluate, held_out_set
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, planned_extraction, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
-from .finetune import finetune, load_finetuned, lora_problems, lora_settings
+from .finetune import finetune, load_finetuned, lora_problems, lora_settings, saved_whole
 from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
@@ -40,7 +39,8 @@ from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_targ
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
-                   file_fingerprint, fingerprint_of, read_json, run_lock, settings_fingerprint, stage_fingerprint)
+                   file_fingerprint, fingerprint_of, read_json, run_lock, settings_fingerprint, stage_fingerprint,
+                   whole_safetensors)
 from .sampling import check_steps, sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -195,7 +195,7 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     def to_train() -> bool:
         decision = ctx.run.begin(name, fp, inputs=inputs)
         if decision == "skip":  # (a weights file gone or damaged since: trained again, not a failed load later)
-            return not _whole_safetensors(directory / "model.safetensors")
+            return not whole_safetensors(directory / "model.safetensors")
         saved = _saved_completion(directory, fp) if decision == "resume" else None
         if saved is not None:  # saved, then interrupted before the manifest said so (the save removed work/)
             log.info("stage %s: its classifier was saved whole before the interruption; kept", name)
@@ -237,16 +237,7 @@ def _saved_completion(directory: Path, fp: str) -> dict[str, Any] | None:
         return None
     # (a power loss before the files were on disk can leave the renamed folder with a whole config.json beside a
     # cut weights file)
-    return stage["complete"] if _whole_safetensors(directory / "model.safetensors") else None
-
-
-def _whole_safetensors(path: Path) -> bool:
-    """Whether ``path`` is a readable safetensors file as long as its header says (safetensors checks both)."""
-    try:
-        with safe_open(path, "pt"):
-            return True
-    except (OSError, SafetensorError):
-        return False
+    return stage["complete"] if whole_safetensors(directory / "model.safetensors") else None
 
 
 def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
@@ -322,8 +313,8 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
     directory = ctx.run.path / "lora"
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
     inputs = {"surrogate": ctx.fp["surrogate"], MODEL_INPUT: ctx.fp[MODEL_INPUT]}
-    if group.on_main(lambda: ctx.run.begin("lora", fp, inputs=inputs) != "skip"
-                     or not (directory / "classes.json").exists()):
+    # (a finished stage whose files went or were damaged since is fine-tuned again, not a failed load later)
+    if group.on_main(lambda: ctx.run.begin("lora", fp, inputs=inputs) != "skip" or not saved_whole(directory)):
         res = finetune(ctx.denoiser, synthetic.to_float(), labels.labels, c, directory,
                        target_fingerprint=ctx.fp[MODEL_INPUT], device=ctx.device, progress=ctx.progress("side-lora"),
                        group=group, background=labels.background)

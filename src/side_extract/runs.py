@@ -218,6 +218,18 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
     return value
 
 
+def whole_safetensors(path: str | Path) -> bool:
+    """Whether ``path`` is a readable safetensors file as long as its header says (safetensors checks both): what a
+    stage that skips as complete, or keeps what a killed process saved, asks of the weights it will load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            return True
+    except (OSError, SafetensorError):
+        return False
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """A run's ``manifest.json``: a JSON object whose ``stages`` maps each stage to an object (its ``inputs``, where
     it has them, an object too), or a ValueError naming the file."""
