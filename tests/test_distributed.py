@@ -69,6 +69,9 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     _run([*common, "--out", str(tmp_path / "one")], 1)
     proc = _run([*common[:-1], "--out", str(tmp_path / "two")], 2)  # with the report: written once, by the main
     assert (proc.stdout + proc.stderr).count("report: ") == 1 and (tmp_path / "two" / "report" / "report.html").is_file()
+    # torch's notes that are no fault of the run are not said once per process: the reducer's on the size-1 axes
+    # of peft's 1x1 LoRA convolutions' gradients, and the deprecation of the all_reduce the global BatchNorm uses
+    assert "Grad strides" not in proc.stderr and "is deprecated" not in proc.stderr, proc.stderr[-3000:]
     for stage in ("synthetic", "extraction/uncond", "extraction/memguide"):  # (memguide: its probe noise by index)
         _same_shards(tmp_path / "one" / stage, tmp_path / "two" / stage)
     stages = read_json(tmp_path / "two" / "manifest.json")["stages"]

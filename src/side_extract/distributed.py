@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -283,6 +284,11 @@ class ProcessGroup:
         import torch
         from torch.nn.parallel import DistributedDataParallel
 
+        # peft's 1x1 LoRA convolutions get weight gradients whose strides differ from the weights' only along
+        # their size-1 axes, which DDP's reducer reports once per process as a possible slowdown (it copies them
+        # into its buckets): not a fault of the run, so not said to the user
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
+                                category=UserWarning)
         if torch.device(device).type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=_nccl_group())
             return DistributedDataParallel(model, device_ids=[torch.device(device).index],
@@ -344,7 +350,11 @@ def _global_batchnorm_forward(self: "torch.nn.BatchNorm2d", x: "torch.Tensor") -
         return torch.nn.BatchNorm2d.forward(self, x)
     c = x.shape[1]
     rows = x.new_tensor([float(x.numel() // c)])
-    total = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), rows]))  # (summed over processes)
+    with warnings.catch_warnings():  # deprecated in torch 2.13 (the pin keeps it) for a functional all_reduce
+        # whose gradient older torch lacks
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                                category=FutureWarning)
+        total = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), rows]))  # (summed over processes)
     n = total[-1]
     mean = total[:c] / n
     var = (total[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises
