@@ -105,6 +105,19 @@ def test_mixed_sizes_suggest_resize(tmp_path):
     assert load_image_set(tmp_path, resize_to=8).images.shape == (2, 8, 8, 1)
 
 
+def test_resizing_a_read_only_array_says_nothing():
+    """PIL's arrays are read-only: resizing one (a folder of mixed sizes with --resize) printed torch's warning on
+    non-writable arrays. Run in a fresh interpreter, as torch says that warning once per process."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from side_extract.data import resize; a = np.zeros((1, 4, 4, 1), np.uint8); "
+            "a.flags.writeable = False; assert resize(a, 8).shape == (1, 8, 8, 1); "
+            "assert resize(np.zeros((1, 4, 4, 1), np.uint8)[:, ::-1], 8).shape == (1, 8, 8, 1)")
+    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_npz_variants(tmp_path):
     p = tmp_path / "a.npz"
     np.savez(p, images=np.zeros((3, 4, 4), np.uint8), labels=np.array([0, 1, 2]))

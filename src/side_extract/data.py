@@ -171,7 +171,9 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     check_size(size)
     if images.shape[1:3] == (size, size):
         return images
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()  # a flipped view has negative strides
+    # (a copy where torch could not share the memory: a flipped view's negative strides, a read-only array such as
+    # PIL's, of which torch warned)
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
