@@ -4,8 +4,9 @@ In a feature space the package has offline (``pixels``; ``efficientnet-lite0``, 
 EfficientNet-Lite0; ``torchscript:PATH`` for an Inception- or SSCD-style model a user supplies):
 
 - **Frechet distance** (FID's formula; Heusel et al. 2017): ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^(1/2)),
-  with the square root from ``scipy.linalg.sqrtm`` (its tiny imaginary part from rounding dropped; one beyond
-  1e-3 on the diagonal, which only matrices that are no covariances give, is refused, as pytorch-fid does). Biased
+  with the square root from ``scipy.linalg.sqrtm`` (its tiny imaginary part from rounding dropped; one on the
+  diagonal beyond 1e-3 of the diagonal's size (at least 1e-3, pytorch-fid's bound), which only matrices that are no
+  covariances give, is refused). Biased
   upward for small N (it needs N well above the feature dimension): compare methods at equal N only.
 - **Kernel distance** (KID; Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
   k(x, y) = (x . y / d + 1)^3, averaged over ``n_subsets`` random subsets of ``subset_size`` of each set (at

@@ -70,18 +70,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def _fsync(path: str | Path) -> None:
+    """Put the file or directory ``path`` on disk (fsync through a descriptor of its own)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _sync_directory(path: Path) -> None:
     """Put a rename in ``path`` on disk (fsync of the directory), so that a record written after it (the manifest's
     'complete') cannot outlive it in a power loss; a file system that cannot fsync a directory is left to itself."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):
+        _fsync(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -109,11 +111,7 @@ def _seal(root: Path) -> None:
         for f in filenames:
             name = os.path.join(dirpath, f)
             os.chmod(name, 0o666 & ~_UMASK)
-            fd = os.open(name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(name)
 
 
 @contextlib.contextmanager
@@ -587,8 +585,7 @@ def read_model_entry(run: str | Path) -> dict[str, Any]:
     (:meth:`RunDir.set_model`: ``fingerprint``, ``name``, ``prediction``); {} where nothing is recorded (a run of an
     older release)."""
     p = Path(run) / RunDir.MANIFEST
-    entry = read_manifest(p).get("model") if p.is_file() else None
-    return entry if isinstance(entry, dict) else {}
+    return _model_entry(read_manifest(p)) if p.is_file() else {}
 
 
 def read_model(run: str | Path) -> str | None:
@@ -597,9 +594,14 @@ def read_model(run: str | Path) -> str | None:
     return read_model_entry(run).get("fingerprint")
 
 
-def _model_of(manifest: dict[str, Any]) -> str | None:
+def _model_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's ``model`` entry ({} where it records none, as an older release's may)."""
     m = manifest.get("model")
-    return m.get("fingerprint") if isinstance(m, dict) else None
+    return m if isinstance(m, dict) else {}
+
+
+def _model_of(manifest: dict[str, Any]) -> str | None:
+    return _model_entry(manifest).get("fingerprint")
 
 
 def remade_inputs(stages: dict[str, dict[str, Any]], name: str, model: str | None = None) -> list[str]:
@@ -877,7 +879,7 @@ class RunDir:
         m = self.manifest()
         before = _model_of(m)
         entry = {"fingerprint": fingerprint, "name": name, "prediction": prediction}
-        if before == fingerprint and m["model"].get("name") == name and m["model"].get("prediction") == prediction:
+        if m.get("model") == entry:
             return
         m["model"] = entry
         self._write_manifest(m)

@@ -101,6 +101,10 @@ the others into it (:func:`as_epsilon`), and the samplers step it as an epsilon 
 (``sampling.inference_scheduler``)."""
 
 
+def _unknown_prediction(kind: Any) -> ValueError:
+    return ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
+
+
 def prediction_type(scheduler: SchedulerMixin, model_prediction: str | None = None) -> str:
     """The prediction type a model was trained with: its scheduler's ``prediction_type`` (diffusers' default:
     epsilon), or the UNet config's own where it declares one (``model_prediction``); refused where the two declare
@@ -111,7 +115,7 @@ def prediction_type(scheduler: SchedulerMixin, model_prediction: str | None = No
                          f"prediction_type={declared!r}: save it with the scheduler it was trained with")
     kind = model_prediction or declared or "epsilon"
     if kind not in PREDICTIONS:
-        raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
+        raise _unknown_prediction(kind)
     abar = getattr(scheduler, "alphas_cumprod", None)
     if abar is not None and float(abar[-1]) <= 0:  # (sampling stopped with a bare 'diverged' at its first step)
         raise ValueError("the scheduler's noise schedule ends with no signal at all (alphas_cumprod[T-1] = 0, as "
@@ -140,7 +144,7 @@ def as_epsilon(scheduler: SchedulerMixin, kind: str, x: torch.Tensor, t: torch.T
         return abar.sqrt() * out + (1 - abar).sqrt() * x
     if kind == "sample":
         return (x - abar.sqrt() * out) / (1 - abar).sqrt()
-    raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
+    raise _unknown_prediction(kind)
 
 
 def prediction_target(scheduler: SchedulerMixin, kind: str, x0: torch.Tensor, noise: torch.Tensor,
@@ -155,7 +159,7 @@ def prediction_target(scheduler: SchedulerMixin, kind: str, x0: torch.Tensor, no
     if kind == "v_prediction":
         abar = _abar(scheduler, t, x0)
         return (abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()).to(x0.dtype)
-    raise ValueError(f"prediction_type={kind!r}: a model must predict one of {', '.join(PREDICTIONS)}")
+    raise _unknown_prediction(kind)
 
 
 def has_class_embedding(unet: UNet2DModel) -> bool:
