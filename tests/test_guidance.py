@@ -82,11 +82,17 @@ def _noise(seeds, shape):
 @pytest.mark.parametrize("eta", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("with_grad", [True, False])
 @pytest.mark.parametrize("clip", [1.0, 0.5])
-def test_ddim_steps_match_guided_diffusion_at_every_noise_level(eta, with_grad, clip):
+@pytest.mark.parametrize("spacing,steps", [("leading", 10), ("linspace", 10), ("trailing", 30)])
+def test_ddim_steps_match_guided_diffusion_at_every_noise_level(eta, with_grad, clip, spacing, steps):
     """Every step of a 10-step DDIM, from t = 900 (where most x0 pixels saturate) to t = 0; also for a target whose
-    scheduler clips x0 to [-0.5, 0.5] (``clip_sample_range``), which every step must clip to."""
-    base = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample_range=clip)
-    sched = inference_scheduler(base, "ddim", 10)
+    scheduler clips x0 to [-0.5, 0.5] (``clip_sample_range``), which every step must clip to. Also for the
+    target's other timestep spacings, whose strides are not 1000 // steps (linspace: 999, 888, ..., 111, 0;
+    trailing with 30 steps: 33 or 34 apart): guided-diffusion's respaced DDIM steps from each kept timestep to the next kept one
+    (diffusers' DDIMScheduler.step went back 1000 // steps instead)."""
+    base = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample_range=clip,
+                         timestep_spacing=spacing)
+    sched = inference_scheduler(base, "ddim", steps)
+    assert (np.diff(sched.timesteps.numpy()) == -(T // steps)).all() == (spacing == "leading")
     assert sched.config.clip_sample_range == clip
     kept = [int(t) for t in sched.timesteps]
     abar_r, prev_r, _ = gd_respaced(kept)

@@ -13,7 +13,8 @@ from side_extract import config as cfg
 from side_extract.data import load_shards
 from side_extract.models.target import CallableDenoiser, load_target, model_fingerprint, predict_x0
 from side_extract.runs import RunDir, read_json
-from side_extract.sampling import BatchSize, inference_scheduler, sample, sample_generators, sample_stage
+from side_extract.sampling import (BatchSize, ddim_step, inference_scheduler, sample, sample_generators,
+                                   sample_stage)
 
 
 @pytest.mark.parametrize("kind,eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
@@ -49,6 +50,35 @@ def test_predict_x0_inverts_the_forward_process_and_matches_diffusers_step():
     ref = sched.step(wild, t, xt, eta=0.0).pred_original_sample
     assert ref.abs().max() <= 1.0 and predict_x0(sched, xt, t, wild).abs().max() > 1.0
     torch.testing.assert_close(predict_x0(sched, xt, t, wild, 1.0), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("spacing,steps,offset", [("leading", 10, 0), ("leading", 30, 1), ("trailing", 20, 0)])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip_eps", [False, True])
+def test_ddim_step_is_diffusers_step_bit_for_bit_where_its_stride_holds(spacing, steps, offset, eta, clip_eps):
+    # Where diffusers' step lands on the next scheduled timestep (its stride, 1000 // steps, is the schedule's), our
+    # DDIM step (which also steps right on other schedules: test_guidance.py) gives its images exactly, so the
+    # figures of every run on such a target are unchanged.
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=offset)
+    sched.set_timesteps(steps)
+    assert (np.diff(sched.timesteps.numpy()) == -(1000 // steps)).all()
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g) * 2  # x0 saturates at times
+    for t in sched.timesteps[[0, 1, steps // 2, -1]]:
+        ours = ddim_step(sched, x, int(t), eps, sample_generators(1, range(3)), eta=eta, clip_x0=True,
+                         eps_from_x0=clip_eps)
+        ref = sched.step(eps, t, x, eta=eta, use_clipped_model_output=clip_eps,
+                         generator=sample_generators(1, range(3))).prev_sample
+        assert torch.equal(ours, ref)
+
+
+def test_ddim_refuses_a_thresholding_scheduler_before_sampling():
+    from diffusers import DDPMScheduler
+    base = DDPMScheduler(num_train_timesteps=1000, thresholding=True)
+    with pytest.raises(ValueError, match="thresholding"):
+        inference_scheduler(base, "ddim", 10)
+    assert len(inference_scheduler(base, "ddpm", 10).timesteps) == 10
 
 
 @pytest.mark.parametrize("kind,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])

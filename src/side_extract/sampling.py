@@ -69,6 +69,10 @@ def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind
     epsilon model's, since a denoiser returns epsilon whatever its model predicts (``models.target.as_epsilon``)."""
     if kind == "ddim":
         sched = DDIMScheduler.from_config(train_scheduler.config, prediction_type="epsilon")
+        if sched.config.thresholding:
+            raise ValueError("the model's scheduler sets thresholding (dynamic thresholding of x0): the DDIM sampler "
+                             "here clips x0 to clip_sample_range as guided-diffusion does; save the scheduler with "
+                             "thresholding false, or sample with scheduler ddpm")
     elif kind == "ddpm":
         sched = DDPMScheduler.from_config(train_scheduler.config, prediction_type="epsilon")
     else:
@@ -97,19 +101,47 @@ def ddpm_variance(sched: DDPMScheduler, t: int) -> torch.Tensor:
     return torch.clamp((1 - abar_prev) / (1 - abar_t) * beta_t, min=1e-20)
 
 
-def _raw_ddim(sched: DDIMScheduler) -> DDIMScheduler:
-    """The same DDIM schedule without x0 clipping: guided-diffusion does not clip the *guided* x0."""
-    raw = DDIMScheduler.from_config(sched.config, clip_sample=False)
-    raw.set_timesteps(sched.num_inference_steps)
-    return raw
+def ddim_previous(sched: DDIMScheduler, t: int) -> int:
+    """The timestep a DDIM step from ``t`` lands on: the next of ``sched.timesteps``, -1 after the last (then
+    abar_prev is the scheduler's ``final_alpha_cumprod``). diffusers' own ``DDIMScheduler.step`` takes
+    t - T // steps instead, which is that timestep only when the schedule's stride is T // steps throughout
+    (``leading`` spacing, or ``trailing`` where the steps divide T); under ``linspace`` spacing it stepped to
+    timesteps the schedule never visits and the next step read x at the wrong noise level."""
+    ts = sched.timesteps
+    at = torch.nonzero(ts == int(t)).flatten()
+    if len(at) != 1:
+        raise ValueError(f"t={int(t)} is not one of the scheduler's {len(ts)} timesteps")
+    i = int(at[0]) + 1
+    return int(ts[i]) if i < len(ts) else -1
+
+
+def ddim_step(sched: DDIMScheduler, x: torch.Tensor, t: int, eps: torch.Tensor, generators: list[torch.Generator],
+              *, eta: float, clip_x0: bool, eps_from_x0: bool) -> torch.Tensor:
+    """DDIM's update (Song et al. 2021, eq. 12) from x_t to the next scheduled timestep (:func:`ddim_previous`):
+    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clamped to the scheduler's range when ``clip_x0``, eps
+    recomputed from that x0 when ``eps_from_x0``, then x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev -
+    sigma^2) eps + sigma z with sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) and z
+    drawn from ``generators`` (one per sample). diffusers' ``DDIMScheduler.step``'s arithmetic in its order, so on
+    a schedule it steps right the images are its images bit for bit (tests/test_sampling.py)."""
+    prev = ddim_previous(sched, t)
+    abar_t = sched.alphas_cumprod[int(t)]
+    abar_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+    beta_t = 1 - abar_t
+    x0 = (x - beta_t ** (0.5) * eps) / abar_t ** (0.5)
+    if clip_x0:
+        x0 = x0.clamp(-sched.config.clip_sample_range, sched.config.clip_sample_range)
+    std = eta * (((1 - abar_prev) / beta_t) * (1 - abar_t / abar_prev)) ** (0.5)
+    if eps_from_x0:
+        eps = (x - abar_t ** (0.5) * x0) / beta_t ** (0.5)
+    x_prev = abar_prev ** (0.5) * x0 + (1 - abar_prev - std**2) ** (0.5) * eps
+    if eta > 0:
+        x_prev = x_prev + std * randn_tensor(eps.shape, generator=generators, device=eps.device, dtype=eps.dtype)
+    return x_prev
 
 
 def clipped_eps(sched: DDIMScheduler, x: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
     """eps recomputed from the clipped x0 prediction (guided-diffusion's ``p_mean_variance`` with
     ``clip_denoised`` then ``_predict_eps_from_xstart``); eps itself when the scheduler does not clip."""
-    if getattr(sched.config, "thresholding", False):
-        raise ValueError("schedulers with dynamic thresholding are not supported for guided sampling; "
-                         "use clip_sample (guided-diffusion's clip_denoised) instead")
     if not sched.config.clip_sample:
         return eps
     abar = sched.alphas_cumprod[t].to(device=x.device, dtype=x.dtype)
@@ -127,7 +159,6 @@ def guided_step(
     eta: float = 0.0,
     g: torch.Tensor | None = None,
     clip_eps: bool = True,
-    raw: DDIMScheduler | None = None,
 ) -> torch.Tensor:
     """One reverse step x_t -> x_{t-1} with optional guidance ``g`` = lambda * grad log p(y | x_t, t).
 
@@ -137,22 +168,22 @@ def guided_step(
     2. eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)  (eps of the clipped x0);
     3. eps' = eps - sqrt(1 - abar_t) g;
     4. x0' = (x_t - sqrt(1 - abar_t) eps') / sqrt(abar_t), *not* clipped again;
-    5. x_{t-1} = sqrt(abar_prev) x0' + sqrt(1 - abar_prev - sigma^2) eps' + sigma z  (diffusers' step on ``raw``).
+    5. x_{t-1} = sqrt(abar_prev) x0' + sqrt(1 - abar_prev - sigma^2) eps' + sigma z  (:func:`ddim_step`, abar_prev
+       at the schedule's next timestep).
 
-    Unguided (``g`` None), diffusers' step with ``use_clipped_model_output=clip_eps`` (steps 1-2 and 5).
+    Unguided (``g`` None), :func:`ddim_step` with the scheduler's clipping, eps from the clipped x0 if ``clip_eps``
+    (steps 1-2 and 5).
 
     DDPM, guided-diffusion's ``p_sample`` + ``condition_mean``: diffusers' step (clipped x0, posterior mean,
     Sigma_t z), then + Sigma_t g: adding it to the sampled x_{t-1} shifts its mean by exactly that.
-
-    ``raw``: the DDIM scheduler without x0 clipping (``_raw_ddim(sched)``), made once per loop by the caller.
     """
     if isinstance(sched, DDIMScheduler):
-        if g is None:
-            return sched.step(eps, t, x, eta=eta, use_clipped_model_output=clip_eps, generator=generators).prev_sample
         ti = int(t)
+        if g is None:
+            return ddim_step(sched, x, ti, eps, generators, eta=eta, clip_x0=sched.config.clip_sample,
+                             eps_from_x0=clip_eps)
         eps_g = clipped_eps(sched, x, ti, eps) - (1 - sched.alphas_cumprod[ti].to(x.device, x.dtype)).sqrt() * g
-        raw = raw if raw is not None else _raw_ddim(sched)
-        return raw.step(eps_g, t, x, eta=eta, use_clipped_model_output=False, generator=generators).prev_sample
+        return ddim_step(sched, x, ti, eps_g, generators, eta=eta, clip_x0=False, eps_from_x0=False)
     if isinstance(sched, DDPMScheduler):
         x_next = sched.step(eps, t, x, generator=generators).prev_sample
         if g is not None:
@@ -230,7 +261,6 @@ def denoise_batch(
     if label_free and ids is None:
         raise ValueError("label-free guidance needs the batch's sample indices ids")
     keys = {"ids": ids} if label_free else {}
-    raw = _raw_ddim(sched) if guidance is not None and isinstance(sched, DDIMScheduler) else None
     conditional = getattr(denoiser, "conditional", False)
     low = precision == "bf16"
     with float32_matmul(precision):
@@ -242,7 +272,7 @@ def denoise_batch(
             if guidance is not None:
                 with torch.enable_grad(), reproducible_gradients(x.device):
                     g = guidance(x, t, y, **keys, **({"eps": eps} if getattr(guidance, "uses_eps", False) else {}))
-            x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps, raw=raw)
+            x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps)
             if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > DIVERGED_ABOVE:
                 scale = getattr(guidance, "scale", None)
                 cause = (f"the guidance scale lambda={scale:g} is likely too large" if scale else
