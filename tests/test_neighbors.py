@@ -89,6 +89,27 @@ def test_exact_copy_distance_is_zero_and_ties_by_index():
     np.testing.assert_array_equal(nb.scores, [[0.0, 0.0, 0.0]])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_training_images_tie_to_the_lowest_rows_whatever_the_chunking(backend):
+    # Row 3 of the reference stored six more times: a near copy of it is equally near all seven (exactly: uint8
+    # rows under rms-l2; a cosine's float32 products of equal rows can differ in their last bit), and the nearest
+    # must be row 3 (then the next copies in row order) for every chunking, k and exclusion; torch.topk had picked
+    # any of them, so the distinct nearest training images of one copied image counted up to five.
+    metric = "rms-l2"
+    rng = np.random.default_rng(1)
+    ref = rng.integers(0, 256, (1000, 48), dtype=np.uint8)
+    copies = [3, 130, 377, 512, 777, 901, 999]
+    ref[copies] = ref[3]
+    q = np.clip(ref[3].astype(int) + rng.integers(-3, 4, (400, 48)), 0, 255).astype(np.uint8)
+    for query_chunk, ref_chunk in [(1024, 8192), (64, 128), (7, 50), (400, 333)]:
+        index = NearestNeighborIndex(metric, backend=backend, query_chunk=query_chunk, ref_chunk=ref_chunk).fit(ref)
+        for k in (1, 2, 3, 7, 9):
+            nb = index.kneighbors(q, k)
+            np.testing.assert_array_equal(nb.indices[:, :min(k, 7)], np.tile(copies[:k], (len(q), 1)))
+        nb = index.kneighbors(q, 2, exclude=np.full(len(q), 3))
+        np.testing.assert_array_equal(nb.indices, np.tile([130, 377], (len(q), 1)))
+
+
 def test_exclude_array(pixels):
     ref, q = pixels
     ex = np.full(len(q), -1)

@@ -67,6 +67,23 @@ def pixel_rows(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1)
 
 
+def _top_k(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest keys of each row and their columns, a tie at the k-th key going to the lowest columns.
+    ``torch.topk`` takes any of the tied ones: which of a training set's exact duplicates was "nearest" changed with
+    the reference chunking and ``k``. Only rows where such a tie crosses the k-th place (the (k+1)-th key equals
+    the k-th) are selected again. Columns ascend within a row."""
+    vals, cols = torch.topk(key, min(k + 1, key.shape[1]), dim=1)
+    rows = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten() if vals.shape[1] > k else []
+    vals, cols = vals[:, :k], cols[:, :k]
+    if len(rows):
+        sub, edge = key[rows], vals[rows, k - 1:]
+        above, tied = sub > edge, sub == edge
+        take = above | (tied & (torch.cumsum(tied, 1) <= k - above.sum(1, keepdim=True)))
+        cols[rows] = torch.nonzero(take)[:, 1].view(len(rows), k)  # row-major: k columns per row
+    cols = cols.sort(1).values  # in column order, so that candidates joined chunk after chunk lie in row order
+    return torch.gather(key, 1, cols), cols
+
+
 class NearestNeighborIndex:
     """Exact k-nearest-neighbour search by cosine similarity or pixel RMS-L2 (scikit-learn contract).
 
@@ -133,7 +150,9 @@ class NearestNeighborIndex:
 
         Returns
         -------
-        Neighbors with (m, k) scores and indices; ties are ordered by reference row.
+        Neighbors with (m, k) scores and indices; ties are ordered by reference row, and a tie at the k-th place
+        keeps the lowest rows (exact ties: uint8 rows under rms-l2, whose keys are exact; float keys of equal
+        rows can differ in their last bit).
         """
         self._check_fitted()
         Q = self._check_rows(Q, "Q")
@@ -277,11 +296,11 @@ class NearestNeighborIndex:
                     if on_pairs is not None:
                         self._emit(key, q0, r0, qn, k_lo, k_hi, lo, hi, on_pairs)
                     if k:
-                        v, i = torch.topk(key, min(k, key.shape[1]), dim=1)
+                        v, i = _top_k(key, min(k, key.shape[1]))
                         vals.append(v)
                         ids.append(i + r0)
-                if k:
-                    best, order = torch.topk(torch.cat(vals, 1), k, dim=1)
+                if k:  # the chunks' candidates lie in row order, so a tie goes to the lowest row here too
+                    best, order = _top_k(torch.cat(vals, 1), k)
                     best_i = torch.gather(torch.cat(ids, 1), 1, order)
                     best = best.double() if cos else best.double() - qn.double()[:, None]  # -> -|q - r|^2
                 else:
