@@ -87,8 +87,8 @@ def test_ddim_steps_match_guided_diffusion_at_every_noise_level(eta, with_grad, 
     """Every step of a 10-step DDIM, from t = 900 (where most x0 pixels saturate) to t = 0; also for a target whose
     scheduler clips x0 to [-0.5, 0.5] (``clip_sample_range``), which every step must clip to. Also for the
     target's other timestep spacings, whose strides are not 1000 // steps (linspace: 999, 888, ..., 111, 0;
-    trailing with 30 steps: 33 or 34 apart): guided-diffusion's respaced DDIM steps from each kept timestep to the next kept one
-    (diffusers' DDIMScheduler.step went back 1000 // steps instead)."""
+    trailing with 30 steps: 33 or 34 apart): guided-diffusion's respaced DDIM steps from each kept timestep to the
+    next kept one (diffusers' DDIMScheduler.step went back 1000 // steps instead)."""
     base = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample_range=clip,
                          timestep_spacing=spacing)
     sched = inference_scheduler(base, "ddim", steps)
