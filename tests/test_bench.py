@@ -12,7 +12,7 @@ from side_extract import config as cfg
 from side_extract.bench.compute import interleaved, median_ratio
 from side_extract.bench.extraction import (ExtractionBenchConfig, ratios_to_best_baseline, run_extraction_bench,
                                            write_extraction_results)
-from side_extract.bench.tables import render_extraction_markdown
+from side_extract.bench.tables import _ratio_cell, render_extraction_markdown
 
 
 def metrics(ams_high: float, ums_high: float, p95: float, carlini: float, gu: float) -> dict:
@@ -47,6 +47,15 @@ def test_ratio_to_best_baseline_by_hand():
     # only the methods present count; no baseline -> no ratios
     assert set(ratios_to_best_baseline({"side": methods["side"], "cond": methods["cond"]})["side"]["ams/high"]) >= {"ratio"}
     assert ratios_to_best_baseline({"side": methods["side"]}) == {}
+
+
+def test_a_zero_best_baseline_reads_as_none_found_only_where_more_is_more():
+    # p95 as a distance: a best baseline at 0 came closer than SIDE, which the cell said was "∞" (none found)
+    r = ratios_to_best_baseline({"side": metrics(0.3, 0.1, 0.02, 0.2, 0.1), "cond": metrics(0.1, 0.0, 0.0, 0.1, 0.0)})
+    s = r["side"]
+    assert s["p95"]["ratio"] is None and not s["p95"]["side_better"] and _ratio_cell(s["p95"]) == "∞ (baseline 0)"
+    assert s["gu"]["ratio"] is None and _ratio_cell(s["gu"]) == "∞"  # SIDE found some, the baselines none
+    assert _ratio_cell({**s["gu"], "side": 0.0}) == "0/0"
 
 
 def test_interleaved_timing_and_median_ratio():

@@ -74,6 +74,28 @@ def test_a_benchmark_that_could_not_mean_what_it_says_is_refused():
     for key in ("sample.seed", "extract.seed", "surrogate.random_state", "extract.n", "evaluate.bands"):
         with pytest.raises(ValueError, match=f"may not set {key}"):
             FairBenchConfig(forms={"f": {"method": "side", key: 0}})
+    # the same settings as nested mappings (YAML's reading of --form f=side,sample={seed: 7}) had passed, and the
+    # form then drew one synthetic set on every replicate
+    for section, key in (("sample", "seed"), ("surrogate", "random_state"), ("classifier", "seed"),
+                         ("evaluate", "carlini_n"), ("extract", "n")):
+        with pytest.raises(ValueError, match=f"may not set {section}.{key}"):
+            FairBenchConfig(forms={"f": {"method": "side", section: {key: 7}}})
+    assert FairBenchConfig(forms={"f": {"method": "side", "sample": {"n": 7}}}).forms == {
+        "f": {"method": "side", "sample.n": 7}}  # what the equal-samples check (sample.n) reads
+    with pytest.raises(ValueError, match="given twice"):
+        FairBenchConfig(forms={"f": {"method": "side", "sample.n": 7, "sample": {"n": 8}}})
+    # what every entry is measured with alike: the target, the training set and (but for a baseline form) the
+    # extraction's sampler; and what the tuning grid sets (the grid's value replaced the form's without a word)
+    for key in ("model", "train", "extract.eta", "extract.scheduler", "extract.steps", "extract.stop_unseen"):
+        for method in ("side", "memguide"):
+            with pytest.raises(ValueError, match=f"may not set {key}"):
+                FairBenchConfig(forms={"f": {"method": method, key: 1}})
+    for key in ("model", "extract.stop_unseen"):  # a baseline form may change the sampler only (next test)
+        with pytest.raises(ValueError, match=f"may not set {key}"):
+            FairBenchConfig(forms={"f": {"method": "uncond", key: 1}})
+    for key in ("extract.scale", "extract.temperature", "extract.memguide_scale", "lora.guidance_scale"):
+        with pytest.raises(ValueError, match=f"may not set {key}: the tuning grid sets it"):
+            FairBenchConfig(forms={"f": {"method": "side", key: 1.0}})
     with pytest.raises(ValueError, match="add cond or uncond"):
         FairBenchConfig(methods=("side", "side-teacher"))
     with pytest.raises(ValueError, match="at least 2"):
@@ -384,7 +406,7 @@ def test_fair_bench_on_a_tiny_run(tmp_path, one_thread, monkeypatch):
     del unknown["scales"][0]["target"]["model_sha256"]
     blind = run_fair_bench(dataclasses.replace(fc, n_bootstrap=30), tmp_path / "cache",
                            tuning=reused_tuning(fc, (unknown, "unknown.json")))
-    assert "that file records no target, so the target it was chosen on is not checked" in \
+    assert "`unknown.json` records no target, so the target its settings were chosen on is not checked" in \
         protocol.render_fair_markdown(blind)
     # settings chosen on another target's weights, or by code whose stages worked otherwise, are not reused
     other = json.loads(json.dumps(d))
@@ -645,9 +667,16 @@ def test_a_fair_bench_split_over_two_processes_joins_into_the_one_run_report(tmp
     other["scales"][0]["target"]["model_sha256"] = "0" * 64
     with pytest.raises(ValueError, match="on other targets"):
         reused_tuning(fc, (a, "a.json"), (other, "b.json"))
-    unknown = json.loads(json.dumps(b))  # a file that recorded no target: joined, and the target is not checked
+    unknown = json.loads(json.dumps(b))  # a file that recorded no target: joined, its target is not checked
     del unknown["scales"][0]["target"]["model_sha256"]
-    assert reused_tuning(fc, (a, "a.json"), (unknown, "b.json"))[20]["target_sha256"] is None
+    mixed = reused_tuning(fc, (a, "a.json"), (unknown, "b.json"))[20]
+    assert mixed["target_sha256"] == whole["scales"][0]["target"]["model_sha256"]
+    assert mixed["target_unrecorded"] == ["b.json"]
+    # ... but the other file's target still is: one tuned on another target was let through beside such a file
+    other_a = json.loads(json.dumps(a))
+    other_a["scales"][0]["target"]["model_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="chosen on another target"):
+        run_fair_bench(fc, split, tuning=reused_tuning(fc, (other_a, "a.json"), (unknown, "b.json")))
     # the old rule stays for what is not an entry list: another grid is another configuration
     with pytest.raises(ValueError, match="differs in scales_grid"):
         reused_tuning(dataclasses.replace(fc, scales_grid=(0.0, 2.0)), (a, "a.json"), (b, "b.json"))

@@ -885,14 +885,17 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value  # pragma: no cover - every field type above is handled
 
 
+def nested_to_dotted(d: dict[str, Any], at: str = "") -> dict[str, Any]:
+    """``{"extract": {"t_hi": 0.5}}`` -> ``{"extract.t_hi": 0.5}``: every leaf under its dotted name (the inverse of
+    :func:`dotted_to_nested`; a key already dotted stays as it is)."""
+    return {k: v for key, value in d.items() for k, v in
+            (nested_to_dotted(value, f"{at}{key}.") if isinstance(value, dict) else {f"{at}{key}": value}).items()}
+
+
 def differences(old: dict[str, Any], new: dict[str, Any], prefixes: tuple[str, ...] = ("",)) -> list[str]:
     """``key old -> new`` for each dotted key (``extract.steps``) whose value differs between two config dicts
     (:func:`to_dict`'s form, or a config.yaml read back), among the keys that start with one of ``prefixes``."""
-    def flat(d: dict[str, Any], at: str = "") -> dict[str, Any]:
-        return {k: v for key, value in d.items() for k, v in
-                (flat(value, f"{at}{key}.") if isinstance(value, dict) else {f"{at}{key}": value}).items()}
-
-    a, b = flat(old), flat(new)
+    a, b = nested_to_dotted(old), nested_to_dotted(new)
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k.startswith(prefixes)]
 

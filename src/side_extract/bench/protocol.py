@@ -126,16 +126,24 @@ class FairBenchConfig:
             object.__setattr__(self, "validation_n", self.bench.run.extract.n)
         if self.validation_n <= 0 or self.n_bootstrap <= 0:
             raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
+        object.__setattr__(self, "forms", {name: _dotted_form(name, form) for name, form in self.forms.items()})
         for name, form in self.forms.items():
             kinds = SIDE_FORMS + LABEL_FREE + BASELINES
             if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in kinds:
                 raise ValueError(f"forms: {name!r} must be a new name with 'method' one of {', '.join(kinds)}; "
                                  f"got {form}")
+            fixed = FORM_FIXED + (() if form["method"] in BASELINES else SAMPLER_FIXED)
             pinned = [k for k in form if k.rsplit(".", 1)[-1] in ("seed", "random_state")
-                      or k == "extract.n" or k.startswith("evaluate.")]
-            if pinned:  # a seed would repeat one replicate; N_G and the bands are the benchmark's, not a form's
-                raise ValueError(f"forms: {name!r} may not set {', '.join(pinned)} (the replicate sets every seed, the "
-                                 "benchmark N_G and the bands)")
+                      or any(k == f or k.startswith(f + ".") for f in fixed)]
+            if pinned:  # a seed would repeat one replicate; the rest is what every entry is measured with alike
+                raise ValueError(f"forms: {name!r} may not set {', '.join(pinned)} (the replicate sets every seed; the "
+                                 "target, the training set, N_G, its stopping and the bands are the benchmark's; so is "
+                                 "the extraction's sampler (--eta), which only a baseline form may change: a stronger "
+                                 "baseline to pick from)")
+            tuned = [k for k in form if k in GRID_KEYS]
+            if tuned:  # (the grid's value replaced it without a word, while fair.json recorded the form's)
+                raise ValueError(f"forms: {name!r} may not set {', '.join(tuned)}: the tuning grid sets it (--lambdas, "
+                                 "--temperatures, --lora-scales, --memguide-scales)")
             overrides = {k: v for k, v in form.items() if k != "method"}
             try:
                 inert_keys = cfg.inert_keys(method_config(self.bench.run, form["method"], None, self.validation_n,
@@ -211,6 +219,29 @@ class FairBenchConfig:
         if self.base_method(name) == "memguide":
             return [(lam, 0.0) for lam in self.memguide_scales]
         return self.grid if self.base_method(name) in GUIDED else []
+
+
+# what every entry of a fair bench is measured with alike, so no form may set it (beside every seed); the
+# extraction's sampler, which a baseline form may change (it can only give the best baseline more to pick from, so
+# a SIDE form's ratio never rests on a sampler its baselines lacked); and what the tuning grid sets (method_config)
+FORM_FIXED = ("model", "train", "train_resize", "sweep", "evaluate", "extract.n", "extract.methods",
+              "extract.stop_unseen")
+SAMPLER_FIXED = ("extract.scheduler", "extract.steps", "extract.eta")
+GRID_KEYS = ("extract.scale", "extract.temperature", "extract.cond_scale", "extract.cond_temperature",
+             "extract.teacher_scale", "extract.teacher_temperature", "extract.memguide_scale", "lora.guidance_scale")
+
+
+def _dotted_form(name: str, form: Any) -> dict[str, Any]:
+    """A form as ``{"method": ..., dotted.key: value}``: nested mappings (``sample: {seed: 7}``, as YAML reads
+    ``--form f=side,sample={seed: 7}``) spelled out as dotted keys, so that every check on a form's keys sees
+    them (they had passed the refusal of seeds, N_G and the bands)."""
+    if not isinstance(form, dict):
+        raise ValueError(f"forms: {name!r} must be a mapping of its method and settings, got {form!r}")
+    try:
+        overrides = cfg.nested_to_dotted(cfg.dotted_to_nested({k: v for k, v in form.items() if k != "method"}))
+    except ValueError as e:
+        raise ValueError(f"forms: {name!r}: {e}") from None
+    return {"method": form.get("method"), **overrides}
 
 
 def method_config(rc: cfg.RunConfig, method: str, setting: tuple[float, float] | None, n: int,
@@ -518,13 +549,6 @@ REPORT_ONLY = ("n_bootstrap", "equal_samples", "heldout_replicates")
 ENTRY_LISTS = ("methods", "forms")  # what each of several --tuning-from files may hold a part of
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    """A ``to_dict`` rendering as {dotted name: leaf value}."""
-    if not isinstance(d, dict) or not d:
-        return {prefix: d}
-    return {k: v for name, sub in d.items() for k, v in _flat(sub, f"{prefix}.{name}" if prefix else name).items()}
-
-
 def _definition(fc: FairBenchConfig, name: str) -> dict[str, Any] | None:
     """What an entry runs: a method by its name, a form by its method and overrides; None if ``fc`` lacks it."""
     if name in fc.forms:
@@ -551,7 +575,7 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
             theirs = dataclasses.replace(loaded, **{k: getattr(fc, k) for k in REPORT_ONLY + ENTRY_LISTS})
         except ValueError as e:
             raise ValueError(f"--tuning-from {source}: its configuration does not load: {e}") from None
-        mine_flat, theirs_flat = _flat(cfg.keyed_dict(fc)), _flat(cfg.keyed_dict(theirs))  # (who trains: no matter)
+        mine_flat, theirs_flat = cfg.nested_to_dotted(cfg.keyed_dict(fc)), cfg.nested_to_dotted(cfg.keyed_dict(theirs))  # (who trains: no matter)
         diff = sorted(k for k in mine_flat.keys() | theirs_flat.keys() if mine_flat.get(k) != theirs_flat.get(k))
         if diff:
             raise ValueError(f"--tuning-from {source} ran another configuration (differs in {', '.join(diff)}); "
@@ -572,7 +596,8 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
     out: dict[int, dict[str, Any]] = {}
     for n in fc.bench.scales:
         shas = {src: s[n]["target_sha256"] for src, _, s in by_source}
-        if len({v for v in shas.values() if v is not None}) > 1:
+        known = {v for v in shas.values() if v is not None}
+        if len(known) > 1:
             raise ValueError(f"--tuning-from files tuned {n} training images on other targets (weights "
                              + ", ".join(f"{src}: {str(v)[:12]}" for src, v in shas.items()) + "); tune again")
         chosen: dict[str, list[float] | None] = {m: None for m in fc.entries if not fc.settings(m)}
@@ -599,14 +624,30 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
         first = by_source[0][2][n]
         sources = list(dict.fromkeys(origin.values())) or [first.get("reused_from", by_source[0][0])]
         out[n] = {**{k: v for k, v in first.items()
-                     if k not in ("chosen", "mean_by_setting", "reused_from", "reused_from_by_entry", "target_sha256")},
-                  # a file that recorded no target leaves the target unchecked (the report says so)
-                  "target_sha256": None if None in shas.values() else next(iter(shas.values())),
+                     if k not in ("chosen", "mean_by_setting", "reused_from", "reused_from_by_entry", "target_sha256",
+                                  "target_unrecorded")},
+                  # the target the files recorded, checked against this one; a file that recorded none leaves its
+                  # own settings' target unchecked (the report names it; its target was taken as unknown, which let
+                  # a file tuned on another target through beside it)
+                  "target_sha256": next(iter(known)) if known else None,
+                  **({"target_unrecorded": [src for src, v in shas.items() if v is None]}
+                     if None in shas.values() else {}),
                   "mean_by_setting": means, "chosen": {m: chosen[m] for m in fc.entries},
                   # the file whose run tuned (a re-report of a re-report names the first); several: each entry's
                   "reused_from": sources[0] if len(sources) == 1 else ", ".join(sources),
                   **({"reused_from_by_entry": origin} if len(sources) > 1 else {})}
     return out
+
+
+def _unrecorded_note(tuning: dict[str, Any]) -> str:
+    """What the report says of reused settings whose target no file recorded (older files)."""
+    files = tuning.get("target_unrecorded")
+    if files:
+        one = len(files) == 1
+        return (f"; {', '.join(f'`{f}`' for f in files)} record{'s' if one else ''} no target, so the target "
+                f"{'its' if one else 'their'} settings were chosen on is not checked")
+    return ("; that file records no target, so the target it was chosen on is not checked"
+            if tuning.get("target_sha256") is None else "")
 
 
 def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu",
@@ -628,8 +669,10 @@ def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu
             if sha is not None and sha != inputs.target.get("model_sha256"):
                 raise ValueError(f"the tuning reused for {n} training images was chosen on another target (weights "
                                  f"{sha[:12]}, now {str(inputs.target.get('model_sha256'))[:12]}); tune again")
-            if sha is None:  # an older file: the report says so too
-                log.warning("the tuning reused for %d training images records no target: not checked", n)
+            unrecorded = tuned.get("target_unrecorded") or ([] if sha is not None else ["it"])
+            if unrecorded:  # an older file: the report says so too
+                log.warning("the tuning reused for %d training images: %s records no target, not checked", n,
+                            ", ".join(unrecorded))
         else:
             tuned = tune(fc, inputs, cache, device=device, progress=progress)
         held = report(fc, inputs, tuned["chosen"], cache, device=device, progress=progress)
@@ -922,8 +965,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
         lines += ["", f"Validation means of `{c['select_metric']}` (%) by setting "
                   "(lambda,T; side-lora: w,0; memguide: lambda,0)"
                   + (f", taken with the chosen settings from {sources} (`--tuning-from`: the validation grid was not "
-                     "run again" + ("; that file records no target, so the target it was chosen on is not checked"
-                                    if s["tuning"].get("target_sha256") is None else "") + ")" if reused else "")
+                     "run again" + _unrecorded_note(s["tuning"]) + ")" if reused else "")
                   + (f"; {s['tuning']['runs_kept']} of its {s['tuning']['runs']} runs kept from an earlier fair bench "
                      f"(the cache's `{VALIDATION_RUNS}/`: the same config, the same files and target, the same stage "
                      "versions)" if not reused and s["tuning"].get("runs_kept") else "")

@@ -24,8 +24,10 @@ def _metric_row(metrics: dict[str, Any], bands: list[str]) -> list[str]:
 def _ratio_cell(r: dict[str, Any] | None) -> str:
     if r is None:
         return ""
-    if r["ratio"] is None:
-        return "∞" if r["side"] > 0 else "0/0"
+    if r["ratio"] is None:  # the best baseline's value is 0
+        if r["side"] == 0:
+            return "0/0"
+        return "∞" if r.get("better", "higher") == "higher" else "∞ (baseline 0)"  # a distance: the baseline closer
     return f"{r['ratio']:.2f}" + (" ✓" if r["side_better"] else "")
 
 
@@ -63,7 +65,8 @@ def render_extraction_markdown(data: dict[str, Any]) -> str:
         lines += ["", "## SIDE / best baseline (Cond, UnCond)", "",
                   "Ratio > 1 means SIDE extracts more, except p95 (for rms-l2 the 5th percentile of each generation's nearest "
                   "training distance, 'p5 dist.' in the tables above: < 1 means SIDE comes closer); "
-                  "✓ marks where SIDE strictly beats the best baseline; ∞: the baselines found none.", ""]
+                  "✓ marks where SIDE strictly beats the best baseline; ∞: the baselines found none (p95 as a distance, "
+                  "∞ (baseline 0): the best baseline's is 0, closer than SIDE's).", ""]
         keys = [f"ams/{b}" for b in bands] + [f"ums/{b}" for b in bands] + ["p95", "carlini", "gu"]
         head = ["n_train", "SIDE variant", *keys]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
