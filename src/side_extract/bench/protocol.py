@@ -575,7 +575,8 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
             theirs = dataclasses.replace(loaded, **{k: getattr(fc, k) for k in REPORT_ONLY + ENTRY_LISTS})
         except ValueError as e:
             raise ValueError(f"--tuning-from {source}: its configuration does not load: {e}") from None
-        mine_flat, theirs_flat = cfg.nested_to_dotted(cfg.keyed_dict(fc)), cfg.nested_to_dotted(cfg.keyed_dict(theirs))  # (who trains: no matter)
+        # (who trains: no matter)
+        mine_flat, theirs_flat = (cfg.nested_to_dotted(cfg.keyed_dict(x)) for x in (fc, theirs))
         diff = sorted(k for k in mine_flat.keys() | theirs_flat.keys() if mine_flat.get(k) != theirs_flat.get(k))
         if diff:
             raise ValueError(f"--tuning-from {source} ran another configuration (differs in {', '.join(diff)}); "

@@ -65,8 +65,8 @@ def render_extraction_markdown(data: dict[str, Any]) -> str:
         lines += ["", "## SIDE / best baseline (Cond, UnCond)", "",
                   "Ratio > 1 means SIDE extracts more, except p95 (for rms-l2 the 5th percentile of each generation's nearest "
                   "training distance, 'p5 dist.' in the tables above: < 1 means SIDE comes closer); "
-                  "✓ marks where SIDE strictly beats the best baseline; ∞: the baselines found none (p95 as a distance, "
-                  "∞ (baseline 0): the best baseline's is 0, closer than SIDE's).", ""]
+                  "✓ marks where SIDE strictly beats the best baseline; ∞: the baselines found none (p95 as a "
+                  "distance, ∞ (baseline 0): the best baseline's is 0, closer than SIDE's).", ""]
         keys = [f"ams/{b}" for b in bands] + [f"ums/{b}" for b in bands] + ["p95", "carlini", "gu"]
         head = ["n_train", "SIDE variant", *keys]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
