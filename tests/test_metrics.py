@@ -1,6 +1,7 @@
 """Hand-computed memorization metrics: AMS / UMS bands, orientation, Carlini and Gu ratios, N_G law, calibration."""
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -245,6 +246,22 @@ def test_calibrate_and_bands_file(tmp_path):
     assert sum(cal.to_json()["null"]["heldout"]["histogram"]["counts"]) == 4
     with pytest.raises(ValueError, match="calibrated for similarity='rms-l2'"):
         read_bands_file(tmp_path / "bands.json", "cosine:x")
+
+
+def test_a_bands_file_is_checked_as_inline_bands_are(tmp_path):
+    """Overlapping bands in a hand-written bands.json counted a score in both (the AMS shares summed past 100 %),
+    and a file of no bands failed with max()'s error after every extraction; inline bands were refused for both.
+    Zero-width bands stay allowed: calibration writes them where quantiles coincide (above)."""
+    path = tmp_path / "bands.json"
+    for bands, says in (({"high": [0, 0.12], "mid": [0.109, 0.135]}, "'high' \\(0.0:0.12\\) and 'mid' .* overlap"),
+                        ({}, "names no band"), ({"high": [0.2, 0.1]}, "lo <= hi"),
+                        ({"high": [0.1]}, "name: \\[lo, hi\\]")):
+        path.write_text(json.dumps({"similarity": "rms-l2", "bands": bands}))
+        with pytest.raises(ValueError, match=says):
+            read_bands_file(path, "rms-l2")
+    path.write_text(json.dumps({"similarity": "rms-l2", "bands": {"high": [0, 0.1], "mid": [0.1, 0.1],
+                                                                  "low": [0.1, 0.2]}}))
+    assert [b.name for b in read_bands_file(path, "rms-l2")] == ["high", "mid", "low"]
 
 
 def test_digits_complement():

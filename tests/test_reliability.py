@@ -198,6 +198,56 @@ def test_a_refusal_in_a_copied_run_names_the_setting_not_the_bands_path(tiny_mod
     assert "carlini_n 5 -> 4" in said and "bands_file" not in said, res.output
 
 
+def _with_scheduler(model_dir, out, **changes):
+    """A copy of the saved model ``model_dir`` whose scheduler_config.json has ``changes``."""
+    shutil.copytree(model_dir, out)
+    path = out / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return out
+
+
+def test_a_scheduler_the_sampler_cannot_use_is_refused_before_any_stage(tiny_model_dir, tmp_path):
+    """A DDIM sampler over a thresholding scheduler, guided DDPM without fixed_small, and DDPM over a learned
+    variance: each was found by the sampler itself, the first two after the synthetic set, features, clusters and
+    both classifiers had been made (at the default settings, the classifiers' 2,000 steps for nothing)."""
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"), n=4)
+    ddpm = dataclasses.replace(rc.extract, scheduler="ddpm")
+    for i, (changes, ex, says) in enumerate((
+            ({"thresholding": True}, rc.extract, "sample.scheduler=ddim: the model's scheduler sets thresholding"),
+            ({"variance_type": "fixed_large"}, ddpm, "extract.scheduler=ddpm: guided DDPM needs variance_type"),
+            ({"variance_type": "learned_range"}, ddpm, "extract.scheduler=ddpm: the model's scheduler has "
+                                                       "variance_type='learned_range'"))):
+        model = _with_scheduler(tiny_model_dir, tmp_path / f"model{i}", **changes)
+        with pytest.raises(ValueError, match=says):
+            run_audit(tmp_path / f"run{i}", dataclasses.replace(rc, model=str(model), extract=ex))
+        assert not (tmp_path / f"run{i}" / "synthetic").exists()
+    # unguided DDPM samples over fixed_large as diffusers' scheduler does: only guidance needs fixed_small
+    model = _with_scheduler(tiny_model_dir, tmp_path / "large", variance_type="fixed_large")
+    run_audit(tmp_path / "uncond", dataclasses.replace(rc, model=str(model), extract=dataclasses.replace(
+        ddpm, methods=("uncond",))), until="extraction")
+
+
+def test_a_noise_schedule_no_diffusion_has_is_refused_when_the_model_loads(tiny_model_dir, tmp_path):
+    """num_train_timesteps 0 (an IndexError traceback), trained_betas of another length than the timesteps (an
+    IndexError inside diffusers' step, after the run directory was made), a NaN or negative beta (sampling ended
+    as 'diverged', naming neither)."""
+    from side_extract.models.target import load_target
+
+    for i, (changes, says) in enumerate((
+            ({"num_train_timesteps": 0}, "has 0 steps and num_train_timesteps=0"),
+            ({"trained_betas": [0.1, 0.2, 0.3]}, "has 3 steps and num_train_timesteps=1000"),
+            ({"beta_end": float("nan")}, "'beta_end': nan.*must be finite, in \\(0, 1\\] and non-increasing"),
+            ({"beta_start": -0.1}, "'beta_start': -0.1.*must be finite"))):
+        model = _with_scheduler(tiny_model_dir, tmp_path / f"model{i}", **changes)
+        with pytest.raises(ValueError, match=says):
+            load_target(model)
+        config = tmp_path / f"r{i}.yaml"
+        config.write_text(f"model: {model}\n")
+        res = CliRunner().invoke(app, ["--no-progress", "run", str(config), "--out", str(tmp_path / f"r{i}")])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and "noise schedule" in said and not (tmp_path / f"r{i}").exists(), res.output
+
+
 def test_more_steps_than_the_model_has_timesteps_is_refused_before_anything_is_replaced(tiny_model_dir, tmp_path):
     """The sampler refused steps above the model's training timesteps only once its stage had begun: a rerun with
     extract.steps 5000 (or --steps, or sample.steps) had already deleted the finished generations (or synthetic

@@ -117,11 +117,19 @@ def parse_bands(spec: str) -> tuple[Band, ...]:
     names = [b.name for b in bands]
     if not bands or len(set(names)) != len(names):
         raise ValueError(f"bands={spec!r} must name at least one band, each name once")
-    ordered = sorted(bands, key=lambda b: b.lo)
+    return _disjoint(bands, f"bands={spec!r}")
+
+
+def _disjoint(bands: Sequence[Band], where: str) -> tuple[Band, ...]:
+    """``bands``, refused when there are none or two overlap (a score in both would count twice: the per-band
+    shares would sum past 100 %). ``where``: what the bands came from, for the error."""
+    if not bands:
+        raise ValueError(f"{where} names no band; it needs at least one")
+    ordered = sorted(bands, key=lambda b: (b.lo, b.hi))
     for a, b in zip(ordered, ordered[1:]):
-        if b.lo < a.hi:  # a score in both would count twice: the per-band shares would sum past 100 %
-            raise ValueError(f"bands={spec!r}: bands {a.name!r} ({a.lo}:{a.hi}) and {b.name!r} ({b.lo}:{b.hi}) "
-                             "overlap; each score must fall in one band at most")
+        if b.lo < a.hi:
+            raise ValueError(f"{where}: bands {a.name!r} ({a.lo}:{a.hi}) and {b.name!r} ({b.lo}:{b.hi}) overlap; "
+                             "each score must fall in one band at most")
     return tuple(bands)
 
 
@@ -146,7 +154,11 @@ def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
     if data.get("similarity") != similarity:
         raise ValueError(f"bands file {str(p)!r} was calibrated for similarity={data.get('similarity')!r}, "
                          f"not {similarity!r}")
-    return tuple(Band(name, float(lo), float(hi)) for name, (lo, hi) in data["bands"].items())
+    try:  # (overlapping bands counted a score twice, and none failed after every extraction had run)
+        bands = [Band(str(name), float(lo), float(hi)) for name, (lo, hi) in data["bands"].items()]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bands file {str(p)!r}: each band must be name: [lo, hi] with lo <= hi ({e})") from None
+    return _disjoint(bands, f"bands file {str(p)!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplac
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
                    file_fingerprint, fingerprint_of, read_json, run_lock, settings_fingerprint, stage_fingerprint,
                    whole_safetensors)
-from .sampling import check_steps, sample_stage
+from .sampling import check_sampler, sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
 from .surrogate import ClusterLabeler, SurrogateLabels, TeacherLabeler, label_candidates
@@ -256,6 +256,7 @@ def _classifier_unet(denoiser: Denoiser, c: cfg.ClassifierConfig, clean: bool) -
 
 
 GUIDING_CLASSIFIER = {"side": "classifier", "side-teacher": "classifier-teacher", "cond": "classifier-clean"}
+GUIDED_METHODS = frozenset(GUIDING_CLASSIFIER) | {"memguide"}  # the methods that sample with a guidance (below)
 
 
 def method_guidance(run: str | Path, rc: cfg.RunConfig, method: str, denoiser: Denoiser, *,
@@ -672,9 +673,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     methods = set(rc.extract.methods)
     C, H, W = denoiser.sample_shape
     needs_train = bool({"cond", "side-teacher"} & methods) and until != "surrogate"  # (clustering does not)
-    for name, steps in (("sample.steps", rc.sample.steps), ("extract.steps", rc.extract.steps)):
-        try:  # (checked by the sampler too, but only once its stage has begun: after replacing what it held)
-            check_steps(steps, denoiser.scheduler, name)
+    guided = bool(GUIDED_METHODS & methods)
+    for name, c, g in (("sample", rc.sample, False), ("extract", rc.extract, guided)):
+        try:  # (checked by the sampler too, but only once its stage has begun: after the stages before it)
+            check_sampler(denoiser.scheduler, c.scheduler, c.steps, name, guided=g)
         except ValueError as e:
             problems.append(str(e))
     if until == "surrogate" and not {"side", "side-lora"} & methods:

@@ -75,11 +75,35 @@ def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind
                              "thresholding false, or sample with scheduler ddpm")
     elif kind == "ddpm":
         sched = DDPMScheduler.from_config(train_scheduler.config, prediction_type="epsilon")
+        if sched.config.variance_type in ("learned", "learned_range"):  # (diffusers' step failed with a TypeError)
+            raise ValueError(f"the model's scheduler has variance_type={sched.config.variance_type!r}: the DDPM "
+                             "sampler here reads only the model's eps, not a learned variance; sample with scheduler "
+                             "ddim")
     else:
         raise ValueError(f"scheduler={kind!r} must be 'ddim' or 'ddpm'")
     check_steps(steps, sched)
     sched.set_timesteps(steps)
     return sched
+
+
+def check_sampler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind, steps: int, name: str,
+                  guided: bool = False) -> None:
+    """What the sampler (``kind``, ``steps``; ``name``: the setting) would refuse at its first step, checked before
+    any stage runs: the number of steps, a DDIM sampler's thresholding, a DDPM sampler's learned variance, and, where
+    it is ``guided``, a DDPM variance other than guided DDPM's (:func:`ddpm_variance`)."""
+    check_steps(steps, train_scheduler, f"{name}.steps")
+    try:
+        sched = inference_scheduler(train_scheduler, kind, steps)
+    except ValueError as e:
+        raise ValueError(f"{name}.scheduler={kind}: {e}") from None
+    if guided and isinstance(sched, DDPMScheduler):
+        _guided_ddpm_variance_type(sched, f"{name}.scheduler=ddpm: ")
+
+
+def _guided_ddpm_variance_type(sched: DDPMScheduler, where: str = "") -> None:
+    if sched.config.variance_type not in ("fixed_small", None):
+        raise ValueError(f"{where}guided DDPM needs variance_type='fixed_small', the model has "
+                         f"{sched.config.variance_type!r}")
 
 
 def check_steps(steps: int, scheduler: SchedulerMixin, name: str = "steps") -> None:
@@ -91,8 +115,7 @@ def check_steps(steps: int, scheduler: SchedulerMixin, name: str = "steps") -> N
 
 def ddpm_variance(sched: DDPMScheduler, t: int) -> torch.Tensor:
     """Sigma_t of DDPM's reverse step (``fixed_small``: beta-tilde), also under respaced timesteps."""
-    if sched.config.variance_type not in ("fixed_small", None):
-        raise ValueError(f"guided DDPM needs variance_type='fixed_small', the model has {sched.config.variance_type!r}")
+    _guided_ddpm_variance_type(sched)
     ac = sched.alphas_cumprod
     prev_t = int(sched.previous_timestep(t))
     abar_t = ac[t]

@@ -38,13 +38,13 @@ def sample_cmd(
     device = group.device(device)
     from ..models.target import load_target, model_fingerprint
     from ..runs import RunDir, check_run_path, check_unlocked, run_lock
-    from ..sampling import check_steps, sample_stage
+    from ..sampling import check_sampler, sample_stage
 
     check_run_path(out)  # a folder that is no run: said before its lock is taken
     if group.main and not wait:
         check_unlocked(out)  # another writer: said at once, not after the model has loaded
     denoiser = load_target(rc.model, device)  # before anything is written: a bad --model leaves nothing behind
-    check_steps(rc.sample.steps, denoiser.scheduler, "sample.steps")
+    check_sampler(denoiser.scheduler, rc.sample.scheduler, rc.sample.steps, "sample")
     with (run_lock(out, wait=wait) if group.main else contextlib.nullcontext()), progress_bar(ctx, "sample") as cb:
         run = RunDir(out, group=group)
         run.write_config(rc)

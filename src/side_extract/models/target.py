@@ -116,12 +116,31 @@ def prediction_type(scheduler: SchedulerMixin, model_prediction: str | None = No
     kind = model_prediction or declared or "epsilon"
     if kind not in PREDICTIONS:
         raise _unknown_prediction(kind)
+    check_schedule(scheduler)
+    return kind
+
+
+def check_schedule(scheduler: SchedulerMixin) -> None:
+    """Refuse a noise schedule no stage here can use, when the model is loaded: alphas_cumprod must hold one value
+    per training timestep (``num_train_timesteps``; ``trained_betas`` of another length failed inside diffusers'
+    step), finite, in (0, 1] and non-increasing (a NaN or negative beta ended sampling as 'diverged'), and its last
+    value above 0."""
     abar = getattr(scheduler, "alphas_cumprod", None)
-    if abar is not None and float(abar[-1]) <= 0:  # (sampling stopped with a bare 'diverged' at its first step)
+    if abar is None:
+        return
+    a = torch.as_tensor(abar, dtype=torch.float64).cpu()
+    n_train = scheduler.config.get("num_train_timesteps", len(a))
+    betas = {k: scheduler.config.get(k) for k in ("beta_start", "beta_end", "beta_schedule")}
+    if len(a) == 0 or len(a) != n_train:
+        raise ValueError(f"the scheduler's noise schedule has {len(a)} steps and num_train_timesteps={n_train}: it "
+                         "needs at least one, and trained_betas one beta per training timestep")
+    if not bool(torch.isfinite(a).all() and (a <= 1).all() and (a >= 0).all() and (a[1:] <= a[:-1]).all()):
+        raise ValueError(f"the scheduler's noise schedule is not one of a diffusion ({betas}): alphas_cumprod must be "
+                         "finite, in (0, 1] and non-increasing (betas in [0, 1))")
+    if a[-1] <= 0:  # (sampling stopped with a bare 'diverged' at its first step)
         raise ValueError("the scheduler's noise schedule ends with no signal at all (alphas_cumprod[T-1] = 0, as "
                          "rescale_betas_zero_snr makes it): the noise and x0 cannot be read from x_t there, and every "
                          "stage here reads them; audit the model with its schedule's last step kept above zero")
-    return kind
 
 
 def _abar(scheduler: SchedulerMixin, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
