@@ -116,6 +116,31 @@ def test_sweeps_share_unchanged_stages(tiny_model_dir, tmp_path, caplog):
     assert "uncond" in main.metrics and set(subs["scale=3"].metrics) == {"side"}
 
 
+def test_only_the_sweeps_the_config_asks_for_now_are_read_back(tiny_model_dir, tmp_path, caplog):
+    """A rerun with another sweep and another temperature left sweeps/scale=2 (and scale=3, made at the old
+    temperature) on disk, and the report's sweep curve and Audit.sweeps drew them in beside the new run's."""
+    from side_extract.api import Audit
+    from side_extract.report import build_report
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"), n=4)
+    run = tmp_path / "run"
+    run_with_sweeps(run, dataclasses.replace(rc, sweep=cfg.SweepConfig(scale=(2.0, 3.0))))
+    assert set(Audit.load(run).sweeps) == {"scale=2", "scale=3"}
+    assert build_report(run)["sweeps"]["scale"]["side"]["values"] == sorted([2.0, 3.0, rc.extract.scale])
+    hotter = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, temperature=5.0),
+                                 sweep=cfg.SweepConfig(scale=(5.0,)))
+    with caplog.at_level("WARNING", logger="side_extract.sweeps"):
+        run_with_sweeps(run, hotter)
+    assert any("sweeps/ also holds scale=2, scale=3" in r.getMessage() for r in caplog.records)
+    assert set(Audit.load(run).sweeps) == {"scale=5"}
+    assert build_report(run)["sweeps"]["scale"]["side"]["values"] == sorted([rc.extract.scale, 5.0])
+    # the same value under other settings of the run (the run redone without its sweeps): not this run's
+    cooler = dataclasses.replace(hotter, extract=dataclasses.replace(hotter.extract, temperature=4.0))
+    run_audit(run, cooler)
+    assert Audit.load(run).sweeps == {} and build_report(run)["sweeps"] == {}
+    assert (run / "sweeps" / "scale=5" / "evaluation" / "side" / "metrics.json").is_file()  # left as it is
+
+
 def test_cli_run_and_unknown_key(tiny_model_dir, tmp_path):
     rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
     path = tmp_path / "run.yaml"

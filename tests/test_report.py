@@ -16,6 +16,7 @@ from side_extract.data import ImageSet, load_image_set
 from side_extract.evaluation import calibrate, digits_complement, evaluate
 from side_extract.report import build_report, write_report
 from side_extract.runs import RunDir, atomic_save_npz, atomic_write_json
+from side_extract.sweeps import sweep_configs
 
 TRAIN = "digits:100"
 
@@ -41,7 +42,7 @@ def save_extraction(run: Path, method: str, gen: ImageSet) -> None:
 def make_run(run: Path, *, sweeps: bool = True) -> Path:
     """A run directory as the pipeline writes it: config, manifest, extraction shards, evaluation, calibration,
     surrogate clusters, classifier histories, and a scale sweep."""
-    rc = cfg.RunConfig(train=TRAIN)
+    rc = cfg.RunConfig(train=TRAIN, sweep=cfg.SweepConfig(scale=(1.0, 5.0, 20.0) if sweeps else ()))
     rd = RunDir(run)
     rd.write_config(rc)
     train = load_image_set(TRAIN)
@@ -67,9 +68,10 @@ def make_run(run: Path, *, sweeps: bool = True) -> Path:
     atomic_write_json(run / "classifier-clean" / "config.json",
                       {"arch": {}, "history": [{"step": 50, "loss": 0.1, "accuracy": {"clean": 0.97}}]})
     if sweeps:
+        subs = dict(sweep_configs(rc))  # each sub-run's config as the sweep makes it (the report reads no other)
         for scale, copies in ((1.0, 2), (5.0, 8), (20.0, 15)):
             sub = run / "sweeps" / f"scale={scale:g}"
-            RunDir(sub).write_config(rc)
+            RunDir(sub).write_config(subs[sub.name])
             gen = generations(train, copies, 30, 3)
             save_extraction(sub, "side", gen)
             evaluate(gen, train, c, method="side").write(sub / "evaluation" / "side")

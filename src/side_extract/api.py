@@ -35,7 +35,7 @@ from .evaluation import incomparable
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
                    evaluated_synthetic, fingerprint_of, read_json, read_stages, run_lock, settings_changed)
-from .sweeps import run_with_sweeps
+from .sweeps import current_sweeps, run_with_sweeps
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +210,9 @@ class Audit:
     @property
     def sweeps(self) -> dict[str, "Audit"]:
         """The run's sweep sub-runs (the config's ``sweep:``), by name (``scale=3``, ``tau=0.5``), each read as an
-        :class:`Audit` (``RUN/sweeps/<name>``)."""
-        root = self.run / "sweeps"
-        if not root.is_dir():
-            return {}
-        return {p.name: Audit.load(p) for p in sorted(root.iterdir()) if (p / "config.yaml").is_file()}
+        :class:`Audit` (``RUN/sweeps/<name>``); a sub-run left from an earlier config (a value no longer swept, or
+        made under other settings of this run) is not among them (``sweeps.current_sweeps``)."""
+        return {name: Audit.load(p) for name, p in current_sweeps(self.run, self.config).items()}
 
     @property
     def summary(self) -> dict[str, Any]:

@@ -29,13 +29,13 @@ from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, check_run_directory, evaluated_methods,
                    read_json, read_model_entry, read_stages, stale_stages)
 from .summary import findings_file_current, summary_and_findings
+from .sweeps import SWEEPABLE, current_sweeps, stale_sweeps
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "side-extract/report/1"
 CLASSIFIERS = ("classifier", "classifier-teacher", "classifier-clean")
 HIST_BINS = 40
-SWEPT_SECTION = {"scale": "extract", "n_clusters": "surrogate", "tau": "surrogate"}  # as in sweeps.SWEEPABLE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +264,11 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
     """``sweeps/<param>=<value>/evaluation/<method>/metrics.json`` -> per param and method: metric vs value;
     this run's own result joins the curve at its configured value of the parameter."""
     found: dict[str, dict[str, dict[Any, dict]]] = {}
-    for d in sorted((run / "sweeps").glob("*=*")) if (run / "sweeps").is_dir() else []:
+    rc = cfg.from_dict(cfg.RunConfig, config)
+    if stale := stale_sweeps(run, rc):
+        log.warning("the report leaves out sweeps/%s: not a value of the run's sweep, or made under other settings "
+                    "of the run (an earlier config's)", ", sweeps/".join(stale))
+    for d in current_sweeps(run, rc).values():
         param, value = d.name.split("=", 1)
         shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
         for m, md in evaluated_methods(d).items():
@@ -274,7 +278,7 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
     out: dict[str, Any] = {}
     for param, per_method in found.items():
         out[param] = {}
-        own = (config.get(SWEPT_SECTION.get(param, "")) or {}).get(param)
+        own = (config.get(SWEEPABLE.get(param, "")) or {}).get(param)
         for m, runs in per_method.items():
             if isinstance(own, (int, float)) and m in metrics:
                 runs.setdefault(float(own), metrics[m])

@@ -101,6 +101,38 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
     return out
 
 
+def current_sweeps(run: str | Path, rc: cfg.RunConfig) -> dict[str, Path]:
+    """The sweep sub-runs of ``run`` (config ``rc``) that its ``sweep:`` asks for now, each as it would be made now
+    (its config.yaml is :func:`sweep_configs`'s): name -> directory. A sub-run of a value since taken out of
+    ``sweep:``, or made under other settings of its parent (not run again since), is not among them: the report
+    and :class:`~side_extract.api.Audit` had drawn such sub-runs into the sweep's curves as if they were this run's."""
+    out: dict[str, Path] = {}
+    try:
+        wanted = sweep_configs(rc)
+    except ValueError:  # a sweep this config cannot make: none of its sub-runs is current
+        return out
+    for name, sub_rc in wanted:
+        d = Path(run) / "sweeps" / name
+        if (d / "config.yaml").is_file() and _read_config(d) == sub_rc:
+            out[name] = d
+    return out
+
+
+def stale_sweeps(run: str | Path, rc: cfg.RunConfig) -> list[str]:
+    """The names of ``run``'s sweep sub-runs on disk that :func:`current_sweeps` leaves out."""
+    root = Path(run) / "sweeps"
+    on_disk = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    current = current_sweeps(run, rc)
+    return [n for n in on_disk if n not in current]
+
+
+def _read_config(d: Path) -> cfg.RunConfig | None:
+    try:
+        return cfg.from_dict(cfg.RunConfig, cfg.load_yaml(d / "config.yaml"))
+    except ValueError:  # a config this code cannot read: not one it made now
+        return None
+
+
 def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
                     progress: ProgressFactory = no_progress, wait: bool = False,
                     replace: bool = True, target: Target | None = None) -> tuple[AuditResult, dict[str, AuditResult]]:
@@ -139,4 +171,7 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
                 group.barrier()
                 subs[name] = run_audit(child, sub_rc, device=device, progress=progress, wait=wait, target=target,
                                        warn_inert=cfg.inert_settings(sub_rc) != cfg.inert_settings(rc))
+    if group.main and (stale := stale_sweeps(path, rc)):
+        log.warning("sweeps/ also holds %s, not a value of this config's sweep (an earlier config's): left as it is, "
+                    "and out of the report and Audit.sweeps", ", ".join(stale))
     return main, subs
