@@ -757,3 +757,24 @@ def test_wrong_types_in_python_are_named_before_any_work(tmp_path):
             call()
     assert not (tmp_path / "t").exists() and not (tmp_path / "a").exists()
     assert cfg.SampleConfig(n=np.int64(5)).n == 5 and cfg.ExtractConfig(scale=3).scale == 3  # numbers of any kind
+
+
+def test_a_failed_first_call_removes_its_folder_while_it_still_holds_the_lock(tmp_path, monkeypatch):
+    """The removal ran after the lock was let go: a writer that had waited for the lock could begin in the folder
+    and lose its files to it (tests/test_reliability.py has the waiter's side)."""
+    import shutil
+
+    import side_extract.api as api
+    from side_extract import runs
+
+    held, rmtree = [], shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (held.append(Path(p).resolve() in runs._HELD), rmtree(p, **k)))
+
+    def fail(*args, **kwargs):
+        raise ValueError("a check that failed after the lock was taken")
+
+    monkeypatch.setattr(api, "run_with_sweeps", fail)
+    with pytest.raises(ValueError, match="a check that failed"):
+        side_extract.audit(tiny_unet(), side_extract.load_image_set("digits:30").images, scheduler=tiny_scheduler(),
+                           config=SMALL, out=tmp_path / "run", methods=["uncond"])
+    assert held == [True] and not (tmp_path / "run").exists()

@@ -34,6 +34,35 @@ def _holder(path, seconds, done=None):
     return p
 
 
+def test_a_writer_that_waited_while_the_holder_removed_the_folder_locks_the_new_one(tmp_path):
+    """A failed first audit() removed its run folder, lock file and all: a writer waiting for the lock then held a
+    lock on the removed file, and a third writer was let in beside it (and each removed the other's files)."""
+    run = tmp_path / "run"
+    code = (f"import time; from side_extract.runs import run_lock\n"
+            f"with run_lock({str(run)!r}, wait=True):\n    print('held', flush=True); time.sleep(60)\n")
+    with run_lock(run):
+        waiter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            fds = f"/proc/{waiter.pid}/fd"
+            deadline = time.monotonic() + 120
+            while not any(os.path.realpath(os.path.join(fds, fd)) == str((run / ".lock").resolve())
+                          for fd in (os.listdir(fds) if os.path.isdir(fds) else [])):
+                assert waiter.poll() is None and time.monotonic() < deadline, "the waiter never opened the lock file"
+                time.sleep(0.05)
+            shutil.rmtree(run)  # the holder's clean-up, while it still holds the lock (api.audit's undo)
+        except BaseException:
+            waiter.kill()
+            raise
+    try:
+        assert waiter.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=f"pid {waiter.pid}"):  # the waiter holds the folder's lock file now
+            with run_lock(run):
+                pass
+    finally:
+        waiter.kill()
+        waiter.wait()
+
+
 def test_a_second_writer_fails_at_once_naming_the_holder(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     holder = _holder(run, 60)

@@ -483,7 +483,6 @@ def audit(
     new_inputs = not (Path(out) / "inputs").exists()  # a folder this call makes, which a refusal removes again
     written: list[Path] = []  # the input files this call wrote
     saved_as: dict[str, str] = {}  # an in-memory set's saved path -> the argument it came in
-    locked = False  # (refused before the lock, e.g. another writer holds it: nothing here is this call's)
 
     def saved(name: str, images: ImageSet) -> str:
         """An in-memory set saved in the run, named by its pixels and labels, so that another call's set never
@@ -501,20 +500,10 @@ def audit(
         group.on_main(lambda: atomic_save_npz(path, images=images.images, **extra))
         return str(path)
 
-    try:
-        with run_lock(out, wait=wait) if group.main else contextlib.nullcontext():
-            locked = True
-            data = saved("train", data) if isinstance(data, ImageSet) else data
-            held = saved("heldout", held) if isinstance(held, ImageSet) else held
-            ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
-            rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex, evaluate=ev)
-            if group.main and (changed := settings_changed(out, rc)):
-                log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
-            run_with_sweeps(out, rc, device=device, progress=progress, target=target)
-    except BaseException as e:
-        if not (group.main and locked):
-            pass
-        elif fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
+    def undo() -> None:
+        """What a failed call wrote, removed while it still holds the lock (after it, a writer that waited for the
+        lock could begin in the folder and lose its files to the removal)."""
+        if fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any stage began: leave nothing behind
         elif new_inputs and not (Path(out) / "manifest.json").exists():
             shutil.rmtree(Path(out) / "inputs", ignore_errors=True)  # in a folder the caller made: what it wrote
@@ -524,6 +513,22 @@ def audit(
             for path in written:
                 if str(path) not in keep:
                     path.unlink(missing_ok=True)
+
+    try:
+        with run_lock(out, wait=wait) if group.main else contextlib.nullcontext():
+            try:
+                data = saved("train", data) if isinstance(data, ImageSet) else data
+                held = saved("heldout", held) if isinstance(held, ImageSet) else held
+                ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
+                rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex, evaluate=ev)
+                if group.main and (changed := settings_changed(out, rc)):
+                    log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
+                run_with_sweeps(out, rc, device=device, progress=progress, target=target)
+            except BaseException:
+                if group.main:  # (refused before the lock, e.g. another writer holds it: nothing is this call's)
+                    undo()
+                raise
+    except BaseException as e:
         if isinstance(e, ValueError) and any(p in str(e) for p in saved_as):  # name what the caller passed, not
             text = str(e)  # the file it was saved to (which the user never named)
             for path, name in saved_as.items():

@@ -521,6 +521,14 @@ def check_unlocked(path: str | Path) -> None:
         _take_lock(f, path)
 
 
+def _still_the_lock_file(f: Any, path: Path) -> bool:
+    """Whether the open lock file ``f`` is still ``path/.lock`` (not removed or replaced while it was waited for)."""
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path / ".lock"))
+    except FileNotFoundError:
+        return False
+
+
 @contextlib.contextmanager
 def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
     """Hold the exclusive lock of run directory ``path`` (``path/.lock``, ``fcntl.flock``) for the block.
@@ -538,17 +546,29 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
         finally:
             _HELD[path] -= 1
         return
-    path.mkdir(parents=True, exist_ok=True)
-    f = open(path / ".lock", "a+")
-    try:
-        if wait:
-            try:
+    said = False
+    while True:
+        path.mkdir(parents=True, exist_ok=True)
+        f = open(path / ".lock", "a+")
+        try:
+            if wait:
+                try:
+                    _take_lock(f, path)
+                except RunLocked:  # said once (at warning level: shown without --verbose), then waited for
+                    if not said:
+                        log.warning("%s; waiting for it", _held(path, f))
+                    said = True
+                    fcntl.flock(f, fcntl.LOCK_EX)
+            else:
                 _take_lock(f, path)
-            except RunLocked:  # said once (at warning level: shown without --verbose), then waited for
-                log.warning("%s; waiting for it", _held(path, f))
-                fcntl.flock(f, fcntl.LOCK_EX)
-        else:
-            _take_lock(f, path)
+        except BaseException:
+            f.close()
+            raise
+        if _still_the_lock_file(f, path):
+            break
+        f.close()  # the holder removed the folder, lock file and all (a failed first call's clean-up): a lock on
+        # the removed file locks nothing, so the folder's new lock file is taken instead
+    try:
         f.seek(0)
         stale = f.read().strip()
         if stale:
