@@ -141,6 +141,31 @@ def test_only_the_sweeps_the_config_asks_for_now_are_read_back(tiny_model_dir, t
     assert (run / "sweeps" / "scale=5" / "evaluation" / "side" / "metrics.json").is_file()  # left as it is
 
 
+def test_a_sweep_cut_short_while_sharing_its_parents_stages_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    """A kill while the parent's stages were linked into a new sub-run left a folder of stages and no manifest,
+    which every later run refused as 'no run directory' until it was deleted by hand."""
+    import side_extract.sweeps as sweeps
+
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side", "uncond"), n=4),
+                             sweep=cfg.SweepConfig(scale=(2.0,)))
+    links, real = [], sweeps._link_or_copy
+
+    def cut(src, dst):
+        if len(links) == 3:
+            raise KeyboardInterrupt  # the kill, after three files
+        links.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(sweeps, "_link_or_copy", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run_with_sweeps(tmp_path / "run", rc)
+    assert len(links) == 3 and (tmp_path / "run" / "sweeps" / "scale=2" / "synthetic").is_dir()
+    monkeypatch.setattr(sweeps, "_link_or_copy", real)
+    main, subs = run_with_sweeps(tmp_path / "run", rc)
+    fresh = run_with_sweeps(tmp_path / "fresh", rc)[1]["scale=2"]
+    assert subs["scale=2"].metrics["side"]["ams"] == fresh.metrics["side"]["ams"]
+
+
 def test_cli_run_and_unknown_key(tiny_model_dir, tmp_path):
     rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
     path = tmp_path / "run.yaml"

@@ -38,13 +38,16 @@ def share_stages(parent: RunDir, child: RunDir) -> list[str]:
     it from an earlier version of the parent's stage (then the parent's new one replaces it)."""
     shared = []
     parent_m, child_m = parent.manifest(), child.manifest()
+    if not (child.path / RunDir.MANIFEST).exists():  # first: a copy cut short then leaves a run directory to resume,
+        child.path.mkdir(parents=True, exist_ok=True)  # not a folder of stages with no manifest (refused as no run)
+        atomic_write_json(child.path / RunDir.MANIFEST, child_m)
     for stage, entry in parent_m["stages"].items():
         mine = child_m["stages"].get(stage)
         if entry.get("status") != "complete" or (
                 mine is not None and not (mine.get("shared_from") and mine.get("fingerprint") != entry.get("fingerprint"))):
             continue
         src, dst = parent.path / stage, child.path / stage
-        if mine is not None and dst.exists():
+        if dst.exists():  # an older share of the stage, or one cut short (listed in no manifest)
             shutil.rmtree(dst)
         if src.is_dir():
             shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
