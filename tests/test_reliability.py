@@ -585,6 +585,13 @@ def test_a_finished_classifier_whose_weights_were_cut_is_trained_again(tiny_mode
     run_audit(run, rc, until="extraction")
     load_classifier(run / "classifier")
     assert weights.stat().st_size == len(whole)
+    # its config.json (the architecture) removed or cut: trained again too, not "is not a saved classifier" or a
+    # bare JSON error naming no file
+    config = run / "classifier" / "config.json"
+    for damage in (lambda: config.unlink(), lambda: config.write_text(config.read_text()[:40])):
+        damage()
+        run_audit(run, rc, until="extraction")
+        load_classifier(run / "classifier")
 
 
 def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypatch):

@@ -31,10 +31,12 @@ from .evaluation import Evaluation, calibrate, evaluate, held_out_set
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, planned_extraction, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
-from .finetune import finetune, load_finetuned, lora_problems, lora_settings, saved_whole
+from .finetune import finetune, load_finetuned, lora_problems, lora_settings
+from .finetune import saved_whole as lora_saved_whole
 from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
+from .models.classifier import saved_whole as classifier_saved_whole
 from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
@@ -194,8 +196,8 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
 
     def to_train() -> bool:
         decision = ctx.run.begin(name, fp, inputs=inputs)
-        if decision == "skip":  # (a weights file gone or damaged since: trained again, not a failed load later)
-            return not whole_safetensors(directory / "model.safetensors")
+        if decision == "skip":  # (a weights or config file gone or damaged since: trained again, not a failed load
+            return not classifier_saved_whole(directory)  # later)
         saved = _saved_completion(directory, fp) if decision == "resume" else None
         if saved is not None:  # saved, then interrupted before the manifest said so (the save removed work/)
             log.info("stage %s: its classifier was saved whole before the interruption; kept", name)
@@ -315,7 +317,7 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
     group = ctx.run.group  # every process trains (data-parallel); the main one decides, writes and records
     inputs = {"surrogate": ctx.fp["surrogate"], MODEL_INPUT: ctx.fp[MODEL_INPUT]}
     # (a finished stage whose files went or were damaged since is fine-tuned again, not a failed load later)
-    if group.on_main(lambda: ctx.run.begin("lora", fp, inputs=inputs) != "skip" or not saved_whole(directory)):
+    if group.on_main(lambda: ctx.run.begin("lora", fp, inputs=inputs) != "skip" or not lora_saved_whole(directory)):
         res = finetune(ctx.denoiser, synthetic.to_float(), labels.labels, c, directory,
                        target_fingerprint=ctx.fp[MODEL_INPUT], device=ctx.device, progress=ctx.progress("side-lora"),
                        group=group, background=labels.background)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from safetensors.torch import load_file, save_file
 
-from ..runs import atomic_directory
+from ..runs import atomic_directory, read_json, whole_safetensors
 
 TimeMode = Literal["scale_shift", "add", "none"]
 DEPTHS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -222,6 +222,16 @@ def save_classifier(model: Classifier, directory: str | Path, extra: dict | None
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         meta = {"arch": dataclasses.asdict(model.arch), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+
+
+def saved_whole(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a classifier :func:`load_classifier` can read: a ``config.json`` with its
+    architecture, and the weights file whole."""
+    try:
+        arch = read_json(Path(directory) / "config.json", dict)["arch"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return isinstance(arch, dict) and whole_safetensors(Path(directory) / "model.safetensors")
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *, unet: nn.Module | None = None
