@@ -594,6 +594,26 @@ def test_a_finished_classifier_whose_weights_were_cut_is_trained_again(tiny_mode
         load_classifier(run / "classifier")
 
 
+def test_a_finished_stages_damaged_npz_output_is_made_again(tiny_model_dir, tmp_path, one_thread):
+    """A finished stage's features, memorization scores or labels cut short since (a disk fault, an interrupted
+    copy) failed the next run with zipfile's bare BadZipFile, and a removed clusters.json was never written
+    again; each is made again, as it was."""
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    rc = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, memorized_fraction=0.5))
+    run = tmp_path / "run"
+    run_audit(run, rc, until="surrogate")
+    files = [run / "features" / "features.npz", run / "memorization" / "scores.npz", run / "surrogate" / "labels.npz"]
+    whole = {p: dict(np.load(p)) for p in files}
+    clusters = (run / "surrogate" / "clusters.json").read_text()
+    for p in files:
+        p.write_bytes(p.read_bytes()[:-50])
+    (run / "surrogate" / "clusters.json").unlink()
+    run_audit(run, rc, until="surrogate")
+    for p in files:
+        assert all(np.array_equal(dict(np.load(p))[k], v) for k, v in whole[p].items()), p
+    assert (run / "surrogate" / "clusters.json").read_text() == clusters
+
+
 def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypatch):
     """Another process's probe (check_unlocked) holds the lock for an instant: a writer or a second probe that meets
     it waits it out (both used to fail at once with RunLocked); a lock held longer than that patience is a writer.

@@ -41,8 +41,8 @@ from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_targ
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
-                   file_fingerprint, fingerprint_of, read_json, run_lock, settings_fingerprint, stage_fingerprint,
-                   whole_safetensors)
+                   file_fingerprint, fingerprint_of, read_json, read_npz, run_lock, settings_fingerprint,
+                   stage_fingerprint, whole_safetensors)
 from .sampling import check_sampler, sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -82,18 +82,34 @@ def script_fingerprints(extractor: str | None) -> list[str]:
     return [file_fingerprint(extractor.split(":", 1)[1])]
 
 
+def _damaged(path: Path, key: str) -> bool:
+    """A finished stage's npz output gone or damaged since (a disk fault, a hand edit): the stage is made again."""
+    if read_npz(path, key) is not None:
+        return False
+    if path.exists():
+        log.warning("%s is damaged (it does not read as the stage wrote it): its stage is made again", path)
+    return True
+
+
+def _stage_npz(path: Path, key: str) -> np.ndarray:
+    got = read_npz(path, key)
+    if got is None:  # (just written whole: only a disk failing now gets here)
+        raise ValueError(f"{str(path)!r} does not read back as it was written (the disk?)")
+    return got[key]
+
+
 def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
     c = ctx.rc.features
     fp = stage_fingerprint("features", cfg.at_defaults(c, cfg.unread_keys(c)), ctx.fp["synthetic"],
                            *script_fingerprints(c.extractor))
     ctx.fp["features"] = fp
     path = ctx.run.path / "features" / "features.npz"
-    if ctx.run.begin("features", fp, inputs={"synthetic": ctx.fp["synthetic"]}) != "skip" or not path.exists():
+    inputs = {"synthetic": ctx.fp["synthetic"]}
+    if ctx.run.begin("features", fp, inputs=inputs) != "skip" or _damaged(path, "features"):
         feats = extract_features(c.extractor, synthetic, model=ctx.denoiser, device=ctx.device, batch_size=c.batch_size)
         atomic_save_npz(path, features=feats, index=synthetic.ids)
         ctx.run.complete("features", extractor=c.extractor, dim=int(feats.shape[1]))
-    with np.load(path) as z:
-        return z["features"]
+    return _stage_npz(path, "features")
 
 
 def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | None:
@@ -107,13 +123,12 @@ def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | N
     ctx.fp["memorization"] = fp
     path = ctx.run.path / "memorization" / "scores.npz"
     inputs = {"synthetic": ctx.fp["synthetic"], MODEL_INPUT: ctx.fp[MODEL_INPUT]}
-    if ctx.run.begin("memorization", fp, inputs=inputs) != "skip" or not path.exists():
+    if ctx.run.begin("memorization", fp, inputs=inputs) != "skip" or _damaged(path, "scores"):
         scores = denoising_error(ctx.denoiser, synthetic.to_float(), c.memorization_t, c.memorization_draws,
                                  ctx.rc.sample.seed, device=ctx.device)
         atomic_save_npz(path, scores=scores, index=synthetic.ids)
         ctx.run.complete("memorization", t=c.memorization_t, draws=c.memorization_draws)
-    with np.load(path) as z:
-        return z["scores"]
+    return _stage_npz(path, "scores")
 
 
 def surrogate_settings(c: cfg.SurrogateConfig) -> dict:
@@ -141,7 +156,8 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
     fp = stage_fingerprint("surrogate", surrogate_settings(c), *inputs.values())
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
-    if ctx.run.begin("surrogate", fp, inputs=inputs) != "skip" or not path.exists():
+    if ctx.run.begin("surrogate", fp, inputs=inputs) != "skip" or _damaged(path, "labels") or not (
+            ctx.run.path / "surrogate" / "clusters.json").is_file():
         lab = ClusterLabeler(n_clusters=c.n_clusters, tau=c.tau, min_size=c.min_size, dropped=c.dropped,
                              n_init=c.n_init, random_state=c.random_state, select_k=c.select_k)
         candidates = (np.arange(len(features)) if scores is None
@@ -346,12 +362,11 @@ def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: Image
     ctx.fp["teacher"] = fp
     path = ctx.run.path / "teacher" / "labels.npz"
     inputs = {k: ctx.fp[k] for k in ("classifier-clean", "synthetic")}
-    if ctx.run.begin("teacher", fp, inputs=inputs) != "skip" or not path.exists():
+    if ctx.run.begin("teacher", fp, inputs=inputs) != "skip" or _damaged(path, "labels"):
         t = TeacherLabeler(clean.classifier, clean.classes, ctx.rc.surrogate.teacher_min_confidence).fit(synthetic.to_float())
         atomic_save_npz(path, labels=t.labels_, confidence=t.confidence_)
         ctx.run.complete("teacher", labelled=int((t.labels_ >= 0).sum()))
-    with np.load(path) as z:
-        return z["labels"]
+    return _stage_npz(path, "labels")
 
 
 def extraction_settings(c: cfg.ExtractConfig, method: str,
@@ -482,13 +497,12 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
                            ctx.fp[MODEL_INPUT] if needs_model else None,
                            *script_fingerprints(sim.extractor))
     path = ctx.run.path / "train-features" / "features.npz"
-    if ctx.run.begin("train-features", fp) != "skip" or not path.exists():
+    if ctx.run.begin("train-features", fp) != "skip" or _damaged(path, "features"):
         feats = extract_features(sim.extractor, train, model=ctx.denoiser, reference=train, device=ctx.device,
                                  batch_size=c.feature_batch_size)
         atomic_save_npz(path, features=feats)
         ctx.run.complete("train-features", n=len(train), dim=int(feats.shape[1]))
-    with np.load(path, allow_pickle=False) as z:
-        return z["features"]
+    return _stage_npz(path, "features")
 
 
 def quality_reference(ctx: AuditContext) -> ImageSet | None:
