@@ -60,9 +60,32 @@ def test_folder_loading(tmp_path):
 
 
 def test_folder_rgb(tmp_path):
+    """A colour file among greyscale ones makes the set RGB, and says which file (the model's channel mismatch that
+    followed named none)."""
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "b.png")
-    assert load_image_set(tmp_path).images.shape == (2, 5, 5, 3)
+    with pytest.warns(UserWarning, match=r"1 of the 2 images in .* are in colour \(the first: a.png\) and 1 greyscale"):
+        assert load_image_set(tmp_path).images.shape == (2, 5, 5, 3)
+
+
+def test_a_palette_of_greys_is_a_greyscale_image(tmp_path):
+    """Greyscale PNGs saved with a palette (mode P) were read as RGB, so the folder was 3-channel for a greyscale
+    model; a palette with a colour in it stays RGB."""
+    import warnings
+
+    grey = np.arange(25, dtype=np.uint8).reshape(5, 5) * 10
+    for i in range(2):
+        Image.fromarray(grey + i).convert("P").save(tmp_path / f"{i}.png")
+    assert Image.open(tmp_path / "0.png").mode == "P"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = load_image_set(tmp_path)
+    assert s.images.shape == (2, 5, 5, 1) and np.array_equal(s.images[1, ..., 0], grey + 1)
+    colour = np.zeros((5, 5, 3), np.uint8)
+    colour[0, 0] = [255, 0, 0]
+    Image.fromarray(colour).convert("P").save(tmp_path / "c.png")
+    with pytest.warns(UserWarning, match="are in colour"):
+        assert load_image_set(tmp_path).images.shape == (3, 5, 5, 3)
 
 
 def test_transparent_images_are_named_not_silently_flattened(tmp_path):

@@ -249,6 +249,11 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         listing = ", ".join(f"{n} is {h}x{w}" for (h, w), n in examples.items())
         raise ValueError(f"images in {str(path)!r} have mixed sizes ({listing}); resize them all to one size (train_resize in a run config, --resize in side train-target)")
     rgb = any(a.ndim == 3 for a in arrays)
+    if rgb and (grey := [f.name for f, a in zip(files, arrays) if a.ndim == 2]):  # a few stray files turn the set
+        colour = [f.name for f, a in zip(files, arrays) if a.ndim == 3]  # RGB: say which, for a greyscale model
+        warnings.warn(f"{len(colour)} of the {len(files)} images in {str(path)!r} are in colour (the first: "
+                      f"{', '.join(colour[:3])}) and {len(grey)} greyscale: every image is read as RGB",
+                      UserWarning, stacklevel=2)
     stacked = np.stack([np.repeat(a[..., None], 3, -1) if rgb and a.ndim == 2 else a for a in arrays])
     if stacked.ndim == 3:
         stacked = stacked[..., None]
@@ -271,7 +276,12 @@ def _as_8bit(im: Image.Image, f: Path) -> np.ndarray:
             raise ValueError(f"image file {str(f)!r}: integer pixels outside 0..65535 ({a.min()}..{a.max()}); "
                              "convert it to 8 or 16 bits")
         return ((a + 128) // 257).astype(np.uint8)
-    return np.asarray(im.convert("L") if im.mode in ("1", "L", "LA") else im.convert("RGB"))
+    if im.mode in ("1", "L", "LA"):
+        return np.asarray(im.convert("L"))
+    rgb = np.asarray(im.convert("RGB"))
+    if im.mode in ("P", "PA") and (rgb == rgb[..., :1]).all():  # a palette of greys (as some tools save greyscale
+        return rgb[..., 0].copy()  # PNGs) is a greyscale image: it made the folder 3-channel for a greyscale model
+    return rgb
 
 
 def load_npz(path: Path) -> ImageSet:
