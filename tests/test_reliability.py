@@ -614,6 +614,23 @@ def test_a_finished_stages_damaged_npz_output_is_made_again(tiny_model_dir, tmp_
     assert (run / "surrogate" / "clusters.json").read_text() == clusters
 
 
+def test_a_damaged_config_yaml_does_not_block_the_rerun_that_writes_it(tiny_model_dir, tmp_path):
+    """side run CONFIG into a run whose config.yaml was damaged by hand stopped with "not valid YAML" before its
+    rerun, which writes that file anew (the stages' fingerprints are in the manifest)."""
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=4)
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    shards = sorted(p.stat().st_mtime_ns for p in (run / "extraction").rglob("*.npz"))
+    (run / "config.yaml").write_text("extract: {n: [")
+    config = tmp_path / "c.yaml"
+    config.write_text(cfg.dump_yaml(rc))
+    res = CliRunner().invoke(app, ["--no-progress", "run", str(config), "--out", str(run), "--no-report"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "none known: the run's config.yaml does not read" in said, res.output
+    assert cfg.load_yaml(run / "config.yaml") == cfg.to_dict(rc)
+    assert sorted(p.stat().st_mtime_ns for p in (run / "extraction").rglob("*.npz")) == shards  # nothing made again
+
+
 def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypatch):
     """Another process's probe (check_unlocked) holds the lock for an instant: a writer or a second probe that meets
     it waits it out (both used to fail at once with RunLocked); a lock held longer than that patience is a writer.

@@ -257,7 +257,12 @@ def settings_changed(run: str | Path, rc: cfg.RunConfig) -> list[str]:
     """``key old -> new`` for each setting of ``rc`` that differs from the config run directory ``run`` was last
     run with (none for a new run): what a rerun into it says before it replaces anything."""
     config = Path(run) / "config.yaml"
-    return cfg.differences(*cfg.as_comparable(rc, cfg.load_yaml(config))) if config.is_file() else []
+    if not config.is_file():
+        return []
+    try:
+        return cfg.differences(*cfg.as_comparable(rc, cfg.load_yaml(config)))
+    except ValueError as e:  # (it blocked the rerun that writes it anew; the stages' fingerprints are in the manifest)
+        return [f"none known: the run's config.yaml does not read ({e}), and this run writes it anew"]
 
 
 def evaluated_methods(run: str | Path) -> dict[str, Path]:
