@@ -189,9 +189,10 @@ def test_every_problem_is_reported_before_any_work(tiny_model_dir, tmp_path):
     msg = str(e.value)
     assert "no labels" in msg and "K=4 must be <= the number of synthetic images sample.n=3" in msg
     assert not (tmp_path / "run").exists()  # nothing written, no manifest entry left running
-    rgb = dataclasses.replace(tiny_rc(tiny_model_dir), train="digits:30", train_resize=16)
-    with pytest.raises(ValueError, match="16x16 with 1 channel"):
-        run_audit(tmp_path / "run2", rgb)
+    for size in (16, 100000):  # (resized first: 100000 ran out of memory, with advice about the batch size)
+        wrong = dataclasses.replace(tiny_rc(tiny_model_dir), train="digits:30", train_resize=size)
+        with pytest.raises(ValueError, match=f"train_resize={size}: the model makes 8x8 images"):
+            run_audit(tmp_path / "run2", wrong)
     # found only after sampling, training and every extraction before (a review): a detection grid wider than the
     # images, held-out images that are the training images, a minimum cluster size above the synthetic set's
     rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))

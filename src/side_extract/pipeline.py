@@ -705,6 +705,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             problems.append(f"methods {', '.join(sorted({'cond', 'side-teacher'} & methods))} need the training set: "
                             "set 'train' (e.g. train: digits:100) in a --config file, or leave them out of "
                             "extract.methods (the default methods include cond)")
+    elif rc.train_resize is not None and (rc.train_resize, rc.train_resize) != (H, W):  # (before the resize: one
+        # of 100000 ran out of memory, with advice about the batch size)
+        problems.append(f"train_resize={rc.train_resize}: the model makes {H}x{W} images, and the training images "
+                        f"must be resized to that ({H})")
     else:
         try:
             train = load_image_set(rc.train, rc.train_resize)
