@@ -87,12 +87,20 @@ def test_missing_model_directory(tmp_path):
 
 
 def test_training_set_that_does_not_fit_the_model(tiny_model_dir, tmp_path):
-    conf = tmp_path / "run.yaml"
-    conf.write_text(f"model: {tiny_model_dir}\ntrain: digits:30\ntrain_resize: 16\n"
-                    "extract: {methods: [uncond], n: 2, steps: 2}\n")
-    r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", str(tmp_path / "r")], terminal_width=300)
-    assert r.exit_code == 2
-    assert "16x16 with 1 channel(s), but the model expects 8x8 with 1 channel(s)" in r.output
+    from PIL import Image
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    for train, says in ((f"train: {folder}", "16x16 with 1 channel(s), but the model expects 8x8 with 1 channel(s); "
+                                             "resize them"),
+                        ("train: digits:30\ntrain_resize: 16", "train_resize=16: the model makes 8x8 images")):
+        conf = tmp_path / "run.yaml"
+        conf.write_text(f"model: {tiny_model_dir}\n{train}\nextract: {{methods: [uncond], n: 2, steps: 2}}\n")
+        r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", str(tmp_path / "r")],
+                               terminal_width=300)
+        assert r.exit_code == 2 and says in r.output, r.output
 
 
 def test_console_script_entry_point():
