@@ -308,7 +308,8 @@ def test_the_python_api_under_torchrun(tiny_model_dir, tmp_path):
     proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tiny_model_dir),
                            str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    # (its head too: the process that failed first said why there, above torchrun's report of the others)
+    assert proc.returncode == 0, out[:4000] + "\n[...]\n" + out[-2000:]
     assert "rank 0 done: 6 generations" in out and "rank 1 done: 6 generations" in out
     stages = read_json(tmp_path / "run" / "manifest.json")["stages"]
     assert stages["evaluation/uncond"]["status"] == "complete"
