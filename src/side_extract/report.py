@@ -264,11 +264,12 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
     """``sweeps/<param>=<value>/evaluation/<method>/metrics.json`` -> per param and method: metric vs value;
     this run's own result joins the curve at its configured value of the parameter."""
     found: dict[str, dict[str, dict[Any, dict]]] = {}
-    rc = cfg.from_dict(cfg.RunConfig, config)
-    if stale := stale_sweeps(run, rc):
+    rc = cfg.from_dict(cfg.RunConfig, config)  # (check_run_directory has read it so already)
+    current = current_sweeps(run, rc)
+    if stale := stale_sweeps(run, rc, current):
         log.warning("the report leaves out sweeps/%s: not a value of the run's sweep, or made under other settings "
                     "of the run (an earlier config's)", ", sweeps/".join(stale))
-    for d in current_sweeps(run, rc).values():
+    for d in current.values():
         param, value = d.name.split("=", 1)
         shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
         for m, md in evaluated_methods(d).items():

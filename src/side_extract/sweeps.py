@@ -121,11 +121,12 @@ def current_sweeps(run: str | Path, rc: cfg.RunConfig) -> dict[str, Path]:
     return out
 
 
-def stale_sweeps(run: str | Path, rc: cfg.RunConfig) -> list[str]:
-    """The names of ``run``'s sweep sub-runs on disk that :func:`current_sweeps` leaves out."""
+def stale_sweeps(run: str | Path, rc: cfg.RunConfig, current: dict[str, Path] | None = None) -> list[str]:
+    """The names of ``run``'s sweep sub-runs on disk that :func:`current_sweeps` leaves out (``current``: its answer,
+    where the caller has it)."""
     root = Path(run) / "sweeps"
     on_disk = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    current = current_sweeps(run, rc)
+    current = current_sweeps(run, rc) if current is None else current
     return [n for n in on_disk if n not in current]
 
 
