@@ -239,6 +239,14 @@ def check_replicate(r: object, name: str) -> None:
     cfg.check_int(r, name)
 
 
+# what a benchmark measures every entry with alike, so no variant or form may change it: the target, the training
+# set, N_G, the extraction seed, the methods run, dedup-driven stopping (it changes a method's budget), the
+# measurement and sweeps (bench variants' FIXED, bench fair's forms)
+MEASURED_ALIKE = ("model", "train", "train_resize", "extract.n", "extract.seed", "extract.methods",
+                  "extract.stop_unseen", "evaluate", "sweep")
+SAMPLER_KEYS = ("scheduler", "steps", "eta")  # the extraction settings that change unguided samples too
+
+
 def replicate_config(rc: cfg.RunConfig, r: int) -> cfg.RunConfig:
     """Replicate ``r`` of ``rc``: every seed downstream of the target set to ``r`` (the synthetic set, the K-means
     fit, both classifiers, side-lora's fine-tuning, the extraction noise and targets), so that a setting tuned on one replicate is tested

@@ -73,8 +73,8 @@ from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS, per_budget
 from . import machine_description, write_results
 from .tables import _preamble
 from .intervals import INTERVAL_METHOD, bootstrap_ratios, count_ratios, distinct_count, per_generation_stats
-from .extraction import (ExtractionBenchConfig, ScaleInputs, check_replicate, full_run_template, replicate_config,
-                         scale_inputs)
+from .extraction import (MEASURED_ALIKE, SAMPLER_KEYS, ExtractionBenchConfig, ScaleInputs, check_replicate,
+                         full_run_template, replicate_config, scale_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class FairBenchConfig:
             if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in kinds:
                 raise ValueError(f"forms: {name!r} must be a new name with 'method' one of {', '.join(kinds)}; "
                                  f"got {form}")
-            fixed = FORM_FIXED + (() if form["method"] in BASELINES else SAMPLER_FIXED)
+            fixed = MEASURED_ALIKE + (() if form["method"] in BASELINES else SAMPLER_FIXED)
             pinned = [k for k in form if k.rsplit(".", 1)[-1] in ("seed", "random_state")
                       or any(k == f or k.startswith(f + ".") for f in fixed)]
             if pinned:  # a seed would repeat one replicate; the rest is what every entry is measured with alike
@@ -221,12 +221,10 @@ class FairBenchConfig:
         return self.grid if self.base_method(name) in GUIDED else []
 
 
-# what every entry of a fair bench is measured with alike, so no form may set it (beside every seed); the
+# what no form may set, beside every seed: what every entry is measured with alike (extraction.MEASURED_ALIKE); the
 # extraction's sampler, which a baseline form may change (it can only give the best baseline more to pick from, so
 # a SIDE form's ratio never rests on a sampler its baselines lacked); and what the tuning grid sets (method_config)
-FORM_FIXED = ("model", "train", "train_resize", "sweep", "evaluate", "extract.n", "extract.methods",
-              "extract.stop_unseen")
-SAMPLER_FIXED = ("extract.scheduler", "extract.steps", "extract.eta")
+SAMPLER_FIXED = tuple(f"extract.{k}" for k in SAMPLER_KEYS)
 GRID_KEYS = ("extract.scale", "extract.temperature", "extract.cond_scale", "extract.cond_temperature",
              "extract.teacher_scale", "extract.teacher_temperature", "extract.memguide_scale", "lora.guidance_scale")
 

@@ -38,16 +38,13 @@ from ..runs import RunDir
 from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
 from . import machine_description, write_results
-from .extraction import (ExtractionBenchConfig, ScaleInputs, check_replicate, compact, ratios_to_best_baseline,
-                         refuse_stopping, replicate_config, scale_inputs)
+from .extraction import (MEASURED_ALIKE, SAMPLER_KEYS, ExtractionBenchConfig, ScaleInputs, check_replicate, compact,
+                         ratios_to_best_baseline, refuse_stopping, replicate_config, scale_inputs)
 from .tables import render_variants_markdown
 
 SCHEMA = "side-extract/bench-variants/1"
 BASE = "base"
-# what a variant may not change: the comparison with the baselines needs the same target, training set,
-# N_G, seeds and measurement (the benchmark sets them)
-FIXED = ("model", "train", "train_resize", "extract.n", "extract.seed", "extract.methods", "extract.stop_unseen",
-         "evaluate", "sweep")  # (stopping changes every method's budget, which a variant may not do to SIDE alone)
+FIXED = MEASURED_ALIKE  # what a variant may not change (the benchmark sets it for every entry alike)
 DEFAULT_OBJECTIVE = ("ams_cumulative/high", "ams_cumulative/mid", "ums_cumulative/high", "ums_cumulative/mid",
                      "carlini")
 
@@ -152,9 +149,6 @@ def objective_score(per_scale: list[tuple[int, dict[str, dict[str, Any]]]], metr
             else:
                 terms.append(math.log(b / v) if v > 0 and b > 0 else 0.0)
     return sum(terms) / len(terms) if terms else float("nan")
-
-
-SAMPLER_KEYS = ("scheduler", "steps", "eta")
 
 
 def sampler_settings(rc: cfg.RunConfig) -> dict[str, Any]:
