@@ -59,6 +59,17 @@ def test_relabel_sends_a_dropped_clusters_samples_to_the_nearest_kept_centroid()
     assert np.array_equal(relabel.labels_[kept_rows], lab.labels_[kept_rows])  # the kept clusters' samples stay
 
 
+def test_relabel_keeps_every_kept_clusters_samples_where_k_means_put_them():
+    """With every cluster kept (tau -1, min_size 1) nothing is dropped, so ``relabel`` labels equal ``drop``'s
+    K-means clusters row for row. Random points in 3-D put samples near cluster boundaries, where K-means'
+    Euclidean rule and the nearest normalised centroid by cosine disagree (seed 7: two samples)."""
+    x = np.random.default_rng(7).standard_normal((60, 3))
+    drop = ClusterLabeler(n_clusters=8, tau=-1.0, min_size=1, n_init=1, random_state=7).fit(x)
+    relabel = ClusterLabeler(n_clusters=8, tau=-1.0, min_size=1, n_init=1, random_state=7, dropped="relabel").fit(x)
+    assert drop.kept_.all() and np.array_equal(drop.labels_, drop.cluster_)
+    assert np.array_equal(relabel.labels_, drop.labels_)
+
+
 def test_cohesion_by_hand():
     x = np.array([[1.0, 0.0], [0.0, 1.0], [10.0, 0.0], [0.0, 10.0]])
     lab = ClusterLabeler(n_clusters=2, tau=0.0, min_size=1, random_state=0, n_init=1).fit(x)

@@ -137,8 +137,8 @@ class ClusterLabeler:
             return self
         if self.dropped == "drop":
             self.labels_ = np.where(self.kept_[self.cluster_], self.cluster_, -1)
-        else:
-            self.labels_ = self.predict(features)
+        else:  # only a dropped cluster's samples move: K-means' (Euclidean) and predict's (cosine) rules can disagree
+            self.labels_ = np.where(self.kept_[self.cluster_], self.cluster_, self.predict(features))
         log.info("kept %d of %d clusters (tau=%s); %d of %d samples labelled", self.kept_.sum(), K,
                  self.tau, (self.labels_ >= 0).sum(), n)
         return self
