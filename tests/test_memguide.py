@@ -207,7 +207,8 @@ def test_avoidance_in_the_chain_runs_in_rounds(tiny_model_dir, tmp_path):
 
 def test_avoidance_round_cut_into_calls_equals_the_whole_round(tiny_model_dir):
     """A round made in two calls (two shards, as two processes write them) gives the images of one call, both
-    avoiding the same earlier round; a call that spans two rounds, or lacks the earlier rounds, is refused."""
+    avoiding the same earlier round; a call that spans two rounds, lacks the earlier rounds or goes past n is
+    refused."""
     den = load_target(tiny_model_dir)
     c = cfg.ExtractConfig(n=8, rounds=2, steps=3, batch_size=2, memguide_avoid=1.0, memguide_avoid_h=0.3,
                           memguide_avoid_t_lo=0.0, memguide_avoid_t_hi=1.0, memguide_t_hi=0.5)
@@ -222,6 +223,9 @@ def test_avoidance_round_cut_into_calls_equals_the_whole_round(tiny_model_dir):
         extract(den, c, g, 2, 6, previous=earlier)
     with pytest.raises(ValueError, match=r"generations 6..7 need the 4 of the earlier rounds"):
         extract(den, c, g, 6, 8, previous=earlier.subset(np.arange(3)))
+    both = ImageSet(*(np.concatenate([first[k], whole[k]]) for k in ("images", "labels", "index")))
+    with pytest.raises(ValueError, match=r"stop=10 is past extract.n=8: in rounds"):  # (a "ninth" round)
+        extract(den, c, g, 8, 10, previous=both)
 
 
 def test_avoidance_takes_the_samplers_eps_instead_of_a_pass_of_its_own(tiny_model_dir):

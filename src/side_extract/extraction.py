@@ -145,7 +145,8 @@ def extract(
 
     In rounds (:func:`in_rounds`) ``start .. stop`` lies within one round and ``previous`` holds the earlier
     rounds' generations with their target labels (``allocation.adaptive_targets`` draws the whole round's
-    targets, of which these are a slice), so the images do not depend on how a round is cut into calls.
+    targets, of which these are a slice), so the images do not depend on how a round is cut into calls. Outside
+    rounds ``stop`` may pass ``c.n``: generation i is the same for every N_G.
     """
     cfg.check_section(c, cfg.ExtractConfig, "c")
     cfg.check_int(start, "start")  # (start=-2 was numpy's "expected non-negative integer")
@@ -155,6 +156,9 @@ def extract(
     idx = np.arange(start, stop, dtype=np.int64)
     begin = round_start(c, start)
     if in_rounds(c, guidance, denoiser):
+        if stop > c.n:  # (uniform allocation may go past n: generation i is the same whatever n is)
+            raise ValueError(f"stop={stop} is past extract.n={c.n}: in rounds (allocation 'adaptive') the "
+                             f"generations are 0 .. {c.n - 1}")
         if stop > begin + round_size(c):
             raise ValueError(f"generations {start}..{stop - 1} span two rounds of {round_size(c)}")
         if begin > 0 and (previous is None or not np.array_equal(previous.ids, np.arange(begin))):
