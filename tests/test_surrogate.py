@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from side_extract.surrogate import ClusterLabeler, TeacherLabeler
+from side_extract.surrogate import ClusterLabeler, TeacherLabeler, filter_advice
 
 
 def blobs(n_per=30, d=16, seed=0, spread=0.05):
@@ -100,13 +100,27 @@ def test_cohesion_against_the_normalised_centroid_and_inclusive_filters_by_hand(
 
 def test_all_dropped_warns_with_advice():
     x, _ = blobs(spread=3.0)
-    with pytest.warns(RuntimeWarning, match=r"all 3 clusters were dropped.*set tau <="):
+    with pytest.warns(RuntimeWarning, match=r"all 3 clusters were dropped.*set surrogate.tau <="):
         lab = ClusterLabeler(n_clusters=3, tau=0.999).fit(x)
     assert (lab.labels_ == -1).all()
     # dropped by their size alone: the advice names min_size (it said "set tau <= ..." with tau already at -1)
     with pytest.warns(RuntimeWarning, match=r"by the size filter \(min_size=1000; the largest has \d+ images\)"):
         lab = ClusterLabeler(n_clusters=3, tau=-1.0, min_size=1000).fit(x)
     assert (lab.labels_ == -1).all()
+
+
+def test_filter_advice_names_the_setting_that_keeps_enough_clusters():
+    """By hand: sizes 30, 20, 5 and cohesions 0.9, 0.4, 0.95. To keep 2 at min_size 10, tau must be <= 0.4 (the
+    third cluster is too small, however cohesive); at min_size 25 only one cluster is big enough, so min_size must
+    be <= 20, the second largest."""
+    sizes, cohesion = np.array([30, 20, 5]), np.array([0.9, 0.4, 0.95])
+    assert filter_advice(sizes, cohesion, 0.5, 10, keep=2).startswith(
+        "the cohesion filter (tau=0.5, min_size=10); the second most cohesive of at least min_size images has "
+        "cohesion 0.400: set surrogate.tau <= 0.400")
+    assert filter_advice(sizes, cohesion, 0.5, 25, keep=2).startswith(
+        "the size filter (min_size=25; the largest has 30 images, the second largest 20): set surrogate.min_size "
+        "<= 20")
+    assert "set surrogate.tau <= 0.900" in filter_advice(sizes, np.array([0.9, np.nan, 0.95]), 0.95, 10, keep=1)
 
 
 def test_too_many_clusters_names_both_numbers():

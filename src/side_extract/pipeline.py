@@ -46,7 +46,7 @@ from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplac
 from .sampling import check_sampler, sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
-from .surrogate import ClusterLabeler, SurrogateLabels, TeacherLabeler, label_candidates
+from .surrogate import ClusterLabeler, SurrogateLabels, TeacherLabeler, filter_advice, label_candidates
 from .training import fit_label_classifier
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,14 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
     return SurrogateLabels.load(path)
 
 
+def _surrogate_advice(ctx: AuditContext, labels: SurrogateLabels) -> str:
+    """Which surrogate filter left the classifier too few classes, from the clusters the surrogate stage kept."""
+    c = ctx.rc.surrogate
+    with np.load(ctx.run.path / "surrogate" / "labels.npz", allow_pickle=False) as z:
+        sizes, cohesion = z["sizes"], z["cohesion"]
+    return "too few clusters pass " + filter_advice(sizes, cohesion, c.tau, c.min_size, keep=2 - (labels.background is not None))
+
+
 def _train_set(ctx: AuditContext) -> ImageSet:
     if ctx.rc.train is None:
         raise ValueError("this stage needs the training set: set 'train' in the run config (e.g. train: digits:100)")
@@ -189,7 +197,8 @@ def _train_set(ctx: AuditContext) -> ImageSet:
 
 
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
-                     *, clean: bool, input_stage: str | None = None, too_few: str) -> None:
+                     *, clean: bool, input_stage: str | None = None,
+                     too_few: str | Callable[[], str]) -> None:
     """Train (or reuse) the classifier ``RUN/<name>/`` on images with labels >= 0 (:func:`method_guidance` turns
     it into a method's guidance). ``input_fp``: the fingerprint of its images and labels, the run stage
     ``input_stage``'s where they come from one (the manifest records it among the stage's inputs).
@@ -204,7 +213,8 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:
-        raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 ({too_few})")
+        raise ValueError(f"{name}: {len(classes)} labelled class(es) left; a classifier needs at least 2 "
+                         f"({too_few() if callable(too_few) else too_few})")
     group = ctx.run.group  # the main process decides, writes and records
     # who trains: every process (data-parallel), or the main one alone while the others wait for it
     trainers = group if c.data_parallel else SINGLE
@@ -953,7 +963,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     if {"side", "side-lora"} & set(methods):
         if "side" in methods:  # the training stages run on every process (data-parallel)
             classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels, ctx.fp["surrogate"], clean=False,
-                             input_stage="surrogate", too_few="lower surrogate.tau or use fewer clusters")
+                             input_stage="surrogate", too_few=lambda: _surrogate_advice(ctx, labels))
         if "side-lora" in methods:
             lora_stage(ctx, synthetic, labels)
     if {"cond", "side-teacher"} & set(methods):

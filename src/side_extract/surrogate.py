@@ -121,17 +121,8 @@ class ClusterLabeler:
             self.cohesion_ = np.where(self.sizes_ > 0, sums / np.maximum(self.sizes_, 1), np.nan)
         self.kept_ = (np.nan_to_num(self.cohesion_, nan=-np.inf) >= self.tau) & (self.sizes_ >= self.min_size)
         if not self.kept_.any():
-            big = self.sizes_ >= self.min_size
-            if not big.any():  # the size filter alone dropped them: the advice is about min_size, not tau
-                said = (f"all {K} clusters were dropped by the size filter (min_size={self.min_size}; the largest has "
-                        f"{self.sizes_.max()} images): set surrogate.min_size <= {self.sizes_.max()} (or use fewer "
-                        "clusters or more synthetic images) to keep some")
-            else:
-                best = np.nanmax(np.where(big, self.cohesion_, np.nan))
-                said = (f"all {K} clusters were dropped by the cohesion filter (tau={self.tau}, "
-                        f"min_size={self.min_size}); the most cohesive of at least min_size images has cohesion "
-                        f"{best:.3f}: set tau <= {best:.3f} (or use fewer clusters or another feature extractor) to "
-                        "keep some")
+            said = f"all {K} clusters were dropped by " + filter_advice(self.sizes_, self.cohesion_, self.tau,
+                                                                         self.min_size, keep=1)
             warnings.warn(said, RuntimeWarning, stacklevel=2)
             self.labels_ = np.full(n, -1, dtype=np.int64)
             return self
@@ -155,6 +146,28 @@ class ClusterLabeler:
 
     def fit_predict(self, features: np.ndarray) -> np.ndarray:
         return self.fit(features).labels_
+
+
+def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size: int, *, keep: int) -> str:
+    """Which of the cluster filters (size >= ``min_size``, cohesion >= ``tau``) keeps fewer than ``keep`` of the
+    clusters (``sizes``, ``cohesion`` per cluster; NaN for an empty one), and the setting that would keep
+    ``keep``: "the size filter (...): set surrogate.min_size <= ..." or "the cohesion filter (...): ..."."""
+    big = sizes >= min_size
+    if big.sum() < keep:  # the size filter alone leaves too few: the advice is about min_size, not tau
+        largest = int(np.sort(sizes)[::-1][min(keep, len(sizes)) - 1])
+        return (f"the size filter (min_size={min_size}; the largest has {sizes.max()} images"
+                + (f", the {_nth(keep)} largest {largest}" if keep > 1 else "")
+                + f"): set surrogate.min_size <= {largest} (or use fewer clusters or more synthetic images) to keep "
+                + ("some" if keep == 1 else str(keep)))
+    best = np.sort(np.where(big, np.nan_to_num(cohesion, nan=-np.inf), -np.inf))[::-1][keep - 1]
+    which = "most cohesive" if keep == 1 else f"{_nth(keep)} most cohesive"
+    return (f"the cohesion filter (tau={tau}, min_size={min_size}); the {which} of at least min_size images has "
+            f"cohesion {best:.3f}: set surrogate.tau <= {best:.3f} (or use fewer clusters or another feature "
+            "extractor) to keep " + ("some" if keep == 1 else str(keep)))
+
+
+def _nth(k: int) -> str:
+    return {2: "second", 3: "third"}.get(k, f"{k}th")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
