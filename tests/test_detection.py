@@ -97,6 +97,8 @@ def test_errors():
     _, gen, _ = planted()
     with pytest.raises(ValueError, match="min_size=1"):
         detect_memorized(gen, 0.1, min_size=1)
+    with pytest.raises(ValueError, match="threshold=nan must be > 0"):  # it linked no pair and found no group
+        detect_memorized(gen, float("nan"))
     with pytest.raises(ValueError, match="mode='stars'"):
         detect_memorized(gen, 0.1, mode="stars")
     with pytest.raises(ValueError, match="grid=9"):

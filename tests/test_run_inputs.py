@@ -54,6 +54,13 @@ def test_the_config_refuses_values_that_were_found_late():
             cfg.from_dict(cfg.RunConfig, {section: {"weight_decay": -0.5}})
     with pytest.raises(ValueError, match=r"weight_decay=-0.5 must be >= 0"):
         cfg.TrainTargetConfig(weight_decay=-0.5)
+    # both failed only after the synthetic set was sampled: detect_memorized's own check, torch's BatchNorm
+    with pytest.raises(ValueError, match=r"detect_min_size=1 must be >= 2 \(a group is at least a pair\)"):
+        cfg.from_dict(cfg.RunConfig, {"evaluate": {"detect_min_size": 1}})
+    for section in ("classifier", "clean_classifier"):
+        with pytest.raises(ValueError, match=r"batch_size=1: the ResNet classifier's BatchNorm needs at least 2"):
+            cfg.from_dict(cfg.RunConfig, {section: {"batch_size": 1}})
+    cfg.from_dict(cfg.RunConfig, {"classifier": {"batch_size": 1, "backbone": "unet"}})  # a LayerNorm head
 
 
 def test_side_lora_settings_that_fit_no_target_fail_before_sampling(tiny_model_dir, tmp_path):

@@ -253,6 +253,8 @@ class EvaluateConfig:
             raise ValueError(f"similarity={self.similarity!r} must be 'rms-l2' or 'cosine:<extractor>'")
         if self.bands is not None and self.bands_file is not None:
             raise ValueError(f"bands={self.bands!r} and bands_file={self.bands_file!r}: give one of them, not both")
+        if self.detect_min_size < 2:  # (detect_memorized refused it only after every extraction)
+            raise ValueError(f"detect_min_size={self.detect_min_size} must be >= 2 (a group is at least a pair)")
         if self.carlini_alpha <= 0:
             raise ValueError(f"carlini_alpha={self.carlini_alpha} must be > 0")
         if not 0.0 < self.gu_threshold <= 1.0:
@@ -406,6 +408,9 @@ class ClassifierConfig:
                              "weighs the same)")
         if self.backbone not in ("resnet", "unet"):
             raise ValueError(f"backbone={self.backbone!r} must be 'resnet' or 'unet'")
+        if self.backbone == "resnet" and self.batch_size < 2:  # (torch's BatchNorm error came after the samples)
+            raise ValueError(f"batch_size={self.batch_size}: the ResNet classifier's BatchNorm needs at least 2 "
+                             "images per training batch")
         if self.backbone == "unet" and self.guidance_input != "x_t":
             raise ValueError("backbone='unet' is a noise-aware classifier of x_t; guidance_input must be 'x_t'")
         if self.lr <= 0:

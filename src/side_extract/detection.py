@@ -171,7 +171,7 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
     train, extraction_threshold : verify each group's medoid: pixel RMS-L2 to the nearest training image
         <= extraction_threshold (0.15: Carlini et al.'s Stable Diffusion value)
     """
-    if threshold <= 0:
+    if not threshold > 0:  # (NaN too: it linked no pair)
         raise ValueError(f"threshold={threshold} must be > 0")
     if min_size < 2:
         raise ValueError(f"min_size={min_size} must be >= 2 (a group is at least a pair)")
