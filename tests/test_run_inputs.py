@@ -76,6 +76,13 @@ def test_side_lora_settings_that_fit_no_target_fail_before_sampling(tiny_model_d
 
     unet = load_target(tiny_model_dir).unet
     assert lora_problems(unet, rc.lora) == []
+    # layers peft cannot adapt: its error came in the lora stage, after sampling and clustering
+    odd = dataclasses.replace(rc.lora, target_modules=("conv1", "norm1", "time_embedding"))
+    assert lora_problems(unet, odd) == [
+        "lora.target_modules: 'norm1' names 'down_blocks.0.resnets.0.norm1', a GroupNorm; LoRA adapts only Linear, "
+        "Conv1d, Conv2d, Conv3d, Embedding layers",
+        "lora.target_modules: 'time_embedding' names 'time_embedding', a TimestepEmbedding; LoRA adapts only "
+        "Linear, Conv1d, Conv2d, Conv3d, Embedding layers"]
     from diffusers import UNet2DModel
 
     labelled = UNet2DModel(**{**{k: v for k, v in unet.config.items() if not k.startswith("_")}, "num_class_embeds": 3})

@@ -60,18 +60,28 @@ def lora_settings(c: cfg.LoraConfig) -> dict:
     return {k: v for k, v in cfg.keyed_settings(unread).items() if k != "guidance_scale"}
 
 
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)  # peft's
+
+
 def lora_problems(unet: UNet2DModel, c: cfg.LoraConfig) -> list[str]:
     """What makes ``unet`` unfit for side-lora with ``c``, found before any stage: a class embedding of its own,
-    or ``target_modules`` naming no layer (peft's rule: a module whose name is the entry or ends in ``.entry``)."""
+    or ``target_modules`` naming no layer (peft's rule: a module whose name is the entry or ends in ``.entry``) or
+    a layer that LoRA does not adapt."""
     problems = []
     if has_class_embedding(unet):
         problems.append(CONDITIONAL_TARGET)
     if c.rank != "full":
-        names = [n for n, _ in unet.named_modules()]
-        unmatched = [t for t in c.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        modules = list(unet.named_modules())
+        matched = {t: [(n, m) for n, m in modules if n == t or n.endswith(f".{t}")] for t in c.target_modules}
+        unmatched = [t for t, found in matched.items() if not found]
         if unmatched:
             problems.append(f"lora.target_modules: {', '.join(map(repr, unmatched))} name no layer of the target "
                             f"UNet (the default: {', '.join(cfg.LoraConfig().target_modules)})")
+        for t, found in matched.items():  # peft refuses to adapt any other layer (a norm, a block, a ModuleList)
+            if other := [(n, m) for n, m in found if not isinstance(m, LORA_LAYERS)]:
+                n, m = other[0]
+                problems.append(f"lora.target_modules: {t!r} names {n!r}, a {type(m).__name__}; LoRA adapts only "
+                                f"{', '.join(k.__name__ for k in LORA_LAYERS)} layers")
     return problems
 
 
