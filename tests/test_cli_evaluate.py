@@ -219,12 +219,15 @@ def test_an_out_that_is_a_file_and_held_out_images_of_another_size_are_said_befo
 
 
 def test_held_out_images_that_would_not_be_read_are_refused(sets):
-    """`--heldout` only calibrates bands: beside --bands (or --bands-file), or written into a run whose bands the
-    evaluation takes, it was never read, even when the path did not exist, and the command succeeded."""
+    """`--heldout` only calibrates bands: beside --bands (or --bands-file), with a cosine similarity (which takes
+    the paper's bands), or written into a run whose bands the evaluation takes, it was never read, even when the path did not exist, and the command succeeded."""
     base = ["evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--carlini-n", 3]
     r = invoke(*base, "--out", sets / "e", "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01",
                "--heldout", sets / "missing.npz")
     assert r.exit_code == 2 and "calibrates the bands, and --bands or --bands-file gives them" in r.output, r.output
+    r = invoke(*base, "--out", sets / "e", "--similarity", "cosine:pixels", "--heldout", sets / "missing.npz")
+    assert r.exit_code == 2 and "cosine:pixels without bands takes the paper's cosine bands: they would not be read" \
+        in " ".join(r.output.split()), r.output  # (the paper's bands were taken and the command succeeded)
     run = sets / "run"
     (run / "manifest.json").write_text(json.dumps({"stages": {}}))
     (run / "config.yaml").write_text("evaluate:\n  bands: low=0.1:0.2,mid=0.01:0.1,high=0:0.01\n")

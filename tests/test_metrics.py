@@ -1,6 +1,7 @@
 """Hand-computed memorization metrics: AMS / UMS bands, orientation, Carlini and Gu ratios, N_G law, calibration."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -262,6 +263,29 @@ def test_a_bands_file_is_checked_as_inline_bands_are(tmp_path):
     path.write_text(json.dumps({"similarity": "rms-l2", "bands": {"high": [0, 0.1], "mid": [0.1, 0.1],
                                                                   "low": [0.1, 0.2]}}))
     assert [b.name for b in read_bands_file(path, "rms-l2")] == ["high", "mid", "low"]
+
+
+def test_evaluate_reads_its_bands_file_and_refuses_unread_held_out_images_before_any_features(tmp_path,
+                                                                                                monkeypatch):
+    """A bands file of another similarity was refused only after both sets' features were extracted (at the paper's
+    scale, the whole extraction pass); held-out images given with a cosine similarity and no bands were silently
+    not read (the paper's bands were taken)."""
+    from side_extract import evaluation
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were extracted before the bands were checked")
+
+    calibrate(TRAIN, flat([10, 70, 130, 200]), cfg.EvaluateConfig(calibration_quantiles=(0.1, 0.25, 0.4))).write(
+        tmp_path)
+    monkeypatch.setattr(evaluation, "_rows", no_features)
+    gen = flat([0, 60])
+    for bands_file, says in ((tmp_path / "bands.json", "calibrated for similarity='rms-l2', not 'cosine:pixels'"),
+                             (tmp_path / "none.json", "does not exist")):
+        with pytest.raises(ValueError, match=says):
+            evaluate(gen, TRAIN, cfg.EvaluateConfig(similarity="cosine:pixels", bands_file=str(bands_file)))
+    with pytest.raises(ValueError, match=r"held-out images \(mine\) calibrate bands, but cosine:pixels without "
+                                         "bands takes the paper's cosine bands: they would not be read"):
+        evaluate(gen, TRAIN, cfg.EvaluateConfig(similarity="cosine:pixels"), heldout=dataclasses.replace(flat([10]), name="mine"))
 
 
 def test_digits_complement():

@@ -190,6 +190,13 @@ def _index(metric: str, c: cfg.EvaluateConfig, device: str) -> NearestNeighborIn
                                 ref_chunk=c.ref_chunk)
 
 
+def heldout_unread(similarity: str, heldout: str) -> str:
+    """Why held-out images given to ``evaluate`` with a cosine similarity and no bands would not be read."""
+    return (f"held-out images ({heldout}) calibrate bands, but {similarity} without bands takes the paper's cosine "
+            f"bands: they would not be read; calibrate with `side calibrate --similarity {similarity} --heldout ...` "
+            "and give its bands file, or leave them out")
+
+
 def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | None = None, *, method: str = "",
              bands: Sequence[Band] | None = None, generated_features: np.ndarray | None = None,
              train_features: np.ndarray | None = None, feature_model: Any = None, device: str = "cpu",
@@ -221,6 +228,10 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     c = config or cfg.EvaluateConfig()
     sim = Similarity(c.similarity)
     option_bands = parse_bands(c.bands) if c.bands is not None else None  # fail before any work
+    file_bands = (read_bands_file(c.bands_file, sim.spec) if bands is None and option_bands is None
+                  and c.bands_file is not None else None)  # (it was read after both sets' features)
+    if bands is None and option_bands is None and file_bands is None and sim.metric == "cosine" and heldout is not None:
+        raise ValueError(heldout_unread(sim.spec, heldout.name or "images given"))  # (they were silently unread)
     check_same_shape(generated, train)
     if heldout is not None:  # (before any work)
         check_image_set(heldout, "heldout")
@@ -242,8 +253,8 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         bands, source = tuple(bands), "argument"
     elif option_bands is not None:
         bands, source = option_bands, "option"
-    elif c.bands_file is not None:
-        bands, source = read_bands_file(c.bands_file, sim.spec), f"file:{c.bands_file}"
+    elif file_bands is not None:
+        bands, source = file_bands, f"file:{c.bands_file}"
     elif sim.metric == "cosine":
         bands, source = PAPER_COSINE_BANDS, "paper-default"
         if not (sim.extractor or "").startswith("torchscript:"):

@@ -109,7 +109,8 @@ def evaluate_cmd(
                                                   "outside it; else on train vs rest of train)."),
     bands_file: str | None = typer.Option(D.bands_file, help="bands.json written by `side calibrate`."),
     heldout: str | None = typer.Option(D.heldout, "--heldout", help="Held-out images (never trained on) to calibrate "
-                                       "the bands on, when no bands are given (default: for --train digits:N the "
+                                       "the bands on, when no bands are given (rms-l2 only: a cosine similarity "
+                                       "takes the paper's bands; default: for --train digits:N the "
                                        "digits outside it, as `side calibrate` and a run take; else the training "
                                        "set's own null)."),
     resize: int | None = typer.Option(D.resize, help="Resize both sets to this square size."),
@@ -141,7 +142,7 @@ def evaluate_cmd(
     """AMS / UMS per band, 95th percentile, Carlini's and Gu's ratios, the N_G law: DIR/metrics.json."""
     c = evaluate_config(ctx, config)
     from ..data import load_image_set
-    from ..evaluation import evaluate, held_out_set
+    from ..evaluation import evaluate, held_out_set, heldout_unread
     from ..metrics import parse_bands
     from ..runs import run_lock
 
@@ -150,6 +151,8 @@ def evaluate_cmd(
     if c.heldout is not None and (c.bands is not None or c.bands_file is not None):
         raise ValueError(f"--heldout {c.heldout!r} calibrates the bands, and --bands or --bands-file gives them: "
                          "it would not be read; leave one out")
+    if c.heldout is not None and c.bands is None and c.bands_file is None and c.similarity != "rms-l2":
+        raise ValueError(heldout_unread(c.similarity, repr(c.heldout)))
     run = run_written_into(out)
     if run is not None and c.bands is None and c.bands_file is None:
         before = c
@@ -162,7 +165,8 @@ def evaluate_cmd(
     tr = load_image_set(train, c.resize)
     # for digits:N the digits outside it are the held-out images, as in a run and `side calibrate` (evaluate takes
     # them only where it calibrates bands)
-    rest = held_out_set(train, None, c.resize) if c.heldout is None else None
+    rest = (held_out_set(train, None, c.resize) if c.heldout is None and c.similarity == "rms-l2" and c.bands is None
+            and c.bands_file is None else None)  # (cosine without bands takes the paper's)
     feature_model = load_feature_model(model, device)
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
