@@ -227,6 +227,22 @@ def test_pairs_of_a_run_with_resized_training_images(tmp_path):
     assert len(re.findall(r'src="data:image/png;base64,', html[html.index('id="pairs"'):])) >= 8
 
 
+def test_a_sweep_table_puts_each_value_under_its_own_column(run_dir):
+    """A method whose sweep lacks a value (an unfinished or stale sub-run) has "–" there: its values were printed
+    left to right under the first method's columns (side-teacher's scale=3 under scale=1)."""
+    from side_extract.report import build_report, render_html
+
+    data = build_report(run_dir)
+    assert data["sweeps"]["scale"]["side"]["values"] == [1.0, 3.0, 5.0, 20.0]
+    data["sweeps"]["scale"]["side-teacher"] = {"values": [3.0, 5.0, 20.0], "series": {"AMS high": [0.1, 0.267, 0.5]},
+                                               "reference": {}}
+    html = render_html(data, run_dir)
+    sweeps = html[html.index('id="sweeps"'):]
+    assert re.findall(r"<th>scale=([^<]*)</th>", sweeps)[:4] == ["1", "3", "5", "20"]
+    row = re.search(r'<td class="l">side-teacher</td><td class="l">AMS high</td>(.*?)</tr>', sweeps).group(1)
+    assert re.findall(r"<td>([^<]*)</td>", row) == ["–", "10.0", "26.7", "50.0"]
+
+
 def test_theory_section_from_measure_json(tmp_path):
     """A run with theory/measure.json gets the theory section with its verdicts."""
     from side_extract import config as cfg

@@ -464,6 +464,7 @@ def render_html(data: dict[str, Any], run_dir: str | Path, *, image_size: int = 
         "classifiers": plots.classifier_figure(curves) if (curves := {
             n: c for n, c in data["classifiers"].items() if sum("accuracy" in h for h in c["history"]) > 1}) else None}
     figures["sweeps"] = {p: plots.sweep_figure(p, curves) for p, curves in data["sweeps"].items()}
+    sweep_tables = {p: sweep_table(curves) for p, curves in data["sweeps"].items()}
     figures["theory"] = plots.theory_figure(data["theory"]["rows"]) if data.get("theory") else None
     clusters = data["clusters"] or {"methods": {}}
     figures["clusters"] = {m: plots.clusters_figure(c["rows"], c["bands"], c["kind"])
@@ -473,7 +474,17 @@ def render_html(data: dict[str, Any], run_dir: str | Path, *, image_size: int = 
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
-    return env.get_template("report.html.j2").render(d=data, figures=figures, pairs=pairs, notes=notes)
+    return env.get_template("report.html.j2").render(d=data, figures=figures, pairs=pairs, notes=notes,
+                                                     sweep_tables=sweep_tables)
+
+
+def sweep_table(curves: dict[str, dict]) -> dict[str, Any]:
+    """A sweep's table: one column per swept value of any method (``columns``), and per method and metric the
+    value in each column, None where that method has none (an unfinished or stale sub-run): ``rows``."""
+    columns = sorted({v for c in curves.values() for v in c["values"]}, key=lambda v: (isinstance(v, str), v))
+    rows = [(method, name, [dict(zip(c["values"], ys)).get(v) for v in columns])
+            for method, c in curves.items() for name, ys in c["series"].items()]
+    return {"columns": columns, "rows": rows}
 
 
 def _template(name: str) -> str:
