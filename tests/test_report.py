@@ -368,6 +368,10 @@ def test_no_ums_is_marked_best_between_methods_that_made_other_numbers_of_genera
     assert stopped["ams:mid"] == ["uncond"] and stopped["carlini"] == ["uncond"]
     equal = _comparison({"side": m(0.10, 2000, 0.05), "uncond": m(0.20, 2000, 0.08)})["best"]
     assert equal["ums_cumulative:mid"] == ["uncond"] and equal["carlini"] == ["uncond"]
+    # p95 in two feature spaces of one orientation: no scale in common, so no best (one was marked)
+    spaces = {"side": m(0.10, 2000, 0.99) | {"similarity": "cosine:pixels", "orientation": "similarity"},
+              "uncond": m(0.20, 2000, 0.999) | {"similarity": "cosine:pixels-pca", "orientation": "similarity"}}
+    assert "p95" not in _comparison(spaces)["best"] and _comparison(spaces)["best"]["carlini"] == ["uncond"]
 
 
 def test_labels_remade_after_the_extraction_are_not_joined_to_it(tiny_model_dir, tmp_path):

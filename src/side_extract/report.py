@@ -66,10 +66,13 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
             for k, g in (("ams", "AMS exclusive (%)"), ("ums", "UMS exclusive (%)"),
                          ("ams_cumulative", "AMS cumulative (%)"), ("ums_cumulative", "UMS cumulative (%)"))
             for b in bands]
-    orient = orients.pop() if len(orients) == 1 else None  # p95 is comparable only within one orientation
+    orient = orients.pop() if len(orients) == 1 else None
     p95_label = {"similarity": "p95 best sim.", "distance": "p5 best dist."}.get(orient, "p95 / p5")
+    # p95 is comparable only within one similarity (cosine:pixels and cosine:pixels-pca share an orientation, not
+    # a scale)
+    one_space = len({m["similarity"] for m in metrics.values()}) == 1
     cols += [{"key": "p95", "group": None, "label": p95_label, "unit": "", "better":
-              {"similarity": "max", "distance": "min"}.get(orient)},
+              {"similarity": "max", "distance": "min"}.get(orient) if one_space else None},
              {"key": "carlini", "group": None, "label": "Carlini extracted (%)", "unit": "%", "better": "max"},
              {"key": "gu", "group": None, "label": "Gu memorized (%)", "unit": "%", "better": "max"},
              {"key": "n_generated", "group": None, "label": "N_G", "unit": "", "better": None}]
