@@ -161,6 +161,10 @@ def test_npz_variants(tmp_path):
     np.savez(tmp_path / "f.npz", images=np.zeros((32, 32, 3), np.uint8))  # (was: 32 greyscale images, 32x3 px)
     with pytest.raises(ValueError, match=r"shape \(32, 32, 3\) looks like one colour image"):
         load_image_set(tmp_path / "f.npz")
+    # repeated ids: two training images sharing one counted as one distinct image in the summary and findings
+    np.savez(tmp_path / "g.npz", images=np.zeros((4, 4, 4), np.uint8), index=np.array([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match=r"g.npz': its 'index' repeats 2 value\(s\); the ids must be distinct"):
+        load_image_set(tmp_path / "g.npz")
 
 
 def test_unknown_spec():

@@ -305,6 +305,10 @@ def load_npz(path: Path) -> ImageSet:
     for name, a in (("labels", labels), ("index", ids)):
         if a is not None:
             integer_labels(a, f"{str(path)!r}: '{name}'")
+    if ids is not None and len(uniq := np.unique(ids)) != len(ids):  # (distinct nearest images sharing an id
+        # counted once: the summary's and the findings' counts fell)
+        raise ValueError(f"{str(path)!r}: its 'index' repeats {len(ids) - len(uniq)} value(s); the ids must be "
+                         "distinct (they name each image in pairs and findings)")
     try:
         return ImageSet(images, None if labels is None else np.asarray(labels, dtype=np.int64),
                         None if ids is None else np.asarray(ids, dtype=np.int64), str(path))
