@@ -198,6 +198,27 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert len(np.unique(got)) > 50
 
 
+def test_sixteen_bit_greyscale_with_alpha_stays_greyscale(tmp_path):
+    """A 16-bit grey+alpha PNG (colour type 4, written here by the PNG specification's layout) opens in Pillow as
+    RGBA: it loaded as 3 channels, so a greyscale model refused the folder (8-bit grey+alpha stayed one)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    grey = np.array([[1000, 40000], [65535, 0]])
+    rows = b"".join(b"\x00" + b"".join(struct.pack(">HH", v, 65535) for v in row) for row in grey)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 4, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    folder = tmp_path / "ga16"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png)
+    got = load_image_set(folder).images
+    assert got.shape == (1, 2, 2, 1)
+    assert np.abs(got[0, ..., 0].astype(int) - (grey + 128) // 257).max() <= 1  # (Pillow keeps the high byte)
+
+
 def test_data_file_mistakes_are_named(tmp_path):
     from side_extract.data import load_shards
 

@@ -281,7 +281,17 @@ def _as_8bit(im: Image.Image, f: Path) -> np.ndarray:
     rgb = np.asarray(im.convert("RGB"))
     if im.mode in ("P", "PA") and (rgb == rgb[..., :1]).all():  # a palette of greys (as some tools save greyscale
         return rgb[..., 0].copy()  # PNGs) is a greyscale image: it made the folder 3-channel for a greyscale model
+    if _png_colour_type(f) in (0, 4):  # a greyscale PNG that Pillow opened in colour (16-bit grey with alpha: RGBA)
+        return rgb[..., 0].copy()
     return rgb
+
+
+def _png_colour_type(f: Path) -> int | None:
+    """The colour type in a PNG file's header (0: greyscale, 4: greyscale with alpha; PNG specification, IHDR), or
+    None for another file."""
+    with open(f, "rb") as fh:
+        head = fh.read(26)
+    return head[25] if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
 
 
 def load_npz(path: Path) -> ImageSet:
