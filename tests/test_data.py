@@ -57,6 +57,13 @@ def test_folder_loading(tmp_path):
     s = load_image_set(tmp_path)
     assert s.images.shape == (3, 6, 6, 1)
     assert s.images[2, 0, 0, 0] == 80
+    # images in formats not read: left out without a word, the training set silently smaller
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "3.webp")
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "4.bmp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"2 image file\(s\) in .* in another format are left out \(the first: "
+                                         r"3.webp, 4.bmp\); only .png, .jpg, .jpeg files are read"):
+        assert len(load_image_set(tmp_path)) == 3
 
 
 def test_folder_rgb(tmp_path):

@@ -223,6 +223,12 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"folder {str(path)!r} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+    others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in Image.registered_extensions()
+                    and p.suffix.lower() not in IMAGE_SUFFIXES and p.is_file())
+    if others:  # (left out without a word: a generation copying one of them counted as no copy)
+        warnings.warn(f"{len(others)} image file(s) in {str(path)!r} in another format are left out (the first: "
+                      f"{', '.join(others[:3])}); only {', '.join(IMAGE_SUFFIXES)} files are read: convert them to PNG",
+                      UserWarning, stacklevel=2)
     arrays, see_through = [], []
     for f in files:
         try:
