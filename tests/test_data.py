@@ -174,6 +174,16 @@ def test_npz_variants(tmp_path):
         load_image_set(tmp_path / "g.npz")
 
 
+def test_a_folder_named_digits_is_said_to_be_passed_over(tmp_path, monkeypatch):
+    (tmp_path / "digits").mkdir()
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "digits" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"data spec 'digits' names scikit-learn's digits, not the folder 'digits' "
+                                         r"here; give ./digits for that"):
+        assert len(load_image_set("digits")) == 1797
+    assert len(load_image_set("./digits")) == 1
+
+
 def test_unknown_spec():
     with pytest.raises(ValueError, match="does not exist"):
         load_image_set("/nonexistent/path")

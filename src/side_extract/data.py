@@ -379,6 +379,10 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
                 n = int(s.split(":", 1)[1])
             except ValueError:
                 raise ValueError(f"data spec {s!r}: expected digits:N with an integer N") from None
+        if Path(s).exists():  # (the folder or file of that name was passed over without a word)
+            kind = "folder" if Path(s).is_dir() else "file"
+            warnings.warn(f"data spec {s!r} names scikit-learn's digits, not the {kind} {s!r} here; give ./{s} for "
+                          "that", UserWarning, stacklevel=2)
         out = load_digits_set(n)
     else:
         p = Path(s)
