@@ -440,7 +440,9 @@ def test_a_step_command_that_remakes_a_finished_stage_names_the_later_stages_it_
                                           ("evaluation/side/metrics.json", "[1]"), ("evaluation/side/metrics.json", "null"),
                                           ("surrogate/clusters.json", "[]"), ("surrogate/clusters.json", "{}"),
                                           ("surrogate/clusters.json", '{"clusters": [3]}'),
-                                          ("surrogate/clusters.json", '{"clusters": [{"size": 3}]}')], ids=str)
+                                          ("surrogate/clusters.json", '{"clusters": [{"size": 3}]}'),
+                                          ("evaluation/side/per_generation.npz", "PK cut"),
+                                          ("evaluation/null.npz", "PK cut")], ids=str)
 def test_a_damaged_run_file_is_one_error_that_names_it(run_dir, tmp_path, name, content):
     """A run file cut short or edited by hand: `side report` says which one (a YAML traceback, or a JSON error
     without the file's name, before)."""

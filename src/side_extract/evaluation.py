@@ -25,7 +25,7 @@ from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio
                       check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
                       gu_from_neighbors, parse_bands, read_bands_file)
 from .neighbors import NearestNeighborIndex, pixel_rows
-from .runs import Progress, atomic_save_npz, atomic_write_json, atomic_write_text, versions
+from .runs import Progress, atomic_save_npz, atomic_write_json, atomic_write_text, npz_arrays, versions
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ def generation_stats(eval_dir: Path, bands: Sequence[Band], orientation: Orienta
     fair benchmark's bootstrap read: the nearest training id (``nn``), Carlini's hit (``carlini``) and, per band,
     whether the generation reaches it (``reach/<band>``: at that band or closer); with the file's ``columns``
     (:class:`GenerationTable`'s names) as they are."""
-    with np.load(Path(eval_dir) / "per_generation.npz", allow_pickle=False) as z:
-        sim, nn, carlini = z["similarity"], z["nearest_train_id"], z["carlini_ratio"]
-        extra = {c: z[c] for c in columns}
+    z = npz_arrays(Path(eval_dir) / "per_generation.npz", "similarity", "nearest_train_id", "carlini_ratio", *columns)
+    sim, nn, carlini = z["similarity"], z["nearest_train_id"], z["carlini_ratio"]
+    extra = {c: z[c] for c in columns}
     out = {"nn": nn.astype(np.int64), "carlini": (carlini < 1.0), **extra}
     for b in bands:
         out[f"reach/{b.name}"] = b.reaches(sim, orientation)

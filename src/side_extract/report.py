@@ -27,7 +27,7 @@ from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, check_run_directory, evaluated_methods,
-                   read_json, read_model_entry, read_stages, stale_stages)
+                   npz_arrays, read_json, read_model_entry, read_stages, stale_stages)
 from .summary import findings_file_current, summary_and_findings
 from .sweeps import SWEEPABLE, current_sweeps, stale_sweeps
 
@@ -46,8 +46,7 @@ def _per_generation(d: Path) -> dict[str, np.ndarray] | None:
     p = d / "per_generation.npz"
     if not p.is_file():
         return None
-    with np.load(p, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return npz_arrays(p)
 
 
 def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
@@ -170,8 +169,7 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
     cal = read_json(cal_dir / "bands.json") if cal_dir is not None and (cal_dir / "bands.json").is_file() else {}
     nulls: dict[str, np.ndarray] = {}
     if cal_dir is not None and (cal_dir / "null.npz").is_file():
-        with np.load(cal_dir / "null.npz") as z:
-            nulls = {k: z[k].astype(float) for k in z.files}
+        nulls = {k: v.astype(float) for k, v in npz_arrays(cal_dir / "null.npz").items()}
     out = []
     for spec in dict.fromkeys(m["similarity"] for m in metrics.values()):
         names = [n for n, m in metrics.items() if m["similarity"] == spec and n in tables]

@@ -113,6 +113,19 @@ def read_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray] | None:
         return None
 
 
+def npz_arrays(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (default: all) of ``path``; a missing, damaged or incomplete file is one error that names
+    it (zipfile's bare BadZipFile, naming none, ended the report). Never unpickles."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in (keys or z.files)}
+    except KeyError as e:
+        raise ValueError(f"{str(path)!r} lacks the array {e}: remake it (rerun the stage that writes it)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({type(e).__name__}: {e}): remake it (rerun "
+                         "the stage that writes it)") from None
+
+
 def _seal(root: Path) -> None:
     """Ready a tree for its rename into place: the user's umask on it (mkdtemp makes 0700 directories, safetensors
     writes 0600 files), and its files on disk (fsync, as :func:`atomic_write_bytes` does), so that a power loss
