@@ -243,6 +243,18 @@ def test_a_sweep_table_puts_each_value_under_its_own_column(run_dir):
     assert re.findall(r"<td>([^<]*)</td>", row) == ["–", "10.0", "26.7", "50.0"]
 
 
+def test_a_method_name_with_dollar_signs_is_drawn_as_text():
+    """Method names are folder names under evaluation/ (``side evaluate --out RUN/evaluation/NAME``): "$...$" was
+    parsed as matplotlib maths, and "cost$\\frac$" ended the report with a ParseSyntaxException."""
+    import matplotlib
+
+    from side_extract.report_plots import sweep_figure
+
+    uri = sweep_figure("scale", {"cost$\\frac$": {"values": [1.0, 3.0], "series": {"AMS high": [0.1, 0.2]},
+                                                  "reference": {"a$_b$ AMS high": 0.1}}})
+    assert uri.startswith("data:image/png;base64,") and matplotlib.rcParams["text.parse_math"]  # (left as it was)
+
+
 def test_theory_section_from_measure_json(tmp_path):
     """A run with theory/measure.json gets the theory section with its verdicts."""
     from side_extract import config as cfg

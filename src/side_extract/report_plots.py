@@ -22,6 +22,11 @@ plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "figure.dpi": 100, "s
                      "font.family": "DejaVu Sans"})  # bundled with matplotlib: nothing to look up
 
 
+# method names (folder names under evaluation/, any text) are drawn as they are: "$...$" was parsed as maths, and
+# invalid maths ended the report
+PLAIN_TEXT = matplotlib.rc_context({"text.parse_math": False})
+
+
 def _uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -64,6 +69,7 @@ def _from_zero(ax: plt.Axes) -> None:
     ax.set_ylim(0, max(ax.get_ylim()[1], 1.0))
 
 
+@PLAIN_TEXT
 def histograms_figure(hist: dict[str, Any]) -> str:
     """Each method's best score against the null (density), bands shaded; one panel per method."""
     methods = hist["methods"]
@@ -91,6 +97,7 @@ def histograms_figure(hist: dict[str, Any]) -> str:
     return figure_uri(fig)
 
 
+@PLAIN_TEXT
 def ng_law_figure(laws: dict[str, dict[str, Any]]) -> str:
     """Unique training images hit vs N_G: the plug-in law (thin line), observed subsets (dots), rarefied (dashed),
     the extrapolation past N_G (thick)."""
@@ -124,6 +131,7 @@ def ng_law_figure(laws: dict[str, dict[str, Any]]) -> str:
     return figure_uri(fig)
 
 
+@PLAIN_TEXT
 def sweep_figure(param: str, curves: dict[str, dict[str, Any]]) -> str:
     """Metric (%) vs swept value, one panel per method, one line per metric (reference methods dashed)."""
     fig, axes = _grid(len(curves), cols=2, w=5.2, h=3.4)
@@ -144,6 +152,7 @@ def sweep_figure(param: str, curves: dict[str, dict[str, Any]]) -> str:
     return figure_uri(fig)
 
 
+@PLAIN_TEXT
 def classifier_figure(classifiers: dict[str, dict[str, Any]]) -> str:
     """Held-out accuracy during training, one line per timestep quartile (or clean)."""
     fig, axes = _grid(len(classifiers))
@@ -162,6 +171,7 @@ def classifier_figure(classifiers: dict[str, dict[str, Any]]) -> str:
     return figure_uri(fig)
 
 
+@PLAIN_TEXT
 def clusters_figure(rows: list[dict[str, Any]], bands: list[str], kind: str = "surrogate cluster") -> str:
     """Generations per target label (grey), the part in the closest bands (colours), and the cluster's cohesion."""
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.32 * len(rows) + 2)), 3.2))
@@ -191,6 +201,7 @@ def clusters_figure(rows: list[dict[str, Any]], bands: list[str], kind: str = "s
     return figure_uri(fig)
 
 
+@PLAIN_TEXT
 def theory_figure(rows: list[dict[str, Any]]) -> str:
     """Each memorization divergence (or gain) as a point with its 95% interval."""
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1))
