@@ -255,6 +255,20 @@ def test_a_method_name_with_dollar_signs_is_drawn_as_text():
     assert uri.startswith("data:image/png;base64,") and matplotlib.rcParams["text.parse_math"]  # (left as it was)
 
 
+def test_side_loras_labels_are_surrogate_clusters_in_the_report(run_dir, tmp_path):
+    """side-lora generates toward the surrogate clusters, as side does: its rows were called "target class", and
+    their cluster sizes and cohesion were left out."""
+    from side_extract.report import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    for kind in ("evaluation", "extraction"):
+        if (run / kind / "side").exists():
+            (run / kind / "side").rename(run / kind / "side-lora")
+    lora = build_report(run)["clusters"]["methods"]["side-lora"]
+    assert lora["kind"] == "surrogate cluster" and all(r["size"] is not None for r in lora["rows"])
+
+
 def test_theory_section_from_measure_json(tmp_path):
     """A run with theory/measure.json gets the theory section with its verdicts."""
     from side_extract import config as cfg
@@ -414,7 +428,7 @@ def test_labels_remade_after_the_extraction_are_not_joined_to_it(tiny_model_dir,
     assert data["surrogate"]["stale"] is True and data["surrogate"]["n_clusters"] == 3
     assert all(r["size"] is None for r in data["methods"]["side"]["rows"])
     page = html.read_text()
-    assert page != before and "made again after SIDE" in page.replace("\n", " ")
+    assert page != before and "made again after a SIDE form" in page.replace("\n", " ")
 
 
 def test_a_step_command_that_remakes_a_finished_stage_names_the_later_stages_it_left_out_of_date(

@@ -207,6 +207,9 @@ def _by_label(table: dict[str, np.ndarray], bands: list[str], clusters: dict[int
     return rows
 
 
+SURROGATE_METHODS = ("side", "side-lora")  # the methods whose target labels are the surrogate clusters
+
+
 def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict],
               stale_from: dict[str, list[str]]) -> dict[str, Any] | None:
     """Generations in the two closest bands per target label; for ``side``, joined with cluster size/cohesion
@@ -219,17 +222,19 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict],
         raise ValueError(f"{str(p)!r} has no 'clusters' list of objects with an integer 'id'; it is damaged: restore "
                          "or delete it")
     by_id = {c["id"]: c for c in items} if info is not None else None
-    stale = by_id is not None and "surrogate" in stale_from.get("extraction/side", [])
-    if stale:  # `side cluster` remade the labels after SIDE's extraction: its sizes are not the extraction's
-        by_id = {}
+    # `side cluster` remade the labels after a SIDE form's extraction: their sizes are not the extraction's
+    stale = by_id is not None and any("surrogate" in stale_from.get(f"extraction/{m}", []) for m in SURROGATE_METHODS
+                                      if m in tables)
     methods = {}
     for n, t in tables.items():
         if not (t["target_label"] >= 0).any():
             continue
         bands = closest_first(metrics[n]["bands"], metrics[n]["orientation"])[:2]
-        surrogate = n == "side" and by_id is not None
-        methods[n] = {"kind": "surrogate cluster" if n in ("side",) else "target class", "bands": bands,
-                      "rows": _by_label(t, bands, by_id if surrogate else None)}
+        # both SIDE forms generate toward the surrogate clusters (side-lora through its fine-tuned labels)
+        surrogate = n in SURROGATE_METHODS and by_id is not None
+        joined = by_id if surrogate and "surrogate" not in stale_from.get(f"extraction/{n}", []) else {}
+        methods[n] = {"kind": "surrogate cluster" if n in SURROGATE_METHODS else "target class", "bands": bands,
+                      "rows": _by_label(t, bands, joined if surrogate else None)}
     if info is None and not methods:
         return None
     summary = {k: info[k] for k in ("tau", "kept", "n_clusters", "labelled") if k in info} if info else None
