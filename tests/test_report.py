@@ -269,6 +269,20 @@ def test_side_loras_labels_are_surrogate_clusters_in_the_report(run_dir, tmp_pat
     assert lora["kind"] == "surrogate cluster" and all(r["size"] is not None for r in lora["rows"])
 
 
+def test_the_verify_command_in_the_report_pastes_as_one_command(run_dir, tmp_path):
+    """The "made again" command is quoted for the shell: a run in "my run" pasted as two arguments."""
+    import html as html_module
+    import shlex
+
+    from side_extract.report import build_report, render_html
+
+    run = tmp_path / "my run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    page = html_module.unescape(render_html(build_report(run), run))
+    command = re.search(r"<code>(side verify [^<]*)</code>", page).group(1)
+    assert shlex.split(command)[:5] == ["side", "verify", str(run), "--method", "side"]
+
+
 def test_theory_section_from_measure_json(tmp_path):
     """A run with theory/measure.json gets the theory section with its verdicts."""
     from side_extract import config as cfg

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -480,6 +481,7 @@ def render_html(data: dict[str, Any], run_dir: str | Path, *, image_size: int = 
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
+    env.filters["shell"] = lambda v: shlex.quote(str(v))  # a command to paste: a path with spaces was two arguments
     return env.get_template("report.html.j2").render(d=data, figures=figures, pairs=pairs, notes=notes,
                                                      sweep_tables=sweep_tables)
 
