@@ -483,3 +483,16 @@ def test_measure_of_an_audit_made_in_memory_takes_its_model(tmp_path):
     save_target(tiny_unet(seed=1), tiny_scheduler(), tmp_path / "m")
     with pytest.raises(ValueError, match="model: fingerprint .* is not the run's target"):
         measure_run(tmp_path / "run2", n_points=4, n_steps=2)
+
+
+def test_check_as_kernel_density_of_a_one_point_class_takes_the_pooled_spread():
+    """At N=30 a mixture component can draw a single training point (seed 44: counts 18, 11, 1): Scott's bandwidth
+    sd * n^(-1/(d+4)) was 0 there and `side theory check --seed 44` ended with "sigma=0.0 must be a positive finite
+    number" before checks B-E. By hand: the pooled points (0, 0), (2, 0), (0, 4) have per-axis sd 0.943 and 1.886,
+    mean 1.414; for one point n^(-1/6) = 1."""
+    from side_extract.theory.checks import _scott_kde
+
+    pooled = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
+    kde = _scott_kde(pooled[2:], pooled)
+    assert kde.sigma == pytest.approx((np.sqrt(8 / 9) + np.sqrt(32 / 9)) / 2)
+    assert np.isfinite(kde.log_prob(np.array([[0.5, 3.0]]))).all()
