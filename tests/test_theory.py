@@ -496,3 +496,16 @@ def test_check_as_kernel_density_of_a_one_point_class_takes_the_pooled_spread():
     kde = _scott_kde(pooled[2:], pooled)
     assert kde.sigma == pytest.approx((np.sqrt(8 / 9) + np.sqrt(32 / 9)) / 2)
     assert np.isfinite(kde.log_prob(np.array([[0.5, 3.0]]))).all()
+
+
+def test_a_gaussian_model_refuses_a_covariance_that_is_not_symmetric_or_not_finite():
+    """Cholesky reads only the lower triangle: [[2, 1], [0, 2]] passed, and log_prob used N(1, 2I) while
+    kl_gaussians inverted the full matrix (0.568 against the 0.693 of the density it drew); NaN gave NaN densities."""
+    from side_extract.theory.divergence import GaussianModel
+
+    with pytest.raises(ValueError, match="cov must be symmetric positive definite; it is not symmetric"):
+        GaussianModel(np.ones(2), np.array([[2.0, 1.0], [0.0, 2.0]]))
+    with pytest.raises(ValueError, match="mean and cov must be finite"):
+        GaussianModel(np.array([0.0, np.nan]), 1.0)
+    a = np.random.default_rng(0).standard_normal((6, 6))
+    GaussianModel(np.zeros(6), a @ a.T / 6 + np.eye(6))  # a product's rounding is no asymmetry

@@ -306,6 +306,11 @@ class GaussianModel:
         self.cov = c * np.eye(d) if c.ndim == 0 else c
         if self.cov.shape != (d, d):
             raise ValueError(f"cov has shape {self.cov.shape}, expected ({d}, {d}) for a mean of dimension {d}")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.cov).all()):
+            raise ValueError("mean and cov must be finite (NaN gave NaN densities without a word)")
+        if not np.allclose(self.cov, self.cov.T, rtol=1e-10, atol=1e-12 * float(np.abs(self.cov).max())):
+            # (Cholesky reads the lower triangle only: log_prob and kl_gaussians took two other matrices)
+            raise ValueError("cov must be symmetric positive definite; it is not symmetric")
         try:
             self._chol = np.linalg.cholesky(self.cov)
         except np.linalg.LinAlgError:
