@@ -235,13 +235,16 @@ def test_data_parallel_target_training_equals_one_process(tmp_path):
 
 
 def test_processes_flag_passes_every_argument_through_torchrun(tiny_model_dir, tmp_path):
-    """`side --processes 2 sample --n 6`: torchrun's own parser must not read `--n` as an abbreviation of its
-    options (it did: "ambiguous option: --n"); the images equal one process's."""
-    args = ["--threads", "1", "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "6", "--steps", "2",
+    """`side --processes 2 sample --n 7`: torchrun's own parser must not read `--n` as an abbreviation of its
+    options (it did: "ambiguous option: --n"); the images equal one process's. The progress ends at 7 of 7 (the
+    main process counted its own shards, 0 and 2: it ended at 6 of 7, never done) and the summary is said once."""
+    args = ["--threads", "1", "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "7", "--steps", "2",
             "--shard-size", "2"]
     _run([*args, "--out", str(tmp_path / "one")], 1)
-    _run(["--processes", "2", *args, "--out", str(tmp_path / "two")], 1)
+    two = _run(["--processes", "2", *args, "--out", str(tmp_path / "two")], 1)
     _same_shards(tmp_path / "one" / "synthetic", tmp_path / "two" / "synthetic")
+    said = two.stdout + two.stderr
+    assert "sample: 7 of 7 done in" in said and said.count("7 images in") == 1, said
 
 
 def test_an_error_on_one_process_reaches_every_process():

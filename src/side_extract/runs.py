@@ -1102,6 +1102,8 @@ def shard_stage(
                                                                   stop=None if stop is None else stop_at)))
         if stopped and progress is not None:  # ended early: the work is done at the stop (a bar fills, a line says so)
             progress(stopped["at"], stopped["at"])
+        elif progress is not None and group.world > 1:  # every process has written its shards (the main one counted
+            progress(n, n)  # only its own: a bar stopped short where another process wrote the last shard)
         if group.main and stopped:  # shards past the stop, left by an earlier attempt that stopped later
             # (a lost shard remade on another device can move the stop)
             for k, (lo, _) in enumerate(r for rnd in rounds for r in rnd):

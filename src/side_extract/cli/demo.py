@@ -84,7 +84,7 @@ def demo_cmd(
 
         torch.set_num_threads(1)
     rc = demo_config(model, train, heldout)
-    if "cond" not in rc.extract.methods:
+    if "cond" not in rc.extract.methods and ProcessGroup.from_env().main:  # (once per launch)
         console.print(f"{train} has no labels of two classes or more: the demo runs without Cond (Cond's classifier "
                       "learns the training set's labels)")
     with stage_progress(ctx) as factory:

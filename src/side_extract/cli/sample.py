@@ -55,5 +55,6 @@ def sample_cmd(
         from ..pipeline import warn_out_of_date
 
         warn_out_of_date(run)  # (a step command: what was made from the earlier synthetic set, or model, is named)
-    console.print(f"{len(images)} images in {run.path / 'synthetic'}")
-    say_note(note)
+    if group.main:  # (once per launch, not once per process)
+        console.print(f"{len(images)} images in {run.path / 'synthetic'}")
+        say_note(note)
