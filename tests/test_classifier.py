@@ -75,6 +75,19 @@ def test_noise_aware_classifier_learns_all_quartiles(tmp_path):
     assert (tmp_path / "clf" / "log.json").exists()
 
 
+def test_train_classifier_refuses_images_the_stages_never_give_it():
+    """The public train_classifier trained without a word on 0..255 pixels, uint8 tensors and images of another
+    size than its architecture's (fit_label_classifier checked them)."""
+    x, y = separable_toy(8)
+    arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8)
+    c = cfg.ClassifierConfig(steps=1, batch_size=4)
+    for bad, says in ((x * 127.5 + 127.5, r"must lie in \[-1, 1\], got values 0..255"),
+                      (x.to(torch.uint8), "got a torch.uint8 tensor"),
+                      (x[..., :4, :4], r"images are \(1, 4, 4\) \(C, H, W\) but the model's are \(1, 8, 8\)")):
+        with pytest.raises(ValueError, match=says):
+            train_classifier(arch, bad, y, c, scheduler=tiny_scheduler())
+
+
 def test_training_resumes_exactly(tmp_path):
     x, y = separable_toy(64)
     arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8)

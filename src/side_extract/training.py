@@ -173,6 +173,8 @@ def train_classifier(
     resumes. Under a launch of several processes every process calls this with the same arguments and each
     trains on its rows of every batch (``distributed.py``).
     """
+    # (uint8 or 0..255 images, or another size than arch's, trained without a word)
+    check_float_images(x0, "x0", (arch.in_channels, arch.image_size, arch.image_size))
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
     if len(x0) != len(y_t):
         raise ValueError(f"{len(x0)} images but {len(y_t)} labels")
