@@ -160,6 +160,12 @@ class TrainTargetConfig:
             raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
+        if self.resize is not None and self.resize < 1:  # (the error named load_image_set's resize_to)
+            raise ValueError(f"resize={self.resize} must be a positive image size")
+        if self.attention and len(self.block_out_channels) < 2:  # (it was left out without a word)
+            raise ValueError(f"attention=True adds self-attention to the lowest-resolution blocks of a UNet of two "
+                             f"blocks or more: block_out_channels={self.block_out_channels} has one (its mid block has "
+                             "attention already); give two widths or more, or leave attention off")
 
 
 @dataclasses.dataclass(frozen=True)
