@@ -54,6 +54,10 @@ def test_adapters_disabled_are_the_target_exactly(tiny_model_dir, tmp_path):
     files = sorted(p.name for p in (tmp_path / "lora" / "adapter").iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or \
         {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    # safetensors only: without them peft loaded a pickled adapter_model.bin (or named a "repo id" where none was)
+    (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").rename(tmp_path / "lora" / "adapter" / "gone")
+    with pytest.raises(ValueError, match=r"adapter' holds no adapter_model.safetensors"):
+        load_finetuned(target, tmp_path / "lora")
 
 
 def test_save_load_round_trip_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):

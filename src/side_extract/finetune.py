@@ -349,6 +349,11 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
     else:
         from peft import PeftModel
 
+        if not (form / "adapter_model.safetensors").is_file():  # (peft took a pickled .bin in its place, or said
+            # "Repo id must be in the form ..." for a folder without weights)
+            raise ValueError(f"{str(form)!r} holds no adapter_model.safetensors (peft's safetensors adapter weights, "
+                             "which finetune writes)")
+
         model = PeftModel.from_pretrained(conditional_unet(target.unet, len(classes)), str(form))
     return ConditionalDenoiser(model.to(device), target, classes, w, meta.get("background"))
 
