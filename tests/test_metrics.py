@@ -203,6 +203,9 @@ def test_propose_bands_quantiles_and_orientation():
     s = propose_bands(null, "similarity")
     assert [(b.name, round(b.lo, 4), round(b.hi, 4)) for b in s] == [("low", 0.95, 0.99), ("mid", 0.99, 0.999),
                                                                       ("high", 0.999, 1.0)]
+    for levels in ((0.01, 0.01, 0.05), (0.0, 0.01), (0.05, 0.01)):  # an IndexError, a ZeroDivisionError, or none
+        with pytest.raises(ValueError, match=r"levels=.* must be strictly increasing values in \(0, 0.5\)"):
+            propose_bands(null, "distance", levels)
 
 
 def test_evaluate_says_when_the_training_set_holds_duplicates(caplog):

@@ -122,6 +122,11 @@ def test_precision_recall_on_hand_made_manifolds():
     assert p > 0.95 and 0.4 < r < 0.6
     p, r = precision_recall(real, real + 100, k=3)
     assert p == 0.0 and r == 0.0
+    for k in (0, -1):  # (0 gave 0 and 0, -1 gave 1 and 1)
+        with pytest.raises(ValueError, match=f"k={k} must be >= 1"):
+            precision_recall(real, half, k=k)
+    with pytest.raises(ValueError, match="n_subsets=0 must be >= 1"):  # (a NaN distance)
+        kernel_distance(real, half, n_subsets=0)
 
 
 def test_quality_in_a_runs_metrics(tiny_model_dir, tmp_path, one_thread):

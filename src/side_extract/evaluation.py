@@ -352,6 +352,9 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     null = np.asarray(null, dtype=np.float64)
     if null.ndim != 1 or len(null) == 0:
         raise ValueError(f"the null must be a non-empty 1-D array of best scores, got shape {null.shape}")
+    if not levels or any(not 0.0 < v < 0.5 for v in levels) or list(levels) != sorted(set(levels)):
+        # (as EvaluateConfig.calibration_quantiles: a repeated level was an IndexError, 0 a ZeroDivisionError)
+        raise ValueError(f"levels={tuple(levels)} must be strictly increasing values in (0, 0.5)")
     copies = null <= 0 if orientation == "distance" else null >= 1 - 1e-6
     if copies.any():
         log.warning("%d of the null's %d best scores are exact copies (the reference set holds duplicates): they "

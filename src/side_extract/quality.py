@@ -135,6 +135,8 @@ def kernel_distance(a: np.ndarray, b: np.ndarray, *, n_subsets: int = 50, subset
     alone: 0 when the subsets were the whole sets, and about 10x too small otherwise."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     m = min(subset_size, len(a), len(b))
+    if n_subsets < 1:  # (0 gave a NaN distance with numpy's warnings only)
+        raise ValueError(f"n_subsets={n_subsets} must be >= 1")
     if subset_size < 3:
         raise ValueError(f"subset_size={subset_size}: the kernel distance's subsets need at least 3 samples")
     if m < 3:
@@ -166,6 +168,8 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     """Improved precision and recall (k-NN manifolds, see the module docstring), block by block over the
     generations."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if k < 1:  # (k 0 gave 0 and 0, k -1 gave 1 and 1)
+        raise ValueError(f"k={k} must be >= 1 (the k-th nearest neighbour's distance is each sample's radius)")
     if len(real) <= k or len(fake) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {len(real)} and {len(fake)}")
     r_real, r_fake = _kth_radius(real, k), _kth_radius(fake, k)
