@@ -48,6 +48,13 @@ def test_unknown_and_bad_specs(tiny_model_dir):
         get_extractor("unet")
 
 
+def test_an_empty_image_set_is_named(images):
+    """torch.cat's "expected a non-empty list of Tensors" named neither the set nor the extractor."""
+    for name in ("pixels", "efficientnet-lite0"):
+        with pytest.raises(ValueError, match=f"extract_features\\('{name}'\\): images is an empty image set"):
+            extract_features(name, images.subset(np.arange(0)), reference=images)
+
+
 def test_pca_fitted_on_reference(images):
     a = extract_features("pixels-pca", images, reference=images)
     b = extract_features("pixels-pca", images.subset(np.arange(5)), reference=images)

@@ -218,6 +218,9 @@ def get_extractor(name: str, *, model=None, device: str | torch.device = "cpu", 
 def extract_features(name: str, images: ImageSet, *, model=None, reference: ImageSet | None = None,
                      device: str | torch.device = "cpu", batch_size: int = 256) -> np.ndarray:
     """Features of ``images`` (n, D) float32; learned extractors are fitted on ``reference`` (default: images)."""
+    for what, s in (("images", images), ("reference", reference)):
+        if s is not None and len(s) == 0:  # (torch.cat's "expected a non-empty list of Tensors", naming no input)
+            raise ValueError(f"extract_features({name!r}): {what} is an empty image set")
     ex = get_extractor(name, model=model, device=device, batch_size=batch_size)
     ex.fit(reference if reference is not None else images)
     return ex.transform(images)
