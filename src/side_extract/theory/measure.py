@@ -106,6 +106,7 @@ class MeasureResult:
     log_p_uncond: np.ndarray
     log_p_guided: np.ndarray
     seconds: float
+    n_steps_requested: int | None = None  # the ODE's n_steps as asked (``n_steps`` in to_dict: the K it took)
 
     def to_dict(self) -> dict:
         """JSON-ready: settings, every estimate with its interval, the ordering verdicts, per-point values."""
@@ -120,7 +121,7 @@ class MeasureResult:
                 out[f.name] = {str(k): val for k, val in v.items()}
             else:
                 out[f.name] = v
-        out["n_steps"] = len(self.timesteps) - 1
+        out["n_steps"] = len(self.timesteps) - 1  # the distinct steps taken (K <= n_steps_requested, the setting)
         return out
 
 
@@ -281,6 +282,7 @@ def measure(
         m_uncond_full=E(lq_full - lp_u), m_opt_full=E(lq_full - lkde_full), gain_model=gain_model,
         gain_opt=gain_opt, opt_minus_guided=opt_minus_guided, ordering=ordering, index=index, labels=y,
         class_sizes=class_sizes, log_p_uncond=lp_u, log_p_guided=lp_g, seconds=round(time.time() - t0, 3),
+        n_steps_requested=int(n_steps),
     )
 
 
