@@ -71,7 +71,7 @@ def test_every_other_method_and_signal_on_a_device(tiny_model_dir, tmp_path):
 
 def test_classifier_resume_on_a_device(tmp_path):
     """Resuming loads the optimizer state onto the model's device (it used to stay on the host)."""
-    x = torch.randn(40, 1, 8, 8)
+    x = torch.randn(40, 1, 8, 8).clamp(-1, 1)  # images as the stages give them, in [-1, 1]
     y = np.arange(40) % 2
     arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8)
     c = dataclasses.replace(TINY_CLF, steps=4)

@@ -214,7 +214,9 @@ class EvaluateConfig:
     SSCD-like ``cosine:torchscript:PATH``, else bands calibrated on a null: ``heldout`` (an image set of
     non-members, e.g. a folder or .npz), else (in a run) the digits outside a ``digits:N`` training set, else the
     training set's own (train vs rest of train). ``side evaluate`` on its own gives every cosine similarity the
-    paper's bands (with a warning for features other than a TorchScript descriptor). A null far too small for the
+    paper's bands (with a warning for features other than a TorchScript descriptor), and refuses held-out images
+    there, which it would not read (``side calibrate`` calibrates cosine bands on them, for ``--bands-file``). A
+    null far too small for the
     lowest ``calibration_quantiles`` level is refused before a run's first stage (it names what it needs).
     ``side evaluate`` and ``side calibrate`` do not measure ``quality``; a run does.
 
