@@ -35,11 +35,38 @@ def test_cost_model_by_hand():
     assert rows["synthetic set"]["gpu8_s"] == rows["synthetic set"]["gpu1_s"] / 8
 
 
-def test_throughput_and_markdown_on_cpu():
+@pytest.mark.slow  # 130 s on this 2-core machine (bfloat16 convolutions on a CPU): the tests below split it
+def test_throughput_on_cpu_at_full_size():
     r = throughput("cifar10-32", "cpu", batches=(1,), steps=1)
     assert [x["precision"] for x in r["rows"]] == ["fp32", "bf16"]
     assert 0 < r["bf16_rel_mean_diff"] < 0.05  # bf16 keeps 8 bits of mantissa: about 1 % on eps
     assert r["flops_per_call"] == pytest.approx(12.1e9, rel=0.01)  # 2 x the multiply-adds of one call
+
+
+def test_cifar10_architecture_costs_the_published_flops():
+    """Ho et al.'s CIFAR-10 DDPM: about 6 G multiply-adds per 32x32 call, 12.1 GFLOPs as the counter counts."""
+    import torch
+
+    from side_extract.bench.scale import flops_per_image
+
+    unet = build_architecture("cifar10-32")
+    with torch.no_grad():
+        flops = flops_per_image(lambda: unet(torch.zeros((1, 3, 32, 32)), torch.tensor(600)))
+    assert flops == pytest.approx(12.1e9, rel=0.01)
+
+
+def test_throughput_and_markdown_on_cpu(monkeypatch):
+    """throughput's rows and bf16 parity on a small UNet of the same blocks (the full size: the slow test above)."""
+    from side_extract.bench import scale
+
+    monkeypatch.setitem(scale.ARCHITECTURES, "small-16", dict(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8))
+    r = throughput("small-16", "cpu", batches=(1,), steps=1)
+    assert [x["precision"] for x in r["rows"]] == ["fp32", "bf16"]
+    assert 0 < r["bf16_rel_mean_diff"] < 0.05  # bf16 keeps 8 bits of mantissa: about 1 % on eps
+    assert r["flops_per_call"] > 0 and all(x["calls_images_per_s"] > 0 for x in r["rows"])
     data = {"machine": {"platform": "p", "cpu_count": 2, "torch": "t", "torch_threads": 1,
                         "load_average_at_start": [0], "date": "d"},
             "config": {"classifier_classes": 100, "gpu_tflops": 30.0}, "seconds": 1.0, "audit": vars(Audit()),
