@@ -190,6 +190,25 @@ def test_guidance_at_high_noise_alone_changes_images(tiny_model_dir):
     assert change.mean() > 0.1 and (change > 0.02).sum() >= 3
 
 
+def test_guidance_covers_a_target_of_other_than_1000_training_timesteps(tiny_model_dir):
+    """t_range is a fraction of the target's T: a guidance left at the default T = 1000 on a target of T = 2000
+    guided only t <= 1000 (26 of 50 DDIM steps) without a word. The sampler refuses the mismatch; a guidance
+    through x0_hat takes its denoiser's T."""
+    from side_extract.guidance import DenoisedGuidance
+    from side_extract.models.target import UNetDenoiser
+
+    d = load_target(tiny_model_dir)
+    d2000 = UNetDenoiser(d.unet, DDPMScheduler.from_config(d.scheduler.config, num_train_timesteps=2000))
+    g = ClassifierGuidance(LinearClassifier(64, 3), np.arange(3), 1.0)
+    with pytest.raises(ValueError, match=r"ClassifierGuidance\(num_train_timesteps=1000\) guides a target of 2000 "
+                                         "training timesteps: give num_train_timesteps=2000"):
+        sample(d2000, 3, steps=4, guidance=g, labels=np.array([0, 1, 2]), clip_eps=True)
+    through = DenoisedGuidance(LinearClassifier(64, 3), np.arange(3), 1.0, denoiser=d2000)
+    assert through.num_train_timesteps == 2000 and through.guides_at(1500)
+    with pytest.raises(ValueError, match="num_train_timesteps=500, but the denoiser's scheduler has 2000"):
+        DenoisedGuidance(LinearClassifier(64, 3), np.arange(3), 1.0, num_train_timesteps=500, denoiser=d2000)
+
+
 def test_labels_travel_with_the_batch(tiny_model_dir):
     """Batch size 2 vs 6: each sample's guidance uses its own label, wherever it lands in a batch."""
     d = load_target(tiny_model_dir)

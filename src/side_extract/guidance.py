@@ -161,7 +161,7 @@ class DenoisedGuidance(ClassifierGuidance):
     clean synthetic images), at the cost of a backward pass through the target at every step. x0_hat is not
     clipped (a clip would zero the gradient wherever it saturates).
 
-    ``denoiser``: the target (``eps(x, t)`` with its ``scheduler``).
+    ``denoiser``: the target (``eps(x, t)`` with its ``scheduler``), whose number of training timesteps it takes.
     """
 
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -170,6 +170,12 @@ class DenoisedGuidance(ClassifierGuidance):
         super().__post_init__()
         if self.denoiser is None or not hasattr(self.denoiser, "scheduler"):
             raise ValueError("DenoisedGuidance needs the target denoiser (eps(x, t) with its scheduler)")
+        own = self.denoiser.scheduler.config.num_train_timesteps
+        if self.num_train_timesteps != own:  # its denoiser's T (the default 1000 guided only t <= 1000 of 2000)
+            if self.num_train_timesteps != ClassifierGuidance.num_train_timesteps:
+                raise ValueError(f"num_train_timesteps={self.num_train_timesteps}, but the denoiser's scheduler has "
+                                 f"{own}: leave it out (DenoisedGuidance takes its denoiser's)")
+            object.__setattr__(self, "num_train_timesteps", own)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if not self.guides_at(t):
