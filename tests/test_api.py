@@ -17,6 +17,7 @@ from side_extract import config as cfg
 from side_extract.api import Audit, as_target
 from side_extract.data import load_shards
 from side_extract.extraction import extract
+from side_extract.models.forms import module_fingerprint
 from side_extract.models.target import load_target
 from side_extract.runs import read_stages
 from side_extract.pipeline import method_guidance, run_audit
@@ -668,6 +669,16 @@ def test_api_inputs_that_went_wrong_silently_or_late_are_refused_at_once(tmp_pat
     assert not (tmp_path / "a").exists()
     target = side_extract.as_target(den)  # load_target's result: the same target as its directory
     assert target.fingerprint == side_extract.as_target("demo").fingerprint
+    # changed in memory after the load: that model, known by its weights (the directory's was audited in its place)
+    changed = load_target("demo")
+    with torch.no_grad():
+        next(changed.unet.parameters()).mul_(0.5)
+    moved = side_extract.as_target(changed)
+    assert moved.fingerprint not in (target.fingerprint, module_fingerprint(den.unet, den.scheduler))
+    assert moved.fingerprint == module_fingerprint(changed.unet, changed.scheduler)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor(500)
+    with torch.no_grad():
+        assert torch.equal(moved.denoiser(x, t), changed(x, t)) and not torch.equal(moved.denoiser(x, t), den(x, t))
 
 
 def test_lower_level_calls_name_what_is_wrong(tmp_path, one_thread):

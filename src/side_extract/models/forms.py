@@ -101,9 +101,14 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
     if isinstance(model, UNetDenoiser):  # what load_target returns: its directory, or its UNet and scheduler
         source = Path(model.source) if model.source and model.source != "in-memory" else None
         if source is not None and source.is_dir() and scheduler is None and sample_shape is None:
-            model = str(source)
-        else:
-            model, scheduler = model.unet, scheduler or model.scheduler
+            # the directory only while it still holds what the object computes (weights changed in memory since
+            # the load, or files changed on disk, were dropped without a word: the audit ran on the disk's model)
+            on_disk = load_target(source)
+            if module_fingerprint(on_disk.unet, on_disk.scheduler) == module_fingerprint(model.unet, model.scheduler):
+                return Target(on_disk.to(device), model_fingerprint(source), str(source))
+            log.warning("the target loaded from %s differs from that directory now (changed in memory since it was "
+                        "loaded, or on disk): the audit takes the model in memory, known by its weights", source)
+        model, scheduler = model.unet, scheduler or model.scheduler
     elif isinstance(model, CallableDenoiser):  # a wrapped callable: the callable (its output read once, not twice)
         sample_shape = model.sample_shape if sample_shape is None else sample_shape
         model, scheduler = model.fn, scheduler or model.scheduler
