@@ -385,10 +385,6 @@ def sample_batches(
         cfg.check_int(v, name, least)
     if guidance is not None and not callable(guidance):
         raise ValueError(f"guidance={guidance!r} must be a guidance g(x, t, y) (e.g. side_extract.ClassifierGuidance)")
-    own_t, target_t = getattr(guidance, "num_train_timesteps", None), denoiser.scheduler.config.num_train_timesteps
-    if own_t is not None and own_t != target_t:  # (its t_range, a fraction of T, guided only t <= 1000 of 2000)
-        raise ValueError(f"{type(guidance).__name__}(num_train_timesteps={own_t}) guides a target of {target_t} "
-                         f"training timesteps: give num_train_timesteps={target_t} (t_range is a fraction of them)")
     needs_labels = getattr(denoiser, "conditional", False) or (
         guidance is not None and not getattr(guidance, "uses_ids", False))
     if labels is not None and not needs_labels:  # (they were ignored)
@@ -410,6 +406,10 @@ def sample_batches(
             " (a model: side_extract.as_target(model, scheduler=...).denoiser)")
         raise ValueError(f"denoiser must be eps(x, t) with its scheduler and sample_shape{hint}, got "
                          f"{type(denoiser).__name__}")
+    own_t, target_t = getattr(guidance, "num_train_timesteps", None), denoiser.scheduler.config.num_train_timesteps
+    if own_t is not None and own_t != target_t:  # (its t_range, a fraction of T, guided only t <= 1000 of 2000)
+        raise ValueError(f"{type(guidance).__name__}(num_train_timesteps={own_t}) guides a target of {target_t} "
+                         f"training timesteps: give num_train_timesteps={target_t} (t_range is a fraction of them)")
     sched = inference_scheduler(denoiser.scheduler, scheduler, steps)
     b0 = start
     while b0 < start + n:
