@@ -86,3 +86,21 @@ def test_bad_settings_are_named():
     for bad in (float("inf"), float("nan")):  # an infinite throughput projected every GPU time to 0 s
         with pytest.raises(ValueError, match="gpu_tflops=.* must be finite and > 0"):
             ScaleBenchConfig(gpu_tflops=bad)
+
+
+def test_a_partial_run_writes_its_own_files_beside_the_whole_ones(tmp_path, monkeypatch):
+    """`side bench scale --only search` overwrote scale.json (the README's cost table, and its cost model, lost);
+    `side bench compute --quick --only X` overwrote compute-quick.json."""
+    from side_extract.bench import compute
+    from side_extract.bench.scale import run_scale_bench, write_scale_results
+
+    (tmp_path / "scale.json").write_text("{}")
+    c = ScaleBenchConfig(search_train=(200,), search_generated=(10,), search_side=8)
+    data = run_scale_bench(c, parts=("search",))
+    assert [p.name for p in write_scale_results(data, tmp_path)] == ["scale-search.json", "scale-search.md"]
+    assert (tmp_path / "scale.json").read_text() == "{}"
+    monkeypatch.setattr(compute, "render_compute_markdown", lambda data: "")
+    for quick, only, stem in ((True, ["sampling", "guidance"], "compute-quick-sampling-guidance"),
+                              (True, [], "compute-quick"), (False, ["demo"], "compute-demo"), (False, [], "compute")):
+        paths = compute.write_compute_results({"quick": quick, "config": {"only": only}}, tmp_path)
+        assert [p.name for p in paths] == [f"{stem}.json", f"{stem}.md"]

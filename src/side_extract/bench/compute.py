@@ -381,9 +381,10 @@ def run_compute_bench(c: ComputeBenchConfig, *, command: str | None = None,
 
 
 def write_compute_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """``compute.json`` + ``compute.md`` (``compute-quick.*`` for a ``--quick`` run) in ``out``."""
+    """``compute.json`` + ``compute.md`` in ``out``: ``compute-quick.*`` for a ``--quick`` run,
+    ``compute[-quick]-<parts>.*`` for some of the parts (a quick partial run overwrote the quick run's whole file)."""
     only = (data.get("config") or {}).get("only") or []
-    stem = "compute-quick" if data.get("quick") else ("compute-" + "-".join(only) if only else "compute")
+    stem = "compute" + ("-quick" if data.get("quick") else "") + "".join(f"-{p}" for p in only)
     return write_results(out, stem, data, render_compute_markdown(data))
 
 

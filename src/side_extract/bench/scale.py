@@ -400,7 +400,8 @@ def run_scale_bench(c: ScaleBenchConfig, *, command: str | None = None, audit: A
         raise ValueError(f"parts={list(parts)}: each must be one of {', '.join(known)}")
     t_start = time.perf_counter()
     data: dict[str, Any] = {"schema": SCHEMA, "quick": c.quick, "command": command, "machine": machine_description(),
-                            "config": dataclasses.asdict(c), "audit": dataclasses.asdict(audit)}
+                            "config": dataclasses.asdict(c), "audit": dataclasses.asdict(audit),
+                            "only": [p for p in known if p in parts and set(parts) != set(known)]}
     seconds = {}
     for name, fn in known.items():
         if parts and name not in parts:
@@ -417,10 +418,12 @@ def run_scale_bench(c: ScaleBenchConfig, *, command: str | None = None, audit: A
 
 
 def write_scale_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """``scale.json`` + ``scale.md`` (``scale-quick.*`` for a ``--quick`` run) in ``out``."""
+    """``scale.json`` + ``scale.md`` in ``out``: ``scale-quick.*`` for a ``--quick`` run, ``scale[-quick]-<parts>.*``
+    for some of the parts (``--only``: a partial rerun overwrote the whole results, and with them the cost model)."""
     from .tables import render_scale_markdown
 
-    return write_results(out, "scale-quick" if data.get("quick") else "scale", data, render_scale_markdown(data))
+    stem = "scale" + ("-quick" if data.get("quick") else "") + "".join(f"-{p}" for p in data.get("only") or [])
+    return write_results(out, stem, data, render_scale_markdown(data))
 
 
 __all__ = ["ARCHITECTURES", "Audit", "ScaleBenchConfig", "build_architecture", "cost_model", "flops_per_image",

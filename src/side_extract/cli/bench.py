@@ -369,7 +369,8 @@ def scale_cmd(
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
                                help="Folder for scale.json and scale.md."),
     threads: int = typer.Option(1, "--bench-threads", help="Torch threads for the timed parts."),
-    only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (models, search, processes)."),
+    only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (models, search, "
+                                                    "processes); writes scale-<parts>.*."),
     gpu_tflops: float = typer.Option(30.0, "--gpu-tflops", help="Assumed sustained TFLOP/s of one GPU for the "
                                      "projection (not measured here; scripts/gpu-check measures it on a GPU)."),
     quick: bool = typer.Option(False, "--quick", help="CIFAR-10 size at one small batch, a small search; writes "
