@@ -35,6 +35,15 @@ def test_signals_bench_refuses_a_negative_replicate_before_training_a_target(tmp
     with pytest.raises(ValueError, match="replicate=-1 must be an integer >= 0"):  # it failed after the target trained
         run_signals_bench(tiny_bench(), 20, tmp_path / "cache", replicate=-1)
     assert not (tmp_path / "cache").exists()
+    # more clusters than synthetic images (`--n-synthetic 50` under K 100): found after 3,000 steps of target training
+    bc = tiny_bench()
+    few = dataclasses.replace(bc, run=dataclasses.replace(bc.run, surrogate=dataclasses.replace(
+        bc.run.surrogate, n_clusters=bc.run.sample.n + 1)))
+    with pytest.raises(ValueError, match=r"surrogate K=\d+ must be <= the number of synthetic images sample.n"):
+        run_signals_bench(few, 20, tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"surrogate K=\d+ must be <= the number of synthetic images sample.n"):
+        run_fair_bench(FairBenchConfig(bench=few), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_validation_and_heldout_replicates_must_differ():

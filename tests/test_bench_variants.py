@@ -77,6 +77,12 @@ def test_bad_variant_settings_are_clear_errors(tmp_path):
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.n": 10}})
     with pytest.raises(ValueError, match="x: 'extract.stop_unseen' cannot be varied"):  # SIDE's budget alone
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.stop_unseen": 0.1}})
+    for seed in ("sample.seed", "surrogate.random_state", "classifier.seed", "lora.seed"):  # (the replicate set it
+        with pytest.raises(ValueError, match=f"x: '{seed}' cannot be varied: the replicate sets every seed"):  # back)
+            VariantsBenchConfig(bench=bc, variants={"x": {seed: 7}})
+    # a K no synthetic set of the bench can cluster: found after the target trained and the base run was made
+    with pytest.raises(ValueError, match=r"bigk: surrogate K=\d+ must be <= the number of synthetic images"):
+        VariantsBenchConfig(bench=bc, variants={"bigk": {"surrogate.n_clusters": bc.run.sample.n + 1}})
     from side_extract.bench.extraction import run_extraction_bench
     from side_extract.bench.variants import run_variants_bench
 

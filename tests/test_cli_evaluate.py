@@ -220,7 +220,8 @@ def test_an_out_that_is_a_file_and_held_out_images_of_another_size_are_said_befo
 
 def test_held_out_images_that_would_not_be_read_are_refused(sets):
     """`--heldout` only calibrates bands: beside --bands (or --bands-file), with a cosine similarity (which takes
-    the paper's bands), or written into a run whose bands the evaluation takes, it was never read, even when the path did not exist, and the command succeeded."""
+    the paper's bands), or written into a run whose bands the evaluation takes, it was never read, even when the
+    path did not exist, and the command succeeded."""
     base = ["evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--carlini-n", 3]
     r = invoke(*base, "--out", sets / "e", "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01",
                "--heldout", sets / "missing.npz")

@@ -288,7 +288,8 @@ def test_evaluate_reads_its_bands_file_and_refuses_unread_held_out_images_before
             evaluate(gen, TRAIN, cfg.EvaluateConfig(similarity="cosine:pixels", bands_file=str(bands_file)))
     with pytest.raises(ValueError, match=r"held-out images \(mine\) calibrate bands, but cosine:pixels without "
                                          "bands takes the paper's cosine bands: they would not be read"):
-        evaluate(gen, TRAIN, cfg.EvaluateConfig(similarity="cosine:pixels"), heldout=dataclasses.replace(flat([10]), name="mine"))
+        evaluate(gen, TRAIN, cfg.EvaluateConfig(similarity="cosine:pixels"),
+                 heldout=dataclasses.replace(flat([10]), name="mine"))
 
 
 def test_digits_complement():

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,7 +185,8 @@ def _surrogate_advice(ctx: AuditContext, labels: SurrogateLabels) -> str:
     c = ctx.rc.surrogate
     with np.load(ctx.run.path / "surrogate" / "labels.npz", allow_pickle=False) as z:
         sizes, cohesion = z["sizes"], z["cohesion"]
-    return "too few clusters pass " + filter_advice(sizes, cohesion, c.tau, c.min_size, keep=2 - (labels.background is not None))
+    keep = 2 - (labels.background is not None)  # (the background label is a class of its own)
+    return "too few clusters pass " + filter_advice(sizes, cohesion, c.tau, c.min_size, keep=keep)
 
 
 def _train_set(ctx: AuditContext) -> ImageSet:
@@ -691,6 +692,26 @@ Until = Literal["surrogate", "classifier", "extraction", "evaluation"]
 UNTIL = ("surrogate", "classifier", "extraction", "evaluation")
 
 
+def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
+    """What in ``rc`` leaves the surrogate clustering of ``methods`` impossible, from the config alone: more
+    clusters than synthetic images clustered, or a min_size above them (the benches check it before training a
+    target; a run, before its first stage)."""
+    if not {"side", "side-teacher", "side-lora"} & set(methods):
+        return []
+    problems = []
+    ks = rc.surrogate.select_k or (rc.surrogate.n_clusters,)
+    n_clustered = candidate_count(rc.sample.n, rc.surrogate.memorized_fraction)
+    if max(ks) > n_clustered:
+        what = ("the number of synthetic images sample.n" if n_clustered == rc.sample.n else
+                f"the memorization candidates (surrogate.memorized_fraction={rc.surrogate.memorized_fraction} "
+                f"of sample.n={rc.sample.n})")
+        problems.append(f"surrogate K={max(ks)} must be <= {what}={n_clustered}")
+    if rc.surrogate.min_size > n_clustered:
+        problems.append(f"surrogate.min_size={rc.surrogate.min_size} is more than the {n_clustered} synthetic "
+                        "images clustered: every cluster would be dropped (lower it, or raise sample.n)")
+    return problems
+
+
 def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *, warn_inert: bool = True) -> None:
     """Check the resolved config against the model, the data and the methods before any stage runs; one
     ``ValueError`` lists every problem found (not only the first). ``warn_inert``: warn of the settings that change
@@ -760,17 +781,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             problems.extend(lora_problems(denoiser.unet, rc.lora))
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
+    problems.extend(cluster_problems(rc, methods))
     if {"side", "side-teacher", "side-lora"} & methods:
-        ks = rc.surrogate.select_k or (rc.surrogate.n_clusters,)
-        n_clustered = candidate_count(rc.sample.n, rc.surrogate.memorized_fraction)
-        if max(ks) > n_clustered:
-            what = ("the number of synthetic images sample.n" if n_clustered == rc.sample.n else
-                    f"the memorization candidates (surrogate.memorized_fraction={rc.surrogate.memorized_fraction} "
-                    f"of sample.n={rc.sample.n})")
-            problems.append(f"surrogate K={max(ks)} must be <= {what}={n_clustered}")
-        if rc.surrogate.min_size > n_clustered:
-            problems.append(f"surrogate.min_size={rc.surrogate.min_size} is more than the {n_clustered} synthetic "
-                            "images clustered: every cluster would be dropped (lower it, or raise sample.n)")
         try:
             check_extractor(rc.features.extractor)
         except ValueError as e:

@@ -66,7 +66,7 @@ import numpy as np
 from .. import config as cfg
 from ..data import load_shards
 from ..metrics import parse_bands, read_bands_file
-from ..pipeline import ProgressFactory, copy_guard, no_progress, run_audit
+from ..pipeline import ProgressFactory, cluster_problems, copy_guard, no_progress, run_audit
 from ..runs import STAGE_VERSIONS, RunDir, atomic_write_json, read_json, settings_fingerprint, versions
 from ..sweeps import share_stages
 from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS, per_budget
@@ -654,6 +654,9 @@ def run_fair_bench(fc: FairBenchConfig, cache: str | Path, *, device: str = "cpu
                    tuning: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Steps 1-5 of the module docstring per training-set size; with ``tuning`` (:func:`reused_tuning`) step 1 is
     taken from an earlier run instead."""
+    methods = {*fc.methods, *(f["method"] for f in fc.forms.values())}
+    if problems := cluster_problems(fc.bench.run, methods):  # (found after the first target was trained)
+        raise ValueError("; ".join(problems))
     cache = Path(cache)
     t0 = time.time()
     data: dict[str, Any] = {"schema": SCHEMA, "command": command, "machine": machine_description(),

@@ -27,7 +27,7 @@ import torch
 from .. import config as cfg
 from ..data import load_shards
 from ..models.target import load_target
-from ..pipeline import ProgressFactory, no_progress, run_audit
+from ..pipeline import ProgressFactory, cluster_problems, no_progress, run_audit
 from ..training import accuracy, balanced_accuracy, fit_label_classifier, heldout_split, predictions_by_quartile
 from . import machine_description, write_results
 from .extraction import ExtractionBenchConfig, check_replicate, replicate_config, scale_inputs
@@ -46,6 +46,8 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
     check_replicate(replicate, "replicate")
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
+    if problems := cluster_problems(bc.run, ("side",)):  # (found after the target was trained)
+        raise ValueError("; ".join(problems))
     cache = Path(cache)
     t0 = time.time()
     inputs = scale_inputs(bc, n_train, cache, device=device, progress=progress)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import config as cfg
-from ..pipeline import ProgressFactory, no_progress, run_audit
+from ..pipeline import ProgressFactory, cluster_problems, no_progress, run_audit
 from ..runs import RunDir
 from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
@@ -98,7 +98,12 @@ class VariantsBenchConfig:
                 if any(key == f or key.startswith(f + ".") for f in FIXED):
                     raise ValueError(f"{name}: {key!r} cannot be varied (the benchmark fixes {', '.join(FIXED)} so "
                                      "that every variant is measured like the baselines)")
-            self.run_config(name)  # every override is checked up front, not after an hour of runs
+                if key.rsplit(".", 1)[-1] in ("seed", "random_state"):  # (replicate_config set it back: the variant
+                    # ran as a copy of base, scored as another)
+                    raise ValueError(f"{name}: {key!r} cannot be varied: the replicate sets every seed")
+            rc = self.run_config(name)  # every override is checked up front, not after an hour of runs
+            if problems := cluster_problems(rc, self.methods):  # (found after the target was trained, before)
+                raise ValueError(f"{name}: " + "; ".join(problems))
 
     def run_config(self, name: str) -> cfg.RunConfig:
         """The audit config of variant ``name`` (scale-independent part; ``base`` for the baselines)."""
