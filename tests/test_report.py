@@ -180,6 +180,17 @@ def test_partial_run_without_shards_null_or_train(run_dir, tmp_path):
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(ValueError, match="no config.yaml"):
         build_report(tmp_path)
+    # a stage folder holds the config it was made with: its report was written into it, an empty page
+    from side_extract import config as cfg
+
+    stage = tmp_path / "run" / "extraction" / "side"
+    stage.mkdir(parents=True)
+    (stage / "config.yaml").write_text(cfg.dump_yaml(cfg.RunConfig(train="digits:100")))
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"stages": {"extraction/side": {"status": "complete"}}}))
+    with pytest.raises(ValueError, match=r"is the stage folder extraction/side/ of run '.*run', not a run directory"):
+        build_report(stage)
+    r = CliRunner().invoke(app, ["--no-progress", "report", str(stage)])
+    assert r.exit_code == 2 and not (stage / "report").exists()
 
 
 def test_cli(run_dir, tmp_path):

@@ -334,6 +334,12 @@ def check_run_directory(path: str | Path, name: str = "run") -> Path:
         raise ValueError(f"{str(p)!r} is a file, not a run directory")
     if not (p / "config.yaml").is_file():
         raise ValueError(f"{str(p)!r} is not a run directory (it has no config.yaml: side run or side demo makes one)")
+    for up in (1, 2):  # a stage folder holds the config it was made with (extraction/<method>/): the report of one
+        # was written into it, and side verify said the run held no extraction
+        run, stage = p.parents[up - 1] if len(p.parents) >= up else None, "/".join(p.parts[-up:])
+        if run is not None and not (p / RunDir.MANIFEST).is_file() and stage in read_stages(run):
+            raise ValueError(f"{str(p)!r} is the stage folder {stage}/ of run {str(run)!r}, not a run directory: give "
+                             f"{str(run)!r}")
     try:
         cfg.from_dict(cfg.RunConfig, cfg.load_yaml(p / "config.yaml"))
     except ValueError as e:
