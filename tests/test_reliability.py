@@ -402,6 +402,17 @@ def test_bands_on_small_data_refused_with_what_they_need_or_given(tiny_model_dir
     with pytest.raises(ValueError, match="(?s)the run cannot start:.*a null of 36 images .*, too few"):
         run_audit(tmp_path / "cos", cos)
     assert not (tmp_path / "cos" / "synthetic").exists()
+    # 100 held-out images, 20 of them training images: the null leaves out exact copies, so 80 remain, refused
+    # before the first stage (it passed and failed at the calibration, after every extraction)
+    from side_extract.evaluation import digits_complement
+
+    unseen = digits_complement("digits:100").images[:80, ..., 0]  # digits outside digits:100
+    dup = _npz(tmp_path / "d.npz", np.concatenate([unseen, digits[:20, ..., 0]]))
+    with_dup = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=dup))
+    with pytest.raises(ValueError, match=r"(?s)the run cannot start:.*a null of 80 images \(the held-out images .*, less "
+                                         r"20 exact copies of training images, which the null leaves out\)"):
+        run_audit(tmp_path / "dup", with_dup)
+    assert not (tmp_path / "dup" / "synthetic").exists()
     coarse = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.05, 0.1, 0.2)))
     run_audit(tmp_path / "run", coarse)
     bands = read_json(tmp_path / "run" / "evaluation" / "bands.json")

@@ -13,6 +13,7 @@ files, never from another stage's memory.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib.util
@@ -817,7 +818,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             elif name == "unet":
                 problems.append("evaluate.quality: 'unet' features depend on the audited model; use pixels, "
                                 "efficientnet-lite0 or torchscript:PATH")
-        n_null = None
+        # the null leaves out exact copies of a training image (the calibration drops them), so they are not
+        # counted here (a null of 80 of 100 held-out images was refused after every extraction had run)
+        n_null, copies = None, 0
         if ev.heldout is not None:
             try:
                 h = load_image_set(ev.heldout, rc.train_resize)
@@ -826,19 +829,24 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                 if train is not None and h.shape != train.shape:
                     problems.append(f"evaluate.heldout={ev.heldout!r} images are {h.shape} (C, H, W), the training "
                                     f"set's {train.shape}")
-                elif train is not None and _copies_of(h, train) == len(h):
+                elif train is not None and (copies := _copies_of(h, train)) == len(h):
                     problems.append(f"evaluate.heldout={ev.heldout!r}: every one of its {len(h)} images is a training "
                                     "image (an exact copy); held-out images must be ones the model never saw")
+                n_null -= copies
             except ValueError as e:
                 problems.append(f"evaluate.heldout={ev.heldout!r}: {e}")
         elif str(rc.train).startswith("digits:"):
             n_null = None  # the digits outside the subset: checked when calibrating
-        elif train is not None:
-            n_null = len(train)  # train vs the rest of train
+        elif train is not None:  # train vs the rest of train: an image with a duplicate there scores a copy
+            counts = collections.Counter(img.tobytes() for img in train.images)
+            copies = sum(c for c in counts.values() if c > 1)
+            n_null = len(train) - copies
         q = min(ev.calibration_quantiles)
         if calibrates_bands(ev) and n_null is not None and n_null * q < 0.1:
             source = (f"the held-out images evaluate.heldout={ev.heldout!r}" if ev.heldout is not None
                       else "the training set against itself")
+            if copies:
+                source += f", less {copies} exact copies of training images, which the null leaves out"
             problems.append(f"the bands would be calibrated on a null of {n_null} images ({source}), too few for its "
                             f"{q:g} quantile (it needs at least {int(np.ceil(0.1 / q))}, and {int(np.ceil(1 / q))} for "
                             "an edge set by more than the closest few): give "
