@@ -1,5 +1,6 @@
 """The whole chain on a tiny model in seconds: files, skip on rerun, equal noise across methods, sweeps."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -134,6 +135,18 @@ def test_only_the_sweeps_the_config_asks_for_now_are_read_back(tiny_model_dir, t
     assert any("sweeps/ also holds scale=2, scale=3" in r.getMessage() for r in caplog.records)
     assert set(Audit.load(run).sweeps) == {"scale=5"}
     assert build_report(run)["sweeps"]["scale"]["side"]["values"] == sorted([rc.extract.scale, 5.0])
+    # a parent stage made again under the same config (other training images at the same path): the sub-run's
+    # copy of the old one is not this run's (it was drawn into the curve, measured against the old bands)
+    manifest = run / "manifest.json"
+    before = manifest.read_text()
+    shared = [k for k, e in json.loads((run / "sweeps" / "scale=5" / "manifest.json").read_text())["stages"].items()
+              if e.get("shared_from")]
+    assert "calibration" in shared
+    m = json.loads(before)
+    m["stages"]["calibration"]["fingerprint"] = "made-again"
+    manifest.write_text(json.dumps(m))
+    assert Audit.load(run).sweeps == {} and build_report(run)["sweeps"] == {}
+    manifest.write_text(before)
     # the same value under other settings of the run (the run redone without its sweeps): not this run's
     cooler = dataclasses.replace(hotter, extract=dataclasses.replace(hotter.extract, temperature=4.0))
     run_audit(run, cooler)

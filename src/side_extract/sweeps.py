@@ -21,7 +21,7 @@ from . import config as cfg
 from .distributed import ProcessGroup
 from .models.target import Target
 from .pipeline import AuditResult, ProgressFactory, load_run_target, no_progress, preflight, run_audit
-from .runs import RunDir, atomic_write_json, check_run_path, check_unlocked, run_lock
+from .runs import RunDir, atomic_write_json, check_run_path, check_unlocked, read_stages, run_lock
 from .summary import LABEL_FREE
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,23 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
 def current_sweeps(run: str | Path, rc: cfg.RunConfig) -> dict[str, Path]:
     """The sweep sub-runs of ``run`` (config ``rc``) that its ``sweep:`` asks for now, each as it would be made now
     (its config.yaml is :func:`sweep_configs`'s): name -> directory. A sub-run of a value since taken out of
-    ``sweep:``, or made under other settings of its parent (not run again since), is not among them: the report
-    and :class:`~side_extract.api.Audit` had drawn such sub-runs into the sweep's curves as if they were this run's."""
+    ``sweep:``, made under other settings of its parent (not run again since), or holding a parent stage the parent
+    has made again since, is not among them: the report and :class:`~side_extract.api.Audit` had drawn such sub-runs
+    into the sweep's curves as if they were this run's."""
     out: dict[str, Path] = {}
     try:
         wanted = sweep_configs(rc)
     except ValueError:  # a sweep this config cannot make: none of its sub-runs is current
         return out
+    parent = read_stages(run)
     for name, sub_rc in wanted:
         d = Path(run) / "sweeps" / name
-        if (d / "config.yaml").is_file() and _read_config(d) == sub_rc:
+        # and holds the parent's stages as the parent holds them now: a parent stage made again under the same
+        # config (other training images or model at the same path, a new stage version) left the sub-run's copy
+        # of the old one, drawn into the curves beside the parent's new results
+        shared = {k: e.get("fingerprint") for k, e in read_stages(d).items() if e.get("shared_from")}
+        if (d / "config.yaml").is_file() and _read_config(d) == sub_rc and all(
+                (parent.get(k) or {}).get("fingerprint") == fp for k, fp in shared.items()):
             out[name] = d
     return out
 
