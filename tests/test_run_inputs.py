@@ -58,6 +58,8 @@ def test_the_config_refuses_values_that_were_found_late():
         cfg.TrainTargetConfig(block_out_channels=(32,), attention=True)  # (left out without a word)
     with pytest.raises(ValueError, match="resize=0 must be a positive image size"):  # (it named resize_to)
         cfg.TrainTargetConfig(resize=0)
+    with pytest.raises(ValueError, match=r"scale=\[3.0, 3.0\] must not repeat a value"):  # (one sub-run, two names)
+        cfg.from_dict(cfg.RunConfig, {"sweep": {"scale": [3, 3]}})
     # both failed only after the synthetic set was sampled: detect_memorized's own check, torch's BatchNorm
     with pytest.raises(ValueError, match=r"detect_min_size=1 must be >= 2 \(a group is at least a pair\)"):
         cfg.from_dict(cfg.RunConfig, {"evaluate": {"detect_min_size": 1}})

@@ -625,6 +625,10 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         _numbers(self)
+        for name in ("scale", "n_clusters", "tau"):  # (a repeat named one sub-run twice: made once, listed twice)
+            values = list(getattr(self, name))
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name}={values} must not repeat a value (each value is one sub-run)")
 
 
 @dataclasses.dataclass(frozen=True)
