@@ -512,3 +512,19 @@ def test_a_gaussian_model_refuses_a_covariance_that_is_not_symmetric_or_not_fini
         GaussianModel(np.array([0.0, np.nan]), 1.0)
     a = np.random.default_rng(0).standard_normal((6, 6))
     GaussianModel(np.zeros(6), a @ a.T / 6 + np.eye(6))  # a product's rounding is no asymmetry
+
+
+def test_theory_inputs_that_failed_with_python_errors_are_named():
+    """A scalar covs was len()'s TypeError, a label past the classifier's classes an IndexError, and an eps whose
+    square underflows gave NaN densities."""
+    from side_extract.theory.divergence import GaussianMixtureModel, log_q_eps
+    from side_extract.theory.likelihood import guided_eps_fn
+
+    with pytest.raises(ValueError, match=r"covs has shape \(\), expected 2 entries"):
+        GaussianMixtureModel(np.ones(2), np.zeros((2, 3)), 1.0)
+    with pytest.raises(ValueError, match="eps=1e-160 is too small: eps\\^2 underflows"):
+        log_q_eps(np.zeros((1, 2)), np.zeros((3, 2)), 1e-160)
+    fn = guided_eps_fn(lambda x, t: torch.zeros_like(x), lambda x, t: x.flatten(1)[:, :2], torch.tensor([0, 2]),
+                       1.0, np.linspace(0.99, 0.01, 10))
+    with pytest.raises(ValueError, match=r"labels must be classes 0..1 of the classifier, got 0..2"):
+        fn(torch.zeros(2, 1, 2, 2), torch.tensor([3, 3]))

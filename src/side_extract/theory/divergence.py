@@ -198,6 +198,8 @@ def log_q_eps(x: np.ndarray | torch.Tensor, data: np.ndarray | torch.Tensor, eps
     (n,) float64 log densities in nats.
     """
     eps = _check_positive("eps", eps)
+    if eps**2 == 0.0 or not math.isfinite(1.0 / eps**2):  # (eps below ~1.5e-154: eps^2 underflowed to NaN densities)
+        raise ValueError(f"eps={eps!r} is too small: eps^2 underflows in float64")
     xp, dp = as_points(x, "x"), as_points(data, "data")
     if xp.shape[1] != dp.shape[1]:
         raise ValueError(f"x has dimension {xp.shape[1]} but data has dimension {dp.shape[1]}")
@@ -392,8 +394,9 @@ class GaussianMixtureModel:
         if means.ndim != 2 or len(means) != len(w):
             raise ValueError(f"means has shape {means.shape}, expected ({len(w)}, d)")
         covs = np.asarray(covs, dtype=np.float64)
-        if len(covs) != len(w):
-            raise ValueError(f"covs has {len(covs)} entries, expected {len(w)}")
+        if covs.ndim == 0 or len(covs) != len(w):  # (a scalar was len()'s TypeError)
+            raise ValueError(f"covs has shape {covs.shape}, expected {len(w)} entries (one covariance or variance "
+                             "per component)")
         self.weights = w / w.sum()
         self.components = [GaussianModel(m, c) for m, c in zip(means, covs)]
 

@@ -282,6 +282,9 @@ def guided_eps_fn(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         with torch.enable_grad():
             x_in = x if x.requires_grad else x.detach().requires_grad_(True)
             logp = torch.log_softmax(classifier(x_in, t).float(), dim=-1)
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= logp.shape[-1]):  # (an IndexError)
+                raise ValueError(f"labels must be classes 0..{logp.shape[-1] - 1} of the classifier, got "
+                                 f"{int(labels.min())}..{int(labels.max())}")
             sel = logp[torch.arange(len(x), device=x.device), labels.to(x.device)].sum()
             (g,) = torch.autograd.grad(sel, x_in, create_graph=x.requires_grad)
         s = torch.sqrt(1 - ac[t.cpu()]).to(dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
