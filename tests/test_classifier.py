@@ -100,6 +100,14 @@ def test_training_resumes_exactly(tmp_path):
     resumed = train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "b").model
     xx, tt = torch.randn(4, 1, 8, 8), torch.tensor([1, 200, 400, 800])
     torch.testing.assert_close(full(xx, tt), resumed(xx, tt), rtol=0, atol=0)
+    # a budget raised past a step that is no multiple of eval_every: the log is the uninterrupted run's (it kept the
+    # earlier budget's last step: 3, 4, 6, 8 where one run logs 3, 6, 8)
+    longer = dataclasses.replace(c, steps=8)
+    train_classifier(arch, x, y, dataclasses.replace(c, steps=4), scheduler=tiny_scheduler(), out=tmp_path / "c")
+    steps = [h["step"] for h in train_classifier(arch, x, y, longer, scheduler=tiny_scheduler(),
+                                                 out=tmp_path / "c").history]
+    assert steps == [h["step"] for h in train_classifier(arch, x, y, longer, scheduler=tiny_scheduler()).history]
+    assert steps == [3, 6, 8]
 
 
 def test_checkpoint_past_the_step_budget_is_not_resumed(tmp_path):
