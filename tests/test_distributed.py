@@ -370,3 +370,19 @@ def test_a_launch_says_a_usage_error_once_before_it_starts_and_its_errors_withou
     said = missing.stdout + missing.stderr
     assert missing.returncode == 2 and f"model '{tmp_path / 'nope'}'" in said and "is not a directory" in said, said
     assert "Traceback" not in said and "ChildFailedError" not in said and not (tmp_path / "out").exists()
+
+
+def test_only_the_main_process_checks_the_run_folder_it_is_writing(tmp_path):
+    """The other processes of a launch met the run folder while the main one wrote its first files, before its
+    manifest, and refused it as no run directory: test_the_python_api_under_torchrun failed so in a clean-clone CI
+    (rank 1: "is not empty and holds no manifest.json ... (it holds manifest.json)"). The main one checks it (it
+    holds the run's lock); the others take it as the main one made it."""
+    from side_extract.distributed import ProcessGroup
+    from side_extract.runs import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "evaluation").mkdir()  # a folder the main process writes, met before the manifest by another process
+    RunDir(run, group=ProcessGroup(rank=1, world=2))
+    with pytest.raises(ValueError, match="holds no manifest.json, so it is no run directory"):
+        RunDir(run, group=ProcessGroup(rank=0, world=2))
