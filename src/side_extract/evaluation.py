@@ -316,10 +316,15 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
                       cfg.to_dict(c), {"generated": generated.name, "train": train.name})
 
 
+def duplicate_counts(images: ImageSet) -> np.ndarray:
+    """How many times each distinct image of ``images`` occurs (byte for byte), one count per distinct image."""
+    rows = np.ascontiguousarray(images.images.reshape(len(images), -1))
+    return np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_counts=True)[1]
+
+
 def _warn_duplicates(train: ImageSet) -> None:
     """Say so when the training set holds exact duplicates: the metrics follow their literal definitions there."""
-    rows = np.ascontiguousarray(train.images.reshape(len(train), -1))
-    _, counts = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_counts=True)
+    counts = duplicate_counts(train)
     if (counts > 1).any():
         log.warning("the training set holds %d exact duplicates of %d images: UMS counts each copy as its own "
                     "training image; Gu's ratio counts an exact copy of a duplicated image as memorized (0/0) and a "

@@ -13,7 +13,6 @@ files, never from another stage's memory.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import importlib.util
@@ -28,7 +27,7 @@ import torch
 from . import config as cfg
 from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
 from .distributed import SINGLE, ProcessGroup
-from .evaluation import Evaluation, calibrate, evaluate, held_out_set
+from .evaluation import Evaluation, calibrate, duplicate_counts, evaluate, held_out_set
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, planned_extraction, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
@@ -42,7 +41,7 @@ from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_targ
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
-                   file_fingerprint, fingerprint_of, read_json, read_npz, run_lock, settings_fingerprint,
+                   file_fingerprint, fingerprint_of, npz_arrays, read_json, read_npz, run_lock, settings_fingerprint,
                    stage_fingerprint, whole_safetensors)
 from .sampling import check_sampler, sample_stage
 from .summary import write_summary
@@ -184,10 +183,9 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
 def _surrogate_advice(ctx: AuditContext, labels: SurrogateLabels) -> str:
     """Which surrogate filter left the classifier too few classes, from the clusters the surrogate stage kept."""
     c = ctx.rc.surrogate
-    with np.load(ctx.run.path / "surrogate" / "labels.npz", allow_pickle=False) as z:
-        sizes, cohesion = z["sizes"], z["cohesion"]
+    z = npz_arrays(ctx.run.path / "surrogate" / "labels.npz", "sizes", "cohesion")
     keep = 2 - (labels.background is not None)  # (the background label is a class of its own)
-    return "too few clusters pass " + filter_advice(sizes, cohesion, c.tau, c.min_size, keep=keep)
+    return "too few clusters pass " + filter_advice(z["sizes"], z["cohesion"], c.tau, c.min_size, keep=keep)
 
 
 def _train_set(ctx: AuditContext) -> ImageSet:
@@ -838,8 +836,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         elif str(rc.train).startswith("digits:"):
             n_null = None  # the digits outside the subset: checked when calibrating
         elif train is not None:  # train vs the rest of train: an image with a duplicate there scores a copy
-            counts = collections.Counter(img.tobytes() for img in train.images)
-            copies = sum(c for c in counts.values() if c > 1)
+            counts = duplicate_counts(train)
+            copies = int(counts[counts > 1].sum())
             n_null = len(train) - copies
         q = min(ev.calibration_quantiles)
         if calibrates_bands(ev) and n_null is not None and n_null * q < 0.1:
