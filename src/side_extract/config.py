@@ -319,7 +319,7 @@ class SurrogateConfig:
     paper: every sample is clustered. On the fair protocol at 16x16, 0.25 with the K = 25 form (``mem-k25``)
     reached 1.95x [1.24, 3.07] the best tuned baseline's distinct training images at 1,000 training images (six
     held-out replicates, ``benchmarks/results/fair16/mem6-n1000``; on a retrained target of the same config 1.52x
-    [1.26, 1.83], ``fair16/mem-n1000-retuned-8``), and at 300 0.98x [0.93, 1.04], no more than plain sampling
+    [1.22, 1.90], ``fair16/mem-n1000-retuned-8``), and at 300 0.98x [0.93, 1.04], no more than plain sampling
     like every SIDE form (``fair16/mem9-n300``); at 8x8 1.43x at 1,000 and 0.99x at 300 (``fair8/mem-n*``). It
     stays off by default because of the 300-image cell; ``side demo`` turns it on (a 1,000-image target).
     """
