@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from side_extract import config as cfg
 from side_extract.cli.main import app
 from side_extract.models.classifier import load_classifier
-from side_extract.pipeline import run_audit
+from side_extract.pipeline import cluster_problems, run_audit
 from side_extract.runs import RunLocked, read_json, run_lock
 from side_extract.sampling import SamplingDiverged
 
@@ -206,6 +206,17 @@ def test_every_problem_is_reported_before_any_work(tiny_model_dir, tmp_path):
     assert "every one of its 30 images is a training image" in msg
     assert "surrogate.min_size=100 is more than the 40 synthetic images clustered" in msg
     assert not (tmp_path / "run3").exists()
+
+
+def test_a_select_k_as_large_as_the_synthetic_set_is_refused_before_sampling():
+    """select_k's silhouette needs K < the images clustered; preflight let K = n through, and the surrogate stage
+    refused it after sampling and embedding the synthetic set (a review's find)."""
+    rc = cfg.RunConfig(sample=cfg.SampleConfig(n=12), surrogate=cfg.SurrogateConfig(select_k=(2, 12)))
+    assert cluster_problems(rc, ["side"]) == [
+        "surrogate.select_k value 12 must be < the 12 synthetic images clustered (the silhouette that picks K needs "
+        "a cluster of two)"]
+    assert cluster_problems(dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(select_k=(2, 11))), ["side"]) == []
+    assert cluster_problems(dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(n_clusters=12)), ["side"]) == []
 
 
 def test_bad_model_leaves_no_config_behind(tmp_path):

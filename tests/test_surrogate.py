@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -116,11 +118,31 @@ def test_filter_advice_names_the_setting_that_keeps_enough_clusters():
     sizes, cohesion = np.array([30, 20, 5]), np.array([0.9, 0.4, 0.95])
     assert filter_advice(sizes, cohesion, 0.5, 10, keep=2).startswith(
         "the cohesion filter (tau=0.5, min_size=10); the second most cohesive of at least min_size images has "
-        "cohesion 0.400: set surrogate.tau <= 0.400")
+        "cohesion 0.4000: set surrogate.tau <= 0.400")
     assert filter_advice(sizes, cohesion, 0.5, 25, keep=2).startswith(
         "the size filter (min_size=25; the largest has 30 images, the second largest 20): set surrogate.min_size "
         "<= 20")
     assert "set surrogate.tau <= 0.900" in filter_advice(sizes, np.array([0.9, np.nan, 0.95]), 0.95, 10, keep=1)
+
+
+def test_filter_advice_rounds_tau_down_so_following_it_keeps_a_cluster():
+    """A best cohesion of 0.98352 was advised as "tau <= 0.984" (rounded up): that tau keeps none of the clusters again
+    (a review's find). The advised tau is now rounded down, and following it on real clusters keeps one."""
+    assert "set surrogate.tau <= 0.983 " in filter_advice(np.array([10, 10]), np.array([0.98352, 0.5]), 1.0, 2, keep=1)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(c, 0.5, (10, 6)) for c in rng.normal(0, 2, (3, 6))])
+    with pytest.warns(RuntimeWarning, match="all 3 clusters were dropped") as said:
+        ClusterLabeler(n_clusters=3, tau=1.0, n_init=1, random_state=0).fit(x)
+    advised = float(re.search(r"set surrogate.tau <= ([0-9.]+)", str(said[0].message)).group(1))
+    assert ClusterLabeler(n_clusters=3, tau=advised, n_init=1, random_state=0).fit(x).kept_.any()
+
+
+def test_select_k_on_a_collapsed_set_says_why():
+    """Synthetic features that all point the same way: K-means finds one cluster and sklearn's silhouette raised
+    "Number of labels is 1", naming neither K nor the synthetic set (a review's find)."""
+    y = np.tile(np.random.default_rng(0).normal(size=(1, 6)), (10, 1))
+    with pytest.raises(ValueError, match=r"K=2 put all 10 synthetic images in one cluster.*surrogate.n_clusters"):
+        ClusterLabeler(select_k=(2, 3), n_init=1).fit(y)
 
 
 def test_too_many_clusters_names_both_numbers():

@@ -705,6 +705,9 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
                 f"the memorization candidates (surrogate.memorized_fraction={rc.surrogate.memorized_fraction} "
                 f"of sample.n={rc.sample.n})")
         problems.append(f"surrogate K={max(ks)} must be <= {what}={n_clustered}")
+    elif rc.surrogate.select_k and max(ks) >= n_clustered:  # the silhouette needs a cluster of two
+        problems.append(f"surrogate.select_k value {max(ks)} must be < the {n_clustered} synthetic images clustered "
+                        "(the silhouette that picks K needs a cluster of two)")
     if rc.surrogate.min_size > n_clustered:
         problems.append(f"surrogate.min_size={rc.surrogate.min_size} is more than the {n_clustered} synthetic "
                         "images clustered: every cluster would be dropped (lower it, or raise sample.n)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -104,6 +105,10 @@ class ClusterLabeler:
             fits = {}
             for k in self.select_k:
                 fits[k] = KMeans(n_clusters=k, n_init=self.n_init, random_state=self.random_state).fit(x)
+                if len(np.unique(fits[k].labels_)) < 2:  # the silhouette is undefined (sklearn's words name no K)
+                    raise ValueError(f"K-means with K={k} put all {n} synthetic images in one cluster: their features "
+                                     "all point the same way (a collapsed synthetic set?), so select_k cannot score "
+                                     "K by the silhouette; set surrogate.n_clusters instead")
                 self.k_scores_[k] = float(silhouette_score(x, fits[k].labels_, metric="cosine"))
             self.n_clusters_ = max(self.k_scores_, key=lambda k: (self.k_scores_[k], -k))
             km = fits[self.n_clusters_]
@@ -161,8 +166,9 @@ def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size:
                 + ("some" if keep == 1 else str(keep)))
     best = np.sort(np.where(big, np.nan_to_num(cohesion, nan=-np.inf), -np.inf))[::-1][keep - 1]
     which = "most cohesive" if keep == 1 else f"{_nth(keep)} most cohesive"
+    advised = math.floor(best * 1000) / 1000  # rounded down: a tau rounded up past ``best`` would keep none again
     return (f"the cohesion filter (tau={tau}, min_size={min_size}); the {which} of at least min_size images has "
-            f"cohesion {best:.3f}: set surrogate.tau <= {best:.3f} (or use fewer clusters or another feature "
+            f"cohesion {best:.4f}: set surrogate.tau <= {advised:.3f} (or use fewer clusters or another feature "
             "extractor) to keep " + ("some" if keep == 1 else str(keep)))
 
 
