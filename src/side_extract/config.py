@@ -678,7 +678,16 @@ def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
         keys, why = ("alpha", "target_modules"), "LoRA's; lora.rank is full: every weight trains"
     elif isinstance(c, FeaturesConfig) and c.extractor.split(":", 1)[0] in ("pixels", "pixels-pca"):
         keys, why = ("batch_size",), "the pixel extractors embed each image alone"
+    elif isinstance(c, EvaluateConfig):  # (two groups, each with its reason)
+        return {**(dict.fromkeys(DETECTION_KEYS, "clique detection runs only with evaluate.detect_threshold")
+                   if c.detect_threshold is None else {}),
+                **(dict.fromkeys(QUALITY_SETTING_KEYS, "sample quality is measured only with evaluate.quality")
+                   if not c.quality else {})}
     return dict.fromkeys(keys, why)
+
+
+DETECTION_KEYS = ("detect_min_size", "detect_grid", "detect_mode", "extraction_threshold")
+QUALITY_SETTING_KEYS = ("quality_max_reference", "quality_k", "quality_kid_subsets", "quality_kid_subset_size")
 
 
 def at_defaults(c: T, keys: Any) -> T:
@@ -796,9 +805,7 @@ def inert_keys(rc: RunConfig) -> dict[str, str]:
     if ev.resize is not None:
         out["evaluate.resize"] = (f"evaluate.resize={ev.resize!r} (side evaluate's and side calibrate's; a run resizes "
                                   "its image sets with train_resize)")
-    if ev.detect_threshold is None:
-        changed("evaluate", ev, dict.fromkeys(("detect_min_size", "detect_grid", "detect_mode", "extraction_threshold"),
-                                              "clique detection runs only with evaluate.detect_threshold"))
+    changed("evaluate", ev, unread_keys(ev))
     return out
 
 

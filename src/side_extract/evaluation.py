@@ -95,9 +95,13 @@ def distinct_count(stats: dict[str, np.ndarray], band: str = "mid") -> int:
     return len(np.unique(stats["nn"][stats[f"reach/{band}"]]))
 
 
+METRIC_SETTINGS = ("carlini_alpha", "carlini_n", "carlini_centering", "gu_threshold")
+
+
 def incomparable(metrics: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The evaluations (method -> its ``metrics.json``) that cannot be set against the first one, each with why:
-    made with another similarity, orientation, bands or training set (``side evaluate --out`` into a run)."""
+    made with another similarity, orientation, bands, training set (``side evaluate --out`` into a run) or settings
+    of Carlini's and Gu's ratios (:data:`METRIC_SETTINGS`: a run's call of some methods under other settings)."""
     if not metrics:
         return {}
     first = next(iter(metrics.values()))
@@ -105,8 +109,12 @@ def incomparable(metrics: dict[str, dict[str, Any]]) -> dict[str, str]:
     def train(m: dict[str, Any]) -> Any:  # the training set's fingerprint (a set of the same size may differ)
         return (m.get("fingerprints") or {}).get("train")
 
+    def settings(m: dict[str, Any]) -> Any:  # what Carlini's and Gu's ratios were measured with
+        return [(m.get("config") or {}).get(k) for k in METRIC_SETTINGS]
+
     keys = {"similarity": lambda m: m.get("similarity"), "orientation": lambda m: m.get("orientation"),
-            "bands": lambda m: m.get("bands"), "training set": lambda m: (m.get("n_train"), train(m))}
+            "bands": lambda m: m.get("bands"), "training set": lambda m: (m.get("n_train"), train(m)),
+            "metric settings (" + ", ".join(METRIC_SETTINGS) + ")": settings}
     out = {}
     for m, v in metrics.items():
         if other := [k for k, of in keys.items() if of(v) != of(first)]:

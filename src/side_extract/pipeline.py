@@ -196,19 +196,30 @@ def _train_set(ctx: AuditContext) -> ImageSet:
     return s
 
 
+def classifier_fingerprint(c: cfg.ClassifierConfig, input_fp: str, *, clean: bool) -> str:
+    """A classifier stage's fingerprint: its settings as it reads them and its images' and labels' fingerprint."""
+    return stage_fingerprint("classifier", classifier_settings(c, clean=clean), input_fp, clean)
+
+
+def clean_classifier_input(train: ImageSet) -> str:
+    """The fingerprint of the clean classifier's images and labels, the training set's (a relabelled set trains
+    it anew)."""
+    return fingerprint_of(train.fingerprint(), array_fingerprint(train.labels))
+
+
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
                      *, clean: bool, input_stage: str | None = None,
-                     too_few: str | Callable[[], str]) -> None:
+                     too_few: str | Callable[[], str], data: dict[str, str | None] | None = None) -> None:
     """Train (or reuse) the classifier ``RUN/<name>/`` on images with labels >= 0 (:func:`method_guidance` turns
     it into a method's guidance). ``input_fp``: the fingerprint of its images and labels, the run stage
-    ``input_stage``'s where they come from one (the manifest records it among the stage's inputs).
+    ``input_stage``'s where they come from one (the manifest records it among the stage's inputs); ``data``: what
+    it reads that is no run stage (:meth:`RunDir.begin`).
 
     Its checkpoints live in ``RUN/<name>/work/`` so that a stage started afresh removes them with the rest.
     """
     c = ctx.rc.clean_classifier if clean else ctx.rc.classifier
     denoised = not clean and c.guidance_input == "x0_hat"  # a clean classifier, used through x0_hat(x_t, t)
-    fp = stage_fingerprint("classifier", classifier_settings(c, clean=clean), input_fp, clean)
-    ctx.fp[name] = fp
+    fp = ctx.fp[name] = classifier_fingerprint(c, input_fp, clean=clean)
     directory = ctx.run.path / name
     keep = labels >= 0
     classes = np.unique(labels[keep])
@@ -221,7 +232,7 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
     inputs = None if input_stage is None else {input_stage: input_fp}
 
     def to_train() -> bool:
-        decision = ctx.run.begin(name, fp, inputs=inputs)
+        decision = ctx.run.begin(name, fp, inputs=inputs, data=data)
         if decision == "skip":  # (a weights or config file gone or damaged since: trained again, not a failed load
             return not classifier_saved_whole(directory)  # later)
         saved = _saved_completion(directory, fp) if decision == "resume" else None
@@ -465,6 +476,20 @@ def real_heldout(rc: cfg.RunConfig) -> ImageSet | None:
     return held_out_set(rc.train, rc.evaluate.heldout, rc.train_resize)
 
 
+def calibration_plan(ctx: AuditContext, train: ImageSet) -> tuple[str, dict[str, str | None], ImageSet | None]:
+    """The calibration stage's fingerprint, the data it reads (:meth:`RunDir.begin`'s ``data``) and its held-out
+    images (None: the training set against itself)."""
+    c = ctx.rc.evaluate
+    heldout = real_heldout(ctx.rc)
+    null = heldout.fingerprint() if heldout is not None else "null: the training set"
+    # keyed by the null's images (none: the training set against itself), not by where they came from: the same
+    # training pixels given as digits:N and as an .npz are other nulls
+    fp = stage_fingerprint("calibration", calibration_settings(c), train.fingerprint(),
+                           ctx.fp[MODEL_INPUT] if c.similarity == "cosine:unet" else None, null,
+                           *script_fingerprints(Similarity(c.similarity).extractor))
+    return fp, {"training set": train.fingerprint(), "held-out images": null}, heldout
+
+
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     """Bands from the null (held-out digits or train vs rest of train), once per run: evaluation/bands.json.
 
@@ -473,15 +498,9 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     c = ctx.rc.evaluate
     if not calibrates_bands(c):
         return None
-    heldout = real_heldout(ctx.rc)
-    # keyed by the null's images (none: the training set against itself), not by where they came from: the same
-    # training pixels given as digits:N and as an .npz are other nulls
-    fp = stage_fingerprint("calibration", calibration_settings(c), train.fingerprint(),
-                           ctx.fp[MODEL_INPUT] if c.similarity == "cosine:unet" else None,
-                           heldout.fingerprint() if heldout is not None else "null: the training set",
-                           *script_fingerprints(Similarity(c.similarity).extractor))
+    fp, data, heldout = calibration_plan(ctx, train)
     path = ctx.run.path / "evaluation" / "bands.json"
-    if ctx.run.begin("calibration", fp) != "skip" or not path.exists():
+    if ctx.run.begin("calibration", fp, data=data) != "skip" or not path.exists():
         if heldout is None:
             log.warning("evaluate.heldout is not set (train=%r): the similarity bands are calibrated on the training "
                         "images against each other, not on held-out images against the training set; give "
@@ -617,14 +636,26 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     # how many generations it made (a rerun that remade a lost shard may stop elsewhere under the same fingerprint)
     made = {m: [] if len(s) == ctx.rc.extract.n else [f"made {len(s)}"] for m, s in extractions.items()}
     # the held-out images are keyed by the calibration's fingerprint, not their path; evaluate.resize is side
-    # evaluate's (a run reads its own images)
-    keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize"])
-    fps = {m: stage_fingerprint("evaluation", keyed, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
-                                None if reference is None else reference.fingerprint(), _synthetic_fingerprint(ctx),
-                                *files, *made[m]) for m in extractions}
+    # evaluate's (a run reads its own images); settings that nothing reads (detection's without its threshold,
+    # sample quality's without a quality metric) key nothing
+    unread = cfg.unread_keys(ctx.rc.evaluate)
+    keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize", *unread])
+    synthetic = _synthetic_fingerprint(ctx)
+
+    def fingerprint(m: str, synthetic: str | None) -> str:
+        return stage_fingerprint("evaluation", keyed, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
+                                 None if reference is None else reference.fingerprint(), synthetic, *files, *made[m])
+
+    fps = {m: fingerprint(m, synthetic) for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
     inputs = {m: {f"extraction/{m}": ctx.fp[f"extraction/{m}"]} for m in extractions}
+    data = {"training set": train.fingerprint(), "synthetic set": synthetic}
+
+    def guarded(m: str) -> bool:  # made before the run held a synthetic set, and otherwise as now: measured again
+        # at no loss with the copy guard it now has (side added to a run of uncond), not refused
+        entry = ctx.run.stage_entry(f"evaluation/{m}") or {}
+        return synthetic is not None and entry.get("fingerprint") == fingerprint(m, None)
 
     def changed(m: str) -> list[str]:  # the settings the finished evaluation was made with, against these
         try:
@@ -634,13 +665,16 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
         if not isinstance(old, dict):
             return []
         new = cfg.to_dict(c)
-        if bands_file is not None:  # the run's calibrated bands: keyed by the calibration, wherever the run lies
-            old, new = ({k: v for k, v in d.items() if k != "bands_file"} for d in (old, new))
+        ignored = {*unread, *(["bands_file"] if bands_file is not None else [])}  # (the run's calibrated bands:
+        # keyed by the calibration, wherever the run lies)
+        old, new = ({k: v for k, v in d.items() if k not in ignored} for d in (old, new))
         return cfg.differences(old, new)
 
     def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
-        ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], lambda m=m: changed(m)) for m in extractions})
-        return [m for m in extractions if ctx.run.begin(f"evaluation/{m}", fps[m], inputs=inputs[m]) != "skip"
+        kw = {m: {"data": data, "derived": guarded(m)} for m in extractions}
+        ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], lambda m=m: changed(m), kw[m])
+                               for m in extractions})
+        return [m for m in extractions if ctx.run.begin(f"evaluation/{m}", fps[m], inputs=inputs[m], **kw[m]) != "skip"
                 or not measured(paths[m].parent)]
 
     todo = group.on_main(plan)
@@ -652,7 +686,7 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     def finish() -> None:
         for i, m in enumerate(todo):
             ctx.run.complete(f"evaluation/{m}", evaluated_by=i % group.world)
-        if _synthetic_fingerprint(ctx):
+        if synthetic:
             synthetic_evaluation_stage(ctx, train, c, keyed, [cal, *scores])
 
     group.on_main(finish)  # (an error there reaches every process)
@@ -929,7 +963,9 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         except BaseException as e:
             if group.main:
                 run.fail_running(e)
-                if isinstance(e, StageWouldBeReplaced) and before is not None:
+                remade = [s for s in run.replaced if s != MODEL_INPUT] + run.grown  # (a stage grown: the config
+                # that stands is this call's)
+                if isinstance(e, StageWouldBeReplaced) and before is not None and not remade:
                     atomic_write_text(config, before)  # nothing finished was replaced: its settings still stand
                     run.restore_model(model_before)  # (and its target)
             raise
@@ -957,6 +993,26 @@ def write_extraction_summary(run: RunDir, made: dict[str, int]) -> None:
     atomic_write_json(run.path / "extraction" / "summary.json", out)
 
 
+def refuse_data_stages(ctx: AuditContext, upto: int) -> None:
+    """Refuse, before any stage runs, the stages of this call that read only the data and the config (the clean
+    classifier, the calibration), where :meth:`RunDir.begin` would refuse them: they came after the synthetic set,
+    the SIDE classifier and every extraction, which a refused call had made or grown for nothing."""
+    rc = ctx.rc
+    clean = upto >= 1 and bool({"cond", "side-teacher"} & set(rc.extract.methods))
+    calibrates = upto == 3 and rc.train is not None and calibrates_bands(rc.evaluate)
+    if not (clean or calibrates):
+        return
+    train = _train_set(ctx)
+    planned: dict[str, tuple[Any, ...]] = {}
+    if clean:
+        fp = classifier_fingerprint(rc.clean_classifier, clean_classifier_input(train), clean=True)
+        planned["classifier-clean"] = (fp, None, tuple, {"data": {"training set": train.fingerprint()}})
+    if calibrates:
+        fp, data, _ = calibration_plan(ctx, train)
+        planned["calibration"] = (fp, None, tuple, {"data": data})
+    ctx.run.refuse_before(planned)
+
+
 def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: Until,
            progress: ProgressFactory) -> AuditResult:
     upto = UNTIL.index(until)
@@ -964,6 +1020,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     run.set_model(target.fingerprint, str(rc.model), getattr(target.denoiser, "prediction", "epsilon"))
     denoiser = target.denoiser
     ctx = AuditContext(run, rc, denoiser, device, progress, {MODEL_INPUT: target.fingerprint})
+    run.group.on_main(lambda: refuse_data_stages(ctx, upto))
     methods = rc.extract.methods
     synthetic = None
     if {"side", "side-teacher", "side-lora"} & set(methods):
@@ -990,10 +1047,9 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     if {"cond", "side-teacher"} & set(methods):
         once = run.group.main_first
         train = _train_set(ctx)
-        # the training set's labels with its images: a relabelled set trains the clean classifier anew
-        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels,
-                         fingerprint_of(train.fingerprint(), array_fingerprint(train.labels)), clean=True,
-                         too_few="the training set needs labels of at least 2 classes")
+        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, clean_classifier_input(train),
+                         clean=True, too_few="the training set needs labels of at least 2 classes",
+                         data={"training set": train.fingerprint()})
         if "side-teacher" in methods:
             clean = method_guidance(run.path, rc, "cond", denoiser, device=device)[1]
             t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))

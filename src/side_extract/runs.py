@@ -710,6 +710,7 @@ class RunDir:
         self.path = Path(path)
         self.replace = replace
         self.replaced: list[str] = []  # finished stages this writer made again (``begin``)
+        self.grown: list[str] = []  # finished stages this writer grew (``grow``)
         self.group = group
         self.config_before: dict[str, Any] | None = None  # the run's settings before this writer's (``write_config``)
         if group.main:  # the others of a launch meet the folder while the main one writes into it: checked there,
@@ -737,10 +738,12 @@ class RunDir:
         return d
 
     def begin(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
-              derived: bool = False) -> Literal["skip", "resume", "fresh"]:
+              derived: bool = False, data: dict[str, str | None] | None = None) -> Literal["skip", "resume", "fresh"]:
         """Start ``stage``: say whether to skip it, resume it, or start it afresh (its folder cleared). A finished
         stage made with other settings is replaced only where the writer may replace (``--force``) or its inputs
         grew, unless it is ``derived``: a measurement of files the run keeps, made again from them at no loss.
+        ``data``: what the stage reads that is no run stage (``"training set"`` -> its fingerprint), recorded so
+        that a refusal can name what changed (the fingerprint keys it already).
 
         On a process other than a launch's main one, the stage must already be complete (the main process ran
         it first): it is only read."""
@@ -758,22 +761,24 @@ class RunDir:
         else:
             kept = {}
             decision = "fresh"
-            if (refused := self.refusal(stage, fingerprint, inputs, derived=derived)) is not None:
+            if (refused := self.refusal(stage, fingerprint, inputs, derived=derived, data=data)) is not None:
                 raise StageWouldBeReplaced(refused)
             if entry is not None and entry.get("status") == "complete":
                 self.replaced.append(stage)
                 log.info("stage %s: its finished results were made with other settings or inputs; made again", stage)
             if (self.path / stage).exists():
                 shutil.rmtree(self.path / stage)
-        self._mark_running(stage, fingerprint, inputs, **kept)
+        self._mark_running(stage, fingerprint, inputs, **kept, **({"data": data} if data else {}))
         return decision
 
     def refusal(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
-                derived: bool = False, changed: Callable[[], Sequence[str]] = tuple) -> str | None:
+                derived: bool = False, changed: Callable[[], Sequence[str]] = tuple,
+                data: dict[str, str | None] | None = None) -> str | None:
         """Why :meth:`begin` would refuse ``stage`` with ``fingerprint`` (None: it would not): it is finished with
         other settings or inputs, this writer may not replace, and it is neither ``derived`` nor made from inputs
-        that only grew. The message names the inputs made again since and ``changed()``, the settings the caller
-        found changed (``key old -> new``; asked for only when refusing)."""
+        that only grew. The message names the inputs made again since, the ``data`` (:meth:`begin`) that changed
+        and ``changed()``, the settings the caller found changed (``key old -> new``; asked for only when
+        refusing)."""
         entry = self.stage_entry(stage)
         if (entry is None or entry.get("fingerprint") == fingerprint or entry.get("status") != "complete"
                 or self.replace or derived or self._inputs_grew(entry, inputs)):
@@ -782,7 +787,9 @@ class RunDir:
         old = entry.get("inputs") or {}
         why = [*(changed() or self._section_changes(stage)),
                *("made from another target" if k == MODEL_INPUT else f"{k} made again"
-                 for k, v in (inputs or {}).items() if k in old and old[k] != v)]
+                 for k, v in (inputs or {}).items() if k in old and old[k] != v),
+               *(f"the {k} changed" for k, v in (data or {}).items() if k in (entry.get("data") or {})
+                 and entry["data"][k] != v)]
         return (f"{stage} holds finished results made with other settings or inputs ({said})"
                 + (f"; changed: {'; '.join(why)}" if why else "")
                 + "; rerun with --force to replace them, or use another run directory")
@@ -799,15 +806,14 @@ class RunDir:
         except ValueError:  # a damaged file: the refusal says the rest
             return []
 
-    def refuse_before(self, planned: dict[str, tuple[str, dict[str, str] | None, Callable[[], Sequence[str]]]]
-                      ) -> None:
-        """Raise :class:`StageWouldBeReplaced` naming every stage of ``planned`` (stage -> its fingerprint, inputs
-        and a function giving the settings found changed) that :meth:`begin` would refuse, before any of them
-        begins: a command that is refused leaves each sibling stage as it was (one method's extraction grown, or its
-        evaluation cleared, before a later one's refusal). On the main process of a launch (call it through
-        ``group.on_main``: the others learn its error)."""
-        said = [r for stage, (fp, inputs, changed) in planned.items()
-                if (r := self.refusal(stage, fp, inputs, changed=changed)) is not None]
+    def refuse_before(self, planned: dict[str, tuple[Any, ...]]) -> None:
+        """Raise :class:`StageWouldBeReplaced` naming every stage of ``planned`` (stage -> its fingerprint, inputs,
+        a function giving the settings found changed and, optionally, a dict of :meth:`refusal`'s other keywords) that
+        :meth:`begin` would refuse, before any of them begins: a command that is refused leaves each sibling stage
+        as it was (one method's extraction grown, or its evaluation cleared, before a later one's refusal). On the
+        main process of a launch (call it through ``group.on_main``: the others learn its error)."""
+        said = [r for stage, (fp, inputs, changed, *kw) in planned.items()
+                if (r := self.refusal(stage, fp, inputs, changed=changed, **(kw[0] if kw else {}))) is not None]
         if said:
             raise StageWouldBeReplaced("; ".join(said))
 
@@ -830,6 +836,7 @@ class RunDir:
         old = self.stage_entry(stage) or {}
         earlier = [*old.get("grown_from_fingerprints", []), old.get("fingerprint")]
         self._mark_running(stage, fingerprint, inputs, grown_from=from_n, grown_from_fingerprints=earlier)
+        self.grown.append(stage)
         return "resume"
 
     def _inputs_grew(self, entry: dict[str, Any], inputs: dict[str, str] | None) -> bool:

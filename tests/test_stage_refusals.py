@@ -1,0 +1,103 @@
+"""When a run's finished stages are refused, kept or made again under ``replace=False`` (``side extract`` without
+``--force``): refusals said before any work, named, and never for settings nothing reads (faults an independent review
+of the pipeline's orchestration found, each reproduced on the code before these fixes)."""
+import dataclasses
+
+import numpy as np
+import pytest
+import yaml
+
+from side_extract import config as cfg
+from side_extract.data import load_image_set
+from side_extract.evaluation import incomparable
+from side_extract.pipeline import run_audit
+from side_extract.runs import StageWouldBeReplaced, read_json
+
+from test_pipeline import tiny_rc
+
+
+def _rc(model_dir, methods=("uncond",), **evaluate):
+    rc = tiny_rc(model_dir, methods=methods)
+    return dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, quality=(), **evaluate))
+
+
+def _stages(run):
+    return read_json(run / "manifest.json")["stages"]
+
+
+def test_a_refused_calibration_is_said_before_an_extraction_grows(tiny_model_dir, tmp_path):
+    """Other calibration quantiles and a larger N_G without --force: the calibration's refusal came after the
+    extraction had grown from 6 to 12, and config.yaml was then put back to n 6, so that a rerun with the run's own
+    config was refused too. Now nothing grows and the config stands."""
+    run = tmp_path / "run"
+    rc = _rc(tiny_model_dir)
+    run_audit(run, rc)
+    more = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=12),
+                               evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.01, 0.05)))
+    with pytest.raises(StageWouldBeReplaced, match=r"calibration holds finished results.*calibration_quantiles"):
+        run_audit(run, more, replace=False)
+    assert _stages(run)["extraction/uncond"]["n"] == 6 and "grown_from" not in _stages(run)["extraction/uncond"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["extract"]["n"] == 6
+    run_audit(run, rc, replace=False)  # the run's own settings: nothing to refuse
+
+
+def test_a_refused_clean_classifier_is_said_before_the_synthetic_set_is_drawn(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    rc = _rc(tiny_model_dir, methods=("cond", "uncond"))
+    run_audit(run, rc, until="extraction")
+    more = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("side", "cond", "uncond")),
+                               clean_classifier=dataclasses.replace(rc.clean_classifier, steps=6))
+    with pytest.raises(StageWouldBeReplaced, match=r"classifier-clean holds finished results.*steps 4 -> 6"):
+        run_audit(run, more, until="extraction", replace=False)
+    assert not {"synthetic", "features", "surrogate", "classifier"} & set(_stages(run))
+
+
+def test_adding_side_to_a_run_measures_the_others_again_with_the_copy_guard(tiny_model_dir, tmp_path):
+    """``side extract --method side --method uncond`` on a run of uncond: uncond's evaluation, made before the run
+    held a synthetic set, was refused ("see manifest.json"), after every SIDE stage. It differs only in the copy
+    guard it now has, so it is measured again."""
+    run = tmp_path / "run"
+    rc = _rc(tiny_model_dir)
+    run_audit(run, rc)
+    res = run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("side", "uncond"))),
+                    replace=False)
+    assert set(res.metrics) == {"side", "uncond"}
+    assert _stages(run)["evaluation/uncond"]["data"]["synthetic set"] == _stages(run)["synthetic"]["fingerprint"]
+
+
+def test_a_refusal_names_the_training_set_that_changed(tiny_model_dir, tmp_path):
+    """Other images at the same training path: the refusal named nothing."""
+    run, train = tmp_path / "run", tmp_path / "train.npz"
+    d = load_image_set("digits:60")
+    np.savez(train, images=d.images[:30], labels=d.labels[:30])
+    rc = dataclasses.replace(_rc(tiny_model_dir, calibration_quantiles=(0.1, 0.2, 0.3)), train=str(train))
+    run_audit(run, rc)
+    np.savez(train, images=d.images[30:], labels=d.labels[30:])
+    with pytest.raises(StageWouldBeReplaced, match=r"calibration holds .*changed: the training set changed"):
+        run_audit(run, rc, replace=False)
+
+
+def test_settings_nothing_reads_key_no_evaluation(tiny_model_dir, tmp_path):
+    """detect_min_size without detect_threshold, and sample quality's settings without a quality metric: the run
+    warns that they change nothing, yet the evaluations were keyed by them (refused without --force, else made
+    again)."""
+    run = tmp_path / "run"
+    rc = _rc(tiny_model_dir)
+    run_audit(run, rc)
+    before = _stages(run)["evaluation/uncond"]["fingerprint"]
+    inert = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, detect_min_size=5, quality_k=5))
+    assert {"evaluate.detect_min_size", "evaluate.quality_k"} <= set(cfg.inert_keys(inert))
+    run_audit(run, inert, replace=False)
+    assert _stages(run)["evaluation/uncond"]["fingerprint"] == before
+
+
+def test_evaluations_under_other_metric_settings_are_not_compared():
+    """An evaluation redone under another Carlini alpha beside one made before: the summary set them against each
+    other as if comparable."""
+    def metrics(alpha):
+        return {"similarity": "rms-l2", "orientation": "lower", "bands": {"mid": [0, 1]}, "n_train": 30,
+                "config": {"carlini_alpha": alpha, "carlini_n": 5, "carlini_centering": "generation",
+                           "gu_threshold": 0.5}}
+    assert incomparable({"memguide": metrics(0.5), "uncond": metrics(0.5)}) == {}
+    said = incomparable({"memguide": metrics(0.5), "uncond": metrics(0.999)})
+    assert set(said) == {"uncond"} and "carlini_alpha" in said["uncond"]
