@@ -860,3 +860,26 @@ def test_a_tuning_grid_that_repeats_a_value_is_refused():
     for key, value in (("scales_grid", (3.0, 3.0)), ("temperatures", (1.0, 1.0)), ("memguide_scales", (30.0, 30.0))):
         with pytest.raises(ValueError, match=f"{key}=.* repeats a value"):
             FairBenchConfig(**{**base, key: value})
+    # the same to 6 significant digits: the tuning's scores, keyed by "lambda,T", merged the two settings
+    with pytest.raises(ValueError, match=r"scales_grid=\[1.0, 1.0000001\]: two values are the same to 6 significant"):
+        FairBenchConfig(**{**base, "scales_grid": (1.0, 1.0000001)})
+
+
+def test_bands_without_high_and_mid_are_refused_before_any_run():
+    """Two calibration quantiles name the bands tail0.01 and tail0.05: accepted, then a KeyError 'reach/high' at the
+    report, after every tuning and held-out run (a review's find)."""
+    bc = tiny_bench()
+    ev = dataclasses.replace(bc.run.evaluate, calibration_quantiles=(0.01, 0.05))
+    two = dataclasses.replace(bc, run=dataclasses.replace(bc.run, evaluate=ev))
+    with pytest.raises(ValueError, match=r"bands \(tail0.01, tail0.05\) must include 'high' and 'mid'"):
+        FairBenchConfig(bench=two, validation_replicates=(1,), heldout_replicates=(2, 3),
+                        select_metric="ums_cumulative/tail0.05")
+
+
+def test_a_marked_interval_never_prints_a_bound_as_1_00():
+    """[0.99796, 0.99971] printed as "[1.00, 1.00] ↓": the mark said the interval lies off 1, the bounds did not."""
+    from side_extract.bench.protocol import _ci
+
+    assert _ci(0.99796, 0.99971, True) == "[0.998, 0.9997]"
+    assert _ci(1.0003, 1.02, True) == "[1.0003, 1.02]"
+    assert _ci(0.9996, 1.02, False) == "[1.00, 1.02]"  # unmarked: 2 decimals as ever

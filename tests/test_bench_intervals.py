@@ -214,3 +214,36 @@ def test_reinterval_restates_an_old_rule_interval_as_the_new_rule_makes_it():
         (lo, hi), excludes = reinterval.restate(old)
         assert (lo, hi) == pytest.approx(interval(num, 1.0, num_draws, den_draws, num_reps, den_reps)), num_reps
         assert excludes == _row(num, 1.0, num_draws, den_draws, num_reps, den_reps)["excludes_1"]
+
+
+def test_tied_baselines_give_the_widest_interval_whatever_their_order():
+    """Cond and UnCond tied on the mean (17.25 each in mem-n1000-retuned-a) but spread differently across
+    replicates: the first listed in --methods was taken, so the order alone decided the interval and its ↓ mark
+    (0.64 [0.35, 1.17] against cond, [0.44, 0.93] ↓ against uncond). The widest is kept, and both are named."""
+    def run(k: int, n: int = 1000) -> dict[str, np.ndarray]:
+        nn = np.full(n, -1)
+        nn[:2 * k] = np.repeat(np.arange(k), 2)
+        return {"nn": nn, "reach/mid": nn >= 0, "reach/high": nn >= 0, "carlini": nn >= 0}
+
+    stats = {"side": [run(k) for k in (17, 7, 10, 10)], "cond": [run(k) for k in (19, 14, 23, 13)],
+             "uncond": [run(k) for k in (24, 17, 15, 13)]}
+    rows = [bootstrap_ratios(stats, ("distinct_nn/mid",), 200, ("side",), bases)["side"]["distinct_nn/mid"]
+            for bases in (("cond", "uncond"), ("uncond", "cond"))]
+    assert rows[0]["ci95"] == rows[1]["ci95"] and rows[0]["best_baseline_method"] == rows[1]["best_baseline_method"]
+    assert rows[0]["tied_baselines"] == ["cond", "uncond"] and rows[1]["tied_baselines"] == ["uncond", "cond"]
+    lo, hi = rows[0]["ci95"]
+    assert lo < 1 < hi and not rows[0]["excludes_1"]  # against cond, the wider: no mark
+
+
+def test_the_compute_table_takes_the_smallest_and_largest_n_g_in_any_order():
+    """rss_sizes given largest first printed the smallest's RSS over the largest's (0.50 for 2.00)."""
+    import json
+    from pathlib import Path
+
+    from side_extract.bench.tables import render_compute_markdown
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/compute.json").read_text())
+    rss = [{"n_generated": 100_000, "n_train": 50, "peak_rss_mb": 400.0, "seconds": 2.0},
+           {"n_generated": 1_000, "n_train": 50, "peak_rss_mb": 200.0, "seconds": 1.0}]
+    md = render_compute_markdown({**data, "evaluate_rss": rss})
+    assert "N_G 1,000: 200 MB | **2.00** (largest / smallest N_G)" in md

@@ -47,8 +47,14 @@ def test_objective_by_hand():
             + 0.0) / 4
     got = objective_score([row(side)], ("ams_cumulative/high", "ums_cumulative/high", "carlini", "gu"))
     assert got == pytest.approx(want)
-    # p95 is a distance: closer than the closest baseline (0.05 vs 0.10) scores log 2
-    assert objective_score([row(side)], ("p95",)) == pytest.approx(math.log(2))
+    # p95 is a distance: closer than the closest baseline (0.05 vs 0.10) scores about log 2 (half an 8-bit level
+    # added to each); a distance of 0, exact copies, scored 0 (a tie) and now beats 0.001 (a review's find)
+    d = 0.5 / 255
+    assert objective_score([row(side)], ("p95",)) == pytest.approx(math.log((0.10 + d) / (0.05 + d)))
+
+    def p95(v: float, b: float) -> float:
+        return objective_score([(100, {"p95": {"side": v, "best_baseline": b, "better": "lower"}})], ("p95",))
+    assert p95(0.0, 0.05) > p95(0.001, 0.05) > 0 and p95(0.05, 0.0) < 0
     # the mean runs over scales too; the same scale twice changes nothing
     assert objective_score([row(side), row(side)], ("carlini",)) == pytest.approx(math.log(0.21 / 0.11))
     # a variant equal to the best baseline scores 0

@@ -181,6 +181,12 @@ def _row(num: float, den: float, num_draws: np.ndarray, den_draws: np.ndarray,
                                            "baseline_per_replicate": [float(v) for v in den_reps or []]})}
 
 
+def _log_width(ci: list[float | None]) -> float:
+    """An interval's width on the log scale (inf where a bound is missing or the lower one is 0)."""
+    lo, hi = ci
+    return math.inf if lo is None or hi is None or lo <= 0 else math.log(hi / lo)
+
+
 def _rng(seed: int, name: str) -> np.random.Generator:
     """One resampling stream per method (by its name): a method's interval does not depend on which other methods
     the table holds, nor on their order."""
@@ -190,7 +196,8 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tuple[str, ...], n_boot: int,
                      side_forms: tuple[str, ...], baselines: tuple[str, ...], seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
     """For each SIDE form and metric: the ratio of replicate means to the best baseline (the one with the higher
-    mean), with the module docstring's 95 % interval from resampling within every replicate."""
+    mean; of baselines tied on it, the one giving the widest interval, all named in ``tied_baselines``), with the
+    module docstring's 95 % interval from resampling within every replicate."""
     methods = list(stats)
     n_rep = len(next(iter(stats.values())))
     reps = {m: {k: [value(s, k) for s in stats[m]] for k in metrics} for m in methods}
@@ -204,10 +211,14 @@ def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tup
     for s in (m for m in side_forms if m in methods):
         rows = {}
         for k in metrics:
-            best = max(bases, key=lambda m: point[m][k])
-            rows[k] = {"side": point[s][k], "best_baseline": point[best][k], "best_baseline_method": best,
-                       **_row(point[s][k], point[best][k], boot[s][k], boot[best][k], reps[s][k], reps[best][k]),
-                       "replicates": n_rep}
+            top = max(point[m][k] for m in bases)
+            tied = [m for m in bases if math.isclose(point[m][k], top, rel_tol=1e-12, abs_tol=1e-15)]
+            # baselines tied on the mean give one ratio but other intervals (their replicates spread differently):
+            # the widest is kept, so that the order of --methods cannot decide a mark
+            by = {m: _row(point[s][k], point[m][k], boot[s][k], boot[m][k], reps[s][k], reps[m][k]) for m in tied}
+            best = max(tied, key=lambda m: (_log_width(by[m]["ci95"]), -tied.index(m)))
+            rows[k] = {"side": point[s][k], "best_baseline": point[best][k], "best_baseline_method": best, **by[best],
+                       "replicates": n_rep, **({"tied_baselines": tied} if len(tied) > 1 else {})}
         out[s] = rows
     return out
 

@@ -165,6 +165,9 @@ class FairBenchConfig:
             values = list(getattr(self, name))
             if len(set(values)) != len(values):  # (a setting tried twice is one fewer tried: an unequal budget)
                 raise ValueError(f"{name}={values} repeats a value; each setting of the tuning grid is tried once")
+            if len({f"{v:g}" for v in values}) != len(values):  # (the tuning's scores are keyed by "lambda,T")
+                raise ValueError(f"{name}={values}: two values are the same to 6 significant digits, which the "
+                                 "tuning's scores are keyed by; give values that differ there")
         if "side-lora" in self.methods or any(f["method"] == "side-lora" for f in self.forms.values()):
             if len(self.lora_scales) != len(self.grid):
                 raise ValueError(f"lora_scales has {len(self.lora_scales)} values; side-lora gets the same tuning "
@@ -186,6 +189,9 @@ class FairBenchConfig:
         if names is not None and band not in names:  # (found at the first tuning run's metrics, as a KeyError)
             raise ValueError(f"select_metric={self.select_metric!r}: band {band!r} is not one of the run's bands "
                              f"({', '.join(names)})")
+        if names is not None and not {"high", "mid"} <= set(names):  # (a KeyError after every run, at the report)
+            raise ValueError(f"the run's bands ({', '.join(names)}) must include 'high' and 'mid', which the "
+                             "benchmark's tables report: give evaluate.bands with them, or three calibration_quantiles")
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -691,6 +697,16 @@ def _f(v: float | None, pct: bool = True) -> str:
     return f"{100 * v:.2f}" if pct else f"{v:.2f}"
 
 
+def _ci(lo: float | None, hi: float | None, marked: bool) -> str:
+    """An interval as the tables print it, "[lo, hi]" to 2 decimals; a bound of a marked one that would print as
+    1.00 gets the decimals that show it off 1 (up to 6), which "1.00" beside ↑ or ↓ did not say."""
+    def one(v: float | None) -> str:
+        if not marked or v is None or _f(v, False) != "1.00":
+            return _f(v, False)
+        return next((t for d in (3, 4, 5) if float(t := f"{v:.{d}f}") != 1.0), f"{v:.6f}")
+    return f"[{one(lo)}, {one(hi)}]"
+
+
 def _mark(r: dict[str, Any]) -> str:
     """" ↑" / " ↓" where a ratio's whole interval lies above / below 1, else nothing."""
     return "" if not r["excludes_1"] else (" ↑" if r["ci95"][0] > 1 else " ↓")
@@ -877,7 +893,9 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       "percentile" if inext else ""))
         if h["ratios"]:  # (none when only baselines ran)
             lines += ["", f"SIDE form (or memguide) / best baseline (ratio of replicate means, {caption}"
-                      "; ↑ where the whole interval is above 1, ↓ where it is below 1):", "",
+                      "; ↑ where the whole interval is above 1, ↓ where it is below 1; the best baseline is the one "
+                      "with the higher mean on these held-out replicates, which makes ↑ the harder comparison and "
+                      "leaves ↓ unadjusted for that choice):", "",
                       "| SIDE form | " + " | ".join(BOOT_METRICS) + " |", "|---|" + "---|" * len(BOOT_METRICS)]
         for form, rows in h["ratios"].items():
             cells = []
@@ -885,7 +903,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 r = rows[k]
                 lo, hi = r["ci95"]
                 mark = _mark(r)
-                cells.append(f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
+                cells.append(f"{_f(r['ratio'], False)} {_ci(lo, hi, r['excludes_1'])} vs "
                              f"{r['best_baseline_method']}{mark}")
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
         picks = chosen_on_validation(c, s)  # derived from the file's tuning and ratios, not stored beside them
@@ -903,7 +921,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 lines.append(f"- {label}: **{p['entry']}** ({_setting(c, p['entry'], p['setting'], named=True)}; "
                              f"validation {_f(p['validation'])} %"
                              + (f", tied with {', '.join(p['tied'])}" if p["tied"] else "") + f"): "
-                             f"{_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}] vs "
+                             f"{_f(r['ratio'], False)} {_ci(lo, hi, r['excludes_1'])} vs "
                              f"{r['best_baseline_method']}{_mark(r)}"
                              + (f" (the highest held-out mean: {p['heldout_highest']})"
                                 if p["heldout_highest"] != p["entry"] else " (also the highest held-out mean)"))
@@ -927,7 +945,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                     if r is not None:
                         lo, hi = r["ci95"]
                         mark = _mark(r)
-                        cell += f"; {_f(r['ratio'], False)} [{_f(lo, False)}, {_f(hi, False)}]{mark}"
+                        cell += f"; {_f(r['ratio'], False)} {_ci(lo, hi, r['excludes_1'])}{mark}"
                     if m in h.get("in_rounds", ()) and p["n_generated"] < h["n_generated"]:
                         cell += " ‡"
                     cells.append(cell)
@@ -959,7 +977,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 lo, hi = r["ci95"]
                 mark = _mark(r)
                 lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_f(r['ratio'], False)} "
-                             f"[{_f(lo, False)}, {_f(hi, False)}]{mark}")
+                             f"{_ci(lo, hi, r['excludes_1'])}{mark}")
         reused = s["tuning"].get("reused_from")
         by_entry = s["tuning"].get("reused_from_by_entry") or {}
         sources = ("; ".join(f"`{src}` ({', '.join(m for m, f in by_entry.items() if f == src)})"  # several files

@@ -122,10 +122,11 @@ def render_compute_markdown(data: dict[str, Any]) -> str:
     rss = data.get("evaluate_rss")
     if rss:
         cells = "; ".join(f"N_G {r['n_generated']:,}: {r['peak_rss_mb']:.0f} MB ({r['seconds']:.1f} s)" for r in rss)
-        base = rss[0]["peak_rss_mb"]
-        lines.append(f"| peak RSS of evaluate vs {rss[0]['n_train']:,} random 8x8 training images (fresh process each) "
-                     f"| {cells} | N_G {rss[0]['n_generated']:,}: {base:.0f} MB | "
-                     f"**{rss[-1]['peak_rss_mb'] / base:.2f}** (largest / smallest N_G) |")
+        small, large = (f(rss, key=lambda r: r["n_generated"]) for f in (min, max))  # (in any order given)
+        base = small["peak_rss_mb"]
+        lines.append(f"| peak RSS of evaluate vs {small['n_train']:,} random 8x8 training images (fresh process each) "
+                     f"| {cells} | N_G {small['n_generated']:,}: {base:.0f} MB | "
+                     f"**{large['peak_rss_mb'] / base:.2f}** (largest / smallest N_G) |")
     if data.get("demo"):
         d = data["demo"]
         lines.append(f"| `{d['command']}` wall time | {d['wall_s']:.0f} s | — | — |")

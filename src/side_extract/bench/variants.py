@@ -138,8 +138,12 @@ def load_variants_file(path: str | Path) -> tuple[dict[str, Any], dict[str, dict
     return base, {str(k): dict(v or {}) for k, v in variants.items()}
 
 
+P95_FLOOR = 0.5 / 255  # half an 8-bit level, in RMS-L2 over pixels in [0, 1]: p95 distances below it are copies
+
+
 def objective_score(per_scale: list[tuple[int, dict[str, dict[str, Any]]]], metrics: tuple[str, ...]) -> float:
-    """Mean over scales and ``metrics`` of log((v + e) / (b + e)), e = 1 / N_G (p95, a distance: log(b / v)).
+    """Mean over scales and ``metrics`` of log((v + e) / (b + e)), e = 1 / N_G (p95, a distance: log((b + d) /
+    (v + d)), d = :data:`P95_FLOOR`, so that a variant at distance 0, exact copies, scores above one at 0.001).
 
     ``per_scale``: ``[(N_G, rows)]``, ``rows`` one SIDE method's :func:`ratios_to_best_baseline` entry, which
     holds each metric's value (``side``), its best baseline's (``best_baseline``) and its direction.
@@ -152,7 +156,7 @@ def objective_score(per_scale: list[tuple[int, dict[str, dict[str, Any]]]], metr
             if rows[name]["better"] == "higher":
                 terms.append(math.log((v + e) / (b + e)))
             else:
-                terms.append(math.log(b / v) if v > 0 and b > 0 else 0.0)
+                terms.append(math.log((b + P95_FLOOR) / (v + P95_FLOOR)))
     return sum(terms) / len(terms) if terms else float("nan")
 
 
