@@ -893,8 +893,8 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                       "percentile" if inext else ""))
         if h["ratios"]:  # (none when only baselines ran)
             lines += ["", f"SIDE form (or memguide) / best baseline (ratio of replicate means, {caption}"
-                      "; ↑ where the whole interval is above 1, ↓ where it is below 1; the best baseline is the one "
-                      "with the higher mean on these held-out replicates, which makes ↑ the harder comparison and "
+                      "; ↑ where the whole interval is above 1, ↓ where it is below 1; the best baseline is the "
+                      "one with the higher mean on these held-out replicates, which makes ↑ the harder comparison and "
                       "leaves ↓ unadjusted for that choice):", "",
                       "| SIDE form | " + " | ".join(BOOT_METRICS) + " |", "|---|" + "---|" * len(BOOT_METRICS)]
         for form, rows in h["ratios"].items():
