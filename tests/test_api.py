@@ -789,3 +789,60 @@ def test_a_failed_first_call_removes_its_folder_while_it_still_holds_the_lock(tm
         side_extract.audit(tiny_unet(), side_extract.load_image_set("digits:30").images, scheduler=tiny_scheduler(),
                            config=SMALL, out=tmp_path / "run", methods=["uncond"])
     assert held == [True] and not (tmp_path / "run").exists()
+
+
+def test_an_audit_read_before_a_later_call_refuses_its_stale_pairs(tmp_path, one_thread):
+    """An Audit kept from before a later audit() into the same folder sorted the new cosine scores as distances
+    (the least similar first) and put another training set's images beside them: its snapshot's orientation and
+    training set, the files' scores (a review's find). It now refuses, and a fresh read serves them."""
+    digits = side_extract.load_image_set("digits:30")
+    kw = dict(labels=digits.labels, scheduler=tiny_scheduler(), out=tmp_path / "run", methods=["uncond"])
+    old = side_extract.audit(tiny_unet(), digits.images, config=SMALL, **kw)
+    assert old.pairs("uncond", top=2) == old.pairs("uncond", top=2)  # (equal pairs compare: arrays and all)
+    assert len({*old.pairs("uncond", top=2)}) == 2  # and hash
+    cosine = {**SMALL, "evaluate.similarity": "cosine:pixels", "evaluate.bands": "high=0.99:1,mid=0.98:0.99,low=0.97:0.98"}
+    new = side_extract.audit(tiny_unet(), digits.images, config=cosine, **kw)
+    with pytest.raises(ValueError, match=r"uncond's evaluation .* was made again .* since this Audit was read: .*"
+                                         r"Audit.load\(run\)"):
+        old.pairs("uncond")
+    sims = [p.similarity for p in new.pairs("uncond")]
+    assert sims == sorted(sims, reverse=True)  # a similarity: the most similar first
+
+
+def test_an_audit_of_relative_paths_survives_a_chdir(tmp_path, one_thread, monkeypatch):
+    """audit("tiny", "train.npz") recorded both paths as given: after a chdir (which Audit.load's docstring says the
+    object survives) verify said the model 'is not a model on disk' and pairs that the training set 'does not
+    exist'."""
+    from side_extract.models.target import save_target
+
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "tiny")
+    digits = side_extract.load_image_set("digits:30")
+    np.savez(tmp_path / "train.npz", images=digits.images, labels=digits.labels)
+    monkeypatch.chdir(tmp_path)
+    a = side_extract.audit("tiny", "train.npz", config=SMALL, out="run", methods=["uncond"])
+    assert (a.config.model, a.config.train) == (str(tmp_path / "tiny"), str(tmp_path / "train.npz"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert len(a.pairs("uncond", top=1)) == 1 and a.verify("uncond", top=1)[0].equal
+
+
+def test_the_audits_methods_check_their_device_and_their_arguments(tmp_path, one_thread):
+    """regenerate/verify/verify_conditions and as_target gave torch's own errors for device='gpu' (verify after
+    loading the training set); verify(top=None), which its error offered, was a TypeError; verify_conditions of a
+    misspelled method said every condition matched; pairs on a run with no evaluation listed no results at all."""
+    digits = side_extract.load_image_set("digits:30")
+    a = side_extract.audit(tiny_unet(), digits.images, scheduler=tiny_scheduler(), config=SMALL,
+                           out=tmp_path / "run", methods=["uncond"])
+    for call in (lambda: a.regenerate("uncond", [0], device="gpu"), lambda: a.verify("uncond", top=1, device="gpu"),
+                 lambda: a.verify_conditions("uncond", "gpu"),
+                 lambda: as_target(tiny_unet(), scheduler=tiny_scheduler(), device="gpu")):
+        with pytest.raises(ValueError, match=r"device='gpu' is not a torch device"):
+            call()
+    with pytest.raises(ValueError, match=r"top=None must be a positive integer"):
+        a.verify("uncond", top=None)
+    with pytest.raises(ValueError, match=r"method='uncnd': the run holds no extraction of it"):
+        a.verify_conditions("uncnd")
+    run_audit(tmp_path / "bare", dataclasses.replace(a.config, train=None), until="extraction",
+              target=as_target(tiny_unet(), scheduler=tiny_scheduler()))
+    with pytest.raises(ValueError, match=r"results: none \(no method was evaluated"):
+        Audit.load(tmp_path / "bare").pairs("uncond")

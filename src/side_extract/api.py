@@ -29,6 +29,7 @@ from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
 from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fingerprint, probe_fingerprint,
                            run_target)
+from .models.target import EMBEDDED_TARGETS
 from .pipeline import ProgressFactory, no_progress
 from .findings import SYNTHETIC, Findings, collect
 from .evaluation import incomparable
@@ -161,9 +162,19 @@ class ExtractedPair:
     train_index: int
     similarity: float
     band: str
-    generation: np.ndarray = dataclasses.field(repr=False)
-    nearest: np.ndarray = dataclasses.field(repr=False)
+    generation: np.ndarray = dataclasses.field(repr=False, compare=False)
+    nearest: np.ndarray = dataclasses.field(repr=False, compare=False)
     target_label: int | None = None
+
+    def __eq__(self, other: object) -> bool:  # (the generated one compared arrays with ==: a ValueError)
+        if not isinstance(other, ExtractedPair):
+            return NotImplemented
+        same = all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self) if f.compare)
+        return same and np.array_equal(self.generation, other.generation) and np.array_equal(self.nearest,
+                                                                                               other.nearest)
+
+    def __hash__(self) -> int:  # (by the fields other than the images, which equal pairs share)
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.compare))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,14 +285,20 @@ class Audit:
             raise ValueError(f"top={top!r} must be a positive integer (or None: every pair)")
         synthetic = evaluated_synthetic(self.run) if method not in self.methods else None
         if method not in self.methods and (method != SYNTHETIC or synthetic is None):
-            raise ValueError(f"method={method!r} has no results in {self.run}; results: {', '.join(self.methods)}"
-                             + (f", {SYNTHETIC} (the synthetic set)" if synthetic else ""))
+            results = [*self.methods, *([f"{SYNTHETIC} (the synthetic set)"] if synthetic else [])]
+            raise ValueError(f"method={method!r} has no results in {self.run}; results: "
+                             + (", ".join(results) or "none (no method was evaluated: the run has no training set)"))
         if synthetic is not None:
             result = MethodResult.from_json(read_json(synthetic / "metrics.json", dict))
             evaluated, made = synthetic, self.run / "synthetic"
         else:
             result = self.methods[method]
             evaluated, made = self.run / "evaluation" / method, self.run / "extraction" / method
+            now = read_json(evaluated / "metrics.json", dict) if (evaluated / "metrics.json").is_file() else None
+            if now != result.raw:  # (its orientation, bands and training set were this object's, the files a later
+                # call's: the farthest generations listed first, other training images beside them)
+                raise ValueError(f"{method}'s evaluation in {self.run} was made again (or removed) since this Audit "
+                                 "was read: read the run again with Audit.load(run)")
         with np.load(evaluated / "per_generation.npz", allow_pickle=False) as z:
             gid, tidx, tid = z["generation_id"], z["nearest_train_index"], z["nearest_train_id"]
             sim, bands = z["similarity"].astype(float), z["band"].astype(str)
@@ -324,6 +341,8 @@ class Audit:
         from .extraction import batch_of, earlier_rounds, extract, in_rounds, round_start, stored_batches
         from .pipeline import extraction_fingerprint, extraction_upstream, method_guidance
         from .sampling import BatchSize
+
+        check_device(device)
 
         stage = self.run / "extraction" / method
         rc = (cfg.from_dict(cfg.RunConfig, cfg.load_yaml(stage / "config.yaml")) if (stage / "config.yaml").is_file()
@@ -373,7 +392,10 @@ class Audit:
         that differ by rounding although nothing was altered. Empty when every recorded condition matches."""
         from .runs import versions
 
-        entry = read_stages(self.run).get(f"extraction/{method}") or {}
+        check_device(device)
+        entry = read_stages(self.run).get(f"extraction/{method}")
+        if entry is None:  # (a misspelled method: "every recorded condition matches")
+            raise ValueError(f"method={method!r}: the run holds no extraction of it (manifest.json)")
         out = []
         made = entry.get("device")
         if made is not None and torch.device(made).type != torch.device(device).type:
@@ -394,9 +416,10 @@ class Audit:
         """:meth:`regenerate` ``method``'s generations ``indices`` (default: its ``top`` closest to the training
         set) and compare them with the stored ones, one :class:`Verification` each; all ``equal`` on the
         hardware and thread count the run was made with."""
+        check_device(device)
         if indices is None:
-            if top < 1:
-                raise ValueError(f"top={top} must be >= 1")
+            if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1:
+                raise ValueError(f"top={top!r} must be a positive integer (the closest generations to verify)")
             indices = [p.generation_id for p in self.pairs(method, top=top)]
         ids = [int(i) for i in indices]
         again = self.regenerate(method, ids, model=model, scheduler=scheduler, sample_shape=sample_shape,
@@ -520,7 +543,8 @@ def audit(
                 data = saved("train", data) if isinstance(data, ImageSet) else data
                 held = saved("heldout", held) if isinstance(held, ImageSet) else held
                 ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
-                rc = dataclasses.replace(rc, model=target.description, train=data, extract=ex, evaluate=ev)
+                rc = dataclasses.replace(rc, model=_absolute(target.description, model=True), train=_absolute(data),
+                                         extract=ex, evaluate=dataclasses.replace(ev, heldout=_absolute(ev.heldout)))
                 if group.main and (changed := settings_changed(out, rc)):
                     log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
                 run_with_sweeps(out, rc, device=device, progress=progress, target=target)
@@ -537,6 +561,17 @@ def audit(
             raise ValueError(text) from None
         raise
     return Audit.load(out)
+
+
+def _absolute(spec: Any, *, model: bool = False) -> Any:
+    """A spec that names a file or folder here, made absolute: the run's config is read again from other working
+    directories (:meth:`Audit.load`, ``Audit.pairs`` after a ``chdir``), where a relative path named nothing. Other
+    specs (``digits:N``, an embedded target, an in-memory model's description, None) as they are."""
+    if not isinstance(spec, (str, Path)) or str(spec) == "digits" or str(spec).startswith("digits:"):
+        return spec
+    if model and str(spec) in EMBEDDED_TARGETS:
+        return spec
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
 __all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "Verification", "as_target", "run_target",

@@ -147,6 +147,10 @@ def extract(
     rounds' generations with their target labels (``allocation.adaptive_targets`` draws the whole round's
     targets, of which these are a slice), so the images do not depend on how a round is cut into calls. Outside
     rounds ``stop`` may pass ``c.n``: generation i is the same for every N_G.
+
+    The guidance's settings (``scale``, ``temperature``, ``t_lo``/``t_hi``: ``c``'s, and the ``cond_*`` and
+    ``teacher_*`` ones, make the guidance object in a run, :func:`~side_extract.pipeline.method_guidance`) come
+    from ``guidance`` itself; ``c``'s copies of them are not read here.
     """
     cfg.check_section(c, cfg.ExtractConfig, "c")
     cfg.check_int(start, "start")  # (start=-2 was numpy's "expected non-negative integer")

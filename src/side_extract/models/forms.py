@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..distributed import check_device
 from .target import (CallableDenoiser, Target, UNetDenoiser, check_unet, load_target, model_fingerprint,
                      resolve_model_path)
 
@@ -88,6 +89,7 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
     the sample shape, so it must change whenever the weights do. The callable is still probed once for its
     output's shape.
     """
+    check_device(str(device))  # (torch's own error came from deep inside the first .to())
     if model_id is not None:
         if not isinstance(model_id, str) or not model_id.strip():
             raise ValueError(f"model_id={model_id!r} must be a non-empty string naming the model's weights (e.g. "

@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel
 
 from .. import config as cfg
 from ..data import ImageSet, check_image_set, check_levels
-from ..distributed import SINGLE, ProcessGroup
+from ..distributed import SINGLE, ProcessGroup, check_device
 from ..runs import atomic_directory, atomic_write_json, atomic_write_text, read_json, versions
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
 
     Raises ``ValueError`` when the directory lacks ``unet/`` weights in safetensors or a scheduler config.
     """
+    check_device(str(device))
     cfg.check_path(spec, "spec")
     path = resolve_model_path(spec)
     if not path.is_dir():
