@@ -800,7 +800,8 @@ def test_an_audit_read_before_a_later_call_refuses_its_stale_pairs(tmp_path, one
     old = side_extract.audit(tiny_unet(), digits.images, config=SMALL, **kw)
     assert old.pairs("uncond", top=2) == old.pairs("uncond", top=2)  # (equal pairs compare: arrays and all)
     assert len({*old.pairs("uncond", top=2)}) == 2  # and hash
-    cosine = {**SMALL, "evaluate.similarity": "cosine:pixels", "evaluate.bands": "high=0.99:1,mid=0.98:0.99,low=0.97:0.98"}
+    cosine = {**SMALL, "evaluate.similarity": "cosine:pixels",
+              "evaluate.bands": "high=0.99:1,mid=0.98:0.99,low=0.97:0.98"}
     new = side_extract.audit(tiny_unet(), digits.images, config=cosine, **kw)
     with pytest.raises(ValueError, match=r"uncond's evaluation .* was made again .* since this Audit was read: .*"
                                          r"Audit.load\(run\)"):
