@@ -111,7 +111,10 @@ def test_bad_evaluation_inputs_fail_before_any_stage_and_leave_finished_results(
                        (dict(similarity="cosine:torchscript:/nowhere/sscd.pt"), "torchscript:/nowhere/sscd.pt: no such"),
                        (dict(quality=("torchscript:/nowhere/q.pt",)), "evaluate.quality: torchscript:/nowhere/q.pt: no such"),
                        (dict(quality=("efficientnet-lite0:x",)), "evaluate.quality: feature extractor 'efficientnet-lite0' "
-                                                                 "takes no ':' argument")]:
+                                                                 "takes no ':' argument"),
+                       # (it listed pixels twice, and unet, which the next check refuses)
+                       (dict(quality=("fid",)), r"evaluate.quality: 'fid' is not a feature space; valid: pixels, "
+                                                r"pixels-pca, efficientnet-lite0, torchscript:PATH$")]:
         with pytest.raises(ValueError, match=match):
             run_audit(run, dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, **bad)))
         assert (run / "evaluation" / "side" / "metrics.json").read_bytes() == metrics

@@ -844,10 +844,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                 check()
             except ValueError as e:
                 problems.append(f"evaluate: {e}")
-        for name in ev.quality:
+        valid = ", ".join("torchscript:PATH" if k == "torchscript" else k for k in EXTRACTORS if k != "unet")
+        for name in ev.quality:  # (the list said pixels twice, and offered unet, refused just below)
             if name != "pixels" and name.split(":", 1)[0] not in EXTRACTORS:
-                problems.append(f"evaluate.quality: {name!r} is not a feature space; valid: pixels, "
-                                f"{', '.join(EXTRACTORS)}")
+                problems.append(f"evaluate.quality: {name!r} is not a feature space; valid: {valid}")
             elif name != "pixels" and (bad := _extractor_problem(name)):
                 problems.append(f"evaluate.quality: {bad}")  # a missing torchscript file, an argument to none
             elif name == "unet":
