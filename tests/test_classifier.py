@@ -39,6 +39,18 @@ def test_save_load_roundtrip(tmp_path):
     assert m2.arch.classes == (4, 7, 9)
     with pytest.raises(ValueError, match="not a saved classifier"):
         load_classifier(tmp_path / "missing")
+    # damaged files: safetensors' SafetensorError or a KeyError came as a traceback out of side verify and side
+    # theory measure (a review's find); each is named now
+    import shutil
+
+    for name, text, said in (("model.safetensors", "junk", r"model.safetensors: .*header"),
+                             ("config.json", "{}", r"config.json: KeyError"),
+                             ("config.json", "not json", r"config.json: JSONDecodeError")):
+        shutil.copytree(tmp_path / "c", tmp_path / "d", dirs_exist_ok=True)
+        (tmp_path / "d" / name).write_text(text)
+        with pytest.raises(ValueError, match=r"the classifier in .*/d' is damaged \(" + said):
+            load_classifier(tmp_path / "d")
+        shutil.rmtree(tmp_path / "d")
 
 
 def test_arch_validation():

@@ -237,3 +237,63 @@ def test_held_out_images_that_would_not_be_read_are_refused(sets):
     assert not (sets / "e").exists() and not (run / "evaluation" / "mine").exists()
     r = invoke(*base, "--out", run / "evaluation" / "mine")  # without it: the run's bands
     assert r.exit_code == 0, r.output
+
+
+def test_inputs_found_wrong_only_after_the_work_are_refused_before_it(sets, tmp_path, monkeypatch):
+    """An independent review of the step commands' input checks: a --model the similarity never reads (loaded, or
+    failing to load, then ignored); a model of other channels than the images (a torch traceback mid-work); an
+    --out under a file (found at the write, after the work); held-out images that are all training images (blamed on
+    duplicates, after the null); a channel mismatch advised to be fixed by --resize."""
+    import side_extract.evaluation as evaluation
+    from side_extract.models.target import save_target
+
+    from conftest import tiny_scheduler, tiny_unet
+
+    monkeypatch.setattr(evaluation, "calibrate", lambda *a, **k: pytest.fail("calibrated before the check"))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    gen = ["--generated", sets / "run/extraction/side", "--train", sets / "train.npz"]
+    r = invoke("evaluate", *gen, "--out", sets / "e", "--model", sets / "nowhere")
+    assert r.exit_code == 2 and "--model" in r.output and "would not be read" in " ".join(r.output.split()), r.output
+    r = invoke("calibrate", "--train", sets / "train.npz", "--out", sets / "c", "--model", sets / "nowhere")
+    assert r.exit_code == 2 and "would not be read" in " ".join(r.output.split()), r.output
+    save_target(tiny_unet(channels=3), tiny_scheduler(), tmp_path / "rgb")
+    for cmd in (["evaluate", *gen], ["calibrate", "--train", sets / "train.npz"]):
+        r = invoke(*cmd, "--out", sets / "u", "--similarity", "cosine:unet", "--model", tmp_path / "rgb")
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and "with 1 channel(s), but the model expects 8x8 with 3 channel(s)" in said, r.output
+        assert "Traceback" not in r.output
+    (sets / "afile").write_text("mine\n")
+    for cmd in (["evaluate", *gen], ["calibrate", "--train", sets / "train.npz"]):
+        r = invoke(*cmd, "--out", sets / "afile" / "x")
+        assert r.exit_code == 2 and "is a file, not a folder to write into" in " ".join(r.output.split()), r.output
+    r = invoke("calibrate", "--train", "digits:30", "--heldout", "digits:30", "--out", sets / "c")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--heldout digits:30: every one of its 30 images is a training image" in said, said
+    monkeypatch.undo()  # (the shapes are compared where the sets load, in evaluate)
+    atomic_save_npz(sets / "rgb.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    r = invoke("evaluate", "--generated", sets / "rgb.npz", "--train", sets / "train.npz", "--out", sets / "e")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "differ in channels" in said and "--resize" not in said, said
+    assert not any((sets / d).exists() for d in ("e", "c", "u"))
+
+
+def test_a_result_cut_short_leaves_no_earlier_mark_beside_it(sets, monkeypatch):
+    """`side evaluate` into a folder that held an evaluation, cut short at metrics.json: the new table stood beside
+    the old metrics.json, read as one evaluation (3 generations in metrics.json, 4 rows in the table); the same for
+    `side calibrate`'s null.npz and bands.json."""
+    import side_extract.evaluation as evaluation
+
+    base = ["--train", sets / "train.npz", "--carlini-n", 3, "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01"]
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", *base, "--out", sets / "e")
+    assert r.exit_code == 0, r.output
+    cal = ["calibrate", "--train", "digits:200", "--calibration-quantiles", "0.05,0.1,0.2", "--out", sets / "c"]
+    assert invoke(*cal).exit_code == 0
+
+    def cut(path, *a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(evaluation, "atomic_write_json", cut)
+    atomic_save_npz(sets / "more.npz", images=flat([0, 60, 120]))
+    assert invoke("evaluate", "--generated", sets / "more.npz", *base, "--out", sets / "e").exit_code != 0
+    assert not (sets / "e" / "metrics.json").exists() and (sets / "e" / "per_generation.csv").exists()
+    assert invoke(*cal).exit_code != 0
+    assert not (sets / "c" / "bands.json").exists()

@@ -1135,3 +1135,46 @@ def test_a_refused_stage_names_the_settings_that_changed(tiny_model_dir, tmp_pat
     assert res.exit_code == 2 and "surrogate holds finished results" in said, res.output
     assert "changed: surrogate.n_clusters 4 -> 3" in said, res.output
     assert (tmp_path / "run" / "config.yaml").read_text() == before
+
+
+def test_a_run_inside_another_runs_folders_is_refused(tiny_model_dir, tmp_path):
+    """`side cluster --run R/extraction/memguide` made a whole run inside R's extraction folder, which R's next
+    extraction of memguide then deleted without a word (a review's find). A sweep's sub-runs (R/sweeps/x) stay
+    allowed."""
+    from side_extract.runs import check_run_path
+
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    (outer / "manifest.json").write_text(json.dumps({"stages": {}}))
+    with pytest.raises(ValueError, match=r"lies inside run .*outer'.*use a folder outside it"):
+        run_audit(outer / "extraction" / "memguide", tiny_rc(tiny_model_dir))
+    assert not (outer / "extraction").exists()
+    check_run_path(outer / "sweeps" / "scale=3")  # (no error)
+    r = CliRunner().invoke(app, ["--no-progress", "cluster", "--run", str(outer / "extraction" / "x")])
+    assert r.exit_code == 2 and "lies inside run" in " ".join(r.output.split()), r.output
+
+
+def test_a_damaged_shard_is_named_without_advice_to_unpickle_it(tmp_path):
+    """`side verify` on a damaged shard said numpy's "This file contains pickled (object) data. If you trust the file
+    you can load it unsafely ...", naming no file."""
+    from side_extract.extraction import stored_batches
+    from side_extract.runs import npz_arrays
+
+    (tmp_path / "shard-00000.npz").write_text("garbage")
+    for call in (lambda: stored_batches(tmp_path), lambda: npz_arrays(tmp_path / "shard-00000.npz")):
+        with pytest.raises(ValueError, match=r"shard-00000.npz' is not a readable .npz file \(not a zip of named arrays"
+                                             r".*never loads pickles\)") as e:
+            call()
+        assert "unsafely" not in str(e.value)
+
+
+def test_train_target_refuses_an_out_it_cannot_write_before_training(tmp_path, monkeypatch):
+    """--out under a file: found at the first checkpoint (up to checkpoint_every steps lost)."""
+    import side_extract.models.target as target
+    from side_extract.data import load_image_set
+
+    (tmp_path / "afile").write_text("mine\n")
+    monkeypatch.setattr(target, "_write_checkpoint", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match=r"--out .*afile/x'.*is a file, not a folder to write into"):
+        target.train_target(cfg.TrainTargetConfig(steps=2, block_out_channels=(4, 8), norm_num_groups=4),
+                            load_image_set("digits:10"), tmp_path / "afile" / "x")

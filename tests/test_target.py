@@ -229,6 +229,15 @@ def test_a_finished_target_is_not_replaced_by_another_config_or_data(tmp_path):
     with pytest.raises(ValueError, match="holds files train-target did not write \\(holiday.png\\)"):
         train_target(TINY, data, photos)
     assert sorted(p.name for p in photos.iterdir()) == ["holiday.png"]
+    # a model folder saved by anything else (unet/, scheduler/, model_index.json, all names train-target writes):
+    # it was trained over and replaced without a word (a review's find)
+    from conftest import tiny_scheduler, tiny_unet
+
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "theirs")
+    theirs = (tmp_path / "theirs" / "unet" / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="holds a model that train-target did not write"):
+        train_target(TINY, data, tmp_path / "theirs")
+    assert (tmp_path / "theirs" / "unet" / "config.json").read_bytes() == theirs
 
 
 def test_train_target_rejects_bad_shapes():

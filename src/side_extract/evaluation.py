@@ -167,7 +167,8 @@ class Evaluation:
         """``metrics.json`` + the per-generation table in ``out_dir``; returns the metrics.json path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.table.write(out)
+        (out / "metrics.json").unlink(missing_ok=True)  # the set's mark, written last: an earlier evaluation's beside
+        self.table.write(out)  # this one's table, cut short, read as whole
         atomic_write_json(out / "metrics.json", self.to_json())
         return out / "metrics.json"
 
@@ -330,6 +331,25 @@ def duplicate_counts(images: ImageSet) -> np.ndarray:
     return np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_counts=True)[1]
 
 
+def copies_of(images: ImageSet, train: ImageSet) -> int:
+    """How many of ``images`` are byte for byte one of the training images ``train`` (the same shape)."""
+    seen = {img.tobytes() for img in train.images}
+    return sum(img.tobytes() in seen for img in images.images)
+
+
+def check_heldout(heldout: ImageSet, train: ImageSet, what: str) -> None:
+    """Refuse held-out images (``what`` names them) that are all training images, and say how many are, before a
+    null is computed: the null leaves exact copies out, and an all-copies null was refused only after it, blamed on
+    duplicates in the reference set."""
+    copies = copies_of(heldout, train)
+    if copies == len(heldout):
+        raise ValueError(f"{what}: every one of its {len(heldout)} images is a training image (an exact copy); "
+                         "held-out images must be ones the model never saw")
+    if copies:
+        log.warning("%s: %d of its %d images are training images (exact copies): the null leaves them out; held-out "
+                    "images should be ones the model never saw", what, copies, len(heldout))
+
+
 def _warn_duplicates(train: ImageSet) -> None:
     """Say so when the training set holds exact duplicates: the metrics follow their literal definitions there."""
     counts = duplicate_counts(train)
@@ -436,6 +456,7 @@ class Calibration:
         """``bands.json`` and ``null.npz`` (the raw null values) in ``out_dir``; returns the bands.json path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        (out / "bands.json").unlink(missing_ok=True)  # the set's mark, written last (as metrics.json)
         atomic_save_npz(out / "null.npz", **self.nulls)
         atomic_write_json(out / "bands.json", self.to_json())
         return out / "bands.json"

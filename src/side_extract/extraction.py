@@ -31,7 +31,7 @@ from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .memorization import MemorizationGuidance
 from .models.target import Denoiser
-from .runs import MODEL_INPUT, Progress, RunDir, grows_from, shard_ranges, shard_stage
+from .runs import MODEL_INPUT, Progress, RunDir, grows_from, npz_arrays, shard_ranges, shard_stage
 from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample_batches
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,13 @@ def stored_batches(stage: Path) -> np.ndarray | None:
     (a run grown from an older one); None when no shard recorded it."""
     ids, starts = [], []
     for shard in sorted(stage.glob("shard-*.npz")):
-        with np.load(shard, allow_pickle=False) as z:
-            ids.append(z["index"])
-            starts.append(z["batch"] if "batch" in z.files else np.full(len(z["index"]), -1, dtype=np.int64))
+        try:  # (its images are not read)
+            with np.load(shard, allow_pickle=False) as z:
+                ids.append(z["index"])
+                starts.append(z["batch"] if "batch" in z.files else np.full(len(z["index"]), -1, dtype=np.int64))
+        except Exception:  # a damaged shard: numpy's words named no file and suggested unpickling it; npz_arrays
+            npz_arrays(shard, "index")  # fails on it too, naming the file and what is wrong
+            raise
     if not ids or all((s < 0).all() for s in starts):
         return None
     order = np.argsort(np.concatenate(ids), kind="stable")

@@ -443,7 +443,9 @@ def check_same_shape(generated: ImageSet, train: ImageSet, what: str = "generate
         g, t = generated.images.shape[1:], train.images.shape[1:]
         name = f" ({generated.name})" if generated.name else ""
         raise ValueError(f"{what}{name} are {g[0]}x{g[1]}x{g[2]} (HxWxC) but training images are "
-                         f"{t[0]}x{t[1]}x{t[2]}; resize both to one size (--resize SIZE)")
+                         f"{t[0]}x{t[1]}x{t[2]}; " + ("resize both to one size (--resize SIZE)" if g[2] == t[2] else
+                                                      "they differ in channels (grey against colour), which no "
+                                                      "resizing changes: give both sets in one colour mode"))
 
 
 def pixel_ratios(generated: ImageSet, train: ImageSet, *, alpha: float = 0.5, n: int = 50,

@@ -27,7 +27,7 @@ import torch
 from . import config as cfg
 from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
 from .distributed import SINGLE, ProcessGroup
-from .evaluation import Evaluation, calibrate, duplicate_counts, evaluate, held_out_set
+from .evaluation import Evaluation, calibrate, copies_of, duplicate_counts, evaluate, held_out_set
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, planned_extraction, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
@@ -864,7 +864,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                 if train is not None and h.shape != train.shape:
                     problems.append(f"evaluate.heldout={ev.heldout!r} images are {h.shape} (C, H, W), the training "
                                     f"set's {train.shape}")
-                elif train is not None and (copies := _copies_of(h, train)) == len(h):
+                elif train is not None and (copies := copies_of(h, train)) == len(h):
                     problems.append(f"evaluate.heldout={ev.heldout!r}: every one of its {len(h)} images is a training "
                                     "image (an exact copy); held-out images must be ones the model never saw")
                 n_null -= copies
@@ -890,12 +890,6 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                             "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
     if problems:
         raise ValueError("the run cannot start:\n  - " + "\n  - ".join(problems))
-
-
-def _copies_of(images: ImageSet, train: ImageSet) -> int:
-    """How many of ``images`` are byte for byte one of the training images ``train`` (the same shape)."""
-    seen = {img.tobytes() for img in train.images}
-    return sum(img.tobytes() in seen for img in images.images)
 
 
 def _extractor_problem(name: str) -> str | None:

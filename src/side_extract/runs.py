@@ -120,9 +120,13 @@ def npz_arrays(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
             return {k: z[k] for k in (keys or z.files)}
     except KeyError as e:
         raise ValueError(f"{str(path)!r} lacks the array {e}: remake it (rerun the stage that writes it)") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"{str(path)!r} is not a readable .npz file ({type(e).__name__}: {e}): remake it (rerun "
-                         "the stage that writes it)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TypeError) as e:
+        why = ("not a zip of named arrays (as np.savez writes; side-extract never loads pickles)"
+               if isinstance(e, ValueError) and "pickle" in str(e) else  # (numpy's words suggest unpickling it)
+               "one bare array (a .npy file), not named arrays" if isinstance(e, TypeError) else
+               f"{type(e).__name__}: {e}")
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({why}): remake it (rerun the stage that "
+                         "writes it)") from None
 
 
 def _seal(root: Path) -> None:
@@ -497,8 +501,23 @@ def _held(path: Path, f: Any) -> str:
     return f"run directory {str(path)!r} is being written by another process ({f.read().strip() or 'holder unknown'})"
 
 
+def check_writable(out: str | Path, what: str = "--out") -> None:
+    """Refuse an output folder that cannot be made or written here (its nearest existing folder read-only, or a
+    file on its way), before the work whose results it would hold: found at the first write, after the work."""
+    anc = Path(out).absolute()
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"{what} {str(out)!r}: {str(anc)!r} is a file, not a folder to write into")
+    if not os.access(anc, os.W_OK | os.X_OK):  # (a read-only mount too, as root)
+        raise ValueError(f"{what} {str(out)!r}: {str(anc)!r} is not writable here")
+
+
 def _locked(path: Path, f: Any) -> RunLocked:
-    return RunLocked(f"{_held(path, f)}; wait for it (--wait) or use another run directory")
+    return RunLocked(f"{_held(path, f)}; wait for it (--wait{WAIT_NOTE}) or use another run directory")
+
+
+WAIT_NOTE = ": side run, demo, sample, cluster, train-classifier, extract; audit(wait=True)"
 
 
 OWN_BEFORE_MANIFEST = ("config.yaml", "inputs", "sweeps")  # the API saves an in-memory training set in inputs/
@@ -511,6 +530,11 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"run directory {str(path)!r} exists and is not a directory")
+    outer = enclosing_run(path.resolve().parent)
+    if outer is not None and not path.resolve().is_relative_to(outer / "sweeps"):  # (a sweep's sub-runs are its)
+        raise ValueError(f"run directory {str(path)!r} lies inside run {str(outer)!r}, whose writers clear and "
+                         "replace its folders (a run made in RUN/extraction/x was deleted by the next extraction "
+                         "there): use a folder outside it")
     if path.is_dir() and not (path / RunDir.MANIFEST).is_file():
         # a run clears a stage's folder that its manifest does not list: in a folder that is no run, those are
         # someone's files. What a run writes before its first manifest (its lock, config.yaml, the API's inputs/, a

@@ -8,7 +8,7 @@ import typer
 
 from .. import config as cfg
 from .common import cli_errors, console, progress_bar
-from .evaluate import evaluate_config, load_feature_model, run_written_into
+from .evaluate import check_model_read, evaluate_config, load_feature_model, run_written_into
 
 D = cfg.EvaluateConfig()
 
@@ -37,8 +37,9 @@ def calibrate_cmd(
     """Best scores of held-out images vs the training set and of each training image vs the rest; band edges
     at tail quantiles of the held-out null (the train-vs-rest null without held-out images)."""
     c = evaluate_config(ctx, config)
+    check_model_read(model, c.similarity)
     from ..data import load_image_set
-    from ..evaluation import calibrate, held_out_set
+    from ..evaluation import calibrate, check_heldout, held_out_set
     from ..metrics import check_same_shape
     from ..runs import run_lock
 
@@ -50,7 +51,8 @@ def calibrate_cmd(
                       "no --heldout: bands from each training image vs the rest of the training set")
     if ho is not None:  # before the work (it was found after the training set's null)
         check_same_shape(ho, tr, "held-out images")
-    feature_model = load_feature_model(model, device)
+        check_heldout(ho, tr, f"--heldout {c.heldout}" if c.heldout is not None else f"the digits not in {train}")
+    feature_model = load_feature_model(model, device, tr)
     with progress_bar(ctx, "calibrate") as cb:
         result = calibrate(tr, ho, c, feature_model=feature_model, device=device, progress=cb)
     with run_lock(run) if run is not None else contextlib.nullcontext():

@@ -36,13 +36,26 @@ def parse_floats(value: Any, name: str) -> list[float]:
         raise ValueError(f"{name}={value!r} must be comma-separated numbers") from None
 
 
-def load_feature_model(model: str | None, device: str) -> Any:
-    """The target denoiser for extractors that need one (``cosine:unet``); None without ``--model``."""
+def check_model_read(model: str | None, similarity: str) -> None:
+    """Refuse a ``--model`` that the similarity would not read (only ``cosine:unet`` embeds with the target): it was
+    loaded, or failed to load, and then ignored."""
+    if model is not None and similarity != "cosine:unet":
+        raise ValueError(f"--model {model!r} is read by --similarity cosine:unet only (here {similarity!r}): it would "
+                         "not be read; leave it out")
+
+
+def load_feature_model(model: str | None, device: str, images: Any = None) -> Any:
+    """The target denoiser for extractors that need one (``cosine:unet``); None without ``--model``. ``images``
+    (an ImageSet): refused where the model takes images of another shape (a torch error deep in the work)."""
     if model is None:
         return None
-    from ..models.target import load_target
+    from ..models.target import check_fits, load_target
 
-    return load_target(model, device)
+    denoiser = load_target(model, device)
+    if images is not None:
+        h, w, ch = images.images.shape[1:]
+        check_fits((ch, h, w), denoiser.sample_shape, f"training images ({images.name or 'given'}) for --model {model}")
+    return denoiser
 
 
 def default_method(generated: str) -> str:
@@ -56,10 +69,11 @@ def run_written_into(out: Path) -> Path | None:
     checked before the sets load: ``out`` may not be the folder of one of the run's own stages (its manifest vouches
     for what the run made there), and no other process may be writing the run; nor may ``out`` be a file (it was
     found after the work)."""
-    from ..runs import check_unlocked, enclosing_run, stage_holding
+    from ..runs import check_unlocked, check_writable, enclosing_run, stage_holding
 
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory (expected a folder to write into)")
+    check_writable(out)
     run = enclosing_run(out)
     if run is not None:
         if (stage := stage_holding(run, out)) is not None:
@@ -141,8 +155,9 @@ def evaluate_cmd(
 ) -> None:
     """AMS / UMS per band, 95th percentile, Carlini's and Gu's ratios, the N_G law: DIR/metrics.json."""
     c = evaluate_config(ctx, config)
+    check_model_read(model, c.similarity)
     from ..data import load_image_set
-    from ..evaluation import evaluate, held_out_set, heldout_unread
+    from ..evaluation import check_heldout, evaluate, held_out_set, heldout_unread
     from ..metrics import parse_bands
     from ..runs import run_lock
 
@@ -167,7 +182,10 @@ def evaluate_cmd(
     # them only where it calibrates bands)
     rest = (held_out_set(train, None, c.resize) if c.heldout is None and c.similarity == "rms-l2" and c.bands is None
             and c.bands_file is None else None)  # (cosine without bands takes the paper's)
-    feature_model = load_feature_model(model, device)
+    if c.heldout is not None or rest is not None:  # (all copies was found after the null, blamed on duplicates)
+        check_heldout(rest if rest is not None else held_out_set(train, c.heldout, c.resize), tr,
+                      f"--heldout {c.heldout}" if c.heldout is not None else f"the digits not in {train}")
+    feature_model = load_feature_model(model, device, tr)
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
                           feature_model=feature_model, device=device, progress=cb, heldout=rest)

@@ -241,10 +241,23 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *
     d = Path(directory)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise ValueError(f"{str(d)!r} is not a saved classifier (expected config.json and model.safetensors)")
-    arch_d = json.loads((d / "config.json").read_text())["arch"]
-    arch_d.pop("num_train_timesteps", None)  # written by versions before 0.2, never used
-    arch_d["classes"] = tuple(arch_d.get("classes", ()))
+    damaged = (f"the classifier in {str(d)!r} is damaged (%s): restore it, or delete the folder and train it again "
+               "(side train-classifier, or side extract --force in its run)")
+    try:
+        arch_d = json.loads((d / "config.json").read_text())["arch"]
+        arch_d.pop("num_train_timesteps", None)  # written by versions before 0.2, never used
+        arch_d["classes"] = tuple(arch_d.get("classes", ()))
+        arch = ClassifierArch(**arch_d)
+    except (ValueError, KeyError, TypeError) as e:  # (not JSON, no arch, unknown fields: a traceback before)
+        raise ValueError(damaged % f"config.json: {type(e).__name__} {e}") from None
     with torch.random.fork_rng():  # its random initialisation, overwritten below, leaves the caller's RNG alone
-        model = build_classifier(ClassifierArch(**arch_d), unet)
-    model.load_state_dict(load_file(str(d / "model.safetensors")))
+        model = build_classifier(arch, unet)
+    try:
+        weights = load_file(str(d / "model.safetensors"))
+    except Exception as e:  # (safetensors' own SafetensorError is no ValueError)
+        raise ValueError(damaged % f"model.safetensors: {e}") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # (weights of another architecture than config.json says)
+        raise ValueError(damaged % f"model.safetensors does not fit config.json: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()

@@ -29,7 +29,7 @@ from diffusers.training_utils import EMAModel
 from .. import config as cfg
 from ..data import ImageSet, check_image_set, check_levels
 from ..distributed import SINGLE, ProcessGroup, check_device
-from ..runs import atomic_directory, atomic_write_json, atomic_write_text, read_json, versions
+from ..runs import atomic_directory, atomic_write_json, atomic_write_text, check_writable, read_json, versions
 
 log = logging.getLogger(__name__)
 
@@ -421,20 +421,25 @@ def check_train_out(out: Path, resume_key: dict) -> None:
     """Refuse an ``out`` that holds what this training must not replace: files it did not write, or a model or
     checkpoints trained with another config or data set (at any step: a checkpoint past the requested steps is
     not resumed, but the model trained to it is still the folder's)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; expected a directory to write the target to")
+    check_writable(out)  # (found at the first checkpoint: up to checkpoint_every steps lost)
     if not out.exists():
         return
-    if not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; expected a directory to write the target to")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in TRAIN_OUT_FILES)
     if foreign:
         raise ValueError(f"--out {str(out)!r} holds files train-target did not write ({', '.join(foreign[:5])}"
                          f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty --out")
+    made = out / "train_config.yaml"
+    if ((out / "unet").exists() or (out / "model_index.json").exists()) and not (
+            made.is_file() or (out / ".final" / "train_config.yaml").is_file()):  # (a move cut short keeps it there)
+        raise ValueError(f"--out {str(out)!r} holds a model that train-target did not write (no train_config.yaml): "
+                         "training here would replace it; choose a new or empty --out")
     differs = f"{str(out)!r} holds a target trained with a different config or data set"
     for state in sorted((out / "checkpoints").glob("step-*/training_state.json")):
         if read_json(state)["resume_key"] != resume_key:
             raise ValueError(f"{differs} ({state.parent.name}); training here would replace it: choose another "
                              "--out or delete it")
-    made = out / "train_config.yaml"
     if made.is_file():
         old = {k: v for k, v in cfg.keyed_settings(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made))).items()
                if k not in ("steps", "checkpoint_every")}
