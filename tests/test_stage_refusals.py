@@ -101,3 +101,24 @@ def test_evaluations_under_other_metric_settings_are_not_compared():
     assert incomparable({"memguide": metrics(0.5), "uncond": metrics(0.5)}) == {}
     said = incomparable({"memguide": metrics(0.5), "uncond": metrics(0.999)})
     assert set(said) == {"uncond"} and "carlini_alpha" in said["uncond"]
+
+
+def test_the_feature_batch_size_keys_only_what_reads_it(tiny_model_dir, tmp_path):
+    """evaluate.feature_batch_size on pixel RMS-L2 (no network runs): no warning, yet the calibration and every
+    evaluation were keyed by it (refused without --force, made again the same with it). On a network's features
+    (cosine:unet) the training features were not keyed by it, though its batches round apart: a rerun mixed them
+    with the evaluations' features of the new size (an independent review's finds)."""
+    run = tmp_path / "run"
+    rc = _rc(tiny_model_dir)
+    run_audit(run, rc)
+    before = {k: v["fingerprint"] for k, v in _stages(run).items()}
+    other = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, feature_batch_size=3))
+    assert "evaluate.feature_batch_size" in cfg.inert_keys(other)
+    run_audit(run, other, replace=False)
+    assert {k: v["fingerprint"] for k, v in _stages(run).items()} == before
+    unet = _rc(tiny_model_dir, similarity="cosine:unet", bands="high=0.99:1,mid=0.98:0.99,low=0.97:0.98")
+    run_audit(tmp_path / "u", unet)
+    first = _stages(tmp_path / "u")["train-features"]["fingerprint"]
+    run_audit(tmp_path / "u", dataclasses.replace(unet, evaluate=dataclasses.replace(unet.evaluate,
+                                                                                      feature_batch_size=3)))
+    assert _stages(tmp_path / "u")["train-features"]["fingerprint"] != first

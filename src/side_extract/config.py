@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import os
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,17 @@ SchedulerKind = Literal["ddim", "ddpm"]
 Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS = get_args(Precision)
 
+
+
+_SHOWN = reprlib.Repr()  # (keyword arguments from Python 3.12)
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict = 2, 6, 6, 6
+_SHOWN.maxstring = _SHOWN.maxother = 200
+
+
+def _shown(value: object) -> str:
+    """A value as an error message shows it: its repr, cut short where long or deep (a config of nested YAML
+    aliases, a few hundred bytes, printed as megabytes)."""
+    return _SHOWN.repr(value)
 
 def _precision(obj: Any) -> None:
     if obj.precision not in PRECISIONS:
@@ -80,7 +92,7 @@ def check_int(value: Any, name: str, least: int = 0) -> None:
     take counts, seeds and indices this way (a float count made a wrong number of samples; a negative seed was
     numpy's "expected non-negative integer", which names nothing)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise ValueError(f"{name}={value!r} must be an integer >= {least}")
+        raise ValueError(f"{name}={_shown(value)} must be an integer >= {least}")
 
 
 def check_eta(eta: float) -> None:
@@ -101,7 +113,7 @@ def check_path(value: Any, name: str) -> None:
     """Refuse ``value`` unless it is a path (str or os.PathLike): None or a number given for a path was pathlib's
     TypeError, which names neither the argument nor what it takes."""
     if not isinstance(value, (str, os.PathLike)):
-        raise ValueError(f"{name}={value!r} must be a path (a str or pathlib.Path), got {type(value).__name__}")
+        raise ValueError(f"{name}={_shown(value)} must be a path (a str or pathlib.Path), got {type(value).__name__}")
 
 
 MAX_SHARDS = 1_000_000  # shard files of one stage (a folder of more is no longer a run directory one can handle)
@@ -678,12 +690,23 @@ def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
         keys, why = ("alpha", "target_modules"), "LoRA's; lora.rank is full: every weight trains"
     elif isinstance(c, FeaturesConfig) and c.extractor.split(":", 1)[0] in ("pixels", "pixels-pca"):
         keys, why = ("batch_size",), "the pixel extractors embed each image alone"
-    elif isinstance(c, EvaluateConfig):  # (two groups, each with its reason)
+    elif isinstance(c, EvaluateConfig):  # (groups, each with its reason)
         return {**(dict.fromkeys(DETECTION_KEYS, "clique detection runs only with evaluate.detect_threshold")
                    if c.detect_threshold is None else {}),
                 **(dict.fromkeys(QUALITY_SETTING_KEYS, "sample quality is measured only with evaluate.quality")
-                   if not c.quality else {})}
+                   if not c.quality else {}),
+                **({"feature_batch_size": "no feature network runs: the similarity and the quality metrics are on "
+                                          "pixels"}
+                   if not any(map(batches_features, (c.similarity, *c.quality))) else {})}
     return dict.fromkeys(keys, why)
+
+
+def batches_features(name: str) -> bool:
+    """Whether a similarity (``cosine:<extractor>``, ``rms-l2``) or a quality feature space embeds images in batches
+    (a network: ``evaluate.feature_batch_size`` is read, and can move its features by a rounding step); the pixel
+    spaces embed each image alone."""
+    extractor = name.split(":", 1)[1] if name.startswith("cosine:") else name
+    return name != "rms-l2" and extractor.split(":", 1)[0] not in ("pixels", "pixels-pca")
 
 
 DETECTION_KEYS = ("detect_min_size", "detect_grid", "detect_mode", "extraction_threshold")
@@ -836,7 +859,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build config dataclass ``cls`` from a (possibly partial) dict, checking keys and types."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ValueError(f"config section {where or cls.__name__!r} must be a mapping, got {data!r}")
+        raise ValueError(f"config section {where or cls.__name__!r} must be a mapping, got {_shown(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(data) - set(fields)))  # (YAML reads some keys as other types: on: True, 1: 2)
     if unknown:
@@ -875,36 +898,37 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ValueError as e:
                 errors.append(str(e))
-        said = f"{path}={value!r} "  # every form the value could take, e.g. "must be an integer or must be one of 'full'"
+        said = f"{path}={_shown(value)} "  # every form the value could take, e.g. "must be an integer or must be one
+        # of 'full'"
         raise ValueError(said + " or ".join(e.removeprefix(said) for e in errors) if errors else f"{said}is not allowed")
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{path}={value!r} must be one of {', '.join(map(repr, args))}")
+            raise ValueError(f"{path}={_shown(value)} must be one of {', '.join(map(repr, args))}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{path}={value!r} must be a list")
+            raise ValueError(f"{path}={_shown(value)} must be a list")
         return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{path}={value!r} must be true or false")
+            raise ValueError(f"{path}={_shown(value)} must be true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{path}={value!r} must be an integer")
+            raise ValueError(f"{path}={_shown(value)} must be an integer")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"{path}={value!r} must be a number")
+            raise ValueError(f"{path}={_shown(value)} must be a number")
         try:
             if not math.isfinite(value):
-                raise ValueError(f"{path}={value!r} must be a finite number")
+                raise ValueError(f"{path}={_shown(value)} must be a finite number")
             return float(value)
         except OverflowError:  # an integer past float's range
             raise ValueError(f"{path} (an integer of {value.bit_length()} bits) must be a finite number") from None
     if tp is str:
         if not isinstance(value, (str, Path)):
-            raise ValueError(f"{path}={value!r} must be a string")
+            raise ValueError(f"{path}={_shown(value)} must be a string")
         return str(value)
     return value  # pragma: no cover - every field type above is handled
 
@@ -959,6 +983,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    except RecursionError:  # (nested beyond Python's stack: a traceback)
+        raise ValueError(f"config file {str(p)!r} is nested too deep to be a run config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -237,8 +237,8 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
                 arrays.append(_as_8bit(im, f))
                 if _transparent(im):
                     see_through.append(f.name)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"image file {str(f)!r} is unreadable or corrupt: {e}") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:  # (a bomb: Pillow's
+            raise ValueError(f"image file {str(f)!r} is unreadable or corrupt: {e}") from e  # traceback, no file)
     if see_through:  # the alpha channel is dropped: what lies under a transparent pixel is shown as it is
         warnings.warn(f"{len(see_through)} of the {len(files)} images in {str(path)!r} have transparent pixels (the "
                       f"first: {', '.join(see_through[:3])}); their alpha is dropped, so each transparent pixel shows "
@@ -305,6 +305,9 @@ def load_npz(path: Path) -> ImageSet:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files if k in ("images", "labels", "index")}
             files = z.files
+    except MemoryError as e:  # (a header claiming terabytes: "out of memory", advising a smaller batch)
+        raise ValueError(f"{str(path)!r} claims an array larger than memory ({e}): it is damaged or not an image "
+                         "set") from None
     except TypeError:  # a .npy file: np.load returns a bare array, which is no context manager
         raise ValueError(f"{str(path)!r} is not a readable .npz file: it holds one array (a .npy file), "
                          "not named arrays") from None

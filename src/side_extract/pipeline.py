@@ -467,7 +467,9 @@ CALIBRATION_IGNORES = ("resize", "carlini_alpha", "carlini_n", "carlini_centerin
 def calibration_settings(c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     """``c`` with the keys the calibration does not read at their defaults, for its stage's fingerprint: changing
     Carlini's, Gu's, detection's or sample quality's settings re-evaluates the methods without calibrating again."""
-    return cfg.at_defaults(c, (*CALIBRATION_IGNORES, "heldout"))  # (the held-out images are keyed, not their path)
+    unread = [] if cfg.batches_features(c.similarity) else ["feature_batch_size"]  # (no network: pixels)
+    return cfg.at_defaults(c, (*CALIBRATION_IGNORES, "heldout", *unread))  # (the held-out images are keyed, not
+    # their path)
 
 
 def real_heldout(rc: cfg.RunConfig) -> ImageSet | None:
@@ -522,9 +524,12 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
     if sim.metric != "cosine":
         return None
     needs_model = EXTRACTORS[sim.extractor.split(":", 1)[0]].needs_model
+    batch = c.feature_batch_size  # (a network's batches round apart: the calibration and evaluations are keyed by
+    # it, which then mixed these features of the old size with theirs of the new one; at the default, as before)
+    keyed = [batch] if cfg.batches_features(c.similarity) and batch != cfg.EvaluateConfig().feature_batch_size else []
     fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(),
                            ctx.fp[MODEL_INPUT] if needs_model else None,
-                           *script_fingerprints(sim.extractor))
+                           *script_fingerprints(sim.extractor), *keyed)
     path = ctx.run.path / "train-features" / "features.npz"
     if ctx.run.begin("train-features", fp) != "skip" or _damaged(path, "features"):
         feats = extract_features(sim.extractor, train, model=ctx.denoiser, reference=train, device=ctx.device,

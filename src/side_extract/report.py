@@ -507,9 +507,12 @@ def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size!r} must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels of each "
                          "image shown; every pair is inlined in the page)")
-    data = build_report(run_dir, top=top)  # (checks run_dir first)
     run = Path(run_dir)
     out = run / "report"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):  # (its files were written where it pointed)
+        raise ValueError(f"{str(out)!r} is {'a symbolic link' if out.is_symlink() else 'a file'}, not the run's report "
+                         "folder: remove it")
+    data = build_report(run_dir, top=top)  # (checks run_dir first)
     html = render_html(data, run, image_size=image_size)  # before either file is written: never one without the other
     atomic_write_json(out / "report.json", data)
     atomic_write_text(out / "report.html", html)

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import stat
 import zipfile
 import zlib
 import re
@@ -118,6 +119,9 @@ def npz_arrays(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in (keys or z.files)}
+    except MemoryError as e:  # (a header claiming terabytes: "out of memory", advising a smaller batch)
+        raise ValueError(f"{str(path)!r} claims an array larger than memory ({e}): it is damaged or not one of "
+                         "side-extract's; remake it (rerun the stage that writes it)") from None
     except KeyError as e:
         raise ValueError(f"{str(path)!r} lacks the array {e}: remake it (rerun the stage that writes it)") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TypeError) as e:
@@ -237,7 +241,7 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
     ``list``), whose value is not of that type, is a ValueError naming the file."""
     try:
         value = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (nested beyond Python's stack)
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}); it is damaged: restore or delete it") from None
     if expect is not None and not isinstance(value, expect):
         kind = {dict: "a JSON object", list: "a JSON array"}.get(expect, expect.__name__)
@@ -266,7 +270,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             isinstance(e, dict) and isinstance(e.get("inputs") or {}, dict) for e in stages.values()):
         raise ValueError(f"{str(path)!r} is not a run manifest (expected a JSON object whose 'stages' maps each stage "
                          "to an object); it is damaged: restore or delete it")
+    if bad := [k for k in stages if not _stage_name(k)]:  # (../../x: a sweep cleared and copied RUN/<stage>)
+        raise ValueError(f"{str(path)!r} names stages that are no folder of the run ({', '.join(map(repr, bad[:3]))})"
+                         ": it is damaged or not a run's; restore or delete it")
     return m
+
+
+def _stage_name(name: str) -> bool:
+    """Whether ``name`` can be a stage: relative folder names below the run (``extraction/side``), none of them
+    empty, ``.`` or ``..``."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") and "\\" not in p for p in parts)
 
 
 def settings_changed(run: str | Path, rc: cfg.RunConfig) -> list[str]:
@@ -520,6 +534,10 @@ def _locked(path: Path, f: Any) -> RunLocked:
 WAIT_NOTE = ": side run, demo, sample, cluster, train-classifier, extract; audit(wait=True)"
 
 
+# the folders a run's writers clear and write (its stages' and the report's): no other run may lie inside them
+RUN_FOLDERS = frozenset({*(s for s in STAGE_SECTIONS if s != "calibration"), "train-features", "synthetic-evaluation",
+                         "report", "inputs"})
+
 OWN_BEFORE_MANIFEST = ("config.yaml", "inputs", "sweeps")  # the API saves an in-memory training set in inputs/
 
 
@@ -530,8 +548,18 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"run directory {str(path)!r} exists and is not a directory")
+    if path.is_dir():  # a writer clears and writes RUN/<stage> through them: outside the run (a run someone gave)
+        links = [p for p in path.iterdir() if p.is_symlink()] + [
+            p for d in ("extraction", "evaluation", "sweeps") if (path / d).is_dir() and not (path / d).is_symlink()
+            for p in (path / d).iterdir() if p.is_symlink()]
+        if links:
+            named = ", ".join(str(p.relative_to(path)) for p in links[:3])
+            raise ValueError(f"run directory {str(path)!r} holds symbolic links ({named}): a run writes and clears "
+                             "its folders through them, outside the run; remove them")
     outer = enclosing_run(path.resolve().parent)
-    if outer is not None and not path.resolve().is_relative_to(outer / "sweeps"):  # (a sweep's sub-runs are its)
+    top = path.resolve().relative_to(outer).parts[0] if outer is not None else None
+    if top is not None and (top in RUN_FOLDERS or top in {s.split("/", 1)[0] for s in read_stages(outer)}):
+        # (a sweep's sub-runs, RUN/sweeps/x, and a bench's, RUN/forms/x, are the run's own)
         raise ValueError(f"run directory {str(path)!r} lies inside run {str(outer)!r}, whose writers clear and "
                          "replace its folders (a run made in RUN/extraction/x was deleted by the next extraction "
                          "there): use a folder outside it")
@@ -577,8 +605,24 @@ def check_unlocked(path: str | Path) -> None:
     path = Path(path).resolve()
     if path in _HELD or not (path / ".lock").is_file():
         return
-    with open(path / ".lock", "a+") as f:  # closing it releases the probe's own lock
+    with _open_lock(path) as f:  # closing it releases the probe's own lock
         _take_lock(f, path)
+
+
+def _open_lock(path: Path) -> Any:
+    """``path/.lock`` opened for reading and appending, never through a symbolic link (a run someone gave with a
+    ``.lock`` linked to another file: its contents were logged, then truncated) and only as a plain file."""
+    try:
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
+    except OSError:
+        if (path / ".lock").is_symlink():
+            raise ValueError(f"{str(path / '.lock')!r} is a symbolic link, not the run's lock file: remove "
+                             "it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{str(path / '.lock')!r} is not a plain file, not the run's lock file: remove it")
+    return os.fdopen(fd, "a+")
 
 
 def _still_the_lock_file(f: Any, path: Path) -> bool:
@@ -609,7 +653,7 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
     said = False
     while True:
         path.mkdir(parents=True, exist_ok=True)
-        f = open(path / ".lock", "a+")
+        f = _open_lock(path)
         try:
             if wait:
                 try:

@@ -5,6 +5,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -229,8 +230,21 @@ def progress_bar(ctx: typer.Context, description: str, *,
         yield update
 
 
+class _PlainFormatter(logging.Formatter):
+    """Log lines with control characters other than newline and tab escaped: a folder name in a run someone gave
+    (a method's, a file's) cannot set the terminal's title or clear its screen through a warning that names it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), super().format(record))
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PlainFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 def _cpu_times() -> tuple[float, float] | None:

@@ -1,0 +1,128 @@
+"""A run directory, config or data set someone else gave: nothing in it may write or delete outside the run, read a
+file it links to, or make a few hundred bytes cost gigabytes (faults an independent security review reproduced)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import time
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+
+from side_extract import config as cfg
+from side_extract.data import load_image_set
+from side_extract.runs import check_run_path, check_unlocked, npz_arrays, read_json, read_manifest, run_lock
+
+
+def _run(tmp_path, stages=None):
+    run = tmp_path / "given"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"stages": stages or {}}))
+    return run
+
+
+@pytest.mark.parametrize("name", ["../../victim", "/tmp/victim", "extraction/../..", "a//b", ""])
+def test_a_manifest_naming_a_stage_outside_the_run_is_refused(tmp_path, name):
+    """A stage named ../../victim: a sweep of the run cleared RUN/<stage> in its sub-run and copied the parent's
+    RUN/<stage> into it, so the victim folder was deleted (an absolute name: any folder the user can write)."""
+    run = _run(tmp_path, {name: {"status": "complete", "fingerprint": "x"}})
+    with pytest.raises(ValueError, match="names stages that are no folder of the run"):
+        read_manifest(run / "manifest.json")
+
+
+def test_a_lock_file_linked_elsewhere_is_neither_read_nor_truncated(tmp_path):
+    """RUN/.lock linked to ~/.bashrc: the writer logged its contents as the stale holder, then truncated it."""
+    run = _run(tmp_path)
+    victim = tmp_path / "bashrc"
+    victim.write_text("export SECRET_TOKEN=abc123\n")
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(ValueError, match=r"\.lock' is a symbolic link, not the run's lock file"):
+        with run_lock(run):
+            pass
+    with pytest.raises(ValueError, match="symbolic link"):
+        check_unlocked(run)
+    assert victim.read_text() == "export SECRET_TOKEN=abc123\n"
+
+
+def test_a_run_holding_symbolic_links_is_refused_before_a_writer_follows_them(tmp_path):
+    """RUN/evaluation linked to another folder: the next run cleared that folder's method directories and wrote the
+    run's bands and metrics there."""
+    run = _run(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (run / "evaluation").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=r"holds symbolic links \(evaluation\)"):
+        check_run_path(run)
+    (run / "evaluation").unlink()
+    (run / "extraction").mkdir()
+    (run / "extraction" / "side").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=r"holds symbolic links \(extraction/side\)"):
+        check_run_path(run)
+
+
+def test_the_report_is_not_written_through_a_linked_report_folder(tmp_path):
+    from side_extract.report import write_report
+
+    run = _run(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "report.html").write_text("the user's own")
+    (run / "report").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="report' is a symbolic link, not the run's report folder"):
+        write_report(run)
+    assert (tmp_path / "elsewhere" / "report.html").read_text() == "the user's own"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_milliseconds(tmp_path):
+    """Six lines of nested aliases (376 bytes) became an 80-million-character error message (4 s, 259 MB; seven or
+    eight lines exhaust memory): the message printed the value in full."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 6)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\ntrain: *a5\n")
+    data = cfg.load_yaml(tmp_path / "bomb.yaml")
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as e:
+        cfg.from_dict(cfg.RunConfig, {"train": data["train"]})
+    assert len(str(e.value)) < 2000 and time.perf_counter() - start < 1.0
+
+
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_small_hostile_files_are_named_errors(tmp_path):
+    """An 86-byte PNG claiming 100000x100000 pixels (Pillow's DecompressionBombError, a traceback naming no file); an
+    npz whose header claims 8 TiB ("out of memory: lower the batch size"); JSON and YAML nested beyond Python's
+    stack (a RecursionError traceback)."""
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "bomb.png").write_bytes(_png_header(100_000, 100_000))
+    with pytest.raises(ValueError, match=r"bomb.png' is unreadable or corrupt"):
+        load_image_set(str(tmp_path / "pngs"))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (2 ** 40,)})
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("images.npy", header.getvalue())
+    for call in (lambda: npz_arrays(tmp_path / "huge.npz"), lambda: load_image_set(str(tmp_path / "huge.npz"))):
+        with pytest.raises(ValueError, match=r"huge.npz' claims an array larger than memory"):
+            call()
+    (tmp_path / "deep.json").write_text("[" * 200_000)
+    with pytest.raises(ValueError, match="deep.json' is not valid JSON"):
+        read_json(tmp_path / "deep.json")
+    (tmp_path / "deep.yaml").write_text("train: " + "[" * 20_000)
+    with pytest.raises(ValueError, match="deep.yaml' is nested too deep"):
+        cfg.load_yaml(tmp_path / "deep.yaml")
+
+
+def test_log_lines_escape_control_characters():
+    """A folder named with an escape sequence set the terminal's title and cleared its screen through a warning."""
+    from side_extract.cli.common import _PlainFormatter
+
+    record = logging.LogRecord("side_extract.runs", logging.WARNING, __file__, 1, "left out: %s", (
+        "x\x1b]0;pwned\x07\x1b[2J",), None)
+    line = _PlainFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert "\x1b" not in line and "\x07" not in line and "x\\x1b]0;pwned\\x07\\x1b[2J" in line
