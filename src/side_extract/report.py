@@ -507,6 +507,7 @@ def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size!r} must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels of each "
                          "image shown; every pair is inlined in the page)")
+    cfg.check_path(run_dir, "run_dir")
     run = Path(run_dir)
     out = run / "report"
     if out.is_symlink() or (out.exists() and not out.is_dir()):  # (its files were written where it pointed)
