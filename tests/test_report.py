@@ -718,3 +718,17 @@ def test_classifier_table_shows_the_mean_recall_per_label_beside_its_chance(run_
     (run / "classifier" / "config.json").write_text(json.dumps(saved))
     assert build_report(run)["classifiers"]["classifier"]["balanced_chance"] is None
     assert "classifier: mean recall per label" not in write_report(run).read_text()
+
+
+def test_a_killed_reports_temporary_files_are_swept_by_the_next_report(tmp_path):
+    """A report killed mid-write left report/.report.json.XXXXXXXX.side-tmp for good: only a lock-holding writer
+    swept, and a report takes no lock (an independent review of interruptions)."""
+    import os
+
+    run = make_run(tmp_path / "run", sweeps=False)
+    write_report(run)
+    left = run / "report" / ".report.json.abcd1234.side-tmp"
+    left.write_text("{")
+    os.utime(left, (1, 1))  # untouched for long: a killed writer's
+    write_report(run)
+    assert not left.exists()

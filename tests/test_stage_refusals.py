@@ -122,3 +122,59 @@ def test_the_feature_batch_size_keys_only_what_reads_it(tiny_model_dir, tmp_path
     run_audit(tmp_path / "u", dataclasses.replace(unet, evaluate=dataclasses.replace(unet.evaluate,
                                                                                       feature_batch_size=3)))
     assert _stages(tmp_path / "u")["train-features"]["fingerprint"] != first
+
+
+def test_a_run_killed_after_its_evaluations_keeps_them(tiny_model_dir, tmp_path):
+    """Killed after every method's metrics.json was written but before the manifest said so: the rerun measured
+    every method again (the whole evaluation phase; an independent review of interruptions). Each whole one is kept
+    now."""
+    import json
+
+    run = tmp_path / "run"
+    rc = _rc(tiny_model_dir, methods=("uncond", "memguide"))
+    run_audit(run, rc)
+    manifest = json.loads((run / "manifest.json").read_text())
+    for m in ("uncond", "memguide"):
+        manifest["stages"][f"evaluation/{m}"]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    made = {m: (run / "evaluation" / m / "metrics.json").stat().st_mtime_ns for m in ("uncond", "memguide")}
+    run_audit(run, rc)
+    assert {m: (run / "evaluation" / m / "metrics.json").stat().st_mtime_ns for m in made} == made
+    assert all(_stages(run)[f"evaluation/{m}"]["status"] == "complete" for m in made)
+
+
+def test_an_interrupted_folder_swap_or_clearing_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
+    """Ctrl-C between atomic_directory's two renames left the old folder under a temporary name and none at the path
+    (a finished classifier was trained again); a kill while a stage's old folder was removed left the manifest saying
+    its results stood (the report showed "no image")."""
+    import os
+    import shutil
+
+    import side_extract.runs as runs
+
+    (tmp_path / "clf").mkdir()
+    (tmp_path / "clf" / "model.safetensors").write_text("trained")
+    real, calls = os.replace, []
+
+    def cut(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(runs.os, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        with runs.atomic_directory(tmp_path / "clf") as tmp:
+            (tmp / "model.safetensors").write_text("new")
+    monkeypatch.undo()
+    assert (tmp_path / "clf" / "model.safetensors").read_text() == "trained"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]
+    run = runs.RunDir(tmp_path / "run")
+    run.begin("extraction/side", "a")
+    (run.path / "extraction" / "side").mkdir(parents=True)
+    (run.path / "extraction" / "side" / "shard-00000.npz").write_text("x")
+    run.complete("extraction/side", n=6)
+    monkeypatch.setattr(runs.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run.begin("extraction/side", "b")
+    monkeypatch.setattr(runs.shutil, "rmtree", shutil.rmtree)
+    assert _stages(run.path)["extraction/side"]["status"] != "complete"

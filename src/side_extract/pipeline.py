@@ -675,12 +675,21 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
         old, new = ({k: v for k, v in d.items() if k not in ignored} for d in (old, new))
         return cfg.differences(old, new)
 
+    resumed: list[str] = []  # measured whole before an interruption (metrics.json is written last, in a folder
+    # cleared when the stage began under this fingerprint): kept, not measured again (every method was)
+
     def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
         kw = {m: {"data": data, "derived": guarded(m)} for m in extractions}
         ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], lambda m=m: changed(m), kw[m])
                                for m in extractions})
-        return [m for m in extractions if ctx.run.begin(f"evaluation/{m}", fps[m], inputs=inputs[m], **kw[m]) != "skip"
-                or not measured(paths[m].parent)]
+        todo = []
+        for m in extractions:
+            decision = ctx.run.begin(f"evaluation/{m}", fps[m], inputs=inputs[m], **kw[m])
+            if decision == "resume" and measured(paths[m].parent):
+                resumed.append(m)
+            elif decision != "skip" or not measured(paths[m].parent):
+                todo.append(m)
+        return todo
 
     todo = group.on_main(plan)
     if todo:  # the main process extracts them once, the others read its file
@@ -691,6 +700,8 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     def finish() -> None:
         for i, m in enumerate(todo):
             ctx.run.complete(f"evaluation/{m}", evaluated_by=i % group.world)
+        for m in resumed:
+            ctx.run.complete(f"evaluation/{m}", kept_after_interruption=True)
         if synthetic:
             synthetic_evaluation_stage(ctx, train, c, keyed, [cal, *scores])
 

@@ -28,7 +28,7 @@ from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, check_run_directory, evaluated_methods,
-                   npz_arrays, read_json, read_model_entry, read_stages, stale_stages)
+                   npz_arrays, read_json, read_model_entry, read_stages, stale_stages, sweep_leftovers)
 from .summary import findings_file_current, summary_and_findings
 from .sweeps import SWEEPABLE, current_sweeps, stale_sweeps
 
@@ -515,6 +515,8 @@ def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> 
                          "folder: remove it")
     data = build_report(run_dir, top=top)  # (checks run_dir first)
     html = render_html(data, run, image_size=image_size)  # before either file is written: never one without the other
+    if out.is_dir():  # a killed report's temporary files (a reader takes no lock, so no writer's sweep reaches them)
+        sweep_leftovers(out)
     atomic_write_json(out / "report.json", data)
     atomic_write_text(out / "report.html", html)
     log.info("report: %s", out / "report.html")

@@ -153,6 +153,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".side-tmp", dir=path.parent))
+    old = None
     try:
         yield tmp
         _seal(tmp)
@@ -169,6 +170,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         _sync_directory(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():  # interrupted between the two renames (Ctrl-C): the old folder back,
+            if path.exists():  # not left under a temporary name with path gone (a finished classifier retrained)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, path)
         raise
 
 
@@ -835,6 +841,8 @@ class RunDir:
                 self.replaced.append(stage)
                 log.info("stage %s: its finished results were made with other settings or inputs; made again", stage)
             if (self.path / stage).exists():
+                if entry is not None:  # said first: killed while removing, the manifest said the old results stood
+                    self._mark_running(stage, None, None, clearing=True)  # (readers showed "no image" for them)
                 shutil.rmtree(self.path / stage)
         self._mark_running(stage, fingerprint, inputs, **kept, **({"data": data} if data else {}))
         return decision
@@ -919,7 +927,7 @@ class RunDir:
         return (bool(changed) and set(old) == set(new)
                 and all(old[k] in (self.stage_entry(k) or {}).get("grown_from_fingerprints", []) for k in changed))
 
-    def _mark_running(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, **info: Any) -> None:
+    def _mark_running(self, stage: str, fingerprint: str | None, inputs: dict[str, str] | None, **info: Any) -> None:
         m = self.manifest()
         m["stages"][stage] = {
             "status": "running",
