@@ -126,3 +126,17 @@ def test_log_lines_escape_control_characters():
         "x\x1b]0;pwned\x07\x1b[2J",), None)
     line = _PlainFormatter("%(levelname)s %(name)s: %(message)s").format(record)
     assert "\x1b" not in line and "\x07" not in line and "x\\x1b]0;pwned\\x07\\x1b[2J" in line
+
+
+def test_an_npz_that_inflates_past_memory_is_refused_before_it_inflates(tmp_path, monkeypatch):
+    """A zip bomb inside an .npz (megabytes inflating to terabytes) was inflated in full; it is measured from the
+    zip's directory first (here against a machine of 1 KiB)."""
+    import side_extract.data as data
+
+    np.savez_compressed(tmp_path / "z.npz", images=np.zeros((100, 8, 8), np.uint8))
+    monkeypatch.setattr(data, "_memory_bytes", lambda: 1024)
+    for call in (lambda: npz_arrays(tmp_path / "z.npz"), lambda: load_image_set(str(tmp_path / "z.npz"))):
+        with pytest.raises(ValueError, match=r"z.npz' inflates to .* more than this machine's .*zip bomb"):
+            call()
+    monkeypatch.undo()
+    assert npz_arrays(tmp_path / "z.npz")["images"].shape == (100, 8, 8)

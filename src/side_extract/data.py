@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import numbers
+import os
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -300,7 +301,31 @@ def _png_colour_type(f: Path) -> int | None:
     return head[25] if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
 
 
+def _memory_bytes() -> int | None:
+    """This machine's physical memory (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_npz_size(path: str | Path) -> None:
+    """Refuse an .npz whose arrays inflate past this machine's memory (a zip bomb: a few megabytes of a file someone
+    gave that inflate to terabytes, read in full), from its zip directory, before anything is inflated."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):  # (the loader says what is wrong with it)
+        return
+    memory = _memory_bytes()
+    if memory is not None and total > memory:
+        raise ValueError(f"{str(path)!r} inflates to {total / 2**30:.1f} GiB, more than this machine's "
+                         f"{memory / 2**30:.1f} GiB of memory: it is damaged or not one of side-extract's (a zip "
+                         "bomb?)")
+
+
 def load_npz(path: Path) -> ImageSet:
+    check_npz_size(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files if k in ("images", "labels", "index")}

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import config as cfg
-from .data import ImageSet, load_shards
+from .data import ImageSet, check_npz_size, load_shards
 from .distributed import SINGLE, ProcessGroup
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def read_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray] | None:
 def npz_arrays(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (default: all) of ``path``; a missing, damaged or incomplete file is one error that names
     it (zipfile's bare BadZipFile, naming none, ended the report). Never unpickles."""
+    check_npz_size(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in (keys or z.files)}
