@@ -178,3 +178,42 @@ def test_an_interrupted_folder_swap_or_clearing_leaves_nothing_that_looks_finish
         run.begin("extraction/side", "b")
     monkeypatch.setattr(runs.shutil, "rmtree", shutil.rmtree)
     assert _stages(run.path)["extraction/side"]["status"] != "complete"
+
+
+def test_a_run_made_under_the_earlier_fingerprint_rule_is_resumed_as_it_is(tiny_model_dir, tmp_path, monkeypatch):
+    """Session 46's rule keyed the evaluations and the calibration by settings found unread since (detection's
+    without its threshold, feature_batch_size on pixels). A run made then with such a setting off its default was
+    refused by the new rule with nothing named, or had its calibration and evaluations redone (a review of this
+    session's diff). Its entries are now taken as they are, their fingerprints rewritten."""
+    import side_extract.config as config
+
+    unread = config.unread_keys
+    monkeypatch.setattr(config, "unread_keys",  # (the earlier rule: nothing of the evaluate section unread)
+                        lambda c, **kw: {} if isinstance(c, cfg.EvaluateConfig) else unread(c, **kw))
+    monkeypatch.setattr(config, "batches_features", lambda name: True)
+    run = tmp_path / "run"
+    rc = _rc(tiny_model_dir)
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, detect_min_size=5, feature_batch_size=64))
+    run_audit(run, rc)
+    monkeypatch.undo()
+    started = {k: v["started_unix"] for k, v in _stages(run).items()}
+    run_audit(run, rc, replace=False)
+    assert {k: v["started_unix"] for k, v in _stages(run).items()} == started
+    assert "rekeyed_from" in _stages(run)["evaluation/uncond"] and "rekeyed_from" in _stages(run)["calibration"]
+    run_audit(run, rc, replace=False)  # (and again, under the new fingerprints)
+    assert {k: v["started_unix"] for k, v in _stages(run).items()} == started
+
+
+def test_resuming_a_finished_run_hashes_the_training_set_once(tiny_model_dir, tmp_path, monkeypatch):
+    """Resuming a finished four-method run hashed the training set's pixels 28 times (12 before this session's
+    fixes): every method's fingerprint, the data recorded beside it and the early refusals each hashed it again."""
+    from side_extract.data import ImageSet
+
+    run = tmp_path / "run"
+    rc = tiny_rc(tiny_model_dir)
+    run_audit(run, rc)
+    calls = []
+    real = ImageSet.fingerprint
+    monkeypatch.setattr(ImageSet, "fingerprint", lambda self: calls.append(len(self)) or real(self))
+    run_audit(run, rc)
+    assert calls.count(30) == 1, calls  # (the 30 training digits; the held-out ones once too)

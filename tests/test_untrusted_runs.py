@@ -140,3 +140,18 @@ def test_an_npz_that_inflates_past_memory_is_refused_before_it_inflates(tmp_path
             call()
     monkeypatch.undo()
     assert npz_arrays(tmp_path / "z.npz")["images"].shape == (100, 8, 8)
+
+
+def test_links_and_manifests_that_are_no_runs_are_let_through(tmp_path):
+    """What a review of this session's diff found refused: a link to the model kept beside a run (no writer goes
+    through it), and a run under a folder whose manifest.json is another tool's file (read as a run's, and refused
+    as damaged)."""
+    run = _run(tmp_path)
+    (tmp_path / "model").mkdir()
+    (run / "target-model").symlink_to(tmp_path / "model")
+    check_run_path(run)
+    (tmp_path / "proj" / "runs").mkdir(parents=True)
+    (tmp_path / "proj" / "manifest.json").write_text('[{"file": "a.png"}]')
+    check_run_path(tmp_path / "proj" / "runs" / "r1")
+    (tmp_path / "proj" / "manifest.json").write_text('{"files": []}')
+    check_run_path(tmp_path / "proj" / "report" / "r1")

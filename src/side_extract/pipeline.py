@@ -69,6 +69,14 @@ class AuditContext:
     progress: ProgressFactory = no_progress
     fp: dict[str, str] = dataclasses.field(default_factory=dict)
     cache: dict[tuple, np.ndarray] = dataclasses.field(default_factory=dict)  # in-process only (quality features)
+    sets: dict[Any, Any] = dataclasses.field(default_factory=dict)  # the image sets read once, their fingerprints
+
+    def fingerprint(self, images: ImageSet) -> str:
+        """``images.fingerprint()``, hashed once per call of the pipeline (every stage and method keys by it)."""
+        hit = self.sets.get(("fingerprint", id(images)))
+        if hit is None or hit[0] is not images:  # (the set is held with it: its id is not reused meanwhile)
+            hit = self.sets[("fingerprint", id(images))] = (images, images.fingerprint())
+        return hit[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,9 +199,18 @@ def _surrogate_advice(ctx: AuditContext, labels: SurrogateLabels) -> str:
 def _train_set(ctx: AuditContext) -> ImageSet:
     if ctx.rc.train is None:
         raise ValueError("this stage needs the training set: set 'train' in the run config (e.g. train: digits:100)")
-    s = load_image_set(ctx.rc.train, ctx.rc.train_resize)
-    check_fits(s.shape, ctx.denoiser.sample_shape, f"training images ({ctx.rc.train})")
-    return s
+    if "train" not in ctx.sets:  # (read once per call)
+        s = load_image_set(ctx.rc.train, ctx.rc.train_resize)
+        check_fits(s.shape, ctx.denoiser.sample_shape, f"training images ({ctx.rc.train})")
+        ctx.sets["train"] = s
+    return ctx.sets["train"]
+
+
+def _heldout_set(ctx: AuditContext) -> ImageSet | None:
+    """:func:`real_heldout`, read once per call."""
+    if "heldout" not in ctx.sets:
+        ctx.sets["heldout"] = real_heldout(ctx.rc)
+    return ctx.sets["heldout"]
 
 
 def classifier_fingerprint(c: cfg.ClassifierConfig, input_fp: str, *, clean: bool) -> str:
@@ -201,10 +218,10 @@ def classifier_fingerprint(c: cfg.ClassifierConfig, input_fp: str, *, clean: boo
     return stage_fingerprint("classifier", classifier_settings(c, clean=clean), input_fp, clean)
 
 
-def clean_classifier_input(train: ImageSet) -> str:
+def clean_classifier_input(train: ImageSet, fp: str | None = None) -> str:
     """The fingerprint of the clean classifier's images and labels, the training set's (a relabelled set trains
     it anew)."""
-    return fingerprint_of(train.fingerprint(), array_fingerprint(train.labels))
+    return fingerprint_of(train.fingerprint() if fp is None else fp, array_fingerprint(train.labels))
 
 
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
@@ -478,18 +495,21 @@ def real_heldout(rc: cfg.RunConfig) -> ImageSet | None:
     return held_out_set(rc.train, rc.evaluate.heldout, rc.train_resize)
 
 
-def calibration_plan(ctx: AuditContext, train: ImageSet) -> tuple[str, dict[str, str | None], ImageSet | None]:
-    """The calibration stage's fingerprint, the data it reads (:meth:`RunDir.begin`'s ``data``) and its held-out
-    images (None: the training set against itself)."""
+def calibration_plan(ctx: AuditContext, train: ImageSet) -> tuple[str, dict[str, Any], ImageSet | None]:
+    """The calibration stage's fingerprint, :meth:`RunDir.begin`'s keywords (the ``data`` it reads, the ``legacy``
+    fingerprint of session 46's rule) and its held-out images (None: the training set against itself)."""
     c = ctx.rc.evaluate
-    heldout = real_heldout(ctx.rc)
-    null = heldout.fingerprint() if heldout is not None else "null: the training set"
+    heldout = _heldout_set(ctx)
+    null = ctx.fingerprint(heldout) if heldout is not None else "null: the training set"
     # keyed by the null's images (none: the training set against itself), not by where they came from: the same
     # training pixels given as digits:N and as an .npz are other nulls
-    fp = stage_fingerprint("calibration", calibration_settings(c), train.fingerprint(),
-                           ctx.fp[MODEL_INPUT] if c.similarity == "cosine:unet" else None, null,
-                           *script_fingerprints(Similarity(c.similarity).extractor))
-    return fp, {"training set": train.fingerprint(), "held-out images": null}, heldout
+    def keyed_by(settings: cfg.EvaluateConfig) -> str:
+        return stage_fingerprint("calibration", settings, ctx.fingerprint(train),
+                                 ctx.fp[MODEL_INPUT] if c.similarity == "cosine:unet" else None, null,
+                                 *script_fingerprints(Similarity(c.similarity).extractor))
+    fp, legacy = keyed_by(calibration_settings(c)), keyed_by(cfg.at_defaults(c, (*CALIBRATION_IGNORES, "heldout")))
+    return fp, {"data": {"training set": ctx.fingerprint(train), "held-out images": null},
+                "legacy": None if legacy == fp else legacy}, heldout
 
 
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
@@ -500,9 +520,9 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     c = ctx.rc.evaluate
     if not calibrates_bands(c):
         return None
-    fp, data, heldout = calibration_plan(ctx, train)
+    fp, kw, heldout = calibration_plan(ctx, train)
     path = ctx.run.path / "evaluation" / "bands.json"
-    if ctx.run.begin("calibration", fp, data=data) != "skip" or not path.exists():
+    if ctx.run.begin("calibration", fp, **kw) != "skip" or not path.exists():
         if heldout is None:
             log.warning("evaluate.heldout is not set (train=%r): the similarity bands are calibrated on the training "
                         "images against each other, not on held-out images against the training set; give "
@@ -527,11 +547,12 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
     batch = c.feature_batch_size  # (a network's batches round apart: the calibration and evaluations are keyed by
     # it, which then mixed these features of the old size with theirs of the new one; at the default, as before)
     keyed = [batch] if cfg.batches_features(c.similarity) and batch != cfg.EvaluateConfig().feature_batch_size else []
-    fp = stage_fingerprint("train-features", sim.extractor, train.fingerprint(),
-                           ctx.fp[MODEL_INPUT] if needs_model else None,
-                           *script_fingerprints(sim.extractor), *keyed)
+    parts = [sim.extractor, ctx.fingerprint(train), ctx.fp[MODEL_INPUT] if needs_model else None,
+             *script_fingerprints(sim.extractor)]
+    fp = stage_fingerprint("train-features", *parts, *keyed)
+    legacy = stage_fingerprint("train-features", *parts) if keyed else None  # (session 46's, made at this size)
     path = ctx.run.path / "train-features" / "features.npz"
-    if ctx.run.begin("train-features", fp) != "skip" or _damaged(path, "features"):
+    if ctx.run.begin("train-features", fp, legacy=legacy) != "skip" or _damaged(path, "features"):
         feats = extract_features(sim.extractor, train, model=ctx.denoiser, reference=train, device=ctx.device,
                                  batch_size=c.feature_batch_size)
         atomic_save_npz(path, features=feats)
@@ -543,7 +564,7 @@ def quality_reference(ctx: AuditContext) -> ImageSet | None:
     """Held-out real images to measure sample quality against: ``evaluate.heldout``, else the digits outside a
     ``digits:N`` training set (resized like it), at most ``quality_max_reference`` of them (seeded); else None."""
     c = ctx.rc.evaluate
-    ref = real_heldout(ctx.rc)
+    ref = _heldout_set(ctx)
     if ref is None:
         return None
     if len(ref) > c.quality_max_reference:
@@ -565,7 +586,7 @@ def quality_of(ctx: AuditContext, generated: ImageSet, reference: ImageSet | Non
                            f"{len(reference)} reference images"}
     out = {}
     for name in c.quality:
-        key = ("quality-reference", name, reference.fingerprint())
+        key = ("quality-reference", name, ctx.fingerprint(reference))
         if key not in ctx.cache:
             ctx.cache[key] = image_features(name, reference, device=ctx.device, batch_size=c.feature_batch_size,
                                             reference=reference)
@@ -631,7 +652,9 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     if bands_file is not None:
         c = dataclasses.replace(c, bands_file=str(bands_file))
     reference = quality_reference(ctx) if c.quality else None
-    cal = None if bands_file is None else ctx.run.stage_entry("calibration")["fingerprint"]
+    cal_entry = None if bands_file is None else ctx.run.stage_entry("calibration")
+    cal = None if cal_entry is None else cal_entry["fingerprint"]
+    cal_legacy = None if cal_entry is None else cal_entry.get("rekeyed_from", cal)
     scores = [*script_fingerprints(Similarity(c.similarity).extractor),  # what the files the config names hold
               *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)])]
     files = [*scores, *(f for name in c.quality for f in script_fingerprints(name))]
@@ -647,15 +670,19 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize", *unread])
     synthetic = _synthetic_fingerprint(ctx)
 
-    def fingerprint(m: str, synthetic: str | None) -> str:
-        return stage_fingerprint("evaluation", keyed, ctx.fp[f"extraction/{m}"], train.fingerprint(), cal,
-                                 None if reference is None else reference.fingerprint(), synthetic, *files, *made[m])
+    def fingerprint(m: str, synthetic: str | None, keyed: cfg.EvaluateConfig = keyed, cal: str | None = cal) -> str:
+        return stage_fingerprint("evaluation", keyed, ctx.fp[f"extraction/{m}"], ctx.fingerprint(train), cal,
+                                 None if reference is None else ctx.fingerprint(reference), synthetic, *files,
+                                 *made[m])
 
     fps = {m: fingerprint(m, synthetic) for m in extractions}
+    # session 46's rule keyed the settings found unread since (and a calibration keyed so): its evaluations stand
+    legacy = {m: fingerprint(m, synthetic, cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize"]), cal_legacy)
+              for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
     group = ctx.run.group
     inputs = {m: {f"extraction/{m}": ctx.fp[f"extraction/{m}"]} for m in extractions}
-    data = {"training set": train.fingerprint(), "synthetic set": synthetic}
+    data = {"training set": ctx.fingerprint(train), "synthetic set": synthetic}
 
     def guarded(m: str) -> bool:  # made before the run held a synthetic set, and otherwise as now: measured again
         # at no loss with the copy guard it now has (side added to a run of uncond), not refused
@@ -679,7 +706,8 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     # cleared when the stage began under this fingerprint): kept, not measured again (every method was)
 
     def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
-        kw = {m: {"data": data, "derived": guarded(m)} for m in extractions}
+        kw = {m: {"data": data, "derived": guarded(m), "legacy": None if legacy[m] == fps[m] else legacy[m]}
+              for m in extractions}
         ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], lambda m=m: changed(m), kw[m])
                                for m in extractions})
         todo = []
@@ -720,7 +748,7 @@ def synthetic_evaluation_stage(ctx: AuditContext, train: ImageSet, c: cfg.Evalua
     name = SYNTHETIC_EVALUATION
     out = ctx.run.path / name
     unread = cfg.at_defaults(keyed, QUALITY_KEYS)
-    fp = stage_fingerprint("evaluation", unread, ctx.fp["synthetic"], train.fingerprint(), *parts)
+    fp = stage_fingerprint("evaluation", unread, ctx.fp["synthetic"], ctx.fingerprint(train), *parts)
     # derived from the synthetic set alone: made again without --force where settings changed (what it measured
     # stays in the synthetic set), so a rerun that may replace nothing else is not refused here, after the others
     if ctx.run.begin(name, fp, inputs={"synthetic": ctx.fp["synthetic"]}, derived=True) == "skip" and measured(out):
@@ -1015,11 +1043,12 @@ def refuse_data_stages(ctx: AuditContext, upto: int) -> None:
     train = _train_set(ctx)
     planned: dict[str, tuple[Any, ...]] = {}
     if clean:
-        fp = classifier_fingerprint(rc.clean_classifier, clean_classifier_input(train), clean=True)
-        planned["classifier-clean"] = (fp, None, tuple, {"data": {"training set": train.fingerprint()}})
+        fp = classifier_fingerprint(rc.clean_classifier, clean_classifier_input(train, ctx.fingerprint(train)),
+                                    clean=True)
+        planned["classifier-clean"] = (fp, None, tuple, {"data": {"training set": ctx.fingerprint(train)}})
     if calibrates:
-        fp, data, _ = calibration_plan(ctx, train)
-        planned["calibration"] = (fp, None, tuple, {"data": data})
+        fp, kw, _ = calibration_plan(ctx, train)
+        planned["calibration"] = (fp, None, tuple, kw)
     ctx.run.refuse_before(planned)
 
 
@@ -1057,9 +1086,10 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     if {"cond", "side-teacher"} & set(methods):
         once = run.group.main_first
         train = _train_set(ctx)
-        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, clean_classifier_input(train),
+        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels,
+                         clean_classifier_input(train, ctx.fingerprint(train)),
                          clean=True, too_few="the training set needs labels of at least 2 classes",
-                         data={"training set": train.fingerprint()})
+                         data={"training set": ctx.fingerprint(train)})
         if "side-teacher" in methods:
             clean = method_guidance(run.path, rc, "cond", denoiser, device=device)[1]
             t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))

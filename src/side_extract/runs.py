@@ -555,8 +555,11 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"run directory {str(path)!r} exists and is not a directory")
-    if path.is_dir():  # a writer clears and writes RUN/<stage> through them: outside the run (a run someone gave)
-        links = [p for p in path.iterdir() if p.is_symlink()] + [
+    if path.is_dir():  # a writer clears and writes RUN/<stage> through them: outside the run (a run someone gave);
+        # other links (a model or data set kept beside the run) are no writer's
+        stages = _stage_folders(path)
+        written = {*RUN_FOLDERS, *stages, *RUN_FILES}
+        links = [p for p in path.iterdir() if p.is_symlink() and p.name in written] + [
             p for d in ("extraction", "evaluation", "sweeps") if (path / d).is_dir() and not (path / d).is_symlink()
             for p in (path / d).iterdir() if p.is_symlink()]
         if links:
@@ -565,7 +568,7 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
                              "its folders through them, outside the run; remove them")
     outer = enclosing_run(path.resolve().parent)
     top = path.resolve().relative_to(outer).parts[0] if outer is not None else None
-    if top is not None and (top in RUN_FOLDERS or top in {s.split("/", 1)[0] for s in read_stages(outer)}):
+    if top is not None and (top in RUN_FOLDERS or top in _stage_folders(outer)) and _is_run(outer):
         # (a sweep's sub-runs, RUN/sweeps/x, and a bench's, RUN/forms/x, are the run's own)
         raise ValueError(f"run directory {str(path)!r} lies inside run {str(outer)!r}, whose writers clear and "
                          "replace its folders (a run made in RUN/extraction/x was deleted by the next extraction "
@@ -580,6 +583,28 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
                 f"run directory {str(path)!r} is not empty and holds no {RunDir.MANIFEST}, so it is no run directory "
                 f"(it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); a run writes and replaces "
                 "folders there: use a new or empty directory")
+
+
+RUN_MANIFEST = "manifest.json"  # (RunDir.MANIFEST)
+RUN_FILES = frozenset({".lock", "config.yaml", RUN_MANIFEST, "summary.json", "findings.csv",
+                       "sweeps", "forms", "variants"})  # (and the benches' sub-run folders)
+
+
+def _stage_folders(run: Path) -> set[str]:
+    """The top folders of the stages run ``run``'s manifest lists (none where it has no readable manifest)."""
+    try:
+        return {s.split("/", 1)[0] for s in read_stages(run)} if (run / RUN_MANIFEST).is_file() else set()
+    except ValueError:
+        return set()
+
+
+def _is_run(path: Path) -> bool:
+    """Whether ``path``'s ``manifest.json`` is a run's (an object with ``stages``), not another tool's file of that
+    name in a folder above a run."""
+    try:
+        return "stages" in read_json(path / RUN_MANIFEST, dict)
+    except ValueError:
+        return False
 
 
 def enclosing_run(path: str | Path) -> Path | None:
@@ -813,16 +838,23 @@ class RunDir:
         return d
 
     def begin(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
-              derived: bool = False, data: dict[str, str | None] | None = None) -> Literal["skip", "resume", "fresh"]:
+              derived: bool = False, data: dict[str, str | None] | None = None,
+              legacy: str | None = None) -> Literal["skip", "resume", "fresh"]:
         """Start ``stage``: say whether to skip it, resume it, or start it afresh (its folder cleared). A finished
         stage made with other settings is replaced only where the writer may replace (``--force``) or its inputs
         grew, unless it is ``derived``: a measurement of files the run keeps, made again from them at no loss.
         ``data``: what the stage reads that is no run stage (``"training set"`` -> its fingerprint), recorded so
-        that a refusal can name what changed (the fingerprint keys it already).
+        that a refusal can name what changed (the fingerprint keys it already). ``legacy``: the fingerprint an
+        earlier release gave these same results (its rule keyed settings this one finds unread): an entry made
+        under it is taken as this one's, and its fingerprint rewritten.
 
         On a process other than a launch's main one, the stage must already be complete (the main process ran
         it first): it is only read."""
         entry = self.stage_entry(stage)
+        if self.group.main and legacy not in (None, fingerprint) and (entry or {}).get("fingerprint") == legacy:
+            m = self.manifest()
+            m["stages"][stage] = entry = dict(entry, fingerprint=fingerprint, rekeyed_from=legacy)
+            self._write_manifest(m)
         if not self.group.main:
             if entry is not None and entry.get("fingerprint") == fingerprint and entry.get("status") == "complete":
                 return "skip"
@@ -850,14 +882,14 @@ class RunDir:
 
     def refusal(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
                 derived: bool = False, changed: Callable[[], Sequence[str]] = tuple,
-                data: dict[str, str | None] | None = None) -> str | None:
+                data: dict[str, str | None] | None = None, legacy: str | None = None) -> str | None:
         """Why :meth:`begin` would refuse ``stage`` with ``fingerprint`` (None: it would not): it is finished with
         other settings or inputs, this writer may not replace, and it is neither ``derived`` nor made from inputs
         that only grew. The message names the inputs made again since, the ``data`` (:meth:`begin`) that changed
         and ``changed()``, the settings the caller found changed (``key old -> new``; asked for only when
         refusing)."""
         entry = self.stage_entry(stage)
-        if (entry is None or entry.get("fingerprint") == fingerprint or entry.get("status") != "complete"
+        if (entry is None or entry.get("fingerprint") in (fingerprint, legacy) or entry.get("status") != "complete"
                 or self.replace or derived or self._inputs_grew(entry, inputs)):
             return None
         said = ", ".join(f"{k} {v}" for k, v in entry.items() if k in ("n", "method", "scale")) or "see manifest.json"
