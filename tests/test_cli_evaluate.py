@@ -266,10 +266,12 @@ def test_inputs_found_wrong_only_after_the_work_are_refused_before_it(sets, tmp_
     for cmd in (["evaluate", *gen], ["calibrate", "--train", sets / "train.npz"]):
         r = invoke(*cmd, "--out", sets / "afile" / "x")
         assert r.exit_code == 2 and "is a file, not a folder to write into" in " ".join(r.output.split()), r.output
-    r = invoke("calibrate", "--train", "digits:30", "--heldout", "digits:30", "--out", sets / "c")
-    said = " ".join(r.output.split())
-    assert r.exit_code == 2 and "--heldout digits:30: every one of its 30 images is a training image" in said, said
-    monkeypatch.undo()  # (the shapes are compared where the sets load, in evaluate)
+    monkeypatch.undo()  # (the shapes, and the held-out copies, are checked where the sets load, before any null)
+    for cmd in (["calibrate", "--train", "digits:30"], ["evaluate", "--generated", "digits:5", "--train", "digits:30"]):
+        r = invoke(*cmd, "--heldout", "digits:30", "--out", sets / "c")
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and "held-out images (digits:30): every one of its 30 images is a training image" \
+            in said, said
     atomic_save_npz(sets / "rgb.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
     r = invoke("evaluate", "--generated", sets / "rgb.npz", "--train", sets / "train.npz", "--out", sets / "e")
     said = " ".join(r.output.split())

@@ -1178,3 +1178,16 @@ def test_train_target_refuses_an_out_it_cannot_write_before_training(tmp_path, m
     with pytest.raises(ValueError, match=r"--out .*afile/x'.*is a file, not a folder to write into"):
         target.train_target(cfg.TrainTargetConfig(steps=2, block_out_channels=(4, 8), norm_num_groups=4),
                             load_image_set("digits:10"), tmp_path / "afile" / "x")
+
+
+def test_held_out_images_that_are_all_training_images_are_refused_from_python_too():
+    """The check sits in evaluation.calibrate and evaluate (the CLI's, the API's and a run's path alike): from Python
+    an all-copies null was refused only after it was computed, blamed on duplicates in the reference set."""
+    from side_extract.data import load_image_set
+    from side_extract.evaluation import calibrate, evaluate
+
+    train = load_image_set("digits:30")
+    for call in (lambda: calibrate(train, train), lambda: evaluate(train, train, heldout=train)):
+        with pytest.raises(ValueError, match=r"held-out images \(digits:30\): every one of its 30 images is a "
+                                             r"training"):
+            call()

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import logging
 import numbers
 import shutil
@@ -295,8 +296,9 @@ class Audit:
             result = self.methods[method]
             evaluated, made = self.run / "evaluation" / method, self.run / "extraction" / method
             now = read_json(evaluated / "metrics.json", dict) if (evaluated / "metrics.json").is_file() else None
-            if now != result.raw:  # (its orientation, bands and training set were this object's, the files a later
-                # call's: the farthest generations listed first, other training images beside them)
+            # compared as text (NaN equals itself there): its orientation, bands and training set were this object's,
+            # the files a later call's (the farthest generations listed first, other training images beside them)
+            if json.dumps(now, sort_keys=True) != json.dumps(result.raw, sort_keys=True):
                 raise ValueError(f"{method}'s evaluation in {self.run} was made again (or removed) since this Audit "
                                  "was read: read the run again with Audit.load(run)")
         with np.load(evaluated / "per_generation.npz", allow_pickle=False) as z:

@@ -246,6 +246,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         check_image_set(heldout, "heldout")
         check_same_shape(heldout, train, "held-out images")
         check_levels(heldout.images, "held-out images")
+        check_heldout(heldout, train)
     n_g, n_t = len(generated), len(train)
     if n_t < 2:
         raise ValueError(f"the training set needs at least 2 images (Gu's ratio uses the second nearest), got {n_t}")
@@ -275,6 +276,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
             heldout = load_image_set(c.heldout, c.resize)
             check_same_shape(heldout, train, "held-out images")
             check_levels(heldout.images, f"evaluate.heldout={c.heldout!r}")
+            check_heldout(heldout, train)
         values = index.kneighbors(_rows(sim, heldout, None, c, device, train, feature_model), 1).scores[:, 0]
         bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{name}"
         null = {"source": "heldout-vs-train", "n": len(values),
@@ -337,10 +339,11 @@ def copies_of(images: ImageSet, train: ImageSet) -> int:
     return sum(img.tobytes() in seen for img in images.images)
 
 
-def check_heldout(heldout: ImageSet, train: ImageSet, what: str) -> None:
-    """Refuse held-out images (``what`` names them) that are all training images, and say how many are, before a
-    null is computed: the null leaves exact copies out, and an all-copies null was refused only after it, blamed on
-    duplicates in the reference set."""
+def check_heldout(heldout: ImageSet, train: ImageSet) -> None:
+    """Refuse held-out images (of the training set's shape) that are all training images, and say how many are,
+    before a null is computed: the null leaves exact copies out, and an all-copies null was refused only after it,
+    blamed on duplicates in the reference set."""
+    what = f"the held-out images ({heldout.name})" if heldout.name else "the held-out images"
     copies = copies_of(heldout, train)
     if copies == len(heldout):
         raise ValueError(f"{what}: every one of its {len(heldout)} images is a training image (an exact copy); "
@@ -479,6 +482,7 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     if heldout is not None:  # (before any work)
         check_same_shape(heldout, train, "held-out images")
         check_levels(heldout.images, "held-out images")
+        check_heldout(heldout, train)
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
     index = _index(sim.metric, c, device).fit(t_rows)
     nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}

@@ -81,13 +81,9 @@ def stored_batches(stage: Path) -> np.ndarray | None:
     (a run grown from an older one); None when no shard recorded it."""
     ids, starts = [], []
     for shard in sorted(stage.glob("shard-*.npz")):
-        try:  # (its images are not read)
-            with np.load(shard, allow_pickle=False) as z:
-                ids.append(z["index"])
-                starts.append(z["batch"] if "batch" in z.files else np.full(len(z["index"]), -1, dtype=np.int64))
-        except Exception:  # a damaged shard: numpy's words named no file and suggested unpickling it; npz_arrays
-            npz_arrays(shard, "index")  # fails on it too, naming the file and what is wrong
-            raise
+        z = npz_arrays(shard, "index", optional=("batch",))  # (not its images; a damaged shard named, where numpy's
+        ids.append(z["index"])  # words named no file and suggested unpickling it)
+        starts.append(z.get("batch", np.full(len(z["index"]), -1, dtype=np.int64)))
     if not ids or all((s < 0).all() for s in starts):
         return None
     order = np.argsort(np.concatenate(ids), kind="stable")

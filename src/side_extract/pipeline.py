@@ -69,13 +69,14 @@ class AuditContext:
     progress: ProgressFactory = no_progress
     fp: dict[str, str] = dataclasses.field(default_factory=dict)
     cache: dict[tuple, np.ndarray] = dataclasses.field(default_factory=dict)  # in-process only (quality features)
-    sets: dict[Any, Any] = dataclasses.field(default_factory=dict)  # the image sets read once, their fingerprints
+    sets: dict[str, ImageSet | None] = dataclasses.field(default_factory=dict)  # the training, held-out set: read once
+    fingerprints: dict[int, tuple[ImageSet, str]] = dataclasses.field(default_factory=dict)  # by id, with the set
 
     def fingerprint(self, images: ImageSet) -> str:
         """``images.fingerprint()``, hashed once per call of the pipeline (every stage and method keys by it)."""
-        hit = self.sets.get(("fingerprint", id(images)))
+        hit = self.fingerprints.get(id(images))
         if hit is None or hit[0] is not images:  # (the set is held with it: its id is not reused meanwhile)
-            hit = self.sets[("fingerprint", id(images))] = (images, images.fingerprint())
+            hit = self.fingerprints[id(images)] = (images, images.fingerprint())
         return hit[1]
 
 
@@ -218,10 +219,11 @@ def classifier_fingerprint(c: cfg.ClassifierConfig, input_fp: str, *, clean: boo
     return stage_fingerprint("classifier", classifier_settings(c, clean=clean), input_fp, clean)
 
 
-def clean_classifier_input(train: ImageSet, fp: str | None = None) -> str:
-    """The fingerprint of the clean classifier's images and labels, the training set's (a relabelled set trains
-    it anew)."""
-    return fingerprint_of(train.fingerprint() if fp is None else fp, array_fingerprint(train.labels))
+def clean_classifier_plan(ctx: AuditContext, train: ImageSet) -> tuple[str, dict[str, str | None]]:
+    """The clean classifier's input fingerprint, of the training set's images and labels (a relabelled set trains it
+    anew), and the data it reads (:meth:`RunDir.begin`'s ``data``)."""
+    return (fingerprint_of(ctx.fingerprint(train), array_fingerprint(train.labels)),
+            {"training set": ctx.fingerprint(train)})
 
 
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
@@ -1043,9 +1045,9 @@ def refuse_data_stages(ctx: AuditContext, upto: int) -> None:
     train = _train_set(ctx)
     planned: dict[str, tuple[Any, ...]] = {}
     if clean:
-        fp = classifier_fingerprint(rc.clean_classifier, clean_classifier_input(train, ctx.fingerprint(train)),
-                                    clean=True)
-        planned["classifier-clean"] = (fp, None, tuple, {"data": {"training set": ctx.fingerprint(train)}})
+        input_fp, data = clean_classifier_plan(ctx, train)
+        planned["classifier-clean"] = (classifier_fingerprint(rc.clean_classifier, input_fp, clean=True), None, tuple,
+                                       {"data": data})
     if calibrates:
         fp, kw, _ = calibration_plan(ctx, train)
         planned["calibration"] = (fp, None, tuple, kw)
@@ -1086,10 +1088,9 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     if {"cond", "side-teacher"} & set(methods):
         once = run.group.main_first
         train = _train_set(ctx)
-        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels,
-                         clean_classifier_input(train, ctx.fingerprint(train)),
-                         clean=True, too_few="the training set needs labels of at least 2 classes",
-                         data={"training set": ctx.fingerprint(train)})
+        input_fp, data = clean_classifier_plan(ctx, train)
+        classifier_stage(ctx, "classifier-clean", train.to_float(), train.labels, input_fp, clean=True,
+                         too_few="the training set needs labels of at least 2 classes", data=data)
         if "side-teacher" in methods:
             clean = method_guidance(run.path, rc, "cond", denoiser, device=device)[1]
             t_labels = once(lambda: teacher_stage(ctx, clean, synthetic))

@@ -113,13 +113,14 @@ def read_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray] | None:
         return None
 
 
-def npz_arrays(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` (default: all) of ``path``; a missing, damaged or incomplete file is one error that names
-    it (zipfile's bare BadZipFile, naming none, ended the report). Never unpickles."""
+def npz_arrays(path: str | Path, *keys: str, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (default: all) of ``path``, and those of ``optional`` that it holds; a missing, damaged or
+    incomplete file is one error that names it (zipfile's bare BadZipFile, naming none, ended the report). Never
+    unpickles."""
     check_npz_size(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in (keys or z.files)}
+            return {k: z[k] for k in (*(keys or z.files), *(k for k in optional if k in z.files))}
     except MemoryError as e:  # (a header claiming terabytes: "out of memory", advising a smaller batch)
         raise ValueError(f"{str(path)!r} claims an array larger than memory ({e}): it is damaged or not one of "
                          "side-extract's; remake it (rerun the stage that writes it)") from None
@@ -568,7 +569,7 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
                              "its folders through them, outside the run; remove them")
     outer = enclosing_run(path.resolve().parent)
     top = path.resolve().relative_to(outer).parts[0] if outer is not None else None
-    if top is not None and (top in RUN_FOLDERS or top in _stage_folders(outer)) and _is_run(outer):
+    if top is not None and (top in RUN_FOLDERS or top in _stage_folders(outer)):
         # (a sweep's sub-runs, RUN/sweeps/x, and a bench's, RUN/forms/x, are the run's own)
         raise ValueError(f"run directory {str(path)!r} lies inside run {str(outer)!r}, whose writers clear and "
                          "replace its folders (a run made in RUN/extraction/x was deleted by the next extraction "
@@ -585,34 +586,29 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
                 "folders there: use a new or empty directory")
 
 
-RUN_MANIFEST = "manifest.json"  # (RunDir.MANIFEST)
-RUN_FILES = frozenset({".lock", "config.yaml", RUN_MANIFEST, "summary.json", "findings.csv",
+RUN_FILES = frozenset({".lock", "config.yaml", "manifest.json", "summary.json", "findings.csv",
                        "sweeps", "forms", "variants"})  # (and the benches' sub-run folders)
 
 
 def _stage_folders(run: Path) -> set[str]:
     """The top folders of the stages run ``run``'s manifest lists (none where it has no readable manifest)."""
     try:
-        return {s.split("/", 1)[0] for s in read_stages(run)} if (run / RUN_MANIFEST).is_file() else set()
+        return {s.split("/", 1)[0] for s in read_stages(run)}
     except ValueError:
         return set()
 
 
-def _is_run(path: Path) -> bool:
-    """Whether ``path``'s ``manifest.json`` is a run's (an object with ``stages``), not another tool's file of that
-    name in a folder above a run."""
-    try:
-        return "stages" in read_json(path / RUN_MANIFEST, dict)
-    except ValueError:
-        return False
-
-
 def enclosing_run(path: str | Path) -> Path | None:
-    """The run directory ``path`` lies in (itself or the nearest parent holding a ``manifest.json``), or None: a
-    command that writes there (``side evaluate --out RUN/evaluation/x``) takes that run's lock."""
+    """The run directory ``path`` lies in (itself or the nearest parent holding a run's ``manifest.json``), or None:
+    a command that writes there (``side evaluate --out RUN/evaluation/x``) takes that run's lock. Another tool's
+    ``manifest.json`` (no object with ``stages``) makes no run: it blocked every new run below it."""
     for p in (Path(path).resolve(), *Path(path).resolve().parents):
         if (p / RunDir.MANIFEST).is_file():
-            return p
+            try:
+                if "stages" in read_json(p / RunDir.MANIFEST, dict):
+                    return p
+            except ValueError:
+                continue
     return None
 
 

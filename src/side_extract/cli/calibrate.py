@@ -39,7 +39,7 @@ def calibrate_cmd(
     c = evaluate_config(ctx, config)
     check_model_read(model, c.similarity)
     from ..data import load_image_set
-    from ..evaluation import calibrate, check_heldout, held_out_set
+    from ..evaluation import calibrate, held_out_set
     from ..metrics import check_same_shape
     from ..runs import run_lock
 
@@ -51,7 +51,6 @@ def calibrate_cmd(
                       "no --heldout: bands from each training image vs the rest of the training set")
     if ho is not None:  # before the work (it was found after the training set's null)
         check_same_shape(ho, tr, "held-out images")
-        check_heldout(ho, tr, f"--heldout {c.heldout}" if c.heldout is not None else f"the digits not in {train}")
     feature_model = load_feature_model(model, device, tr)
     with progress_bar(ctx, "calibrate") as cb:
         result = calibrate(tr, ho, c, feature_model=feature_model, device=device, progress=cb)

@@ -53,8 +53,8 @@ def load_feature_model(model: str | None, device: str, images: Any = None) -> An
 
     denoiser = load_target(model, device)
     if images is not None:
-        h, w, ch = images.images.shape[1:]
-        check_fits((ch, h, w), denoiser.sample_shape, f"training images ({images.name or 'given'}) for --model {model}")
+        check_fits(images.shape, denoiser.sample_shape,
+                   f"training images ({images.name or 'given'}) for --model {model}")
     return denoiser
 
 
@@ -157,7 +157,7 @@ def evaluate_cmd(
     c = evaluate_config(ctx, config)
     check_model_read(model, c.similarity)
     from ..data import load_image_set
-    from ..evaluation import check_heldout, evaluate, held_out_set, heldout_unread
+    from ..evaluation import evaluate, held_out_set, heldout_unread
     from ..metrics import parse_bands
     from ..runs import run_lock
 
@@ -182,9 +182,6 @@ def evaluate_cmd(
     # them only where it calibrates bands)
     rest = (held_out_set(train, None, c.resize) if c.heldout is None and c.similarity == "rms-l2" and c.bands is None
             and c.bands_file is None else None)  # (cosine without bands takes the paper's)
-    if c.heldout is not None or rest is not None:  # (all copies was found after the null, blamed on duplicates)
-        check_heldout(rest if rest is not None else held_out_set(train, c.heldout, c.resize), tr,
-                      f"--heldout {c.heldout}" if c.heldout is not None else f"the digits not in {train}")
     feature_model = load_feature_model(model, device, tr)
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
