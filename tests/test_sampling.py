@@ -106,6 +106,21 @@ def test_bad_steps(tiny_model_dir):
         sample(load_target(tiny_model_dir), 2, steps=5000)
 
 
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_steps_past_the_last_timestep_refused_before_any_stage(kind):
+    # diffusers' leading spacing with steps_offset=1 and steps = T starts at timestep T, one past alphas_cumprod:
+    # the check before any stage accepted it and the first step failed with an IndexError
+    from diffusers import DDPMScheduler
+
+    from side_extract.sampling import check_sampler
+    train = DDPMScheduler(num_train_timesteps=20, steps_offset=1)
+    with pytest.raises(ValueError, match=r"extract.scheduler=.*steps=20 .*steps_offset=1.*timestep 20"):
+        check_sampler(train, kind, 20, "extract")
+    check_sampler(train, kind, 19, "extract")  # starts at 19
+    check_sampler(DDPMScheduler(num_train_timesteps=20, steps_offset=1, timestep_spacing="trailing"), kind, 20,
+                  "extract")
+
+
 def test_sample_stage_skips_when_unchanged(tiny_model_dir, tmp_path):
     d = load_target(tiny_model_dir)
     c = cfg.SampleConfig(n=10, steps=2, shard_size=4, batch_size=3)

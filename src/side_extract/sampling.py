@@ -83,6 +83,12 @@ def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind
         raise ValueError(f"scheduler={kind!r} must be 'ddim' or 'ddpm'")
     check_steps(steps, sched)
     sched.set_timesteps(steps)
+    first, n_train = int(sched.timesteps.max()), sched.config.num_train_timesteps
+    if first >= n_train:  # diffusers' leading spacing with steps_offset (huggingface/diffusers#10003)
+        raise ValueError(f"steps={steps} with the model's steps_offset={sched.config.steps_offset} and "
+                         f"timestep_spacing={sched.config.timestep_spacing!r} starts at timestep {first}, past its "
+                         f"{n_train} training timesteps (0..{n_train - 1}); use fewer steps, or save the scheduler "
+                         "with timestep_spacing 'trailing' or 'linspace'")
     return sched
 
 
