@@ -105,3 +105,25 @@ def test_errors():
         detect_memorized(gen, 0.1, grid=9)
     with pytest.raises(ValueError, match="needs at least one generation, got none"):  # (was numpy's reshape error)
         detect_memorized(gen.subset(np.arange(0)), 0.1)
+
+
+def test_bad_settings_refused_before_the_pair_scan(monkeypatch):
+    import side_extract.detection as detection
+    import side_extract.evaluation as evaluation
+
+    train, gen, _ = planted()
+
+    def no_scan(*a, **k):
+        raise AssertionError("the pair scan ran before the refusal")
+
+    monkeypatch.setattr(detection, "near_duplicate_pairs", no_scan)
+    other = ImageSet(np.zeros((5, 4, 4, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"differ in shape"):  # (refused after the O(N^2) scan and the cliques)
+        detect_memorized(gen, 0.1, train=other)
+    for bad in (float("nan"), -1.0, 0.0):  # (accepted: an exact copy's group was reported as not extracted)
+        with pytest.raises(ValueError, match=f"extraction_threshold={bad} must be > 0"):
+            detect_memorized(gen, 0.1, train=train, extraction_threshold=bad)
+    monkeypatch.setattr(evaluation, "NearestNeighborIndex", no_scan)
+    with pytest.raises(ValueError, match="detect_grid=20 must be between 1 and the image side 8"):
+        # (refused only after both neighbour searches of the whole evaluation)
+        evaluate(gen, train, cfg.EvaluateConfig(bands="high=0:0.05", detect_threshold=0.1, detect_grid=20))

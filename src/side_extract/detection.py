@@ -64,11 +64,16 @@ def default_grid(height: int, width: int) -> int:
     return 4 if side >= 16 else 2 if side >= 8 else 1
 
 
+def check_grid(grid: int, height: int, width: int, name: str = "grid") -> None:
+    """Refuse a number of tiles per side outside 1..the image's shorter side (``name``: the setting)."""
+    if not 1 <= grid <= min(height, width):
+        raise ValueError(f"{name}={grid} must be between 1 and the image side {min(height, width)}")
+
+
 def _tiles(images: np.ndarray, grid: int) -> list[np.ndarray]:
     """(n, H, W, C) uint8 -> one (n, D_t) uint8 row block per tile (uneven splits allowed)."""
     h, w = images.shape[1:3]
-    if not 1 <= grid <= min(h, w):
-        raise ValueError(f"grid={grid} must be between 1 and the image side {min(h, w)}")
+    check_grid(grid, h, w)
     rows = np.array_split(np.arange(h), grid)
     cols = np.array_split(np.arange(w), grid)
     return [images[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1].reshape(len(images), -1) for r in rows for c in cols]
@@ -181,6 +186,13 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
         raise ValueError("detect_memorized needs at least one generation, got none")
     images = generated.images
     g = default_grid(*images.shape[1:3]) if grid is None else grid
+    check_grid(g, *images.shape[1:3])
+    if train is not None:  # (before the pair scan: they were checked after it)
+        if not extraction_threshold > 0:  # (NaN or a negative one verified no group, an exact copy included)
+            raise ValueError(f"extraction_threshold={extraction_threshold} must be > 0")
+        if train.images.shape[1:] != images.shape[1:]:
+            raise ValueError(f"generated images {images.shape[1:]} and training images {train.images.shape[1:]} "
+                             "differ in shape (H, W, C)")
     i, j, _ = near_duplicate_pairs(images, threshold, g, chunk=chunk, device=device)
     groups = _groups(len(images), i, j, min_size, mode)
     reps = []
@@ -190,9 +202,6 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
     out = Detection(threshold, g, min_size, mode, len(images), len(i), groups, reps)
     if train is None:
         return out
-    if train.images.shape[1:] != images.shape[1:]:
-        raise ValueError(f"generated images {images.shape[1:]} and training images {train.images.shape[1:]} "
-                         "differ in shape (H, W, C)")
     if not reps:
         return dataclasses.replace(out, extraction_threshold=extraction_threshold, verified=[],
                                    nearest_train_index=[], nearest_train_distance=[])

@@ -20,6 +20,7 @@ import numpy as np
 from . import config as cfg
 from .data import (ImageSet, balanced_first_n, check_image_set, check_levels, load_digits_set, load_image_set,
                    resize)
+from .detection import check_grid, detect_memorized
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
                       check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
@@ -242,6 +243,8 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     if bands is None and option_bands is None and file_bands is None and sim.metric == "cosine" and heldout is not None:
         raise ValueError(heldout_unread(sim.spec, heldout.name or "images given"))  # (they were silently unread)
     check_same_shape(generated, train)
+    if c.detect_threshold is not None and c.detect_grid is not None:  # (it was refused after the whole evaluation)
+        check_grid(c.detect_grid, *generated.images.shape[1:3], "detect_grid")
     if heldout is not None:  # (before any work)
         check_image_set(heldout, "heldout")
         check_same_shape(heldout, train, "held-out images")
@@ -313,8 +316,6 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
                             pix_nb.indices[:, 0], pix_nb.scores[:, 0], carlini.ratio, gu.ratio, method)
     detection = None
     if c.detect_threshold is not None:
-        from .detection import detect_memorized
-
         detection = detect_memorized(generated, c.detect_threshold, min_size=c.detect_min_size, grid=c.detect_grid,
                                      mode=c.detect_mode, train=train, extraction_threshold=c.extraction_threshold,
                                      chunk=c.query_chunk, device=device)

@@ -26,6 +26,7 @@ import torch
 
 from . import config as cfg
 from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
+from .detection import check_grid
 from .distributed import SINGLE, ProcessGroup
 from .evaluation import Evaluation, calibrate, copies_of, duplicate_counts, evaluate, held_out_set
 from .metrics import Similarity, parse_bands, read_bands_file
@@ -877,9 +878,11 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         problems.append(f"surrogate.teacher_min_confidence={rc.surrogate.teacher_min_confidence} must be in [0, 1)")
     ev = rc.evaluate
     if until == "evaluation" and rc.train is not None:
-        if ev.detect_threshold is not None and ev.detect_grid is not None and not 1 <= ev.detect_grid <= min(H, W):
-            # (a run reads the model's own images: evaluate.resize is for side evaluate's sets)
-            problems.append(f"evaluate.detect_grid={ev.detect_grid} must be between 1 and the image side {min(H, W)}")
+        if ev.detect_threshold is not None and ev.detect_grid is not None:
+            try:  # (a run reads the model's own images: evaluate.resize is for side evaluate's sets)
+                check_grid(ev.detect_grid, H, W, "evaluate.detect_grid")
+            except ValueError as e:
+                problems.append(str(e))
         extractor = Similarity(ev.similarity).extractor
         checks = (  # what the evaluations read, checked before the stages upstream of them run (or are replaced)
             None if ev.bands is None else lambda: parse_bands(ev.bands),
