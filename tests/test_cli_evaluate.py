@@ -196,7 +196,23 @@ def test_model_option_enables_cosine_unet(sets, tiny_model_dir):
     assert json.loads((sets / "c" / "bands.json").read_text())["similarity"] == "cosine:unet"
     r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
                "--out", sets / "v", "--similarity", "cosine:unet")
-    assert r.exit_code == 2 and "needs the target model" in r.output
+    assert r.exit_code == 2 and "give it with --model" in " ".join(r.output.split()), r.output
+
+
+def test_a_similarity_that_cannot_be_read_is_refused_before_any_set_loads(sets, monkeypatch):
+    """An unknown extractor, a torchscript file that is not there, and cosine:unet without --model were found after
+    both image sets had loaded (and the last one's message did not name --model)."""
+    import side_extract.data as data
+
+    monkeypatch.setattr(data, "load_image_set", lambda *a, **k: pytest.fail("a set loaded before the check"))
+    for sim, said in (("cosine:foo", "unknown feature extractor 'foo'"),
+                      (f"cosine:torchscript:{sets / 'nope.pt'}", "no such file"),
+                      ("cosine:unet", "give it with --model")):
+        for cmd in (["evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz"],
+                    ["calibrate", "--train", sets / "train.npz"]):
+            r = invoke(*cmd, "--out", sets / "v", "--similarity", sim)
+            assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output
+    assert not (sets / "v").exists()
 
 
 def test_an_out_that_is_a_file_and_held_out_images_of_another_size_are_said_before_the_work(sets, monkeypatch):

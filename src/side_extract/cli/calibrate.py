@@ -8,7 +8,7 @@ import typer
 
 from .. import config as cfg
 from .common import cli_errors, console, progress_bar
-from .evaluate import check_model_read, evaluate_config, load_feature_model, run_written_into
+from .evaluate import check_similarity_inputs, evaluate_config, load_feature_model, run_written_into
 
 D = cfg.EvaluateConfig()
 
@@ -37,7 +37,7 @@ def calibrate_cmd(
     """Best scores of held-out images vs the training set and of each training image vs the rest; band edges
     at tail quantiles of the held-out null (the train-vs-rest null without held-out images)."""
     c = evaluate_config(ctx, config)
-    check_model_read(model, c.similarity)
+    check_similarity_inputs(model, c.similarity)
     from ..data import load_image_set
     from ..evaluation import calibrate, held_out_set
     from ..metrics import check_same_shape

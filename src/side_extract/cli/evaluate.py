@@ -36,9 +36,19 @@ def parse_floats(value: Any, name: str) -> list[float]:
         raise ValueError(f"{name}={value!r} must be comma-separated numbers") from None
 
 
-def check_model_read(model: str | None, similarity: str) -> None:
-    """Refuse a ``--model`` that the similarity would not read (only ``cosine:unet`` embeds with the target): it was
-    loaded, or failed to load, and then ignored."""
+def check_similarity_inputs(model: str | None, similarity: str) -> None:
+    """Refuse, before any image set loads, a ``--similarity`` whose extractor is unknown or lacks its file, a
+    ``cosine:unet`` without ``--model``, and a ``--model`` that the similarity would not read (only ``cosine:unet``
+    embeds with the target: it was loaded, or failed to load, and then ignored)."""
+    from ..features import check_extractor
+    from ..metrics import Similarity
+
+    extractor = Similarity(similarity).extractor
+    if extractor is not None:  # (a typo was found after both sets loaded)
+        check_extractor(extractor)
+    if model is None and extractor == "unet":
+        raise ValueError("--similarity cosine:unet embeds with the target model: give it with --model (a diffusers "
+                         "directory or 'demo')")
     if model is not None and similarity != "cosine:unet":
         raise ValueError(f"--model {model!r} is read by --similarity cosine:unet only (here {similarity!r}): it would "
                          "not be read; leave it out")
@@ -155,7 +165,7 @@ def evaluate_cmd(
 ) -> None:
     """AMS / UMS per band, 95th percentile, Carlini's and Gu's ratios, the N_G law: DIR/metrics.json."""
     c = evaluate_config(ctx, config)
-    check_model_read(model, c.similarity)
+    check_similarity_inputs(model, c.similarity)
     from ..data import load_image_set
     from ..evaluation import evaluate, held_out_set, heldout_unread
     from ..metrics import parse_bands
