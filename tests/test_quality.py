@@ -10,7 +10,7 @@ import pytest
 
 from side_extract.pipeline import run_audit
 from side_extract.quality import (frechet_distance, frechet_distance_of, kernel_distance, mmd2_unbiased,
-                                  precision_recall)
+                                  precision_recall, quality_from_features)
 
 from test_pipeline import tiny_rc
 
@@ -223,3 +223,23 @@ def test_quality_memory_does_not_grow_with_the_square_of_n_generated():
     finally:
         tracemalloc.stop()
     assert peak < 160 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_features_that_are_not_two_finite_sets_of_one_dimension_are_named():
+    """An extractor's NaN ended the quality step in scipy's sqrtm error (-102), gave a NaN KID, or precision and
+    recall numbers; features of other dimensions gave numpy's matmul error; 1-D input an IndexError."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
+    nan = a.copy()
+    nan[3, 1] = np.nan
+    for f in (frechet_distance_of, kernel_distance, mmd2_unbiased):
+        with pytest.raises(ValueError, match=r"a has non-finite features \(NaN or inf\) in 1 of its 20 rows"):
+            f(nan, b)
+        with pytest.raises(ValueError, match="a and b have features of other dimensions: 4 and 3"):
+            f(a, b[:, :3])
+        with pytest.raises(ValueError, match=r"b must be a 2-D array \(samples, features\), got shape \(20,\)"):
+            f(a, b[:, 0])
+    with pytest.raises(ValueError, match="fake has non-finite"):
+        precision_recall(a, nan)
+    with pytest.raises(ValueError, match="generated pixels features has non-finite"):
+        quality_from_features(nan, b, "pixels")

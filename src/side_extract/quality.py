@@ -54,9 +54,27 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
     return float(max(0.0, diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
 
 
+def feature_sets(a: Any, b: Any, names: tuple[str, str] = ("a", "b")) -> tuple[np.ndarray, np.ndarray]:
+    """Two feature sets as float64 arrays (n, d) and (m, d), or a ValueError naming the one that is not 2-D, has
+    non-finite values (an extractor's NaN gave scipy's sqrtm error, a NaN KID, or numbers) or another dimension."""
+    out = []
+    for x, name in zip((a, b), names):
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D array (samples, features), got shape {x.shape}")
+        bad = int((~np.isfinite(x)).any(1).sum())
+        if bad:
+            raise ValueError(f"{name} has non-finite features (NaN or inf) in {bad} of its {len(x)} rows")
+        out.append(x)
+    if out[0].shape[1] != out[1].shape[1]:
+        raise ValueError(f"{names[0]} and {names[1]} have features of other dimensions: {out[0].shape[1]} and "
+                         f"{out[1].shape[1]}")
+    return out[0], out[1]
+
+
 def frechet_distance_of(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between the Gaussians fitted to feature sets a (n, d) and b (m, d)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = feature_sets(a, b)
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"the Frechet distance needs at least 2 samples per set, got {len(a)} and {len(b)}")
     if a.shape[1] <= len(a) + len(b):
@@ -80,7 +98,7 @@ def _kernels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 def mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
     """Unbiased MMD^2 with k(x, y) = (x . y / d + 1)^3 between a (n, d) and b (m, d)."""
-    kaa, kbb, kab = _kernels(a, b)
+    kaa, kbb, kab = _kernels(*feature_sets(a, b))
     n, m = len(a), len(b)
     return float((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
                  - 2 * kab.mean())
@@ -133,7 +151,7 @@ def kernel_distance(a: np.ndarray, b: np.ndarray, *, n_subsets: int = 50, subset
     sampling error of the sets themselves (the two-sample jackknife of the whole-set statistic, which the subset
     mean estimates without bias) plus the subsets' own noise. Before, the error was the subsets' spread / sqrt(50)
     alone: 0 when the subsets were the whole sets, and about 10x too small otherwise."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = feature_sets(a, b)
     m = min(subset_size, len(a), len(b))
     if n_subsets < 1:  # (0 gave a NaN distance with numpy's warnings only)
         raise ValueError(f"n_subsets={n_subsets} must be >= 1")
@@ -167,7 +185,7 @@ def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (k-NN manifolds, see the module docstring), block by block over the
     generations."""
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    real, fake = feature_sets(real, fake, ("real", "fake"))
     if k < 1:  # (k 0 gave 0 and 0, k -1 gave 1 and 1)
         raise ValueError(f"k={k} must be >= 1 (the k-th nearest neighbour's distance is each sample's radius)")
     if len(real) <= k or len(fake) <= k:
@@ -202,6 +220,7 @@ class Quality:
 
 def quality_from_features(gen: np.ndarray, ref: np.ndarray, features: str, *, k: int = 3, n_subsets: int = 50,
                           subset_size: int = 1000, random_state: int = 0) -> Quality:
+    gen, ref = feature_sets(gen, ref, (f"generated {features} features", f"reference {features} features"))
     kid, se = kernel_distance(gen, ref, n_subsets=n_subsets, subset_size=subset_size, random_state=random_state)
     p, r = precision_recall(ref, gen, k)
     return Quality(features, len(gen), len(ref), frechet_distance_of(gen, ref), kid, se, p, r, k)
@@ -216,5 +235,5 @@ def image_features(name: str, images: ImageSet, *, device: str = "cpu", batch_si
                             reference=reference).astype(np.float64)
 
 
-__all__ = ["Quality", "frechet_distance", "frechet_distance_of", "kernel_distance", "mmd2_unbiased", "mmd2_jackknife_se",
+__all__ = ["Quality", "feature_sets", "frechet_distance", "frechet_distance_of", "kernel_distance", "mmd2_unbiased", "mmd2_jackknife_se",
            "precision_recall", "quality_from_features", "image_features"]
