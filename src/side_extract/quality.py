@@ -235,5 +235,5 @@ def image_features(name: str, images: ImageSet, *, device: str = "cpu", batch_si
                             reference=reference).astype(np.float64)
 
 
-__all__ = ["Quality", "feature_sets", "frechet_distance", "frechet_distance_of", "kernel_distance", "mmd2_unbiased", "mmd2_jackknife_se",
-           "precision_recall", "quality_from_features", "image_features"]
+__all__ = ["Quality", "feature_sets", "frechet_distance", "frechet_distance_of", "kernel_distance", "mmd2_unbiased",
+           "mmd2_jackknife_se", "precision_recall", "quality_from_features", "image_features"]
