@@ -375,8 +375,14 @@ def test_extraction_keys_nothing_reads_are_named():
     assert named(memguide_avoid=1.0) == ["extract.dedup_threshold=0.1"]  # avoidance reads rounds, not the distance
     assert named(stop_unseen=0.05) == avoid_keys  # stopping reads rounds and the distance, for every method
     # adaptive allocation is read by the methods that draw target classes only
-    assert named(allocation="adaptive") == [*avoid_keys, "extract.rounds=8", "extract.dedup_threshold=0.1"]
+    assert named(allocation="adaptive") == [*avoid_keys, "extract.allocation='adaptive'", "extract.rounds=8",
+                                            "extract.dedup_threshold=0.1"]
     assert named(allocation="adaptive", methods=["side", "uncond"]) == []  # no memguide: its keys merely unused
+    # a single round is the whole budget: adaptive allocation gave the uniform policy's images, and avoidance plain
+    # memguide's, exactly, in silence (stop_unseen is refused there)
+    assert named(allocation="adaptive", methods=["side", "uncond"], rounds=1) == ["extract.allocation='adaptive'"]
+    for one_round in ({"rounds": 1}, {"rounds": 2, "n": 1}):
+        assert named(memguide_avoid=1.0, **one_round) == ["extract.memguide_avoid=1.0", "extract.dedup_threshold=0.1"]
     assert named(methods=["side", "uncond"]) == ["extract.rounds=8", "extract.dedup_threshold=0.1"]
 
 
