@@ -193,18 +193,20 @@ def test_cli_run_and_unknown_key(tiny_model_dir, tmp_path):
     assert "unknown config key(s) in section 'extract': lamda" in r.output and "scale" in r.output
 
 
+@pytest.mark.parametrize("method", ["side", "side-lora"])
 @pytest.mark.parametrize("tau, min_size, filtered, remedy", [
     (1.0, 1, "cohesion filter", "set surrogate.tau <="),
     (-1.0, 25, "size filter", r"set surrogate.min_size <= \d+ "),  # 40 images in 2 clusters: 24 and 16 here
 ])
-def test_all_clusters_dropped_is_a_clear_error(tiny_model_dir, tmp_path, tau, min_size, filtered, remedy):
-    """The classifier's error names the filter that dropped the clusters, as the labeler's warning does (it said
-    "lower surrogate.tau" when the size filter had dropped them with tau already at its least, -1)."""
-    rc = tiny_rc(tiny_model_dir, methods=("side",))
+def test_all_clusters_dropped_is_a_clear_error(tiny_model_dir, tmp_path, tau, min_size, filtered, remedy, method):
+    """The classifier's error (and side-lora's) names the filter that dropped the clusters, as the labeler's warning
+    does (they said "lower surrogate.tau" when the size filter had dropped them with tau already at its least, -1)."""
+    rc = tiny_rc(tiny_model_dir, methods=(method,))
     k = 4 if min_size == 1 else 2
     rc = dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(n_clusters=k, tau=tau, min_size=min_size, n_init=1))
     with pytest.warns(RuntimeWarning, match=f"all {k} clusters were dropped by the {filtered}"):
-        with pytest.raises(ValueError, match=f"0 labelled class.*too few clusters pass the {filtered}.*{remedy}"):
+        with pytest.raises(ValueError, match=f"0 labelled (class|cluster).*too few clusters pass the {filtered}.*"
+                                             f"{remedy}"):
             run_audit(tmp_path / "r", rc)
 
 

@@ -230,7 +230,7 @@ def finetune(
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:
-        raise ValueError(f"side-lora: {len(classes)} labelled cluster(s); it needs at least 2 (lower surrogate.tau)")
+        raise ValueError(f"side-lora: {len(classes)} labelled cluster(s); it needs labels of at least 2 classes")
     if background is not None and int(background) not in classes:
         raise ValueError(f"background={background} is not among the labels {classes.tolist()}")
     x = x0[torch.from_numpy(keep)]

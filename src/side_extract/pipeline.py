@@ -368,6 +368,10 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
     ``RUN/lora/`` holds the adapters, ``classes.json`` and the resumable work directory (:func:`method_guidance`
     loads it)."""
     c = ctx.rc.lora
+    n_classes = len(np.unique(labels.labels[labels.labels >= 0]))
+    if n_classes < 2:  # (finetune's own refusal said to lower tau where the size filter had dropped them)
+        raise ValueError(f"side-lora: {n_classes} labelled cluster(s) left; it needs at least 2 "
+                         f"({_surrogate_advice(ctx, labels)})")
     fp = stage_fingerprint("lora", lora_settings(c), ctx.fp["surrogate"], ctx.fp[MODEL_INPUT])
     ctx.fp["lora"] = fp
     directory = ctx.run.path / "lora"
