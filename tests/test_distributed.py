@@ -386,3 +386,18 @@ def test_only_the_main_process_checks_the_run_folder_it_is_writing(tmp_path):
     RunDir(run, group=ProcessGroup(rank=1, world=2))
     with pytest.raises(ValueError, match="holds no manifest.json, so it is no run directory"):
         RunDir(run, group=ProcessGroup(rank=0, world=2))
+
+
+def test_a_target_with_dropout_draws_other_masks_on_each_process_and_is_warned_of(tmp_path):
+    """Every process seeded a target's dropout with one seed per step, so both drew the same masks for other rows
+    (which no single process does); the adapters of such a target depend on the number of processes, which no
+    fingerprint records, and nothing said so."""
+    script = str(Path(__file__).parent / "dist_dropout.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tmp_path)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b = np.load(tmp_path / "masks-0.npy"), np.load(tmp_path / "masks-1.npy")
+    assert a.shape == b.shape and 0.3 < a.mean() < 0.7 and not np.array_equal(a, b)
+    said = " ".join((r.stdout + r.stderr).split())
+    assert said.count("side-lora: the target has dropout (p=0.5): each of the 2 processes draws the masks") == 1

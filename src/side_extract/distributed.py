@@ -19,7 +19,8 @@ draws the same global batch from the step's generator, takes its rows ``rank::wo
 computes ``world / n * sum(per-row losses)`` (``local_loss``); torch's ``DistributedDataParallel`` (the
 engine ``accelerate`` wraps) averages the gradients over the processes, which gives every process the
 gradient of the global batch's mean loss, so the optimizer steps are the same as one process's up to the
-order of floating-point sums (gloo on the CPU, an NCCL group on GPUs). One process is the same code: its
+order of floating-point sums (gloo on the CPU, an NCCL group on GPUs); a target with dropout, fine-tuned by
+side-lora, is the exception: each process draws its own rows' masks (warned of). One process is the same code: its
 rows are the whole batch and no wrapper is added. BatchNorm layers (the classifiers) normalise with the global
 batch's statistics: torch's SyncBatchNorm on GPUs, and on the CPU, which it does not support, the same sums
 all-reduced over gloo (:func:`_global_batchnorm`).

@@ -204,6 +204,14 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], full
     set_peft_model_state_dict(model, state)
 
 
+def _dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a target's dropout masks at ``step`` on process ``rank``: one process's (rank 0's) as before;
+    another process's its own (they drew the same masks for other rows, which no single process does)."""
+    if rank == 0:
+        return seed * 1_000_003 + step
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def finetune(
     target: UNetDenoiser,
     x0: torch.Tensor,
@@ -264,6 +272,11 @@ def finetune(
     n_batch = min(c.batch_size, len(x))
     rows = group.local_rows(n_batch)
     net = group.data_parallel(model, device)
+    rates = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0})
+    if rates and group.world > 1 and group.main:
+        log.warning("side-lora: the target has dropout (p=%s): each of the %d processes draws the masks of its own "
+                    "rows, so the adapters differ from one process's beyond float rounding (the stage's fingerprint "
+                    "does not record the number of processes)", ", ".join(f"{p:g}" for p in rates), group.world)
     for step in range(start + 1, c.steps + 1):
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
         idx = torch.randint(0, len(x), (n_batch,), generator=g)
@@ -276,7 +289,7 @@ def finetune(
         # a target with dropout draws its masks from torch's global generator: seeded per step, so a resumed
         # fine-tune and one in a process that drew other numbers before train the same
         with torch.random.fork_rng(devices=_cuda_indices(device)):
-            torch.manual_seed(c.seed * 1_000_003 + step)
+            torch.manual_seed(_dropout_seed(c.seed, step, group.rank))
             pred = net(xt.to(device), t.to(device), class_labels=yb.to(device)).sample
             want = prediction_target(sched, target.prediction, xb[rows], eps, t).to(device)  # eps for an eps model
             per_row = (pred - want).pow(2).flatten(1).mean(1)
