@@ -732,3 +732,22 @@ def test_a_killed_reports_temporary_files_are_swept_by_the_next_report(tmp_path)
     os.utime(left, (1, 1))  # untouched for long: a killed writer's
     write_report(run)
     assert not left.exists()
+
+
+def test_distinct_images_are_not_compared_between_methods_of_other_budgets(tmp_path):
+    """The ratio table set one method's share of distinct images per generation against a baseline's made with
+    another N_G: a method that had reached 0.37x the baseline's images in 40 generations against 200 was shown,
+    highlighted, as 1.86x under "distinct". AMS and Carlini are shares of generations, and stay."""
+    from side_extract.report import build_report, render_html
+    from side_extract.summary import audit_summary
+
+    run = make_run(tmp_path / "run", sweeps=False)  # side: 40 generations, uncond: 30
+    rows = audit_summary(run)["ratios_to_best_baseline"]["side"]
+    for name, r in rows.items():
+        if name.startswith("ums"):
+            assert r["ratio"] is None and r["side_better"] is None, name
+            assert r["unequal_budgets"] == {"side": 40, "uncond": 30}
+        else:
+            assert "unequal_budgets" not in r and r["side_better"] is not None, name
+    html = " ".join(render_html(build_report(run), run).split())
+    assert "N_G differs: side 40, uncond 30" in html

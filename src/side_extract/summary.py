@@ -48,13 +48,18 @@ def metric_values(metrics: dict[str, Any]) -> dict[str, tuple[float, Better]]:
 
 
 def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tuple[str, ...] = COMPARED,
-                            baselines: tuple[str, ...] = BASELINES) -> dict[str, dict[str, dict[str, Any]]]:
+                            baselines: tuple[str, ...] = BASELINES, budgets: dict[str, int] | None = None,
+                            ) -> dict[str, dict[str, dict[str, Any]]]:
     """SIDE / best baseline for every metric, for each SIDE variant present (and memorization guidance, label-free).
 
     The best baseline of a metric is the baseline with the most memorization by that metric (the largest
     fraction; the smallest p95 distance). ``ratio`` = side / best baseline, None when the baseline is 0
     (``side`` and ``best_baseline`` are kept, so nothing is lost). For ``better == "lower"`` (p95 as a
     distance) a ratio below 1 means SIDE comes closer. ``side_better`` says whether SIDE strictly beats it.
+    ``budgets``: each method's number of generations (asked for); where the two differ, the distinct-image shares
+    (``ums*``) are not compared (``ratio`` and ``side_better`` None, ``unequal_budgets`` gives both): distinct images
+    do not grow in proportion to N_G, so a ratio of shares favoured the smaller budget (1.86x for a method that had
+    reached 0.37x the baseline's images).
 
     Returns ``{side_method: {metric: {side, best_baseline, best_baseline_method, ratio, better, side_better}}}``.
     """
@@ -75,6 +80,9 @@ def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tu
                           "tied_baselines": [o for o in present if o != best_method and base_vals[o][name][0] == b],
                           "ratio": None if b == 0 else v / b, "better": better,
                           "side_better": v > b if better == "higher" else v < b}
+            if name.startswith("ums") and budgets is not None and budgets[s] != budgets[best_method]:
+                rows[name].update(ratio=None, side_better=None,
+                                  unequal_budgets={s: budgets[s], best_method: budgets[best_method]})
         out[s] = rows
     return out
 
@@ -178,10 +186,10 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     said = verdict(same, {k: methods[k] for k in same})
     if other:
         said += " Not compared: " + "; ".join(f"{k} ({why})" for k, why in other.items()) + "."
+    asked = {k: int((stages.get(f"extraction/{k}") or {}).get("n") or m["n_generated"]) for k, m in same.items()}
     return {"schema": SCHEMA, "verdict": said, "methods": methods, "not_compared": other,
-            "ratios_to_best_baseline": ratios_to_best_baseline(
-                {k: per_budget(m, (stages.get(f"extraction/{k}") or {}).get("n") or m["n_generated"])
-                 for k, m in same.items()}),
+            "ratios_to_best_baseline": ratios_to_best_baseline({k: per_budget(m, asked[k]) for k, m in same.items()},
+                                                               budgets=asked),
             "findings": None if findings is None else findings.to_json()}, findings
 
 
