@@ -61,7 +61,8 @@ def measure_cmd(
     eps: float = typer.Option(0.1, "--eps", help="Smoothing scale of q_eps, in [-1, 1] pixel units."),
     bandwidth: float | None = typer.Option(None, "--bandwidth", help="Empirical optimum's kernel width (default eps)."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="lambda (1 = Bayes class-conditional)."),
-    t_min: int = typer.Option(0, "--t-min", help="First ODE timestep (sigma_min = sigma at t_min)."),
+    t_min: int | None = typer.Option(None, "--t-min", help="First ODE timestep (sigma_min = sigma at t_min); "
+                                     "default: the one whose sigma is nearest --eps."),
     batch_size: int = typer.Option(32, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
@@ -85,7 +86,8 @@ def measure_cmd(
 
 def _print_measure(res) -> None:
     out.print(f"[bold]memorization divergence[/] (nats, d={res.dim}, eps={res.eps:g}, kernel width "
-              f"{res.bandwidth:g}, {res.n_points} points, {len(res.timesteps) - 1} ODE steps, "
+              f"{res.bandwidth:g}, {res.n_points} points, {len(res.timesteps) - 1} ODE steps from t={res.timesteps[0]} "
+              f"(sigma {res.sigma_min:.3g}), "
               f"{res.n_probes} probes, lambda={res.guidance_scale:g}, {len(res.class_sizes)} classes)")
     rows = [
         ("sum_c w_c M(D_c; p)          unconditional", res.m_uncond),

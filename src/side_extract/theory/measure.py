@@ -18,7 +18,8 @@ Algorithm:
    x = x_i + eps xi; point i belongs to class c_i. Sampling i uniformly over D makes the plain mean of a
    per-class quantity equal to its w_c-weighted average over classes.
 3. log q_eps(x) over D and over D_{c_i}, exactly; log KDE_D(x), log KDE_{D_{c_i}}(x), exactly.
-4. log p(x) and log p_{c_i}(x) by the probability-flow ODE (:mod:`.likelihood`) with the *same* Hutchinson
+4. log p(x) and log p_{c_i}(x) by the probability-flow ODE (:mod:`.likelihood`), from the timestep whose sigma
+   is nearest eps (``t_min``), with the *same* Hutchinson
    probes (drawn from per-point generators seeded by (seed, index), so nothing depends on the batch size),
    which keeps the paired gain's noise small.
 5. Means with 95% intervals over the points; each claimed ordering is "holds" when the interval of the
@@ -51,7 +52,7 @@ from ..config import check_int
 from ..models.forms import run_target
 from ..models.target import Denoiser
 from .divergence import Estimate, as_points, log_q_eps, stratified_indices
-from .likelihood import TraceKind, guided_eps_fn, ode_timesteps, pf_ode_log_likelihood, sigmas
+from .likelihood import TraceKind, guided_eps_fn, ode_timesteps, pf_ode_log_likelihood, sigmas, timestep_at_sigma
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def measure(
     n_steps: int = 32,
     n_probes: int = 1,
     trace: TraceKind = "hutchinson",
-    t_min: int = 0,
+    t_min: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -175,7 +176,15 @@ def measure(
         M(D; KDE_D) = 0, the floor)
     guidance_scale : lambda; 1 is the Bayes class-conditional p(x | c) = p(x) p(c | x) / p(c)
     n_points : Monte Carlo points (training points drawn without replacement; at most N)
-    n_steps, n_probes, trace, t_min : the ODE settings (:func:`~.likelihood.pf_ode_log_likelihood`)
+    n_steps, n_probes, trace, t_min : the ODE settings (:func:`~.likelihood.pf_ode_log_likelihood`); t_min
+        default: the timestep whose sigma is nearest ``eps`` (:func:`~.likelihood.timestep_at_sigma`), so the
+        model's density is taken at the noise level of q_eps, where the empirical optimum's is the kernel density
+        of width ``eps``. From t_min = 0 (sigma 0.01 on the linear schedule) points eps = 0.1 from their
+        training image lie ten kernel widths out of a memorizing model's density, where the ODE's grid does not
+        follow it: on the empirical optimum of 30 points in d = 4 and its exact classifier (32 steps, exact
+        trace) M came out 102.5 nats [43.7, 161.3] where it is 216, and the gain +12.3 where it is -0.69;
+        from the default t_min, 0.715 against 0.702, and -0.699 against -0.693
+        (``tests/test_theory.py::test_measure_by_default_reads_the_model_at_the_noise_level_of_eps``)
     batch_size : points per ODE batch (results do not depend on it)
     seed : seeds the choice of points, their noise and their probes
 
@@ -206,6 +215,8 @@ def measure(
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     check_int(seed, "seed")
     ac = denoiser.scheduler.alphas_cumprod
+    if t_min is None:
+        t_min = timestep_at_sigma(ac, float(eps))
     ts = ode_timesteps(ac, n_steps, t_min)  # validates n_steps and t_min early
 
     train = train.to(device)
