@@ -448,6 +448,36 @@ def test_measure_takes_second_derivatives_through_a_classifier_on_the_targets_at
     assert not np.array_equal(res.log_p_guided, res.log_p_uncond)
 
 
+def test_the_report_leaves_out_a_measure_of_a_classifier_the_run_no_longer_holds(tiny_model_dir, tmp_path):
+    """theory/measure.json recorded nothing of the classifier it measured: after the classifier was trained again the
+    report showed its divergences and verdicts as the run's, with no note."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+    from side_extract.report import build_report
+    from side_extract.theory.measure import measure_run
+
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run_audit(tmp_path / "run", rc, until="classifier")
+    measure_run(tmp_path / "run", n_points=4, n_steps=2)
+    data = build_report(tmp_path / "run")
+    assert data["theory"] is not None and not any("theory/measure.json" in n for n in data["notes"])
+    retrained = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
+    run_audit(tmp_path / "run", retrained, until="classifier")
+    data = build_report(tmp_path / "run")
+    assert data["theory"] is None
+    assert any("theory/measure.json was measured on a classifier the run no longer holds" in n for n in data["notes"])
+    # an unfinished classifier stage (its last saved weights) is not measured
+    manifest = tmp_path / "run" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["stages"]["classifier"]["status"] = "running"
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="is not a finished classifier stage \\(status 'running'"):
+        measure_run(tmp_path / "run", n_points=4, n_steps=2)
+
+
 def test_measure_of_an_audit_made_in_memory_takes_its_model(tmp_path):
     """`side theory measure RUN` loaded the run's config model, which for side_extract.audit(unet, ...) is the text
     "in-memory UNet2DModel <fp>", not a model: it failed with "not a directory" and no way to pass the model. The

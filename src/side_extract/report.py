@@ -308,12 +308,23 @@ THEORY_ROWS = {"m_uncond": "M(D_c; p): unconditional model", "m_guided": "M(D_c;
                "gain_model": "gain of the model: guided - unconditional", "gain_opt": "gain of the optimum"}
 
 
-def _theory(run: Path) -> dict[str, Any] | None:
-    """``theory/measure.json`` (``side theory measure RUN``): the divergences with 95% intervals, the verdicts."""
+def _theory(run: Path, config: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """``theory/measure.json`` (``side theory measure RUN``): the divergences with 95% intervals, the verdicts; left
+    out, with a note, where the run's classifier or training set is no longer the one it measured."""
     path = run / "theory" / "measure.json"
     if not path.is_file():
         return None
     m = read_json(path)
+    clf = read_stages(run).get("classifier") or {}
+    now = clf.get("fingerprint") if clf.get("status") == "complete" else None
+    if "classifier_fingerprint" not in m:  # (written before the file recorded it)
+        notes.append("theory/measure.json does not record which classifier it measured (written before session 48): "
+                     "it may describe an earlier one; run side theory measure RUN again to be sure")
+    elif m["classifier_fingerprint"] != now or m.get("train") != config.get("train"):
+        what = "classifier" if m["classifier_fingerprint"] != now else f"training set ({m.get('train')!r})"
+        notes.append(f"theory/measure.json was measured on a {what} the run no longer holds: the theory section is "
+                     "left out; run side theory measure RUN again")
+        return None
     rows = [{"key": k, "label": label, **m[k]} for k, label in THEORY_ROWS.items() if isinstance(m.get(k), dict)]
     return {"rows": rows, "ordering": m.get("ordering", {}), "eps": m.get("eps"), "guidance_scale": m.get("guidance_scale"),
             "n_points": len(m.get("index", [])), "n_steps": m.get("n_steps")}
@@ -387,7 +398,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "histograms": _histograms(run, metrics, tables),
         "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},
         "clusters": _clusters(run, metrics, tables, stale), "classifiers": _classifiers(run),
-        "sweeps": _sweeps(run, metrics, config), "theory": _theory(run),
+        "sweeps": _sweeps(run, metrics, config), "theory": _theory(run, config, notes),
         "stages": stages, "versions": versions, "config": config, "config_yaml": text, "notes": notes}
     for key, what in (("clusters", "surrogate/clusters.json or labelled generations"),
                       ("classifiers", "classifier*/config.json"), ("sweeps", "sweeps/<param>=<value>/"),

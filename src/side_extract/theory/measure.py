@@ -325,7 +325,12 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
             raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
                              "(the classifier stage writes RUN/classifier/)")
         # the synthetic set's model: the one the classifier's training data came from
-        sampled_from = (read_stages(run).get("synthetic") or {}).get("inputs", {}).get("model")
+        stages = read_stages(run)
+        clf_stage = stages.get("classifier") or {}
+        if clf_stage.get("status") != "complete":  # (an unfinished one was measured from its last saved weights)
+            raise ValueError(f"{str(clf_dir)!r} is not a finished classifier stage (status "
+                             f"{clf_stage.get('status')!r} in the manifest): run the audit to the classifier first")
+        sampled_from = (stages.get("synthetic") or {}).get("inputs", {}).get("model")
         target = run_target(str(rc.get("model", "demo")), sampled_from, model, scheduler=scheduler,
                             sample_shape=sample_shape, device=device, model_id=model_id,
                             pass_as="measure_run(..., model=) or side theory measure --model DIR")
@@ -335,5 +340,6 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
         check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
         res = measure(denoiser, classifier, data.to_float(), n_points=min(n_points, len(data)), device=device, **kwargs)
         dest = run / "theory" / "measure.json"
-        atomic_write_json(dest, res.to_dict() | {"model": str(model), "train": rc["train"]})
+        atomic_write_json(dest, res.to_dict() | {"model": str(model), "train": rc["train"],
+                                                 "classifier_fingerprint": clf_stage["fingerprint"]})
     return res, dest
