@@ -751,3 +751,29 @@ def test_distinct_images_are_not_compared_between_methods_of_other_budgets(tmp_p
             assert "unequal_budgets" not in r and r["side_better"] is not None, name
     html = " ".join(render_html(build_report(run), run).split())
     assert "N_G differs: side 40, uncond 30" in html
+
+
+def test_a_lambda_sweep_joins_each_methods_own_lambda(tmp_path):
+    """A lambda sweep sets Cond's own lambda (cond_scale) to each swept value; the run's own Cond result, made at
+    cond_scale 1, joined Cond's curve at extract.scale (3), a point nothing measured, and hid the flat stretch."""
+    run = tmp_path / "run"
+    rc = cfg.RunConfig(train=TRAIN, extract=cfg.ExtractConfig(methods=("side", "cond"), scale=3.0, cond_scale=1.0),
+                       sweep=cfg.SweepConfig(scale=(2.0, 5.0)))
+    RunDir(run).write_config(rc)
+    train = load_image_set(TRAIN)
+    c = cfg.EvaluateConfig(carlini_n=10, bands="high=0:0.05,mid=0.05:0.1,low=0.1:0.2")
+
+    def put(where, method, copies, seed):
+        gen = generations(train, copies, 30, seed)
+        save_extraction(where, method, gen)
+        evaluate(gen, train, c, method=method).write(where / "evaluation" / method)
+
+    put(run, "side", 6, 1)
+    put(run, "cond", 2, 2)
+    for name, sub_rc in sweep_configs(rc):
+        RunDir(run / "sweeps" / name).write_config(sub_rc)
+        for m in ("side", "cond"):
+            put(run / "sweeps" / name, m, 4, 3)
+    sweeps = build_report(run)["sweeps"]["scale"]
+    assert sweeps["side"]["values"] == [2.0, 3.0, 5.0]
+    assert sweeps["cond"]["values"] == [1.0, 2.0, 5.0]

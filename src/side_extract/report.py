@@ -30,7 +30,7 @@ from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, check_run_directory, evaluated_methods,
                    npz_arrays, read_json, read_model_entry, read_stages, stale_stages, sweep_leftovers)
 from .summary import findings_file_current, summary_and_findings
-from .sweeps import SWEEPABLE, current_sweeps, stale_sweeps
+from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +286,9 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
     out: dict[str, Any] = {}
     for param, per_method in found.items():
         out[param] = {}
-        own = (config.get(SWEEPABLE.get(param, "")) or {}).get(param)
         for m, runs in per_method.items():
-            if isinstance(own, (int, float)) and m in metrics:
-                runs.setdefault(float(own), metrics[m])
+            if param in SWEEPABLE and m in metrics:  # (Cond's own lambda is cond_scale: it joined at extract.scale)
+                runs.setdefault(float(own_value(rc, param, m)), metrics[m])
             values = sorted(runs, key=lambda v: (isinstance(v, str), v))
             ref = next(iter(runs.values()))
             bands = closest_first(ref["bands"], ref["orientation"])

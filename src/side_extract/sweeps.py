@@ -104,6 +104,17 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
     return out
 
 
+def own_value(rc: cfg.RunConfig, param: str, method: str) -> float | int:
+    """The value of swept ``param`` that ``method``'s results in run ``rc`` were made with (a lambda sweep sets
+    Cond's and side-teacher's own lambdas, ``cond_scale`` and ``teacher_scale``, to the swept value, as
+    :func:`sweep_configs` does): where the run's own result joins the sweep's curve."""
+    ex = rc.extract
+    if param == "scale":
+        own = {"cond": ex.cond_scale, "side-teacher": ex.teacher_scale}.get(method)
+        return ex.scale if own is None else own
+    return getattr(getattr(rc, SWEEPABLE[param]), param)
+
+
 def current_sweeps(run: str | Path, rc: cfg.RunConfig) -> dict[str, Path]:
     """The sweep sub-runs of ``run`` (config ``rc``) that its ``sweep:`` asks for now, each as it would be made now
     (its config.yaml is :func:`sweep_configs`'s): name -> directory. A sub-run of a value since taken out of
