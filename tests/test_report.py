@@ -777,3 +777,26 @@ def test_a_lambda_sweep_joins_each_methods_own_lambda(tmp_path):
     sweeps = build_report(run)["sweeps"]["scale"]
     assert sweeps["side"]["values"] == [2.0, 3.0, 5.0]
     assert sweeps["cond"]["values"] == [1.0, 2.0, 5.0]
+
+
+def test_the_cost_of_a_grown_extraction_is_not_said_from_its_last_session(tiny_model_dir, tmp_path):
+    """A resumed or grown extraction's manifest seconds count only its last session: the summary divided all N_G
+    by them (4.7x the true rate in a review) as the method's images per second."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+    from side_extract.report import write_report
+    from side_extract.summary import audit_summary
+
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), shard_size=2)
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    first = audit_summary(run)["methods"]["uncond"]
+    assert first["seconds"] > 0 and first["images_per_second"] > 0 and "timing" not in first
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=10)))  # grown from 6
+    grown = audit_summary(run)["methods"]["uncond"]
+    assert grown["n_generated"] == 10 and grown["seconds"] is None and grown["images_per_second"] is None
+    assert grown["timing"].startswith("not kept: the extraction was resumed or grown")
+    assert "not kept: the extraction was resumed or grown" in " ".join(write_report(run).read_text().split())

@@ -116,7 +116,10 @@ def method_summary(m: dict[str, Any], stage: dict[str, Any] | None, eval_dir: Pa
                                       "seen_once": law.get("q1"), "seen_twice": law.get("q2")}
     if stage and "stopped" in stage:  # dedup-driven stopping ended it before N_G (extract.stop_unseen)
         out["stopped"] = {**stage["stopped"], "of": stage.get("n")}
-    if stage and stage.get("seconds"):
+    if stage and (stage.get("resumed") or "grown_from" in stage):  # its seconds are the last session's alone
+        out["timing"] = ("not kept: the extraction was resumed or grown, and the manifest's seconds count only its "
+                         "last session")
+    elif stage and stage.get("seconds"):
         out["seconds"] = stage["seconds"]
         out["images_per_second"] = round(n / stage["seconds"], 2) if stage["seconds"] > 0 else None
     return out
