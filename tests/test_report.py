@@ -354,6 +354,7 @@ def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
             "or closer in 58 model samples (side 6, cond 6, uncond 6, synthetic 40;") in out
     html = write_report(tmp_path / "run").read_text()
     assert 'id="findings-table"' in html
+    assert "up to 8 closest generations" in " ".join(html.split())  # (it said "the 8", over fewer pairs)
     assert html.index('id="summary"') < html.index('id="comparison"') and s["verdict"] in html.replace("&#39;", "'")
     assert 'alt="generation ' in html and "to training image" in html and "rms-l2" in html.split('alt="generation ')[1][:120]
     # the verdict by hand
