@@ -801,3 +801,23 @@ def test_the_cost_of_a_grown_extraction_is_not_said_from_its_last_session(tiny_m
     assert grown["n_generated"] == 10 and grown["seconds"] is None and grown["images_per_second"] is None
     assert grown["timing"].startswith("not kept: the extraction was resumed or grown")
     assert "not kept: the extraction was resumed or grown" in " ".join(write_report(run).read_text().split())
+
+
+def test_a_synthetic_evaluation_the_run_no_longer_stands_for_is_named(tiny_model_dir, tmp_path):
+    """The synthetic set made again (more samples) left its old evaluation on disk, marked complete; the findings
+    dropped it with a line on stderr only, and the caption said the run had none or did not measure it."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    assert not any("synthetic-evaluation" in n for n in build_report(run)["notes"])
+    run_audit(run, dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, n=48)), until="surrogate")
+    data = build_report(run)
+    assert "synthetic" not in data["audit_summary"]["findings"]["generations"]
+    assert any(n.startswith("synthetic-evaluation/ left out of the findings: unfinished, or made from a synthetic "
+                            "set the run no longer holds") for n in data["notes"])

@@ -27,8 +27,9 @@ from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set, load_shards
 from .metrics import Z95, closest_first
-from .runs import (MODEL_INPUT, atomic_write_json, atomic_write_text, check_run_directory, evaluated_methods,
-                   npz_arrays, read_json, read_model_entry, read_stages, stale_stages, sweep_leftovers)
+from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_json, atomic_write_text, check_run_directory,
+                   evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_stages,
+                   stale_stages, sweep_leftovers)
 from .summary import findings_file_current, summary_and_findings
 from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps
 
@@ -362,6 +363,9 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
                      "longer holds (evaluate again: side extract --run RUN, or side run)")
     elif not metrics:
         notes.append("no evaluation/<method>/metrics.json: run the evaluation stage (side run / side evaluate)")
+    if metrics and (run / SYNTHETIC_EVALUATION / "metrics.json").is_file() and evaluated_synthetic(run) is None:
+        notes.append(f"{SYNTHETIC_EVALUATION}/ left out of the findings: unfinished, or made from a synthetic set the "
+                     "run no longer holds (side run measures it again)")
     configured = (config.get("extract") or {}).get("methods") or []
     if metrics and (unmeasured := [m for m in configured if m not in metrics and m not in left]):
         notes.append(f"{', '.join(unmeasured)}: in the config's methods but not evaluated (no "
