@@ -204,3 +204,48 @@ def test_pixel_rows():
     rows = pixel_rows(images)
     assert rows.shape == (2, 12) and rows.dtype == np.uint8
     assert rows[0].tolist() == list(range(12)) and rows[1].tolist() == list(range(12, 24))  # each image, in order
+
+
+def _near_ties(seed: int, n_queries: int = 32, d: int = 3072):
+    """Each query q has two reference rows far from it (squared sums near 10^8, where float32 steps by 8): a, and b
+    = a with one value moved onto q's, which was one grey level off, so b is nearer by exactly 1. b comes second."""
+    rng = np.random.default_rng(seed)
+    Q = rng.integers(0, 256, (n_queries, d), dtype=np.uint8)
+    refs = []
+    for q in Q:
+        a = np.where(q < 128, rng.integers(200, 256, d), rng.integers(0, 56, d)).astype(np.int64)
+        j = rng.integers(d)
+        a[j] = q[j] + (1 if q[j] < 255 else -1)
+        b = a.copy()
+        b[j] = q[j]
+        refs += [a, b]
+    R = np.array(refs, np.uint8)
+    exact = ((Q[:, None].astype(np.int64) - R[None].astype(np.int64)) ** 2).sum(-1)
+    return Q, R, exact
+
+
+def test_faiss_chooses_the_exact_nearest_between_near_ties_past_float32(monkeypatch):
+    """faiss picks its top k in float32, which for uint8 rows of more than 129 values is no longer exact: it could
+    return a row whose exact squared sum exceeded another's by 1, and only the k rows it picked were recomputed
+    exactly (the module promises neighbours that do not depend on the backend)."""
+    import side_extract.neighbors as neighbors
+
+    Q, R, exact = _near_ties(0)
+    order = np.lexsort((np.broadcast_to(np.arange(len(R)), exact.shape), exact), axis=1)
+    for k in (1, 2, 3):
+        nb = NearestNeighborIndex("rms-l2", backend="faiss").fit(R).kneighbors(Q, k)
+        np.testing.assert_array_equal(nb.indices, order[:, :k])
+        np.testing.assert_array_equal(nb.indices, NearestNeighborIndex("rms-l2", backend="torch").fit(R)
+                                      .kneighbors(Q, k).indices)
+    # the rows faiss leaves unfetched are bounded too: a query whose k-th is not surely below them is searched
+    # again exactly (here every one, with the bound made huge), and gives the same answer
+    ref = NearestNeighborIndex("rms-l2", backend="torch").fit(R).kneighbors(Q, 2, exclude=order[:, 0])
+    searched = []
+    scan = neighbors.NearestNeighborIndex._torch_scan
+    monkeypatch.setattr(neighbors, "_float32_sq_error", lambda d, q_sq, r_sq: np.full(len(q_sq), 1e30))
+    monkeypatch.setattr(neighbors.NearestNeighborIndex, "_torch_scan",
+                        lambda self, q, *a: searched.append(len(q)) or scan(self, q, *a))
+    got = NearestNeighborIndex("rms-l2", backend="faiss", ref_chunk=20).fit(R).kneighbors(Q, 2, exclude=order[:, 0])
+    assert searched == [len(Q)]
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.scores, ref.scores)

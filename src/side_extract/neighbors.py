@@ -14,7 +14,8 @@ Memory stays bounded: queries are processed ``query_chunk`` rows at a time again
 rows at a time, keeping only a running top-k per query; the fitted rows are referenced, not copied.
 Backends: faiss ``IndexFlatIP`` / ``IndexFlatL2`` (on all GPUs when ``faiss.get_num_gpus() > 0``), one
 index per reference chunk, merged; or chunked torch matrix products on ``device``. faiss computes in
-float32, so its rms-l2 results are recomputed exactly for the k returned neighbours.
+float32, so its rms-l2 results are recomputed exactly for the k returned neighbours; for uint8 rows past 129 values
+its choice between near ties is checked too (:meth:`NearestNeighborIndex._faiss_knn`).
 
 ``pairs_within`` (and ``kneighbors(..., on_pairs=...)``, in the same pass) streams every (query,
 reference) pair whose score lies in a closed range: what unique-memorization counts need.
@@ -342,15 +343,26 @@ class NearestNeighborIndex:
 
     # ---------------------------------------------------------------------------------------------
     def _faiss_knn(self, Q: np.ndarray, k: int, exclude: np.ndarray | None, progress: Progress | None) -> Neighbors:
+        """faiss's search, per reference chunk, merged. Under rms-l2 its float32 distances are recomputed exactly.
+        For uint8 rows past :data:`_EXACT_FLOAT32_MAX_D` values, where float32 sums are no longer exact, faiss's
+        choice itself can be wrong between near ties (a review found 1 query in 64 of 3,072 values whose exact
+        nearest was not returned): more candidates are fetched and ranked by their exact distances, and a query
+        whose k-th exact distance does not lie below what any unfetched row can have (faiss's last fetched
+        distance less a bound on its float32 error) is searched again by the exact torch code."""
         faiss = _faiss()
         cos = self.metric == "cosine"
         m, n = len(Q), self.n_samples_fit_
         kk = k + (exclude is not None)
+        certify = not cos and self.X_ref_.dtype == np.uint8 and self.n_features_in_ > _EXACT_FLOAT32_MAX_D
+        fetch = kk + max(kk, 8) if certify else kk
+        floor = np.full(m, np.inf)  # (certify) no unfetched row's exact squared sum lies below it
+        q_sq = (Q.astype(np.float64) ** 2).sum(1) if certify else None
         keys = np.full((m, 0), -np.inf)
         idx = np.zeros((m, 0), dtype=np.int64)
         gpus = faiss.get_num_gpus()
         for r0 in range(0, n, self.ref_chunk):
-            r = self._faiss_rows(self.X_ref_[r0:r0 + self.ref_chunk])
+            rows = self.X_ref_[r0:r0 + self.ref_chunk]
+            r = self._faiss_rows(rows)
             index = faiss.IndexFlatIP(r.shape[1]) if cos else faiss.IndexFlatL2(r.shape[1])
             if gpus > 0:
                 index = faiss.index_cpu_to_all_gpus(index)
@@ -360,19 +372,31 @@ class NearestNeighborIndex:
             # chunks cost no more memory; small ones made this 3x slower than one bare search (bench compute)
             q_chunk = max(self.query_chunk, FAISS_QUERY_CHUNK)
             for q0 in range(0, m, q_chunk):
-                d, i = index.search(self._faiss_rows(Q[q0:q0 + q_chunk]), min(kk, len(r)))
+                d, i = index.search(self._faiss_rows(Q[q0:q0 + q_chunk]), min(fetch, len(r)))
                 ck.append(d.astype(np.float64) if cos else -d.astype(np.float64))
                 ci.append(i.astype(np.int64) + r0)
             ck_all, ci_all = np.concatenate(ck), np.concatenate(ci)
+            if certify:
+                if ci_all.shape[1] < len(rows):  # rows left unfetched: none lies nearer than this, exactly
+                    r_sq = float((rows.astype(np.float64) ** 2).sum(1).max())
+                    floor = np.minimum(floor, -ck_all[:, -1] - _float32_sq_error(self.n_features_in_, q_sq, r_sq))
+                ck_all = -self._exact_sq(Q, ci_all)
             if exclude is not None:
                 ck_all[ci_all == exclude[:, None]] = -np.inf
             keys, idx = np.concatenate([keys, ck_all], 1), np.concatenate([idx, ci_all], 1)
-            top = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+            # (exact keys: a tie goes to the lower row, as in the torch code)
+            top = (np.lexsort((idx, -keys), axis=1) if certify else np.argsort(-keys, axis=1, kind="stable"))[:, :k]
             keys, idx = np.take_along_axis(keys, top, 1), np.take_along_axis(idx, top, 1)
             if progress is not None:
                 progress(min(n, r0 + self.ref_chunk) * m // n, m)
         if not cos:  # faiss works in float32: recompute the k distances exactly
             keys = -self._exact_sq(Q, idx)
+        if certify and (again := np.flatnonzero(-keys[:, -1] >= floor)).size:  # (>=: a tie goes to the lower row)
+            log.debug("faiss: %d of %d queries searched again exactly (near ties past float32)", len(again), m)
+            ex = None if exclude is None else exclude[again]
+            found = list(self._torch_scan(Q[again], k, ex, None, None, None))
+            keys[again] = np.concatenate([f[2] for f in found])  # (-|q - r|^2, exact for uint8 rows)
+            idx[again] = np.concatenate([f[3] for f in found])
         return self._finish(keys, idx)
 
     def _faiss_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -390,6 +414,17 @@ class NearestNeighborIndex:
             r = self.X_ref_[idx[a:a + step]].astype(np.float64)
             out[a:a + step] = ((q - r) ** 2).sum(-1)
         return out
+
+
+def _float32_sq_error(d: int, q_sq: np.ndarray, r_sq: float) -> np.ndarray:
+    """A bound on faiss's float32 error in the squared distance |q - r|^2 of non-negative rows of ``d`` values,
+    computed as |q|^2 + |r|^2 - 2 q.r: each sum of d non-negative products is within gamma_d = d u / (1 - d u) of
+    its value in any order (u = 2^-24; Higham, Accuracy and Stability of Numerical Algorithms, 3.1), the two
+    subtractions add 2u, and 2 q.r <= |q|^2 + |r|^2; doubled for margin. ``q_sq``: the queries' |q|^2, ``r_sq``
+    the largest |r|^2."""
+    u = 2.0**-24
+    gamma = d * u / (1 - d * u)
+    return 2 * (gamma + 2 * u) * 2 * (q_sq + r_sq)
 
 
 def _faiss():
