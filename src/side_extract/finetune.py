@@ -252,8 +252,10 @@ def finetune(
     opt = torch.optim.AdamW(_param_groups(model, c), lr=c.lr, weight_decay=0.0)
     if target_fingerprint is None:
         target_fingerprint = module_fingerprint(target.unet, target.scheduler)
+    # a longer fine-tune into the same ``out`` continues a shorter one (a run's lora stage keys ``steps``, and
+    # starts afresh, its work folder removed, when they change)
     key = fingerprint_of({k: v for k, v in lora_settings(c).items() if k not in ("steps", "checkpoint_every")},
-                         array_fingerprint(x, y), target_fingerprint)  # a longer run continues a shorter one
+                         array_fingerprint(x, y), target_fingerprint)
     ckpt = out / "work" / "checkpoint"
     start, losses = 0, []
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None
