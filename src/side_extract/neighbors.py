@@ -377,10 +377,16 @@ class NearestNeighborIndex:
                 ci.append(i.astype(np.int64) + r0)
             ck_all, ci_all = np.concatenate(ck), np.concatenate(ci)
             if certify:
+                d_f = -ck_all  # faiss's squared sums, each within ``bound`` of the exact one
+                bound = _float32_sq_error(self.n_features_in_, q_sq, float((rows.astype(np.float64) ** 2).sum(1).max()))
                 if ci_all.shape[1] < len(rows):  # rows left unfetched: none lies nearer than this, exactly
-                    r_sq = float((rows.astype(np.float64) ** 2).sum(1).max())
-                    floor = np.minimum(floor, -ck_all[:, -1] - _float32_sq_error(self.n_features_in_, q_sq, r_sq))
-                ck_all = -self._exact_sq(Q, ci_all)
+                    floor = np.minimum(floor, d_f[:, -1] - bound)
+                # a candidate past the kk-th by more than twice the bound is exactly farther than kk others: out
+                near = d_f <= d_f[:, min(kk, d_f.shape[1]) - 1, None] + 2 * bound[:, None]
+                qi, cj = np.nonzero(near)
+                exact = np.full(d_f.shape, np.inf)
+                exact[qi, cj] = self._exact_sq_pairs(Q, qi, ci_all[qi, cj])
+                ck_all = -exact
             if exclude is not None:
                 ck_all[ci_all == exclude[:, None]] = -np.inf
             keys, idx = np.concatenate([keys, ck_all], 1), np.concatenate([idx, ci_all], 1)
@@ -389,7 +395,7 @@ class NearestNeighborIndex:
             keys, idx = np.take_along_axis(keys, top, 1), np.take_along_axis(idx, top, 1)
             if progress is not None:
                 progress(min(n, r0 + self.ref_chunk) * m // n, m)
-        if not cos:  # faiss works in float32: recompute the k distances exactly
+        if not cos and not certify:  # faiss works in float32: recompute the k distances exactly
             keys = -self._exact_sq(Q, idx)
         if certify and (again := np.flatnonzero(-keys[:, -1] >= floor)).size:  # (>=: a tie goes to the lower row)
             log.debug("faiss: %d of %d queries searched again exactly (near ties past float32)", len(again), m)
@@ -406,13 +412,18 @@ class NearestNeighborIndex:
         return x
 
     def _exact_sq(self, Q: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Squared sums between each query and its listed reference rows, by direct differences (float64)."""
-        out = np.empty(idx.shape)
-        step = max(1, 2**22 // max(1, idx.shape[1] * self.n_features_in_))
-        for a in range(0, len(Q), step):
-            q = Q[a:a + step].astype(np.float64)[:, None, :]
-            r = self.X_ref_[idx[a:a + step]].astype(np.float64)
-            out[a:a + step] = ((q - r) ** 2).sum(-1)
+        """Squared sums between each query and its listed reference rows (m, j), by direct differences."""
+        rows = np.repeat(np.arange(len(Q)), idx.shape[1])
+        return self._exact_sq_pairs(Q, rows, idx.ravel()).reshape(idx.shape)
+
+    def _exact_sq_pairs(self, Q: np.ndarray, q_rows: np.ndarray, r_rows: np.ndarray) -> np.ndarray:
+        """Squared sums between query rows ``q_rows`` and reference rows ``r_rows`` pairwise, by direct differences
+        (float64: exact integers for uint8 rows)."""
+        out = np.empty(len(q_rows))
+        step = max(1, 2**22 // max(1, self.n_features_in_))
+        for a in range(0, len(q_rows), step):
+            diff = Q[q_rows[a:a + step]].astype(np.float64) - self.X_ref_[r_rows[a:a + step]].astype(np.float64)
+            out[a:a + step] = (diff * diff).sum(1)
         return out
 
 
