@@ -85,14 +85,18 @@ def predictions_by_quartile(model: Classifier, x0: torch.Tensor, scheduler: Sche
     n_t = 0 if scheduler is None else scheduler.config.num_train_timesteps
     for q in quartiles:
         predicted = []
+        if q is not None:  # every image's t and noise drawn at once: what an image gets does not depend on the
+            # batching (they were drawn batch by batch, t and noise in turn: batch_size changed the accuracies)
+            t_all = torch.randint(q * n_t // 4, (q + 1) * n_t // 4, (len(x0),), generator=g)
+            noise_all = torch.randn(tuple(x0.shape), generator=g)
         for lo in range(0, len(x0), batch_size):
             xb = x0[lo:lo + batch_size]
             if q is None:
                 t = torch.zeros(len(xb), dtype=torch.long, device=xb.device)
                 xt = xb
             else:
-                t = torch.randint(q * n_t // 4, (q + 1) * n_t // 4, (len(xb),), generator=g).to(xb.device)
-                xt = scheduler.add_noise(xb, torch.randn(xb.shape, generator=g).to(xb.device), t)
+                t = t_all[lo:lo + batch_size].to(xb.device)
+                xt = scheduler.add_noise(xb, noise_all[lo:lo + batch_size].to(xb.device, xb.dtype), t)
                 if denoiser is not None:
                     abar = scheduler.alphas_cumprod.to(xb.device)[t].view(-1, 1, 1, 1).to(xb.dtype)
                     xt = (xt - (1 - abar).sqrt() * denoiser(xt, t)) / abar.sqrt()
