@@ -29,6 +29,13 @@ def test_time_module_is_used_and_none_ignores_t():
     assert not any("time" in n for n, _ in clean.named_parameters())
 
 
+def _arch_json(**change) -> str:
+    import json
+
+    arch = {"num_classes": 3, "in_channels": 1, "image_size": 8, "depth": 10, "width": 8, "classes": [4, 7, 9]}
+    return json.dumps({"arch": {**arch, **change}})
+
+
 def test_save_load_roundtrip(tmp_path):
     arch = ClassifierArch(num_classes=3, in_channels=1, image_size=8, depth=10, width=8, classes=(4, 7, 9))
     m = NoiseAwareResNet(arch).eval()
@@ -45,7 +52,16 @@ def test_save_load_roundtrip(tmp_path):
 
     for name, text, said in (("model.safetensors", "junk", r"model.safetensors: .*header"),
                              ("config.json", "{}", r"config.json: KeyError"),
-                             ("config.json", "not json", r"config.json: JSONDecodeError")):
+                             ("config.json", "not json", r"config.json: JSONDecodeError"),
+                             # an arch that is no object, or no network can have, or a class list of floats, letters
+                             # or repeats (AttributeError or torch's RuntimeError came out; the lists loaded, and
+                             # floats were cut to other cluster ids later)
+                             ("config.json", '{"arch": "resnet"}', r"config.json: ValueError its arch is str"),
+                             ("config.json", '{"arch": null}', r"config.json: ValueError its arch is NoneType"),
+                             ("config.json", _arch_json(width=-1), r"config.json: ValueError width=-1 must be"),
+                             ("config.json", _arch_json(classes=[4.7, 7.2, 9.9]), r"config.json: ValueError classes=.* must be distinct integer"),
+                             ("config.json", _arch_json(classes="abc"), r"config.json: ValueError classes=.* must be distinct integer"),
+                             ("config.json", _arch_json(classes=[4, 4, 4]), r"config.json: ValueError classes=.* must be distinct integer")):
         shutil.copytree(tmp_path / "c", tmp_path / "d", dirs_exist_ok=True)
         (tmp_path / "d" / name).write_text(text)
         with pytest.raises(ValueError, match=r"the classifier in .*/d' is damaged \(" + said):

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,6 +73,13 @@ class ClassifierArch:
                              "(time-independent) classifier must use backbone='resnet'")
         if self.classes and len(self.classes) != self.num_classes:
             raise ValueError(f"classes has {len(self.classes)} entries for num_classes={self.num_classes}")
+        if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in self.classes) or \
+                len(set(self.classes)) != len(self.classes):  # (floats were cut to ints later; repeats made the
+            # output <-> cluster mapping ambiguous)
+            raise ValueError(f"classes={list(self.classes)!r} must be distinct integer cluster ids")
+        for name in ("width", "time_embed_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
 
 
 class BasicBlock(nn.Module):
@@ -205,12 +213,16 @@ class UNetFeatureClassifier(nn.Module):
 Classifier = NoiseAwareResNet | UNetFeatureClassifier
 
 
+def _check_unet(unet: nn.Module | None) -> None:
+    if unet is None or not hasattr(unet, "down_blocks"):
+        raise ValueError("backbone='unet' needs the target's diffusers UNet2DModel (a plain callable target "
+                         "has no features to read)")
+
+
 def build_classifier(arch: ClassifierArch, unet: nn.Module | None = None) -> Classifier:
     """The classifier ``arch`` describes; ``backbone="unet"`` needs the target's ``unet``."""
     if arch.backbone == "unet":
-        if unet is None or not hasattr(unet, "down_blocks"):
-            raise ValueError("backbone='unet' needs the target's diffusers UNet2DModel (a plain callable target "
-                             "has no features to read)")
+        _check_unet(unet)
         return UNetFeatureClassifier(arch, unet)
     return NoiseAwareResNet(arch)
 
@@ -245,13 +257,20 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *
                "(side train-classifier, or side extract --force in its run)")
     try:
         arch_d = json.loads((d / "config.json").read_text())["arch"]
+        if not isinstance(arch_d, dict):
+            raise ValueError(f"its arch is {type(arch_d).__name__}, not an object")
         arch_d.pop("num_train_timesteps", None)  # written by versions before 0.2, never used
         arch_d["classes"] = tuple(arch_d.get("classes", ()))
         arch = ClassifierArch(**arch_d)
     except (ValueError, KeyError, TypeError) as e:  # (not JSON, no arch, unknown fields: a traceback before)
         raise ValueError(damaged % f"config.json: {type(e).__name__} {e}") from None
-    with torch.random.fork_rng():  # its random initialisation, overwritten below, leaves the caller's RNG alone
-        model = build_classifier(arch, unet)
+    if arch.backbone == "unet":  # the caller's part, not the folder's: said as it is
+        _check_unet(unet)
+    try:
+        with torch.random.fork_rng():  # its random initialisation, overwritten below, leaves the caller's RNG alone
+            model = build_classifier(arch, unet)
+    except (ValueError, RuntimeError) as e:  # (an architecture no network can have: a bare torch error)
+        raise ValueError(damaged % f"config.json: {type(e).__name__} {e}") from None
     try:
         weights = load_file(str(d / "model.safetensors"))
     except Exception as e:  # (safetensors' own SafetensorError is no ValueError)
