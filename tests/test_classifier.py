@@ -419,3 +419,21 @@ def test_held_out_accuracy_does_not_depend_on_the_evaluation_batch_size():
     for x, t in inputs[1:]:
         assert torch.equal(x, inputs[0][0]) and torch.equal(t, inputs[0][1])
     assert len(inputs[0][1].unique()) > 10  # (drawn, not one t for all)
+
+
+@pytest.mark.parametrize("damaged", ["state.json", "model.safetensors", "optimizer.pt"])
+def test_a_damaged_checkpoint_is_discarded_and_trained_afresh(tmp_path, damaged):
+    """A checkpoint file cut in half (a disk error, a copy cut short) failed every later run of the stage with a
+    bare JSONDecodeError, SafetensorError or torch's zip error, until the user found work/ and deleted it."""
+    import dataclasses
+
+    x, y = separable_toy(64)
+    arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8)
+    c = cfg.ClassifierConfig(steps=4, batch_size=16, eval_every=2, eval_fraction=0.0)
+    train_classifier(arch, x, y, dataclasses.replace(c, steps=2), scheduler=tiny_scheduler(), out=tmp_path / "run")
+    f = tmp_path / "run" / "checkpoint" / damaged
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    again = train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "run")
+    fresh = train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "fresh")
+    for k, v in fresh.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k

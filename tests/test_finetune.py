@@ -74,6 +74,12 @@ def test_save_load_round_trip_and_resume_equals_uninterrupted(tiny_model_dir, tm
     # other data: the checkpoint is not resumed
     other = finetune(target, x0.flip(0), y, TINY, tmp_path / "b")
     assert other.resumed_from == 0
+    # a damaged checkpoint file is discarded, not a bare safetensors error on every later run
+    finetune(target, x0, y, dataclasses.replace(TINY, steps=3), tmp_path / "c")
+    f = tmp_path / "c" / "work" / "checkpoint" / "trainable.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    again = finetune(target, x0, y, TINY, tmp_path / "c")
+    assert again.resumed_from == 0 and again.losses == full.losses
 
 
 def _with_dropout(tiny_model_dir, out, p=0.3):

@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import config as cfg
 from .distributed import SINGLE, ProcessGroup
 from .models.forms import module_fingerprint
 from .models.target import UNetDenoiser, as_epsilon, has_class_embedding, prediction_target
-from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of, read_json, whole_safetensors
+from .runs import (array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of, read_checkpoint, read_json,
+                   whole_safetensors)
 from .surrogate import target_outputs
 
 log = logging.getLogger(__name__)
@@ -258,16 +259,15 @@ def finetune(
                          array_fingerprint(x, y), target_fingerprint)
     ckpt = out / "work" / "checkpoint"
     start, losses = 0, []
-    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None
+    found = read_checkpoint(ckpt, key, c.steps, "trainable.safetensors", "side-lora")
     group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
-    if state is not None:
-        if state.get("resume_key") == key and int(state["step"]) <= c.steps:  # a longer run's cannot be wound back
-            _load_trainable(model, load_file(str(ckpt / "trainable.safetensors")), full)
-            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
-            start, losses = int(state["step"]), list(state["losses"])
-            log.info("side-lora: resuming at step %d", start)
-        elif group.main:
-            shutil.rmtree(ckpt)
+    if found is not None:
+        _load_trainable(model, found.weights, full)
+        opt.load_state_dict(found.optimizer)
+        start, losses = int(found.state["step"]), list(found.state["losses"])
+        log.info("side-lora: resuming at step %d", start)
+    elif ckpt.exists() and group.main:
+        shutil.rmtree(ckpt)
     sched = target.scheduler
     n_t = int(sched.config.num_train_timesteps)
     null = len(classes)

@@ -269,6 +269,40 @@ def whole_safetensors(path: str | Path) -> bool:
         return False
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A resumable training checkpoint read whole: ``state.json`` (``step``, ``resume_key`` and the trainer's
+    own entries), its weights and the optimizer's state."""
+
+    state: dict[str, Any]
+    weights: dict[str, Any]
+    optimizer: dict[str, Any]
+
+
+def read_checkpoint(ckpt: Path | None, key: Any, steps: int, weights: str, who: str) -> Checkpoint | None:
+    """The checkpoint in folder ``ckpt`` if it was made with ``key`` at no more than ``steps`` steps (a longer run's
+    cannot be wound back) and every file reads whole; else None, and a folder that is there is to be discarded by
+    the caller's main process (``who`` names the trainer in the log). A damaged file (outside damage: a disk error,
+    a copy cut short) failed every later run of the stage with a bare JSON, safetensors or torch error."""
+    if ckpt is None or not (ckpt / "state.json").is_file():
+        return None
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or state.get("resume_key") != key or int(state["step"]) > steps:
+            log.info("%s: discarding a checkpoint made from other data or settings, or past %d steps", who, steps)
+            return None
+        return Checkpoint(state, load_file(str(ckpt / weights)),
+                          torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        log.warning("%s: the checkpoint in %s is damaged (%s: %s); training from the start", who, ckpt,
+                    type(e).__name__, str(e)[:200])
+        return None
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """A run's ``manifest.json``: a JSON object whose ``stages`` maps each stage to an object (its ``inputs``, where
     it has them, an object too), or a ValueError naming the file."""

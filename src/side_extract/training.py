@@ -19,7 +19,6 @@ equals an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -29,13 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import config as cfg
 from .data import check_float_images, integer_labels
 from .distributed import SINGLE, ProcessGroup
 from .models.classifier import Classifier, ClassifierArch, build_classifier
-from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of
+from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -201,21 +200,19 @@ def train_classifier(
     start, history = 0, []
     key = resume_key(arch, c, x0, y_t, scheduler, unet if arch.backbone == "unet" else None)
     ckpt = Path(out) / "checkpoint" if out is not None else None
-    state = json.loads((ckpt / "state.json").read_text()) if ckpt is not None and (ckpt / "state.json").is_file() else None
+    found = read_checkpoint(ckpt, key, c.steps, "model.safetensors", "classifier")  # (read on the host)
     group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
-    if state is not None:
-        if state.get("resume_key") == key and int(state["step"]) <= c.steps:  # a longer run's cannot be wound back
-            # read on the host; load_state_dict copies into the model and casts the state to its device
-            model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
-            start, history = state["step"], state["history"]
-            # an earlier budget's last step, evaluated because it ended that run: not an entry of this budget's run
-            # (extended from 6 to 10 steps at eval_every 4, the log read 4, 6, 8, 10; made at once, 4, 8, 10)
-            history = [h for h in history if h["step"] % c.eval_every == 0 or h["step"] == c.steps]
-            log.info("classifier: resuming at step %d", start)
-        elif group.main:
-            log.info("classifier: discarding a checkpoint made from other data or settings, or past %d steps", c.steps)
-            shutil.rmtree(ckpt)
+    if found is not None:
+        # load_state_dict copies into the model and casts the state to its device
+        model.load_state_dict(found.weights)
+        opt.load_state_dict(found.optimizer)
+        start, history = found.state["step"], found.state["history"]
+        # an earlier budget's last step, evaluated because it ended that run: not an entry of this budget's run
+        # (extended from 6 to 10 steps at eval_every 4, the log read 4, 6, 8, 10; made at once, 4, 8, 10)
+        history = [h for h in history if h["step"] % c.eval_every == 0 or h["step"] == c.steps]
+        log.info("classifier: resuming at step %d", start)
+    elif ckpt is not None and ckpt.exists() and group.main:
+        shutil.rmtree(ckpt)
     n_t = scheduler.config.num_train_timesteps if scheduler is not None else 0
     n_batch = min(c.batch_size, len(x_tr))
     rows = group.local_rows(n_batch)
