@@ -752,6 +752,19 @@ def test_distinct_images_are_not_compared_between_methods_of_other_budgets(tmp_p
             assert "unequal_budgets" not in r and r["side_better"] is not None, name
     html = " ".join(render_html(build_report(run), run).split())
     assert "N_G differs: side 40, uncond 30" in html
+    # a baseline given the method's budget is compared with, whatever another of a smaller budget reached (it was
+    # chosen as the best by its inflated share, and the comparison withheld)
+    from side_extract.summary import ratios_to_best_baseline
+
+    def m(ums):
+        return {"ams": {"mid": 0.1}, "ums": {"mid": ums}, "ams_cumulative": {"mid": 0.1},
+                "ums_cumulative": {"mid": ums}, "p95": 0.2, "orientation": "distance",
+                "carlini": {"extracted_fraction": 0.1}, "gu": {"memorized_fraction": 0.1}}
+
+    r = ratios_to_best_baseline({"side": m(0.3), "cond": m(0.35), "uncond": m(0.2)},
+                                budgets={"side": 200, "cond": 40, "uncond": 200})["side"]["ums/mid"]
+    assert (r["best_baseline_method"], r["ratio"], r["side_better"]) == ("uncond", 0.3 / 0.2, True)
+    assert "unequal_budgets" not in r
 
 
 def test_a_lambda_sweep_joins_each_methods_own_lambda(tmp_path):

@@ -56,10 +56,11 @@ def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tu
     fraction; the smallest p95 distance). ``ratio`` = side / best baseline, None when the baseline is 0
     (``side`` and ``best_baseline`` are kept, so nothing is lost). For ``better == "lower"`` (p95 as a
     distance) a ratio below 1 means SIDE comes closer. ``side_better`` says whether SIDE strictly beats it.
-    ``budgets``: each method's number of generations (asked for); where the two differ, the distinct-image shares
-    (``ums*``) are not compared (``ratio`` and ``side_better`` None, ``unequal_budgets`` gives both): distinct images
-    do not grow in proportion to N_G, so a ratio of shares favoured the smaller budget (1.86x for a method that had
-    reached 0.37x the baseline's images).
+    ``budgets``: each method's number of generations (asked for); the distinct-image shares (``ums*``) are set only
+    against the baselines given the method's budget, and where none was, not compared (``ratio`` and
+    ``side_better`` None, ``unequal_budgets`` gives every budget): distinct images do not grow in proportion to
+    N_G, so a ratio of shares favoured the smaller budget (1.86x for a method that had reached 0.37x the baseline's
+    images).
 
     Returns ``{side_method: {metric: {side, best_baseline, best_baseline_method, ratio, better, side_better}}}``.
     """
@@ -74,15 +75,22 @@ def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tu
         rows = {}
         for name, (v, better) in metric_values(methods[s]).items():
             pick = max if better == "higher" else min
-            best_method = pick(present, key=lambda b: base_vals[b][name][0])
+            # distinct images: only the baselines given the method's budget (a smaller one's share is inflated)
+            pool = ([b for b in present if budgets[b] == budgets[s]] if name.startswith("ums") and budgets is not None
+                    else present)
+            if not pool:
+                best_method = pick(present, key=lambda b: base_vals[b][name][0])
+                rows[name] = {"side": v, "best_baseline": base_vals[best_method][name][0],
+                              "best_baseline_method": best_method, "tied_baselines": [], "ratio": None,
+                              "better": better, "side_better": None,
+                              "unequal_budgets": {s: budgets[s], **{b: budgets[b] for b in present}}}
+                continue
+            best_method = pick(pool, key=lambda b: base_vals[b][name][0])
             b = base_vals[best_method][name][0]
             rows[name] = {"side": v, "best_baseline": b, "best_baseline_method": best_method,
-                          "tied_baselines": [o for o in present if o != best_method and base_vals[o][name][0] == b],
+                          "tied_baselines": [o for o in pool if o != best_method and base_vals[o][name][0] == b],
                           "ratio": None if b == 0 else v / b, "better": better,
                           "side_better": v > b if better == "higher" else v < b}
-            if name.startswith("ums") and budgets is not None and budgets[s] != budgets[best_method]:
-                rows[name].update(ratio=None, side_better=None,
-                                  unequal_budgets={s: budgets[s], best_method: budgets[best_method]})
         out[s] = rows
     return out
 
