@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from side_extract.pipeline import run_audit
-from side_extract.quality import (frechet_distance, frechet_distance_of, kernel_distance, mmd2_unbiased,
-                                  precision_recall, quality_from_features)
+from side_extract.quality import (frechet_distance, frechet_distance_of, kernel_distance, mmd2_jackknife_se,
+                                  mmd2_unbiased, precision_recall, quality_from_features)
 
 from test_pipeline import tiny_rc
 
@@ -232,7 +232,7 @@ def test_features_that_are_not_two_finite_sets_of_one_dimension_are_named():
     a, b = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
     nan = a.copy()
     nan[3, 1] = np.nan
-    for f in (frechet_distance_of, kernel_distance, mmd2_unbiased):
+    for f in (frechet_distance_of, kernel_distance, mmd2_unbiased, mmd2_jackknife_se):
         with pytest.raises(ValueError, match=r"a has non-finite features \(NaN or inf\) in 1 of its 20 rows"):
             f(nan, b)
         with pytest.raises(ValueError, match="a and b have features of other dimensions: 4 and 3"):

@@ -132,6 +132,7 @@ def mmd2_jackknife_se(a: np.ndarray, b: np.ndarray) -> float:
     statistic left without each point of ``a`` and of ``b`` in turn (from the kernel matrices' row sums, made block
     by block), var = (n-1)/n sum_i (theta_-i - mean)^2 + (m-1)/m sum_j (theta_-j - mean)^2. Needs 3 or more points
     per set."""
+    a, b = feature_sets(a, b)
     n, m = len(a), len(b)
     ra, rb = _kernel_row_sums(a, a, True), _kernel_row_sums(b, b, True)
     ca, cb = _kernel_row_sums(a, b, False), _kernel_row_sums(b, a, False)
