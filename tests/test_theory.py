@@ -469,6 +469,19 @@ def test_the_report_leaves_out_a_measure_of_a_classifier_the_run_no_longer_holds
     data = build_report(tmp_path / "run")
     assert data["theory"] is None
     assert any("theory/measure.json was measured on a classifier the run no longer holds" in n for n in data["notes"])
+    # a file of an earlier release (no classifier recorded) is shown with a note, unless its training set is not the
+    # run's (it was kept whatever its training set)
+    measure_run(tmp_path / "run", n_points=4, n_steps=2)
+    m = json.loads((tmp_path / "run" / "theory" / "measure.json").read_text())
+    del m["classifier_fingerprint"]
+    (tmp_path / "run" / "theory" / "measure.json").write_text(json.dumps(m))
+    data = build_report(tmp_path / "run")
+    assert data["theory"] is not None and data["theory"]["sigma_min"] == pytest.approx(m["sigma_min"])
+    assert any("does not record which classifier it measured (made by an earlier release)" in n for n in data["notes"])
+    (tmp_path / "run" / "theory" / "measure.json").write_text(json.dumps({**m, "train": "digits:500"}))
+    data = build_report(tmp_path / "run")
+    assert data["theory"] is None
+    assert any("measured on a training set ('digits:500') the run no longer holds" in n for n in data["notes"])
     # an unfinished classifier stage (its last saved weights) is not measured
     manifest = tmp_path / "run" / "manifest.json"
     m = json.loads(manifest.read_text())

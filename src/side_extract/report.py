@@ -317,17 +317,18 @@ def _theory(run: Path, config: dict[str, Any], notes: list[str]) -> dict[str, An
     m = read_json(path)
     clf = read_stages(run).get("classifier") or {}
     now = clf.get("fingerprint") if clf.get("status") == "complete" else None
-    if "classifier_fingerprint" not in m:  # (written before the file recorded it)
-        notes.append("theory/measure.json does not record which classifier it measured (written before session 48): "
-                     "it may describe an earlier one; run side theory measure RUN again to be sure")
-    elif m["classifier_fingerprint"] != now or m.get("train") != config.get("train"):
-        what = "classifier" if m["classifier_fingerprint"] != now else f"training set ({m.get('train')!r})"
-        notes.append(f"theory/measure.json was measured on a {what} the run no longer holds: the theory section is "
+    stale = (f"training set ({m['train']!r})" if "train" in m and m["train"] != config.get("train") else
+             "classifier" if "classifier_fingerprint" in m and m["classifier_fingerprint"] != now else None)
+    if stale:
+        notes.append(f"theory/measure.json was measured on a {stale} the run no longer holds: the theory section is "
                      "left out; run side theory measure RUN again")
         return None
+    if "classifier_fingerprint" not in m:  # (written before the file recorded it)
+        notes.append("theory/measure.json does not record which classifier it measured (made by an earlier "
+                     "release): it may describe an earlier one; run side theory measure RUN again to be sure")
     rows = [{"key": k, "label": label, **m[k]} for k, label in THEORY_ROWS.items() if isinstance(m.get(k), dict)]
     return {"rows": rows, "ordering": m.get("ordering", {}), "eps": m.get("eps"), "guidance_scale": m.get("guidance_scale"),
-            "n_points": len(m.get("index", [])), "n_steps": m.get("n_steps")}
+            "n_points": len(m.get("index", [])), "n_steps": m.get("n_steps"), "sigma_min": m.get("sigma_min")}
 
 
 def _stages(run: Path) -> tuple[list[dict], dict[str, list[str]]]:
