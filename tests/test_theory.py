@@ -576,7 +576,7 @@ def test_theory_inputs_that_failed_with_python_errors_are_named():
         fn(torch.zeros(2, 1, 2, 2), torch.tensor([3, 3]))
 
 
-def test_measure_by_default_reads_the_model_at_the_noise_level_of_eps():
+def test_measure_by_default_reads_the_model_at_the_noise_level_of_eps(caplog):
     """A fully memorizing model (the empirical optimum) and its exact Bayes classifier: the model's density at
     noise sigma is the kernel density of width sigma, so with the optimum's kernel at the sigma the ODE starts from,
     M(model) must equal M(optimum), guided and not. From t_min = 0 (sigma 0.01) points eps = 0.1 from their
@@ -600,6 +600,12 @@ def test_measure_by_default_reads_the_model_at_the_noise_level_of_eps():
     res = measure(den, Bayes(), train, labels=lab, eps=0.1, bandwidth=float(sig[t_star]), n_points=16, n_steps=32,
                   trace="exact", batch_size=16)
     assert res.timesteps[0] == t_star and res.sigma_min == pytest.approx(0.1, rel=0.05)
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="side_extract.theory.measure"):  # (it was taken in silence)
+        far = measure(den, Bayes(), train, labels=lab, eps=1e-4, n_points=4, n_steps=4, trace="exact")
+    assert far.timesteps[0] == 0 and "eps=0.0001 lies outside the model's noise levels: the ODE starts at t=0" \
+        in caplog.text
     assert res.m_uncond.mean == pytest.approx(res.m_opt_uncond.mean, abs=0.3)
     assert res.m_guided.mean == pytest.approx(res.m_opt_cond.mean, abs=0.3)
     assert res.gain_model.mean == pytest.approx(res.gain_opt.mean, abs=0.3)

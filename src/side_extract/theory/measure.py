@@ -217,6 +217,10 @@ def measure(
     ac = denoiser.scheduler.alphas_cumprod
     if t_min is None:
         t_min = timestep_at_sigma(ac, float(eps))
+        near = float(sigmas(ac)[t_min])
+        if not 0.5 <= near / eps <= 2:  # eps outside the schedule's noise levels: the nearest is taken
+            log.warning("eps=%g lies outside the model's noise levels: the ODE starts at t=%d, sigma %.3g, and the "
+                        "model's density there is compared with q_eps (pass t_min to choose)", eps, t_min, near)
     ts = ode_timesteps(ac, n_steps, t_min)  # validates n_steps and t_min early
 
     train = train.to(device)
