@@ -580,6 +580,17 @@ class ExtractConfig:
     memguide_avoid_t_lo: float = 0.2
     memguide_avoid_t_hi: float = 0.6
 
+    def guidance(self, method: str) -> tuple[float, float]:
+        """(lambda, temperature) that classifier-guided ``method`` samples with: Cond's ``cond_scale`` (``scale`` when
+        None) and ``cond_temperature``, side-teacher's ``teacher_scale`` and ``teacher_temperature`` (``scale`` and
+        ``temperature`` when None), SIDE's ``scale`` and ``temperature``."""
+        if method == "cond":
+            return self.scale if self.cond_scale is None else self.cond_scale, self.cond_temperature
+        if method == "side-teacher":
+            return (self.scale if self.teacher_scale is None else self.teacher_scale,
+                    self.temperature if self.teacher_temperature is None else self.teacher_temperature)
+        return self.scale, self.temperature
+
     def __post_init__(self) -> None:
         _numbers(self)
         _positive(self, "n", "steps", "batch_size", "shard_size", "rounds")

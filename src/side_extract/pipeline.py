@@ -349,13 +349,7 @@ def method_guidance(run: str | Path, rc: cfg.RunConfig, method: str, denoiser: D
     if method == "side":  # memorization-aware labels: no generation is guided toward the background class
         b = SurrogateLabels.load(run / "surrogate" / "labels.npz").background
         background = () if b is None else (b,)
-    if clean:
-        scale, temperature = ex.scale if ex.cond_scale is None else ex.cond_scale, ex.cond_temperature
-    elif method == "side-teacher":
-        scale = ex.scale if ex.teacher_scale is None else ex.teacher_scale
-        temperature = ex.temperature if ex.teacher_temperature is None else ex.teacher_temperature
-    else:
-        scale, temperature = ex.scale, ex.temperature
+    scale, temperature = ex.guidance(method)
     args = (model, np.asarray(model.arch.classes, dtype=np.int64), scale, temperature, (ex.t_lo, ex.t_hi),
             denoiser.scheduler.config.num_train_timesteps, background)
     if c.guidance_input == "x0_hat":  # a clean classifier, used through x0_hat(x_t, t) (SIDE's or Cond's)

@@ -108,10 +108,8 @@ def own_value(rc: cfg.RunConfig, param: str, method: str) -> float | int:
     """The value of swept ``param`` that ``method``'s results in run ``rc`` were made with (a lambda sweep sets
     Cond's and side-teacher's own lambdas, ``cond_scale`` and ``teacher_scale``, to the swept value, as
     :func:`sweep_configs` does): where the run's own result joins the sweep's curve."""
-    ex = rc.extract
     if param == "scale":
-        own = {"cond": ex.cond_scale, "side-teacher": ex.teacher_scale}.get(method)
-        return ex.scale if own is None else own
+        return rc.extract.guidance(method)[0]
     return getattr(getattr(rc, SWEEPABLE[param]), param)
 
 
