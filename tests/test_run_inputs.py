@@ -267,3 +267,16 @@ def test_a_config_file_with_a_key_twice_or_not_utf8_is_refused_by_name(tmp_path)
     merged = tmp_path / "merged.yaml"
     merged.write_text("base: &b\n  n: 4\nsample:\n  <<: *b\n  steps: 3\n")
     assert cfg.load_yaml(merged)["sample"] == {"n": 4, "steps": 3}
+
+
+def test_a_config_built_in_python_is_stored_as_its_yaml_reads_back():
+    """Values were checked but not converted: eta=0 stayed an int (fingerprinted apart from the 0.0 read back from
+    the run's config.yaml, so a rerun from it made the extraction again), a list stayed a list (the config could not
+    be hashed), and a numpy integer reached yaml's writer (a RepresenterError after the run directory was begun)."""
+    from side_extract.pipeline import extraction_fingerprint
+
+    py = cfg.RunConfig(sample=cfg.SampleConfig(n=np.int64(16)), extract=cfg.ExtractConfig(eta=0, methods=["uncond"]))
+    back = cfg.from_dict(cfg.RunConfig, yaml.safe_load(cfg.dump_yaml(py)))
+    assert type(py.extract.eta) is float and py.extract.methods == ("uncond",) and type(py.sample.n) is int
+    assert py == back and hash(py.extract) == hash(back.extract)
+    assert extraction_fingerprint(py, "uncond", None, "m", None) == extraction_fingerprint(back, "uncond", None, "m", None)

@@ -58,8 +58,9 @@ def _types(obj: Any) -> None:
         tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
         if dataclasses.is_dataclass(tp):
             check_section(value, tp, f.name)
-        else:
-            _coerce(tp, value, f.name)
+        else:  # stored as a file's is read (0 as 0.0, a list as a tuple, numpy's scalars as Python's, a Path as
+            # text): a config built in Python was fingerprinted apart from the same config read back from its YAML
+            object.__setattr__(obj, f.name, _coerce(tp, value, f.name))
 
 
 def _numbers(obj: Any) -> None:
