@@ -736,3 +736,19 @@ def test_a_training_set_without_held_out_images_says_where_its_bands_came_from(t
     with pytest.raises(ValueError, match="has no labels .* or leave them out of extract.methods"):
         run_audit(tmp_path / "cond", dataclasses.replace(rc, extract=dataclasses.replace(rc.extract,
                                                                                           methods=("side", "cond"))))
+
+
+def test_training_ids_changed_alone_are_evaluated_again(tiny_model_dir, tmp_path):
+    """A training npz whose index alone changed (the same pixels) left the evaluation skipped, naming the training
+    images by their old ids in the pairs and the findings."""
+    from side_extract.data import load_image_set
+
+    d = load_image_set("digits:30")
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    for offset in (0, 5000, 0):
+        np.savez(tmp_path / "train.npz", images=d.images, labels=d.labels, index=np.arange(30) + offset)
+        run_audit(tmp_path / "run", dataclasses.replace(rc, train=str(tmp_path / "train.npz")))
+        for d_ in (tmp_path / "run" / "evaluation" / "uncond", tmp_path / "run" / "synthetic-evaluation"):
+            ids = np.load(d_ / "per_generation.npz")["nearest_train_id"]
+            assert ((ids >= 5000) == bool(offset)).all(), (offset, d_)

@@ -670,11 +670,14 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     unread = cfg.unread_keys(ctx.rc.evaluate)
     keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize", *unread])
     synthetic = _synthetic_fingerprint(ctx)
+    # the training images' ids name them in the results (an npz's index): keyed where they are not their rows' order
+    # (an index changed alone left the old ids standing), and left out where they are, so runs made before stand
+    ids = [] if np.array_equal(train.ids, np.arange(len(train))) else [array_fingerprint(train.ids)]
 
     def fingerprint(m: str, synthetic: str | None, keyed: cfg.EvaluateConfig = keyed, cal: str | None = cal) -> str:
         return stage_fingerprint("evaluation", keyed, ctx.fp[f"extraction/{m}"], ctx.fingerprint(train), cal,
                                  None if reference is None else ctx.fingerprint(reference), synthetic, *files,
-                                 *made[m])
+                                 *made[m], *ids)
 
     fps = {m: fingerprint(m, synthetic) for m in extractions}
     # session 46's rule keyed the settings found unread since (and a calibration keyed so): its evaluations stand
@@ -732,7 +735,7 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
         for m in resumed:
             ctx.run.complete(f"evaluation/{m}", kept_after_interruption=True)
         if synthetic:
-            synthetic_evaluation_stage(ctx, train, c, keyed, [cal, *scores])
+            synthetic_evaluation_stage(ctx, train, c, keyed, [cal, *scores, *ids])
 
     group.on_main(finish)  # (an error there reaches every process)
     group.barrier()
