@@ -744,7 +744,7 @@ def test_training_ids_changed_alone_are_evaluated_again(tiny_model_dir, tmp_path
     from side_extract.data import load_image_set
 
     d = load_image_set("digits:30")
-    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))  # (side: the run holds a synthetic set to measure)
     rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
     for offset in (0, 5000, 0):
         np.savez(tmp_path / "train.npz", images=d.images, labels=d.labels, index=np.arange(30) + offset)
