@@ -285,3 +285,49 @@ def test_images_without_pixels_are_refused(tmp_path):
     np.savez(tmp_path / "flat.npz", images=np.zeros((3, 0, 0, 1), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"'images' of shape \(3, 0, 0, 1\) have no pixels"):
         load_image_set(tmp_path / "flat.npz")
+
+
+def test_inputs_a_folder_or_npz_misstated_are_named(tmp_path, monkeypatch):
+    """An independent review's finds: links to nothing among a folder's images (git-annex, DVC) were dropped in
+    silence; an empty spec loaded the current folder; npz labels below -1 were taken as unlabelled and uint64 ids past
+    int64 wrapped to negative ones; a JPEG's EXIF orientation was ignored; one shard-*.npz hid a folder's PNGs;
+    non-square images were stretched without a word."""
+    import warnings
+
+    from PIL import Image
+
+    from side_extract.data import load_image_set
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").symlink_to(tmp_path / "not-fetched.png")
+    with pytest.raises(ValueError, match=r"1 image file\(s\) in .* are symbolic links to nothing \(the first: 3.png\)"):
+        load_image_set(folder)
+    (folder / "3.png").unlink()
+    assert len(load_image_set(folder)) == 3
+    monkeypatch.chdir(folder)
+    with pytest.raises(ValueError, match="spec='' is empty"):
+        load_image_set("")
+    np.savez(folder / "shard-00000.npz", images=np.zeros((2, 8, 8, 1), np.uint8), index=np.arange(2))
+    with pytest.raises(ValueError, match=r"holds both shard-\*.npz files and image files \(3, the first: 0.png"):
+        load_image_set(folder)
+    imgs = np.zeros((4, 8, 8, 1), np.uint8)
+    np.savez(tmp_path / "a.npz", images=imgs, labels=np.array([0, 1, -3, 1]))
+    with pytest.raises(ValueError, match="'labels' hold -3: classes are 0, 1, ... and -1 marks"):
+        load_image_set(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", images=imgs, index=np.array([0, 1, 2, 2**63 + 1], np.uint64))
+    with pytest.raises(ValueError, match="'index' holds 9223372036854775809, past the largest int64"):
+        load_image_set(tmp_path / "b.npz")
+    # a photo stored 16 wide and 8 high, shown rotated (EXIF orientation 6): read as shown, 8 wide and 16 high
+    photo = tmp_path / "photo"
+    photo.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(photo / "p.jpg", exif=exif)
+    assert load_image_set(photo).images.shape == (1, 16, 8, 3)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert load_image_set(photo, 8).images.shape == (1, 8, 8, 3)
+    assert any("images of 16x8 are stretched to 8x8: their aspect ratio changes" in str(w.message) for w in said)

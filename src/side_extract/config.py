@@ -115,6 +115,8 @@ def check_path(value: Any, name: str) -> None:
     TypeError, which names neither the argument nor what it takes."""
     if not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"{name}={_shown(value)} must be a path (a str or pathlib.Path), got {type(value).__name__}")
+    if not str(value).strip():  # ('' was the current folder: a template's empty train: loaded whatever lay there)
+        raise ValueError(f"{name}={_shown(value)} is empty: give a path")
 
 
 MAX_SHARDS = 1_000_000  # shard files of one stage (a folder of more is no longer a run directory one can handle)

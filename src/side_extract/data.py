@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import check_path
 
@@ -172,6 +172,10 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     check_size(size)
     if images.shape[1:3] == (size, size):
         return images
+    if images.shape[1] != images.shape[2]:  # (stretched in silence; diffusers' training scripts centre-crop)
+        warnings.warn(f"images of {images.shape[1]}x{images.shape[2]} are stretched to {size}x{size}: their aspect "
+                      "ratio changes; crop them to squares first where the model was trained on crops",
+                      UserWarning, stacklevel=2)
     # (a copy where torch could not share the memory: a flipped view's negative strides, a read-only array such as
     # PIL's, of which torch warned)
     x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
@@ -221,6 +225,11 @@ def load_digits_set(n: int | None = None) -> ImageSet:
 
 
 def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
+    dangling = sorted(p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_symlink()
+                      and not p.exists())
+    if dangling:  # (left out without a word, as git-annex or DVC leave files not fetched: a copy of one went uncounted)
+        raise ValueError(f"{len(dangling)} image file(s) in {str(path)!r} are symbolic links to nothing (the first: "
+                         f"{', '.join(dangling[:3])}): fetch their targets, or remove the links")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"folder {str(path)!r} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
@@ -235,6 +244,7 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         try:
             with Image.open(f) as im:
                 im.load()
+                im = ImageOps.exif_transpose(im)  # as a viewer (and diffusers' load_image) shows it
                 arrays.append(_as_8bit(im, f))
                 if _transparent(im):
                     see_through.append(f.name)
@@ -349,6 +359,11 @@ def load_npz(path: Path) -> ImageSet:
     for name, a in (("labels", labels), ("index", ids)):
         if a is not None:
             integer_labels(a, f"{str(path)!r}: '{name}'")
+            if a.size and a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:  # (wrapped to negative ids)
+                raise ValueError(f"{str(path)!r}: '{name}' holds {a.max()}, past the largest int64")
+    if labels is not None and len(labels) and np.asarray(labels).min() < -1:  # (taken as unlabelled in silence)
+        raise ValueError(f"{str(path)!r}: 'labels' hold {np.asarray(labels).min()}: classes are 0, 1, ... and -1 "
+                         "marks an unlabelled image")
     if ids is not None and len(uniq := np.unique(ids)) != len(ids):  # (distinct nearest images sharing an id
         # counted once: the summary's and the findings' counts fell)
         raise ValueError(f"{str(path)!r}: its 'index' repeats {len(ids) - len(uniq)} value(s); the ids must be "
@@ -415,7 +430,14 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
     else:
         p = Path(s)
         if p.is_dir():
-            out = load_shards(p) if any(p.glob("shard-*.npz")) else load_folder(p, resize_to)
+            if any(p.glob("shard-*.npz")):
+                if pictures := sorted(q.name for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES):
+                    # (the shards were read and every image file left out, without a word)
+                    raise ValueError(f"folder {s!r} holds both shard-*.npz files and image files ({len(pictures)}, "
+                                     f"the first: {', '.join(pictures[:3])}): keep one kind in a folder")
+                out = load_shards(p)
+            else:
+                out = load_folder(p, resize_to)
         elif p.is_file() and p.suffix.lower() == ".npz":
             out = load_npz(p)
         elif p.exists():
