@@ -280,3 +280,11 @@ def test_a_config_built_in_python_is_stored_as_its_yaml_reads_back():
     assert type(py.extract.eta) is float and py.extract.methods == ("uncond",) and type(py.sample.n) is int
     assert py == back and hash(py.extract) == hash(back.extract)
     assert extraction_fingerprint(py, "uncond", None, "m", None) == extraction_fingerprint(back, "uncond", None, "m", None)
+
+
+def test_an_exponent_without_a_dot_reads_as_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as text: `lr: 1e-4`, as configs/own-model.yaml's comment writes it, was refused as
+    "must be a number", though the user wrote one."""
+    (tmp_path / "c.yaml").write_text("classifier:\n  lr: 1e-4\nextract:\n  scale: 3E+1\n")
+    rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(tmp_path / "c.yaml"))
+    assert rc.classifier.lr == 1e-4 and rc.extract.scale == 30.0

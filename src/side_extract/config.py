@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import os
+import re
 import reprlib
 import types
 import typing
@@ -990,6 +991,9 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.1 (PyYAML) reads 1e-4, an exponent without a dot, as text: `lr: 1e-4` was refused as "must be a number"
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
