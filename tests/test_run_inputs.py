@@ -288,3 +288,4 @@ def test_an_exponent_without_a_dot_reads_as_a_number(tmp_path):
     (tmp_path / "c.yaml").write_text("classifier:\n  lr: 1e-4\nextract:\n  scale: 3E+1\n")
     rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(tmp_path / "c.yaml"))
     assert rc.classifier.lr == 1e-4 and rc.extract.scale == 30.0
+    assert cfg.yaml_value("1e-4") == 1e-4  # as side bench fair --form NAME=METHOD,key=value reads its values

@@ -996,6 +996,11 @@ _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^
                                        list("-+0123456789"))
 
 
+def yaml_value(text: str) -> Any:
+    """``text`` read as a config file's YAML reads it (an exponent without a dot as a number, no key twice)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a clear error."""
     p = Path(path)

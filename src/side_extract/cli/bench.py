@@ -236,6 +236,8 @@ def fair_cmd(
                              taus=(), target=dataclasses.replace(bc.target, steps=train_steps))
     import yaml
 
+    from .. import config as cfg
+
     forms: dict = {}
     for spec in form:
         name, _, rest = spec.partition("=")
@@ -248,7 +250,7 @@ def fair_cmd(
             if not eq:
                 raise ValueError(f"--form {spec!r}: {kv!r} must be dotted.key=value")
             try:
-                entry[k] = yaml.safe_load(v)
+                entry[k] = cfg.yaml_value(v)
             except yaml.YAMLError as e:
                 raise ValueError(f"--form {spec!r}: {kv!r}: the value is not YAML ({e.__class__.__name__}); a list "
                                  "cannot be given here (values are split at commas)") from None

@@ -36,9 +36,7 @@ def demo_config(model: str = DEFAULT_TARGET, train: str | None = None, heldout: 
                          "optional 'labels', or digits:N)")
     name = model if embedded else DEFAULT_TARGET
     text = (resources.files("side_extract") / "assets" / f"{name}_run.yaml").read_text()
-    import yaml
-
-    data = yaml.safe_load(text)
+    data = cfg.yaml_value(text)
     data["model"] = model
     if not embedded:
         data["train"] = train
