@@ -1074,6 +1074,87 @@ REFERENCE_COMMAND = ("python -c \"from side_extract.config import reference_mark
                      "print(reference_markdown(), end='')\" > docs/config.md")
 
 
+# what a key means, where its section's documentation does not say it by name (docs/config.md's last column; a test
+# keeps every key said one way or the other)
+KEY_DOCS = {
+    ("RunConfig", "model"): "the target: a diffusers model directory (unet/ and scheduler/) or an embedded target "
+                            "(demo, demo-1000)",
+    ("RunConfig", "train"): "the training set the generations are measured against: a folder of PNG/JPEG, an .npz "
+                            "(images, optional labels and index) or digits[:N]; null: no evaluation",
+    ("RunConfig", "train_resize"): "resize the training images to this square size (null: as they are)",
+    ("SampleConfig", "n"): "synthetic samples drawn from the target (SIDE step 1)",
+    ("SampleConfig", "seed"): "seed of the synthetic set's noise",
+    ("SampleConfig", "scheduler"): "the sampler: DDIM or DDPM, built from the target's scheduler config",
+    ("SampleConfig", "steps"): "sampling steps",
+    ("SampleConfig", "eta"): "DDIM's eta (0: deterministic, 1: as stochastic as DDPM); DDPM does not read it",
+    ("SampleConfig", "shard_size"): "images per shard file (the unit a stopped stage resumes from)",
+    ("FeaturesConfig", "extractor"): "the feature extractor the synthetic set is clustered in (see above)",
+    ("FeaturesConfig", "batch_size"): "images per feature-extractor call",
+    ("SurrogateConfig", "tau"): "cohesion filter: a cluster is kept when its members' mean cosine similarity to its "
+                                "centroid is at least tau (the paper: 0.5)",
+    ("SurrogateConfig", "min_size"): "a cluster is kept when it has at least this many members",
+    ("SurrogateConfig", "dropped"): "samples of dropped clusters: 'drop' leaves them out of the classifier's training; "
+                                    "'relabel' gives them the nearest kept centroid (the paper's wording; it undoes "
+                                    "the filter)",
+    ("SurrogateConfig", "n_init"): "K-means restarts (the best inertia is kept)",
+    ("SurrogateConfig", "random_state"): "seed of K-means",
+    ("SurrogateConfig", "teacher_min_confidence"): "side-teacher: synthetic samples the clean classifier labels with "
+                                                   "less confidence are left unlabelled",
+    ("ClassifierConfig", "depth"): "ResNet depth: 10, 18 or 34 (the UNet-feature backbone has none of its own)",
+    ("ClassifierConfig", "steps"): "training steps",
+    ("ClassifierConfig", "batch_size"): "images per training step",
+    ("ClassifierConfig", "lr"): "AdamW's learning rate",
+    ("ClassifierConfig", "weight_decay"): "AdamW's weight decay",
+    ("ClassifierConfig", "eval_fraction"): "share of the labelled images held out to measure accuracy (per timestep "
+                                           "quartile for a noise-aware classifier)",
+    ("ClassifierConfig", "eval_every"): "steps between held-out accuracy measurements (and checkpoints)",
+    ("ClassifierConfig", "seed"): "seed of the initialisation, the batches, the noise and the held-out split",
+    ("LoraConfig", "target_modules"): "the layers LoRA adapts (peft's names: the resnets' convolutions and the "
+                                      "attention projections)",
+    ("LoraConfig", "steps"): "fine-tuning steps",
+    ("LoraConfig", "batch_size"): "images per fine-tuning step",
+    ("LoraConfig", "checkpoint_every"): "steps between resumable checkpoints",
+    ("LoraConfig", "seed"): "seed of the adapters' initialisation, the batches, the noise and the label dropout",
+    ("ExtractConfig", "methods"): "the methods to run: side, side-teacher, side-lora, memguide, cond, uncond",
+    ("ExtractConfig", "n"): "N_G: generations per method",
+    ("ExtractConfig", "seed"): "seed of the generations' noise (the same for every method) and of the target classes "
+                               "drawn",
+    ("ExtractConfig", "scheduler"): "the sampler of every method's generations: DDIM or DDPM",
+    ("ExtractConfig", "steps"): "sampling steps per generation",
+    ("ExtractConfig", "shard_size"): "generations per shard file (the unit a stopped stage resumes from)",
+    ("EvaluateConfig", "resize"): "side evaluate and side calibrate only: resize every set to this square size (a run "
+                                  "uses train_resize)",
+    ("EvaluateConfig", "carlini_alpha"): "Carlini's test: a generation is extracted when its nearest training image "
+                                         "is closer than alpha times the mean distance to its carlini_n nearest",
+    ("EvaluateConfig", "carlini_n"): "the number of nearest training images Carlini's mean distance takes",
+    ("EvaluateConfig", "carlini_centering"): "whose neighbours give that mean: the generation's ('generation') or its "
+                                             "nearest training image's ('reference')",
+    ("EvaluateConfig", "gu_threshold"): "Gu's ratio: a generation is memorized when its nearest training image's "
+                                        "distance is below this share of the second nearest's",
+    ("EvaluateConfig", "ng_repeats"): "random orders of the generations averaged for the N_G law (distinct images "
+                                      "against the number of generations)",
+    ("EvaluateConfig", "detect_threshold"): "label-free detection: link two generations whose tiled max RMS distance "
+                                            "is below it (null: no detection)",
+    ("EvaluateConfig", "detect_min_size"): "detection: the smallest group of mutual near-duplicates reported",
+    ("EvaluateConfig", "detect_grid"): "detection: tiles per side (null: 4 from 16 pixels, 2 from 8, else 1)",
+    ("EvaluateConfig", "detect_mode"): "detection: maximal cliques (disjoint) or connected components",
+    ("EvaluateConfig", "extraction_threshold"): "detection: a group is verified when its medoid's pixel RMS distance "
+                                                "to the nearest training image is at most this",
+    ("EvaluateConfig", "backend"): "nearest-neighbour search: faiss, torch, or auto (faiss where installed)",
+    ("EvaluateConfig", "query_chunk"): "generations per block of the neighbour search (memory)",
+    ("EvaluateConfig", "ref_chunk"): "training images per block of the neighbour search (memory)",
+    ("EvaluateConfig", "feature_batch_size"): "images per feature-extractor call of a network similarity",
+    ("EvaluateConfig", "seed"): "seed of the N_G law's orders and of the quality metrics' subsets",
+    ("EvaluateConfig", "quality_k"): "precision/recall: the k-th nearest neighbour that sets each sample's radius",
+    ("EvaluateConfig", "quality_kid_subsets"): "KID: random subsets averaged",
+    ("EvaluateConfig", "quality_kid_subset_size"): "KID: images per subset (at most the smaller set's size)",
+    ("SweepConfig", "scale"): "sweep lambda: one sub-run per value (RUN/sweeps/scale=V), Cond's and side-teacher's "
+                              "lambdas set to it too",
+    ("SweepConfig", "n_clusters"): "sweep K: one sub-run per value",
+    ("SweepConfig", "tau"): "sweep the cohesion filter: one sub-run per value",
+}
+
+
 def reference_markdown() -> str:
     """Every key of a run config (``side run CONFIG``, ``audit(config=...)``) with its default and type, section by
     section, each with its dataclass's documentation: the text of ``docs/config.md``."""
@@ -1106,18 +1187,21 @@ def reference_markdown() -> str:
            "none of its methods reads is refused. The run writes the resolved config, every default "
            "included, to `RUN/config.yaml`. Generated from `src/side_extract/config.py` (its docstrings are the "
            f"documentation below): `{REFERENCE_COMMAND}`; a test fails when this page is stale.", "",
-           "## Top level", "", "| key | default | type |", "|---|---|---|"]
+           "## Top level", "", "| key | default | type | meaning |", "|---|---|---|---|"]
     sections = []
     for f in dataclasses.fields(RunConfig):
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(value):
             sections.append((f.name, value))
         else:
-            out.append(f"| `{f.name}` | {default_text(value)} | {type_text(typing.get_type_hints(RunConfig)[f.name])} |")
+            out.append(f"| `{f.name}` | {default_text(value)} | {type_text(typing.get_type_hints(RunConfig)[f.name])} "
+                       f"| {KEY_DOCS.get(('RunConfig', f.name), '')} |")
     for name, value in sections:
         doc = inspect.cleandoc(type(value).__doc__ or "")
-        out += ["", f"## `{name}` ({type(value).__name__})", "", doc, "", "| key | default | type |", "|---|---|---|"]
+        out += ["", f"## `{name}` ({type(value).__name__})", "", doc, "", "| key | default | type | meaning |",
+                "|---|---|---|---|"]
         hints = typing.get_type_hints(type(value))
         for f in dataclasses.fields(value):
-            out.append(f"| `{name}.{f.name}` | {default_text(getattr(value, f.name))} | {type_text(hints[f.name])} |")
+            out.append(f"| `{name}.{f.name}` | {default_text(getattr(value, f.name))} | {type_text(hints[f.name])} "
+                       f"| {KEY_DOCS.get((type(value).__name__, f.name), '')} |")
     return "\n".join(out) + "\n"
