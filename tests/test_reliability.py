@@ -161,7 +161,7 @@ def test_non_finite_settings_are_refused():
         cfg.ExtractConfig(scale=float("inf"))
     with pytest.raises(ValueError, match="finite"):
         cfg.SweepConfig(scale=(1.0, float("nan")))
-    with pytest.raises(ValueError, match=r"eta=-1 must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"eta=-1.0 must be in \[0, 1\]"):  # (stored as a float, as YAML reads it)
         cfg.ExtractConfig(eta=-1)
     res = CliRunner().invoke(app, ["--no-progress", "bench", "fair", "--out", "/tmp/never", "--eta", "-0.5"])
     assert res.exit_code == 2 and "eta=-0.5 must be in [0, 1]" in res.output
