@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -421,7 +422,7 @@ def test_held_out_accuracy_does_not_depend_on_the_evaluation_batch_size():
     assert len(inputs[0][1].unique()) > 10  # (drawn, not one t for all)
 
 
-@pytest.mark.parametrize("damaged", ["state.json", "model.safetensors", "optimizer.pt"])
+@pytest.mark.parametrize("damaged", ["state.json", "model.safetensors", "optimizer.pt", "no history"])
 def test_a_damaged_checkpoint_is_discarded_and_trained_afresh(tmp_path, damaged):
     """A checkpoint file cut in half (a disk error, a copy cut short) failed every later run of the stage with a
     bare JSONDecodeError, SafetensorError or torch's zip error, until the user found work/ and deleted it."""
@@ -431,8 +432,14 @@ def test_a_damaged_checkpoint_is_discarded_and_trained_afresh(tmp_path, damaged)
     arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8)
     c = cfg.ClassifierConfig(steps=4, batch_size=16, eval_every=2, eval_fraction=0.0)
     train_classifier(arch, x, y, dataclasses.replace(c, steps=2), scheduler=tiny_scheduler(), out=tmp_path / "run")
-    f = tmp_path / "run" / "checkpoint" / damaged
-    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    if damaged == "no history":  # whole, but without an entry the trainer reads (a bare KeyError)
+        f = tmp_path / "run" / "checkpoint" / "state.json"
+        state = json.loads(f.read_text())
+        del state["history"]
+        f.write_text(json.dumps(state))
+    else:
+        f = tmp_path / "run" / "checkpoint" / damaged
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     again = train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "run")
     fresh = train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "fresh")
     for k, v in fresh.model.state_dict().items():

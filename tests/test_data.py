@@ -327,7 +327,14 @@ def test_inputs_a_folder_or_npz_misstated_are_named(tmp_path, monkeypatch):
     exif[0x0112] = 6
     Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(photo / "p.jpg", exif=exif)
     assert load_image_set(photo).images.shape == (1, 16, 8, 3)
+    Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(photo / "q.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo / "r.png")
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        assert load_image_set(photo, 8).images.shape == (1, 8, 8, 3)
-    assert any("images of 16x8 are stretched to 8x8: their aspect ratio changes" in str(w.message) for w in said)
+        assert load_image_set(photo, 8).images.shape == (3, 8, 8, 3)
+    stretched = [str(w.message) for w in said if "stretched" in str(w.message)]
+    assert len(stretched) == 1 and "2 image(s) of" in stretched[0] and "(the first: p.jpg, 16x8, q.png, 6x10)" in \
+        stretched[0], stretched  # one warning per set, naming the files (not one per image size)
+    np.savez(tmp_path / "scalar.npz", images=imgs, labels=np.array(3))  # (a bare TypeError from the new check)
+    with pytest.raises(ValueError, match="scalar.npz'.*labels"):
+        load_image_set(tmp_path / "scalar.npz")

@@ -289,3 +289,13 @@ def test_an_exponent_without_a_dot_reads_as_a_number(tmp_path):
     rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(tmp_path / "c.yaml"))
     assert rc.classifier.lr == 1e-4 and rc.extract.scale == 30.0
     assert cfg.yaml_value("1e-4") == 1e-4  # as side bench fair --form NAME=METHOD,key=value reads its values
+    # a text setting that looks like one is written quoted, and reads back as text (the run's own config.yaml wrote
+    # train: 1e4 and refused itself: "train=10000.0 must be a string")
+    rc = cfg.RunConfig(train="1e4")
+    assert cfg.from_dict(cfg.RunConfig, cfg.yaml_value(cfg.dump_yaml(rc))) == rc
+
+
+def test_a_choice_given_as_numpys_str_is_stored_as_pythons():
+    # numpy's str_ for a choice is stored as Python's str (yaml could not write it: a RepresenterError)
+    assert type(cfg.SampleConfig(scheduler=np.str_("ddpm")).scheduler) is str
+    assert "scheduler: ddpm" in cfg.dump_yaml(cfg.SampleConfig(scheduler=np.str_("ddpm")))

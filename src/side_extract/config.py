@@ -927,7 +927,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{path}={_shown(value)} must be one of {', '.join(map(repr, args))}")
-        return value
+        return args[args.index(value)]  # (numpy's str_ as Python's: yaml cannot write it)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{path}={_shown(value)} must be a list")
@@ -991,9 +991,17 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-# YAML 1.1 (PyYAML) reads 1e-4, an exponent without a dot, as text: `lr: 1e-4` was refused as "must be a number"
-_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                                       list("-+0123456789"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump's writer, with the loader's reading of exponents: text such as 1e4 is quoted when written."""
+
+
+# YAML 1.1 (PyYAML) reads 1e-4, an exponent without a dot, as text: `lr: 1e-4` was refused as "must be a number";
+# the writer knows it too, so a text setting that looks so (a path named 1e4) is quoted and reads back as text
+for _cls in (_UniqueKeyLoader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                               list("-+0123456789"))
 
 
 def yaml_value(text: str) -> Any:
@@ -1064,7 +1072,7 @@ def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1161,8 +1169,8 @@ def reference_markdown() -> str:
     import inspect
 
     def default_text(v: Any) -> str:
-        return "`" + (yaml.safe_dump(to_dict(v) if dataclasses.is_dataclass(v) else
-                                     list(v) if isinstance(v, tuple) else v, default_flow_style=True,
+        return "`" + (yaml.dump(to_dict(v) if dataclasses.is_dataclass(v) else
+                                     list(v) if isinstance(v, tuple) else v, Dumper=_Dumper, default_flow_style=True,
                                      width=10_000).strip().removesuffix("...").strip()) + "`"
 
     def type_text(t: Any) -> str:

@@ -167,15 +167,20 @@ def check_size(size: Any, name: str = "resize") -> None:
         raise ValueError(f"{name}={size!r} must be a positive image size (an integer)")
 
 
+def _warn_stretched(where: str, non_square: list[str], size: int) -> None:
+    """One warning for a set whose non-square images (``non_square``: the first few named) a resize stretches
+    (diffusers' training scripts centre-crop; it was done in silence)."""
+    if non_square:
+        warnings.warn(f"{len(non_square)} image(s) of {where} are not square (the first: {', '.join(non_square[:3])})"
+                      f" and are stretched to {size}x{size}: their aspect ratio changes; crop them to squares first "
+                      "where the model was trained on crops", UserWarning, stacklevel=3)
+
+
 def resize(images: np.ndarray, size: int) -> np.ndarray:
     """Resize uint8 (N, H, W, C) to (N, size, size, C): bilinear with antialiasing (torch)."""
     check_size(size)
     if images.shape[1:3] == (size, size):
         return images
-    if images.shape[1] != images.shape[2]:  # (stretched in silence; diffusers' training scripts centre-crop)
-        warnings.warn(f"images of {images.shape[1]}x{images.shape[2]} are stretched to {size}x{size}: their aspect "
-                      "ratio changes; crop them to squares first where the model was trained on crops",
-                      UserWarning, stacklevel=2)
     # (a copy where torch could not share the memory: a flipped view's negative strides, a read-only array such as
     # PIL's, of which torch warned)
     x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
@@ -256,6 +261,8 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
                       "the colour stored under it: flatten them onto a background first if that matters",
                       UserWarning, stacklevel=2)
     if resize_to is not None:
+        _warn_stretched(repr(str(path)), [f"{f.name}, {a.shape[0]}x{a.shape[1]}" for f, a in zip(files, arrays)
+                                          if a.shape[0] != a.shape[1]], resize_to)
         arrays = [resize(a.reshape(1, *a.shape[:2], -1), resize_to)[0].squeeze(-1) if a.ndim == 2
                   else resize(a[None], resize_to)[0] for a in arrays]
     sizes = {a.shape[:2] for a in arrays}
@@ -361,8 +368,8 @@ def load_npz(path: Path) -> ImageSet:
             integer_labels(a, f"{str(path)!r}: '{name}'")
             if a.size and a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:  # (wrapped to negative ids)
                 raise ValueError(f"{str(path)!r}: '{name}' holds {a.max()}, past the largest int64")
-    if labels is not None and len(labels) and np.asarray(labels).min() < -1:  # (taken as unlabelled in silence)
-        raise ValueError(f"{str(path)!r}: 'labels' hold {np.asarray(labels).min()}: classes are 0, 1, ... and -1 "
+    if labels is not None and labels.size and labels.min() < -1:  # (taken as unlabelled in silence)
+        raise ValueError(f"{str(path)!r}: 'labels' hold {labels.min()}: classes are 0, 1, ... and -1 "
                          "marks an unlabelled image")
     if ids is not None and len(uniq := np.unique(ids)) != len(ids):  # (distinct nearest images sharing an id
         # counted once: the summary's and the findings' counts fell)
@@ -445,5 +452,7 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
         else:
             raise ValueError(f"data spec {s!r} does not exist (expected a folder, an .npz file, or 'digits[:N]')")
     if resize_to is not None and out.images.shape[1:3] != (resize_to, resize_to):
+        h, w = out.images.shape[1:3]
+        _warn_stretched(repr(s), [f"all {len(out)}, {h}x{w}"] if h != w else [], resize_to)
         out = ImageSet(resize(out.images, resize_to), out.labels, out.ids, out.name)
     return out

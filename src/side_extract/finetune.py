@@ -259,7 +259,7 @@ def finetune(
                          array_fingerprint(x, y), target_fingerprint)
     ckpt = out / "work" / "checkpoint"
     start, losses = 0, []
-    found = read_checkpoint(ckpt, key, c.steps, "trainable.safetensors", "side-lora")
+    found = read_checkpoint(ckpt, key, c.steps, "trainable.safetensors", "side-lora", ("losses",))
     group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
     if found is not None:
         _load_trainable(model, found.weights, full)

@@ -279,10 +279,12 @@ class Checkpoint:
     optimizer: dict[str, Any]
 
 
-def read_checkpoint(ckpt: Path | None, key: Any, steps: int, weights: str, who: str) -> Checkpoint | None:
+def read_checkpoint(ckpt: Path | None, key: Any, steps: int, weights: str, who: str, needs: tuple[str, ...] = ()
+                    ) -> Checkpoint | None:
     """The checkpoint in folder ``ckpt`` if it was made with ``key`` at no more than ``steps`` steps (a longer run's
     cannot be wound back) and every file reads whole; else None, and a folder that is there is to be discarded by
-    the caller's main process (``who`` names the trainer in the log). A damaged file (outside damage: a disk error,
+    the caller's main process (``who`` names the trainer in the log; ``needs``: the entries of ``state.json`` the
+    trainer reads besides ``step``). A damaged file (outside damage: a disk error,
     a copy cut short) failed every later run of the stage with a bare JSON, safetensors or torch error."""
     if ckpt is None or not (ckpt / "state.json").is_file():
         return None
@@ -295,6 +297,8 @@ def read_checkpoint(ckpt: Path | None, key: Any, steps: int, weights: str, who: 
         if not isinstance(state, dict) or state.get("resume_key") != key or int(state["step"]) > steps:
             log.info("%s: discarding a checkpoint made from other data or settings, or past %d steps", who, steps)
             return None
+        if missing := [k for k in needs if k not in state]:
+            raise KeyError(f"state.json has no {', '.join(missing)}")
         return Checkpoint(state, load_file(str(ckpt / weights)),
                           torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:

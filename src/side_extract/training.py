@@ -200,7 +200,7 @@ def train_classifier(
     start, history = 0, []
     key = resume_key(arch, c, x0, y_t, scheduler, unet if arch.backbone == "unet" else None)
     ckpt = Path(out) / "checkpoint" if out is not None else None
-    found = read_checkpoint(ckpt, key, c.steps, "model.safetensors", "classifier")  # (read on the host)
+    found = read_checkpoint(ckpt, key, c.steps, "model.safetensors", "classifier", ("history",))  # (read on the host)
     group.barrier()  # every process has read the checkpoint before the main one may discard or replace it
     if found is not None:
         # load_state_dict copies into the model and casts the state to its device
