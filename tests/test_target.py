@@ -244,3 +244,22 @@ def test_train_target_rejects_bad_shapes():
     with pytest.raises(ValueError, match="not divisible"):
         train_target(dataclasses.replace(TINY, block_out_channels=(4, 4, 8, 8)), load_image_set("digits:10", resize_to=12),
                      "/tmp/never-written")
+
+
+@pytest.mark.parametrize("damaged", ["training_state.json", "training_state.pt", "raw_unet"])
+def test_a_damaged_checkpoint_is_passed_over_for_an_earlier_one(tmp_path, damaged):
+    """A checkpoint damaged from outside (a disk error, a copy cut short) failed every later run of train-target with
+    a bare JSON, safetensors or torch error: the latest is now passed over, with a warning, for an earlier one (or a
+    fresh start), and the model is the uninterrupted run's."""
+    data = load_image_set("digits:20")
+    straight = tmp_path / "a"
+    train_target(TINY, data, straight)
+    train_target(dataclasses.replace(TINY, steps=3), data, tmp_path / "b")  # checkpoints at 2 and 3
+    ckpt = sorted((tmp_path / "b" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    f = ckpt / damaged if damaged != "raw_unet" else next((ckpt / "raw_unet").glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    resumed = train_target(TINY, data, tmp_path / "b")
+    assert resumed.resumed_from < int(ckpt.name.split("-")[1])
+    a, b = load_target(straight), load_target(tmp_path / "b")
+    for (n1, p1), (_, p2) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)

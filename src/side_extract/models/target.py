@@ -437,7 +437,11 @@ def check_train_out(out: Path, resume_key: dict) -> None:
                          "training here would replace it; choose a new or empty --out")
     differs = f"{str(out)!r} holds a target trained with a different config or data set"
     for state in sorted((out / "checkpoints").glob("step-*/training_state.json")):
-        if read_json(state)["resume_key"] != resume_key:
+        try:
+            key = read_json(state, dict)["resume_key"]
+        except (ValueError, KeyError):  # damaged: passed over when training resumes (train_target)
+            continue
+        if key != resume_key:
             raise ValueError(f"{differs} ({state.parent.name}); training here would replace it: choose another "
                              "--out or delete it")
     if made.is_file():
@@ -501,18 +505,33 @@ def train_target(
 
     check_train_out(out, resume_key)  # before anything is written
     start, losses, state = 0, [], None
-    ckpt = _latest_checkpoint(out, c.steps)
-    if ckpt is not None:  # every process reads it; only the main one writes checkpoints, after a step that
-        # synchronises the processes (the gradient exchange), so no process reads a half-replaced checkpoint
-        state_meta = read_json(ckpt / "training_state.json")
-        if state_meta["resume_key"] != resume_key:
+    at_most = c.steps
+    while (ckpt := _latest_checkpoint(out, at_most)) is not None:  # every process reads it; only the main one
+        # writes checkpoints, after a step that synchronises the processes (the gradient exchange), so no process
+        # reads a half-replaced checkpoint
+        damaged = (OSError, ValueError, KeyError, TypeError, RuntimeError)  # (json, safetensors, torch)
+        try:
+            state_meta = read_json(ckpt / "training_state.json", dict)
+            key, step = state_meta["resume_key"], int(state_meta["step"])
+        except damaged as e:
+            key, step, why = None, None, e
+        if key is not None and key != resume_key:
             raise ValueError(f"{str(out)!r} holds checkpoints of a different config or data set; "
                              "choose another --out or delete it")
-        start = int(state_meta["step"])
-        unet = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
-        state = torch.load(ckpt / "training_state.pt", weights_only=True, map_location="cpu")
-        losses = list(state_meta.get("losses", []))
+        if key is not None:
+            try:
+                resumed = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
+                state = torch.load(ckpt / "training_state.pt", weights_only=True, map_location="cpu")
+            except damaged as e:
+                key, why = None, e
+        if key is None:  # damaged from outside (a bare JSON, safetensors or torch error on every later run)
+            log.warning("checkpoint %s is damaged (%s: %s); trying an earlier one", ckpt, type(why).__name__,
+                        str(why)[:200])
+            state, at_most = None, int(ckpt.name.split("-")[1]) - 1
+            continue
+        start, unet, losses = step, resumed, list(state_meta.get("losses", []))
         log.info("resuming training from %s (step %d)", ckpt, start)
+        break
     # the model moves before the optimizer and EMA are made or loaded, so their state lives on its device
     unet.to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
