@@ -782,7 +782,6 @@ def as_comparable(rc: Any, old: dict[str, Any]) -> tuple[dict[str, Any], dict[st
 
 
 TARGETED = ("side", "side-teacher", "cond", "side-lora")  # the methods that draw a target class per generation
-TARGETED_SET = frozenset(TARGETED)
 
 
 def dedup_rule(c: ExtractConfig, *, targeted: bool) -> bool:
@@ -833,7 +832,7 @@ def inert_keys(rc: RunConfig) -> dict[str, str]:
         changed("extract", ex, dict.fromkeys(("memguide_avoid_h", "memguide_avoid_t_lo", "memguide_avoid_t_hi"),
                                              "memguide's avoidance runs only with extract.memguide_avoid > 0"))
     one_round = f"a single round (extract.rounds={ex.rounds}, extract.n={ex.n}) is the whole budget"
-    if not TARGETED_SET & methods:
+    if not set(TARGETED) & methods:
         changed("extract", ex, {"allocation": "no method in extract.methods draws a target class"})
     elif min(ex.rounds, ex.n) < 2:  # (it gave the uniform policy's images exactly)
         changed("extract", ex, {"allocation": f"adaptive allocation moves the budget between rounds: {one_round}"})

@@ -78,19 +78,15 @@ def ratios_to_best_baseline(methods: dict[str, dict[str, Any]], side_methods: tu
             # distinct images: only the baselines given the method's budget (a smaller one's share is inflated)
             pool = ([b for b in present if budgets[b] == budgets[s]] if name.startswith("ums") and budgets is not None
                     else present)
-            if not pool:
-                best_method = pick(present, key=lambda b: base_vals[b][name][0])
-                rows[name] = {"side": v, "best_baseline": base_vals[best_method][name][0],
-                              "best_baseline_method": best_method, "tied_baselines": [], "ratio": None,
-                              "better": better, "side_better": None,
-                              "unequal_budgets": {s: budgets[s], **{b: budgets[b] for b in present}}}
-                continue
-            best_method = pick(pool, key=lambda b: base_vals[b][name][0])
+            best_method = pick(pool or present, key=lambda b: base_vals[b][name][0])
             b = base_vals[best_method][name][0]
             rows[name] = {"side": v, "best_baseline": b, "best_baseline_method": best_method,
                           "tied_baselines": [o for o in pool if o != best_method and base_vals[o][name][0] == b],
                           "ratio": None if b == 0 else v / b, "better": better,
                           "side_better": v > b if better == "higher" else v < b}
+            if not pool:  # no baseline of the method's budget: not compared
+                rows[name].update(ratio=None, side_better=None,
+                                  unequal_budgets={s: budgets[s], **{o: budgets[o] for o in present}})
         out[s] = rows
     return out
 

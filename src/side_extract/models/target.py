@@ -413,6 +413,29 @@ def _latest_checkpoint(out: Path, at_most: int) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def _read_target_checkpoint(ckpt: Path, resume_key: dict, out: Path) -> tuple[int, list, UNet2DModel, dict] | None:
+    """(step, losses, raw UNet, optimizer/EMA state) of ``checkpoints/step-N``; None, with a warning, where it is
+    damaged from outside (a bare JSON, safetensors or torch error failed every later run); a ValueError where it
+    was made with another config or data set."""
+    def damaged(e: Exception) -> None:
+        log.warning("checkpoint %s is damaged (%s: %s); trying an earlier one", ckpt, type(e).__name__, str(e)[:200])
+
+    try:
+        meta = read_json(ckpt / "training_state.json", dict)
+        key, step = meta["resume_key"], int(meta["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        return damaged(e)
+    if key != resume_key:
+        raise ValueError(f"{str(out)!r} holds checkpoints of a different config or data set; choose another --out "
+                         "or delete it")
+    try:
+        unet = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
+        return step, list(meta.get("losses", [])), unet, torch.load(ckpt / "training_state.pt", weights_only=True,
+                                                                    map_location="cpu")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        return damaged(e)
+
+
 TRAIN_OUT_FILES = ("unet", "scheduler", "model_index.json", "train_config.yaml", "training_log.json", "checkpoints",
                    ".final")  # what train_target writes into --out
 
@@ -506,32 +529,14 @@ def train_target(
     check_train_out(out, resume_key)  # before anything is written
     start, losses, state = 0, [], None
     at_most = c.steps
-    while (ckpt := _latest_checkpoint(out, at_most)) is not None:  # every process reads it; only the main one
-        # writes checkpoints, after a step that synchronises the processes (the gradient exchange), so no process
-        # reads a half-replaced checkpoint
-        damaged = (OSError, ValueError, KeyError, TypeError, RuntimeError)  # (json, safetensors, torch)
-        try:
-            state_meta = read_json(ckpt / "training_state.json", dict)
-            key, step = state_meta["resume_key"], int(state_meta["step"])
-        except damaged as e:
-            key, step, why = None, None, e
-        if key is not None and key != resume_key:
-            raise ValueError(f"{str(out)!r} holds checkpoints of a different config or data set; "
-                             "choose another --out or delete it")
-        if key is not None:
-            try:
-                resumed = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
-                state = torch.load(ckpt / "training_state.pt", weights_only=True, map_location="cpu")
-            except damaged as e:
-                key, why = None, e
-        if key is None:  # damaged from outside (a bare JSON, safetensors or torch error on every later run)
-            log.warning("checkpoint %s is damaged (%s: %s); trying an earlier one", ckpt, type(why).__name__,
-                        str(why)[:200])
-            state, at_most = None, int(ckpt.name.split("-")[1]) - 1
-            continue
-        start, unet, losses = step, resumed, list(state_meta.get("losses", []))
-        log.info("resuming training from %s (step %d)", ckpt, start)
-        break
+    # every process reads it; only the main one writes checkpoints, after a step that synchronises the processes
+    # (the gradient exchange), so no process reads a half-replaced checkpoint
+    while (ckpt := _latest_checkpoint(out, at_most)) is not None:
+        if (found := _read_target_checkpoint(ckpt, resume_key, out)) is not None:
+            start, losses, unet, state = found
+            log.info("resuming training from %s (step %d)", ckpt, start)
+            break
+        at_most = int(ckpt.name.split("-")[1]) - 1  # damaged: an earlier one
     # the model moves before the optimizer and EMA are made or loaded, so their state lives on its device
     unet.to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
