@@ -315,3 +315,13 @@ def test_a_result_cut_short_leaves_no_earlier_mark_beside_it(sets, monkeypatch):
     assert not (sets / "e" / "metrics.json").exists() and (sets / "e" / "per_generation.csv").exists()
     assert invoke(*cal).exit_code != 0
     assert not (sets / "c" / "bands.json").exists()
+
+
+def test_evaluate_names_the_closest_band_whichever_order_the_bands_are_given_in(sets):
+    """The closing line took the last band listed: with bands written closest first (as the README's example) it
+    gave the farthest band's AMS and UMS as the headline."""
+    for spec in ("high=0:0.01,mid=0.01:0.1,low=0.1:0.2", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01"):
+        r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--out",
+                   sets / spec[:3], "--bands", spec, "--carlini-n", 3)
+        assert r.exit_code == 0, r.output
+        assert "AMS high 75.00%, UMS high 50.00%" in " ".join(r.output.split()), r.output

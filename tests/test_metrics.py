@@ -391,3 +391,41 @@ def test_the_per_generation_carlini_hit_the_benchmarks_read_is_the_evaluations_o
     assert stats["carlini"].tolist() == [True, True, True, False]
     assert stats["carlini"].mean() == r.carlini.extracted_fraction == 0.75
     assert distinct_count(stats, "high") == 2  # train 1 and 3
+
+
+def test_an_empty_calibrated_band_is_ranked_beyond_the_band_it_touches():
+    """A null with ties makes an empty band (lo == hi) sharing its near edge with the next band: sorted on that edge
+    alone, it came first ('mid' before 'high'), and the findings named high-band images 'mid'."""
+    from side_extract.metrics import closest_first
+
+    assert closest_first({"low": [0.3, 0.5], "mid": [0.05, 0.05], "high": [0.0, 0.05]}, "distance") == [
+        "high", "mid", "low"]
+    assert closest_first({"low": [0.4, 0.6], "mid": [0.6, 0.6], "high": [0.6, 1.0]}, "similarity") == [
+        "high", "mid", "low"]
+
+
+def test_given_bands_are_checked_as_inline_bands_are():
+    """evaluate(bands=...) took overlapping bands (AMS 200 %), a repeated name (a wrong AMS of 0 for exact copies)
+    and an empty list (max() of an empty sequence)."""
+    with pytest.raises(ValueError, match="overlap"):
+        evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2), bands=[Band("high", 0, .2), Band("mid", 0, .3)])
+    with pytest.raises(ValueError, match="each band once"):
+        evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2), bands=[Band("a", 0, .1), Band("a", .1, .2)])
+    with pytest.raises(ValueError, match="names no band"):
+        evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2), bands=[])
+    with pytest.raises(ValueError, match="would not be read"):  # (rms-l2 held-out images beside given bands)
+        evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2, bands=BANDS), heldout=flat([10, 70, 130]))
+
+
+def test_the_recorded_null_is_the_one_the_bands_came_from(caplog):
+    """Exact copies are left out of the band edges; metrics.json's null summary counted and took quantiles of them
+    too, so its quantiles were not the band edges."""
+    rng = np.random.default_rng(0)
+    train = ImageSet(rng.integers(0, 256, (200, 4, 4, 1)).astype(np.uint8))
+    train.images[100:110] = train.images[:10]
+    with caplog.at_level(logging.WARNING):
+        ev = evaluate(ImageSet(train.images[:3]), train, cfg.EvaluateConfig(carlini_n=2,
+                                                                            calibration_quantiles=(0.05, 0.1, 0.2)))
+    edges = sorted(b.hi for b in ev.bands)
+    assert ev.null["n"] == 200 and ev.null["copies_left_out"] == 20
+    assert sorted(ev.null["quantiles"].values()) == pytest.approx(edges)

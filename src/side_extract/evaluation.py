@@ -23,7 +23,7 @@ from .data import (ImageSet, balanced_first_n, check_image_set, check_levels, lo
 from .detection import check_grid, detect_memorized
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
-                      check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
+                      check_bands, check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
                       gu_from_neighbors, parse_bands, read_bands_file)
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import Progress, atomic_save_npz, atomic_write_json, atomic_write_text, npz_arrays, versions
@@ -234,6 +234,8 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         cfg.check_section(config, cfg.EvaluateConfig, "config")  # (a dict was an AttributeError)
     if bands is not None and not all(isinstance(b, Band) for b in bands):
         raise ValueError(f"bands must be Band objects (side_extract.metrics.Band(name, lo, hi)), got {list(bands)!r}")
+    if bands is not None:  # (overlapping bands gave AMS past 100 %, a repeated name a wrong share, none a bare error)
+        check_bands(bands, "bands")
     check_device(device)  # (device="gpu" was torch's list of device types)
     c = config or cfg.EvaluateConfig()
     sim = Similarity(c.similarity)
@@ -242,6 +244,10 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
                   and c.bands_file is not None else None)  # (it was read after both sets' features)
     if bands is None and option_bands is None and file_bands is None and sim.metric == "cosine" and heldout is not None:
         raise ValueError(heldout_unread(sim.spec, heldout.name or "images given"))  # (they were silently unread)
+    if heldout is not None and (bands is not None or option_bands is not None or c.bands_file is not None):
+        given = "bands" if bands is not None else "config.bands" if option_bands is not None else "config.bands_file"
+        raise ValueError(f"held-out images ({heldout.name or 'images given'}) calibrate the bands, and {given} gives "
+                         "them: they would not be read; leave one out")  # (as the CLI: rms-l2 ignored them in silence)
     check_same_shape(generated, train)
     if c.detect_threshold is not None and c.detect_grid is not None:  # (it was refused after the whole evaluation)
         check_grid(c.detect_grid, *generated.images.shape[1:3], "detect_grid")
@@ -282,13 +288,11 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
             check_heldout(heldout, train)
         values = index.kneighbors(_rows(sim, heldout, None, c, device, train, feature_model), 1).scores[:, 0]
         bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{name}"
-        null = {"source": "heldout-vs-train", "n": len(values),
-                "quantiles": _quantiles(values, c.calibration_quantiles, sim.orientation)}
+        null = {"source": "heldout-vs-train", **null_summary(values, c.calibration_quantiles, sim.orientation)}
     else:
         values = index.kneighbors(t_rows, 1, exclude_self=True).scores[:, 0]
         bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), "train-null"
-        null = {"source": "train-vs-rest", "n": n_t,
-                "quantiles": _quantiles(values, c.calibration_quantiles, sim.orientation)}
+        null = {"source": "train-vs-rest", **null_summary(values, c.calibration_quantiles, sim.orientation)}
         log.warning("no bands given for %s: calibrated on the training set's own null (train vs rest of train); "
                     "`side calibrate` with held-out images gives better ones", sim.spec)
     # 2. one pass: nearest neighbours + in-band pairs
@@ -373,6 +377,19 @@ def _quantiles(values: np.ndarray, levels: Sequence[float], orientation: Orienta
     return {str(q): float(np.quantile(values, q if orientation == "distance" else 1 - q)) for q in levels}
 
 
+def _copies(null: np.ndarray, orientation: Orientation) -> np.ndarray:
+    """Which best scores of a null are exact copies (distance 0, similarity 1), left out of the band edges."""
+    return null <= 0 if orientation == "distance" else null >= 1 - 1e-6
+
+
+def null_summary(values: np.ndarray, levels: Sequence[float], orientation: Orientation) -> dict[str, Any]:
+    """A null as metrics.json and bands.json record it: how many best scores, how many of them exact copies left
+    out of the band edges, and the tail quantiles of the rest (the band edges :func:`propose_bands` drew)."""
+    copies = _copies(values, orientation)
+    kept = values[~copies] if copies.any() and not copies.all() else values
+    return {"n": len(values), "copies_left_out": int(copies.sum()), "quantiles": _quantiles(kept, levels, orientation)}
+
+
 def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[float] = (0.001, 0.01, 0.05)
                   ) -> tuple[Band, ...]:
     """Band edges at tail quantiles of a null distribution of best scores, farthest band first.
@@ -392,7 +409,7 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     if not levels or any(not 0.0 < v < 0.5 for v in levels) or list(levels) != sorted(set(levels)):
         # (as EvaluateConfig.calibration_quantiles: a repeated level was an IndexError, 0 a ZeroDivisionError)
         raise ValueError(f"levels={tuple(levels)} must be strictly increasing values in (0, 0.5)")
-    copies = null <= 0 if orientation == "distance" else null >= 1 - 1e-6
+    copies = _copies(null, orientation)
     if copies.any():
         log.warning("%d of the null's %d best scores are exact copies (the reference set holds duplicates): they "
                     "are left out of the band edges", int(copies.sum()), len(null))
@@ -449,7 +466,7 @@ class Calibration:
         summary = {}
         for name, v in self.nulls.items():
             counts, edges = np.histogram(v, bins=bins, range=(lo, hi if hi > lo else lo + 1e-9))
-            summary[name] = {"n": len(v), "quantiles": _quantiles(v, self.quantile_levels, self.orientation),
+            summary[name] = {**null_summary(v, self.quantile_levels, self.orientation),
                              "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
         return {"schema": "side-extract/bands/1", "similarity": self.similarity, "orientation": self.orientation,
                 "quantile_levels": list(self.quantile_levels), "null_source": self.null_source,

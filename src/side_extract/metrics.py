@@ -97,9 +97,11 @@ PAPER_COSINE_BANDS = (Band("low", 0.4, 0.5), Band("mid", 0.5, 0.6), Band("high",
 
 def closest_first(bands: dict[str, Sequence[float]], orientation: Orientation) -> list[str]:
     """The names of ``bands`` (name -> (lo, hi), as metrics.json holds them), the closest band (most memorized)
-    first."""
-    key = (lambda b: -bands[b][0]) if orientation == "similarity" else (lambda b: bands[b][1])
-    return sorted(bands, key=key)
+    first. Ties on the near edge (an empty calibrated band, lo == hi, shares its edge with the next) are broken by
+    the far edge: an empty band lies beyond the band it touches, never before it."""
+    if orientation == "similarity":
+        return sorted(bands, key=lambda b: (-bands[b][0], -bands[b][1]))
+    return sorted(bands, key=lambda b: (bands[b][1], bands[b][0]))
 
 
 def parse_bands(spec: str) -> tuple[Band, ...]:
@@ -114,17 +116,18 @@ def parse_bands(spec: str) -> tuple[Band, ...]:
         if not lo < hi:
             raise ValueError(f"bands={spec!r}: band {name!r} needs lo < hi, got {lo}:{hi}")
         bands.append(Band(name.strip(), lo, hi))
-    names = [b.name for b in bands]
-    if not bands or len(set(names)) != len(names):
-        raise ValueError(f"bands={spec!r} must name at least one band, each name once")
-    return _disjoint(bands, f"bands={spec!r}")
+    return check_bands(bands, f"bands={spec!r}")
 
 
-def _disjoint(bands: Sequence[Band], where: str) -> tuple[Band, ...]:
-    """``bands``, refused when there are none or two overlap (a score in both would count twice: the per-band
-    shares would sum past 100 %). ``where``: what the bands came from, for the error."""
+def check_bands(bands: Sequence[Band], where: str) -> tuple[Band, ...]:
+    """``bands``, refused when there are none, a name repeats (the later band's share replaced the earlier's),
+    or two overlap (a score in both would count twice: the per-band shares would sum past
+    100 %). ``where``: what the bands came from, for the error."""
     if not bands:
         raise ValueError(f"{where} names no band; it needs at least one")
+    names = [b.name for b in bands]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where} must name each band once, got {names}")
     ordered = sorted(bands, key=lambda b: (b.lo, b.hi))
     for a, b in zip(ordered, ordered[1:]):
         if b.lo < a.hi:
@@ -158,7 +161,7 @@ def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
         bands = [Band(str(name), float(lo), float(hi)) for name, (lo, hi) in data["bands"].items()]
     except (TypeError, ValueError) as e:
         raise ValueError(f"bands file {str(p)!r}: each band must be name: [lo, hi] with lo <= hi ({e})") from None
-    return _disjoint(bands, f"bands file {str(p)!r}")
+    return check_bands(bands, f"bands file {str(p)!r}")
 
 
 # --------------------------------------------------------------------------------------------------

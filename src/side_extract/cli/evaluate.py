@@ -168,7 +168,7 @@ def evaluate_cmd(
     check_similarity_inputs(model, c.similarity)
     from ..data import load_image_set
     from ..evaluation import evaluate, held_out_set, heldout_unread
-    from ..metrics import parse_bands
+    from ..metrics import bands_json, closest_first, parse_bands
     from ..runs import run_lock
 
     if c.bands is not None:
@@ -204,7 +204,8 @@ def evaluate_cmd(
             from ..summary import write_summary  # an evaluation of the run: its summary and findings include it
 
             write_summary(run)
-    top = result.bands[-1].name
+    top = closest_first(bands_json(result.bands), result.orientation)[0]  # (the last listed: the farthest where
+    # bands were written closest first, as the README's example)
     console.print(f"{result.n_generated} generations vs {result.n_train} training images ({result.similarity}, "
                   f"bands: {result.bands_source}); AMS {top} {result.ams[top]:.2%}, UMS {top} {result.ums[top]:.2%}, "
                   f"Carlini extracted {result.carlini.extracted_fraction:.2%}, Gu {result.gu.memorized_fraction:.2%}")
