@@ -23,8 +23,8 @@ from .data import (ImageSet, balanced_first_n, check_image_set, check_levels, lo
 from .detection import check_grid, detect_memorized
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
-                      check_bands, check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors, carlini_n_effective,
-                      gu_from_neighbors, parse_bands, read_bands_file)
+                      check_bands, check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors,
+                      carlini_n_effective, gu_from_neighbors, parse_bands, read_bands_file)
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import Progress, atomic_save_npz, atomic_write_json, atomic_write_text, npz_arrays, versions
 
