@@ -827,6 +827,31 @@ def test_an_audit_of_relative_paths_survives_a_chdir(tmp_path, one_thread, monke
     assert len(a.pairs("uncond", top=1)) == 1 and a.verify("uncond", top=1)[0].equal
 
 
+def test_a_side_run_of_relative_paths_survives_a_chdir(tmp_path, one_thread, monkeypatch):
+    """`side run` (run_audit) wrote model, train and evaluate.heldout into config.yaml as typed, where audit() made
+    them absolute: from another folder `side verify` said 'data spec 'train.npz' does not exist', and so did
+    Audit.load(run).pairs."""
+    from side_extract.models.target import save_target
+
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "tiny")
+    digits = side_extract.load_image_set("digits:60")
+    np.savez(tmp_path / "train.npz", images=digits.images[:30], labels=digits.labels[:30])
+    np.savez(tmp_path / "held.npz", images=digits.images[30:])
+    monkeypatch.chdir(tmp_path)
+    rc = cfg.RunConfig(model="tiny", train="train.npz", sample=cfg.SampleConfig(n=16, steps=2),
+                       extract=cfg.ExtractConfig(methods=("uncond",), n=6, steps=2),
+                       evaluate=cfg.EvaluateConfig(carlini_n=5, quality=(), heldout="held.npz",
+                                                   calibration_quantiles=(0.1, 0.2, 0.3)))
+    run_audit("run", rc)
+    written = cfg.load_yaml(tmp_path / "run" / "config.yaml")
+    assert (written["model"], written["train"], written["evaluate"]["heldout"]) == tuple(
+        str(tmp_path / f) for f in ("tiny", "train.npz", "held.npz"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    a = Audit.load(tmp_path / "run")
+    assert len(a.pairs("uncond", top=1)) == 1 and a.verify("uncond", top=1)[0].equal
+
+
 def test_the_audits_methods_check_their_device_and_their_arguments(tmp_path, one_thread):
     """regenerate/verify/verify_conditions and as_target gave torch's own errors for device='gpu' (verify after
     loading the training set); verify(top=None), which its error offered, was a TypeError; verify_conditions of a

@@ -30,8 +30,7 @@ from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
 from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fingerprint, probe_fingerprint,
                            run_target)
-from .models.target import EMBEDDED_TARGETS
-from .pipeline import ProgressFactory, no_progress
+from .pipeline import ProgressFactory, absolute_spec, no_progress
 from .findings import SYNTHETIC, Findings, collect
 from .evaluation import incomparable
 from .summary import audit_summary
@@ -545,8 +544,8 @@ def audit(
                 data = saved("train", data) if isinstance(data, ImageSet) else data
                 held = saved("heldout", held) if isinstance(held, ImageSet) else held
                 ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
-                rc = dataclasses.replace(rc, model=_absolute(target.description, model=True), train=_absolute(data),
-                                         extract=ex, evaluate=dataclasses.replace(ev, heldout=_absolute(ev.heldout)))
+                rc = dataclasses.replace(rc, model=absolute_spec(target.description, model=True), train=absolute_spec(data),
+                                         extract=ex, evaluate=dataclasses.replace(ev, heldout=absolute_spec(ev.heldout)))
                 if group.main and (changed := settings_changed(out, rc)):
                     log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
                 run_with_sweeps(out, rc, device=device, progress=progress, target=target)
@@ -563,17 +562,6 @@ def audit(
             raise ValueError(text) from None
         raise
     return Audit.load(out)
-
-
-def _absolute(spec: Any, *, model: bool = False) -> Any:
-    """A spec that names a file or folder here, made absolute: the run's config is read again from other working
-    directories (:meth:`Audit.load`, ``Audit.pairs`` after a ``chdir``), where a relative path named nothing. Other
-    specs (``digits:N``, an embedded target, an in-memory model's description, None) as they are."""
-    if not isinstance(spec, (str, Path)) or str(spec) == "digits" or str(spec).startswith("digits:"):
-        return spec
-    if model and str(spec) in EMBEDDED_TARGETS:
-        return spec
-    return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
 __all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "Verification", "as_target", "run_target",

@@ -38,7 +38,8 @@ from .guidance import ClassifierGuidance, DenoisedGuidance
 from .quality import image_features, quality_from_features
 from .models.classifier import DEPTHS, load_classifier, save_classifier
 from .models.classifier import saved_whole as classifier_saved_whole
-from .models.target import Denoiser, Target, UNetDenoiser, check_fits, load_target, model_fingerprint
+from .models.target import (EMBEDDED_TARGETS, Denoiser, Target, UNetDenoiser, check_fits, load_target,
+                            model_fingerprint)
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
@@ -1058,9 +1059,29 @@ def refuse_data_stages(ctx: AuditContext, upto: int) -> None:
     ctx.run.refuse_before(planned)
 
 
+def absolute_spec(spec: Any, *, model: bool = False) -> Any:
+    """A spec that names a file or folder here, made absolute: a run's config is read again from other working
+    directories (``side verify``, ``side report``, :meth:`~side_extract.api.Audit.load` after a ``chdir``), where a
+    relative path named nothing. Other specs (``digits:N``, an embedded target, a hub id, an in-memory model's
+    description, None) as they are."""
+    if not isinstance(spec, (str, Path)) or str(spec) == "digits" or str(spec).startswith("digits:"):
+        return spec
+    if model and str(spec) in EMBEDDED_TARGETS:
+        return spec
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def absolute_paths(rc: cfg.RunConfig) -> cfg.RunConfig:
+    """``rc`` with the model, training set and held-out images it names here made absolute (:func:`absolute_spec`),
+    as a run records them."""
+    return dataclasses.replace(rc, model=absolute_spec(rc.model, model=True), train=absolute_spec(rc.train),
+                               evaluate=dataclasses.replace(rc.evaluate, heldout=absolute_spec(rc.evaluate.heldout)))
+
+
 def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: Until,
            progress: ProgressFactory) -> AuditResult:
     upto = UNTIL.index(until)
+    rc = absolute_paths(rc)  # (after the processes of a launch agreed on the values as given: their folders may differ)
     run.write_config(rc)
     run.set_model(target.fingerprint, str(rc.model), getattr(target.denoiser, "prediction", "epsilon"))
     denoiser = target.denoiser

@@ -37,6 +37,7 @@ def sample_cmd(
     group = ProcessGroup.from_env()  # torchrun / accelerate launch: each process writes its own shards
     device = group.device(device)
     from ..models.target import load_target, model_fingerprint
+    from ..pipeline import absolute_paths
     from ..runs import RunDir, check_run_path, check_unlocked, run_lock
     from ..sampling import check_sampler, sample_stage
 
@@ -47,7 +48,7 @@ def sample_cmd(
     check_sampler(denoiser.scheduler, rc.sample.scheduler, rc.sample.steps, "sample")
     with (run_lock(out, wait=wait) if group.main else contextlib.nullcontext()), progress_bar(ctx, "sample") as cb:
         run = RunDir(out, group=group)
-        run.write_config(rc)
+        run.write_config(absolute_paths(rc))  # (read again from other folders: side cluster, side report)
         fp = model_fingerprint(rc.model)
         run.set_model(fp, str(rc.model), denoiser.prediction)
         images = sample_stage(run, denoiser, rc.sample, model_fingerprint=fp, device=device, progress=cb)
