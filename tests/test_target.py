@@ -194,6 +194,26 @@ def test_a_shorter_rerun_does_not_return_the_longer_trained_model(tmp_path):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)
 
 
+def test_a_shorter_rerun_keeps_the_checkpoints_it_writes(tmp_path):
+    """Pruning kept the two checkpoints last by name: beside a longer run's step-6 and step-8, a 5-step rerun removed
+    each checkpoint it wrote, and after an interruption it started again from step 0."""
+    data = load_image_set("digits:20")
+    train_target(dataclasses.replace(TINY, steps=8), data, tmp_path / "b")  # keeps step-6 and step-8
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step, total):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_target(dataclasses.replace(TINY, steps=5), data, tmp_path / "b", progress=stop_at_5)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == [
+        "step-000002", "step-000004", "step-000006", "step-000008"]
+    assert train_target(dataclasses.replace(TINY, steps=5), data, tmp_path / "b").resumed_from == 4
+
+
 def test_train_target_ema_and_config_mismatch(tmp_path):
     data = load_image_set("digits:20")
     train_target(dataclasses.replace(TINY, ema=True, ema_decay=0.9), data, tmp_path / "e")

@@ -628,8 +628,12 @@ def _write_checkpoint(out: Path, unet, ema, scheduler, opt, c, resume_key, step:
         atomic_write_json(tmp / "training_state.json", {"step": step, "resume_key": resume_key, "losses": losses})
         atomic_write_text(tmp / "train_config.yaml", cfg.dump_yaml(c))
     log.info("checkpoint written: %s", dest)
-    older = sorted((out / "checkpoints").glob("step-*"))[:-KEEP_CHECKPOINTS]
-    for old in older:
+    # the KEEP_CHECKPOINTS - 1 latest before this one are kept beside it, by step number; a longer run's later
+    # checkpoints are left alone (ordered by name, with them kept as "the newest", a shorter rerun removed each
+    # checkpoint it wrote, and its interruption restarted it from step 0)
+    earlier = sorted((s, p) for p in (out / "checkpoints").glob("step-*")
+                     if re.fullmatch(r"step-\d+", p.name) and (s := int(p.name.split("-")[1])) < step)
+    for _, old in earlier[:max(0, len(earlier) - (KEEP_CHECKPOINTS - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
