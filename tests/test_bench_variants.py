@@ -83,6 +83,15 @@ def test_bad_variant_settings_are_clear_errors(tmp_path):
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.n": 10}})
     with pytest.raises(ValueError, match="x: 'extract.stop_unseen' cannot be varied"):  # SIDE's budget alone
         VariantsBenchConfig(bench=bc, variants={"x": {"extract.stop_unseen": 0.1}})
+    # written as YAML's nested mappings they passed every check (a variant scored at 4x the baselines' N_G)
+    with pytest.raises(ValueError, match="x: 'extract.n' cannot be varied"):
+        VariantsBenchConfig(bench=bc, variants={"x": {"extract": {"n": 24}}})
+    with pytest.raises(ValueError, match="x: 'sample.seed' cannot be varied"):
+        VariantsBenchConfig(bench=bc, variants={"x": {"sample": {"seed": 7}}})
+    with pytest.raises(ValueError, match="base: 'evaluate.carlini_n' cannot be varied"):
+        VariantsBenchConfig(bench=bc, base={"evaluate": {"carlini_n": 10}})
+    nested = VariantsBenchConfig(bench=bc, variants={"x": {"extract": {"scale": 2.0}}})
+    assert nested.variants == {"x": {"extract.scale": 2.0}} and nested.run_config("x").extract.scale == 2.0
     for seed in ("sample.seed", "surrogate.random_state", "classifier.seed", "lora.seed"):  # (the replicate set it
         with pytest.raises(ValueError, match=f"x: '{seed}' cannot be varied: the replicate sets every seed"):  # back)
             VariantsBenchConfig(bench=bc, variants={"x": {seed: 7}})
