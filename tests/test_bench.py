@@ -152,3 +152,11 @@ def test_compute_parts_named_in_only_are_checked_before_the_work():
 
     r = CliRunner().invoke(app, ["bench", "compute", "--quick", "--only", "demo", "--out", "/nonexistent/x"])
     assert r.exit_code != 0 and "--quick and --no-demo turn it off" in r.output
+
+
+def test_a_scale_past_the_largest_balanced_digits_subset_is_refused_up_front():
+    """Scales 1749..1796 passed the check (below 1797) and failed on loading digits:N, after the smaller scales had
+    trained their targets and made their audits."""
+    with pytest.raises(ValueError, match="scales: 1749 must be between 2 and 1748"):
+        dataclasses.replace(tiny_bench(), scales=(20, 1749))
+    assert dataclasses.replace(tiny_bench(), scales=(20, 1748)).scales == (20, 1748)

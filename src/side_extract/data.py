@@ -205,6 +205,13 @@ def balanced_first_n(labels: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def largest_balanced(labels: np.ndarray) -> int:
+    """The largest n :func:`balanced_first_n` can take from ``labels`` (a scan of every size)."""
+    per_class = np.bincount(labels)
+    return max(m for m in range(1, len(labels) + 1) if all(
+        m // len(per_class) + (k < m % len(per_class)) <= have for k, have in enumerate(per_class)))
+
+
 def load_digits_set(n: int | None = None) -> ImageSet:
     """scikit-learn's digits as uint8 (1797, 8, 8, 1); pixel value v in 0..16 maps to round(v * 255 / 16)."""
     from sklearn.datasets import load_digits
@@ -219,12 +226,10 @@ def load_digits_set(n: int | None = None) -> ImageSet:
             if n < 1:
                 raise ValueError(n)
             idx = balanced_first_n(labels, n)
-        except ValueError:  # name the largest class-balanced subset (only here: a scan of every size)
-            per_class = np.bincount(labels)
-            most = max(m for m in range(1, len(images) + 1) if all(
-                m // len(per_class) + (k < m % len(per_class)) <= have for k, have in enumerate(per_class)))
-            raise ValueError(f"digits:{n} must ask for 1..{most} images (a class-balanced subset; the rarest class "
-                             f"has {per_class.min()} images); `digits` alone is all {len(images)}") from None
+        except ValueError:  # name the largest class-balanced subset
+            raise ValueError(f"digits:{n} must ask for 1..{largest_balanced(labels)} images (a class-balanced "
+                             f"subset; the rarest class has {np.bincount(labels).min()} images); `digits` alone is "
+                             f"all {len(images)}") from None
         images, labels, ids, name = images[idx], labels[idx], ids[idx], f"digits:{n}"
     return ImageSet(images, labels, ids, name)
 
