@@ -883,3 +883,34 @@ def test_a_marked_interval_never_prints_a_bound_as_1_00():
     assert _ci(0.99796, 0.99971, True) == "[0.998, 0.9997]"
     assert _ci(1.0003, 1.02, True) == "[1.0003, 1.02]"
     assert _ci(0.9996, 1.02, False) == "[1.00, 1.02]"  # unmarked: 2 decimals as ever
+
+
+def test_signals_bench_without_held_out_images_is_refused_before_any_classifier_trains(tmp_path, one_thread):
+    """Clusters too small to give up a held-out image left none: every classifier trained and was scored on nothing
+    (accuracy 0), and the table then failed on a None chance, losing the JSON too."""
+    from side_extract.bench.signals import run_signals_bench
+
+    bc = tiny_bench()
+    many = dataclasses.replace(bc, run=dataclasses.replace(bc.run, surrogate=dataclasses.replace(
+        bc.run.surrogate, n_clusters=12)))
+    with pytest.raises(ValueError, match=r"no held-out images: the \d+ kept clusters hold .* fewer clusters"):
+        run_signals_bench(many, 20, tmp_path / "cache", signals=("paper",))
+
+
+def test_cli_signals_records_its_device(monkeypatch, tmp_path):
+    """`side bench signals --device X` ran on X but recorded a command without --device (every other bench command
+    records it): the results' exact command reran on the CPU."""
+    from typer.testing import CliRunner
+
+    from side_extract.bench import signals
+    from side_extract.cli.main import app
+
+    seen = {}
+
+    def stop(*a, **k):
+        seen["device"], seen["command"] = k.get("device"), k.get("command")
+        raise SystemExit(0)
+
+    monkeypatch.setattr(signals, "run_signals_bench", stop)
+    CliRunner().invoke(app, ["bench", "signals", "--out", str(tmp_path), "--cache", str(tmp_path), "--device", "cpu:0"])
+    assert seen["device"] == "cpu:0" and "--device cpu:0" in seen["command"]

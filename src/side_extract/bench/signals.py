@@ -17,6 +17,7 @@ the labelled samples is held out and every signal is scored on it, quartile by q
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
     classes = np.unique(labels[keep])
     y = np.searchsorted(classes, labels[keep])
     tr, ev = heldout_split(y, heldout_fraction, rc.classifier.seed)
+    if len(ev) == 0:  # (every classifier was trained, scored on nothing, and the table failed on a None chance)
+        sizes = np.bincount(y)
+        raise ValueError(f"no held-out images: the {len(classes)} kept clusters hold {sizes.min()}-{sizes.max()} "
+                         f"labelled samples each, and a held-out share of {heldout_fraction:g} takes none from a "
+                         f"cluster of fewer than {math.ceil(1 / heldout_fraction)}; give more synthetic samples (sample.n) or fewer clusters "
+                         "(surrogate.n_clusters)")
     denoiser = load_target(inputs.target["path"], device)
     sched = denoiser.scheduler
     c = dataclasses.replace(rc.classifier, eval_fraction=0.0)
@@ -84,7 +91,7 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
                       "parameters": sum(p.numel() for p in res.model.parameters())}
     return {"schema": SCHEMA, "command": command, "machine": machine_description(), "size": bc.size,
             "n_train": n_train, "replicate": replicate, "classes": len(classes), "n_labelled": int(keep.sum()),
-            "n_heldout": len(ev), "chance": float(np.bincount(y[ev]).max() / len(ev)) if len(ev) else None,
+            "n_heldout": len(ev), "chance": float(np.bincount(y[ev]).max() / len(ev)),
             "heldout_labels": len(np.unique(y[ev])),
             "classifier": cfg.to_dict(c), "signals": results, "seconds": round(time.time() - t0, 1)}
 

@@ -323,6 +323,7 @@ def signals_cmd(
     argv = ["side", "--threads", str(_threads()), "bench", "signals", "--out", str(out), "--cache", str(cache),
             "--n-train", str(n_train), "--size", str(size), "--replicate", str(replicate), "--n-synthetic",
             str(n_synthetic), "--steps", str(steps), "--signals", signals]
+    argv += ["--device", device] if device != "cpu" else []  # (the recorded command reran on the CPU)
     with stage_progress(ctx) as factory:
         data = run_signals_bench(bc, n_train, cache, replicate=replicate,
                                  signals=tuple(x.strip() for x in signals.split(",") if x.strip()), device=device,
