@@ -68,8 +68,8 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
         sizes = np.bincount(y)
         raise ValueError(f"no held-out images: the {len(classes)} kept clusters hold {sizes.min()}-{sizes.max()} "
                          f"labelled samples each, and a held-out share of {heldout_fraction:g} takes none from a "
-                         f"cluster of fewer than {math.ceil(1 / heldout_fraction)}; give more synthetic samples (sample.n) or fewer clusters "
-                         "(surrogate.n_clusters)")
+                         f"cluster of fewer than {math.ceil(1 / heldout_fraction)}; give more synthetic samples "
+                         "(sample.n) or fewer clusters (surrogate.n_clusters)")
     denoiser = load_target(inputs.target["path"], device)
     sched = denoiser.scheduler
     c = dataclasses.replace(rc.classifier, eval_fraction=0.0)
