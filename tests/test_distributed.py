@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -259,6 +260,22 @@ def test_an_error_on_one_process_reaches_every_process():
     assert "finished without an error" not in out
 
 
+def test_an_error_in_a_round_of_shards_reaches_every_process_at_once(tmp_path):
+    """Shards written in rounds ended each round at a bare barrier: process 1 failed and went to the caller's
+    check-in while the main process waited at the barrier, until the process timeout (a day by default), and
+    both then said only gloo's error. Each round now ends in a check-in that carries the error."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="40")
+    script = str(Path(__file__).parent / "dist_rounds.py")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "finished without an error" not in out
+    assert "rank 1 ValueError: diverged on process 1" in out, out[-3000:]
+    assert "rank 0 RuntimeError: another process failed: process 1: ValueError: diverged on process 1" in out
+    took = [float(m) for m in re.findall(r"after (\d+) s", out)]
+    assert len(took) == 2 and max(took) < 30, out[-3000:]  # at once, not at the process timeout
+
+
 def test_the_wait_for_the_main_process_is_bounded_by_the_configured_timeout():
     """$SIDE_PROCESS_TIMEOUT_S bounds how long a process waits at an exchange (before: torch's fixed 30 minutes,
     which ended launches whose main process worked alone or waited for a lock longer than that)."""
@@ -294,10 +311,11 @@ def test_a_process_failing_alone_ends_the_launch_at_once(mode):
 def test_a_bad_timeout_is_named():
     from side_extract.distributed import process_timeout
 
-    os.environ["SIDE_PROCESS_TIMEOUT_S"] = "soon"
     try:
-        with pytest.raises(ValueError, match="SIDE_PROCESS_TIMEOUT_S='soon' must be a positive number"):
-            process_timeout()
+        for bad in ("soon", "inf", "nan", "-1", "1e12"):  # (inf was timedelta's OverflowError on every process)
+            os.environ["SIDE_PROCESS_TIMEOUT_S"] = bad
+            with pytest.raises(ValueError, match=f"SIDE_PROCESS_TIMEOUT_S='{bad}' must be a positive number"):
+                process_timeout()
     finally:
         del os.environ["SIDE_PROCESS_TIMEOUT_S"]
     assert process_timeout().total_seconds() == 86400

@@ -73,6 +73,9 @@ def check_device(device: str) -> None:
         raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N or mps")
 
 
+MAX_TIMEOUT_S = 365 * 86400.0
+
+
 def process_timeout() -> datetime.timedelta:
     """How long a process waits for the others at one exchange: ``$SIDE_PROCESS_TIMEOUT_S`` seconds, by default
     24 hours. The others wait while the main process works alone (memorization scores, features, clustering,
@@ -83,8 +86,9 @@ def process_timeout() -> datetime.timedelta:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # (inf passed, and timedelta failed with an OverflowError on every process)
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds, at most {MAX_TIMEOUT_S:.0f} "
+                         "(a year)")
     return datetime.timedelta(seconds=seconds)
 
 

@@ -1155,7 +1155,9 @@ def write_shards(
     directory.mkdir(parents=True, exist_ok=True)
     n = rounds[-1][-1][1]
     written, first = 0, 0
-    for shards in rounds:
+
+    def write_round(shards: list[tuple[int, int]], first: int) -> int:
+        count = 0
         for k, (lo, hi) in enumerate(shards, start=first):
             p = shard_path(directory, k)
             if not group.owns(k):
@@ -1167,12 +1169,18 @@ def write_shards(
             arrays = make(lo, hi)
             assert np.array_equal(arrays["index"], np.arange(lo, hi)), "shard index range mismatch"
             atomic_save_npz(p, **arrays)
-            written += 1
+            count += 1
             if progress is not None:
                 progress(hi, n)
+        return count
+
+    for shards in rounds:
+        # with several rounds, each ends in a check-in that carries errors (a bare barrier left the others waiting
+        # there for the process timeout, a day, while the failed one waited at the caller's check-in, and its
+        # error was never said)
+        written += (group.together(lambda: write_round(shards, first)) if len(rounds) > 1
+                    else write_round(shards, first))
         first += len(shards)
-        if len(rounds) > 1:
-            group.barrier()
         end = shards[-1][1]
         if stop is not None and end < n and stop(end):
             break
