@@ -271,7 +271,7 @@ def test_an_error_in_a_round_of_shards_reaches_every_process_at_once(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "finished without an error" not in out
     assert "rank 1 ValueError: diverged on process 1" in out, out[-3000:]
-    assert "rank 0 RuntimeError: another process failed: process 1: ValueError: diverged on process 1" in out
+    assert "rank 0 PeerFailed: another process failed: process 1: ValueError: diverged on process 1" in out
     took = [float(m) for m in re.findall(r"after (\d+) s", out)]
     assert len(took) == 2 and max(took) < 30, out[-3000:]  # at once, not at the process timeout
 
@@ -388,6 +388,23 @@ def test_a_launch_says_a_usage_error_once_before_it_starts_and_its_errors_withou
     said = missing.stdout + missing.stderr
     assert missing.returncode == 2 and f"model '{tmp_path / 'nope'}'" in said and "is not a directory" in said, said
     assert "Traceback" not in said and "ChildFailedError" not in said and not (tmp_path / "out").exists()
+
+
+def test_an_error_the_main_process_meets_alone_is_said_once_with_status_2(tmp_path, tiny_model_dir):
+    """A refusal only the main process meets (a finished extraction made with other settings) reached the other
+    process as a bare RuntimeError: a 45-line traceback beside the one error line. It now leaves without words of its
+    own, and the launch says the error once, status 2."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    side = [sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress"]
+    for steps, nproc in ((2, 1), (3, 2)):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "extract": {
+            "methods": ["uncond"], "n": 4, "steps": steps}}))
+        r = subprocess.run([*side, "--processes", str(nproc), "extract", "--config", str(tmp_path / "c.yaml"), "--run",
+                            str(tmp_path / "run"), "--no-evaluate"], capture_output=True, text=True, env=env, timeout=300)
+    said = r.stdout + r.stderr
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "changed: extract.steps 2 -> 3" in errors[0], said
+    assert "Traceback" not in said and "RuntimeError" not in said, said
 
 
 def test_only_the_main_process_checks_the_run_folder_it_is_writing(tmp_path):

@@ -74,6 +74,13 @@ def check_device(device: str) -> None:
 
 
 MAX_TIMEOUT_S = 365 * 86400.0
+PEER_FAILED_STATUS = 3  # the exit status of a process that stops because another process of its launch failed
+
+
+class PeerFailed(RuntimeError):
+    """Another process of the launch failed (it says why itself): raised on the processes it did not fail on, which
+    leave with :data:`PEER_FAILED_STATUS` and no words of their own (a traceback of a RuntimeError, status 1, on
+    every other process; the launcher then named whichever left first)."""
 
 
 def process_timeout() -> datetime.timedelta:
@@ -203,7 +210,7 @@ class ProcessGroup:
             return out
         error = self._broadcast(None)
         if error is not None:
-            raise RuntimeError(f"the main process failed: {error}")
+            raise PeerFailed(f"the main process failed: {error}")
         return fn()
 
     def on_main(self, fn: Callable[[], T]) -> T:
@@ -220,7 +227,7 @@ class ProcessGroup:
             return value
         status, value = self._broadcast(None)
         if status == "error":
-            raise RuntimeError(f"the main process failed: {value}")
+            raise PeerFailed(f"the main process failed: {value}")
         return value
 
     def gather(self, value: Any) -> list[Any]:
@@ -264,7 +271,7 @@ class ProcessGroup:
             raise mine
         failed = [e for e in errors if e]
         if failed:
-            raise RuntimeError(f"another process failed: {failed[0]}")
+            raise PeerFailed(f"another process failed: {failed[0]}")
         return value
 
     # ---------------------------------------------------------------------------------------------
@@ -423,7 +430,9 @@ def launch(nproc: int, args: list[str]) -> int:
     try:
         run(parse_args([*launch_arguments(nproc), *args]))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # the first to fail of its own (the others leave with PEER_FAILED_STATUS, or are stopped by the launcher)
+        own = sorted((f.timestamp, r) for r, f in e.failures.items() if f.exitcode != PEER_FAILED_STATUS)
+        rank, failure = (own[0][1], e.failures[own[0][1]]) if own else e.get_first_failure()
         code = failure.exitcode
         if code != 2:
             how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
@@ -436,4 +445,4 @@ def launch(nproc: int, args: list[str]) -> int:
 
 SINGLE = ProcessGroup()
 
-__all__ = ["ProcessGroup", "SINGLE", "launch", "launch_arguments", "torchrun_command", "process_timeout", "TIMEOUT_ENV"]
+__all__ = ["ProcessGroup", "PeerFailed", "PEER_FAILED_STATUS", "SINGLE", "launch", "launch_arguments", "torchrun_command", "process_timeout", "TIMEOUT_ENV"]

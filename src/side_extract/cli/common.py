@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import config as cfg
-from ..distributed import ProcessGroup, check_device, launch, leaving_on_error
+from ..distributed import PEER_FAILED_STATUS, PeerFailed, ProcessGroup, check_device, launch, leaving_on_error
 
 # soft_wrap: a message is one line however long (a path or value in it stays whole; the terminal wraps it)
 console = Console(stderr=True, emoji=False, soft_wrap=True)
@@ -40,6 +40,9 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             leaving_on_error(2)
             raise typer.Exit(2) from None
+        except PeerFailed:  # another process of the launch failed and said why: no second account, no traceback
+            leaving_on_error(PEER_FAILED_STATUS)
+            raise typer.Exit(PEER_FAILED_STATUS) from None
         except OSError as e:
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             console.print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}", highlight=False,
