@@ -400,7 +400,8 @@ def test_an_error_the_main_process_meets_alone_is_said_once_with_status_2(tmp_pa
         (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "extract": {
             "methods": ["uncond"], "n": 4, "steps": steps}}))
         r = subprocess.run([*side, "--processes", str(nproc), "extract", "--config", str(tmp_path / "c.yaml"), "--run",
-                            str(tmp_path / "run"), "--no-evaluate"], capture_output=True, text=True, env=env, timeout=300)
+                            str(tmp_path / "run"), "--no-evaluate"], capture_output=True, text=True, env=env,
+                           timeout=300)
     said = r.stdout + r.stderr
     errors = [line for line in said.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "changed: extract.steps 2 -> 3" in errors[0], said

@@ -445,4 +445,5 @@ def launch(nproc: int, args: list[str]) -> int:
 
 SINGLE = ProcessGroup()
 
-__all__ = ["ProcessGroup", "PeerFailed", "PEER_FAILED_STATUS", "SINGLE", "launch", "launch_arguments", "torchrun_command", "process_timeout", "TIMEOUT_ENV"]
+__all__ = ["ProcessGroup", "PeerFailed", "PEER_FAILED_STATUS", "SINGLE", "launch", "launch_arguments", "torchrun_command",
+           "process_timeout", "TIMEOUT_ENV"]
