@@ -35,7 +35,7 @@ from .findings import SYNTHETIC, Findings, collect
 from .evaluation import incomparable
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
-                   evaluated_synthetic, fingerprint_of, read_json, read_stages, run_lock, settings_changed)
+                   evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_stages, run_lock, settings_changed)
 from .sweeps import current_sweeps, run_with_sweeps
 
 log = logging.getLogger(__name__)
@@ -300,10 +300,11 @@ class Audit:
             if json.dumps(now, sort_keys=True) != json.dumps(result.raw, sort_keys=True):
                 raise ValueError(f"{method}'s evaluation in {self.run} was made again (or removed) since this Audit "
                                  "was read: read the run again with Audit.load(run)")
-        with np.load(evaluated / "per_generation.npz", allow_pickle=False) as z:
-            gid, tidx, tid = z["generation_id"], z["nearest_train_index"], z["nearest_train_id"]
-            sim, bands = z["similarity"].astype(float), z["band"].astype(str)
-            target = z["target_label"] if "target_label" in z.files else np.full(len(gid), -1)
+        z = npz_arrays(evaluated / "per_generation.npz", "generation_id", "nearest_train_index", "nearest_train_id",
+                       "similarity", "band", optional=("target_label",))  # (a damaged one: zipfile's bare error)
+        gid, tidx, tid = z["generation_id"], z["nearest_train_index"], z["nearest_train_id"]
+        sim, bands = z["similarity"].astype(float), z["band"].astype(str)
+        target = z.get("target_label", np.full(len(gid), -1))
         order = np.argsort(-sim if result.orientation == "similarity" else sim, kind="stable")
         if band is not None:
             if band not in result.bands:

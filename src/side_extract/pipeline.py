@@ -615,9 +615,16 @@ def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: 
 
 
 def measured(out: Path) -> bool:
-    """Whether :func:`measure_into` left its files in ``out`` (a skipped stage whose files were deleted is redone:
-    a reader needs both)."""
-    return (out / "metrics.json").is_file() and (out / "per_generation.npz").is_file()
+    """Whether :func:`measure_into` left its files in ``out``, readable (a skipped stage whose files were deleted or
+    damaged since is redone: a reader needs both; a file cut short blocked every later run, --force included)."""
+    try:
+        read_json(out / "metrics.json", dict)
+    except (OSError, ValueError):
+        return False
+    if read_npz(out / "per_generation.npz", "similarity", "nearest_train_id") is None:
+        log.warning("%s does not read (cut short or damaged since): measured again", out / "per_generation.npz")
+        return False
+    return True
 
 
 def measure_into(ctx: AuditContext, name: str, generated: ImageSet, train: ImageSet, c: cfg.EvaluateConfig,

@@ -113,6 +113,16 @@ def read_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray] | None:
         return None
 
 
+def shard_opens(path: Path) -> bool:
+    """Whether an npz opens with ``images`` and ``index`` among its arrays: its zip directory, at the file's end, is
+    read, not its arrays (a file cut short fails here; checking every shard of a finished stage stays cheap)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"images", "index"} <= set(z.files)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
+
+
 def npz_arrays(path: str | Path, *keys: str, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (default: all) of ``path``, and those of ``optional`` that it holds; a missing, damaged or
     incomplete file is one error that names it (zipfile's bare BadZipFile, naming none, ended the report). Never
@@ -1247,6 +1257,13 @@ def shard_stage(
         n_shards = sum(1 for rnd in rounds for _, hi in rnd if stopped_at is None or hi <= stopped_at)
         if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
             log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
+            decision = run.reopen(stage)
+        if decision == "skip" and (cut := [k for k in range(n_shards) if not shard_opens(shard_path(directory, k))]):
+            # (a shard cut short since failed every later run, --force included, with "remake it")
+            log.warning("stage %s: marked complete but shard(s) %s do not read (cut short or damaged since); writing "
+                        "them again", stage, ", ".join(map(str, cut)))
+            for k in cut:
+                shard_path(directory, k).unlink()
             decision = run.reopen(stage)
     decision = group.share(decision)
     if decision != "skip":
