@@ -852,6 +852,20 @@ def test_a_side_run_of_relative_paths_survives_a_chdir(tmp_path, one_thread, mon
     assert len(a.pairs("uncond", top=1)) == 1 and a.verify("uncond", top=1)[0].equal
 
 
+def test_verify_refuses_indices_that_are_not_integers_as_regenerate_does(tmp_path, one_thread):
+    """verify() turned its indices to int before regenerate's check: 1.7 was verified as generation 1, "3" as 3."""
+    digits = side_extract.load_image_set("digits:30")
+    a = side_extract.audit(tiny_unet(), digits.images, scheduler=tiny_scheduler(), config=SMALL,
+                           out=tmp_path / "run", methods=["uncond"])
+    model = dict(model=tiny_unet(), scheduler=tiny_scheduler())
+    for bad in ([1.7], ["3"]):
+        for call in (a.verify, a.regenerate):
+            with pytest.raises(ValueError, match=r"must be integers \(generation numbers\)"):
+                call("uncond", bad, **model)
+    assert [v.generation_id for v in a.verify("uncond", 2, **model)] == [2]
+    assert a.verify("uncond", np.array([1]), **model)[0].equal
+
+
 def test_the_audits_methods_check_their_device_and_their_arguments(tmp_path, one_thread):
     """regenerate/verify/verify_conditions and as_target gave torch's own errors for device='gpu' (verify after
     loading the training set); verify(top=None), which its error offered, was a TypeError; verify_conditions of a

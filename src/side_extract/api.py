@@ -354,10 +354,7 @@ class Audit:
             raise ValueError(f"method={method!r} is not one of this run's methods ({', '.join(ex.methods)})" + (
                 "; its extraction, made before each stage kept its config, cannot be rebuilt from the run's "
                 "config.yaml" if stage.is_dir() else ""))
-        idx = np.asarray(indices).reshape(-1)
-        if len(idx) and not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(f"indices={idx.tolist()[:8]} must be integers (generation numbers), got {idx.dtype}")
-        idx = idx.astype(np.int64)
+        idx = _integer_indices(indices)
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= ex.n:
             raise ValueError(f"indices={idx.tolist()[:8]} must be a non-empty list of generations in 0 .. {ex.n - 1}")
         stages = read_stages(self.run)
@@ -423,7 +420,7 @@ class Audit:
             if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1:
                 raise ValueError(f"top={top!r} must be a positive integer (the closest generations to verify)")
             indices = [p.generation_id for p in self.pairs(method, top=top)]
-        ids = [int(i) for i in indices]
+        ids = _integer_indices(indices).tolist()  # (1.7 was verified as generation 1, "3" as 3; 5 a TypeError)
         again = self.regenerate(method, ids, model=model, scheduler=scheduler, sample_shape=sample_shape,
                                 device=device, model_id=model_id)
         stored = load_shards(self.run / "extraction" / method)
@@ -563,6 +560,14 @@ def audit(
             raise ValueError(text) from None
         raise
     return Audit.load(out)
+
+
+def _integer_indices(indices: Any) -> np.ndarray:
+    """Generation numbers as int64, refused unless integers."""
+    idx = np.asarray(indices).reshape(-1)
+    if len(idx) and not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"indices={idx.tolist()[:8]} must be integers (generation numbers), got {idx.dtype}")
+    return idx.astype(np.int64)
 
 
 __all__ = ["audit", "Audit", "MethodResult", "BandResult", "ExtractedPair", "Verification", "as_target", "run_target",
