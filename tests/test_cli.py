@@ -265,6 +265,17 @@ def test_extract_says_when_it_cannot_evaluate(tiny_model_dir, tmp_path):
     assert "not evaluated: the run has no training set" in r.output
 
 
+def test_run_says_when_it_cannot_evaluate_and_still_writes_its_report(tiny_model_dir, tmp_path):
+    """`side run` on a config without a training set skipped evaluation and the report (on by default) without a
+    word, exit 0."""
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\nextract: {{methods: [uncond], n: 2, steps: 2}}\n")
+    r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", str(tmp_path / "r")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "not evaluated: the run has no training set" in r.output
+    assert (tmp_path / "r" / "report" / "report.html").is_file() and "report: " in r.output
+
+
 HEAVY = ("torch", "diffusers", "matplotlib", "sklearn", "peft")
 
 

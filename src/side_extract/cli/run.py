@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..pipeline import Until
 
 E = cfg.ExtractConfig()
+NOT_EVALUATED = "not evaluated: the run has no training set (set train, e.g. train: digits:100, in its config file)"
 
 
 def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
@@ -150,7 +151,9 @@ def run_cmd(
         return  # in a launch of several processes the main one sums up and writes the report, once
     print_summary(metrics)
     print_findings(out)
-    if report and metrics:
+    if rc.train is None:  # (evaluation and report were skipped without a word, exit 0)
+        console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
+    if report:  # (the report of a run without a training set shows its extractions)
         from ..report import write_report
 
         console.print(f"report: {write_report(out)}")
@@ -249,6 +252,5 @@ def extract_cmd(
         print_findings(run)
     console.print(f"extractions in {run / 'extraction'}")
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
-        console.print("not evaluated: the run has no training set (set train, e.g. train: digits:100, in a --config "
-                      "file)", highlight=False, soft_wrap=True)
+        console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
     say_note(note)
