@@ -81,6 +81,18 @@ def test_unseen_mass_by_hand():
     assert unseen_mass(np.array([], dtype=np.int64)) == 1.0
 
 
+def test_float_images_are_refused_not_all_linked():
+    """Float images in [0, 1] fell under a limit computed in grey levels: six random images 0.4 RMS apart were one
+    image, and stop_after stopped a method that had never repeated itself."""
+    from side_extract.allocation import stop_after
+
+    u8 = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1)).astype(np.uint8)
+    assert near_duplicate_groups(u8, 0.05).tolist() == [0, 1, 2, 3, 4, 5]
+    for call in (lambda: near_duplicate_groups(u8 / 255.0, 0.05), lambda: stop_after(u8 / 255.0, 0.05, 0.1)):
+        with pytest.raises(ValueError, match="images must be uint8 .* got float64"):
+            call()
+
+
 def test_budget_moves_to_classes_still_producing_new_images():
     same = np.concatenate([_img(100)] * 10)  # class 0: one memorized image, ten times
     distinct = np.concatenate([_img(v) for v in range(0, 250, 25)])  # class 1: ten different images

@@ -7,7 +7,7 @@ round moves the budget toward the classes that are still producing *new* images,
 training data:
 
 1. for each class, group the generations targeted at it so far into near-duplicates: two generations are the
-   same image when their pixel RMS distance (images in [0, 1]) is below ``extract.dedup_threshold``
+   same image when their pixel RMS distance (uint8 levels / 255, in [0, 1]) is below ``extract.dedup_threshold``
    (connected components, so a chain of near-copies is one image);
 2. estimate the class's unseen mass with Good-Turing: U_k = (f1_k + 1) / (n_k + 1), f1_k the images seen
    exactly once among its n_k generations (add-one, so a class with no generations yet has U = 1 and one
@@ -33,12 +33,17 @@ from sklearn.metrics import pairwise_distances_chunked
 
 
 def near_duplicate_groups(images: np.ndarray, threshold: float, working_memory_mb: int = 64) -> np.ndarray:
-    """Component id (n,) of each image: linked when their pixel RMS distance in [0, 1] is < ``threshold``.
+    """Component id (n,) of each uint8 image (n, ...): linked when their pixel RMS distance, in [0, 1] (levels / 255),
+    is < ``threshold``.
 
     The distances are computed a block of rows at a time (about ``working_memory_mb`` each) and only the links
     are kept, so memory grows with the number of near-duplicate pairs, not with n^2. They are squared distances in
     grey levels, exact integers in float64, so a pair exactly at the threshold (possible with uint8 images: one
     pixel 102 levels apart in 8x8 is RMS 0.05) is not linked, whatever the rounding."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:  # (float images in [0, 1] fell under a limit in grey levels: all one image)
+        raise ValueError(f"images must be uint8 (grey levels 0..255, as side-extract's image sets hold them), got "
+                         f"{images.dtype}")
     n = len(images)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -67,7 +72,7 @@ def unseen_mass(groups: np.ndarray) -> float:
 
 
 def stop_after(images: np.ndarray, threshold: float, stop_unseen: float) -> tuple[bool, float]:
-    """Dedup-driven stopping: whether a method whose generations so far are ``images`` stops (their pooled
+    """Dedup-driven stopping: whether a method whose generations so far are ``images`` (uint8) stops (their pooled
     :func:`unseen_mass`, near-duplicates below ``threshold`` grouped, is below ``stop_unseen``), and that mass."""
     u = unseen_mass(near_duplicate_groups(images, threshold))
     return u < stop_unseen, u
