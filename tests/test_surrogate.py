@@ -125,6 +125,14 @@ def test_filter_advice_names_the_setting_that_keeps_enough_clusters():
     assert "set surrogate.tau <= 0.900" in filter_advice(sizes, np.array([0.9, np.nan, 0.95]), 0.95, 10, keep=1)
 
 
+def test_filter_advice_on_collapsed_features_advises_no_impossible_setting():
+    """Features all pointing one way leave one full cluster and the rest empty: the advice for 2 classes was
+    "set surrogate.min_size <= 0", which the config refuses and which would keep no more."""
+    lab = ClusterLabeler(n_clusters=3, tau=0.5, min_size=2, n_init=1).fit(np.tile([[1.0, 2.0, 3.0]], (10, 1)))
+    said = filter_advice(lab.sizes_, lab.cohesion_, 0.5, 2, keep=2)
+    assert "only 1 of the 3 clusters hold any image" in said and "min_size <=" not in said, said
+
+
 def test_filter_advice_rounds_tau_down_so_following_it_keeps_a_cluster():
     """A best cohesion of 0.98352 was advised as "tau <= 0.984" (rounded up): that tau keeps none of the clusters again
     (a review's find). The advised tau is now rounded down, and following it on real clusters keeps one."""

@@ -158,6 +158,11 @@ def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size:
     clusters (``sizes``, ``cohesion`` per cluster; NaN for an empty one), and the setting that would keep
     ``keep``: "the size filter (...): set surrogate.min_size <= ..." or "the cohesion filter (...): ..."."""
     big = sizes >= min_size
+    if (sizes > 0).sum() < keep:  # (advised min_size <= 0, which the config refuses and which keeps nothing more)
+        return (f"K-means: only {(sizes > 0).sum()} of the {len(sizes)} clusters hold any image (the synthetic set's "
+                "features collapse onto so few directions: a collapsed synthetic set?): no filter setting keeps "
+                + ("some" if keep == 1 else str(keep)) + "; sample a more varied synthetic set or use another feature "
+                "extractor")
     if big.sum() < keep:  # the size filter alone leaves too few: the advice is about min_size, not tau
         largest = int(np.sort(sizes)[::-1][min(keep, len(sizes)) - 1])
         return (f"the size filter (min_size={min_size}; the largest has {sizes.max()} images"
