@@ -834,3 +834,24 @@ def test_a_synthetic_evaluation_the_run_no_longer_stands_for_is_named(tiny_model
     assert "synthetic" not in data["audit_summary"]["findings"]["generations"]
     assert any(n.startswith("synthetic-evaluation/ left out of the findings: unfinished, or made from a synthetic "
                             "set the run no longer holds") for n in data["notes"])
+
+
+def test_the_browser_check_names_bad_paths_and_a_hung_browser(tmp_path):
+    """scripts/check_report_chromium.py: a screenshot folder that does not exist was blamed on the report (exit 1);
+    a folder as --out was an IsADirectoryError traceback; a browser that hangs was subprocess's TimeoutExpired, not
+    the documented ValueError (exit 2). None of these needs a real Chromium."""
+    from side_extract.report_browser import check_report
+
+    html = tmp_path / "report.html"
+    html.write_text("<!DOCTYPE html><html><head><title>x</title></head><body><table></table></body></html>")
+    with pytest.raises(ValueError, match="its folder .*nodir' does not exist"):
+        check_report(html, screenshot=tmp_path / "nodir" / "shot.png", chromium="sh")
+    with pytest.raises(ValueError, match="is a directory; give a file path"):
+        check_report(html, screenshot=tmp_path, chromium="sh")
+    with pytest.raises(ValueError, match="is a directory, not a report.html"):
+        check_report(tmp_path, chromium="sh")
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nsleep 30\n")
+    hang.chmod(0o755)
+    with pytest.raises(ValueError, match=r"did not finish within 1 s"):
+        check_report(html, chromium=str(hang), timeout=1)

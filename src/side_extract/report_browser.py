@@ -97,8 +97,13 @@ def blank_reason(png: Path) -> str | None:
 
 def _run(chromium: str, args: list[str], url: str, timeout: float) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="side-report-chromium-") as profile:
-        return subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", *args, url], capture_output=True,
-                              text=True, timeout=timeout)
+        try:
+            return subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", *args, url], capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:  # (a bare TimeoutExpired, not the documented ValueError)
+            raise ValueError(f"chromium ({chromium}) did not finish within {timeout:g} s") from None
+        except OSError as e:  # (not executable, not a program)
+            raise ValueError(f"chromium ({chromium}) could not be started: {e}") from None
 
 
 def check_report(html: str | Path, *, chromium: str | None = None, screenshot: str | Path | None = None,
@@ -109,10 +114,18 @@ def check_report(html: str | Path, *, chromium: str | None = None, screenshot: s
     """
     html = Path(html)
     if not html.is_file():
-        raise ValueError(f"report {str(html)!r} does not exist")
+        raise ValueError(f"report {str(html)!r} " + ("is a directory, not a report.html" if html.is_dir()
+                                                    else "does not exist"))
+    shot = Path(screenshot) if screenshot is not None else html.with_name("report-chromium.png")
+    if shot.is_dir() or not shot.parent.is_dir():  # (chromium wrote nothing, blamed on the report; a folder was
+        # IsADirectoryError)
+        raise ValueError(f"screenshot {str(shot)!r}: " + ("is a directory; give a file path such as shot.png"
+                                                          if shot.is_dir() else f"its folder {str(shot.parent)!r} "
+                                                          "does not exist"))
     exe = find_chromium(chromium)
     if exe is None:
-        raise ValueError("chromium not found; install it with: apt-get install -y chromium")
+        raise ValueError(f"chromium {chromium!r} not found" if chromium else
+                         "chromium not found; install it with: apt-get install -y chromium")
     text = html.read_text()
     external = sorted(set(m.group(0) for m in EXTERNAL.finditer(text)))
     with tempfile.TemporaryDirectory(prefix="side-report-probe-") as tmp:
@@ -123,7 +136,6 @@ def check_report(html: str | Path, *, chromium: str | None = None, screenshot: s
     if m is None:
         raise ValueError(f"chromium printed no probe result (exit {r.returncode}); stderr tail:\n{r.stderr[-1500:]}")
     found = json.loads(m.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
-    shot = Path(screenshot) if screenshot is not None else html.with_name("report-chromium.png")
     shot.unlink(missing_ok=True)
     _run(exe, [f"--screenshot={shot}", f"--window-size={window_size}"], html.resolve().as_uri(), timeout)
     return BrowserCheck(exe, found["errors"], found["images"], found["broken"], found["no_alt"], found["tables"],
