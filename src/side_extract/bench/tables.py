@@ -264,6 +264,10 @@ def render_scale_markdown(data: dict[str, Any]) -> str:
         for name in dict.fromkeys(r["model"] for r in cost):
             rows = [r for r in cost if r["model"] == name]
             here = sum(r["cpu_s"] or 0 for r in rows)
-            lines += ["", f"{name}: total here {_duration(here)}; 1 GPU {_duration(sum(r['gpu1_s'] for r in rows))}, "
+            unmeasured = [r["stage"] for r in rows if r["cpu_s"] is None]  # (left out of the sum without a word,
+            # where the GPU totals on the same line include them)
+            lines += ["", f"{name}: total here {_duration(here)}"
+                      + (f" (without {', '.join(unmeasured)}: not measured here at this size)" if unmeasured else "")
+                      + f"; 1 GPU {_duration(sum(r['gpu1_s'] for r in rows))}, "
                       f"8 GPUs {_duration(sum(r['gpu8_s'] for r in rows))} (projected)."]
     return "\n".join(lines) + "\n"
