@@ -1216,3 +1216,23 @@ def test_held_out_images_that_are_all_training_images_are_refused_from_python_to
         with pytest.raises(ValueError, match=r"held-out images \(digits:30\): every one of its 30 images is a "
                                              r"training"):
             call()
+
+
+def test_the_settings_fingerprint_reads_only_the_settings_that_name_files(tmp_path, monkeypatch):
+    """Every string of the config was read as a path: with `model: demo` beside `--out demo` the run directory hashed
+    itself (its manifest changes during the run), so a rerun of an interrupted --force run was not recognised and
+    was refused; a folder named like a method (side) did the same. A training set rewritten under its name still
+    counts."""
+    from side_extract.models.target import EMBEDDED_TARGETS
+    from side_extract.runs import settings_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.npz").write_bytes(b"a")
+    rc = cfg.RunConfig(model="demo", train="train.npz")
+    before = settings_fingerprint(rc, names=EMBEDDED_TARGETS)
+    for folder in ("demo", "side", "ddim"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "manifest.json").write_text("{}")
+    assert settings_fingerprint(rc, names=EMBEDDED_TARGETS) == before
+    (tmp_path / "train.npz").write_bytes(b"b")
+    assert settings_fingerprint(rc, names=EMBEDDED_TARGETS) != before

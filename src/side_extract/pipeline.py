@@ -998,7 +998,8 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         config = run.path / "config.yaml"
         before = config.read_text() if group.main and config.is_file() else None
         model_before = run.model_entry() if group.main else None
-        settings = (settings_fingerprint(rc, target.fingerprint), UNTIL.index(until))  # files by their contents
+        settings = (settings_fingerprint(rc, target.fingerprint, names=EMBEDDED_TARGETS),  # files by their contents
+                    UNTIL.index(until))
         if group.main and replace:
             run.mark_replacing(*settings)  # kept should this call not finish: a rerun then finishes its work
         elif group.main and run.resumes_replacing(*settings):

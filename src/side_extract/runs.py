@@ -469,34 +469,37 @@ def stage_fingerprint(kind: str, *parts: Any) -> str:
     return fingerprint_of({"stage": kind, "version": STAGE_VERSIONS[kind]}, *parts)
 
 
-def settings_fingerprint(config: Any, *parts: Any) -> str:
-    """A run config's fingerprint that follows the files it names: every string value that is an existing file
-    counts by its bytes, a directory by its files' names, sizes and modification times (a training set or bands
-    file rewritten under the same path is other settings)."""
+# the settings that may name a file or folder (a torchscript extractor by its path after the prefix)
+FILE_KEYS = ("model", "train", "evaluate.heldout", "evaluate.bands_file", "evaluate.similarity", "evaluate.quality",
+             "features.extractor")
+
+
+def settings_fingerprint(config: Any, *parts: Any, names: tuple[str, ...] = ()) -> str:
+    """A run config's fingerprint that follows the files it names: each value of :data:`FILE_KEYS` that is an
+    existing file counts by its bytes, a directory by its files' names, sizes and modification times (a training set
+    or bands file rewritten under the same path is other settings). ``names``: values that name no file whatever
+    the folder holds (an embedded target's name). Only those keys are read as paths: every string was, so a folder
+    named like a value (``model: demo`` beside ``--out demo``, a folder named ``side``) was hashed, the run's own
+    among them, and an interrupted run was not recognised by its rerun."""
     named: dict[str, str] = {}
-
-    def visit(v: Any) -> None:
-        if isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-        elif isinstance(v, str) and v and len(v) < 4096:
-            for spec in dict.fromkeys((v, v.rsplit(":", 1)[-1])):  # a path, or one after a prefix (torchscript:PATH)
-                p = Path(spec)
-                try:
-                    if p.is_file():
-                        named[spec] = file_fingerprint(p)
-                    elif p.is_dir():
-                        files = sorted(f for f in p.rglob("*") if f.is_file())
-                        named[spec] = fingerprint_of([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                                                      for f in files])
-                except OSError:
-                    pass
-
     d = cfg.keyed_dict(config) if dataclasses.is_dataclass(config) else config
-    visit(d)
+    for key, value in cfg.nested_to_dotted(d).items():
+        if key not in FILE_KEYS:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(v, str) or not v or len(v) >= 4096 or v in names:
+                continue
+            spec = v.split("torchscript:", 1)[1] if "torchscript:" in v else v
+            p = Path(spec)
+            try:
+                if p.is_file():
+                    named[spec] = file_fingerprint(p)
+                elif p.is_dir():
+                    files = sorted(f for f in p.rglob("*") if f.is_file())
+                    named[spec] = fingerprint_of([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                                                  for f in files])
+            except OSError:
+                pass
     return fingerprint_of(d, named, *parts)
 
 
