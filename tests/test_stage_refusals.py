@@ -2,6 +2,7 @@
 ``--force``): refusals said before any work, named, and never for settings nothing reads (faults an independent review
 of the pipeline's orchestration found, each reproduced on the code before these fixes)."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -217,3 +218,28 @@ def test_resuming_a_finished_run_hashes_the_training_set_once(tiny_model_dir, tm
     monkeypatch.setattr(ImageSet, "fingerprint", lambda self: calls.append(len(self)) or real(self))
     run_audit(run, rc)
     assert calls.count(30) == 1, calls  # (the 30 training digits; the held-out ones once too)
+
+
+def test_k_under_select_k_keys_no_stage(tiny_model_dir, tmp_path):
+    """With surrogate.select_k the run warns that n_clusters changes nothing, yet it keyed the surrogate stage:
+    changing it redid the labels, the classifier and every extraction (--force), or refused them. A run made under
+    the earlier rule keeps its key (nothing it holds is redone)."""
+    from side_extract.pipeline import stage_fingerprint, surrogate_settings
+
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    rc = dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(n_clusters=4, tau=-1.0, n_init=1, select_k=(2, 3)))
+    run = tmp_path / "run"
+    run_audit(run, rc, until="surrogate")
+    other = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, n_clusters=5))
+    assert "surrogate.n_clusters=5 (surrogate.select_k picks K by silhouette)" in cfg.inert_settings(other)
+    before = read_json(run / "manifest.json")["stages"]["surrogate"]
+    run_audit(run, other, until="surrogate", replace=False)  # (it was StageWouldBeReplaced)
+    assert read_json(run / "manifest.json")["stages"]["surrogate"] == before
+    # an entry keyed by the earlier rule (K in the key) stands, under its own key
+    m = read_json(run / "manifest.json")
+    inputs = list(m["stages"]["surrogate"]["inputs"].values())
+    old = stage_fingerprint("surrogate", surrogate_settings(other.surrogate, legacy=True), *inputs)
+    m["stages"]["surrogate"]["fingerprint"] = old
+    (run / "manifest.json").write_text(json.dumps(m))
+    run_audit(run, other, until="surrogate", replace=False)
+    assert read_json(run / "manifest.json")["stages"]["surrogate"]["fingerprint"] == old

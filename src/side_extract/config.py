@@ -701,6 +701,8 @@ def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
         keys, why = ("eta", "clip_eps"), "DDIM's; sample.scheduler is ddpm"
     elif isinstance(c, ExtractConfig) and c.scheduler == "ddpm":
         keys, why = ("eta",), "DDIM's; extract.scheduler is ddpm"
+    elif isinstance(c, SurrogateConfig) and c.select_k:
+        keys, why = ("n_clusters",), "surrogate.select_k picks K by silhouette"
     elif isinstance(c, LoraConfig) and c.rank == "full":
         keys, why = ("alpha", "target_modules"), "LoRA's; lora.rank is full: every weight trains"
     elif isinstance(c, FeaturesConfig) and c.extractor.split(":", 1)[0] in ("pixels", "pixels-pca"):
@@ -819,8 +821,8 @@ def inert_keys(rc: RunConfig) -> dict[str, str]:
         if "cond" not in methods:
             changed("clean_classifier", rc.clean_classifier,
                     {"guidance_input": "Cond's guidance; side-teacher's teacher reads the clean classifier as it is"})
-    if {"side", "side-lora"} & methods and rc.surrogate.select_k:
-        changed("surrogate", rc.surrogate, {"n_clusters": "surrogate.select_k picks K by silhouette"})
+    if {"side", "side-lora"} & methods:
+        changed("surrogate", rc.surrogate, unread_keys(rc.surrogate))
     if {"side", "side-teacher"} & methods:
         changed("classifier", rc.classifier, unread_keys(rc.classifier))
     if {"side", "side-lora"} & methods:  # (side-teacher's labels are a classifier's, not the features')

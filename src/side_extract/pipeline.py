@@ -142,11 +142,13 @@ def memorization_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray | N
     return _stage_npz(path, "scores")
 
 
-def surrogate_settings(c: cfg.SurrogateConfig) -> dict:
-    """What the surrogate labels depend on: every clustering setting, and the memorization-aware ones only when
-    that option is on (``memorized_fraction`` < 1), so the paper's labels keep the fingerprint they had before
-    the option existed and no cached run is redone."""
-    d = cfg.to_dict(cfg.at_defaults(c, ["teacher_min_confidence"]))  # (the teacher's stage reads it)
+def surrogate_settings(c: cfg.SurrogateConfig, *, legacy: bool = False) -> dict:
+    """What the surrogate labels depend on: every clustering setting it reads (not K under ``select_k``, which picks
+    K; ``legacy``: as session 48's rule keyed it, with K), and the memorization-aware ones only when that option is
+    on (``memorized_fraction`` < 1), so the paper's labels keep the fingerprint they had before the option existed
+    and no cached run is redone."""
+    unread = [] if legacy else list(cfg.unread_keys(c))
+    d = cfg.to_dict(cfg.at_defaults(c, ["teacher_min_confidence", *unread]))  # (the teacher's stage reads it)
     if c.memorized_fraction >= 1.0:
         for k in ("memorized_fraction", "memorization_t", "memorization_draws"):
             d.pop(k)
@@ -165,6 +167,9 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
                          f"{'asks for them' if scores is None else 'is 1 (the paper labels every sample)'}")
     inputs = {k: ctx.fp[k] for k in ("features", *(["memorization"] if scores is not None else []))}
     fp = stage_fingerprint("surrogate", surrogate_settings(c), *inputs.values())
+    legacy = stage_fingerprint("surrogate", surrogate_settings(c, legacy=True), *inputs.values())
+    if (ctx.run.stage_entry("surrogate") or {}).get("fingerprint") == legacy:  # made under the earlier rule: it
+        fp = legacy  # keeps its key, and every stage made from it stands
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
     if ctx.run.begin("surrogate", fp, inputs=inputs) != "skip" or _damaged(path, "labels") or not (
