@@ -429,3 +429,30 @@ def test_the_recorded_null_is_the_one_the_bands_came_from(caplog):
     edges = sorted(b.hi for b in ev.bands)
     assert ev.null["n"] == 200 and ev.null["copies_left_out"] == 20
     assert sorted(ev.null["quantiles"].values()) == pytest.approx(edges)
+
+
+def test_a_ratio_exactly_on_its_threshold_is_decided_exactly():
+    """Gu's d1 / d2 exactly 1/3 and Carlini's ratio exactly 1 (one pixel 7 and 21 levels off: squared sums 49 and
+    441) came out 0.33333333333333326 and 0.9999999999999999 from the square-rooted floats, so the strict tests
+    counted the generation memorized and extracted (5 of 209 such ties in a review's sweep). The exact squared sums
+    decide now: neither."""
+    from side_extract.metrics import carlini_from_neighbors
+    from side_extract.neighbors import NearestNeighborIndex
+
+    g = np.full((1, 3, 3, 3), 100, np.uint8)
+    g[0, 0, 0, 0] = 248
+    t = np.full((2, 3, 3, 3), 100, np.uint8)
+    t[0, 0, 0, 0], t[1, 0, 0, 0] = 255, 227
+    carlini, gu = pixel_ratios(ImageSet(g), ImageSet(t), n=2)
+    assert gu.ratio[0] == pytest.approx(1 / 3) and gu.memorized_fraction == 0.0
+    assert carlini.ratio[0] == 1.0 and carlini.extracted_fraction == 0.0
+    # the reference centering: train 0's nearest other training image is train 1 (28 levels off): ratio
+    # 7 / (0.25 * 28) = 1 exactly
+    index = NearestNeighborIndex("rms-l2").fit(t.reshape(2, -1))
+    nb = index.kneighbors(g.reshape(1, -1), 2)
+    ref = carlini_from_neighbors(nb, index, alpha=0.25, n=1, centering="reference")
+    assert ref.ratio[0] == 1.0 and ref.extracted_fraction == 0.0
+    # just below each threshold still counts (one level closer: 6 / 21 < 1/3, 6 / (0.5 * 27) < 1)
+    g[0, 0, 0, 0] = 249
+    carlini, gu = pixel_ratios(ImageSet(g), ImageSet(t), n=2)
+    assert gu.memorized_fraction == 1.0 and carlini.extracted_fraction == 1.0

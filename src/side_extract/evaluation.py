@@ -310,7 +310,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         pix_nb = pix_index.kneighbors(pixel_rows(generated.images), k_pix)
     carlini = carlini_from_neighbors(pix_nb, pix_index, alpha=c.carlini_alpha, n=c.carlini_n,
                                      centering=c.carlini_centering)
-    gu = gu_from_neighbors(pix_nb, c.gu_threshold)
+    gu = gu_from_neighbors(pix_nb, c.gu_threshold, scale=pix_index.integer_scale)
     # 4. table and results
     band_of = np.full(n_g, "", dtype=object)
     for b in reversed(bands):  # the first listed band wins where user bands overlap

@@ -397,6 +397,33 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(num == 0, 0.0, num / den)
 
 
+def _exact_near(r: np.ndarray, threshold: float, scores: np.ndarray, weights: tuple[float, float],
+                scale: float | None) -> np.ndarray:
+    """``r`` with each ratio within float rounding of ``threshold`` recomputed exactly: ``r_i = sqrt(S_i0) /
+    (w * mean_j sqrt(S_ij))`` over the columns of ``scores`` after the first (``weights``: (w, 0), the first
+    column left out of the mean; (w, 1), the first column in it), with S the exact integer squared sums the RMS-L2
+    distances came from (``scale``: :attr:`NearestNeighborIndex.integer_scale`; None: ``r`` as it is), in 50
+    digits, then rounded to float. The verdict ``r < threshold`` is then the one of the correctly rounded ratio: a
+    generation exactly on Gu's 1/3 or on Carlini's 1 was memorized or not by float rounding (5 of 209 such ties
+    in a review's sweep)."""
+    import decimal
+
+    if scale is None:
+        return r
+    near = np.flatnonzero((np.abs(r - threshold) <= 1e-9 * abs(threshold)) & (r > 0))
+    if len(near) == 0:
+        return r
+    r = r.copy()
+    w, first_in_mean = weights
+    with decimal.localcontext() as ctx:
+        ctx.prec = 50
+        for i in near:
+            roots = [decimal.Decimal(int(round(float(d) ** 2 * scale))).sqrt() for d in scores[i]]
+            den = roots if first_in_mean else roots[1:]
+            r[i] = float(roots[0] / (decimal.Decimal(w) * sum(den) / len(den)))
+    return r
+
+
 def carlini_n_effective(n: int, n_train: int, centering: Centering) -> int:
     """``n`` clamped to the training images available (n_train, or n_train - 1 for "reference"), warning."""
     avail = n_train - (centering == "reference")
@@ -423,20 +450,25 @@ def carlini_from_neighbors(nb: Neighbors, index: NearestNeighborIndex, *, alpha:
     if centering == "generation":
         if nb.scores.shape[1] < n_eff:
             raise ValueError(f"need {n_eff} neighbours per generation, got {nb.scores.shape[1]}")
-        mean = nb.scores[:, :n_eff].mean(1)
+        averaged, first_in_mean = nb.scores[:, :n_eff], 1
     else:
         uniq, inv = np.unique(nb.indices[:, 0], return_inverse=True)
-        ref = index.kneighbors(index.X_ref_[uniq], n_eff, exclude=uniq)
-        mean = ref.scores.mean(1)[inv]
-    r = _ratio(d1, alpha * mean)
+        averaged, first_in_mean = index.kneighbors(index.X_ref_[uniq], n_eff, exclude=uniq).scores[inv], 0
+    r = _ratio(d1, alpha * averaged.mean(1))
+    if first_in_mean:
+        r = _exact_near(r, 1.0, averaged, (alpha, 1), index.integer_scale)
+    else:  # (the reference's own neighbours: d1 first, then the n it is averaged over)
+        r = _exact_near(r, 1.0, np.concatenate([d1[:, None], averaged], 1), (alpha, 0), index.integer_scale)
     return CarliniRatio(alpha, n, n_eff, centering, float((r < 1.0).mean()), r)
 
 
-def gu_from_neighbors(nb: Neighbors, threshold: float = 1 / 3) -> GuRatio:
-    """Gu's ratio d1 / d2 from pixel RMS-L2 neighbours ``nb`` ((N_G, k >= 2))."""
+def gu_from_neighbors(nb: Neighbors, threshold: float = 1 / 3, *, scale: float | None = None) -> GuRatio:
+    """Gu's ratio d1 / d2 from pixel RMS-L2 neighbours ``nb`` ((N_G, k >= 2)); ``scale``: the index's
+    :attr:`~side_extract.neighbors.NearestNeighborIndex.integer_scale`, with which a ratio on the threshold is
+    decided exactly."""
     if nb.scores.shape[1] < 2:
         raise ValueError("Gu's ratio needs the two nearest training images (k >= 2, at least 2 training images)")
-    r = _ratio(nb.scores[:, 0], nb.scores[:, 1])
+    r = _exact_near(_ratio(nb.scores[:, 0], nb.scores[:, 1]), threshold, nb.scores[:, :2], (1.0, 0), scale)
     return GuRatio(threshold, float((r < threshold).mean()), r)
 
 
@@ -462,4 +494,5 @@ def pixel_ratios(generated: ImageSet, train: ImageSet, *, alpha: float = 0.5, n:
         raise ValueError(f"the ratios need at least 2 training images, got {len(train)}")
     index = NearestNeighborIndex("rms-l2", backend=backend, device=device).fit(pixel_rows(train.images))
     nb = index.kneighbors(pixel_rows(generated.images), max(2, carlini_n_effective(n, len(train), centering)))
-    return carlini_from_neighbors(nb, index, alpha=alpha, n=n, centering=centering), gu_from_neighbors(nb, gu_threshold)
+    return (carlini_from_neighbors(nb, index, alpha=alpha, n=n, centering=centering),
+            gu_from_neighbors(nb, gu_threshold, scale=index.integer_scale))

@@ -239,6 +239,12 @@ class NearestNeighborIndex:
         """Squared-sum -> mean squared distance in [0, 1] pixel units."""
         return (255.0**2 if self.X_ref_.dtype == np.uint8 else 1.0) * self.n_features_in_
 
+    @property
+    def integer_scale(self) -> float | None:
+        """For RMS-L2 on uint8 rows, the factor that takes a distance squared back to the exact integer sum of squared
+        level differences it was computed from (``round(d**2 * integer_scale)``); None otherwise."""
+        return self._scale() if self.metric == "rms-l2" and self.X_ref_.dtype == np.uint8 else None
+
     def _dtype(self) -> torch.dtype:
         if self.metric == "cosine" or (self.X_ref_.dtype == np.uint8 and self.n_features_in_ <= _EXACT_FLOAT32_MAX_D):
             return torch.float32
