@@ -4,6 +4,7 @@ writes."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -336,3 +337,36 @@ def test_the_synthetic_sets_measurement_is_keyed_by_what_it_reads_and_never_bloc
     assert json.loads((run / "synthetic-evaluation" / "metrics.json").read_text())["carlini"]["n"] == 4
     run_audit(run, dataclasses.replace(grown, extract=dataclasses.replace(grown.extract, n=12)), until="extraction")
     assert collect(run) is None  # side's evaluation is of 10 generations the run no longer holds
+
+
+def test_pairs_open_every_source_the_findings_name(tiny_model_dir, tmp_path):
+    """An evaluation written into the run by `side evaluate --out RUN/evaluation/synthetic` made the findings call the
+    run's own synthetic set 'synthetic-set', which Audit.pairs refused (listing 'synthetic' twice), and pairs of the
+    user's evaluation read extraction/synthetic: 'holds no shard-*.npz files'. Both open now; the user's from the
+    images it was measured on."""
+    from typer.testing import CliRunner
+
+    from side_extract.api import Audit
+    from side_extract.cli.main import app
+    from side_extract.data import load_shards
+    from side_extract.pipeline import run_audit
+    from side_extract.runs import atomic_save_npz
+
+    from test_pipeline import tiny_rc
+
+    run = tmp_path / "run"
+    rc = tiny_rc(tiny_model_dir, methods=("side",), n=4)
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    run_audit(run, rc)
+    mine = load_shards(run / "extraction" / "side")
+    atomic_save_npz(tmp_path / "mine.npz", images=mine.images[::-1].copy())
+    r = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", str(tmp_path / "mine.npz"), "--train",
+                                 "digits:30", "--out", str(run / "evaluation" / "synthetic"), "--bands",
+                                 "high=0:0.1,mid=0.1:0.15,low=0.15:0.2", "--carlini-n", "5"])
+    assert r.exit_code == 0, r.output
+    a = Audit.load(run)
+    assert {"synthetic", "synthetic-set"} <= set(collect(run).methods)
+    own = a.pairs("synthetic-set")
+    assert len(own) == len(load_shards(run / "synthetic")) and {p.method for p in own} == {"synthetic-set"}
+    theirs = a.pairs("synthetic")
+    assert len(theirs) == 4 and all(any(np.array_equal(p.generation, g) for g in mine.images) for p in theirs)

@@ -283,7 +283,11 @@ class Audit:
         measured it (a source of :meth:`findings`)."""
         if top is not None and (isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1):
             raise ValueError(f"top={top!r} must be a positive integer (or None: every pair)")
+        name = method  # (as the pairs and findings name it)
         synthetic = evaluated_synthetic(self.run) if method not in self.methods else None
+        if method == "synthetic-set" and SYNTHETIC in self.methods:  # (the findings' name for the run's own
+            synthetic = evaluated_synthetic(self.run)  # synthetic set beside an evaluation named synthetic)
+            method = SYNTHETIC if synthetic is not None else method
         if method not in self.methods and (method != SYNTHETIC or synthetic is None):
             results = [*self.methods, *([f"{SYNTHETIC} (the synthetic set)"] if synthetic else [])]
             raise ValueError(f"method={method!r} has no results in {self.run}; results: "
@@ -311,7 +315,7 @@ class Audit:
                 raise ValueError(f"band={band!r} must be one of {', '.join(result.bands)}")
             order = order[bands[order] == band]
         order = order[:int(top)] if top is not None else order
-        gen = load_shards(made)
+        gen = _generations(method, result.raw, made)
         row_of = {int(i): r for r, i in enumerate(gen.ids)}
         train = load_image_set(self.config.train, self.config.train_resize)
         measured = (result.raw.get("fingerprints") or {}).get("train")
@@ -320,7 +324,7 @@ class Audit:
                              f"train now ({self.config.train!r}: changed since, or a later call into the run named "
                              f"another): its nearest training images cannot be shown; measure it again "
                              f"(audit(..., methods=[{method!r}]))")
-        return [ExtractedPair(method, int(gid[i]), int(tid[i]), int(tidx[i]), float(sim[i]), str(bands[i]),
+        return [ExtractedPair(name, int(gid[i]), int(tid[i]), int(tidx[i]), float(sim[i]), str(bands[i]),
                               gen.images[row_of[int(gid[i])]], train.images[int(tidx[i])],
                               None if target[i] < 0 else int(target[i])) for i in order]
 
@@ -560,6 +564,24 @@ def audit(
             raise ValueError(text) from None
         raise
     return Audit.load(out)
+
+
+def _generations(method: str, metrics: dict[str, Any], made: Path) -> ImageSet:
+    """The generations an evaluation measured: the run's extraction (``made``), or, for one that ``side evaluate``
+    wrote into the run from images elsewhere, those images, where they still are what was measured (the run's
+    extraction folder of that name was read, and its absence was a bare 'holds no shard-*.npz files')."""
+    if made.is_dir() and any(made.glob("shard-*.npz")):
+        return load_shards(made)
+    source = (metrics.get("sources") or {}).get("generated")
+    measured = (metrics.get("fingerprints") or {}).get("generated")
+    if isinstance(source, str) and source and Path(source).exists():
+        gen = load_image_set(source, (metrics.get("config") or {}).get("resize"))
+        if measured is None or gen.fingerprint() == measured:
+            return gen
+        raise ValueError(f"{method}'s evaluation was measured on {source!r}, whose images changed since: its pairs "
+                         "cannot be shown; evaluate them again (side evaluate)")
+    raise ValueError(f"{method}'s generations are not in the run (no {made}): its evaluation was written into it by "
+                     f"`side evaluate` from {source!r}, which is not here (give its path as it was, or evaluate again)")
 
 
 def _integer_indices(indices: Any) -> np.ndarray:
