@@ -356,7 +356,8 @@ def test_pairs_open_every_source_the_findings_name(tiny_model_dir, tmp_path):
 
     run = tmp_path / "run"
     rc = tiny_rc(tiny_model_dir, methods=("side",), n=4)
-    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    bands = "high=0:0.1,mid=0.1:0.15,low=0.15:0.2"
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands=bands))
     run_audit(run, rc)
     mine = load_shards(run / "extraction" / "side")
     atomic_save_npz(tmp_path / "mine.npz", images=mine.images[::-1].copy())
