@@ -1,4 +1,5 @@
 """The command line: every command documents its defaults; config files and flags combine; errors are clean."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -162,6 +163,14 @@ def test_demo_command_runs_its_whole_chain_on_a_tiny_config(tiny_model_dir, tmp_
     assert (tmp_path / "demo" / "report" / "report.html").exists()
     for m in rc.extract.methods:
         assert (tmp_path / "demo" / "evaluation" / m / "metrics.json").exists(), m
+    # into a run of other settings: it was replaced without a word (side run names what changed)
+    import side_extract.pipeline as pipeline
+
+    other = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=7))
+    monkeypatch.setattr(demo, "demo_config", lambda model, train, heldout: other)
+    monkeypatch.setattr(pipeline, "run_audit", lambda *a, **k: (_ for _ in ()).throw(ValueError("stopped here")))
+    r = CliRunner().invoke(app, ["--no-progress", "demo", "--out", str(tmp_path / "demo")], terminal_width=400)
+    assert "settings changed since the last run into" in r.output and "extract.seed 1 -> 7" in r.output, r.output
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import typer
 from .. import config as cfg
 from ..distributed import ProcessGroup
 from .common import cli_errors, console
-from .run import print_findings, print_summary, stage_progress
+from .run import _say_changes, print_findings, print_summary, stage_progress
 
 
 DEFAULT_TARGET = "demo-1000"
@@ -85,6 +85,8 @@ def demo_cmd(
     if "cond" not in rc.extract.methods and ProcessGroup.from_env().main:  # (once per launch)
         console.print(f"{train} has no labels of two classes or more: the demo runs without Cond (Cond's classifier "
                       "learns the training set's labels)")
+    if ProcessGroup.from_env().main:  # (a run in OUT was replaced without a word, as side run says it)
+        _say_changes(out, rc)
     with stage_progress(ctx) as factory:
         result = run_audit(out, rc, device=device, progress=factory, wait=wait)
     group = ProcessGroup.from_env()
