@@ -1,6 +1,7 @@
 """The command line: every command documents its defaults; config files and flags combine; errors are clean."""
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -465,3 +466,23 @@ def test_extract_into_a_run_that_does_not_exist_is_refused_without_a_config(tmp_
     said = " ".join(r.output.split())
     assert r.exit_code == 2 and f"--run '{tmp_path / 'typo'}' does not exist: side extract continues a run" in said
     assert not (tmp_path / "typo").exists()
+
+
+def test_the_summary_table_gives_each_methods_n_g_where_they_differ():
+    """The table's title gave the first method's N_G as everyone's: under dedup-driven stopping memguide stopped at 2
+    generations and uncond made 6, and the title said N_G = 2."""
+    from side_extract.cli.common import console
+    from side_extract.cli.run import print_summary
+
+    def metrics(n):
+        return {"similarity": "rms-l2", "orientation": "distance", "n_generated": n, "n_train": 30,
+                "bands": {"high": [0, 0.1]}, "ams": {"high": 0.5}, "ums": {"high": 0.1}, "p95": 0.2,
+                "carlini": {"extracted_fraction": 0.0}, "gu": {"memorized_fraction": 0.0}}
+
+    with console.capture() as out:
+        print_summary({"memguide": metrics(2), "uncond": metrics(6)})
+    said = out.get()
+    assert "N_G = " not in said and re.search(r"N_G \(generations\)\s*│\s*2\s*│\s*6", said), said
+    with console.capture() as out:
+        print_summary({"memguide": metrics(6), "uncond": metrics(6)})
+    assert "N_G = 6" in out.get() and "N_G (generations)" not in out.get()

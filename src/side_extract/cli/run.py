@@ -63,12 +63,17 @@ def print_summary(metrics: dict[str, dict]) -> None:
     from rich.table import Table
 
     first = next(iter(metrics.values()))
-    table = Table(title=f"memorization ({first['similarity']}, N_G = {first['n_generated']}, "
-                        f"{first['n_train']} training images)")
+    n_g = {r["n_generated"] for r in metrics.values()}
+    # (one N_G in the title, the first method's, where dedup-driven stopping had ended some methods early)
+    table = Table(title=f"memorization ({first['similarity']}, "
+                        + (f"N_G = {first['n_generated']}, " if len(n_g) == 1 else "") + f"{first['n_train']} training "
+                        "images)")
     table.add_column("metric")
     for m in metrics:
         table.add_column(m, justify="right")
     rows: list[tuple[str, list[str]]] = []
+    if len(n_g) > 1:
+        rows.append(("N_G (generations)", [str(r["n_generated"]) for r in metrics.values()]))
     for b in reversed(list(first["bands"])):
         rows.append((f"AMS {b} %", [f"{100 * r['ams'][b]:.2f}" for r in metrics.values()]))
         rows.append((f"UMS {b} %", [f"{100 * r['ums'][b]:.2f}" for r in metrics.values()]))
