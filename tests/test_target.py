@@ -283,3 +283,16 @@ def test_a_damaged_checkpoint_is_passed_over_for_an_earlier_one(tmp_path, damage
     a, b = load_target(straight), load_target(tmp_path / "b")
     for (n1, p1), (_, p2) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)
+
+
+def test_a_model_folder_named_like_an_embedded_target_is_named(tmp_path, monkeypatch):
+    """docs/demo-model.md's recipe writes --out demo: a later `--model demo` loaded the embedded target, passing the
+    folder over without a word. It still does (the name is documented), and says how to give the folder."""
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "demo")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"names the embedded target, not the model directory 'demo' here; give "
+                                         r"\./demo"):
+        embedded = load_target("demo")
+    assert embedded.unet.config.sample_size == 8
+    local = load_target("./demo")
+    assert sum(p.numel() for p in local.unet.parameters()) != sum(p.numel() for p in embedded.unet.parameters())
