@@ -871,6 +871,15 @@ def test_a_folder_that_is_no_run_is_refused_before_anything_is_written(tiny_mode
     # an empty folder, and one holding only what a run writes before its first manifest, are runs to be
     run_audit(tmp_path / "empty", tiny_rc(tiny_model_dir, methods=("uncond",)), until="extraction")
     assert read_json(tmp_path / "empty" / "manifest.json")["stages"]["extraction/uncond"]["status"] == "complete"
+    # but someone's config.yaml that is no run's was let through and overwritten (a review's find)
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "config.yaml").write_text("# my project settings\nhello: world\n")
+    with pytest.raises(ValueError, match="holds a config.yaml that is not a run's .* a run would overwrite that file"):
+        run_audit(tmp_path / "proj", tiny_rc(tiny_model_dir, methods=("uncond",)), until="extraction")
+    assert (tmp_path / "proj" / "config.yaml").read_text().startswith("# my project settings")
+    (tmp_path / "again").mkdir()  # a run's own config.yaml, written before an interruption: a run to be
+    (tmp_path / "again" / "config.yaml").write_text(cfg.dump_yaml(tiny_rc(tiny_model_dir, methods=("uncond",))))
+    run_audit(tmp_path / "again", tiny_rc(tiny_model_dir, methods=("uncond",)), until="extraction")
 
 
 def test_a_step_command_leaves_the_finished_extraction_to_force(tiny_model_dir, tmp_path, one_thread):

@@ -635,6 +635,13 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
                 f"run directory {str(path)!r} is not empty and holds no {RunDir.MANIFEST}, so it is no run directory "
                 f"(it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); a run writes and replaces "
                 "folders there: use a new or empty directory")
+        if (path / "config.yaml").is_file():  # (someone's config.yaml was let through and overwritten)
+            try:
+                cfg.from_dict(cfg.RunConfig, cfg.load_yaml(path / "config.yaml"))
+            except ValueError as e:
+                raise ValueError(f"run directory {str(path)!r} holds a config.yaml that is not a run's ({e}) and no "
+                                 f"{RunDir.MANIFEST}, so it is no run directory; a run would overwrite that file: use "
+                                 "a new or empty directory") from None
 
 
 RUN_FILES = frozenset({".lock", "config.yaml", "manifest.json", "summary.json", "findings.csv",
