@@ -865,6 +865,22 @@ def test_a_tuning_grid_that_repeats_a_value_is_refused():
         FairBenchConfig(**{**base, "scales_grid": (1.0, 1.0000001)})
 
 
+def test_a_tuning_setting_its_runs_would_refuse_is_refused_before_any_run():
+    """A negative --lora-scales value, or a form with lora.label_dropout 0 under the default CFG scales (w != 1 needs
+    the null label), passed the config and failed in the tuning, after the target trained, the bands were calibrated
+    and earlier entries' validation runs were made; the error named neither the option nor the form."""
+    bc = tiny_bench()
+    base = dict(bench=bc, methods=("cond", "uncond", "side-lora"), scales_grid=(1.0,), temperatures=(1.0,),
+                validation_replicates=(1,), heldout_replicates=(11, 12))
+    with pytest.raises(ValueError, match=r"side-lora: the setting \(-2.0, 0.0\) of its tuning grid \(lora_scales\) "
+                                         r"is refused: .*guidance_scale=-2.0"):
+        FairBenchConfig(**base, lora_scales=(-2.0,))
+    with pytest.raises(ValueError, match=r"l: the setting \(1.5, 0.0\) .* needs label_dropout > 0"):
+        FairBenchConfig(**{**base, "methods": ("cond", "uncond")}, lora_scales=(1.5,),
+                        forms={"l": {"method": "side-lora", "lora.label_dropout": 0.0}})
+    FairBenchConfig(**base, lora_scales=(1.5,))
+
+
 def test_bands_without_high_and_mid_are_refused_before_any_run():
     """Two calibration quantiles name the bands tail0.01 and tail0.05: accepted, then a KeyError 'reach/high' at the
     report, after every tuning and held-out run (a review's find)."""

@@ -192,6 +192,19 @@ class FairBenchConfig:
         if names is not None and not {"high", "mid"} <= set(names):  # (a KeyError after every run, at the report)
             raise ValueError(f"the run's bands ({', '.join(names)}) must include 'high' and 'mid', which the "
                              "benchmark's tables report: give evaluate.bands with them, or three calibration_quantiles")
+        # every setting of every entry's grid, as its runs will be configured (a bad --lora-scales value, or a form's
+        # lora.label_dropout 0 under w != 1, failed in the tuning, after the targets trained and earlier runs ran)
+        grid_of = {"side-lora": "lora_scales", "memguide": "memguide_scales"}
+        for name in self.entries:
+            form = {k: v for k, v in self.forms.get(name, {}).items() if k != "method"}
+            for setting in self.settings(name) or [None]:
+                try:
+                    for n in dict.fromkeys((self.validation_n, self.bench.run.extract.n)):  # (tuned, reported)
+                        method_config(self.bench.run, self.base_method(name), setting, n, form)
+                except ValueError as e:
+                    option = grid_of.get(self.base_method(name), "scales_grid x temperatures")
+                    raise ValueError(f"{name}: the setting {setting} of its tuning grid ({option}) is refused: {e}"
+                                     ) from None
 
     @property
     def grid(self) -> list[tuple[float, float]]:
