@@ -929,6 +929,32 @@ def test_an_interrupted_force_run_is_finished_by_the_same_command_without_force(
     assert stages["evaluation/side"]["inputs"]["extraction/side"] == stages["extraction/side"]["fingerprint"]
 
 
+def test_an_interrupted_force_run_of_relative_paths_is_finished_from_the_runs_own_config(tiny_model_dir, tmp_path,
+                                                                                         one_thread, monkeypatch):
+    """The run records its paths absolute, but the replacing run's settings were fingerprinted as typed: after
+    `side run rel.yaml --force` (model: a relative folder) was cut short, `side extract --run RUN` (the run's own
+    config.yaml) was refused as other settings instead of finishing it."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir.name, methods=("uncond",), n=4))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    other = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=5))
+
+    def interrupting(name):
+        def cb(done, total):
+            if name.startswith("extract") and done >= 1:
+                raise KeyboardInterrupt
+
+        return cb
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, other, replace=True, progress=interrupting)
+    recorded = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
+    assert recorded.model == str(tiny_model_dir) and recorded.extract.seed == 5
+    run_audit(run, recorded, replace=False)  # (it was StageWouldBeReplaced: extract.seed 1 -> 5)
+    assert "replacing" not in read_json(run / "manifest.json")
+
+
 def test_an_interrupted_step_command_does_not_let_a_later_command_replace_more(tiny_model_dir, tmp_path, one_thread):
     """`side train-classifier` cut short replaces its own stage only: a plain `side extract` afterwards still
     refuses to replace the finished extraction; and a finished run with other settings forgets the cut-short one."""

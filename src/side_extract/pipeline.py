@@ -1003,7 +1003,9 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         config = run.path / "config.yaml"
         before = config.read_text() if group.main and config.is_file() else None
         model_before = run.model_entry() if group.main else None
-        settings = (settings_fingerprint(rc, target.fingerprint, names=EMBEDDED_TARGETS),  # files by their contents
+        # files by their contents; the paths as the run records them (absolute): a rerun from the run's own
+        # config.yaml (side extract --run) is the same settings as the relative ones typed before
+        settings = (settings_fingerprint(absolute_paths(rc), target.fingerprint, names=EMBEDDED_TARGETS),
                     UNTIL.index(until))
         if group.main and replace:
             run.mark_replacing(*settings)  # kept should this call not finish: a rerun then finishes its work
