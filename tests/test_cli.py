@@ -486,3 +486,14 @@ def test_the_summary_table_gives_each_methods_n_g_where_they_differ():
     with console.capture() as out:
         print_summary({"memguide": metrics(6), "uncond": metrics(6)})
     assert "N_G = 6" in out.get() and "N_G (generations)" not in out.get()
+
+
+def test_train_classifier_on_methods_that_need_none_is_refused(tiny_model_dir, tmp_path):
+    """`side train-classifier` on a run of uncond alone trained nothing, said 'classifiers in RUN', exit 0, and
+    recorded classifier.steps in the run's config.yaml."""
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\nextract: {{methods: [uncond], n: 2, steps: 2}}\n")
+    r = CliRunner().invoke(app, ["--no-progress", "train-classifier", "--run", str(tmp_path / "r"), "--config",
+                                 str(conf), "--steps", "3"], terminal_width=200)
+    assert r.exit_code == 2 and "needs none of them" in r.output, r.output
+    assert not (tmp_path / "r").exists()

@@ -207,6 +207,11 @@ def train_classifier_cmd(
     names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
     flags = typed_flags(ctx, names)
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+    if not {"side", "side-teacher", "cond", "side-lora"} & set(rc.extract.methods):  # (it trained nothing, said
+        # "classifiers in RUN" and recorded the classifier settings)
+        raise ValueError(f"side train-classifier trains the classifiers of side, side-teacher and cond and side-lora's "
+                         f"fine-tune; extract.methods ({', '.join(rc.extract.methods)}) needs none of them: add one "
+                         "(--config), or go on with side extract")
     _run(ctx, run, rc, device, "classifier", wait=wait)
     console.print(f"classifiers in {run}")
     say_note(note)
