@@ -618,3 +618,22 @@ def test_measure_by_default_reads_the_model_at_the_noise_level_of_eps(caplog):
                                                                         abs=1e-9)
     assert res.m_opt_uncond.mean - res.m_opt_full.mean > 0.5  # two classes: about log 2 (kernels apart)
     assert res.opt_minus_guided.mean == pytest.approx(res.m_opt_cond.mean - res.m_guided.mean, abs=1e-9)
+
+
+def test_measure_refuses_a_classifier_made_from_results_the_run_no_longer_holds(tiny_model_dir, tmp_path):
+    """`side sample` (or `side cluster`) after the classifier left it stale, and `side theory measure` measured that
+    classifier beside the run's new synthetic set and model without a word (the report flags it as stale)."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+    from side_extract.theory.measure import measure_run
+
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run_audit(tmp_path / "run", rc, until="classifier")
+    resampled = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, seed=rc.sample.seed + 1))
+    run_audit(tmp_path / "run", resampled, until="surrogate")  # side sample / side cluster: the classifier stays
+    with pytest.raises(ValueError, match=r"was trained on results the run no longer holds \(surrogate made again"):
+        measure_run(tmp_path / "run", n_points=4, n_steps=2)
+    assert not (tmp_path / "run" / "theory" / "measure.json").exists()

@@ -315,7 +315,7 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
     from ..data import load_image_set
     from ..models.classifier import load_classifier
     from ..models.target import check_fits
-    from ..runs import atomic_write_json, check_run_directory, read_stages, run_lock
+    from ..runs import atomic_write_json, check_run_directory, read_stages, run_lock, stale_stages
     from ..config import load_yaml
 
     run = check_run_directory(run)
@@ -334,6 +334,10 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
         if clf_stage.get("status") != "complete":  # (an unfinished one was measured from its last saved weights)
             raise ValueError(f"{str(clf_dir)!r} is not a finished classifier stage (status "
                              f"{clf_stage.get('status')!r} in the manifest): run the audit to the classifier first")
+        if remade := stale_stages(stages).get("classifier"):  # (its synthetic set re-sampled since, perhaps from
+            # another model: the guided model measured was the old one's classifier beside the new model)
+            raise ValueError(f"{str(clf_dir)!r} was trained on results the run no longer holds ({', '.join(remade)} "
+                             "made again since): train it again (side train-classifier, or side extract) first")
         sampled_from = (stages.get("synthetic") or {}).get("inputs", {}).get("model")
         target = run_target(str(rc.get("model", "demo")), sampled_from, model, scheduler=scheduler,
                             sample_shape=sample_shape, device=device, model_id=model_id,
