@@ -497,3 +497,18 @@ def test_train_classifier_on_methods_that_need_none_is_refused(tiny_model_dir, t
                                  str(conf), "--steps", "3"], terminal_width=200)
     assert r.exit_code == 2 and "needs none of them" in r.output, r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupted_sample_marks_its_stage_failed(tiny_model_dir, tmp_path, monkeypatch):
+    """`side sample` cut short (Ctrl-C) left its stage 'running' in the manifest, which the report showed as running
+    although no process held the run (run_audit marks such stages failed)."""
+    import side_extract.sampling as sampling
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "sample", interrupted)
+    CliRunner().invoke(app, ["--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "4", "--steps", "2",
+                             "--out", str(tmp_path / "r")])
+    entry = json.loads((tmp_path / "r" / "manifest.json").read_text())["stages"]["synthetic"]
+    assert entry["status"] == "failed" and entry["error"].startswith("KeyboardInterrupt"), entry

@@ -51,7 +51,12 @@ def sample_cmd(
         run.write_config(absolute_paths(rc))  # (read again from other folders: side cluster, side report)
         fp = model_fingerprint(rc.model)
         run.set_model(fp, str(rc.model), denoiser.prediction)
-        images = sample_stage(run, denoiser, rc.sample, model_fingerprint=fp, device=device, progress=cb)
+        try:
+            images = sample_stage(run, denoiser, rc.sample, model_fingerprint=fp, device=device, progress=cb)
+        except BaseException as e:  # (an interrupted sample left its stage "running", as the report showed it)
+            if group.main:
+                run.fail_running(e)
+            raise
     if group.main:
         from ..pipeline import warn_out_of_date
 
