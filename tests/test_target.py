@@ -296,3 +296,14 @@ def test_a_model_folder_named_like_an_embedded_target_is_named(tmp_path, monkeyp
     assert embedded.unet.config.sample_size == 8
     local = load_target("./demo")
     assert sum(p.numel() for p in local.unet.parameters()) != sum(p.numel() for p in embedded.unet.parameters())
+
+
+def test_train_target_refuses_a_folder_a_run_clears(tmp_path):
+    """`side train-target --out RUN/extraction/memguide` trained there, and the run's next extraction of memguide
+    deleted the model and its checkpoints without a word."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"stages": {}}))
+    with pytest.raises(ValueError, match=r"--out .* lies inside run .*run', whose writers clear"):
+        train_target(TINY, load_image_set("digits:20"), run / "extraction" / "memguide")
+    assert not (run / "extraction").exists()

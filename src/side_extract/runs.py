@@ -618,13 +618,7 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
             named = ", ".join(str(p.relative_to(path)) for p in links[:3])
             raise ValueError(f"run directory {str(path)!r} holds symbolic links ({named}): a run writes and clears "
                              "its folders through them, outside the run; remove them")
-    outer = enclosing_run(path.resolve().parent)
-    top = path.resolve().relative_to(outer).parts[0] if outer is not None else None
-    if top is not None and (top in RUN_FOLDERS or top in _stage_folders(outer)):
-        # (a sweep's sub-runs, RUN/sweeps/x, and a bench's, RUN/forms/x, are the run's own)
-        raise ValueError(f"run directory {str(path)!r} lies inside run {str(outer)!r}, whose writers clear and "
-                         "replace its folders (a run made in RUN/extraction/x was deleted by the next extraction "
-                         "there): use a folder outside it")
+    check_outside_run_folders(path, "run directory")
     if path.is_dir() and not (path / RunDir.MANIFEST).is_file():
         # a run clears a stage's folder that its manifest does not list: in a folder that is no run, those are
         # someone's files. What a run writes before its first manifest (its lock, config.yaml, the API's inputs/, a
@@ -642,6 +636,18 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
                 raise ValueError(f"run directory {str(path)!r} holds a config.yaml that is not a run's ({e}) and no "
                                  f"{RunDir.MANIFEST}, so it is no run directory; a run would overwrite that file: use "
                                  "a new or empty directory") from None
+
+
+def check_outside_run_folders(path: str | Path, what: str) -> None:
+    """Refuse a ``path`` (``what`` it is, for the error) inside a run's folders, which its writers clear and replace
+    (a sweep's sub-runs, RUN/sweeps/x, and a bench's, RUN/forms/x, are the run's own)."""
+    path = Path(path)
+    outer = enclosing_run(path.resolve().parent)
+    top = path.resolve().relative_to(outer).parts[0] if outer is not None else None
+    if top is not None and (top in RUN_FOLDERS or top in _stage_folders(outer)):
+        raise ValueError(f"{what} {str(path)!r} lies inside run {str(outer)!r}, whose writers clear and replace its "
+                         "folders (a run made in RUN/extraction/x was deleted by the next extraction there): use a "
+                         "folder outside it")
 
 
 RUN_FILES = frozenset({".lock", "config.yaml", "manifest.json", "summary.json", "findings.csv",

@@ -30,7 +30,8 @@ from diffusers.training_utils import EMAModel
 from .. import config as cfg
 from ..data import ImageSet, check_image_set, check_levels
 from ..distributed import SINGLE, ProcessGroup, check_device
-from ..runs import atomic_directory, atomic_write_json, atomic_write_text, check_writable, read_json, versions
+from ..runs import (atomic_directory, atomic_write_json, atomic_write_text, check_outside_run_folders, check_writable,
+                    read_json, versions)
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +452,7 @@ def check_train_out(out: Path, resume_key: dict) -> None:
     not resumed, but the model trained to it is still the folder's)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; expected a directory to write the target to")
+    check_outside_run_folders(out, "--out")  # (a model trained into RUN/extraction/x was deleted by the next extraction)
     check_writable(out)  # (found at the first checkpoint: up to checkpoint_every steps lost)
     if not out.exists():
         return
