@@ -452,7 +452,7 @@ def check_train_out(out: Path, resume_key: dict) -> None:
     not resumed, but the model trained to it is still the folder's)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; expected a directory to write the target to")
-    check_outside_run_folders(out, "--out")  # (a model trained into RUN/extraction/x was deleted by the next extraction)
+    check_outside_run_folders(out, "--out")  # (trained into RUN/extraction/x, the next extraction deleted it)
     check_writable(out)  # (found at the first checkpoint: up to checkpoint_every steps lost)
     if not out.exists():
         return
