@@ -335,6 +335,12 @@ def test_inputs_a_folder_or_npz_misstated_are_named(tmp_path, monkeypatch):
     stretched = [str(w.message) for w in said if "stretched" in str(w.message)]
     assert len(stretched) == 1 and "2 image(s) of" in stretched[0] and "(the first: p.jpg, 16x8, q.png, 6x10)" in \
         stretched[0], stretched  # one warning per set, naming the files (not one per image size)
+    np.savez(tmp_path / "wide.npz", images=np.zeros((30, 10, 8, 1), np.uint8))  # (an npz's said "1 image(s)")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        load_image_set(tmp_path / "wide.npz", 8)
+    assert any("30 image(s) of" in str(w.message) and "(the first: all 10x8)" in str(w.message) for w in said), [
+        str(w.message) for w in said]
     np.savez(tmp_path / "scalar.npz", images=imgs, labels=np.array(3))  # (a bare TypeError from the new check)
     with pytest.raises(ValueError, match="scalar.npz'.*labels"):
         load_image_set(tmp_path / "scalar.npz")

@@ -1191,8 +1191,9 @@ def reference_markdown() -> str:
     out = ["# Run configuration reference", "",
            "Every key a run config takes (`side run CONFIG`, `side_extract.audit(config=...)`, a sweep's `base`), with its "
            "default and type. A key left out takes its default; an unknown key or a value of the wrong type or range "
-           "is refused with the valid ones before any work; a key set where the run does not read it (DDIM's eta under "
-           "DDPM, a clean classifier's time keys, ...: `inert_settings`) is named in a warning, and a sweep of a key "
+           "is refused with the valid ones before any work; a key set where a method the run runs does not read it "
+           "(DDIM's eta under DDPM, a clean classifier's time keys, ...: `inert_settings`) is named in a warning (the "
+           "keys of a method not in `extract.methods` are simply unused, without a word), and a sweep of a key "
            "none of its methods reads is refused. The run writes the resolved config, every default "
            "included, to `RUN/config.yaml`. Generated from `src/side_extract/config.py` (its docstrings are the "
            f"documentation below): `{REFERENCE_COMMAND}`; a test fails when this page is stale.", "",

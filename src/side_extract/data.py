@@ -167,13 +167,13 @@ def check_size(size: Any, name: str = "resize") -> None:
         raise ValueError(f"{name}={size!r} must be a positive image size (an integer)")
 
 
-def _warn_stretched(where: str, non_square: list[str], size: int) -> None:
-    """One warning for a set whose non-square images (``non_square``: the first few named) a resize stretches
-    (diffusers' training scripts centre-crop; it was done in silence)."""
+def _warn_stretched(where: str, non_square: list[str], size: int, count: int | None = None) -> None:
+    """One warning for a set whose non-square images (``non_square``: each named, or the first few of ``count``) a
+    resize stretches (diffusers' training scripts centre-crop; it was done in silence)."""
     if non_square:
-        warnings.warn(f"{len(non_square)} image(s) of {where} are not square (the first: {', '.join(non_square[:3])})"
-                      f" and are stretched to {size}x{size}: their aspect ratio changes; crop them to squares first "
-                      "where the model was trained on crops", UserWarning, stacklevel=3)
+        warnings.warn(f"{count or len(non_square)} image(s) of {where} are not square (the first: "
+                      f"{', '.join(non_square[:3])}) and are stretched to {size}x{size}: their aspect ratio changes; "
+                      "crop them to squares first where the model was trained on crops", UserWarning, stacklevel=3)
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -458,6 +458,6 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
             raise ValueError(f"data spec {s!r} does not exist (expected a folder, an .npz file, or 'digits[:N]')")
     if resize_to is not None and out.images.shape[1:3] != (resize_to, resize_to):
         h, w = out.images.shape[1:3]
-        _warn_stretched(repr(s), [f"all {len(out)}, {h}x{w}"] if h != w else [], resize_to)
+        _warn_stretched(repr(s), [f"all {h}x{w}"] if h != w else [], resize_to, len(out))  # (it said "1 image(s)")
         out = ImageSet(resize(out.images, resize_to), out.labels, out.ids, out.name)
     return out
