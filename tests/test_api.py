@@ -866,6 +866,22 @@ def test_verify_refuses_indices_that_are_not_integers_as_regenerate_does(tmp_pat
     assert a.verify("uncond", np.array([1]), **model)[0].equal
 
 
+def test_a_run_of_an_in_memory_model_is_verified_from_its_weights_saved_to_a_directory(tmp_path, one_thread):
+    """audit() of a UNet2DModel in memory knows it by its weights; the same weights saved with save_pretrained were
+    refused by their file hash ('fingerprint ... is not the run's target'), so such a run could never be checked
+    with side verify or side theory measure --model DIR."""
+    from side_extract.models.target import save_target
+
+    unet, sched = tiny_unet(), tiny_scheduler()
+    digits = side_extract.load_image_set("digits:30")
+    a = side_extract.audit(unet, digits.images, scheduler=sched, config=SMALL, out=tmp_path / "run", methods=["uncond"])
+    save_target(unet, sched, tmp_path / "saved")
+    assert all(v.equal for v in a.verify("uncond", top=2, model=str(tmp_path / "saved")))
+    save_target(tiny_unet(seed=1), sched, tmp_path / "other")
+    with pytest.raises(ValueError, match="is not the run's target"):
+        a.verify("uncond", top=1, model=str(tmp_path / "other"))
+
+
 def test_the_audits_methods_check_their_device_and_their_arguments(tmp_path, one_thread):
     """regenerate/verify/verify_conditions and as_target gave torch's own errors for device='gpu' (verify after
     loading the training set); verify(top=None), which its error offered, was a TypeError; verify_conditions of a

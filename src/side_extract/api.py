@@ -366,7 +366,8 @@ class Audit:
         if entry is None or entry.get("status") != "complete":
             raise ValueError(f"{str(stage)!r}: the run has not finished {method}'s extraction (manifest.json)")
         target = run_target(str(rc.model), entry.get("inputs", {}).get("model"), model, scheduler=scheduler,
-                            sample_shape=sample_shape, device=device, model_id=model_id)
+                            sample_shape=sample_shape, device=device, model_id=model_id,
+                            pass_as="model= (side verify: --model DIR, the model saved with save_pretrained)")
         denoiser, guidance = method_guidance(self.run, rc, method, target.denoiser, device=device)
         up = extraction_upstream(method)
         made_by = extraction_fingerprint(rc, method, guidance, target.fingerprint,
