@@ -100,6 +100,23 @@ def test_evaluate_config_file_and_flags(sets, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_typed_bands_replace_the_config_files_other_way_of_giving_them(sets, tmp_path):
+    """--bands beside a --config file's bands_file was refused ("give one of them, not both"): the typed flag did not
+    win, as any other flag does, and the user had to edit the file."""
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "bands.json").write_text(json.dumps({"similarity": "rms-l2", "bands": {"high": [0, 0.05]}}))
+    yml = tmp_path / "ev.yaml"
+    yml.write_text(f"evaluate:\n  bands_file: {tmp_path / 'cal' / 'bands.json'}\n")
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--out",
+               tmp_path / "e", "--config", yml, "--bands", "high=0:0.01,mid=0.01:0.1", "--carlini-n", 3)
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert d["bands"] == {"high": [0.0, 0.01], "mid": [0.01, 0.1]} and d["bands_source"] == "option"
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--out",
+               tmp_path / "e2", "--config", yml, "--bands", "high=0:0.01", "--bands-file", tmp_path / "cal/bands.json")
+    assert r.exit_code == 2 and "give one of them, not both" in " ".join(r.output.split()), r.output
+
+
 def test_calibrate_then_evaluate_with_bands_file(sets):
     r = invoke("calibrate", "--train", sets / "train.npz", "--heldout", sets / "run/extraction/side",
                "--out", sets / "cal", "--calibration-quantiles", "0.1,0.3,0.45")

@@ -24,6 +24,12 @@ def evaluate_config(ctx: typer.Context, config: Path | None) -> cfg.EvaluateConf
     elif base and set(base) <= run_keys | {"evaluate"}:  # a run YAML that leaves evaluate: at its defaults
         base = {}
     overrides = typed_flags(ctx, {k: k for k in OPTIONS if k in ctx.params})
+    # the ways to give bands are alternatives: a typed one replaces the file's others, as any flag replaces the
+    # file's value (--bands beside the file's bands_file was refused as "give one of them, not both")
+    given = [k for k in ("bands", "bands_file", "heldout") if overrides.get(k) is not None]
+    for k in ("bands", "bands_file", "heldout") if given else ():
+        if k not in given:
+            base.pop(k, None)
     if "calibration_quantiles" in overrides:
         overrides["calibration_quantiles"] = parse_floats(overrides["calibration_quantiles"], "calibration_quantiles")
     return build_config(cfg.EvaluateConfig, None, cfg.merge(base, overrides))
