@@ -548,6 +548,35 @@ def test_a_finished_extraction_grows_to_a_larger_n_keeping_its_whole_shards(tiny
                   until="extraction", replace=False)
 
 
+def test_an_interrupted_extraction_grows_to_a_larger_n_keeping_its_whole_shards(tiny_model_dir, tmp_path):
+    """An extraction cut short and then run with a larger N_G started afresh, its whole shards lost (a finished one
+    grew). It now grows from what it had: the shards whose ranges are the same in both layouts are kept, and the
+    result equals a fresh run at the larger N_G."""
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=8, shard_size=2)
+    run = tmp_path / "run"
+
+    def interrupting(name):
+        def cb(done, total):
+            if name == "extract uncond" and done >= 4:
+                raise KeyboardInterrupt
+
+        return cb
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, rc, until="extraction", progress=interrupting)
+    made = sorted(p.name for p in (run / "extraction" / "uncond").glob("shard-*.npz"))
+    assert "shard-00000.npz" in made and len(made) < 4
+    kept = (run / "extraction" / "uncond" / "shard-00000.npz").stat().st_mtime_ns
+    grown = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=12))
+    run_audit(run, grown, until="extraction", replace=False)
+    e = read_json(run / "manifest.json")["stages"]["extraction/uncond"]
+    assert e["status"] == "complete" and e["grown_from"] == 8 and e["shards_written_now"] == 6 - len(made)
+    assert (run / "extraction" / "uncond" / "shard-00000.npz").stat().st_mtime_ns == kept
+    run_audit(tmp_path / "fresh", grown, until="extraction")
+    np.testing.assert_array_equal(load_shards(run / "extraction" / "uncond").images,
+                                  load_shards(tmp_path / "fresh" / "extraction" / "uncond").images)
+
+
 def test_clustering_alone_does_not_need_the_training_set(tiny_model_dir, tmp_path):
     """`side cluster --run RUN` with the default methods (Cond among them) on a run without `train`: the
     preflight asked for the training set that only Cond's classifier, a later stage, needs."""

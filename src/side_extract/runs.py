@@ -899,7 +899,7 @@ class RunDir:
 
     def begin(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
               derived: bool = False, data: dict[str, str | None] | None = None,
-              legacy: str | None = None) -> Literal["skip", "resume", "fresh"]:
+              legacy: str | None = None, n_planned: int | None = None) -> Literal["skip", "resume", "fresh"]:
         """Start ``stage``: say whether to skip it, resume it, or start it afresh (its folder cleared). A finished
         stage made with other settings is replaced only where the writer may replace (``--force``) or its inputs
         grew, unless it is ``derived``: a measurement of files the run keeps, made again from them at no loss.
@@ -937,7 +937,8 @@ class RunDir:
                 if entry is not None:  # said first: killed while removing, the manifest said the old results stood
                     self._mark_running(stage, None, None, clearing=True)  # (readers showed "no image" for them)
                 shutil.rmtree(self.path / stage)
-        self._mark_running(stage, fingerprint, inputs, **kept, **({"data": data} if data else {}))
+        self._mark_running(stage, fingerprint, inputs, **kept, **({"data": data} if data else {}),
+                           **({} if n_planned is None else {"n_planned": n_planned}))
         return decision
 
     def refusal(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
@@ -998,13 +999,16 @@ class RunDir:
                 out[stage] = later
         return out
 
-    def grow(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, from_n: int) -> Literal["resume"]:
-        """Mark a complete stage of ``from_n`` images as running under ``fingerprint``, the same stage with more
-        images (:func:`shard_stage`): its files are kept and it resumes. The entry keeps the fingerprints it grew
-        from (the stages made from it are redone without ``replace``: :meth:`begin`)."""
+    def grow(self, stage: str, fingerprint: str, inputs: dict[str, str] | None, from_n: int,
+             n_planned: int | None = None) -> Literal["resume"]:
+        """Mark a stage of ``from_n`` images (complete, or begun with that many and cut short) as running under
+        ``fingerprint``, the same stage with more images (``n_planned``; :func:`shard_stage`): its files are kept
+        and it resumes. The entry keeps the fingerprints it grew from (the stages made from it are redone without
+        ``replace``: :meth:`begin`)."""
         old = self.stage_entry(stage) or {}
         earlier = [*old.get("grown_from_fingerprints", []), old.get("fingerprint")]
-        self._mark_running(stage, fingerprint, inputs, grown_from=from_n, grown_from_fingerprints=earlier)
+        self._mark_running(stage, fingerprint, inputs, grown_from=from_n, grown_from_fingerprints=earlier,
+                           **({} if n_planned is None else {"n_planned": n_planned}))
         self.grown.append(stage)
         return "resume"
 
@@ -1215,10 +1219,13 @@ def write_shards(
 
 def grows_from(entry: dict[str, Any] | None, fingerprint: str, n: int, fingerprint_at: Callable[[int], str] | None,
                round_size: int | None) -> int | None:
-    """How many images a finished shard stage (its manifest ``entry``) holds where :func:`shard_stage` grows it to
-    ``n`` under ``fingerprint`` instead of making it again (None: it does not grow): it was made with the same
-    settings at a smaller N (``fingerprint_at``), not in rounds."""
-    old_n = entry.get("n") if entry is not None and entry.get("status") == "complete" else None
+    """How many images a shard stage (its manifest ``entry``) was made or was being made with where
+    :func:`shard_stage` grows it to ``n`` under ``fingerprint`` instead of making it again (None: it does not grow):
+    it was made, or begun and cut short (the N it was begun with, ``n_planned``), with the same settings at a
+    smaller N (``fingerprint_at``), not in rounds. (An interrupted one started afresh, its whole shards lost.)"""
+    status = None if entry is None else entry.get("status")
+    old_n = (entry.get("n") if status == "complete" else entry.get("n_planned") if status in ("running", "failed")
+             else None)
     if (fingerprint_at is not None and round_size is None and isinstance(old_n, int) and 0 < old_n < n
             and entry.get("fingerprint") != fingerprint and entry.get("fingerprint") == fingerprint_at(old_n)):
         return old_n
@@ -1266,9 +1273,9 @@ def shard_stage(
                 if new.get(r) != k:  # (the old last shard, when it was short)
                     shard_path(directory, k).unlink(missing_ok=True)
             log.info("stage %s: growing its %d images to %d", stage, old_n, n)
-            decision = run.grow(stage, fingerprint, inputs, old_n)
+            decision = run.grow(stage, fingerprint, inputs, old_n, n_planned=n)
         else:
-            decision = run.begin(stage, fingerprint, inputs=inputs)
+            decision = run.begin(stage, fingerprint, inputs=inputs, n_planned=n)
         stopped_at = (entry.get("stopped") or {}).get("at") if decision == "skip" else None  # it stopped early
         n_shards = sum(1 for rnd in rounds for _, hi in rnd if stopped_at is None or hi <= stopped_at)
         if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
