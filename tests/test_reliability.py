@@ -657,6 +657,15 @@ def test_a_finished_extractions_or_evaluations_damaged_npz_is_made_again(tiny_mo
     run_audit(run, rc, replace=False)
     for p in (shard, table):
         assert all(np.array_equal(dict(np.load(p))[k], v) for k, v in whole[p].items()), p
+    # a shard kept by a growth was not checked: the first rerun failed after marking the grown stage complete
+    small = tiny_rc(tiny_model_dir, methods=("uncond",), n=4, shard_size=2)
+    run_audit(tmp_path / "small", small, until="extraction")
+    shard = tmp_path / "small" / "extraction" / "uncond" / "shard-00000.npz"
+    whole = np.load(shard)["images"]
+    shard.write_bytes(shard.read_bytes()[:300])
+    run_audit(tmp_path / "small", dataclasses.replace(small, extract=dataclasses.replace(small.extract, n=6)),
+              until="extraction", replace=False)
+    assert np.array_equal(np.load(shard)["images"], whole)
 
 
 def test_a_damaged_config_yaml_does_not_block_the_rerun_that_writes_it(tiny_model_dir, tmp_path):
@@ -1265,9 +1274,12 @@ def test_the_settings_fingerprint_reads_only_the_settings_that_name_files(tmp_pa
     (tmp_path / "train.npz").write_bytes(b"a")
     rc = cfg.RunConfig(model="demo", train="train.npz")
     before = settings_fingerprint(rc, names=EMBEDDED_TARGETS)
-    for folder in ("demo", "side", "ddim"):
+    digits = cfg.RunConfig(model="demo", train="digits:30")
+    digits_before = settings_fingerprint(digits, names=EMBEDDED_TARGETS)
+    for folder in ("demo", "side", "ddim", "digits:30"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "manifest.json").write_text("{}")
     assert settings_fingerprint(rc, names=EMBEDDED_TARGETS) == before
+    assert settings_fingerprint(digits, names=EMBEDDED_TARGETS) == digits_before  # (--out digits:30)
     (tmp_path / "train.npz").write_bytes(b"b")
     assert settings_fingerprint(rc, names=EMBEDDED_TARGETS) != before

@@ -487,7 +487,8 @@ def settings_fingerprint(config: Any, *parts: Any, names: tuple[str, ...] = ()) 
         if key not in FILE_KEYS:
             continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(v, str) or not v or len(v) >= 4096 or v in names:
+            if not isinstance(v, str) or not v or len(v) >= 4096 or v in names or v == "digits" or v.startswith(
+                    "digits:"):  # (scikit-learn's digits, whatever folder of that name is here: --out digits)
                 continue
             spec = v.split("torchscript:", 1)[1] if "torchscript:" in v else v
             p = Path(spec)
@@ -1278,15 +1279,16 @@ def shard_stage(
             decision = run.begin(stage, fingerprint, inputs=inputs, n_planned=n)
         stopped_at = (entry.get("stopped") or {}).get("at") if decision == "skip" else None  # it stopped early
         n_shards = sum(1 for rnd in rounds for _, hi in rnd if stopped_at is None or hi <= stopped_at)
-        if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
-            log.warning("stage %s: marked complete but shard files are missing; writing them again", stage)
-            decision = run.reopen(stage)
-        if decision == "skip" and (cut := [k for k in range(n_shards) if not shard_opens(shard_path(directory, k))]):
-            # (a shard cut short since failed every later run, --force included, with "remake it")
-            log.warning("stage %s: marked complete but shard(s) %s do not read (cut short or damaged since); writing "
-                        "them again", stage, ", ".join(map(str, cut)))
+        if decision != "fresh" and (cut := [k for k in range(n_shards) if shard_path(directory, k).exists()
+                                            and not shard_opens(shard_path(directory, k))]):
+            # (a shard cut short since failed every later run, --force included, with "remake it"; one kept by a
+            # resumed or grown stage failed its first rerun)
+            log.warning("stage %s: shard(s) %s do not read (cut short or damaged since); writing them again", stage,
+                        ", ".join(map(str, cut)))
             for k in cut:
                 shard_path(directory, k).unlink()
+        if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
+            log.warning("stage %s: marked complete but shard files are missing or damaged; writing them again", stage)
             decision = run.reopen(stage)
     decision = group.share(decision)
     if decision != "skip":
