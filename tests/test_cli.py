@@ -512,3 +512,21 @@ def test_an_interrupted_sample_marks_its_stage_failed(tiny_model_dir, tmp_path, 
                              "--out", str(tmp_path / "r")])
     entry = json.loads((tmp_path / "r" / "manifest.json").read_text())["stages"]["synthetic"]
     assert entry["status"] == "failed" and entry["error"].startswith("KeyboardInterrupt"), entry
+
+
+def test_a_run_that_recorded_relative_paths_is_not_told_its_settings_changed(tiny_model_dir, tmp_path, monkeypatch):
+    """A run records its model and training set absolute since this release; rerun from the same folder, a run made
+    before (config.yaml: model: tiny) was told 'settings changed since the last run: model 'tiny' -> '/.../tiny''."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny")
+    conf = tmp_path / "rel.yaml"
+    conf.write_text("model: tiny\nextract: {methods: [uncond], n: 2, steps: 2}\n")
+    r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", "run", "--no-report"])
+    assert r.exit_code == 0, r.output
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["model"] == str(tmp_path / "tiny")
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({**recorded, "model": "tiny"}))  # an earlier release's
+    r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", "run", "--no-report"], terminal_width=300)
+    assert r.exit_code == 0 and "settings changed" not in r.output, r.output

@@ -30,7 +30,7 @@ from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
 from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fingerprint, probe_fingerprint,
                            run_target)
-from .pipeline import ProgressFactory, absolute_spec, no_progress
+from .pipeline import ProgressFactory, absolute_config, absolute_spec, no_progress
 from .findings import SYNTHETIC, Findings, collect
 from .evaluation import incomparable
 from .summary import audit_summary
@@ -549,7 +549,7 @@ def audit(
                 ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
                 rc = dataclasses.replace(rc, model=absolute_spec(target.description, model=True), train=absolute_spec(data),
                                          extract=ex, evaluate=dataclasses.replace(ev, heldout=absolute_spec(ev.heldout)))
-                if group.main and (changed := settings_changed(out, rc)):
+                if group.main and (changed := settings_changed(out, rc, absolute_config)):
                     log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
                 run_with_sweeps(out, rc, device=device, progress=progress, target=target)
             except BaseException:

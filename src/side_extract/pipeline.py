@@ -1086,6 +1086,18 @@ def absolute_spec(spec: Any, *, model: bool = False) -> Any:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
+def absolute_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.yaml dict with its paths made absolute as :func:`absolute_paths` does (a run made before this
+    release recorded them as typed: a rerun from the same folder was told its model had changed)."""
+    d = dict(d)
+    for key in ("model", "train"):
+        if key in d:
+            d[key] = absolute_spec(d[key], model=key == "model")
+    if isinstance(d.get("evaluate"), dict) and "heldout" in d["evaluate"]:
+        d["evaluate"] = dict(d["evaluate"], heldout=absolute_spec(d["evaluate"]["heldout"]))
+    return d
+
+
 def absolute_paths(rc: cfg.RunConfig) -> cfg.RunConfig:
     """``rc`` with the model, training set and held-out images it names here made absolute (:func:`absolute_spec`),
     as a run records them."""

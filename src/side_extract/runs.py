@@ -339,14 +339,17 @@ def _stage_name(name: str) -> bool:
     return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") and "\\" not in p for p in parts)
 
 
-def settings_changed(run: str | Path, rc: cfg.RunConfig) -> list[str]:
+def settings_changed(run: str | Path, rc: cfg.RunConfig,
+                     recorded: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> list[str]:
     """``key old -> new`` for each setting of ``rc`` that differs from the config run directory ``run`` was last
-    run with (none for a new run): what a rerun into it says before it replaces anything."""
+    run with (none for a new run): what a rerun into it says before it replaces anything. ``recorded``: the
+    config.yaml's dict as ``rc`` spells it (paths made absolute, as an earlier release did not record them)."""
     config = Path(run) / "config.yaml"
     if not config.is_file():
         return []
     try:
-        return cfg.differences(*cfg.as_comparable(rc, cfg.load_yaml(config)))
+        old = cfg.load_yaml(config)
+        return cfg.differences(*cfg.as_comparable(rc, recorded(old) if recorded is not None else old))
     except ValueError as e:  # (it blocked the rerun that writes it anew; the stages' fingerprints are in the manifest)
         return [f"none known: the run's config.yaml does not read ({e}), and this run writes it anew"]
 

@@ -27,10 +27,10 @@ NOT_EVALUATED = "not evaluated: the run has no training set (set train, e.g. tra
 
 def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
     """Name the settings that differ from the config the run directory was last run with."""
-    from ..pipeline import absolute_paths
+    from ..pipeline import absolute_config, absolute_paths
     from ..runs import settings_changed
 
-    if changed := settings_changed(run, absolute_paths(rc)):  # (as the run records them)
+    if changed := settings_changed(run, absolute_paths(rc), absolute_config):  # (paths as the run records them)
         # one line (the console's soft wrap: it was cut inside a value at 80 columns); a value is no markup
         console.print(f"settings changed since the last run into {run}: {'; '.join(changed)}", markup=False)
 
