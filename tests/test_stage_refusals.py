@@ -243,3 +243,7 @@ def test_k_under_select_k_keys_no_stage(tiny_model_dir, tmp_path):
     (run / "manifest.json").write_text(json.dumps(m))
     run_audit(run, other, until="surrogate", replace=False)
     assert read_json(run / "manifest.json")["stages"]["surrogate"]["fingerprint"] == old
+    # and K changed on such a run (its config.yaml records the K its key holds): still nothing redone
+    six = dataclasses.replace(rc, surrogate=dataclasses.replace(rc.surrogate, n_clusters=6))
+    run_audit(run, six, until="surrogate", replace=False)
+    assert read_json(run / "manifest.json")["stages"]["surrogate"]["fingerprint"] == old

@@ -167,7 +167,10 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
                          f"{'asks for them' if scores is None else 'is 1 (the paper labels every sample)'}")
     inputs = {k: ctx.fp[k] for k in ("features", *(["memorization"] if scores is not None else []))}
     fp = stage_fingerprint("surrogate", surrogate_settings(c), *inputs.values())
-    legacy = stage_fingerprint("surrogate", surrogate_settings(c, legacy=True), *inputs.values())
+    before = ((ctx.run.config_before or {}).get("surrogate") or {}).get("n_clusters")  # (the K the earlier rule
+    # keyed, which a rerun that changes K alone must find)
+    was = dataclasses.replace(c, n_clusters=before) if c.select_k and isinstance(before, int) and before >= 2 else c
+    legacy = stage_fingerprint("surrogate", surrogate_settings(was, legacy=True), *inputs.values())
     if (ctx.run.stage_entry("surrogate") or {}).get("fingerprint") == legacy:  # made under the earlier rule: it
         fp = legacy  # keeps its key, and every stage made from it stands
     ctx.fp["surrogate"] = fp
