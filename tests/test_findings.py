@@ -339,7 +339,7 @@ def test_the_synthetic_sets_measurement_is_keyed_by_what_it_reads_and_never_bloc
     assert collect(run) is None  # side's evaluation is of 10 generations the run no longer holds
 
 
-def test_pairs_open_every_source_the_findings_name(tiny_model_dir, tmp_path):
+def test_pairs_open_every_source_the_findings_name(tiny_model_dir, tmp_path, monkeypatch):
     """An evaluation written into the run by `side evaluate --out RUN/evaluation/synthetic` made the findings call the
     run's own synthetic set 'synthetic-set', which Audit.pairs refused (listing 'synthetic' twice), and pairs of the
     user's evaluation read extraction/synthetic: 'holds no shard-*.npz files'. Both open now; the user's from the
@@ -371,3 +371,15 @@ def test_pairs_open_every_source_the_findings_name(tiny_model_dir, tmp_path):
     assert len(own) == len(load_shards(run / "synthetic")) and {p.method for p in own} == {"synthetic-set"}
     theirs = a.pairs("synthetic")
     assert len(theirs) == 4 and all(any(np.array_equal(p.generation, g) for g in mine.images) for p in theirs)
+    # an evaluation side evaluate wrote under a method's own name, of other images than its extraction: the run's
+    # generations were shown beside the other images' nearest training images
+    # (a run extracted without evaluating: side extract --no-evaluate)
+    run_audit(tmp_path / "bare", rc, until="extraction")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", "mine.npz", "--train", "digits:30",
+                                 "--out", str(tmp_path / "bare" / "evaluation" / "side"), "--bands", bands,
+                                 "--carlini-n", "5"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir("/")  # (the source is recorded absolute: it reads from any folder)
+    shown = Audit.load(tmp_path / "bare").pairs("side")
+    assert len(shown) == 4 and all(np.array_equal(p.generation, mine.images[::-1][p.generation_id]) for p in shown)

@@ -571,18 +571,23 @@ def _generations(method: str, metrics: dict[str, Any], made: Path) -> ImageSet:
     """The generations an evaluation measured: the run's extraction (``made``), or, for one that ``side evaluate``
     wrote into the run from images elsewhere, those images, where they still are what was measured (the run's
     extraction folder of that name was read, and its absence was a bare 'holds no shard-*.npz files')."""
-    if made.is_dir() and any(made.glob("shard-*.npz")):
-        return load_shards(made)
     source = (metrics.get("sources") or {}).get("generated")
     measured = (metrics.get("fingerprints") or {}).get("generated")
+    if made.is_dir() and any(made.glob("shard-*.npz")):
+        gen = load_shards(made)
+        if measured is None or gen.fingerprint() == measured:
+            return gen  # (else side evaluate measured other images into the method's name: shown beside their
+            # neighbours, the run's own generations were paired with another image's nearest training image)
     if isinstance(source, str) and source and Path(source).exists():
         gen = load_image_set(source, (metrics.get("config") or {}).get("resize"))
         if measured is None or gen.fingerprint() == measured:
             return gen
         raise ValueError(f"{method}'s evaluation was measured on {source!r}, whose images changed since: its pairs "
                          "cannot be shown; evaluate them again (side evaluate)")
-    raise ValueError(f"{method}'s generations are not in the run (no {made}): its evaluation was written into it by "
-                     f"`side evaluate` from {source!r}, which is not here (give its path as it was, or evaluate again)")
+    where = (f"{made} holds other images than it measured" if made.is_dir() and any(made.glob("shard-*.npz"))
+             else f"they are not in the run (no {made})")
+    raise ValueError(f"{method}'s generations cannot be shown: {where}, and its evaluation, written into the run by "
+                     f"`side evaluate` from {source!r}, cannot be read from there (evaluate again)")
 
 
 def _integer_indices(indices: Any) -> np.ndarray:

@@ -192,7 +192,10 @@ def evaluate_cmd(
             raise ValueError(f"--heldout {c.heldout!r}: --out lies in run {str(run)!r}, whose bands this evaluation "
                              "takes (to be compared with its methods'), so it would not be read; leave it out, give "
                              "--bands/--bands-file, or write elsewhere")
-    gen = load_image_set(generated, c.resize)
+    from ..pipeline import absolute_spec
+
+    gen = load_image_set(absolute_spec(generated), c.resize)  # (its name is the source metrics.json records, which
+    # Audit.pairs reads the images from: a relative one named nothing from another folder)
     tr = load_image_set(train, c.resize)
     # for digits:N the digits outside it are the held-out images, as in a run and `side calibrate` (evaluate takes
     # them only where it calibrates bands)
