@@ -930,3 +930,15 @@ def test_cli_signals_records_its_device(monkeypatch, tmp_path):
     monkeypatch.setattr(signals, "run_signals_bench", stop)
     CliRunner().invoke(app, ["bench", "signals", "--out", str(tmp_path), "--cache", str(tmp_path), "--device", "cpu:0"])
     assert seen["device"] == "cpu:0" and "--device cpu:0" in seen["command"]
+
+
+def test_a_form_that_finds_images_where_the_baselines_find_none_is_shown_as_such():
+    """A ratio against baselines that found nothing was shown as "- [-, -]", as no data: the form's clearest win read
+    as nothing measured (fair16/k25-n1000's budget table, n = 100)."""
+    from side_extract.bench.protocol import _ratio_text
+
+    assert _ratio_text({"ratio": None, "side": 0.625, "best_baseline": 0.0}) == "∞ (baseline 0)"
+    assert _ratio_text({"ratio": None, "side": 0.0, "best_baseline": 0.0}) == "0/0"
+    assert _ratio_text({"ratio": 1.5, "side": 3.0, "best_baseline": 2.0}) == "1.50"
+    md = (Path(__file__).resolve().parents[1] / "benchmarks/results/fair16/k25-n1000/fair.md").read_text()
+    assert "∞ (baseline 0)" in md

@@ -710,6 +710,15 @@ def _f(v: float | None, pct: bool = True) -> str:
     return f"{100 * v:.2f}" if pct else f"{v:.2f}"
 
 
+def _ratio_text(r: dict[str, Any]) -> str:
+    """A ratio row's ratio: ``∞ (baseline 0)`` where the form found some and its baseline none, ``0/0`` where both
+    found none (both were shown as "-", as no data: a form's clearest win read as nothing measured)."""
+    if r.get("ratio") is not None:
+        return _f(r["ratio"], False)
+    side = r.get("side")
+    return "-" if side is None else "0/0" if side == 0 else "∞ (baseline 0)"
+
+
 def _ci(lo: float | None, hi: float | None, marked: bool) -> str:
     """An interval as the tables print it, "[lo, hi]" to 2 decimals; a bound of a marked one that would print as
     1.00 gets the decimals that show it off 1 (up to 6), which "1.00" beside ↑ or ↓ did not say."""
@@ -916,7 +925,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 r = rows[k]
                 lo, hi = r["ci95"]
                 mark = _mark(r)
-                cells.append(f"{_f(r['ratio'], False)} {_ci(lo, hi, r['excludes_1'])} vs "
+                cells.append(f"{_ratio_text(r)} {_ci(lo, hi, r['excludes_1'])} vs "
                              f"{r['best_baseline_method']}{mark}")
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
         picks = chosen_on_validation(c, s)  # derived from the file's tuning and ratios, not stored beside them
@@ -934,7 +943,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                 lines.append(f"- {label}: **{p['entry']}** ({_setting(c, p['entry'], p['setting'], named=True)}; "
                              f"validation {_f(p['validation'])} %"
                              + (f", tied with {', '.join(p['tied'])}" if p["tied"] else "") + f"): "
-                             f"{_f(r['ratio'], False)} {_ci(lo, hi, r['excludes_1'])} vs "
+                             f"{_ratio_text(r)} {_ci(lo, hi, r['excludes_1'])} vs "
                              f"{r['best_baseline_method']}{_mark(r)}"
                              + (f" (the highest held-out mean: {p['heldout_highest']})"
                                 if p["heldout_highest"] != p["entry"] else " (also the highest held-out mean)"))
@@ -958,7 +967,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
                     if r is not None:
                         lo, hi = r["ci95"]
                         mark = _mark(r)
-                        cell += f"; {_f(r['ratio'], False)} {_ci(lo, hi, r['excludes_1'])}{mark}"
+                        cell += f"; {_ratio_text(r)} {_ci(lo, hi, r['excludes_1'])}{mark}"
                     if m in h.get("in_rounds", ()) and p["n_generated"] < h["n_generated"]:
                         cell += " ‡"
                     cells.append(cell)
@@ -989,7 +998,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
             for form, r in eq["ratios"].items():
                 lo, hi = r["ci95"]
                 mark = _mark(r)
-                lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_f(r['ratio'], False)} "
+                lines.append(f"- {form}: {r['side']:.1f} against {r['uncond']:.1f}: {_ratio_text(r)} "
                              f"{_ci(lo, hi, r['excludes_1'])}{mark}")
         reused = s["tuning"].get("reused_from")
         by_entry = s["tuning"].get("reused_from_by_entry") or {}
