@@ -167,12 +167,19 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
                          f"{'asks for them' if scores is None else 'is 1 (the paper labels every sample)'}")
     inputs = {k: ctx.fp[k] for k in ("features", *(["memorization"] if scores is not None else []))}
     fp = stage_fingerprint("surrogate", surrogate_settings(c), *inputs.values())
-    before = ((ctx.run.config_before or {}).get("surrogate") or {}).get("n_clusters")  # (the K the earlier rule
-    # keyed, which a rerun that changes K alone must find)
-    was = dataclasses.replace(c, n_clusters=before) if c.select_k and isinstance(before, int) and before >= 2 else c
-    legacy = stage_fingerprint("surrogate", surrogate_settings(was, legacy=True), *inputs.values())
-    if (ctx.run.stage_entry("surrogate") or {}).get("fingerprint") == legacy:  # made under the earlier rule: it
-        fp = legacy  # keeps its key, and every stage made from it stands
+    entry = ctx.run.stage_entry("surrogate") or {}
+    if c.select_k and entry.get("fingerprint") not in (None, fp):  # made under the earlier rule (K keyed under
+        # select_k): it keeps its key, and every stage made from it stands, whatever K says now. The K it was keyed
+        # with: recorded once found, else the run's config.yaml before this call's
+        before = ((ctx.run.config_before or {}).get("surrogate") or {}).get("n_clusters")
+        for k in dict.fromkeys((entry.get("keyed_n_clusters"), before, c.n_clusters)):
+            if isinstance(k, int) and k >= 2 and entry["fingerprint"] == stage_fingerprint(
+                    "surrogate", surrogate_settings(dataclasses.replace(c, n_clusters=k), legacy=True),
+                    *inputs.values()):
+                fp = entry["fingerprint"]
+                if entry.get("keyed_n_clusters") != k and ctx.run.group.main:
+                    ctx.run.annotate("surrogate", keyed_n_clusters=k)
+                break
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
     if ctx.run.begin("surrogate", fp, inputs=inputs) != "skip" or _damaged(path, "labels") or not (

@@ -1083,6 +1083,12 @@ class RunDir:
             self._write_manifest(m)
         return failed
 
+    def annotate(self, stage: str, **info: Any) -> None:
+        """Add ``info`` to ``stage``'s manifest entry, its status and fingerprint as they are."""
+        m = self.manifest()
+        m["stages"][stage].update(info)
+        self._write_manifest(m)
+
     def reopen(self, stage: str) -> Literal["resume"]:
         """Mark a complete stage whose files went missing as running again (it resumes: what exists is kept)."""
         m = self.manifest()
