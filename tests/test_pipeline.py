@@ -154,6 +154,22 @@ def test_only_the_sweeps_the_config_asks_for_now_are_read_back(tiny_model_dir, t
     assert (run / "sweeps" / "scale=5" / "evaluation" / "side" / "metrics.json").is_file()  # left as it is
 
 
+def test_sweeps_of_relative_paths_and_close_values_are_each_their_own(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    """A config of relative paths (side run rel.yaml): every fresh sub-run was called an earlier config's ("sweeps/
+    also holds scale=3 ...", inviting its deletion), the sub-runs recording the paths absolute. Two values alike to 6
+    digits shared one folder, the first lost."""
+    from side_extract.sweeps import sweep_configs
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    rc = tiny_rc(tiny_model_dir.name, methods=("side", "uncond"), n=4)
+    with caplog.at_level("WARNING", logger="side_extract.sweeps"):
+        _, subs = run_with_sweeps(tmp_path / "run", dataclasses.replace(rc, sweep=cfg.SweepConfig(scale=(3.0,))))
+    assert set(subs) == {"scale=3"} and not any("also holds" in r.getMessage() for r in caplog.records)
+    names = [n for n, _ in sweep_configs(dataclasses.replace(rc, sweep=cfg.SweepConfig(
+        tau=(-0.5000001, -0.5000004), scale=(1234567.0, 2.5))))]
+    assert names == ["scale=1234567.0", "scale=2.5", "tau=-0.5000001", "tau=-0.5000004"], names
+
+
 def test_a_sweep_cut_short_while_sharing_its_parents_stages_resumes(tiny_model_dir, tmp_path, monkeypatch):
     """A kill while the parent's stages were linked into a new sub-run left a folder of stages and no manifest,
     which every later run refused as 'no run directory' until it was deleted by hand."""

@@ -20,7 +20,8 @@ from pathlib import Path
 from . import config as cfg
 from .distributed import ProcessGroup
 from .models.target import Target
-from .pipeline import AuditResult, ProgressFactory, load_run_target, no_progress, preflight, run_audit
+from .pipeline import (AuditResult, ProgressFactory, absolute_paths, load_run_target, no_progress, preflight,
+                       run_audit)
 from .runs import RunDir, atomic_write_json, check_run_path, check_unlocked, read_stages, run_lock
 from .summary import LABEL_FREE
 
@@ -100,8 +101,17 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
             else:
                 sub = dataclasses.replace(rc, **{section: sec}, extract=dataclasses.replace(rc.extract, methods=guided),
                                           sweep=cfg.SweepConfig())
-            out.append((f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}", sub))
+            out.append((f"{name}={_value_name(value)}", sub))
     return out
+
+
+def _value_name(value: float | int) -> str:
+    """A swept value as its sub-run's folder names it: ``{:g}`` where that reads back as the value, else its repr
+    (two values alike to 6 digits shared one folder, the first lost; 1234567 was named, and plotted at, 1.23457e+06)."""
+    if not isinstance(value, float):
+        return str(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def own_value(rc: cfg.RunConfig, param: str, method: str) -> float | int:
@@ -191,7 +201,8 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
                 group.barrier()
                 subs[name] = run_audit(child, sub_rc, device=device, progress=progress, wait=wait, target=target,
                                        warn_inert=cfg.inert_settings(sub_rc) != cfg.inert_settings(rc))
-    if group.main and (stale := stale_sweeps(path, rc)):
+    if group.main and (stale := stale_sweeps(path, absolute_paths(rc))):  # (its paths as the sub-runs record them:
+        # typed relative, every fresh sub-run was called an earlier config's)
         log.warning("sweeps/ also holds %s, not a value of this config's sweep (an earlier config's): left as it is, "
                     "and out of the report and Audit.sweeps", ", ".join(stale))
     return main, subs
