@@ -855,3 +855,28 @@ def test_the_browser_check_names_bad_paths_and_a_hung_browser(tmp_path):
     hang.chmod(0o755)
     with pytest.raises(ValueError, match=r"did not finish within 1 s"):
         check_report(html, chromium=str(hang), timeout=1)
+
+
+def test_the_summary_takes_no_extraction_an_evaluation_did_not_measure(tiny_model_dir, tmp_path):
+    """`side evaluate --out RUN/evaluation/side` of other images: the summary took the run's own extraction of side
+    as that method's (its N_G as the budget the shares were scaled to, its seconds and images per second)."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+    from side_extract.data import load_image_set
+    from side_extract.pipeline import run_audit
+    from side_extract.summary import audit_summary
+
+    from test_pipeline import tiny_rc
+
+    run = tmp_path / "run"
+    run_audit(run, tiny_rc(tiny_model_dir, methods=("side", "uncond"), n=6), until="extraction")
+    np.savez(tmp_path / "gens.npz", images=load_image_set("digits:30").images[:4])
+    for m, gen in (("side", tmp_path / "gens.npz"), ("uncond", run / "extraction" / "uncond")):
+        r = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", str(gen), "--method", m, "--train",
+                                     "digits:30", "--out", str(run / "evaluation" / m), "--carlini-n", "5", "--bands",
+                                     "high=0:0.1,mid=0.1:0.15,low=0.15:0.2"])
+        assert r.exit_code == 0, r.output
+    side = audit_summary(run)["methods"]["side"]
+    assert side["n_generated"] == 4 and side["seconds"] is None and side["images_per_second"] is None
+    assert "timing" not in side and "stopped" not in side

@@ -186,14 +186,17 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     dirs = evaluated_methods(run)
     metrics = {k: read_json(d / "metrics.json", dict) for k, d in dirs.items()}
     stages = read_stages(run)
-    methods = {k: method_summary(m, stages.get(f"extraction/{k}"), dirs[k]) for k, m in metrics.items()}
+    # each method's extraction, where its evaluation measured it: one side evaluate wrote under the method's name
+    # (no manifest stage) measured other images, and took that extraction's budget, timing and stopping
+    made = {k: stages.get(f"extraction/{k}") if f"evaluation/{k}" in stages else None for k in metrics}
+    methods = {k: method_summary(m, made[k], dirs[k]) for k, m in metrics.items()}
     findings = from_evaluations(*with_synthetic(run, dirs, metrics))
     other = incomparable(metrics)  # evaluated in other bands (side evaluate --out into the run): not compared
     same = {k: m for k, m in metrics.items() if k not in other}
     said = verdict(same, {k: methods[k] for k in same})
     if other:
         said += " Not compared: " + "; ".join(f"{k} ({why})" for k, why in other.items()) + "."
-    asked = {k: int((stages.get(f"extraction/{k}") or {}).get("n") or m["n_generated"]) for k, m in same.items()}
+    asked = {k: int((made[k] or {}).get("n") or m["n_generated"]) for k, m in same.items()}
     return {"schema": SCHEMA, "verdict": said, "methods": methods, "not_compared": other,
             "ratios_to_best_baseline": ratios_to_best_baseline({k: per_budget(m, asked[k]) for k, m in same.items()},
                                                                budgets=asked),
