@@ -383,3 +383,7 @@ def test_pairs_open_every_source_the_findings_name(tiny_model_dir, tmp_path, mon
     monkeypatch.chdir("/")  # (the source is recorded absolute: it reads from any folder)
     shown = Audit.load(tmp_path / "bare").pairs("side")
     assert len(shown) == 4 and all(np.array_equal(p.generation, mine.images[::-1][p.generation_id]) for p in shown)
+    from side_extract.report import write_report
+
+    html = write_report(tmp_path / "bare").read_text()  # (the report took extraction/side: "changed since")
+    assert "changed since it was evaluated" not in html and "holds no shards" not in html

@@ -32,7 +32,7 @@ from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fi
                            run_target)
 from .pipeline import ProgressFactory, absolute_config, absolute_spec, no_progress
 from .findings import SYNTHETIC, Findings, collect
-from .evaluation import incomparable
+from .evaluation import incomparable, measured_generations
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
                    evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_stages, run_lock, settings_changed)
@@ -315,7 +315,7 @@ class Audit:
                 raise ValueError(f"band={band!r} must be one of {', '.join(result.bands)}")
             order = order[bands[order] == band]
         order = order[:int(top)] if top is not None else order
-        gen = _generations(method, result.raw, made)
+        gen = measured_generations(method, result.raw, made)
         row_of = {int(i): r for r, i in enumerate(gen.ids)}
         train = load_image_set(self.config.train, self.config.train_resize)
         measured = (result.raw.get("fingerprints") or {}).get("train")
@@ -565,29 +565,6 @@ def audit(
             raise ValueError(text) from None
         raise
     return Audit.load(out)
-
-
-def _generations(method: str, metrics: dict[str, Any], made: Path) -> ImageSet:
-    """The generations an evaluation measured: the run's extraction (``made``), or, for one that ``side evaluate``
-    wrote into the run from images elsewhere, those images, where they still are what was measured (the run's
-    extraction folder of that name was read, and its absence was a bare 'holds no shard-*.npz files')."""
-    source = (metrics.get("sources") or {}).get("generated")
-    measured = (metrics.get("fingerprints") or {}).get("generated")
-    if made.is_dir() and any(made.glob("shard-*.npz")):
-        gen = load_shards(made)
-        if measured is None or gen.fingerprint() == measured:
-            return gen  # (else side evaluate measured other images into the method's name: shown beside their
-            # neighbours, the run's own generations were paired with another image's nearest training image)
-    if isinstance(source, str) and source and Path(source).exists():
-        gen = load_image_set(source, (metrics.get("config") or {}).get("resize"))
-        if measured is None or gen.fingerprint() == measured:
-            return gen
-        raise ValueError(f"{method}'s evaluation was measured on {source!r}, whose images changed since: its pairs "
-                         "cannot be shown; evaluate them again (side evaluate)")
-    where = (f"{made} holds other images than it measured" if made.is_dir() and any(made.glob("shard-*.npz"))
-             else f"they are not in the run (no {made})")
-    raise ValueError(f"{method}'s generations cannot be shown: {where}, and its evaluation, written into the run by "
-                     f"`side evaluate` from {source!r}, cannot be read from there (evaluate again)")
 
 
 def _integer_indices(indices: Any) -> np.ndarray:

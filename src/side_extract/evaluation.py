@@ -19,7 +19,7 @@ import numpy as np
 
 from . import config as cfg
 from .data import (ImageSet, balanced_first_n, check_image_set, check_levels, load_digits_set, load_image_set,
-                   resize)
+                   load_shards, resize)
 from .detection import check_grid, detect_memorized
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
@@ -82,6 +82,31 @@ def generation_stats(eval_dir: Path, bands: Sequence[Band], orientation: Orienta
     for b in bands:
         out[f"reach/{b.name}"] = b.reaches(sim, orientation)
     return out
+
+
+def measured_generations(method: str, metrics: dict[str, Any], made: Path) -> ImageSet:
+    """The generations ``method``'s evaluation (its ``metrics.json`` contents) measured: the run's extraction
+    (``made``) where it holds them, else, for one that ``side evaluate`` wrote into the run from images elsewhere,
+    those images, where they still are what was measured (``Audit.pairs`` and the report: the extraction of that
+    name was shown beside another image's nearest training image, or a bare 'holds no shard-*.npz files')."""
+    source = (metrics.get("sources") or {}).get("generated")
+    measured = (metrics.get("fingerprints") or {}).get("generated")
+    here = made.is_dir() and any(made.glob("shard-*.npz"))
+    if here:
+        gen = load_shards(made)
+        if measured is None or gen.fingerprint() == measured:
+            return gen
+    if isinstance(source, str) and source and Path(source).exists() and Path(source).resolve() != made.resolve():
+        gen = load_image_set(source, (metrics.get("config") or {}).get("resize"))
+        if measured is None or gen.fingerprint() == measured:
+            return gen
+    name = f"{made.parent.name}/{made.name}"
+    if here:
+        raise ValueError(f"{name} changed since it was evaluated (or {method}'s evaluation, written by side evaluate "
+                         f"from {source!r}, measured other images): rerun the evaluation")
+    raise ValueError(f"{name} holds no shards: {method}'s generations cannot be shown"
+                     + (f" (its evaluation was written by side evaluate from {source!r}, which is not here)"
+                        if source else ""))
 
 
 def per_generation_stats(run: Path, method: str, bands: Sequence[Band],

@@ -25,7 +25,8 @@ import numpy as np
 
 from . import config as cfg
 from . import report_plots as plots
-from .data import ImageSet, load_image_set, load_shards
+from .data import ImageSet, load_image_set
+from .evaluation import measured_generations
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_json, atomic_write_text, check_run_directory,
                    evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_stages,
@@ -439,15 +440,11 @@ def _pairs(data: dict[str, Any], run: Path, notes: list[str], size: int) -> dict
     out = {}
     for method, rows in data["top_pairs"].items():
         fps = data["methods"][method].get("fingerprints") or {}
-        d = run / "extraction" / method
-        if not (d.is_dir() and any(d.glob("shard-*.npz"))):  # an evaluation written under another name (side
-            named = Path(str((data["methods"][method].get("sources") or {}).get("generated") or ""))  # evaluate --out
-            d = named if named.name and named.is_dir() else d  # RUN/evaluation/NAME): the generations it names
-        gen = load_shards(d) if d.is_dir() and any(d.glob("shard-*.npz")) else None
-        if gen is None:
-            notes.append(f"extraction/{method} holds no shards: its generations cannot be shown")
-        elif fps.get("generated") not in (None, gen.fingerprint()):
-            notes.append(f"extraction/{method} changed since it was evaluated: rerun the evaluation")
+        try:  # the images the evaluation measured: the run's extraction, or those side evaluate wrote it of (as
+            # Audit.pairs: the extraction was taken, and called changed, where another set had been measured)
+            gen = measured_generations(method, data["methods"][method], run / "extraction" / method)
+        except ValueError as e:
+            notes.append(str(e))
             gen = None
         tr = train
         if tr is not None and fps.get("train") not in (None, train_fp):
