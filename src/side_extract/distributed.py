@@ -430,9 +430,11 @@ def launch(nproc: int, args: list[str]) -> int:
     try:
         run(parse_args([*launch_arguments(nproc), *args]))
     except ChildFailedError as e:
-        # the first to fail of its own (the others leave with PEER_FAILED_STATUS, or are stopped by the launcher)
-        own = sorted((f.timestamp, r) for r, f in e.failures.items() if f.exitcode != PEER_FAILED_STATUS)
-        rank, failure = (own[0][1], e.failures[own[0][1]]) if own else e.get_first_failure()
+        # the first to fail of its own: an exit status before a signal (the launcher stops the others with SIGTERM,
+        # in the same second), and never one that left because another failed (PEER_FAILED_STATUS)
+        own = sorted((f.exitcode < 0, f.timestamp, r) for r, f in e.failures.items()
+                     if f.exitcode != PEER_FAILED_STATUS)
+        rank, failure = (own[0][2], e.failures[own[0][2]]) if own else e.get_first_failure()
         code = failure.exitcode
         if code != 2:
             how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
