@@ -437,3 +437,32 @@ def test_a_target_with_dropout_draws_other_masks_on_each_process_and_is_warned_o
     assert a.shape == b.shape and 0.3 < a.mean() < 0.7 and not np.array_equal(a, b)
     said = " ".join((r.stdout + r.stderr).split())
     assert said.count("side-lora: the target has dropout (p=0.5): each of the 2 processes draws the masks") == 1
+
+
+def test_the_launcher_names_the_process_that_failed_of_its_own(monkeypatch, capsys):
+    """The launcher named whichever process failed first: one stopped by it (SIGTERM, in the same second) where
+    another met the error, or one that left because another had failed. A process killed by another signal (the
+    kernel's OOM kill) is still the one named where the others then fail."""
+    import torch.distributed.run as run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from side_extract.distributed import PEER_FAILED_STATUS, launch
+
+    def failing(codes):
+        def fake(_args):
+            failures = {}
+            for rank, (code, ts) in codes.items():
+                failures[rank] = ProcessFailure(rank, 100 + rank, code, "<N/A>")
+                failures[rank].timestamp = ts
+            raise ChildFailedError("side", failures)
+        return fake
+
+    one = "process 1 of the launch of 2 ended with exit status 1"
+    cases = [({0: (-15, 1000), 1: (1, 1000)}, one, 1), ({0: (PEER_FAILED_STATUS, 1000), 1: (1, 1001)}, one, 1),
+             ({0: (-9, 1000), 1: (1, 1001)}, "process 0 of the launch of 2 was killed by signal 9", 1),
+             ({0: (-15, 1000), 1: (2, 1000)}, "", 2)]
+    for codes, said, status in cases:
+        monkeypatch.setattr(run, "run", failing(codes))
+        assert launch(2, ["run"]) == status
+        err = capsys.readouterr().err
+        assert (said in err) if said else "error:" not in err, (codes, err)

@@ -387,3 +387,28 @@ def test_pairs_open_every_source_the_findings_name(tiny_model_dir, tmp_path, mon
 
     html = write_report(tmp_path / "bare").read_text()  # (the report took extraction/side: "changed since")
     assert "changed since it was evaluated" not in html and "holds no shards" not in html
+
+
+def test_measured_generations_says_why_it_cannot_show_them(tmp_path):
+    """Its errors said a source that was there 'is not here', and an extraction never evaluated 'changed since it was
+    evaluated'."""
+    from side_extract.data import ImageSet
+    from side_extract.evaluation import measured_generations
+    from side_extract.runs import atomic_save_npz
+
+    src, made, empty = tmp_path / "src.npz", tmp_path / "extraction" / "side", tmp_path / "extraction" / "uncond"
+    atomic_save_npz(src, images=np.zeros((2, 4, 4, 1), np.uint8))
+    atomic_save_npz(made / "shard-00000.npz", images=np.ones((2, 4, 4, 1), np.uint8), index=np.arange(2))
+    measured = ImageSet(np.full((2, 4, 4, 1), 7, np.uint8)).fingerprint()  # neither set
+    m = {"sources": {"generated": str(src)}, "fingerprints": {"generated": measured}}
+    with pytest.raises(ValueError, match=r"uncond's generations cannot be shown: extraction/uncond holds no shards, "
+                                         r"and side evaluate measured .*src.npz', whose images changed since"):
+        measured_generations("uncond", m, empty)
+    with pytest.raises(ValueError, match=r"extraction/side holds other images, and side evaluate measured .*src.npz', "
+                                         r"whose images changed since"):
+        measured_generations("side", m, made)
+    src.unlink()
+    with pytest.raises(ValueError, match=r"holds other images, and side evaluate measured .*src.npz', which is not"):
+        measured_generations("side", m, made)
+    with pytest.raises(ValueError, match=r"extraction/side changed since it was evaluated: rerun the evaluation"):
+        measured_generations("side", {"sources": {"generated": str(made)}, "fingerprints": m["fingerprints"]}, made)

@@ -165,9 +165,14 @@ def test_sweeps_of_relative_paths_and_close_values_are_each_their_own(tiny_model
     with caplog.at_level("WARNING", logger="side_extract.sweeps"):
         _, subs = run_with_sweeps(tmp_path / "run", dataclasses.replace(rc, sweep=cfg.SweepConfig(scale=(3.0,))))
     assert set(subs) == {"scale=3"} and not any("also holds" in r.getMessage() for r in caplog.records)
-    names = [n for n, _ in sweep_configs(dataclasses.replace(rc, sweep=cfg.SweepConfig(
-        tau=(-0.5000001, -0.5000004), scale=(1234567.0, 2.5))))]
-    assert names == ["scale=1234567.0", "scale=2.5", "tau=-0.5000001", "tau=-0.5000004"], names
+    with pytest.raises(ValueError, match=r"two values are both named tau=-0.5 \(their first 6 significant digits"):
+        sweep_configs(dataclasses.replace(rc, sweep=cfg.SweepConfig(tau=(-0.5000001, -0.5000004))))
+    # a value its folder name rounds (1234567 -> scale=1.23457e+06) is plotted at its own value
+    from side_extract.report import build_report
+
+    big = dataclasses.replace(rc, sweep=cfg.SweepConfig(scale=(1234567.0,)))
+    run_with_sweeps(tmp_path / "big", big)
+    assert 1234567.0 in build_report(tmp_path / "big")["sweeps"]["scale"]["side"]["values"]
 
 
 def test_a_sweep_cut_short_while_sharing_its_parents_stages_resumes(tiny_model_dir, tmp_path, monkeypatch):

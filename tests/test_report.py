@@ -877,6 +877,8 @@ def test_the_summary_takes_no_extraction_an_evaluation_did_not_measure(tiny_mode
                                      "digits:30", "--out", str(run / "evaluation" / m), "--carlini-n", "5", "--bands",
                                      "high=0:0.1,mid=0.1:0.15,low=0.15:0.2"])
         assert r.exit_code == 0, r.output
-    side = audit_summary(run)["methods"]["side"]
+    methods = audit_summary(run)["methods"]
+    side = methods["side"]
     assert side["n_generated"] == 4 and side["seconds"] is None and side["images_per_second"] is None
     assert "timing" not in side and "stopped" not in side
+    assert methods["uncond"]["seconds"] is not None  # (side evaluate of the run's own extraction: it is that one)

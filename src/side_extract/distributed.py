@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -430,9 +431,9 @@ def launch(nproc: int, args: list[str]) -> int:
     try:
         run(parse_args([*launch_arguments(nproc), *args]))
     except ChildFailedError as e:
-        # the first to fail of its own: an exit status before a signal (the launcher stops the others with SIGTERM,
-        # in the same second), and never one that left because another failed (PEER_FAILED_STATUS)
-        own = sorted((f.exitcode < 0, f.timestamp, r) for r, f in e.failures.items()
+        # the first to fail of its own: any before one the launcher stopped (SIGTERM, in the same second), and never
+        # one that left because another failed (PEER_FAILED_STATUS)
+        own = sorted((f.exitcode == -signal.SIGTERM, f.timestamp, r) for r, f in e.failures.items()
                      if f.exitcode != PEER_FAILED_STATUS)
         rank, failure = (own[0][2], e.failures[own[0][2]]) if own else e.get_first_failure()
         code = failure.exitcode

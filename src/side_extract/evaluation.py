@@ -96,17 +96,20 @@ def measured_generations(method: str, metrics: dict[str, Any], made: Path) -> Im
         gen = load_shards(made)
         if measured is None or gen.fingerprint() == measured:
             return gen
-    if isinstance(source, str) and source and Path(source).exists() and Path(source).resolve() != made.resolve():
+    elsewhere = isinstance(source, str) and bool(source) and Path(source).resolve() != made.resolve()
+    if elsewhere and Path(source).exists():
         gen = load_image_set(source, (metrics.get("config") or {}).get("resize"))
         if measured is None or gen.fingerprint() == measured:
             return gen
     name = f"{made.parent.name}/{made.name}"
-    if here:
-        raise ValueError(f"{name} changed since it was evaluated (or {method}'s evaluation, written by side evaluate "
-                         f"from {source!r}, measured other images): rerun the evaluation")
-    raise ValueError(f"{name} holds no shards: {method}'s generations cannot be shown"
-                     + (f" (its evaluation was written by side evaluate from {source!r}, which is not here)"
-                        if source else ""))
+    if not elsewhere:  # the run's own extraction was what it measured
+        raise ValueError(f"{name} changed since it was evaluated: rerun the evaluation" if here else
+                         f"{name} holds no shards: {method}'s generations cannot be shown")
+    why = (f"side evaluate measured {source!r}, " + ("which is not here" if not Path(source).exists() else
+                                                       "whose images changed since"))
+    raise ValueError(f"{method}'s generations cannot be shown: {name} " + ("holds other images" if here else
+                                                                           "holds no shards") + f", and {why}: "
+                     "evaluate again")
 
 
 def per_generation_stats(run: Path, method: str, bands: Sequence[Band],

@@ -262,6 +262,15 @@ def _classifiers(run: Path) -> dict[str, Any]:
     return out
 
 
+def _swept_value(d: Path, param: str, method: str, name: str) -> float | str:
+    """Where a sweep sub-run's result sits on its curve: the value its config.yaml holds (its folder name rounds to
+    6 digits: 1234567 was plotted at 1.23457e+06), else the name's."""
+    try:
+        return float(own_value(cfg.from_dict(cfg.RunConfig, cfg.load_yaml(d / "config.yaml")), param, method))
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return _value(name)
+
+
 def _value(v: str) -> float | str:
     try:
         return float(v)
@@ -284,7 +293,8 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict
         for m, md in evaluated_methods(d).items():
             if f"evaluation/{m}" in shared:
                 continue
-            found.setdefault(param, {}).setdefault(m, {})[_value(value)] = read_json(md / "metrics.json", dict)
+            found.setdefault(param, {}).setdefault(m, {})[_swept_value(d, param, m, value)] = read_json(
+                md / "metrics.json", dict)
     out: dict[str, Any] = {}
     for param, per_method in found.items():
         out[param] = {}

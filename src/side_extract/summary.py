@@ -175,6 +175,14 @@ def per_budget(metrics: dict[str, Any], n_asked: int) -> dict[str, Any]:
     return out
 
 
+def _measured_here(run: Path, method: str, metrics: dict[str, Any]) -> bool:
+    """Whether an evaluation the run did not make (``side evaluate``) measured the run's own extraction of
+    ``method`` (its source is that folder)."""
+    source = (metrics.get("sources") or {}).get("generated")
+    return (isinstance(source, str) and bool(source)
+            and Path(source).resolve() == (run / "extraction" / method).resolve())
+
+
 def audit_summary(run: str | Path) -> dict[str, Any]:
     """The summary of a run directory's evaluated methods."""
     return summary_and_findings(run)[0]
@@ -188,7 +196,8 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     stages = read_stages(run)
     # each method's extraction, where its evaluation measured it: one side evaluate wrote under the method's name
     # (no manifest stage) measured other images, and took that extraction's budget, timing and stopping
-    made = {k: stages.get(f"extraction/{k}") if f"evaluation/{k}" in stages else None for k in metrics}
+    made = {k: stages.get(f"extraction/{k}") if f"evaluation/{k}" in stages or _measured_here(run, k, m) else None
+            for k, m in metrics.items()}
     methods = {k: method_summary(m, made[k], dirs[k]) for k, m in metrics.items()}
     findings = from_evaluations(*with_synthetic(run, dirs, metrics))
     other = incomparable(metrics)  # evaluated in other bands (side evaluate --out into the run): not compared

@@ -101,17 +101,12 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
             else:
                 sub = dataclasses.replace(rc, **{section: sec}, extract=dataclasses.replace(rc.extract, methods=guided),
                                           sweep=cfg.SweepConfig())
-            out.append((f"{name}={_value_name(value)}", sub))
+            out.append((f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}", sub))
+    names = [n for n, _ in out]  # (two values alike to 6 digits shared one folder, the first lost without a word)
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"sweep: two values are both named {twice[0]} (their first 6 significant digits agree), and "
+                         "would share one sub-run folder: give values that differ there")
     return out
-
-
-def _value_name(value: float | int) -> str:
-    """A swept value as its sub-run's folder names it: ``{:g}`` where that reads back as the value, else its repr
-    (two values alike to 6 digits shared one folder, the first lost; 1234567 was named, and plotted at, 1.23457e+06)."""
-    if not isinstance(value, float):
-        return str(value)
-    short = f"{value:g}"
-    return short if float(short) == value else repr(value)
 
 
 def own_value(rc: cfg.RunConfig, param: str, method: str) -> float | int:
