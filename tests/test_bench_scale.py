@@ -67,13 +67,7 @@ def test_throughput_and_markdown_on_cpu(monkeypatch):
     assert [x["precision"] for x in r["rows"]] == ["fp32", "bf16"]
     assert 0 < r["bf16_rel_mean_diff"] < 0.05  # bf16 keeps 8 bits of mantissa: about 1 % on eps
     assert r["flops_per_call"] > 0 and all(x["calls_images_per_s"] > 0 for x in r["rows"])
-    data = {"machine": {"platform": "p", "cpu_count": 2, "torch": "t", "torch_threads": 1,
-                        "load_average_at_start": [0], "date": "d"},
-            "config": {"classifier_classes": 100, "gpu_tflops": 30.0}, "seconds": 1.0, "audit": vars(Audit()),
-            "cost": cost_model([{"model": "m", "batch": 1, "side": 32, "denoiser_s_per_image": 1.0,
-                                 "guided_step_s_per_image": 2.0, "classifier_train_s_per_image": 0.1,
-                                 "denoiser_flops_per_image": 1e10, "classifier_flops_per_image": 1e9}], [], Audit(),
-                               30.0)}
+    data = _one_model_without_search()
     md = render_scale_markdown(data)
     assert "a projection, not a measurement" in md and "| m | search |" in md
 
@@ -106,15 +100,20 @@ def test_a_partial_run_writes_its_own_files_beside_the_whole_ones(tmp_path, monk
         assert [p.name for p in paths] == [f"{stem}.json", f"{stem}.md"]
 
 
-def test_a_total_says_which_stages_it_leaves_out():
-    """The search is measured at one size only: for another model its row shows '-', and 'total here' summed the other
-    stages without a word, while the GPU totals on the same line included the search."""
-    data = {"machine": {"platform": "p", "cpu_count": 2, "torch": "t", "torch_threads": 1,
+def _one_model_without_search() -> dict:
+    """A scale.json of one model whose search was not measured (the search rows are measured at 32x32 only)."""
+    return {"machine": {"platform": "p", "cpu_count": 2, "torch": "t", "torch_threads": 1,
                         "load_average_at_start": [0], "date": "d"},
             "config": {"classifier_classes": 100, "gpu_tflops": 30.0}, "seconds": 1.0, "audit": vars(Audit()),
             "cost": cost_model([{"model": "m", "batch": 1, "side": 32, "denoiser_s_per_image": 1.0,
                                  "guided_step_s_per_image": 2.0, "classifier_train_s_per_image": 0.1,
                                  "denoiser_flops_per_image": 1e10, "classifier_flops_per_image": 1e9}], [], Audit(),
                                30.0)}
+
+
+def test_a_total_says_which_stages_it_leaves_out():
+    """The search is measured at one size only: for another model its row shows '-', and 'total here' summed the other
+    stages without a word, while the GPU totals on the same line included the search."""
+    data = _one_model_without_search()
     assert "m: total here" in render_scale_markdown(data)
     assert "(without search: not measured here at this size)" in render_scale_markdown(data)
