@@ -421,13 +421,19 @@ def _as_nhwc_uint8(images: np.ndarray, where: str) -> np.ndarray:
     return images
 
 
+def is_digits_spec(spec: Any) -> bool:
+    """Whether a data spec names scikit-learn's digits (``digits``, ``digits:N``), whatever folder of that name lies
+    here."""
+    return isinstance(spec, (str, Path)) and (str(spec) == "digits" or str(spec).startswith("digits:"))
+
+
 def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
     """Load an image set from a spec (see the module docstring), optionally resized to a square size."""
     check_path(spec, "spec")
     if resize_to is not None:  # (before the set loads)
         check_size(resize_to, "resize_to")
     s = str(spec)
-    if s == "digits" or s.startswith("digits:"):
+    if is_digits_spec(s):
         n = None
         if ":" in s:
             try:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .data import ImageSet, check_levels, labelled_classes, load_image_set, load_shards
+from .data import ImageSet, check_levels, is_digits_spec, labelled_classes, load_image_set, load_shards
 from .detection import check_grid
 from .distributed import SINGLE, ProcessGroup
 from .evaluation import Evaluation, calibrate, copies_of, duplicate_counts, evaluate, held_out_set
@@ -1089,30 +1089,36 @@ def absolute_spec(spec: Any, *, model: bool = False) -> Any:
     directories (``side verify``, ``side report``, :meth:`~side_extract.api.Audit.load` after a ``chdir``), where a
     relative path named nothing. Other specs (``digits:N``, an embedded target, a hub id, an in-memory model's
     description, None) as they are."""
-    if not isinstance(spec, (str, Path)) or str(spec) == "digits" or str(spec).startswith("digits:"):
+    if not isinstance(spec, (str, Path)) or is_digits_spec(spec):
         return spec
     if model and str(spec) in EMBEDDED_TARGETS:
         return spec
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
+RECORDED_PATHS = (("model",), ("train",), ("evaluate", "heldout"))  # the settings a run records absolute
+
+
 def absolute_config(d: dict[str, Any]) -> dict[str, Any]:
-    """A run's config.yaml dict with its paths made absolute as :func:`absolute_paths` does (a run made before this
-    release recorded them as typed: a rerun from the same folder was told its model had changed)."""
+    """A run config as a dict (a config.yaml's, :func:`config.to_dict`'s) with the paths of :data:`RECORDED_PATHS`
+    made absolute (:func:`absolute_spec`), as a run records them (a run made before this release recorded them as
+    typed: a rerun from the same folder was told its model had changed)."""
     d = dict(d)
-    for key in ("model", "train"):
-        if key in d:
-            d[key] = absolute_spec(d[key], model=key == "model")
-    if isinstance(d.get("evaluate"), dict) and "heldout" in d["evaluate"]:
-        d["evaluate"] = dict(d["evaluate"], heldout=absolute_spec(d["evaluate"]["heldout"]))
+    for *section, key in RECORDED_PATHS:
+        holder = d
+        for name in section:  # (a copy of each section on the way: the caller's dict is left as it is)
+            if not isinstance(holder.get(name), dict):
+                break
+            holder[name] = holder = dict(holder[name])
+        else:
+            if key in holder:
+                holder[key] = absolute_spec(holder[key], model=key == "model")
     return d
 
 
 def absolute_paths(rc: cfg.RunConfig) -> cfg.RunConfig:
-    """``rc`` with the model, training set and held-out images it names here made absolute (:func:`absolute_spec`),
-    as a run records them."""
-    return dataclasses.replace(rc, model=absolute_spec(rc.model, model=True), train=absolute_spec(rc.train),
-                               evaluate=dataclasses.replace(rc.evaluate, heldout=absolute_spec(rc.evaluate.heldout)))
+    """``rc`` with the paths of :data:`RECORDED_PATHS` made absolute, as a run records them."""
+    return cfg.from_dict(cfg.RunConfig, absolute_config(cfg.to_dict(rc)))
 
 
 def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: Until,

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import config as cfg
-from .data import ImageSet, check_npz_size, load_shards
+from .data import ImageSet, check_npz_size, is_digits_spec, load_shards
 from .distributed import SINGLE, ProcessGroup
 
 log = logging.getLogger(__name__)
@@ -490,8 +490,7 @@ def settings_fingerprint(config: Any, *parts: Any, names: tuple[str, ...] = ()) 
         if key not in FILE_KEYS:
             continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(v, str) or not v or len(v) >= 4096 or v in names or v == "digits" or v.startswith(
-                    "digits:"):  # (scikit-learn's digits, whatever folder of that name is here: --out digits)
+            if not isinstance(v, str) or not v or len(v) >= 4096 or v in names or is_digits_spec(v):  # (--out digits)
                 continue
             spec = v.split("torchscript:", 1)[1] if "torchscript:" in v else v
             p = Path(spec)
