@@ -802,3 +802,28 @@ def test_training_ids_changed_alone_are_evaluated_again(tiny_model_dir, tmp_path
         for d_ in (tmp_path / "run" / "evaluation" / "uncond", tmp_path / "run" / "synthetic-evaluation"):
             ids = np.load(d_ / "per_generation.npz")["nearest_train_id"]
             assert ((ids >= 5000) == bool(offset)).all(), (offset, d_)
+
+
+def test_a_run_reads_its_sets_once(tiny_model_dir, tmp_path):
+    """A run read its training and held-out sets twice (the preflight, then the stage that uses them), so a set's
+    warning, here that its non-square images are stretched, was said twice."""
+    import warnings
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 12), ("heldout", 10)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 10), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    rc = dataclasses.replace(rc, train=str(tmp_path / "train"), train_resize=8,
+                             evaluate=dataclasses.replace(rc.evaluate, heldout=str(tmp_path / "heldout"), quality=(),
+                                                          bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        res = run_audit(tmp_path / "run", rc)
+    stretched = sorted(str(w.message).split(" are not square")[0] for w in said if "stretched" in str(w.message))
+    assert stretched == [f"10 image(s) of {str(tmp_path / 'heldout')!r}",
+                         f"12 image(s) of {str(tmp_path / 'train')!r}"], stretched
+    assert res.metrics["uncond"]["n_train"] == 12

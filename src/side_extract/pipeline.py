@@ -819,10 +819,14 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
     return problems
 
 
-def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *, warn_inert: bool = True) -> None:
+def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *,
+              warn_inert: bool = True) -> dict[str, ImageSet]:
     """Check the resolved config against the model, the data and the methods before any stage runs; one
     ``ValueError`` lists every problem found (not only the first). ``warn_inert``: warn of the settings that change
-    nothing in this run (:func:`~side_extract.config.inert_settings`; off where the caller has said so already)."""
+    nothing in this run (:func:`~side_extract.config.inert_settings`; off where the caller has said so already).
+    Returns the image sets it read (``train``, ``heldout``: :attr:`AuditContext.sets`, read as the run records their
+    paths), so the stages do not read them again (a set's warnings were said twice, once here and once by its
+    stage, and a file changed in between was checked here and read changed there)."""
     problems: list[str] = []
     methods = set(rc.extract.methods)
     C, H, W = denoiser.sample_shape
@@ -837,7 +841,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         problems.append(f"clustering (until=surrogate, side cluster) makes the surrogate labels of side and side-lora; "
                         f"extract.methods ({', '.join(rc.extract.methods)}) has neither: add side, or train the "
                         "classifiers the methods need (side train-classifier)")
-    train = None
+    train, loaded = None, {}
     if rc.train is None:
         if needs_train:
             problems.append(f"methods {', '.join(sorted({'cond', 'side-teacher'} & methods))} need the training set: "
@@ -849,10 +853,11 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                         f"must be resized to that ({H})")
     else:
         try:
-            train = load_image_set(rc.train, rc.train_resize)
+            train = load_image_set(absolute_spec(rc.train), rc.train_resize)
         except ValueError as e:
             problems.append(f"train={rc.train!r}: {e}")
     if train is not None:
+        loaded["train"] = train
         try:
             check_fits(train.shape, denoiser.sample_shape, f"training images ({rc.train})")
         except ValueError as e:
@@ -931,7 +936,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         n_null, copies = None, 0
         if ev.heldout is not None:
             try:
-                h = load_image_set(ev.heldout, rc.train_resize)
+                h = loaded["heldout"] = load_image_set(absolute_spec(ev.heldout), rc.train_resize)
                 n_null = len(h)
                 check_levels(h.images, "its images")
                 if train is not None and h.shape != train.shape:
@@ -963,6 +968,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                             "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
     if problems:
         raise ValueError("the run cannot start:\n  - " + "\n  - ".join(problems))
+    return loaded
 
 
 def _extractor_problem(name: str) -> str | None:
@@ -1004,7 +1010,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         check_unlocked(path)  # another writer: said at once, not after the model has loaded
     if target is None:
         target = load_run_target(rc, device)
-    preflight(rc, target.denoiser, until, warn_inert=warn_inert and group.main)
+    loaded = preflight(rc, target.denoiser, until, warn_inert=warn_inert and group.main)
     group.agree({"config": fingerprint_of(rc), "model": target.fingerprint, "until": until, "run": str(path),
                  "replace": replace}, "settings (config or model), stage or run directory")  # (the values, not
     # the files they name: each machine of a launch may read its own copy)
@@ -1024,7 +1030,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
             log.warning("%s: an interrupted run with these settings was replacing finished results; this one "
                         "finishes it (as --force would)", run.path)
         try:
-            result = _chain(run, rc, target, device, until, progress)
+            result = _chain(run, rc, target, device, until, progress, loaded)
             if group.main:
                 run.done_replacing(*settings)
             if group.main:
@@ -1122,13 +1128,13 @@ def absolute_paths(rc: cfg.RunConfig) -> cfg.RunConfig:
 
 
 def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: Until,
-           progress: ProgressFactory) -> AuditResult:
+           progress: ProgressFactory, sets: dict[str, ImageSet]) -> AuditResult:
     upto = UNTIL.index(until)
     rc = absolute_paths(rc)  # (after the processes of a launch agreed on the values as given: their folders may differ)
     run.write_config(rc)
     run.set_model(target.fingerprint, str(rc.model), getattr(target.denoiser, "prediction", "epsilon"))
     denoiser = target.denoiser
-    ctx = AuditContext(run, rc, denoiser, device, progress, {MODEL_INPUT: target.fingerprint})
+    ctx = AuditContext(run, rc, denoiser, device, progress, {MODEL_INPUT: target.fingerprint}, sets=dict(sets))
     run.group.on_main(lambda: refuse_data_stages(ctx, upto))
     methods = rc.extract.methods
     synthetic = None
