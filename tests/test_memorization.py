@@ -197,3 +197,25 @@ def test_side_lora_learns_the_background_and_never_targets_it(tiny_model_dir, tm
     assert model.background == 2 and model.target_outputs.tolist() == [0, 1]
     labels = load_shards(run / "extraction" / "side-lora").labels
     assert set(labels) == {0, 1}  # 30 uniform draws over the two clusters, never the background's 2
+
+
+def test_memorization_inputs_misstated_are_named():
+    """An independent review's finds: denoising_error with batch_size -1 returned np.empty's memory as scores (0
+    failed inside range); memory images of 0-255 pixels turned avoidance off without a word (every kernel
+    exp(-huge) = 0) and another shape failed mid-sampling; 2-D scores gave 2-D column indices as candidates."""
+    from side_extract.memorization import MemorizationGuidance
+
+    m = torch.zeros((1, 4, 4))
+    den = one_image_model(m)
+    x = torch.zeros((3, 1, 4, 4))
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(ValueError, match=f"batch_size={bad} must be a positive number of images per batch"):
+            denoising_error(den, x, batch_size=bad)
+    g = MemorizationGuidance(den, 5.0, avoid=1.0)
+    with pytest.raises(ValueError, match=r"memory images .* must lie in \[-1, 1\], got values 0\.\.255"):
+        g.remembering(torch.full((2, 1, 4, 4), 255.0).index_fill_(0, torch.tensor([0]), 0.0))
+    with pytest.raises(ValueError, match=r"memory images .* are \(3, 4, 4\) \(C, H, W\) but the model's are \(1, 4, 4\)"):
+        g.remembering(torch.zeros((2, 3, 4, 4)))
+    assert len(g.remembering(torch.zeros((2, 1, 4, 4))).memory) == 2
+    with pytest.raises(ValueError, match=r"one per sample, shape \(n,\); got shape \(3, 4\)"):
+        memorization_candidates(np.arange(12.0).reshape(3, 4), 0.5)

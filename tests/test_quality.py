@@ -243,3 +243,35 @@ def test_features_that_are_not_two_finite_sets_of_one_dimension_are_named():
         precision_recall(a, nan)
     with pytest.raises(ValueError, match="generated pixels features has non-finite"):
         quality_from_features(nan, b, "pixels")
+
+
+def test_quality_inputs_misstated_are_named_before_the_work():
+    """An independent review's finds: a precision/recall k the sets cannot give was refused only after the kernel
+    distance's quadratic work; the public MMD^2 and its jackknife error returned NaN on too few samples; the
+    feature extractors took batch sizes 0 and -1 into errors naming nothing; pixels-pca fitted on one image gave
+    every image the feature 0; detection ran grid 2.5 as 2 and recorded 2.5."""
+    from unittest import mock
+
+    from side_extract import quality
+    from side_extract.data import ImageSet
+    from side_extract.detection import detect_memorized
+    from side_extract.features import extract_features, get_extractor
+
+    rng = np.random.default_rng(0)
+    gen, ref = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
+    with mock.patch.object(quality, "kernel_distance", side_effect=AssertionError("the kernel distance ran")):
+        for k, said in ((0, "k=0 must be >= 1"), (20, "with k=20 needs more than 20 samples per set")):
+            with pytest.raises(ValueError, match=said):
+                quality.quality_from_features(gen, ref, "pixels", k=k)
+    with pytest.raises(ValueError, match="the unbiased MMD\\^2 needs at least 2 samples per set, got 1 and 20"):
+        quality.mmd2_unbiased(gen[:1], ref)
+    with pytest.raises(ValueError, match="the jackknife standard error needs at least 3 samples per set, got 20 and 2"):
+        quality.mmd2_jackknife_se(gen, ref[:2])
+    images = ImageSet(rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size={bad} must be a positive number of images per batch"):
+            extract_features("pixels", images, batch_size=bad)
+    with pytest.raises(ValueError, match="pixels-pca is fitted on 1 image"):
+        get_extractor("pixels-pca").fit(images.subset(np.arange(1)))
+    with pytest.raises(ValueError, match="grid=2.5 must be an integer number of tiles per side"):
+        detect_memorized(images, 0.1, min_size=2, grid=2.5)

@@ -161,10 +161,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def check_size(size: Any, name: str = "resize") -> None:
-    """Refuse an image size that is not a positive integer (a string or 2.5 was a TypeError inside torch)."""
+def check_size(size: Any, name: str = "resize", what: str = "image size") -> None:
+    """Refuse an image size (or another count, ``what``) that is not a positive integer (a string or 2.5 was a
+    TypeError inside torch; a negative batch size left a loop empty and its output uninitialised)."""
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
-        raise ValueError(f"{name}={size!r} must be a positive image size (an integer)")
+        raise ValueError(f"{name}={size!r} must be a positive {what} (an integer)")
 
 
 def _warn_stretched(where: str, non_square: list[str], size: int, count: int | None = None) -> None:

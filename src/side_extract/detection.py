@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import numbers
 from typing import Any, Literal
 
 import numpy as np
@@ -66,6 +67,8 @@ def default_grid(height: int, width: int) -> int:
 
 def check_grid(grid: int, height: int, width: int, name: str = "grid") -> None:
     """Refuse a number of tiles per side outside 1..the image's shorter side (``name``: the setting)."""
+    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral):  # (2.5 ran as 2 and was recorded 2.5)
+        raise ValueError(f"{name}={grid!r} must be an integer number of tiles per side")
     if not 1 <= grid <= min(height, width):
         raise ValueError(f"{name}={grid} must be between 1 and the image side {min(height, width)}")
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
 
-from .data import ImageSet
+from .data import ImageSet, check_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +56,7 @@ class FeatureExtractor:
     name = "base"
 
     def __init__(self, batch_size: int = 256, device: str | torch.device = "cpu") -> None:
+        check_size(batch_size, "batch_size", "number of images per batch")  # (0 and -1 failed inside range, cat)
         self.batch_size = batch_size
         self.device = device
 
@@ -94,6 +95,8 @@ class PixelPCAFeatures(FeatureExtractor):
 
     def fit(self, images: ImageSet) -> "PixelPCAFeatures":
         x = images.to_float().flatten(1).numpy()
+        if len(x) < 2:  # (one image gave every image the feature 0: FID 0, every image alike)
+            raise ValueError(f"pixels-pca is fitted on {len(x)} image(s): it needs at least 2 reference images")
         k = min(self.n_components, *x.shape)
         self.pca_ = PCA(n_components=k, random_state=self.random_state).fit(x)
         return self

@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .data import check_float_images
+from .data import check_float_images, check_size
 from .models.target import Denoiser, predict_x0
 from .sampling import MEMGUIDE_STREAM, MEMORIZATION_STREAM, sample_generators
 
@@ -40,6 +40,7 @@ def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.
         raise ValueError(f"t_fraction={t_fraction} must lie strictly between 0 and 1 (a fraction of the training timesteps)")
     if draws < 1:
         raise ValueError(f"draws={draws} must be >= 1")
+    check_size(batch_size, "batch_size", "number of images per batch")  # (-1 returned np.empty's memory as scores)
     check_float_images(x0, "denoising_error x0", denoiser.sample_shape)
     t = timestep(t_fraction, denoiser.scheduler.config.num_train_timesteps)
     out = np.empty(len(x0), dtype=np.float64)
@@ -161,8 +162,9 @@ class MemorizationGuidance:
 
     def remembering(self, images: torch.Tensor) -> MemorizationGuidance:
         """This guidance, avoiding ``images`` (M, C, H, W) in [-1, 1]: the earlier rounds' generations."""
-        if images.ndim != 4:
-            raise ValueError(f"memory images must be (M, C, H, W), got shape {tuple(images.shape)}")
+        # (0-255 pixels made every kernel exp(-huge) = 0: avoidance did nothing, without a word; another shape
+        # failed at the avoidance window's first step, naming nothing)
+        check_float_images(images, "memory images (the earlier rounds' generations)", self.denoiser.sample_shape)
         return dataclasses.replace(self, memory=images.to(torch.float32))
 
     def avoids_at(self, t: torch.Tensor | int) -> bool:
@@ -231,6 +233,8 @@ def candidate_count(n: int, fraction: float) -> int:
 def memorization_candidates(scores: np.ndarray, fraction: float) -> np.ndarray:
     """Sorted indices of the ``fraction`` of samples with the lowest scores (at least 2; ties broken by index)."""
     scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:  # (an (n, m) array gave (n, k) column indices)
+        raise ValueError(f"memorization scores must be one per sample, shape (n,); got shape {scores.shape}")
     k = candidate_count(len(scores), fraction)
     if not np.isfinite(scores).all():
         raise ValueError("memorization scores must be finite")

@@ -96,10 +96,16 @@ def _kernels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
 
 
+def _at_least(k: int, n: int, m: int, what: str) -> None:
+    if min(n, m) < k:
+        raise ValueError(f"{what} needs at least {k} samples per set, got {n} and {m}")
+
+
 def mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
     """Unbiased MMD^2 with k(x, y) = (x . y / d + 1)^3 between a (n, d) and b (m, d)."""
     kaa, kbb, kab = _kernels(*feature_sets(a, b))
     n, m = len(a), len(b)
+    _at_least(2, n, m, "the unbiased MMD^2")  # (one sample divided by n (n - 1) = 0: NaN)
     return float((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
                  - 2 * kab.mean())
 
@@ -134,6 +140,7 @@ def mmd2_jackknife_se(a: np.ndarray, b: np.ndarray) -> float:
     per set."""
     a, b = feature_sets(a, b)
     n, m = len(a), len(b)
+    _at_least(3, n, m, "the jackknife standard error")
     ra, rb = _kernel_row_sums(a, a, True), _kernel_row_sums(b, b, True)
     ca, cb = _kernel_row_sums(a, b, False), _kernel_row_sums(b, a, False)
     saa, sbb, sab = ra.sum(), rb.sum(), ca.sum()
@@ -183,14 +190,19 @@ def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def check_k(k: int, n_real: int, n_fake: int) -> None:
+    """Refuse a precision/recall ``k`` the sets cannot give (before the kernel distance's quadratic work)."""
+    if k < 1:  # (k 0 gave 0 and 0, k -1 gave 1 and 1)
+        raise ValueError(f"k={k} must be >= 1 (the k-th nearest neighbour's distance is each sample's radius)")
+    if n_real <= k or n_fake <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {n_real} and {n_fake}")
+
+
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (k-NN manifolds, see the module docstring), block by block over the
     generations."""
     real, fake = feature_sets(real, fake, ("real", "fake"))
-    if k < 1:  # (k 0 gave 0 and 0, k -1 gave 1 and 1)
-        raise ValueError(f"k={k} must be >= 1 (the k-th nearest neighbour's distance is each sample's radius)")
-    if len(real) <= k or len(fake) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {len(real)} and {len(fake)}")
+    check_k(k, len(real), len(fake))
     r_real, r_fake = _kth_radius(real, k), _kth_radius(fake, k)
     inside_real = np.zeros(len(fake), bool)  # a generation inside the real manifold
     covered = np.zeros(len(real), bool)  # a real image inside the generated manifold
@@ -222,6 +234,7 @@ class Quality:
 def quality_from_features(gen: np.ndarray, ref: np.ndarray, features: str, *, k: int = 3, n_subsets: int = 50,
                           subset_size: int = 1000, random_state: int = 0) -> Quality:
     gen, ref = feature_sets(gen, ref, (f"generated {features} features", f"reference {features} features"))
+    check_k(k, len(ref), len(gen))  # (said after the kernel distance had run, seconds to hours)
     kid, se = kernel_distance(gen, ref, n_subsets=n_subsets, subset_size=subset_size, random_state=random_state)
     p, r = precision_recall(ref, gen, k)
     return Quality(features, len(gen), len(ref), frechet_distance_of(gen, ref), kid, se, p, r, k)
