@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable
 from typing import Any
@@ -202,9 +203,9 @@ def measure(
     n_data = len(train)
     if not isinstance(n_points, (int, np.integer)) or not 2 <= n_points <= n_data:
         raise ValueError(f"n_points={n_points!r} must be an integer in [2, {n_data}] (the training set size)")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):  # (np.float32 was refused)
         raise ValueError(f"eps={eps!r} must be a positive finite number")
-    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+    if not (isinstance(guidance_scale, numbers.Real) and math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
     bandwidth = float(eps if bandwidth is None else bandwidth)
     if not math.isfinite(bandwidth) or bandwidth <= 0:
@@ -275,6 +276,11 @@ def measure(
             progress(b + 1, n_batches)
         log.info("theory measure: batch %d/%d", b + 1, n_batches)
     assert res is not None
+    for name, lp in (("the target", lp_u), (f"the target guided at scale {guidance_scale:g}", lp_g)):
+        if bad := int((~np.isfinite(lp)).sum()):  # (NaN read as an "inconclusive" verdict and was written to JSON)
+            raise ValueError(f"the ODE log-likelihood of {name} is not finite at {bad} of {len(lp)} points (NaN or "
+                             "inf: the model's output overflowed or diverged there; try fp32 or a smaller guidance "
+                             "scale)")
 
     # 5. estimates
     E = Estimate.from_values
