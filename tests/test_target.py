@@ -307,3 +307,73 @@ def test_train_target_refuses_a_folder_a_run_clears(tmp_path):
     with pytest.raises(ValueError, match=r"--out .* lies inside run .*run', whose writers clear"):
         train_target(TINY, load_image_set("digits:20"), run / "extraction" / "memguide")
     assert not (run / "extraction").exists()
+
+
+def test_train_target_faults_of_a_review(tmp_path, monkeypatch):
+    """An independent review's finds: a training killed mid-write left its own temporary name, refused for good as
+    someone else's file; a diverged training wrote a NaN model and exited 0; the same data spelled otherwise was "a
+    different data set"; a model trained on other images under the same spec was replaced once its checkpoints
+    were gone; a width under 8 was a ZeroDivisionError; EMA drew from the caller's RNG; float classifier labels
+    were truncated; a model with diffusers' default sample_size None and a variance-exploding scheduler folder
+    loaded into a TypeError and an invented DDPM schedule."""
+    import hashlib
+    import json
+    import os
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from side_extract.models.classifier import ClassifierArch
+    from side_extract.training import train_classifier
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(imgs / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    c = dataclasses.replace(TINY, data="imgs", steps=2)
+    train_target(c, load_image_set("imgs"), tmp_path / "out")
+    # killed while the final model was being saved: its temporary name is its own, swept once old
+    left = tmp_path / "out" / "..final.abcd1234.side-tmp"
+    left.mkdir()
+    os.utime(left, (0, 0))
+    same = dataclasses.replace(c, data=str(imgs) + "/", steps=4)  # the same images, spelled otherwise
+    assert train_target(same, load_image_set(same.data), tmp_path / "out").resumed_from == 2
+    assert not left.exists()
+    # other images under the same spec, the checkpoints gone: refused (the data by the fingerprint of the log)
+    shutil.rmtree(tmp_path / "out" / "checkpoints")
+    weights = tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(imgs / "0.png")
+    with pytest.raises(ValueError, match=r"different config or data set \(train_config.yaml\)"):
+        train_target(dataclasses.replace(same, steps=1), load_image_set(same.data), tmp_path / "out")
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    # diverged: said at the step, nothing past it written
+    data = load_image_set("digits:20")
+    with pytest.raises(ValueError, match=r"train-target diverged: the loss is nan at step \d+ \(lr=1e\+06\)"):
+        train_target(dataclasses.replace(TINY, steps=6, lr=1e6), data, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "unet").exists()
+    # a width under 8 trains; EMA leaves the caller's RNG alone
+    torch.manual_seed(0)
+    train_target(dataclasses.replace(TINY, block_out_channels=(4,), steps=1, ema=True), data, tmp_path / "w4")
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))
+    assert load_target(tmp_path / "w4").sample_shape == (1, 8, 8)
+    arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8, time_mode="none")
+    with pytest.raises(ValueError, match="labels"):
+        train_classifier(arch, torch.zeros(4, 1, 8, 8), np.array([0.2, 0.7, 1.9, 1.5]),
+                         cfg.ClassifierConfig(steps=1, batch_size=4, eval_every=1), scheduler=None)
+    # sample_size None; a variance-exploding scheduler
+    unet = tiny_unet()
+    unet.register_to_config(sample_size=None)
+    save_target(unet, tiny_scheduler(), tmp_path / "nosize")
+    with pytest.raises(ValueError, match="config has no sample_size"):
+        load_target(tmp_path / "nosize")
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "ve")
+    (tmp_path / "ve" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000, "sigma_min": 0.01, "sigma_max": 1348.0}))
+    with pytest.raises(ValueError, match="holds a ScoreSdeVeScheduler with no beta schedule"):
+        load_target(tmp_path / "ve")

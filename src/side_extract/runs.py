@@ -195,6 +195,12 @@ _LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.side-(tmp|old)")
 LEFTOVER_AGE_S = 900.0  # how long a temporary name must be untouched before the sweep takes it for a leftover
 
 
+def leftover_of(name: str) -> str | None:
+    """The name a temporary name of :func:`atomic_write_bytes` or :func:`atomic_directory` stands for (``.final``
+    for ``..final.XXXXXXXX.side-tmp``); None for any other name."""
+    return name[1:].rsplit(".", 2)[0] if _LEFTOVER.fullmatch(name) else None
+
+
 def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
     """Remove what writers killed mid-write (SIGKILL, power loss) left in run directory ``path``: the temporary
     files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.side-tmp``,

@@ -178,7 +178,7 @@ def train_classifier(
     """
     # (uint8 or 0..255 images, or another size than arch's, trained without a word)
     check_float_images(x0, "x0", (arch.in_channels, arch.image_size, arch.image_size))
-    y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    y_t = torch.as_tensor(integer_labels(y), dtype=torch.long)  # (float labels were truncated without a word)
     if len(x0) != len(y_t):
         raise ValueError(f"{len(x0)} images but {len(y_t)} labels")
     if len(x0) < 2:

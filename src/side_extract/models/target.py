@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import platform
 import re
 import shutil
@@ -31,7 +32,7 @@ from .. import config as cfg
 from ..data import ImageSet, check_image_set, check_levels
 from ..distributed import SINGLE, ProcessGroup, check_device
 from ..runs import (atomic_directory, atomic_write_json, atomic_write_text, check_outside_run_folders, check_writable,
-                    read_json, versions)
+                    leftover_of, read_json, sweep_leftovers, versions)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,11 @@ class UNetDenoiser:
         self.scheduler = scheduler
         self.source = source
         size = unet.config.sample_size
+        if size is None:  # (diffusers' default: a TypeError "'NoneType' object is not iterable")
+            raise ValueError(f"{source or 'the model'}: the UNet2DModel's config has no sample_size (diffusers' "
+                             "default None), so the size of the images it makes is unknown; set it "
+                             "(UNet2DModel(..., sample_size=H) or unet/config.json's \"sample_size\") and save it "
+                             "again")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (int(unet.config.in_channels), int(h), int(w))
 
@@ -313,6 +319,13 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
         raise ValueError(f"model directory {str(path)!r}: unet/ holds a {kind}; side-extract audits an "
                          "unconditional diffusers UNet2DModel (another architecture can be audited from Python as "
                          "a callable eps(x, t) with its scheduler and sample_shape)")
+    sched = json.loads((sched_dir / "scheduler_config.json").read_text())
+    if not {"beta_schedule", "beta_start", "trained_betas"} & set(sched) and sched.get(
+            "_class_name", "DDPMScheduler") not in ("DDPMScheduler", "DDIMScheduler"):  # (a ScoreSdeVeScheduler's
+        # was read with DDPM's defaults, an invented schedule: sampling "diverged" after a run folder was made)
+        raise ValueError(f"model directory {str(path)!r}: scheduler/ holds a {sched.get('_class_name', 'scheduler')} "
+                         "with no beta schedule (beta_schedule, beta_start or trained_betas): a variance-exploding "
+                         "or other non-DDPM schedule; side-extract samples a DDPM/DDIM (variance-preserving) model")
     scheduler = _loaded(path, "scheduler/scheduler_config.json", lambda: DDPMScheduler.from_pretrained(sched_dir))
     unet = _loaded(path, "unet/", lambda: UNet2DModel.from_pretrained(unet_dir, use_safetensors=True))
     check_unet(unet, f"model directory {str(path)!r}")
@@ -403,6 +416,9 @@ def build_unet(c: cfg.TrainTargetConfig, shape: tuple[int, int, int]) -> UNet2DM
         norm_num_groups=c.norm_num_groups,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
+        # diffusers' 8 channels a head, fewer where the attention's blocks (the mid block, and with attention the
+        # last down and first up block: all at the last width) are narrower (0 heads: a ZeroDivisionError)
+        attention_head_dim=min(8, c.block_out_channels[-1]),
     )
 
 
@@ -431,7 +447,7 @@ def _read_target_checkpoint(ckpt: Path, resume_key: dict, out: Path) -> tuple[in
         key, step = meta["resume_key"], int(meta["step"])
     except (ValueError, KeyError, TypeError) as e:
         return damaged(e)
-    if key != resume_key:
+    if not _same_training(key, resume_key):
         raise ValueError(f"{str(out)!r} holds checkpoints of a different config or data set; choose another --out "
                          "or delete it")
     try:
@@ -446,6 +462,21 @@ TRAIN_OUT_FILES = ("unet", "scheduler", "model_index.json", "train_config.yaml",
                    ".final")  # what train_target writes into --out
 
 
+def _own_leftover(name: str) -> bool:
+    """Whether ``name`` is what a write of train-target's own killed mid-write left (``..final.XXXXXXXX.side-tmp``,
+    ``.training_log.json.XXXXXXXX.side-tmp``): refused as someone else's file, it blocked the resume for good."""
+    return leftover_of(name) in TRAIN_OUT_FILES
+
+
+def _same_training(key: dict, resume_key: dict) -> bool:
+    """Whether a checkpoint's resume key is this training's: the data by its images' fingerprint, not the spec's
+    spelling (``imgs``, ``./imgs/`` and its absolute path were refused as "a different data set"); keys without a
+    fingerprint (none were written so) by the spec as well."""
+    if "data_fingerprint" in key:
+        return {k: v for k, v in key.items() if k != "data"} == {k: v for k, v in resume_key.items() if k != "data"}
+    return key == resume_key
+
+
 def check_train_out(out: Path, resume_key: dict) -> None:
     """Refuse an ``out`` that holds what this training must not replace: files it did not write, or a model or
     checkpoints trained with another config or data set (at any step: a checkpoint past the requested steps is
@@ -456,7 +487,7 @@ def check_train_out(out: Path, resume_key: dict) -> None:
     check_writable(out)  # (found at the first checkpoint: up to checkpoint_every steps lost)
     if not out.exists():
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in TRAIN_OUT_FILES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in TRAIN_OUT_FILES and not _own_leftover(p.name))
     if foreign:
         raise ValueError(f"--out {str(out)!r} holds files train-target did not write ({', '.join(foreign[:5])}"
                          f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty --out")
@@ -471,13 +502,24 @@ def check_train_out(out: Path, resume_key: dict) -> None:
             key = read_json(state, dict)["resume_key"]
         except (ValueError, KeyError):  # damaged: passed over when training resumes (train_target)
             continue
-        if key != resume_key:
+        if not _same_training(key, resume_key):
             raise ValueError(f"{differs} ({state.parent.name}); training here would replace it: choose another "
                              "--out or delete it")
     if made.is_file():
         old = {k: v for k, v in cfg.keyed_settings(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made))).items()
                if k not in ("steps", "checkpoint_every")}
-        if old != {k: v for k, v in resume_key.items() if k != "data_fingerprint"}:
+        # the data by the fingerprint training_log.json records (a model trained on other images under the same
+        # spec was replaced once its checkpoints were gone); by the spec where it records none (made before)
+        try:
+            trained_on = read_json(out / "training_log.json", dict).get("data_fingerprint")
+        except (OSError, ValueError):  # (none: a training cut short after the model moved in, or damaged)
+            trained_on = None
+        if trained_on is not None:
+            old = {**{k: v for k, v in old.items() if k != "data"}, "data_fingerprint": trained_on}
+            new = {k: v for k, v in resume_key.items() if k != "data"}
+        else:
+            new = {k: v for k, v in resume_key.items() if k != "data_fingerprint"}
+        if old != new:
             raise ValueError(f"{differs} (train_config.yaml); training here would replace it: choose another --out "
                              "or delete it")
 
@@ -518,6 +560,7 @@ def train_target(
     The final model (EMA weights when ``ema``) is ``out/unet`` + ``out/scheduler``.
     """
     cfg.check_section(c, cfg.TrainTargetConfig, "c")  # (a dict, or an array for data, was an AttributeError)
+    check_device(str(device))  # (torch's own error, or an AssertionError, from the first .to())
     check_image_set(data, "data")
     cfg.check_path(out, "out")
     check_levels(data.images, f"data ({data.name})" if data.name else "data")
@@ -534,6 +577,8 @@ def train_target(
     resume_key["data_fingerprint"] = data.fingerprint()
 
     check_train_out(out, resume_key)  # before anything is written
+    if group.main and out.is_dir():
+        sweep_leftovers(out)  # what a training killed mid-write left (untouched for a while: not a live writer's)
     start, losses, state = 0, [], None
     at_most = c.steps
     # every process reads it; only the main one writes checkpoints, after a step that synchronises the processes
@@ -578,6 +623,9 @@ def train_target(
         if ema is not None:
             ema.step(unet.parameters())
         losses.append(group.batch_mean(per_row, c.batch_size))
+        if not math.isfinite(losses[-1]):  # (every later step ran, NaN checkpoints and model written, exit 0)
+            raise ValueError(f"train-target diverged: the loss is {losses[-1]} at step {step} (lr={c.lr:g}); lower "
+                             f"--lr. Nothing of this run past step {step - 1} was written")
         since.append(losses[-1])
         if progress is not None:
             progress(step, c.steps)
@@ -606,6 +654,7 @@ def train_target(
     # how it was trained beyond the config: the same config on another thread count, device or library version can
     # round differently and end at other weights, and a result rests on the weights (model_fingerprint)
     atomic_write_json(out / "training_log.json", {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
+                                                  "data_fingerprint": resume_key["data_fingerprint"],
                                                   "processes": group.world,
                                                   "rows_per_process": group.local_count(c.batch_size),
                                                   "resumed_from": start, "torch_threads": torch.get_num_threads(),
@@ -617,7 +666,8 @@ def train_target(
 def _averaged(unet: UNet2DModel, ema: EMAModel | None) -> UNet2DModel:
     if ema is None:
         return unet
-    copy = UNet2DModel.from_config(unet.config)
+    with torch.random.fork_rng():  # (its random initialisation, overwritten at once, drew from the caller's RNG)
+        copy = UNet2DModel.from_config(unet.config)
     copy.load_state_dict(unet.state_dict())
     ema.copy_to(copy.parameters())
     return copy
