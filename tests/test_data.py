@@ -344,3 +344,47 @@ def test_inputs_a_folder_or_npz_misstated_are_named(tmp_path, monkeypatch):
     np.savez(tmp_path / "scalar.npz", images=imgs, labels=np.array(3))  # (a bare TypeError from the new check)
     with pytest.raises(ValueError, match="scalar.npz'.*labels"):
         load_image_set(tmp_path / "scalar.npz")
+
+
+def test_folders_and_shards_a_review_found_misread(tmp_path):
+    """An independent review's finds: images in subfolders were left out without a word, hidden files (a thumbnail,
+    macOS's ._ files) taken in or stopping the load; one shard without labels dropped every shard's labels; shards
+    of other shapes, and shards without an index, met numpy's or a misleading error; an npz beside shards was left
+    out without a word."""
+    import warnings
+
+    from PIL import Image
+
+    from side_extract.data import load_image_set
+
+    d = tmp_path / "pics"
+    (d / "cats").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 10, np.uint8)).save(d / "a.png")
+    Image.fromarray(np.full((8, 8), 20, np.uint8)).save(d / "cats" / "b.png")
+    Image.fromarray(np.full((8, 8), 30, np.uint8)).save(d / ".thumb.png")
+    (d / "._a.png").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        s = load_image_set(d)
+    assert s.images[:, 0, 0, 0].tolist() == [10]
+    assert any("1 image file(s) in subfolders of" in str(w.message) and "(the first: cats/b.png)" in str(w.message)
+               and "2 hidden file(s) are left out (the first: ._a.png, .thumb.png)" in str(w.message) for w in said)
+    im = np.zeros((4, 8, 8, 1), np.uint8)
+    sh = tmp_path / "shards"
+    sh.mkdir()
+    np.savez(sh / "shard-000000.npz", images=im[:2], index=[0, 1], labels=[3, 4])
+    np.savez(sh / "shard-000002.npz", images=im[2:], index=[2, 3])
+    with pytest.raises(ValueError, match=r"1 of its 2 shards have no 'labels' \(the first: shard-000002.npz\)"):
+        load_image_set(sh)
+    np.savez(sh / "shard-000002.npz", images=np.zeros((2, 4, 4, 1), np.uint8), index=[2, 3], labels=[1, 2])
+    with pytest.raises(ValueError, match=r"shards hold images of other shapes \(shard-000000.npz: \(8, 8, 1\), "
+                                         r"shard-000002.npz: \(4, 4, 1\)"):
+        load_image_set(sh)
+    np.savez(sh / "shard-000002.npz", images=im[2:], labels=[1, 2])
+    with pytest.raises(ValueError, match=r"1 of its 2 shards have no 'index' array \(the first: shard-000002.npz\)"):
+        load_image_set(sh)
+    np.savez(sh / "shard-000002.npz", images=im[2:], index=[2, 3], labels=[1, 2])
+    assert load_image_set(sh).labels.tolist() == [3, 4, 1, 2]
+    np.savez(sh / "more.npz", images=im)
+    with pytest.raises(ValueError, match=r"holds shard-\*.npz files and other .npz files \(1, the first: more.npz\)"):
+        load_image_set(sh)

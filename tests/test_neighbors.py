@@ -249,3 +249,19 @@ def test_faiss_chooses_the_exact_nearest_between_near_ties_past_float32(monkeypa
     assert searched == [len(Q)]
     np.testing.assert_array_equal(got.indices, ref.indices)
     np.testing.assert_array_equal(got.scores, ref.scores)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_and_exclude_misstated_are_named(backend):
+    """An independent review's finds: a numpy integer k was faiss's SWIG TypeError (and True ran as k = 1 there);
+    exclude took 1.7 as row 1, and a row past the fitted ones excluded nothing, without a word."""
+    ref = np.arange(20, dtype=np.uint8).reshape(5, 4)
+    idx = NearestNeighborIndex("rms-l2", backend=backend).fit(ref)
+    np.testing.assert_array_equal(idx.kneighbors(ref[[1, 3]], np.int64(2)).indices, [[1, 0], [3, 2]])
+    with pytest.raises(ValueError, match="k=True must be an integer number of neighbours"):
+        idx.kneighbors(ref[[1, 3]], True)
+    with pytest.raises(ValueError, match="exclude must hold integer row numbers, got float64"):
+        idx.kneighbors(ref[[1, 3]], 1, exclude=np.array([1.7, 3.2]))
+    with pytest.raises(ValueError, match=r"exclude holds \[5, -2\]: each must be a fitted row, 0..4, or -1"):
+        idx.kneighbors(ref[[1, 3]], 1, exclude=np.array([5, -2]))
+    np.testing.assert_array_equal(idx.kneighbors(ref[[1, 3]], 1, exclude=np.array([1, -1])).indices, [[0], [3]])

@@ -235,6 +235,17 @@ def load_digits_set(n: int | None = None) -> ImageSet:
     return ImageSet(images, labels, ids, name)
 
 
+def _nested_images(path: Path) -> list[str]:
+    """The image files in ``path``'s subfolders (hidden ones passed over; links to folders not followed), relative."""
+    out = []
+    for top, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if Path(top) != path:
+            out += [str(Path(top, n).relative_to(path)) for n in sorted(names)
+                    if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")]
+    return out
+
+
 def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     dangling = sorted(p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_symlink()
                       and not p.exists())
@@ -242,6 +253,16 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         raise ValueError(f"{len(dangling)} image file(s) in {str(path)!r} are symbolic links to nothing (the first: "
                          f"{', '.join(dangling[:3])}): fetch their targets, or remove the links")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    hidden = [p.name for p in files if p.name.startswith(".")]  # (a thumbnail, macOS's ._a.png: taken in as
+    # training images, or an unreadable one that stopped the load)
+    files = [p for p in files if not p.name.startswith(".")]
+    nested = _nested_images(path)
+    if hidden or nested:  # (the images of class subfolders were left out without a word)
+        warnings.warn("; ".join(
+            ([f"{len(nested)} image file(s) in subfolders of {str(path)!r} are left out (the first: "
+              f"{', '.join(nested[:3])}): only the folder's own files are read; give each folder, or move them up"]
+             if nested else []) + ([f"{len(hidden)} hidden file(s) are left out (the first: {', '.join(hidden[:3])})"]
+                                   if hidden else [])), UserWarning, stacklevel=2)
     if not files:
         raise ValueError(f"folder {str(path)!r} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
     others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in Image.registered_extensions()
@@ -388,13 +409,33 @@ def load_npz(path: Path) -> ImageSet:
         raise ValueError(f"{str(path)!r}: {e}") from None
 
 
+def _npz_names(path: Path) -> list[str]:
+    """The names of the arrays an npz holds (its zip directory, no array read)."""
+    with np.load(path, allow_pickle=False) as z:
+        return list(z.files)
+
+
 def load_shards(path: Path) -> ImageSet:
     """Concatenate ``shard-*.npz`` in ``path`` in order of their sample indices."""
     shards = sorted(path.glob("shard-*.npz"))
     if not shards:
         raise ValueError(f"directory {str(path)!r} holds no shard-*.npz files")
     parts = [load_npz(s) for s in shards]
-    labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
+    if len(shards) > 1 and (unindexed := [s.name for s in shards if "index" not in _npz_names(s)]):
+        # (each counted 0..n-1: "the shards hold sample indices more than once ... remove the extra files")
+        raise ValueError(f"{str(path)!r}: {len(unindexed)} of its {len(shards)} shards have no 'index' array (the "
+                         f"first: {', '.join(unindexed[:3])}); shards of one set need each image's sample index")
+    if (unlabelled := [s.name for s, p in zip(shards, parts) if p.labels is None]) and len(unlabelled) < len(parts):
+        # (one shard without labels dropped every shard's labels, without a word)
+        raise ValueError(f"{str(path)!r}: {len(unlabelled)} of its {len(shards)} shards have no 'labels' (the first: "
+                         f"{', '.join(unlabelled[:3])}) and the others have: give every shard its labels, or none")
+    shapes = {s.name: p.images.shape[1:] for s, p in zip(shards, parts)}
+    if len(set(shapes.values())) > 1:  # (numpy's bare "all the input array dimensions ... must match exactly")
+        first = next(iter(shapes.items()))
+        other = next((n, sh) for n, sh in shapes.items() if sh != first[1])
+        raise ValueError(f"{str(path)!r}: its shards hold images of other shapes ({first[0]}: {first[1]}, "
+                         f"{other[0]}: {other[1]}, as (H, W, C)); one set's images share one shape")
+    labels = None if unlabelled else np.concatenate([p.labels for p in parts])
     images = np.concatenate([p.images for p in parts])
     ids = np.concatenate([p.ids for p in parts])
     uniq, counts = np.unique(ids, return_counts=True)
@@ -454,6 +495,10 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
                     # (the shards were read and every image file left out, without a word)
                     raise ValueError(f"folder {s!r} holds both shard-*.npz files and image files ({len(pictures)}, "
                                      f"the first: {', '.join(pictures[:3])}): keep one kind in a folder")
+                if stray := sorted(q.name for q in p.glob("*.npz") if not q.name.startswith("shard-")):
+                    # (read as shards, every other npz left out without a word)
+                    raise ValueError(f"folder {s!r} holds shard-*.npz files and other .npz files ({len(stray)}, the "
+                                     f"first: {', '.join(stray[:3])}): give the other file itself, or move it out")
                 out = load_shards(p)
             else:
                 out = load_folder(p, resize_to)

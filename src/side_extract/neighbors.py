@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -159,6 +160,10 @@ class NearestNeighborIndex:
         Q = self._check_rows(Q, "Q")
         exclude = self._exclude(exclude, exclude_self, len(Q))
         limit = self.n_samples_fit_ - (exclude is not None)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # (True ran as 1 on faiss; np.int64 was
+            # faiss's SWIG TypeError)
+            raise ValueError(f"k={k!r} must be an integer number of neighbours")
+        k = int(k)
         if not 1 <= k <= limit:
             what = "reference rows minus the excluded one" if exclude is not None else "reference rows"
             raise ValueError(f"k={k} must be between 1 and {limit} ({what})")
@@ -230,9 +235,16 @@ class NearestNeighborIndex:
             return np.arange(m, dtype=np.int64)
         if exclude is None:
             return None
-        exclude = np.asarray(exclude, dtype=np.int64)
-        if exclude.shape != (m,):
-            raise ValueError(f"exclude must have shape ({m},), got {exclude.shape}")
+        given = np.asarray(exclude)
+        if given.shape != (m,):
+            raise ValueError(f"exclude must have shape ({m},), got {given.shape}")
+        if given.size and not np.issubdtype(given.dtype, np.integer):  # (1.7 excluded row 1)
+            raise ValueError(f"exclude must hold integer row numbers, got {given.dtype} values")
+        exclude = given.astype(np.int64)
+        if ((exclude < -1) | (exclude >= self.n_samples_fit_)).any():  # (row 5 of 5 excluded nothing, without a word)
+            bad = exclude[(exclude < -1) | (exclude >= self.n_samples_fit_)]
+            raise ValueError(f"exclude holds {bad[:3].tolist()}: each must be a fitted row, 0..{self.n_samples_fit_ - 1}, "
+                             "or -1 (none)")
         return exclude
 
     def _scale(self) -> float:
