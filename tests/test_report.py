@@ -882,3 +882,76 @@ def test_the_summary_takes_no_extraction_an_evaluation_did_not_measure(tiny_mode
     assert side["n_generated"] == 4 and side["seconds"] is None and side["images_per_second"] is None
     assert "timing" not in side and "stopped" not in side
     assert methods["uncond"]["seconds"] is not None  # (side evaluate of the run's own extraction: it is that one)
+
+
+def dataclasses_replace_sweep(rc: cfg.RunConfig, scales: tuple[float, ...]) -> cfg.RunConfig:
+    import dataclasses
+
+    return dataclasses.replace(rc, sweep=dataclasses.replace(rc.sweep, scale=scales))
+
+
+def test_report_faults_of_a_review(run_dir, tmp_path, monkeypatch):
+    """An independent review's finds: a best was marked among evaluations the summary does not compare (the same
+    images under another Carlini alpha "extracted the most"); the same bands in another key order were "other
+    bands"; a Frechet distance or precision was marked best between other N_G; side verify's command was printed
+    for images side evaluate measured elsewhere (and failed); the null's path was written as typed; stale sweeps
+    were said as "no sweeps"; report.json lacked the notes met while reading the pixels."""
+    from side_extract.data import load_shards
+    from side_extract.report import _quality
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    gen = load_shards(run / "extraction" / "uncond")
+    bands = json.loads((run / "evaluation" / "bands.json").read_text())["bands"]
+    other_alpha = cfg.EvaluateConfig(carlini_n=10, carlini_alpha=0.9, bands_file=str(run / "evaluation" / "bands.json"))
+    evaluate(gen, load_image_set(TRAIN), other_alpha, method="uncond-alpha09").write(run / "evaluation" / "uncond-alpha09")
+    reordered = ",".join(f"{b}={lo!r}:{hi!r}" for b, (lo, hi) in reversed(list(bands.items())))
+    evaluate(gen, load_image_set(TRAIN), cfg.EvaluateConfig(carlini_n=10, bands=reordered),
+             method="uncond2").write(run / "evaluation" / "uncond2")
+    # a stale sweep: the run's sweep is now of other values
+    rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
+    RunDir(run).write_config(dataclasses_replace_sweep(rc, (2.0,)))
+    monkeypatch.chdir(tmp_path)  # the run named relatively
+    data = build_report("run")
+    cmp = data["comparison"]
+    assert cmp["same_bands"]  # uncond2's bands are the run's, in another order
+    assert all("uncond-alpha09" not in ms for ms in cmp["best"].values()), cmp["best"]
+    assert next(r for r in cmp["rows"] if r["method"] == "uncond-alpha09")["not_compared"].startswith(
+        "its evaluation used other metric settings")
+    assert all(h["null_file"] == str(run / "evaluation" / "null.npz") for h in data["histograms"] if h["null_file"])
+    assert any(n.startswith("sweeps/scale=1, sweeps/scale=20, sweeps/scale=5 left out") for n in data["notes"]), \
+        data["notes"]
+    assert not any(n.startswith("no sweeps/") for n in data["notes"])
+    q = {m: {"quality": {"pixels": {"frechet": f, "kid": 0.01, "kid_se": 0.0, "precision": p, "recall": 0.5,
+                                    "n_generated": n, "n_reference": 100, "k": 3}}}
+         for m, f, p, n in (("uncond", 1.8, 0.69, 300), ("cond", 7.1, 0.63, 30))}
+    assert _quality(q)["best"]["pixels"] == {"frechet": None, "kid": None, "precision": None, "recall": None}
+    # report.json keeps the notes met while reading the pixels; no verify command for images measured elsewhere
+    shutil.rmtree(run / "extraction" / "uncond")
+    evaluate(gen, load_image_set(TRAIN), cfg.EvaluateConfig(carlini_n=10, bands=reordered),
+             method="elsewhere").write(run / "evaluation" / "elsewhere")
+    page = write_report("run", top=3).read_text()
+    saved = json.loads((run / "report" / "report.json").read_text())
+    assert any("extraction/uncond holds no shards" in n for n in saved["notes"]), saved["notes"]
+    assert "--method side " in page and "--method uncond2" not in page and "--method elsewhere" not in page
+
+
+def test_the_theory_of_a_classifier_made_from_earlier_results_is_left_out(tmp_path):
+    """A review's find: after `side sample` with another model remade the synthetic set, the theory section (measured
+    on the old target's classifier, whose fingerprint had not changed) was shown as current, and the classifier's
+    accuracy too."""
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    rd.write_config(cfg.RunConfig(train="digits:100"))
+    rd.begin("synthetic", "a" * 64)
+    rd.complete("synthetic")
+    rd.begin("classifier", "c" * 64, inputs={"synthetic": "b" * 64})  # made from a synthetic set made again since
+    rd.complete("classifier")
+    atomic_write_json(run / "classifier" / "config.json", {"arch": {}, "history": [{"step": 1, "loss": 1.0}]})
+    est = {"mean": 1.0, "stderr": 0.5, "ci95_low": 0.0, "ci95_high": 2.0, "n": 32}
+    atomic_write_json(run / "theory" / "measure.json", {"m_uncond": est, "train": "digits:100", "eps": 0.1,
+                                                        "classifier_fingerprint": "c" * 64, "index": [0, 1]})
+    data = build_report(run)
+    assert data["theory"] is None
+    assert any(n.startswith("theory/measure.json was measured on a classifier and target") for n in data["notes"])
+    assert any(n.startswith("classifier was made from earlier results of synthetic") for n in data["notes"])

@@ -127,10 +127,14 @@ def distinct_count(stats: dict[str, np.ndarray], band: str = "mid") -> int:
 METRIC_SETTINGS = ("carlini_alpha", "carlini_n", "carlini_centering", "gu_threshold")
 
 
-def incomparable(metrics: dict[str, dict[str, Any]]) -> dict[str, str]:
+INCOMPARABLE = ("similarity", "orientation", "bands", "training set", "metric settings")
+
+
+def incomparable(metrics: dict[str, dict[str, Any]], of: tuple[str, ...] = INCOMPARABLE) -> dict[str, str]:
     """The evaluations (method -> its ``metrics.json``) that cannot be set against the first one, each with why:
     made with another similarity, orientation, bands, training set (``side evaluate --out`` into a run) or settings
-    of Carlini's and Gu's ratios (:data:`METRIC_SETTINGS`: a run's call of some methods under other settings)."""
+    of Carlini's and Gu's ratios (:data:`METRIC_SETTINGS`: a run's call of some methods under other settings).
+    ``of``: which of these (:data:`INCOMPARABLE`) count (the report's table weighs the bands column by column)."""
     if not metrics:
         return {}
     first = next(iter(metrics.values()))
@@ -143,10 +147,11 @@ def incomparable(metrics: dict[str, dict[str, Any]]) -> dict[str, str]:
 
     keys = {"similarity": lambda m: m.get("similarity"), "orientation": lambda m: m.get("orientation"),
             "bands": lambda m: m.get("bands"), "training set": lambda m: (m.get("n_train"), train(m)),
-            "metric settings (" + ", ".join(METRIC_SETTINGS) + ")": settings}
+            "metric settings": settings}
+    said = {"metric settings": "metric settings (" + ", ".join(METRIC_SETTINGS) + ")"}
     out = {}
     for m, v in metrics.items():
-        if other := [k for k, of in keys.items() if of(v) != of(first)]:
+        if other := [said.get(k, k) for k, read in keys.items() if k in of and read(v) != read(first)]:
             out[m] = "its evaluation used other " + ", ".join(other)
     return out
 

@@ -26,7 +26,7 @@ import numpy as np
 from . import config as cfg
 from . import report_plots as plots
 from .data import ImageSet, load_image_set
-from .evaluation import measured_generations
+from .evaluation import incomparable, measured_generations
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_json, atomic_write_text, check_run_directory,
                    evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_stages,
@@ -58,7 +58,12 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
     for m in metrics.values():
         bands += [b for b in closest_first(m["bands"], m["orientation"])[::-1] if b not in bands]
     orients = {m["orientation"] for m in metrics.values()}
-    same = len({(m["similarity"], str(m["bands"])) for m in metrics.values()}) == 1  # else bands differ: no "best"
+    first = next(iter(metrics.values()))  # (bands compared as dicts: the same edges in another key order were "other")
+    same = all((m["similarity"], m["bands"]) == (first["similarity"], first["bands"]) for m in metrics.values())
+    # an evaluation of another training set or Carlini's or Gu's settings is no candidate for any best (the same
+    # images under another alpha were highlighted as extracting the most); other similarities or bands are weighed
+    # column by column below
+    apart = incomparable(metrics, ("training set", "metric settings"))
     # UMS is distinct images over the generations made, not a rate: where methods made other numbers of generations
     # (dedup-driven stopping, or generations evaluated apart) a larger UMS need not be more images, so none is
     # marked best; AMS, Carlini and Gu are rates per generation and stay comparable
@@ -84,11 +89,12 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
                              for b in bands}
         v |= {"p95": m["p95"], "carlini": m["carlini"]["extracted_fraction"], "gu": m["gu"]["memorized_fraction"],
               "n_generated": m["n_generated"]}
-        rows.append({"method": name, "values": v})
+        rows.append({"method": name, "values": v, "not_compared": apart.get(name)})
     best: dict[str, list[str]] = {}
+    candidates = [r for r in rows if r["method"] not in apart]
     for c in cols:
-        vals = [(r["method"], r["values"][c["key"]]) for r in rows if r["values"][c["key"]] is not None]
-        if c["better"] and len(rows) > 1 and len({v for _, v in vals}) > 1:
+        vals = [(r["method"], r["values"][c["key"]]) for r in candidates if r["values"][c["key"]] is not None]
+        if c["better"] and len(candidates) > 1 and len({v for _, v in vals}) > 1:
             target = (max if c["better"] == "max" else min)(v for _, v in vals)
             best[c["key"]] = [n for n, v in vals if v == target]
     header = [{"label": g, "span": len(list(cs))} for g, cs in itertools.groupby(cols, key=lambda c: c["group"])]
@@ -116,7 +122,11 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
                 spaces.setdefault(space, []).append({"method": name, **v})
     if not spaces and not skipped:
         return None
-    best = {s: {k: _sole_best(rows, k, low=k in ("frechet", "kid")) for k in ("frechet", "kid", "precision", "recall")}
+    # Frechet's bias and the k-NN radii of precision and recall move with N: a best among other N_G (dedup-driven
+    # stopping) or references was marked against the caption's "compare at equal N only"; KID is unbiased
+    best = {s: {k: _sole_best(rows, k, low=k in ("frechet", "kid"))
+                if k == "kid" or len({(r.get("n_generated"), r.get("n_reference"), r.get("k")) for r in rows}) == 1 else None
+                for k in ("frechet", "kid", "precision", "recall")}
             for s, rows in spaces.items() if len(rows) > 1}
     for s, rows in spaces.items():  # KID comes with its standard error: a best within the noise is no best
         if s in best and best[s]["kid"] is not None:
@@ -189,7 +199,8 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
                     "methods": {n: np.histogram(tables[n]["similarity"], edges)[0].tolist() for n in names},
                     "null": {k: np.histogram(v, edges)[0].tolist() for k, v in null.items()},
                     "null_n": {k: len(v) for k, v in null.items()},
-                    "null_file": str(cal_dir / "null.npz") if null else None,
+                    "null_file": str((cal_dir / "null.npz").resolve()) if null else None,  # (as typed: two renders
+                    # differed, and a relative path named nothing once the page was opened elsewhere)
                     # where the bands came from: said of the run's own calibration only (another run's file is named)
                     "null_source": cal.get("null_source") if null and cal_dir == own else None})
     return out
@@ -278,15 +289,15 @@ def _value(v: str) -> float | str:
         return v
 
 
-def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any]) -> dict[str, Any]:
+def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """``sweeps/<param>=<value>/evaluation/<method>/metrics.json`` -> per param and method: metric vs value;
     this run's own result joins the curve at its configured value of the parameter."""
     found: dict[str, dict[str, dict[Any, dict]]] = {}
     rc = cfg.from_dict(cfg.RunConfig, config)  # (check_run_directory has read it so already)
     current = current_sweeps(run, rc)
-    if stale := stale_sweeps(run, rc, current):
-        log.warning("the report leaves out sweeps/%s: not a value of the run's sweep, or made under other settings "
-                    "of the run (an earlier config's)", ", sweeps/".join(stale))
+    if stale := stale_sweeps(run, rc, current):  # (said in a log line only: the page said "no sweeps/")
+        notes.append(f"sweeps/{', sweeps/'.join(stale)} left out: not a value of the run's sweep, or made under other "
+                     "settings of the run (an earlier config's); sweep again to bring them up to date")
     for d in current.values():
         param, value = d.name.split("=", 1)
         shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
@@ -319,9 +330,11 @@ THEORY_ROWS = {"m_uncond": "M(D_c; p): unconditional model", "m_guided": "M(D_c;
                "gain_model": "gain of the model: guided - unconditional", "gain_opt": "gain of the optimum"}
 
 
-def _theory(run: Path, config: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+def _theory(run: Path, config: dict[str, Any], notes: list[str],
+            stale_of: dict[str, list[str]]) -> dict[str, Any] | None:
     """``theory/measure.json`` (``side theory measure RUN``): the divergences with 95% intervals, the verdicts; left
-    out, with a note, where the run's classifier or training set is no longer the one it measured."""
+    out, with a note, where the run's classifier or training set is no longer the one it measured, or the classifier
+    was made from results made again since (``stale_of``: :func:`~side_extract.runs.stale_stages`; another target)."""
     path = run / "theory" / "measure.json"
     if not path.is_file():
         return None
@@ -329,7 +342,8 @@ def _theory(run: Path, config: dict[str, Any], notes: list[str]) -> dict[str, An
     clf = read_stages(run).get("classifier") or {}
     now = clf.get("fingerprint") if clf.get("status") == "complete" else None
     stale = (f"training set ({m['train']!r})" if "train" in m and m["train"] != config.get("train") else
-             "classifier" if "classifier_fingerprint" in m and m["classifier_fingerprint"] != now else None)
+             "classifier" if "classifier_fingerprint" in m and m["classifier_fingerprint"] != now else
+             "classifier and target (the run's inputs were made again since)" if stale_of.get("classifier") else None)
     if stale:
         notes.append(f"theory/measure.json was measured on a {stale} the run no longer holds: the theory section is "
                      "left out; run side theory measure RUN again")
@@ -390,6 +404,11 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
             said = [r if r != MODEL_INPUT else "the target (the run's config names another model now)" for r in roots]
             notes.append(f"extraction/{n} was made from earlier results of {', '.join(said)}, made again since: its "
                          f"figures describe the run before that (complete the run again to bring them up to date)")
+    for name in CLASSIFIERS:  # (their accuracy was shown as current)
+        if (run / name / "config.json").is_file() and (roots := stale.get(name)):
+            said = [r if r != MODEL_INPUT else "the target (the run's config names another model now)" for r in roots]
+            notes.append(f"{name} was made from earlier results of {', '.join(said)}, made again since: its accuracy "
+                         "describes the run before that")
     stages, versions = _stages(run)
     for m in metrics.values():
         for dist, ver in (m.get("versions") or {}).items():
@@ -413,12 +432,12 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "histograms": _histograms(run, metrics, tables),
         "ng_law": {n: m["ng_law"] for n, m in metrics.items() if m.get("ng_law")},
         "clusters": _clusters(run, metrics, tables, stale), "classifiers": _classifiers(run),
-        "sweeps": _sweeps(run, metrics, config), "theory": _theory(run, config, notes),
+        "sweeps": _sweeps(run, metrics, config, notes), "theory": _theory(run, config, notes, stale),
         "stages": stages, "versions": versions, "config": config, "config_yaml": text, "notes": notes}
     for key, what in (("clusters", "surrogate/clusters.json or labelled generations"),
                       ("classifiers", "classifier*/config.json"), ("sweeps", "sweeps/<param>=<value>/"),
                       ("stages", "manifest.json")):
-        if not data[key]:
+        if not data[key] and not (key == "sweeps" and any(n.startswith("sweeps/") for n in notes)):
             notes.append(f"no {what}: that section is left out")
     return data
 
@@ -463,13 +482,16 @@ def _pairs(data: dict[str, Any], run: Path, notes: list[str], size: int) -> dict
         where = {int(g): i for i, g in enumerate(gen.ids)} if gen is not None else {}
         shown = gen if gen is not None else tr
         pixelated = shown is not None and max(shown.images.shape[1:3]) < size
+        # side verify remakes the run's own extraction: not images side evaluate measured elsewhere (its command
+        # was printed for them, and failed: "the run holds no extraction of it")
+        own = gen is not None and Path(gen.name) == run / "extraction" / method
         out[method] = []
         for r in rows:
             g, t = where.get(r["generation_id"]), r["nearest_train_index"]
             out[method].append(r | {
                 "gen_uri": None if g is None else plots.image_uri(gen.images[g], size),
                 "train_uri": plots.image_uri(tr.images[t], size) if tr is not None and t < len(tr) else None,
-                "pixelated": pixelated})
+                "pixelated": pixelated, "verifiable": own})
     return out
 
 
@@ -485,6 +507,12 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 def render_html(data: dict[str, Any], run_dir: str | Path, *, image_size: int = 64) -> str:
     """The report page for ``data`` (from :func:`build_report` or a ``report.json``); pixels read from the run."""
+    return _render(data, run_dir, image_size)[0]
+
+
+def _render(data: dict[str, Any], run_dir: str | Path, image_size: int) -> tuple[str, list[str]]:
+    """The page and its notes: ``data``'s and those met while reading the pixels (the training set not loaded,
+    generations that cannot be shown), which ``report.json`` keeps too."""
     run = Path(run_dir)
     notes = list(data["notes"])
     figures: dict[str, Any] = {
@@ -505,7 +533,7 @@ def render_html(data: dict[str, Any], run_dir: str | Path, *, image_size: int = 
     env.filters["fmt"] = _fmt
     env.filters["shell"] = lambda v: shlex.quote(str(v))  # a command to paste: a path with spaces was two arguments
     return env.get_template("report.html.j2").render(d=data, figures=figures, pairs=pairs, notes=notes,
-                                                     sweep_tables=sweep_tables)
+                                                     sweep_tables=sweep_tables), notes
 
 
 def sweep_table(curves: dict[str, dict]) -> dict[str, Any]:
@@ -536,7 +564,8 @@ def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> 
         raise ValueError(f"{str(out)!r} is {'a symbolic link' if out.is_symlink() else 'a file'}, not the run's report "
                          "folder: remove it")
     data = build_report(run_dir, top=top)  # (checks run_dir first)
-    html = render_html(data, run, image_size=image_size)  # before either file is written: never one without the other
+    html, notes = _render(data, run, image_size)  # before either file is written: never one without the other
+    data = data | {"notes": notes}  # (the notes met while reading the pixels were the page's alone)
     if out.is_dir():  # a killed report's temporary files (a reader takes no lock, so no writer's sweep reaches them)
         sweep_leftovers(out)
     atomic_write_json(out / "report.json", data)
