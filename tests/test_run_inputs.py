@@ -299,3 +299,38 @@ def test_a_choice_given_as_numpys_str_is_stored_as_pythons():
     # numpy's str_ for a choice is stored as Python's str (yaml could not write it: a RepresenterError)
     assert type(cfg.SampleConfig(scheduler=np.str_("ddpm")).scheduler) is str
     assert "scheduler: ddpm" in cfg.dump_yaml(cfg.SampleConfig(scheduler=np.str_("ddpm")))
+
+
+def test_config_faults_of_a_review(tiny_model_dir, tmp_path, monkeypatch):
+    """An independent review's finds: a --config section left empty (its keys commented out) reset the run's
+    section to every default; -0.0 keyed another run than 0.0; 1.5e2 was text, 010 the octal 8 and 1:30 the
+    base-60 90; the quantiles of bands not calibrated keyed the evaluations without a warning; a bands file was
+    recorded as typed (from another folder it named nothing; ./bands.json and bands.json were two settings)."""
+    assert cfg.merge({"extract": {"n": 4}}, {"extract": None, "train": None}) == {"extract": {"n": 4}, "train": None}
+    assert cfg.yaml_value("1.5e2") == 150.0 and cfg.yaml_value(".5e1") == 5.0
+    for text in ("010", "1:30"):
+        with pytest.raises(ValueError, match=rf"extract.seed='{text}' must be an integer"):
+            cfg.from_dict(cfg.RunConfig, cfg.yaml_value(f"extract: {{seed: {text}}}"))
+    assert cfg.yaml_value(cfg.dump_yaml(cfg.RunConfig(train="010"))).get("train") == "010"  # quoted when written
+    zero = cfg.from_dict(cfg.RunConfig, {"extract": {"eta": -0.0}})
+    assert str(zero.extract.eta) == "0.0" and cfg.to_dict(zero) == cfg.to_dict(cfg.RunConfig(
+        extract=cfg.ExtractConfig(eta=0.0)))
+    fixed = cfg.EvaluateConfig(bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2", calibration_quantiles=(0.02, 0.05, 0.1))
+    assert any(s.startswith("evaluate.calibration_quantiles=") for s in cfg.inert_settings(cfg.RunConfig(
+        evaluate=fixed)))
+    assert any(s.startswith("surrogate.memorization_t=") for s in cfg.inert_settings(cfg.RunConfig(
+        surrogate=cfg.SurrogateConfig(memorization_t=0.3))))
+    # a bands file: recorded absolute, keyed by its contents
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bands.json").write_text(json.dumps({"similarity": "rms-l2", "bands": {
+        "low": [0.15, 0.2], "mid": [0.1, 0.15], "high": [0.0, 0.1]}}))
+    rc = dataclasses.replace(_small(tiny_model_dir), extract=dataclasses.replace(_small(tiny_model_dir).extract,
+                                                                                methods=("uncond",)))
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands_file="bands.json"))
+    run_audit("run", rc)
+    assert cfg.load_yaml(tmp_path / "run" / "config.yaml")["evaluate"]["bands_file"] == str(tmp_path / "bands.json")
+    first = _started(tmp_path / "run")
+    again = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, bands_file="./bands.json",
+                                                                 calibration_quantiles=(0.02, 0.05, 0.1)))
+    run_audit("run", again, replace=False)  # another spelling of the file, quantiles no band is made of: skipped
+    assert _started(tmp_path / "run") == first

@@ -701,14 +701,18 @@ def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
         keys, why = ("eta", "clip_eps"), "DDIM's; sample.scheduler is ddpm"
     elif isinstance(c, ExtractConfig) and c.scheduler == "ddpm":
         keys, why = ("eta",), "DDIM's; extract.scheduler is ddpm"
-    elif isinstance(c, SurrogateConfig) and c.select_k:
-        keys, why = ("n_clusters",), "surrogate.select_k picks K by silhouette"
+    elif isinstance(c, SurrogateConfig):  # (groups, each with its reason)
+        return {**({"n_clusters": "surrogate.select_k picks K by silhouette"} if c.select_k else {}),
+                **(dict.fromkeys(("memorization_t", "memorization_draws"), "memorization-aware labels are off "
+                                 "(surrogate.memorized_fraction is 1)") if c.memorized_fraction >= 1.0 else {})}
     elif isinstance(c, LoraConfig) and c.rank == "full":
         keys, why = ("alpha", "target_modules"), "LoRA's; lora.rank is full: every weight trains"
     elif isinstance(c, FeaturesConfig) and c.extractor.split(":", 1)[0] in ("pixels", "pixels-pca"):
         keys, why = ("batch_size",), "the pixel extractors embed each image alone"
     elif isinstance(c, EvaluateConfig):  # (groups, each with its reason)
-        return {**(dict.fromkeys(DETECTION_KEYS, "clique detection runs only with evaluate.detect_threshold")
+        return {**({"calibration_quantiles": "no bands are calibrated: evaluate.bands, evaluate.bands_file or a "
+                                             "torchscript similarity fixes them"} if not calibrates_bands(c) else {}),
+                **(dict.fromkeys(DETECTION_KEYS, "clique detection runs only with evaluate.detect_threshold")
                    if c.detect_threshold is None else {}),
                 **(dict.fromkeys(QUALITY_SETTING_KEYS, "sample quality is measured only with evaluate.quality")
                    if not c.quality else {}),
@@ -716,6 +720,13 @@ def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
                                           "pixels"}
                    if not any(map(batches_features, (c.similarity, *c.quality))) else {})}
     return dict.fromkeys(keys, why)
+
+
+def calibrates_bands(c: EvaluateConfig) -> bool:
+    """Whether a run calibrates its bands on a null: no bands or bands file given, and a similarity without the
+    paper's fixed bands (those are for SSCD-like descriptors, ``cosine:torchscript:PATH``; pixel RMS-L2 and the
+    other feature spaces are calibrated)."""
+    return c.bands is None and c.bands_file is None and not c.similarity.startswith("cosine:torchscript")
 
 
 def batches_features(name: str) -> bool:
@@ -947,7 +958,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         try:
             if not math.isfinite(value):
                 raise ValueError(f"{path}={_shown(value)} must be a finite number")
-            return float(value)
+            return float(value) + 0.0  # (-0.0 as 0.0: the same run keyed another fingerprint, "changed" naming nothing)
         except OverflowError:  # an integer past float's range
             raise ValueError(f"{path} (an integer of {value.bit_length()} bits) must be a finite number") from None
     if tp is str:
@@ -998,11 +1009,19 @@ class _Dumper(yaml.SafeDumper):
     """yaml.safe_dump's writer, with the loader's reading of exponents: text such as 1e4 is quoted when written."""
 
 
-# YAML 1.1 (PyYAML) reads 1e-4, an exponent without a dot, as text: `lr: 1e-4` was refused as "must be a number";
-# the writer knows it too, so a text setting that looks so (a path named 1e4) is quoted and reads back as text
+# YAML 1.1 (PyYAML) reads 1e-4 and 1.5e2, an exponent without a dot or a sign, as text: `lr: 1e-4` was refused as
+# "must be a number"; and 010 as the octal 8 and 1:30 as the base-60 90, without a word: integers are read as YAML
+# 1.2 reads them (decimal, 0x, 0o). The writer quotes text that either rule reads otherwise (a path named 1e4,
+# 010), so it reads back as text here and in other YAML readers
+_INT = "tag:yaml.org,2002:int"
 for _cls in (_UniqueKeyLoader, _Dumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                               list("-+0123456789"))
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float",
+                               re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                               list("-+.0123456789"))
+_UniqueKeyLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != _INT]
+                                            for k, v in _UniqueKeyLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
+                                       list("-+0123456789"))
 
 
 def yaml_value(text: str) -> Any:
@@ -1033,11 +1052,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursively overlay ``overrides`` on ``base`` (nested dicts merge, other values replace). A section of
+    """Recursively overlay ``overrides`` on ``base`` (nested dicts merge, other values replace; an empty section,
+    YAML's null, leaves ``base``'s as it is). A section of
     ``base`` that is not a mapping where ``overrides`` sets keys in it is refused: replacing it would drop what the
     file said without a word (``sample: 5`` in a config, ``--n 4`` on the command line)."""
     out = dict(base)
     for k, v in overrides.items():
+        if v is None and isinstance(out.get(k), dict):  # a section left empty (`extract:` with its keys commented
+            continue  # out) sets nothing in it: it replaced the run's section with every default
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         elif isinstance(v, dict) and out.get(k) is not None:

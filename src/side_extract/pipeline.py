@@ -484,13 +484,6 @@ def extraction_fingerprint(rc: cfg.RunConfig, method: str, guidance: ClassifierG
 # the chain
 
 
-def calibrates_bands(c: cfg.EvaluateConfig) -> bool:
-    """Whether a run calibrates its bands on a null: no bands or bands file given, and a similarity without the
-    paper's fixed bands (those are for SSCD-like descriptors, ``cosine:torchscript:PATH``; pixel RMS-L2 and the
-    other feature spaces are calibrated)."""
-    return c.bands is None and c.bands_file is None and not c.similarity.startswith("cosine:torchscript")
-
-
 # what the calibration (the null of best scores and the bands from it) does not read: the metrics' own settings
 QUALITY_KEYS = ("quality", "quality_max_reference", "quality_k", "quality_kid_subsets", "quality_kid_subset_size")
 CALIBRATION_IGNORES = ("resize", "carlini_alpha", "carlini_n", "carlini_centering", "gu_threshold", "ng_repeats",
@@ -532,10 +525,10 @@ def calibration_plan(ctx: AuditContext, train: ImageSet) -> tuple[str, dict[str,
 def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
     """Bands from the null (held-out digits or train vs rest of train), once per run: evaluation/bands.json.
 
-    Only where :func:`calibrates_bands`.
+    Only where :func:`~side_extract.config.calibrates_bands`.
     """
     c = ctx.rc.evaluate
-    if not calibrates_bands(c):
+    if not cfg.calibrates_bands(c):
         return None
     fp, kw, heldout = calibration_plan(ctx, train)
     path = ctx.run.path / "evaluation" / "bands.json"
@@ -666,6 +659,15 @@ def _synthetic_fingerprint(ctx: AuditContext) -> str | None:
     return ctx.fp.get("synthetic") if (ctx.run.path / "synthetic").is_dir() else None
 
 
+def _recorded(metrics_json: Path) -> dict[str, Any]:
+    """The evaluate settings a finished evaluation recorded in its ``metrics.json`` (``{}``: none, or damaged)."""
+    try:
+        old = metrics_json.is_file() and read_json(metrics_json, dict).get("config")
+    except ValueError:  # a damaged file: the refusal says the rest
+        old = None
+    return old if isinstance(old, dict) else {}
+
+
 def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train: ImageSet,
                       bands_file: Path | None) -> dict[str, dict]:
     """Every method's evaluation (stage ``evaluation/<method>``); returns each one's metrics.
@@ -691,7 +693,9 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     # evaluate's (a run reads its own images); settings that nothing reads (detection's without its threshold,
     # sample quality's without a quality metric) key nothing
     unread = cfg.unread_keys(ctx.rc.evaluate)
-    keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize", *unread])
+    # a bands file by its contents (``files``), not its path: a run records it absolute, and two spellings of one
+    # file were two settings
+    keyed = cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize", "bands_file", *unread])
     synthetic = _synthetic_fingerprint(ctx)
     # the training images' ids name them in the results (an npz's index): keyed where they are not their rows' order
     # (an index changed alone left the old ids standing), and left out where they are, so runs made before stand
@@ -703,10 +707,20 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
                                  *made[m], *ids)
 
     fps = {m: fingerprint(m, synthetic) for m in extractions}
-    # session 46's rule keyed the settings found unread since (and a calibration keyed so): its evaluations stand
-    legacy = {m: fingerprint(m, synthetic, cfg.at_defaults(ctx.rc.evaluate, ["heldout", "resize"]), cal_legacy)
-              for m in extractions}
     paths = {m: ctx.run.path / "evaluation" / m / "metrics.json" for m in extractions}
+
+    def earlier_rules(m: str) -> list[str]:
+        """The fingerprints earlier releases gave these evaluations, so they stand: they keyed a bands file's path
+        as the run's config spelled it then (metrics.json's), sessions 47-49 the settings unread then (not the
+        quantiles of bands not calibrated), session 46 every setting (and a calibration keyed so)."""
+        ev = ctx.rc.evaluate  # (a run that calibrates records its own bands file there: not a setting)
+        then = ev if ev.bands_file is None else dataclasses.replace(ev, bands_file=_recorded(paths[m]).get(
+            "bands_file", ev.bands_file))
+        unread_then = [k for k in unread if k != "calibration_quantiles"]
+        return [fingerprint(m, synthetic, cfg.at_defaults(then, ["heldout", "resize", *unread_then])),
+                fingerprint(m, synthetic, cfg.at_defaults(then, ["heldout", "resize"]), cal_legacy)]
+
+    legacy = {m: [f for f in earlier_rules(m) if f != fps[m]] for m in extractions}
     group = ctx.run.group
     inputs = {m: {f"extraction/{m}": ctx.fp[f"extraction/{m}"]} for m in extractions}
     data = {"training set": ctx.fingerprint(train), "synthetic set": synthetic}
@@ -717,11 +731,8 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
         return synthetic is not None and entry.get("fingerprint") == fingerprint(m, None)
 
     def changed(m: str) -> list[str]:  # the settings the finished evaluation was made with, against these
-        try:
-            old = paths[m].is_file() and read_json(paths[m], dict).get("config")
-        except ValueError:  # a damaged file: the refusal says the rest
-            old = None
-        if not isinstance(old, dict):
+        old = _recorded(paths[m])
+        if not old:
             return []
         new = cfg.to_dict(c)
         ignored = {*unread, *(["bands_file"] if bands_file is not None else [])}  # (the run's calibrated bands:
@@ -733,8 +744,7 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     # cleared when the stage began under this fingerprint): kept, not measured again (every method was)
 
     def plan() -> list[str]:  # (every refusal said before any evaluation is cleared)
-        kw = {m: {"data": data, "derived": guarded(m), "legacy": None if legacy[m] == fps[m] else legacy[m]}
-              for m in extractions}
+        kw = {m: {"data": data, "derived": guarded(m), "legacy": legacy[m]} for m in extractions}
         ctx.run.refuse_before({f"evaluation/{m}": (fps[m], inputs[m], lambda m=m: changed(m), kw[m])
                                for m in extractions})
         todo = []
@@ -955,7 +965,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             copies = int(counts[counts > 1].sum())
             n_null = len(train) - copies
         q = min(ev.calibration_quantiles)
-        if calibrates_bands(ev) and n_null is not None and n_null * q < 0.1:
+        if cfg.calibrates_bands(ev) and n_null is not None and n_null * q < 0.1:
             source = (f"the held-out images evaluate.heldout={ev.heldout!r}" if ev.heldout is not None
                       else "the training set against itself")
             if copies:
@@ -1075,7 +1085,7 @@ def refuse_data_stages(ctx: AuditContext, upto: int) -> None:
     the SIDE classifier and every extraction, which a refused call had made or grown for nothing."""
     rc = ctx.rc
     clean = upto >= 1 and bool({"cond", "side-teacher"} & set(rc.extract.methods))
-    calibrates = upto == 3 and rc.train is not None and calibrates_bands(rc.evaluate)
+    calibrates = upto == 3 and rc.train is not None and cfg.calibrates_bands(rc.evaluate)
     if not (clean or calibrates):
         return
     train = _train_set(ctx)
@@ -1102,7 +1112,7 @@ def absolute_spec(spec: Any, *, model: bool = False) -> Any:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
-RECORDED_PATHS = (("model",), ("train",), ("evaluate", "heldout"))  # the settings a run records absolute
+RECORDED_PATHS = (("model",), ("train",), ("evaluate", "heldout"), ("evaluate", "bands_file"))  # recorded absolute
 
 
 def absolute_config(d: dict[str, Any]) -> dict[str, Any]:

@@ -195,6 +195,11 @@ _LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.side-(tmp|old)")
 LEFTOVER_AGE_S = 900.0  # how long a temporary name must be untouched before the sweep takes it for a leftover
 
 
+def _legacies(legacy: str | Sequence[str] | None) -> tuple[str, ...]:
+    """:meth:`RunDir.begin`'s ``legacy`` as a tuple of fingerprints."""
+    return () if legacy is None else (legacy,) if isinstance(legacy, str) else tuple(legacy)
+
+
 def leftover_of(name: str) -> str | None:
     """The name a temporary name of :func:`atomic_write_bytes` or :func:`atomic_directory` stands for (``.final``
     for ``..final.XXXXXXXX.side-tmp``); None for any other name."""
@@ -908,21 +913,23 @@ class RunDir:
 
     def begin(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
               derived: bool = False, data: dict[str, str | None] | None = None,
-              legacy: str | None = None, n_planned: int | None = None) -> Literal["skip", "resume", "fresh"]:
+              legacy: str | Sequence[str] | None = None,
+              n_planned: int | None = None) -> Literal["skip", "resume", "fresh"]:
         """Start ``stage``: say whether to skip it, resume it, or start it afresh (its folder cleared). A finished
         stage made with other settings is replaced only where the writer may replace (``--force``) or its inputs
         grew, unless it is ``derived``: a measurement of files the run keeps, made again from them at no loss.
         ``data``: what the stage reads that is no run stage (``"training set"`` -> its fingerprint), recorded so
         that a refusal can name what changed (the fingerprint keys it already). ``legacy``: the fingerprint an
-        earlier release gave these same results (its rule keyed settings this one finds unread): an entry made
-        under it is taken as this one's, and its fingerprint rewritten.
+        earlier release gave these same results (its rule keyed settings this one finds unread), or several: an
+        entry made under one is taken as this one's, and its fingerprint rewritten.
 
         On a process other than a launch's main one, the stage must already be complete (the main process ran
         it first): it is only read."""
         entry = self.stage_entry(stage)
-        if self.group.main and legacy not in (None, fingerprint) and (entry or {}).get("fingerprint") == legacy:
+        was = (entry or {}).get("fingerprint")
+        if self.group.main and was != fingerprint and was in _legacies(legacy):
             m = self.manifest()
-            m["stages"][stage] = entry = dict(entry, fingerprint=fingerprint, rekeyed_from=legacy)
+            m["stages"][stage] = entry = dict(entry, fingerprint=fingerprint, rekeyed_from=was)
             self._write_manifest(m)
         if not self.group.main:
             if entry is not None and entry.get("fingerprint") == fingerprint and entry.get("status") == "complete":
@@ -952,14 +959,14 @@ class RunDir:
 
     def refusal(self, stage: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
                 derived: bool = False, changed: Callable[[], Sequence[str]] = tuple,
-                data: dict[str, str | None] | None = None, legacy: str | None = None) -> str | None:
+                data: dict[str, str | None] | None = None, legacy: str | Sequence[str] | None = None) -> str | None:
         """Why :meth:`begin` would refuse ``stage`` with ``fingerprint`` (None: it would not): it is finished with
         other settings or inputs, this writer may not replace, and it is neither ``derived`` nor made from inputs
         that only grew. The message names the inputs made again since, the ``data`` (:meth:`begin`) that changed
         and ``changed()``, the settings the caller found changed (``key old -> new``; asked for only when
         refusing)."""
         entry = self.stage_entry(stage)
-        if (entry is None or entry.get("fingerprint") in (fingerprint, legacy) or entry.get("status") != "complete"
+        if (entry is None or entry.get("fingerprint") in (fingerprint, *_legacies(legacy)) or entry.get("status") != "complete"
                 or self.replace or derived or self._inputs_grew(entry, inputs)):
             return None
         said = ", ".join(f"{k} {v}" for k, v in entry.items() if k in ("n", "method", "scale")) or "see manifest.json"
