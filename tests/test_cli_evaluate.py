@@ -342,3 +342,45 @@ def test_evaluate_names_the_closest_band_whichever_order_the_bands_are_given_in(
                    sets / spec[:3], "--bands", spec, "--carlini-n", 3)
         assert r.exit_code == 0, r.output
         assert "AMS high 75.00%, UMS high 50.00%" in " ".join(r.output.split()), r.output
+
+
+def test_evaluate_and_calibrate_faults_of_a_review(sets, monkeypatch):
+    """An independent review's finds: --calibration-quantiles that no band is made of were dropped and recorded as
+    used; a run made before this release names its bands file as typed, read from the current folder (another
+    file's bands, without a word); side calibrate refused a too-small held-out set only after every neighbour
+    search; a cosine null dropped near copies (one level in one pixel) as exact copies, moving the band edges."""
+    from side_extract import config as cfg
+    from side_extract.data import ImageSet
+    from side_extract.evaluation import calibrate
+    from side_extract.neighbors import NearestNeighborIndex
+
+    base = ["evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--carlini-n", 3]
+    r = invoke(*base, "--out", sets / "e", "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01",
+               "--calibration-quantiles", "0.1,0.2,0.3")
+    assert r.exit_code == 2 and "no bands are calibrated here (--bands or --bands-file)" in " ".join(r.output.split())
+    r = invoke(*base, "--out", sets / "e", "--similarity", "cosine:pixels", "--calibration-quantiles", "0.1,0.2,0.3")
+    assert r.exit_code == 2 and "cosine:pixels without bands" in r.output, r.output
+    run = sets / "run"
+    (run / "manifest.json").write_text(json.dumps({"stages": {}}))
+    (run / "config.yaml").write_text("evaluate:\n  bands_file: calA/bands.json\n")
+    r = invoke(*base, "--out", run / "evaluation" / "again")
+    assert r.exit_code == 2 and "names its bands file as typed where it was made ('calA/bands.json')" in \
+        " ".join(r.output.split()), r.output
+    assert not (sets / "e").exists() and not (run / "evaluation" / "again").exists()
+    # calibrate: a null too small is refused before any search
+    monkeypatch.setattr(NearestNeighborIndex, "kneighbors", lambda *a, **k: pytest.fail("searched"))
+    rng = np.random.default_rng(0)
+    train = ImageSet(rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8))
+    held = ImageSet(rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8))
+    with pytest.raises(ValueError, match="a null of 50 values cannot estimate its 0.001 quantile"):
+        calibrate(train, held, cfg.EvaluateConfig())
+    monkeypatch.undo()
+    # a cosine null: near copies are no exact copies (only byte copies are left out)
+    near = held.images.copy()
+    near[:6] = train.images[:6]
+    near[:6, 0, 0, 0] ^= 1  # one level in one pixel
+    near[6] = train.images[7]  # an exact copy
+    c = calibrate(train, ImageSet(near), cfg.EvaluateConfig(similarity="cosine:pixels",
+                                                            calibration_quantiles=(0.05, 0.1, 0.2)))
+    assert c.to_json()["null"]["heldout"]["copies_left_out"] == 1
+    assert c.bands[-1].lo > 0.999  # the high band's edge: the near copies are its non-members

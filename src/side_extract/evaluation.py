@@ -320,12 +320,14 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
             check_levels(heldout.images, f"evaluate.heldout={c.heldout!r}")
             check_heldout(heldout, train)
         values = index.kneighbors(_rows(sim, heldout, None, c, device, train, feature_model), 1).scores[:, 0]
-        bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), f"heldout:{name}"
-        null = {"source": "heldout-vs-train", **null_summary(values, c.calibration_quantiles, sim.orientation)}
+        copies = copy_rows(heldout, train)
+        bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles, copies), f"heldout:{name}"
+        null = {"source": "heldout-vs-train", **null_summary(values, c.calibration_quantiles, sim.orientation, copies)}
     else:
         values = index.kneighbors(t_rows, 1, exclude_self=True).scores[:, 0]
-        bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles), "train-null"
-        null = {"source": "train-vs-rest", **null_summary(values, c.calibration_quantiles, sim.orientation)}
+        copies = duplicate_rows(train)
+        bands, source = propose_bands(values, sim.orientation, c.calibration_quantiles, copies), "train-null"
+        null = {"source": "train-vs-rest", **null_summary(values, c.calibration_quantiles, sim.orientation, copies)}
         log.warning("no bands given for %s: calibrated on the training set's own null (train vs rest of train); "
                     "`side calibrate` with held-out images gives better ones", sim.spec)
     # 2. one pass: nearest neighbours + in-band pairs
@@ -410,21 +412,55 @@ def _quantiles(values: np.ndarray, levels: Sequence[float], orientation: Orienta
     return {str(q): float(np.quantile(values, q if orientation == "distance" else 1 - q)) for q in levels}
 
 
-def _copies(null: np.ndarray, orientation: Orientation) -> np.ndarray:
-    """Which best scores of a null are exact copies (distance 0, similarity 1), left out of the band edges."""
+def _copies(null: np.ndarray, orientation: Orientation, copies: np.ndarray | None = None) -> np.ndarray:
+    """Which best scores of a null are exact copies, left out of the band edges: ``copies`` where the caller knows
+    them byte for byte (:func:`copy_rows`, :func:`duplicate_rows`), else by score (distance 0, similarity within
+    1e-6 of 1: a near copy's cosine can lie closer to 1 than that, and was dropped as a copy)."""
+    if copies is not None:
+        return np.asarray(copies, dtype=bool)
     return null <= 0 if orientation == "distance" else null >= 1 - 1e-6
 
 
-def null_summary(values: np.ndarray, levels: Sequence[float], orientation: Orientation) -> dict[str, Any]:
+def copy_rows(images: ImageSet, train: ImageSet) -> np.ndarray:
+    """(n,) bool: which of ``images`` are byte for byte one of the training images."""
+    seen = {img.tobytes() for img in train.images}
+    return np.array([img.tobytes() in seen for img in images.images], dtype=bool)
+
+
+def duplicate_rows(images: ImageSet) -> np.ndarray:
+    """(n,) bool: which of ``images`` have a byte-for-byte duplicate among the others."""
+    rows = np.ascontiguousarray(images.images.reshape(len(images), -1))
+    _, inverse, counts = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_inverse=True,
+                                   return_counts=True)
+    return counts[inverse.ravel()] > 1
+
+
+def null_summary(values: np.ndarray, levels: Sequence[float], orientation: Orientation,
+                 copies: np.ndarray | None = None) -> dict[str, Any]:
     """A null as metrics.json and bands.json record it: how many best scores, how many of them exact copies left
-    out of the band edges, and the tail quantiles of the rest (the band edges :func:`propose_bands` drew)."""
-    copies = _copies(values, orientation)
+    out of the band edges (``copies``: :func:`_copies`), and the tail quantiles of the rest (the band edges
+    :func:`propose_bands` drew)."""
+    copies = _copies(values, orientation, copies)
     kept = values[~copies] if copies.any() and not copies.all() else values
     return {"n": len(values), "copies_left_out": int(copies.sum()), "quantiles": _quantiles(kept, levels, orientation)}
 
 
-def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[float] = (0.001, 0.01, 0.05)
-                  ) -> tuple[Band, ...]:
+def check_null_size(n: int, levels: Sequence[float]) -> None:
+    """Refuse a null of ``n`` best scores (exact copies left out) too small for its finest quantile ``levels``."""
+    q = min(levels)
+    least, need = int(np.ceil(0.1 / q)), int(np.ceil(1 / q))
+    if n * q < 0.1:
+        raise ValueError(
+            f"a null of {n} values cannot estimate its {q:g} quantile (it needs at least {least} "
+            f"held-out images, and {need} for an edge set by more than the closest few; with {n} the band "
+            "edge would be the null's extreme and the closest band would hold almost every generation): give more "
+            "held-out images (evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles, e.g. "
+            "[0.05, 0.1, 0.2]) or fixed bands (evaluate.bands, e.g. "
+            "Carlini's RMS 0.15 style: 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
+
+
+def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[float] = (0.001, 0.01, 0.05),
+                  copies: np.ndarray | None = None) -> tuple[Band, ...]:
     """Band edges at tail quantiles of a null distribution of best scores, farthest band first.
 
     With levels (0.001, 0.01, 0.05) and a distance: high = [0, q_0.001), mid = [q_0.001, q_0.01),
@@ -432,9 +468,10 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     edges are the (1 - level) quantiles: high = [q_0.999, 1], mid = [q_0.99, q_0.999), low = [q_0.95, q_0.99).
     More or fewer levels give bands named ``tail<level>``.
 
-    Exact copies in the null (distance 0, similarity 1: the reference set holds a duplicate of the image scored)
-    are left out, with a warning: the bands say how close a non-copy comes, and an edge at the extreme would
-    leave the closest band empty (distance) or make two bands share the exact copies (similarity).
+    Exact copies in the null (the reference set holds a duplicate of the image scored: ``copies``, byte for byte,
+    else distance 0 or similarity 1) are left out, with a warning: the bands say how close a non-copy comes, and an
+    edge at the extreme would leave the closest band empty (distance) or make two bands share the exact copies
+    (similarity).
     """
     null = np.asarray(null, dtype=np.float64)
     if null.ndim != 1 or len(null) == 0:
@@ -442,24 +479,19 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     if not levels or any(not 0.0 < v < 0.5 for v in levels) or list(levels) != sorted(set(levels)):
         # (as EvaluateConfig.calibration_quantiles: a repeated level was an IndexError, 0 a ZeroDivisionError)
         raise ValueError(f"levels={tuple(levels)} must be strictly increasing values in (0, 0.5)")
-    copies = _copies(null, orientation)
+    copies = _copies(null, orientation, copies)
+    if copies.shape != null.shape:
+        raise ValueError(f"copies of shape {copies.shape} must mark each of the null's {len(null)} best scores")
     if copies.any():
-        log.warning("%d of the null's %d best scores are exact copies (the reference set holds duplicates): they "
-                    "are left out of the band edges", int(copies.sum()), len(null))
+        log.warning("%d of the null's %d best scores are of exact copies (an image with a byte-for-byte duplicate "
+                    "in the reference set): they are left out of the band edges", int(copies.sum()), len(null))
         null = null[~copies]
         if len(null) == 0:
             raise ValueError("every best score of the null is an exact copy (the reference images all have "
                              "duplicates): no band edge can be estimated; give fixed bands (evaluate.bands)")
     levels = sorted(levels)
-    least, need = int(np.ceil(0.1 / levels[0])), int(np.ceil(1 / levels[0]))
-    if len(null) * levels[0] < 0.1:
-        raise ValueError(
-            f"a null of {len(null)} values cannot estimate its {levels[0]:g} quantile (it needs at least {least} "
-            f"held-out images, and {need} for an edge set by more than the closest few; with {len(null)} the band "
-            "edge would be the null's extreme and the closest band would hold almost every generation): give more "
-            "held-out images (evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles, e.g. "
-            "[0.05, 0.1, 0.2]) or fixed bands (evaluate.bands, e.g. "
-            "Carlini's RMS 0.15 style: 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
+    need = int(np.ceil(1 / levels[0]))
+    check_null_size(len(null), levels)
     if len(null) * levels[0] < 1:
         log.warning("a null of %d values cannot resolve the %.3g quantile (it needs %d); its band edge lies "
                     "between the null's two most extreme values, so the closest band is wider than its name says",
@@ -492,6 +524,7 @@ class Calibration:
     nulls: dict[str, np.ndarray] = dataclasses.field(repr=False)
     fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    copies: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)  # each null's exact copies
 
     def to_json(self, bins: int = 50) -> dict[str, Any]:
         lo = min(float(v.min()) for v in self.nulls.values())
@@ -499,7 +532,7 @@ class Calibration:
         summary = {}
         for name, v in self.nulls.items():
             counts, edges = np.histogram(v, bins=bins, range=(lo, hi if hi > lo else lo + 1e-9))
-            summary[name] = {**null_summary(v, self.quantile_levels, self.orientation),
+            summary[name] = {**null_summary(v, self.quantile_levels, self.orientation, self.copies.get(name)),
                              "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
         return {"schema": "side-extract/bands/1", "similarity": self.similarity, "orientation": self.orientation,
                 "quantile_levels": list(self.quantile_levels), "null_source": self.null_source,
@@ -534,6 +567,9 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
         check_same_shape(heldout, train, "held-out images")
         check_levels(heldout.images, "held-out images")
         check_heldout(heldout, train)
+    source = "heldout" if heldout is not None else "train"
+    copies = {"train": duplicate_rows(train), **({"heldout": copy_rows(heldout, train)} if heldout is not None else {})}
+    check_null_size(int((~copies[source]).sum()), c.calibration_quantiles)  # (said after both nulls' searches)
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
     index = _index(sim.metric, c, device).fit(t_rows)
     nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}
@@ -542,9 +578,9 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
         h_rows = _rows(sim, heldout, heldout_features, c, device, train, feature_model)
         nulls["heldout"] = index.kneighbors(h_rows, 1, progress=progress).scores[:, 0]
         fps["heldout"], sources["heldout"] = heldout.fingerprint(), heldout.name
-    source = "heldout" if heldout is not None else "train"
-    bands = propose_bands(nulls[source], sim.orientation, c.calibration_quantiles)
-    return Calibration(sim.spec, sim.orientation, tuple(c.calibration_quantiles), source, bands, nulls, fps, sources)
+    bands = propose_bands(nulls[source], sim.orientation, c.calibration_quantiles, copies[source])
+    return Calibration(sim.spec, sim.orientation, tuple(c.calibration_quantiles), source, bands, nulls, fps, sources,
+                       copies)
 
 
 def held_out_set(train: str | None, heldout: str | None, resize_to: int | None = None) -> ImageSet | None:

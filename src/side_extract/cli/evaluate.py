@@ -110,12 +110,19 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     ev = (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
     own = run / "evaluation" / "bands.json"
     if (theirs := ev.get("similarity", D.similarity)) != c.similarity:
-        console.print(f"bands: calibrated here, not the run's (the run measures {theirs!r}, this evaluation "
-                      f"{c.similarity!r}): it is left out of the run's comparison", highlight=False)
+        console.print(f"bands: not the run's (the run measures {theirs!r}, this evaluation {c.similarity!r}): it "
+                      "is left out of the run's comparison", highlight=False)  # (it said "calibrated here" where the
+        # paper's fixed bands were taken)
         return c
     if ev.get("bands"):
         c, said = dataclasses.replace(c, bands=str(ev["bands"])), f"its config's ({ev['bands']})"
     elif ev.get("bands_file"):
+        if not Path(str(ev["bands_file"])).is_absolute():  # (a run made before this release recorded it as typed:
+            # read from this folder, it named nothing, or another file's bands, and the evaluation was left out of
+            # the comparison without a word)
+            raise ValueError(f"run {str(run)!r} names its bands file as typed where it was made "
+                             f"({ev['bands_file']!r}), which from here may name another file: give it with "
+                             "--bands-file")
         c, said = dataclasses.replace(c, bands_file=str(ev["bands_file"])), f"its config's ({ev['bands_file']})"
     elif own.is_file() and read_json(own, dict).get("similarity") == c.similarity:
         c, said = dataclasses.replace(c, bands_file=str(own)), f"calibrated ({own})"
@@ -185,6 +192,7 @@ def evaluate_cmd(
     if c.heldout is not None and c.bands is None and c.bands_file is None and c.similarity != "rms-l2":
         raise ValueError(heldout_unread(c.similarity, repr(c.heldout)))
     run = run_written_into(out)
+    before_run = c
     if run is not None and c.bands is None and c.bands_file is None:
         before = c
         c = run_bands(run, c)
@@ -192,6 +200,12 @@ def evaluate_cmd(
             raise ValueError(f"--heldout {c.heldout!r}: --out lies in run {str(run)!r}, whose bands this evaluation "
                              "takes (to be compared with its methods'), so it would not be read; leave it out, give "
                              "--bands/--bands-file, or write elsewhere")
+    if tuple(c.calibration_quantiles) != tuple(D.calibration_quantiles) and not (
+            c.bands is None and c.bands_file is None and c.similarity == "rms-l2"):  # (dropped, and recorded as used)
+        given = "the run's bands" if run is not None and c != before_run else "--bands or --bands-file" if (
+            c.bands is not None or c.bands_file is not None) else f"{c.similarity} without bands (the paper's bands)"
+        raise ValueError(f"--calibration-quantiles {','.join(map(str, c.calibration_quantiles))}: no bands are "
+                         f"calibrated here ({given}), so they would not be read; leave them out")
     from ..pipeline import absolute_spec
 
     gen = load_image_set(absolute_spec(generated), c.resize)  # (its name is the source metrics.json records, which
