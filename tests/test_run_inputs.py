@@ -334,3 +334,11 @@ def test_config_faults_of_a_review(tiny_model_dir, tmp_path, monkeypatch):
                                                                  calibration_quantiles=(0.02, 0.05, 0.1)))
     run_audit("run", again, replace=False)  # another spelling of the file, quantiles no band is made of: skipped
     assert _started(tmp_path / "run") == first
+
+
+def test_an_empty_model_or_training_set_is_named_by_its_key():
+    """A review's find: `model: ""` was refused as "spec='' is empty", and `train: ""` ran into "folder ... holds no
+    images" of the current folder."""
+    for key in ("model", "train"):
+        with pytest.raises(ValueError, match=f"{key}='' is empty: give a path"):
+            cfg.from_dict(cfg.RunConfig, {key: ""})

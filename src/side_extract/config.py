@@ -677,6 +677,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _types(self)
+        for key in ("model", "train"):  # (said as "spec='' is empty", or train "holds no images" of this folder)
+            if isinstance(getattr(self, key), str) and not getattr(self, key).strip():
+                raise ValueError(f"{key}={getattr(self, key)!r} is empty: give a path, or leave the key out"
+                                 + (" (null: no training set)" if key == "train" else ""))
         if self.train_resize is not None and self.train_resize < 1:  # (said as resize=-4 when the set loaded)
             raise ValueError(f"train_resize={self.train_resize} must be a positive image size (or null: the images "
                              "as they are)")
