@@ -483,7 +483,7 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     if copies.shape != null.shape:
         raise ValueError(f"copies of shape {copies.shape} must mark each of the null's {len(null)} best scores")
     if copies.any():
-        log.warning("%d of the null's %d best scores are of exact copies (an image with a byte-for-byte duplicate "
+        log.warning("%d of the null's %d best scores are exact copies (of an image with a byte-for-byte duplicate "
                     "in the reference set): they are left out of the band edges", int(copies.sum()), len(null))
         null = null[~copies]
         if len(null) == 0:
