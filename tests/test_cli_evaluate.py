@@ -367,6 +367,11 @@ def test_evaluate_and_calibrate_faults_of_a_review(sets, monkeypatch):
     assert r.exit_code == 2 and "names its bands file as typed where it was made ('calA/bands.json')" in \
         " ".join(r.output.split()), r.output
     assert not (sets / "e").exists() and not (run / "evaluation" / "again").exists()
+    # quantiles a --config file gives (a run's own config.yaml) are taken as they are (a review of the fix)
+    (run / "config.yaml").write_text("evaluate:\n  bands: low=0.1:0.2,mid=0.01:0.1,high=0:0.01\n"
+                                     "  calibration_quantiles: [0.01, 0.05, 0.1]\n")
+    r = invoke(*base, "--out", run / "evaluation" / "more", "--config", run / "config.yaml")
+    assert r.exit_code == 0, r.output
     # calibrate: a null too small is refused before any search
     monkeypatch.setattr(NearestNeighborIndex, "kneighbors", lambda *a, **k: pytest.fail("searched"))
     rng = np.random.default_rng(0)

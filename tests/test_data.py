@@ -384,6 +384,7 @@ def test_folders_and_shards_a_review_found_misread(tmp_path):
     with pytest.raises(ValueError, match=r"1 of its 2 shards have no 'index' array \(the first: shard-000002.npz\)"):
         load_image_set(sh)
     np.savez(sh / "shard-000002.npz", images=im[2:], index=[2, 3], labels=[1, 2])
+    (sh / "._shard-000000.npz").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")  # macOS's: hidden, passed over
     assert load_image_set(sh).labels.tolist() == [3, 4, 1, 2]
     np.savez(sh / "more.npz", images=im)
     with pytest.raises(ValueError, match=r"holds shard-\*.npz files and other .npz files \(1, the first: more.npz\)"):

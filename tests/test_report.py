@@ -955,3 +955,18 @@ def test_the_theory_of_a_classifier_made_from_earlier_results_is_left_out(tmp_pa
     assert data["theory"] is None
     assert any(n.startswith("theory/measure.json was measured on a classifier and target") for n in data["notes"])
     assert any(n.startswith("classifier was made from earlier results of synthetic") for n in data["notes"])
+
+
+def test_the_evaluation_set_apart_is_the_odd_one_whichever_comes_first():
+    """A review's find: compared against the first evaluation alone, one with another Carlini alpha listed first set
+    every other method apart ("not compared") and no best was marked."""
+    from side_extract.evaluation import incomparable
+
+    def m(alpha):
+        return {"similarity": "rms-l2", "orientation": "distance", "bands": {"high": [0, 0.1]}, "n_train": 10,
+                "config": {"carlini_alpha": alpha}}
+
+    for order in (("cond", "side", "uncond"), ("side", "uncond", "cond")):
+        metrics = {k: m(0.3 if k == "cond" else 0.5) for k in order}
+        assert list(incomparable(metrics)) == ["cond"], order
+    assert list(incomparable({"a": m(0.3), "b": m(0.5)})) == ["b"]  # none agree: against the first

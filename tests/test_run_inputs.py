@@ -308,10 +308,13 @@ def test_config_faults_of_a_review(tiny_model_dir, tmp_path, monkeypatch):
     recorded as typed (from another folder it named nothing; ./bands.json and bands.json were two settings)."""
     assert cfg.merge({"extract": {"n": 4}}, {"extract": None, "train": None}) == {"extract": {"n": 4}, "train": None}
     assert cfg.yaml_value("1.5e2") == 150.0 and cfg.yaml_value(".5e1") == 5.0
-    for text in ("010", "1:30"):
-        with pytest.raises(ValueError, match=rf"extract.seed='{text}' must be an integer"):
-            cfg.from_dict(cfg.RunConfig, cfg.yaml_value(f"extract: {{seed: {text}}}"))
-    assert cfg.yaml_value(cfg.dump_yaml(cfg.RunConfig(train="010"))).get("train") == "010"  # quoted when written
+    assert cfg.from_dict(cfg.RunConfig, cfg.yaml_value("extract: {seed: 010}")).extract.seed == 10  # (YAML 1.2's)
+    with pytest.raises(ValueError, match=r"extract.seed='1:30' must be an integer"):
+        cfg.from_dict(cfg.RunConfig, cfg.yaml_value("extract: {seed: 1:30}"))
+    with pytest.raises(ValueError, match=r"extract.eta='1:30.0' must be a number"):
+        cfg.from_dict(cfg.RunConfig, cfg.yaml_value("extract: {eta: 1:30.0}"))
+    for text in ("010", "0o17", "1.5e2", "1:30"):  # text that a YAML reader could take for a number: quoted
+        assert cfg.yaml_value(cfg.dump_yaml(cfg.RunConfig(train=text))).get("train") == text
     zero = cfg.from_dict(cfg.RunConfig, {"extract": {"eta": -0.0}})
     assert str(zero.extract.eta) == "0.0" and cfg.to_dict(zero) == cfg.to_dict(cfg.RunConfig(
         extract=cfg.ExtractConfig(eta=0.0)))

@@ -650,6 +650,14 @@ def test_stratified_interval_takes_student_t_at_satterthwaites_degrees_of_freedo
     lo, hi = e.ci95
     assert (hi - lo) / 2 == pytest.approx(2.5706 * math.sqrt(21) / 12, rel=1e-4)
     assert Estimate.from_values(np.array([1.0, 2.0, 4.0])).df == 2  # i.i.d.: n - 1
+    # 110 draws of 100 points: points 0-9 twice (+1 and -1 about their mean 0, squares 2 each), 90 once, their
+    # variance pooled from those squares: var n^2 = 10 * 2 * 2 + 90 * 20 / 10 = 220, 11 times the sum of ten squares
+    # of one degree of freedom each, so 10 degrees of freedom (a review's find: 14.2, the pooled part counted as a
+    # part of its own)
+    v = np.zeros(110)
+    v[:10], v[100:] = 1.0, -1.0
+    e = Estimate.from_strata(v, np.r_[np.arange(100), np.arange(10)], 100)
+    assert (e.stderr * 110) ** 2 == pytest.approx(220.0) and e.df == pytest.approx(10.0)
     # coverage against the closed form: 20 far-apart points, one 100 away, under N(0, 4 I); M = the mean
     # cross-entropy of the kernels N(x_i, eps^2 I) under p, less the entropy of q_eps (kernels far apart)
     d, eps, n_pts = 3, 0.05, 20

@@ -1013,19 +1013,32 @@ class _Dumper(yaml.SafeDumper):
     """yaml.safe_dump's writer, with the loader's reading of exponents: text such as 1e4 is quoted when written."""
 
 
-# YAML 1.1 (PyYAML) reads 1e-4 and 1.5e2, an exponent without a dot or a sign, as text: `lr: 1e-4` was refused as
-# "must be a number"; and 010 as the octal 8 and 1:30 as the base-60 90, without a word: integers are read as YAML
-# 1.2 reads them (decimal, 0x, 0o). The writer quotes text that either rule reads otherwise (a path named 1e4,
-# 010), so it reads back as text here and in other YAML readers
-_INT = "tag:yaml.org,2002:int"
-for _cls in (_UniqueKeyLoader, _Dumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float",
-                               re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                               list("-+.0123456789"))
-_UniqueKeyLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != _INT]
+# Numbers are read as YAML 1.2 reads them: YAML 1.1 (PyYAML) read 1e-4 and 1.5e2, an exponent without a dot or a
+# sign, as text (`lr: 1e-4` was refused as "must be a number"), 010 as the octal 8, and 1:30 and 1:30.0 as the
+# base-60 90, without a word. The writer quotes text that either rule reads otherwise (a path named 1e4, 010, 0o17),
+# so it reads back as text here and in other YAML readers
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$")
+_FLOAT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_UniqueKeyLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in (_INT, _FLOAT)]
                                             for k, v in _UniqueKeyLoader.yaml_implicit_resolvers.items()}
-_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
-                                       list("-+0123456789"))
+for _cls in (_UniqueKeyLoader, _Dumper):  # (the writer keeps YAML 1.1's as well: it quotes what either reads)
+    _cls.add_implicit_resolver(_INT, _INT_12, list("-+0123456789"))
+    _cls.add_implicit_resolver(_FLOAT, _FLOAT_12, list("-+.0123456789"))
+
+
+def _yaml_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 integer: decimal (010 is 10, not the octal 8), 0x hexadecimal or 0o octal; _ separators."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    if digits.startswith(("0x", "0o")):
+        return sign * int(digits[2:], 16 if digits[1] == "x" else 8)
+    return sign * int(digits, 10)
+
+
+_UniqueKeyLoader.add_constructor(_INT, _yaml_int)
 
 
 def yaml_value(text: str) -> Any:

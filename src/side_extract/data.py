@@ -495,7 +495,7 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
                     # (the shards were read and every image file left out, without a word)
                     raise ValueError(f"folder {s!r} holds both shard-*.npz files and image files ({len(pictures)}, "
                                      f"the first: {', '.join(pictures[:3])}): keep one kind in a folder")
-                if stray := sorted(q.name for q in p.glob("*.npz") if not q.name.startswith("shard-")):
+                if stray := sorted(q.name for q in p.glob("*.npz") if not q.name.startswith(("shard-", "."))):
                     # (read as shards, every other npz left out without a word)
                     raise ValueError(f"folder {s!r} holds shard-*.npz files and other .npz files ({len(stray)}, the "
                                      f"first: {', '.join(stray[:3])}): give the other file itself, or move it out")

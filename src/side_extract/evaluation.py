@@ -131,13 +131,13 @@ INCOMPARABLE = ("similarity", "orientation", "bands", "training set", "metric se
 
 
 def incomparable(metrics: dict[str, dict[str, Any]], of: tuple[str, ...] = INCOMPARABLE) -> dict[str, str]:
-    """The evaluations (method -> its ``metrics.json``) that cannot be set against the first one, each with why:
+    """The evaluations (method -> its ``metrics.json``) that cannot be set against the largest group that agree (the
+    first such group where several are as large: the first method's, where none agree), each with why:
     made with another similarity, orientation, bands, training set (``side evaluate --out`` into a run) or settings
     of Carlini's and Gu's ratios (:data:`METRIC_SETTINGS`: a run's call of some methods under other settings).
     ``of``: which of these (:data:`INCOMPARABLE`) count (the report's table weighs the bands column by column)."""
     if not metrics:
         return {}
-    first = next(iter(metrics.values()))
 
     def train(m: dict[str, Any]) -> Any:  # the training set's fingerprint (a set of the same size may differ)
         return (m.get("fingerprints") or {}).get("train")
@@ -149,11 +149,14 @@ def incomparable(metrics: dict[str, dict[str, Any]], of: tuple[str, ...] = INCOM
             "bands": lambda m: m.get("bands"), "training set": lambda m: (m.get("n_train"), train(m)),
             "metric settings": settings}
     said = {"metric settings": "metric settings (" + ", ".join(METRIC_SETTINGS) + ")"}
-    out = {}
-    for m, v in metrics.items():
-        if other := [said.get(k, k) for k, read in keys.items() if k in of and read(v) != read(first)]:
-            out[m] = "its evaluation used other " + ", ".join(other)
-    return out
+
+    def differs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+        return [said.get(k, k) for k, read in keys.items() if k in of and read(a) != read(b)]
+
+    # (against the first one alone, one odd evaluation listed first left every other one "not compared")
+    ms = list(metrics.values())
+    first = max(ms, key=lambda a: (sum(not differs(a, b) for b in ms), -ms.index(a)))
+    return {m: "its evaluation used other " + ", ".join(other) for m, v in metrics.items() if (other := differs(v, first))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -200,8 +200,9 @@ def evaluate_cmd(
             raise ValueError(f"--heldout {c.heldout!r}: --out lies in run {str(run)!r}, whose bands this evaluation "
                              "takes (to be compared with its methods'), so it would not be read; leave it out, give "
                              "--bands/--bands-file, or write elsewhere")
-    if tuple(c.calibration_quantiles) != tuple(D.calibration_quantiles) and not (
-            c.bands is None and c.bands_file is None and c.similarity == "rms-l2"):  # (dropped, and recorded as used)
+    typed = "calibration_quantiles" in typed_flags(ctx, {"calibration_quantiles": "calibration_quantiles"})
+    if typed and not (c.bands is None and c.bands_file is None and c.similarity == "rms-l2"):  # (dropped, and
+        # recorded as used; a --config file's, a run's own config.yaml among them, taken as they are)
         given = "the run's bands" if run is not None and c != before_run else "--bands or --bands-file" if (
             c.bands is not None or c.bands_file is not None) else f"{c.similarity} without bands (the paper's bands)"
         raise ValueError(f"--calibration-quantiles {','.join(map(str, c.calibration_quantiles))}: no bands are "

@@ -116,10 +116,14 @@ class Estimate:
         between-point one, and the i.i.d. formula is kept (wider than the truth: conservative). It was used from a
         single repeat draw: at n = N + 1 one point's two draws set the variance of all of them.
 
-        The variance is a sum of parts estimated with few degrees of freedom each (point i's from c_i - 1 repeat
-        draws; the pooled one's from all of them; the between-point one's from the points drawn, less one), so its
-        degrees of freedom are Welch-Satterthwaite's, (sum of parts)^2 / sum (part^2 / its df): where one point
-        carries most of the variance they are few, and a normal 1.96 covered 92 % instead of 95 % (n = 60)."""
+        The variance is a sum of parts estimated with few degrees of freedom each: each point's squared deviations
+        sq_i (c_i - 1 of them), which set its own part and, pooled, the part of the points drawn once, so the
+        within-point variance is sum_i a_i sq_i with a_i = c_i / (c_i - 1) + (points drawn once) / sum_j (c_j - 1);
+        and the between-point one's from the points drawn, less one. Its degrees of freedom are Welch-
+        Satterthwaite's over these independent parts, (sum of parts)^2 / sum (part^2 / its df): where one point
+        carries most of the variance they are few, and a normal 1.96 covered 92 % instead of 95 % (n = 60). (The
+        pooled part counted as a part of its own counted the same squares twice: 14.2 degrees of freedom from 10
+        repeat draws.)"""
         v = np.asarray(values, dtype=np.float64).ravel()
         idx = np.asarray(index, dtype=np.int64).ravel()
         if v.shape != idx.shape:
@@ -138,9 +142,10 @@ class Estimate:
         pooled = sq[several].sum() / (counts[several] - 1).sum()
         s2 = np.where(several, sq / np.maximum(counts - 1, 1), pooled)
         once = drawn & ~several
-        # (part, its degrees of freedom): each point drawn several times; those drawn once, by the pooled variance
-        parts = [*zip(counts[several] * s2[several], counts[several] - 1.0),
-                 (float(once.sum()) * pooled, float((counts[several] - 1).sum()))]
+        # (part, its degrees of freedom): each point drawn several times, its squares also standing for those drawn
+        # once through the pooled variance
+        a = counts[several] / (counts[several] - 1.0) + float(once.sum()) / float((counts[several] - 1).sum())
+        parts = [*zip(a * sq[several], counts[several] - 1.0)]
         m = n // n_data
         r = n - m * n_data
         if r > 0:
