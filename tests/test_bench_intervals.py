@@ -247,3 +247,27 @@ def test_the_compute_table_takes_the_smallest_and_largest_n_g_in_any_order():
            {"n_generated": 1_000, "n_train": 50, "peak_rss_mb": 200.0, "seconds": 1.0}]
     md = render_compute_markdown({**data, "evaluate_rss": rss})
     assert "N_G 1,000: 200 MB | **2.00** (largest / smallest N_G)" in md
+
+
+def test_interval_faults_of_a_review():
+    """An independent review's finds: the budget curve drew its resampling in another metric order than the main
+    table, so at the full N_G the same distinct-image ratio had another interval; a method with fewer replicates
+    lost its replicates' spread (a narrow interval marked as excluding 1); a NaN replicate was dropped by max()."""
+    from side_extract.bench.intervals import spread_interval
+    from side_extract.bench.protocol import BOOT_METRICS, budget_curve
+
+    def run(k: int, n: int = 1000, h: float = 0.0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(k)
+        nn = np.where(rng.random(n) < 0.05 + h, rng.integers(0, 20000, n), -1)
+        return {"nn": nn, "reach/mid": nn >= 0, "reach/high": nn >= 0, "carlini": nn >= 0}
+
+    # replicates alike: no spread between them, so the resampling alone sets the interval
+    stats = {"side": [run(1)] * 3, "uncond": [run(4, h=-0.015)] * 3}
+    main = bootstrap_ratios(stats, BOOT_METRICS, 300, ("side",), ("uncond",))["side"]["distinct_nn/mid"]
+    curve = budget_curve(stats, [1000], 300, ("side",), baselines=("uncond",))[0]["ratios"]["side"]["distinct_nn/mid"]
+    assert curve["ci95"] == main["ci95"]
+    with pytest.raises(ValueError, match="every method needs the same replicates: side has 3, uncond 2"):
+        bootstrap_ratios({"side": stats["side"], "uncond": stats["uncond"][:2]}, ("ams_cum/mid",), 50, ("side",),
+                         ("uncond",))
+    with pytest.raises(ValueError, match="non-finite input"):
+        spread_interval(2.0, 0.05, [0.5, math.nan, 0.6], [0.25, 0.3, 0.28])

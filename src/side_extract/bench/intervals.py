@@ -167,6 +167,10 @@ def spread_interval(ratio: float, half_boot: float, num_reps: list[float] | None
     session 40 the quantile was t only where the replicates' error was the larger, else 1.96 on the resampling's:
     a resampling error just above the replicates' shrank the interval below the replicates' own, by more than half
     at three replicates.)"""
+    if not math.isfinite(half_boot) or any(not math.isfinite(v) for v in (*(num_reps or ()), *(den_reps or ()))):
+        # (max(h, nan) kept h: a NaN replicate's spread was dropped and the interval only looked narrow)
+        raise ValueError(f"the interval of ratio {ratio} has a non-finite input (half-width {half_boot}, replicates "
+                         f"{list(num_reps or [])} / {list(den_reps or [])})")
     se_rep, df = replicate_se(num_reps, den_reps)
     h = max(half_boot, float(student_t.ppf(0.975, df)) * se_rep if df is not None else 0.0)
     return ratio * math.exp(-h), ratio * math.exp(h)
@@ -200,6 +204,10 @@ def bootstrap_ratios(stats: dict[str, list[dict[str, np.ndarray]]], metrics: tup
     module docstring's 95 % interval from resampling within every replicate."""
     methods = list(stats)
     n_rep = len(next(iter(stats.values())))
+    if uneven := {m: len(v) for m, v in stats.items() if len(v) != n_rep}:  # (their spread dropped and the means
+        # taken over other replicates, without a word: a narrow interval marked as excluding 1)
+        raise ValueError(f"every method needs the same replicates: {next(iter(stats))} has {n_rep}, "
+                         + ", ".join(f"{m} {k}" for m, k in uneven.items()))
     reps = {m: {k: [value(s, k) for s in stats[m]] for k in metrics} for m in methods}
     point = {m: {k: float(np.mean(reps[m][k])) for k in metrics} for m in methods}
     boot = {}

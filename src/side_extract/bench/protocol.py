@@ -459,7 +459,10 @@ def budget_curve(stats: dict[str, list[dict[str, np.ndarray]]], n_grid: list[int
     the held-out replicates' order, so that entries of two benchmark files can be set against each other paired
     by replicate) and :func:`bootstrap_ratios` on those prefixes."""
     first = next(iter(stats.values()))[0]
-    metrics = tuple(k for k in CURVE_METRICS if f"reach/{k.split('/')[1]}" in first)  # the bands the runs have
+    # the bands the runs have, in the main table's order (BOOT_METRICS): each method's resampling stream is drawn
+    # metric by metric, so at the full N_G the distinct-image cell is the main table's (another order gave another
+    # interval for the same quantity)
+    metrics = tuple(k for k in BOOT_METRICS if k in CURVE_METRICS and f"reach/{k.split('/')[1]}" in first)
     out = []
     for n in n_grid:
         pre = {m: [{k: v[:n] for k, v in s.items()} for s in reps] for m, reps in stats.items()}
