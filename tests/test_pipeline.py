@@ -827,3 +827,32 @@ def test_a_run_reads_its_sets_once(tiny_model_dir, tmp_path):
     assert stretched == [f"10 image(s) of {str(tmp_path / 'heldout')!r}",
                          f"12 image(s) of {str(tmp_path / 'train')!r}"], stretched
     assert res.metrics["uncond"]["n_train"] == 12
+
+
+def test_the_copy_guard_measures_no_partial_or_other_targets_synthetic_set(tiny_model_dir, tmp_path):
+    """A review's finds: with a synthetic shard lost, a call of methods that need no synthetic set measured the copy
+    guard against what was left (24 of 40), keyed as the whole set; after the target changed, a call of uncond
+    measured its copy guard against the old target's synthetic set, and the findings counted that set as this run's."""
+    import os
+
+    from conftest import tiny_scheduler, tiny_unet
+    from side_extract.models.target import save_target
+    from side_extract.runs import evaluated_synthetic
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    rc = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, shard_size=8))
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    assert read_json(run / "evaluation" / "uncond" / "metrics.json")["copy_guard"]["n_synthetic"] == 40
+    os.unlink(run / "synthetic" / "shard-00001.npz")
+    grown = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("uncond",), n=12))
+    run_audit(run, grown)
+    assert "copy_guard" not in read_json(run / "evaluation" / "uncond" / "metrics.json")
+    # another target: its uncond measured with no copy guard, the old synthetic set out of the findings
+    run2 = tmp_path / "run2"
+    run_audit(run2, rc)
+    assert evaluated_synthetic(run2) is not None
+    save_target(tiny_unet(seed=5), tiny_scheduler(), tmp_path / "other")
+    run_audit(run2, dataclasses.replace(grown, model=str(tmp_path / "other")))
+    assert "copy_guard" not in read_json(run2 / "evaluation" / "uncond" / "metrics.json")
+    assert evaluated_synthetic(run2) is None

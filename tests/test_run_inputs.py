@@ -345,3 +345,20 @@ def test_an_empty_model_or_training_set_is_named_by_its_key():
     for key in ("model", "train"):
         with pytest.raises(ValueError, match=f"{key}='' is empty: give a path"):
             cfg.from_dict(cfg.RunConfig, {key: ""})
+
+
+def test_a_bands_file_changed_under_its_path_is_named_in_the_refusal(tiny_model_dir, tmp_path):
+    """A review's find: a bands file (or a torchscript extractor) changed under the same path was refused with
+    nothing named ("see manifest.json")."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    bands = tmp_path / "bands.json"
+    bands.write_text(json.dumps({"similarity": "rms-l2", "bands": {"low": [0.15, 0.2], "mid": [0.1, 0.15],
+                                                                   "high": [0.0, 0.1]}}))
+    rc = _small(tiny_model_dir, bands_file=str(bands))
+    rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=("uncond",)))
+    run_audit(tmp_path / "run", rc)
+    bands.write_text(json.dumps({"similarity": "rms-l2", "bands": {"low": [0.2, 0.3], "mid": [0.15, 0.2],
+                                                                   "high": [0.0, 0.15]}}))
+    with pytest.raises(StageWouldBeReplaced, match="changed: the bands file changed"):
+        run_audit(tmp_path / "run", rc, replace=False)

@@ -116,7 +116,9 @@ def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
     ctx.fp["features"] = fp
     path = ctx.run.path / "features" / "features.npz"
     inputs = {"synthetic": ctx.fp["synthetic"]}
-    if ctx.run.begin("features", fp, inputs=inputs) != "skip" or _damaged(path, "features"):
+    scripts = script_fingerprints(c.extractor)  # (a file changed under its path was refused naming nothing)
+    data = {"extractor file": scripts[0]} if scripts else None
+    if ctx.run.begin("features", fp, inputs=inputs, data=data) != "skip" or _damaged(path, "features"):
         feats = extract_features(c.extractor, synthetic, model=ctx.denoiser, device=ctx.device, batch_size=c.batch_size)
         atomic_save_npz(path, features=feats, index=synthetic.ids)
         ctx.run.complete("features", extractor=c.extractor, dim=int(feats.shape[1]))
@@ -659,6 +661,15 @@ def _synthetic_fingerprint(ctx: AuditContext) -> str | None:
     return ctx.fp.get("synthetic") if (ctx.run.path / "synthetic").is_dir() else None
 
 
+def _whole_shards(directory: Path, n: Any) -> bool:
+    """Whether ``directory``'s shards read and hold ``n`` images (their index arrays only)."""
+    try:
+        return isinstance(n, int) and sum(len(npz_arrays(p, "index")["index"])
+                                          for p in sorted(directory.glob("shard-*.npz"))) == n
+    except ValueError:  # a shard cut short or damaged
+        return False
+
+
 def _recorded(metrics_json: Path) -> dict[str, Any]:
     """The evaluate settings a finished evaluation recorded in its ``metrics.json`` (``{}``: none, or damaged)."""
     try:
@@ -723,7 +734,9 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     legacy = {m: [f for f in earlier_rules(m) if f != fps[m]] for m in extractions}
     group = ctx.run.group
     inputs = {m: {f"extraction/{m}": ctx.fp[f"extraction/{m}"]} for m in extractions}
-    data = {"training set": ctx.fingerprint(train), "synthetic set": synthetic}
+    # (a bands file changed under its path was refused naming nothing)
+    data = {"training set": ctx.fingerprint(train), "synthetic set": synthetic,
+            **({"bands file": file_fingerprint(ctx.rc.evaluate.bands_file)} if ctx.rc.evaluate.bands_file else {})}
 
     def guarded(m: str) -> bool:  # made before the run held a synthetic set, and otherwise as now: measured again
         # at no loss with the copy guard it now has (side added to a run of uncond), not refused
@@ -1155,8 +1168,17 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
     elif (held := run.stage_entry("synthetic")) and held.get("status") == "complete":
         # a run of methods that need none (side extract --method uncond) still holds the synthetic set an earlier
         # call drew: every evaluation's copy guard and the run's findings measure it, keyed as before (without it
-        # an unchanged run's evaluations looked changed: refused, or redone with no copy guard under --force)
-        ctx.fp["synthetic"] = held["fingerprint"]
+        # an unchanged run's evaluations looked changed: refused, or redone with no copy guard under --force);
+        # not one another target drew, nor one whose shards are gone (the guard measured what was left, keyed as
+        # the whole set)
+        if (held.get("inputs") or {}).get(MODEL_INPUT) not in (None, ctx.fp[MODEL_INPUT]):
+            log.warning("synthetic/ was drawn from another target than the run's now: no copy guard measures it "
+                        "(side sample, or a run of side, draws it again)")
+        elif not _whole_shards(run.path / "synthetic", held.get("n")):
+            log.warning("synthetic/ is marked complete but its shards are missing or damaged: no copy guard "
+                        "measures it (side sample, or a run of side, makes them again)")
+        else:
+            ctx.fp["synthetic"] = held["fingerprint"]
     if {"side", "side-lora"} & set(methods):
         once = run.group.main_first
         scores = once(lambda: memorization_stage(ctx, synthetic))

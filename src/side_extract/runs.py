@@ -395,16 +395,17 @@ SYNTHETIC_EVALUATION = "synthetic-evaluation"  # the synthetic set measured agai
 
 
 def evaluated_synthetic(run: str | Path) -> Path | None:
-    """``RUN/synthetic-evaluation`` where it is finished and made from the synthetic set the run holds now, else
-    None."""
+    """``RUN/synthetic-evaluation`` where it is finished and made from the synthetic set the run holds now, drawn
+    from the target the run's config names now, else None."""
     d = Path(run) / SYNTHETIC_EVALUATION
     stages = read_stages(run)
     e = stages.get(SYNTHETIC_EVALUATION)
     if e is None or not (d / "metrics.json").is_file():
         return None
-    if e.get("status") != "complete" or remade_inputs(stages, SYNTHETIC_EVALUATION):
+    # (through the synthetic set's own inputs: one another target drew was counted in the findings as this run's)
+    if e.get("status") != "complete" or stale_stages(stages, read_model(run)).get(SYNTHETIC_EVALUATION):
         log.warning("%s: the synthetic set's evaluation left out: unfinished, or made from a synthetic set the run no "
-                    "longer holds", run)
+                    "longer holds (made again, or drawn from another target)", run)
         return None
     return d
 
