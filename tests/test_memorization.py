@@ -214,7 +214,8 @@ def test_memorization_inputs_misstated_are_named():
     g = MemorizationGuidance(den, 5.0, avoid=1.0)
     with pytest.raises(ValueError, match=r"memory images .* must lie in \[-1, 1\], got values 0\.\.255"):
         g.remembering(torch.full((2, 1, 4, 4), 255.0).index_fill_(0, torch.tensor([0]), 0.0))
-    with pytest.raises(ValueError, match=r"memory images .* are \(3, 4, 4\) \(C, H, W\) but the model's are \(1, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"memory images .* are \(3, 4, 4\) \(C, H, W\) but the model's are "
+                                         r"\(1, 4, 4\)"):
         g.remembering(torch.zeros((2, 3, 4, 4)))
     assert len(g.remembering(torch.zeros((2, 1, 4, 4))).memory) == 2
     with pytest.raises(ValueError, match=r"one per sample, shape \(n,\); got shape \(3, 4\)"):

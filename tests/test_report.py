@@ -904,7 +904,8 @@ def test_report_faults_of_a_review(run_dir, tmp_path, monkeypatch):
     gen = load_shards(run / "extraction" / "uncond")
     bands = json.loads((run / "evaluation" / "bands.json").read_text())["bands"]
     other_alpha = cfg.EvaluateConfig(carlini_n=10, carlini_alpha=0.9, bands_file=str(run / "evaluation" / "bands.json"))
-    evaluate(gen, load_image_set(TRAIN), other_alpha, method="uncond-alpha09").write(run / "evaluation" / "uncond-alpha09")
+    evaluate(gen, load_image_set(TRAIN), other_alpha, method="uncond-alpha09").write(
+        run / "evaluation" / "uncond-alpha09")
     reordered = ",".join(f"{b}={lo!r}:{hi!r}" for b, (lo, hi) in reversed(list(bands.items())))
     evaluate(gen, load_image_set(TRAIN), cfg.EvaluateConfig(carlini_n=10, bands=reordered),
              method="uncond2").write(run / "evaluation" / "uncond2")

@@ -666,8 +666,8 @@ def test_stratified_interval_takes_student_t_at_satterthwaites_degrees_of_freedo
     model = GaussianModel(np.zeros(d), 4.0)
     ce = np.mean([0.5 * (d * math.log(2 * math.pi * 4.0) + (np.sum(x ** 2) + d * eps ** 2) / 4.0) for x in pts])
     truth = ce - (math.log(n_pts) + 0.5 * d * math.log(2 * math.pi * math.e * eps ** 2))
-    covered = [lo <= truth <= hi for lo, hi in (memorization_divergence(pts, model.log_prob, eps, 40, seed).estimate.ci95
-                                               for seed in range(1000))]
+    covered = [lo <= truth <= hi for lo, hi in (
+        memorization_divergence(pts, model.log_prob, eps, 40, seed).estimate.ci95 for seed in range(1000))]
     assert np.mean(covered) >= 0.94  # 0.910 with 1.96 (1000 seeds: a standard error of 0.007)
 
 

@@ -156,7 +156,8 @@ def incomparable(metrics: dict[str, dict[str, Any]], of: tuple[str, ...] = INCOM
     # (against the first one alone, one odd evaluation listed first left every other one "not compared")
     ms = list(metrics.values())
     first = max(ms, key=lambda a: (sum(not differs(a, b) for b in ms), -ms.index(a)))
-    return {m: "its evaluation used other " + ", ".join(other) for m, v in metrics.items() if (other := differs(v, first))}
+    return {m: "its evaluation used other " + ", ".join(other) for m, v in metrics.items()
+            if (other := differs(v, first))}
 
 
 @dataclasses.dataclass(frozen=True)

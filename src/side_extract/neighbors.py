@@ -243,8 +243,8 @@ class NearestNeighborIndex:
         exclude = given.astype(np.int64)
         if ((exclude < -1) | (exclude >= self.n_samples_fit_)).any():  # (row 5 of 5 excluded nothing, without a word)
             bad = exclude[(exclude < -1) | (exclude >= self.n_samples_fit_)]
-            raise ValueError(f"exclude holds {bad[:3].tolist()}: each must be a fitted row, 0..{self.n_samples_fit_ - 1}, "
-                             "or -1 (none)")
+            raise ValueError(f"exclude holds {bad[:3].tolist()}: each must be a fitted row, "
+                             f"0..{self.n_samples_fit_ - 1}, or -1 (none)")
         return exclude
 
     def _scale(self) -> float:

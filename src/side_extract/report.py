@@ -124,8 +124,10 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
         return None
     # Frechet's bias and the k-NN radii of precision and recall move with N: a best among other N_G (dedup-driven
     # stopping) or references was marked against the caption's "compare at equal N only"; KID is unbiased
-    best = {s: {k: _sole_best(rows, k, low=k in ("frechet", "kid"))
-                if k == "kid" or len({(r.get("n_generated"), r.get("n_reference"), r.get("k")) for r in rows}) == 1 else None
+    def same_n(rows: list[dict[str, Any]]) -> bool:
+        return len({(r.get("n_generated"), r.get("n_reference"), r.get("k")) for r in rows}) == 1
+
+    best = {s: {k: _sole_best(rows, k, low=k in ("frechet", "kid")) if k == "kid" or same_n(rows) else None
                 for k in ("frechet", "kid", "precision", "recall")}
             for s, rows in spaces.items() if len(rows) > 1}
     for s, rows in spaces.items():  # KID comes with its standard error: a best within the noise is no best

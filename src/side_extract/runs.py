@@ -967,7 +967,8 @@ class RunDir:
         and ``changed()``, the settings the caller found changed (``key old -> new``; asked for only when
         refusing)."""
         entry = self.stage_entry(stage)
-        if (entry is None or entry.get("fingerprint") in (fingerprint, *_legacies(legacy)) or entry.get("status") != "complete"
+        if (entry is None or entry.get("fingerprint") in (fingerprint, *_legacies(legacy))
+                or entry.get("status") != "complete"
                 or self.replace or derived or self._inputs_grew(entry, inputs)):
             return None
         said = ", ".join(f"{k} {v}" for k, v in entry.items() if k in ("n", "method", "scale")) or "see manifest.json"
