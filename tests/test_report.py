@@ -971,22 +971,3 @@ def test_the_evaluation_set_apart_is_the_odd_one_whichever_comes_first():
         metrics = {k: m(0.3 if k == "cond" else 0.5) for k in order}
         assert list(incomparable(metrics)) == ["cond"], order
     assert list(incomparable({"a": m(0.3), "b": m(0.5)})) == ["b"]  # none agree: against the first
-
-
-def test_a_run_generations_measured_again_are_counted_once_in_the_findings(run_dir, tmp_path):
-    """A review's find: `side evaluate --out RUN/evaluation/NAME` of a run's own generations became another source
-    of the findings: the total counted those generations twice, and every image they found was "found by no other"
-    of neither."""
-    from side_extract.data import load_shards
-    from side_extract.summary import summary_and_findings
-
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
-    before = summary_and_findings(run)[1]
-    c = cfg.EvaluateConfig(carlini_n=10, bands_file=str(run / "evaluation" / "bands.json"))
-    evaluate(load_shards(run / "extraction" / "side"), load_image_set(TRAIN), c,
-             method="side-again").write(run / "evaluation" / "side-again")
-    after = summary_and_findings(run)[1]
-    assert after.generations == before.generations and after.methods == before.methods
-    assert after.left_out["side-again"] == "it measures the same generations as side (counted once)"
-    assert after.to_json()["only"] == before.to_json()["only"] and after.to_csv() == before.to_csv()

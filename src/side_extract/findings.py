@@ -146,14 +146,6 @@ def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) 
     first = next(iter(metrics.values()))
     left_out = incomparable(metrics) | {m: "its evaluation has no per_generation.npz" for m, d in dirs.items()
                                         if not (d / "per_generation.npz").is_file()}
-    measured: dict[str, str] = {}  # generations' fingerprint -> the first source that measured them
-    for m, mt in metrics.items():  # (side evaluate of a run's own generations into the run counted them twice: a
-        # total above the samples drawn, and every image "found by no other" lost)
-        if m not in left_out and (g := (mt.get("fingerprints") or {}).get("generated")) is not None:
-            if g in measured:
-                left_out[m] = f"it measures the same generations as {measured[g]} (counted once)"
-            else:
-                measured[g] = m
     methods = tuple(m for m in metrics if m not in left_out)
     orientation = first["orientation"]
     bands = tuple(Band(b, *first["bands"][b]) for b in closest_first(first["bands"], orientation))
