@@ -38,6 +38,19 @@ def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
     )
 
 
+def interrupt_at(stage: str, at: int = 1, *, prefix: bool = False):
+    """A pipeline ``progress`` factory that raises KeyboardInterrupt (Ctrl-C) once the progress bar named ``stage``
+    (any name starting so, with ``prefix``) has counted ``at``."""
+    def factory(name: str):
+        def cb(done: int, total: int) -> None:
+            if (name.startswith(stage) if prefix else name == stage) and done >= at:
+                raise KeyboardInterrupt
+
+        return cb
+
+    return factory
+
+
 def tiny_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
 

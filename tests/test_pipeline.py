@@ -15,6 +15,8 @@ from side_extract.pipeline import method_guidance, run_audit
 from side_extract.runs import read_json
 from side_extract.sweeps import run_with_sweeps
 
+from conftest import interrupt_at
+
 TINY_CLF = cfg.ClassifierConfig(depth=10, width=8, steps=4, batch_size=16, eval_every=2)
 
 
@@ -576,15 +578,8 @@ def test_an_interrupted_extraction_grows_to_a_larger_n_keeping_its_whole_shards(
     rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=8, shard_size=2)
     run = tmp_path / "run"
 
-    def interrupting(name):
-        def cb(done, total):
-            if name == "extract uncond" and done >= 4:
-                raise KeyboardInterrupt
-
-        return cb
-
     with pytest.raises(KeyboardInterrupt):
-        run_audit(run, rc, until="extraction", progress=interrupting)
+        run_audit(run, rc, until="extraction", progress=interrupt_at("extract uncond", 4))
     made = sorted(p.name for p in (run / "extraction" / "uncond").glob("shard-*.npz"))
     assert "shard-00000.npz" in made and len(made) < 4
     kept = (run / "extraction" / "uncond" / "shard-00000.npz").stat().st_mtime_ns

@@ -20,6 +20,7 @@ from side_extract.pipeline import cluster_problems, run_audit
 from side_extract.runs import RunLocked, read_json, run_lock
 from side_extract.sampling import SamplingDiverged
 
+from conftest import interrupt_at
 from test_pipeline import tiny_rc
 
 
@@ -921,15 +922,8 @@ def test_an_interrupted_force_run_is_finished_by_the_same_command_without_force(
     old = run_audit(run, rc).metrics["side"]
     more = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
 
-    def interrupting(name):
-        def cb(done, total):
-            if name == where and done >= 1:
-                raise KeyboardInterrupt
-
-        return cb
-
     with pytest.raises(KeyboardInterrupt):
-        run_audit(run, more, replace=True, progress=interrupting)  # side extract --force, Ctrl-C
+        run_audit(run, more, replace=True, progress=interrupt_at(where))  # side extract --force, Ctrl-C
     assert "replacing" in read_json(run / "manifest.json")
     run_audit(run, more, until="surrogate")  # side cluster with the same settings in between: the record stays
     new = run_audit(run, more, replace=False).metrics["side"]  # side extract
@@ -949,15 +943,8 @@ def test_an_interrupted_force_run_of_relative_paths_is_finished_from_the_runs_ow
     run_audit(run, rc)
     other = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=5))
 
-    def interrupting(name):
-        def cb(done, total):
-            if name.startswith("extract") and done >= 1:
-                raise KeyboardInterrupt
-
-        return cb
-
     with pytest.raises(KeyboardInterrupt):
-        run_audit(run, other, replace=True, progress=interrupting)
+        run_audit(run, other, replace=True, progress=interrupt_at("extract", prefix=True))
     recorded = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
     assert recorded.model == str(tiny_model_dir) and recorded.extract.seed == 5
     run_audit(run, recorded, replace=False)  # (it was StageWouldBeReplaced: extract.seed 1 -> 5)
@@ -974,22 +961,12 @@ def test_an_interrupted_step_command_does_not_let_a_later_command_replace_more(t
     run_audit(run, rc)
     more = dataclasses.replace(rc, classifier=dataclasses.replace(rc.classifier, steps=rc.classifier.steps + 2))
 
-    def interrupting(where):
-        def factory(name):
-            def cb(done, total):
-                if name == where and done >= 1:
-                    raise KeyboardInterrupt
-
-            return cb
-
-        return factory
-
     with pytest.raises(KeyboardInterrupt):
-        run_audit(run, more, until="classifier", progress=interrupting("classifier"))  # side train-classifier, Ctrl-C
+        run_audit(run, more, until="classifier", progress=interrupt_at("classifier"))  # side train-classifier, Ctrl-C
     with pytest.raises(StageWouldBeReplaced, match="^extraction/side"):
         run_audit(run, more, replace=False)  # side extract (the classifier's training resumed and finished)
     with pytest.raises(KeyboardInterrupt):
-        run_audit(run, more, replace=True, progress=interrupting("extract side"))  # side extract --force, Ctrl-C
+        run_audit(run, more, replace=True, progress=interrupt_at("extract side"))  # side extract --force, Ctrl-C
     run_audit(run, rc, replace=True)  # side run with the first settings, to the end
     assert "replacing" not in read_json(run / "manifest.json")
     with pytest.raises(StageWouldBeReplaced):
@@ -1012,15 +989,8 @@ def test_a_cut_short_force_run_is_not_resumed_over_a_rewritten_training_file(tin
     run_audit(run, rc)
     more = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=2.5))
 
-    def interrupting(name):
-        def cb(done, total):
-            if name == "extract side" and done >= 1:
-                raise KeyboardInterrupt
-
-        return cb
-
     with pytest.raises(KeyboardInterrupt):
-        run_audit(run, more, replace=True, progress=interrupting)  # side extract --force --scale 2.5, Ctrl-C
+        run_audit(run, more, replace=True, progress=interrupt_at("extract side"))  # side extract --force --scale 2.5
     np.savez(train, images=d.images[30:], labels=d.labels[30:])  # the same path, other images
     clean = read_json(run / "manifest.json")["stages"]["classifier-clean"]
     with pytest.raises(StageWouldBeReplaced, match="^classifier-clean"):
