@@ -44,7 +44,7 @@ from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
                    file_fingerprint, fingerprint_of, npz_arrays, read_json, read_npz, run_lock, settings_fingerprint,
-                   stage_fingerprint, whole_safetensors)
+                   shards_hold, stage_fingerprint, whole_safetensors)
 from .sampling import check_sampler, sample_stage
 from .summary import write_summary
 from .memorization import MemorizationGuidance, candidate_count, denoising_error, memorization_candidates
@@ -661,15 +661,6 @@ def _synthetic_fingerprint(ctx: AuditContext) -> str | None:
     return ctx.fp.get("synthetic") if (ctx.run.path / "synthetic").is_dir() else None
 
 
-def _whole_shards(directory: Path, n: Any) -> bool:
-    """Whether ``directory``'s shards read and hold ``n`` images (their index arrays only)."""
-    try:
-        return isinstance(n, int) and sum(len(npz_arrays(p, "index")["index"])
-                                          for p in sorted(directory.glob("shard-*.npz"))) == n
-    except ValueError:  # a shard cut short or damaged
-        return False
-
-
 def _recorded(metrics_json: Path) -> dict[str, Any]:
     """The evaluate settings a finished evaluation recorded in its ``metrics.json`` (``{}``: none, or damaged)."""
     try:
@@ -1174,7 +1165,7 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
         if (held.get("inputs") or {}).get(MODEL_INPUT) not in (None, ctx.fp[MODEL_INPUT]):
             log.warning("synthetic/ was drawn from another target than the run's now: no copy guard measures it "
                         "(side sample, or a run of side, draws it again)")
-        elif not _whole_shards(run.path / "synthetic", held.get("n")):
+        elif not shards_hold(run.path / "synthetic", held.get("n")):
             log.warning("synthetic/ is marked complete but its shards are missing or damaged: no copy guard "
                         "measures it (side sample, or a run of side, makes them again)")
         else:

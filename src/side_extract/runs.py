@@ -123,6 +123,16 @@ def shard_opens(path: Path) -> bool:
         return False
 
 
+def shards_hold(directory: Path, n: Any) -> bool:
+    """Whether a shard stage's ``directory`` holds ``n`` images in shards that read (their index arrays only): a
+    finished stage whose shards were lost or cut short since does not."""
+    try:
+        return isinstance(n, int) and sum(len(npz_arrays(p, "index")["index"])
+                                          for p in sorted(directory.glob("shard-*.npz"))) == n
+    except ValueError:  # a shard cut short or damaged
+        return False
+
+
 def npz_arrays(path: str | Path, *keys: str, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (default: all) of ``path``, and those of ``optional`` that it holds; a missing, damaged or
     incomplete file is one error that names it (zipfile's bare BadZipFile, naming none, ended the report). Never
