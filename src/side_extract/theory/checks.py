@@ -7,8 +7,8 @@ interval. A row passes by its relation:
 - ``"<="``: estimate <= prediction + tolerance + 3 * combined standard error (not significantly above);
 - ``">"``: estimate - 3 * combined standard error > prediction (significantly above; a counterexample);
 
-rows without a relation show a trend and do not decide. Three standard errors (rather than the 1.96 of the
-printed interval) keep a check with several rows from failing by chance on about one seed in 20; the
+rows without a relation show a trend and do not decide. Three standard errors (rather than the t of the
+printed interval, about 2) keep a check with several rows from failing by chance on about one seed in 20; the
 ``tolerance`` covers a bias the theory allows for at finite size (stated per row).
 """
 from __future__ import annotations
