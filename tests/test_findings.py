@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,12 +198,16 @@ def test_side_evaluate_into_a_run_writes_its_summary_and_findings_again(tmp_path
 
     from side_extract.cli.main import app
 
-    from test_report import TRAIN, make_run
+    from side_extract.data import load_image_set
+    from side_extract.runs import atomic_save_npz
+    from test_report import TRAIN, generations, make_run
 
     run = make_run(tmp_path / "run", sweeps=False)
     write_summary(run)
     before = (run / "findings.csv").read_text()
-    r = CliRunner().invoke(app, ["evaluate", "--generated", str(run / "extraction" / "side"), "--train", TRAIN,
+    other = generations(load_image_set(TRAIN), 5, 20, seed=9)  # (the run's own generations count once: below)
+    atomic_save_npz(tmp_path / "other.npz", images=other.images, index=other.ids)
+    r = CliRunner().invoke(app, ["evaluate", "--generated", str(tmp_path / "other.npz"), "--train", TRAIN,
                                  "--out", str(run / "evaluation" / "again"), "--carlini-n", "10",
                                  "--bands-file", str(run / "evaluation" / "bands.json")])
     assert r.exit_code == 0, r.output
@@ -222,7 +227,18 @@ def test_side_evaluate_into_a_run_writes_its_summary_and_findings_again(tmp_path
                                  "--out", str(run / "evaluation" / "plain"), "--carlini-n", "10"])
     assert r.exit_code == 0 and "bands: the run's" in r.output, r.output
     s = json.loads((run / "summary.json").read_text())
-    assert "plain" in s["findings"]["methods"] and "plain" not in s["not_compared"]
+    assert "plain" not in s["not_compared"] and "plain" not in s["findings"]["methods"]  # compared; counted once
+    assert s["findings"]["left_out"]["plain"] == (f"it measures the same generation files as side "
+                                                  f"({(run / 'extraction' / 'side').resolve()}), counted once")
+    assert s["findings"]["generations"] == {"side": 40, "uncond": 30, "again": 20}  # (not 80 of side's)
+    # the same images in other files are another source (two methods whose generations coincide stay two)
+    twin = tmp_path / "twin"
+    shutil.copytree(run / "extraction" / "side", twin)
+    r = CliRunner().invoke(app, ["evaluate", "--generated", str(twin), "--train", TRAIN,
+                                 "--out", str(run / "evaluation" / "twin"), "--carlini-n", "10"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((run / "summary.json").read_text())
+    assert "twin" in s["findings"]["methods"] and s["findings"]["generations"]["twin"] == 40
     # bands the run's config names win over its calibrated file
     conf = run / "config.yaml"
     conf.write_text(conf.read_text().replace("bands: null", "bands: high=0:0.05,mid=0.05:0.1,low=0.1:0.2", 1))

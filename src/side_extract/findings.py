@@ -146,6 +146,7 @@ def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) 
     first = next(iter(metrics.values()))
     left_out = incomparable(metrics) | {m: "its evaluation has no per_generation.npz" for m, d in dirs.items()
                                         if not (d / "per_generation.npz").is_file()}
+    left_out |= measured_twice({m: d for m, d in dirs.items() if m not in left_out}, metrics)
     methods = tuple(m for m in metrics if m not in left_out)
     orientation = first["orientation"]
     bands = tuple(Band(b, *first["bands"][b]) for b in closest_first(first["bands"], orientation))
@@ -177,6 +178,25 @@ def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) 
     return Findings(first["similarity"], orientation, bands, methods, generations, left_out, tuple(found))
 
 
+def measured_twice(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The evaluations in ``dirs`` that measure the same generation files as another one, unchanged (``side
+    evaluate --out RUN/evaluation/X`` of the run's own extraction): source -> why it is counted once. Counted twice,
+    the total was above the samples drawn and every image they found lost "found by no other". The one named after
+    the files' folder (the run's own evaluation of ``extraction/side``: ``side``) is kept, else the first. Equal
+    images in other files (two methods whose generations happen to coincide) are two sources, as they are."""
+    files: dict[tuple[Path, Any], list[str]] = {}
+    for m, d in dirs.items():
+        src = (metrics[m].get("sources") or {}).get("generated")  # (a set made in memory: the run's extraction)
+        path = Path(src) if isinstance(src, str) and src else d.parent.parent / "extraction" / m
+        files.setdefault((path.resolve(), (metrics[m].get("fingerprints") or {}).get("generated")), []).append(m)
+    out = {}
+    for (path, _), names in files.items():
+        kept = next((m for m in names if m == path.name), names[0])
+        out |= {m: f"it measures the same generation files as {kept} ({path}), counted once" for m in names
+                if m != kept}
+    return out
+
+
 def write_findings(run: str | Path, findings: Findings | None = None) -> Path | None:
     """``RUN/findings.csv`` (None, and no file, where the run holds no evaluation)."""
     findings = collect(run) if findings is None else findings
@@ -187,5 +207,5 @@ def write_findings(run: str | Path, findings: Findings | None = None) -> Path | 
     return path
 
 
-__all__ = ["Finding", "Findings", "collect", "from_evaluations", "with_synthetic", "write_findings", "FILE",
-           "SYNTHETIC"]
+__all__ = ["Finding", "Findings", "collect", "from_evaluations", "measured_twice", "with_synthetic", "write_findings",
+           "FILE", "SYNTHETIC"]
