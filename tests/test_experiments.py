@@ -1,7 +1,8 @@
 """The experiment scripts that read one replicate's run still run against the library: ``side_avoidance.py`` failed
 for three sessions after label-free guidance began taking generation indices (commit 3d059c0), and nobody knew until
-it was run. Each runs here on a tiny run, as a user runs it (a tiny target reaches no training image, so the scripts'
-lines for a run that reached nothing are exercised too); ``side_avoidance.py`` also checks its SIDE-alone row
+it was run. Each runs here on a tiny run, as a user runs it (in this process, as ``python SCRIPT ARGS`` runs it:
+:func:`run_script`; a tiny target reaches no training image, so the scripts' lines for a run that reached nothing are
+exercised too); ``side_avoidance.py`` also checks its SIDE-alone row
 against the run's own extraction. The scripts that read a whole fair-bench cache (several replicates and forms) run
 on a tiny fair bench's cache; five crashed there (``paired_runs.py``, ``equal_samples.py``, ``paired_from_files.py``,
 ``informed_ceiling.py``) or printed nan ratios (``portfolio.py``, ``anchor_ceiling.py``) on replicates that reached
@@ -10,13 +11,17 @@ synthetic set of hundreds), ``theory_figures.py`` (a minute of training) and ``d
 slow)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from side_extract import config as cfg
 from side_extract.pipeline import run_audit
@@ -52,10 +57,8 @@ def replicate_run(tiny_model_dir, tmp_path_factory):
 ])
 def test_a_replicate_script_runs_on_a_tiny_run(replicate_run, tmp_path, script, args, rows):
     run, n = replicate_run
-    path = os.pathsep.join([str(EXPERIMENTS), *filter(None, [os.environ.get("PYTHONPATH")])])
     args = [str(n) if a == "N" else a for a in args]  # (N: the run's N_G)
-    r = subprocess.run([sys.executable, str(EXPERIMENTS / script), str(run), *args], capture_output=True,
-                       text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"})
+    r = run_script(script, str(run), *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert rows in r.stdout, r.stdout
     # nothing reached: no ratio, said as a dash
@@ -67,8 +70,7 @@ def test_validation_picks_md_is_what_its_script_makes_of_the_committed_files():
     the files grew to 100 (nothing regenerated it). Like docs/config.md, it now must equal its script's output:
     ``python benchmarks/experiments/validation_picks.py benchmarks/results > .../validation-picks.md``."""
     root = EXPERIMENTS.parents[1]
-    r = subprocess.run([sys.executable, str(EXPERIMENTS / "validation_picks.py"), "benchmarks/results"],
-                       capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_script("validation_picks.py", "benchmarks/results", cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     committed = (root / "benchmarks" / "results" / "experiments" / "validation-picks.md").read_text()
     assert r.stdout == committed, "validation-picks.md is stale: regenerate it with the command in its docstring"
@@ -80,17 +82,37 @@ def test_the_paired_from_files_table_is_what_its_command_makes_of_the_committed_
     root = EXPERIMENTS.parents[1]
     committed = (root / "benchmarks" / "results" / "experiments" / "avoidance-paired-from-files.md").read_text()
     command = committed.split("Command: `python ", 1)[1].split("`", 1)[0].split()
-    r = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=root,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert Path(command[0]).parent == Path("benchmarks/experiments"), command
+    r = run_script(Path(command[0]).name, *command[1:], cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() and r.stdout in committed, r.stdout
 
 
 def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python benchmarks/experiments/<script> ARGS`` on one thread, as a user runs it."""
-    path = os.pathsep.join([str(EXPERIMENTS), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"})
+    """``python benchmarks/experiments/<script> ARGS`` from folder ``cwd`` on one thread, as a user runs it, in this
+    process: the script as ``__main__`` with that argv, folder and sys.path; its exit status and its output as a
+    process's (``sys.exit("why")``: status 1, why on stderr). A process of its own spent ~10 s importing torch,
+    diffusers and peft again for each script: about a minute and a half of the suite."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, path, here, threads = sys.argv, sys.path[:], os.getcwd(), torch.get_num_threads()
+    code: int = 0
+    try:
+        sys.argv, sys.path[:0] = [str(EXPERIMENTS / script), *args], [str(EXPERIMENTS)]
+        os.chdir(cwd)
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(EXPERIMENTS / script), run_name="__main__")
+            except SystemExit as e:  # (as the interpreter reads it: None 0, a number itself, else 1 and said)
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+                if not isinstance(e.code, int | None):
+                    print(e.code, file=sys.stderr)
+    finally:
+        sys.argv, sys.path[:] = argv, path
+        os.chdir(here)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([sys.executable, str(EXPERIMENTS / script), *args], code, out.getvalue(),
+                                       err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +120,6 @@ def fair_cache(tmp_path_factory):
     """A tiny fair bench (20 training images, N_G 6, N_S 24, held-out replicates 2 and 3) with the forms the cache
     scripts read: a clipped-eps SIDE form, a memorization-aware one and memguide with avoidance. Its target reaches
     no training image, so the scripts' lines for runs that reached nothing are what is checked."""
-    import torch
 
     from side_extract.bench.protocol import FairBenchConfig, run_fair_bench, write_fair_results
 
