@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,22 @@ pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not instal
 
 
 def _run(args, nproc, env_extra=None):
+    """``side ARGS`` on ``nproc`` processes (torchrun's launch, as ``side --processes N`` makes it). One process (the
+    reference a launch must equal) runs in this one, as ``side`` does: a process of its own spent ~10 s importing
+    torch and diffusers again. ``side --processes N`` is its own process (it starts torchrun)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    if nproc == 1 and "--processes" not in args:
+        from typer.testing import CliRunner
+
+        from side_extract.cli.main import app
+
+        threads = torch.get_num_threads()
+        try:
+            r = CliRunner().invoke(app, list(args), env={"OMP_NUM_THREADS": "1", **(env_extra or {})})
+        finally:
+            torch.set_num_threads(threads)
+        assert r.exit_code == 0, r.output[-4000:] + "".join(traceback.format_exception(r.exception))
+        return subprocess.CompletedProcess(args, 0, r.stdout, r.stderr)
     if nproc == 1:
         cmd = [sys.executable, "-m", "side_extract.cli.main", *args]
     else:
