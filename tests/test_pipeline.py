@@ -593,6 +593,45 @@ def test_an_interrupted_extraction_grows_to_a_larger_n_keeping_its_whole_shards(
                                   load_shards(tmp_path / "fresh" / "extraction" / "uncond").images)
 
 
+def test_a_growth_cut_short_and_run_at_an_n_between_keeps_its_whole_shards(tiny_model_dir, tmp_path):
+    """A finished extraction of 6 grown to 12 and cut short, then run at 10: it was written afresh (its whole shards
+    lost: grows_from read only the N it was begun with, 12) and its evaluation was then refused without --force (the
+    finished stage it replaced was no longer named as grown from). It now keeps the shards whose ranges are the
+    same in both layouts and equals a fresh run at 10; run again at the N it grew from, it is the finished stage it
+    was. Below that N, it is a changed stage as before: refused without replace."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=6, shard_size=2)
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    first = read_json(run / "manifest.json")["stages"]["extraction/uncond"]
+    at = lambda n: dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=n))  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, at(12), progress=interrupt_at("extract uncond", 10), replace=False)
+    made = sorted(p.name for p in (run / "extraction" / "uncond").glob("shard-*.npz"))
+    assert "shard-00003.npz" in made and "shard-00005.npz" not in made, made
+    kept = {p: (run / "extraction" / "uncond" / p).stat().st_mtime_ns for p in made}
+    run_audit(run, at(10), replace=False)  # as `side extract --run RUN --n 10`: no --force needed
+    stages = read_json(run / "manifest.json")["stages"]
+    e = stages["extraction/uncond"]
+    assert e["status"] == "complete" and e["n"] == 10 and e["shards_written_now"] == 5 - len(made)
+    assert {p: (run / "extraction" / "uncond" / p).stat().st_mtime_ns for p in made} == kept
+    assert stages["evaluation/uncond"]["status"] == "complete"
+    run_audit(tmp_path / "fresh", at(10), until="extraction")
+    np.testing.assert_array_equal(load_shards(run / "extraction" / "uncond").images,
+                                  load_shards(tmp_path / "fresh" / "extraction" / "uncond").images)
+    # cut short again, then back at the N it grew from: the stage it was (its fingerprint), nothing made again
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, at(16), progress=interrupt_at("extract uncond", 12), replace=False)
+    run_audit(run, at(10), replace=False)
+    assert read_json(run / "manifest.json")["stages"]["extraction/uncond"]["shards_written_now"] == 0
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(run, at(16), progress=interrupt_at("extract uncond", 12), replace=False)
+    with pytest.raises(StageWouldBeReplaced, match="extraction/uncond"):
+        run_audit(run, at(6), replace=False)
+    assert first["fingerprint"] != e["fingerprint"]
+
+
 def test_clustering_alone_does_not_need_the_training_set(tiny_model_dir, tmp_path):
     """`side cluster --run RUN` with the default methods (Cond among them) on a run without `train`: the
     preflight asked for the training set that only Cond's classifier, a later stage, needs."""

@@ -1255,14 +1255,17 @@ def grows_from(entry: dict[str, Any] | None, fingerprint: str, n: int, fingerpri
                round_size: int | None) -> int | None:
     """How many images a shard stage (its manifest ``entry``) was made or was being made with where
     :func:`shard_stage` grows it to ``n`` under ``fingerprint`` instead of making it again (None: it does not grow):
-    it was made, or begun and cut short (the N it was begun with, ``n_planned``), with the same settings at a
-    smaller N (``fingerprint_at``), not in rounds. (An interrupted one started afresh, its whole shards lost.)"""
+    it was made with the same settings at a smaller N (``fingerprint_at``), or begun with them at another N (its
+    ``n_planned``) and cut short, not in rounds. (An interrupted one started afresh, its whole shards lost; one cut
+    short while growing and run again at an N between lost them too, and its evaluations needed ``--force``.) A
+    growth cut short is not taken below the N it grew from: the finished stage of that N is what it replaces."""
     status = None if entry is None else entry.get("status")
-    old_n = (entry.get("n") if status == "complete" else entry.get("n_planned") if status in ("running", "failed")
-             else None)
-    if (fingerprint_at is not None and round_size is None and isinstance(old_n, int) and 0 < old_n < n
-            and entry.get("fingerprint") != fingerprint and entry.get("fingerprint") == fingerprint_at(old_n)):
-        return old_n
+    if entry is not None and fingerprint_at is not None and round_size is None:
+        if status == "complete" and isinstance(old_n := entry.get("n"), int) and 0 < old_n < n:
+            return old_n if entry.get("fingerprint") == fingerprint_at(old_n) != fingerprint else None
+        if (status in ("running", "failed") and isinstance(old_n := entry.get("n_planned"), int) and 0 < old_n != n
+                and n >= (entry.get("grown_from") or 0)):
+            return old_n if entry.get("fingerprint") == fingerprint_at(old_n) != fingerprint else None
     return None
 
 
@@ -1306,7 +1309,8 @@ def shard_stage(
             for k, r in enumerate(shard_ranges(old_n, shard_size)[0]):
                 if new.get(r) != k:  # (the old last shard, when it was short)
                     shard_path(directory, k).unlink(missing_ok=True)
-            log.info("stage %s: growing its %d images to %d", stage, old_n, n)
+            log.info("stage %s: %s, keeping its whole shards", stage, f"growing its {old_n} images to {n}"
+                     if old_n < n else f"made at {n} images (begun with {old_n} and cut short)")
             decision = run.grow(stage, fingerprint, inputs, old_n, n_planned=n)
         else:
             decision = run.begin(stage, fingerprint, inputs=inputs, n_planned=n)
