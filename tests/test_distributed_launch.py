@@ -1,0 +1,241 @@
+"""A launch of several processes (torchrun, gloo on the CPU): how it starts and ends, who says what, and an error
+on one process reaching every other at once; the Python API under torchrun; which GPU each process takes. That the
+processes write what one process writes is test_distributed's."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from side_extract.runs import read_json
+
+from test_distributed import TORCHRUN
+
+pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
+
+
+def test_an_error_on_one_process_reaches_every_process():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = str(Path(__file__).parent / "dist_together.py")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1 raised its own: bad shard on process 1" in out
+    assert "rank 0 told: another process failed: process 1: ValueError: bad shard on process 1" in out
+    assert "finished without an error" not in out
+
+
+def test_an_error_in_a_round_of_shards_reaches_every_process_at_once(tmp_path):
+    """Shards written in rounds ended each round at a bare barrier: process 1 failed and went to the caller's
+    check-in while the main process waited at the barrier, until the process timeout (a day by default), and
+    both then said only gloo's error. Each round now ends in a check-in that carries the error."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="40")
+    script = str(Path(__file__).parent / "dist_rounds.py")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "finished without an error" not in out
+    assert "rank 1 ValueError: diverged on process 1" in out, out[-3000:]
+    assert "rank 0 PeerFailed: another process failed: process 1: ValueError: diverged on process 1" in out
+    took = [float(m) for m in re.findall(r"after (\d+) s", out)]
+    assert len(took) == 2 and max(took) < 30, out[-3000:]  # at once, not at the process timeout
+
+
+def test_the_wait_for_the_main_process_is_bounded_by_the_configured_timeout():
+    """$SIDE_PROCESS_TIMEOUT_S bounds how long a process waits at an exchange (before: torch's fixed 30 minutes,
+    which ended launches whose main process worked alone or waited for a lock longer than that)."""
+    script = str(Path(__file__).parent / "dist_timeout.py")
+
+    def launch(timeout_s, sleep_s):
+        env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S=str(timeout_s))
+        return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(sleep_s)],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    short = launch(1, 6)
+    assert short.returncode != 0 and "rank 1 passed the barrier" not in short.stdout
+    assert "Timed out waiting 1000ms" in short.stderr, short.stderr[-2000:]  # the configured 1 s, not another failure
+    ok = launch(60, 3)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "rank 0 passed the barrier" in ok.stdout and "rank 1 passed the barrier" in ok.stdout
+
+
+@pytest.mark.parametrize("mode", ["uncaught", "cli"])
+def test_a_process_failing_alone_ends_the_launch_at_once(mode):
+    """Process 1 fails while the main process waits for it at an exchange: the launch hung until the process
+    timeout (a day by default; 300 s here), the failed process waiting at the exit barrier the main one never
+    reached. Now it leaves at once and torchrun stops the main process: the launch ends by itself, not by the
+    process timeout, which lies past this test's guard on the launch (a hang fails it with TimeoutExpired)."""
+    script = str(Path(__file__).parent / "dist_error.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="300")
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, mode], capture_output=True, text=True,
+                       env=env, timeout=150)
+    assert r.returncode != 0 and "main passed the barrier" not in r.stdout
+    assert "process 1 fails alone" in r.stdout + r.stderr
+
+
+def test_a_bad_timeout_is_named():
+    from side_extract.distributed import process_timeout
+
+    try:
+        for bad in ("soon", "inf", "nan", "-1", "1e12"):  # (inf was timedelta's OverflowError on every process)
+            os.environ["SIDE_PROCESS_TIMEOUT_S"] = bad
+            with pytest.raises(ValueError, match=f"SIDE_PROCESS_TIMEOUT_S='{bad}' must be a positive number"):
+                process_timeout()
+    finally:
+        del os.environ["SIDE_PROCESS_TIMEOUT_S"]
+    assert process_timeout().total_seconds() == 86400
+
+
+def test_the_python_api_under_torchrun(tiny_model_dir, tmp_path):
+    """``audit()`` on two processes: every rank took the run lock, so one failed with RunLocked (and its clean-up
+    could remove the directory the other was writing); now the main process locks and writes the inputs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = str(Path(__file__).parent / "dist_api.py")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tiny_model_dir),
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    # (its head too: the process that failed first said why there, above torchrun's report of the others)
+    assert proc.returncode == 0, out[:4000] + "\n[...]\n" + out[-2000:]
+    assert "rank 0 done: 6 generations" in out and "rank 1 done: 6 generations" in out
+    stages = read_json(tmp_path / "run" / "manifest.json")["stages"]
+    assert stages["evaluation/uncond"]["status"] == "complete"
+    # processes given other settings mixed their shards into one run without a word (exit 0): refused on both
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tiny_model_dir),
+                           str(tmp_path / "mixed"), "disagree"], capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count("the processes of this launch were given different settings") >= 1
+    assert not (tmp_path / "mixed" / "extraction").exists()
+
+
+def test_cuda_in_a_launch_is_each_processs_own_gpu_and_needs_one(monkeypatch):
+    """--device cuda under a launch of N processes per machine took cuda:<local rank> without checking that it
+    exists (read from the code by a review; no GPU here: the count is simulated)."""
+    from side_extract.distributed import ProcessGroup
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert ProcessGroup(rank=0, world=2, local_rank=0).device("cuda") == "cuda:0"
+    assert ProcessGroup(rank=0, world=1).device("cpu") == "cpu" and ProcessGroup().device("cuda") == "cuda"
+    with pytest.raises(ValueError, match="process 1 would take cuda:1, but this machine has 1 GPU"):
+        ProcessGroup(rank=1, world=2, local_rank=1).device("cuda")
+
+
+def test_a_gpu_named_by_number_in_a_launch_is_shared_and_the_main_process_says_so(caplog):
+    """--device cuda:1 under a launch put every process on that one GPU without a word (a review's find): still
+    taken as asked (small models may want it), with a warning from the main process that names --device cuda."""
+    from side_extract.distributed import ProcessGroup
+
+    with caplog.at_level("WARNING", logger="side_extract.distributed"):
+        assert ProcessGroup(rank=0, world=2, local_rank=0).device("cuda:1") == "cuda:1"
+    assert "all 2 processes of this launch share that one GPU; --device cuda gives each" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="side_extract.distributed"):
+        ProcessGroup(rank=1, world=2, local_rank=1).device("cuda:1")  # the other process: silent
+        ProcessGroup(rank=0, world=1).device("cuda:1")  # one process: nothing shared
+        ProcessGroup(rank=0, world=2, local_rank=0).device("cpu")
+    assert caplog.text == ""
+
+
+def test_a_launch_says_a_usage_error_once_before_it_starts_and_its_errors_without_torchruns_report(tmp_path):
+    """`side --processes 2 run --model X` (run takes a config file, not --model): each process of the launch used to
+    parse the arguments, so the usage error was printed twice, then torchrun's failure report with a traceback, and
+    the status was 1. Now the arguments parse before the launch: said once, status 2, no process started. An error
+    every process meets (a model that is not there) ends the launch with status 2 and the processes' own message,
+    without torchrun's report; nothing is left in the output folder."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    side = [sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress", "--processes", "2"]
+    usage = subprocess.run([*side, "run", "--model", str(tmp_path / "nope")], capture_output=True, text=True,
+                           env=env, timeout=120)
+    said = usage.stdout + usage.stderr
+    assert usage.returncode == 2 and said.count("No such option: --model") == 1, said
+    assert "Traceback" not in said and "ChildFailedError" not in said and "torch.distributed" not in said
+    missing = subprocess.run([*side, "sample", "--model", str(tmp_path / "nope"), "--n", "4", "--out",
+                              str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    said = missing.stdout + missing.stderr
+    assert missing.returncode == 2 and f"model '{tmp_path / 'nope'}'" in said and "is not a directory" in said, said
+    assert "Traceback" not in said and "ChildFailedError" not in said and not (tmp_path / "out").exists()
+
+
+def test_an_error_the_main_process_meets_alone_is_said_once_with_status_2(tmp_path, tiny_model_dir):
+    """A refusal only the main process meets (a finished extraction made with other settings) reached the other
+    process as a bare RuntimeError: a 45-line traceback beside the one error line. It now leaves without words of its
+    own, and the launch says the error once, status 2."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    side = [sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress"]
+    for steps, nproc in ((2, 1), (3, 2)):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "extract": {
+            "methods": ["uncond"], "n": 4, "steps": steps}}))
+        r = subprocess.run([*side, "--processes", str(nproc), "extract", "--config", str(tmp_path / "c.yaml"), "--run",
+                            str(tmp_path / "run"), "--no-evaluate"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    said = r.stdout + r.stderr
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "changed: extract.steps 2 -> 3" in errors[0], said
+    assert "Traceback" not in said and "RuntimeError" not in said, said
+
+
+def test_only_the_main_process_checks_the_run_folder_it_is_writing(tmp_path):
+    """The other processes of a launch met the run folder while the main one wrote its first files, before its
+    manifest, and refused it as no run directory: test_the_python_api_under_torchrun failed so in a clean-clone CI
+    (rank 1: "is not empty and holds no manifest.json ... (it holds manifest.json)"). The main one checks it (it
+    holds the run's lock); the others take it as the main one made it."""
+    from side_extract.distributed import ProcessGroup
+    from side_extract.runs import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "evaluation").mkdir()  # a folder the main process writes, met before the manifest by another process
+    RunDir(run, group=ProcessGroup(rank=1, world=2))
+    with pytest.raises(ValueError, match="holds no manifest.json, so it is no run directory"):
+        RunDir(run, group=ProcessGroup(rank=0, world=2))
+
+
+def test_a_target_with_dropout_draws_other_masks_on_each_process_and_is_warned_of(tmp_path):
+    """Every process seeded a target's dropout with one seed per step, so both drew the same masks for other rows
+    (which no single process does); the adapters of such a target depend on the number of processes, which no
+    fingerprint records, and nothing said so."""
+    script = str(Path(__file__).parent / "dist_dropout.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tmp_path)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b = np.load(tmp_path / "masks-0.npy"), np.load(tmp_path / "masks-1.npy")
+    assert a.shape == b.shape and 0.3 < a.mean() < 0.7 and not np.array_equal(a, b)
+    said = " ".join((r.stdout + r.stderr).split())
+    assert said.count("side-lora: the target has dropout (p=0.5): each of the 2 processes draws the masks") == 1
+
+
+def test_the_launcher_names_the_process_that_failed_of_its_own(monkeypatch, capsys):
+    """The launcher named whichever process failed first: one stopped by it (SIGTERM, in the same second) where
+    another met the error, or one that left because another had failed. A process killed by another signal (the
+    kernel's OOM kill) is still the one named where the others then fail."""
+    import torch.distributed.run as run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from side_extract.distributed import PEER_FAILED_STATUS, launch
+
+    def failing(codes):
+        def fake(_args):
+            failures = {}
+            for rank, (code, ts) in codes.items():
+                failures[rank] = ProcessFailure(rank, 100 + rank, code, "<N/A>")
+                failures[rank].timestamp = ts
+            raise ChildFailedError("side", failures)
+        return fake
+
+    one = "process 1 of the launch of 2 ended with exit status 1"
+    cases = [({0: (-15, 1000), 1: (1, 1000)}, one, 1), ({0: (PEER_FAILED_STATUS, 1000), 1: (1, 1001)}, one, 1),
+             ({0: (-9, 1000), 1: (1, 1001)}, "process 0 of the launch of 2 was killed by signal 9", 1),
+             ({0: (-15, 1000), 1: (2, 1000)}, "", 2)]
+    for codes, said, status in cases:
+        monkeypatch.setattr(run, "run", failing(codes))
+        assert launch(2, ["run"]) == status
+        err = capsys.readouterr().err
+        assert (said in err) if said else "error:" not in err, (codes, err)
