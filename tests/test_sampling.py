@@ -144,8 +144,13 @@ def test_sample_stage_skips_when_unchanged(tiny_model_dir, tmp_path):
 
 
 def test_resume_after_killed_process(tiny_model_dir, tmp_path):
-    """A real `side sample` process is killed mid-run; the rerun resumes and equals an uninterrupted run."""
-    args = ["--model", str(tiny_model_dir), "--n", "1200", "--steps", "40", "--shard-size", "100", "--batch-size", "50"]
+    """A real `side sample` process is killed mid-run; the rerun (`side sample` in this process) resumes and equals an
+    uninterrupted run."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    args = ["--model", str(tiny_model_dir), "--n", "600", "--steps", "20", "--shard-size", "50", "--batch-size", "50"]
     cmd = [sys.executable, "-m", "side_extract.cli.main", "--no-progress", "sample", *args]
     run = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -160,21 +165,26 @@ def test_resume_after_killed_process(tiny_model_dir, tmp_path):
     assert 2 <= len(done_before) < 12, "the process should have been killed mid-run"
     for shard in done_before:  # whatever the kill interrupted, every file named as a shard is whole
         with np.load(shard) as z:
-            assert len(z["images"]) == len(z["index"]) == 100
+            assert len(z["images"]) == len(z["index"]) == 50
     assert read_json(run / "manifest.json")["stages"]["synthetic"]["status"] == "running"
-    subprocess.run([*cmd, "--out", str(run)], check=True, capture_output=True)
+    threads = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(app, ["--threads", "1", *cmd[3:], "--out", str(run)])
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output
     entry = read_json(run / "manifest.json")["stages"]["synthetic"]
     assert entry["status"] == "complete" and entry["resumed"] is True
     assert entry["shards_written_now"] == 12 - len(done_before)
     resumed = load_shards(run / "synthetic")
     # reference: the same shards computed in-process without interruption
     d = load_target(tiny_model_dir)
-    ref = sample(d, 1200, seed=0, steps=40, batch_size=50, clip_eps=cfg.SampleConfig().clip_eps)
+    ref = sample(d, 600, seed=0, steps=20, batch_size=50, clip_eps=cfg.SampleConfig().clip_eps)
     from side_extract.data import to_uint8
 
     ref_u8 = to_uint8(ref)
     assert np.abs(resumed.images.astype(int) - ref_u8.astype(int)).max() <= 1
-    assert resumed.ids.tolist() == list(range(1200))
+    assert resumed.ids.tolist() == list(range(600))
 
 
 class _OutOfMemoryAbove:
