@@ -368,3 +368,43 @@ def test_side_lora_takes_the_adaptive_allocation(tiny_model_dir, tmp_path, one_t
     assert after["extraction/side-lora"]["fingerprint"] != stages["extraction/side-lora"]["fingerprint"]
     assert after["lora"]["fingerprint"] == stages["lora"]["fingerprint"]  # sampling only: the fine-tune is kept
     np.testing.assert_array_equal(load_shards(stage).labels, uniform_labels)
+
+
+def test_a_diverged_fine_tune_is_refused_not_saved_and_its_stage_not_completed(tiny_model_dir, tmp_path, one_thread):
+    """A fine-tune whose loss went NaN (lora.lr 100) was saved, its stage completed with final_loss NaN, and every
+    later run reused it to fail at sampling ("check the weights and the scheduler"). It now stops at the first
+    non-finite loss naming lora.lr, and writes no adapters."""
+    target = load_target(tiny_model_dir)
+    x0, y = _data()
+    with pytest.raises(ValueError, match=r"side-lora diverged: the loss is nan at step \d+ \(lora.lr=1e\+06\)"):
+        finetune(target, x0, y, dataclasses.replace(TINY, steps=8, lr=1e6), tmp_path / "lora")
+    assert not (tmp_path / "lora" / "adapter").exists() and not (tmp_path / "lora" / "classes.json").exists()
+    rc = tiny_rc(tiny_model_dir, methods=("side-lora",), n=4)
+    rc = dataclasses.replace(rc, lora=cfg.LoraConfig(rank=4, steps=5, batch_size=8, lr=1e6))
+    for _ in range(2):  # the rerun fine-tunes again (the same error), not a sampling failure of a NaN model
+        with pytest.raises(ValueError, match="side-lora diverged"):
+            run_audit(tmp_path / "run", rc, until="extraction")
+        lora = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["lora"]
+        assert lora["status"] != "complete", lora
+
+
+def test_the_fine_tunes_inputs_are_checked_before_training(tiny_model_dir, tmp_path):
+    """Images of another size trained and were saved, as did NaN images and 0-255 pixels; float labels were
+    truncated into classes (0.2 and 0.7 both class 0); labels of another length or a float64 set met torch's
+    errors. Each is refused now, by name, before anything is written."""
+    target = load_target(tiny_model_dir)
+    x0, y = _data()
+    one = dataclasses.replace(TINY, steps=1)
+    cases = [((x0[:, :, :4, :4], y), r"x0: images are \(1, 4, 4\) \(C, H, W\) but the model's are \(1, 8, 8\)"),
+             ((torch.full_like(x0, float("nan")), y), "x0: images hold NaN"),
+             (((x0 + 1) * 127.5, y), r"x0: images must lie in \[-1, 1\]"),
+             ((x0, y + 0.5), "labels must hold integers, got float64"),
+             ((x0, y[:20]), r"labels must be one per image of x0 \(24,\), got shape \(20,\)"),
+             ((x0.numpy(), y), "x0: images must be a float torch tensor")]
+    for (x, labels), match in cases:
+        with pytest.raises(ValueError, match=match):
+            finetune(target, x, labels, one, tmp_path / "lora")
+        assert not (tmp_path / "lora").exists()
+    # a float64 set is the same images: trained as float32 (as every other form of the images)
+    assert finetune(target, x0.double(), y, one, tmp_path / "f64").losses == finetune(target, x0, y, one,
+                                                                                    tmp_path / "f32").losses

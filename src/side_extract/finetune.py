@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
 from . import config as cfg
+from .data import check_float_images, integer_labels
 from .distributed import SINGLE, ProcessGroup
 from .models.forms import module_fingerprint
 from .models.target import UNetDenoiser, as_epsilon, has_class_embedding, prediction_target
@@ -235,7 +237,13 @@ def finetune(
     scheduler), so a checkpoint of another target in ``out`` is never continued."""
     if not isinstance(target, UNetDenoiser):
         raise ValueError("side-lora fine-tunes a diffusers UNet2DModel target; this target is a plain callable")
-    labels = np.asarray(labels)
+    # (other sizes trained and were saved, NaN images too, 0-255 pixels as if in [-1, 1], float labels were
+    # truncated into classes; a float64 set or labels of another length met torch's errors)
+    check_float_images(x0, "side-lora: x0", target.sample_shape)
+    labels = integer_labels(labels, "side-lora: labels")
+    if labels.shape != (len(x0),):
+        raise ValueError(f"side-lora: labels must be one per image of x0 ({len(x0)},), got shape {labels.shape}")
+    x0 = x0.float()
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:
@@ -300,6 +308,10 @@ def finetune(
             loss.backward()
         opt.step()
         losses.append(round(group.batch_mean(per_row, n_batch), 6))
+        if not math.isfinite(losses[-1]):  # (the mean of every process's rows: each raises here, none waits) a NaN
+            # fine-tune was saved and its stage completed, and every later run reused it to fail at sampling
+            raise ValueError(f"side-lora diverged: the loss is {losses[-1]} at step {step} (lora.lr={c.lr:g}); lower "
+                             f"lora.lr. Nothing past step {step - 1} was written")
         if progress is not None:
             progress(step, c.steps)
         if group.main and (step % c.checkpoint_every == 0 or step == c.steps):
