@@ -444,3 +444,38 @@ def test_a_damaged_checkpoint_is_discarded_and_trained_afresh(tmp_path, damaged)
     fresh = train_classifier(arch, x, y, c, scheduler=tiny_scheduler(), out=tmp_path / "fresh")
     for k, v in fresh.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k]), k
+
+
+def test_every_stage_noises_as_the_samplers_denoise_whatever_the_schedulers_class(tmp_path, one_thread):
+    """Euler's and LMS's add_noise compute x0 + sigma eps, DPM-Solver's another scale: a target given with one of
+    them trained its noise-aware classifier on x_t the sampler never makes (inputs up to ~500; the sampler steps a
+    DDIM scheduler made from the same config). Every stage now noises by x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+    from the scheduler's alphas_cumprod: a run of such a target trains the classifier a DDPM one does, bit for bit."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler
+    from safetensors.torch import load_file
+
+    from side_extract.api import as_target
+    from side_extract.models.target import add_noise
+    from side_extract.pipeline import run_audit
+
+    from conftest import tiny_unet
+    from test_pipeline import tiny_rc
+
+    base = tiny_scheduler()
+    g = torch.Generator().manual_seed(0)
+    x0, eps, t = torch.rand((1000, 1, 8, 8), generator=g) * 2 - 1, torch.randn((1000, 1, 8, 8), generator=g), \
+        torch.arange(1000)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).view(-1, 1, 1, 1)  # (linear)
+    want = abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double()  # the forward process, written out
+    for kind in (type(base), EulerDiscreteScheduler, LMSDiscreteScheduler, DPMSolverMultistepScheduler):
+        got = add_noise(kind.from_config(base.config), x0, eps, t)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5, msg=kind.__name__)
+        torch.testing.assert_close(got, base.add_noise(x0, eps, t), rtol=0, atol=0)  # DDPM's own, exactly
+    rc = tiny_rc("given", methods=("side",), n=4)
+    weights = {}
+    for kind in (type(base), EulerDiscreteScheduler):
+        run_audit(tmp_path / kind.__name__, rc, until="classifier",
+                  target=as_target(tiny_unet(), scheduler=kind.from_config(base.config)))
+        weights[kind] = load_file(str(tmp_path / kind.__name__ / "classifier" / "model.safetensors"))
+    a, b = weights.values()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

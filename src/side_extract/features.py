@@ -126,7 +126,9 @@ class UNetFeatures(FeatureExtractor):
         # image's id coupled training image i with generation i, which share ids)
         noise = torch.randn((1, *x.shape[1:]), generator=torch.Generator().manual_seed(self.seed)).expand(len(x), -1, -1, -1)
         t = torch.full((len(x),), self.timestep, dtype=torch.long, device=x.device)
-        xt = self.model.scheduler.add_noise(x, noise.to(x.device), t)
+        from .models.target import add_noise  # (diffusers: imported where a UNet's features are made)
+
+        xt = add_noise(self.model.scheduler, x, noise.to(x.device), t)
         captured: dict[str, torch.Tensor] = {}
         hook = self.model.unet.mid_block.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
         try:

@@ -43,7 +43,7 @@ from . import config as cfg
 from .data import check_float_images, integer_labels
 from .distributed import SINGLE, ProcessGroup
 from .models.forms import module_fingerprint
-from .models.target import UNetDenoiser, as_epsilon, has_class_embedding, prediction_target
+from .models.target import UNetDenoiser, add_noise, as_epsilon, has_class_embedding, prediction_target
 from .runs import (array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of, read_checkpoint, read_json,
                    whole_safetensors)
 from .surrogate import target_outputs
@@ -294,7 +294,7 @@ def finetune(
         yb[torch.rand(len(yb), generator=g) < c.label_dropout] = null
         t = torch.randint(0, n_t, (len(xb),), generator=g)
         eps = torch.randn(xb.shape, generator=g)
-        xt = sched.add_noise(xb, eps, t)
+        xt = add_noise(sched, xb, eps, t)
         xt, eps, t, yb = xt[rows], eps[rows], t[rows], yb[rows]  # this process's rows of the global batch
         # a target with dropout draws its masks from torch's global generator: seeded per step, so a resumed
         # fine-tune and one in a process that drew other numbers before train the same

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .data import check_float_images, check_size
-from .models.target import Denoiser, predict_x0
+from .models.target import Denoiser, add_noise, predict_x0
 from .sampling import MEMGUIDE_STREAM, MEMORIZATION_STREAM, sample_generators
 
 
@@ -63,7 +63,7 @@ def reconstruction_error(denoiser: Denoiser, x0: torch.Tensor, t: int, z: torch.
     in ``x0`` when called with gradients enabled (:class:`MemorizationGuidance`)."""
     sched = denoiser.scheduler
     tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
-    xt = sched.add_noise(x0, z, tt)
+    xt = add_noise(sched, x0, z, tt)
     x0_hat = predict_x0(sched, xt, t, denoiser(xt, tt).to(torch.float32), clip_range)
     return (x0_hat - x0).pow(2).flatten(1).mean(1)
 

@@ -4,7 +4,7 @@ Noise-aware classifier p(y | x_t, t):
 
 1. hold out ``eval_fraction`` of each class's images (seeded; rounded down, so every class keeps at least
    one training image and no output of the classifier is left untrained);
-2. each step: a batch (x_0, y), t ~ U{0 .. T-1}, eps ~ N(0, I), x_t = scheduler.add_noise(x_0, eps, t)
+2. each step: a batch (x_0, y), t ~ U{0 .. T-1}, eps ~ N(0, I), x_t = add_noise(scheduler, x_0, eps, t)
    (the target's own noise schedule, so the classifier sees exactly the x_t the sampler produces);
 3. cross-entropy, AdamW (paper: lr 1e-4);
 4. every ``eval_every`` steps, accuracy on the held-out images at each timestep quartile
@@ -34,6 +34,7 @@ from . import config as cfg
 from .data import check_float_images, integer_labels
 from .distributed import SINGLE, ProcessGroup
 from .models.classifier import Classifier, ClassifierArch, build_classifier
+from .models.target import add_noise
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def predictions_by_quartile(model: Classifier, x0: torch.Tensor, scheduler: Sche
                 xt = xb
             else:
                 t = t_all[lo:lo + batch_size].to(xb.device)
-                xt = scheduler.add_noise(xb, noise_all[lo:lo + batch_size].to(xb.device, xb.dtype), t)
+                xt = add_noise(scheduler, xb, noise_all[lo:lo + batch_size].to(xb.device, xb.dtype), t)
                 if denoiser is not None:
                     abar = scheduler.alphas_cumprod.to(xb.device)[t].view(-1, 1, 1, 1).to(xb.dtype)
                     xt = (xt - (1 - abar).sqrt() * denoiser(xt, t)) / abar.sqrt()
@@ -226,7 +227,7 @@ def train_classifier(
         xb, yb = x_tr[idx], y_tr[idx]
         if scheduler is not None:
             t = torch.randint(0, n_t, (len(xb),), generator=g)
-            xb = scheduler.add_noise(xb, torch.randn(xb.shape, generator=g), t)
+            xb = add_noise(scheduler, xb, torch.randn(xb.shape, generator=g), t)
         else:
             t = torch.zeros(len(xb), dtype=torch.long)
         xb, yb, t = xb[rows], yb[rows], t[rows]  # this process's rows of the global batch
@@ -287,7 +288,7 @@ def fit_label_classifier(
     ``x0``: (n, C, H, W) float in [-1, 1]; ``labels``: (n,) int.
     """
     cfg.check_section(c, cfg.ClassifierConfig, "c")  # (a dict, or scheduler="ddpm", was an AttributeError)
-    if scheduler is not None and not hasattr(scheduler, "add_noise"):
+    if scheduler is not None and getattr(scheduler, "alphas_cumprod", None) is None:
         raise ValueError(f"scheduler={scheduler!r} must be the target's diffusers scheduler (noise-aware), or None "
                          "(a clean classifier)")
     check_float_images(x0, f"{name} x0")

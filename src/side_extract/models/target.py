@@ -169,6 +169,22 @@ def as_epsilon(scheduler: SchedulerMixin, kind: str, x: torch.Tensor, t: torch.T
     raise _unknown_prediction(kind)
 
 
+def add_noise(scheduler: SchedulerMixin, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) ``noise`` at timesteps ``t`` (one per sample, or one for all), with
+    the scheduler's alphas_cumprod in ``x0``'s dtype: the forward process the samplers here invert (they step a
+    DDIM or DDPM scheduler made from this one's config: ``sampling.inference_scheduler``), whatever ``scheduler``'s
+    class. DDPM's and DDIM's own ``add_noise`` compute it so, bit for bit; Euler's and LMS's compute x0 + sigma
+    noise, DPM-Solver's another scale, so a classifier trained on their x_t (inputs up to 500 where the sampler's are
+    within 4) guided sampling with inputs it had never seen."""
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None:
+        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: the stages here need a variance-"
+                         "preserving (DDPM-type) noise schedule")
+    a = torch.as_tensor(abar).to(device=x0.device, dtype=x0.dtype)[torch.as_tensor(t).to(x0.device).long()]
+    shape = (-1, *([1] * (x0.ndim - 1)))
+    return (a ** 0.5).flatten().reshape(shape) * x0 + ((1 - a) ** 0.5).flatten().reshape(shape) * noise
+
+
 def prediction_target(scheduler: SchedulerMixin, kind: str, x0: torch.Tensor, noise: torch.Tensor,
                       t: torch.Tensor) -> torch.Tensor:
     """What a model of prediction type ``kind`` is trained to output for x_t = sqrt(abar) x0 + sqrt(1 - abar)
@@ -551,7 +567,7 @@ def train_target(
     ``report(step, steps, mean_loss, seconds)`` is called every ``report_every`` steps (default: 20 times in
     all) with the mean loss since the last call and the seconds since the start; the steps are also logged.
 
-    1. x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), x_t = scheduler.add_noise(x_0, eps, t);
+    1. x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), x_t = add_noise(scheduler, x_0, eps, t);
     2. loss = ||eps_theta(x_t, t) - eps||^2 (``c.prediction_type``: v or x_0 in place of eps,
        :func:`prediction_target`), AdamW, optional EMA of the weights;
     3. every ``checkpoint_every`` steps a diffusers directory (plus optimizer/EMA state) is written under
@@ -612,7 +628,7 @@ def train_target(
         eps = torch.randn((c.batch_size, *data.shape), generator=g).to(device)
         t = torch.randint(0, c.num_train_timesteps, (c.batch_size,), generator=g).to(device)
         x0 = x0_all[idx.to(device)]
-        xt = scheduler.add_noise(x0, eps, t)
+        xt = add_noise(scheduler, x0, eps, t)
         xt, eps, t = xt[rows], eps[rows], t[rows]
         want = prediction_target(scheduler, c.prediction_type, x0[rows], eps, t)  # eps itself for an eps model
         per_row = (net(xt, t).sample - want).pow(2).flatten(1).mean(1)
