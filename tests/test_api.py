@@ -546,6 +546,14 @@ def test_the_pieces_refuse_images_they_cannot_read(tmp_path):
         side_extract.denoising_error(target.denoiser, x[:, :, :4, :4])
     with pytest.raises(ValueError, match="labels must hold integers, got float64"):
         side_extract.fit_label_classifier(x, np.array([0.0, 1.7, 0.0, 1.0]), c, scheduler=tiny_scheduler())
+    # float64, float16 and bfloat16 images are the same images: trained as float32 (they met a bare dtype error)
+    y = np.array([0, 1, 0, 1])
+    want = side_extract.fit_label_classifier(x, y, c, scheduler=tiny_scheduler()).history
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        for sched in (tiny_scheduler(), None):
+            got = side_extract.fit_label_classifier(x.to(dtype), y, c, scheduler=sched)
+            assert got.model is not None, dtype
+    assert side_extract.fit_label_classifier(x.double(), y, c, scheduler=tiny_scheduler()).history == want
     digits = side_extract.load_image_set("digits:30")
     with pytest.raises(ValueError, match="generated must be an ImageSet"):
         side_extract.evaluate(digits.images, digits)

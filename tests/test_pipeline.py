@@ -632,6 +632,17 @@ def test_a_growth_cut_short_and_run_at_an_n_between_keeps_its_whole_shards(tiny_
     assert first["fingerprint"] != e["fingerprint"]
 
 
+def test_a_run_of_side_teacher_alone_is_not_held_to_the_clusterings_settings(tiny_model_dir, tmp_path):
+    """side-teacher labels the synthetic set by a clean classifier and clusters nothing, but a run of it alone with
+    sample.n 10 was refused for surrogate K=25 > 10 (and checked the feature extractor it never builds)."""
+    rc = tiny_rc(tiny_model_dir, methods=("side-teacher",), n=4)
+    rc = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, n=10),
+                             surrogate=dataclasses.replace(rc.surrogate, n_clusters=25),
+                             features=dataclasses.replace(rc.features, extractor="torchscript:nowhere.pt"))
+    run_audit(tmp_path / "run", rc, until="classifier")
+    assert not (tmp_path / "run" / "surrogate").exists() and (tmp_path / "run" / "classifier-teacher").is_dir()
+
+
 def test_clustering_alone_does_not_need_the_training_set(tiny_model_dir, tmp_path):
     """`side cluster --run RUN` with the default methods (Cond among them) on a run without `train`: the
     preflight asked for the training set that only Cond's classifier, a later stage, needs."""

@@ -814,7 +814,7 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
     """What in ``rc`` leaves the surrogate clustering of ``methods`` impossible, from the config alone: more
     clusters than synthetic images clustered, or a min_size above them (the benches check it before training a
     target; a run, before its first stage)."""
-    if not {"side", "side-teacher", "side-lora"} & set(methods):
+    if not {"side", "side-lora"} & set(methods):  # (side-teacher's labels are the teacher's: it clusters nothing)
         return []
     problems = []
     ks = rc.surrogate.select_k or (rc.surrogate.n_clusters,)
@@ -908,7 +908,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     problems.extend(cluster_problems(rc, methods))
-    if {"side", "side-teacher", "side-lora"} & methods:
+    if {"side", "side-lora"} & methods:
         try:
             check_extractor(rc.features.extractor)
         except ValueError as e:

@@ -5,7 +5,7 @@
 1. L2-normalise the features (so K-means on them approximates spherical clustering);
 2. K-means with K clusters (scikit-learn, ``n_init`` restarts, ``random_state``);
 3. cohesion of cluster k = mean cosine similarity of its members to its (normalised) centroid;
-4. keep cluster k iff cohesion >= ``tau`` and size >= ``min_size``;
+4. keep cluster k iff cohesion >= ``tau`` (within float rounding) and size >= ``min_size``;
 K can be chosen by cluster quality instead of fixed: with ``select_k`` (candidate Ks), K-means runs for each
 candidate and the K with the highest silhouette score (cosine, on the normalised features) is kept; every
 candidate's score is recorded (``k_scores_``).
@@ -34,8 +34,12 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
 from .config import check_int
+from .data import check_float_images
 
 log = logging.getLogger(__name__)
+
+
+COHESION_ROUNDING = 1e-6  # a cohesion this close below tau is tau (the cosines round by ~1e-16; no tau is finer)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -124,7 +128,10 @@ class ClusterLabeler:
         sums = np.bincount(self.cluster_, weights=cos, minlength=K)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.cohesion_ = np.where(self.sizes_ > 0, sums / np.maximum(self.sizes_, 1), np.nan)
-        self.kept_ = (np.nan_to_num(self.cohesion_, nan=-np.inf) >= self.tau) & (self.sizes_ >= self.min_size)
+        # (within float rounding of tau: a cluster of identical images scored 1 - 1.1e-16 or 1 + 2.2e-16 by chance,
+        # and tau 1 dropped one in ten of them, the surest copies a run finds)
+        self.kept_ = ((np.nan_to_num(self.cohesion_, nan=-np.inf) >= self.tau - COHESION_ROUNDING)
+                      & (self.sizes_ >= self.min_size))
         if not self.kept_.any():
             said = f"all {K} clusters were dropped by " + filter_advice(self.sizes_, self.cohesion_, self.tau,
                                                                          self.min_size, keep=1)
@@ -246,6 +253,8 @@ class TeacherLabeler:
         """Label the synthetic images ``x`` (n, C, H, W) in [-1, 1]."""
         if not 0.0 <= self.min_confidence < 1.0:
             raise ValueError(f"min_confidence={self.min_confidence} must be in [0, 1)")
+        check_float_images(x, "TeacherLabeler.fit: x")
+        x = x.float()
         probs = []
         param = next(iter(self.classifier.parameters()), None) if isinstance(self.classifier, torch.nn.Module) else None
         device = x.device if param is None else param.device

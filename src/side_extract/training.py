@@ -179,6 +179,7 @@ def train_classifier(
     """
     # (uint8 or 0..255 images, or another size than arch's, trained without a word)
     check_float_images(x0, "x0", (arch.in_channels, arch.image_size, arch.image_size))
+    x0 = x0.float()  # (float64 or float16 images met the float32 model's dtype error; bfloat16 numpy's)
     y_t = torch.as_tensor(integer_labels(y), dtype=torch.long)  # (float labels were truncated without a word)
     if len(x0) != len(y_t):
         raise ValueError(f"{len(x0)} images but {len(y_t)} labels")
@@ -292,6 +293,7 @@ def fit_label_classifier(
         raise ValueError(f"scheduler={scheduler!r} must be the target's diffusers scheduler (noise-aware), or None "
                          "(a clean classifier)")
     check_float_images(x0, f"{name} x0")
+    x0 = x0.float()
     labels = integer_labels(labels, f"{name}: labels")
     if len(labels) != len(x0):
         raise ValueError(f"{len(x0)} images but {len(labels)} labels")
