@@ -910,3 +910,17 @@ def test_the_audits_methods_check_their_device_and_their_arguments(tmp_path, one
               target=as_target(tiny_unet(), scheduler=tiny_scheduler()))
     with pytest.raises(ValueError, match=r"results: none \(no method was evaluated"):
         Audit.load(tmp_path / "bare").pairs("uncond")
+
+
+def test_a_variance_exploding_scheduler_from_python_is_refused_when_the_target_is_made(tmp_path):
+    """A ScoreSdeVeScheduler given from Python (a model folder's was refused already): the run sampled a synthetic
+    set by an invented DDIM schedule, clustered it, and was refused only at the classifier, printing the scheduler's
+    whole config. Refused now when the target is made, by the scheduler's name."""
+    from diffusers import ScoreSdeVeScheduler
+
+    with pytest.raises(ValueError, match="the scheduler is a ScoreSdeVeScheduler, which has no alphas_cumprod"):
+        as_target(tiny_unet(), scheduler=ScoreSdeVeScheduler())
+    with pytest.raises(ValueError, match="ScoreSdeVeScheduler, which has no alphas_cumprod"):
+        side_extract.audit(tiny_unet(), "digits:30", scheduler=ScoreSdeVeScheduler(), out=tmp_path / "run",
+                           methods=["side"])
+    assert not (tmp_path / "run").exists()

@@ -129,8 +129,11 @@ def check_schedule(scheduler: SchedulerMixin) -> None:
     step), finite, in (0, 1] and non-increasing (a NaN or negative beta ended sampling as 'diverged'), and its last
     value above 0."""
     abar = getattr(scheduler, "alphas_cumprod", None)
-    if abar is None:
-        return
+    if abar is None:  # (a ScoreSdeVeScheduler given from Python: a synthetic set sampled by an invented DDIM
+        # schedule, clustered, and then a refusal at the classifier that printed the scheduler's whole config)
+        raise ValueError(f"the scheduler is a {type(scheduler).__name__}, which has no alphas_cumprod: a variance-"
+                         "exploding or other non-DDPM schedule; side-extract audits a DDPM/DDIM (variance-preserving) "
+                         "model")
     a = torch.as_tensor(abar, dtype=torch.float64).cpu()
     n_train = scheduler.config.get("num_train_timesteps", len(a))
     betas = {k: scheduler.config.get(k) for k in ("beta_start", "beta_end", "beta_schedule")}
