@@ -497,6 +497,27 @@ def test_a_rerun_into_an_audit_names_what_changed_and_marks_what_it_cannot_compa
     assert len(res.pairs("uncond", top=np.int64(2))) == 2  # (a numpy integer was refused)
 
 
+def test_a_second_audit_of_fewer_methods_is_the_reference_and_the_summary_agrees_with_itself(tmp_path, one_thread):
+    """A review's find: a second audit() on another training set for one of three methods marked its own new results
+    "not compared" (the earlier call's two agreed, the larger group), its verdict was of the old ones, and the
+    findings of the same summary.json took the other side (the synthetic set, measured again, tipped the count).
+    The run's config (the last call's) names the reference now, everywhere."""
+    digits = side_extract.load_image_set("digits:30")
+    kw = dict(scheduler=tiny_scheduler(), config=SMALL)
+    side_extract.audit(tiny_unet(), digits.images, out=tmp_path / "run", methods=["uncond", "memguide", "side"], **kw)
+    res = side_extract.audit(tiny_unet(), digits.images[::-1].copy(), out=tmp_path / "run", methods=["memguide"],
+                             **kw)
+    assert res.methods["memguide"].not_compared is None
+    assert all("training set" in res.methods[m].not_compared for m in ("uncond", "side"))
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sorted(s["not_compared"]) == ["side", "uncond"] and "memguide" in s["verdict"].split("Not compared")[0]
+    assert s["findings"]["methods"][0] == "memguide" and sorted(s["findings"]["left_out"]) == ["side", "uncond"]
+    from side_extract.report import write_report
+
+    data = json.loads((write_report(tmp_path / "run").parent / "report.json").read_text())
+    assert data["audit_summary"]["not_compared"] == s["not_compared"]
+
+
 def test_an_audits_ids_paths_and_equality_are_the_callers(tmp_path, one_thread, monkeypatch):
     """An ImageSet's own ids were dropped (findings and pairs said rows 0..N-1); Audit.run was relative, so a chdir
     lost the run; runs equal bit for bit in two folders compared unequal (raw holds the paths)."""

@@ -130,12 +130,15 @@ METRIC_SETTINGS = ("carlini_alpha", "carlini_n", "carlini_centering", "gu_thresh
 INCOMPARABLE = ("similarity", "orientation", "bands", "training set", "metric settings")
 
 
-def incomparable(metrics: dict[str, dict[str, Any]], of: tuple[str, ...] = INCOMPARABLE) -> dict[str, str]:
-    """The evaluations (method -> its ``metrics.json``) that cannot be set against the largest group that agree (the
-    first such group where several are as large: the first method's, where none agree), each with why:
-    made with another similarity, orientation, bands, training set (``side evaluate --out`` into a run) or settings
-    of Carlini's and Gu's ratios (:data:`METRIC_SETTINGS`: a run's call of some methods under other settings).
-    ``of``: which of these (:data:`INCOMPARABLE`) count (the report's table weighs the bands column by column)."""
+def incomparable(metrics: dict[str, dict[str, Any]], of: tuple[str, ...] = INCOMPARABLE,
+                 reference: str | None = None) -> dict[str, str]:
+    """The evaluations (method -> its ``metrics.json``) that cannot be set against ``reference``'s (a run's: its
+    config's first evaluated method, :func:`~side_extract.runs.reference_method`, made as the config now says), or,
+    without one, against the largest group that agree (the first such group where several are as large: the first
+    method's, where none agree), each with why: made with another similarity, orientation, bands, training set
+    (``side evaluate --out`` into a run, an earlier call's) or settings of Carlini's and Gu's ratios
+    (:data:`METRIC_SETTINGS`: a run's call of some methods under other settings). ``of``: which of these
+    (:data:`INCOMPARABLE`) count (the report's table weighs the bands column by column)."""
     if not metrics:
         return {}
 
@@ -155,7 +158,8 @@ def incomparable(metrics: dict[str, dict[str, Any]], of: tuple[str, ...] = INCOM
 
     # (against the first one alone, one odd evaluation listed first left every other one "not compared")
     ms = list(metrics.values())
-    first = max(ms, key=lambda a: (sum(not differs(a, b) for b in ms), -ms.index(a)))
+    first = metrics[reference] if reference in metrics else max(
+        ms, key=lambda a: (sum(not differs(a, b) for b in ms), -ms.index(a)))
     return {m: "its evaluation used other " + ", ".join(other) for m, v in metrics.items()
             if (other := differs(v, first))}
 

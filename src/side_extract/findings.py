@@ -31,7 +31,7 @@ import numpy as np
 
 from .evaluation import generation_stats, incomparable
 from .metrics import Band, closest_first
-from .runs import atomic_write_text, evaluated_methods, evaluated_synthetic, read_json
+from .runs import atomic_write_text, evaluated_methods, evaluated_synthetic, read_json, reference_method
 
 FILE = "findings.csv"
 SYNTHETIC = "synthetic"  # the synthetic set, as a source of the findings
@@ -123,7 +123,7 @@ def collect(run: str | Path) -> Findings | None:
     """The findings of every evaluation run directory ``run`` holds (None: it holds none)."""
     dirs = evaluated_methods(run)
     return from_evaluations(*with_synthetic(run, dirs, {m: read_json(d / "metrics.json", dict)
-                                                        for m, d in dirs.items()}))
+                                                        for m, d in dirs.items()}), reference_method(run, dirs))
 
 
 def with_synthetic(run: str | Path, dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]
@@ -138,16 +138,20 @@ def with_synthetic(run: str | Path, dirs: dict[str, Path], metrics: dict[str, di
     return {**dirs, name: syn}, {**metrics, name: read_json(syn / "metrics.json", dict)}
 
 
-def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> Findings | None:
+def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]],
+                     reference: str | None = None) -> Findings | None:
     """The findings of the evaluations in ``dirs`` (method -> its folder, in the run's order) with their
-    ``metrics.json`` contents (None: no evaluation)."""
+    ``metrics.json`` contents (None: no evaluation), each read in ``reference``'s bands, similarity and training set
+    (:func:`~side_extract.evaluation.incomparable`: a run's, :func:`~side_extract.runs.reference_method`)."""
     if not dirs:
         return None
-    first = next(iter(metrics.values()))
-    left_out = incomparable(metrics) | {m: "its evaluation has no per_generation.npz" for m, d in dirs.items()
-                                        if not (d / "per_generation.npz").is_file()}
+    left_out = incomparable(metrics, reference=reference) | {
+        m: "its evaluation has no per_generation.npz" for m, d in dirs.items()
+        if not (d / "per_generation.npz").is_file()}
     left_out |= measured_twice({m: d for m, d in dirs.items() if m not in left_out}, metrics)
     methods = tuple(m for m in metrics if m not in left_out)
+    # (the bands of one compared: the first evaluation's were taken, though it might be one left out)
+    first = metrics[methods[0]] if methods else next(iter(metrics.values()))
     orientation = first["orientation"]
     bands = tuple(Band(b, *first["bands"][b]) for b in closest_first(first["bands"], orientation))
     closer = (lambda a, b: a > b) if orientation == "similarity" else (lambda a, b: a < b)

@@ -30,7 +30,7 @@ from .evaluation import incomparable, measured_generations
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_json, atomic_write_text, check_run_directory,
                    evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_stages,
-                   stale_stages, sweep_leftovers)
+                   reference_method, stale_stages, sweep_leftovers)
 from .summary import findings_file_current, summary_and_findings
 from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps
 
@@ -52,7 +52,7 @@ def _per_generation(d: Path) -> dict[str, np.ndarray] | None:
     return npz_arrays(p)
 
 
-def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
+def _comparison(metrics: dict[str, dict], reference: str | None = None) -> dict[str, Any]:
     """Columns (AMS / UMS per band, exclusive then cumulative, p95, Carlini, Gu, N_G) and the best per column."""
     bands: list[str] = []
     for m in metrics.values():
@@ -63,7 +63,7 @@ def _comparison(metrics: dict[str, dict]) -> dict[str, Any]:
     # an evaluation of another training set or Carlini's or Gu's settings is no candidate for any best (the same
     # images under another alpha were highlighted as extracting the most); other similarities or bands are weighed
     # column by column below
-    apart = incomparable(metrics, ("training set", "metric settings"))
+    apart = incomparable(metrics, ("training set", "metric settings"), reference)
     # UMS is distinct images over the generations made, not a rate: where methods made other numbers of generations
     # (dedup-driven stopping, or generations evaluated apart) a larger UMS need not be more images, so none is
     # marked best; AMS, Carlini and Gu are rates per generation and stay comparable
@@ -426,7 +426,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "summary": {"model": config.get("model"), "prediction": model.get("prediction"), "train": config.get("train"),
                     "methods": list(metrics) or (config.get("extract") or {}).get("methods", [])},
         "methods": {n: {k: m.get(k) for k in keep} for n, m in metrics.items()},
-        "comparison": _comparison(metrics) if metrics else None,
+        "comparison": _comparison(metrics, reference_method(run, metrics)) if metrics else None,
         "quality": _quality(metrics),
         "audit_summary": summary[0] if summary else None,
         "findings_file_current": bool(summary) and findings_file_current(run, summary[1]),

@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -396,9 +396,21 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
         log.warning("%s: evaluation of %s left out: unfinished, or made from an extraction the run no longer holds "
                     "(rerun `side extract --run %s` to evaluate it again)", run, ", ".join(stale), run)
     found = {m: d for m, d in found.items() if m not in stale}
-    conf = run / "config.yaml"
-    order = list(((cfg.load_yaml(conf).get("extract") or {}).get("methods") or []) if conf.is_file() else [])
+    order = _config_methods(run)
     return {m: found[m] for m in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
+
+
+def _config_methods(run: Path) -> list[str]:
+    conf = run / "config.yaml"
+    return list(((cfg.load_yaml(conf).get("extract") or {}).get("methods") or []) if conf.is_file() else [])
+
+
+def reference_method(run: str | Path, methods: Iterable[str]) -> str | None:
+    """The evaluation among ``methods`` that a run's others are set against (evaluation.incomparable): its config's
+    first method that has one, made by the call that wrote the config, with its training set and bands (None: the
+    config names none of them). Against the largest group that agreed, a second ``audit()`` on another training set
+    for one method called that method's new results "not compared" and the earlier call's the reference."""
+    return next((m for m in _config_methods(Path(run)) if m in set(methods)), None)
 
 
 SYNTHETIC_EVALUATION = "synthetic-evaluation"  # the synthetic set measured against the training set (its stage)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from .evaluation import distinct_count, generation_stats, incomparable
 from .findings import FILE, Findings, from_evaluations, with_synthetic, write_findings
 from .metrics import Band, closest_first
-from .runs import atomic_write_json, evaluated_methods, read_json, read_stages
+from .runs import atomic_write_json, evaluated_methods, read_json, read_stages, reference_method
 
 SIDE_METHODS = ("side", "side-teacher", "side-lora")
 BASELINES = ("cond", "uncond")
@@ -199,8 +199,10 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     made = {k: stages.get(f"extraction/{k}") if f"evaluation/{k}" in stages or _measured_here(run, k, m) else None
             for k, m in metrics.items()}
     methods = {k: method_summary(m, made[k], dirs[k]) for k, m in metrics.items()}
-    findings = from_evaluations(*with_synthetic(run, dirs, metrics))
-    other = incomparable(metrics)  # evaluated in other bands (side evaluate --out into the run): not compared
+    reference = reference_method(run, metrics)  # (one for both: the findings weighed the synthetic set's too)
+    findings = from_evaluations(*with_synthetic(run, dirs, metrics), reference)
+    other = incomparable(metrics, reference=reference)  # other bands or training set (side evaluate --out into the
+    # run, an earlier call's): not compared
     same = {k: m for k, m in metrics.items() if k not in other}
     said = verdict(same, {k: methods[k] for k in same})
     if other:
