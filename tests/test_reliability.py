@@ -858,6 +858,44 @@ def test_a_sweep_does_not_write_into_a_sub_run_another_process_holds(tiny_model_
     assert set(subs) == {"scale=3"}
 
 
+def test_audit_with_wait_waits_for_a_sweep_sub_run_another_process_holds(tiny_model_dir, tmp_path, one_thread):
+    """audit(wait=True) waited for the run's lock but not a sweep sub-run's: refused at once (RunLocked) after the
+    main run was made again, the sweep left stale; side run --wait waited. It waits for both now."""
+    import side_extract
+
+    conf = {"sample.n": 40, "sample.steps": 2, "sample.shard_size": 16, "surrogate.n_clusters": 4,
+            "surrogate.tau": -1.0, "surrogate.n_init": 1, "classifier.depth": 10, "classifier.width": 8,
+            "classifier.steps": 4, "classifier.batch_size": 16, "extract.n": 6, "extract.steps": 2,
+            "evaluate.carlini_n": 5, "evaluate.quality": ["pixels"], "evaluate.bands": "high=0:0.1,mid=0.1:0.15,low=0.15:0.2",
+            "sweep.scale": [2.0]}
+    run = tmp_path / "run"
+    side_extract.audit(tiny_model_dir, "digits:30", out=run, config=conf, methods=["side"])
+    holder = _holder(run / "sweeps" / "scale=2", 4)
+    try:
+        res = side_extract.audit(tiny_model_dir, "digits:30", out=run, config={**conf, "extract.n": 8},
+                                 methods=["side"], wait=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.sweeps["scale=2"].methods["side"].n_generated == 8
+
+
+def test_a_fault_of_the_runs_own_config_is_not_said_as_a_sweep_values(tiny_model_dir, tmp_path):
+    """A run config with a fault of its own and a sweep was refused as "sweep scale=2: the run cannot start: ...":
+    the sub-runs were checked before the run itself. The run's own fault is said as the run's now, before anything is
+    written; a sweep value's own fault still names the value."""
+    from side_extract.sweeps import run_with_sweeps
+
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side",)), sweep=cfg.SweepConfig(scale=(2.0,)))
+    bad = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, steps=5000))
+    with pytest.raises(ValueError, match=r"^the run cannot start:\n.*extract.steps=5000"):
+        run_with_sweeps(tmp_path / "run", bad)
+    assert not (tmp_path / "run").exists()
+    k = dataclasses.replace(rc, sweep=cfg.SweepConfig(n_clusters=(400,)))
+    with pytest.raises(ValueError, match=r"^sweep n_clusters=400: the run cannot start"):
+        run_with_sweeps(tmp_path / "run", k)
+
+
 def test_a_folder_that_is_no_run_is_refused_before_anything_is_written(tiny_model_dir, tmp_path):
     """A run clears a stage's folder its manifest does not list: pointed at a folder that is no run directory, it
     deleted the user's ``features/`` and ``synthetic/`` there. Now such a folder is refused before the model loads,

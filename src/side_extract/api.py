@@ -552,7 +552,8 @@ def audit(
                                          extract=ex, evaluate=dataclasses.replace(ev, heldout=absolute_spec(ev.heldout)))
                 if group.main and (changed := settings_changed(out, rc, absolute_config)):
                     log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
-                run_with_sweeps(out, rc, device=device, progress=progress, target=target)
+                run_with_sweeps(out, rc, device=device, progress=progress, target=target, wait=wait)  # (a sweep
+                # sub-run another writer held was refused at once, after the main run was made again)
             except BaseException:
                 if group.main:  # (refused before the lock, e.g. another writer holds it: nothing is this call's)
                     undo()

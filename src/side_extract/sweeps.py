@@ -179,6 +179,7 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
     if group.main and not wait:
         check_unlocked(path)  # another writer: said at once, before the model loads
     target = target or load_run_target(rc, device)
+    preflight(rc, target.denoiser, warn_inert=False)  # (a fault of the run's own config was said as a sweep value's)
     for name, sub_rc in sweeps:  # a bad sweep value fails before anything is written
         try:
             preflight(sub_rc, target.denoiser, warn_inert=False)  # (the runs warn: each sub-run what the main does not)
