@@ -181,3 +181,35 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     # rerunning is free: every stage is cached
     again = run_variants_bench(vc, tmp_path / "cache")
     assert again["validation"]["variants"] == val["variants"]
+
+
+def test_what_a_variants_bench_cannot_run_is_refused_before_its_first_run(tmp_path, one_thread):
+    """A review's finds: a replicate seed of 2**32 was accepted and refused by the seeds' own check after the target
+    was trained and the validation seed run; a variant the target cannot run (extract.steps 5000 of its 1000
+    timesteps) was found when its turn came, after the base run and the variants before it; an objective band the
+    bands file does not name was a bare KeyError after the validation runs; an --out that cannot be written was found
+    after the whole benchmark. Each is refused now before any run, by name."""
+    from side_extract.bench.variants import run_variants_bench
+
+    bc = dataclasses.replace(tiny_bench(), scales=(20,), lambdas=(), n_clusters=(), taus=())
+    with pytest.raises(ValueError, match=r"heldout_seed=4294967296 must be an integer in \[0, 2\*\*32\)"):
+        VariantsBenchConfig(bench=bc, variants={"lam0": {"extract.scale": 0.0}}, validation_seed=3,
+                            heldout_seed=2**32)
+    late = VariantsBenchConfig(bench=bc, variants={"ok": {"extract.scale": 0.0}, "bad": {"extract.steps": 5000}},
+                               validation_seed=3, heldout_seed=4)
+    with pytest.raises(ValueError, match=r"^variant bad: the run cannot start:\n.*extract.steps=5000"):
+        run_variants_bench(late, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("runs/*/rep-3"))  # (the target and bands are made; no run is)
+    band = VariantsBenchConfig(bench=bc, variants={"v": {"extract.scale": 0.0}}, validation_seed=3, heldout_seed=4,
+                               objective=("ams_cumulative/middle",))
+    with pytest.raises(ValueError, match=r"objective metric 'ams_cumulative/middle': the benchmark's bands are "):
+        run_variants_bench(band, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("runs/*/rep-3"))
+    vf = tmp_path / "v.yaml"
+    vf.write_text("variants: {lam0: {extract.scale: 0.0}}\n")
+    (tmp_path / "file").write_text("")
+    for args in (["--heldout-seed", str(2**32)], ["--out", str(tmp_path / "file" / "results")]):
+        r = CliRunner().invoke(app, ["--threads", "1", "bench", "variants", "--variants", str(vf), "--scales", "300",
+                                     "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "o"), *args])
+        assert r.exit_code == 2 and "train target" not in r.output, r.output
+    assert not (tmp_path / "c2").exists()

@@ -242,9 +242,12 @@ class ScaleInputs:
 
 
 def check_replicate(r: object, name: str) -> None:
-    """A replicate number is every downstream seed (:func:`replicate_config`): an integer >= 0, checked before a
-    benchmark trains anything."""
+    """A replicate number is every downstream seed (:func:`replicate_config`): an integer in [0, 2**32), checked
+    before a benchmark trains anything (2**32 was refused by the seeds' own check after the target was trained and
+    the validation replicate run)."""
     cfg.check_int(r, name)
+    if r >= 2**32:
+        raise ValueError(f"{name}={r} must be an integer in [0, 2**32) (it seeds every stage of its replicate)")
 
 
 # what a benchmark measures every entry with alike, so no variant or form may change it: the target, the training

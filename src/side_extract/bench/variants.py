@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import config as cfg
-from ..pipeline import ProgressFactory, cluster_problems, no_progress, run_audit
+from ..metrics import read_bands_file
+from ..pipeline import ProgressFactory, Target, cluster_problems, load_run_target, no_progress, preflight, run_audit
 from ..runs import RunDir
 from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
@@ -185,6 +186,33 @@ def _scale_config(vc: VariantsBenchConfig, name: str, inputs: ScaleInputs, seed:
     return dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=methods))
 
 
+def _variant_config(vc: VariantsBenchConfig, name: str, inputs: ScaleInputs, seed: int,
+                    main_rc: cfg.RunConfig) -> cfg.RunConfig:
+    """Variant ``name``'s run at one scale and seed: its SIDE methods, and the baselines too where it changes the
+    sampler (a sampler alone is no SIDE win: the baselines get it as well)."""
+    rc = _scale_config(vc, name, inputs, seed, vc.methods)
+    if sampler_settings(rc) != sampler_settings(main_rc):
+        rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=main_rc.extract.methods))
+    return rc
+
+
+def _check_variants(vc: VariantsBenchConfig, inputs: ScaleInputs, configs: dict[str, cfg.RunConfig],
+                    target: Target) -> None:
+    """Every variant's run checked against the scale's target, and the objective's bands against its bands, before
+    the first run: a variant the target cannot run (extract.steps above its timesteps) was found when its turn came,
+    hours in, and a band the bands file does not name was a bare KeyError after the validation runs."""
+    bands = [b.name for b in read_bands_file(inputs.bands, configs[BASE].evaluate.similarity)]
+    for name in vc.objective:
+        if "/" in name and name.split("/", 1)[1] not in bands:
+            raise ValueError(f"objective metric {name!r}: the benchmark's bands are {', '.join(bands)} "
+                             f"({inputs.bands})")
+    for name, rc in configs.items():
+        try:
+            preflight(rc, target.denoiser, warn_inert=False)
+        except ValueError as e:
+            raise ValueError(f"variant {name}: {e}") from None
+
+
 def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, *, device: str = "cpu",
              progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Variants ``names`` on every scale at extraction seed ``seed``: metrics, ratios and objective of each."""
@@ -194,7 +222,10 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
         inputs = scale_inputs(vc.bench, n, cache, device=device, progress=progress)
         main_path = inputs.replicate_run(cache, seed)
         main_rc = _scale_config(vc, BASE, inputs, seed, all_methods)
-        main = run_audit(main_path, main_rc, device=device, progress=progress)
+        target = load_run_target(main_rc, device)
+        _check_variants(vc, inputs, {BASE: main_rc, **{name: _variant_config(vc, name, inputs, seed, main_rc)
+                                                       for name in names if name != BASE}}, target)
+        main = run_audit(main_path, main_rc, device=device, progress=progress, target=target)
         baselines = {b: main.metrics[b] for b in BASELINES}
         scale: dict[str, Any] = {"n_train": n, "n_generated": main_rc.extract.n, "run": str(main_path),
                                  "baselines": {b: compact(m) for b, m in baselines.items()}, "variants": {}}
@@ -206,11 +237,9 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
             else:
                 run_path = main_path / "variants" / name
                 share_stages(RunDir(main_path), RunDir(run_path))
-                rc = _scale_config(vc, name, inputs, seed, vc.methods)
+                rc = _variant_config(vc, name, inputs, seed, main_rc)
                 resampled = sampler_settings(rc) != sampler_settings(main_rc)
-                if resampled:  # the baselines also get the variant's sampler: a sampler alone is no SIDE win
-                    rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=all_methods))
-                metrics = run_audit(run_path, rc, device=device, progress=progress).metrics
+                metrics = run_audit(run_path, rc, device=device, progress=progress, target=target).metrics
                 own = {f"{b} ({name})": metrics.pop(b) for b in BASELINES if resampled}
             best_of = {**baselines, **own}
             scale["variants"][name] = {

@@ -25,9 +25,16 @@ def _threads() -> int:
 
 
 def _out_folder(out: Path) -> Path:
-    """``--out`` checked when the command line is read (a benchmark writes its results at the end, hours later)."""
+    """``--out`` checked when the command line is read (a benchmark writes its results at the end, hours later): a
+    folder, or one that can be made and written here (a file on its way was found after the whole benchmark)."""
+    from ..runs import check_writable
+
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{str(out)!r} exists and is not a folder")
+    try:
+        check_writable(out)
+    except ValueError as e:
+        raise typer.BadParameter(str(e).removeprefix("--out ")) from None
     return out
 
 
