@@ -121,9 +121,12 @@ def test_extraction_json_schema_on_a_tiny_run(tmp_path, one_thread):
     # (side-teacher left out: on this 3-step target the teacher may label every sample with one class)
     held_out = dataclasses.replace(bc.run, extract=dataclasses.replace(bc.run.extract, seed=4,
                                                                        methods=("side", "cond", "uncond")))
-    again = run_extraction_bench(dataclasses.replace(bc, run=held_out, lambdas=(), n_clusters=(), taus=()),
+    again = run_extraction_bench(dataclasses.replace(bc, run=held_out, lambdas=(2.00000025,), n_clusters=(), taus=()),
                                  tmp_path / "cache")
     assert again["seed"] == 4 and not any(s["target"]["trained_now"] for s in again["scales"])
+    # a value named alike to 6 digits (its folder: scale=2) is its sweep's own point (read back from the folder's
+    # name it was 2.0, no value asked for: dropped)
+    assert [p["value"] for p in again["scales"][0]["sweeps"]["scale"]["points"]] == [1.0, 2.00000025]
     run4, run3 = Path(again["scales"][0]["run"]), Path(d["scales"][0]["run"])
     stages = json.loads((run4 / "manifest.json").read_text())["stages"]
     assert run4.name == "rep-4" and run3.name == "rep-3"

@@ -101,12 +101,23 @@ def sweep_configs(rc: cfg.RunConfig) -> list[tuple[str, cfg.RunConfig]]:
             else:
                 sub = dataclasses.replace(rc, **{section: sec}, extract=dataclasses.replace(rc.extract, methods=guided),
                                           sweep=cfg.SweepConfig())
-            out.append((f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}", sub))
+            out.append((sweep_name(name, value), sub))
     names = [n for n, _ in out]  # (two values alike to 6 digits shared one folder, the first lost without a word)
     if twice := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"sweep: two values are both named {twice[0]} (their first 6 significant digits agree), and "
                          "would share one sub-run folder: give values that differ there")
     return out
+
+
+def sweep_name(param: str, value: float | int) -> str:
+    """The name of the sub-run of ``param`` = ``value`` (its folder, ``RUN/sweeps/<name>``): a float to 6
+    significant digits (so read the value from the sweep, not back from the name: 2.00000025 is ``scale=2``)."""
+    return f"{param}={value:g}" if isinstance(value, float) else f"{param}={value}"
+
+
+def swept_values(rc: cfg.RunConfig) -> dict[str, tuple[str, float | int]]:
+    """Each sub-run :func:`sweep_configs` makes of ``rc``, by name: (the swept parameter, its value)."""
+    return {sweep_name(p, v): (p, v) for p in SWEEPABLE for v in getattr(rc.sweep, p)}
 
 
 def own_value(rc: cfg.RunConfig, param: str, method: str) -> float | int:
