@@ -1,6 +1,7 @@
 """`side report`: one self-contained HTML file plus the JSON behind it, from a small but real run directory."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -971,3 +972,18 @@ def test_the_evaluation_set_apart_is_the_odd_one_whichever_comes_first():
         metrics = {k: m(0.3 if k == "cond" else 0.5) for k in order}
         assert list(incomparable(metrics)) == ["cond"], order
     assert list(incomparable({"a": m(0.3), "b": m(0.5)})) == ["b"]  # none agree: against the first
+
+
+def test_a_sweep_of_the_runs_own_value_is_said_so_not_missing(tiny_model_dir, tmp_path, one_thread):
+    """A one-value sweep equal to the run's own value (scale 1 of a run at scale 1): its sub-run shares every
+    evaluation with the run, so no point was its own, and the page said "no sweeps/<param>=<value>/: that section is
+    left out" of a run that holds a current one. It says what the sub-run holds now."""
+    from side_extract.sweeps import run_with_sweeps
+    from test_pipeline import tiny_rc
+
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side", "uncond"), scale=1.0),
+                             sweep=cfg.SweepConfig(scale=(1.0,)))
+    run_with_sweeps(tmp_path / "run", rc)
+    notes = json.loads((write_report(tmp_path / "run").parent / "report.json").read_text())["notes"]
+    assert "sweeps/scale=1 holds the run's own results (the swept value is the run's own), drawn as the run's " \
+        "point of the curve" in notes and not any(n.startswith("no sweeps/") for n in notes), notes

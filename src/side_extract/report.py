@@ -300,14 +300,19 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any], notes: 
     if stale := stale_sweeps(run, rc, current):  # (said in a log line only: the page said "no sweeps/")
         notes.append(f"sweeps/{', sweeps/'.join(stale)} left out: not a value of the run's sweep, or made under other "
                      "settings of the run (an earlier config's); sweep again to bring them up to date")
+    own = []  # sub-runs whose every evaluation is the run's own (a value equal to the run's): no point of their own
     for d in current.values():
         param, value = d.name.split("=", 1)
         shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
-        for m, md in evaluated_methods(d).items():
-            if f"evaluation/{m}" in shared:
-                continue
+        evaluated = {m: md for m, md in evaluated_methods(d).items() if f"evaluation/{m}" not in shared}
+        if not evaluated:
+            own.append(d.name)
+        for m, md in evaluated.items():
             found.setdefault(param, {}).setdefault(m, {})[_swept_value(d, param, m, value)] = read_json(
                 md / "metrics.json", dict)
+    if own:  # (the page said there was no sweeps/ at all)
+        notes.append(f"sweeps/{', sweeps/'.join(own)} holds the run's own results (the swept value is the run's "
+                     "own), drawn as the run's point of the curve")
     out: dict[str, Any] = {}
     for param, per_method in found.items():
         out[param] = {}
