@@ -880,22 +880,6 @@ def test_audit_with_wait_waits_for_a_sweep_sub_run_another_process_holds(tiny_mo
     assert res.sweeps["scale=2"].methods["side"].n_generated == 8
 
 
-def test_a_fault_of_the_runs_own_config_is_not_said_as_a_sweep_values(tiny_model_dir, tmp_path):
-    """A run config with a fault of its own and a sweep was refused as "sweep scale=2: the run cannot start: ...":
-    the sub-runs were checked before the run itself. The run's own fault is said as the run's now, before anything is
-    written; a sweep value's own fault still names the value."""
-    from side_extract.sweeps import run_with_sweeps
-
-    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("side",)), sweep=cfg.SweepConfig(scale=(2.0,)))
-    bad = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, steps=5000))
-    with pytest.raises(ValueError, match=r"^the run cannot start:\n.*extract.steps=5000"):
-        run_with_sweeps(tmp_path / "run", bad)
-    assert not (tmp_path / "run").exists()
-    k = dataclasses.replace(rc, sweep=cfg.SweepConfig(n_clusters=(400,)))
-    with pytest.raises(ValueError, match=r"^sweep n_clusters=400: the run cannot start"):
-        run_with_sweeps(tmp_path / "run", k)
-
-
 def test_a_folder_that_is_no_run_is_refused_before_anything_is_written(tiny_model_dir, tmp_path):
     """A run clears a stage's folder its manifest does not list: pointed at a folder that is no run directory, it
     deleted the user's ``features/`` and ``synthetic/`` there. Now such a folder is refused before the model loads,
