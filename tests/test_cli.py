@@ -530,3 +530,72 @@ def test_a_run_that_recorded_relative_paths_is_not_told_its_settings_changed(tin
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({**recorded, "model": "tiny"}))  # an earlier release's
     r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", "run", "--no-report"], terminal_width=300)
     assert r.exit_code == 0 and "settings changed" not in r.output, r.output
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["--threads", "1", "--no-progress", *map(str, args)])
+
+
+def test_step_commands_say_what_they_leave_stale_and_what_their_flags_set(tiny_model_dir, tmp_path, one_thread,
+                                                                          caplog):
+    """A review's finds: side train-classifier --steps/--depth/--width/--lr trained cond's clean classifier with the
+    config's settings and recorded the typed ones as used; side run --no-report (and a step command) left RUN/report/
+    showing the earlier results without a word; side run of a config without a training set printed the earlier
+    training set's findings as this run's; side sample warned of no inert setting (side run does); side cluster's
+    refusal sent a run of uncond and memguide to side train-classifier, which refuses them too."""
+    from test_pipeline import tiny_rc
+
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    conf = tmp_path / "run.yaml"
+    conf.write_text(cfg.dump_yaml(rc))
+    run = tmp_path / "run"
+    r = _cli("run", conf, "--out", run)
+    assert r.exit_code == 0 and "report: " in r.output, r.output
+    r = _cli("run", conf, "--out", run, "--no-report")  # nothing made: the report is current
+    assert r.exit_code == 0 and "shows the run as it was" not in r.output, r.output
+    conf.write_text(cfg.dump_yaml(dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=4.0))))
+    r = _cli("run", conf, "--out", run, "--no-report")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"{run / 'report'} shows the run as it was before this call: `side report --run " \
+        f"{run}` writes it again" in said, r.output
+    # without a training set: this run evaluated nothing, and says so, not the earlier set's findings
+    conf.write_text(cfg.dump_yaml(dataclasses.replace(rc, train=None, extract=dataclasses.replace(
+        rc.extract, scale=4.0, methods=("uncond",)))))
+    r = _cli("run", conf, "--out", run, "--no-report")
+    assert r.exit_code == 0 and "not evaluated: the run has no training set" in r.output, r.output
+    assert "together" not in r.output and "distinct training images" not in r.output, r.output
+    # the noise-aware classifier's flags in a run that trains none
+    cond = tmp_path / "cond.yaml"
+    cond.write_text(cfg.dump_yaml(dataclasses.replace(rc, extract=dataclasses.replace(rc.extract,
+                                                                                        methods=("cond", "uncond")))))
+    r = _cli("train-classifier", "--run", tmp_path / "k", "--config", cond, "--steps", "7", "--depth", "18")
+    assert r.exit_code == 2 and "--steps, --depth set the noise-aware classifier, which only side and " \
+        "side-teacher use" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "k" / "classifier-clean").exists()
+    # side cluster of methods that need no clustering nor classifier: sent to side extract
+    unc = tmp_path / "unc.yaml"
+    unc.write_text(cfg.dump_yaml(dataclasses.replace(rc, extract=dataclasses.replace(rc.extract,
+                                                                                       methods=("uncond", "memguide")))))
+    r = _cli("cluster", "--run", tmp_path / "c", "--config", unc)
+    assert r.exit_code == 2 and "go on with side extract" in " ".join(r.output.split()), r.output
+    # side sample warns of its inert settings, as side run does
+    with caplog.at_level("WARNING"):
+        r = _cli("sample", "--out", tmp_path / "s", "--model", tiny_model_dir, "--n", "4", "--steps", "2",
+                 "--scheduler", "ddpm", "--eta", "0.5")
+    assert r.exit_code == 0 and "sample.eta=0.5 (DDIM's; sample.scheduler is ddpm)" in caplog.text, caplog.text
+    assert "Flags left out keep the run's config.yaml values" in " ".join(_cli("sample", "--help").output.split())
+
+
+def test_a_config_given_as_a_pipe_is_read(tmp_path):
+    """`side run <(cat run.yaml)` was refused: "config file '/dev/fd/63' does not exist" (a pipe is no regular file)."""
+    import os
+
+    r, w = os.pipe()
+    os.write(w, b"model: demo\nsample: {n: 3}\n")
+    os.close(w)
+    try:
+        assert cfg.load_yaml(f"/dev/fd/{r}") == {"model": "demo", "sample": {"n": 3}}
+    finally:
+        os.close(r)
+    with pytest.raises(ValueError, match="config file .*nowhere.yaml' does not exist"):
+        cfg.load_yaml(tmp_path / "nowhere.yaml")

@@ -1051,7 +1051,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"config file {str(p)!r} is a directory; a run YAML was expected (e.g. configs/digits.yaml)")
-    if not p.is_file():
+    if not p.exists():  # (a pipe, <(...), was said not to exist: it is read as a file is)
         raise ValueError(f"config file {str(p)!r} does not exist")
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)

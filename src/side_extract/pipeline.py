@@ -853,8 +853,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             problems.append(str(e))
     if until == "surrogate" and not {"side", "side-lora"} & methods:
         problems.append(f"clustering (until=surrogate, side cluster) makes the surrogate labels of side and side-lora; "
-                        f"extract.methods ({', '.join(rc.extract.methods)}) has neither: add side, or train the "
-                        "classifiers the methods need (side train-classifier)")
+                        f"extract.methods ({', '.join(rc.extract.methods)}) has neither: add side, or "
+                        + ("train the classifiers the methods need (side train-classifier)" if {"cond", "side-teacher"}
+                           & methods else "go on with side extract (the methods need no clustering or classifier)"))
     train, loaded = None, {}
     if rc.train is None:
         if needs_train:

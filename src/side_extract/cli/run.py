@@ -16,7 +16,7 @@ import typer
 from .. import config as cfg
 from ..distributed import ProcessGroup
 from .common import (build_config, cli_errors, console, default_model_note, load_run_config, no_model_note,
-                     progress_enabled, progress_lines, say_note, typed_flags)
+                     progress_enabled, progress_lines, say_note, say_stale_report, typed_flags)
 
 if TYPE_CHECKING:
     from ..pipeline import Until
@@ -155,13 +155,16 @@ def run_cmd(
     if not ProcessGroup.from_env().main:
         return  # in a launch of several processes the main one sums up and writes the report, once
     print_summary(metrics)
-    print_findings(out)
     if rc.train is None:  # (evaluation and report were skipped without a word, exit 0)
         console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
+    else:  # (without a training set the findings printed were an earlier one's, as if of this run)
+        print_findings(out)
     if report:  # (the report of a run without a training set shows its extractions)
         from ..report import write_report
 
         console.print(f"report: {write_report(out)}")
+    else:
+        say_stale_report(out)
     console.print(f"run directory: {out}")
 
 
@@ -187,6 +190,7 @@ def cluster_cmd(
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     _run(ctx, run, rc, device, "surrogate", wait=wait)
     console.print(f"surrogate labels: {run / 'surrogate'}")
+    say_stale_report(run)
     say_note(note)
 
 
@@ -196,9 +200,11 @@ def train_classifier_cmd(
     run: Path = typer.Option(..., "--run", help="Run directory."),
     config: Path | None = typer.Option(None, "--config"),
     steps: int = typer.Option(cfg.ClassifierConfig.steps, help="Training steps of the noise-aware classifier."),
-    lr: float = typer.Option(cfg.ClassifierConfig.lr),
-    depth: int = typer.Option(cfg.ClassifierConfig.depth, help="ResNet depth: 10, 18 or 34."),
-    width: int = typer.Option(cfg.ClassifierConfig.width, help="Channels of the first stage."),
+    lr: float = typer.Option(cfg.ClassifierConfig.lr, help="Learning rate of the noise-aware classifier."),
+    depth: int = typer.Option(cfg.ClassifierConfig.depth, help="ResNet depth of the noise-aware classifier: 10, 18 "
+                              "or 34."),
+    width: int = typer.Option(cfg.ClassifierConfig.width, help="Channels of the noise-aware classifier's first "
+                              "stage."),
     device: str = typer.Option("cpu"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
@@ -212,8 +218,14 @@ def train_classifier_cmd(
         raise ValueError(f"side train-classifier trains the classifiers of side, side-teacher and cond and side-lora's "
                          f"fine-tune; extract.methods ({', '.join(rc.extract.methods)}) needs none of them: add one "
                          "(--config), or go on with side extract")
+    if (typed := list((flags.get("classifier") or {}))) and not {"side", "side-teacher"} & set(rc.extract.methods):
+        # (cond's clean classifier trained with the config's settings, and the typed ones were recorded as if used)
+        raise ValueError(f"--{', --'.join(typed)} set the noise-aware classifier, which only side and side-teacher "
+                         f"use; extract.methods ({', '.join(rc.extract.methods)}) train none (cond's clean classifier "
+                         "takes clean_classifier.* from --config)")
     _run(ctx, run, rc, device, "classifier", wait=wait)
     console.print(f"classifiers in {run}")
+    say_stale_report(run)
     say_note(note)
 
 
@@ -263,4 +275,5 @@ def extract_cmd(
     console.print(f"extractions in {run / 'extraction'}")
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
         console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
+    say_stale_report(run)
     say_note(note)

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import cli_errors, console, default_model_note, load_run_config, progress_bar, say_note, typed_flags
+from .common import (cli_errors, console, default_model_note, load_run_config, progress_bar, say_note, say_stale_report,
+                     typed_flags)
 
 D = cfg.SampleConfig()
+log = logging.getLogger(__name__)
 
 
 @cli_errors
@@ -29,7 +32,8 @@ def sample_cmd(
     config: Path | None = typer.Option(None, "--config", help="Run YAML (keys: model, sample: {...})."),
     wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
-    """Sample N images; a rerun skips finished work and resumes an interrupted run at its last whole shard."""
+    """Sample N images; a rerun skips finished work and resumes an interrupted run at its last whole shard.
+    Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {"model": "model"} | {k: f"sample.{k}" for k in cfg.to_dict(D)}
     flags = typed_flags(ctx, names)
     note = default_model_note(out, config, flags)
@@ -46,6 +50,8 @@ def sample_cmd(
         check_unlocked(out)  # another writer: said at once, not after the model has loaded
     denoiser = load_target(rc.model, device)  # before anything is written: a bad --model leaves nothing behind
     check_sampler(denoiser.scheduler, rc.sample.scheduler, rc.sample.steps, "sample")
+    if group.main and (inert := [t for k, t in cfg.inert_keys(rc).items() if k.startswith("sample.")]):
+        log.warning("settings that change nothing in this run: %s", "; ".join(inert))  # (as side run says)
     with (run_lock(out, wait=wait) if group.main else contextlib.nullcontext()), progress_bar(ctx, "sample") as cb:
         run = RunDir(out, group=group)
         run.write_config(absolute_paths(rc))  # (read again from other folders: side cluster, side report)
@@ -63,4 +69,5 @@ def sample_cmd(
         warn_out_of_date(run)  # (a step command: what was made from the earlier synthetic set, or model, is named)
     if group.main:  # (once per launch, not once per process)
         console.print(f"{len(images)} images in {run.path / 'synthetic'}")
+        say_stale_report(run.path)
         say_note(note)
