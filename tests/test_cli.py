@@ -574,8 +574,8 @@ def test_step_commands_say_what_they_leave_stale_and_what_their_flags_set(tiny_m
     assert not (tmp_path / "k" / "classifier-clean").exists()
     # side cluster of methods that need no clustering nor classifier: sent to side extract
     unc = tmp_path / "unc.yaml"
-    unc.write_text(cfg.dump_yaml(dataclasses.replace(rc, extract=dataclasses.replace(rc.extract,
-                                                                                       methods=("uncond", "memguide")))))
+    unc.write_text(cfg.dump_yaml(dataclasses.replace(
+        rc, extract=dataclasses.replace(rc.extract, methods=("uncond", "memguide")))))
     r = _cli("cluster", "--run", tmp_path / "c", "--config", unc)
     assert r.exit_code == 2 and "go on with side extract" in " ".join(r.output.split()), r.output
     # side sample warns of its inert settings, as side run does
