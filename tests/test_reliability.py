@@ -866,7 +866,8 @@ def test_audit_with_wait_waits_for_a_sweep_sub_run_another_process_holds(tiny_mo
     conf = {"sample.n": 40, "sample.steps": 2, "sample.shard_size": 16, "surrogate.n_clusters": 4,
             "surrogate.tau": -1.0, "surrogate.n_init": 1, "classifier.depth": 10, "classifier.width": 8,
             "classifier.steps": 4, "classifier.batch_size": 16, "extract.n": 6, "extract.steps": 2,
-            "evaluate.carlini_n": 5, "evaluate.quality": ["pixels"], "evaluate.bands": "high=0:0.1,mid=0.1:0.15,low=0.15:0.2",
+            "evaluate.carlini_n": 5, "evaluate.quality": ["pixels"],
+            "evaluate.bands": "high=0:0.1,mid=0.1:0.15,low=0.15:0.2",
             "sweep.scale": [2.0]}
     run = tmp_path / "run"
     side_extract.audit(tiny_model_dir, "digits:30", out=run, config=conf, methods=["side"])

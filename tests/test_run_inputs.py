@@ -201,7 +201,8 @@ def test_a_bad_sweep_value_fails_before_the_main_run(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
     # a fault of the run's own config is the run's (it was said as "sweep tau=0.25: the run cannot start: ...": the
     # sub-runs were checked before the run itself)
-    rc = dataclasses.replace(rc, sweep=cfg.SweepConfig(tau=(0.25,)), extract=dataclasses.replace(rc.extract, steps=5000))
+    rc = dataclasses.replace(rc, sweep=cfg.SweepConfig(tau=(0.25,)),
+                             extract=dataclasses.replace(rc.extract, steps=5000))
     with pytest.raises(ValueError, match=r"^the run cannot start:\n.*extract.steps=5000"):
         run_with_sweeps(tmp_path / "run", rc)
     assert not (tmp_path / "run").exists()
