@@ -630,6 +630,19 @@ def test_a_growth_cut_short_and_run_at_an_n_between_keeps_its_whole_shards(tiny_
     with pytest.raises(StageWouldBeReplaced, match="extraction/uncond"):
         run_audit(run, at(6), replace=False)
     assert first["fingerprint"] != e["fingerprint"]
+    # cut short twice at two N's, never finished: no floor (the N it was cut short making was taken for one, and a
+    # third run at an N below it wrote every shard again)
+    fresh = tmp_path / "twice"
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(fresh, at(12), until="extraction", progress=interrupt_at("extract uncond", 6))
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(fresh, at(10), until="extraction", progress=interrupt_at("extract uncond", 8))
+    made = sorted(p.name for p in (fresh / "extraction" / "uncond").glob("shard-*.npz"))
+    run_audit(fresh, at(9), until="extraction")
+    e = read_json(fresh / "manifest.json")["stages"]["extraction/uncond"]
+    assert e["status"] == "complete" and e["shards_written_now"] == 5 - len(made), (made, e)
+    np.testing.assert_array_equal(load_shards(fresh / "extraction" / "uncond").images,
+                                  load_shards(tmp_path / "fresh" / "extraction" / "uncond").images[:9])
 
 
 def test_a_run_of_side_teacher_alone_is_not_held_to_the_clusterings_settings(tiny_model_dir, tmp_path):

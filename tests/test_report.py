@@ -987,3 +987,14 @@ def test_a_sweep_of_the_runs_own_value_is_said_so_not_missing(tiny_model_dir, tm
     notes = json.loads((write_report(tmp_path / "run").parent / "report.json").read_text())["notes"]
     assert "sweeps/scale=1 holds the run's own results (the swept value is the run's own), drawn as the run's " \
         "point of the curve" in notes and not any(n.startswith("no sweeps/") for n in notes), notes
+    # a sub-run of another value cut short before its evaluations is not said to hold the run's results
+    from conftest import interrupt_at
+    from side_extract.pipeline import run_audit
+
+    other = dataclasses.replace(rc, sweep=cfg.SweepConfig(scale=(2.0,)))
+    run_audit(tmp_path / "cut", other)  # the run itself, then its sub-run cut short in its extraction
+    with pytest.raises(KeyboardInterrupt):
+        run_with_sweeps(tmp_path / "cut", other, progress=interrupt_at("extract side", 1))
+    assert (tmp_path / "cut" / "sweeps" / "scale=2" / "manifest.json").is_file()
+    notes = json.loads((write_report(tmp_path / "cut").parent / "report.json").read_text())["notes"]
+    assert not any("holds the run's own results" in n for n in notes), notes

@@ -304,8 +304,11 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any], notes: 
     for d in current.values():
         param, value = d.name.split("=", 1)
         shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
-        evaluated = {m: md for m, md in evaluated_methods(d).items() if f"evaluation/{m}" not in shared}
-        if not evaluated:
+        held = evaluated_methods(d)
+        evaluated = {m: md for m, md in held.items() if f"evaluation/{m}" not in shared}
+        swept = (cfg.load_yaml(d / "config.yaml").get("extract") or {}).get("methods") or []
+        if swept and all(m in held and m not in evaluated for m in swept):  # every swept method's is the run's (not
+            # a sub-run cut short before its own evaluations, which holds only the run's unguided ones)
             own.append(d.name)
         for m, md in evaluated.items():
             found.setdefault(param, {}).setdefault(m, {})[_swept_value(d, param, m, value)] = read_json(

@@ -1047,8 +1047,11 @@ class RunDir:
         ``replace``: :meth:`begin`)."""
         old = self.stage_entry(stage) or {}
         earlier = [*old.get("grown_from_fingerprints", []), old.get("fingerprint")]
+        # the N of the last finished stage it grew from (grows_from's floor): not an N it was cut short making
+        finished = old.get("n") if old.get("status") == "complete" else old.get("finished_n")
         self._mark_running(stage, fingerprint, inputs, grown_from=from_n, grown_from_fingerprints=earlier,
-                           **({} if n_planned is None else {"n_planned": n_planned}))
+                           **({} if n_planned is None else {"n_planned": n_planned}),
+                           **({} if finished is None else {"finished_n": finished}))
         self.grown.append(stage)
         return "resume"
 
@@ -1270,13 +1273,14 @@ def grows_from(entry: dict[str, Any] | None, fingerprint: str, n: int, fingerpri
     it was made with the same settings at a smaller N (``fingerprint_at``), or begun with them at another N (its
     ``n_planned``) and cut short, not in rounds. (An interrupted one started afresh, its whole shards lost; one cut
     short while growing and run again at an N between lost them too, and its evaluations needed ``--force``.) A
-    growth cut short is not taken below the N it grew from: the finished stage of that N is what it replaces."""
+    growth cut short is not taken below the N of the finished stage it grew from (``finished_n``): that stage is
+    what it replaces."""
     status = None if entry is None else entry.get("status")
     if entry is not None and fingerprint_at is not None and round_size is None:
         if status == "complete" and isinstance(old_n := entry.get("n"), int) and 0 < old_n < n:
             return old_n if entry.get("fingerprint") == fingerprint_at(old_n) != fingerprint else None
         if (status in ("running", "failed") and isinstance(old_n := entry.get("n_planned"), int) and 0 < old_n != n
-                and n >= (entry.get("grown_from") or 0)):
+                and n >= (entry.get("finished_n") or 0)):
             return old_n if entry.get("fingerprint") == fingerprint_at(old_n) != fingerprint else None
     return None
 
