@@ -1275,14 +1275,17 @@ def grows_from(entry: dict[str, Any] | None, fingerprint: str, n: int, fingerpri
     short while growing and run again at an N between lost them too, and its evaluations needed ``--force``.) A
     growth cut short is not taken below the N of the finished stage it grew from (``finished_n``): that stage is
     what it replaces."""
-    status = None if entry is None else entry.get("status")
-    if entry is not None and fingerprint_at is not None and round_size is None:
-        if status == "complete" and isinstance(old_n := entry.get("n"), int) and 0 < old_n < n:
-            return old_n if entry.get("fingerprint") == fingerprint_at(old_n) != fingerprint else None
-        if (status in ("running", "failed") and isinstance(old_n := entry.get("n_planned"), int) and 0 < old_n != n
-                and n >= (entry.get("finished_n") or 0)):
-            return old_n if entry.get("fingerprint") == fingerprint_at(old_n) != fingerprint else None
-    return None
+    if entry is None or fingerprint_at is None or round_size is not None:
+        return None
+    if entry.get("status") == "complete":
+        old_n = entry.get("n")
+        ok = isinstance(old_n, int) and 0 < old_n < n
+    elif entry.get("status") in ("running", "failed"):
+        old_n = entry.get("n_planned")
+        ok = isinstance(old_n, int) and 0 < old_n != n and n >= (entry.get("finished_n") or 0)
+    else:
+        return None
+    return old_n if ok and entry.get("fingerprint") == fingerprint_at(old_n) != fingerprint else None
 
 
 def shard_stage(
