@@ -498,6 +498,7 @@ class LoraConfig:
 
 
 METHODS = ("side", "side-teacher", "side-lora", "cond", "uncond", "memguide")
+CLUSTERING_METHODS = frozenset({"side", "side-lora"})  # the methods guided by surrogate labels of K-means clusters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -836,11 +837,11 @@ def inert_keys(rc: RunConfig) -> dict[str, str]:
         if "cond" not in methods:
             changed("clean_classifier", rc.clean_classifier,
                     {"guidance_input": "Cond's guidance; side-teacher's teacher reads the clean classifier as it is"})
-    if {"side", "side-lora"} & methods:
+    if CLUSTERING_METHODS & methods:
         changed("surrogate", rc.surrogate, unread_keys(rc.surrogate))
     if {"side", "side-teacher"} & methods:
         changed("classifier", rc.classifier, unread_keys(rc.classifier))
-    if {"side", "side-lora"} & methods:  # (side-teacher's labels are a classifier's, not the features')
+    if CLUSTERING_METHODS & methods:  # (side-teacher's labels are a classifier's, not the features')
         changed("features", rc.features, unread_keys(rc.features))
     changed("sample", rc.sample, unread_keys(rc.sample))
     changed("extract", rc.extract, unread_keys(rc.extract))

@@ -814,7 +814,7 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
     """What in ``rc`` leaves the surrogate clustering of ``methods`` impossible, from the config alone: more
     clusters than synthetic images clustered, or a min_size above them (the benches check it before training a
     target; a run, before its first stage)."""
-    if not {"side", "side-lora"} & set(methods):  # (side-teacher's labels are the teacher's: it clusters nothing)
+    if not cfg.CLUSTERING_METHODS & set(methods):  # (side-teacher's labels are the teacher's: it clusters nothing)
         return []
     problems = []
     ks = rc.surrogate.select_k or (rc.surrogate.n_clusters,)
@@ -851,7 +851,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
             check_sampler(denoiser.scheduler, c.scheduler, c.steps, name, guided=g)
         except ValueError as e:
             problems.append(str(e))
-    if until == "surrogate" and not {"side", "side-lora"} & methods:
+    if until == "surrogate" and not cfg.CLUSTERING_METHODS & methods:
         problems.append(f"clustering (until=surrogate, side cluster) makes the surrogate labels of side and side-lora; "
                         f"extract.methods ({', '.join(rc.extract.methods)}) has neither: add side, or "
                         + ("train the classifiers the methods need (side train-classifier)" if {"cond", "side-teacher"}
@@ -909,7 +909,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     problems.extend(cluster_problems(rc, methods))
-    if {"side", "side-lora"} & methods:
+    if cfg.CLUSTERING_METHODS & methods:
         try:
             check_extractor(rc.features.extractor)
         except ValueError as e:
@@ -1171,13 +1171,13 @@ def _chain(run: RunDir, rc: cfg.RunConfig, target: Target, device: str, until: U
                         "measures it (side sample, or a run of side, makes them again)")
         else:
             ctx.fp["synthetic"] = held["fingerprint"]
-    if {"side", "side-lora"} & set(methods):
+    if cfg.CLUSTERING_METHODS & set(methods):
         once = run.group.main_first
         scores = once(lambda: memorization_stage(ctx, synthetic))
         labels = once(lambda: surrogate_stage(ctx, once(lambda: features_stage(ctx, synthetic)), scores))
     if upto == 0:  # the surrogate labels and what they are made from, for whichever method asked for them
         return AuditResult(run.path, {}, {})
-    if {"side", "side-lora"} & set(methods):
+    if cfg.CLUSTERING_METHODS & set(methods):
         if "side" in methods:  # the training stages run on every process (data-parallel)
             classifier_stage(ctx, "classifier", synthetic.to_float(), labels.labels, ctx.fp["surrogate"], clean=False,
                              input_stage="surrogate", too_few=lambda: _surrogate_advice(ctx, labels))
