@@ -32,7 +32,7 @@ from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_json, atomic_
                    evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_stages,
                    reference_method, stale_stages, sweep_leftovers)
 from .summary import findings_file_current, summary_and_findings
-from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps
+from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps, sweep_configs
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any], notes: 
     found: dict[str, dict[str, dict[Any, dict]]] = {}
     rc = cfg.from_dict(cfg.RunConfig, config)  # (check_run_directory has read it so already)
     current = current_sweeps(run, rc)
+    configs = dict(sweep_configs(rc))  # each sub-run's config, as the sweep makes it
     if stale := stale_sweeps(run, rc, current):  # (said in a log line only: the page said "no sweeps/")
         notes.append(f"sweeps/{', sweeps/'.join(stale)} left out: not a value of the run's sweep, or made under other "
                      "settings of the run (an earlier config's); sweep again to bring them up to date")
@@ -306,7 +307,7 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any], notes: 
         shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
         held = evaluated_methods(d)
         evaluated = {m: md for m, md in held.items() if f"evaluation/{m}" not in shared}
-        swept = (cfg.load_yaml(d / "config.yaml").get("extract") or {}).get("methods") or []
+        swept = configs[d.name].extract.methods if d.name in configs else ()
         if swept and all(m in held and m not in evaluated for m in swept):  # every swept method's is the run's (not
             # a sub-run cut short before its own evaluations, which holds only the run's unguided ones)
             own.append(d.name)
@@ -364,6 +365,18 @@ def _theory(run: Path, config: dict[str, Any], notes: list[str],
     rows = [{"key": k, "label": label, **m[k]} for k, label in THEORY_ROWS.items() if isinstance(m.get(k), dict)]
     return {"rows": rows, "ordering": m.get("ordering", {}), "eps": m.get("eps"), "guidance_scale": m.get("guidance_scale"),
             "n_points": len(m.get("index", [])), "n_steps": m.get("n_steps"), "sigma_min": m.get("sigma_min")}
+
+
+def shows_the_run_now(run: str | Path) -> bool | None:
+    """Whether ``RUN/report/report.json`` lists the stages the run's manifest holds now, each as it is (status and
+    fingerprint): False where a stage was made since it was written (a run with --no-report, a step command); None
+    where there is no readable report."""
+    try:
+        listed = read_json(Path(run) / "report" / "report.json", dict).get("stages") or []
+    except (OSError, ValueError):  # (none, or a damaged one: side report writes it again)
+        return None
+    shown = {e.get("stage"): (e.get("status"), e.get("fingerprint")) for e in listed if isinstance(e, dict)}
+    return shown == {k: (e.get("status"), e.get("fingerprint")) for k, e in read_stages(run).items()}
 
 
 def _stages(run: Path) -> tuple[list[dict], dict[str, list[str]]]:

@@ -115,11 +115,6 @@ def sweep_name(param: str, value: float | int) -> str:
     return f"{param}={value:g}" if isinstance(value, float) else f"{param}={value}"
 
 
-def swept_values(rc: cfg.RunConfig) -> dict[str, tuple[str, float | int]]:
-    """Each sub-run :func:`sweep_configs` makes of ``rc``, by name: (the swept parameter, its value)."""
-    return {sweep_name(p, v): (p, v) for p in SWEEPABLE for v in getattr(rc.sweep, p)}
-
-
 def own_value(rc: cfg.RunConfig, param: str, method: str) -> float | int:
     """The value of swept ``param`` that ``method``'s results in run ``rc`` were made with (a lambda sweep sets
     Cond's and side-teacher's own lambdas, ``cond_scale`` and ``teacher_scale``, to the swept value, as

@@ -38,7 +38,7 @@ from ..models.target import load_target, model_fingerprint, train_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
 from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
 from ..summary import metric_values, ratios_to_best_baseline
-from ..sweeps import run_with_sweeps, share_stages, swept_values
+from ..sweeps import SWEEPABLE, run_with_sweeps, share_stages, sweep_configs
 from . import machine_description, write_results
 from .tables import render_extraction_markdown
 
@@ -326,9 +326,10 @@ def _sweep(path: Path, main_run: Path, rc: cfg.RunConfig, name: str | None, own:
     parent, subs = run_with_sweeps(path, rc, device=device, progress=progress)
     guided = {m: compact(v) for m, v in parent.metrics.items() if m != "uncond"}
     points = []
-    named = swept_values(rc)  # (read back from the folder's name, 2.00000025 was 2.0: its point was dropped)
+    configs = dict(sweep_configs(rc))  # (read back from the folder's name, 2.00000025 was 2.0: its point dropped)
     for sub_name, res in subs.items():
-        key, value = named[sub_name]
+        key = sub_name.split("=", 1)[0]
+        value = getattr(getattr(configs[sub_name], SWEEPABLE[key]), key)  # the value the sub-run was made with
         points.append({"name": key, "value": value, "run": str(res.run),
                        "methods": {m: compact(v) for m, v in res.metrics.items()}})
     result: dict[str, Any] = {"run": str(path), "parent": {"run": str(path), "methods": guided}}

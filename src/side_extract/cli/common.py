@@ -168,21 +168,15 @@ def say_note(note: str | None) -> None:
 
 def say_stale_report(run: Path) -> None:
     """Say that ``RUN/report/`` shows the run as it was before this call, where a stage was made since the report was
-    written (its stages, as ``report.json`` lists them, are not the manifest's now: a run with --no-report, a step
-    command): it stayed in place, showing earlier results without a word."""
-    from ..runs import read_json, read_stages
+    written (:func:`~side_extract.report.shows_the_run_now`: a run with --no-report, a step command): it stayed in
+    place, showing earlier results without a word."""
+    if not ProcessGroup.from_env().main or not (Path(run) / "report" / "report.json").is_file():
+        return
+    from ..report import shows_the_run_now
 
-    page = Path(run) / "report" / "report.json"
-    if not ProcessGroup.from_env().main or not page.is_file():
-        return
-    try:
-        listed = read_json(page, dict).get("stages") or []
-    except (OSError, ValueError):  # (a damaged page: side report writes it again, as it says of itself)
-        return
-    shown = {e.get("stage"): (e.get("status"), e.get("fingerprint")) for e in listed if isinstance(e, dict)}
-    if shown != {k: (e.get("status"), e.get("fingerprint")) for k, e in read_stages(run).items()}:
-        console.print(f"{page.parent} shows the run as it was before this call: `side report --run {run}` writes it "
-                      "again", highlight=False, markup=False)
+    if shows_the_run_now(run) is False:
+        console.print(f"{Path(run) / 'report'} shows the run as it was before this call: `side report --run {run}` "
+                      "writes it again", highlight=False, markup=False)
 
 
 def no_model_note(what: str, how: str) -> str:
