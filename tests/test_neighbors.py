@@ -265,3 +265,39 @@ def test_k_and_exclude_misstated_are_named(backend):
     with pytest.raises(ValueError, match=r"exclude holds \[5, -2\]: each must be a fitted row, 0..4, or -1"):
         idx.kneighbors(ref[[1, 3]], 1, exclude=np.array([5, -2]))
     np.testing.assert_array_equal(idx.kneighbors(ref[[1, 3]], 1, exclude=np.array([1, -1])).indices, [[0], [3]])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "rms-l2"])
+def test_float_rows_score_each_pair_alike_on_every_path(metric):
+    """A pair's score is the same float64 number from faiss and torch, in the k nearest and in the band pairs of the
+    same pass: a generation's nearest counted in a band for AMS is in that band for UMS too. The scores were float32
+    (cosine: faiss's inner product and torch's matrix product, 1e-7 apart) or the expansion |q|^2 + |r|^2 - 2 q.r
+    on one path and direct differences on the other (float pixels), so a score on a band's edge fell on either side
+    of it by path."""
+    rng = np.random.default_rng(7)
+    if metric == "cosine":
+        ref, q = rng.normal(size=(200, 96)).astype(np.float32), rng.normal(size=(60, 96)).astype(np.float32)
+        s = brute_cos(q.astype(np.float64), ref.astype(np.float64))
+        rng_ = (0.05, np.inf)
+    else:
+        ref, q = rng.random((200, 96)), rng.random((60, 96))
+        s = brute_rms(q, ref, 1.0)
+        rng_ = (-np.inf, 0.405)
+    out = {}
+    for backend in BACKENDS:
+        seen = {}
+        nb = NearestNeighborIndex(metric, backend=backend, query_chunk=16, ref_chunk=48).fit(ref).kneighbors(
+            q, 3, pairs_range=rng_, on_pairs=lambda a, b, c: seen.update(zip(zip(a.tolist(), b.tolist()), c)))
+        for i in range(len(q)):  # the k nearest's scores are the pairs' own, bit for bit
+            for j, v in zip(nb.indices[i], nb.scores[i]):
+                if rng_[0] <= v <= rng_[1]:
+                    assert seen[(i, int(j))] == v
+        out[backend] = nb, seen
+        # float64 scores: within 1e-12 of a float64 reference (float32 ones were ~1e-7 off)
+        np.testing.assert_allclose(nb.scores, np.take_along_axis(s, nb.indices, 1), rtol=0, atol=1e-12)
+        got = np.array([seen[p] for p in sorted(seen)])
+        np.testing.assert_allclose(got, np.array([s[p] for p in sorted(seen)]), rtol=0, atol=1e-12)
+    (a, pa), (b, pb) = out["faiss"], out["torch"]
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert pa == pb and len(pa) > 0

@@ -3,7 +3,7 @@
 Two scores, chosen by ``metric``:
 
 - ``"cosine"``: rows are feature vectors; score = <q / |q|, r / |r|> in [-1, 1]; **higher is closer**.
-  A zero row has similarity 0 to everything; scores are clipped to [-1, 1] (float32 rounding).
+  A zero row has similarity 0 to everything; scores are clipped to [-1, 1].
 - ``"rms-l2"``: rows are flattened pixels, either uint8 in 0..255 or floats in [0, 1]; score =
   sqrt(mean over the D values of (q - r)^2) in [0, 1] (pixels scaled to [0, 1]); **lower is closer**.
   For uint8 rows the squared sums are computed in integer-valued floating point (float32 while
@@ -16,6 +16,13 @@ Backends: faiss ``IndexFlatIP`` / ``IndexFlatL2`` (on all GPUs when ``faiss.get_
 index per reference chunk, merged; or chunked torch matrix products on ``device``. faiss computes in
 float32, so its rms-l2 results are recomputed exactly for the k returned neighbours; for uint8 rows past 129 values
 its choice between near ties is checked too (:meth:`NearestNeighborIndex._faiss_knn`).
+
+Every score returned is one float64 formula of its pair, whatever found it: for uint8 pixel rows the exact integer
+sums above; for float rows (features under cosine, float pixels under rms-l2) the pair is scored again in float64
+from its two rows (:meth:`NearestNeighborIndex._pair_scores`) once the float32 (cosine) or expanded (rms-l2) block
+products have found it. So a pair has the same score on faiss and torch, in the k nearest and in the band pairs of
+one pass: a generation whose nearest counts in a band for AMS has that pair in the band for UMS. (Which of two rows
+within float32 rounding of each other is the "nearest" under cosine is the block product's choice.)
 
 ``pairs_within`` (and ``kneighbors(..., on_pairs=...)``, in the same pass) streams every (query,
 reference) pair whose score lies in a closed range: what unique-memorization counts need.
@@ -180,7 +187,7 @@ class NearestNeighborIndex:
         for q0, q1, best_k, best_i in self._torch_scan(Q, k, exclude, pairs_range, on_pairs, progress):
             keys.append(best_k)
             idx.append(best_i)
-        return self._finish(np.concatenate(keys), np.concatenate(idx))
+        return self._finish(Q, np.concatenate(keys), np.concatenate(idx))
 
     def pairs_within(self, Q: np.ndarray, lo: float, hi: float, *, exclude: np.ndarray | None = None,
                      exclude_self: bool = False, progress: Progress | None = None
@@ -300,8 +307,9 @@ class NearestNeighborIndex:
                 q, qn = self._prep(Q[q0:q1])
                 ex = None if exclude is None else torch.from_numpy(exclude[q0:q1]).to(self.device)
                 if pairs_range is not None:
-                    if cos:
-                        k_lo, k_hi = lo - 1e-6, hi + 1e-6
+                    if cos:  # the float32 key is within ``tol`` of the exact score (unit rows; Higham's gamma_D)
+                        tol = 4 * (self.n_features_in_ + 4) * 2.0**-24
+                        k_lo, k_hi = lo - tol, hi + tol
                     else:  # S in [s_lo, s_hi]  <=>  key in [|q|^2 - s_hi, |q|^2 - s_lo]
                         k_lo = None if s_hi is None else (qn - s_hi)[:, None]
                         k_hi = None if s_lo is None else (qn - s_lo)[:, None]
@@ -313,7 +321,7 @@ class NearestNeighborIndex:
                         rows = torch.nonzero((ex >= r0) & (ex < r0 + len(r))).flatten()
                         key[rows, ex[rows] - r0] = -np.inf
                     if on_pairs is not None:
-                        self._emit(key, q0, r0, qn, k_lo, k_hi, lo, hi, on_pairs)
+                        self._emit(key, Q, q0, r0, qn, k_lo, k_hi, lo, hi, on_pairs)
                     if k:
                         v, i = _top_k(key, min(k, key.shape[1]))
                         vals.append(v)
@@ -329,9 +337,10 @@ class NearestNeighborIndex:
                     progress(q1, m)
                 yield q0, q1, best.cpu().numpy(), best_i.cpu().numpy()
 
-    def _emit(self, key: torch.Tensor, q0: int, r0: int, qn: torch.Tensor, k_lo: Any, k_hi: Any, lo: float, hi: float,
-              on_pairs: PairsCallback) -> None:
-        """Pass the block's pairs with score in [lo, hi] to ``on_pairs`` (global rows, float64 scores)."""
+    def _emit(self, key: torch.Tensor, Q: np.ndarray, q0: int, r0: int, qn: torch.Tensor, k_lo: Any, k_hi: Any,
+              lo: float, hi: float, on_pairs: PairsCallback) -> None:
+        """Pass the block's pairs with score in [lo, hi] to ``on_pairs`` (global rows, float64 scores; the keys
+        only preselect, with a margin, the pairs of float rows, which are scored by :meth:`_pair_scores`)."""
         mask = torch.isfinite(key)  # an excluded pair's key is -inf: never a pair, whichever bounds are open
         if k_lo is not None and not (isinstance(k_lo, float) and np.isinf(k_lo)):
             mask &= key >= k_lo
@@ -341,20 +350,46 @@ class NearestNeighborIndex:
         if not len(hit):
             return
         qi, ri = hit[:, 0], hit[:, 1]
-        kv = key[qi, ri].double()
-        s = (kv if self.metric == "cosine" else kv - qn[qi].double()).cpu().numpy()
-        s = self._to_scores(s)
+        q_rows, r_rows = qi.cpu().numpy() + q0, ri.cpu().numpy() + r0
+        if self._exact_keys:
+            s = self._to_scores((key[qi, ri].double() - qn[qi].double()).cpu().numpy())
+        else:
+            s = self._pair_scores(Q, q_rows, r_rows)
         keep = (s >= lo) & (s <= hi)
         if keep.any():
-            on_pairs((qi.cpu().numpy() + q0)[keep], (ri.cpu().numpy() + r0)[keep], s[keep])
+            on_pairs(q_rows[keep], r_rows[keep], s[keep])
 
     def _to_scores(self, key: np.ndarray) -> np.ndarray:
         if self.metric == "cosine":
             return np.clip(key.astype(np.float64), -1.0, 1.0)  # float32 rounding can exceed 1 for copies
         return np.sqrt(np.maximum(-key, 0.0) / self._scale())
 
-    def _finish(self, keys: np.ndarray, idx: np.ndarray) -> Neighbors:
-        """Keys -> scores, rows ordered best first with ties by reference row."""
+    @property
+    def _exact_keys(self) -> bool:
+        """uint8 rows under rms-l2: every key is an exact integer (minus a squared sum), alike on every path."""
+        return self.metric == "rms-l2" and self.X_ref_.dtype == np.uint8
+
+    def _pair_scores(self, Q: np.ndarray, q_rows: np.ndarray, r_rows: np.ndarray) -> np.ndarray:
+        """Scores of the pairs (``Q[q_rows[i]]``, fitted row ``r_rows[i]``) in float64, from the two rows alone (one
+        formula per pair, whichever path and block found it): cosine of the float64 rows, each divided by
+        max(|row|, 1e-12) as torch's ``F.normalize``; RMS-L2 by direct differences."""
+        if self.metric == "rms-l2":
+            return np.sqrt(self._exact_sq_pairs(Q, q_rows, r_rows) / self._scale())
+        out = np.empty(len(q_rows))
+        step = max(1, 2**22 // max(1, self.n_features_in_))
+        for a in range(0, len(q_rows), step):
+            q, r = _unit(Q[q_rows[a:a + step]]), _unit(self.X_ref_[r_rows[a:a + step]])
+            out[a:a + step] = (q * r).sum(1)
+        return np.clip(out, -1.0, 1.0)
+
+    def _finish(self, Q: np.ndarray, keys: np.ndarray, idx: np.ndarray) -> Neighbors:
+        """Keys -> scores, rows ordered best first with ties by reference row (float rows: by their float64 scores,
+        :meth:`_pair_scores`)."""
+        if not self._exact_keys and idx.size:
+            s = self._pair_scores(Q, np.repeat(np.arange(len(Q)), idx.shape[1]), idx.ravel()).reshape(idx.shape)
+            keys = s if self.metric == "cosine" else -s
+            order = np.lexsort((idx, -keys), axis=-1)
+            return Neighbors(np.take_along_axis(s, order, 1), np.take_along_axis(idx, order, 1).astype(np.int64))
         order = np.lexsort((idx, -keys), axis=-1)
         keys, idx = np.take_along_axis(keys, order, 1), np.take_along_axis(idx, order, 1)
         return Neighbors(self._to_scores(keys), idx.astype(np.int64))
@@ -415,15 +450,15 @@ class NearestNeighborIndex:
             keys, idx = np.take_along_axis(keys, top, 1), np.take_along_axis(idx, top, 1)
             if progress is not None:
                 progress(min(n, r0 + self.ref_chunk) * m // n, m)
-        if not cos and not certify:  # faiss works in float32: recompute the k distances exactly
-            keys = -self._exact_sq(Q, idx)
+        if self._exact_keys and not certify:  # faiss works in float32: recompute the k distances exactly (float
+            keys = -self._exact_sq(Q, idx)  # rows: :meth:`_finish` scores them in float64)
         if certify and (again := np.flatnonzero(-keys[:, -1] >= floor)).size:  # (>=: a tie goes to the lower row)
             log.debug("faiss: %d of %d queries searched again exactly (near ties past float32)", len(again), m)
             ex = None if exclude is None else exclude[again]
             found = list(self._torch_scan(Q[again], k, ex, None, None, None))
             keys[again] = np.concatenate([f[2] for f in found])  # (-|q - r|^2, exact for uint8 rows)
             idx[again] = np.concatenate([f[3] for f in found])
-        return self._finish(keys, idx)
+        return self._finish(Q, keys, idx)
 
     def _faiss_rows(self, rows: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(rows, dtype=np.float32)
@@ -444,6 +479,12 @@ class NearestNeighborIndex:
         for a in range(0, len(q_rows), step):
             out[a:a + step] = _sq_sums(_signed(Q[q_rows[a:a + step]]) - _signed(self.X_ref_[r_rows[a:a + step]]))
         return out
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Rows in float64, each divided by max(its norm, 1e-12) (a zero row stays zero)."""
+    x = rows.astype(np.float64)
+    return x / np.maximum(np.sqrt((x * x).sum(1, keepdims=True)), 1e-12)
 
 
 def _signed(rows: np.ndarray) -> np.ndarray:
