@@ -275,22 +275,6 @@ def _classifiers(run: Path) -> dict[str, Any]:
     return out
 
 
-def _swept_value(d: Path, param: str, method: str, name: str) -> float | str:
-    """Where a sweep sub-run's result sits on its curve: the value its config.yaml holds (its folder name rounds to
-    6 digits: 1234567 was plotted at 1.23457e+06), else the name's."""
-    try:
-        return float(own_value(cfg.from_dict(cfg.RunConfig, cfg.load_yaml(d / "config.yaml")), param, method))
-    except (ValueError, KeyError, AttributeError, TypeError):
-        return _value(name)
-
-
-def _value(v: str) -> float | str:
-    try:
-        return float(v)
-    except ValueError:
-        return v
-
-
 def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """``sweeps/<param>=<value>/evaluation/<method>/metrics.json`` -> per param and method: metric vs value;
     this run's own result joins the curve at its configured value of the parameter."""
@@ -303,16 +287,18 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any], notes: 
                      "settings of the run (an earlier config's); sweep again to bring them up to date")
     own = []  # sub-runs whose every evaluation is the run's own (a value equal to the run's): no point of their own
     for d in current.values():
-        param, value = d.name.split("=", 1)
+        param = d.name.split("=", 1)[0]
         shared = {k for k, e in read_stages(d).items() if e.get("shared_from")}  # the parent's result, not swept
         held = evaluated_methods(d)
         evaluated = {m: md for m, md in held.items() if f"evaluation/{m}" not in shared}
-        swept = configs[d.name].extract.methods if d.name in configs else ()
+        sub = configs[d.name]  # (current_sweeps names only sub-runs sweep_configs makes)
+        swept = sub.extract.methods
         if swept and all(m in held and m not in evaluated for m in swept):  # every swept method's is the run's (not
             # a sub-run cut short before its own evaluations, which holds only the run's unguided ones)
             own.append(d.name)
         for m, md in evaluated.items():
-            found.setdefault(param, {}).setdefault(m, {})[_swept_value(d, param, m, value)] = read_json(
+            # (where it sits on its curve: the value it was made with; its folder's name rounds to 6 digits)
+            found.setdefault(param, {}).setdefault(m, {})[float(own_value(sub, param, m))] = read_json(
                 md / "metrics.json", dict)
     if own:  # (the page said there was no sweeps/ at all)
         notes.append(f"sweeps/{', sweeps/'.join(own)} holds the run's own results (the swept value is the run's "
@@ -323,7 +309,7 @@ def _sweeps(run: Path, metrics: dict[str, dict], config: dict[str, Any], notes: 
         for m, runs in per_method.items():
             if param in SWEEPABLE and m in metrics:  # (Cond's own lambda is cond_scale: it joined at extract.scale)
                 runs.setdefault(float(own_value(rc, param, m)), metrics[m])
-            values = sorted(runs, key=lambda v: (isinstance(v, str), v))
+            values = sorted(runs)
             ref = next(iter(runs.values()))
             bands = closest_first(ref["bands"], ref["orientation"])
             series = {f"AMS {b}": [runs[v]["ams"].get(b) for v in values] for b in bands}
