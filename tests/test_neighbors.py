@@ -301,3 +301,27 @@ def test_float_rows_score_each_pair_alike_on_every_path(metric):
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.scores, b.scores)
     assert pa == pb and len(pa) > 0
+
+
+def test_faiss_takes_queries_in_chunks_bounded_in_bytes(monkeypatch):
+    """faiss's query chunk holds at most ``FAISS_QUERY_BYTES`` of float32 rows (or ``query_chunk`` rows, the larger):
+    it took 65,536 rows whatever their size, a float32 copy growing with the generations (491 MB for 40,000 rows of
+    3,072 values; a review's find), and ``query_chunk`` did not bound it."""
+    import side_extract.neighbors as nbm
+
+    rng = np.random.default_rng(3)
+    ref, q = rng.integers(0, 256, (30, 48), dtype=np.uint8), rng.integers(0, 256, (100, 48), dtype=np.uint8)
+    sizes = []
+    real = nbm.NearestNeighborIndex._faiss_rows
+    monkeypatch.setattr(nbm.NearestNeighborIndex, "_faiss_rows", lambda self, rows: sizes.append(len(rows)) or real(
+        self, rows))
+    monkeypatch.setattr(nbm, "FAISS_QUERY_BYTES", 4 * 48 * 10)  # ten rows' worth
+    idx = NearestNeighborIndex("rms-l2", backend="faiss", query_chunk=4).fit(ref)
+    nb = idx.kneighbors(q, 2)
+    assert sizes[0] == 30 and max(sizes[1:]) == 10 and sum(sizes[1:]) == 100
+    want = NearestNeighborIndex("rms-l2", backend="torch").fit(ref).kneighbors(q, 2)
+    np.testing.assert_array_equal(nb.indices, want.indices)
+    np.testing.assert_array_equal(nb.scores, want.scores)
+    sizes.clear()
+    NearestNeighborIndex("rms-l2", backend="faiss", query_chunk=25).fit(ref).kneighbors(q, 2)
+    assert max(sizes[1:]) == 25  # query_chunk above the bytes' bound: query_chunk

@@ -47,7 +47,8 @@ Metric = Literal["cosine", "rms-l2"]
 Backend = Literal["auto", "faiss", "torch"]
 PairsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
-FAISS_QUERY_CHUNK = 65536  # queries per faiss search call (results are k per query: small)
+FAISS_QUERY_CHUNK = 65536  # queries per faiss search call (results are k per query: small), at most
+FAISS_QUERY_BYTES = 64 * 2**20  # ... as many as fill this many bytes of float32 rows (memory flat in the queries)
 
 
 _EXACT_FLOAT32_MAX_D = 129  # 2 * 255^2 * D < 2^24: integer sums of uint8 rows stay exact in float32
@@ -423,9 +424,11 @@ class NearestNeighborIndex:
                 index = faiss.index_cpu_to_all_gpus(index)
             index.add(r)
             ck, ci = [], []
-            # faiss blocks its own BLAS work internally and returns only k results per query, so large query
-            # chunks cost no more memory; small ones made this 3x slower than one bare search (bench compute)
-            q_chunk = max(self.query_chunk, FAISS_QUERY_CHUNK)
+            # faiss blocks its own BLAS work internally and returns only k results per query; small query chunks
+            # made this 3x slower than one bare search (bench compute), so it takes up to 65,536 queries a call,
+            # as many as fill 64 MiB as float32 rows (their copy grew with the queries: 491 MB for 40,000 of
+            # 3,072 values) or query_chunk, the larger
+            q_chunk = max(self.query_chunk, min(FAISS_QUERY_CHUNK, FAISS_QUERY_BYTES // (4 * self.n_features_in_)))
             for q0 in range(0, m, q_chunk):
                 d, i = index.search(self._faiss_rows(Q[q0:q0 + q_chunk]), min(fetch, len(r)))
                 ck.append(d.astype(np.float64) if cos else -d.astype(np.float64))
