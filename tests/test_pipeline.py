@@ -914,3 +914,30 @@ def test_the_copy_guard_measures_no_partial_or_other_targets_synthetic_set(tiny_
     run_audit(run2, dataclasses.replace(grown, model=str(tmp_path / "other")))
     assert "copy_guard" not in read_json(run2 / "evaluation" / "uncond" / "metrics.json")
     assert evaluated_synthetic(run2) is None
+
+
+def test_every_neighbour_search_of_an_evaluation_takes_its_backend_and_chunks(tiny_model_dir, tmp_path, monkeypatch):
+    """evaluate.backend / query_chunk / ref_chunk hold for every search an evaluation makes: the detection's
+    verification against the training set and side-lora's copy guard searched with the defaults (faiss where
+    importable, 8,192-row chunks), past a user's choice of torch or of smaller chunks for memory (a review's find)."""
+    from side_extract.neighbors import NearestNeighborIndex
+
+    fitted = []
+    real_fit = NearestNeighborIndex.fit
+
+    def fit(self, X):
+        fitted.append((self.metric, self.backend, self.query_chunk, self.ref_chunk))
+        return real_fit(self, X)
+
+    def no_faiss(*a, **k):
+        raise AssertionError("faiss searched, though evaluate.backend is torch")
+
+    monkeypatch.setattr(NearestNeighborIndex, "fit", fit)
+    monkeypatch.setattr(NearestNeighborIndex, "_faiss_knn", no_faiss)
+    rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
+    rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, backend="torch", query_chunk=4, ref_chunk=8,
+                                                                detect_threshold=0.2, detect_min_size=2))
+    run_audit(tmp_path / "run", rc)
+    metrics = read_json(tmp_path / "run" / "evaluation" / "uncond" / "metrics.json")
+    assert "copy_guard" in metrics and "detection" in metrics
+    assert fitted and {f[1:] for f in fitted} == {("torch", 4, 8)}, fitted

@@ -166,7 +166,7 @@ def _disjoint_cliques(cliques: list[list[int]], min_size: int) -> list[list[int]
 
 def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 10, grid: int | None = None,
                      mode: GroupMode = "cliques", train: ImageSet | None = None, extraction_threshold: float = 0.15,
-                     chunk: int = 1024, device: str = "cpu") -> Detection:
+                     chunk: int = 1024, device: str = "cpu", index: NearestNeighborIndex | None = None) -> Detection:
     """Groups of >= ``min_size`` mutually near-duplicate generations, verified against ``train`` if given.
 
     Parameters
@@ -178,6 +178,9 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
     mode : "cliques" (maximal cliques, disjoint) or "components" (connected components, a relaxation)
     train, extraction_threshold : verify each group's medoid: pixel RMS-L2 to the nearest training image
         <= extraction_threshold (0.15: Carlini et al.'s Stable Diffusion value)
+    chunk, device : generations per block of the pair scan, and its torch device
+    index : an unfitted ``"rms-l2"`` :class:`~side_extract.neighbors.NearestNeighborIndex` whose backend and chunks
+        the verification searches with (default: ``NearestNeighborIndex("rms-l2", device=device)``)
     """
     if not threshold > 0:  # (NaN too: it linked no pair)
         raise ValueError(f"threshold={threshold} must be > 0")
@@ -190,6 +193,8 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
     images = generated.images
     g = default_grid(*images.shape[1:3]) if grid is None else grid
     check_grid(g, *images.shape[1:3])
+    if index is not None and index.metric != "rms-l2":
+        raise ValueError(f"index has metric={index.metric!r}; the verification measures pixel 'rms-l2'")
     if train is not None:  # (before the pair scan: they were checked after it)
         if not extraction_threshold > 0:  # (NaN or a negative one verified no group, an exact copy included)
             raise ValueError(f"extraction_threshold={extraction_threshold} must be > 0")
@@ -208,7 +213,8 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
     if not reps:
         return dataclasses.replace(out, extraction_threshold=extraction_threshold, verified=[],
                                    nearest_train_index=[], nearest_train_distance=[])
-    nb = NearestNeighborIndex("rms-l2").fit(pixel_rows(train.images)).kneighbors(pixel_rows(images[reps]), 1)
+    index = NearestNeighborIndex("rms-l2", device=device) if index is None else index
+    nb = index.fit(pixel_rows(train.images)).kneighbors(pixel_rows(images[reps]), 1)
     d = nb.scores[:, 0]
     verified = (d <= extraction_threshold).tolist()
     return dataclasses.replace(out, extraction_threshold=extraction_threshold, verified=verified,

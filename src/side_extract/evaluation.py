@@ -236,7 +236,9 @@ def _rows(sim: Similarity, images: ImageSet, features: np.ndarray | None, c: cfg
                             batch_size=c.feature_batch_size)
 
 
-def _index(metric: str, c: cfg.EvaluateConfig, device: str) -> NearestNeighborIndex:
+def neighbor_index(metric: str, c: cfg.EvaluateConfig, device: str) -> NearestNeighborIndex:
+    """An unfitted index searching as ``c`` says (``backend``, ``query_chunk``, ``ref_chunk``): every neighbour
+    search of an evaluation, the detection's and the copy guard's too."""
     return NearestNeighborIndex(metric, backend=c.backend, device=device, query_chunk=c.query_chunk,
                                 ref_chunk=c.ref_chunk)
 
@@ -306,7 +308,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     _warn_duplicates(train)
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
     g_rows = _rows(sim, generated, generated_features, c, device, train, feature_model)
-    index = _index(sim.metric, c, device).fit(t_rows)
+    index = neighbor_index(sim.metric, c, device).fit(t_rows)
     # 1. bands
     null = None
     if bands is not None:
@@ -349,7 +351,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     if sim.metric == "rms-l2":
         pix_index, pix_nb = index, nb
     else:
-        pix_index = _index("rms-l2", c, device).fit(pixel_rows(train.images))
+        pix_index = neighbor_index("rms-l2", c, device).fit(pixel_rows(train.images))
         pix_nb = pix_index.kneighbors(pixel_rows(generated.images), k_pix)
     carlini = carlini_from_neighbors(pix_nb, pix_index, alpha=c.carlini_alpha, n=c.carlini_n,
                                      centering=c.carlini_centering)
@@ -365,7 +367,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     if c.detect_threshold is not None:
         detection = detect_memorized(generated, c.detect_threshold, min_size=c.detect_min_size, grid=c.detect_grid,
                                      mode=c.detect_mode, train=train, extraction_threshold=c.extraction_threshold,
-                                     chunk=c.query_chunk, device=device)
+                                     chunk=c.query_chunk, device=device, index=neighbor_index("rms-l2", c, device))
     p95, q = best_quantile(best, sim.orientation)
     return Evaluation(method, n_g, n_t, sim.spec, sim.orientation, bands, source,
                       ams(best, bands, sim.orientation), tally.ums(),
@@ -578,7 +580,7 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     copies = {"train": duplicate_rows(train), **({"heldout": copy_rows(heldout, train)} if heldout is not None else {})}
     check_null_size(int((~copies[source]).sum()), c.calibration_quantiles)  # (said after both nulls' searches)
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
-    index = _index(sim.metric, c, device).fit(t_rows)
+    index = neighbor_index(sim.metric, c, device).fit(t_rows)
     nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}
     fps, sources = {"train": train.fingerprint()}, {"train": train.name}
     if heldout is not None:

@@ -28,7 +28,8 @@ from . import config as cfg
 from .data import ImageSet, check_levels, is_digits_spec, labelled_classes, load_image_set, load_shards
 from .detection import check_grid
 from .distributed import SINGLE, ProcessGroup
-from .evaluation import Evaluation, calibrate, copies_of, duplicate_counts, evaluate, held_out_set
+from .evaluation import (Evaluation, calibrate, copies_of, duplicate_counts, evaluate, held_out_set,
+                         neighbor_index)
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, planned_extraction, round_size
 from .features import EXTRACTORS, check_extractor, extract_features
@@ -400,13 +401,14 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
         group.barrier()
 
 
-def copy_guard(generated: ImageSet, synthetic: ImageSet, d_train: np.ndarray) -> dict:
+def copy_guard(generated: ImageSet, synthetic: ImageSet, d_train: np.ndarray, index: NearestNeighborIndex) -> dict:
     """side-lora's guard against copying its own training data: the share of generations whose nearest
     synthetic image (pixel RMS) is closer than their nearest training image. On a target that memorizes, the
     synthetic images are themselves near-copies, so the share is high for every method: compare side-lora's
     with UnCond's (plain samples of the same model), computed the same way. ``d_train``: each generation's pixel RMS
-    distance to its nearest training image (the evaluation's ``pixel_distance``)."""
-    index = NearestNeighborIndex("rms-l2").fit(pixel_rows(synthetic.images))
+    distance to its nearest training image (the evaluation's ``pixel_distance``); ``index``: an unfitted
+    ``"rms-l2"`` index, searching as the evaluation's config says (:func:`~side_extract.evaluation.neighbor_index`)."""
+    index.fit(pixel_rows(synthetic.images))
     d_syn = index.kneighbors(pixel_rows(generated.images), 1).scores[:, 0]
     return {"nearer_synthetic_fraction": float((d_syn < d_train).mean()), "n_synthetic": len(synthetic),
             "median_distance_to_synthetic": float(np.median(d_syn)),
@@ -618,7 +620,8 @@ def evaluate_method(ctx: AuditContext, method: str, generated: ImageSet, train: 
         out: dict[str, Any] = {"quality": quality_of(ctx, generated, reference)}
         if _synthetic_fingerprint(ctx):  # every method: side-lora's reference
             out["copy_guard"] = copy_guard(generated, load_shards(ctx.run.path / "synthetic"),
-                                           np.asarray(ev.table.pixel_distance, dtype=float))
+                                           np.asarray(ev.table.pixel_distance, dtype=float),
+                                           neighbor_index("rms-l2", c, ctx.device))
         return out
 
     measure_into(ctx, method, generated, train, c, train_features, ctx.run.path / "evaluation" / method, more)

@@ -66,6 +66,7 @@ import numpy as np
 from .. import config as cfg
 from ..data import load_shards
 from ..metrics import parse_bands, read_bands_file
+from ..evaluation import neighbor_index
 from ..pipeline import ProgressFactory, cluster_problems, copy_guard, no_progress, run_audit
 from ..runs import STAGE_VERSIONS, RunDir, atomic_write_json, read_json, settings_fingerprint, versions
 from ..sweeps import share_stages
@@ -520,7 +521,7 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
         if guarded_forms:  # the baselines' share against the first side-lora form's synthetic set: the reference
             for m in (b for b in fc.baselines if "copy_guard" not in per_rep[b][-1]):
                 per_rep[m][-1]["copy_guard"] = reference_copy_guard(paths[m], fc.base_method(m),
-                                                                    paths[guarded_forms[0]])
+                                                                    paths[guarded_forms[0]], rc.evaluate, device)
         if equal_samples:  # UnCond in its own sub-run at N_G + N_S (module docstring, step 5)
             path = rep / "forms" / EQUAL_SAMPLES
             res = run_audit(path, method_config(rc, "uncond", None, n + base.sample.n), device=device,
@@ -552,15 +553,17 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
     return out
 
 
-def reference_copy_guard(run: Path, method: str, synthetic_run: Path) -> float:
+def reference_copy_guard(run: Path, method: str, synthetic_run: Path, ev: cfg.EvaluateConfig, device: str) -> float:
     """The copy guard's share (``pipeline.copy_guard``) of ``method``'s generations in ``run`` against the synthetic
     set of ``synthetic_run`` (a side-lora form's: its fine-tuning data): how many generations of a method that never
-    saw that set lie nearer to it than to any training image, the reference for side-lora's share."""
+    saw that set lie nearer to it than to any training image, the reference for side-lora's share (searched as the
+    evaluation ``ev`` says)."""
     generated = load_shards(run / "extraction" / method)
     with np.load(run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
         d_train = dict(zip(z["generation_id"].tolist(), z["pixel_distance"].tolist()))
     d = np.array([d_train[int(i)] for i in generated.ids])
-    return copy_guard(generated, load_shards(synthetic_run / "synthetic"), d)["nearer_synthetic_fraction"]
+    return copy_guard(generated, load_shards(synthetic_run / "synthetic"), d,
+                      neighbor_index("rms-l2", ev, device))["nearer_synthetic_fraction"]
 
 
 # what may differ between a fair bench and the earlier one whose tuning it reuses (none of it touches tuning; the
