@@ -177,16 +177,26 @@ def _warn_stretched(where: str, non_square: list[str], size: int, count: int | N
                       "crop them to squares first where the model was trained on crops", UserWarning, stacklevel=3)
 
 
+RESIZE_BYTES = 64 * 2**20  # resize works on blocks of images whose float32 copies fit in this many bytes
+
+
 def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 (N, H, W, C) to (N, size, size, C): bilinear with antialiasing (torch)."""
+    """Resize uint8 (N, H, W, C) to (N, size, size, C): bilinear with antialiasing (torch), a block of images at a
+    time (:data:`RESIZE_BYTES` of float32 input or output), so that the memory beyond the result stays bounded (the
+    whole set's float32 copies took 12x the result's size: 2.3 GB for 4,000 images resized to 128)."""
     check_size(size)
     if images.shape[1:3] == (size, size):
         return images
-    # (a copy where torch could not share the memory: a flipped view's negative strides, a read-only array such as
-    # PIL's, of which torch warned)
-    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
-    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, h, w, c = images.shape
+    out = np.empty((n, size, size, c), dtype=np.uint8)
+    step = max(1, RESIZE_BYTES // (4 * c * max(h * w, size * size)))
+    for a in range(0, n, step):
+        # (a copy where torch could not share the memory: a flipped view's negative strides, a read-only array
+        # such as PIL's, of which torch warned)
+        x = torch.from_numpy(np.require(images[a:a + step], requirements=["C", "W"])).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[a:a + step] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def balanced_first_n(labels: np.ndarray, n: int) -> np.ndarray:
