@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from side_extract import config as cfg
+from side_extract.bench.extraction import ExtractionBenchConfig
 from side_extract.bench.intervals import bootstrap_ratios, count_ratios
 from side_extract.bench.protocol import (BASELINES, FairBenchConfig, best_setting, budget_curve, budget_grid,
                                          chosen_on_validation, replicate_config, reused_tuning, run_fair_bench,
@@ -102,6 +103,15 @@ def test_a_benchmark_that_could_not_mean_what_it_says_is_refused():
     for key in ("model", "extract.stop_unseen"):  # a baseline form may change the sampler only (next test)
         with pytest.raises(ValueError, match=f"may not set {key}"):
             FairBenchConfig(forms={"f": {"method": "uncond", key: 1}})
+    # under dedup-driven stopping, what it reads besides stop_unseen is every method's too (a form's smaller
+    # dedup_threshold never stopped while the baselines stopped at the bench's: a review's find); without it,
+    # adaptive allocation's own settings
+    stopping = cfg.RunConfig(extract=cfg.ExtractConfig(stop_unseen=0.1, rounds=4))
+    for key, value in (("extract.dedup_threshold", 0.001), ("extract.rounds", 2)):
+        for method in ("side", "memguide", "uncond"):
+            with pytest.raises(ValueError, match=f"may not set {key}"):
+                FairBenchConfig(bench=ExtractionBenchConfig(run=stopping), forms={"f": {"method": method, key: value}})
+        FairBenchConfig(forms={"f": {"method": "side", "extract.allocation": "adaptive", key: value}})
     for key in ("extract.scale", "extract.temperature", "extract.memguide_scale", "lora.guidance_scale"):
         with pytest.raises(ValueError, match=f"may not set {key}: the tuning grid sets it"):
             FairBenchConfig(forms={"f": {"method": "side", key: 1.0}})

@@ -23,10 +23,11 @@ For each training-set size in ``scales``:
    N_G = ``run.extract.n``, with equal seeds across methods within a replicate.
 3. **Intervals.** Per method and metric, the mean and the min-max over held-out replicates. For each SIDE
    form against the best baseline (the baseline with the higher mean on that metric), the ratio of means and
-   a 95 % interval of its log (:mod:`side_extract.bench.intervals`): its standard error the larger of the
-   replicates' spread (paired by replicate, delta method; then Student's t at R - 1 df) and the resampling of each
-   replicate's generations, ``n_bootstrap`` draws (the shares: plain resampling; the distinct-image counts, which
-   plain resampling lowers: iNEXT's assemblage bootstrap; then the normal quantile). Bootstrapped metrics are
+   a 95 % interval of its log (:mod:`side_extract.bench.intervals`): its half-width the wider of the replicates'
+   (their spread, paired by replicate, delta method, times Student's t at R - 1 df) and the resampling's (1.96
+   times the standard error of resampling each replicate's generations, ``n_bootstrap`` draws: the shares by plain
+   resampling; the distinct-image counts, which plain resampling lowers, by iNEXT's assemblage bootstrap)
+   (:func:`~side_extract.bench.intervals.spread_interval`). Bootstrapped metrics are
    computed from ``per_generation.npz``: ``ams_cum/<band>`` (share of generations at that band or closer),
    ``distinct_nn/<band>`` (distinct *nearest* training images among those generations, per generation: UMS
    restricted to each generation's nearest neighbour, so at most UMS) and ``carlini`` (share with Carlini's
@@ -133,7 +134,8 @@ class FairBenchConfig:
             if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in kinds:
                 raise ValueError(f"forms: {name!r} must be a new name with 'method' one of {', '.join(kinds)}; "
                                  f"got {form}")
-            fixed = MEASURED_ALIKE + (() if form["method"] in BASELINES else SAMPLER_FIXED)
+            fixed = MEASURED_ALIKE + (() if form["method"] in BASELINES else SAMPLER_FIXED) + STOPPING_KEYS * (
+                self.bench.run.extract.stop_unseen > 0)  # (under stopping, its rounds and threshold are every method's)
             pinned = [k for k in form if k.rsplit(".", 1)[-1] in ("seed", "random_state")
                       or any(k == f or k.startswith(f + ".") for f in fixed)]
             if pinned:  # a seed would repeat one replicate; the rest is what every entry is measured with alike
@@ -245,6 +247,9 @@ class FairBenchConfig:
 # extraction's sampler, which a baseline form may change (it can only give the best baseline more to pick from, so
 # a SIDE form's ratio never rests on a sampler its baselines lacked); and what the tuning grid sets (method_config)
 SAMPLER_FIXED = tuple(f"extract.{k}" for k in SAMPLER_KEYS)
+# what dedup-driven stopping reads beside extract.stop_unseen: with --stop-unseen no form may change them (a form's
+# smaller dedup_threshold never stopped while the baselines stopped at the bench's, and fewer rounds checked later)
+STOPPING_KEYS = ("extract.dedup_threshold", "extract.rounds")
 GRID_KEYS = ("extract.scale", "extract.temperature", "extract.cond_scale", "extract.cond_temperature",
              "extract.teacher_scale", "extract.teacher_temperature", "extract.memguide_scale", "lora.guidance_scale")
 
