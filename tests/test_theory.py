@@ -448,6 +448,32 @@ def test_measure_takes_second_derivatives_through_a_classifier_on_the_targets_at
     assert not np.array_equal(res.log_p_guided, res.log_p_uncond)
 
 
+def test_measure_json_records_its_seed_and_more_points_than_the_set_holds_are_refused(tiny_model_dir, tmp_path):
+    """measure.json said "the same points" of a measure by its indices alone, while the seed draws their noise and
+    probes (two seeds on every point of a set: equal indices, other figures, no seed in the file); --n-points past the
+    training set was lowered to it without a word, while measure() refused it (a review's finds)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+    from side_extract.pipeline import run_audit
+    from side_extract.theory.measure import measure_run
+
+    from test_pipeline import tiny_rc
+
+    run_audit(tmp_path / "run", tiny_rc(tiny_model_dir, methods=("side",)), until="classifier")
+    a, path = measure_run(tmp_path / "run", n_points=30, n_steps=1, seed=1)
+    got = json.loads(path.read_text())
+    assert got["seed"] == a.seed == 1 and sorted(got["index"]) == list(range(30))
+    with pytest.raises(ValueError, match=r"n_points=31 must be an integer in \[2, 30\]"):
+        measure_run(tmp_path / "run", n_points=31, n_steps=1)
+    r = CliRunner().invoke(app, ["theory", "measure", str(tmp_path / "run"), "--n-points", "1000", "--steps", "1"])
+    assert r.exit_code == 2 and "n_points=1000" in r.output, r.output
+    r = CliRunner().invoke(app, ["theory", "measure", str(tmp_path / "run"), "--steps", "1"])  # default: the 30
+    assert r.exit_code == 0 and "30 points" in r.output and "seed 0" in r.output, r.output
+
+
 def test_the_report_leaves_out_a_measure_of_a_classifier_the_run_no_longer_holds(tiny_model_dir, tmp_path):
     """theory/measure.json recorded nothing of the classifier it measured: after the classifier was trained again the
     report showed its divergences and verdicts as the run's, with no note."""
@@ -558,6 +584,8 @@ def test_a_gaussian_model_refuses_a_covariance_that_is_not_symmetric_or_not_fini
         GaussianModel(np.array([0.0, np.nan]), 1.0)
     a = np.random.default_rng(0).standard_normal((6, 6))
     GaussianModel(np.zeros(6), a @ a.T / 6 + np.eye(6))  # a product's rounding is no asymmetry
+    with pytest.raises(ValueError, match="at least one dimension"):  # (numpy's "zero-size array to reduction")
+        GaussianModel(np.zeros(0), 1.0)
 
 
 def test_theory_inputs_that_failed_with_python_errors_are_named():

@@ -55,7 +55,8 @@ def check_cmd(
 def measure_cmd(
     ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory with config.yaml (model, train) and classifier/."),
-    n_points: int = typer.Option(32, "--n-points", help="Training points (Monte Carlo samples); interval ~ 1/sqrt."),
+    n_points: int | None = typer.Option(None, "--n-points", help="Training points (Monte Carlo samples); interval ~ "
+                                        "1/sqrt. Default: 32, or every point of a smaller training set."),
     probes: int = typer.Option(1, "--probes", help="Hutchinson probes per ODE evaluation (a backward pass each)."),
     steps: int = typer.Option(32, "--steps", help="ODE grid intervals (2 model calls each); bias ~ 1/steps^2."),
     eps: float = typer.Option(0.1, "--eps", help="Smoothing scale of q_eps, in [-1, 1] pixel units."),
@@ -88,7 +89,7 @@ def _print_measure(res) -> None:
     out.print(f"[bold]memorization divergence[/] (nats, d={res.dim}, eps={res.eps:g}, kernel width "
               f"{res.bandwidth:g}, {res.n_points} points, {len(res.timesteps) - 1} ODE steps from t={res.timesteps[0]} "
               f"(sigma {res.sigma_min:.3g}), "
-              f"{res.n_probes} probes, lambda={res.guidance_scale:g}, {len(res.class_sizes)} classes)")
+              f"{res.n_probes} probes, lambda={res.guidance_scale:g}, {len(res.class_sizes)} classes, seed {res.seed})")
     rows = [
         ("sum_c w_c M(D_c; p)          unconditional", res.m_uncond),
         ("sum_c w_c M(D_c; p_c)        guided", res.m_guided),

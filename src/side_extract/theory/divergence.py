@@ -336,6 +336,8 @@ class GaussianModel:
     def __init__(self, mean: np.ndarray, cov: np.ndarray | float) -> None:
         self.mean = np.asarray(mean, dtype=np.float64).reshape(-1)
         d = len(self.mean)
+        if d == 0:  # (numpy's "zero-size array to reduction operation maximum" came out of the symmetry check)
+            raise ValueError(f"mean has shape {np.shape(mean)}: a Gaussian needs a mean of at least one dimension")
         c = np.asarray(cov, dtype=np.float64)
         self.cov = c * np.eye(d) if c.ndim == 0 else c
         if self.cov.shape != (d, d):

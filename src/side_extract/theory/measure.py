@@ -79,6 +79,7 @@ class MeasureResult:
     gain_opt : m_opt_cond - m_opt_uncond (paired); ~ sum_c w_c log w_c for a small bandwidth
     opt_minus_guided : m_opt_cond - m_guided (paired); <= 0 when the optimum memorizes more
     ordering : claim -> "holds" / "violated" / "inconclusive"
+    seed : what chose the points and drew their noise and probes (the same seed, settings and model: the same points)
     index, labels : (n,) the training points used and their classes; class_sizes : class -> |D_c|
     log_p_uncond, log_p_guided : (n,) per-point ODE log-likelihoods
     """
@@ -89,6 +90,7 @@ class MeasureResult:
     n_points: int
     n_probes: int
     trace: str
+    seed: int
     timesteps: np.ndarray
     sigma_min: float
     dim: int
@@ -298,8 +300,9 @@ def measure(
     sig = sigmas(ac)
     return MeasureResult(
         eps=float(eps), bandwidth=bandwidth, guidance_scale=float(guidance_scale), n_points=len(x),
-        n_probes=0 if trace == "exact" else int(n_probes), trace=trace, timesteps=ts, sigma_min=float(sig[t_min]),
-        dim=pts.shape[1], m_uncond=m_uncond, m_guided=m_guided, m_opt_uncond=m_opt_uncond, m_opt_cond=m_opt_cond,
+        n_probes=0 if trace == "exact" else int(n_probes), trace=trace, seed=int(seed), timesteps=ts,
+        sigma_min=float(sig[t_min]), dim=pts.shape[1], m_uncond=m_uncond, m_guided=m_guided,
+        m_opt_uncond=m_opt_uncond, m_opt_cond=m_opt_cond,
         m_uncond_full=E(lq_full - lp_u), m_opt_full=E(lq_full - lkde_full), gain_model=gain_model,
         gain_opt=gain_opt, opt_minus_guided=opt_minus_guided, ordering=ordering, index=index, labels=y,
         class_sizes=class_sizes, log_p_uncond=lp_u, log_p_guided=lp_g, seconds=round(time.time() - t0, 3),
@@ -310,14 +313,18 @@ def measure(
 __all__ = ["measure", "MeasureResult", "assign_classes", "verdict"]
 
 
-def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", model: Any = None,
+DEFAULT_POINTS = 32  # measure_run's training points when none are asked for (fewer where the set is smaller)
+
+
+def measure_run(run: str | Path, *, n_points: int | None = None, device: str = "cpu", model: Any = None,
                 scheduler: Any = None, sample_shape: Any = None, model_id: str | None = None,
                 **kwargs) -> tuple[MeasureResult, Path]:
     """:func:`measure` on a run directory: its target (``config.yaml``: model, train, train_resize) and its
     time-dependent classifier (``classifier/``); writes ``RUN/theory/measure.json``. ``model`` (with
     ``scheduler``, ``sample_shape``, ``model_id`` as ``side_extract.audit`` takes them): the target, needed where the
     run's was a model in memory; its fingerprint must be the one the run's synthetic set was sampled from.
-    ``kwargs`` go to :func:`measure`."""
+    ``n_points``: training points measured (None: 32, or every one of a smaller training set; more than the set holds
+    is refused, as :func:`measure` refuses it). ``kwargs`` go to :func:`measure`."""
     from ..data import load_image_set
     from ..models.classifier import load_classifier
     from ..models.target import check_fits
@@ -352,7 +359,9 @@ def measure_run(run: str | Path, *, n_points: int = 32, device: str = "cpu", mod
         classifier = load_classifier(clf_dir, device, unet=getattr(denoiser, "unet", None))
         data = load_image_set(rc["train"], rc.get("train_resize"))
         check_fits(data.shape, denoiser.sample_shape, f"training images ({rc['train']})")
-        res = measure(denoiser, classifier, data.to_float(), n_points=min(n_points, len(data)), device=device, **kwargs)
+        # (an n_points past the training set was lowered to it without a word, while measure() refused it)
+        n_points = min(DEFAULT_POINTS, len(data)) if n_points is None else n_points
+        res = measure(denoiser, classifier, data.to_float(), n_points=n_points, device=device, **kwargs)
         dest = run / "theory" / "measure.json"
         atomic_write_json(dest, res.to_dict() | {"model": str(model), "train": rc["train"],
                                                  "classifier_fingerprint": clf_stage["fingerprint"]})
