@@ -115,6 +115,28 @@ def test_transparent_images_are_named_not_silently_flattened(tmp_path):
     assert s.images[1, 0, 0].tolist() == [255, 0, 0]
 
 
+def test_sixteen_bit_transparency_keys_and_formats_pillow_cannot_open_are_named(tmp_path):
+    """A 16-bit greyscale PNG with a transparency key loaded without the warning an 8-bit one gives (Pillow's
+    RGBA conversion of mode I;16 drops the key); a .heic or .jxl beside the PNGs was left out without a word (the
+    warning named only formats Pillow has a plugin for). A review's finds."""
+    import warnings
+
+    ramp = (np.arange(16, dtype=np.uint32).reshape(4, 4) * 1000).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image_set(tmp_path)  # no key: no warning
+    Image.fromarray(ramp).save(tmp_path / "b.png", transparency=4000)
+    with pytest.warns(UserWarning, match=r"1 of the 2 images in .* have transparent pixels \(the first: b.png\)"):
+        load_image_set(tmp_path)
+    (tmp_path / "b.png").unlink()
+    (tmp_path / "c.heic").write_bytes(b"not opened here")
+    (tmp_path / "d.JXL").write_bytes(b"not opened here")
+    with pytest.warns(UserWarning, match=r"2 image file\(s\) in .* in another format are left out \(the first: "
+                                         r"c.heic, d.JXL\)"):
+        assert len(load_image_set(tmp_path)) == 1
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="holds no images"):
         load_image_set(tmp_path)

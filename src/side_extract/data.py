@@ -32,6 +32,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import check_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# image formats Pillow may not open here (no plugin installed), left out of a folder with a warning all the same
+UNOPENED_IMAGE_SUFFIXES = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".nef", ".arw", ".svg")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -275,8 +277,8 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
                                    if hidden else [])), UserWarning, stacklevel=2)
     if not files:
         raise ValueError(f"folder {str(path)!r} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
-    others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in Image.registered_extensions()
-                    and p.suffix.lower() not in IMAGE_SUFFIXES and p.is_file())
+    other_kinds = {*Image.registered_extensions(), *UNOPENED_IMAGE_SUFFIXES} - set(IMAGE_SUFFIXES)
+    others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in other_kinds and p.is_file())
     if others:  # (left out without a word: a generation copying one of them counted as no copy)
         warnings.warn(f"{len(others)} image file(s) in {str(path)!r} in another format are left out (the first: "
                       f"{', '.join(others[:3])}); only {', '.join(IMAGE_SUFFIXES)} files are read: convert them to PNG",
@@ -325,6 +327,8 @@ def _transparent(im: Image.Image) -> bool:
     """Whether an opened image has a pixel that is not fully opaque (an alpha channel or a transparency key)."""
     if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in im.info:
         return False
+    if im.mode.startswith("I") and isinstance(im.info.get("transparency"), int):  # 16-bit grey with a key: Pillow's
+        return bool((np.asarray(im) == im.info["transparency"]).any())  # RGBA conversion drops the key
     return im.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
