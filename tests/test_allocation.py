@@ -177,6 +177,14 @@ def test_stop_after_by_hand():
     assert stop_after(same, 0.05, 0.2) == (False, pytest.approx(0.2))  # strictly below
     distinct = np.concatenate([_img(v) for v in (0, 50, 100, 150)])  # all new: U = 5 / 5
     assert stop_after(distinct, 0.05, 0.9) == (False, 1.0)
+    # misstated from Python (the config checks its own): a negative threshold was squared into its positive, NaN met
+    # "Invalid literal for Fraction", a NaN stop_unseen never stopped (a review's finds)
+    for bad in (-0.05, float("nan"), 0.0, 1.0, True):
+        with pytest.raises(ValueError, match=f"threshold={bad!r} must be a pixel RMS distance in"):
+            near_duplicate_groups(same, bad)
+    for bad in (float("nan"), -0.1, 1.0):
+        with pytest.raises(ValueError, match=f"stop_unseen={bad!r} must be an unseen mass"):
+            stop_after(same, 0.05, bad)
 
 
 def test_dedup_driven_stopping_ends_every_method_early_and_resumes(tiny_model_dir, tmp_path, caplog):

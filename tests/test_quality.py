@@ -44,6 +44,15 @@ def test_frechet_refuses_matrices_that_are_no_covariances():
     s1 = np.diag([-1.0, 1.0])  # not positive semi-definite: sqrtm(s1 @ I) = diag(i, 1)
     with pytest.raises(ValueError, match="imaginary part of 1 on its diagonal, beyond rounding"):
         frechet_distance(np.zeros(2), s1, np.zeros(2), np.eye(2))
+    # a NaN statistic scored 0.0, a perfect distance (max(0.0, nan) is 0.0: a review's find)
+    eye = np.eye(2)
+    with pytest.raises(ValueError, match=r"mu1 has non-finite values \(NaN or inf\)"):
+        frechet_distance(np.array([np.nan, 0.0]), eye, np.zeros(2), eye)
+    with pytest.raises(ValueError, match="s2 has non-finite values"):
+        frechet_distance(np.zeros(2), eye, np.zeros(2), np.array([[np.nan, 0.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="no dimension"):
+        frechet_distance(np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)))
+    assert frechet_distance(np.array([3.0, 0.0]), eye, np.zeros(2), eye) == pytest.approx(9.0)
 
 
 def test_frechet_scales_with_the_features_without_refusing_rounding():
@@ -239,8 +248,12 @@ def test_features_that_are_not_two_finite_sets_of_one_dimension_are_named():
             f(a, b[:, :3])
         with pytest.raises(ValueError, match=r"b must be a 2-D array \(samples, features\), got shape \(20,\)"):
             f(a, b[:, 0])
+        with pytest.raises(ValueError, match=r"got shape \(20, 0\); it needs at least one feature"):
+            f(a[:, :0], b[:, :0])  # (a NaN KID, a perfect FID: a review's find)
     with pytest.raises(ValueError, match="fake has non-finite"):
         precision_recall(a, nan)
+    with pytest.raises(ValueError, match="it needs at least one feature"):  # (precision and recall 1.0)
+        precision_recall(a[:, :0], b[:, :0])
     with pytest.raises(ValueError, match="generated pixels features has non-finite"):
         quality_from_features(nan, b, "pixels")
 

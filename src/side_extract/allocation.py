@@ -24,6 +24,7 @@ all the method's generations so far (the same grouping and estimate, pooled over
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
 
 import numpy as np
@@ -44,6 +45,9 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, working_memory_m
     if images.dtype != np.uint8:  # (float images in [0, 1] fell under a limit in grey levels: all one image)
         raise ValueError(f"images must be uint8 (grey levels 0..255, as side-extract's image sets hold them), got "
                          f"{images.dtype}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
+        # (a negative one was squared into its positive; NaN met "Invalid literal for Fraction")
+        raise ValueError(f"threshold={threshold!r} must be a pixel RMS distance in (0, 1)")
     n = len(images)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -74,6 +78,8 @@ def unseen_mass(groups: np.ndarray) -> float:
 def stop_after(images: np.ndarray, threshold: float, stop_unseen: float) -> tuple[bool, float]:
     """Dedup-driven stopping: whether a method whose generations so far are ``images`` (uint8) stops (their pooled
     :func:`unseen_mass`, near-duplicates below ``threshold`` grouped, is below ``stop_unseen``), and that mass."""
+    if isinstance(stop_unseen, bool) or not isinstance(stop_unseen, numbers.Real) or not 0 <= stop_unseen < 1:
+        raise ValueError(f"stop_unseen={stop_unseen!r} must be an unseen mass in [0, 1) (NaN never stopped)")
     u = unseen_mass(near_duplicate_groups(images, threshold))
     return u < stop_unseen, u
 

@@ -36,6 +36,11 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
     s1, s2 = np.atleast_2d(s1).astype(np.float64), np.atleast_2d(s2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, covariances {s1.shape} / {s2.shape}")
+    if len(mu1) == 0:
+        raise ValueError("mu1 and mu2 have no dimension: the Frechet distance needs features of at least one")
+    for name, v in (("mu1", mu1), ("s1", s1), ("mu2", mu2), ("s2", s2)):
+        if not np.isfinite(v).all():  # (max(0.0, nan) is 0.0: a NaN statistic scored a perfect distance)
+            raise ValueError(f"{name} has non-finite values (NaN or inf): the statistics must be finite")
     with warnings.catch_warnings():  # a singular product (N below the dimension) is handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
@@ -60,8 +65,9 @@ def feature_sets(a: Any, b: Any, names: tuple[str, str] = ("a", "b")) -> tuple[n
     out = []
     for x, name in zip((a, b), names):
         x = np.asarray(x, np.float64)
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be a 2-D array (samples, features), got shape {x.shape}")
+        if x.ndim != 2 or x.shape[1] == 0:  # (no feature: a NaN KID and a perfect FID, precision and recall)
+            raise ValueError(f"{name} must be a 2-D array (samples, features), got shape {x.shape}"
+                             + ("; it needs at least one feature" if x.ndim == 2 else ""))
         bad = int((~np.isfinite(x)).any(1).sum())
         if bad:
             raise ValueError(f"{name} has non-finite features (NaN or inf) in {bad} of its {len(x)} rows")
