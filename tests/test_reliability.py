@@ -499,6 +499,7 @@ def test_every_methods_copy_guard_follows_the_synthetic_set(tiny_model_dir, tmp_
     """UnCond's copy guard is measured against the run's synthetic set: a new synthetic set redoes it (before:
     UnCond's evaluation was skipped and kept the old set's figure beside SIDE's new one)."""
     from side_extract.data import load_shards
+    from side_extract.neighbors import NearestNeighborIndex
     from side_extract.pipeline import copy_guard
 
     rc = tiny_rc(tiny_model_dir, methods=("side", "uncond"))
@@ -508,7 +509,7 @@ def test_every_methods_copy_guard_follows_the_synthetic_set(tiny_model_dir, tmp_
     assert res.metrics["uncond"]["copy_guard"]["median_distance_to_synthetic"] != old["median_distance_to_synthetic"]
     d_train = np.load(tmp_path / "run" / "evaluation" / "uncond" / "per_generation.npz")["pixel_distance"]
     now = copy_guard(load_shards(tmp_path / "run" / "extraction" / "uncond"), load_shards(tmp_path / "run" / "synthetic"),
-                     d_train.astype(float))
+                     d_train.astype(float), NearestNeighborIndex("rms-l2"))
     assert res.metrics["uncond"]["copy_guard"] == now
     assert read_json(tmp_path / "run" / "evaluation" / "uncond" / "metrics.json")["copy_guard"] == now
 
