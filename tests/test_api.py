@@ -945,3 +945,23 @@ def test_a_variance_exploding_scheduler_from_python_is_refused_when_the_target_i
         side_extract.audit(tiny_unet(), "digits:30", scheduler=ScoreSdeVeScheduler(), out=tmp_path / "run",
                            methods=["side"])
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluations_of_an_earlier_target_are_not_compared(tmp_path, one_thread):
+    """A second audit() of another target into the run, for some of the methods, left the others' evaluations of
+    the earlier target in the run's results as comparable: Audit.methods, summary.json's verdict and the findings set
+    the two targets' generations against each other (the pipeline warned, the report noted; a review's find). They
+    are listed, not compared, and left out of the findings."""
+    from side_extract.findings import collect
+    from side_extract.summary import audit_summary
+
+    d = side_extract.load_image_set("digits:30")
+    kw = dict(scheduler=tiny_scheduler(), config=SMALL)
+    side_extract.audit(tiny_unet(seed=0), d.images, out=tmp_path / "run", methods=["uncond", "memguide"], **kw)
+    b = side_extract.audit(tiny_unet(seed=1), d.images, out=tmp_path / "run", methods=["uncond"], **kw)
+    assert b.methods["uncond"].not_compared is None
+    assert "another target" in b.methods["memguide"].not_compared
+    summary = audit_summary(tmp_path / "run")
+    assert list(summary["not_compared"]) == ["memguide"] and "memguide" in summary["verdict"].split("Not compared")[1]
+    assert collect(tmp_path / "run").methods == ("uncond",)
+    assert Audit.load(tmp_path / "run").methods["memguide"].not_compared == b.methods["memguide"].not_compared

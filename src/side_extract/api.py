@@ -31,11 +31,11 @@ from .distributed import ProcessGroup, check_device
 from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fingerprint, probe_fingerprint,
                            run_target)
 from .pipeline import ProgressFactory, absolute_config, absolute_spec, no_progress
-from .findings import SYNTHETIC, Findings, collect
-from .evaluation import incomparable, measured_generations
+from .findings import SYNTHETIC, Findings, collect, not_compared
+from .evaluation import measured_generations
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
-                   evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_stages, reference_method, run_lock,
+                   evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_stages, run_lock,
                    settings_changed)
 from .sweeps import current_sweeps, run_with_sweeps
 
@@ -214,7 +214,7 @@ class Audit:
         run = check_run_directory(run).resolve()
         rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
         metrics = {m: read_json(d / "metrics.json", dict) for m, d in evaluated_methods(run).items()}
-        apart = incomparable(metrics, reference=reference_method(run, metrics))
+        apart = not_compared(run, metrics)
         methods = {m: dataclasses.replace(MethodResult.from_json(v), not_compared=apart.get(m))
                    for m, v in metrics.items()}
         return cls(run, rc, methods)

@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import generation_stats, incomparable
+from .evaluation import INCOMPARABLE, generation_stats, incomparable
 from .metrics import Band, closest_first
-from .runs import atomic_write_text, evaluated_methods, evaluated_synthetic, read_json, reference_method
+from .runs import (atomic_write_text, evaluated_methods, evaluated_synthetic, other_target_evaluations, read_json,
+                   reference_method)
 
 FILE = "findings.csv"
 SYNTHETIC = "synthetic"  # the synthetic set, as a source of the findings
@@ -121,9 +122,21 @@ class Findings:
 
 def collect(run: str | Path) -> Findings | None:
     """The findings of every evaluation run directory ``run`` holds (None: it holds none)."""
-    dirs = evaluated_methods(run)
-    return from_evaluations(*with_synthetic(run, dirs, {m: read_json(d / "metrics.json", dict)
-                                                        for m, d in dirs.items()}), reference_method(run, dirs))
+    dirs, metrics = with_synthetic(run, (d := evaluated_methods(run)), {m: read_json(p / "metrics.json", dict)
+                                                                         for m, p in d.items()})
+    return from_evaluations(dirs, metrics, not_compared(run, metrics))
+
+
+def not_compared(run: str | Path, metrics: dict[str, dict[str, Any]], of: tuple[str, ...] = INCOMPARABLE
+                 ) -> dict[str, str]:
+    """The evaluations of run directory ``run`` (method -> its ``metrics.json``) that are not set against its others,
+    each with why: those :func:`~side_extract.evaluation.incomparable` with the run's reference (another training
+    set, bands, ...; ``of``: which of those count), and those of another target's generations
+    (:func:`~side_extract.runs.other_target_evaluations`). The one rule of the summary, the findings, the report and
+    :class:`~side_extract.api.Audit`."""
+    other = other_target_evaluations(run)
+    return incomparable(metrics, of, reference_method(run, metrics)) | {m: why for m, why in other.items()
+                                                                        if m in metrics}
 
 
 def with_synthetic(run: str | Path, dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]
@@ -139,13 +152,13 @@ def with_synthetic(run: str | Path, dirs: dict[str, Path], metrics: dict[str, di
 
 
 def from_evaluations(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]],
-                     reference: str | None = None) -> Findings | None:
+                     apart: dict[str, str] | None = None) -> Findings | None:
     """The findings of the evaluations in ``dirs`` (method -> its folder, in the run's order) with their
-    ``metrics.json`` contents (None: no evaluation), each read in ``reference``'s bands, similarity and training set
-    (:func:`~side_extract.evaluation.incomparable`: a run's, :func:`~side_extract.runs.reference_method`)."""
+    ``metrics.json`` contents (None: no evaluation), but for those in ``apart`` (method -> why: a run's
+    :func:`not_compared`; None: :func:`~side_extract.evaluation.incomparable` against the largest group that agree)."""
     if not dirs:
         return None
-    left_out = incomparable(metrics, reference=reference) | {
+    left_out = (incomparable(metrics) if apart is None else dict(apart)) | {
         m: "its evaluation has no per_generation.npz" for m, d in dirs.items()
         if not (d / "per_generation.npz").is_file()}
     left_out |= measured_twice({m: d for m, d in dirs.items() if m not in left_out}, metrics)

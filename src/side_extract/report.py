@@ -30,7 +30,8 @@ from .evaluation import incomparable, measured_generations
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_json, atomic_write_text, check_run_directory,
                    evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_stages,
-                   reference_method, stale_stages, sweep_leftovers)
+                   stale_stages, sweep_leftovers)
+from .findings import not_compared
 from .summary import findings_file_current, summary_and_findings
 from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps, sweep_configs
 
@@ -52,8 +53,10 @@ def _per_generation(d: Path) -> dict[str, np.ndarray] | None:
     return npz_arrays(p)
 
 
-def _comparison(metrics: dict[str, dict], reference: str | None = None) -> dict[str, Any]:
-    """Columns (AMS / UMS per band, exclusive then cumulative, p95, Carlini, Gu, N_G) and the best per column."""
+def _comparison(metrics: dict[str, dict], apart: dict[str, str] | None = None) -> dict[str, Any]:
+    """Columns (AMS / UMS per band, exclusive then cumulative, p95, Carlini, Gu, N_G) and the best per column.
+    ``apart``: the evaluations no candidate for a best (a run's :func:`~side_extract.findings.not_compared`; None:
+    those of another training set or metric settings than the largest group that agree)."""
     bands: list[str] = []
     for m in metrics.values():
         bands += [b for b in closest_first(m["bands"], m["orientation"])[::-1] if b not in bands]
@@ -63,7 +66,8 @@ def _comparison(metrics: dict[str, dict], reference: str | None = None) -> dict[
     # an evaluation of another training set or Carlini's or Gu's settings is no candidate for any best (the same
     # images under another alpha were highlighted as extracting the most); other similarities or bands are weighed
     # column by column below
-    apart = incomparable(metrics, ("training set", "metric settings"), reference)
+    # (nor is an evaluation of another target's generations, an earlier call's: noted on the page)
+    apart = incomparable(metrics, ("training set", "metric settings")) if apart is None else apart
     # UMS is distinct images over the generations made, not a rate: where methods made other numbers of generations
     # (dedup-driven stopping, or generations evaluated apart) a larger UMS need not be more images, so none is
     # marked best; AMS, Carlini and Gu are rates per generation and stay comparable
@@ -433,7 +437,8 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "summary": {"model": config.get("model"), "prediction": model.get("prediction"), "train": config.get("train"),
                     "methods": list(metrics) or (config.get("extract") or {}).get("methods", [])},
         "methods": {n: {k: m.get(k) for k in keep} for n, m in metrics.items()},
-        "comparison": _comparison(metrics, reference_method(run, metrics)) if metrics else None,
+        "comparison": _comparison(metrics, not_compared(run, metrics, ("training set", "metric settings")))
+        if metrics else None,
         "quality": _quality(metrics),
         "audit_summary": summary[0] if summary else None,
         "findings_file_current": bool(summary) and findings_file_current(run, summary[1]),

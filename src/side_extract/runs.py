@@ -893,6 +893,18 @@ def stale_stages(stages: dict[str, dict[str, Any]], model: str | None = None) ->
     return {n: of(n) for n, e in stages.items() if e.get("status") == "complete" and of(n)}
 
 
+def other_target_evaluations(run: str | Path) -> dict[str, str]:
+    """Each method whose finished evaluation the run holds but was made, through its extraction, from another target
+    than the one its config names now (an ``audit()`` of another model for some methods leaves the others') -> why:
+    such an evaluation measures another model's generations, so it is shown, never set against the others. (One made
+    from results of this target made again since, a classifier retrained, is compared as it is: the report notes it.)
+    """
+    stages = read_stages(run)
+    return {name.split("/", 1)[1]: "made from another target (the run's config names another model now)"
+            for name, roots in stale_stages(stages, read_model(run)).items()
+            if name.startswith("evaluation/") and MODEL_INPUT in roots}
+
+
 class RunDir:
     """A run directory and its manifest.
 

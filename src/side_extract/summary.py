@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from .evaluation import distinct_count, generation_stats, incomparable
-from .findings import FILE, Findings, from_evaluations, with_synthetic, write_findings
+from .evaluation import distinct_count, generation_stats
+from .findings import FILE, Findings, from_evaluations, not_compared, with_synthetic, write_findings
 from .metrics import Band, closest_first
-from .runs import atomic_write_json, evaluated_methods, read_json, read_stages, reference_method
+from .runs import atomic_write_json, evaluated_methods, read_json, read_stages
 
 SIDE_METHODS = ("side", "side-teacher", "side-lora")
 BASELINES = ("cond", "uncond")
@@ -199,10 +199,10 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     made = {k: stages.get(f"extraction/{k}") if f"evaluation/{k}" in stages or _measured_here(run, k, m) else None
             for k, m in metrics.items()}
     methods = {k: method_summary(m, made[k], dirs[k]) for k, m in metrics.items()}
-    reference = reference_method(run, metrics)  # (one for both: the findings weighed the synthetic set's too)
-    findings = from_evaluations(*with_synthetic(run, dirs, metrics), reference)
-    other = incomparable(metrics, reference=reference)  # other bands or training set (side evaluate --out into the
-    # run, an earlier call's): not compared
+    found_in, weighed = with_synthetic(run, dirs, metrics)  # (the findings weigh the synthetic set's too)
+    findings = from_evaluations(found_in, weighed, not_compared(run, weighed))
+    other = not_compared(run, metrics)  # other bands or training set (side evaluate --out into the run, an earlier
+    # call's), or of another target's generations (an earlier call's): not compared
     same = {k: m for k, m in metrics.items() if k not in other}
     said = verdict(same, {k: methods[k] for k in same})
     if other:
