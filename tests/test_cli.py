@@ -556,8 +556,10 @@ def test_step_commands_say_what_they_leave_stale_and_what_their_flags_set(tiny_m
     conf.write_text(cfg.dump_yaml(dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, scale=4.0))))
     r = _cli("run", conf, "--out", run, "--no-report")
     said = " ".join(r.output.split())
-    assert r.exit_code == 0 and f"{run / 'report'} shows the run as it was before this call: `side report --run " \
+    assert r.exit_code == 0 and f"{run / 'report'} shows the run as it was before this call: `side report " \
         f"{run}` writes it again" in said, r.output
+    said_command = said.split("`")[1].split()  # the command it says works as said (it said `side report --run RUN`,
+    assert said_command[:2] == ["side", "report"] and _cli(*said_command[1:]).exit_code == 0  # no such option)
     # without a training set: this run evaluated nothing, and says so, not the earlier set's findings
     conf.write_text(cfg.dump_yaml(dataclasses.replace(rc, train=None, extract=dataclasses.replace(
         rc.extract, scale=4.0, methods=("uncond",)))))

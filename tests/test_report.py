@@ -998,3 +998,34 @@ def test_a_sweep_of_the_runs_own_value_is_said_so_not_missing(tiny_model_dir, tm
     assert (tmp_path / "cut" / "sweeps" / "scale=2" / "manifest.json").is_file()
     notes = json.loads((write_report(tmp_path / "cut").parent / "report.json").read_text())["notes"]
     assert not any("holds the run's own results" in n for n in notes), notes
+
+
+def test_report_faults_of_a_second_review(run_dir, tmp_path):
+    """A side evaluation without the run's clusters.json (side evaluate into a run that clustered nothing) failed
+    the page ("'dict object' has no attribute 'size'"); one training image in a band of 2,500 generations read
+    "0.0" %, a best marked between two "0.0" cells; bands an evaluation calibrated itself were said "given"; the
+    closest band was marked by the last method's band names only; 12,345 s read 1.235e+04."""
+    from side_extract.data import load_shards
+    from side_extract.report import _fmt
+
+    assert _fmt(0.0004, "%") == "0.04" and _fmt(0.0, "%") == "0.0" and _fmt(0.1234, "%") == "12.3"
+    assert _fmt(0.00049, "%") == "0.05" and _fmt(12345.6) == "12346" and _fmt(0.5) == "0.5"
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report", "sweeps"))
+    (run / "surrogate" / "clusters.json").unlink()
+    train = load_image_set(TRAIN)
+    for method, ev in (("side", cfg.EvaluateConfig(carlini_n=10)),  # bands calibrated by the evaluation itself
+                       ("uncond", cfg.EvaluateConfig(carlini_n=10, bands="near=0:0.05,far=0.05:0.1"))):
+        shutil.rmtree(run / "evaluation" / method)
+        evaluate(load_shards(run / "extraction" / method), train, ev, method=method).write(run / "evaluation" / method)
+    (run / "evaluation" / "bands.json").unlink()
+    data = build_report(run)
+    rows = data["clusters"]["methods"]["side"]["rows"]
+    assert data["clusters"]["methods"]["side"]["kind"] == "surrogate cluster" and rows
+    assert all(r["size"] is None and r["cohesion"] is None and r["kept"] is None for r in rows)
+    html = " ".join(write_report(run, top=8).read_text().split())
+    side_bands = json.loads((run / "evaluation" / "side" / "metrics.json").read_text())["bands_source"]
+    assert side_bands == "train-null"  # (an image set with no held-out digits beside it)
+    assert f"its bands were calibrated by the evaluation itself ({side_bands}), which keeps no null" in html
+    marked = set(re.findall(r'<span class="band band-top">([^<]+)</span>', html))
+    assert marked == {"high", "near"}, marked  # each method's own closest band (uncond's "high" was plain)

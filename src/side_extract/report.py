@@ -208,7 +208,8 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
                     "null_file": str((cal_dir / "null.npz").resolve()) if null else None,  # (as typed: two renders
                     # differed, and a relative path named nothing once the page was opened elsewhere)
                     # where the bands came from: said of the run's own calibration only (another run's file is named)
-                    "null_source": cal.get("null_source") if null and cal_dir == own else None})
+                    "null_source": cal.get("null_source") if null and cal_dir == own else None,
+                    "bands_source": first.get("bands_source")})
     return out
 
 
@@ -251,9 +252,11 @@ def _clusters(run: Path, metrics: dict[str, dict], tables: dict[str, dict],
             continue
         bands = closest_first(metrics[n]["bands"], metrics[n]["orientation"])[:2]
         # both SIDE forms generate toward the surrogate clusters (side-lora through its fine-tuned labels)
-        surrogate = n in SURROGATE_METHODS and by_id is not None
-        joined = by_id if surrogate and "surrogate" not in stale_from.get(f"extraction/{n}", []) else {}
-        methods[n] = {"kind": "surrogate cluster" if n in SURROGATE_METHODS else "target class", "bands": bands,
+        # (their size, cohesion and kept columns empty where the clustering is not the extraction's: remade since, or
+        # no clusters.json, an evaluation side evaluate wrote into a run that clustered nothing, whose page failed)
+        surrogate = n in SURROGATE_METHODS
+        joined = by_id if by_id is not None and "surrogate" not in stale_from.get(f"extraction/{n}", []) else {}
+        methods[n] = {"kind": "surrogate cluster" if surrogate else "target class", "bands": bands,
                       "rows": _by_label(t, bands, joined if surrogate else None)}
     if info is None and not methods:
         return None
@@ -436,7 +439,8 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
         "schema": SCHEMA, "run": str(run.resolve()), "top": top,
         "summary": {"model": config.get("model"), "prediction": model.get("prediction"), "train": config.get("train"),
                     "methods": list(metrics) or (config.get("extract") or {}).get("methods", [])},
-        "methods": {n: {k: m.get(k) for k in keep} for n, m in metrics.items()},
+        "methods": {n: {k: m.get(k) for k in keep} | {"closest_band": closest_first(m["bands"], m["orientation"])[0]}
+                    for n, m in metrics.items()},  # (the pairs mark each method's own closest band)
         "comparison": _comparison(metrics, not_compared(run, metrics, ("training set", "metric settings")))
         if metrics else None,
         "quality": _quality(metrics),
@@ -512,10 +516,10 @@ def _pairs(data: dict[str, Any], run: Path, notes: list[str], size: int) -> dict
 def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "–"
-    if unit == "%":
-        return f"{100 * value:.1f}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    if unit == "%":  # (a share below 0.05 % read "0.0": one training image in a band of 2,500 generations lost)
+        return f"{100 * value:.1f}" if value == 0 or abs(100 * value) >= 0.05 else f"{100 * value:.1g}"
+    if isinstance(value, float):  # (times of 10,000 s and more read as 1.235e+04)
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     return str(value)
 
 

@@ -175,7 +175,7 @@ def say_stale_report(run: Path) -> None:
     from ..report import shows_the_run_now
 
     if shows_the_run_now(run) is False:
-        console.print(f"{Path(run) / 'report'} shows the run as it was before this call: `side report --run {run}` "
+        console.print(f"{Path(run) / 'report'} shows the run as it was before this call: `side report {run}` "
                       "writes it again", highlight=False, markup=False)
 
 
