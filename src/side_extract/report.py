@@ -403,6 +403,9 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     if left := sorted(p.parent.name for p in (run / "evaluation").glob("*/metrics.json") if p.parent.name not in dirs):
         notes.append(f"evaluation of {', '.join(left)} left out: unfinished, or made from generations the run no "
                      "longer holds (evaluate again: side extract --run RUN, or side run)")
+    elif not metrics and not config.get("train"):  # (the note sent it to the evaluation stage, which needs one)
+        notes.append("no evaluation/<method>/metrics.json: the run's config names no training set (train), so nothing "
+                     "was measured; give one (train: in the config, or --train) and run it again to evaluate")
     elif not metrics:
         notes.append("no evaluation/<method>/metrics.json: run the evaluation stage (side run / side evaluate)")
     if metrics and (run / SYNTHETIC_EVALUATION / "metrics.json").is_file() and evaluated_synthetic(run) is None:

@@ -159,7 +159,7 @@ def run_cmd(
         console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
     else:  # (without a training set the findings printed were an earlier one's, as if of this run)
         print_findings(out)
-    if report:  # (the report of a run without a training set shows its extractions)
+    if report:  # (the report of a run without a training set shows its stages and says it measured nothing)
         from ..report import write_report
 
         console.print(f"report: {write_report(out)}")
