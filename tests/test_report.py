@@ -161,7 +161,7 @@ def test_missing_optional_sections_do_not_crash(tmp_path):
     html = path.read_text()
     assert 'id="provenance"' in html and 'id="comparison"' not in html and "no evaluation" in html
     # (it sent a run without a training set to the evaluation stage, which cannot run without one)
-    assert "the run's config names no training set" in " ".join(html.split())
+    assert "config names no training set (train), so nothing was measured" in " ".join(html.split())
     data = json.loads((path.parent / "report.json").read_text())
     assert data["comparison"] is None and data["top_pairs"] == {} and data["sweeps"] == {}
 
