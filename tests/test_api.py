@@ -488,6 +488,8 @@ def test_a_rerun_into_an_audit_names_what_changed_and_marks_what_it_cannot_compa
     rows = {r["method"]: r["not_compared"] for r in res.table()}
     assert rows["uncond"] == "" and "training set" in rows["memguide"]
     assert res.to_csv().splitlines()[0].endswith(",n_train,not_compared")
+    with pytest.raises(ValueError, match=r"is a folder: give the CSV file's path"):  # (named a temporary file)
+        res.to_csv(tmp_path)
     with pytest.raises(ValueError, match="memguide's evaluation was measured against another training set"):
         res.pairs("memguide")
     train = side_extract.load_image_set(res.config.train)
@@ -546,6 +548,13 @@ def test_images_in_zero_to_one_cast_to_uint8_and_a_bad_progress_are_refused(tmp_
             side_extract.audit(tiny_unet(), train, scheduler=tiny_scheduler(), out=tmp_path / "a")
     with pytest.raises(ValueError, match="progress=True must be a factory"):  # (a TypeError after the run began)
         side_extract.audit(tiny_unet(), digits.images, scheduler=tiny_scheduler(), out=tmp_path / "a", progress=True)
+    # a stage's callback given as the factory: a TypeError once the first stage had begun, leaving the run behind it
+    # marked failed; methods=3: "'int' object is not iterable" (a review's finds)
+    with pytest.raises(ValueError, match="must be a factory name -> callback"):
+        side_extract.audit(tiny_unet(), digits.images, scheduler=tiny_scheduler(), out=tmp_path / "a",
+                           progress=lambda done, total: None)
+    with pytest.raises(ValueError, match=r"methods=3 must be a method name or a list of them"):
+        side_extract.audit(tiny_unet(), digits.images, scheduler=tiny_scheduler(), out=tmp_path / "a", methods=3)
     assert not (tmp_path / "a").exists()
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import logging
 import numbers
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,9 @@ class Audit:
         w.writerows(self.table())
         if path is not None:
             cfg.check_path(path, "path")
+            if Path(path).is_dir():  # (the error named the temporary file it was written through)
+                raise ValueError(f"path={str(path)!r} is a folder: give the CSV file's path (e.g. "
+                                 f"{str(Path(path) / 'audit.csv')!r})")
             atomic_write_text(path, buf.getvalue())
         return buf.getvalue()
 
@@ -444,6 +448,17 @@ class Audit:
         return write_report(self.run)
 
 
+def _takes_one_argument(f: Callable[..., Any]) -> bool:
+    """Whether ``f`` can be called with one positional argument (True where its signature cannot be read)."""
+    try:
+        inspect.signature(f).bind("stage")
+    except TypeError:
+        return False
+    except ValueError:  # (a builtin without a signature)
+        return True
+    return True
+
+
 def audit(
     model: ModelLike,
     train: str | Path | ImageSet | np.ndarray,
@@ -497,11 +512,15 @@ def audit(
     check_device(device)
     check_run_path(out, "out")  # a folder that is no run, or no path at all: refused before the model and data are
     # read, and before its inputs/ is written
-    if not callable(progress):
-        raise ValueError(f"progress={progress!r} must be a factory name -> callback(done, total) (or left out)")
+    if not callable(progress) or not _takes_one_argument(progress):  # (a callback(done, total) given as the factory
+        # failed with a TypeError once the first stage had begun, leaving it marked failed)
+        raise ValueError(f"progress={progress!r} must be a factory name -> callback(done, total) (or left out): it is "
+                         "called with each stage's name and returns that stage's callback (or None)")
     rc = _run_config(config)
     if isinstance(methods, str):  # one method, not its letters
         methods = (methods,)
+    elif methods is not None and not isinstance(methods, Iterable):  # ("'int' object is not iterable")
+        raise ValueError(f"methods={methods!r} must be a method name or a list of them (e.g. ['side', 'uncond'])")
     ex = rc.extract if methods is None else dataclasses.replace(rc.extract, methods=tuple(methods))
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
     data = as_image_set(train, labels)
