@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -369,3 +370,41 @@ def test_a_bands_file_changed_under_its_path_is_named_in_the_refusal(tiny_model_
                                                                    "high": [0.0, 0.15]}}))
     with pytest.raises(StageWouldBeReplaced, match="changed: the bands file changed"):
         run_audit(tmp_path / "run", rc, replace=False)
+
+
+def test_a_feature_extractor_the_target_cannot_run_is_refused_before_sampling(tiny_model_dir, tmp_path):
+    """features.extractor (and evaluate's similarity) was checked by name only: UNet features of a callable target,
+    of a UNet2DModel without a mid block, or a TorchScript file torch cannot load failed after the synthetic set was
+    sampled ('NoneType' object has no attribute 'register_forward_hook', for one). A review's finds."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    import side_extract
+
+    digits = load_image_set("digits:30")
+    small = {"sample.n": 16, "sample.steps": 2, "surrogate.n_clusters": 2, "surrogate.tau": -1.0,
+             "evaluate.bands": "high=0:0.1,mid=0.1:0.15,low=0.15:0.2"}
+
+    def eps(x, t):
+        return torch.zeros_like(x)
+
+    no_mid = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
+                         norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                         mid_block_type=None)
+    for k, (model, kw, key, says) in enumerate((
+            (eps, {"sample_shape": (1, 8, 8)}, "features.extractor", "this target is a callable"),
+            (eps, {"sample_shape": (1, 8, 8)}, "evaluate.similarity", "this target is a callable"),
+            (no_mid, {}, "features.extractor", "this UNet2DModel has none (mid_block_type=None)"))):
+        value = "unet" if key == "features.extractor" else "cosine:unet"
+        out = tmp_path / f"run{k}"
+        with pytest.raises(ValueError, match=re.escape(says)):
+            side_extract.audit(model, digits.images, scheduler=DDPMScheduler(num_train_timesteps=1000), out=out,
+                               methods=["side"], config={**small, key: value}, **kw)
+        assert not (out / "synthetic").exists()
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a model")
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    rc = dataclasses.replace(rc, features=dataclasses.replace(rc.features, extractor=f"torchscript:{bad}"))
+    with pytest.raises(ValueError, match="is not a loadable TorchScript file"):
+        run_audit(tmp_path / "ts", rc)
+    assert not (tmp_path / "ts" / "synthetic").exists()

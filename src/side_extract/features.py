@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,6 +131,9 @@ class UNetFeatures(FeatureExtractor):
 
         xt = add_noise(self.model.scheduler, x, noise.to(x.device), t)
         captured: dict[str, torch.Tensor] = {}
+        if self.model.unet.mid_block is None:  # ('NoneType' object has no attribute 'register_forward_hook')
+            raise ValueError("feature extractor 'unet' reads the target UNet's mid block; this UNet2DModel has none "
+                             "(mid_block_type=None): use another extractor")
         hook = self.model.unet.mid_block.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
         try:
             self.model.unet(xt, t.to(x.device))
@@ -206,6 +210,29 @@ def check_extractor(name: str) -> tuple[str, str]:
     elif arg:
         raise ValueError(f"feature extractor {key!r} takes no ':' argument (got {name!r})")
     return key, arg
+
+
+def extractor_problem(name: str, unet: Any | None) -> str | None:
+    """What stops extractor ``name`` on a target whose diffusers UNet2DModel is ``unet`` (None: a callable target),
+    said before any stage (they were met after the synthetic set was sampled): :func:`check_extractor`'s faults, a
+    TorchScript file torch cannot load, UNet features of a callable target or of a UNet without a mid block."""
+    try:
+        key, arg = check_extractor(name)
+    except ValueError as e:
+        return str(e)
+    if key == "torchscript":
+        try:
+            torch.jit.load(arg, map_location="cpu")
+        except (RuntimeError, ValueError) as e:
+            return f"torchscript:{arg} is not a loadable TorchScript file: {e}"
+    if EXTRACTORS[key].needs_model:
+        if unet is None:
+            return (f"feature extractor {key!r} reads the target's diffusers UNet2DModel; this target is a callable "
+                    "(use pixels, pixels-pca, efficientnet-lite0 or torchscript:PATH)")
+        if getattr(unet, "mid_block", None) is None:
+            return (f"feature extractor {key!r} reads the target UNet's mid block; this UNet2DModel has none "
+                    "(mid_block_type=None): use another extractor")
+    return None
 
 
 def get_extractor(name: str, *, model=None, device: str | torch.device = "cpu", batch_size: int = 256,

@@ -32,7 +32,7 @@ from .evaluation import (Evaluation, calibrate, copies_of, duplicate_counts, eva
                          neighbor_index)
 from .metrics import Similarity, parse_bands, read_bands_file
 from .extraction import extraction_stage, planned_extraction, round_size
-from .features import EXTRACTORS, check_extractor, extract_features
+from .features import EXTRACTORS, extract_features, extractor_problem
 from .finetune import finetune, load_finetuned, lora_problems, lora_settings
 from .finetune import saved_whole as lora_saved_whole
 from .guidance import ClassifierGuidance, DenoisedGuidance
@@ -912,11 +912,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     problems.extend(cluster_problems(rc, methods))
-    if cfg.CLUSTERING_METHODS & methods:
-        try:
-            check_extractor(rc.features.extractor)
-        except ValueError as e:
-            problems.append(f"features.extractor: {e}")
+    unet = denoiser.unet if isinstance(denoiser, UNetDenoiser) else None
+    if cfg.CLUSTERING_METHODS & methods and (bad := extractor_problem(rc.features.extractor, unet)):
+        problems.append(f"features.extractor: {bad}")
     if methods - {"uncond", "side-lora", "memguide"}:  # the methods that train a classifier
         if C not in (1, 3) or not 8 <= H <= 256 or H != W:
             problems.append(f"the classifiers need square 8-256 px images with 1 or 3 channels; the model makes "
@@ -933,18 +931,19 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         extractor = Similarity(ev.similarity).extractor
         checks = (  # what the evaluations read, checked before the stages upstream of them run (or are replaced)
             None if ev.bands is None else lambda: parse_bands(ev.bands),
-            None if ev.bands_file is None else lambda: read_bands_file(ev.bands_file, ev.similarity),
-            None if extractor is None else lambda: check_extractor(extractor))
+            None if ev.bands_file is None else lambda: read_bands_file(ev.bands_file, ev.similarity))
         for check in filter(None, checks):
             try:
                 check()
             except ValueError as e:
                 problems.append(f"evaluate: {e}")
+        if extractor is not None and (bad := extractor_problem(extractor, unet)):
+            problems.append(f"evaluate: {bad}")
         valid = ", ".join("torchscript:PATH" if k == "torchscript" else k for k in EXTRACTORS if k != "unet")
         for name in ev.quality:  # (the list said pixels twice, and offered unet, refused just below)
             if name != "pixels" and name.split(":", 1)[0] not in EXTRACTORS:
                 problems.append(f"evaluate.quality: {name!r} is not a feature space; valid: {valid}")
-            elif name != "pixels" and (bad := _extractor_problem(name)):
+            elif name != "pixels" and name != "unet" and (bad := extractor_problem(name, unet)):
                 problems.append(f"evaluate.quality: {bad}")  # a missing torchscript file, an argument to none
             elif name == "unet":
                 problems.append("evaluate.quality: 'unet' features depend on the audited model; use pixels, "
@@ -987,14 +986,6 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     if problems:
         raise ValueError("the run cannot start:\n  - " + "\n  - ".join(problems))
     return loaded
-
-
-def _extractor_problem(name: str) -> str | None:
-    try:
-        check_extractor(name)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def load_run_target(rc: cfg.RunConfig, device: str = "cpu") -> Target:
