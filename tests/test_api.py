@@ -974,3 +974,27 @@ def test_evaluations_of_an_earlier_target_are_not_compared(tmp_path, one_thread)
     assert list(summary["not_compared"]) == ["memguide"] and "memguide" in summary["verdict"].split("Not compared")[1]
     assert collect(tmp_path / "run").methods == ("uncond",)
     assert Audit.load(tmp_path / "run").methods["memguide"].not_compared == b.methods["memguide"].not_compared
+
+
+def test_a_run_of_sets_in_memory_is_read_where_it_was_moved(tmp_path, one_thread):
+    """The training set audit() saves into RUN/inputs/ was named in config.yaml by its absolute path: once the run
+    was moved (or sent to someone), Audit.load(...).pairs, the report's image pairs and the step commands looked for
+    it at the old place ("data spec ... does not exist"; the report fell back to the generations alone). A review's
+    find."""
+    import shutil
+
+    from side_extract.report import build_report
+
+    d = side_extract.load_image_set("digits:30")
+    side_extract.audit(tiny_unet(), d.images, labels=d.labels, scheduler=tiny_scheduler(), out=tmp_path / "a",
+                       config=SMALL, methods=["uncond"])
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = Audit.load(tmp_path / "b")
+    assert moved.config.train == str((tmp_path / "b" / "inputs").resolve() / Path(moved.config.train).name)
+    pairs = moved.pairs("uncond", top=2)
+    assert pairs and all((p.nearest == d.images[p.train_index]).all() for p in pairs)
+    data = build_report(tmp_path / "b")
+    assert not any("could not be loaded" in n for n in data["notes"]), data["notes"]
+    from side_extract.cli.common import load_run_config
+
+    assert load_run_config(tmp_path / "b", None, {}).train == moved.config.train

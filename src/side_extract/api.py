@@ -36,7 +36,7 @@ from .findings import SYNTHETIC, Findings, collect, not_compared
 from .evaluation import measured_generations
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
-                   evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_stages, run_lock,
+                   evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_run_config, read_stages, run_lock,
                    settings_changed)
 from .sweeps import current_sweeps, run_with_sweeps
 
@@ -213,7 +213,7 @@ class Audit:
         unfinished, or made from an extraction replaced since, is left out with a warning); one that cannot be set
         against the others (an earlier call's, on another training set or bands) says why in ``not_compared``."""
         run = check_run_directory(run).resolve()
-        rc = cfg.from_dict(cfg.RunConfig, cfg.load_yaml(run / "config.yaml"))
+        rc = cfg.from_dict(cfg.RunConfig, read_run_config(run))
         metrics = {m: read_json(d / "metrics.json", dict) for m, d in evaluated_methods(run).items()}
         apart = not_compared(run, metrics)
         methods = {m: dataclasses.replace(MethodResult.from_json(v), not_compared=apart.get(m))

@@ -29,8 +29,8 @@ from .data import ImageSet, load_image_set
 from .evaluation import incomparable, measured_generations
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_json, atomic_write_text, check_run_directory,
-                   evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_stages,
-                   stale_stages, sweep_leftovers)
+                   evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_run_config,
+                   read_stages, stale_stages, sweep_leftovers)
 from .findings import not_compared
 from .summary import findings_file_current, summary_and_findings
 from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps, sweep_configs
@@ -393,7 +393,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     if top < 1:
         raise ValueError(f"top={top} must be >= 1")
     text = (run / "config.yaml").read_text()
-    config = cfg.load_yaml(run / "config.yaml")  # a damaged file: one error that names it
+    config = read_run_config(run)  # a damaged file: one error that names it
     notes = []
     dirs = evaluated_methods(run)  # the config's order, then the rest
     metrics = {n: read_json(d / "metrics.json", dict) for n, d in dirs.items()}

@@ -432,6 +432,26 @@ def evaluated_synthetic(run: str | Path) -> Path | None:
     return d
 
 
+def read_run_config(run: str | Path) -> dict[str, Any]:
+    """Run directory ``run``'s ``config.yaml`` as a dict, with the sets ``audit()`` saved into the run's ``inputs/``
+    (``train``, ``evaluate.heldout``: images given in memory) named in this run's ``inputs/`` where the recorded
+    absolute path is gone: the run was moved or sent on since (its readers looked for them at the old place, "does
+    not exist"). The file's name holds its content's fingerprint, so it is the same set."""
+    d = cfg.load_yaml(Path(run) / "config.yaml")
+
+    def own(spec: Any) -> Any:
+        if isinstance(spec, str) and (p := Path(spec)).is_absolute() and p.parent.name == "inputs" and not p.exists():
+            here = Path(run).resolve() / "inputs" / p.name
+            return str(here) if here.is_file() else spec
+        return spec
+
+    if "train" in d:
+        d["train"] = own(d["train"])
+    if isinstance(d.get("evaluate"), dict) and "heldout" in d["evaluate"]:
+        d["evaluate"]["heldout"] = own(d["evaluate"]["heldout"])
+    return d
+
+
 def check_run_directory(path: str | Path, name: str = "run") -> Path:
     """``path`` if it is a run directory (it holds a run's ``config.yaml``: one that reads as a run config); else a
     ValueError that says what it is instead (a readers' check: the report of a folder holding any ``config.yaml``

@@ -149,7 +149,9 @@ def build_config(cls: type[T], config_file: Path | None, overrides: dict[str, An
 def _run_config_dict(run: Path, config: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
     base: dict[str, Any] = {}
     if (run / "config.yaml").is_file():
-        base = cfg.load_yaml(run / "config.yaml")
+        from ..runs import read_run_config  # (the sets audit() saved into the run, where the run was moved to)
+
+        base = read_run_config(run)
     if config is not None:
         base = cfg.merge(base, cfg.load_yaml(config))
     return cfg.merge(base, overrides)

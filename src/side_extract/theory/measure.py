@@ -328,13 +328,12 @@ def measure_run(run: str | Path, *, n_points: int | None = None, device: str = "
     from ..data import load_image_set
     from ..models.classifier import load_classifier
     from ..models.target import check_fits
-    from ..runs import atomic_write_json, check_run_directory, read_stages, run_lock, stale_stages
-    from ..config import load_yaml
+    from ..runs import atomic_write_json, check_run_directory, read_run_config, read_stages, run_lock, stale_stages
 
     run = check_run_directory(run)
     with run_lock(run):  # one snapshot of the run's stages, and no writer between them and the file
         cfg_path = run / "config.yaml"
-        rc = load_yaml(cfg_path)
+        rc = read_run_config(run)
         if not rc.get("train"):
             raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D")
         clf_dir = run / "classifier"
