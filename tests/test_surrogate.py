@@ -203,3 +203,17 @@ def test_a_cluster_of_identical_images_passes_tau_one_whatever_the_rounding():
     x = np.repeat(np.eye(3, 16, dtype=np.float32), 4, axis=0)
     x[0] += 0.05  # one cluster a little less than perfectly cohesive: still dropped at tau 1
     assert ClusterLabeler(3, tau=1.0, n_init=1).fit(x).kept_.sum() == 2
+
+
+def test_an_empty_clusters_cohesion_is_listed_as_none_not_zero():
+    """clusters.json wrote an empty cluster's cohesion (NaN) as 0.0, a real-looking value (a review's find)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (K-means' own warning of fewer distinct points than clusters)
+        lab = ClusterLabeler(3, tau=0.5, min_size=1, n_init=1).fit(np.array([[1.0, 0], [1, 0], [1, 0], [0, 1]]))
+    rows = lab.clusters()
+    assert [r["size"] for r in rows] == lab.sizes_.tolist() and sorted(lab.sizes_.tolist()) == [0, 1, 3]
+    empty = next(r for r in rows if r["size"] == 0)
+    assert empty["cohesion"] is None and not empty["kept"]
+    assert all(r["cohesion"] == pytest.approx(1.0) for r in rows if r["size"])

@@ -196,8 +196,7 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
         atomic_save_npz(path, labels=out.labels, cluster=lab.cluster_, kept=lab.kept_, cohesion=lab.cohesion_,
                         sizes=lab.sizes_, centroids=lab.centroids_.astype(np.float32), candidates=candidates,
                         background=np.int64(background))
-        clusters = [{"id": k, "size": int(lab.sizes_[k]), "cohesion": float(np.nan_to_num(lab.cohesion_[k])),
-                     "kept": bool(lab.kept_[k])} for k in range(lab.n_clusters_)]
+        clusters = lab.clusters()
         labelled = int(np.isin(out.labels, out.targets).sum())
         atomic_write_json(ctx.run.path / "surrogate" / "clusters.json",
                           {"tau": c.tau, "kept": int(lab.kept_.sum()), "n_clusters": lab.n_clusters_,

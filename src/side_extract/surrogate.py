@@ -26,7 +26,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -158,6 +158,13 @@ class ClusterLabeler:
 
     def fit_predict(self, features: np.ndarray) -> np.ndarray:
         return self.fit(features).labels_
+
+    def clusters(self) -> list[dict[str, Any]]:
+        """Each cluster as ``clusters.json`` lists it: id, size, cohesion (None for an empty cluster: its NaN was
+        written as 0.0, a real-looking cohesion) and whether the filter kept it."""
+        return [{"id": k, "size": int(self.sizes_[k]),
+                 "cohesion": None if np.isnan(self.cohesion_[k]) else float(self.cohesion_[k]),
+                 "kept": bool(self.kept_[k])} for k in range(self.n_clusters_)]
 
 
 def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size: int, *, keep: int) -> str:
