@@ -193,9 +193,9 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     out = np.empty((n, size, size, c), dtype=np.uint8)
     step = max(1, RESIZE_BYTES // (4 * c * max(h * w, size * size)))
     for a in range(0, n, step):
-        # (a copy where torch could not share the memory: a flipped view's negative strides, a read-only array
-        # such as PIL's, of which torch warned)
-        x = torch.from_numpy(np.require(images[a:a + step], requirements=["C", "W"])).permute(0, 3, 1, 2).float()
+        # (a copy of the block: torch shares no memory with a flipped view's negative strides, which np.require
+        # let through for a block of one image, nor with a read-only array such as PIL's, of which it warned)
+        x = torch.from_numpy(images[a:a + step].copy()).permute(0, 3, 1, 2).float()
         y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out[a:a + step] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
