@@ -987,7 +987,7 @@ def test_a_run_of_sets_in_memory_is_read_where_it_was_moved(tmp_path, one_thread
 
     d = side_extract.load_image_set("digits:30")
     side_extract.audit(tiny_unet(), d.images, labels=d.labels, scheduler=tiny_scheduler(), out=tmp_path / "a",
-                       config=SMALL, methods=["uncond"])
+                       config={**SMALL, "sweep.scale": [2.0]}, methods=["uncond", "cond"])
     shutil.move(tmp_path / "a", tmp_path / "b")
     moved = Audit.load(tmp_path / "b")
     assert moved.config.train == str((tmp_path / "b" / "inputs").resolve() / Path(moved.config.train).name)
@@ -995,6 +995,10 @@ def test_a_run_of_sets_in_memory_is_read_where_it_was_moved(tmp_path, one_thread
     assert pairs and all((p.nearest == d.images[p.train_index]).all() for p in pairs)
     data = build_report(tmp_path / "b")
     assert not any("could not be loaded" in n for n in data["notes"]), data["notes"]
+    # its sweep's sub-run, which keeps no inputs/ of its own, is still the run's (a review of the first fix: every
+    # sub-run of a moved run was "made under other settings", left out of the report and Audit.sweeps)
+    assert list(moved.sweeps) == ["scale=2"] and list(data["sweeps"]) == ["scale"]
+    assert moved.sweeps["scale=2"].pairs("cond", top=1)
     from side_extract.cli.common import load_run_config
 
     assert load_run_config(tmp_path / "b", None, {}).train == moved.config.train

@@ -356,8 +356,8 @@ class Audit:
         check_device(device)
 
         stage = self.run / "extraction" / method
-        rc = (cfg.from_dict(cfg.RunConfig, cfg.load_yaml(stage / "config.yaml")) if (stage / "config.yaml").is_file()
-              else self.config)
+        rc = (cfg.from_dict(cfg.RunConfig, read_run_config(self.run, stage / "config.yaml"))
+              if (stage / "config.yaml").is_file() else self.config)
         ex = rc.extract
         if method not in ex.methods:
             raise ValueError(f"method={method!r} is not one of this run's methods ({', '.join(ex.methods)})" + (

@@ -25,6 +25,7 @@ name                   what it computes
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -220,11 +221,8 @@ def extractor_problem(name: str, unet: Any | None) -> str | None:
         key, arg = check_extractor(name)
     except ValueError as e:
         return str(e)
-    if key == "torchscript":
-        try:
-            torch.jit.load(arg, map_location="cpu")
-        except (RuntimeError, ValueError) as e:
-            return f"torchscript:{arg} is not a loadable TorchScript file: {e}"
+    if key == "torchscript" and (bad := _unloadable(str(Path(arg).resolve()), *_stamp(arg))):
+        return f"torchscript:{arg} is not a loadable TorchScript file: {bad}"
     if EXTRACTORS[key].needs_model:
         if unet is None:
             return (f"feature extractor {key!r} reads the target's diffusers UNet2DModel; this target is a callable "
@@ -232,6 +230,22 @@ def extractor_problem(name: str, unet: Any | None) -> str | None:
         if getattr(unet, "mid_block", None) is None:
             return (f"feature extractor {key!r} reads the target UNet's mid block; this UNet2DModel has none "
                     "(mid_block_type=None): use another extractor")
+    return None
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _unloadable(path: str, size: int, mtime_ns: int) -> str | None:
+    """Why torch cannot load the TorchScript file ``path`` (None: it can), once per file version (a run checks
+    it before every sweep sub-run: a large model was loaded again each time)."""
+    try:
+        torch.jit.load(path, map_location="cpu")
+    except (RuntimeError, ValueError) as e:
+        return str(e)
     return None
 
 

@@ -432,17 +432,24 @@ def evaluated_synthetic(run: str | Path) -> Path | None:
     return d
 
 
-def read_run_config(run: str | Path) -> dict[str, Any]:
-    """Run directory ``run``'s ``config.yaml`` as a dict, with the sets ``audit()`` saved into the run's ``inputs/``
-    (``train``, ``evaluate.heldout``: images given in memory) named in this run's ``inputs/`` where the recorded
-    absolute path is gone: the run was moved or sent on since (its readers looked for them at the old place, "does
-    not exist"). The file's name holds its content's fingerprint, so it is the same set."""
-    d = cfg.load_yaml(Path(run) / "config.yaml")
+def read_run_config(run: str | Path, config: str | Path | None = None) -> dict[str, Any]:
+    """Run directory ``run``'s ``config.yaml`` (or ``config``, a file of the run such as a stage's own
+    ``extraction/<m>/config.yaml``) as a dict, with the sets ``audit()`` saved into ``inputs/`` (``train``,
+    ``evaluate.heldout``: images given in memory) named where they are now where the recorded absolute path is gone:
+    the run was moved or sent on since (its readers looked for them at the old place, "does not exist"). They are
+    looked for in the run's ``inputs/``, and a sweep sub-run's (``RUN/sweeps/NAME``, which has none) in its parent's.
+    The file's name holds its content's fingerprint, so it is the same set. Every reader of a run's config reads it
+    so (the report, :class:`~side_extract.api.Audit`, the sweeps' check of their sub-runs, the step commands).
+    """
+    run = Path(run)
+    d = cfg.load_yaml(run / "config.yaml" if config is None else Path(config))
+    homes = [run.resolve() / "inputs"]
+    if run.resolve().parent.name == "sweeps":
+        homes.append(run.resolve().parent.parent / "inputs")
 
     def own(spec: Any) -> Any:
         if isinstance(spec, str) and (p := Path(spec)).is_absolute() and p.parent.name == "inputs" and not p.exists():
-            here = Path(run).resolve() / "inputs" / p.name
-            return str(here) if here.is_file() else spec
+            return next((str(h / p.name) for h in homes if (h / p.name).is_file()), spec)
         return spec
 
     if "train" in d:

@@ -22,7 +22,7 @@ from .distributed import ProcessGroup
 from .models.target import Target
 from .pipeline import (AuditResult, ProgressFactory, absolute_paths, load_run_target, no_progress, preflight,
                        run_audit)
-from .runs import RunDir, atomic_write_json, check_run_path, check_unlocked, read_stages, run_lock
+from .runs import RunDir, atomic_write_json, check_run_path, check_unlocked, read_run_config, read_stages, run_lock
 from .summary import LABEL_FREE
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ def stale_sweeps(run: str | Path, rc: cfg.RunConfig, current: dict[str, Path] | 
 
 
 def _read_config(d: Path) -> cfg.RunConfig | None:
-    try:
-        return cfg.from_dict(cfg.RunConfig, cfg.load_yaml(d / "config.yaml"))
+    try:  # (as the parent's is read: a moved run's sub-runs were all "made under other settings")
+        return cfg.from_dict(cfg.RunConfig, read_run_config(d))
     except ValueError:  # a config this code cannot read: not one it made now
         return None
 
