@@ -26,7 +26,7 @@ from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio
                       check_bands, check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors,
                       carlini_n_effective, gu_from_neighbors, parse_bands, read_bands_file)
 from .neighbors import NearestNeighborIndex, pixel_rows
-from .runs import Progress, atomic_save_npz, atomic_write_json, atomic_write_text, npz_arrays, versions
+from .runs import Progress, atomic_save_npz, atomic_write_json, atomic_write_text, npz_arrays, read_json, versions
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,12 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         bands, source = option_bands, "option"
     elif file_bands is not None:
         bands, source = file_bands, f"file:{c.bands_file}"
+        calibrated_on = (read_json(c.bands_file).get("fingerprints") or {}).get("train")
+        if calibrated_on is not None and calibrated_on != train.fingerprint():  # (applied without a word: edges of a
+            # 16 px set's null measured 8 px distances)
+            log.warning("bands file %r was calibrated on another training set than %s (another set, or the same at "
+                        "another size: fingerprint %s, this one's %s): its edges were set by that set's null",
+                        c.bands_file, train.name or "the one given", calibrated_on[:12], train.fingerprint()[:12])
     elif sim.metric == "cosine":
         bands, source = PAPER_COSINE_BANDS, "paper-default"
         if not (sim.extractor or "").startswith("torchscript:"):
