@@ -389,3 +389,38 @@ def test_evaluate_and_calibrate_faults_of_a_review(sets, monkeypatch):
                                                             calibration_quantiles=(0.05, 0.1, 0.2)))
     assert c.to_json()["null"]["heldout"]["copies_left_out"] == 1
     assert c.bands[-1].lo > 0.999  # the high band's edge: the near copies are its non-members
+
+
+def test_a_bands_file_of_another_training_set_is_said(tmp_path, caplog):
+    """bands.json records the training set it was calibrated on; an evaluation applied it to another set (the same
+    digits at 8 px with edges calibrated at 16 px) without a word (a review's find)."""
+    from side_extract import config as cfg
+    from side_extract.data import load_image_set
+    from side_extract.evaluation import calibrate, digits_complement, evaluate
+
+    ev = cfg.EvaluateConfig(carlini_n=5)
+    for size in (16, None):
+        train = load_image_set("digits:50", size)
+        calibrate(train, digits_complement("digits:50", size), ev).write(tmp_path / f"cal{size}")
+    train = load_image_set("digits:50")
+    gen = load_image_set("digits:20")
+    for size, warned in ((16, True), (None, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            evaluate(gen, train, cfg.EvaluateConfig(carlini_n=5,
+                                                    bands_file=str(tmp_path / f"cal{size}" / "bands.json")))
+        said = [r.getMessage() for r in caplog.records if "was calibrated on another training set" in r.getMessage()]
+        assert bool(said) == warned, caplog.text
+
+
+def test_detection_settings_without_its_threshold_are_refused(sets):
+    """--detect-min-size / --detect-mode / --detect-grid / --extraction-threshold without --detect-threshold were
+    dropped without a word and recorded in metrics.json as if used (a review's find)."""
+    base = ["evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz", "--carlini-n", 3,
+            "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01"]
+    r = invoke(*base, "--out", sets / "e", "--detect-min-size", 3, "--extraction-threshold", 0.3)
+    assert r.exit_code == 2 and "--detect-min-size, --extraction-threshold set the label-free detection, which runs " \
+        "only with --detect-threshold" in " ".join(r.output.split()), r.output
+    assert not (sets / "e").exists()
+    r = invoke(*base, "--out", sets / "e", "--detect-min-size", 2, "--detect-threshold", 0.1)
+    assert r.exit_code == 0 and json.loads((sets / "e" / "metrics.json").read_text())["detection"], r.output

@@ -207,6 +207,12 @@ def evaluate_cmd(
             c.bands is not None or c.bands_file is not None) else f"{c.similarity} without bands (the paper's bands)"
         raise ValueError(f"--calibration-quantiles {','.join(map(str, c.calibration_quantiles))}: no bands are "
                          f"calibrated here ({given}), so they would not be read; leave them out")
+    detection = typed_flags(ctx, {k: k for k in ("detect_min_size", "detect_grid", "detect_mode",
+                                                 "extraction_threshold")})
+    if c.detect_threshold is None and (unread := list(detection)):  # (dropped without a word, and recorded in
+        # metrics.json as if used)
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unread)} set the label-free detection, "
+                         "which runs only with --detect-threshold: give it, or leave them out")
     from ..pipeline import absolute_spec
 
     gen = load_image_set(absolute_spec(generated), c.resize)  # (its name is the source metrics.json records, which
