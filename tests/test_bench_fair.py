@@ -73,6 +73,8 @@ def test_bench_command_lines_that_meant_nothing_are_refused_at_once(tmp_path):
     for args, says in ((["bench", "fair", "--scales", "30", "--form", "x=side,extract.scale=[1"], "is not YAML"),
                        (["bench", "fair", "--scales", "30", "--form", "x=side", "--form", "x=cond"], "given twice"),
                        (["bench", "compute", "--quick", "--out", str(tmp_path / "afile")], "is not a folder"),
+                       (["bench", "extraction", "--quick", "--out", str(tmp_path / "o"), "--cache",
+                         str(tmp_path / "afile")], "is not a folder"),  # (after the header: "Not a directory")
                        (["theory", "check", "--only", ","], "(none named)")):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and says in " ".join(r.output.split()) and "Traceback" not in r.output, r.output

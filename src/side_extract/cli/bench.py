@@ -25,8 +25,9 @@ def _threads() -> int:
 
 
 def _out_folder(out: Path) -> Path:
-    """``--out`` checked when the command line is read (a benchmark writes its results at the end, hours later): a
-    folder, or one that can be made and written here (a file on its way was found after the whole benchmark)."""
+    """``--out`` and ``--cache`` checked when the command line is read (a benchmark writes its results at the end,
+    hours later; a cache that is a file failed after the header, naming no option): a folder, or one that can be
+    made and written here (a file on its way was found after the whole benchmark)."""
     from ..runs import check_writable
 
     if out.exists() and not out.is_dir():
@@ -51,7 +52,7 @@ def extraction_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
                                help="Folder for extraction.json and extraction.md."),
-    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache",
+    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", callback=_out_folder,
                                help="Trained targets (keyed by their config fingerprint), bands and run directories."),
     scales: str | None = typer.Option(None, "--scales", help="Training-set sizes, comma-separated "
                                       "(default: 100,300,1000; --quick: 30,60)."),
@@ -121,7 +122,8 @@ def variants_cmd(
                                   help="YAML with 'base' (the paper's settings) and 'variants' (name -> dotted overrides)."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
                                help="Folder for variants.json and variants.md."),
-    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="The extraction benchmark's cache (targets, "
+    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", callback=_out_folder,
+                               help="The extraction benchmark's cache (targets, "
                                "bands, runs); variants run as sub-runs of its runs."),
     scales: str = typer.Option("300,1000", "--scales", help="Training-set sizes, comma-separated."),
     size: int | None = typer.Option(None, "--size", help="Image size in px (default: 16, as in the extraction benchmark)."),
@@ -177,7 +179,8 @@ def fair_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results/fair"), "--out", callback=_out_folder,
                                help="Folder for fair.json and fair.md."),
-    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="Targets, bands and one run per replicate."),
+    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", callback=_out_folder,
+                               help="Targets, bands and one run per replicate."),
     scales: str = typer.Option("100,300,1000", "--scales", help="Training-set sizes, comma-separated."),
     size: int = typer.Option(16, "--size", min=1, help="Image size in px."),
     n_generated: int = typer.Option(2000, "--n-generated", min=1, help="N_G per method and held-out replicate."),
@@ -310,7 +313,8 @@ def signals_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
                                help="Folder for signals-<size>px-n<N>.{json,md}."),
-    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", help="Targets, bands and replicate runs."),
+    cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", callback=_out_folder,
+                               help="Targets, bands and replicate runs."),
     n_train: int = typer.Option(300, "--n-train", min=1, help="Training-set size (digits:N)."),
     size: int = typer.Option(16, "--size", min=1, help="Image size in px."),
     replicate: int = typer.Option(1, "--replicate", help="Replicate whose synthetic set and clusters are used."),
