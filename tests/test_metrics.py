@@ -250,6 +250,8 @@ def test_calibrate_and_bands_file(tmp_path):
     assert sum(cal.to_json()["null"]["heldout"]["histogram"]["counts"]) == 4
     with pytest.raises(ValueError, match="calibrated for similarity='rms-l2'"):
         read_bands_file(tmp_path / "bands.json", "cosine:x")
+    with pytest.raises(ValueError, match=r"is a folder: give the bands.json in it"):  # (side calibrate's --out;
+        read_bands_file(tmp_path, "rms-l2")  # it was said "does not exist")
 
 
 def test_a_bands_file_is_checked_as_inline_bands_are(tmp_path):

@@ -143,6 +143,8 @@ def bands_json(bands: Sequence[Band]) -> dict[str, list[float]]:
 def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
     """Bands from a ``bands.json`` written by ``side calibrate``; its similarity must match."""
     p = Path(path)
+    if p.is_dir():  # (said "does not exist" of side calibrate's own output folder)
+        raise ValueError(f"bands file {str(p)!r} is a folder: give the bands.json in it ({str(p / 'bands.json')!r})")
     if not p.is_file():
         raise ValueError(f"bands file {str(p)!r} does not exist (write one with `side calibrate`)")
     try:
