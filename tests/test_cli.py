@@ -601,3 +601,34 @@ def test_a_config_given_as_a_pipe_is_read(tmp_path):
         os.close(r)
     with pytest.raises(ValueError, match="config file .*nowhere.yaml' does not exist"):
         cfg.load_yaml(tmp_path / "nowhere.yaml")
+
+
+def test_a_warning_a_command_says_is_one_line(tmp_path, monkeypatch):
+    """A warning said while a command ran came out in Python's own form, with the source file's path and the line
+    that warned (`labeler.fit(...)`; a review's find): it is one line now, and Python's form is back after."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(30):  # one see-through image among them: data.load_folder warns
+        a = np.full((8, 8, 4), 255, np.uint8)
+        a[..., :3] = (k * 8) % 256
+        a[0, 0, 3] = 0 if k == 0 else 255
+        Image.fromarray(a, "RGBA").save(folder / f"{k:02d}.png")
+    import sys
+
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's own (pytest records them)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)
+    before = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        r = _cli("calibrate", "--train", folder, "--out", tmp_path / "cal", "--calibration-quantiles", "0.1,0.2,0.4")
+    said = [line for line in r.output.splitlines() if "transparent pixels" in line]
+    assert r.exit_code == 0 and len(said) == 1 and said[0].startswith("warning: 1 of the 30 images"), r.output
+    assert "warnings.warn(" not in r.output and "data.py" not in r.output, r.output
+    assert warnings.formatwarning is before

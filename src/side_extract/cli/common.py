@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,18 @@ console = Console(stderr=True, emoji=False, soft_wrap=True)
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """A warning said while a command runs is one line, ``warning: MESSAGE`` (Python's own form printed the source
+    file's path and the source line that warned, ``labeler.fit(...)``, to the user); restored after."""
+    before = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
 def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a ValueError from the library, or an OS error (read-only or missing directory, disk full,
     permission denied), into one clear line and exit status 2."""
@@ -35,7 +48,8 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 check_device(kwargs["device"])
             launch_if_asked(kwargs.get("ctx"))
             set_threads(kwargs.get("ctx"))
-            return fn(*args, **kwargs)
+            with one_line_warnings():
+                return fn(*args, **kwargs)
         except ValueError as e:
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             leaving_on_error(2)
