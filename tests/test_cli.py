@@ -48,6 +48,10 @@ def test_bad_input_is_one_clean_line(tmp_path):
     assert r.exit_code == 2
     assert "holds no images" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "m").exists()  # nothing half-written
+    (tmp_path / "afile").write_text("")  # an --out that is a file: refused before the data loads (it said "training
+    r = CliRunner().invoke(app, ["--no-progress", "train-target", "--data", "digits:10", "--out",  # on ..." first)
+                                 str(tmp_path / "afile")])
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output and "training on" not in r.output, r.output
     conf = tmp_path / "bad.yaml"
     conf.write_text("steps: 10\nbatchsize: 4\n")
     r = CliRunner().invoke(app, ["train-target", "--config", str(conf), "--out", str(tmp_path / "m")])

@@ -49,7 +49,9 @@ def train_target_cmd(
     c = build_config(cfg.TrainTargetConfig, config, overrides)
     from ..data import load_image_set
     from ..models.target import train_target
+    from ..runs import check_writable
 
+    check_writable(out)  # before the data loads (a file as --out was refused after "training on ...")
     images = load_image_set(c.data, c.resize)
     group = ProcessGroup.from_env()  # several processes (torchrun / accelerate launch): data-parallel training
     if group.main:
