@@ -83,6 +83,11 @@ def test_bad_input_is_one_clean_line(tmp_path):
     assert sorted(p.name for p in fake.iterdir()) == ["config.yaml"]
     r = CliRunner().invoke(app, ["verify", str(fake), "--generations", "0,-1"])  # said as indices=[0, -1]
     assert r.exit_code == 2 and "--generations='0,-1' must be generation numbers >= 0" in r.output, r.output
+    for args, says in ((["--generations", "0,0"], "names a generation twice"),  # ("all 2 generations" of one)
+                       (["--generations", "0", "--top", "3"], "--top 3 picks the closest generations, and "
+                                                               "--generations names them")):  # (--top dropped)
+        r = CliRunner().invoke(app, ["verify", str(fake), *args])
+        assert r.exit_code == 2 and says in " ".join(r.output.split()), r.output
     r = CliRunner().invoke(app, ["report", str(fake / "config.yaml")])
     assert r.exit_code == 2 and "is a file, not a run directory" in " ".join(r.output.split()), r.output
 

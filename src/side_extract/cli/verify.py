@@ -35,6 +35,10 @@ def verify_cmd(
             raise ValueError(f"--generations={generations!r} must be comma-separated integers") from None
         if any(i < 0 for i in ids):  # (said as indices=[-1] before)
             raise ValueError(f"--generations={generations!r} must be generation numbers >= 0")
+        if len(set(ids)) < len(ids):  # ("all 2 generations" of one made twice)
+            raise ValueError(f"--generations={generations!r} names a generation twice")
+        if ctx.get_parameter_source("top").name in ("COMMANDLINE", "ENVIRONMENT"):  # (dropped without a word)
+            raise ValueError(f"--top {top} picks the closest generations, and --generations names them: give one")
     audit = Audit.load(run)
     made = sorted(p.name for p in (run / "extraction").iterdir() if p.is_dir()) if (run / "extraction").is_dir() else []
     if method not in made:
