@@ -75,6 +75,9 @@ def test_bench_command_lines_that_meant_nothing_are_refused_at_once(tmp_path):
                        (["bench", "compute", "--quick", "--out", str(tmp_path / "afile")], "is not a folder"),
                        (["bench", "extraction", "--quick", "--out", str(tmp_path / "o"), "--cache",
                          str(tmp_path / "afile")], "is not a folder"),  # (after the header: "Not a directory")
+                       (["bench", "variants", "--variants", str(tmp_path / "afile"), "--out", str(tmp_path / "o"),
+                         "--no-heldout", "--heldout-seed", "1", "--heldout", "all"],  # (dropped without a word)
+                        "--no-heldout runs no held-out seed, so --heldout-seed, --heldout would not be read"),
                        (["theory", "check", "--only", ","], "(none named)")):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and says in " ".join(r.output.split()) and "Traceback" not in r.output, r.output

@@ -144,6 +144,10 @@ def variants_cmd(
 
     from ..bench.extraction import ExtractionBenchConfig
 
+    if no_heldout and (given := [f for f, p in (("--heldout-seed", "heldout_seed"), ("--heldout", "heldout"))
+                                 if ctx.get_parameter_source(p).name in ("COMMANDLINE", "ENVIRONMENT")]):
+        raise ValueError(f"--no-heldout runs no held-out seed, so {', '.join(given)} would not be read: give one or "
+                         "the other")  # (dropped without a word, a held-out seed equal to the validation one too)
     bc = ExtractionBenchConfig()
     base, named = load_variants_file(variants)
     changes: dict = {"scales": _ints(scales, "--scales"), "lambdas": (), "n_clusters": (), "taus": ()}
