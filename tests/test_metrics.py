@@ -121,8 +121,12 @@ def test_streaming_equals_dense_reference_on_random_data():
 
 
 def test_bands_from_training_null_when_none_given():
-    with pytest.raises(ValueError, match="cannot estimate its 0.001 quantile"):
+    with pytest.raises(ValueError, match="cannot estimate its 0.001 quantile") as e:
         evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2))  # a null of a few values: refused
+    # the remedies by the names each command reads (it named config keys alone, which side calibrate and side demo do
+    # not read; a review's find)
+    assert "--heldout of side calibrate, evaluate and demo" in str(e.value)
+    assert "--calibration-quantiles of side calibrate and evaluate" in str(e.value)
     r = evaluate(GEN, TRAIN, cfg.EvaluateConfig(carlini_n=2, calibration_quantiles=(0.05, 0.1, 0.2)))
     assert r.bands_source == "train-null" and r.null["source"] == "train-vs-rest"
     # the null: each training image's nearest other is 60/255 away

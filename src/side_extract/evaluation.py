@@ -469,9 +469,11 @@ def check_null_size(n: int, levels: Sequence[float]) -> None:
             f"a null of {n} values cannot estimate its {q:g} quantile (it needs at least {least} "
             f"held-out images, and {need} for an edge set by more than the closest few; with {n} the band "
             "edge would be the null's extreme and the closest band would hold almost every generation): give more "
-            "held-out images (evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles, e.g. "
-            "[0.05, 0.1, 0.2]) or fixed bands (evaluate.bands, e.g. "
+            "held-out images (a run's evaluate.heldout; --heldout of side calibrate, evaluate and demo), coarser "
+            "quantiles (evaluate.calibration_quantiles; --calibration-quantiles of side calibrate and evaluate; e.g. "
+            "0.05,0.1,0.2) or, to evaluate, fixed bands (evaluate.bands; --bands of side evaluate; e.g. "
             "Carlini's RMS 0.15 style: 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
+    # (it named config keys alone, which side calibrate and side demo do not read, and fixed bands to calibrate)
 
 
 def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[float] = (0.001, 0.01, 0.05),
