@@ -1051,7 +1051,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a clear error."""
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"config file {str(p)!r} is a directory; a run YAML was expected (e.g. configs/digits.yaml)")
+        raise ValueError(f"config file {str(p)!r} is a directory; a YAML file was expected")  # (it offered a run's,
+        # configs/digits.yaml, to commands whose files hold other keys: train-target, bench variants)
     if not p.exists():  # (a pipe, <(...), was said not to exist: it is read as a file is)
         raise ValueError(f"config file {str(p)!r} does not exist")
     try:
