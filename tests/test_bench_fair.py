@@ -77,7 +77,7 @@ def test_bench_command_lines_that_meant_nothing_are_refused_at_once(tmp_path):
                          str(tmp_path / "afile")], "is not a folder"),  # (after the header: "Not a directory")
                        (["bench", "variants", "--variants", str(tmp_path / "afile"), "--out", str(tmp_path / "o"),
                          "--no-heldout", "--heldout-seed", "1", "--heldout", "all"],  # (dropped without a word)
-                        "--no-heldout runs no held-out seed, so --heldout-seed, --heldout would not be read"),
+                        "--no-heldout runs no held-out seed, so --heldout-seed 1, --heldout all would not be read"),
                        (["theory", "check", "--only", ","], "(none named)")):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and says in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
@@ -957,3 +957,34 @@ def test_a_form_that_finds_images_where_the_baselines_find_none_is_shown_as_such
     assert _ratio_text({"ratio": 1.5, "side": 3.0, "best_baseline": 2.0}) == "1.50"
     md = (Path(__file__).resolve().parents[1] / "benchmarks/results/fair16/k25-n1000/fair.md").read_text()
     assert "∞ (baseline 0)" in md
+
+
+def test_the_command_a_variants_bench_records_runs_again(tmp_path, monkeypatch):
+    """Under --no-heldout the recorded command named --heldout too, which the refusal of held-out options beside
+    --no-heldout then refused (the shipped size16/variants.md records `--heldout chosen --no-heldout`): the recorded
+    command leaves it out, and the default --heldout chosen beside --no-heldout is taken (a review's find)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    import side_extract.bench.variants as variants
+    from side_extract.cli.main import app
+
+    said = []
+
+    def stop(vc, cache, **kw):
+        said.append(kw["command"])
+        raise ValueError("stopped before the work")
+
+    monkeypatch.setattr(variants, "run_variants_bench", stop)
+    variants_file = Path(__file__).resolve().parents[1] / "benchmarks" / "variants.yaml"
+    base = ["bench", "variants", "--variants", str(variants_file), "--out", str(tmp_path / "o"), "--cache",
+            str(tmp_path / "c"), "--scales", "30"]
+    r = CliRunner().invoke(app, [*base, "--no-heldout"])
+    assert r.exit_code == 2 and "stopped before the work" in r.output, r.output
+    recorded = shlex.split(said[-1])
+    assert "--no-heldout" in recorded and "--heldout" not in recorded and "--heldout-seed" not in recorded
+    r = CliRunner().invoke(app, recorded[1:])  # the recorded command, as it is
+    assert r.exit_code == 2 and "stopped before the work" in r.output and said[-1] == said[-2], r.output
+    r = CliRunner().invoke(app, [*base, "--heldout", "chosen", "--no-heldout"])  # as size16/variants.md records it
+    assert r.exit_code == 2 and "stopped before the work" in r.output, r.output

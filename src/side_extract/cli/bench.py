@@ -144,10 +144,13 @@ def variants_cmd(
 
     from ..bench.extraction import ExtractionBenchConfig
 
-    if no_heldout and (given := [f for f, p in (("--heldout-seed", "heldout_seed"), ("--heldout", "heldout"))
-                                 if ctx.get_parameter_source(p).name in ("COMMANDLINE", "ENVIRONMENT")]):
+    typed = {p for p in ("heldout_seed", "heldout") if ctx.get_parameter_source(p).name in ("COMMANDLINE",
+                                                                                          "ENVIRONMENT")}
+    given = [f"--heldout-seed {heldout_seed}"] * ("heldout_seed" in typed) + [f"--heldout {heldout}"] * (
+        "heldout" in typed and heldout != "chosen")  # (the default, which earlier results' commands name)
+    if no_heldout and given:  # (dropped without a word, a held-out seed equal to the validation one too)
         raise ValueError(f"--no-heldout runs no held-out seed, so {', '.join(given)} would not be read: give one or "
-                         "the other")  # (dropped without a word, a held-out seed equal to the validation one too)
+                         "the other")
     bc = ExtractionBenchConfig()
     base, named = load_variants_file(variants)
     changes: dict = {"scales": _ints(scales, "--scales"), "lambdas": (), "n_clusters": (), "taus": ()}
@@ -164,8 +167,8 @@ def variants_cmd(
     argv = ["side", "--threads", str(_threads()), "bench", "variants", "--variants", str(variants), "--out", str(out),
             "--cache", str(cache), "--scales", ",".join(map(str, bc.scales)), "--size", str(bc.size),
             "--n-generated", str(bc.run.extract.n), "--train-steps", str(bc.target.steps),
-            "--validation-seed", str(validation_seed), "--methods", ",".join(vc.methods), "--heldout", heldout]
-    argv += ["--no-heldout"] if no_heldout else ["--heldout-seed", str(heldout_seed)]
+            "--validation-seed", str(validation_seed), "--methods", ",".join(vc.methods)]
+    argv += ["--no-heldout"] if no_heldout else ["--heldout-seed", str(heldout_seed), "--heldout", heldout]
     argv += ["--device", device] if device != "cpu" else []
     console.print(f"variants: {len(vc.names)} ({', '.join(vc.names)}) on scales {list(bc.scales)} at {bc.size}x{bc.size}, "
                   f"N_G {bc.run.extract.n}; choose on seed {validation_seed}"
