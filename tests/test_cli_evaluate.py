@@ -411,6 +411,11 @@ def test_a_bands_file_of_another_training_set_is_said(tmp_path, caplog):
                                                     bands_file=str(tmp_path / f"cal{size}" / "bands.json")))
         said = [r.getMessage() for r in caplog.records if "was calibrated on another training set" in r.getMessage()]
         assert bool(said) == warned, caplog.text
+    # a damaged fingerprints entry: the bands read as before the check, with no word (it was an AttributeError)
+    damaged = json.loads((tmp_path / "calNone" / "bands.json").read_text())
+    for fps in (["x"], {"train": 5}):
+        (tmp_path / "damaged.json").write_text(json.dumps({**damaged, "fingerprints": fps}))
+        evaluate(gen, train, cfg.EvaluateConfig(carlini_n=5, bands_file=str(tmp_path / "damaged.json")))
 
 
 def test_detection_settings_without_its_threshold_are_refused(sets):

@@ -317,12 +317,14 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         bands, source = option_bands, "option"
     elif file_bands is not None:
         bands, source = file_bands, f"file:{c.bands_file}"
-        calibrated_on = (read_json(c.bands_file).get("fingerprints") or {}).get("train")
+        fps = read_json(c.bands_file).get("fingerprints")  # (a damaged entry: no word, as before the check)
+        calibrated_on = fps.get("train") if isinstance(fps, dict) and isinstance(fps.get("train"), str) else None
         if calibrated_on is not None and calibrated_on != train.fingerprint():  # (applied without a word: edges of a
             # 16 px set's null measured 8 px distances)
-            log.warning("bands file %r was calibrated on another training set than %s (another set, or the same at "
-                        "another size: fingerprint %s, this one's %s): its edges were set by that set's null",
-                        c.bands_file, train.name or "the one given", calibrated_on[:12], train.fingerprint()[:12])
+            log.warning("bands file %r was calibrated on another training set than %s (fingerprint %s, this one's "
+                        "%s: another set, the same at another size, or the same images in another order, which "
+                        "leaves its edges as they are): its edges were set by that set's null", c.bands_file,
+                        train.name or "the one given", calibrated_on[:12], train.fingerprint()[:12])
     elif sim.metric == "cosine":
         bands, source = PAPER_COSINE_BANDS, "paper-default"
         if not (sim.extractor or "").startswith("torchscript:"):
