@@ -233,9 +233,32 @@ def test_the_launcher_names_the_process_that_failed_of_its_own(monkeypatch, caps
     one = "process 1 of the launch of 2 ended with exit status 1"
     cases = [({0: (-15, 1000), 1: (1, 1000)}, one, 1), ({0: (PEER_FAILED_STATUS, 1000), 1: (1, 1001)}, one, 1),
              ({0: (-9, 1000), 1: (1, 1001)}, "process 0 of the launch of 2 was killed by signal 9", 1),
-             ({0: (-15, 1000), 1: (2, 1000)}, "", 2)]
+             ({0: (-15, 1000), 1: (2, 1000)}, "", 2),
+             # in one second (torch stamps the failures it notices together): the one killed, not its survivor, which
+             # left with status 1 (process 0 was named by its rank; a review's find); the one that said its error
+             ({0: (1, 1000), 1: (-9, 1000)}, "process 1 of the launch of 2 was killed by signal 9", 1),
+             ({0: (1, 1000), 1: (2, 1000)}, "", 2)]
     for codes, said, status in cases:
         monkeypatch.setattr(run, "run", failing(codes))
         assert launch(2, ["run"]) == status
         err = capsys.readouterr().err
         assert (said in err) if said else "error:" not in err, (codes, err)
+
+
+def test_a_broken_exchange_is_another_processs_failure(monkeypatch):
+    """An exchange that fails (gloo's "Connection reset by peer" from a process that was killed, or its timeout from
+    one that hangs) printed gloo's traceback on the survivor, which left with status 1 and was then named by the
+    launcher (a review's find): it is PeerFailed, which leaves with no words of its own and PEER_FAILED_STATUS."""
+    import torch.distributed as dist
+
+    from side_extract.distributed import PeerFailed, ProcessGroup
+
+    def reset(*a, **k):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1234: Connection reset by peer")
+
+    monkeypatch.setattr(dist, "all_gather_object", reset)
+    monkeypatch.setattr(dist, "broadcast_object_list", reset)
+    group = ProcessGroup(rank=0, world=2)
+    for exchange in (lambda: group.gather(1), group.barrier, lambda: group.share(1), lambda: group.together(lambda: 1)):
+        with pytest.raises(PeerFailed, match="the exchange with the other processes failed: .*Connection reset"):
+            exchange()

@@ -28,6 +28,7 @@ all-reduced over gloo (:func:`_global_batchnorm`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -37,7 +38,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -84,6 +85,20 @@ class PeerFailed(RuntimeError):
     every other process; the launcher then named whichever left first)."""
 
 
+@contextlib.contextmanager
+def _exchange() -> Iterator[None]:
+    """An exchange with the other processes; its failure (the connection reset by a process that died, or no answer
+    within the process timeout from one that hangs) is another process's: :class:`PeerFailed` (gloo's traceback,
+    status 1, on the survivor, which the launcher then named)."""
+    try:
+        yield
+    except PeerFailed:
+        raise
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerFailed(f"the exchange with the other processes failed: {first}") from None
+
+
 def process_timeout() -> datetime.timedelta:
     """How long a process waits for the others at one exchange: ``$SIDE_PROCESS_TIMEOUT_S`` seconds, by default
     24 hours. The others wait while the main process works alone (memorization scores, features, clustering,
@@ -125,7 +140,8 @@ def _close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         if _LEAVING_WITH or getattr(sys, "last_value", None) is not None:  # (uncaught: Python sets it)
-            log.warning("this process is leaving on an error: its launcher stops the others")
+            if _LEAVING_WITH != [PEER_FAILED_STATUS]:  # (one that leaves for another's failure has no words of its
+                log.warning("this process is leaving on an error: its launcher stops the others")  # own)
             os._exit(_LEAVING_WITH[0] if _LEAVING_WITH else 1)  # (no teardown: the others may be inside an
             # exchange with it, and gloo's would wait for them)
         try:
@@ -185,7 +201,8 @@ class ProcessGroup:
         import torch.distributed as dist
 
         box = [value if self.main else None]
-        dist.broadcast_object_list(box, src=0)
+        with _exchange():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
@@ -238,7 +255,8 @@ class ProcessGroup:
         import torch.distributed as dist
 
         values: list[Any] = [None] * self.world
-        dist.all_gather_object(values, value)
+        with _exchange():
+            dist.all_gather_object(values, value)
         return values
 
     def total(self, value: int) -> int:
@@ -432,10 +450,15 @@ def launch(nproc: int, args: list[str]) -> int:
         run(parse_args([*launch_arguments(nproc), *args]))
     except ChildFailedError as e:
         # the first to fail of its own: any before one the launcher stopped (SIGTERM, in the same second), and never
-        # one that left because another failed (PEER_FAILED_STATUS)
-        own = sorted((f.exitcode == -signal.SIGTERM, f.timestamp, r) for r, f in e.failures.items()
+        # one that left because another failed (PEER_FAILED_STATUS); within a second (torch stamps every failure it
+        # notices together), one killed by a signal, then one that said its error (status 2), before a status 1,
+        # which the survivors of a killed process leave with (the survivor, process 0, was named: a review's find)
+        def kind(code: int) -> int:
+            return 0 if code < 0 else 1 if code == 2 else 2
+
+        own = sorted((f.exitcode == -signal.SIGTERM, f.timestamp, kind(f.exitcode), r) for r, f in e.failures.items()
                      if f.exitcode != PEER_FAILED_STATUS)
-        rank, failure = (own[0][2], e.failures[own[0][2]]) if own else e.get_first_failure()
+        rank, failure = (own[0][3], e.failures[own[0][3]]) if own else e.get_first_failure()
         code = failure.exitcode
         if code != 2:
             how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
