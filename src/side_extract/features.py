@@ -109,6 +109,10 @@ class PixelPCAFeatures(FeatureExtractor):
         return self.pca_.transform(images.to_float().flatten(1).numpy()).astype(np.float32)
 
 
+NO_MID_BLOCK = ("feature extractor 'unet' reads the target UNet's mid block; this UNet2DModel has none "
+                "(mid_block_type=None): use another extractor")
+
+
 class UNetFeatures(FeatureExtractor):
     """Mid-block activations of the target UNet (``model`` must be a ``UNetDenoiser``)."""
 
@@ -121,6 +125,8 @@ class UNetFeatures(FeatureExtractor):
         n_t = model.scheduler.config.num_train_timesteps
         if not 0 <= timestep < n_t:
             raise ValueError(f"timestep={timestep} must be in [0, {n_t})")
+        if model.unet.mid_block is None:  # ('NoneType' object has no attribute 'register_forward_hook', at _embed)
+            raise ValueError(NO_MID_BLOCK)
         self.model, self.timestep, self.seed = model, timestep, seed
 
     def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
@@ -132,9 +138,6 @@ class UNetFeatures(FeatureExtractor):
 
         xt = add_noise(self.model.scheduler, x, noise.to(x.device), t)
         captured: dict[str, torch.Tensor] = {}
-        if self.model.unet.mid_block is None:  # ('NoneType' object has no attribute 'register_forward_hook')
-            raise ValueError("feature extractor 'unet' reads the target UNet's mid block; this UNet2DModel has none "
-                             "(mid_block_type=None): use another extractor")
         hook = self.model.unet.mid_block.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
         try:
             self.model.unet(xt, t.to(x.device))
@@ -228,8 +231,7 @@ def extractor_problem(name: str, unet: Any | None) -> str | None:
             return (f"feature extractor {key!r} reads the target's diffusers UNet2DModel; this target is a callable "
                     "(use pixels, pixels-pca, efficientnet-lite0 or torchscript:PATH)")
         if getattr(unet, "mid_block", None) is None:
-            return (f"feature extractor {key!r} reads the target UNet's mid block; this UNet2DModel has none "
-                    "(mid_block_type=None): use another extractor")
+            return NO_MID_BLOCK
     return None
 
 
