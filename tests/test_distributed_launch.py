@@ -3,6 +3,7 @@ on one process reaching every other at once; the Python API under torchrun; whic
 processes write what one process writes is test_distributed's."""
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -262,3 +263,19 @@ def test_a_broken_exchange_is_another_processs_failure(monkeypatch):
     for exchange in (lambda: group.gather(1), group.barrier, lambda: group.share(1), lambda: group.together(lambda: 1)):
         with pytest.raises(PeerFailed, match="the exchange with the other processes failed: .*Connection reset"):
             exchange()
+
+
+def test_a_stage_another_process_failed_is_not_reported_done(tmp_path):
+    """The main process wrote the stage's last shard while process 1 failed its own: the main one's progress said
+    "6 of 6 done" before the check-in told it of the failure. The whole is reported only once every process
+    has checked in."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="40")
+    script = str(Path(__file__).parent / "dist_progress.py")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "finished without an error" not in out
+    said = re.search(r"rank 0 PeerFailed: .*diverged on process 1; reported (\[.*\])", out)
+    assert said, out[-3000:]
+    reports = ast.literal_eval(said.group(1))  # the main process's (done, total) reports
+    assert reports and all(done < total for done, total in reports), reports

@@ -1388,9 +1388,15 @@ def shard_stage(
     decision = group.share(decision)
     if decision != "skip":
         t0 = time.time()
+        report = progress
+        if progress is not None and group.world > 1:  # the whole is said once every process has checked in (the
+            # main one's last shard can be the stage's last while another's failed: it said "6 of 6 done")
+            def report(done: int, total: int) -> None:
+                if done < total:
+                    progress(done, total)
 
         def make_shard(lo: int, hi: int) -> dict[str, np.ndarray]:
-            return make(lo, hi, None if progress is None else (lambda done, _total: progress(lo + done, n)))
+            return make(lo, hi, None if report is None else (lambda done, _total: report(lo + done, n)))
 
         stopped: dict[str, Any] = {}
 
@@ -1401,7 +1407,7 @@ def shard_stage(
             return said is not None
 
         # (checked in: a process that failed writing raises on every process, instead of the others waiting for it)
-        written = group.total(group.together(lambda: write_shards(directory, rounds, make_shard, progress, group=group,
+        written = group.total(group.together(lambda: write_shards(directory, rounds, make_shard, report, group=group,
                                                                   stop=None if stop is None else stop_at)))
         if stopped and progress is not None:  # ended early: the work is done at the stop (a bar fills, a line says so)
             progress(stopped["at"], stopped["at"])
