@@ -644,3 +644,22 @@ def test_a_warning_a_command_says_is_one_line(tmp_path, monkeypatch):
     assert r.exit_code == 0 and len(said) == 1 and said[0].startswith("warning: 1 of the 30 images"), r.output
     assert "warnings.warn(" not in r.output and "data.py" not in r.output, r.output
     assert warnings.formatwarning is before
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "extraction", "--n-generated", "0"], ["bench", "extraction", "--sweep-n-generated", "0"],
+    ["bench", "variants", "--n-generated", "0"], ["bench", "variants", "--train-steps", "0"],
+    ["bench", "compute", "--bench-threads", "0"], ["bench", "scale", "--bench-threads", "0"],
+    ["theory", "measure", "RUN", "--probes", "0"], ["theory", "measure", "RUN", "--steps", "0"],
+    ["theory", "measure", "RUN", "--batch-size", "0"], ["theory", "measure", "RUN", "--n-points", "1"],
+])
+def test_a_count_below_its_least_is_said_by_the_flag_typed(args, tmp_path):
+    """`--probes 0` was refused as `n_probes=0`, `--n-generated 0` as `n=0`, `--bench-threads 0` as `threads=0`
+    (names of the library's arguments), or, where the run folder was checked first, not at all: each such count is
+    now refused by its flag, before anything is read."""
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
+    flag = next(a for a in args if a.startswith("--"))
+    r = CliRunner().invoke(app, ["--no-progress", *args, "--out" if args[0] == "bench" else "--seed",
+                                 str(tmp_path / "out") if args[0] == "bench" else "0"], terminal_width=200)
+    assert r.exit_code == 2 and f"Invalid value for '{flag}'" in r.output, r.output
+    assert not (tmp_path / "out").exists()

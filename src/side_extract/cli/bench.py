@@ -57,14 +57,15 @@ def extraction_cmd(
     scales: str | None = typer.Option(None, "--scales", help="Training-set sizes, comma-separated "
                                       "(default: 100,300,1000; --quick: 30,60)."),
     size: int | None = typer.Option(None, "--size", help="Image size in px (default: 16; --quick: 8)."),
-    n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per method (default: 2000; --quick: 64)."),
-    train_steps: int | None = typer.Option(None, "--train-steps",
+    n_generated: int | None = typer.Option(None, "--n-generated", min=1,
+                                           help="N_G per method (default: 2000; --quick: 64)."),
+    train_steps: int | None = typer.Option(None, "--train-steps", min=1,
                                            help="The one training budget of every target (default: 3000; --quick: 400)."),
     seed: int | None = typer.Option(None, "--seed", help="Extraction seed: tune on one (validation), report on "
                                     "another (held-out) (default: 1)."),
     sweep_scale: int | None = typer.Option(None, "--sweep-scale", help="Scale of the lambda, K and tau sweeps "
                                            "(default: the middle scale)."),
-    sweep_n_generated: int | None = typer.Option(None, "--sweep-n-generated", help="N_G per sweep point "
+    sweep_n_generated: int | None = typer.Option(None, "--sweep-n-generated", min=1, help="N_G per sweep point "
                                                  "(default: 500; --quick: 64)."),
     no_sweeps: bool = typer.Option(False, "--no-sweeps", help="Skip the lambda, K and tau sweeps."),
     quick: bool = typer.Option(False, "--quick", help="A tiny configuration (30 and 60 digits at 8x8, N_G 64) that "
@@ -127,8 +128,10 @@ def variants_cmd(
                                "bands, runs); variants run as sub-runs of its runs."),
     scales: str = typer.Option("300,1000", "--scales", help="Training-set sizes, comma-separated."),
     size: int | None = typer.Option(None, "--size", help="Image size in px (default: 16, as in the extraction benchmark)."),
-    n_generated: int | None = typer.Option(None, "--n-generated", help="N_G per variant and baseline (default: 2000)."),
-    train_steps: int | None = typer.Option(None, "--train-steps", help="Training budget of the targets (default: 3000)."),
+    n_generated: int | None = typer.Option(None, "--n-generated", min=1,
+                                           help="N_G per variant and baseline (default: 2000)."),
+    train_steps: int | None = typer.Option(None, "--train-steps", min=1,
+                                           help="Training budget of the targets (default: 3000)."),
     validation_seed: int = typer.Option(1, "--validation-seed", help="Extraction seed the variants are chosen on."),
     heldout_seed: int = typer.Option(2, "--heldout-seed", help="Extraction seed the choice is reported on."),
     no_heldout: bool = typer.Option(False, "--no-heldout", help="Validation seed only (e.g. to carry a choice made "
@@ -357,7 +360,7 @@ def compute_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
                                help="Folder for compute.json and compute.md."),
-    threads: int = typer.Option(1, "--bench-threads", help="Torch and faiss threads for the timed parts."),
+    threads: int = typer.Option(1, "--bench-threads", min=1, help="Torch and faiss threads for the timed parts."),
     no_demo: bool = typer.Option(False, "--no-demo", help="Skip the `side demo` wall-time part."),
     busy: bool = typer.Option(False, "--busy", help="Also time `side demo` idle and beside a CPU-bound competitor "
                               "(the slowdown on a busy machine; about two demo runs)."),
@@ -389,7 +392,7 @@ def scale_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
                                help="Folder for scale.json and scale.md."),
-    threads: int = typer.Option(1, "--bench-threads", help="Torch threads for the timed parts."),
+    threads: int = typer.Option(1, "--bench-threads", min=1, help="Torch threads for the timed parts."),
     only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (models, search, "
                                                     "processes); writes scale-<parts>.*."),
     gpu_tflops: float = typer.Option(30.0, "--gpu-tflops", help="Assumed sustained TFLOP/s of one GPU for the "

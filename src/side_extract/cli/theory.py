@@ -55,16 +55,17 @@ def check_cmd(
 def measure_cmd(
     ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory with config.yaml (model, train) and classifier/."),
-    n_points: int | None = typer.Option(None, "--n-points", help="Training points (Monte Carlo samples); interval ~ "
-                                        "1/sqrt. Default: 32, or every point of a smaller training set."),
-    probes: int = typer.Option(1, "--probes", help="Hutchinson probes per ODE evaluation (a backward pass each)."),
-    steps: int = typer.Option(32, "--steps", help="ODE grid intervals (2 model calls each); bias ~ 1/steps^2."),
+    n_points: int | None = typer.Option(None, "--n-points", min=2, help="Training points (Monte Carlo samples); "
+                                        "interval ~ 1/sqrt. Default: 32, or every point of a smaller training set."),
+    probes: int = typer.Option(1, "--probes", min=1,
+                               help="Hutchinson probes per ODE evaluation (a backward pass each)."),
+    steps: int = typer.Option(32, "--steps", min=1, help="ODE grid intervals (2 model calls each); bias ~ 1/steps^2."),
     eps: float = typer.Option(0.1, "--eps", help="Smoothing scale of q_eps, in [-1, 1] pixel units."),
     bandwidth: float | None = typer.Option(None, "--bandwidth", help="Empirical optimum's kernel width (default eps)."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="lambda (1 = Bayes class-conditional)."),
     t_min: int | None = typer.Option(None, "--t-min", help="First ODE timestep (sigma_min = sigma at t_min); "
                                      "default: the one whose sigma is nearest --eps."),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
     model: str = typer.Option("", "--model", help="The target's directory, when the run's config does not name it "
