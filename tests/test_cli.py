@@ -331,7 +331,7 @@ def test_threads_are_set_when_a_command_starts_its_work(tmp_path):
 def test_a_new_run_directory_says_which_model_it_used(tmp_path):
     """`side sample --out NEW` with nothing naming a model ran the embedded `demo` target without a word; it says
     so when it is done (and a command that fails says only its error)."""
-    argv = ["--no-progress", "sample", "--n", "2", "--steps", "1"]
+    argv = ["--no-progress", "sample", "--n", "2", "--steps", "2"]
     r = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "new")])
     assert r.exit_code == 0 and "no config names a model, so the run used the default" in r.output, r.output
     assert "'demo'" in r.output

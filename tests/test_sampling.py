@@ -348,3 +348,19 @@ def test_every_noise_stream_is_listed_once_in_sampling():
     assert set(streams) == {"SYNTHETIC_STREAM", "EXTRACTION_STREAM", "MEMORIZATION_STREAM", "MEMGUIDE_STREAM"}
     assert sorted(streams.values()) == list(range(len(streams)))
     assert not [k for k, v in vars(memorization).items() if k.endswith("_STREAM") and streams.get(k) != v]
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_steps_whose_walk_starts_near_the_clean_end_refused_before_any_stage(tiny_model_dir, kind):
+    """diffusers' leading spacing puts one step at timestep 0: the sampler returned its starting noise, clamped, as
+    the image, without a word. A walk that starts where the image is more signal than noise is refused; trailing
+    spacing's one step (from the last timestep) is a real sample."""
+    from diffusers import DDPMScheduler
+
+    from side_extract.sampling import check_sampler
+    with pytest.raises(ValueError, match=r"extract.scheduler=.*steps=1 .*'leading' starts at timestep 0"):
+        check_sampler(DDPMScheduler(num_train_timesteps=1000), kind, 1, "extract")
+    with pytest.raises(ValueError, match=r"steps=1 .*timestep 0"):
+        sample(load_target(tiny_model_dir), 2, steps=1, scheduler=kind)
+    check_sampler(DDPMScheduler(num_train_timesteps=1000), kind, 2, "extract")  # starts at 500: alpha_bar 0.08
+    check_sampler(DDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing"), kind, 1, "extract")

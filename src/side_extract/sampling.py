@@ -89,6 +89,13 @@ def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind
                          f"timestep_spacing={sched.config.timestep_spacing!r} starts at timestep {first}, past its "
                          f"{n_train} training timesteps (0..{n_train - 1}); use fewer steps, or save the scheduler "
                          "with timestep_spacing 'trailing' or 'linspace'")
+    ac = sched.alphas_cumprod
+    if float(ac[first]) > 0.5 >= float(ac[n_train - 1]):  # (leading spacing's one step is timestep 0)
+        raise ValueError(f"steps={steps} with the model's timestep_spacing={sched.config.timestep_spacing!r} "
+                         f"starts at timestep {first}, where an image is more signal than noise (alpha_bar "
+                         f"{float(ac[first]):.3g} > 0.5; {float(ac[n_train - 1]):.3g} at the model's last timestep): "
+                         "the starting noise would be taken for a nearly clean image and returned as one; use more "
+                         "steps, or save the scheduler with timestep_spacing 'trailing' or 'linspace'")
     return sched
 
 
