@@ -355,3 +355,32 @@ def test_denoised_guidance_by_hand():
     torch.testing.assert_close(g(x, torch.tensor(t), y).flatten(1), expect, rtol=1e-5, atol=1e-9)  # abar is float32
     with pytest.raises(ValueError, match="needs the target denoiser"):
         DenoisedGuidance(clf, np.arange(3), 1.0)
+
+
+def test_malformed_guidance_settings_are_named(tiny_model_dir):
+    """From Python: a malformed t_range, nested or repeated classes, and memguide settings of the wrong type were
+    numpy's or Python's own errors ("not enough values to unpack", "unhashable type: 'list'", "ufunc 'isfinite' not
+    supported"), or accepted (repeated classes credited every generation of that label to one output; seed 1.5
+    was taken as 1); each is now refused naming the setting."""
+    from side_extract.memorization import MemorizationGuidance
+    d = load_target(tiny_model_dir)
+    clf = torch.nn.Linear(1, 2)
+    for kw, said in [(dict(t_range=(0.5,)), r"t_range=\(0.5,\) must be a pair"),
+                     (dict(t_range=("a", 1)), "t_range='a' must be a number"),
+                     (dict(classes=[[1, 2]]), r"classes=\[\[1, 2\]\] must be distinct label values"),
+                     (dict(classes=[3, 3]), r"classes=\[3, 3\] must be distinct")]:
+        with pytest.raises(ValueError, match=said):
+            ClassifierGuidance(**{"classifier": clf, "classes": [0, 1], "scale": 1.0, **kw})
+    for kw, said in [(dict(scale="1"), "memguide scale='1' must be a number"),
+                     (dict(scale=None), "memguide scale=None must be a number"),
+                     (dict(t_hi="0.2"), "memguide t_hi='0.2' must be a number"),
+                     (dict(seed=1.5), "memguide seed=1.5 must be an integer"),
+                     (dict(seed=-1), "memguide seed=-1 must be an integer >= 0"),
+                     (dict(avoid_window=(0.2,)), r"memguide avoid_window=\(0.2,\) must be a pair")]:
+        with pytest.raises(ValueError, match=said):
+            MemorizationGuidance(**{"denoiser": d.denoiser if hasattr(d, "denoiser") else d, "scale": 1.0, **kw})
+
+
+def test_sample_names_a_device_torch_cannot_use(tiny_model_dir):
+    with pytest.raises(ValueError, match="device='gpu' is not a torch device"):
+        sample(load_target(tiny_model_dir), 2, steps=2, device="gpu")

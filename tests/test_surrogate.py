@@ -217,3 +217,23 @@ def test_an_empty_clusters_cohesion_is_listed_as_none_not_zero():
     empty = next(r for r in rows if r["size"] == 0)
     assert empty["cohesion"] is None and not empty["kept"]
     assert all(r["cohesion"] == pytest.approx(1.0) for r in rows if r["size"])
+
+
+def test_labeler_settings_of_the_wrong_kind_are_named():
+    """From Python: tau=None was a comparison's TypeError at fit; select_k=[2.5] passed the range check and
+    sklearn then said n_clusters was wrong; a teacher given fewer label values than outputs failed with an
+    IndexError only where argmax reached a missing one, and more were ignored."""
+    for kw, said in [(dict(tau=None), "tau=None must be a number"), (dict(tau="0.5"), "tau='0.5' must be a number"),
+                     (dict(select_k=[2.5]), "select_k value=2.5 must be an integer >= 2")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            ClusterLabeler(n_clusters=3, **kw)
+
+    class Three(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.stack([x.flatten(1).mean(1) * k for k in (1, 2, 3)], 1)
+
+    x = torch.full((4, 1, 4, 4), 0.5)
+    for classes in ([10, 20], [10, 20, 30, 40]):
+        with pytest.raises(ValueError, match=f"classes has {len(classes)} entries but the classifier has 3 outputs"):
+            TeacherLabeler(Three(), np.array(classes)).fit(x)
+    assert TeacherLabeler(Three(), np.array([10, 20, 30])).fit(x).labels_.tolist() == [30] * 4

@@ -97,6 +97,23 @@ def check_int(value: Any, name: str, least: int = 0) -> None:
         raise ValueError(f"{name}={_shown(value)} must be an integer >= {least}")
 
 
+def check_real(value: Any, name: str) -> None:
+    """Refuse ``value`` unless it is a real number (not a bool), naming it (a string or None was numpy's "ufunc
+    'isfinite' not supported", or a comparison's TypeError, which name nothing)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={_shown(value)} must be a number")
+
+
+def check_pair(value: Any, name: str) -> tuple[float, float]:
+    """``value`` as a (lo, hi) pair of numbers, named where it is not one (a 1-tuple was "not enough values to
+    unpack")."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name}={_shown(value)} must be a pair (lo, hi)")
+    for v in value:
+        check_real(v, name)
+    return float(value[0]), float(value[1])
+
+
 def check_eta(eta: float) -> None:
     """DDIM's eta lies in [0, 1]: beyond 1 its noise outgrows the step and the samples turn to NaN."""
     if not 0.0 <= eta <= 1.0:

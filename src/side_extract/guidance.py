@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import config as cfg
 from .models.target import predict_x0
 from .surrogate import target_outputs
 
@@ -109,20 +110,23 @@ class ClassifierGuidance:
             raise ValueError(f"classifier must be a module called as classifier(x, t), got "
                              f"{type(self.classifier).__name__}")
         for name, v in (("scale", self.scale), ("temperature", self.temperature)):  # (a str was numpy's TypeError)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-                raise ValueError(f"guidance {name}={v!r} must be a number")
+            cfg.check_real(v, f"guidance {name}")
         if not np.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"guidance scale={self.scale} must be a finite number >= 0")
         if not np.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be a finite number > 0")
         if isinstance(self.background, (int, np.integer)):  # one label value (it was "'int' is not iterable")
             object.__setattr__(self, "background", (int(self.background),))
-        lo, hi = self.t_range
+        lo, hi = cfg.check_pair(self.t_range, "t_range")
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"t_range={self.t_range} must satisfy 0 <= lo < hi <= 1")
         if len(self.classes) < 1:
             raise ValueError("classes=[] : a guidance classifier needs at least one class to guide toward")
-        object.__setattr__(self, "classes", np.asarray(self.classes, dtype=np.int64))
+        classes = np.asarray(self.classes)
+        if classes.ndim != 1 or len(np.unique(classes)) != len(classes):  # (a repeated value credited every
+            # generation of that label to one of its outputs; a nested list was "unhashable type: 'list'")
+            raise ValueError(f"classes={classes.tolist()} must be distinct label values, one per classifier output")
+        object.__setattr__(self, "classes", np.asarray(classes, dtype=np.int64))
         object.__setattr__(self, "background", tuple(int(v) for v in self.background))
         missing = sorted(set(self.background) - set(self.classes.tolist()))
         if missing:

@@ -28,6 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from . import config as cfg
 from .data import check_float_images, check_size
 from .models.target import Denoiser, add_noise, predict_x0
 from .sampling import MEMGUIDE_STREAM, MEMORIZATION_STREAM, sample_generators
@@ -130,11 +131,14 @@ class MemorizationGuidance:
     memory: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        for name in ("scale", "t_hi", "t_m", "avoid", "avoid_h"):  # (a str or None was numpy's TypeError)
+            cfg.check_real(getattr(self, name), f"memguide {name}")
+        cfg.check_int(self.seed, "memguide seed")  # (-1 failed at the first guided step; 1.5 was taken as 1)
         if not np.isfinite(self.avoid) or self.avoid < 0:
             raise ValueError(f"memguide avoid={self.avoid} must be a finite number >= 0 (0: no avoidance)")
         if not 0.0 < self.avoid_h < 1.0:
             raise ValueError(f"memguide avoid_h={self.avoid_h} must be a pixel RMS distance in (0, 1)")
-        lo, hi = self.avoid_window
+        lo, hi = cfg.check_pair(self.avoid_window, "memguide avoid_window")
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"memguide avoid_window={list(self.avoid_window)} must satisfy 0 <= t_lo < t_hi <= 1 "
                              "(fractions of the training timesteps)")

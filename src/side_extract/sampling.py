@@ -26,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import config as cfg
 from .data import ImageSet, integer_labels, to_uint8
+from .distributed import check_device
 from .guidance import Guidance
 from .models.target import Denoiser, predict_x0, reproducible_gradients
 from .runs import MODEL_INPUT, Progress, RunDir, shard_stage, stage_fingerprint
@@ -396,6 +397,7 @@ def sample_batches(
     # diffusers)
     for name, v, least in (("n", n, 1), ("seed", seed, 0), ("start", start, 0), ("steps", steps, 1)):
         cfg.check_int(v, name, least)
+    check_device(str(device))  # ("gpu" was torch's list of device types, from inside the first noise draw)
     if guidance is not None and not callable(guidance):
         raise ValueError(f"guidance={guidance!r} must be a guidance g(x, t, y) (e.g. side_extract.ClassifierGuidance)")
     needs_labels = getattr(denoiser, "conditional", False) or (

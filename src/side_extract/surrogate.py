@@ -33,7 +33,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
-from .config import check_int
+from .config import check_int, check_real
 from .data import check_float_images
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class ClusterLabeler:
                  select_k: tuple[int, ...] = ()) -> None:
         for name, v, least in (("n_clusters", n_clusters, 2), ("n_init", n_init, 1), ("min_size", min_size, 1)):
             check_int(v, name, least)  # (sklearn's words on KMeans, or a TypeError, at fit)
+        for k in select_k:  # (2.5 passed the range check, and sklearn then blamed n_clusters)
+            check_int(k, "select_k value", 2)
+        check_real(tau, "tau")  # (None or "0.5" was a TypeError of a comparison, at fit)
         if dropped not in ("drop", "relabel"):
             raise ValueError(f"dropped={dropped!r} must be 'drop' or 'relabel'")
         self.n_clusters = n_clusters
@@ -273,8 +276,12 @@ class TeacherLabeler:
                 t = torch.zeros(len(xb), dtype=torch.long, device=device)
                 probs.append(torch.softmax(self.classifier(xb, t), -1).cpu())
         p = torch.cat(probs).numpy()
-        self.confidence_ = p.max(1)
         classes = np.asarray(self.classes, dtype=np.int64)
+        if classes.shape != (p.shape[1],):  # (too few was an IndexError where argmax reached one missing; too many
+            # were ignored without a word)
+            raise ValueError(f"classes has {len(classes)} entries but the classifier has {p.shape[1]} outputs: give "
+                             "one label value per output")
+        self.confidence_ = p.max(1)
         self.labels_ = np.where(self.confidence_ >= self.min_confidence, classes[p.argmax(1)], -1)
         self.kept_classes_ = np.unique(self.labels_[self.labels_ >= 0])
         return self
