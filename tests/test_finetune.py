@@ -408,3 +408,28 @@ def test_the_fine_tunes_inputs_are_checked_before_training(tiny_model_dir, tmp_p
     # a float64 set is the same images: trained as float32 (as every other form of the images)
     assert finetune(target, x0.double(), y, one, tmp_path / "f64").losses == finetune(target, x0, y, one,
                                                                                     tmp_path / "f32").losses
+
+
+@pytest.mark.parametrize("rank", [4, "full"])
+def test_a_fine_tune_of_another_target_is_refused(tiny_model_dir, tmp_path, rank):
+    """load_finetuned put one target's adapters on another's base weights of the same shapes without a word (a
+    model nobody trained), and took a full fine-tune for any target (it ignores the base weights); another number
+    of classes in classes.json was torch's list of size mismatches."""
+    from conftest import tiny_scheduler, tiny_unet
+
+    from side_extract.models.target import save_target
+    target = load_target(tiny_model_dir)
+    save_target(tiny_unet(seed=1), tiny_scheduler(), tmp_path / "other")
+    x0, y = _data()
+    c = dataclasses.replace(TINY, rank=rank, steps=2, checkpoint_every=2)
+    finetune(target, x0, y, c, tmp_path / "f")
+    load_finetuned(target, tmp_path / "f")
+    with pytest.raises(ValueError, match=r"/f' was fine-tuned from another target"):
+        load_finetuned(load_target(tmp_path / "other"), tmp_path / "f")
+    if rank == "full":
+        return
+    meta = json.loads((tmp_path / "f" / "classes.json").read_text())
+    (tmp_path / "f" / "classes.json").write_text(json.dumps({**meta, "classes": [0, 1, 2, 3]}))
+    with pytest.raises(ValueError, match=r"does not fit the target with the 4 classes and null label that classes."
+                                         r"json names: size mismatch for .*class_embedding"):
+        load_finetuned(target, tmp_path / "f")

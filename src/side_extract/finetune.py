@@ -322,14 +322,16 @@ def finetune(
     model.eval()
     group.check_replicas(model, "side-lora")
     if group.main:
-        save_finetuned(model, out, classes, c, losses, background)
+        save_finetuned(model, out, classes, c, losses, background,
+                       target=module_fingerprint(target.unet, target.scheduler))
     return FinetuneResult(classes, losses, start)
 
 
 def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cfg.LoraConfig, losses: list[float],
-                   background: int | None = None) -> None:
+                   background: int | None = None, *, target: str | None = None) -> None:
     """``out/adapter/`` (peft: adapter_config.json + adapter_model.safetensors) or ``out/unet/`` (full), and
-    ``out/classes.json``; the work directory stays for a later resume."""
+    ``out/classes.json``; the work directory stays for a later resume. ``target``: the fingerprint of the target's
+    weights and scheduler (``models.forms.module_fingerprint``), which :func:`load_finetuned` checks."""
     form, other = ("unet", "adapter") if c.rank == "full" else ("adapter", "unet")
     with atomic_directory(out / form) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -337,6 +339,7 @@ def save_finetuned(model: torch.nn.Module, out: Path, classes: np.ndarray, c: cf
         shutil.rmtree(out / other)
     atomic_write_json(out / "classes.json", {"classes": [int(v) for v in classes], "config": cfg.to_dict(c),
                                              "background": None if background is None else int(background),
+                                             "target": target,
                                              "final_loss": float(np.mean(losses[-50:])) if losses else None})
 
 
@@ -356,11 +359,17 @@ def saved_whole(directory: str | Path) -> bool:
 
 def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scale: float | None = None,
                    device: str = "cpu") -> ConditionalDenoiser:
-    """The fine-tuned conditional model written by :func:`finetune` (safetensors only)."""
+    """The fine-tuned conditional model written by :func:`finetune` (safetensors only), of ``target`` only: one
+    fine-tuned from another target's weights is refused (its adapters on other base weights are a model nobody
+    trained; a full fine-tune would be another target's model beside this one's scheduler)."""
     d = Path(directory)
     if not (d / "classes.json").is_file():
         raise ValueError(f"{str(d)!r} holds no fine-tuned model (expected classes.json)")
     meta: dict[str, Any] = json.loads((d / "classes.json").read_text())
+    made_from = meta.get("target")  # (absent from fine-tunes written before it was recorded: not checked)
+    if made_from is not None and made_from != module_fingerprint(target.unet, target.scheduler):
+        raise ValueError(f"{str(d)!r} was fine-tuned from another target (its weights or scheduler differ from the "
+                         "one given): load it with the target it was made from, or fine-tune this one")
     classes = np.asarray(meta["classes"], dtype=np.int64)
     c = cfg.from_dict(cfg.LoraConfig, meta["config"])
     w = c.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -381,7 +390,13 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
             raise ValueError(f"{str(form)!r} holds no adapter_model.safetensors (peft's safetensors adapter weights, "
                              "which finetune writes)")
 
-        model = PeftModel.from_pretrained(conditional_unet(target.unet, len(classes)), str(form))
+        try:
+            model = PeftModel.from_pretrained(conditional_unet(target.unet, len(classes)), str(form))
+        except RuntimeError as e:  # (torch's list of size mismatches: edited classes.json, or another architecture)
+            said = str(e).splitlines()
+            raise ValueError(f"{str(form)!r} does not fit the target with the {len(classes)} classes and null label "
+                             "that classes.json names: " + next((x.strip() for x in said if "mismatch" in x), said[0])
+                             ) from None
     return ConditionalDenoiser(model.to(device), target, classes, w, meta.get("background"))
 
 
