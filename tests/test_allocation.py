@@ -294,3 +294,18 @@ def test_a_stage_that_stops_early_reports_its_end(tiny_model_dir, tmp_path):
     assert stopped["at"] < 12  # the case at hand: the stage did stop early
     last = [(d, t) for name, d, t in calls if name == "extract uncond"][-1]
     assert last == (stopped["at"], stopped["at"])
+
+
+def test_class_weights_refuse_targets_outside_the_classes():
+    """Generations aimed at an output index past n_classes were left out of every class's count without a word;
+    targets of another length were a boolean index error; a negative round or n numpy's error."""
+    images = np.zeros((4, 1, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="targets must be output indices 0..1, got 2"):
+        class_weights(images, np.array([0, 1, 2, 3]), 2, 0.05)
+    with pytest.raises(ValueError, match=r"targets has shape \(3,\), expected one per image \(4,\)"):
+        class_weights(images, np.array([0, 1, 1]), 2, 0.05)
+    for kw, said in [(dict(round_index=-1), "round_index=-1 must be an integer >= 0"),
+                     (dict(n=-1), "n=-1 must be an integer >= 0"), (dict(seed=0.5), "seed=0.5 must be")]:
+        with pytest.raises(ValueError, match=said):
+            adaptive_targets(**{"seed": 0, "round_index": 1, "n": 3, "n_classes": 2, "images": images,
+                                "targets": np.array([0, 1, 1, 0]), "threshold": 0.05, **kw})

@@ -72,7 +72,7 @@ def test_denoising_error_does_not_depend_on_the_batch(tiny_model_dir):
     assert not np.allclose(denoising_error(den, x, 0.2, 2, seed=4, batch_size=5), whole)  # the seed matters
     with pytest.raises(ValueError, match="t_fraction=1.0 must lie strictly between 0 and 1"):
         denoising_error(den, x, 1.0)
-    with pytest.raises(ValueError, match="draws=0 must be >= 1"):
+    with pytest.raises(ValueError, match="draws=0 must be an integer >= 1"):
         denoising_error(den, x, 0.2, 0)
 
 
@@ -220,3 +220,16 @@ def test_memorization_inputs_misstated_are_named():
     assert len(g.remembering(torch.zeros((2, 1, 4, 4))).memory) == 2
     with pytest.raises(ValueError, match=r"one per sample, shape \(n,\); got shape \(3, 4\)"):
         memorization_candidates(np.arange(12.0).reshape(3, 4), 0.5)
+
+
+def test_denoising_error_names_its_settings_of_the_wrong_kind(tiny_model_dir):
+    """seed=1.5 was taken as seed 1, seed=-1 was numpy's "expected non-negative integer", draws=2.5 a TypeError
+    of torch.randn and t_fraction="0.2" a comparison's: each is refused naming the setting."""
+    from side_extract.models.target import load_target
+    den = load_target(tiny_model_dir)
+    x0 = torch.zeros(2, 1, 8, 8)
+    for kw, said in [(dict(seed=1.5), "seed=1.5 must be an integer >= 0"), (dict(seed=-1), "seed=-1 must be"),
+                     (dict(draws=2.5), "draws=2.5 must be an integer >= 1"), (dict(draws=True), "draws=True must"),
+                     (dict(t_fraction="0.2"), "t_fraction='0.2' must be a number")]:
+        with pytest.raises(ValueError, match=said):
+            denoising_error(den, x0, **kw)

@@ -32,6 +32,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import pairwise_distances_chunked
 
+from . import config as cfg
+
 
 def near_duplicate_groups(images: np.ndarray, threshold: float, working_memory_mb: int = 64) -> np.ndarray:
     """Component id (n,) of each uint8 image (n, ...): linked when their pixel RMS distance, in [0, 1] (levels / 255),
@@ -86,6 +88,13 @@ def stop_after(images: np.ndarray, threshold: float, stop_unseen: float) -> tupl
 
 def class_weights(images: np.ndarray, targets: np.ndarray, n_classes: int, threshold: float) -> np.ndarray:
     """U_k for every class 0..n_classes-1 from the earlier generations ``images`` and their ``targets``."""
+    cfg.check_int(n_classes, "n_classes", 1)
+    targets = np.asarray(targets)
+    if targets.shape != (len(images),):  # (a boolean index error)
+        raise ValueError(f"targets has shape {targets.shape}, expected one per image ({len(images)},)")
+    outside = targets[(targets < 0) | (targets >= n_classes)]
+    if len(outside):  # (generations aimed at them were left out of every class's count without a word)
+        raise ValueError(f"targets must be output indices 0..{n_classes - 1}, got {int(outside[0])}")
     w = np.ones(n_classes)
     for k in range(n_classes):
         sel = targets == k
@@ -97,6 +106,8 @@ def class_weights(images: np.ndarray, targets: np.ndarray, n_classes: int, thres
 def adaptive_targets(seed: int, round_index: int, n: int, n_classes: int, images: np.ndarray, targets: np.ndarray,
                      threshold: float) -> np.ndarray:
     """The targets (output indices) of ``n`` generations of round ``round_index`` (see the module docstring)."""
+    for name, v in (("seed", seed), ("round_index", round_index), ("n", n)):
+        cfg.check_int(v, name)
     w = class_weights(images, targets, n_classes, threshold)
     rng = np.random.default_rng([seed, round_index, 0xA110C])
     return rng.choice(n_classes, size=n, p=w / w.sum()).astype(np.int64)

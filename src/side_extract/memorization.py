@@ -37,10 +37,11 @@ from .sampling import MEMGUIDE_STREAM, MEMORIZATION_STREAM, sample_generators
 def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.2, draws: int = 4, seed: int = 0,
                     *, batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
     """score (n,) float64 of images ``x0`` (n, C, H, W) in [-1, 1]; see the module docstring."""
+    cfg.check_real(t_fraction, "t_fraction")  # (a str was a comparison's TypeError; draws=2.5 torch's; seed=1.5
+    cfg.check_int(draws, "draws", 1)  # was taken as 1, and -1 was numpy's "expected non-negative integer")
+    cfg.check_int(seed, "seed")
     if not 0.0 < t_fraction < 1.0:
         raise ValueError(f"t_fraction={t_fraction} must lie strictly between 0 and 1 (a fraction of the training timesteps)")
-    if draws < 1:
-        raise ValueError(f"draws={draws} must be >= 1")
     check_size(batch_size, "batch_size", "number of images per batch")  # (-1 returned np.empty's memory as scores)
     check_float_images(x0, "denoising_error x0", denoiser.sample_shape)
     t = timestep(t_fraction, denoiser.scheduler.config.num_train_timesteps)
