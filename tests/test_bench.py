@@ -163,3 +163,38 @@ def test_a_scale_past_the_largest_balanced_digits_subset_is_refused_up_front():
     with pytest.raises(ValueError, match="scales: 1749 must be between 2 and 1748"):
         dataclasses.replace(tiny_bench(), scales=(20, 1749))
     assert dataclasses.replace(tiny_bench(), scales=(20, 1748)).scales == (20, 1748)
+
+
+def test_the_bands_cache_follows_the_similarity_file_it_names(tmp_path):
+    """`ensure_bands` named its cache folder by the similarity string: another TorchScript network saved under the
+    same path was served the first one's bands, and every benchmark run (keyed by the file's bytes) was redone and
+    scored against them."""
+    import torch
+
+    from side_extract.bench.extraction import ensure_bands
+    from side_extract.data import load_digits_set
+    from side_extract.evaluation import calibrate, digits_complement
+    from side_extract.runs import fingerprint_of
+
+    script = tmp_path / "embed.pt"
+
+    def save(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+        torch.jit.script(net).save(str(script))
+
+    from side_extract.data import ImageSet
+    train, heldout = load_digits_set(40), ImageSet(digits_complement("digits:40").images[:300])
+    c = cfg.EvaluateConfig(similarity=f"cosine:torchscript:{script}", calibration_quantiles=(0.01, 0.1, 0.3))
+    save(0)
+    first = ensure_bands(train, heldout, c, tmp_path / "cache", "t")
+    assert ensure_bands(train, heldout, c, tmp_path / "cache", "t") == first  # the same file: the same bands
+    save(1)
+    second = ensure_bands(train, heldout, c, tmp_path / "cache", "t")
+    assert second != first
+    calibrate(train, heldout, c).write(tmp_path / "fresh")
+    assert json.loads(second.read_text())["bands"] == json.loads((tmp_path / "fresh" / "bands.json").read_text())["bands"]
+    pixel = cfg.EvaluateConfig(calibration_quantiles=(0.01, 0.1, 0.3))  # pixel bands keep their folder name
+    assert ensure_bands(train, heldout, pixel, tmp_path / "cache", "t").parent.name == "t-" + fingerprint_of(
+        {"similarity": pixel.similarity, "quantiles": [0.01, 0.1, 0.3], "resize": None}, train.fingerprint(),
+        heldout.fingerprint(), None)[:12]

@@ -36,7 +36,7 @@ from ..data import ImageSet, largest_balanced, load_digits_set, load_image_set
 from ..evaluation import calibrate, digits_complement
 from ..models.target import load_target, model_fingerprint, train_target
 from ..pipeline import ProgressFactory, no_progress, run_audit
-from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
+from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json, settings_fingerprint
 from ..summary import metric_values, ratios_to_best_baseline
 from ..sweeps import SWEEPABLE, run_with_sweeps, share_stages, sweep_configs
 from . import machine_description, write_results
@@ -197,9 +197,14 @@ def ensure_target(c: cfg.TrainTargetConfig, n: int, size: int, cache: Path, *, d
 
 def ensure_bands(train: ImageSet, heldout: ImageSet, c: cfg.EvaluateConfig, cache: Path, tag: str, *,
                  model: str | None = None, device: str = "cpu") -> Path:
-    """Bands from the held-out null, calibrated once per training set: ``cache/bands/<tag>-<fp>/bands.json``."""
+    """Bands from the held-out null, calibrated once per training set and feature space:
+    ``cache/bands/<tag>-<fp>/bands.json``. A similarity's TorchScript file counts by its bytes and ``cosine:unet``'s
+    target by its weights (both were counted by their paths: another network saved under the same path was
+    served the old one's bands, which every run then scored against)."""
     keep = {"similarity": c.similarity, "quantiles": list(c.calibration_quantiles), "resize": c.resize}
-    fp = fingerprint_of(keep, train.fingerprint(), heldout.fingerprint(), model if c.similarity == "cosine:unet" else None)
+    unet = model_fingerprint(model) if c.similarity == "cosine:unet" and model else None
+    files = [settings_fingerprint({"evaluate": {"similarity": c.similarity}})] if "torchscript:" in c.similarity else []
+    fp = fingerprint_of(keep, train.fingerprint(), heldout.fingerprint(), unet, *files)  # (pixel bands: the same name)
     directory = cache / "bands" / f"{tag}-{fp[:12]}"
     if not (directory / "bands.json").exists():
         feature_model = load_target(model, device) if c.similarity == "cosine:unet" and model else None
