@@ -193,7 +193,8 @@ def test_the_bands_cache_follows_the_similarity_file_it_names(tmp_path):
     second = ensure_bands(train, heldout, c, tmp_path / "cache", "t")
     assert second != first
     calibrate(train, heldout, c).write(tmp_path / "fresh")
-    assert json.loads(second.read_text())["bands"] == json.loads((tmp_path / "fresh" / "bands.json").read_text())["bands"]
+    fresh = json.loads((tmp_path / "fresh" / "bands.json").read_text())
+    assert json.loads(second.read_text())["bands"] == fresh["bands"]
     pixel = cfg.EvaluateConfig(calibration_quantiles=(0.01, 0.1, 0.3))  # pixel bands keep their folder name
     assert ensure_bands(train, heldout, pixel, tmp_path / "cache", "t").parent.name == "t-" + fingerprint_of(
         {"similarity": pixel.similarity, "quantiles": [0.01, 0.1, 0.3], "resize": None}, train.fingerprint(),

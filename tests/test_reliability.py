@@ -17,7 +17,7 @@ from side_extract import config as cfg
 from side_extract.cli.main import app
 from side_extract.models.classifier import load_classifier
 from side_extract.pipeline import cluster_problems, run_audit
-from side_extract.runs import RunLocked, read_json, run_lock
+from side_extract.runs import RunDir, RunLocked, read_json, run_lock
 from side_extract.sampling import SamplingDiverged
 
 from conftest import interrupt_at
@@ -1277,3 +1277,19 @@ def test_the_settings_fingerprint_reads_only_the_settings_that_name_files(tmp_pa
     assert settings_fingerprint(digits, names=EMBEDDED_TARGETS) == digits_before  # (--out digits:30)
     (tmp_path / "train.npz").write_bytes(b"b")
     assert settings_fingerprint(rc, names=EMBEDDED_TARGETS) != before
+
+
+def test_a_finished_calibrations_damaged_bands_file_is_made_again(tiny_model_dir, tmp_path, one_thread):
+    """The calibration stage checked only that evaluation/bands.json was there: one cut short since (a disk fault, a
+    copy cut short) failed every run that measured an evaluation again, --force included, with "restore or
+    delete it". It is calibrated again, to the same bands."""
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=4)
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    bands, table = run / "evaluation" / "bands.json", run / "evaluation" / "uncond" / "per_generation.npz"
+    whole = json.loads(bands.read_text())["bands"]
+    for p in (bands, table):
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    run_audit(run, rc, replace=False)
+    assert json.loads(bands.read_text())["bands"] == whole
+    assert RunDir(run).stage_entry("calibration")["status"] == "complete"

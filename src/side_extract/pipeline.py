@@ -103,6 +103,19 @@ def _damaged(path: Path, key: str) -> bool:
     return True
 
 
+def _bands_damaged(path: Path, similarity: str) -> bool:
+    """The calibration's bands.json gone or damaged since: the stage is made again (it only checked that the file
+    was there, so a damaged one failed every later run, --force included, until deleted by hand)."""
+    if not path.exists():
+        return True
+    try:
+        read_bands_file(path, Similarity(similarity).spec)
+    except ValueError:
+        log.warning("%s is damaged (it does not read as the stage wrote it): its stage is made again", path)
+        return True
+    return False
+
+
 def _stage_npz(path: Path, key: str) -> np.ndarray:
     got = read_npz(path, key)
     if got is None:  # (just written whole: only a disk failing now gets here)
@@ -535,7 +548,7 @@ def calibration_stage(ctx: AuditContext, train: ImageSet) -> Path | None:
         return None
     fp, kw, heldout = calibration_plan(ctx, train)
     path = ctx.run.path / "evaluation" / "bands.json"
-    if ctx.run.begin("calibration", fp, **kw) != "skip" or not path.exists():
+    if ctx.run.begin("calibration", fp, **kw) != "skip" or _bands_damaged(path, c.similarity):
         if heldout is None:
             log.warning("evaluate.heldout is not set (train=%r): the similarity bands are calibrated on the training "
                         "images against each other, not on held-out images against the training set; give "
