@@ -178,6 +178,9 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     md = md_path.read_text()
     assert render_variants_markdown(json.loads(json_path.read_text())) == md
     assert "held-out seed 4" in md and "`extract.scale=0.0`" in md
+    # SIDE alone was tuned, and the held-out ✓ is one seed's: the file says so (it read as a held-out win)
+    assert f"**Not the fair protocol.** SIDE is the best of {len(val['variants'])} settings" in md
+    assert "Cond and UnCond are not tuned" in md and "one seed without an interval" in md
     # rerunning is free: every stage is cached
     again = run_variants_bench(vc, tmp_path / "cache")
     assert again["validation"]["variants"] == val["variants"]

@@ -180,7 +180,12 @@ def render_variants_markdown(data: dict[str, Any]) -> str:
              "Objective (chooses the variant, validation seed only): mean over scales and the metrics "
              f"{', '.join('`' + o + '`' for o in data['objective'])} of log((v + 1/N_G) / (best baseline + 1/N_G)); "
              "0 = on par with the best baseline, +0.10 = about 10 % more. ≤mid = the high and mid bands together "
-             "(cumulative).", "", f"Base settings: {_overrides_cell(c['base'])}.", ""]
+             "(cumulative).", "", f"Base settings: {_overrides_cell(c['base'])}.", "",
+             f"**Not the fair protocol.** SIDE is the best of {len(data['validation']['variants'])} settings (base and "
+             "the variants) on one validation seed; Cond and UnCond are not tuned (they run at the base settings, "
+             "and again at a variant's only where it changes the sampler). The held-out comparison is one seed "
+             "without an interval: a ✓ below marks that seed's comparison, not a result. `side bench fair` gives "
+             "every method the same tuning budget and intervals over held-out replicates.", ""]
     keys = ["ams/high", "ams/mid", "ams/low", "ums/high", "ums/mid", "ums/low", "p95", "carlini", "gu"]
     for method in c["methods"]:
         chosen = data["chosen"][method]
