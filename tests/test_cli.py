@@ -344,7 +344,7 @@ def test_a_new_run_directory_says_which_model_it_used(tmp_path):
 def test_side_run_says_when_its_config_names_no_model(tmp_path):
     """`side run CONFIG` with no model: in CONFIG audited the embedded demo target without a word (a user's own
     training set then met a model it was never trained on); it says so before the run starts."""
-    body = ("train: digits:20\nextract: {methods: [uncond], n: 2, steps: 1}\n"
+    body = ("train: digits:20\nextract: {methods: [uncond], n: 2, steps: 2}\n"
             "evaluate: {bands: 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2', quality: [], carlini_n: 2}\n")
     (tmp_path / "c.yaml").write_text(body)
     argv = ["--no-progress", "run", str(tmp_path / "c.yaml"), "--no-report"]
