@@ -237,3 +237,32 @@ def test_train_target_cli_takes_and_checks_the_prediction_type(tmp_path, one_thr
                                   "--block-out-channels", "4,8", "--norm-num-groups", "4", "--batch-size", "4"])
     assert ok.exit_code == 0, ok.output
     assert load_target(tmp_path / "v").prediction == "v_prediction"
+
+
+def test_a_schedule_the_samplers_rebuild_otherwise_is_refused():
+    """Euler's zero-SNR rescaling keeps 2^-24 at the last timestep where the DDIM and DDPM schedules the samplers
+    rebuild from the same config put 0: the check on the given scheduler passed, and the model's v was read with one
+    schedule and stepped with the other (0.1 from diffusers' DDIM, or 'diverged'). An Euler scheduler of an ordinary
+    schedule is one the samplers rebuild exactly, and stays accepted."""
+    from diffusers import EulerDiscreteScheduler
+    zero_snr = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                      prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                      timestep_spacing="trailing")
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler's noise schedule is not the one its config gives "
+                                         r"the DDIM and DDPM samplers here \(alphas_cumprod at timestep 999: 5.96e-08 "
+                                         r"in the scheduler, 0 from its config"):
+        as_target(tiny_unet(), scheduler=zero_snr)
+    as_target(tiny_unet(), scheduler=EulerDiscreteScheduler(num_train_timesteps=1000, prediction_type="v_prediction"))
+
+
+@pytest.mark.parametrize("form", [np.asarray, torch.tensor])
+def test_schedules_apart_in_the_middle_of_their_betas_are_other_targets(form):
+    """A scheduler built in memory keeps trained_betas as an array, whose str elides the middle of more than 1,000
+    values: two schedules apart only there had one fingerprint, and a run reused the other's stages."""
+    b1 = np.linspace(1e-4, 0.02, 2000)
+    b2 = b1.copy()
+    b2[800:1200] *= 1.3
+    unet = tiny_unet()
+    one, two = (as_target(unet, scheduler=DDPMScheduler(num_train_timesteps=2000, trained_betas=form(b)))
+                for b in (b1, b2))
+    assert one.fingerprint != two.fingerprint

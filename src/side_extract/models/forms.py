@@ -28,8 +28,10 @@ ModelLike = str | Path | UNet2DModel | DiffusionPipeline | Callable[[torch.Tenso
 
 
 def _config_blob(obj: Any) -> bytes:
+    """A config's JSON, arrays as their values (``str`` of a numpy array over 1,000 values, a scheduler's
+    ``trained_betas`` given from Python, elides its middle: two schedules differing there had one fingerprint)."""
     return json.dumps({k: v for k, v in dict(obj.config).items() if not k.startswith("_")}, sort_keys=True,
-                      default=str).encode()
+                      default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)).encode()
 
 
 def module_fingerprint(unet: torch.nn.Module, scheduler: SchedulerMixin) -> str:

@@ -147,6 +147,16 @@ def check_schedule(scheduler: SchedulerMixin) -> None:
         raise ValueError("the scheduler's noise schedule ends with no signal at all (alphas_cumprod[T-1] = 0, as "
                          "rescale_betas_zero_snr makes it): the noise and x0 cannot be read from x_t there, and every "
                          "stage here reads them; audit the model with its schedule's last step kept above zero")
+    # the samplers step a DDIM/DDPM schedule rebuilt from the config: it must be this one (Euler's zero-SNR
+    # rescaling keeps 2^-24 at the last step where DDIM's and DDPM's put 0: it passed the check above, and the model's
+    # v was read with one schedule and stepped with the other, 0.1 from diffusers' DDIM, or 'diverged')
+    rebuilt = torch.as_tensor(DDPMScheduler.from_config(scheduler.config).alphas_cumprod, dtype=torch.float64)
+    if rebuilt.shape != a.shape or not torch.allclose(rebuilt, a, rtol=1e-5, atol=0.0):
+        worst = int((rebuilt - a).abs().argmax()) if rebuilt.shape == a.shape else len(a) - 1
+        raise ValueError(f"the {type(scheduler).__name__}'s noise schedule is not the one its config gives the DDIM "
+                         f"and DDPM samplers here (alphas_cumprod at timestep {worst}: {float(a[worst]):.3g} in the "
+                         f"scheduler, {float(rebuilt[worst]):.3g} from its config, {betas}); audit the model with a "
+                         "DDPMScheduler or DDIMScheduler of its schedule")
 
 
 def _abar(scheduler: SchedulerMixin, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
