@@ -1293,3 +1293,8 @@ def test_a_finished_calibrations_damaged_bands_file_is_made_again(tiny_model_dir
     run_audit(run, rc, replace=False)
     assert json.loads(bands.read_text())["bands"] == whole
     assert RunDir(run).stage_entry("calibration")["status"] == "complete"
+    null = run / "evaluation" / "null.npz"  # the raw null beside it, which the report reads
+    values = dict(np.load(null))
+    null.write_bytes(null.read_bytes()[:100])
+    run_audit(run, rc, replace=False)
+    assert all(np.array_equal(dict(np.load(null))[k], v) for k, v in values.items())

@@ -104,16 +104,21 @@ def _damaged(path: Path, key: str) -> bool:
 
 
 def _bands_damaged(path: Path, similarity: str) -> bool:
-    """The calibration's bands.json gone or damaged since: the stage is made again (it only checked that the file
-    was there, so a damaged one failed every later run, --force included, until deleted by hand)."""
+    """The calibration's bands.json gone, or it or the null.npz beside it damaged since: the stage is made again
+    (it only checked that bands.json was there, so a damaged one failed every later run, --force included, until
+    deleted by hand, and a damaged null.npz every report)."""
     if not path.exists():
         return True
+    null = path.parent / "null.npz"
     try:
         read_bands_file(path, Similarity(similarity).spec)
     except ValueError:
-        log.warning("%s is damaged (it does not read as the stage wrote it): its stage is made again", path)
-        return True
-    return False
+        damaged: Path | None = path
+    else:
+        damaged = null if null.exists() and read_npz(null) is None else None
+    if damaged is not None:
+        log.warning("%s is damaged (it does not read as the stage wrote it): its stage is made again", damaged)
+    return damaged is not None
 
 
 def _stage_npz(path: Path, key: str) -> np.ndarray:
