@@ -34,16 +34,21 @@ def test_an_error_on_one_process_reaches_every_process():
     assert "finished without an error" not in out
 
 
+def _failed_launch(script: str, folder: Path) -> str:
+    """What a two-process launch of ``tests/SCRIPT FOLDER`` said, where one of its processes fails (checked)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="40")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(__file__).parent / script),
+                           str(folder)], capture_output=True, text=True, env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "finished without an error" not in out, out[-3000:]
+    return out
+
+
 def test_an_error_in_a_round_of_shards_reaches_every_process_at_once(tmp_path):
     """Shards written in rounds ended each round at a bare barrier: process 1 failed and went to the caller's
     check-in while the main process waited at the barrier, until the process timeout (a day by default), and
     both then said only gloo's error. Each round now ends in a check-in that carries the error."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="40")
-    script = str(Path(__file__).parent / "dist_rounds.py")
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "finished without an error" not in out
+    out = _failed_launch("dist_rounds.py", tmp_path / "out")
     assert "rank 1 ValueError: diverged on process 1" in out, out[-3000:]
     assert "rank 0 PeerFailed: another process failed: process 1: ValueError: diverged on process 1" in out
     took = [float(m) for m in re.findall(r"after (\d+) s", out)]
@@ -269,12 +274,7 @@ def test_a_stage_another_process_failed_is_not_reported_done(tmp_path):
     """The main process wrote the stage's last shard while process 1 failed its own: the main one's progress said
     "6 of 6 done" before the check-in told it of the failure. The whole is reported only once every process
     has checked in."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", SIDE_PROCESS_TIMEOUT_S="40")
-    script = str(Path(__file__).parent / "dist_progress.py")
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, str(tmp_path / "run")],
-                          capture_output=True, text=True, env=env, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "finished without an error" not in out
+    out = _failed_launch("dist_progress.py", tmp_path / "run")
     said = re.search(r"rank 0 PeerFailed: .*diverged on process 1; reported (\[.*\])", out)
     assert said, out[-3000:]
     reports = ast.literal_eval(said.group(1))  # the main process's (done, total) reports
