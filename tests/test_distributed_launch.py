@@ -279,3 +279,28 @@ def test_a_stage_another_process_failed_is_not_reported_done(tmp_path):
     assert said, out[-3000:]
     reports = ast.literal_eval(said.group(1))  # the main process's (done, total) reports
     assert reports and all(done < total for done, total in reports), reports
+
+
+def test_a_launch_stopped_by_ctrl_c_says_one_line(tiny_model_dir, tmp_path):
+    """Ctrl-C to `side --processes 2 ...` ended with torch's 23-line traceback ("SignalException: Process ... got
+    signal: 2"); it says one line and leaves with 128 + the signal's number, its processes stopped."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "side_extract", "--processes", "2", "--threads", "1",
+                             "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "100000", "--steps",
+                             "20", "--shard-size", "8", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "synthetic" / "shard-00001.npz").exists():  # both processes are sampling
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    said = stdout + stderr
+    assert proc.returncode == 128 + signal.SIGINT, said[-3000:]
+    assert "error: the launch of 2 processes was stopped by SIGINT" in said and "Traceback" not in said, said[-3000:]

@@ -438,6 +438,7 @@ def launch(nproc: int, args: list[str]) -> int:
     process that failed with status 2 (an error it printed itself: a config or input error, said by every process
     that met it) gets no more words; another status (a crash, a signal) is named in one line, not torchrun's report
     and traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -464,6 +465,11 @@ def launch(nproc: int, args: list[str]) -> int:
             how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
             print(f"error: process {rank} of the launch of {nproc} {how}", file=sys.stderr, flush=True)
         return code if code > 0 else 1
+    except SignalException as e:  # the launcher itself stopped (Ctrl-C): torchrun has stopped its processes; its
+        # traceback (23 lines, "SignalException: Process ... got signal: 2") said it, where one process says nothing
+        print(f"error: the launch of {nproc} processes was stopped by {signal.Signals(e.sigval).name}; a rerun "
+              "resumes what was left unfinished", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
     finally:
         elastic.setLevel(level)
     return 0
