@@ -124,8 +124,11 @@ def render_compute_markdown(data: dict[str, Any]) -> str:
         cells = "; ".join(f"N_G {r['n_generated']:,}: {r['peak_rss_mb']:.0f} MB ({r['seconds']:.1f} s)" for r in rss)
         small, large = (f(rss, key=lambda r: r["n_generated"]) for f in (min, max))  # (in any order given)
         base = small["peak_rss_mb"]
-        lines.append(f"| peak RSS of evaluate vs {small['n_train']:,} random 8x8 training images (fresh process each) "
-                     f"| {cells} | N_G {small['n_generated']:,}: {base:.0f} MB | "
+        lifetime = "" if all(r.get("peak_is") == "the call's" for r in rss) else (
+            " (measured before the call's own peak was: the process's lifetime high-water mark, which the data and "
+            "the warm-up may have set)")
+        lines.append(f"| peak RSS of evaluate vs {small['n_train']:,} random 8x8 training images (fresh process each)"
+                     f"{lifetime} | {cells} | N_G {small['n_generated']:,}: {base:.0f} MB | "
                      f"**{large['peak_rss_mb'] / base:.2f}** (largest / smallest N_G) |")
     if data.get("demo"):
         d = data["demo"]
@@ -241,9 +244,12 @@ def render_scale_markdown(data: dict[str, Any]) -> str:
                           [[f"{r['n_train']:,}", str(r["dims"]), f"{r['n_generated']:,}", fmt(r["seconds"]),
                             fmt(r["train_set_mb"], 4), fmt(r["rss_before_mb"], 4), fmt(r["peak_rss_mb"], 4)]
                            for r in search]), "",
-                  "RSS before: the process after making its random training set and a warm-up evaluation; the "
-                  "search streams reference chunks and keeps a running top-k, so the peak grows with the training "
-                  "set (which is in memory) and not with N_G.", ""]
+                  "RSS before: the process after making its random training set and a warm-up evaluation ("
+                  + ("in use then; peak: the call's own, from there" if all(r.get("peak_is") == "the call's"
+                                                                            for r in search) else
+                     "measured before the call's own peak was: both are the process's lifetime high-water mark")
+                  + "); the search streams reference chunks and keeps a running top-k, so the peak grows with the "
+                  "training set (which is in memory) and not with N_G.", ""]
     p = data.get("processes")
     if p:
         lines += ["## One and two processes (`side sample --model demo`, torchrun)", ""]
