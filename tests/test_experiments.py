@@ -208,3 +208,13 @@ def test_dedup_stopping_runs_on_the_demo_target(tmp_path):
                    cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "out" / "dedup-stopping-demo.md").is_file(), r.stdout
+
+
+def test_the_flops_recount_is_what_its_script_makes_of_the_committed_scale_file():
+    """``experiments/scale-flops-recount.md`` holds the FLOPs and GPU projections the README quotes beside
+    ``scale.md``'s (counted before attention was): it must equal its script's output on the committed file."""
+    root = EXPERIMENTS.parents[1]
+    r = run_script("flops_recount.py", "benchmarks/results/scale.json", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    committed = (root / "benchmarks" / "results" / "experiments" / "scale-flops-recount.md").read_text()
+    assert r.stdout == committed, "scale-flops-recount.md is stale: regenerate it with the command in its docstring"

@@ -132,10 +132,9 @@ def model_child(name: str, batch: int, repeats: int, classes: int, threads: int)
     """(Run in a fresh process.) Time one architecture at one batch size; print one JSON line."""
     from diffusers import DDPMScheduler
 
-    from .. import config as cfg
     from ..guidance import ClassifierGuidance
     from .compute import interleaved
-    from ..models.classifier import ClassifierArch, NoiseAwareResNet
+    from ..models.classifier import NoiseAwareResNet
     from ..models.target import UNetDenoiser
     from ..sampling import guided_step, inference_scheduler
 
@@ -146,10 +145,7 @@ def model_child(name: str, batch: int, repeats: int, classes: int, threads: int)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn((batch, 3, side, side), generator=gen)
     t = torch.tensor(600)
-    c = cfg.ClassifierConfig()
-    arch = ClassifierArch(num_classes=classes, in_channels=3, image_size=side, depth=c.depth, width=c.width,
-                          time_mode=c.time_mode, time_embed_dim=c.time_embed_dim, time_blocks=c.time_blocks,
-                          classes=tuple(range(classes)))
+    arch = classifier_arch(side, classes)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         clf = NoiseAwareResNet(arch)
@@ -200,10 +196,26 @@ def model_child(name: str, batch: int, repeats: int, classes: int, threads: int)
            "guided_step_s_per_image": times["guided"] / batch, "classifier_train_s_per_image": times["train"] / batch,
            "guided_over_call": times["guided"] / times["call"], "bf16_over_fp32": times["call16"] / times["call"],
            "peak_rss_mb": round(_peak_mb(), 1)}
+    print(json.dumps({**row, **model_flops(denoiser, clf, x[:1])}))
+
+
+def classifier_arch(side: int, classes: int) -> Any:
+    """The default noise-aware classifier's architecture for ``side`` x ``side`` x 3 images and ``classes``."""
+    from .. import config as cfg
+    from ..models.classifier import ClassifierArch
+
+    c = cfg.ClassifierConfig()
+    return ClassifierArch(num_classes=classes, in_channels=3, image_size=side, depth=c.depth, width=c.width,
+                          time_mode=c.time_mode, time_embed_dim=c.time_embed_dim, time_blocks=c.time_blocks,
+                          classes=tuple(range(classes)))
+
+
+def model_flops(denoiser: Callable[..., Any], classifier: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """FLOPs of one denoiser call and one classifier forward on the one image ``x`` (1, C, H, W)."""
+    t = torch.tensor(600)
     with torch.no_grad():
-        row["denoiser_flops_per_image"] = flops_per_image(lambda: denoiser(x[:1], t))
-        row["classifier_flops_per_image"] = flops_per_image(lambda: clf(x[:1], tt[:1]))
-    print(json.dumps(row))
+        return {"denoiser_flops_per_image": flops_per_image(lambda: denoiser(x, t)),
+                "classifier_flops_per_image": flops_per_image(lambda: classifier(x, t.reshape(1)))}
 
 
 _MODEL_CHILD = "import sys; from side_extract.bench.scale import model_child as f; a=sys.argv[1:]; " \
