@@ -266,3 +266,19 @@ def test_schedules_apart_in_the_middle_of_their_betas_are_other_targets(form):
     one, two = (as_target(unet, scheduler=DDPMScheduler(num_train_timesteps=2000, trained_betas=form(b)))
                 for b in (b1, b2))
     assert one.fingerprint != two.fingerprint
+
+
+def test_a_scheduler_built_with_its_own_defaults_is_sampled_with_its_own_schedule():
+    """diffusers records the arguments a scheduler built in Python left at their defaults, and from_config fills those
+    with the new class's defaults: a HeunDiscreteScheduler() (betas 0.00085..0.012) was sampled with DDPM's
+    0.0001..0.02 (alpha_bar 0.184 for its 0.281 at timestep 406), and once checked, refused with a message that
+    contradicted itself. A beta_schedule DDPM lacks is said, not raised as NotImplementedError."""
+    from diffusers import HeunDiscreteScheduler
+
+    heun = HeunDiscreteScheduler()
+    target = as_target(tiny_unet(), scheduler=heun)
+    for kind in ("ddim", "ddpm"):
+        torch.testing.assert_close(inference_scheduler(target.denoiser.scheduler, kind, 10).alphas_cumprod,
+                                   heun.alphas_cumprod, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"HeunDiscreteScheduler's noise schedule cannot be stepped .*exp"):
+        as_target(tiny_unet(), scheduler=HeunDiscreteScheduler(beta_schedule="exp"))

@@ -364,3 +364,5 @@ def test_steps_whose_walk_starts_near_the_clean_end_refused_before_any_stage(tin
         sample(load_target(tiny_model_dir), 2, steps=1, scheduler=kind)
     check_sampler(DDPMScheduler(num_train_timesteps=1000), kind, 2, "extract")  # starts at 500: alpha_bar 0.08
     check_sampler(DDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing"), kind, 1, "extract")
+    with pytest.raises(ValueError, match=r"'linspace' starts at timestep 0.*timestep_spacing 'trailing'$"):
+        check_sampler(DDPMScheduler(num_train_timesteps=1000, timestep_spacing="linspace"), kind, 1, "extract")

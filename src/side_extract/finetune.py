@@ -259,8 +259,9 @@ def finetune(
         model = attach_adapters(conditional_unet(target.unet, len(classes)), c)
     model.to(device).train()
     opt = torch.optim.AdamW(_param_groups(model, c), lr=c.lr, weight_decay=0.0)
+    weights = module_fingerprint(target.unet, target.scheduler)  # (recorded with the fine-tune: load_finetuned)
     if target_fingerprint is None:
-        target_fingerprint = module_fingerprint(target.unet, target.scheduler)
+        target_fingerprint = weights
     # a longer fine-tune into the same ``out`` continues a shorter one (a run's lora stage keys ``steps``, and
     # starts afresh, its work folder removed, when they change)
     key = fingerprint_of({k: v for k, v in lora_settings(c).items() if k not in ("steps", "checkpoint_every")},
@@ -322,8 +323,7 @@ def finetune(
     model.eval()
     group.check_replicas(model, "side-lora")
     if group.main:
-        save_finetuned(model, out, classes, c, losses, background,
-                       target=module_fingerprint(target.unet, target.scheduler))
+        save_finetuned(model, out, classes, c, losses, background, target=weights)
     return FinetuneResult(classes, losses, start)
 
 

@@ -111,7 +111,7 @@ def _bands_damaged(path: Path, similarity: str) -> bool:
         return True
     null = path.parent / "null.npz"
     try:
-        read_bands_file(path, Similarity(similarity).spec)
+        read_bands_file(path, similarity)
     except ValueError:
         damaged: Path | None = path
     else:

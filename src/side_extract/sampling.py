@@ -28,7 +28,7 @@ from . import config as cfg
 from .data import ImageSet, integer_labels, to_uint8
 from .distributed import check_device
 from .guidance import Guidance
-from .models.target import Denoiser, predict_x0, reproducible_gradients
+from .models.target import Denoiser, predict_x0, reproducible_gradients, sampler_config
 from .runs import MODEL_INPUT, Progress, RunDir, shard_stage, stage_fingerprint
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,13 @@ def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind
     """A fresh DDIM or DDPM scheduler from the target's training scheduler config, set to ``steps`` steps: an
     epsilon model's, since a denoiser returns epsilon whatever its model predicts (``models.target.as_epsilon``)."""
     if kind == "ddim":
-        sched = DDIMScheduler.from_config(train_scheduler.config, prediction_type="epsilon")
+        sched = DDIMScheduler.from_config(sampler_config(train_scheduler), prediction_type="epsilon")
         if sched.config.thresholding:
             raise ValueError("the model's scheduler sets thresholding (dynamic thresholding of x0): the DDIM sampler "
                              "here clips x0 to clip_sample_range as guided-diffusion does; save the scheduler with "
                              "thresholding false, or sample with scheduler ddpm")
     elif kind == "ddpm":
-        sched = DDPMScheduler.from_config(train_scheduler.config, prediction_type="epsilon")
+        sched = DDPMScheduler.from_config(sampler_config(train_scheduler), prediction_type="epsilon")
         if sched.config.variance_type in ("learned", "learned_range"):  # (diffusers' step failed with a TypeError)
             raise ValueError(f"the model's scheduler has variance_type={sched.config.variance_type!r}: the DDPM "
                              "sampler here reads only the model's eps, not a learned variance; sample with scheduler "
@@ -91,12 +91,12 @@ def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind
                          f"{n_train} training timesteps (0..{n_train - 1}); use fewer steps, or save the scheduler "
                          "with timestep_spacing 'trailing' or 'linspace'")
     ac = sched.alphas_cumprod
-    if float(ac[first]) > 0.5 >= float(ac[n_train - 1]):  # (leading spacing's one step is timestep 0)
+    if float(ac[first]) > 0.5 >= float(ac[n_train - 1]):  # (leading or linspace spacing's one step is timestep 0)
         raise ValueError(f"steps={steps} with the model's timestep_spacing={sched.config.timestep_spacing!r} "
                          f"starts at timestep {first}, where an image is more signal than noise (alpha_bar "
                          f"{float(ac[first]):.3g} > 0.5; {float(ac[n_train - 1]):.3g} at the model's last timestep): "
                          "the starting noise would be taken for a nearly clean image and returned as one; use more "
-                         "steps, or save the scheduler with timestep_spacing 'trailing' or 'linspace'")
+                         "steps, or save the scheduler with timestep_spacing 'trailing'")
     return sched
 
 

@@ -123,6 +123,14 @@ def prediction_type(scheduler: SchedulerMixin, model_prediction: str | None = No
     return kind
 
 
+def sampler_config(scheduler: SchedulerMixin) -> dict[str, Any]:
+    """``scheduler``'s config for a DDIM or DDPM sampler of the same schedule (``from_config``): without diffusers'
+    record of the arguments left at their defaults, which ``from_config`` would fill with the new class's own
+    defaults (a ``HeunDiscreteScheduler()`` built in Python has betas 0.00085..0.012, and was sampled with DDPM's
+    0.0001..0.02)."""
+    return {k: v for k, v in dict(scheduler.config).items() if k != "_use_default_values"}
+
+
 def check_schedule(scheduler: SchedulerMixin) -> None:
     """Refuse a noise schedule no stage here can use, when the model is loaded: alphas_cumprod must hold one value
     per training timestep (``num_train_timesteps``; ``trained_betas`` of another length failed inside diffusers'
@@ -150,7 +158,12 @@ def check_schedule(scheduler: SchedulerMixin) -> None:
     # the samplers step a DDIM/DDPM schedule rebuilt from the config: it must be this one (Euler's zero-SNR
     # rescaling keeps 2^-24 at the last step where DDIM's and DDPM's put 0: it passed the check above, and the model's
     # v was read with one schedule and stepped with the other, 0.1 from diffusers' DDIM, or 'diverged')
-    rebuilt = torch.as_tensor(DDPMScheduler.from_config(scheduler.config).alphas_cumprod, dtype=torch.float64)
+    try:
+        rebuilt = torch.as_tensor(DDPMScheduler.from_config(sampler_config(scheduler)).alphas_cumprod,
+                                  dtype=torch.float64)
+    except NotImplementedError as e:  # (a beta_schedule DDPM lacks, given from Python: its traceback)
+        raise ValueError(f"the {type(scheduler).__name__}'s noise schedule cannot be stepped by the DDIM and DDPM "
+                         f"samplers here ({e}); audit the model with a DDPMScheduler or DDIMScheduler") from None
     if rebuilt.shape != a.shape or not torch.allclose(rebuilt, a, rtol=1e-5, atol=0.0):
         worst = int((rebuilt - a).abs().argmax()) if rebuilt.shape == a.shape else len(a) - 1
         raise ValueError(f"the {type(scheduler).__name__}'s noise schedule is not the one its config gives the DDIM "
