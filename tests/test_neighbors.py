@@ -325,3 +325,21 @@ def test_faiss_takes_queries_in_chunks_bounded_in_bytes(monkeypatch):
     sizes.clear()
     NearestNeighborIndex("rms-l2", backend="faiss", query_chunk=25).fit(ref).kneighbors(q, 2)
     assert max(sizes[1:]) == 25  # query_chunk above the bytes' bound: query_chunk
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_the_k_nearest_put_in_order_a_block_of_rows_at_a_time_are_the_same(monkeypatch, backend):
+    """The k nearest of every query are ordered a block of query rows at a time (whole-array sort orders and copies
+    were the peak of a large evaluation): blocks of 3 rows give the same scores and rows, ties by reference row."""
+    from side_extract import neighbors
+
+    rng = np.random.default_rng(5)
+    ref = rng.integers(0, 4, (60, 2, 2, 1), dtype=np.uint8)  # few levels: many exact ties
+    q = rng.integers(0, 4, (20, 2, 2, 1), dtype=np.uint8)
+    whole = NearestNeighborIndex("rms-l2", backend=backend).fit(pixel_rows(ref)).kneighbors(pixel_rows(q), 7)
+    monkeypatch.setattr(neighbors, "FINISH_ROWS", 3)
+    blocks = NearestNeighborIndex("rms-l2", backend=backend).fit(pixel_rows(ref)).kneighbors(pixel_rows(q), 7)
+    assert np.array_equal(whole.scores, blocks.scores) and np.array_equal(whole.indices, blocks.indices)
+    d = np.sqrt(((pixel_rows(q)[:, None].astype(float) - pixel_rows(ref)[None].astype(float)) ** 2).mean(-1)) / 255
+    ties = np.lexsort((np.broadcast_to(np.arange(60), d.shape), d), axis=-1)[:, :7]  # by distance, then row
+    assert np.array_equal(blocks.indices, ties)
