@@ -280,5 +280,7 @@ def test_a_scheduler_built_with_its_own_defaults_is_sampled_with_its_own_schedul
     for kind in ("ddim", "ddpm"):
         torch.testing.assert_close(inference_scheduler(target.denoiser.scheduler, kind, 10).alphas_cumprod,
                                    heun.alphas_cumprod, rtol=1e-6, atol=0)
+    from diffusers import EulerDiscreteScheduler  # its own timestep spacing too (linspace; DDIM's default: leading)
+    assert inference_scheduler(EulerDiscreteScheduler(), "ddim", 10).config.timestep_spacing == "linspace"
     with pytest.raises(ValueError, match=r"HeunDiscreteScheduler's noise schedule cannot be stepped .*exp"):
         as_target(tiny_unet(), scheduler=HeunDiscreteScheduler(beta_schedule="exp"))
