@@ -343,3 +343,13 @@ def test_the_k_nearest_put_in_order_a_block_of_rows_at_a_time_are_the_same(monke
     d = np.sqrt(((pixel_rows(q)[:, None].astype(float) - pixel_rows(ref)[None].astype(float)) ** 2).mean(-1)) / 255
     ties = np.lexsort((np.broadcast_to(np.arange(60), d.shape), d), axis=-1)[:, :7]  # by distance, then row
     assert np.array_equal(blocks.indices, ties)
+    f_ref, f_q = rng.normal(size=(60, 5)).astype(np.float32), rng.normal(size=(20, 5)).astype(np.float32)
+    f_ref[30:] = f_ref[:30]  # float rows (rescored in float64 per pair), with exact duplicates: ties by row
+    cos = NearestNeighborIndex("cosine", backend=backend).fit(f_ref).kneighbors(f_q, 7)
+    monkeypatch.setattr(neighbors, "FINISH_ROWS", 4096)
+    whole = NearestNeighborIndex("cosine", backend=backend).fit(f_ref).kneighbors(f_q, 7)
+    assert np.array_equal(cos.indices, whole.indices) and np.array_equal(cos.scores, whole.scores)
+    assert all((r[:-1] < r[1:])[s[:-1] == s[1:]].all() for r, s in zip(cos.indices, cos.scores))  # ties by row
+    unit = lambda v: v.astype(np.float64) / np.linalg.norm(v.astype(np.float64), axis=1, keepdims=True)  # noqa: E731
+    c = unit(f_q) @ unit(f_ref).T
+    assert np.allclose(cos.scores, -np.sort(-c, axis=1)[:, :7], rtol=0, atol=1e-12)
