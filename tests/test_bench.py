@@ -213,7 +213,7 @@ def test_the_evaluate_memory_figure_is_the_calls_own_peak():
             "from side_extract.bench.compute import evaluate_rss_child; evaluate_rss_child(500, 2000)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     held, row = proc.stdout.strip().splitlines()[0], json.loads(proc.stdout.strip().splitlines()[-1])
-    assert float(held) > 1000 and row["peak_is"] == "the call's", (held, row)
+    assert float(held) > 1000 and row["peak_is"] == "the call's", (held, row)  # (CALL_PEAK, as the tables read it)
     assert row["rss_before_mb"] <= row["peak_rss_mb"] < float(held), (held, row)
 
 

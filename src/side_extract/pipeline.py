@@ -361,8 +361,8 @@ def method_guidance(run: str | Path, rc: cfg.RunConfig, method: str, denoiser: D
     the guidance (``side``, ``side-teacher``, ``cond``: the classifier of ``RUN/<GUIDING_CLASSIFIER[method]>``
     with the run's scale, temperature and time range, and for memorization-aware labels the background class
     of ``RUN/surrogate/labels.npz`` left out; ``memguide``: the target's memorization guidance; ``uncond``, and
-    ``side-lora``, whose fine-tuned model is sampled conditionally: None). The pipeline extracts with it once the training stages are done; ``Audit.regenerate`` rebuilds a
-    finished run's generations with it."""
+    ``side-lora``, whose fine-tuned model is sampled conditionally: None). The pipeline extracts with it once the
+    training stages are done; ``Audit.regenerate`` rebuilds a finished run's generations with it."""
     run, ex = Path(run), rc.extract
     if method == "uncond":
         return denoiser, None

@@ -20,6 +20,8 @@ from typing import Any
 
 from ..runs import atomic_write_json, atomic_write_text, versions
 
+CALL_PEAK = "the call's"  # a memory row's ``peak_is``: VmHWM reset before the call (else the process's lifetime mark)
+
 
 def machine_description() -> dict[str, Any]:
     """Where a figure was measured: platform, CPUs, load at the start, torch threads, library versions."""
@@ -57,4 +59,4 @@ def fmt(v: float | None, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}g}"
 
 
-__all__ = ["machine_description", "write_results", "fmt"]
+__all__ = ["CALL_PEAK", "machine_description", "write_results", "fmt"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..runs import read_json
-from . import machine_description, write_results
+from . import CALL_PEAK, machine_description, write_results
 from .tables import render_compute_markdown
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def evaluate_rss_child(n_generated: int, n_train: int, threads: int = 1, side: i
     peak = status_mb("VmHWM") if own else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"n_generated": n_generated, "n_train": n_train, "dims": side * side * channels,
                       "seconds": round(seconds, 2), "rss_before_mb": round(before, 1),
-                      "peak_rss_mb": round(peak, 1), "peak_is": "the call's" if own else "the process's lifetime",
+                      "peak_rss_mb": round(peak, 1), "peak_is": CALL_PEAK if own else "the process's lifetime",
                       "train_set_mb": round(train.images.nbytes / 2**20, 1),
                       "ams_high": r.ams["high"], "planted_fraction": len(planted) / n_generated}))
 

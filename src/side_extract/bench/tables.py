@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import fmt
+from . import CALL_PEAK, fmt
 
 
 def _pct(v: float | None) -> str:
@@ -124,7 +124,7 @@ def render_compute_markdown(data: dict[str, Any]) -> str:
         cells = "; ".join(f"N_G {r['n_generated']:,}: {r['peak_rss_mb']:.0f} MB ({r['seconds']:.1f} s)" for r in rss)
         small, large = (f(rss, key=lambda r: r["n_generated"]) for f in (min, max))  # (in any order given)
         base = small["peak_rss_mb"]
-        lifetime = "" if all(r.get("peak_is") == "the call's" for r in rss) else (
+        lifetime = "" if calls_own_peaks(rss) else (
             " (measured before the call's own peak was: the process's lifetime high-water mark, which the data and "
             "the warm-up may have set)")
         lines.append(f"| peak RSS of evaluate vs {small['n_train']:,} random 8x8 training images (fresh process each)"
@@ -217,6 +217,12 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.3g} s"
 
 
+def calls_own_peaks(rows: list[dict[str, Any]]) -> bool:
+    """Whether every memory row measured the call's own peak (:data:`~side_extract.bench.CALL_PEAK`; rows
+    written before it was measured so hold the process's lifetime mark)."""
+    return all(r.get("peak_is") == CALL_PEAK for r in rows)
+
+
 def render_scale_markdown(data: dict[str, Any]) -> str:
     """``side bench scale``: per-model costs, the search, 1 vs 2 processes and the cost model."""
     c = data["config"]
@@ -245,11 +251,10 @@ def render_scale_markdown(data: dict[str, Any]) -> str:
                             fmt(r["train_set_mb"], 4), fmt(r["rss_before_mb"], 4), fmt(r["peak_rss_mb"], 4)]
                            for r in search]), "",
                   "RSS before: the process after making its random training set and a warm-up evaluation ("
-                  + ("in use then; peak: the call's own, from there" if all(r.get("peak_is") == "the call's"
-                                                                            for r in search) else
+                  + ("in use then; peak: the call's own, from there" if calls_own_peaks(search) else
                      "measured before the call's own peak was: both are the process's lifetime high-water mark")
-                  + "); the search streams reference chunks and keeps a running top-k, so the peak grows with the "
-                  "training set (which is in memory) and not with N_G.", ""]
+                  + "); the search streams reference chunks and keeps a running top-k, and holds the training set "
+                  "in memory.", ""]
     p = data.get("processes")
     if p:
         lines += ["## One and two processes (`side sample --model demo`, torchrun)", ""]
