@@ -271,3 +271,18 @@ def test_interval_faults_of_a_review():
                          ("uncond",))
     with pytest.raises(ValueError, match="non-finite input"):
         spread_interval(2.0, 0.05, [0.5, math.nan, 0.6], [0.25, 0.3, 0.28])
+
+
+@pytest.mark.parametrize("n_reps", [1, 3])
+def test_a_zero_width_interval_is_never_marked_whatever_the_rounding(n_reps):
+    """Fifty images reached 20 times each against forty reached 25 times: every resample finds them all, so the ratio
+    1.25 has nothing to resample, but np.var of the constant resampled shares was 4.8e-35, not 0 (the mean
+    rounds), and the interval [1.2499999999999996, 1.2500000000000004] was marked as excluding 1 (a review found 124
+    of 201 such pairs marked, by rounding alone). Its width is 0 and it is not marked, over one replicate or three
+    equal ones."""
+    a = {"nn": np.repeat(np.arange(50), 20), "reach/mid": np.ones(1000, bool)}
+    b = {"nn": np.repeat(np.arange(40), 25), "reach/mid": np.ones(1000, bool)}
+    r = bootstrap_ratios({"side": [a] * n_reps, "uncond": [b] * n_reps}, ("distinct_nn/mid",), 200, ("side",),
+                         ("uncond",))["side"]["distinct_nn/mid"]
+    assert r["ratio"] == pytest.approx(1.25) and r["ci95"] == [r["ratio"], r["ratio"]], r
+    assert not r["excludes_1"]

@@ -142,7 +142,13 @@ def replicate_se(num_reps: list[float] | None, den_reps: list[float] | None) -> 
     if a.mean() <= 0 or b.mean() <= 0:
         return 0.0, None
     d = a / a.mean() - b / b.mean()
-    return float(d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1
+    return _spread(d, ddof=1) / math.sqrt(len(d)), len(d) - 1
+
+
+def _spread(x: np.ndarray, ddof: int = 0) -> float:
+    """The standard deviation of ``x``, exactly 0 where its values are all equal (numpy's is not: the mean of equal
+    values rounds, and 4.8e-35 for a variance marked a zero-width interval as excluding 1)."""
+    return 0.0 if np.ptp(x) == 0 else float(np.std(x, ddof=ddof))
 
 
 def interval(num: float, den: float, num_draws: np.ndarray, den_draws: np.ndarray,
@@ -156,7 +162,7 @@ def interval(num: float, den: float, num_draws: np.ndarray, den_draws: np.ndarra
         return None, None
     if num <= 0:  # nothing reached: the resamples cannot bound it from above
         return 0.0, None
-    se_boot = math.sqrt(float(np.var(num_draws)) / num ** 2 + float(np.var(den_draws)) / den ** 2)
+    se_boot = math.hypot(_spread(num_draws) / num, _spread(den_draws) / den)
     return spread_interval(num / den, Z95 * se_boot, num_reps, den_reps)
 
 
