@@ -218,13 +218,18 @@ def measure(
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     check_int(seed, "seed")
     ac = denoiser.scheduler.alphas_cumprod
-    if t_min is None:
-        t_min = timestep_at_sigma(ac, float(eps))
-        near = float(sigmas(ac)[t_min])
-        if not 0.5 <= near / eps <= 2:  # eps outside the schedule's noise levels: the nearest is taken
+    chosen = t_min is None
+    ts = ode_timesteps(ac, n_steps, timestep_at_sigma(ac, float(eps)) if chosen else t_min)  # (validates them early)
+    t_min = int(ts[0])
+    near = float(sigmas(ac)[t_min])
+    if not 0.5 <= near / eps <= 2:  # the model's density at a noise level far from eps is compared with q_eps
+        if chosen:  # eps outside the schedule's noise levels: the nearest is taken
             log.warning("eps=%g lies outside the model's noise levels: the ODE starts at t=%d, sigma %.3g, and the "
                         "model's density there is compared with q_eps (pass t_min to choose)", eps, t_min, near)
-    ts = ode_timesteps(ac, n_steps, t_min)  # validates n_steps and t_min early
+        else:  # (M 102.5 for 216 in a review's run at t_min=0, eps=0.1, in silence)
+            log.warning("t_min=%d (sigma %.3g) is far from eps=%g: the model's density at that noise level is "
+                        "compared with q_eps, whose kernels have width eps (M is then not the paper's; leave t_min "
+                        "out to start at the sigma nearest eps)", t_min, near, eps)
 
     train = train.to(device)
     if labels is None:
