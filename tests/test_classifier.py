@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -10,6 +12,13 @@ from side_extract.models.classifier import ClassifierArch, NoiseAwareResNet, loa
 from side_extract.training import train_classifier
 
 from conftest import tiny_scheduler
+
+class Refused:
+    """Pickles as a call of os.getcwd, which a safe load (torch.load(weights_only=True)) refuses to make."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
 
 
 @pytest.mark.parametrize("size,channels", [(8, 1), (16, 3), (32, 3), (64, 1), (128, 3)])
@@ -422,7 +431,7 @@ def test_held_out_accuracy_does_not_depend_on_the_evaluation_batch_size():
     assert len(inputs[0][1].unique()) > 10  # (drawn, not one t for all)
 
 
-@pytest.mark.parametrize("damaged", ["state.json", "model.safetensors", "optimizer.pt", "no history"])
+@pytest.mark.parametrize("damaged", ["state.json", "model.safetensors", "optimizer.pt", "no history", "unsafe"])
 def test_a_damaged_checkpoint_is_discarded_and_trained_afresh(tmp_path, damaged):
     """A checkpoint file cut in half (a disk error, a copy cut short) failed every later run of the stage with a
     bare JSONDecodeError, SafetensorError or torch's zip error, until the user found work/ and deleted it."""
@@ -437,6 +446,8 @@ def test_a_damaged_checkpoint_is_discarded_and_trained_afresh(tmp_path, damaged)
         state = json.loads(f.read_text())
         del state["history"]
         f.write_text(json.dumps(state))
+    elif damaged == "unsafe":  # a state a safe load refuses (torch's UnpicklingError, which was not passed over)
+        (tmp_path / "run" / "checkpoint" / "optimizer.pt").write_bytes(pickle.dumps({"state": Refused()}))
     else:
         f = tmp_path / "run" / "checkpoint" / damaged
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])

@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -18,6 +20,13 @@ from conftest import tiny_scheduler, tiny_unet
 
 TINY = cfg.TrainTargetConfig(block_out_channels=(4, 8), norm_num_groups=4, steps=4, batch_size=8,
                              checkpoint_every=2, seed=3)
+
+class Refused:
+    """Pickles as a call of os.getcwd, which a safe load (torch.load(weights_only=True)) refuses to make."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -266,7 +275,7 @@ def test_train_target_rejects_bad_shapes():
                      "/tmp/never-written")
 
 
-@pytest.mark.parametrize("damaged", ["training_state.json", "training_state.pt", "raw_unet"])
+@pytest.mark.parametrize("damaged", ["training_state.json", "training_state.pt", "raw_unet", "unsafe"])
 def test_a_damaged_checkpoint_is_passed_over_for_an_earlier_one(tmp_path, damaged):
     """A checkpoint damaged from outside (a disk error, a copy cut short) failed every later run of train-target with
     a bare JSON, safetensors or torch error: the latest is now passed over, with a warning, for an earlier one (or a
@@ -276,8 +285,12 @@ def test_a_damaged_checkpoint_is_passed_over_for_an_earlier_one(tmp_path, damage
     train_target(TINY, data, straight)
     train_target(dataclasses.replace(TINY, steps=3), data, tmp_path / "b")  # checkpoints at 2 and 3
     ckpt = sorted((tmp_path / "b" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-    f = ckpt / damaged if damaged != "raw_unet" else next((ckpt / "raw_unet").glob("*.safetensors"))
-    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    if damaged == "unsafe":  # a state a safe load refuses: torch's UnpicklingError, no ValueError, crashed every
+        # later run with torch's advice to load it unsafely
+        (ckpt / "training_state.pt").write_bytes(pickle.dumps({"optimizer": Refused()}))
+    else:
+        f = ckpt / damaged if damaged != "raw_unet" else next((ckpt / "raw_unet").glob("*.safetensors"))
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     resumed = train_target(TINY, data, tmp_path / "b")
     assert resumed.resumed_from < int(ckpt.name.split("-")[1])
     a, b = load_target(straight), load_target(tmp_path / "b")

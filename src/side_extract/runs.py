@@ -113,6 +113,22 @@ def read_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray] | None:
         return None
 
 
+def load_torch_state(path: str | Path) -> Any:
+    """A state torch saved (an optimizer's, a checkpoint's), loaded safely: tensors and plain values only. A file
+    that holds anything else is a ValueError naming it, as a damaged one is (torch's UnpicklingError is no
+    ValueError: such a checkpoint was not passed over, failed every later run, and torch's words advised the
+    unsafe load)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds objects other than tensors and plain values, which a safe load refuses (not "
+                         "a file side-extract wrote)") from None
+
+
 def shard_opens(path: Path) -> bool:
     """Whether an npz opens with ``images`` and ``index`` among its arrays: its zip directory, at the file's end, is
     read, not its arrays (a file cut short fails here; checking every shard of a finished stage stays cheap)."""
@@ -319,7 +335,6 @@ def read_checkpoint(ckpt: Path | None, key: Any, steps: int, weights: str, who: 
     a copy cut short) failed every later run of the stage with a bare JSON, safetensors or torch error."""
     if ckpt is None or not (ckpt / "state.json").is_file():
         return None
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -331,7 +346,7 @@ def read_checkpoint(ckpt: Path | None, key: Any, steps: int, weights: str, who: 
         if missing := [k for k in needs if k not in state]:
             raise KeyError(f"state.json has no {', '.join(missing)}")
         return Checkpoint(state, load_file(str(ckpt / weights)),
-                          torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+                          load_torch_state(ckpt / "optimizer.pt"))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         log.warning("%s: the checkpoint in %s is damaged (%s: %s); training from the start", who, ckpt,
                     type(e).__name__, str(e)[:200])

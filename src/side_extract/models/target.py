@@ -32,7 +32,7 @@ from .. import config as cfg
 from ..data import ImageSet, check_image_set, check_levels
 from ..distributed import SINGLE, ProcessGroup, check_device
 from ..runs import (atomic_directory, atomic_write_json, atomic_write_text, check_outside_run_folders, check_writable,
-                    leftover_of, read_json, sweep_leftovers, versions)
+                    leftover_of, load_torch_state, read_json, sweep_leftovers, versions)
 
 log = logging.getLogger(__name__)
 
@@ -494,8 +494,7 @@ def _read_target_checkpoint(ckpt: Path, resume_key: dict, out: Path) -> tuple[in
                          "or delete it")
     try:
         unet = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
-        return step, list(meta.get("losses", [])), unet, torch.load(ckpt / "training_state.pt", weights_only=True,
-                                                                    map_location="cpu")
+        return step, list(meta.get("losses", [])), unet, load_torch_state(ckpt / "training_state.pt")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         return damaged(e)
 
