@@ -71,3 +71,29 @@ def test_unet_features_depend_on_the_image_not_its_id(tiny_model_dir):
     a = extract_features("unet", digits, model=target)
     b = extract_features("unet", ImageSet(digits.images, digits.labels, digits.ids + 1000), model=target)
     np.testing.assert_array_equal(a, b)
+
+
+def test_unet_features_refuse_images_the_target_does_not_take(tiny_model_dir):
+    """The UNet is convolutional: 16x16 images through an 8x8 target gave features without a word (the CLI checked,
+    the Python API did not), and 3-channel ones were torch's error about conv weights. Refused, naming both."""
+    from side_extract.data import ImageSet
+
+    target = load_target(tiny_model_dir)  # 8x8, one channel
+    rng = np.random.default_rng(0)
+    for shape, said in (((4, 16, 16, 1), "are 16x16 with 1 channel"), ((4, 8, 8, 3), "are 8x8 with 3 channel")):
+        with pytest.raises(ValueError, match=rf"{said}\(s\), but the model expects 8x8 with 1 channel"):
+            extract_features("unet", ImageSet(rng.integers(0, 256, shape, dtype=np.uint8)), model=target)
+
+
+def test_imagenet_preprocessing_antialiases_by_the_larger_side():
+    """A tall, narrow image (1152x100) was shrunk without antialiasing (it looked at the width only): stripes of
+    mean 0.5 came out at 1.0. Transposed, the same image came out at 0.5; both do now."""
+    from side_extract.features import _imagenet_preprocess
+
+    x = -torch.ones(1, 1, 1152, 100)
+    x[:, :, 1::4], x[:, :, 2::4] = 1.0, 1.0  # rows: half of them white, mean 0.5 in [0, 1]
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    for img in (x, x.transpose(2, 3)):
+        back = _imagenet_preprocess(img, 288) * std + mean
+        assert back.mean().item() == pytest.approx(0.5, abs=0.02)

@@ -46,7 +46,9 @@ def _imagenet_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
     x = (x + 1) / 2
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+    # (antialiased by the larger side: by the width, a tall narrow image was shrunk by rows without it, stripes of
+    # mean 0.5 coming out at 1.0)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=max(x.shape[-2:]) > size)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -128,6 +130,15 @@ class UNetFeatures(FeatureExtractor):
         if model.unet.mid_block is None:  # ('NoneType' object has no attribute 'register_forward_hook', at _embed)
             raise ValueError(NO_MID_BLOCK)
         self.model, self.timestep, self.seed = model, timestep, seed
+
+    def transform(self, images: ImageSet) -> np.ndarray:
+        # (the UNet is convolutional: images of another size went through it without a word, and of another channel
+        # count failed in torch's words)
+        from .models.target import check_fits
+
+        check_fits(images.shape, self.model.sample_shape, f"images ({images.name or 'given'}) for feature extractor "
+                   "'unet'")
+        return super().transform(images)
 
     def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
         # one noise draw for every image: the features are a function of the image alone (noise keyed by the
