@@ -974,6 +974,14 @@ def test_evaluations_of_an_earlier_target_are_not_compared(tmp_path, one_thread)
     assert list(summary["not_compared"]) == ["memguide"] and "memguide" in summary["verdict"].split("Not compared")[1]
     assert collect(tmp_path / "run").methods == ("uncond",)
     assert Audit.load(tmp_path / "run").methods["memguide"].not_compared == b.methods["memguide"].not_compared
+    # every evaluation of another target than the one the run names now: the verdict said "No method has been
+    # evaluated yet." above the evaluated methods' table (a review's find)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "0" * 64
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    said = audit_summary(tmp_path / "run")["verdict"]
+    assert said.startswith("No evaluation in the run can be compared with its current settings and target. Not "
+                           "compared: uncond (made from another target"), said
 
 
 def test_a_run_of_sets_in_memory_is_read_where_it_was_moved(tmp_path, one_thread):

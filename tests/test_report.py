@@ -755,6 +755,9 @@ def test_distinct_images_are_not_compared_between_methods_of_other_budgets(tmp_p
             assert "unequal_budgets" not in r and r["side_better"] is not None, name
     html = " ".join(render_html(build_report(run), run).split())
     assert "N_G differs: side 40, uncond 30" in html
+    # nor in the verdict above that table, which gave "with 5 in 30 (3.20x)" (a review's find)
+    said = audit_summary(run)["verdict"]
+    assert "with 5 in 30 (no ratio: other numbers of generations)." in said and "x)" not in said, said
     # a baseline given the method's budget is compared with, whatever another of a smaller budget reached (it was
     # chosen as the best by its inflated share, and the comparison withheld)
     from side_extract.summary import ratios_to_best_baseline
@@ -1031,3 +1034,46 @@ def test_report_faults_of_a_second_review(run_dir, tmp_path):
     assert f"its bands were calibrated by the evaluation itself ({side_bands}), which keeps no null" in html
     marked = set(re.findall(r'<span class="band band-top">([^<]+)</span>', html))
     assert marked == {"high", "near"}, marked  # each method's own closest band (uncond's "high" was plain)
+
+
+def test_a_report_drawn_again_from_its_json_says_each_note_once(run_dir, tmp_path):
+    """write_report kept the notes met while reading the pixels in report.json, and render_html, given that file,
+    added them again: a damaged shard's note twice on the page."""
+    from side_extract.report import render_html
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "report", ignore_errors=True)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(TRAIN, "digits:nonsense"))
+    written = write_report(run, top=2)
+    data = json.loads((written.parent / "report.json").read_text())
+    assert sum("could not be loaded" in n for n in data["notes"]) == 1
+    again = render_html(data, run)
+    assert again.count("could not be loaded") == written.read_text().count("could not be loaded") == 1
+
+
+@pytest.mark.parametrize("damaged", ["theory/measure.json", "evaluation/bands.json"])
+def test_a_report_input_that_is_json_of_another_shape_is_named(run_dir, tmp_path, damaged):
+    """A theory/measure.json or a bands.json holding a JSON list ended `side report` in a traceback
+    ("'list' object has no attribute 'get'")."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / damaged).parent.mkdir(parents=True, exist_ok=True)
+    (run / damaged).write_text("[1]")
+    with pytest.raises(ValueError, match=re.escape(damaged.split("/")[-1])):
+        write_report(run, top=2)
+
+
+def test_a_page_that_cannot_be_written_leaves_no_report_json_alone(run_dir, tmp_path):
+    """A run folder whose name is not UTF-8 (bytes a file system allows) wrote report.json, then failed encoding the
+    page: report.json without report.html, where the two are written together or not at all. The page is written,
+    the undecodable byte shown as a replacement character."""
+    run = tmp_path / "bad\udcffname"  # (the byte 0xff in a name, as Python decodes it)
+    try:
+        shutil.copytree(run_dir, run)
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("this file system refuses the name")
+    shutil.rmtree(run / "report", ignore_errors=True)
+    written = write_report(run, top=2)
+    assert sorted(p.name for p in written.parent.iterdir()) == ["report.html", "report.json"]
+    assert "bad\ufffdname" in written.read_bytes().decode("utf-8")

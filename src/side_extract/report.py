@@ -28,7 +28,7 @@ from . import report_plots as plots
 from .data import ImageSet, load_image_set
 from .evaluation import incomparable, measured_generations
 from .metrics import Z95, closest_first
-from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_json, atomic_write_text, check_run_directory,
+from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_bytes, atomic_write_json, check_run_directory,
                    evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_run_config,
                    read_stages, stale_stages, sweep_leftovers)
 from .findings import not_compared
@@ -179,13 +179,13 @@ def _histograms(run: Path, metrics: dict[str, dict], tables: dict[str, dict]) ->
         named = Path(str(given["bands_source"])[5:])
 
         def same_bands(d: Path) -> bool:  # the file still holds the bands the evaluations used
-            return (d / "bands.json").is_file() and read_json(d / "bands.json").get("bands") == given.get("bands")
+            return (d / "bands.json").is_file() and read_json(d / "bands.json", dict).get("bands") == given.get("bands")
 
         if named.parts[-2:] == ("evaluation", "bands.json") and same_bands(own):
             cal_dir = own  # the run's own calibration, however its path was spelled, or the run copied or moved
         elif named.is_file() and same_bands(named.parent):
             cal_dir = named.parent  # another run's calibration (not a stale one of this run's)
-    cal = read_json(cal_dir / "bands.json") if cal_dir is not None and (cal_dir / "bands.json").is_file() else {}
+    cal = read_json(cal_dir / "bands.json", dict) if cal_dir is not None and (cal_dir / "bands.json").is_file() else {}
     nulls: dict[str, np.ndarray] = {}
     if cal_dir is not None and (cal_dir / "null.npz").is_file():
         nulls = {k: v.astype(float) for k, v in npz_arrays(cal_dir / "null.npz").items()}
@@ -342,7 +342,7 @@ def _theory(run: Path, config: dict[str, Any], notes: list[str],
     path = run / "theory" / "measure.json"
     if not path.is_file():
         return None
-    m = read_json(path)
+    m = read_json(path, dict)
     clf = read_stages(run).get("classifier") or {}
     now = clf.get("fingerprint") if clf.get("status") == "complete" else None
     stale = (f"training set ({m['train']!r})" if "train" in m and m["train"] != config.get("train") else
@@ -549,6 +549,7 @@ def _render(data: dict[str, Any], run_dir: str | Path, image_size: int) -> tuple
                            for m, c in clusters["methods"].items()
                            if c["rows"] and c["bands"]}
     pairs = _pairs(data, run, notes, image_size)
+    notes = list(dict.fromkeys(notes))  # (data from a report.json holds the page's notes already: said twice)
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
@@ -589,7 +590,10 @@ def write_report(run_dir: str | Path, *, top: int = 8, image_size: int = 64) -> 
     data = data | {"notes": notes}  # (the notes met while reading the pixels were the page's alone)
     if out.is_dir():  # a killed report's temporary files (a reader takes no lock, so no writer's sweep reaches them)
         sweep_leftovers(out)
+    # (the page as bytes before either file is written: a run folder's name that is not UTF-8 failed the page's
+    # encoding after report.json was written; the byte is shown as a replacement character)
+    page = html.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace").encode("utf-8")
     atomic_write_json(out / "report.json", data)
-    atomic_write_text(out / "report.html", html)
+    atomic_write_bytes(out / "report.html", page)
     log.info("report: %s", out / "report.html")
     return out / "report.html"

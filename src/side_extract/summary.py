@@ -144,7 +144,10 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
     if sides and bases:
         s = max(sides, key=lambda k: count[k])
         b = max(bases, key=lambda k: count[k])
-        ratio = f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none"
+        # (a ratio of counts made in other numbers of generations: the ratio table below refuses it, "N_G differs")
+        asked = {k: (methods[k].get("stopped") or {}).get("of") or n_of[k] for k in (s, b)}
+        ratio = ("no ratio: other numbers of generations" if asked[s] != asked[b] else
+                 f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none")
         word = "more than" if count[s] > count[b] else ("as many as" if count[s] == count[b] else "fewer than")
         same = n_of[s] == n_of[b]
         tied = " and ".join(k for k in bases if count[k] == count[b] and n_of[k] == n_of[b])  # (a tie: both named)
@@ -204,7 +207,8 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     other = not_compared(run, metrics)  # other bands or training set (side evaluate --out into the run, an earlier
     # call's), or of another target's generations (an earlier call's): not compared
     same = {k: m for k, m in metrics.items() if k not in other}
-    said = verdict(same, {k: methods[k] for k in same})
+    said = (verdict(same, {k: methods[k] for k in same}) if same or not other else  # ("No method has been evaluated
+            "No evaluation in the run can be compared with its current settings and target.")  # yet" was said here)
     if other:
         said += " Not compared: " + "; ".join(f"{k} ({why})" for k, why in other.items()) + "."
     asked = {k: int((made[k] or {}).get("n") or m["n_generated"]) for k, m in same.items()}
