@@ -188,6 +188,16 @@ def test_train_target_writes_pipeline_and_resume_is_exact(tmp_path):
     assert [g["resumed_from"] for g in logs] == [0, 2]
     assert all(g["torch_threads"] == torch.get_num_threads() and g["device"] == "cpu"
                and g["versions"]["torch"] == torch.__version__ and g["platform"] for g in logs)
+    # each stretch of steps and how it was made (a resumed run kept its last stretch's alone)
+    assert [(g["from"], g["to"]) for g in logs[1]["segments"]] == [(0, 2), (2, 4)]
+    # a rerun that trains nothing leaves the log of the run that made the weights (it wrote its own thread count)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert train_target(TINY, data, tmp_path / "b").resumed_from == 4
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "b" / "training_log.json").read_text()) == logs[1]
 
 
 def test_a_shorter_rerun_does_not_return_the_longer_trained_model(tmp_path):
@@ -390,3 +400,35 @@ def test_train_target_faults_of_a_review(tmp_path, monkeypatch):
         {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000, "sigma_min": 0.01, "sigma_max": 1348.0}))
     with pytest.raises(ValueError, match="holds a ScoreSdeVeScheduler with no beta schedule"):
         load_target(tmp_path / "ve")
+
+
+def test_a_training_cut_while_putting_its_model_in_place_is_refused_until_finished(tmp_path, monkeypatch):
+    """A rerun to more steps cut among the final moves (after unet/, before train_config.yaml and the log) left a
+    folder load_target took: the 4-step weights beside the 2-step config and log. It is refused, naming the cause,
+    and the same command finishes it."""
+    from pathlib import Path
+
+    data = load_image_set("digits:20")
+    train_target(dataclasses.replace(TINY, steps=2), data, tmp_path / "m")
+    real, moves = Path.replace, []
+
+    def cut(self, target):
+        moves.append(self.name)
+        if len(moves) == 3:
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        train_target(TINY, data, tmp_path / "m")
+    monkeypatch.setattr(Path, "replace", real)
+    with pytest.raises(ValueError, match=r"holds \.final/: train-target was stopped while putting its final model"):
+        load_target(tmp_path / "m")
+    assert train_target(TINY, data, tmp_path / "m").resumed_from == 4
+    assert yaml.safe_load((tmp_path / "m" / "train_config.yaml").read_text())["steps"] == 4
+    assert json.loads((tmp_path / "m" / "training_log.json").read_text())["steps"] == 4
+    straight = train_target(TINY, data, tmp_path / "straight")
+    assert straight.steps == 4
+    a, b = load_target(tmp_path / "straight"), load_target(tmp_path / "m")
+    for (n1, p1), (_, p2) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)

@@ -327,6 +327,9 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
         raise ValueError(f"model {str(spec)!r}: {str(path)!r} is not a directory (expected a diffusers pipeline "
                          "directory with unet/ and scheduler/, or one of the embedded targets: "
                          f"{', '.join(EMBEDDED_TARGETS)})")
+    if (path / ".final").is_dir():  # (a cut among the final moves: the weights of one training, the config of another)
+        raise ValueError(f"model directory {str(path)!r} holds .final/: train-target was stopped while putting its "
+                         "final model in place; run the same train-target command again to finish it")
     unet_dir, sched_dir = path / "unet", path / "scheduler"
     if (path / "config.json").is_file() and not unet_dir.is_dir():
         raise ValueError(f"model directory {str(path)!r} holds a model saved alone (config.json, no unet/ and "
@@ -477,8 +480,10 @@ def _latest_checkpoint(out: Path, at_most: int) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _read_target_checkpoint(ckpt: Path, resume_key: dict, out: Path) -> tuple[int, list, UNet2DModel, dict] | None:
-    """(step, losses, raw UNet, optimizer/EMA state) of ``checkpoints/step-N``; None, with a warning, where it is
+def _read_target_checkpoint(ckpt: Path, resume_key: dict, out: Path
+                            ) -> tuple[int, list, UNet2DModel, dict, list[dict]] | None:
+    """(step, losses, raw UNet, optimizer/EMA state, segments: how each stretch of steps up to it was trained,
+    :func:`_segment`) of ``checkpoints/step-N``; None, with a warning, where it is
     damaged from outside (a bare JSON, safetensors or torch error failed every later run); a ValueError where it
     was made with another config or data set."""
     def damaged(e: Exception) -> None:
@@ -494,7 +499,9 @@ def _read_target_checkpoint(ckpt: Path, resume_key: dict, out: Path) -> tuple[in
                          "or delete it")
     try:
         unet = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
-        return step, list(meta.get("losses", [])), unet, load_torch_state(ckpt / "training_state.pt")
+        # (a checkpoint written before the segments were kept: how its steps were trained is not known)
+        segments = meta.get("segments") or [{"from": 0, "to": step, "not_recorded": True}]
+        return step, list(meta.get("losses", [])), unet, load_torch_state(ckpt / "training_state.pt"), segments
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         return damaged(e)
 
@@ -620,13 +627,13 @@ def train_target(
     check_train_out(out, resume_key)  # before anything is written
     if group.main and out.is_dir():
         sweep_leftovers(out)  # what a training killed mid-write left (untouched for a while: not a live writer's)
-    start, losses, state = 0, [], None
+    start, losses, state, segments = 0, [], None, []
     at_most = c.steps
     # every process reads it; only the main one writes checkpoints, after a step that synchronises the processes
     # (the gradient exchange), so no process reads a half-replaced checkpoint
     while (ckpt := _latest_checkpoint(out, at_most)) is not None:
         if (found := _read_target_checkpoint(ckpt, resume_key, out)) is not None:
-            start, losses, unet, state = found
+            start, losses, unet, state, segments = found
             log.info("resuming training from %s (step %d)", ckpt, start)
             break
         at_most = int(ckpt.name.split("-")[1]) - 1  # damaged: an earlier one
@@ -677,31 +684,45 @@ def train_target(
                 report(step, c.steps, mean, time.time() - t_start)
             since = []
         if group.main and (step % c.checkpoint_every == 0 or step == c.steps):
-            _write_checkpoint(out, unet, ema, scheduler, opt, c, resume_key, step, losses)
+            _write_checkpoint(out, unet, ema, scheduler, opt, c, resume_key, step, losses,
+                              [*segments, _segment(start, step, c, device, group)])
 
     group.check_replicas(unet, "train-target")
     final = float(sum(losses[-100:]) / max(1, len(losses[-100:])))
     if not group.main:
         return TrainResult(out, c.steps, final, start)
     final_unet = _averaged(unet, ema)
-    save_target(final_unet, scheduler, out_final := out / ".final", extra={"train_config.yaml": cfg.dump_yaml(c)})
-    # Move the pipeline files into out/ itself, each by rename, so out/ is a diffusers directory.
-    for name in ("unet", "scheduler", "model_index.json", "train_config.yaml"):
+    # how it was trained beyond the config: the same config on another thread count, device or library version can
+    # round differently and end at other weights, and a result rests on the weights (model_fingerprint). Each
+    # stretch of steps a call trained is a segment; the top level is the last one's. (A rerun that trained nothing
+    # wrote its own thread count, device and versions over those of the run that made the weights, and a resumed
+    # run kept only its last stretch's.)
+    if start < c.steps:
+        segments = [*segments, _segment(start, c.steps, c, device, group)]
+    last = {k: v for k, v in segments[-1].items() if k not in ("from", "to")}
+    trained = {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
+               "data_fingerprint": resume_key["data_fingerprint"], **last, "resumed_from": segments[-1]["from"],
+               "segments": segments}
+    save_target(final_unet, scheduler, out_final := out / ".final", extra={
+        "train_config.yaml": cfg.dump_yaml(c), "training_log.json": json.dumps(trained, indent=2) + "\n"})
+    # Move the pipeline files into out/ itself, each by rename, so out/ is a diffusers directory; until .final is
+    # gone it is refused as a model (load_target): a cut among the moves left new weights beside the earlier
+    # config and log
+    for name in ("unet", "scheduler", "model_index.json", "train_config.yaml", "training_log.json"):
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
         (out_final / name).replace(target)
     out_final.rmdir()
-    # how it was trained beyond the config: the same config on another thread count, device or library version can
-    # round differently and end at other weights, and a result rests on the weights (model_fingerprint)
-    atomic_write_json(out / "training_log.json", {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
-                                                  "data_fingerprint": resume_key["data_fingerprint"],
-                                                  "processes": group.world,
-                                                  "rows_per_process": group.local_count(c.batch_size),
-                                                  "resumed_from": start, "torch_threads": torch.get_num_threads(),
-                                                  "device": str(device), "platform": platform.platform(),
-                                                  "versions": versions()})
     return TrainResult(out, c.steps, final, start)
+
+
+def _segment(start: int, end: int, c: cfg.TrainTargetConfig, device: str | torch.device,
+             group: ProcessGroup) -> dict[str, Any]:
+    """How steps ``start`` + 1 .. ``end`` of a training were made, beyond its config."""
+    return {"from": start, "to": end, "processes": group.world, "rows_per_process": group.local_count(c.batch_size),
+            "torch_threads": torch.get_num_threads(), "device": str(device), "platform": platform.platform(),
+            "versions": versions()}
 
 
 def _averaged(unet: UNet2DModel, ema: EMAModel | None) -> UNet2DModel:
@@ -714,7 +735,8 @@ def _averaged(unet: UNet2DModel, ema: EMAModel | None) -> UNet2DModel:
     return copy
 
 
-def _write_checkpoint(out: Path, unet, ema, scheduler, opt, c, resume_key, step: int, losses: list[float]) -> None:
+def _write_checkpoint(out: Path, unet, ema, scheduler, opt, c, resume_key, step: int, losses: list[float],
+                      segments: list[dict]) -> None:
     dest = out / "checkpoints" / f"step-{step:06d}"
     with atomic_directory(dest) as tmp:
         DDPMPipeline(unet=_averaged(unet, ema), scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
@@ -723,7 +745,8 @@ def _write_checkpoint(out: Path, unet, ema, scheduler, opt, c, resume_key, step:
         if ema is not None:
             state["ema"] = ema.state_dict()
         torch.save(state, tmp / "training_state.pt")
-        atomic_write_json(tmp / "training_state.json", {"step": step, "resume_key": resume_key, "losses": losses})
+        atomic_write_json(tmp / "training_state.json", {"step": step, "resume_key": resume_key, "losses": losses,
+                                                         "segments": segments})
         atomic_write_text(tmp / "train_config.yaml", cfg.dump_yaml(c))
     log.info("checkpoint written: %s", dest)
     # the KEEP_CHECKPOINTS - 1 latest before this one are kept beside it, by step number; a longer run's later
