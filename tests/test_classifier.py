@@ -447,7 +447,7 @@ def test_a_damaged_checkpoint_is_discarded_and_trained_afresh(tmp_path, damaged)
         del state["history"]
         f.write_text(json.dumps(state))
     elif damaged == "unsafe":  # a state a safe load refuses (torch's UnpicklingError, which was not passed over)
-        (tmp_path / "run" / "checkpoint" / "optimizer.pt").write_bytes(pickle.dumps({"state": Refused()}))
+        (tmp_path / "run" / "checkpoint" / "optimizer.pt").write_bytes(pickle.dumps({"state": Refused()}, protocol=2))
     else:
         f = tmp_path / "run" / "checkpoint" / damaged
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])

@@ -51,7 +51,17 @@ def test_bad_input_is_one_clean_line(tmp_path):
     (tmp_path / "afile").write_text("")  # an --out that is a file: refused before the data loads (it said "training
     r = CliRunner().invoke(app, ["--no-progress", "train-target", "--data", "digits:10", "--out",  # on ..." first)
                                  str(tmp_path / "afile")])
-    assert r.exit_code == 2 and "is a file, not a folder" in r.output and "training on" not in r.output, r.output
+    assert r.exit_code == 2 and "is a file; expected a directory" in r.output and "training on" not in r.output, r.output
+    # an --out holding others' files, and a --resize the UNet cannot halve: refused before the data loads too (they
+    # came after loading and hashing it, "training on ..." printed; here the data's own error came first)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    for flags, said in ((["--out", str(tmp_path / "foreign")], "holds files train-target did not write (notes.txt)"),
+                        (["--out", str(tmp_path / "m"), "--resize", "12", "--block-out-channels", "8,8,8,8",
+                          "--norm-num-groups", "4"],
+                         "image size 12 is not divisible by 2**3 = 8")):
+        r = CliRunner().invoke(app, ["--no-progress", "train-target", "--data", str(tmp_path / "nowhere"), *flags])
+        assert r.exit_code == 2 and said in r.output and "training on" not in r.output, r.output
     conf = tmp_path / "bad.yaml"
     conf.write_text("steps: 10\nbatchsize: 4\n")
     r = CliRunner().invoke(app, ["train-target", "--config", str(conf), "--out", str(tmp_path / "m")])

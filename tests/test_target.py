@@ -297,7 +297,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_an_earlier_one(tmp_path, damage
     ckpt = sorted((tmp_path / "b" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     if damaged == "unsafe":  # a state a safe load refuses: torch's UnpicklingError, no ValueError, crashed every
         # later run with torch's advice to load it unsafely
-        (ckpt / "training_state.pt").write_bytes(pickle.dumps({"optimizer": Refused()}))
+        (ckpt / "training_state.pt").write_bytes(pickle.dumps({"optimizer": Refused()}, protocol=2))
     else:
         f = ckpt / damaged if damaged != "raw_unet" else next((ckpt / "raw_unet").glob("*.safetensors"))
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])

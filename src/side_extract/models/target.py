@@ -440,14 +440,21 @@ def check_fits(images_shape: tuple[int, int, int], model_shape: tuple[int, int, 
 # training
 
 
-def build_unet(c: cfg.TrainTargetConfig, shape: tuple[int, int, int]) -> UNet2DModel:
-    channels, h, w = shape
+def check_image_size(c: cfg.TrainTargetConfig, h: int, w: int) -> None:
+    """Refuse images of ``h`` x ``w`` that the UNet of ``c`` cannot take: not square, or a side its blocks cannot
+    halve as often as they downsample."""
     if h != w:
         raise ValueError(f"images are {h}x{w}; train-target needs square images (pass --resize)")
     n = len(c.block_out_channels)
     if h % (2 ** (n - 1)):
         raise ValueError(f"image size {h} is not divisible by 2**{n - 1} = {2 ** (n - 1)} "
                          f"(block_out_channels={c.block_out_channels} downsamples {n - 1} times)")
+
+
+def build_unet(c: cfg.TrainTargetConfig, shape: tuple[int, int, int]) -> UNet2DModel:
+    channels, h, w = shape
+    check_image_size(c, h, w)
+    n = len(c.block_out_channels)
     down = ["DownBlock2D"] * n
     up = ["UpBlock2D"] * n
     if c.attention and n > 1:
@@ -525,10 +532,11 @@ def _same_training(key: dict, resume_key: dict) -> bool:
     return key == resume_key
 
 
-def check_train_out(out: Path, resume_key: dict) -> None:
-    """Refuse an ``out`` that holds what this training must not replace: files it did not write, or a model or
-    checkpoints trained with another config or data set (at any step: a checkpoint past the requested steps is
-    not resumed, but the model trained to it is still the folder's)."""
+def check_train_folder(out: str | Path) -> None:
+    """Refuse an ``out`` that train-target cannot write or must not write into, whatever it trains: a file, a run's
+    folder, a folder it may not write, or one holding files or a model it did not write (:func:`check_train_out`
+    checks the rest against the data; this part needs none, so the CLI checks it before loading the data)."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; expected a directory to write the target to")
     check_outside_run_folders(out, "--out")  # (trained into RUN/extraction/x, the next extraction deleted it)
@@ -544,6 +552,16 @@ def check_train_out(out: Path, resume_key: dict) -> None:
             made.is_file() or (out / ".final" / "train_config.yaml").is_file()):  # (a move cut short keeps it there)
         raise ValueError(f"--out {str(out)!r} holds a model that train-target did not write (no train_config.yaml): "
                          "training here would replace it; choose a new or empty --out")
+
+
+def check_train_out(out: Path, resume_key: dict) -> None:
+    """Refuse an ``out`` that holds what this training must not replace: files it did not write
+    (:func:`check_train_folder`), or a model or checkpoints trained with another config or data set (at any step: a
+    checkpoint past the requested steps is not resumed, but the model trained to it is still the folder's)."""
+    check_train_folder(out)
+    if not out.exists():
+        return
+    made = out / "train_config.yaml"
     differs = f"{str(out)!r} holds a target trained with a different config or data set"
     for state in sorted((out / "checkpoints").glob("step-*/training_state.json")):
         try:
