@@ -355,9 +355,24 @@ def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
     assert s["verdict"] in out
     assert (f"every method and the synthetic set together: {mid} distinct nearest training images at the 'mid' band "
             "or closer in 58 model samples (side 6, cond 6, uncond 6, synthetic 40;") in out
+    assert f["synthetic_set"] == "synthetic"
     html = write_report(tmp_path / "run").read_text()
     assert 'id="findings-table"' in html
     assert "up to 8 closest generations" in " ".join(html.split())  # (it said "the 8", over fewer pairs)
+    # an evaluation written into the run under the name "synthetic" (side evaluate --out): the run's synthetic set is
+    # "synthetic-set" in the findings, and the page called the method the synthetic set, the set itself absent
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "run", other)
+    for part in ("evaluation", "extraction"):
+        shutil.copytree(other / part / "uncond", other / part / "synthetic")
+    m = json.loads((other / "evaluation" / "synthetic" / "metrics.json").read_text())
+    m["sources"]["generated"] = str(other / "extraction" / "synthetic")
+    (other / "evaluation" / "synthetic" / "metrics.json").write_text(json.dumps(m))
+    from side_extract.summary import audit_summary
+
+    assert audit_summary(other)["findings"]["synthetic_set"] == "synthetic-set"
+    page = " ".join(write_report(other).read_text().split())
+    assert "\"synthetic-set\": the synthetic set the audit drew first" in page and "\"synthetic\": the" not in page
     assert html.index('id="summary"') < html.index('id="comparison"') and s["verdict"] in html.replace("&#39;", "'")
     assert 'alt="generation ' in html and "to training image" in html and "rms-l2" in html.split('alt="generation ')[1][:120]
     # the verdict by hand

@@ -215,7 +215,9 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     return {"schema": SCHEMA, "verdict": said, "methods": methods, "not_compared": other,
             "ratios_to_best_baseline": ratios_to_best_baseline({k: per_budget(m, asked[k]) for k, m in same.items()},
                                                                budgets=asked),
-            "findings": None if findings is None else findings.to_json()}, findings
+            "findings": None if findings is None else {
+                **findings.to_json(), "synthetic_set": next((k for k in found_in if k not in dirs
+                                                             and k in findings.generations), None)}}, findings
 
 
 def findings_file_current(run: str | Path, findings: Findings | None) -> bool:

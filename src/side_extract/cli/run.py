@@ -94,7 +94,6 @@ def print_summary(metrics: dict[str, dict]) -> None:
 
 def print_findings(run: Path) -> None:
     """The verdict, and what every method evaluated in ``run`` found together (``summary.json``, ``findings.csv``)."""
-    from ..findings import SYNTHETIC
     from ..summary import audit_summary, verdict_band
 
     s = audit_summary(run)
@@ -107,7 +106,7 @@ def print_findings(run: Path) -> None:
         made = f["generations"]
         alone = ", ".join(f"{m} {f['only'][m][band]}" for m in f["methods"])
         each = ", ".join(f"{m} {n}" for m, n in made.items())
-        console.print(f"every method{' and the synthetic set' if SYNTHETIC in made else ''} together: "
+        console.print(f"every method{' and the synthetic set' if f['synthetic_set'] else ''} together: "
                       f"{f['distinct_nearest_cumulative'][band]} distinct nearest training images at the '{band}' band "
                       f"or closer in {sum(made.values())} model samples ({each}; counted as the benchmarks count per "
                       f"method, not as the verdict's UMS, every training image within the band of some generation); "
