@@ -373,7 +373,7 @@ def test_settings_that_change_nothing_are_named():
     assert named == ["classifier.depth=10", "features.batch_size=8", "sample.eta=0.5", "sample.clip_eps=False",
                      "extract.eta=0.0", "lora.alpha=8.0", "evaluate.resize=16", "evaluate.detect_mode='components'"]
     used = cfg.from_dict(cfg.RunConfig, {
-        "classifier": {"depth": 10}, "sample": {"eta": 0.5}, "extract": {"methods": ["side", "uncond"], "eta": 0.0},
+        "train": "digits:30", "classifier": {"depth": 10}, "sample": {"eta": 0.5}, "extract": {"methods": ["side", "uncond"], "eta": 0.0},
         "lora": {"rank": "full", "alpha": 8.0}, "evaluate": {"detect_threshold": 0.1, "detect_mode": "components"}})
     assert cfg.inert_settings(used) == []  # DDIM reads eta; no side-lora; detection runs
     teacher = cfg.from_dict(cfg.RunConfig, {"clean_classifier": {"guidance_input": "x0_hat"},
@@ -941,3 +941,26 @@ def test_every_neighbour_search_of_an_evaluation_takes_its_backend_and_chunks(ti
     metrics = read_json(tmp_path / "run" / "evaluation" / "uncond" / "metrics.json")
     assert "copy_guard" in metrics and "detection" in metrics
     assert fitted and {f[1:] for f in fitted} == {("torch", 4, 8)}, fitted
+
+
+def test_evaluate_keys_a_run_cannot_use_are_said_before_any_stage(tiny_model_dir, tmp_path, monkeypatch):
+    """evaluate.backend 'faiss' where faiss is not installed failed at the calibration, after every extraction, in
+    words that did not name the key; evaluate.heldout under fixed bands and no quality metric, and the evaluate keys
+    and train_resize of a run with no training set, were read by nothing and said by nothing."""
+    import sys
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    faiss = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, backend="faiss"))
+    monkeypatch.setitem(sys.modules, "faiss", None)  # (import faiss raises ImportError: not installed)
+    with pytest.raises(ValueError, match=r"evaluate\.backend='faiss': faiss is not importable here"):
+        run_audit(tmp_path / "run", faiss)
+    assert not (tmp_path / "run" / "extraction").exists()
+    fixed = cfg.from_dict(cfg.RunConfig, {"train": "digits:30", "evaluate": {
+        "bands": "high=0:0.05,mid=0.05:0.1,low=0.1:0.15", "heldout": "/x/held.npz", "quality": []}})
+    assert [s.split(" (")[0] for s in cfg.inert_settings(fixed)] == ["evaluate.heldout='/x/held.npz'"]
+    quality = dataclasses.replace(fixed, evaluate=dataclasses.replace(fixed.evaluate, quality=("pixels",)))
+    assert cfg.inert_settings(quality) == []  # quality is measured against the held-out images
+    untrained = dataclasses.replace(fixed, train=None, train_resize=16)
+    assert [s.split(" (")[0] for s in cfg.inert_settings(untrained)] == [
+        "evaluate.heldout='/x/held.npz'", "train_resize=16", "evaluate.bands='high=0:0.05,mid=0.05:0.1,low=0.1:0.15'",
+        "evaluate.quality=()"]

@@ -203,7 +203,8 @@ class TrainTargetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """Unguided sampling of the synthetic set (SIDE step 1, and the UnCond baseline).
+    """Unguided sampling of the synthetic set (SIDE step 1; the UnCond baseline is sampled with the generations, by
+    ``extract.scheduler``, ``extract.steps`` and ``extract.eta``).
 
     ``clip_eps`` (default True): guided-diffusion's DDIM, eps recomputed from the clipped x0 in every step, the
     sampler of every method's generations (UnCond included); False is diffusers' ``DDIMPipeline``, whose samples
@@ -732,8 +733,10 @@ def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
     elif isinstance(c, FeaturesConfig) and c.extractor.split(":", 1)[0] in ("pixels", "pixels-pca"):
         keys, why = ("batch_size",), "the pixel extractors embed each image alone"
     elif isinstance(c, EvaluateConfig):  # (groups, each with its reason)
-        return {**({"calibration_quantiles": "no bands are calibrated: evaluate.bands, evaluate.bands_file or a "
-                                             "torchscript similarity fixes them"} if not calibrates_bands(c) else {}),
+        fixed = "no bands are calibrated: evaluate.bands, evaluate.bands_file or a torchscript similarity fixes them"
+        return {**({"calibration_quantiles": fixed} if not calibrates_bands(c) else {}),
+                **({"heldout": f"{fixed}, and evaluate.quality is empty"}
+                   if not calibrates_bands(c) and not c.quality else {}),
                 **(dict.fromkeys(DETECTION_KEYS, "clique detection runs only with evaluate.detect_threshold")
                    if c.detect_threshold is None else {}),
                 **(dict.fromkeys(QUALITY_SETTING_KEYS, "sample quality is measured only with evaluate.quality")
@@ -886,6 +889,11 @@ def inert_keys(rc: RunConfig) -> dict[str, str]:
         out["evaluate.resize"] = (f"evaluate.resize={ev.resize!r} (side evaluate's and side calibrate's; a run resizes "
                                   "its image sets with train_resize)")
     changed("evaluate", ev, unread_keys(ev))
+    if rc.train is None:  # (a heldout that does not exist, or a train_resize the model cannot take, passed unsaid)
+        nothing = "no training set (train): nothing is evaluated"
+        if rc.train_resize is not None:
+            out["train_resize"] = f"train_resize={rc.train_resize!r} ({nothing})"
+        changed("evaluate", ev, dict.fromkeys((f.name for f in dataclasses.fields(ev)), nothing))
     return out
 
 

@@ -133,7 +133,7 @@ class NearestNeighborIndex:
         X = self._check_rows(X, "X")
         if len(X) == 0:
             raise ValueError("X is empty: the reference set needs at least one row")
-        faiss_ok = _faiss() is not None
+        faiss_ok = faiss_available()
         if self.backend == "faiss" and not faiss_ok:
             raise ValueError("backend='faiss' but faiss is not importable; install faiss-cpu or use backend='torch'")
         self.backend_ = "faiss" if self.backend == "faiss" or (self.backend == "auto" and faiss_ok) else "torch"
@@ -537,3 +537,8 @@ def _faiss():
     except ImportError:
         return None
     return faiss
+
+
+def faiss_available() -> bool:
+    """Whether the faiss backend can run here (faiss-cpu or faiss-gpu installed)."""
+    return _faiss() is not None

@@ -41,7 +41,7 @@ from .models.classifier import DEPTHS, load_classifier, save_classifier
 from .models.classifier import saved_whole as classifier_saved_whole
 from .models.target import (EMBEDDED_TARGETS, Denoiser, Target, UNetDenoiser, check_fits, load_target,
                             model_fingerprint)
-from .neighbors import NearestNeighborIndex, pixel_rows
+from .neighbors import NearestNeighborIndex, faiss_available, pixel_rows
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, RunDir, StageWouldBeReplaced, array_fingerprint,
                    atomic_save_npz, atomic_write_json, atomic_write_text, check_run_path, check_unlocked,
                    file_fingerprint, fingerprint_of, npz_arrays, read_json, read_npz, run_lock, settings_fingerprint,
@@ -954,6 +954,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                 check()
             except ValueError as e:
                 problems.append(f"evaluate: {e}")
+        if ev.backend == "faiss" and not faiss_available():  # (said by the calibration, after every extraction)
+            problems.append("evaluate.backend='faiss': faiss is not importable here; install faiss-cpu or use "
+                            "backend 'torch' (or 'auto', which takes faiss where it is installed)")
         if extractor is not None and (bad := extractor_problem(extractor, unet)):
             problems.append(f"evaluate: {bad}")
         valid = ", ".join("torchscript:PATH" if k == "torchscript" else k for k in EXTRACTORS if k != "unet")
