@@ -113,7 +113,7 @@ def test_each_methods_count_and_the_union_agree_with_the_summary(tmp_path):
         assert f.count(band) == len(reached["side"] | reached["uncond"])
         assert f.only("side", band) == len(reached["side"] - reached["uncond"])
         assert f.only("uncond", band) == len(reached["uncond"] - reached["side"])
-    assert s["findings"] == f.to_json() and f.count("low") > 0
+    assert s["findings"] == {**f.to_json(), "synthetic_set": None} and f.count("low") > 0  # (no synthetic set here)
     from side_extract import Audit
 
     assert Audit.load(run).findings() == f  # the Python API reads the same

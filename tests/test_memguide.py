@@ -137,10 +137,16 @@ def test_verdict_names_memguide_beside_side_and_alone():
         "than the best baseline, uncond, with 8 (1.50x). memguide (label-free, beyond the paper) reached 20 (2.50x "
         "the best baseline).")
     stopped = {**{k: m for k in rows}, "uncond": {**m, "n_generated": 20}, "memguide": {**m, "n_generated": 30}}
-    assert verdict(stopped, rows) == (  # dedup-driven stopping ended two methods early: each count with its budget
+    early = {**rows, **{k: {**rows[k], "stopped": {"at": n, "of": 50}} for k, n in (("uncond", 20), ("memguide", 30))}}
+    assert verdict(stopped, early) == (  # dedup-driven stopping ended two methods early: each count with its budget
         "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
         "than the best baseline, uncond, with 8 in 20 (1.50x). memguide (label-free, beyond the paper) reached 20 in "
         "30 generations (2.50x the best baseline).")
+    # given other numbers of generations (not stopped early): counts, no ratio (the ratio table refuses it too)
+    assert verdict(stopped, rows) == (
+        "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
+        "than the best baseline, uncond, with 8 in 20 (no ratio: other numbers of generations). memguide (label-free, "
+        "beyond the paper) reached 20 in 30 generations (no ratio: other numbers of generations).")
     alone = {k: rows[k] for k in ("memguide", "uncond")}
     assert verdict({k: m for k in alone}, alone) == (
         "memguide reached 20 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "

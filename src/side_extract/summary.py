@@ -144,9 +144,11 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
     if sides and bases:
         s = max(sides, key=lambda k: count[k])
         b = max(bases, key=lambda k: count[k])
-        # (a ratio of counts made in other numbers of generations: the ratio table below refuses it, "N_G differs")
-        asked = {k: (methods[k].get("stopped") or {}).get("of") or n_of[k] for k in (s, b)}
-        ratio = ("no ratio: other numbers of generations" if asked[s] != asked[b] else
+        # (a ratio of counts made in other numbers of generations: the ratio table below refuses it, "N_G differs";
+        # one that dedup-driven stopping ended early is counted at the number it was asked for)
+        asked = {k: (methods[k].get("stopped") or {}).get("of") or n_of[k] for k in count}
+        unequal = "no ratio: other numbers of generations"
+        ratio = (unequal if asked[s] != asked[b] else
                  f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none")
         word = "more than" if count[s] > count[b] else ("as many as" if count[s] == count[b] else "fewer than")
         same = n_of[s] == n_of[b]
@@ -156,7 +158,8 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
         for k in (k for k in LABEL_FREE if k in count and k != s):
             out += (f" {k} (label-free, beyond the paper) reached {count[k]}"
                     + ("" if n_of[k] == n_of[b] else f" in {n_of[k]} generations")
-                    + (f" ({count[k] / count[b]:.2f}x the best baseline)." if count[b] else "."))
+                    + (f" ({unequal})." if asked[k] != asked[b] else
+                       f" ({count[k] / count[b]:.2f}x the best baseline)." if count[b] else "."))
         return out
     best = max(count, key=lambda k: count[k])
     return (f"{best} reached {count[best]} distinct training images (of {n_train}) at {where} with {n_of[best]} "
