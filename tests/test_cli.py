@@ -488,6 +488,12 @@ def test_extract_into_a_run_that_does_not_exist_is_refused_without_a_config(tmp_
     said = " ".join(r.output.split())
     assert r.exit_code == 2 and f"--run '{tmp_path / 'typo'}' does not exist: side extract continues a run" in said
     assert not (tmp_path / "typo").exists()
+    # side train-classifier: it said the training set was missing, and with a --config naming only methods it began
+    # a new audit of the default target there
+    r = CliRunner().invoke(app, ["--no-progress", "train-classifier", "--run", str(tmp_path / "typo")])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"--run '{tmp_path / 'typo'}' does not exist: side train-classifier continues" in said
+    assert not (tmp_path / "typo").exists()
 
 
 def test_the_summary_table_gives_each_methods_n_g_where_they_differ():
@@ -673,3 +679,11 @@ def test_a_count_below_its_least_is_said_by_the_flag_typed(args, tmp_path):
                                  str(tmp_path / "out") if args[0] == "bench" else "0"], terminal_width=200)
     assert r.exit_code == 2 and f"Invalid value for '{flag}'" in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_train_target_says_how_many_steps_its_loss_is_the_mean_of(tmp_path):
+    """A 3-step training said "mean loss of the last 100 steps"."""
+    r = CliRunner().invoke(app, ["--no-progress", "--threads", "1", "train-target", "--data", "digits:10", "--out",
+                                 str(tmp_path / "m"), "--steps", "3", "--batch-size", "2", "--block-out-channels",
+                                 "4,8", "--norm-num-groups", "4"])
+    assert r.exit_code == 0 and "(steps 3, mean loss of the last 3 steps " in r.output, r.output

@@ -406,8 +406,9 @@ def test_bands_on_small_data_refused_with_what_they_need_or_given(tiny_model_dir
         run_audit(tmp_path / "run", rc)  # (the held-out images were given: it said "give held-out images")
     own = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, heldout=None))
     with pytest.raises(ValueError, match=r"a null of 64 images \(the training set against itself\), too few for its "
-                       r"0.001 quantile .*: give held-out images"):
-        run_audit(tmp_path / "run", own)
+                       r"0.001 quantile .*: give held-out images.*; side demo takes held-out images as --heldout, and "
+                       r"the other two through side run's config"):  # (side demo, which has no --config, was told
+        run_audit(tmp_path / "run", own)  # to set config keys)
     # a cosine feature space other than an SSCD-like TorchScript file is calibrated too: it was let through, sampled,
     # clustered, trained and extracted, and failed only at the calibration after them
     cos = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, similarity="cosine:pixels"))

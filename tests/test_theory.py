@@ -775,3 +775,16 @@ def test_theory_inputs_misstated_are_named():
 
     with pytest.raises(ValueError, match="the ODE log-likelihood of the target is not finite at 4 of 4 points"):
         measure(CallableDenoiser(diverging, (1, 2, 2), SCHED), clf, train, eps=0.1, **kw)
+
+
+def test_measure_on_a_run_without_a_training_set_says_how_to_give_one(tmp_path):
+    """`side theory measure RUN` on a run made without `train` said only that M needs the training set: the command
+    has no flag for one, and the way (a step's --config) was not said."""
+    from side_extract import config as cfg
+    from side_extract.runs import RunDir
+    from side_extract.theory.measure import measure_run
+
+    RunDir(tmp_path / "run").write_config(cfg.RunConfig())
+    with pytest.raises(ValueError, match=r"names no training set \('train'\); M needs the training set D: give the run "
+                                         r"one through a step's --config naming train:"):
+        measure_run(tmp_path / "run", n_points=4, n_steps=2)

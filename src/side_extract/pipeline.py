@@ -1002,7 +1002,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                             "an edge set by more than the closest few): give "
                             + ("more " if ev.heldout is not None else "") + "held-out images "
                             "(evaluate.heldout), coarser quantiles (evaluate.calibration_quantiles) or fixed bands "
-                            "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2')")
+                            "(evaluate.bands, e.g. 'high=0:0.1,mid=0.1:0.15,low=0.15:0.2'); side demo takes "
+                            "held-out images as --heldout, and the other two through side run's config")
     if problems:
         raise ValueError("the run cannot start:\n  - " + "\n  - ".join(problems))
     return loaded

@@ -193,6 +193,14 @@ def cluster_cmd(
     say_note(note)
 
 
+def check_run_exists(run: Path, config: Path | None, command: str) -> None:
+    """Refuse a --run that does not exist where no --config starts one: a typo in --run started a whole new audit of
+    the default target (side extract), or said the training set was missing (side train-classifier)."""
+    if not run.exists() and config is None:
+        raise ValueError(f"--run {str(run)!r} does not exist: side {command} continues a run (side run, side sample "
+                         "or side cluster makes one); to start one there, give its --config (model, training set)")
+
+
 @cli_errors
 def train_classifier_cmd(
     ctx: typer.Context,
@@ -211,6 +219,7 @@ def train_classifier_cmd(
     Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
     flags = typed_flags(ctx, names)
+    check_run_exists(run, config, "train-classifier")
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     if not {"side", "side-teacher", "cond", "side-lora"} & set(rc.extract.methods):  # (it trained nothing, said
         # "classifiers in RUN" and recorded the classifier settings)
@@ -257,10 +266,8 @@ def extract_cmd(
              "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler",
              "memguide_scale": "extract.memguide_scale"}
     flags = typed_flags(ctx, names)
+    check_run_exists(run, config, "extract")
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
-    if not run.exists() and config is None:  # (a typo in --run started a whole new audit of the default target)
-        raise ValueError(f"--run {str(run)!r} does not exist: side extract continues a run (side run, side sample or "
-                         "side cluster makes one); to start one there, give its --config (model, training set)")
     from ..pipeline import run_audit
 
     with stage_progress(ctx) as factory:

@@ -68,4 +68,5 @@ def train_target_cmd(
                               report=report if cb is None and group.main else None, group=group)
     if not group.main:
         return
-    console.print(f"wrote {result.path} (steps {result.steps}, mean loss of the last 100 steps {result.final_loss:.4f})")
+    console.print(f"wrote {result.path} (steps {result.steps}, mean loss of the last {min(100, result.steps)} steps "
+                  f"{result.final_loss:.4f})")

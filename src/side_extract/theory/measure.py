@@ -340,7 +340,9 @@ def measure_run(run: str | Path, *, n_points: int | None = None, device: str = "
         cfg_path = run / "config.yaml"
         rc = read_run_config(run)
         if not rc.get("train"):
-            raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D")
+            raise ValueError(f"{str(cfg_path)!r} names no training set ('train'); M needs the training set D: give "
+                             "the run one through a step's --config naming train: (e.g. side extract --run RUN "
+                             "--config c.yaml, which reuses every finished stage)")
         clf_dir = run / "classifier"
         if not clf_dir.is_dir():
             raise ValueError(f"{str(clf_dir)!r} does not exist: train the time-dependent classifier first "
