@@ -145,8 +145,15 @@ def test_verdict_names_memguide_beside_side_and_alone():
     # given other numbers of generations (not stopped early): counts, no ratio (the ratio table refuses it too)
     assert verdict(stopped, rows) == (
         "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
-        "than the best baseline, uncond, with 8 in 20 (no ratio: other numbers of generations). memguide (label-free, "
-        "beyond the paper) reached 20 in 30 generations (no ratio: other numbers of generations).")
+        "than the best baseline, uncond, with 8 in 20 (no ratio: side was asked for 50 generations, uncond 20). "
+        "memguide (label-free, beyond the paper) reached 20 in 30 generations (no ratio: memguide was asked for 30 "
+        "generations, uncond 20).")
+    # the best baseline is taken among those given the form's budget, as the ratio table takes it (uncond's 8 in 20
+    # was named, and the table's ratio to cond, given 50, withheld)
+    cond = {**stopped, "cond": m}
+    assert verdict(cond, {**rows, "cond": {"distinct_cumulative": {"mid": 6}}}).startswith(
+        "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
+        "than the best baseline, cond, with 6 (2.00x).")
     alone = {k: rows[k] for k in ("memguide", "uncond")}
     assert verdict({k: m for k in alone}, alone) == (
         "memguide reached 20 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "

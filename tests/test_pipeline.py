@@ -955,6 +955,13 @@ def test_evaluate_keys_a_run_cannot_use_are_said_before_any_stage(tiny_model_dir
     with pytest.raises(ValueError, match=r"evaluate\.backend='faiss': faiss is not importable here"):
         run_audit(tmp_path / "run", faiss)
     assert not (tmp_path / "run" / "extraction").exists()
+    # a held-out set named as read by nothing is not loaded (it was warned of, then refused as missing)
+    from side_extract.models.target import load_target
+    from side_extract.pipeline import preflight
+
+    unread = dataclasses.replace(rc, evaluate=dataclasses.replace(
+        rc.evaluate, bands="high=0:0.05,mid=0.05:0.1,low=0.1:0.15", heldout=str(tmp_path / "missing.npz"), quality=()))
+    assert "heldout" not in preflight(unread, load_target(tiny_model_dir))
     fixed = cfg.from_dict(cfg.RunConfig, {"train": "digits:30", "evaluate": {
         "bands": "high=0:0.05,mid=0.05:0.1,low=0.1:0.15", "heldout": "/x/held.npz", "quality": []}})
     assert [s.split(" (")[0] for s in cfg.inert_settings(fixed)] == ["evaluate.heldout='/x/held.npz'"]

@@ -373,6 +373,13 @@ def test_summary_json_verdict_and_first_screen(tiny_model_dir, tmp_path):
     assert audit_summary(other)["findings"]["synthetic_set"] == "synthetic-set"
     page = " ".join(write_report(other).read_text().split())
     assert "\"synthetic-set\": the synthetic set the audit drew first" in page and "\"synthetic\": the" not in page
+    # a report.json written before findings named it is drawn again as it was
+    from side_extract.report import render_html
+
+    data = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    del data["audit_summary"]["findings"]["synthetic_set"]
+    again = " ".join(render_html(data, tmp_path / "run").split())
+    assert "\"synthetic\": the synthetic set the audit drew first" in again
     assert html.index('id="summary"') < html.index('id="comparison"') and s["verdict"] in html.replace("&#39;", "'")
     assert 'alt="generation ' in html and "to training image" in html and "rms-l2" in html.split('alt="generation ')[1][:120]
     # the verdict by hand
@@ -772,7 +779,7 @@ def test_distinct_images_are_not_compared_between_methods_of_other_budgets(tmp_p
     assert "N_G differs: side 40, uncond 30" in html
     # nor in the verdict above that table, which gave "with 5 in 30 (3.20x)" (a review's find)
     said = audit_summary(run)["verdict"]
-    assert "with 5 in 30 (no ratio: other numbers of generations)." in said and "x)" not in said, said
+    assert "with 5 in 30 (no ratio: side was asked for 40 generations, uncond 30)." in said and "x)" not in said, said
     # a baseline given the method's budget is compared with, whatever another of a smaller budget reached (it was
     # chosen as the best by its inflated share, and the comparison withheld)
     from side_extract.summary import ratios_to_best_baseline

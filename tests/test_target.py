@@ -198,6 +198,23 @@ def test_train_target_writes_pipeline_and_resume_is_exact(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "b" / "training_log.json").read_text()) == logs[1]
+    # a model trained before segments were kept (its checkpoints and log without them): a rerun that trains nothing
+    # keeps its record (a placeholder wiped it), and one that trains on keeps it as the first stretch
+    for state in (tmp_path / "a" / "checkpoints").glob("step-*/training_state.json"):
+        meta = json.loads(state.read_text())
+        del meta["segments"]
+        state.write_text(json.dumps(meta))
+    old = {k: v for k, v in logs[0].items() if k != "segments"}
+    (tmp_path / "a" / "training_log.json").write_text(json.dumps(old))
+    train_target(TINY, data, tmp_path / "a")
+    kept = json.loads((tmp_path / "a" / "training_log.json").read_text())
+    assert {k: v for k, v in kept.items() if k != "segments"} == old
+    assert kept["segments"] == [{"from": 0, "to": 4, **{k: old[k] for k in ("processes", "rows_per_process",
+                                                                              "torch_threads", "device", "platform",
+                                                                              "versions")}}]
+    train_target(dataclasses.replace(TINY, steps=5), data, tmp_path / "a")
+    on = json.loads((tmp_path / "a" / "training_log.json").read_text())
+    assert on["segments"][0] == kept["segments"][0] and (on["segments"][1]["from"], on["resumed_from"]) == (4, 4)
 
 
 def test_a_shorter_rerun_does_not_return_the_longer_trained_model(tmp_path):

@@ -125,8 +125,8 @@ def load_torch_state(path: str | Path) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds objects other than tensors and plain values, which a safe load refuses (not "
-                         "a file side-extract wrote)") from None
+        raise ValueError(f"{path} is damaged, or holds objects other than tensors and plain values, which a safe "
+                         "load refuses (not a file side-extract wrote)") from None
 
 
 def shard_opens(path: Path) -> bool:

@@ -141,14 +141,18 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
     sides = [k for k in SIDE_METHODS if k in count] or [k for k in LABEL_FREE if k in count]
     bases = [k for k in BASELINES if k in count]
     where = f"the '{band}' band or closer"
+    # (a method that dedup-driven stopping ended early is counted at the number it was asked for)
+    asked = {k: (methods[k].get("stopped") or {}).get("of") or n_of[k] for k in count}
     if sides and bases:
         s = max(sides, key=lambda k: count[k])
-        b = max(bases, key=lambda k: count[k])
-        # (a ratio of counts made in other numbers of generations: the ratio table below refuses it, "N_G differs";
-        # one that dedup-driven stopping ended early is counted at the number it was asked for)
-        asked = {k: (methods[k].get("stopped") or {}).get("of") or n_of[k] for k in count}
-        unequal = "no ratio: other numbers of generations"
-        ratio = (unequal if asked[s] != asked[b] else
+        # the best baseline among those asked for as many generations, as the ratio table takes it (across budgets
+        # it named another baseline than the table and withheld the table's ratio)
+        b = max([k for k in bases if asked[k] == asked[s]] or bases, key=lambda k: count[k])
+        # (a ratio of counts made in other numbers of generations: the ratio table below refuses it, "N_G differs")
+        def unequal(k: str) -> str:
+            return f"no ratio: {k} was asked for {asked[k]} generations, {b} {asked[b]}"
+
+        ratio = (unequal(s) if asked[s] != asked[b] else
                  f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none")
         word = "more than" if count[s] > count[b] else ("as many as" if count[s] == count[b] else "fewer than")
         same = n_of[s] == n_of[b]
@@ -158,7 +162,7 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
         for k in (k for k in LABEL_FREE if k in count and k != s):
             out += (f" {k} (label-free, beyond the paper) reached {count[k]}"
                     + ("" if n_of[k] == n_of[b] else f" in {n_of[k]} generations")
-                    + (f" ({unequal})." if asked[k] != asked[b] else
+                    + (f" ({unequal(k)})." if asked[k] != asked[b] else
                        f" ({count[k] / count[b]:.2f}x the best baseline)." if count[b] else "."))
         return out
     best = max(count, key=lambda k: count[k])

@@ -506,8 +506,7 @@ def _read_target_checkpoint(ckpt: Path, resume_key: dict, out: Path
                          "or delete it")
     try:
         unet = UNet2DModel.from_pretrained(ckpt / "raw_unet", use_safetensors=True)
-        # (a checkpoint written before the segments were kept: how its steps were trained is not known)
-        segments = meta.get("segments") or [{"from": 0, "to": step, "not_recorded": True}]
+        segments = meta.get("segments") or _segments_of_log(out, step, resume_key)
         return step, list(meta.get("losses", [])), unet, load_torch_state(ckpt / "training_state.pt"), segments
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         return damaged(e)
@@ -717,7 +716,7 @@ def train_target(
     # run kept only its last stretch's.)
     if start < c.steps:
         segments = [*segments, _segment(start, c.steps, c, device, group)]
-    last = {k: v for k, v in segments[-1].items() if k not in ("from", "to")}
+    last = {k: v for k, v in segments[-1].items() if k in SEGMENT_KEYS}
     trained = {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
                "data_fingerprint": resume_key["data_fingerprint"], **last, "resumed_from": segments[-1]["from"],
                "segments": segments}
@@ -733,6 +732,28 @@ def train_target(
         (out_final / name).replace(target)
     out_final.rmdir()
     return TrainResult(out, c.steps, final, start)
+
+
+SEGMENT_KEYS = ("processes", "rows_per_process", "torch_threads", "device", "platform", "versions")
+
+
+def _segments_of_log(out: Path, step: int, resume_key: dict) -> list[dict[str, Any]]:
+    """The segments of a checkpoint written before they were kept: those of ``out/training_log.json`` where it is the
+    log of a training of the same data that ended at that step (a log of that time records its last stretch, from
+    ``resumed_from``; a stretch before it is not recorded), else one stretch not recorded. (A placeholder alone wiped
+    a finished model's record on a rerun.)"""
+    unknown = [{"from": 0, "to": step, "not_recorded": True}]
+    try:
+        old = read_json(out / "training_log.json", dict)
+    except (OSError, ValueError):
+        return unknown
+    if old.get("steps") != step or old.get("data_fingerprint") != resume_key["data_fingerprint"]:
+        return unknown
+    if isinstance(old.get("segments"), list) and old["segments"]:
+        return old["segments"]
+    start = old.get("resumed_from") if isinstance(old.get("resumed_from"), int) else 0
+    last = {"from": start, "to": step, **{k: old[k] for k in SEGMENT_KEYS if k in old}}
+    return [*([{"from": 0, "to": start, "not_recorded": True}] if start else []), last]
 
 
 def _segment(start: int, end: int, c: cfg.TrainTargetConfig, device: str | torch.device,
