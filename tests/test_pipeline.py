@@ -876,7 +876,8 @@ def test_a_run_reads_its_sets_once(tiny_model_dir, tmp_path):
             Image.fromarray(rng.integers(0, 256, (8, 10), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
     rc = tiny_rc(tiny_model_dir, methods=("uncond",))
     rc = dataclasses.replace(rc, train=str(tmp_path / "train"), train_resize=8,
-                             evaluate=dataclasses.replace(rc.evaluate, heldout=str(tmp_path / "heldout"), quality=(),
+                             evaluate=dataclasses.replace(rc.evaluate, heldout=str(tmp_path / "heldout"),
+                                                          quality=("pixels",),  # (the held-out set's reader here)
                                                           bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")

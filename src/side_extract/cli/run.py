@@ -219,8 +219,8 @@ def train_classifier_cmd(
     Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
     flags = typed_flags(ctx, names)
-    check_run_exists(run, config, "train-classifier")
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+    check_run_exists(run, config, "train-classifier")  # (after the flags' own checks, as extract's)
     if not {"side", "side-teacher", "cond", "side-lora"} & set(rc.extract.methods):  # (it trained nothing, said
         # "classifiers in RUN" and recorded the classifier settings)
         raise ValueError(f"side train-classifier trains the classifiers of side, side-teacher and cond and side-lora's "
@@ -266,8 +266,8 @@ def extract_cmd(
              "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler",
              "memguide_scale": "extract.memguide_scale"}
     flags = typed_flags(ctx, names)
-    check_run_exists(run, config, "extract")
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+    check_run_exists(run, config, "extract")
     from ..pipeline import run_audit
 
     with stage_progress(ctx) as factory:
