@@ -137,8 +137,8 @@ def test_verdict_names_memguide_beside_side_and_alone():
         "than the best baseline, uncond, with 8 (1.50x). memguide (label-free, beyond the paper) reached 20 (2.50x "
         "the best baseline).")
     stopped = {**{k: m for k in rows}, "uncond": {**m, "n_generated": 20}, "memguide": {**m, "n_generated": 30}}
-    early = {**rows, **{k: {**rows[k], "stopped": {"at": n, "of": 50}} for k, n in (("uncond", 20), ("memguide", 30))}}
-    assert verdict(stopped, early) == (  # dedup-driven stopping ended two methods early: each count with its budget
+    assert verdict(stopped, rows, {k: 50 for k in rows}) == (  # dedup-driven stopping ended two methods early:
+        # each count with its budget
         "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
         "than the best baseline, uncond, with 8 in 20 (1.50x). memguide (label-free, beyond the paper) reached 20 in "
         "30 generations (2.50x the best baseline).")

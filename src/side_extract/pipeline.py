@@ -971,8 +971,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         # the null leaves out exact copies of a training image (the calibration drops them), so they are not
         # counted here (a null of 80 of 100 held-out images was refused after every extraction had run)
         n_null, copies = None, 0
-        reads_heldout = cfg.calibrates_bands(ev) or bool(ev.quality)  # (else named as read by nothing: not loaded)
-        if ev.heldout is not None and reads_heldout:
+        if ev.heldout is not None and "heldout" not in cfg.unread_keys(ev):  # (one named as read by nothing was
+            # loaded, and refused where missing)
             try:
                 h = loaded["heldout"] = load_image_set(absolute_spec(ev.heldout), rc.train_resize)
                 n_null = len(h)

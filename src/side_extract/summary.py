@@ -129,8 +129,11 @@ def method_summary(m: dict[str, Any], stage: dict[str, Any] | None, eval_dir: Pa
     return out
 
 
-def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any]]) -> str:
-    """The audit in one sentence: distinct training images reached at the middle band or closer."""
+def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any]],
+            asked: dict[str, int] | None = None) -> str:
+    """The audit in one sentence: distinct training images reached at the middle band or closer. ``asked``: the
+    generations each method was asked for, where dedup-driven stopping made fewer (None: as many as it made); a
+    ratio is given between methods asked for as many."""
     if not metrics:
         return "No method has been evaluated yet."
     first = next(iter(metrics.values()))
@@ -141,8 +144,7 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
     sides = [k for k in SIDE_METHODS if k in count] or [k for k in LABEL_FREE if k in count]
     bases = [k for k in BASELINES if k in count]
     where = f"the '{band}' band or closer"
-    # (a method that dedup-driven stopping ended early is counted at the number it was asked for)
-    asked = {k: (methods[k].get("stopped") or {}).get("of") or n_of[k] for k in count}
+    asked = {**n_of, **(asked or {})}
     if sides and bases:
         s = max(sides, key=lambda k: count[k])
         # the best baseline among those asked for as many generations, as the ratio table takes it (across budgets
@@ -214,11 +216,11 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     other = not_compared(run, metrics)  # other bands or training set (side evaluate --out into the run, an earlier
     # call's), or of another target's generations (an earlier call's): not compared
     same = {k: m for k, m in metrics.items() if k not in other}
-    said = (verdict(same, {k: methods[k] for k in same}) if same or not other else  # ("No method has been evaluated
-            "No evaluation in the run can be compared with its current settings and target.")  # yet" was said here)
+    asked = {k: int((made[k] or {}).get("n") or m["n_generated"]) for k, m in same.items()}
+    said = (verdict(same, {k: methods[k] for k in same}, asked) if same or not other else  # ("No method has been
+            "No evaluation in the run can be compared with its current settings and target.")  # evaluated yet" was)
     if other:
         said += " Not compared: " + "; ".join(f"{k} ({why})" for k, why in other.items()) + "."
-    asked = {k: int((made[k] or {}).get("n") or m["n_generated"]) for k, m in same.items()}
     return {"schema": SCHEMA, "verdict": said, "methods": methods, "not_compared": other,
             "ratios_to_best_baseline": ratios_to_best_baseline({k: per_budget(m, asked[k]) for k, m in same.items()},
                                                                budgets=asked),
