@@ -103,7 +103,8 @@ def process_timeout() -> datetime.timedelta:
     """How long a process waits for the others at one exchange: ``$SIDE_PROCESS_TIMEOUT_S`` seconds, by default
     24 hours. The others wait while the main process works alone (memorization scores, features, clustering,
     calibration) or waits for another writer's lock (``--wait``); torch's own default, 30 minutes, ended such a
-    launch with a bare gloo error."""
+    launch with a bare gloo error. It bounds the exchanges only: the first connection, which waits for every process
+    of the launch to start, is given at least 30 minutes (``CONNECT_TIMEOUT``)."""
     raw = os.environ.get(TIMEOUT_ENV, "86400")
     try:
         seconds = float(raw)
@@ -113,6 +114,16 @@ def process_timeout() -> datetime.timedelta:
         raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds, at most {MAX_TIMEOUT_S:.0f} "
                          "(a year)")
     return datetime.timedelta(seconds=seconds)
+
+
+CONNECT_TIMEOUT = datetime.timedelta(minutes=30)  # the first connection's bound at least (torch's default)
+
+
+def _bound_exchanges(timeout: datetime.timedelta) -> None:
+    """Bound every later exchange of the default group by ``timeout`` (the group was made with the connection's)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # (torch's own setter, private in 2.13)
+
+    _set_pg_timeout(timeout)
 
 
 CLOSE_BARRIER_S = 60.0  # how long a finished process waits at exit for the others (a dead peer: then it goes on)
@@ -173,7 +184,11 @@ class ProcessGroup:
 
         # gloo carries the few control messages (decisions, barriers, errors); the models run on the device the
         # command names, this process's GPU under --device cuda (``device``)
-        state = PartialState(cpu=True, timeout=process_timeout())
+        exchanges = process_timeout()
+        # the first connection waits for every process to start, however short the bound on exchanges: processes of
+        # one launch start seconds apart on a loaded machine, and a bound of a few seconds failed them there
+        state = PartialState(cpu=True, timeout=max(exchanges, CONNECT_TIMEOUT))
+        _bound_exchanges(exchanges)
         atexit.unregister(_close_process_group)  # once, however many times a command asks for its group
         atexit.register(_close_process_group)
         return cls(state.process_index, state.num_processes, state.local_process_index)
@@ -412,7 +427,7 @@ def _global_batchnorm_class() -> type:
 def _nccl_group() -> Any:
     import torch.distributed as dist
 
-    return dist.new_group(backend="nccl")
+    return dist.new_group(backend="nccl", timeout=process_timeout())  # (its own default: 10 minutes)
 
 
 def launch_arguments(nproc: int) -> list[str]:
