@@ -1099,3 +1099,20 @@ def test_a_page_that_cannot_be_written_leaves_no_report_json_alone(run_dir, tmp_
     written = write_report(run, top=2)
     assert sorted(p.name for p in written.parent.iterdir()) == ["report.html", "report.json"]
     assert "bad\ufffdname" in written.read_bytes().decode("utf-8")
+
+
+def test_a_method_folder_whose_name_is_not_utf8_is_drawn(run_dir, tmp_path):
+    """A method folder whose name is not UTF-8 failed the report inside matplotlib's font code (its histogram's title
+    and legend); the figures now draw the odd byte as ``\\xff``."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    odd = "uncond\udcffx"  # (the byte 0xff in a name, as Python decodes it)
+    try:
+        for stage in ("extraction", "evaluation"):
+            if (run / stage / "uncond").is_dir():
+                (run / stage / "uncond").rename(run / stage / odd)
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("this file system refuses the name")
+    shutil.rmtree(run / "report", ignore_errors=True)
+    written = write_report(run, top=2)
+    assert sorted(p.name for p in written.parent.iterdir()) == ["report.html", "report.json"]

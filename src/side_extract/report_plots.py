@@ -8,12 +8,14 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.text  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -27,12 +29,30 @@ plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "figure.dpi": 100, "s
 PLAIN_TEXT = matplotlib.rc_context({"text.parse_math": False})
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _drawable(text: str) -> str:
+    """``text`` with the bytes that surrogate escapes stand for written ``\\xNN`` (another lone surrogate: ``\\uNNNN``)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def figure_uri(fig: plt.Figure) -> str:
-    """The figure as a PNG data URI; closes the figure."""
+    """The figure, laid out tight, as a PNG data URI; closes the figure. A text that is not Unicode (a folder name in another
+    encoding, read with Python's surrogate escapes) is drawn with its odd bytes as ``\\xNN`` (matplotlib's font
+    code refused it, and the report with it)."""
+    for text in fig.findobj(matplotlib.text.Text):
+        drawn = text.get_text()
+        if isinstance(drawn, str) and _SURROGATE.search(drawn):
+            text.set_text(_drawable(drawn))
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -93,7 +113,6 @@ def histograms_figure(hist: dict[str, Any]) -> str:
         ax.set_xlabel(f"best {hist['similarity']} {hist['orientation']}")
         ax.set_ylabel("density")
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     return figure_uri(fig)
 
 
@@ -127,7 +146,6 @@ def ng_law_figure(laws: dict[str, dict[str, Any]]) -> str:
         ax.set_xlabel("N_G (generations)")
         ax.set_ylabel("unique training images hit")
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return figure_uri(fig)
 
 
@@ -148,7 +166,6 @@ def sweep_figure(param: str, curves: dict[str, dict[str, Any]]) -> str:
         ax.set_xlabel(param)
         ax.set_ylabel("%")
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     return figure_uri(fig)
 
 
@@ -167,7 +184,6 @@ def classifier_figure(classifiers: dict[str, dict[str, Any]]) -> str:
         ax.set_xlabel("step")
         ax.set_ylabel("held-out accuracy (%)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return figure_uri(fig)
 
 
@@ -197,7 +213,6 @@ def clusters_figure(rows: list[dict[str, Any]], bands: list[str], kind: str = "s
         ax2.set_ylabel("cohesion")
         ax2.legend(fontsize=7, loc="upper right")
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
     return figure_uri(fig)
 
 
@@ -212,5 +227,4 @@ def theory_figure(rows: list[dict[str, Any]]) -> str:
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(y, [r["key"] for r in rows])
     ax.set_xlabel("nats (smaller M = more memorization)")
-    fig.tight_layout()
     return figure_uri(fig)
