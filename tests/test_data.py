@@ -434,3 +434,18 @@ def test_folders_and_shards_a_review_found_misread(tmp_path):
     np.savez(sh / "more.npz", images=im)
     with pytest.raises(ValueError, match=r"holds shard-\*.npz files and other .npz files \(1, the first: more.npz\)"):
         load_image_set(sh)
+
+
+def test_an_image_whose_exif_cannot_be_read_is_taken_as_stored(tmp_path):
+    """A PNG whose eXIf chunk is not EXIF (its pixels decode) was refused as "unreadable or corrupt" (Pillow's parse
+    of the orientation raised SyntaxError); it is read as stored, and the set's load names it once."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    stored = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    Image.fromarray(stored).save(folder / "a.png", exif=b"Exif\x00\x00garbage")
+    Image.fromarray(stored[::-1].copy()).save(folder / "b.png")
+    with pytest.warns(UserWarning, match=r"1 of the 2 images in .* have EXIF metadata that cannot be read \(the first: "
+                      r"a\.png\)"):
+        images = load_image_set(folder).images
+    np.testing.assert_array_equal(images[0, ..., 0], stored)
+    np.testing.assert_array_equal(images[1, ..., 0], stored[::-1])

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import numbers
 import os
+import struct
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -283,17 +284,24 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         warnings.warn(f"{len(others)} image file(s) in {str(path)!r} in another format are left out (the first: "
                       f"{', '.join(others[:3])}); only {', '.join(IMAGE_SUFFIXES)} files are read: convert them to PNG",
                       UserWarning, stacklevel=2)
-    arrays, see_through = [], []
+    arrays, see_through, odd_exif = [], [], []
     for f in files:
         try:
             with Image.open(f) as im:
                 im.load()
-                im = ImageOps.exif_transpose(im)  # as a viewer (and diffusers' load_image) shows it
+                try:
+                    im = ImageOps.exif_transpose(im)  # as a viewer (and diffusers' load_image) shows it
+                except (SyntaxError, ValueError, struct.error):  # metadata Pillow cannot parse (its pixels decoded):
+                    odd_exif.append(f.name)  # shown as stored, as a viewer does (it was refused as corrupt)
                 arrays.append(_as_8bit(im, f))
                 if _transparent(im):
                     see_through.append(f.name)
         except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:  # (a bomb: Pillow's
             raise ValueError(f"image file {str(f)!r} is unreadable or corrupt: {e}") from e  # traceback, no file)
+    if odd_exif:
+        warnings.warn(f"{len(odd_exif)} of the {len(files)} images in {str(path)!r} have EXIF metadata that cannot be "
+                      f"read (the first: {', '.join(odd_exif[:3])}); they are taken as stored, not turned by an EXIF "
+                      "orientation", UserWarning, stacklevel=2)
     if see_through:  # the alpha channel is dropped: what lies under a transparent pixel is shown as it is
         warnings.warn(f"{len(see_through)} of the {len(files)} images in {str(path)!r} have transparent pixels (the "
                       f"first: {', '.join(see_through[:3])}); their alpha is dropped, so each transparent pixel shows "
