@@ -73,6 +73,27 @@ def test_ddim_step_is_diffusers_step_bit_for_bit_where_its_stride_holds(spacing,
         assert torch.equal(ours, ref)
 
 
+def test_ddim_at_eta_1_where_abar_is_near_0_steps_to_finite_images():
+    """At eta 1 the root's term 1 - abar_prev - sigma^2 equals abar_t (1 - abar_prev)^2 / (abar_prev (1 - abar_t)), 2e-8
+    at a cosine schedule's t = 999 (abar 2.4e-9), but float32 made it -6e-8: NaN images, said as a model whose eps
+    is not finite (diffusers' own step gives the NaN too). The step is DDIM's eq. 12 in float64 up to that term."""
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    sched.set_timesteps(5)
+    t, prev = (int(v) for v in sched.timesteps[:2])
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
+    ours = ddim_step(sched, x, t, eps, sample_generators(1, range(2)), eta=1.0, clip_x0=True, eps_from_x0=False)
+    a, ap = sched.alphas_cumprod[t].double(), sched.alphas_cumprod[prev].double()
+    x0 = ((x.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()).clamp(-1, 1)
+    sigma = ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt()
+    z = torch.cat([torch.randn(1, 1, 4, 4, generator=gen) for gen in sample_generators(1, range(2))]).double()
+    ref = ap.sqrt() * x0 + (a * (1 - ap) ** 2 / (ap * (1 - a))).sqrt() * eps.double() + sigma * z
+    assert torch.isfinite(ours).all()
+    # (float32 leaves the term's 2e-8 as rounding noise: its root, 1.5e-4 times eps, is what the step cannot keep)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-3, rtol=0)
+
+
 def test_ddim_refuses_a_thresholding_scheduler_before_sampling():
     from diffusers import DDPMScheduler
     base = DDPMScheduler(num_train_timesteps=1000, thresholding=True)

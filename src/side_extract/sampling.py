@@ -159,7 +159,8 @@ def ddim_step(sched: DDIMScheduler, x: torch.Tensor, t: int, eps: torch.Tensor, 
     recomputed from that x0 when ``eps_from_x0``, then x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev -
     sigma^2) eps + sigma z with sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) and z
     drawn from ``generators`` (one per sample). diffusers' ``DDIMScheduler.step``'s arithmetic in its order, so on
-    a schedule it steps right the images are its images bit for bit (tests/test_sampling.py)."""
+    a schedule it steps right the images are its images bit for bit (tests/test_sampling.py); where float32 rounds
+    the root's non-negative term below 0 (eta 1, abar_t near 0), the root is 0, not diffusers' NaN."""
     prev = ddim_previous(sched, t)
     abar_t = sched.alphas_cumprod[int(t)]
     abar_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
@@ -170,7 +171,9 @@ def ddim_step(sched: DDIMScheduler, x: torch.Tensor, t: int, eps: torch.Tensor, 
     std = eta * (((1 - abar_prev) / beta_t) * (1 - abar_t / abar_prev)) ** (0.5)
     if eps_from_x0:
         eps = (x - abar_t ** (0.5) * x0) / beta_t ** (0.5)
-    x_prev = abar_prev ** (0.5) * x0 + (1 - abar_prev - std**2) ** (0.5) * eps
+    # the term under the root is abar_t (1 - abar_prev)^2 / (abar_prev (1 - abar_t)) >= 0, but at eta 1 with abar_t
+    # near 0 (a cosine schedule's t = 999) float32 rounds it to -6e-8, and its root was NaN: sampling "diverged"
+    x_prev = abar_prev ** (0.5) * x0 + (1 - abar_prev - std**2).clamp(min=0) ** (0.5) * eps
     if eta > 0:
         x_prev = x_prev + std * randn_tensor(eps.shape, generator=generators, device=eps.device, dtype=eps.dtype)
     return x_prev
