@@ -149,6 +149,12 @@ def test_settings_that_failed_later_or_were_dropped_are_refused_at_once(tmp_path
         with pytest.raises(ValueError, match=r"n=100000000000000 images of shard_size=512 would make "
                                              r"195,312,500,000 shard files \(at most 1,000,000\)"):
             cfg.from_dict(section, {"n": 10**14})
+    # a method made in rounds cuts each round into its own shards: 2,000,000 one-image rounds were accepted
+    with pytest.raises(ValueError, match=r"n=2000000 images in rounds=2000000 rounds of shard_size=10000 would make "
+                                         r"2,000,000 shard files \(at most 1,000,000\): lower n or rounds"):
+        cfg.from_dict(cfg.ExtractConfig, {"n": 2 * 10**6, "shard_size": 10**4, "rounds": 2 * 10**6,
+                                          "stop_unseen": 0.1})
+    cfg.from_dict(cfg.ExtractConfig, {"n": 2 * 10**6, "shard_size": 10**4, "rounds": 2 * 10**6})  # (no rounds made)
     res = CliRunner().invoke(app, ["--no-progress", "sample", "--n", str(10**14), "--out", str(tmp_path / "n")])
     assert res.exit_code == 2 and "would make 195,312,500,000 shard files" in res.output, res.output
     assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists() and not (tmp_path / "n").exists()

@@ -140,13 +140,16 @@ def check_path(value: Any, name: str) -> None:
 MAX_SHARDS = 1_000_000  # shard files of one stage (a folder of more is no longer a run directory one can handle)
 
 
-def _shards(obj: Any) -> None:
+def _shards(obj: Any, rounds: int = 1) -> None:
     """Refuse an ``n`` that would make more than :data:`MAX_SHARDS` shard files of ``shard_size`` images: an n of
-    10^14 (a typo) was accepted, and the stage's shard plan filled the memory before anything was said."""
-    shards = -(-obj.n // obj.shard_size)
+    10^14 (a typo) was accepted, and the stage's shard plan filled the memory before anything was said. A stage made
+    in ``rounds`` cuts each round into its own shards (``runs.shard_ranges``)."""
+    per_round = -(-obj.n // rounds)
+    shards = -(-obj.n // per_round) * -(-per_round // obj.shard_size)
     if shards > MAX_SHARDS:
-        raise ValueError(f"n={obj.n} images of shard_size={obj.shard_size} would make {shards:,} shard files (at most "
-                         f"{MAX_SHARDS:,}): lower n or raise shard_size")
+        made = f" in rounds={rounds} rounds" if rounds > 1 else ""
+        raise ValueError(f"n={obj.n} images{made} of shard_size={obj.shard_size} would make {shards:,} shard files (at "
+                         f"most {MAX_SHARDS:,}): lower n{' or rounds' if rounds > 1 else ''} or raise shard_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -659,6 +662,8 @@ class ExtractConfig:
         if not 0.0 <= self.memguide_avoid_t_lo < self.memguide_avoid_t_hi <= 1.0:
             raise ValueError(f"memguide_avoid_t_lo={self.memguide_avoid_t_lo}, memguide_avoid_t_hi="
                              f"{self.memguide_avoid_t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        if any(method_in_rounds(m, self) for m in self.methods):
+            _shards(self, self.rounds)
 
 
 @dataclasses.dataclass(frozen=True)
