@@ -817,7 +817,7 @@ def test_a_failed_first_call_removes_its_folder_while_it_still_holds_the_lock(tm
     from side_extract import runs
 
     held, rmtree = [], shutil.rmtree
-    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (held.append(Path(p).resolve() in runs._HELD), rmtree(p, **k)))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (held.append(Path(p).resolve() in runs.lock._HELD), rmtree(p, **k)))
 
     def fail(*args, **kwargs):
         raise ValueError("a check that failed after the lock was taken")

@@ -720,7 +720,7 @@ def test_a_lock_held_for_an_instant_is_not_taken_for_a_writer(tmp_path, monkeypa
             pass
 
     with monkeypatch.context() as m:
-        m.setattr(runs, "PROBE_PATIENCE_S", 5.0)
+        m.setattr(runs.lock, "PROBE_PATIENCE_S", 5.0)
         for attempt in (lambda: check_unlocked(run), write):
             taken = threading.Event()
             t = threading.Thread(target=hold, args=(0.05, taken))

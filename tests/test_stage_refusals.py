@@ -162,7 +162,7 @@ def test_an_interrupted_folder_swap_or_clearing_leaves_nothing_that_looks_finish
         if len(calls) == 2:
             raise KeyboardInterrupt
         real(src, dst)
-    monkeypatch.setattr(runs.os, "replace", cut)
+    monkeypatch.setattr(os, "replace", cut)
     with pytest.raises(KeyboardInterrupt):
         with runs.atomic_directory(tmp_path / "clf") as tmp:
             (tmp / "model.safetensors").write_text("new")
@@ -174,10 +174,10 @@ def test_an_interrupted_folder_swap_or_clearing_leaves_nothing_that_looks_finish
     (run.path / "extraction" / "side").mkdir(parents=True)
     (run.path / "extraction" / "side" / "shard-00000.npz").write_text("x")
     run.complete("extraction/side", n=6)
-    monkeypatch.setattr(runs.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run.begin("extraction/side", "b")
-    monkeypatch.setattr(runs.shutil, "rmtree", shutil.rmtree)
+    monkeypatch.setattr(shutil, "rmtree", shutil.rmtree)
     assert _stages(run.path)["extraction/side"]["status"] != "complete"
 
 

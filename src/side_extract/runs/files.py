@@ -1,0 +1,327 @@
+"""Atomic writes and safe reads: every file is written to a temporary name in its directory and renamed into
+place, so a crash never leaves a half-written file; leftovers of a crash are swept; checkpoints and JSON are read
+without unpickling."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import zipfile
+import zlib
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import check_npz_size
+
+log = logging.getLogger(__name__)
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".side-tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _sync_directory(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync(path: str | Path) -> None:
+    """Put the file or directory ``path`` on disk (fsync through a descriptor of its own)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_directory(path: Path) -> None:
+    """Put a rename in ``path`` on disk (fsync of the directory), so that a record written after it (the manifest's
+    'complete') cannot outlive it in a power loss; a file system that cannot fsync a directory is left to itself."""
+    with contextlib.suppress(OSError):
+        _fsync(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray] | None:
+    """The arrays ``keys`` of ``path``, or None where it is missing or damaged (cut short, not an npz, a key gone):
+    a finished stage whose output reads as None is made again (such files failed the run with zipfile's bare
+    BadZipFile). Never unpickles."""
+    try:
+        return npz_arrays(path, *keys)
+    except ValueError:  # (npz_arrays' error naming the file: here the stage is made again instead)
+        return None
+
+
+def load_torch_state(path: str | Path) -> Any:
+    """A state torch saved (an optimizer's, a checkpoint's), loaded safely: tensors and plain values only. A file
+    that holds anything else is a ValueError naming it, as a damaged one is (torch's UnpicklingError is no
+    ValueError: such a checkpoint was not passed over, failed every later run, and torch's words advised the
+    unsafe load)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is damaged, or holds objects other than tensors and plain values, which a safe "
+                         "load refuses (not a file side-extract wrote)") from None
+
+
+def shard_opens(path: Path) -> bool:
+    """Whether an npz opens with ``images`` and ``index`` among its arrays: its zip directory, at the file's end, is
+    read, not its arrays (a file cut short fails here; checking every shard of a finished stage stays cheap)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"images", "index"} <= set(z.files)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
+
+
+def shards_hold(directory: Path, n: Any) -> bool:
+    """Whether a shard stage's ``directory`` holds ``n`` images in shards that read (their index arrays only): a
+    finished stage whose shards were lost or cut short since does not."""
+    try:
+        return isinstance(n, int) and sum(len(npz_arrays(p, "index")["index"])
+                                          for p in sorted(directory.glob("shard-*.npz"))) == n
+    except ValueError:  # a shard cut short or damaged
+        return False
+
+
+def npz_arrays(path: str | Path, *keys: str, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (default: all) of ``path``, and those of ``optional`` that it holds; a missing, damaged or
+    incomplete file is one error that names it (zipfile's bare BadZipFile, naming none, ended the report). Never
+    unpickles."""
+    check_npz_size(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in (*(keys or z.files), *(k for k in optional if k in z.files))}
+    except MemoryError as e:  # (a header claiming terabytes: "out of memory", advising a smaller batch)
+        raise ValueError(f"{str(path)!r} claims an array larger than memory ({e}): it is damaged or not one of "
+                         "side-extract's; remake it (rerun the stage that writes it)") from None
+    except KeyError as e:
+        raise ValueError(f"{str(path)!r} lacks the array {e}: remake it (rerun the stage that writes it)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TypeError) as e:
+        why = ("not a zip of named arrays (as np.savez writes; side-extract never loads pickles)"
+               if isinstance(e, ValueError) and "pickle" in str(e) else  # (numpy's words suggest unpickling it)
+               "one bare array (a .npy file), not named arrays" if isinstance(e, TypeError) else
+               f"{type(e).__name__}: {e}")
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({why}): remake it (rerun the stage that "
+                         "writes it)") from None
+
+
+def _seal(root: Path) -> None:
+    """Ready a tree for its rename into place: the user's umask on it (mkdtemp makes 0700 directories, safetensors
+    writes 0600 files), and its files on disk (fsync, as :func:`atomic_write_bytes` does), so that a power loss
+    after the rename cannot leave a whole-looking folder of cut files."""
+    os.chmod(root, 0o777 & ~_UMASK)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~_UMASK)
+        for f in filenames:
+            name = os.path.join(dirpath, f)
+            os.chmod(name, 0o666 & ~_UMASK)
+            _fsync(name)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".side-tmp", dir=path.parent))
+    old = None
+    try:
+        yield tmp
+        _seal(tmp)
+        if path.exists():
+            # a fresh empty name (rename may replace an empty directory): a leftover of a killed earlier call, or
+            # of another process with the same pid in a reused container, cannot block it
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".side-old", dir=path.parent))
+            os.replace(path, old)
+            os.utime(old)  # (it kept the replaced folder's time: fresh, so no sweep takes it for a leftover yet)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)  # (what is left is a leftover: the next writer's sweep takes it)
+        else:
+            os.replace(tmp, path)
+        _sync_directory(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():  # interrupted between the two renames (Ctrl-C): the old folder back,
+            if path.exists():  # not left under a temporary name with path gone (a finished classifier retrained)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, path)
+        raise
+
+
+# atomic_write_bytes' and atomic_directory's names; the marker `side-` keeps a user's own `.notes.20240101.old` out
+_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.side-(tmp|old)")
+LEFTOVER_AGE_S = 900.0  # how long a temporary name must be untouched before the sweep takes it for a leftover
+
+
+def _legacies(legacy: str | Sequence[str] | None) -> tuple[str, ...]:
+    """:meth:`RunDir.begin`'s ``legacy`` as a tuple of fingerprints."""
+    return () if legacy is None else (legacy,) if isinstance(legacy, str) else tuple(legacy)
+
+
+def leftover_of(name: str) -> str | None:
+    """The name a temporary name of :func:`atomic_write_bytes` or :func:`atomic_directory` stands for (``.final``
+    for ``..final.XXXXXXXX.side-tmp``); None for any other name."""
+    return name[1:].rsplit(".", 2)[0] if _LEFTOVER.fullmatch(name) else None
+
+
+def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """Remove what writers killed mid-write (SIGKILL, power loss) left in run directory ``path``: the temporary
+    files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.side-tmp``,
+    ``.NAME.XXXXXXXX.side-old``), which nothing reads, once untouched for ``min_age_s`` seconds before ``now`` (the
+    file system's clock, which on a network file system can differ from this machine's; default: this machine's).
+    :func:`run_lock` calls it for the lock's new holder, before its first write: no other writer of the run's
+    stages can be between a temporary name and its rename then, and the age spares what readers such as ``side
+    report`` write without the lock (small files, written in an instant). A nested run directory (one with its own
+    ``.lock``) is left to its own writers; an entry that cannot be read or removed is left as it is. Returns what
+    was removed."""
+    root = Path(path)
+    before = (time.time() if now is None else now) - min_age_s
+    removed = []
+
+    def old(p: Path) -> bool:
+        try:
+            return not p.is_symlink() and p.lstat().st_mtime < before
+        except OSError:  # gone (renamed into place since it was listed) or unreadable
+            return False
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in list(dirnames):
+            p = here / name
+            leftover = _LEFTOVER.fullmatch(name) is not None
+            try:
+                nested = (p / ".lock").exists()
+            except OSError:  # a folder this user cannot enter
+                nested = True
+            if leftover or nested or p.is_symlink():
+                dirnames.remove(name)  # not walked into
+            if leftover and old(p):
+                shutil.rmtree(p, ignore_errors=True)
+                if not p.exists():
+                    removed.append(p)
+        for name in filenames:
+            p = here / name
+            if _LEFTOVER.fullmatch(name) and old(p):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    if removed:
+        log.info("run directory %s: removed %d temporary file(s) left by a writer killed mid-write (%s)",
+                 root, len(removed), ", ".join(str(p.relative_to(root)) for p in removed[:5]))
+    return removed
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | Path, expect: type | None = None) -> Any:
+    """A JSON file's value; one that is not JSON (cut short, edited by hand), or, with ``expect`` (``dict``,
+    ``list``), whose value is not of that type, is a ValueError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (nested beyond Python's stack)
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); it is damaged: restore or delete it") from None
+    if expect is not None and not isinstance(value, expect):
+        kind = {dict: "a JSON object", list: "a JSON array"}.get(expect, expect.__name__)
+        raise ValueError(f"{str(path)!r} holds {type(value).__name__}, not {kind}; it is damaged: restore or delete it")
+    return value
+
+
+def whole_safetensors(path: str | Path) -> bool:
+    """Whether ``path`` is a readable safetensors file as long as its header says (safetensors checks both): what a
+    stage that skips as complete, or keeps what a killed process saved, asks of the weights it will load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            return True
+    except (OSError, SafetensorError):
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A resumable training checkpoint read whole: ``state.json`` (``step``, ``resume_key`` and the trainer's
+    own entries), its weights and the optimizer's state."""
+
+    state: dict[str, Any]
+    weights: dict[str, Any]
+    optimizer: dict[str, Any]
+
+
+def read_checkpoint(ckpt: Path | None, key: Any, steps: int, weights: str, who: str, needs: tuple[str, ...] = ()
+                    ) -> Checkpoint | None:
+    """The checkpoint in folder ``ckpt`` if it was made with ``key`` at no more than ``steps`` steps (a longer run's
+    cannot be wound back) and every file reads whole; else None, and a folder that is there is to be discarded by
+    the caller's main process (``who`` names the trainer in the log; ``needs``: the entries of ``state.json`` the
+    trainer reads besides ``step``). A damaged file (outside damage: a disk error,
+    a copy cut short) failed every later run of the stage with a bare JSON, safetensors or torch error."""
+    if ckpt is None or not (ckpt / "state.json").is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or state.get("resume_key") != key or int(state["step"]) > steps:
+            log.info("%s: discarding a checkpoint made from other data or settings, or past %d steps", who, steps)
+            return None
+        if missing := [k for k in needs if k not in state]:
+            raise KeyError(f"state.json has no {', '.join(missing)}")
+        return Checkpoint(state, load_file(str(ckpt / weights)),
+                          load_torch_state(ckpt / "optimizer.pt"))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        log.warning("%s: the checkpoint in %s is damaged (%s: %s); training from the start", who, ckpt,
+                    type(e).__name__, str(e)[:200])
+        return None
