@@ -105,6 +105,21 @@ def test_non_candidates_share_one_background_label():
     assert shuffled.background is None and (blobs == blobs[:, :1]).all() and len(set(blobs[:, 0])) == 3
 
 
+@pytest.mark.parametrize("bad,said", [
+    (np.arange(30) % 2 == 0, "candidates is a boolean mask of 30: give the row numbers"),  # (fitted rows 0 and 1)
+    (np.array([-1, -2, 0, 1]), r"row numbers 0..29 of the 30 rows of features, got -2..1"),  # (wrapped around)
+    (np.array([0, 30]), r"row numbers 0..29 of the 30 rows of features, got 0..30"),
+    (np.array([0, 1, 1, 2]), "names a row more than once"),
+    (np.array([0.0, 1.0]), "1-d array of row numbers"),
+])
+def test_candidates_that_are_not_row_numbers_are_refused(bad, said):
+    """A boolean mask of the candidates was read as the rows 0 and 1 (every real candidate got the background label),
+    and negative row numbers wrapped around, without a word (a review's find)."""
+    feats = np.random.default_rng(0).normal(size=(30, 4))
+    with pytest.raises(ValueError, match=said):
+        label_candidates(ClusterLabeler(n_clusters=2, tau=-1.0, n_init=1), feats, bad)
+
+
 class _Fixed(torch.nn.Module):
     def __init__(self, k):
         super().__init__()

@@ -234,7 +234,19 @@ def label_candidates(labeler: "ClusterLabeler", features: np.ndarray, candidates
     """Fit ``labeler`` on the rows ``candidates`` of ``features`` only; every other row gets the background label
     (one past the cluster ids). With every row a candidate this is ``labeler.fit(features)`` and no background."""
     n = len(features)
-    candidates = np.asarray(candidates, dtype=np.int64)
+    given = np.asarray(candidates)
+    if given.dtype == bool:  # (a mask was read as the rows 0 and 1, fitted over and over, without a word)
+        raise ValueError(f"candidates is a boolean mask of {given.size}: give the row numbers of the candidates "
+                         "(np.flatnonzero(mask))")
+    if given.ndim != 1 or (given.size and not np.issubdtype(given.dtype, np.integer)):
+        raise ValueError(f"candidates must be a 1-d array of row numbers of features, got shape {given.shape} of "
+                         f"{given.dtype}")
+    candidates = given.astype(np.int64)
+    if len(candidates) and (candidates.min() < 0 or candidates.max() >= n):  # (a negative one wrapped around)
+        raise ValueError(f"candidates must be row numbers 0..{n - 1} of the {n} rows of features, got "
+                         f"{int(candidates.min())}..{int(candidates.max())}")
+    if len(np.unique(candidates)) < len(candidates):
+        raise ValueError("candidates names a row more than once (each row is fitted once)")
     labeler.fit(np.asarray(features)[candidates])
     background = int(labeler.n_clusters_)
     labels = np.full(n, background, dtype=np.int64)
