@@ -817,7 +817,8 @@ def test_a_failed_first_call_removes_its_folder_while_it_still_holds_the_lock(tm
     from side_extract import runs
 
     held, rmtree = [], shutil.rmtree
-    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (held.append(Path(p).resolve() in runs.lock._HELD), rmtree(p, **k)))
+    monkeypatch.setattr(shutil, "rmtree",
+                        lambda p, **k: (held.append(Path(p).resolve() in runs.lock._HELD), rmtree(p, **k)))
 
     def fail(*args, **kwargs):
         raise ValueError("a check that failed after the lock was taken")
@@ -1010,3 +1011,34 @@ def test_a_run_of_sets_in_memory_is_read_where_it_was_moved(tmp_path, one_thread
     from side_extract.cli.common import load_run_config
 
     assert load_run_config(tmp_path / "b", None, {}).train == moved.config.train
+
+
+def test_api_mistakes_a_review_found_late_or_unsaid_are_refused_at_once(tmp_path, one_thread):
+    """A review's finds: a one-image training set was refused by the evaluation, after every other stage had run; a
+    refused first call into a new nested folder left its parents behind; a progress factory returning no callback
+    failed inside a stage with a TypeError naming no argument; heldout= silently replaced the config's
+    evaluate.heldout; extract_features given an array said "has no attribute 'subset'"; and pairs() of a run with a
+    training set but no finished evaluation said the run had no training set."""
+    d = side_extract.load_image_set("digits:30")
+    with pytest.raises(ValueError, match=r"the run cannot start:\n  - train=.* holds 1 image: the evaluation needs "
+                                         r"at least 2"):
+        side_extract.audit(tiny_unet(), d.images[:1], scheduler=tiny_scheduler(), config=SMALL, methods=["uncond"],
+                           out=tmp_path / "one")
+    assert not (tmp_path / "one").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="the run cannot start"):
+        side_extract.audit(tiny_unet(), d.images[:1], scheduler=tiny_scheduler(), config=SMALL, methods=["uncond"],
+                           out=tmp_path / "kept" / "x" / "y" / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    with pytest.raises(ValueError, match=r"heldout= and the config's evaluate.heldout='digits' both name held-out"):
+        side_extract.audit(tiny_unet(), d.images, scheduler=tiny_scheduler(), config={**SMALL,
+                           "evaluate.heldout": "digits"}, heldout=255 - d.images[:20], out=tmp_path / "h")
+    with pytest.raises(ValueError, match=r"extract_features\('pixels'\): images must be an ImageSet"):
+        side_extract.extract_features("pixels", d.images)
+    with pytest.raises(ValueError, match=r"progress= returned 5 for stage '[^']+': the factory must return a "
+                                         r"callback\(done, total\) or None"):
+        side_extract.audit(tiny_unet(), d.images, scheduler=tiny_scheduler(), config=SMALL, methods=["uncond"],
+                           out=tmp_path / "p", progress=lambda name: 5)
+    audit = side_extract.Audit.load(tmp_path / "p")
+    with pytest.raises(ValueError, match=r"results: none \(no method's evaluation has finished\)"):
+        audit.pairs("uncond")

@@ -296,7 +296,9 @@ class Audit:
         if method not in self.methods and (method != SYNTHETIC or synthetic is None):
             results = [*self.methods, *([f"{SYNTHETIC} (the synthetic set)"] if synthetic else [])]
             raise ValueError(f"method={method!r} has no results in {self.run}; results: "
-                             + (", ".join(results) or "none (no method was evaluated: the run has no training set)"))
+                             + (", ".join(results) or ("none (no method was evaluated: the run has no training set)"
+                                                       if self.config.train is None else
+                                                       "none (no method's evaluation has finished)")))
         if synthetic is not None:
             result = MethodResult.from_json(read_json(synthetic / "metrics.json", dict))
             evaluated, made = synthetic, self.run / "synthetic"
@@ -448,10 +450,28 @@ class Audit:
         return write_report(self.run)
 
 
+def _checked_progress(factory: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``factory`` with each stage's callback checked as it is made: one that is not a callback(done, total) (or None)
+    failed inside the stage with a TypeError that named no argument."""
+    def made(name: str) -> Any:
+        callback = factory(name)
+        if callback is not None and (not callable(callback) or not _takes_arguments(callback, 2)):
+            raise ValueError(f"progress= returned {callback!r} for stage {name!r}: the factory must return a "
+                             "callback(done, total) or None")
+        return callback
+
+    return made
+
+
 def _takes_one_argument(f: Callable[..., Any]) -> bool:
     """Whether ``f`` can be called with one positional argument (True where its signature cannot be read)."""
+    return _takes_arguments(f, 1)
+
+
+def _takes_arguments(f: Callable[..., Any], n: int) -> bool:
+    """Whether ``f`` can be called with ``n`` positional arguments (True where its signature cannot be read)."""
     try:
-        inspect.signature(f).bind("stage")
+        inspect.signature(f).bind(*range(n))
     except TypeError:
         return False
     except ValueError:  # (a builtin without a signature)
@@ -487,7 +507,8 @@ def audit(
         not 0..N-1) fingerprint>.npz``
     heldout : images from the training distribution that the model did not train on (``evaluate.heldout``), in the
         same forms as ``train``; the similarity bands are calibrated on them against the training set, and sample
-        quality is measured against them. Without them (and without ``evaluate.heldout`` in ``config``) a training
+        quality is measured against them (given with ``evaluate.heldout`` in ``config`` too, the call is refused).
+        Without them (and without ``evaluate.heldout`` in ``config``) a training
         set other than digits is calibrated against itself, and the run warns. An in-memory set is saved as
         ``out/inputs/heldout-<its fingerprint>.npz``, named like ``train``. A call refused before its run starts
         removes the input files it wrote (an earlier call's, which the run was made from, are never replaced)
@@ -516,7 +537,11 @@ def audit(
         # failed with a TypeError once the first stage had begun, leaving it marked failed)
         raise ValueError(f"progress={progress!r} must be a factory name -> callback(done, total) (or left out): it is "
                          "called with each stage's name and returns that stage's callback (or None)")
+    progress = _checked_progress(progress)
     rc = _run_config(config)
+    if heldout is not None and rc.evaluate.heldout is not None:  # (the argument replaced it without a word)
+        raise ValueError(f"heldout= and the config's evaluate.heldout={rc.evaluate.heldout!r} both name held-out "
+                         "images: give one of them")
     if isinstance(methods, str):  # one method, not its letters
         methods = (methods,)
     elif methods is not None and not isinstance(methods, Iterable):  # ("'int' object is not iterable")
@@ -527,6 +552,9 @@ def audit(
     held = None if heldout is None else as_image_set(heldout, name="heldout")
     group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
+    made_from = Path(out).absolute()  # the outermost folder this call makes (the lock makes every parent of out)
+    while not made_from.parent.exists():
+        made_from = made_from.parent
     new_inputs = not (Path(out) / "inputs").exists()  # a folder this call makes, which a refusal removes again
     written: list[Path] = []  # the input files this call wrote
     saved_as: dict[str, str] = {}  # an in-memory set's saved path -> the argument it came in
@@ -552,6 +580,11 @@ def audit(
         lock could begin in the folder and lose its files to the removal)."""
         if fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any stage began: leave nothing behind
+            for parent in Path(out).absolute().parents:  # and the parents it made (each only where left empty)
+                if not parent.is_relative_to(made_from):
+                    break
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         elif new_inputs and not (Path(out) / "manifest.json").exists():
             shutil.rmtree(Path(out) / "inputs", ignore_errors=True)  # in a folder the caller made: what it wrote
         elif written:  # an existing run: keep only the inputs its config names

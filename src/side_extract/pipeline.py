@@ -940,6 +940,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         problems.append(f"surrogate.teacher_min_confidence={rc.surrogate.teacher_min_confidence} must be in [0, 1)")
     ev = rc.evaluate
     if until == "evaluation" and rc.train is not None:
+        if train is not None and len(train) < 2:  # (said by the evaluation, after every extraction)
+            problems.append(f"train={rc.train!r} holds {len(train)} image: the evaluation needs at least 2 (Gu's "
+                            "ratio uses the second nearest)")
         if ev.detect_threshold is not None and ev.detect_grid is not None:
             try:  # (a run reads the model's own images: evaluate.resize is for side evaluate's sets)
                 check_grid(ev.detect_grid, H, W, "evaluate.detect_grid")
