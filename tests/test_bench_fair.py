@@ -907,6 +907,17 @@ def test_bands_without_high_and_mid_are_refused_before_any_run():
                         select_metric="ums_cumulative/tail0.05")
 
 
+@pytest.mark.parametrize("given", [dict(bands="near=0:0.05,high=0.05:0.1,mid=0.1:0.2"), dict(bands_file="b.json")])
+def test_bands_of_the_benchmarks_run_template_are_refused_not_replaced(given):
+    """run.evaluate.bands passed the check of select_metric's band, then every run was scored in the calibrated bands
+    instead: a KeyError at the first tuning run for a band of the user's own ('near'), or the calibrated edges under the
+    user's names in fair.json's record (a review's find). The benchmark calibrates its own bands, so it refuses them."""
+    bc = tiny_bench()
+    with pytest.raises(ValueError, match=r"run\.evaluate\.bands(_file)?=.*: the benchmark calibrates its bands on each "
+                                         r"training set's held-out digits"):
+        dataclasses.replace(bc, run=dataclasses.replace(bc.run, evaluate=dataclasses.replace(bc.run.evaluate, **given)))
+
+
 def test_a_marked_interval_never_prints_a_bound_as_1_00():
     """[0.99796, 0.99971] printed as "[1.00, 1.00] ↓": the mark said the interval lies off 1, the bounds did not."""
     from side_extract.bench.protocol import _ci

@@ -127,6 +127,11 @@ class ExtractionBenchConfig:
         for lam in self.lambdas:
             if lam < 0:
                 raise ValueError(f"lambdas sweep value {lam} must be >= 0")
+        ev = self.run.evaluate
+        if ev.bands is not None or ev.bands_file is not None:  # (accepted, then replaced in every run without a word)
+            given = f"bands={ev.bands!r}" if ev.bands is not None else f"bands_file={ev.bands_file!r}"
+            raise ValueError(f"run.evaluate.{given}: the benchmark calibrates its bands on each training set's held-out "
+                             "digits (run.evaluate.calibration_quantiles) and would not read it; leave it out")
 
     @property
     def chosen_sweep_scale(self) -> int:

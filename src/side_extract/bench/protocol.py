@@ -66,7 +66,7 @@ import numpy as np
 
 from .. import config as cfg
 from ..data import load_shards
-from ..metrics import parse_bands, read_bands_file
+from ..metrics import read_bands_file
 from ..evaluation import neighbor_index
 from ..pipeline import ProgressFactory, cluster_problems, copy_guard, no_progress, run_audit
 from ..runs import STAGE_VERSIONS, RunDir, atomic_write_json, read_json, settings_fingerprint, versions
@@ -186,15 +186,15 @@ class FairBenchConfig:
             raise ValueError(f"select_metric={self.select_metric!r} must be '<ams|ums|ams_cumulative|"
                              "ums_cumulative>/<band>', e.g. 'ums_cumulative/mid'")
         ev = self.bench.run.evaluate
-        names = ([b.name for b in parse_bands(ev.bands)] if ev.bands else None if ev.bands_file
-                 else ["high", "mid", "low"] if len(ev.calibration_quantiles) == 3 or ev.similarity.startswith(
-                     "cosine:torchscript") else [f"tail{q:g}" for q in ev.calibration_quantiles])
-        if names is not None and band not in names:  # (found at the first tuning run's metrics, as a KeyError)
+        # the bands every run is scored in: calibrated per scale (the bench refuses bands of its own)
+        names = (["high", "mid", "low"] if len(ev.calibration_quantiles) == 3 or ev.similarity.startswith(
+            "cosine:torchscript") else [f"tail{q:g}" for q in ev.calibration_quantiles])
+        if band not in names:  # (found at the first tuning run's metrics, as a KeyError)
             raise ValueError(f"select_metric={self.select_metric!r}: band {band!r} is not one of the run's bands "
                              f"({', '.join(names)})")
-        if names is not None and not {"high", "mid"} <= set(names):  # (a KeyError after every run, at the report)
+        if not {"high", "mid"} <= set(names):  # (a KeyError after every run, at the report)
             raise ValueError(f"the run's bands ({', '.join(names)}) must include 'high' and 'mid', which the "
-                             "benchmark's tables report: give evaluate.bands with them, or three calibration_quantiles")
+                             "benchmark's tables report: give three calibration_quantiles")
         # every setting of every entry's grid, as its runs will be configured (a bad --lora-scales value, or a form's
         # lora.label_dropout 0 under w != 1, failed in the tuning, after the targets trained and earlier runs ran)
         grid_of = {"side-lora": "lora_scales", "memguide": "memguide_scales"}
