@@ -627,6 +627,25 @@ def test_side_lora_forms_copy_guard_is_in_the_fair_tables(tmp_path, one_thread):
     assert f"uncond {100 * u['mean']:.2f} [" in md and "the baselines' against `lora-t`'s synthetic set" in md
 
 
+def test_a_baselines_row_does_not_depend_on_what_its_replicate_folder_held_before(tmp_path, one_thread):
+    """A baseline's metrics hold a copy guard where its run folder already holds a synthetic set: in a replicate a
+    first bench run made (UnCond there runs after SIDE drew its set), not in a fresh one (UnCond runs first). The
+    held-out summary took its keys from the first replicate's row: a KeyError 'copy_guard' after every held-out run
+    (a review's find). Only the entries that draw a synthetic set carry their own guard."""
+    bc = tiny_bench()
+    bc = type(bc)(**{**bc.__dict__, "scales": (20,)})
+
+    def fair(methods, heldout):
+        return FairBenchConfig(bench=bc, methods=methods, scales_grid=(1.0,), temperatures=(1.0,),
+                               validation_replicates=(1,), heldout_replicates=heldout, validation_n=4, n_bootstrap=10)
+
+    run_fair_bench(fair(("side", "uncond"), (2, 3)), tmp_path / "cache")  # UnCond evaluated beside SIDE's set
+    h = run_fair_bench(fair(("uncond", "side"), (2, 3, 4)), tmp_path / "cache")["scales"][0]["heldout"]  # rep-4: first
+    rows = h["per_replicate"]["uncond"]
+    assert len(rows) == 3 and all(sorted(row) == sorted(rows[0]) for row in rows)
+    assert "copy_guard" not in h["summary"]["uncond"] and "copy_guard" in h["summary"]["side"]
+
+
 def test_a_fair_bench_split_over_two_processes_joins_into_the_one_run_report(tmp_path, one_thread, monkeypatch):
     """The entries of one fair bench run as two (SIDE + UnCond, Cond + UnCond, as two processes would, on one
     cache); a report with both files' tuning (``--tuning-from A --tuning-from B``) runs no validation grid and

@@ -518,13 +518,15 @@ def report(fc: FairBenchConfig, inputs: ScaleInputs, chosen: dict[str, list[floa
                                **{k: _metric(met, k) for k in SUMMARY if k != "p95"},
                                "p95": float(met["p95"]), "carlini": float(met["carlini"]["extracted_fraction"]),
                                "gu": float(met["gu"]["memorized_fraction"]),
-                               # side-lora's guard against copying its fine-tuning set, for every entry whose run
-                               # draws a synthetic set (the baselines', which draw none, below)
+                               # side-lora's guard against copying its fine-tuning set, for every entry that draws
+                               # a synthetic set (the baselines', which draw none, below; a baseline or label-free
+                               # entry had one only where an earlier entry's set lay in its folder: in one replicate
+                               # and not in another, the summary's KeyError)
                                **({"copy_guard": float(met["copy_guard"]["nearer_synthetic_fraction"])}
-                                  if met.get("copy_guard") else {})})
+                                  if met.get("copy_guard") and m in drawing else {})})
             stats[m].append(padded_to(per_generation_stats(path, fc.base_method(m), bands, met["orientation"]), n))
         if guarded_forms:  # the baselines' share against the first side-lora form's synthetic set: the reference
-            for m in (b for b in fc.baselines if "copy_guard" not in per_rep[b][-1]):
+            for m in fc.baselines:
                 per_rep[m][-1]["copy_guard"] = reference_copy_guard(paths[m], fc.base_method(m),
                                                                     paths[guarded_forms[0]], rc.evaluate, device)
         if equal_samples:  # UnCond in its own sub-run at N_G + N_S (module docstring, step 5)
