@@ -342,6 +342,26 @@ def test_cumulative_similarity_band_includes_its_lower_edge():
     assert ams(np.array([0.6]), PAPER_COSINE_BANDS, "similarity") == {"low": 0.0, "mid": 0.0, "high": 1.0}
 
 
+def test_a_score_of_1_falls_in_one_cosine_band_where_a_band_starts_at_1(caplog):
+    """A cosine band reaching 1 is closed above (it holds 1, and values rounded past it), but "mid=0.6:1,exact=1:2"
+    then counted a score of 1 in both: AMS and UMS summed past 100 %, while the table named one band (a review's
+    find). Calibrated bands whose top edge is 1 (mid [q, 1), high [1, 1]) did the same, and called high empty."""
+    bands = parse_bands("mid=0.6:1,exact=1:2")
+    best = np.array([1.0, 0.7, 1.0 + 1e-12])
+    assert ams(best, bands, "similarity") == {"mid": pytest.approx(1 / 3), "exact": pytest.approx(2 / 3)}
+    scores = np.array([[1.0, 0.7], [0.65, 0.2]])  # two generations, two training images
+    dense = ams_ums_dense(scores, bands, "similarity")
+    assert dense["ams"] == {"mid": 0.5, "exact": 0.5} and dense["ums"] == {"mid": 1.0, "exact": 0.5}
+    alone = parse_bands("high=0.6:1")  # (no band above it: 1, and past it, are high)
+    assert ams(best, alone, "similarity") == {"high": 1.0}
+    null = np.concatenate([np.linspace(0.5, 0.99, 990), np.ones(10)])  # 1 % of the null scores 1, no copies
+    with caplog.at_level(logging.WARNING):
+        low, mid, high = propose_bands(null, "similarity", copies=np.zeros(1000, bool))
+    assert (mid.hi, high.lo, high.hi) == (1.0, 1.0, 1.0) and "empty" not in caplog.text
+    shares = ams(np.array([1.0, 0.995]), (low, mid, high), "similarity")
+    assert shares["high"] == 0.5 and shares["mid"] == 0.5 and sum(shares.values()) == 1.0
+
+
 def test_best_quantile_by_hand():
     from side_extract.metrics import best_quantile
 

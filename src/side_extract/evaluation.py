@@ -192,7 +192,8 @@ class Evaluation:
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        rule = ("lo <= s < hi (closed at hi >= 1); cumulative s >= lo" if self.orientation == "similarity"
+        rule = ("lo <= s < hi (closed at hi >= 1 where no band starts at or past hi); cumulative s >= lo"
+                if self.orientation == "similarity"
                 else "lo <= d < hi; cumulative d < hi (smaller distance = closer)")
         return {"schema": "side-extract/metrics/1", "method": self.method, "n_generated": self.n_generated,
                 "n_train": self.n_train, "similarity": self.similarity, "orientation": self.orientation,
@@ -367,7 +368,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     # 4. table and results
     band_of = np.full(n_g, "", dtype=object)
     for b in reversed(bands):  # the first listed band wins where user bands overlap
-        band_of[b.contains(best, sim.orientation)] = b.name
+        band_of[b.contains(best, sim.orientation, bands)] = b.name
     labels = generated.labels if generated.labels is not None else np.full(n_g, -1, np.int64)
     table = GenerationTable(generated.ids, labels, nearest, train.ids[nearest], best, band_of.astype(str),
                             pix_nb.indices[:, 0], pix_nb.scores[:, 0], carlini.ratio, gu.ratio, method)
@@ -522,7 +523,7 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     else:
         out = [Band(names[i], edges[i], 1.0 if i == 0 else edges[i - 1]) for i in range(len(levels))]
     for b in out:
-        if b.lo == b.hi:
+        if b.lo == b.hi and not (orientation == "similarity" and b.hi >= 1.0):  # ([1, 1] holds the scores of 1)
             log.warning("calibrated band %r is empty (lo = hi = %.4g): the null is too coarse", b.name, b.lo)
     return tuple(reversed(out))
 

@@ -4,7 +4,8 @@ Scores come in two orientations. ``cosine:<extractor>`` is a *similarity* (highe
 ``rms-l2`` is a *distance* on pixels in [0, 1] (lower = closer, best = min). Band rules:
 
 - a band ``[lo, hi)`` holds ``lo <= v < hi``; for cosine a band whose ``hi >= 1`` is closed above (it holds
-  every ``v >= lo``, also values rounded past 1). For distances the "high" band is the one of SMALL values.
+  every ``v >= lo``, also values rounded past 1) where no band of its set starts at or past its ``hi``. For
+  distances the "high" band is the one of SMALL values.
 - cumulative: ``v >= lo`` for a similarity; ``v < hi`` for a distance. With contiguous bands, a band's
   cumulative region is the union of it and every closer band.
 
@@ -82,8 +83,12 @@ class Band:
         if not self.name or not self.lo <= self.hi:
             raise ValueError(f"band {self.name!r}=[{self.lo}, {self.hi}) needs a name and lo <= hi")
 
-    def contains(self, v: np.ndarray, orientation: Orientation) -> np.ndarray:
-        if orientation == "similarity" and self.hi >= 1.0:
+    def contains(self, v: np.ndarray, orientation: Orientation, bands: Sequence["Band"] | None = None) -> np.ndarray:
+        """``lo <= v < hi``; a cosine band reaching 1 holds every ``v >= lo``, unless another of ``bands`` (the set it
+        belongs to) starts at or past its ``hi``: "mid=0.6:1,exact=1:2" both counted a score of 1, and the per-band
+        shares summed past 100 % (so did calibrated bands whose top edge is 1: mid [q, 1) and high [1, 1])."""
+        if orientation == "similarity" and self.hi >= 1.0 and not any(
+                b is not self and b.lo >= self.hi for b in bands or ()):
             return v >= self.lo
         return (v >= self.lo) & (v < self.hi)
 
@@ -321,7 +326,7 @@ class BandTally:
 
     def add(self, gen_idx: np.ndarray, train_idx: np.ndarray, scores: np.ndarray) -> None:
         for b in self.bands:
-            inside = b.contains(scores, self.orientation)
+            inside = b.contains(scores, self.orientation, self.bands)
             if inside.any():
                 self.exclusive[b.name].add(gen_idx[inside], train_idx[inside])
             self.cumulative[b.name][train_idx[b.reaches(scores, self.orientation)]] = True
@@ -341,8 +346,8 @@ def ams(best: np.ndarray, bands: Sequence[Band], orientation: Orientation, *, cu
     """AMS per band from each generation's best score ``best`` (N_G,)."""
     if len(best) == 0:
         raise ValueError("AMS needs at least one generation's best score, got none")
-    f = Band.reaches if cumulative else Band.contains
-    return {b.name: float(f(b, best, orientation).mean()) for b in bands}
+    return {b.name: float((b.reaches(best, orientation) if cumulative else b.contains(best, orientation, bands)).mean())
+            for b in bands}
 
 
 def best_quantile(best: np.ndarray, orientation: Orientation) -> tuple[float, float]:
@@ -357,7 +362,7 @@ def ams_ums_dense(scores: np.ndarray, bands: Sequence[Band], orientation: Orient
     best = scores.max(1) if orientation == "similarity" else scores.min(1)
     n_g = len(scores)
     return {"ams": ams(best, bands, orientation), "ams_cumulative": ams(best, bands, orientation, cumulative=True),
-            "ums": {b.name: float(b.contains(scores, orientation).any(0).sum() / n_g) for b in bands},
+            "ums": {b.name: float(b.contains(scores, orientation, bands).any(0).sum() / n_g) for b in bands},
             "ums_cumulative": {b.name: float(b.reaches(scores, orientation).any(0).sum() / n_g) for b in bands}}
 
 
