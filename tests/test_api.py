@@ -282,7 +282,7 @@ def test_regenerate_and_verify_follow_a_batch_halved_on_out_of_memory(tmp_path, 
                                                  memguide_t_hi=0.5))
     build = pipeline.method_guidance
     with monkeypatch.context() as m:  # the run's sampler runs out of memory above 3 images
-        m.setattr(pipeline, "method_guidance",
+        m.setattr(pipeline.chain, "method_guidance",
                   lambda *a, **k: (lambda den, g: (_OutOfMemoryAbove(den, 3), g))(*build(*a, **k)))
         run_audit(tmp_path / "run", rc)
     stage = tmp_path / "run" / "extraction" / "memguide"

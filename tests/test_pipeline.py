@@ -242,7 +242,7 @@ def test_a_teacher_of_one_class_names_the_teachers_remedy(tiny_model_dir, tmp_pa
         ctx.fp["teacher"] = "one-class"
         return np.zeros(len(synthetic), np.int64)
 
-    monkeypatch.setattr(pipeline, "teacher_stage", one_class_teacher)
+    monkeypatch.setattr(pipeline.chain, "teacher_stage", one_class_teacher)
     with pytest.raises(ValueError, match="classifier-teacher: 1 labelled class.*surrogate.teacher_min_confidence"):
         run_audit(tmp_path / "r", tiny_rc(tiny_model_dir, methods=("side-teacher",)))
 

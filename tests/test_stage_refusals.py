@@ -224,7 +224,8 @@ def test_k_under_select_k_keys_no_stage(tiny_model_dir, tmp_path):
     """With surrogate.select_k the run warns that n_clusters changes nothing, yet it keyed the surrogate stage:
     changing it redid the labels, the classifier and every extraction (--force), or refused them. A run made under
     the earlier rule keeps its key (nothing it holds is redone)."""
-    from side_extract.pipeline import stage_fingerprint, surrogate_settings
+    from side_extract.pipeline import surrogate_settings
+    from side_extract.runs import stage_fingerprint
 
     rc = tiny_rc(tiny_model_dir, methods=("side",))
     rc = dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(n_clusters=4, tau=-1.0, n_init=1, select_k=(2, 3)))

@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 from .. import config as cfg
 from ..metrics import read_bands_file
-from ..pipeline import ProgressFactory, Target, cluster_problems, load_run_target, no_progress, preflight, run_audit
+from ..models.target import Target
+from ..pipeline import ProgressFactory, cluster_problems, load_run_target, no_progress, preflight, run_audit
 from ..runs import RunDir
 from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
