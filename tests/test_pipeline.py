@@ -499,7 +499,7 @@ def test_training_set_features_are_extracted_once_per_run(tiny_model_dir, tmp_pa
     training set and model): the calibration and every method's evaluation reuse them, and a rerun with
     another method reads them from the run directory instead of extracting them again."""
     import side_extract.features as features_module
-    import side_extract.pipeline as pipeline_module
+    from side_extract.pipeline import evaluations, labelling
 
     calls = []
     real = features_module.extract_features
@@ -508,7 +508,7 @@ def test_training_set_features_are_extracted_once_per_run(tiny_model_dir, tmp_pa
         calls.append(len(images))
         return real(name, images, **kw)
 
-    for module in (pipeline_module, features_module):
+    for module in (evaluations, labelling, features_module):
         monkeypatch.setattr(module, "extract_features", counting)
     rc = tiny_rc(tiny_model_dir, methods=("cond", "uncond"))
     rc = dataclasses.replace(rc, evaluate=dataclasses.replace(rc.evaluate, similarity="cosine:unet", quality=()))
