@@ -429,3 +429,22 @@ def test_detection_settings_without_its_threshold_are_refused(sets):
     assert not (sets / "e").exists()
     r = invoke(*base, "--out", sets / "e", "--detect-min-size", 2, "--detect-threshold", 0.1)
     assert r.exit_code == 0 and json.loads((sets / "e" / "metrics.json").read_text())["detection"], r.output
+
+
+def test_an_evaluation_written_into_a_run_takes_its_metric_settings(sets):
+    """An evaluation written into RUN/evaluation/NAME took the run's bands but not its settings of Carlini's and Gu's
+    ratios: at the defaults, beside a run of carlini_n 3, it was left out of the run's comparison and findings without
+    a word (a review's find). It now takes them where not typed, and says where one typed differs."""
+    run = sets / "run"
+    (run / "manifest.json").write_text(json.dumps({"stages": {}}))
+    (run / "config.yaml").write_text("evaluate:\n  bands: low=0.1:0.2,mid=0.01:0.1,high=0:0.01\n  carlini_n: 3\n"
+                                     "  gu_threshold: 0.25\n")
+    base = ["evaluate", "--generated", run / "extraction/side", "--train", sets / "train.npz"]
+    r = invoke(*base, "--out", run / "evaluation" / "mine")
+    assert r.exit_code == 0 and "metric settings" not in r.output, r.output
+    recorded = json.loads((run / "evaluation" / "mine" / "metrics.json").read_text())["config"]
+    assert (recorded["carlini_n"], recorded["gu_threshold"]) == (3, 0.25)
+    r = invoke(*base, "--out", run / "evaluation" / "other", "--carlini-n", 4)
+    assert r.exit_code == 0, r.output
+    assert "metric settings: not the run's (carlini_n 4 (the run's 3)): this evaluation is left out of the run's " \
+           "comparison and findings" in " ".join(r.output.split()), r.output

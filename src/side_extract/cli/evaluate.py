@@ -132,6 +132,24 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     return c
 
 
+def run_metric_settings(run: Path, c: cfg.EvaluateConfig, typed: set[str]) -> cfg.EvaluateConfig:
+    """``c`` with run directory ``run``'s settings of Carlini's and Gu's ratios (``METRIC_SETTINGS``) where left at
+    their defaults and not typed: an evaluation written into the run under other settings is left out of its
+    comparison and findings (it was, without a word, for a run of carlini_n 5 evaluated at the default 8). Where
+    one differs still, that is said."""
+    from ..evaluation import METRIC_SETTINGS
+
+    ev = (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
+    theirs = {k: ev[k] for k in METRIC_SETTINGS if k in ev}
+    taken = {k: v for k, v in theirs.items() if k not in typed and getattr(c, k) == getattr(D, k)}
+    if taken:
+        c = cfg.from_dict(cfg.EvaluateConfig, {**cfg.to_dict(c), **taken})
+    if other := [f"{k} {getattr(c, k)!r} (the run's {v!r})" for k, v in theirs.items() if getattr(c, k) != v]:
+        console.print(f"metric settings: not the run's ({', '.join(other)}): this evaluation is left out of the "
+                      "run's comparison and findings", highlight=False)
+    return c
+
+
 @cli_errors
 def evaluate_cmd(
     ctx: typer.Context,
@@ -207,6 +225,10 @@ def evaluate_cmd(
             c.bands is not None or c.bands_file is not None) else f"{c.similarity} without bands (the paper's bands)"
         raise ValueError(f"--calibration-quantiles {','.join(map(str, c.calibration_quantiles))}: no bands are "
                          f"calibrated here ({given}), so they would not be read; leave them out")
+    if run is not None:
+        from ..evaluation import METRIC_SETTINGS
+
+        c = run_metric_settings(run, c, set(typed_flags(ctx, {k: k for k in METRIC_SETTINGS})))
     detection = typed_flags(ctx, {k: k for k in ("detect_min_size", "detect_grid", "detect_mode",
                                                  "extraction_threshold")})
     if c.detect_threshold is None and (unread := list(detection)):  # (dropped without a word, and recorded in
