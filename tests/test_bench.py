@@ -227,3 +227,25 @@ def test_the_flop_count_includes_attention():
     b, h, n, d = 1, 2, 16, 8
     q = torch.randn(b, h, n, d)
     assert flops_per_image(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * (2 * b * h * n * n * d)
+
+
+@pytest.mark.parametrize("args,said", [
+    (["fair", "--memguide-scales", "1,2"], "--memguide-scales is memguide's grid, and no entry is memguide"),
+    (["fair", "--lora-scales", "1,2"], "--lora-scales is side-lora's grid, and no entry is side-lora"),
+    (["extraction", "--quick", "--no-sweeps", "--sweep-n-generated", "7"],
+     "--sweep-n-generated set the sweeps, which --no-sweeps leaves out"),
+    (["compute", "--quick", "--only", "neighbors,neighbors"], "--only 'neighbors,neighbors' names neighbors more than"),
+    (["scale", "--quick", "--only", "search,search"], "--only 'search,search' names search more than once"),
+])
+def test_bench_options_nothing_reads_are_refused_before_any_work(tmp_path, args, said):
+    """Each was accepted (a review's find): a grid of a method no entry is, with the targets trained for it; sweep
+    options under --no-sweeps, recorded in the command as if used; a part of --only named twice, run once and named
+    twice in the results' file names."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    r = CliRunner().invoke(app, ["--no-progress", "bench", *args, "--out", str(tmp_path / "o"),
+                                 *(["--cache", str(tmp_path / "c")] if args[0] in ("fair", "extraction") else [])])
+    assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import cli_errors, console
+from .common import cli_errors, console, typed_flags
 from .run import print_summary, stage_progress
 
 bench_app = typer.Typer(
@@ -37,6 +37,14 @@ def _out_folder(out: Path) -> Path:
     except ValueError as e:
         raise typer.BadParameter(str(e).removeprefix("--out ")) from None
     return out
+
+
+def _parts(only: str) -> tuple[str, ...]:
+    """``--only``'s parts, each named once (a repeat ran once and named the results files after it twice)."""
+    parts = tuple(x.strip() for x in only.split(",") if x.strip())
+    if twice := sorted({p for p in parts if parts.count(p) > 1}):
+        raise ValueError(f"--only {only!r} names {', '.join(twice)} more than once")
+    return parts
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -92,15 +100,19 @@ def extraction_cmd(
         changes["sweep_scale"] = sweep_scale
     if sweep_n_generated is not None:
         changes["sweep_n_generated"] = sweep_n_generated
+    if no_sweeps and (unread := [f for f in ("--sweep-scale", "--sweep-n-generated")
+                                 if typed_flags(ctx, {f[2:].replace("-", "_"): "x"})]):  # (accepted, and recorded)
+        raise ValueError(f"{' and '.join(unread)} set the sweeps, which --no-sweeps leaves out: they would not be "
+                         "read; leave them out")
     if no_sweeps:
         changes.update(lambdas=(), n_clusters=(), taus=())
     bc = dataclasses.replace(bc, **changes)
     # every option spelled out, so the command reproduces the run whatever the defaults become
     argv = ["side", "--threads", str(_threads()), "bench", "extraction", "--out", str(out), "--cache", str(cache),
             "--scales", ",".join(map(str, bc.scales)), "--size", str(bc.size), "--n-generated", str(bc.run.extract.n),
-            "--train-steps", str(bc.target.steps), "--seed", str(bc.run.extract.seed),
-            "--sweep-n-generated", str(bc.sweep_n_generated)]
-    argv += ["--sweep-scale", str(bc.chosen_sweep_scale)] if not no_sweeps else ["--no-sweeps"]
+            "--train-steps", str(bc.target.steps), "--seed", str(bc.run.extract.seed)]
+    argv += (["--sweep-n-generated", str(bc.sweep_n_generated), "--sweep-scale", str(bc.chosen_sweep_scale)]
+             if not no_sweeps else ["--no-sweeps"])
     argv += ["--quick"] if quick else []
     argv += ["--device", device] if device != "cpu" else []
     command = shlex.join(argv)
@@ -284,12 +296,18 @@ def fair_cmd(
                          validation_replicates=_ints(validation, "--validation"),
                          heldout_replicates=_ints(heldout, "--heldout"), validation_n=validation_n,
                          select_metric=select_metric, n_bootstrap=n_bootstrap, equal_samples=equal_samples)
+    for flag, method in (("--lora-scales", "side-lora"), ("--memguide-scales", "memguide")):  # (accepted, and the
+        # targets trained, for a grid no entry reads)
+        if typed_flags(ctx, {flag[2:].replace("-", "_"): "x"}) and not any(fc.base_method(m) == method
+                                                                            for m in fc.entries):
+            raise ValueError(f"{flag} is {method}'s grid, and no entry is {method} (--methods, --form): it would not be "
+                             f"read; leave it out, or add {method}")
     argv = ["side", "--threads", str(_threads()), "bench", "fair", "--out", str(out), "--cache", str(cache),
             "--scales", scales, "--size", str(size), "--n-generated", str(n_generated), "--n-synthetic",
             str(n_synthetic), "--train-steps", str(train_steps), "--methods", methods, "--lambdas", lambdas,
             "--temperatures", temperatures, "--validation", validation, "--heldout", heldout,
-            "--validation-n", str(fc.validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap),
-            "--lora-scales", lora_scales]
+            "--validation-n", str(fc.validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap)]
+    argv += ["--lora-scales", lora_scales] if any(fc.base_method(m) == "side-lora" for m in fc.entries) else []
     argv += ["--memguide-scales", memguide_scales] if any(fc.base_method(m) == "memguide" for m in fc.entries) else []
     for spec in form:
         argv += ["--form", spec]
@@ -372,7 +390,7 @@ def compute_cmd(
     from ..bench.compute import ComputeBenchConfig, quick_compute_config, run_compute_bench, write_compute_results
 
     c = quick_compute_config() if quick else ComputeBenchConfig()
-    parts = tuple(x.strip() for x in only.split(",") if x.strip())
+    parts = _parts(only)
     c = dataclasses.replace(c, threads=threads, demo=c.demo and not no_demo, busy=busy or "busy_demo" in parts,
                             only=parts)
     argv = ["side", "bench", "compute", "--out", str(out), "--bench-threads", str(threads)]
@@ -406,7 +424,7 @@ def scale_cmd(
 
     c = quick_scale_config() if quick else ScaleBenchConfig()
     c = dataclasses.replace(c, threads=threads, gpu_tflops=gpu_tflops)
-    parts = tuple(x.strip() for x in only.split(",") if x.strip())
+    parts = _parts(only)
     argv = ["side", "bench", "scale", "--out", str(out), "--bench-threads", str(threads), "--gpu-tflops", f"{gpu_tflops:g}"]
     argv += ["--only", only] if parts else []
     argv += ["--quick"] if quick else []
