@@ -300,8 +300,8 @@ def fair_cmd(
         # targets trained, for a grid no entry reads)
         if typed_flags(ctx, {flag[2:].replace("-", "_"): "x"}) and not any(fc.base_method(m) == method
                                                                             for m in fc.entries):
-            raise ValueError(f"{flag} is {method}'s grid, and no entry is {method} (--methods, --form): it would not be "
-                             f"read; leave it out, or add {method}")
+            raise ValueError(f"{flag} is {method}'s grid, and no entry is {method} (--methods, --form): it would "
+                             f"not be read; leave it out, or add {method}")
     argv = ["side", "--threads", str(_threads()), "bench", "fair", "--out", str(out), "--cache", str(cache),
             "--scales", scales, "--size", str(size), "--n-generated", str(n_generated), "--n-synthetic",
             str(n_synthetic), "--train-steps", str(train_steps), "--methods", methods, "--lambdas", lambdas,
