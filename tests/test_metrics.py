@@ -11,8 +11,8 @@ import pytest
 from side_extract import config as cfg
 from side_extract.data import ImageSet, load_digits_set
 from side_extract.evaluation import calibrate, digits_complement, evaluate, propose_bands
-from side_extract.metrics import (PAPER_COSINE_BANDS, Band, ams, ams_ums_dense, ng_law, parse_bands, pixel_ratios,
-                                  read_bands_file)
+from side_extract.metrics import (PAPER_COSINE_BANDS, Band, ams, ams_ums_dense, bands_json, closest_first, ng_law,
+                                  parse_bands, pixel_ratios, read_bands_file)
 
 
 def flat(values, size: int = 8) -> ImageSet:
@@ -360,6 +360,30 @@ def test_a_score_of_1_falls_in_one_cosine_band_where_a_band_starts_at_1(caplog):
     assert (mid.hi, high.lo, high.hi) == (1.0, 1.0, 1.0) and "empty" not in caplog.text
     shares = ams(np.array([1.0, 0.995]), (low, mid, high), "similarity")
     assert shares["high"] == 0.5 and shares["mid"] == 0.5 and sum(shares.values()) == 1.0
+
+
+def test_a_score_of_1_falls_in_exactly_one_band_when_two_calibrated_bands_are_1_1(caplog):
+    """With 3 % of the null at exactly 1 (no copies), calibration puts mid and high both at [1, 1]: each saw the
+    other "start at or past its hi", so both, and low [q, 1), were closed above, and a score of 1 fell in no band
+    at all (AMS and UMS summed below 100 %), while the "empty band" warning was kept back for both (a review's
+    find). One of them, the closest (high, by name on an exact tie), holds it, whatever order the set is listed
+    in; mid is empty and said so. A band that starts past 1 holds nothing of it."""
+    null = np.concatenate([np.ones(30), np.linspace(0.5, 0.99, 970)])
+    with caplog.at_level(logging.WARNING):
+        low, mid, high = propose_bands(null, "similarity", copies=np.zeros(1000, bool))
+    assert (mid.lo, mid.hi, high.lo, high.hi, low.hi) == (1.0, 1.0, 1.0, 1.0, 1.0)
+    assert "calibrated band 'mid' is empty" in caplog.text and "'high' is empty" not in caplog.text
+    best = np.array([1.0, 0.995, 0.9])
+    for order in ((low, mid, high), (high, mid, low), (mid, high, low)):
+        shares = ams(best, order, "similarity")
+        assert shares == {"low": pytest.approx(1 / 3), "mid": 0.0, "high": pytest.approx(1 / 3)}
+    scores = np.array([[1.0, 0.2], [0.995, 0.3]])
+    dense = ams_ums_dense(scores, (low, mid, high), "similarity")
+    assert dense["ams"] == {"low": 0.5, "mid": 0.0, "high": 0.5}
+    assert closest_first(bands_json((low, mid, high)), "similarity") == ["high", "mid", "low"]
+    assert closest_first(bands_json((high, mid, low)), "similarity") == ["high", "mid", "low"]
+    beyond = parse_bands("a=0.6:1,b=1.5:2")  # (b starts past any cosine score: a holds 1)
+    assert ams(np.array([1.0, 0.7]), beyond, "similarity") == {"a": 1.0, "b": 0.0}
 
 
 def test_best_quantile_by_hand():

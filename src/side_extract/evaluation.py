@@ -24,7 +24,7 @@ from .detection import check_grid, detect_memorized
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
                       check_bands, check_same_shape, ams, bands_json, best_quantile, carlini_from_neighbors,
-                      carlini_n_effective, gu_from_neighbors, parse_bands, read_bands_file)
+                      carlini_n_effective, gu_from_neighbors, holder_of_one, parse_bands, read_bands_file)
 from .neighbors import NearestNeighborIndex, pixel_rows
 from .runs import Progress, atomic_save_npz, atomic_write_json, atomic_write_text, npz_arrays, read_json, versions
 
@@ -192,7 +192,7 @@ class Evaluation:
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        rule = ("lo <= s < hi (closed at hi >= 1 where no band starts at or past hi); cumulative s >= lo"
+        rule = ("lo <= s < hi (s >= lo for the closest band with lo <= 1 <= hi); cumulative s >= lo"
                 if self.orientation == "similarity"
                 else "lo <= d < hi; cumulative d < hi (smaller distance = closer)")
         return {"schema": "side-extract/metrics/1", "method": self.method, "n_generated": self.n_generated,
@@ -523,7 +523,8 @@ def propose_bands(null: np.ndarray, orientation: Orientation, levels: Sequence[f
     else:
         out = [Band(names[i], edges[i], 1.0 if i == 0 else edges[i - 1]) for i in range(len(levels))]
     for b in out:
-        if b.lo == b.hi and not (orientation == "similarity" and b.hi >= 1.0):  # ([1, 1] holds the scores of 1)
+        if b.lo == b.hi and not (orientation == "similarity" and holder_of_one(out) == b.name):  # (it holds the
+            # scores of 1)
             log.warning("calibrated band %r is empty (lo = hi = %.4g): the null is too coarse", b.name, b.lo)
     return tuple(reversed(out))
 

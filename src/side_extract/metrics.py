@@ -3,9 +3,9 @@
 Scores come in two orientations. ``cosine:<extractor>`` is a *similarity* (higher = closer, best = max);
 ``rms-l2`` is a *distance* on pixels in [0, 1] (lower = closer, best = min). Band rules:
 
-- a band ``[lo, hi)`` holds ``lo <= v < hi``; for cosine a band whose ``hi >= 1`` is closed above (it holds
-  every ``v >= lo``, also values rounded past 1) where no band of its set starts at or past its ``hi``. For
-  distances the "high" band is the one of SMALL values.
+- a band ``[lo, hi)`` holds ``lo <= v < hi``; for cosine one band of a set holds a score of 1 (and values
+  rounded past 1): of the bands with ``lo <= 1 <= hi``, the closest (:func:`closest_first`); it holds every
+  ``v >= lo``. For distances the "high" band is the one of SMALL values.
 - cumulative: ``v >= lo`` for a similarity; ``v < hi`` for a distance. With contiguous bands, a band's
   cumulative region is the union of it and every closer band.
 
@@ -84,11 +84,11 @@ class Band:
             raise ValueError(f"band {self.name!r}=[{self.lo}, {self.hi}) needs a name and lo <= hi")
 
     def contains(self, v: np.ndarray, orientation: Orientation, bands: Sequence["Band"] | None = None) -> np.ndarray:
-        """``lo <= v < hi``; a cosine band reaching 1 holds every ``v >= lo``, unless another of ``bands`` (the set it
-        belongs to) starts at or past its ``hi``: "mid=0.6:1,exact=1:2" both counted a score of 1, and the per-band
-        shares summed past 100 % (so did calibrated bands whose top edge is 1: mid [q, 1) and high [1, 1])."""
-        if orientation == "similarity" and self.hi >= 1.0 and not any(
-                b is not self and b.lo >= self.hi for b in bands or ()):
+        """``lo <= v < hi``; for a similarity, the band of ``bands`` (the set it belongs to; alone, itself) that
+        holds a score of 1 (:func:`holder_of_one`) holds every ``v >= lo``: a score of 1 falls in one band, never
+        in two ("mid=0.6:1,exact=1:2": the per-band shares summed past 100 %) nor in none (calibrated bands
+        low [q, 1), mid [1, 1], high [1, 1])."""
+        if orientation == "similarity" and holder_of_one([*(bands or ()), self]) == self.name:
             return v >= self.lo
         return (v >= self.lo) & (v < self.hi)
 
@@ -103,10 +103,18 @@ PAPER_COSINE_BANDS = (Band("low", 0.4, 0.5), Band("mid", 0.5, 0.6), Band("high",
 def closest_first(bands: dict[str, Sequence[float]], orientation: Orientation) -> list[str]:
     """The names of ``bands`` (name -> (lo, hi), as metrics.json holds them), the closest band (most memorized)
     first. Ties on the near edge (an empty calibrated band, lo == hi, shares its edge with the next) are broken by
-    the far edge: an empty band lies beyond the band it touches, never before it."""
+    the far edge: an empty band lies beyond the band it touches, never before it; identical bands (two empty
+    calibrated ones) by name, so that the order a set is listed in never matters."""
     if orientation == "similarity":
-        return sorted(bands, key=lambda b: (-bands[b][0], -bands[b][1]))
-    return sorted(bands, key=lambda b: (bands[b][1], bands[b][0]))
+        return sorted(bands, key=lambda b: (-bands[b][0], -bands[b][1], b))
+    return sorted(bands, key=lambda b: (bands[b][1], bands[b][0], b))
+
+
+def holder_of_one(bands: Sequence[Band]) -> str | None:
+    """The name of the band of a cosine set that holds a score of 1 (and values rounded past it): of the bands
+    with ``lo <= 1 <= hi``, the closest; None where no band reaches 1."""
+    reach = {b.name: (b.lo, b.hi) for b in bands if b.lo <= 1.0 <= b.hi}
+    return closest_first(reach, "similarity")[0] if reach else None
 
 
 def parse_bands(spec: str) -> tuple[Band, ...]:

@@ -48,7 +48,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "extraction": 3,    # 2: guidance in guided-diffusion's order (after the x0 clip); 3: its own noise stream
     "calibration": 2,   # 2: held-out images resized like the training set
     "train-features": 1,
-    "evaluation": 1,
+    "evaluation": 2,    # 2: a cosine score of 1 in one band (bands meeting at 1 counted it in two, or none)
 }
 
 
