@@ -3,6 +3,7 @@ go through the whole chain without a model directory; the typed results match th
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 from pathlib import Path
@@ -1033,8 +1034,12 @@ def test_api_mistakes_a_review_found_late_or_unsaid_are_refused_at_once(tmp_path
     with pytest.raises(ValueError, match=r"heldout= and the config's evaluate.heldout='digits' both name held-out"):
         side_extract.audit(tiny_unet(), d.images, scheduler=tiny_scheduler(), config={**SMALL,
                            "evaluate.heldout": "digits"}, heldout=255 - d.images[:20], out=tmp_path / "h")
-    with pytest.raises(ValueError, match=r"extract_features\('pixels'\): images must be an ImageSet"):
+    with pytest.raises(ValueError, match=r"extract_features\('pixels'\): images must be an ImageSet") as e:
         side_extract.extract_features("pixels", d.images)
+    maker = re.search(r"\((side_extract[\w.]+)\(array\)", str(e.value)).group(1)  # the maker it names exists (it
+    module, name = maker.rsplit(".", 1)  # named side_extract.as_image_set, which is not exported: a review's find)
+    made = getattr(importlib.import_module(module), name)(d.images)
+    assert side_extract.extract_features("pixels", made).shape == (len(d.images), d.images[0].size)
     with pytest.raises(ValueError, match=r"progress= returned 5 for stage '[^']+': the factory must return a "
                                          r"callback\(done, total\) or None"):
         side_extract.audit(tiny_unet(), d.images, scheduler=tiny_scheduler(), config=SMALL, methods=["uncond"],

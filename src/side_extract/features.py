@@ -279,7 +279,7 @@ def extract_features(name: str, images: ImageSet, *, model=None, reference: Imag
     """Features of ``images`` (n, D) float32; learned extractors are fitted on ``reference`` (default: images)."""
     for what, s in (("images", images), ("reference", reference)):
         if s is not None and not isinstance(s, ImageSet):  # (an array: "has no attribute 'subset'")
-            raise ValueError(f"extract_features({name!r}): {what} must be an ImageSet (side_extract.as_image_set("
+            raise ValueError(f"extract_features({name!r}): {what} must be an ImageSet (side_extract.api.as_image_set("
                              f"array) makes one of uint8 images), got {type(s).__name__}")
         if s is not None and len(s) == 0:  # (torch.cat's "expected a non-empty list of Tensors", naming no input)
             raise ValueError(f"extract_features({name!r}): {what} is an empty image set")
