@@ -435,6 +435,8 @@ def test_an_evaluation_written_into_a_run_takes_its_metric_settings(sets):
     """An evaluation written into RUN/evaluation/NAME took the run's bands but not its settings of Carlini's and Gu's
     ratios: at the defaults, beside a run of carlini_n 3, it was left out of the run's comparison and findings without
     a word (a review's find). It now takes them where not typed, and says where one typed differs."""
+    from side_extract import config as cfg
+
     run = sets / "run"
     (run / "manifest.json").write_text(json.dumps({"stages": {}}))
     (run / "config.yaml").write_text("evaluate:\n  bands: low=0.1:0.2,mid=0.01:0.1,high=0:0.01\n  carlini_n: 3\n"
@@ -448,3 +450,9 @@ def test_an_evaluation_written_into_a_run_takes_its_metric_settings(sets):
     assert r.exit_code == 0, r.output
     assert "metric settings: not the run's (carlini_n 4 (the run's 3)): this evaluation is left out of the run's " \
            "comparison and findings" in " ".join(r.output.split()), r.output
+    (sets / "mine.yaml").write_text(f"carlini_n: {cfg.EvaluateConfig().carlini_n}\n")  # a file's value at the
+    r = invoke(*base, "--out", run / "evaluation" / "file", "--config", sets / "mine.yaml")  # default is given too: it
+    assert r.exit_code == 0, r.output  # was replaced by the run's 3 without a word
+    recorded = json.loads((run / "evaluation" / "file" / "metrics.json").read_text())["config"]
+    assert (recorded["carlini_n"], recorded["gu_threshold"]) == (cfg.EvaluateConfig().carlini_n, 0.25)
+    assert f"carlini_n {cfg.EvaluateConfig().carlini_n} (the run's 3)" in " ".join(r.output.split()), r.output

@@ -15,14 +15,21 @@ D = cfg.EvaluateConfig()
 OPTIONS = [k for k in cfg.to_dict(D)]
 
 
-def evaluate_config(ctx: typer.Context, config: Path | None) -> cfg.EvaluateConfig:
-    """File then typed flags; the file is an EvaluateConfig mapping, or a run YAML (its ``evaluate:`` section)."""
+def file_settings(config: Path | None) -> dict[str, Any]:
+    """The evaluation settings a ``--config`` file states: an EvaluateConfig mapping, or a run YAML's ``evaluate:``
+    section."""
     base: dict[str, Any] = cfg.load_yaml(config) if config is not None else {}
     run_keys = {f.name for f in dataclasses.fields(cfg.RunConfig)} - set(OPTIONS)
     if isinstance(base.get("evaluate"), dict):
-        base = base["evaluate"]
-    elif base and set(base) <= run_keys | {"evaluate"}:  # a run YAML that leaves evaluate: at its defaults
-        base = {}
+        return dict(base["evaluate"])
+    if base and set(base) <= run_keys | {"evaluate"}:  # a run YAML that leaves evaluate: at its defaults
+        return {}
+    return base
+
+
+def evaluate_config(ctx: typer.Context, config: Path | None) -> cfg.EvaluateConfig:
+    """File then typed flags (:func:`file_settings`)."""
+    base = file_settings(config)
     overrides = typed_flags(ctx, {k: k for k in OPTIONS if k in ctx.params})
     # the ways to give bands are alternatives: a typed one replaces the file's others, as any flag replaces the
     # file's value (--bands beside the file's bands_file was refused as "give one of them, not both")
@@ -134,9 +141,10 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
 
 def run_metric_settings(run: Path, c: cfg.EvaluateConfig, typed: set[str]) -> cfg.EvaluateConfig:
     """``c`` with run directory ``run``'s settings of Carlini's and Gu's ratios (``METRIC_SETTINGS``) where left at
-    their defaults and not typed: an evaluation written into the run under other settings is left out of its
-    comparison and findings (it was, without a word, for a run of carlini_n 5 evaluated at the default 8). Where
-    one differs still, that is said."""
+    their defaults and not given (``typed``: the flags typed and the keys a ``--config`` file states, at the default
+    or not): an evaluation written into the run under other settings is left out of its comparison and findings
+    (it was, without a word, for a run of carlini_n 5 evaluated at the default 8). Where one differs still, that
+    is said."""
     from ..evaluation import METRIC_SETTINGS
 
     ev = (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
@@ -228,7 +236,9 @@ def evaluate_cmd(
     if run is not None:
         from ..evaluation import METRIC_SETTINGS
 
-        c = run_metric_settings(run, c, set(typed_flags(ctx, {k: k for k in METRIC_SETTINGS})))
+        given = set(typed_flags(ctx, {k: k for k in METRIC_SETTINGS})) | set(file_settings(config))  # (a file's
+        # carlini_n: 8, the default, was replaced by the run's without a word)
+        c = run_metric_settings(run, c, given)
     detection = typed_flags(ctx, {k: k for k in ("detect_min_size", "detect_grid", "detect_mode",
                                                  "extraction_threshold")})
     if c.detect_threshold is None and (unread := list(detection)):  # (dropped without a word, and recorded in
