@@ -456,3 +456,23 @@ def test_an_evaluation_written_into_a_run_takes_its_metric_settings(sets):
     recorded = json.loads((run / "evaluation" / "file" / "metrics.json").read_text())["config"]
     assert (recorded["carlini_n"], recorded["gu_threshold"]) == (cfg.EvaluateConfig().carlini_n, 0.25)
     assert f"carlini_n {cfg.EvaluateConfig().carlini_n} (the run's 3)" in " ".join(r.output.split()), r.output
+
+
+def test_a_folder_where_a_result_file_is_written_is_refused_before_the_work(sets):
+    """`side evaluate --out O` with a folder O/metrics.json (`side calibrate`'s O/bands.json) did the whole work,
+    wrote its per-generation table, then failed with "Is a directory" (a review's find): it is refused first, by
+    name, and nothing is written."""
+    for name in ("metrics.json", "per_generation.npz"):
+        out = sets / f"e-{name}"
+        (out / name).mkdir(parents=True)
+        r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+                   "--bands", "low=0.1:0.2,mid=0.01:0.1,high=0:0.01", "--out", out)
+        assert r.exit_code == 2 and f"{str(out / name)!r} is a folder, where the results' {name} is written" in \
+            " ".join(r.output.split()), r.output
+        assert [p.name for p in out.iterdir()] == [name]
+    out = sets / "c"
+    (out / "bands.json").mkdir(parents=True)
+    r = invoke("calibrate", "--train", sets / "train.npz", "--heldout", sets / "run/extraction/side", "--out", out)
+    assert r.exit_code == 2 and f"{str(out / 'bands.json')!r} is a folder, where the results' bands.json is written" in \
+        " ".join(r.output.split()), r.output
+    assert [p.name for p in out.iterdir()] == ["bands.json"]

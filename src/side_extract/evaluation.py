@@ -206,6 +206,8 @@ class Evaluation:
                 "fingerprints": self.fingerprints, "sources": self.sources, "config": self.config,
                 "versions": versions()}
 
+    FILES = ("per_generation.csv", "per_generation.npz", "metrics.json")  # what write() makes
+
     def write(self, out_dir: str | Path) -> Path:
         """``metrics.json`` + the per-generation table in ``out_dir``; returns the metrics.json path."""
         out = Path(out_dir)
@@ -559,6 +561,8 @@ class Calibration:
                 "quantile_levels": list(self.quantile_levels), "null_source": self.null_source,
                 "bands": bands_json(self.bands), "null": summary, "fingerprints": self.fingerprints,
                 "sources": self.sources}
+
+    FILES = ("null.npz", "bands.json")  # what write() makes
 
     def write(self, out_dir: str | Path) -> Path:
         """``bands.json`` and ``null.npz`` (the raw null values) in ``out_dir``; returns the bands.json path."""

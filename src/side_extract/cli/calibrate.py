@@ -39,11 +39,11 @@ def calibrate_cmd(
     c = evaluate_config(ctx, config)
     check_similarity_inputs(model, c.similarity)
     from ..data import load_image_set
-    from ..evaluation import calibrate, held_out_set
+    from ..evaluation import Calibration, calibrate, held_out_set
     from ..metrics import check_same_shape
     from ..runs import run_lock
 
-    run = run_written_into(out)  # (RUN/evaluation itself holds the run's own calibration: refused)
+    run = run_written_into(out, Calibration.FILES)  # (RUN/evaluation itself holds the run's own calibration: refused)
     tr = load_image_set(train, c.resize)
     ho = held_out_set(train, c.heldout, c.resize)  # --heldout, else the config file's, else the digits outside
     if c.heldout is None:

@@ -87,7 +87,7 @@ def default_method(generated: str) -> str:
     return p.name if p.parent.name == "extraction" else ""
 
 
-def run_written_into(out: Path) -> Path | None:
+def run_written_into(out: Path, files: tuple[str, ...]) -> Path | None:
     """The run directory ``out`` lies in, if any (the command writes there as one of its writers, under its lock),
     checked before the sets load: ``out`` may not be the folder of one of the run's own stages (its manifest vouches
     for what the run made there), and no other process may be writing the run; nor may ``out`` be a file (it was
@@ -96,7 +96,7 @@ def run_written_into(out: Path) -> Path | None:
 
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory (expected a folder to write into)")
-    check_writable(out)
+    check_writable(out, files=files)  # (``files``: what the command writes in it)
     run = enclosing_run(out)
     if run is not None:
         if (stage := stage_holding(run, out)) is not None:
@@ -217,7 +217,9 @@ def evaluate_cmd(
                          "it would not be read; leave one out")
     if c.heldout is not None and c.bands is None and c.bands_file is None and c.similarity != "rms-l2":
         raise ValueError(heldout_unread(c.similarity, repr(c.heldout)))
-    run = run_written_into(out)
+    from ..evaluation import Evaluation
+
+    run = run_written_into(out, Evaluation.FILES)
     before_run = c
     if run is not None and c.bands is None and c.bands_file is None:
         before = c

@@ -8,7 +8,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,14 @@ def _held(path: Path, f: Any) -> str:
     return f"run directory {str(path)!r} is being written by another process ({f.read().strip() or 'holder unknown'})"
 
 
-def check_writable(out: str | Path, what: str = "--out") -> None:
+def check_writable(out: str | Path, what: str = "--out", files: Sequence[str] = ()) -> None:
     """Refuse an output folder that cannot be made or written here (its nearest existing folder read-only, or a
-    file on its way), before the work whose results it would hold: found at the first write, after the work."""
+    file on its way), or where one of the ``files`` the command writes in it is a folder, before the work whose
+    results it would hold: found at the first write, after the work."""
+    for name in files:
+        if (Path(out) / name).is_dir():
+            raise ValueError(f"{what} {str(out)!r}: {str(Path(out) / name)!r} is a folder, where the results' {name} "
+                             "is written: move it away or write elsewhere")
     anc = Path(out).absolute()
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
