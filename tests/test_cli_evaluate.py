@@ -473,6 +473,6 @@ def test_a_folder_where_a_result_file_is_written_is_refused_before_the_work(sets
     out = sets / "c"
     (out / "bands.json").mkdir(parents=True)
     r = invoke("calibrate", "--train", sets / "train.npz", "--heldout", sets / "run/extraction/side", "--out", out)
-    assert r.exit_code == 2 and f"{str(out / 'bands.json')!r} is a folder, where the results' bands.json is written" in \
-        " ".join(r.output.split()), r.output
+    said = f"{str(out / 'bands.json')!r} is a folder, where the results' bands.json is written"
+    assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output
     assert [p.name for p in out.iterdir()] == ["bands.json"]
