@@ -40,10 +40,19 @@ def test_frechet_non_commuting_2x2_closed_form():
 
 
 def test_frechet_refuses_matrices_that_are_no_covariances():
-    """sqrtm of a product with a negative eigenvalue is imaginary; its real part was taken without a word."""
+    """sqrtm of a product with a negative eigenvalue is imaginary; its real part was taken without a word. Where the
+    product's root is real (-I against -I: the formula gives -8; diag(4, -1) against diag(1, -4)), the negative
+    distance was raised to 0, a perfect score (a review's find): a statistic with a negative eigenvalue, or not
+    symmetric, is refused, by name."""
     s1 = np.diag([-1.0, 1.0])  # not positive semi-definite: sqrtm(s1 @ I) = diag(i, 1)
-    with pytest.raises(ValueError, match="imaginary part of 1 on its diagonal, beyond rounding"):
+    with pytest.raises(ValueError, match=r"s1 has a negative eigenvalue \(-1\): it must be a covariance matrix"):
         frechet_distance(np.zeros(2), s1, np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="s1 has a negative eigenvalue"):
+        frechet_distance(np.zeros(2), -np.eye(2), np.zeros(2), -np.eye(2))
+    with pytest.raises(ValueError, match=r"s2 has a negative eigenvalue \(-4\)"):
+        frechet_distance(np.zeros(2), np.diag([4.0, 1.0]), np.zeros(2), np.diag([1.0, -4.0]))
+    with pytest.raises(ValueError, match="s2 is not symmetric"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
     # a NaN statistic scored 0.0, a perfect distance (max(0.0, nan) is 0.0: a review's find)
     eye = np.eye(2)
     with pytest.raises(ValueError, match=r"mu1 has non-finite values \(NaN or inf\)"):

@@ -6,7 +6,7 @@ EfficientNet-Lite0; ``torchscript:PATH`` for an Inception- or SSCD-style model a
 - **Frechet distance** (FID's formula; Heusel et al. 2017): ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^(1/2)),
   with the square root from ``scipy.linalg.sqrtm`` (its tiny imaginary part from rounding dropped; one on the
   diagonal beyond 1e-3 of the diagonal's size (at least 1e-3, pytorch-fid's bound), which only matrices that are no
-  covariances give, is refused). Biased
+  covariances give, is refused; so are statistics that are not symmetric or have a negative eigenvalue). Biased
   upward for small N (it needs N well above the feature dimension): compare methods at equal N only.
 - **Kernel distance** (KID; Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
   k(x, y) = (x . y / d + 1)^3, averaged over ``n_subsets`` random subsets of ``subset_size`` of each set (at
@@ -41,6 +41,15 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
     for name, v in (("mu1", mu1), ("s1", s1), ("mu2", mu2), ("s2", s2)):
         if not np.isfinite(v).all():  # (max(0.0, nan) is 0.0: a NaN statistic scored a perfect distance)
             raise ValueError(f"{name} has non-finite values (NaN or inf): the statistics must be finite")
+    for name, s in (("s1", s1), ("s2", s2)):  # (-I against -I, whose product's root is real, scored 0: the
+        # distance, -8, was raised to 0 below)
+        scale = max(1.0, float(np.abs(s).max()))
+        if not np.allclose(s, s.T, rtol=0.0, atol=1e-8 * scale):
+            raise ValueError(f"{name} is not symmetric: it must be a covariance matrix (symmetric, positive "
+                             "semi-definite)")
+        if (low := float(np.linalg.eigvalsh((s + s.T) / 2)[0])) < -1e-6 * scale:
+            raise ValueError(f"{name} has a negative eigenvalue ({low:.3g}): it must be a covariance matrix "
+                             "(symmetric, positive semi-definite)")
     with warnings.catch_warnings():  # a singular product (N below the dimension) is handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
