@@ -687,3 +687,24 @@ def test_train_target_says_how_many_steps_its_loss_is_the_mean_of(tmp_path):
                                  str(tmp_path / "m"), "--steps", "3", "--batch-size", "2", "--block-out-channels",
                                  "4,8", "--norm-num-groups", "4"])
     assert r.exit_code == 0 and "(steps 3, mean loss of the last 3 steps " in r.output, r.output
+
+
+@pytest.mark.parametrize("args", [
+    ["sample", "--out", "", "--model", "demo", "--n", "2"],
+    ["train-target", "--out", "", "--data", "digits:10", "--steps", "1"],
+    ["report", ""], ["verify", ""], ["theory", "measure", ""],
+    ["evaluate", "--generated", "digits:4", "--train", "digits:8", "--out", ""],
+    ["calibrate", "--train", "digits:8", "--out", ""],
+    ["demo", "--out", ""], ["run", "", "--out", "r"], ["sample", "--out", "s", "--config", " "],
+    ["bench", "fair", "--out", ""],
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, tmp_path, monkeypatch):
+    """click read an empty path (an unset shell variable: --out "$OUT") as Path(""), the current folder: `side
+    sample --out ""` wrote its lock, manifest and synthetic/ there, `side train-target` a whole model, `side report ""`
+    a report into the folder one stood in (a review's find). Each is refused, naming the option, and nothing is
+    written."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["--no-progress", *args], terminal_width=200)
+    said = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "is empty: give a path" in said, r.output
+    assert list(tmp_path.iterdir()) == []

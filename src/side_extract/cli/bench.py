@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import cli_errors, console, typed_flags
+from .common import cli_errors, console, path_value, typed_flags
 from .run import print_summary, stage_progress
 
 bench_app = typer.Typer(
@@ -59,9 +59,10 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 def extraction_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
-                               help="Folder for extraction.json and extraction.md."),
+                               help="Folder for extraction.json and extraction.md.", parser=path_value),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", callback=_out_folder,
-                               help="Trained targets (keyed by their config fingerprint), bands and run directories."),
+                               help="Trained targets (keyed by their config fingerprint), bands and run directories.",
+                               parser=path_value),
     scales: str | None = typer.Option(None, "--scales", help="Training-set sizes, comma-separated "
                                       "(default: 100,300,1000; --quick: 30,60)."),
     size: int | None = typer.Option(None, "--size", help="Image size in px (default: 16; --quick: 8)."),
@@ -132,12 +133,13 @@ def extraction_cmd(
 def variants_cmd(
     ctx: typer.Context,
     variants: Path = typer.Option(Path("benchmarks/variants.yaml"), "--variants",
-                                  help="YAML with 'base' (the paper's settings) and 'variants' (name -> dotted overrides)."),
+                                  help="YAML with 'base' (the paper's settings) and 'variants' (name -> dotted overrides).",
+                                  parser=path_value),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
-                               help="Folder for variants.json and variants.md."),
+                               help="Folder for variants.json and variants.md.", parser=path_value),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", callback=_out_folder,
                                help="The extraction benchmark's cache (targets, "
-                               "bands, runs); variants run as sub-runs of its runs."),
+                               "bands, runs); variants run as sub-runs of its runs.", parser=path_value),
     scales: str = typer.Option("300,1000", "--scales", help="Training-set sizes, comma-separated."),
     size: int | None = typer.Option(None, "--size", help="Image size in px (default: 16, as in the extraction benchmark)."),
     n_generated: int | None = typer.Option(None, "--n-generated", min=1,
@@ -200,9 +202,9 @@ def variants_cmd(
 def fair_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results/fair"), "--out", callback=_out_folder,
-                               help="Folder for fair.json and fair.md."),
+                               help="Folder for fair.json and fair.md.", parser=path_value),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", callback=_out_folder,
-                               help="Targets, bands and one run per replicate."),
+                               help="Targets, bands and one run per replicate.", parser=path_value),
     scales: str = typer.Option("100,300,1000", "--scales", help="Training-set sizes, comma-separated."),
     size: int = typer.Option(16, "--size", min=1, help="Image size in px."),
     n_generated: int = typer.Option(2000, "--n-generated", min=1, help="N_G per method and held-out replicate."),
@@ -340,9 +342,9 @@ def fair_cmd(
 def signals_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
-                               help="Folder for signals-<size>px-n<N>.{json,md}."),
+                               help="Folder for signals-<size>px-n<N>.{json,md}.", parser=path_value),
     cache: Path = typer.Option(Path("runs/bench-cache"), "--cache", callback=_out_folder,
-                               help="Targets, bands and replicate runs."),
+                               help="Targets, bands and replicate runs.", parser=path_value),
     n_train: int = typer.Option(300, "--n-train", min=1, help="Training-set size (digits:N)."),
     size: int = typer.Option(16, "--size", min=1, help="Image size in px."),
     replicate: int = typer.Option(1, "--replicate", help="Replicate whose synthetic set and clusters are used."),
@@ -377,7 +379,7 @@ def signals_cmd(
 def compute_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
-                               help="Folder for compute.json and compute.md."),
+                               help="Folder for compute.json and compute.md.", parser=path_value),
     threads: int = typer.Option(1, "--bench-threads", min=1, help="Torch and faiss threads for the timed parts."),
     no_demo: bool = typer.Option(False, "--no-demo", help="Skip the `side demo` wall-time part."),
     busy: bool = typer.Option(False, "--busy", help="Also time `side demo` idle and beside a CPU-bound competitor "
@@ -409,7 +411,7 @@ def compute_cmd(
 def scale_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("benchmarks/results"), "--out", callback=_out_folder,
-                               help="Folder for scale.json and scale.md."),
+                               help="Folder for scale.json and scale.md.", parser=path_value),
     threads: int = typer.Option(1, "--bench-threads", min=1, help="Torch threads for the timed parts."),
     only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (models, search, "
                                                     "processes); writes scale-<parts>.*."),

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .. import config as cfg
-from .common import cli_errors, console, progress_bar
+from .common import cli_errors, console, path_value, progress_bar
 from .evaluate import check_similarity_inputs, evaluate_config, load_feature_model, run_written_into
 
 D = cfg.EvaluateConfig()
@@ -17,7 +17,7 @@ D = cfg.EvaluateConfig()
 def calibrate_cmd(
     ctx: typer.Context,
     train: str = typer.Option(..., "--train", help="Training set: digits[:N], a folder of images, an .npz."),
-    out: Path = typer.Option(..., "--out", help="Directory to write bands.json and null.npz to."),
+    out: Path = typer.Option(..., "--out", help="Directory to write bands.json and null.npz to.", parser=path_value),
     heldout: str | None = typer.Option(None, "--heldout", help="Held-out images (never trained on) "
                                                                 "(default: for digits:N, the other digits; else none)."),
     similarity: str = typer.Option(D.similarity, help="rms-l2 (pixels) or cosine:<extractor>."),
@@ -32,7 +32,7 @@ def calibrate_cmd(
     model: str | None = typer.Option(None, "--model", help="Target model (a diffusers directory or 'demo') for "
                                                            "extractors that need it: cosine:unet."),
     config: Path | None = typer.Option(None, "--config", help="YAML with evaluate options as keys (or a run "
-                                                              "YAML's evaluate: section)."),
+                                                              "YAML's evaluate: section).", parser=path_value),
 ) -> None:
     """Best scores of held-out images vs the training set and of each training image vs the rest; band edges
     at tail quantiles of the held-out null (the train-vs-rest null without held-out images)."""

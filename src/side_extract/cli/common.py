@@ -37,6 +37,16 @@ def one_line_warnings() -> Iterator[None]:
         warnings.formatwarning = before
 
 
+def path_value(value: Any) -> Path:
+    """A path option's or argument's value as typed: an empty one (an unset shell variable, ``--out "$OUT"``) is
+    refused, where click read it as ``Path("")``, the current folder, and the command wrote (or read) there."""
+    if isinstance(value, Path):  # (a default)
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter(f"{str(value)!r} is empty: give a path (an empty one was read as the current folder)")
+    return Path(value)
+
+
 def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a ValueError from the library, or an OS error (read-only or missing directory, disk full,
     permission denied), into one clear line and exit status 2."""

@@ -9,7 +9,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import cli_errors, console
+from .common import cli_errors, console, path_value
 from .run import _say_changes, print_findings, print_summary, stage_progress
 
 
@@ -50,7 +50,7 @@ def demo_config(model: str = DEFAULT_TARGET, train: str | None = None, heldout: 
 @cli_errors
 def demo_cmd(
     ctx: typer.Context,
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write.", parser=path_value),
     model: str = typer.Option(DEFAULT_TARGET, help="Target model: an embedded one (demo-1000: digits:1000, where "
                               "plain sampling reaches few training images; demo: digits:100, memorized throughout), "
                               "or a diffusers directory (run with demo-1000's settings; give --train)."),

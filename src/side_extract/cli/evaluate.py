@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from .. import config as cfg
-from .common import build_config, cli_errors, console, progress_bar, typed_flags
+from .common import build_config, cli_errors, console, path_value, progress_bar, typed_flags
 
 D = cfg.EvaluateConfig()
 OPTIONS = [k for k in cfg.to_dict(D)]
@@ -164,7 +164,8 @@ def evaluate_cmd(
     generated: str = typer.Option(..., "--generated",
                                   help="Generations: a run's extraction/<method> dir, shards, folder, .npz."),
     train: str = typer.Option(..., "--train", help="Training set: digits[:N], a folder of images, an .npz."),
-    out: Path = typer.Option(..., "--out", help="Directory to write metrics.json and per_generation.{csv,npz} to."),
+    out: Path = typer.Option(..., "--out", help="Directory to write metrics.json and per_generation.{csv,npz} to.",
+                             parser=path_value),
     method: str | None = typer.Option(None, help="Method name in the results (default: the extraction dir's name)."),
     similarity: str = typer.Option(D.similarity, help="rms-l2 (pixels) or cosine:<extractor>."),
     bands: str | None = typer.Option(D.bands, help="name=lo:hi,... (default: --bands-file; else the paper's for "
@@ -200,7 +201,7 @@ def evaluate_cmd(
     model: str | None = typer.Option(None, "--model", help="Target model (a diffusers directory or 'demo') for "
                                                            "extractors that need it: cosine:unet."),
     config: Path | None = typer.Option(None, "--config", help="YAML with these options as keys (or a run YAML's "
-                                                              "evaluate: section)."),
+                                                              "evaluate: section).", parser=path_value),
 ) -> None:
     """AMS / UMS per band, 95th percentile, Carlini's and Gu's ratios, the N_G law: DIR/metrics.json."""
     c = evaluate_config(ctx, config)

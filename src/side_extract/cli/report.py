@@ -5,13 +5,14 @@ from pathlib import Path
 
 import typer
 
-from .common import cli_errors, console
+from .common import cli_errors, console, path_value
 
 
 @cli_errors
 def report_cmd(
     ctx: typer.Context,
-    run: Path = typer.Argument(..., help="Run directory (holds config.yaml; written by `side run` / `side demo`)."),
+    run: Path = typer.Argument(..., help="Run directory (holds config.yaml; written by `side run` / `side demo`).",
+                               parser=path_value),
     top: int = typer.Option(8, "--top", help="Closest generations shown per method, beside their training images."),
     image_size: int = typer.Option(64, "--image-size", help="Upscale smaller images to this many pixels "
                                                             "(nearest-neighbour; at most 1024)."),

@@ -15,7 +15,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (build_config, cli_errors, console, default_model_note, load_run_config, no_model_note,
+from .common import (build_config, cli_errors, console, default_model_note, load_run_config, no_model_note, path_value,
                      progress_enabled, progress_lines, say_note, say_stale_report, typed_flags)
 
 if TYPE_CHECKING:
@@ -137,8 +137,9 @@ def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: U
 @cli_errors
 def run_cmd(
     ctx: typer.Context,
-    config: Path = typer.Argument(..., help="Run YAML (see configs/digits.yaml); any key may be left out."),
-    out: Path = typer.Option(Path("runs/run"), "--out", help="Run directory."),
+    config: Path = typer.Argument(..., help="Run YAML (see configs/digits.yaml); any key may be left out.",
+                                  parser=path_value),
+    out: Path = typer.Option(Path("runs/run"), "--out", help="Run directory.", parser=path_value),
     device: str = typer.Option("cpu", help="Torch device."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
@@ -170,8 +171,9 @@ def run_cmd(
 @cli_errors
 def cluster_cmd(
     ctx: typer.Context,
-    run: Path = typer.Option(..., "--run", help="Run directory (created if missing)."),
-    config: Path | None = typer.Option(None, "--config", help="Run YAML overriding the run's config.yaml."),
+    run: Path = typer.Option(..., "--run", help="Run directory (created if missing).", parser=path_value),
+    config: Path | None = typer.Option(None, "--config", help="Run YAML overriding the run's config.yaml.",
+                                       parser=path_value),
     extractor: str = typer.Option(cfg.FeaturesConfig.extractor,
                                   help="Feature extractor: pixels, pixels-pca, unet, efficientnet-lite0 or "
                                   "torchscript:PATH (docs/config.md, features)."),
@@ -204,8 +206,8 @@ def check_run_exists(run: Path, config: Path | None, command: str) -> None:
 @cli_errors
 def train_classifier_cmd(
     ctx: typer.Context,
-    run: Path = typer.Option(..., "--run", help="Run directory."),
-    config: Path | None = typer.Option(None, "--config"),
+    run: Path = typer.Option(..., "--run", help="Run directory.", parser=path_value),
+    config: Path | None = typer.Option(None, "--config", parser=path_value),
     steps: int = typer.Option(cfg.ClassifierConfig.steps, help="Training steps of the noise-aware classifier."),
     lr: float = typer.Option(cfg.ClassifierConfig.lr, help="Learning rate of the noise-aware classifier."),
     depth: int = typer.Option(cfg.ClassifierConfig.depth, help="ResNet depth of the noise-aware classifier: 10, 18 "
@@ -240,7 +242,7 @@ def train_classifier_cmd(
 @cli_errors
 def extract_cmd(
     ctx: typer.Context,
-    run: Path = typer.Option(..., "--run", help="Run directory."),
+    run: Path = typer.Option(..., "--run", help="Run directory.", parser=path_value),
     method: list[str] = typer.Option(list(E.methods), "--method", help="side, side-teacher, side-lora, cond, uncond or memguide "
                                    "(label-free memorization guidance) (repeat)."),
     n: int = typer.Option(E.n, help="N_G: generations per method."),
@@ -254,7 +256,7 @@ def extract_cmd(
                                          "time range and reconstruction time: extract.memguide_t_hi / _t_m)."),
     steps: int = typer.Option(E.steps, help="Sampler steps."),
     scheduler: str = typer.Option(E.scheduler, help="ddim or ddpm."),
-    config: Path | None = typer.Option(None, "--config"),
+    config: Path | None = typer.Option(None, "--config", parser=path_value),
     device: str = typer.Option("cpu"),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Also measure against the training set."),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),

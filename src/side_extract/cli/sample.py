@@ -9,8 +9,8 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (cli_errors, console, default_model_note, load_run_config, progress_bar, say_note, say_stale_report,
-                     typed_flags)
+from .common import (cli_errors, console, default_model_note, load_run_config, path_value, progress_bar, say_note,
+                     say_stale_report, typed_flags)
 
 D = cfg.SampleConfig()
 log = logging.getLogger(__name__)
@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 @cli_errors
 def sample_cmd(
     ctx: typer.Context,
-    out: Path = typer.Option(..., "--out", help="Run directory; images go to OUT/synthetic/shard-*.npz."),
+    out: Path = typer.Option(..., "--out", help="Run directory; images go to OUT/synthetic/shard-*.npz.",
+                             parser=path_value),
     model: str = typer.Option(cfg.RunConfig.model, help="diffusers pipeline directory, or an embedded target: 'demo' or 'demo-1000'."),
     n: int = typer.Option(D.n, help="Number of images."),
     seed: int = typer.Option(D.seed, help="Run seed; image i's noise is seeded by (seed, i)."),
@@ -29,7 +30,8 @@ def sample_cmd(
     batch_size: int = typer.Option(D.batch_size),
     shard_size: int = typer.Option(D.shard_size, help="Images per shard file."),
     device: str = typer.Option("cpu"),
-    config: Path | None = typer.Option(None, "--config", help="Run YAML (keys: model, sample: {...})."),
+    config: Path | None = typer.Option(None, "--config", help="Run YAML (keys: model, sample: {...}).",
+                                       parser=path_value),
     wait: bool = typer.Option(False, "--wait", help="If another process is writing OUT, wait for it instead of failing."),
 ) -> None:
     """Sample N images; a rerun skips finished work and resumes an interrupted run at its last whole shard.

@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .common import cli_errors, console, progress_bar
+from .common import cli_errors, console, path_value, progress_bar
 
 theory_app = typer.Typer(
     help="Memorization divergence and numerical checks of the paper's theory (docs/theory.md).",
@@ -54,7 +54,8 @@ def check_cmd(
 @cli_errors
 def measure_cmd(
     ctx: typer.Context,
-    run: Path = typer.Argument(..., help="Run directory with config.yaml (model, train) and classifier/."),
+    run: Path = typer.Argument(..., help="Run directory with config.yaml (model, train) and classifier/.",
+                               parser=path_value),
     n_points: int | None = typer.Option(None, "--n-points", min=2, help="Training points (Monte Carlo samples); "
                                         "interval ~ 1/sqrt. Default: 32, or every point of a smaller training set."),
     probes: int = typer.Option(1, "--probes", min=1,

@@ -8,7 +8,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import build_config, cli_errors, console, progress_bar, typed_flags
+from .common import build_config, cli_errors, console, path_value, progress_bar, typed_flags
 
 D = cfg.TrainTargetConfig()
 
@@ -16,7 +16,8 @@ D = cfg.TrainTargetConfig()
 @cli_errors
 def train_target_cmd(
     ctx: typer.Context,
-    out: Path = typer.Option(..., "--out", help="Directory to write (a diffusers pipeline directory)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write (a diffusers pipeline directory).",
+                             parser=path_value),
     data: str = typer.Option(D.data, help="Training set: digits[:N], a folder of images, or an .npz."),
     resize: int | None = typer.Option(D.resize, help="Resize training images to this square size."),
     block_out_channels: str = typer.Option(",".join(map(str, D.block_out_channels)), help="UNet widths, comma-separated."),
@@ -36,7 +37,8 @@ def train_target_cmd(
     checkpoint_every: int = typer.Option(D.checkpoint_every),
     seed: int = typer.Option(D.seed),
     device: str = typer.Option("cpu", help="Torch device."),
-    config: Path | None = typer.Option(None, "--config", help="YAML file with any of these options as keys."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with any of these options as keys.",
+                                       parser=path_value),
 ) -> None:
     """Train a UNet2DModel with the DDPM loss; writes checkpoints and a diffusers directory to OUT."""
     names = {k: k for k in cfg.to_dict(D)}

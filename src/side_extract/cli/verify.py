@@ -7,13 +7,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import cli_errors, console
+from .common import cli_errors, console, path_value
 
 
 @cli_errors
 def verify_cmd(
     ctx: typer.Context,
-    run: Path = typer.Argument(..., help="Run directory (written by `side run` / `side extract` / `side demo`)."),
+    run: Path = typer.Argument(..., help="Run directory (written by `side run` / `side extract` / `side demo`).",
+                               parser=path_value),
     method: str = typer.Option("side", "--method", help="The method whose generations are made again."),
     generations: str = typer.Option("", "--generations", help="Comma-separated generation indices. Default: the "
                                     "method's --top closest generations to the training set."),
