@@ -1,4 +1,5 @@
 import dataclasses
+import logging
 import json
 import os
 import pickle
@@ -256,6 +257,24 @@ def test_train_target_ema_and_config_mismatch(tmp_path):
     assert load_target(tmp_path / "e").sample_shape == (1, 8, 8)
     with pytest.raises(ValueError, match="different config or data set"):
         train_target(dataclasses.replace(TINY, lr=5e-4, steps=6), data, tmp_path / "e")
+
+
+def test_ema_decay_without_ema_is_said_and_does_not_block_a_rerun(tmp_path, caplog):
+    """ema_decay without ema is read by nothing: it was kept without a word and made part of the resume key, so the
+    same training without it was refused as "a target trained with a different config" (a review's find). It is
+    named in a warning and left out of the key: the rerun continues from the checkpoint, and from the finished
+    target's train_config.yaml once the checkpoints are gone (trained again, as the same settings are)."""
+    import shutil
+
+    data = load_image_set("digits:20")
+    with caplog.at_level(logging.WARNING):
+        train_target(dataclasses.replace(TINY, ema_decay=0.5), data, tmp_path / "t")
+    assert "settings that change nothing in this training: ema_decay=0.5 (the weights' EMA's; ema is off)" in caplog.text
+    assert train_target(dataclasses.replace(TINY, steps=6), data, tmp_path / "t").resumed_from == 4
+    shutil.rmtree(tmp_path / "t" / "checkpoints")
+    train_target(dataclasses.replace(TINY, steps=2, ema_decay=0.7), data, tmp_path / "t")  # (not refused)
+    with pytest.raises(ValueError, match="a target trained with a different config or data set"):  # (read with ema)
+        train_target(dataclasses.replace(TINY, steps=2, ema=True, ema_decay=0.5), data, tmp_path / "t")
 
 
 def test_a_finished_target_is_not_replaced_by_another_config_or_data(tmp_path):

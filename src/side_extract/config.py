@@ -735,6 +735,8 @@ def unread_keys(c: Any, *, clean: bool = False) -> dict[str, str]:
                                  "(surrogate.memorized_fraction is 1)") if c.memorized_fraction >= 1.0 else {})}
     elif isinstance(c, LoraConfig) and c.rank == "full":
         keys, why = ("alpha", "target_modules"), "LoRA's; lora.rank is full: every weight trains"
+    elif isinstance(c, TrainTargetConfig) and not c.ema:
+        keys, why = ("ema_decay",), "the weights' EMA's; ema is off"
     elif isinstance(c, FeaturesConfig) and c.extractor.split(":", 1)[0] in ("pixels", "pixels-pca"):
         keys, why = ("batch_size",), "the pixel extractors embed each image alone"
     elif isinstance(c, EvaluateConfig):  # (groups, each with its reason)

@@ -553,6 +553,14 @@ def check_train_folder(out: str | Path) -> None:
                          "training here would replace it; choose a new or empty --out")
 
 
+def training_key(c: cfg.TrainTargetConfig) -> dict[str, Any]:
+    """The settings a checkpoint or a finished target is continued by: all but the step budget and checkpoint
+    spacing, with the keys nothing reads (``ema_decay`` without ``ema``) at their defaults, and without the keys added
+    later at the value that trains as before (``config.LATER_KEYS``)."""
+    return {k: v for k, v in cfg.keyed_settings(cfg.at_defaults(c, cfg.unread_keys(c))).items()
+            if k not in ("steps", "checkpoint_every")}
+
+
 def check_train_out(out: Path, resume_key: dict) -> None:
     """Refuse an ``out`` that holds what this training must not replace: files it did not write
     (:func:`check_train_folder`), or a model or checkpoints trained with another config or data set (at any step: a
@@ -571,8 +579,7 @@ def check_train_out(out: Path, resume_key: dict) -> None:
             raise ValueError(f"{differs} ({state.parent.name}); training here would replace it: choose another "
                              "--out or delete it")
     if made.is_file():
-        old = {k: v for k, v in cfg.keyed_settings(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made))).items()
-               if k not in ("steps", "checkpoint_every")}
+        old = training_key(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made)))
         # the data by the fingerprint training_log.json records (a model trained on other images under the same
         # spec was replaced once its checkpoints were gone); by the spec where it records none (made before)
         try:
@@ -636,9 +643,13 @@ def train_target(
         unet = build_unet(c, data.shape)
     scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
                               clip_sample=True, prediction_type=c.prediction_type)
-    # what must match to continue from a checkpoint: everything but the step budget and checkpoint spacing (and
-    # the keys added later, at the value that trains as before: config.LATER_KEYS)
-    resume_key = {k: v for k, v in cfg.keyed_settings(c).items() if k not in ("steps", "checkpoint_every")}
+    # what must match to continue from a checkpoint (training_key: ema_decay without ema, read by nothing, refused a
+    # rerun without it as "a different config"; said here)
+    unread = cfg.unread_keys(c)
+    if unread and group.main:
+        log.warning("settings that change nothing in this training: %s",
+                    "; ".join(f"{k}={getattr(c, k)!r} ({why})" for k, why in unread.items()))
+    resume_key = training_key(c)
     resume_key["data_fingerprint"] = data.fingerprint()
 
     check_train_out(out, resume_key)  # before anything is written
