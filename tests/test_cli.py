@@ -73,7 +73,7 @@ def test_bad_input_is_one_clean_line(tmp_path):
         conf.write_text(text)
         r = CliRunner().invoke(app, ["run", str(conf), "--out", str(tmp_path / "r")])
         assert r.exit_code == 2 and says in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
-    for flag, says in (("--norm-num-groups=0", "norm_num_groups=0 must be a positive"),
+    for flag, says in (("--norm-num-groups=0", "error: --norm-num-groups=0 must be a positive"),
                        ("--block-out-channels=-32,-64", "must all be >= 1")):
         r = CliRunner().invoke(app, ["train-target", flag, "--out", str(tmp_path / "m")])
         assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
@@ -219,6 +219,9 @@ def test_verify_makes_generations_again_and_catches_an_altered_file(tiny_model_d
     ok = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "1,0"], terminal_width=200)
     assert ok.exit_code == 0 and "all 2 generations equal the stored ones bit for bit" in ok.output, ok.output
     assert "made on" not in ok.output and "made with torch" not in ok.output  # made here, on this device and versions
+    past = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "2"], terminal_width=200)
+    assert past.exit_code == 2 and "error: --generations='2' must be a non-empty list of generations in 0 .. 1" in \
+        past.output, past.output  # (said as indices=[2], the API's name)
     manifest = json.loads((run / "manifest.json").read_text())
     entry = manifest["stages"]["extraction/memguide"]
     assert entry["device"] == "cpu"
@@ -272,7 +275,7 @@ def test_a_device_torch_cannot_use_is_one_error_line_before_any_work(tmp_path, d
     r = CliRunner().invoke(app, ["--no-progress", "sample", "--n", "2", "--steps", "2", "--device", device,
                                  "--out", str(tmp_path / "r")])
     assert r.exit_code == 2, r.output
-    assert f"error: device='{device}'" in r.output and says in r.output and "Traceback" not in r.output
+    assert f"error: --device='{device}'" in r.output and says in r.output and "Traceback" not in r.output
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match=f"device='{device}'"):
         side_extract.audit("demo", "digits:30", out=tmp_path / "a", device=device)
@@ -708,3 +711,19 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, tmp_path,
     said = " ".join(r.output.replace("│", " ").split())
     assert r.exit_code == 2 and "is empty: give a path" in said, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_names_the_flag_typed_not_the_setting_behind_it(tmp_path):
+    """Errors said the library's names of what the user typed as flags (a review's find): `side sample --n 0` said
+    "sample.n=0", `side theory measure --n-points 1000` "n_points=1000", `side verify --generations 99`
+    "indices=[99]". The flag typed is named; a value from a --config file keeps its key's name."""
+    r = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(tmp_path / "s"), "--n", "0"])
+    assert r.exit_code == 2 and "error: --n=0 must be a positive integer" in r.output, r.output
+    (tmp_path / "c.yaml").write_text("sample:\n  n: 0\n")
+    r = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(tmp_path / "s"), "--config",
+                                 str(tmp_path / "c.yaml")])
+    assert r.exit_code == 2 and "error: sample.n=0 must be a positive integer" in r.output, r.output
+    r = CliRunner().invoke(app, ["--no-progress", "train-target", "--out", str(tmp_path / "m"), "--block-out-channels",
+                                 "32,x"])
+    assert r.exit_code == 2 and "error: --block-out-channels='32,x' must be comma-separated" in r.output, r.output
+    assert not any(tmp_path.glob("[sm]"))

@@ -195,7 +195,7 @@ def test_mismatched_shapes_name_both(sets):
 def test_bad_options_are_clear(sets):
     r = invoke("evaluate", "--generated", sets / "small.npz", "--train", sets / "train.npz", "--out", sets / "e",
                "--carlini-centering", "middle")
-    assert r.exit_code == 2 and "carlini_centering='middle'" in r.output
+    assert r.exit_code == 2 and "--carlini-centering='middle'" in r.output
     r = invoke("evaluate", "--generated", sets / "small.npz", "--train", sets / "train.npz", "--out", sets / "e",
                "--bands", "high")
     assert r.exit_code == 2 and "name=lo:hi" in r.output

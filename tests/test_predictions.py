@@ -230,7 +230,7 @@ def test_train_target_cli_takes_and_checks_the_prediction_type(tmp_path, one_thr
 
     bad = CliRunner().invoke(app, ["--threads", "1", "train-target", "--out", str(tmp_path / "x"), "--prediction-type",
                                    "flow", "--steps", "1"])
-    assert bad.exit_code == 2 and "prediction_type='flow' must be one of 'epsilon', 'v_prediction', 'sample'" in \
+    assert bad.exit_code == 2 and "--prediction-type='flow' must be one of 'epsilon', 'v_prediction', 'sample'" in \
         bad.output and not (tmp_path / "x").exists()
     ok = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "train-target", "--out", str(tmp_path / "v"),
                                   "--data", "digits:20", "--prediction-type", "v_prediction", "--steps", "1",

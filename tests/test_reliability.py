@@ -313,7 +313,7 @@ def test_more_steps_than_the_model_has_timesteps_is_refused_before_anything_is_r
                                    str(T + 1), "--force", "--no-evaluate"])
     assert res.exit_code == 2 and f"extract.steps={T + 1}" in res.output, res.output
     res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(run), "--steps", str(T + 1)])
-    assert res.exit_code == 2 and f"sample.steps={T + 1}" in res.output, res.output
+    assert res.exit_code == 2 and f"error: --steps={T + 1}" in res.output, res.output  # (the flag typed)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
     with pytest.raises(ValueError, match="sample.steps"):  # a new run: before the synthetic set
         run_audit(tmp_path / "new", dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, steps=T + 1)))

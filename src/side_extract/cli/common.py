@@ -47,6 +47,24 @@ def path_value(value: Any) -> Path:
     return Path(value)
 
 
+def as_typed(message: str, ctx: Any) -> str:
+    """A library error that starts with a setting's name (``n_points=1000 must be ...``; ``sample.n=0 ...`` from
+    ``side sample``, whose flags are its section's keys) as the flag the user typed (``--n-points=1000 must be
+    ...``): the user typed no ``n_points``. Left as it is where the value did not come from the command line (a
+    --config file names the key) or names a key of another section. ``ctx``: the command's context."""
+    m = re.match(r"((?:[a-z_]+\.)?)([a-z_]+)=", message)
+    if m is None or ctx is None or (m.group(1) and m.group(1)[:-1] != ctx.command.name):
+        return message
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name) if p.name else None
+        # (compared by name: typer carries its own copy of click)
+        if (p.name == m.group(2) and p.param_type_name == "option" and p.opts and source is not None
+                and source.name in ("COMMANDLINE", "ENVIRONMENT")):
+            flag = max(p.opts, key=len)  # (--n-points, not a short alias)
+            return f"{flag}={message[m.end():]}"
+    return message
+
+
 def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a ValueError from the library, or an OS error (read-only or missing directory, disk full,
     permission denied), into one clear line and exit status 2."""
@@ -61,7 +79,8 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             with one_line_warnings():
                 return fn(*args, **kwargs)
         except ValueError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            said = as_typed(str(e), kwargs.get("ctx"))
+            console.print(f"[bold red]error:[/] {escape(said)}", highlight=False, soft_wrap=True)
             leaving_on_error(2)
             raise typer.Exit(2) from None
         except PeerFailed:  # another process of the launch failed and said why: no second account, no traceback

@@ -49,7 +49,12 @@ def verify_cmd(
         raise ValueError(f"{method} has no evaluation in {run} to pick the closest generations from: give --generations")
     for note in audit.verify_conditions(method, device):
         console.print(f"[yellow]note: {note}: images may differ by rounding without any file altered[/]")
-    checks = audit.verify(method, ids, top=top, model=model or None, device=device)
+    try:
+        checks = audit.verify(method, ids, top=top, model=model or None, device=device)
+    except ValueError as e:  # (the API's name for them: "indices=[99] must be ...")
+        if ids is not None and str(e).startswith("indices=") and " must " in str(e):
+            raise ValueError(f"--generations={generations!r}{str(e)[str(e).index(' must '):]}") from None
+        raise
     table = Table("generation", "pixels that differ", "largest difference (uint8 levels)", title=f"{method}, {run}")
     for c in checks:
         table.add_row(str(c.generation_id), str(c.pixels_differ), str(c.largest_difference))
