@@ -507,6 +507,26 @@ def test_measure_json_records_its_seed_and_more_points_than_the_set_holds_are_re
     assert r.exit_code == 0 and "30 points" in r.output and "seed 0" in r.output, r.output
 
 
+def test_measure_run_refuses_bad_settings_before_it_loads_the_run(tmp_path):
+    """measure_run (side theory measure) checked eps, bandwidth, guidance_scale, n_points, seed... inside measure(),
+    after it had locked the run and loaded and fingerprinted the target (every weight of a large model hashed),
+    its classifier and the training set (a review's find): here a run whose target and classifier cannot load
+    said so, and never reached the bad setting. It is refused first."""
+    from side_extract.theory.measure import measure_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: /nowhere\ntrain: digits:20\n")
+    for kwargs, said in (({"eps": 0}, r"eps=0 must be a positive finite number"),
+                         ({"bandwidth": -1.0}, r"bandwidth=-1.0 must be > 0"),
+                         ({"guidance_scale": float("nan")}, r"guidance_scale=nan must be a finite number >= 0"),
+                         ({"n_points": 1}, r"n_points=1 must be an integer in \[2, N\]"),
+                         ({"seed": -1}, "seed")):
+        with pytest.raises(ValueError, match=said):
+            measure_run(run, **kwargs)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
 def test_the_report_leaves_out_a_measure_of_a_classifier_the_run_no_longer_holds(tiny_model_dir, tmp_path):
     """theory/measure.json recorded nothing of the classifier it measured: after the classifier was trained again the
     report showed its divergences and verdicts as the run's, with no note."""

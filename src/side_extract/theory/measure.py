@@ -145,6 +145,29 @@ def _probe_generators(seed: int, index: np.ndarray) -> list[torch.Generator]:
         1, np.uint64)[0] >> 1)) for i in index]
 
 
+def check_options(*, eps: Any = 0.1, bandwidth: Any = None, guidance_scale: Any = 1.0, n_points: Any = 32,
+                  n_probes: Any = 1, trace: Any = "hutchinson", batch_size: Any = 32, seed: Any = 0,
+                  n_data: int | None = None, **_: Any) -> None:
+    """:func:`measure`'s settings that need neither the model nor the data, refused with a clear error (``n_data``:
+    the training set's size, where known); :func:`measure_run` checks them before it loads and fingerprints the
+    target, its classifier and the training set (a bad --eps was found after them)."""
+    if not isinstance(n_points, (int, np.integer)) or not 2 <= n_points <= (n_data if n_data is not None else n_points):
+        raise ValueError(f"n_points={n_points!r} must be an integer in [2, {n_data if n_data is not None else 'N'}] "
+                         "(the training set size)")
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):  # (np.float32 was refused)
+        raise ValueError(f"eps={eps!r} must be a positive finite number")
+    if not (isinstance(guidance_scale, numbers.Real) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
+    width = eps if bandwidth is None else bandwidth
+    if not (isinstance(width, numbers.Real) and math.isfinite(width) and width > 0):
+        raise ValueError(f"bandwidth={bandwidth!r} must be > 0")
+    if trace == "hutchinson" and (not isinstance(n_probes, (int, np.integer)) or n_probes < 1):
+        raise ValueError(f"n_probes={n_probes!r} must be a positive integer")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    check_int(seed, "seed")
+
+
 def measure(
     denoiser: Denoiser,
     classifier: Classifier,
@@ -203,20 +226,9 @@ def measure(
         raise ValueError(f"train images have shape {tuple(train.shape[1:])}, the model expects "
                          f"{tuple(denoiser.sample_shape)}")
     n_data = len(train)
-    if not isinstance(n_points, (int, np.integer)) or not 2 <= n_points <= n_data:
-        raise ValueError(f"n_points={n_points!r} must be an integer in [2, {n_data}] (the training set size)")
-    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):  # (np.float32 was refused)
-        raise ValueError(f"eps={eps!r} must be a positive finite number")
-    if not (isinstance(guidance_scale, numbers.Real) and math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
+    check_options(eps=eps, bandwidth=bandwidth, guidance_scale=guidance_scale, n_points=n_points, n_probes=n_probes,
+                  trace=trace, batch_size=batch_size, seed=seed, n_data=n_data)
     bandwidth = float(eps if bandwidth is None else bandwidth)
-    if not math.isfinite(bandwidth) or bandwidth <= 0:
-        raise ValueError(f"bandwidth={bandwidth!r} must be > 0")
-    if trace == "hutchinson" and (not isinstance(n_probes, (int, np.integer)) or n_probes < 1):
-        raise ValueError(f"n_probes={n_probes!r} must be a positive integer")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-    check_int(seed, "seed")
     ac = denoiser.scheduler.alphas_cumprod
     chosen = t_min is None
     ts = ode_timesteps(ac, n_steps, timestep_at_sigma(ac, float(eps)) if chosen else t_min)  # (validates them early)
@@ -336,6 +348,8 @@ def measure_run(run: str | Path, *, n_points: int | None = None, device: str = "
     from ..runs import atomic_write_json, check_run_directory, read_run_config, read_stages, run_lock, stale_stages
 
     run = check_run_directory(run)
+    check_options(**kwargs, **({} if n_points is None else {"n_points": n_points}))  # (before the target, its
+    # classifier and the training set load: a bad eps was found after them)
     with run_lock(run):  # one snapshot of the run's stages, and no writer between them and the file
         cfg_path = run / "config.yaml"
         rc = read_run_config(run)
