@@ -275,6 +275,14 @@ def test_ema_decay_without_ema_is_said_and_does_not_block_a_rerun(tmp_path, capl
     train_target(dataclasses.replace(TINY, steps=2, ema_decay=0.7), data, tmp_path / "t")  # (not refused)
     with pytest.raises(ValueError, match="a target trained with a different config or data set"):  # (read with ema)
         train_target(dataclasses.replace(TINY, steps=2, ema=True, ema_decay=0.5), data, tmp_path / "t")
+    # a checkpoint written before the rule holds ema_decay as given: the very same command continues from it
+    train_target(dataclasses.replace(TINY, ema_decay=0.5), data, tmp_path / "old")
+    for state in (tmp_path / "old" / "checkpoints").glob("step-*/training_state.json"):
+        meta = json.loads(state.read_text())
+        assert meta["resume_key"]["ema_decay"] == TINY.ema_decay  # (the rule's)
+        meta["resume_key"]["ema_decay"] = 0.5
+        state.write_text(json.dumps(meta))
+    assert train_target(dataclasses.replace(TINY, steps=6, ema_decay=0.5), data, tmp_path / "old").resumed_from == 4
 
 
 def test_a_finished_target_is_not_replaced_by_another_config_or_data(tmp_path):

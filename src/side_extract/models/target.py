@@ -525,7 +525,12 @@ def _own_leftover(name: str) -> bool:
 def _same_training(key: dict, resume_key: dict) -> bool:
     """Whether a checkpoint's resume key is this training's: the data by its images' fingerprint, not the spec's
     spelling (``imgs``, ``./imgs/`` and its absolute path were refused as "a different data set"); keys without a
-    fingerprint (none were written so) by the spec as well."""
+    fingerprint (none were written so) by the spec as well. A key nothing read when it was written (ema_decay without
+    ema) is taken at its default, as :func:`training_key` takes this training's (a checkpoint written before that
+    rule, of the very same command, was refused)."""
+    default = cfg.TrainTargetConfig()
+    unread = cfg.unread_keys(dataclasses.replace(default, ema=bool(key.get("ema", default.ema))))
+    key = {k: getattr(default, k) if k in unread else v for k, v in key.items()}
     if "data_fingerprint" in key:
         return {k: v for k, v in key.items() if k != "data"} == {k: v for k, v in resume_key.items() if k != "data"}
     return key == resume_key
