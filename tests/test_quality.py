@@ -64,6 +64,20 @@ def test_frechet_refuses_matrices_that_are_no_covariances():
     assert frechet_distance(np.array([3.0, 0.0]), eye, np.zeros(2), eye) == pytest.approx(9.0)
 
 
+def test_frechet_takes_float32_statistics_of_fewer_samples_than_features():
+    """Covariances computed in float32 (100 samples of 1,024 features, as an Inception pipeline might keep them)
+    have eigenvalues float32 rounds below 0 (about -1e-6): a bound of 1e-6 of the entries refused them as "no
+    covariance" (a review's find). The bound follows the statistics' precision and dimension."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 1024)).astype(np.float32) / 8
+    x = np.maximum(rng.standard_normal((100, 64)).astype(np.float32) @ w + 0.2, 0)
+    xc = x - x.mean(0)
+    s = xc.T @ xc / np.float32(99)
+    assert s.dtype == np.float32 and np.linalg.eigvalsh(s.astype(np.float64))[0] < -1e-6 * np.abs(s).max()
+    fd = frechet_distance(x.mean(0), s, x.mean(0) + 0.01, s)
+    assert fd == pytest.approx(0.01 ** 2 * 1024, rel=1e-2)
+
+
 def test_frechet_scales_with_the_features_without_refusing_rounding():
     """FD(s a, s b) = s^2 FD(a, b). With fewer samples than dimensions sqrtm's rounding leaves an imaginary part
     that grows with the features' scale: features x 255 were refused as 'no covariances' (an absolute 1e-3)."""

@@ -32,6 +32,9 @@ from .features import extract_features
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2)) for means (d,) and covariances (d, d)."""
+    # the rounding the covariances were computed with (float32 statistics: an eigenvalue of -1.5e-6 on a valid one)
+    given = [np.asarray(s).dtype for s in (s1, s2)]
+    unit = max(np.finfo(t).eps if np.issubdtype(t, np.floating) else np.finfo(np.float64).eps for t in given)
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(s1).astype(np.float64), np.atleast_2d(s2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
@@ -42,12 +45,14 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
         if not np.isfinite(v).all():  # (max(0.0, nan) is 0.0: a NaN statistic scored a perfect distance)
             raise ValueError(f"{name} has non-finite values (NaN or inf): the statistics must be finite")
     for name, s in (("s1", s1), ("s2", s2)):  # (-I against -I, whose product's root is real, scored 0: the
-        # distance, -8, was raised to 0 below)
+        # distance, -8, was raised to 0 below); rounding is allowed for: d x the unit of the statistics' precision
+        # x their norm, 1e-6 at least
         scale = max(1.0, float(np.abs(s).max()))
-        if not np.allclose(s, s.T, rtol=0.0, atol=1e-8 * scale):
+        if not np.allclose(s, s.T, rtol=0.0, atol=max(1e-8, 1000 * unit) * scale):
             raise ValueError(f"{name} is not symmetric: it must be a covariance matrix (symmetric, positive "
                              "semi-definite)")
-        if (low := float(np.linalg.eigvalsh((s + s.T) / 2)[0])) < -1e-6 * scale:
+        eig = np.linalg.eigvalsh((s + s.T) / 2)
+        if (low := float(eig[0])) < -max(1e-6, 100 * len(s) * unit) * max(1.0, float(np.abs(eig).max())):
             raise ValueError(f"{name} has a negative eigenvalue ({low:.3g}): it must be a covariance matrix "
                              "(symmetric, positive semi-definite)")
     with warnings.catch_warnings():  # a singular product (N below the dimension) is handled below
