@@ -1034,6 +1034,15 @@ def test_api_mistakes_a_review_found_late_or_unsaid_are_refused_at_once(tmp_path
     with pytest.raises(ValueError, match=r"heldout= and the config's evaluate.heldout='digits' both name held-out"):
         side_extract.audit(tiny_unet(), d.images, scheduler=tiny_scheduler(), config={**SMALL,
                            "evaluate.heldout": "digits"}, heldout=255 - d.images[:20], out=tmp_path / "h")
+    # an empty spec was the current folder: its images audited as the training set, or as the held-out set
+    for kwargs, said in (({"train": ""}, "train='' is empty: give an image-set spec"),
+                         ({"heldout": " "}, "heldout=' ' is empty"),
+                         ({"config": {**SMALL, "evaluate.heldout": ""}}, "heldout='' is empty")):
+        args = {"train": d.images, "config": SMALL, **kwargs}
+        with pytest.raises(ValueError, match=said):
+            side_extract.audit(tiny_unet(), args.pop("train"), scheduler=tiny_scheduler(), methods=["uncond"],
+                               out=tmp_path / "empty", **args)
+        assert not (tmp_path / "empty").exists()
     with pytest.raises(ValueError, match=r"extract_features\('pixels'\): images must be an ImageSet") as e:
         side_extract.extract_features("pixels", d.images)
     maker = re.search(r"\((side_extract[\w.]+)\(array\)", str(e.value)).group(1)  # the maker it names exists (it

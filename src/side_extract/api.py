@@ -51,6 +51,9 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
     """An image-set spec is returned as it is; an array or :class:`ImageSet` as an ImageSet (uint8 NHWC).
     ``name``: the argument the images came in, for the errors."""
     if isinstance(images, (str, Path)):
+        if not str(images).strip():  # ('' was the current folder: its images audited as the training set)
+            raise ValueError(f"{name}={str(images)!r} is empty: give an image-set spec (digits:N, a folder, an .npz) or "
+                             "an array")
         if labels is not None:
             raise ValueError(f"labels=... go with an array or an unlabelled ImageSet; the spec {str(images)!r} "
                              "carries its own labels")

@@ -298,6 +298,9 @@ class EvaluateConfig:
             raise ValueError(f"similarity={self.similarity!r} must be 'rms-l2' or 'cosine:<extractor>'")
         if self.bands is not None and self.bands_file is not None:
             raise ValueError(f"bands={self.bands!r} and bands_file={self.bands_file!r}: give one of them, not both")
+        for key in ("heldout", "bands_file"):  # ('' was the current folder: its images taken as held-out)
+            if isinstance(getattr(self, key), str) and not getattr(self, key).strip():
+                raise ValueError(f"{key}={getattr(self, key)!r} is empty: give a path, or leave the key out")
         if self.detect_min_size < 2:  # (detect_memorized refused it only after every extraction)
             raise ValueError(f"detect_min_size={self.detect_min_size} must be >= 2 (a group is at least a pair)")
         if self.carlini_alpha <= 0:
