@@ -242,6 +242,20 @@ def test_calibrated_bands_keep_exact_copies_in_the_closest_band_when_the_referen
         propose_bands(np.zeros(10), "distance")
 
 
+def test_calibrate_reads_the_configs_heldout_as_evaluate_does(tmp_path):
+    """calibrate(train, config=EvaluateConfig(heldout=SPEC)) took the training set's own null without a word, where
+    evaluate() and `side calibrate` calibrate on SPEC's images (a review's find); held-out images given in memory
+    still come first."""
+    from side_extract.runs import atomic_save_npz
+
+    atomic_save_npz(tmp_path / "h.npz", images=flat([10, 70, 130, 200]).images)
+    c = cfg.EvaluateConfig(heldout=str(tmp_path / "h.npz"), calibration_quantiles=(0.1, 0.25, 0.4))
+    cal = calibrate(TRAIN, config=c)
+    assert cal.null_source == "heldout" and cal.sources["heldout"] == str(tmp_path / "h.npz")
+    np.testing.assert_allclose(np.sort(cal.nulls["heldout"]), np.array([10, 10, 10, 20]) / 255)
+    assert calibrate(TRAIN, flat([10, 70, 130]), c).sources["heldout"] != str(tmp_path / "h.npz")
+
+
 def test_calibrate_and_bands_file(tmp_path):
     heldout = flat([10, 70, 130, 200])  # nearest training distances 10, 10, 10, 20 (/255)
     cal = calibrate(TRAIN, heldout, cfg.EvaluateConfig(calibration_quantiles=(0.1, 0.25, 0.4)))

@@ -577,13 +577,17 @@ class Calibration:
 def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.EvaluateConfig | None = None, *,
               train_features: np.ndarray | None = None, heldout_features: np.ndarray | None = None,
               feature_model: Any = None, device: str = "cpu", progress: Progress | None = None) -> Calibration:
-    """Measure the null of best scores and propose bands (see :func:`propose_bands` for the quantiles)."""
+    """Measure the null of best scores and propose bands (see :func:`propose_bands` for the quantiles): on the
+    held-out images ``heldout`` (in memory), else ``config.heldout``'s (a spec, as :func:`evaluate` reads it), else
+    on the training set's own null."""
     check_image_set(train, "train")
     if heldout is not None:
         check_image_set(heldout, "heldout")
     if config is not None:
         cfg.check_section(config, cfg.EvaluateConfig, "config")  # (a similarity string was an AttributeError)
     c = config or cfg.EvaluateConfig()
+    if heldout is None and c.heldout is not None:  # (left unread: the training set's null was taken without a word)
+        heldout = load_image_set(c.heldout, c.resize)
     sim = Similarity(c.similarity)
     if len(train) < 2:
         raise ValueError(f"calibration needs at least 2 training images, got {len(train)}")
