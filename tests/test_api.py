@@ -368,6 +368,34 @@ def test_a_callable_is_checked_like_a_unet(tmp_path, one_thread):
     assert not (tmp_path / "run").exists()
     bf16 = as_target(tiny_unet().to(torch.bfloat16), scheduler=tiny_scheduler())  # numpy has no bfloat16
     assert bf16.fingerprint != as_target(tiny_unet(), scheduler=tiny_scheduler()).fingerprint
+    # a callable that takes one t only failed with torch's "only one element tensors can be converted" inside the
+    # memorization score, after the run's folder and first stages were written (a review's find)
+    with pytest.raises(ValueError, match=r"the callable eps\(x, t\) failed with t a tensor of one timestep per "
+                                         r"sample, shape \(2,\) \((RuntimeError|ValueError): only one element"):
+        side_extract.audit(lambda x, t: unet(x, int(t)).sample, "digits:30", scheduler=tiny_scheduler(),
+                           sample_shape=(1, 8, 8), config=SMALL, out=tmp_path / "run", methods=["memguide"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_callable_module_is_put_in_eval_mode_and_keeps_its_fingerprint():
+    """A callable torch.nn.Module was left in training mode: its dropout made the probe fingerprint random, so every
+    rerun made every stage again and verify refused the model (a review's find); audit's docstring says a model
+    object is put in eval mode."""
+    unet = tiny_unet()
+
+    class Dropped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet, self.drop = unet, torch.nn.Dropout(0.5)
+
+        def forward(self, x, t):
+            return self.drop(self.unet(x, t).sample)
+
+    m = Dropped()
+    first = as_target(m, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8)).fingerprint
+    assert not m.training
+    m.train()
+    assert as_target(m, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8)).fingerprint == first
 
 
 def test_a_callable_named_by_model_id_keeps_its_run_across_rounding(tmp_path, one_thread):

@@ -51,7 +51,9 @@ def module_fingerprint(unet: torch.nn.Module, scheduler: SchedulerMixin) -> str:
 def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
                       scheduler: SchedulerMixin, device: str = "cpu") -> str:
     """sha256 of what a callable computes: its outputs on fixed seeded inputs at three timesteps, with its
-    scheduler's config (a callable has no weights to hash)."""
+    scheduler's config (a callable has no weights to hash). It is also called once with a timestep per sample, a
+    (B,) tensor, as the memorization score and memorization guidance call it (not hashed): a callable that takes
+    only one t failed inside their stage, after the run's first stages were written."""
     g = torch.Generator().manual_seed(20241002)
     x = torch.randn((2, *sample_shape), generator=g).to(device)
     h = hashlib.sha256(_config_blob(scheduler))
@@ -66,6 +68,17 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                 raise ValueError(f"model: the callable returns non-finite eps (NaN or inf) at t={t} on random inputs; "
                                  "an audit would diverge at its first step")
             h.update(eps.float().cpu().numpy().round(5).tobytes())
+        per_sample = torch.tensor([1, n_t - 1], device=device)
+        try:
+            eps = fn(x, per_sample)
+        except Exception as e:  # (a user's callable: any error it raises)
+            raise ValueError(f"model: the callable eps(x, t) failed with t a tensor of one timestep per sample, shape "
+                             f"{tuple(per_sample.shape)} ({type(e).__name__}: {e}); stages call it so (as a diffusers "
+                             "UNet takes t), as well as with a 0-d t") from None
+        if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+            raise ValueError(f"model: with t a tensor of one timestep per sample the callable must return eps shaped "
+                             f"like its input {tuple(x.shape)}; it returned "
+                             f"{tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__}")
     return h.hexdigest()
 
 
@@ -82,7 +95,8 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
               sample_shape: Sequence[int] | None = None, device: str = "cpu", model_id: str | None = None) -> Target:
     """The :class:`~side_extract.models.target.Target` of any model form ``audit`` accepts (see the module docstring).
 
-    A ``UNet2DModel`` is moved to ``device`` in place. A pipeline object brings its scheduler; ``scheduler=`` replaces
+    A ``UNet2DModel``, or a callable that is a ``torch.nn.Module``, is moved to ``device`` and put in eval mode in
+    place. A pipeline object brings its scheduler; ``scheduler=`` replaces
     it (with a warning where it is another class or config). A callable needs ``scheduler`` and ``sample_shape``
     (C, H, W); it is identified by its outputs on fixed probe inputs (:func:`probe_fingerprint`), rounded to 5
     decimals, which another device, thread count or library version can move by a rounding step: the run would
@@ -150,6 +164,9 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         shape = tuple(int(v) for v in sample_shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"sample_shape={sample_shape} must be (C, H, W), each at least 1")
+        if isinstance(model, torch.nn.Module):  # (left in training mode, a dropout made its probe fingerprint random:
+            # every rerun made every stage again; as audit's docstring says of a model object)
+            model.to(device).eval()
         denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses an unknown prediction type)
         fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
         name = getattr(model, "__name__", "eps")
