@@ -1084,3 +1084,21 @@ def test_api_mistakes_a_review_found_late_or_unsaid_are_refused_at_once(tmp_path
     audit = side_extract.Audit.load(tmp_path / "p")
     with pytest.raises(ValueError, match=r"results: none \(no method's evaluation has finished\)"):
         audit.pairs("uncond")
+
+
+def test_the_unet_extractor_takes_the_target_as_as_target_makes_it():
+    """extract_features('unet', model=...) and evaluate(feature_model=...) refused the Target that as_target makes,
+    and a UNet2DModel, with a message asking for "a diffusers UNet2DModel target" (a review's find): a Target is
+    taken; a bare UNet2DModel is refused for what it lacks, its noise schedule."""
+    from side_extract.data import load_image_set
+
+    tr, unet = load_image_set("digits:10"), tiny_unet()
+    target = as_target(unet, scheduler=tiny_scheduler())
+    np.testing.assert_array_equal(side_extract.extract_features("unet", tr, model=target),
+                                  side_extract.extract_features("unet", tr, model=target.denoiser))
+    with pytest.raises(ValueError, match=r"as_target\(unet, scheduler=...\) .*a UNet2DModel alone has no noise "
+                                         r"schedule\), got UNet2DModel"):
+        side_extract.extract_features("unet", tr, model=unet)
+    e = side_extract.evaluate(tr, tr, cfg.EvaluateConfig(similarity="cosine:unet", bands="high=0.9:1"),
+                              feature_model=target)
+    assert e.ams["high"] == 1.0

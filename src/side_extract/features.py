@@ -116,14 +116,20 @@ NO_MID_BLOCK = ("feature extractor 'unet' reads the target UNet's mid block; thi
 
 
 class UNetFeatures(FeatureExtractor):
-    """Mid-block activations of the target UNet (``model`` must be a ``UNetDenoiser``)."""
+    """Mid-block activations of the target UNet (``model``: a UNet target, :func:`~side_extract.as_target`'s
+    ``Target`` or its ``denoiser``; :func:`~side_extract.load_target`'s)."""
 
     name = "unet"
 
     def __init__(self, model=None, timestep: int = 100, seed: int = 0, **kw) -> None:
         super().__init__(**kw)
-        if model is None or not hasattr(model, "unet"):
-            raise ValueError("feature extractor 'unet' needs the target model (a diffusers UNet2DModel target)")
+        model = getattr(model, "denoiser", model)  # (a Target was refused, while its message asked for one)
+        if model is None or not hasattr(model, "unet") or not hasattr(model, "scheduler"):
+            given = "" if model is None else f", got {type(model).__name__}"
+            raise ValueError("feature extractor 'unet' needs the target model with its scheduler: "
+                             "side_extract.as_target(unet, scheduler=...) or side_extract.load_target(DIR)" + (
+                                 " (a UNet2DModel alone has no noise schedule)" if model is not None and hasattr(
+                                     model, "config") and not hasattr(model, "unet") else "") + given)
         n_t = model.scheduler.config.num_train_timesteps
         if not 0 <= timestep < n_t:
             raise ValueError(f"timestep={timestep} must be in [0, {n_t})")
