@@ -520,3 +520,15 @@ def test_a_ratio_exactly_on_its_threshold_is_decided_exactly():
     g[0, 0, 0, 0] = 249
     carlini, gu = pixel_ratios(ImageSet(g), ImageSet(t), n=2)
     assert gu.memorized_fraction == 1.0 and carlini.extracted_fraction == 1.0
+
+
+def test_features_given_for_a_pixel_similarity_are_refused():
+    """evaluate(..., train_features=) and calibrate(..., heldout_features=) under rms-l2 ignored the features, of any
+    shape, without a word (a review's find): rms-l2 compares pixels."""
+    bands = cfg.EvaluateConfig(bands="low=0.1:0.2,mid=0.05:0.1,high=0:0.05")
+    with pytest.raises(ValueError, match=r"train_features=\.\.\.: similarity 'rms-l2' compares the images' pixels"):
+        evaluate(GEN, TRAIN, bands, train_features=np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"generated_features=\.\.\., train_features=\.\.\.: similarity 'rms-l2'"):
+        evaluate(GEN, TRAIN, bands, generated_features=np.zeros((3, 4)), train_features=np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"heldout_features=\.\.\.: similarity 'rms-l2'"):
+        calibrate(TRAIN, flat([10, 70]), heldout_features=np.zeros((2, 4)))

@@ -285,6 +285,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     check_device(device)  # (device="gpu" was torch's list of device types)
     c = config or cfg.EvaluateConfig()
     sim = Similarity(c.similarity)
+    features_unread(sim, generated_features=generated_features, train_features=train_features)
     option_bands = parse_bands(c.bands) if c.bands is not None else None  # fail before any work
     file_bands = (read_bands_file(c.bands_file, sim.spec) if bands is None and option_bands is None
                   and c.bands_file is not None else None)  # (it was read after both sets' features)
@@ -574,6 +575,14 @@ class Calibration:
         return out / "bands.json"
 
 
+def features_unread(sim: Similarity, **given: Any) -> None:
+    """Refuse features given for a pixel similarity (rms-l2 compares the images' pixels: they were ignored without a
+    word, of any shape)."""
+    if sim.metric == "rms-l2" and (named := [k for k, v in given.items() if v is not None]):
+        raise ValueError(f"{', '.join(f'{k}=...' for k in named)}: similarity 'rms-l2' compares the images' pixels, "
+                         "so features would not be read; leave them out, or measure a cosine:<extractor> similarity")
+
+
 def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.EvaluateConfig | None = None, *,
               train_features: np.ndarray | None = None, heldout_features: np.ndarray | None = None,
               feature_model: Any = None, device: str = "cpu", progress: Progress | None = None) -> Calibration:
@@ -586,6 +595,7 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     if config is not None:
         cfg.check_section(config, cfg.EvaluateConfig, "config")  # (a similarity string was an AttributeError)
     c = config or cfg.EvaluateConfig()
+    features_unread(Similarity(c.similarity), train_features=train_features, heldout_features=heldout_features)
     if heldout is None and c.heldout is not None:  # (left unread: the training set's null was taken without a word)
         heldout = load_image_set(c.heldout, c.resize)
     sim = Similarity(c.similarity)
