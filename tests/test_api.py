@@ -1096,6 +1096,8 @@ def test_the_unet_extractor_takes_the_target_as_as_target_makes_it():
     target = as_target(unet, scheduler=tiny_scheduler())
     np.testing.assert_array_equal(side_extract.extract_features("unet", tr, model=target),
                                   side_extract.extract_features("unet", tr, model=target.denoiser))
+    with pytest.raises(ValueError, match=r"device='gpu' is not a torch device"):  # (torch's RuntimeError)
+        side_extract.extract_features("pixels", tr, device="gpu")
     with pytest.raises(ValueError, match=r"as_target\(unet, scheduler=...\) .*a UNet2DModel alone has no noise "
                                          r"schedule\), got UNet2DModel"):
         side_extract.extract_features("unet", tr, model=unet)

@@ -283,6 +283,9 @@ def get_extractor(name: str, *, model=None, device: str | torch.device = "cpu", 
 def extract_features(name: str, images: ImageSet, *, model=None, reference: ImageSet | None = None,
                      device: str | torch.device = "cpu", batch_size: int = 256) -> np.ndarray:
     """Features of ``images`` (n, D) float32; learned extractors are fitted on ``reference`` (default: images)."""
+    from .distributed import check_device
+
+    check_device(str(device))  # (device="gpu" was torch's RuntimeError listing its device types)
     for what, s in (("images", images), ("reference", reference)):
         if s is not None and not isinstance(s, ImageSet):  # (an array: "has no attribute 'subset'")
             raise ValueError(f"extract_features({name!r}): {what} must be an ImageSet (side_extract.api.as_image_set("
