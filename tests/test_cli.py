@@ -726,4 +726,8 @@ def test_an_error_names_the_flag_typed_not_the_setting_behind_it(tmp_path):
     r = CliRunner().invoke(app, ["--no-progress", "train-target", "--out", str(tmp_path / "m"), "--block-out-channels",
                                  "32,x"])
     assert r.exit_code == 2 and "error: --block-out-channels='32,x' must be comma-separated" in r.output, r.output
-    assert not any(tmp_path.glob("[sm]"))
+    for args, said in ((["cluster", "--n-clusters", "1"], "error: --n-clusters=1 must be >= 2"),  # (surrogate.n_clusters)
+                       (["train-classifier", "--lr", "-1"], "error: --lr=-1.0 must be > 0")):  # (classifier.lr)
+        r = CliRunner().invoke(app, ["--no-progress", *args, "--run", str(tmp_path / "r")])
+        assert r.exit_code == 2 and said in r.output, r.output
+    assert not any(tmp_path.glob("[smr]"))

@@ -102,7 +102,7 @@ def extraction_cmd(
     if sweep_n_generated is not None:
         changes["sweep_n_generated"] = sweep_n_generated
     if no_sweeps and (unread := [f for f in ("--sweep-scale", "--sweep-n-generated")
-                                 if typed_flags(ctx, {f[2:].replace("-", "_"): "x"})]):  # (accepted, and recorded)
+                                 if typed_flags(ctx, {k: k for k in [f[2:].replace("-", "_")]})]):  # (accepted, and recorded)
         raise ValueError(f"{' and '.join(unread)} set the sweeps, which --no-sweeps leaves out: they would not be "
                          "read; leave them out")
     if no_sweeps:
@@ -300,7 +300,7 @@ def fair_cmd(
                          select_metric=select_metric, n_bootstrap=n_bootstrap, equal_samples=equal_samples)
     for flag, method in (("--lora-scales", "side-lora"), ("--memguide-scales", "memguide")):  # (accepted, and the
         # targets trained, for a grid no entry reads)
-        if typed_flags(ctx, {flag[2:].replace("-", "_"): "x"}) and not any(fc.base_method(m) == method
+        if typed_flags(ctx, {k: k for k in [flag[2:].replace("-", "_")]}) and not any(fc.base_method(m) == method
                                                                             for m in fc.entries):
             raise ValueError(f"{flag} is {method}'s grid, and no entry is {method} (--methods, --form): it would "
                              f"not be read; leave it out, or add {method}")

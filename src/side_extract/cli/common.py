@@ -47,18 +47,26 @@ def path_value(value: Any) -> Path:
     return Path(value)
 
 
+FLAG_PATHS = "side_extract.flag_paths"  # ctx.meta: setting path -> the parameter that sets it (typed_flags)
+
+
 def as_typed(message: str, ctx: Any) -> str:
     """A library error that starts with a setting's name (``n_points=1000 must be ...``; ``sample.n=0 ...`` from
     ``side sample``, whose flags are its section's keys) as the flag the user typed (``--n-points=1000 must be
     ...``): the user typed no ``n_points``. Left as it is where the value did not come from the command line (a
-    --config file names the key) or names a key of another section. ``ctx``: the command's context."""
-    m = re.match(r"((?:[a-z_]+\.)?)([a-z_]+)=", message)
-    if m is None or ctx is None or (m.group(1) and m.group(1)[:-1] != ctx.command.name):
+    --config file names the key) or names a key of another section. ``ctx``: the command's context; the settings
+    its flags set (``surrogate.n_clusters`` for ``side cluster --n-clusters``) are those :func:`typed_flags` was
+    given."""
+    m = re.match(r"((?:[a-z_]+\.)*)([a-z_]+)=", message)
+    if m is None or ctx is None:
+        return message
+    param = ctx.meta.get(FLAG_PATHS, {}).get(m.group(1) + m.group(2))
+    if param is None and m.group(1) and m.group(1)[:-1] != ctx.command.name:  # (another section's key)
         return message
     for p in ctx.command.params:
         source = ctx.get_parameter_source(p.name) if p.name else None
         # (compared by name: typer carries its own copy of click)
-        if (p.name == m.group(2) and p.param_type_name == "option" and p.opts and source is not None
+        if (p.name == (param or m.group(2)) and p.param_type_name == "option" and p.opts and source is not None
                 and source.name in ("COMMANDLINE", "ENVIRONMENT")):
             flag = max(p.opts, key=len)  # (--n-points, not a short alias)
             return f"{flag}={message[m.end():]}"
@@ -173,6 +181,7 @@ def typed_flags(ctx: typer.Context, names: dict[str, str]) -> dict[str, Any]:
     Flags left at their default do not override the config file.
     """
     typed: dict[str, Any] = {}
+    ctx.meta.setdefault(FLAG_PATHS, {}).update({path: param for param, path in names.items()})  # (for as_typed)
     for param, path in names.items():
         source = ctx.get_parameter_source(param)
         # compared by name: typer may carry its own copy of click's ParameterSource enum
