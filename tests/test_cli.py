@@ -699,7 +699,7 @@ def test_train_target_says_how_many_steps_its_loss_is_the_mean_of(tmp_path):
     ["evaluate", "--generated", "digits:4", "--train", "digits:8", "--out", ""],
     ["calibrate", "--train", "digits:8", "--out", ""],
     ["demo", "--out", ""], ["run", "", "--out", "r"], ["sample", "--out", "s", "--config", " "],
-    ["bench", "fair", "--out", ""],
+    ["bench", "fair", "--out", ""], ["bench", "fair", "--tuning-from", "", "--out", "b"],
 ])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, tmp_path, monkeypatch):
     """click read an empty path (an unset shell variable: --out "$OUT") as Path(""), the current folder: `side

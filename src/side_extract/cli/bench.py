@@ -239,7 +239,8 @@ def fair_cmd(
     equal_samples: bool = typer.Option(True, "--equal-samples/--no-equal-samples", help="Also run UnCond at N_G + "
                                        "N_S on every held-out replicate and set each SIDE form against it (plain "
                                        "sampling given the synthetic set's samples too)."),
-    tuning_from: list[Path] = typer.Option([], "--tuning-from", help="An earlier fair.json of this same "
+    tuning_from: list[Path] = typer.Option([], "--tuning-from", parser=path_value, help="An earlier fair.json of "
+                                           "this same "
                                            "configuration (--heldout, --n-bootstrap and --equal-samples/"
                                            "--no-equal-samples may differ): take its chosen "
                                            "settings instead of re-running the validation grid, and report on the "
