@@ -219,7 +219,8 @@ def test_verify_makes_generations_again_and_catches_an_altered_file(tiny_model_d
     ok = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "1,0"], terminal_width=200)
     assert ok.exit_code == 0 and "all 2 generations equal the stored ones bit for bit" in ok.output, ok.output
     assert "made on" not in ok.output and "made with torch" not in ok.output  # made here, on this device and versions
-    past = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "2"], terminal_width=200)
+    past = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "2"],
+                              terminal_width=200)
     assert past.exit_code == 2 and "error: --generations='2' must be a non-empty list of generations in 0 .. 1" in \
         past.output, past.output  # (said as indices=[2], the API's name)
     manifest = json.loads((run / "manifest.json").read_text())
@@ -726,7 +727,8 @@ def test_an_error_names_the_flag_typed_not_the_setting_behind_it(tmp_path):
     r = CliRunner().invoke(app, ["--no-progress", "train-target", "--out", str(tmp_path / "m"), "--block-out-channels",
                                  "32,x"])
     assert r.exit_code == 2 and "error: --block-out-channels='32,x' must be comma-separated" in r.output, r.output
-    for args, said in ((["cluster", "--n-clusters", "1"], "error: --n-clusters=1 must be >= 2"),  # (surrogate.n_clusters)
+    for args, said in ((["cluster", "--n-clusters", "1"], "error: --n-clusters=1 must be >= 2"),  # (surrogate.
+                       # n_clusters)
                        (["train-classifier", "--lr", "-1"], "error: --lr=-1.0 must be > 0")):  # (classifier.lr)
         r = CliRunner().invoke(app, ["--no-progress", *args, "--run", str(tmp_path / "r")])
         assert r.exit_code == 2 and said in r.output, r.output

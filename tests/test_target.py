@@ -269,7 +269,8 @@ def test_ema_decay_without_ema_is_said_and_does_not_block_a_rerun(tmp_path, capl
     data = load_image_set("digits:20")
     with caplog.at_level(logging.WARNING):
         train_target(dataclasses.replace(TINY, ema_decay=0.5), data, tmp_path / "t")
-    assert "settings that change nothing in this training: ema_decay=0.5 (the weights' EMA's; ema is off)" in caplog.text
+    said = "settings that change nothing in this training: ema_decay=0.5 (the weights' EMA's; ema is off)"
+    assert said in caplog.text
     assert train_target(dataclasses.replace(TINY, steps=6), data, tmp_path / "t").resumed_from == 4
     shutil.rmtree(tmp_path / "t" / "checkpoints")
     train_target(dataclasses.replace(TINY, steps=2, ema_decay=0.7), data, tmp_path / "t")  # (not refused)

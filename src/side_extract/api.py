@@ -52,8 +52,8 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
     ``name``: the argument the images came in, for the errors."""
     if isinstance(images, (str, Path)):
         if not str(images).strip():  # ('' was the current folder: its images audited as the training set)
-            raise ValueError(f"{name}={str(images)!r} is empty: give an image-set spec (digits:N, a folder, an .npz) or "
-                             "an array")
+            raise ValueError(f"{name}={str(images)!r} is empty: give an image-set spec (digits:N, a folder, an "
+                             ".npz) or an array")
         if labels is not None:
             raise ValueError(f"labels=... go with an array or an unlabelled ImageSet; the spec {str(images)!r} "
                              "carries its own labels")

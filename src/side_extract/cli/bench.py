@@ -102,7 +102,8 @@ def extraction_cmd(
     if sweep_n_generated is not None:
         changes["sweep_n_generated"] = sweep_n_generated
     if no_sweeps and (unread := [f for f in ("--sweep-scale", "--sweep-n-generated")
-                                 if typed_flags(ctx, {k: k for k in [f[2:].replace("-", "_")]})]):  # (accepted, and recorded)
+                                 if typed_flags(ctx, {k: k for k in [f[2:].replace("-", "_")]})]):  # (accepted,
+        # and recorded)
         raise ValueError(f"{' and '.join(unread)} set the sweeps, which --no-sweeps leaves out: they would not be "
                          "read; leave them out")
     if no_sweeps:
