@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,23 @@ def _holder(path, seconds, done=None):
     return p
 
 
+def _holds_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (its /proc fd links). A descriptor it closes between the listing and
+    the reading is passed over: realpath of that vanished link failed the test now and then (FileNotFoundError)."""
+    fds, want = f"/proc/{pid}/fd", str(path.resolve())
+    try:
+        names = os.listdir(fds)
+    except OSError:  # (not started yet, or gone)
+        return False
+    for fd in names:
+        try:
+            if os.readlink(os.path.join(fds, fd)) == want:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_a_writer_that_waited_while_the_holder_removed_the_folder_locks_the_new_one(tmp_path):
     """A failed first audit() removed its run folder, lock file and all: a writer waiting for the lock then held a
     lock on the removed file, and a third writer was let in beside it (and each removed the other's files)."""
@@ -44,10 +62,8 @@ def test_a_writer_that_waited_while_the_holder_removed_the_folder_locks_the_new_
     with run_lock(run):
         waiter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         try:
-            fds = f"/proc/{waiter.pid}/fd"
             deadline = time.monotonic() + 120
-            while not any(os.path.realpath(os.path.join(fds, fd)) == str((run / ".lock").resolve())
-                          for fd in (os.listdir(fds) if os.path.isdir(fds) else [])):
+            while not _holds_open(waiter.pid, run / ".lock"):
                 assert waiter.poll() is None and time.monotonic() < deadline, "the waiter never opened the lock file"
                 time.sleep(0.05)
             shutil.rmtree(run)  # the holder's clean-up, while it still holds the lock (api.audit's undo)
