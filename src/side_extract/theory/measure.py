@@ -237,11 +237,12 @@ def measure(
     if not 0.5 <= near / eps <= 2:  # the model's density at a noise level far from eps is compared with q_eps
         if chosen:  # eps outside the schedule's noise levels: the nearest is taken
             log.warning("eps=%g lies outside the model's noise levels: the ODE starts at t=%d, sigma %.3g, and the "
-                        "model's density there is compared with q_eps (pass t_min to choose)", eps, t_min, near)
+                        "model's density there is compared with q_eps (t_min, side theory measure --t-min, chooses "
+                        "it)", eps, t_min, near)
         else:  # (M 102.5 for 216 in a review's run at t_min=0, eps=0.1, in silence)
             log.warning("t_min=%d (sigma %.3g) is far from eps=%g: the model's density at that noise level is "
                         "compared with q_eps, whose kernels have width eps (M is then not the paper's; leave t_min "
-                        "out to start at the sigma nearest eps)", t_min, near, eps)
+                        "(--t-min) out to start at the sigma nearest eps)", t_min, near, eps)
 
     train = train.to(device)
     if labels is None:
@@ -258,7 +259,8 @@ def measure(
     class_sizes = {int(c): int(k) for c, k in zip(classes, counts)}
     if len(classes) == 1:
         log.warning("all %d training images fall in class %d: the class-conditional divergences equal the "
-                    "unconditional ones up to guidance; check the classifier (or pass labels)", n_data, classes[0])
+                    "unconditional ones up to guidance; check the classifier (or, from Python, pass labels=)", n_data,
+                    classes[0])
 
     # 2. points and their noise
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1]))
