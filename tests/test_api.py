@@ -1062,6 +1062,13 @@ def test_api_mistakes_a_review_found_late_or_unsaid_are_refused_at_once(tmp_path
     with pytest.raises(ValueError, match=r"heldout= and the config's evaluate.heldout='digits' both name held-out"):
         side_extract.audit(tiny_unet(), d.images, scheduler=tiny_scheduler(), config={**SMALL,
                            "evaluate.heldout": "digits"}, heldout=255 - d.images[:20], out=tmp_path / "h")
+    # a channels-first array, or one of 4 channels, was refused in ImageSet's words, naming neither train= nor the
+    # layout (a review's find)
+    with pytest.raises(ValueError, match=r"train: an array of images must be \(N, H, W, C\) .* got shape \(30, 1, 8, "
+                                         r"8\); it looks channels-first \(N, C, H, W\): pass train.transpose"):
+        side_extract.audit(tiny_unet(), d.images.transpose(0, 3, 1, 2), scheduler=tiny_scheduler(), config=SMALL,
+                           methods=["uncond"], out=tmp_path / "nchw")
+    assert not (tmp_path / "nchw").exists()
     # an empty spec was the current folder: its images audited as the training set, or as the held-out set
     for kwargs, said in (({"train": ""}, "train='' is empty: give an image-set spec"),
                          ({"heldout": " "}, "heldout=' ' is empty"),

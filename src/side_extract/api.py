@@ -77,6 +77,11 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
         raise ValueError(f"{name}: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
     if a.size == 0:
         raise ValueError(f"{name}: the array holds no images (shape {a.shape})")
+    if a.ndim == 4 and a.shape[-1] not in (1, 3):  # (ImageSet's own message named neither the argument nor the layout)
+        hint = (f"; it looks channels-first (N, C, H, W): pass {name}.transpose(0, 2, 3, 1)"
+                if a.shape[1] in (1, 3) else "")
+        raise ValueError(f"{name}: an array of images must be (N, H, W, C) with C 1 (grey) or 3 (RGB), got shape "
+                         f"{a.shape}{hint}")
     check_levels(a, name)
     return ImageSet(a[..., None] if a.ndim == 3 else a, None if labels is None else _labels(labels, len(a)))
 
