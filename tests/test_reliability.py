@@ -1321,3 +1321,30 @@ def test_a_finished_calibrations_damaged_bands_file_is_made_again(tiny_model_dir
     null.write_bytes(null.read_bytes()[:100])
     run_audit(run, rc, replace=False)
     assert all(np.array_equal(dict(np.load(null))[k], v) for k, v in values.items())
+
+
+def test_the_rerun_advised_for_an_evaluation_of_an_extraction_made_again_runs(tiny_model_dir, tmp_path, caplog):
+    """`side extract --run R --seed 5 --force --no-evaluate` remade the extraction and left its evaluation; the run
+    then warned "evaluation of uncond left out ... (rerun `side extract --run R` to evaluate it again)", and that
+    very rerun was refused: "evaluation/uncond holds finished results ...; changed: extraction/uncond made again"
+    (a review's find). The advice now says --force, which measures it again and makes no finished extraction again."""
+    import logging
+
+    run = tmp_path / "run"
+    run_audit(run, tiny_rc(tiny_model_dir, methods=("uncond",)))
+    with caplog.at_level(logging.WARNING):
+        r = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(run), "--seed", "5", "--force",
+                                     "--no-evaluate"])
+    assert r.exit_code == 0, r.output
+    said = " ".join((caplog.text + r.output).split())
+    advised = f"rerun `side extract --run {run} --force` to evaluate it again"
+    assert advised in said, said
+    shards = {p: p.stat().st_mtime_ns for p in (run / "extraction" / "uncond").glob("shard-*.npz")}
+    made = read_json(run / "manifest.json", dict)["stages"]["extraction/uncond"]["fingerprint"]
+    r = CliRunner().invoke(app, ["--no-progress", "extract", "--run", str(run), "--force"])
+    assert r.exit_code == 0, r.output
+    stages = read_json(run / "manifest.json", dict)["stages"]
+    assert stages["extraction/uncond"]["fingerprint"] == made
+    assert stages["evaluation/uncond"]["inputs"]["extraction/uncond"] == made
+    assert stages["evaluation/uncond"]["status"] == "complete"
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards

@@ -70,9 +70,13 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
 
     found = {p.parent.name: p.parent for p in (run / "evaluation").glob("*/metrics.json")}
     stale = sorted(m for m in found if not current(m))
-    if stale:
+    if stale:  # (it said to rerun without --force, which refuses to replace a finished evaluation made from another
+        # extraction; --force makes no finished extraction again)
+        remade = [m for m in stale if (stages.get(f"evaluation/{m}") or {}).get("status") == "complete"]
         log.warning("%s: evaluation of %s left out: unfinished, or made from an extraction the run no longer holds "
-                    "(rerun `side extract --run %s` to evaluate it again)", run, ", ".join(stale), run)
+                    "(rerun `side extract --run %s%s` to evaluate it again%s)", run, ", ".join(stale), run,
+                    " --force" if remade else "", "; --force replaces the finished evaluation of "
+                    + ", ".join(remade) + ", and makes no finished extraction again" if remade else "")
     found = {m: d for m, d in found.items() if m not in stale}
     order = _config_methods(run)
     return {m: found[m] for m in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
