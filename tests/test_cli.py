@@ -221,7 +221,7 @@ def test_verify_makes_generations_again_and_catches_an_altered_file(tiny_model_d
     assert "made on" not in ok.output and "made with torch" not in ok.output  # made here, on this device and versions
     past = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "2"],
                               terminal_width=200)
-    assert past.exit_code == 2 and "error: --generations='2' must be a non-empty list of generations in 0 .. 1" in \
+    assert past.exit_code == 2 and "error: --generations=[2] must be a non-empty list of generations in 0 .. 1" in \
         past.output, past.output  # (said as indices=[2], the API's name)
     manifest = json.loads((run / "manifest.json").read_text())
     entry = manifest["stages"]["extraction/memguide"]

@@ -50,6 +50,13 @@ def path_value(value: Any) -> Path:
 FLAG_PATHS = "side_extract.flag_paths"  # ctx.meta: setting path -> the parameter that sets it (typed_flags)
 
 
+def flags_set(ctx: Any, names: dict[str, str]) -> None:
+    """Record which setting each of the command's parameters sets (``names``: parameter -> setting path, as
+    :func:`typed_flags` takes them; an API argument's name too, ``{"generations": "indices"}``), so that
+    :func:`as_typed` names the flag in an error that starts with the setting."""
+    ctx.meta.setdefault(FLAG_PATHS, {}).update({path: param for param, path in names.items()})
+
+
 def as_typed(message: str, ctx: Any) -> str:
     """A library error that starts with a setting's name (``n_points=1000 must be ...``; ``sample.n=0 ...`` from
     ``side sample``, whose flags are its section's keys) as the flag the user typed (``--n-points=1000 must be
@@ -181,7 +188,7 @@ def typed_flags(ctx: typer.Context, names: dict[str, str]) -> dict[str, Any]:
     Flags left at their default do not override the config file.
     """
     typed: dict[str, Any] = {}
-    ctx.meta.setdefault(FLAG_PATHS, {}).update({path: param for param, path in names.items()})  # (for as_typed)
+    flags_set(ctx, names)
     for param, path in names.items():
         source = ctx.get_parameter_source(param)
         # compared by name: typer may carry its own copy of click's ParameterSource enum

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import cli_errors, console, path_value
+from .common import cli_errors, console, flags_set, path_value
 
 
 @cli_errors
@@ -49,12 +49,8 @@ def verify_cmd(
         raise ValueError(f"{method} has no evaluation in {run} to pick the closest generations from: give --generations")
     for note in audit.verify_conditions(method, device):
         console.print(f"[yellow]note: {note}: images may differ by rounding without any file altered[/]")
-    try:
-        checks = audit.verify(method, ids, top=top, model=model or None, device=device)
-    except ValueError as e:  # (the API's name for them: "indices=[99] must be ...")
-        if ids is not None and str(e).startswith("indices=") and " must " in str(e):
-            raise ValueError(f"--generations={generations!r}{str(e)[str(e).index(' must '):]}") from None
-        raise
+    flags_set(ctx, {"generations": "indices"})  # (the API's name: "indices=[99] must be ...")
+    checks = audit.verify(method, ids, top=top, model=model or None, device=device)
     table = Table("generation", "pixels that differ", "largest difference (uint8 levels)", title=f"{method}, {run}")
     for c in checks:
         table.add_row(str(c.generation_id), str(c.pixels_differ), str(c.largest_difference))
