@@ -471,11 +471,6 @@ def _checked_progress(factory: Callable[[str], Any]) -> Callable[[str], Any]:
     return made
 
 
-def _takes_one_argument(f: Callable[..., Any]) -> bool:
-    """Whether ``f`` can be called with one positional argument (True where its signature cannot be read)."""
-    return _takes_arguments(f, 1)
-
-
 def _takes_arguments(f: Callable[..., Any], n: int) -> bool:
     """Whether ``f`` can be called with ``n`` positional arguments (True where its signature cannot be read)."""
     try:
@@ -541,7 +536,7 @@ def audit(
     check_device(device)
     check_run_path(out, "out")  # a folder that is no run, or no path at all: refused before the model and data are
     # read, and before its inputs/ is written
-    if not callable(progress) or not _takes_one_argument(progress):  # (a callback(done, total) given as the factory
+    if not callable(progress) or not _takes_arguments(progress, 1):  # (a callback(done, total) given as the factory
         # failed with a TypeError once the first stage had begun, leaving it marked failed)
         raise ValueError(f"progress={progress!r} must be a factory name -> callback(done, total) (or left out): it is "
                          "called with each stage's name and returns that stage's callback (or None)")

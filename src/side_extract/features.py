@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from sklearn.decomposition import PCA
 
 from .data import ImageSet, check_size
+from .distributed import check_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,11 +126,10 @@ class UNetFeatures(FeatureExtractor):
         super().__init__(**kw)
         model = getattr(model, "denoiser", model)  # (a Target was refused, while its message asked for one)
         if model is None or not hasattr(model, "unet") or not hasattr(model, "scheduler"):
+            alone = " (a UNet2DModel alone has no noise schedule)" if isinstance(model, torch.nn.Module) else ""
             given = "" if model is None else f", got {type(model).__name__}"
-            raise ValueError("feature extractor 'unet' needs the target model with its scheduler: "
-                             "side_extract.as_target(unet, scheduler=...) or side_extract.load_target(DIR)" + (
-                                 " (a UNet2DModel alone has no noise schedule)" if model is not None and hasattr(
-                                     model, "config") and not hasattr(model, "unet") else "") + given)
+            raise ValueError("feature extractor 'unet' needs the target model with its scheduler: side_extract."
+                             f"as_target(unet, scheduler=...) or side_extract.load_target(DIR){alone}{given}")
         n_t = model.scheduler.config.num_train_timesteps
         if not 0 <= timestep < n_t:
             raise ValueError(f"timestep={timestep} must be in [0, {n_t})")
@@ -283,8 +283,6 @@ def get_extractor(name: str, *, model=None, device: str | torch.device = "cpu", 
 def extract_features(name: str, images: ImageSet, *, model=None, reference: ImageSet | None = None,
                      device: str | torch.device = "cpu", batch_size: int = 256) -> np.ndarray:
     """Features of ``images`` (n, D) float32; learned extractors are fitted on ``reference`` (default: images)."""
-    from .distributed import check_device
-
     check_device(str(device))  # (device="gpu" was torch's RuntimeError listing its device types)
     for what, s in (("images", images), ("reference", reference)):
         if s is not None and not isinstance(s, ImageSet):  # (an array: "has no attribute 'subset'")

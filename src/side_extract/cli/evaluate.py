@@ -108,13 +108,18 @@ def run_written_into(out: Path, files: tuple[str, ...]) -> Path | None:
     return run
 
 
+def run_evaluate_section(run: Path) -> dict[str, Any]:
+    """The ``evaluate:`` section of run directory ``run``'s config.yaml as written (empty where it has none)."""
+    return (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
+
+
 def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     """``c`` with the bands of run directory ``run`` (so an evaluation written into it is compared with its methods';
     in other bands it is left out): the bands or bands file its config names, else the ones it calibrated
     (``RUN/evaluation/bands.json``) where made for ``c``'s similarity. Said on the console."""
     from ..runs import read_json
 
-    ev = (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
+    ev = run_evaluate_section(run)
     own = run / "evaluation" / "bands.json"
     if (theirs := ev.get("similarity", D.similarity)) != c.similarity:
         console.print(f"bands: not the run's (the run measures {theirs!r}, this evaluation {c.similarity!r}): it "
@@ -147,7 +152,7 @@ def run_metric_settings(run: Path, c: cfg.EvaluateConfig, typed: set[str]) -> cf
     is said."""
     from ..evaluation import METRIC_SETTINGS
 
-    ev = (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
+    ev = run_evaluate_section(run)
     theirs = {k: ev[k] for k in METRIC_SETTINGS if k in ev}
     taken = {k: v for k, v in theirs.items() if k not in typed and getattr(c, k) == getattr(D, k)}
     if taken:
