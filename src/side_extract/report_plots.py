@@ -45,8 +45,8 @@ def _uri(png: bytes) -> str:
 
 
 def figure_uri(fig: plt.Figure) -> str:
-    """The figure, laid out tight, as a PNG data URI; closes the figure. A text that is not Unicode (a folder name in another
-    encoding, read with Python's surrogate escapes) is drawn with its odd bytes as ``\\xNN`` (matplotlib's font
+    """The figure, laid out tight, as a PNG data URI; closes the figure. A text that is not Unicode (a folder name in
+    another encoding, read with Python's surrogate escapes) is drawn with its odd bytes as ``\\xNN`` (matplotlib's font
     code refused it, and the report with it)."""
     for text in fig.findobj(matplotlib.text.Text):
         drawn = text.get_text()
