@@ -365,7 +365,7 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
     d = Path(directory)
     if not (d / "classes.json").is_file():
         raise ValueError(f"{str(d)!r} holds no fine-tuned model (expected classes.json)")
-    meta: dict[str, Any] = json.loads((d / "classes.json").read_text())
+    meta: dict[str, Any] = json.loads((d / "classes.json").read_text(encoding="utf-8"))
     made_from = meta.get("target")  # (absent from fine-tunes written before it was recorded: not checked)
     if made_from is not None and made_from != module_fingerprint(target.unet, target.scheduler):
         raise ValueError(f"{str(d)!r} was fine-tuned from another target (its weights or scheduler differ from the "

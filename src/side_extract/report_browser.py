@@ -126,11 +126,12 @@ def check_report(html: str | Path, *, chromium: str | None = None, screenshot: s
     if exe is None:
         raise ValueError(f"chromium {chromium!r} not found" if chromium else
                          "chromium not found; install it with: apt-get install -y chromium")
-    text = html.read_text()
+    text = html.read_text(encoding="utf-8")
     external = sorted(set(m.group(0) for m in EXTERNAL.finditer(text)))
     with tempfile.TemporaryDirectory(prefix="side-report-probe-") as tmp:
         probed = Path(tmp) / html.name
-        probed.write_text(text.replace("<head>", "<head>\n" + PROBE, 1) if "<head>" in text else PROBE + text)
+        probed.write_text(text.replace("<head>", "<head>\n" + PROBE, 1) if "<head>" in text else PROBE + text,
+                          encoding="utf-8")
         r = _run(exe, ["--dump-dom"], probed.resolve().as_uri(), timeout)
     m = re.search(r'<pre id="__side_check">(.*?)</pre>', r.stdout, flags=re.S)
     if m is None:

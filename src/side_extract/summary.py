@@ -233,7 +233,7 @@ def findings_file_current(run: str | Path, findings: Findings | None) -> bool:
     """Whether ``RUN/findings.csv`` lists ``findings``, what the run's evaluations hold now (a reader, as the report,
     writes nothing into the run: :func:`write_summary` does, under the run's lock, after each evaluation)."""
     path = Path(run) / FILE
-    return findings is not None and path.is_file() and path.read_text() == findings.to_csv()
+    return findings is not None and path.is_file() and path.read_text(encoding="utf-8") == findings.to_csv()
 
 
 def write_summary(run: str | Path) -> Path:

@@ -259,14 +259,15 @@ def evaluate_rss_child(n_generated: int, n_train: int, threads: int = 1, side: i
 
     def status_mb(key: str) -> float | None:  # /proc/self/status's VmRSS (in use) or VmHWM (peak), kB
         try:
-            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+            status = Path("/proc/self/status").read_text(encoding="utf-8", errors="replace").splitlines()
+            line = next(x for x in status if x.startswith(key + ":"))
         except (OSError, StopIteration):
             return None
         return int(line.split()[1]) / 1024
 
     def reset_peak() -> bool:  # Linux: VmHWM starts again from what is in use now
         try:
-            Path("/proc/self/clear_refs").write_text("5")
+            Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
         except OSError:
             return False
         return status_mb("VmHWM") is not None

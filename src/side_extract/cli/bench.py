@@ -194,7 +194,7 @@ def variants_cmd(
     with stage_progress(ctx) as factory:
         data = run_variants_bench(vc, cache, device=device, progress=factory, command=shlex.join(argv))
     json_path, md_path = write_variants_results(data, out)
-    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
     console.print(f"chosen: {data['chosen']}; wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
@@ -335,7 +335,7 @@ def fair_cmd(
     with stage_progress(ctx) as factory:
         data = run_fair_bench(fc, cache, device=device, progress=factory, command=shlex.join(argv), tuning=tuning)
     json_path, md_path = write_fair_results(data, out)
-    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
@@ -372,7 +372,7 @@ def signals_cmd(
                                  signals=tuple(x.strip() for x in signals.split(",") if x.strip()), device=device,
                                  progress=factory, command=shlex.join(argv))
     json_path, md_path = write_signals_results(data, out)
-    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
@@ -404,7 +404,7 @@ def compute_cmd(
     argv += ["--quick"] if quick else []
     data = run_compute_bench(c, command=shlex.join(argv), progress=lambda name: console.print(f"[dim]{name} ...[/]"))
     json_path, md_path = write_compute_results(data, out)
-    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
@@ -435,5 +435,5 @@ def scale_cmd(
     data = run_scale_bench(c, command=shlex.join(argv), parts=parts,
                            progress=lambda name: console.print(f"[dim]{name} ...[/]"))
     json_path, md_path = write_scale_results(data, out)
-    console.print(md_path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")

@@ -327,7 +327,7 @@ def setup_logging(verbose: bool) -> None:
 def _cpu_times() -> tuple[float, float] | None:
     """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
     try:
-        fields = [float(v) for v in open("/proc/stat").readline().split()[1:]]
+        fields = [float(v) for v in open("/proc/stat", encoding="ascii").readline().split()[1:]]
     except (OSError, ValueError):
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait

@@ -35,7 +35,7 @@ def demo_config(model: str = DEFAULT_TARGET, train: str | None = None, heldout: 
                          "needs its training images: --train (a folder of PNG/JPEG files, an .npz with 'images' and "
                          "optional 'labels', or digits:N)")
     name = model if embedded else DEFAULT_TARGET
-    text = (resources.files("side_extract") / "assets" / f"{name}_run.yaml").read_text()
+    text = (resources.files("side_extract") / "assets" / f"{name}_run.yaml").read_text(encoding="utf-8")
     data = cfg.yaml_value(text)
     data["model"] = model
     if not embedded:

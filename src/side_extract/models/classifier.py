@@ -233,7 +233,7 @@ def save_classifier(model: Classifier, directory: str | Path, extra: dict | None
     with atomic_directory(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         meta = {"arch": dataclasses.asdict(model.arch), **(extra or {})}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
 def saved_whole(directory: str | Path) -> bool:
@@ -256,7 +256,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *
     damaged = (f"the classifier in {str(d)!r} is damaged (%s): restore it, or delete the folder and train it again "
                "(side train-classifier, or side extract --force in its run)")
     try:
-        arch_d = json.loads((d / "config.json").read_text())["arch"]
+        arch_d = json.loads((d / "config.json").read_text(encoding="utf-8"))["arch"]
         if not isinstance(arch_d, dict):
             raise ValueError(f"its arch is {type(arch_d).__name__}, not an object")
         arch_d.pop("num_train_timesteps", None)  # written by versions before 0.2, never used

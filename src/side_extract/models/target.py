@@ -354,17 +354,17 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
         raise ValueError(f"model directory {str(path)!r} has no unet/*.safetensors weights")
     for f in (unet_dir / "config.json", sched_dir / "scheduler_config.json"):
         try:
-            if not isinstance(json.loads(f.read_text()), dict):
+            if not isinstance(json.loads(f.read_text(encoding="utf-8")), dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"model directory {str(path)!r}: {str(f.relative_to(path))} is not a readable config "
                              f"({e})") from None
-    kind = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    kind = json.loads((unet_dir / "config.json").read_text(encoding="utf-8")).get("_class_name", "UNet2DModel")
     if kind != "UNet2DModel":  # (diffusers would load another class's config into a UNet2DModel without a word)
         raise ValueError(f"model directory {str(path)!r}: unet/ holds a {kind}; side-extract audits an "
                          "unconditional diffusers UNet2DModel (another architecture can be audited from Python as "
                          "a callable eps(x, t) with its scheduler and sample_shape)")
-    sched = json.loads((sched_dir / "scheduler_config.json").read_text())
+    sched = json.loads((sched_dir / "scheduler_config.json").read_text(encoding="utf-8"))
     if not {"beta_schedule", "beta_start", "trained_betas"} & set(sched) and sched.get(
             "_class_name", "DDPMScheduler") not in ("DDPMScheduler", "DDIMScheduler"):  # (a ScoreSdeVeScheduler's
         # was read with DDPM's defaults, an invented schedule: sampling "diverged" after a run folder was made)

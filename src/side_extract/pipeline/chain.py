@@ -67,7 +67,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     with run_lock(path, wait=wait) if group.main else contextlib.nullcontext():  # a launch is one writer
         run = RunDir(path, replace=replace, group=group)
         config = run.path / "config.yaml"
-        before = config.read_text() if group.main and config.is_file() else None
+        before = config.read_text(encoding="utf-8") if group.main and config.is_file() else None
         model_before = run.model_entry() if group.main else None
         # files by their contents; the paths as the run records them (absolute): a rerun from the run's own
         # config.yaml (side extract --run) is the same settings as the relative ones typed before

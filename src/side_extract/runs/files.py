@@ -269,7 +269,7 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
     """A JSON file's value; one that is not JSON (cut short, edited by hand), or, with ``expect`` (``dict``,
     ``list``), whose value is not of that type, is a ValueError naming the file."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (nested beyond Python's stack)
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}); it is damaged: restore or delete it") from None
     if expect is not None and not isinstance(value, expect):
@@ -313,7 +313,7 @@ def read_checkpoint(ckpt: Path | None, key: Any, steps: int, weights: str, who: 
     from safetensors.torch import load_file
 
     try:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
         if not isinstance(state, dict) or state.get("resume_key") != key or int(state["step"]) > steps:
             log.info("%s: discarding a checkpoint made from other data or settings, or past %d steps", who, steps)
             return None
