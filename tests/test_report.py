@@ -1116,3 +1116,47 @@ def test_a_method_folder_whose_name_is_not_utf8_is_drawn(run_dir, tmp_path):
     shutil.rmtree(run / "report", ignore_errors=True)
     written = write_report(run, top=2)
     assert sorted(p.name for p in written.parent.iterdir()) == ["report.html", "report.json"]
+
+
+def test_report_faults_of_a_third_review(run_dir, tmp_path):
+    """Generations side evaluate measured with --resize outside the run showed no image ("changed since": the report
+    dropped metrics.json's config, and its resize, before loading them); a moved run whose training set is in its
+    inputs/ lost its theory section ("measured on a training set the run no longer holds": measure.json names the
+    old place); 9,999.6 s read 1e+04."""
+    from side_extract.report import _fmt, _pairs
+    from side_extract.runs import RunDir, read_run_config
+
+    assert _fmt(9999.6) == "10000" and _fmt(-9999.96) == "-10000" and _fmt(9999.4) == "9999"
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report", "sweeps"))
+    small = load_image_set(TRAIN).images[:6]
+    big = tmp_path / "gens16.npz"
+    np.savez(big, images=small.repeat(2, axis=1).repeat(2, axis=2)[..., 0])  # the same digits at 16x16
+    r = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", str(big), "--method", "ext", "--train",
+                                 TRAIN, "--resize", "8", "--carlini-n", "5", "--bands", "high=0:0.1,mid=0.1:0.2",
+                                 "--out", str(run / "evaluation" / "ext")])
+    assert r.exit_code == 0, r.output
+    notes: list[str] = []
+    pairs = _pairs(build_report(run), run, notes, 16)
+    assert not [n for n in notes if "ext" in n], notes
+    assert pairs["ext"] and all(p["gen_uri"] for p in pairs["ext"])
+
+    old = tmp_path / "old" / "run"
+    (old / "inputs").mkdir(parents=True)
+    train = load_image_set("digits:50")
+    np.savez(old / "inputs" / "train-0123456789ab.npz", images=train.images, labels=train.labels)
+    rd = RunDir(old)
+    rd.write_config(cfg.RunConfig(train=str(old / "inputs" / "train-0123456789ab.npz")))
+    rd.begin("classifier", "c" * 64)
+    rd.complete("classifier")
+    atomic_write_json(old / "classifier" / "config.json", {"arch": {}, "history": [{"step": 1, "loss": 1.0}]})
+    est = {"mean": 1.0, "stderr": 0.5, "ci95_low": 0.0, "ci95_high": 2.0, "n": 32}
+    atomic_write_json(old / "theory" / "measure.json", {"m_uncond": est, "train": read_run_config(old)["train"],
+                                                        "eps": 0.1, "classifier_fingerprint": "c" * 64, "index": [0]})
+    assert build_report(old)["theory"] is not None
+    moved = tmp_path / "new" / "run"
+    moved.parent.mkdir()
+    shutil.move(str(old), str(moved))
+    data = build_report(moved)
+    assert data["theory"] is not None, data["notes"]
+    assert not [n for n in data["notes"] if n.startswith("theory")]

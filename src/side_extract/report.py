@@ -30,7 +30,7 @@ from .evaluation import incomparable, measured_generations
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_bytes, atomic_write_json, check_run_directory,
                    evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_run_config,
-                   read_stages, stale_stages, sweep_leftovers)
+                   read_stages, run_input, stale_stages, sweep_leftovers)
 from .findings import not_compared
 from .summary import findings_file_current, summary_and_findings
 from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps, sweep_configs
@@ -345,7 +345,9 @@ def _theory(run: Path, config: dict[str, Any], notes: list[str],
     m = read_json(path, dict)
     clf = read_stages(run).get("classifier") or {}
     now = clf.get("fingerprint") if clf.get("status") == "complete" else None
-    stale = (f"training set ({m['train']!r})" if "train" in m and m["train"] != config.get("train") else
+    # (its training set where it is now: one saved into the run's inputs/ moved with the run)
+    stale = (f"training set ({m['train']!r})"
+             if "train" in m and run_input(run, m["train"]) != config.get("train") else
              "classifier" if "classifier_fingerprint" in m and m["classifier_fingerprint"] != now else
              "classifier and target (the run's inputs were made again since)" if stale_of.get("classifier") else None)
     if stale:
@@ -392,7 +394,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     run = check_run_directory(run_dir, "run_dir")
     if top < 1:
         raise ValueError(f"top={top} must be >= 1")
-    text = (run / "config.yaml").read_text()
+    text = (run / "config.yaml").read_text(encoding="utf-8")
     config = read_run_config(run)  # a damaged file: one error that names it
     notes = []
     dirs = evaluated_methods(run)  # the config's order, then the rest
@@ -436,7 +438,7 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
                 versions[dist].append(ver)
     keep = ("n_generated", "n_train", "similarity", "orientation", "bands", "bands_source", "band_rule", "ams", "ums",
             "ams_cumulative", "ums_cumulative", "p95", "p95_quantile", "carlini", "gu", "fingerprints", "sources",
-            "quality")
+            "quality", "config")  # (config: the resize side evaluate read the generations it names with)
     summary = summary_and_findings(run) if metrics else None  # (computed once: the report shows both)
     data: dict[str, Any] = {
         "schema": SCHEMA, "run": str(run.resolve()), "top": top,
@@ -521,8 +523,8 @@ def _fmt(value: Any, unit: str = "") -> str:
         return "–"
     if unit == "%":  # (a share below 0.05 % read "0.0": one training image in a band of 2,500 generations lost)
         return f"{100 * value:.1f}" if value == 0 or abs(100 * value) >= 0.05 else f"{100 * value:.1g}"
-    if isinstance(value, float):  # (times of 10,000 s and more read as 1.235e+04)
-        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    if isinstance(value, float):  # (times of 10,000 s and more read as 1.235e+04; 9,999.6 s rounds up to them)
+        return f"{value:.0f}" if abs(value) >= 9999.5 else f"{value:.4g}"
     return str(value)
 
 
@@ -568,7 +570,7 @@ def sweep_table(curves: dict[str, dict]) -> dict[str, Any]:
 
 
 def _template(name: str) -> str:
-    return (resources.files("side_extract") / "assets" / "templates" / name).read_text()
+    return (resources.files("side_extract") / "assets" / "templates" / name).read_text(encoding="utf-8")
 
 
 MAX_IMAGE_SIZE = 1024

@@ -24,7 +24,8 @@ The package, one module per concern (each imports only those above it):
 """
 from .contents import (MANIFEST, MODEL_INPUT, SYNTHETIC_EVALUATION, check_run_directory, evaluated_methods,
                        evaluated_synthetic, other_target_evaluations, read_manifest, read_model, read_model_entry,
-                       read_run_config, read_stages, reference_method, remade_inputs, settings_changed, stale_stages)
+                       read_run_config, read_stages, reference_method, remade_inputs, run_input, settings_changed,
+                       stale_stages)
 from .directory import RunDir
 from .files import (LEFTOVER_AGE_S, Checkpoint, atomic_directory, atomic_save_npz, atomic_write_bytes, atomic_write_json,
                     atomic_write_text, leftover_of, load_torch_state, npz_arrays, read_checkpoint, read_json, read_npz,
@@ -37,14 +38,15 @@ from .lock import (PROBE_PATIENCE_S, RUN_FILES, RUN_FOLDERS, STAGE_SECTIONS, Run
 from .shards import Progress, grows_from, shard_path, shard_ranges, shard_stage, write_shards
 
 __all__ = [
-    "MANIFEST", "MODEL_INPUT", "SYNTHETIC_EVALUATION", "check_run_directory", "evaluated_methods", "evaluated_synthetic",
-    "other_target_evaluations", "read_manifest", "read_model", "read_model_entry", "read_run_config", "read_stages",
-    "reference_method", "remade_inputs", "settings_changed", "stale_stages", "RunDir", "LEFTOVER_AGE_S", "Checkpoint",
-    "atomic_directory", "atomic_save_npz", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-    "leftover_of", "load_torch_state", "npz_arrays", "read_checkpoint", "read_json", "read_npz", "shard_opens",
-    "shards_hold", "sweep_leftovers", "whole_safetensors", "FILE_KEYS", "STAGE_VERSIONS", "array_fingerprint",
-    "file_fingerprint", "fingerprint_of", "settings_fingerprint", "stage_fingerprint", "versions", "PROBE_PATIENCE_S",
-    "RUN_FILES", "RUN_FOLDERS", "STAGE_SECTIONS", "RunLocked", "StageWouldBeReplaced", "check_outside_run_folders",
-    "check_run_path", "check_unlocked", "check_writable", "enclosing_run", "run_lock", "stage_holding", "Progress",
-    "grows_from", "shard_path", "shard_ranges", "shard_stage", "write_shards",
+    "MANIFEST", "MODEL_INPUT", "SYNTHETIC_EVALUATION", "check_run_directory", "evaluated_methods",
+    "evaluated_synthetic", "other_target_evaluations", "read_manifest", "read_model", "read_model_entry",
+    "read_run_config", "read_stages", "reference_method", "remade_inputs", "run_input", "settings_changed",
+    "stale_stages", "RunDir", "LEFTOVER_AGE_S", "Checkpoint", "atomic_directory", "atomic_save_npz",
+    "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "leftover_of", "load_torch_state", "npz_arrays",
+    "read_checkpoint", "read_json", "read_npz", "shard_opens", "shards_hold", "sweep_leftovers", "whole_safetensors",
+    "FILE_KEYS", "STAGE_VERSIONS", "array_fingerprint", "file_fingerprint", "fingerprint_of", "settings_fingerprint",
+    "stage_fingerprint", "versions", "PROBE_PATIENCE_S", "RUN_FILES", "RUN_FOLDERS", "STAGE_SECTIONS", "RunLocked",
+    "StageWouldBeReplaced", "check_outside_run_folders", "check_run_path", "check_unlocked", "check_writable",
+    "enclosing_run", "run_lock", "stage_holding", "Progress", "grows_from", "shard_path", "shard_ranges",
+    "shard_stage", "write_shards",
 ]

@@ -125,20 +125,23 @@ def read_run_config(run: str | Path, config: str | Path | None = None) -> dict[s
     """
     run = Path(run)
     d = cfg.load_yaml(run / "config.yaml" if config is None else Path(config))
-    homes = [run.resolve() / "inputs"]
-    if run.resolve().parent.name == "sweeps":
-        homes.append(run.resolve().parent.parent / "inputs")
-
-    def own(spec: Any) -> Any:
-        if isinstance(spec, str) and (p := Path(spec)).is_absolute() and p.parent.name == "inputs" and not p.exists():
-            return next((str(h / p.name) for h in homes if (h / p.name).is_file()), spec)
-        return spec
-
     if "train" in d:
-        d["train"] = own(d["train"])
+        d["train"] = run_input(run, d["train"])
     if isinstance(d.get("evaluate"), dict) and "heldout" in d["evaluate"]:
-        d["evaluate"]["heldout"] = own(d["evaluate"]["heldout"])
+        d["evaluate"]["heldout"] = run_input(run, d["evaluate"]["heldout"])
     return d
+
+
+def run_input(run: str | Path, spec: Any) -> Any:
+    """``spec`` (an image set's spec as a file of ``run`` recorded it) where it is now: a set ``audit()`` saved into
+    ``inputs/`` whose recorded absolute path is gone is looked for in the run's ``inputs/``, and a sweep sub-run's in
+    its parent's (see :func:`read_run_config`); any other spec as it is."""
+    if not (isinstance(spec, str) and (p := Path(spec)).is_absolute() and p.parent.name == "inputs"
+            and not p.exists()):
+        return spec
+    run = Path(run).resolve()
+    homes = [run / "inputs"] + ([run.parent.parent / "inputs"] if run.parent.name == "sweeps" else [])
+    return next((str(h / p.name) for h in homes if (h / p.name).is_file()), spec)
 
 
 def check_run_directory(path: str | Path, name: str = "run") -> Path:
