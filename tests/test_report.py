@@ -1122,11 +1122,13 @@ def test_report_faults_of_a_third_review(run_dir, tmp_path):
     """Generations side evaluate measured with --resize outside the run showed no image ("changed since": the report
     dropped metrics.json's config, and its resize, before loading them); a moved run whose training set is in its
     inputs/ lost its theory section ("measured on a training set the run no longer holds": measure.json names the
-    old place); 9,999.6 s read 1e+04."""
+    old place); 9,999.6 s read 1e+04; top=2.5 was taken."""
     from side_extract.report import _fmt, _pairs
     from side_extract.runs import RunDir, read_run_config
 
     assert _fmt(9999.6) == "10000" and _fmt(-9999.96) == "-10000" and _fmt(9999.4) == "9999"
+    with pytest.raises(ValueError, match=r"top=2\.5 must be an integer"):  # (a pair per distinct training image)
+        build_report(run_dir, top=2.5)
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report", "sweeps"))
     small = load_image_set(TRAIN).images[:6]

@@ -392,8 +392,7 @@ def _stages(run: Path) -> tuple[list[dict], dict[str, list[str]]]:
 def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     """Everything the report shows, JSON-safe (see the module docstring); ``top`` image pairs per method."""
     run = check_run_directory(run_dir, "run_dir")
-    if top < 1:
-        raise ValueError(f"top={top} must be >= 1")
+    cfg.check_int(top, "top", 1)  # (2.5 passed, and a pair was shown for every distinct nearest training image)
     text = (run / "config.yaml").read_text(encoding="utf-8")
     config = read_run_config(run)  # a damaged file: one error that names it
     notes = []
