@@ -1162,3 +1162,25 @@ def test_report_faults_of_a_third_review(run_dir, tmp_path):
     data = build_report(moved)
     assert data["theory"] is not None, data["notes"]
     assert not [n for n in data["notes"] if n.startswith("theory")]
+
+
+def test_an_evaluation_set_apart_in_other_bands_leaves_the_best_between_the_others_marked():
+    """A side evaluation of another training set in its own bands is set apart (no candidate for a best); its bands
+    and N_G also turned off every band column's and UMS's best between the methods that are compared, and the
+    caption listed only the first method's bands."""
+    from side_extract.report import _comparison
+
+    def m(share, n=100, bands=None, train=100):
+        shares = {b: share for b in (bands or {"high": 0, "mid": 0})}
+        return {"bands": bands or {"high": [0, 0.1], "mid": [0.1, 0.2]}, "orientation": "distance",
+                "similarity": "rms-l2", "ams": shares, "ums": shares, "ams_cumulative": shares, "ums_cumulative": shares,
+                "p95": share, "carlini": {"extracted_fraction": share}, "gu": {"memorized_fraction": share},
+                "n_generated": n, "n_train": train, "config": {}}
+
+    apart = m(0.9, n=37, bands={"near": [0, 0.05]}, train=50)
+    cmp = _comparison({"side": m(0.3), "uncond": m(0.2), "other": apart}, {"other": "another training set"})
+    assert cmp["best"]["ums:mid"] == ["side"] and cmp["best"]["ams:high"] == ["side"], cmp["best"]
+    assert not cmp["same_bands"] and cmp["compared_same_bands"]
+    assert not [k for k in cmp["best"] if "near" in k]  # (only the set-apart one has it)
+    assert _comparison({"side": m(0.3), "uncond": m(0.2, bands={"near": [0, 0.05]})})["best"].keys() == {"carlini",
+                                                                                                         "gu", "p95"}

@@ -60,28 +60,34 @@ def _comparison(metrics: dict[str, dict], apart: dict[str, str] | None = None) -
     bands: list[str] = []
     for m in metrics.values():
         bands += [b for b in closest_first(m["bands"], m["orientation"])[::-1] if b not in bands]
-    orients = {m["orientation"] for m in metrics.values()}
-    first = next(iter(metrics.values()))  # (bands compared as dicts: the same edges in another key order were "other")
-    same = all((m["similarity"], m["bands"]) == (first["similarity"], first["bands"]) for m in metrics.values())
     # an evaluation of another training set or Carlini's or Gu's settings is no candidate for any best (the same
     # images under another alpha were highlighted as extracting the most); other similarities or bands are weighed
     # column by column below
     # (nor is an evaluation of another target's generations, an earlier call's: noted on the page)
     apart = incomparable(metrics, ("training set", "metric settings")) if apart is None else apart
+    compared = [m for n, m in metrics.items() if n not in apart] or list(metrics.values())
+
+    def one_set(of: list[dict]) -> bool:  # (bands compared as dicts: the same edges in another key order were "other")
+        return all((m["similarity"], m["bands"]) == (of[0]["similarity"], of[0]["bands"]) for m in of)
+
+    # the candidates' bands decide whether a band column has a best (one set apart in other bands turned off every
+    # best between the methods compared); the caption lists each method's bands where any differs
+    same, same_compared = one_set(list(metrics.values())), one_set(compared)
     # UMS is distinct images over the generations made, not a rate: where methods made other numbers of generations
     # (dedup-driven stopping, or generations evaluated apart) a larger UMS need not be more images, so none is
     # marked best; AMS, Carlini and Gu are rates per generation and stay comparable
-    ums = "max" if len({m["n_generated"] for m in metrics.values()}) == 1 else None
+    ums = "max" if len({m["n_generated"] for m in compared}) == 1 else None
     cols = [{"key": f"{k}:{b}", "group": g, "label": b, "unit": "%",
-             "better": (ums if k.startswith("ums") else "max") if same else None}
+             "better": (ums if k.startswith("ums") else "max") if same_compared else None}
             for k, g in (("ams", "AMS exclusive (%)"), ("ums", "UMS exclusive (%)"),
                          ("ams_cumulative", "AMS cumulative (%)"), ("ums_cumulative", "UMS cumulative (%)"))
             for b in bands]
+    orients = {m["orientation"] for m in compared}
     orient = orients.pop() if len(orients) == 1 else None
     p95_label = {"similarity": "p95 best sim.", "distance": "p5 best dist."}.get(orient, "p95 / p5")
     # p95 is comparable only within one similarity (cosine:pixels and cosine:pixels-pca share an orientation, not
     # a scale)
-    one_space = len({m["similarity"] for m in metrics.values()}) == 1
+    one_space = len({m["similarity"] for m in compared}) == 1
     cols += [{"key": "p95", "group": None, "label": p95_label, "unit": "", "better":
               {"similarity": "max", "distance": "min"}.get(orient) if one_space else None},
              {"key": "carlini", "group": None, "label": "Carlini extracted (%)", "unit": "%", "better": "max"},
@@ -102,7 +108,8 @@ def _comparison(metrics: dict[str, dict], apart: dict[str, str] | None = None) -
             target = (max if c["better"] == "max" else min)(v for _, v in vals)
             best[c["key"]] = [n for n, v in vals if v == target]
     header = [{"label": g, "span": len(list(cs))} for g, cs in itertools.groupby(cols, key=lambda c: c["group"])]
-    return {"columns": cols, "header": header, "rows": rows, "best": best, "bands": bands, "same_bands": same}
+    return {"columns": cols, "header": header, "rows": rows, "best": best, "bands": bands, "same_bands": same,
+            "compared_same_bands": same_compared}
 
 
 def _sole_best(rows: list[dict[str, Any]], key: str, *, low: bool) -> str | None:
