@@ -286,3 +286,20 @@ def test_a_zero_width_interval_is_never_marked_whatever_the_rounding(n_reps):
                          ("uncond",))["side"]["distinct_nn/mid"]
     assert r["ratio"] == pytest.approx(1.25) and r["ci95"] == [r["ratio"], r["ratio"]], r
     assert not r["excludes_1"]
+
+
+def test_resampling_a_run_of_mostly_distinct_hits_does_not_build_the_unseen_images():
+    """10,000 generations each on its own training image: Chao1 puts about 5 * 10^7 unseen images beside them, and
+    the resampling built an array of their equal shares (400 MB; 2 GB at 15,000), though it draws them pooled."""
+    import tracemalloc
+
+    n = 10_000
+    stats = {"nn": np.arange(n), "reach/mid": np.ones(n, dtype=bool)}
+    tracemalloc.start()
+    try:
+        got = distinct_draws(stats, "mid", 2, np.random.default_rng(0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, f"peak {peak / 1e6:.0f} MB"
+    assert got.shape == (2,) and np.all((got > 0.5) & (got <= 1.0))
