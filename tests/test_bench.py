@@ -249,3 +249,15 @@ def test_bench_options_nothing_reads_are_refused_before_any_work(tmp_path, args,
                                  *(["--cache", str(tmp_path / "c")] if args[0] in ("fair", "extraction") else [])])
     assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_sweep_values_the_sweeps_would_refuse_are_refused_with_the_config():
+    """A repeated lambda or K, or two taus alike to 6 digits, passed ExtractionBenchConfig and were refused by the
+    sweeps only after every scale up to the sweep scale had trained its target and run its audit."""
+    from side_extract.bench.extraction import ExtractionBenchConfig
+
+    for kw, said in (({"lambdas": (2.0, 2.0)}, "must not repeat"), ({"n_clusters": (25, 25)}, "must not repeat"),
+                     ({"taus": (0.3, 0.3000001)}, "both named tau=0.3")):
+        with pytest.raises(ValueError, match=f"the sweeps .*{said}"):
+            ExtractionBenchConfig(**kw)
+    ExtractionBenchConfig(taus=(0.3, 0.31))

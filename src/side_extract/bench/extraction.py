@@ -127,6 +127,16 @@ class ExtractionBenchConfig:
         for lam in self.lambdas:
             if lam < 0:
                 raise ValueError(f"lambdas sweep value {lam} must be >= 0")
+        # the sweeps' sub-runs as run_sweeps makes them, checked now: a repeated value, two alike to 6 digits, or K
+        # swept under surrogate.select_k was refused after every scale up to the sweep scale had run its audit
+        side = "side" in self.run.extract.methods  # (the K and tau sweeps run only then)
+        try:
+            sweep = cfg.SweepConfig(scale=self.lambdas, n_clusters=self.n_clusters, tau=self.taus)
+            sweep_configs(dataclasses.replace(self.run, extract=dataclasses.replace(self.run.extract, methods=("side",)),
+                                              sweep=sweep if side else dataclasses.replace(sweep, n_clusters=(), tau=())))
+        except ValueError as e:
+            raise ValueError(f"the sweeps (lambdas={list(self.lambdas)}, n_clusters={list(self.n_clusters)}, "
+                             f"taus={list(self.taus)}): {e}") from None
         ev = self.run.evaluate
         if ev.bands is not None or ev.bands_file is not None:  # (accepted, then replaced in every run without a word)
             given = f"bands={ev.bands!r}" if ev.bands is not None else f"bands_file={ev.bands_file!r}"
@@ -250,6 +260,13 @@ class ScaleInputs:
         """``cache/runs/<target>/rep-<r>``: the run directory of replicate ``r`` (see :func:`replicate_config`),
         which shares nothing with other replicates but the target, the training set and the bands."""
         return cache / "runs" / Path(self.target["path"]).name / f"rep-{r}"
+
+
+def check_entry_name(name: object, what: str) -> None:
+    """A variant's or form's name is a folder of the benchmark (``rep-r/forms/<name>``): one plain name, so that
+    ``..`` or ``../rep-3`` cannot run it in its replicate's own folder or another replicate's."""
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"{what} name {name!r} must be non-empty, without '/', not starting with '.'")
 
 
 def check_replicate(r: object, name: str) -> None:
