@@ -1018,3 +1018,50 @@ def test_the_command_a_variants_bench_records_runs_again(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "stopped before the work" in r.output and said[-1] == said[-2], r.output
     r = CliRunner().invoke(app, [*base, "--heldout", "chosen", "--no-heldout"])  # as size16/variants.md records it
     assert r.exit_code == 2 and "stopped before the work" in r.output, r.output
+
+
+def test_bench_faults_of_a_review(monkeypatch, tmp_path):
+    """The recorded command (meant to run the benchmark again) wrote --eta, --stop-unseen and --gpu-tflops with 6
+    digits (another value when run again); a form named '..' or '../../rep-3' ran in its replicate's own folder or
+    another replicate's; a form shared its replicate's stages only once, so after the replicate made a stage again
+    the form made it again itself from the stale copy."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from side_extract.bench import protocol, scale
+    from side_extract.bench.protocol import entry_run
+    from side_extract.cli.main import app
+    from side_extract.runs import RunDir, read_json
+
+    seen = {}
+
+    def stop(c, *a, **k):
+        seen["command"] = shlex.split(k["command"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(protocol, "run_fair_bench", stop)
+    monkeypatch.setattr(scale, "run_scale_bench", stop)
+    CliRunner().invoke(app, ["bench", "fair", "--out", str(tmp_path), "--cache", str(tmp_path), "--eta", "0.12345678",
+                             "--stop-unseen", "0.0123456789"])
+    a = seen["command"]
+    assert a[a.index("--eta") + 1] == "0.12345678" and a[a.index("--stop-unseen") + 1] == "0.0123456789"
+    CliRunner().invoke(app, ["bench", "scale", "--out", str(tmp_path), "--gpu-tflops", "123.456789"])
+    assert seen["command"][seen["command"].index("--gpu-tflops") + 1] == "123.456789"
+
+    for name in ("..", "../../rep-3", "x/y", ".hidden", ""):
+        with pytest.raises(ValueError, match="form name .* must be non-empty, without '/', not starting with '.'"):
+            FairBenchConfig(forms={name: {"method": "side"}})
+
+    fc = FairBenchConfig(forms={"late": {"method": "side", "extract.t_hi": 0.5}})
+    rep = tmp_path / "rep-2"
+    rd = RunDir(rep)
+    for fingerprint in ("a" * 64, "b" * 64):  # the replicate's synthetic set, then made again (another n)
+        rd.begin("synthetic", fingerprint)
+        (rep / "synthetic").mkdir(exist_ok=True)
+        (rep / "synthetic" / "shard-00000.npz").write_bytes(fingerprint.encode())
+        rd.complete("synthetic")
+        path, _ = entry_run(fc, "late", cfg.RunConfig(), (1.0, 1.0), 6, rep)
+        assert path == rep / "forms" / "late"
+        assert read_json(path / "manifest.json")["stages"]["synthetic"]["fingerprint"] == fingerprint
+        assert (path / "synthetic" / "shard-00000.npz").read_bytes() == fingerprint.encode()

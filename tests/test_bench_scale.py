@@ -122,3 +122,20 @@ def test_a_total_says_which_stages_it_leaves_out():
     data = _one_model_without_search()
     assert "m: total here" in render_scale_markdown(data)
     assert "(without search: not measured here at this size)" in render_scale_markdown(data)
+
+
+def test_scale_results_record_the_threads_its_timed_processes_ran_with(monkeypatch):
+    """scale.json's machine said this process's torch threads, not --bench-threads, which the timed subprocesses
+    ran with (compute sets its own threads first, so it was right there)."""
+    import torch
+
+    from side_extract.bench import scale
+
+    monkeypatch.setattr(scale, "bench_search", lambda c: [])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data = scale.run_scale_bench(ScaleBenchConfig(threads=1), parts=("search",))
+    finally:
+        torch.set_num_threads(before)
+    assert data["machine"]["torch_threads"] == 1

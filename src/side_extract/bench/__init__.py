@@ -23,8 +23,9 @@ from ..runs import atomic_write_json, atomic_write_text, versions
 CALL_PEAK = "the call's"  # a memory row's ``peak_is``: VmHWM reset before the call (else the process's lifetime mark)
 
 
-def machine_description() -> dict[str, Any]:
-    """Where a figure was measured: platform, CPUs, load at the start, torch threads, library versions."""
+def machine_description(threads: int | None = None) -> dict[str, Any]:
+    """Where a figure was measured: platform, CPUs, load at the start, torch threads (``threads``: those of the
+    processes that were timed, where they are not this one's), library versions."""
     import torch
 
     try:
@@ -37,7 +38,7 @@ def machine_description() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads() if threads is None else threads,
         "cuda": torch.cuda.is_available(),
         "load_average_at_start": load,
         "versions": versions(),

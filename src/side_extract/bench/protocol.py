@@ -75,8 +75,8 @@ from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS, per_budget
 from . import machine_description, write_results
 from .tables import _preamble
 from .intervals import INTERVAL_METHOD, bootstrap_ratios, count_ratios, distinct_count, per_generation_stats
-from .extraction import (MEASURED_ALIKE, SAMPLER_KEYS, ExtractionBenchConfig, ScaleInputs, check_replicate,
-                         full_run_template, replicate_config, scale_inputs)
+from .extraction import (MEASURED_ALIKE, SAMPLER_KEYS, ExtractionBenchConfig, ScaleInputs, check_entry_name,
+                         check_replicate, full_run_template, replicate_config, scale_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class FairBenchConfig:
             raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
         object.__setattr__(self, "forms", {name: _dotted_form(name, form) for name, form in self.forms.items()})
         for name, form in self.forms.items():
+            check_entry_name(name, "form")  # (its folder: '..' ran it in its replicate's own)
             kinds = SIDE_FORMS + LABEL_FREE + BASELINES
             if name in cfg.METHODS or name == EQUAL_SAMPLES or form.get("method") not in kinds:
                 raise ValueError(f"forms: {name!r} must be a new name with 'method' one of {', '.join(kinds)}; "
@@ -297,8 +298,8 @@ def entry_run(fc: FairBenchConfig, name: str, rc: cfg.RunConfig, setting: tuple[
         return rep, method_config(rc, name, setting, n)
     form = {k: v for k, v in fc.forms[name].items() if k != "method"}
     path = rep / "forms" / name
-    if not (path / RunDir.MANIFEST).exists() and (rep / RunDir.MANIFEST).exists():
-        share_stages(RunDir(rep), RunDir(path))
+    if (rep / RunDir.MANIFEST).exists():  # every time: a stage the replicate made again since replaces its old share
+        share_stages(RunDir(rep), RunDir(path))  # (the form made them again itself, from the stale copies)
     return path, method_config(rc, fc.forms[name]["method"], setting, n, form)
 
 

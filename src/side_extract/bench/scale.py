@@ -416,7 +416,8 @@ def run_scale_bench(c: ScaleBenchConfig, *, command: str | None = None, audit: A
     if bad:
         raise ValueError(f"parts={list(parts)}: each must be one of {', '.join(known)}")
     t_start = time.perf_counter()
-    data: dict[str, Any] = {"schema": SCHEMA, "quick": c.quick, "command": command, "machine": machine_description(),
+    data: dict[str, Any] = {"schema": SCHEMA, "quick": c.quick, "command": command,
+                            "machine": machine_description(c.threads),  # (its children's: this process's were said)
                             "config": dataclasses.asdict(c), "audit": dataclasses.asdict(audit),
                             "only": [p for p in known if p in parts and set(parts) != set(known)]}
     seconds = {}

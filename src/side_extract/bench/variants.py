@@ -40,8 +40,8 @@ from ..runs import RunDir
 from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
 from . import machine_description, write_results
-from .extraction import (MEASURED_ALIKE, SAMPLER_KEYS, ExtractionBenchConfig, ScaleInputs, check_replicate, compact,
-                         ratios_to_best_baseline, refuse_stopping, replicate_config, scale_inputs)
+from .extraction import (MEASURED_ALIKE, SAMPLER_KEYS, ExtractionBenchConfig, ScaleInputs, check_entry_name,
+                         check_replicate, compact, ratios_to_best_baseline, refuse_stopping, replicate_config, scale_inputs)
 from .tables import render_variants_markdown
 
 SCHEMA = "side-extract/bench-variants/1"
@@ -106,8 +106,7 @@ class VariantsBenchConfig:
                 raise ValueError(f"objective metric {name!r} is not a metric name (ams/<band>, ums/<band>, "
                                  "ams_cumulative/<band>, ums_cumulative/<band>, p95, carlini, gu)")
         for name in self.names:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"variant name {name!r} must be non-empty, without '/', not starting with '.'")
+            check_entry_name(name, "variant")
             for key in (self.base if name == BASE else self.variants[name]):
                 if any(key == f or key.startswith(f + ".") for f in FIXED):
                     raise ValueError(f"{name}: {key!r} cannot be varied (the benchmark fixes {', '.join(FIXED)} so "

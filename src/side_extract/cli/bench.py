@@ -315,8 +315,9 @@ def fair_cmd(
     argv += ["--memguide-scales", memguide_scales] if any(fc.base_method(m) == "memguide" for m in fc.entries) else []
     for spec in form:
         argv += ["--form", spec]
-    argv += ["--eta", f"{eta:g}"] if eta != 0 else []
-    argv += ["--stop-unseen", f"{stop_unseen:g}"] if stop_unseen != 0 else []
+    # (as given: :g kept 6 digits, and the recorded command ran another eta)
+    argv += ["--eta", repr(float(eta))] if eta != 0 else []
+    argv += ["--stop-unseen", repr(float(stop_unseen))] if stop_unseen != 0 else []
     argv += [] if equal_samples else ["--no-equal-samples"]
     for path in tuning_from:
         argv += ["--tuning-from", str(path)]
@@ -429,7 +430,8 @@ def scale_cmd(
     c = quick_scale_config() if quick else ScaleBenchConfig()
     c = dataclasses.replace(c, threads=threads, gpu_tflops=gpu_tflops)
     parts = _parts(only)
-    argv = ["side", "bench", "scale", "--out", str(out), "--bench-threads", str(threads), "--gpu-tflops", f"{gpu_tflops:g}"]
+    argv = ["side", "bench", "scale", "--out", str(out), "--bench-threads", str(threads),
+            "--gpu-tflops", repr(float(gpu_tflops))]
     argv += ["--only", only] if parts else []
     argv += ["--quick"] if quick else []
     data = run_scale_bench(c, command=shlex.join(argv), parts=parts,
