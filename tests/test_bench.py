@@ -261,3 +261,22 @@ def test_sweep_values_the_sweeps_would_refuse_are_refused_with_the_config():
         with pytest.raises(ValueError, match=f"the sweeps .*{said}"):
             ExtractionBenchConfig(**kw)
     ExtractionBenchConfig(taus=(0.3, 0.31))
+
+
+def test_results_are_written_before_their_table_is_drawn(tmp_path):
+    """Every benchmark drew its Markdown table before writing its JSON: a table that could not be drawn lost the
+    hours of measurements, and an earlier run's table stayed beside them."""
+    from side_extract.bench import write_results
+
+    (tmp_path / "fair.md").write_text("an earlier run's table")
+
+    def broken(data):
+        raise KeyError("ratio")
+
+    with pytest.raises(KeyError):
+        write_results(tmp_path, "fair", {"schema": "x", "rows": [1]}, broken)
+    assert json.loads((tmp_path / "fair.json").read_text()) == {"schema": "x", "rows": [1]}
+    assert not (tmp_path / "fair.md").exists()
+    assert [p.name for p in write_results(tmp_path, "fair", {"a": 1}, lambda d: f"a = {d['a']}")] == ["fair.json",
+                                                                                                     "fair.md"]
+    assert (tmp_path / "fair.md").read_text() == "a = 1"

@@ -12,13 +12,17 @@ both share.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..runs import atomic_write_json, atomic_write_text, versions
+
+log = logging.getLogger(__name__)
 
 CALL_PEAK = "the call's"  # a memory row's ``peak_is``: VmHWM reset before the call (else the process's lifetime mark)
 
@@ -46,11 +50,20 @@ def machine_description(threads: int | None = None) -> dict[str, Any]:
     }
 
 
-def write_results(out: str | Path, stem: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    """Write ``out/<stem>.json`` and ``out/<stem>.md`` atomically; returns both paths."""
+def write_results(out: str | Path, stem: str, data: dict[str, Any],
+                  render: Callable[[dict[str, Any]], str]) -> tuple[Path, Path]:
+    """Write ``out/<stem>.json``, then ``out/<stem>.md`` (``render(data)``), each atomically; returns both paths.
+    The results are written before their table is drawn: a table that cannot be drawn loses no hours of
+    measurements (the tables can be drawn again from the JSON), and leaves no earlier run's table beside them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{stem}.json", data)
+    try:
+        markdown = render(data)
+    except Exception:
+        (out / f"{stem}.md").unlink(missing_ok=True)
+        log.error("%s was written; its table %s could not be drawn", out / f"{stem}.json", out / f"{stem}.md")
+        raise
     atomic_write_text(out / f"{stem}.md", markdown)
     return out / f"{stem}.json", out / f"{stem}.md"
 

@@ -404,7 +404,7 @@ def write_compute_results(data: dict[str, Any], out: str | Path) -> tuple[Path, 
     ``compute[-quick]-<parts>.*`` for some of the parts (a quick partial run overwrote the quick run's whole file)."""
     only = (data.get("config") or {}).get("only") or []
     stem = "compute" + ("-quick" if data.get("quick") else "") + "".join(f"-{p}" for p in only)
-    return write_results(out, stem, data, render_compute_markdown(data))
+    return write_results(out, stem, data, render_compute_markdown)
 
 
 __all__ = ["ComputeBenchConfig", "quick_compute_config", "run_compute_bench", "write_compute_results",

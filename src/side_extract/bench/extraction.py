@@ -414,7 +414,7 @@ def run_extraction_bench(bc: ExtractionBenchConfig, cache: str | Path, *, device
 
 def write_extraction_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """``extraction.json`` + ``extraction.md`` (``extraction-quick.*`` for a ``--quick`` run) in ``out``."""
-    return write_results(out, "extraction-quick" if data.get("quick") else "extraction", data, render_extraction_markdown(data))
+    return write_results(out, "extraction-quick" if data.get("quick") else "extraction", data, render_extraction_markdown)
 
 
 __all__ = ["ExtractionBenchConfig", "quick_config", "full_run_template", "full_target_template",

@@ -1036,7 +1036,7 @@ def render_fair_markdown(data: dict[str, Any]) -> str:
 
 
 def write_fair_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    return write_results(out, "fair", data, render_fair_markdown(data))
+    return write_results(out, "fair", data, render_fair_markdown)
 
 
 def quick_fair_config() -> FairBenchConfig:

@@ -441,7 +441,7 @@ def write_scale_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Pa
     from .tables import render_scale_markdown
 
     stem = "scale" + ("-quick" if data.get("quick") else "") + "".join(f"-{p}" for p in data.get("only") or [])
-    return write_results(out, stem, data, render_scale_markdown(data))
+    return write_results(out, stem, data, render_scale_markdown)
 
 
 __all__ = ["ARCHITECTURES", "Audit", "ScaleBenchConfig", "build_architecture", "cost_model", "flops_per_image",

@@ -118,7 +118,7 @@ def render_signals_markdown(data: dict[str, Any]) -> str:
 
 
 def write_signals_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    return write_results(out, f"signals-{data['size']}px-n{data['n_train']}", data, render_signals_markdown(data))
+    return write_results(out, f"signals-{data['size']}px-n{data['n_train']}", data, render_signals_markdown)
 
 
 __all__ = ["SIGNALS", "run_signals_bench", "render_signals_markdown", "write_signals_results"]

@@ -286,7 +286,7 @@ def run_variants_bench(vc: VariantsBenchConfig, cache: str | Path, *, device: st
 
 def write_variants_results(data: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """``variants.json`` + ``variants.md`` in ``out``."""
-    return write_results(out, "variants", data, render_variants_markdown(data))
+    return write_results(out, "variants", data, render_variants_markdown)
 
 
 __all__ = ["VariantsBenchConfig", "load_variants_file", "apply_overrides", "objective_score",
