@@ -972,3 +972,38 @@ def test_evaluate_keys_a_run_cannot_use_are_said_before_any_stage(tiny_model_dir
     assert [s.split(" (")[0] for s in cfg.inert_settings(untrained)] == [
         "evaluate.heldout='/x/held.npz'", "train_resize=16", "evaluate.bands='high=0:0.05,mid=0.05:0.1,low=0.1:0.15'",
         "evaluate.quality=()"]
+
+
+def test_a_reshare_cut_short_leaves_no_entry_vouching_for_the_parents_new_files(tmp_path, monkeypatch):
+    """Sharing a parent's remade stage into a sub-run replaced the sub-run's folder before its manifest: cut short
+    between the two, the sub-run's manifest still said 'complete' under the old fingerprint for the parent's new
+    files, and a rerun skipped them as its own."""
+    import side_extract.sweeps as sweeps
+    from side_extract.runs import RunDir
+
+    parent, child = RunDir(tmp_path / "run"), RunDir(tmp_path / "run" / "sweeps" / "scale=2")
+    for k, fingerprint in enumerate(("a" * 64, "b" * 64)):
+        parent.begin("synthetic", fingerprint)
+        (parent.path / "synthetic").mkdir(exist_ok=True)
+        for shard in range(2):
+            (parent.path / "synthetic" / f"shard-{shard:05d}.npz").write_bytes(f"{fingerprint}{shard}".encode())
+        parent.complete("synthetic")
+        if k == 0:
+            sweeps.share_stages(parent, child)
+    real, links = sweeps._link_or_copy, []
+
+    def cut(src, dst):
+        if links:
+            raise KeyboardInterrupt  # the kill, after the first file of the new share
+        links.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(sweeps, "_link_or_copy", cut)
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.share_stages(parent, child)
+    entry = read_json(child.path / "manifest.json")["stages"].get("synthetic")
+    assert entry is None or entry["fingerprint"] == "b" * 64, entry
+    monkeypatch.setattr(sweeps, "_link_or_copy", real)
+    assert sweeps.share_stages(parent, child) == ["synthetic"]
+    assert read_json(child.path / "manifest.json")["stages"]["synthetic"]["fingerprint"] == "b" * 64
+    assert (child.path / "synthetic" / "shard-00001.npz").read_bytes() == ("b" * 64 + "1").encode()

@@ -48,6 +48,9 @@ def share_stages(parent: RunDir, child: RunDir) -> list[str]:
                 mine is not None and not (mine.get("shared_from") and mine.get("fingerprint") != entry.get("fingerprint"))):
             continue
         src, dst = parent.path / stage, child.path / stage
+        if mine is not None:  # its entry goes first: cut short below, the child vouched for the parent's new files
+            del child_m["stages"][stage]  # under its old fingerprint, and a rerun skipped them as its own
+            atomic_write_json(child.path / RunDir.MANIFEST, child_m)
         if dst.exists():  # an older share of the stage, or one cut short (listed in no manifest)
             shutil.rmtree(dst)
         if src.is_dir():
