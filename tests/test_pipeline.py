@@ -1007,3 +1007,50 @@ def test_a_reshare_cut_short_leaves_no_entry_vouching_for_the_parents_new_files(
     assert sweeps.share_stages(parent, child) == ["synthetic"]
     assert read_json(child.path / "manifest.json")["stages"]["synthetic"]["fingerprint"] == "b" * 64
     assert (child.path / "synthetic" / "shard-00001.npz").read_bytes() == ("b" * 64 + "1").encode()
+
+
+def test_a_growth_cut_short_between_its_record_and_its_unlinking_resumes_to_the_right_images(tmp_path, monkeypatch):
+    """Growing a finished stage of 5 images (shards [0,2) [2,4) [4,5)) to 9 unlinked the short last shard before
+    the manifest said the stage was being remade: cut short between the two, the manifest called the stage complete
+    at 5 with a shard gone. Recorded first, a cut leaves that short shard in a running stage of 9, where [4,6) is
+    its place: it is written again, not taken as whole."""
+    from pathlib import Path
+
+    from side_extract.runs import RunDir, read_json, shard_stage
+
+    def make(lo, hi, _progress):
+        return {"images": np.arange(lo, hi, dtype=np.uint8).reshape(-1, 1, 1) * np.ones((1, 2, 2), np.uint8),
+                "index": np.arange(lo, hi)}
+
+    def fp(m):
+        return f"fp-{m}"
+
+    run = RunDir(tmp_path / "run")
+    assert len(shard_stage(run, "extraction/x", fp(5), 5, 2, make, fingerprint_at=fp)) == 5
+    unlink = Path.unlink
+
+    def unlinked_then_cut(self, *a, **k):  # the cut, at the short shard's unlinking
+        unlink(self, *a, **k)
+        if self.name.startswith("shard-"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "unlink", unlinked_then_cut)
+    with pytest.raises(KeyboardInterrupt):
+        shard_stage(run, "extraction/x", fp(9), 9, 2, make, fingerprint_at=fp)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    entry = read_json(run.path / "manifest.json")["stages"]["extraction/x"]
+    assert entry["status"] != "complete", entry  # (complete at 5, with its last shard gone)
+    assert len(shard_stage(RunDir(run.path), "extraction/x", fp(5), 5, 2, make, fingerprint_at=fp)) == 5
+    real = RunDir.grow
+
+    def recorded_then_cut(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "grow", recorded_then_cut)
+    with pytest.raises(KeyboardInterrupt):
+        shard_stage(run, "extraction/x", fp(9), 9, 2, make, fingerprint_at=fp)
+    assert read_json(run.path / "manifest.json")["stages"]["extraction/x"]["status"] != "complete"
+    monkeypatch.setattr(RunDir, "grow", real)
+    got = shard_stage(RunDir(run.path), "extraction/x", fp(9), 9, 2, make, fingerprint_at=fp)
+    assert np.array_equal(got.ids, np.arange(9)) and np.array_equal(got.images[:, 0, 0, 0], np.arange(9))

@@ -13,7 +13,7 @@ import numpy as np
 from ..data import ImageSet, load_shards
 from ..distributed import SINGLE, ProcessGroup
 from .directory import RunDir
-from .files import atomic_save_npz, shard_opens
+from .files import atomic_save_npz, npz_arrays
 
 log = logging.getLogger(__name__)
 
@@ -152,23 +152,34 @@ def shard_stage(
         entry = run.stage_entry(stage)
         old_n = grows_from(entry, fingerprint, n, fingerprint_at, round_size)
         if old_n is not None:
+            log.info("stage %s: %s, keeping its whole shards", stage, f"growing its {old_n} images to {n}"
+                     if old_n < n else f"made at {n} images (begun with {old_n} and cut short)")
+            # recorded first: cut short before the unlinking below, the manifest still called the stage complete
+            # at old_n with a shard gone (and the check below removes a shard of the old layout a cut left behind)
+            decision = run.grow(stage, fingerprint, inputs, old_n, n_planned=n)
             new = {r: k for k, r in enumerate(shard_ranges(n, shard_size)[0])}
             for k, r in enumerate(shard_ranges(old_n, shard_size)[0]):
                 if new.get(r) != k:  # (the old last shard, when it was short)
                     shard_path(directory, k).unlink(missing_ok=True)
-            log.info("stage %s: %s, keeping its whole shards", stage, f"growing its {old_n} images to {n}"
-                     if old_n < n else f"made at {n} images (begun with {old_n} and cut short)")
-            decision = run.grow(stage, fingerprint, inputs, old_n, n_planned=n)
         else:
             decision = run.begin(stage, fingerprint, inputs=inputs, n_planned=n)
         stopped_at = (entry.get("stopped") or {}).get("at") if decision == "skip" else None  # it stopped early
         n_shards = sum(1 for rnd in rounds for _, hi in rnd if stopped_at is None or hi <= stopped_at)
+        ranges = [r for rnd in rounds for r in rnd]
+
+        def whole(k: int) -> bool:  # it reads, and holds the images of its place in this layout
+            try:
+                return np.array_equal(npz_arrays(shard_path(directory, k), "index")["index"], np.arange(*ranges[k]))
+            except ValueError:
+                return False
+
         if decision != "fresh" and (cut := [k for k in range(n_shards) if shard_path(directory, k).exists()
-                                            and not shard_opens(shard_path(directory, k))]):
+                                            and not whole(k)]):
             # (a shard cut short since failed every later run, --force included, with "remake it"; one kept by a
-            # resumed or grown stage failed its first rerun)
-            log.warning("stage %s: shard(s) %s do not read (cut short or damaged since); writing them again", stage,
-                        ", ".join(map(str, cut)))
+            # resumed or grown stage failed its first rerun; the short last shard of another N's layout, left by a
+            # growth cut short, was taken as a whole shard of this one)
+            log.warning("stage %s: shard(s) %s do not read or hold other images than their place's (cut short, "
+                        "damaged, or left by another N); writing them again", stage, ", ".join(map(str, cut)))
             for k in cut:
                 shard_path(directory, k).unlink()
         if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
