@@ -318,3 +318,21 @@ def test_a_launch_stopped_by_ctrl_c_says_one_line(tiny_model_dir, tmp_path):
     said = stdout + stderr
     assert proc.returncode == 128 + signal.SIGINT, said[-3000:]
     assert "error: the launch of 2 processes was stopped by SIGINT" in said and "Traceback" not in said, said[-3000:]
+
+
+@pytest.mark.parametrize("command", ["sample", "train-target"])
+def test_processes_given_other_settings_are_refused_by_the_step_commands_too(tiny_model_dir, tmp_path, command):
+    """side run refused a launch whose processes were given other settings; side sample mixed their shards into
+    one run (process 0's seed in config.yaml), and side train-target trained one model on the mixture."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    args = (["sample", "--model", str(tiny_model_dir), "--n", "4", "--steps", "2", "--shard-size", "1", "--seed",
+             "{rank}"] if command == "sample" else
+            ["train-target", "--data", "digits:20", "--resize", "8", "--steps", "2", "--batch-size", "4",
+             "--block-out-channels", "8,8", "--norm-num-groups", "4", "--seed", "{rank}"])
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--", str(Path(__file__).parent /
+                           "dist_disagree.py"), "--threads", "1", "--no-progress", *args, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "the processes of this launch were given different" in said, said[-3000:]
+    assert not list(out.glob("synthetic/shard-*.npz")) and not (out / "unet").exists()

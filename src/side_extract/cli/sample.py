@@ -44,9 +44,12 @@ def sample_cmd(
     device = group.device(device)
     from ..models.target import load_target, model_fingerprint
     from ..pipeline import absolute_paths
-    from ..runs import RunDir, check_run_path, check_unlocked, run_lock
+    from ..runs import RunDir, check_run_path, check_unlocked, fingerprint_of, run_lock
     from ..sampling import check_sampler, sample_stage
 
+    # (the values, not the files they name, as side run's: processes given other settings mixed their shards into
+    # one run, and config.yaml recorded process 0's; each machine of a launch reads its own command line)
+    group.agree({"config": fingerprint_of(rc), "run": str(out)}, "settings (config or model) or run directory")
     check_run_path(out)  # a folder that is no run: said before its lock is taken
     if group.main and not wait:
         check_unlocked(out)  # another writer: said at once, not after the model has loaded

@@ -32,7 +32,7 @@ from .. import config as cfg
 from ..data import ImageSet, check_image_set, check_levels
 from ..distributed import SINGLE, ProcessGroup, check_device
 from ..runs import (atomic_directory, atomic_write_json, atomic_write_text, check_outside_run_folders, check_writable,
-                    leftover_of, load_torch_state, read_json, sweep_leftovers, versions)
+                    fingerprint_of, leftover_of, load_torch_state, read_json, sweep_leftovers, versions)
 
 log = logging.getLogger(__name__)
 
@@ -656,6 +656,10 @@ def train_target(
                     "; ".join(f"{k}={getattr(c, k)!r} ({why})" for k, why in unread.items()))
     resume_key = training_key(c)
     resume_key["data_fingerprint"] = data.fingerprint()
+    # (processes given other settings or data trained one model on a mixture, or waited forever for a step another
+    # had not; each machine of a launch reads its own command line)
+    group.agree({"settings": fingerprint_of(c), "data": resume_key["data_fingerprint"], "out": str(out)},
+                "training settings, data or output folder")
 
     check_train_out(out, resume_key)  # before anything is written
     if group.main and out.is_dir():
