@@ -336,3 +336,49 @@ def test_processes_given_other_settings_are_refused_by_the_step_commands_too(tin
     said = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "the processes of this launch were given different" in said, said[-3000:]
     assert not list(out.glob("synthetic/shard-*.npz")) and not (out / "unet").exists()
+
+
+def test_the_app_called_with_arguments_of_its_own_launches_them(tiny_model_dir, tmp_path, monkeypatch):
+    """``app([... "--processes", "2", ...])`` (a wrapper script, a test's runner) launched the outer program's
+    command line, read from sys.argv: both processes failed with its options."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    monkeypatch.setattr(sys, "argv", ["my_wrapper.py", "--some-flag-of-the-wrapper"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "--processes", "2", "sample", "--model",
+                                 str(tiny_model_dir), "--n", "4", "--steps", "2", "--shard-size", "2", "--out",
+                                 str(out)])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert len(list((out / "synthetic").glob("shard-*.npz"))) == 2
+
+
+def test_a_launch_says_once_what_one_process_says(tiny_model_dir, tmp_path):
+    """side cluster's and side train-classifier's closing lines, and side run's "settings changed" and "sweep" lines,
+    were said by every process of a launch."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    side = [sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress", "--processes", "2"]
+    config = {"model": str(tiny_model_dir), "sample": {"n": 24, "steps": 2, "shard_size": 8},
+              "surrogate": {"n_clusters": 3, "tau": -1.0, "n_init": 1},
+              "classifier": {"depth": 10, "width": 8, "steps": 2, "batch_size": 8},
+              "extract": {"methods": ["side"], "n": 2, "steps": 2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    run = str(tmp_path / "run")
+    said = {}
+    for command in ("cluster", "train-classifier"):
+        r = subprocess.run([*side, command, "--config", str(tmp_path / "c.yaml"), "--run", run], capture_output=True,
+                           text=True, env=env, timeout=300)
+        said[command] = r.stdout + r.stderr
+        assert r.returncode == 0, said[command][-3000:]
+    assert said["cluster"].count("surrogate labels:") == 1, said["cluster"]
+    assert said["train-classifier"].count("classifiers in") == 1, said["train-classifier"]
+    config["extract"]["scale"] = 2.0
+    config["sweep"] = {"scale": [3.0]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    r = subprocess.run([*side, "run", str(tmp_path / "c.yaml"), "--out", run, "--no-report"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert out.count("settings changed since the last run") == 1 and out.count("sweep scale=3:") == 1, out

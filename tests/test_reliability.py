@@ -1372,3 +1372,27 @@ def test_every_text_file_is_read_and_written_as_utf8_whatever_the_locale():
             if name in ("read_text", "write_text") or (builtin_open and not binary):
                 unnamed.append(f"{f.relative_to(f.parents[2])}:{node.lineno}: {ast.unparse(node)[:60]}")
     assert not unnamed, "\n".join(unnamed)
+
+
+def test_the_free_cores_are_shared_by_the_processes_of_a_launch(monkeypatch):
+    """`side --processes 2` at --threads 0: each process took every free core (4 threads on 2 cores, the
+    oversubscription --threads 0 avoids); they share them now. An explicit --threads N is every process's."""
+    import types
+
+    import torch
+
+    from side_extract.cli import common
+
+    monkeypatch.setattr(common, "free_cores", lambda: 8)
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for local, threads in (("2", 0), ("3", 0), ("1", 0), ("2", 5)):
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+            obj = {"threads": threads}
+            ctx = types.SimpleNamespace(find_root=lambda obj=obj: types.SimpleNamespace(obj=obj))
+            common.set_threads(ctx)
+            got[(local, threads)] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert got == {("2", 0): 4, ("3", 0): 2, ("1", 0): 8, ("2", 5): 5}

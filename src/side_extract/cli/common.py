@@ -156,7 +156,8 @@ def launch_if_asked(ctx: typer.Context | None) -> None:
         raise ValueError(f"--processes={n}: side {' '.join(names)} runs in one process (a launch splits the work of "
                          f"side {', '.join(LAUNCHED)}); leave --processes out")
     args, skip = [], False
-    for a in sys.argv[1:]:  # the same command line, less --processes
+    given = ctx.meta.get("side.argv") if hasattr(ctx, "meta") else None  # (the root command's: cli.main)
+    for a in sys.argv[1:] if given is None else given:  # the same command line, less --processes
         if skip:
             skip = False
         elif a == "--processes":
@@ -175,10 +176,14 @@ def set_threads(ctx: typer.Context | None) -> None:
         return
     import torch
 
-    n = obj["threads"] or free_cores()
+    # 0: the cores free now, shared between the processes a launch runs on this machine (each took them all, and
+    # two processes on 2 cores ran 4 threads: the oversubscription --threads 0 is there to avoid)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    n = obj["threads"] or max(1, free_cores() // max(1, local))
     torch.set_num_threads(n)
     obj["threads_set"] = True
-    logging.getLogger(__name__).info("torch threads: %d%s", n, "" if obj["threads"] else " (the cores free now)")
+    logging.getLogger(__name__).info("torch threads: %d%s", n, "" if obj["threads"] else
+                                     " (the cores free now" + (f", shared by {local} processes)" if local > 1 else ")"))
 
 
 def typed_flags(ctx: typer.Context, names: dict[str, str]) -> dict[str, Any]:

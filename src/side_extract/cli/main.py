@@ -10,11 +10,23 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
 
 from . import bench, calibrate, demo, evaluate, report, run, sample, theory, train_target, verify  # noqa: E402
 from .common import setup_logging  # noqa: E402
 
+class _Side(TyperGroup):
+    """The root command, which keeps the arguments it was given (``ctx.meta["side.argv"]``): ``side --processes N``
+    launches that same command line. Read from ``sys.argv`` it was the outer program's where the app was called
+    with arguments of its own (``app([...])``, a test's runner, a wrapper script)."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        ctx.meta.setdefault("side.argv", list(args))
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Side,
     name="side",
     help="Audit diffusion models for memorized training data (SIDE: surrogate conditional data extraction).",
     no_args_is_help=True,

@@ -30,6 +30,8 @@ def _say_changes(run: Path, rc: cfg.RunConfig) -> None:
     from ..pipeline import absolute_config, absolute_paths
     from ..runs import settings_changed
 
+    if not ProcessGroup.from_env().main:  # (said once per launch, not once per process)
+        return
     if changed := settings_changed(run, absolute_paths(rc), absolute_config):  # (paths as the run records them)
         # one line (the console's soft wrap: it was cut inside a value at 80 columns); a value is no markup
         console.print(f"settings changed since the last run into {run}: {'; '.join(changed)}", markup=False)
@@ -127,7 +129,7 @@ def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: U
     with stage_progress(ctx) as factory:
         if until == "evaluation":
             main, subs = run_with_sweeps(out, rc, device=device, progress=factory, wait=wait, replace=replace)
-            for name, sub in subs.items():
+            for name, sub in subs.items() if ProcessGroup.from_env().main else ():  # (once per launch)
                 console.print(f"sweep {name}: {sub.run}")
         else:
             main = run_audit(out, rc, device=device, until=until, progress=factory, wait=wait, replace=replace)
@@ -190,6 +192,8 @@ def cluster_cmd(
     flags = typed_flags(ctx, names)
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     _run(ctx, run, rc, device, "surrogate", wait=wait)
+    if not ProcessGroup.from_env().main:
+        return  # in a launch of several processes the main one says it, once
     console.print(f"surrogate labels: {run / 'surrogate'}")
     say_stale_report(run)
     say_note(note)
@@ -234,6 +238,8 @@ def train_classifier_cmd(
                          f"use; extract.methods ({', '.join(rc.extract.methods)}) train none (cond's clean classifier "
                          "takes clean_classifier.* from --config)")
     _run(ctx, run, rc, device, "classifier", wait=wait)
+    if not ProcessGroup.from_env().main:
+        return  # in a launch of several processes the main one says it, once
     console.print(f"classifiers in {run}")
     say_stale_report(run)
     say_note(note)
