@@ -477,3 +477,27 @@ def test_a_training_cut_while_putting_its_model_in_place_is_refused_until_finish
     a, b = load_target(tmp_path / "straight"), load_target(tmp_path / "m")
     for (n1, p1), (_, p2) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)
+
+
+def test_a_training_into_a_folder_another_training_writes_is_refused(tmp_path):
+    """Two trainings into one --out ran side by side (no lock), interleaving their checkpoints and final moves. The
+    second is refused now, naming the holder, and writes nothing; once the first is done it resumes there."""
+    import subprocess
+    import sys
+
+    from side_extract.runs import RunLocked
+
+    data = load_image_set("digits:20")
+    out = tmp_path / "t"
+    code = (f"import time; from side_extract.runs import run_lock\n"
+            f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=f"{out}' is being written by another process"):
+            train_target(TINY, data, out)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_target(TINY, data, out).steps == 4 and load_target(out).unet is not None

@@ -32,7 +32,7 @@ from .. import config as cfg
 from ..data import ImageSet, check_image_set, check_levels
 from ..distributed import SINGLE, ProcessGroup, check_device
 from ..runs import (atomic_directory, atomic_write_json, atomic_write_text, check_outside_run_folders, check_writable,
-                    fingerprint_of, leftover_of, load_torch_state, read_json, sweep_leftovers, versions)
+                    fingerprint_of, leftover_of, load_torch_state, read_json, run_lock, sweep_leftovers, versions)
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +513,7 @@ def _read_target_checkpoint(ckpt: Path, resume_key: dict, out: Path
 
 
 TRAIN_OUT_FILES = ("unet", "scheduler", "model_index.json", "train_config.yaml", "training_log.json", "checkpoints",
-                   ".final")  # what train_target writes into --out
+                   ".final", ".lock")  # what train_target writes into --out
 
 
 def _own_leftover(name: str) -> bool:
@@ -661,97 +661,101 @@ def train_target(
     group.agree({"settings": fingerprint_of(c), "data": resume_key["data_fingerprint"], "out": str(out)},
                 "training settings, data or output folder")
 
-    check_train_out(out, resume_key)  # before anything is written
-    if group.main and out.is_dir():
-        sweep_leftovers(out)  # what a training killed mid-write left (untouched for a while: not a live writer's)
-    start, losses, state, segments = 0, [], None, []
-    at_most = c.steps
-    # every process reads it; only the main one writes checkpoints, after a step that synchronises the processes
-    # (the gradient exchange), so no process reads a half-replaced checkpoint
-    while (ckpt := _latest_checkpoint(out, at_most)) is not None:
-        if (found := _read_target_checkpoint(ckpt, resume_key, out)) is not None:
-            start, losses, unet, state, segments = found
-            log.info("resuming training from %s (step %d)", ckpt, start)
-            break
-        at_most = int(ckpt.name.split("-")[1]) - 1  # damaged: an earlier one
-    # the model moves before the optimizer and EMA are made or loaded, so their state lives on its device
-    unet.to(device).train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    ema = EMAModel(unet.parameters(), decay=c.ema_decay) if c.ema else None
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    check_train_out(out, resume_key)  # before anything is written (and nothing is: the lock makes the folder)
+    # one writer at a time (two trainings into one folder interleaved their checkpoints and final moves): the main
+    # process holds the folder's lock (side run's, .lock) for the training; another waits for none, it is refused
+    with run_lock(out) if group.main else contextlib.nullcontext():
+        check_train_out(out, resume_key)  # (again, under the lock: what a writer that just left made)
+        if group.main and out.is_dir():
+            sweep_leftovers(out)  # what a training killed mid-write left (untouched for a while: not a live writer's)
+        start, losses, state, segments = 0, [], None, []
+        at_most = c.steps
+        # every process reads it; only the main one writes checkpoints, after a step that synchronises the processes
+        # (the gradient exchange), so no process reads a half-replaced checkpoint
+        while (ckpt := _latest_checkpoint(out, at_most)) is not None:
+            if (found := _read_target_checkpoint(ckpt, resume_key, out)) is not None:
+                start, losses, unet, state, segments = found
+                log.info("resuming training from %s (step %d)", ckpt, start)
+                break
+            at_most = int(ckpt.name.split("-")[1]) - 1  # damaged: an earlier one
+        # the model moves before the optimizer and EMA are made or loaded, so their state lives on its device
+        unet.to(device).train()
+        opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        ema = EMAModel(unet.parameters(), decay=c.ema_decay) if c.ema else None
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
-    if ema is not None:
-        ema.to(device)
-    x0_all = x0_all.to(device)
+            ema.to(device)
+        x0_all = x0_all.to(device)
 
-    rows = group.local_rows(c.batch_size)  # this process's rows of every global batch (distributed.py)
-    net = group.data_parallel(unet, device)
-    step = start
-    every = report_every or max(1, c.steps // 20)
-    t_start, since = time.time(), []
-    for step in range(start + 1, c.steps + 1):
-        g = _step_generator(c.seed, step)
-        idx = torch.randint(0, len(x0_all), (c.batch_size,), generator=g)
-        eps = torch.randn((c.batch_size, *data.shape), generator=g).to(device)
-        t = torch.randint(0, c.num_train_timesteps, (c.batch_size,), generator=g).to(device)
-        x0 = x0_all[idx.to(device)]
-        xt = add_noise(scheduler, x0, eps, t)
-        xt, eps, t = xt[rows], eps[rows], t[rows]
-        want = prediction_target(scheduler, c.prediction_type, x0[rows], eps, t)  # eps itself for an eps model
-        per_row = (net(xt, t).sample - want).pow(2).flatten(1).mean(1)
-        loss = group.local_loss(per_row, c.batch_size)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            ema.step(unet.parameters())
-        losses.append(group.batch_mean(per_row, c.batch_size))
-        if not math.isfinite(losses[-1]):  # (every later step ran, NaN checkpoints and model written, exit 0)
-            raise ValueError(f"train-target diverged: the loss is {losses[-1]} at step {step} (lr={c.lr:g}); lower "
-                             f"--lr. Nothing of this run past step {step - 1} was written")
-        since.append(losses[-1])
-        if progress is not None:
-            progress(step, c.steps)
-        if step % every == 0 or step == c.steps:
-            mean = sum(since) / len(since)
-            log.info("train-target step %d/%d: loss %.4f, %.0f s", step, c.steps, mean, time.time() - t_start)
-            if report is not None:
-                report(step, c.steps, mean, time.time() - t_start)
-            since = []
-        if group.main and (step % c.checkpoint_every == 0 or step == c.steps):
-            _write_checkpoint(out, unet, ema, scheduler, opt, c, resume_key, step, losses,
-                              [*segments, _segment(start, step, c, device, group)])
+        rows = group.local_rows(c.batch_size)  # this process's rows of every global batch (distributed.py)
+        net = group.data_parallel(unet, device)
+        step = start
+        every = report_every or max(1, c.steps // 20)
+        t_start, since = time.time(), []
+        for step in range(start + 1, c.steps + 1):
+            g = _step_generator(c.seed, step)
+            idx = torch.randint(0, len(x0_all), (c.batch_size,), generator=g)
+            eps = torch.randn((c.batch_size, *data.shape), generator=g).to(device)
+            t = torch.randint(0, c.num_train_timesteps, (c.batch_size,), generator=g).to(device)
+            x0 = x0_all[idx.to(device)]
+            xt = add_noise(scheduler, x0, eps, t)
+            xt, eps, t = xt[rows], eps[rows], t[rows]
+            want = prediction_target(scheduler, c.prediction_type, x0[rows], eps, t)  # eps itself for an eps model
+            per_row = (net(xt, t).sample - want).pow(2).flatten(1).mean(1)
+            loss = group.local_loss(per_row, c.batch_size)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                ema.step(unet.parameters())
+            losses.append(group.batch_mean(per_row, c.batch_size))
+            if not math.isfinite(losses[-1]):  # (every later step ran, NaN checkpoints and model written, exit 0)
+                raise ValueError(f"train-target diverged: the loss is {losses[-1]} at step {step} (lr={c.lr:g}); lower "
+                                 f"--lr. Nothing of this run past step {step - 1} was written")
+            since.append(losses[-1])
+            if progress is not None:
+                progress(step, c.steps)
+            if step % every == 0 or step == c.steps:
+                mean = sum(since) / len(since)
+                log.info("train-target step %d/%d: loss %.4f, %.0f s", step, c.steps, mean, time.time() - t_start)
+                if report is not None:
+                    report(step, c.steps, mean, time.time() - t_start)
+                since = []
+            if group.main and (step % c.checkpoint_every == 0 or step == c.steps):
+                _write_checkpoint(out, unet, ema, scheduler, opt, c, resume_key, step, losses,
+                                  [*segments, _segment(start, step, c, device, group)])
 
-    group.check_replicas(unet, "train-target")
-    final = float(sum(losses[-100:]) / max(1, len(losses[-100:])))
-    if not group.main:
+        group.check_replicas(unet, "train-target")
+        final = float(sum(losses[-100:]) / max(1, len(losses[-100:])))
+        if not group.main:
+            return TrainResult(out, c.steps, final, start)
+        final_unet = _averaged(unet, ema)
+        # how it was trained beyond the config: the same config on another thread count, device or library version can
+        # round differently and end at other weights, and a result rests on the weights (model_fingerprint). Each
+        # stretch of steps a call trained is a segment; the top level is the last one's. (A rerun that trained nothing
+        # wrote its own thread count, device and versions over those of the run that made the weights, and a resumed
+        # run kept only its last stretch's.)
+        if start < c.steps:
+            segments = [*segments, _segment(start, c.steps, c, device, group)]
+        last = {k: v for k, v in segments[-1].items() if k in SEGMENT_KEYS}
+        trained = {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
+                   "data_fingerprint": resume_key["data_fingerprint"], **last, "resumed_from": segments[-1]["from"],
+                   "segments": segments}
+        save_target(final_unet, scheduler, out_final := out / ".final", extra={
+            "train_config.yaml": cfg.dump_yaml(c), "training_log.json": json.dumps(trained, indent=2) + "\n"})
+        # Move the pipeline files into out/ itself, each by rename, so out/ is a diffusers directory; until .final is
+        # gone it is refused as a model (load_target): a cut among the moves left new weights beside the earlier
+        # config and log
+        for name in ("unet", "scheduler", "model_index.json", "train_config.yaml", "training_log.json"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            (out_final / name).replace(target)
+        out_final.rmdir()
         return TrainResult(out, c.steps, final, start)
-    final_unet = _averaged(unet, ema)
-    # how it was trained beyond the config: the same config on another thread count, device or library version can
-    # round differently and end at other weights, and a result rests on the weights (model_fingerprint). Each
-    # stretch of steps a call trained is a segment; the top level is the last one's. (A rerun that trained nothing
-    # wrote its own thread count, device and versions over those of the run that made the weights, and a resumed
-    # run kept only its last stretch's.)
-    if start < c.steps:
-        segments = [*segments, _segment(start, c.steps, c, device, group)]
-    last = {k: v for k, v in segments[-1].items() if k in SEGMENT_KEYS}
-    trained = {"steps": c.steps, "loss_every_step": [round(x, 6) for x in losses],
-               "data_fingerprint": resume_key["data_fingerprint"], **last, "resumed_from": segments[-1]["from"],
-               "segments": segments}
-    save_target(final_unet, scheduler, out_final := out / ".final", extra={
-        "train_config.yaml": cfg.dump_yaml(c), "training_log.json": json.dumps(trained, indent=2) + "\n"})
-    # Move the pipeline files into out/ itself, each by rename, so out/ is a diffusers directory; until .final is
-    # gone it is refused as a model (load_target): a cut among the moves left new weights beside the earlier
-    # config and log
-    for name in ("unet", "scheduler", "model_index.json", "train_config.yaml", "training_log.json"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        (out_final / name).replace(target)
-    out_final.rmdir()
-    return TrainResult(out, c.steps, final, start)
 
 
 SEGMENT_KEYS = ("processes", "rows_per_process", "torch_threads", "device", "platform", "versions")

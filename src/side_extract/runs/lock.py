@@ -59,7 +59,7 @@ def _take_lock(f: Any, path: Path) -> None:
 def _held(path: Path, f: Any) -> str:
     """Who holds run directory ``path``'s lock, from its lock file ``f``."""
     f.seek(0)
-    return f"run directory {str(path)!r} is being written by another process ({f.read().strip() or 'holder unknown'})"
+    return f"{str(path)!r} is being written by another process ({f.read().strip() or 'holder unknown'})"
 
 
 def check_writable(out: str | Path, what: str = "--out", files: Sequence[str] = ()) -> None:
