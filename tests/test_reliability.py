@@ -1396,3 +1396,26 @@ def test_the_free_cores_are_shared_by_the_processes_of_a_launch(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert got == {("2", 0): 4, ("3", 0): 2, ("1", 0): 8, ("2", 5): 5}
+
+
+def test_a_shard_damaged_inside_since_it_was_written_is_named_with_what_to_do(tmp_path):
+    """A finished stage's shard damaged inside (its zip directory whole, its images' bytes not) passed the resume's
+    check, and every rerun, --force included, failed at the final load saying only that it did not read. It says
+    what to do now, and doing it makes the same images."""
+    from side_extract.runs import RunDir, shard_stage
+
+    def make(lo, hi, _progress):
+        return {"images": np.random.default_rng(lo).integers(0, 255, (hi - lo, 8, 8, 1), dtype=np.uint8),
+                "index": np.arange(lo, hi)}
+
+    first = shard_stage(RunDir(tmp_path / "run"), "synthetic", "fp", 6, 3, make)
+    shard = tmp_path / "run" / "synthetic" / "shard-00001.npz"
+    data = bytearray(shard.read_bytes())
+    at = data.find(b"images.npy") + 200
+    data[at:at + 20] = bytes(20)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-00001.npz.*shard of stage synthetic; delete it and run again"):
+        shard_stage(RunDir(tmp_path / "run"), "synthetic", "fp", 6, 3, make)
+    shard.unlink()
+    again = shard_stage(RunDir(tmp_path / "run"), "synthetic", "fp", 6, 3, make)
+    assert np.array_equal(again.images, first.images)

@@ -437,12 +437,26 @@ def _npz_names(path: Path) -> list[str]:
         return list(z.files)
 
 
+class UnreadableShard(ValueError):
+    """A shard that does not read (cut short, or damaged since it was written); ``path``: which."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(why)
+        self.path = path
+
+
 def load_shards(path: Path) -> ImageSet:
-    """Concatenate ``shard-*.npz`` in ``path`` in order of their sample indices."""
+    """Concatenate ``shard-*.npz`` in ``path`` in order of their sample indices (:class:`UnreadableShard` where one
+    does not read)."""
     shards = sorted(path.glob("shard-*.npz"))
     if not shards:
         raise ValueError(f"directory {str(path)!r} holds no shard-*.npz files")
-    parts = [load_npz(s) for s in shards]
+    parts = []
+    for s in shards:
+        try:
+            parts.append(load_npz(s))
+        except ValueError as e:
+            raise UnreadableShard(s, str(e)) from None
     if len(shards) > 1 and (unindexed := [s.name for s in shards if "index" not in _npz_names(s)]):
         # (each counted 0..n-1: "the shards hold sample indices more than once ... remove the extra files")
         raise ValueError(f"{str(path)!r}: {len(unindexed)} of its {len(shards)} shards have no 'index' array (the "

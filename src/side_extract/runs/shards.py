@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import ImageSet, load_shards
+from ..data import ImageSet, UnreadableShard, load_shards
 from ..distributed import SINGLE, ProcessGroup
 from .directory import RunDir
 from .files import atomic_save_npz, npz_arrays
@@ -223,4 +223,9 @@ def shard_stage(
                          sampling_seconds=round(time.time() - t0, 3), processes=group.world,
                          **({"stopped": stopped} if stopped else {}), **info)
         group.barrier()
-    return load_shards(directory)
+    try:
+        return load_shards(directory)
+    except UnreadableShard as e:  # (damaged inside since it was written: the resume reads each shard's index alone,
+        # and every rerun, --force included, failed here without a word on what to do)
+        raise ValueError(f"{e}: it is a shard of stage {stage}; delete it and run again, and the stage writes it "
+                         "again") from None
