@@ -433,3 +433,33 @@ def test_a_fine_tune_of_another_target_is_refused(tiny_model_dir, tmp_path, rank
     with pytest.raises(ValueError, match=r"does not fit the target with the 4 classes and null label that classes."
                                          r"json names: size mismatch for .*class_embedding"):
         load_finetuned(target, tmp_path / "f")
+
+
+def test_finetune_faults_of_a_review(tiny_model_dir, tmp_path):
+    """A target whose unet/config.json holds a key UNet2DModel takes no more (diffusers loads it with a warning) failed
+    the fine-tune with a TypeError, after the run's earlier stages; a full fine-tune whose class embedding has other
+    rows than classes.json names loaded, its null label reading a class's eps; an out that is a file was found at
+    the first checkpoint."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "image_size": 8}))
+    target = load_target(model)
+    x0, y = _data()
+    short = dataclasses.replace(TINY, steps=2)
+    finetune(target, x0, y, short, tmp_path / "lora")
+    assert load_finetuned(target, tmp_path / "lora").classes.tolist() == [0, 1, 2]
+
+    target = load_target(tiny_model_dir)
+    full = tmp_path / "full"
+    finetune(target, x0, y, dataclasses.replace(short, rank="full"), full)
+    meta = json.loads((full / "classes.json").read_text())
+    (full / "classes.json").write_text(json.dumps({**meta, "classes": [0, 1]}))
+    with pytest.raises(ValueError, match="class embedding has 4 rows, not 3"):
+        load_finetuned(target, full)
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="out .*file' is a file"):
+        finetune(target, x0, y, dataclasses.replace(short, checkpoint_every=1), tmp_path / "file")

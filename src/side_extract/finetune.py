@@ -45,7 +45,7 @@ from .distributed import SINGLE, ProcessGroup
 from .models.forms import module_fingerprint
 from .models.target import UNetDenoiser, add_noise, as_epsilon, has_class_embedding, prediction_target
 from .runs import (array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of, read_checkpoint, read_json,
-                   whole_safetensors)
+                   check_writable, whole_safetensors)
 from .surrogate import target_outputs
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,9 @@ def conditional_unet(unet: UNet2DModel, n_classes: int) -> UNet2DModel:
     if has_class_embedding(unet):
         raise ValueError(CONDITIONAL_TARGET)
     config["num_class_embeds"] = n_classes + 1
-    out = UNet2DModel(**config)
+    # from_config, as diffusers loads one: a key of the target's config.json that UNet2DModel takes no more (a
+    # legacy image_size) was a TypeError here, after the synthetic set, features and clusters were made
+    out = UNet2DModel.from_config(config)
     missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
     assert set(missing) == {"class_embedding.weight"} and not unexpected, (missing, unexpected)
     with torch.no_grad():
@@ -253,6 +255,10 @@ def finetune(
     x = x0[torch.from_numpy(keep)]
     y = torch.as_tensor(np.searchsorted(classes, labels[keep]), dtype=torch.long)
     out = Path(out)
+    cfg.check_path(out, "out")
+    if out.exists() and not out.is_dir():  # (found at the first checkpoint, checkpoint_every steps in)
+        raise ValueError(f"side-lora: out {str(out)!r} is a file; expected a folder to write the fine-tune to")
+    check_writable(out, "side-lora: out")
     full = c.rank == "full"
     with torch.random.fork_rng():
         torch.manual_seed(c.seed)
@@ -382,6 +388,10 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
         raise ValueError(f"{str(d)!r} holds no {form.name}/ folder, which its classes.json (rank {c.rank!r}) names")
     if c.rank == "full":
         model = UNet2DModel.from_pretrained(form, use_safetensors=True)
+        if model.config.num_class_embeds != len(classes) + 1:  # (the null label read another class's row)
+            raise ValueError(f"{str(form)!r} does not fit the target with the {len(classes)} classes and null label "
+                             f"that classes.json names: its class embedding has {model.config.num_class_embeds} "
+                             f"rows, not {len(classes) + 1}")
     else:
         from peft import PeftModel
 
