@@ -439,7 +439,7 @@ def test_finetune_faults_of_a_review(tiny_model_dir, tmp_path):
     """A target whose unet/config.json holds a key UNet2DModel takes no more (diffusers loads it with a warning) failed
     the fine-tune with a TypeError, after the run's earlier stages; a full fine-tune whose class embedding has other
     rows than classes.json names loaded, its null label reading a class's eps; an out that is a file was found at
-    the first checkpoint."""
+    the first checkpoint; loading advanced the caller's random state."""
     import shutil
 
     model = tmp_path / "model"
@@ -450,7 +450,11 @@ def test_finetune_faults_of_a_review(tiny_model_dir, tmp_path):
     x0, y = _data()
     short = dataclasses.replace(TINY, steps=2)
     finetune(target, x0, y, short, tmp_path / "lora")
+    torch.manual_seed(5)
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
     assert load_finetuned(target, tmp_path / "lora").classes.tolist() == [0, 1, 2]
+    assert torch.equal(torch.rand(3), drawn)  # (loading drew the model's throwaway weights from the caller's RNG)
 
     target = load_target(tiny_model_dir)
     full = tmp_path / "full"

@@ -386,6 +386,13 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
     form = d / ("unet" if c.rank == "full" else "adapter")  # the form classes.json names, not whichever folder exists
     if not form.is_dir():
         raise ValueError(f"{str(d)!r} holds no {form.name}/ folder, which its classes.json (rank {c.rank!r}) names")
+    with torch.random.fork_rng():  # (building the model drew its throwaway initial weights from the caller's RNG)
+        model = _load_form(form, c, target, classes)
+    return ConditionalDenoiser(model.to(device), target, classes, w, meta.get("background"))
+
+
+def _load_form(form: Path, c: cfg.LoraConfig, target: UNetDenoiser, classes: np.ndarray) -> torch.nn.Module:
+    """The fine-tuned model in ``form`` (``unet/`` of a full fine-tune, else peft's ``adapter/``)."""
     if c.rank == "full":
         model = UNet2DModel.from_pretrained(form, use_safetensors=True)
         if model.config.num_class_embeds != len(classes) + 1:  # (the null label read another class's row)
@@ -407,7 +414,7 @@ def load_finetuned(target: UNetDenoiser, directory: str | Path, *, guidance_scal
             raise ValueError(f"{str(form)!r} does not fit the target with the {len(classes)} classes and null label "
                              "that classes.json names: " + next((x.strip() for x in said if "mismatch" in x), said[0])
                              ) from None
-    return ConditionalDenoiser(model.to(device), target, classes, w, meta.get("background"))
+    return model
 
 
 __all__ = ["conditional_unet", "attach_adapters", "ConditionalDenoiser", "finetune", "save_finetuned",
