@@ -353,3 +353,26 @@ def test_the_k_nearest_put_in_order_a_block_of_rows_at_a_time_are_the_same(monke
     unit = lambda v: v.astype(np.float64) / np.linalg.norm(v.astype(np.float64), axis=1, keepdims=True)  # noqa: E731
     c = unit(f_q) @ unit(f_ref).T
     assert np.allclose(cos.scores, -np.sort(-c, axis=1)[:, :7], rtol=0, atol=1e-12)
+
+
+def test_neighbors_faults_of_a_review():
+    """Across reference chunks faiss's results were merged by a stable sort of the keys, keeping faiss's own order of
+    exact ties: the higher of two identical rows could win, where the torch search (and the docstring) keeps the
+    lower. kneighbors took a pairs_range with lo > hi or a NaN end (torch streamed no pair; faiss refused it after
+    its search), which pairs_within refuses."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2000, 200)).astype(np.float32)
+    copies = np.sort(rng.choice(2000, 600, replace=False))
+    ref[copies] = ref[copies[0]]
+    q = np.repeat(ref[copies[0]:copies[0] + 1], 3, 0)
+    nb = NearestNeighborIndex("cosine", backend="faiss", ref_chunk=333).fit(ref).kneighbors(q, 150)
+    assert (nb.scores == nb.scores[0, 0]).all() and (nb.indices == copies[:150]).all()
+    zero = NearestNeighborIndex("cosine", backend="faiss", ref_chunk=3).fit(ref[:30]).kneighbors(np.zeros((1, 200),
+                                                                                                       np.float32), 4)
+    assert zero.indices[0].tolist() == [0, 1, 2, 3]  # (every score 0: the lowest rows)
+    for backend in ("faiss", "torch"):
+        index = NearestNeighborIndex("rms-l2", backend=backend).fit(ref[:20])
+        for bad in ((0.3, 0.0), (float("nan"), 0.3), (0.0, float("nan"))):
+            with pytest.raises(ValueError, match="lo <= hi"):
+                index.kneighbors(ref[:2], 1, pairs_range=bad, on_pairs=lambda a, b, c: None)

@@ -178,6 +178,9 @@ class NearestNeighborIndex:
             raise ValueError(f"k={k} must be between 1 and {limit} ({what})")
         if (on_pairs is None) != (pairs_range is None):
             raise ValueError("pairs_range and on_pairs must be given together")
+        if pairs_range is not None:  # (as pairs_within's: lo > hi or a NaN end streamed no pair on torch, and on faiss
+            # was refused after its search)
+            _check_range(pairs_range)
         use_faiss = self.backend_ == "faiss" and not (self.backend == "auto" and on_pairs is not None)
         if use_faiss:
             nb = self._faiss_knn(Q, k, exclude, None if on_pairs else progress)
@@ -205,8 +208,7 @@ class NearestNeighborIndex:
         self._check_fitted()
         Q = self._check_rows(Q, "Q")
         exclude = self._exclude(exclude, exclude_self, len(Q))
-        if not lo <= hi:
-            raise ValueError(f"pairs_within: lo={lo} must be <= hi={hi}")
+        _check_range((lo, hi))
         return self._pairs(Q, lo, hi, exclude, progress)
 
     def _pairs(self, Q: np.ndarray, lo: float, hi: float, exclude: np.ndarray | None, progress: Progress | None
@@ -459,8 +461,9 @@ class NearestNeighborIndex:
             if exclude is not None:
                 ck_all[ci_all == exclude[:, None]] = -np.inf
             keys, idx = np.concatenate([keys, ck_all], 1), np.concatenate([idx, ci_all], 1)
-            # (exact keys: a tie goes to the lower row, as in the torch code)
-            top = (np.lexsort((idx, -keys), axis=1) if certify else np.argsort(-keys, axis=1, kind="stable"))[:, :k]
+            # a tie goes to the lower row, as in the torch code (faiss returns tied rows in its own order: a stable
+            # sort kept that order, and an exact copy's higher row beat its lower one across reference chunks)
+            top = np.lexsort((idx, -keys), axis=1)[:, :k]
             keys, idx = np.take_along_axis(keys, top, 1), np.take_along_axis(idx, top, 1)
             if progress is not None:
                 progress(min(n, r0 + self.ref_chunk) * m // n, m)
@@ -518,6 +521,17 @@ def _row_sq(X: np.ndarray) -> np.ndarray:
     for a in range(0, len(X), step):
         out[a:a + step] = _sq_sums(_signed(X[a:a + step]))
     return out
+
+
+def _check_range(pairs_range: Any) -> None:
+    """A score range (lo, hi) of numbers with lo <= hi (-inf / inf for an open side)."""
+    try:
+        lo, hi = pairs_range
+    except (TypeError, ValueError):
+        raise ValueError(f"pairs_range={pairs_range!r} must be two numbers (lo, hi)") from None
+    if not (isinstance(lo, numbers.Real) and isinstance(hi, numbers.Real) and lo <= hi):
+        raise ValueError(f"pairs range lo={lo!r}, hi={hi!r}: must be numbers with lo <= hi (no NaN; -inf / inf for an "
+                         "open side)")
 
 
 def _float32_sq_error(d: int, q_sq: np.ndarray, r_sq: float) -> np.ndarray:
