@@ -127,3 +127,22 @@ def test_bad_settings_refused_before_the_pair_scan(monkeypatch):
     with pytest.raises(ValueError, match="detect_grid=20 must be between 1 and the image side 8"):
         # (refused only after both neighbour searches of the whole evaluation)
         evaluate(gen, train, cfg.EvaluateConfig(bands="high=0:0.05", detect_threshold=0.1, detect_grid=20))
+
+
+def test_detection_refuses_a_chunk_below_one_and_an_empty_training_set_before_its_pair_scan(monkeypatch):
+    """chunk 0 met numpy's range error inside the pair scan; an empty training set was refused after the pair
+    scan's quadratic work; an array for the generations was an AttributeError."""
+    from side_extract import detection
+    from side_extract.data import ImageSet, load_image_set
+
+    generated = load_image_set("digits:20")
+    with pytest.raises(ValueError, match="generated must be an ImageSet"):  # (an AttributeError)
+        detection.detect_memorized(generated.images, 0.1)
+    monkeypatch.setattr(detection, "near_duplicate_pairs", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("the pair scan ran")))
+    for chunk in (0, -3):
+        with pytest.raises(ValueError, match=f"chunk={chunk} must be an integer >= 1"):
+            detection.detect_memorized(generated, 0.1, chunk=chunk)
+    empty = ImageSet(generated.images[:0], None, np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="train holds no images"):
+        detection.detect_memorized(generated, 0.1, train=empty)

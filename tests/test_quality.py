@@ -154,8 +154,8 @@ def test_precision_recall_on_hand_made_manifolds():
     assert p > 0.95 and 0.4 < r < 0.6
     p, r = precision_recall(real, real + 100, k=3)
     assert p == 0.0 and r == 0.0
-    for k in (0, -1):  # (0 gave 0 and 0, -1 gave 1 and 1)
-        with pytest.raises(ValueError, match=f"k={k} must be >= 1"):
+    for k in (0, -1, 2.5, True):  # (0 gave 0 and 0, -1 gave 1 and 1, 2.5 failed inside np.partition)
+        with pytest.raises(ValueError, match=f"k={k} must be an integer >= 1"):
             precision_recall(real, half, k=k)
     with pytest.raises(ValueError, match="n_subsets=0 must be >= 1"):  # (a NaN distance)
         kernel_distance(real, half, n_subsets=0)
@@ -296,7 +296,7 @@ def test_quality_inputs_misstated_are_named_before_the_work():
     rng = np.random.default_rng(0)
     gen, ref = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
     with mock.patch.object(quality, "kernel_distance", side_effect=AssertionError("the kernel distance ran")):
-        for k, said in ((0, "k=0 must be >= 1"), (20, "with k=20 needs more than 20 samples per set")):
+        for k, said in ((0, "k=0 must be an integer >= 1"), (20, "with k=20 needs more than 20 samples per set")):
             with pytest.raises(ValueError, match=said):
                 quality.quality_from_features(gen, ref, "pixels", k=k)
     with pytest.raises(ValueError, match="the unbiased MMD\\^2 needs at least 2 samples per set, got 1 and 20"):

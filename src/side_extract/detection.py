@@ -24,7 +24,8 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from .data import ImageSet
+from . import config as cfg
+from .data import ImageSet, check_image_set
 from .neighbors import NearestNeighborIndex, pixel_rows
 
 GroupMode = Literal["cliques", "components"]
@@ -182,6 +183,9 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
     index : an unfitted ``"rms-l2"`` :class:`~side_extract.neighbors.NearestNeighborIndex` whose backend and chunks
         the verification searches with (default: ``NearestNeighborIndex("rms-l2", device=device)``)
     """
+    check_image_set(generated, "generated")  # (an array was an AttributeError)
+    if train is not None:
+        check_image_set(train, "train")
     if not threshold > 0:  # (NaN too: it linked no pair)
         raise ValueError(f"threshold={threshold} must be > 0")
     if min_size < 2:
@@ -195,7 +199,10 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
     check_grid(g, *images.shape[1:3])
     if index is not None and index.metric != "rms-l2":
         raise ValueError(f"index has metric={index.metric!r}; the verification measures pixel 'rms-l2'")
+    cfg.check_int(chunk, "chunk", 1)  # (0 or less: numpy's range error, from the pair scan)
     if train is not None:  # (before the pair scan: they were checked after it)
+        if len(train) == 0:  # (refused after the quadratic pair scan)
+            raise ValueError("train holds no images: the groups' verification needs at least one training image")
         if not extraction_threshold > 0:  # (NaN or a negative one verified no group, an exact copy included)
             raise ValueError(f"extraction_threshold={extraction_threshold} must be > 0")
         if train.images.shape[1:] != images.shape[1:]:

@@ -19,6 +19,7 @@ EfficientNet-Lite0; ``torchscript:PATH`` for an Inception- or SSCD-style model a
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -212,8 +213,10 @@ def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
 
 def check_k(k: int, n_real: int, n_fake: int) -> None:
     """Refuse a precision/recall ``k`` the sets cannot give (before the kernel distance's quadratic work)."""
-    if k < 1:  # (k 0 gave 0 and 0, k -1 gave 1 and 1)
-        raise ValueError(f"k={k} must be >= 1 (the k-th nearest neighbour's distance is each sample's radius)")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # (k 0 gave 0 and 0, k -1 gave 1 and
+        # 1, k 2.5 failed inside np.partition)
+        raise ValueError(f"k={k!r} must be an integer >= 1 (the k-th nearest neighbour's distance is each sample's "
+                         "radius)")
     if n_real <= k or n_fake <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {n_real} and {n_fake}")
 
