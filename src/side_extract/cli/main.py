@@ -50,7 +50,7 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads. 0: the cores free right now (all of them "
                                 "on an idle machine, fewer when other processes keep some busy: oversubscribed "
-                                "threads run many times slower)."),
+                                "threads run many times slower), shared by the processes of a --processes launch."),
     processes: int = typer.Option(1, "--processes", help="Run the command as a launch of this many processes on "
                                   "this machine (torchrun; each writes its own shards, the files equal a "
                                   "one-process run)."),
