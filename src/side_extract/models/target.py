@@ -664,7 +664,7 @@ def train_target(
     check_train_out(out, resume_key)  # before anything is written (and nothing is: the lock makes the folder)
     # one writer at a time (two trainings into one folder interleaved their checkpoints and final moves): the main
     # process holds the folder's lock (side run's, .lock) for the training; another waits for none, it is refused
-    with run_lock(out) if group.main else contextlib.nullcontext():
+    with _holding(out, group.main):
         check_train_out(out, resume_key)  # (again, under the lock: what a writer that just left made)
         if group.main and out.is_dir():
             sweep_leftovers(out)  # what a training killed mid-write left (untouched for a while: not a live writer's)
@@ -756,6 +756,23 @@ def train_target(
             (out_final / name).replace(target)
         out_final.rmdir()
         return TrainResult(out, c.steps, final, start)
+
+
+@contextlib.contextmanager
+def _holding(out: Path, main: bool) -> Iterator[None]:
+    """``out``'s lock for the block, on the main process; a folder the lock made, left holding nothing but the lock
+    by a training that failed (out of memory at its first step), is removed: nothing half-made is left behind."""
+    if not main:
+        yield
+        return
+    fresh = not out.exists()
+    try:
+        with run_lock(out):
+            yield
+    except BaseException:
+        if fresh and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 SEGMENT_KEYS = ("processes", "rows_per_process", "torch_threads", "device", "platform", "versions")
