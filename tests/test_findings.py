@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from side_extract import config as cfg
 from side_extract.evaluation import GenerationTable
 from side_extract.findings import collect
 from side_extract.runs import atomic_write_json
@@ -428,3 +429,66 @@ def test_measured_generations_says_why_it_cannot_show_them(tmp_path):
         measured_generations("side", m, made)
     with pytest.raises(ValueError, match=r"extraction/side changed since it was evaluated: rerun the evaluation"):
         measured_generations("side", {"sources": {"generated": str(made)}, "fingerprints": m["fingerprints"]}, made)
+
+
+def test_summary_faults_of_a_review():
+    """Shares put per generation asked for (dedup-driven stopping) were count / made * made / asked in floats: one
+    image in 10 made of 100 asked beat one image in 100 (ratio 1.0000000000000002, 'SIDE better'), and a tie between
+    baselines was broken. The verdict named as tied a baseline of another budget, and left out one asked for as many
+    that stopped earlier with as many images."""
+    from side_extract.summary import per_budget, ratios_to_best_baseline, verdict
+
+    def m(count, made):
+        share = {b: count / made for b in DISTANCE_BANDS}
+        return {"bands": DISTANCE_BANDS, "orientation": "distance", "n_train": 100, "n_generated": made, "ams": share,
+                "ums": share, "ams_cumulative": share, "ums_cumulative": share, "p95": 0.2,
+                "carlini": {"extracted_fraction": 0.0}, "gu": {"memorized_fraction": 0.0}}
+
+    def table(metrics, asked):
+        return ratios_to_best_baseline({k: per_budget(v, asked[k]) for k, v in metrics.items()},
+                                       budgets=asked)["side"]["ums_cumulative/mid"]
+
+    def counts(metrics):
+        return {k: {"distinct_cumulative": {b: round(v["ums_cumulative"][b] * v["n_generated"])
+                                            for b in DISTANCE_BANDS}} for k, v in metrics.items()}
+
+    row = table({"side": m(1, 10), "uncond": m(1, 100)}, {"side": 100, "uncond": 100})
+    assert row["ratio"] == 1.0 and row["side_better"] is False
+    metrics = {"side": m(2, 100), "cond": m(1, 100), "uncond": m(1, 5)}
+    asked = {k: 100 for k in metrics}
+    row = table(metrics, asked)
+    assert row["best_baseline_method"] == "cond" and row["tied_baselines"] == ["uncond"]
+    assert "the best baseline, cond and uncond, with 1 (2.00x)" in verdict(metrics, counts(metrics), asked)
+    metrics = {"side": m(6, 100), "cond": m(5, 50), "uncond": m(5, 50)}  # cond asked for 50, uncond for 100
+    said = verdict(metrics, counts(metrics), {"side": 100, "cond": 50, "uncond": 100})
+    assert "the best baseline, uncond, with 5 in 50 (1.20x)" in said, said
+
+
+def test_a_run_made_under_a_relative_path_counts_its_generations_once_from_any_folder(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch, one_thread):
+    """A run made as `side run C --out run` recorded its evaluations' source as run/extraction/x, relative: read
+    from another folder it named other files, so a side evaluate of the run's own extraction into the run counted
+    the same generations twice there (and the findings changed with the folder they were read from)."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+    from side_extract.pipeline import run_audit
+
+    from test_pipeline import tiny_rc
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)),
+                             evaluate=cfg.EvaluateConfig(carlini_n=5, quality=(), bands="high=0:0.1,mid=0.1:0.2,low=0.2:0.4"))
+    run_audit("run", rc)
+    run = tmp_path / "here" / "run"
+    for cwd in ("here", "elsewhere"):
+        monkeypatch.chdir(tmp_path / cwd)
+        r = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", str(run / "extraction" / "uncond"),
+                                     "--train", "digits:30", "--out", str(run / "evaluation" / "plain"),
+                                     "--carlini-n", "5"])
+        assert r.exit_code == 0, r.output
+        found = json.loads((run / "summary.json").read_text())["findings"]
+        assert found["generations"] == {"uncond": 6} and list(found["left_out"]) == ["plain"], (cwd, found)
+        shutil.rmtree(run / "evaluation" / "plain")

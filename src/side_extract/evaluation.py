@@ -386,7 +386,17 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
                       ams(best, bands, sim.orientation, cumulative=True),
                       tally.ums_cumulative(), p95, q, carlini, gu, tally.ng_law(),
                       {"generated": generated.fingerprint(), "train": train.fingerprint()}, table, null, detection,
-                      cfg.to_dict(c), {"generated": generated.name, "train": train.name})
+                      cfg.to_dict(c), {"generated": source_name(generated), "train": source_name(train)})
+
+
+def source_name(images: ImageSet) -> str | None:
+    """What a results file records ``images`` came from: its name, and a path as an absolute one (a run made with
+    a relative path recorded its extraction as ``run/extraction/x``, read later from another folder as other
+    files: the findings counted the run's generations twice, the report showed none)."""
+    name = images.name
+    if isinstance(name, str) and name and Path(name).exists():
+        return str(Path(name).resolve())
+    return name
 
 
 def duplicate_counts(images: ImageSet) -> np.ndarray:
@@ -612,11 +622,11 @@ def calibrate(train: ImageSet, heldout: ImageSet | None = None, config: cfg.Eval
     t_rows = _rows(sim, train, train_features, c, device, train, feature_model)
     index = neighbor_index(sim.metric, c, device).fit(t_rows)
     nulls = {"train": index.kneighbors(t_rows, 1, exclude_self=True, progress=progress).scores[:, 0]}
-    fps, sources = {"train": train.fingerprint()}, {"train": train.name}
+    fps, sources = {"train": train.fingerprint()}, {"train": source_name(train)}
     if heldout is not None:
         h_rows = _rows(sim, heldout, heldout_features, c, device, train, feature_model)
         nulls["heldout"] = index.kneighbors(h_rows, 1, progress=progress).scores[:, 0]
-        fps["heldout"], sources["heldout"] = heldout.fingerprint(), heldout.name
+        fps["heldout"], sources["heldout"] = heldout.fingerprint(), source_name(heldout)
     bands = propose_bands(nulls[source], sim.orientation, c.calibration_quantiles, copies[source])
     return Calibration(sim.spec, sim.orientation, tuple(c.calibration_quantiles), source, bands, nulls, fps, sources,
                        copies)

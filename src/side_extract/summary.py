@@ -149,7 +149,8 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
         s = max(sides, key=lambda k: count[k])
         # the best baseline among those asked for as many generations, as the ratio table takes it (across budgets
         # it named another baseline than the table and withheld the table's ratio)
-        b = max([k for k in bases if asked[k] == asked[s]] or bases, key=lambda k: count[k])
+        pool = [k for k in bases if asked[k] == asked[s]] or bases
+        b = max(pool, key=lambda k: count[k])
         # (a ratio of counts made in other numbers of generations: the ratio table below refuses it, "N_G differs")
         def unequal(k: str) -> str:
             return f"no ratio: {k} was asked for {asked[k]} generations, {b} {asked[b]}"
@@ -158,7 +159,9 @@ def verdict(metrics: dict[str, dict[str, Any]], methods: dict[str, dict[str, Any
                  f"{count[s] / count[b]:.2f}x" if count[b] else "the baseline found none")
         word = "more than" if count[s] > count[b] else ("as many as" if count[s] == count[b] else "fewer than")
         same = n_of[s] == n_of[b]
-        tied = " and ".join(k for k in bases if count[k] == count[b] and n_of[k] == n_of[b])  # (a tie: both named)
+        # (a tie, both named: among the baselines compared, asked for as many as the best; it named another budget's,
+        # and left out one that stopped earlier with as many images)
+        tied = " and ".join(k for k in pool if count[k] == count[b] and asked[k] == asked[b])
         out = (f"{s} reached {count[s]} distinct training images (of {n_train}) at {where} with {n_of[s]} generations, "
                f"{word} the best baseline, {tied}, with {count[b]}{'' if same else f' in {n_of[b]}'} ({ratio}).")
         for k in (k for k in LABEL_FREE if k in count and k != s):
@@ -179,11 +182,15 @@ def per_budget(metrics: dict[str, Any], n_asked: int) -> dict[str, Any]:
     ``metrics`` itself."""
     if metrics["n_generated"] >= n_asked:
         return metrics
-    f = metrics["n_generated"] / n_asked
-    out = {**metrics, **{k: {b: v * f for b, v in metrics[k].items()}
+    made = metrics["n_generated"]
+
+    def share(v: float) -> float:  # count / made -> count / asked, from the count (v * made / asked rounded off it:
+        return round(v * made) / n_asked  # equal counts compared as unequal, a tie read as a win)
+
+    out = {**metrics, **{k: {b: share(v) for b, v in metrics[k].items()}
                          for k in ("ams", "ums", "ams_cumulative", "ums_cumulative")}}
-    out["carlini"] = {**metrics["carlini"], "extracted_fraction": metrics["carlini"]["extracted_fraction"] * f}
-    out["gu"] = {**metrics["gu"], "memorized_fraction": metrics["gu"]["memorized_fraction"] * f}
+    out["carlini"] = {**metrics["carlini"], "extracted_fraction": share(metrics["carlini"]["extracted_fraction"])}
+    out["gu"] = {**metrics["gu"], "memorized_fraction": share(metrics["gu"]["memorized_fraction"])}
     return out
 
 
