@@ -479,8 +479,9 @@ def test_a_run_made_under_a_relative_path_counts_its_generations_once_from_any_f
     (tmp_path / "here").mkdir()
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "here")
+    bands = "high=0:0.1,mid=0.1:0.2,low=0.2:0.4"
     rc = dataclasses.replace(tiny_rc(tiny_model_dir, methods=("uncond",)),
-                             evaluate=cfg.EvaluateConfig(carlini_n=5, quality=(), bands="high=0:0.1,mid=0.1:0.2,low=0.2:0.4"))
+                             evaluate=cfg.EvaluateConfig(carlini_n=5, quality=(), bands=bands))
     run_audit("run", rc)
     run = tmp_path / "here" / "run"
     for cwd in ("here", "elsewhere"):
