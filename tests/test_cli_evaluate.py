@@ -476,3 +476,23 @@ def test_a_folder_where_a_result_file_is_written_is_refused_before_the_work(sets
     said = f"{str(out / 'bands.json')!r} is a folder, where the results' bands.json is written"
     assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output
     assert [p.name for p in out.iterdir()] == ["bands.json"]
+
+
+def test_a_stage_configs_bands_replace_the_runs_other_ways_of_giving_them(tmp_path):
+    """`side extract --run R --config C` merged C over R's config.yaml key by key: C's evaluate.bands_file (valid
+    alone) beside R's evaluate.bands was refused as "give one of them, not both"; side evaluate already took them as
+    alternatives. A typed flag replaces them the same way; a C that gives none keeps the run's."""
+    from side_extract import config as cfg
+    from side_extract.cli.common import load_run_config
+    from side_extract.runs import RunDir
+
+    RunDir(tmp_path / "run").write_config(cfg.RunConfig(train="digits:30",
+                                                        evaluate=cfg.EvaluateConfig(bands="high=0:0.1,mid=0.1:0.2")))
+    (tmp_path / "c.yaml").write_text(f"evaluate:\n  bands_file: {tmp_path / 'bands.json'}\n")
+    ev = load_run_config(tmp_path / "run", tmp_path / "c.yaml", {}).evaluate
+    assert ev.bands_file == str(tmp_path / "bands.json") and ev.bands is None
+    ev = load_run_config(tmp_path / "run", tmp_path / "c.yaml", {"evaluate": {"bands": "near=0:0.05"}}).evaluate
+    assert ev.bands == "near=0:0.05" and ev.bands_file is None
+    (tmp_path / "c.yaml").write_text("evaluate:\n  carlini_n: 7\n")
+    ev = load_run_config(tmp_path / "run", tmp_path / "c.yaml", {}).evaluate
+    assert ev.bands == "high=0:0.1,mid=0.1:0.2" and ev.carlini_n == 7

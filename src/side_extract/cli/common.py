@@ -210,6 +210,24 @@ def build_config(cls: type[T], config_file: Path | None, overrides: dict[str, An
     return cfg.from_dict(cls, cfg.merge(base, overrides))
 
 
+BAND_SOURCES = ("bands", "bands_file", "heldout")  # the ways to give an evaluation's bands: alternatives
+
+
+def without_replaced_bands(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (an evaluate section) less the ways of giving bands that ``over`` replaces by giving another: they
+    are alternatives, so one given later replaces the earlier ones, as any later value does (a --config with
+    bands_file over a run's bands was refused as "give one of them, not both")."""
+    given = [k for k in BAND_SOURCES if over.get(k) is not None]
+    return {k: v for k, v in base.items() if not (given and k in BAND_SOURCES and k not in given)}
+
+
+def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged over ``base`` (a run config's dicts), the bands it gives replacing ``base``'s others."""
+    if isinstance(base.get("evaluate"), dict) and isinstance(over.get("evaluate"), dict):
+        base = {**base, "evaluate": without_replaced_bands(base["evaluate"], over["evaluate"])}
+    return cfg.merge(base, over)
+
+
 def _run_config_dict(run: Path, config: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
     base: dict[str, Any] = {}
     if (run / "config.yaml").is_file():
@@ -217,8 +235,8 @@ def _run_config_dict(run: Path, config: Path | None, overrides: dict[str, Any]) 
 
         base = read_run_config(run)
     if config is not None:
-        base = cfg.merge(base, cfg.load_yaml(config))
-    return cfg.merge(base, overrides)
+        base = _overlay(base, cfg.load_yaml(config))
+    return _overlay(base, overrides)
 
 
 def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> cfg.RunConfig:

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from .. import config as cfg
-from .common import build_config, cli_errors, console, path_value, progress_bar, typed_flags
+from .common import build_config, cli_errors, console, path_value, progress_bar, typed_flags, without_replaced_bands
 
 D = cfg.EvaluateConfig()
 OPTIONS = [k for k in cfg.to_dict(D)]
@@ -33,10 +33,7 @@ def evaluate_config(ctx: typer.Context, config: Path | None) -> cfg.EvaluateConf
     overrides = typed_flags(ctx, {k: k for k in OPTIONS if k in ctx.params})
     # the ways to give bands are alternatives: a typed one replaces the file's others, as any flag replaces the
     # file's value (--bands beside the file's bands_file was refused as "give one of them, not both")
-    given = [k for k in ("bands", "bands_file", "heldout") if overrides.get(k) is not None]
-    for k in ("bands", "bands_file", "heldout") if given else ():
-        if k not in given:
-            base.pop(k, None)
+    base = without_replaced_bands(base, overrides)
     if "calibration_quantiles" in overrides:
         overrides["calibration_quantiles"] = parse_floats(overrides["calibration_quantiles"], "calibration_quantiles")
     return build_config(cfg.EvaluateConfig, None, cfg.merge(base, overrides))
