@@ -31,6 +31,17 @@ def test_dotted_overrides_nest_and_apply():
         apply_overrides(cfg.RunConfig(), {"extract.t_lo": 0.6, "extract.t_hi": 0.5}, where="variants.x")
     with pytest.raises(ValueError, match="dotted section.field"):
         cfg.dotted_to_nested({"extract..t_hi": 1})
+    # a null section sets nothing, in either order (after a dotted key it dropped that key without a word)
+    for given in ({"extract.n": 5, "extract": None}, {"extract": None, "extract.n": 5}):
+        assert cfg.dotted_to_nested(given) == {"extract": {"n": 5}}, given
+    # a hex or octal integer needs a digit ('0x_' met int()'s error, naming no key)
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "c.yaml"
+    path.write_text("sample: {seed: 0x_}\n")
+    with pytest.raises(ValueError, match=r"sample.seed='0x_' must be an integer"):
+        cfg.from_dict(cfg.RunConfig, cfg.load_yaml(path))
 
 
 def test_objective_by_hand():

@@ -1054,7 +1054,8 @@ class _Dumper(yaml.SafeDumper):
 # base-60 90, without a word. The writer quotes text that either rule reads otherwise (a path named 1e4, 010, 0o17),
 # so it reads back as text here and in other YAML readers
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$")
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x_*[0-9a-fA-F][0-9a-fA-F_]*|0o_*[0-7][0-7_]*)$")  # (a digit: 0x_ was
+# int()'s "invalid literal ... with base 16", naming no key)
 _FLOAT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
                        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 _UniqueKeyLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in (_INT, _FLOAT)]
@@ -1141,9 +1142,13 @@ def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
             seen[name] = str(key)
         node = out
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # (a null section before it: sets nothing, as merge takes it)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ValueError(f"override key {key!r} conflicts with another override of {p!r}")
+        if value is None and isinstance(node.get(parts[-1]), dict):  # a null section sets nothing, as merge takes it
+            continue  # ({"extract.n": 5, "extract": None} dropped extract.n without a word)
         node[parts[-1]] = merge(node.get(parts[-1], {}), value) if isinstance(value, dict) else value
     return out
 
