@@ -491,3 +491,54 @@ def test_every_stage_noises_as_the_samplers_denoise_whatever_the_schedulers_clas
         weights[kind] = load_file(str(tmp_path / kind.__name__ / "classifier" / "model.safetensors"))
     a, b = weights.values()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_classifier_faults_of_a_review(tmp_path):
+    """Numpy-integer classes were accepted and failed json.dumps when saved, after the training; a config.json of
+    3.0 classes met a bare torch TypeError, an image size of 8.5 loaded; time_embed_dim 1 is an all-zero embedding
+    (the noise-aware classifier ignored t); a schedule of fewer than 4 timesteps failed after eval_every steps; (n, 1)
+    labels passed the length check; TeacherLabeler classified the whole set before refusing classes of another count,
+    cut float classes to integers, and met bare errors for batch_size 0 and min_confidence None."""
+    from diffusers import DDPMScheduler
+
+    from side_extract.surrogate import TeacherLabeler
+    from side_extract.training import fit_label_classifier
+
+    arch = ClassifierArch(num_classes=2, in_channels=1, image_size=8, depth=10, width=8, classes=(np.int64(3), 7))
+    save_classifier(NoiseAwareResNet(arch), tmp_path / "clf")
+    assert load_classifier(tmp_path / "clf").arch.classes == (3, 7)
+    for key, value in (("num_classes", 3.0), ("image_size", 8.5), ("time_embed_dim", 1)):
+        with pytest.raises(ValueError, match=f"{key}={value!r} must be an integer >= "):
+            ClassifierArch(**{"num_classes": 2, "in_channels": 1, "image_size": 8, "depth": 10, key: value})
+        config = json.loads((tmp_path / "clf" / "config.json").read_text())
+        config["arch"][key] = value
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+        (tmp_path / "bad" / "model.safetensors").write_bytes((tmp_path / "clf" / "model.safetensors").read_bytes())
+        with pytest.raises(ValueError, match="is damaged"):
+            load_classifier(tmp_path / "bad")
+    with pytest.raises(ValueError, match="time_embed_dim=1 must be >= 2"):
+        cfg.ClassifierConfig(time_embed_dim=1)
+
+    x = torch.rand(40, 1, 8, 8) * 2 - 1
+    c = cfg.ClassifierConfig(depth=10, width=8, steps=4, eval_every=4, batch_size=8)
+    with pytest.raises(ValueError, match="3 training timesteps; a noise-aware classifier needs at least 4"):
+        fit_label_classifier(x, np.arange(40) % 2, c, scheduler=DDPMScheduler(num_train_timesteps=3))
+    with pytest.raises(ValueError, match=r"labels must be one per image of x0 \(40,\), got shape \(40, 1\)"):
+        fit_label_classifier(x, (np.arange(40) % 2)[:, None], c, scheduler=None)
+
+    seen = []
+
+    class Three(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(len(x))
+            return torch.stack([x.flatten(1).mean(1) * k for k in (1, 2, 3)], 1)
+
+    with pytest.raises(ValueError, match="classes has 2 entries but the classifier has 3 outputs"):
+        TeacherLabeler(Three(), np.array([10, 20]), batch_size=100).fit(torch.full((2000, 1, 8, 8), 0.5))
+    assert sum(seen) == 100  # (the first batch, not the whole set)
+    for kw, said in ((dict(classes=np.array([10.9, 20.9, 30.9])), "classes must hold integers"),
+                     (dict(batch_size=0), "batch_size=0 must be an integer >= 1"),
+                     (dict(min_confidence=None), "min_confidence=None must be a number")):
+        with pytest.raises(ValueError, match=said):
+            TeacherLabeler(Three(), **{"classes": np.array([1, 2, 3]), **kw}).fit(torch.zeros(4, 1, 8, 8))

@@ -451,6 +451,9 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         _numbers(self)
         _positive(self, "width", "time_embed_dim", "steps", "batch_size", "eval_every")
+        if self.time_embed_dim < 2:  # (diffusers' Timesteps(1) is all zero: the classifier ignored t without a word)
+            raise ValueError(f"time_embed_dim={self.time_embed_dim} must be >= 2 (a sinusoidal embedding of t needs a "
+                             "sine and a cosine)")
         if not 0.0 <= self.balance <= 1.0:
             raise ValueError(f"balance={self.balance} must lie in [0, 1] (0: plain cross-entropy, 1: every label "
                              "weighs the same)")

@@ -34,7 +34,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
 from .config import check_int, check_real
-from .data import check_float_images
+from .data import check_float_images, integer_labels
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,15 @@ class TeacherLabeler:
 
     def fit(self, x: torch.Tensor) -> "TeacherLabeler":
         """Label the synthetic images ``x`` (n, C, H, W) in [-1, 1]."""
+        check_real(self.min_confidence, "min_confidence")  # (None was a comparison's TypeError)
         if not 0.0 <= self.min_confidence < 1.0:
             raise ValueError(f"min_confidence={self.min_confidence} must be in [0, 1)")
+        check_int(self.batch_size, "batch_size", 1)  # (0 was range()'s error)
+        # one integer label value per output, checked before the classifier runs over the set (floats were cut to
+        # integers; too few or too many were found after the whole set was classified)
+        classes = integer_labels(self.classes, "classes").astype(np.int64)
+        if classes.ndim != 1:
+            raise ValueError(f"classes must be one label value per output, got shape {classes.shape}")
         check_float_images(x, "TeacherLabeler.fit: x")
         x = x.float()
         probs = []
@@ -287,12 +294,11 @@ class TeacherLabeler:
                 xb = x[lo:lo + self.batch_size].to(device)
                 t = torch.zeros(len(xb), dtype=torch.long, device=device)
                 probs.append(torch.softmax(self.classifier(xb, t), -1).cpu())
+                if probs[-1].shape[1] != len(classes):  # (too few was an IndexError where argmax reached one
+                    # missing; too many were ignored without a word)
+                    raise ValueError(f"classes has {len(classes)} entries but the classifier has {probs[-1].shape[1]} "
+                                     "outputs: give one label value per output")
         p = torch.cat(probs).numpy()
-        classes = np.asarray(self.classes, dtype=np.int64)
-        if classes.shape != (p.shape[1],):  # (too few was an IndexError where argmax reached one missing; too many
-            # were ignored without a word)
-            raise ValueError(f"classes has {len(classes)} entries but the classifier has {p.shape[1]} outputs: give "
-                             "one label value per output")
         self.confidence_ = p.max(1)
         self.labels_ = np.where(self.confidence_ >= self.min_confidence, classes[p.argmax(1)], -1)
         self.kept_classes_ = np.unique(self.labels_[self.labels_ >= 0])

@@ -295,8 +295,12 @@ def fit_label_classifier(
     check_float_images(x0, f"{name} x0")
     x0 = x0.float()
     labels = integer_labels(labels, f"{name}: labels")
-    if len(labels) != len(x0):
-        raise ValueError(f"{len(x0)} images but {len(labels)} labels")
+    if labels.shape != (len(x0),):  # ((n, 1) labels passed, and their mask indexed the images' channels)
+        raise ValueError(f"{name}: labels must be one per image of x0 ({len(x0)},), got shape {labels.shape}")
+    if scheduler is not None and scheduler.config.num_train_timesteps < 4:  # (each quartile of t, where the held-out
+        # accuracy is measured, needs a timestep: an empty one failed after eval_every steps of training)
+        raise ValueError(f"the scheduler has {scheduler.config.num_train_timesteps} training timesteps; a noise-aware "
+                         "classifier needs at least 4 (its accuracy is measured per quarter of them)")
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:

@@ -54,6 +54,14 @@ class ClassifierArch:
     backbone: Literal["resnet", "unet"] = "resnet"
 
     def __post_init__(self) -> None:
+        # the sizes are integers (not bools): 3.0 classes met a bare torch TypeError building the network, an image
+        # size of 8.5 loaded; time_embed_dim 1 is no sinusoidal embedding at all (diffusers' Timesteps(1) is all zero:
+        # the noise-aware classifier ignored t without a word)
+        for name, least in (("num_classes", 2), ("in_channels", 1), ("image_size", 8), ("depth", 1), ("width", 1),
+                            ("time_embed_dim", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{name}={value!r} must be an integer >= {least}")
         if self.backbone == "resnet" and self.depth not in DEPTHS:  # the UNet's features have no depth of their own
             raise ValueError(f"depth={self.depth} must be one of {sorted(DEPTHS)}")
         if self.num_classes < 2:
@@ -77,9 +85,10 @@ class ClassifierArch:
                 len(set(self.classes)) != len(self.classes):  # (floats were cut to ints later; repeats made the
             # output <-> cluster mapping ambiguous)
             raise ValueError(f"classes={list(self.classes)!r} must be distinct integer cluster ids")
-        for name in ("width", "time_embed_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        # plain ints, as config.json writes them (numpy integers were accepted, then failed json.dumps after training)
+        object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+        for name in ("num_classes", "in_channels", "image_size", "depth", "width", "time_embed_dim"):
+            object.__setattr__(self, name, int(getattr(self, name)))
 
 
 class BasicBlock(nn.Module):
@@ -269,7 +278,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *
     try:
         with torch.random.fork_rng():  # its random initialisation, overwritten below, leaves the caller's RNG alone
             model = build_classifier(arch, unet)
-    except (ValueError, RuntimeError) as e:  # (an architecture no network can have: a bare torch error)
+    except (ValueError, RuntimeError, TypeError) as e:  # (an architecture no network can have: a bare torch error)
         raise ValueError(damaged % f"config.json: {type(e).__name__} {e}") from None
     try:
         weights = load_file(str(d / "model.safetensors"))
