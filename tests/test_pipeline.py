@@ -1054,3 +1054,42 @@ def test_a_growth_cut_short_between_its_record_and_its_unlinking_resumes_to_the_
     monkeypatch.setattr(RunDir, "grow", real)
     got = shard_stage(RunDir(run.path), "extraction/x", fp(9), 9, 2, make, fingerprint_at=fp)
     assert np.array_equal(got.ids, np.arange(9)) and np.array_equal(got.images[:, 0, 0, 0], np.arange(9))
+
+
+def test_a_reshare_cut_short_after_the_calibration_leaves_its_bands_with_its_entry(tmp_path, monkeypatch):
+    """The calibration's files lie outside its folder and were linked after the loop over the stages, while a later
+    stage's manifest write already recorded the calibration's new entry: cut short in between, the sub-run kept the
+    old bands under the new fingerprint, and no rerun linked them again."""
+    import side_extract.sweeps as sweeps
+    from side_extract.runs import RunDir
+
+    parent, child = RunDir(tmp_path / "run"), RunDir(tmp_path / "run" / "sweeps" / "scale=2")
+    for k, fingerprint in enumerate(("a" * 64, "b" * 64)):
+        parent.begin("calibration", fingerprint)
+        (parent.path / "evaluation").mkdir(exist_ok=True)
+        (parent.path / "evaluation" / "bands.json").unlink(missing_ok=True)
+        (parent.path / "evaluation" / "bands.json").write_text(json.dumps({"v": fingerprint[0]}))
+        parent.complete("calibration")
+        parent.begin("evaluation/uncond", fingerprint)
+        (parent.path / "evaluation" / "uncond").mkdir(exist_ok=True)
+        for shard in range(2):
+            (parent.path / "evaluation" / "uncond" / f"f{shard}").write_text(fingerprint + str(shard))
+        parent.complete("evaluation/uncond")
+        if k == 0:
+            sweeps.share_stages(parent, child)
+    real, links = sweeps._link_or_copy, []
+
+    def cut(src, dst):
+        if "uncond" in str(dst):
+            if links:
+                raise KeyboardInterrupt  # the kill, inside the evaluation's copy
+            links.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(sweeps, "_link_or_copy", cut)
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.share_stages(parent, child)
+    monkeypatch.setattr(sweeps, "_link_or_copy", real)
+    sweeps.share_stages(parent, child)
+    entry = read_json(child.path / "manifest.json")["stages"]["calibration"]
+    assert read_json(child.path / "evaluation" / "bands.json")["v"] == entry["fingerprint"][0] == "b"

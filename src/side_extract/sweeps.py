@@ -55,15 +55,24 @@ def share_stages(parent: RunDir, child: RunDir) -> list[str]:
             shutil.rmtree(dst)
         if src.is_dir():
             shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
+        if stage == "calibration":  # its files lie outside its folder: linked before its entry is recorded (a later
+            # stage's manifest write records it: cut short after, the sub-run kept the old bands under the new entry)
+            _share_calibration_files(parent, child, replace=True)
         child_m["stages"][stage] = dict(entry, shared_from=str(parent.path))
         shared.append(stage)
-    for extra in ("evaluation/bands.json", "evaluation/null.npz"):  # the calibration stage's files
-        if (parent.path / extra).exists() and (not (child.path / extra).exists() or "calibration" in shared):
+    _share_calibration_files(parent, child, replace=False)  # (a child without them: a run of an earlier release)
+    atomic_write_json(child.path / RunDir.MANIFEST, child_m)
+    return shared
+
+
+def _share_calibration_files(parent: RunDir, child: RunDir, *, replace: bool) -> None:
+    """Link the calibration stage's files (``evaluation/bands.json``, ``null.npz``) of ``parent`` into ``child``:
+    each one the child lacks, or (``replace``) every one."""
+    for extra in ("evaluation/bands.json", "evaluation/null.npz"):
+        if (parent.path / extra).exists() and (replace or not (child.path / extra).exists()):
             (child.path / extra).parent.mkdir(parents=True, exist_ok=True)
             (child.path / extra).unlink(missing_ok=True)
             _link_or_copy(parent.path / extra, child.path / extra)
-    atomic_write_json(child.path / RunDir.MANIFEST, child_m)
-    return shared
 
 
 def _link_or_copy(src: str | Path, dst: str | Path) -> None:
