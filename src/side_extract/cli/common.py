@@ -216,9 +216,12 @@ BAND_SOURCES = ("bands", "bands_file", "heldout")  # the ways to give an evaluat
 def without_replaced_bands(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``base`` (an evaluate section) less the ways of giving bands that ``over`` replaces by giving another: they
     are alternatives, so one given later replaces the earlier ones, as any later value does (a --config with
-    bands_file over a run's bands was refused as "give one of them, not both")."""
+    bands_file over a run's bands was refused as "give one of them, not both"). A held-out set is also the sample
+    quality's reference: bands given later replace only the other bands, never it (the quality was measured against
+    something else, or skipped, without a word); a held-out set given later replaces fixed bands (calibrated on it)."""
     given = [k for k in BAND_SOURCES if over.get(k) is not None]
-    return {k: v for k, v in base.items() if not (given and k in BAND_SOURCES and k not in given)}
+    dropped = {k for k in ("bands", "bands_file") if given and k not in given}
+    return {k: v for k, v in base.items() if k not in dropped}
 
 
 def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
