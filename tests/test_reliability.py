@@ -1353,8 +1353,8 @@ def test_the_rerun_advised_for_an_evaluation_of_an_extraction_made_again_runs(ti
 def test_every_text_file_is_read_and_written_as_utf8_whatever_the_locale():
     """The run's text files are written as UTF-8 (atomic_write_text); read with the locale's encoding (a Latin-1
     machine), the report's template and config.yaml came out garbled, and a run that put its config.yaml back after
-    a failed start (pipeline.chain) wrote a non-ASCII path in it encoded twice. Every text read or write in the
-    package names its encoding."""
+    a failed start (pipeline.chain) wrote a non-ASCII path in it encoded twice; the run lock's file (its holder's
+    command line) failed under an ASCII locale. Every text read or write in the package names its encoding."""
     import ast
 
     unnamed = []
@@ -1367,8 +1367,9 @@ def test_every_text_file_is_read_and_written_as_utf8_whatever_the_locale():
             mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"),
                                                                 None)
             binary = isinstance(mode, ast.Constant) and "b" in str(mode.value)
-            builtin_open = name == "open" and (isinstance(fn, ast.Name) or (isinstance(fn, ast.Attribute) and not (
-                isinstance(fn.value, ast.Name) and fn.value.id in ("os", "Image", "np", "zipfile", "tarfile"))))
+            builtin_open = name == "fdopen" or name == "open" and (isinstance(fn, ast.Name) or (
+                isinstance(fn, ast.Attribute) and not (isinstance(fn.value, ast.Name) and fn.value.id in (
+                    "os", "Image", "np", "zipfile", "tarfile"))))
             if name in ("read_text", "write_text") or (builtin_open and not binary):
                 unnamed.append(f"{f.relative_to(f.parents[2])}:{node.lineno}: {ast.unparse(node)[:60]}")
     assert not unnamed, "\n".join(unnamed)

@@ -1184,3 +1184,14 @@ def test_an_evaluation_set_apart_in_other_bands_leaves_the_best_between_the_othe
     assert not [k for k in cmp["best"] if "near" in k]  # (only the set-apart one has it)
     assert _comparison({"side": m(0.3), "uncond": m(0.2, bands={"near": [0, 0.05]})})["best"].keys() == {"carlini",
                                                                                                          "gu", "p95"}
+
+
+def test_a_report_json_from_before_compared_same_bands_still_renders(run_dir, tmp_path):
+    """render_html takes a report.json; one written before the comparison recorded compared_same_bands, of methods in
+    other bands, failed the page (StrictUndefined)."""
+    from side_extract.report import render_html
+
+    data = build_report(run_dir, top=2)
+    data["comparison"]["same_bands"] = False
+    del data["comparison"]["compared_same_bands"]
+    assert "The methods were measured with other similarities or bands" in " ".join(render_html(data, run_dir).split())

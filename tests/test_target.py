@@ -494,10 +494,17 @@ def test_a_training_into_a_folder_another_training_writes_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunLocked, match=f"{out}' is being written by another process"):
+        with pytest.raises(RunLocked, match=f"{out}' is being written by another process .*; wait for it to finish, "
+                                            "or train into another --out"):
             train_target(TINY, data, out)
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
     finally:
         holder.kill()
         holder.wait()
     assert train_target(TINY, data, out).steps == 4 and load_target(out).unet is not None
+
+    # a training that fails before writing anything leaves no folder behind, the lock's parents neither
+    deep = tmp_path / "new" / "nested" / "m"
+    with pytest.raises((RuntimeError, MemoryError)):  # (torch's allocator: the CLI says "out of memory")
+        train_target(dataclasses.replace(TINY, batch_size=10**12), data, deep)
+    assert not (tmp_path / "new").exists()

@@ -765,13 +765,21 @@ def _holding(out: Path, main: bool) -> Iterator[None]:
     if not main:
         yield
         return
+    made = out  # the outermost folder the lock makes (run_lock makes its parents too)
+    while not made.parent.exists():
+        made = made.parent
     fresh = not out.exists()
     try:
-        with run_lock(out):
+        with run_lock(out, advice="wait for it to finish, or train into another --out"):
             yield
     except BaseException:
         if fresh and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
             shutil.rmtree(out, ignore_errors=True)
+            for parent in out.parents:  # the empty folders above it that the lock made, up to the first one
+                if parent == made.parent:
+                    break
+                with contextlib.suppress(OSError):  # (not empty: another's)
+                    parent.rmdir()
         raise
 
 

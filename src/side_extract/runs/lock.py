@@ -41,7 +41,7 @@ _HELD: dict[Path, int] = {}  # run directories this process holds, with a re-ent
 PROBE_PATIENCE_S = 0.25  # how long a lock held only for an instant (another process's probe) is waited out
 
 
-def _take_lock(f: Any, path: Path) -> None:
+def _take_lock(f: Any, path: Path, advice: str | None = None) -> None:
     """``flock`` ``f`` exclusively without blocking, or raise :class:`RunLocked`; a lock held only for an instant
     (:func:`check_unlocked`'s probe in another process, or two probes at once) is retried for
     ``PROBE_PATIENCE_S``, so it is not mistaken for a writer holding the run (who holds it for the whole run)."""
@@ -52,7 +52,7 @@ def _take_lock(f: Any, path: Path) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise _locked(path, f) from None
+                raise _locked(path, f, advice) from None
             time.sleep(0.01)
 
 
@@ -79,8 +79,9 @@ def check_writable(out: str | Path, what: str = "--out", files: Sequence[str] = 
         raise ValueError(f"{what} {str(out)!r}: {str(anc)!r} is not writable here")
 
 
-def _locked(path: Path, f: Any) -> RunLocked:
-    return RunLocked(f"{_held(path, f)}; wait for it (--wait{WAIT_NOTE}) or use another run directory")
+def _locked(path: Path, f: Any, advice: str | None = None) -> RunLocked:
+    advice = advice or f"wait for it (--wait{WAIT_NOTE}) or use another run directory"
+    return RunLocked(f"{_held(path, f)}; {advice}")
 
 
 WAIT_NOTE = ": side run, demo, sample, cluster, train-classifier, extract; audit(wait=True)"
@@ -207,7 +208,8 @@ def _open_lock(path: Path) -> Any:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ValueError(f"{str(path / '.lock')!r} is not a plain file, not the run's lock file: remove it")
-    return os.fdopen(fd, "a+")
+    return os.fdopen(fd, "a+", encoding="utf-8", errors="replace")  # (its holder's command line: any characters,
+    # whatever the locale)
 
 
 def _still_the_lock_file(f: Any, path: Path) -> bool:
@@ -219,13 +221,14 @@ def _still_the_lock_file(f: Any, path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
+def run_lock(path: str | Path, *, wait: bool = False, advice: str | None = None) -> Iterator[None]:
     """Hold the exclusive lock of run directory ``path`` (``path/.lock``, ``fcntl.flock``) for the block.
 
     A second writer fails at once with :class:`RunLocked` naming the holder (pid, command, since when), or with
     ``wait`` blocks until the holder is done. The kernel releases the lock of a process that dies, so a lock
     left by a killed process is taken over by the next writer (the file's stale holder is logged). Re-entrant
-    within one process (a pipeline that calls another stage function of the same run).
+    within one process (a pipeline that calls another stage function of the same run). ``advice``: what the
+    refusal tells the user to do (a run's: wait for it with --wait, or use another run directory).
     """
     path = Path(path).resolve()
     if path in _HELD:
@@ -242,14 +245,14 @@ def run_lock(path: str | Path, *, wait: bool = False) -> Iterator[None]:
         try:
             if wait:
                 try:
-                    _take_lock(f, path)
+                    _take_lock(f, path, advice)
                 except RunLocked:  # said once (at warning level: shown without --verbose), then waited for
                     if not said:
                         log.warning("%s; waiting for it", _held(path, f))
                     said = True
                     fcntl.flock(f, fcntl.LOCK_EX)
             else:
-                _take_lock(f, path)
+                _take_lock(f, path, advice)
         except BaseException:
             f.close()
             raise
