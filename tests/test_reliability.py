@@ -1387,16 +1387,22 @@ def test_the_free_cores_are_shared_by_the_processes_of_a_launch(monkeypatch):
     monkeypatch.setattr(common, "free_cores", lambda: 8)
     before = torch.get_num_threads()
     got = {}
-    try:
-        for local, threads in (("2", 0), ("3", 0), ("1", 0), ("2", 5)):
+    try:  # (processes on this machine, --threads, the free cores side --processes measured before the launch: its
+        # processes' own start was counted as busy by each of them)
+        for local, threads, measured in (("2", 0, None), ("3", 0, None), ("1", 0, None), ("2", 5, None),
+                                         ("2", 0, "6")):
             monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+            if measured is None:
+                monkeypatch.delenv(common.FREE_CORES_ENV, raising=False)
+            else:
+                monkeypatch.setenv(common.FREE_CORES_ENV, measured)
             obj = {"threads": threads}
             ctx = types.SimpleNamespace(find_root=lambda obj=obj: types.SimpleNamespace(obj=obj))
             common.set_threads(ctx)
-            got[(local, threads)] = torch.get_num_threads()
+            got[(local, threads, measured)] = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    assert got == {("2", 0): 4, ("3", 0): 2, ("1", 0): 8, ("2", 5): 5}
+    assert got == {("2", 0, None): 4, ("3", 0, None): 2, ("1", 0, None): 8, ("2", 5, None): 5, ("2", 0, "6"): 3}
 
 
 def test_a_shard_damaged_inside_since_it_was_written_is_named_with_what_to_do(tmp_path):

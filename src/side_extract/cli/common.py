@@ -164,7 +164,13 @@ def launch_if_asked(ctx: typer.Context | None) -> None:
             skip = True
         elif not a.startswith("--processes="):
             args.append(a)
+    if obj.get("threads") == 0:  # the cores free before the launch, for its processes to share (measured by each of
+        # them, the others' start counted as busy: too few)
+        os.environ[FREE_CORES_ENV] = str(free_cores())
     raise typer.Exit(launch(n, args))
+
+
+FREE_CORES_ENV = "SIDE_LAUNCH_FREE_CORES"  # set by side --processes N for its processes (--threads 0)
 
 
 def set_threads(ctx: typer.Context | None) -> None:
@@ -178,8 +184,9 @@ def set_threads(ctx: typer.Context | None) -> None:
 
     # 0: the cores free now, shared between the processes a launch runs on this machine (each took them all, and
     # two processes on 2 cores ran 4 threads: the oversubscription --threads 0 is there to avoid)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    n = obj["threads"] or max(1, free_cores() // max(1, local))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    free = os.environ.get(FREE_CORES_ENV, "") if local > 1 else ""  # (a launch side made: measured before it)
+    n = obj["threads"] or max(1, (int(free) if free.isdigit() else free_cores()) // local)
     torch.set_num_threads(n)
     obj["threads_set"] = True
     logging.getLogger(__name__).info("torch threads: %d%s", n, "" if obj["threads"] else
