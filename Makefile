@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test` (each sets up .venv when needed).
 PYTHON ?= python3
 # torch threads for `make demo` (per process) and `make test` (per worker); 0 = the cores free when the command
-# starts (the demo's embedded targets: one per process)
+# starts, shared by the demo's processes (the demo's embedded targets: one per process)
 THREADS ?= 0
 VENV ?= .venv
 BIN = $(VENV)/bin
