@@ -363,14 +363,10 @@ def test_neighbors_faults_of_a_review():
     pytest.importorskip("faiss")
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2000, 200)).astype(np.float32)
-    copies = np.sort(rng.choice(2000, 600, replace=False))
-    ref[copies] = ref[copies[0]]
-    q = np.repeat(ref[copies[0]:copies[0] + 1], 3, 0)
-    nb = NearestNeighborIndex("cosine", backend="faiss", ref_chunk=333).fit(ref).kneighbors(q, 150)
-    assert (nb.scores == nb.scores[0, 0]).all() and (nb.indices == copies[:150]).all()
+    # a zero query: every cosine score is exactly 0, whatever the BLAS (identical rows' float32 scores need not be)
     zero = NearestNeighborIndex("cosine", backend="faiss", ref_chunk=3).fit(ref[:30]).kneighbors(np.zeros((1, 200),
                                                                                                        np.float32), 4)
-    assert zero.indices[0].tolist() == [0, 1, 2, 3]  # (every score 0: the lowest rows)
+    assert (zero.scores == 0).all() and zero.indices[0].tolist() == [0, 1, 2, 3]  # (the lowest rows)
     for backend in ("faiss", "torch"):
         index = NearestNeighborIndex("rms-l2", backend=backend).fit(ref[:20])
         for bad in ((0.3, 0.0), (float("nan"), 0.3), (0.0, float("nan"))):
