@@ -227,3 +227,47 @@ def test_what_a_variants_bench_cannot_run_is_refused_before_its_first_run(tmp_pa
                                      "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "o"), *args])
         assert r.exit_code == 2 and "train target" not in r.output, r.output
     assert not (tmp_path / "c2").exists()
+
+
+def test_variants_and_signals_faults_of_a_review(tmp_path, monkeypatch):
+    """A precision variant (bf16 moves UnCond's samples too) was scored against baselines made at fp32; base's seconds
+    were taken after its run (0 s); an empty objective made every score NaN and chose base, a repeated metric
+    counted twice; a method or a signal named twice was taken (its tables twice; its classifier trained twice)."""
+    import time
+
+    import side_extract.bench.variants as variants
+    from side_extract import config as cfg
+    from side_extract.bench.extraction import ScaleInputs
+    from side_extract.bench.signals import run_signals_bench
+    from side_extract.pipeline.context import AuditResult
+
+    from test_bench import metrics, tiny_bench
+
+    rc = cfg.RunConfig()
+    bf16 = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, precision="bf16"))
+    assert variants.sampler_settings(bf16) != variants.sampler_settings(rc)
+    for bad in ((), ("carlini", "carlini")):
+        with pytest.raises(ValueError, match="must name at least one metric, each once"):
+            VariantsBenchConfig(bench=tiny_bench(), objective=bad)
+    with pytest.raises(ValueError, match="named once"):
+        VariantsBenchConfig(bench=tiny_bench(), methods=("side", "side"))
+    with pytest.raises(ValueError, match="named once"):
+        run_signals_bench(tiny_bench(), 20, tmp_path, signals=("paper", "paper"))
+
+    bc = dataclasses.replace(tiny_bench(), scales=(20,), lambdas=(), n_clusters=(), taus=())
+    vc = VariantsBenchConfig(bench=bc, variants={"lam0": {"extract.scale": 0.0}}, objective=("carlini",))
+    m = metrics(0.1, 0.1, 0.1, 0.1, 0.0)
+
+    def audit(path, rc, **kw):  # each run takes a second
+        time.sleep(1.0)
+        return AuditResult(Path(path), {}, {k: m for k in rc.extract.methods})
+
+    monkeypatch.setattr(variants, "scale_inputs", lambda *a, **k: ScaleInputs(20, tmp_path / "t.npz", {
+        "path": str(tmp_path / "model")}, tmp_path / "b.json"))
+    monkeypatch.setattr(variants, "load_run_target", lambda *a, **k: None)
+    monkeypatch.setattr(variants, "_check_variants", lambda *a, **k: None)
+    monkeypatch.setattr(variants, "run_audit", audit)
+    monkeypatch.setattr(variants, "share_stages", lambda *a, **k: [])
+    out = variants.run_seed(vc, 1, vc.names, tmp_path / "cache")
+    seconds = {n: v["seconds"] for n, v in out["scales"][0]["variants"].items()}
+    assert seconds[BASE] >= 1.0 and seconds["lam0"] >= 1.0, seconds

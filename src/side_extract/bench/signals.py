@@ -42,8 +42,9 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
                       signals: tuple[str, ...] = SIGNALS, heldout_fraction: float = 0.2, device: str = "cpu",
                       progress: ProgressFactory = no_progress, command: str | None = None) -> dict[str, Any]:
     bad = [s for s in signals if s not in SIGNALS]
-    if bad or not signals:
-        raise ValueError(f"signals={list(signals)}: each must be one of {', '.join(SIGNALS)}")
+    if bad or not signals or len(set(signals)) != len(signals):  # (a repeat trained its classifier twice, one result
+        # overwritten)
+        raise ValueError(f"signals={list(signals)}: each must be one of {', '.join(SIGNALS)}, named once")
     check_replicate(replicate, "replicate")
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")

@@ -90,8 +90,9 @@ class VariantsBenchConfig:
         object.__setattr__(self, "base", _dotted(self.base, BASE))
         object.__setattr__(self, "variants", {n: _dotted(v, n) for n, v in self.variants.items()})
         bad = [m for m in self.methods if m not in SIDE_METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(SIDE_METHODS)}")
+        if bad or not self.methods or len(set(self.methods)) != len(self.methods):  # (a repeat: its tables twice)
+            raise ValueError(f"methods={list(self.methods)}: each must be one of {', '.join(SIDE_METHODS)}, "
+                             "named once")
         if self.heldout not in ("chosen", "all"):
             raise ValueError(f"heldout={self.heldout!r} must be 'chosen' or 'all'")
         check_replicate(self.validation_seed, "validation_seed")
@@ -101,6 +102,9 @@ class VariantsBenchConfig:
             raise ValueError(f"heldout_seed={self.heldout_seed} must differ from validation_seed "
                              f"(settings are chosen on the validation seed)")
         known = {"ams/", "ums/", "ams_cumulative/", "ums_cumulative/"}
+        if not self.objective or len(set(self.objective)) != len(self.objective):  # (none: every score NaN and base
+            # chosen without a word; a repeat counted twice)
+            raise ValueError(f"objective={list(self.objective)} must name at least one metric, each once")
         for name in self.objective:
             if name not in ("p95", "carlini", "gu") and not any(name.startswith(k) for k in known):
                 raise ValueError(f"objective metric {name!r} is not a metric name (ams/<band>, ums/<band>, "
@@ -225,13 +229,15 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
         target = load_run_target(main_rc, device)
         _check_variants(vc, inputs, {BASE: main_rc, **{name: _variant_config(vc, name, inputs, seed, main_rc)
                                                        for name in names if name != BASE}}, target)
+        t_main = time.time()
         main = run_audit(main_path, main_rc, device=device, progress=progress, target=target)
+        base_seconds = time.time() - t_main
         baselines = {b: main.metrics[b] for b in BASELINES}
         scale: dict[str, Any] = {"n_train": n, "n_generated": main_rc.extract.n, "run": str(main_path),
                                  "baselines": {b: compact(m) for b, m in baselines.items()}, "variants": {}}
         for name in names:
-            t0 = time.time()
-            own: dict[str, dict] = {}
+            t0 = time.time() - (base_seconds if name == BASE else 0.0)  # (base's run is the main one, made above:
+            own: dict[str, dict] = {}  # its seconds read 0)
             if name == BASE:
                 metrics, run_path = {m: main.metrics[m] for m in vc.methods}, main_path
             else:
