@@ -499,6 +499,15 @@ def _as_nhwc_uint8(images: np.ndarray, where: str) -> np.ndarray:
     return images
 
 
+def absolute_spec(spec: Any) -> Any:
+    """An image-set spec that names a file or folder here, made absolute: a run's files are read again from other
+    working directories, where a relative path named nothing (or other files). Other specs (``digits:N``, None, a
+    name that is no path here) as they are."""
+    if not isinstance(spec, (str, Path)) or not str(spec) or is_digits_spec(spec):
+        return spec
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
 def is_digits_spec(spec: Any) -> bool:
     """Whether a data spec names scikit-learn's digits (``digits``, ``digits:N``), whatever folder of that name lies
     here."""

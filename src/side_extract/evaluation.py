@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from . import config as cfg
-from .data import (ImageSet, balanced_first_n, check_image_set, check_levels, load_digits_set, load_image_set,
-                   load_shards, resize)
+from .data import (ImageSet, absolute_spec, balanced_first_n, check_image_set, check_levels, load_digits_set,
+                   load_image_set, load_shards, resize)
 from .detection import check_grid, detect_memorized
 from .distributed import check_device
 from .metrics import (PAPER_COSINE_BANDS, Band, BandTally, CarliniRatio, GuRatio, NGLaw, Orientation, Similarity,
@@ -390,13 +390,10 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
 
 
 def source_name(images: ImageSet) -> str | None:
-    """What a results file records ``images`` came from: its name, and a path as an absolute one (a run made with
-    a relative path recorded its extraction as ``run/extraction/x``, read later from another folder as other
-    files: the findings counted the run's generations twice, the report showed none)."""
-    name = images.name
-    if isinstance(name, str) and name and Path(name).exists():
-        return str(Path(name).resolve())
-    return name
+    """What a results file records ``images`` came from: its name, a path as an absolute one (a run made with a
+    relative path recorded its extraction as ``run/extraction/x``, read later from another folder as other files:
+    the findings counted the run's generations twice, the report showed none)."""
+    return absolute_spec(images.name)
 
 
 def duplicate_counts(images: ImageSet) -> np.ndarray:

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import config as cfg
-from ..data import ImageSet, is_digits_spec, load_image_set
+from ..data import ImageSet, load_image_set
+from ..data import absolute_spec as absolute_image_spec
 from ..metrics import read_bands_file
 from ..models.target import (EMBEDDED_TARGETS, Denoiser, check_fits)
 from ..runs import (RunDir, file_fingerprint, read_npz)
@@ -116,11 +117,9 @@ def absolute_spec(spec: Any, *, model: bool = False) -> Any:
     directories (``side verify``, ``side report``, :meth:`~side_extract.api.Audit.load` after a ``chdir``), where a
     relative path named nothing. Other specs (``digits:N``, an embedded target, a hub id, an in-memory model's
     description, None) as they are."""
-    if not isinstance(spec, (str, Path)) or is_digits_spec(spec):
+    if model and isinstance(spec, (str, Path)) and str(spec) in EMBEDDED_TARGETS:
         return spec
-    if model and str(spec) in EMBEDDED_TARGETS:
-        return spec
-    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+    return absolute_image_spec(spec)
 
 
 RECORDED_PATHS = (("model",), ("train",), ("evaluate", "heldout"), ("evaluate", "bands_file"))  # recorded absolute
