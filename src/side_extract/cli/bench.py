@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import cli_errors, console, path_value, typed_flags
+from .common import cli_errors, console, path_value, was_typed
 from .run import print_summary, stage_progress
 
 bench_app = typer.Typer(
@@ -102,8 +102,7 @@ def extraction_cmd(
     if sweep_n_generated is not None:
         changes["sweep_n_generated"] = sweep_n_generated
     if no_sweeps and (unread := [f for f in ("--sweep-scale", "--sweep-n-generated")
-                                 if typed_flags(ctx, {k: k for k in [f[2:].replace("-", "_")]})]):  # (accepted,
-        # and recorded)
+                                 if was_typed(ctx, f)]):  # (accepted, and recorded)
         raise ValueError(f"{' and '.join(unread)} set the sweeps, which --no-sweeps leaves out: they would not be "
                          "read; leave them out")
     if no_sweeps:
@@ -162,8 +161,7 @@ def variants_cmd(
 
     from ..bench.extraction import ExtractionBenchConfig
 
-    typed = {p for p in ("heldout_seed", "heldout") if ctx.get_parameter_source(p).name in ("COMMANDLINE",
-                                                                                          "ENVIRONMENT")}
+    typed = {p for p in ("heldout_seed", "heldout") if was_typed(ctx, p)}
     given = [f"--heldout-seed {heldout_seed}"] * ("heldout_seed" in typed) + [f"--heldout {heldout}"] * (
         "heldout" in typed and heldout != "chosen")  # (the default, which earlier results' commands name)
     if no_heldout and given:  # (dropped without a word, a held-out seed equal to the validation one too)
@@ -302,8 +300,7 @@ def fair_cmd(
                          select_metric=select_metric, n_bootstrap=n_bootstrap, equal_samples=equal_samples)
     for flag, method in (("--lora-scales", "side-lora"), ("--memguide-scales", "memguide")):  # (accepted, and the
         # targets trained, for a grid no entry reads)
-        if typed_flags(ctx, {k: k for k in [flag[2:].replace("-", "_")]}) and not any(fc.base_method(m) == method
-                                                                            for m in fc.entries):
+        if was_typed(ctx, flag) and not any(fc.base_method(m) == method for m in fc.entries):
             raise ValueError(f"{flag} is {method}'s grid, and no entry is {method} (--methods, --form): it would "
                              f"not be read; leave it out, or add {method}")
     argv = ["side", "--threads", str(_threads()), "bench", "fair", "--out", str(out), "--cache", str(cache),

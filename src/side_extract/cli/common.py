@@ -71,10 +71,8 @@ def as_typed(message: str, ctx: Any) -> str:
     if param is None and m.group(1) and m.group(1)[:-1] != ctx.command.name:  # (another section's key)
         return message
     for p in ctx.command.params:
-        source = ctx.get_parameter_source(p.name) if p.name else None
-        # (compared by name: typer carries its own copy of click)
-        if (p.name == (param or m.group(2)) and p.param_type_name == "option" and p.opts and source is not None
-                and source.name in ("COMMANDLINE", "ENVIRONMENT")):
+        if (p.name == (param or m.group(2)) and p.param_type_name == "option" and p.opts
+                and was_typed(ctx, p.name)):
             flag = max(p.opts, key=len)  # (--n-points, not a short alias)
             return f"{flag}={message[m.end():]}"
     return message
@@ -137,6 +135,9 @@ def out_of_memory(e: BaseException) -> bool:
 LAUNCHED = ("run", "extract", "sample", "cluster", "train-classifier", "train-target", "demo")
 
 
+FREE_CORES_ENV = "SIDE_LAUNCH_FREE_CORES"  # set by side --processes N for its processes (--threads 0)
+
+
 def launch_if_asked(ctx: typer.Context | None) -> None:
     """``side --processes N COMMAND ...``: once the command's arguments have parsed (a usage error is said once,
     before any process starts), run this same command line as a launch of N processes and exit with its status.
@@ -170,8 +171,6 @@ def launch_if_asked(ctx: typer.Context | None) -> None:
     raise typer.Exit(launch(n, args))
 
 
-FREE_CORES_ENV = "SIDE_LAUNCH_FREE_CORES"  # set by side --processes N for its processes (--threads 0)
-
 
 def set_threads(ctx: typer.Context | None) -> None:
     """Set torch's CPU threads to ``side --threads N`` (0: the cores free now) once the command's own parsing
@@ -202,14 +201,19 @@ def typed_flags(ctx: typer.Context, names: dict[str, str]) -> dict[str, Any]:
     typed: dict[str, Any] = {}
     flags_set(ctx, names)
     for param, path in names.items():
-        source = ctx.get_parameter_source(param)
-        # compared by name: typer may carry its own copy of click's ParameterSource enum
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+        if was_typed(ctx, param):
             value = ctx.params[param]
             if isinstance(value, Path):
                 value = str(value)
             typed[path] = list(value) if isinstance(value, tuple) else value
     return cfg.dotted_to_nested(typed)
+
+
+def was_typed(ctx: typer.Context, param: str) -> bool:
+    """Whether the user gave parameter ``param`` (its name, or its flag: ``--sweep-scale``), not its default."""
+    source = ctx.get_parameter_source(param.lstrip("-").replace("-", "_"))
+    # compared by name: typer may carry its own copy of click's ParameterSource enum
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def build_config(cls: type[T], config_file: Path | None, overrides: dict[str, Any]) -> T:

@@ -85,8 +85,7 @@ def demo_cmd(
     if "cond" not in rc.extract.methods and ProcessGroup.from_env().main:  # (once per launch)
         console.print(f"{train} has no labels of two classes or more: the demo runs without Cond (Cond's classifier "
                       "learns the training set's labels)")
-    if ProcessGroup.from_env().main:  # (a run in OUT was replaced without a word, as side run says it)
-        _say_changes(out, rc)
+    _say_changes(out, rc)  # (a run in OUT was replaced without a word, as side run says it; once per launch)
     with stage_progress(ctx) as factory:
         result = run_audit(out, rc, device=device, progress=factory, wait=wait)
     group = ProcessGroup.from_env()

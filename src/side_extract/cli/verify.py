@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import cli_errors, console, flags_set, path_value
+from .common import cli_errors, console, flags_set, path_value, was_typed
 
 
 @cli_errors
@@ -38,7 +38,7 @@ def verify_cmd(
             raise ValueError(f"--generations={generations!r} must be generation numbers >= 0")
         if len(set(ids)) < len(ids):  # ("all 2 generations" of one made twice)
             raise ValueError(f"--generations={generations!r} names a generation twice")
-        if ctx.get_parameter_source("top").name in ("COMMANDLINE", "ENVIRONMENT"):  # (dropped without a word)
+        if was_typed(ctx, "top"):  # (dropped without a word)
             raise ValueError(f"--top {top} picks the closest generations, and --generations names them: give one")
     audit = Audit.load(run)
     made = sorted(p.name for p in (run / "extraction").iterdir() if p.is_dir()) if (run / "extraction").is_dir() else []
