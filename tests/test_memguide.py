@@ -269,3 +269,65 @@ def test_avoidance_takes_the_samplers_eps_instead_of_a_pass_of_its_own(tiny_mode
     torch.testing.assert_close(sample(den, 2, seed=3, steps=5, guidance=old, clip_eps=True), x,
                                rtol=0, atol=0)
     assert not torch.equal(x, sample(den, 2, seed=3, steps=5, clip_eps=True))  # the avoidance did act
+
+
+def test_avoidance_under_ddpm_moves_the_posterior_mean_as_a_shift_of_x0_by_delta():
+    """Under DDPM (guided-diffusion's ``condition_mean``: the sampler adds Sigma_t g to the posterior mean
+    sqrt(abar_prev) beta_t / (1 - abar_t) x0 + ...), avoidance must move x_{t-1} as if x0 had moved by Delta:
+    by sqrt(abar_prev) beta_t / (1 - abar_t) * Delta, abar_prev at the 10-step schedule's previous timestep. DDIM's
+    conversion (sqrt(abar_t) / (1 - abar_t)) moved it by a fraction of that. The sampler hands its scheduler over."""
+    from diffusers import DDPMScheduler
+
+    from side_extract.sampling import guided_step, inference_scheduler, sample_generators
+
+    sigma2, eta, h = 0.3, 0.7, 0.05
+    den = gaussian_model(sigma2)
+    sched = inference_scheduler(den.scheduler, "ddpm", 10)
+    assert isinstance(sched, DDPMScheduler)
+    t = int(sched.timesteps[6])  # 300 of 900, 800, ..., 0
+    prev = int(sched.previous_timestep(t))
+    ac = den.scheduler.alphas_cumprod.double()
+    a, a_prev = ac[t], ac[prev]
+    x = 0.05 * torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    x0 = a.sqrt() * sigma2 / (a * sigma2 + 1 - a) * x.double()
+    memory = torch.stack([x0[0] + 0.06, x0[1] - 0.1 * torch.ones(1, 4, 4, dtype=torch.float64)]).float()
+    mg = MemorizationGuidance(den, 0.0, avoid=eta, avoid_h=h, avoid_window=(0.2, 0.6)).remembering(memory)
+    delta = torch.zeros_like(x0)
+    for i in range(2):
+        for m in memory.double():
+            d2 = ((x0[i] - m) / 2).pow(2).mean()
+            delta[i] += eta * torch.exp(-d2 / (2 * h * h)) * (x0[i] - m)
+    eps = den(x, torch.tensor(t).expand(2))
+    g = mg(x, torch.tensor(t), ids=torch.tensor([0, 1]), eps=eps, sampler=sched)
+    steps = [guided_step(sched, x, torch.tensor(t), eps, sample_generators(5, [0, 1]), g=guidance)
+             for guidance in (None, g)]
+    beta = 1 - a / a_prev
+    torch.testing.assert_close((steps[1] - steps[0]).double(), a_prev.sqrt() * beta / (1 - a) * delta,
+                               rtol=1e-3, atol=1e-7)
+    # at DDPM's last step no guidance moves the sample (Sigma_t = 0): the push is zero, not a division by zero
+    last = mg(x, torch.tensor(0), ids=torch.tensor([0, 1]), eps=eps, sampler=sched)
+    assert last is None or not last.any()
+
+    seen = []
+
+    class Watching(MemorizationGuidance):
+        def __call__(self, x, t, y=None, *, ids=None, eps=None, sampler=None):
+            seen.append(sampler)
+            return super().__call__(x, t, y, ids=ids, eps=eps, sampler=sampler)
+
+    watching = Watching(den, 0.0, avoid=eta, avoid_h=h, avoid_window=(0.0, 1.0)).remembering(memory)
+    sample(den, 2, seed=3, steps=10, scheduler="ddpm", guidance=watching)
+    assert len(seen) == 10 and all(isinstance(s, DDPMScheduler) and len(s.timesteps) == 10 for s in seen)
+
+
+def test_avoidance_under_ddpm_is_fingerprinted_apart_from_generations_made_before_its_conversion():
+    """memguide generations with avoidance under DDPM made before the push was converted for DDPM's step are other
+    images: their stage fingerprint must differ, while DDIM's (unchanged images) stays what it was."""
+    from side_extract.pipeline.methods import extraction_settings
+
+    den = gaussian_model(0.3)
+    g = MemorizationGuidance(den, 30.0, avoid=1.0)
+    ddim = extraction_settings(cfg.ExtractConfig(memguide_avoid=1.0, rounds=4), "memguide", g)
+    ddpm = extraction_settings(cfg.ExtractConfig(memguide_avoid=1.0, rounds=4, scheduler="ddpm"), "memguide", g)
+    assert ddpm.pop("memguide_avoid_step") == "ddpm-posterior-mean" and ddpm.pop("scheduler") == "ddpm"
+    assert "memguide_avoid_step" not in ddim and ddim.pop("scheduler") == "ddim" and ddpm == ddim

@@ -27,11 +27,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, SchedulerMixin
 
 from . import config as cfg
 from .data import check_float_images, check_size
 from .models.target import Denoiser, add_noise, predict_x0
-from .sampling import MEMGUIDE_STREAM, MEMORIZATION_STREAM, sample_generators
+from .sampling import MEMGUIDE_STREAM, MEMORIZATION_STREAM, guidance_moving_x0, sample_generators
 
 
 def denoising_error(denoiser: Denoiser, x0: torch.Tensor, t_fraction: float = 0.2, draws: int = 4, seed: int = 0,
@@ -107,6 +108,9 @@ class MemorizationGuidance:
     defaults), strength 1 and 4 rounds were chosen on validation seeds 1-2 of the fair protocol's 300-image 16x16
     target (``benchmarks/experiments/avoidance.py``, ``benchmarks/results/experiments/avoidance-16px-n300.md``);
     a wider kernel, or avoidance where memorization guidance acts, pushes generations off memorized images.
+    The push is converted for the sampler's scheduler (``sampling.guidance_moving_x0``), so that under DDPM too each
+    step's denoised estimate moves by Delta (before, DDIM's conversion moved it by 0.26-0.55 of Delta at 10 DDPM
+    steps); the settings were chosen under DDIM.
 
     Parameters
     ----------
@@ -177,14 +181,15 @@ class MemorizationGuidance:
         return (self.avoid > 0 and self.memory is not None and len(self.memory) > 0
                 and lo * self.num_train_timesteps <= float(t) <= hi * self.num_train_timesteps)
 
-    def repulsion(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """The avoidance term: the guidance that moves each clipped denoised estimate x0_i by
-        Delta_i = avoid * sum_j k_ij (x0_i - m_j), k_ij = exp(-d_ij^2 / (2 avoid_h^2)), d_ij the pixel RMS
-        distance of x0_i and memory image m_j in [0, 1] units; in guided-diffusion's DDIM order (``guided_step``)
-        a guidance g moves x0 by (1 - abar_t) g / sqrt(abar_t), so g = Delta sqrt(abar_t) / (1 - abar_t).
-        ``eps``: the sampler's eps(x_t, t), when it has one (else the denoiser runs for it)."""
+    def repulsion(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None,
+                  sampler: SchedulerMixin | None = None) -> torch.Tensor:
+        """The avoidance term: the guidance that moves each denoised estimate x0_i (clipped to [-1, 1], the memory
+        images' range) by Delta_i = avoid * sum_j k_ij (x0_i - m_j), k_ij = exp(-d_ij^2 / (2 avoid_h^2)), d_ij the
+        pixel RMS distance of x0_i and memory image m_j in [0, 1] units: g = ``sampling.guidance_moving_x0`` of
+        Delta for the sampler's scheduler ``sampler`` (DDIM: Delta sqrt(abar_t) / (1 - abar_t); DDPM: Delta
+        sqrt(abar_prev) / (1 - abar_prev); None: DDIM's). ``eps``: the sampler's eps(x_t, t), when it has one
+        (else the denoiser runs for it)."""
         sched, ti = self.denoiser.scheduler, int(t)
-        abar = sched.alphas_cumprod[ti].to(device=x.device, dtype=x.dtype)
         memory = self.memory.to(device=x.device, dtype=x.dtype)
         with torch.no_grad():
             if eps is None:
@@ -196,22 +201,25 @@ class MemorizationGuidance:
                 diff = x0[:, None] - memory[None, j0:j0 + chunk]
                 k = torch.exp(-diff.pow(2).flatten(2).mean(2) / 4 / (2 * self.avoid_h ** 2))
                 delta += (k[..., None, None, None] * diff).sum(1)
-        return self.avoid * delta * abar.sqrt() / (1 - abar)
+        if sampler is None:  # DDIM's conversion (the training scheduler may be a DDPMScheduler: not the sampler)
+            sampler = DDIMScheduler.from_config(sched.config)
+        return guidance_moving_x0(sampler, ti, self.avoid * delta)
 
     uses_eps: ClassVar[bool] = True  # the sampler passes its eps (guidance.Guidance): avoidance needs no extra pass
     uses_ids: ClassVar[bool] = True  # label-free: the sampler passes the generation indices, not labels
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
-                 ids: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor | None:
+                 ids: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                 sampler: SchedulerMixin | None = None) -> torch.Tensor | None:
         """The guidance for the batch ``x`` at ``t``: ``ids`` (B,) are its generation indices (``y`` is not used:
-        no labels)."""
+        no labels); ``eps`` and ``sampler``: the sampler's eps(x_t, t) and scheduler (:meth:`repulsion`)."""
         if ids is None or len(ids) != len(x):
             raise ValueError(f"memorization guidance needs the batch's {len(x)} generation indices (ids=), got "
                              f"{None if ids is None else len(ids)}")
         g = self.memorization_term(x, t, ids)
         if not self.avoids_at(t):
             return g
-        push = self.repulsion(x, t, eps)
+        push = self.repulsion(x, t, eps, sampler)
         return push if g is None else g + push
 
     def memorization_term(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:

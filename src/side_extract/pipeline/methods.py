@@ -228,6 +228,8 @@ def extraction_settings(c: cfg.ExtractConfig, method: str,
         if guidance.avoid > 0:
             d.update(memguide_avoid=guidance.avoid, memguide_avoid_h=guidance.avoid_h,
                      memguide_avoid_window=list(guidance.avoid_window), rounds=c.rounds)
+            if c.scheduler == "ddpm":  # (DDPM generations made before the push was converted for DDPM's step differ)
+                d["memguide_avoid_step"] = "ddpm-posterior-mean"
     elif guidance is not None:
         d.update(guidance_scale=guidance.scale, temperature=guidance.temperature, t_range=list(guidance.t_range))
         if method == "cond" and isinstance(guidance, DenoisedGuidance):  # the same clean classifier either way
