@@ -146,12 +146,12 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
     vf = tmp_path / "variants.yaml"
     vf.write_text("base: {extract.scale: 1.0}\nvariants:\n  lam0: {extract.scale: 0.0}\n"
                   "  k2: {surrogate.n_clusters: 2}\n  ksel: {surrogate.select_k: [2, 3]}\n"
-                  "  ddpm: {extract.scheduler: ddpm}\n")
+                  "  ddpm: {extract.scheduler: ddpm}\n  lam2-shared: {extract.scale: 2.0, extract.cond_scale: null}\n")
     base, variants = load_variants_file(vf)
     vc = VariantsBenchConfig(bench=bc, base=base, variants=variants, validation_seed=3, heldout_seed=4)
     data = run_variants_bench(vc, tmp_path / "cache", command="side bench variants")
     val = data["validation"]
-    assert val["seed"] == 3 and list(val["variants"]) == [BASE, "lam0", "k2", "ksel", "ddpm"]
+    assert val["seed"] == 3 and list(val["variants"]) == [BASE, "lam0", "k2", "ksel", "ddpm", "lam2-shared"]
     s = val["scales"][0]
     assert s["n_train"] == 20 and set(s["baselines"]) == {"cond", "uncond"}
     # lambda 0 is unguided: it reproduces UnCond exactly, so it scores 0 against the best baseline only
@@ -169,7 +169,16 @@ def test_variants_choose_on_validation_and_report_on_heldout(tmp_path, one_threa
         clusters["k_scores"], key=lambda k: (clusters["k_scores"][k], -int(k))))
     # a variant with another sampler is measured against the baselines under that sampler as well
     assert set(s["variants"]["ddpm"]["own_baselines"]) == {"cond (ddpm)", "uncond (ddpm)"}
-    assert s["variants"]["k2"]["own_baselines"] == {}
+    # K moves SIDE's clusters, not Cond (its clean classifier learns the training set's labels) nor UnCond: both are
+    # the base run's, shared and not made again
+    assert s["variants"]["k2"]["own_baselines"] == {} and set(s["variants"]["k2"]["methods"]) == {"side"}
+    assert k2["extraction/uncond"].get("shared_from") and k2["extraction/cond"].get("shared_from")
+    # a variant whose lambda Cond shares (cond_scale null) is set against Cond at that lambda as well (it was scored
+    # against the base's Cond alone: only a sampler change reran the baselines); UnCond is the base run's
+    shared = json.loads((Path(s["variants"]["lam2-shared"]["run"]) / "manifest.json").read_text())["stages"]
+    assert set(s["variants"]["lam2-shared"]["own_baselines"]) == {"cond (lam2-shared)"}
+    assert shared["extraction/uncond"].get("shared_from") and not shared["extraction/cond"].get("shared_from")
+    assert s["variants"]["lam2-shared"]["own_baselines"]["cond (lam2-shared)"] != s["baselines"]["cond"]
     assert s["variants"]["ddpm"]["own_baselines"]["uncond (ddpm)"]["ams"] != s["baselines"]["uncond"]["ams"] or \
         s["variants"]["ddpm"]["own_baselines"]["uncond (ddpm)"]["p95"] != s["baselines"]["uncond"]["p95"]
     assert s["variants"]["ddpm"]["ratios"]["side"]["carlini"]["best_baseline_method"] in {
@@ -245,7 +254,9 @@ def test_variants_and_signals_faults_of_a_review(tmp_path, monkeypatch):
 
     rc = cfg.RunConfig()
     bf16 = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, precision="bf16"))
-    assert variants.sampler_settings(bf16) != variants.sampler_settings(rc)
+    from side_extract.pipeline.methods import extraction_settings
+
+    assert extraction_settings(bf16.extract, "uncond", None) != extraction_settings(rc.extract, "uncond", None)
     for bad in ((), ("carlini", "carlini")):
         with pytest.raises(ValueError, match="must name at least one metric, each once"):
             VariantsBenchConfig(bench=tiny_bench(), objective=bad)
@@ -268,6 +279,7 @@ def test_variants_and_signals_faults_of_a_review(tmp_path, monkeypatch):
     monkeypatch.setattr(variants, "_check_variants", lambda *a, **k: None)
     monkeypatch.setattr(variants, "run_audit", audit)
     monkeypatch.setattr(variants, "share_stages", lambda *a, **k: [])
+    monkeypatch.setattr(variants, "changed_baselines", lambda *a, **k: [])
     out = variants.run_seed(vc, 1, vc.names, tmp_path / "cache")
     seconds = {n: v["seconds"] for n, v in out["scales"][0]["variants"].items()}
     assert seconds[BASE] >= 1.0 and seconds["lam0"] >= 1.0, seconds

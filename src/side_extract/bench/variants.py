@@ -15,9 +15,13 @@ For each seed and each scale (training-set size) of the extraction benchmark:
 3. the variant's score is its **objective**: the mean, over the scales and the ``objective`` metrics, of
    ``log((v + e) / (b + e))``, v the variant's value, b the best baseline's (Cond or UnCond, whichever
    memorizes more by that metric), e = 1 / N_G (so a metric at zero on both sides counts as a tie, not
-   as infinity). A variant that changes the sampler itself (``extract.scheduler``, ``steps``, ``eta``)
-   also reruns Cond and UnCond with that sampler, and its best baseline is the best
-   of both samplers' baselines: a sampler that makes every method memorize more is not a SIDE win.
+   as infinity). Each variant's run holds Cond and UnCond too: a baseline whose generations the variant does
+   not change (the same extraction fingerprint as in the base run) is the base run's, shared and not made again;
+   one the variant changes (the sampler: ``extract.scheduler``, ``steps``, ``eta``, ``precision``; for Cond also
+   the surrogate clusters its classifier learns, ``extract.scale`` where ``cond_scale`` is null, Cond's own
+   settings) is made with the variant's settings, and the variant's best baseline is the best of both: a
+   setting that makes every method memorize more is not a SIDE win (before, only a sampler change reran the
+   baselines: a K variant was set against Cond at the base's K).
 
 **Protocol.** The variants are scored on ``validation_seed``; the best-scoring one (``base`` itself when
 none beats it) is *chosen* there. Only then are ``base`` and the chosen variant run on ``heldout_seed``
@@ -36,11 +40,11 @@ from .. import config as cfg
 from ..metrics import read_bands_file
 from ..models.target import Target
 from ..pipeline import ProgressFactory, cluster_problems, load_run_target, no_progress, preflight, run_audit
-from ..runs import RunDir
+from ..runs import RunDir, read_stages
 from ..summary import BASELINES, SIDE_METHODS
 from ..sweeps import share_stages
 from . import machine_description, write_results
-from .extraction import (MEASURED_ALIKE, SAMPLER_KEYS, ExtractionBenchConfig, ScaleInputs, check_entry_name,
+from .extraction import (MEASURED_ALIKE, ExtractionBenchConfig, ScaleInputs, check_entry_name,
                          check_replicate, compact, ratios_to_best_baseline, refuse_stopping, replicate_config, scale_inputs)
 from .tables import render_variants_markdown
 
@@ -178,11 +182,6 @@ def objective_score(per_scale: list[tuple[int, dict[str, dict[str, Any]]]], metr
     return sum(terms) / len(terms) if terms else float("nan")
 
 
-def sampler_settings(rc: cfg.RunConfig) -> dict[str, Any]:
-    """The extraction settings that change unguided samples too (a variant changing them reruns the baselines)."""
-    return {k: getattr(rc.extract, k) for k in SAMPLER_KEYS}
-
-
 def _scale_config(vc: VariantsBenchConfig, name: str, inputs: ScaleInputs, seed: int,
                   methods: tuple[str, ...]) -> cfg.RunConfig:
     rc = inputs.run_config(vc.run_config(name))
@@ -192,12 +191,16 @@ def _scale_config(vc: VariantsBenchConfig, name: str, inputs: ScaleInputs, seed:
 
 def _variant_config(vc: VariantsBenchConfig, name: str, inputs: ScaleInputs, seed: int,
                     main_rc: cfg.RunConfig) -> cfg.RunConfig:
-    """Variant ``name``'s run at one scale and seed: its SIDE methods, and the baselines too where it changes the
-    sampler (a sampler alone is no SIDE win: the baselines get it as well)."""
-    rc = _scale_config(vc, name, inputs, seed, vc.methods)
-    if sampler_settings(rc) != sampler_settings(main_rc):
-        rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, methods=main_rc.extract.methods))
-    return rc
+    """Variant ``name``'s run at one scale and seed: its SIDE methods and the baselines (those it does not change
+    are the base run's, shared: :func:`changed_baselines`)."""
+    return _scale_config(vc, name, inputs, seed, main_rc.extract.methods)
+
+
+def changed_baselines(main_path: Path, run_path: Path) -> list[str]:
+    """The baselines whose generations differ between the base run ``main_path`` and a variant's run ``run_path``:
+    those whose extraction stage has another fingerprint (its sampler, classifier, clusters or guidance)."""
+    main, run = read_stages(main_path), read_stages(run_path)
+    return [b for b in BASELINES if run[f"extraction/{b}"]["fingerprint"] != main[f"extraction/{b}"]["fingerprint"]]
 
 
 def _check_variants(vc: VariantsBenchConfig, inputs: ScaleInputs, configs: dict[str, cfg.RunConfig],
@@ -244,9 +247,11 @@ def run_seed(vc: VariantsBenchConfig, seed: int, names: list[str], cache: Path, 
                 run_path = main_path / "variants" / name
                 share_stages(RunDir(main_path), RunDir(run_path))
                 rc = _variant_config(vc, name, inputs, seed, main_rc)
-                resampled = sampler_settings(rc) != sampler_settings(main_rc)
                 metrics = run_audit(run_path, rc, device=device, progress=progress, target=target).metrics
-                own = {f"{b} ({name})": metrics.pop(b) for b in BASELINES if resampled}
+                changed = changed_baselines(main_path, run_path)
+                own = {f"{b} ({name})": metrics.pop(b) for b in changed}
+                for b in BASELINES:  # (the others are the base run's own, shared)
+                    metrics.pop(b, None)
             best_of = {**baselines, **own}
             scale["variants"][name] = {
                 "run": str(run_path), "seconds": round(time.time() - t0, 1),
