@@ -7,6 +7,7 @@ measurement of a run read models through here.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -82,6 +83,22 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     return h.hexdigest()
 
 
+def _float32(unet: UNet2DModel) -> UNet2DModel:
+    """``unet``, or a float32 copy of it where its weights are of another dtype (bf16, fp16, fp64), as a model
+    directory's weights load: the stages feed it float32 images and run the precision their settings name (a half
+    UNet failed at the first stage's first step, "Input type (float) and bias type (c10::Half)", after the run's
+    files were written). The object given is left as it is; the run knows the copy by its float32 weights, which a
+    directory of the same weights loads as."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in (*unet.parameters(), *unet.buffers())
+                     if p.is_floating_point() and p.dtype != torch.float32})
+    if not dtypes:
+        return unet
+    log.warning("model: the UNet2DModel's weights are %s: the audit runs a float32 copy of it (as a model directory's "
+                "weights load); the stages' precision settings choose their arithmetic (bf16: extract.precision, "
+                "sample.precision)", "/".join(dtypes))
+    return copy.deepcopy(unet).to(torch.float32)
+
+
 def identity_fingerprint(model_id: str, sample_shape: Sequence[int], scheduler: SchedulerMixin) -> str:
     """sha256 of a callable's identity as its user names it (``model_id``), its sample shape and its scheduler's
     config: what keys a callable's stages when ``model_id`` is given instead of its outputs on probe inputs."""
@@ -96,7 +113,8 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
     """The :class:`~side_extract.models.target.Target` of any model form ``audit`` accepts (see the module docstring).
 
     A ``UNet2DModel``, or a callable that is a ``torch.nn.Module``, is moved to ``device`` and put in eval mode in
-    place. A pipeline object brings its scheduler; ``scheduler=`` replaces
+    place; a ``UNet2DModel`` whose weights are not float32 (bf16, fp16) is audited as a float32 copy, as a model
+    directory's weights load (the object is left as it is). A pipeline object brings its scheduler; ``scheduler=`` replaces
     it (with a warning where it is another class or config). A callable needs ``scheduler`` and ``sample_shape``
     (C, H, W); it is identified by its outputs on fixed probe inputs (:func:`probe_fingerprint`), rounded to 5
     decimals, which another device, thread count or library version can move by a rounding step: the run would
@@ -156,6 +174,7 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                                             else model.config.sample_size)):
             raise ValueError(f"sample_shape={tuple(sample_shape)} is not the UNet2DModel's own (in_channels "
                              f"{model.config.in_channels}, sample_size {model.config.sample_size}): leave it out")
+        model = _float32(model)
         fp = module_fingerprint(model, scheduler)
         return Target(UNetDenoiser(model, scheduler, source="in-memory").to(device), fp, f"in-memory UNet2DModel {fp[:12]}")
     if callable(model):
