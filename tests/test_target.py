@@ -3,6 +3,7 @@ import logging
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -508,3 +509,24 @@ def test_a_training_into_a_folder_another_training_writes_is_refused(tmp_path):
     with pytest.raises((RuntimeError, MemoryError)):  # (torch's allocator: the CLI says "out of memory")
         train_target(dataclasses.replace(TINY, batch_size=10**12), data, deep)
     assert not (tmp_path / "new").exists()
+
+
+def test_train_target_refuses_a_schedule_the_audit_cannot_use_before_training(tmp_path):
+    """num_train_timesteps 20,000 (linear: float32's alphas_cumprod reaches 0) trained the whole model, which every
+    stage then refused at load_target; 2 timesteps trained a target SIDE's classifier cannot guide on. Refused
+    before the data loads, from the CLI too, and nothing is written."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    data = load_image_set("digits:20", 8)
+    for T, says in ((20000, "num_train_timesteps=20000, beta_schedule='linear': the scheduler's noise schedule ends "
+                             "with no signal at all"), (2, "num_train_timesteps=2 must be at least 4")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            train_target(dataclasses.replace(TINY, num_train_timesteps=T), data, tmp_path / f"t{T}")
+        assert not (tmp_path / f"t{T}").exists()
+        r = CliRunner().invoke(app, ["--no-progress", "train-target", "--data", "digits:20", "--resize", "8",
+                                     "--num-train-timesteps", str(T), "--steps", "2", "--out", str(tmp_path / f"c{T}")])
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and ("no signal at all" in said if T > 4 else "must be at least 4" in said), r.output
+        assert "training on" not in r.output and not (tmp_path / f"c{T}").exists()

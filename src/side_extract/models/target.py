@@ -609,6 +609,24 @@ class TrainResult:
     resumed_from: int
 
 
+def target_scheduler(c: cfg.TrainTargetConfig) -> DDPMScheduler:
+    """The noise scheduler a target trained with ``c`` gets, refused where the audit could not use it: a schedule
+    :func:`check_schedule` refuses (float32's alphas_cumprod reaches 0 from about 12,000 linear timesteps: the whole
+    training ran, then every stage refused the model) or fewer than 4 timesteps (SIDE's noise-aware classifier
+    measures its accuracy per quarter of them: the audit failed at the classifier)."""
+    scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                              clip_sample=True, prediction_type=c.prediction_type)
+    try:
+        check_schedule(scheduler)
+    except ValueError as e:
+        raise ValueError(f"num_train_timesteps={c.num_train_timesteps}, beta_schedule={c.beta_schedule!r}: {e}; "
+                         "train with fewer timesteps") from None
+    if c.num_train_timesteps < 4:
+        raise ValueError(f"num_train_timesteps={c.num_train_timesteps} must be at least 4: SIDE's noise-aware "
+                         "classifier needs 4 (its accuracy is measured per quarter of them)")
+    return scheduler
+
+
 def train_target(
     c: cfg.TrainTargetConfig,
     data: ImageSet,
@@ -646,8 +664,7 @@ def train_target(
     with torch.random.fork_rng():  # seeded initialisation without touching the global RNG
         torch.manual_seed(c.seed)
         unet = build_unet(c, data.shape)
-    scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
-                              clip_sample=True, prediction_type=c.prediction_type)
+    scheduler = target_scheduler(c)
     # what must match to continue from a checkpoint (training_key: ema_decay without ema, read by nothing, refused a
     # rerun without it as "a different config"; said here)
     unread = cfg.unread_keys(c)
