@@ -542,3 +542,46 @@ def test_classifier_faults_of_a_review(tmp_path):
                      (dict(min_confidence=None), "min_confidence=None must be a number")):
         with pytest.raises(ValueError, match=said):
             TeacherLabeler(Three(), **{"classes": np.array([1, 2, 3]), **kw}).fit(torch.zeros(4, 1, 8, 8))
+
+
+def test_classifier_training_faults_of_a_review(tmp_path):
+    """A classifier whose loss went NaN (lr 100) was returned and saved, its stage completed, and sampling stopped
+    blaming the guidance scale; train_classifier, public, trained eval_every steps before a schedule of < 4
+    timesteps failed in torch's randint; a UNet-feature classifier's checkpoint was resumed on a UNet of another
+    config with the same weights; a setting a clean classifier does not read, changed, threw its checkpoint away."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from side_extract.training import fit_label_classifier, resume_key
+
+    sched = DDPMScheduler(num_train_timesteps=100)
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = np.arange(40) % 3
+    c = cfg.ClassifierConfig(depth=10, width=4, time_embed_dim=8, steps=20, batch_size=8, eval_every=5, lr=100.0)
+    with pytest.raises(ValueError, match=r"classifier training diverged: the loss is nan at step \d+ \(lr=100\)"):
+        fit_label_classifier(x, y, c, scheduler=sched, out=tmp_path / "nan")
+
+    steps = []
+    arch = ClassifierArch(num_classes=3, in_channels=1, image_size=8, depth=10, width=4, time_embed_dim=8)
+    with pytest.raises(ValueError, match="3 training timesteps; a noise-aware classifier needs at least 4"):
+        train_classifier(arch, x, y, dataclasses.replace(c, lr=1e-3), scheduler=DDPMScheduler(num_train_timesteps=3),
+                         progress=lambda s, n: steps.append(s))
+    assert steps == []
+
+    def unet(**kw):
+        torch.manual_seed(0)
+        return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+                           layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                           up_block_types=("UpBlock2D",) * 2, **kw)
+    a, b = unet(), unet(act_fn="mish", norm_eps=0.1)
+    b.load_state_dict(a.state_dict())
+    ua = dataclasses.replace(arch, backbone="unet")
+    uc = cfg.ClassifierConfig(backbone="unet", width=4)
+    assert resume_key(ua, uc, x, torch.as_tensor(y), sched, a) != resume_key(ua, uc, x, torch.as_tensor(y), sched, b)
+
+    clean = dataclasses.replace(arch, time_mode="none")
+    plain = cfg.ClassifierConfig(depth=10, width=4)
+    for unread in ({"time_embed_dim": 16}, {"guidance_input": "x0_hat"}):  # (no time input: nothing reads them)
+        assert resume_key(clean, plain, x, torch.as_tensor(y), None) == resume_key(
+            clean, dataclasses.replace(plain, **unread), x, torch.as_tensor(y), None), unread
+    assert resume_key(clean, plain, x, torch.as_tensor(y), None) != resume_key(
+        clean, dataclasses.replace(plain, lr=2e-3), x, torch.as_tensor(y), None)

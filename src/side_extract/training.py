@@ -23,6 +23,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,13 +147,26 @@ def heldout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held)).astype(np.int64)
 
 
+def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
+    """What training classifier ``c`` reads, for its stage's fingerprint and its checkpoints' :func:`resume_key`: not the keys it does not read at all
+    (:func:`~side_extract.config.unread_keys`), and for a ``clean`` one (Cond's, the teacher's) not the input it
+    guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it), nor
+    ``balance`` at 0 (:data:`~side_extract.config.LATER_KEYS`: runs made before it keep their classifiers), nor
+    ``data_parallel`` (:data:`~side_extract.config.UNKEYED`: who trains, the same classifier up to float rounding)."""
+    unread = [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]
+    return cfg.keyed_settings(cfg.at_defaults(c, unread))
+
+
 def resume_key(arch: ClassifierArch, c: cfg.ClassifierConfig, x0: torch.Tensor, y: torch.Tensor,
                scheduler: SchedulerMixin | None, unet: torch.nn.Module | None = None) -> str:
-    """What a checkpoint must have been made from to be continued: the architecture, every setting but the
-    step budget, the images, the labels, the noise schedule and (UNet-feature classifier) the UNet's weights."""
-    settings = {k: v for k, v in cfg.keyed_settings(c).items() if k != "steps"}
+    """What a checkpoint must have been made from to be continued: the architecture, every setting it reads but the
+    step budget (:func:`classifier_settings`: a setting it does not read, changed, threw its checkpoint away), the
+    images, the labels, the noise schedule and (UNet-feature classifier) the UNet's weights and config (an act_fn
+    or norm_eps changed with the same weights resumed a checkpoint trained on another network)."""
+    settings = {k: v for k, v in classifier_settings(c, clean=scheduler is None).items() if k != "steps"}
     sched = None if scheduler is None else {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-    backbone = None if unet is None else array_fingerprint(*(p for _, p in sorted(unet.state_dict().items())))
+    backbone = None if unet is None else [array_fingerprint(*(p for _, p in sorted(unet.state_dict().items()))),
+                                          {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}]
     return fingerprint_of(cfg.to_dict(arch), settings, array_fingerprint(x0, y), sched, backbone)
 
 
@@ -189,6 +203,13 @@ def train_classifier(
         raise ValueError(f"labels must lie in 0..{arch.num_classes - 1}, got {int(y_t.min())}..{int(y_t.max())}")
     if (scheduler is None) != (arch.time_mode == "none"):
         raise ValueError("a time-dependent classifier needs the target's scheduler; a clean one must not get one")
+    if scheduler is not None and getattr(scheduler, "alphas_cumprod", None) is None:
+        raise ValueError(f"scheduler={scheduler!r} must be the target's diffusers scheduler (noise-aware), or None "
+                         "(a clean classifier)")
+    if scheduler is not None and scheduler.config.num_train_timesteps < 4:  # (each quartile of t, where the held-out
+        # accuracy is measured, needs a timestep: an empty one failed after eval_every steps of training)
+        raise ValueError(f"the scheduler has {scheduler.config.num_train_timesteps} training timesteps; a noise-aware "
+                         "classifier needs at least 4 (its accuracy is measured per quarter of them)")
 
     tr, ev = heldout_split(y_t.numpy(), c.eval_fraction if len(x0) >= 20 else 0.0, c.seed)
     n_eval = len(ev)
@@ -242,6 +263,10 @@ def train_classifier(
             progress(step, c.steps)
         if step % c.eval_every == 0 or step == c.steps:
             entry = {"step": step, "loss": round(group.batch_mean(per_row, n_batch), 5)}
+            if not np.isfinite(entry["loss"]):  # (every process has the same mean: all stop here; before, NaN weights
+                # were saved, the stage completed, and sampling stopped blaming the guidance scale)
+                raise ValueError(f"classifier training diverged: the loss is {entry['loss']} at step {step} (lr="
+                                 f"{c.lr:g}); lower the lr (nothing was saved past the last checkpoint)")
             if not group.main:
                 continue
             if n_eval:
@@ -289,7 +314,7 @@ def fit_label_classifier(
     ``x0``: (n, C, H, W) float in [-1, 1]; ``labels``: (n,) int.
     """
     cfg.check_section(c, cfg.ClassifierConfig, "c")  # (a dict, or scheduler="ddpm", was an AttributeError)
-    if scheduler is not None and getattr(scheduler, "alphas_cumprod", None) is None:
+    if scheduler is not None and getattr(scheduler, "alphas_cumprod", None) is None:  # (before scheduler.config)
         raise ValueError(f"scheduler={scheduler!r} must be the target's diffusers scheduler (noise-aware), or None "
                          "(a clean classifier)")
     check_float_images(x0, f"{name} x0")
@@ -297,10 +322,6 @@ def fit_label_classifier(
     labels = integer_labels(labels, f"{name}: labels")
     if labels.shape != (len(x0),):  # ((n, 1) labels passed, and their mask indexed the images' channels)
         raise ValueError(f"{name}: labels must be one per image of x0 ({len(x0)},), got shape {labels.shape}")
-    if scheduler is not None and scheduler.config.num_train_timesteps < 4:  # (each quartile of t, where the held-out
-        # accuracy is measured, needs a timestep: an empty one failed after eval_every steps of training)
-        raise ValueError(f"the scheduler has {scheduler.config.num_train_timesteps} training timesteps; a noise-aware "
-                         "classifier needs at least 4 (its accuracy is measured per quarter of them)")
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:

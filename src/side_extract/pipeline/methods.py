@@ -24,7 +24,7 @@ from ..runs import (MODEL_INPUT, array_fingerprint,
                    atomic_save_npz, fingerprint_of, read_json, stage_fingerprint, whole_safetensors)
 from ..memorization import MemorizationGuidance
 from ..surrogate import SurrogateLabels, TeacherLabeler
-from ..training import fit_label_classifier
+from ..training import classifier_settings, fit_label_classifier
 from .context import AuditContext, _damaged, _stage_npz
 from .labelling import _surrogate_advice
 
@@ -113,16 +113,6 @@ def _saved_completion(directory: Path, fp: str) -> dict[str, Any] | None:
     # (a power loss before the files were on disk can leave the renamed folder with a whole config.json beside a
     # cut weights file)
     return stage["complete"] if whole_safetensors(directory / "model.safetensors") else None
-
-
-def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
-    """What training classifier ``c`` reads, for its stage's fingerprint: not the keys it does not read at all
-    (:func:`~side_extract.config.unread_keys`), and for a ``clean`` one (Cond's, the teacher's) not the input it
-    guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it), nor
-    ``balance`` at 0 (:data:`~side_extract.config.LATER_KEYS`: runs made before it keep their classifiers), nor
-    ``data_parallel`` (:data:`~side_extract.config.UNKEYED`: who trains, the same classifier up to float rounding)."""
-    unread = [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]
-    return cfg.keyed_settings(cfg.at_defaults(c, unread))
 
 
 def _classifier_unet(denoiser: Denoiser, c: cfg.ClassifierConfig, clean: bool) -> torch.nn.Module | None:
