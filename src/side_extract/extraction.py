@@ -17,6 +17,7 @@ have an unseen mass below ``stop_unseen`` (``allocation.stop_after``), with fewe
 from __future__ import annotations
 
 import logging
+import numbers
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +44,10 @@ def draw_targets(seed: int, indices: np.ndarray, n_classes: int) -> np.ndarray:
     cfg.check_int(seed, "seed")
     if ind.size and (not np.issubdtype(ind.dtype, np.integer) or ind.min() < 0):
         raise ValueError(f"indices must be generation numbers (integers >= 0), got {ind.dtype} from {ind.min()}")
-    if n_classes < 1:
-        raise ValueError("no classes to guide toward (every surrogate cluster was dropped?)")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 1:  # (2.5 drew
+        # from {0, 1}; True was taken as 1)
+        raise ValueError(f"n_classes={n_classes!r} must be an integer >= 1 (0: no classes to guide toward; every "
+                         "surrogate cluster was dropped?)")
     return np.array([np.random.default_rng([seed, int(i), 0x5EED]).integers(n_classes) for i in indices], dtype=np.int64)
 
 

@@ -238,6 +238,7 @@ class MemorizationGuidance:
 
 def candidate_count(n: int, fraction: float) -> int:
     """How many of ``n`` samples :func:`memorization_candidates` keeps: ``fraction`` of them, at least 2."""
+    cfg.check_real(fraction, "memorized_fraction")  # (True was taken as 1.0; a string met a comparison's TypeError)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"memorized_fraction={fraction} must lie in (0, 1]")
     return min(n, max(2, int(round(fraction * n))))
