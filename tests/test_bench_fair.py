@@ -234,6 +234,15 @@ def test_the_headline_form_is_chosen_on_validation_not_on_the_heldout_replicates
     assert picks["side"]["setting"] == [3.0, 1.0]
     assert picks["label_free"]["entry"] == "mg-avoid" and picks["label_free"]["tied"] == []
     assert picks["label_free"]["heldout_highest"] == "mg-avoid"
+    # held-out means that tie (one total spread otherwise over the replicates: a last-bit difference, or equal) are a
+    # tie there too: the pick is the highest, not the entry a float or the order named (a review's find)
+    for a_mean, b_mean in ((2000 / 9 + 3e-14, 2000 / 9), (200.0, 200.0)):
+        tied = {**ratios, "a": {"distinct_nn/mid": {**ratios["a"]["distinct_nn/mid"], "side": a_mean}},
+                "b": {"distinct_nn/mid": {**ratios["b"]["distinct_nn/mid"], "side": b_mean}}}
+        higher = {**means, "b": {**means["b"], "1,2": 0.13}}  # b the validation pick now
+        pick = chosen_on_validation(c, {"tuning": {"chosen": chosen, "mean_by_setting": higher},
+                                        "heldout": {"ratios": tied}})["side"]
+        assert pick["entry"] == "b" and pick["heldout_highest"] == "b", (a_mean, b_mean, pick)
     # only baselines and label-free entries: no SIDE pick
     assert set(chosen_on_validation({**c, "forms": {}}, {"tuning": {"chosen": chosen, "mean_by_setting": {
         "memguide": means["memguide"]}}, "heldout": {"ratios": {"memguide": ratios["memguide"]}}})) == {"label_free"}

@@ -778,10 +778,13 @@ def chosen_on_validation(c: dict[str, Any], s: dict[str, Any]) -> dict[str, dict
         level = {m: _level(v) for m, v in scored.items()}
         entry = max(level, key=level.get)  # the first of equals: the earlier entry
         row = ratios[entry]["distinct_nn/mid"]
+        # the highest held-out mean, ties compared as the validation means are (to 9 decimals: one total spread
+        # otherwise over the replicates differed in the last bit and named the other entry), the pick first
+        heldout = {m: _level(ratios[m]["distinct_nn/mid"]["side"]) for m in scored}
+        highest = [m for m in scored if heldout[m] == max(heldout.values())]
         out[kind] = {"entry": entry, "validation": scored[entry], "setting": tuning["chosen"][entry],
                      "tied": [m for m, v in level.items() if v == level[entry] and m != entry],
-                     "heldout_highest": max(scored, key=lambda m: ratios[m]["distinct_nn/mid"]["side"]),
-                     "distinct_nn/mid": row}
+                     "heldout_highest": entry if entry in highest else highest[0], "distinct_nn/mid": row}
     return out
 
 
