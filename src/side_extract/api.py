@@ -57,7 +57,8 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
         if labels is not None:
             raise ValueError(f"labels=... go with an array or an unlabelled ImageSet; the spec {str(images)!r} "
                              "carries its own labels")
-        return str(images)
+        # a Path names a path (str(Path("./digits")) is "digits": scikit-learn's digits were audited instead)
+        return str(images.absolute()) if isinstance(images, Path) else images
     if isinstance(images, ImageSet):
         check_levels(images.images, name)
         if images.labels is not None:
@@ -75,6 +76,9 @@ def as_image_set(images: str | Path | ImageSet | np.ndarray, labels: np.ndarray 
     a = np.asarray(images)
     if a.dtype != np.uint8 or a.ndim not in (3, 4):
         raise ValueError(f"{name}: an array must be uint8 (N, H, W) or (N, H, W, C), got {a.dtype} {a.shape}")
+    if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[1] > 4:  # (taken as H greyscale images of W x 3 pixels)
+        raise ValueError(f"{name}: an array of shape {a.shape} looks like one colour image (H, W, C); give a batch "
+                         f"(N, H, W, C), e.g. {name}[None], or (N, H, W) greyscale images")
     if a.size == 0:
         raise ValueError(f"{name}: the array holds no images (shape {a.shape})")
     if a.ndim == 4 and a.shape[-1] not in (1, 3):  # (ImageSet's own message named neither the argument nor the layout)

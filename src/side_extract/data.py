@@ -284,7 +284,7 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         warnings.warn(f"{len(others)} image file(s) in {str(path)!r} in another format are left out (the first: "
                       f"{', '.join(others[:3])}); only {', '.join(IMAGE_SUFFIXES)} files are read: convert them to PNG",
                       UserWarning, stacklevel=2)
-    arrays, see_through, odd_exif = [], [], []
+    arrays, see_through, odd_exif, non_square = [], [], [], []
     for f in files:
         try:
             with Image.open(f) as im:
@@ -293,7 +293,13 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
                     im = ImageOps.exif_transpose(im)  # as a viewer (and diffusers' load_image) shows it
                 except (SyntaxError, ValueError, struct.error):  # metadata Pillow cannot parse (its pixels decoded):
                     odd_exif.append(f.name)  # shown as stored, as a viewer does (it was refused as corrupt)
-                arrays.append(_as_8bit(im, f))
+                a = _as_8bit(im, f)
+                if resize_to is not None:  # at once: the set's full-size pixels are never all held
+                    if a.shape[0] != a.shape[1]:
+                        non_square.append(f"{f.name}, {a.shape[0]}x{a.shape[1]}")
+                    a = resize(a.reshape(1, *a.shape[:2], -1), resize_to)[0]
+                    a = a[..., 0] if a.shape[-1] == 1 else a
+                arrays.append(a)
                 if _transparent(im):
                     see_through.append(f.name)
         except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:  # (a bomb: Pillow's
@@ -308,10 +314,7 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
                       "the colour stored under it: flatten them onto a background first if that matters",
                       UserWarning, stacklevel=2)
     if resize_to is not None:
-        _warn_stretched(repr(str(path)), [f"{f.name}, {a.shape[0]}x{a.shape[1]}" for f, a in zip(files, arrays)
-                                          if a.shape[0] != a.shape[1]], resize_to)
-        arrays = [resize(a.reshape(1, *a.shape[:2], -1), resize_to)[0].squeeze(-1) if a.ndim == 2
-                  else resize(a[None], resize_to)[0] for a in arrays]
+        _warn_stretched(repr(str(path)), non_square, resize_to)
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         examples = {}
@@ -325,10 +328,13 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         warnings.warn(f"{len(colour)} of the {len(files)} images in {str(path)!r} are in colour (the first: "
                       f"{', '.join(colour[:3])}) and {len(grey)} greyscale: every image is read as RGB",
                       UserWarning, stacklevel=2)
-    stacked = np.stack([np.repeat(a[..., None], 3, -1) if rgb and a.ndim == 2 else a for a in arrays])
-    if stacked.ndim == 3:
-        stacked = stacked[..., None]
-    return ImageSet(stacked.astype(np.uint8), name=str(path))
+    h, w = arrays[0].shape[:2]
+    stacked = np.empty((len(arrays), h, w, 3 if rgb else 1), np.uint8)
+    for i in range(len(arrays)):  # (np.stack, then astype, held three copies of the set at once)
+        a = arrays[i]
+        stacked[i] = a[..., None] if a.ndim == 2 else a  # (a greyscale image broadcast to RGB where the set is)
+        arrays[i] = None
+    return ImageSet(stacked, name=str(path))
 
 
 def _transparent(im: Image.Image) -> bool:
@@ -472,12 +478,19 @@ def load_shards(path: Path) -> ImageSet:
         raise ValueError(f"{str(path)!r}: its shards hold images of other shapes ({first[0]}: {first[1]}, "
                          f"{other[0]}: {other[1]}, as (H, W, C)); one set's images share one shape")
     labels = None if unlabelled else np.concatenate([p.labels for p in parts])
-    images = np.concatenate([p.images for p in parts])
     ids = np.concatenate([p.ids for p in parts])
+    images = np.empty((len(ids), *parts[0].images.shape[1:]), np.uint8)
+    at = 0
+    for i, p in enumerate(parts):  # each shard's images released once copied (the parts, the set and its reordered
+        images[at:at + len(p)] = p.images  # copy were held at once: three times the set)
+        at += len(p)
+        parts[i] = None
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():  # e.g. a stray copy of a shard: every generation in it would count twice
         raise ValueError(f"{str(path)!r}: the shards hold sample indices more than once (e.g. "
                          f"{uniq[counts > 1][:5].tolist()}); remove the extra shard-*.npz files")
+    if (ids[1:] > ids[:-1]).all():  # in order already (as a run's shards are): no reordered copy
+        return ImageSet(images, labels, ids, str(path))
     order = np.argsort(ids, kind="stable")
     return ImageSet(images[order], None if labels is None else labels[order], ids[order], str(path))
 
@@ -510,8 +523,8 @@ def absolute_spec(spec: Any) -> Any:
 
 def is_digits_spec(spec: Any) -> bool:
     """Whether a data spec names scikit-learn's digits (``digits``, ``digits:N``), whatever folder of that name lies
-    here."""
-    return isinstance(spec, (str, Path)) and (str(spec) == "digits" or str(spec).startswith("digits:"))
+    here: a string (a ``Path`` names a path, whatever its text)."""
+    return isinstance(spec, str) and (spec == "digits" or spec.startswith("digits:"))
 
 
 def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
@@ -520,7 +533,7 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
     if resize_to is not None:  # (before the set loads)
         check_size(resize_to, "resize_to")
     s = str(spec)
-    if is_digits_spec(s):
+    if is_digits_spec(spec):  # (a str: a Path can only name a path; str(Path("./digits")) is "digits")
         n = None
         if ":" in s:
             try:
@@ -553,6 +566,9 @@ def load_image_set(spec: str | Path, resize_to: int | None = None) -> ImageSet:
             raise ValueError(f"data spec {s!r}: expected a folder of images, an .npz file, or 'digits[:N]'")
         else:
             raise ValueError(f"data spec {s!r} does not exist (expected a folder, an .npz file, or 'digits[:N]')")
+        if is_digits_spec(out.name):  # (a folder 'digits' here, given as ./digits, was named 'digits': the run's
+            # sources recorded scikit-learn's digits)
+            out = dataclasses.replace(out, name=str(p.absolute()))
     if resize_to is not None and out.images.shape[1:3] != (resize_to, resize_to):
         h, w = out.images.shape[1:3]
         _warn_stretched(repr(s), [f"all {h}x{w}"] if h != w else [], resize_to, len(out))  # (it said "1 image(s)")
