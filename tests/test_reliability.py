@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from side_extract import config as cfg
@@ -1426,3 +1427,31 @@ def test_a_shard_damaged_inside_since_it_was_written_is_named_with_what_to_do(tm
     shard.unlink()
     again = shard_stage(RunDir(tmp_path / "run"), "synthetic", "fp", 6, 3, make)
     assert np.array_equal(again.images, first.images)
+
+
+def test_a_stage_command_that_waited_reads_the_settings_the_other_writer_left(tiny_model_dir, tmp_path):
+    """side cluster --wait read RUN/config.yaml before waiting for the other writer: one that changed the run's
+    settings meanwhile (here K 4 -> 3, as `side cluster --n-clusters 3` writes it) had them undone, the stage made
+    with the settings of before and config.yaml written back with them. The lock is taken before the read now."""
+    from side_extract.cli.main import app
+    from side_extract.runs import read_json
+
+    run = tmp_path / "run"
+    run_audit(run, dataclasses.replace(tiny_rc(tiny_model_dir), extract=dataclasses.replace(
+        tiny_rc(tiny_model_dir).extract, methods=("side", "uncond"))), until="surrogate")
+    assert read_json(run / "surrogate" / "clusters.json")["n_clusters"] == 4
+    code = (f"import time, yaml; from pathlib import Path; from side_extract.runs import run_lock\n"
+            f"p = Path({str(run / 'config.yaml')!r})\n"
+            f"with run_lock({str(run)!r}):\n"
+            f"    print('held', flush=True); time.sleep(2)\n"
+            f"    c = yaml.safe_load(p.read_text()); c['surrogate']['n_clusters'] = 3; p.write_text(yaml.safe_dump(c))\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "cluster", "--run", str(run), "--wait"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["surrogate"]["n_clusters"] == 3
+    assert read_json(run / "surrogate" / "clusters.json")["n_clusters"] == 3

@@ -258,6 +258,25 @@ def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -
     return cfg.from_dict(cfg.RunConfig, _run_config_dict(run, config, overrides))
 
 
+@contextlib.contextmanager
+def holding_run(run: Path, wait: bool) -> Iterator[None]:
+    """With ``--wait`` on a run that exists: the run's lock held from before its ``config.yaml`` is read to the end of
+    the command (``run_lock`` is re-entrant: the stages take it again). It was read before the wait, so a command
+    queued behind another writer that changed the run's settings made its stages with the settings of before and
+    wrote them back, undoing the other's. In a launch the other processes read it once the main one holds it."""
+    if not wait or not Path(run).is_dir():  # (a new run: nothing to wait for, and no folder made by a refusal)
+        yield
+        return
+    from ..runs import check_run_path, run_lock
+
+    check_run_path(run)  # (a folder that is no run gets no lock file)
+
+    group = ProcessGroup.from_env()
+    with run_lock(run, wait=True) if group.main else contextlib.nullcontext():
+        group.barrier()
+        yield
+
+
 def say_note(note: str | None) -> None:
     """Print ``note`` as it is (no markup), where there is one."""
     if note is not None:

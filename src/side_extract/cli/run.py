@@ -15,8 +15,9 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (build_config, cli_errors, console, default_model_note, load_run_config, no_model_note, path_value,
-                     progress_enabled, progress_lines, say_note, say_stale_report, typed_flags)
+from .common import (build_config, cli_errors, console, default_model_note, holding_run, load_run_config,
+                     no_model_note, path_value, progress_enabled, progress_lines, say_note, say_stale_report,
+                     typed_flags)
 
 if TYPE_CHECKING:
     from ..pipeline import Until
@@ -190,8 +191,9 @@ def cluster_cmd(
     names = {"extractor": "features.extractor", "n_clusters": "surrogate.n_clusters", "tau": "surrogate.tau",
              "dropped": "surrogate.dropped"}
     flags = typed_flags(ctx, names)
-    note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
-    _run(ctx, run, rc, device, "surrogate", wait=wait)
+    with holding_run(run, wait):
+        note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+        _run(ctx, run, rc, device, "surrogate", wait=wait)
     if not ProcessGroup.from_env().main:
         return  # in a launch of several processes the main one says it, once
     console.print(f"surrogate labels: {run / 'surrogate'}")
@@ -225,6 +227,17 @@ def train_classifier_cmd(
     Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
     flags = typed_flags(ctx, names)
+    with holding_run(run, wait):
+        note = _train_classifiers(ctx, run, config, flags, device, wait)
+    if not ProcessGroup.from_env().main:
+        return  # in a launch of several processes the main one says it, once
+    console.print(f"classifiers in {run}")
+    say_stale_report(run)
+    say_note(note)
+
+
+def _train_classifiers(ctx: typer.Context, run: Path, config: Path | None, flags: dict[str, Any], device: str,
+                       wait: bool) -> str | None:
     note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
     check_run_exists(run, config, "train-classifier")  # (after the flags' own checks, as extract's)
     if not {"side", "side-teacher", "cond", "side-lora"} & set(rc.extract.methods):  # (it trained nothing, said
@@ -238,11 +251,7 @@ def train_classifier_cmd(
                          f"use; extract.methods ({', '.join(rc.extract.methods)}) train none (cond's clean classifier "
                          "takes clean_classifier.* from --config)")
     _run(ctx, run, rc, device, "classifier", wait=wait)
-    if not ProcessGroup.from_env().main:
-        return  # in a launch of several processes the main one says it, once
-    console.print(f"classifiers in {run}")
-    say_stale_report(run)
-    say_note(note)
+    return note
 
 
 @cli_errors
@@ -274,13 +283,14 @@ def extract_cmd(
              "temperature": "extract.temperature", "steps": "extract.steps", "scheduler": "extract.scheduler",
              "memguide_scale": "extract.memguide_scale"}
     flags = typed_flags(ctx, names)
-    note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
-    check_run_exists(run, config, "extract")
     from ..pipeline import run_audit
 
-    with stage_progress(ctx) as factory:
-        res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction", progress=factory,
-                        wait=wait, replace=force)
+    with holding_run(run, wait):
+        note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+        check_run_exists(run, config, "extract")
+        with stage_progress(ctx) as factory:
+            res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction",
+                            progress=factory, wait=wait, replace=force)
     if not ProcessGroup.from_env().main:
         return  # in a launch of several processes the main one sums up, once
     print_summary(res.metrics)

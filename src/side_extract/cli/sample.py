@@ -4,13 +4,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (cli_errors, console, default_model_note, load_run_config, path_value, progress_bar, say_note,
-                     say_stale_report, typed_flags)
+from .common import (cli_errors, console, default_model_note, holding_run, load_run_config, path_value, progress_bar,
+                     say_note, say_stale_report, typed_flags)
+
+if TYPE_CHECKING:
+    from ..runs import RunDir
 
 D = cfg.SampleConfig()
 log = logging.getLogger(__name__)
@@ -38,6 +42,20 @@ def sample_cmd(
     Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {"model": "model"} | {k: f"sample.{k}" for k in cfg.to_dict(D)}
     flags = typed_flags(ctx, names)
+    with holding_run(out, wait):
+        note, run, n = _sample(ctx, out, config, flags, device, wait)
+    if ProcessGroup.from_env().main:
+        from ..pipeline import warn_out_of_date
+
+        warn_out_of_date(run)  # (a step command: what was made from the earlier synthetic set, or model, is named)
+        console.print(f"{n} images in {run.path / 'synthetic'}")  # (once per launch, not once per process)
+        say_stale_report(run.path)
+        say_note(note)
+
+
+def _sample(ctx: typer.Context, out: Path, config: Path | None, flags: dict[str, Any], device: str,
+            wait: bool) -> tuple[str | None, RunDir, int]:
+    """The run's settings read and its synthetic set made: (the default-model note, the run, its image count)."""
     note = default_model_note(out, config, flags)
     rc = load_run_config(out, config, flags)  # an existing run keeps its other settings
     group = ProcessGroup.from_env()  # torchrun / accelerate launch: each process writes its own shards
@@ -68,11 +86,4 @@ def sample_cmd(
             if group.main:
                 run.fail_running(e)
             raise
-    if group.main:
-        from ..pipeline import warn_out_of_date
-
-        warn_out_of_date(run)  # (a step command: what was made from the earlier synthetic set, or model, is named)
-    if group.main:  # (once per launch, not once per process)
-        console.print(f"{len(images)} images in {run.path / 'synthetic'}")
-        say_stale_report(run.path)
-        say_note(note)
+    return note, run, len(images)
