@@ -1444,7 +1444,8 @@ def test_a_stage_command_that_waited_reads_the_settings_the_other_writer_left(ti
             f"p = Path({str(run / 'config.yaml')!r})\n"
             f"with run_lock({str(run)!r}):\n"
             f"    print('held', flush=True); time.sleep(2)\n"
-            f"    c = yaml.safe_load(p.read_text()); c['surrogate']['n_clusters'] = 3; p.write_text(yaml.safe_dump(c))\n")
+            f"    c = yaml.safe_load(p.read_text()); c['surrogate']['n_clusters'] = 3\n"
+            f"    p.write_text(yaml.safe_dump(c))\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
