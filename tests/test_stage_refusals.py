@@ -249,3 +249,36 @@ def test_k_under_select_k_keys_no_stage(tiny_model_dir, tmp_path):
     for _ in range(2):  # (the second rerun, its config.yaml now saying 6, was refused)
         run_audit(run, six, until="surrogate", replace=False)
         assert read_json(run / "manifest.json")["stages"]["surrogate"]["fingerprint"] == old
+
+
+def test_evaluation_faults_of_a_review(tiny_model_dir, tmp_path):
+    """digits:1700's null (the 97 other digits) too small for the 0.001 quantile was refused by the calibration after
+    every extraction (the docs promise it before the first stage); training images among the held-out images were
+    left out of the null but kept in the sample-quality reference; a method's quality measured against other held-out
+    images (evaluate.heldout changed between calls) was set beside the others with a best named."""
+    from side_extract.report import _quality
+
+    big = dataclasses.replace(_rc(tiny_model_dir), train="digits:1700")
+    with pytest.raises(ValueError, match=r"a null of 97 images \(the digits outside train='digits:1700'\), too few"):
+        run_audit(tmp_path / "big", big)
+    assert not (tmp_path / "big" / "manifest.json").exists()
+
+    train = load_image_set("digits:30")
+    outside = load_image_set("digits:200").images[100:140]  # 40 digits outside digits:30's first three per class
+    assert not (outside[:, None] == train.images[None]).all(axis=(2, 3, 4)).any()
+    np.savez(tmp_path / "held.npz", images=np.concatenate([outside, train.images]))
+    rc = dataclasses.replace(_rc(tiny_model_dir), evaluate=dataclasses.replace(
+        _rc(tiny_model_dir).evaluate, heldout=str(tmp_path / "held.npz"), quality=("pixels",),
+        bands="high=0:0.1,mid=0.1:0.15,low=0.15:0.2"))
+    res = run_audit(tmp_path / "run", rc)
+    q = res.metrics["uncond"]["quality"]["pixels"]
+    assert q["n_reference"] == 40 and q["reference"]["source"] == str(tmp_path / "held.npz")
+
+    rows = {m: {"quality": {"pixels": {"frechet": f, "kid": k, "kid_se": 0.0, "precision": 0.5, "recall": 0.5,
+                                       "n_generated": 6, "n_reference": 40, "k": 3,
+                                       "reference": {"fingerprint": ref}}}}
+            for m, f, k, ref in (("uncond", 1.0, 0.01, "a"), ("memguide", 2.0, 0.5, "b"))}
+    assert _quality(rows)["best"]["pixels"] == {"frechet": None, "kid": None, "precision": None, "recall": None}
+    assert _quality(rows)["other_references"] == ["pixels"]
+    rows["memguide"]["quality"]["pixels"]["reference"]["fingerprint"] = "a"
+    assert _quality(rows)["best"]["pixels"]["frechet"] == "uncond" and _quality(rows)["other_references"] == []

@@ -138,9 +138,15 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
     def same_n(rows: list[dict[str, Any]]) -> bool:
         return len({(r.get("n_generated"), r.get("n_reference"), r.get("k")) for r in rows}) == 1
 
-    best = {s: {k: _sole_best(rows, k, low=k in ("frechet", "kid")) if k == "kid" or same_n(rows) else None
+    def same_reference(rows: list[dict[str, Any]]) -> bool:  # (an evaluation made before it was recorded: unknown,
+        # taken as the run's one reference, as the report took it then)
+        return len({(r.get("reference") or {}).get("fingerprint") for r in rows} - {None}) <= 1
+
+    best = {s: {k: _sole_best(rows, k, low=k in ("frechet", "kid"))
+                if same_reference(rows) and (k == "kid" or same_n(rows)) else None
                 for k in ("frechet", "kid", "precision", "recall")}
             for s, rows in spaces.items() if len(rows) > 1}
+    other_references = [s for s, rows in spaces.items() if not same_reference(rows)]
     for s, rows in spaces.items():  # KID comes with its standard error: a best within the noise is no best
         if s in best and best[s]["kid"] is not None:
             low = next(r for r in rows if r["method"] == best[s]["kid"])
@@ -148,7 +154,7 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
                                                                                 low.get("kid_se") or 0.0)
                    for r in rows):
                 best[s]["kid"] = None
-    return {"spaces": spaces, "best": best, "skipped": skipped}
+    return {"spaces": spaces, "best": best, "skipped": skipped, "other_references": other_references}
 
 
 def _top(table: dict[str, np.ndarray], orientation: str, k: int) -> list[dict[str, Any]]:

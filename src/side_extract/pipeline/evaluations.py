@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 
 from .. import config as cfg
-from ..data import ImageSet, load_shards
-from ..evaluation import (Evaluation, calibrate, evaluate, held_out_set,
-                         neighbor_index)
+from ..data import ImageSet, absolute_spec, load_shards
+from ..evaluation import Evaluation, calibrate, copy_rows, evaluate, held_out_set, neighbor_index
 from ..metrics import Similarity
 from ..features import EXTRACTORS, extract_features
 from ..quality import image_features, quality_from_features
@@ -125,13 +124,17 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
     return _stage_npz(path, "features")
 
 
-def quality_reference(ctx: AuditContext) -> ImageSet | None:
+def quality_reference(ctx: AuditContext, train: ImageSet) -> ImageSet | None:
     """Held-out real images to measure sample quality against: ``evaluate.heldout``, else the digits outside a
-    ``digits:N`` training set (resized like it), at most ``quality_max_reference`` of them (seeded); else None."""
+    ``digits:N`` training set (resized like it), less exact copies of ``train``'s images (which the bands' null
+    leaves out too: quality against them would mix in memorization), at most ``quality_max_reference`` of them
+    (seeded); else None."""
     c = ctx.rc.evaluate
     ref = _heldout_set(ctx)
     if ref is None:
         return None
+    if ref.shape == train.shape and (copies := copy_rows(ref, train)).any():
+        ref = ref.subset(np.flatnonzero(~copies))
     if len(ref) > c.quality_max_reference:
         keep = np.sort(np.random.default_rng([c.seed, 0x9A11]).choice(len(ref), c.quality_max_reference, replace=False))
         ref = ref.subset(keep)
@@ -159,7 +162,10 @@ def quality_of(ctx: AuditContext, generated: ImageSet, reference: ImageSet | Non
         q = quality_from_features(gen, ctx.cache[key], name, k=min(c.quality_k, len(gen) - 1, len(reference) - 1),
                                   n_subsets=c.quality_kid_subsets, subset_size=c.quality_kid_subset_size,
                                   random_state=c.seed)
-        out[name] = q.to_json()
+        # the reference it was measured against, by its pixels (a run whose evaluate.heldout changed between
+        # calls kept the earlier methods' quality against the earlier images: the report set them side by side)
+        out[name] = {**q.to_json(), "reference": {"fingerprint": ctx.fingerprint(reference),
+                                                 "source": absolute_spec(reference.name) or None}}
     return out
 
 
@@ -233,7 +239,7 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     c = ctx.rc.evaluate
     if bands_file is not None:
         c = dataclasses.replace(c, bands_file=str(bands_file))
-    reference = quality_reference(ctx) if c.quality else None
+    reference = quality_reference(ctx, train) if c.quality else None
     cal_entry = None if bands_file is None else ctx.run.stage_entry("calibration")
     cal = None if cal_entry is None else cal_entry["fingerprint"]
     cal_legacy = None if cal_entry is None else cal_entry.get("rekeyed_from", cal)

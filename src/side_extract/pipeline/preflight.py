@@ -10,7 +10,7 @@ import numpy as np
 from .. import config as cfg
 from ..data import ImageSet, check_levels, labelled_classes, load_image_set
 from ..detection import check_grid
-from ..evaluation import (copies_of, duplicate_counts)
+from ..evaluation import copies_of, digits_complement, duplicate_counts
 from ..metrics import Similarity, parse_bands, read_bands_file
 from ..features import EXTRACTORS, extractor_problem
 from ..finetune import lora_problems
@@ -184,8 +184,15 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                 n_null -= copies
             except ValueError as e:
                 problems.append(f"evaluate.heldout={ev.heldout!r}: {e}")
-        elif str(rc.train).startswith("digits:"):
-            n_null = None  # the digits outside the subset: checked when calibrating
+        elif str(rc.train).startswith("digits:"):  # the digits outside the subset (1,797 8x8 images: cheap to read
+            # here; "checked when calibrating" refused digits:1700's 97 after every extraction)
+            if cfg.calibrates_bands(ev):
+                try:
+                    h = digits_complement(str(rc.train), rc.train_resize)
+                    copies = copies_of(h, train) if train is not None and h.shape == train.shape else 0
+                    n_null = len(h) - copies
+                except ValueError as e:
+                    problems.append(f"the bands are calibrated on the digits outside train={rc.train!r}: {e}")
         elif train is not None:  # train vs the rest of train: an image with a duplicate there scores a copy
             counts = duplicate_counts(train)
             copies = int(counts[counts > 1].sum())
@@ -193,6 +200,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         q = min(ev.calibration_quantiles)
         if cfg.calibrates_bands(ev) and n_null is not None and n_null * q < 0.1:
             source = (f"the held-out images evaluate.heldout={ev.heldout!r}" if ev.heldout is not None
+                      else f"the digits outside train={rc.train!r}" if str(rc.train).startswith("digits:")
                       else "the training set against itself")
             if copies:
                 source += f", less {copies} exact copies of training images, which the null leaves out"
