@@ -510,3 +510,29 @@ def test_bands_given_later_keep_the_runs_held_out_set(tmp_path):
     (tmp_path / "c.yaml").write_text("evaluate:\n  bands: high=0:0.1\n")
     ev = load_run_config(tmp_path / "run", tmp_path / "c.yaml", {}).evaluate
     assert ev.bands == "high=0:0.1" and ev.bands_file is None and ev.heldout == "digits:20"
+
+
+def test_a_side_evaluate_of_an_extraction_the_run_made_again_is_left_out(tiny_model_dir, tmp_path):
+    """side evaluate of the run's own extraction/uncond into RUN/evaluation/uncond-cli counts once; after the run made
+    extraction/uncond again (another seed), the old evaluation still counted in the summary, findings and report as
+    6 more generations that no longer exist. It records the stage it measured and is left out once that changes."""
+    import dataclasses
+
+    from side_extract.pipeline import run_audit
+    from side_extract.summary import audit_summary
+
+    from test_pipeline import tiny_rc
+
+    run = tmp_path / "run"
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",))
+    run_audit(run, rc)
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "evaluate", "--generated",
+                                 str(run / "extraction" / "uncond"), "--train", "digits:30", "--carlini-n", "5",
+                                 "--out", str(run / "evaluation" / "uncond-cli")])
+    assert r.exit_code == 0, r.output
+    sources = json.loads((run / "evaluation" / "uncond-cli" / "metrics.json").read_text())["sources"]
+    assert sources["generated_stage"] == "extraction/uncond" and len(sources["generated_stage_fingerprint"]) == 64
+    assert set(audit_summary(run)["methods"]) == {"uncond", "uncond-cli"}  # (counted once: the same files)
+    run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=123)))
+    s = audit_summary(run)
+    assert list(s["methods"]) == ["uncond"] and s["findings"]["generations"] == {"uncond": 6}

@@ -105,6 +105,19 @@ def run_written_into(out: Path, files: tuple[str, ...]) -> Path | None:
     return run
 
 
+def generated_stage(generated: str) -> tuple[str, str] | None:
+    """(stage, fingerprint) of the finished ``extraction/<method>`` of a run that ``generated`` is the folder of (None:
+    images elsewhere)."""
+    from ..runs import enclosing_run, read_stages, stage_holding
+
+    run = enclosing_run(generated) if Path(generated).is_dir() else None
+    stage = stage_holding(run, generated) if run is not None else None
+    if stage is None or not stage.startswith("extraction/") or (run / stage).resolve() != Path(generated).resolve():
+        return None
+    e = read_stages(run).get(stage) or {}
+    return (stage, e["fingerprint"]) if e.get("status") == "complete" and e.get("fingerprint") else None
+
+
 def run_evaluate_section(run: Path) -> dict[str, Any]:
     """The ``evaluate:`` section of run directory ``run``'s config.yaml as written (empty where it has none)."""
     return (cfg.load_yaml(run / "config.yaml").get("evaluate") or {}) if (run / "config.yaml").is_file() else {}
@@ -263,6 +276,10 @@ def evaluate_cmd(
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
                           feature_model=feature_model, device=device, progress=cb, heldout=rest)
+    if (stage := generated_stage(generated)) is not None:  # a run's own extraction: which one it measured, so that
+        # the run leaves this evaluation out once it makes that extraction again (it was counted beside the new one)
+        result = dataclasses.replace(result, sources={**result.sources, "generated_stage": stage[0],
+                                                      "generated_stage_fingerprint": stage[1]})
     if rest is not None and result.bands_source == f"heldout:{rest.name}":
         console.print(f"bands calibrated on the held-out set: the {len(rest)} digits not in {train}")
     with run_lock(run) if run is not None else contextlib.nullcontext():

@@ -62,14 +62,21 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
 
     def current(m: str) -> bool:
         """Finished, and made from the extraction the run holds now (an evaluation that ``side evaluate --out``
-        wrote into the folder has no manifest entry and is taken as it is)."""
+        wrote into the folder has no manifest entry: checked below, :func:`measures_a_remade_extraction`)."""
         e = stages.get(f"evaluation/{m}")
         if e is None:
             return True
         return e.get("status") == "complete" and not remade_inputs(stages, f"evaluation/{m}")
 
     found = {p.parent.name: p.parent for p in (run / "evaluation").glob("*/metrics.json")}
-    stale = sorted(m for m in found if not current(m))
+    remeasure = {m: stage for m in found if f"evaluation/{m}" not in stages
+                 and (stage := measures_a_remade_extraction(run, found[m] / "metrics.json", stages)) is not None}
+    for m, stage in sorted(remeasure.items()):
+        log.warning("%s: evaluation %s (written by side evaluate) left out: it measured %s as it was before the run "
+                    "made it again; evaluate it again (side evaluate --generated %s --out %s)", run, m, stage,
+                    run / stage, found[m])
+    stale = sorted(m for m in found if not current(m) and m not in remeasure)
+    found = {m: d for m, d in found.items() if m not in remeasure}
     if stale:  # (it said to rerun without --force, which refuses to replace a finished evaluation made from another
         # extraction; --force makes no finished extraction again)
         remade = [m for m in stale if (stages.get(f"evaluation/{m}") or {}).get("status") == "complete"]
@@ -80,6 +87,25 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
     found = {m: d for m, d in found.items() if m not in stale}
     order = _config_methods(run)
     return {m: found[m] for m in sorted(found, key=lambda k: (order.index(k) if k in order else len(order), k))}
+
+
+def measures_a_remade_extraction(run: Path, metrics: Path, stages: dict[str, dict[str, Any]]) -> str | None:
+    """The extraction stage of ``run`` (``extraction/<m>``) that an evaluation ``side evaluate`` wrote into it
+    (``metrics``: its metrics.json) measured, where the run has made it again since (its fingerprint is another, or
+    it is unfinished); None where it is current, or records none (an evaluation of images elsewhere, or one written
+    before the stage was recorded: taken as it is). Counted as current, the old generations stayed in the summary,
+    findings and report beside the new ones."""
+    try:
+        sources = read_json(metrics, dict).get("sources") or {}
+    except ValueError:
+        return None
+    stage, fp, source = sources.get("generated_stage"), sources.get("generated_stage_fingerprint"), \
+        sources.get("generated")
+    if not (isinstance(stage, str) and isinstance(source, str) and source) or Path(source).resolve() != (
+            Path(run) / stage).resolve():
+        return None
+    e = stages.get(stage) or {}
+    return None if e.get("status") == "complete" and e.get("fingerprint") == fp else stage
 
 
 def _config_methods(run: Path) -> list[str]:
