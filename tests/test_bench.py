@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from side_extract import config as cfg
-from side_extract.bench.compute import interleaved, median_ratio
+from side_extract.bench.compute import ComputeBenchConfig, interleaved, median_ratio
 from side_extract.bench.extraction import (ExtractionBenchConfig, ratios_to_best_baseline, run_extraction_bench,
                                            write_extraction_results)
 from side_extract.bench.tables import _ratio_cell, render_extraction_markdown
@@ -280,3 +280,45 @@ def test_results_are_written_before_their_table_is_drawn(tmp_path):
     assert [p.name for p in write_results(tmp_path, "fair", {"a": 1}, lambda d: f"a = {d['a']}")] == ["fair.json",
                                                                                                      "fair.md"]
     assert (tmp_path / "fair.md").read_text() == "a = 1"
+
+
+def test_the_busy_demo_is_measured_in_pairs_whose_order_alternates(monkeypatch):
+    """One idle run, then one busy run, was the whole busy-demo figure (1.40 on a machine whose idle run was slower
+    than its busy one in several stages): pairs now, idle first then busy first, the slowdown the median of the
+    pairs' ratios; the table says how it was measured. (The demo runs are stand-ins here: the order and the
+    arithmetic are what is tested.)"""
+    import side_extract.bench.compute as compute
+    from side_extract.bench.tables import render_compute_markdown
+
+    from side_extract.bench import machine_description
+
+    machine = machine_description()  # (before Popen is replaced below: it asks git for the code's commit)
+    assert machine["code"] is None or len(machine["code"]["commit"]) == 40
+    running, calls, walls = [], [], iter([100.0, 150.0, 130.0, 110.0, 90.0, 180.0])
+
+    class Competitor:
+        def __init__(self, *a, **k):
+            running.append(self)
+
+        def kill(self):
+            running.remove(self)
+
+        def wait(self):
+            return 0
+
+    def demo(c, threads=None):
+        calls.append("busy" if running else "idle")
+        return {"command": "side --no-progress --threads 0 demo --out <tmp>/demo", "wall_s": next(walls)}
+
+    monkeypatch.setattr(compute, "bench_demo", demo)
+    monkeypatch.setattr(compute.subprocess, "Popen", Competitor)
+    monkeypatch.setattr(compute.time, "sleep", lambda s: None)
+    out = compute.bench_busy_demo(ComputeBenchConfig(busy=True, busy_pairs=3))
+    assert calls == ["idle", "busy", "busy", "idle", "idle", "busy"]
+    assert [p["slowdown"] for p in out["pairs"]] == [1.5, round(130 / 110, 3), 2.0]
+    assert out["slowdown"] == 1.5 and out["idle"]["wall_s"] == 100.0 and out["busy"]["wall_s"] == 150.0
+    data = {"schema": "x", "command": "c", "machine": machine, "model": {"spec": "demo", "sample_shape": [1, 8, 8],
+            "parameters": 1}, "seconds": 1.0, "part_seconds": {"busy_demo": 1.0}, "busy_demo": out}
+    assert "median of 3 idle/busy pairs, the order alternating" in render_compute_markdown(data)
+    with pytest.raises(ValueError, match="busy_pairs=0 must be a positive integer"):
+        ComputeBenchConfig(busy_pairs=0)

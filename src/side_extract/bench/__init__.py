@@ -39,6 +39,8 @@ def machine_description(threads: int | None = None) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        **cpu_model(),
+        "code": code_version(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -48,6 +50,40 @@ def machine_description(threads: int | None = None) -> dict[str, Any]:
         "versions": versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what bf16 and fp32 speeds hang on
+
+
+def cpu_model() -> dict[str, Any]:
+    """The CPU's model name and the instruction-set flags the figures depend on (``/proc/cpuinfo``; empty where it
+    is not there): ``processor`` alone read 'x86_64' on every machine, and bf16 ran minutes on one EPYC and seconds
+    on another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"), "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def code_version() -> dict[str, Any] | None:
+    """The git commit of the code that made a figure and whether its tree had changes (None: not a git checkout):
+    the package's version alone did not say which code made a results file."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
 
 
 def write_results(out: str | Path, stem: str, data: dict[str, Any],

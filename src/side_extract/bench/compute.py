@@ -9,7 +9,9 @@
 3. **neighbors**: :class:`~side_extract.neighbors.NearestNeighborIndex` exact top-1 (rms-l2, both backends)
    vs a bare faiss ``IndexFlatL2`` on the same uint8 arrays (conversion to float32 included);
 4. **evaluate_rss**: peak resident set size of :func:`side_extract.evaluation.evaluate` at several N_G
-   against random 8x8 training images, each in a fresh subprocess (``resource.getrusage`` maxrss);
+   against random 8x8 training images, each in a fresh subprocess (the call's own peak: the high-water mark reset
+   before it and read after, ``/proc/self/status`` VmHWM; ``resource.getrusage`` maxrss where that is not
+   available), and its growth over what was resident before the call;
 5. **demo**: ``side demo`` wall time in a subprocess (interpreter start and imports included).
 
 Torch and faiss run with ``threads`` threads (1 by default: the figures are per core, and oversubscribed
@@ -62,13 +64,14 @@ class ComputeBenchConfig:
     rss_n_train: int = 50_000
     demo: bool = True
     busy: bool = False
+    busy_pairs: int = 2
     only: tuple[str, ...] = ()
     threads: int = 1
     quick: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "repeats", "classifier_classes", "nn_queries", "nn_refs", "nn_repeats",
-                     "rss_n_train", "threads"):
+                     "rss_n_train", "threads", "busy_pairs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.classifier_classes < 2:
@@ -341,21 +344,38 @@ while True:
 
 
 def bench_busy_demo(c: ComputeBenchConfig) -> dict[str, Any]:
-    """``side demo`` with its default thread choice (``--threads 0``: the cores free now), first on an idle
-    machine, then beside a CPU-bound competitor (a torch matmul loop on torch's default threads, as another
-    user's job would run); the slowdown is busy / idle wall time (goal: at most 2.5)."""
-    idle = bench_demo(c, threads=0)
+    """``side demo`` with its default thread choice (``--threads 0``: the cores free now) on an idle machine and
+    beside a CPU-bound competitor (a torch matmul loop on torch's default threads, as another user's job would run),
+    in ``busy_pairs`` pairs whose order alternates (idle first, then busy first: drift in the machine's load
+    favours neither); the slowdown is the median of the pairs' busy / idle wall times (goal: at most 2.5). One
+    pair, idle first, was all it measured before: one draw of a noisy machine's load."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}  # as a user's job
-    comp = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
-    try:
-        time.sleep(3)  # let it spin up
-        busy = bench_demo(c, threads=0)
-    finally:
-        comp.kill()
-        comp.wait()
-    return {"idle": idle, "busy": busy, "slowdown": round(busy["wall_s"] / idle["wall_s"], 2),
-            "competitor": "python -c '<torch matmul loop, default threads>'"}
+
+    def busy() -> dict[str, Any]:
+        comp = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        try:
+            time.sleep(3)  # let it spin up
+            return bench_demo(c, threads=0)
+        finally:
+            comp.kill()
+            comp.wait()
+
+    def idle() -> dict[str, Any]:
+        return bench_demo(c, threads=0)
+
+    pairs = []
+    for i in range(c.busy_pairs):
+        first, second = (idle, busy) if i % 2 == 0 else (busy, idle)
+        a, b = first(), second()
+        calm, loaded = (a, b) if i % 2 == 0 else (b, a)
+        pairs.append({"first": "idle" if i % 2 == 0 else "busy", "idle": calm, "busy": loaded,
+                      "slowdown": round(loaded["wall_s"] / calm["wall_s"], 3)})
+    return {"idle": {**pairs[0]["idle"], "wall_s": round(statistics.median(p["idle"]["wall_s"] for p in pairs), 1)},
+            "busy": {**pairs[0]["busy"], "wall_s": round(statistics.median(p["busy"]["wall_s"] for p in pairs), 1)},
+            "pairs": pairs, "slowdown": round(statistics.median(p["slowdown"] for p in pairs), 2),
+            "slowdown_is": "median of the pairs' busy / idle wall times, the order alternating (idle and busy walls: "
+                           "medians)", "competitor": "python -c '<torch matmul loop, default threads>'"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,8 +36,13 @@ def _preamble(title: str, data: dict[str, Any]) -> list[str]:
     m = data["machine"]
     return [f"# {title}{' (--quick)' if data.get('quick') else ''}", "",
             f"Command: `{data.get('command') or '(library call)'}`  ",
-            f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} thread(s)), "
-            f"load average at start {m['load_average_at_start']}; {m['date']}  "]
+            f"Machine: {m['platform']}, {m['cpu_count']} CPUs"
+            + (f" ({m['cpu_model']}; {', '.join(m.get('cpu_flags') or []) or 'no AVX2/AVX-512/AMX'})"
+               if m.get("cpu_model") else "")
+            + f", torch {m['torch']} ({m['torch_threads']} thread(s)), load average at start "
+            f"{m['load_average_at_start']}; {m['date']}  ",
+            *([f"Code: {m['code']['commit'][:12]}{' with local changes' if m['code'].get('dirty') else ''}  "]
+              if m.get("code") else [])]
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -100,6 +105,15 @@ def render_extraction_markdown(data: dict[str, Any]) -> str:
 
 
 
+def _grown(r: dict[str, Any]) -> float:
+    """An evaluate RSS row's growth over what was resident before the call (MB)."""
+    return r["peak_rss_mb"] - r["rss_before_mb"]
+
+
+def _growth(r: dict[str, Any]) -> str:
+    return f"+{_grown(r):.0f} MB"
+
+
 def render_compute_markdown(data: dict[str, Any]) -> str:
     lines = [*_preamble("Compute benchmark", data),
              f"Model: `{data['model']['spec']}` ({'x'.join(map(str, data['model']['sample_shape']))}, "
@@ -121,25 +135,36 @@ def render_compute_markdown(data: dict[str, Any]) -> str:
                      f"| **{r['ratio_faiss_backend']:.2f}** (faiss), {r['ratio_torch_backend']:.2f} (torch) |")
     rss = data.get("evaluate_rss")
     if rss:
-        cells = "; ".join(f"N_G {r['n_generated']:,}: {r['peak_rss_mb']:.0f} MB ({r['seconds']:.1f} s)" for r in rss)
+        own = calls_own_peaks(rss)
+        cells = "; ".join(f"N_G {r['n_generated']:,}: {r['peak_rss_mb']:.0f} MB"
+                          + (f", {_growth(r)} over {r['rss_before_mb']:.0f} MB before" if own else "")
+                          + f" ({r['seconds']:.1f} s)" for r in rss)
         small, large = (f(rss, key=lambda r: r["n_generated"]) for f in (min, max))  # (in any order given)
         base = small["peak_rss_mb"]
-        lifetime = "" if calls_own_peaks(rss) else (
+        lifetime = "" if own else (
             " (measured before the call's own peak was: the process's lifetime high-water mark, which the data and "
             "the warm-up may have set)")
-        lines.append(f"| peak RSS of evaluate vs {small['n_train']:,} random 8x8 training images (fresh process each)"
-                     f"{lifetime} | {cells} | N_G {small['n_generated']:,}: {base:.0f} MB | "
-                     f"**{large['peak_rss_mb'] / base:.2f}** (largest / smallest N_G) |")
+        # (the peaks' ratio counts the process's imports and data, resident before the call, on both sides: the
+        # call's own growth is the figure that scales with N_G)
+        grown = (f"; growth over the memory before the call **{_grown(large) / _grown(small):.2f}**"
+                 if own and _grown(small) > 0 else "")
+        lines.append(f"| peak RSS of evaluate vs {small['n_train']:,} random 8x8 training images (fresh process each, "
+                     f"one call per N_G){lifetime} | {cells} | N_G {small['n_generated']:,}: {base:.0f} MB | "
+                     f"**{large['peak_rss_mb'] / base:.2f}** (peaks, largest / smallest N_G){grown} |")
     if data.get("demo"):
         d = data["demo"]
         lines.append(f"| `{d['command']}` wall time | {d['wall_s']:.0f} s | — | — |")
     if data.get("busy_demo"):
         b = data["busy_demo"]
+        pairs = b.get("pairs")
+        how = (f"median of {len(pairs)} idle/busy pairs, the order alternating" if pairs else
+               "one idle run, then one busy run: no repeats, one draw of the machine's noise")
         lines.append(f"| `{b['busy']['command']}` beside a CPU-bound competitor vs idle | {b['busy']['wall_s']:.0f} s | "
-                     f"idle {b['idle']['wall_s']:.0f} s | **{b['slowdown']:.2f}** (goal <= 2.5) |")
-    lines += ["", "Ratios are medians of per-repeat ratios, the two sides of each measured in the same repeat with the "
-              "order alternating. Part times: " + ", ".join(f"{k} {fmt(v)} s" for k, v in data["part_seconds"].items())
-              + "."]
+                     f"idle {b['idle']['wall_s']:.0f} s | **{b['slowdown']:.2f}** (goal <= 2.5; {how}) |")
+    lines += ["", "The sampling, guidance and neighbour ratios are medians of per-repeat ratios, the two sides of each "
+              "measured in the same repeat with the order alternating; the RSS rows are one call each, in fresh "
+              "processes; the busy demo's row says how it was measured. Part times: "
+              + ", ".join(f"{k} {fmt(v)} s" for k, v in data["part_seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 

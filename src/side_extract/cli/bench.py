@@ -383,7 +383,8 @@ def compute_cmd(
     threads: int = typer.Option(1, "--bench-threads", min=1, help="Torch and faiss threads for the timed parts."),
     no_demo: bool = typer.Option(False, "--no-demo", help="Skip the `side demo` wall-time part."),
     busy: bool = typer.Option(False, "--busy", help="Also time `side demo` idle and beside a CPU-bound competitor "
-                              "(the slowdown on a busy machine; about two demo runs)."),
+                              "(the slowdown on a busy machine: two pairs, the order alternating; about four demo "
+                              "runs)."),
     only: str = typer.Option("", "--only", help="Run only these parts, comma-separated (sampling, guidance, "
                              "neighbors, evaluate_rss, demo, busy_demo); writes compute-<parts>.*"),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, no demo (seconds); writes compute-quick.*."),
