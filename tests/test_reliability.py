@@ -1456,3 +1456,45 @@ def test_a_stage_command_that_waited_reads_the_settings_the_other_writer_left(ti
     assert r.exit_code == 0, r.output
     assert yaml.safe_load((run / "config.yaml").read_text())["surrogate"]["n_clusters"] == 3
     assert read_json(run / "surrogate" / "clusters.json")["n_clusters"] == 3
+
+
+def test_a_stage_made_smaller_and_cut_short_before_its_unlinking_holds_no_old_shard(tmp_path, monkeypatch):
+    """An extraction begun at N 10 (shards 0..4, 4..8, 8..10) and cut short, then rerun at N 6 and killed between
+    the growth's record and the unlinking of the old layout's shards: the resume kept shard-00002 (images 8..9) and
+    the stage completed 'at 6' holding 8 generations, and every rerun skipped it so (a review's find)."""
+    from side_extract.runs import RunDir, shard_stage, stage_fingerprint
+
+    run_path = tmp_path / "run"
+
+    def fp_at(n):
+        return stage_fingerprint("extraction", "toy", n)
+
+    def make(lo, hi, _progress):
+        return {"images": np.full((hi - lo, 2, 2, 1), 7, np.uint8), "index": np.arange(lo, hi)}
+
+    class Cut(BaseException):
+        pass
+
+    def cut(*a, **k):
+        raise Cut
+
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "complete", cut)
+        with pytest.raises(Cut):
+            shard_stage(RunDir(run_path), "extraction/x", fp_at(10), 10, 4, make, fingerprint_at=fp_at)
+    grow = RunDir.grow
+
+    def grow_then_die(self, *a, **k):
+        grow(self, *a, **k)
+        raise Cut
+
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "grow", grow_then_die)
+        with pytest.raises(Cut):
+            shard_stage(RunDir(run_path), "extraction/x", fp_at(6), 6, 4, make, fingerprint_at=fp_at)
+    assert (run_path / "extraction" / "x" / "shard-00002.npz").exists()  # the kill's window
+    for _ in range(2):  # the resume, then a skip
+        s = shard_stage(RunDir(run_path), "extraction/x", fp_at(6), 6, 4, make, fingerprint_at=fp_at)
+        assert s.ids.tolist() == list(range(6)) and RunDir(run_path).stage_entry("extraction/x")["n"] == 6
+    assert sorted(p.name for p in (run_path / "extraction" / "x").glob("shard-*")) == ["shard-00000.npz",
+                                                                                     "shard-00001.npz"]

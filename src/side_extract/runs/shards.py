@@ -182,6 +182,15 @@ def shard_stage(
                         "damaged, or left by another N); writing them again", stage, ", ".join(map(str, cut)))
             for k in cut:
                 shard_path(directory, k).unlink()
+        if decision != "fresh" and (extra := sorted(set(directory.glob("shard-*.npz"))
+                                                    - {shard_path(directory, k) for k in range(n_shards)})):
+            # (a stage begun at a larger N, cut short, then made smaller and cut short again between its record and
+            # the unlinking above: the old layout's last shards stayed, and load_shards read them with the stage's,
+            # "complete at 6" holding 8 generations)
+            log.warning("stage %s: shard file(s) %s lie outside its %d shards (left by a larger N); removing them",
+                        stage, ", ".join(p.name for p in extra), n_shards)
+            for p in extra:
+                p.unlink()
         if decision == "skip" and not all(shard_path(directory, k).exists() for k in range(n_shards)):
             log.warning("stage %s: marked complete but shard files are missing or damaged; writing them again", stage)
             decision = run.reopen(stage)
