@@ -1498,3 +1498,28 @@ def test_a_stage_made_smaller_and_cut_short_before_its_unlinking_holds_no_old_sh
         assert s.ids.tolist() == list(range(6)) and RunDir(run_path).stage_entry("extraction/x")["n"] == 6
     assert sorted(p.name for p in (run_path / "extraction" / "x").glob("shard-*")) == ["shard-00000.npz",
                                                                                      "shard-00001.npz"]
+
+
+def test_a_folder_moved_aside_by_a_writer_killed_mid_replace_is_put_back(tmp_path):
+    """atomic_directory replaces a folder in two renames (the folder aside, then the new one in place); a SIGKILL
+    between them left neither under its name, and the next writer's sweep deleted both 15 minutes on (a classifier's
+    checkpoints among them: trained again from step 0). The next lock holder puts the folder of before back."""
+    from side_extract.runs import run_lock
+
+    run = tmp_path / "run"
+    (run / "classifier").mkdir(parents=True)
+    (run / "classifier" / "model.safetensors").write_text("OLD")
+    code = ("import os, signal, sys; from pathlib import Path; from side_extract.runs import atomic_directory\n"
+            "real, n = os.replace, [0]\n"
+            "def replace(a, b):\n"
+            "    real(a, b); n[0] += 1\n"
+            "    if n[0] == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "os.replace = replace\n"
+            f"with atomic_directory(Path({str(run)!r}) / 'classifier') as tmp:\n"
+            "    (tmp / 'model.safetensors').write_text('NEW')\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert not (run / "classifier").exists()  # the kill's window: the folder aside, the new one not in place
+    with run_lock(run):
+        pass
+    assert (run / "classifier" / "model.safetensors").read_text() == "OLD"
+    assert not [p for p in run.iterdir() if p.name.endswith(".side-old")]

@@ -186,10 +186,10 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                 problems.append(f"evaluate.heldout={ev.heldout!r}: {e}")
         elif str(rc.train).startswith("digits:"):  # the digits outside the subset (1,797 8x8 images: cheap to read
             # here; "checked when calibrating" refused digits:1700's 97 after every extraction)
-            if cfg.calibrates_bands(ev):
+            if cfg.calibrates_bands(ev) and train is not None:  # (a training set not read: its resize refused)
                 try:
                     h = digits_complement(str(rc.train), rc.train_resize)
-                    copies = copies_of(h, train) if train is not None and h.shape == train.shape else 0
+                    copies = copies_of(h, train) if h.shape == train.shape else 0
                     n_null = len(h) - copies
                 except ValueError as e:
                     problems.append(f"the bands are calibrated on the digits outside train={rc.train!r}: {e}")

@@ -161,7 +161,10 @@ def _seal(root: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename."""
+    """Yield a temporary sibling directory; on success it takes ``path``'s place: in one rename where ``path`` does
+    not exist, else in two (``path`` moved aside to ``.NAME.XXXXXXXX.side-old``, then the new one in place). A
+    process killed between the two leaves ``path`` missing; the run's next lock holder puts the folder of before
+    back (:func:`sweep_leftovers`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".side-tmp", dir=path.parent))
@@ -192,6 +195,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 # atomic_write_bytes' and atomic_directory's names; the marker `side-` keeps a user's own `.notes.20240101.old` out
 _LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.side-(tmp|old)")
+_REPLACED = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.side-old")  # atomic_directory's folder moved aside: .NAME.XXXXXXXX
 LEFTOVER_AGE_S = 900.0  # how long a temporary name must be untouched before the sweep takes it for a leftover
 
 
@@ -209,7 +213,9 @@ def leftover_of(name: str) -> str | None:
 def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
     """Remove what writers killed mid-write (SIGKILL, power loss) left in run directory ``path``: the temporary
     files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.side-tmp``,
-    ``.NAME.XXXXXXXX.side-old``), which nothing reads, once untouched for ``min_age_s`` seconds before ``now`` (the
+    ``.NAME.XXXXXXXX.side-old``; such a folder whose NAME is missing is put back instead, whatever its age: the
+    folder atomic_directory moved aside before a kill), which nothing reads, once untouched for ``min_age_s``
+    seconds before ``now`` (the
     file system's clock, which on a network file system can differ from this machine's; default: this machine's).
     :func:`run_lock` calls it for the lock's new holder, before its first write: no other writer of the run's
     stages can be between a temporary name and its rename then, and the age spares what readers such as ``side
@@ -230,6 +236,17 @@ def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float
         here = Path(dirpath)
         for name in list(dirnames):
             p = here / name
+            if (back := _REPLACED.fullmatch(name)) is not None and not (here / back[1]).exists():
+                # atomic_directory killed between its two renames (the folder moved aside, the new one not yet in
+                # place): the complete folder of before is put back, whatever its age (the sweep took it after 15
+                # minutes, and a classifier's checkpoints with it: trained again from step 0)
+                with contextlib.suppress(OSError):
+                    os.replace(p, here / back[1])
+                    log.warning("run directory %s: %s was put back from %s, where a writer killed while replacing "
+                                "it left it", root, here / back[1], name)
+                    dirnames.remove(name)
+                    dirnames.append(back[1])
+                    continue
             leftover = _LEFTOVER.fullmatch(name) is not None
             try:
                 nested = (p / ".lock").exists()
