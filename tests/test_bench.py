@@ -322,3 +322,23 @@ def test_the_busy_demo_is_measured_in_pairs_whose_order_alternates(monkeypatch):
     assert "median of 3 idle/busy pairs, the order alternating" in render_compute_markdown(data)
     with pytest.raises(ValueError, match="busy_pairs=0 must be a positive integer"):
         ComputeBenchConfig(busy_pairs=0)
+
+
+def test_the_guidance_benchmark_times_a_classifier_of_the_audits_architecture(one_thread):
+    """bench_guidance built ClassifierArch with its own default time input (time_blocks 'first': 340,788 weights),
+    not the audit's ('every': 435,732 at the demo's depth 10 and width 16), and said it was the demo's size; its
+    guided step ran 1.11x faster than the demo's."""
+    import dataclasses
+
+    from side_extract import config as cfg
+    from side_extract.bench.compute import bench_guidance, quick_compute_config
+    from side_extract.models.classifier import ClassifierArch, NoiseAwareResNet
+    from side_extract.models.target import load_target
+
+    c = dataclasses.replace(quick_compute_config(), steps=2, repeats=1, batch_size=4)
+    own = cfg.ClassifierConfig()
+    arch = ClassifierArch(num_classes=c.classifier_classes, in_channels=1, image_size=8, depth=c.classifier_depth,
+                          width=c.classifier_width, time_mode=own.time_mode, time_embed_dim=own.time_embed_dim,
+                          time_blocks=own.time_blocks)
+    n = sum(p.numel() for p in NoiseAwareResNet(arch).parameters())
+    assert f"({n} parameters" in bench_guidance(c, load_target(c.model))["what"]

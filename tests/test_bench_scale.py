@@ -34,6 +34,14 @@ def test_cost_model_by_hand():
     assert rows["search"]["flops"] == 20 * 3 * 1000 * 2 * 12
     assert rows["synthetic set"]["gpu1_s"] == 10 * 5 * 1e9 / 2e12
     assert rows["synthetic set"]["gpu8_s"] == rows["synthetic set"]["gpu1_s"] / 8
+    # the search's rate from the training-set size nearest the audit's (the largest of all had set a 50,000-image
+    # audit's rate from 200,000 images: 10 % low), its largest N_G there; the row it came from is recorded
+    search += [{"dims": 12, "n_generated": 40, "n_train": 5000, "seconds": 4.0},  # 2e-5 s per pair
+               {"dims": 12, "n_generated": 20, "n_train": 900, "seconds": 0.9},  # 5e-5: nearest 1,000, smaller N_G
+               {"dims": 12, "n_generated": 30, "n_train": 1100, "seconds": 3.3}]  # 1e-4: nearest, largest N_G
+    rows = {r["stage"]: r for r in cost_model([row], search, a, gpu_tflops=2.0)}
+    assert rows["search"]["cpu_s"] == pytest.approx(20 * 3 * 1000 * 1e-4)
+    assert rows["search"]["rate_from"] == {"n_generated": 30, "n_train": 1100}
 
 
 @pytest.mark.slow  # 130 s on this 2-core machine (bfloat16 convolutions on a CPU): the tests below split it

@@ -133,7 +133,7 @@ def model_child(name: str, batch: int, repeats: int, classes: int, threads: int)
     from diffusers import DDPMScheduler
 
     from ..guidance import ClassifierGuidance
-    from .compute import interleaved
+    from .compute import interleaved, median_ratio
     from ..models.classifier import NoiseAwareResNet
     from ..models.target import UNetDenoiser
     from ..sampling import guided_step, inference_scheduler
@@ -187,14 +187,18 @@ def model_child(name: str, batch: int, repeats: int, classes: int, threads: int)
 
     fns = {"call": call, "call16": call16, "guided": guided, "train": train_step}
     interleaved(fns, 1)  # warm-up (allocator, kernels)
-    times = {k: statistics.median(v) for k, v in interleaved(fns, repeats).items()}  # side by side, alternating
+    raw = interleaved(fns, repeats)  # side by side, alternating
+    times = {k: statistics.median(v) for k, v in raw.items()}
     row = {"model": name, "batch": batch, "side": side, "parameters": sum(p.numel() for p in unet.parameters()),
            "classifier_parameters": sum(p.numel() for p in clf.parameters()),
            "denoiser_s_per_image": times["call"] / batch, "denoiser_bf16_s_per_image": times["call16"] / batch,
            "bf16_max_abs_diff": float((eps16 - eps32).abs().max()),
            "bf16_rel_mean_diff": float((eps16 - eps32).abs().mean() / eps32.abs().mean()),
            "guided_step_s_per_image": times["guided"] / batch, "classifier_train_s_per_image": times["train"] / batch,
-           "guided_over_call": times["guided"] / times["call"], "bf16_over_fp32": times["call16"] / times["call"],
+           # medians of the per-repeat ratios (the two sides of each from the same repeat; a ratio of the medians
+           # lost the pairing: 1.00 for a guided step that adds the classifier's forward and backward)
+           "guided_over_call": median_ratio(raw["guided"], raw["call"]),
+           "bf16_over_fp32": median_ratio(raw["call16"], raw["call"]),
            "peak_rss_mb": round(_peak_mb(), 1)}
     print(json.dumps({**row, **model_flops(denoiser, clf, x[:1])}))
 
@@ -388,23 +392,30 @@ def cost_model(models: list[dict[str, Any]], search: list[dict[str, Any]], audit
                                      * r["classifier_flops_per_image"])
         d = 3 * r["side"] ** 2
         pairs = audit.n_generated * (audit.guided_methods + audit.unguided_methods) * audit.n_train
-        per_pair = _search_seconds_per_pair(search, d)
+        per_pair, measured = _search_seconds_per_pair(search, d, audit.n_train)
         cpu["search"] = None if per_pair is None else pairs * per_pair  # not measured at this image size: None
         fl["search"] = pairs * 2 * d
         for stage, flops in fl.items():
-            row = {"model": name, "stage": stage, "cpu_s": cpu[stage], "flops": flops}
+            row = {"model": name, "stage": stage, "cpu_s": cpu[stage], "flops": flops,
+                   **({"rate_from": measured} if stage == "search" and measured else {})}
             for g in gpus:
                 row[f"gpu{g}_s"] = fl[stage] / (gpu_tflops * 1e12) / g
             out.append(row)
     return out
 
 
-def _search_seconds_per_pair(search: list[dict[str, Any]], d: int) -> float | None:
+def _search_seconds_per_pair(search: list[dict[str, Any]], d: int, n_train: int
+                             ) -> tuple[float | None, dict[str, int] | None]:
+    """Seconds per (generation x training image) pair of the search at ``d`` dimensions, from the largest N_G
+    measured against the training-set size nearest the audit's ``n_train`` (the largest of all, 200,000 images,
+    had set the rate of a 50,000-image audit: 10 % low), and that row's sizes (the audit's N_G is extrapolated
+    from them); (None, None) where nothing was measured at ``d``."""
     rows = [r for r in search if r.get("dims") == d]
     if not rows:
-        return None
-    r = max(rows, key=lambda r: r["n_generated"] * r["n_train"])
-    return r["seconds"] / (r["n_generated"] * r["n_train"])
+        return None, None
+    nearest = min(abs(r["n_train"] - n_train) for r in rows)
+    r = max((r for r in rows if abs(r["n_train"] - n_train) == nearest), key=lambda r: r["n_generated"])
+    return r["seconds"] / (r["n_generated"] * r["n_train"]), {"n_generated": r["n_generated"], "n_train": r["n_train"]}
 
 
 def run_scale_bench(c: ScaleBenchConfig, *, command: str | None = None, audit: Audit = Audit(),

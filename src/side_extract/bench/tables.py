@@ -298,7 +298,11 @@ def render_scale_markdown(data: dict[str, Any]) -> str:
                   f"{a['classifier_batch']}, search against {a['n_train']:,} training images. 'Here' multiplies "
                   "this machine's measured seconds per image (largest measured batch) by the counts. The GPU "
                   f"columns are a projection, not a measurement: FLOPs / an assumed {c['gpu_tflops']:g} TFLOP/s "
-                  "sustained per GPU (bf16), every stage split evenly between the GPUs.", "",
+                  "sustained per GPU (bf16), every stage split evenly between the GPUs."
+                  + "".join(f" The search's time here scales the seconds per pair measured at N_G "
+                            f"{r['rate_from']['n_generated']:,} against {r['rate_from']['n_train']:,} training images "
+                            f"({r['model']}): the audit's N_G is extrapolated from there."
+                            for r in cost if r.get("rate_from")), "",
                   *_table(["model", "stage", "TFLOP", "here (1 process)", "1 GPU (projected)", "8 GPUs (projected)"],
                           [[r["model"], r["stage"], fmt(r["flops"] / 1e12), _duration(r["cpu_s"]),
                             _duration(r["gpu1_s"]), _duration(r["gpu8_s"])] for r in cost])]
