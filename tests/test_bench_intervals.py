@@ -246,7 +246,7 @@ def test_the_compute_table_takes_the_smallest_and_largest_n_g_in_any_order():
     rss = [{"n_generated": 100_000, "n_train": 50, "peak_rss_mb": 400.0, "seconds": 2.0},
            {"n_generated": 1_000, "n_train": 50, "peak_rss_mb": 200.0, "seconds": 1.0}]
     md = render_compute_markdown({**data, "evaluate_rss": rss})
-    assert "N_G 1,000: 200 MB | **2.00** (largest / smallest N_G)" in md
+    assert "N_G 1,000: 200 MB | **2.00** (peaks, largest / smallest N_G)" in md
 
 
 def test_interval_faults_of_a_review():
