@@ -354,3 +354,11 @@ def test_allocation_helpers_refuse_what_they_cannot_read():
     for bad in (True, "0.5"):
         with pytest.raises(ValueError, match="memorized_fraction=.* must be a number"):
             memorization_candidates(np.arange(10.0), bad)
+
+
+def test_round_zero_takes_an_empty_list_of_earlier_targets():
+    """np.asarray([]) is float64: round 0's empty targets were refused as 'must hold integers' (a review of the
+    float-targets check)."""
+    imgs = np.zeros((0, 4, 4, 1), np.uint8)
+    np.testing.assert_array_equal(class_weights(imgs, [], 3, 0.05), np.ones(3))
+    assert len(adaptive_targets(0, 0, 4, 2, imgs, [], 0.05)) == 4

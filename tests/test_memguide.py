@@ -331,3 +331,33 @@ def test_avoidance_under_ddpm_is_fingerprinted_apart_from_generations_made_befor
     ddpm = extraction_settings(cfg.ExtractConfig(memguide_avoid=1.0, rounds=4, scheduler="ddpm"), "memguide", g)
     assert ddpm.pop("memguide_avoid_step") == "ddpm-posterior-mean" and ddpm.pop("scheduler") == "ddpm"
     assert "memguide_avoid_step" not in ddim and ddim.pop("scheduler") == "ddim" and ddpm == ddim
+
+
+def test_guidance_contract_faults_of_a_review():
+    """A user's guidance with uses_eps, written to the documented call g(x, t, y, eps=eps), met a TypeError once the
+    sampler passed sampler= to every uses_eps guidance (it goes to those that set uses_sampler now); repulsion
+    called without a sampler built a DDIMScheduler from the training scheduler's config, which fails for schedules
+    DDIM lacks (sigmoid), where the training scheduler's alphas_cumprod is all it needs."""
+    from diffusers import DDPMScheduler
+
+    den = gaussian_model(0.3)
+
+    class PushAway:
+        uses_eps = True
+
+        def __call__(self, x, t, y, *, eps):
+            return 0.01 * eps
+
+    out = sample(den, 2, seed=0, steps=3, guidance=PushAway(), labels=np.zeros(2, np.int64), clip_eps=True)
+    assert out.shape == (2, 1, 4, 4)
+    sig = CallableDenoiser(den.fn, (1, 4, 4), DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid"))
+    memory = torch.zeros(1, 1, 4, 4)
+    mg = MemorizationGuidance(sig, 0.0, avoid=1.0, avoid_h=0.5, avoid_window=(0.0, 1.0)).remembering(memory)
+    x = 0.05 * torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    g = mg.repulsion(x, torch.tensor(300)).double()
+    a = sig.scheduler.alphas_cumprod.double()[300]
+    a_fn = den.scheduler.alphas_cumprod.double()[300]  # eps from den.fn, which reads den's linear schedule; x0 from it
+    x0 = (x.double() - (1 - a).sqrt() * (x.double() - a_fn.sqrt() * (a_fn.sqrt() * 0.3 / (a_fn * 0.3 + 1 - a_fn))
+                                         * x.double()) / (1 - a_fn).sqrt()) / a.sqrt()
+    k = torch.exp(-(x0 / 2).pow(2).flatten(1).mean(1) / (2 * 0.25))
+    torch.testing.assert_close(g * (1 - a) / a.sqrt(), k[:, None, None, None] * x0, rtol=1e-4, atol=1e-7)

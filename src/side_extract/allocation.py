@@ -36,17 +36,20 @@ from . import config as cfg
 from .data import integer_labels
 
 
+LINKS_PER_MERGE = 1 << 20  # links merged into the components at a time (about 50 MB of index arrays)
+
+
 def near_duplicate_groups(images: np.ndarray, threshold: float, working_memory_mb: int = 64) -> np.ndarray:
     """Component id (n,) of each uint8 image (n, ...): linked when their pixel RMS distance, in [0, 1] (levels / 255),
     is < ``threshold``.
 
-    The distances are computed a block of rows at a time (about ``working_memory_mb`` each), and each block's links
-    are merged into the components found so far before the next block is computed, so memory grows with n and the
-    block, not with the number of near-duplicate pairs (all links kept until the end took 2.7 GB for 8,000 copies
-    of one image, the case dedup-driven stopping is for). They are squared distances in grey levels, exact integers
-    in float64, so a pair exactly at the threshold (possible with uint8 images: one pixel 102 levels apart in 8x8 is
-    RMS 0.05) is not linked, whatever the rounding. Components are numbered 0, 1, ... in the order of their first
-    image."""
+    The distances are computed a block of rows at a time (about ``working_memory_mb`` each), and the links of at
+    most :data:`LINKS_PER_MERGE` of them at a time are merged into the components found so far, so memory grows
+    with n and the block, not with the number of near-duplicate pairs (all links kept until the end took 2.7 GB for
+    8,000 copies of one image, the case dedup-driven stopping is for). They are squared distances in grey levels,
+    exact integers in float64, so a pair exactly at the threshold (possible with uint8 images: one pixel 102 levels
+    apart in 8x8 is RMS 0.05) is not linked, whatever the rounding. Components are numbered 0, 1, ... in the order
+    of their first image."""
     images = np.asarray(images)
     if images.dtype != np.uint8:  # (float images in [0, 1] fell under a limit in grey levels: all one image)
         raise ValueError(f"images must be uint8 (grey levels 0..255, as side-extract's image sets hold them), got "
@@ -60,17 +63,22 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, working_memory_m
     # as (0.05, not the float just above it); S is an integer, so S < L  <=>  S < ceil(L), computed exactly
     limit = math.ceil((255 * Fraction(repr(float(threshold)))) ** 2 * x.shape[1])
     first = np.arange(n)  # each image's component so far, named by its first image
+    step = max(1, LINKS_PER_MERGE // n)  # rows whose links are merged at once: at most LINKS_PER_MERGE links
     start = 0
     for block in pairwise_distances_chunked(x, working_memory=working_memory_mb, metric="euclidean", squared=True):
-        r, c = np.nonzero(block < limit)
-        # the components so far (an edge from each image to its component's first) and this block's links
-        rows, cols = np.concatenate([np.arange(n), r + start]), np.concatenate([first, c])
+        for lo in range(0, len(block), step):
+            r, c = np.nonzero(block[lo:lo + step] < limit)
+            r += start + lo
+            if not np.any(first[r] != first[c]):  # every link within a component already
+                continue
+            # the components so far (an edge from each image to its component's first) and these rows' links
+            rows, cols = np.concatenate([np.arange(n), r]), np.concatenate([first, c])
+            graph = coo_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(n, n)).tocsr()
+            labels = connected_components(graph, directed=False)[1]
+            lowest = np.full(labels.max() + 1, n)
+            np.minimum.at(lowest, labels, np.arange(n))
+            first = lowest[labels]
         start += len(block)
-        graph = coo_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(n, n)).tocsr()
-        labels = connected_components(graph, directed=False)[1]
-        lowest = np.full(labels.max() + 1, n)
-        np.minimum.at(lowest, labels, np.arange(n))
-        first = lowest[labels]
     return np.unique(first, return_inverse=True)[1].astype(np.int64)
 
 
@@ -101,6 +109,9 @@ def stop_after(images: np.ndarray, threshold: float, stop_unseen: float) -> tupl
 def class_weights(images: np.ndarray, targets: np.ndarray, n_classes: int, threshold: float) -> np.ndarray:
     """U_k for every class 0..n_classes-1 from the earlier generations ``images`` and their ``targets``."""
     cfg.check_int(n_classes, "n_classes", 1)
+    targets = np.asarray(targets)
+    if targets.size == 0:  # (round 0: no earlier generations; np.asarray([]) is float64)
+        targets = targets.astype(np.int64)
     targets = integer_labels(targets, "targets")  # (0.5 matched no class: its class kept U = 1, a full share)
     if targets.shape != (len(images),):  # (a boolean index error)
         raise ValueError(f"targets has shape {targets.shape}, expected one per image ({len(images)},)")

@@ -33,9 +33,10 @@ class Guidance(Protocol):
     """``g(x, t, y)``: x (B, C, H, W) float, t a 0-dim training timestep, y (B,) int output indices.
 
     Returns lambda * grad_x log p(y | x_t, t), shape of x, or None where the guidance is off. A guidance whose
-    class sets ``uses_eps = True`` is called ``g(x, t, y, eps=eps, sampler=sched)`` with the sampler's own
-    eps(x_t, t), so that it need not run the denoiser again for it, and the sampler's scheduler, whose step decides
-    how far g moves the denoised estimate (memorization guidance's avoidance, ``sampling.guidance_moving_x0``).
+    class sets ``uses_eps = True`` is called ``g(x, t, y, eps=eps)`` with the sampler's own eps(x_t, t), so that it
+    need not run the denoiser again for it; one that sets ``uses_sampler = True`` gets ``sampler=sched`` too, the
+    sampler's scheduler, whose step decides how far g moves the denoised estimate (memorization guidance's
+    avoidance, ``sampling.guidance_moving_x0``).
     A label-free guidance (its class sets ``uses_ids = True``) is called ``g(x, t, None, ids=ids)`` with the
     batch's sample indices (B,), the keys of its per-sample randomness, and sampling with it needs no labels
     (memorization guidance).

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import SchedulerMixin
 
 from . import config as cfg
 from .data import check_float_images, check_size
@@ -201,11 +201,12 @@ class MemorizationGuidance:
                 diff = x0[:, None] - memory[None, j0:j0 + chunk]
                 k = torch.exp(-diff.pow(2).flatten(2).mean(2) / 4 / (2 * self.avoid_h ** 2))
                 delta += (k[..., None, None, None] * diff).sum(1)
-        if sampler is None:  # DDIM's conversion (the training scheduler may be a DDPMScheduler: not the sampler)
-            sampler = DDIMScheduler.from_config(sched.config)
+        if sampler is None:  # DDIM's conversion with the training schedule (a DDPMScheduler there is no sampler)
+            return guidance_moving_x0(sched, ti, self.avoid * delta, ddpm=False)
         return guidance_moving_x0(sampler, ti, self.avoid * delta)
 
     uses_eps: ClassVar[bool] = True  # the sampler passes its eps (guidance.Guidance): avoidance needs no extra pass
+    uses_sampler: ClassVar[bool] = True  # and its scheduler, whose step sets how far the push moves x0
     uses_ids: ClassVar[bool] = True  # label-free: the sampler passes the generation indices, not labels
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,

@@ -138,17 +138,17 @@ def ddpm_variance(sched: DDPMScheduler, t: int) -> torch.Tensor:
     return torch.clamp((1 - abar_prev) / (1 - abar_t) * beta_t, min=1e-20)
 
 
-def guidance_moving_x0(sched: SchedulerMixin, t: int, shift: torch.Tensor) -> torch.Tensor:
+def guidance_moving_x0(sched: SchedulerMixin, t: int, shift: torch.Tensor, *, ddpm: bool | None = None) -> torch.Tensor:
     """The guidance g that moves the denoised estimate x0 of the step at ``t`` by ``shift`` (shape of x), for the
-    sampler's scheduler ``sched`` (:func:`guided_step`'s order: a DDPMScheduler is a DDPM sampler set to its
-    steps, any other scheduler is read as DDIM's step with its ``alphas_cumprod``).
+    sampler's scheduler ``sched`` (:func:`guided_step`'s order; ``ddpm``: whether it steps as DDPM, by default
+    whether it is a DDPMScheduler, set to its steps; otherwise DDIM's step with its ``alphas_cumprod``).
 
     DDIM: eps' = eps - sqrt(1 - abar_t) g moves x0 by (1 - abar_t) g / sqrt(abar_t), so g = shift sqrt(abar_t) /
     (1 - abar_t). DDPM: g adds Sigma_t g to the posterior mean sqrt(abar_prev) beta_t / (1 - abar_t) x0 + ..., and
     Sigma_t = (1 - abar_prev) beta_t / (1 - abar_t), so the mean moves as if x0 moved by shift where g = shift
     sqrt(abar_prev) / (1 - abar_prev), abar_prev at the schedule's previous timestep; at its last step Sigma_t = 0
     and no guidance moves the sample (g = 0)."""
-    if isinstance(sched, DDPMScheduler):
+    if isinstance(sched, DDPMScheduler) if ddpm is None else ddpm:
         prev = int(sched.previous_timestep(t))
         if prev < 0:
             return torch.zeros_like(shift)
@@ -331,8 +331,8 @@ def denoise_batch(
             g = None
             if guidance is not None:
                 with torch.enable_grad(), reproducible_gradients(x.device):
-                    g = guidance(x, t, y, **keys, **({"eps": eps, "sampler": sched}
-                                                      if getattr(guidance, "uses_eps", False) else {}))
+                    g = guidance(x, t, y, **keys, **({"eps": eps} if getattr(guidance, "uses_eps", False) else {}),
+                                 **({"sampler": sched} if getattr(guidance, "uses_sampler", False) else {}))
             x = guided_step(sched, x, t, eps, generators, eta=eta, g=g, clip_eps=clip_eps)
             if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > DIVERGED_ABOVE:
                 scale = getattr(guidance, "scale", None)

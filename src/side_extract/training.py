@@ -150,9 +150,10 @@ def heldout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray
 def classifier_settings(c: cfg.ClassifierConfig, *, clean: bool) -> dict[str, Any]:
     """What training classifier ``c`` reads, for its stage's fingerprint and its checkpoints' :func:`resume_key`:
     not the keys it does not read at all (:func:`~side_extract.config.unread_keys`), and for a ``clean`` one
-    (Cond's, the teacher's) not the input it guides through either (x_t or x0_hat: it trains the same; the extraction's fingerprint names it), nor
-    ``balance`` at 0 (:data:`~side_extract.config.LATER_KEYS`: runs made before it keep their classifiers), nor
-    ``data_parallel`` (:data:`~side_extract.config.UNKEYED`: who trains, the same classifier up to float rounding)."""
+    (Cond's, the teacher's) not the input it guides through either (x_t or x0_hat: it trains the same; the
+    extraction's fingerprint names it), nor ``balance`` at 0 (:data:`~side_extract.config.LATER_KEYS`: runs made
+    before it keep their classifiers), nor ``data_parallel`` (:data:`~side_extract.config.UNKEYED`: who trains, the
+    same classifier up to float rounding)."""
     unread = [*cfg.unread_keys(c, clean=clean), *(["guidance_input"] if clean else [])]
     return cfg.keyed_settings(cfg.at_defaults(c, unread))
 

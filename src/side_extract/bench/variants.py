@@ -18,10 +18,11 @@ For each seed and each scale (training-set size) of the extraction benchmark:
    as infinity). Each variant's run holds Cond and UnCond too: a baseline whose generations the variant does
    not change (the same extraction fingerprint as in the base run) is the base run's, shared and not made again;
    one the variant changes (the sampler: ``extract.scheduler``, ``steps``, ``eta``, ``precision``; for Cond also
-   the surrogate clusters its classifier learns, ``extract.scale`` where ``cond_scale`` is null, Cond's own
-   settings) is made with the variant's settings, and the variant's best baseline is the best of both: a
-   setting that makes every method memorize more is not a SIDE win (before, only a sampler change reran the
-   baselines: a K variant was set against Cond at the base's K).
+   ``extract.scale`` where ``cond_scale`` is null, Cond's own settings, its clean classifier's, adaptive
+   allocation; not K, as Cond's classifier learns the training set's labels) is made with the variant's settings,
+   and the variant's best baseline is the best of both: a setting that makes every method memorize more is not a
+   SIDE win (before, only a sampler change reran the baselines: a variant moving Cond's lambda with SIDE's was set
+   against the base's Cond).
 
 **Protocol.** The variants are scored on ``validation_seed``; the best-scoring one (``base`` itself when
 none beats it) is *chosen* there. Only then are ``base`` and the chosen variant run on ``heldout_seed``

@@ -264,14 +264,19 @@ def holding_run(run: Path, wait: bool) -> Iterator[None]:
     the command (``run_lock`` is re-entrant: the stages take it again). It was read before the wait, so a command
     queued behind another writer that changed the run's settings made its stages with the settings of before and
     wrote them back, undoing the other's. In a launch the other processes read it once the main one holds it."""
-    if not wait or not Path(run).is_dir():  # (a new run: nothing to wait for, and no folder made by a refusal)
+    if not wait:
+        yield
+        return
+    group = ProcessGroup.from_env()
+    if not group.share(Path(run).is_dir()):  # (a new run: nothing to wait for, and no folder made by a refusal;
+        # the main process's answer for all: processes that saw the folder made or removed between their checks took
+        # different branches, and one barrier met another exchange)
         yield
         return
     from ..runs import check_run_path, run_lock
 
-    check_run_path(run)  # (a folder that is no run gets no lock file)
-
-    group = ProcessGroup.from_env()
+    if group.main:
+        check_run_path(run)  # (a folder that is no run gets no lock file)
     with run_lock(run, wait=True) if group.main else contextlib.nullcontext():
         group.barrier()
         yield

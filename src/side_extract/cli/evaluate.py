@@ -265,6 +265,8 @@ def evaluate_cmd(
                          "which runs only with --detect-threshold: give it, or leave them out")
     from ..pipeline import absolute_spec
 
+    stage = generated_stage(generated)  # (read before the images: one read after them named a stage made again
+    # meanwhile as the one measured)
     gen = load_image_set(absolute_spec(generated), c.resize)  # (its name is the source metrics.json records, which
     # Audit.pairs reads the images from: a relative one named nothing from another folder)
     tr = load_image_set(train, c.resize)
@@ -276,8 +278,8 @@ def evaluate_cmd(
     with progress_bar(ctx, "evaluate") as cb:
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
                           feature_model=feature_model, device=device, progress=cb, heldout=rest)
-    if (stage := generated_stage(generated)) is not None:  # a run's own extraction: which one it measured, so that
-        # the run leaves this evaluation out once it makes that extraction again (it was counted beside the new one)
+    if stage is not None:  # a run's own extraction: which one it measured, so that the run leaves this evaluation
+        # out once it makes that extraction again (it was counted beside the new one)
         result = dataclasses.replace(result, sources={**result.sources, "generated_stage": stage[0],
                                                       "generated_stage_fingerprint": stage[1]})
     if rest is not None and result.bands_source == f"heldout:{rest.name}":

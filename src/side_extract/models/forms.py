@@ -114,11 +114,12 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
 
     A ``UNet2DModel``, or a callable that is a ``torch.nn.Module``, is moved to ``device`` and put in eval mode in
     place; a ``UNet2DModel`` whose weights are not float32 (bf16, fp16) is audited as a float32 copy, as a model
-    directory's weights load (the object is left as it is). A pipeline object brings its scheduler; ``scheduler=`` replaces
-    it (with a warning where it is another class or config). A callable needs ``scheduler`` and ``sample_shape``
-    (C, H, W); it is identified by its outputs on fixed probe inputs (:func:`probe_fingerprint`), rounded to 5
-    decimals, which another device, thread count or library version can move by a rounding step: the run would
-    then no longer know it as its target, and every stage would be made again. ``model_id`` (a callable only)
+    directory's weights load (the object is left as it is). A pipeline object brings its scheduler;
+    ``scheduler=`` replaces it (with a warning where it is another class or config). A callable needs
+    ``scheduler`` and ``sample_shape`` (C, H, W); it is identified by its outputs on fixed probe inputs
+    (:func:`probe_fingerprint`), rounded to 5 decimals, which another device, thread count or library version can
+    move by a rounding step: the run would then no longer know it as its target, and every stage would be made
+    again. ``model_id`` (a callable only)
     names the model instead, e.g. its checkpoint's sha256: the stages are keyed on it, the scheduler's config and
     the sample shape, so it must change whenever the weights do. The callable is still probed once for its
     output's shape.

@@ -162,9 +162,10 @@ def _seal(root: Path) -> None:
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it takes ``path``'s place: in one rename where ``path`` does
-    not exist, else in two (``path`` moved aside to ``.NAME.XXXXXXXX.side-old``, then the new one in place). A
-    process killed between the two leaves ``path`` missing; the run's next lock holder puts the folder of before
-    back (:func:`sweep_leftovers`)."""
+    not exist, else in two (``path`` moved aside to ``.NAME.XXXXXXXX.side-old``, then the new one in place from its
+    ``.side-tmp``; the old one is then renamed ``.side-del`` and deleted). A process killed between the two renames
+    leaves ``path`` missing beside both; the run's next lock holder puts the folder of before back
+    (:func:`sweep_leftovers`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".side-tmp", dir=path.parent))
@@ -179,7 +180,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             os.replace(path, old)
             os.utime(old)  # (it kept the replaced folder's time: fresh, so no sweep takes it for a leftover yet)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)  # (what is left is a leftover: the next writer's sweep takes it)
+            # renamed before it is deleted: a .side-old is then only ever a folder moved aside whose replacement is
+            # not in place (the sweep puts such a one back), never one half deleted after a finished replacement
+            gone = old.with_name(old.name.removesuffix(".side-old") + ".side-del")
+            os.replace(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)  # (what is left is a leftover: the next writer's sweep takes it)
         else:
             os.replace(tmp, path)
         _sync_directory(path.parent)
@@ -194,8 +199,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 # atomic_write_bytes' and atomic_directory's names; the marker `side-` keeps a user's own `.notes.20240101.old` out
-_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.side-(tmp|old)")
+_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.side-(tmp|old|del)")
 _REPLACED = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.side-old")  # atomic_directory's folder moved aside: .NAME.XXXXXXXX
+_REPLACEMENT = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.side-tmp")  # and the one made to take its place
 LEFTOVER_AGE_S = 900.0  # how long a temporary name must be untouched before the sweep takes it for a leftover
 
 
@@ -213,8 +219,9 @@ def leftover_of(name: str) -> str | None:
 def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
     """Remove what writers killed mid-write (SIGKILL, power loss) left in run directory ``path``: the temporary
     files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.side-tmp``,
-    ``.NAME.XXXXXXXX.side-old``; such a folder whose NAME is missing is put back instead, whatever its age: the
-    folder atomic_directory moved aside before a kill), which nothing reads, once untouched for ``min_age_s``
+    ``.NAME.XXXXXXXX.side-old`` and ``.side-del``; a ``.side-old`` folder whose NAME is missing beside a
+    ``.NAME.XXXXXXXX.side-tmp`` folder is put back instead, whatever its age: the folder atomic_directory moved aside
+    before a kill between its renames), which nothing reads, once untouched for ``min_age_s``
     seconds before ``now`` (the
     file system's clock, which on a network file system can differ from this machine's; default: this machine's).
     :func:`run_lock` calls it for the lock's new holder, before its first write: no other writer of the run's
@@ -234,14 +241,21 @@ def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float
 
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
+        replacing = {m[1] for n in dirnames if (m := _REPLACEMENT.fullmatch(n)) is not None}
         for name in list(dirnames):
+            if name not in dirnames:  # (a replacement removed below, with the folder it was to replace put back)
+                continue
             p = here / name
-            if (back := _REPLACED.fullmatch(name)) is not None and not (here / back[1]).exists():
+            if ((back := _REPLACED.fullmatch(name)) is not None and back[1] in replacing
+                    and not (here / back[1]).exists()):
                 # atomic_directory killed between its two renames (the folder moved aside, the new one not yet in
                 # place): the complete folder of before is put back, whatever its age (the sweep took it after 15
                 # minutes, and a classifier's checkpoints with it: trained again from step 0)
                 with contextlib.suppress(OSError):
                     os.replace(p, here / back[1])
+                    for other in [n for n in dirnames if (m := _REPLACEMENT.fullmatch(n)) and m[1] == back[1]]:
+                        shutil.rmtree(here / other, ignore_errors=True)  # (the replacement that never took its place)
+                        dirnames.remove(other)
                     log.warning("run directory %s: %s was put back from %s, where a writer killed while replacing "
                                 "it left it", root, here / back[1], name)
                     dirnames.remove(name)
