@@ -1529,4 +1529,5 @@ def test_a_folder_moved_aside_by_a_writer_killed_mid_replace_is_put_back(tmp_pat
     (run / ".classifier.abcd1234.side-old").mkdir()
     with run_lock(run):
         pass
-    assert not (run / "classifier").exists() and (run / ".classifier.abcd1234.side-old").exists()
+    assert not (run / "classifier").exists() and (run / ".classifier.abcd1234.side-old").exists(), sorted(
+        p.name for p in run.iterdir())

@@ -200,8 +200,6 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 # atomic_write_bytes' and atomic_directory's names; the marker `side-` keeps a user's own `.notes.20240101.old` out
 _LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.side-(tmp|old|del)")
-_REPLACED = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.side-old")  # atomic_directory's folder moved aside: .NAME.XXXXXXXX
-_REPLACEMENT = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.side-tmp")  # and the one made to take its place
 LEFTOVER_AGE_S = 900.0  # how long a temporary name must be untouched before the sweep takes it for a leftover
 
 
@@ -221,12 +219,11 @@ def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float
     files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.side-tmp``,
     ``.NAME.XXXXXXXX.side-old`` and ``.side-del``; a ``.side-old`` folder whose NAME is missing beside a
     ``.NAME.XXXXXXXX.side-tmp`` folder is put back instead, whatever its age: the folder atomic_directory moved aside
-    before a kill between its renames), which nothing reads, once untouched for ``min_age_s``
-    seconds before ``now`` (the
-    file system's clock, which on a network file system can differ from this machine's; default: this machine's).
-    :func:`run_lock` calls it for the lock's new holder, before its first write: no other writer of the run's
-    stages can be between a temporary name and its rename then, and the age spares what readers such as ``side
-    report`` write without the lock (small files, written in an instant). A nested run directory (one with its own
+    before a kill between its renames), which nothing reads, once untouched for ``min_age_s`` seconds before
+    ``now`` (the file system's clock, which on a network file system can differ from this machine's; default: this
+    machine's). :func:`run_lock` calls it for the lock's new holder, before its first write: no other writer of the
+    run's stages can be between a temporary name and its rename then, and the age spares what readers such as
+    ``side report`` write without the lock (small files, written in an instant). A nested run directory (one with its own
     ``.lock``) is left to its own writers; an entry that cannot be read or removed is left as it is. Returns what
     was removed."""
     root = Path(path)
@@ -241,25 +238,28 @@ def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float
 
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        replacing = {m[1] for n in dirnames if (m := _REPLACEMENT.fullmatch(n)) is not None}
-        for name in list(dirnames):
-            if name not in dirnames:  # (a replacement removed below, with the folder it was to replace put back)
+        # atomic_directory's replacements of a folder (.NAME.XXXXXXXX.side-tmp) by NAME
+        listed = list(dirnames)  # (dirnames loses the entries not to be walked into as the loop goes)
+        replacing = {leftover_of(n) for n in listed if n.endswith(".side-tmp") and leftover_of(n)}
+        for name in listed:
+            if not os.path.lexists(here / name):  # (a replacement removed below, its folder put back)
                 continue
             p = here / name
-            if ((back := _REPLACED.fullmatch(name)) is not None and back[1] in replacing
-                    and not (here / back[1]).exists()):
+            if (name.endswith(".side-old") and (back := leftover_of(name)) in replacing
+                    and not (here / back).exists()):
                 # atomic_directory killed between its two renames (the folder moved aside, the new one not yet in
                 # place): the complete folder of before is put back, whatever its age (the sweep took it after 15
                 # minutes, and a classifier's checkpoints with it: trained again from step 0)
                 with contextlib.suppress(OSError):
-                    os.replace(p, here / back[1])
-                    for other in [n for n in dirnames if (m := _REPLACEMENT.fullmatch(n)) and m[1] == back[1]]:
+                    os.replace(p, here / back)
+                    for other in [n for n in listed if n.endswith(".side-tmp") and leftover_of(n) == back]:
                         shutil.rmtree(here / other, ignore_errors=True)  # (the replacement that never took its place)
-                        dirnames.remove(other)
+                        if other in dirnames:
+                            dirnames.remove(other)
                     log.warning("run directory %s: %s was put back from %s, where a writer killed while replacing "
-                                "it left it", root, here / back[1], name)
+                                "it left it", root, here / back, name)
                     dirnames.remove(name)
-                    dirnames.append(back[1])
+                    dirnames.append(back)
                     continue
             leftover = _LEFTOVER.fullmatch(name) is not None
             try:
