@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from . import config as cfg
 from .data import check_float_images, integer_labels
 from .distributed import SINGLE, ProcessGroup
-from .models.classifier import Classifier, ClassifierArch, build_classifier
+from .models.classifier import MIN_TRAIN_TIMESTEPS, Classifier, ClassifierArch, build_classifier
 from .models.target import add_noise
 from .runs import array_fingerprint, atomic_directory, atomic_write_json, fingerprint_of, read_checkpoint
 
@@ -207,10 +207,11 @@ def train_classifier(
     if scheduler is not None and getattr(scheduler, "alphas_cumprod", None) is None:
         raise ValueError(f"scheduler={scheduler!r} must be the target's diffusers scheduler (noise-aware), or None "
                          "(a clean classifier)")
-    if scheduler is not None and scheduler.config.num_train_timesteps < 4:  # (each quartile of t, where the held-out
-        # accuracy is measured, needs a timestep: an empty one failed after eval_every steps of training)
-        raise ValueError(f"the scheduler has {scheduler.config.num_train_timesteps} training timesteps; a noise-aware "
-                         "classifier needs at least 4 (its accuracy is measured per quarter of them)")
+    n_t = scheduler.config.num_train_timesteps if scheduler is not None else 0
+    if scheduler is not None and n_t < MIN_TRAIN_TIMESTEPS:  # (each quartile of t, where the held-out accuracy is
+        # measured, needs a timestep: an empty one failed after eval_every steps of training)
+        raise ValueError(f"the scheduler has {n_t} training timesteps; a noise-aware classifier needs at least "
+                         f"{MIN_TRAIN_TIMESTEPS} (its accuracy is measured per quarter of them)")
 
     tr, ev = heldout_split(y_t.numpy(), c.eval_fraction if len(x0) >= 20 else 0.0, c.seed)
     n_eval = len(ev)
@@ -237,7 +238,6 @@ def train_classifier(
         log.info("classifier: resuming at step %d", start)
     elif ckpt is not None and ckpt.exists() and group.main:
         shutil.rmtree(ckpt)
-    n_t = scheduler.config.num_train_timesteps if scheduler is not None else 0
     n_batch = min(c.batch_size, len(x_tr))
     rows = group.local_rows(n_batch)
     net = group.data_parallel(model, device)
@@ -315,10 +315,7 @@ def fit_label_classifier(
     ``x0``: (n, C, H, W) float in [-1, 1]; ``labels``: (n,) int.
     """
     cfg.check_section(c, cfg.ClassifierConfig, "c")  # (a dict, or scheduler="ddpm", was an AttributeError)
-    if scheduler is not None and getattr(scheduler, "alphas_cumprod", None) is None:  # (before scheduler.config)
-        raise ValueError(f"scheduler={scheduler!r} must be the target's diffusers scheduler (noise-aware), or None "
-                         "(a clean classifier)")
-    check_float_images(x0, f"{name} x0")
+    check_float_images(x0, f"{name} x0")  # (the scheduler is checked by train_classifier, before it trains)
     x0 = x0.float()
     labels = integer_labels(labels, f"{name}: labels")
     if labels.shape != (len(x0),):  # ((n, 1) labels passed, and their mask indexed the images' channels)

@@ -110,10 +110,6 @@ def _grown(r: dict[str, Any]) -> float:
     return r["peak_rss_mb"] - r["rss_before_mb"]
 
 
-def _growth(r: dict[str, Any]) -> str:
-    return f"+{_grown(r):.0f} MB"
-
-
 def render_compute_markdown(data: dict[str, Any]) -> str:
     lines = [*_preamble("Compute benchmark", data),
              f"Model: `{data['model']['spec']}` ({'x'.join(map(str, data['model']['sample_shape']))}, "
@@ -137,7 +133,7 @@ def render_compute_markdown(data: dict[str, Any]) -> str:
     if rss:
         own = calls_own_peaks(rss)
         cells = "; ".join(f"N_G {r['n_generated']:,}: {r['peak_rss_mb']:.0f} MB"
-                          + (f", {_growth(r)} over {r['rss_before_mb']:.0f} MB before" if own else "")
+                          + (f", +{_grown(r):.0f} MB over {r['rss_before_mb']:.0f} MB before" if own else "")
                           + f" ({r['seconds']:.1f} s)" for r in rss)
         small, large = (f(rss, key=lambda r: r["n_generated"]) for f in (min, max))  # (in any order given)
         base = small["peak_rss_mb"]
@@ -193,7 +189,7 @@ def _variants_seed_table(seed_data: dict[str, Any], method: str, chosen: str | N
         rows.append(row(f"**{name}** (chosen)" if name == chosen else name, _overrides_cell(v["overrides"]),
                         f"{v['objective'][method]:+.3f}", lambda s, name=name: s["variants"][name]["methods"][method]))
         for b in scales[0]["variants"][name].get("own_baselines", {}):
-            rows.append(row(f"*{b}* (baseline with the variant's sampler)", "", "",
+            rows.append(row(f"*{b}* (baseline remade with the variant's settings)", "", "",
                             lambda s, name=name, b=b: s["variants"][name]["own_baselines"][b]))
     return _table(head, rows)
 

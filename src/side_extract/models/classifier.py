@@ -37,6 +37,9 @@ from ..runs import atomic_directory, read_json, whole_safetensors
 TimeMode = Literal["scale_shift", "add", "none"]
 DEPTHS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
+# a noise-aware classifier's held-out accuracy is measured per quarter of the training timesteps: each needs one
+MIN_TRAIN_TIMESTEPS = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierArch:

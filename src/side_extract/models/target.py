@@ -33,6 +33,7 @@ from ..data import ImageSet, check_image_set, check_levels
 from ..distributed import SINGLE, ProcessGroup, check_device
 from ..runs import (atomic_directory, atomic_write_json, atomic_write_text, check_outside_run_folders, check_writable,
                     fingerprint_of, leftover_of, load_torch_state, read_json, run_lock, sweep_leftovers, versions)
+from .classifier import MIN_TRAIN_TIMESTEPS
 
 log = logging.getLogger(__name__)
 
@@ -621,9 +622,10 @@ def target_scheduler(c: cfg.TrainTargetConfig) -> DDPMScheduler:
     except ValueError as e:
         raise ValueError(f"num_train_timesteps={c.num_train_timesteps}, beta_schedule={c.beta_schedule!r}: {e}; "
                          "train with fewer timesteps") from None
-    if c.num_train_timesteps < 4:
-        raise ValueError(f"num_train_timesteps={c.num_train_timesteps} must be at least 4: SIDE's noise-aware "
-                         "classifier needs 4 (its accuracy is measured per quarter of them)")
+    if c.num_train_timesteps < MIN_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps={c.num_train_timesteps} must be at least {MIN_TRAIN_TIMESTEPS}: "
+                         f"SIDE's noise-aware classifier needs {MIN_TRAIN_TIMESTEPS} (its accuracy is measured per "
+                         "quarter of them)")
     return scheduler
 
 

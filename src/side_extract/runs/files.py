@@ -223,9 +223,9 @@ def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float
     ``now`` (the file system's clock, which on a network file system can differ from this machine's; default: this
     machine's). :func:`run_lock` calls it for the lock's new holder, before its first write: no other writer of the
     run's stages can be between a temporary name and its rename then, and the age spares what readers such as
-    ``side report`` write without the lock (small files, written in an instant). A nested run directory (one with its own
-    ``.lock``) is left to its own writers; an entry that cannot be read or removed is left as it is. Returns what
-    was removed."""
+    ``side report`` write without the lock (small files, written in an instant). A nested run directory (one with
+    its own ``.lock``) is left to its own writers; an entry that cannot be read or removed is left as it is. Returns
+    what was removed."""
     root = Path(path)
     before = (time.time() if now is None else now) - min_age_s
     removed = []
