@@ -21,8 +21,10 @@ Every score returned is one float64 formula of its pair, whatever found it: for 
 sums above; for float rows (features under cosine, float pixels under rms-l2) the pair is scored again in float64
 from its two rows (:meth:`NearestNeighborIndex._pair_scores`) once the float32 (cosine) or expanded (rms-l2) block
 products have found it. So a pair has the same score on faiss and torch, in the k nearest and in the band pairs of
-one pass: a generation whose nearest counts in a band for AMS has that pair in the band for UMS. (Which of two rows
-within float32 rounding of each other is the "nearest" under cosine is the block product's choice.)
+one pass: a generation whose nearest counts in a band for AMS has that pair in the band for UMS. Under cosine the k
+nearest are the float64 best, ties to the lowest rows, on every path (a few candidates beyond k are rescored, and more
+where their float32 keys cannot rule out a row left out: :meth:`NearestNeighborIndex._widened`); of float pixel rows
+under rms-l2 (the package's pixels are uint8), which of two rows within float64 rounding is nearer is the search's.
 
 ``pairs_within`` (and ``kneighbors(..., on_pairs=...)``, in the same pass) streams every (query,
 reference) pair whose score lies in a closed range: what unique-memorization counts need.
@@ -49,6 +51,7 @@ PairsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 FAISS_QUERY_CHUNK = 65536  # queries per faiss search call (results are k per query: small), at most
 FAISS_QUERY_BYTES = 64 * 2**20  # ... as many as fill this many bytes of float32 rows (memory flat in the queries)
+COSINE_EXTRA = 4  # candidates beyond k under cosine, rescored in float64 (:meth:`NearestNeighborIndex._widened`)
 FINISH_ROWS = 4096  # query rows ordered at a time when the k nearest are put in order (temporaries flat in the queries)
 
 
@@ -162,8 +165,8 @@ class NearestNeighborIndex:
         Returns
         -------
         Neighbors with (m, k) scores and indices; ties are ordered by reference row, and a tie at the k-th place
-        keeps the lowest rows (exact ties: uint8 rows under rms-l2, whose keys are exact; float keys of equal
-        rows can differ in their last bit).
+        keeps the lowest rows (ties of the float64 scores: of uint8 rows under rms-l2, whose keys are exact, and of
+        any rows under cosine; the keys of equal float pixel rows under rms-l2 can differ in their last bit).
         """
         self._check_fitted()
         Q = self._check_rows(Q, "Q")
@@ -182,12 +185,23 @@ class NearestNeighborIndex:
             # was refused after its search)
             _check_range(pairs_range)
         use_faiss = self.backend_ == "faiss" and not (self.backend == "auto" and on_pairs is not None)
+        fetch = min(limit, k + COSINE_EXTRA) if self.metric == "cosine" else k
+        keys, idx = self._search(Q, fetch, exclude, use_faiss, pairs_range, on_pairs, progress)
+        nb = self._finish(Q, keys, idx)
+        if self.metric == "cosine":
+            nb = self._widened(Q, nb, keys.min(1, initial=np.inf), k, fetch, limit, exclude, use_faiss)
+        return nb
+
+    def _search(self, Q: np.ndarray, k: int, exclude: np.ndarray | None, use_faiss: bool,
+                pairs_range: tuple[float, float] | None = None, on_pairs: PairsCallback | None = None,
+                progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` candidates of each query by the search's own keys (unordered), and the in-range pairs."""
         if use_faiss:
-            nb = self._faiss_knn(Q, k, exclude, None if on_pairs else progress)
+            keys, idx = self._faiss_knn(Q, k, exclude, None if on_pairs else progress)
             if on_pairs is not None:
                 for q_rows, r_rows, s in self.pairs_within(Q, *pairs_range, exclude=exclude, progress=progress):
                     on_pairs(q_rows, r_rows, s)
-            return nb
+            return keys, idx
         keys: np.ndarray | None = None  # filled chunk by chunk (lists of the chunks beside their concatenation held
         idx: np.ndarray | None = None  # two copies of the (m, k) results)
         for q0, q1, best_k, best_i in self._torch_scan(Q, k, exclude, pairs_range, on_pairs, progress):
@@ -196,7 +210,28 @@ class NearestNeighborIndex:
             keys[q0:q1], idx[q0:q1] = best_k, best_i
         if keys is None or idx is None:
             keys, idx = np.empty((0, k)), np.empty((0, k), np.int64)
-        return self._finish(Q, keys, idx)
+        return keys, idx
+
+    def _widened(self, Q: np.ndarray, nb: Neighbors, last: np.ndarray, k: int, fetch: int, limit: int,
+                 exclude: np.ndarray | None, use_faiss: bool) -> Neighbors:
+        """The float64 k nearest under cosine, from ``nb``: the ``fetch`` candidates of the float32 keys, rescored in
+        float64 and ordered (:meth:`_finish`). A row not fetched has a float32 key of at most the least fetched one
+        (``last``), so a float64 score of at most ``last`` + the float32 error bound: where the k-th rescored
+        candidate lies above that, no row left out can beat it or tie it, and the k are the float64 best with ties
+        to the lowest rows. A query where it does not (copies of a training image, scores 1e-9 apart) is searched
+        again with twice the candidates until it does, or every row is a candidate."""
+        scores, rows = nb.scores[:, :k].copy(), nb.indices[:, :k].copy()
+        tol = _cosine_key_error(self.n_features_in_)
+        pending = np.arange(len(Q))
+        while fetch < limit:
+            pending = pending[scores[pending, k - 1] <= last[pending] + tol]
+            if not pending.size:
+                break
+            fetch = min(limit, 2 * fetch)
+            keys, idx = self._search(Q[pending], fetch, None if exclude is None else exclude[pending], use_faiss)
+            sub = self._finish(Q[pending], keys, idx)
+            scores[pending], rows[pending], last[pending] = sub.scores[:, :k], sub.indices[:, :k], keys.min(1)
+        return Neighbors(scores, rows)
 
     def pairs_within(self, Q: np.ndarray, lo: float, hi: float, *, exclude: np.ndarray | None = None,
                      exclude_self: bool = False, progress: Progress | None = None
@@ -316,7 +351,7 @@ class NearestNeighborIndex:
                 ex = None if exclude is None else torch.from_numpy(exclude[q0:q1]).to(self.device)
                 if pairs_range is not None:
                     if cos:  # the float32 key is within ``tol`` of the exact score (unit rows; Higham's gamma_D)
-                        tol = 4 * (self.n_features_in_ + 4) * 2.0**-24
+                        tol = _cosine_key_error(self.n_features_in_)
                         k_lo, k_hi = lo - tol, hi + tol
                     else:  # S in [s_lo, s_hi]  <=>  key in [|q|^2 - s_hi, |q|^2 - s_lo]
                         k_lo = None if s_hi is None else (qn - s_hi)[:, None]
@@ -409,8 +444,10 @@ class NearestNeighborIndex:
         return Neighbors(scores, rows)
 
     # ---------------------------------------------------------------------------------------------
-    def _faiss_knn(self, Q: np.ndarray, k: int, exclude: np.ndarray | None, progress: Progress | None) -> Neighbors:
-        """faiss's search, per reference chunk, merged. Under rms-l2 its float32 distances are recomputed exactly.
+    def _faiss_knn(self, Q: np.ndarray, k: int, exclude: np.ndarray | None, progress: Progress | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's search, per reference chunk, merged: keys (higher = closer) and rows, as :meth:`_torch_scan`'s.
+        Under rms-l2 its float32 distances are recomputed exactly.
         For uint8 rows past :data:`_EXACT_FLOAT32_MAX_D` values, where float32 sums are no longer exact, faiss's
         choice itself can be wrong between near ties (a review found 1 query in 64 of 3,072 values whose exact
         nearest was not returned): more candidates are fetched and ranked by their exact distances, and a query
@@ -475,7 +512,7 @@ class NearestNeighborIndex:
             found = list(self._torch_scan(Q[again], k, ex, None, None, None))
             keys[again] = np.concatenate([f[2] for f in found])  # (-|q - r|^2, exact for uint8 rows)
             idx[again] = np.concatenate([f[3] for f in found])
-        return self._finish(Q, keys, idx)
+        return keys, idx
 
     def _faiss_rows(self, rows: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(rows, dtype=np.float32)
@@ -532,6 +569,12 @@ def _check_range(pairs_range: Any) -> None:
     if not (isinstance(lo, numbers.Real) and isinstance(hi, numbers.Real) and lo <= hi):
         raise ValueError(f"pairs range lo={lo!r}, hi={hi!r}: must be numbers with lo <= hi (no NaN; -inf / inf for an "
                          "open side)")
+
+
+def _cosine_key_error(d: int) -> float:
+    """A bound on the float32 error of a cosine key: the inner product of two rows of ``d`` values each normalised
+    in float32, by any summation order (unit rows, Higham's gamma_d, and the normalisations), doubled for margin."""
+    return 4 * (d + 4) * 2.0**-24
 
 
 def _float32_sq_error(d: int, q_sq: np.ndarray, r_sq: float) -> np.ndarray:
