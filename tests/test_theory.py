@@ -401,6 +401,28 @@ def test_the_stratified_error_does_not_lend_one_points_variance_to_the_points_dr
     assert Estimate.from_strata(v, idx, 100) == Estimate.from_values(v)
 
 
+def test_the_stratified_error_is_not_set_by_a_points_two_draws():
+    """Every point drawn twice (n = 2N): each point's variance has one degree of freedom, and where one point carries
+    most of the variance and its two draws happen to fall close, the whole interval is too narrow, which no Student-t
+    quantile mends (a review: 20 points, one of sd 5 and the rest 0.1, covered the mean in 89.6 % of trials at the
+    Welch-Satterthwaite df). The stratified error needs three draws of every point; below, the i.i.d. formula
+    (conservative) is kept."""
+    from side_extract.theory.divergence import stratified_indices
+
+    n_data, covered, trials = 20, 0, 2000
+    sd = np.full(n_data, 0.1)
+    sd[0] = 5.0
+    for seed in range(trials):
+        rng = np.random.default_rng(seed)
+        idx = stratified_indices(n_data, 2 * n_data, rng)
+        lo, hi = Estimate.from_strata(sd[idx] * rng.standard_normal(2 * n_data), idx, n_data).ci95
+        covered += lo <= 0.0 <= hi
+    assert covered / trials >= 0.93, covered / trials
+    v = np.random.default_rng(0).standard_normal(2 * n_data + 10)
+    idx = np.r_[np.arange(n_data), np.arange(n_data), np.arange(10)]
+    assert Estimate.from_strata(v, idx, n_data) == Estimate.from_values(v)
+
+
 def test_log_q_eps_refuses_a_chunk_that_is_not_a_positive_count():
     """chunk=-1 returned np.empty's memory as densities (no block was computed); 0 was range()'s error."""
     from side_extract.theory import log_q_eps
@@ -759,8 +781,9 @@ def test_stratified_interval_takes_student_t_at_satterthwaites_degrees_of_freedo
     ce = np.mean([0.5 * (d * math.log(2 * math.pi * 4.0) + (np.sum(x ** 2) + d * eps ** 2) / 4.0) for x in pts])
     truth = ce - (math.log(n_pts) + 0.5 * d * math.log(2 * math.pi * math.e * eps ** 2))
     covered = [lo <= truth <= hi for lo, hi in (
-        memorization_divergence(pts, model.log_prob, eps, 40, seed).estimate.ci95 for seed in range(1000))]
-    assert np.mean(covered) >= 0.94  # 0.910 with 1.96 (1000 seeds: a standard error of 0.007)
+        memorization_divergence(pts, model.log_prob, eps, 60, seed).estimate.ci95 for seed in range(1000))]
+    assert np.mean(covered) >= 0.935  # 0.940; 0.925 with 1.96 (1000 seeds: a standard error of 0.007; at n = 40,
+    # two draws of each image, 0.910 with 1.96, and the i.i.d. formula now)
 
 
 def test_theory_inputs_misstated_are_named():

@@ -12,7 +12,7 @@ smaller meaning more memorization. It is estimated here by Monte Carlo:
 2. log q_eps(x) exactly, by a log-sum-exp over all N training points (:func:`log_q_eps`);
 3. M is the mean of log q_eps(x) - log p(x); its 95% interval is mean +- t * stderr, the standard error of the
    stratified design (:meth:`Estimate.from_strata`; sd / sqrt(n), the i.i.d. formula, wider, where a point is
-   drawn only once: n < 2N) and t Student's quantile at its degrees of freedom.
+   drawn fewer than three times: n < 3N) and t Student's quantile at its degrees of freedom.
 
 Because M(D; p) = -H(q_eps) + CE(q_eps, p) and the entropy H(q_eps) does not depend on the model, the
 difference of M between two models evaluated on the same samples is a difference of cross-entropies; it is
@@ -38,6 +38,7 @@ from scipy.special import logsumexp
 from ..config import check_int
 from ..metrics import Z95
 
+MIN_DRAWS = 3  # draws of every point the stratified standard error needs (Estimate.from_strata)
 MIN_REPEATS = 10  # repeat draws (degrees of freedom) the stratified standard error needs (Estimate.from_strata)
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -111,11 +112,13 @@ class Estimate:
         with s_i^2 the variance within point i's draws and S^2 the spread of the points' own means (their observed
         spread less the part their draws' noise explains). The i.i.d. formula, sd / sqrt(n), also counts the spread
         between points, which the stratification removes: on far-apart points it was about 80-100x too wide. Each
-        point's s_i^2 needs two draws of it: with any point drawn once (n < 2N), or fewer than :data:`MIN_REPEATS`
-        repeat draws in all, the i.i.d. formula is kept (wider than the truth: conservative). It was used from a
-        single repeat draw (at n = N + 1 one point's two draws set the variance of all of them), and then from ten
-        (at n = N + 10 the ten points drawn twice lent their variance to the 90 drawn once: where one of those
-        carried most of the variance the interval covered M in 91 % of trials, 81 % on synthetic values).
+        point's s_i^2 needs :data:`MIN_DRAWS` draws of it: with any point drawn fewer times (n < 3N), or fewer than
+        :data:`MIN_REPEATS` repeat draws in all, the i.i.d. formula is kept (wider than the truth: conservative). It
+        was used from a single repeat draw (at n = N + 1 one point's two draws set the variance of all of them), then
+        from ten (at n = N + 10 the ten points drawn twice lent their variance to the 90 drawn once: where one of
+        those carried most of the variance the interval covered M in 91 % of trials, 81 % on synthetic values), then
+        from two draws of every point (at n = 2N a dominant point's variance had one degree of freedom, and where its
+        two draws fell close the interval covered the mean in 90 % of trials at the df below).
 
         The variance is a sum of parts estimated with few degrees of freedom each: each point's squared deviations
         sq_i (c_i - 1 of them), its part c_i / (c_i - 1) sq_i; and the between-point one's from the N points, less
@@ -129,7 +132,7 @@ class Estimate:
         if len(v) and (idx.min() < 0 or idx.max() >= n_data):
             raise ValueError(f"index must lie in [0, {n_data}); got [{idx.min()}, {idx.max()}]")
         counts = np.bincount(idx, minlength=n_data)
-        if len(v) < 2 or counts.min() < 2 or len(v) - n_data < MIN_REPEATS:  # (draws beyond each point's first)
+        if len(v) < 2 or counts.min() < MIN_DRAWS or len(v) - n_data < MIN_REPEATS:  # (draws beyond the first)
             return cls.from_values(v)
         n = len(v)
         means = np.bincount(idx, weights=v, minlength=n_data) / counts
