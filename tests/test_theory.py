@@ -307,6 +307,12 @@ def test_measure_rejects_bad_input():
         measure(den, clf, torch.zeros(5, 1, 4, 4), n_points=2)
     with pytest.raises(ValueError, match="seed=-4 must be an integer >= 0"):  # numpy's words, naming no value
         measure(den, clf, train, n_points=2, seed=-4)
+    # a float64 training set beside float32 weights failed in torch's words ("Input type (double) and bias type
+    # (float)"), naming neither; uint8 pixels were taken as values in [-1, 1]
+    with pytest.raises(ValueError, match=r"train is torch.float64 but the classifier's weights are torch.float32"):
+        measure(den, clf, train.double(), n_points=2)
+    with pytest.raises(ValueError, match=r"train must be a floating-point tensor in \[-1, 1\], got torch.uint8"):
+        measure(den, clf, train.to(torch.uint8), n_points=2)
     k = clf(train[:1], torch.zeros(1, dtype=torch.long)).shape[-1]
     for bad in (-1, k):  # -1 guided toward the last logit, reported as class -1; K failed after a batch's ODE
         with pytest.raises(ValueError, match=f"output indices 0..{k - 1}"):

@@ -168,6 +168,13 @@ def check_options(*, eps: Any = 0.1, bandwidth: Any = None, guidance_scale: Any 
     check_int(seed, "seed")
 
 
+def _weights_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of a module's floating-point weights (None: not a module, or no such weights)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def measure(
     denoiser: Denoiser,
     classifier: Classifier,
@@ -222,6 +229,14 @@ def measure(
     if not isinstance(train, torch.Tensor) or train.ndim != 4:
         raise ValueError(f"train must be a (N, C, H, W) tensor, got {type(train).__name__} "
                          f"{tuple(getattr(train, 'shape', ()))}")
+    if not train.is_floating_point():
+        raise ValueError(f"train must be a floating-point tensor in [-1, 1], got {train.dtype} (uint8 pixels: "
+                         "x / 127.5 - 1)")
+    for what, model in (("the target", getattr(denoiser, "unet", None)), ("the classifier", classifier)):
+        weights = _weights_dtype(model)
+        if weights is not None and weights != train.dtype:
+            raise ValueError(f"train is {train.dtype} but {what}'s weights are {weights}: give train in "
+                             f"{weights} (train.to({weights}))")
     if tuple(train.shape[1:]) != tuple(denoiser.sample_shape):
         raise ValueError(f"train images have shape {tuple(train.shape[1:])}, the model expects "
                          f"{tuple(denoiser.sample_shape)}")
