@@ -920,6 +920,24 @@ def test_a_side_run_of_relative_paths_survives_a_chdir(tmp_path, one_thread, mon
     assert len(a.pairs("uncond", top=1)) == 1 and a.verify("uncond", top=1)[0].equal
 
 
+def test_regenerate_refuses_an_extraction_whose_surrogate_labels_were_made_again(tmp_path, one_thread):
+    """The surrogate clustered again (another K) after SIDE's extraction, its classifier kept: regenerate took the
+    background class from the new labels beside the old classifier, which the extraction's fingerprint (the
+    classifier's) did not catch, and verify reported the model's own generations as not reproduced (a review's find).
+    An extraction made from results the run no longer holds is refused, naming them."""
+    unet, sched = tiny_unet(), tiny_scheduler()
+    digits = side_extract.load_image_set("digits:30")
+    res = side_extract.audit(unet, digits.images, scheduler=sched, out=tmp_path / "run", methods=["side"],
+                             config={**SMALL, "surrogate.memorized_fraction": 0.5, "extract.scale": 50.0})
+    assert all(v.equal for v in res.verify("side", [0, 1, 2], model=unet, scheduler=sched))
+    rc = dataclasses.replace(res.config, surrogate=dataclasses.replace(res.config.surrogate, n_clusters=3))
+    run_audit(tmp_path / "run", rc, until="surrogate", target=side_extract.as_target(unet, scheduler=sched))
+    later = Audit.load(tmp_path / "run")
+    for call in (later.regenerate, later.verify):
+        with pytest.raises(ValueError, match="made from earlier results of surrogate, made again since"):
+            call("side", [0], model=unet, scheduler=sched)
+
+
 def test_verify_refuses_indices_that_are_not_integers_as_regenerate_does(tmp_path, one_thread):
     """verify() turned its indices to int before regenerate's check: 1.7 was verified as generation 1, "3" as 3."""
     digits = side_extract.load_image_set("digits:30")

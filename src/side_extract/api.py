@@ -37,7 +37,7 @@ from .evaluation import measured_generations
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
                    evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_run_config, read_stages, run_lock,
-                   settings_changed)
+                   settings_changed, stale_stages)
 from .sweeps import current_sweeps, run_with_sweeps
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,12 @@ class Audit:
         entry = stages.get(f"extraction/{method}")
         if entry is None or entry.get("status") != "complete":
             raise ValueError(f"{str(stage)!r}: the run has not finished {method}'s extraction (manifest.json)")
+        if remade := stale_stages(stages).get(f"extraction/{method}"):  # (the target: run_target checks it)
+            # (the guidance is read from the run's files now: surrogate labels clustered again beside the old
+            # classifier guided toward other classes, which the extraction's own fingerprint does not see)
+            raise ValueError(f"{method}'s extraction was made from earlier results of {', '.join(remade)}, made "
+                             "again since: its generations cannot be made again from the run's files (complete the "
+                             "run again, audit() or side run, to bring the extraction up to date)")
         target = run_target(str(rc.model), entry.get("inputs", {}).get("model"), model, scheduler=scheduler,
                             sample_shape=sample_shape, device=device, model_id=model_id,
                             pass_as="model= (side verify: --model DIR, the model saved with save_pretrained)")
