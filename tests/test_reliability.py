@@ -135,6 +135,27 @@ def test_a_killed_holders_lock_is_taken_over_and_wait_waits(tiny_model_dir, tmp_
     holder.wait()
 
 
+def test_audit_into_a_run_another_process_writes_is_refused_before_the_model_is_touched(tmp_path, monkeypatch):
+    """audit() took the run's lock only after as_target: a model directory was loaded and hashed, a model object
+    moved to the device and put in eval mode in place, and only then was RunLocked raised (run_audit and the sweeps
+    probe the lock first; a review's find)."""
+    import side_extract
+    from side_extract import api
+    from conftest import tiny_scheduler, tiny_unet
+
+    run = tmp_path / "run"
+    holder = _holder(run, 60)
+    try:
+        unet = tiny_unet().train()
+        monkeypatch.setattr(api, "as_target", lambda *a, **k: pytest.fail("the model was read before the refusal"))
+        with pytest.raises(RunLocked, match="is being written by another process"):
+            side_extract.audit(unet, "digits:30", scheduler=tiny_scheduler(), out=run, methods=["uncond"])
+        assert unet.training
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_settings_that_failed_later_or_were_dropped_are_refused_at_once(tmp_path):
     """Each was accepted: DDIM's eta above 1 (its noise outgrows the step: the samples turned to NaN mid-run, the
     error blamed the weights, and the run was left half made), a method named twice (recorded so in the config), and

@@ -37,7 +37,7 @@ from .evaluation import measured_generations
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
                    evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_run_config, read_stages, run_lock,
-                   settings_changed, stale_stages)
+                   check_unlocked, settings_changed, stale_stages)
 from .sweeps import current_sweeps, run_with_sweeps
 
 log = logging.getLogger(__name__)
@@ -560,10 +560,12 @@ def audit(
     elif methods is not None and not isinstance(methods, Iterable):  # ("'int' object is not iterable")
         raise ValueError(f"methods={methods!r} must be a method name or a list of them (e.g. ['side', 'uncond'])")
     ex = rc.extract if methods is None else dataclasses.replace(rc.extract, methods=tuple(methods))
+    group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
+    if group.main and not wait:  # another writer: said at once, before the model is loaded or moved to the device
+        check_unlocked(out)
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
     data = as_image_set(train, labels)
     held = None if heldout is None else as_image_set(heldout, name="heldout")
-    group = ProcessGroup.from_env()  # under torchrun / accelerate launch the main process writes and locks
     fresh = not Path(out).exists()
     made_from = Path(out).absolute()  # the outermost folder this call makes (the lock makes every parent of out)
     while not made_from.parent.exists():
