@@ -398,6 +398,32 @@ def test_a_callable_module_is_put_in_eval_mode_and_keeps_its_fingerprint():
     assert as_target(m, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8)).fingerprint == first
 
 
+def test_a_callable_modules_dtype_and_a_sample_shape_string_are_named():
+    """A callable module in float16 failed inside the fingerprint probe in torch's words ("Input type (float) and
+    bias type (c10::Half)"), naming no setting; sample_shape="1,8,8" in int()'s ("invalid literal for int() with base
+    10: ','"), naming no argument (a review's finds)."""
+    half = tiny_unet().half()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = half
+
+        def forward(self, x, t):
+            return self.unet(x, t).sample
+
+    with pytest.raises(ValueError, match=r"the callable module's weights are torch.float16 .*model.float\(\)"):
+        as_target(Wrapped(), scheduler=tiny_scheduler(), sample_shape=(1, 8, 8))
+    fn = lambda x, t: x  # noqa: E731
+    for bad in ("1,8,8", (1, 8), (1, 8.5, 8), (0, 8, 8), 8):
+        with pytest.raises(ValueError, match=r"sample_shape=.* must be \(C, H, W\): three integers, each at least 1"):
+            as_target(fn, scheduler=tiny_scheduler(), sample_shape=bad)
+    with pytest.raises(ValueError, match=r"sample_shape=.* must be \(C, H, W\)"):
+        as_target(tiny_unet(), scheduler=tiny_scheduler(), sample_shape="1,8,8")
+    assert as_target(fn, scheduler=tiny_scheduler(), sample_shape=np.array([1, 8, 8])).denoiser.sample_shape == (
+        1, 8, 8)
+
+
 def test_a_callable_named_by_model_id_keeps_its_run_across_rounding(tmp_path, one_thread):
     """A callable is known by its outputs on probe inputs rounded to 5 decimals: the same model on another device
     or thread count can move a value across a rounding step, and the run then redid every stage (and refused

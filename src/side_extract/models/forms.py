@@ -11,7 +11,8 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,17 @@ def module_fingerprint(unet: torch.nn.Module, scheduler: SchedulerMixin) -> str:
         h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
     h.update(_config_blob(scheduler))
     return h.hexdigest()
+
+
+def _shape(sample_shape: Any) -> tuple[int, int, int]:
+    """``sample_shape`` as (C, H, W), three integers of at least 1, or refused naming it ("1,8,8" failed in int()'s
+    words, naming neither the argument nor the form it takes)."""
+    ok = not isinstance(sample_shape, (str, bytes)) and isinstance(sample_shape, Iterable)
+    values = tuple(sample_shape) if ok else ()
+    if not (len(values) == 3 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                                     for v in values)):
+        raise ValueError(f"sample_shape={sample_shape!r} must be (C, H, W): three integers, each at least 1")
+    return tuple(int(v) for v in values)
 
 
 def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
@@ -170,7 +182,7 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if scheduler is None:
             raise ValueError("model: a UNet2DModel needs the scheduler it was trained with (scheduler=...)")
         check_unet(model, "model")
-        if sample_shape is not None and tuple(int(v) for v in sample_shape) != (
+        if sample_shape is not None and _shape(sample_shape) != (
                 model.config.in_channels, *([model.config.sample_size] * 2 if isinstance(model.config.sample_size, int)
                                             else model.config.sample_size)):
             raise ValueError(f"sample_shape={tuple(sample_shape)} is not the UNet2DModel's own (in_channels "
@@ -181,14 +193,21 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
     if callable(model):
         if scheduler is None or sample_shape is None:
             raise ValueError("model: a callable eps(x, t) needs scheduler=... and sample_shape=(C, H, W)")
-        shape = tuple(int(v) for v in sample_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"sample_shape={sample_shape} must be (C, H, W), each at least 1")
+        shape = _shape(sample_shape)
         if isinstance(model, torch.nn.Module):  # (left in training mode, a dropout made its probe fingerprint random:
             # every rerun made every stage again; as audit's docstring says of a model object)
             model.to(device).eval()
         denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses an unknown prediction type)
-        fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
+        try:
+            fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
+        except RuntimeError as e:  # (a float16 module met float32 probes: torch's words named no setting)
+            weights = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()} - {"torch.float32"}
+                             ) if isinstance(model, torch.nn.Module) else []
+            if weights:
+                raise ValueError(f"model: the callable module's weights are {', '.join(weights)} and it failed on the "
+                                 f"float32 inputs the audit samples with ({e}): pass it in float32 (model.float()), "
+                                 "or as a UNet2DModel, which is audited as a float32 copy") from e
+            raise
         name = getattr(model, "__name__", "eps")
         if model_id is not None:
             fp = identity_fingerprint(model_id, shape, scheduler)
