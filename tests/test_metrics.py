@@ -175,6 +175,14 @@ def test_errors():
         ams(np.array([]), PAPER_COSINE_BANDS, "similarity")
     with pytest.raises(ValueError, match="carlini n=0 must be at least 1"):
         pixel_ratios(GEN, TRAIN, n=0)
+    # alpha and the threshold, which EvaluateConfig checks, taken by the ratio functions as given: alpha=-1 made
+    # every ratio <= 0 and every generation extracted, NaN no generation, 0 infinite ratios (a review's find)
+    for bad in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"carlini alpha={bad} must be a finite number > 0"):
+            pixel_ratios(GEN, TRAIN, n=2, alpha=bad)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"gu threshold={bad} must be in \(0, 1\]"):
+            pixel_ratios(GEN, TRAIN, n=2, gu_threshold=bad)
     # the library functions that evaluate() guards, called directly on nothing (were numpy's reshape or
     # "need at least one array to concatenate", and ng_law's "Geometric sequence cannot include zero")
     empty = GEN.subset(np.arange(0))
