@@ -313,6 +313,14 @@ def test_measure_rejects_bad_input():
         measure(den, clf, train.double(), n_points=2)
     with pytest.raises(ValueError, match=r"train must be a floating-point tensor in \[-1, 1\], got torch.uint8"):
         measure(den, clf, train.to(torch.uint8), n_points=2)
+    # a bandwidth whose square underflows was said as "eps=1e-200 is too small" (log_q_eps's name for its width)
+    with pytest.raises(ValueError, match="bandwidth=1e-200 is too small"):
+        measure(den, clf, train, n_points=2, bandwidth=1e-200)
+    from side_extract.theory.divergence import stratified_indices
+
+    for n_data, n in ((5, -1), (0, 3)):  # (4 indices for n=-1; a ZeroDivisionError)
+        with pytest.raises(ValueError, match=f"n_data={n_data} must be an integer >= 1 and n={n} an integer >= 0"):
+            stratified_indices(n_data, n, np.random.default_rng(0))
     k = clf(train[:1], torch.zeros(1, dtype=torch.long)).shape[-1]
     for bad in (-1, k):  # -1 guided toward the last logit, reported as class -1; K failed after a batch's ODE
         with pytest.raises(ValueError, match=f"output indices 0..{k - 1}"):

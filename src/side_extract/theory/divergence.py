@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 import numpy as np
@@ -235,6 +236,9 @@ def stratified_indices(n_data: int, n: int, rng: np.random.Generator) -> np.ndar
     Each training point is used floor(n / N) or ceil(n / N) times, so the estimator keeps q_eps's equal
     weights while having lower variance than i.i.d. indices; n <= N gives a subset without replacement.
     """
+    if not (isinstance(n_data, numbers.Integral) and n_data >= 1 and isinstance(n, numbers.Integral) and n >= 0):
+        # (n=-1 returned N - 1 indices; n_data=0 was a ZeroDivisionError)
+        raise ValueError(f"stratified_indices: n_data={n_data!r} must be an integer >= 1 and n={n!r} an integer >= 0")
     full, rest = divmod(n, n_data)
     parts = [rng.permutation(n_data) for _ in range(full)]
     parts.append(rng.permutation(n_data)[:rest])

@@ -161,6 +161,10 @@ def check_options(*, eps: Any = 0.1, bandwidth: Any = None, guidance_scale: Any 
     width = eps if bandwidth is None else bandwidth
     if not (isinstance(width, numbers.Real) and math.isfinite(width) and width > 0):
         raise ValueError(f"bandwidth={bandwidth!r} must be > 0")
+    for name, value in (("eps", eps), ("bandwidth", bandwidth)):  # (a tiny bandwidth was said as eps, by log_q_eps,
+        # after the run had loaded)
+        if value is not None and (value * value == 0 or not math.isfinite(1 / (value * value))):
+            raise ValueError(f"{name}={value!r} is too small: its square underflows in float64")
     if trace == "hutchinson" and (not isinstance(n_probes, (int, np.integer)) or n_probes < 1):
         raise ValueError(f"n_probes={n_probes!r} must be a positive integer")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
