@@ -150,6 +150,34 @@ def test_cosine_nearest_is_the_float64_best_whatever_the_backend_and_chunking(ba
     assert nb.indices[0, 0] == 1 and nb.scores[0, 0] == (_unit64(g) @ _unit64(rows[1:2]).T)[0, 0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosine_widening_honours_each_querys_own_exclusion_and_is_bounded(backend, monkeypatch):
+    """A review of the widening: with an exclude array, a query marked -1 (no exclusion) was widened only up to
+    n - 1 candidates, so one row was never searched (six rows equal in float32, the last nudged 1e-10 nearer in
+    float64: row 0 came out for exclude=[-1], row 5 without exclude); and queries whose k-th lay within float32
+    rounding of many rows (zero rows: every score 0) were widened round after round up to every row (27 s for
+    0.4 s). Each group is widened up to the rows it may match, once, to k + COSINE_WIDEN candidates at most."""
+    from side_extract import neighbors
+
+    q = np.zeros((1, 32))
+    q[0, 0] = 1.0
+    ref = np.tile(np.r_[0.6, 0.8, np.zeros(30)], (6, 1))
+    ref[5, 0] += 1e-10
+    index = NearestNeighborIndex("cosine", backend=backend).fit(ref)
+    assert index.kneighbors(q, 1).indices[0, 0] == 5
+    assert index.kneighbors(q, 1, exclude=np.array([-1])).indices[0, 0] == 5
+    assert index.kneighbors(q, 1, exclude=np.array([5])).indices[0, 0] == 0
+    fetched = []
+    search = neighbors.NearestNeighborIndex._search
+    monkeypatch.setattr(neighbors.NearestNeighborIndex, "_search",
+                        lambda self, Q, k, *a, **kw: fetched.append(k) or search(self, Q, k, *a, **kw))
+    rng = np.random.default_rng(0)
+    big = NearestNeighborIndex("cosine", backend=backend).fit(rng.normal(size=(2000, 16)).astype(np.float32))
+    nb = big.kneighbors(np.zeros((3, 16), np.float32), 2)  # every score exactly 0: ties to the lowest rows
+    assert nb.indices.tolist() == [[0, 1]] * 3 and (nb.scores == 0).all()
+    assert fetched == [2 + neighbors.COSINE_EXTRA, 2 + neighbors.COSINE_WIDEN], fetched
+
+
 def test_exclude_array(pixels):
     ref, q = pixels
     ex = np.full(len(q), -1)

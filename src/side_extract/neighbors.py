@@ -23,7 +23,9 @@ from its two rows (:meth:`NearestNeighborIndex._pair_scores`) once the float32 (
 products have found it. So a pair has the same score on faiss and torch, in the k nearest and in the band pairs of
 one pass: a generation whose nearest counts in a band for AMS has that pair in the band for UMS. Under cosine the k
 nearest are the float64 best, ties to the lowest rows, on every path (a few candidates beyond k are rescored, and more
-where their float32 keys cannot rule out a row left out: :meth:`NearestNeighborIndex._widened`); of float pixel rows
+where their float32 keys cannot rule out a row left out: :meth:`NearestNeighborIndex._widened`), unless more than 64
+rows lie within float32 rounding (4 (D + 4) 2^-24) of the k-th, where the float32 keys choose among them (the bound
+takes IEEE float32 products: not TF32, ``torch.set_float32_matmul_precision("high")`` on CUDA); of float pixel rows
 under rms-l2 (the package's pixels are uint8), which of two rows within float64 rounding is nearer is the search's.
 
 ``pairs_within`` (and ``kneighbors(..., on_pairs=...)``, in the same pass) streams every (query,
@@ -52,6 +54,8 @@ PairsCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 FAISS_QUERY_CHUNK = 65536  # queries per faiss search call (results are k per query: small), at most
 FAISS_QUERY_BYTES = 64 * 2**20  # ... as many as fill this many bytes of float32 rows (memory flat in the queries)
 COSINE_EXTRA = 4  # candidates beyond k under cosine, rescored in float64 (:meth:`NearestNeighborIndex._widened`)
+COSINE_WIDEN = 64  # ... and at most this many beyond k where float32 rounding cannot tell the k-th from the next
+FAISS_GPU_MAX_K = 2048  # faiss on GPUs selects at most this many neighbours (GPU_MAX_SELECTION_K)
 FINISH_ROWS = 4096  # query rows ordered at a time when the k nearest are put in order (temporaries flat in the queries)
 
 
@@ -166,7 +170,8 @@ class NearestNeighborIndex:
         -------
         Neighbors with (m, k) scores and indices; ties are ordered by reference row, and a tie at the k-th place
         keeps the lowest rows (ties of the float64 scores: of uint8 rows under rms-l2, whose keys are exact, and of
-        any rows under cosine; the keys of equal float pixel rows under rms-l2 can differ in their last bit).
+        any rows under cosine up to 64 beyond k within float32 rounding of the k-th (:meth:`_widened`); the keys of
+        equal float pixel rows under rms-l2 can differ in their last bit).
         """
         self._check_fitted()
         Q = self._check_rows(Q, "Q")
@@ -185,12 +190,20 @@ class NearestNeighborIndex:
             # was refused after its search)
             _check_range(pairs_range)
         use_faiss = self.backend_ == "faiss" and not (self.backend == "auto" and on_pairs is not None)
-        fetch = min(limit, k + COSINE_EXTRA) if self.metric == "cosine" else k
+        fetch = min(self._fetch_cap(k, limit, use_faiss), k + COSINE_EXTRA) if self.metric == "cosine" else k
         keys, idx = self._search(Q, fetch, exclude, use_faiss, pairs_range, on_pairs, progress)
         nb = self._finish(Q, keys, idx)
         if self.metric == "cosine":
-            nb = self._widened(Q, nb, keys.min(1, initial=np.inf), k, fetch, limit, exclude, use_faiss)
+            nb = self._widened(Q, nb, keys.min(1, initial=np.inf), k, fetch, exclude, use_faiss)
         return nb
+
+    def _fetch_cap(self, k: int, limit: int, use_faiss: bool) -> int:
+        """The most candidates a cosine query is given: k + :data:`COSINE_WIDEN`, at most ``limit`` (the rows it may
+        match) and, on faiss's GPUs, which select at most 2,048, that many; never fewer than k."""
+        cap = min(limit, k + COSINE_WIDEN)
+        if use_faiss and _faiss().get_num_gpus() > 0:
+            cap = min(cap, FAISS_GPU_MAX_K - 1)  # (one more is fetched where a row is excluded)
+        return max(k, cap)
 
     def _search(self, Q: np.ndarray, k: int, exclude: np.ndarray | None, use_faiss: bool,
                 pairs_range: tuple[float, float] | None = None, on_pairs: PairsCallback | None = None,
@@ -212,25 +225,29 @@ class NearestNeighborIndex:
             keys, idx = np.empty((0, k)), np.empty((0, k), np.int64)
         return keys, idx
 
-    def _widened(self, Q: np.ndarray, nb: Neighbors, last: np.ndarray, k: int, fetch: int, limit: int,
+    def _widened(self, Q: np.ndarray, nb: Neighbors, last: np.ndarray, k: int, fetch: int,
                  exclude: np.ndarray | None, use_faiss: bool) -> Neighbors:
         """The float64 k nearest under cosine, from ``nb``: the ``fetch`` candidates of the float32 keys, rescored in
         float64 and ordered (:meth:`_finish`). A row not fetched has a float32 key of at most the least fetched one
         (``last``), so a float64 score of at most ``last`` + the float32 error bound: where the k-th rescored
         candidate lies above that, no row left out can beat it or tie it, and the k are the float64 best with ties
         to the lowest rows. A query where it does not (copies of a training image, scores 1e-9 apart) is searched
-        again with twice the candidates until it does, or every row is a candidate."""
+        once more with :meth:`_fetch_cap`'s k + :data:`COSINE_WIDEN` candidates, or every row it may match where
+        fewer: that answer is the float64 best where it has every row, or where its k-th clears the new least key
+        likewise; where not, more than that many rows lie within float32 rounding of its k-th, and the float32 keys
+        chose among them (widening on to every row made concentrated features or zero rows, every score 0, 40-80x
+        slower: 27 s for 0.4 s). Queries with an excluded row and those without (-1) are widened apart, each up to
+        the rows it may match."""
         scores, rows = nb.scores[:, :k].copy(), nb.indices[:, :k].copy()
         tol = _cosine_key_error(self.n_features_in_)
-        pending = np.arange(len(Q))
-        while fetch < limit:
-            pending = pending[scores[pending, k - 1] <= last[pending] + tol]
-            if not pending.size:
-                break
-            fetch = min(limit, 2 * fetch)
-            keys, idx = self._search(Q[pending], fetch, None if exclude is None else exclude[pending], use_faiss)
-            sub = self._finish(Q[pending], keys, idx)
-            scores[pending], rows[pending], last[pending] = sub.scores[:, :k], sub.indices[:, :k], keys.min(1)
+        free = np.ones(len(Q), bool) if exclude is None else exclude < 0
+        for group, excluding in ((np.flatnonzero(free), False), (np.flatnonzero(~free), True)):
+            cap = self._fetch_cap(k, self.n_samples_fit_ - excluding, use_faiss)
+            group = group[scores[group, k - 1] <= last[group] + tol] if cap > fetch else group[:0]
+            if group.size:
+                keys, idx = self._search(Q[group], cap, exclude[group] if excluding else None, use_faiss)
+                sub = self._finish(Q[group], keys, idx)
+                scores[group], rows[group] = sub.scores[:, :k], sub.indices[:, :k]
         return Neighbors(scores, rows)
 
     def pairs_within(self, Q: np.ndarray, lo: float, hi: float, *, exclude: np.ndarray | None = None,
@@ -460,8 +477,8 @@ class NearestNeighborIndex:
         certify = not cos and self.X_ref_.dtype == np.uint8 and self.n_features_in_ > _EXACT_FLOAT32_MAX_D
         gpus = faiss.get_num_gpus()
         fetch = kk + max(kk, 8) if certify else kk
-        if gpus > 0:  # faiss on GPUs selects at most GPU_MAX_SELECTION_K = 2048 (any fetch >= kk certifies)
-            fetch = max(kk, min(fetch, 2048))
+        if gpus > 0:  # faiss on GPUs selects at most GPU_MAX_SELECTION_K (any fetch >= kk certifies)
+            fetch = max(kk, min(fetch, FAISS_GPU_MAX_K))
         floor = np.full(m, np.inf)  # (certify) no unfetched row's exact squared sum lies below it
         q_sq = _row_sq(Q) if certify else None
         keys = np.full((m, 0), -np.inf)
