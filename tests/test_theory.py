@@ -309,13 +309,29 @@ def test_measure_rejects_bad_input():
         measure(den, clf, train, n_points=2, seed=-4)
     # a float64 training set beside float32 weights failed in torch's words ("Input type (double) and bias type
     # (float)"), naming neither; uint8 pixels were taken as values in [-1, 1]
-    with pytest.raises(ValueError, match=r"train is torch.float64 but the classifier's weights are torch.float32"):
+    with pytest.raises(ValueError, match=r"the classifier failed on train, torch.float64, beside its weights in "
+                                         r"torch.float32 \(.*\): give train in torch.float32"):
         measure(den, clf, train.double(), n_points=2)
+
+    class CastsItsInput(torch.nn.Module):  # float64 weights, float32 inputs cast: it worked, and is taken as it is
+        def __init__(self):
+            super().__init__()
+            self.inner = TinyClassifier().double()
+
+        def forward(self, x, t):
+            return self.inner(x.double(), t)
+
+    assert np.isfinite(measure(den, CastsItsInput(), train, n_points=2, n_steps=2).log_p_guided).all()
+    with pytest.raises(ValueError, match=r"the target failed on one image of train, torch.float64 \(.*\): if its "):
+        measure(den, CastsItsInput(), train.double(), n_points=2)
     with pytest.raises(ValueError, match=r"train must be a floating-point tensor in \[-1, 1\], got torch.uint8"):
         measure(den, clf, train.to(torch.uint8), n_points=2)
     # a bandwidth whose square underflows was said as "eps=1e-200 is too small" (log_q_eps's name for its width)
     with pytest.raises(ValueError, match="bandwidth=1e-200 is too small"):
         measure(den, clf, train, n_points=2, bandwidth=1e-200)
+    from side_extract.theory.measure import check_options
+
+    check_options(eps=np.float16(0.001), bandwidth=np.float32(1e-25))  # (squared in float64: no underflow)
     from side_extract.theory.divergence import stratified_indices
 
     for n_data, n in ((5, -1), (0, 3)):  # (4 indices for n=-1; a ZeroDivisionError)

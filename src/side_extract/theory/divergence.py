@@ -278,8 +278,9 @@ def memorization_divergence(data: np.ndarray | torch.Tensor, log_prob: LogProb, 
     data : (N, d) training set D (or (N, C, H, W), flattened)
     log_prob : the model's log density, (n, d) float64 -> (n,) nats
     eps : smoothing scale of q_eps, > 0
-    n : number of Monte Carlo samples (>= 2; at least twice the number of points for the stratified design's
-        interval, which is far narrower on far-apart points than the i.i.d. one kept below that)
+    n : number of Monte Carlo samples (>= 2; at least three times the number of points N, and N +
+        :data:`MIN_REPEATS`, for the stratified design's interval, which is far narrower on far-apart points than
+        the i.i.d. one kept below that)
     random_state : seed or numpy Generator
 
     Returns

@@ -163,7 +163,8 @@ def check_options(*, eps: Any = 0.1, bandwidth: Any = None, guidance_scale: Any 
         raise ValueError(f"bandwidth={bandwidth!r} must be > 0")
     for name, value in (("eps", eps), ("bandwidth", bandwidth)):  # (a tiny bandwidth was said as eps, by log_q_eps,
         # after the run had loaded)
-        if value is not None and (value * value == 0 or not math.isfinite(1 / (value * value))):
+        if value is not None and (float(value) ** 2 == 0 or not math.isfinite(1 / float(value) ** 2)):  # (in
+            # float64: np.float16(0.001) squared underflowed in its own type)
             raise ValueError(f"{name}={value!r} is too small: its square underflows in float64")
     if trace == "hutchinson" and (not isinstance(n_probes, (int, np.integer)) or n_probes < 1):
         raise ValueError(f"n_probes={n_probes!r} must be a positive integer")
@@ -177,6 +178,27 @@ def _weights_dtype(model: Any) -> torch.dtype | None:
     if not isinstance(model, torch.nn.Module):
         return None
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _probe_models(denoiser: Denoiser, classifier: Classifier, train: torch.Tensor, t_min: int) -> None:
+    """The target and the classifier called on one training image before any work: where one fails beside weights
+    of another dtype than ``train``'s, the error names both (a float64 set beside float32 weights failed in torch's
+    words, "Input type (double) and bias type (float)"). A model that casts its input itself is taken as it is."""
+    t = torch.full((1,), t_min, dtype=torch.long, device=train.device)
+    for what, call, module in (("the classifier", classifier, classifier),
+                               ("the target", denoiser, getattr(denoiser, "unet", None))):
+        try:
+            with torch.no_grad():
+                call(train[:1], t)
+        except RuntimeError as e:
+            weights = _weights_dtype(module)
+            if weights is not None and weights != train.dtype:
+                raise ValueError(f"{what} failed on train, {train.dtype}, beside its weights in {weights} ({e}): "
+                                 f"give train in {weights} (train.to({weights}))") from e
+            if weights is None and train.dtype != torch.float32:  # (a callable's weights are not to be seen)
+                raise ValueError(f"{what} failed on one image of train, {train.dtype} ({e}): if its weights are of "
+                                 "another dtype, give train in theirs (train.float() for float32)") from e
+            raise
 
 
 def measure(
@@ -236,11 +258,6 @@ def measure(
     if not train.is_floating_point():
         raise ValueError(f"train must be a floating-point tensor in [-1, 1], got {train.dtype} (uint8 pixels: "
                          "x / 127.5 - 1)")
-    for what, model in (("the target", getattr(denoiser, "unet", None)), ("the classifier", classifier)):
-        weights = _weights_dtype(model)
-        if weights is not None and weights != train.dtype:
-            raise ValueError(f"train is {train.dtype} but {what}'s weights are {weights}: give train in "
-                             f"{weights} (train.to({weights}))")
     if tuple(train.shape[1:]) != tuple(denoiser.sample_shape):
         raise ValueError(f"train images have shape {tuple(train.shape[1:])}, the model expects "
                          f"{tuple(denoiser.sample_shape)}")
@@ -264,6 +281,7 @@ def measure(
                         "(--t-min) out to start at the sigma nearest eps)", t_min, near, eps)
 
     train = train.to(device)
+    _probe_models(denoiser, classifier, train, t_min)
     if labels is None:
         labels = assign_classes(classifier, train, t_min)
     labels = np.asarray(labels, dtype=np.int64)
