@@ -420,8 +420,9 @@ def test_a_callable_modules_dtype_and_a_sample_shape_string_are_named():
             as_target(fn, scheduler=tiny_scheduler(), sample_shape=bad)
     with pytest.raises(ValueError, match=r"sample_shape=.* must be \(C, H, W\)"):
         as_target(tiny_unet(), scheduler=tiny_scheduler(), sample_shape="1,8,8")
-    assert as_target(fn, scheduler=tiny_scheduler(), sample_shape=np.array([1, 8, 8])).denoiser.sample_shape == (
-        1, 8, 8)
+    for good in (np.array([1, 8, 8]), torch.Size([1, 8, 8]), torch.tensor([1, 8, 8]), (1.0, 8.0, 8.0),
+                 np.array([1.0, 8.0, 8.0])):  # (each taken before, and by int())
+        assert as_target(fn, scheduler=tiny_scheduler(), sample_shape=good).denoiser.sample_shape == (1, 8, 8), good
 
 
 def test_a_callable_named_by_model_id_keeps_its_run_across_rounding(tmp_path, one_thread):

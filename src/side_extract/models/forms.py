@@ -11,7 +11,7 @@ import copy
 import hashlib
 import json
 import logging
-import numbers
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,11 +54,26 @@ def _shape(sample_shape: Any) -> tuple[int, int, int]:
     """``sample_shape`` as (C, H, W), three integers of at least 1, or refused naming it ("1,8,8" failed in int()'s
     words, naming neither the argument nor the form it takes)."""
     ok = not isinstance(sample_shape, (str, bytes)) and isinstance(sample_shape, Iterable)
-    values = tuple(sample_shape) if ok else ()
-    if not (len(values) == 3 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-                                     for v in values)):
+    values = [_whole(v) for v in sample_shape] if ok else []
+    if not (len(values) == 3 and all(v is not None and v >= 1 for v in values)):
         raise ValueError(f"sample_shape={sample_shape!r} must be (C, H, W): three integers, each at least 1")
-    return tuple(int(v) for v in values)
+    return tuple(values)
+
+
+def _whole(v: Any) -> int | None:
+    """``v`` as an int where it is a whole number (an int, numpy or torch integer, or a float such as 8.0), else
+    None (a bool, 1.5, a string)."""
+    if isinstance(v, (bool, str, bytes)):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        pass
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f.is_integer() else None
 
 
 def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
