@@ -733,3 +733,13 @@ def test_an_error_names_the_flag_typed_not_the_setting_behind_it(tmp_path):
         r = CliRunner().invoke(app, ["--no-progress", *args, "--run", str(tmp_path / "r")])
         assert r.exit_code == 2 and said in r.output, r.output
     assert not any(tmp_path.glob("[smr]"))
+
+
+def test_paths_with_brackets_are_printed_as_they_are(tmp_path):
+    """Messages were rich markup: a run directory "s[b]" was printed as "s" (a folder that does not exist), and
+    "s[/]" ended the command in a MarkupError after its work was done (a review's find)."""
+    for name in ("s[b]", "s[/]"):
+        out = tmp_path / name
+        r = CliRunner().invoke(app, ["--no-progress", "sample", "--n", "2", "--steps", "2", "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert f"2 images in {out / 'synthetic'}" in r.output, r.output

@@ -7,8 +7,9 @@ import shlex
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from .common import cli_errors, console, path_value, was_typed
+from .common import cli_errors, console, say, path_value, was_typed
 from .run import print_summary, stage_progress
 
 bench_app = typer.Typer(
@@ -117,15 +118,15 @@ def extraction_cmd(
     argv += ["--quick"] if quick else []
     argv += ["--device", device] if device != "cpu" else []
     command = shlex.join(argv)
-    console.print(f"extraction benchmark: scales {list(bc.scales)} at {bc.size}x{bc.size}, N_G {bc.run.extract.n}, "
+    say(f"extraction benchmark: scales {list(bc.scales)} at {bc.size}x{bc.size}, N_G {bc.run.extract.n}, "
                   f"{bc.target.steps} training steps, seed {bc.run.extract.seed}; cache {cache}")
     with stage_progress(ctx) as factory:
         data = run_extraction_bench(bc, cache, device=device, progress=factory, command=command)
     for s in data["scales"]:
-        console.print(f"n_train = {s['n_train']} ({s['target']['epochs']} epochs):")
+        say(f"n_train = {s['n_train']} ({s['target']['epochs']} epochs):")
         print_summary(s["methods"])
     json_path, md_path = write_extraction_results(data, out)
-    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    say(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
 @bench_app.command("variants")
@@ -186,14 +187,14 @@ def variants_cmd(
             "--validation-seed", str(validation_seed), "--methods", ",".join(vc.methods)]
     argv += ["--no-heldout"] if no_heldout else ["--heldout-seed", str(heldout_seed), "--heldout", heldout]
     argv += ["--device", device] if device != "cpu" else []
-    console.print(f"variants: {len(vc.names)} ({', '.join(vc.names)}) on scales {list(bc.scales)} at {bc.size}x{bc.size}, "
+    say(f"variants: {len(vc.names)} ({', '.join(vc.names)}) on scales {list(bc.scales)} at {bc.size}x{bc.size}, "
                   f"N_G {bc.run.extract.n}; choose on seed {validation_seed}"
                   + ("" if no_heldout else f", report on seed {heldout_seed}"))
     with stage_progress(ctx) as factory:
         data = run_variants_bench(vc, cache, device=device, progress=factory, command=shlex.join(argv))
     json_path, md_path = write_variants_results(data, out)
     console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"chosen: {data['chosen']}; wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    say(f"chosen: {data['chosen']}; wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
 @bench_app.command("fair")
@@ -327,14 +328,14 @@ def fair_cmd(
             if not path.is_file():
                 raise ValueError(f"--tuning-from {path}: no such file (expected an earlier fair.json)")
         tuning = reused_tuning(fc, *((read_json(path), str(path)) for path in tuning_from))
-    console.print(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
+    say(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
                   f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
                   f"{list(fc.heldout_replicates)}")
     with stage_progress(ctx) as factory:
         data = run_fair_bench(fc, cache, device=device, progress=factory, command=shlex.join(argv), tuning=tuning)
     json_path, md_path = write_fair_results(data, out)
     console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    say(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
 @bench_app.command("signals")
@@ -371,7 +372,7 @@ def signals_cmd(
                                  progress=factory, command=shlex.join(argv))
     json_path, md_path = write_signals_results(data, out)
     console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    say(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
 @bench_app.command("compute")
@@ -401,10 +402,11 @@ def compute_cmd(
     argv += ["--busy"] if busy else []
     argv += ["--only", only] if parts else []
     argv += ["--quick"] if quick else []
-    data = run_compute_bench(c, command=shlex.join(argv), progress=lambda name: console.print(f"[dim]{name} ...[/]"))
+    data = run_compute_bench(c, command=shlex.join(argv),
+                             progress=lambda name: console.print(f"[dim]{escape(name)} ...[/]"))
     json_path, md_path = write_compute_results(data, out)
     console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    say(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
 
 
 @bench_app.command("scale")
@@ -433,7 +435,7 @@ def scale_cmd(
     argv += ["--only", only] if parts else []
     argv += ["--quick"] if quick else []
     data = run_scale_bench(c, command=shlex.join(argv), parts=parts,
-                           progress=lambda name: console.print(f"[dim]{name} ...[/]"))
+                           progress=lambda name: console.print(f"[dim]{escape(name)} ...[/]"))
     json_path, md_path = write_scale_results(data, out)
     console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    say(f"wrote {json_path} and {md_path} ({data['seconds']:.0f} s)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .. import config as cfg
-from .common import cli_errors, console, path_value, progress_bar
+from .common import cli_errors, say, path_value, progress_bar
 from .evaluate import check_similarity_inputs, evaluate_config, load_feature_model, run_written_into
 
 D = cfg.EvaluateConfig()
@@ -47,7 +47,7 @@ def calibrate_cmd(
     tr = load_image_set(train, c.resize)
     ho = held_out_set(train, c.heldout, c.resize)  # --heldout, else the config file's, else the digits outside
     if c.heldout is None:
-        console.print(f"held-out set: the {len(ho)} digits not in {train}" if ho is not None else
+        say(f"held-out set: the {len(ho)} digits not in {train}" if ho is not None else
                       "no --heldout: bands from each training image vs the rest of the training set")
     if ho is not None:  # before the work (it was found after the training set's null)
         check_same_shape(ho, tr, "held-out images")
@@ -57,5 +57,5 @@ def calibrate_cmd(
     with run_lock(run) if run is not None else contextlib.nullcontext():
         path = result.write(out)
     edges = ", ".join(f"{b.name} [{b.lo:.4g}, {b.hi:.4g})" for b in result.bands)
-    console.print(f"bands from the {result.null_source} null: {edges}")
-    console.print(f"wrote {path}")
+    say(f"bands from the {result.null_source} null: {edges}")
+    say(f"wrote {path}")

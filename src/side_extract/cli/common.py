@@ -22,6 +22,12 @@ from ..distributed import PEER_FAILED_STATUS, PeerFailed, ProcessGroup, check_de
 
 # soft_wrap: a message is one line however long (a path or value in it stays whole; the terminal wraps it)
 console = Console(stderr=True, emoji=False, soft_wrap=True)
+
+
+def say(text: str, **kw: Any) -> None:
+    """Print ``text`` on the console as it is: paths and names from the user or from a run's files are no rich markup
+    (a run directory "exp[v2]" was printed as "exp", and "exp[/]" ended a finished run in a MarkupError)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True, **kw)
 T = TypeVar("T")
 
 
@@ -297,8 +303,8 @@ def say_stale_report(run: Path) -> None:
     from ..report import shows_the_run_now
 
     if shows_the_run_now(run) is False:
-        console.print(f"{Path(run) / 'report'} shows the run as it was before this call: `side report {run}` "
-                      "writes it again", highlight=False, markup=False)
+        say(f"{Path(run) / 'report'} shows the run as it was before this call: `side report {run}` "
+                      "writes it again")
 
 
 def no_model_note(what: str, how: str) -> str:
@@ -326,9 +332,6 @@ def progress_lines(name: str, every: float = 30.0) -> Callable[[int, int], None]
     (a stage's start). A stage that is skipped (its results are already there) never reports: it prints nothing."""
     t0 = last = time.monotonic()
     state = {"said": False, "finished": False}
-
-    def say(text: str) -> None:
-        console.print(text, highlight=False, markup=False)
 
     def update(done: int, total: int) -> None:
         nonlocal last

@@ -9,7 +9,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import cli_errors, console, path_value
+from .common import cli_errors, say, path_value
 from .run import _say_changes, print_findings, print_summary, stage_progress
 
 
@@ -83,7 +83,7 @@ def demo_cmd(
         torch.set_num_threads(1)
     rc = demo_config(model, train, heldout)
     if "cond" not in rc.extract.methods and ProcessGroup.from_env().main:  # (once per launch)
-        console.print(f"{train} has no labels of two classes or more: the demo runs without Cond (Cond's classifier "
+        say(f"{train} has no labels of two classes or more: the demo runs without Cond (Cond's classifier "
                       "learns the training set's labels)")
     _say_changes(out, rc)  # (a run in OUT was replaced without a word, as side run says it; once per launch)
     with stage_progress(ctx) as factory:
@@ -95,8 +95,8 @@ def demo_cmd(
     print_findings(out)
     theory, _ = measure_run(out, device=group.device(device))
     for claim, verdict in theory.ordering.items():
-        console.print(f"theory: {verdict}: {claim}")
+        say(f"theory: {verdict}: {claim}")
     report = write_report(out)
-    console.print(f"done in {time.time() - t0:.0f} s")
-    console.print(f"run directory: {out}")
-    console.print(f"report:        {report}")
+    say(f"done in {time.time() - t0:.0f} s")
+    say(f"run directory: {out}")
+    say(f"report:        {report}")

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from .. import config as cfg
-from .common import build_config, cli_errors, console, path_value, progress_bar, typed_flags, without_replaced_bands
+from .common import build_config, cli_errors, say, path_value, progress_bar, typed_flags, without_replaced_bands
 
 D = cfg.EvaluateConfig()
 OPTIONS = [k for k in cfg.to_dict(D)]
@@ -132,8 +132,8 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     ev = run_evaluate_section(run)
     own = run / "evaluation" / "bands.json"
     if (theirs := ev.get("similarity", D.similarity)) != c.similarity:
-        console.print(f"bands: not the run's (the run measures {theirs!r}, this evaluation {c.similarity!r}): it "
-                      "is left out of the run's comparison", highlight=False)  # (it said "calibrated here" where the
+        say(f"bands: not the run's (the run measures {theirs!r}, this evaluation {c.similarity!r}): it "
+                      "is left out of the run's comparison")  # (it said "calibrated here" where the
         # paper's fixed bands were taken)
         return c
     if ev.get("bands"):
@@ -150,7 +150,7 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
         c, said = dataclasses.replace(c, bands_file=str(own)), f"calibrated ({own})"
     else:
         return c
-    console.print(f"bands: the run's, {said}; --bands or --bands-file to choose others", highlight=False)
+    say(f"bands: the run's, {said}; --bands or --bands-file to choose others")
     return c
 
 
@@ -168,8 +168,8 @@ def run_metric_settings(run: Path, c: cfg.EvaluateConfig, typed: set[str]) -> cf
     if taken:
         c = cfg.from_dict(cfg.EvaluateConfig, {**cfg.to_dict(c), **taken})
     if other := [f"{k} {getattr(c, k)!r} (the run's {v!r})" for k, v in theirs.items() if getattr(c, k) != v]:
-        console.print(f"metric settings: not the run's ({', '.join(other)}): this evaluation is left out of the "
-                      "run's comparison and findings", highlight=False)
+        say(f"metric settings: not the run's ({', '.join(other)}): this evaluation is left out of the "
+                      "run's comparison and findings")
     return c
 
 
@@ -283,7 +283,7 @@ def evaluate_cmd(
         result = dataclasses.replace(result, sources={**result.sources, "generated_stage": stage[0],
                                                       "generated_stage_fingerprint": stage[1]})
     if rest is not None and result.bands_source == f"heldout:{rest.name}":
-        console.print(f"bands calibrated on the held-out set: the {len(rest)} digits not in {train}")
+        say(f"bands calibrated on the held-out set: the {len(rest)} digits not in {train}")
     with run_lock(run) if run is not None else contextlib.nullcontext():
         path = result.write(out)
         if run is not None and Path(out).resolve().parent == (run / "evaluation").resolve():
@@ -292,7 +292,7 @@ def evaluate_cmd(
             write_summary(run)
     top = closest_first(bands_json(result.bands), result.orientation)[0]  # (the last listed: the farthest where
     # bands were written closest first, as the README's example)
-    console.print(f"{result.n_generated} generations vs {result.n_train} training images ({result.similarity}, "
+    say(f"{result.n_generated} generations vs {result.n_train} training images ({result.similarity}, "
                   f"bands: {result.bands_source}); AMS {top} {result.ams[top]:.2%}, UMS {top} {result.ums[top]:.2%}, "
                   f"Carlini extracted {result.carlini.extracted_fraction:.2%}, Gu {result.gu.memorized_fraction:.2%}")
-    console.print(f"wrote {path}")
+    say(f"wrote {path}")

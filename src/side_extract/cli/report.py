@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from .common import cli_errors, console, path_value
+from .common import cli_errors, say, path_value
 
 
 @cli_errors
@@ -21,4 +21,4 @@ def report_cmd(
     from ..report import write_report
 
     path = write_report(run, top=top, image_size=image_size)
-    console.print(f"wrote {path} and {path.with_name('report.json')}")
+    say(f"wrote {path} and {path.with_name('report.json')}")

@@ -15,7 +15,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (build_config, cli_errors, console, default_model_note, holding_run, load_run_config,
+from .common import (build_config, cli_errors, console, say, default_model_note, holding_run, load_run_config,
                      no_model_note, path_value, progress_enabled, progress_lines, say_note, say_stale_report,
                      typed_flags)
 
@@ -102,14 +102,14 @@ def print_findings(run: Path) -> None:
     s = audit_summary(run)
     if not s["methods"]:
         return
-    console.print(s["verdict"], highlight=False, soft_wrap=True)
+    say(s["verdict"])
     f = s["findings"]
     if f and len(f["methods"]) > 1:
         band = verdict_band(f["bands"])
         made = f["generations"]
         alone = ", ".join(f"{m} {f['only'][m][band]}" for m in f["methods"])
         each = ", ".join(f"{m} {n}" for m, n in made.items())
-        console.print(f"every method{' and the synthetic set' if f['synthetic_set'] else ''} together: "
+        say(f"every method{' and the synthetic set' if f['synthetic_set'] else ''} together: "
                       f"{f['distinct_nearest_cumulative'][band]} distinct nearest training images at the '{band}' band "
                       f"or closer in {sum(made.values())} model samples ({each}; counted as the benchmarks count per "
                       f"method, not as the verdict's UMS, every training image within the band of some generation); "
@@ -131,7 +131,7 @@ def _run(ctx: typer.Context, out: Path, rc: cfg.RunConfig, device: str, until: U
         if until == "evaluation":
             main, subs = run_with_sweeps(out, rc, device=device, progress=factory, wait=wait, replace=replace)
             for name, sub in subs.items() if ProcessGroup.from_env().main else ():  # (once per launch)
-                console.print(f"sweep {name}: {sub.run}")
+                say(f"sweep {name}: {sub.run}")
         else:
             main = run_audit(out, rc, device=device, until=until, progress=factory, wait=wait, replace=replace)
     return main.metrics
@@ -165,10 +165,10 @@ def run_cmd(
     if report:  # (the report of a run without a training set shows its stages and says it measured nothing)
         from ..report import write_report
 
-        console.print(f"report: {write_report(out)}")
+        say(f"report: {write_report(out)}")
     else:
         say_stale_report(out)
-    console.print(f"run directory: {out}")
+    say(f"run directory: {out}")
 
 
 @cli_errors
@@ -196,7 +196,7 @@ def cluster_cmd(
         _run(ctx, run, rc, device, "surrogate", wait=wait)
     if not ProcessGroup.from_env().main:
         return  # in a launch of several processes the main one says it, once
-    console.print(f"surrogate labels: {run / 'surrogate'}")
+    say(f"surrogate labels: {run / 'surrogate'}")
     say_stale_report(run)
     say_note(note)
 
@@ -231,7 +231,7 @@ def train_classifier_cmd(
         note = _train_classifiers(ctx, run, config, flags, device, wait)
     if not ProcessGroup.from_env().main:
         return  # in a launch of several processes the main one says it, once
-    console.print(f"classifiers in {run}")
+    say(f"classifiers in {run}")
     say_stale_report(run)
     say_note(note)
 
@@ -296,7 +296,7 @@ def extract_cmd(
     print_summary(res.metrics)
     if res.metrics:
         print_findings(run)
-    console.print(f"extractions in {run / 'extraction'}")
+    say(f"extractions in {run / 'extraction'}")
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
         console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
     say_stale_report(run)

@@ -10,7 +10,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (cli_errors, console, default_model_note, holding_run, load_run_config, path_value, progress_bar,
+from .common import (cli_errors, say, default_model_note, holding_run, load_run_config, path_value, progress_bar,
                      say_note, say_stale_report, typed_flags)
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def sample_cmd(
         from ..pipeline import warn_out_of_date
 
         warn_out_of_date(run)  # (a step command: what was made from the earlier synthetic set, or model, is named)
-        console.print(f"{n} images in {run.path / 'synthetic'}")  # (once per launch, not once per process)
+        say(f"{n} images in {run.path / 'synthetic'}")  # (once per launch, not once per process)
         say_stale_report(run.path)
         say_note(note)
 

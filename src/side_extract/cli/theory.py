@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .common import cli_errors, console, path_value, progress_bar
+from .common import cli_errors, say, path_value, progress_bar
 
 theory_app = typer.Typer(
     help="Memorization divergence and numerical checks of the paper's theory (docs/theory.md).",
@@ -84,7 +84,7 @@ def measure_cmd(
                                 n_steps=steps, n_probes=probes, t_min=t_min, batch_size=batch_size, seed=seed,
                                 device=device, progress=cb, model=model or None)
     _print_measure(res)
-    console.print(f"written: {dest}")
+    say(f"written: {dest}")
 
 
 def _print_measure(res) -> None:

@@ -8,7 +8,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import build_config, cli_errors, console, path_value, progress_bar, typed_flags
+from .common import build_config, cli_errors, say, path_value, progress_bar, typed_flags
 
 D = cfg.TrainTargetConfig()
 
@@ -60,10 +60,10 @@ def train_target_cmd(
     images = load_image_set(c.data, c.resize)
     group = ProcessGroup.from_env()  # several processes (torchrun / accelerate launch): data-parallel training
     if group.main:
-        console.print(f"training on {images.name}: {len(images)} images of shape {images.shape}"
+        say(f"training on {images.name}: {len(images)} images of shape {images.shape}"
                       + (f", {group.world} processes" if group.world > 1 else ""))
     def report(step: int, steps: int, loss: float, seconds: float) -> None:
-        console.print(f"step {step}/{steps}: loss {loss:.4f}, {seconds:.0f} s", highlight=False)
+        say(f"step {step}/{steps}: loss {loss:.4f}, {seconds:.0f} s")
 
     with progress_bar(ctx, "train-target", lines=False) if group.main else contextlib.nullcontext() as cb:
         # without progress bars, a line every 5 % of the steps (step, mean loss since the last line, time)
@@ -71,5 +71,5 @@ def train_target_cmd(
                               report=report if cb is None and group.main else None, group=group)
     if not group.main:
         return
-    console.print(f"wrote {result.path} (steps {result.steps}, mean loss of the last {min(100, result.steps)} steps "
+    say(f"wrote {result.path} (steps {result.steps}, mean loss of the last {min(100, result.steps)} steps "
                   f"{result.final_loss:.4f})")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .common import cli_errors, console, flags_set, path_value, was_typed
+from .common import cli_errors, console, say, flags_set, path_value, was_typed
 
 
 @cli_errors
@@ -48,7 +49,7 @@ def verify_cmd(
     if ids is None and method not in audit.methods:
         raise ValueError(f"{method} has no evaluation in {run} to pick the closest generations from: give --generations")
     for note in audit.verify_conditions(method, device):
-        console.print(f"[yellow]note: {note}: images may differ by rounding without any file altered[/]")
+        console.print(f"[yellow]note: {escape(note)}: images may differ by rounding without any file altered[/]")
     flags_set(ctx, {"generations": "indices"})  # (the API's name: "indices=[99] must be ...")
     checks = audit.verify(method, ids, top=top, model=model or None, device=device)
     table = Table("generation", "pixels that differ", "largest difference (uint8 levels)", title=f"{method}, {run}")
@@ -59,4 +60,4 @@ def verify_cmd(
     if bad:
         console.print(f"[bold red]{bad} of {len(checks)} generations differ from the stored ones[/]")
         raise typer.Exit(1)
-    console.print(f"all {len(checks)} generations equal the stored ones bit for bit")
+    say(f"all {len(checks)} generations equal the stored ones bit for bit")
