@@ -669,7 +669,8 @@ def train_target(
     scheduler = target_scheduler(c)
     # what must match to continue from a checkpoint (training_key: ema_decay without ema, read by nothing, refused a
     # rerun without it as "a different config"; said here)
-    unread = cfg.unread_keys(c)
+    default = type(c)()  # (a key at its default was said in every default training)
+    unread = {k: why for k, why in cfg.unread_keys(c).items() if getattr(c, k) != getattr(default, k)}
     if unread and group.main:
         log.warning("settings that change nothing in this training: %s",
                     "; ".join(f"{k}={getattr(c, k)!r} ({why})" for k, why in unread.items()))
