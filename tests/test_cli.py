@@ -743,3 +743,18 @@ def test_paths_with_brackets_are_printed_as_they_are(tmp_path):
         r = CliRunner().invoke(app, ["--no-progress", "sample", "--n", "2", "--steps", "2", "--out", str(out)])
         assert r.exit_code == 0, r.output
         assert f"2 images in {out / 'synthetic'}" in r.output, r.output
+
+
+def test_a_run_directory_below_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """--out FILE/sub was met at the lock's mkdir ("Not a directory"), after the model and the training set had
+    loaded (a review's find); train-target, calibrate and bench refused it at once."""
+    from side_extract.models import target
+
+    (tmp_path / "f.yaml").write_text("x: 1\n")
+    monkeypatch.setattr(target, "load_target", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    (tmp_path / "run.yaml").write_text("model: demo\ntrain: digits:30\n")
+    for argv in (["sample", "--n", "2"], ["run", str(tmp_path / "run.yaml")]):
+        r = CliRunner().invoke(app, ["--no-progress", *argv, "--out", str(tmp_path / "f.yaml" / "sub")])
+        assert r.exit_code == 2, r.output
+        assert f"run directory '{tmp_path / 'f.yaml' / 'sub'}': '{tmp_path / 'f.yaml'}' is a file, not a folder" in (
+            r.output), r.output

@@ -101,6 +101,8 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"run directory {str(path)!r} exists and is not a directory")
+    check_writable(path, "run directory")  # (a file on its way, or a read-only folder, was met at the lock's mkdir,
+    # after the model and the data had loaded)
     if path.is_dir():  # a writer clears and writes RUN/<stage> through them: outside the run (a run someone gave);
         # other links (a model or data set kept beside the run) are no writer's
         stages = _stage_folders(path)
