@@ -1011,6 +1011,16 @@ def test_the_audits_methods_check_their_device_and_their_arguments(tmp_path, one
         a.verify("uncond", top=None)
     with pytest.raises(ValueError, match=r"method='uncnd': the run holds no extraction of it"):
         a.verify_conditions("uncnd")
+    # a damaged manifest's device ("bogus", 5) ended side verify in torch's RuntimeError: it is a condition that
+    # differs, said as recorded
+    manifest = tmp_path / "run" / "manifest.json"
+    kept = manifest.read_text()
+    for bad in ("bogus", 5):
+        m = json.loads(kept)
+        m["stages"]["extraction/uncond"]["device"] = bad
+        manifest.write_text(json.dumps(m))
+        assert f"made on {bad}, made again on cpu" in Audit.load(tmp_path / "run").verify_conditions("uncond")
+    manifest.write_text(kept)
     run_audit(tmp_path / "bare", dataclasses.replace(a.config, train=None), until="extraction",
               target=as_target(tiny_unet(), scheduler=tiny_scheduler()))
     with pytest.raises(ValueError, match=r"results: none \(no method was evaluated"):
