@@ -758,3 +758,13 @@ def test_a_run_directory_below_a_file_is_refused_before_the_model_loads(tmp_path
         assert r.exit_code == 2, r.output
         assert f"run directory '{tmp_path / 'f.yaml' / 'sub'}': '{tmp_path / 'f.yaml'}' is a file, not a folder" in (
             r.output), r.output
+
+
+@pytest.mark.parametrize("argv, says", [(["--threads", "50000"], "--threads=50000 must be between 0 and 1024"),
+                                        (["--processes", "100000"], "--processes=100000 must be between 1 and 256"),
+                                        (["--processes", "0"], "--processes=0 must be between 1 and 256")])
+def test_threads_and_processes_are_bounded(argv, says):
+    """--threads had no upper bound: 50,000 ended in OpenBLAS's pthread_create failure and a segmentation fault
+    (a review's find); --processes would have launched as many processes as typed."""
+    r = CliRunner().invoke(app, [*argv, "report", "nowhere"])
+    assert r.exit_code == 2 and says in r.output, r.output

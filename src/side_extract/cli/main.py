@@ -15,6 +15,10 @@ from typer.core import TyperGroup  # noqa: E402
 from . import bench, calibrate, demo, evaluate, report, run, sample, theory, train_target, verify  # noqa: E402
 from .common import setup_logging  # noqa: E402
 
+MAX_THREADS = 1024  # torch CPU threads a process may be given (a typo-sized value crashed the BLAS)
+MAX_PROCESSES = 256  # processes a --processes launch may start on this machine
+
+
 class _Side(TyperGroup):
     """The root command, which keeps the arguments it was given (``ctx.meta["side.argv"]``): ``side --processes N``
     launches that same command line. Read from ``sys.argv`` it was the outer program's where the app was called
@@ -57,10 +61,10 @@ def main(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
                                  help="Print the installed side-extract version and exit."),
 ) -> None:
-    if processes < 1:
-        raise typer.BadParameter(f"--processes={processes} must be >= 1")
-    if threads < 0:
-        raise typer.BadParameter(f"--threads={threads} must be >= 0")
+    if not 1 <= processes <= MAX_PROCESSES:
+        raise typer.BadParameter(f"--processes={processes} must be between 1 and {MAX_PROCESSES}")
+    if not 0 <= threads <= MAX_THREADS:  # (50,000 ended in OpenBLAS's pthread_create failure and a segfault)
+        raise typer.BadParameter(f"--threads={threads} must be between 0 and {MAX_THREADS}")
     # torch's threads are set, and a launch of several processes started, when a command starts its work
     # (common.cli_errors), not here: this callback runs before a subcommand's --help or its arguments are parsed,
     # so a usage error is said once, by this process, and returns without importing torch.
