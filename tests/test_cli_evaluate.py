@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -512,7 +515,7 @@ def test_bands_given_later_keep_the_runs_held_out_set(tmp_path):
     assert ev.bands == "high=0:0.1" and ev.bands_file is None and ev.heldout == "digits:20"
 
 
-def test_a_side_evaluate_of_an_extraction_the_run_made_again_is_left_out(tiny_model_dir, tmp_path):
+def test_a_side_evaluate_of_an_extraction_the_run_made_again_is_left_out(tiny_model_dir, tmp_path, caplog):
     """side evaluate of the run's own extraction/uncond into RUN/evaluation/uncond-cli counts once; after the run made
     extraction/uncond again (another seed), the old evaluation still counted in the summary, findings and report as
     6 more generations that no longer exist. It records the stage it measured and is left out once that changes."""
@@ -534,5 +537,12 @@ def test_a_side_evaluate_of_an_extraction_the_run_made_again_is_left_out(tiny_mo
     assert sources["generated_stage"] == "extraction/uncond" and len(sources["generated_stage_fingerprint"]) == 64
     assert set(audit_summary(run)["methods"]) == {"uncond", "uncond-cli"}  # (counted once: the same files)
     run_audit(run, dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, seed=123)))
-    s = audit_summary(run)
+    with caplog.at_level(logging.WARNING):
+        s = audit_summary(run)
     assert list(s["methods"]) == ["uncond"] and s["findings"]["generations"] == {"uncond": 6}
+    # the advice is a command that runs: it lacked --train, which side evaluate requires (a review's find)
+    advised = re.search(r"evaluate it again \((side evaluate [^,]*),", caplog.text).group(1)
+    assert f"--train {sources['train']}" in advised, advised
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", *shlex.split(advised)[1:], "--carlini-n", "5"])
+    assert r.exit_code == 0, r.output
+    assert list(audit_summary(run)["methods"]) == ["uncond", "uncond-cli"]

@@ -3,6 +3,7 @@ config, the target model it was made of, and which stages are stale."""
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,15 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
     remeasure = {m: stage for m in found if f"evaluation/{m}" not in stages
                  and (stage := measures_a_remade_extraction(run, found[m] / "metrics.json", stages)) is not None}
     for m, stage in sorted(remeasure.items()):
+        try:  # (the advice lacked --train, which side evaluate requires: it did not run as printed)
+            train = (read_json(found[m] / "metrics.json", dict).get("sources") or {}).get("train")
+        except ValueError:
+            train = None
+        again = shlex.join(["side", "evaluate", "--generated", str(run / stage), "--train",
+                            train if isinstance(train, str) and train else "TRAIN", "--out", str(found[m])])
         log.warning("%s: evaluation %s (written by side evaluate) left out: it measured %s as it was before the run "
-                    "made it again; evaluate it again (side evaluate --generated %s --out %s)", run, m, stage,
-                    run / stage, found[m])
+                    "made it again; evaluate it again (%s, with the other settings it was made with)", run, m, stage,
+                    again)
     stale = sorted(m for m in found if not current(m) and m not in remeasure)
     found = {m: d for m, d in found.items() if m not in remeasure}
     if stale:  # (it said to rerun without --force, which refuses to replace a finished evaluation made from another
