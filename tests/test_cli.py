@@ -735,14 +735,21 @@ def test_an_error_names_the_flag_typed_not_the_setting_behind_it(tmp_path):
     assert not any(tmp_path.glob("[smr]"))
 
 
-def test_paths_with_brackets_are_printed_as_they_are(tmp_path):
+def test_paths_with_brackets_are_printed_as_they_are(tiny_model_dir, tmp_path):
     """Messages were rich markup: a run directory "s[b]" was printed as "s" (a folder that does not exist), and
-    "s[/]" ended the command in a MarkupError after its work was done (a review's find)."""
+    "s[/]" ended side run in a MarkupError after its evaluation, before its report (a review's find)."""
     for name in ("s[b]", "s[/]"):
         out = tmp_path / name
         r = CliRunner().invoke(app, ["--no-progress", "sample", "--n", "2", "--steps", "2", "--out", str(out)])
         assert r.exit_code == 0, r.output
         assert f"2 images in {out / 'synthetic'}" in r.output, r.output
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\ntrain: digits:30\nextract: {{methods: [uncond, memguide], n: 2, "
+                    "steps: 2}\nevaluate: {carlini_n: 5}\n")
+    out = tmp_path / "r[/]"
+    r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", str(out)], terminal_width=400)
+    assert r.exit_code == 0, r.output
+    assert f"each one, closest first: {out / 'findings.csv'}" in r.output and f"report: {out / 'report'}" in r.output
 
 
 def test_a_run_directory_below_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):

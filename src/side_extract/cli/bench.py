@@ -119,7 +119,7 @@ def extraction_cmd(
     argv += ["--device", device] if device != "cpu" else []
     command = shlex.join(argv)
     say(f"extraction benchmark: scales {list(bc.scales)} at {bc.size}x{bc.size}, N_G {bc.run.extract.n}, "
-                  f"{bc.target.steps} training steps, seed {bc.run.extract.seed}; cache {cache}")
+        f"{bc.target.steps} training steps, seed {bc.run.extract.seed}; cache {cache}")
     with stage_progress(ctx) as factory:
         data = run_extraction_bench(bc, cache, device=device, progress=factory, command=command)
     for s in data["scales"]:
@@ -188,8 +188,8 @@ def variants_cmd(
     argv += ["--no-heldout"] if no_heldout else ["--heldout-seed", str(heldout_seed), "--heldout", heldout]
     argv += ["--device", device] if device != "cpu" else []
     say(f"variants: {len(vc.names)} ({', '.join(vc.names)}) on scales {list(bc.scales)} at {bc.size}x{bc.size}, "
-                  f"N_G {bc.run.extract.n}; choose on seed {validation_seed}"
-                  + ("" if no_heldout else f", report on seed {heldout_seed}"))
+        f"N_G {bc.run.extract.n}; choose on seed {validation_seed}"
+        + ("" if no_heldout else f", report on seed {heldout_seed}"))
     with stage_progress(ctx) as factory:
         data = run_variants_bench(vc, cache, device=device, progress=factory, command=shlex.join(argv))
     json_path, md_path = write_variants_results(data, out)
@@ -329,8 +329,8 @@ def fair_cmd(
                 raise ValueError(f"--tuning-from {path}: no such file (expected an earlier fair.json)")
         tuning = reused_tuning(fc, *((read_json(path), str(path)) for path in tuning_from))
     say(f"fair benchmark: scales {list(bc.scales)} at {size}x{size}; grid {list(fc.scales_grid)} x "
-                  f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
-                  f"{list(fc.heldout_replicates)}")
+        f"{list(fc.temperatures)}; validation {list(fc.validation_replicates)}, held-out "
+        f"{list(fc.heldout_replicates)}")
     with stage_progress(ctx) as factory:
         data = run_fair_bench(fc, cache, device=device, progress=factory, command=shlex.join(argv), tuning=tuning)
     json_path, md_path = write_fair_results(data, out)

@@ -48,7 +48,7 @@ def calibrate_cmd(
     ho = held_out_set(train, c.heldout, c.resize)  # --heldout, else the config file's, else the digits outside
     if c.heldout is None:
         say(f"held-out set: the {len(ho)} digits not in {train}" if ho is not None else
-                      "no --heldout: bands from each training image vs the rest of the training set")
+            "no --heldout: bands from each training image vs the rest of the training set")
     if ho is not None:  # before the work (it was found after the training set's null)
         check_same_shape(ho, tr, "held-out images")
     feature_model = load_feature_model(model, device, tr)

@@ -304,7 +304,7 @@ def say_stale_report(run: Path) -> None:
 
     if shows_the_run_now(run) is False:
         say(f"{Path(run) / 'report'} shows the run as it was before this call: `side report {run}` "
-                      "writes it again")
+            "writes it again")
 
 
 def no_model_note(what: str, how: str) -> str:

@@ -84,7 +84,7 @@ def demo_cmd(
     rc = demo_config(model, train, heldout)
     if "cond" not in rc.extract.methods and ProcessGroup.from_env().main:  # (once per launch)
         say(f"{train} has no labels of two classes or more: the demo runs without Cond (Cond's classifier "
-                      "learns the training set's labels)")
+            "learns the training set's labels)")
     _say_changes(out, rc)  # (a run in OUT was replaced without a word, as side run says it; once per launch)
     with stage_progress(ctx) as factory:
         result = run_audit(out, rc, device=device, progress=factory, wait=wait)

@@ -133,8 +133,8 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     own = run / "evaluation" / "bands.json"
     if (theirs := ev.get("similarity", D.similarity)) != c.similarity:
         say(f"bands: not the run's (the run measures {theirs!r}, this evaluation {c.similarity!r}): it "
-                      "is left out of the run's comparison")  # (it said "calibrated here" where the
-        # paper's fixed bands were taken)
+            "is left out of the run's comparison")  # (it said "calibrated here" where the
+            # paper's fixed bands were taken)
         return c
     if ev.get("bands"):
         c, said = dataclasses.replace(c, bands=str(ev["bands"])), f"its config's ({ev['bands']})"
@@ -169,7 +169,7 @@ def run_metric_settings(run: Path, c: cfg.EvaluateConfig, typed: set[str]) -> cf
         c = cfg.from_dict(cfg.EvaluateConfig, {**cfg.to_dict(c), **taken})
     if other := [f"{k} {getattr(c, k)!r} (the run's {v!r})" for k, v in theirs.items() if getattr(c, k) != v]:
         say(f"metric settings: not the run's ({', '.join(other)}): this evaluation is left out of the "
-                      "run's comparison and findings")
+            "run's comparison and findings")
     return c
 
 
@@ -293,6 +293,6 @@ def evaluate_cmd(
     top = closest_first(bands_json(result.bands), result.orientation)[0]  # (the last listed: the farthest where
     # bands were written closest first, as the README's example)
     say(f"{result.n_generated} generations vs {result.n_train} training images ({result.similarity}, "
-                  f"bands: {result.bands_source}); AMS {top} {result.ams[top]:.2%}, UMS {top} {result.ums[top]:.2%}, "
-                  f"Carlini extracted {result.carlini.extracted_fraction:.2%}, Gu {result.gu.memorized_fraction:.2%}")
+        f"bands: {result.bands_source}); AMS {top} {result.ams[top]:.2%}, UMS {top} {result.ums[top]:.2%}, "
+        f"Carlini extracted {result.carlini.extracted_fraction:.2%}, Gu {result.gu.memorized_fraction:.2%}")
     say(f"wrote {path}")

@@ -110,11 +110,10 @@ def print_findings(run: Path) -> None:
         alone = ", ".join(f"{m} {f['only'][m][band]}" for m in f["methods"])
         each = ", ".join(f"{m} {n}" for m, n in made.items())
         say(f"every method{' and the synthetic set' if f['synthetic_set'] else ''} together: "
-                      f"{f['distinct_nearest_cumulative'][band]} distinct nearest training images at the '{band}' band "
-                      f"or closer in {sum(made.values())} model samples ({each}; counted as the benchmarks count per "
-                      f"method, not as the verdict's UMS, every training image within the band of some generation); "
-                      f"found by no other: {alone}; each one, closest first: {Path(run) / f['file']}",
-                      highlight=False, soft_wrap=True)
+            f"{f['distinct_nearest_cumulative'][band]} distinct nearest training images at the '{band}' band "
+            f"or closer in {sum(made.values())} model samples ({each}; counted as the benchmarks count per "
+            f"method, not as the verdict's UMS, every training image within the band of some generation); "
+            f"found by no other: {alone}; each one, closest first: {Path(run) / f['file']}")
 
 
 WAIT_HELP = "If another process is writing the run directory, wait for it instead of failing."

@@ -61,7 +61,7 @@ def train_target_cmd(
     group = ProcessGroup.from_env()  # several processes (torchrun / accelerate launch): data-parallel training
     if group.main:
         say(f"training on {images.name}: {len(images)} images of shape {images.shape}"
-                      + (f", {group.world} processes" if group.world > 1 else ""))
+            + (f", {group.world} processes" if group.world > 1 else ""))
     def report(step: int, steps: int, loss: float, seconds: float) -> None:
         say(f"step {step}/{steps}: loss {loss:.4f}, {seconds:.0f} s")
 
@@ -72,4 +72,4 @@ def train_target_cmd(
     if not group.main:
         return
     say(f"wrote {result.path} (steps {result.steps}, mean loss of the last {min(100, result.steps)} steps "
-                  f"{result.final_loss:.4f})")
+        f"{result.final_loss:.4f})")
