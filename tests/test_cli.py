@@ -480,7 +480,10 @@ def test_bench_options_are_named_as_typed(tmp_path):
                        (["fair", "--n-generated", "-1"], "'--n-generated'"),
                        (["fair", "--n-bootstrap", "0"], "'--n-bootstrap'"),
                        (["signals", "--n-train", "0"], "'--n-train'"),
-                       (["signals", "--n-synthetic", "0"], "'--n-synthetic'")):
+                       (["signals", "--n-synthetic", "0"], "'--n-synthetic'"),
+                       # (an empty grid or replicate list was said as "scales_grid=[]", "validation_replicates")
+                       (["fair", "--lambdas", ""], "--lambdas='' names no value"),
+                       (["fair", "--validation", ","], "--validation=',' names no value")):
         r = CliRunner().invoke(app, ["--no-progress", "bench", *args, "--out", str(tmp_path / "b")])
         assert r.exit_code == 2 and says in " ".join(r.output.split()), (args, r.output)
     assert not (tmp_path / "b").exists()

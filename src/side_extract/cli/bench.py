@@ -292,6 +292,10 @@ def fair_cmd(
         if name in forms:
             raise ValueError(f"--form {name!r} is given twice; each form needs its own name")
         forms[name] = entry
+    for flag, text in (("--lambdas", lambdas), ("--temperatures", temperatures), ("--validation", validation),
+                       ("--heldout", heldout)):  # (an empty one was said by the config's name: "scales_grid=[]")
+        if not text.strip(" ,"):
+            raise ValueError(f"{flag}={text!r} names no value: give at least one (comma-separated)")
     fc = FairBenchConfig(bench=bc, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                          forms=forms, lora_scales=floats(lora_scales, "--lora-scales"),
                          memguide_scales=floats(memguide_scales, "--memguide-scales"),
