@@ -239,7 +239,10 @@ def test_verify_makes_generations_again_and_catches_an_altered_file(tiny_model_d
     bad = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", "--generations", "0,1"], terminal_width=200)
     assert bad.exit_code == 1 and "1 of 2 generations differ" in bad.output, bad.output
     for flags, says in ((["--generations", "0,x"], "comma-separated integers"),
-                        (["--generations", "2"], "0 .. 1"), ([], "give --generations")):
+                        (["--generations", "2"], "0 .. 1"), ([], "give --generations"),
+                        # (an empty list fell back to --top 8; a number past int64 was "got object")
+                        (["--generations", ""], "--generations='' names no generation"),
+                        (["--generations", "99999999999999999999"], "lie past every generation number")):
         r = CliRunner().invoke(app, ["verify", str(run), "--method", "memguide", *flags], terminal_width=200)
         assert r.exit_code == 2 and says in r.output, r.output
 

@@ -640,6 +640,9 @@ def audit(
 def _integer_indices(indices: Any) -> np.ndarray:
     """Generation numbers as int64, refused unless integers."""
     idx = np.asarray(indices).reshape(-1)
+    if idx.dtype == object and len(idx) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                for v in idx):  # (said as "must be integers ..., got object")
+        raise ValueError(f"indices={idx.tolist()[:8]} lie past every generation number (beyond 64-bit integers)")
     if len(idx) and not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"indices={idx.tolist()[:8]} must be integers (generation numbers), got {idx.dtype}")
     return idx.astype(np.int64)

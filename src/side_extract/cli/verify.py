@@ -30,6 +30,9 @@ def verify_cmd(
     from ..api import Audit
 
     ids = None
+    if was_typed(ctx, "generations") and not generations.strip(" ,"):  # (it fell back to --top 8 without a word)
+        raise ValueError(f"--generations={generations!r} names no generation: give comma-separated numbers, or leave "
+                         "it out for the --top closest")
     if generations:
         try:
             ids = [int(v) for v in generations.split(",")]
