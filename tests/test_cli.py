@@ -435,7 +435,7 @@ def test_out_of_memory_and_a_message_with_brackets_are_one_clean_line(tmp_path):
     r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "train-target", "--steps", "2", "--batch-size",
                                  "1000000000000", "--out", str(tmp_path / "m")])
     said = " ".join(r.output.split())
-    assert r.exit_code == 2 and "error: out of memory (" in said and "lower the batch size" in said, r.output
+    assert r.exit_code == 2 and "error: out of memory (" in said and "lower a batch size" in said, r.output
     assert "Traceback" not in r.output and not (tmp_path / "m").exists()
     odd = tmp_path / "r[a]" / "x"
     r = CliRunner().invoke(app, ["report", str(odd)])

@@ -97,7 +97,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 def test_small_hostile_files_are_named_errors(tmp_path):
     """An 86-byte PNG claiming 100000x100000 pixels (Pillow's DecompressionBombError, a traceback naming no file); an
-    npz whose header claims 8 TiB ("out of memory: lower the batch size"); JSON and YAML nested beyond Python's
+    npz whose header claims 8 TiB ("out of memory: lower a batch size"); JSON and YAML nested beyond Python's
     stack (a RecursionError traceback)."""
     (tmp_path / "pngs").mkdir()
     (tmp_path / "pngs" / "bomb.png").write_bytes(_png_header(100_000, 100_000))

@@ -114,10 +114,10 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as e:
             if out_of_memory(e):  # (a batch size of 10^12 was a traceback ending in torch's allocator)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                console.print(f"[bold red]error:[/] out of memory ({escape(first)}): lower the batch size "
-                              "(--batch-size, the config's batch_size keys), the number of images, or use a larger "
-                              "machine",
-                              highlight=False, soft_wrap=True)
+                console.print(f"[bold red]error:[/] out of memory ({escape(first)}): lower a batch size (the "
+                              "config's batch_size keys, or the command's batch-size option where it has one), the "
+                              "number or the size of the images (--resize), or use a larger machine",
+                              highlight=False, soft_wrap=True)  # (side evaluate and calibrate have no --batch-size)
                 leaving_on_error(2)
                 raise typer.Exit(2) from None
             code = getattr(e, "exit_code", getattr(e, "code", 1))
