@@ -781,3 +781,19 @@ def test_threads_and_processes_are_bounded(argv, says):
     (a review's find); --processes would have launched as many processes as typed."""
     r = CliRunner().invoke(app, [*argv, "report", "nowhere"])
     assert r.exit_code == 2 and says in r.output, r.output
+
+
+def test_train_target_refuses_another_config_before_the_data_loads(tmp_path, monkeypatch):
+    """A folder holding checkpoints of another config was refused only after the training set had loaded and been
+    hashed ("training on ..." said first; a review's find): the settings are compared before the data loads, the data
+    once it has."""
+    import side_extract.data
+
+    argv = ["--threads", "1", "--no-progress", "train-target", "--data", "digits:20", "--steps", "2",
+            "--block-out-channels", "4,8", "--norm-num-groups", "4", "--batch-size", "8", "--checkpoint-every", "1",
+            "--out", str(tmp_path / "t")]
+    assert CliRunner().invoke(app, argv).exit_code == 0
+    monkeypatch.setattr(side_extract.data, "load_image_set",
+                        lambda *a, **k: pytest.fail("the training set loaded before the refusal"))
+    r = CliRunner().invoke(app, [*argv[:-2], "--lr", "0.0005", "--out", str(tmp_path / "t")])
+    assert r.exit_code == 2 and "holds a target trained with a different config or data set" in r.output, r.output

@@ -50,10 +50,11 @@ def train_target_cmd(
             raise ValueError(f"block_out_channels={block_out_channels!r} must be comma-separated integers") from None
     c = build_config(cfg.TrainTargetConfig, config, overrides)
     from ..data import load_image_set
-    from ..models.target import check_image_size, check_train_folder, target_scheduler, train_target
+    from ..models.target import check_image_size, check_train_out, target_scheduler, train_target, training_key
 
-    # before the data loads (they came after loading and hashing it, "training on ..." said)
-    check_train_folder(out)
+    # before the data loads (they came after loading and hashing it, "training on ..." said): the folder, and a
+    # target or checkpoints in it trained with other settings (the data is compared once it is loaded)
+    check_train_out(out, training_key(c), data=False)
     target_scheduler(c)
     if c.resize is not None:
         check_image_size(c, c.resize, c.resize)

@@ -567,13 +567,18 @@ def training_key(c: cfg.TrainTargetConfig) -> dict[str, Any]:
             if k not in ("steps", "checkpoint_every")}
 
 
-def check_train_out(out: Path, resume_key: dict) -> None:
+def check_train_out(out: Path, resume_key: dict, *, data: bool = True) -> None:
     """Refuse an ``out`` that holds what this training must not replace: files it did not write
     (:func:`check_train_folder`), or a model or checkpoints trained with another config or data set (at any step: a
-    checkpoint past the requested steps is not resumed, but the model trained to it is still the folder's)."""
+    checkpoint past the requested steps is not resumed, but the model trained to it is still the folder's).
+    ``data=False``: the settings alone, before the data is loaded (``resume_key`` without its fingerprint): another
+    config was refused only once the data had loaded and been hashed."""
     check_train_folder(out)
     if not out.exists():
         return
+
+    def settings(k: dict) -> dict:  # (the whole key, or without the data where it is not known yet)
+        return k if data else {n: v for n, v in k.items() if n not in ("data", "data_fingerprint")}
     made = out / "train_config.yaml"
     differs = f"{str(out)!r} holds a target trained with a different config or data set"
     for state in sorted((out / "checkpoints").glob("step-*/training_state.json")):
@@ -581,7 +586,7 @@ def check_train_out(out: Path, resume_key: dict) -> None:
             key = read_json(state, dict)["resume_key"]
         except (ValueError, KeyError):  # damaged: passed over when training resumes (train_target)
             continue
-        if not _same_training(key, resume_key):
+        if not _same_training(settings(key), settings(resume_key)):
             raise ValueError(f"{differs} ({state.parent.name}); training here would replace it: choose another "
                              "--out or delete it")
     if made.is_file():
@@ -597,7 +602,7 @@ def check_train_out(out: Path, resume_key: dict) -> None:
             new = {k: v for k, v in resume_key.items() if k != "data"}
         else:
             new = {k: v for k, v in resume_key.items() if k != "data_fingerprint"}
-        if old != new:
+        if settings(old) != settings(new):
             raise ValueError(f"{differs} (train_config.yaml); training here would replace it: choose another --out "
                              "or delete it")
 
