@@ -853,6 +853,13 @@ def method_in_rounds(method: str, c: ExtractConfig) -> bool:
     return rounds_rule(c, targeted=method in TARGETED, avoiding=method == "memguide" and c.memguide_avoid > 0)
 
 
+def set_away(obj: Any, keys: dict[str, str]) -> dict[str, str]:
+    """The entries of ``keys`` (key -> why) whose value in section config ``obj`` is not its default: of the keys
+    nothing reads (:func:`unread_keys`), those a user set and should hear of."""
+    default = type(obj)()
+    return {k: why for k, why in keys.items() if getattr(obj, k) != getattr(default, k)}
+
+
 def inert_keys(rc: RunConfig) -> dict[str, str]:
     """The settings set away from their defaults that change nothing in this run, given the others: ``section.key``
     -> ``section.key=value (why)``. A key of a method that is not in ``extract.methods`` is not listed: it is simply
@@ -861,9 +868,8 @@ def inert_keys(rc: RunConfig) -> dict[str, str]:
     out: dict[str, str] = {}
 
     def changed(section: str, obj: Any, unread: dict[str, str]) -> None:
-        default = type(obj)()
-        out.update({f"{section}.{k}": f"{section}.{k}={getattr(obj, k)!r} ({why})" for k, why in unread.items()
-                    if getattr(obj, k) != getattr(default, k)})
+        out.update({f"{section}.{k}": f"{section}.{k}={getattr(obj, k)!r} ({why})"
+                    for k, why in set_away(obj, unread).items()})
 
     if {"cond", "side-teacher"} & methods:
         changed("clean_classifier", rc.clean_classifier, unread_keys(rc.clean_classifier, clean=True))

@@ -455,11 +455,11 @@ def carlini_n_effective(n: int, n_train: int, centering: Centering) -> int:
     return min(n, avail)
 
 
-def _check_ratio_settings(alpha: float, threshold: float) -> None:
-    """Carlini's alpha and Gu's threshold as EvaluateConfig takes them (a NaN fails both comparisons)."""
-    if not (np.isfinite(alpha) and alpha > 0):
+def _check_ratio_settings(*, alpha: float | None = None, threshold: float | None = None) -> None:
+    """Carlini's alpha and Gu's threshold, those given, as EvaluateConfig takes them (a NaN fails both)."""
+    if alpha is not None and not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"carlini alpha={alpha} must be a finite number > 0")
-    if not 0 < threshold <= 1:
+    if threshold is not None and not 0 < threshold <= 1:
         raise ValueError(f"gu threshold={threshold} must be in (0, 1]")
 
 
@@ -468,7 +468,7 @@ def carlini_from_neighbors(nb: Neighbors, index: NearestNeighborIndex, *, alpha:
     """Carlini's ratio from pixel RMS-L2 neighbours ``nb`` ((N_G, k >= n_effective)) of an index fitted on train."""
     if index.metric != "rms-l2":
         raise ValueError("Carlini's ratio is defined on pixel rms-l2 neighbours")
-    _check_ratio_settings(alpha, 1 / 3)
+    _check_ratio_settings(alpha=alpha)
     n_eff = carlini_n_effective(n, index.n_samples_fit_, centering)
     d1 = nb.scores[:, 0]
     if centering == "generation":
@@ -490,7 +490,7 @@ def gu_from_neighbors(nb: Neighbors, threshold: float = 1 / 3, *, scale: float |
     """Gu's ratio d1 / d2 from pixel RMS-L2 neighbours ``nb`` ((N_G, k >= 2)); ``scale``: the index's
     :attr:`~side_extract.neighbors.NearestNeighborIndex.integer_scale`, with which a ratio on the threshold is
     decided exactly."""
-    _check_ratio_settings(1.0, threshold)
+    _check_ratio_settings(threshold=threshold)
     if nb.scores.shape[1] < 2:
         raise ValueError("Gu's ratio needs the two nearest training images (k >= 2, at least 2 training images)")
     r = _exact_near(_ratio(nb.scores[:, 0], nb.scores[:, 1]), threshold, nb.scores[:, :2], (1.0, 0), scale)
@@ -513,7 +513,7 @@ def pixel_ratios(generated: ImageSet, train: ImageSet, *, alpha: float = 0.5, n:
                  device: str = "cpu") -> tuple[CarliniRatio, GuRatio]:
     """Carlini's and Gu's ratios of ``generated`` against ``train`` (uint8 images of one shape)."""
     check_same_shape(generated, train)
-    _check_ratio_settings(alpha, gu_threshold)  # (before the neighbour search)
+    _check_ratio_settings(alpha=alpha, threshold=gu_threshold)  # (before the neighbour search)
     if len(generated) == 0:
         raise ValueError("the ratios need at least one generation, got none")
     if len(train) < 2:

@@ -110,19 +110,29 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     return h.hexdigest()
 
 
+def weight_dtypes(model: Any) -> set[torch.dtype]:
+    """The dtypes of a module's floating-point weights and buffers (none: not a module, or no such weights)."""
+    if not isinstance(model, torch.nn.Module):
+        return set()
+    return {p.dtype for p in (*model.parameters(), *model.buffers()) if p.is_floating_point()}
+
+
+def _names(dtypes: set[torch.dtype]) -> str:
+    return "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
+
 def _float32(unet: UNet2DModel) -> UNet2DModel:
     """``unet``, or a float32 copy of it where its weights are of another dtype (bf16, fp16, fp64), as a model
     directory's weights load: the stages feed it float32 images and run the precision their settings name (a half
     UNet failed at the first stage's first step, "Input type (float) and bias type (c10::Half)", after the run's
     files were written). The object given is left as it is; the run knows the copy by its float32 weights, which a
     directory of the same weights loads as."""
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in (*unet.parameters(), *unet.buffers())
-                     if p.is_floating_point() and p.dtype != torch.float32})
+    dtypes = weight_dtypes(unet) - {torch.float32}
     if not dtypes:
         return unet
     log.warning("model: the UNet2DModel's weights are %s: the audit runs a float32 copy of it (as a model directory's "
                 "weights load); the stages' precision settings choose their arithmetic (bf16: extract.precision, "
-                "sample.precision)", "/".join(dtypes))
+                "sample.precision)", _names(dtypes))
     return copy.deepcopy(unet).to(torch.float32)
 
 
@@ -216,12 +226,10 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         try:
             fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
         except RuntimeError as e:  # (a float16 module met float32 probes: torch's words named no setting)
-            weights = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()} - {"torch.float32"}
-                             ) if isinstance(model, torch.nn.Module) else []
-            if weights:
-                raise ValueError(f"model: the callable module's weights are {', '.join(weights)} and it failed on the "
-                                 f"float32 inputs the audit samples with ({e}): pass it in float32 (model.float()), "
-                                 "or as a UNet2DModel, which is audited as a float32 copy") from e
+            if weights := weight_dtypes(model) - {torch.float32}:
+                raise ValueError(f"model: the callable module's weights are {', '.join(sorted(map(str, weights)))} and "
+                                 f"it failed on the float32 inputs the audit samples with ({e}): pass it in float32 "
+                                 "(model.float()), or as a UNet2DModel, which is audited as a float32 copy") from e
             raise
         name = getattr(model, "__name__", "eps")
         if model_id is not None:

@@ -579,6 +579,7 @@ def check_train_out(out: Path, resume_key: dict, *, data: bool = True) -> None:
 
     def settings(k: dict) -> dict:  # (the whole key, or without the data where it is not known yet)
         return k if data else {n: v for n, v in k.items() if n not in ("data", "data_fingerprint")}
+
     made = out / "train_config.yaml"
     differs = f"{str(out)!r} holds a target trained with a different config or data set"
     for state in sorted((out / "checkpoints").glob("step-*/training_state.json")):
@@ -674,8 +675,8 @@ def train_target(
     scheduler = target_scheduler(c)
     # what must match to continue from a checkpoint (training_key: ema_decay without ema, read by nothing, refused a
     # rerun without it as "a different config"; said here)
-    default = type(c)()  # (a key at its default was said in every default training)
-    unread = {k: why for k, why in cfg.unread_keys(c).items() if getattr(c, k) != getattr(default, k)}
+    unread = cfg.set_away(c, cfg.unread_keys(c))  # (as the run's inert keys: one at its default was said in every
+    # default training)
     if unread and group.main:
         log.warning("settings that change nothing in this training: %s",
                     "; ".join(f"{k}={getattr(c, k)!r} ({why})" for k, why in unread.items()))

@@ -73,6 +73,15 @@ def _check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def check_width(name: str, value: float) -> float:
+    """A kernel width (eps, a bandwidth) as a float: positive, finite, and with a square that does not underflow in
+    float64 (below ~1.5e-154 it did, to NaN densities); refused naming ``name``."""
+    value = _check_positive(name, value)
+    if value**2 == 0.0 or not math.isfinite(1.0 / value**2):
+        raise ValueError(f"{name}={value!r} is too small: {name}^2 underflows in float64")
+    return value
+
+
 # --------------------------------------------------------------------------------------------------
 # estimates
 
@@ -211,9 +220,7 @@ def log_q_eps(x: np.ndarray | torch.Tensor, data: np.ndarray | torch.Tensor, eps
     -------
     (n,) float64 log densities in nats.
     """
-    eps = _check_positive("eps", eps)
-    if eps**2 == 0.0 or not math.isfinite(1.0 / eps**2):  # (eps below ~1.5e-154: eps^2 underflowed to NaN densities)
-        raise ValueError(f"eps={eps!r} is too small: eps^2 underflows in float64")
+    eps = check_width("eps", eps)
     xp, dp = as_points(x, "x"), as_points(data, "data")
     if xp.shape[1] != dp.shape[1]:
         raise ValueError(f"x has dimension {xp.shape[1]} but data has dimension {dp.shape[1]}")

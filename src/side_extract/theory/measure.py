@@ -50,9 +50,9 @@ import numpy as np
 import torch
 
 from ..config import check_int
-from ..models.forms import run_target
+from ..models.forms import run_target, weight_dtypes
 from ..models.target import Denoiser
-from .divergence import Estimate, as_points, log_q_eps, stratified_indices
+from .divergence import Estimate, as_points, check_width, log_q_eps, stratified_indices
 from .likelihood import TraceKind, guided_eps_fn, ode_timesteps, pf_ode_log_likelihood, sigmas, timestep_at_sigma
 
 log = logging.getLogger(__name__)
@@ -163,21 +163,13 @@ def check_options(*, eps: Any = 0.1, bandwidth: Any = None, guidance_scale: Any 
         raise ValueError(f"bandwidth={bandwidth!r} must be > 0")
     for name, value in (("eps", eps), ("bandwidth", bandwidth)):  # (a tiny bandwidth was said as eps, by log_q_eps,
         # after the run had loaded)
-        if value is not None and (float(value) ** 2 == 0 or not math.isfinite(1 / float(value) ** 2)):  # (in
-            # float64: np.float16(0.001) squared underflowed in its own type)
-            raise ValueError(f"{name}={value!r} is too small: its square underflows in float64")
+        if value is not None:
+            check_width(name, float(value))  # (in float64: np.float16(0.001) squared underflowed in its own type)
     if trace == "hutchinson" and (not isinstance(n_probes, (int, np.integer)) or n_probes < 1):
         raise ValueError(f"n_probes={n_probes!r} must be a positive integer")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     check_int(seed, "seed")
-
-
-def _weights_dtype(model: Any) -> torch.dtype | None:
-    """The dtype of a module's floating-point weights (None: not a module, or no such weights)."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _probe_models(denoiser: Denoiser, classifier: Classifier, train: torch.Tensor, t_min: int) -> None:
@@ -191,11 +183,11 @@ def _probe_models(denoiser: Denoiser, classifier: Classifier, train: torch.Tenso
             with torch.no_grad():
                 call(train[:1], t)
         except RuntimeError as e:
-            weights = _weights_dtype(module)
-            if weights is not None and weights != train.dtype:
-                raise ValueError(f"{what} failed on train, {train.dtype}, beside its weights in {weights} ({e}): "
-                                 f"give train in {weights} (train.to({weights}))") from e
-            if weights is None and train.dtype != torch.float32:  # (a callable's weights are not to be seen)
+            weights = weight_dtypes(module)
+            if other := sorted(map(str, weights - {train.dtype})):
+                raise ValueError(f"{what} failed on train, {train.dtype}, beside its weights in {', '.join(other)} "
+                                 f"({e}): give train in {other[0]} (train.to({other[0]}))") from e
+            if not weights and train.dtype != torch.float32:  # (a callable's weights are not to be seen)
                 raise ValueError(f"{what} failed on one image of train, {train.dtype} ({e}): if its weights are of "
                                  "another dtype, give train in theirs (train.float() for float32)") from e
             raise
