@@ -28,6 +28,8 @@ def say(text: str, **kw: Any) -> None:
     """Print ``text`` on the console as it is: paths and names from the user or from a run's files are no rich markup
     (a run directory "exp[v2]" was printed as "exp", and "exp[/]" ended a finished run in a MarkupError)."""
     console.print(text, markup=False, highlight=False, soft_wrap=True, **kw)
+
+
 T = TypeVar("T")
 
 
