@@ -114,14 +114,14 @@ def test_all_dropped_warns_with_advice():
 def test_filter_advice_names_the_setting_that_keeps_enough_clusters():
     """By hand: sizes 30, 20, 5 and cohesions 0.9, 0.4, 0.95. To keep 2 at min_size 10, tau must be <= 0.4 (the
     third cluster is too small, however cohesive); at min_size 25 only one cluster is big enough, so min_size must
-    be <= 20, the second largest."""
+    be <= 20, the second largest, and tau <= 0.4 then too."""
     sizes, cohesion = np.array([30, 20, 5]), np.array([0.9, 0.4, 0.95])
     assert filter_advice(sizes, cohesion, 0.5, 10, keep=2).startswith(
         "the cohesion filter (tau=0.5, min_size=10); the second most cohesive of at least min_size images has "
         "cohesion 0.4000: set surrogate.tau <= 0.400")
     assert filter_advice(sizes, cohesion, 0.5, 25, keep=2).startswith(
-        "the size filter (min_size=25; the largest has 30 images, the second largest 20): set surrogate.min_size "
-        "<= 20")
+        "the size filter (min_size=25; the largest has 30 images, the second largest 20; the second most cohesive of "
+        "those has cohesion 0.4000, below tau=0.5): set surrogate.min_size <= 20 and surrogate.tau <= 0.400")
     assert "set surrogate.tau <= 0.900" in filter_advice(sizes, np.array([0.9, np.nan, 0.95]), 0.95, 10, keep=1)
 
 
@@ -237,3 +237,18 @@ def test_labeler_settings_of_the_wrong_kind_are_named():
         with pytest.raises(ValueError, match=f"classes has {len(classes)} entries but the classifier has 3 outputs"):
             TeacherLabeler(Three(), np.array(classes)).fit(x)
     assert TeacherLabeler(Three(), np.array([10, 20, 30])).fit(x).labels_.tolist() == [30] * 4
+
+
+def test_filter_advice_for_min_size_also_names_tau_when_those_clusters_fail_it():
+    """By hand: sizes 10, 1, 1 and cohesions 0.9, 0.2, 0.2 at tau 0.5, min_size 2. To keep 2, min_size must be
+    <= 1, and then the second most cohesive cluster has 0.2 < tau: the advice names min_size alone, following it kept
+    one cluster, and only the next refusal named tau (a review's find). Following the advice now keeps 2."""
+    sizes, cohesion = np.array([10, 1, 1]), np.array([0.9, 0.2, 0.2])
+    said = filter_advice(sizes, cohesion, 0.5, 2, keep=2)
+    assert "set surrogate.min_size <= 1 and surrogate.tau <= 0.200 " in said, said
+    assert "the second most cohesive of those has cohesion 0.2000, below tau=0.5" in said, said
+    kept = (sizes >= 1) & (cohesion >= 0.2)
+    assert kept.sum() >= 2
+    # where those clusters pass tau, min_size alone (as before)
+    said = filter_advice(sizes, np.array([0.9, 0.6, 0.2]), 0.5, 2, keep=2)
+    assert "set surrogate.min_size <= 1 (or use" in said and "tau <=" not in said, said

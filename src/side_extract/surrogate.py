@@ -180,18 +180,35 @@ def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size:
                 "features collapse onto so few directions: a collapsed synthetic set?): no filter setting keeps "
                 + ("some" if keep == 1 else str(keep)) + "; sample a more varied synthetic set or use another feature "
                 "extractor")
-    if big.sum() < keep:  # the size filter alone leaves too few: the advice is about min_size, not tau
+    some = "some" if keep == 1 else str(keep)
+    if big.sum() < keep:  # the size filter alone leaves too few: the advice is about min_size, and tau if need be
         largest = int(np.sort(sizes)[::-1][min(keep, len(sizes)) - 1])
+        best = _kth_cohesion(cohesion, sizes >= largest, keep)
+        # (it advised min_size alone, and following it kept fewer still where those clusters fail tau too)
+        also = "" if best >= tau - COHESION_ROUNDING else f" and surrogate.tau <= {_tau_below(best):.3f}"
         return (f"the size filter (min_size={min_size}; the largest has {sizes.max()} images"
                 + (f", the {_nth(keep)} largest {largest}" if keep > 1 else "")
-                + f"): set surrogate.min_size <= {largest} (or use fewer clusters or more synthetic images) to keep "
-                + ("some" if keep == 1 else str(keep)))
-    best = np.sort(np.where(big, np.nan_to_num(cohesion, nan=-np.inf), -np.inf))[::-1][keep - 1]
-    which = "most cohesive" if keep == 1 else f"{_nth(keep)} most cohesive"
-    advised = math.floor(best * 1000) / 1000  # rounded down: a tau rounded up past ``best`` would keep none again
-    return (f"the cohesion filter (tau={tau}, min_size={min_size}); the {which} of at least min_size images has "
-            f"cohesion {best:.4f}: set surrogate.tau <= {advised:.3f} (or use fewer clusters or another feature "
-            "extractor) to keep " + ("some" if keep == 1 else str(keep)))
+                + (f"; the {_nth_cohesive(keep)} of those has cohesion {best:.4f}, below tau={tau}" if also else "")
+                + f"): set surrogate.min_size <= {largest}{also} (or use fewer clusters or more synthetic images) to "
+                f"keep {some}")
+    best = _kth_cohesion(cohesion, big, keep)
+    return (f"the cohesion filter (tau={tau}, min_size={min_size}); the {_nth_cohesive(keep)} of at least min_size "
+            f"images has cohesion {best:.4f}: set surrogate.tau <= {_tau_below(best):.3f} (or use fewer clusters or "
+            f"another feature extractor) to keep {some}")
+
+
+def _kth_cohesion(cohesion: np.ndarray, eligible: np.ndarray, k: int) -> float:
+    """The ``k``-th highest cohesion among the ``eligible`` clusters (an empty cluster's NaN counts as none)."""
+    return float(np.sort(np.where(eligible, np.nan_to_num(cohesion, nan=-np.inf), -np.inf))[::-1][k - 1])
+
+
+def _tau_below(cohesion: float) -> float:
+    """An advised tau: rounded down to 3 decimals (a tau rounded up past the cohesion would keep none again)."""
+    return math.floor(cohesion * 1000) / 1000
+
+
+def _nth_cohesive(k: int) -> str:
+    return "most cohesive" if k == 1 else f"{_nth(k)} most cohesive"
 
 
 def _nth(k: int) -> str:
