@@ -97,3 +97,22 @@ def test_imagenet_preprocessing_antialiases_by_the_larger_side():
     for img in (x, x.transpose(2, 3)):
         back = _imagenet_preprocess(img, 288) * std + mean
         assert back.mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_unet_features_run_on_a_schedule_of_100_steps_or_fewer():
+    """The extractor always noised to t = 100, so a target with a schedule of 100 steps or fewer (the library takes
+    them down to 4) failed in the features stage, after the synthetic set was sampled, naming a timestep no setting
+    reaches (a review's find). It now noises to a tenth of such a schedule; 1,000 steps keep t = 100."""
+    from diffusers import DDPMScheduler
+
+    from side_extract.api import as_target
+    from side_extract.features import UNetFeatures
+    from conftest import tiny_unet
+
+    digits = load_image_set("digits:6")
+    unet = tiny_unet()
+    for steps, t in ((100, 10), (8, 0), (1000, 100)):
+        target = as_target(unet, scheduler=DDPMScheduler(num_train_timesteps=steps))
+        assert UNetFeatures(model=target).timestep == t
+        f = extract_features("unet", digits, model=target)
+        assert f.shape == (6, 8) and np.isfinite(f).all()

