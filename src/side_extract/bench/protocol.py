@@ -68,7 +68,8 @@ from .. import config as cfg
 from ..data import load_shards
 from ..metrics import read_bands_file
 from ..evaluation import neighbor_index
-from ..pipeline import ProgressFactory, cluster_problems, copy_guard, no_progress, run_audit
+from ..pipeline import (ProgressFactory, cluster_problems, config_extractor_fingerprints, copy_guard, no_progress,
+                        run_audit)
 from ..runs import STAGE_VERSIONS, RunDir, atomic_write_json, read_json, settings_fingerprint, versions
 from ..sweeps import share_stages
 from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS, per_budget
@@ -359,8 +360,10 @@ VALIDATION_RUNS = "validation-runs"
 
 def validation_key(mrc: cfg.RunConfig, inputs: ScaleInputs) -> str:
     """What a validation run's metrics depend on: its config with the files it names (by their contents; a
-    directory by its files' names, sizes and times), the target's weights and the stage versions of the code."""
-    return settings_fingerprint(mrc, inputs.target.get("model_sha256"), dict(STAGE_VERSIONS))
+    directory by its files' names, sizes and times), the target's weights, the stage versions of the code and the
+    revisions of the feature extractors it names."""
+    return settings_fingerprint(mrc, inputs.target.get("model_sha256"), dict(STAGE_VERSIONS),
+                                *config_extractor_fingerprints(mrc))
 
 
 def _kept_path(cache: Path, inputs: ScaleInputs, r: int, key: str) -> Path:

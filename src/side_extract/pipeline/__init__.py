@@ -23,7 +23,8 @@ The package, one module per part of the chain (each imports only those above it)
 """
 from .chain import load_run_target, refuse_data_stages, run_audit, warn_out_of_date, write_extraction_summary
 from .context import (RECORDED_PATHS, UNTIL, AuditContext, AuditResult, ProgressFactory, Until, absolute_config,
-                      absolute_paths, absolute_spec, no_progress, script_fingerprints)
+                      absolute_paths, absolute_spec, config_extractor_fingerprints, extractor_fingerprints,
+                      no_progress, script_fingerprints)
 from .evaluations import (CALIBRATION_IGNORES, QUALITY_KEYS, calibration_settings, copy_guard, evaluate_method,
                           measured, quality_of, real_heldout)
 from .labelling import features_stage, memorization_stage, surrogate_settings, surrogate_stage
@@ -35,7 +36,8 @@ from .preflight import cluster_problems, preflight
 __all__ = [
     "load_run_target", "refuse_data_stages", "run_audit", "warn_out_of_date", "write_extraction_summary",
     "RECORDED_PATHS", "UNTIL", "AuditContext", "AuditResult", "ProgressFactory", "Until", "absolute_config",
-    "absolute_paths", "absolute_spec", "no_progress", "script_fingerprints", "CALIBRATION_IGNORES", "QUALITY_KEYS",
+    "absolute_paths", "absolute_spec", "config_extractor_fingerprints", "extractor_fingerprints", "no_progress",
+    "script_fingerprints", "CALIBRATION_IGNORES", "QUALITY_KEYS",
     "calibration_settings", "copy_guard", "evaluate_method", "measured", "quality_of", "real_heldout",
     "features_stage", "memorization_stage", "surrogate_settings", "surrogate_stage", "GUIDED_METHODS",
     "GUIDING_CLASSIFIER", "classifier_fingerprint", "classifier_settings", "classifier_stage",

@@ -19,7 +19,7 @@ from ..quality import image_features, quality_from_features
 from ..neighbors import NearestNeighborIndex, pixel_rows
 from ..runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, array_fingerprint,
                    atomic_save_npz, atomic_write_json, file_fingerprint, read_json, read_npz, stage_fingerprint)
-from .context import AuditContext, _bands_damaged, _damaged, _stage_npz, script_fingerprints
+from .context import AuditContext, _bands_damaged, _damaged, _stage_npz, extractor_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def calibration_plan(ctx: AuditContext, train: ImageSet) -> tuple[str, dict[str,
     def keyed_by(settings: cfg.EvaluateConfig) -> str:
         return stage_fingerprint("calibration", settings, ctx.fingerprint(train),
                                  ctx.fp[MODEL_INPUT] if c.similarity == "cosine:unet" else None, null,
-                                 *script_fingerprints(Similarity(c.similarity).extractor))
+                                 *extractor_fingerprints(Similarity(c.similarity).extractor))
     fp, legacy = keyed_by(calibration_settings(c)), keyed_by(cfg.at_defaults(c, (*CALIBRATION_IGNORES, "heldout")))
     return fp, {"data": {"training set": ctx.fingerprint(train), "held-out images": null},
                 "legacy": None if legacy == fp else legacy}, heldout
@@ -112,7 +112,7 @@ def train_features_stage(ctx: AuditContext, train: ImageSet) -> np.ndarray | Non
     # it, which then mixed these features of the old size with theirs of the new one; at the default, as before)
     keyed = [batch] if cfg.batches_features(c.similarity) and batch != cfg.EvaluateConfig().feature_batch_size else []
     parts = [sim.extractor, ctx.fingerprint(train), ctx.fp[MODEL_INPUT] if needs_model else None,
-             *script_fingerprints(sim.extractor)]
+             *extractor_fingerprints(sim.extractor)]
     fp = stage_fingerprint("train-features", *parts, *keyed)
     legacy = stage_fingerprint("train-features", *parts) if keyed else None  # (session 46's, made at this size)
     path = ctx.run.path / "train-features" / "features.npz"
@@ -243,9 +243,9 @@ def evaluation_stages(ctx: AuditContext, extractions: dict[str, ImageSet], train
     cal_entry = None if bands_file is None else ctx.run.stage_entry("calibration")
     cal = None if cal_entry is None else cal_entry["fingerprint"]
     cal_legacy = None if cal_entry is None else cal_entry.get("rekeyed_from", cal)
-    scores = [*script_fingerprints(Similarity(c.similarity).extractor),  # what the files the config names hold
+    scores = [*extractor_fingerprints(Similarity(c.similarity).extractor),  # what the files the config names hold
               *([] if ctx.rc.evaluate.bands_file is None else [file_fingerprint(ctx.rc.evaluate.bands_file)])]
-    files = [*scores, *(f for name in c.quality for f in script_fingerprints(name))]
+    files = [*scores, *(f for name in c.quality for f in extractor_fingerprints(name))]
     # keyed by the config as given (calibrated bands by the calibration's fingerprint, not by the path of the run
     # directory they lie in, which another spelling of the run would change) and by the synthetic set, which
     # every method's copy guard is measured against; and, for a method that dedup-driven stopping ended early, by

@@ -11,13 +11,13 @@ from ..features import extract_features
 from ..runs import (MODEL_INPUT, atomic_save_npz, atomic_write_json, npz_arrays, stage_fingerprint)
 from ..memorization import denoising_error, memorization_candidates
 from ..surrogate import ClusterLabeler, SurrogateLabels, filter_advice, label_candidates
-from .context import AuditContext, _damaged, _stage_npz, script_fingerprints
+from .context import AuditContext, _damaged, _stage_npz, extractor_fingerprints, script_fingerprints
 
 
 def features_stage(ctx: AuditContext, synthetic: ImageSet) -> np.ndarray:
     c = ctx.rc.features
     fp = stage_fingerprint("features", cfg.at_defaults(c, cfg.unread_keys(c)), ctx.fp["synthetic"],
-                           *script_fingerprints(c.extractor))
+                           *extractor_fingerprints(c.extractor))
     ctx.fp["features"] = fp
     path = ctx.run.path / "features" / "features.npz"
     inputs = {"synthetic": ctx.fp["synthetic"]}
