@@ -1450,6 +1450,63 @@ def test_a_shard_damaged_inside_since_it_was_written_is_named_with_what_to_do(tm
     assert np.array_equal(again.images, first.images)
 
 
+def test_a_shard_whose_deflate_stream_is_damaged_is_named_with_what_to_do(tmp_path):
+    """Bytes flipped inside a compressed shard's images stream: zlib's bare "Error -3 while decompressing data",
+    naming no file, went through load_npz (it caught zipfile's, OS and numpy errors, not zlib's), so the stage's "delete
+    it and run again" was never said and every rerun failed alike (a review's find)."""
+    import zipfile
+
+    from side_extract.runs import RunDir, shard_stage
+
+    def make(lo, hi, _progress):
+        return {"images": np.random.default_rng(lo).integers(0, 255, (hi - lo, 16, 16, 3), dtype=np.uint8),
+                "index": np.arange(lo, hi)}
+
+    shard_stage(RunDir(tmp_path / "run"), "synthetic", "fp", 128, 64, make)
+    shard = tmp_path / "run" / "synthetic" / "shard-00001.npz"
+    with zipfile.ZipFile(shard) as z:
+        info = z.getinfo("images.npy")
+    data = bytearray(shard.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the deflate stream, after the local header
+    for k in range(start + 40, start + 60):
+        data[k] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-00001.npz.*error.*shard of stage synthetic; delete it and run again"):
+        shard_stage(RunDir(tmp_path / "run"), "synthetic", "fp", 128, 64, make)
+
+
+def test_an_npz_with_a_damaged_header_or_compression_method_is_named(tmp_path):
+    """Two more ways np.load fails on a damaged .npz, found by fuzzing: a damaged array header (tokenize's TokenError)
+    and a damaged compression method (zipfile's NotImplementedError). Both went through the readers bare, naming no
+    file; each is now the readers' ValueError naming it."""
+    import io
+    import zipfile
+
+    from side_extract.data import load_image_set
+    from side_extract.runs import npz_arrays
+
+    arr = io.BytesIO()
+    np.save(arr, np.zeros((2, 8, 8, 1), np.uint8))
+    header = bytearray(arr.getvalue())
+    at = header.index(b"(2, 8, 8, 1)")
+    header[at + 11] = ord(" ")  # the shape's closing bracket gone
+    with zipfile.ZipFile(tmp_path / "header.npz", "w") as z:
+        z.writestr("images.npy", bytes(header))
+    stored = io.BytesIO()
+    with zipfile.ZipFile(stored, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("images.npy", arr.getvalue())
+    method = bytearray(stored.getvalue())
+    method[8] = 99  # the local header's compression method, and the central directory's
+    method[method.rindex(b"PK\x01\x02") + 10] = 99
+    (tmp_path / "method.npz").write_bytes(bytes(method))
+    for name, why in (("header.npz", "TokenError"), ("method.npz", "NotImplementedError")):
+        path = tmp_path / name
+        with pytest.raises(ValueError, match=rf"{name}' is not a readable .npz file: {why}"):
+            load_image_set(str(path))
+        with pytest.raises(ValueError, match=rf"{name}' is not a readable .npz file \({why}"):
+            npz_arrays(path, "images")
+
+
 def test_a_stage_command_that_waited_reads_the_settings_the_other_writer_left(tiny_model_dir, tmp_path):
     """side cluster --wait read RUN/config.yaml before waiting for the other writer: one that changed the run's
     settings meanwhile (here K 4 -> 3, as `side cluster --n-clusters 3` writes it) had them undone, the stage made

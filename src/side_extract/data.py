@@ -19,8 +19,10 @@ import hashlib
 import numbers
 import os
 import struct
+import tokenize
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -381,6 +383,14 @@ def _memory_bytes() -> int | None:
         return None
 
 
+# What np.load raises for a damaged .npz, beside its TypeError for a bare .npy (each reader says that its own way):
+# zlib's for a damaged deflate stream, tokenize's for a damaged array header, zipfile's NotImplementedError for a
+# damaged compression method (they went through the readers bare, naming no file: a damaged shard failed every rerun
+# of its stage instead of being named and made again)
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError,
+                   NotImplementedError)
+
+
 def check_npz_size(path: str | Path) -> None:
     """Refuse an .npz whose arrays inflate past this machine's memory (a zip bomb: a few megabytes of a file someone
     gave that inflate to terabytes, read in full), from its zip directory, before anything is inflated."""
@@ -408,12 +418,12 @@ def load_npz(path: Path) -> ImageSet:
     except TypeError:  # a .npy file: np.load returns a bare array, which is no context manager
         raise ValueError(f"{str(path)!r} is not a readable .npz file: it holds one array (a .npy file), "
                          "not named arrays") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except NPZ_READ_ERRORS as e:
         if isinstance(e, ValueError) and "pickled" in str(e):  # numpy's words for a file that is no array file at
             # all: it would load it as a pickle, and suggests allowing that, which side-extract never does
             raise ValueError(f"{str(path)!r} is not a readable .npz file: not a zip of named arrays (as np.savez "
                              "writes; side-extract never loads pickles)") from None
-        raise ValueError(f"{str(path)!r} is not a readable .npz file: {e}") from e
+        raise ValueError(f"{str(path)!r} is not a readable .npz file: {type(e).__name__}: {e}") from e
     if "images" not in arrays:
         raise ValueError(f"{str(path)!r} has no 'images' array (it has: {', '.join(files) or 'nothing'})")
     images, labels, ids = arrays["images"], arrays.get("labels"), arrays.get("index")

@@ -9,8 +9,6 @@ import io
 import json
 import logging
 import os
-import zipfile
-import zlib
 import re
 import shutil
 import tempfile
@@ -21,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import check_npz_size
+from ..data import NPZ_READ_ERRORS, check_npz_size
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +107,7 @@ def shard_opens(path: Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {"images", "index"} <= set(z.files)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+    except NPZ_READ_ERRORS:
         return False
 
 
@@ -136,7 +134,7 @@ def npz_arrays(path: str | Path, *keys: str, optional: tuple[str, ...] = ()) -> 
                          "side-extract's; remake it (rerun the stage that writes it)") from None
     except KeyError as e:
         raise ValueError(f"{str(path)!r} lacks the array {e}: remake it (rerun the stage that writes it)") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TypeError) as e:
+    except (*NPZ_READ_ERRORS, TypeError) as e:
         why = ("not a zip of named arrays (as np.savez writes; side-extract never loads pickles)"
                if isinstance(e, ValueError) and "pickle" in str(e) else  # (numpy's words suggest unpickling it)
                "one bare array (a .npy file), not named arrays" if isinstance(e, TypeError) else
