@@ -1609,3 +1609,41 @@ def test_a_folder_moved_aside_by_a_writer_killed_mid_replace_is_put_back(tmp_pat
         pass
     assert not (run / "classifier").exists() and (run / ".classifier.abcd1234.side-old").exists(), sorted(
         p.name for p in run.iterdir())
+
+
+def test_a_growth_that_diverges_keeps_the_finished_generations_it_grew_from(tiny_model_dir, tmp_path, one_thread):
+    """A finished extraction of 6 generations grown to 12, where a generation of the growth diverges: the stage's
+    folder was removed, the finished 6 with it, the manifest still saying 6 were finished (a review's find). The
+    shards the growth made go; the finished ones stay, and a rerun at 6 uses them and makes nothing."""
+    import torch
+
+    from side_extract.extraction import extraction_stage
+    from side_extract.models.target import load_target
+    from side_extract.guidance import ClassifierGuidance
+    from side_extract.runs import RunDir
+
+    class Explodes(torch.nn.Module):  # logits whose gradient blows up once ``on`` (a later generation diverging)
+        on = False
+
+        def forward(self, x, t):
+            m = x.flatten(1).mean(1, keepdim=True)
+            return torch.cat([0 * m, m * (1e30 if self.on else 1.0)], 1)
+
+    clf = Explodes()
+    target = load_target(tiny_model_dir)
+    guidance = ClassifierGuidance(clf, np.arange(2), 1.0)
+
+    def stage(n):
+        c = cfg.ExtractConfig(n=n, steps=3, batch_size=2, shard_size=2)
+        return extraction_stage(RunDir(tmp_path / "run"), "side", target, c, guidance, f"fp{n}",
+                                fingerprint_at=lambda m: f"fp{m}")
+
+    first = stage(6)
+    clf.on = True
+    with pytest.raises(SamplingDiverged, match="method side: sampling diverged"):
+        stage(12)
+    folder = tmp_path / "run" / "extraction" / "side"
+    assert sorted(p.name for p in folder.glob("shard-*.npz")) == [f"shard-0000{k}.npz" for k in range(3)]
+    again = stage(6)  # (it would diverge, were any generation made again)
+    assert np.array_equal(again.images, first.images) and np.array_equal(again.ids, first.ids)
+    assert read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/side"]["status"] == "complete"

@@ -32,7 +32,7 @@ from .data import ImageSet, load_shards, to_uint8
 from .guidance import ClassifierGuidance
 from .memorization import MemorizationGuidance
 from .models.target import Denoiser
-from .runs import MODEL_INPUT, Progress, RunDir, grows_from, npz_arrays, shard_ranges, shard_stage
+from .runs import MODEL_INPUT, Progress, RunDir, grows_from, npz_arrays, read_npz, shard_ranges, shard_stage
 from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample_batches
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def extraction_stage(
     at N_G = m, with which a finished extraction of fewer generations grows to ``c.n`` (its whole shards kept:
     generation i depends on (seed, i) alone); a method in rounds never grows (its rounds depend on N_G).
 
-    A method whose sampling diverges leaves no shard: its stage directory is removed and the error names it.
+    A method whose sampling diverges leaves no shard it made (:func:`_discard_attempt`), and the error names it.
     """
 
     stage = f"extraction/{method}"
@@ -290,5 +290,20 @@ def extraction_stage(
                            **growth, stop=stop if c.stop_unseen > 0 else None, method=method,
                            scale=None if guidance is None else guidance.scale, device=str(device))
     except SamplingDiverged as e:
-        shutil.rmtree(run.path / stage, ignore_errors=True)
+        _discard_attempt(run, stage)
         raise SamplingDiverged(f"method {method}: {e}") from None
+
+
+def _discard_attempt(run: RunDir, stage: str) -> None:
+    """The shards a diverged attempt at ``stage`` left: the stage's folder, or, where it was growing a finished
+    stage, the shards past that stage's N (``finished_n``): the finished generations stay, and a rerun at their N
+    uses them. (The whole folder went: a growth from 6 to 12 generations that diverged took the finished 6 with it,
+    the manifest still saying 6 were finished.)"""
+    finished = (run.stage_entry(stage) or {}).get("finished_n")
+    if not (isinstance(finished, int) and finished > 0):
+        shutil.rmtree(run.path / stage, ignore_errors=True)
+        return
+    for shard in (run.path / stage).glob("shard-*.npz"):
+        index = (read_npz(shard, "index") or {}).get("index")
+        if index is None or len(index) == 0 or index.max() >= finished:
+            shard.unlink(missing_ok=True)
