@@ -702,6 +702,25 @@ def test_a_quality_value_several_methods_share_marks_no_best():
     assert _quality(q)["best"]["pixels"] == {"frechet": None, "kid": None, "precision": None, "recall": "uncond"}
 
 
+def test_a_quality_row_not_compared_is_marked_and_no_candidate_for_a_best():
+    """The comparison, summary and findings set aside the evaluations a run does not compare (an earlier call's
+    generations of another target, another training set); the sample-quality table let them compete, and marked an
+    earlier call's memguide, made from another target, the run's best Frechet (a review's find). By hand: memguide's
+    74.9 is lowest, but it is apart, so uncond's 80.7 against side's 90.0 is the best."""
+    from side_extract.report import _quality
+
+    q = {m: {"quality": {"pixels": {"frechet": f, "kid": 0.01, "kid_se": 0.01, "precision": 0.5, "recall": 0.5,
+                                    "n_generated": 12, "n_reference": 200, "k": 3}}}
+         for m, f in (("uncond", 80.7), ("side", 90.0), ("memguide", 74.9))}
+    why = "made from another target (the run's config names another model now)"
+    got = _quality(q, {"memguide": why})
+    assert got["best"]["pixels"]["frechet"] == "uncond"
+    assert [r["not_compared"] for r in got["spaces"]["pixels"]] == [None, None, why]
+    assert _quality(q)["best"]["pixels"]["frechet"] == "memguide"  # (compared: as before)
+    alone = _quality({m: q[m] for m in ("uncond", "memguide")}, {"memguide": why})
+    assert "pixels" not in alone["best"]  # (one candidate left: no best to mark)
+
+
 def test_an_evaluation_under_another_name_shows_the_generations_it_names(run_dir, tmp_path):
     """`side evaluate --out RUN/evaluation/NAME` of a run's generations: the report looked for extraction/NAME and
     showed no image pairs ("holds no shards"), although its metrics.json names the generations it measured."""

@@ -120,8 +120,11 @@ def _sole_best(rows: list[dict[str, Any]], key: str, *, low: bool) -> str | None
     return at[0] if len(at) == 1 else None
 
 
-def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
-    """Sample quality rows per feature space (``metrics.json`` ``quality``), or None where none was measured."""
+def _quality(metrics: dict[str, dict], apart: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """Sample quality rows per feature space (``metrics.json`` ``quality``), or None where none was measured.
+    ``apart``: the evaluations no candidate for a best, as in :func:`_comparison` (shown, marked; they competed, and
+    an earlier call's generations of another target were highlighted as the run's best)."""
+    apart = apart or {}
     spaces: dict[str, list[dict[str, Any]]] = {}
     skipped = []
     for name, m in metrics.items():
@@ -130,7 +133,7 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
             skipped.append(f"{name}: {q['skipped']}")
         for space, v in q.items():
             if space != "skipped":
-                spaces.setdefault(space, []).append({"method": name, **v})
+                spaces.setdefault(space, []).append({"method": name, **v, "not_compared": apart.get(name)})
     if not spaces and not skipped:
         return None
     # Frechet's bias and the k-NN radii of precision and recall move with N: a best among other N_G (dedup-driven
@@ -142,12 +145,13 @@ def _quality(metrics: dict[str, dict]) -> dict[str, Any] | None:
         # taken as the run's one reference, as the report took it then)
         return len({(r.get("reference") or {}).get("fingerprint") for r in rows} - {None}) <= 1
 
+    candidates = {s: [r for r in rows if not r["not_compared"]] for s, rows in spaces.items()}
     best = {s: {k: _sole_best(rows, k, low=k in ("frechet", "kid"))
                 if same_reference(rows) and (k == "kid" or same_n(rows)) else None
                 for k in ("frechet", "kid", "precision", "recall")}
-            for s, rows in spaces.items() if len(rows) > 1}
-    other_references = [s for s, rows in spaces.items() if not same_reference(rows)]
-    for s, rows in spaces.items():  # KID comes with its standard error: a best within the noise is no best
+            for s, rows in candidates.items() if len(rows) > 1}
+    other_references = [s for s, rows in candidates.items() if not same_reference(rows)]
+    for s, rows in candidates.items():  # KID comes with its standard error: a best within the noise is no best
         if s in best and best[s]["kid"] is not None:
             low = next(r for r in rows if r["method"] == best[s]["kid"])
             if any(r is not low and r["kid"] - low["kid"] <= Z95 * math.hypot(r.get("kid_se") or 0.0,
@@ -452,15 +456,15 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
             "ams_cumulative", "ums_cumulative", "p95", "p95_quantile", "carlini", "gu", "fingerprints", "sources",
             "quality", "config")  # (config: the resize side evaluate read the generations it names with)
     summary = summary_and_findings(run) if metrics else None  # (computed once: the report shows both)
+    apart = not_compared(run, metrics, ("training set", "metric settings"))
     data: dict[str, Any] = {
         "schema": SCHEMA, "run": str(run.resolve()), "top": top,
         "summary": {"model": config.get("model"), "prediction": model.get("prediction"), "train": config.get("train"),
                     "methods": list(metrics) or (config.get("extract") or {}).get("methods", [])},
         "methods": {n: {k: m.get(k) for k in keep} | {"closest_band": closest_first(m["bands"], m["orientation"])[0]}
                     for n, m in metrics.items()},  # (the pairs mark each method's own closest band)
-        "comparison": _comparison(metrics, not_compared(run, metrics, ("training set", "metric settings")))
-        if metrics else None,
-        "quality": _quality(metrics),
+        "comparison": _comparison(metrics, apart) if metrics else None,
+        "quality": _quality(metrics, apart),
         "audit_summary": summary[0] if summary else None,
         "findings_file_current": bool(summary) and findings_file_current(run, summary[1]),
         "top_pairs": {n: _top(t, metrics[n]["orientation"], top) for n, t in tables.items()},
