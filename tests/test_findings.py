@@ -493,3 +493,33 @@ def test_a_run_made_under_a_relative_path_counts_its_generations_once_from_any_f
         found = json.loads((run / "summary.json").read_text())["findings"]
         assert found["generations"] == {"uncond": 6} and list(found["left_out"]) == ["plain"], (cwd, found)
         shutil.rmtree(run / "evaluation" / "plain")
+
+
+def test_a_copied_runs_evaluation_of_its_own_extraction_counts_once(tmp_path):
+    """A pipeline run records each evaluation's source as the absolute folder it measured; a run copied (or moved)
+    elsewhere and given ``side evaluate`` of its own extraction there had the two told apart by those paths (the old
+    place, the new one), so the findings counted the same generations twice and every image side found lost "found by
+    no other" (a review's find). They are now read where they lie: counted once, in place and in the copy alike."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+    from test_report import TRAIN, make_run
+
+    here = make_run(tmp_path / "a" / "run", sweeps=False)
+    for m in ("side", "uncond"):  # (as a pipeline run records them)
+        p = here / "evaluation" / m / "metrics.json"
+        d = json.loads(p.read_text())
+        d["sources"]["generated"] = str(here / "extraction" / m)
+        p.write_text(json.dumps(d))
+    there = tmp_path / "b" / "run"
+    shutil.copytree(here, there)
+    found = {}
+    for run in (here, there):
+        r = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", str(run / "extraction" / "side"),
+                                     "--train", TRAIN, "--carlini-n", "10", "--out", str(run / "evaluation" / "again")])
+        assert r.exit_code == 0, r.output
+        found[run] = json.loads((run / "summary.json").read_text())["findings"]
+        assert found[run]["generations"] == {"side": 40, "uncond": 30}, found[run]["generations"]
+        assert found[run]["left_out"]["again"] == (f"it measures the same generation files as side "
+                                                   f"({(run / 'extraction' / 'side').resolve()}), counted once")
+    assert found[there]["only"] == found[here]["only"] and sum(found[here]["only"]["side"].values()) > 0

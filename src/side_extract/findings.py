@@ -31,8 +31,8 @@ import numpy as np
 
 from .evaluation import INCOMPARABLE, generation_stats, incomparable
 from .metrics import Band, closest_first
-from .runs import (atomic_write_text, evaluated_methods, evaluated_synthetic, other_target_evaluations, read_json,
-                   reference_method)
+from .runs import (SYNTHETIC_EVALUATION, atomic_write_text, evaluated_methods, evaluated_synthetic, generated_source,
+                   other_target_evaluations, read_json, read_stages, reference_method)
 
 FILE = "findings.csv"
 SYNTHETIC = "synthetic"  # the synthetic set, as a source of the findings
@@ -202,9 +202,14 @@ def measured_twice(dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) ->
     the files' folder (the run's own evaluation of ``extraction/side``: ``side``) is kept, else the first. Equal
     images in other files (two methods whose generations happen to coincide) are two sources, as they are."""
     files: dict[tuple[Path, Any], list[str]] = {}
+    stages: dict[Path, dict[str, dict[str, Any]]] = {}
     for m, d in dirs.items():
-        src = (metrics[m].get("sources") or {}).get("generated")  # (a set made in memory: the run's extraction)
-        path = Path(src) if isinstance(src, str) and src else d.parent.parent / "extraction" / m
+        run = d.parent if d.name == SYNTHETIC_EVALUATION else d.parent.parent
+        if run not in stages:
+            stages[run] = read_stages(run)
+        # where they lie now (the path recorded is where they lay: a copied or moved run's were other files); none
+        # recorded: a set made in memory, the run's extraction
+        path = generated_source(run, m, d, metrics[m], stages[run]) or run / "extraction" / m
         files.setdefault((path.resolve(), (metrics[m].get("fingerprints") or {}).get("generated")), []).append(m)
     out = {}
     for (path, _), names in files.items():

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from .evaluation import distinct_count, generation_stats
 from .findings import FILE, Findings, from_evaluations, not_compared, with_synthetic, write_findings
 from .metrics import Band, closest_first
-from .runs import atomic_write_json, evaluated_methods, read_json, read_stages
+from .runs import atomic_write_json, evaluated_methods, generated_source, read_json, read_stages
 
 SIDE_METHODS = ("side", "side-teacher", "side-lora")
 BASELINES = ("cond", "uncond")
@@ -194,14 +194,6 @@ def per_budget(metrics: dict[str, Any], n_asked: int) -> dict[str, Any]:
     return out
 
 
-def _measured_here(run: Path, method: str, metrics: dict[str, Any]) -> bool:
-    """Whether an evaluation the run did not make (``side evaluate``) measured the run's own extraction of
-    ``method`` (its source is that folder)."""
-    source = (metrics.get("sources") or {}).get("generated")
-    return (isinstance(source, str) and bool(source)
-            and Path(source).resolve() == (run / "extraction" / method).resolve())
-
-
 def audit_summary(run: str | Path) -> dict[str, Any]:
     """The summary of a run directory's evaluated methods."""
     return summary_and_findings(run)[0]
@@ -215,8 +207,8 @@ def summary_and_findings(run: str | Path) -> tuple[dict[str, Any], Findings | No
     stages = read_stages(run)
     # each method's extraction, where its evaluation measured it: one side evaluate wrote under the method's name
     # (no manifest stage) measured other images, and took that extraction's budget, timing and stopping
-    made = {k: stages.get(f"extraction/{k}") if f"evaluation/{k}" in stages or _measured_here(run, k, m) else None
-            for k, m in metrics.items()}
+    made = {k: stages.get(f"extraction/{k}") if (here := generated_source(run, k, dirs[k], m, stages)) is not None
+            and here.resolve() == (run / "extraction" / k).resolve() else None for k, m in metrics.items()}
     methods = {k: method_summary(m, made[k], dirs[k]) for k, m in metrics.items()}
     found_in, weighed = with_synthetic(run, dirs, metrics)  # (the findings weigh the synthetic set's too)
     findings = from_evaluations(found_in, weighed, not_compared(run, weighed))

@@ -115,6 +115,29 @@ def measures_a_remade_extraction(run: Path, metrics: Path, stages: dict[str, dic
     return None if e.get("status") == "complete" and e.get("fingerprint") == fp else stage
 
 
+def generated_source(run: str | Path, method: str, folder: str | Path, metrics: dict[str, Any],
+                     stages: dict[str, dict[str, Any]]) -> Path | None:
+    """Where the generations an evaluation in run directory ``run`` measured lie now (``method``: its name; ``folder``:
+    where it lies; ``metrics``: its ``metrics.json``; ``stages``: the run's): the run's synthetic set or extraction of
+    ``method`` for an evaluation the run made, the run's stage for one ``side evaluate`` made of it (the source it
+    recorded ends with that stage, whose fingerprint it recorded the run's stage still has), else the source it
+    recorded (None: none). The recorded path is where they lay when it was made: read as it was, a run copied or
+    moved since counted ``side evaluate``'s evaluation of its own extraction as other generations."""
+    run, folder = Path(run), Path(folder).resolve()
+    if folder == (run / SYNTHETIC_EVALUATION).resolve() and SYNTHETIC_EVALUATION in stages:
+        return run / "synthetic"
+    if folder == (run / "evaluation" / method).resolve() and f"evaluation/{method}" in stages:
+        return run / "extraction" / method
+    sources = metrics.get("sources") or {}
+    source, stage, fp = (sources.get(k) for k in ("generated", "generated_stage", "generated_stage_fingerprint"))
+    if not (isinstance(source, str) and source):
+        return None
+    if (isinstance(stage, str) and stage and fp and (stages.get(stage) or {}).get("fingerprint") == fp
+            and Path(source).parts[-len(Path(stage).parts):] == Path(stage).parts):
+        return run / stage
+    return Path(source)
+
+
 def _config_methods(run: Path) -> list[str]:
     conf = run / "config.yaml"
     return list(((cfg.load_yaml(conf).get("extract") or {}).get("methods") or []) if conf.is_file() else [])
