@@ -924,6 +924,22 @@ def test_a_tuning_setting_its_runs_would_refuse_is_refused_before_any_run():
     FairBenchConfig(**base, lora_scales=(1.5,))
 
 
+def test_a_form_whose_clustering_cannot_work_is_refused_before_any_run():
+    """A form with more clusters than synthetic images, or too few synthetic images for the K it keeps, was accepted
+    and failed at its own first run, after the target trained and the entries before it ran (the base config was
+    checked, not the forms; a review's find). It is refused when the bench is configured, naming the form."""
+    bc = tiny_bench()  # (sample.n 24, K 3)
+    base = dict(bench=bc, methods=("side", "cond", "uncond"), scales_grid=(0.0, 1.0), temperatures=(1.0,),
+                validation_replicates=(1,), heldout_replicates=(2, 3), validation_n=4)
+    with pytest.raises(ValueError, match=r"forms: 'side-bad': surrogate K=30 must be <= the number of synthetic "
+                                         r"images sample.n=24"):
+        FairBenchConfig(**base, forms={"side-bad": {"method": "side", "surrogate.n_clusters": 30}})
+    with pytest.raises(ValueError, match=r"forms: 'few': surrogate K=3 must be <= .* sample.n=2"):
+        FairBenchConfig(**base, forms={"few": {"method": "side", "sample.n": 2}})
+    FairBenchConfig(**base, forms={"ok": {"method": "side", "surrogate.n_clusters": 4}})
+    FairBenchConfig(**base, forms={"u": {"method": "uncond", "sample.n": 2}})  # (it clusters nothing)
+
+
 def test_bands_without_high_and_mid_are_refused_before_any_run():
     """Two calibration quantiles name the bands tail0.01 and tail0.05: accepted, then a KeyError 'reach/high' at the
     report, after every tuning and held-out run (a review's find)."""

@@ -151,10 +151,13 @@ class FairBenchConfig:
                                  "--temperatures, --lora-scales, --memguide-scales)")
             overrides = {k: v for k, v in form.items() if k != "method"}
             try:
-                inert_keys = cfg.inert_keys(method_config(self.bench.run, form["method"], None, self.validation_n,
-                                                          overrides))
+                form_rc = method_config(self.bench.run, form["method"], None, self.validation_n, overrides)
             except ValueError as e:
                 raise ValueError(f"forms: {name!r}: {e}") from None
+            if problems := cluster_problems(form_rc, (form["method"],)):  # (found at the form's first run, after the
+                # target was trained and the entries before it had run)
+                raise ValueError(f"forms: {name!r}: " + "; ".join(problems))
+            inert_keys = cfg.inert_keys(form_rc)
             inert = [text for key, text in inert_keys.items() if key in overrides]
             if inert and len(inert) == len(overrides):  # it would make its method's runs again (or the same ones)
                 raise ValueError(f"forms: {name!r} changes nothing its runs read: {'; '.join(inert)}")
