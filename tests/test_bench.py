@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +343,35 @@ def test_the_guidance_benchmark_times_a_classifier_of_the_audits_architecture(on
                           time_blocks=own.time_blocks)
     n = sum(p.numel() for p in NoiseAwareResNet(arch).parameters())
     assert f"({n} parameters" in bench_guidance(c, load_target(c.model))["what"]
+
+
+def test_a_cached_target_another_process_is_training_is_waited_for(tmp_path):
+    """A bench split over processes, started together on one cache: the second failed at once with the target's
+    RunLocked while the first trained the target they share (the replicates' run directories were waited for, the
+    target not; a review's find). It waits, and takes the target the first trained."""
+    import subprocess
+    import sys
+    import time
+
+    from side_extract.bench.extraction import ensure_target
+
+    c = cfg.TrainTargetConfig(block_out_channels=(4, 8), norm_num_groups=4, steps=150, batch_size=8,
+                              checkpoint_every=150)
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from pathlib import Path\n"
+            "from side_extract import config as cfg\n"
+            "from side_extract.bench.extraction import ensure_target\n"
+            f"c = cfg.TrainTargetConfig(**{cfg.to_dict(c)!r})\n"
+            f"print(ensure_target(c, 20, 8, Path({str(tmp_path)!r}))['trained_now'])\n")
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        t0 = time.time()
+        while not any((tmp_path / "targets").glob("digits*/.lock")):  # (the first is training)
+            assert first.poll() is None and time.time() - t0 < 60, "the first process did not start training"
+            time.sleep(0.05)
+        second = ensure_target(c, 20, 8, tmp_path)
+    finally:
+        out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and out.strip() == "True", out
+    assert second["trained_now"] is False and (Path(second["path"]) / "model_index.json").is_file()

@@ -37,7 +37,7 @@ from ..evaluation import calibrate, digits_complement
 from ..models.target import load_target, model_fingerprint, train_target
 from ..metrics import Similarity
 from ..pipeline import ProgressFactory, extractor_fingerprints, no_progress, run_audit
-from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json
+from ..runs import RunDir, atomic_save_npz, atomic_write_json, fingerprint_of, read_json, run_lock
 from ..summary import metric_values, ratios_to_best_baseline
 from ..sweeps import SWEEPABLE, run_with_sweeps, share_stages, sweep_configs
 from . import machine_description, write_results
@@ -193,19 +193,30 @@ def ensure_target(c: cfg.TrainTargetConfig, n: int, size: int, cache: Path, *, d
     fp = fingerprint_of(cfg.keyed_settings(c))  # (keys added later, at their earlier value, leave it as it was)
     path = cache / "targets" / f"{_tag(n, size)}-{fp[:12]}"
     info_path = cache / "targets" / f"{path.name}.json"
-    done = (path / "training_log.json").exists() and (path / "model_index.json").exists() and info_path.exists()
-    if not done:
-        images = load_image_set(c.data, c.resize)
-        t0 = time.time()
-        result = train_target(c, images, path, device=device, progress=progress(f"train target n={n}"))
-        atomic_write_json(info_path, {"config": cfg.to_dict(c), "fingerprint": fp, "final_loss": result.final_loss,
-                                      "train_seconds": round(time.time() - t0, 1), "resumed_from": result.resumed_from})
+
+    def finished() -> bool:
+        return (path / "training_log.json").exists() and (path / "model_index.json").exists() and info_path.exists()
+
+    trained_now = False
+    if not finished():
+        # one process trains it, and another that needs it meanwhile (a bench split over processes, started
+        # together) waits for it and takes it (it failed at once with the target's RunLocked)
+        with run_lock(cache / "targets" / ".training" / path.name, wait=True):
+            if not finished():
+                trained_now = True
+                images = load_image_set(c.data, c.resize)
+                t0 = time.time()
+                result = train_target(c, images, path, device=device, progress=progress(f"train target n={n}"))
+                atomic_write_json(info_path, {"config": cfg.to_dict(c), "fingerprint": fp,
+                                              "final_loss": result.final_loss,
+                                              "train_seconds": round(time.time() - t0, 1),
+                                              "resumed_from": result.resumed_from})
     info = read_json(info_path)
     # the trained model itself (the fingerprint of every run's manifest): training the same config on another
     # machine or thread count can round differently, so two result files share a target only where these agree
     trained = read_json(path / "training_log.json", dict)  # (targets trained before it was recorded lack the keys)
     return {"path": str(path), "fingerprint": fp, "model_sha256": model_fingerprint(path), "config": cfg.to_dict(c),
-            "final_loss": info["final_loss"], "train_seconds": info["train_seconds"], "trained_now": not done,
+            "final_loss": info["final_loss"], "train_seconds": info["train_seconds"], "trained_now": trained_now,
             "epochs": round(c.steps * c.batch_size / n, 1),
             "trained_with": {k: trained[k] for k in ("torch_threads", "device", "platform", "resumed_from", "versions")
                              if k in trained}}
