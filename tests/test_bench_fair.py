@@ -95,8 +95,8 @@ def test_a_benchmark_that_could_not_mean_what_it_says_is_refused():
                          ("evaluate", "carlini_n"), ("extract", "n")):
         with pytest.raises(ValueError, match=f"may not set {section}.{key}"):
             FairBenchConfig(forms={"f": {"method": "side", section: {key: 7}}})
-    assert FairBenchConfig(forms={"f": {"method": "side", "sample": {"n": 7}}}).forms == {
-        "f": {"method": "side", "sample.n": 7}}  # what the equal-samples check (sample.n) reads
+    assert FairBenchConfig(forms={"f": {"method": "side", "sample": {"n": 700}}}).forms == {
+        "f": {"method": "side", "sample.n": 700}}  # what the equal-samples check (sample.n) reads
     with pytest.raises(ValueError, match="given twice"):
         FairBenchConfig(forms={"f": {"method": "side", "sample.n": 7, "sample": {"n": 8}}})
     # what every entry is measured with alike: the target, the training set and (but for a baseline form) the
@@ -1090,3 +1090,36 @@ def test_bench_faults_of_a_review(monkeypatch, tmp_path):
         assert path == rep / "forms" / "late"
         assert read_json(path / "manifest.json")["stages"]["synthetic"]["fingerprint"] == fingerprint
         assert (path / "synthetic" / "shard-00000.npz").read_bytes() == fingerprint.encode()
+
+
+def test_tuning_from_joins_and_shrinks_benches_whose_method_grids_differ_only_where_one_does_not_run_them():
+    """A fair bench split over processes, memguide with its own --memguide-scales in one and SIDE in the other, did
+    not join: the SIDE file recorded the default memguide grid and was refused ("memguide_scales has 6 values");
+    nor did a file that tuned SIDE and memguide re-report SIDE alone ("differs in memguide_scales"; a review's find).
+    A method's grid is now compared only where both benches run the method."""
+    from side_extract.bench.protocol import SCHEMA, STAGE_VERSIONS
+
+    common = dict(bench=tiny_bench(), scales_grid=(0.0, 1.0), temperatures=(1.0,), validation_replicates=(1,),
+                  heldout_replicates=(2, 3), validation_n=4)
+
+    def made(fc, chosen):  # what run_fair_bench records (its tuning step)
+        return json.loads(json.dumps({
+            "schema": SCHEMA, "config": cfg.to_dict(fc), "code": {"stage_versions": dict(STAGE_VERSIONS)},
+            "scales": [{"n_train": n, "target": {"model_sha256": "abc"},
+                        "tuning": {"chosen": {m: chosen.get(m) for m in fc.entries},
+                                   "mean_by_setting": {m: {"x": 1.0} for m in chosen if chosen[m]}}}
+                       for n in fc.bench.scales]}))
+
+    a = made(FairBenchConfig(methods=("side", "uncond"), **common), {"side": [1.0, 1.0]})
+    b = made(FairBenchConfig(methods=("memguide", "uncond"), memguide_scales=(10.0, 30.0), **common),
+             {"memguide": [30.0, 1.0]})
+    joined = FairBenchConfig(methods=("side", "memguide", "uncond"), memguide_scales=(10.0, 30.0), **common)
+    got = reused_tuning(joined, (a, "a.json"), (b, "b.json"))
+    assert got[20]["chosen"] == {"side": [1.0, 1.0], "memguide": [30.0, 1.0], "uncond": None}
+    both = made(joined, {"side": [1.0, 1.0], "memguide": [30.0, 1.0]})
+    fewer = FairBenchConfig(methods=("side", "uncond"), **common)  # (the default memguide grid: it runs none)
+    assert reused_tuning(fewer, (both, "both.json"))[20]["chosen"] == {"side": [1.0, 1.0], "uncond": None}
+    # where both run memguide, its grid must agree: its settings were chosen on that grid
+    other = FairBenchConfig(methods=("side", "memguide", "uncond"), memguide_scales=(10.0, 20.0), **common)
+    with pytest.raises(ValueError, match="differs in memguide_scales"):
+        reused_tuning(other, (both, "both.json"))

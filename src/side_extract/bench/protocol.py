@@ -176,11 +176,11 @@ class FairBenchConfig:
             if len({f"{v:g}" for v in values}) != len(values):  # (the tuning's scores are keyed by "lambda,T")
                 raise ValueError(f"{name}={values}: two values are the same to 6 significant digits, which the "
                                  "tuning's scores are keyed by; give values that differ there")
-        if "side-lora" in self.methods or any(f["method"] == "side-lora" for f in self.forms.values()):
+        if self.uses("side-lora"):
             if len(self.lora_scales) != len(self.grid):
                 raise ValueError(f"lora_scales has {len(self.lora_scales)} values; side-lora gets the same tuning "
                                  f"budget as the other methods: {len(self.grid)}")
-        if any(self.base_method(m) == "memguide" for m in self.entries):
+        if self.uses("memguide"):
             if len(self.memguide_scales) != len(self.grid):
                 raise ValueError(f"memguide_scales has {len(self.memguide_scales)} values; memguide gets the same "
                                  f"tuning budget as the other methods: {len(self.grid)}")
@@ -237,6 +237,10 @@ class FairBenchConfig:
 
     def base_method(self, name: str) -> str:
         return self.forms[name]["method"] if name in self.forms else name
+
+    def uses(self, method: str) -> bool:
+        """Whether an entry (a method, or a form of it) runs ``method``."""
+        return any(self.base_method(m) == method for m in self.entries)
 
     def settings(self, name: str) -> list[tuple[float, float]]:
         """The tuning grid of a method or form: (lambda, temperature), or (w, 0) for side-lora (CFG scale w), or
@@ -584,6 +588,10 @@ def reference_copy_guard(run: Path, method: str, synthetic_run: Path, ev: cfg.Ev
 # held-out replicates stay disjoint from the validation ones, FairBenchConfig checks)
 REPORT_ONLY = ("n_bootstrap", "equal_samples", "heldout_replicates")
 ENTRY_LISTS = ("methods", "forms")  # what each of several --tuning-from files may hold a part of
+# the grids of one method's entries: compared only where both benches run that method (a file of other entries
+# recorded its default, and one that ran it a grid this report leaves out: both were refused as another
+# configuration, so a bench split over processes did not join, nor a report of fewer entries re-report)
+ENTRY_GRIDS = {"lora_scales": "side-lora", "memguide_scales": "memguide"}
 
 
 def _definition(fc: FairBenchConfig, name: str) -> dict[str, Any] | None:
@@ -599,7 +607,8 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
     without re-running the validation grid. Several files may each have tuned a part of the entries (a fair
     bench split over processes, e.g. the SIDE forms in one and the baselines in another): every entry of ``fc``
     with a grid takes its chosen setting from the file that tuned it. Refused unless each file ran this
-    configuration up to :data:`REPORT_ONLY` and the entry lists, each entry taken from a file is defined there as
+    configuration up to :data:`REPORT_ONLY`, the entry lists and the grids of methods one of them does not run
+    (:data:`ENTRY_GRIDS`), each entry taken from a file is defined there as
     here, the files tuned on the same target, and files that tuned the same entry agree on it."""
     if not priors:
         raise ValueError("reused_tuning needs at least one earlier fair.json")
@@ -609,7 +618,8 @@ def reused_tuning(fc: FairBenchConfig, *priors: tuple[dict[str, Any], str]) -> d
             raise ValueError(f"--tuning-from {source}: schema {prior.get('schema')!r}, expected {SCHEMA!r}")
         try:  # a key the earlier file lacks (an option added since) takes its default, which keeps the old behaviour
             loaded = cfg.from_dict(FairBenchConfig, prior.get("config"))
-            theirs = dataclasses.replace(loaded, **{k: getattr(fc, k) for k in REPORT_ONLY + ENTRY_LISTS})
+            grids = [k for k, method in ENTRY_GRIDS.items() if not (loaded.uses(method) and fc.uses(method))]
+            theirs = dataclasses.replace(loaded, **{k: getattr(fc, k) for k in (*REPORT_ONLY, *ENTRY_LISTS, *grids)})
         except ValueError as e:
             raise ValueError(f"--tuning-from {source}: its configuration does not load: {e}") from None
         # (who trains: no matter)

@@ -305,7 +305,7 @@ def fair_cmd(
                          select_metric=select_metric, n_bootstrap=n_bootstrap, equal_samples=equal_samples)
     for flag, method in (("--lora-scales", "side-lora"), ("--memguide-scales", "memguide")):  # (accepted, and the
         # targets trained, for a grid no entry reads)
-        if was_typed(ctx, flag) and not any(fc.base_method(m) == method for m in fc.entries):
+        if was_typed(ctx, flag) and not fc.uses(method):
             raise ValueError(f"{flag} is {method}'s grid, and no entry is {method} (--methods, --form): it would "
                              f"not be read; leave it out, or add {method}")
     argv = ["side", "--threads", str(_threads()), "bench", "fair", "--out", str(out), "--cache", str(cache),
@@ -313,8 +313,8 @@ def fair_cmd(
             str(n_synthetic), "--train-steps", str(train_steps), "--methods", methods, "--lambdas", lambdas,
             "--temperatures", temperatures, "--validation", validation, "--heldout", heldout,
             "--validation-n", str(fc.validation_n), "--select-metric", select_metric, "--n-bootstrap", str(n_bootstrap)]
-    argv += ["--lora-scales", lora_scales] if any(fc.base_method(m) == "side-lora" for m in fc.entries) else []
-    argv += ["--memguide-scales", memguide_scales] if any(fc.base_method(m) == "memguide" for m in fc.entries) else []
+    argv += ["--lora-scales", lora_scales] if fc.uses("side-lora") else []
+    argv += ["--memguide-scales", memguide_scales] if fc.uses("memguide") else []
     for spec in form:
         argv += ["--form", spec]
     # (as given: :g kept 6 digits, and the recorded command ran another eta)
