@@ -63,6 +63,43 @@ def test_a_run_holding_symbolic_links_is_refused_before_a_writer_follows_them(tm
         check_run_path(run)
 
 
+@pytest.mark.parametrize("inside", ["classifier/work", "classifier-clean/work/checkpoint", "lora/work",
+                                    "sweeps/scale=2/classifier/work", "synthetic/shard-00000.npz"])
+def test_a_link_anywhere_inside_a_written_folder_is_refused(tmp_path, inside):
+    """RUN/classifier/work linked to the receiver's folder: a rerun resuming the classifier cleared that folder's
+    checkpoint/ and wrote its own there, and overwrote its log.json (only the stages' folders and their children
+    were looked at; a review's find). A link at any depth of a folder a writer goes into is refused, naming it."""
+    run = _run(tmp_path, {"classifier": {"status": "running", "fingerprint": "x"}})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the receiver's own")
+    link = run / inside
+    link.parent.mkdir(parents=True)
+    link.symlink_to(tmp_path / "mine")
+    with pytest.raises(ValueError, match=rf"holds symbolic links \({inside}\)"):
+        check_run_path(run)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the receiver's own"
+
+
+def test_a_planted_leftover_link_is_not_put_in_a_folders_place(tmp_path):
+    """The leftover sweep puts a folder that atomic_directory moved aside back in its place: a link planted under
+    such a name (.work.XXXXXXXX.side-old beside a .side-tmp folder) became RUN/classifier/work, after the run's links
+    were checked. A link is never put back."""
+    from side_extract.runs import sweep_leftovers
+
+    (tmp_path / "mine").mkdir()
+    stage = tmp_path / "run" / "classifier"
+    (stage / ".work.abcd1234.side-tmp").mkdir(parents=True)
+    (stage / ".work.abcd1234.side-old").symlink_to(tmp_path / "mine")
+    sweep_leftovers(tmp_path / "run", min_age_s=0)
+    assert not (stage / "work").exists() and not (stage / "work").is_symlink()
+    # a folder moved aside is put back, as before
+    (stage / ".work.abcd1234.side-old").unlink()
+    (stage / ".work.abcd1234.side-old").mkdir()
+    (stage / ".work.abcd1234.side-tmp").mkdir(exist_ok=True)
+    sweep_leftovers(tmp_path / "run", min_age_s=0)
+    assert (stage / "work").is_dir() and not (stage / "work").is_symlink()
+
+
 def test_the_report_is_not_written_through_a_linked_report_folder(tmp_path):
     from side_extract.report import write_report
 

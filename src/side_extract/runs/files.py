@@ -244,7 +244,8 @@ def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float
                 continue
             p = here / name
             if (name.endswith(".side-old") and (back := leftover_of(name)) in replacing
-                    and not (here / back).exists()):
+                    and not (here / back).exists() and not p.is_symlink()):  # (a link planted as one was
+                # put in its place, after the run's links were checked)
                 # atomic_directory killed between its two renames (the folder moved aside, the new one not yet in
                 # place): the complete folder of before is put back, whatever its age (the sweep took it after 15
                 # minutes, and a classifier's checkpoints with it: trained again from step 0)

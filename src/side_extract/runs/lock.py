@@ -105,11 +105,7 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
     # after the model and the data had loaded)
     if path.is_dir():  # a writer clears and writes RUN/<stage> through them: outside the run (a run someone gave);
         # other links (a model or data set kept beside the run) are no writer's
-        stages = _stage_folders(path)
-        written = {*RUN_FOLDERS, *stages, *RUN_FILES}
-        links = [p for p in path.iterdir() if p.is_symlink() and p.name in written] + [
-            p for d in ("extraction", "evaluation", "sweeps") if (path / d).is_dir() and not (path / d).is_symlink()
-            for p in (path / d).iterdir() if p.is_symlink()]
+        links = _links_where_written(path, {*RUN_FOLDERS, *_stage_folders(path), *RUN_FILES})
         if links:
             named = ", ".join(str(p.relative_to(path)) for p in links[:3])
             raise ValueError(f"run directory {str(path)!r} holds symbolic links ({named}): a run writes and clears "
@@ -132,6 +128,22 @@ def check_run_path(path: str | Path, name: str = "path") -> None:
                 raise ValueError(f"run directory {str(path)!r} holds a config.yaml that is not a run's ({e}) and no "
                                  f"{MANIFEST}, so it is no run directory; a run would overwrite that file: use "
                                  "a new or empty directory") from None
+
+
+def _links_where_written(run: Path, written: set[str]) -> list[Path]:
+    """The symbolic links among ``run``'s entries named in ``written`` and anywhere inside those folders (not
+    followed). Only the stages' own folders and their children were looked at: a trainer's ``RUN/classifier/work``
+    linked elsewhere had its checkpoints cleared and written, and its log overwritten, where the link pointed."""
+    found = []
+    for top in run.iterdir():
+        if top.name not in written:
+            continue
+        if top.is_symlink():
+            found.append(top)
+        elif top.is_dir():
+            for here, folders, files in os.walk(top):  # (a link to a folder is listed, not entered)
+                found += [Path(here) / n for n in (*folders, *files) if (Path(here) / n).is_symlink()]
+    return found
 
 
 def check_outside_run_folders(path: str | Path, what: str) -> None:
