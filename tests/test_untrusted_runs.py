@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import struct
 import time
 import zipfile
@@ -192,3 +193,25 @@ def test_links_and_manifests_that_are_no_runs_are_let_through(tmp_path):
     check_run_path(tmp_path / "proj" / "runs" / "r1")
     (tmp_path / "proj" / "manifest.json").write_text('{"files": []}')
     check_run_path(tmp_path / "proj" / "report" / "r1")
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("stopped", "yes", "stopped='yes' (expected an object)"),
+    ("stopped", {"at": "3"}, "stopped.at='3' (expected an integer)"),
+    ("finished_n", "6", "finished_n='6' (expected an integer)"),
+    ("n", True, "n=True (expected an integer)"),
+    ("started_unix", "now", "started_unix='now' (expected a number)"),
+    ("grown_from_fingerprints", 3, "grown_from_fingerprints=3 (expected a list)"),
+    ("data", [1], "data=[1] (expected an object)")])
+def test_a_manifest_entry_whose_fields_the_writers_compute_with_is_damaged_is_named(tmp_path, field, value, said):
+    """A stage entry's 'stopped' set to "yes" (a hand edit, a damaged file): a rerun ended in a bare AttributeError
+    traceback from inside the shard stage (and finished_n or started_unix of the wrong type in a TypeError), naming
+    no file, though read_manifest promises a ValueError naming it (a review's find)."""
+    run = _run(tmp_path, {"extraction/uncond": {"status": "complete", "fingerprint": "x", "n": 6, field: value}})
+    with pytest.raises(ValueError, match=rf"manifest.json' is damaged: stage 'extraction/uncond' has "
+                                         rf"{re.escape(said)}; restore or delete it"):
+        read_manifest(run / "manifest.json")
+    (tmp_path / "ok").mkdir()
+    run = _run(tmp_path / "ok", {"extraction/uncond": {"status": "complete", "fingerprint": None, "n": 6,
+                                                      "stopped": {"at": 4, "unseen_mass": 0.1}, "seconds": 1.5}})
+    read_manifest(run / "manifest.json")

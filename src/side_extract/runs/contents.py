@@ -29,7 +29,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if bad := [k for k in stages if not _stage_name(k)]:  # (../../x: a sweep cleared and copied RUN/<stage>)
         raise ValueError(f"{str(path)!r} names stages that are no folder of the run ({', '.join(map(repr, bad[:3]))})"
                          ": it is damaged or not a run's; restore or delete it")
+    for stage, e in stages.items():  # what the writers compute with (a damaged one was a bare AttributeError or
+        # TypeError from inside a rerun, naming no file)
+        fields = {**e, **({"stopped.at": e["stopped"].get("at")} if isinstance(e.get("stopped"), dict) else {})}
+        if bad := [f"{k}={fields[k]!r} (expected {what})" for k, (types, what) in ENTRY_FIELDS.items()
+                   if fields.get(k) is not None and (not isinstance(fields[k], types) or isinstance(fields[k], bool))]:
+            raise ValueError(f"{str(path)!r} is damaged: stage {stage!r} has {'; '.join(bad)}; restore or delete it")
     return m
+
+
+# the fields of a manifest's stage entry that the writers compute with: their types, and those said in words
+ENTRY_FIELDS = {"status": (str, "text"), "fingerprint": (str, "text"), "n": (int, "an integer"),
+                "n_planned": (int, "an integer"), "finished_n": (int, "an integer"), "grown_from": (int, "an integer"),
+                "started_unix": ((int, float), "a number"), "stopped": (dict, "an object"),
+                "stopped.at": (int, "an integer"), "grown_from_fingerprints": (list, "a list"),
+                "data": (dict, "an object")}
 
 
 def _stage_name(name: str) -> bool:
