@@ -113,15 +113,15 @@ def test_all_dropped_warns_with_advice():
 
 def test_filter_advice_names_the_setting_that_keeps_enough_clusters():
     """By hand: sizes 30, 20, 5 and cohesions 0.9, 0.4, 0.95. To keep 2 at min_size 10, tau must be <= 0.4 (the
-    third cluster is too small, however cohesive); at min_size 25 only one cluster is big enough, so min_size must
-    be <= 20, the second largest, and tau <= 0.4 then too."""
+    third cluster is too small, however cohesive); at min_size 25 only one cluster is big enough, and of those that
+    pass tau 0.5 (30 and 5 images) the second largest has 5, so min_size <= 5 keeps 2 at this tau."""
     sizes, cohesion = np.array([30, 20, 5]), np.array([0.9, 0.4, 0.95])
     assert filter_advice(sizes, cohesion, 0.5, 10, keep=2).startswith(
         "the cohesion filter (tau=0.5, min_size=10); the second most cohesive of at least min_size images has "
         "cohesion 0.4000: set surrogate.tau <= 0.400")
     assert filter_advice(sizes, cohesion, 0.5, 25, keep=2).startswith(
-        "the size filter (min_size=25; the largest has 30 images, the second largest 20; the second most cohesive of "
-        "those has cohesion 0.4000, below tau=0.5): set surrogate.min_size <= 20 and surrogate.tau <= 0.400")
+        "the size filter (min_size=25; the largest has 30 images, the second largest of cohesion >= tau=0.5 has 5): "
+        "set surrogate.min_size <= 5 (or use")
     assert "set surrogate.tau <= 0.900" in filter_advice(sizes, np.array([0.9, np.nan, 0.95]), 0.95, 10, keep=1)
 
 
@@ -246,9 +246,15 @@ def test_filter_advice_for_min_size_also_names_tau_when_those_clusters_fail_it()
     sizes, cohesion = np.array([10, 1, 1]), np.array([0.9, 0.2, 0.2])
     said = filter_advice(sizes, cohesion, 0.5, 2, keep=2)
     assert "set surrogate.min_size <= 1 and surrogate.tau <= 0.200 " in said, said
-    assert "the second most cohesive of those has cohesion 0.2000, below tau=0.5" in said, said
+    assert "1 pass tau=0.5, and the second most cohesive of at least 1 images has cohesion 0.2000" in said, said
     kept = (sizes >= 1) & (cohesion >= 0.2)
     assert kept.sum() >= 2
     # where those clusters pass tau, min_size alone (as before)
     said = filter_advice(sizes, np.array([0.9, 0.6, 0.2]), 0.5, 2, keep=2)
     assert "set surrogate.min_size <= 1 (or use" in said and "tau <=" not in said, said
+    # large diffuse clusters and small tight ones (SIDE's copies): a smaller min_size keeps 2 at this tau, so the
+    # advice does not lower tau to the diffuse ones' cohesion (a review of the first version's find)
+    sizes, cohesion = np.array([10, 9, 3, 3]), np.array([0.10, 0.12, 0.90, 0.85])
+    said = filter_advice(sizes, cohesion, 0.5, 11, keep=2)
+    assert "set surrogate.min_size <= 3 (or use" in said and "tau <=" not in said, said
+    assert ((sizes >= 3) & (cohesion >= 0.5)).sum() == 2

@@ -182,15 +182,24 @@ def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size:
                 "extractor")
     some = "some" if keep == 1 else str(keep)
     if big.sum() < keep:  # the size filter alone leaves too few: the advice is about min_size, and tau if need be
-        largest = int(np.sort(sizes)[::-1][min(keep, len(sizes)) - 1])
-        best = _kth_cohesion(cohesion, sizes >= largest, keep)
-        # (it advised min_size alone, and following it kept fewer still where those clusters fail tau too)
-        also = "" if best >= tau - COHESION_ROUNDING else f" and surrogate.tau <= {_tau_below(best):.3f}"
-        return (f"the size filter (min_size={min_size}; the largest has {sizes.max()} images"
-                + (f", the {_nth(keep)} largest {largest}" if keep > 1 else "")
-                + (f"; the {_nth_cohesive(keep)} of those has cohesion {best:.4f}, below tau={tau}" if also else "")
-                + f"): set surrogate.min_size <= {largest}{also} (or use fewer clusters or more synthetic images) to "
-                f"keep {some}")
+        # the largest min_size that keeps ``keep`` clusters at this tau (the advice was the keep-th largest size: where
+        # those clusters fail tau, following it kept fewer still); only where none does, tau too
+        cohesive = sizes[np.nan_to_num(cohesion, nan=-np.inf) >= tau - COHESION_ROUNDING]
+        nth = f"{_nth(keep)} largest" if keep > 1 else "largest"
+        plain = int(np.sort(sizes)[::-1][min(keep, len(sizes)) - 1])  # the keep-th largest, whatever its cohesion
+        if len(cohesive) >= keep:
+            largest = int(np.sort(cohesive)[::-1][keep - 1])
+            why = (f", the {nth} of cohesion >= tau={tau} has {largest}" if largest != plain else
+                   f", the {nth} {largest}" if keep > 1 else "")
+            also = ""
+        else:
+            largest = plain
+            best = _kth_cohesion(cohesion, sizes >= largest, keep)
+            why = ((f", the {nth} {largest}" if keep > 1 else "") + f"; {len(cohesive)} pass tau={tau}, and the "
+                   f"{_nth_cohesive(keep)} of at least {largest} images has cohesion {best:.4f}")
+            also = f" and surrogate.tau <= {_tau_below(best):.3f}"
+        return (f"the size filter (min_size={min_size}; the largest has {sizes.max()} images{why}): set "
+                f"surrogate.min_size <= {largest}{also} (or use fewer clusters or more synthetic images) to keep {some}")
     best = _kth_cohesion(cohesion, big, keep)
     return (f"the cohesion filter (tau={tau}, min_size={min_size}); the {_nth_cohesive(keep)} of at least min_size "
             f"images has cohesion {best:.4f}: set surrogate.tau <= {_tau_below(best):.3f} (or use fewer clusters or "
