@@ -684,6 +684,34 @@ def test_a_finished_stages_damaged_npz_output_is_made_again(tiny_model_dir, tmp_
     assert (run / "surrogate" / "clusters.json").read_text() == clusters
 
 
+def test_surrogate_labels_damaged_in_another_array_than_labels_are_made_again(tiny_model_dir, tmp_path, one_thread):
+    """RUN/surrogate/labels.npz damaged inside its 'background' array: the stage's check read 'labels' alone, so the
+    stage was skipped as sound, and every rerun then failed in SurrogateLabels.load with zlib's bare error, naming no
+    file (a review's find). The whole small file is read: the stage is made again, as it was; a file damaged so
+    is a ValueError naming it where it is read directly."""
+    import zipfile
+
+    from side_extract.surrogate import SurrogateLabels
+
+    rc = tiny_rc(tiny_model_dir, methods=("side",))
+    run = tmp_path / "run"
+    run_audit(run, rc, until="surrogate")
+    path = run / "surrogate" / "labels.npz"
+    whole = dict(np.load(path))
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("background.npy")
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for i in range(start + 2, start + info.compress_size - 2):
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"labels.npz' is not a readable .npz file \(error"):
+        SurrogateLabels.load(path)
+    run_audit(run, rc, until="surrogate")
+    again = dict(np.load(path))
+    assert again.keys() == whole.keys() and all(np.array_equal(again[k], v) for k, v in whole.items())
+
+
 def test_a_finished_extractions_or_evaluations_damaged_npz_is_made_again(tiny_model_dir, tmp_path, one_thread):
     """An extraction shard or an evaluation's per_generation.npz cut short since blocked the run for good: every
     rerun, --force included, failed with "remake it", and side verify / Audit.pairs met zipfile's bare BadZipFile

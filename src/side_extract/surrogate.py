@@ -35,6 +35,7 @@ from sklearn.metrics import silhouette_score
 
 from .config import check_int, check_real
 from .data import check_float_images, integer_labels
+from .runs import npz_arrays
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +244,11 @@ class SurrogateLabels:
     @classmethod
     def load(cls, path: str | Path) -> "SurrogateLabels":
         """The labels the surrogate stage wrote (``RUN/surrogate/labels.npz``: ``labels``, and ``background``
-        stored as -1 for none; files older than the option have no ``background``)."""
-        with np.load(path, allow_pickle=False) as z:
-            background = int(z["background"]) if "background" in z.files else -1
-            return cls(z["labels"], None if background < 0 else background)
+        stored as -1 for none; files older than the option have no ``background``), or a ValueError naming a
+        damaged file (zlib's bare error, from a damaged ``background``, failed every rerun)."""
+        z = npz_arrays(path, "labels", optional=("background",))
+        background = int(z["background"]) if "background" in z else -1
+        return cls(z["labels"], None if background < 0 else background)
 
 
 def target_outputs(classes: np.ndarray, background: "tuple[int, ...] | list[int]") -> np.ndarray:

@@ -70,7 +70,8 @@ from ..metrics import read_bands_file
 from ..evaluation import neighbor_index
 from ..pipeline import (ProgressFactory, cluster_problems, config_extractor_fingerprints, copy_guard, no_progress,
                         run_audit)
-from ..runs import STAGE_VERSIONS, RunDir, atomic_write_json, read_json, settings_fingerprint, versions
+from ..runs import (STAGE_VERSIONS, RunDir, atomic_write_json, npz_arrays, read_json, settings_fingerprint,
+                    versions)
 from ..sweeps import share_stages
 from ..summary import BASELINES, LABEL_FREE, SIDE_METHODS, per_budget
 from . import machine_description, write_results
@@ -577,8 +578,8 @@ def reference_copy_guard(run: Path, method: str, synthetic_run: Path, ev: cfg.Ev
     saw that set lie nearer to it than to any training image, the reference for side-lora's share (searched as the
     evaluation ``ev`` says)."""
     generated = load_shards(run / "extraction" / method)
-    with np.load(run / "evaluation" / method / "per_generation.npz", allow_pickle=False) as z:
-        d_train = dict(zip(z["generation_id"].tolist(), z["pixel_distance"].tolist()))
+    z = npz_arrays(run / "evaluation" / method / "per_generation.npz", "generation_id", "pixel_distance")
+    d_train = dict(zip(z["generation_id"].tolist(), z["pixel_distance"].tolist()))
     d = np.array([d_train[int(i)] for i in generated.ids])
     return copy_guard(generated, load_shards(synthetic_run / "synthetic"), d,
                       neighbor_index("rms-l2", ev, device))["nearer_synthetic_fraction"]

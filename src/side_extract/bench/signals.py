@@ -28,6 +28,7 @@ import torch
 from .. import config as cfg
 from ..data import load_shards
 from ..models.target import load_target
+from ..surrogate import SurrogateLabels
 from ..pipeline import ProgressFactory, cluster_problems, no_progress, run_audit
 from ..training import accuracy, balanced_accuracy, fit_label_classifier, heldout_split, predictions_by_quartile
 from . import machine_description, write_results
@@ -58,8 +59,7 @@ def run_signals_bench(bc: ExtractionBenchConfig, n_train: int, cache: str | Path
     run = inputs.replicate_run(cache, replicate)
     run_audit(run, rc, device=device, until="surrogate", progress=progress)
     synthetic = load_shards(run / "synthetic")
-    with np.load(run / "surrogate" / "labels.npz") as z:
-        labels = z["labels"]
+    labels = SurrogateLabels.load(run / "surrogate" / "labels.npz").labels
     keep = labels >= 0
     x0 = synthetic.to_float()[torch.from_numpy(keep)]
     classes = np.unique(labels[keep])

@@ -73,9 +73,12 @@ def config_extractor_fingerprints(rc: cfg.RunConfig) -> list[str]:
     return [f for name in names for f in extractor_fingerprints(name)]
 
 
-def _damaged(path: Path, key: str) -> bool:
-    """A finished stage's npz output gone or damaged since (a disk fault, a hand edit): the stage is made again."""
-    if read_npz(path, key) is not None:
+def _damaged(path: Path, key: str, *, whole: bool = False) -> bool:
+    """A finished stage's npz output gone or damaged since (a disk fault, a hand edit): the stage is made again.
+    ``key``: the array it must hold; ``whole``: every array it holds is read (a small file whose other arrays the
+    stages after it read: a damaged one passed, and failed every later rerun)."""
+    arrays = read_npz(path) if whole else read_npz(path, key)
+    if arrays is not None and key in arrays:
         return False
     if path.exists():
         log.warning("%s is damaged (it does not read as the stage wrote it): its stage is made again", path)

@@ -89,7 +89,7 @@ def surrogate_stage(ctx: AuditContext, features: np.ndarray, scores: np.ndarray 
                 break
     ctx.fp["surrogate"] = fp
     path = ctx.run.path / "surrogate" / "labels.npz"
-    if ctx.run.begin("surrogate", fp, inputs=inputs) != "skip" or _damaged(path, "labels") or not (
+    if ctx.run.begin("surrogate", fp, inputs=inputs) != "skip" or _damaged(path, "labels", whole=True) or not (
             ctx.run.path / "surrogate" / "clusters.json").is_file():
         lab = ClusterLabeler(n_clusters=c.n_clusters, tau=c.tau, min_size=c.min_size, dropped=c.dropped,
                              n_init=c.n_init, random_state=c.random_state, select_k=c.select_k)

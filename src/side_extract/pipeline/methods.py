@@ -194,7 +194,7 @@ def teacher_stage(ctx: AuditContext, clean: ClassifierGuidance, synthetic: Image
     ctx.fp["teacher"] = fp
     path = ctx.run.path / "teacher" / "labels.npz"
     inputs = {k: ctx.fp[k] for k in ("classifier-clean", "synthetic")}
-    if ctx.run.begin("teacher", fp, inputs=inputs) != "skip" or _damaged(path, "labels"):
+    if ctx.run.begin("teacher", fp, inputs=inputs) != "skip" or _damaged(path, "labels", whole=True):
         t = TeacherLabeler(clean.classifier, clean.classes, ctx.rc.surrogate.teacher_min_confidence).fit(synthetic.to_float())
         atomic_save_npz(path, labels=t.labels_, confidence=t.confidence_)
         ctx.run.complete("teacher", labelled=int((t.labels_ >= 0).sum()))
