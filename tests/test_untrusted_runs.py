@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import struct
 import time
 import zipfile
@@ -65,7 +66,7 @@ def test_a_run_holding_symbolic_links_is_refused_before_a_writer_follows_them(tm
 
 
 @pytest.mark.parametrize("inside", ["classifier/work", "classifier-clean/work/checkpoint", "lora/work",
-                                    "sweeps/scale=2/classifier/work", "synthetic/shard-00000.npz"])
+                                    "sweeps/scale=2/classifier/work", "synthetic/shard-00000.npz", "theory"])
 def test_a_link_anywhere_inside_a_written_folder_is_refused(tmp_path, inside):
     """RUN/classifier/work linked to the receiver's folder: a rerun resuming the classifier cleared that folder's
     checkpoint/ and wrote its own there, and overwrote its log.json (only the stages' folders and their children
@@ -74,7 +75,7 @@ def test_a_link_anywhere_inside_a_written_folder_is_refused(tmp_path, inside):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the receiver's own")
     link = run / inside
-    link.parent.mkdir(parents=True)
+    link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(tmp_path / "mine")
     with pytest.raises(ValueError, match=rf"holds symbolic links \({inside}\)"):
         check_run_path(run)
@@ -99,6 +100,13 @@ def test_a_planted_leftover_link_is_not_put_in_a_folders_place(tmp_path):
     (stage / ".work.abcd1234.side-tmp").mkdir(exist_ok=True)
     sweep_leftovers(tmp_path / "run", min_age_s=0)
     assert (stage / "work").is_dir() and not (stage / "work").is_symlink()
+    # nor a folder holding a link (its checkpoint/ linked elsewhere: a review of the first version's find)
+    shutil.rmtree(stage / "work")
+    (stage / ".work.abcd1234.side-old" / "checkpoint").mkdir(parents=True)
+    (stage / ".work.abcd1234.side-old" / "checkpoint" / "state").symlink_to(tmp_path / "mine")
+    (stage / ".work.abcd1234.side-tmp").mkdir()
+    sweep_leftovers(tmp_path / "run", min_age_s=0)
+    assert not (stage / "work").exists()
 
 
 def test_the_report_is_not_written_through_a_linked_report_folder(tmp_path):
@@ -215,3 +223,17 @@ def test_a_manifest_entry_whose_fields_the_writers_compute_with_is_damaged_is_na
     run = _run(tmp_path / "ok", {"extraction/uncond": {"status": "complete", "fingerprint": None, "n": 6,
                                                       "stopped": {"at": 4, "unseen_mass": 0.1}, "seconds": 1.5}})
     read_manifest(run / "manifest.json")
+
+
+def test_theory_measure_does_not_write_through_a_linked_theory_folder(tmp_path):
+    """RUN/theory linked to the receiver's folder: side theory measure wrote measure.json where it pointed (theory/
+    was no folder a run's writers were known to go into, and measure checked no link; a review's find)."""
+    from side_extract.theory.measure import measure_run
+
+    run = _run(tmp_path)
+    (run / "config.yaml").write_text(cfg.dump_yaml(cfg.RunConfig()))
+    (tmp_path / "mine").mkdir()
+    (run / "theory").symlink_to(tmp_path / "mine")
+    with pytest.raises(ValueError, match=r"holds symbolic links \(theory\)"):
+        measure_run(run)
+    assert not any((tmp_path / "mine").iterdir())

@@ -212,6 +212,12 @@ def leftover_of(name: str) -> str | None:
     return name[1:].rsplit(".", 2)[0] if _LEFTOVER.fullmatch(name) else None
 
 
+def links_inside(folder: Path) -> list[Path]:
+    """The symbolic links anywhere inside ``folder`` (not followed; a link to a folder is listed, not entered)."""
+    return [Path(here) / n for here, folders, files in os.walk(folder) for n in (*folders, *files)
+            if (Path(here) / n).is_symlink()]
+
+
 def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
     """Remove what writers killed mid-write (SIGKILL, power loss) left in run directory ``path``: the temporary
     files and directories of :func:`atomic_write_bytes` and :func:`atomic_directory` (``.NAME.XXXXXXXX.side-tmp``,
@@ -244,8 +250,8 @@ def sweep_leftovers(path: str | Path, now: float | None = None, min_age_s: float
                 continue
             p = here / name
             if (name.endswith(".side-old") and (back := leftover_of(name)) in replacing
-                    and not (here / back).exists() and not p.is_symlink()):  # (a link planted as one was
-                # put in its place, after the run's links were checked)
+                    and not (here / back).exists() and not p.is_symlink() and not links_inside(p)):  # (a link
+                # planted as one, or in one, was put in the folder's place after the run's links were checked)
                 # atomic_directory killed between its two renames (the folder moved aside, the new one not yet in
                 # place): the complete folder of before is put back, whatever its age (the sweep took it after 15
                 # minutes, and a classifier's checkpoints with it: trained again from step 0)

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import config as cfg
 from .contents import MANIFEST, read_stages
-from .files import read_json, sweep_leftovers
+from .files import links_inside, read_json, sweep_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ WAIT_NOTE = ": side run, demo, sample, cluster, train-classifier, extract; audit
 
 # the folders a run's writers clear and write (its stages' and the report's): no other run may lie inside them
 RUN_FOLDERS = frozenset({*(s for s in STAGE_SECTIONS if s != "calibration"), "train-features", "synthetic-evaluation",
-                         "report", "inputs"})
+                         "report", "inputs", "theory"})
 
 OWN_BEFORE_MANIFEST = ("config.yaml", "inputs", "sweeps")  # the API saves an in-memory training set in inputs/
 
@@ -141,8 +141,7 @@ def _links_where_written(run: Path, written: set[str]) -> list[Path]:
         if top.is_symlink():
             found.append(top)
         elif top.is_dir():
-            for here, folders, files in os.walk(top):  # (a link to a folder is listed, not entered)
-                found += [Path(here) / n for n in (*folders, *files) if (Path(here) / n).is_symlink()]
+            found += links_inside(top)
     return found
 
 

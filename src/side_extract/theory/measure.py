@@ -376,9 +376,11 @@ def measure_run(run: str | Path, *, n_points: int | None = None, device: str = "
     from ..data import load_image_set
     from ..models.classifier import load_classifier
     from ..models.target import check_fits
-    from ..runs import atomic_write_json, check_run_directory, read_run_config, read_stages, run_lock, stale_stages
+    from ..runs import (atomic_write_json, check_run_directory, check_run_path, read_run_config, read_stages, run_lock,
+                        stale_stages)
 
     run = check_run_directory(run)
+    check_run_path(run, "run")  # (RUN/theory linked elsewhere: measure.json was written where it pointed)
     check_options(**kwargs, **({} if n_points is None else {"n_points": n_points}))  # (before the target, its
     # classifier and the training set load: a bad eps was found after them)
     with run_lock(run):  # one snapshot of the run's stages, and no writer between them and the file
