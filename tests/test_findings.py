@@ -523,3 +523,31 @@ def test_a_copied_runs_evaluation_of_its_own_extraction_counts_once(tmp_path):
         assert found[run]["left_out"]["again"] == (f"it measures the same generation files as side "
                                                    f"({(run / 'extraction' / 'side').resolve()}), counted once")
     assert found[there]["only"] == found[here]["only"] and sum(found[here]["only"]["side"].values()) > 0
+
+
+def test_a_moved_runs_evaluation_of_an_extraction_made_again_since_is_left_out(tmp_path):
+    """side evaluate of the run's own extraction, then the run moved, then the extraction made again: the stale
+    evaluation was told from the run's own by its recorded path (the old place), so in the moved run it counted as
+    current, its old generations beside the new ones (a review's find). side evaluate records that the stage is the
+    run's it writes into, which holds wherever the run goes."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+    from side_extract.runs import evaluated_methods
+    from test_report import TRAIN, make_run
+
+    here = make_run(tmp_path / "a" / "run", sweeps=False)
+    manifest = json.loads((here / "manifest.json").read_text())  # (the fixture's extraction, recorded as a run does)
+    manifest["stages"]["extraction/side"] = {"status": "complete", "fingerprint": "e" * 64, "inputs": {}, "n": 40}
+    (here / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", str(here / "extraction" / "side"),
+                                 "--train", TRAIN, "--carlini-n", "10", "--out", str(here / "evaluation" / "own")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((here / "evaluation" / "own" / "metrics.json").read_text())["sources"]["generated_stage_here"]
+    there = tmp_path / "b" / "run"
+    shutil.move(here, there)
+    assert "own" in evaluated_methods(there)
+    manifest = json.loads((there / "manifest.json").read_text())
+    manifest["stages"]["extraction/side"]["fingerprint"] = "made-again"
+    (there / "manifest.json").write_text(json.dumps(manifest))
+    assert "own" not in evaluated_methods(there)

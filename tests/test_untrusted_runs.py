@@ -237,3 +237,20 @@ def test_theory_measure_does_not_write_through_a_linked_theory_folder(tmp_path):
     with pytest.raises(ValueError, match=r"holds symbolic links \(theory\)"):
         measure_run(run)
     assert not any((tmp_path / "mine").iterdir())
+
+
+def test_side_evaluate_does_not_write_into_a_run_through_its_links(tmp_path):
+    """side evaluate --out RUN/evaluation/x into a given run whose evaluation/ is linked to the receiver's folder
+    checked the lock, not the links, and wrote the evaluation there."""
+    from typer.testing import CliRunner
+
+    from side_extract.cli.main import app
+
+    run = _run(tmp_path)
+    (run / "config.yaml").write_text(cfg.dump_yaml(cfg.RunConfig()))
+    (tmp_path / "mine").mkdir()
+    (run / "evaluation").symlink_to(tmp_path / "mine")
+    r = CliRunner().invoke(app, ["--no-progress", "evaluate", "--generated", "digits:10", "--train", "digits:20",
+                                 "--out", str(run / "evaluation" / "x")])
+    assert r.exit_code == 2 and "holds symbolic links (evaluation)" in r.output, r.output
+    assert not any((tmp_path / "mine").iterdir())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +90,16 @@ def run_written_into(out: Path, files: tuple[str, ...]) -> Path | None:
     checked before the sets load: ``out`` may not be the folder of one of the run's own stages (its manifest vouches
     for what the run made there), and no other process may be writing the run; nor may ``out`` be a file (it was
     found after the work)."""
-    from ..runs import check_unlocked, check_writable, enclosing_run, stage_holding
+    from ..runs import check_run_path, check_unlocked, check_writable, enclosing_run, stage_holding
 
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory (expected a folder to write into)")
     check_writable(out, files=files)  # (``files``: what the command writes in it)
+    lexical = Path(os.path.abspath(out))
+    for p in (lexical, *lexical.parents):  # a run's folder linked elsewhere (RUN/evaluation -> someone's folder):
+        # the path resolves out of the run, so no run was found, and the evaluation was written where the link pointed
+        if p.is_symlink() and (outer := enclosing_run(p.parent)) is not None:
+            check_run_path(outer, "run")
     run = enclosing_run(out)
     if run is not None:
         if (stage := stage_holding(run, out)) is not None:
@@ -102,12 +108,13 @@ def run_written_into(out: Path, files: tuple[str, ...]) -> Path | None:
                              f"for what the run made there): write to a new name, e.g. --out {other}, or rerun the "
                              "stage with `side extract` / `side run`")
         check_unlocked(run)  # another writer: said at once
+        check_run_path(run, "run")  # (its evaluation/ linked elsewhere: the evaluation was written there)
     return run
 
 
-def generated_stage(generated: str) -> tuple[str, str] | None:
-    """(stage, fingerprint) of the finished ``extraction/<method>`` of a run that ``generated`` is the folder of (None:
-    images elsewhere)."""
+def generated_stage(generated: str) -> tuple[Path, str, str] | None:
+    """(run, stage, fingerprint) of the finished ``extraction/<method>`` of a run that ``generated`` is the folder of
+    (None: images elsewhere)."""
     from ..runs import enclosing_run, read_stages, stage_holding
 
     run = enclosing_run(generated) if Path(generated).is_dir() else None
@@ -115,7 +122,7 @@ def generated_stage(generated: str) -> tuple[str, str] | None:
     if stage is None or not stage.startswith("extraction/") or (run / stage).resolve() != Path(generated).resolve():
         return None
     e = read_stages(run).get(stage) or {}
-    return (stage, e["fingerprint"]) if e.get("status") == "complete" and e.get("fingerprint") else None
+    return (run, stage, e["fingerprint"]) if e.get("status") == "complete" and e.get("fingerprint") else None
 
 
 def run_evaluate_section(run: Path) -> dict[str, Any]:
@@ -279,9 +286,12 @@ def evaluate_cmd(
         result = evaluate(gen, tr, c, method=default_method(generated) if method is None else method,
                           feature_model=feature_model, device=device, progress=cb, heldout=rest)
     if stage is not None:  # a run's own extraction: which one it measured, so that the run leaves this evaluation
-        # out once it makes that extraction again (it was counted beside the new one)
-        result = dataclasses.replace(result, sources={**result.sources, "generated_stage": stage[0],
-                                                      "generated_stage_fingerprint": stage[1]})
+        # out once it makes that extraction again (it was counted beside the new one), and whether it is the run's
+        # it is written into (told by the recorded paths, a run moved since was told otherwise)
+        here = run is not None and stage[0].resolve() == run.resolve()
+        result = dataclasses.replace(result, sources={**result.sources, "generated_stage": stage[1],
+                                                      "generated_stage_fingerprint": stage[2],
+                                                      "generated_stage_here": here})
     if rest is not None and result.bands_source == f"heldout:{rest.name}":
         say(f"bands calibrated on the held-out set: the {len(rest)} digits not in {train}")
     with run_lock(run) if run is not None else contextlib.nullcontext():

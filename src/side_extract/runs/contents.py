@@ -112,44 +112,57 @@ def evaluated_methods(run: str | Path) -> dict[str, Path]:
 
 def measures_a_remade_extraction(run: Path, metrics: Path, stages: dict[str, dict[str, Any]]) -> str | None:
     """The extraction stage of ``run`` (``extraction/<m>``) that an evaluation ``side evaluate`` wrote into it
-    (``metrics``: its metrics.json) measured, where the run has made it again since (its fingerprint is another, or
-    it is unfinished); None where it is current, or records none (an evaluation of images elsewhere, or one written
-    before the stage was recorded: taken as it is). Counted as current, the old generations stayed in the summary,
-    findings and report beside the new ones."""
+    (``metrics``: its metrics.json) measured (:func:`own_stage`), where the run has made it again since (its
+    fingerprint is another, or it is unfinished); None where it is current, or records none (an evaluation of images
+    elsewhere, or one written before the stage was recorded: taken as it is). Counted as current, the old generations
+    stayed in the summary, findings and report beside the new ones."""
     try:
         sources = read_json(metrics, dict).get("sources") or {}
     except ValueError:
         return None
-    stage, fp, source = sources.get("generated_stage"), sources.get("generated_stage_fingerprint"), \
-        sources.get("generated")
-    if not (isinstance(stage, str) and isinstance(source, str) and source) or Path(source).resolve() != (
-            Path(run) / stage).resolve():
+    if (stage := own_stage(run, sources, stages)) is None:
         return None
     e = stages.get(stage) or {}
-    return None if e.get("status") == "complete" and e.get("fingerprint") == fp else stage
+    return None if e.get("status") == "complete" and e.get("fingerprint") == sources.get(
+        "generated_stage_fingerprint") else stage
+
+
+def own_stage(run: str | Path, sources: dict[str, Any], stages: dict[str, dict[str, Any]]) -> str | None:
+    """The stage of run directory ``run`` that an evaluation ``side evaluate`` wrote into it measured (``sources``:
+    its metrics.json's), else None (images elsewhere): the stage it recorded where it recorded that the stage was
+    this run's (``generated_stage_here``), or where the source it recorded is the stage's folder; evaluations written
+    before it recorded that: also where the recorded source ends with the stage and the stage still has the
+    fingerprint it recorded (the same generations, in a run copied or moved since, whose recorded paths are the old
+    place's)."""
+    source, stage, fp = (sources.get(k) for k in ("generated", "generated_stage", "generated_stage_fingerprint"))
+    if not (isinstance(stage, str) and stage and isinstance(source, str) and source):
+        return None
+    if sources.get("generated_stage_here") is not None:
+        return stage if sources["generated_stage_here"] is True else None
+    if Path(source).resolve() == (Path(run) / stage).resolve():
+        return stage
+    same = fp is not None and (stages.get(stage) or {}).get("fingerprint") == fp
+    return stage if same and Path(source).parts[-len(Path(stage).parts):] == Path(stage).parts else None
 
 
 def generated_source(run: str | Path, method: str, folder: str | Path, metrics: dict[str, Any],
                      stages: dict[str, dict[str, Any]]) -> Path | None:
     """Where the generations an evaluation in run directory ``run`` measured lie now (``method``: its name; ``folder``:
     where it lies; ``metrics``: its ``metrics.json``; ``stages``: the run's): the run's synthetic set or extraction of
-    ``method`` for an evaluation the run made, the run's stage for one ``side evaluate`` made of it (the source it
-    recorded ends with that stage, whose fingerprint it recorded the run's stage still has), else the source it
-    recorded (None: none). The recorded path is where they lay when it was made: read as it was, a run copied or
-    moved since counted ``side evaluate``'s evaluation of its own extraction as other generations."""
+    ``method`` for an evaluation the run made, the run's stage for one ``side evaluate`` made of it
+    (:func:`own_stage`), else the source it recorded (None: none). The recorded path is where they lay when it was
+    made: read as it was, a run copied or moved since counted ``side evaluate``'s evaluation of its own extraction as
+    other generations."""
     run, folder = Path(run), Path(folder).resolve()
     if folder == (run / SYNTHETIC_EVALUATION).resolve() and SYNTHETIC_EVALUATION in stages:
         return run / "synthetic"
     if folder == (run / "evaluation" / method).resolve() and f"evaluation/{method}" in stages:
         return run / "extraction" / method
     sources = metrics.get("sources") or {}
-    source, stage, fp = (sources.get(k) for k in ("generated", "generated_stage", "generated_stage_fingerprint"))
-    if not (isinstance(source, str) and source):
-        return None
-    if (isinstance(stage, str) and stage and fp and (stages.get(stage) or {}).get("fingerprint") == fp
-            and Path(source).parts[-len(Path(stage).parts):] == Path(stage).parts):
+    if (stage := own_stage(run, sources, stages)) is not None:
         return run / stage
-    return Path(source)
+    source = sources.get("generated")
+    return Path(source) if isinstance(source, str) and source else None
 
 
 def _config_methods(run: Path) -> list[str]:
