@@ -353,6 +353,7 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
                 "UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )
         raise ValueError(f"model directory {str(path)!r} has no unet/*.safetensors weights")
+    check_weight_indexes(path)
     for f in (unet_dir / "config.json", sched_dir / "scheduler_config.json"):
         try:
             if not isinstance(json.loads(f.read_text(encoding="utf-8")), dict):
@@ -382,6 +383,24 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
     return UNetDenoiser(unet, scheduler, source=str(path)).to(device)
 
 
+def check_weight_indexes(path: Path) -> None:
+    """Refuse a model directory whose ``unet/*.safetensors.index.json`` (a sharded model's) names weight files
+    other than safetensors files beside it: diffusers follows such an index even to ``.bin`` pickles, which it
+    then unpickles (and which the model's fingerprint did not cover)."""
+    for index in sorted((path / "unet").glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"model directory {str(path)!r}: unet/{index.name} is not a readable weight index "
+                             f"({type(e).__name__}: {e})") from None
+        bad = sorted(str(s) for s in shards if not (isinstance(s, str) and s.endswith(".safetensors")
+                                                    and Path(s).name == s and (path / "unet" / s).is_file()))
+        if bad:
+            raise ValueError(f"model directory {str(path)!r}: unet/{index.name} names weight files that are not "
+                             f"safetensors files beside it ({', '.join(bad[:3])}); side-extract never unpickles "
+                             "weights: save the model again with safe_serialization=True")
+
+
 def check_unet(unet: UNet2DModel, what: str) -> None:
     """Refuse a UNet2DModel that is no noise predictor of the images side-extract reads: out_channels other than
     in_channels (a learned-variance UNet), or channels other than 1 (grey) and 3 (RGB)."""
@@ -409,8 +428,9 @@ def model_fingerprint(spec: str | Path) -> str:
     """sha256 over a model directory's UNet config and weights and its scheduler config."""
     path = resolve_model_path(spec)
     h = hashlib.sha256()
+    # (a sharded model's index decides which shards load: each of its safetensors shards counts, and the index too)
     for f in [path / "unet" / "config.json", *sorted((path / "unet").glob("*.safetensors")),
-              path / "scheduler" / "scheduler_config.json"]:
+              *sorted((path / "unet").glob("*.safetensors.index.json")), path / "scheduler" / "scheduler_config.json"]:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
