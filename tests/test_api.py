@@ -1190,3 +1190,21 @@ def test_a_half_precision_unet_is_audited_as_its_float32_copy(tmp_path):
                                    sample(upcast.denoiser, 2, seed=0, steps=3), rtol=0, atol=0)
         save_target(half, sched, tmp_path / str(dtype))
         assert run_target(str(tmp_path / str(dtype)), target.fingerprint).fingerprint == target.fingerprint
+
+
+def test_a_ddim_pipeline_audited_in_memory_is_the_target_of_its_saved_directory(tmp_path):
+    """A DDIMPipeline (or a DDIMScheduler) given from Python is known by its weights and its DDIMScheduler's config;
+    its directory saved with save_pretrained, which load_target reads as a DDPMScheduler, was refused as another
+    target, so `side verify --model DIR` never ran for it, though a DDPMPipeline's did (a review's find)."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from side_extract.models.forms import run_target
+
+    pipe = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100))
+    target = as_target(pipe)
+    pipe.save_pretrained(tmp_path / "m")
+    assert run_target(str(tmp_path / "m"), target.fingerprint).fingerprint == target.fingerprint
+    other = DDIMPipeline(unet=tiny_unet(seed=1), scheduler=DDIMScheduler(num_train_timesteps=100))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="is not the run's target"):
+        run_target(str(tmp_path / "other"), target.fingerprint)

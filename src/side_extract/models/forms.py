@@ -240,6 +240,20 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
 
 
+def _saved_scheduler(model: str | Path) -> list[SchedulerMixin]:
+    """The scheduler of model directory ``model`` as the class its config names (a DDIMScheduler, which
+    :func:`load_target` reads as the DDPMScheduler it samples with: a pipeline audited in memory with its
+    DDIMScheduler, whose config the fingerprint took, was never its own saved directory's), or none."""
+    from diffusers import DDIMScheduler
+
+    path = resolve_model_path(model) / "scheduler"
+    try:
+        name = json.loads((path / "scheduler_config.json").read_text(encoding="utf-8")).get("_class_name")
+        return [DDIMScheduler.from_pretrained(path)] if name == "DDIMScheduler" else []
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+
+
 def run_target(run_model: str, recorded: str | None, model: ModelLike | None = None, *,
                scheduler: SchedulerMixin | None = None, sample_shape: Sequence[int] | None = None, device: str = "cpu",
                model_id: str | None = None, pass_as: str = "model=") -> Target:
@@ -254,7 +268,8 @@ def run_target(run_model: str, recorded: str | None, model: ModelLike | None = N
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
     if (recorded is not None and recorded != target.fingerprint and isinstance(model, (str, Path))
             and isinstance(target.denoiser, UNetDenoiser)
-            and module_fingerprint(target.denoiser.unet, target.denoiser.scheduler) == recorded):
+            and any(module_fingerprint(target.denoiser.unet, s) == recorded
+                    for s in (target.denoiser.scheduler, *_saved_scheduler(model)))):
         # a run audited with the model in memory knows it by its weights: the same weights saved to a directory are
         # its target (they were refused by their file hash, so such a run could never be verified from the CLI)
         return Target(target.denoiser, recorded, target.description)
