@@ -572,3 +572,18 @@ def test_train_target_refuses_a_schedule_the_audit_cannot_use_before_training(tm
         said = " ".join(r.output.split())
         assert r.exit_code == 2 and ("no signal at all" in said if T > 4 else "must be at least 4" in said), r.output
         assert "training on" not in r.output and not (tmp_path / f"c{T}").exists()
+
+
+def test_a_train_config_that_does_not_read_is_named_as_the_folders_file(tmp_path):
+    """A target folder's train_config.yaml of another release (a key this one lacks) or damaged (steps: -1): the
+    rerun of the very command that made it was refused as 'unknown config key(s)' naming no file, or as
+    '--steps=-1 must be a positive integer', the user's own option given as 6 (a review's find)."""
+    data = load_image_set("digits:20")
+    train_target(TINY, data, tmp_path / "t")
+    made = tmp_path / "t" / "train_config.yaml"
+    text = made.read_text()
+    for line in ("later_key: 1", "steps: -1"):
+        made.write_text("\n".join(s for s in text.splitlines() if not s.startswith("steps:")) + f"\n{line}\n")
+        with pytest.raises(ValueError, match=r"train_config.yaml' does not read as a train-target config \(.*\): the "
+                                             r"target in .* was written by another release or damaged since"):
+            train_target(TINY, data, tmp_path / "t")

@@ -611,7 +611,13 @@ def check_train_out(out: Path, resume_key: dict, *, data: bool = True) -> None:
             raise ValueError(f"{differs} ({state.parent.name}); training here would replace it: choose another "
                              "--out or delete it")
     if made.is_file():
-        old = training_key(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made)))
+        try:
+            old = training_key(cfg.from_dict(cfg.TrainTargetConfig, cfg.load_yaml(made)))
+        except ValueError as e:  # (said in the words of the user's own options: "--steps=-1 must be ...", of a file
+            # that is no config of this release: "unknown config key(s)", naming no file)
+            raise ValueError(f"{str(made)!r} does not read as a train-target config ({e}): the target in "
+                             f"{str(out)!r} was written by another release or damaged since; choose another --out or "
+                             "delete it") from None
         # the data by the fingerprint training_log.json records (a model trained on other images under the same
         # spec was replaced once its checkpoints were gone); by the spec where it records none (made before)
         try:
