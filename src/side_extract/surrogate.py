@@ -200,7 +200,8 @@ def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size:
                    f"{_nth_cohesive(keep)} of at least {largest} images has cohesion {best:.4f}")
             also = f" and surrogate.tau <= {_tau_below(best):.3f}"
         return (f"the size filter (min_size={min_size}; the largest has {sizes.max()} images{why}): set "
-                f"surrogate.min_size <= {largest}{also} (or use fewer clusters or more synthetic images) to keep {some}")
+                f"surrogate.min_size <= {largest}{also} (or use fewer clusters or more synthetic images) to keep "
+                f"{some}")
     best = _kth_cohesion(cohesion, big, keep)
     return (f"the cohesion filter (tau={tau}, min_size={min_size}); the {_nth_cohesive(keep)} of at least min_size "
             f"images has cohesion {best:.4f}: set surrogate.tau <= {_tau_below(best):.3f} (or use fewer clusters or "

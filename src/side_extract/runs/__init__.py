@@ -23,9 +23,9 @@ The package, one module per concern (each imports only those above it):
 - :mod:`.shards`: sharded stage output, resumed and split between the processes of a launch.
 """
 from .contents import (MANIFEST, MODEL_INPUT, SYNTHETIC_EVALUATION, check_run_directory, evaluated_methods,
-                       evaluated_synthetic, generated_source, other_target_evaluations, read_manifest, read_model, read_model_entry,
-                       read_run_config, read_stages, reference_method, remade_inputs, run_input, settings_changed,
-                       stale_stages)
+                       evaluated_synthetic, generated_source, other_target_evaluations, read_manifest, read_model,
+                       read_model_entry, read_run_config, read_stages, reference_method, remade_inputs, run_input,
+                       settings_changed, stale_stages)
 from .directory import RunDir
 from .files import (LEFTOVER_AGE_S, Checkpoint, atomic_directory, atomic_save_npz, atomic_write_bytes, atomic_write_json,
                     atomic_write_text, leftover_of, load_torch_state, npz_arrays, read_checkpoint, read_json, read_npz,
@@ -39,9 +39,9 @@ from .shards import Progress, grows_from, shard_path, shard_ranges, shard_stage,
 
 __all__ = [
     "MANIFEST", "MODEL_INPUT", "SYNTHETIC_EVALUATION", "check_run_directory", "evaluated_methods",
-    "evaluated_synthetic", "generated_source", "other_target_evaluations", "read_manifest", "read_model", "read_model_entry",
-    "read_run_config", "read_stages", "reference_method", "remade_inputs", "run_input", "settings_changed",
-    "stale_stages", "RunDir", "LEFTOVER_AGE_S", "Checkpoint", "atomic_directory", "atomic_save_npz",
+    "evaluated_synthetic", "generated_source", "other_target_evaluations", "read_manifest", "read_model",
+    "read_model_entry", "read_run_config", "read_stages", "reference_method", "remade_inputs", "run_input",
+    "settings_changed", "stale_stages", "RunDir", "LEFTOVER_AGE_S", "Checkpoint", "atomic_directory", "atomic_save_npz",
     "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "leftover_of", "load_torch_state", "npz_arrays",
     "read_checkpoint", "read_json", "read_npz", "shard_opens", "shards_hold", "sweep_leftovers", "whole_safetensors",
     "FILE_KEYS", "STAGE_VERSIONS", "array_fingerprint", "file_fingerprint", "fingerprint_of", "settings_fingerprint",
