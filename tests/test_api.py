@@ -1208,3 +1208,11 @@ def test_a_ddim_pipeline_audited_in_memory_is_the_target_of_its_saved_directory(
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="is not the run's target"):
         run_target(str(tmp_path / "other"), target.fingerprint)
+    # and its siblings: any diffusers scheduler given with the UNet (a review of the first version, DDIM's alone)
+    from diffusers import DDPMPipeline, DPMSolverMultistepScheduler, PNDMScheduler
+
+    for kind in (PNDMScheduler, DPMSolverMultistepScheduler):
+        pipe = DDPMPipeline(unet=tiny_unet(), scheduler=kind(num_train_timesteps=100))
+        pipe.save_pretrained(tmp_path / kind.__name__)
+        fp = as_target(pipe).fingerprint
+        assert run_target(str(tmp_path / kind.__name__), fp).fingerprint == fp

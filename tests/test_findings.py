@@ -551,3 +551,10 @@ def test_a_moved_runs_evaluation_of_an_extraction_made_again_since_is_left_out(t
     manifest["stages"]["extraction/side"]["fingerprint"] = "made-again"
     (there / "manifest.json").write_text(json.dumps(manifest))
     assert "own" not in evaluated_methods(there)
+    # recorded as measured outside the run (--out elsewhere, the folder moved in since), yet its source the run's
+    # stage: the path tells (a first version took the record as a veto, and kept it as current)
+    metrics = there / "evaluation" / "own" / "metrics.json"
+    d = json.loads(metrics.read_text())
+    d["sources"] |= {"generated_stage_here": False, "generated": str(there / "extraction" / "side")}
+    metrics.write_text(json.dumps(d))
+    assert "own" not in evaluated_methods(there)

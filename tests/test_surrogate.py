@@ -246,7 +246,8 @@ def test_filter_advice_for_min_size_also_names_tau_when_those_clusters_fail_it()
     sizes, cohesion = np.array([10, 1, 1]), np.array([0.9, 0.2, 0.2])
     said = filter_advice(sizes, cohesion, 0.5, 2, keep=2)
     assert "set surrogate.min_size <= 1 and surrogate.tau <= 0.200 " in said, said
-    assert "1 pass tau=0.5, and the second most cohesive of at least 1 images has cohesion 0.2000" in said, said
+    assert ("1 of two images or more pass tau=0.5, and the second most cohesive of at least 1 images has cohesion "
+            "0.2000") in said, said
     kept = (sizes >= 1) & (cohesion >= 0.2)
     assert kept.sum() >= 2
     # where those clusters pass tau, min_size alone (as before)
@@ -258,3 +259,6 @@ def test_filter_advice_for_min_size_also_names_tau_when_those_clusters_fail_it()
     said = filter_advice(sizes, cohesion, 0.5, 11, keep=2)
     assert "set surrogate.min_size <= 3 (or use" in said and "tau <=" not in said, said
     assert ((sizes >= 3) & (cohesion >= 0.5)).sum() == 2
+    # lone images (cohesion 1 by definition) are no classes to advise: min_size stays at 2 or more, tau goes down
+    said = filter_advice(np.array([14, 13, 12, 1, 1]), np.array([0.48, 0.47, 0.46, 1.0, 1.0]), 0.5, 20, keep=2)
+    assert "set surrogate.min_size <= 13 and surrogate.tau <= 0.470 " in said, said

@@ -183,9 +183,10 @@ def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size:
                 "extractor")
     some = "some" if keep == 1 else str(keep)
     if big.sum() < keep:  # the size filter alone leaves too few: the advice is about min_size, and tau if need be
-        # the largest min_size that keeps ``keep`` clusters at this tau (the advice was the keep-th largest size: where
-        # those clusters fail tau, following it kept fewer still); only where none does, tau too
-        cohesive = sizes[np.nan_to_num(cohesion, nan=-np.inf) >= tau - COHESION_ROUNDING]
+        # the largest min_size that keeps ``keep`` clusters of two images or more at this tau (the advice was the
+        # keep-th largest size: where those clusters fail tau, following it kept fewer still; a lone image, whose
+        # cohesion is 1, is no class to advise); only where none does, tau too
+        cohesive = sizes[(np.nan_to_num(cohesion, nan=-np.inf) >= tau - COHESION_ROUNDING) & (sizes >= 2)]
         nth = f"{_nth(keep)} largest" if keep > 1 else "largest"
         plain = int(np.sort(sizes)[::-1][min(keep, len(sizes)) - 1])  # the keep-th largest, whatever its cohesion
         if len(cohesive) >= keep:
@@ -196,9 +197,12 @@ def filter_advice(sizes: np.ndarray, cohesion: np.ndarray, tau: float, min_size:
         else:
             largest = plain
             best = _kth_cohesion(cohesion, sizes >= largest, keep)
-            why = ((f", the {nth} {largest}" if keep > 1 else "") + f"; {len(cohesive)} pass tau={tau}, and the "
-                   f"{_nth_cohesive(keep)} of at least {largest} images has cohesion {best:.4f}")
-            also = f" and surrogate.tau <= {_tau_below(best):.3f}"
+            why = f", the {nth} {largest}" if keep > 1 else ""
+            also = ""
+            if best < tau - COHESION_ROUNDING:
+                why += (f"; {len(cohesive)} of two images or more pass tau={tau}, and the {_nth_cohesive(keep)} of "
+                        f"at least {largest} images has cohesion {best:.4f}")
+                also = f" and surrogate.tau <= {_tau_below(best):.3f}"
         return (f"the size filter (min_size={min_size}; the largest has {sizes.max()} images{why}): set "
                 f"surrogate.min_size <= {largest}{also} (or use fewer clusters or more synthetic images) to keep "
                 f"{some}")

@@ -241,16 +241,19 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
 
 
 def _saved_scheduler(model: str | Path) -> list[SchedulerMixin]:
-    """The scheduler of model directory ``model`` as the class its config names (a DDIMScheduler, which
-    :func:`load_target` reads as the DDPMScheduler it samples with: a pipeline audited in memory with its
-    DDIMScheduler, whose config the fingerprint took, was never its own saved directory's), or none."""
-    from diffusers import DDIMScheduler
+    """The scheduler of model directory ``model`` as the diffusers class its config names (a DDIMScheduler, a
+    PNDMScheduler, ..., which :func:`load_target` reads as the DDPMScheduler it samples with: a pipeline audited in
+    memory with it, whose config the fingerprint took, was never its own saved directory's), or none."""
+    import diffusers
 
     path = resolve_model_path(model) / "scheduler"
     try:
         name = json.loads((path / "scheduler_config.json").read_text(encoding="utf-8")).get("_class_name")
-        return [DDIMScheduler.from_pretrained(path)] if name == "DDIMScheduler" else []
-    except (OSError, ValueError, TypeError, AttributeError):
+        kind = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if not (isinstance(kind, type) and issubclass(kind, SchedulerMixin)) or kind is diffusers.DDPMScheduler:
+            return []
+        return [kind.from_pretrained(path)]
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return []
 
 

@@ -385,8 +385,8 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
 
 def check_weight_indexes(path: Path) -> None:
     """Refuse a model directory whose ``unet/*.safetensors.index.json`` (a sharded model's) names weight files
-    other than safetensors files beside it: diffusers follows such an index even to ``.bin`` pickles, which it
-    then unpickles (and which the model's fingerprint did not cover)."""
+    other than safetensors files beside it: diffusers follows such an index even to ``.bin`` files, which it loads
+    with torch's pickle-based loader (``weights_only``), and which the model's fingerprint did not cover."""
     for index in sorted((path / "unet").glob("*.safetensors.index.json")):
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
@@ -428,9 +428,9 @@ def model_fingerprint(spec: str | Path) -> str:
     """sha256 over a model directory's UNet config and weights and its scheduler config."""
     path = resolve_model_path(spec)
     h = hashlib.sha256()
-    # (a sharded model's index decides which shards load: each of its safetensors shards counts, and the index too)
+    # (a sharded model's shards are safetensors files beside its index, check_weight_indexes: each counts)
     for f in [path / "unet" / "config.json", *sorted((path / "unet").glob("*.safetensors")),
-              *sorted((path / "unet").glob("*.safetensors.index.json")), path / "scheduler" / "scheduler_config.json"]:
+              path / "scheduler" / "scheduler_config.json"]:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

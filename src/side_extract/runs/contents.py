@@ -137,10 +137,10 @@ def own_stage(run: str | Path, sources: dict[str, Any], stages: dict[str, dict[s
     source, stage, fp = (sources.get(k) for k in ("generated", "generated_stage", "generated_stage_fingerprint"))
     if not (isinstance(stage, str) and stage and isinstance(source, str) and source):
         return None
-    if sources.get("generated_stage_here") is not None:
-        return stage if sources["generated_stage_here"] is True else None
-    if Path(source).resolve() == (Path(run) / stage).resolve():
+    if Path(source).resolve() == (Path(run) / stage).resolve() or sources.get("generated_stage_here") is True:
         return stage
+    if sources.get("generated_stage_here") is not None:  # (recorded as another run's: no guessing from the path)
+        return None
     same = fp is not None and (stages.get(stage) or {}).get("fingerprint") == fp
     return stage if same and Path(source).parts[-len(Path(stage).parts):] == Path(stage).parts else None
 
