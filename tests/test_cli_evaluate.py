@@ -546,3 +546,35 @@ def test_a_side_evaluate_of_an_extraction_the_run_made_again_is_left_out(tiny_mo
     r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", *shlex.split(advised)[1:], "--carlini-n", "5"])
     assert r.exit_code == 0, r.output
     assert list(audit_summary(run)["methods"]) == ["uncond", "uncond-cli"]
+
+
+def test_a_runs_bands_of_a_revised_extractors_earlier_features_are_not_taken(tmp_path, capsys):
+    """side evaluate into a run measured under cosine:efficientnet-lite0 took the run's calibrated bands.json
+    without a word, though they were calibrated on the extractor's features of before its normalisation fix
+    (revision 2), which moved the scores (a review's find). bands.json now records a revised extractor's revision,
+    and bands of another revision are not taken, said so; those of this revision are, as before."""
+    import numpy as np
+
+    from side_extract import config as cfg
+    from side_extract.cli.evaluate import run_bands
+    from side_extract.evaluation import Calibration
+    from side_extract.metrics import Band
+
+    sim = "cosine:efficientnet-lite0"
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.dump_yaml(cfg.from_dict(cfg.RunConfig, {"evaluate": {"similarity": sim}})))
+    cal = Calibration(sim, "similarity", (0.5, 0.9, 0.99), "train",
+                      (Band("low", 0.5, 0.8), Band("mid", 0.8, 0.9), Band("high", 0.9, 1.0)),
+                      {"train": np.linspace(0.4, 0.95, 50)})
+    made = cal.to_json()
+    assert made["extractor_revision"] == 2
+    c = cfg.EvaluateConfig(similarity=sim)
+    del made["extractor_revision"]  # (as the release before wrote it)
+    (run / "evaluation" / "bands.json").write_text(json.dumps(made))
+    assert run_bands(run, c) == c
+    assert "calibrated on efficientnet-lite0's features of before revision 2" in capsys.readouterr().err
+    (run / "evaluation" / "bands.json").write_text(json.dumps(cal.to_json()))
+    assert run_bands(run, c).bands_file == str(run / "evaluation" / "bands.json")
+    pixels = Calibration("rms-l2", "distance", (0.5,), "train", (Band("near", 0.0, 0.1),), {"train": np.ones(3)})
+    assert "extractor_revision" not in pixels.to_json()  # (the others record nothing new)

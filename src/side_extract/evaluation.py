@@ -565,10 +565,15 @@ class Calibration:
             counts, edges = np.histogram(v, bins=bins, range=(lo, hi if hi > lo else lo + 1e-9))
             summary[name] = {**null_summary(v, self.quantile_levels, self.orientation, self.copies.get(name)),
                              "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
+        from .features import extractor_revision
+
+        revision = extractor_revision(Similarity(self.similarity).extractor)
         return {"schema": "side-extract/bands/1", "similarity": self.similarity, "orientation": self.orientation,
                 "quantile_levels": list(self.quantile_levels), "null_source": self.null_source,
                 "bands": bands_json(self.bands), "null": summary, "fingerprints": self.fingerprints,
-                "sources": self.sources}
+                "sources": self.sources,
+                # (a revised extractor's: bands of its earlier features are told apart, see cli/evaluate.run_bands)
+                **({"extractor_revision": revision} if revision > 1 else {})}
 
     FILES = ("null.npz", "bands.json")  # what write() makes
 

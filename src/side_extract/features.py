@@ -247,6 +247,12 @@ EXTRACTORS: dict[str, Entry] = {
 }
 
 
+def extractor_revision(name: str | None) -> int:
+    """The revision of extractor ``name`` (``Entry.revision``; 1 for None or a name the registry lacks)."""
+    key = None if name is None else name.partition(":")[0]
+    return EXTRACTORS[key].revision if key in EXTRACTORS else 1
+
+
 def check_extractor(name: str) -> tuple[str, str]:
     """``(key, argument)`` of extractor ``name``, or a ValueError naming what is wrong (an unknown name, a
     ``torchscript`` without a path or whose file is missing, an argument to an extractor that takes none);

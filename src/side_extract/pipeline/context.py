@@ -13,7 +13,7 @@ import numpy as np
 from .. import config as cfg
 from ..data import ImageSet, load_image_set
 from ..data import absolute_spec as absolute_image_spec
-from ..features import EXTRACTORS
+from ..features import extractor_revision
 from ..metrics import Similarity, read_bands_file
 from ..models.target import (EMBEDDED_TARGETS, Denoiser, check_fits)
 from ..runs import (RunDir, file_fingerprint, read_npz)
@@ -62,9 +62,9 @@ def extractor_fingerprints(extractor: str | None) -> list[str]:
     """What keys a stage that runs ``extractor`` beside its name: :func:`script_fingerprints`, and the extractor's
     revision where its code has changed what it computes (``features.Entry.revision`` above 1; at 1, nothing, so the
     runs made before stand)."""
-    key = None if extractor is None else extractor.partition(":")[0]
-    revision = EXTRACTORS[key].revision if key in EXTRACTORS else 1
-    return [*script_fingerprints(extractor), *([f"{key} revision {revision}"] if revision > 1 else [])]
+    revision = extractor_revision(extractor)
+    return [*script_fingerprints(extractor),
+            *([f"{extractor.partition(':')[0]} revision {revision}"] if extractor and revision > 1 else [])]
 
 
 def config_extractor_fingerprints(rc: cfg.RunConfig) -> list[str]:
