@@ -142,10 +142,11 @@ def test_verdict_names_memguide_beside_side_and_alone():
         "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
         "than the best baseline, uncond, with 8 in 20 (1.50x). memguide (label-free, beyond the paper) reached 20 in "
         "30 generations (2.50x the best baseline).")
-    # given other numbers of generations (not stopped early): counts, no ratio (the ratio table refuses it too)
+    # given other numbers of generations (not stopped early): counts, no ratio (the ratio table refuses it too), and
+    # no "more than", which read as a win on counts that grow with the generations (a review's find)
     assert verdict(stopped, rows) == (
-        "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, more "
-        "than the best baseline, uncond, with 8 in 20 (no ratio: side was asked for 50 generations, uncond 20). "
+        "side reached 12 distinct training images (of 100) at the 'mid' band or closer with 50 generations, and "
+        "the best baseline, uncond, reached 8 in 20 (no ratio: side was asked for 50 generations, uncond 20). "
         "memguide (label-free, beyond the paper) reached 20 in 30 generations (no ratio: memguide was asked for 30 "
         "generations, uncond 20).")
     # the best baseline is taken among those given the form's budget, as the ratio table takes it (uncond's 8 in 20

@@ -798,7 +798,9 @@ def test_distinct_images_are_not_compared_between_methods_of_other_budgets(tmp_p
     assert "N_G differs: side 40, uncond 30" in html
     # nor in the verdict above that table, which gave "with 5 in 30 (3.20x)" (a review's find)
     said = audit_summary(run)["verdict"]
-    assert "with 5 in 30 (no ratio: side was asked for 40 generations, uncond 30)." in said and "x)" not in said, said
+    assert "reached 5 in 30 (no ratio: side was asked for 40 generations, uncond 30)." in said, said
+    assert "x)" not in said, said
+    assert " than the best baseline" not in said and "as many as" not in said, said
     # a baseline given the method's budget is compared with, whatever another of a smaller budget reached (it was
     # chosen as the best by its inflated share, and the comparison withheld)
     from side_extract.summary import ratios_to_best_baseline
