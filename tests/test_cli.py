@@ -797,3 +797,23 @@ def test_train_target_refuses_another_config_before_the_data_loads(tmp_path, mon
                         lambda *a, **k: pytest.fail("the training set loaded before the refusal"))
     r = CliRunner().invoke(app, [*argv[:-2], "--lr", "0.0005", "--out", str(tmp_path / "t")])
     assert r.exit_code == 2 and "holds a target trained with a different config or data set" in r.output, r.output
+
+
+def test_a_config_given_as_a_pipe_is_read_once(tiny_model_dir, tmp_path):
+    """``side sample --config <(...)``: the command read the file twice (the default-model note, then the config), so
+    the second reading found the pipe empty, and the stage ran the default target with default settings, writing
+    them as the run's config without a word (a review's find). The pipe's settings are the run's now."""
+    import os
+
+    read, write = os.pipe()
+    os.write(write, f"model: {tiny_model_dir}\nsample: {{n: 3, steps: 2}}\n".encode())
+    os.close(write)
+    try:
+        r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "sample", "--out", str(tmp_path / "run"),
+                                     "--config", f"/dev/fd/{read}"])
+    finally:
+        os.close(read)
+    assert r.exit_code == 0, r.output
+    made = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert made["model"] == str(tiny_model_dir) and made["sample"]["n"] == 3 and made["sample"]["steps"] == 2
+    assert "no config names a model" not in r.output

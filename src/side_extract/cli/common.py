@@ -263,7 +263,19 @@ def _run_config_dict(run: Path, config: Path | None, overrides: dict[str, Any]) 
 
 def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> cfg.RunConfig:
     """A stage command's config: the run's own ``config.yaml`` (when it exists), then ``config``, then the flags."""
-    return cfg.from_dict(cfg.RunConfig, _run_config_dict(run, config, overrides))
+    return stage_config(run, config, overrides)[1]
+
+
+def stage_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> tuple[str | None, cfg.RunConfig]:
+    """:func:`load_run_config` and what the command says when it leaves where nothing named the model (a new run
+    directory, no ``--config`` or flag naming one: that it used the default, rather than doing so without a word),
+    from one reading of ``config``: a pipe (``--config <(...)``) reads once, and a second reading found it empty, the
+    command running on the defaults and writing them as the run's config without a word."""
+    d = _run_config_dict(run, config, overrides)
+    note = None if "model" in d else no_model_note(f"{run}: no config names a model",
+                                                   "a --config file with model: ..., or side sample --model, names "
+                                                   "another")
+    return note, cfg.from_dict(cfg.RunConfig, d)
 
 
 @contextlib.contextmanager
@@ -313,15 +325,6 @@ def no_model_note(what: str, how: str) -> str:
     """The sentence said where nothing named the model and a run used the default target: ``what`` says what named
     none, ``how`` how to name another."""
     return f"{what}, so the run used the default, the embedded target {cfg.RunConfig.model!r} ({how})"
-
-
-def default_model_note(run: Path, config: Path | None, overrides: dict[str, Any]) -> str | None:
-    """What a stage command says when it leaves, where nothing named the model (a new run directory, no
-    ``--config`` or flag naming one): that it used the default, rather than doing so without a word."""
-    if "model" in _run_config_dict(run, config, overrides):
-        return None
-    return no_model_note(f"{run}: no config names a model",
-                         "a --config file with model: ..., or side sample --model, names another")
 
 
 def progress_enabled(ctx: typer.Context) -> bool:

@@ -15,9 +15,8 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (build_config, cli_errors, console, say, default_model_note, holding_run, load_run_config,
-                     no_model_note, path_value, progress_enabled, progress_lines, say_note, say_stale_report,
-                     typed_flags)
+from .common import (build_config, cli_errors, console, say, holding_run, no_model_note, path_value, progress_enabled,
+                     progress_lines, say_note, say_stale_report, stage_config, typed_flags)
 
 if TYPE_CHECKING:
     from ..pipeline import Until
@@ -148,8 +147,9 @@ def run_cmd(
 ) -> None:
     """Run the whole audit: sample, cluster, train classifiers, extract (SIDE and baselines), evaluate, sweeps.
     A stage whose settings or inputs changed since the last run into OUT is redone."""
-    rc = build_config(cfg.RunConfig, config, {})  # CONFIG says the whole run: a key left out is its default
-    if "model" not in cfg.load_yaml(config) and ProcessGroup.from_env().main:  # (CONFIG is the whole run: the run
+    given = cfg.load_yaml(config)  # read once (a pipe, CONFIG <(...), reads once: it was read twice)
+    rc = build_config(cfg.RunConfig, None, given)  # CONFIG says the whole run: a key left out is its default
+    if "model" not in given and ProcessGroup.from_env().main:  # (CONFIG is the whole run: the run
         # directory's config.yaml does not name it for this run, unlike a stage command's --config)
         say_note(no_model_note(f"{config} names no model", "model: DIR names a diffusers DDPMPipeline directory"))
     _say_changes(out, rc)
@@ -191,7 +191,7 @@ def cluster_cmd(
              "dropped": "surrogate.dropped"}
     flags = typed_flags(ctx, names)
     with holding_run(run, wait):
-        note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+        note, rc = stage_config(run, config, flags)
         _run(ctx, run, rc, device, "surrogate", wait=wait)
     if not ProcessGroup.from_env().main:
         return  # in a launch of several processes the main one says it, once
@@ -237,7 +237,7 @@ def train_classifier_cmd(
 
 def _train_classifiers(ctx: typer.Context, run: Path, config: Path | None, flags: dict[str, Any], device: str,
                        wait: bool) -> str | None:
-    note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+    note, rc = stage_config(run, config, flags)
     check_run_exists(run, config, "train-classifier")  # (after the flags' own checks, as extract's)
     if not {"side", "side-teacher", "cond", "side-lora"} & set(rc.extract.methods):  # (it trained nothing, said
         # "classifiers in RUN" and recorded the classifier settings)
@@ -285,7 +285,7 @@ def extract_cmd(
     from ..pipeline import run_audit
 
     with holding_run(run, wait):
-        note, rc = default_model_note(run, config, flags), load_run_config(run, config, flags)
+        note, rc = stage_config(run, config, flags)
         check_run_exists(run, config, "extract")
         with stage_progress(ctx) as factory:
             res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction",

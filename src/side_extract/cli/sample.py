@@ -10,8 +10,8 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import (cli_errors, say, default_model_note, holding_run, load_run_config, path_value, progress_bar,
-                     say_note, say_stale_report, typed_flags)
+from .common import (cli_errors, say, holding_run, path_value, progress_bar, say_note, say_stale_report, stage_config,
+                     typed_flags)
 
 if TYPE_CHECKING:
     from ..runs import RunDir
@@ -56,8 +56,7 @@ def sample_cmd(
 def _sample(ctx: typer.Context, out: Path, config: Path | None, flags: dict[str, Any], device: str,
             wait: bool) -> tuple[str | None, RunDir, int]:
     """The run's settings read and its synthetic set made: (the default-model note, the run, its image count)."""
-    note = default_model_note(out, config, flags)
-    rc = load_run_config(out, config, flags)  # an existing run keeps its other settings
+    note, rc = stage_config(out, config, flags)  # an existing run keeps its other settings
     group = ProcessGroup.from_env()  # torchrun / accelerate launch: each process writes its own shards
     device = group.device(device)
     from ..models.target import load_target, model_fingerprint
