@@ -119,6 +119,20 @@ def test_sweeps_share_unchanged_stages(tiny_model_dir, tmp_path, caplog):
     assert "uncond" in main.metrics and set(subs["scale=3"].metrics) == {"side"}
 
 
+def test_a_sweeps_sub_runs_warn_only_the_settings_their_main_run_has_not(tiny_model_dir, tmp_path, caplog):
+    """Sub-runs drop the methods the sweep does not move (memguide here), so their list of settings that change
+    nothing differed, and each said its whole list again: sample.eta under DDPM was warned of once per sweep value
+    and once more (a review's find). A sub-run now says only what the main run has not."""
+    rc = tiny_rc(tiny_model_dir, methods=("side", "memguide"), memguide_avoid_h=0.1)
+    rc = dataclasses.replace(rc, sample=dataclasses.replace(rc.sample, scheduler="ddpm", eta=0.5),
+                             sweep=cfg.SweepConfig(scale=(2.0,)))
+    with caplog.at_level("WARNING", logger="side_extract.pipeline"):
+        run_with_sweeps(tmp_path / "run", rc)
+    said = [r.getMessage() for r in caplog.records if "settings that change nothing" in r.getMessage()]
+    assert sum("sample.eta=0.5" in m for m in said) == 1, said
+    assert all("memguide_avoid_h" in m for m in said), said  # (said again where its reason differs)
+
+
 def test_only_the_sweeps_the_config_asks_for_now_are_read_back(tiny_model_dir, tmp_path, caplog):
     """A rerun with another sweep and another temperature left sweeps/scale=2 (and scale=3, made at the old
     temperature) on disk, and the report's sweep curve and Audit.sweeps drew them in beside the new run's."""

@@ -214,7 +214,8 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
                     share_stages(RunDir(path), RunDir(child))
                 group.barrier()
                 subs[name] = run_audit(child, sub_rc, device=device, progress=progress, wait=wait, target=target,
-                                       warn_inert=cfg.inert_settings(sub_rc) != cfg.inert_settings(rc))
+                                       warn_inert=cfg.inert_settings(rc))  # (what the main run has not said:
+                # each sub-run whose list differed at all said its whole list again)
     if group.main and (stale := stale_sweeps(path, absolute_paths(rc))):  # (its paths as the sub-runs record them:
         # typed relative, every fresh sub-run was called an earlier config's)
         log.warning("sweeps/ also holds %s, not a value of this config's sweep (an earlier config's): left as it is, "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def load_run_target(rc: cfg.RunConfig, device: str = "cpu") -> Target:
 
 def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until: Until = "evaluation",
               progress: ProgressFactory = no_progress, wait: bool = False, replace: bool = True,
-              target: Target | None = None, warn_inert: bool = True) -> AuditResult:
+              target: Target | None = None, warn_inert: bool | Collection[str] = True) -> AuditResult:
     """Run every stage the config's methods need, up to and including ``until``, into run directory ``path``.
 
     ``evaluation`` (with ``rc.train`` set) measures each method's generations against the training set into
@@ -48,8 +49,9 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
     error, stages left ``running`` are marked ``failed`` in the manifest.
 
     ``target``: an in-memory model (:class:`~side_extract.models.target.Target`, see ``side_extract.api``)
-    instead of loading ``rc.model`` from disk; ``rc.model`` then only describes it. ``warn_inert=False``: do not
-    warn of settings that change nothing (a sweep's sub-run whose main run has named the same ones).
+    instead of loading ``rc.model`` from disk; ``rc.model`` then only describes it. ``warn_inert``: warn of settings
+    that change nothing (False: not; the texts already said, :func:`~side_extract.config.inert_settings`': all but
+    those, as a sweep's sub-run warns what its main run has not).
     """
     if until not in UNTIL:
         raise ValueError(f"until={until!r} must be one of {', '.join(UNTIL)}")
@@ -60,7 +62,7 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         check_unlocked(path)  # another writer: said at once, not after the model has loaded
     if target is None:
         target = load_run_target(rc, device)
-    loaded = preflight(rc, target.denoiser, until, warn_inert=warn_inert and group.main)
+    loaded = preflight(rc, target.denoiser, until, warn_inert=warn_inert if group.main else False)
     group.agree({"config": fingerprint_of(rc), "model": target.fingerprint, "until": until, "run": str(path),
                  "replace": replace}, "settings (config or model), stage or run directory")  # (the values, not
     # the files they name: each machine of a launch may read its own copy)

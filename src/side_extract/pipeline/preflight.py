@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import numpy as np
 
@@ -49,10 +49,11 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
 
 
 def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *,
-              warn_inert: bool = True) -> dict[str, ImageSet]:
+              warn_inert: bool | Collection[str] = True) -> dict[str, ImageSet]:
     """Check the resolved config against the model, the data and the methods before any stage runs; one
     ``ValueError`` lists every problem found (not only the first). ``warn_inert``: warn of the settings that change
-    nothing in this run (:func:`~side_extract.config.inert_settings`; off where the caller has said so already).
+    nothing in this run (:func:`~side_extract.config.inert_settings`; False: not; a collection of them: all but
+    those, which the caller has said already).
     Returns the image sets it read (``train``, ``heldout``: :attr:`AuditContext.sets`, read as the run records their
     paths), so the stages do not read them again (a set's warnings were said twice, once here and once by its
     stage, and a file changed in between was checked here and read changed there)."""
@@ -111,7 +112,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     for name, c in (("classifier", rc.classifier), ("clean_classifier", rc.clean_classifier)):
         if c.backbone == "resnet" and c.depth not in DEPTHS:
             problems.append(f"{name}.depth={c.depth} must be one of {sorted(DEPTHS)} (the ResNet's depth)")
-    if warn_inert and (inert := cfg.inert_settings(rc)):
+    said = set() if isinstance(warn_inert, bool) else set(warn_inert)
+    if warn_inert is not False and (inert := [s for s in cfg.inert_settings(rc) if s not in said]):
         log.warning("settings that change nothing in this run: %s", "; ".join(inert))
     if rc.clean_classifier.backbone != "resnet":
         problems.append(f"clean_classifier.backbone={rc.clean_classifier.backbone!r}: the clean (time-independent) "
