@@ -412,7 +412,7 @@ def test_a_callable_modules_dtype_and_a_sample_shape_string_are_named():
         def forward(self, x, t):
             return self.unet(x, t).sample
 
-    with pytest.raises(ValueError, match=r"the callable module's weights are torch.float16 .*model.float\(\)"):
+    with pytest.raises(ValueError, match=r"the callable module's weights are float16 .*model.float\(\)"):
         as_target(Wrapped(), scheduler=tiny_scheduler(), sample_shape=(1, 8, 8))
     fn = lambda x, t: x  # noqa: E731
     for bad in ("1,8,8", (1, 8), (1, 8.5, 8), (0, 8, 8), 8):
@@ -1092,9 +1092,9 @@ def test_a_run_of_sets_in_memory_is_read_where_it_was_moved(tmp_path, one_thread
     # sub-run of a moved run was "made under other settings", left out of the report and Audit.sweeps)
     assert list(moved.sweeps) == ["scale=2"] and list(data["sweeps"]) == ["scale"]
     assert moved.sweeps["scale=2"].pairs("cond", top=1)
-    from side_extract.cli.common import load_run_config
+    from side_extract.cli.common import stage_config
 
-    assert load_run_config(tmp_path / "b", None, {}).train == moved.config.train
+    assert stage_config(tmp_path / "b", None, {})[1].train == moved.config.train
 
 
 def test_api_mistakes_a_review_found_late_or_unsaid_are_refused_at_once(tmp_path, one_thread):

@@ -486,18 +486,18 @@ def test_a_stage_configs_bands_replace_the_runs_other_ways_of_giving_them(tmp_pa
     alone) beside R's evaluate.bands was refused as "give one of them, not both"; side evaluate already took them as
     alternatives. A typed flag replaces them the same way; a C that gives none keeps the run's."""
     from side_extract import config as cfg
-    from side_extract.cli.common import load_run_config
+    from side_extract.cli.common import stage_config
     from side_extract.runs import RunDir
 
     RunDir(tmp_path / "run").write_config(cfg.RunConfig(train="digits:30",
                                                         evaluate=cfg.EvaluateConfig(bands="high=0:0.1,mid=0.1:0.2")))
     (tmp_path / "c.yaml").write_text(f"evaluate:\n  bands_file: {tmp_path / 'bands.json'}\n")
-    ev = load_run_config(tmp_path / "run", tmp_path / "c.yaml", {}).evaluate
+    ev = stage_config(tmp_path / "run", tmp_path / "c.yaml", {})[1].evaluate
     assert ev.bands_file == str(tmp_path / "bands.json") and ev.bands is None
-    ev = load_run_config(tmp_path / "run", tmp_path / "c.yaml", {"evaluate": {"bands": "near=0:0.05"}}).evaluate
+    ev = stage_config(tmp_path / "run", tmp_path / "c.yaml", {"evaluate": {"bands": "near=0:0.05"}})[1].evaluate
     assert ev.bands == "near=0:0.05" and ev.bands_file is None
     (tmp_path / "c.yaml").write_text("evaluate:\n  carlini_n: 7\n")
-    ev = load_run_config(tmp_path / "run", tmp_path / "c.yaml", {}).evaluate
+    ev = stage_config(tmp_path / "run", tmp_path / "c.yaml", {})[1].evaluate
     assert ev.bands == "high=0:0.1,mid=0.1:0.2" and ev.carlini_n == 7
 
 
@@ -505,13 +505,13 @@ def test_bands_given_later_keep_the_runs_held_out_set(tmp_path):
     """The held-out set is also the sample quality's reference: bands given by a stage's --config dropped the run's
     evaluate.heldout with the run's other bands, and the quality was measured against something else."""
     from side_extract import config as cfg
-    from side_extract.cli.common import load_run_config
+    from side_extract.cli.common import stage_config
     from side_extract.runs import RunDir
 
     RunDir(tmp_path / "run").write_config(cfg.RunConfig(train="digits:30", evaluate=cfg.EvaluateConfig(
         heldout="digits:20", bands_file=str(tmp_path / "old.json"))))
     (tmp_path / "c.yaml").write_text("evaluate:\n  bands: high=0:0.1\n")
-    ev = load_run_config(tmp_path / "run", tmp_path / "c.yaml", {}).evaluate
+    ev = stage_config(tmp_path / "run", tmp_path / "c.yaml", {})[1].evaluate
     assert ev.bands == "high=0:0.1" and ev.bands_file is None and ev.heldout == "digits:20"
 
 

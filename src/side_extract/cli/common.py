@@ -261,16 +261,12 @@ def _run_config_dict(run: Path, config: Path | None, overrides: dict[str, Any]) 
     return _overlay(base, overrides)
 
 
-def load_run_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> cfg.RunConfig:
-    """A stage command's config: the run's own ``config.yaml`` (when it exists), then ``config``, then the flags."""
-    return stage_config(run, config, overrides)[1]
-
-
 def stage_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> tuple[str | None, cfg.RunConfig]:
-    """:func:`load_run_config` and what the command says when it leaves where nothing named the model (a new run
-    directory, no ``--config`` or flag naming one: that it used the default, rather than doing so without a word),
-    from one reading of ``config``: a pipe (``--config <(...)``) reads once, and a second reading found it empty, the
-    command running on the defaults and writing them as the run's config without a word."""
+    """A stage command's config (the run's own ``config.yaml`` where it exists, then ``config``, then the flags) and
+    what the command says when it leaves where nothing named the model (a new run directory, no ``--config`` or flag
+    naming one: that it used the default, rather than doing so without a word), from one reading of ``config``: a
+    pipe (``--config <(...)``) reads once, and a second reading found it empty, the command running on the defaults
+    and writing them as the run's config without a word."""
     d = _run_config_dict(run, config, overrides)
     note = None if "model" in d else no_model_note(f"{run}: no config names a model",
                                                    "a --config file with model: ..., or side sample --model, names "

@@ -227,7 +227,7 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
             fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
         except RuntimeError as e:  # (a float16 module met float32 probes: torch's words named no setting)
             if weights := weight_dtypes(model) - {torch.float32}:
-                raise ValueError(f"model: the callable module's weights are {', '.join(sorted(map(str, weights)))} and "
+                raise ValueError(f"model: the callable module's weights are {_names(weights)} and "
                                  f"it failed on the float32 inputs the audit samples with ({e}): pass it in float32 "
                                  "(model.float()), or as a UNet2DModel, which is audited as a float32 copy") from e
             raise
