@@ -1,6 +1,7 @@
 """Theory: the divergence estimator, the PF-ODE likelihood and ``measure`` against closed forms; checks A-E."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -485,7 +486,6 @@ def test_the_mixture_density_is_scipys():
 
 def test_check_d_catches_a_log_n_error_in_the_normalisation():
     """Row 3 of check D tests log q_eps's normalisation: a prediction off by log N must fail it (it passed)."""
-    import dataclasses
     import math
 
     from side_extract.theory.checks import check_d
@@ -518,7 +518,6 @@ def test_measure_takes_second_derivatives_through_a_classifier_on_the_targets_at
     the target's UNet features goes through the UNet's attention, whose fused kernels have no double backward:
     `side theory measure` (and `side demo`'s theory lines) on such a run failed with "derivative for
     aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"."""
-    import dataclasses
 
     from side_extract.pipeline import run_audit
     from side_extract.theory.measure import measure_run
@@ -570,6 +569,10 @@ def test_measure_run_refuses_bad_settings_before_it_loads_the_run(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("model: /nowhere\ntrain: digits:20\n")
     for kwargs, said in (({"eps": 0}, r"eps=0 must be a positive finite number"),
+                         ({"eps": 1e200}, r"eps=1e\+200 is too large"), ({"bandwidth": 1e300}, r"bandwidth=1e\+300"),
+                         ({"t_min": -1}, r"t_min=-1 must be an integer timestep >= 0"),
+                         ({"t_min": 2.5}, r"t_min=2.5 must be an integer"), ({"n_steps": 0}, r"n_steps=0 must be"),
+                         ({"trace": "exakt"}, r"trace='exakt' must be 'hutchinson' or 'exact'"),
                          ({"bandwidth": -1.0}, r"bandwidth=-1.0 must be > 0"),
                          ({"guidance_scale": float("nan")}, r"guidance_scale=nan must be a finite number >= 0"),
                          ({"n_points": 1}, r"n_points=1 must be an integer in \[2, N\]"),
@@ -582,7 +585,6 @@ def test_measure_run_refuses_bad_settings_before_it_loads_the_run(tmp_path):
 def test_the_report_leaves_out_a_measure_of_a_classifier_the_run_no_longer_holds(tiny_model_dir, tmp_path):
     """theory/measure.json recorded nothing of the classifier it measured: after the classifier was trained again the
     report showed its divergences and verdicts as the run's, with no note."""
-    import dataclasses
 
     from side_extract.pipeline import run_audit
     from side_extract.report import build_report
@@ -626,7 +628,6 @@ def test_measure_of_an_audit_made_in_memory_takes_its_model(tmp_path):
     """`side theory measure RUN` loaded the run's config model, which for side_extract.audit(unet, ...) is the text
     "in-memory UNet2DModel <fp>", not a model: it failed with "not a directory" and no way to pass the model. The
     model is now taken as audit() takes it, from Python or as a directory (--model), and checked against the run."""
-    import dataclasses
 
     import side_extract
     from side_extract.models.target import save_target
@@ -703,6 +704,8 @@ def test_theory_inputs_that_failed_with_python_errors_are_named():
         GaussianMixtureModel(np.ones(2), np.zeros((2, 3)), 1.0)
     with pytest.raises(ValueError, match="eps=1e-160 is too small: eps\\^2 underflows"):
         log_q_eps(np.zeros((1, 2)), np.zeros((3, 2)), 1e-160)
+    with pytest.raises(ValueError, match="eps=1e\\+200 is too large: eps\\^2 overflows"):  # (an OverflowError)
+        log_q_eps(np.zeros((1, 2)), np.zeros((3, 2)), 1e200)
     fn = guided_eps_fn(lambda x, t: torch.zeros_like(x), lambda x, t: x.flatten(1)[:, :2], torch.tensor([0, 2]),
                        1.0, np.linspace(0.99, 0.01, 10))
     with pytest.raises(ValueError, match=r"labels must be classes 0..1 of the classifier, got 0..2"):
@@ -765,7 +768,6 @@ def test_measure_by_default_reads_the_model_at_the_noise_level_of_eps(caplog):
 def test_measure_refuses_a_classifier_made_from_results_the_run_no_longer_holds(tiny_model_dir, tmp_path):
     """`side sample` (or `side cluster`) after the classifier left it stale, and `side theory measure` measured that
     classifier beside the run's new synthetic set and model without a word (the report flags it as stale)."""
-    import dataclasses
 
     from side_extract.pipeline import run_audit
     from side_extract.theory.measure import measure_run
@@ -861,3 +863,73 @@ def test_measure_on_a_run_without_a_training_set_says_how_to_give_one(tmp_path):
     with pytest.raises(ValueError, match=r"names no training set \('train'\); M needs the training set D: give the run "
                                          r"one through a step's --config naming train:"):
         measure_run(tmp_path / "run", n_points=4, n_steps=2)
+
+
+def test_log_q_eps_is_exact_at_a_small_eps_in_image_dimensions():
+    """|x|^2 + |x_j|^2 - 2 x.x_j loses ~d * 1e-16 * |x|^2 to rounding whatever the distance: divided by 2 eps^2, at
+    eps = 1e-6 in 3x32x32 the densities were 0.26 nats off, at 1e-7 29 (a review's find). The reference sums the
+    squared differences directly."""
+    rng = np.random.default_rng(0)
+    d, n_data = 3072, 40
+    data = rng.uniform(-1, 1, (n_data, d))
+    for eps in (1e-7, 1e-6, 0.1, 3.0):
+        x = data[rng.integers(0, n_data, 6)] + eps * rng.standard_normal((6, d))
+        x[0] = data[1] + (data[2] - data[1]) * 0.5  # a point between two, where both terms count
+        direct = np.array([-((data - xi) ** 2).sum(1) / (2 * eps**2) for xi in x])
+        ref = (np.logaddexp.reduce(direct, axis=1) - math.log(n_data)
+               - 0.5 * d * (math.log(2 * math.pi) + 2 * math.log(eps)))
+        np.testing.assert_allclose(log_q_eps(x, data, eps, chunk=4), ref, rtol=1e-12, atol=1e-6)
+
+
+def test_theory_takes_a_bfloat16_training_set():
+    """numpy has no bfloat16: log_q_eps of a bf16 tensor was a TypeError, and measure() of the bf16 training set its
+    own error asks for beside a bf16 model failed the same way (a review's find)."""
+    data = torch.tensor([[0.5, -0.25], [0.0, 1.0], [-1.0, 0.75]], dtype=torch.bfloat16)  # exact in bf16
+    np.testing.assert_allclose(log_q_eps(data, data, 0.3), log_q_eps(data.double().numpy(), data.double(), 0.3))
+    denoiser = CallableDenoiser(lambda x, t: 0.5 * x, (1, 1, 2), SCHED)
+    res = measure(denoiser, lambda x, t: torch.stack([x.flatten(1).sum(1), -x.flatten(1).sum(1)], 1),
+                  data.reshape(3, 1, 1, 2),
+                  labels=np.array([0, 1, 1]), n_points=2, n_steps=2, trace="exact", eps=0.1)
+    assert np.isfinite(res.m_uncond.mean)
+
+
+def test_the_reference_denoisers_run_on_the_points_device():
+    """gaussian_optimal_eps and empirical_optimal_eps took their schedule (and the data) on the host beside device
+    points: on an accelerator both were an error (a review's find)."""
+    from fake_device import FAKE, FakeDevice
+
+    x, t = torch.randn(3, 1, 2, 2), torch.tensor([5, 500, 900])
+    data = torch.randn(4, 1, 2, 2)
+    for fn in (gaussian_optimal_eps(0.25, 0.5, AC), empirical_optimal_eps(data, AC)):
+        host = fn(x, t)
+        with FakeDevice():
+            on = fn(x.to(FAKE), t.to(FAKE)).cpu()
+        torch.testing.assert_close(on, host)
+
+
+def test_the_report_leaves_out_a_measure_of_training_images_changed_since(tiny_model_dir, tmp_path):
+    """measure.json recorded the training set's path only: the same file holding other images, the run audited
+    again from them, the report still showed the divergences of the old images, with no note (a review's find)."""
+    from side_extract.data import load_image_set
+    from side_extract.pipeline import run_audit
+    from side_extract.report import build_report
+    from side_extract.theory.measure import measure_run
+
+    from test_pipeline import tiny_rc
+
+    digits = load_image_set("digits:60").images
+    np.savez(tmp_path / "train.npz", images=digits[:30])
+    rc = tiny_rc(tiny_model_dir, methods=("side",), n=4)
+    rc = dataclasses.replace(rc, train=str(tmp_path / "train.npz"),  # (30 images: a coarse null)
+                             evaluate=dataclasses.replace(rc.evaluate, calibration_quantiles=(0.1, 0.2, 0.3)))
+    run_audit(tmp_path / "run", rc)
+    measure_run(tmp_path / "run", n_points=4, n_steps=2)
+    assert build_report(tmp_path / "run")["theory"] is not None
+    np.savez(tmp_path / "train.npz", images=digits[30:])
+    run_audit(tmp_path / "run", rc)
+    data = build_report(tmp_path / "run")
+    assert data["theory"] is None
+    assert any("theory/measure.json was measured on a training set" in n and "its images changed since" in n
+               for n in data["notes"]), data["notes"]
+    measure_run(tmp_path / "run", n_points=4, n_steps=2)
+    assert build_report(tmp_path / "run")["theory"] is not None

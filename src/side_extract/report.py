@@ -360,11 +360,18 @@ def _theory(run: Path, config: dict[str, Any], notes: list[str],
     if not path.is_file():
         return None
     m = read_json(path, dict)
-    clf = read_stages(run).get("classifier") or {}
+    stages = read_stages(run)
+    clf = stages.get("classifier") or {}
     now = clf.get("fingerprint") if clf.get("status") == "complete" else None
+    # the training set's contents, as the run's finished stages that read it last recorded them (the same path
+    # holding other images, the stages made again from them, showed the divergences of the old ones)
+    read_since = {e["data"]["training set"] for e in stages.values() if e.get("status") == "complete"
+                  and isinstance(e.get("data"), dict) and isinstance(e["data"].get("training set"), str)}
     # (its training set where it is now: one saved into the run's inputs/ moved with the run)
     stale = (f"training set ({m['train']!r})"
              if "train" in m and run_input(run, m["train"]) != config.get("train") else
+             f"training set ({m['train']!r}, its images changed since)"
+             if "train_fingerprint" in m and read_since - {m["train_fingerprint"]} else
              "classifier" if "classifier_fingerprint" in m and m["classifier_fingerprint"] != now else
              "classifier and target (the run's inputs were made again since)" if stale_of.get("classifier") else None)
     if stale:

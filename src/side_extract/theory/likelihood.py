@@ -318,8 +318,9 @@ def gaussian_optimal_eps(mean: torch.Tensor | float, std: float, alphas_cumprod:
     ac = _alphas_cumprod(alphas_cumprod)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = ac[t.cpu()].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return torch.sqrt(1 - a) * (x - torch.sqrt(a) * torch.as_tensor(mean, dtype=x.dtype)) / (a * std**2 + 1 - a)
+        a = ac[t.cpu()].to(dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device)  # (on an accelerator: the host's was an error)
+        return torch.sqrt(1 - a) * (x - torch.sqrt(a) * m) / (a * std**2 + 1 - a)
 
     return fn
 
@@ -335,9 +336,9 @@ def empirical_optimal_eps(data: torch.Tensor, alphas_cumprod: torch.Tensor | np.
     pts = data.reshape(len(data), -1)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = ac[t.cpu()].to(x.dtype).reshape(-1, 1)
+        a = ac[t.cpu()].to(dtype=x.dtype, device=x.device).reshape(-1, 1)
         xf = x.reshape(len(x), -1)
-        p = pts.to(x.dtype)
+        p = pts.to(dtype=x.dtype, device=x.device)
         sq = (xf**2).sum(1, keepdim=True) - 2 * torch.sqrt(a) * xf @ p.T + a * (p**2).sum(1)[None, :]
         w = torch.softmax(-sq / (2 * (1 - a)), dim=1)
         xhat = w @ p

@@ -147,10 +147,17 @@ def _probe_generators(seed: int, index: np.ndarray) -> list[torch.Generator]:
 
 def check_options(*, eps: Any = 0.1, bandwidth: Any = None, guidance_scale: Any = 1.0, n_points: Any = 32,
                   n_probes: Any = 1, trace: Any = "hutchinson", batch_size: Any = 32, seed: Any = 0,
-                  n_data: int | None = None, **_: Any) -> None:
+                  n_steps: Any = 32, t_min: Any = None, n_data: int | None = None, **_: Any) -> None:
     """:func:`measure`'s settings that need neither the model nor the data, refused with a clear error (``n_data``:
     the training set's size, where known); :func:`measure_run` checks them before it loads and fingerprints the
-    target, its classifier and the training set (a bad --eps was found after them)."""
+    target, its classifier and the training set (a bad --eps, --t-min or trace was found after them). ``t_min``'s
+    upper end, the schedule's, is checked by :func:`~.likelihood.ode_timesteps`."""
+    if trace not in ("hutchinson", "exact"):
+        raise ValueError(f"trace={trace!r} must be 'hutchinson' or 'exact'")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, (int, np.integer)) or t_min < 0):
+        raise ValueError(f"t_min={t_min!r} must be an integer timestep >= 0 (or None: the sigma nearest eps)")
     if not isinstance(n_points, (int, np.integer)) or not 2 <= n_points <= (n_data if n_data is not None else n_points):
         raise ValueError(f"n_points={n_points!r} must be an integer in [2, {n_data if n_data is not None else 'N'}] "
                          "(the training set size)")
@@ -255,7 +262,7 @@ def measure(
                          f"{tuple(denoiser.sample_shape)}")
     n_data = len(train)
     check_options(eps=eps, bandwidth=bandwidth, guidance_scale=guidance_scale, n_points=n_points, n_probes=n_probes,
-                  trace=trace, batch_size=batch_size, seed=seed, n_data=n_data)
+                  trace=trace, batch_size=batch_size, seed=seed, n_steps=n_steps, t_min=t_min, n_data=n_data)
     bandwidth = float(eps if bandwidth is None else bandwidth)
     ac = denoiser.scheduler.alphas_cumprod
     chosen = t_min is None
@@ -417,5 +424,6 @@ def measure_run(run: str | Path, *, n_points: int | None = None, device: str = "
         res = measure(denoiser, classifier, data.to_float(), n_points=n_points, device=device, **kwargs)
         dest = run / "theory" / "measure.json"
         atomic_write_json(dest, res.to_dict() | {"model": str(model), "train": rc["train"],
+                                                 "train_fingerprint": data.fingerprint(),
                                                  "classifier_fingerprint": clf_stage["fingerprint"]})
     return res, dest
