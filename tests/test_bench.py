@@ -55,7 +55,7 @@ def test_a_zero_best_baseline_reads_as_none_found_only_where_more_is_more():
     r = ratios_to_best_baseline({"side": metrics(0.3, 0.1, 0.02, 0.2, 0.1), "cond": metrics(0.1, 0.0, 0.0, 0.1, 0.0)})
     s = r["side"]
     assert s["p95"]["ratio"] is None and not s["p95"]["side_better"] and _ratio_cell(s["p95"]) == "∞ (baseline 0)"
-    assert s["gu"]["ratio"] is None and _ratio_cell(s["gu"]) == "∞"  # SIDE found some, the baselines none
+    assert s["gu"]["ratio"] is None and _ratio_cell(s["gu"]) == "∞ ✓"  # SIDE found some, the baselines none
     assert _ratio_cell({**s["gu"], "side": 0.0}) == "0/0"
 
 
@@ -262,6 +262,12 @@ def test_sweep_values_the_sweeps_would_refuse_are_refused_with_the_config():
         with pytest.raises(ValueError, match=f"the sweeps .*{said}"):
             ExtractionBenchConfig(**kw)
     ExtractionBenchConfig(taus=(0.3, 0.31))
+    # the lambda sweep checked with its own methods (it was checked with SIDE's: lambda_methods none of which reads
+    # extract.scale passed, and run_sweeps refused it after the audits; a review's find)
+    for methods in (("memguide",), ("side-lora", "uncond")):
+        with pytest.raises(ValueError, match=r"the sweeps .*no method in extract.methods .* reads extract.scale"):
+            ExtractionBenchConfig(lambda_methods=methods)
+    ExtractionBenchConfig(lambda_methods=("uncond",))  # (no lambda sweep runs)
 
 
 def test_results_are_written_before_their_table_is_drawn(tmp_path):

@@ -57,7 +57,9 @@ def test_validation_and_heldout_replicates_must_differ():
     for kw, says in ((dict(heldout_replicates=(11, 11)), r"heldout_replicates=\[11, 11\] must be distinct"),
                      (dict(validation_replicates=(-1,)), r"validation_replicates=-1 must be an integer >= 0"),
                      (dict(heldout_replicates=(11, 12.5)), r"heldout_replicates=12.5 must be an integer >= 0"),
-                     (dict(select_metric="ums/bogus"), "band 'bogus' is not one of the run's bands")):
+                     (dict(select_metric="ums/bogus"), "band 'bogus' is not one of the run's bands"),
+                     # (one draw's spread is 0: the interval was the replicates' alone, its caption said otherwise)
+                     (dict(n_bootstrap=1), "n_bootstrap=1 must be at least 10")):
         with pytest.raises(ValueError, match=says):
             FairBenchConfig(**kw)
 

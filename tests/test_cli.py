@@ -482,6 +482,7 @@ def test_bench_options_are_named_as_typed(tmp_path):
     for args, says in ((["fair", "--lambdas", "1,nan"], "--lambdas='1,nan' must be finite numbers"),
                        (["fair", "--n-generated", "-1"], "'--n-generated'"),
                        (["fair", "--n-bootstrap", "0"], "'--n-bootstrap'"),
+                       (["fair", "--n-bootstrap", "2"], "'--n-bootstrap'"),
                        (["signals", "--n-train", "0"], "'--n-train'"),
                        (["signals", "--n-synthetic", "0"], "'--n-synthetic'"),
                        # (an empty grid or replicate list was said as "scales_grid=[]", "validation_replicates")

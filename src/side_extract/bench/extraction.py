@@ -129,11 +129,19 @@ class ExtractionBenchConfig:
                 raise ValueError(f"lambdas sweep value {lam} must be >= 0")
         # the sweeps' sub-runs as run_sweeps makes them, checked now: a repeated value, two alike to 6 digits, or K
         # swept under surrogate.select_k was refused after every scale up to the sweep scale had run its audit
+        # each with the methods run_sweeps gives it: lambda_methods for the lambda sweep (checked with SIDE's, a
+        # lambda_methods no method of which reads extract.scale was refused after the audits too), side for K and tau
         side = "side" in self.run.extract.methods  # (the K and tau sweeps run only then)
+        checks = []
+        if self.lambdas and any(m != "uncond" for m in self.lambda_methods):
+            checks.append((tuple(self.lambda_methods), {"scale": self.lambdas}))
+        if side:
+            checks.append((("side",), {"n_clusters": self.n_clusters, "tau": self.taus}))
         try:
-            sweep = cfg.SweepConfig(scale=self.lambdas, n_clusters=self.n_clusters, tau=self.taus)
-            sweep_configs(dataclasses.replace(self.run, extract=dataclasses.replace(self.run.extract, methods=("side",)),
-                                              sweep=sweep if side else dataclasses.replace(sweep, n_clusters=(), tau=())))
+            for methods, swept in checks:
+                sweep_configs(dataclasses.replace(self.run, extract=dataclasses.replace(self.run.extract,
+                                                                                        methods=methods),
+                                                  sweep=cfg.SweepConfig(**swept)))
         except ValueError as e:
             raise ValueError(f"the sweeps (lambdas={list(self.lambdas)}, n_clusters={list(self.n_clusters)}, "
                              f"taus={list(self.taus)}): {e}") from None

@@ -87,6 +87,7 @@ EQUAL_SAMPLES = "uncond-samples"  # UnCond at N_G + N_S: the sub-run of step 5 (
 GUIDED = ("side", "side-teacher", "cond")
 SIDE_FORMS = SIDE_METHODS
 BOOT_METRICS = ("distinct_nn/high", "distinct_nn/mid", "ams_cum/high", "ams_cum/mid", "carlini")
+MIN_BOOTSTRAP = 10  # resampling draws the intervals' standard deviation needs (fewer draws: a spread of 0, or half)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +129,12 @@ class FairBenchConfig:
             raise ValueError(f"replicates {sorted(shared)} are both validation and held-out; they must differ")
         if self.validation_n is None:  # tune at the budget that is reported (see the module docstring)
             object.__setattr__(self, "validation_n", self.bench.run.extract.n)
-        if self.validation_n <= 0 or self.n_bootstrap <= 0:
-            raise ValueError(f"validation_n={self.validation_n} and n_bootstrap={self.n_bootstrap} must be positive")
+        if self.validation_n <= 0:
+            raise ValueError(f"validation_n={self.validation_n} must be positive")
+        if self.n_bootstrap < MIN_BOOTSTRAP:  # (1 draw's spread is 0, 2 draws' about half the real one: the interval
+            # was the replicates' alone, under a caption saying it was the wider of the two)
+            raise ValueError(f"n_bootstrap={self.n_bootstrap} must be at least {MIN_BOOTSTRAP}: the intervals take "
+                             "the resampling's standard deviation from its draws (the default is 1000)")
         object.__setattr__(self, "forms", {name: _dotted_form(name, form) for name, form in self.forms.items()})
         for name, form in self.forms.items():
             check_entry_name(name, "form")  # (its folder: '..' ran it in its replicate's own)

@@ -27,8 +27,11 @@ def _ratio_cell(r: dict[str, Any] | None) -> str:
     if r["ratio"] is None:  # the best baseline's value is 0
         if r["side"] == 0:
             return "0/0"
-        return "∞" if r.get("better", "higher") == "higher" else "∞ (baseline 0)"  # a distance: the baseline closer
-    return f"{r['ratio']:.2f}" + (" ✓" if r["side_better"] else "")
+        # (a higher-is-better metric the baselines never reached: SIDE wins it, and the ✓ was left off)
+        cell = "∞" if r.get("better", "higher") == "higher" else "∞ (baseline 0)"  # a distance: the baseline closer
+    else:
+        cell = f"{r['ratio']:.2f}"
+    return cell + (" ✓" if r["side_better"] else "")
 
 
 def _preamble(title: str, data: dict[str, Any]) -> list[str]:

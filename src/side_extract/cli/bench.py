@@ -219,7 +219,8 @@ def fair_cmd(
     validation_n: int | None = typer.Option(None, "--validation-n", help="N_G per method and setting on validation "
                                                "replicates (default: --n-generated, the budget that is reported)."),
     select_metric: str = typer.Option("ums_cumulative/mid", "--select-metric", help="What tuning maximizes."),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=1, help="Bootstrap draws for the ratio intervals."),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=10,
+                                     help="Bootstrap draws for the ratio intervals (at least 10)."),
     form: list[str] = typer.Option([], "--form", help="A SIDE form (or a memguide form) to compare too, tuned on the "
                                    "same-size grid: NAME=METHOD[,dotted.key=value...], e.g. "
                                    "side-x0=side,classifier.guidance_input=x0_hat or "
