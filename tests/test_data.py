@@ -519,3 +519,49 @@ def test_a_path_object_names_a_path_even_where_its_text_reads_digits(tmp_path, m
         assert len(load_image_set("digits")) == 1797  # the spec, as documented
     with pytest.raises(ValueError, match=r"train: an array of shape \(64, 64, 3\) looks like one colour image"):
         as_image_set(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_a_folder_reads_in_one_order_whatever_form_its_names_are_in(tmp_path):
+    """Names decomposed ("e" + accent, as a folder copied from macOS holds them) sorted apart from the same names
+    composed ("é"): the same images got other ids and another fingerprint (a review's find)."""
+    import unicodedata
+
+    sets = []
+    for form in ("NFC", "NFD"):
+        folder = tmp_path / form
+        folder.mkdir()
+        for name, value in (("é.png", 40), ("f.png", 80)):
+            Image.fromarray(np.full((4, 4), value, np.uint8)).save(folder / unicodedata.normalize(form, name))
+        sets.append(load_image_set(str(folder)))
+    assert [int(s.images[0, 0, 0, 0]) for s in sets] == [80, 80]  # "f" before "é" (U+00E9), as composed names sort
+    assert sets[0].fingerprint() == sets[1].fingerprint()
+
+
+def test_mixed_sizes_are_refused_from_the_headers_before_any_image_is_decoded(tmp_path, monkeypatch):
+    """Every image was decoded at full size before the mixed sizes were found: a photo set given without
+    train_resize ran out of memory before the message (a review's find). Sizes that one EXIF orientation makes
+    equal are not refused from the headers."""
+    import side_extract.data as data
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 6), np.uint8)).save(tmp_path / "b.png")
+    decoded = []
+    monkeypatch.setattr(data, "_as_8bit", lambda im, f: decoded.append(f) or np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"mixed sizes \(a.png is 8x8, b.png is 8x6\)"):
+        load_image_set(str(tmp_path))
+    assert decoded == []
+    monkeypatch.undo()
+    turned = tmp_path / "turned"
+    turned.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 8 high, 16 wide; shown 16 high, 8 wide
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(turned / "p.jpg", exif=exif)
+    Image.fromarray(np.zeros((16, 8, 3), np.uint8)).save(turned / "q.png")
+    assert load_image_set(str(turned)).images.shape == (2, 16, 8, 3)
+
+
+def test_an_npz_index_that_is_no_list_is_refused_by_name(tmp_path):
+    """A 0-d 'index' was a TypeError (len() of unsized object) naming no file (a review's find)."""
+    np.savez(tmp_path / "a.npz", images=np.zeros((4, 8, 8), np.uint8), index=np.int64(7))
+    with pytest.raises(ValueError, match=r"a.npz': 'index' has shape \(\), expected \(4,\)"):
+        load_image_set(str(tmp_path / "a.npz"))

@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from side_extract import config as cfg
 from side_extract.data import load_image_set
@@ -172,6 +173,27 @@ def test_log_lines_escape_control_characters():
         "x\x1b]0;pwned\x07\x1b[2J",), None)
     line = _PlainFormatter("%(levelname)s %(name)s: %(message)s").format(record)
     assert "\x1b" not in line and "\x07" not in line and "x\\x1b]0;pwned\\x07\\x1b[2J" in line
+
+
+def test_warnings_escape_control_characters_as_log_lines_do(tmp_path):
+    """A file named with an escape sequence in a training folder someone gave set the terminal's title and cleared
+    its screen through the warning that left it out: warnings went around the log lines' escaping (a review's
+    find)."""
+    import warnings
+
+    from side_extract.cli.common import one_line_warnings
+
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "x\x1b]0;pwned\x07\x1b[2J.webp").write_bytes(b"")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_image_set(str(tmp_path))
+    with one_line_warnings():  # how the command's warning shows it
+        said = [warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in seen]
+    said = [w for w in said if "pwned" in w]
+    assert len(said) == 1 and "\x1b" not in said[0] and "\x07" not in said[0], said
+    assert "x\\x1b]0;pwned\\x07\\x1b[2J.webp" in said[0], said
 
 
 def test_an_npz_that_inflates_past_memory_is_refused_before_it_inflates(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import numbers
 import os
 import struct
 import tokenize
+import unicodedata
 import warnings
 import zipfile
 import zlib
@@ -267,7 +268,7 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     if dangling:  # (left out without a word, as git-annex or DVC leave files not fetched: a copy of one went uncounted)
         raise ValueError(f"{len(dangling)} image file(s) in {str(path)!r} are symbolic links to nothing (the first: "
                          f"{', '.join(dangling[:3])}): fetch their targets, or remove the links")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_name_order)
     hidden = [p.name for p in files if p.name.startswith(".")]  # (a thumbnail, macOS's ._a.png: taken in as
     # training images, or an unreadable one that stopped the load)
     files = [p for p in files if not p.name.startswith(".")]
@@ -286,6 +287,9 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         warnings.warn(f"{len(others)} image file(s) in {str(path)!r} in another format are left out (the first: "
                       f"{', '.join(others[:3])}); only {', '.join(IMAGE_SUFFIXES)} files are read: convert them to PNG",
                       UserWarning, stacklevel=2)
+    if resize_to is None:  # sizes that differ however EXIF turns them, refused from the headers (every image was
+        # decoded at full size first: a photo set without train_resize ran out of memory before the message)
+        _refuse_mixed_sizes(path, files, _stored_sizes(files), surely=True)
     arrays, see_through, odd_exif, non_square = [], [], [], []
     for f in files:
         try:
@@ -317,13 +321,7 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
                       UserWarning, stacklevel=2)
     if resize_to is not None:
         _warn_stretched(repr(str(path)), non_square, resize_to)
-    sizes = {a.shape[:2] for a in arrays}
-    if len(sizes) > 1:
-        examples = {}
-        for f, a in zip(files, arrays):
-            examples.setdefault(a.shape[:2], f.name)
-        listing = ", ".join(f"{n} is {h}x{w}" for (h, w), n in examples.items())
-        raise ValueError(f"images in {str(path)!r} have mixed sizes ({listing}); resize them all to one size (train_resize in a run config, --resize in side train-target)")
+    _refuse_mixed_sizes(path, files, [a.shape[:2] for a in arrays])
     rgb = any(a.ndim == 3 for a in arrays)
     if rgb and (grey := [f.name for f, a in zip(files, arrays) if a.ndim == 2]):  # a few stray files turn the set
         colour = [f.name for f, a in zip(files, arrays) if a.ndim == 3]  # RGB: say which, for a greyscale model
@@ -337,6 +335,39 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
         stacked[i] = a[..., None] if a.ndim == 2 else a  # (a greyscale image broadcast to RGB where the set is)
         arrays[i] = None
     return ImageSet(stacked, name=str(path))
+
+
+def _name_order(p: Path) -> tuple[str, str]:
+    """A folder's files in an order every machine gives: by name, Unicode-composed first (a folder copied from macOS
+    holds decomposed names, "e" + accent, which sorted apart from the composed "é" written on Linux: the same images
+    got other ids and another fingerprint), then as stored."""
+    return unicodedata.normalize("NFC", p.name), p.name
+
+
+def _stored_sizes(files: list[Path]) -> list[tuple[int, int] | None]:
+    """Each file's (height, width) as stored, from its header alone (None where it cannot be read: decoding it says
+    why)."""
+    out: list[tuple[int, int] | None] = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                out.append((im.size[1], im.size[0]))
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError):
+            out.append(None)
+    return out
+
+
+def _refuse_mixed_sizes(path: Path, files: list[Path], sizes: list[tuple[int, int] | None], *,
+                        surely: bool = False) -> None:
+    """Refuse a folder whose images have more than one size (``sizes``, per file; None: unknown). ``surely``: sizes
+    as stored, before an EXIF orientation turns some: only sizes that differ either way round are refused."""
+    examples: dict[tuple[int, int], str] = {}
+    for f, size in zip(files, sizes):
+        if size is not None:
+            examples.setdefault(tuple(sorted(size)) if surely else size, f"{f.name} is {size[0]}x{size[1]}")
+    if len(examples) > 1:
+        raise ValueError(f"images in {str(path)!r} have mixed sizes ({', '.join(examples.values())}); resize them all "
+                         "to one size (train_resize in a run config, --resize in side train-target)")
 
 
 def _transparent(im: Image.Image) -> bool:
@@ -430,6 +461,9 @@ def load_npz(path: Path) -> ImageSet:
     images = _as_nhwc_uint8(images, str(path))
     for name, a in (("labels", labels), ("index", ids)):
         if a is not None:
+            if a.ndim != 1:  # (a 0-d index was a TypeError, len() of unsized object; a length is checked below)
+                raise ValueError(f"{str(path)!r}: '{name}' has shape {a.shape}, expected ({len(images)},): one per "
+                                 "image")
             integer_labels(a, f"{str(path)!r}: '{name}'")
             if a.size and a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:  # (wrapped to negative ids)
                 raise ValueError(f"{str(path)!r}: '{name}' holds {a.max()}, past the largest int64")

@@ -36,9 +36,11 @@ T = TypeVar("T")
 @contextlib.contextmanager
 def one_line_warnings() -> Iterator[None]:
     """A warning said while a command runs is one line, ``warning: MESSAGE`` (Python's own form printed the source
-    file's path and the source line that warned, ``labeler.fit(...)``, to the user); restored after."""
+    file's path and the source line that warned, ``labeler.fit(...)``, to the user), control characters escaped as
+    in log lines (:class:`_PlainFormatter`: a file named with an escape sequence, in a folder someone gave, set the
+    terminal's title through the warning that left it out); restored after."""
     before = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {escape_controls(str(message))}\n"
     try:
         yield
     finally:
@@ -377,10 +379,15 @@ class _PlainFormatter(logging.Formatter):
     (a method's, a file's) cannot set the terminal's title or clear its screen through a warning that names it."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), super().format(record))
+        return escape_controls(super().format(record))
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters other than newline and tab written as escapes (``\\x1b``)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
 def setup_logging(verbose: bool) -> None:
