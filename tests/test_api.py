@@ -1216,3 +1216,110 @@ def test_a_ddim_pipeline_audited_in_memory_is_the_target_of_its_saved_directory(
         pipe.save_pretrained(tmp_path / kind.__name__)
         fp = as_target(pipe).fingerprint
         assert run_target(str(tmp_path / kind.__name__), fp).fingerprint == fp
+
+
+def _tiny_ldm():
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(in_channels=1, out_channels=1, latent_channels=1, block_out_channels=(4, 4), norm_num_groups=4,
+                 down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                 up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), num_vq_embeddings=16, vq_embed_dim=1,
+                 sample_size=16)
+    return LDMPipeline(vqvae=vq, unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100))
+
+
+def test_a_latent_diffusion_pipeline_is_refused_in_memory_and_saved(tmp_path):
+    """An LDMPipeline (a UNet2DModel denoising a VQ-VAE's latents) was taken as a pixel-space target, in memory and
+    from its saved directory: the audit sampled latents and measured them against training pixels, without a word
+    (a review's find). Its UNet and scheduler alone are taken, as the message says."""
+    pipe = _tiny_ldm()
+    with pytest.raises(ValueError, match=r"the LDMPipeline holds vqvae beside its unet and scheduler: a latent-diffusion"
+                                         r".*pass model=pipe.unet, scheduler=pipe.scheduler"):
+        as_target(pipe)
+    pipe.save_pretrained(tmp_path / "ldm")
+    with pytest.raises(ValueError, match=r"ldm' holds vqvae beside unet and scheduler: a latent-diffusion"):
+        as_target(str(tmp_path / "ldm"))
+    assert as_target(pipe.unet, scheduler=pipe.scheduler).denoiser.sample_shape == (1, 8, 8)
+
+
+def test_adapters_and_attention_processors_are_part_of_an_in_memory_models_fingerprint():
+    """The fingerprint hashed the config and the state dict: peft adapters switched off (or rescaled), or an
+    attention processor replaced, changed every output and left it as it was, so an audit into the same run kept
+    the other model's stages (a review's find). A plain model's fingerprint is as before."""
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from side_extract.models.forms import runtime_state
+
+    sched = tiny_scheduler()
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor(50)
+
+    def out(u):
+        with torch.no_grad():
+            return u(x, t).sample
+
+    u = inject_adapter_in_model(LoraConfig(r=2, target_modules=["conv1", "conv2"], init_lora_weights=False), tiny_unet())
+    fp, y = module_fingerprint(u, sched), out(u)
+    for m in u.modules():
+        if m is not u and hasattr(m, "enable_adapters"):
+            m.enable_adapters(False)
+    assert not torch.equal(out(u), y) and module_fingerprint(u, sched) != fp
+    for m in u.modules():
+        if m is not u and hasattr(m, "enable_adapters"):
+            m.enable_adapters(True)
+    assert torch.equal(out(u), y) and module_fingerprint(u, sched) == fp
+
+    torch.manual_seed(0)
+    u = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
+                    norm_num_groups=4, down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=4).eval()
+    assert runtime_state(u) == []  # diffusers' own processors: nothing added to the fingerprint
+    fp, y = module_fingerprint(u, sched), out(u)
+
+    class Damped(AttnProcessor):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+
+        def __call__(self, attn, hidden_states, *a, **k):
+            return self.factor * super().__call__(attn, hidden_states, *a, **k)
+
+    prints = set()
+    for factor in (0.5, 0.25):
+        for m in u.modules():
+            if hasattr(m, "set_processor"):
+                m.set_processor(Damped(factor))
+        assert not torch.equal(out(u), y)
+        prints.add(module_fingerprint(u, sched))
+    assert len(prints) == 2 and fp not in prints
+    for m in u.modules():
+        if hasattr(m, "set_processor"):
+            m.set_processor(AttnProcessor())
+    assert module_fingerprint(u, sched) == fp
+
+
+def test_a_pipeline_loaded_from_a_directory_is_that_directorys_target(tmp_path, one_thread):
+    """A run of a model directory refused the very same weights given in memory (DDPMPipeline.from_pretrained(DIR),
+    or its UNet and scheduler: "is not the run's target"), and audit() of the loaded pipeline into the run made every
+    stage again (a review's find)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from side_extract.models.target import save_target
+
+    save_target(tiny_unet(), tiny_scheduler(), tmp_path / "m")
+    a = side_extract.audit(str(tmp_path / "m"), "digits:30", config=SMALL, out=tmp_path / "run", methods=["uncond"])
+    before = {k: v["fingerprint"] for k, v in read_stages(tmp_path / "run").items()}
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "m")
+    unet = UNet2DModel.from_pretrained(tmp_path / "m" / "unet")
+    sched = DDPMScheduler.from_pretrained(tmp_path / "m" / "scheduler")
+    for kw in ({"model": pipe}, {"model": unet, "scheduler": sched}):
+        assert all(v.equal for v in a.verify("uncond", top=1, **kw))
+    side_extract.audit(pipe, "digits:30", config=SMALL, out=tmp_path / "run", methods=["uncond"])
+    assert {k: v["fingerprint"] for k, v in read_stages(tmp_path / "run").items()} == before
+    with torch.no_grad():  # weights changed in memory since the load: another model, known by its weights
+        next(pipe.unet.parameters()).add_(1.0)
+    assert as_target(pipe).description.startswith("in-memory UNet2DModel")
+    with pytest.raises(ValueError, match="is not the run's target"):
+        a.verify("uncond", top=1, model=pipe)

@@ -387,3 +387,19 @@ def test_steps_whose_walk_starts_near_the_clean_end_refused_before_any_stage(tin
     check_sampler(DDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing"), kind, 1, "extract")
     with pytest.raises(ValueError, match=r"'linspace' starts at timestep 0.*timestep_spacing 'trailing'$"):
         check_sampler(DDPMScheduler(num_train_timesteps=1000, timestep_spacing="linspace"), kind, 1, "extract")
+
+
+def test_sample_refuses_settings_of_the_wrong_type_by_name():
+    """batch_size=2.5 made batches of 3, 3 and 2 and True batches of 1; eta="0.5" was a comparison's TypeError;
+    clip_eps="no" was taken as True (a review's find)."""
+    from conftest import tiny_scheduler, tiny_unet
+    from side_extract.models.target import UNetDenoiser
+    from side_extract.sampling import sample
+
+    d = UNetDenoiser(tiny_unet(), tiny_scheduler())
+    for kw, said in (({"batch_size": 2.5}, r"batch_size=2.5 must be an integer >= 1"),
+                     ({"batch_size": True}, r"batch_size=True must be an integer >= 1"),
+                     ({"eta": "0.5"}, r"eta='0.5' must be a number"),
+                     ({"clip_eps": "no"}, r"clip_eps='no' must be True or False")):
+        with pytest.raises(ValueError, match=said):
+            sample(d, 2, steps=1, **kw)

@@ -116,6 +116,7 @@ def check_pair(value: Any, name: str) -> tuple[float, float]:
 
 def check_eta(eta: float) -> None:
     """DDIM's eta lies in [0, 1]: beyond 1 its noise outgrows the step and the samples turn to NaN."""
+    check_real(eta, "eta")  # (a string was a comparison's TypeError, naming nothing)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta} must be in [0, 1] (0: deterministic DDIM, 1: as stochastic as DDPM)")
 

@@ -352,8 +352,7 @@ class BatchSize:
     batches)."""
 
     def __init__(self, size: int) -> None:
-        if size <= 0:
-            raise ValueError(f"batch_size={size} must be positive")
+        cfg.check_int(size, "batch_size", 1)  # (2.5 made batches of 3, 3, 2; True batches of 1)
         self.size = size
         self.backoffs: list[int] = []  # the sizes that ran out of memory
 
@@ -421,6 +420,9 @@ def sample_batches(
     # diffusers)
     for name, v, least in (("n", n, 1), ("seed", seed, 0), ("start", start, 0), ("steps", steps, 1)):
         cfg.check_int(v, name, least)
+    if not isinstance(clip_eps, bool):  # ("no" was taken as True)
+        raise ValueError(f"clip_eps={clip_eps!r} must be True or False")
+    cfg.check_eta(eta)
     check_device(str(device))  # ("gpu" was torch's list of device types, from inside the first noise draw)
     if guidance is not None and not callable(guidance):
         raise ValueError(f"guidance={guidance!r} must be a guidance g(x, t, y) (e.g. side_extract.ClassifierGuidance)")

@@ -21,7 +21,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..distributed import check_device
-from .target import (CallableDenoiser, Target, UNetDenoiser, check_unet, load_target, model_fingerprint,
+from .target import (LATENT_WHY, CallableDenoiser, Target, UNetDenoiser, check_unet, load_target, model_fingerprint,
                      resolve_model_path)
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,10 @@ def _config_blob(obj: Any) -> bytes:
 
 
 def module_fingerprint(unet: torch.nn.Module, scheduler: SchedulerMixin) -> str:
-    """sha256 over a model's config, its weights and its scheduler's config."""
+    """sha256 over a model's config, its weights, the state that changes its output outside them
+    (:func:`runtime_state`) and its scheduler's config. What a module does through forward hooks or a replaced
+    ``forward`` is not seen: audit such a model as a callable (identified by its outputs), or with its changes
+    merged into its weights."""
     h = hashlib.sha256()
     if hasattr(unet, "config"):
         h.update(_config_blob(unet))
@@ -46,8 +49,34 @@ def module_fingerprint(unet: torch.nn.Module, scheduler: SchedulerMixin) -> str:
         t = t.detach().cpu().contiguous()
         # numpy has no bfloat16: its bytes as int16 (a bf16 model's own fingerprint, not its float32 copy's)
         h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    if state := runtime_state(unet):  # (none for a plain model: its fingerprint is as it always was)
+        h.update(json.dumps(state, sort_keys=True, default=str).encode())
     h.update(_config_blob(scheduler))
     return h.hexdigest()
+
+
+PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "AttnAddedKVProcessor", "AttnAddedKVProcessor2_0")
+
+
+def runtime_state(unet: torch.nn.Module) -> list[list[Any]]:
+    """What changes a UNet's output beside its weights and config: its peft adapters' state (switched off,
+    merged, which are active, their scaling) and its attention layers' processors other than diffusers' plain
+    ones (a model whose adapters were switched off, or whose attention was replaced, kept its fingerprint, and an
+    audit into the same run reused the other model's stages)."""
+    state: list[list[Any]] = []
+    for name, m in unet.named_modules():
+        if hasattr(m, "disable_adapters") and hasattr(m, "active_adapters") and hasattr(m, "merged_adapters"):
+            active = m.active_adapters
+            state.append([name, "adapters", bool(m.disable_adapters), sorted([active] if isinstance(active, str)
+                                                                              else active),
+                          sorted(m.merged_adapters), getattr(m, "scaling", None)])
+        processor = getattr(m, "processor", None)
+        if processor is not None and type(processor).__name__ not in PLAIN_PROCESSORS:
+            # its plain settings (a module's weights are in the state dict; an object's repr may hold its address)
+            plain = {k: v for k, v in getattr(processor, "__dict__", {}).items()
+                     if isinstance(v, (int, float, str, bool, type(None)))}
+            state.append([name, "processor", f"{type(processor).__module__}.{type(processor).__qualname__}", plain])
+    return state
 
 
 def _shape(sample_shape: Any) -> tuple[int, int, int]:
@@ -177,9 +206,8 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if source is not None and source.is_dir() and scheduler is None and sample_shape is None:
             # the directory only while it still holds what the object computes (weights changed in memory since
             # the load, or files changed on disk, were dropped without a word: the audit ran on the disk's model)
-            on_disk = load_target(source)
-            if module_fingerprint(on_disk.unet, on_disk.scheduler) == module_fingerprint(model.unet, model.scheduler):
-                return Target(on_disk.to(device), model_fingerprint(source), str(source))
+            if (found := _from_its_directory(source, model.unet, model.scheduler, device)) is not None:
+                return found
             log.warning("the target loaded from %s differs from that directory now (changed in memory since it was "
                         "loaded, or on disk): the audit takes the model in memory, known by its weights", source)
         model, scheduler = model.unet, scheduler or model.scheduler
@@ -192,6 +220,11 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                              "brings its own (leave them out)")
         return Target(load_target(model, device), model_fingerprint(model), str(model))
     if isinstance(model, DiffusionPipeline):
+        if extra := sorted(k for k, v in model.components.items() if k not in ("unet", "scheduler") and v is not None):
+            # (an LDMPipeline's UNet was audited on its VQ-VAE latents as if they were images)
+            raise ValueError(f"model: the {type(model).__name__} holds {', '.join(extra)} beside its unet and "
+                             f"scheduler: {LATENT_WHY} (where it samples in pixel space, pass model=pipe.unet, "
+                             "scheduler=pipe.scheduler)")
         own = getattr(model, "scheduler", None)
         unet, sched = getattr(model, "unet", None), scheduler or own
         if scheduler is not None and isinstance(own, SchedulerMixin) and (
@@ -202,6 +235,12 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if not isinstance(unet, UNet2DModel) or sched is None:
             raise ValueError(f"model: a {type(model).__name__} must have a UNet2DModel 'unet' and a 'scheduler' "
                              "(DDPMPipeline or DDIMPipeline)")
+        source = getattr(model, "name_or_path", None)  # the directory it was loaded from, where it still is that
+        # model: a run of the directory knows it as its target (it was audited again as another model)
+        if (scheduler is None and sample_shape is None and isinstance(source, (str, Path)) and str(source)
+                and Path(source).is_dir()
+                and (found := _from_its_directory(Path(source), unet, sched, device)) is not None):
+            return found
         model, scheduler = unet, sched
     if isinstance(model, UNet2DModel):
         if scheduler is None:
@@ -240,6 +279,20 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
 
 
+def _from_its_directory(path: Path, unet: UNet2DModel, scheduler: SchedulerMixin, device: str) -> Target | None:
+    """Model directory ``path`` as the target, known by its files as an audit of it is, where it holds what ``unet``
+    and ``scheduler`` compute (their weights, and its scheduler read as its own class or as the DDPMScheduler the
+    audit samples with); else None."""
+    try:
+        on_disk = load_target(path)
+    except ValueError:  # (no directory side-extract reads: the object is the target)
+        return None
+    mine = module_fingerprint(unet, scheduler)
+    if any(module_fingerprint(on_disk.unet, s) == mine for s in (on_disk.scheduler, *_saved_scheduler(path))):
+        return Target(on_disk.to(device), model_fingerprint(path), str(path))
+    return None
+
+
 def _saved_scheduler(model: str | Path) -> list[SchedulerMixin]:
     """The scheduler of model directory ``model`` as the diffusers class its config names (a DDIMScheduler, a
     PNDMScheduler, ..., which :func:`load_target` reads as the DDPMScheduler it samples with: a pipeline audited in
@@ -275,6 +328,13 @@ def run_target(run_model: str, recorded: str | None, model: ModelLike | None = N
                     for s in (target.denoiser.scheduler, *_saved_scheduler(model)))):
         # a run audited with the model in memory knows it by its weights: the same weights saved to a directory are
         # its target (they were refused by their file hash, so such a run could never be verified from the CLI)
+        return Target(target.denoiser, recorded, target.description)
+    if (recorded is not None and recorded != target.fingerprint and not isinstance(model, (str, Path))
+            and isinstance(target.denoiser, UNetDenoiser) and resolve_model_path(run_model).is_dir()
+            and model_fingerprint(run_model) == recorded
+            and _from_its_directory(resolve_model_path(run_model), target.denoiser.unet, target.denoiser.scheduler,
+                                    device) is not None):
+        # and the other way: a run of a directory, given the same weights in memory (refused as another model)
         return Target(target.denoiser, recorded, target.description)
     if recorded is not None and recorded != target.fingerprint:
         hint = ""

@@ -298,6 +298,26 @@ class Target:
 
 
 EMBEDDED_TARGETS = ("demo-1000", "demo")  # side_extract/assets/<name>/, recipes in docs/demo-model.md
+LATENT_WHY = ("a latent-diffusion or text-conditioned pipeline, whose UNet denoises latents (or reads a prompt), not "
+              "images; side-extract audits pixel-space DDPM/DDIM models")
+LATENT_PARTS = ("vae", "vqvae", "movq", "text_encoder", "tokenizer", "image_encoder")  # subfolders that say so
+
+
+def other_components(path: Path) -> list[str]:
+    """The parts model directory ``path`` holds beside ``unet`` and ``scheduler``: those its ``model_index.json``
+    names (diffusers' list of a pipeline's parts), and the subfolders of a latent or text-conditioned pipeline
+    (:data:`LATENT_PARTS`) holding a config."""
+    named: set[str] = set()
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):  # (none, or unreadable: diffusers' loader does not read it)
+        index = None
+    if isinstance(index, dict):
+        named = {k for k, v in index.items() if isinstance(k, str) and not k.startswith("_")
+                 and k not in ("unet", "scheduler") and v is not None and v != [None, None]}
+    named |= {p for p in LATENT_PARTS if any((path / p / f).is_file() for f in ("config.json", "tokenizer_config.json",
+                                                                               "vocab.json"))}
+    return sorted(named)
 
 
 def demo_model_path(name: str = "demo") -> Path:
@@ -331,6 +351,10 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
     if (path / ".final").is_dir():  # (a cut among the final moves: the weights of one training, the config of another)
         raise ValueError(f"model directory {str(path)!r} holds .final/: train-target was stopped while putting its "
                          "final model in place; run the same train-target command again to finish it")
+    if extra := other_components(path):  # (an LDM pipeline's UNet was audited on its VQ-VAE latents as images)
+        raise ValueError(f"model directory {str(path)!r} holds {', '.join(extra)} beside unet and scheduler: "
+                         f"{LATENT_WHY} (where it samples in pixel space, save its unet and scheduler alone: "
+                         "DDPMPipeline(unet=..., scheduler=...).save_pretrained(NEW_DIR))")
     unet_dir, sched_dir = path / "unet", path / "scheduler"
     if (path / "config.json").is_file() and not unet_dir.is_dir():
         raise ValueError(f"model directory {str(path)!r} holds a model saved alone (config.json, no unet/ and "
