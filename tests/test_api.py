@@ -1234,8 +1234,8 @@ def test_a_latent_diffusion_pipeline_is_refused_in_memory_and_saved(tmp_path):
     from its saved directory: the audit sampled latents and measured them against training pixels, without a word
     (a review's find). Its UNet and scheduler alone are taken, as the message says."""
     pipe = _tiny_ldm()
-    with pytest.raises(ValueError, match=r"the LDMPipeline holds vqvae beside its unet and scheduler: a latent-diffusion"
-                                         r".*pass model=pipe.unet, scheduler=pipe.scheduler"):
+    with pytest.raises(ValueError, match=r"the LDMPipeline holds vqvae beside its unet and scheduler: a "
+                                         r"latent-diffusion.*pass model=pipe.unet, scheduler=pipe.scheduler"):
         as_target(pipe)
     pipe.save_pretrained(tmp_path / "ldm")
     with pytest.raises(ValueError, match=r"ldm' holds vqvae beside unet and scheduler: a latent-diffusion"):
@@ -1260,7 +1260,8 @@ def test_adapters_and_attention_processors_are_part_of_an_in_memory_models_finge
         with torch.no_grad():
             return u(x, t).sample
 
-    u = inject_adapter_in_model(LoraConfig(r=2, target_modules=["conv1", "conv2"], init_lora_weights=False), tiny_unet())
+    lora = LoraConfig(r=2, target_modules=["conv1", "conv2"], init_lora_weights=False)
+    u = inject_adapter_in_model(lora, tiny_unet())
     fp, y = module_fingerprint(u, sched), out(u)
     for m in u.modules():
         if m is not u and hasattr(m, "enable_adapters"):

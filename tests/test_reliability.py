@@ -264,6 +264,19 @@ def test_a_select_k_as_large_as_the_synthetic_set_is_refused_before_sampling():
     assert cluster_problems(dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(n_clusters=12)), ["side"]) == []
 
 
+def test_a_min_size_that_leaves_fewer_than_two_clusters_is_refused_before_sampling():
+    """SIDE's classifier and side-lora need 2 kept clusters: a min_size above half the images clustered can keep one
+    at most, and it was refused only after the synthetic set was sampled, embedded and clustered (a review's
+    find)."""
+    rc = cfg.RunConfig(sample=cfg.SampleConfig(n=40), surrogate=cfg.SurrogateConfig(n_clusters=4, min_size=21))
+    assert cluster_problems(rc, ["side", "side-lora", "uncond"]) == [
+        "surrogate.min_size=21: the 40 synthetic images clustered hold at most one cluster that large, and side, "
+        "side-lora need 2 kept clusters (lower it to at most 20, or raise sample.n)"]
+    assert cluster_problems(rc, ["side-teacher", "uncond"]) == []  # (none of them clusters)
+    assert cluster_problems(dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(n_clusters=4, min_size=20)),
+                            ["side"]) == []
+
+
 def test_bad_model_leaves_no_config_behind(tmp_path):
     res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(tmp_path / "r"), "--model", str(tmp_path / "nope")])
     assert res.exit_code == 2 and not (tmp_path / "r" / "config.yaml").exists()
@@ -1675,3 +1688,22 @@ def test_a_growth_that_diverges_keeps_the_finished_generations_it_grew_from(tiny
     again = stage(6)  # (it would diverge, were any generation made again)
     assert np.array_equal(again.images, first.images) and np.array_equal(again.ids, first.ids)
     assert read_json(tmp_path / "run" / "manifest.json")["stages"]["extraction/side"]["status"] == "complete"
+
+
+def test_a_growth_resumed_after_a_second_cut_keeps_the_n_it_grew_from(tiny_model_dir, tmp_path, one_thread):
+    """A growth (6 -> 12) cut short, resumed and cut short again forgot the N of the finished extraction it grew
+    from: a run at 4 then replaced the finished 6 and their evaluation without --force, refused before the resume
+    (a review's find); and a diverging growth removed the finished shards with its own."""
+    from side_extract.runs import StageWouldBeReplaced
+
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=6, shard_size=2)
+    at = lambda n: dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, n=n))  # noqa: E731
+    run = tmp_path / "run"
+    run_audit(run, rc)
+    for cut in (8, 10):  # a growth cut short, then its resume cut short too
+        with pytest.raises(KeyboardInterrupt):
+            run_audit(run, at(12), replace=False, progress=interrupt_at("extract uncond", cut))
+        assert read_json(run / "manifest.json")["stages"]["extraction/uncond"]["finished_n"] == 6
+    with pytest.raises(StageWouldBeReplaced):
+        run_audit(run, at(4), replace=False)
+    assert read_json(run / "evaluation" / "uncond" / "metrics.json")["n_generated"] == 6

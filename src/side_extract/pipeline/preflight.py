@@ -45,6 +45,11 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
     if rc.surrogate.min_size > n_clustered:
         problems.append(f"surrogate.min_size={rc.surrogate.min_size} is more than the {n_clustered} synthetic "
                         "images clustered: every cluster would be dropped (lower it, or raise sample.n)")
+    elif 2 * rc.surrogate.min_size > n_clustered:  # (found after the synthetic set, its features and clustering)
+        used = ", ".join(sorted(cfg.CLUSTERING_METHODS & set(methods)))
+        problems.append(f"surrogate.min_size={rc.surrogate.min_size}: the {n_clustered} synthetic images clustered "
+                        f"hold at most one cluster that large, and {used} need 2 kept clusters (lower it to at most "
+                        f"{n_clustered // 2}, or raise sample.n)")
     return problems
 
 

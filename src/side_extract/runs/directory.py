@@ -89,7 +89,9 @@ class RunDir:
                 log.info("stage %s: inputs and config unchanged, skipped", stage)
                 return "skip"
             decision: Literal["skip", "resume", "fresh"] = "resume"
-            kept = {k: entry[k] for k in ("grown_from", "grown_from_fingerprints") if k in entry}  # an interrupted growth
+            # an interrupted growth: what it grew from (finished_n, dropped on a resume, let a second one lose the
+            # finished images on divergence, and a lower N replace them without --force)
+            kept = {k: entry[k] for k in ("grown_from", "grown_from_fingerprints", "finished_n") if k in entry}
         else:
             kept = {}
             decision = "fresh"
