@@ -72,6 +72,28 @@ def test_cliques_stricter_than_components():
     assert detect_memorized(gen, thr, min_size=3, mode="cliques", train=gen).precision is None
 
 
+def test_a_group_whose_every_pair_is_near_is_one_clique_without_the_clique_search(monkeypatch):
+    """One image generated many times links every pair: the clique search over that complete graph took ~n^3
+    (1,000 copies 18 s, 2,000 copies 127 s; a review's find). Such a group is one clique as it is; the planted groups
+    (complete too) come out as the search found them, and a group with a pair missing still goes to the search."""
+    import networkx as nx
+
+    train, gen, order = planted()
+    searched = []
+    real = nx.find_cliques
+    monkeypatch.setattr(nx, "find_cliques", lambda g: searched.append(g.number_of_nodes()) or real(g))
+    where = np.argsort(order)
+    det = detect_memorized(gen, 0.05, min_size=4, mode="cliques", train=train, chunk=16)
+    assert sorted(sorted(g) for g in det.groups) == sorted(
+        [sorted(where[:6].tolist()), sorted(where[6:11].tolist()), sorted(where[11:15].tolist())])
+    assert searched == []
+    base = np.zeros((3, 8, 8, 1), np.uint8)
+    base[1] += 10
+    base[2] += 20  # 0-2 not near: a chain, searched
+    assert detect_memorized(ImageSet(base), 15 / 255 + 1e-9, min_size=3, mode="cliques").groups == []
+    assert searched == [3]
+
+
 def test_a_clique_overlapping_a_larger_one_keeps_its_other_members():
     """Two groups of near-copies with one generation between them (near both, the groups far apart): two maximal
     cliques of 5 sharing it. The second group was dropped whole because it overlapped the first."""

@@ -122,6 +122,24 @@ def test_frechet_with_fewer_samples_than_dimensions_is_exact():
     assert frechet_distance_of(a, a) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_frechet_takes_the_small_route_whenever_one_set_has_fewer_samples_than_dimensions(monkeypatch):
+    """The d x d covariances and their sqrtm were taken while d <= n + m: 2,072 generations of 32x32 RGB pixels
+    against the 1,000 reference images took 111 s where 2,071 took 1.4 s (a review's find). The n x m route is exact
+    for any sizes; it is taken where the smaller set has fewer samples than dimensions, and agrees with the d x d
+    route (checked here against it, run by hand)."""
+    import side_extract.quality as quality
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(200, 100)), rng.normal(size=(30, 100)) * 0.8 + 0.1
+    expect = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+    def refused(*args):
+        raise AssertionError("the d x d route")
+
+    monkeypatch.setattr(quality, "frechet_distance", refused)
+    assert frechet_distance_of(a, b) == pytest.approx(expect, rel=1e-6)
+
+
 def mmd2_loop(a, b):
     """The unbiased estimator written out: pairs i != j within each set, all pairs across."""
     k = lambda x, y: (x @ y / len(x) + 1) ** 3  # noqa: E731

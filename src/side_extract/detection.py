@@ -135,6 +135,10 @@ def _groups(n: int, i: np.ndarray, j: np.ndarray, min_size: int, mode: GroupMode
     groups = []
     for members in big:
         sub = adj[members][:, members].tocoo()
+        if sub.nnz == len(members) * (len(members) - 1) // 2:  # every pair linked (one image generated many times,
+            # the case the detection is for): one clique, whose search took ~n^3 (1,000 copies: 18 s; 2,000: 127 s)
+            groups.append(sorted(members.tolist()))
+            continue
         g = nx.Graph()
         g.add_nodes_from(range(len(members)))
         g.add_edges_from(zip(sub.row.tolist(), sub.col.tolist()))
