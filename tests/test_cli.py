@@ -125,6 +125,8 @@ def test_training_set_that_does_not_fit_the_model(tiny_model_dir, tmp_path):
         r = CliRunner().invoke(app, ["--no-progress", "run", str(conf), "--out", str(tmp_path / "r")],
                                terminal_width=300)
         assert r.exit_code == 2 and says in r.output, r.output
+        # (it named --resize of side train-target, to commands that have no such option; a review's find)
+        assert "train-target" not in r.output
 
 
 def test_console_script_entry_point():
@@ -429,14 +431,28 @@ def test_the_own_model_template_is_the_memorization_aware_form_with_three_paths_
     preflight(filled, load_target(tiny_model_dir))
 
 
-def test_out_of_memory_and_a_message_with_brackets_are_one_clean_line(tmp_path):
+def test_out_of_memory_and_a_message_with_brackets_are_one_clean_line(tmp_path, monkeypatch):
     """A batch size of 10^12 ended in a traceback from torch's allocator (status 1); an error naming a path with
-    brackets lost them (rich read `[a]` as markup): '/tmp/r[a]/x' was said as '/tmp/r/x'."""
+    brackets lost them (rich read `[a]` as markup): '/tmp/r[a]/x' was said as '/tmp/r/x'. (Such a batch is refused
+    by the config now, with batch sizes past torch's own, which were still a traceback: the allocator's error is
+    raised here as it says it.)"""
+    import side_extract.models.target as target_module
+
     r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "train-target", "--steps", "2", "--batch-size",
-                                 "1000000000000", "--out", str(tmp_path / "m")])
+                                 str(2**62), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and f"--batch-size={2**62} must be at most" in " ".join(r.output.split()), r.output
+
+    def allocator(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 8000000000000 bytes")
+
+    monkeypatch.setattr(target_module, "add_noise", allocator)
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "train-target", "--steps", "2", "--out",
+                                 str(tmp_path / "m")])
     said = " ".join(r.output.split())
     assert r.exit_code == 2 and "error: out of memory (" in said and "lower a batch size" in said, r.output
     assert "Traceback" not in r.output and not (tmp_path / "m").exists()
+    monkeypatch.undo()
     odd = tmp_path / "r[a]" / "x"
     r = CliRunner().invoke(app, ["report", str(odd)])
     assert r.exit_code == 2 and f"'{odd}' does not exist" in " ".join(r.output.split()), r.output

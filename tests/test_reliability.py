@@ -1577,6 +1577,30 @@ def test_a_stage_command_that_waited_reads_the_settings_the_other_writer_left(ti
     assert read_json(run / "surrogate" / "clusters.json")["n_clusters"] == 3
 
 
+def test_wait_on_a_run_not_made_yet_holds_it_and_leaves_nothing_where_refused(tmp_path):
+    """--wait on a run that did not exist yet read no config.yaml and waited for nothing: a command started just
+    before it, still loading, made the run, and this one then wrote its defaults over that one's settings and results
+    (side sample --out R & side sample --out R --wait; a review's find). The run is made and held at once, so the
+    other command is told it is being written; where the command leaves nothing in it, it is removed again."""
+    from side_extract.cli.common import holding_run
+
+    run = tmp_path / "new"
+    probe = (f"from side_extract.runs import run_lock, RunLocked\n"
+             f"try:\n    with run_lock({str(run)!r}):\n        print('took it')\n"
+             f"except RunLocked as e:\n    print('refused:', e)\n")
+    with holding_run(run, True):
+        assert (run / ".lock").is_file()
+        other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        assert other.stdout.startswith("refused:") and "is being written by another process" in other.stdout, other
+    assert not run.exists()  # (nothing written: as a refusal leaves it)
+    with holding_run(run, True):
+        (run / "config.yaml").write_text("model: demo\n")
+    assert (run / "config.yaml").is_file()
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "sample", "--out", str(tmp_path / "bad"), "--wait",
+                                 "--model", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and not (tmp_path / "bad").exists(), r.output
+
+
 def test_a_stage_made_smaller_and_cut_short_before_its_unlinking_holds_no_old_shard(tmp_path, monkeypatch):
     """An extraction begun at N 10 (shards 0..4, 4..8, 8..10) and cut short, then rerun at N 6 and killed between
     the growth's record and the unlinking of the old layout's shards: the resume kept shard-00002 (images 8..9) and

@@ -305,7 +305,9 @@ def test_ema_decay_without_ema_is_said_and_does_not_block_a_rerun(tmp_path, capl
         assert train_target(dataclasses.replace(TINY, steps=6), data, tmp_path / "t").resumed_from == 4
     assert TINY.ema_decay == cfg.TrainTargetConfig().ema_decay and "change nothing" not in caplog.text
     shutil.rmtree(tmp_path / "t" / "checkpoints")
-    train_target(dataclasses.replace(TINY, steps=2, ema_decay=0.7), data, tmp_path / "t")  # (not refused)
+    with pytest.raises(ValueError, match="with these settings and no checkpoint"):  # (the same training: not "a
+        # different config"; nothing to continue from)
+        train_target(dataclasses.replace(TINY, steps=6, ema_decay=0.7), data, tmp_path / "t")
     with pytest.raises(ValueError, match="a target trained with a different config or data set"):  # (read with ema)
         train_target(dataclasses.replace(TINY, steps=2, ema=True, ema_decay=0.5), data, tmp_path / "t")
     # a checkpoint written before the rule holds ema_decay as given: the very same command continues from it
@@ -316,6 +318,27 @@ def test_ema_decay_without_ema_is_said_and_does_not_block_a_rerun(tmp_path, capl
         meta["resume_key"]["ema_decay"] = 0.5
         state.write_text(json.dumps(meta))
     assert train_target(dataclasses.replace(TINY, steps=6, ema_decay=0.5), data, tmp_path / "old").resumed_from == 4
+
+
+def test_a_finished_target_without_checkpoints_is_not_trained_again_from_scratch(tmp_path):
+    """With its checkpoints gone (pruned, or a copy made without them), the same command trained the finished target
+    again from step 0 and replaced it, other weights wherever the thread count differed, and a longer --steps
+    started over instead of continuing it (a review's find). Both are refused, the model left as it was."""
+    import hashlib
+    import shutil
+
+    data = load_image_set("digits:20")
+    train_target(TINY, data, tmp_path / "t")  # 4 steps
+    shutil.rmtree(tmp_path / "t" / "checkpoints")
+    weights = tmp_path / "t" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=r"holds a target trained to 4 steps with these settings and no checkpoint: "
+                                         r"training again would start over .* it is done: audit it as it is"):
+        train_target(TINY, data, tmp_path / "t")
+    with pytest.raises(ValueError, match=r"it cannot be continued to --steps 9: its checkpoints"):
+        train_target(dataclasses.replace(TINY, steps=9), data, tmp_path / "t")
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    assert not (tmp_path / "t" / "checkpoints").exists()
 
 
 def test_a_finished_target_is_not_replaced_by_another_config_or_data(tmp_path):
@@ -455,6 +478,24 @@ def test_train_target_faults_of_a_review(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"train-target diverged: the loss is nan at step \d+ \(lr=1e\+06\)"):
         train_target(dataclasses.replace(TINY, steps=6, lr=1e6), data, tmp_path / "nan")
     assert not (tmp_path / "nan" / "unet").exists()
+    # diverged past a checkpoint: lowering --lr into the same folder is refused beside it, so the advice says so (it
+    # said only "lower --lr"; a review's find)
+    import side_extract.models.target as target_module
+
+    calls, real = [], target_module.add_noise
+
+    def blows_up_at_step_3(*args):
+        calls.append(1)
+        return real(*args) * (float("nan") if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(target_module, "add_noise", blows_up_at_step_3)
+    with pytest.raises(ValueError, match=r"diverged: the loss is nan at step 3 \(lr=0.001\); lower --lr, training "
+                                         r"into another --out, or delete .*nan2' first: it holds checkpoints to "
+                                         r"step-000002"):
+        train_target(dataclasses.replace(TINY, steps=6, lr=1e-3), data, tmp_path / "nan2")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="a target trained with a different config"):
+        train_target(dataclasses.replace(TINY, steps=6, lr=1e-4), data, tmp_path / "nan2")
     # a width under 8 trains; EMA leaves the caller's RNG alone
     torch.manual_seed(0)
     train_target(dataclasses.replace(TINY, block_out_channels=(4,), steps=1, ema=True), data, tmp_path / "w4")
@@ -537,9 +578,19 @@ def test_a_training_into_a_folder_another_training_writes_is_refused(tmp_path):
 
     # a training that fails before writing anything leaves no folder behind, the lock's parents neither
     deep = tmp_path / "new" / "nested" / "m"
-    with pytest.raises((RuntimeError, MemoryError)):  # (torch's allocator: the CLI says "out of memory")
-        train_target(dataclasses.replace(TINY, batch_size=10**12), data, deep)
+    import side_extract.models.target as target_module
+
+    def out_of_memory(*args):  # (a batch past memory: torch's allocator; the CLI says "out of memory")
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.MonkeyPatch.context() as m, pytest.raises(RuntimeError):
+        m.setattr(target_module, "add_noise", out_of_memory)
+        train_target(TINY, data, deep)
     assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match=r"batch_size=1000000000000 must be at most"):  # (a traceback past torch's
+        train_target(dataclasses.replace(TINY, batch_size=10**12), data, deep)  # sizes; a review's find)
+    with pytest.raises(ValueError, match=r"num_train_timesteps=100000000 must be at most"):  # (4 GB of schedule
+        train_target(dataclasses.replace(TINY, num_train_timesteps=10**8), data, deep)  # before its refusal)
 
 
 def test_train_target_refuses_a_schedule_the_audit_cannot_use_before_training(tmp_path):

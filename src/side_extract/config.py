@@ -153,6 +153,10 @@ def _shards(obj: Any, rounds: int = 1) -> None:
                          f"most {MAX_SHARDS:,}): lower n{' or rounds' if rounds > 1 else ''} or raise shard_size")
 
 
+MAX_TRAIN_TIMESTEPS = 100_000  # far past any DDPM's (1,000-4,000): float32's linear schedule ends near 12,000
+MAX_TRAIN_BATCH = 1 << 20  # images per training step
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainTargetConfig:
     """Training a diffusers ``UNet2DModel`` target for memorization studies. ``prediction_type``: what the UNet
@@ -181,6 +185,11 @@ class TrainTargetConfig:
         _numbers(self)
         _positive(self, "steps", "batch_size", "checkpoint_every", "num_train_timesteps", "layers_per_block",
                   "norm_num_groups")
+        # (a typo's T was a schedule of T values, 4 GB at 1e8 and the machine's memory at 1e9, before its refusal;
+        # a batch past torch's sizes was a traceback)
+        for name, most in (("num_train_timesteps", MAX_TRAIN_TIMESTEPS), ("batch_size", MAX_TRAIN_BATCH)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name}={getattr(self, name)} must be at most {most}")
         if not self.block_out_channels:
             raise ValueError("block_out_channels=() must name at least one block width")
         if any(c < 1 for c in self.block_out_channels):

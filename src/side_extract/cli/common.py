@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -278,26 +279,31 @@ def stage_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> t
 
 @contextlib.contextmanager
 def holding_run(run: Path, wait: bool) -> Iterator[None]:
-    """With ``--wait`` on a run that exists: the run's lock held from before its ``config.yaml`` is read to the end of
-    the command (``run_lock`` is re-entrant: the stages take it again). It was read before the wait, so a command
-    queued behind another writer that changed the run's settings made its stages with the settings of before and
-    wrote them back, undoing the other's. In a launch the other processes read it once the main one holds it."""
+    """With ``--wait``: the run's lock held from before its ``config.yaml`` is read to the end of the command
+    (``run_lock`` is re-entrant: the stages take it again). It was read before the wait, so a command queued behind
+    another writer that changed the run's settings made its stages with the settings of before and wrote them back,
+    undoing the other's. A run that does not exist yet is made, locked, at once (a command started just before this
+    one, still loading, then finds it held and says so; this one read no config and went on to write its defaults
+    over the other's settings and results), and removed again where the command leaves nothing in it (a refusal).
+    In a launch the other processes read it once the main one holds it."""
     if not wait:
         yield
         return
     group = ProcessGroup.from_env()
-    if not group.share(Path(run).is_dir()):  # (a new run: nothing to wait for, and no folder made by a refusal;
-        # the main process's answer for all: processes that saw the folder made or removed between their checks took
-        # different branches, and one barrier met another exchange)
-        yield
-        return
+    # (the main process's answer for all: processes that saw the folder made or removed between their checks took
+    # different branches, and one barrier met another exchange)
+    new = not group.share(Path(run).is_dir())
     from ..runs import check_run_path, run_lock
 
-    if group.main:
+    if group.main and not new:
         check_run_path(run)  # (a folder that is no run gets no lock file)
     with run_lock(run, wait=True) if group.main else contextlib.nullcontext():
         group.barrier()
-        yield
+        try:
+            yield
+        finally:
+            if new and group.main and Path(run).is_dir() and [p.name for p in Path(run).iterdir()] == [".lock"]:
+                shutil.rmtree(run)  # (held: a writer waiting on the removed file takes the folder's new one)
 
 
 def say_note(note: str | None) -> None:

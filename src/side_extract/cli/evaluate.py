@@ -75,7 +75,7 @@ def load_feature_model(model: str | None, device: str, images: Any = None) -> An
     denoiser = load_target(model, device)
     if images is not None:
         check_fits(images.shape, denoiser.sample_shape,
-                   f"training images ({images.name or 'given'}) for --model {model}")
+                   f"training images ({images.name or 'given'}) for --model {model}", resize="--resize")
     return denoiser
 
 

@@ -56,8 +56,10 @@ def main(
                                 "on an idle machine, fewer when other processes keep some busy: oversubscribed "
                                 "threads run many times slower), shared by the processes of a --processes launch."),
     processes: int = typer.Option(1, "--processes", help="Run the command as a launch of this many processes on "
-                                  "this machine (torchrun; each writes its own shards, the files equal a "
-                                  "one-process run)."),
+                                  "this machine (torchrun; each writes its own shards). Sampling gives a one-process "
+                                  "run's files; classifiers and targets trained data-parallel end within float "
+                                  "rounding of one process's weights, and guided generations can then differ (README "
+                                  "\"Several processes, several GPUs\")."),
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
                                  help="Print the installed side-extract version and exit."),
 ) -> None:

@@ -470,14 +470,20 @@ def save_target(unet: UNet2DModel, scheduler: SchedulerMixin, out: str | Path, e
             atomic_write_text(tmp / name, text)
 
 
-def check_fits(images_shape: tuple[int, int, int], model_shape: tuple[int, int, int], what: str) -> None:
-    """Raise if (C, H, W) of the images differs from the model's."""
+RESIZE_HOW = "train_resize in a run config, side run --config"  # how a run's training images are resized
+
+
+def check_fits(images_shape: tuple[int, int, int], model_shape: tuple[int, int, int], what: str, *,
+               resize: str = RESIZE_HOW) -> None:
+    """Raise if (C, H, W) of the images differs from the model's; ``resize``: the setting that resizes them, for the
+    caller's command (the advice named --resize of side train-target to side demo, which has neither it nor a
+    config, and to side calibrate, whose --resize made the mismatch)."""
     if tuple(images_shape) != tuple(model_shape):
         c, h, w = images_shape
         mc, mh, mw = model_shape
         raise ValueError(
             f"{what} are {h}x{w} with {c} channel(s), but the model expects {mh}x{mw} with {mc} channel(s)"
-            + ("; resize them (train_resize in a run config, --resize in side train-target)" if c == mc and h != mh else "")
+            + (f"; resize them to {mh} ({resize})" if c == mc and h != mh else "")
         )
 
 
@@ -658,6 +664,28 @@ def check_train_out(out: Path, resume_key: dict, *, data: bool = True) -> None:
                              "or delete it")
 
 
+def _refuse_retraining(out: Path, steps: int) -> None:
+    """Refuse to train again from step 0 into ``out``, which holds a finished target of this config and no checkpoint
+    to continue it from (pruned, or a copy made without them), for as many steps or more: the target was retrained
+    from scratch without a word, other weights wherever the thread count or machine differed, and a longer --steps
+    did not continue it. Fewer steps train a shorter model from step 0, as where no checkpoint is that early."""
+    try:
+        done = read_json(out / "training_log.json", dict).get("steps")
+    except (OSError, ValueError):
+        done = None
+    if isinstance(done, int) and steps < done:
+        return
+    trained = f"trained to {done} steps" if isinstance(done, int) else "trained"
+    if isinstance(done, int) and steps > done:
+        then = (f"it cannot be continued to --steps {steps}: its checkpoints, with the optimizer's state, are gone "
+                "(checkpoints/step-N)")
+    else:
+        then = "it is done: audit it as it is"
+    raise ValueError(f"{str(out)!r} holds a target {trained} with these settings and no checkpoint: training again "
+                     f"would start over from step 0 and replace it; {then}, or choose another --out (or delete it) to "
+                     "train a new one")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     path: Path
@@ -754,6 +782,9 @@ def train_target(
                 log.info("resuming training from %s (step %d)", ckpt, start)
                 break
             at_most = int(ckpt.name.split("-")[1]) - 1  # damaged: an earlier one
+        if (start == 0 and (out / "train_config.yaml").is_file() and (out / "unet").is_dir()
+                and _latest_checkpoint(out, math.inf) is None):
+            _refuse_retraining(out, c.steps)
         # the model moves before the optimizer and EMA are made or loaded, so their state lives on its device
         unet.to(device).train()
         opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
@@ -789,8 +820,13 @@ def train_target(
                 ema.step(unet.parameters())
             losses.append(group.batch_mean(per_row, c.batch_size))
             if not math.isfinite(losses[-1]):  # (every later step ran, NaN checkpoints and model written, exit 0)
-                raise ValueError(f"train-target diverged: the loss is {losses[-1]} at step {step} (lr={c.lr:g}); lower "
-                                 f"--lr. Nothing of this run past step {step - 1} was written")
+                # (lowering --lr was refused beside the checkpoints written before: "a different config")
+                kept = _latest_checkpoint(out, step)
+                how = ("lower --lr" if kept is None else
+                       f"lower --lr, training into another --out, or delete {str(out)!r} first: it holds checkpoints "
+                       f"to {kept.name} made with lr={c.lr:g}, beside which another lr is refused")
+                raise ValueError(f"train-target diverged: the loss is {losses[-1]} at step {step} (lr={c.lr:g}); "
+                                 f"{how}. Nothing of this run past step {step - 1} was written")
             since.append(losses[-1])
             if progress is not None:
                 progress(step, c.steps)
