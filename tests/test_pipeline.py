@@ -233,13 +233,15 @@ def test_cli_run_and_unknown_key(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("method", ["side", "side-lora"])
 @pytest.mark.parametrize("tau, min_size, filtered, remedy", [
     (1.0, 1, "cohesion filter", "set surrogate.tau <="),
-    (-1.0, 25, "size filter", r"set surrogate.min_size <= \d+ "),  # 40 images in 2 clusters: 24 and 16 here
+    # 40 images in 4 clusters, none of 20 (a min_size past 20 leaves fewer than 2 clusters of any 40: refused before
+    # sampling, cluster_problems)
+    (-1.0, 20, "size filter", r"set surrogate.min_size <= \d+ "),
 ])
 def test_all_clusters_dropped_is_a_clear_error(tiny_model_dir, tmp_path, tau, min_size, filtered, remedy, method):
     """The classifier's error (and side-lora's) names the filter that dropped the clusters, as the labeler's warning
     does (they said "lower surrogate.tau" when the size filter had dropped them with tau already at its least, -1)."""
     rc = tiny_rc(tiny_model_dir, methods=(method,))
-    k = 4 if min_size == 1 else 2
+    k = 4
     rc = dataclasses.replace(rc, surrogate=cfg.SurrogateConfig(n_clusters=k, tau=tau, min_size=min_size, n_init=1))
     with pytest.warns(RuntimeWarning, match=f"all {k} clusters were dropped by the {filtered}"):
         with pytest.raises(ValueError, match=f"0 labelled (class|cluster).*too few clusters pass the {filtered}.*"
