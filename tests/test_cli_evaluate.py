@@ -101,6 +101,16 @@ def test_evaluate_config_file_and_flags(sets, tmp_path):
     r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
                "--out", tmp_path / "e2", "--config", yml, "--carlini-n", 3, "--bands", "high=0:0.01")
     assert r.exit_code == 0, r.output
+    # a run YAML's held-out set (configs/own-model.yaml has one) beside typed bands or a cosine similarity, where
+    # it is not read: refused as "--heldout ... would not be read", a flag nobody typed (a review's find)
+    yml.write_text(f"model: demo\ntrain: digits:30\nevaluate:\n  heldout: {sets / 'train.npz'}\n")
+    for more in (["--bands", "high=0:0.01"], ["--similarity", "cosine:pixels"]):
+        r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+                   "--out", tmp_path / "e3", "--config", yml, "--carlini-n", 3, *more)
+        assert r.exit_code == 0, r.output
+    r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
+               "--out", tmp_path / "e4", "--heldout", sets / "train.npz", "--carlini-n", 3, "--bands", "high=0:0.01")
+    assert r.exit_code == 2 and "calibrates the bands" in r.output, r.output  # (typed: still said)
 
 
 def test_typed_bands_replace_the_config_files_other_way_of_giving_them(sets, tmp_path):
@@ -578,3 +588,56 @@ def test_a_runs_bands_of_a_revised_extractors_earlier_features_are_not_taken(tmp
     assert run_bands(run, c).bands_file == str(run / "evaluation" / "bands.json")
     pixels = Calibration("rms-l2", "distance", (0.5,), "train", (Band("near", 0.0, 0.1),), {"train": np.ones(3)})
     assert "extractor_revision" not in pixels.to_json()  # (the others record nothing new)
+
+
+def test_evaluate_names_the_files_behind_a_folders_ids(tmp_path):
+    """A folder's ids are positions in name order (10.png before 2.png), and no output named a file: generations
+    copying 2.png and 11.png of 0.png..11.png read as copies of "4" and "3", which a data owner took for 4.png and
+    3.png (a review's find). files.csv names them; one of an earlier evaluation goes where no set is a folder."""
+    import csv
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    train, gen = tmp_path / "train", tmp_path / "gen"
+    train.mkdir()
+    gen.mkdir()
+    pictures = {i: rng.integers(0, 256, (8, 8), dtype=np.uint8) for i in range(12)}
+    for i, a in pictures.items():
+        Image.fromarray(a).save(train / f"{i}.png")
+    Image.fromarray(pictures[2]).save(gen / "b.png")
+    Image.fromarray(pictures[11]).save(gen / "a.png")
+    out = tmp_path / "eval"
+    r = invoke("evaluate", "--generated", gen, "--train", train, "--out", out, "--bands", "high=0:0.01,mid=0.01:0.1")
+    assert r.exit_code == 0, r.output
+    files = {(row["set"], int(row["id"])): row["file"] for row in csv.DictReader((out / "files.csv").open())}
+    nearest = [(files[("generated", int(row["generation_id"]))], files[("train", int(row["nearest_train_id"]))])
+               for row in csv.DictReader((out / "per_generation.csv").open())]
+    assert sorted(nearest) == [("a.png", "11.png"), ("b.png", "2.png")]
+    atomic_save_npz(tmp_path / "t.npz", images=np.stack(list(pictures.values()))[..., None])
+    r = invoke("evaluate", "--generated", tmp_path / "t.npz", "--train", tmp_path / "t.npz", "--out", out,
+               "--bands", "high=0:0.01,mid=0.01:0.1")
+    assert r.exit_code == 0 and not (out / "files.csv").exists(), r.output
+
+
+def test_evaluate_refuses_writing_among_the_shards_it_reads_and_bands_it_cannot_use(sets, tmp_path, caplog):
+    """--out the generations' shard folder wrote per_generation.npz among the shards, and the folder was refused as
+    generations from then on; a bands file calibrated on an extractor's features of before its revision was taken
+    without a word (a run's own was refused); bands on another scale (the paper's L2 edges for rms-l2 distances)
+    gave a confident 100 % without a word (review finds)."""
+    shards = sets / "run/extraction/side"
+    r = invoke("evaluate", "--generated", shards, "--train", sets / "train.npz", "--out", shards,
+               "--bands", "high=0:0.01")
+    assert r.exit_code == 2 and "is the folder of shards given as --generated" in " ".join(r.output.split()), r.output
+    assert sorted(p.name for p in shards.iterdir()) == ["shard-00000.npz", "shard-00001.npz"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"similarity": "cosine:efficientnet-lite0", "bands": {"high": [0.9, 1.0]}}))
+    from side_extract.metrics import read_bands_file
+
+    with pytest.raises(ValueError, match=r"calibrated on efficientnet-lite0's features of before revision 2"):
+        read_bands_file(old, "cosine:efficientnet-lite0")
+    with caplog.at_level(logging.WARNING):
+        r = invoke("evaluate", "--generated", shards, "--train", sets / "train.npz", "--out", tmp_path / "e",
+                   "--bands", "high=0:1.4,mid=1.4:1.6,low=1.6:1.85", "--carlini-n", 3)
+    assert r.exit_code == 0, r.output
+    assert "bands mid=1.4:1.6, low=1.6:1.85 lie outside the scores rms-l2 can take ([0, 1])" in caplog.text

@@ -268,10 +268,7 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     if dangling:  # (left out without a word, as git-annex or DVC leave files not fetched: a copy of one went uncounted)
         raise ValueError(f"{len(dangling)} image file(s) in {str(path)!r} are symbolic links to nothing (the first: "
                          f"{', '.join(dangling[:3])}): fetch their targets, or remove the links")
-    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_name_order)
-    hidden = [p.name for p in files if p.name.startswith(".")]  # (a thumbnail, macOS's ._a.png: taken in as
-    # training images, or an unreadable one that stopped the load)
-    files = [p for p in files if not p.name.startswith(".")]
+    files, hidden = _image_files(path)
     nested = _nested_images(path)
     if hidden or nested:  # (the images of class subfolders were left out without a word)
         warnings.warn("; ".join(
@@ -337,6 +334,23 @@ def load_folder(path: Path, resize_to: int | None = None) -> ImageSet:
     return ImageSet(stacked, name=str(path))
 
 
+def _image_files(path: Path) -> tuple[list[Path], list[str]]:
+    """The image files of folder ``path`` in the order they are read (their ids: 0, 1, ...), and the hidden ones left
+    out (a thumbnail, macOS's ._a.png: taken in as training images, or an unreadable one that stopped the load)."""
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_name_order)
+    return [p for p in files if not p.name.startswith(".")], [p.name for p in files if p.name.startswith(".")]
+
+
+def folder_files(spec: str | Path) -> list[str] | None:
+    """The file names behind the ids 0, 1, ... of the image set ``spec`` loads, where it is a folder of image files
+    (a set's ids are positions in name order, 10.png before 2.png: the names tell which file an id is); None for
+    digits, an .npz file or a folder of shards, whose ids are their own."""
+    p = Path(spec)
+    if is_digits_spec(spec) or not p.is_dir() or any(p.glob("shard-*.npz")):
+        return None
+    return [f.name for f in _image_files(p)[0]]
+
+
 def _name_order(p: Path) -> tuple[str, str]:
     """A folder's files in an order every machine gives: by name, Unicode-composed first (a folder copied from macOS
     holds decomposed names, "e" + accent, which sorted apart from the composed "é" written on Linux: the same images
@@ -367,7 +381,8 @@ def _refuse_mixed_sizes(path: Path, files: list[Path], sizes: list[tuple[int, in
             examples.setdefault(tuple(sorted(size)) if surely else size, f"{f.name} is {size[0]}x{size[1]}")
     if len(examples) > 1:
         raise ValueError(f"images in {str(path)!r} have mixed sizes ({', '.join(examples.values())}); resize them all "
-                         "to one size (train_resize in a run config, --resize in side train-target)")
+                         "to one size (train_resize in a run config; --resize in side evaluate, side calibrate and "
+                         "side train-target)")
 
 
 def _transparent(im: Image.Image) -> bool:

@@ -253,6 +253,21 @@ def heldout_unread(similarity: str, heldout: str) -> str:
             "and give its bands file, or leave them out")
 
 
+SCORE_RANGES = {"rms-l2": (0.0, 1.0), "cosine": (-1.0, 1.0)}  # what a score of each kind can be
+
+
+def warn_unreachable_bands(bands: Sequence[Band], sim: Similarity) -> None:
+    """Warn of the bands no score of ``sim`` can fall in (RMS distances of pixels in [0, 1] lie in [0, 1], cosines
+    in [-1, 1]): bands on another scale (the paper's L2 edges, 1.41-1.85; 0-255 pixel units; percentages) gave a
+    confident 100 % or 0 % without a word. A band reaching past the range from inside it ("exact=1:2" beside a
+    cosine band ending at 1) is fine."""
+    lo, hi = SCORE_RANGES[sim.metric]
+    if out := [b for b in bands if b.lo > hi or b.hi < lo]:
+        log.warning("bands %s lie outside the scores %s can take ([%g, %g]): nothing can fall in them; are they on "
+                    "another scale (the paper's L2 bands, pixel units 0-255, percentages)?",
+                    ", ".join(f"{b.name}={b.lo:g}:{b.hi:g}" for b in out), sim.spec, lo, hi)
+
+
 def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | None = None, *, method: str = "",
              bands: Sequence[Band] | None = None, generated_features: np.ndarray | None = None,
              train_features: np.ndarray | None = None, feature_model: Any = None, device: str = "cpu",
@@ -295,6 +310,9 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
         given = "bands" if bands is not None else "config.bands" if option_bands is not None else "config.bands_file"
         raise ValueError(f"held-out images ({heldout.name or 'images given'}) calibrate the bands, and {given} gives "
                          "them: they would not be read; leave one out")  # (as the CLI: rms-l2 ignored them in silence)
+    for given in (bands, option_bands, file_bands):
+        if given is not None:
+            warn_unreachable_bands(given, sim)
     check_same_shape(generated, train)
     if c.detect_threshold is not None and c.detect_grid is not None:  # (it was refused after the whole evaluation)
         check_grid(c.detect_grid, *generated.images.shape[1:3], "detect_grid")

@@ -43,7 +43,8 @@ def calibrate_cmd(
     from ..metrics import check_same_shape
     from ..runs import run_lock
 
-    run = run_written_into(out, Calibration.FILES)  # (RUN/evaluation itself holds the run's own calibration: refused)
+    # (RUN/evaluation itself holds the run's own calibration: refused)
+    run = run_written_into(out, Calibration.FILES, {"--train": train, "--heldout": c.heldout})
     tr = load_image_set(train, c.resize)
     ho = held_out_set(train, c.heldout, c.resize)  # --heldout, else the config file's, else the digits outside
     if c.heldout is None:

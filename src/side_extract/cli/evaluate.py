@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,14 @@ def evaluate_config(ctx: typer.Context, config: Path | None) -> cfg.EvaluateConf
     # the ways to give bands are alternatives: a typed one replaces the file's others, as any flag replaces the
     # file's value (--bands beside the file's bands_file was refused as "give one of them, not both")
     base = without_replaced_bands(base, overrides)
+    merged = cfg.merge(base, overrides)
+    if "heldout" not in overrides and merged.get("heldout") is not None and (
+            merged.get("bands") is not None or merged.get("bands_file") is not None
+            or merged.get("similarity", cfg.EvaluateConfig.similarity) != "rms-l2"):
+        # a file's held-out set (a run YAML's: its sample quality's reference too) where side evaluate would not read
+        # it, the bands given or the similarity a cosine: left out (it refused --bands as "--heldout ... would not be
+        # read", naming a flag nobody typed, and the file had to be edited; a review's find)
+        base = {k: v for k, v in base.items() if k != "heldout"}
     if "calibration_quantiles" in overrides:
         overrides["calibration_quantiles"] = parse_floats(overrides["calibration_quantiles"], "calibration_quantiles")
     return build_config(cfg.EvaluateConfig, None, cfg.merge(base, overrides))
@@ -85,15 +95,43 @@ def default_method(generated: str) -> str:
     return p.name if p.parent.name == "extraction" else ""
 
 
-def run_written_into(out: Path, files: tuple[str, ...]) -> Path | None:
+FILES_CSV = "files.csv"  # set, id, file: the files behind the ids of folder sets
+
+
+def write_files_csv(out: Path, specs: dict[str, str]) -> None:
+    """``out/files.csv``: for each set of ``specs`` (name -> spec) that is a folder of images, its ids and the file
+    each names (per_generation.csv gave ids alone, positions in name order: 4 read as 4.png named 12.png of
+    0.png..12.png); an earlier one removed where no set is a folder (it named another evaluation's files)."""
+    from ..data import folder_files
+    from ..runs import atomic_write_text
+
+    rows = [(name, i, f) for name, spec in specs.items() for i, f in enumerate(folder_files(spec) or [])]
+    dest = Path(out) / FILES_CSV
+    if not rows:
+        dest.unlink(missing_ok=True)
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["set", "id", "file"])
+    w.writerows(rows)
+    atomic_write_text(dest, buf.getvalue())
+
+
+def run_written_into(out: Path, files: tuple[str, ...], inputs: dict[str, str | None] | None = None) -> Path | None:
     """The run directory ``out`` lies in, if any (the command writes there as one of its writers, under its lock),
     checked before the sets load: ``out`` may not be the folder of one of the run's own stages (its manifest vouches
     for what the run made there), and no other process may be writing the run; nor may ``out`` be a file (it was
-    found after the work)."""
+    found after the work), nor a folder of shards read as one of ``inputs`` (option -> spec: its .npz files written
+    among the shards, the folder was refused as generations from then on)."""
     from ..runs import check_run_path, check_unlocked, check_writable, enclosing_run, stage_holding
 
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory (expected a folder to write into)")
+    for option, spec in (inputs or {}).items():
+        if (spec and Path(spec).is_dir() and Path(out).exists() and Path(spec).resolve() == Path(out).resolve()
+                and any(Path(spec).glob("shard-*.npz"))):
+            raise ValueError(f"--out {str(out)!r} is the folder of shards given as {option}: {', '.join(files)} "
+                             "written among them would leave it unreadable as a set of images; write elsewhere")
     check_writable(out, files=files)  # (``files``: what the command writes in it)
     lexical = Path(os.path.abspath(out))
     for p in (lexical, *lexical.parents):  # a run's folder linked elsewhere (RUN/evaluation -> someone's folder):
@@ -249,7 +287,8 @@ def evaluate_cmd(
         raise ValueError(heldout_unread(c.similarity, repr(c.heldout)))
     from ..evaluation import Evaluation
 
-    run = run_written_into(out, Evaluation.FILES)
+    run = run_written_into(out, (*Evaluation.FILES, FILES_CSV),
+                           {"--generated": generated, "--train": train, "--heldout": c.heldout})
     before_run = c
     if run is not None and c.bands is None and c.bands_file is None:
         before = c
@@ -303,6 +342,7 @@ def evaluate_cmd(
         say(f"bands calibrated on the held-out set: the {len(rest)} digits not in {train}")
     with run_lock(run) if run is not None else contextlib.nullcontext():
         path = result.write(out)
+        write_files_csv(out, {"train": train, "generated": generated})
         if run is not None and Path(out).resolve().parent == (run / "evaluation").resolve():
             from ..summary import write_summary  # an evaluation of the run: its summary and findings include it
 
