@@ -481,6 +481,16 @@ def test_a_model_directory_with_a_config_diffusers_cannot_build_is_one_clean_lin
         assert not (tmp_path / "r").exists()
 
 
+def test_processes_under_a_world_size_already_set_is_refused(tmp_path, monkeypatch):
+    """WORLD_SIZE left in the environment (a cluster job's, an earlier export) turned --processes 2 off without a
+    word: one process ran (a review's find)."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    r = CliRunner().invoke(app, ["--no-progress", "--processes", "2", "sample", "--out", str(tmp_path / "r")])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--processes=2: WORLD_SIZE=1 is set here" in said, r.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_launch_of_a_command_it_does_not_split_is_refused(tmp_path):
     """`side --processes 2 report RUN` ran the report twice, side by side, each writing the same files."""
     for name, args in (("report", [str(tmp_path)]),

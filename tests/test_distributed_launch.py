@@ -71,6 +71,9 @@ def test_the_wait_for_the_main_process_is_bounded_by_the_configured_timeout():
     short = _timeout_launch(2, 10)
     assert short.returncode != 0 and "rank 1 passed the barrier" not in short.stdout
     assert "Timed out waiting 2000ms" in short.stderr, short.stderr[-2000:]  # the configured 2 s, not another failure
+    # said as what it is, naming the setting (a silent PeerFailed, and the launcher named the main process it had
+    # stopped itself: "killed by signal 15"; a review's find)
+    assert "no answer from the other processes within SIDE_PROCESS_TIMEOUT_S=2 s" in short.stderr, short.stderr[-2000:]
     ok = _timeout_launch(60, 3)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "rank 0 passed the barrier" in ok.stdout and "rank 1 passed the barrier" in ok.stdout
@@ -280,6 +283,88 @@ def test_a_broken_exchange_is_another_processs_failure(monkeypatch):
     for exchange in (lambda: group.gather(1), group.barrier, lambda: group.share(1), lambda: group.together(lambda: 1)):
         with pytest.raises(PeerFailed, match="the exchange with the other processes failed: .*Connection reset"):
             exchange()
+
+
+def test_an_exchange_timed_out_names_the_setting(monkeypatch):
+    """gloo's timeout was a PeerFailed too: the waiting process left without a word, and the launcher named the main
+    process it had stopped itself, "killed by signal 15" (a review's find)."""
+    import torch.distributed as dist
+
+    from side_extract.distributed import ExchangeTimedOut, ProcessGroup
+
+    def late(*a, **k):
+        raise RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 8000ms for recv operation "
+                           "to complete")
+
+    monkeypatch.setattr(dist, "broadcast_object_list", late)
+    monkeypatch.setenv("SIDE_PROCESS_TIMEOUT_S", "8")
+    with pytest.raises(ExchangeTimedOut, match=r"no answer from the other processes within SIDE_PROCESS_TIMEOUT_S=8 s "
+                                               r".*raise SIDE_PROCESS_TIMEOUT_S \(.*Timed out waiting 8000ms"):
+        ProcessGroup(rank=1, world=2).barrier()
+
+
+def test_a_training_launch_into_a_folder_another_training_holds_says_one_line(tmp_path):
+    """side --processes 2 train-target into a folder another training holds: the main process was refused the lock,
+    and process 1, which had gone on reading the folder, failed in DDP's constructor with a 49-line gloo traceback
+    (a review's find). The others wait for the main process to hold the lock."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from side_extract.runs import run_lock\n"
+                               f"with run_lock({str(tmp_path / 'm')!r}):\n    print('held', flush=True); "
+                               "time.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = subprocess.run([sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress",
+                            "--processes", "2", "train-target", "--steps", "2", "--out", str(tmp_path / "m")],
+                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    said = r.stdout + r.stderr
+    assert r.returncode == 2 and "is being written by another process" in said, said
+    assert "Traceback" not in said, said
+
+
+def _launched_by(pid: int) -> list[int]:
+    """The processes whose environment names ``pid`` as their launcher (distributed.LAUNCHER_ENV)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"SIDE_LAUNCHER_PID={pid}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_the_processes_of_a_launch_stop_once_their_launcher_is_killed(tiny_model_dir, tmp_path):
+    """side --processes 2 killed outright (SIGKILL: the OOM killer, a CI job cancelled) left its processes running,
+    each in a session of its own: they went on writing the run and holding its lock, and a rerun was refused as
+    written by a process the user never started (a review's find)."""
+    import signal
+    import time
+
+    launcher = subprocess.Popen([sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress",
+                                 "--processes", "2", "sample", "--model", str(tiny_model_dir), "--n", "100000",
+                                 "--steps", "20", "--shard-size", "10", "--out", str(tmp_path / "run")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not list((tmp_path / "run" / "synthetic").glob("shard-*.npz")) and time.time() < deadline:
+            time.sleep(0.5)
+        workers = _launched_by(launcher.pid)
+        assert len(workers) == 2, workers
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 30
+        while _launched_by(launcher.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _launched_by(launcher.pid) == []
+    finally:
+        for pid in _launched_by(launcher.pid):
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:  # (an assertion before its kill: the processes stop once it is gone)
+            launcher.kill()
+            launcher.wait()
 
 
 def test_a_stage_another_process_failed_is_not_reported_done(tmp_path):

@@ -277,6 +277,24 @@ def test_a_min_size_that_leaves_fewer_than_two_clusters_is_refused_before_sampli
                             ["side"]) == []
 
 
+def test_a_batch_a_launch_cannot_split_is_refused_before_sampling():
+    """side --processes 3 with lora.batch_size 2 sampled, embedded, clustered and trained SIDE's classifier before
+    side-lora's training said "a batch of 2 rows cannot be split between 3 processes", three times and naming no
+    setting (a review's find). The sections the methods train with are checked first; one a method does not train
+    with, or one trained by a single process, is not."""
+    from side_extract.pipeline.preflight import launch_problems
+
+    rc = cfg.RunConfig(lora=cfg.LoraConfig(batch_size=2), clean_classifier=cfg.ClassifierConfig(batch_size=2))
+    assert launch_problems(rc, ["side", "side-lora", "uncond"], 3) == [
+        "lora.batch_size=2: a launch of 3 processes splits every batch between them; give at least 3"]
+    assert launch_problems(rc, ["side-lora"], 2) == launch_problems(rc, ["side-lora"], 1) == []
+    single = dataclasses.replace(rc, clean_classifier=cfg.ClassifierConfig(batch_size=2, data_parallel=False))
+    assert launch_problems(rc, ["cond"], 3) == [
+        "clean_classifier.batch_size=2: a launch of 3 processes splits every batch between them; give at least 3 "
+        "(or clean_classifier.data_parallel: false, one process training)"]
+    assert launch_problems(single, ["cond"], 3) == []
+
+
 def test_bad_model_leaves_no_config_behind(tmp_path):
     res = CliRunner().invoke(app, ["--no-progress", "sample", "--out", str(tmp_path / "r"), "--model", str(tmp_path / "nope")])
     assert res.exit_code == 2 and not (tmp_path / "r" / "config.yaml").exists()

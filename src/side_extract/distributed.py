@@ -85,17 +85,28 @@ class PeerFailed(RuntimeError):
     every other process; the launcher then named whichever left first)."""
 
 
+class ExchangeTimedOut(ValueError):
+    """No answer from the other processes within the process timeout (:func:`process_timeout`): said by the process
+    that waited, naming the setting (it left as :class:`PeerFailed`, silent, and the launcher named the main process
+    it had stopped itself, "killed by signal 15")."""
+
+
 @contextlib.contextmanager
 def _exchange() -> Iterator[None]:
-    """An exchange with the other processes; its failure (the connection reset by a process that died, or no answer
-    within the process timeout from one that hangs) is another process's: :class:`PeerFailed` (gloo's traceback,
-    status 1, on the survivor, which the launcher then named)."""
+    """An exchange with the other processes; its failure (the connection reset by a process that died) is another
+    process's: :class:`PeerFailed` (gloo's traceback, status 1, on the survivor, which the launcher then named); no
+    answer within the process timeout is :class:`ExchangeTimedOut`."""
     try:
         yield
     except PeerFailed:
         raise
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "timed out" in str(e).lower():
+            raise ExchangeTimedOut(
+                f"no answer from the other processes within {TIMEOUT_ENV}={process_timeout().total_seconds():g} s "
+                "(the main process works alone, or waits for another writer of the run, while the others wait): "
+                f"raise {TIMEOUT_ENV} ({first})") from None
         raise PeerFailed(f"the exchange with the other processes failed: {first}") from None
 
 
@@ -189,6 +200,7 @@ class ProcessGroup:
         # one launch start seconds apart on a loaded machine, and a bound of a few seconds failed them there
         state = PartialState(cpu=True, timeout=max(exchanges, CONNECT_TIMEOUT))
         _bound_exchanges(exchanges)
+        _watch_launcher()
         atexit.unregister(_close_process_group)  # once, however many times a command asks for its group
         atexit.register(_close_process_group)
         return cls(state.process_index, state.num_processes, state.local_process_index)
@@ -447,6 +459,32 @@ def torchrun_command(nproc: int) -> list[str]:
     return [torchrun, *launch_arguments(nproc)]
 
 
+LAUNCHER_ENV = "SIDE_LAUNCHER_PID"  # set by launch() for its processes: the side process that waits for them
+
+
+@functools.cache
+def _watch_launcher() -> None:
+    """In a process of a launch ``side --processes N`` made (:data:`LAUNCHER_ENV`): stop this process (SIGTERM)
+    within about a second of that ``side`` being gone. torchrun starts each process in a session of its own, so a
+    launcher killed outright (SIGKILL, the OOM killer, a CI job cancelled) left them running on, writing the run and
+    holding its lock: a rerun was refused as written by a process the user never started. Watched only where this
+    process's parent is that launcher."""
+    import threading
+    import time
+
+    raw = os.environ.get(LAUNCHER_ENV, "")
+    if not raw.isdigit() or os.getppid() != int(raw):
+        return
+    launcher = int(raw)
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="side-launcher-watch", daemon=True).start()
+
+
 def launch(nproc: int, args: list[str]) -> int:
     """Run ``side ARGS`` as a launch of ``nproc`` processes on this machine (torchrun's launcher, run in this
     process, which waits for them) and return the launch's exit status: 0, or the first failed process's. A
@@ -459,6 +497,7 @@ def launch(nproc: int, args: list[str]) -> int:
 
     # torchrun's default for each process, without its warning: each process sets its own threads (side --threads)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # (its processes stop once it is gone: _watch_launcher)
     elastic = logging.getLogger("torch.distributed.elastic")
     level = elastic.level
     elastic.setLevel(logging.CRITICAL)  # its per-process failure lines: said below, once

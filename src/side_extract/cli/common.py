@@ -158,8 +158,12 @@ def launch_if_asked(ctx: typer.Context | None) -> None:
 
     obj = ctx.find_root().obj if hasattr(ctx, "find_root") else None
     n = obj.get("processes", 1) if isinstance(obj, dict) else 1
-    if n <= 1 or "WORLD_SIZE" in os.environ:
+    if n <= 1:  # (a process of the launch: its command line has no --processes)
         return
+    if "WORLD_SIZE" in os.environ:  # (--processes was passed over without a word: one process ran)
+        raise ValueError(f"--processes={n}: WORLD_SIZE={os.environ['WORLD_SIZE']} is set here, as in a process of a "
+                         "launch already (a cluster job's, an earlier export): unset it, or leave --processes out and "
+                         "let that launcher start the processes")
     names, c = [], ctx
     while c is not None and c.parent is not None:
         names.insert(0, c.info_name)

@@ -769,6 +769,9 @@ def train_target(
     # one writer at a time (two trainings into one folder interleaved their checkpoints and final moves): the main
     # process holds the folder's lock (side run's, .lock) for the training; another waits for none, it is refused
     with _holding(out, group.main):
+        # the others go on once the main process holds the lock (refused it, the main process's error is the launch's:
+        # they read the folder another training writes, and failed in DDP's constructor with gloo's traceback)
+        group.barrier()
         check_train_out(out, resume_key)  # (again, under the lock: what a writer that just left made)
         if group.main and out.is_dir():
             sweep_leftovers(out)  # what a training killed mid-write left (untouched for a while: not a live writer's)

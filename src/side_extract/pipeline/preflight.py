@@ -10,6 +10,7 @@ import numpy as np
 from .. import config as cfg
 from ..data import ImageSet, check_levels, labelled_classes, load_image_set
 from ..detection import check_grid
+from ..distributed import ProcessGroup
 from ..evaluation import copies_of, digits_complement, duplicate_counts
 from ..metrics import Similarity, parse_bands, read_bands_file
 from ..features import EXTRACTORS, extractor_problem
@@ -51,6 +52,25 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
                         f"hold at most one cluster that large, and {used} need 2 kept clusters (lower it to at most "
                         f"{n_clustered // 2}, or raise sample.n)")
     return problems
+
+
+TRAINED_FOR = (("classifier", {"side", "side-teacher"}), ("clean_classifier", {"cond", "side-teacher"}),
+               ("lora", {"side-lora"}))  # the training sections and the methods whose stages train with them
+
+
+def launch_problems(rc: cfg.RunConfig, methods: Iterable[str], world: int) -> list[str]:
+    """The batch sizes of ``methods``' trainings that a launch of ``world`` processes cannot split (each process takes
+    rows rank::world of every batch): refused at the first data-parallel training, after the synthetic set, its
+    features and the clustering, naming no setting."""
+    out = []
+    for section, by in TRAINED_FOR:
+        c = getattr(rc, section)
+        if world > 1 and by & set(methods) and getattr(c, "data_parallel", True) and c.batch_size < world:
+            out.append(f"{section}.batch_size={c.batch_size}: a launch of {world} processes splits every batch "
+                       f"between them; give at least {world}"
+                       + (f" (or {section}.data_parallel: false, one process training)"
+                          if hasattr(c, "data_parallel") else ""))
+    return out
 
 
 def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *,
@@ -131,6 +151,7 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     problems.extend(cluster_problems(rc, methods))
+    problems.extend(launch_problems(rc, methods, ProcessGroup.from_env().world))
     unet = denoiser.unet if isinstance(denoiser, UNetDenoiser) else None
     if cfg.CLUSTERING_METHODS & methods and (bad := extractor_problem(rc.features.extractor, unet)):
         problems.append(f"features.extractor: {bad}")
