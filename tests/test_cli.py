@@ -117,8 +117,10 @@ def test_training_set_that_does_not_fit_the_model(tiny_model_dir, tmp_path):
     folder.mkdir()
     for i in range(3):
         Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(folder / f"{i}.png")
-    for train, says in ((f"train: {folder}", "16x16 with 1 channel(s), but the model expects 8x8 with 1 channel(s); "
-                                             "resize them"),
+    # (from the folder's headers, before any image is decoded: a folder of photos of another size was decoded whole
+    # before the message; a review's find)
+    for train, says in ((f"train: {folder}", "are 16x16 (their headers), but the model makes 8x8 images; resize them "
+                                             "to 8 (train_resize in a run config"),
                         ("train: digits:30\ntrain_resize: 16", "train_resize=16: the model makes 8x8 images")):
         conf = tmp_path / "run.yaml"
         conf.write_text(f"model: {tiny_model_dir}\n{train}\nextract: {{methods: [uncond], n: 2, steps: 2}}\n")

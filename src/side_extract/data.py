@@ -351,6 +351,16 @@ def folder_files(spec: str | Path) -> list[str] | None:
     return [f.name for f in _image_files(p)[0]]
 
 
+def folder_sizes(spec: str | Path) -> set[tuple[int, int]]:
+    """The sizes of the images of folder ``spec`` from their headers alone, each as its sides in increasing order (an
+    EXIF orientation may turn it); empty where ``spec`` is no folder of image files or a header cannot be read."""
+    files = folder_files(spec)
+    if not files:
+        return set()
+    sizes = _stored_sizes([Path(spec) / f for f in files])
+    return set() if None in sizes else {tuple(sorted(s)) for s in sizes if s is not None}
+
+
 def _name_order(p: Path) -> tuple[str, str]:
     """A folder's files in an order every machine gives: by name, Unicode-composed first (a folder copied from macOS
     holds decomposed names, "e" + accent, which sorted apart from the composed "é" written on Linux: the same images

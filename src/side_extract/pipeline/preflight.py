@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable
 import numpy as np
 
 from .. import config as cfg
-from ..data import ImageSet, check_levels, labelled_classes, load_image_set
+from ..data import ImageSet, check_levels, folder_sizes, labelled_classes, load_image_set
 from ..detection import check_grid
 from ..distributed import ProcessGroup
 from ..evaluation import copies_of, digits_complement, duplicate_counts
@@ -16,7 +16,7 @@ from ..metrics import Similarity, parse_bands, read_bands_file
 from ..features import EXTRACTORS, extractor_problem
 from ..finetune import lora_problems
 from ..models.classifier import DEPTHS
-from ..models.target import (Denoiser, UNetDenoiser, check_fits)
+from ..models.target import (RESIZE_HOW, Denoiser, UNetDenoiser, check_fits)
 from ..neighbors import faiss_available
 from ..sampling import check_sampler
 from ..memorization import candidate_count
@@ -107,6 +107,11 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         # of 100000 ran out of memory, with advice about the batch size)
         problems.append(f"train_resize={rc.train_resize}: the model makes {H}x{W} images, and the training images "
                         f"must be resized to that ({H})")
+    elif rc.train_resize is None and len(sizes := folder_sizes(rc.train)) == 1 and (
+            size := next(iter(sizes))) != tuple(sorted((H, W))):  # (a folder of photos of another size was decoded
+        # whole, 90 GB of 30,000 1024^2 images, before the size message)
+        problems.append(f"training images ({rc.train}) are {size[1]}x{size[0]} (their headers), but the model makes "
+                        f"{H}x{W} images; resize them to {H} ({RESIZE_HOW})")
     else:
         try:
             train = load_image_set(absolute_spec(rc.train), rc.train_resize)
