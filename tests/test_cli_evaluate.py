@@ -227,6 +227,11 @@ def test_model_option_enables_cosine_unet(sets, tiny_model_dir):
     r = invoke("evaluate", "--generated", sets / "run/extraction/side", "--train", sets / "train.npz",
                "--out", sets / "v", "--similarity", "cosine:unet")
     assert r.exit_code == 2 and "give it with --model" in " ".join(r.output.split()), r.output
+    # a --resize the model does not take: the advice names this command's own option (it named train-target's)
+    r = invoke("calibrate", "--train", sets / "train.npz", "--out", sets / "c16", "--similarity", "cosine:unet",
+               "--model", tiny_model_dir, "--resize", 16, "--calibration-quantiles", "0.05,0.1,0.2")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "resize them to 8 (--resize)" in said, r.output
 
 
 def test_a_similarity_that_cannot_be_read_is_refused_before_any_set_loads(sets, monkeypatch):
