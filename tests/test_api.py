@@ -1301,10 +1301,11 @@ def test_adapters_and_attention_processors_are_part_of_an_in_memory_models_finge
     assert module_fingerprint(u, sched) == fp
 
 
-def test_a_pipeline_loaded_from_a_directory_is_that_directorys_target(tmp_path, one_thread):
+def test_a_run_of_a_directory_is_verified_with_its_weights_in_memory(tmp_path, one_thread):
     """A run of a model directory refused the very same weights given in memory (DDPMPipeline.from_pretrained(DIR),
-    or its UNet and scheduler: "is not the run's target"), and audit() of the loaded pipeline into the run made every
-    stage again (a review's find)."""
+    or its UNet and scheduler: "is not the run's target"; a review's find). A pipeline so loaded is still audited as
+    a model in memory, known by its weights: keyed by the directory, the runs made from it before were made again
+    and refused it (a review of the first fix)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     from side_extract.models.target import save_target
@@ -1317,10 +1318,11 @@ def test_a_pipeline_loaded_from_a_directory_is_that_directorys_target(tmp_path, 
     sched = DDPMScheduler.from_pretrained(tmp_path / "m" / "scheduler")
     for kw in ({"model": pipe}, {"model": unet, "scheduler": sched}):
         assert all(v.equal for v in a.verify("uncond", top=1, **kw))
-    side_extract.audit(pipe, "digits:30", config=SMALL, out=tmp_path / "run", methods=["uncond"])
     assert {k: v["fingerprint"] for k, v in read_stages(tmp_path / "run").items()} == before
+    assert as_target(pipe).description.startswith("in-memory UNet2DModel")
+    mem = side_extract.audit(pipe, "digits:30", config=SMALL, out=tmp_path / "mem", methods=["uncond"])
+    assert all(v.equal for v in mem.verify("uncond", top=1, model=DDPMPipeline.from_pretrained(tmp_path / "m")))
     with torch.no_grad():  # weights changed in memory since the load: another model, known by its weights
         next(pipe.unet.parameters()).add_(1.0)
-    assert as_target(pipe).description.startswith("in-memory UNet2DModel")
     with pytest.raises(ValueError, match="is not the run's target"):
         a.verify("uncond", top=1, model=pipe)

@@ -533,6 +533,13 @@ def test_extract_into_a_run_that_does_not_exist_is_refused_without_a_config(tmp_
     said = " ".join(r.output.split())
     assert r.exit_code == 2 and f"--run '{tmp_path / 'typo'}' does not exist: side train-classifier continues" in said
     assert not (tmp_path / "typo").exists()
+    # with --wait, which makes and locks a run not made yet, the typo was a run of the default target (a review of
+    # that change)
+    for command in ("extract", "train-classifier"):
+        r = CliRunner().invoke(app, ["--no-progress", command, "--run", str(tmp_path / "typo"), "--wait"])
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and f"--run '{tmp_path / 'typo'}' does not exist: side {command}" in said, r.output
+        assert not (tmp_path / "typo").exists()
 
 
 def test_the_summary_table_gives_each_methods_n_g_where_they_differ():

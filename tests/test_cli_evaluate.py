@@ -288,6 +288,11 @@ def test_held_out_images_that_would_not_be_read_are_refused(sets):
     assert not (sets / "e").exists() and not (run / "evaluation" / "mine").exists()
     r = invoke(*base, "--out", run / "evaluation" / "mine")  # without it: the run's bands
     assert r.exit_code == 0, r.output
+    # a --config file's held-out set (a run YAML's) beside the run's bands: left out, not refused as a --heldout
+    # nobody typed (a review of this session's fix)
+    (sets / "r.yaml").write_text(f"evaluate:\n  heldout: {sets / 'train.npz'}\n")
+    r = invoke(*base, "--out", run / "evaluation" / "mine2", "--config", sets / "r.yaml")
+    assert r.exit_code == 0, r.output
 
 
 def test_inputs_found_wrong_only_after_the_work_are_refused_before_it(sets, tmp_path, monkeypatch):
@@ -598,7 +603,8 @@ def test_a_runs_bands_of_a_revised_extractors_earlier_features_are_not_taken(tmp
 def test_evaluate_names_the_files_behind_a_folders_ids(tmp_path):
     """A folder's ids are positions in name order (10.png before 2.png), and no output named a file: generations
     copying 2.png and 11.png of 0.png..11.png read as copies of "4" and "3", which a data owner took for 4.png and
-    3.png (a review's find). files.csv names them; one of an earlier evaluation goes where no set is a folder."""
+    3.png (a review's find). id_files.csv names them; one of an earlier evaluation goes where no set is a folder,
+    and a file of that name the command did not write is left as it is (refused)."""
     import csv
 
     from PIL import Image
@@ -615,14 +621,18 @@ def test_evaluate_names_the_files_behind_a_folders_ids(tmp_path):
     out = tmp_path / "eval"
     r = invoke("evaluate", "--generated", gen, "--train", train, "--out", out, "--bands", "high=0:0.01,mid=0.01:0.1")
     assert r.exit_code == 0, r.output
-    files = {(row["set"], int(row["id"])): row["file"] for row in csv.DictReader((out / "files.csv").open())}
+    files = {(row["set"], int(row["id"])): row["file"] for row in csv.DictReader((out / "id_files.csv").open())}
     nearest = [(files[("generated", int(row["generation_id"]))], files[("train", int(row["nearest_train_id"]))])
                for row in csv.DictReader((out / "per_generation.csv").open())]
     assert sorted(nearest) == [("a.png", "11.png"), ("b.png", "2.png")]
     atomic_save_npz(tmp_path / "t.npz", images=np.stack(list(pictures.values()))[..., None])
     r = invoke("evaluate", "--generated", tmp_path / "t.npz", "--train", tmp_path / "t.npz", "--out", out,
                "--bands", "high=0:0.01,mid=0.01:0.1")
-    assert r.exit_code == 0 and not (out / "files.csv").exists(), r.output
+    assert r.exit_code == 0 and not (out / "id_files.csv").exists(), r.output
+    (out / "id_files.csv").write_text("my own list\n")
+    r = invoke("evaluate", "--generated", gen, "--train", train, "--out", out, "--bands", "high=0:0.01,mid=0.01:0.1")
+    assert r.exit_code == 2 and "holds id_files.csv, not one side evaluate wrote" in " ".join(r.output.split())
+    assert (out / "id_files.csv").read_text() == "my own list\n"
 
 
 def test_evaluate_refuses_writing_among_the_shards_it_reads_and_bands_it_cannot_use(sets, tmp_path, caplog):

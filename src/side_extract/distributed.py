@@ -105,7 +105,8 @@ def _exchange() -> Iterator[None]:
         if "timed out" in str(e).lower():
             raise ExchangeTimedOut(
                 f"no answer from the other processes within {TIMEOUT_ENV}={process_timeout().total_seconds():g} s "
-                "(the main process works alone, or waits for another writer of the run, while the others wait): "
+                "(one process worked alone, or waited for another writer of the run, that long while the others "
+                "waited): "
                 f"raise {TIMEOUT_ENV} ({first})") from None
         raise PeerFailed(f"the exchange with the other processes failed: {first}") from None
 

@@ -177,8 +177,11 @@ def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
     extractor = Similarity(similarity).extractor
     if data.get("extractor_revision", 1) != (now := extractor_revision(extractor)):  # (a run's own bands.json was
         # refused so; one given as a file was taken without a word)
-        raise ValueError(f"bands file {str(p)!r} was calibrated on {extractor}'s features of before revision {now}, "
-                         f"which changed what it computes: calibrate again (side calibrate --similarity {similarity})")
+        made = data.get("extractor_revision", 1)
+        raise ValueError(f"bands file {str(p)!r} was calibrated on {extractor}'s features of "
+                         + (f"before revision {now}" if isinstance(made, int) and made < now else
+                            f"revision {made!r}, not this release's {now}")
+                         + f", which computes others: calibrate again (side calibrate --similarity {similarity})")
     try:  # (overlapping bands counted a score twice, and none failed after every extraction had run)
         bands = [Band(str(name), float(lo), float(hi)) for name, (lo, hi) in data["bands"].items()]
     except (TypeError, ValueError) as e:

@@ -363,10 +363,13 @@ def _theory(run: Path, config: dict[str, Any], notes: list[str],
     stages = read_stages(run)
     clf = stages.get("classifier") or {}
     now = clf.get("fingerprint") if clf.get("status") == "complete" else None
-    # the training set's contents, as the run's finished stages that read it last recorded them (the same path
-    # holding other images, the stages made again from them, showed the divergences of the old ones)
-    read_since = {e["data"]["training set"] for e in stages.values() if e.get("status") == "complete"
-                  and isinstance(e.get("data"), dict) and isinstance(e["data"].get("training set"), str)}
+    # the training set's contents as the run's finished stage that read it last recorded them (the same path holding
+    # other images, the stages made again from them, showed the divergences of the old ones; a stage of a method no
+    # longer run keeps the images it was made from, so the newest alone tells the set now)
+    read = sorted((float(e.get("started_unix") or 0), e["data"]["training set"]) for e in stages.values()
+                  if e.get("status") == "complete" and isinstance(e.get("data"), dict)
+                  and isinstance(e["data"].get("training set"), str))
+    read_since = {read[-1][1]} if read else set()
     # (its training set where it is now: one saved into the run's inputs/ moved with the run)
     stale = (f"training set ({m['train']!r})"
              if "train" in m and run_input(run, m["train"]) != config.get("train") else

@@ -95,7 +95,8 @@ def default_method(generated: str) -> str:
     return p.name if p.parent.name == "extraction" else ""
 
 
-FILES_CSV = "files.csv"  # set, id, file: the files behind the ids of folder sets
+FILES_CSV = "id_files.csv"  # set, id, file: the files behind the ids of folder sets
+FILES_CSV_HEADER = "set,id,file"
 
 
 def write_files_csv(out: Path, specs: dict[str, str]) -> None:
@@ -108,13 +109,31 @@ def write_files_csv(out: Path, specs: dict[str, str]) -> None:
     rows = [(name, i, f) for name, spec in specs.items() for i, f in enumerate(folder_files(spec) or [])]
     dest = Path(out) / FILES_CSV
     if not rows:
-        dest.unlink(missing_ok=True)
+        if dest.is_file() and _written_here(dest):  # (only one this command wrote: a file of that name is the user's)
+            dest.unlink()
         return
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["set", "id", "file"])
+    w.writerow(FILES_CSV_HEADER.split(","))
     w.writerows(rows)
     atomic_write_text(dest, buf.getvalue())
+
+
+def _written_here(path: Path) -> bool:
+    """Whether ``path`` reads as a file :func:`write_files_csv` wrote (its header)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip() == FILES_CSV_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_files_csv(out: Path) -> None:
+    """Refuse an ``out`` holding a :data:`FILES_CSV` this command did not write (the user's own was replaced)."""
+    dest = Path(out) / FILES_CSV
+    if dest.exists() and not _written_here(dest):
+        raise ValueError(f"--out {str(out)!r} holds {FILES_CSV}, not one side evaluate wrote (it writes the files "
+                         "behind a folder's ids there): write elsewhere, or move it")
 
 
 def run_written_into(out: Path, files: tuple[str, ...], inputs: dict[str, str | None] | None = None) -> Path | None:
@@ -289,10 +308,14 @@ def evaluate_cmd(
 
     run = run_written_into(out, (*Evaluation.FILES, FILES_CSV),
                            {"--generated": generated, "--train": train, "--heldout": c.heldout})
+    check_files_csv(out)
     before_run = c
     if run is not None and c.bands is None and c.bands_file is None:
         before = c
         c = run_bands(run, c)
+        if c.heldout is not None and c != before and "heldout" not in typed_flags(ctx, {"heldout": "heldout"}):
+            c = dataclasses.replace(c, heldout=None)  # (a --config file's, which evaluate reads only to calibrate:
+            # refused as "--heldout ... would not be read", a flag nobody typed; a review's find)
         if c.heldout is not None and c != before:
             raise ValueError(f"--heldout {c.heldout!r}: --out lies in run {str(run)!r}, whose bands this evaluation "
                              "takes (to be compared with its methods'), so it would not be read; leave it out, give "

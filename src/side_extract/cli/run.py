@@ -203,7 +203,8 @@ def cluster_cmd(
 def check_run_exists(run: Path, config: Path | None, command: str) -> None:
     """Refuse a --run that does not exist where no --config starts one: a typo in --run started a whole new audit of
     the default target (side extract), or said the training set was missing (side train-classifier)."""
-    if not run.exists() and config is None:
+    # (a folder holding only the lock: --wait made it for this command a moment ago, or a writer killed first)
+    if config is None and (not run.exists() or (run.is_dir() and [p.name for p in run.iterdir()] == [".lock"])):
         raise ValueError(f"--run {str(run)!r} does not exist: side {command} continues a run (side run, side sample "
                          "or side cluster makes one); to start one there, give its --config (model, training set)")
 

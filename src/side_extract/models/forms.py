@@ -235,12 +235,6 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if not isinstance(unet, UNet2DModel) or sched is None:
             raise ValueError(f"model: a {type(model).__name__} must have a UNet2DModel 'unet' and a 'scheduler' "
                              "(DDPMPipeline or DDIMPipeline)")
-        source = getattr(model, "name_or_path", None)  # the directory it was loaded from, where it still is that
-        # model: a run of the directory knows it as its target (it was audited again as another model)
-        if (scheduler is None and sample_shape is None and isinstance(source, (str, Path)) and str(source)
-                and Path(source).is_dir()
-                and (found := _from_its_directory(Path(source), unet, sched, device)) is not None):
-            return found
         model, scheduler = unet, sched
     if isinstance(model, UNet2DModel):
         if scheduler is None:

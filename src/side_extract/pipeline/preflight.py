@@ -60,8 +60,9 @@ TRAINED_FOR = (("classifier", {"side", "side-teacher"}), ("clean_classifier", {"
 
 def launch_problems(rc: cfg.RunConfig, methods: Iterable[str], world: int) -> list[str]:
     """The batch sizes of ``methods``' trainings that a launch of ``world`` processes cannot split (each process takes
-    rows rank::world of every batch): refused at the first data-parallel training, after the synthetic set, its
-    features and the clustering, naming no setting."""
+    rows rank::world of every batch): such a training failed after the synthetic set, its features and the
+    clustering, naming no setting; :func:`preflight` warns of them before any stage (a training already done reads
+    none: a refusal stopped more generations of a finished run)."""
     out = []
     for section, by in TRAINED_FOR:
         c = getattr(rc, section)
@@ -156,7 +157,9 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     problems.extend(cluster_problems(rc, methods))
-    problems.extend(launch_problems(rc, methods, ProcessGroup.from_env().world))
+    # warned of, not refused: a stage already trained (more generations of a finished run) reads no batch
+    for said in launch_problems(rc, methods, ProcessGroup.from_env().world):
+        log.warning("%s (a training with it would fail once it starts)", said)
     unet = denoiser.unet if isinstance(denoiser, UNetDenoiser) else None
     if cfg.CLUSTERING_METHODS & methods and (bad := extractor_problem(rc.features.extractor, unet)):
         problems.append(f"features.extractor: {bad}")

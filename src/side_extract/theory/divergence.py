@@ -58,8 +58,11 @@ def as_generator(random_state: RandomState) -> np.random.Generator:
 
 def as_points(data: np.ndarray | torch.Tensor, name: str = "data") -> np.ndarray:
     """(N, ...) array or tensor -> (N, d) float64, rows flattened; rejects empty or non-finite input."""
-    # (a tensor through float64: numpy has no bfloat16, and a bf16 training set was a TypeError)
-    arr = data.detach().cpu().to(torch.float64).numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if isinstance(data, torch.Tensor):  # (numpy has no bfloat16: a bf16 training set was a TypeError)
+        t = data.detach().cpu()
+        arr = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    else:
+        arr = np.asarray(data)
     if arr.ndim < 1 or len(arr) == 0:
         raise ValueError(f"{name} with shape {arr.shape} is empty; it must hold at least one point")
     arr = arr.reshape(len(arr), -1).astype(np.float64)
