@@ -200,11 +200,12 @@ def cluster_cmd(
     say_note(note)
 
 
-def check_run_exists(run: Path, config: Path | None, command: str) -> None:
+def check_run_exists(run: Path, config: Path | None, command: str, existed: bool | None = None) -> None:
     """Refuse a --run that does not exist where no --config starts one: a typo in --run started a whole new audit of
-    the default target (side extract), or said the training set was missing (side train-classifier)."""
-    # (a folder holding only the lock: --wait made it for this command a moment ago, or a writer killed first)
-    if config is None and (not run.exists() or (run.is_dir() and [p.name for p in run.iterdir()] == [".lock"])):
+    the default target (side extract), or said the training set was missing (side train-classifier). ``existed``:
+    whether it existed when the command began (``--wait`` makes and locks a run not made yet, so a typo with it was
+    a new audit)."""
+    if config is None and not (run.exists() if existed is None else existed):
         raise ValueError(f"--run {str(run)!r} does not exist: side {command} continues a run (side run, side sample "
                          "or side cluster makes one); to start one there, give its --config (model, training set)")
 
@@ -227,8 +228,9 @@ def train_classifier_cmd(
     Flags left out keep the run's config.yaml values (the defaults shown are a new run's)."""
     names = {k: f"classifier.{k}" for k in ("steps", "lr", "depth", "width")}
     flags = typed_flags(ctx, names)
+    existed = run.exists()
     with holding_run(run, wait):
-        note = _train_classifiers(ctx, run, config, flags, device, wait)
+        note = _train_classifiers(ctx, run, config, flags, device, wait, existed)
     if not ProcessGroup.from_env().main:
         return  # in a launch of several processes the main one says it, once
     say(f"classifiers in {run}")
@@ -237,9 +239,9 @@ def train_classifier_cmd(
 
 
 def _train_classifiers(ctx: typer.Context, run: Path, config: Path | None, flags: dict[str, Any], device: str,
-                       wait: bool) -> str | None:
+                       wait: bool, existed: bool) -> str | None:
     note, rc = stage_config(run, config, flags)
-    check_run_exists(run, config, "train-classifier")  # (after the flags' own checks, as extract's)
+    check_run_exists(run, config, "train-classifier", existed)  # (after the flags' own checks, as extract's)
     if not {"side", "side-teacher", "cond", "side-lora"} & set(rc.extract.methods):  # (it trained nothing, said
         # "classifiers in RUN" and recorded the classifier settings)
         raise ValueError(f"side train-classifier trains the classifiers of side, side-teacher and cond and side-lora's "
@@ -285,9 +287,10 @@ def extract_cmd(
     flags = typed_flags(ctx, names)
     from ..pipeline import run_audit
 
+    existed = run.exists()
     with holding_run(run, wait):
         note, rc = stage_config(run, config, flags)
-        check_run_exists(run, config, "extract")
+        check_run_exists(run, config, "extract", existed)
         with stage_progress(ctx) as factory:
             res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction",
                             progress=factory, wait=wait, replace=force)
