@@ -100,7 +100,7 @@ FILES_CSV_HEADER = "set,id,file"
 
 
 def write_files_csv(out: Path, specs: dict[str, str]) -> None:
-    """``out/files.csv``: for each set of ``specs`` (name -> spec) that is a folder of images, its ids and the file
+    """``out/id_files.csv``: for each set of ``specs`` (name -> spec) that is a folder of images, its ids and the file
     each names (per_generation.csv gave ids alone, positions in name order: 4 read as 4.png named 12.png of
     0.png..12.png); an earlier one removed where no set is a folder (it named another evaluation's files)."""
     from ..data import folder_files

@@ -65,7 +65,9 @@ def runtime_state(unet: torch.nn.Module) -> list[list[Any]]:
     audit into the same run reused the other model's stages)."""
     state: list[list[Any]] = []
     for name, m in unet.named_modules():
-        if hasattr(m, "disable_adapters") and hasattr(m, "active_adapters") and hasattr(m, "merged_adapters"):
+        if (hasattr(m, "merged_adapters") and hasattr(m, "disable_adapters") and hasattr(m, "active_adapters")
+                and not callable(m.active_adapters) and not callable(m.disable_adapters)):  # (a peft tuner layer's
+            # properties; diffusers' PeftAdapterMixin on the model has methods of those names)
             active = m.active_adapters
             state.append([name, "adapters", bool(m.disable_adapters), sorted([active] if isinstance(active, str)
                                                                               else active),
