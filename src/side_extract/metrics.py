@@ -153,6 +153,21 @@ def bands_json(bands: Sequence[Band]) -> dict[str, list[float]]:
     return {b.name: [b.lo, b.hi] for b in bands}
 
 
+def other_revision(bands: dict[str, Any], similarity: str) -> str | None:
+    """Where a bands.json's contents ``bands`` were calibrated on features of another revision of the similarity's
+    extractor than this release computes (``extractor_revision``, 1 where unrecorded): "calibrated on X's features
+    of before revision N, which computes others"; else None."""
+    from .features import extractor_revision
+
+    extractor = Similarity(similarity).extractor
+    made, now = bands.get("extractor_revision", 1), extractor_revision(extractor)
+    if made == now:
+        return None
+    return (f"calibrated on {extractor}'s features of "
+            + (f"before revision {now}" if isinstance(made, int) and made < now else
+               f"revision {made!r}, not this release's {now}") + ", which computes others")
+
+
 def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
     """Bands from a ``bands.json`` written by ``side calibrate``; its similarity must match."""
     p = Path(path)
@@ -172,16 +187,10 @@ def read_bands_file(path: str | Path, similarity: str) -> tuple[Band, ...]:
     if data.get("similarity") != similarity:
         raise ValueError(f"bands file {str(p)!r} was calibrated for similarity={data.get('similarity')!r}, "
                          f"not {similarity!r}")
-    from .features import extractor_revision
-
-    extractor = Similarity(similarity).extractor
-    if data.get("extractor_revision", 1) != (now := extractor_revision(extractor)):  # (a run's own bands.json was
-        # refused so; one given as a file was taken without a word)
-        made = data.get("extractor_revision", 1)
-        raise ValueError(f"bands file {str(p)!r} was calibrated on {extractor}'s features of "
-                         + (f"before revision {now}" if isinstance(made, int) and made < now else
-                            f"revision {made!r}, not this release's {now}")
-                         + f", which computes others: calibrate again (side calibrate --similarity {similarity})")
+    if (stale := other_revision(data, similarity)) is not None:  # (a run's own bands.json was refused so; one
+        # given as a file was taken without a word)
+        raise ValueError(f"bands file {str(p)!r} was {stale}: calibrate again (side calibrate --similarity "
+                         f"{similarity})")
     try:  # (overlapping bands counted a score twice, and none failed after every extraction had run)
         bands = [Band(str(name), float(lo), float(hi)) for name, (lo, hi) in data["bands"].items()]
     except (TypeError, ValueError) as e:

@@ -191,8 +191,7 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
     """``c`` with the bands of run directory ``run`` (so an evaluation written into it is compared with its methods';
     in other bands it is left out): the bands or bands file its config names, else the ones it calibrated
     (``RUN/evaluation/bands.json``) where made for ``c``'s similarity. Said on the console."""
-    from ..features import extractor_revision
-    from ..metrics import Similarity
+    from ..metrics import other_revision
     from ..runs import read_json
 
     ev = run_evaluate_section(run)
@@ -213,10 +212,9 @@ def run_bands(run: Path, c: cfg.EvaluateConfig) -> cfg.EvaluateConfig:
                              "--bands-file")
         c, said = dataclasses.replace(c, bands_file=str(ev["bands_file"])), f"its config's ({ev['bands_file']})"
     elif own.is_file() and (made := read_json(own, dict)).get("similarity") == c.similarity:
-        extractor = Similarity(c.similarity).extractor
-        if made.get("extractor_revision", 1) != (now := extractor_revision(extractor)):  # (taken without a word)
-            say(f"bands: not the run's ({own}): they were calibrated on {extractor}'s features of before revision "
-                f"{now}, which changed what it computes; make the run again (side run) to calibrate them anew")
+        if (stale := other_revision(made, c.similarity)) is not None:  # (taken without a word)
+            say(f"bands: not the run's ({own}): they were {stale}; make the run again (side run) to calibrate them "
+                "anew")
             return c
         c, said = dataclasses.replace(c, bands_file=str(own)), f"calibrated ({own})"
     else:

@@ -54,17 +54,13 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
     return problems
 
 
-TRAINED_FOR = (("classifier", {"side", "side-teacher"}), ("clean_classifier", {"cond", "side-teacher"}),
-               ("lora", {"side-lora"}))  # the training sections and the methods whose stages train with them
-
-
 def launch_problems(rc: cfg.RunConfig, methods: Iterable[str], world: int) -> list[str]:
     """The batch sizes of ``methods``' trainings that a launch of ``world`` processes cannot split (each process takes
     rows rank::world of every batch): such a training failed after the synthetic set, its features and the
     clustering, naming no setting; :func:`preflight` warns of them before any stage (a training already done reads
     none: a refusal stopped more generations of a finished run)."""
     out = []
-    for section, by in TRAINED_FOR:
+    for section, by in cfg.TRAINING_SECTIONS.items():
         c = getattr(rc, section)
         if world > 1 and by & set(methods) and getattr(c, "data_parallel", True) and c.batch_size < world:
             out.append(f"{section}.batch_size={c.batch_size}: a launch of {world} processes splits every batch "
