@@ -403,3 +403,15 @@ def test_sample_refuses_settings_of_the_wrong_type_by_name():
                      ({"clip_eps": "no"}, r"clip_eps='no' must be True or False")):
         with pytest.raises(ValueError, match=said):
             sample(d, 2, steps=1, **kw)
+
+
+def test_ddpm_sampling_refuses_ddims_eta_and_clip_eps_by_name(tiny_model_dir):
+    """sample(..., scheduler="ddpm", eta=0.5) and clip_eps=True were taken without a word: DDPM reads neither, so the
+    caller got DDPM's samples believing they had asked for something else. A run's config keeps both whatever its
+    scheduler (warned of as inert), and its stages still sample under DDPM."""
+    d = load_target(tiny_model_dir)
+    for kw in ({"eta": 0.5}, {"clip_eps": True}):
+        with pytest.raises(ValueError, match=r"DDIM's settings; scheduler='ddpm' reads neither"):
+            sample(d, 2, steps=2, scheduler="ddpm", **kw)
+    plain = sample(d, 2, steps=2, scheduler="ddpm")
+    assert plain.shape[0] == 2 and torch.isfinite(plain).all()

@@ -33,7 +33,7 @@ from .guidance import ClassifierGuidance
 from .memorization import MemorizationGuidance
 from .models.target import Denoiser
 from .runs import MODEL_INPUT, Progress, RunDir, grows_from, npz_arrays, read_npz, shard_ranges, shard_stage
-from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, sample_batches
+from .sampling import EXTRACTION_STREAM, BatchSize, SamplingDiverged, ddim_settings, sample_batches
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +193,9 @@ def extract(
         labels = steer.classes[targets]
     size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size or c.batch_size)
     batches = list(sample_batches(
-        denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-        batch_size=size, guidance=guidance, labels=targets, clip_eps=True, precision=c.precision, device=device,
-        progress=progress, stream=EXTRACTION_STREAM))
+        denoiser, stop - start, seed=c.seed, start=start, scheduler=c.scheduler, steps=c.steps,
+        **ddim_settings(c.scheduler, c.eta, True), batch_size=size, guidance=guidance, labels=targets,
+        precision=c.precision, device=device, progress=progress, stream=EXTRACTION_STREAM))
     x = torch.cat([images for _, images in batches])
     batch = np.concatenate([np.full(len(images), first, dtype=np.int64) for first, images in batches])
     return {"images": to_uint8(x), "index": idx, "labels": labels, "batch": batch}

@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -366,6 +367,12 @@ class BatchSize:
             torch.cuda.empty_cache()
 
 
+def ddim_settings(scheduler: cfg.SchedulerKind, eta: float, clip_eps: bool) -> dict[str, Any]:
+    """The keywords ``eta`` and ``clip_eps`` of :func:`sample_batches` where ``scheduler`` reads them (DDIM); none
+    for DDPM, which refuses them (a run's config holds both whatever its scheduler: runs warn of them as inert)."""
+    return {"eta": eta, "clip_eps": clip_eps} if scheduler == "ddim" else {}
+
+
 def sample(denoiser: Denoiser, n: int, **options) -> torch.Tensor:
     """Draw samples ``start .. start + n - 1`` of noise stream ``stream`` of the run seeded ``seed``
     (``options``: the keywords of :func:`sample_batches`, which makes them batch by batch and documents each:
@@ -423,6 +430,9 @@ def sample_batches(
     if not isinstance(clip_eps, bool):  # ("no" was taken as True)
         raise ValueError(f"clip_eps={clip_eps!r} must be True or False")
     cfg.check_eta(eta)
+    if scheduler == "ddpm" and (eta != 0 or clip_eps):  # (taken without a word: DDPM reads neither)
+        raise ValueError(f"eta={eta!r} and clip_eps={clip_eps!r} are DDIM's settings; scheduler='ddpm' reads neither: "
+                         "leave them out, or sample with scheduler='ddim'")
     check_device(str(device))  # ("gpu" was torch's list of device types, from inside the first noise draw)
     if guidance is not None and not callable(guidance):
         raise ValueError(f"guidance={guidance!r} must be a guidance g(x, t, y) (e.g. side_extract.ClassifierGuidance)")
@@ -491,9 +501,9 @@ def sample_stage(
     size = BatchSize(c.batch_size)
 
     def make(lo: int, hi: int, shard_progress: Progress | None) -> dict[str, np.ndarray]:
-        x = sample(denoiser, hi - lo, seed=c.seed, start=lo, scheduler=c.scheduler, steps=c.steps, eta=c.eta,
-                   batch_size=size, precision=c.precision, clip_eps=c.clip_eps, device=device,
-                   progress=shard_progress)
+        x = sample(denoiser, hi - lo, seed=c.seed, start=lo, scheduler=c.scheduler, steps=c.steps,
+                   **ddim_settings(c.scheduler, c.eta, c.clip_eps), batch_size=size, precision=c.precision,
+                   device=device, progress=shard_progress)
         return {"images": to_uint8(x), "index": np.arange(lo, hi, dtype=np.int64)}
 
     return shard_stage(run, stage, _fingerprint(c, model_fingerprint), c.n, c.shard_size, make,
