@@ -107,6 +107,50 @@ def test_a_clique_overlapping_a_larger_one_keeps_its_other_members():
     assert len(i) == len(j) == len(d) == 0
 
 
+def test_a_component_of_exponentially_many_maximal_cliques_takes_its_groups_greedily_and_says_so(caplog):
+    """100 noisy copies of one image with 2 % of their pairs just above the threshold: the old code listed every
+    maximal clique (millions; 5.9 GB and more than 90 s, a review's find). Past MAX_CLIQUES the component's groups are
+    taken greedily: still disjoint cliques of at least min_size, counted in Detection.greedy and warned of."""
+    import signal
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(40, 216, (1, 16, 16, 3))
+    images = np.clip(base + rng.normal(0, 6, (100, 16, 16, 3)), 0, 255).astype(np.uint8)
+    d = tiled_distances(images, images, 4)
+    threshold = float(np.quantile(d[np.triu_indices(100, 1)], 0.98))
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the clique search ran past 30 s"))
+    signal.alarm(30)
+    try:
+        with caplog.at_level("WARNING", logger="side_extract.detection"):
+            det = detect_memorized(ImageSet(images), threshold, min_size=10, grid=4)
+    finally:
+        signal.alarm(0)
+    assert det.greedy == 1 and det.to_json()["greedy"] == 1
+    assert "more than 20000 maximal cliques" in caplog.text
+    members = [m for g in det.groups for m in g]
+    assert len(members) == len(set(members)) and all(len(g) >= 10 for g in det.groups)
+    for g in det.groups:  # every group a clique: each pair below the threshold
+        assert (d[np.ix_(g, g)][np.triu_indices(len(g), 1)] < threshold).all()
+    assert len(det.groups[0]) >= 60  # (68 here; at the 0.99 quantile, where the exact search ends in 5 s, both 78)
+
+
+def test_the_greedy_groups_equal_the_exact_ones_on_the_hand_made_graphs(monkeypatch):
+    """With the clique list cut at once, the greedy groups of the hand-made cases are the exact search's: the two
+    groups with a generation between them, and a chain (no clique of 3)."""
+    import side_extract.detection as detection
+
+    values = [0, 0, 0, 0, 5, 10, 10, 10, 10]
+    gen = ImageSet(np.stack([np.full((8, 8, 1), v, np.uint8) for v in values]))
+    exact = detect_memorized(gen, 6 / 255, min_size=4, mode="cliques")
+    monkeypatch.setattr(detection, "MAX_CLIQUES", 0)
+    greedy = detect_memorized(gen, 6 / 255, min_size=4, mode="cliques")
+    assert greedy.groups == exact.groups == [[0, 1, 2, 3, 4], [5, 6, 7, 8]] and (exact.greedy, greedy.greedy) == (0, 1)
+    chain = np.zeros((3, 8, 8, 1), np.uint8)
+    chain[1] += 10
+    chain[2] += 20
+    assert detect_memorized(ImageSet(chain), 15 / 255 + 1e-9, min_size=3, mode="cliques").groups == []
+
+
 def test_detection_in_evaluate(tmp_path):
     train, gen, _ = planted()
     r = evaluate(gen, train, cfg.EvaluateConfig(bands="high=0:0.05", carlini_n=5, detect_threshold=0.05,

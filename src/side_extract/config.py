@@ -1250,7 +1250,8 @@ KEY_DOCS = {
                                             "is below it (null: no detection)",
     ("EvaluateConfig", "detect_min_size"): "detection: the smallest group of mutual near-duplicates reported",
     ("EvaluateConfig", "detect_grid"): "detection: tiles per side (null: 4 from 16 pixels, 2 from 8, else 1)",
-    ("EvaluateConfig", "detect_mode"): "detection: maximal cliques (disjoint) or connected components",
+    ("EvaluateConfig", "detect_mode"): "detection: maximal cliques, disjoint (taken greedily where a group has "
+                                        "over 20,000) or connected components",
     ("EvaluateConfig", "extraction_threshold"): "detection: a group is verified when its medoid's pixel RMS distance "
                                                 "to the nearest training image is at most this",
     ("EvaluateConfig", "backend"): "nearest-neighbour search: faiss, torch, or auto (faiss where installed)",

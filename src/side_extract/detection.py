@@ -7,7 +7,10 @@ A model that memorized a training image regenerates it many times. Without the t
 2. link every pair of generations with tiled distance ``< threshold`` (streamed in blocks of pairs);
 3. report groups of size ``>= min_size``: maximal cliques (Carlini et al.; made disjoint largest first, a clique
    that overlaps a larger one keeping its other members) or, as
-   a documented relaxation that is cheaper on dense graphs, connected components;
+   a documented relaxation that is cheaper on dense graphs, connected components. A component with more than
+   :data:`MAX_CLIQUES` maximal cliques (their number grows exponentially: one image generated 100 times with a few
+   percent of its pairs just above the threshold has millions) takes its groups greedily instead, each a maximal
+   clique grown from the best-linked generation left (``Detection.greedy`` counts such components);
 4. with the training set, a group is *verified* when its medoid (the member with the smallest summed tiled
    distance to the others, among its first 256 members) is within ``extraction_threshold`` pixel RMS-L2 of
    a training image; precision = verified groups / groups.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import logging
 import numbers
 from typing import Any, Literal
 
@@ -29,6 +33,10 @@ from .data import ImageSet, check_image_set
 from .neighbors import NearestNeighborIndex, pixel_rows
 
 GroupMode = Literal["cliques", "components"]
+# the maximal cliques a near-duplicate component may have before its groups are taken greedily (listing them took
+# 5.9 GB and more than 90 s for 100 noisy copies of one image with 2 % of their pairs unlinked)
+MAX_CLIQUES = 20_000
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,7 @@ class Detection:
     nearest_train_index: list[int] | None = None
     nearest_train_distance: list[float] | None = None
     precision: float | None = None
+    greedy: int = 0  # components with more than MAX_CLIQUES maximal cliques, whose groups were taken greedily
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -123,16 +132,18 @@ def near_duplicate_pairs(images: np.ndarray, threshold: float, grid: int, *, chu
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d)
 
 
-def _groups(n: int, i: np.ndarray, j: np.ndarray, min_size: int, mode: GroupMode) -> list[list[int]]:
+def _groups(n: int, i: np.ndarray, j: np.ndarray, min_size: int, mode: GroupMode) -> tuple[list[list[int]], int]:
+    """The groups of generations ``0 .. n - 1`` linked by the pairs ``(i, j)``, largest first, and how many
+    components took theirs greedily (:data:`MAX_CLIQUES`)."""
     adj = sp.coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)).tocsr()
     _, comp = connected_components(adj, directed=False)
     sizes = np.bincount(comp)
     big = [np.flatnonzero(comp == c) for c in np.flatnonzero(sizes >= min_size)]
     if mode == "components":
-        return sorted((m.tolist() for m in big), key=lambda g: (-len(g), g))
+        return sorted((m.tolist() for m in big), key=lambda g: (-len(g), g)), 0
     import networkx as nx  # a dependency of torch
 
-    groups = []
+    groups, greedy = [], 0
     for members in big:
         sub = adj[members][:, members].tocoo()
         if sub.nnz == len(members) * (len(members) - 1) // 2:  # every pair linked (one image generated many times,
@@ -142,9 +153,62 @@ def _groups(n: int, i: np.ndarray, j: np.ndarray, min_size: int, mode: GroupMode
         g = nx.Graph()
         g.add_nodes_from(range(len(members)))
         g.add_edges_from(zip(sub.row.tolist(), sub.col.tolist()))
-        cliques = [sorted(c) for c in nx.find_cliques(g) if len(c) >= min_size]
-        groups += [sorted(members[c].tolist()) for c in _disjoint_cliques(cliques, min_size)]
-    return sorted(groups, key=lambda g: (-len(g), g))
+        cliques: list[list[int]] | None = []
+        for count, c in enumerate(nx.find_cliques(g), 1):
+            if count > MAX_CLIQUES:
+                cliques = None
+                break
+            if len(c) >= min_size:
+                cliques.append(sorted(c))
+        if cliques is None:
+            greedy += 1
+            found = _greedy_cliques((sub + sub.T).tocsr().astype(bool), min_size)
+        else:
+            found = _disjoint_cliques(cliques, min_size)
+        groups += [sorted(members[c].tolist()) for c in found]
+    if greedy:
+        log.warning("detection: %d group(s) of near-duplicates had more than %d maximal cliques; their groups were "
+                    "taken greedily, largest first (maximal cliques, not always the largest): detect_mode: components "
+                    "takes each whole, or a lower detect_threshold links fewer pairs", greedy, MAX_CLIQUES)
+    return sorted(groups, key=lambda g: (-len(g), g)), greedy
+
+
+def _greedy_cliques(adj: sp.csr_matrix, min_size: int) -> list[list[int]]:
+    """Disjoint cliques of at least ``min_size`` vertices of the symmetric graph ``adj``, taken one by one: among the
+    vertices left with ``min_size - 1`` neighbours or more left (only they can be in such a clique), a clique is
+    grown from the one with the most, adding each time the candidate linked to the most other candidates (ties:
+    the lowest index); a clique too small removes its first vertex only. O(clique size x edges) per clique."""
+    n = adj.shape[0]
+    left = np.ones(n, dtype=bool)
+    out = []
+    while True:
+        while True:  # the (min_size - 1)-core of what is left
+            degree = adj @ left.astype(np.int64)
+            drop = left & (degree < min_size - 1)
+            if not drop.any():
+                break
+            left &= ~drop
+        if not left.any():
+            return out
+        degree = np.where(left, adj @ left.astype(np.int64), -1)
+        v = int(np.argmax(degree))
+        clique, cand = [v], left & _row(adj, v)
+        while cand.any():
+            u = int(np.argmax(np.where(cand, adj @ cand.astype(np.int64), -1)))
+            clique.append(u)
+            cand &= _row(adj, u)
+        if len(clique) >= min_size:
+            out.append(sorted(clique))
+            left[clique] = False
+        else:
+            left[v] = False
+
+
+def _row(adj: sp.csr_matrix, v: int) -> np.ndarray:
+    """Row ``v`` of the boolean matrix ``adj`` as a dense mask."""
+    mask = np.zeros(adj.shape[0], dtype=bool)
+    mask[adj.indices[adj.indptr[v]:adj.indptr[v + 1]]] = True
+    return mask
 
 
 def _disjoint_cliques(cliques: list[list[int]], min_size: int) -> list[list[int]]:
@@ -213,12 +277,12 @@ def detect_memorized(generated: ImageSet, threshold: float, *, min_size: int = 1
             raise ValueError(f"generated images {images.shape[1:]} and training images {train.images.shape[1:]} "
                              "differ in shape (H, W, C)")
     i, j, _ = near_duplicate_pairs(images, threshold, g, chunk=chunk, device=device)
-    groups = _groups(len(images), i, j, min_size, mode)
+    groups, greedy = _groups(len(images), i, j, min_size, mode)
     reps = []
     for members in groups:
         m = np.asarray(members[:256])
         reps.append(int(m[np.argmin(tiled_distances(images[m], images[m], g).sum(1))]))
-    out = Detection(threshold, g, min_size, mode, len(images), len(i), groups, reps)
+    out = Detection(threshold, g, min_size, mode, len(images), len(i), groups, reps, greedy=greedy)
     if train is None:
         return out
     if not reps:
