@@ -467,3 +467,37 @@ def test_a_launch_says_once_what_one_process_says(tiny_model_dir, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert out.count("settings changed since the last run") == 1 and out.count("sweep scale=3:") == 1, out
+
+
+def test_a_launch_refuses_a_batch_it_cannot_split_before_sampling_and_grows_a_run_trained_without_one(
+        tmp_path, tiny_model_dir):
+    """side --processes 3 with classifier.batch_size 2 only warned, then sampled, embedded and clustered and failed at
+    the training with "a batch of 2 rows cannot be split", naming no setting (a review's find). It is refused before
+    sampling; a run whose classifier is trained (by one process) still grows its extractions under the launch."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    side = [sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress"]
+    run = tmp_path / "run"
+
+    def extract(nproc: int, n: int, steps: int = 2, *more: str) -> subprocess.CompletedProcess:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+            "model": str(tiny_model_dir), "sample": {"n": 40, "steps": 2, "shard_size": 16},
+            "surrogate": {"n_clusters": 4, "tau": -1.0, "n_init": 1},
+            "classifier": {"depth": 10, "width": 8, "steps": steps, "batch_size": 2, "eval_every": 2},
+            "extract": {"methods": ["side", "uncond"], "n": n, "steps": 2}}))
+        return subprocess.run([*side, "--processes", str(nproc), "extract", "--config", str(tmp_path / "c.yaml"),
+                               "--run", str(run), "--no-evaluate", *more], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    r = extract(3, 4)
+    said = r.stdout + r.stderr
+    assert r.returncode == 2 and "classifier.batch_size=2: a launch of 3 processes" in said, said
+    assert "cannot be split" not in said and "would fail once it starts" not in said, said
+    assert "synthetic" not in (read_json(run / "manifest.json")["stages"] if (run / "manifest.json").exists() else {})
+    assert extract(1, 4).returncode == 0
+    r = extract(3, 6)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (r.stdout + r.stderr).count("would fail once it starts") == 1, r.stdout + r.stderr  # (by the main process)
+    assert read_json(run / "manifest.json")["stages"]["extraction/side"]["n"] == 6
+    r = extract(3, 6, 4, "--force")  # trained again: the stage names the setting (the split's error named none)
+    assert r.returncode == 2 and "error: classifier: classifier.batch_size=2: a launch of 3" in r.stdout + r.stderr, (
+        r.stdout + r.stderr)

@@ -285,14 +285,50 @@ def test_a_batch_a_launch_cannot_split_is_refused_before_sampling():
     from side_extract.pipeline.preflight import launch_problems
 
     rc = cfg.RunConfig(lora=cfg.LoraConfig(batch_size=2), clean_classifier=cfg.ClassifierConfig(batch_size=2))
-    assert launch_problems(rc, ["side", "side-lora", "uncond"], 3) == [
-        "lora.batch_size=2: a launch of 3 processes splits every batch between them; give at least 3"]
-    assert launch_problems(rc, ["side-lora"], 2) == launch_problems(rc, ["side-lora"], 1) == []
+    assert launch_problems(rc, ["side", "side-lora", "uncond"], 3) == {
+        "lora": "lora.batch_size=2: a launch of 3 processes splits every batch between them; give at least 3"}
+    assert launch_problems(rc, ["side-lora"], 2) == launch_problems(rc, ["side-lora"], 1) == {}
     single = dataclasses.replace(rc, clean_classifier=cfg.ClassifierConfig(batch_size=2, data_parallel=False))
-    assert launch_problems(rc, ["cond"], 3) == [
+    assert launch_problems(rc, ["cond"], 3) == {"clean_classifier":
         "clean_classifier.batch_size=2: a launch of 3 processes splits every batch between them; give at least 3 "
-        "(or clean_classifier.data_parallel: false, one process training)"]
-    assert launch_problems(single, ["cond"], 3) == []
+        "(or clean_classifier.data_parallel: false, one process training)"}
+    assert launch_problems(single, ["cond"], 3) == {}
+
+
+def test_a_section_is_trained_where_every_stage_its_methods_train_is_complete():
+    """What a launch's unsplittable batch is refused in (a section still to train) and only warned of in (one the run
+    holds trained: more generations of a finished run read no batch)."""
+    from side_extract.pipeline.preflight import trained_sections
+
+    done = {"status": "complete"}
+    stages = {"classifier": done, "classifier-clean": done, "classifier-teacher": {"status": "running"}, "lora": done}
+    assert trained_sections(stages, ["side", "cond", "side-lora"]) == {"classifier", "clean_classifier", "lora"}
+    assert "classifier" not in trained_sections(stages, ["side", "side-teacher"])  # (its teacher's is not complete)
+    assert trained_sections({}, ["side", "cond"]) == {"lora"}  # (side-lora not run: nothing of it to train)
+
+
+def test_preflight_refuses_an_unsplittable_batch_of_a_training_to_come_and_warns_of_a_finished_ones(
+        tiny_model_dir, monkeypatch, caplog):
+    """The refusal was turned into a warning everywhere (a finished training reads none), so a launch with
+    classifier.batch_size below its processes sampled, embedded and clustered before failing at the training, naming
+    no setting (a review's find). It is refused where the training is still to come."""
+    import importlib
+
+    from side_extract.distributed import ProcessGroup
+    from side_extract.models.target import load_target
+
+    pre = importlib.import_module("side_extract.pipeline.preflight")  # (the package's preflight is the function)
+    monkeypatch.setattr(pre.ProcessGroup, "from_env", classmethod(lambda cls: ProcessGroup(0, 3, 0)))
+    rc = cfg.RunConfig(model=str(tiny_model_dir), sample=cfg.SampleConfig(n=40, steps=2),
+                       surrogate=cfg.SurrogateConfig(n_clusters=4, tau=-1.0),
+                       classifier=cfg.ClassifierConfig(batch_size=2), extract=cfg.ExtractConfig(methods=("side", "uncond"),
+                                                                                                steps=2))
+    den = load_target(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"classifier.batch_size=2: a launch of 3 processes"):
+        pre.preflight(rc, den, "extraction", warn_inert=False, trained=set())
+    with caplog.at_level("WARNING", logger="side_extract.pipeline"):
+        pre.preflight(rc, den, "extraction", warn_inert=False, trained={"classifier"})
+    assert "classifier.batch_size=2: a launch of 3 processes" in caplog.text and "would fail once it starts" in caplog.text
 
 
 def test_bad_model_leaves_no_config_behind(tmp_path):

@@ -536,10 +536,11 @@ class LoraConfig:
 
 METHODS = ("side", "side-teacher", "side-lora", "cond", "uncond", "memguide")
 CLUSTERING_METHODS = frozenset({"side", "side-lora"})  # the methods guided by surrogate labels of K-means clusters
-# each training section and the methods whose stages train with it (side-teacher: the clean classifier is its
-# teacher, and its own classifier takes the noise-aware classifier's settings)
-TRAINING_SECTIONS = {"classifier": frozenset({"side", "side-teacher"}),
-                     "clean_classifier": frozenset({"cond", "side-teacher"}), "lora": frozenset({"side-lora"})}
+# each training section: the methods whose stages train with it, and the run stage each trains (side-teacher: the
+# clean classifier is its teacher, and its own classifier takes the noise-aware classifier's settings)
+TRAINING_SECTIONS = {"classifier": {"side": "classifier", "side-teacher": "classifier-teacher"},
+                     "clean_classifier": {"cond": "classifier-clean", "side-teacher": "classifier-clean"},
+                     "lora": {"side-lora": "lora"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -885,14 +886,14 @@ def inert_keys(rc: RunConfig) -> dict[str, str]:
         out.update({f"{section}.{k}": f"{section}.{k}={getattr(obj, k)!r} ({why})"
                     for k, why in set_away(obj, unread).items()})
 
-    if TRAINING_SECTIONS["clean_classifier"] & methods:
+    if TRAINING_SECTIONS["clean_classifier"].keys() & methods:
         changed("clean_classifier", rc.clean_classifier, unread_keys(rc.clean_classifier, clean=True))
         if "cond" not in methods:
             changed("clean_classifier", rc.clean_classifier,
                     {"guidance_input": "Cond's guidance; side-teacher's teacher reads the clean classifier as it is"})
     if CLUSTERING_METHODS & methods:
         changed("surrogate", rc.surrogate, unread_keys(rc.surrogate))
-    if TRAINING_SECTIONS["classifier"] & methods:
+    if TRAINING_SECTIONS["classifier"].keys() & methods:
         changed("classifier", rc.classifier, unread_keys(rc.classifier))
     if CLUSTERING_METHODS & methods:  # (side-teacher's labels are a classifier's, not the features')
         changed("features", rc.features, unread_keys(rc.features))

@@ -43,6 +43,16 @@ def clean_classifier_plan(ctx: AuditContext, train: ImageSet) -> tuple[str, dict
             {"training set": ctx.fingerprint(train)})
 
 
+def launch_problem(section: str, c: cfg.ClassifierConfig | cfg.LoraConfig, world: int) -> str | None:
+    """What to set where a launch of ``world`` processes cannot split ``c``'s batches between them (each process
+    takes rows rank::world of every batch): ``section.batch_size`` (or its ``data_parallel``); else None."""
+    if world > 1 and getattr(c, "data_parallel", True) and c.batch_size < world:
+        return (f"{section}.batch_size={c.batch_size}: a launch of {world} processes splits every batch between them; "
+                f"give at least {world}" + (f" (or {section}.data_parallel: false, one process training)"
+                                            if hasattr(c, "data_parallel") else ""))
+    return None
+
+
 def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.ndarray, input_fp: str,
                      *, clean: bool, input_stage: str | None = None,
                      too_few: str | Callable[[], str], data: dict[str, str | None] | None = None) -> None:
@@ -78,6 +88,8 @@ def classifier_stage(ctx: AuditContext, name: str, x0: torch.Tensor, labels: np.
         return saved is None
 
     def train() -> None:
+        if said := launch_problem("clean_classifier" if clean else "classifier", c, trainers.world):
+            raise ValueError(f"{name}: {said}")  # (the split's own error named no setting)
         result = fit_label_classifier(x0, labels, c, scheduler=None if clean or denoised else ctx.denoiser.scheduler,
                                       out=directory / "work", device=ctx.device, progress=ctx.progress(name),
                                       name=name, group=trainers, unet=_classifier_unet(ctx.denoiser, c, clean))
@@ -179,6 +191,8 @@ def lora_stage(ctx: AuditContext, synthetic: ImageSet, labels: SurrogateLabels) 
     inputs = {"surrogate": ctx.fp["surrogate"], MODEL_INPUT: ctx.fp[MODEL_INPUT]}
     # (a finished stage whose files went or were damaged since is fine-tuned again, not a failed load later)
     if group.on_main(lambda: ctx.run.begin("lora", fp, inputs=inputs) != "skip" or not lora_saved_whole(directory)):
+        if said := launch_problem("lora", c, group.world):
+            raise ValueError(f"side-lora: {said}")  # (the split's own error named no setting)
         res = finetune(ctx.denoiser, synthetic.to_float(), labels.labels, c, directory,
                        target_fingerprint=ctx.fp[MODEL_INPUT], device=ctx.device, progress=ctx.progress("side-lora"),
                        group=group, background=labels.background)

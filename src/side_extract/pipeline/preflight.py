@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Collection, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from ..neighbors import faiss_available
 from ..sampling import check_sampler
 from ..memorization import candidate_count
 from .context import Until, absolute_spec
-from .methods import GUIDED_METHODS
+from .methods import GUIDED_METHODS, launch_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +55,32 @@ def cluster_problems(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
     return problems
 
 
-def launch_problems(rc: cfg.RunConfig, methods: Iterable[str], world: int) -> list[str]:
-    """The batch sizes of ``methods``' trainings that a launch of ``world`` processes cannot split (each process takes
-    rows rank::world of every batch): such a training failed after the synthetic set, its features and the
-    clustering, naming no setting; :func:`preflight` warns of them before any stage (a training already done reads
-    none: a refusal stopped more generations of a finished run)."""
-    out = []
+def launch_problems(rc: cfg.RunConfig, methods: Iterable[str], world: int) -> dict[str, str]:
+    """The training sections of ``methods`` whose batch a launch of ``world`` processes cannot split (each process
+    takes rows rank::world of every batch), each with what to set (:func:`launch_problem`): such a training failed
+    after the synthetic set, its features and the clustering, naming no setting."""
+    out = {}
     for section, by in cfg.TRAINING_SECTIONS.items():
-        c = getattr(rc, section)
-        if world > 1 and by & set(methods) and getattr(c, "data_parallel", True) and c.batch_size < world:
-            out.append(f"{section}.batch_size={c.batch_size}: a launch of {world} processes splits every batch "
-                       f"between them; give at least {world}"
-                       + (f" (or {section}.data_parallel: false, one process training)"
-                          if hasattr(c, "data_parallel") else ""))
+        if by.keys() & set(methods) and (said := launch_problem(section, getattr(rc, section), world)):
+            out[section] = said
     return out
 
 
+def trained_sections(stages: dict[str, dict[str, Any]], methods: Iterable[str]) -> set[str]:
+    """The training sections whose every stage that ``methods`` train the run's manifest ``stages`` holds complete."""
+    done = {name for name, e in stages.items() if e.get("status") == "complete"}
+    return {section for section, by in cfg.TRAINING_SECTIONS.items()
+            if {stage for m, stage in by.items() if m in set(methods)} <= done}
+
+
 def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *,
-              warn_inert: bool | Collection[str] = True) -> dict[str, ImageSet]:
+              warn_inert: bool | Collection[str] = True, trained: Collection[str] | None = None) -> dict[str, ImageSet]:
     """Check the resolved config against the model, the data and the methods before any stage runs; one
     ``ValueError`` lists every problem found (not only the first). ``warn_inert``: warn of the settings that change
     nothing in this run (:func:`~side_extract.config.inert_settings`; False: not; a collection of them: all but
-    those, which the caller has said already).
+    those, which the caller has said already). ``trained``: the training sections the run holds trained
+    (:func:`trained_sections`); a batch a launch cannot split is refused in the others and warned of in these (a
+    finished training reads none, unless its settings changed); None: warned of everywhere.
     Returns the image sets it read (``train``, ``heldout``: :attr:`AuditContext.sets`, read as the run records their
     paths), so the stages do not read them again (a set's warnings were said twice, once here and once by its
     stage, and a file changed in between was checked here and read changed there)."""
@@ -153,9 +158,13 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     problems.extend(cluster_problems(rc, methods))
-    # warned of, not refused: a stage already trained (more generations of a finished run) reads no batch
-    for said in launch_problems(rc, methods, ProcessGroup.from_env().world):
-        log.warning("%s (a training with it would fail once it starts)", said)
+    group = ProcessGroup.from_env()
+    for section, said in launch_problems(rc, methods, group.world).items():
+        if trained is None or section in trained:  # (more generations of a finished run: refused, they read none)
+            if group.main:  # (said by every process)
+                log.warning("%s (a training with it would fail once it starts)", said)
+        else:  # (warned of, the launch sampled, embedded and clustered, then failed at the training)
+            problems.append(said)
     unet = denoiser.unet if isinstance(denoiser, UNetDenoiser) else None
     if cfg.CLUSTERING_METHODS & methods and (bad := extractor_problem(rc.features.extractor, unet)):
         problems.append(f"features.extractor: {bad}")
