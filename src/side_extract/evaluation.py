@@ -375,7 +375,7 @@ def evaluate(generated: ImageSet, train: ImageSet, config: cfg.EvaluateConfig | 
     k_pix = max(2, n_eff if c.carlini_centering == "generation" else 1)
     tally = BandTally(bands, sim.orientation, n_g, n_t, n_repeats=c.ng_repeats, random_state=c.seed)
     nb = index.kneighbors(g_rows, k_pix if sim.metric == "rms-l2" else 1, pairs_range=tally.pairs_range,
-                          on_pairs=tally.add, progress=progress)
+                          on_pairs=tally.add, pairs_edges=tally.pairs_edges, progress=progress)
     best, nearest = nb.scores[:, 0], nb.indices[:, 0]
     # 3. pixel ratios
     if sim.metric == "rms-l2":

@@ -338,7 +338,8 @@ class BandTally:
     """Streams (generation, training, score) pairs into UMS per band, exclusive and cumulative.
 
     ``pairs_range`` is the closed score range that every band's region lies in; pass it with ``add`` as
-    ``on_pairs`` to :meth:`NearestNeighborIndex.kneighbors`. Memory: O(n_bands * n_repeats * n_train).
+    ``on_pairs``, and ``pairs_edges``, to :meth:`NearestNeighborIndex.kneighbors`. Memory: O(n_bands * n_repeats *
+    n_train).
     """
 
     def __init__(self, bands: Sequence[Band], orientation: Orientation, n_generated: int, n_train: int, *,
@@ -350,6 +351,8 @@ class BandTally:
             self.pairs_range = (min(b.lo for b in bands), np.inf)
         else:
             self.pairs_range = (-np.inf, max(b.hi for b in bands))
+        # the scores ``add`` compares with: which side of each a pair lies on is all it reads of a score
+        self.pairs_edges = tuple(sorted({float(e) for b in bands for e in (b.lo, b.hi) if np.isfinite(e)}))
 
     def add(self, gen_idx: np.ndarray, train_idx: np.ndarray, scores: np.ndarray) -> None:
         for b in self.bands:
