@@ -656,3 +656,19 @@ def test_evaluate_refuses_writing_among_the_shards_it_reads_and_bands_it_cannot_
                    "--bands", "high=0:1.4,mid=1.4:1.6,low=1.6:1.85", "--carlini-n", 3)
     assert r.exit_code == 0, r.output
     assert "bands mid=1.4:1.6, low=1.6:1.85 lie outside the scores rms-l2 can take ([0, 1])" in caplog.text
+
+
+def test_evaluate_out_of_memory_names_its_chunk_options_not_a_batch_size(sets, monkeypatch):
+    """side evaluate out of memory was told to "lower a batch size (the config's batch_size keys, or the command's
+    batch-size option)": it has none; its blocks are --query-chunk and --ref-chunk (a review's find)."""
+    from side_extract.neighbors import NearestNeighborIndex
+
+    def allocator(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 805306368 bytes")
+
+    monkeypatch.setattr(NearestNeighborIndex, "kneighbors", allocator)
+    r = invoke("evaluate", "--generated", sets / "run" / "extraction" / "side", "--train", sets / "train.npz",
+               "--out", sets / "ev", "--bands", "high=0:0.05,mid=0.05:0.1")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "error: out of memory (" in said and "lower --query-chunk or --ref-chunk" in said, said
+    assert "batch size" not in said and "Traceback" not in said

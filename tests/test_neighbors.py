@@ -478,3 +478,21 @@ def test_cosine_pairs_far_from_every_band_edge_keep_their_keys_score_and_fall_in
     in_range = int((scores >= lo).sum())
     assert all_pairs >= in_range and 2 <= near < in_range / 10, (near, in_range)  # the pairs on the edges, the
     # copies at 1 and the k-nearest's own rescoring (one per query) among them
+
+
+def test_a_block_of_large_rows_is_bounded_in_bytes_not_only_in_rows(monkeypatch):
+    """ref_chunk counted rows only: 8,192 reference rows of 64x64 RGB pixels were 805 MB as float64, twice over with
+    their squares (an evaluation of 10,000 such images peaked at 2.3 GB; a review's find). A block holds at most
+    BLOCK_BYTES of prepared rows, and the neighbours are those of any chunking."""
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (3000, 3 * 64 * 64), dtype=np.uint8)
+    q = np.concatenate([ref[:3], rng.integers(0, 256, (5, ref.shape[1]), dtype=np.uint8)])
+    held = []
+    real = NearestNeighborIndex._prep
+    monkeypatch.setattr(NearestNeighborIndex, "_prep", lambda self, rows: held.append(rows.shape) or real(self, rows))
+    nb = NearestNeighborIndex("rms-l2", backend="torch").fit(ref).kneighbors(q, 2)
+    assert max(n * d * 8 for n, d in held) <= 128 * 2**20  # (float64 rows: more than 129 values; 295 MB before)
+    small = NearestNeighborIndex("rms-l2", backend="torch", query_chunk=3, ref_chunk=700).fit(ref).kneighbors(q, 2)
+    np.testing.assert_array_equal(nb.indices, small.indices)
+    np.testing.assert_array_equal(nb.scores, small.scores)
+    assert nb.indices[:3, 0].tolist() == [0, 1, 2] and (nb.scores[:3, 0] == 0).all()

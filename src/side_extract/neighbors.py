@@ -60,6 +60,10 @@ FINISH_ROWS = 4096  # query rows ordered at a time when the k nearest are put in
 
 
 _EXACT_FLOAT32_MAX_D = 129  # 2 * 255^2 * D < 2^24: integer sums of uint8 rows stay exact in float32
+# the rows of a block of queries or of reference rows: at most as many as fill this many bytes as the search holds
+# them (float64 for pixel rows of more than 129 values; 8,192 reference rows of 64x64 RGB held 805 MB, twice over
+# with their squares, where 1,024 held 1.1 GB in all at the same speed)
+BLOCK_BYTES = 128 * 2**20
 _CACHE_BYTES = 256 * 2**20  # prepared reference chunks are cached below this size
 
 
@@ -110,7 +114,8 @@ class NearestNeighborIndex:
     metric : "cosine" (features, higher = closer) or "rms-l2" (pixels, lower = closer)
     backend : "faiss", "torch", or "auto" (faiss when importable; torch when a band scan shares the pass)
     device : torch device of the torch backend
-    query_chunk, ref_chunk : rows per block; a block holds query_chunk x ref_chunk scores
+    query_chunk, ref_chunk : rows per block, at most as many as fill :data:`BLOCK_BYTES`; a block holds
+        query_chunk x ref_chunk scores
 
     Attributes
     ----------
@@ -337,6 +342,10 @@ class NearestNeighborIndex:
             return torch.float32
         return torch.float64
 
+    def _block_rows(self, rows: int) -> int:
+        """``rows`` (a chunk setting), or fewer: as many as fill :data:`BLOCK_BYTES` as the search holds them."""
+        return max(1, min(int(rows), BLOCK_BYTES // (self.n_features_in_ * self._dtype().itemsize)))
+
     def _prep(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows -> (tensor on device, squared norms); cosine rows are L2-normalised."""
         x = torch.from_numpy(np.ascontiguousarray(rows)).to(self.device, self._dtype())
@@ -349,7 +358,7 @@ class NearestNeighborIndex:
     def _ref_chunk(self, r0: int) -> tuple[torch.Tensor, torch.Tensor]:
         if r0 in self._cache:
             return self._cache[r0]
-        out = self._prep(self.X_ref_[r0:r0 + self.ref_chunk])
+        out = self._prep(self.X_ref_[r0:r0 + self._block_rows(self.ref_chunk)])
         if self._cacheable:
             self._cache[r0] = out
         return out
@@ -370,8 +379,9 @@ class NearestNeighborIndex:
             s_lo = (max(lo, 0.0) ** 2) * c * (1 - 1e-9) - 1e-9 if lo > 0 else None  # squared-sum range
             s_hi = hi * hi * c * (1 + 1e-9) + 1e-9 if np.isfinite(hi) else None
         with torch.no_grad():
-            for q0 in range(0, m, self.query_chunk):
-                q1 = min(m, q0 + self.query_chunk)
+            q_rows, r_rows = self._block_rows(self.query_chunk), self._block_rows(self.ref_chunk)
+            for q0 in range(0, m, q_rows):
+                q1 = min(m, q0 + q_rows)
                 q, qn = self._prep(Q[q0:q1])
                 ex = None if exclude is None else torch.from_numpy(exclude[q0:q1]).to(self.device)
                 if pairs_range is not None:
@@ -382,7 +392,7 @@ class NearestNeighborIndex:
                         k_lo = None if s_hi is None else (qn - s_hi)[:, None]
                         k_hi = None if s_lo is None else (qn - s_lo)[:, None]
                 vals, ids = [], []
-                for r0 in range(0, n, self.ref_chunk):
+                for r0 in range(0, n, r_rows):
                     r, rn = self._ref_chunk(r0)
                     key = q @ r.T if cos else torch.addmm(rn[None, :], q, r.T, beta=-1, alpha=2)
                     if ex is not None:
@@ -501,8 +511,9 @@ class NearestNeighborIndex:
         q_sq = _row_sq(Q) if certify else None
         keys = np.full((m, 0), -np.inf)
         idx = np.zeros((m, 0), dtype=np.int64)
-        for r0 in range(0, n, self.ref_chunk):
-            rows = self.X_ref_[r0:r0 + self.ref_chunk]
+        r_rows = self._block_rows(self.ref_chunk)
+        for r0 in range(0, n, r_rows):
+            rows = self.X_ref_[r0:r0 + r_rows]
             r = self._faiss_rows(rows)
             index = faiss.IndexFlatIP(r.shape[1]) if cos else faiss.IndexFlatL2(r.shape[1])
             if gpus > 0:
@@ -538,7 +549,7 @@ class NearestNeighborIndex:
             top = np.lexsort((idx, -keys), axis=1)[:, :k]
             keys, idx = np.take_along_axis(keys, top, 1), np.take_along_axis(idx, top, 1)
             if progress is not None:
-                progress(min(n, r0 + self.ref_chunk) * m // n, m)
+                progress(min(n, r0 + r_rows) * m // n, m)
         if self._exact_keys and not certify:  # faiss works in float32: recompute the k distances exactly (float
             keys = -self._exact_sq(Q, idx)  # rows: :meth:`_finish` scores them in float64)
         if certify and (again := np.flatnonzero(-keys[:, -1] >= floor)).size:  # (>=: a tie goes to the lower row)

@@ -119,10 +119,13 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as e:
             if out_of_memory(e):  # (a batch size of 10^12 was a traceback ending in torch's allocator)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                console.print(f"[bold red]error:[/] out of memory ({escape(first)}): lower a batch size (the "
-                              "config's batch_size keys, or the command's batch-size option where it has one), the "
-                              "number or the size of the images (--resize), or use a larger machine",
-                              highlight=False, soft_wrap=True)  # (side evaluate and calibrate have no --batch-size)
+                ctx = kwargs.get("ctx")
+                lower = ("lower --query-chunk or --ref-chunk (the rows of a block of the nearest-neighbour search)"
+                         if ctx is not None and {"query_chunk", "ref_chunk"} <= ctx.params.keys() else
+                         "lower a batch size (the config's batch_size keys, or the command's batch-size option where "
+                         "it has one)")  # (side evaluate and calibrate, which have no batch size, were told to)
+                console.print(f"[bold red]error:[/] out of memory ({escape(first)}): {lower}, the number or the size "
+                              "of the images (--resize), or use a larger machine", highlight=False, soft_wrap=True)
                 leaving_on_error(2)
                 raise typer.Exit(2) from None
             code = getattr(e, "exit_code", getattr(e, "code", 1))
