@@ -555,7 +555,10 @@ class ExtractConfig:
     T, the score's reconstruction at ``memguide_t_m`` T; the range and t_m were chosen on the fair protocol's
     validation replicate 1 at 300 images, 16x16; lambda 100 is the value its grid chose most often, 2 of 5 cells:
     30 and 100 at 300 and 1,000 images, 16x16, 20 and 100 at 8x8, 3 at 100 images, 16x16, where every lambda tied
-    within 0.1 point; its validation score is at most 5 % below a cell's best, lambda 30's up to 23 %).
+    within 0.1 point; its validation score is at most 5 % below a cell's best, lambda 30's up to 23 %). Every
+    one was chosen at 50 DDIM steps: fewer steps take the guided range in fewer, larger steps, and lambda 100 left
+    none of the demo's memguide generations in its high band at 10 or 20 steps (UnCond: 85 % and 92 %); a run with
+    fewer than 50 steps warns of it.
     ``memguide_avoid`` > 0 adds label-free *avoidance* to memguide: its generations come in ``rounds`` rounds, and
     in the window ``memguide_avoid_t_lo`` T <= t <= ``memguide_avoid_t_hi`` T each one's denoised estimate is
     pushed away from the earlier rounds' generations with strength ``memguide_avoid`` and kernel width
