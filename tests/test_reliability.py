@@ -329,6 +329,10 @@ def test_preflight_refuses_an_unsplittable_batch_of_a_training_to_come_and_warns
     with caplog.at_level("WARNING", logger="side_extract.pipeline"):
         pre.preflight(rc, den, "extraction", warn_inert=False, trained={"classifier"})
     assert "classifier.batch_size=2: a launch of 3 processes" in caplog.text and "would fail once it starts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="side_extract.pipeline"):  # side cluster trains nothing: not refused
+        pre.preflight(rc, den, "surrogate", warn_inert=False, trained=set())  # (a review's find)
+    assert "batch_size" not in caplog.text
 
 
 def test_bad_model_leaves_no_config_behind(tmp_path):
