@@ -415,3 +415,21 @@ def test_ddpm_sampling_refuses_ddims_eta_and_clip_eps_by_name(tiny_model_dir):
             sample(d, 2, steps=2, scheduler="ddpm", **kw)
     plain = sample(d, 2, steps=2, scheduler="ddpm")
     assert plain.shape[0] == 2 and torch.isfinite(plain).all()
+
+
+@pytest.mark.parametrize("schedule", ["sigmoid", "laplace"])
+def test_a_schedule_diffusers_ddim_lacks_is_refused_by_name_before_any_stage(schedule):
+    """diffusers' DDPMScheduler takes beta_schedule sigmoid and laplace, its DDIMScheduler raises NotImplementedError:
+    the default (DDIM) sampler of such a model was a traceback from side run, side sample and audit (a review's
+    find). It is a named refusal; DDPM samples it."""
+    from diffusers import DDPMScheduler
+
+    from conftest import tiny_unet
+    from side_extract.models.target import UNetDenoiser
+    from side_extract.sampling import check_sampler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match=f"sample.scheduler=ddim: the model's beta_schedule='{schedule}' has no DDIM"):
+        check_sampler(sched, "ddim", 10, "sample")
+    check_sampler(sched, "ddpm", 10, "sample")
+    assert torch.isfinite(sample(UNetDenoiser(tiny_unet(), sched), 2, steps=2, scheduler="ddpm")).all()

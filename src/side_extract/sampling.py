@@ -70,7 +70,11 @@ def inference_scheduler(train_scheduler: SchedulerMixin, kind: cfg.SchedulerKind
     """A fresh DDIM or DDPM scheduler from the target's training scheduler config, set to ``steps`` steps: an
     epsilon model's, since a denoiser returns epsilon whatever its model predicts (``models.target.as_epsilon``)."""
     if kind == "ddim":
-        sched = DDIMScheduler.from_config(sampler_config(train_scheduler), prediction_type="epsilon")
+        try:
+            sched = DDIMScheduler.from_config(sampler_config(train_scheduler), prediction_type="epsilon")
+        except NotImplementedError:  # (diffusers' DDPM takes sigmoid and laplace, its DDIM not: a traceback)
+            raise ValueError(f"the model's beta_schedule={train_scheduler.config.beta_schedule!r} has no DDIM "
+                             "sampler in diffusers: sample with scheduler ddpm") from None
         if sched.config.thresholding:
             raise ValueError("the model's scheduler sets thresholding (dynamic thresholding of x0): the DDIM sampler "
                              "here clips x0 to clip_sample_range as guided-diffusion does; save the scheduler with "
