@@ -670,5 +670,5 @@ def test_evaluate_out_of_memory_names_its_chunk_options_not_a_batch_size(sets, m
     r = invoke("evaluate", "--generated", sets / "run" / "extraction" / "side", "--train", sets / "train.npz",
                "--out", sets / "ev", "--bands", "high=0:0.05,mid=0.05:0.1")
     said = " ".join(r.output.split())
-    assert r.exit_code == 2 and "error: out of memory (" in said and "lower --query-chunk or --ref-chunk" in said, said
+    assert r.exit_code == 2 and "error: out of memory (" in said and "lower --feature-batch-size" in said and "--ref-chunk" in said, said
     assert "batch size" not in said and "Traceback" not in said

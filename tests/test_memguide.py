@@ -378,7 +378,7 @@ def test_a_run_of_memguide_at_fewer_steps_than_its_lambda_was_chosen_at_is_warne
         caplog.clear()
         with caplog.at_level("WARNING", logger="side_extract.pipeline"):
             preflight(rc, den, "extraction", warn_inert=False)
-        assert ("memguide_scale=100 was chosen at 50 DDIM steps; with extract.steps=10" in caplog.text) == warned, (
+        assert ("memguide_scale=100 with extract.steps=10: memguide's lambdas were chosen at 50" in caplog.text) == warned, (
             methods, steps, scale, caplog.text)
     caplog.clear()
     rc = cfg.RunConfig(model=str(tiny_model_dir), extract=cfg.ExtractConfig(methods=("memguide",), steps=10))

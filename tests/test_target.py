@@ -513,6 +513,11 @@ def test_train_target_faults_of_a_review(tmp_path, monkeypatch):
     save_target(unet, tiny_scheduler(), tmp_path / "nosize")
     with pytest.raises(ValueError, match="config has no sample_size"):
         load_target(tmp_path / "nosize")
+    from side_extract import as_target
+
+    for shape in ({}, {"sample_shape": (1, 8, 8)}):  # (given sample_shape=, a TypeError unpacking None; a review's find)
+        with pytest.raises(ValueError, match=r"config has no sample_size .*unet.register_to_config\(sample_size=H\)"):
+            as_target(unet, scheduler=tiny_scheduler(), **shape)
     save_target(tiny_unet(), tiny_scheduler(), tmp_path / "ve")
     (tmp_path / "ve" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000, "sigma_min": 0.01, "sigma_max": 1348.0}))

@@ -114,8 +114,9 @@ class NearestNeighborIndex:
     metric : "cosine" (features, higher = closer) or "rms-l2" (pixels, lower = closer)
     backend : "faiss", "torch", or "auto" (faiss when importable; torch when a band scan shares the pass)
     device : torch device of the torch backend
-    query_chunk, ref_chunk : rows per block, at most as many as fill :data:`BLOCK_BYTES`; a block holds
-        query_chunk x ref_chunk scores
+    query_chunk, ref_chunk : rows per block, on the torch backend at most as many as fill :data:`BLOCK_BYTES`; a
+        block holds query_chunk x ref_chunk scores (faiss takes its queries by :data:`FAISS_QUERY_BYTES` of float32
+        rows, or query_chunk, the larger)
 
     Attributes
     ----------

@@ -120,7 +120,8 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if out_of_memory(e):  # (a batch size of 10^12 was a traceback ending in torch's allocator)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 ctx = kwargs.get("ctx")
-                lower = ("lower --query-chunk or --ref-chunk (the rows of a block of the nearest-neighbour search)"
+                lower = ("lower --feature-batch-size (images per batch of the feature extractor) or --query-chunk "
+                         "or --ref-chunk (the rows of a block of the nearest-neighbour search)"
                          if ctx is not None and {"query_chunk", "ref_chunk"} <= ctx.params.keys() else
                          "lower a batch size (the config's batch_size keys, or the command's batch-size option where "
                          "it has one)")  # (side evaluate and calibrate, which have no batch size, were told to)

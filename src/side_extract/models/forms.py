@@ -242,6 +242,11 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
         if scheduler is None:
             raise ValueError("model: a UNet2DModel needs the scheduler it was trained with (scheduler=...)")
         check_unet(model, "model")
+        if model.config.sample_size is None:  # (with sample_shape=: a TypeError unpacking None)
+            raise ValueError("model: the UNet2DModel's config has no sample_size (diffusers' default None), so the "
+                             "size of the images it makes is unknown; set it on the model "
+                             "(unet.register_to_config(sample_size=H), or sample_size=(H, W)); sample_shape= is for "
+                             "a callable")
         if sample_shape is not None and _shape(sample_shape) != (
                 model.config.in_channels, *([model.config.sample_size] * 2 if isinstance(model.config.sample_size, int)
                                             else model.config.sample_size)):

@@ -159,14 +159,14 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     problems.extend(cluster_problems(rc, methods))
-    if ("memguide" in methods and until in ("extraction", "evaluation") and rc.extract.memguide_scale > 0
-            and rc.extract.steps < MEMGUIDE_TUNED_STEPS):
-        log.warning("extract.memguide_scale=%g was chosen at %d DDIM steps; with extract.steps=%d the guided range "
-                    "t <= %g T is taken in fewer, larger steps, and lambda 100 left none of the demo's memguide "
-                    "generations in its high band at 10 or 20 steps: compare a few lower values on your target at these "
-                    "steps", rc.extract.memguide_scale, MEMGUIDE_TUNED_STEPS,
-                    rc.extract.steps, rc.extract.memguide_t_hi)
     group = ProcessGroup.from_env()
+    if ("memguide" in methods and until in ("extraction", "evaluation") and rc.extract.memguide_scale > 0
+            and rc.extract.steps < MEMGUIDE_TUNED_STEPS and group.main):  # (said once a launch)
+        log.warning("extract.memguide_scale=%g with extract.steps=%d: memguide's lambdas were chosen at %d DDIM steps "
+                    "(the default, 100, most often); fewer take the guided range t <= %g T in fewer, larger steps, and "
+                    "lambda 100 left none of the demo's memguide generations in its high band at 10 or 20 steps: "
+                    "compare a few lower values on your target at these steps", rc.extract.memguide_scale,
+                    rc.extract.steps, MEMGUIDE_TUNED_STEPS, rc.extract.memguide_t_hi)
     trains = until != "surrogate"  # (side cluster trains nothing: it was refused a batch it would not split)
     for section, said in (launch_problems(rc, methods, group.world) if trains else {}).items():
         if trained is None or section in trained:  # (more generations of a finished run: refused, they read none)
