@@ -212,3 +212,16 @@ def test_detection_refuses_a_chunk_below_one_and_an_empty_training_set_before_it
     empty = ImageSet(generated.images[:0], None, np.zeros(0, np.int64))
     with pytest.raises(ValueError, match="train holds no images"):
         detection.detect_memorized(generated, 0.1, train=empty)
+
+
+def test_many_small_maximal_cliques_do_not_make_the_groups_greedy():
+    """The cap counted every maximal clique: a chain of 25,000 linked pairs joined to a dense group of 10 (one pair
+    unlinked) had its groups taken greedily though listing them takes a second (a review's find). Only the cliques
+    of min_size or more count: the groups are the exact search's, two cliques of 9 sharing 8 taken as 9 then none."""
+    from side_extract.detection import _groups
+
+    dense = [(a, b) for a in range(10) for b in range(a + 1, 10) if (a, b) != (0, 1)]
+    chain = [(k, k + 1) for k in range(9, 9 + 25_000)]
+    i, j = np.array([p[0] for p in dense + chain]), np.array([p[1] for p in dense + chain])
+    groups, greedy = _groups(9 + 25_001, i, j, 4, "cliques")
+    assert greedy == 0 and groups == [[0] + list(range(2, 10))]

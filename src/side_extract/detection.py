@@ -33,9 +33,13 @@ from .data import ImageSet, check_image_set
 from .neighbors import NearestNeighborIndex, pixel_rows
 
 GroupMode = Literal["cliques", "components"]
-# the maximal cliques a near-duplicate component may have before its groups are taken greedily (listing them took
-# 5.9 GB and more than 90 s for 100 noisy copies of one image with 2 % of their pairs unlinked)
+# the maximal cliques of min_size or more a near-duplicate component may have before its groups are taken greedily
+# (listing them took 5.9 GB and more than 90 s for 100 noisy copies of one image with 2 % of their pairs unlinked),
+# the maximal cliques of any size (smaller ones are dropped, but each costs its search: a bound on time), and the
+# links of a component whose groups are taken greedily at once (its graph alone took 3.3 GB at 12.5 M links)
 MAX_CLIQUES = 20_000
+MAX_ALL_CLIQUES = 1_000_000
+MAX_EXACT_LINKS = 1_000_000
 log = logging.getLogger(__name__)
 
 
@@ -150,16 +154,18 @@ def _groups(n: int, i: np.ndarray, j: np.ndarray, min_size: int, mode: GroupMode
             # the case the detection is for): one clique, whose search took ~n^3 (1,000 copies: 18 s; 2,000: 127 s)
             groups.append(sorted(members.tolist()))
             continue
-        g = nx.Graph()
-        g.add_nodes_from(range(len(members)))
-        g.add_edges_from(zip(sub.row.tolist(), sub.col.tolist()))
-        cliques: list[list[int]] | None = []
-        for count, c in enumerate(nx.find_cliques(g), 1):
-            if count > MAX_CLIQUES:
-                cliques = None
-                break
-            if len(c) >= min_size:
-                cliques.append(sorted(c))
+        cliques: list[list[int]] | None = None
+        if sub.nnz <= MAX_EXACT_LINKS:
+            g = nx.Graph()
+            g.add_nodes_from(range(len(members)))
+            g.add_edges_from(zip(sub.row.tolist(), sub.col.tolist()))
+            cliques = []
+            for count, c in enumerate(nx.find_cliques(g), 1):
+                if len(c) >= min_size:
+                    cliques.append(sorted(c))
+                if len(cliques) > MAX_CLIQUES or count > MAX_ALL_CLIQUES:
+                    cliques = None
+                    break
         if cliques is None:
             greedy += 1
             found = _greedy_cliques((sub + sub.T).tocsr().astype(bool), min_size)
@@ -167,9 +173,10 @@ def _groups(n: int, i: np.ndarray, j: np.ndarray, min_size: int, mode: GroupMode
             found = _disjoint_cliques(cliques, min_size)
         groups += [sorted(members[c].tolist()) for c in found]
     if greedy:
-        log.warning("detection: %d group(s) of near-duplicates had more than %d maximal cliques; their groups were "
-                    "taken greedily, largest first (maximal cliques, not always the largest): detect_mode: components "
-                    "takes each whole, or a lower detect_threshold links fewer pairs", greedy, MAX_CLIQUES)
+        log.warning("detection: %d group(s) of near-duplicates had more than %d maximal cliques of detect_min_size or "
+                    "more (or %d links); their groups were taken greedily, largest first (maximal cliques, not always "
+                    "the largest): detect_mode: components takes each whole, or a lower detect_threshold links fewer "
+                    "pairs", greedy, MAX_CLIQUES, MAX_EXACT_LINKS)
     return sorted(groups, key=lambda g: (-len(g), g)), greedy
 
 
@@ -177,31 +184,47 @@ def _greedy_cliques(adj: sp.csr_matrix, min_size: int) -> list[list[int]]:
     """Disjoint cliques of at least ``min_size`` vertices of the symmetric graph ``adj``, taken one by one: among the
     vertices left with ``min_size - 1`` neighbours or more left (only they can be in such a clique), a clique is
     grown from the one with the most, adding each time the candidate linked to the most other candidates (ties:
-    the lowest index); a clique too small removes its first vertex only. O(clique size x edges) per clique."""
+    the lowest index); a clique too small removes its first vertex only. The candidates' links are counted down as
+    candidates leave, so a clique costs O(links) (counted anew at each step: 9 minutes at 5,000 noisy copies)."""
     n = adj.shape[0]
     left = np.ones(n, dtype=bool)
     out = []
     while True:
-        while True:  # the (min_size - 1)-core of what is left
-            degree = adj @ left.astype(np.int64)
-            drop = left & (degree < min_size - 1)
-            if not drop.any():
-                break
-            left &= ~drop
+        degree = _core(adj, left, min_size - 1)
         if not left.any():
             return out
-        degree = np.where(left, adj @ left.astype(np.int64), -1)
-        v = int(np.argmax(degree))
-        clique, cand = [v], left & _row(adj, v)
+        v = int(np.argmax(np.where(left, degree, -1)))
+        cand = left & _row(adj, v)
+        links = adj @ cand.astype(np.int64)  # each vertex's links to the candidates
+        clique = [v]
         while cand.any():
-            u = int(np.argmax(np.where(cand, adj @ cand.astype(np.int64), -1)))
+            u = int(np.argmax(np.where(cand, links, -1)))
             clique.append(u)
-            cand &= _row(adj, u)
+            gone = cand & ~_row(adj, u)
+            gone[u] = True
+            cand &= ~gone
+            links -= np.asarray(adj[np.flatnonzero(gone)].sum(0), dtype=np.int64).ravel()
         if len(clique) >= min_size:
             out.append(sorted(clique))
             left[clique] = False
         else:
             left[v] = False
+
+
+def _core(adj: sp.csr_matrix, left: np.ndarray, k: int) -> np.ndarray:
+    """Narrow ``left`` (in place) to its ``k``-core, peeling the vertices with fewer than ``k`` links within it one
+    by one; returns each vertex's links within it."""
+    degree = adj @ left.astype(np.int64)
+    stack = list(np.flatnonzero(left & (degree < k)))
+    while stack:
+        v = stack.pop()
+        if not left[v]:
+            continue
+        left[v] = False
+        near = adj.indices[adj.indptr[v]:adj.indptr[v + 1]]
+        degree[near] -= 1
+        stack.extend(near[left[near] & (degree[near] < k)].tolist())
+    return degree
 
 
 def _row(adj: sp.csr_matrix, v: int) -> np.ndarray:
