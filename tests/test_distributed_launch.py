@@ -498,6 +498,7 @@ def test_a_launch_refuses_a_batch_it_cannot_split_before_sampling_and_grows_a_ru
     assert r.returncode == 0, r.stdout + r.stderr
     assert (r.stdout + r.stderr).count("would fail once it starts") == 1, r.stdout + r.stderr  # (by the main process)
     assert read_json(run / "manifest.json")["stages"]["extraction/side"]["n"] == 6
-    r = extract(3, 6, 4, "--force")  # trained again: the stage names the setting (the split's error named none)
-    assert r.returncode == 2 and "error: classifier: classifier.batch_size=2: a launch of 3" in r.stdout + r.stderr, (
-        r.stdout + r.stderr)
+    r = extract(3, 6, 4, "--force")  # to be trained again (its settings changed): refused before any stage (only
+    # warned of, it failed at the training, the classifier marked failed; a review of this session's diff)
+    assert r.returncode == 2 and "classifier.batch_size=2: a launch of 3" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert read_json(run / "manifest.json")["stages"]["classifier"]["status"] == "complete"

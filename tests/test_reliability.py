@@ -305,6 +305,11 @@ def test_a_section_is_trained_where_every_stage_its_methods_train_is_complete():
     assert trained_sections(stages, ["side", "cond", "side-lora"]) == {"classifier", "clean_classifier", "lora"}
     assert "classifier" not in trained_sections(stages, ["side", "side-teacher"])  # (its teacher's is not complete)
     assert trained_sections({}, ["side", "cond"]) == {"lora"}  # (side-lora not run: nothing of it to train)
+    # trained, but made from settings changed since: trained again (a grown run's extract settings train nothing)
+    assert trained_sections(stages, ["side", "cond"], {"sample"}) == {"clean_classifier", "lora"}
+    assert trained_sections(stages, ["side", "cond"], {"extract", "evaluate"}) == {"classifier", "clean_classifier",
+                                                                                   "lora"}
+    assert trained_sections(stages, ["side", "cond", "side-lora"], {"model"}) == {"clean_classifier"}
 
 
 def test_preflight_refuses_an_unsplittable_batch_of_a_training_to_come_and_warns_of_a_finished_ones(

@@ -25,7 +25,7 @@ from .evaluations import calibration_plan, calibration_stage, evaluation_stages
 from .labelling import _surrogate_advice, features_stage, memorization_stage, surrogate_stage
 from .methods import (classifier_fingerprint, classifier_stage, clean_classifier_plan, extraction_fingerprint,
                       extraction_inputs, extraction_upstream, lora_stage, method_guidance, teacher_stage)
-from .preflight import preflight, trained_sections
+from .preflight import changed_settings, preflight, trained_sections
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         check_unlocked(path)  # another writer: said at once, not after the model has loaded
     if target is None:
         target = load_run_target(rc, device)
-    loaded = preflight(rc, target.denoiser, until, warn_inert=warn_inert if group.main else False,
-                       trained=trained_sections(read_stages(path), rc.extract.methods))
+    trained = None if group.world == 1 else trained_sections(  # (a launch's unsplittable batches: preflight)
+        read_stages(path), rc.extract.methods, changed_settings(Path(path), rc, target.fingerprint))
+    loaded = preflight(rc, target.denoiser, until, warn_inert=warn_inert if group.main else False, trained=trained)
     group.agree({"config": fingerprint_of(rc), "model": target.fingerprint, "until": until, "run": str(path),
                  "replace": replace}, "settings (config or model), stage or run directory")  # (the values, not
     # the files they name: each machine of a launch may read its own copy)

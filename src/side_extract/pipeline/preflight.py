@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Collection, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ from ..models.target import (RESIZE_HOW, Denoiser, UNetDenoiser, check_fits)
 from ..neighbors import faiss_available
 from ..sampling import check_sampler
 from ..memorization import candidate_count
-from .context import Until, absolute_spec
+from ..runs import read_model_entry, settings_changed
+from .context import Until, absolute_config, absolute_paths, absolute_spec
 from .methods import GUIDED_METHODS, launch_problem
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,40 @@ def launch_problems(rc: cfg.RunConfig, methods: Iterable[str], world: int) -> di
     return out
 
 
-def trained_sections(stages: dict[str, dict[str, Any]], methods: Iterable[str]) -> set[str]:
-    """The training sections whose every stage that ``methods`` train the run's manifest ``stages`` holds complete."""
+# the settings (top-level keys of a run config; "model": the target's weights too) each training section's stages
+# are made from: one changed since the run was made trains them again
+TRAINING_INPUTS = {
+    "classifier": frozenset({"model", "train", "train_resize", "sample", "features", "surrogate", "classifier",
+                             "clean_classifier"}),  # (side-teacher's teacher is the clean classifier)
+    "clean_classifier": frozenset({"train", "train_resize", "clean_classifier"}),
+    "lora": frozenset({"model", "sample", "features", "surrogate", "lora"}),
+}
+
+
+def trained_sections(stages: dict[str, dict[str, Any]], methods: Iterable[str], changed: Iterable[str] = ()
+                     ) -> set[str]:
+    """The training sections whose every stage that ``methods`` train the run's manifest ``stages`` holds complete,
+    made from none of the settings ``changed`` since (:func:`changed_settings`; a grown run trains nothing again, a
+    resampled one does)."""
     done = {name for name, e in stages.items() if e.get("status") == "complete"}
-    return {section for section, by in cfg.TRAINING_SECTIONS.items()
-            if {stage for m, stage in by.items() if m in set(methods)} <= done}
+    changed, out = set(changed), set()
+    for section, by in cfg.TRAINING_SECTIONS.items():
+        needed = {stage for m, stage in by.items() if m in set(methods)}
+        if not needed or (needed <= done and not changed & TRAINING_INPUTS[section]):
+            out.add(section)
+    return out
+
+
+def changed_settings(run: Path, rc: cfg.RunConfig, model_fingerprint: str) -> set[str]:
+    """The top-level settings of ``rc`` (``sample``, ``model``, ...) that differ from those run directory ``run`` was
+    last made with, ``model`` too where its target's weights do (every key where its config cannot be read)."""
+    changed = settings_changed(run, absolute_paths(rc), absolute_config)
+    if any(line.startswith("none known") for line in changed):
+        return set().union(*TRAINING_INPUTS.values())
+    out = {line.split(" ", 1)[0].split(".", 1)[0] for line in changed}
+    if read_model_entry(run).get("fingerprint") not in (None, model_fingerprint):
+        out.add("model")
+    return out
 
 
 def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *,
