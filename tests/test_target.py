@@ -632,3 +632,30 @@ def test_a_train_config_that_does_not_read_is_named_as_the_folders_file(tmp_path
         with pytest.raises(ValueError, match=r"train_config.yaml' does not read as a train-target config \(.*\): the "
                                              r"target in .* was written by another release or damaged since"):
             train_target(TINY, data, tmp_path / "t")
+
+
+def test_images_for_a_model_of_another_height_and_width_are_told_to_come_at_its_size_not_resized(tmp_path):
+    """A model making 8x16 images was told to resize 16x8 training images "to 8 (train_resize ...)", then
+    train_resize 8 was refused as not 8x16: no setting could follow the advice; an 8x16 set for a square 8x8 model had
+    no advice at all (a review's find). train_resize makes squares: a non-square model's images come at its size."""
+    from conftest import tiny_scheduler, tiny_unet
+    from side_extract import as_target
+    from side_extract.models.target import check_fits
+    from side_extract.pipeline import preflight
+
+    with pytest.raises(ValueError, match=r"are 16x8 .* expects 8x16 .*; give them at 8x16 \(height x width\)"):
+        check_fits((1, 16, 8), (1, 8, 16), "training images")
+    with pytest.raises(ValueError, match=r"are 8x16 .* expects 8x8 .*; resize them to 8 \(--resize\)"):
+        check_fits((1, 8, 16), (1, 8, 8), "training images", resize="--resize")
+    with pytest.raises(ValueError, match=r"expects 8x8 with 1 channel\(s\)$"):  # (a channel count: no resize helps)
+        check_fits((3, 16, 16), (1, 8, 8), "training images")
+    unet = tiny_unet()
+    unet.register_to_config(sample_size=(8, 16))
+    np.savez(tmp_path / "t.npz", images=np.zeros((4, 16, 8, 1), np.uint8))
+    target = as_target(unet, scheduler=tiny_scheduler())
+    for resize, said in ((None, "give them at 8x16"), (8, "must be given at 8x16 (height x width): train_resize makes "
+                                                          "square images; leave it out")):
+        rc = cfg.RunConfig(train=str(tmp_path / "t.npz"), train_resize=resize,
+                           extract=cfg.ExtractConfig(methods=("uncond",), steps=2))
+        with pytest.raises(ValueError, match=re.escape(said)):
+            preflight(rc, target.denoiser, "evaluation", warn_inert=False)

@@ -483,8 +483,10 @@ def check_fits(images_shape: tuple[int, int, int], model_shape: tuple[int, int, 
         mc, mh, mw = model_shape
         raise ValueError(
             f"{what} are {h}x{w} with {c} channel(s), but the model expects {mh}x{mw} with {mc} channel(s)"
-            + (f"; resize them to {mh} ({resize})" if c == mc and h != mh else "")
-        )
+            + ("" if c != mc or (h, w) == (mh, mw) else f"; resize them to {mh} ({resize})" if mh == mw else
+               f"; give them at {mh}x{mw} (height x width): resizing makes square images")
+        )  # (a square advice to a model of another height and width was refused in turn; one of another width only
+        # had none)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -140,12 +140,14 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     elif rc.train_resize is not None and (rc.train_resize, rc.train_resize) != (H, W):  # (before the resize: one
         # of 100000 ran out of memory, with advice about the batch size)
         problems.append(f"train_resize={rc.train_resize}: the model makes {H}x{W} images, and the training images "
-                        f"must be resized to that ({H})")
+                        + (f"must be resized to that ({H})" if H == W else f"must be given at {H}x{W} (height x "
+                           "width): train_resize makes square images; leave it out"))
     elif rc.train_resize is None and len(sizes := folder_sizes(rc.train)) == 1 and (
             size := next(iter(sizes))) != tuple(sorted((H, W))):  # (a folder of photos of another size was decoded
         # whole, 90 GB of 30,000 1024^2 images, before the size message)
         problems.append(f"training images ({rc.train}) are {size[1]}x{size[0]} (their headers), but the model makes "
-                        f"{H}x{W} images; resize them to {H} ({RESIZE_HOW})")
+                        f"{H}x{W} images; " + (f"resize them to {H} ({RESIZE_HOW})" if H == W else
+                                                f"give them at {H}x{W} (height x width): resizing makes square images"))
     else:
         try:
             train = load_image_set(absolute_spec(rc.train), rc.train_resize)
