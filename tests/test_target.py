@@ -515,7 +515,8 @@ def test_train_target_faults_of_a_review(tmp_path, monkeypatch):
         load_target(tmp_path / "nosize")
     from side_extract import as_target
 
-    for shape in ({}, {"sample_shape": (1, 8, 8)}):  # (given sample_shape=, a TypeError unpacking None; a review's find)
+    for shape in ({}, {"sample_shape": (1, 8, 8)}):  # (given sample_shape=, a TypeError unpacking None; a review's
+        # find)
         with pytest.raises(ValueError, match=r"config has no sample_size .*unet.register_to_config\(sample_size=H\)"):
             as_target(unet, scheduler=tiny_scheduler(), **shape)
     save_target(tiny_unet(), tiny_scheduler(), tmp_path / "ve")
@@ -647,8 +648,11 @@ def test_images_for_a_model_of_another_height_and_width_are_told_to_come_at_its_
         check_fits((1, 16, 8), (1, 8, 16), "training images")
     with pytest.raises(ValueError, match=r"are 8x16 .* expects 8x8 .*; resize them to 8 \(--resize\)"):
         check_fits((1, 8, 16), (1, 8, 8), "training images", resize="--resize")
-    with pytest.raises(ValueError, match=r"expects 8x8 with 1 channel\(s\)$"):  # (a channel count: no resize helps)
-        check_fits((3, 16, 16), (1, 8, 8), "training images")
+    with pytest.raises(ValueError, match=r"expects 8x8 with 1 channel\(s\); give them as greyscale"):  # (no resize
+        check_fits((3, 16, 16), (1, 8, 8), "training images")  # helps)
+    with pytest.raises(ValueError, match=r"with 3 channel\(s\); give them as RGB \(PIL's Image.convert\('RGB'\)"):
+        check_fits((1, 8, 8), (3, 8, 8), "training images")  # (a greyscale folder for a model trained as RGB had no
+        # way forward named)
     unet = tiny_unet()
     unet.register_to_config(sample_size=(8, 16))
     np.savez(tmp_path / "t.npz", images=np.zeros((4, 16, 8, 1), np.uint8))

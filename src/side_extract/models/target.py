@@ -481,9 +481,12 @@ def check_fits(images_shape: tuple[int, int, int], model_shape: tuple[int, int, 
     if tuple(images_shape) != tuple(model_shape):
         c, h, w = images_shape
         mc, mh, mw = model_shape
+        convert = {(1, 3): "; give them as RGB (PIL's Image.convert('RGB'), as diffusers' train_unconditional.py read "
+                           "them for training)", (3, 1): "; give them as greyscale (PIL's Image.convert('L'))"}
         raise ValueError(
             f"{what} are {h}x{w} with {c} channel(s), but the model expects {mh}x{mw} with {mc} channel(s)"
-            + ("" if c != mc or (h, w) == (mh, mw) else f"; resize them to {mh} ({resize})" if mh == mw else
+            + (convert.get((c, mc), "") if c != mc else "" if (h, w) == (mh, mw) else
+               f"; resize them to {mh} ({resize})" if mh == mw else
                f"; give them at {mh}x{mw} (height x width): resizing makes square images")
         )  # (a square advice to a model of another height and width was refused in turn; one of another width only
         # had none)
