@@ -35,7 +35,7 @@ import torch
 from replicate import Replicate
 from side_extract.data import to_uint8
 from side_extract.memorization import MemorizationGuidance, denoising_error
-from side_extract.sampling import EXTRACTION_STREAM, SYNTHETIC_STREAM, sample
+from side_extract.sampling import EXTRACTION_STREAM, SYNTHETIC_STREAM, ddim_settings, sample
 
 torch.set_num_threads(1)
 cache, reps = Path(sys.argv[1]), [int(v) for v in sys.argv[2].split(",")]
@@ -55,7 +55,8 @@ for r in reps:
     rc, den = rep.config, rep.denoiser
     ex, mem = rc.extract, rc.surrogate
     n = ex.n
-    common = dict(steps=ex.steps, scheduler=ex.scheduler, eta=ex.eta, batch_size=ex.batch_size, clip_eps=True)
+    common = dict(steps=ex.steps, scheduler=ex.scheduler, batch_size=ex.batch_size,
+                  **ddim_settings(ex.scheduler, ex.eta, True))
     syn = sample(den, n_s, seed=rc.sample.seed, stream=SYNTHETIC_STREAM, **common)
     score = denoising_error(den, syn, mem.memorization_t, mem.memorization_draws, rc.sample.seed)
     gen = {"uncond": sample(den, n, seed=ex.seed, stream=EXTRACTION_STREAM, **common),

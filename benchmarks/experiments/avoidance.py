@@ -39,7 +39,7 @@ from replicate import Replicate, ratio_text
 from side_extract.bench.intervals import count_ratios
 from side_extract.data import to_uint8
 from side_extract.memorization import MemorizationGuidance, denoising_error
-from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
+from side_extract.sampling import EXTRACTION_STREAM, BatchSize, ddim_settings, sample
 
 torch.set_num_threads(1)
 rep_path, n, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -67,8 +67,9 @@ for seed in seeds:
         per = n // rounds
         outs, scores = [], []
         for r in range(rounds):
-            x = sample(den, per, seed=seed, start=r * per, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                       batch_size=BatchSize(250), guidance=guidance, clip_eps=True, stream=EXTRACTION_STREAM)
+            x = sample(den, per, seed=seed, start=r * per, scheduler=ex.scheduler, steps=ex.steps,
+                       **ddim_settings(ex.scheduler, ex.eta, True), batch_size=BatchSize(250), guidance=guidance,
+                       stream=EXTRACTION_STREAM)
             outs.append(x)
             if eta > 0 and r < rounds - 1:
                 if memory_kind == "copies":

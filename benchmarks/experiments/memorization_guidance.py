@@ -47,7 +47,7 @@ from side_extract.extraction import draw_targets
 from side_extract.guidance import ClassifierGuidance
 from side_extract.memorization import MemorizationGuidance
 from side_extract.pipeline import method_guidance
-from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
+from side_extract.sampling import EXTRACTION_STREAM, BatchSize, ddim_settings, sample
 
 torch.set_num_threads(1)
 rep, n, lams = Path(sys.argv[1]), int(sys.argv[2]), [float(v) for v in sys.argv[3].split(",")]
@@ -93,8 +93,8 @@ for seed in seeds:
         targets = np.zeros(n, dtype=np.int64) if side is None else \
             side.target_outputs[draw_targets(seed, np.arange(n), len(side.target_outputs))]
         guidance = WithSide(MemorizationGuidance(den, lam, t_hi, t_m_frac, seed), side, targets)
-        x = sample(den, n, seed=seed, start=0, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                   batch_size=BatchSize(250), guidance=guidance, clip_eps=True,
+        x = sample(den, n, seed=seed, start=0, scheduler=ex.scheduler, steps=ex.steps,
+                   **ddim_settings(ex.scheduler, ex.eta, True), batch_size=BatchSize(250), guidance=guidance,
                    stream=EXTRACTION_STREAM)
         near, hit = replicate.copies(to_uint8(x))
         stats[lam].append({"nn": near.astype(np.int64), "reach/mid": hit})

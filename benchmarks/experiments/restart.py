@@ -26,7 +26,8 @@ from replicate import Replicate, ratio_text
 from side_extract.bench.intervals import count_ratios
 from side_extract.data import to_uint8
 from side_extract.memorization import MemorizationGuidance
-from side_extract.sampling import EXTRACTION_STREAM, denoise_batch, inference_scheduler, sample, sample_generators
+from side_extract.sampling import (EXTRACTION_STREAM, ddim_settings, denoise_batch, inference_scheduler, sample,
+                                   sample_generators)
 
 RESTART_STREAM = 4
 torch.set_num_threads(1)
@@ -65,9 +66,8 @@ stats: dict[str, list[dict[str, np.ndarray]]] = {}
 for seed in seeds:
     t0 = time.time()
     guidance = None if mg_lambda is None else MemorizationGuidance(den, mg_lambda, ex.memguide_t_hi, ex.memguide_t_m, seed)
-    x = sample(den, n, seed=seed, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta, batch_size=250,
-               guidance=guidance, clip_eps=True,
-               stream=EXTRACTION_STREAM)
+    x = sample(den, n, seed=seed, scheduler=ex.scheduler, steps=ex.steps, batch_size=250,
+               **ddim_settings(ex.scheduler, ex.eta, True), guidance=guidance, stream=EXTRACTION_STREAM)
     for name, (t_r, rounds) in [("start", (0.0, 0)), *((f"{a:g}:{b}", (a, b)) for a, b in specs)]:
         xs = x if rounds == 0 else restart(x, seed, t_r, rounds, guidance)
         near, hit = replicate.copies(to_uint8(xs))

@@ -29,7 +29,7 @@ from side_extract.extraction import draw_targets
 from side_extract.memorization import MemorizationGuidance
 from side_extract.pipeline import method_guidance
 from side_extract.runs import shard_ranges
-from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
+from side_extract.sampling import EXTRACTION_STREAM, BatchSize, ddim_settings, sample
 
 torch.set_num_threads(1)
 run, n, rounds, grid = rounds_arguments(sys.argv)
@@ -69,9 +69,9 @@ for eta, h, t_lo, t_hi in grid:
     # SIDE alone in the pipeline's shards (batches made alike, so its images are the run's); with avoidance in rounds
     ranges = [r[0] for r in shard_ranges(n, per, per)] if eta > 0 else shard_ranges(n, ex.shard_size)[0]
     for lo, hi in ranges:
-        outs.append(sample(den, hi - lo, seed=ex.seed, start=lo, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                           batch_size=BatchSize(ex.batch_size), guidance=guidance,
-                           labels=targets[lo:hi] if eta == 0 else None, clip_eps=True, stream=EXTRACTION_STREAM))
+        outs.append(sample(den, hi - lo, seed=ex.seed, start=lo, scheduler=ex.scheduler, steps=ex.steps,
+                           **ddim_settings(ex.scheduler, ex.eta, True), batch_size=BatchSize(ex.batch_size),
+                           guidance=guidance, labels=targets[lo:hi] if eta == 0 else None, stream=EXTRACTION_STREAM))
         if eta > 0:
             guidance = WithAvoidance(guidance.avoid.remembering(torch.cat(outs)))
     images = to_uint8(torch.cat(outs))

@@ -29,7 +29,7 @@ from side_extract.extraction import draw_targets
 from side_extract.memorization import MemorizationGuidance
 from side_extract.pipeline import method_guidance
 from side_extract.runs import shard_ranges
-from side_extract.sampling import EXTRACTION_STREAM, BatchSize, sample
+from side_extract.sampling import EXTRACTION_STREAM, BatchSize, ddim_settings, sample
 
 torch.set_num_threads(1)
 run, n, rounds, grid = rounds_arguments(sys.argv)
@@ -70,8 +70,9 @@ for side_lambda, mem_lambda, eta in grid:
                         MemorizationGuidance(den, mem_lambda, ex.memguide_t_hi, ex.memguide_t_m, ex.seed, eta))
     outs = []
     for lo, hi in ([r[0] for r in shard_ranges(n, per, per)] if eta > 0 else [(0, n)]):
-        outs.append(sample(den, hi - lo, seed=ex.seed, start=lo, scheduler=ex.scheduler, steps=ex.steps, eta=ex.eta,
-                           batch_size=BatchSize(ex.batch_size), guidance=guidance, clip_eps=True, stream=EXTRACTION_STREAM))
+        outs.append(sample(den, hi - lo, seed=ex.seed, start=lo, scheduler=ex.scheduler, steps=ex.steps,
+                           **ddim_settings(ex.scheduler, ex.eta, True), batch_size=BatchSize(ex.batch_size),
+                           guidance=guidance, stream=EXTRACTION_STREAM))
         if eta > 0:
             guidance = guidance.remembering(torch.cat(outs))
     near, hit = rep.copies(to_uint8(torch.cat(outs)))
