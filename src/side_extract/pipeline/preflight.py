@@ -202,8 +202,8 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
                     rc.extract.steps, MEMGUIDE_TUNED_STEPS, rc.extract.memguide_t_hi)
     trains = until != "surrogate"  # (side cluster trains nothing: it was refused a batch it would not split)
     for section, said in (launch_problems(rc, methods, group.world) if trains else {}).items():
-        if trained is None or section in trained:  # (more generations of a finished run: refused, they read none)
-            if group.main:  # (said by every process)
+        if trained is None or section in trained:  # (more generations of a finished run read no batch: warned of
+            if group.main:  # only, once a launch)
                 log.warning("%s (a training with it would fail once it starts)", said)
         else:  # (warned of, the launch sampled, embedded and clustered, then failed at the training)
             problems.append(said)
