@@ -568,6 +568,54 @@ def test_a_side_evaluate_of_an_extraction_the_run_made_again_is_left_out(tiny_mo
     assert list(audit_summary(run)["methods"]) == ["uncond", "uncond-cli"]
 
 
+def test_a_side_evaluate_of_an_unfinished_extraction_is_refused(tiny_model_dir, tmp_path):
+    """side evaluate --generated RUN/extraction/<m> of a stage left running (SIGTERM) or failed measured the shards on
+    disk as the whole set without a word and recorded no stage, so the run counted that part as the method's for
+    good, even once the stage was made again (an interruption review's find). It is refused, naming the status and
+    the way on; the same images copied out of the run are measured."""
+    import shutil
+
+    from side_extract.pipeline import run_audit
+
+    from test_pipeline import tiny_rc
+
+    run = tmp_path / "run"
+    run_audit(run, tiny_rc(tiny_model_dir, methods=("uncond",)))
+    manifest = json.loads((run / "manifest.json").read_text())
+    entry = manifest["stages"]["extraction/uncond"]
+    n = entry["n"]
+    for status, said in (("running", "interrupted"), ("failed", "not finished")):
+        entry.update(status=status, n_planned=n + 4)
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "evaluate", "--generated",
+                                     str(run / "extraction" / "uncond"), "--train", "digits:30", "--carlini-n", "5",
+                                     "--out", str(run / "evaluation" / "uncond-cli")])
+        assert r.exit_code == 2, r.output
+        text = " ".join(r.output.split())
+        assert f"stage extraction/uncond of run {str(run)!r}, which is {status}: {said}" in text
+        assert f"of the {n + 4} generations" in text
+        assert f"side extract --run {run} --method uncond" in text, text
+        assert not (run / "evaluation" / "uncond-cli").exists()
+    from test_reliability import _holder
+
+    holder = _holder(run, 60)  # a side run still growing it: refused where the evaluation is written elsewhere too
+    try:
+        r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "evaluate", "--generated",
+                                     str(run / "extraction" / "uncond"), "--train", "digits:30", "--out",
+                                     str(tmp_path / "elsewhere")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.exit_code == 2 and "being made now (another process holds the run's lock)" in " ".join(r.output.split())
+    assert not (tmp_path / "elsewhere").exists()
+    copy = tmp_path / "part"
+    shutil.copytree(run / "extraction" / "uncond", copy)
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "evaluate", "--generated", str(copy),
+                                 "--train", "digits:30", "--carlini-n", "5", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_generated"] == n
+
+
 def test_a_runs_bands_of_a_revised_extractors_earlier_features_are_not_taken(tmp_path, capsys):
     """side evaluate into a run measured under cosine:efficientnet-lite0 took the run's calibrated bands.json
     without a word, though they were calibrated on the extractor's features of before its normalisation fix

@@ -179,7 +179,30 @@ def generated_stage(generated: str) -> tuple[Path, str, str] | None:
     if stage is None or not stage.startswith("extraction/") or (run / stage).resolve() != Path(generated).resolve():
         return None
     e = read_stages(run).get(stage) or {}
-    return (run, stage, e["fingerprint"]) if e.get("status") == "complete" and e.get("fingerprint") else None
+    if e.get("status") != "complete":  # (its shards on disk were measured as a whole set without a word, and the
+        # run then counted that evaluation as a method's for good, even once the stage was made again: no stage
+        # was recorded; an interruption review's find)
+        raise ValueError(unfinished_stage(run, stage, e))
+    return (run, stage, e["fingerprint"]) if e.get("fingerprint") else None
+
+
+def unfinished_stage(run: Path, stage: str, entry: dict[str, Any]) -> str:
+    """Why ``--generated RUN/<stage>`` is refused where the stage is not complete: what it holds and the way on."""
+    from ..runs import RunLocked, check_unlocked
+
+    try:
+        check_unlocked(run)
+        now = ("interrupted (no process holds the run's lock)" if entry.get("status") == "running"
+               else "not finished")
+    except RunLocked:
+        now = "being made now (another process holds the run's lock)"
+    planned = entry.get("n_planned", entry.get("n"))
+    return (f"--generated {str(run / stage)!r} is the stage {stage} of run {str(run)!r}, which is "
+            f"{entry.get('status', 'not recorded')}: {now}, so its folder holds part of the "
+            f"{planned if isinstance(planned, int) else 'planned'} generations, and an evaluation of them would "
+            f"count as the method's. Finish it first (side extract --run {run} --method {stage.split('/', 1)[1]}, "
+            "or side run with the run's config, resumes it at its last whole shard); to measure the part made, "
+            "copy the folder out of the run and give that")
 
 
 def run_evaluate_section(run: Path) -> dict[str, Any]:
