@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -186,14 +187,45 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         _sync_directory(path.parent)
-    except BaseException:
+    except BaseException as e:
+        said = write_failure(e, path, tmp)  # (measured before the partial files go: the disk as it was when full)
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists():  # interrupted between the two renames (Ctrl-C): the old folder back,
             if path.exists():  # not left under a temporary name with path gone (a finished classifier retrained)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(old, path)
+        if said is not None:
+            raise said from e
         raise
+
+
+FULL_BYTES = 64 << 20  # free space below which a write torch could not finish is said as a full disk
+
+
+def write_failure(e: BaseException, path: Path, tmp: Path) -> OSError | None:
+    """The OSError naming ``path`` that a failed write of its files into ``tmp`` is raised as, or None where ``e`` is
+    no write failure. safetensors raises SafetensorError ("I/O error: No space left on device (os error 28)") and
+    torch.save a RuntimeError ("unexpected pos 14336 vs 14228"), which reached the user of a full disk as a
+    traceback of 60-80 lines that never named the disk, and the manifest's error as torch's text (an interruption
+    review's find); an OSError is one line of the CLI, and where it happened."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    if type(e).__name__ == "SafetensorError" and "I/O error" in text:
+        code = int(m.group(1)) if (m := re.search(r"os error (\d+)", text)) else errno.EIO
+    elif isinstance(e, RuntimeError) and any(s in text for s in ("unexpected pos", "PytorchStreamWriter failed",
+                                                                 "file write failed")):
+        try:
+            free = shutil.disk_usage(tmp).free
+        except OSError:
+            free = None
+        code = errno.ENOSPC if free is not None and free < FULL_BYTES else errno.EIO
+        first = f"torch: {first}; {'unknown' if free is None else f'{free / 2**20:.1f} MiB'} free there"
+    else:
+        return None
+    said = "" if code == errno.EIO and first.startswith("torch:") else f"{os.strerror(code)}: "  # (torch says no
+    # cause: not named Input/output error where a file size limit stopped it)
+    return OSError(code, f"{said}writing {path.name} failed ({first})", str(path))
 
 
 # atomic_write_bytes' and atomic_directory's names; the marker `side-` keeps a user's own `.notes.20240101.old` out
