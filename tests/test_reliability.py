@@ -1836,3 +1836,38 @@ def test_a_torch_save_that_fails_names_the_folder(tmp_path):
     assert cause == "RuntimeError" and filename == str(dest), r.stdout
     assert said.startswith("writing ckpt failed (torch: ") and "unexpected pos" in said and "MiB free there)" in said
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_records_the_stage_as_failed_and_leaves_no_temporary_files(tiny_model_dir, tmp_path):
+    """SIGTERM (what timeout, Slurm, Kubernetes and torchrun send) killed side on the spot: the stage under way stayed
+    ``running`` in the manifest and the report for good, with no error and no error line, and temporary files were
+    left until a writer 15 minutes later swept them (an interruption review's find; Ctrl-C recorded the stage as
+    failed). Stopped in the middle of an extraction, it unwinds as Ctrl-C does, says one line, still ends as killed
+    by the signal (what a launcher and a shell read), and a rerun finishes the stage."""
+    import yaml
+
+    run, config = tmp_path / "run", tmp_path / "c.yaml"
+    rc = tiny_rc(tiny_model_dir, methods=("uncond",), n=200)
+    rc = dataclasses.replace(rc, extract=dataclasses.replace(rc.extract, shard_size=2))
+    config.write_text(yaml.safe_dump(cfg.to_dict(rc)))
+    first = run / "extraction" / "uncond" / "shard-00000.npz"
+    code = ("import os, signal, sys, threading, time\nfrom pathlib import Path\n"
+            "def watch():\n"
+            f"    while not Path({str(first)!r}).exists():\n        time.sleep(0.001)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "threading.Thread(target=watch, daemon=True).start()\n"
+            "from side_extract.cli.main import app\n"
+            f"sys.argv = ['side', '--threads', '1', '--no-progress', 'run', {str(config)!r}, '--out', {str(run)!r}, "
+            "'--no-report']\napp()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGTERM, r.stdout + r.stderr
+    assert "error: stopped by SIGTERM; a rerun resumes what was left unfinished" in r.stderr, r.stderr
+    entry = read_json(run / "manifest.json")["stages"]["extraction/uncond"]
+    assert entry["status"] == "failed" and entry["error"] == "StoppedBySignal: stopped by SIGTERM", entry
+    assert [p for p in run.rglob("*") if ".side-" in p.name] == []
+    assert (run / ".lock").read_text() == ""  # (released by its holder, not by the kernel after a kill)
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "run", str(config), "--out", str(run),
+                                 "--no-report"])
+    assert r.exit_code == 0, r.output
+    assert read_json(run / "manifest.json")["stages"]["extraction/uncond"]["status"] == "complete"
+

@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -89,6 +91,49 @@ def as_typed(message: str, ctx: Any) -> str:
     return message
 
 
+class StoppedBySignal(KeyboardInterrupt):
+    """Raised in a command's main thread by SIGTERM (what ``timeout``, Slurm, Kubernetes and torchrun send to stop a
+    process): it unwinds as Ctrl-C does, so the run's stages under way are recorded as failed and temporary folders
+    are removed, where the signal's default action killed the process on the spot and left them ``running``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """While a command runs: SIGTERM raises :class:`StoppedBySignal` (once; a second one kills at once, as before,
+    where the unwinding hangs). Installed only where the signal's action is the default (a launcher's own
+    handling, or one the embedding program set, is left as it is) and only in the main thread (the only one that
+    may set it); restored after."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise StoppedBySignal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def end_by_signal(e: StoppedBySignal) -> None:
+    """Leave after :class:`StoppedBySignal` has unwound the command: killed by that signal, as without the handler
+    (status -15 to a parent: a launch names a process the launcher stopped as such, and a shell sees 143), with one
+    line first where this is no process of a launch of several (whose launcher says which process stopped)."""
+    leaving_on_error(128 + e.signum)
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        console.print(f"[bold red]error:[/] {e}; a rerun resumes what was left unfinished", highlight=False,
+                      soft_wrap=True)
+    signal.signal(e.signum, signal.SIG_DFL)
+    os.kill(os.getpid(), e.signum)
+
+
 def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a ValueError from the library, or an OS error (read-only or missing directory, disk full,
     permission denied), into one clear line and exit status 2."""
@@ -100,8 +145,11 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 check_device(kwargs["device"])
             launch_if_asked(kwargs.get("ctx"))
             set_threads(kwargs.get("ctx"))
-            with one_line_warnings():
+            with one_line_warnings(), stopped_by_sigterm():
                 return fn(*args, **kwargs)
+        except StoppedBySignal as e:
+            end_by_signal(e)
+            raise
         except ValueError as e:
             said = as_typed(str(e), kwargs.get("ctx"))
             console.print(f"[bold red]error:[/] {escape(said)}", highlight=False, soft_wrap=True)
