@@ -405,6 +405,38 @@ def test_a_launch_stopped_by_ctrl_c_says_one_line(tiny_model_dir, tmp_path):
     assert "error: the launch of 2 processes was stopped by SIGINT" in said and "Traceback" not in said, said[-3000:]
 
 
+def test_a_process_of_a_launch_stopped_by_sigterm_is_named(tiny_model_dir, tmp_path):
+    """SIGTERM from outside to process 1 of a launch (a job system stopping one process): the launcher named process
+    0, which torchrun had stopped after it, since both ended by SIGTERM (an interruption review's find); and once a
+    stopped process unwound, it waited at the stage's check-in until the others had done their share (the whole
+    sample here) before it left. It leaves at once, recording when it was stopped, and the launcher names it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "side_extract", "--processes", "2", "--threads", "1",
+                             "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "100000", "--steps",
+                             "20", "--shard-size", "8", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "synthetic" / "shard-00001.npz").exists():  # both processes are sampling
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        ranks = {int(e[5:]): pid for pid in _launched_by(proc.pid)
+                 for e in (Path("/proc") / str(pid) / "environ").read_bytes().decode().split("\0")
+                 if e.startswith("RANK=")}
+        os.kill(ranks[1], signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    said = stdout + stderr
+    assert "error: process 1 of the launch of 2 was killed by signal 15" in said, said[-3000:]
+    assert "process 0 of the launch" not in said and "Traceback" not in said, said[-3000:]
+    entry = read_json(out / "manifest.json")["stages"]["synthetic"]
+    assert entry["status"] == "failed" and "stopped by SIGTERM" in entry["error"], entry
+
+
 @pytest.mark.parametrize("command", ["sample", "train-target"])
 def test_processes_given_other_settings_are_refused_by_the_step_commands_too(tiny_model_dir, tmp_path, command):
     """side run refused a launch whose processes were given other settings; side sample mixed their shards into

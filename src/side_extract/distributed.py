@@ -34,9 +34,12 @@ import datetime
 import functools
 import hashlib
 import logging
+import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -311,6 +314,11 @@ class ProcessGroup:
         value: Any = None
         try:
             value = fn()
+        except KeyboardInterrupt:  # a stop (SIGTERM, Ctrl-C) leaves at once: the check-in waited for the others'
+            # share of the work, hours where a stage is long, before this process could go (a launch's process 1
+            # stopped by SIGTERM waited there as process 0 went on sampling); its exit tears the group down, and the
+            # launcher stops the others
+            raise
         except BaseException as e:  # reported to the others, then re-raised
             mine = e
         errors = self.gather(None if mine is None else f"process {self.rank}: {type(mine).__name__}: {mine}")
@@ -461,6 +469,29 @@ def torchrun_command(nproc: int) -> list[str]:
 
 
 LAUNCHER_ENV = "SIDE_LAUNCHER_PID"  # set by launch() for its processes: the side process that waits for them
+STOPS_ENV = "SIDE_LAUNCH_STOPS"  # set by launch(): the folder where its processes record when a signal stopped them
+
+
+def record_stop(at: float) -> None:
+    """In a process of a launch ``side --processes N`` made: record that a signal stopped it at ``at``
+    (``time.monotonic()``, one clock for every process of the machine), so that the launcher names the process
+    stopped first: one stopped from outside and the others torchrun stopped after it all end by SIGTERM, and the
+    launcher named process 0 (an interruption review's find)."""
+    folder, rank = os.environ.get(STOPS_ENV), os.environ.get("RANK", "")
+    if folder and rank.isdigit() and os.path.isdir(folder):
+        with contextlib.suppress(OSError):  # (a record lost: the launcher names the process as before)
+            with open(os.path.join(folder, f"rank-{rank}"), "w", encoding="utf-8") as f:
+                f.write(repr(at))
+
+
+def _stops(folder: str) -> dict[int, float]:
+    """rank -> when a signal stopped it, as its processes recorded them (:func:`record_stop`)."""
+    stops = {}
+    for name in os.listdir(folder):
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                stops[int(name.removeprefix("rank-"))] = float(f.read())
+    return stops
 
 
 @functools.cache
@@ -502,19 +533,25 @@ def launch(nproc: int, args: list[str]) -> int:
     elastic = logging.getLogger("torch.distributed.elastic")
     level = elastic.level
     elastic.setLevel(logging.CRITICAL)  # its per-process failure lines: said below, once
+    stops = tempfile.mkdtemp(prefix="side-launch-stops-")
+    os.environ[STOPS_ENV] = stops
     try:
         run(parse_args([*launch_arguments(nproc), *args]))
     except ChildFailedError as e:
         # the first to fail of its own: any before one the launcher stopped (SIGTERM, in the same second), and never
         # one that left because another failed (PEER_FAILED_STATUS); within a second (torch stamps every failure it
         # notices together), one killed by a signal, then one that said its error (status 2), before a status 1,
-        # which the survivors of a killed process leave with (the survivor, process 0, was named: a review's find)
+        # which the survivors of a killed process leave with (the survivor, process 0, was named: a review's find).
+        # Of those ended by SIGTERM, the one stopped first, as they recorded it (one stopped from outside, before
+        # the launcher stopped the others), then any that recorded nothing
         def kind(code: int) -> int:
             return 0 if code < 0 else 1 if code == 2 else 2
 
-        own = sorted((f.exitcode == -signal.SIGTERM, f.timestamp, kind(f.exitcode), r) for r, f in e.failures.items()
+        stopped = _stops(stops)
+        own = sorted((f.exitcode == -signal.SIGTERM, stopped.get(r, math.inf) if f.exitcode == -signal.SIGTERM
+                      else 0.0, f.timestamp, kind(f.exitcode), r) for r, f in e.failures.items()
                      if f.exitcode != PEER_FAILED_STATUS)
-        rank, failure = (own[0][3], e.failures[own[0][3]]) if own else e.get_first_failure()
+        rank, failure = (own[0][-1], e.failures[own[0][-1]]) if own else e.get_first_failure()
         code = failure.exitcode
         if code != 2:
             how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
@@ -527,6 +564,8 @@ def launch(nproc: int, args: list[str]) -> int:
         return 128 + int(e.sigval)
     finally:
         elastic.setLevel(level)
+        os.environ.pop(STOPS_ENV, None)
+        shutil.rmtree(stops, ignore_errors=True)
     return 0
 
 

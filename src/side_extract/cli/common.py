@@ -21,7 +21,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import config as cfg
-from ..distributed import PEER_FAILED_STATUS, PeerFailed, ProcessGroup, check_device, launch, leaving_on_error
+from ..distributed import (PEER_FAILED_STATUS, PeerFailed, ProcessGroup, check_device, launch, leaving_on_error,
+                           record_stop)
 
 # soft_wrap: a message is one line however long (a path or value in it stays whole; the terminal wraps it)
 console = Console(stderr=True, emoji=False, soft_wrap=True)
@@ -99,6 +100,7 @@ class StoppedBySignal(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
+        self.at = time.monotonic()  # (raised as it arrives: when, for a launcher to name the process stopped first)
 
 
 @contextlib.contextmanager
@@ -127,6 +129,7 @@ def end_by_signal(e: StoppedBySignal) -> None:
     (status -15 to a parent: a launch names a process the launcher stopped as such, and a shell sees 143), with one
     line first where this is no process of a launch of several (whose launcher says which process stopped)."""
     leaving_on_error(128 + e.signum)
+    record_stop(e.at)
     if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
         console.print(f"[bold red]error:[/] {e}; a rerun resumes what was left unfinished", highlight=False,
                       soft_wrap=True)
