@@ -1871,3 +1871,33 @@ def test_sigterm_records_the_stage_as_failed_and_leaves_no_temporary_files(tiny_
     assert r.exit_code == 0, r.output
     assert read_json(run / "manifest.json")["stages"]["extraction/uncond"]["status"] == "complete"
 
+
+def test_side_run_writes_its_report_and_reads_its_findings_under_the_run_lock(tiny_model_dir, tmp_path, monkeypatch):
+    """side run let the run's lock go when its stages were done, then wrote the report and read the findings: a
+    second side run --wait queued on the run took the lock and changed the run under them, so the report mixed both
+    runs and the first printed warnings about its own fresh results (an interruption review's find). Another process
+    probes the lock while the report is written and while the findings are read: held."""
+    import yaml
+
+    from side_extract import report
+    from side_extract.cli import run as run_cli
+
+    run, config = tmp_path / "run", tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict(tiny_rc(tiny_model_dir, methods=("uncond",)))))
+    probe = (f"from side_extract.runs import RunLocked, check_unlocked\ntry:\n    check_unlocked({str(run)!r})\n"
+             "    print('free')\nexcept RunLocked:\n    print('held')\n")
+    seen = {}
+
+    def probed(name, fn):
+        def wrapped(*a, **k):
+            seen[name] = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                        timeout=120).stdout.strip()
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(report, "write_report", probed("report", report.write_report))
+    monkeypatch.setattr(run_cli, "print_findings", probed("findings", run_cli.print_findings))
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "run", str(config), "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    assert seen == {"report": "held", "findings": "held"}
+    assert (run / ".lock").read_text() == ""  # let go at the end

@@ -338,25 +338,26 @@ def stage_config(run: Path, config: Path | None, overrides: dict[str, Any]) -> t
 
 @contextlib.contextmanager
 def holding_run(run: Path, wait: bool) -> Iterator[None]:
-    """With ``--wait``: the run's lock held from before its ``config.yaml`` is read to the end of the command
-    (``run_lock`` is re-entrant: the stages take it again). It was read before the wait, so a command queued behind
-    another writer that changed the run's settings made its stages with the settings of before and wrote them back,
-    undoing the other's. A run that does not exist yet is made, locked, at once (a command started just before this
-    one, still loading, then finds it held and says so; this one read no config and went on to write its defaults
-    over the other's settings and results), and removed again where the command leaves nothing in it (a refusal).
-    In a launch the other processes read it once the main one holds it."""
-    if not wait:
-        yield
-        return
+    """The run's lock held from before its ``config.yaml`` is read to the end of the command (``run_lock`` is
+    re-entrant: the stages take it again); ``wait``: waited for where another process holds it, else that is an
+    error at once. With ``--wait`` it was read before the wait, so a command queued behind another writer that
+    changed the run's settings made its stages with the settings of before and wrote them back, undoing the other's;
+    and the lock was let go between the stages and what the command does after them (``side run``'s report and
+    findings), where a writer waiting took it and changed the run under them. A run that does not exist yet is
+    made, locked, at once (a command started just before this one, still loading, then finds it held and says so;
+    this one read no config and went on to write its defaults over the other's settings and results), and removed
+    again where the command leaves nothing in it (a refusal). In a launch the other processes read it once the main
+    one holds it."""
     group = ProcessGroup.from_env()
     # (the main process's answer for all: processes that saw the folder made or removed between their checks took
     # different branches, and one barrier met another exchange)
     new = not group.share(Path(run).is_dir())
     from ..runs import check_run_path, run_lock
 
-    if group.main and not new:
-        check_run_path(run)  # (a folder that is no run gets no lock file)
-    with run_lock(run, wait=True) if group.main else contextlib.nullcontext():
+    if group.main:
+        check_run_path(run)  # (a folder that is no run gets no lock file; --out FILE/sub is said as such, not as the
+        # lock's mkdir's "Not a directory")
+    with run_lock(run, wait=wait) if group.main else contextlib.nullcontext():
         group.barrier()
         try:
             yield

@@ -152,21 +152,23 @@ def run_cmd(
     if "model" not in given and ProcessGroup.from_env().main:  # (CONFIG is the whole run: the run
         # directory's config.yaml does not name it for this run, unlike a stage command's --config)
         say_note(no_model_note(f"{config} names no model", "model: DIR names a diffusers DDPMPipeline directory"))
-    _say_changes(out, rc)
-    metrics = _run(ctx, out, rc, device, "evaluation", wait=wait)
-    if not ProcessGroup.from_env().main:
-        return  # in a launch of several processes the main one sums up and writes the report, once
-    print_summary(metrics)
-    if rc.train is None:  # (evaluation and report were skipped without a word, exit 0)
-        console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
-    else:  # (without a training set the findings printed were an earlier one's, as if of this run)
-        print_findings(out)
-    if report:  # (the report of a run without a training set shows its stages and says it measured nothing)
-        from ..report import write_report
+    with holding_run(out, wait):  # (to the report's end: a writer queued with --wait changed the run while this
+        # one wrote its report and read its findings, and they mixed both runs' results; an interruption review's)
+        _say_changes(out, rc)  # (what the run holds once it is this command's: a writer waited for changes it)
+        metrics = _run(ctx, out, rc, device, "evaluation", wait=wait)
+        if not ProcessGroup.from_env().main:
+            return  # in a launch of several processes the main one sums up and writes the report, once
+        print_summary(metrics)
+        if rc.train is None:  # (evaluation and report were skipped without a word, exit 0)
+            console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
+        else:  # (without a training set the findings printed were an earlier one's, as if of this run)
+            print_findings(out)
+        if report:  # (the report of a run without a training set shows its stages and says it measured nothing)
+            from ..report import write_report
 
-        say(f"report: {write_report(out)}")
-    else:
-        say_stale_report(out)
+            say(f"report: {write_report(out)}")
+        else:
+            say_stale_report(out)
     say(f"run directory: {out}")
 
 
@@ -294,11 +296,11 @@ def extract_cmd(
         with stage_progress(ctx) as factory:
             res = run_audit(run, rc, device=device, until="evaluation" if evaluate else "extraction",
                             progress=factory, wait=wait, replace=force)
-    if not ProcessGroup.from_env().main:
-        return  # in a launch of several processes the main one sums up, once
-    print_summary(res.metrics)
-    if res.metrics:
-        print_findings(run)
+        if not ProcessGroup.from_env().main:
+            return  # in a launch of several processes the main one sums up, once
+        print_summary(res.metrics)
+        if res.metrics:
+            print_findings(run)  # (read under the lock, as side run's)
     say(f"extractions in {run / 'extraction'}")
     if evaluate and rc.train is None:  # evaluation needs the training set: said, not skipped without a word
         console.print(NOT_EVALUATED, highlight=False, soft_wrap=True)
