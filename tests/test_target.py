@@ -663,3 +663,35 @@ def test_images_for_a_model_of_another_height_and_width_are_told_to_come_at_its_
                            extract=cfg.ExtractConfig(methods=("uncond",), steps=2))
         with pytest.raises(ValueError, match=re.escape(said)):
             preflight(rc, target.denoiser, "evaluation", warn_inert=False)
+
+
+def test_a_pipeline_saved_as_a_variant_loads_it(tmp_path):
+    """DDPMPipeline.save_pretrained(dir, variant="fp16") writes only diffusion_pytorch_model.fp16.safetensors (or its
+    shards and index): the directory was refused as holding no diffusion_pytorch_model.safetensors, the variant
+    beside it unnamed (a review's find). The one variant there is loads, as the same weights saved plainly do (and
+    a variant index's weight files are checked as a plain index's); several variants and no plain weights are the
+    user's choice, named."""
+    import shutil
+
+    unet = tiny_unet().half()
+    plain, single, sharded = tmp_path / "plain", tmp_path / "single", tmp_path / "sharded"
+    DDPMPipeline(unet=unet, scheduler=tiny_scheduler()).save_pretrained(plain)
+    DDPMPipeline(unet=unet, scheduler=tiny_scheduler()).save_pretrained(single, variant="fp16")
+    DDPMPipeline(unet=unet, scheduler=tiny_scheduler()).save_pretrained(sharded, variant="fp16", max_shard_size="20KB")
+    assert len(list((sharded / "unet").glob("*.safetensors"))) > 1  # (shards, with their variant's index)
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    want = load_target(plain).unet(x, t).sample
+    for d in (single, sharded):
+        got = load_target(d)
+        assert next(got.unet.parameters()).dtype == torch.float32
+        assert torch.equal(got.unet(x, t).sample, want), d
+    index = next((sharded / "unet").glob("*.index.fp16.json"))
+    index.write_text(index.read_text().replace(".safetensors\"", ".bin\"", 1))
+    with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model\.safetensors\.index\.fp16\.json names weight "
+                       r"files that are not safetensors"):
+        load_target(sharded)
+    shutil.copy(single / "unet" / "diffusion_pytorch_model.fp16.safetensors",
+                single / "unet" / "diffusion_pytorch_model.ema.safetensors")
+    with pytest.raises(ValueError, match="unet/ holds the weight variants ema, fp16 and no plain "
+                       "diffusion_pytorch_model.safetensors"):
+        load_target(single)

@@ -398,7 +398,9 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
                          "with no beta schedule (beta_schedule, beta_start or trained_betas): a variance-exploding "
                          "or other non-DDPM schedule; side-extract samples a DDPM/DDIM (variance-preserving) model")
     scheduler = _loaded(path, "scheduler/scheduler_config.json", lambda: DDPMScheduler.from_pretrained(sched_dir))
-    unet = _loaded(path, "unet/", lambda: UNet2DModel.from_pretrained(unet_dir, use_safetensors=True))
+    variant = weights_variant(path)
+    unet = _loaded(path, "unet/", lambda: UNet2DModel.from_pretrained(unet_dir, use_safetensors=True,
+                                                                      variant=variant))
     check_unet(unet, f"model directory {str(path)!r}")
     missing = [name for name, t in (*unet.named_parameters(), *unet.named_buffers()) if t.is_meta]
     if missing:  # (diffusers leaves them unset: "Cannot copy out of meta tensor" when moved to the device)
@@ -407,11 +409,34 @@ def load_target(spec: str | Path, device: str | torch.device = "cpu") -> UNetDen
     return UNetDenoiser(unet, scheduler, source=str(path)).to(device)
 
 
+WEIGHTS = "diffusion_pytorch_model"  # the name diffusers saves a UNet's weights under (.safetensors, sharded: an index)
+
+
+def weights_variant(path: Path) -> str | None:
+    """The variant of ``unet/``'s weights to load (``DDPMPipeline.save_pretrained(dir, variant="fp16")`` writes only
+    ``diffusion_pytorch_model.fp16.safetensors``): None where the plain weights are there, else the one variant
+    there is. Such a directory was refused as holding no diffusion_pytorch_model.safetensors, the variant sitting
+    beside it unnamed (a review's find); where several variants and no plain weights are there, which one to audit
+    is the user's choice."""
+    unet = path / "unet"
+    if (unet / f"{WEIGHTS}.safetensors").is_file() or (unet / f"{WEIGHTS}.safetensors.index.json").is_file():
+        return None
+    found = sorted({next(g for g in m.groups() if g) for f in unet.iterdir() if (m := re.fullmatch(  # (one file, or
+        # shards and their index, as diffusers names them)
+        rf"{WEIGHTS}\.(?:([\w-]+?)(?:-\d+-of-\d+)?\.safetensors|safetensors\.index\.([\w-]+)\.json)", f.name))})
+    if len(found) > 1:
+        raise ValueError(f"model directory {str(path)!r}: unet/ holds the weight variants {', '.join(found)} and no "
+                         f"plain {WEIGHTS}.safetensors: keep the one to audit as that (save the pipeline again "
+                         "without variant=), or move the others out")
+    return found[0] if found else None
+
+
 def check_weight_indexes(path: Path) -> None:
     """Refuse a model directory whose ``unet/*.safetensors.index.json`` (a sharded model's) names weight files
     other than safetensors files beside it: diffusers follows such an index even to ``.bin`` files, which it loads
     with torch's pickle-based loader (``weights_only``), and which the model's fingerprint did not cover."""
-    for index in sorted((path / "unet").glob("*.safetensors.index.json")):
+    for index in sorted({*(path / "unet").glob("*.safetensors.index.json"),  # (a variant's: .index.fp16.json)
+                         *(path / "unet").glob("*.safetensors.index.*.json")}):
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
