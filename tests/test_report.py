@@ -1216,3 +1216,34 @@ def test_a_report_json_from_before_compared_same_bands_still_renders(run_dir, tm
     data["comparison"]["same_bands"] = False
     del data["comparison"]["compared_same_bands"]
     assert "The methods were measured with other similarities or bands" in " ".join(render_html(data, run_dir).split())
+
+
+def test_the_report_says_which_stages_are_unfinished_and_whether_they_are_being_made(tiny_model_dir, tmp_path):
+    """A stage left running by a killed process (SIGKILL, the OOM killer: the manifest says running, no process holds
+    the lock) was shown as "running", for good, in the stage table at the page's end alone; a failed one likewise,
+    and nothing said a method was missing or why. A note says what each unfinished stage is now: interrupted, failed
+    with its error, or being made by another process."""
+    from side_extract.pipeline import run_audit
+
+    from test_pipeline import tiny_rc
+    from test_reliability import _holder
+
+    run = tmp_path / "run"
+    run_audit(run, tiny_rc(tiny_model_dir, methods=("uncond", "cond")))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["extraction/uncond"]["status"] = "running"  # (what SIGKILL leaves)
+    manifest["stages"]["extraction/cond"].update(status="failed", error="StoppedBySignal: stopped by SIGTERM")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    notes = build_report(run)["notes"]
+    assert ("stage extraction/uncond: running, interrupted (no process holds the run's lock: the one making it was "
+            "killed); a rerun resumes it") in notes, notes
+    assert ("stage extraction/cond: failed (StoppedBySignal: stopped by SIGTERM), not finished; a rerun resumes it"
+            in notes), notes
+    holder = _holder(run, 60)
+    try:
+        notes = build_report(run)["notes"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ("stage extraction/uncond: running, being made now (another process holds the run's lock); this report "
+            "shows the run as it was") in notes, notes

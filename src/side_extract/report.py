@@ -30,7 +30,7 @@ from .evaluation import incomparable, measured_generations
 from .metrics import Z95, closest_first
 from .runs import (MODEL_INPUT, SYNTHETIC_EVALUATION, atomic_write_bytes, atomic_write_json, check_run_directory,
                    evaluated_methods, evaluated_synthetic, npz_arrays, read_json, read_model_entry, read_run_config,
-                   read_stages, run_input, stale_stages, sweep_leftovers)
+                   read_stages, run_input, run_locked, stage_now, stale_stages, sweep_leftovers)
 from .findings import not_compared
 from .summary import findings_file_current, summary_and_findings
 from .sweeps import SWEEPABLE, current_sweeps, own_value, stale_sweeps, sweep_configs
@@ -439,6 +439,13 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     if metrics and (run / SYNTHETIC_EVALUATION / "metrics.json").is_file() and evaluated_synthetic(run) is None:
         notes.append(f"{SYNTHETIC_EVALUATION}/ left out of the findings: unfinished, or made from a synthetic set the "
                      "run no longer holds (side run measures it again)")
+    unfinished = {k: e for k, e in read_stages(run).items() if e.get("status") != "complete"}
+    locked = run_locked(run) if unfinished else None
+    for k, e in unfinished.items():  # (a stage left running by a killed process was shown as running, for good, in
+        # the stage table at the page's end alone: nothing said that a method or stage was missing, or why)
+        error = f" ({e['error']})" if e.get("error") else ""
+        notes.append(f"stage {k}: {e.get('status')}{error}, {stage_now(e.get('status'), locked)}; "
+                     f"{'this report shows the run as it was' if locked else 'a rerun resumes it'}")
     configured = (config.get("extract") or {}).get("methods") or []
     if metrics and (unmeasured := [m for m in configured if m not in metrics and m not in left]):
         notes.append(f"{', '.join(unmeasured)}: in the config's methods but not evaluated (no "

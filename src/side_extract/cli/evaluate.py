@@ -188,14 +188,9 @@ def generated_stage(generated: str) -> tuple[Path, str, str] | None:
 
 def unfinished_stage(run: Path, stage: str, entry: dict[str, Any]) -> str:
     """Why ``--generated RUN/<stage>`` is refused where the stage is not complete: what it holds and the way on."""
-    from ..runs import RunLocked, check_unlocked
+    from ..runs import run_locked, stage_now
 
-    try:
-        check_unlocked(run)
-        now = ("interrupted (no process holds the run's lock)" if entry.get("status") == "running"
-               else "not finished")
-    except RunLocked:
-        now = "being made now (another process holds the run's lock)"
+    now = stage_now(entry.get("status"), run_locked(run))
     planned = entry.get("n_planned", entry.get("n"))
     return (f"--generated {str(run / stage)!r} is the stage {stage} of run {str(run)!r}, which is "
             f"{entry.get('status', 'not recorded')}: {now}, so its folder holds part of the "

@@ -34,7 +34,7 @@ from .fingerprints import (FILE_KEYS, STAGE_VERSIONS, array_fingerprint, file_fi
                            settings_fingerprint, stage_fingerprint, versions)
 from .lock import (PROBE_PATIENCE_S, RUN_FILES, RUN_FOLDERS, STAGE_SECTIONS, RunLocked, StageWouldBeReplaced,
                    check_outside_run_folders, check_run_path, check_unlocked, check_writable, enclosing_run, run_lock,
-                   stage_holding)
+                   run_locked, stage_holding, stage_now)
 from .shards import Progress, grows_from, shard_path, shard_ranges, shard_stage, write_shards
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "FILE_KEYS", "STAGE_VERSIONS", "array_fingerprint", "file_fingerprint", "fingerprint_of", "settings_fingerprint",
     "stage_fingerprint", "versions", "PROBE_PATIENCE_S", "RUN_FILES", "RUN_FOLDERS", "STAGE_SECTIONS", "RunLocked",
     "StageWouldBeReplaced", "check_outside_run_folders", "check_run_path", "check_unlocked", "check_writable",
-    "enclosing_run", "run_lock", "stage_holding", "Progress", "grows_from", "shard_path", "shard_ranges",
+    "run_locked", "enclosing_run", "run_lock", "stage_holding", "stage_now", "Progress", "grows_from", "shard_path",
+    "shard_ranges",
     "shard_stage", "write_shards",
 ]

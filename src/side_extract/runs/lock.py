@@ -208,6 +208,34 @@ def check_unlocked(path: str | Path) -> None:
         _take_lock(f, path)
 
 
+def run_locked(path: str | Path) -> bool | None:
+    """Whether a process holds run directory ``path``'s lock now (this one among them): a stage the manifest says is
+    ``running`` is being made where it does, and was interrupted (its process killed) where none does. None where
+    that cannot be told (a lock file that cannot be opened here: a read-only copy of the run)."""
+    path = Path(path).resolve()
+    if path in _HELD:
+        return True
+    if not (path / ".lock").is_file():
+        return False
+    try:
+        check_unlocked(path)
+    except RunLocked:
+        return True
+    except (OSError, ValueError):
+        return None
+    return False
+
+
+def stage_now(status: str | None, locked: bool | None) -> str:
+    """What a stage that is not complete is now, from its manifest ``status`` and :func:`run_locked`."""
+    if locked:
+        return "being made now (another process holds the run's lock)"
+    if status == "running":
+        return ("interrupted (no process holds the run's lock: the one making it was killed)" if locked is False else
+                "being made or interrupted (whether a process holds the run's lock cannot be told here)")
+    return "not finished"
+
+
 def _open_lock(path: Path) -> Any:
     """``path/.lock`` opened for reading and appending, never through a symbolic link (a run someone gave with a
     ``.lock`` linked to another file: its contents were logged, then truncated) and only as a plain file."""
