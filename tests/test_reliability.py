@@ -1662,6 +1662,10 @@ def test_wait_on_a_run_not_made_yet_holds_it_and_leaves_nothing_where_refused(tm
     r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "sample", "--out", str(tmp_path / "bad"), "--wait",
                                  "--model", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and not (tmp_path / "bad").exists(), r.output
+    for wait in ([], ["--wait"]):  # a nested run: the folders the lock made above it went too (they were left)
+        r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "extract", "--run",
+                                     str(tmp_path / "made" / "nested" / "run"), *wait])
+        assert r.exit_code == 2 and "does not exist" in r.output and not (tmp_path / "made").exists(), r.output
 
 
 def test_a_stage_made_smaller_and_cut_short_before_its_unlinking_holds_no_old_shard(tmp_path, monkeypatch):

@@ -357,6 +357,8 @@ def holding_run(run: Path, wait: bool) -> Iterator[None]:
     if group.main:
         check_run_path(run)  # (a folder that is no run gets no lock file; --out FILE/sub is said as such, not as the
         # lock's mkdir's "Not a directory")
+    made = [p for p in (Path(run).absolute(), *Path(run).absolute().parents) if not p.exists()]  # (the lock makes
+    # them: a refused --out new/nested/run left new/nested behind)
     with run_lock(run, wait=wait) if group.main else contextlib.nullcontext():
         group.barrier()
         try:
@@ -364,6 +366,9 @@ def holding_run(run: Path, wait: bool) -> Iterator[None]:
         finally:
             if new and group.main and Path(run).is_dir() and [p.name for p in Path(run).iterdir()] == [".lock"]:
                 shutil.rmtree(run)  # (held: a writer waiting on the removed file takes the folder's new one)
+                for parent in made[1:]:
+                    with contextlib.suppress(OSError):  # (one something else wrote into meanwhile stays)
+                        parent.rmdir()
 
 
 def say_note(note: str | None) -> None:
