@@ -425,6 +425,40 @@ def test_a_callable_modules_dtype_and_a_sample_shape_string_are_named():
         assert as_target(fn, scheduler=tiny_scheduler(), sample_shape=good).denoiser.sample_shape == (1, 8, 8), good
 
 
+def test_a_callable_without_gradient_is_refused_where_a_method_differentiates_through_it(tmp_path, one_thread):
+    """A callable under @torch.no_grad passed as the target gave memguide a memorization gradient of 0 (its
+    generations were UnCond's, bit for bit) and a classifier guided through x0_hat a wrong one, without a word; it
+    had the fingerprint of the same callable with gradients, so once fixed, a rerun reused the wrong stages (an API
+    review's find). It is refused before any work for those methods, kept for the others, and known apart."""
+    from side_extract.theory import measure
+
+    unet, sched = tiny_unet(), tiny_scheduler()
+    fn = lambda x, t: unet(x, t).sample  # noqa: E731
+    frozen = torch.no_grad()(lambda x, t: unet(x, t).sample)
+    detached = lambda x, t: unet(x.detach(), t).sample  # noqa: E731  (parameters' gradient only)
+    with_grad = as_target(fn, scheduler=sched, sample_shape=(1, 8, 8))
+    assert with_grad.denoiser.differentiable
+    for f in (frozen, detached):
+        t = as_target(f, scheduler=sched, sample_shape=(1, 8, 8))
+        assert not t.denoiser.differentiable and t.fingerprint != with_grad.fingerprint
+        assert (as_target(f, scheduler=sched, sample_shape=(1, 8, 8), model_id="m").fingerprint
+                != as_target(fn, scheduler=sched, sample_shape=(1, 8, 8), model_id="m").fingerprint)
+    for methods, config, says in ((["memguide", "uncond"], SMALL, "memguide differentiate"),
+                                  (["side", "uncond"], {**SMALL, "classifier.guidance_input": "x0_hat"},
+                                   r"side \(classifier.guidance_input x0_hat\) differentiate")):
+        with pytest.raises(ValueError, match=r"the callable eps\(x, t\) returns no gradient with respect to x .*" + says):
+            side_extract.audit(frozen, "digits:30", scheduler=sched, sample_shape=(1, 8, 8), config=config,
+                               out=tmp_path / "run", methods=methods)
+        assert not (tmp_path / "run").exists()
+    side_extract.audit(frozen, "digits:30", scheduler=sched, sample_shape=(1, 8, 8), config=SMALL,
+                       out=tmp_path / "run", methods=["uncond"])  # (no method differentiates through it)
+    train = torch.rand(4, 1, 8, 8) * 2 - 1
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    with pytest.raises(ValueError, match="the target returns no gradient with respect to its input"):
+        measure(as_target(frozen, scheduler=sched, sample_shape=(1, 8, 8)).denoiser, lambda x, t: clf(x), train,
+                n_points=2)
+
+
 def test_a_callable_named_by_model_id_keeps_its_run_across_rounding(tmp_path, one_thread):
     """A callable is known by its outputs on probe inputs rounded to 5 decimals: the same model on another device
     or thread count can move a value across a rounding step, and the run then redid every stage (and refused

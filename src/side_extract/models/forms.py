@@ -127,6 +127,9 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                 raise ValueError(f"model: the callable returns non-finite eps (NaN or inf) at t={t} on random inputs; "
                                  "an audit would diverge at its first step")
             h.update(eps.float().cpu().numpy().round(5).tobytes())
+        if not carries_gradient(fn, sample_shape, scheduler, device):  # (a @torch.no_grad callable fixed later was
+            # known by the same outputs: its memguide stage, made without the model's gradient, was reused)
+            h.update(b"\0no-gradient")
         per_sample = torch.tensor([1, n_t - 1], device=device)
         try:
             eps = fn(x, per_sample)
@@ -167,13 +170,33 @@ def _float32(unet: UNet2DModel) -> UNet2DModel:
     return copy.deepcopy(unet).to(torch.float32)
 
 
-def identity_fingerprint(model_id: str, sample_shape: Sequence[int], scheduler: SchedulerMixin) -> str:
+def identity_fingerprint(model_id: str, sample_shape: Sequence[int], scheduler: SchedulerMixin,
+                         differentiable: bool = True) -> str:
     """sha256 of a callable's identity as its user names it (``model_id``), its sample shape and its scheduler's
-    config: what keys a callable's stages when ``model_id`` is given instead of its outputs on probe inputs."""
+    config: what keys a callable's stages when ``model_id`` is given instead of its outputs on probe inputs; and
+    whether its output carries the gradient (:func:`carries_gradient`)."""
     h = hashlib.sha256(b"side-extract/model-id/1\0" + model_id.encode() + b"\0")
     h.update(json.dumps([int(v) for v in sample_shape]).encode())
     h.update(_config_blob(scheduler))
+    if not differentiable:
+        h.update(b"\0no-gradient")
     return h.hexdigest()
+
+
+def carries_gradient(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
+                     scheduler: SchedulerMixin, device: str = "cpu") -> bool:
+    """Whether a callable's output carries its gradient with respect to its input ``x``: memorization guidance, a
+    classifier guided through x0_hat and the theory's likelihood differentiate through the model, and a callable
+    run under ``torch.no_grad`` (or detaching, or through numpy) gave them a gradient of 0 without a word
+    (memguide's generations were UnCond's, bit for bit: an API review's find)."""
+    x = torch.randn((1, *sample_shape), generator=torch.Generator().manual_seed(20241002)).to(device)
+    x.requires_grad_(True)
+    with torch.enable_grad():
+        out = fn(x, torch.tensor(int(scheduler.config.num_train_timesteps) // 2, device=device))
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return False
+        (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
+    return grad is not None
 
 
 def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
@@ -272,8 +295,9 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                                  "(model.float()), or as a UNet2DModel, which is audited as a float32 copy") from e
             raise
         name = getattr(model, "__name__", "eps")
+        denoiser.differentiable = carries_gradient(model, shape, scheduler, device)
         if model_id is not None:
-            fp = identity_fingerprint(model_id, shape, scheduler)
+            fp = identity_fingerprint(model_id, shape, scheduler, denoiser.differentiable)
             return Target(denoiser, fp, f"callable {name} model_id={model_id} {fp[:12]}")
         return Target(denoiser, fp, f"callable {name} {fp[:12]}")
     raise ValueError(f"model of type {type(model).__name__} is not supported: pass a diffusers directory, a "

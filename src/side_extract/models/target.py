@@ -282,6 +282,7 @@ class CallableDenoiser:
         self.fn = fn
         self.sample_shape = tuple(int(s) for s in sample_shape)  # type: ignore[assignment]
         self.scheduler = scheduler
+        self.differentiable = True  # whether fn's output carries its gradient (as_target probes it: carries_gradient)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return as_epsilon(self.scheduler, self.prediction, x, t, self.fn(x, torch.as_tensor(t, device=x.device)))

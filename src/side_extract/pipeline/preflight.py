@@ -105,6 +105,19 @@ def changed_settings(run: Path, rc: cfg.RunConfig, model_fingerprint: str) -> se
     return out
 
 
+def gradient_methods(rc: cfg.RunConfig, methods: Iterable[str]) -> list[str]:
+    """The methods of ``methods`` whose guidance differentiates through the target, each with why: memguide (its
+    memorization term), and a classifier guided through x0_hat(x_t, t) (side and side-teacher with
+    classifier.guidance_input x0_hat, cond with clean_classifier.guidance_input x0_hat)."""
+    methods = set(methods)
+    out = ["memguide"] if "memguide" in methods and rc.extract.memguide_scale > 0 else []
+    if rc.classifier.guidance_input == "x0_hat" and (through := sorted({"side", "side-teacher"} & methods)):
+        out.append(f"{' and '.join(through)} (classifier.guidance_input x0_hat)")
+    if "cond" in methods and rc.clean_classifier.guidance_input == "x0_hat":
+        out.append("cond (clean_classifier.guidance_input x0_hat)")
+    return out
+
+
 def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation", *,
               warn_inert: bool | Collection[str] = True, trained: Collection[str] | None = None) -> dict[str, ImageSet]:
     """Check the resolved config against the model, the data and the methods before any stage runs; one
@@ -192,6 +205,12 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
         if rc.lora.rank != "full" and importlib.util.find_spec("peft") is None:
             problems.append("method side-lora with LoRA adapters needs peft (pip install peft), or lora.rank: full")
     problems.extend(cluster_problems(rc, methods))
+    if not getattr(denoiser, "differentiable", True) and until in ("extraction", "evaluation") and (
+            through := gradient_methods(rc, methods)):
+        problems.append(f"model: the callable eps(x, t) returns no gradient with respect to x (it runs under "
+                        f"torch.no_grad, detaches its output, or goes through numpy), and {'; '.join(through)} "
+                        "differentiate through the model: their guidance would be 0 or wrong without a word; let "
+                        "the gradient through (no torch.no_grad), or leave those methods out")
     group = ProcessGroup.from_env()
     if ("memguide" in methods and until in ("extraction", "evaluation") and rc.extract.memguide_scale > 0
             and rc.extract.steps < MEMGUIDE_TUNED_STEPS and group.main):  # (said once a launch)

@@ -198,6 +198,14 @@ def _probe_models(denoiser: Denoiser, classifier: Classifier, train: torch.Tenso
                 raise ValueError(f"{what} failed on one image of train, {train.dtype} ({e}): if its weights are of "
                                  "another dtype, give train in theirs (train.float() for float32)") from e
             raise
+    x = train[:1].detach().clone().requires_grad_(True)
+    with torch.enable_grad():  # (a callable under torch.no_grad gave every divergence 0 without a word)
+        out = denoiser(x, t)
+        through = out.requires_grad and torch.autograd.grad(out.float().sum(), x, allow_unused=True)[0] is not None
+    if not through:
+        raise ValueError("the target returns no gradient with respect to its input (a callable run under "
+                         "torch.no_grad, detaching its output, or going through numpy): the likelihood's divergence "
+                         "differentiates through it, and would be 0; let the gradient through")
 
 
 def measure(
