@@ -460,6 +460,51 @@ def test_a_callable_without_gradient_is_refused_where_a_method_differentiates_th
                 n_points=2)
 
 
+def test_a_pipeline_loaded_from_a_directory_is_that_directorys_target(tiny_model_dir, tmp_path, one_thread):
+    """audit(DDPMPipeline.from_pretrained(DIR)) into a run made from DIR made every stage again, the same weights
+    known as an in-memory model, after which verify without model= was refused (an API review's find). Into a run
+    made from DIR it is DIR (a run made in memory stays so: test_a_run_of_a_directory_is_verified_with_its_weights_
+    in_memory). The embedded target is known by its name, as a run of it records it (its path was "settings
+    changed"). A pipeline changed in memory since is the model in memory."""
+    from side_extract.models.target import demo_model_path
+
+    run = tmp_path / "run"
+    side_extract.audit(str(tiny_model_dir), "digits:30", config=SMALL, out=run, methods=["uncond"])
+    stages = read_stages(run)
+    pipe = DDPMPipeline.from_pretrained(tiny_model_dir)
+    again = side_extract.audit(pipe, "digits:30", config=SMALL, out=run, methods=["uncond"])
+    assert read_stages(run) == stages and again.config.model == str(tiny_model_dir)  # (every stage reused)
+    assert [c.equal for c in again.verify("uncond", [0, 1])] == [True, True]
+    assert as_target(load_target("demo")).description == "demo"  # (not its path: "settings changed")
+    demo = DDPMPipeline.from_pretrained(demo_model_path("demo"))
+    side_extract.audit("demo", "digits:30", config=SMALL, out=tmp_path / "demo", methods=["uncond"])
+    stages = read_stages(tmp_path / "demo")
+    assert side_extract.audit(demo, "digits:30", config=SMALL, out=tmp_path / "demo", methods=["uncond"]
+                              ).config.model == "demo" and read_stages(tmp_path / "demo") == stages
+    with torch.no_grad():  # (changed in memory since: the model in memory, known by its weights)
+        next(pipe.unet.parameters()).add_(0.01)
+    changed = side_extract.audit(pipe, "digits:30", config=SMALL, out=run, methods=["uncond"])
+    assert changed.config.model.startswith("in-memory UNet2DModel") and read_stages(run) != stages
+
+
+def test_a_callable_whose_output_is_random_is_refused():
+    """A model left in training mode behind a lambda (its dropout on) was accepted without a word: the generations
+    were sampled with dropout, a rerun redid every stage, and verify blamed rounding (an API review's find; a module
+    passed itself is put in eval mode). Called twice on the probe, it is refused, naming eval mode."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       norm_num_groups=16, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), dropout=0.1).train()
+    fn = lambda x, t: unet(x, t).sample  # noqa: E731
+    with pytest.raises(ValueError, match=r"returns another eps for the same x and t when called again "
+                       r".*model.eval\(\)"):
+        as_target(fn, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8))
+    unet.eval()
+    assert as_target(fn, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8)).denoiser.differentiable
+
+
 def test_a_callable_named_by_model_id_keeps_its_run_across_rounding(tmp_path, one_thread):
     """A callable is known by its outputs on probe inputs rounded to 5 decimals: the same model on another device
     or thread count can move a value across a rounding step, and the run then redid every stage (and refused

@@ -29,15 +29,15 @@ from . import config as cfg
 from .data import ImageSet, check_levels, integer_labels, load_image_set, load_shards
 from .data import fingerprint as image_fingerprint
 from .distributed import ProcessGroup, check_device
-from .models.forms import (ModelLike, as_target, identity_fingerprint, module_fingerprint, probe_fingerprint,
-                           run_target)
+from .models.forms import (ModelLike, as_recorded, as_target, identity_fingerprint, module_fingerprint,
+                           probe_fingerprint, run_target)
 from .pipeline import ProgressFactory, absolute_config, absolute_spec, no_progress
 from .findings import SYNTHETIC, Findings, collect, not_compared
 from .evaluation import measured_generations
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
-                   evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_run_config, read_stages, run_lock,
-                   check_unlocked, settings_changed, stale_stages)
+                   evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_model, read_run_config, read_stages,
+                   run_lock, check_unlocked, settings_changed, stale_stages)
 from .sweeps import current_sweeps, run_with_sweeps
 
 log = logging.getLogger(__name__)
@@ -565,6 +565,8 @@ def audit(
     if group.main and not wait:  # another writer: said at once, before the model is loaded or moved to the device
         check_unlocked(out)
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
+    if scheduler is None:  # (a pipeline from a directory the run was made from: that directory)
+        target = as_recorded(target, model, read_model(out) if Path(out).is_dir() else None, device)
     data = as_image_set(train, labels)
     held = None if heldout is None else as_image_set(heldout, name="heldout")
     fresh = not Path(out).exists()

@@ -21,8 +21,8 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..distributed import check_device
-from .target import (LATENT_WHY, CallableDenoiser, Target, UNetDenoiser, check_unet, load_target, model_fingerprint,
-                     resolve_model_path)
+from .target import (EMBEDDED_TARGETS, LATENT_WHY, CallableDenoiser, Target, UNetDenoiser, check_unet, demo_model_path,
+                     load_target, model_fingerprint, resolve_model_path)
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,9 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     h = hashlib.sha256(_config_blob(scheduler))
     n_t = int(scheduler.config.num_train_timesteps)
     with torch.no_grad():
+        seen = {}
         for t in (1, n_t // 2, n_t - 1):
-            eps = fn(x, torch.tensor(t, device=device))
+            eps = seen[t] = fn(x, torch.tensor(t, device=device))
             if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
                 raise ValueError(f"model: the callable must return eps shaped like its input {tuple(x.shape)}; it "
                                  f"returned {tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__}")
@@ -127,6 +128,15 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                 raise ValueError(f"model: the callable returns non-finite eps (NaN or inf) at t={t} on random inputs; "
                                  "an audit would diverge at its first step")
             h.update(eps.float().cpu().numpy().round(5).tobytes())
+        again = fn(x, torch.tensor(n_t // 2, device=device))
+        if isinstance(again, torch.Tensor) and not torch.allclose(again, seen[n_t // 2], rtol=1e-4, atol=1e-5):
+            # (a model in training mode behind a lambda, its dropout on: the generations were sampled with it, a rerun
+            # redid every stage, and verify blamed rounding; a module itself is put in eval mode)
+            far = float((again - seen[n_t // 2]).abs().max())
+            raise ValueError(f"model: the callable returns another eps for the same x and t when called again (they "
+                             f"differ by up to {far:.3g}): a model in training mode (dropout) or one that draws noise "
+                             "inside; the audit's generations would not repeat and verify would fail: put the model "
+                             "in eval mode (model.eval()) or fix its randomness")
         if not carries_gradient(fn, sample_shape, scheduler, device):  # (a @torch.no_grad callable fixed later was
             # known by the same outputs: its memguide stage, made without the model's gradient, was reused)
             h.update(b"\0no-gradient")
@@ -304,6 +314,25 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
 
 
+def as_recorded(target: Target, model: Any, recorded: str | None, device: str = "cpu") -> Target:
+    """``target``, the :func:`as_target` of a pipeline object ``model``, as the run records its model (its model
+    entry's fingerprint ``recorded``): a pipeline loaded from a directory (``DDPMPipeline.from_pretrained(DIR)``) is
+    audited as a model in memory, known by its weights, unless the run was made from that directory and it still
+    holds what the pipeline computes; then the directory, so that the run's stages are its own (every one was made
+    again for the same weights, and verify without model= was then refused: an API review's find). A run made in
+    memory stays in memory (keyed by the directory, such runs were made again: an earlier review's)."""
+    source = getattr(model, "name_or_path", None) if isinstance(model, DiffusionPipeline) else None
+    if (recorded is None or not isinstance(source, (str, Path)) or not str(source) or not Path(source).is_dir()
+            or not target.description.startswith("in-memory") or not isinstance(target.denoiser, UNetDenoiser)):
+        return target
+    try:
+        if model_fingerprint(source) != recorded:
+            return target
+    except (OSError, ValueError):  # (no model directory side-extract reads)
+        return target
+    return _from_its_directory(Path(source), target.denoiser.unet, target.denoiser.scheduler, device) or target
+
+
 def _from_its_directory(path: Path, unet: UNet2DModel, scheduler: SchedulerMixin, device: str) -> Target | None:
     """Model directory ``path`` as the target, known by its files as an audit of it is, where it holds what ``unet``
     and ``scheduler`` compute (their weights, and its scheduler read as its own class or as the DDPMScheduler the
@@ -314,7 +343,9 @@ def _from_its_directory(path: Path, unet: UNet2DModel, scheduler: SchedulerMixin
         return None
     mine = module_fingerprint(unet, scheduler)
     if any(module_fingerprint(on_disk.unet, s) == mine for s in (on_disk.scheduler, *_saved_scheduler(path))):
-        return Target(on_disk.to(device), model_fingerprint(path), str(path))
+        name = next((n for n in EMBEDDED_TARGETS if demo_model_path(n).resolve() == path.resolve()), str(path))
+        # (an embedded target by its name, as a run of it records it: its path was "settings changed")
+        return Target(on_disk.to(device), model_fingerprint(path), name)
     return None
 
 
