@@ -1,6 +1,7 @@
 """Reliability (issue "Reliability"): one writer per run, no silent garbage, checks before the work, outputs
 the manifest can trust, honest fingerprints, one-line OS errors, the user's umask."""
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -1905,3 +1906,36 @@ def test_side_run_writes_its_report_and_reads_its_findings_under_the_run_lock(ti
     assert r.exit_code == 0, r.output
     assert seen == {"report": "held", "findings": "held"}
     assert (run / ".lock").read_text() == ""  # let go at the end
+
+
+def test_side_demo_measures_and_reports_under_the_run_lock(tiny_model_dir, tmp_path, monkeypatch):
+    """side demo let the run's lock go after its audit, then printed the findings, measured the theory (which took
+    the lock again, without waiting) and wrote the report: a demo queued with --wait took the run in between, and
+    one of the two failed, told to use the --wait it was given (a review's find). Probed from another process at
+    each: held."""
+    from side_extract import report
+    from side_extract.cli import demo
+    from test_pipeline import tiny_rc
+
+    theory_measure = importlib.import_module("side_extract.theory.measure")  # (the package's measure is a function)
+    run = tmp_path / "demo"
+    monkeypatch.setattr(demo, "demo_config", lambda model, train, heldout: tiny_rc(tiny_model_dir,
+                                                                                   methods=("side", "uncond")))
+    probe = (f"from side_extract.runs import RunLocked, check_unlocked\ntry:\n    check_unlocked({str(run)!r})\n"
+             "    print('free')\nexcept RunLocked:\n    print('held')\n")
+    seen = {}
+
+    def probed(name, fn):
+        def wrapped(*a, **k):
+            seen[name] = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                        timeout=120).stdout.strip()
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(report, "write_report", probed("report", report.write_report))
+    monkeypatch.setattr(demo, "print_findings", probed("findings", demo.print_findings))
+    monkeypatch.setattr(theory_measure, "measure_run", probed("theory", theory_measure.measure_run))
+    r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "demo", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    assert seen == {"findings": "held", "theory": "held", "report": "held"}
+    assert (run / ".lock").read_text() == ""

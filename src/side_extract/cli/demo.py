@@ -9,7 +9,7 @@ import typer
 
 from .. import config as cfg
 from ..distributed import ProcessGroup
-from .common import cli_errors, say, path_value
+from .common import cli_errors, holding_run, say, path_value
 from .run import _say_changes, print_findings, print_summary, stage_progress
 
 
@@ -85,18 +85,20 @@ def demo_cmd(
     if "cond" not in rc.extract.methods and ProcessGroup.from_env().main:  # (once per launch)
         say(f"{train} has no labels of two classes or more: the demo runs without Cond (Cond's classifier "
             "learns the training set's labels)")
-    _say_changes(out, rc)  # (a run in OUT was replaced without a word, as side run says it; once per launch)
-    with stage_progress(ctx) as factory:
-        result = run_audit(out, rc, device=device, progress=factory, wait=wait)
-    group = ProcessGroup.from_env()
-    if not group.main:
-        return  # in a launch of several processes the main one measures, sums up and reports, once
-    print_summary(result.metrics)
-    print_findings(out)
-    theory, _ = measure_run(out, device=group.device(device))
-    for claim, verdict in theory.ordering.items():
-        say(f"theory: {verdict}: {claim}")
-    report = write_report(out)
+    with holding_run(out, wait):  # (to the report's end, as side run: a demo queued with --wait took the run between
+        # the audit and the theory's measure, and one of the two failed, told to use the --wait it was given)
+        _say_changes(out, rc)  # (a run in OUT was replaced without a word, as side run says it; once per launch)
+        with stage_progress(ctx) as factory:
+            result = run_audit(out, rc, device=device, progress=factory, wait=wait)
+        group = ProcessGroup.from_env()
+        if not group.main:
+            return  # in a launch of several processes the main one measures, sums up and reports, once
+        print_summary(result.metrics)
+        print_findings(out)
+        theory, _ = measure_run(out, device=group.device(device))
+        for claim, verdict in theory.ordering.items():
+            say(f"theory: {verdict}: {claim}")
+        report = write_report(out)
     say(f"done in {time.time() - t0:.0f} s")
     say(f"run directory: {out}")
     say(f"report:        {report}")
