@@ -1,6 +1,7 @@
 """Reliability (issue "Reliability"): one writer per run, no silent garbage, checks before the work, outputs
 the manifest can trust, honest fingerprints, one-line OS errors, the user's umask."""
 import dataclasses
+import errno
 import importlib
 import json
 import os
@@ -1939,3 +1940,16 @@ def test_side_demo_measures_and_reports_under_the_run_lock(tiny_model_dir, tmp_p
     assert r.exit_code == 0, r.output
     assert seen == {"findings": "held", "theory": "held", "report": "held"}
     assert (run / ".lock").read_text() == ""
+
+
+def test_a_lock_file_that_cannot_be_written_is_named(tmp_path):
+    """A disk already full failed at the first write of a command, its run's lock file, with "error: No space left
+    on device" naming no file (a review's find): the error names the lock file. The write fails here for real, past
+    a file size limit."""
+    run = tmp_path / "run"
+    r = _limited(10, "from side_extract.runs import run_lock\n"
+                     f"try:\n    with run_lock({str(run)!r}):\n        print('held')\n"
+                     "except OSError as e:\n    print(e.errno, '|', e.filename, '|', e.strerror)\n")
+    assert r.returncode == 0, r.stderr
+    code, filename, said = (s.strip() for s in r.stdout.split("|"))
+    assert int(code) == errno.EFBIG and filename == str(run / ".lock") and said == os.strerror(errno.EFBIG), r.stdout

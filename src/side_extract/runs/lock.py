@@ -308,8 +308,14 @@ def run_lock(path: str | Path, *, wait: bool = False, advice: str | None = None)
             log.warning("run directory %s: taking over the lock left by %s", path, stale)
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()}, command {' '.join(sys.argv)!r}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
-        f.flush()
+        line = f"pid {os.getpid()}, command {' '.join(sys.argv)!r}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+        data = line.encode("utf-8", "replace")
+        try:  # (unbuffered: a write the disk refused stayed in the file object's buffer, and its close said it again,
+            # "No space left on device", naming no file)
+            while data:
+                data = data[os.write(f.fileno(), data):]
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), str(path / ".lock")) from e
         try:  # the file system's time now: the lock file was just written (network file systems keep their own)
             sweep_leftovers(path, now=os.fstat(f.fileno()).st_mtime)
         except OSError as e:  # housekeeping: never a reason to stop the writer
