@@ -437,6 +437,45 @@ def test_a_process_of_a_launch_stopped_by_sigterm_is_named(tiny_model_dir, tmp_p
     assert entry["status"] == "failed" and "stopped by SIGTERM" in entry["error"], entry
 
 
+def test_a_process_stopped_while_it_waits_for_the_others_leaves_within_the_grace(tiny_model_dir, tmp_path):
+    """SIGTERM to a process of a launch that had done its share and waited at the stage's check-in for the others:
+    Python runs the handler only once the exchange returns, so it stopped only once the others had done their share,
+    without bound (a review's find; before the handler it died at once). Its watch leaves after SIDE_STOP_GRACE_S
+    (here 1 s), the stop recorded, and the launcher names it; process 0's last shard takes several seconds more."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "side_extract", "--processes", "2", "--threads", "1",
+                             "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "1536", "--steps",
+                             "500", "--shard-size", "512", "--batch-size", "512", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", SIDE_STOP_GRACE_S="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "synthetic" / "shard-00001.npz").exists():  # process 1's share (shard 1) is done
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(1.0)  # (it waits in the check-in's exchange: process 0 samples shard 2)
+        ranks = {int(e[5:]): pid for pid in _launched_by(proc.pid)
+                 for e in (Path("/proc") / str(pid) / "environ").read_bytes().decode().split("\0")
+                 if e.startswith("RANK=")}
+        sent = time.monotonic()
+        os.kill(ranks[1], signal.SIGTERM)
+        while Path(f"/proc/{ranks[1]}").exists() and "Z" not in (
+                Path(f"/proc/{ranks[1]}/stat").read_text().rsplit(")", 1)[1].split()[:1]):
+            assert time.monotonic() - sent < 60
+            time.sleep(0.05)
+        took = time.monotonic() - sent
+        last = (out / "synthetic" / "shard-00002.npz").exists()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    said = stdout + stderr
+    assert took < 6 and not last, (took, last, said[-2000:])
+    assert "error: process 1 of the launch of 2 was stopped by signal 15 (exit status 143)" in said, said[-3000:]
+
+
 @pytest.mark.parametrize("command", ["sample", "train-target"])
 def test_processes_given_other_settings_are_refused_by_the_step_commands_too(tiny_model_dir, tmp_path, command):
     """side run refused a launch whose processes were given other settings; side sample mixed their shards into

@@ -548,13 +548,18 @@ def launch(nproc: int, args: list[str]) -> int:
             return 0 if code < 0 else 1 if code == 2 else 2
 
         stopped = _stops(stops)
-        own = sorted((f.exitcode == -signal.SIGTERM, stopped.get(r, math.inf) if f.exitcode == -signal.SIGTERM
-                      else 0.0, f.timestamp, kind(f.exitcode), r) for r, f in e.failures.items()
+
+        def by_term(r: int, code: int) -> bool:  # (143: one that left its unwinding after the stop's grace)
+            return code == -signal.SIGTERM or (code == 128 + signal.SIGTERM and r in stopped)
+
+        own = sorted((by_term(r, f.exitcode), stopped.get(r, math.inf) if by_term(r, f.exitcode) else 0.0,
+                      f.timestamp, kind(f.exitcode), r) for r, f in e.failures.items()
                      if f.exitcode != PEER_FAILED_STATUS)
         rank, failure = (own[0][-1], e.failures[own[0][-1]]) if own else e.get_first_failure()
         code = failure.exitcode
         if code != 2:
-            how = f"was killed by signal {-code}" if code < 0 else f"ended with exit status {code}"
+            how = (f"was killed by signal {-code}" if code < 0 else "was stopped by signal 15 (exit status 143)"
+                   if by_term(rank, code) else f"ended with exit status {code}")
             print(f"error: process {rank} of the launch of {nproc} {how}", file=sys.stderr, flush=True)
         return code if code > 0 else 1
     except SignalException as e:  # the launcher itself stopped (Ctrl-C): torchrun has stopped its processes; its

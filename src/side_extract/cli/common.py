@@ -92,15 +92,40 @@ def as_typed(message: str, ctx: Any) -> str:
     return message
 
 
+def in_launch() -> bool:
+    """Whether this process is one of a launch of several (torchrun's, accelerate's: ``WORLD_SIZE`` above 1)."""
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
 class StoppedBySignal(KeyboardInterrupt):
     """Raised in a command's main thread by SIGTERM (what ``timeout``, Slurm, Kubernetes and torchrun send to stop a
     process): it unwinds as Ctrl-C does, so the run's stages under way are recorded as failed and temporary folders
     are removed, where the signal's default action killed the process on the spot and left them ``running``."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+    def __init__(self, signum: int, at: float | None = None) -> None:
+        # (in a launch the launcher also stops the others so once one process has ended, by a crash among others:
+        # the manifest said "stopped by SIGTERM", pointing outside; a review's find)
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (
+            " (sent from outside, or by the launcher once another process of the launch had ended)"
+            if in_launch() else ""))
         self.signum = signum
-        self.at = time.monotonic()  # (raised as it arrives: when, for a launcher to name the process stopped first)
+        self.at = time.monotonic() if at is None else at  # (for a launcher to name the process stopped first)
+
+
+STOP_GRACE_ENV = "SIDE_STOP_GRACE_S"
+
+
+def stop_grace() -> float:
+    """How long a command stopped by SIGTERM may take to unwind before it leaves without: ``$SIDE_STOP_GRACE_S``
+    seconds, 10 by default."""
+    raw = os.environ.get(STOP_GRACE_ENV, "10")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise ValueError(f"{STOP_GRACE_ENV}={raw!r} must be a positive number of seconds, at most 3600")
+    return seconds
 
 
 @contextlib.contextmanager
@@ -108,20 +133,57 @@ def stopped_by_sigterm() -> Iterator[None]:
     """While a command runs: SIGTERM raises :class:`StoppedBySignal` (once; a second one kills at once, as before,
     where the unwinding hangs). Installed only where the signal's action is the default (a launcher's own
     handling, or one the embedding program set, is left as it is) and only in the main thread (the only one that
-    may set it); restored after."""
+    may set it); restored after.
+
+    Python runs the handler only once the main thread is back from a C call: a process of a launch waiting in an
+    exchange for the others (at a stage's check-in, its share done) stopped only once they came there, after their
+    share of the stage, without bound (it died at once before the handler; a review's find). So the signal also
+    wakes a watch (``signal.set_wakeup_fd``), which, where the process is still there :func:`stop_grace` seconds
+    later, records the stop and leaves without unwinding, exit status 143 (128 + SIGTERM)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
+    grace = stop_grace()
 
     def stop(signum: int, _frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise StoppedBySignal(signum)
 
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    before = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if before != -1:  # (another user of the wakeup fd, an event loop: it keeps it, and the stop waits for the handler)
+        signal.set_wakeup_fd(before)
+    else:
+        threading.Thread(target=_stop_watch, args=(read, grace), name="side-stop-watch", daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if before == -1:
+            signal.set_wakeup_fd(-1)
+        os.close(write)  # (the watch reads its end and leaves)
+        if before != -1:
+            os.close(read)
+
+
+def _stop_watch(read: int, grace: float) -> None:
+    """:func:`stopped_by_sigterm`'s watch: on SIGTERM, wait ``grace`` seconds for the command to unwind and end the
+    process (:func:`end_by_signal`); still here, leave without (exit status 143), the stop recorded and said."""
+    try:
+        while data := os.read(read, 64):
+            if signal.SIGTERM in data:
+                at = time.monotonic()
+                time.sleep(grace)
+                record_stop(at)
+                if not in_launch():
+                    os.write(2, f"error: stopped by SIGTERM, and still in a call that did not return after {grace:g} "
+                                f"s ({STOP_GRACE_ENV}): left without recording it; a rerun resumes what was left "
+                                "unfinished\n".encode())
+                os._exit(128 + signal.SIGTERM)
+    finally:
+        os.close(read)
 
 
 def end_by_signal(e: StoppedBySignal) -> None:
@@ -130,7 +192,7 @@ def end_by_signal(e: StoppedBySignal) -> None:
     line first where this is no process of a launch of several (whose launcher says which process stopped)."""
     leaving_on_error(128 + e.signum)
     record_stop(e.at)
-    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+    if not in_launch():
         console.print(f"[bold red]error:[/] {e}; a rerun resumes what was left unfinished", highlight=False,
                       soft_wrap=True)
     signal.signal(e.signum, signal.SIG_DFL)
