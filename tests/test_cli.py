@@ -853,3 +853,12 @@ def test_a_config_given_as_a_pipe_is_read_once(tiny_model_dir, tmp_path):
     made = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert made["model"] == str(tiny_model_dir) and made["sample"]["n"] == 3 and made["sample"]["steps"] == 2
     assert "no config names a model" not in r.output
+
+
+def test_a_bad_stop_grace_is_named(monkeypatch):
+    """SIDE_STOP_GRACE_S, how long a command stopped by SIGTERM may unwind, is checked before any work."""
+    for bad in ("abc", "0", "-1", "inf", "7200"):
+        monkeypatch.setenv("SIDE_STOP_GRACE_S", bad)
+        r = CliRunner().invoke(app, ["report", "nowhere"])
+        assert r.exit_code == 2 and f"SIDE_STOP_GRACE_S={bad!r} must be a positive number of seconds" in r.output, (
+            r.output)
