@@ -505,6 +505,28 @@ def test_a_callable_whose_output_is_random_is_refused():
     assert as_target(fn, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8)).denoiser.differentiable
 
 
+def test_a_moved_run_of_in_memory_sets_is_not_told_its_settings_changed(tmp_path, one_thread, caplog):
+    """A run made from in-memory images, moved, then audited again with the same images was told "settings changed"
+    for train and evaluate.heldout: only the paths of its own inputs/ files had moved (an API review's find).
+    Nothing is said, nothing redone; other images are still said."""
+    import logging
+    import shutil
+
+    digits = side_extract.load_image_set("digits:30")
+    held = side_extract.load_image_set("digits").images[500:540]
+    kw = dict(labels=digits.labels, heldout=held, scheduler=tiny_scheduler(), config=SMALL, methods=["uncond"])
+    unet = tiny_unet()
+    side_extract.audit(unet, digits.images, out=tmp_path / "a", **kw)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    stages = read_stages(tmp_path / "b")
+    with caplog.at_level(logging.WARNING):
+        side_extract.audit(unet, digits.images, out=tmp_path / "b", **kw)
+    assert "settings changed" not in caplog.text and read_stages(tmp_path / "b") == stages
+    with caplog.at_level(logging.WARNING):
+        side_extract.audit(unet, digits.images[::-1].copy(), out=tmp_path / "b", **{**kw, "labels": digits.labels[::-1]})
+    assert "settings changed since the last run" in caplog.text and "train '" in caplog.text
+
+
 def test_a_callable_named_by_model_id_keeps_its_run_across_rounding(tmp_path, one_thread):
     """A callable is known by its outputs on probe inputs rounded to 5 decimals: the same model on another device
     or thread count can move a value across a rounding step, and the run then redid every stage (and refused

@@ -493,6 +493,24 @@ def _takes_arguments(f: Callable[..., Any], n: int) -> bool:
     return True
 
 
+def moved_inputs(recorded: dict[str, Any], inputs: Path, saved: Iterable[str]) -> dict[str, Any]:
+    """A run's recorded config (as a dict) with its in-memory sets' files (``train``, ``evaluate.heldout``:
+    ``<run>/inputs/<name>-<fingerprint>.npz``) named where the run is now, ``inputs``, where this call saved the same
+    file there (``saved``): a run moved since was told "settings changed" for its own inputs, the same images under
+    the same fingerprint name (an API review's find)."""
+    d = dict(recorded)
+    for section, key in ((None, "train"), ("evaluate", "heldout")):
+        holder = d if section is None else d.get(section)
+        if not isinstance(holder, dict) or not isinstance(holder.get(key), str):
+            continue
+        here = str(inputs / Path(holder[key]).name)
+        if Path(holder[key]).parent.name == "inputs" and here in set(saved) and holder[key] != here:
+            if section is not None:
+                holder = d[section] = dict(holder)
+            holder[key] = here
+    return d
+
+
 def audit(
     model: ModelLike,
     train: str | Path | ImageSet | np.ndarray,
@@ -620,7 +638,8 @@ def audit(
                 ev = rc.evaluate if held is None else dataclasses.replace(rc.evaluate, heldout=held)
                 rc = dataclasses.replace(rc, model=absolute_spec(target.description, model=True), train=absolute_spec(data),
                                          extract=ex, evaluate=dataclasses.replace(ev, heldout=absolute_spec(ev.heldout)))
-                if group.main and (changed := settings_changed(out, rc, absolute_config)):
+                if group.main and (changed := settings_changed(out, rc, lambda old: moved_inputs(
+                        absolute_config(old), Path(out).resolve() / "inputs", saved_as))):
                     log.warning("settings changed since the last run into %s: %s", out, "; ".join(changed))
                 run_with_sweeps(out, rc, device=device, progress=progress, target=target, wait=wait)  # (a sweep
                 # sub-run another writer held was refused at once, after the main run was made again)
