@@ -523,7 +523,8 @@ def test_a_moved_run_of_in_memory_sets_is_not_told_its_settings_changed(tmp_path
         side_extract.audit(unet, digits.images, out=tmp_path / "b", **kw)
     assert "settings changed" not in caplog.text and read_stages(tmp_path / "b") == stages
     with caplog.at_level(logging.WARNING):
-        side_extract.audit(unet, digits.images[::-1].copy(), out=tmp_path / "b", **{**kw, "labels": digits.labels[::-1]})
+        side_extract.audit(unet, digits.images[::-1].copy(), out=tmp_path / "b",
+                           **{**kw, "labels": digits.labels[::-1]})
     assert "settings changed since the last run" in caplog.text and "train '" in caplog.text
 
 
