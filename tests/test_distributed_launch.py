@@ -202,6 +202,21 @@ def test_an_error_the_main_process_meets_alone_is_said_once_with_status_2(tmp_pa
     assert "Traceback" not in said and "RuntimeError" not in said, said
 
 
+def test_a_refusal_every_process_meets_before_the_run_is_said_once(tmp_path, tiny_model_dir):
+    """A config the run's checks refuse (overlapping bands) was refused by every process of a launch, each printing
+    the whole refusal: twice under --processes 2, 3 times under 3. The main process checks first and says it; the
+    others leave without words, status 2."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "train": "digits:30", "extract": {
+        "methods": ["uncond"], "n": 4, "steps": 2}, "evaluate": {"bands": "high=0:0.1,mid=0.05:0.2"}}))
+    r = subprocess.run([sys.executable, "-m", "side_extract.cli.main", "--threads", "1", "--no-progress",
+                        "--processes", "2", "run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    said = r.stdout + r.stderr
+    assert r.returncode == 2 and said.count("error: the run cannot start:") == 1, said
+    assert said.count("bands 'high' (0.0:0.1) and 'mid' (0.05:0.2) overlap") == 1 and "Traceback" not in said, said
+    assert not (tmp_path / "run").exists()
+
+
 def test_only_the_main_process_checks_the_run_folder_it_is_writing(tmp_path):
     """The other processes of a launch met the run folder while the main one wrote its first files, before its
     manifest, and refused it as no run directory: test_the_python_api_under_torchrun failed so in a clean-clone CI

@@ -64,7 +64,9 @@ def run_audit(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu", until
         target = load_run_target(rc, device)
     trained = None if group.world == 1 else trained_sections(  # (a launch's unsplittable batches: preflight)
         read_stages(path), rc.extract.methods, changed_settings(Path(path), rc, target.fingerprint))
-    loaded = preflight(rc, target.denoiser, until, warn_inert=warn_inert if group.main else False, trained=trained)
+    loaded = group.main_first(lambda: preflight(rc, target.denoiser, until, warn_inert=warn_inert if group.main
+                                                else False, trained=trained))  # (a refusal said by the main process
+    # alone: every process of a launch printed it, 3 times under --processes 3; the others leave without words)
     group.agree({"config": fingerprint_of(rc), "model": target.fingerprint, "until": until, "run": str(path),
                  "replace": replace}, "settings (config or model), stage or run directory")  # (the values, not
     # the files they name: each machine of a launch may read its own copy)
