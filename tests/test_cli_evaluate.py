@@ -584,7 +584,7 @@ def test_a_side_evaluate_of_an_unfinished_extraction_is_refused(tiny_model_dir, 
     manifest = json.loads((run / "manifest.json").read_text())
     entry = manifest["stages"]["extraction/uncond"]
     n = entry["n"]
-    for status, said in (("running", "interrupted"), ("failed", "not finished")):
+    for status, said in (("running", "interrupted (no other process holds"), ("failed", "not finished")):
         entry.update(status=status, n_planned=n + 4)
         (run / "manifest.json").write_text(json.dumps(manifest))
         r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "evaluate", "--generated",
@@ -598,6 +598,8 @@ def test_a_side_evaluate_of_an_unfinished_extraction_is_refused(tiny_model_dir, 
         assert not (run / "evaluation" / "uncond-cli").exists()
     from test_reliability import _holder
 
+    entry.update(status="running")
+    (run / "manifest.json").write_text(json.dumps(manifest))
     holder = _holder(run, 60)  # a side run still growing it: refused where the evaluation is written elsewhere too
     try:
         r = CliRunner().invoke(app, ["--threads", "1", "--no-progress", "evaluate", "--generated",

@@ -1223,7 +1223,10 @@ def test_the_report_says_which_stages_are_unfinished_and_whether_they_are_being_
     the lock) was shown as "running", for good, in the stage table at the page's end alone; a failed one likewise,
     and nothing said a method was missing or why. A note says what each unfinished stage is now: interrupted, failed
     with its error, or being made by another process."""
+    import yaml
+
     from side_extract.pipeline import run_audit
+    from side_extract.runs import run_lock
 
     from test_pipeline import tiny_rc
     from test_reliability import _holder
@@ -1235,10 +1238,13 @@ def test_the_report_says_which_stages_are_unfinished_and_whether_they_are_being_
     manifest["stages"]["extraction/cond"].update(status="failed", error="StoppedBySignal: stopped by SIGTERM")
     (run / "manifest.json").write_text(json.dumps(manifest))
     notes = build_report(run)["notes"]
-    assert ("stage extraction/uncond: running, interrupted (no process holds the run's lock: the one making it was "
-            "killed); a rerun resumes it") in notes, notes
+    interrupted = ("stage extraction/uncond: running, interrupted (no other process holds the run's lock: the one "
+                   "making it was killed); a rerun resumes it")
+    assert interrupted in notes, notes
     assert ("stage extraction/cond: failed (StoppedBySignal: stopped by SIGTERM), not finished; a rerun resumes it"
             in notes), notes
+    with run_lock(run):  # (side run writes its report holding the lock: none of this is being made by another)
+        assert interrupted in build_report(run)["notes"]
     holder = _holder(run, 60)
     try:
         notes = build_report(run)["notes"]
@@ -1247,3 +1253,11 @@ def test_the_report_says_which_stages_are_unfinished_and_whether_they_are_being_
         holder.wait()
     assert ("stage extraction/uncond: running, being made now (another process holds the run's lock); this report "
             "shows the run as it was") in notes, notes
+    assert ("stage extraction/cond: failed (StoppedBySignal: stopped by SIGTERM), not finished (another process holds "
+            "the run's lock now); a rerun resumes it") in notes, notes
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["extract"]["methods"] = ["uncond"]  # (cond's stages are an earlier configuration's: no rerun touches them)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert ("stage extraction/cond: failed (StoppedBySignal: stopped by SIGTERM), not finished; left by an earlier "
+            "configuration: a rerun leaves it as it is, unless extract.methods names cond again"
+            in build_report(run)["notes"])

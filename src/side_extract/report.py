@@ -441,12 +441,15 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
                      "run no longer holds (side run measures it again)")
     unfinished = {k: e for k, e in read_stages(run).items() if e.get("status") != "complete"}
     locked = run_locked(run) if unfinished else None
+    configured = (config.get("extract") or {}).get("methods") or []
     for k, e in unfinished.items():  # (a stage left running by a killed process was shown as running, for good, in
         # the stage table at the page's end alone: nothing said that a method or stage was missing, or why)
         error = f" ({e['error']})" if e.get("error") else ""
-        notes.append(f"stage {k}: {e.get('status')}{error}, {stage_now(e.get('status'), locked)}; "
-                     f"{'this report shows the run as it was' if locked else 'a rerun resumes it'}")
-    configured = (config.get("extract") or {}).get("methods") or []
+        method = k.split("/", 1)[1] if k.startswith(("extraction/", "evaluation/")) else None
+        then = ("this report shows the run as it was" if locked and e.get("status") == "running" else
+                f"left by an earlier configuration: a rerun leaves it as it is, unless extract.methods names {method} "
+                "again" if method is not None and method not in configured else "a rerun resumes it")
+        notes.append(f"stage {k}: {e.get('status')}{error}, {stage_now(e.get('status'), locked)}; {then}")
     if metrics and (unmeasured := [m for m in configured if m not in metrics and m not in left]):
         notes.append(f"{', '.join(unmeasured)}: in the config's methods but not evaluated (no "
                      "evaluation/<method>/metrics.json), so this report leaves them out: the comparison and the "

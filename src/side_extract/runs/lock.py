@@ -209,12 +209,14 @@ def check_unlocked(path: str | Path) -> None:
 
 
 def run_locked(path: str | Path) -> bool | None:
-    """Whether a process holds run directory ``path``'s lock now (this one among them): a stage the manifest says is
-    ``running`` is being made where it does, and was interrupted (its process killed) where none does. None where
-    that cannot be told (a lock file that cannot be opened here: a read-only copy of the run)."""
+    """Whether another process holds run directory ``path``'s lock now: a stage the manifest says is ``running`` is
+    being made where one does, and was interrupted (its process killed) where none does. False where this process
+    holds it (side run writing its report: the stages an earlier run left were called "being made now by another
+    process"; a review's find). None where that cannot be told (a lock file that cannot be opened here: a read-only
+    copy of the run)."""
     path = Path(path).resolve()
     if path in _HELD:
-        return True
+        return False
     if not (path / ".lock").is_file():
         return False
     try:
@@ -228,12 +230,11 @@ def run_locked(path: str | Path) -> bool | None:
 
 def stage_now(status: str | None, locked: bool | None) -> str:
     """What a stage that is not complete is now, from its manifest ``status`` and :func:`run_locked`."""
-    if locked:
-        return "being made now (another process holds the run's lock)"
     if status == "running":
-        return ("interrupted (no process holds the run's lock: the one making it was killed)" if locked is False else
-                "being made or interrupted (whether a process holds the run's lock cannot be told here)")
-    return "not finished"
+        return ("being made now (another process holds the run's lock)" if locked else
+                "interrupted (no other process holds the run's lock: the one making it was killed)" if locked is False
+                else "being made or interrupted (whether a process holds the run's lock cannot be told here)")
+    return "not finished" + (" (another process holds the run's lock now)" if locked else "")
 
 
 def _open_lock(path: Path) -> Any:
