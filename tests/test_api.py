@@ -453,11 +453,29 @@ def test_a_callable_without_gradient_is_refused_where_a_method_differentiates_th
         assert not (tmp_path / "run").exists()
     side_extract.audit(frozen, "digits:30", scheduler=sched, sample_shape=(1, 8, 8), config=SMALL,
                        out=tmp_path / "run", methods=["uncond"])  # (no method differentiates through it)
+
+    class Forward(torch.autograd.Function):  # (an exported engine: no backward; it failed the probe, a review's find)
+        @staticmethod
+        def forward(ctx, x, t):
+            return unet(x, t).sample
+
+    forward_only = lambda x, t: Forward.apply(x, t)  # noqa: E731
+    assert not as_target(forward_only, scheduler=sched, sample_shape=(1, 8, 8)).denoiser.differentiable
+    # a run an earlier release made of a callable without gradient knew it without the mark: still its target
+    from side_extract.models.forms import as_recorded, probe_fingerprint, run_target
+
+    before = probe_fingerprint(frozen, (1, 8, 8), sched, mark_gradient=False)
+    assert before == probe_fingerprint(fn, (1, 8, 8), sched)  # (as the earlier release computed both)
+    t = as_target(frozen, scheduler=sched, sample_shape=(1, 8, 8))
+    assert t.also == (before,) and as_recorded(t, frozen, before).fingerprint == before
+    assert run_target("callable", before, frozen, scheduler=sched, sample_shape=(1, 8, 8)).fingerprint == before
+    assert as_recorded(t, frozen, "other").fingerprint == t.fingerprint
     train = torch.rand(4, 1, 8, 8) * 2 - 1
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
-    with pytest.raises(ValueError, match="the target returns no gradient with respect to its input"):
-        measure(as_target(frozen, scheduler=sched, sample_shape=(1, 8, 8)).denoiser, lambda x, t: clf(x), train,
-                n_points=2)
+    for f in (frozen, forward_only):
+        with pytest.raises(ValueError, match="the target returns no gradient with respect to its input"):
+            measure(as_target(f, scheduler=sched, sample_shape=(1, 8, 8)).denoiser, lambda x, t: clf(x), train,
+                    n_points=2)
 
 
 def test_a_pipeline_loaded_from_a_directory_is_that_directorys_target(tiny_model_dir, tmp_path, one_thread):
@@ -503,6 +521,11 @@ def test_a_callable_whose_output_is_random_is_refused():
         as_target(fn, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8))
     unet.eval()
     assert as_target(fn, scheduler=tiny_scheduler(), sample_shape=(1, 8, 8)).denoiser.differentiable
+    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 1, 1))
+    with pytest.raises(ValueError, match=r"eps for an image depends on the other images of its batch .*BatchNorm"):
+        as_target(lambda x, t: bn(x), scheduler=tiny_scheduler(), sample_shape=(1, 8, 8))  # (train mode: a review's)
+    bn.eval()
+    as_target(lambda x, t: bn(x), scheduler=tiny_scheduler(), sample_shape=(1, 8, 8))
 
 
 def test_a_moved_run_of_in_memory_sets_is_not_told_its_settings_changed(tmp_path, one_thread, caplog):

@@ -583,8 +583,10 @@ def audit(
     if group.main and not wait:  # another writer: said at once, before the model is loaded or moved to the device
         check_unlocked(out)
     target = as_target(model, scheduler=scheduler, sample_shape=sample_shape, device=device, model_id=model_id)
-    if scheduler is None:  # (a pipeline from a directory the run was made from: that directory)
-        target = as_recorded(target, model, read_model(out) if Path(out).is_dir() else None, device)
+    # (a pipeline from a directory the run was made from: that directory; a model the run knows by an earlier
+    # release's fingerprint: that one)
+    target = as_recorded(target, model, read_model(out) if Path(out).is_dir() else None, device,
+                         own_scheduler=scheduler is None)
     data = as_image_set(train, labels)
     held = None if heldout is None else as_image_set(heldout, name="heldout")
     fresh = not Path(out).exists()

@@ -8,6 +8,7 @@ measurement of a run read models through here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -108,7 +109,7 @@ def _whole(v: Any) -> int | None:
 
 
 def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
-                      scheduler: SchedulerMixin, device: str = "cpu") -> str:
+                      scheduler: SchedulerMixin, device: str = "cpu", *, mark_gradient: bool = True) -> str:
     """sha256 of what a callable computes: its outputs on fixed seeded inputs at three timesteps, with its
     scheduler's config (a callable has no weights to hash). It is also called once with a timestep per sample, a
     (B,) tensor, as the memorization score and memorization guidance call it (not hashed): a callable that takes
@@ -129,6 +130,7 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                                  "an audit would diverge at its first step")
             h.update(eps.float().cpu().numpy().round(5).tobytes())
         again = fn(x, torch.tensor(n_t // 2, device=device))
+        alone = fn(x[:1], torch.tensor(n_t // 2, device=device))
         if isinstance(again, torch.Tensor) and not torch.allclose(again, seen[n_t // 2], rtol=1e-4, atol=1e-5):
             # (a model in training mode behind a lambda, its dropout on: the generations were sampled with it, a rerun
             # redid every stage, and verify blamed rounding; a module itself is put in eval mode)
@@ -137,7 +139,16 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                              f"differ by up to {far:.3g}): a model in training mode (dropout) or one that draws noise "
                              "inside; the audit's generations would not repeat and verify would fail: put the model "
                              "in eval mode (model.eval()) or fix its randomness")
-        if not carries_gradient(fn, sample_shape, scheduler, device):  # (a @torch.no_grad callable fixed later was
+        if (isinstance(alone, torch.Tensor) and alone.shape == x[:1].shape
+                and not torch.allclose(alone, seen[n_t // 2][:1], rtol=1e-2, atol=1e-2)):  # (loose: a GPU's
+            # batch-size-dependent kernels move eps by rounding, BatchNorm's batch statistics by far more)
+            far = float((alone - seen[n_t // 2][:1]).abs().max())
+            raise ValueError(f"model: the callable's eps for an image depends on the other images of its batch (alone "
+                             f"and in a batch of 2 they differ by up to {far:.3g}): a model in training mode "
+                             "(BatchNorm's batch statistics); generations would depend on their batch: put the model "
+                             "in eval mode (model.eval())")
+        if mark_gradient and not carries_gradient(fn, sample_shape, scheduler, device):  # (a @torch.no_grad
+            # callable fixed later was
             # known by the same outputs: its memguide stage, made without the model's gradient, was reused)
             h.update(b"\0no-gradient")
         per_sample = torch.tensor([1, n_t - 1], device=device)
@@ -201,11 +212,15 @@ def carries_gradient(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     (memguide's generations were UnCond's, bit for bit: an API review's find)."""
     x = torch.randn((1, *sample_shape), generator=torch.Generator().manual_seed(20241002)).to(device)
     x.requires_grad_(True)
-    with torch.enable_grad():
-        out = fn(x, torch.tensor(int(scheduler.config.num_train_timesteps) // 2, device=device))
-        if not isinstance(out, torch.Tensor) or not out.requires_grad:
-            return False
-        (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
+    try:
+        with torch.enable_grad():
+            out = fn(x, torch.tensor(int(scheduler.config.num_train_timesteps) // 2, device=device))
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return False
+            (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
+    except Exception:  # a user's callable: one whose backward cannot be taken (a forward-only autograd Function, an
+        # in-place op on its input) has no gradient to give; it is audited for the methods that need none (a review's)
+        return False
     return grad is not None
 
 
@@ -306,22 +321,39 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
             raise
         name = getattr(model, "__name__", "eps")
         denoiser.differentiable = carries_gradient(model, shape, scheduler, device)
+        # a run an earlier release made of a callable without gradient (for the methods that need none) knew it
+        # without the mark: still its target (verify was refused, blaming rounding, and an audit made it again)
         if model_id is not None:
             fp = identity_fingerprint(model_id, shape, scheduler, denoiser.differentiable)
-            return Target(denoiser, fp, f"callable {name} model_id={model_id} {fp[:12]}")
-        return Target(denoiser, fp, f"callable {name} {fp[:12]}")
+            before = () if denoiser.differentiable else (identity_fingerprint(model_id, shape, scheduler),)
+            return Target(denoiser, fp, f"callable {name} model_id={model_id} {fp[:12]}", before)
+        before = () if denoiser.differentiable else (probe_fingerprint(model, shape, scheduler, device,
+                                                                        mark_gradient=False),)
+        return Target(denoiser, fp, f"callable {name} {fp[:12]}", before)
     raise ValueError(f"model of type {type(model).__name__} is not supported: pass a diffusers directory, a "
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
 
 
-def as_recorded(target: Target, model: Any, recorded: str | None, device: str = "cpu") -> Target:
+def known_as(target: Target, fingerprint: str) -> Target:
+    """``target`` known by ``fingerprint``, one of :attr:`Target.also`, its description naming it so (a callable's
+    names the fingerprint's first 12 digits)."""
+    return dataclasses.replace(target, fingerprint=fingerprint,
+                               description=target.description.replace(target.fingerprint[:12], fingerprint[:12]))
+
+
+def as_recorded(target: Target, model: Any, recorded: str | None, device: str = "cpu", *,
+                own_scheduler: bool = True) -> Target:
     """``target``, the :func:`as_target` of a pipeline object ``model``, as the run records its model (its model
     entry's fingerprint ``recorded``): a pipeline loaded from a directory (``DDPMPipeline.from_pretrained(DIR)``) is
     audited as a model in memory, known by its weights, unless the run was made from that directory and it still
     holds what the pipeline computes; then the directory, so that the run's stages are its own (every one was made
     again for the same weights, and verify without model= was then refused: an API review's find). A run made in
-    memory stays in memory (keyed by the directory, such runs were made again: an earlier review's)."""
-    source = getattr(model, "name_or_path", None) if isinstance(model, DiffusionPipeline) else None
+    memory stays in memory (keyed by the directory, such runs were made again: an earlier review's). Any model known
+    to the run by a fingerprint of an earlier release (:attr:`Target.also`) is known by that one."""
+    if recorded is not None and recorded != target.fingerprint and recorded in target.also:
+        return known_as(target, recorded)  # (the same model, known so by an earlier release)
+    pipeline = isinstance(model, DiffusionPipeline) and own_scheduler
+    source = getattr(model, "name_or_path", None) if pipeline else None
     if (recorded is None or not isinstance(source, (str, Path)) or not str(source) or not Path(source).is_dir()
             or not target.description.startswith("in-memory") or not isinstance(target.denoiser, UNetDenoiser)):
         return target
@@ -392,6 +424,8 @@ def run_target(run_model: str, recorded: str | None, model: ModelLike | None = N
                                     device) is not None):
         # and the other way: a run of a directory, given the same weights in memory (refused as another model)
         return Target(target.denoiser, recorded, target.description)
+    if recorded is not None and recorded != target.fingerprint and recorded in target.also:
+        return known_as(target, recorded)
     if recorded is not None and recorded != target.fingerprint:
         hint = ""
         if "model_id=" in run_model and model_id is None:

@@ -296,6 +296,7 @@ class Target:
     denoiser: Denoiser
     fingerprint: str
     description: str
+    also: tuple[str, ...] = ()  # fingerprints an earlier release knew the same model by (a run it made still is its)
 
 
 EMBEDDED_TARGETS = ("demo-1000", "demo")  # side_extract/assets/<name>/, recipes in docs/demo-model.md

@@ -199,9 +199,12 @@ def _probe_models(denoiser: Denoiser, classifier: Classifier, train: torch.Tenso
                                  "another dtype, give train in theirs (train.float() for float32)") from e
             raise
     x = train[:1].detach().clone().requires_grad_(True)
-    with torch.enable_grad():  # (a callable under torch.no_grad gave every divergence 0 without a word)
-        out = denoiser(x, t)
-        through = out.requires_grad and torch.autograd.grad(out.float().sum(), x, allow_unused=True)[0] is not None
+    try:
+        with torch.enable_grad():  # (a callable under torch.no_grad gave every divergence 0 without a word)
+            out = denoiser(x, t)
+            through = out.requires_grad and torch.autograd.grad(out.float().sum(), x, allow_unused=True)[0] is not None
+    except Exception:  # (a backward that cannot be taken: a forward-only autograd Function, an in-place op on x)
+        through = False
     if not through:
         raise ValueError("the target returns no gradient with respect to its input (a callable run under "
                          "torch.no_grad, detaching its output, or going through numpy): the likelihood's divergence "
