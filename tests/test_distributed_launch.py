@@ -395,22 +395,36 @@ def test_a_stage_another_process_failed_is_not_reported_done(tmp_path):
     assert reports and all(done < total for done, total in reports), reports
 
 
+def _sampling(model: Path, out: Path, *args: str, **env: str) -> subprocess.Popen:
+    """``side --processes 2 sample --model MODEL ARGS --out OUT`` started (``env`` added to its environment), once
+    it has written ``shard-00001.npz`` (both processes sampling, or process 1's share done)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "side_extract", "--processes", "2", "--threads", "1",
+                             "--no-progress", "sample", "--model", str(model), *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+    deadline = time.monotonic() + 120
+    while not (out / "synthetic" / "shard-00001.npz").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+def _ranks(launcher: int) -> dict[int, int]:
+    """rank -> pid of the processes launcher ``launcher`` started."""
+    return {int(e[5:]): pid for pid in _launched_by(launcher)
+            for e in (Path("/proc") / str(pid) / "environ").read_bytes().decode().split("\0") if e.startswith("RANK=")}
+
+
 def test_a_launch_stopped_by_ctrl_c_says_one_line(tiny_model_dir, tmp_path):
     """Ctrl-C to `side --processes 2 ...` ended with torch's 23-line traceback ("SignalException: Process ... got
     signal: 2"); it says one line and leaves with 128 + the signal's number, its processes stopped."""
     import signal
-    import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "side_extract", "--processes", "2", "--threads", "1",
-                             "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "100000", "--steps",
-                             "20", "--shard-size", "8", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = _sampling(tiny_model_dir, out, "--n", "100000", "--steps", "20", "--shard-size", "8")
     try:
-        deadline = time.monotonic() + 90
-        while not (out / "synthetic" / "shard-00001.npz").exists():  # both processes are sampling
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -426,21 +440,11 @@ def test_a_process_of_a_launch_stopped_by_sigterm_is_named(tiny_model_dir, tmp_p
     stopped process unwound, it waited at the stage's check-in until the others had done their share (the whole
     sample here) before it left. It leaves at once, recording when it was stopped, and the launcher names it."""
     import signal
-    import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "side_extract", "--processes", "2", "--threads", "1",
-                             "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "100000", "--steps",
-                             "20", "--shard-size", "8", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = _sampling(tiny_model_dir, out, "--n", "100000", "--steps", "20", "--shard-size", "8")
     try:
-        deadline = time.monotonic() + 90
-        while not (out / "synthetic" / "shard-00001.npz").exists():  # both processes are sampling
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-        ranks = {int(e[5:]): pid for pid in _launched_by(proc.pid)
-                 for e in (Path("/proc") / str(pid) / "environ").read_bytes().decode().split("\0")
-                 if e.startswith("RANK=")}
+        ranks = _ranks(proc.pid)
         os.kill(ranks[1], signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -460,21 +464,12 @@ def test_a_process_stopped_while_it_waits_for_the_others_leaves_within_the_grace
     import signal
     import time
 
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "side_extract", "--processes", "2", "--threads", "1",
-                             "--no-progress", "sample", "--model", str(tiny_model_dir), "--n", "1536", "--steps",
-                             "500", "--shard-size", "512", "--batch-size", "512", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", SIDE_STOP_GRACE_S="1"))
+    out = tmp_path / "run"  # (shard 1, process 1's share, done: it waits for process 0's shard 2)
+    proc = _sampling(tiny_model_dir, out, "--n", "1536", "--steps", "500", "--shard-size", "512", "--batch-size",
+                     "512", SIDE_STOP_GRACE_S="1")
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "synthetic" / "shard-00001.npz").exists():  # process 1's share (shard 1) is done
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
         time.sleep(1.0)  # (it waits in the check-in's exchange: process 0 samples shard 2)
-        ranks = {int(e[5:]): pid for pid in _launched_by(proc.pid)
-                 for e in (Path("/proc") / str(pid) / "environ").read_bytes().decode().split("\0")
-                 if e.startswith("RANK=")}
+        ranks = _ranks(proc.pid)
         sent = time.monotonic()
         os.kill(ranks[1], signal.SIGTERM)
         while Path(f"/proc/{ranks[1]}").exists() and "Z" not in (

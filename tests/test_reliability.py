@@ -1878,6 +1878,21 @@ def test_sigterm_records_the_stage_as_failed_and_leaves_no_temporary_files(tiny_
     assert read_json(run / "manifest.json")["stages"]["extraction/uncond"]["status"] == "complete"
 
 
+def _lock_probe(run: Path, seen: dict):
+    """A wrapper maker: ``probed(name, fn)`` runs ``fn`` after another process has probed run ``run``'s lock,
+    recording in ``seen[name]`` whether it was "held" or "free"."""
+    probe = (f"from side_extract.runs import RunLocked, check_unlocked\ntry:\n    check_unlocked({str(run)!r})\n"
+             "    print('free')\nexcept RunLocked:\n    print('held')\n")
+
+    def probed(name, fn):
+        def wrapped(*a, **k):
+            seen[name] = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                        timeout=120).stdout.strip()
+            return fn(*a, **k)
+        return wrapped
+    return probed
+
+
 def test_side_run_writes_its_report_and_reads_its_findings_under_the_run_lock(tiny_model_dir, tmp_path, monkeypatch):
     """side run let the run's lock go when its stages were done, then wrote the report and read the findings: a
     second side run --wait queued on the run took the lock and changed the run under them, so the report mixed both
@@ -1890,16 +1905,8 @@ def test_side_run_writes_its_report_and_reads_its_findings_under_the_run_lock(ti
 
     run, config = tmp_path / "run", tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict(tiny_rc(tiny_model_dir, methods=("uncond",)))))
-    probe = (f"from side_extract.runs import RunLocked, check_unlocked\ntry:\n    check_unlocked({str(run)!r})\n"
-             "    print('free')\nexcept RunLocked:\n    print('held')\n")
     seen = {}
-
-    def probed(name, fn):
-        def wrapped(*a, **k):
-            seen[name] = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                        timeout=120).stdout.strip()
-            return fn(*a, **k)
-        return wrapped
+    probed = _lock_probe(run, seen)
 
     monkeypatch.setattr(report, "write_report", probed("report", report.write_report))
     monkeypatch.setattr(run_cli, "print_findings", probed("findings", run_cli.print_findings))
@@ -1922,16 +1929,8 @@ def test_side_demo_measures_and_reports_under_the_run_lock(tiny_model_dir, tmp_p
     run = tmp_path / "demo"
     monkeypatch.setattr(demo, "demo_config", lambda model, train, heldout: tiny_rc(tiny_model_dir,
                                                                                    methods=("side", "uncond")))
-    probe = (f"from side_extract.runs import RunLocked, check_unlocked\ntry:\n    check_unlocked({str(run)!r})\n"
-             "    print('free')\nexcept RunLocked:\n    print('held')\n")
     seen = {}
-
-    def probed(name, fn):
-        def wrapped(*a, **k):
-            seen[name] = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                        timeout=120).stdout.strip()
-            return fn(*a, **k)
-        return wrapped
+    probed = _lock_probe(run, seen)
 
     monkeypatch.setattr(report, "write_report", probed("report", report.write_report))
     monkeypatch.setattr(demo, "print_findings", probed("findings", demo.print_findings))
