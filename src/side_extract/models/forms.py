@@ -8,7 +8,6 @@ measurement of a run read models through here.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -130,7 +129,12 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                                  "an audit would diverge at its first step")
             h.update(eps.float().cpu().numpy().round(5).tobytes())
         again = fn(x, torch.tensor(n_t // 2, device=device))
-        alone = fn(x[:1], torch.tensor(n_t // 2, device=device))
+        try:
+            alone = fn(x[:1], torch.tensor(n_t // 2, device=device))
+        except Exception as e:  # (BatchNorm1d in training mode: torch's "Expected more than 1 value per channel")
+            raise ValueError(f"model: the callable failed on a batch of one image ({type(e).__name__}: {e}); the "
+                             "stages call it so (a shard's last batch): where it is a model in training mode "
+                             "(BatchNorm), put it in eval mode (model.eval())") from None
         if isinstance(again, torch.Tensor) and not torch.allclose(again, seen[n_t // 2], rtol=1e-4, atol=1e-5):
             # (a model in training mode behind a lambda, its dropout on: the generations were sampled with it, a rerun
             # redid every stage, and verify blamed rounding; a module itself is put in eval mode)
@@ -210,18 +214,25 @@ def carries_gradient(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     classifier guided through x0_hat and the theory's likelihood differentiate through the model, and a callable
     run under ``torch.no_grad`` (or detaching, or through numpy) gave them a gradient of 0 without a word
     (memguide's generations were UnCond's, bit for bit: an API review's find)."""
+    return gradient_probe(fn, sample_shape, scheduler, device)[0]
+
+
+def gradient_probe(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
+                   scheduler: SchedulerMixin, device: str = "cpu") -> tuple[bool, str | None]:
+    """:func:`carries_gradient`, and the error a backward that could not be taken met (None: none)."""
     x = torch.randn((1, *sample_shape), generator=torch.Generator().manual_seed(20241002)).to(device)
     x.requires_grad_(True)
     try:
         with torch.enable_grad():
             out = fn(x, torch.tensor(int(scheduler.config.num_train_timesteps) // 2, device=device))
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
-                return False
+                return False, None
             (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
-    except Exception:  # a user's callable: one whose backward cannot be taken (a forward-only autograd Function, an
-        # in-place op on its input) has no gradient to give; it is audited for the methods that need none (a review's)
-        return False
-    return grad is not None
+    except Exception as e:  # a user's callable: one whose backward cannot be taken (a forward-only autograd Function,
+        # an in-place op on its input) has no gradient to give; it is audited for the methods that need none, and the
+        # refusal of the others says its error (a review's find)
+        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return grad is not None, None
 
 
 def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
@@ -320,25 +331,13 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                                  "(model.float()), or as a UNet2DModel, which is audited as a float32 copy") from e
             raise
         name = getattr(model, "__name__", "eps")
-        denoiser.differentiable = carries_gradient(model, shape, scheduler, device)
-        # a run an earlier release made of a callable without gradient (for the methods that need none) knew it
-        # without the mark: still its target (verify was refused, blaming rounding, and an audit made it again)
+        denoiser.differentiable, denoiser.gradient_error = gradient_probe(model, shape, scheduler, device)
         if model_id is not None:
             fp = identity_fingerprint(model_id, shape, scheduler, denoiser.differentiable)
-            before = () if denoiser.differentiable else (identity_fingerprint(model_id, shape, scheduler),)
-            return Target(denoiser, fp, f"callable {name} model_id={model_id} {fp[:12]}", before)
-        before = () if denoiser.differentiable else (probe_fingerprint(model, shape, scheduler, device,
-                                                                        mark_gradient=False),)
-        return Target(denoiser, fp, f"callable {name} {fp[:12]}", before)
+            return Target(denoiser, fp, f"callable {name} model_id={model_id} {fp[:12]}")
+        return Target(denoiser, fp, f"callable {name} {fp[:12]}")
     raise ValueError(f"model of type {type(model).__name__} is not supported: pass a diffusers directory, a "
                      "UNet2DModel with its scheduler, a DDPMPipeline/DDIMPipeline, or a callable eps(x, t)")
-
-
-def known_as(target: Target, fingerprint: str) -> Target:
-    """``target`` known by ``fingerprint``, one of :attr:`Target.also`, its description naming it so (a callable's
-    names the fingerprint's first 12 digits)."""
-    return dataclasses.replace(target, fingerprint=fingerprint,
-                               description=target.description.replace(target.fingerprint[:12], fingerprint[:12]))
 
 
 def as_recorded(target: Target, model: Any, recorded: str | None, device: str = "cpu", *,
@@ -348,10 +347,7 @@ def as_recorded(target: Target, model: Any, recorded: str | None, device: str = 
     audited as a model in memory, known by its weights, unless the run was made from that directory and it still
     holds what the pipeline computes; then the directory, so that the run's stages are its own (every one was made
     again for the same weights, and verify without model= was then refused: an API review's find). A run made in
-    memory stays in memory (keyed by the directory, such runs were made again: an earlier review's). Any model known
-    to the run by a fingerprint of an earlier release (:attr:`Target.also`) is known by that one."""
-    if recorded is not None and recorded != target.fingerprint and recorded in target.also:
-        return known_as(target, recorded)  # (the same model, known so by an earlier release)
+    memory stays in memory (keyed by the directory, such runs were made again: an earlier review's)."""
     pipeline = isinstance(model, DiffusionPipeline) and own_scheduler
     source = getattr(model, "name_or_path", None) if pipeline else None
     if (recorded is None or not isinstance(source, (str, Path)) or not str(source) or not Path(source).is_dir()
@@ -424,8 +420,6 @@ def run_target(run_model: str, recorded: str | None, model: ModelLike | None = N
                                     device) is not None):
         # and the other way: a run of a directory, given the same weights in memory (refused as another model)
         return Target(target.denoiser, recorded, target.description)
-    if recorded is not None and recorded != target.fingerprint and recorded in target.also:
-        return known_as(target, recorded)
     if recorded is not None and recorded != target.fingerprint:
         hint = ""
         if "model_id=" in run_model and model_id is None:
@@ -434,6 +428,14 @@ def run_target(run_model: str, recorded: str | None, model: ModelLike | None = N
                                                                              DiffusionPipeline)):
             hint = ("; a callable is known by its outputs on probe inputs, which another device or thread count "
                     "can move by a rounding step (audit with model_id= to key a run on a name instead)")
+        if isinstance(target.denoiser, CallableDenoiser) and not target.denoiser.differentiable and recorded == (
+                identity_fingerprint(model_id, target.denoiser.sample_shape, target.denoiser.scheduler)
+                if model_id is not None else probe_fingerprint(model, target.denoiser.sample_shape,
+                                                               target.denoiser.scheduler, device, mark_gradient=False)):
+            hint = ("; it returns no gradient with respect to x, and is known apart from the same callable with its "
+                    "gradient since this release (a run an earlier one made of it knew it without that mark): pass "
+                    "the callable with its gradient (no torch.no_grad), or audit it again")  # (accepting it let a
+            # callable without gradient verify a run made with one, memguide's: other pixels; a review's find)
         raise ValueError(f"model: fingerprint {target.fingerprint[:16]} is not the run's target "
                          f"({recorded[:16]}, manifest.json){hint}")
     return target

@@ -283,6 +283,7 @@ class CallableDenoiser:
         self.sample_shape = tuple(int(s) for s in sample_shape)  # type: ignore[assignment]
         self.scheduler = scheduler
         self.differentiable = True  # whether fn's output carries its gradient (as_target probes it: carries_gradient)
+        self.gradient_error: str | None = None  # the error its backward met, where it failed
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return as_epsilon(self.scheduler, self.prediction, x, t, self.fn(x, torch.as_tensor(t, device=x.device)))
@@ -296,7 +297,6 @@ class Target:
     denoiser: Denoiser
     fingerprint: str
     description: str
-    also: tuple[str, ...] = ()  # fingerprints an earlier release knew the same model by (a run it made still is its)
 
 
 EMBEDDED_TARGETS = ("demo-1000", "demo")  # side_extract/assets/<name>/, recipes in docs/demo-model.md

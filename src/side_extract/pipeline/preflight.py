@@ -207,10 +207,12 @@ def preflight(rc: cfg.RunConfig, denoiser: Denoiser, until: Until = "evaluation"
     problems.extend(cluster_problems(rc, methods))
     if not getattr(denoiser, "differentiable", True) and until in ("extraction", "evaluation") and (
             through := gradient_methods(rc, methods)):
-        problems.append(f"model: the callable eps(x, t) returns no gradient with respect to x (it runs under "
-                        f"torch.no_grad, detaches its output, or goes through numpy), and {'; '.join(through)} "
-                        "differentiate through the model: their guidance would be 0 or wrong without a word; let "
-                        "the gradient through (no torch.no_grad), or leave those methods out")
+        why = (f"its backward failed: {err}" if (err := getattr(denoiser, "gradient_error", None)) else
+               "it runs under torch.no_grad, detaches its output, or goes through numpy")  # (a review's find: an
+        # in-place op on x was told to drop a torch.no_grad it did not have)
+        problems.append(f"model: the callable eps(x, t) returns no gradient with respect to x ({why}), and "
+                        f"{'; '.join(through)} differentiate through the model: their guidance would be 0 or wrong "
+                        "without a word; let the gradient through, or leave those methods out")
     group = ProcessGroup.from_env()
     if ("memguide" in methods and until in ("extraction", "evaluation") and rc.extract.memguide_scale > 0
             and rc.extract.steps < MEMGUIDE_TUNED_STEPS and group.main):  # (said once a launch)
