@@ -1258,6 +1258,11 @@ def test_the_report_says_which_stages_are_unfinished_and_whether_they_are_being_
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["extract"]["methods"] = ["uncond"]  # (cond's stages are an earlier configuration's: no rerun touches them)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
+    manifest["stages"]["classifier-clean"]["status"] = "running"  # (Cond's and side-teacher's classifier, killed)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    notes = build_report(run)["notes"]
     assert ("stage extraction/cond: failed (StoppedBySignal: stopped by SIGTERM), not finished; left by an earlier "
-            "configuration: a rerun leaves it as it is, unless extract.methods names cond again"
-            in build_report(run)["notes"])
+            "configuration: a rerun leaves it as it is, unless extract.methods names cond again" in notes), notes
+    assert ("stage classifier-clean: running, interrupted (no other process holds the run's lock: the one making it "
+            "was killed); left by an earlier configuration: a rerun leaves it as it is, unless extract.methods names "
+            "cond or side-teacher again" in notes), notes

@@ -543,6 +543,19 @@ TRAINING_SECTIONS = {"classifier": {"side": "classifier", "side-teacher": "class
                      "lora": {"side-lora": "lora"}}
 
 
+def stage_methods(stage: str) -> frozenset[str] | None:
+    """The methods whose audit makes run stage ``stage`` (None: every audit's, such as the synthetic set and the
+    calibration, or one not known): a stage of methods a run's config no longer names is left as it is by a rerun."""
+    kind, _, method = stage.partition("/")
+    if kind in ("extraction", "evaluation") and method:
+        return frozenset({method})
+    if trained := {m for section in TRAINING_SECTIONS.values() for m, made in section.items() if made == stage}:
+        return frozenset(trained)
+    if stage in ("features", "surrogate", "memorization"):
+        return CLUSTERING_METHODS
+    return frozenset({"side-teacher"}) if stage == "teacher" else None
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
     """Extraction: N_G generations per method, equal seeds across methods.

@@ -445,10 +445,11 @@ def build_report(run_dir: str | Path, *, top: int = 8) -> dict[str, Any]:
     for k, e in unfinished.items():  # (a stage left running by a killed process was shown as running, for good, in
         # the stage table at the page's end alone: nothing said that a method or stage was missing, or why)
         error = f" ({e['error']})" if e.get("error") else ""
-        method = k.split("/", 1)[1] if k.startswith(("extraction/", "evaluation/")) else None
+        of = cfg.stage_methods(k)  # (a classifier of a method no longer named was said to be resumed: a review's)
         then = ("this report shows the run as it was" if locked and e.get("status") == "running" else
-                f"left by an earlier configuration: a rerun leaves it as it is, unless extract.methods names {method} "
-                "again" if method is not None and method not in configured else "a rerun resumes it")
+                f"left by an earlier configuration: a rerun leaves it as it is, unless extract.methods names "
+                f"{' or '.join(sorted(of))} again" if of is not None and not of & set(configured) else
+                "a rerun resumes it")
         notes.append(f"stage {k}: {e.get('status')}{error}, {stage_now(e.get('status'), locked)}; {then}")
     if metrics and (unmeasured := [m for m in configured if m not in metrics and m not in left]):
         notes.append(f"{', '.join(unmeasured)}: in the config's methods but not evaluated (no "
