@@ -197,12 +197,16 @@ def run_with_sweeps(path: str | Path, rc: cfg.RunConfig, *, device: str = "cpu",
     if group.main and not wait:
         check_unlocked(path)  # another writer: said at once, before the model loads
     target = target or load_run_target(rc, device)
-    preflight(rc, target.denoiser, warn_inert=False)  # (a fault of the run's own config was said as a sweep value's)
-    for name, sub_rc in sweeps:  # a bad sweep value fails before anything is written
-        try:
-            preflight(sub_rc, target.denoiser, warn_inert=False)  # (the runs warn: each sub-run what the main does not)
-        except ValueError as e:
-            raise ValueError(f"sweep {name}: {e}") from None
+    def check() -> None:  # (the main process first, as run_audit's: every process of a launch said a refusal)
+        preflight(rc, target.denoiser, warn_inert=False)  # (a fault of the run's own config was said as a sweep's)
+        for name, sub_rc in sweeps:  # a bad sweep value fails before anything is written
+            try:
+                preflight(sub_rc, target.denoiser, warn_inert=False)  # (the runs warn: each sub-run what the main
+                # does not)
+            except ValueError as e:
+                raise ValueError(f"sweep {name}: {e}") from None
+
+    group.main_first(check)
     with hold(Path(path)):
         main = run_audit(path, rc, device=device, progress=progress, wait=wait, replace=replace, target=target)
         subs = {}
