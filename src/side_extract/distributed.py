@@ -166,8 +166,10 @@ def _close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         if _LEAVING_WITH or getattr(sys, "last_value", None) is not None:  # (uncaught: Python sets it)
-            if _LEAVING_WITH != [PEER_FAILED_STATUS]:  # (one that leaves for another's failure has no words of its
-                log.warning("this process is leaving on an error: its launcher stops the others")  # own)
+            if _LEAVING_WITH not in ([PEER_FAILED_STATUS], [2]):  # (one that leaves for another's failure has no
+                # words of its own, and one that said its error, status 2, has said it: the warning followed every
+                # refusal of a launch)
+                log.warning("this process is leaving on an error: its launcher stops the others")
             os._exit(_LEAVING_WITH[0] if _LEAVING_WITH else 1)  # (no teardown: the others may be inside an
             # exchange with it, and gloo's would wait for them)
         try:
