@@ -36,8 +36,9 @@ from .findings import SYNTHETIC, Findings, collect, not_compared
 from .evaluation import measured_generations
 from .summary import audit_summary
 from .runs import (atomic_save_npz, atomic_write_text, check_run_directory, check_run_path, evaluated_methods,
-                   evaluated_synthetic, fingerprint_of, npz_arrays, read_json, read_model, read_run_config, read_stages,
-                   run_lock, check_unlocked, settings_changed, stale_stages)
+                   evaluated_synthetic, fingerprint_of, missing_folders, npz_arrays, read_json, read_model,
+                   read_run_config, read_stages, remove_empty_folders, run_lock, check_unlocked, settings_changed,
+                   stale_stages)
 from .sweeps import current_sweeps, run_with_sweeps
 
 log = logging.getLogger(__name__)
@@ -590,9 +591,7 @@ def audit(
     data = as_image_set(train, labels)
     held = None if heldout is None else as_image_set(heldout, name="heldout")
     fresh = not Path(out).exists()
-    made_from = Path(out).absolute()  # the outermost folder this call makes (the lock makes every parent of out)
-    while not made_from.parent.exists():
-        made_from = made_from.parent
+    made = missing_folders(out)  # the folders this call makes (the lock makes every parent of out)
     new_inputs = not (Path(out) / "inputs").exists()  # a folder this call makes, which a refusal removes again
     written: list[Path] = []  # the input files this call wrote
     saved_as: dict[str, str] = {}  # an in-memory set's saved path -> the argument it came in
@@ -618,11 +617,7 @@ def audit(
         lock could begin in the folder and lose its files to the removal)."""
         if fresh and Path(out).is_dir() and not (Path(out) / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # refused before any stage began: leave nothing behind
-            for parent in Path(out).absolute().parents:  # and the parents it made (each only where left empty)
-                if not parent.is_relative_to(made_from):
-                    break
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+            remove_empty_folders(made[1:])  # and the parents it made (each only where left empty)
         elif new_inputs and not (Path(out) / "manifest.json").exists():
             shutil.rmtree(Path(out) / "inputs", ignore_errors=True)  # in a folder the caller made: what it wrote
         elif written:  # an existing run: keep only the inputs its config names

@@ -414,13 +414,12 @@ def holding_run(run: Path, wait: bool) -> Iterator[None]:
     # (the main process's answer for all: processes that saw the folder made or removed between their checks took
     # different branches, and one barrier met another exchange)
     new = not group.share(Path(run).is_dir())
-    from ..runs import check_run_path, run_lock
+    from ..runs import check_run_path, missing_folders, remove_empty_folders, run_lock
 
     if group.main:
         check_run_path(run)  # (a folder that is no run gets no lock file; --out FILE/sub is said as such, not as the
         # lock's mkdir's "Not a directory")
-    made = [p for p in (Path(run).absolute(), *Path(run).absolute().parents) if not p.exists()]  # (the lock makes
-    # them: a refused --out new/nested/run left new/nested behind)
+    made = missing_folders(run)  # (the lock makes them: a refused --out new/nested/run left new/nested behind)
     with run_lock(run, wait=wait) if group.main else contextlib.nullcontext():
         group.barrier()
         try:
@@ -428,9 +427,7 @@ def holding_run(run: Path, wait: bool) -> Iterator[None]:
         finally:
             if new and group.main and Path(run).is_dir() and [p.name for p in Path(run).iterdir()] == [".lock"]:
                 shutil.rmtree(run)  # (held: a writer waiting on the removed file takes the folder's new one)
-                for parent in made[1:]:
-                    with contextlib.suppress(OSError):  # (one something else wrote into meanwhile stays)
-                        parent.rmdir()
+                remove_empty_folders(made[1:])
 
 
 def say_note(note: str | None) -> None:

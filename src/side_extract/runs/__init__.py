@@ -28,8 +28,9 @@ from .contents import (MANIFEST, MODEL_INPUT, SYNTHETIC_EVALUATION, check_run_di
                        settings_changed, stale_stages)
 from .directory import RunDir
 from .files import (LEFTOVER_AGE_S, Checkpoint, atomic_directory, atomic_save_npz, atomic_write_bytes, atomic_write_json,
-                    atomic_write_text, leftover_of, load_torch_state, npz_arrays, read_checkpoint, read_json, read_npz,
-                    shard_opens, shards_hold, sweep_leftovers, whole_safetensors)
+                    atomic_write_text, leftover_of, load_torch_state, missing_folders, npz_arrays, read_checkpoint,
+                    read_json, read_npz, remove_empty_folders, shard_opens, shards_hold, sweep_leftovers,
+                    whole_safetensors)
 from .fingerprints import (FILE_KEYS, STAGE_VERSIONS, array_fingerprint, file_fingerprint, fingerprint_of,
                            settings_fingerprint, stage_fingerprint, versions)
 from .lock import (PROBE_PATIENCE_S, RUN_FILES, RUN_FOLDERS, STAGE_SECTIONS, RunLocked, StageWouldBeReplaced,
@@ -43,7 +44,8 @@ __all__ = [
     "read_model_entry", "read_run_config", "read_stages", "reference_method", "remade_inputs", "run_input",
     "settings_changed", "stale_stages", "RunDir", "LEFTOVER_AGE_S", "Checkpoint", "atomic_directory", "atomic_save_npz",
     "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "leftover_of", "load_torch_state", "npz_arrays",
-    "read_checkpoint", "read_json", "read_npz", "shard_opens", "shards_hold", "sweep_leftovers", "whole_safetensors",
+    "read_checkpoint", "read_json", "read_npz", "missing_folders", "remove_empty_folders", "shard_opens", "shards_hold",
+    "sweep_leftovers", "whole_safetensors",
     "FILE_KEYS", "STAGE_VERSIONS", "array_fingerprint", "file_fingerprint", "fingerprint_of", "settings_fingerprint",
     "stage_fingerprint", "versions", "PROBE_PATIENCE_S", "RUN_FILES", "RUN_FOLDERS", "STAGE_SECTIONS", "RunLocked",
     "StageWouldBeReplaced", "check_outside_run_folders", "check_run_path", "check_unlocked", "check_writable",

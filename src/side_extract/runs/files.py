@@ -200,6 +200,21 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def missing_folders(path: str | Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first: the folders that making ``path``
+    (a run lock's mkdir) makes, which a call refused before it wrote anything removes again
+    (:func:`remove_empty_folders`)."""
+    path = Path(path).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove each of ``folders`` (innermost first) that exists and is empty; one something else wrote into stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 FULL_BYTES = 64 << 20  # free space below which a write torch could not finish is said as a full disk
 
 
