@@ -108,7 +108,7 @@ def _whole(v: Any) -> int | None:
 
 
 def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
-                      scheduler: SchedulerMixin, device: str = "cpu", *, mark_gradient: bool = True) -> str:
+                      scheduler: SchedulerMixin, device: str = "cpu", *, differentiable: bool | None = None) -> str:
     """sha256 of what a callable computes: its outputs on fixed seeded inputs at three timesteps, with its
     scheduler's config (a callable has no weights to hash). It is also called once with a timestep per sample, a
     (B,) tensor, as the memorization score and memorization guidance call it (not hashed): a callable that takes
@@ -151,9 +151,10 @@ def probe_fingerprint(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                              f"and in a batch of 2 they differ by up to {far:.3g}): a model in training mode "
                              "(BatchNorm's batch statistics); generations would depend on their batch: put the model "
                              "in eval mode (model.eval())")
-        if mark_gradient and not carries_gradient(fn, sample_shape, scheduler, device):  # (a @torch.no_grad
-            # callable fixed later was
-            # known by the same outputs: its memguide stage, made without the model's gradient, was reused)
+        if differentiable is None:
+            differentiable = carries_gradient(fn, sample_shape, scheduler, device)
+        if not differentiable:  # (a @torch.no_grad callable fixed later was known by the same outputs: its memguide
+            # stage, made without the model's gradient, was reused)
             h.update(b"\0no-gradient")
         per_sample = torch.tensor([1, n_t - 1], device=device)
         try:
@@ -322,8 +323,11 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
             # every rerun made every stage again; as audit's docstring says of a model object)
             model.to(device).eval()
         denoiser = CallableDenoiser(model, shape, scheduler)  # (refuses an unknown prediction type)
+        # (probed once: the fingerprint marks a callable without gradient, and the methods that need it refuse it)
+        denoiser.differentiable, denoiser.gradient_error = gradient_probe(model, shape, scheduler, device)
         try:
-            fp = probe_fingerprint(model, shape, scheduler, device)  # (also refuses an output of the wrong shape)
+            fp = probe_fingerprint(model, shape, scheduler, device,  # (also refuses an output of the wrong shape)
+                                   differentiable=denoiser.differentiable)
         except RuntimeError as e:  # (a float16 module met float32 probes: torch's words named no setting)
             if weights := weight_dtypes(model) - {torch.float32}:
                 raise ValueError(f"model: the callable module's weights are {_names(weights)} and "
@@ -331,7 +335,6 @@ def as_target(model: ModelLike, *, scheduler: SchedulerMixin | None = None,
                                  "(model.float()), or as a UNet2DModel, which is audited as a float32 copy") from e
             raise
         name = getattr(model, "__name__", "eps")
-        denoiser.differentiable, denoiser.gradient_error = gradient_probe(model, shape, scheduler, device)
         if model_id is not None:
             fp = identity_fingerprint(model_id, shape, scheduler, denoiser.differentiable)
             return Target(denoiser, fp, f"callable {name} model_id={model_id} {fp[:12]}")
@@ -431,7 +434,7 @@ def run_target(run_model: str, recorded: str | None, model: ModelLike | None = N
         if isinstance(target.denoiser, CallableDenoiser) and not target.denoiser.differentiable and recorded == (
                 identity_fingerprint(model_id, target.denoiser.sample_shape, target.denoiser.scheduler)
                 if model_id is not None else probe_fingerprint(model, target.denoiser.sample_shape,
-                                                               target.denoiser.scheduler, device, mark_gradient=False)):
+                                                               target.denoiser.scheduler, device, differentiable=True)):
             hint = ("; it returns no gradient with respect to x, and is known apart from the same callable with its "
                     "gradient since this release (a run an earlier one made of it knew it without that mark): pass "
                     "the callable with its gradient (no torch.no_grad), or audit it again")  # (accepting it let a
